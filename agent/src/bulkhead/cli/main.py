@@ -1,0 +1,185 @@
+"""`bulkhead`: the command line (the calicoctl of Bulkhead).
+
+Exit codes: 0 success; 1 a check failed (invalid resources, conformance differences, a
+denied flow with --exit-code); 2 bad usage or unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+from collections.abc import Sequence
+
+from bulkhead.conformance import DATAPLANES, CaseError, load_cases, report_json, report_text
+from bulkhead.conformance import run_cases as run_conformance
+from bulkhead.model import LoadError, Snapshot, ValidationError, load_paths
+from bulkhead.policy import Evaluator, FailsafePort, Failsafes, Flow
+from bulkhead.policy.explain import explain_text
+from bulkhead.selector import SelectorError, parse
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Input the user must fix; printed without a traceback, exit code 2."""
+
+
+def _resolve(snapshot: Snapshot, who: str) -> str:
+    """An IP, a HostEndpoint name or a node name -> an address."""
+    try:
+        return str(ipaddress.ip_address(who))
+    except ValueError:
+        pass
+    hep = snapshot.host_endpoints.get(who) or next(
+        (h for h in snapshot.host_endpoints.values() if h.node == who), None)
+    if hep is None:
+        raise UsageError(f"{who!r} is neither an IP address nor a HostEndpoint or node name")
+    if not hep.expected_ips:
+        raise UsageError(f"HostEndpoint {hep.name} has no expectedIPs; give an address")
+    return hep.expected_ips[0]
+
+
+def _failsafes(spec: str) -> Failsafes:
+    if spec == "default":
+        return Failsafes()
+    if spec == "off":
+        return Failsafes.off()
+    try:
+        ports = tuple(FailsafePort.parse(p) for p in spec.split(",") if p)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return Failsafes(ports, ports)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    resources = load_paths(args.filename)
+    Snapshot.build(resources)
+    counts: dict[str, int] = {}
+    for r in resources:
+        counts[r.kind] = counts.get(r.kind, 0) + 1
+    detail = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing"
+    print(f"valid: {len(resources)} resources ({detail})")
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    snapshot = Snapshot.build(load_paths(args.filename))
+    evaluator = Evaluator(snapshot, _failsafes(args.failsafe))
+    try:
+        flow = Flow.make(_resolve(snapshot, args.src), _resolve(snapshot, args.dst),
+                         args.proto, args.port, src_port=args.src_port,
+                         icmp_type=args.icmp_type, icmp_code=args.icmp_code,
+                         domains=frozenset(args.domain or ()))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if flow.carries_ports and flow.dst_port is None:
+        raise UsageError(f"--port is needed for {args.proto}")
+    verdict = evaluator.evaluate(flow)
+    if args.json:
+        print(json.dumps(_verdict_json(verdict), indent=2))
+    else:
+        print(explain_text(evaluator, verdict))
+    return EXIT_FAILED if args.exit_code and not verdict.allowed else EXIT_OK
+
+
+def _verdict_json(verdict: object) -> dict[str, object]:
+    from dataclasses import asdict
+
+    v = verdict
+    out = {"flow": str(v.flow), "allowed": v.allowed,  # type: ignore[attr-defined]
+           "staged_allowed": v.staged_allowed}  # type: ignore[attr-defined]
+    for key in ("egress", "ingress", "staged_egress", "staged_ingress"):
+        out[key] = asdict(getattr(v, key))
+    return out
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    cases = [c for path in args.cases for c in load_cases(path)]
+    if args.only:
+        cases = [c for c in cases if c.name in args.only or set(args.only) & set(c.tags)]
+    dataplane = DATAPLANES[args.dataplane]()
+    results = run_conformance(cases, dataplane)
+    if args.json:
+        print(json.dumps(report_json(results), indent=2))
+    else:
+        print(report_text(results, dataplane.name))
+    return EXIT_FAILED if any(r.failed for r in results) else EXIT_OK
+
+
+def cmd_selector(args: argparse.Namespace) -> int:
+    selector = parse(args.selector)
+    print(selector)
+    if args.labels is None:
+        return EXIT_OK
+    labels: dict[str, str] = {}
+    for item in args.labels:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--labels {item!r}: expected key=value")
+        labels[key] = value
+    matched = selector.matches(labels)
+    print("matches" if matched else "does not match")
+    return EXIT_OK if matched else EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bulkhead", description="Label-based microsegmentation for Ansible-managed hosts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="validate resource files (YAML/JSON, folders, -)")
+    p.add_argument("-f", "--filename", action="append", required=True, metavar="PATH")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("explain", help="the verdict for one flow, and why")
+    p.add_argument("-f", "--filename", action="append", required=True, metavar="PATH")
+    p.add_argument("--from", dest="src", required=True, metavar="HOST|IP")
+    p.add_argument("--to", dest="dst", required=True, metavar="HOST|IP")
+    p.add_argument("--proto", default="TCP", help="TCP, UDP, ICMP, ICMPv6, SCTP or a number")
+    p.add_argument("--port", type=int, help="destination port")
+    p.add_argument("--src-port", type=int, help="source port (unknown if not given)")
+    p.add_argument("--icmp-type", type=int)
+    p.add_argument("--icmp-code", type=int)
+    p.add_argument("--domain", action="append", help="a name the destination resolved from")
+    p.add_argument("--failsafe", default="default",
+                   help="'default' (Calico's and the server's), 'off', or a list: tcp:22,...")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    p.add_argument("--exit-code", action="store_true", help="exit 1 if the flow is denied")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("conformance", help="run conformance case files")
+    csub = p.add_subparsers(dest="conformance_command", required=True)
+    run = csub.add_parser("run", help="run cases and compare with their expectations")
+    run.add_argument("cases", nargs="+", metavar="CASES.yaml|DIR")
+    run.add_argument("--dataplane", choices=sorted(DATAPLANES), default="model")
+    run.add_argument("--json", action="store_true")
+    run.add_argument("--only", action="append", metavar="NAME|TAG",
+                     help="run only the cases with this name or tag")
+    run.set_defaults(func=cmd_conformance)
+
+    p = sub.add_parser("selector", help="print a selector's canonical form; test labels")
+    p.add_argument("selector")
+    p.add_argument("--labels", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_selector)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except (ValidationError, SelectorError, CaseError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED if args.command == "validate" else EXIT_USAGE
+    except (LoadError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""The conformance runner: case files run against a dataplane, compared with `expect`."""
+
+from bulkhead.conformance.cases import Case, CaseError, Probe, load_cases, parse_case
+from bulkhead.conformance.runner import (
+    DATAPLANES,
+    CaseResult,
+    Dataplane,
+    ModelDataplane,
+    probe_flow,
+    report_json,
+    report_text,
+    run_cases,
+)
+
+__all__ = [
+    "DATAPLANES", "Case", "CaseError", "CaseResult", "Dataplane", "ModelDataplane", "Probe",
+    "load_cases", "parse_case", "probe_flow", "report_json", "report_text", "run_cases",
+]

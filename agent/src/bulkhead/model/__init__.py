@@ -1,0 +1,40 @@
+"""Calico projectcalico.org/v3 resources: load, validate, dump."""
+
+from bulkhead.model.checks import NamedPort, Port, PortRange
+from bulkhead.model.errors import LoadError, ValidationError
+from bulkhead.model.load import documents, dump_json, dump_yaml, load_paths, load_text
+from bulkhead.model.resources import (
+    API_VERSION,
+    DEFAULT_ALLOW,
+    DEFAULT_ALLOW_PROFILE,
+    DEFAULT_TIER,
+    DEFAULT_TIER_ORDER,
+    EGRESS,
+    INGRESS,
+    KIND_ALIASES,
+    KINDS,
+    EndpointPort,
+    EntityRule,
+    GlobalNetworkPolicy,
+    GlobalNetworkSet,
+    HostEndpoint,
+    ICMPMatch,
+    Metadata,
+    PolicySpec,
+    Profile,
+    Resource,
+    Rule,
+    StagedGlobalNetworkPolicy,
+    Tier,
+    parse_resource,
+)
+from bulkhead.model.snapshot import Snapshot
+
+__all__ = [
+    "API_VERSION", "DEFAULT_ALLOW", "DEFAULT_ALLOW_PROFILE", "DEFAULT_TIER",
+    "DEFAULT_TIER_ORDER", "EGRESS", "INGRESS", "KINDS", "KIND_ALIASES", "EndpointPort",
+    "EntityRule", "GlobalNetworkPolicy", "GlobalNetworkSet", "HostEndpoint", "ICMPMatch",
+    "LoadError", "Metadata", "NamedPort", "PolicySpec", "Port", "PortRange", "Profile",
+    "Resource", "Rule", "Snapshot", "StagedGlobalNetworkPolicy", "Tier", "ValidationError",
+    "documents", "dump_json", "dump_yaml", "load_paths", "load_text", "parse_resource",
+]

@@ -1,0 +1,180 @@
+"""Field checks shared by the resource kinds: names, labels, CIDRs, ports, protocols."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import netaddr
+
+from bulkhead.model.reader import Reader, show
+from bulkhead.selector import Selector, SelectorError, parse
+
+# DNS-1123 subdomain, as Calico and Kubernetes check resource names.
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# A tier name is used as a prefix `<tier>.<policy>`, so it is a single DNS label.
+_TIER = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+# IANA service names (Kubernetes' named ports): lowercase, digits and '-', one letter.
+_PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+_IFACE = re.compile(r"^[a-zA-Z0-9_.:@-]{1,15}$")
+_DOMAIN = re.compile(r"^(\*\.)?([a-zA-Z0-9_]([a-zA-Z0-9_-]*[a-zA-Z0-9_])?\.)*"
+                     r"[a-zA-Z0-9_]([a-zA-Z0-9_-]*[a-zA-Z0-9_])?\.?$")
+
+PROTOCOL_NAMES = {"TCP": 6, "UDP": 17, "ICMP": 1, "ICMPV6": 58, "SCTP": 132, "UDPLITE": 136}
+CANONICAL_PROTOCOL = {"TCP": "TCP", "UDP": "UDP", "ICMP": "ICMP", "ICMPV6": "ICMPv6",
+                      "SCTP": "SCTP", "UDPLITE": "UDPLite"}
+PORT_PROTOCOLS = frozenset({6, 17, 132})  # protocols that carry ports in rules (Calico)
+
+
+def check_name(r: Reader, value: str) -> None:
+    if len(value) > 253 or not _NAME.match(value):
+        raise r.fail(f"{show(value)} is not a valid name (lowercase letters, digits, '-' and "
+                     "'.', starting and ending with a letter or digit, at most 253 characters)")
+
+
+def check_tier_name(r: Reader, value: str) -> None:
+    if len(value) > 63 or not _TIER.match(value):
+        raise r.fail(f"{show(value)} is not a valid tier name (lowercase letters, digits and "
+                     "'-', starting and ending with a letter or digit, at most 63 characters)")
+
+
+def check_label_key(r: Reader, key: str) -> None:
+    prefix, _, name = key.rpartition("/")
+    if "/" in key and (not prefix or len(prefix) > 253 or not _NAME.match(prefix)):
+        raise r.fail(f"label key {show(key)}: prefix {show(prefix)} is not a DNS subdomain")
+    if len(name) > 63 or not _LABEL_NAME.match(name):
+        raise r.fail(f"label key {show(key)} is not valid (letters, digits, '-', '_' and '.', "
+                     "starting and ending with a letter or digit, at most 63 characters, "
+                     "with an optional DNS-subdomain prefix and '/')")
+
+
+def check_labels(r: Reader, labels: dict[str, str]) -> None:
+    for key, value in labels.items():
+        check_label_key(r, key)
+        if len(value) > 63 or not _LABEL_VALUE.match(value):
+            raise r.fail(f"label {key}={show(value)}: value is not valid (letters, digits, '-', "
+                         "'_' and '.', starting and ending with a letter or digit, at most 63 "
+                         "characters, or empty)")
+
+
+def check_interface(r: Reader, value: str) -> None:
+    if value != "*" and not _IFACE.match(value):
+        raise r.fail(f"{show(value)} is not an interface name or \"*\"")
+
+
+def check_selector(r: Reader, value: str) -> Selector:
+    try:
+        return parse(value)
+    except SelectorError as e:
+        raise r.fail(f"{show(value)} is not a valid selector: at position {e.position}: "
+                     f"expected {e.expected}") from None
+
+
+def check_ip(r: Reader, value: str) -> str:
+    try:
+        return str(netaddr.IPAddress(value, flags=netaddr.INET_PTON))
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        raise r.fail(f"{show(value)} is not an IP address") from None
+
+
+def check_cidr(r: Reader, value: str) -> str:
+    """A CIDR or a bare address (a /32 or /128), returned in canonical masked form."""
+    try:
+        if "/" in value:
+            addr, _, plen = value.partition("/")
+            ip = netaddr.IPAddress(addr, flags=netaddr.INET_PTON)
+            if not plen.isdigit() or int(plen) > (32 if ip.version == 4 else 128):
+                raise ValueError
+            return str(netaddr.IPNetwork(f"{ip}/{int(plen)}").cidr)
+        return str(netaddr.IPNetwork(str(netaddr.IPAddress(value, flags=netaddr.INET_PTON))))
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        raise r.fail(f"{show(value)} is not a CIDR (e.g. 198.18.0.0/24 or 2001:2::/48)") from None
+
+
+def check_domain(r: Reader, value: str) -> str:
+    if len(value) > 253 or not _DOMAIN.match(value):
+        raise r.fail(f"{show(value)} is not a domain name (a leading '*.' is allowed)")
+    return value.lower().rstrip(".")
+
+
+def protocol_number(value: str | int) -> int:
+    return value if isinstance(value, int) else PROTOCOL_NAMES[value.upper()]
+
+
+def check_protocol(r: Reader, value: object) -> str | int:
+    if isinstance(value, bool):
+        raise r.fail(f"{show(value)} is not a protocol")
+    if isinstance(value, int):
+        if not 1 <= value <= 255:
+            raise r.fail(f"{value} is not a protocol number (1-255)")
+        return value
+    if isinstance(value, str):
+        if value.isdigit():
+            return check_protocol(r, int(value))
+        if value.upper() in CANONICAL_PROTOCOL:
+            return CANONICAL_PROTOCOL[value.upper()]
+    raise r.fail(f"{show(value)} is not a protocol (TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite "
+                 "or a number 1-255)")
+
+
+@dataclass(frozen=True)
+class PortRange:
+    """A port or an inclusive range of ports."""
+
+    first: int
+    last: int
+
+    def __contains__(self, port: int) -> bool:
+        return self.first <= port <= self.last
+
+    def dump(self) -> int | str:
+        return self.first if self.first == self.last else f"{self.first}:{self.last}"
+
+    def __str__(self) -> str:
+        return str(self.dump())
+
+
+@dataclass(frozen=True)
+class NamedPort:
+    """A port named in the destination (or source) endpoint's `spec.ports`."""
+
+    name: str
+
+    def dump(self) -> str:
+        return self.name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Port = PortRange | NamedPort
+
+_PORT_ERROR = 'is not a port, a range "a:b" or a port name'
+
+
+def check_port(r: Reader, value: object) -> Port:
+    if isinstance(value, bool):
+        raise r.fail(f"{show(value)} {_PORT_ERROR}")
+    if isinstance(value, int):
+        if not 0 <= value <= 65535:
+            raise r.fail(f"{value} is out of range 0-65535")
+        return PortRange(value, value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return check_port(r, int(text))
+        first, sep, last = text.partition(":")
+        if sep:
+            if not (first.isdigit() and last.isdigit()):
+                raise r.fail(f"{show(value)} {_PORT_ERROR}")
+            lo, hi = int(first), int(last)
+            if hi > 65535:
+                raise r.fail(f"{show(value)}: {hi} is out of range 0-65535")
+            if lo > hi:
+                raise r.fail(f"{show(value)}: the range's first port is above its last")
+            return PortRange(lo, hi)
+        if len(text) <= 15 and _PORT_NAME.match(text) and re.search("[a-z]", text):
+            return NamedPort(text)
+    raise r.fail(f"{show(value)} {_PORT_ERROR}")

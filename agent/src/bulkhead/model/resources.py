@@ -1,0 +1,595 @@
+"""The projectcalico.org/v3 kinds a host-endpoint system needs, as frozen dataclasses.
+
+Each kind is read from decoded YAML by `parse_resource` (strict: unknown fields are
+errors, every error names kind, name and field) and written back by `Resource.dump()`
+in Calico's YAML shape, with defaults applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from bulkhead.model.checks import (
+    PORT_PROTOCOLS,
+    NamedPort,
+    Port,
+    check_cidr,
+    check_domain,
+    check_interface,
+    check_ip,
+    check_label_key,
+    check_labels,
+    check_name,
+    check_port,
+    check_protocol,
+    check_selector,
+    check_tier_name,
+    protocol_number,
+)
+from bulkhead.model.errors import ValidationError
+from bulkhead.model.reader import Reader, show
+from bulkhead.selector import Selector, parse
+
+API_VERSION = "projectcalico.org/v3"
+ACTIONS = ("Allow", "Deny", "Log", "Pass")
+INGRESS, EGRESS = "Ingress", "Egress"
+DEFAULT_TIER = "default"
+DEFAULT_TIER_ORDER = 1_000_000.0
+DEFAULT_ALLOW_PROFILE = "projectcalico-default-allow"
+
+
+def _prune(d: dict[str, Any]) -> dict[str, Any]:
+    """Drop empty values, as Calico's `omitempty` does."""
+    return {k: v for k, v in d.items() if v not in (None, [], {}, "")}
+
+
+# --------------------------------------------------------------------------- metadata
+@dataclass(frozen=True)
+class Metadata:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    resource_version: str | None = None
+    uid: str | None = None
+    creation_timestamp: str | None = None
+    generation: int | None = None
+
+    def dump(self) -> dict[str, Any]:
+        return _prune({
+            "name": self.name, "labels": dict(self.labels),
+            "annotations": dict(self.annotations), "resourceVersion": self.resource_version,
+            "uid": self.uid, "creationTimestamp": self.creation_timestamp,
+            "generation": self.generation,
+        })
+
+
+def _read_metadata(r: Reader, name_check: Any = check_name) -> Metadata:
+    if r.has("namespace"):
+        r.get("namespace")
+        raise r.fail(f"{r.kind} is not namespaced", "namespace")
+    name = r.string("name", required=True, check=name_check)
+    assert name is not None
+    labels = r.str_map("labels")
+    check_labels(r.child("labels", labels), labels)
+    annotations = r.str_map("annotations")
+    for key in annotations:
+        check_label_key(r.child("annotations", annotations), key)
+    version = r.get("resourceVersion")
+    generation = r.integer("generation", 0, 2**63 - 1)
+    meta = Metadata(
+        name=name, labels=labels, annotations=annotations,
+        resource_version=None if version is None else str(version),
+        uid=r.string("uid"), creation_timestamp=_timestamp(r), generation=generation,
+    )
+    r.done()
+    return meta
+
+
+def _timestamp(r: Reader) -> str | None:
+    value = r.get("creationTimestamp")
+    return None if value is None else str(value)
+
+
+# ------------------------------------------------------------------------------ rules
+@dataclass(frozen=True)
+class ICMPMatch:
+    type: int | None = None
+    code: int | None = None
+
+    def dump(self) -> dict[str, Any]:
+        return _prune({"type": self.type, "code": self.code})
+
+
+@dataclass(frozen=True)
+class EntityRule:
+    """A rule's `source` or `destination`: every criterion given must hold."""
+
+    nets: tuple[str, ...] = ()
+    not_nets: tuple[str, ...] = ()
+    selector: Selector | None = None
+    not_selector: Selector | None = None
+    ports: tuple[Port, ...] = ()
+    not_ports: tuple[Port, ...] = ()
+    domains: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return self == EntityRule()
+
+    def dump(self) -> dict[str, Any]:
+        return _prune({
+            "nets": list(self.nets), "notNets": list(self.not_nets),
+            "selector": str(self.selector) if self.selector else None,
+            "notSelector": str(self.not_selector) if self.not_selector else None,
+            "ports": [p.dump() for p in self.ports],
+            "notPorts": [p.dump() for p in self.not_ports],
+            "domains": list(self.domains),
+        })
+
+
+@dataclass(frozen=True)
+class Rule:
+    action: str
+    protocol: str | int | None = None
+    not_protocol: str | int | None = None
+    icmp: ICMPMatch | None = None
+    not_icmp: ICMPMatch | None = None
+    ip_version: int | None = None
+    source: EntityRule = EntityRule()
+    destination: EntityRule = EntityRule()
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    def dump(self) -> dict[str, Any]:
+        return _prune({
+            "metadata": {"annotations": dict(self.annotations)} if self.annotations else None,
+            "action": self.action, "protocol": self.protocol, "notProtocol": self.not_protocol,
+            "icmp": self.icmp.dump() if self.icmp else None,
+            "notICMP": self.not_icmp.dump() if self.not_icmp else None,
+            "ipVersion": self.ip_version,
+            "source": self.source.dump(), "destination": self.destination.dump(),
+        })
+
+
+_UNSUPPORTED_RULE = {
+    "http": "HTTP match needs an application-layer proxy, which host endpoints do not have",
+    "serviceAccounts": "service accounts exist only for Kubernetes pods",
+    "namespaceSelector": "namespaces exist only for Kubernetes workloads",
+    "services": "Kubernetes services are not host endpoints",
+}
+
+
+def _read_icmp(r: Reader) -> ICMPMatch | None:
+    if r.data is None:
+        return None
+    r.mapping()
+    icmp_type = r.integer("type", 0, 254)
+    code = r.integer("code", 0, 255)
+    if code is not None and icmp_type is None:
+        raise r.fail("code needs a type", "code")
+    r.done()
+    return ICMPMatch(icmp_type, code)
+
+
+def _read_entity(r: Reader, side: str, direction: str) -> EntityRule:
+    r.mapping()
+    nets = r.str_list("nets", check_cidr)
+    not_nets = r.str_list("notNets", check_cidr)
+    selector = r.string("selector")
+    not_selector = r.string("notSelector")
+    entity = EntityRule(
+        nets=nets, not_nets=not_nets,
+        selector=check_selector(r.child("selector", selector), selector) if selector else None,
+        not_selector=(check_selector(r.child("notSelector", not_selector), not_selector)
+                      if not_selector else None),
+        ports=tuple(check_port(item, item.data) for item in r.items("ports")),
+        not_ports=tuple(check_port(item, item.data) for item in r.items("notPorts")),
+        domains=r.str_list("domains", check_domain),
+    )
+    if entity.domains and not (side == "destination" and direction == "egress"):
+        raise r.fail("domains may only be given in an egress rule's destination", "domains")
+    if entity.domains and (entity.nets or entity.selector or entity.not_nets
+                           or entity.not_selector):
+        raise r.fail("domains cannot be combined with nets, notNets, selector or "
+                     "notSelector", "domains")
+    r.done(_UNSUPPORTED_RULE)
+    return entity
+
+
+def _read_rule(r: Reader, direction: str, profile: bool = False) -> Rule:
+    r.mapping()
+    action = r.string("action", required=True)
+    if action not in ACTIONS:
+        raise r.fail(f"{show(action)} is not an action (Allow, Deny, Log or Pass)", "action")
+    if profile and action == "Pass":
+        raise r.fail("Pass is only meaningful in a tiered policy, not in a Profile", "action")
+    protocol = None if r.get("protocol") is None else check_protocol(
+        r.field("protocol"), r.get("protocol"))
+    not_protocol = None if r.get("notProtocol") is None else check_protocol(
+        r.field("notProtocol"), r.get("notProtocol"))
+    ip_version = r.integer("ipVersion", 4, 6)
+    if ip_version not in (None, 4, 6):
+        raise r.fail(f"{ip_version} is not 4 or 6", "ipVersion")
+    icmp = _read_icmp(r.field("icmp"))
+    not_icmp = _read_icmp(r.field("notICMP"))
+    annotations: dict[str, str] = {}
+    if r.get("metadata") is not None:
+        meta = r.field("metadata")
+        annotations = meta.str_map("annotations")
+        meta.done()
+    source = _read_entity(r.field("source"), "source", direction)
+    destination = _read_entity(r.field("destination"), "destination", direction)
+    rule = Rule(action=action, protocol=protocol, not_protocol=not_protocol, icmp=icmp,
+                not_icmp=not_icmp, ip_version=ip_version, source=source,
+                destination=destination, annotations=annotations)
+    _check_rule(r, rule)
+    r.done(_UNSUPPORTED_RULE)
+    return rule
+
+
+def _check_rule(r: Reader, rule: Rule) -> None:
+    for side_name, side in (("source", rule.source), ("destination", rule.destination)):
+        for what, ports in (("ports", side.ports), ("notPorts", side.not_ports)):
+            if not ports:
+                continue
+            if rule.protocol is None or protocol_number(rule.protocol) not in PORT_PROTOCOLS:
+                raise r.fail(f"{what} are only allowed with protocol TCP, UDP or SCTP "
+                             f"(protocol is {show(rule.protocol) if rule.protocol else 'unset'})",
+                             f"{side_name}.{what}")
+        for what, nets in (("nets", side.nets), ("notNets", side.not_nets)):
+            for i, net in enumerate(nets):
+                version = 6 if ":" in net else 4
+                if rule.ip_version and version != rule.ip_version:
+                    raise r.fail(f"{show(net)} is IPv{version} but ipVersion is "
+                                 f"{rule.ip_version}", f"{side_name}.{what}[{i}]")
+    for what, icmp in (("icmp", rule.icmp), ("notICMP", rule.not_icmp)):
+        if icmp is None:
+            continue
+        if rule.protocol is None or protocol_number(rule.protocol) not in (1, 58):
+            raise r.fail("is only allowed with protocol ICMP or ICMPv6", what)
+    if rule.protocol is not None and rule.ip_version is not None:
+        number = protocol_number(rule.protocol)
+        if (number, rule.ip_version) in ((1, 6), (58, 4)):
+            raise r.fail(f"protocol {rule.protocol} does not go with ipVersion "
+                         f"{rule.ip_version}", "ipVersion")
+
+
+# --------------------------------------------------------------------------- policies
+@dataclass(frozen=True)
+class PolicySpec:
+    """The spec of a GlobalNetworkPolicy or a StagedGlobalNetworkPolicy."""
+
+    tier: str = DEFAULT_TIER
+    order: float | None = None
+    selector: Selector = field(default_factory=lambda: parse(""))
+    types: tuple[str, ...] = (INGRESS,)
+    ingress: tuple[Rule, ...] = ()
+    egress: tuple[Rule, ...] = ()
+    apply_on_forward: bool = False
+    pre_dnat: bool = False
+    do_not_track: bool = False
+    staged_action: str | None = None  # Set | Delete, staged policies only
+
+    def rules(self, direction: str) -> tuple[Rule, ...]:
+        return self.ingress if direction == INGRESS else self.egress
+
+    def dump(self) -> dict[str, Any]:
+        out = _prune({
+            "stagedAction": self.staged_action,
+            "tier": self.tier, "order": _order_out(self.order),
+            "selector": str(self.selector), "types": list(self.types),
+            "ingress": [x.dump() for x in self.ingress],
+            "egress": [x.dump() for x in self.egress],
+        })
+        for key, value in (("applyOnForward", self.apply_on_forward),
+                           ("preDNAT", self.pre_dnat), ("doNotTrack", self.do_not_track)):
+            if value:
+                out[key] = True
+        return out
+
+
+def _order_out(order: float | None) -> float | int | None:
+    if order is None:
+        return None
+    return int(order) if order == int(order) else order
+
+
+_UNSUPPORTED_POLICY = {
+    "namespaceSelector": "namespaces exist only for Kubernetes workloads",
+    "serviceAccountSelector": "service accounts exist only for Kubernetes pods",
+}
+
+
+def _read_policy_spec(r: Reader, name: str, staged: bool) -> PolicySpec:
+    r.mapping()
+    staged_action = None
+    if staged:
+        staged_action = r.string("stagedAction") or "Set"
+        if staged_action not in ("Set", "Delete"):
+            raise r.fail(f"{show(staged_action)} is not Set or Delete", "stagedAction")
+    tier = r.string("tier", check=check_tier_name)
+    prefix = name.split(".", 1)[0] if "." in name else None
+    if tier is None:
+        tier = DEFAULT_TIER
+    elif prefix is not None and prefix != tier and tier != DEFAULT_TIER:
+        raise r.fail(f"policy name {show(name)} has the prefix {show(prefix + '.')} but "
+                     f"the tier is {show(tier)}; write {show(tier + '.' + name.split('.', 1)[1])}"
+                     " or drop the prefix", "tier")
+    order = r.number("order")
+    selector_text = r.string("selector") or ""
+    selector = check_selector(r.child("selector", selector_text), selector_text)
+    ingress = tuple(_read_rule(item, "ingress") for item in r.items("ingress"))
+    egress = tuple(_read_rule(item, "egress") for item in r.items("egress"))
+    types_given = r.str_list("types")
+    for i, t in enumerate(types_given):
+        if t not in (INGRESS, EGRESS):
+            raise r.fail(f"{show(t)} is not Ingress or Egress", f"types[{i}]")
+    if len(set(types_given)) != len(types_given):
+        raise r.fail("lists a type twice", "types")
+    pre_dnat = bool(r.flag("preDNAT"))
+    if pre_dnat and (egress or EGRESS in types_given):
+        raise r.fail("a preDNAT policy can only have ingress rules", "egress")
+    if types_given:
+        types = tuple(t for t in (INGRESS, EGRESS) if t in types_given)
+    elif egress and not ingress and not pre_dnat:
+        types = (EGRESS,)
+    elif egress and ingress:
+        types = (INGRESS, EGRESS)
+    else:
+        types = (INGRESS,)
+    if ingress and INGRESS not in types:
+        raise r.fail("has ingress rules but does not include Ingress", "types")
+    if egress and EGRESS not in types:
+        raise r.fail("has egress rules but does not include Egress", "types")
+    spec = PolicySpec(
+        tier=tier, order=order, selector=selector, types=types, ingress=ingress,
+        egress=egress, apply_on_forward=bool(r.flag("applyOnForward")), pre_dnat=pre_dnat,
+        do_not_track=bool(r.flag("doNotTrack")), staged_action=staged_action,
+    )
+    if spec.pre_dnat:
+        if spec.do_not_track:
+            raise r.fail("preDNAT and doNotTrack cannot both be true", "preDNAT")
+        if not spec.apply_on_forward:
+            raise r.fail("preDNAT needs applyOnForward: true", "applyOnForward")
+    if spec.do_not_track and not spec.apply_on_forward:
+        raise r.fail("doNotTrack needs applyOnForward: true", "applyOnForward")
+    r.done(_UNSUPPORTED_POLICY)
+    return spec
+
+
+# ------------------------------------------------------------------------------ kinds
+@dataclass(frozen=True)
+class Resource:
+    kind: ClassVar[str] = ""
+    metadata: Metadata
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self.metadata.labels
+
+    def spec_dump(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def dump(self) -> dict[str, Any]:
+        return {"apiVersion": API_VERSION, "kind": self.kind,
+                "metadata": self.metadata.dump(), "spec": self.spec_dump()}
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.kind, self.name)
+
+
+@dataclass(frozen=True)
+class EndpointPort:
+    name: str
+    protocol: str | int
+    port: int
+
+    def dump(self) -> dict[str, Any]:
+        return {"name": self.name, "protocol": self.protocol, "port": self.port}
+
+
+@dataclass(frozen=True)
+class HostEndpoint(Resource):
+    kind: ClassVar[str] = "HostEndpoint"
+    node: str = ""
+    interface_name: str | None = None
+    expected_ips: tuple[str, ...] = ()
+    profiles: tuple[str, ...] = ()
+    ports: tuple[EndpointPort, ...] = ()
+
+    def spec_dump(self) -> dict[str, Any]:
+        return _prune({
+            "node": self.node, "interfaceName": self.interface_name,
+            "expectedIPs": list(self.expected_ips), "profiles": list(self.profiles),
+            "ports": [p.dump() for p in self.ports],
+        })
+
+
+@dataclass(frozen=True)
+class GlobalNetworkPolicy(Resource):
+    kind: ClassVar[str] = "GlobalNetworkPolicy"
+    spec: PolicySpec = PolicySpec()
+    staged: ClassVar[bool] = False
+
+    def spec_dump(self) -> dict[str, Any]:
+        return self.spec.dump()
+
+    @property
+    def bare_name(self) -> str:
+        """The name without its `<tier>.` prefix: how staged and enforced policies pair up."""
+        prefix = self.spec.tier + "."
+        return self.name[len(prefix):] if self.name.startswith(prefix) else self.name
+
+
+@dataclass(frozen=True)
+class StagedGlobalNetworkPolicy(GlobalNetworkPolicy):
+    kind: ClassVar[str] = "StagedGlobalNetworkPolicy"
+    staged: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Tier(Resource):
+    kind: ClassVar[str] = "Tier"
+    order: float | None = None
+    default_action: str = "Deny"
+
+    def spec_dump(self) -> dict[str, Any]:
+        return _prune({"order": _order_out(self.order), "defaultAction": self.default_action})
+
+
+@dataclass(frozen=True)
+class GlobalNetworkSet(Resource):
+    kind: ClassVar[str] = "GlobalNetworkSet"
+    nets: tuple[str, ...] = ()
+    allowed_egress_domains: tuple[str, ...] = ()
+
+    def spec_dump(self) -> dict[str, Any]:
+        return _prune({"nets": list(self.nets),
+                       "allowedEgressDomains": list(self.allowed_egress_domains)})
+
+
+@dataclass(frozen=True)
+class Profile(Resource):
+    kind: ClassVar[str] = "Profile"
+    ingress: tuple[Rule, ...] = ()
+    egress: tuple[Rule, ...] = ()
+    labels_to_apply: Mapping[str, str] = field(default_factory=dict)
+
+    def rules(self, direction: str) -> tuple[Rule, ...]:
+        return self.ingress if direction == INGRESS else self.egress
+
+    def spec_dump(self) -> dict[str, Any]:
+        return _prune({"ingress": [x.dump() for x in self.ingress],
+                       "egress": [x.dump() for x in self.egress],
+                       "labelsToApply": dict(self.labels_to_apply)})
+
+
+DEFAULT_ALLOW = Profile(
+    metadata=Metadata(name=DEFAULT_ALLOW_PROFILE),
+    ingress=(Rule(action="Allow"),), egress=(Rule(action="Allow"),),
+)
+DEFAULT_TIER_RESOURCE = Tier(metadata=Metadata(name=DEFAULT_TIER), order=DEFAULT_TIER_ORDER)
+
+KINDS: dict[str, type[Resource]] = {
+    cls.kind: cls for cls in (HostEndpoint, GlobalNetworkPolicy, StagedGlobalNetworkPolicy,
+                              Tier, GlobalNetworkSet, Profile)
+}
+# Lower-case and plural spellings, as calicoctl accepts them on its command line.
+KIND_ALIASES: dict[str, str] = {}
+for _kind in KINDS:
+    for _alias in (_kind, _kind.lower(), _kind.lower() + "s"):
+        KIND_ALIASES[_alias] = _kind
+KIND_ALIASES.update({"hep": "HostEndpoint", "heps": "HostEndpoint",
+                     "gnp": "GlobalNetworkPolicy", "gnps": "GlobalNetworkPolicy",
+                     "sgnp": "StagedGlobalNetworkPolicy", "gns": "GlobalNetworkSet",
+                     "policy": "GlobalNetworkPolicy", "policies": "GlobalNetworkPolicy"})
+
+
+# ------------------------------------------------------------------------------ parse
+def _read_hep(r: Reader, meta: Metadata) -> HostEndpoint:
+    node = r.string("node", required=True, check=check_name)
+    iface = r.string("interfaceName", check=check_interface)
+    ips = r.str_list("expectedIPs", check_ip)
+    if not iface and not ips:
+        raise r.fail("a HostEndpoint needs interfaceName or expectedIPs")
+    profiles = r.str_list("profiles", check_name)
+    ports: list[EndpointPort] = []
+    seen: set[tuple[str, int]] = set()
+    for item in r.items("ports"):
+        item.mapping()
+        name = item.string("name", required=True)
+        assert name is not None
+        port = check_port(item.child("name", name), name)
+        if not isinstance(port, NamedPort):
+            raise item.fail(f"{show(name)} is not a port name", "name")
+        raw_proto = item.get("protocol")
+        if raw_proto is None:
+            raise item.fail("is required", "protocol")
+        proto = check_protocol(item.field("protocol"), raw_proto)
+        if protocol_number(proto) not in PORT_PROTOCOLS:
+            raise item.fail(f"{show(proto)}: named ports need TCP, UDP or SCTP", "protocol")
+        number = item.integer("port", 0, 65535)
+        if number is None:
+            raise item.fail("is required", "port")
+        if (name, protocol_number(proto)) in seen:
+            raise item.fail(f"port {show(name)} with protocol {proto} is listed twice", "name")
+        seen.add((name, protocol_number(proto)))
+        item.done()
+        ports.append(EndpointPort(name, proto, number))
+    r.done()
+    assert node is not None
+    return HostEndpoint(metadata=meta, node=node, interface_name=iface, expected_ips=ips,
+                        profiles=profiles, ports=tuple(ports))
+
+
+def _read_tier(r: Reader, meta: Metadata) -> Tier:
+    order = r.number("order")
+    action = r.string("defaultAction") or "Deny"
+    if action not in ("Deny", "Pass"):
+        raise r.fail(f"{show(action)} is not Deny or Pass", "defaultAction")
+    r.done()
+    if meta.name == DEFAULT_TIER and order not in (None, DEFAULT_TIER_ORDER):
+        raise r.fail(f"the default tier's order is fixed at {int(DEFAULT_TIER_ORDER)}", "order")
+    if meta.name == DEFAULT_TIER and order is None:
+        order = DEFAULT_TIER_ORDER
+    return Tier(metadata=meta, order=order, default_action=action)
+
+
+def _read_network_set(r: Reader, meta: Metadata) -> GlobalNetworkSet:
+    nets = r.str_list("nets", check_cidr)
+    domains = r.str_list("allowedEgressDomains", check_domain)
+    r.done()
+    return GlobalNetworkSet(metadata=meta, nets=nets, allowed_egress_domains=domains)
+
+
+def _read_profile(r: Reader, meta: Metadata) -> Profile:
+    ingress = tuple(_read_rule(i, "ingress", profile=True) for i in r.items("ingress"))
+    egress = tuple(_read_rule(i, "egress", profile=True) for i in r.items("egress"))
+    labels = r.str_map("labelsToApply")
+    check_labels(r.child("labelsToApply", labels), labels)
+    r.done()
+    return Profile(metadata=meta, ingress=ingress, egress=egress, labels_to_apply=labels)
+
+
+def parse_resource(obj: Any) -> Resource:
+    """Validate one decoded document and return the resource it describes."""
+    if not isinstance(obj, dict):
+        raise ValidationError("", "", "", f"a resource must be a mapping, not {show(obj)}")
+    kind = obj.get("kind")
+    meta_data = obj.get("metadata")
+    name = meta_data.get("name") if isinstance(meta_data, dict) else None
+    name = name if isinstance(name, str) else ""
+    top = Reader(str(kind or ""), name, "", obj)
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise top.fail(f"{show(kind)} is not a supported kind ({', '.join(KINDS)})", "kind")
+    version = top.get("apiVersion")
+    if version != API_VERSION:
+        raise top.fail(f"{show(version)}: expected {API_VERSION}", "apiVersion")
+    top.get("kind")
+    if meta_data is None:
+        raise top.fail("is required", "metadata")
+    is_tier = kind == "Tier"
+    meta = _read_metadata(top.field("metadata"), check_tier_name if is_tier else check_name)
+    spec = top.field("spec")
+    spec.mapping()
+    top.done({"status": "status is written by the system"})
+    resource: Resource
+    if kind in ("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy"):
+        staged = kind == "StagedGlobalNetworkPolicy"
+        cls = StagedGlobalNetworkPolicy if staged else GlobalNetworkPolicy
+        resource = cls(metadata=meta, spec=_read_policy_spec(spec, meta.name, staged))
+    elif kind == "HostEndpoint":
+        resource = _read_hep(spec, meta)
+    elif kind == "Tier":
+        resource = _read_tier(spec, meta)
+    elif kind == "GlobalNetworkSet":
+        resource = _read_network_set(spec, meta)
+    else:
+        resource = _read_profile(spec, meta)
+    return resource

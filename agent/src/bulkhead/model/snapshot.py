@@ -1,0 +1,79 @@
+"""A consistent set of resources: what a store holds at one revision, or a set of files.
+
+Building a Snapshot checks what no single resource can: names are unique per kind and every
+policy's tier exists. The `default` tier and the `projectcalico-default-allow` profile are
+always there, as in Calico.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from bulkhead.model.errors import ValidationError
+from bulkhead.model.resources import (
+    DEFAULT_ALLOW,
+    DEFAULT_TIER_RESOURCE,
+    GlobalNetworkPolicy,
+    GlobalNetworkSet,
+    HostEndpoint,
+    Profile,
+    Resource,
+    StagedGlobalNetworkPolicy,
+    Tier,
+)
+
+
+def order_key(order: float | None, name: str) -> tuple[int, float, str]:
+    """Calico's ordering: by order ascending, nil (unset) last, ties by name."""
+    return (1, 0.0, name) if order is None else (0, order, name)
+
+
+@dataclass
+class Snapshot:
+    tiers: dict[str, Tier] = field(default_factory=dict)
+    policies: dict[str, GlobalNetworkPolicy] = field(default_factory=dict)
+    staged: dict[str, StagedGlobalNetworkPolicy] = field(default_factory=dict)
+    host_endpoints: dict[str, HostEndpoint] = field(default_factory=dict)
+    network_sets: dict[str, GlobalNetworkSet] = field(default_factory=dict)
+    profiles: dict[str, Profile] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, resources: Iterable[Resource]) -> Snapshot:
+        """Index resources by kind; reject duplicates and policies in unknown tiers."""
+        snap = cls()
+        snap.tiers[DEFAULT_TIER_RESOURCE.name] = DEFAULT_TIER_RESOURCE
+        snap.profiles[DEFAULT_ALLOW.name] = DEFAULT_ALLOW
+        seen: set[tuple[str, str]] = set()
+        for res in resources:
+            if res.key in seen:
+                raise ValidationError(res.kind, res.name, "metadata.name",
+                                      "is defined twice")
+            seen.add(res.key)
+            snap._table(res)[res.name] = res
+        for policy in [*snap.policies.values(), *snap.staged.values()]:
+            if policy.spec.tier not in snap.tiers:
+                raise ValidationError(policy.kind, policy.name, "spec.tier",
+                                      f'tier "{policy.spec.tier}" does not exist')
+        return snap
+
+    def _table(self, res: Resource) -> dict[str, Resource]:
+        tables: dict[type, dict[str, Resource]] = {
+            Tier: self.tiers, GlobalNetworkPolicy: self.policies,  # type: ignore[dict-item]
+            StagedGlobalNetworkPolicy: self.staged,  # type: ignore[dict-item]
+            HostEndpoint: self.host_endpoints,  # type: ignore[dict-item]
+            GlobalNetworkSet: self.network_sets, Profile: self.profiles,  # type: ignore[dict-item]
+        }
+        return tables[type(res)]
+
+    def resources(self) -> list[Resource]:
+        """Every user resource (built-ins left out) in a stable order."""
+        out: list[Resource] = []
+        for table in (self.tiers, self.network_sets, self.profiles, self.host_endpoints,
+                      self.policies, self.staged):
+            out.extend(r for r in table.values()
+                       if r is not DEFAULT_TIER_RESOURCE and r is not DEFAULT_ALLOW)
+        return out
+
+    def ordered_tiers(self) -> list[Tier]:
+        return sorted(self.tiers.values(), key=lambda t: order_key(t.order, t.name))

@@ -1,0 +1,366 @@
+"""The reference evaluator: Calico's policy semantics for host endpoints, in plain Python.
+
+For a flow it decides the source endpoint's egress and the destination endpoint's
+ingress, each with a trace (tier, policy, rule, action, why). Staged policies are
+evaluated in a second view, where each StagedGlobalNetworkPolicy replaces (stagedAction
+Set) or removes (Delete) the enforced policy of the same tier and name; that view gives
+the staged verdict and never changes the enforced one.
+
+Order on one endpoint and direction, as in DESIGN.md: failsafe ports; then untracked
+(doNotTrack) and pre-DNAT (preDNAT, ingress only) policies, whose Allow or Deny is final
+and whose no-match falls through; then each tier (order, nil last, ties by name) that has
+a policy selecting the endpoint for the direction; in a tier, policies by order then name,
+rules in order: Allow and Deny end evaluation, Pass goes to the next tier, Log records and
+goes on; no match in a tier -> its defaultAction. After the tiers, the endpoint's
+profiles; no profile, or no profile rule matched -> Deny.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from bulkhead.model import (
+    EGRESS,
+    INGRESS,
+    GlobalNetworkPolicy,
+    HostEndpoint,
+    Rule,
+    Snapshot,
+    Tier,
+)
+from bulkhead.model.snapshot import order_key
+from bulkhead.policy.failsafe import Failsafes
+from bulkhead.policy.flow import Flow, IPAddress
+from bulkhead.policy.rules import Context, Criterion, Peer, compile_rule, domain_matches
+
+ALLOW, DENY, PASS, LOG = "Allow", "Deny", "Pass", "Log"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One line of a trace."""
+
+    what: str                # "failsafe", "tier", "policy", "rule", "tier-default", "profile"
+    text: str
+    tier: str | None = None
+    policy: str | None = None
+    rule: int | None = None
+    action: str | None = None
+    staged: bool = False
+
+
+@dataclass(frozen=True)
+class DirectionVerdict:
+    """The fate of a flow on one endpoint in one direction."""
+
+    direction: str                 # Ingress | Egress
+    endpoint: str | None           # HostEndpoint name, None if the address is no endpoint
+    action: str                    # Allow | Deny
+    decided_by: str                # no-endpoint, failsafe, rule, tier-default, profile, ...
+    tier: str | None = None
+    policy: str | None = None
+    rule: int | None = None
+    staged: bool = False           # decided by a staged policy (staged view only)
+    steps: tuple[Step, ...] = ()
+    logged: tuple[Step, ...] = ()  # Log rules the flow passed through
+
+    @property
+    def allowed(self) -> bool:
+        return self.action == ALLOW
+
+    def summary(self) -> str:
+        who = f"{self.direction.lower()} of {self.endpoint}" if self.endpoint else \
+            f"{self.direction.lower()}: no host endpoint"
+        if self.decided_by == "rule":
+            kind = "staged policy" if self.staged else "policy"
+            return (f"{who}: {self.action} by {kind} {self.policy} (tier {self.tier}) "
+                    f"{self.direction.lower()} rule {self.rule}")
+        if self.decided_by == "profile" and self.policy:
+            return (f"{who}: {self.action} by {self.policy} {self.direction.lower()} "
+                    f"rule {self.rule}")
+        if self.decided_by == "tier-default":
+            return f"{who}: {self.action} by the default action of tier {self.tier}"
+        return f"{who}: {self.action} ({self.steps[-1].text if self.steps else self.decided_by})"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    flow: Flow
+    egress: DirectionVerdict
+    ingress: DirectionVerdict
+    staged_egress: DirectionVerdict
+    staged_ingress: DirectionVerdict
+
+    @property
+    def allowed(self) -> bool:
+        return self.egress.allowed and self.ingress.allowed
+
+    @property
+    def staged_allowed(self) -> bool:
+        return self.staged_egress.allowed and self.staged_ingress.allowed
+
+    @property
+    def staged_differs(self) -> bool:
+        return self.allowed != self.staged_allowed
+
+
+@dataclass
+class _View:
+    """The policies in force in one view (enforced, or with staged changes applied)."""
+
+    tiers: list[tuple[Tier, list[GlobalNetworkPolicy]]]
+    untracked: list[GlobalNetworkPolicy]
+    pre_dnat: list[GlobalNetworkPolicy]
+    cache: dict[tuple[str, str], list[tuple[Tier, list[GlobalNetworkPolicy]]]] = field(
+        default_factory=dict)
+
+
+def _policy_key(p: GlobalNetworkPolicy) -> tuple[int, float, str]:
+    return order_key(p.spec.order, p.name)
+
+
+class Evaluator:
+    """Evaluates flows against one snapshot. Build once, evaluate many flows."""
+
+    def __init__(self, snapshot: Snapshot, failsafes: Failsafes | None = None) -> None:
+        self.snapshot = snapshot
+        self.failsafes = failsafes if failsafes is not None else Failsafes()
+        self._by_ip: dict[IPAddress, list[HostEndpoint]] = {}
+        self._labels: dict[str, Mapping[str, str]] = {}
+        for hep in sorted(snapshot.host_endpoints.values(), key=lambda h: h.name):
+            for ip in hep.expected_ips:
+                self._by_ip.setdefault(ipaddress.ip_address(ip), []).append(hep)
+            merged: dict[str, str] = {}
+            for profile in hep.profiles:
+                if profile in snapshot.profiles:
+                    merged.update(snapshot.profiles[profile].labels_to_apply)
+            merged.update(hep.labels)
+            self._labels[hep.name] = merged
+        self._sets = [(s, [ipaddress.ip_network(n) for n in s.nets])
+                      for s in sorted(snapshot.network_sets.values(), key=lambda s: s.name)]
+        self._rules: dict[int, tuple[Rule, list[Criterion]]] = {}
+        self._peers: dict[tuple[IPAddress, frozenset[str]], Peer] = {}
+        enforced = dict(snapshot.policies)
+        self._enforced = self._view(list(enforced.values()))
+        staged_view: dict[tuple[str, str], GlobalNetworkPolicy] = {
+            (p.spec.tier, p.bare_name): p for p in enforced.values()}
+        for sp in snapshot.staged.values():
+            key = (sp.spec.tier, sp.bare_name)
+            if sp.spec.staged_action == "Delete":
+                staged_view.pop(key, None)
+            else:
+                staged_view[key] = sp
+        self._staged = self._view(list(staged_view.values())) if snapshot.staged else None
+
+    # -- setup ------------------------------------------------------------------------
+    def _view(self, policies: list[GlobalNetworkPolicy]) -> _View:
+        normal = [p for p in policies if not (p.spec.do_not_track or p.spec.pre_dnat)]
+        tiers = []
+        for tier in self.snapshot.ordered_tiers():
+            members = sorted((p for p in normal if p.spec.tier == tier.name), key=_policy_key)
+            tiers.append((tier, members))
+        # Untracked and pre-DNAT policies keep their tier order, then policy order.
+        rank = {t.name: i for i, t in enumerate(self.snapshot.ordered_tiers())}
+
+        def staged_key(p: GlobalNetworkPolicy) -> tuple[int, tuple[int, float, str]]:
+            return (rank[p.spec.tier], _policy_key(p))
+
+        return _View(
+            tiers=tiers,
+            untracked=sorted((p for p in policies if p.spec.do_not_track), key=staged_key),
+            pre_dnat=sorted((p for p in policies if p.spec.pre_dnat), key=staged_key),
+        )
+
+    def endpoint_labels(self, hep: HostEndpoint) -> Mapping[str, str]:
+        """The endpoint's labels, with its profiles' labelsToApply under them."""
+        return self._labels[hep.name]
+
+    def endpoints_at(self, ip: IPAddress) -> list[HostEndpoint]:
+        return self._by_ip.get(ip, [])
+
+    def _criteria(self, rule: Rule) -> list[Criterion]:
+        found = self._rules.get(id(rule))
+        if found is None or found[0] is not rule:
+            found = self._rules[id(rule)] = (rule, compile_rule(rule))
+        return found[1]
+
+    def _peer(self, ip: IPAddress, domains: frozenset[str]) -> Peer:
+        key = (ip, domains)
+        peer = self._peers.get(key)
+        if peer is None:
+            heps = self._by_ip.get(ip, [])
+            labels = [self._labels[h.name] for h in heps]
+            names = [f"host endpoint {h.name}" for h in heps]
+            for netset, nets in self._sets:
+                inside = any(ip.version == n.version and ip in n for n in nets)
+                if not inside and domains and netset.allowed_egress_domains:
+                    inside = domain_matches(netset.allowed_egress_domains, domains)
+                if inside:
+                    labels.append(netset.labels)
+                    names.append(f"network set {netset.name}")
+            peer = self._peers[key] = Peer(heps, labels, names)
+        return peer
+
+    # -- evaluation -------------------------------------------------------------------
+    def evaluate(self, flow: Flow, trace: bool = True) -> Verdict:
+        """The enforced and staged verdicts for the flow; `trace=False` skips the words."""
+        ctx = Context(flow, self._peer(flow.src, frozenset()),
+                      self._peer(flow.dst, flow.dst_domains))
+        src_hep = ctx.src.endpoints[0] if ctx.src.endpoints else None
+        dst_hep = ctx.dst.endpoints[0] if ctx.dst.endpoints else None
+        egress = self._direction(ctx, src_hep, EGRESS, self._enforced, trace)
+        ingress = self._direction(ctx, dst_hep, INGRESS, self._enforced, trace)
+        if self._staged is None:
+            return Verdict(flow, egress, ingress, egress, ingress)
+        s_egress = self._direction(ctx, src_hep, EGRESS, self._staged, trace)
+        s_ingress = self._direction(ctx, dst_hep, INGRESS, self._staged, trace)
+        return Verdict(flow, egress, ingress, s_egress, s_ingress)
+
+    def _applicable(self, view: _View, hep: HostEndpoint, direction: str
+                    ) -> list[tuple[Tier, list[GlobalNetworkPolicy]]]:
+        key = (hep.name, direction)
+        found = view.cache.get(key)
+        if found is None:
+            labels = self._labels[hep.name]
+            found = []
+            for tier, policies in view.tiers:
+                selecting = [p for p in policies
+                             if direction in p.spec.types and p.spec.selector.matches(labels)]
+                if selecting:
+                    found.append((tier, selecting))
+            view.cache[key] = found
+        return found
+
+    def _direction(self, ctx: Context, hep: HostEndpoint | None, direction: str,
+                   view: _View, trace: bool) -> DirectionVerdict:
+        steps: list[Step] = []
+        logged: list[Step] = []
+        if hep is None:
+            return DirectionVerdict(direction, None, ALLOW, "no-endpoint", steps=(Step(
+                "endpoint", "the address is no host endpoint, so no policy applies"),))
+        flow = ctx.flow
+        failsafes = self.failsafes.inbound if direction == INGRESS else self.failsafes.outbound
+        peer_ip = flow.src if direction == INGRESS else flow.dst
+        for fs in failsafes:
+            if fs.matches(flow.protocol, flow.dst_port, peer_ip):
+                step = Step("failsafe", f"failsafe port {fs} ({direction.lower()}) accepts it",
+                            action=ALLOW)
+                return DirectionVerdict(direction, hep.name, ALLOW, "failsafe", steps=(step,))
+        labels = self._labels[hep.name]
+
+        # Untracked, then pre-DNAT policies: a matching Allow or Deny is final.
+        early = list(view.untracked)
+        if direction == INGRESS:
+            early += view.pre_dnat
+        for policy in early:
+            if direction not in policy.spec.types or not policy.spec.selector.matches(labels):
+                continue
+            stage = "untracked" if policy.spec.do_not_track else "pre-DNAT"
+            if trace:
+                steps.append(Step("policy", f"{stage} policy {policy.name} selects {hep.name}",
+                                  policy.spec.tier, policy.name, staged=policy.staged))
+            outcome = self._rules_of(ctx, policy, direction, trace, steps, logged)
+            if outcome is not None and outcome[0] in (ALLOW, DENY):
+                return DirectionVerdict(direction, hep.name, outcome[0], "rule",
+                                        policy.spec.tier, policy.name, outcome[1],
+                                        policy.staged, tuple(steps), tuple(logged))
+
+        applicable = self._applicable(view, hep, direction)
+        if trace and not applicable:
+            steps.append(Step("tier", f"no policy in any tier selects {hep.name} for {direction}"))
+        for tier, policies in applicable:
+            if trace:
+                steps.append(Step("tier", f"tier {tier.name}: "
+                                  f"{', '.join(p.name for p in policies)} select {hep.name} "
+                                  f"for {direction}", tier.name))
+            passed = False
+            for policy in policies:
+                outcome = self._rules_of(ctx, policy, direction, trace, steps, logged)
+                if outcome is None:
+                    continue
+                action, index = outcome
+                if action == PASS:
+                    passed = True
+                    break
+                return DirectionVerdict(direction, hep.name, action, "rule", tier.name,
+                                        policy.name, index, policy.staged, tuple(steps),
+                                        tuple(logged))
+            if passed:
+                continue
+            if tier.default_action == PASS:
+                if trace:
+                    steps.append(Step("tier-default", f"no rule matched in tier {tier.name}; "
+                                      "its defaultAction Pass goes to the next tier",
+                                      tier.name, action=PASS))
+                continue
+            steps.append(Step("tier-default", f"no rule matched in tier {tier.name}; its "
+                              "defaultAction is Deny", tier.name, action=DENY))
+            return DirectionVerdict(direction, hep.name, DENY, "tier-default", tier.name,
+                                    steps=tuple(steps), logged=tuple(logged))
+        return self._profiles(ctx, hep, direction, trace, steps, logged)
+
+    def _rules_of(self, ctx: Context, policy: GlobalNetworkPolicy, direction: str,
+                  trace: bool, steps: list[Step], logged: list[Step]
+                  ) -> tuple[str, int] | None:
+        """The first Allow, Deny or Pass rule of the policy that matches, or None."""
+        kind = "staged policy" if policy.staged else "policy"
+        for index, rule in enumerate(policy.spec.rules(direction)):
+            hit, why = self._match(ctx, rule, trace)
+            if trace or (hit and rule.action == LOG):
+                step = Step("rule", f"{kind} {policy.name} {direction.lower()} rule {index} "
+                            f"({rule.action}): {'matches' if hit else 'no match'}: {why}",
+                            policy.spec.tier, policy.name, index,
+                            rule.action if hit else None, policy.staged)
+                if trace:
+                    steps.append(step)
+                if hit and rule.action == LOG:
+                    logged.append(step)
+            if hit and rule.action != LOG:
+                return rule.action, index
+        return None
+
+    def _match(self, ctx: Context, rule: Rule, trace: bool) -> tuple[bool, str]:
+        criteria = self._criteria(rule)
+        if not trace:
+            return all(c.test(ctx) for c in criteria), ""
+        held = []
+        for c in criteria:
+            if not c.test(ctx):
+                return False, "not " + c.explain(ctx)
+            held.append(c.explain(ctx))
+        return True, "; ".join(held) if held else "the rule has no criteria"
+
+    def _profiles(self, ctx: Context, hep: HostEndpoint, direction: str, trace: bool,
+                  steps: list[Step], logged: list[Step]) -> DirectionVerdict:
+        if not hep.profiles:
+            steps.append(Step("profile", f"no policy decided and {hep.name} has no profile: "
+                              "default Deny", action=DENY))
+            return DirectionVerdict(direction, hep.name, DENY, "no-profile",
+                                    steps=tuple(steps), logged=tuple(logged))
+        for name in hep.profiles:
+            profile = self.snapshot.profiles.get(name)
+            if profile is None:
+                if trace:
+                    steps.append(Step("profile", f"profile {name} does not exist"))
+                continue
+            for index, rule in enumerate(profile.rules(direction)):
+                hit, why = self._match(ctx, rule, trace)
+                step = Step("rule", f"profile {name} {direction.lower()} rule {index} "
+                            f"({rule.action}): {'matches' if hit else 'no match'}: {why}",
+                            policy=f"profile {name}", rule=index,
+                            action=rule.action if hit else None)
+                if trace:
+                    steps.append(step)
+                if hit and rule.action == LOG:
+                    logged.append(step)
+                elif hit:
+                    return DirectionVerdict(direction, hep.name, rule.action, "profile",
+                                            None, f"profile {name}", index, False,
+                                            tuple(steps), tuple(logged))
+        steps.append(Step("profile", f"no rule of {hep.name}'s profiles matched: Deny",
+                          action=DENY))
+        return DirectionVerdict(direction, hep.name, DENY, "profile", steps=tuple(steps),
+                                logged=tuple(logged))
+

@@ -1,0 +1,181 @@
+"""One rule compiled to a list of criteria, each a fast test plus words for the trace."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from bulkhead.model import EndpointPort, EntityRule, HostEndpoint, ICMPMatch, NamedPort, Rule
+from bulkhead.model.checks import protocol_number
+from bulkhead.policy.flow import Flow, protocol_name
+from bulkhead.selector import Selector
+
+
+@dataclass
+class Peer:
+    """What stands at one address of a flow: host endpoints and network sets."""
+
+    endpoints: Sequence[HostEndpoint]
+    labels: Sequence[Mapping[str, str]]  # of those endpoints and of the network sets
+    names: Sequence[str]                 # for the trace: "hep web", "set corp-nets"
+
+
+@dataclass
+class Context:
+    flow: Flow
+    src: Peer
+    dst: Peer
+
+
+Test = Callable[[Context], bool]
+Explain = Callable[[Context], str]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    test: Test
+    explain: Explain  # says what was checked; called only when tracing
+
+
+def _nets(cidrs: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(c) for c in cidrs]
+
+
+def _in_nets(ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+             nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    return any(ip.version == n.version and ip in n for n in nets)
+
+
+def _selected(selector: Selector, peer: Peer) -> bool:
+    return any(selector.matches(labels) for labels in peer.labels)
+
+
+def _peer_words(peer: Peer) -> str:
+    return ", ".join(peer.names) if peer.names else "no endpoint or network set"
+
+
+def _port_matches(ports: Sequence[object], port: int | None, protocol: int,
+                  endpoints: Sequence[HostEndpoint]) -> bool:
+    if port is None:
+        return False
+    for p in ports:
+        if isinstance(p, NamedPort):
+            if any(_named(ep.ports, p.name, protocol, port) for ep in endpoints):
+                return True
+        elif port in p:  # type: ignore[operator]
+            return True
+    return False
+
+
+def _named(ports: Sequence[EndpointPort], name: str, protocol: int, port: int) -> bool:
+    return any(ep.name == name and protocol_number(ep.protocol) == protocol and ep.port == port
+               for ep in ports)
+
+
+def _icmp_matches(icmp: ICMPMatch, flow: Flow) -> bool:
+    if icmp.type is not None and flow.icmp_type != icmp.type:
+        return False
+    return icmp.code is None or flow.icmp_code == icmp.code
+
+
+def domain_matches(patterns: Sequence[str], names: frozenset[str]) -> bool:
+    for pattern in patterns:
+        if pattern.startswith("*."):
+            suffix = pattern[1:]
+            if any(n.endswith(suffix) for n in names):
+                return True
+        elif pattern in names:
+            return True
+    return False
+
+
+def _fmt_ports(ports: Sequence[object]) -> str:
+    return "[" + ", ".join(str(p) for p in ports) + "]"
+
+
+def _entity_criteria(side: str, entity: EntityRule) -> list[Criterion]:
+    out: list[Criterion] = []
+    is_src = side == "source"
+
+    def ip(ctx: Context) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ctx.flow.src if is_src else ctx.flow.dst
+
+    def peer(ctx: Context) -> Peer:
+        return ctx.src if is_src else ctx.dst
+
+    if entity.nets:
+        nets = _nets(entity.nets)
+        out.append(Criterion(
+            lambda c: _in_nets(ip(c), nets),
+            lambda c: f"{side} {ip(c)} in nets {list(entity.nets)}"))
+    if entity.not_nets:
+        not_nets = _nets(entity.not_nets)
+        out.append(Criterion(
+            lambda c: not _in_nets(ip(c), not_nets),
+            lambda c: f"{side} {ip(c)} outside notNets {list(entity.not_nets)}"))
+    if entity.selector is not None:
+        sel = entity.selector
+        out.append(Criterion(
+            lambda c: _selected(sel, peer(c)),
+            lambda c: f"{side} selector {sel} selects {_peer_words(peer(c))}"))
+    if entity.not_selector is not None:
+        nsel = entity.not_selector
+        out.append(Criterion(
+            lambda c: not _selected(nsel, peer(c)),
+            lambda c: f"{side} notSelector {nsel} leaves out {_peer_words(peer(c))}"))
+    if entity.ports:
+        ports = entity.ports
+        out.append(Criterion(
+            lambda c: _port_matches(ports, _flow_port(c.flow, is_src), c.flow.protocol,
+                                    peer(c).endpoints),
+            lambda c: f"{side} port {_flow_port(c.flow, is_src)} in ports {_fmt_ports(ports)}"))
+    if entity.not_ports:
+        not_ports = entity.not_ports
+        out.append(Criterion(
+            lambda c: not _port_matches(not_ports, _flow_port(c.flow, is_src), c.flow.protocol,
+                                        peer(c).endpoints),
+            lambda c: f"{side} port {_flow_port(c.flow, is_src)} outside notPorts "
+                      f"{_fmt_ports(not_ports)}"))
+    if entity.domains:
+        domains = entity.domains
+        out.append(Criterion(
+            lambda c: domain_matches(domains, c.flow.dst_domains),
+            lambda c: f"destination name {sorted(c.flow.dst_domains) or '(none known)'} in "
+                      f"domains {list(domains)}"))
+    return out
+
+
+def _flow_port(flow: Flow, source: bool) -> int | None:
+    return flow.src_port if source else flow.dst_port
+
+
+def compile_rule(rule: Rule) -> list[Criterion]:
+    """The rule's criteria in the order the trace reports them."""
+    out: list[Criterion] = []
+    if rule.ip_version is not None:
+        v = rule.ip_version
+        out.append(Criterion(lambda c: c.flow.version == v,
+                             lambda c: f"ipVersion {c.flow.version} is {v}"))
+    if rule.protocol is not None:
+        num, name = protocol_number(rule.protocol), rule.protocol
+        out.append(Criterion(lambda c: c.flow.protocol == num,
+                             lambda c: f"protocol {protocol_name(c.flow.protocol)} is {name}"))
+    if rule.not_protocol is not None:
+        nnum, nname = protocol_number(rule.not_protocol), rule.not_protocol
+        out.append(Criterion(lambda c: c.flow.protocol != nnum,
+                             lambda c: f"protocol {protocol_name(c.flow.protocol)} is not "
+                                       f"{nname}"))
+    if rule.icmp is not None:
+        icmp = rule.icmp
+        out.append(Criterion(lambda c: _icmp_matches(icmp, c.flow),
+                             lambda c: f"ICMP type/code {c.flow.icmp_type}/{c.flow.icmp_code}"
+                                       f" matches icmp {icmp.dump()}"))
+    if rule.not_icmp is not None:
+        nicmp = rule.not_icmp
+        out.append(Criterion(lambda c: not _icmp_matches(nicmp, c.flow),
+                             lambda c: f"ICMP type/code {c.flow.icmp_type}/{c.flow.icmp_code}"
+                                       f" outside notICMP {nicmp.dump()}"))
+    out.extend(_entity_criteria("source", rule.source))
+    out.extend(_entity_criteria("destination", rule.destination))
+    return out
