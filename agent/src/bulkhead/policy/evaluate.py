@@ -33,7 +33,7 @@ from bulkhead.model import (
 from bulkhead.model.snapshot import order_key
 from bulkhead.policy.failsafe import Failsafes
 from bulkhead.policy.flow import Flow, IPAddress
-from bulkhead.policy.rules import Context, Criterion, Peer, compile_rule, domain_matches
+from bulkhead.policy.rules import CompiledRule, Context, Peer, compile_rules, domain_matches
 
 ALLOW, DENY, PASS, LOG = "Allow", "Deny", "Pass", "Log"
 
@@ -140,7 +140,7 @@ class Evaluator:
             self._labels[hep.name] = merged
         self._sets = [(s, [ipaddress.ip_network(n) for n in s.nets])
                       for s in sorted(snapshot.network_sets.values(), key=lambda s: s.name)]
-        self._rules: dict[int, tuple[Rule, list[Criterion]]] = {}
+        self._rules: dict[int, tuple[tuple[Rule, ...], list[CompiledRule]]] = {}
         self._peers: dict[tuple[IPAddress, frozenset[str]], Peer] = {}
         enforced = dict(snapshot.policies)
         self._enforced = self._view(list(enforced.values()))
@@ -180,10 +180,10 @@ class Evaluator:
     def endpoints_at(self, ip: IPAddress) -> list[HostEndpoint]:
         return self._by_ip.get(ip, [])
 
-    def _criteria(self, rule: Rule) -> list[Criterion]:
-        found = self._rules.get(id(rule))
-        if found is None or found[0] is not rule:
-            found = self._rules[id(rule)] = (rule, compile_rule(rule))
+    def _compiled(self, rules: tuple[Rule, ...]) -> list[CompiledRule]:
+        found = self._rules.get(id(rules))
+        if found is None or found[0] is not rules:
+            found = self._rules[id(rules)] = (rules, compile_rules(rules))
         return found[1]
 
     def _peer(self, ip: IPAddress, domains: frozenset[str]) -> Peer:
@@ -272,9 +272,9 @@ class Evaluator:
             steps.append(Step("tier", f"no policy in any tier selects {hep.name} for {direction}"))
         for tier, policies in applicable:
             if trace:
-                steps.append(Step("tier", f"tier {tier.name}: "
-                                  f"{', '.join(p.name for p in policies)} select {hep.name} "
-                                  f"for {direction}", tier.name))
+                steps.append(Step("tier", f"tier {tier.name}: {hep.name} is selected for "
+                                  f"{direction} by {', '.join(p.name for p in policies)}",
+                                  tier.name))
             passed = False
             for policy in policies:
                 outcome = self._rules_of(ctx, policy, direction, trace, steps, logged)
@@ -306,27 +306,31 @@ class Evaluator:
                   ) -> tuple[str, int] | None:
         """The first Allow, Deny or Pass rule of the policy that matches, or None."""
         kind = "staged policy" if policy.staged else "policy"
-        for index, rule in enumerate(policy.spec.rules(direction)):
-            hit, why = self._match(ctx, rule, trace)
-            if trace or (hit and rule.action == LOG):
-                step = Step("rule", f"{kind} {policy.name} {direction.lower()} rule {index} "
-                            f"({rule.action}): {'matches' if hit else 'no match'}: {why}",
-                            policy.spec.tier, policy.name, index,
-                            rule.action if hit else None, policy.staged)
-                if trace:
-                    steps.append(step)
-                if hit and rule.action == LOG:
-                    logged.append(step)
-            if hit and rule.action != LOG:
-                return rule.action, index
+        for index, compiled in enumerate(self._compiled(policy.spec.rules(direction))):
+            action = compiled.rule.action
+            if not trace:
+                if compiled.test(ctx):
+                    if action != LOG:
+                        return action, index
+                    logged.append(Step("rule", "", policy.spec.tier, policy.name, index,
+                                       LOG, policy.staged))
+                continue
+            hit, why = self._explain(ctx, compiled)
+            step = Step("rule", f"{kind} {policy.name} {direction.lower()} rule {index} "
+                        f"({action}): {'matches' if hit else 'no match'}: {why}",
+                        policy.spec.tier, policy.name, index, action if hit else None,
+                        policy.staged)
+            steps.append(step)
+            if hit and action == LOG:
+                logged.append(step)
+            elif hit:
+                return action, index
         return None
 
-    def _match(self, ctx: Context, rule: Rule, trace: bool) -> tuple[bool, str]:
-        criteria = self._criteria(rule)
-        if not trace:
-            return all(c.test(ctx) for c in criteria), ""
+    @staticmethod
+    def _explain(ctx: Context, compiled: CompiledRule) -> tuple[bool, str]:
         held = []
-        for c in criteria:
+        for c in compiled.criteria:
             if not c.test(ctx):
                 return False, "not " + c.explain(ctx)
             held.append(c.explain(ctx))
@@ -345,8 +349,9 @@ class Evaluator:
                 if trace:
                     steps.append(Step("profile", f"profile {name} does not exist"))
                 continue
-            for index, rule in enumerate(profile.rules(direction)):
-                hit, why = self._match(ctx, rule, trace)
+            for index, compiled in enumerate(self._compiled(profile.rules(direction))):
+                rule = compiled.rule
+                hit, why = self._explain(ctx, compiled) if trace else (compiled.test(ctx), "")
                 step = Step("rule", f"profile {name} {direction.lower()} rule {index} "
                             f"({rule.action}): {'matches' if hit else 'no match'}: {why}",
                             policy=f"profile {name}", rule=index,

@@ -150,6 +150,31 @@ def _flow_port(flow: Flow, source: bool) -> int | None:
     return flow.src_port if source else flow.dst_port
 
 
+def all_of(tests: Sequence[Test]) -> Test:
+    """One test that holds when every test holds, with no loop per call."""
+    if not tests:
+        return lambda c: True
+    combined = tests[0]
+    for nxt in tests[1:]:
+        combined = (lambda a, b: lambda c: a(c) and b(c))(combined, nxt)
+    return combined
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    rule: Rule
+    criteria: list[Criterion]
+    test: Test  # all criteria at once, for evaluation without a trace
+
+
+def compile_rules(rules: Sequence[Rule]) -> list[CompiledRule]:
+    out = []
+    for rule in rules:
+        criteria = compile_rule(rule)
+        out.append(CompiledRule(rule, criteria, all_of([c.test for c in criteria])))
+    return out
+
+
 def compile_rule(rule: Rule) -> list[Criterion]:
     """The rule's criteria in the order the trace reports them."""
     out: list[Criterion] = []

@@ -20,9 +20,14 @@ __all__ = ["LabelIndex", "Selector", "SelectorError", "parse"]
 
 
 class Selector:
-    """A parsed selector. Equal (and hashed) by its canonical string."""
+    """A parsed selector. Equal (and hashed) by its canonical string.
 
-    __slots__ = ("_fn", "canonical", "tree")
+    `matches(labels)` is True if a resource with these labels is selected. It is the
+    compiled expression itself (every node yields a bool), so a call costs what a
+    hand-written predicate does.
+    """
+
+    __slots__ = ("canonical", "matches", "tree")
 
     def __init__(self, tree: Node) -> None:
         self.tree = tree
@@ -30,13 +35,9 @@ class Selector:
         # The tree becomes one Python expression, compiled once: evaluation costs about
         # what a hand-written predicate does, not a walk over nodes per label set.
         source = f"lambda L: {tree.code()}"
-        self._fn: Callable[[Mapping[str, str]], bool] = eval(
+        self.matches: Callable[[Mapping[str, str]], bool] = eval(
             compile(source, "<selector>", "eval"), {"__builtins__": {}}
         )
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        """True if a resource with these labels is selected."""
-        return bool(self._fn(labels))
 
     @property
     def label_keys(self) -> frozenset[str]:

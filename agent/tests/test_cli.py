@@ -1,0 +1,106 @@
+"""The `bulkhead` command line: subcommands, output and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bulkhead.cli.main import main
+
+RESOURCES = """
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: db-ingress}
+spec:
+  selector: app == 'db'
+  ingress:
+    - action: Allow
+      protocol: TCP
+      source: {selector: zone == 'dmz'}
+      destination: {ports: [5432]}
+---
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: web, labels: {app: web, zone: dmz}}
+spec:
+  node: web-1
+  interfaceName: "*"
+  expectedIPs: [198.18.0.11]
+  profiles: [projectcalico-default-allow]
+---
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: db, labels: {app: db}}
+spec:
+  node: db-1
+  interfaceName: "*"
+  expectedIPs: [198.18.0.12]
+  profiles: [projectcalico-default-allow]
+"""
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "all.yaml").write_text(RESOURCES)
+    return tmp_path / "all.yaml"
+
+
+def test_validate(files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "-f", str(files)]) == 0
+    assert "valid: 3 resources (1 GlobalNetworkPolicy, 2 HostEndpoint)" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(RESOURCES.replace("ports: [5432]", "ports: [\"54-32\"]"))
+    assert main(["validate", "-f", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert 'GlobalNetworkPolicy db-ingress: spec.ingress[0].destination.ports[0]: "54-32"' in err
+    assert main(["validate", "-f", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_explain_by_name_node_and_ip(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "-f", str(files), "--from", "web", "--to", "db-1",
+                 "--proto", "tcp", "--port", "5432"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: ALLOWED" in out and "Allow by policy db-ingress" in out
+    assert main(["explain", "-f", str(files), "--from", "198.18.0.12", "--to", "web",
+                 "--port", "80", "--exit-code"]) == 0
+    assert main(["explain", "-f", str(files), "--from", "web", "--to", "db", "--port", "80",
+                 "--exit-code"]) == 1
+    capsys.readouterr()
+
+
+def test_explain_json(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "-f", str(files), "--from", "web", "--to", "db", "--port", "80",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["allowed"] is False
+    assert data["ingress"]["decided_by"] == "tier-default"
+    assert data["egress"]["action"] == "Allow"
+
+
+def test_explain_usage_errors(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "-f", str(files), "--from", "nobody", "--to", "db",
+                 "--port", "1"]) == 2
+    assert "'nobody' is neither an IP address nor a HostEndpoint" in capsys.readouterr().err
+    assert main(["explain", "-f", str(files), "--from", "web", "--to", "db"]) == 2
+    assert "--port is needed for TCP" in capsys.readouterr().err
+    assert main(["explain", "-f", str(files), "--from", "web", "--to", "db", "--port", "1",
+                 "--failsafe", "tcp:x"]) == 2
+
+
+def test_selector_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["selector", "b in {'y','x'} && has(a)", "--labels", "a=1", "b=x"]) == 0
+    assert capsys.readouterr().out == '(b in {"x", "y"} && has(a))\nmatches\n'
+    assert main(["selector", "has(a)", "--labels", "b=1"]) == 1
+    assert main(["selector", "a =="]) == 2
+    assert "at position 4: expected a quoted string" in capsys.readouterr().err
+
+
+def test_console_script_is_installed() -> None:
+    bulkhead = Path(sys.executable).parent / "bulkhead"
+    done = subprocess.run([str(bulkhead), "selector", "all()"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout == "all()\n"

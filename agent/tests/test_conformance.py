@@ -1,0 +1,102 @@
+"""The conformance runner: case parsing, truth tables, tag rates, JSON, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bulkhead.cli.main import main
+from bulkhead.conformance import CaseError, ModelDataplane, load_cases, report_json, run_cases
+
+CASES_DIR = Path(__file__).parent / "conformance"
+
+
+def case(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "name": "deny-db", "tags": ["ingress"],
+        "hosts": {"web": {"app": "web"}, "db": {"app": "db"}},
+        "policies": [{"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+                      "metadata": {"name": "deny"},
+                      "spec": {"selector": "app == 'db'", "types": ["Ingress"]}}],
+        "expect": [{"from": "web", "to": "db", "proto": "TCP", "port": 80, "allowed": False},
+                   {"from": "db", "to": "web", "proto": "ICMP", "port": None, "allowed": True}],
+    }
+    base.update(over)
+    return base
+
+
+def write(tmp_path: Path, *cases: dict[str, Any]) -> Path:
+    path = tmp_path / "cases.yaml"
+    path.write_text(yaml.safe_dump(list(cases), sort_keys=False))
+    return path
+
+
+def test_addresses_assigned_and_resources_built(tmp_path: Path) -> None:
+    [c] = load_cases(write(tmp_path, case()))
+    assert c.addresses == {"web": "198.18.0.10", "db": "198.18.0.11"}
+    assert [r.kind for r in c.resources] == ["HostEndpoint", "HostEndpoint",
+                                             "GlobalNetworkPolicy"]
+    assert run_cases([c], ModelDataplane())[0].failed == []
+
+
+def test_a_wrong_expectation_fails_with_table_and_json(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    wrong = case(expect=[{"from": "web", "to": "db", "proto": "TCP", "port": 80,
+                          "allowed": True}])
+    path = write(tmp_path, wrong, case(name="ok"))
+    assert main(["conformance", "run", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "== deny-db [ingress] FAIL" in out
+    assert "web  -   !" in out
+    assert "ingress                  1/2 cases (50%)" in out
+    assert "1 passed, 1 failed" in out
+    assert main(["conformance", "run", str(path), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data == {"cases": 2, "probes": 3, "failed": [
+        {"case": "deny-db", "from": "web", "to": "db", "proto": "TCP", "port": 80,
+         "expected": True, "actual": False}]}
+
+
+@pytest.mark.parametrize(("over", "message"), [
+    ({"hosts": {"web": {}}}, "hosts: needs at least two hosts"),
+    ({"expect": [{"from": "web", "to": "web", "proto": "TCP", "port": 1, "allowed": True}]},
+     "a probe never goes from a host to itself"),
+    ({"expect": [{"from": "web", "to": "nope", "proto": "TCP", "port": 1, "allowed": True}]},
+     "expect[0].to: 'nope' is not one of the hosts"),
+    ({"expect": [{"from": "web", "to": "db", "proto": "ICMP", "port": 8, "allowed": True}]},
+     "expect[0].port: must be null for ICMP"),
+    ({"expect": [{"from": "web", "to": "db", "proto": "GRE", "port": 1, "allowed": True}]},
+     "expect[0].proto"),
+    ({"addresses": {"web": "10.0.0.1"}}, "addresses.web: 10.0.0.1 is outside 198.18.0.0/15"),
+    ({"requires": ["magic"]}, "requires: each entry must be one of"),
+    ({"colour": "blue"}, "colour: unknown field"),
+    ({"policies": [{"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+                    "metadata": {"name": "x"}, "spec": {"order": "a"}}]},
+     "policies: GlobalNetworkPolicy x: spec.order: must be a number"),
+])
+def test_case_errors_name_the_case_and_field(tmp_path: Path, over: dict[str, Any],
+                                             message: str) -> None:
+    with pytest.raises(CaseError) as err:
+        load_cases(write(tmp_path, case(**over)))
+    assert "case deny-db" in str(err.value) and message in str(err.value)
+
+
+def test_requires_modes(tmp_path: Path) -> None:
+    no_profile = case(requires=["hep-no-profile"], policies=[], expect=[
+        {"from": "web", "to": "db", "proto": "TCP", "port": 80, "allowed": False}])
+    failsafe = case(name="fs", requires=["failsafe-defaults"], expect=[
+        {"from": "web", "to": "db", "proto": "TCP", "port": 22, "allowed": True},
+        {"from": "web", "to": "db", "proto": "TCP", "port": 23, "allowed": False}])
+    results = run_cases(load_cases(write(tmp_path, no_profile, failsafe)), ModelDataplane())
+    assert report_json(results)["failed"] == []
+
+
+def test_the_project_cases_pass_on_the_model() -> None:
+    cases = load_cases(CASES_DIR)
+    assert len(cases) >= 1
+    results = run_cases(cases, ModelDataplane())
+    assert report_json(results)["failed"] == []

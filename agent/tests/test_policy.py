@@ -1,0 +1,259 @@
+"""The reference evaluator: each rule of DESIGN.md's semantics, with the trace it gives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bulkhead.model import Snapshot, parse_resource
+from bulkhead.policy import Evaluator, FailsafePort, Failsafes, Flow
+from bulkhead.policy.explain import explain_text
+
+V3 = "projectcalico.org/v3"
+WEB, DB, APP, OUT = "198.18.0.11", "198.18.0.12", "198.18.0.13", "198.19.5.5"
+
+
+def hep(name: str, ip: str, labels: dict[str, str],
+        profiles: Any = ("projectcalico-default-allow",), ports: Any = ()) -> dict[str, Any]:
+    return {"apiVersion": V3, "kind": "HostEndpoint",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"node": name, "interfaceName": "*", "expectedIPs": [ip],
+                     "profiles": list(profiles), "ports": list(ports)}}
+
+
+def res(kind: str, name: str, spec: dict[str, Any], labels: Any = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if labels:
+        meta["labels"] = labels
+    return {"apiVersion": V3, "kind": kind, "metadata": meta, "spec": spec}
+
+
+HOSTS = [hep("web", WEB, {"app": "web", "zone": "dmz"}),
+         hep("db", DB, {"app": "db", "zone": "restricted"},
+             ports=[{"name": "postgres", "protocol": "TCP", "port": 5432}]),
+         hep("app", APP, {"app": "app", "zone": "trusted"})]
+
+
+def evaluator(*docs: dict[str, Any], hosts: Any = None, failsafes: Any = None) -> Evaluator:
+    snap = Snapshot.build(parse_resource(d) for d in [*(HOSTS if hosts is None else hosts),
+                                                       *docs])
+    return Evaluator(snap, failsafes if failsafes is not None else Failsafes.off())
+
+
+def tcp(src: str, dst: str, port: int) -> Flow:
+    return Flow.make(src, dst, "TCP", port)
+
+
+DB_ALLOW_DMZ = res("GlobalNetworkPolicy", "db-ingress", {
+    "selector": "app == 'db'",
+    "ingress": [{"action": "Allow", "protocol": "TCP", "source": {"selector": "zone == 'dmz'"},
+                 "destination": {"ports": ["postgres"]}}]})
+
+
+def test_nothing_selects_a_host_so_profile_allows() -> None:
+    v = evaluator().evaluate(tcp(WEB, DB, 5432))
+    assert v.allowed
+    assert v.ingress.decided_by == "profile" and v.ingress.policy.endswith("default-allow")
+    assert "no policy in any tier selects db for Ingress" in v.ingress.steps[0].text
+
+
+def test_allow_by_selector_and_named_port_with_trace() -> None:
+    ev = evaluator(DB_ALLOW_DMZ)
+    allowed = ev.evaluate(tcp(WEB, DB, 5432))
+    assert allowed.allowed
+    assert (allowed.ingress.tier, allowed.ingress.policy, allowed.ingress.rule) == (
+        "default", "db-ingress", 0)
+    assert "source selector zone == \"dmz\" selects host endpoint web" in \
+        allowed.ingress.steps[-1].text
+    denied = ev.evaluate(tcp(WEB, DB, 5433))
+    assert not denied.allowed and denied.ingress.decided_by == "tier-default"
+    assert "not destination port 5433 in ports [postgres]" in denied.ingress.steps[1].text
+    assert not ev.evaluate(tcp(APP, DB, 5432)).allowed        # zone trusted is not dmz
+    assert not ev.evaluate(Flow.make(WEB, DB, "UDP", 5432)).allowed   # named port is TCP
+    assert ev.evaluate(tcp(DB, WEB, 80)).allowed              # db's egress is not selected
+
+
+def test_rule_order_and_policy_order_nil_last_ties_by_name() -> None:
+    deny_first = res("GlobalNetworkPolicy", "b-deny", {
+        "selector": "app == 'db'", "order": 10, "ingress": [{"action": "Deny"}]})
+    allow_nil = res("GlobalNetworkPolicy", "a-allow", {
+        "selector": "app == 'db'", "ingress": [{"action": "Allow"}]})
+    ev = evaluator(deny_first, allow_nil)
+    assert ev.evaluate(tcp(WEB, DB, 1)).ingress.policy == "b-deny"   # order 10 before nil
+    tie_a = res("GlobalNetworkPolicy", "a", {"selector": "app == 'db'", "order": 5,
+                                             "ingress": [{"action": "Allow"}]})
+    tie_b = res("GlobalNetworkPolicy", "b", {"selector": "app == 'db'", "order": 5,
+                                             "ingress": [{"action": "Deny"}]})
+    assert evaluator(tie_b, tie_a).evaluate(tcp(WEB, DB, 1)).allowed   # same order: by name
+    rules = res("GlobalNetworkPolicy", "r", {"selector": "app == 'db'", "ingress": [
+        {"action": "Deny", "protocol": "TCP", "destination": {"ports": [22]}},
+        {"action": "Allow"}]})
+    ev = evaluator(rules)
+    assert not ev.evaluate(tcp(WEB, DB, 22)).allowed
+    assert ev.evaluate(tcp(WEB, DB, 23)).ingress.rule == 1
+
+
+def test_tiers_pass_and_default_action() -> None:
+    security = res("Tier", "security", {"order": 100})
+    platform = res("Tier", "platform", {"order": 200, "defaultAction": "Pass"})
+    pass_web = res("GlobalNetworkPolicy", "security.pass-web", {
+        "tier": "security", "selector": "app == 'db'",
+        "ingress": [{"action": "Pass", "source": {"selector": "app == 'web'"}},
+                    {"action": "Deny", "source": {"selector": "app == 'app'"}}]})
+    platform_log = res("GlobalNetworkPolicy", "platform.log", {
+        "tier": "platform", "selector": "all()", "ingress": [{"action": "Log"}]})
+    ev = evaluator(security, platform, pass_web, platform_log)
+    v = ev.evaluate(tcp(WEB, DB, 80))
+    # security passes; platform logs, no decision, defaultAction Pass; default tier has no
+    # policy for db, so the profile allows.
+    assert v.allowed and v.ingress.decided_by == "profile"
+    assert [s.policy for s in v.ingress.logged] == ["platform.log"]
+    assert any("defaultAction Pass" in s.text for s in v.ingress.steps)
+    v = ev.evaluate(tcp(APP, DB, 80))
+    assert not v.allowed and v.ingress.policy == "security.pass-web" and v.ingress.rule == 1
+    # A tier whose policies select db but match nothing ends in its defaultAction Deny.
+    ev2 = evaluator(security, res("GlobalNetworkPolicy", "security.only-app", {
+        "tier": "security", "selector": "app == 'db'",
+        "ingress": [{"action": "Allow", "source": {"selector": "app == 'app'"}}]}))
+    v = ev2.evaluate(tcp(WEB, DB, 80))
+    assert not v.allowed and v.ingress.decided_by == "tier-default"
+    assert v.ingress.tier == "security"
+
+
+def test_types_and_egress() -> None:
+    egress_only = res("GlobalNetworkPolicy", "web-out", {
+        "selector": "app == 'web'",
+        "egress": [{"action": "Allow", "destination": {"selector": "app == 'app'"}}]})
+    ev = evaluator(egress_only)
+    assert ev.evaluate(tcp(WEB, APP, 80)).allowed
+    v = ev.evaluate(tcp(WEB, DB, 80))
+    assert not v.allowed and v.egress.endpoint == "web" and v.ingress.allowed
+    assert ev.evaluate(tcp(DB, WEB, 80)).allowed       # types inferred Egress: ingress open
+    both = res("GlobalNetworkPolicy", "web-both", {
+        "selector": "app == 'web'", "types": ["Ingress", "Egress"],
+        "ingress": [{"action": "Allow"}]})
+    ev = evaluator(both)
+    assert ev.evaluate(tcp(DB, WEB, 80)).allowed
+    assert not ev.evaluate(tcp(WEB, DB, 80)).allowed
+
+
+def test_nets_not_nets_not_selector_and_outside_addresses() -> None:
+    pol = res("GlobalNetworkPolicy", "p", {"selector": "app == 'db'", "ingress": [
+        {"action": "Allow", "source": {"nets": ["198.18.0.0/28"], "notNets": ["198.18.0.13/32"],
+                                       "notSelector": "zone == 'trusted'"}}]})
+    ev = evaluator(pol)
+    assert ev.evaluate(tcp(WEB, DB, 1)).allowed
+    assert not ev.evaluate(tcp(APP, DB, 1)).allowed
+    v = ev.evaluate(tcp(OUT, DB, 1))
+    assert not v.allowed and v.egress.decided_by == "no-endpoint"
+
+
+def test_network_sets_and_domains() -> None:
+    partners = res("GlobalNetworkSet", "partners", {"nets": ["198.19.0.0/16"],
+                                                    "allowedEgressDomains": ["*.example.com"]},
+                   labels={"role": "partner"})
+    pol = res("GlobalNetworkPolicy", "p", {"selector": "app == 'web'", "types": ["Egress"],
+                                           "egress": [{"action": "Allow", "destination": {
+                                               "selector": "role == 'partner'"}}]})
+    ev = evaluator(partners, pol)
+    assert ev.evaluate(tcp(WEB, OUT, 443)).allowed
+    assert not ev.evaluate(tcp(WEB, "203.0.113.9", 443)).allowed
+    by_name = Flow.make(WEB, "203.0.113.9", "TCP", 443, domains=frozenset({"api.example.com"}))
+    assert ev.evaluate(by_name).allowed
+    dom = res("GlobalNetworkPolicy", "d", {"selector": "app == 'web'", "egress": [
+        {"action": "Allow", "destination": {"domains": ["db.internal"]}}]})
+    ev = evaluator(dom)
+    assert ev.evaluate(Flow.make(WEB, DB, "TCP", 1, domains=frozenset({"db.internal"}))).allowed
+    assert not ev.evaluate(tcp(WEB, DB, 1)).allowed
+
+
+def test_icmp_and_protocol_less_rules() -> None:
+    pol = res("GlobalNetworkPolicy", "p", {"selector": "app == 'db'", "ingress": [
+        {"action": "Allow", "protocol": "ICMP", "icmp": {"type": 8}},
+        {"action": "Deny", "protocol": "ICMP"},
+        {"action": "Allow", "notProtocol": "UDP"}]})
+    ev = evaluator(pol)
+    assert ev.evaluate(Flow.make(WEB, DB, "ICMP")).allowed
+    assert not ev.evaluate(Flow.make(WEB, DB, "ICMP", icmp_type=13)).allowed
+    assert ev.evaluate(tcp(WEB, DB, 9)).allowed
+    assert not ev.evaluate(Flow.make(WEB, DB, "UDP", 9)).allowed
+
+
+def test_source_ports_unknown_unless_given() -> None:
+    pol = res("GlobalNetworkPolicy", "p", {"selector": "app == 'db'", "ingress": [
+        {"action": "Allow", "protocol": "TCP", "source": {"ports": ["1024:65535"]}}]})
+    ev = evaluator(pol)
+    assert not ev.evaluate(tcp(WEB, DB, 80)).allowed
+    assert ev.evaluate(Flow.make(WEB, DB, "TCP", 80, src_port=40000)).allowed
+
+
+def test_failsafe_ports_before_any_policy() -> None:
+    deny_all = res("GlobalNetworkPolicy", "deny-all", {"selector": "all()",
+                                                       "types": ["Ingress", "Egress"]})
+    ev = evaluator(deny_all, failsafes=Failsafes())
+    v = ev.evaluate(tcp(WEB, DB, 22))
+    # SSH in is failsafe; web's egress to 22 is not (22 is not an outbound failsafe).
+    assert v.ingress.decided_by == "failsafe" and not v.egress.allowed
+    assert ev.evaluate(tcp(WEB, DB, 7443)).allowed         # the server's port, both ways
+    assert ev.evaluate(Flow.make(WEB, DB, "UDP", 53)).egress.decided_by == "failsafe"
+    assert not evaluator(deny_all, failsafes=Failsafes.off()).evaluate(tcp(WEB, DB, 7443)).allowed
+    only = FailsafePort.parse("tcp:198.18.0.11/32:8080")
+    custom = Failsafes((only,), (only,))
+    assert evaluator(deny_all, failsafes=custom).evaluate(tcp(DB, WEB, 8080)).ingress.allowed is \
+        False
+    assert evaluator(deny_all, failsafes=custom).evaluate(tcp(WEB, DB, 8080)).ingress.allowed
+
+
+@pytest.mark.parametrize("bad", ["tcp", "tcp:99999", "gre:22", "tcp:not-a-net:22"])
+def test_failsafe_parse_errors(bad: str) -> None:
+    with pytest.raises(ValueError, match="failsafe port"):
+        FailsafePort.parse(bad)
+
+
+def test_profiles_no_profile_and_labels_to_apply() -> None:
+    hosts = [hep("web", WEB, {"app": "web"}, profiles=["tagged"]),
+             hep("db", DB, {"app": "db"}, profiles=[])]
+    tagged = res("Profile", "tagged", {"labelsToApply": {"zone": "dmz", "app": "ignored"},
+                                       "egress": [{"action": "Allow"}]})
+    pol = res("GlobalNetworkPolicy", "p", {"selector": "app == 'db'", "ingress": [
+        {"action": "Allow", "source": {"selector": "zone == 'dmz' && app == 'web'"}}]})
+    ev = evaluator(tagged, pol, hosts=hosts)
+    assert ev.evaluate(tcp(WEB, DB, 1)).allowed
+    v = ev.evaluate(tcp(DB, WEB, 1))
+    assert v.egress.decided_by == "no-profile" and not v.allowed
+    assert v.ingress.decided_by == "profile" and not v.ingress.allowed  # profile has no ingress
+
+
+def test_staged_policies_never_change_the_enforced_verdict() -> None:
+    staged_deny = res("StagedGlobalNetworkPolicy", "db-ingress", {
+        "selector": "app == 'db'", "ingress": [{"action": "Deny"}]})
+    ev = evaluator(DB_ALLOW_DMZ, staged_deny)
+    v = ev.evaluate(tcp(WEB, DB, 5432))
+    assert v.allowed and not v.staged_allowed and v.staged_differs
+    assert v.staged_ingress.staged and v.staged_ingress.policy == "db-ingress"
+    text = explain_text(ev, v)
+    assert "would deny" in text and "Deny by staged policy db-ingress (tier default)" in text
+    staged_delete = res("StagedGlobalNetworkPolicy", "db-ingress", {"stagedAction": "Delete"})
+    v = evaluator(DB_ALLOW_DMZ, staged_delete).evaluate(tcp(APP, DB, 5432))
+    assert not v.allowed and v.staged_allowed   # deleting db-ingress would open db again
+
+
+def test_untracked_and_pre_dnat_stages_come_first() -> None:
+    untracked = res("GlobalNetworkPolicy", "raw", {
+        "selector": "app == 'db'", "doNotTrack": True, "applyOnForward": True, "order": 1,
+        "ingress": [{"action": "Allow", "protocol": "TCP", "destination": {"ports": [80]}}]})
+    deny = res("GlobalNetworkPolicy", "deny", {"selector": "app == 'db'",
+                                              "ingress": [{"action": "Deny"}]})
+    ev = evaluator(untracked, deny)
+    assert ev.evaluate(tcp(WEB, DB, 80)).allowed
+    assert not ev.evaluate(tcp(WEB, DB, 81)).allowed    # no match falls through to normal
+
+
+def test_explain_text_reads_well() -> None:
+    ev = evaluator(DB_ALLOW_DMZ)
+    text = explain_text(ev, ev.evaluate(tcp(APP, DB, 5432)))
+    assert text.splitlines()[0] == "flow 198.18.0.13 -> 198.18.0.12 TCP/5432"
+    assert "verdict: DENIED" in text
+    assert "ingress of db: Deny by the default action of tier default" in text
+    assert 'not source selector zone == "dmz" selects host endpoint app' in text
