@@ -148,12 +148,16 @@ def test_defaults() -> None:
 
 
 def test_port_forms() -> None:
-    policy = parse_resource(gnp({"ingress": [{"action": "Allow", "protocol": "tcp",
-                                              "destination": {"ports": ["22", 0, "1:65535"]}}]}))
+    policy = parse_resource(gnp({"ingress": [{"action": "Allow", "protocol": "TCP",
+                                              "destination": {"ports": ["22", 1, "1:65535"]}}]}))
     assert isinstance(policy, GlobalNetworkPolicy)
     rule = policy.spec.ingress[0]
     assert rule.protocol == "TCP"
-    assert rule.destination.ports == (PortRange(22, 22), PortRange(0, 0), PortRange(1, 65535))
+    assert rule.destination.ports == (PortRange(22, 22), PortRange(1, 1), PortRange(1, 65535))
+    named = parse_resource(gnp({"ingress": [{"action": "Allow", "destination": {
+        "ports": ["http"]}}]}))   # named ports need no protocol (Calico)
+    assert isinstance(named, GlobalNetworkPolicy)
+    assert named.spec.ingress[0].destination.ports == (NamedPort("http"),)
 
 
 BAD: list[tuple[dict[str, Any], str]] = [
@@ -162,8 +166,30 @@ BAD: list[tuple[dict[str, Any], str]] = [
      'GlobalNetworkPolicy db-ingress: spec.ingress[0].destination.ports[1]: "80-90" is not a '
      'port, a range "a:b" or a port name'),
     (gnp({"ingress": [{"action": "Allow", "destination": {"ports": [80]}}]}),
-     "GlobalNetworkPolicy p: spec.ingress[0].destination.ports: ports are only allowed with "
-     "protocol TCP, UDP or SCTP"),
+     "GlobalNetworkPolicy p: spec.ingress[0].destination.ports: a numeric port or range "
+     "needs protocol TCP, UDP or SCTP (protocol is unset)"),
+    (gnp({"ingress": [{"action": "Allow", "protocol": "TCP", "destination": {"ports": [0]}}]}),
+     "spec.ingress[0].destination.ports[0]: 0 is out of range 1-65535"),
+    (gnp({"ingress": [{"action": "Allow", "protocol": "tcp"}]}),
+     'spec.ingress[0].protocol: "tcp": protocol names are case-sensitive; write TCP'),
+    (gnp({"ingress": [{"action": "Allow", "source": {
+        "nets": ["198.18.0.0/15"], "notNets": ["2001:2::/48"]}}]}),
+     "spec.ingress[0]: mixes IPv4 and IPv6 nets"),
+    (gnp({"ingress": [{"action": "Allow", "source": {"notNets": ["0.0.0.0/0"]}}]}),
+     'spec.ingress[0].source.notNets[0]: "0.0.0.0/0" would exclude every address'),
+    (gnp({"ingress": [{"action": "Allow", "notProtocol": "ICMPv6", "ipVersion": 4}]}),
+     "spec.ingress[0].ipVersion: notProtocol ICMPv6 does not go with ipVersion 4"),
+    (doc("GlobalNetworkPolicy", "a.b.c", {}),
+     'GlobalNetworkPolicy a.b.c: metadata.name: "a.b.c" is not a valid policy name'),
+    (gnp({}, "security.p"),
+     'spec.tier: policy name "security.p" has the prefix "security." but no tier is set'),
+    (doc("StagedGlobalNetworkPolicy", "s", {"stagedAction": "Delete", "selector": "all()"}),
+     "StagedGlobalNetworkPolicy s: spec.selector: with stagedAction Delete, every field but "
+     "tier must be empty (selector given)"),
+    (doc("StagedGlobalNetworkPolicy", "s", {"stagedAction": "Learn"}),
+     "spec.stagedAction: Learn is not supported; use Set or Delete"),
+    (doc("Tier", "default", {"defaultAction": "Pass"}),
+     "Tier default: spec.defaultAction: the default tier's defaultAction is always Deny"),
     (gnp({"ingress": [{"action": "Allow", "protocol": "ICMP",
                        "destination": {"ports": [80]}}]}),
      "spec.ingress[0].destination.ports: ports are only allowed with protocol TCP, UDP or SCTP"),
@@ -212,7 +238,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (doc("StagedGlobalNetworkPolicy", "s", {"stagedAction": "Remove"}),
      'StagedGlobalNetworkPolicy s: spec.stagedAction: "Remove" is not Set or Delete'),
     (doc("GlobalNetworkPolicy", "Web_Policy", {}),
-     'GlobalNetworkPolicy Web_Policy: metadata.name: "Web_Policy" is not a valid name'),
+     'GlobalNetworkPolicy Web_Policy: metadata.name: "Web_Policy" is not a valid policy name'),
     (doc("GlobalNetworkPolicy", "p", {}, labels={"bad key!": "x"}),
      'metadata.labels: label key "bad key!" is not valid'),
     (doc("GlobalNetworkPolicy", "p", {}, labels={"app": "-x"}),
@@ -239,8 +265,6 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (doc("Tier", "my.tier", {}), 'Tier my.tier: metadata.name: "my.tier" is not a valid tier'),
     (doc("GlobalNetworkSet", "s", {"nets": ["not-a-net"]}),
      'GlobalNetworkSet s: spec.nets[0]: "not-a-net" is not a CIDR'),
-    (doc("Profile", "pr", {"ingress": [{"action": "Pass"}]}),
-     "Profile pr: spec.ingress[0].action: Pass is only meaningful in a tiered policy"),
     ({"apiVersion": "projectcalico.org/v2", "kind": "Tier", "metadata": {"name": "t"}},
      'Tier t: apiVersion: "projectcalico.org/v2": expected projectcalico.org/v3'),
     ({"apiVersion": V3, "kind": "NetworkPolicy", "metadata": {"name": "x"}},

@@ -225,6 +225,17 @@ def test_profiles_no_profile_and_labels_to_apply() -> None:
     assert v.ingress.decided_by == "profile" and not v.ingress.allowed  # profile has no ingress
 
 
+def test_pass_in_a_profile_goes_to_the_next_profile() -> None:
+    hosts = [hep("web", WEB, {"app": "web"}),
+             hep("db", DB, {"app": "db"}, profiles=["screen", "projectcalico-default-allow"])]
+    screen = res("Profile", "screen", {"ingress": [
+        {"action": "Pass", "protocol": "TCP"}, {"action": "Deny"}]})
+    ev = evaluator(screen, hosts=hosts)
+    v = ev.evaluate(tcp(WEB, DB, 80))
+    assert v.allowed and v.ingress.policy == "profile projectcalico-default-allow"
+    assert not ev.evaluate(Flow.make(WEB, DB, "UDP", 80)).allowed
+
+
 def test_staged_policies_never_change_the_enforced_verdict() -> None:
     staged_deny = res("StagedGlobalNetworkPolicy", "db-ingress", {
         "selector": "app == 'db'", "ingress": [{"action": "Deny"}]})

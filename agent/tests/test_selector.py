@@ -66,6 +66,10 @@ def test_grammar(text: str, expected: bool) -> None:
     ("a endswith 'p'", 'a ends with "p"'),
     ("a contains 'say \"hi\"'", "a contains 'say \"hi\"'"),
     ("global()", "global()"),
+    ("!!has(a)", "has(a)"),                 # Calico folds a run of ! by parity
+    ("!!!has(a)", "!has(a)"),
+    ("a notin {'x',}", 'a not in {"x"}'),  # notin and a trailing comma, as Calico accepts
+    ("(a == 'b' && c == 'd') && e == 'f'", '((a == "b" && c == "d") && e == "f")'),
 ])
 def test_canonical(text: str, canonical: str) -> None:
     assert str(parse(text)) == canonical
@@ -104,6 +108,12 @@ def test_nesting_is_bounded() -> None:
         parse(deep)
     ok = "(" * (MAX_DEPTH - 1) + "a == 'b'" + ")" * (MAX_DEPTH - 1)
     assert parse(ok).matches({"a": "b"})
+
+
+def test_label_keys_are_at_most_512_characters() -> None:
+    assert parse("k" * 512 + " == 'v'").matches({"k" * 512: "v"})
+    with pytest.raises(SelectorError, match="at most 512 characters"):
+        parse("k" * 513 + " == 'v'")
 
 
 def test_non_string_is_a_selector_error() -> None:

@@ -18,7 +18,7 @@ _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 # IANA service names (Kubernetes' named ports): lowercase, digits and '-', one letter.
 _PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-_IFACE = re.compile(r"^[a-zA-Z0-9_.:@-]{1,15}$")
+_IFACE = re.compile(r"^[a-zA-Z0-9_.-]{1,15}$")
 _DOMAIN = re.compile(r"^(\*\.)?([a-zA-Z0-9_]([a-zA-Z0-9_-]*[a-zA-Z0-9_])?\.)*"
                      r"[a-zA-Z0-9_]([a-zA-Z0-9_-]*[a-zA-Z0-9_])?\.?$")
 
@@ -32,6 +32,17 @@ def check_name(r: Reader, value: str) -> None:
     if len(value) > 253 or not _NAME.match(value):
         raise r.fail(f"{show(value)} is not a valid name (lowercase letters, digits, '-' and "
                      "'.', starting and ending with a letter or digit, at most 253 characters)")
+
+
+_POLICY_NAME = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def check_policy_name(r: Reader, value: str) -> None:
+    """Calico's policy names: a DNS label, optionally prefixed by `<tier>.`."""
+    if len(value) > 253 or not _POLICY_NAME.match(value):
+        raise r.fail(f"{show(value)} is not a valid policy name (lowercase letters, digits "
+                     "and '-', starting and ending with a letter or digit, optionally "
+                     "prefixed by '<tier>.')")
 
 
 def check_tier_name(r: Reader, value: str) -> None:
@@ -113,8 +124,11 @@ def check_protocol(r: Reader, value: object) -> str | int:
     if isinstance(value, str):
         if value.isdigit():
             return check_protocol(r, int(value))
+        if value in CANONICAL_PROTOCOL.values():
+            return value
         if value.upper() in CANONICAL_PROTOCOL:
-            return CANONICAL_PROTOCOL[value.upper()]
+            raise r.fail(f"{show(value)}: protocol names are case-sensitive; write "
+                         f"{CANONICAL_PROTOCOL[value.upper()]}")
     raise r.fail(f"{show(value)} is not a protocol (TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite "
                  "or a number 1-255)")
 
@@ -158,8 +172,8 @@ def check_port(r: Reader, value: object) -> Port:
     if isinstance(value, bool):
         raise r.fail(f"{show(value)} {_PORT_ERROR}")
     if isinstance(value, int):
-        if not 0 <= value <= 65535:
-            raise r.fail(f"{value} is out of range 0-65535")
+        if not 1 <= value <= 65535:
+            raise r.fail(f"{value} is out of range 1-65535")
         return PortRange(value, value)
     if isinstance(value, str):
         text = value.strip()
@@ -170,8 +184,8 @@ def check_port(r: Reader, value: object) -> Port:
             if not (first.isdigit() and last.isdigit()):
                 raise r.fail(f"{show(value)} {_PORT_ERROR}")
             lo, hi = int(first), int(last)
-            if hi > 65535:
-                raise r.fail(f"{show(value)}: {hi} is out of range 0-65535")
+            if lo < 1 or hi > 65535:
+                raise r.fail(f"{show(value)}: ports are 1-65535")
             if lo > hi:
                 raise r.fail(f"{show(value)}: the range's first port is above its last")
             return PortRange(lo, hi)

@@ -22,6 +22,7 @@ from bulkhead.model.checks import (
     check_label_key,
     check_labels,
     check_name,
+    check_policy_name,
     check_port,
     check_protocol,
     check_selector,
@@ -197,13 +198,11 @@ def _read_entity(r: Reader, side: str, direction: str) -> EntityRule:
     return entity
 
 
-def _read_rule(r: Reader, direction: str, profile: bool = False) -> Rule:
+def _read_rule(r: Reader, direction: str) -> Rule:
     r.mapping()
     action = r.string("action", required=True)
     if action not in ACTIONS:
         raise r.fail(f"{show(action)} is not an action (Allow, Deny, Log or Pass)", "action")
-    if profile and action == "Pass":
-        raise r.fail("Pass is only meaningful in a tiered policy, not in a Profile", "action")
     protocol = None if r.get("protocol") is None else check_protocol(
         r.field("protocol"), r.get("protocol"))
     not_protocol = None if r.get("notProtocol") is None else check_protocol(
@@ -229,30 +228,36 @@ def _read_rule(r: Reader, direction: str, profile: bool = False) -> Rule:
 
 
 def _check_rule(r: Reader, rule: Rule) -> None:
+    number = None if rule.protocol is None else protocol_number(rule.protocol)
+    versions: set[int] = set()
     for side_name, side in (("source", rule.source), ("destination", rule.destination)):
         for what, ports in (("ports", side.ports), ("notPorts", side.not_ports)):
-            if not ports:
-                continue
-            if rule.protocol is None or protocol_number(rule.protocol) not in PORT_PROTOCOLS:
-                raise r.fail(f"{what} are only allowed with protocol TCP, UDP or SCTP "
-                             f"(protocol is {show(rule.protocol) if rule.protocol else 'unset'})",
-                             f"{side_name}.{what}")
+            if number is not None and ports and number not in PORT_PROTOCOLS:
+                raise r.fail(f"ports are only allowed with protocol TCP, UDP or SCTP "
+                             f"(protocol is {show(rule.protocol)})", f"{side_name}.{what}")
+            if number is None and any(not isinstance(p, NamedPort) for p in ports):
+                raise r.fail("a numeric port or range needs protocol TCP, UDP or SCTP "
+                             "(protocol is unset)", f"{side_name}.{what}")
         for what, nets in (("nets", side.nets), ("notNets", side.not_nets)):
             for i, net in enumerate(nets):
                 version = 6 if ":" in net else 4
+                versions.add(version)
                 if rule.ip_version and version != rule.ip_version:
                     raise r.fail(f"{show(net)} is IPv{version} but ipVersion is "
                                  f"{rule.ip_version}", f"{side_name}.{what}[{i}]")
-    for what, icmp in (("icmp", rule.icmp), ("notICMP", rule.not_icmp)):
-        if icmp is None:
+                if what == "notNets" and net in ("0.0.0.0/0", "::/0"):
+                    raise r.fail(f"{show(net)} would exclude every address",
+                                 f"{side_name}.{what}[{i}]")
+    if len(versions) > 1:
+        raise r.fail("mixes IPv4 and IPv6 nets; write one rule per IP version")
+    if rule.icmp is not None and number not in (1, 58):
+        raise r.fail("is only allowed with protocol ICMP or ICMPv6", "icmp")
+    for what, proto in (("protocol", rule.protocol), ("notProtocol", rule.not_protocol)):
+        if proto is None or rule.ip_version is None:
             continue
-        if rule.protocol is None or protocol_number(rule.protocol) not in (1, 58):
-            raise r.fail("is only allowed with protocol ICMP or ICMPv6", what)
-    if rule.protocol is not None and rule.ip_version is not None:
-        number = protocol_number(rule.protocol)
-        if (number, rule.ip_version) in ((1, 6), (58, 4)):
-            raise r.fail(f"protocol {rule.protocol} does not go with ipVersion "
-                         f"{rule.ip_version}", "ipVersion")
+        if (protocol_number(proto), rule.ip_version) in ((1, 6), (58, 4)):
+            raise r.fail(f"{what} {proto} does not go with ipVersion {rule.ip_version}",
+                         "ipVersion")
 
 
 # --------------------------------------------------------------------------- policies
@@ -306,13 +311,25 @@ def _read_policy_spec(r: Reader, name: str, staged: bool) -> PolicySpec:
     staged_action = None
     if staged:
         staged_action = r.string("stagedAction") or "Set"
+        if staged_action in ("Learn", "Ignore"):
+            raise r.fail(f"{staged_action} is not supported; use Set or Delete", "stagedAction")
         if staged_action not in ("Set", "Delete"):
             raise r.fail(f"{show(staged_action)} is not Set or Delete", "stagedAction")
+        if staged_action == "Delete":
+            extra = sorted(k for k, v in r.mapping().items()
+                           if k not in ("stagedAction", "tier") and v not in (None, [], {}))
+            if extra:
+                raise r.fail(f"with stagedAction Delete, every field but tier must be empty "
+                             f"({', '.join(extra)} given)", extra[0])
     tier = r.string("tier", check=check_tier_name)
     prefix = name.split(".", 1)[0] if "." in name else None
+    if tier is None and prefix not in (None, DEFAULT_TIER):
+        raise r.fail(f"policy name {show(name)} has the prefix {show(prefix + '.')} but no "
+                     f"tier is set (so it would go to the default tier); set tier: "
+                     f"{prefix}", "tier")
     if tier is None:
         tier = DEFAULT_TIER
-    elif prefix is not None and prefix != tier and tier != DEFAULT_TIER:
+    elif prefix is not None and prefix != tier:
         raise r.fail(f"policy name {show(name)} has the prefix {show(prefix + '.')} but "
                      f"the tier is {show(tier)}; write {show(tier + '.' + name.split('.', 1)[1])}"
                      " or drop the prefix", "tier")
@@ -536,6 +553,8 @@ def _read_tier(r: Reader, meta: Metadata) -> Tier:
     r.done()
     if meta.name == DEFAULT_TIER and order not in (None, DEFAULT_TIER_ORDER):
         raise r.fail(f"the default tier's order is fixed at {int(DEFAULT_TIER_ORDER)}", "order")
+    if meta.name == DEFAULT_TIER and action != "Deny":
+        raise r.fail("the default tier's defaultAction is always Deny", "defaultAction")
     if meta.name == DEFAULT_TIER and order is None:
         order = DEFAULT_TIER_ORDER
     return Tier(metadata=meta, order=order, default_action=action)
@@ -549,8 +568,8 @@ def _read_network_set(r: Reader, meta: Metadata) -> GlobalNetworkSet:
 
 
 def _read_profile(r: Reader, meta: Metadata) -> Profile:
-    ingress = tuple(_read_rule(i, "ingress", profile=True) for i in r.items("ingress"))
-    egress = tuple(_read_rule(i, "egress", profile=True) for i in r.items("egress"))
+    ingress = tuple(_read_rule(i, "ingress") for i in r.items("ingress"))
+    egress = tuple(_read_rule(i, "egress") for i in r.items("egress"))
     labels = r.str_map("labelsToApply")
     check_labels(r.child("labelsToApply", labels), labels)
     r.done()
@@ -575,7 +594,9 @@ def parse_resource(obj: Any) -> Resource:
     if meta_data is None:
         raise top.fail("is required", "metadata")
     is_tier = kind == "Tier"
-    meta = _read_metadata(top.field("metadata"), check_tier_name if is_tier else check_name)
+    name_check = check_tier_name if is_tier else (
+        check_policy_name if kind.endswith("GlobalNetworkPolicy") else check_name)
+    meta = _read_metadata(top.field("metadata"), name_check)
     spec = top.field("spec")
     spec.mapping()
     top.done({"status": "status is written by the system"})

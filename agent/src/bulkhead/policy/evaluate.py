@@ -360,6 +360,8 @@ class Evaluator:
                     steps.append(step)
                 if hit and rule.action == LOG:
                     logged.append(step)
+                elif hit and rule.action == PASS:
+                    break  # no verdict from this profile: on to the next one (Felix)
                 elif hit:
                     return DirectionVerdict(direction, hep.name, rule.action, "profile",
                                             None, f"profile {name}", index, False,

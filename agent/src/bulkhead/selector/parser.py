@@ -8,8 +8,8 @@ Grammar (precedence: `!` binds tightest, then `&&`, then `||`):
     unary      := "!" unary | "(" or_expr ")" | "all()" | "global()" | "has(" KEY ")"
                 | KEY ("==" | "!=") STRING
                 | KEY ("in" | "not in") "{" [STRING ("," STRING)*] "}"
-                | KEY ("contains" | "starts with" | "startswith"
-                       | "ends with" | "endswith") STRING
+                | KEY ("contains" | "starts with" | "ends with") STRING
+    (`startswith`, `endswith` and `notin` are accepted, as Calico does; `!!x` is `x`)
     KEY        := [a-zA-Z0-9_./-]+
     STRING     := '"' [^"]* '"' | "'" [^']* "'"
 """
@@ -23,15 +23,14 @@ from bulkhead.selector.ast import All, BoolOp, Compare, Global, Has, InSet, Node
 MAX_DEPTH = 64  # nesting of (), ! and has(); keeps recursion and compiled code bounded
 
 _KEY = re.compile(r"[a-zA-Z0-9_./\-]+")
-_WORD_OPS = (
-    ("starts with", re.compile(r"starts\s+with(?![a-zA-Z0-9_./\-])")),
-    ("ends with", re.compile(r"ends\s+with(?![a-zA-Z0-9_./\-])")),
-    ("starts with", re.compile(r"startswith(?![a-zA-Z0-9_./\-])")),
-    ("ends with", re.compile(r"endswith(?![a-zA-Z0-9_./\-])")),
+_WORD_OPS = (  # Calico allows any spacing between the words, none included
+    ("starts with", re.compile(r"starts\s*with(?![a-zA-Z0-9_./\-])")),
+    ("ends with", re.compile(r"ends\s*with(?![a-zA-Z0-9_./\-])")),
     ("contains", re.compile(r"contains(?![a-zA-Z0-9_./\-])")),
-    ("not in", re.compile(r"not\s+in(?![a-zA-Z0-9_./\-])")),
+    ("not in", re.compile(r"not\s*in(?![a-zA-Z0-9_./\-])")),
     ("in", re.compile(r"in(?![a-zA-Z0-9_./\-])")),
 )
+MAX_KEY_LENGTH = 512
 _CALL = re.compile(r"(all|global|has)\s*\(")
 
 
@@ -82,6 +81,8 @@ class _Parser:
         m = _KEY.match(self.text, self.pos)
         if not m:
             raise self.error("a label key")
+        if len(m.group()) > MAX_KEY_LENGTH:
+            raise self.error(f"a label key of at most {MAX_KEY_LENGTH} characters")
         self.pos = m.end()
         return m.group()
 
@@ -131,7 +132,12 @@ class _Parser:
 
     def _unary(self) -> Node:
         if self.take("!"):
-            return Not(self.unary())
+            # Calico folds a run of `!` by parity: `!!x` is `x`.
+            negate = True
+            while self.take("!"):
+                negate = not negate
+            operand = self.unary()
+            return Not(operand) if negate else operand
         if self.take("("):
             node = self.or_expr()
             self.expect(")", "')'")
@@ -177,6 +183,8 @@ class _Parser:
         if not self.take("}"):
             values.add(self.string())
             while self.take(","):
+                if self.peek("}"):  # a trailing comma, as Calico accepts
+                    break
                 values.add(self.string())
             self.expect("}", "',' or '}'")
         return tuple(sorted(values))
