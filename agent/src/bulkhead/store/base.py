@@ -1,0 +1,175 @@
+"""The datastore interface every backend implements, and the errors callers act on.
+
+A store holds resources as JSON documents keyed by (kind, name). Every write gets a new
+revision from one monotonically increasing counter; a resource's `resourceVersion` is the
+revision that last wrote it. `watch(R)` yields the changes after revision R, or raises
+`TooOld` when the store no longer holds them (the caller then re-lists: a snapshot).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from bulkhead.selector import Selector
+
+Document = dict[str, Any]
+EventType = Literal["ADDED", "MODIFIED", "DELETED"]
+
+
+class StoreError(Exception):
+    """Base of the errors a store raises."""
+
+
+class NotFound(StoreError):
+    def __init__(self, kind: str, name: str) -> None:
+        self.kind, self.name = kind, name
+        super().__init__(f"{kind} {name} not found")
+
+
+class Conflict(StoreError):
+    """The write lost a race: the resource exists already, or changed since it was read."""
+
+    def __init__(self, kind: str, name: str, reason: str) -> None:
+        self.kind, self.name, self.reason = kind, name, reason
+        super().__init__(f"{kind} {name}: {reason}")
+
+
+class TooOld(StoreError):
+    """The requested revision is older than the history the store keeps: resync."""
+
+    def __init__(self, revision: int, oldest: int) -> None:
+        self.revision, self.oldest = revision, oldest
+        super().__init__(f"revision {revision} is too old (history starts after {oldest}); "
+                         "list again")
+
+
+class Unavailable(StoreError):
+    """The backend cannot be reached or failed; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A resource as the store holds it; `doc` carries metadata.resourceVersion etc."""
+
+    kind: str
+    name: str
+    revision: int           # the revision that last wrote it (its resourceVersion)
+    doc: Document
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        labels = self.doc.get("metadata", {}).get("labels") or {}
+        return labels if isinstance(labels, dict) else {}
+
+
+@dataclass(frozen=True)
+class Event:
+    type: EventType
+    kind: str
+    name: str
+    revision: int
+    doc: Document           # the new document, or the last one for DELETED
+
+
+@dataclass(frozen=True)
+class Op:
+    """One write in a transaction.
+
+    `put` with `expect=None` writes unconditionally; `expect="absent"` only creates;
+    `expect="present"` only replaces; `expect="<resourceVersion>"` only replaces that
+    version. `delete` needs the resource to exist, and may carry a version to expect.
+    """
+
+    action: Literal["put", "delete"]
+    kind: str
+    name: str
+    doc: Document | None = None
+    expect: str | None = None
+
+
+@dataclass
+class TxResult:
+    revision: int
+    stored: list[Stored] = field(default_factory=list)   # one per op; DELETED: the old one
+
+
+def doc_key(doc: Mapping[str, Any]) -> tuple[str, str]:
+    kind = doc.get("kind")
+    meta = doc.get("metadata") or {}
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if not isinstance(kind, str) or not isinstance(name, str) or not kind or not name:
+        raise ValueError("a stored document needs kind and metadata.name")
+    return kind, name
+
+
+def stamp(doc: Mapping[str, Any], revision: int, uid: str, created: str) -> Document:
+    """A copy of the document with the metadata the store owns filled in."""
+    out = copy.deepcopy(dict(doc))
+    meta = dict(out.get("metadata") or {})
+    meta["resourceVersion"] = str(revision)
+    meta["uid"] = uid
+    meta["creationTimestamp"] = created
+    out["metadata"] = meta
+    return out
+
+
+class Datastore(Protocol):
+    """What the server needs of a backend. All methods are coroutines."""
+
+    async def get(self, kind: str, name: str) -> Stored:
+        """The resource, or NotFound."""
+
+    async def list_resources(self, kind: str | None = None, selector: Selector | None = None
+                   ) -> tuple[list[Stored], int]:
+        """Resources (of a kind, matching a label selector) and the revision they are at."""
+
+    async def transaction(self, ops: Sequence[Op]) -> TxResult:
+        """Every op or none, under one new revision. Conflict/NotFound leave no trace."""
+
+    async def revision(self) -> int:
+        """The current revision."""
+
+    def watch(self, after: int) -> AsyncIterator[Event]:
+        """Events with revision > `after`, in order, then new ones as they come; TooOld
+        if `after` is older than the kept history."""
+
+    async def compact(self, keep_after: int) -> None:
+        """Forget the history at and before `keep_after` (watches from there get TooOld)."""
+
+    async def close(self) -> None: ...
+
+
+async def create(store: Datastore, doc: Document) -> Stored:
+    kind, name = doc_key(doc)
+    return (await store.transaction([Op("put", kind, name, doc, expect="absent")])).stored[0]
+
+
+async def update(store: Datastore, doc: Document, resource_version: str | None = None
+                 ) -> Stored:
+    """Replace; with `resource_version`, only if it is still that version."""
+    kind, name = doc_key(doc)
+    op = Op("put", kind, name, doc, expect=resource_version or "present")
+    return (await store.transaction([op])).stored[0]
+
+
+async def delete(store: Datastore, kind: str, name: str, resource_version: str | None = None
+                 ) -> Stored:
+    op = Op("delete", kind, name, expect=resource_version)
+    return (await store.transaction([op])).stored[0]
+
+
+def check_expectation(op: Op, current_revision: int | None) -> None:
+    """Raise NotFound or Conflict when `op` must not apply to the current state."""
+    exists = current_revision is not None
+    if op.expect == "absent":
+        if exists:
+            raise Conflict(op.kind, op.name, "already exists")
+        return
+    if (op.action == "delete" or op.expect is not None) and not exists:
+        raise NotFound(op.kind, op.name)
+    if op.expect not in (None, "absent", "present") and str(current_revision) != op.expect:
+        raise Conflict(op.kind, op.name, f"resourceVersion is {current_revision}, not "
+                       f"{op.expect}: it changed since it was read")

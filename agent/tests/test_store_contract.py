@@ -1,0 +1,231 @@
+"""One contract, two backends: the same tests run against SQLite and a real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bulkhead.selector import parse
+from bulkhead.store import (
+    Conflict,
+    Datastore,
+    Event,
+    NotFound,
+    Op,
+    TooOld,
+    create,
+    delete,
+    open_store,
+    update,
+)
+from bulkhead.store.etcd import EtcdStore
+from bulkhead.store.sqlite import SQLiteStore
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Datastore]:
+    backend: Datastore
+    if request.param == "sqlite":
+        backend = SQLiteStore(tmp_path / "store.db")
+    else:
+        etcd = request.getfixturevalue("etcd")
+        backend = EtcdStore([etcd.url], prefix=f"/contract-{next(_prefixes)}/")
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+def gnp(name: str, labels: dict[str, str] | None = None, order: int = 1) -> dict[str, Any]:
+    return {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+            "metadata": {"name": name, "labels": labels or {}},
+            "spec": {"order": order, "selector": "all()"}}
+
+
+async def test_create_get_and_metadata(store: Datastore) -> None:
+    made = await create(store, gnp("a"))
+    got = await store.get("GlobalNetworkPolicy", "a")
+    assert got.revision == made.revision > 0
+    meta = got.doc["metadata"]
+    assert meta["resourceVersion"] == str(made.revision)
+    assert meta["uid"] and meta["creationTimestamp"].endswith("Z")
+    assert got.doc["spec"] == {"order": 1, "selector": "all()"}
+    with pytest.raises(NotFound):
+        await store.get("GlobalNetworkPolicy", "missing")
+
+
+async def test_create_twice_conflicts(store: Datastore) -> None:
+    await create(store, gnp("a"))
+    with pytest.raises(Conflict, match="already exists"):
+        await create(store, gnp("a"))
+
+
+async def test_update_with_optimistic_concurrency(store: Datastore) -> None:
+    first = await create(store, gnp("a"))
+    second = await update(store, gnp("a", order=2), first.doc["metadata"]["resourceVersion"])
+    assert second.revision > first.revision
+    assert second.doc["metadata"]["uid"] == first.doc["metadata"]["uid"]
+    assert second.doc["metadata"]["creationTimestamp"] == \
+        first.doc["metadata"]["creationTimestamp"]
+    with pytest.raises(Conflict, match="changed since it was read"):
+        await update(store, gnp("a", order=3), first.doc["metadata"]["resourceVersion"])
+    assert (await store.get("GlobalNetworkPolicy", "a")).doc["spec"]["order"] == 2
+    third = await update(store, gnp("a", order=4))  # no version: last writer wins
+    assert third.doc["spec"]["order"] == 4
+    with pytest.raises(NotFound):
+        await update(store, gnp("nope"))
+
+
+async def test_delete(store: Datastore) -> None:
+    made = await create(store, gnp("a"))
+    with pytest.raises(Conflict):
+        await delete(store, "GlobalNetworkPolicy", "a", "999999")
+    gone = await delete(store, "GlobalNetworkPolicy", "a", made.doc["metadata"]["resourceVersion"])
+    assert gone.doc["spec"]["order"] == 1
+    with pytest.raises(NotFound):
+        await store.get("GlobalNetworkPolicy", "a")
+    with pytest.raises(NotFound):
+        await delete(store, "GlobalNetworkPolicy", "a")
+
+
+async def test_list_by_kind_and_selector(store: Datastore) -> None:
+    await create(store, gnp("a", {"team": "db"}))
+    await create(store, gnp("b", {"team": "web"}))
+    await create(store, {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
+                         "metadata": {"name": "security"}, "spec": {}})
+    items, revision = await store.list_resources("GlobalNetworkPolicy")
+    assert [i.name for i in items] == ["a", "b"]
+    assert revision == await store.revision()
+    items, _ = await store.list_resources("GlobalNetworkPolicy", parse("team == 'db'"))
+    assert [i.name for i in items] == ["a"]
+    everything, _ = await store.list_resources()
+    assert {(i.kind, i.name) for i in everything} == {
+        ("GlobalNetworkPolicy", "a"), ("GlobalNetworkPolicy", "b"), ("Tier", "security")}
+
+
+async def test_transaction_is_all_or_nothing(store: Datastore) -> None:
+    await create(store, gnp("exists"))
+    before = await store.revision()
+    with pytest.raises(Conflict):
+        await store.transaction([Op("put", "GlobalNetworkPolicy", "new", gnp("new")),
+                                 Op("put", "GlobalNetworkPolicy", "exists", gnp("exists"),
+                                    expect="absent")])
+    with pytest.raises(NotFound):
+        await store.get("GlobalNetworkPolicy", "new")
+    assert await store.revision() == before
+    result = await store.transaction([
+        Op("put", "GlobalNetworkPolicy", "n1", gnp("n1"), expect="absent"),
+        Op("put", "GlobalNetworkPolicy", "n2", gnp("n2"), expect="absent"),
+        Op("delete", "GlobalNetworkPolicy", "exists")])
+    assert result.revision > before
+    assert {s.revision for s in result.stored} == {result.revision}
+    names = [i.name for i in (await store.list_resources("GlobalNetworkPolicy"))[0]]
+    assert names == ["n1", "n2"]
+
+
+async def test_revisions_increase(store: Datastore) -> None:
+    seen = [await store.revision()]
+    for i in range(5):
+        seen.append((await create(store, gnp(f"p{i}"))).revision)
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+
+
+async def _collect(store: Datastore, after: int, count: int) -> list[Event]:
+    out: list[Event] = []
+    async for event in store.watch(after):
+        out.append(event)
+        if len(out) == count:
+            break
+    return out
+
+
+async def test_watch_from_revision(store: Datastore) -> None:
+    start = await store.revision()
+    a = await create(store, gnp("a"))
+    await update(store, gnp("a", order=5))
+    await delete(store, "GlobalNetworkPolicy", "a")
+    events = await asyncio.wait_for(_collect(store, start, 3), 10)
+    assert [(e.type, e.name) for e in events] == [("ADDED", "a"), ("MODIFIED", "a"),
+                                                  ("DELETED", "a")]
+    assert events[0].revision == a.revision
+    assert events[1].doc["spec"]["order"] == 5
+    assert events[2].doc["metadata"]["name"] == "a"
+    # From the middle: only what came after.
+    later = await asyncio.wait_for(_collect(store, a.revision, 2), 10)
+    assert [e.type for e in later] == ["MODIFIED", "DELETED"]
+
+
+async def test_watch_sees_new_writes(store: Datastore) -> None:
+    start = await store.revision()
+    waiter = asyncio.create_task(_collect(store, start, 2))
+    await asyncio.sleep(0.2)
+    await create(store, gnp("x"))
+    await store.transaction([Op("put", "GlobalNetworkPolicy", "y", gnp("y"))])
+    events = await asyncio.wait_for(waiter, 10)
+    assert [e.name for e in events] == ["x", "y"]
+
+
+async def test_watch_too_old_after_compaction(store: Datastore) -> None:
+    start = await store.revision()
+    await create(store, gnp("a"))
+    b = await create(store, gnp("b"))
+    await store.compact(b.revision)
+    with pytest.raises(TooOld):
+        await asyncio.wait_for(_collect(store, start, 1), 10)
+    c = await create(store, gnp("c"))
+    events = await asyncio.wait_for(_collect(store, b.revision, 1), 10)
+    assert events[0].revision == c.revision
+
+
+def test_open_store_urls(tmp_path: Path) -> None:
+    assert isinstance(open_store(f"sqlite://{tmp_path}/s.db"), SQLiteStore)
+    etcd = open_store("etcd://127.0.0.1:2379,127.0.0.2:2379/team-a")
+    assert isinstance(etcd, EtcdStore)
+    assert etcd.endpoints == ["http://127.0.0.1:2379", "http://127.0.0.2:2379"]
+    assert etcd.prefix == "/team-a/"
+    with pytest.raises(ValueError, match="expected sqlite"):
+        open_store("mysql://x")
+
+
+async def test_concurrent_writers_with_conflicts(store: Datastore, tmp_path: Path,
+                                                 request: pytest.FixtureRequest) -> None:
+    """Read-modify-write from two store instances (two servers): no lost update."""
+    other: Datastore
+    if isinstance(store, SQLiteStore):
+        other = SQLiteStore(store.path)
+    else:
+        assert isinstance(store, EtcdStore)
+        other = EtcdStore(store.endpoints, prefix=store.prefix)
+    await create(store, gnp("counter", order=0))
+    conflicts = 0
+
+    async def bump(backend: Datastore, times: int) -> None:
+        nonlocal conflicts
+        done = 0
+        for _ in range(times * 50):  # bounded: each try either bumps or conflicts
+            current = await backend.get("GlobalNetworkPolicy", "counter")
+            body = gnp("counter", order=current.doc["spec"]["order"] + 1)
+            try:
+                await update(backend, body, current.doc["metadata"]["resourceVersion"])
+            except Conflict:
+                conflicts += 1
+                continue
+            done += 1
+            if done == times:
+                return
+        raise AssertionError("too many conflicts")
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(bump(b, 10) for b in (store, other, store,
+                                                                       other))), 60)
+    finally:
+        await other.close()
+    final = await store.get("GlobalNetworkPolicy", "counter")
+    assert final.doc["spec"]["order"] == 40
