@@ -11,6 +11,7 @@ import ipaddress
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from bulkhead.conformance import DATAPLANES, CaseError, load_cases, report_json, report_text
 from bulkhead.conformance import run_cases as run_conformance
@@ -124,6 +125,24 @@ def cmd_selector(args: argparse.Namespace) -> int:
     return EXIT_OK if matched else EXIT_FAILED
 
 
+def cmd_pki(args: argparse.Namespace) -> int:
+    from bulkhead.server import pki
+
+    directory = Path(args.dir)
+    try:
+        if args.pki_command == "init":
+            print(f"CA written: {pki.init_ca(directory, force=args.force)}")
+        else:
+            crt, key = pki.issue(directory, args.name, role=None if args.server else args.role,
+                                 server=args.server, hosts=tuple(args.host or ()),
+                                 tiers=tuple(args.tier or ()),
+                                 out=Path(args.out) if args.out else None)
+            print(f"certificate: {crt}\nkey:         {key}")
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bulkhead", description="Label-based microsegmentation for Ansible-managed hosts.")
@@ -158,6 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", action="append", metavar="NAME|TAG",
                      help="run only the cases with this name or tag")
     run.set_defaults(func=cmd_conformance)
+
+    p = sub.add_parser("pki", help="create a CA and certificates for mutual TLS")
+    psub = p.add_subparsers(dest="pki_command", required=True)
+    init = psub.add_parser("init", help="create ca.crt and ca.key")
+    init.add_argument("--dir", default="/etc/bulkhead/pki")
+    init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.set_defaults(func=cmd_pki)
+    iss = psub.add_parser("issue", help="issue a client or server certificate")
+    iss.add_argument("name", help="CN: the node name for an agent, a user or host name")
+    iss.add_argument("--dir", default="/etc/bulkhead/pki", help="where the CA is")
+    iss.add_argument("--out", help="where to write NAME.crt and NAME.key (default --dir)")
+    kind = iss.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--role", choices=["admin", "viewer", "agent"])
+    kind.add_argument("--server", action="store_true", help="a server certificate")
+    iss.add_argument("--host", action="append", help="server name or IP (repeatable)")
+    iss.add_argument("--tier", action="append", help="limit an admin to this tier")
+    iss.set_defaults(func=cmd_pki)
 
     p = sub.add_parser("selector", help="print a selector's canonical form; test labels")
     p.add_argument("selector")

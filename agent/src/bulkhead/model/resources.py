@@ -500,7 +500,8 @@ KINDS: dict[str, type[Resource]] = {
 # Lower-case and plural spellings, as calicoctl accepts them on its command line.
 KIND_ALIASES: dict[str, str] = {}
 for _kind in KINDS:
-    for _alias in (_kind, _kind.lower(), _kind.lower() + "s"):
+    _plural = _kind.lower()[:-1] + "ies" if _kind.endswith("y") else _kind.lower() + "s"
+    for _alias in (_kind, _kind.lower(), _plural):
         KIND_ALIASES[_alias] = _kind
 KIND_ALIASES.update({"hep": "HostEndpoint", "heps": "HostEndpoint",
                      "gnp": "GlobalNetworkPolicy", "gnps": "GlobalNetworkPolicy",

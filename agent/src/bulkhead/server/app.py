@@ -1,0 +1,450 @@
+"""bulkhead-server's HTTP API (aiohttp): resources, apply, watch, agent status, health.
+
+Every request comes over TLS with a client certificate (mutual TLS); its subject names the
+caller's role (see `bulkhead.server.pki`). Errors are JSON:
+`{"error": {"code": 422, "reason": "Invalid", "message": "GlobalNetworkPolicy x: spec..."}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+
+from bulkhead.model import (
+    DEFAULT_TIER,
+    KIND_ALIASES,
+    GlobalNetworkPolicy,
+    LoadError,
+    Resource,
+    Tier,
+    ValidationError,
+    load_text,
+    parse_resource,
+)
+from bulkhead.selector import SelectorError, parse
+from bulkhead.server.hub import STATUS_KIND, Hub
+from bulkhead.server.pki import Identity, identity_from_subject
+from bulkhead.store import Conflict, Datastore, NotFound, Op, Stored, Unavailable
+
+log = logging.getLogger("bulkhead.server")
+access_log = logging.getLogger("bulkhead.server.access")
+
+IDENTITY = web.AppKey("identity_override", Identity)
+WHO = web.RequestKey("identity", Identity)
+METRICS = web.AppKey("metrics", dict)
+STORE = web.AppKey("store", Datastore)
+HUB = web.AppKey("hub", Hub)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SERVER_FIELDS = ("resourceVersion", "uid", "creationTimestamp", "generation")
+
+
+class ApiError(web.HTTPException):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        self.status_code = status
+        super().__init__(text=json.dumps({"error": {"code": status, "reason": reason,
+                                                     "message": message}}),
+                         content_type="application/json")
+
+
+def forbidden(who: Identity, what: str) -> ApiError:
+    return ApiError(403, "Forbidden", f"{who.role} {who.name} may not {what}")
+
+
+# ------------------------------------------------------------------------ middleware
+def _identity(request: web.Request) -> Identity:
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    if not der:
+        override = request.app.get(IDENTITY)
+        if override is not None:  # a test app without TLS
+            return override
+        raise ApiError(401, "Unauthorized", "a client certificate is required")
+    try:
+        return identity_from_subject(x509.load_der_x509_certificate(der).subject)
+    except ValueError as e:
+        raise ApiError(403, "Forbidden", str(e)) from None
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    who = "-"
+    try:
+        if request.path not in ("/healthz", "/readyz"):
+            identity = _identity(request)
+            request[WHO] = identity
+            who = f"{identity.role}:{identity.name}"
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as e:
+        status = e.status
+        if isinstance(e, ApiError):
+            raise
+        raise ApiError(e.status, e.reason, e.text or e.reason) from None
+    except Unavailable as e:
+        status = 503
+        raise ApiError(503, "Unavailable", str(e)) from None
+    finally:
+        route = request.match_info.route.resource.canonical if \
+            request.match_info.route.resource else "unmatched"
+        request.app[METRICS]["requests"][(request.method, route, status)] += 1
+        access_log.info("request", extra={"fields": {
+            "method": request.method, "path": request.path, "status": status, "who": who,
+            "ms": round(1000 * (time.perf_counter() - started), 2)}})
+
+
+# --------------------------------------------------------------------------- helpers
+def _require(request: web.Request, *roles: str) -> Identity:
+    identity: Identity = request[WHO]
+    if identity.role not in roles:
+        raise forbidden(identity, f"{request.method} {request.path}")
+    return identity
+
+
+def _kind(request: web.Request) -> str:
+    raw = request.match_info["kind"]
+    kind = KIND_ALIASES.get(raw) or KIND_ALIASES.get(raw.lower())
+    if kind is None:
+        raise ApiError(404, "NotFound", f"unknown kind {raw!r}")
+    return kind
+
+
+def _dry_run(request: web.Request) -> bool:
+    return request.query.get("dryRun", "").lower() in ("1", "true", "all")
+
+
+def _strip(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document without the fields the server owns: what a user compares."""
+    out: dict[str, Any] = json.loads(json.dumps(doc))
+    for key in SERVER_FIELDS:
+        out.get("metadata", {}).pop(key, None)
+    return out
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d))
+
+
+def _tier_of(resource: Resource) -> str | None:
+    if isinstance(resource, GlobalNetworkPolicy):
+        return resource.spec.tier
+    if isinstance(resource, Tier):
+        return resource.name
+    return None
+
+
+def _authorize_write(identity: Identity, resource: Resource, old: Stored | None) -> None:
+    if identity.role != "admin":
+        raise forbidden(identity, f"write {resource.kind} {resource.name}")
+    if not identity.tiers:
+        return
+    tiers = {_tier_of(resource)}
+    if old is not None:
+        tiers.add(_tier_of(parse_resource(old.doc)))
+    for tier in tiers:
+        if tier is None or not identity.may_touch_tier(tier):
+            where = f"tier {tier}" if tier else f"{resource.kind} (not in a tier)"
+            raise forbidden(identity, f"write {resource.kind} {resource.name} in {where}; "
+                            f"allowed tiers: {', '.join(identity.tiers)}")
+
+
+def _parse(doc: Any) -> Resource:
+    try:
+        return parse_resource(doc)
+    except ValidationError as e:
+        raise ApiError(422, "Invalid", str(e)) from None
+
+
+async def _current(store: Datastore, kind: str, name: str) -> Stored | None:
+    try:
+        return await store.get(kind, name)
+    except NotFound:
+        return None
+
+
+async def _check_refs(store: Datastore, resources: list[Resource]) -> None:
+    """Policies must name a tier that exists (in the store or in the same request)."""
+    coming = {r.name for r in resources if isinstance(r, Tier)}
+    for r in resources:
+        if isinstance(r, GlobalNetworkPolicy) and r.spec.tier != DEFAULT_TIER \
+                and r.spec.tier not in coming and await _current(store, "Tier", r.spec.tier) \
+                is None:
+            raise ApiError(422, "Invalid", f'{r.kind} {r.name}: spec.tier: tier '
+                           f'"{r.spec.tier}" does not exist')
+
+
+# -------------------------------------------------------------------------- handlers
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if not request.app[HUB].ready.is_set():
+        raise ApiError(503, "Unavailable", "not in sync with the datastore")
+    return web.Response(text="ready\n")
+
+
+async def list_resources(request: web.Request) -> web.Response:
+    _require(request, "admin", "viewer")
+    kind = _kind(request) if "kind" in request.match_info else None
+    selector = None
+    if "selector" in request.query:
+        try:
+            selector = parse(request.query["selector"])
+        except SelectorError as e:
+            raise ApiError(400, "BadRequest", str(e)) from None
+    items, revision = await request.app[STORE].list_resources(kind, selector)
+    return _json({"kind": "List", "revision": revision,
+                  "items": [s.doc for s in items if s.kind != STATUS_KIND]})
+
+
+async def get_resource(request: web.Request) -> web.Response:
+    _require(request, "admin", "viewer")
+    kind, name = _kind(request), request.match_info["name"]
+    try:
+        return _json((await request.app[STORE].get(kind, name)).doc)
+    except NotFound as e:
+        raise ApiError(404, "NotFound", str(e)) from None
+
+
+async def _body(request: web.Request) -> Any:
+    try:
+        return await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, "BadRequest", f"the body is not JSON: {e}") from None
+
+
+async def write_resource(request: web.Request) -> web.Response:
+    identity = request[WHO]
+    store = request.app[STORE]
+    kind = _kind(request)
+    doc = await _body(request)
+    if isinstance(doc, dict) and doc.get("kind") != kind:
+        raise ApiError(400, "BadRequest", f"the body is a {doc.get('kind')}, the URL says "
+                       f"{kind}")
+    resource = _parse(doc)
+    if request.method == "PUT" and resource.name != request.match_info["name"]:
+        raise ApiError(400, "BadRequest", f"the body names {resource.name}, the URL "
+                       f"{request.match_info['name']}")
+    old = await _current(store, kind, resource.name)
+    _authorize_write(identity, resource, old)
+    await _check_refs(store, [resource])
+    if request.method == "POST" and old is not None:
+        raise ApiError(409, "AlreadyExists", f"{kind} {resource.name} already exists")
+    if request.method == "PUT" and old is None:
+        raise ApiError(404, "NotFound", f"{kind} {resource.name} not found")
+    version = doc.get("metadata", {}).get("resourceVersion")
+    expect = "absent" if request.method == "POST" else (str(version) if version else "present")
+    if _dry_run(request):
+        return _json(_diff_entry(resource, old), 200)
+    try:
+        tx = await store.transaction([Op("put", kind, resource.name, resource.dump(), expect)])
+    except Conflict as e:
+        raise ApiError(409, "Conflict", str(e)) from None
+    except NotFound as e:
+        raise ApiError(404, "NotFound", str(e)) from None
+    return _json(tx.stored[0].doc, 201 if request.method == "POST" else 200)
+
+
+async def delete_resource(request: web.Request) -> web.Response:
+    identity = request[WHO]
+    store = request.app[STORE]
+    kind, name = _kind(request), request.match_info["name"]
+    old = await _current(store, kind, name)
+    if old is None:
+        raise ApiError(404, "NotFound", f"{kind} {name} not found")
+    _authorize_write(identity, parse_resource(old.doc), None)
+    if kind == "Tier":
+        items, _ = await store.list_resources("GlobalNetworkPolicy")
+        staged, _ = await store.list_resources("StagedGlobalNetworkPolicy")
+        users = [s.name for s in [*items, *staged] if s.doc["spec"].get("tier") == name]
+        if users:
+            raise ApiError(409, "Conflict", f"Tier {name} still holds policies: "
+                           f"{', '.join(users[:10])}")
+    if _dry_run(request):
+        return _json({"kind": kind, "name": name, "action": "deleted"})
+    try:
+        tx = await store.transaction([Op("delete", kind, name,
+                                         expect=request.query.get("resourceVersion"))])
+    except Conflict as e:
+        raise ApiError(409, "Conflict", str(e)) from None
+    except NotFound as e:
+        raise ApiError(404, "NotFound", str(e)) from None
+    return _json(tx.stored[0].doc)
+
+
+def _diff_entry(resource: Resource, old: Stored | None) -> dict[str, Any]:
+    new = resource.dump()
+    if old is None:
+        action = "created"
+    elif _strip(old.doc) == _strip(new):
+        action = "unchanged"
+    else:
+        action = "configured"
+    entry: dict[str, Any] = {"kind": resource.kind, "name": resource.name, "action": action}
+    if action == "configured":
+        assert old is not None
+        entry["before"], entry["after"] = _strip(old.doc), _strip(new)
+    elif action == "created":
+        entry["after"] = _strip(new)
+    return entry
+
+
+async def apply(request: web.Request) -> web.Response:
+    """Create or update every resource in a YAML/JSON body, all or nothing."""
+    identity = request[WHO]
+    store = request.app[STORE]
+    text = await request.text()
+    try:
+        resources = load_text(text, "body")
+    except (ValidationError, LoadError) as e:
+        raise ApiError(422 if isinstance(e, ValidationError) else 400,
+                       "Invalid" if isinstance(e, ValidationError) else "BadRequest",
+                       str(e)) from None
+    seen: set[tuple[str, str]] = set()
+    for r in resources:
+        if r.key in seen:
+            raise ApiError(422, "Invalid", f"{r.kind} {r.name}: metadata.name: is defined "
+                           "twice in the body")
+        seen.add(r.key)
+    olds = [await _current(store, r.kind, r.name) for r in resources]
+    for r, old in zip(resources, olds, strict=True):
+        _authorize_write(identity, r, old)
+    await _check_refs(store, resources)
+    diff = [_diff_entry(r, old) for r, old in zip(resources, olds, strict=True)]
+    ops = [Op("put", r.kind, r.name, r.dump(), str(old.revision) if old else "absent")
+           for r, old, d in zip(resources, olds, diff, strict=True) if d["action"] != "unchanged"]
+    revision = None
+    if not _dry_run(request) and ops:
+        try:
+            revision = (await store.transaction(ops)).revision
+        except (Conflict, NotFound) as e:
+            raise ApiError(409, "Conflict", f"{e}; nothing was applied, try again") from None
+    return _json({"dryRun": _dry_run(request), "revision": revision, "results": diff})
+
+
+async def snapshot(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    if not hub.ready.is_set():
+        raise ApiError(503, "Unavailable", "not in sync with the datastore")
+    return _json({"revision": hub.revision, "items": hub.policy_objects()})
+
+
+async def watch(request: web.Request) -> web.Response:
+    """Long-poll: `?revision=R&timeout=S` -> the events after R, or a snapshot (without
+    `revision`, on first contact, or when R is older than the server's window)."""
+    hub = request.app[HUB]
+    try:
+        after = int(request.query.get("revision", "-1"))
+        timeout = min(float(request.query.get("timeout", "30")), 300.0)
+    except ValueError:
+        raise ApiError(400, "BadRequest", "revision and timeout must be numbers") from None
+    if not hub.ready.is_set():
+        raise ApiError(503, "Unavailable", "not in sync with the datastore")
+    events, revision = (None, hub.revision) if after < 0 else await hub.wait(after, timeout)
+    if events is None:
+        return _json({"type": "snapshot", "revision": hub.revision,
+                      "items": hub.policy_objects()})
+    # Events are serialized once, in the hub, and shared by every watcher.
+    body = b'{"type":"events","revision":%d,"events":[' % revision + \
+        b",".join(e.json for e in events) + b"]}"
+    return web.Response(body=body, content_type="application/json")
+
+
+async def post_status(request: web.Request) -> web.Response:
+    identity = request[WHO]
+    node = request.match_info["node"]
+    if identity.role == "agent" and identity.name != node:
+        raise forbidden(identity, f"report status for node {node}")
+    if identity.role not in ("agent", "admin"):
+        raise forbidden(identity, "report agent status")
+    body = await _body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("appliedRevision"), int):
+        raise ApiError(422, "Invalid", f"AgentStatus {node}: appliedRevision: must be an "
+                       "integer")
+    errors = body.get("errors") or []
+    counters = body.get("counters") or {}
+    if not isinstance(errors, list) or not isinstance(counters, dict):
+        raise ApiError(422, "Invalid", f"AgentStatus {node}: errors must be a list and "
+                       "counters a mapping")
+    doc = {"kind": STATUS_KIND, "metadata": {"name": node},
+           "status": {"appliedRevision": body["appliedRevision"], "errors": errors,
+                      "counters": counters,
+                      "lastReport": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}}
+    await request.app[STORE].transaction([Op("put", STATUS_KIND, node, doc)])
+    return _json(doc)
+
+
+async def nodes(request: web.Request) -> web.Response:
+    _require(request, "admin", "viewer")
+    items, revision = await request.app[STORE].list_resources(STATUS_KIND)
+    want = request.query.get("revision")
+    target = int(want) if want and want.isdigit() else None
+    out = []
+    for s in items:
+        status = s.doc.get("status", {})
+        entry = {"node": s.name, **status}
+        if target is not None:
+            entry["converged"] = status.get("appliedRevision", 0) >= target and \
+                not status.get("errors")
+        out.append(entry)
+    body: dict[str, Any] = {"revision": revision, "nodes": out}
+    if target is not None:
+        body["converged"] = all(e["converged"] for e in out)
+    return _json(body)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    lines = [
+        "# HELP bulkhead_revision The datastore revision the server has caught up with.",
+        "# TYPE bulkhead_revision gauge", f"bulkhead_revision {hub.revision}",
+        "# HELP bulkhead_watchers Agents waiting on a watch now.",
+        "# TYPE bulkhead_watchers gauge", f"bulkhead_watchers {hub.watchers}",
+        "# HELP bulkhead_resyncs_total Times the server re-listed the datastore.",
+        "# TYPE bulkhead_resyncs_total counter", f"bulkhead_resyncs_total {hub.resyncs}",
+        "# HELP bulkhead_objects Resources held in memory.",
+        "# TYPE bulkhead_objects gauge", f"bulkhead_objects {len(hub.objects)}",
+        "# HELP bulkhead_http_requests_total HTTP requests by method, route and status.",
+        "# TYPE bulkhead_http_requests_total counter",
+    ]
+    for (method, route, status), count in sorted(request.app[METRICS]["requests"].items()):
+        lines.append(f'bulkhead_http_requests_total{{method="{method}",route="{route}",'
+                     f'status="{status}"}} {count}')
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
+                        charset="utf-8", headers={"X-Content-Type": "version=0.0.4"})
+
+
+def make_app(store: Datastore, hub: Hub, identity_override: Identity | None = None
+             ) -> web.Application:
+    app = web.Application(middlewares=[middleware], client_max_size=8 * 1024 * 1024)
+    app[STORE] = store
+    app[HUB] = hub
+    app[METRICS] = {"requests": Counter()}
+    if identity_override is not None:
+        app[IDENTITY] = identity_override
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/snapshot", snapshot)
+    app.router.add_get("/v1/watch", watch)
+    app.router.add_post("/v1/apply", apply)
+    app.router.add_get("/v1/resources", list_resources)
+    app.router.add_get("/v1/resources/{kind}", list_resources)
+    app.router.add_post("/v1/resources/{kind}", write_resource)
+    app.router.add_get("/v1/resources/{kind}/{name}", get_resource)
+    app.router.add_put("/v1/resources/{kind}/{name}", write_resource)
+    app.router.add_delete("/v1/resources/{kind}/{name}", delete_resource)
+    app.router.add_post("/v1/status/{node}", post_status)
+    app.router.add_get("/v1/nodes", nodes)
+    return app

@@ -1,0 +1,138 @@
+"""The fan-out hub (Calico's Typha is the model): one watch on the datastore, any number
+of agents served from memory.
+
+The hub keeps the current objects and a bounded window of recent events, each serialized
+to JSON once. An agent long-polls with the last revision it saw: it gets the events after
+it, shared with every other agent, or a snapshot when its revision fell out of the window.
+So the datastore is read once per change, not once per agent, and an agent costs one
+waiting request, not a copy of the data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from bulkhead.store import Datastore, Event, StoreError, TooOld
+
+log = logging.getLogger("bulkhead.server.hub")
+
+STATUS_KIND = "AgentStatus"  # agents' reports live in the store, outside the policy snapshot
+
+
+@dataclass(frozen=True)
+class WireEvent:
+    revision: int
+    kind: str
+    name: str
+    json: bytes      # {"type":..,"kind":..,"name":..,"revision":..,"object":..}
+
+
+def _wire(event: Event) -> WireEvent:
+    body = {"type": event.type, "kind": event.kind, "name": event.name,
+            "revision": event.revision, "object": event.doc}
+    return WireEvent(event.revision, event.kind, event.name,
+                     json.dumps(body, separators=(",", ":")).encode())
+
+
+class Hub:
+    def __init__(self, store: Datastore, window: int = 10_000) -> None:
+        self.store = store
+        self.window = window
+        self.revision = 0
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self._events: list[WireEvent] = []
+        self._revisions: list[int] = []
+        self._first_kept = 0          # events after this revision are all in the window
+        self._tick = asyncio.Event()  # set and replaced on every change: a broadcast
+        self.ready = asyncio.Event()
+        self.watchers = 0
+        self.resyncs = 0
+
+    # -- feeding from the store -------------------------------------------------------
+    async def run(self) -> None:
+        """Follow the store forever: list, then watch; re-list on TooOld or errors."""
+        backoff = 0.2
+        while True:
+            try:
+                items, revision = await self.store.list_resources()
+                self.objects = {(s.kind, s.name): s.doc for s in items}
+                self._reset(revision)
+                self.ready.set()
+                backoff = 0.2
+                async for event in self.store.watch(revision):
+                    self._apply([event])
+            except TooOld:
+                self.resyncs += 1
+                log.warning("store history compacted past the hub; listing again")
+            except (StoreError, OSError) as e:
+                self.ready.clear()
+                log.error("datastore error: %s; retrying in %.1f s", e, backoff)
+                await asyncio.sleep(backoff * (1 + random.random()))
+                backoff = min(backoff * 2, 10.0)
+
+    def _reset(self, revision: int) -> None:
+        self.revision = revision
+        self._events.clear()
+        self._revisions.clear()
+        self._first_kept = revision
+        self._broadcast()
+
+    def _apply(self, events: Iterable[Event]) -> None:
+        for event in events:
+            key = (event.kind, event.name)
+            if event.type == "DELETED":
+                self.objects.pop(key, None)
+            else:
+                self.objects[key] = event.doc
+            wire = _wire(event)
+            self._events.append(wire)
+            self._revisions.append(wire.revision)
+            self.revision = max(self.revision, event.revision)
+        if len(self._events) > 2 * self.window:
+            cut = len(self._events) - self.window
+            self._first_kept = self._revisions[cut - 1]
+            del self._events[:cut], self._revisions[:cut]
+        self._broadcast()
+
+    def _broadcast(self) -> None:
+        tick, self._tick = self._tick, asyncio.Event()
+        tick.set()
+
+    # -- serving agents ---------------------------------------------------------------
+    def policy_objects(self) -> list[dict[str, Any]]:
+        return [doc for (kind, _), doc in sorted(self.objects.items()) if kind != STATUS_KIND]
+
+    def events_after(self, after: int) -> list[WireEvent] | None:
+        """Policy events after `after`, or None if the window does not reach back there."""
+        if after < self._first_kept:
+            return None
+        start = bisect.bisect_right(self._revisions, after)
+        return [e for e in self._events[start:] if e.kind != STATUS_KIND]
+
+    async def wait(self, after: int, timeout: float) -> tuple[list[WireEvent] | None, int]:
+        """Events after `after` (waiting up to `timeout` for one) and the revision they
+        bring the caller to; None instead of events means: take a snapshot."""
+        self.watchers += 1
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                events = self.events_after(after)
+                if events is None or events:
+                    return events, self.revision
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return [], max(after, self.revision)
+                try:
+                    await asyncio.wait_for(self._tick.wait(), remaining)
+                except TimeoutError:
+                    return [], max(after, self.revision)
+        finally:
+            self.watchers -= 1

@@ -1,0 +1,238 @@
+"""bulkhead-server over real HTTPS with real certificates: the API and who may do what."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bulkhead.server import pki
+from bulkhead.server.main import ServerConfig, serve
+from tests.conftest import free_port
+
+POLICY = """
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: app-teams}
+spec: {order: 500}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: app-teams.web-in}
+spec:
+  tier: app-teams
+  selector: app == 'web'
+  ingress: [{action: Allow, protocol: TCP, destination: {ports: [443]}}]
+"""
+
+
+def gnp(name: str, tier: str = "default", order: int = 1) -> dict[str, Any]:
+    return {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+            "metadata": {"name": name}, "spec": {"tier": tier, "order": order}}
+
+
+@dataclass
+class Server:
+    url: str
+    pki: Path
+
+    def client(self, name: str, role: str, tiers: tuple[str, ...] = ()) -> aiohttp.ClientSession:
+        crt, key = pki.issue(self.pki, name, role=role, tiers=tiers)
+        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+        ctx.load_cert_chain(crt, key)
+        return aiohttp.ClientSession(self.url, connector=aiohttp.TCPConnector(ssl=ctx))
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    pki.init_ca(tmp_path)
+    pki.issue(tmp_path, "server", server=True, hosts=("127.0.0.1",))
+    port = free_port()
+    config = ServerConfig(listen=f"127.0.0.1:{port}", datastore=f"sqlite://{tmp_path}/s.db",
+                          tls_cert=str(tmp_path / "server.crt"),
+                          tls_key=str(tmp_path / "server.key"),
+                          client_ca=str(tmp_path / "ca.crt"))
+    started = asyncio.Event()
+    task = asyncio.create_task(serve(config, started))
+    await asyncio.wait_for(started.wait(), 10)
+    srv = Server(f"https://127.0.0.1:{port}", tmp_path)
+    async with srv.client("probe", "viewer") as c:
+        for _ in range(100):
+            async with c.get("/readyz") as r:
+                if r.status == 200:
+                    break
+            await asyncio.sleep(0.05)
+    try:
+        yield srv
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_no_client_certificate_is_refused(server: Server) -> None:
+    ctx = ssl.create_default_context(cafile=str(server.pki / "ca.crt"))
+    async with aiohttp.ClientSession(server.url, connector=aiohttp.TCPConnector(ssl=ctx)) as c:
+        with pytest.raises(aiohttp.ClientError):
+            async with c.get("/v1/resources"):
+                pass
+
+
+async def test_a_certificate_from_another_ca_is_refused(server: Server, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    pki.init_ca(other)
+    crt, key = pki.issue(other, "mallory", role="admin")
+    ctx = ssl.create_default_context(cafile=str(server.pki / "ca.crt"))
+    ctx.load_cert_chain(crt, key)
+    async with aiohttp.ClientSession(server.url, connector=aiohttp.TCPConnector(ssl=ctx)) as c:
+        with pytest.raises(aiohttp.ClientError):
+            async with c.get("/v1/resources"):
+                pass
+
+
+async def test_admin_crud_and_errors(server: Server) -> None:
+    async with server.client("alice", "admin") as c:
+        async with c.post("/v1/resources/globalnetworkpolicies", json=gnp("a")) as r:
+            assert r.status == 201
+            made = await r.json()
+        assert made["metadata"]["resourceVersion"]
+        async with c.post("/v1/resources/GlobalNetworkPolicy", json=gnp("a")) as r:
+            assert r.status == 409
+        async with c.get("/v1/resources/GlobalNetworkPolicy/a") as r:
+            assert (await r.json())["spec"]["order"] == 1
+        stale = gnp("a", order=2)
+        stale["metadata"]["resourceVersion"] = made["metadata"]["resourceVersion"]
+        async with c.put("/v1/resources/GlobalNetworkPolicy/a", json=stale) as r:
+            assert r.status == 200
+        async with c.put("/v1/resources/GlobalNetworkPolicy/a", json=stale) as r:
+            assert r.status == 409 and "changed since it was read" in await r.text()
+        bad = gnp("b")
+        bad["spec"]["ingress"] = [{"action": "Allow", "protocol": "TCP",
+                                   "destination": {"ports": ["80-90"]}}]
+        async with c.post("/v1/resources/GlobalNetworkPolicy", json=bad) as r:
+            assert r.status == 422
+            error = (await r.json())["error"]
+        assert error["message"] == ('GlobalNetworkPolicy b: spec.ingress[0].destination.ports[0]:'
+                                    ' "80-90" is not a port, a range "a:b" or a port name')
+        async with c.post("/v1/resources/GlobalNetworkPolicy",
+                          json=gnp("security.x", tier="security")) as r:
+            assert r.status == 422
+            assert 'tier "security" does not exist' in (await r.json())["error"]["message"]
+        async with c.get("/v1/resources/GlobalNetworkPolicy", params={"selector": "a =="}) as r:
+            assert r.status == 400
+        async with c.delete("/v1/resources/GlobalNetworkPolicy/a") as r:
+            assert r.status == 200
+        async with c.delete("/v1/resources/GlobalNetworkPolicy/a") as r:
+            assert r.status == 404
+
+
+async def test_apply_all_or_nothing_and_dry_run(server: Server) -> None:
+    async with server.client("alice", "admin") as c:
+        async with c.post("/v1/apply", params={"dryRun": "true"}, data=POLICY) as r:
+            result = await r.json()
+        assert [x["action"] for x in result["results"]] == ["created", "created"]
+        async with c.get("/v1/resources/Tier") as r:
+            assert (await r.json())["items"] == []          # dry run wrote nothing
+        async with c.post("/v1/apply", data=POLICY) as r:
+            assert r.status == 200 and (await r.json())["revision"]
+        async with c.post("/v1/apply", data=POLICY) as r:
+            assert [x["action"] for x in (await r.json())["results"]] == ["unchanged"] * 2
+        changed = POLICY.replace("ports: [443]", "ports: [8443]") + """
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: broken}
+spec: {order: "x"}
+"""
+        async with c.post("/v1/apply", data=changed) as r:
+            assert r.status == 422 and "body: document 3: GlobalNetworkPolicy broken" in \
+                (await r.json())["error"]["message"]
+        async with c.get("/v1/resources/GlobalNetworkPolicy/app-teams.web-in") as r:
+            ports = (await r.json())["spec"]["ingress"][0]["destination"]["ports"]
+        assert ports == [443]                                # nothing half-applied
+        async with c.delete("/v1/resources/Tier/app-teams") as r:
+            assert r.status == 409 and "still holds policies" in await r.text()
+
+
+async def test_roles(server: Server) -> None:
+    async with server.client("alice", "admin") as admin:
+        async with admin.post("/v1/apply", data=POLICY) as r:
+            assert r.status == 200
+    async with server.client("val", "viewer") as viewer:
+        async with viewer.get("/v1/resources/GlobalNetworkPolicy") as r:
+            assert r.status == 200
+        async with viewer.post("/v1/resources/GlobalNetworkPolicy", json=gnp("v")) as r:
+            assert r.status == 403
+        async with viewer.delete("/v1/resources/Tier/app-teams") as r:
+            assert r.status == 403
+        async with viewer.post("/v1/apply", data=POLICY) as r:
+            assert r.status == 403
+        async with viewer.post("/v1/status/web-1", json={"appliedRevision": 1}) as r:
+            assert r.status == 403
+    async with server.client("web-1", "agent") as agent:
+        async with agent.get("/v1/snapshot") as r:
+            assert r.status == 200
+        async with agent.get("/v1/resources/GlobalNetworkPolicy") as r:
+            assert r.status == 403
+        async with agent.post("/v1/resources/GlobalNetworkPolicy", json=gnp("x")) as r:
+            assert r.status == 403
+        async with agent.post("/v1/status/web-1", json={"appliedRevision": 3}) as r:
+            assert r.status == 200
+        async with agent.post("/v1/status/db-1", json={"appliedRevision": 3}) as r:
+            assert r.status == 403 and "report status for node db-1" in await r.text()
+    async with server.client("ops", "admin", tiers=("app-teams",)) as ops:
+        async with ops.post("/v1/resources/GlobalNetworkPolicy",
+                            json=gnp("app-teams.more", tier="app-teams")) as r:
+            assert r.status == 201
+        async with ops.post("/v1/resources/GlobalNetworkPolicy", json=gnp("plain")) as r:
+            assert r.status == 403 and "allowed tiers: app-teams" in await r.text()
+        async with ops.post("/v1/resources/HostEndpoint", json={
+                "apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+                "metadata": {"name": "h"}, "spec": {"node": "h", "interfaceName": "*"}}) as r:
+            assert r.status == 403
+
+
+async def test_watch_long_poll_and_snapshot(server: Server) -> None:
+    async with server.client("alice", "admin") as admin, \
+            server.client("web-1", "agent") as agent:
+        async with agent.get("/v1/watch") as r:
+            first = await r.json()
+        assert first["type"] == "snapshot" and first["items"] == []
+        waiting = asyncio.ensure_future(agent.get("/v1/watch", params={
+            "revision": str(first["revision"]), "timeout": "20"}))
+        await asyncio.sleep(0.2)
+        async with admin.post("/v1/resources/GlobalNetworkPolicy", json=gnp("w")) as r:
+            assert r.status == 201
+        resp = await asyncio.wait_for(waiting, 20)
+        body = await resp.json()
+        resp.release()
+        assert body["type"] == "events"
+        assert [(e["type"], e["name"]) for e in body["events"]] == [("ADDED", "w")]
+        async with agent.get("/v1/watch", params={"revision": str(body["revision"]),
+                                                  "timeout": "0.2"}) as r:
+            assert (await r.json())["events"] == []
+
+
+async def test_nodes_converged_and_probes(server: Server) -> None:
+    async with server.client("web-1", "agent") as agent:
+        async with agent.post("/v1/status/web-1", json={"appliedRevision": 5,
+                                                        "counters": {"rules": 12}}) as r:
+            assert r.status == 200
+    async with server.client("val", "viewer") as viewer:
+        async with viewer.get("/v1/nodes", params={"revision": "5"}) as r:
+            body = await r.json()
+        assert body["converged"] is True and body["nodes"][0]["counters"] == {"rules": 12}
+        async with viewer.get("/v1/nodes", params={"revision": "6"}) as r:
+            assert (await r.json())["converged"] is False
+        async with viewer.get("/healthz") as r:
+            assert r.status == 200
+        async with viewer.get("/metrics") as r:
+            text = await r.text()
+        assert "bulkhead_revision " in text and 'route="/v1/nodes"' in text
