@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
+
+from bulkhead.server import pki
+from bulkhead.server.main import ServerConfig, serve
 
 
 def free_port() -> int:
@@ -65,3 +73,42 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
         yield process
     finally:
         process.stop()
+
+
+@dataclass
+class Server:
+    url: str
+    pki: Path
+
+    def client(self, name: str, role: str, tiers: tuple[str, ...] = ()) -> aiohttp.ClientSession:
+        crt, key = pki.issue(self.pki, name, role=role, tiers=tiers)
+        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+        ctx.load_cert_chain(crt, key)
+        return aiohttp.ClientSession(self.url, connector=aiohttp.TCPConnector(ssl=ctx))
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    pki.init_ca(tmp_path)
+    pki.issue(tmp_path, "server", server=True, hosts=("127.0.0.1",))
+    port = free_port()
+    config = ServerConfig(listen=f"127.0.0.1:{port}", datastore=f"sqlite://{tmp_path}/s.db",
+                          tls_cert=str(tmp_path / "server.crt"),
+                          tls_key=str(tmp_path / "server.key"),
+                          client_ca=str(tmp_path / "ca.crt"))
+    started = asyncio.Event()
+    task = asyncio.create_task(serve(config, started))
+    await asyncio.wait_for(started.wait(), 10)
+    srv = Server(f"https://127.0.0.1:{port}", tmp_path)
+    async with srv.client("probe", "viewer") as c:
+        for _ in range(100):
+            async with c.get("/readyz") as r:
+                if r.status == 200:
+                    break
+            await asyncio.sleep(0.05)
+    try:
+        yield srv
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

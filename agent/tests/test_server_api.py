@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +11,7 @@ import aiohttp
 import pytest
 
 from bulkhead.server import pki
-from bulkhead.server.main import ServerConfig, serve
-from tests.conftest import free_port
+from tests.conftest import Server
 
 POLICY = """
 apiVersion: projectcalico.org/v3
@@ -36,45 +32,6 @@ spec:
 def gnp(name: str, tier: str = "default", order: int = 1) -> dict[str, Any]:
     return {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
             "metadata": {"name": name}, "spec": {"tier": tier, "order": order}}
-
-
-@dataclass
-class Server:
-    url: str
-    pki: Path
-
-    def client(self, name: str, role: str, tiers: tuple[str, ...] = ()) -> aiohttp.ClientSession:
-        crt, key = pki.issue(self.pki, name, role=role, tiers=tiers)
-        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
-        ctx.load_cert_chain(crt, key)
-        return aiohttp.ClientSession(self.url, connector=aiohttp.TCPConnector(ssl=ctx))
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    pki.init_ca(tmp_path)
-    pki.issue(tmp_path, "server", server=True, hosts=("127.0.0.1",))
-    port = free_port()
-    config = ServerConfig(listen=f"127.0.0.1:{port}", datastore=f"sqlite://{tmp_path}/s.db",
-                          tls_cert=str(tmp_path / "server.crt"),
-                          tls_key=str(tmp_path / "server.key"),
-                          client_ca=str(tmp_path / "ca.crt"))
-    started = asyncio.Event()
-    task = asyncio.create_task(serve(config, started))
-    await asyncio.wait_for(started.wait(), 10)
-    srv = Server(f"https://127.0.0.1:{port}", tmp_path)
-    async with srv.client("probe", "viewer") as c:
-        for _ in range(100):
-            async with c.get("/readyz") as r:
-                if r.status == 200:
-                    break
-            await asyncio.sleep(0.05)
-    try:
-        yield srv
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_no_client_certificate_is_refused(server: Server) -> None:

@@ -1,7 +1,9 @@
 """`bulkhead`: the command line (the calicoctl of Bulkhead).
 
-Exit codes: 0 success; 1 a check failed (invalid resources, conformance differences, a
-denied flow with --exit-code); 2 bad usage or unreadable input.
+Exit codes: 0 success; 1 a check failed or the server refused (invalid resources,
+conformance differences, a denied flow with --exit-code, conflicts, forbidden, not found,
+differences in `diff`, nodes not converged); 2 bad usage or unreadable input; 3 the server
+cannot be reached.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bulkhead.cli.remote import add_commands, run_remote
 from bulkhead.conformance import DATAPLANES, CaseError, load_cases, report_json, report_text
 from bulkhead.conformance import run_cases as run_conformance
 from bulkhead.model import LoadError, Snapshot, ValidationError, load_paths
@@ -195,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     iss.add_argument("--tier", action="append", help="limit an admin to this tier")
     iss.set_defaults(func=cmd_pki)
 
+    add_commands(sub)
+
     p = sub.add_parser("selector", help="print a selector's canonical form; test labels")
     p.add_argument("selector")
     p.add_argument("--labels", nargs="*", metavar="KEY=VALUE")
@@ -205,12 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "remote", False):
+            return run_remote(args.func, args)
         code: int = args.func(args)
         return code
-    except (ValidationError, SelectorError, CaseError) as e:
+    except ValidationError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED if args.command == "validate" else EXIT_USAGE
-    except (LoadError, UsageError) as e:
+        return EXIT_FAILED
+    except (SelectorError, CaseError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (LoadError, UsageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

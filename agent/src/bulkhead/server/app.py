@@ -301,7 +301,10 @@ def _diff_entry(resource: Resource, old: Stored | None) -> dict[str, Any]:
 
 
 async def apply(request: web.Request) -> web.Response:
-    """Create or update every resource in a YAML/JSON body, all or nothing."""
+    """Create or update every resource in a YAML/JSON body, all or nothing.
+
+    `?mode=create` refuses resources that exist, `?mode=replace` ones that do not;
+    `?dryRun=true` validates and returns the diff without writing."""
     identity = request[WHO]
     store = request.app[STORE]
     text = await request.text()
@@ -317,9 +320,18 @@ async def apply(request: web.Request) -> web.Response:
             raise ApiError(422, "Invalid", f"{r.kind} {r.name}: metadata.name: is defined "
                            "twice in the body")
         seen.add(r.key)
+    mode = request.query.get("mode", "apply")
+    if mode not in ("apply", "create", "replace"):
+        raise ApiError(400, "BadRequest", f"mode {mode!r}: expected apply, create or replace")
     olds = [await _current(store, r.kind, r.name) for r in resources]
     for r, old in zip(resources, olds, strict=True):
         _authorize_write(identity, r, old)
+        if mode == "create" and old is not None:
+            raise ApiError(409, "AlreadyExists", f"{r.kind} {r.name} already exists; nothing "
+                           "was created")
+        if mode == "replace" and old is None:
+            raise ApiError(404, "NotFound", f"{r.kind} {r.name} not found; nothing was "
+                           "replaced")
     await _check_refs(store, resources)
     diff = [_diff_entry(r, old) for r, old in zip(resources, olds, strict=True)]
     ops = [Op("put", r.kind, r.name, r.dump(), str(old.revision) if old else "absent")

@@ -1,0 +1,212 @@
+"""The `bulkhead` commands that talk to bulkhead-server: apply, create, replace, delete,
+get, diff, nodes. Exit codes: 0 done; 1 the server refused (invalid, conflict, forbidden,
+not found) or, for `diff`, there are differences; 2 bad usage or input; 3 unreachable."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from bulkhead.client import ApiError, Connection, Unreachable
+from bulkhead.model import KIND_ALIASES, load_paths
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def _connection(args: argparse.Namespace) -> Connection:
+    return Connection.resolve(args.server, args.ca, args.cert, args.key)
+
+
+def _body(args: argparse.Namespace) -> bytes:
+    # Parsed (and validated) here first, so a bad file fails before anything is sent.
+    resources = load_paths(args.filename)
+    if not resources:
+        raise ValueError("no resources in " + ", ".join(args.filename))
+    return json.dumps([r.dump() for r in resources]).encode()
+
+
+def _send_apply(args: argparse.Namespace, mode: str, dry_run: bool) -> dict[str, Any]:
+    query = {"mode": mode}
+    if dry_run:
+        query["dryRun"] = "true"
+    result: dict[str, Any] = _connection(args).request("POST", "/v1/apply", raw=_body(args),
+                                                      query=query)
+    return result
+
+
+def cmd_apply(args: argparse.Namespace, mode: str = "apply") -> int:
+    result = _send_apply(args, mode, args.dry_run)
+    suffix = " (dry run)" if result["dryRun"] else ""
+    for item in result["results"]:
+        print(f"{item['kind']} {item['name']} {item['action']}{suffix}")
+    if result.get("revision"):
+        print(f"revision {result['revision']}")
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    result = _send_apply(args, "apply", True)
+    differs = False
+    for item in result["results"]:
+        if item["action"] == "unchanged":
+            continue
+        differs = True
+        before = yaml.safe_dump(item.get("before") or {}, sort_keys=False).splitlines(True)
+        after = yaml.safe_dump(item.get("after") or {}, sort_keys=False).splitlines(True)
+        label = f"{item['kind']}/{item['name']}"
+        sys.stdout.writelines(difflib.unified_diff(
+            [] if item["action"] == "created" else before, after,
+            fromfile=f"server/{label}", tofile=f"file/{label}"))
+    return EXIT_REFUSED if differs else EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    conn = _connection(args)
+    targets: list[tuple[str, str]] = []
+    if args.filename:
+        targets = [(r.kind, r.name) for r in load_paths(args.filename)]
+    elif args.kind and args.name:
+        targets = [(_kind(args.kind), args.name)]
+    else:
+        raise ValueError("give -f FILE, or KIND NAME")
+    query = {"dryRun": "true"} if args.dry_run else None
+    for kind, name in targets:
+        conn.request("DELETE", f"/v1/resources/{kind}/{name}", query=query)
+        print(f"{kind} {name} deleted" + (" (dry run)" if args.dry_run else ""))
+    return EXIT_OK
+
+
+def _kind(raw: str) -> str:
+    kind = KIND_ALIASES.get(raw) or KIND_ALIASES.get(raw.lower())
+    if kind is None:
+        raise ValueError(f"unknown kind {raw!r} (HostEndpoint, GlobalNetworkPolicy, "
+                         "StagedGlobalNetworkPolicy, Tier, GlobalNetworkSet, Profile)")
+    return kind
+
+
+Column = tuple[str, Callable[[dict[str, Any]], Any]]
+WIDE: dict[str, list[Column]] = {
+    "GlobalNetworkPolicy": [("TIER", lambda d: d["spec"].get("tier", "default")),
+                            ("ORDER", lambda d: d["spec"].get("order", "")),
+                            ("SELECTOR", lambda d: d["spec"].get("selector", ""))],
+    "HostEndpoint": [("NODE", lambda d: d["spec"].get("node", "")),
+                     ("INTERFACE", lambda d: d["spec"].get("interfaceName", "")),
+                     ("IPS", lambda d: ",".join(d["spec"].get("expectedIPs", [])))],
+    "Tier": [("ORDER", lambda d: d["spec"].get("order", "")),
+             ("DEFAULT", lambda d: d["spec"].get("defaultAction", "Deny"))],
+    "GlobalNetworkSet": [("NETS", lambda d: ",".join(d["spec"].get("nets", [])))],
+}
+WIDE["StagedGlobalNetworkPolicy"] = WIDE["GlobalNetworkPolicy"]
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    conn = _connection(args)
+    kind = _kind(args.kind)
+    if args.name:
+        docs = [conn.request("GET", f"/v1/resources/{kind}/{args.name}")]
+    else:
+        query = {"selector": args.selector} if args.selector else None
+        docs = conn.request("GET", f"/v1/resources/{kind}", query=query)["items"]
+    if args.output == "yaml":
+        print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+    elif args.output == "json":
+        print(json.dumps(docs[0] if args.name else {"kind": "List", "items": docs}, indent=2))
+    else:
+        columns: list[Column] = [("NAME", lambda d: d["metadata"]["name"])]
+        if args.output == "wide":
+            columns += WIDE.get(kind, [])
+            columns.append(("LABELS", lambda d: ",".join(
+                f"{k}={v}" for k, v in sorted((d["metadata"].get("labels") or {}).items()))))
+        rows = [[h for h, _ in columns]] + [[str(f(d)) for _, f in columns] for d in docs]
+        print(table(rows))
+    return EXIT_OK
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    query = {"revision": str(args.revision)} if args.revision is not None else None
+    body = _connection(args).request("GET", "/v1/nodes", query=query)
+    if args.output == "json":
+        print(json.dumps(body, indent=2))
+    else:
+        head = ["NODE", "APPLIED", "ERRORS", "LAST REPORT"]
+        if args.revision is not None:
+            head.append("CONVERGED")
+        rows = [head]
+        for n in body["nodes"]:
+            row = [n["node"], str(n.get("appliedRevision", "")), str(len(n.get("errors", []))),
+                   n.get("lastReport", "")]
+            if args.revision is not None:
+                row.append("yes" if n.get("converged") else "no")
+            rows.append(row)
+        print(table(rows))
+    if args.revision is not None and not body.get("converged"):
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def add_commands(sub: Any) -> None:
+    def connection_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server", help="https://HOST:PORT (env BULKHEAD_SERVER)")
+        p.add_argument("--ca", help="CA certificate (env BULKHEAD_CA)")
+        p.add_argument("--cert", help="client certificate (env BULKHEAD_CERT)")
+        p.add_argument("--key", help="client key (env BULKHEAD_KEY)")
+
+    for name, mode, text in (("apply", "apply", "create or update resources, all or nothing"),
+                             ("create", "create", "create resources; fail if any exists"),
+                             ("replace", "replace", "replace resources; fail if any is missing")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("-f", "--filename", action="append", required=True, metavar="PATH")
+        p.add_argument("--dry-run", action="store_true", help="validate and show, write nothing")
+        connection_flags(p)
+        p.set_defaults(func=lambda a, m=mode: cmd_apply(a, m), remote=True)
+
+    p = sub.add_parser("diff", help="what apply -f would change (exit 1 if anything)")
+    p.add_argument("-f", "--filename", action="append", required=True, metavar="PATH")
+    connection_flags(p)
+    p.set_defaults(func=cmd_diff, remote=True)
+
+    p = sub.add_parser("delete", help="delete resources named in files, or KIND NAME")
+    p.add_argument("kind", nargs="?")
+    p.add_argument("name", nargs="?")
+    p.add_argument("-f", "--filename", action="append", metavar="PATH")
+    p.add_argument("--dry-run", action="store_true")
+    connection_flags(p)
+    p.set_defaults(func=cmd_delete, remote=True)
+
+    p = sub.add_parser("get", help="list or show resources")
+    p.add_argument("kind")
+    p.add_argument("name", nargs="?")
+    p.add_argument("-o", "--output", choices=["table", "wide", "yaml", "json"], default="table")
+    p.add_argument("-l", "--selector", help="label selector, e.g. \"zone == 'dmz'\"")
+    connection_flags(p)
+    p.set_defaults(func=cmd_get, remote=True)
+
+    p = sub.add_parser("nodes", help="agents and the revision they enforce")
+    p.add_argument("--revision", type=int, help="show whether each node has converged to it")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    connection_flags(p)
+    p.set_defaults(func=cmd_nodes, remote=True)
+
+
+def run_remote(func: Any, args: argparse.Namespace) -> int:
+    try:
+        code: int = func(args)
+        return code
+    except ApiError as e:
+        print(f"error: {e.message} (HTTP {e.status} {e.reason})", file=sys.stderr)
+        return EXIT_REFUSED
+    except Unreachable as e:
+        print(f"error: cannot reach bulkhead-server: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE

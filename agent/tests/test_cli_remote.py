@@ -1,0 +1,101 @@
+"""`bulkhead apply/create/replace/delete/get/diff/nodes` against a real server over mTLS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bulkhead.cli.main import main
+from bulkhead.server import pki
+from tests.conftest import Server
+
+MANIFEST = """
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: security}
+spec: {order: 100}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: security.db-in, labels: {team: dba}}
+spec:
+  tier: security
+  order: 10
+  selector: app == 'db'
+  ingress: [{action: Allow, protocol: TCP, destination: {ports: [5432]}}]
+"""
+
+
+@pytest.fixture
+def as_admin(server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    crt, key = pki.issue(server.pki, "alice", role="admin")
+    monkeypatch.setenv("BULKHEAD_SERVER", server.url)
+    monkeypatch.setenv("BULKHEAD_CA", str(server.pki / "ca.crt"))
+    monkeypatch.setenv("BULKHEAD_CERT", str(crt))
+    monkeypatch.setenv("BULKHEAD_KEY", str(key))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no stray ~/.config/bulkhead/config.yaml
+    path = tmp_path / "policy.yaml"
+    path.write_text(MANIFEST)
+    return path
+
+
+async def run(*argv: str) -> int:
+    return await asyncio.to_thread(main, list(argv))
+
+
+async def test_apply_get_diff_delete(as_admin: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = str(as_admin)
+    assert await run("apply", "-f", f, "--dry-run") == 0
+    assert "Tier security created (dry run)" in capsys.readouterr().out
+    assert await run("get", "tiers") == 0
+    assert capsys.readouterr().out.strip() == "NAME"
+    assert await run("diff", "-f", f) == 1
+    assert "+++ file/GlobalNetworkPolicy/security.db-in" in capsys.readouterr().out
+    assert await run("apply", "-f", f) == 0
+    out = capsys.readouterr().out
+    assert "GlobalNetworkPolicy security.db-in created" in out and "revision" in out
+    assert await run("diff", "-f", f) == 0
+    assert await run("create", "-f", f) == 1
+    assert "already exists; nothing was created" in capsys.readouterr().err
+    assert await run("get", "gnp", "-o", "wide", "-l", "team == 'dba'") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["NAME", "TIER", "ORDER", "SELECTOR", "LABELS"]
+    assert out[1].split()[:3] == ["security.db-in", "security", "10"]
+    assert await run("get", "GlobalNetworkPolicy", "security.db-in", "-o", "yaml") == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert doc["spec"]["selector"] == 'app == "db"' and doc["metadata"]["resourceVersion"]
+    assert await run("get", "gnp", "-o", "json") == 0
+    assert json.loads(capsys.readouterr().out)["items"][0]["kind"] == "GlobalNetworkPolicy"
+    as_admin.write_text(MANIFEST.replace("5432", "5433"))
+    assert await run("replace", "-f", f) == 0
+    assert "security.db-in configured" in capsys.readouterr().out
+    assert await run("delete", "tier", "security") == 1
+    assert "still holds policies" in capsys.readouterr().err
+    assert await run("delete", "gnp", "security.db-in") == 0
+    assert await run("get", "gnp", "security.db-in") == 1
+    assert "not found" in capsys.readouterr().err
+
+
+async def test_invalid_file_is_refused_before_sending(as_admin: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    as_admin.write_text(MANIFEST.replace("ports: [5432]", 'ports: ["54-32"]'))
+    assert await run("apply", "-f", str(as_admin)) == 1
+    assert 'spec.ingress[0].destination.ports[0]: "54-32"' in capsys.readouterr().err
+
+
+async def test_nodes_and_unreachable(as_admin: Path, server: Server,
+                                     monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    async with server.client("web-1", "agent") as agent:
+        async with agent.post("/v1/status/web-1", json={"appliedRevision": 7}) as r:
+            assert r.status == 200
+    assert await run("nodes", "--revision", "7") == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["web-1", "7"]
+    assert await run("nodes", "--revision", "8") == 1
+    monkeypatch.setenv("BULKHEAD_SERVER", "https://127.0.0.1:9")
+    assert await run("get", "tiers") == 3
+    assert "cannot reach bulkhead-server" in capsys.readouterr().err
