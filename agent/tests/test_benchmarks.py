@@ -18,3 +18,15 @@ def test_benchmarks_run_quick() -> None:
     assert results["label_index"]["big_endpoints"] == 10_000
     assert results["evaluator"]["flows"] == 2_000
     assert 0 < results["evaluator"]["allowed_share"] < 1
+
+
+def test_server_benchmark_runs_small() -> None:
+    script = SCRIPT.parent / "server.py"
+    done = subprocess.run([sys.executable, str(script), "--watchers", "20", "--changes", "2",
+                           "--writes", "20", "--json"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    results = json.loads(done.stdout)
+    assert set(results["watch"]) == {"sqlite-poll", "sqlite-stream", "etcd-poll", "etcd-stream"}
+    for figures in results["watch"].values():
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+    assert results["fanout"]["etcd_watch_streams"] == {"direct": 20, "through_server": 1}

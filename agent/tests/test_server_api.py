@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from pathlib import Path
 from typing import Any
@@ -193,3 +194,21 @@ async def test_nodes_converged_and_probes(server: Server) -> None:
         async with viewer.get("/metrics") as r:
             text = await r.text()
         assert "bulkhead_revision " in text and 'route="/v1/nodes"' in text
+
+
+async def test_streaming_watch(server: Server) -> None:
+    async with server.client("alice", "admin") as admin, \
+            server.client("web-1", "agent") as agent:
+        async with agent.get("/v1/watch", params={"stream": "true", "timeout": "0.3"}) as r:
+            assert r.headers["Content-Type"].startswith("application/x-ndjson")
+            first = json.loads(await r.content.readline())
+            assert first["type"] == "snapshot"
+            async with admin.post("/v1/resources/GlobalNetworkPolicy", json=gnp("s1")) as w:
+                assert w.status == 201
+            seen = []
+            while len(seen) < 2:
+                line = json.loads(await asyncio.wait_for(r.content.readline(), 10))
+                seen.append(line["type"])
+                if line["type"] == "events":
+                    assert [e["name"] for e in line["events"]] == ["s1"]
+            assert "events" in seen and set(seen) <= {"events", "heartbeat"}

@@ -30,7 +30,7 @@ from bulkhead.model import (
     parse_resource,
 )
 from bulkhead.selector import SelectorError, parse
-from bulkhead.server.hub import STATUS_KIND, Hub
+from bulkhead.server.hub import STATUS_KIND, Hub, WireEvent
 from bulkhead.server.pki import Identity, identity_from_subject
 from bulkhead.store import Conflict, Datastore, NotFound, Op, Stored, Unavailable
 
@@ -352,9 +352,24 @@ async def snapshot(request: web.Request) -> web.Response:
     return _json({"revision": hub.revision, "items": hub.policy_objects()})
 
 
-async def watch(request: web.Request) -> web.Response:
-    """Long-poll: `?revision=R&timeout=S` -> the events after R, or a snapshot (without
-    `revision`, on first contact, or when R is older than the server's window)."""
+def _snapshot_body(hub: Hub) -> bytes:
+    return json.dumps({"type": "snapshot", "revision": hub.revision,
+                       "items": hub.policy_objects()}).encode()
+
+
+def _events_body(revision: int, events: list[WireEvent]) -> bytes:
+    # Events are serialized once, in the hub, and shared by every watcher.
+    return b'{"type":"events","revision":%d,"events":[' % revision + \
+        b",".join(e.json for e in events) + b"]}"
+
+
+async def watch(request: web.Request) -> web.StreamResponse:
+    """`?revision=R&timeout=S`: the events after R, or a snapshot (without `revision`, on
+    first contact, or when R is older than the server's window).
+
+    Long-poll by default: one answer, after the first change or `timeout` seconds. With
+    `stream=true` the answer stays open and carries one JSON document per line: events as
+    they come, and `{"type": "heartbeat", "revision": R}` every `timeout` seconds."""
     hub = request.app[HUB]
     try:
         after = int(request.query.get("revision", "-1"))
@@ -363,14 +378,27 @@ async def watch(request: web.Request) -> web.Response:
         raise ApiError(400, "BadRequest", "revision and timeout must be numbers") from None
     if not hub.ready.is_set():
         raise ApiError(503, "Unavailable", "not in sync with the datastore")
-    events, revision = (None, hub.revision) if after < 0 else await hub.wait(after, timeout)
-    if events is None:
-        return _json({"type": "snapshot", "revision": hub.revision,
-                      "items": hub.policy_objects()})
-    # Events are serialized once, in the hub, and shared by every watcher.
-    body = b'{"type":"events","revision":%d,"events":[' % revision + \
-        b",".join(e.json for e in events) + b"]}"
-    return web.Response(body=body, content_type="application/json")
+    if request.query.get("stream", "").lower() not in ("1", "true"):
+        events, revision = (None, hub.revision) if after < 0 else \
+            await hub.wait(after, timeout)
+        body = _snapshot_body(hub) if events is None else _events_body(revision, events)
+        return web.Response(body=body, content_type="application/json")
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    if after < 0:
+        after = hub.revision
+        await response.write(_snapshot_body(hub) + b"\n")
+    while True:
+        events, revision = await hub.wait(after, timeout)
+        if events is None:
+            after = hub.revision
+            await response.write(_snapshot_body(hub) + b"\n")
+        elif events:
+            after = revision
+            await response.write(_events_body(revision, events) + b"\n")
+        else:
+            after = revision
+            await response.write(b'{"type":"heartbeat","revision":%d}\n' % revision)
 
 
 async def post_status(request: web.Request) -> web.Response:

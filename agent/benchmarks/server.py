@@ -1,0 +1,299 @@
+"""Store and server benchmarks: every figure side by side in one run.
+
+    .venv/bin/python agent/benchmarks/server.py [--watchers 1000] [--changes 20] [--json]
+
+Needs `etcd` (Debian's etcd-server) on PATH; starts its own etcd and bulkhead-servers on
+127.0.0.1 and stops them. Figures:
+1. write throughput: sequential single-resource transactions per second, SQLite and etcd,
+   straight to the store and through the HTTPS API;
+2. watch notify latency: N agents watching one server (long-poll, and streaming), a change
+   written, the time until each agent has it (p50, p99 over all agents and changes),
+   SQLite and etcd;
+3. server memory per watcher: RSS with N watchers waiting minus RSS with none, over N;
+4. fan-out: the same change reaching N streaming watchers through one server (one etcd
+   watch) vs N
+   watchers each holding their own etcd watch stream: latency ratio, and etcd watch
+   streams used (1 vs N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # for tests.conftest's EtcdProcess and free_port
+
+from tests.conftest import EtcdProcess, free_port  # noqa: E402
+
+from bulkhead.server import pki  # noqa: E402
+from bulkhead.store import Op  # noqa: E402
+from bulkhead.store.etcd import EtcdStore  # noqa: E402
+from bulkhead.store.sqlite import SQLiteStore  # noqa: E402
+
+
+def netset(name: str) -> dict[str, Any]:
+    return {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+            "metadata": {"name": name}, "spec": {"nets": ["198.18.0.0/24"]}}
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Server:
+    def __init__(self, tmp: Path, datastore: str, name: str) -> None:
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        config = tmp / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({
+            "listen": f"127.0.0.1:{self.port}", "datastore": datastore,
+            "tlsCert": str(tmp / "server.crt"), "tlsKey": str(tmp / "server.key"),
+            "clientCA": str(tmp / "ca.crt"), "logLevel": "error"}))
+        exe = Path(sys.executable).parent / "bulkhead-server"
+        self.proc = subprocess.Popen([str(exe), "--config", str(config)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def client_ssl(tmp: Path, name: str, role: str) -> ssl.SSLContext:
+    crt, key = pki.issue(tmp, name, role=role)
+    ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
+    ctx.load_cert_chain(crt, key)
+    return ctx
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
+    for _ in range(300):
+        try:
+            async with session.get(url + "/readyz") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} not ready")
+
+
+# ---------------------------------------------------------------------- write throughput
+async def store_writes(store: Any, count: int) -> float:
+    start = time.perf_counter()
+    for i in range(count):
+        await store.transaction([Op("put", "GlobalNetworkSet", f"w{i}", netset(f"w{i}"))])
+    return count / (time.perf_counter() - start)
+
+
+async def api_writes(session: aiohttp.ClientSession, url: str, count: int) -> float:
+    start = time.perf_counter()
+    for i in range(count):
+        async with session.post(url + "/v1/resources/GlobalNetworkSet",
+                                json=netset(f"api{i}-{time.time_ns()}")) as r:
+            assert r.status == 201, await r.text()
+    return count / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------ watching
+async def watchers_latency(url: str, agent_ssl: ssl.SSLContext, admin: aiohttp.ClientSession,
+                           n: int, changes: int, pid: int | None, stream: bool
+                           ) -> dict[str, float]:
+    connector = aiohttp.TCPConnector(ssl=agent_ssl, limit=0)
+    latencies: list[float] = []
+    written: dict[str, float] = {}
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(url + "/v1/snapshot") as r:
+            start_rev = (await r.json())["revision"]
+        rss_idle = rss_kib(pid) if pid else 0
+        counts = [0] * n
+        connected = asyncio.Event()
+        waiting = [0]
+
+        async def poll_agent(i: int) -> None:
+            revision = start_rev
+            while counts[i] < changes:
+                waiting[0] += 1
+                if waiting[0] >= n:
+                    connected.set()
+                async with session.get(url + "/v1/watch", params={
+                        "revision": str(revision), "timeout": "60"}) as r:
+                    body = await r.json()
+                now = time.perf_counter()
+                waiting[0] -= 1
+                for event in body.get("events", []):
+                    latencies.append(now - written[event["name"]])
+                    counts[i] += 1
+                revision = body["revision"]
+
+        async def stream_agent(i: int) -> None:
+            async with session.get(url + "/v1/watch", params={
+                    "revision": str(start_rev), "timeout": "60", "stream": "true"}) as r:
+                waiting[0] += 1
+                if waiting[0] >= n:
+                    connected.set()
+                while counts[i] < changes:
+                    body = json.loads(await r.content.readline())
+                    now = time.perf_counter()
+                    for event in body.get("events", []):
+                        latencies.append(now - written[event["name"]])
+                        counts[i] += 1
+
+        agent = stream_agent if stream else poll_agent
+        tasks = [asyncio.create_task(agent(i)) for i in range(n)]
+        await asyncio.wait_for(connected.wait(), 120)
+        await asyncio.sleep(1.0)  # let every request reach the server and wait
+        rss_busy = rss_kib(pid) if pid else 0
+        for c in range(changes):
+            name = f"change{time.time_ns()}-{c}"
+            written[name] = time.perf_counter()
+            async with admin.post(url + "/v1/resources/GlobalNetworkSet",
+                                  json=netset(name)) as r:
+                assert r.status == 201
+            while sum(1 for x in counts if x > c) < n:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    return {"p50_ms": 1000 * pct(latencies, 50), "p99_ms": 1000 * pct(latencies, 99),
+            "all_ms": 1000 * max(latencies),
+            "rss_per_watcher_kib": (rss_busy - rss_idle) / n if pid else 0.0}
+
+
+async def direct_etcd_latency(endpoint: str, prefix: str, n: int, changes: int
+                              ) -> dict[str, float]:
+    """N watchers each with its own etcd watch stream (what agents would do without a hub)."""
+    writer = EtcdStore([endpoint], prefix=prefix)
+    start = await writer.revision()
+    latencies: list[float] = []
+    written: dict[str, float] = {}
+    counts = [0] * n
+    stores = [EtcdStore([endpoint], prefix=prefix) for _ in range(n)]
+
+    async def watch(i: int) -> None:
+        async for event in stores[i].watch(start):
+            latencies.append(time.perf_counter() - written[event.name])
+            counts[i] += 1
+            if counts[i] == changes:
+                return
+
+    tasks = [asyncio.create_task(watch(i)) for i in range(n)]
+    await asyncio.sleep(2.0)  # every stream open
+    for c in range(changes):
+        name = f"direct{c}"
+        written[name] = time.perf_counter()
+        await writer.transaction([Op("put", "GlobalNetworkSet", name, netset(name))])
+        while sum(1 for x in counts if x > c) < n:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+    await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    for s in [writer, *stores]:
+        await s.close()
+    return {"p50_ms": 1000 * pct(latencies, 50), "p99_ms": 1000 * pct(latencies, 99),
+            "all_ms": 1000 * max(latencies)}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"watchers": args.watchers, "changes": args.changes}
+    with tempfile.TemporaryDirectory(prefix="bulkhead-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        pki.init_ca(tmp)
+        pki.issue(tmp, "server", server=True, hosts=("127.0.0.1",))
+        etcd = EtcdProcess(tmp)
+        servers: list[Server] = []
+        try:
+            # 1. writes straight to the stores
+            sqlite = SQLiteStore(tmp / "direct.db")
+            results["store_writes_per_s"] = {
+                "sqlite": await store_writes(sqlite, args.writes)}
+            await sqlite.close()
+            etcd_store = EtcdStore([etcd.url], prefix="/direct/")
+            results["store_writes_per_s"]["etcd"] = await store_writes(etcd_store, args.writes)
+            await etcd_store.close()
+
+            admin_ssl = client_ssl(tmp, "bench-admin", "admin")
+            agent_ssl = client_ssl(tmp, "bench-agent", "agent")
+            results["api_writes_per_s"] = {}
+            results["watch"] = {}
+            for backend, datastore in (("sqlite", f"sqlite://{tmp}/server.db"),
+                                       ("etcd", f"etcd://127.0.0.1:{etcd.client_port}/srv")):
+                for mode in ("poll", "stream"):
+                    # A fresh server per mode, so its memory figure is its own.
+                    server = Server(tmp, datastore, f"{backend}-{mode}")
+                    servers.append(server)
+                    async with aiohttp.ClientSession(
+                            connector=aiohttp.TCPConnector(ssl=admin_ssl)) as admin:
+                        await wait_ready(admin, server.url)
+                        if mode == "poll":
+                            results["api_writes_per_s"][backend] = await api_writes(
+                                admin, server.url, args.writes)
+                        results["watch"][f"{backend}-{mode}"] = await watchers_latency(
+                            server.url, agent_ssl, admin, args.watchers, args.changes,
+                            server.proc.pid, stream=mode == "stream")
+                    server.stop()
+            direct = await direct_etcd_latency(etcd.url, "/srv/", args.watchers, args.changes)
+            via = results["watch"]["etcd-stream"]
+            results["fanout"] = {
+                "direct_etcd": direct,
+                "through_server": {k: via[k] for k in ("p50_ms", "p99_ms", "all_ms")},
+                "p99_direct_over_server": direct["p99_ms"] / via["p99_ms"],
+                "etcd_watch_streams": {"direct": args.watchers, "through_server": 1}}
+        finally:
+            for s in servers:
+                s.stop()
+            etcd.stop()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--watchers", type=int, default=1000)
+    parser.add_argument("--changes", type=int, default=20)
+    parser.add_argument("--writes", type=int, default=500)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    w, a = results["store_writes_per_s"], results["api_writes_per_s"]
+    print(f"writes/s      store: sqlite {w['sqlite']:.0f}, etcd {w['etcd']:.0f};  "
+          f"HTTPS API: sqlite {a['sqlite']:.0f}, etcd {a['etcd']:.0f}")
+    for backend, r in results["watch"].items():
+        print(f"watch {backend:<12} {args.watchers} watchers x {args.changes} changes: "
+              f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, all reached in "
+              f"{r['all_ms']:.1f} ms; {r['rss_per_watcher_kib']:.1f} KiB RSS per watcher")
+    f = results["fanout"]
+    print(f"fan-out       direct etcd watches p99 {f['direct_etcd']['p99_ms']:.1f} ms "
+          f"({args.watchers} etcd streams) vs through the server p99 "
+          f"{f['through_server']['p99_ms']:.1f} ms (1 stream): ratio "
+          f"{f['p99_direct_over_server']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
