@@ -33,6 +33,7 @@ from bulkhead.model import (
 from bulkhead.model.snapshot import order_key
 from bulkhead.policy.failsafe import Failsafes
 from bulkhead.policy.flow import Flow, IPAddress
+from bulkhead.policy.plan import effective_labels, staged_view
 from bulkhead.policy.rules import CompiledRule, Context, Peer, compile_rules, domain_matches
 
 ALLOW, DENY, PASS, LOG = "Allow", "Deny", "Pass", "Log"
@@ -132,27 +133,13 @@ class Evaluator:
         for hep in sorted(snapshot.host_endpoints.values(), key=lambda h: h.name):
             for ip in hep.expected_ips:
                 self._by_ip.setdefault(ipaddress.ip_address(ip), []).append(hep)
-            merged: dict[str, str] = {}
-            for profile in hep.profiles:
-                if profile in snapshot.profiles:
-                    merged.update(snapshot.profiles[profile].labels_to_apply)
-            merged.update(hep.labels)
-            self._labels[hep.name] = merged
+            self._labels[hep.name] = effective_labels(snapshot, hep)
         self._sets = [(s, [ipaddress.ip_network(n) for n in s.nets])
                       for s in sorted(snapshot.network_sets.values(), key=lambda s: s.name)]
         self._rules: dict[int, tuple[tuple[Rule, ...], list[CompiledRule]]] = {}
         self._peers: dict[tuple[IPAddress, frozenset[str]], Peer] = {}
-        enforced = dict(snapshot.policies)
-        self._enforced = self._view(list(enforced.values()))
-        staged_view: dict[tuple[str, str], GlobalNetworkPolicy] = {
-            (p.spec.tier, p.bare_name): p for p in enforced.values()}
-        for sp in snapshot.staged.values():
-            key = (sp.spec.tier, sp.bare_name)
-            if sp.spec.staged_action == "Delete":
-                staged_view.pop(key, None)
-            else:
-                staged_view[key] = sp
-        self._staged = self._view(list(staged_view.values())) if snapshot.staged else None
+        self._enforced = self._view(list(snapshot.policies.values()))
+        self._staged = self._view(staged_view(snapshot)) if snapshot.staged else None
 
     # -- setup ------------------------------------------------------------------------
     def _view(self, policies: list[GlobalNetworkPolicy]) -> _View:

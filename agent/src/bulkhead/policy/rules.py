@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from bulkhead.model import EndpointPort, EntityRule, HostEndpoint, ICMPMatch, NamedPort, Rule
 from bulkhead.model.checks import protocol_number
 from bulkhead.policy.flow import Flow, protocol_name
+from bulkhead.policy.plan import rule_ip_version
 from bulkhead.selector import Selector
 
 
@@ -178,8 +179,9 @@ def compile_rules(rules: Sequence[Rule]) -> list[CompiledRule]:
 def compile_rule(rule: Rule) -> list[Criterion]:
     """The rule's criteria in the order the trace reports them."""
     out: list[Criterion] = []
-    if rule.ip_version is not None:
-        v = rule.ip_version
+    # A rule with IPv4 nets (or ICMP) is an IPv4 rule, as Calico renders it.
+    v = rule_ip_version(rule)
+    if v is not None:
         out.append(Criterion(lambda c: c.flow.version == v,
                              lambda c: f"ipVersion {c.flow.version} is {v}"))
     if rule.protocol is not None:

@@ -1,0 +1,139 @@
+"""Apply rendered tables to the kernel with `nft`, atomically, and watch them for drift.
+
+Every change is one `nft -f` transaction: a new structure replaces the whole table
+(`table; delete table; table {...}`), a change of set elements only is sent as element
+additions and deletions. The kernel applies a transaction whole or not at all, so a
+ruleset it rejects leaves the previous one in force. Only `inet <table>` is ever touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bulkhead.dataplane.nftables.ruleset import Ruleset
+
+
+class NftError(Exception):
+    """`nft` refused a ruleset (or could not run); the kernel holds the previous one."""
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    full: bool        # the whole table was replaced
+    changed: bool     # anything was sent to the kernel
+    seconds: float
+
+
+class NftApplier:
+    """Applies rulesets to one table. `prefix` runs nft elsewhere (e.g. `ip netns exec
+    NS`), for the lab and benchmarks; the agent runs it in its own namespace."""
+
+    def __init__(self, table: str = "bulkhead", nft: str = "nft",
+                 prefix: Sequence[str] = ()) -> None:
+        self.table = table
+        self.argv = [*prefix, nft]
+        self.last: Ruleset | None = None
+        self._terse: str | None = None   # what the kernel showed right after our apply
+
+    def _nft(self, args: Sequence[str], script: str | None = None,
+             argv: Sequence[str] | None = None) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run([*(argv or self.argv), *args], input=script, text=True,
+                                  capture_output=True, timeout=300, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise NftError(f"nft could not run: {e}") from None
+
+    def _run_script(self, script: str) -> None:
+        done = self._nft(["-f", "-"], script)
+        if done.returncode != 0:
+            raise NftError(_first_errors(done.stderr))
+
+    # -- applying ---------------------------------------------------------------------
+    def apply(self, ruleset: Ruleset) -> ApplyResult:
+        """Bring the kernel's table to `ruleset`. Raises NftError, leaving the old one."""
+        start = time.perf_counter()
+        last = self.last
+        drift = self.drifted()
+        if last is not None and drift is None and ruleset.body() == last.body():
+            return ApplyResult(False, False, time.perf_counter() - start)
+        full = last is None or drift is not None or ruleset.structure() != last.structure()
+        if full:
+            self._run_script(ruleset.script())
+        else:
+            assert last is not None
+            script = ruleset.element_script(last)
+            if script:
+                self._run_script(script)
+        self.last = ruleset
+        if full:
+            self._terse = self.terse()
+        return ApplyResult(full, True, time.perf_counter() - start)
+
+    def repair(self) -> ApplyResult:
+        """Put the last applied ruleset back, whole."""
+        if self.last is None:
+            return ApplyResult(False, False, 0.0)
+        start = time.perf_counter()
+        self._run_script(self.last.script())
+        self._terse = self.terse()
+        return ApplyResult(True, True, time.perf_counter() - start)
+
+    def remove(self) -> None:
+        """Delete the table (nothing of Bulkhead's stays in the kernel)."""
+        self._run_script(f"table inet {self.table}\ndelete table inet {self.table}\n")
+        self.last = None
+        self._terse = None
+
+    # -- reading back -----------------------------------------------------------------
+    def terse(self) -> str | None:
+        """The table without set elements (cheap with big sets), None if it is absent."""
+        done = self._nft(["-t", "list", "table", "inet", self.table])
+        return done.stdout if done.returncode == 0 else None
+
+    def kernel_text(self) -> str | None:
+        done = self._nft(["list", "table", "inet", self.table])
+        return done.stdout if done.returncode == 0 else None
+
+    def drifted(self) -> str | None:
+        """None while the kernel holds what we applied; else what is wrong. Compares the
+        table's chains, rules and set declarations (not elements) with what the kernel
+        showed right after the last apply."""
+        if self.last is None:
+            return None
+        now = self.terse()
+        if now is None:
+            return f"table inet {self.table} is missing"
+        if now != self._terse:
+            return f"table inet {self.table} was changed outside the agent"
+        return None
+
+    def normalized(self, ruleset: Ruleset) -> str:
+        """The ruleset as the kernel would list it: loaded into a throwaway network
+        namespace (`unshare --net`), so nothing here changes. Raises NftError if the
+        kernel would refuse it."""
+        nft = self.argv[-1]
+        # Listed by a second nft, after the first has committed its transaction.
+        shell = f'{nft} -f - && {nft} list table inet "$0"'
+        done = self._nft([self.table], ruleset.script(),
+                         argv=["unshare", "--net", "sh", "-c", shell])
+        if done.returncode != 0:
+            raise NftError(_first_errors(done.stderr))
+        return done.stdout
+
+    def diff(self, ruleset: Ruleset) -> str:
+        """A unified diff from the kernel's table to `ruleset`, in the kernel's wording."""
+        before = self.kernel_text() or ""
+        after = self.normalized(ruleset)
+        return "".join(difflib.unified_diff(
+            before.splitlines(keepends=True), after.splitlines(keepends=True),
+            f"kernel: inet {self.table}", f"rendered: inet {self.table}"))
+
+
+def _first_errors(stderr: str, limit: int = 20) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    text = "\n".join(lines[:limit])
+    return text + (f"\n... ({len(lines) - limit} more lines)" if len(lines) > limit else "")

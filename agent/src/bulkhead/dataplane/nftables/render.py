@@ -1,0 +1,260 @@
+"""Render a node's plan as one nftables table, `inet bulkhead`. Pure: no kernel involved.
+
+Layout, per direction (ingress = the `input` hook, egress = `output`):
+
+    input:   ct established,related accept; ct invalid drop; lo accept; IPv6 neighbour
+             discovery accept; failsafe ports accept;
+             iifname vmap @ep_in  (interface -> jump to its endpoint's chain)
+             jump <the "*" endpoint's chain>, if the node has one
+    e_<h>:   jump p_<h> per untracked / pre-DNAT policy; jump t_<h> per tier; jump r_<h>
+             per profile; drop.  (Always ends in a verdict.)
+    t_<h>:   the tier's rules for this endpoint, in policy then rule order: Allow accept,
+             Deny drop, Pass return (to the next tier), Log log; then drop if the tier's
+             defaultAction is Deny (Pass: fall back to the endpoint chain).
+    r_<h>:   a profile's rules; Pass returns to the next profile.
+
+Chains are named by a hash of their content, so endpoints that need the same program share
+one chain, and an unchanged chain keeps its name. Selectors become named sets keyed by
+their canonical form (`s4_<h>`, `s6_<h>`), named ports sets of address . protocol . port
+(`np4_<h>`), so a label change moves set elements and leaves every rule as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import netaddr
+
+from bulkhead.dataplane.nftables.ruleset import Chain, NftSet, Ruleset
+from bulkhead.model import EGRESS, INGRESS
+from bulkhead.policy.plan import (
+    DIRECTIONS,
+    DirectionPlan,
+    NodePlan,
+    RulePlan,
+    SidePlan,
+)
+
+TABLE = "bulkhead"
+VERDICT = {"Allow": "accept", "Deny": "drop", "Pass": "return"}
+HOOK = {INGRESS: "input", EGRESS: "output"}
+ND_TYPES = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert"
+
+
+def _h(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _quote(text: str, limit: int) -> str:
+    clean = "".join(ch if ch.isalnum() or ch in " .:_-/()=,*" else "_" for ch in text)
+    return '"' + clean[:limit] + '"'
+
+
+def _ranges(ports: Sequence[tuple[int, int]]) -> str:
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ports):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in merged)
+
+
+def _nets(nets: Sequence[str]) -> str:
+    return ", ".join(_element(c) for c in netaddr.IPSet(nets).iter_cidrs())
+
+
+def _element(cidr: object) -> str:
+    net = netaddr.IPNetwork(str(cidr))
+    return str(net.ip) if net.size == 1 else str(net.cidr)
+
+
+class _Renderer:
+    def __init__(self, plan: NodePlan, table: str) -> None:
+        self.plan = plan
+        self.rs = Ruleset(table, warnings=list(plan.warnings))
+
+    # -- sets -------------------------------------------------------------------------
+    def selector_set(self, canonical: str, family: int) -> str:
+        name = f"s{family}_{_h(canonical)}"
+        if name not in self.rs.sets:
+            v4, v6 = self.plan.selector_sets[canonical]
+            cidrs = v4 if family == 4 else v6
+            self.rs.sets[name] = NftSet(name, f"ipv{family}_addr", ("interval",),
+                                        tuple(sorted(_element(c) for c in cidrs)))
+        return name
+
+    def port_set(self, port_name: str, family: int) -> str:
+        name = f"np{family}_{_h(port_name)}"
+        if name not in self.rs.sets:
+            entries = [e for e in self.plan.named_ports.get(port_name, ())
+                       if (":" in e.address) == (family == 6)]
+            self.rs.sets[name] = NftSet(
+                name, f"ipv{family}_addr . inet_proto . inet_service",
+                elements=tuple(sorted({f"{e.address} . {e.protocol} . {e.port}"
+                                       for e in entries})))
+        return name
+
+    def chain(self, prefix: str, rules: Sequence[str]) -> str:
+        name = f"{prefix}_{_h(chr(10).join(rules))}"
+        self.rs.chains.setdefault(name, Chain(name, tuple(rules)))
+        return name
+
+    # -- rules ------------------------------------------------------------------------
+    def rule(self, rule: RulePlan) -> list[str]:
+        """nft rule lines for one Calico rule: none if it can never match, several when
+        a positive match is an OR (numeric ports or a named port; IPv4 or IPv6 sets)."""
+        if rule.source.domains or rule.destination.domains:
+            # Addresses for domains are learned from DNS answers (the flow-logs issue);
+            # until then such a rule matches nothing, as in the reference evaluator.
+            return []
+        if rule.ip_version is not None:
+            families: list[int | None] = [rule.ip_version]
+        elif rule.source.needs_addresses or rule.destination.needs_addresses:
+            families = [4, 6]
+        else:
+            families = [None]
+        if rule.action == "Log":
+            verdict = f"log prefix {_quote('bulkhead ' + rule.where + ': ', 120)}"
+        else:
+            verdict = VERDICT[rule.action]
+        comment = f"comment {_quote(rule.where, 120)}"
+        out = []
+        for family in families:
+            base = self._l3l4(rule, family)
+            if base is None:
+                continue
+            variants = [base]
+            for which, side in (("s", rule.source), ("d", rule.destination)):
+                variants = [v + extra for v in variants
+                            for extra in self._side(side, which, family)]
+            out += [" ".join([*v, verdict, comment]) for v in variants]
+        return out
+
+    def _l3l4(self, rule: RulePlan, family: int | None) -> list[str] | None:
+        parts = [] if family is None else [f"meta nfproto ipv{family}"]
+        if rule.protocol is not None:
+            parts.append(f"meta l4proto {rule.protocol}")
+        if rule.not_protocol is not None:
+            parts.append(f"meta l4proto != {rule.not_protocol}")
+        if rule.icmp is not None:
+            word = "icmpv6" if rule.protocol == 58 else "icmp"
+            icmp_type, code = rule.icmp
+            if icmp_type is not None:
+                parts.append(f"{word} type {icmp_type}")
+            if code is not None:
+                parts.append(f"{word} code {code}")
+        if rule.not_icmp is not None:
+            icmp_type, code = rule.not_icmp
+            if icmp_type is None:
+                return None  # notICMP {} excludes every ICMP packet of any type: never
+            protos = [rule.protocol] if rule.protocol in (1, 58) else [1, 58]
+            # Raw header bytes with the protocol in the key: true for any packet that is
+            # not an ICMP message of this type (and code), TCP and UDP included.
+            if code is None:
+                keys = ", ".join(f"{p} . {icmp_type}" for p in protos)
+                parts.append(f"meta l4proto . @th,0,8 != {{ {keys} }}")
+            else:
+                keys = ", ".join(f"{p} . {icmp_type} . {code}" for p in protos)
+                parts.append(f"meta l4proto . @th,0,8 . @th,8,8 != {{ {keys} }}")
+        return parts
+
+    def _side(self, side: SidePlan, which: str, family: int | None) -> list[list[str]]:
+        addr = f"{'ip' if family == 4 else 'ip6'} {which}addr"
+        port = f"th {which}port"
+        fixed: list[str] = []
+        if side.nets:
+            fixed.append(f"{addr} {{ {_nets(side.nets)} }}")
+        if side.not_nets:
+            fixed.append(f"{addr} != {{ {_nets(side.not_nets)} }}")
+        if side.selector and family is not None:
+            fixed.append(f"{addr} @{self.selector_set(side.selector, family)}")
+        if side.not_selector and family is not None:
+            fixed.append(f"{addr} != @{self.selector_set(side.not_selector, family)}")
+        if side.not_ports:
+            fixed.append(f"{port} != {{ {_ranges(side.not_ports)} }}")
+        for name in side.not_named_ports:
+            if family is not None:
+                fixed.append(f"{addr} . meta l4proto . {port} != @{self.port_set(name, family)}")
+        if not (side.ports or side.named_ports):
+            return [fixed]
+        alternatives = []
+        if side.ports:
+            alternatives.append([*fixed, f"{port} {{ {_ranges(side.ports)} }}"])
+        for name in side.named_ports:
+            if family is not None:
+                alternatives.append(
+                    [*fixed, f"{addr} . meta l4proto . {port} @{self.port_set(name, family)}"])
+        return alternatives
+
+    # -- chains -----------------------------------------------------------------------
+    def direction(self, dp: DirectionPlan, direction: str) -> str:
+        jumps = []
+        for policy in dp.early:
+            rules = [line for r in policy.rules for line in self.rule(r)]
+            jumps.append(f"jump {self.chain('p', rules)} comment "
+                         f"{_quote('policy ' + policy.name, 120)}")
+        for tier in dp.tiers:
+            rules = [line for r in tier.rules for line in self.rule(r)]
+            if tier.default_action == "Deny":
+                rules.append(f"drop comment {_quote('tier ' + tier.name + ' default Deny', 120)}")
+            jumps.append(f"jump {self.chain('t', rules)} comment "
+                         f"{_quote('tier ' + tier.name + ': ' + ', '.join(tier.policies), 120)}")
+        for profile in dp.profiles:
+            rules = [line for r in profile.rules for line in self.rule(r)]
+            jumps.append(f"jump {self.chain('r', rules)} comment "
+                         f"{_quote('profile ' + profile.name, 120)}")
+        last = "no profile rule matched" if dp.profiles else "no profile"
+        # No endpoint name in the chain: endpoints with the same program share it.
+        jumps.append(f"drop comment {_quote(direction.lower() + ': ' + last, 120)}")
+        return self.chain("e", jumps)
+
+    def base(self, direction: str) -> Chain:
+        ingress = direction == INGRESS
+        ifname, peer = ("iifname", "saddr") if ingress else ("oifname", "daddr")
+        rules = ["ct state established,related accept", "ct state invalid drop",
+                 f'{ifname} "lo" accept',
+                 f"meta l4proto 58 icmpv6 type {{ {ND_TYPES} }} accept"]
+        failsafes = self.plan.failsafes.inbound if ingress else self.plan.failsafes.outbound
+        plain = sorted({f"{f.protocol} . {f.port}" for f in failsafes if f.net is None})
+        if plain:
+            name = "fs_in" if ingress else "fs_out"
+            self.rs.sets[name] = NftSet(name, "inet_proto . inet_service",
+                                        elements=tuple(plain))
+            rules.append(f"meta l4proto . th dport @{name} accept comment \"failsafe ports\"")
+        for f in failsafes:
+            if f.net is not None:
+                ip = "ip" if f.net.version == 4 else "ip6"
+                rules.append(f"{ip} {peer} {f.net} meta l4proto {f.protocol} th dport {f.port} "
+                             f"accept comment \"failsafe {f}\"")
+        dispatch: dict[str, str] = {}
+        star: str | None = None
+        for ep in self.plan.endpoints:
+            chain = self.direction(ep.direction(direction), direction)
+            if ep.interfaces == ("*",):
+                star = star or chain
+            else:
+                for iface in ep.interfaces:
+                    dispatch.setdefault(iface, chain)
+        if dispatch:
+            name = "ep_in" if ingress else "ep_out"
+            self.rs.sets[name] = NftSet(name, "ifname", map_to="verdict", elements=tuple(
+                f'"{i}" : jump {c}' for i, c in sorted(dispatch.items())))
+            rules.append(f"{ifname} vmap @{name}")
+        if star:
+            rules.append(f"jump {star} comment \"endpoints on every interface\"")
+        hook = f"type filter hook {HOOK[direction]} priority filter; policy accept;"
+        return Chain(HOOK[direction], tuple(rules), hook)
+
+
+def render(plan: NodePlan, table: str = TABLE) -> Ruleset:
+    """The whole table for the node's plan."""
+    r = _Renderer(plan, table)
+    bases = [r.base(d) for d in DIRECTIONS]
+    # Chains a rule jumps to are declared before it: policies, profiles, tiers, endpoints,
+    # then the base chains.
+    rank = {"p": 0, "r": 1, "t": 2, "e": 3}
+    others = sorted(r.rs.chains.values(), key=lambda c: (rank.get(c.name[0], 9), c.name))
+    r.rs.chains = {c.name: c for c in [*others, *bases]}
+    return r.rs

@@ -1,0 +1,344 @@
+"""Calculate what one node must enforce: its host endpoints, their interfaces, the
+policies that apply to each per direction (in tier and policy order), and the address
+sets the rules need (selectors resolved through every endpoint's labels and the network
+sets, named ports resolved through every endpoint's `spec.ports`).
+
+This is the agent's calculation stage (felix's calculation graph): pure data in, pure
+data out, shared by every dataplane. It decides nothing about packets itself; the
+dataplane renders the plan, and the reference evaluator (`bulkhead.policy.evaluate`)
+gives the same verdicts from the same snapshot.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import netaddr
+
+from bulkhead.model import (
+    EGRESS,
+    INGRESS,
+    EntityRule,
+    GlobalNetworkPolicy,
+    HostEndpoint,
+    NamedPort,
+    PortRange,
+    Rule,
+    Snapshot,
+)
+from bulkhead.model.checks import protocol_number
+from bulkhead.model.snapshot import order_key
+from bulkhead.policy.failsafe import Failsafes
+from bulkhead.selector import parse
+
+DIRECTIONS = (INGRESS, EGRESS)
+
+
+def effective_labels(snapshot: Snapshot, hep: HostEndpoint) -> dict[str, str]:
+    """The endpoint's labels, over its profiles' labelsToApply (Calico's inheritance)."""
+    merged: dict[str, str] = {}
+    for name in hep.profiles:
+        profile = snapshot.profiles.get(name)
+        if profile is not None:
+            merged.update(profile.labels_to_apply)
+    merged.update(hep.labels)
+    return merged
+
+
+def rule_ip_version(rule: Rule) -> int | None:
+    """The IP version a rule is limited to: `ipVersion`, else that of its nets (Calico
+    renders a rule with IPv4 nets into the IPv4 ruleset only), else that of an ICMP
+    protocol; None when the rule applies to both."""
+    if rule.ip_version is not None:
+        return rule.ip_version
+    for side in (rule.source, rule.destination):
+        for net in (*side.nets, *side.not_nets):
+            return 6 if ":" in net else 4
+    if rule.protocol is not None:
+        number = protocol_number(rule.protocol)
+        if number == 1:
+            return 4
+        if number == 58:
+            return 6
+    return None
+
+
+# ------------------------------------------------------------------------------ plans
+@dataclass(frozen=True)
+class SidePlan:
+    """A rule's source or destination with its selectors named by canonical form."""
+
+    nets: tuple[str, ...] = ()
+    not_nets: tuple[str, ...] = ()
+    selector: str | None = None          # canonical; addresses in NodePlan.selector_sets
+    not_selector: str | None = None
+    ports: tuple[tuple[int, int], ...] = ()        # inclusive ranges
+    named_ports: tuple[str, ...] = ()              # addresses in NodePlan.named_ports
+    not_ports: tuple[tuple[int, int], ...] = ()
+    not_named_ports: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+
+    @property
+    def needs_addresses(self) -> bool:
+        """Whether the side looks at an address whose family a set must match."""
+        return bool(self.selector or self.not_selector or self.named_ports
+                    or self.not_named_ports)
+
+
+@dataclass(frozen=True)
+class RulePlan:
+    action: str                    # Allow | Deny | Pass | Log
+    where: str                     # "policy db-ingress ingress rule 0", for comments and logs
+    ip_version: int | None = None
+    protocol: int | None = None
+    not_protocol: int | None = None
+    icmp: tuple[int | None, int | None] | None = None       # (type, code)
+    not_icmp: tuple[int | None, int | None] | None = None
+    source: SidePlan = SidePlan()
+    destination: SidePlan = SidePlan()
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    name: str
+    default_action: str            # Deny | Pass
+    policies: tuple[str, ...]      # the policies of this tier that select the endpoint
+    rules: tuple[RulePlan, ...]    # their rules, in policy order then rule order
+
+
+@dataclass(frozen=True)
+class PolicyPlan:
+    """An untracked or pre-DNAT policy: its Allow or Deny is final, no match falls through."""
+
+    name: str
+    rules: tuple[RulePlan, ...]
+
+
+@dataclass(frozen=True)
+class ProfilePlan:
+    name: str
+    rules: tuple[RulePlan, ...]
+
+
+@dataclass(frozen=True)
+class DirectionPlan:
+    early: tuple[PolicyPlan, ...] = ()
+    tiers: tuple[TierPlan, ...] = ()
+    profiles: tuple[ProfilePlan, ...] = ()   # none: Deny after the tiers
+
+
+@dataclass(frozen=True)
+class EndpointPlan:
+    name: str
+    interfaces: tuple[str, ...]    # ("*",) for every interface of the host
+    ingress: DirectionPlan
+    egress: DirectionPlan
+
+    def direction(self, direction: str) -> DirectionPlan:
+        return self.ingress if direction == INGRESS else self.egress
+
+
+@dataclass(frozen=True)
+class NamedPortEntry:
+    address: str                   # an expectedIP of an endpoint that has the port
+    protocol: int
+    port: int
+
+
+@dataclass
+class NodePlan:
+    node: str
+    endpoints: list[EndpointPlan]
+    failsafes: Failsafes
+    selector_sets: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]  # canonical -> v4, v6
+    named_ports: dict[str, tuple[NamedPortEntry, ...]]
+    warnings: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------ calculation
+def calculate(snapshot: Snapshot, node: str, interfaces: Mapping[str, Sequence[str]],
+              failsafes: Failsafes | None = None, staged: bool = False) -> NodePlan:
+    """The plan for `node`. `interfaces` maps the host's interface names to their
+    addresses (used for endpoints that give expectedIPs but no interfaceName).
+    `staged=True` plans the staged view (staged policies replacing or deleting the
+    enforced ones of the same tier and name), for flow verdicts; it is never rendered."""
+    policies = staged_view(snapshot) if staged else list(snapshot.policies.values())
+    labels = {h.name: effective_labels(snapshot, h) for h in snapshot.host_endpoints.values()}
+    plan = NodePlan(node, [], failsafes if failsafes is not None else Failsafes(), {}, {})
+    claimed: dict[str, str] = {}
+    for hep in sorted(snapshot.host_endpoints.values(), key=lambda h: h.name):
+        if hep.node != node:
+            continue
+        ifaces = _interfaces(hep, interfaces, plan.warnings)
+        if not ifaces:
+            continue
+        taken = [i for i in ifaces if i in claimed]
+        for iface in taken:
+            plan.warnings.append(f"HostEndpoint {hep.name}: interface {iface} already "
+                                 f"belongs to HostEndpoint {claimed[iface]}; left to it")
+        ifaces = tuple(i for i in ifaces if i not in claimed)
+        if not ifaces:
+            continue
+        claimed.update(dict.fromkeys(ifaces, hep.name))
+        ingress, egress = (_direction(snapshot, policies, hep, labels[hep.name], d)
+                           for d in DIRECTIONS)
+        plan.endpoints.append(EndpointPlan(hep.name, ifaces, ingress, egress))
+    _resolve_sets(snapshot, labels, plan)
+    return plan
+
+
+def staged_view(snapshot: Snapshot) -> list[GlobalNetworkPolicy]:
+    """The enforced policies with the staged ones applied (Set replaces, Delete removes)."""
+    view: dict[tuple[str, str], GlobalNetworkPolicy] = {
+        (p.spec.tier, p.bare_name): p for p in snapshot.policies.values()}
+    for sp in snapshot.staged.values():
+        key = (sp.spec.tier, sp.bare_name)
+        if sp.spec.staged_action == "Delete":
+            view.pop(key, None)
+        else:
+            view[key] = sp
+    return list(view.values())
+
+
+def _interfaces(hep: HostEndpoint, interfaces: Mapping[str, Sequence[str]],
+                warnings: list[str]) -> tuple[str, ...]:
+    if hep.interface_name == "*":
+        return ("*",)
+    if hep.interface_name:
+        return (hep.interface_name,)
+    wanted = {ipaddress.ip_address(ip) for ip in hep.expected_ips}
+    found = tuple(sorted(name for name, addrs in interfaces.items()
+                         if name != "lo" and wanted & {_ip(a) for a in addrs}))
+    if not found:
+        warnings.append(f"HostEndpoint {hep.name}: no interface of this host has any of "
+                        f"its expectedIPs {list(hep.expected_ips)}; not enforced")
+    return found
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_interface(text).ip
+
+
+def _direction(snapshot: Snapshot, policies: Sequence[GlobalNetworkPolicy], hep: HostEndpoint,
+               labels: Mapping[str, str], direction: str) -> DirectionPlan:
+    def selects(p: GlobalNetworkPolicy) -> bool:
+        return direction in p.spec.types and p.spec.selector.matches(labels)
+
+    tiers = snapshot.ordered_tiers()
+    rank = {t.name: i for i, t in enumerate(tiers)}
+
+    def early_key(p: GlobalNetworkPolicy) -> tuple[int, tuple[int, float, str]]:
+        return (rank[p.spec.tier], order_key(p.spec.order, p.name))
+
+    untracked = sorted((p for p in policies if p.spec.do_not_track and selects(p)),
+                       key=early_key)
+    pre_dnat = sorted((p for p in policies if p.spec.pre_dnat and selects(p)), key=early_key)
+    early = untracked + (pre_dnat if direction == INGRESS else [])
+    tier_plans = []
+    for tier in tiers:
+        members = sorted((p for p in policies if p.spec.tier == tier.name and selects(p)
+                          and not (p.spec.do_not_track or p.spec.pre_dnat)),
+                         key=lambda p: order_key(p.spec.order, p.name))
+        if not members:
+            continue
+        rules = tuple(r for p in members for r in _rules(p, direction))
+        tier_plans.append(TierPlan(tier.name, tier.default_action,
+                                   tuple(p.name for p in members), rules))
+    profiles = []
+    for name in hep.profiles:
+        profile = snapshot.profiles.get(name)
+        if profile is not None:
+            where = f"profile {name} {direction.lower()}"
+            profiles.append(ProfilePlan(name, tuple(
+                rule_plan(r, f"{where} rule {i}") for i, r in enumerate(profile.rules(direction)))))
+    return DirectionPlan(
+        early=tuple(PolicyPlan(p.name, tuple(_rules(p, direction))) for p in early),
+        tiers=tuple(tier_plans), profiles=tuple(profiles))
+
+
+def _rules(policy: GlobalNetworkPolicy, direction: str) -> Iterable[RulePlan]:
+    kind = "staged policy" if policy.staged else "policy"
+    for i, rule in enumerate(policy.spec.rules(direction)):
+        yield rule_plan(rule, f"{kind} {policy.name} {direction.lower()} rule {i}")
+
+
+def rule_plan(rule: Rule, where: str) -> RulePlan:
+    def icmp(m: object) -> tuple[int | None, int | None] | None:
+        return None if m is None else (m.type, m.code)  # type: ignore[attr-defined]
+
+    return RulePlan(
+        action=rule.action, where=where, ip_version=rule_ip_version(rule),
+        protocol=None if rule.protocol is None else protocol_number(rule.protocol),
+        not_protocol=None if rule.not_protocol is None else protocol_number(rule.not_protocol),
+        icmp=icmp(rule.icmp), not_icmp=icmp(rule.not_icmp),
+        source=_side(rule.source), destination=_side(rule.destination))
+
+
+def _side(entity: EntityRule) -> SidePlan:
+    def split(ports: Sequence[object]) -> tuple[tuple[tuple[int, int], ...], tuple[str, ...]]:
+        numeric = tuple((p.first, p.last) for p in ports if isinstance(p, PortRange))
+        named = tuple(sorted({p.name for p in ports if isinstance(p, NamedPort)}))
+        return numeric, named
+
+    ports, named = split(entity.ports)
+    not_ports, not_named = split(entity.not_ports)
+    return SidePlan(
+        nets=entity.nets, not_nets=entity.not_nets,
+        selector=None if entity.selector is None else str(entity.selector),
+        not_selector=None if entity.not_selector is None else str(entity.not_selector),
+        ports=ports, named_ports=named, not_ports=not_ports, not_named_ports=not_named,
+        domains=entity.domains)
+
+
+def _all_rules(plan: NodePlan) -> Iterable[RulePlan]:
+    for ep in plan.endpoints:
+        for d in DIRECTIONS:
+            dp = ep.direction(d)
+            for p in dp.early:
+                yield from p.rules
+            for t in dp.tiers:
+                yield from t.rules
+            for pr in dp.profiles:
+                yield from pr.rules
+
+
+def _resolve_sets(snapshot: Snapshot, labels: Mapping[str, Mapping[str, str]],
+                  plan: NodePlan) -> None:
+    """Fill the plan's selector sets and named-port entries for the rules it holds."""
+    selectors: set[str] = set()
+    port_names: set[str] = set()
+    for rule in _all_rules(plan):
+        for side in (rule.source, rule.destination):
+            selectors.update(s for s in (side.selector, side.not_selector) if s)
+            port_names.update(side.named_ports)
+            port_names.update(side.not_named_ports)
+    parsed = {s: parse(s) for s in selectors}
+    members: dict[str, netaddr.IPSet] = {s: netaddr.IPSet() for s in selectors}
+    heps = sorted(snapshot.host_endpoints.values(), key=lambda h: h.name)
+    for hep in heps:
+        if not hep.expected_ips:
+            continue
+        for text, sel in parsed.items():
+            if sel.matches(labels[hep.name]):
+                for ip in hep.expected_ips:
+                    members[text].add(ip)
+    for netset in snapshot.network_sets.values():
+        for text, sel in parsed.items():
+            if netset.nets and sel.matches(netset.labels):
+                for net in netset.nets:
+                    members[text].add(net)
+    for text, ipset in members.items():
+        cidrs = [str(c) for c in ipset.iter_cidrs()]
+        plan.selector_sets[text] = (tuple(c for c in cidrs if ":" not in c),
+                                    tuple(c for c in cidrs if ":" in c))
+    for name in sorted(port_names):
+        entries = {NamedPortEntry(ip, protocol_number(port.protocol), port.port)
+                   for hep in heps for port in hep.ports if port.name == name
+                   for ip in hep.expected_ips}
+        plan.named_ports[name] = tuple(sorted(
+            entries, key=lambda e: (ipaddress.ip_address(e.address).version,
+                                    ipaddress.ip_address(e.address), e.protocol, e.port)))
+
+

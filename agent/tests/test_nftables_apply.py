@@ -1,0 +1,95 @@
+"""Applying rendered tables to a real kernel, in a network namespace of the test's own."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from bulkhead.dataplane.nftables import Chain, render
+from bulkhead.dataplane.nftables.apply import NftApplier, NftError
+from bulkhead.policy import Failsafes
+from bulkhead.policy.plan import calculate
+from tests.test_nftables_render import base, snap
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"bhtest-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def nft(ns: str, *args: str, script: str | None = None) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, "nft", *args], input=script, text=True,
+                          capture_output=True, check=True).stdout
+
+
+def test_full_then_elements_then_nothing(netns: str) -> None:
+    nft(netns, "-f", "-", script="table inet other {\n chain c {\n type filter hook input "
+                                 "priority 10; policy accept;\n }\n}\n")
+    applier = NftApplier(prefix=["ip", "netns", "exec", netns])
+    first = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
+    result = applier.apply(first)
+    assert result.full and result.changed
+    assert "198.18.0.11" in nft(netns, "list", "table", "inet", "bulkhead")
+    second = render(calculate(snap(*base({"app": "cache"})), "n1", {}, Failsafes.off()))
+    result = applier.apply(second)
+    assert result.changed and not result.full
+    listing = nft(netns, "list", "table", "inet", "bulkhead")
+    assert "198.18.0.11" not in listing
+    assert not applier.apply(second).changed
+    assert applier.diff(second) == ""
+    assert "table inet other" in nft(netns, "list", "tables")
+    applier.remove()
+    assert nft(netns, "list", "tables").strip() == "table inet other"
+
+
+def test_a_rejected_ruleset_leaves_the_old_one(netns: str) -> None:
+    applier = NftApplier(prefix=["ip", "netns", "exec", netns])
+    good = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
+    applier.apply(good)
+    before = nft(netns, "list", "table", "inet", "bulkhead")
+    bad = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
+    tier = next(c for c in bad.chains.values() if c.name.startswith("t_"))
+    bad.chains[tier.name] = dataclasses.replace(
+        tier, rules=(*tier.rules, "ip saddr @no_such_set accept"))
+    with pytest.raises(NftError, match="no_such_set"):
+        applier.apply(bad)
+    assert nft(netns, "list", "table", "inet", "bulkhead") == before
+    assert applier.drifted() is None
+
+
+def test_drift_is_seen_and_repaired(netns: str) -> None:
+    applier = NftApplier(prefix=["ip", "netns", "exec", netns])
+    ruleset = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
+    applier.apply(ruleset)
+    expected = nft(netns, "list", "table", "inet", "bulkhead")
+    nft(netns, "delete", "table", "inet", "bulkhead")
+    assert applier.drifted() == "table inet bulkhead is missing"
+    applier.repair()
+    assert nft(netns, "list", "table", "inet", "bulkhead") == expected
+    nft(netns, "insert", "rule", "inet", "bulkhead", "input", "accept")
+    assert applier.drifted() == "table inet bulkhead was changed outside the agent"
+    # A plain apply of the same ruleset notices the drift and replaces the table.
+    assert applier.apply(ruleset).full
+    assert applier.drifted() is None
+
+
+def test_normalized_refuses_what_the_kernel_would(netns: str) -> None:
+    applier = NftApplier(prefix=["ip", "netns", "exec", netns])
+    ruleset = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
+    assert "chain input" in applier.normalized(ruleset)
+    ruleset.chains["zz"] = Chain("zz", ("jump nowhere",))
+    with pytest.raises(NftError):
+        applier.normalized(ruleset)
+    assert "bulkhead" not in nft(netns, "list", "tables")

@@ -1,0 +1,145 @@
+"""The nftables renderer: pure, resources in and a table out, no kernel involved."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bulkhead.dataplane.nftables import render
+from bulkhead.model import Snapshot, parse_resource
+from bulkhead.policy import Failsafes
+from bulkhead.policy.plan import calculate
+
+
+def hep(name: str, node: str, ip: str, labels: dict[str, str], iface: str | None = "*",
+        ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"node": node, "expectedIPs": [ip],
+                            "profiles": ["projectcalico-default-allow"]}
+    if iface:
+        spec["interfaceName"] = iface
+    if ports:
+        spec["ports"] = ports
+    return {"apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+            "metadata": {"name": name, "labels": labels}, "spec": spec}
+
+
+def gnp(name: str, spec: dict[str, Any], kind: str = "GlobalNetworkPolicy") -> dict[str, Any]:
+    return {"apiVersion": "projectcalico.org/v3", "kind": kind,
+            "metadata": {"name": name}, "spec": spec}
+
+
+def snap(*docs: dict[str, Any]) -> Snapshot:
+    return Snapshot.build(parse_resource(d) for d in docs)
+
+
+DB_POLICY = gnp("db", {"selector": "app == 'db'", "ingress": [
+    {"action": "Allow", "protocol": "TCP", "source": {"selector": "app == 'web'"},
+     "destination": {"ports": [5432, "6000:6010"]}}]})
+
+
+def base(labels_web: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    return [hep("db", "n1", "198.18.0.12", {"app": "db"}),
+            hep("web", "n2", "198.18.0.11", labels_web or {"app": "web"}),
+            DB_POLICY]
+
+
+def test_rules_reference_selector_sets_by_canonical_form() -> None:
+    rs = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
+    tiers = [c for name, c in rs.chains.items() if name.startswith("t_")]
+    assert len(tiers) == 1
+    rules = tiers[0].rules
+    assert rules[-1].startswith("drop ")  # the default tier's defaultAction Deny
+    v4 = next(r for r in rules if "ipv4" in r)
+    assert "meta l4proto 6" in v4 and "th dport { 5432, 6000-6010 } accept" in v4
+    set_name = v4.split("ip saddr @")[1].split()[0]
+    assert rs.sets[set_name].elements == ("198.18.0.11",)
+    # The same selector written differently shares the set.
+    other = gnp("db2", {"selector": "app=='db'", "ingress": [
+        {"action": "Deny", "source": {"selector": 'app == "web"'}}]})
+    rs2 = render(calculate(snap(*base(), other), "n1", {}, Failsafes.off()))
+    assert sum(1 for name in rs2.sets if name.startswith("s4_")) == 1
+
+
+def test_a_label_change_moves_set_elements_only() -> None:
+    before = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
+    after = render(calculate(snap(*base({"app": "cache"})), "n1", {}, Failsafes.off()))
+    assert before.structure() == after.structure()
+    added, removed = after.element_changes(before)
+    assert added == [] and [e for _, e in removed] == ["198.18.0.11"]
+    assert "delete element inet bulkhead s4_" in after.element_script(before)
+
+
+def test_pass_log_and_tier_default_pass() -> None:
+    tier = {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
+            "metadata": {"name": "security"}, "spec": {"order": 10, "defaultAction": "Pass"}}
+    sec = gnp("security.p", {"tier": "security", "selector": "all()", "ingress": [
+        {"action": "Log", "protocol": "UDP"},
+        {"action": "Pass", "source": {"nets": ["10.0.0.0/8"]}},
+        {"action": "Deny", "protocol": "TCP", "destination": {"ports": [23]}}]})
+    rs = render(calculate(snap(*base(), tier, sec), "n1", {}, Failsafes.off()))
+    endpoint = next(c for n, c in rs.chains.items() if n.startswith("e_") and
+                any("tier security" in r for r in c.rules))
+    assert [r.split()[0] for r in endpoint.rules] == ["jump", "jump", "jump", "drop"]
+    sec_chain = rs.chains[endpoint.rules[0].split()[1]]
+    assert sec_chain.rules[0].startswith("meta l4proto 17 log prefix")
+    assert "ip saddr { 10.0.0.0/8 } return" in sec_chain.rules[1]
+    assert not any(r.startswith("drop") for r in sec_chain.rules)  # defaultAction Pass
+
+
+def test_endpoints_with_the_same_program_share_chains() -> None:
+    docs = [hep("a", "n1", "198.18.0.20", {"app": "db"}, iface="eth1"),
+            hep("b", "n1", "198.18.0.21", {"app": "db"}, iface="eth2"), DB_POLICY]
+    rs = render(calculate(snap(*docs), "n1", {}, Failsafes.off()))
+    dispatch = rs.sets["ep_in"]
+    assert dispatch.map_to == "verdict" and len(dispatch.elements) == 2
+    assert len({e.split("jump ")[1] for e in dispatch.elements}) == 1
+    assert "iifname vmap @ep_in" in rs.chains["input"].rules
+
+
+def test_interfaces_found_by_expected_ips() -> None:
+    docs = [hep("db", "n1", "198.18.0.12", {"app": "db"}, iface=None), DB_POLICY]
+    plan = calculate(snap(*docs), "n1", {"lo": ["127.0.0.1"], "ens3": ["198.18.0.12/24"]})
+    assert [e.interfaces for e in plan.endpoints] == [("ens3",)]
+    plan = calculate(snap(*docs), "n1", {"ens3": ["198.18.0.99/24"]})
+    assert plan.endpoints == [] and "no interface of this host" in plan.warnings[0]
+
+
+def test_failsafes_come_before_policy() -> None:
+    rs = render(calculate(snap(*base()), "n1", {}, Failsafes()))
+    rules = rs.chains["input"].rules
+    assert rules[0] == "ct state established,related accept"
+    fs = next(i for i, r in enumerate(rules) if "@fs_in accept" in r)
+    assert fs < next(i for i, r in enumerate(rules) if r.startswith("jump e_"))
+    assert "6 . 22" in rs.sets["fs_in"].elements and "6 . 7443" in rs.sets["fs_in"].elements
+
+
+def test_named_ports_and_negations() -> None:
+    docs = [hep("db", "n1", "198.18.0.12", {"app": "db"},
+                ports=[{"name": "pg", "protocol": "TCP", "port": 5432}]),
+            hep("web", "n2", "198.18.0.11", {"app": "web"}),
+            gnp("db", {"selector": "app == 'db'", "ingress": [
+                {"action": "Allow", "protocol": "TCP", "destination": {"ports": ["pg", 80]},
+                 "source": {"notSelector": "app == 'web'", "notNets": ["198.18.9.0/24"]}},
+                {"action": "Deny", "protocol": "ICMP", "notICMP": {"type": 8}}]})]
+    rs = render(calculate(snap(*docs), "n1", {}, Failsafes.off()))
+    tier = next(c for n, c in rs.chains.items() if n.startswith("t_"))
+    v4 = [r for r in tier.rules if "ipv4" in r and "accept" in r]
+    assert len(v4) == 2  # the numeric port and the named port are two alternatives
+    assert all("ip saddr != { 198.18.9.0/24 }" in r and "ip saddr != @s4_" in r for r in v4)
+    named = next(r for r in v4 if "ip daddr . meta l4proto . th dport @np4_" in r)
+    np_set = named.split("th dport @")[1].split()[0]
+    assert rs.sets[np_set].elements == ("198.18.0.12 . 6 . 5432",)
+    assert any("meta l4proto . @th,0,8 != { 1 . 8 } drop" in r for r in tier.rules)
+
+
+def test_staged_policies_and_domains_do_not_change_the_table() -> None:
+    staged = gnp("db", {"selector": "all()", "ingress": [{"action": "Deny"}]},
+                 kind="StagedGlobalNetworkPolicy")
+    domains = gnp("egress", {"selector": "app == 'db'", "egress": [
+        {"action": "Allow", "destination": {"domains": ["example.com"]}}]})
+    plain = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
+    with_staged = render(calculate(snap(*base(), staged), "n1", {}, Failsafes.off()))
+    assert plain.body() == with_staged.body()
+    with_domains = render(calculate(snap(*base(), domains), "n1", {}, Failsafes.off()))
+    egress_tier = [c for n, c in with_domains.chains.items()
+                   if n.startswith("t_") and c not in plain.chains.values()]
+    assert [c.rules for c in egress_tier] == [(egress_tier[0].rules[-1],)]
