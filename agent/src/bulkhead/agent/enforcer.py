@@ -1,0 +1,34 @@
+"""The seam between the agent and a dataplane: what the sync loop asks of an enforcer.
+
+The agent owns the timing (when to apply, when to look for drift, what to report); an
+enforcer owns the kernel. Its calls block (they run `nft` or talk to HNS), so the agent
+calls them from a worker thread, one at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from bulkhead.model import Snapshot
+
+
+@dataclass
+class EnforceReport:
+    revision: int
+    full: bool                 # whole table replaced (False: set elements only, or nothing)
+    changed: bool
+    seconds: float
+    counts: dict[str, int]     # e.g. chains, rules, sets, elements
+    warnings: list[str]
+
+
+class EnforceError(Exception):
+    """The apply failed; the kernel still holds the previous ruleset."""
+
+
+class Enforcer(Protocol):
+    def enforce(self, snapshot: Snapshot, revision: int) -> EnforceReport: ...
+    def drift(self) -> str | None: ...          # None: kernel holds what was applied; else why not
+    def repair(self) -> EnforceReport: ...      # re-apply the last ruleset
+    def dry_run(self, snapshot: Snapshot) -> tuple[str, str]: ...  # (ruleset text, diff vs kernel)
