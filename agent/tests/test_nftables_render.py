@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from bulkhead.dataplane.nftables import render
+from bulkhead.dataplane.nftables.vmap import Box, compile_run
 from bulkhead.model import Snapshot, parse_resource
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
@@ -43,7 +48,7 @@ def base(labels_web: dict[str, str] | None = None) -> list[dict[str, Any]]:
 
 
 def test_rules_reference_selector_sets_by_canonical_form() -> None:
-    rs = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
+    rs = render(calculate(snap(*base()), "n1", {}, Failsafes.off()), compile_runs=False)
     tiers = [c for name, c in rs.chains.items() if name.startswith("t_")]
     assert len(tiers) == 1
     rules = tiers[0].rules
@@ -55,7 +60,7 @@ def test_rules_reference_selector_sets_by_canonical_form() -> None:
     # The same selector written differently shares the set.
     other = gnp("db2", {"selector": "app=='db'", "ingress": [
         {"action": "Deny", "source": {"selector": 'app == "web"'}}]})
-    rs2 = render(calculate(snap(*base(), other), "n1", {}, Failsafes.off()))
+    rs2 = render(calculate(snap(*base(), other), "n1", {}, Failsafes.off()), compile_runs=False)
     assert sum(1 for name in rs2.sets if name.startswith("s4_")) == 1
 
 
@@ -75,7 +80,8 @@ def test_pass_log_and_tier_default_pass() -> None:
         {"action": "Log", "protocol": "UDP"},
         {"action": "Pass", "source": {"nets": ["10.0.0.0/8"]}},
         {"action": "Deny", "protocol": "TCP", "destination": {"ports": [23]}}]})
-    rs = render(calculate(snap(*base(), tier, sec), "n1", {}, Failsafes.off()))
+    rs = render(calculate(snap(*base(), tier, sec), "n1", {}, Failsafes.off()),
+                compile_runs=False)
     endpoint = next(c for n, c in rs.chains.items() if n.startswith("e_") and
                 any("tier security" in r for r in c.rules))
     assert [r.split()[0] for r in endpoint.rules] == ["jump", "jump", "jump", "drop"]
@@ -143,3 +149,50 @@ def test_staged_policies_and_domains_do_not_change_the_table() -> None:
     egress_tier = [c for n, c in with_domains.chains.items()
                    if n.startswith("t_") and c not in plain.chains.values()]
     assert [c.rules for c in egress_tier] == [(egress_tier[0].rules[-1],)]
+
+
+def test_runs_of_plain_rules_become_one_map_lookup_per_family() -> None:
+    web2 = hep("web2", "n3", "198.18.0.13", {"app": "web"})
+    allow_more = gnp("db-more", {"selector": "app == 'db'", "order": 200, "ingress": [
+        {"action": "Deny", "protocol": "TCP", "destination": {"ports": [22]}},
+        {"action": "Allow", "protocol": "UDP", "source": {"selector": "app == 'web'"}}]})
+    rs = render(calculate(snap(*base(), web2, allow_more), "n1", {}, Failsafes.off()))
+    tier = next(c for n, c in rs.chains.items() if n.startswith("t_"))
+    assert len(tier.rules) == 3  # v4 map, v6 map, default Deny
+    name = tier.rules[0].split("vmap @")[1].split()[0]
+    m = rs.sets[name]
+    assert m.map_to == "verdict" and m.type == "inet_proto . inet_service . ipv4_addr"
+    assert "6 . 5432 . 198.18.0.13 : accept" in m.elements
+    assert m.flags == ("interval",)  # the UDP rule takes every port: a range
+    assert "17 . 0-65535 . 198.18.0.11 : accept" in m.elements
+    # A label change moves map elements; the chains stay as they are.
+    moved = render(calculate(snap(*base({"app": "cache"}), web2, allow_more), "n1", {},
+                             Failsafes.off()))
+    assert moved.structure() == rs.structure()
+    _, removed = moved.element_changes(rs)
+    assert removed and all("198.18.0.11" in e for _, e in removed)
+    assert "delete element inet bulkhead " + name in moved.element_script(rs)
+
+
+intervals = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 4)).map(
+    lambda t: (t[0], t[0] + t[1])), min_size=1, max_size=2)
+boxes = st.lists(st.tuples(
+    st.fixed_dictionaries({}, optional={"proto": intervals, "dport": intervals,
+                                        "saddr": intervals}),
+    st.sampled_from(["Allow", "Deny", "Pass"])), min_size=1, max_size=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(boxes)
+def test_compiled_cells_give_the_first_matching_rule(rules: list[tuple[Box, str]]) -> None:
+    verdict = {"Allow": "accept", "Deny": "drop", "Pass": "return"}
+    run = compile_run(rules, 4)
+    for point in itertools.product(range(18), repeat=3):
+        where = dict(zip(("proto", "dport", "saddr"), point, strict=True))
+        expected = next((verdict[a] for b, a in rules
+                         if all(any(lo <= where[f] <= hi for lo, hi in iv)
+                                for f, iv in b.items())), None)
+        got = [v for key, v in run.cells
+               if all(lo <= where[f] <= hi for f, (lo, hi) in zip(run.fields, key, strict=True))]
+        assert len(got) <= 1  # cells are disjoint
+        assert (got[0] if got else None) == expected

@@ -27,6 +27,14 @@ from collections.abc import Sequence
 import netaddr
 
 from bulkhead.dataplane.nftables.ruleset import Chain, NftSet, Ruleset
+from bulkhead.dataplane.nftables.vmap import (
+    compile_run,
+    element_text,
+    field_expr,
+    field_type,
+    is_plain,
+    rule_boxes,
+)
 from bulkhead.model import EGRESS, INGRESS
 from bulkhead.policy.plan import (
     DIRECTIONS,
@@ -71,8 +79,9 @@ def _element(cidr: object) -> str:
 
 
 class _Renderer:
-    def __init__(self, plan: NodePlan, table: str) -> None:
+    def __init__(self, plan: NodePlan, table: str, compile_runs: bool) -> None:
         self.plan = plan
+        self.compile = compile_runs
         self.rs = Ruleset(table, warnings=list(plan.warnings))
 
     # -- sets -------------------------------------------------------------------------
@@ -95,6 +104,57 @@ class _Renderer:
                 elements=tuple(sorted({f"{e.address} . {e.protocol} . {e.port}"
                                        for e in entries})))
         return name
+
+    def rules(self, rules: Sequence[RulePlan], label: str) -> list[str]:
+        """Rule lines for a sequence of rules: runs of two or more plain rules become one
+        verdict-map lookup per IP family, the others one nft rule (or a few) each."""
+        out: list[str] = []
+        run: list[RulePlan] = []
+
+        def flush() -> None:
+            if len(run) >= 2 and self.compile:
+                out.extend(self.run_lookup(run, label))
+            else:
+                out.extend(line for r in run for line in self.rule(r))
+            run.clear()
+
+        for rule in rules:
+            if is_plain(rule):
+                run.append(rule)
+                continue
+            flush()
+            out.extend(self.rule(rule))
+        flush()
+        return out
+
+    def run_lookup(self, run: Sequence[RulePlan], label: str) -> list[str]:
+        per_family = any(r.ip_version is not None or r.source.needs_addresses
+                         or r.destination.needs_addresses or r.source.nets
+                         or r.destination.nets for r in run)
+        families = (4, 6) if per_family else (4,)
+        comment = f"comment {_quote(label + ': ' + run[0].where + ' .. ' + run[-1].where, 120)}"
+        lines = []
+        for family in families:
+            boxes = [(b, r.action) for r in run
+                     for b in rule_boxes(r, family, self.plan.selector_sets,
+                                         self.plan.named_ports)]
+            compiled = compile_run(boxes, family)
+            if not compiled.cells:
+                continue
+            prefix = f"meta nfproto ipv{family} " if per_family else ""
+            if not compiled.fields:  # a rule with no criteria: its verdict for everything
+                lines.append(f"{prefix}{compiled.cells[0][1]} {comment}")
+                continue
+            identity = "\n".join([label, *(r.where for r in run), *compiled.fields,
+                                   str(compiled.interval)])
+            name = f"m{family if per_family else ''}_{_h(identity)}"
+            self.rs.sets[name] = NftSet(
+                name, " . ".join(field_type(f, family) for f in compiled.fields),
+                ("interval",) if compiled.interval else (),
+                tuple(sorted(element_text(compiled, family))), map_to="verdict")
+            key = " . ".join(field_expr(f, family) for f in compiled.fields)
+            lines.append(f"{prefix}{key} vmap @{name} {comment}")
+        return lines
 
     def chain(self, prefix: str, rules: Sequence[str]) -> str:
         name = f"{prefix}_{_h(chr(10).join(rules))}"
@@ -192,17 +252,17 @@ class _Renderer:
     def direction(self, dp: DirectionPlan, direction: str) -> str:
         jumps = []
         for policy in dp.early:
-            rules = [line for r in policy.rules for line in self.rule(r)]
+            rules = self.rules(policy.rules, "policy " + policy.name)
             jumps.append(f"jump {self.chain('p', rules)} comment "
                          f"{_quote('policy ' + policy.name, 120)}")
         for tier in dp.tiers:
-            rules = [line for r in tier.rules for line in self.rule(r)]
+            rules = self.rules(tier.rules, "tier " + tier.name)
             if tier.default_action == "Deny":
                 rules.append(f"drop comment {_quote('tier ' + tier.name + ' default Deny', 120)}")
             jumps.append(f"jump {self.chain('t', rules)} comment "
                          f"{_quote('tier ' + tier.name + ': ' + ', '.join(tier.policies), 120)}")
         for profile in dp.profiles:
-            rules = [line for r in profile.rules for line in self.rule(r)]
+            rules = self.rules(profile.rules, "profile " + profile.name)
             jumps.append(f"jump {self.chain('r', rules)} comment "
                          f"{_quote('profile ' + profile.name, 120)}")
         last = "no profile rule matched" if dp.profiles else "no profile"
@@ -248,9 +308,10 @@ class _Renderer:
         return Chain(HOOK[direction], tuple(rules), hook)
 
 
-def render(plan: NodePlan, table: str = TABLE) -> Ruleset:
-    """The whole table for the node's plan."""
-    r = _Renderer(plan, table)
+def render(plan: NodePlan, table: str = TABLE, compile_runs: bool = True) -> Ruleset:
+    """The whole table for the node's plan. `compile_runs=False` renders every rule as
+    its own nft rule (the layout verdict maps are measured against)."""
+    r = _Renderer(plan, table, compile_runs)
     bases = [r.base(d) for d in DIRECTIONS]
     # Chains a rule jumps to are declared before it: policies, profiles, tiers, endpoints,
     # then the base chains.

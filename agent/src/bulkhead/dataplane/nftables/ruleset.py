@@ -99,7 +99,9 @@ class Ruleset:
         """An `nft -f` script that turns `old`'s elements into these, in one transaction.
         Deletions go first, so an interval that grew never overlaps its old self."""
         added, removed = self.element_changes(old)
-        lines = [f"delete element {self.family_table} {s} {{ {e} }}" for s, e in removed]
+        # A map element is deleted by its key alone.
+        lines = [f"delete element {self.family_table} {s} {{ {e.split(' : ')[0]} }}"
+                 for s, e in removed]
         lines += [f"add element {self.family_table} {s} {{ {e} }}" for s, e in added]
         return "\n".join(lines) + ("\n" if lines else "")
 

@@ -1,0 +1,96 @@
+"""The Linux enforcer: calculate the node's plan, render it as nftables, apply it.
+
+The stages stay apart (`bulkhead.policy.plan` calculates, `dataplane.nftables.render`
+renders, `dataplane.nftables.apply` talks to the kernel); this class only chains them and
+reads the host's interfaces, which endpoints without `interfaceName` are matched by.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from bulkhead.agent.enforcer import EnforceError, EnforceReport
+from bulkhead.dataplane.nftables import Ruleset, render
+from bulkhead.dataplane.nftables.apply import ApplyResult, NftApplier, NftError
+from bulkhead.model import Snapshot
+from bulkhead.policy import Failsafes
+from bulkhead.policy.plan import calculate
+
+Interfaces = Mapping[str, Sequence[str]]
+
+
+def local_interfaces(prefix: Sequence[str] = ()) -> dict[str, list[str]]:
+    """The host's interfaces and their addresses, from `ip -j addr`."""
+    try:
+        done = subprocess.run([*prefix, "ip", "-j", "addr", "show"], capture_output=True,
+                              text=True, timeout=30, check=True)
+        links = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        raise EnforceError(f"cannot read the host's interfaces: {e}") from None
+    return {link["ifname"]: [a["local"] for a in link.get("addr_info", []) if "local" in a]
+            for link in links}
+
+
+class NftablesEnforcer:
+    def __init__(self, node: str, failsafes: Failsafes, table: str = "bulkhead",
+                 interfaces: Callable[[], Interfaces] | None = None,
+                 applier: NftApplier | None = None) -> None:
+        self.node = node
+        self.failsafes = failsafes
+        self.applier = applier or NftApplier(table)
+        self.table = table
+        self.interfaces = interfaces or local_interfaces
+        self.revision = 0
+        self._snapshot: Snapshot | None = None
+        self._seen: dict[str, list[str]] = {}   # interfaces the last ruleset was made for
+
+    def ruleset(self, snapshot: Snapshot) -> Ruleset:
+        self._seen = {k: list(v) for k, v in self.interfaces().items()}
+        plan = calculate(snapshot, self.node, self._seen, self.failsafes)
+        return render(plan, self.table)
+
+    def _report(self, result: ApplyResult, revision: int, ruleset: Ruleset) -> EnforceReport:
+        return EnforceReport(revision, result.full, result.changed, result.seconds,
+                             ruleset.counts(), list(ruleset.warnings))
+
+    def enforce(self, snapshot: Snapshot, revision: int) -> EnforceReport:
+        start = time.perf_counter()
+        ruleset = self.ruleset(snapshot)
+        try:
+            result = self.applier.apply(ruleset)
+        except NftError as e:
+            raise EnforceError(f"nft refused the ruleset for revision {revision}: {e}") from None
+        self.revision = revision
+        self._snapshot = snapshot
+        report = self._report(result, revision, ruleset)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def drift(self) -> str | None:
+        """The kernel's table changed, or the host's interfaces did (endpoints found by
+        their expectedIPs may have moved)."""
+        if self._snapshot is not None and self.interfaces() != self._seen:
+            return "the host's interfaces or addresses changed"
+        return self.applier.drifted()
+
+    def repair(self) -> EnforceReport:
+        if self._snapshot is not None and self.interfaces() != self._seen:
+            return self.enforce(self._snapshot, self.revision)
+        last = self.applier.last
+        if last is None:
+            return EnforceReport(self.revision, False, False, 0.0, {}, [])
+        try:
+            result = self.applier.repair()
+        except NftError as e:
+            raise EnforceError(f"repair failed: {e}") from None
+        return self._report(result, self.revision, last)
+
+    def dry_run(self, snapshot: Snapshot) -> tuple[str, str]:
+        ruleset = self.ruleset(snapshot)
+        try:
+            return ruleset.script(), self.applier.diff(ruleset)
+        except NftError as e:
+            raise EnforceError(f"nft would refuse the ruleset: {e}") from None
