@@ -1,0 +1,173 @@
+"""bulkhead-agent's configuration: `/etc/bulkhead/agent.yaml` (or `--config`), then flags.
+
+Every value is checked here, once, so the daemon never meets a bad one later: a problem
+raises `ConfigError` naming the key (or flag) and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from bulkhead.defaults import SERVER_PORT
+from bulkhead.policy import DEFAULT_INBOUND, DEFAULT_OUTBOUND, FailsafePort, Failsafes
+
+DEFAULT_CONFIG = Path("/etc/bulkhead/agent.yaml")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; `where` is the key or the flag."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        self.where, self.problem = where, problem
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass
+class AgentConfig:
+    server: str = f"https://localhost:{SERVER_PORT}"
+    node: str = field(default_factory=socket.gethostname)
+    ca: str = "/etc/bulkhead/pki/ca.crt"
+    cert: str = "/etc/bulkhead/pki/agent.crt"
+    key: str = "/etc/bulkhead/pki/agent.key"
+    state_dir: str = "/var/lib/bulkhead-agent"
+    failsafe_inbound: tuple[FailsafePort, ...] = DEFAULT_INBOUND
+    failsafe_outbound: tuple[FailsafePort, ...] = DEFAULT_OUTBOUND
+    log_level: str = "info"
+    metrics_listen: str = "127.0.0.1:9473"   # "" disables /metrics
+    drift_interval: float = 30.0             # seconds between drift checks
+    status_interval: float = 60.0            # seconds between status reports
+    heartbeat_interval: float = 10.0         # the server's heartbeat on the watch stream
+
+    @property
+    def failsafes(self) -> Failsafes:
+        return Failsafes(self.failsafe_inbound, self.failsafe_outbound)
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        """No line on the watch stream for this long: the stream is dead."""
+        return 3 * self.heartbeat_interval + 1.0
+
+    def metrics_address(self) -> tuple[str, int] | None:
+        return _host_port("metricsListen", self.metrics_listen) if self.metrics_listen \
+            else None
+
+
+# The config file's keys (camelCase, as the server's) and the attributes they set.
+KEYS: dict[str, str] = {
+    "server": "server", "node": "node", "ca": "ca", "cert": "cert", "key": "key",
+    "stateDir": "state_dir", "failsafeInbound": "failsafe_inbound",
+    "failsafeOutbound": "failsafe_outbound", "logLevel": "log_level",
+    "metricsListen": "metrics_listen", "driftInterval": "drift_interval",
+    "statusInterval": "status_interval", "heartbeatInterval": "heartbeat_interval",
+}
+FLAGS: dict[str, str] = {attr: "--" + attr.replace("_", "-") for attr in KEYS.values()}
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> AgentConfig:
+    """The file at `path` (none: defaults only), then `overrides` (attribute -> value;
+    None means not given). Raises ConfigError."""
+    config = AgentConfig()
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"config {path}", e.strerror or str(e)) from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path}", f"not YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path}", "must be a mapping of keys to values")
+        for key, value in data.items():
+            if key not in KEYS:
+                raise ConfigError(f"config {path}: {key}",
+                                  f"unknown key (known: {', '.join(KEYS)})")
+            _set(config, KEYS[key], value, f"config {path}: {key}")
+    for attr, value in (overrides or {}).items():
+        if value is not None:
+            _set(config, attr, value, FLAGS[attr])
+    return config
+
+
+def _set(config: AgentConfig, attr: str, value: Any, where: str) -> None:
+    kinds = {f.name: f.type for f in fields(AgentConfig)}
+    kind = kinds[attr]
+    if attr in ("failsafe_inbound", "failsafe_outbound"):
+        setattr(config, attr, _failsafes(value, where))
+    elif kind == "float":
+        setattr(config, attr, _seconds(value, where))
+    else:
+        if value is None or isinstance(value, dict | list | bool):
+            raise ConfigError(where, f"must be a string, not {value!r}")
+        text = str(value).strip()
+        setattr(config, attr, _check_string(attr, text, where))
+
+
+def _check_string(attr: str, text: str, where: str) -> str:
+    if attr == "server":
+        url = urlsplit(text)
+        if url.scheme != "https" or not url.hostname:
+            raise ConfigError(where, f"{text!r}: expected https://HOST[:PORT]")
+        try:
+            url.port  # noqa: B018 (raises on a bad port)
+        except ValueError as e:
+            raise ConfigError(where, f"{text!r}: {e}") from None
+    elif attr == "node":
+        if not text or any(c.isspace() or c == "/" for c in text):
+            raise ConfigError(where, f"{text!r}: a node name is one word without '/'")
+    elif attr == "log_level":
+        if text.lower() not in LOG_LEVELS:
+            raise ConfigError(where, f"{text!r}: expected one of {', '.join(LOG_LEVELS)}")
+        text = text.lower()
+    elif attr == "metrics_listen":
+        if text:
+            _host_port(where, text)
+    elif not text:
+        raise ConfigError(where, "must not be empty")
+    return text
+
+
+def _host_port(where: str, text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(where, f"{text!r}: expected HOST:PORT, or \"\" to turn it off")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _seconds(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(where, f"must be a number of seconds, not {value!r}")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(where, f"must be a number of seconds, not {value!r}") from None
+    if not 0 < seconds < 86400 * 365:
+        raise ConfigError(where, f"{value!r}: must be more than 0 seconds")
+    return seconds
+
+
+def _failsafes(value: Any, where: str) -> tuple[FailsafePort, ...]:
+    """A YAML list, or a comma-separated string (`tcp:22,udp:68`); empty means none."""
+    if isinstance(value, str):
+        items: list[Any] = [p for p in (s.strip() for s in value.split(",")) if p]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(where, "must be a list of protocol:port strings (e.g. tcp:22), "
+                          f"not {value!r}")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}[{i}]", f"must be a string like tcp:22, not {item!r}")
+        try:
+            out.append(FailsafePort.parse(item.strip()))
+        except ValueError as e:
+            raise ConfigError(f"{where}[{i}]", str(e)) from None
+    return tuple(out)
+
