@@ -1,0 +1,427 @@
+"""The agent daemon: boot from the cache, follow the server, enforce, repair, report.
+
+    boot     load STATE_DIR/snapshot.json and enforce it before any contact with the server
+    sync     one streaming watch; a snapshot on first contact (or when the server's window
+             no longer reaches our revision), then events; bursts coalesce (~50 ms) into
+             one apply; a silent stream (no heartbeat) is dead; reconnect with backoff
+    enforce  in a worker thread, one call at a time; on success write the cache; on
+             EnforceError keep the previous state (the kernel still holds it) and report
+    drift    every drift interval: enforcer.drift(), and repair() when it names a reason;
+             a failed apply is retried then too
+    status   after each apply and every status interval; best effort, never blocking
+
+Nothing here ever removes the ruleset: when the agent stops, or cannot reach the server,
+the kernel keeps enforcing the last policy applied (fail static).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import aiohttp
+
+from bulkhead.agent.cache import CacheError, cache_path, load_cache, save_cache
+from bulkhead.agent.config import AgentConfig
+from bulkhead.agent.enforcer import EnforceError, Enforcer, EnforceReport
+from bulkhead.agent.metrics import MetricsServer, MetricsView
+from bulkhead.agent.status import Counters, post_status, status_body
+from bulkhead.agent.sync import (
+    Backoff,
+    DesiredState,
+    Doc,
+    Key,
+    SyncError,
+    client_ssl_context,
+    error_of,
+    fetch_snapshot,
+    open_session,
+    watch_lines,
+)
+
+log = logging.getLogger("bulkhead.agent")
+T = TypeVar("T")
+
+# Errors that mean "the server cannot be reached or the stream broke": retry later.
+NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError, SyncError, ValueError)
+
+
+class AgentError(Exception):
+    """A one-shot operation (--once, --dry-run) that could not be done."""
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, enforcer: Enforcer, *, debounce: float = 0.05
+                 ) -> None:
+        self.config = config
+        self.enforcer = enforcer
+        self.debounce = debounce
+        self.state = DesiredState()
+        self.revision = -1              # how far we have read the server's history
+        self.applied_revision = 0       # the revision the kernel holds (0: none yet)
+        self.counters = Counters()
+        self.connected = False
+        self.object_errors: list[str] = []
+        self.apply_error: str | None = None
+        self.repair_error: str | None = None
+        self.cache_error: str | None = None
+        self._applied: dict[Key, Doc] | None = None   # the objects of the last good apply
+        self._in_sync = False           # the kernel holds exactly self.state
+        self._resume = False            # watch from self.revision (not on first start)
+        self._backoff = Backoff()
+        self._kernel = threading.Lock()  # one enforcer call at a time, even if abandoned
+        self._apply_lock = asyncio.Lock()
+        self._status_kick = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+
+    # ---------------------------------------------------------------------- state
+    @property
+    def errors(self) -> list[str]:
+        out = [e for e in (self.cache_error,) if e]
+        out += self.object_errors
+        out += [e for e in (self.apply_error, self.repair_error) if e]
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return status_body(self.applied_revision, self.errors, self.counters)
+
+    def metrics_view(self) -> MetricsView:
+        return MetricsView(self.config.node, self.applied_revision, self.revision,
+                           self.connected, len(self.errors), self.counters)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run an enforcer call in a worker thread, one at a time."""
+        def locked() -> T:
+            with self._kernel:
+                return fn(*args)
+        return await asyncio.to_thread(locked)
+
+    # -------------------------------------------------------------------- enforce
+    async def enforce_current(self, *, write_cache: bool = True) -> bool:
+        """Enforce what `self.state` holds at `self.revision`; True if the kernel has it."""
+        async with self._apply_lock:
+            revision = self.revision
+            objects = dict(self.state.objects)
+            if self.apply_error is None and self._applied == objects:
+                self.applied_revision = max(self.applied_revision, revision)
+                self._in_sync = True
+                return True
+            snapshot, self.object_errors = self.state.build()
+            for message in self.object_errors:
+                log.error(message, extra={"fields": {"revision": revision}})
+            items = self.state.items()
+
+            def apply() -> tuple[EnforceReport, str | None]:
+                report = self.enforcer.enforce(snapshot, revision)
+                if not write_cache:
+                    return report, None
+                try:
+                    save_cache(self.config.state_dir, self.config.node, revision, items)
+                except OSError as e:
+                    return report, (f"cache {cache_path(self.config.state_dir)} not written: "
+                                    f"{e.strerror or e}; a restart without the server "
+                                    "would enforce an older policy")
+                return report, None
+
+            try:
+                report, cache_problem = await self._call(apply)
+            except Exception as e:
+                self.counters.failures += 1
+                kept = f"revision {self.applied_revision}" if self._applied is not None \
+                    else "its previous ruleset"
+                what = str(e) if isinstance(e, EnforceError) else f"internal error: {e!r}"
+                self.apply_error = f"apply of revision {revision} failed: {what}; the " \
+                                   f"kernel keeps {kept}"
+                log.error(self.apply_error, exc_info=not isinstance(e, EnforceError),
+                          extra={"fields": {"revision": revision}})
+                self._status_kick.set()
+                return False
+            self.apply_error = None
+            self._applied = objects
+            self._in_sync = self.state.objects == objects
+            self.applied_revision = revision
+            if write_cache:
+                self.cache_error = cache_problem
+            if cache_problem:
+                log.error(cache_problem)
+            self.counters.record(report)
+            for warning in report.warnings:
+                log.warning(warning, extra={"fields": {"revision": revision}})
+            log.info("applied", extra={"fields": {
+                "revision": revision, "full": report.full, "changed": report.changed,
+                "seconds": round(report.seconds, 4), "counts": report.counts,
+                "invalid": len(self.object_errors)}})
+            self._status_kick.set()
+            return True
+
+    async def boot_from_cache(self) -> bool:
+        """Enforce the last-known-good policy from disk; False if there is none to use."""
+        try:
+            cached = load_cache(self.config.state_dir)
+        except CacheError as e:
+            self.cache_error = f"{e}; ignored"
+            log.error(self.cache_error)
+            return False
+        if cached is None:
+            log.warning("no cached policy yet: the kernel keeps what it has until the server "
+                        "is reached", extra={"fields": {
+                            "cache": str(cache_path(self.config.state_dir))}})
+            return False
+        self.state.replace(cached.items)
+        self.revision = cached.revision
+        log.info("enforcing the cached policy", extra={"fields": {
+            "revision": cached.revision, "objects": len(cached.items)}})
+        return await self.enforce_current(write_cache=False)
+
+    # ----------------------------------------------------------------------- sync
+    async def _sync_forever(self, session: aiohttp.ClientSession) -> None:
+        while True:
+            try:
+                await self._watch(session)
+                reason = "the watch stream ended"
+            except NETWORK_ERRORS as e:
+                reason = str(e) or type(e).__name__
+            if self.connected:
+                self.connected = False
+                self.counters.reconnects += 1
+                log.warning("lost the server; enforcing revision %d until it is back",
+                            self.applied_revision, extra={"fields": {"reason": reason}})
+            delay = self._backoff.next()
+            if self._backoff.attempt in (1, 2) or self._backoff.attempt % 10 == 0:
+                log.warning("cannot reach the server; retrying", extra={"fields": {
+                    "reason": reason, "attempt": self._backoff.attempt,
+                    "retryIn": round(delay, 2), "server": self.config.server}})
+            await asyncio.sleep(delay)
+
+    async def _watch(self, session: aiohttp.ClientSession) -> None:
+        params = {"stream": "true", "timeout": str(self.config.heartbeat_interval)}
+        if self._resume and self.revision >= 0:
+            params["revision"] = str(self.revision)
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=None)
+        resp = await asyncio.wait_for(session.get("/v1/watch", params=params,
+                                                  timeout=timeout),
+                                      self.config.heartbeat_timeout)
+        async with resp:
+            if resp.status != 200:
+                raise SyncError(f"GET /v1/watch: {await error_of(resp)}")
+            queue: asyncio.Queue[Doc | Exception] = asyncio.Queue()
+            reader = asyncio.create_task(watch_lines(resp, queue))
+            try:
+                await self._consume(queue)
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+
+    async def _consume(self, queue: asyncio.Queue[Doc | Exception]) -> None:
+        loop = asyncio.get_running_loop()
+        dirty_since: float | None = None
+        last = 0.0
+        while True:
+            if dirty_since is None:
+                wait = self.config.heartbeat_timeout
+            else:  # coalesce a burst: apply after a quiet `debounce`, or 10 of them at most
+                wait = max(0.0, min(last + self.debounce, dirty_since + 10 * self.debounce)
+                           - loop.time())
+            try:
+                message = await asyncio.wait_for(queue.get(), wait)
+            except TimeoutError:
+                if dirty_since is None:
+                    raise SyncError(f"no heartbeat for {self.config.heartbeat_timeout:g} s; "
+                                    "the stream is dead") from None
+                dirty_since = None
+                await self.enforce_current()
+                continue
+            if isinstance(message, Exception):
+                if dirty_since is not None:  # what arrived before the break is good
+                    await self.enforce_current()
+                raise message
+            if not self.connected:
+                self.connected = True
+                self._backoff.reset()
+                log.info("connected", extra={"fields": {"server": self.config.server}})
+                self._status_kick.set()
+            if self._handle(message):
+                last = loop.time()
+                if dirty_since is None:
+                    dirty_since = last
+
+    def _handle(self, message: Doc) -> bool:
+        """Fold one line of the stream into the state; True if objects changed."""
+        kind = message.get("type")
+        revision = message.get("revision")
+        if not isinstance(revision, int):
+            raise SyncError(f"watch: a {kind} without a revision")
+        if kind == "snapshot":
+            items = message.get("items")
+            if not isinstance(items, list):
+                raise SyncError("watch: a snapshot without items")
+            log.info("snapshot", extra={"fields": {"revision": revision,
+                                                   "objects": len(items)}})
+            self.state.replace(i for i in items if isinstance(i, dict))
+            self.revision = revision
+            self._resume = True
+            self._in_sync = False
+            return True
+        if kind == "events":
+            events = message.get("events")
+            if not isinstance(events, list):
+                raise SyncError("watch: events without a list of events")
+            self.state.apply(e for e in events if isinstance(e, dict))
+            self.revision = max(self.revision, revision)
+            self._in_sync = False
+            return True
+        if kind == "heartbeat":
+            # Nothing of ours changed up to `revision` (other nodes' status reports move
+            # the server's revision too): what the kernel holds is good up to there.
+            if revision > self.revision:
+                self.revision = revision
+                if self._in_sync and self.apply_error is None:
+                    self.applied_revision = revision
+            return False
+        log.debug("ignoring an unknown watch message", extra={"fields": {"type": kind}})
+        return False
+
+    # ---------------------------------------------------------------------- drift
+    async def _drift_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.drift_interval)
+            await self.check_drift()
+
+    async def check_drift(self) -> None:
+        if self.apply_error is not None:
+            log.info("retrying the failed apply", extra={"fields": {"revision": self.revision}})
+            await self.enforce_current()
+            return
+        if self._applied is None:
+            return  # nothing applied yet: nothing to compare with
+        async with self._apply_lock:
+            try:
+                reason = await self._call(self.enforcer.drift)
+            except Exception as e:
+                log.error("drift check failed: %r", e, exc_info=True)
+                return
+            if reason is None:
+                if self.repair_error is not None:
+                    self.repair_error = None
+                    self._status_kick.set()
+                return
+            log.warning("drift: the kernel does not hold what was applied; repairing",
+                        extra={"fields": {"reason": reason,
+                                          "revision": self.applied_revision}})
+            try:
+                report = await self._call(self.enforcer.repair)
+            except Exception as e:
+                self.counters.failures += 1
+                self.repair_error = f"drift repair failed ({reason}): {e}"
+                log.error(self.repair_error, exc_info=not isinstance(e, EnforceError))
+            else:
+                self.repair_error = None
+                self.counters.record(report, repair=True)
+                log.info("repaired", extra={"fields": {"revision": self.applied_revision,
+                                                       "seconds": round(report.seconds, 4),
+                                                       "counts": report.counts}})
+            self._status_kick.set()
+
+    # --------------------------------------------------------------------- status
+    async def _status_forever(self, session: aiohttp.ClientSession) -> None:
+        failing = False
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_kick.wait(), self.config.status_interval)
+            self._status_kick.clear()
+            try:
+                await post_status(session, self.config.node, self.status())
+            except NETWORK_ERRORS as e:
+                self.counters.status_failures += 1
+                if not failing:
+                    log.warning("status report failed; enforcement goes on", extra={
+                        "fields": {"reason": str(e) or type(e).__name__}})
+                failing = True
+            else:
+                if failing:
+                    log.info("status reports resumed",
+                             extra={"fields": {"appliedRevision": self.applied_revision}})
+                failing = False
+
+    # ------------------------------------------------------------------------ run
+    async def run(self, stop: asyncio.Event) -> None:
+        """The daemon, until `stop` is set. The ruleset stays in the kernel afterwards."""
+        await self.boot_from_cache()
+        ctx = client_ssl_context(self.config)   # after the cache: a bad file still boots
+        metrics = MetricsServer(self.metrics_view)
+        address = self.config.metrics_address()
+        if address is not None:
+            try:
+                await metrics.start(*address)
+            except OSError as e:
+                log.error("metrics not served: %s", e,
+                          extra={"fields": {"listen": self.config.metrics_listen}})
+        session = open_session(self.config, ctx)
+        tasks = [asyncio.create_task(self._sync_forever(session), name="sync"),
+                 asyncio.create_task(self._drift_forever(), name="drift"),
+                 asyncio.create_task(self._status_forever(session), name="status")]
+        stopping = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([stopping, *tasks],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopping:
+                    task.result()  # a loop that ended: re-raise what ended it
+        finally:
+            for task in [stopping, *tasks]:
+                task.cancel()
+            await asyncio.gather(stopping, *tasks, return_exceptions=True)
+            await session.close()
+            await metrics.stop()
+            log.info("stopped; the ruleset stays in the kernel", extra={"fields": {
+                "appliedRevision": self.applied_revision}})
+
+    # ------------------------------------------------------------------- one-shot
+    async def once(self) -> int:
+        """Fetch the snapshot, enforce it, report status; the revision applied."""
+        ctx = client_ssl_context(self.config)
+        async with open_session(self.config, ctx) as session:
+            revision, items = await fetch_snapshot(session)
+            self.state.replace(items)
+            self.revision = revision
+            ok = await self.enforce_current()
+            try:
+                await post_status(session, self.config.node, self.status())
+            except NETWORK_ERRORS as e:
+                if ok:
+                    raise AgentError(f"applied revision {revision}, but the status report "
+                                     f"failed: {e}") from None
+            if not ok:
+                raise AgentError(self.apply_error or "apply failed")
+            return revision
+
+    async def dry_run(self, offline: bool = False) -> tuple[int, str, str]:
+        """(revision, ruleset text, diff against the kernel); changes nothing."""
+        if offline:
+            try:
+                cached = load_cache(self.config.state_dir)
+            except CacheError as e:
+                raise AgentError(str(e)) from None
+            if cached is None:
+                raise AgentError(f"no cache at {cache_path(self.config.state_dir)} "
+                                 "(--offline uses the last applied policy)")
+            revision, items = cached.revision, cached.items
+        else:
+            ctx = client_ssl_context(self.config)
+            async with open_session(self.config, ctx) as session:
+                revision, items = await fetch_snapshot(session)
+        self.state.replace(items)
+        snapshot, self.object_errors = self.state.build()
+        for message in self.object_errors:
+            log.error(message)
+        started = time.perf_counter()
+        text, diff = await self._call(self.enforcer.dry_run, snapshot)
+        log.debug("dry run", extra={"fields": {
+            "revision": revision, "seconds": round(time.perf_counter() - started, 4)}})
+        return revision, text, diff

@@ -1,0 +1,138 @@
+"""`bulkhead-agent`: the node agent's command line.
+
+    bulkhead-agent [--config FILE] [flags]      the daemon (SIGTERM/SIGINT stop it; the
+                                                ruleset stays in the kernel)
+    bulkhead-agent --once                       fetch, enforce, report status, exit
+    bulkhead-agent --dry-run [--offline]        print the ruleset and the diff against the
+                                                kernel; change nothing
+
+Exit codes: 0 done; 1 the apply failed or the server refused; 2 bad configuration or
+usage; 3 the server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+
+from bulkhead.agent.config import DEFAULT_CONFIG, FLAGS, AgentConfig, ConfigError, load_config
+from bulkhead.agent.daemon import Agent, AgentError
+from bulkhead.agent.enforcer import Enforcer
+from bulkhead.agent.sync import SyncError
+from bulkhead.server.main import setup_logging
+
+EnforcerFactory = Callable[[AgentConfig], Enforcer]
+
+
+def default_enforcer(config: AgentConfig) -> Enforcer:
+    """The Linux dataplane: nftables, in a table of the agent's own."""
+    try:
+        from bulkhead.agent.nft_enforcer import (  # type: ignore[import-not-found,unused-ignore]
+            NftablesEnforcer,
+        )
+    except ImportError as e:
+        raise AgentError(f"the nftables enforcer is not available: {e}") from None
+    enforcer: Enforcer = NftablesEnforcer(config.node, config.failsafes)
+    return enforcer
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bulkhead-agent", description="The Bulkhead node agent: pulls policy from "
+        "bulkhead-server and enforces it on this host.")
+    p.add_argument("--config", type=Path,
+                   help=f"YAML config (default {DEFAULT_CONFIG} if it exists)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true",
+                      help="fetch the snapshot, enforce it, report status and exit")
+    mode.add_argument("--dry-run", action="store_true",
+                      help="print the ruleset and its diff against the kernel; change nothing")
+    p.add_argument("--offline", action="store_true",
+                   help="with --dry-run: use the cached policy, not the server")
+    helps = {
+        "server": "https://HOST:PORT of bulkhead-server", "node": "this node's name "
+        "(default: the hostname)", "ca": "CA certificate file", "cert": "client "
+        "certificate file", "key": "client key file", "state_dir": "where the cache lives "
+        "(default /var/lib/bulkhead-agent)", "failsafe_inbound": "comma-separated, e.g. "
+        "tcp:22,udp:68 (\"\" for none)", "failsafe_outbound": "comma-separated, e.g. "
+        "udp:53,tcp:7443", "log_level": "debug, info, warning, error",
+        "metrics_listen": "HOST:PORT for /metrics (default 127.0.0.1:9473; \"\" turns it "
+        "off)", "drift_interval": "seconds between drift checks (default 30)",
+        "status_interval": "seconds between status reports (default 60)",
+        "heartbeat_interval": "seconds between the server's heartbeats (default 10)"}
+    for attr, flag in FLAGS.items():
+        p.add_argument(flag, dest=attr, metavar="VALUE", help=helps[attr])
+    return p
+
+
+def _error(message: str, code: int) -> int:
+    print(f"bulkhead-agent: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None, *,
+         make_enforcer: EnforcerFactory | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.offline and not args.dry_run:
+        return _error("--offline goes with --dry-run", 2)
+    path: Path | None = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    try:
+        config = load_config(path, {attr: getattr(args, attr) for attr in FLAGS})
+    except ConfigError as e:
+        return _error(str(e), 2)
+    setup_logging(config.log_level)
+    try:
+        agent = Agent(config, (make_enforcer or default_enforcer)(config))
+        if args.dry_run:
+            return _dry_run(agent, args.offline)
+        if args.once:
+            revision = asyncio.run(agent.once())
+            print(f"applied revision {revision}")
+            return 0
+        asyncio.run(_daemon(agent))
+        return 0
+    except ConfigError as e:
+        return _error(str(e), 2)
+    except AgentError as e:
+        return _error(str(e), 1)
+    except SyncError as e:
+        return _error(f"{config.server}: {e}", 1)
+    except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        return _error(f"cannot reach {config.server}: {e or type(e).__name__}", 3)
+
+
+def _dry_run(agent: Agent, offline: bool) -> int:
+    revision, text, diff = asyncio.run(agent.dry_run(offline))
+    source = "the cache" if offline else agent.config.server
+    out = sys.stdout
+    out.write(f"# bulkhead-agent --dry-run: node {agent.config.node}, revision {revision} "
+              f"from {source}; nothing was changed\n")
+    out.write(text if text.endswith("\n") or not text else text + "\n")
+    out.write("# diff against the kernel:\n")
+    if diff.strip():
+        out.write(diff if diff.endswith("\n") else diff + "\n")
+    else:
+        out.write("# (none: the kernel holds this ruleset)\n")
+    for message in agent.object_errors:
+        print(f"bulkhead-agent: {message}", file=sys.stderr)
+    return 0
+
+
+async def _daemon(agent: Agent) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    await agent.run(stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

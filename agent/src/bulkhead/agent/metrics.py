@@ -1,0 +1,94 @@
+"""`/metrics` in Prometheus' text format on a local port (127.0.0.1:9473 by default)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from bulkhead.agent.status import Counters
+
+log = logging.getLogger("bulkhead.agent.metrics")
+
+
+@dataclass
+class MetricsView:
+    node: str
+    applied_revision: int
+    revision: int
+    connected: bool
+    errors: int
+    counters: Counters
+
+
+def _metric(lines: list[str], name: str, kind: str, help_text: str,
+            samples: list[tuple[str, float]]) -> None:
+    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        shown = repr(value) if isinstance(value, float) and not value.is_integer() \
+            else str(int(value))
+        lines.append(f"{name}{labels} {shown}")
+
+
+def render_metrics(view: MetricsView) -> str:
+    c = view.counters
+    lines: list[str] = []
+    _metric(lines, "bulkhead_agent_applied_revision", "gauge",
+            "The revision of the policy the kernel holds.", [("", view.applied_revision)])
+    _metric(lines, "bulkhead_agent_revision", "gauge",
+            "The latest revision seen from the server.", [("", view.revision)])
+    _metric(lines, "bulkhead_agent_connected", "gauge",
+            "1 while the watch stream to the server is open.", [("", int(view.connected))])
+    _metric(lines, "bulkhead_agent_errors", "gauge",
+            "Errors in the last status (invalid objects, a failed apply).",
+            [("", view.errors)])
+    _metric(lines, "bulkhead_agent_applies_total", "counter",
+            "Successful applies.", [("", c.applies)])
+    _metric(lines, "bulkhead_agent_full_applies_total", "counter",
+            "Applies and repairs that replaced the whole table.", [("", c.full_applies)])
+    _metric(lines, "bulkhead_agent_apply_failures_total", "counter",
+            "Applies and repairs that failed (the kernel kept the previous ruleset).",
+            [("", c.failures)])
+    _metric(lines, "bulkhead_agent_drift_repairs_total", "counter",
+            "Times the kernel's ruleset differed from what was applied and was put back.",
+            [("", c.drift_repairs)])
+    _metric(lines, "bulkhead_agent_reconnects_total", "counter",
+            "Watch streams to the server opened again after one ended.", [("", c.reconnects)])
+    _metric(lines, "bulkhead_agent_status_failures_total", "counter",
+            "Status reports the server did not take.", [("", c.status_failures)])
+    _metric(lines, "bulkhead_agent_last_apply_seconds", "gauge",
+            "How long the last apply took.", [("", c.last_apply_seconds)])
+    _metric(lines, "bulkhead_agent_ruleset_objects", "gauge",
+            "What the last apply left in the kernel, by kind (chains, rules, sets, elements).",
+            [(f'{{kind="{kind}"}}', n) for kind, n in sorted(c.counts.items())])
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer:
+    def __init__(self, view: Callable[[], MetricsView]) -> None:
+        self._view = view
+        self._runner: web.AppRunner | None = None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=render_metrics(self._view()), content_type="text/plain",
+                            charset="utf-8", headers={"X-Content-Type": "version=0.0.4"})
+
+    async def start(self, host: str, port: int) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        log.info("metrics listening", extra={"fields": {"listen": f"{host}:{port}"}})
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

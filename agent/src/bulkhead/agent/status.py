@@ -1,0 +1,60 @@
+"""What the agent reports: counters, errors, and the status it posts to the server.
+
+`POST /v1/status/NODE` carries `appliedRevision`, `errors` (empty when all is well: the
+server's `/v1/nodes?revision=R` counts a node converged only then) and `counters`.
+Reporting is best effort: a server that cannot be reached never holds up enforcement.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from bulkhead.agent.enforcer import EnforceReport
+from bulkhead.agent.sync import SyncError, error_of
+
+
+@dataclass
+class Counters:
+    applies: int = 0               # successful enforce calls
+    full_applies: int = 0          # applies and repairs that replaced the whole table
+    failures: int = 0              # enforce or repair calls that raised
+    drift_repairs: int = 0
+    reconnects: int = 0            # watch streams that ended and were opened again
+    status_failures: int = 0       # status reports the server did not take
+    last_apply_seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)  # from the last report
+
+    def record(self, report: EnforceReport, repair: bool = False) -> None:
+        if repair:
+            self.drift_repairs += 1
+        else:
+            self.applies += 1
+        self.full_applies += int(report.full)
+        self.last_apply_seconds = report.seconds
+        self.counts = {str(k): int(v) for k, v in report.counts.items()}
+
+    def as_status(self) -> dict[str, int]:
+        return {"applies": self.applies, "fullApplies": self.full_applies,
+                "failures": self.failures, "driftRepairs": self.drift_repairs,
+                "reconnects": self.reconnects, **self.counts}
+
+
+def status_body(applied_revision: int, errors: list[str], counters: Counters
+                ) -> dict[str, Any]:
+    return {"appliedRevision": applied_revision, "errors": list(errors),
+            "counters": counters.as_status()}
+
+
+async def post_status(session: aiohttp.ClientSession, node: str, body: dict[str, Any],
+                      timeout: float = 10.0) -> None:
+    """Raises SyncError when the server refuses, aiohttp/OS errors when unreachable."""
+    async with session.post(f"/v1/status/{quote(node, safe='')}", data=json.dumps(body),
+                            headers={"Content-Type": "application/json"},
+                            timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        if r.status != 200:
+            raise SyncError(f"POST /v1/status/{node}: {await error_of(r)}")

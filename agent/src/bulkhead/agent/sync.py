@@ -1,0 +1,196 @@
+"""Sync: what the server says this node should enforce, kept in memory, and the watch stream.
+
+`DesiredState` holds the objects from the server keyed by (kind, name), as snapshots and
+events leave them, and turns them into a `Snapshot` for the enforcer. An object that does
+not parse (the server validates every write, so this is a safety net) or names a tier that
+does not exist is left out and reported; it never stops the rest from being enforced.
+
+`watch_lines` reads the server's streaming watch (`GET /v1/watch?stream=true`, one JSON
+document per line) into a queue, and `Backoff` spaces out reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+import aiohttp
+
+from bulkhead.agent.config import AgentConfig, ConfigError
+from bulkhead.model import (
+    DEFAULT_TIER,
+    GlobalNetworkPolicy,
+    Resource,
+    Snapshot,
+    StagedGlobalNetworkPolicy,
+    Tier,
+    ValidationError,
+    parse_resource,
+)
+
+Key = tuple[str, str]
+Doc = dict[str, Any]
+
+
+class SyncError(Exception):
+    """The server answered, but not with a usable watch stream."""
+
+
+class DesiredState:
+    def __init__(self) -> None:
+        self.objects: dict[Key, Doc] = {}
+        self._parsed: dict[Key, tuple[Doc, Resource | str]] = {}
+
+    def replace(self, items: Iterable[Doc]) -> None:
+        """A snapshot: these objects and no others."""
+        self.objects = {}
+        for doc in items:
+            self.objects[_key(doc)] = doc
+
+    def apply(self, events: Iterable[Doc]) -> None:
+        for event in events:
+            key = (str(event.get("kind", "")), str(event.get("name", "")))
+            if event.get("type") == "DELETED":
+                self.objects.pop(key, None)
+            elif isinstance(event.get("object"), dict):
+                self.objects[key] = event["object"]
+
+    def items(self) -> list[Doc]:
+        return [self.objects[k] for k in sorted(self.objects)]
+
+    def build(self) -> tuple[Snapshot, list[str]]:
+        """The snapshot to enforce and the objects left out of it (one message each)."""
+        resources: dict[Key, Resource] = {}
+        errors: dict[Key, str] = {}
+        parsed: dict[Key, tuple[Doc, Resource | str]] = {}
+        for key, doc in self.objects.items():
+            cached = self._parsed.get(key)
+            if cached is not None and cached[0] is doc:
+                result = cached[1]
+            else:
+                try:
+                    result = parse_resource(doc)
+                except ValidationError as e:
+                    result = str(e)
+                except Exception as e:  # a bug in a parser must not stop the agent
+                    result = f"{key[0]} {key[1]}: cannot be read: {e!r}"
+            parsed[key] = (doc, result)
+            if isinstance(result, str):
+                errors[key] = result
+            else:
+                resources[key] = result
+        self._parsed = parsed
+        tiers = {DEFAULT_TIER} | {r.name for r in resources.values() if isinstance(r, Tier)}
+        for key, res in list(resources.items()):
+            if isinstance(res, GlobalNetworkPolicy | StagedGlobalNetworkPolicy) \
+                    and res.spec.tier not in tiers:
+                errors[key] = (f'{res.kind} {res.name}: spec.tier: tier "{res.spec.tier}" '
+                               "does not exist; the policy is left out")
+                del resources[key]
+        while True:
+            try:
+                snapshot = Snapshot.build(resources.values())
+                break
+            except ValidationError as e:  # cannot happen after the checks above; be safe
+                key = (e.kind, e.name)
+                if key not in resources:
+                    raise
+                errors[key] = f"{e}; left out"
+                del resources[key]
+        return snapshot, [f"invalid object left out: {errors[k]}" for k in sorted(errors)]
+
+
+def _key(doc: Doc) -> Key:
+    meta = doc.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return (str(doc.get("kind", "")), str(name or ""))
+
+
+# ------------------------------------------------------------------------- connection
+def client_ssl_context(config: AgentConfig) -> ssl.SSLContext:
+    """Mutual TLS: trust the Bulkhead CA only, present the node's certificate."""
+    try:
+        ctx = ssl.create_default_context(cafile=config.ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("ca", f"{config.ca}: {_ssl_reason(e)}") from None
+    try:
+        ctx.load_cert_chain(config.cert, config.key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("cert/key", f"{config.cert}, {config.key}: {_ssl_reason(e)} "
+                          "(issue them with `bulkhead pki issue NODE --role agent`)") from None
+    return ctx
+
+
+def _ssl_reason(e: OSError | ssl.SSLError) -> str:
+    return getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)
+
+
+def open_session(config: AgentConfig, ctx: ssl.SSLContext) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(config.server.rstrip("/"),
+                                 connector=aiohttp.TCPConnector(ssl=ctx, limit=4))
+
+
+async def error_of(resp: aiohttp.ClientResponse) -> str:
+    text = await resp.text(errors="replace")
+    try:
+        message = str(json.loads(text)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = text.strip()[:200] or str(resp.reason)
+    return f"HTTP {resp.status}: {message}"
+
+
+async def fetch_snapshot(session: aiohttp.ClientSession) -> tuple[int, list[Doc]]:
+    async with session.get("/v1/snapshot", timeout=aiohttp.ClientTimeout(total=60)) as r:
+        if r.status != 200:
+            raise SyncError(f"GET /v1/snapshot: {await error_of(r)}")
+        body = await r.json(loads=json.loads)
+    if not isinstance(body, dict) or not isinstance(body.get("revision"), int) \
+            or not isinstance(body.get("items"), list):
+        raise SyncError("GET /v1/snapshot: the answer has no revision and items")
+    return body["revision"], [i for i in body["items"] if isinstance(i, dict)]
+
+
+async def watch_lines(resp: aiohttp.ClientResponse, queue: asyncio.Queue[Doc | Exception]
+                      ) -> None:
+    """Put each JSON line of a streaming watch on `queue`; an exception when it ends.
+
+    Lines are split here rather than with `readline`, which caps a line's length (a
+    snapshot of a large fleet is one long line)."""
+    buffer = bytearray()
+    try:
+        async for chunk in resp.content.iter_any():
+            buffer += chunk
+            start = 0
+            while (end := buffer.find(b"\n", start)) != -1:
+                line = bytes(buffer[start:end]).strip()
+                start = end + 1
+                if line:
+                    message = json.loads(line)
+                    if not isinstance(message, dict):
+                        raise SyncError(f"watch: expected a JSON object, got {line[:80]!r}")
+                    queue.put_nowait(message)
+            del buffer[:start]
+        queue.put_nowait(SyncError("the server closed the watch stream"))
+    except (aiohttp.ClientError, ValueError, SyncError, OSError) as e:
+        queue.put_nowait(e)
+
+
+class Backoff:
+    """Exponential backoff with jitter: each delay is drawn between half and all of 0.2 s,
+    0.4 s, 0.8 s, ... up to `cap` seconds, so a fleet does not reconnect in step."""
+
+    def __init__(self, base: float = 0.2, cap: float = 10.0) -> None:
+        self.base, self.cap = base, cap
+        self.attempt = 0
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.base * 2 ** self.attempt)
+        self.attempt = min(self.attempt + 1, 30)
+        return random.uniform(ceiling / 2, ceiling)
