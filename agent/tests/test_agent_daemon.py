@@ -70,6 +70,8 @@ class Recorder:
 
     def dry_run(self, snapshot: Snapshot) -> tuple[str, str]:
         self.dry_runs += 1
+        if self.fail:
+            raise EnforceError(self.fail)
         names = sorted(snapshot.policies)
         return ("table inet bulkhead {\n" + "".join(f"  chain gnp-{n} {{\n  }}\n"
                                                   for n in names) + "}\n",
@@ -451,6 +453,10 @@ async def test_once_and_dry_run(server: Server, tmp_path: Path,
         assert "bulkhead-agent: apply of revision" in err and "No such file" in err
         status = await node_status(viewer)
         assert status["errors"] and status["appliedRevision"] == 0  # a fresh process
+
+        assert await run_main(["--config", str(conf), "--dry-run"], rec) == 1
+        err = capsys.readouterr().err
+        assert "bulkhead-agent: dry run of revision " in err and ": nft: Error: " in err
 
 
 async def test_sigterm_stops_the_daemon_and_leaves_the_ruleset(

@@ -421,7 +421,10 @@ class Agent:
         for message in self.object_errors:
             log.error(message)
         started = time.perf_counter()
-        text, diff = await self._call(self.enforcer.dry_run, snapshot)
+        try:
+            text, diff = await self._call(self.enforcer.dry_run, snapshot)
+        except EnforceError as e:
+            raise AgentError(f"dry run of revision {revision}: {e}") from None
         log.debug("dry run", extra={"fields": {
             "revision": revision, "seconds": round(time.perf_counter() - started, 4)}})
         return revision, text, diff
