@@ -22,7 +22,7 @@ import yaml
 
 from bulkhead.agent import main as agent_main
 from bulkhead.agent.cache import cache_path, load_cache, save_cache
-from bulkhead.agent.config import AgentConfig
+from bulkhead.agent.config import FLAGS, KEYS, AgentConfig
 from bulkhead.agent.daemon import Agent
 from bulkhead.agent.enforcer import EnforceError, EnforceReport
 from bulkhead.agent.sync import DesiredState
@@ -506,3 +506,11 @@ def test_missing_tls_files_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
                          make_enforcer=lambda _: Recorder())
     err = capsys.readouterr().err
     assert rc == 2 and f"ca: {tmp_path / 'nope.crt'}: No such file" in err, err
+
+
+def test_docs_list_every_config_key_and_flag() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "agent.md").read_text()
+    for key in KEYS:
+        assert f"`{key}`" in doc, key
+    for flag in FLAGS.values():
+        assert f"`{flag}`" in doc, flag
