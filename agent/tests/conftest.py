@@ -112,3 +112,7 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+# Lab fixtures (network namespaces): make_lab, make_module_lab, and the session sweep.
+from tests.labfixture import lab_sweep, make_lab, make_module_lab  # noqa: E402, F401

@@ -18,6 +18,7 @@ from pathlib import Path
 from bulkhead.cli.remote import add_commands, run_remote
 from bulkhead.conformance import DATAPLANES, CaseError, load_cases, report_json, report_text
 from bulkhead.conformance import run_cases as run_conformance
+from bulkhead.lab.cli import add_commands as add_lab_commands
 from bulkhead.model import LoadError, Snapshot, ValidationError, load_paths
 from bulkhead.policy import Evaluator, FailsafePort, Failsafes, Flow
 from bulkhead.policy.explain import explain_text
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     iss.set_defaults(func=cmd_pki)
 
     add_commands(sub)
+    add_lab_commands(sub)
 
     p = sub.add_parser("selector", help="print a selector's canonical form; test labels")
     p.add_argument("selector")
