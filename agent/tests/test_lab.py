@@ -217,7 +217,7 @@ def test_open_refused_blocked(pair: Lab, family: int) -> None:
         started = time.monotonic()
         results = pair.probe_many(slow)
         assert [r.outcome for r in results] == ["blocked"] * 5
-        assert time.monotonic() - started < T + 0.5  # run at once, not one after another
+        assert time.monotonic() - started < T + 1.0  # run at once, not one after another
     finally:
         pair.run("b", ["nft", "delete", "table", "inet", "bhltest"], check=True)
 
