@@ -225,7 +225,7 @@ async def test_cache_is_enforced_at_boot_while_the_server_is_down(tmp_path: Path
     down = f"https://127.0.0.1:{free_port()}"
     agent = Agent(config_for(down, make_pki(tmp_path), state), rec)
     async with running(agent):
-        await until(lambda: rec.calls != [], "the cached policy to be enforced")
+        await until(lambda: agent.applied_revision == 7, "the cached policy to be enforced")
         assert rec.calls == [(7, ["ops.ssh", "web"])]
         assert agent.applied_revision == 7
         assert [e for e in agent.errors if "GlobalNetworkPolicy broken" in e]
@@ -373,9 +373,9 @@ async def test_drift_is_repaired_and_a_failed_apply_retried(
             await create(admin, gnp("b"))
             await until(lambda: agent.apply_error is not None, "the failed apply")
             rec.fail = None   # no new write: the drift loop retries the apply by itself
-            await until(lambda: rec.applied is not None and rec.applied[1] == ["a", "b"],
-                        "the retry")
-            assert agent.errors == [] and rec.repairs == 1
+            await until(lambda: agent.errors == [] and rec.applied is not None
+                        and rec.applied[1] == ["a", "b"], "the retry")
+            assert rec.repairs == 1
 
 
 # ----------------------------------------------------------------------- metrics
@@ -387,7 +387,7 @@ async def test_metrics_endpoint(server: Server, tmp_path: Path) -> None:
     agent = Agent(config_for(server.url, server.pki, tmp_path / "state",
                              metrics_listen=f"127.0.0.1:{port}"), rec)
     async with running(agent), aiohttp.ClientSession() as plain:
-        await until(lambda: rec.applied is not None and agent.connected, "the apply")
+        await until(lambda: agent.counters.applies == 1 and agent.connected, "the apply")
         async with plain.get(f"http://127.0.0.1:{port}/metrics") as r:
             assert r.status == 200
             text = await r.text()
@@ -423,6 +423,11 @@ async def test_once_and_dry_run(server: Server, tmp_path: Path,
     async with server.client("alice", "admin") as admin, \
             server.client("val", "viewer") as viewer:
         rev = await create(admin, gnp("a"))
+        for _ in range(200):  # the server's hub follows the store a moment after the write
+            async with viewer.get("/v1/snapshot") as r:
+                if (await r.json())["revision"] >= rev:
+                    break
+            await asyncio.sleep(0.02)
 
         assert await run_main(["--config", str(conf), "--dry-run"], rec) == 0
         out = capsys.readouterr().out

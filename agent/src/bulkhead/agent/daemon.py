@@ -77,7 +77,7 @@ class Agent:
         self._kernel = threading.Lock()  # one enforcer call at a time, even if abandoned
         self._apply_lock = asyncio.Lock()
         self._status_kick = asyncio.Event()
-        self._session: aiohttp.ClientSession | None = None
+        self._stopping = False
 
     # ---------------------------------------------------------------------- state
     @property
@@ -180,7 +180,7 @@ class Agent:
 
     # ----------------------------------------------------------------------- sync
     async def _sync_forever(self, session: aiohttp.ClientSession) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self._watch(session)
                 reason = "the watch stream ended"
@@ -289,7 +289,7 @@ class Agent:
 
     # ---------------------------------------------------------------------- drift
     async def _drift_forever(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.config.drift_interval)
             await self.check_drift()
 
@@ -331,7 +331,7 @@ class Agent:
     # --------------------------------------------------------------------- status
     async def _status_forever(self, session: aiohttp.ClientSession) -> None:
         failing = False
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._status_kick.wait(), self.config.status_interval)
             self._status_kick.clear()
@@ -374,9 +374,15 @@ class Agent:
                 if task is not stopping:
                     task.result()  # a loop that ended: re-raise what ended it
         finally:
-            for task in [stopping, *tasks]:
-                task.cancel()
-            await asyncio.gather(stopping, *tasks, return_exceptions=True)
+            # Cancel until every loop has ended: in Python 3.11 `wait_for` can swallow a
+            # cancellation that races with its inner call finishing; the loops also check
+            # `_stopping`, so a second cancel always ends them.
+            self._stopping = True
+            pending: set[asyncio.Task[Any]] = {stopping, *tasks}
+            while pending:
+                for task in pending:
+                    task.cancel()
+                _, pending = await asyncio.wait(pending, timeout=1.0)
             await session.close()
             await metrics.stop()
             log.info("stopped; the ruleset stays in the kernel", extra={"fields": {
