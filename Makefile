@@ -5,9 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test deps lint typecheck unit conformance collection-lint bench clean
+.PHONY: test deps lint typecheck unit conformance collection-lint collection-sanity \
+	collection-test bench clean
 
-test: deps lint typecheck unit conformance collection-lint
+test: deps lint typecheck unit conformance collection-lint collection-sanity collection-test
 
 deps: $(STAMP)
 
@@ -27,8 +28,19 @@ unit: deps
 conformance: deps
 	$(BIN)/bulkhead conformance run agent/tests/conformance/
 
+# The collection's own modules resolve through a link in $(VENV)/collections.
 collection-lint: deps
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ansible-lint --profile production --offline
+	tests/collection-tree.sh $(VENV)/collections --link
+	ANSIBLE_COLLECTIONS_PATH="$(CURDIR)/$(VENV)/collections" PATH="$(CURDIR)/$(BIN):$$PATH" \
+	  $(BIN)/ansible-lint --profile production --offline
+
+# ansible-test sanity on a copy laid out as ansible_collections/bulkhead/microseg.
+collection-sanity: deps
+	VENV="$(CURDIR)/$(VENV)" tests/run-sanity.sh
+
+# Collection unit tests, then playbooks and inventories against a real bulkhead-server.
+collection-test: deps
+	VENV="$(CURDIR)/$(VENV)" tests/run-collection-tests.sh
 
 bench: deps
 	$(BIN)/python agent/benchmarks/run.py

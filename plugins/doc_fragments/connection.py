@@ -1,0 +1,98 @@
+# -*- coding: utf-8 -*-
+# Copyright: Bulkhead developers
+# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+
+class ModuleDocFragment:
+    """How every module and plugin of bulkhead.microseg reaches bulkhead-server."""
+
+    DOCUMENTATION = r"""
+options:
+  server_url:
+    description:
+      - URL of bulkhead-server, for example V(https://bulkhead.example.com:7443).
+      - If not set, the environment variable E(BULKHEAD_SERVER) is used.
+    type: str
+    required: true
+    aliases: [url]
+  ca_path:
+    description:
+      - PEM file with the CA that signed the server's certificate (C(bulkhead pki init) writes C(ca.crt)).
+      - If not set, E(BULKHEAD_CA) is used, else the system's trust store.
+    type: path
+  client_cert:
+    description:
+      - PEM client certificate for mutual TLS; its subject names the caller's role (admin, viewer, agent).
+      - If not set, E(BULKHEAD_CERT) is used.
+    type: path
+  client_key:
+    description:
+      - PEM private key of O(client_cert).
+      - If not set, E(BULKHEAD_KEY) is used.
+    type: path
+  validate_certs:
+    description:
+      - Whether to verify the server's certificate. Only set to V(false) on a lab you trust.
+    type: bool
+    default: true
+  request_timeout:
+    description:
+      - Seconds to wait for each HTTP request.
+    type: float
+    default: 30
+notes:
+  - Set the connection once for all modules with C(module_defaults) and the action group
+    C(group/bulkhead.microseg.bulkhead).
+"""
+
+    # Controller-side plugins (inventory, lookup) read the same options, also from the
+    # environment and, for inventory plugins, from their config file.
+    PLUGINS = r"""
+options:
+  server_url:
+    required: false
+    env:
+      - name: BULKHEAD_SERVER
+  ca_path:
+    env:
+      - name: BULKHEAD_CA
+  client_cert:
+    env:
+      - name: BULKHEAD_CERT
+  client_key:
+    env:
+      - name: BULKHEAD_KEY
+"""
+
+    # What every resource module shares: state and labels.
+    RESOURCE = r"""
+options:
+  state:
+    description:
+      - V(present) creates the resource or updates it to match; V(absent) deletes it.
+    type: str
+    choices: [present, absent]
+    default: present
+  labels:
+    description:
+      - Labels of the resource (C(metadata.labels)), which selectors match.
+    type: dict
+  purge_labels:
+    description:
+      - With V(true), labels on the server that are not in O(labels) are removed.
+      - With V(false), O(labels) are added to or update the ones on the server, and the others stay.
+      - When O(labels) is not given, the labels on the server are kept either way.
+    type: bool
+    default: true
+attributes:
+  check_mode:
+    support: full
+    description: Validated by the server (dry run) and compared; nothing is written.
+  diff_mode:
+    support: full
+    description: Shows the resource before and after, without server-owned metadata.
+"""

@@ -1,0 +1,64 @@
+# -*- coding: utf-8 -*-
+# Copyright: Bulkhead developers
+# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
+"""The module wrapper (kubernetes.core's "AnsibleK8SModule"): connection options, errors."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.bulkhead.microseg.plugins.module_utils.client import (
+    ApiError,
+    BulkheadError,
+)
+from ansible_collections.bulkhead.microseg.plugins.module_utils.connection import (
+    client_from_params,
+    connection_spec,
+)
+from ansible_collections.bulkhead.microseg.plugins.module_utils.service import ResourceService
+
+RESOURCE_SPEC = dict(
+    state=dict(type="str", default="present", choices=["present", "absent"]),
+    labels=dict(type="dict"),
+    purge_labels=dict(type="bool", default=True),
+)
+
+
+def resource_spec():
+    return dict((k, dict(v)) for k, v in RESOURCE_SPEC.items())
+
+
+class BulkheadModule(AnsibleModule):
+    """An AnsibleModule with the shared connection options and a client to the server."""
+
+    def __init__(self, argument_spec, **kwargs):
+        spec = connection_spec()
+        spec.update(argument_spec)
+        kwargs.setdefault("supports_check_mode", True)
+        super(BulkheadModule, self).__init__(argument_spec=spec, **kwargs)
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = client_from_params(self.params)
+        return self._client
+
+    @property
+    def service(self):
+        return ResourceService(self.client)
+
+    def run(self, func):
+        """Call `func()` (returning the result dict) and exit; server errors fail verbatim."""
+        try:
+            result = func()
+        except ApiError as e:
+            # The server's message names the resource and field: pass it on as it is.
+            self.fail_json(msg=e.message, status=e.status, reason=e.reason)
+        except BulkheadError as e:
+            self.fail_json(msg=str(e))
+        if not self._diff:
+            result.pop("diff", None)
+        self.exit_json(**result)

@@ -1,0 +1,186 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: Bulkhead developers
+# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: agent_status
+short_description: Report the node agents and the revision each enforces; wait for one
+version_added: 0.1.0
+author: Bulkhead developers (@bulkhead-microseg)
+description:
+  - Reads what every bulkhead-agent last reported (applied revision, errors, counters).
+  - With O(wait_for_revision), waits until every agent (and each of O(nodes)) has applied
+    that store revision without errors, so a play can continue only once a change is
+    enforced everywhere. Fails after O(timeout) seconds, naming the nodes that lag.
+options:
+  wait_for_revision:
+    description:
+      - The store revision to wait for, for example RV(bulkhead.microseg.resource#module:revision)
+        of an earlier task, or the C(metadata.resourceVersion) of a resource written.
+      - V(0) or left out, do not wait; report only.
+    type: int
+  nodes:
+    description:
+      - Nodes that must have reported, for example C(groups['bulkhead_agents']). A node
+        that has never reported counts as not converged.
+      - Left out, the nodes that have reported so far.
+    type: list
+    elements: str
+  timeout:
+    description: Seconds to wait for O(wait_for_revision).
+    type: float
+    default: 300
+  poll_interval:
+    description: Seconds between two reads of the agents' status while waiting.
+    type: float
+    default: 1
+extends_documentation_fragment:
+  - bulkhead.microseg.connection
+attributes:
+  check_mode:
+    support: full
+    description: The module only reads (and waits).
+  diff_mode:
+    support: none
+    description: Nothing changes, so there is no diff.
+"""
+
+EXAMPLES = r"""
+- name: Apply the policies
+  bulkhead.microseg.resource:
+    src: policies.yaml
+  delegate_to: localhost
+  register: applied
+
+- name: Wait until every agent enforces them
+  bulkhead.microseg.agent_status:
+    wait_for_revision: "{{ applied.revision }}"
+    nodes: "{{ groups['linux'] }}"
+    timeout: 120
+  delegate_to: localhost
+  when: applied.revision is not none
+
+- name: Which agents report errors?
+  bulkhead.microseg.agent_status:
+  delegate_to: localhost
+  register: status
+
+- name: Show them
+  ansible.builtin.debug:
+    msg: "{{ status.nodes | selectattr('errors') | map(attribute='node') }}"
+"""
+
+RETURN = r"""
+nodes:
+  description: One entry per node, as its agent reported it.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    node:
+      description: Node name (the CN of its agent certificate).
+      type: str
+      returned: always
+    appliedRevision:
+      description: The store revision the agent enforces.
+      type: int
+      returned: always
+    errors:
+      description: Errors the agent reported; empty when all is well.
+      type: list
+      elements: raw
+      returned: always
+    counters:
+      description: The agent's counters.
+      type: dict
+      returned: always
+    lastReport:
+      description: When the agent last reported (UTC).
+      type: str
+      returned: always
+    converged:
+      description: Whether the node enforces O(wait_for_revision) without errors.
+      type: bool
+      returned: with O(wait_for_revision)
+revision:
+  description: The store's current revision.
+  returned: always
+  type: int
+  sample: 120
+converged:
+  description: Whether every node (and each of O(nodes)) converged to O(wait_for_revision).
+  returned: with O(wait_for_revision)
+  type: bool
+  sample: true
+missing:
+  description: Nodes of O(nodes) that have never reported.
+  returned: always
+  type: list
+  elements: str
+  sample: []
+elapsed:
+  description: Seconds spent waiting.
+  returned: always
+  type: float
+  sample: 2.5
+"""
+
+import time
+
+from ansible_collections.bulkhead.microseg.plugins.module_utils.client import BulkheadError
+from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
+
+
+def summarize(body, wanted, revision):
+    """The module's result from one /v1/nodes answer."""
+    nodes = body.get("nodes") or []
+    seen = set(n["node"] for n in nodes)
+    missing = [n for n in wanted or [] if n not in seen]
+    result = {"changed": False, "nodes": nodes, "revision": body.get("revision"),
+              "missing": missing}
+    if revision:
+        result["converged"] = bool(body.get("converged")) and not missing
+    return result
+
+
+def lagging(result):
+    names = ["%s (at %s%s)" % (n["node"], n.get("appliedRevision"),
+                               ", errors" if n.get("errors") else "")
+             for n in result["nodes"] if not n.get("converged")]
+    names += ["%s (never reported)" % n for n in result["missing"]]
+    return ", ".join(names)
+
+
+def wait(client, revision, wanted, timeout, interval, clock=time.monotonic, sleep=time.sleep):
+    started = clock()
+    while True:
+        result = summarize(client.nodes(revision or None), wanted, revision)
+        result["elapsed"] = round(clock() - started, 3)
+        if not revision or result["converged"]:
+            return result
+        if clock() - started >= timeout:
+            raise BulkheadError("timed out after %ss waiting for every agent to apply "
+                                "revision %s; not converged: %s"
+                                % (timeout, revision, lagging(result) or "(no node)"))
+        sleep(interval)
+
+
+def main():
+    module = BulkheadModule(dict(
+        wait_for_revision=dict(type="int"),
+        nodes=dict(type="list", elements="str"),
+        timeout=dict(type="float", default=300),
+        poll_interval=dict(type="float", default=1),
+    ))
+    p = module.params
+    module.run(lambda: wait(module.client, p["wait_for_revision"], p["nodes"], p["timeout"],
+                            p["poll_interval"]))
+
+
+if __name__ == "__main__":
+    main()

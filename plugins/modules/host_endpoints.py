@@ -1,0 +1,195 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: Bulkhead developers
+# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: host_endpoints
+short_description: Sync the host endpoints an inventory owns with bulkhead-server
+version_added: 0.1.0
+author: Bulkhead developers (@bulkhead-microseg)
+description:
+  - Calico's automatic host endpoints, driven by inventory instead of Kubernetes. Given
+    every host endpoint a play computed (for example C(bulkhead_host_endpoint) from the
+    P(bulkhead.microseg.endpoints#inventory) inventory plugin), creates and updates them,
+    and deletes the host endpoints this inventory owns that are no longer in the list.
+  - Ownership is a label, O(managed_by_label) with the value O(owner), added to every
+    endpoint written. Host endpoints without it, or owned by another inventory, are never
+    deleted, and are only taken over with O(adopt=true).
+  - Creations and updates are applied all or nothing; the server validates every
+    endpoint first.
+options:
+  endpoints:
+    description:
+      - The host endpoints that should exist, each a C(HostEndpoint) document
+        (C(apiVersion), C(kind) may be left out; C(metadata.name) and C(spec.node) are needed).
+    type: list
+    elements: dict
+    required: true
+  owner:
+    description:
+      - Who owns these endpoints, for example the name of the inventory or the team.
+        Endpoints labeled with another owner are not touched.
+    type: str
+    required: true
+  managed_by_label:
+    description: The label key that records the owner.
+    type: str
+    default: microseg.bulkhead.io/managed-by
+  purge:
+    description: Delete the endpoints this owner has on the server that are not in O(endpoints).
+    type: bool
+    default: true
+  adopt:
+    description:
+      - Take over endpoints of the same name that have no owner label or another owner.
+        With V(false) the module fails naming them, and writes nothing.
+    type: bool
+    default: false
+extends_documentation_fragment:
+  - bulkhead.microseg.connection
+attributes:
+  check_mode:
+    support: full
+    description: Validated by the server (dry run) and compared; nothing is written.
+  diff_mode:
+    support: full
+    description: One before/after pair per endpoint created, updated or deleted.
+"""
+
+EXAMPLES = r"""
+- name: Host endpoints for every host of this inventory, and only those
+  bulkhead.microseg.host_endpoints:
+    owner: datacenter-east
+    endpoints: >-
+      {{ groups['all'] | map('extract', hostvars, 'bulkhead_host_endpoint')
+         | select('defined') | list }}
+  run_once: true
+  delegate_to: localhost
+"""
+
+RETURN = r"""
+results:
+  description: One entry per endpoint written or deleted (and unchanged ones).
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    kind:
+      description: Always C(HostEndpoint).
+      type: str
+      returned: always
+    name:
+      description: Endpoint name.
+      type: str
+      returned: always
+      sample: web-1
+    action:
+      description: V(created), V(updated), V(deleted) or V(unchanged).
+      type: str
+      returned: always
+      sample: deleted
+created:
+  description: Names of the endpoints created.
+  returned: always
+  type: list
+  elements: str
+  sample: [web-3]
+updated:
+  description: Names of the endpoints updated.
+  returned: always
+  type: list
+  elements: str
+  sample: []
+deleted:
+  description: Names of the owned endpoints deleted because they are gone from O(endpoints).
+  returned: always
+  type: list
+  elements: str
+  sample: [web-old]
+"""
+
+import copy
+
+from ansible_collections.bulkhead.microseg.plugins.module_utils.client import API_VERSION
+from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
+from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure_many
+
+
+def owned_docs(endpoints, owner, label):
+    """Complete documents with apiVersion, kind and the owner label."""
+    docs, seen = [], set()
+    for i, ep in enumerate(endpoints):
+        doc = copy.deepcopy(ep)
+        doc.setdefault("apiVersion", API_VERSION)
+        doc.setdefault("kind", "HostEndpoint")
+        meta = doc.get("metadata")
+        if doc["kind"] != "HostEndpoint" or not isinstance(meta, dict) or not meta.get("name"):
+            raise ValueError("endpoints[%d]: needs kind HostEndpoint and metadata.name" % i)
+        if meta["name"] in seen:
+            raise ValueError("endpoints[%d]: HostEndpoint %s is listed twice" % (i, meta["name"]))
+        seen.add(meta["name"])
+        for key in ("resourceVersion", "uid", "creationTimestamp", "generation"):
+            meta.pop(key, None)
+        meta["labels"] = dict(meta.get("labels") or {})
+        meta["labels"][label] = owner
+        docs.append(doc)
+    return docs
+
+
+def owner_selector(label, owner):
+    return "%s == '%s'" % (label, owner.replace("\\", "\\\\").replace("'", "\\'"))
+
+
+def sync(module, service):
+    p = module.params
+    label, owner = p["managed_by_label"], p["owner"]
+    docs = owned_docs(p["endpoints"], owner, label)
+    wanted = set(d["metadata"]["name"] for d in docs)
+    existing = dict((d["metadata"]["name"], d) for d in service.find("HostEndpoint"))
+    foreign = [n for n in sorted(wanted) if n in existing and
+               (existing[n]["metadata"].get("labels") or {}).get(label) != owner]
+    if foreign and not p["adopt"]:
+        raise ValueError("HostEndpoint %s exist(s) and are not owned by %s (label %s); set "
+                         "adopt=true to take them over" % (", ".join(foreign), owner, label))
+    gone = [existing[n] for n in sorted(existing) if n not in wanted and
+            (existing[n]["metadata"].get("labels") or {}).get(label) == owner]
+    result = {"changed": False, "results": [], "diff": []}
+    if docs:
+        result = ensure_many(service, docs, "present", module.check_mode)
+    if p["purge"] and gone:
+        removed = ensure_many(service, gone, "absent", module.check_mode)
+        result["changed"] = True
+        result["results"] += removed["results"]
+        result["diff"] += removed["diff"]
+    for action in ("created", "updated", "deleted"):
+        result[action] = [r["name"] for r in result["results"] if r["action"] == action]
+    result.pop("revision", None)
+    return result
+
+
+def main():
+    module = BulkheadModule(dict(
+        endpoints=dict(type="list", elements="dict", required=True),
+        owner=dict(type="str", required=True),
+        managed_by_label=dict(type="str", default="microseg.bulkhead.io/managed-by"),
+        purge=dict(type="bool", default=True),
+        adopt=dict(type="bool", default=False),
+    ))
+    service = module.service
+
+    def run():
+        try:
+            return sync(module, service)
+        except ValueError as e:
+            module.fail_json(msg=str(e))
+
+    module.run(run)
+
+
+if __name__ == "__main__":
+    main()

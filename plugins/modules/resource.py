@@ -1,0 +1,189 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: Bulkhead developers
+# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: resource
+short_description: Apply or delete any projectcalico.org/v3 manifest in bulkhead-server
+version_added: 0.1.0
+author: Bulkhead developers (@bulkhead-microseg)
+description:
+  - Like C(kubernetes.core.k8s) for Bulkhead, and C(bulkhead apply) or C(bulkhead delete), for
+    one or more C(projectcalico.org/v3) documents (HostEndpoint, GlobalNetworkPolicy,
+    StagedGlobalNetworkPolicy, Tier, GlobalNetworkSet, Profile), given inline or read from files.
+  - With O(state=present) all documents are applied all or nothing; the server validates
+    every one first and nothing is written if any is invalid.
+  - Each document replaces the resource of the same kind and name as a whole.
+options:
+  definition:
+    description:
+      - The manifest(s), as a dict, a list of dicts, or YAML text (several documents
+        separated by C(---)). Calico's own YAML is accepted as it is.
+      - Mutually exclusive with O(src).
+    type: raw
+    aliases: [resource_definition]
+  src:
+    description:
+      - Path to a YAML or JSON file with one or more documents, on the host that runs the
+        module (usually the controller). Mutually exclusive with O(definition).
+    type: path
+  state:
+    description:
+      - V(present) creates or updates every document; V(absent) deletes every one that
+        exists (policies before their tiers).
+    type: str
+    choices: [present, absent]
+    default: present
+extends_documentation_fragment:
+  - bulkhead.microseg.connection
+attributes:
+  check_mode:
+    support: full
+    description: Validated by the server (dry run) and compared; nothing is written.
+  diff_mode:
+    support: full
+    description: One before/after pair per changed resource.
+"""
+
+EXAMPLES = r"""
+- name: Apply a Calico manifest from a file
+  bulkhead.microseg.resource:
+    src: policies/platform.yaml
+  delegate_to: localhost
+
+- name: Apply inline documents
+  bulkhead.microseg.resource:
+    definition:
+      - apiVersion: projectcalico.org/v3
+        kind: Tier
+        metadata: {name: platform}
+        spec: {order: 100}
+      - apiVersion: projectcalico.org/v3
+        kind: GlobalNetworkPolicy
+        metadata: {name: platform.ssh-from-bastion}
+        spec:
+          tier: platform
+          selector: all()
+          ingress:
+            - action: Allow
+              protocol: TCP
+              source: {selector: role == 'bastion'}
+              destination: {ports: [22]}
+  delegate_to: localhost
+
+- name: Apply a templated manifest
+  bulkhead.microseg.resource:
+    definition: "{{ lookup('ansible.builtin.template', 'policies.yaml.j2') }}"
+  delegate_to: localhost
+
+- name: Delete what a manifest describes
+  bulkhead.microseg.resource:
+    src: policies/platform.yaml
+    state: absent
+  delegate_to: localhost
+"""
+
+RETURN = r"""
+results:
+  description: One entry per document, in order.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    kind:
+      description: Resource kind.
+      type: str
+      returned: always
+      sample: GlobalNetworkPolicy
+    name:
+      description: Resource name.
+      type: str
+      returned: always
+      sample: platform.ssh-from-bastion
+    action:
+      description: V(created), V(updated), V(deleted) or V(unchanged).
+      type: str
+      returned: always
+      sample: created
+revision:
+  description: The store revision of the write; null when nothing was written.
+  returned: always
+  type: int
+  sample: 57
+"""
+
+import json
+
+from ansible.module_utils.common.text.converters import to_text
+from ansible.module_utils.six import string_types
+
+from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
+from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure_many
+
+try:
+    import yaml
+    HAS_YAML = True
+except ImportError:  # pragma: no cover - PyYAML comes with ansible-core
+    HAS_YAML = False
+
+
+def parse_documents(text, where):
+    """Documents from YAML or JSON text; empty documents are skipped."""
+    text = to_text(text)
+    if not HAS_YAML:
+        return json.loads(text)
+    try:
+        return [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise ValueError("%s: not valid YAML: %s" % (where, e))
+
+
+def flatten(docs):
+    """A list of documents; a `kind: List` document contributes its items."""
+    out = []
+    for doc in docs if isinstance(docs, list) else [docs]:
+        if isinstance(doc, dict) and doc.get("kind") == "List":
+            out.extend(flatten(doc.get("items") or []))
+        elif isinstance(doc, list):
+            out.extend(flatten(doc))
+        else:
+            out.append(doc)
+    return out
+
+
+def main():
+    module = BulkheadModule(
+        dict(definition=dict(type="raw", aliases=["resource_definition"]),
+             src=dict(type="path"),
+             state=dict(type="str", default="present", choices=["present", "absent"])),
+        mutually_exclusive=[("definition", "src")],
+        required_one_of=[("definition", "src")],
+    )
+    p = module.params
+    try:
+        if p["src"]:
+            with open(p["src"], "rb") as f:
+                docs = parse_documents(f.read(), p["src"])
+        elif isinstance(p["definition"], string_types):
+            docs = parse_documents(p["definition"], "definition")
+        else:
+            docs = p["definition"]
+    except (OSError, IOError, ValueError) as e:
+        module.fail_json(msg=to_text(e))
+    docs = flatten(docs)
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict) or not doc.get("kind") or \
+                not isinstance(doc.get("metadata"), dict) or not doc["metadata"].get("name"):
+            module.fail_json(msg="document %d: needs kind and metadata.name" % (i + 1))
+    if not docs:
+        module.fail_json(msg="no documents given")
+    module.run(lambda: ensure_many(module.service, docs, p["state"], module.check_mode))
+
+
+if __name__ == "__main__":
+    main()

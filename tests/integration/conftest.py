@@ -1,0 +1,138 @@
+"""A real bulkhead-server (real mutual-TLS certificates from `bulkhead.server.pki`) on
+127.0.0.1 for the playbook and inventory tests, and helpers to run ansible-* on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bulkhead.server import pki
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    pki: Path
+    proc: subprocess.Popen
+
+    def cert(self, name):
+        return str(self.pki / ("%s.crt" % name)), str(self.pki / ("%s.key" % name))
+
+    def request(self, method, path, body=None, who="admin"):
+        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+        ctx.load_cert_chain(*self.cert(who))
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def env(self, who="admin"):
+        """Environment for ansible-* with the connection in BULKHEAD_* variables."""
+        crt, key = self.cert(who)
+        env = dict(os.environ)
+        env.update(BULKHEAD_SERVER=self.url, BULKHEAD_CA=str(self.pki / "ca.crt"),
+                   BULKHEAD_CERT=crt, BULKHEAD_KEY=key,
+                   PATH="%s:%s" % (BIN, env.get("PATH", "")))
+        env.update(ansible_env())
+        return env
+
+    def wipe(self):
+        """Delete every resource: each test starts from an empty store."""
+        items = self.request("GET", "/v1/resources")["items"]
+        for doc in sorted(items, key=lambda d: d["kind"] == "Tier"):
+            path = "/v1/resources/%s/%s" % (doc["kind"], doc["metadata"]["name"])
+            self.request("DELETE", path)
+
+
+def ansible_env():
+    """Settings that make ansible-* quiet and reproducible, and find this collection."""
+    tree = os.environ.get("BULKHEAD_COLLECTIONS_PATH")
+    if not tree:
+        raise RuntimeError("BULKHEAD_COLLECTIONS_PATH is not set: run tests/run-collection-tests.sh")
+    return {
+        "ANSIBLE_COLLECTIONS_PATH": tree,
+        "ANSIBLE_ROLES_PATH": str(HERE / "targets"),
+        "ANSIBLE_LOCALHOST_WARNING": "false",
+        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_RETRY_FILES_ENABLED": "false",
+        "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
+        "ANSIBLE_HOME": os.environ.get("BULKHEAD_ANSIBLE_HOME", str(Path(tree).parent / "home")),
+    }
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bulkhead-server")
+    pki.init_ca(d)
+    pki.issue(d, "server", server=True, hosts=("127.0.0.1",))
+    pki.issue(d, "admin", role="admin")
+    pki.issue(d, "viewer", role="viewer")
+    for node in ("node-1", "node-2"):
+        pki.issue(d, node, role="agent")
+    port = free_port()
+    log = open(d / "server.log", "wb")  # pylint: disable=consider-using-with
+    proc = subprocess.Popen(
+        [str(BIN / "bulkhead-server"), "--listen", "127.0.0.1:%d" % port,
+         "--datastore", "sqlite://%s/store.db" % d, "--tls-cert", str(d / "server.crt"),
+         "--tls-key", str(d / "server.key"), "--client-ca", str(d / "ca.crt"),
+         "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    srv = Server("https://127.0.0.1:%d" % port, d, proc)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("bulkhead-server exited: %s" % (d / "server.log").read_text())
+        try:
+            srv.request("GET", "/v1/nodes", who="viewer")
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.1)
+    try:
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def clean_server(server):
+    server.wipe()
+    return server
+
+
+def run(cmd, env, cwd=None, check=True):
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError("%s failed (%d)\n--- stdout\n%s\n--- stderr\n%s" % (
+            " ".join(cmd), proc.returncode, proc.stdout[-20000:], proc.stderr[-5000:]))
+    return proc

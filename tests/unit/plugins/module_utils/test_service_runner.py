@@ -1,0 +1,165 @@
+"""module_utils: normalisation, labels, and the runner's decisions (a fake server)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from ansible_collections.bulkhead.microseg.plugins.module_utils import runner, service
+from ansible_collections.bulkhead.microseg.plugins.module_utils.client import (
+    strip_server_fields,
+)
+
+
+def hep(name="web-1", labels=None, rv=None, ips=("198.18.0.11",)):
+    doc = {"apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+           "metadata": {"name": name}, "spec": {"node": name, "expectedIPs": list(ips)}}
+    if labels:
+        doc["metadata"]["labels"] = dict(labels)
+    if rv:
+        doc["metadata"]["resourceVersion"] = rv
+    return doc
+
+
+class FakeService:
+    """Enough of ResourceService: a dict store that compares like the server does."""
+
+    def __init__(self, *docs):
+        self.store = {(d["kind"], d["metadata"]["name"]): copy.deepcopy(d) for d in docs}
+        self.writes = []
+        self.rv = 10
+
+    def get(self, kind, name):
+        return copy.deepcopy(self.store.get((kind, name)))
+
+    def _verdict(self, doc):
+        key = service.doc_key(doc)
+        old = self.store.get(key)
+        after = service.comparable(doc)
+        if old is None:
+            return {"kind": key[0], "name": key[1], "action": "created", "after": after}
+        if service.comparable(old) == after:
+            return {"kind": key[0], "name": key[1], "action": "unchanged"}
+        return {"kind": key[0], "name": key[1], "action": "configured",
+                "before": service.comparable(old), "after": after}
+
+    def preview_one(self, doc, current):
+        return self._verdict(doc)
+
+    def preview(self, docs):
+        return [self._verdict(d) for d in docs]
+
+    def _put(self, doc):
+        self.rv += 1
+        doc = copy.deepcopy(doc)
+        doc["metadata"]["resourceVersion"] = str(self.rv)
+        self.store[service.doc_key(doc)] = doc
+        self.writes.append(("put", doc["metadata"]["name"]))
+        return doc
+
+    def create(self, doc):
+        return self._put(doc)
+
+    def update(self, doc, current):
+        return self._put(doc)
+
+    def apply(self, docs):
+        for d in docs:
+            self._put(d)
+        return {"revision": self.rv}
+
+    def delete(self, current):
+        del self.store[service.doc_key(current)]
+        self.writes.append(("delete", current["metadata"]["name"]))
+
+
+def test_prune_drops_what_was_not_set():
+    assert service.prune({"a": None, "b": [], "c": {}, "d": {"e": None}, "f": 0,
+                          "g": False, "h": [{"x": None, "y": 1}]}) == \
+        {"f": 0, "g": False, "h": [{"y": 1}]}
+
+
+def test_make_resource_stringifies_labels():
+    doc = service.make_resource("Tier", "t", {"order": None}, {"tier": 1})
+    assert doc == {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
+                   "metadata": {"name": "t", "labels": {"tier": "1"}}, "spec": {}}
+
+
+@pytest.mark.parametrize("given,purge,expected", [
+    (True, True, {"b": "2"}),
+    (True, False, {"a": "1", "b": "2"}),
+    (False, True, {"a": "1"}),
+    (False, False, {"a": "1"}),
+])
+def test_merge_labels(given, purge, expected):
+    current = hep(labels={"a": "1"})
+    desired = hep(labels={"b": "2"} if given else None)
+    assert service.merge_labels(desired, current, given, purge)["metadata"]["labels"] == expected
+
+
+def test_merge_labels_keeps_annotations_and_drops_empty_labels():
+    current = hep()
+    current["metadata"]["annotations"] = {"note": "x"}
+    out = service.merge_labels(hep(), current, True, True)
+    assert "labels" not in out["metadata"]
+    assert out["metadata"]["annotations"] == {"note": "x"}
+
+
+def test_canonical_kind():
+    assert service.canonical_kind("gnp") == "GlobalNetworkPolicy"
+    assert service.canonical_kind("HostEndpoints") == "HostEndpoint"
+    assert service.canonical_kind("Weird") == "Weird"
+    assert service.canonical_kind(None) is None
+
+
+def test_comparable_hides_server_fields():
+    doc = hep(rv="7")
+    doc["metadata"].update(uid="u", creationTimestamp="t", labels={})
+    assert service.comparable(doc)["metadata"] == {"name": "web-1"}
+    assert strip_server_fields(None) is None
+
+
+def test_ensure_create_then_unchanged():
+    svc = FakeService()
+    first = runner.ensure(svc, hep(labels={"a": "1"}))
+    assert first["changed"] and first["action"] == "created"
+    assert first["diff"]["before"] == {}
+    assert first["resource"]["metadata"]["resourceVersion"] == "11"
+    second = runner.ensure(svc, hep(labels={"a": "1"}))
+    assert not second["changed"] and second["action"] == "unchanged"
+    assert second["diff"]["before"] == second["diff"]["after"]
+    assert svc.writes == [("put", "web-1")]
+
+
+def test_ensure_check_mode_writes_nothing():
+    svc = FakeService(hep(ips=("198.18.0.1",), rv="3"))
+    result = runner.ensure(svc, hep(ips=("198.18.0.2",)), check_mode=True)
+    assert result["changed"] and result["action"] == "updated"
+    assert result["diff"]["before"]["spec"]["expectedIPs"] == ["198.18.0.1"]
+    assert result["diff"]["after"]["spec"]["expectedIPs"] == ["198.18.0.2"]
+    assert svc.writes == []
+
+
+def test_ensure_absent():
+    svc = FakeService(hep(rv="3"))
+    assert runner.ensure(svc, hep(), "absent", check_mode=True)["changed"]
+    assert svc.writes == []
+    result = runner.ensure(svc, hep(), "absent")
+    assert result["changed"] and result["diff"]["after"] == {}
+    assert not runner.ensure(svc, hep(), "absent")["changed"]
+
+
+def test_ensure_many_and_delete_order():
+    tier = {"apiVersion": "projectcalico.org/v3", "kind": "Tier", "metadata": {"name": "t"},
+            "spec": {}}
+    policy = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+              "metadata": {"name": "t.p"}, "spec": {"tier": "t"}}
+    svc = FakeService()
+    result = runner.ensure_many(svc, [tier, policy])
+    assert result["changed"] and result["revision"] == 12
+    assert [r["action"] for r in result["results"]] == ["created", "created"]
+    assert not runner.ensure_many(svc, [tier, policy])["changed"]
+    gone = runner.ensure_many(svc, [tier, policy], "absent")
+    assert svc.writes[-2:] == [("delete", "t.p"), ("delete", "t")]
+    assert len(gone["diff"]) == 2
