@@ -5,10 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test deps lint typecheck unit conformance collection-lint collection-sanity \
+.PHONY: test deps lint typecheck unit conformance conformance-kernel collection-lint collection-sanity \
 	collection-test bench clean
 
-test: deps lint typecheck unit conformance collection-lint collection-sanity collection-test
+test: deps lint typecheck unit conformance conformance-kernel collection-lint collection-sanity collection-test
 
 deps: $(STAMP)
 
@@ -27,6 +27,10 @@ unit: deps
 
 conformance: deps
 	$(BIN)/bulkhead conformance run agent/tests/conformance/
+
+# The same cases on real agents enforcing nftables in a lab of network namespaces.
+conformance-kernel: deps
+	$(BIN)/bulkhead conformance run agent/tests/conformance/ --dataplane nftables
 
 # The collection's own modules resolve through a link in $(VENV)/collections.
 collection-lint: deps

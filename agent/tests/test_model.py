@@ -326,3 +326,13 @@ def test_host_endpoint_fields() -> None:
     assert isinstance(hep, HostEndpoint)
     assert hep.expected_ips == ("198.18.0.12", "2001:2::12")
     assert hep.ports[0].protocol == "TCP" and hep.ports[0].port == 5432
+
+
+def test_staged_delete_dumps_only_what_it_deletes() -> None:
+    from bulkhead.model import parse_resource as parse
+
+    doc = {"apiVersion": "projectcalico.org/v3", "kind": "StagedGlobalNetworkPolicy",
+           "metadata": {"name": "db-in"}, "spec": {"stagedAction": "Delete"}}
+    dumped = parse(doc).dump()
+    assert dumped["spec"] == {"stagedAction": "Delete", "tier": "default"}
+    assert parse(dumped).dump() == dumped  # what the store holds reads back

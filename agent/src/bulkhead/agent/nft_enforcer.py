@@ -46,9 +46,13 @@ class NftablesEnforcer:
         self.revision = 0
         self._snapshot: Snapshot | None = None
         self._seen: dict[str, list[str]] = {}   # interfaces the last ruleset was made for
+        self._by_address = False
 
     def ruleset(self, snapshot: Snapshot) -> Ruleset:
         self._seen = {k: list(v) for k, v in self.interfaces().items()}
+        # Only endpoints without interfaceName depend on the host's addresses.
+        self._by_address = any(h.node == self.node and not h.interface_name
+                               for h in snapshot.host_endpoints.values())
         plan = calculate(snapshot, self.node, self._seen, self.failsafes)
         return render(plan, self.table)
 
@@ -72,12 +76,12 @@ class NftablesEnforcer:
     def drift(self) -> str | None:
         """The kernel's table changed, or the host's interfaces did (endpoints found by
         their expectedIPs may have moved)."""
-        if self._snapshot is not None and self.interfaces() != self._seen:
+        if self._by_address and self._snapshot is not None and self.interfaces() != self._seen:
             return "the host's interfaces or addresses changed"
         return self.applier.drifted()
 
     def repair(self) -> EnforceReport:
-        if self._snapshot is not None and self.interfaces() != self._seen:
+        if self._by_address and self._snapshot is not None and self.interfaces() != self._seen:
             return self.enforce(self._snapshot, self.revision)
         last = self.applier.last
         if last is None:

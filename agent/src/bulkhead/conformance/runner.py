@@ -39,7 +39,15 @@ def probe_flow(case: Case, probe: Probe) -> Flow:
                      probe.port)
 
 
-DATAPLANES: dict[str, Callable[[], Dataplane]] = {"model": ModelDataplane}
+def _nftables() -> Dataplane:
+    # Imported here: the kernel dataplane needs the lab, which the model dataplane does not.
+    from bulkhead.conformance.kernel import NftablesDataplane
+
+    return NftablesDataplane()
+
+
+DATAPLANES: dict[str, Callable[[], Dataplane]] = {"model": ModelDataplane,
+                                                  "nftables": _nftables}
 
 
 @dataclass
@@ -54,7 +62,13 @@ class CaseResult:
 
 
 def run_cases(cases: Sequence[Case], dataplane: Dataplane) -> list[CaseResult]:
-    return [CaseResult(case, dataplane.run(case)) for case in cases]
+    """Run every case; a dataplane with a `close()` (the kernel's lab) is closed after."""
+    try:
+        return [CaseResult(case, dataplane.run(case)) for case in cases]
+    finally:
+        close = getattr(dataplane, "close", None)
+        if close is not None:
+            close()
 
 
 def _table(case: Case, probes: list[tuple[Probe, bool]], actual: bool) -> list[str]:

@@ -556,8 +556,12 @@ class Lab:
         for name, ifaces in new.items():
             old = self.hosts[name]
             changed |= set(old.addresses) ^ {i.split("/")[0] for i in ifaces}
-            batches.append((old.ns, ["address flush dev eth0 scope global",
-                                     *_address_lines(ifaces)]))
+            # Only what changes: an address that stays is never removed, so connections
+            # from it (an agent's to its server) live on.
+            gone = [i for i in old.interfaces if i not in ifaces]
+            batches.append((old.ns, [*(f"address del {i} dev eth0" for i in gone),
+                                     *_address_lines(i for i in ifaces
+                                                     if i not in old.interfaces)]))
         if self.uplink is not None:
             ip_batches(batches)
             if changed:

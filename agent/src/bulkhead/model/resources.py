@@ -280,6 +280,8 @@ class PolicySpec:
         return self.ingress if direction == INGRESS else self.egress
 
     def dump(self) -> dict[str, Any]:
+        if self.staged_action == "Delete":  # only the tier says what it deletes
+            return {"stagedAction": "Delete", "tier": self.tier}
         out = _prune({
             "stagedAction": self.staged_action,
             "tier": self.tier, "order": _order_out(self.order),

@@ -1,0 +1,90 @@
+"""The nftables dataplane for the conformance runner: real agents, real packets.
+
+One testbed (a lab with bulkhead-server and an agent per host) serves every case: the
+case's hosts take the first lab hosts and the case's addresses, its resources replace
+the store's, the runner waits until every agent enforces that revision, flushes
+conntrack (so no old connection hides a deny), listens on the probed ports and probes.
+A probe that reaches the host ("open", or "refused" when nothing listens) is allowed; a
+probe that times out is denied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from bulkhead.conformance.cases import Case
+from bulkhead.lab.probe import ProbeSpec
+from bulkhead.lab.testbed import MANAGEMENT, Testbed
+
+LAB_HOSTS = 6
+PROBE_TIMEOUT = 0.6
+
+
+def forget_connections(bed: Testbed, addresses: list[str]) -> None:
+    """Delete every tracked connection to these addresses in every host, so a deny is
+    never hidden by an old connection. Not `conntrack -F`: that would also forget the
+    agents' own connections to the server, and under a deny-all ingress policy their
+    next packets would be new connections and dropped until the agent reconnects."""
+    script = "; ".join(f"conntrack -D -d {a} >/dev/null 2>&1" for a in addresses) + "; true"
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda h: bed.lab.run(h, ["sh", "-c", script], check=True),
+                      bed.lab.hosts))
+
+
+class NftablesDataplane:
+    name = "nftables"
+
+    def __init__(self, lab_name: str = "conf", hosts: int = LAB_HOSTS) -> None:
+        self.lab_name = lab_name
+        self.hosts = hosts
+        self.testbed: Testbed | None = None
+        self.convergence: list[float] = []
+
+    def _bed(self) -> Testbed:
+        if self.testbed is None:
+            self.testbed = Testbed(self.lab_name, self.hosts, failsafe_defaults=False,
+                                   management=True).up()
+        return self.testbed
+
+    def close(self) -> None:
+        if self.testbed is not None:
+            self.testbed.down()
+            self.testbed = None
+
+    def run(self, case: Case) -> list[bool]:
+        bed = self._bed()
+        lab_hosts = list(bed.lab.hosts)
+        if len(case.hosts) > len(lab_hosts):
+            raise ValueError(f"case {case.name} has {len(case.hosts)} hosts; the lab has "
+                             f"{len(lab_hosts)}")
+        where = dict(zip(case.hosts, lab_hosts, strict=False))
+        hosts_of = {lab: h for h, lab in where.items()}
+        wanted_fs = "failsafe-defaults" in case.requires
+        if bed.failsafe_defaults != wanted_fs:
+            bed.start_agents(wanted_fs)
+        # The management address first (it stays), then the case's address, if any.
+        bed.lab.set_addresses_many({
+            lab: [MANAGEMENT.format(10 + i), *([case.addresses[h]] if h else [])]
+            for i, (lab, h) in enumerate((lab, hosts_of.get(lab)) for lab in lab_hosts)})
+        docs: list[dict[str, Any]] = []
+        for doc in case.host_endpoints():
+            doc["spec"]["node"] = where[doc["metadata"]["name"]]
+            docs.append(doc)
+        docs += case.policies
+        marker = hashlib.sha1(case.name.encode()).hexdigest()[:12]
+        revision = bed.replace_all(docs, marker)
+        self.convergence.append(bed.wait_converged(revision))
+        forget_connections(bed, sorted(set(case.addresses.values())))
+        ports: dict[str, dict[str, set[int]]] = {}
+        for p in case.expect:
+            if p.port is not None:
+                ports.setdefault(where[p.dst], {"tcp": set(), "udp": set()})[
+                    p.proto.lower()].add(p.port)
+        for host, by_proto in ports.items():
+            bed.lab.listen(host, tcp=sorted(by_proto["tcp"]), udp=sorted(by_proto["udp"]),
+                           replace=True)
+        specs = [ProbeSpec(where[p.src], case.addresses[p.dst], p.proto.lower(), p.port,
+                           PROBE_TIMEOUT, src_ip=case.addresses[p.src]) for p in case.expect]
+        return [r.outcome in ("open", "refused") for r in bed.lab.probe_many(specs)]

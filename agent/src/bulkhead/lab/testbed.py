@@ -1,0 +1,247 @@
+"""A testbed: a lab with bulkhead-server in its switch namespace and a bulkhead-agent in
+every host, with real mutual TLS from `bulkhead pki`. The kernel conformance runner, the
+differential and fault tests, the benchmarks and the demo all stand on it.
+
+Agents reach the server at the lab's service address; tools in the root namespace (this
+process, the CLI, Ansible) at the uplink address. Every agent keeps a failsafe to the
+server's port, so no policy can cut it off from the store that would fix it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bulkhead.client import ApiError, Connection, Unreachable
+from bulkhead.defaults import SERVER_PORT
+from bulkhead.lab.core import DEFAULT_NET4, Lab
+from bulkhead.lab.kernel import LabError
+from bulkhead.model import KINDS
+from bulkhead.policy import DEFAULT_INBOUND, DEFAULT_OUTBOUND
+from bulkhead.server import pki
+
+BIN = Path(sys.executable).parent
+MANAGEMENT = "198.19.253.{}"   # hosts' management addresses, with management=True
+POLICY_KINDS = ("StagedGlobalNetworkPolicy", "GlobalNetworkPolicy", "HostEndpoint",
+                "GlobalNetworkSet", "Profile", "Tier")  # the order to delete them in
+
+
+class Testbed:
+    def __init__(self, name: str, hosts: Sequence[str] | int, *, net4: str = DEFAULT_NET4,
+                 failsafe_defaults: bool = True, management: bool = False) -> None:
+        self.lab = Lab(name, hosts, net4=net4)
+        self.management = management
+        self.failsafe_defaults = failsafe_defaults
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self._server: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+
+    # -- paths ------------------------------------------------------------------------
+    @property
+    def dir(self) -> Path:
+        return self.lab.state_dir
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.dir / "pki"
+
+    @property
+    def server_url(self) -> str:
+        """Where the root namespace reaches the server."""
+        return f"https://{self.lab.uplink_address}:{SERVER_PORT}"
+
+    @property
+    def agent_server_url(self) -> str:
+        return f"https://{self.lab.service_address}:{SERVER_PORT}"
+
+    # -- life cycle -------------------------------------------------------------------
+    def up(self) -> Testbed:
+        self.lab.up()
+        try:
+            if self.management:
+                # Each host's first (primary) address: the source of its agent's
+                # connection to the server, never moved by the cases that follow.
+                self.lab.set_addresses_many({h: [MANAGEMENT.format(10 + i)]
+                                             for i, h in enumerate(self.lab.hosts)})
+            self._start_server()
+            self.start_agents(self.failsafe_defaults)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def down(self) -> None:
+        self.lab.down()
+        self.agents.clear()
+        self._server = None
+
+    def __enter__(self) -> Testbed:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def _start_server(self) -> None:
+        pki.init_ca(self.pki_dir)
+        pki.issue(self.pki_dir, "server", server=True,
+                  hosts=(self.lab.service_address, self.lab.uplink_address))
+        pki.issue(self.pki_dir, "admin", role="admin")
+        config = self.dir / "server.yaml"
+        config.write_text(yaml.safe_dump({
+            "listen": f"0.0.0.0:{SERVER_PORT}", "datastore": f"sqlite://{self.dir}/store.db",
+            "tlsCert": str(self.pki_dir / "server.crt"),
+            "tlsKey": str(self.pki_dir / "server.key"),
+            "clientCA": str(self.pki_dir / "ca.crt"), "logLevel": "warning"}))
+        self._server = self.lab.spawn("sw", [str(BIN / "bulkhead-server"), "--config",
+                                             str(config)], self.dir / "server.log")
+        self.wait_server()
+
+    def wait_server(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.request("GET", "/readyz")
+                return
+            except (Unreachable, ApiError):
+                time.sleep(0.1)
+        raise LabError(f"bulkhead-server did not become ready: {self._log('server.log')}")
+
+    def stop_server(self) -> None:
+        """Kill the server (agents keep enforcing what they have)."""
+        if self._server is not None:
+            self._server.kill()
+            self._server.wait(timeout=10)
+            self._server = None
+
+    def start_server(self) -> None:
+        config = self.dir / "server.yaml"
+        self._server = self.lab.spawn("sw", [str(BIN / "bulkhead-server"), "--config",
+                                             str(config)], self.dir / "server.log")
+        self.wait_server()
+
+    def _log(self, name: str, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join((self.dir / name).read_text().splitlines()[-lines:])
+        return "(no log)"
+
+    # -- agents -----------------------------------------------------------------------
+    def agent_config(self, host: str, failsafe_defaults: bool) -> Path:
+        crt, key = pki.issue(self.pki_dir, host, role="agent")
+        to_server = f"tcp:{self.lab.service_address}/32:{SERVER_PORT}"
+        inbound = [str(f) for f in DEFAULT_INBOUND] if failsafe_defaults else []
+        outbound = [str(f) for f in DEFAULT_OUTBOUND] if failsafe_defaults else []
+        path = self.dir / f"agent-{host}.yaml"
+        path.write_text(yaml.safe_dump({
+            "server": self.agent_server_url, "node": host,
+            "ca": str(self.pki_dir / "ca.crt"), "cert": str(crt), "key": str(key),
+            "stateDir": str(self.dir / f"agent-{host}"),
+            "failsafeInbound": inbound, "failsafeOutbound": [*outbound, to_server],
+            "metricsListen": f"127.0.0.1:{9473}", "driftInterval": 2.0,
+            "statusInterval": 5.0, "heartbeatInterval": 2.0, "logLevel": "info"}))
+        return path
+
+    def start_agent(self, host: str, failsafe_defaults: bool | None = None) -> None:
+        fs = self.failsafe_defaults if failsafe_defaults is None else failsafe_defaults
+        config = self.agent_config(host, fs)
+        self.agents[host] = self.lab.spawn(
+            host, [str(BIN / "bulkhead-agent"), "--config", str(config)],
+            self.dir / f"agent-{host}.log")
+
+    def stop_agent(self, host: str, kill: bool = False) -> None:
+        proc = self.agents.pop(host, None)
+        if proc is None:
+            return
+        if kill:
+            proc.kill()
+        else:
+            proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def start_agents(self, failsafe_defaults: bool) -> None:
+        """(Re)start every host's agent, with Felix's default failsafe ports or with only
+        the one to the server."""
+        for host in list(self.agents):
+            self.stop_agent(host)
+        self.failsafe_defaults = failsafe_defaults
+        for host in self.lab.hosts:
+            self.start_agent(host, failsafe_defaults)
+
+    # -- talking to the server --------------------------------------------------------
+    def connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = Connection(self.server_url, ca=str(self.pki_dir / "ca.crt"),
+                                    cert=str(self.pki_dir / "admin.crt"),
+                                    key=str(self.pki_dir / "admin.key"), timeout=30)
+        return self._conn
+
+    def request(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
+        return self.connection().request(method, path, body, **kw)
+
+    def apply(self, docs: Iterable[Mapping[str, Any]]) -> int | None:
+        """Apply resources (all or nothing); the store revision it made, None if nothing
+        changed."""
+        text = "\n---\n".join(json.dumps(d) for d in docs)
+        answer = self.request("POST", "/v1/apply", raw=text.encode(),
+                              content_type="application/yaml")
+        return answer.get("revision") if isinstance(answer, dict) else None
+
+    def replace_all(self, docs: Sequence[Mapping[str, Any]], marker: str) -> int:
+        """Make the store hold exactly `docs` (plus a marker network set, so the last write
+        always happens and gives the revision agents must reach)."""
+        keep = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        for kind in POLICY_KINDS:
+            listing = self.request("GET", f"/v1/resources/{kind}")
+            for item in listing.get("items", []):
+                name = item["metadata"]["name"]
+                if (kind, name) in keep or name == "bulkhead-testbed-marker":
+                    continue
+                self.request("DELETE", f"/v1/resources/{kind}/{name}")
+        marker_doc = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+                      "metadata": {"name": "bulkhead-testbed-marker",
+                                   "labels": {"bulkhead.io/step": marker}},
+                      "spec": {}}
+        tiers = [d for d in docs if d["kind"] == "Tier"]
+        others = [d for d in docs if d["kind"] != "Tier"]
+        if tiers:
+            self.apply(tiers)
+        revision = self.apply([*others, marker_doc])
+        assert revision is not None  # the marker changed
+        return revision
+
+    def nodes(self, revision: int | None = None) -> dict[str, Any]:
+        query = {"revision": str(revision)} if revision is not None else None
+        answer: dict[str, Any] = self.request("GET", "/v1/nodes", query=query)
+        return answer
+
+    def wait_converged(self, revision: int, hosts: Iterable[str] | None = None,
+                       timeout: float = 30.0) -> float:
+        """Wait until every (given) host's agent enforces `revision`; seconds waited."""
+        wanted = set(hosts if hosts is not None else self.lab.hosts)
+        start = time.monotonic()
+        while True:
+            nodes = {n["node"]: n for n in self.nodes(revision)["nodes"]}
+            behind = sorted(h for h in wanted
+                            if not nodes.get(h, {}).get("converged", False))
+            if not behind:
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                detail = {h: nodes.get(h, {}) for h in behind[:3]}
+                raise LabError(f"agents {behind} did not reach revision {revision} in "
+                               f"{timeout:.0f} s: {detail}; last agent log: "
+                               f"{self._log(f'agent-{behind[0]}.log', 5)}")
+            time.sleep(0.02)
+
+
+assert set(POLICY_KINDS) == set(KINDS)
