@@ -113,7 +113,11 @@ def test_up_down_leaves_nothing_behind(tmp_path: Path) -> None:
         assert [r["dst"] for r in json.loads(routes)] == [str(lab.uplink)]
         sleeper = lab.spawn("a", ["sleep", "60"], tmp_path / "sleep.log")
         in_switch = lab.spawn("sw", ["sleep", "60"])
-        pids = lab.pids()
+        # `ip netns exec` enters the namespace just after it starts: wait for that.
+        deadline = time.monotonic() + 5
+        while (not {sleeper.pid, in_switch.pid} <= set(pids := lab.pids())
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
         assert sleeper.pid in pids and in_switch.pid in pids
         assert len(pids) == 4  # two host daemons and the two sleepers
         assert lab.up() is lab  # again: the old one goes first
