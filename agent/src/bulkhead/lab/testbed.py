@@ -100,9 +100,7 @@ class Testbed:
             "tlsCert": str(self.pki_dir / "server.crt"),
             "tlsKey": str(self.pki_dir / "server.key"),
             "clientCA": str(self.pki_dir / "ca.crt"), "logLevel": "warning"}))
-        self._server = self.lab.spawn("sw", [str(BIN / "bulkhead-server"), "--config",
-                                             str(config)], self.dir / "server.log")
-        self.wait_server()
+        self.start_server()
 
     def wait_server(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -122,6 +120,7 @@ class Testbed:
             self._server = None
 
     def start_server(self) -> None:
+        """Start (or restart) the server from the config `up()` wrote."""
         config = self.dir / "server.yaml"
         self._server = self.lab.spawn("sw", [str(BIN / "bulkhead-server"), "--config",
                                              str(config)], self.dir / "server.log")
