@@ -1,0 +1,394 @@
+"""Dataplane cost: new TCP connections per second and established throughput between two
+lab hosts, with four rulesets in the receiver, side by side in one run.
+
+    .venv/bin/python agent/benchmarks/dataplane.py [--rounds 10] [--json]
+    .venv/bin/python agent/benchmarks/dataplane.py --policies 20 --elements 200 \\
+        --selecting 4 --naive-rules 200 --rounds 1 --seconds 0.3 --json     # a smoke run
+
+One lab (`bench`: a client and four receivers, each receiver a network namespace of its
+own holding one ruleset, loaded once):
+  none      no ruleset at all;
+  floor     the stateful floor: `ct state established,related accept; tcp dport N accept;
+            drop` in the input hook;
+  bulkhead  Bulkhead's table for the receiver's node, calculated from resources
+            (`bulkhead.policy.plan`), rendered (`bulkhead.dataplane.nftables.render`) and
+            loaded by the agent's applier: 1,000 policies, 100 of them selecting the
+            receiver, their rules naming GlobalNetworkSets of 100,000 addresses in all;
+  naive     the same meaning as one rule per (address, port), the way Ansible firewall
+            roles write it (`ip saddr A tcp dport P accept`), the client's rule last.
+Meaning, in every ruleset but `none`: the client may reach TCP N; each listed address
+may reach only its own list's port (6000 + list number), not N; the rest is dropped.
+Probes check that meaning on the wire before anything is timed.
+
+The load is a C program (tcpbench.c, compiled here with gcc): an epoll loop of
+non-blocking connects closed with a reset (no TIME_WAIT), against an accept-and-close
+server; and streams written for a bounded time into a sink. One client run takes the
+receivers in turn, a short slice each (none, floor, bulkhead, naive, none, ...), so the
+load of whatever else runs on the machine hits all four alike. Figures are medians over
+the slices; ratios are taken against `none`, and Bulkhead's against `floor` (goal: at
+least 0.9), also within each cycle of four slices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bulkhead.dataplane.nftables import render
+from bulkhead.dataplane.nftables.apply import NftApplier
+from bulkhead.lab import Lab, LabError, ProbeSpec
+from bulkhead.model import Snapshot, parse_resource
+from bulkhead.policy import Failsafes
+from bulkhead.policy.plan import calculate
+
+HERE = Path(__file__).resolve().parent
+C_SOURCE = HERE / "tcpbench.c"
+V3 = "projectcalico.org/v3"
+PORT = 5001                     # the port the client may reach
+LIST_PORT = 6000                # list i may reach LIST_PORT + i
+CONFIGS = ("none", "floor", "bulkhead", "naive")
+CLIENT = "client"
+# Listed addresses: every other address of 198.18.64.0-198.19.191.255 (inside the lab's
+# 198.18.0.0/15, away from the hosts at 198.18.0.10+, the uplinks and the service address).
+# Never two neighbours in one list, so no list collapses into a CIDR.
+LIST_BASE = int(ipaddress.IPv4Address("198.18.64.0"))
+LIST_SLOTS = 49_152
+
+
+def listed(i: int, j: int, per_list: int) -> str:
+    """Address j of list i."""
+    return str(ipaddress.IPv4Address(LIST_BASE + 2 * ((i * per_list + j) % LIST_SLOTS)))
+
+
+def resources(policies: int, elements: int, selecting: int, client_ip: str, recv_ip: str
+              ) -> list[dict[str, Any]]:
+    """The store: the receiver's and the client's host endpoints, `selecting` network sets
+    of `elements` addresses in all, and `policies` policies of which `selecting` select the
+    receiver (in order; the last one also lets the client in on PORT)."""
+    per_list = elements // selecting
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": V3, "kind": "HostEndpoint",
+         "metadata": {"name": "receiver", "labels": {"role": "db"}},
+         "spec": {"node": "receiver", "interfaceName": "eth0", "expectedIPs": [recv_ip]}},
+        {"apiVersion": V3, "kind": "HostEndpoint",
+         "metadata": {"name": "client", "labels": {"role": "client"}},
+         "spec": {"node": "client", "interfaceName": "eth0", "expectedIPs": [client_ip]}}]
+    for i in range(selecting):
+        docs.append({"apiVersion": V3, "kind": "GlobalNetworkSet",
+                     "metadata": {"name": f"list-{i}", "labels": {"list": f"l{i}"}},
+                     "spec": {"nets": [listed(i, j, per_list) for j in range(per_list)]}})
+    for i in range(policies):
+        rules: list[dict[str, Any]] = [{
+            "action": "Allow", "protocol": "TCP",
+            "source": {"selector": f"list == 'l{i % selecting}'"},
+            "destination": {"ports": [LIST_PORT + i % selecting]}}]
+        if i == selecting - 1:
+            rules.append({"action": "Allow", "protocol": "TCP",
+                          "source": {"selector": "role == 'client'"},
+                          "destination": {"ports": [PORT]}})
+        # The other policies select endpoints of other nodes: calculated, not rendered here.
+        selector = "role == 'db'" if i < selecting else f"role == 'svc{i}'"
+        docs.append({"apiVersion": V3, "kind": "GlobalNetworkPolicy",
+                     "metadata": {"name": f"p{i:04d}"},
+                     "spec": {"order": i, "selector": selector, "ingress": rules}})
+    return docs
+
+
+def floor_script() -> str:
+    return ("table inet floor {\n\tchain input {\n"
+            "\t\ttype filter hook input priority filter; policy accept;\n"
+            "\t\tct state established,related accept\n"
+            f"\t\ttcp dport {PORT} accept\n\t\tdrop\n\t}}\n}}\n")
+
+
+def naive_script(rules: int, elements: int, selecting: int, client_ip: str) -> str:
+    """One rule per listed address and its port, `rules` of them taken evenly from every
+    list (the first address of each list included), the client's rule last."""
+    per_list = elements // selecting
+    take = max(1, rules // selecting)
+    lines = [f"\t\tip saddr {listed(i, j, per_list)} tcp dport {LIST_PORT + i} accept"
+             for i in range(selecting) for j in range(min(take, per_list))]
+    return ("table inet naive {\n\tchain input {\n"
+            "\t\ttype filter hook input priority filter; policy accept;\n"
+            "\t\tct state established,related accept\n" + "\n".join(lines) + "\n"
+            f"\t\tip saddr {client_ip} tcp dport {PORT} accept\n\t\tdrop\n\t}}\n}}\n")
+
+
+def build_tool(out_dir: Path) -> Path:
+    exe = out_dir / "tcpbench"
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(C_SOURCE)], check=True,
+                   capture_output=True, text=True, timeout=120)
+    return exe
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+class Bench:
+    def __init__(self, lab: Lab, tool: Path, logs: Path, args: argparse.Namespace) -> None:
+        self.lab = lab
+        self.tool = str(tool)
+        self.logs = logs
+        self.args = args
+        self._spawns = 0
+
+    def nft_load(self, host: str, script: str, timeout: float) -> float:
+        start = time.perf_counter()
+        done = self.lab.run(host, ["nft", "-f", "-"], input=script, timeout=timeout)
+        if done.returncode != 0:
+            raise LabError(f"nft refused the {host} ruleset: {done.stderr[:2000]}")
+        return time.perf_counter() - start
+
+    def server(self, host: str, mode: str, seconds: float) -> subprocess.Popen[bytes]:
+        """tcpbench accept|sink in `host`, once it listens."""
+        self._spawns += 1
+        log = self.logs / f"{host}-{mode}-{self._spawns}.log"
+        proc = self.lab.spawn(host, [self.tool, mode, str(PORT), f"{seconds:.1f}"], log)
+        deadline = time.monotonic() + 10
+        while "ready" not in (log.read_text() if log.exists() else ""):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"tcpbench {mode} in {host} did not start: "
+                               f"{log.read_text() if log.exists() else '(no log)'}")
+            time.sleep(0.01)
+        return proc
+
+    def client(self, argv: Sequence[str], bound: float) -> list[dict[str, Any]]:
+        done = self.lab.run(CLIENT, [self.tool, *argv], timeout=bound)
+        if done.returncode != 0:
+            raise LabError(f"tcpbench {' '.join(argv)}: {done.stderr.strip()}")
+        slices: list[dict[str, Any]] = json.loads(done.stdout)["slices"]
+        return slices
+
+    def _stop(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def phase(self, mode: str, argv: Sequence[str], seconds: float) -> list[dict[str, Any]]:
+        """Servers (`accept` or `sink`) in every receiver, then one client run that takes
+        the receivers in turn, slice by slice; the slices, each named by its receiver."""
+        slices = self.args.rounds * len(CONFIGS)
+        # A slice may run over by a handshake timeout (1 s) or a drain (5 s).
+        bound = slices * (seconds + (6 if mode == "sink" else 2)) + 30
+        servers = [self.server(host, mode, bound) for host in CONFIGS]
+        try:
+            got = self.client([*argv, str(PORT), str(seconds), str(slices),
+                               *self._limits(mode),
+                               *(self.lab.address(h) for h in CONFIGS)], bound)
+        finally:
+            for proc in servers:
+                self._stop(proc)
+        for one in got:
+            one["receiver"] = CONFIGS[one.pop("target")]
+        return got
+
+    def _limits(self, mode: str) -> list[str]:
+        if mode == "accept":
+            return [str(self.args.max_connections), str(self.args.inflight)]
+        return []
+
+    def connection_rates(self) -> list[dict[str, Any]]:
+        got = self.phase("accept", ["connect"], self.args.seconds)
+        for one in got:
+            one["per_s"] = one["connections"] / one["seconds"]
+        return got
+
+    def throughputs(self) -> list[dict[str, Any]]:
+        got = self.phase("sink", ["stream"], self.args.stream_seconds)
+        for one in got:
+            one["gbit_s"] = one["bytes"] * 8 / one["seconds"] / 1e9
+        return got
+
+
+def load_rulesets(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    lab = bench.lab
+    client_ip = lab.address(CLIENT)
+    info: dict[str, Any] = {}
+    info["floor"] = {"load_s": bench.nft_load("floor", floor_script(), 60)}
+
+    recv_ip = lab.address("bulkhead")
+    start = time.perf_counter()
+    snapshot = Snapshot.build(parse_resource(d) for d in resources(
+        args.policies, args.elements, args.selecting, client_ip, recv_ip))
+    built = time.perf_counter()
+    plan = calculate(snapshot, "receiver", {"eth0": [f"{recv_ip}/15"]}, Failsafes())
+    planned = time.perf_counter()
+    ruleset = render(plan)
+    rendered = time.perf_counter()
+    applier = NftApplier(prefix=["ip", "netns", "exec", lab.ns("bulkhead")])
+    applied = applier.apply(ruleset)
+    listing = lab.run("bulkhead", ["nft", "-t", "list", "ruleset"]).stdout
+    info["bulkhead"] = {
+        "policies": len(snapshot.policies),
+        "policies_selecting_receiver": sum(
+            len(t.policies) for ep in plan.endpoints for t in ep.ingress.tiers),
+        "network_set_addresses": sum(len(n.nets) for n in snapshot.network_sets.values()),
+        "build_s": built - start, "plan_s": planned - built, "render_s": rendered - planned,
+        "apply_s": applied.seconds, "counts": ruleset.counts(),
+        "input_chain": list(ruleset.chains["input"].rules), "listing_terse": listing}
+
+    script = naive_script(args.naive_rules, args.elements, args.selecting, client_ip)
+    rules = script.count("tcp dport")
+    info["naive"] = {"rules": rules, "load_s": bench.nft_load("naive", script, 900)}
+    return info
+
+
+def check_meaning(lab: Lab, args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """Probe each receiver from the client's address and from a listed address, on PORT
+    and on list 0's port, and check the outcomes against the meaning of the rulesets."""
+    per_list = args.elements // args.selecting
+    outsider = listed(0, 0, per_list)
+    client_ip = lab.address(CLIENT)
+    lab.set_addresses(CLIENT, [client_ip, outsider])
+    try:
+        for host in CONFIGS:
+            lab.listen(host, tcp=[PORT, LIST_PORT])
+        cases = [(f"{who} -> {port}", host, src, port) for host in CONFIGS
+                 for who, src in (("client", client_ip), ("listed", outsider))
+                 for port in (PORT, LIST_PORT)]
+        results = lab.probe_many([ProbeSpec(CLIENT, lab.address(host), "tcp", port,
+                                            timeout=0.5, src_ip=src)
+                                  for _, host, src, port in cases])
+    finally:
+        for host in CONFIGS:
+            lab.listen(host, replace=True)
+        lab.set_addresses(CLIENT, [client_ip])
+    seen: dict[str, dict[str, str]] = {h: {} for h in CONFIGS}
+    for (what, host, _, _), result in zip(cases, results, strict=True):
+        seen[host][what] = result.outcome
+    to_port, to_list = f"-> {PORT}", f"-> {LIST_PORT}"
+    allowed = {"none": {f"client {to_port}", f"client {to_list}", f"listed {to_port}",
+                        f"listed {to_list}"},
+               "floor": {f"client {to_port}", f"listed {to_port}"},
+               "bulkhead": {f"client {to_port}", f"listed {to_list}"},
+               "naive": {f"client {to_port}", f"listed {to_list}"}}
+    wrong = [f"{host}: {what} {outcome}" for host, got in seen.items()
+             for what, outcome in got.items() if (outcome == "open") != (what in allowed[host])]
+    if wrong:
+        raise LabError("a ruleset does not mean what it should: " + "; ".join(wrong))
+    return seen
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
+        "kernel": os.uname().release,
+        "sizes": {"policies": args.policies, "elements": args.elements,
+                  "selecting": args.selecting, "naive_rules": args.naive_rules,
+                  "rounds": args.rounds, "seconds": args.seconds,
+                  "stream_seconds": args.stream_seconds, "inflight": args.inflight}}
+    with tempfile.TemporaryDirectory(prefix="bulkhead-dataplane-") as tmp_name:
+        tmp = Path(tmp_name)
+        tool = build_tool(tmp)
+        with Lab(args.lab, [CLIENT, *CONFIGS]) as lab:
+            bench = Bench(lab, tool, tmp, args)
+            results["rulesets"] = load_rulesets(bench, args)
+            results["meaning"] = check_meaning(lab, args)
+            conn = bench.connection_rates()
+            stream = bench.throughputs()
+    results["connection_slices"] = conn
+    results["stream_slices"] = stream
+
+    def per(slices: list[dict[str, Any]], key: str, host: str) -> list[float]:
+        return [float(x[key]) for x in slices if x["receiver"] == host]
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else 0.0
+
+    rate = {h: median(per(conn, "per_s", h)) for h in CONFIGS}
+    gbit = {h: median(per(stream, "gbit_s", h)) for h in CONFIGS}
+    # The ratio within each cycle (one slice per receiver, back to back): drift in the
+    # machine's load between cycles cancels out.
+    cycles = list(zip(*(per(conn, "per_s", h) for h in CONFIGS), strict=True))
+    vs_floor = [ratio(c[CONFIGS.index("bulkhead")], c[CONFIGS.index("floor")])
+                for c in cycles]
+    results["conn_per_s"] = rate
+    results["throughput_gbit_s"] = gbit
+    results["failed_connections"] = {h: sum(int(x["failed"]) for x in conn
+                                            if x["receiver"] == h) for h in CONFIGS}
+    results["ratios"] = {
+        "conn_vs_none": {h: ratio(rate[h], rate["none"]) for h in CONFIGS},
+        "throughput_vs_none": {h: ratio(gbit[h], gbit["none"]) for h in CONFIGS},
+        "bulkhead_vs_floor_conn": ratio(rate["bulkhead"], rate["floor"]),
+        "bulkhead_vs_floor_conn_per_cycle_median": median(vs_floor),
+        "bulkhead_vs_floor_conn_per_cycle": vs_floor,
+        "bulkhead_vs_floor_throughput": ratio(gbit["bulkhead"], gbit["floor"]),
+        "bulkhead_vs_naive_conn": ratio(rate["bulkhead"], rate["naive"])}
+    results["loadavg_after"] = os.getloadavg()
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    conn, gbit, ratios = results["conn_per_s"], results["throughput_gbit_s"], results["ratios"]
+    rs = results["rulesets"]
+    lines = [f"dataplane, {results['date']}, load {results['loadavg_before'][0]:.2f}, "
+             f"{results['sizes']['rounds']} cycles of one slice per receiver (medians)",
+             f"bulkhead ruleset: {rs['bulkhead']['policies']} policies, "
+             f"{rs['bulkhead']['policies_selecting_receiver']} selecting the receiver, "
+             f"{rs['bulkhead']['network_set_addresses']} addresses; counts "
+             f"{rs['bulkhead']['counts']}; plan {rs['bulkhead']['plan_s']:.1f} s, render "
+             f"{rs['bulkhead']['render_s']:.1f} s, apply {rs['bulkhead']['apply_s']:.1f} s",
+             f"naive ruleset: {rs['naive']['rules']} rules, loaded in "
+             f"{rs['naive']['load_s']:.1f} s; floor loaded in {rs['floor']['load_s']:.2f} s"]
+    for h in CONFIGS:
+        lines.append(f"  {h:<9} {conn[h]:>9.0f} conn/s ({ratios['conn_vs_none'][h]:.2f} of none)"
+                     f"   {gbit[h]:>6.2f} Gbit/s ({ratios['throughput_vs_none'][h]:.2f})")
+    lines.append(f"bulkhead / floor: {ratios['bulkhead_vs_floor_conn']:.2f} of the connection "
+                 f"rate (goal >= 0.9; median of the per-cycle ratios "
+                 f"{ratios['bulkhead_vs_floor_conn_per_cycle_median']:.2f}), "
+                 f"{ratios['bulkhead_vs_floor_throughput']:.2f} of the throughput")
+    lines.append(f"bulkhead / naive: {ratios['bulkhead_vs_naive_conn']:.1f}x the connection "
+                 f"rate")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policies", type=int, default=1000)
+    parser.add_argument("--elements", type=int, default=100_000,
+                        help="addresses in the network sets the receiver's policies name")
+    parser.add_argument("--selecting", type=int, default=100,
+                        help="policies (and network sets) on the receiver's path")
+    parser.add_argument("--naive-rules", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="cycles: one slice per receiver each, in turn")
+    parser.add_argument("--seconds", type=float, default=1.0,
+                        help="a connection-rate slice")
+    parser.add_argument("--stream-seconds", type=float, default=1.0, help="a stream slice")
+    parser.add_argument("--inflight", type=int, default=32)
+    parser.add_argument("--max-connections", type=int, default=2_000_000)
+    parser.add_argument("--lab", default="bench", help="lab name (not starting with t)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if not 1 <= args.selecting <= min(args.policies, 1000):
+        parser.error("--selecting must be 1..min(--policies, 1000)")
+    if args.elements < args.selecting:
+        parser.error("--elements must be at least --selecting")
+    results = run(args)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
