@@ -1,0 +1,65 @@
+"""The dataplane and convergence benchmarks run end to end on tiny sizes, in labs named by
+the test fixtures' scheme (so the session sweep removes them if a run dies). No timing is
+asserted: the figures live in docs/benchmarks.md; here only that they are produced."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.labfixture import NEEDS_ROOT, unique_lab_name
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason=NEEDS_ROOT)
+
+
+def run_script(name: str, *args: str) -> dict[str, object]:
+    # The lab belongs to this test session: a sweep by a session next to it leaves it.
+    env = {**os.environ, "BULKHEAD_LAB_OWNER": str(os.getpid())}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / name), "--lab", unique_lab_name(),
+                           "--json", *args], capture_output=True, text=True, timeout=600,
+                          env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results: dict[str, object] = json.loads(done.stdout)
+    return results
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build tcpbench.c")
+def test_dataplane_benchmark_runs_small() -> None:
+    results = run_script("dataplane.py", "--policies", "12", "--elements", "60",
+                         "--selecting", "3", "--naive-rules", "60", "--rounds", "1",
+                         "--seconds", "0.3", "--stream-seconds", "0.3")
+    configs = {"none", "floor", "bulkhead", "naive"}
+    for figure in ("conn_per_s", "throughput_gbit_s"):
+        values = results[figure]
+        assert isinstance(values, dict) and set(values) == configs
+        assert all(v > 0 for v in values.values())
+    ratios = results["ratios"]
+    assert isinstance(ratios, dict)
+    assert ratios["conn_vs_none"]["none"] == 1.0
+    assert ratios["bulkhead_vs_floor_conn"] > 0
+    assert len(ratios["bulkhead_vs_floor_conn_per_cycle"]) == 1
+    rulesets = results["rulesets"]
+    assert isinstance(rulesets, dict)
+    assert rulesets["bulkhead"]["policies"] == 12
+    assert rulesets["bulkhead"]["policies_selecting_receiver"] == 3
+    assert rulesets["naive"]["rules"] == 61     # 60 listed addresses and the client's
+
+
+def test_convergence_benchmark_runs_small() -> None:
+    results = run_script("convergence.py", "--hosts", "2", "--writes", "2", "--gap", "0.1")
+    assert results["hosts"] == 2
+    for figure in ("kernel_every_host_ms", "kernel_per_host_ms", "status_every_host_ms"):
+        values = results[figure]
+        assert isinstance(values, dict)
+        assert 0 < values["p50"] <= values["p99"]
+    details = results["write_details"]
+    assert isinstance(details, list) and len(details) == 2
+    assert all(set(w["kernel_ms"]) == {"h1", "h2"} for w in details)
