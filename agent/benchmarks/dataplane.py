@@ -1,9 +1,9 @@
 """Dataplane cost: new TCP connections per second and established throughput between two
 lab hosts, with four rulesets in the receiver, side by side in one run.
 
-    .venv/bin/python agent/benchmarks/dataplane.py [--rounds 10] [--json]
+    .venv/bin/python agent/benchmarks/dataplane.py [--rounds 40] [--json]
     .venv/bin/python agent/benchmarks/dataplane.py --policies 20 --elements 200 \\
-        --selecting 4 --naive-rules 200 --rounds 1 --seconds 0.3 --json     # a smoke run
+        --selecting 4 --naive-rules 200 --rounds 1 --stream-rounds 1 --seconds 0.3  # smoke
 
 One lab (`bench`: a client and four receivers, each receiver a network namespace of its
 own holding one ruleset, loaded once):
@@ -24,9 +24,10 @@ The load is a C program (tcpbench.c, compiled here with gcc): an epoll loop of
 non-blocking connects closed with a reset (no TIME_WAIT), against an accept-and-close
 server; and streams written for a bounded time into a sink. One client run takes the
 receivers in turn, a short slice each (none, floor, bulkhead, naive, none, ...), so the
-load of whatever else runs on the machine hits all four alike. Figures are medians over
-the slices; ratios are taken against `none`, and Bulkhead's against `floor` (goal: at
-least 0.9), also within each cycle of four slices.
+load of whatever else runs on the machine hits all four alike. Figures are the best slice
+of each receiver (the least disturbed, as for every timing in docs/benchmarks.md) and
+the median slice; ratios are taken against `none`, and Bulkhead's against `floor` (goal:
+at least 0.9), also within each cycle of four slices (the median of those).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,8 @@ class Bench:
     def phase(self, mode: str, argv: Sequence[str], seconds: float) -> list[dict[str, Any]]:
         """Servers (`accept` or `sink`) in every receiver, then one client run that takes
         the receivers in turn, slice by slice; the slices, each named by its receiver."""
-        slices = self.args.rounds * len(CONFIGS)
+        rounds = self.args.rounds if mode == "accept" else self.args.stream_rounds
+        slices = rounds * len(CONFIGS)
         # A slice may run over by a handshake timeout (1 s) or a drain (5 s).
         bound = slices * (seconds + (6 if mode == "sink" else 2)) + 30
         servers = [self.server(host, mode, bound) for host in CONFIGS]
@@ -292,6 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sizes": {"policies": args.policies, "elements": args.elements,
                   "selecting": args.selecting, "naive_rules": args.naive_rules,
                   "rounds": args.rounds, "seconds": args.seconds,
+                  "stream_rounds": args.stream_rounds,
                   "stream_seconds": args.stream_seconds, "inflight": args.inflight}}
     with tempfile.TemporaryDirectory(prefix="bulkhead-dataplane-") as tmp_name:
         tmp = Path(tmp_name)
@@ -311,50 +314,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def ratio(a: float, b: float) -> float:
         return a / b if b else 0.0
 
-    rate = {h: median(per(conn, "per_s", h)) for h in CONFIGS}
-    gbit = {h: median(per(stream, "gbit_s", h)) for h in CONFIGS}
+    # The best slice is the one least disturbed by other work on the machine (the
+    # project's convention for timings); the median says how typical it is.
+    pick: dict[str, Callable[[Sequence[float]], float]] = {"best": max, "median": median}
+    for stat, fn in pick.items():
+        rate = {h: fn(per(conn, "per_s", h)) for h in CONFIGS}
+        gbit = {h: fn(per(stream, "gbit_s", h)) for h in CONFIGS}
+        results.setdefault("conn_per_s", {})[stat] = rate
+        results.setdefault("throughput_gbit_s", {})[stat] = gbit
+        results.setdefault("ratios", {})[stat] = {
+            "conn_vs_none": {h: ratio(rate[h], rate["none"]) for h in CONFIGS},
+            "throughput_vs_none": {h: ratio(gbit[h], gbit["none"]) for h in CONFIGS},
+            "bulkhead_vs_floor_conn": ratio(rate["bulkhead"], rate["floor"]),
+            "bulkhead_vs_floor_throughput": ratio(gbit["bulkhead"], gbit["floor"]),
+            "bulkhead_vs_naive_conn": ratio(rate["bulkhead"], rate["naive"])}
     # The ratio within each cycle (one slice per receiver, back to back): drift in the
     # machine's load between cycles cancels out.
     cycles = list(zip(*(per(conn, "per_s", h) for h in CONFIGS), strict=True))
     vs_floor = [ratio(c[CONFIGS.index("bulkhead")], c[CONFIGS.index("floor")])
                 for c in cycles]
-    results["conn_per_s"] = rate
-    results["throughput_gbit_s"] = gbit
+    results["ratios"]["bulkhead_vs_floor_conn_per_cycle"] = vs_floor
+    results["ratios"]["bulkhead_vs_floor_conn_per_cycle_median"] = median(vs_floor)
     results["failed_connections"] = {h: sum(int(x["failed"]) for x in conn
                                             if x["receiver"] == h) for h in CONFIGS}
-    results["ratios"] = {
-        "conn_vs_none": {h: ratio(rate[h], rate["none"]) for h in CONFIGS},
-        "throughput_vs_none": {h: ratio(gbit[h], gbit["none"]) for h in CONFIGS},
-        "bulkhead_vs_floor_conn": ratio(rate["bulkhead"], rate["floor"]),
-        "bulkhead_vs_floor_conn_per_cycle_median": median(vs_floor),
-        "bulkhead_vs_floor_conn_per_cycle": vs_floor,
-        "bulkhead_vs_floor_throughput": ratio(gbit["bulkhead"], gbit["floor"]),
-        "bulkhead_vs_naive_conn": ratio(rate["bulkhead"], rate["naive"])}
     results["loadavg_after"] = os.getloadavg()
     return results
 
 
 def report(results: dict[str, Any]) -> str:
-    conn, gbit, ratios = results["conn_per_s"], results["throughput_gbit_s"], results["ratios"]
     rs = results["rulesets"]
-    lines = [f"dataplane, {results['date']}, load {results['loadavg_before'][0]:.2f}, "
-             f"{results['sizes']['rounds']} cycles of one slice per receiver (medians)",
-             f"bulkhead ruleset: {rs['bulkhead']['policies']} policies, "
-             f"{rs['bulkhead']['policies_selecting_receiver']} selecting the receiver, "
-             f"{rs['bulkhead']['network_set_addresses']} addresses; counts "
-             f"{rs['bulkhead']['counts']}; plan {rs['bulkhead']['plan_s']:.1f} s, render "
-             f"{rs['bulkhead']['render_s']:.1f} s, apply {rs['bulkhead']['apply_s']:.1f} s",
+    b = rs["bulkhead"]
+    lines = [f"dataplane, {results['date']}, load {results['loadavg_before'][0]:.2f} -> "
+             f"{results['loadavg_after'][0]:.2f}, {results['sizes']['rounds']} cycles of one "
+             f"slice per receiver",
+             f"bulkhead ruleset: {b['policies']} policies, {b['policies_selecting_receiver']} "
+             f"selecting the receiver, {b['network_set_addresses']} addresses; counts "
+             f"{b['counts']}; plan {b['plan_s']:.1f} s, render {b['render_s']:.1f} s, apply "
+             f"{b['apply_s']:.1f} s",
              f"naive ruleset: {rs['naive']['rules']} rules, loaded in "
              f"{rs['naive']['load_s']:.1f} s; floor loaded in {rs['floor']['load_s']:.2f} s"]
-    for h in CONFIGS:
-        lines.append(f"  {h:<9} {conn[h]:>9.0f} conn/s ({ratios['conn_vs_none'][h]:.2f} of none)"
-                     f"   {gbit[h]:>6.2f} Gbit/s ({ratios['throughput_vs_none'][h]:.2f})")
-    lines.append(f"bulkhead / floor: {ratios['bulkhead_vs_floor_conn']:.2f} of the connection "
-                 f"rate (goal >= 0.9; median of the per-cycle ratios "
-                 f"{ratios['bulkhead_vs_floor_conn_per_cycle_median']:.2f}), "
-                 f"{ratios['bulkhead_vs_floor_throughput']:.2f} of the throughput")
-    lines.append(f"bulkhead / naive: {ratios['bulkhead_vs_naive_conn']:.1f}x the connection "
-                 f"rate")
+    for stat in ("best", "median"):
+        conn, gbit = results["conn_per_s"][stat], results["throughput_gbit_s"][stat]
+        ratios = results["ratios"][stat]
+        lines.append(f"{stat} slice:")
+        for h in CONFIGS:
+            lines.append(f"  {h:<9} {conn[h]:>9.0f} conn/s ({ratios['conn_vs_none'][h]:.2f} of "
+                         f"none)   {gbit[h]:>6.2f} Gbit/s "
+                         f"({ratios['throughput_vs_none'][h]:.2f})")
+        lines.append(f"  bulkhead / floor: {ratios['bulkhead_vs_floor_conn']:.2f} of the "
+                     f"connection rate (goal >= 0.9), "
+                     f"{ratios['bulkhead_vs_floor_throughput']:.2f} of the throughput; "
+                     f"bulkhead / naive: {ratios['bulkhead_vs_naive_conn']:.1f}x the "
+                     f"connection rate")
+    lines.append(f"bulkhead / floor within each cycle, median: "
+                 f"{results['ratios']['bulkhead_vs_floor_conn_per_cycle_median']:.2f}")
     return "\n".join(lines)
 
 
@@ -367,11 +380,12 @@ def main() -> int:
     parser.add_argument("--selecting", type=int, default=100,
                         help="policies (and network sets) on the receiver's path")
     parser.add_argument("--naive-rules", type=int, default=100_000)
-    parser.add_argument("--rounds", type=int, default=10,
-                        help="cycles: one slice per receiver each, in turn")
-    parser.add_argument("--seconds", type=float, default=1.0,
+    parser.add_argument("--rounds", type=int, default=40,
+                        help="connection-rate cycles: one slice per receiver each, in turn")
+    parser.add_argument("--seconds", type=float, default=0.4,
                         help="a connection-rate slice")
-    parser.add_argument("--stream-seconds", type=float, default=1.0, help="a stream slice")
+    parser.add_argument("--stream-rounds", type=int, default=10, help="stream cycles")
+    parser.add_argument("--stream-seconds", type=float, default=0.5, help="a stream slice")
     parser.add_argument("--inflight", type=int, default=32)
     parser.add_argument("--max-connections", type=int, default=2_000_000)
     parser.add_argument("--lab", default="bench", help="lab name (not starting with t)")
