@@ -137,6 +137,17 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile by linear interpolation between the closest ranks."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    at = q * (len(ordered) - 1)
+    low = int(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
 class Bench:
     def __init__(self, lab: Lab, tool: Path, logs: Path, args: argparse.Namespace) -> None:
         self.lab = lab
@@ -328,13 +339,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "bulkhead_vs_floor_conn": ratio(rate["bulkhead"], rate["floor"]),
             "bulkhead_vs_floor_throughput": ratio(gbit["bulkhead"], gbit["floor"]),
             "bulkhead_vs_naive_conn": ratio(rate["bulkhead"], rate["naive"])}
-    # The ratio within each cycle (one slice per receiver, back to back): drift in the
-    # machine's load between cycles cancels out.
-    cycles = list(zip(*(per(conn, "per_s", h) for h in CONFIGS), strict=True))
-    vs_floor = [ratio(c[CONFIGS.index("bulkhead")], c[CONFIGS.index("floor")])
-                for c in cycles]
-    results["ratios"]["bulkhead_vs_floor_conn_per_cycle"] = vs_floor
-    results["ratios"]["bulkhead_vs_floor_conn_per_cycle_median"] = median(vs_floor)
+    # Ratios within each cycle (one slice per receiver, back to back): drift in the
+    # machine's load between cycles cancels out. Median and quartiles over the cycles.
+    cycles = [dict(zip(CONFIGS, c, strict=True))
+              for c in zip(*(per(conn, "per_s", h) for h in CONFIGS), strict=True)]
+    pairs = [*((h, "none") for h in CONFIGS[1:]), ("bulkhead", "floor"), ("bulkhead", "naive")]
+    per_cycle = {f"{a}/{b}": [ratio(c[a], c[b]) for c in cycles] for a, b in pairs}
+    results["ratios"]["per_cycle"] = {
+        name: {"p25": quantile(values, 0.25), "median": median(values),
+               "p75": quantile(values, 0.75)} for name, values in per_cycle.items()}
+    results["ratios"]["bulkhead_vs_floor_conn_per_cycle"] = per_cycle["bulkhead/floor"]
     results["failed_connections"] = {h: sum(int(x["failed"]) for x in conn
                                             if x["receiver"] == h) for h in CONFIGS}
     results["loadavg_after"] = os.getloadavg()
@@ -366,8 +380,11 @@ def report(results: dict[str, Any]) -> str:
                      f"{ratios['bulkhead_vs_floor_throughput']:.2f} of the throughput; "
                      f"bulkhead / naive: {ratios['bulkhead_vs_naive_conn']:.1f}x the "
                      f"connection rate")
-    lines.append(f"bulkhead / floor within each cycle, median: "
-                 f"{results['ratios']['bulkhead_vs_floor_conn_per_cycle_median']:.2f}")
+    lines.append("connection rate, ratio within each cycle (median [p25-p75] of "
+                 f"{results['sizes']['rounds']} cycles):")
+    for name, q in results["ratios"]["per_cycle"].items():
+        goal = "   goal >= 0.9" if name == "bulkhead/floor" else ""
+        lines.append(f"  {name:<15} {q['median']:>7.2f} [{q['p25']:.2f}-{q['p75']:.2f}]{goal}")
     return "\n".join(lines)
 
 

@@ -48,6 +48,7 @@ def test_dataplane_benchmark_runs_small() -> None:
         assert ratios[stat]["conn_vs_none"]["none"] == 1.0
         assert ratios[stat]["bulkhead_vs_floor_conn"] > 0
     assert len(ratios["bulkhead_vs_floor_conn_per_cycle"]) == 1
+    assert ratios["per_cycle"]["bulkhead/floor"]["median"] > 0
     rulesets = results["rulesets"]
     assert isinstance(rulesets, dict)
     assert rulesets["bulkhead"]["policies"] == 12
