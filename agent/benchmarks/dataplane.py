@@ -33,6 +33,7 @@ at least 0.9), also within each cycle of four slices (the median of those).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import ipaddress
 import json
@@ -46,7 +47,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bulkhead.dataplane.nftables import render
+from bulkhead.dataplane.nftables import Ruleset, render
 from bulkhead.dataplane.nftables.apply import NftApplier
 from bulkhead.lab import Lab, LabError, ProbeSpec
 from bulkhead.model import Snapshot, parse_resource
@@ -59,6 +60,9 @@ V3 = "projectcalico.org/v3"
 PORT = 5001                     # the port the client may reach
 LIST_PORT = 6000                # list i may reach LIST_PORT + i
 CONFIGS = ("none", "floor", "bulkhead", "naive")
+# --diagnose: Bulkhead's table taken apart, to see which part of the walk costs what.
+DIAGNOSTIC = ("bk-noout",    # without the output hook chain (the floor has none)
+              "bk-small")    # the receiver's verdict map cut down to the client's element
 CLIENT = "client"
 # Listed addresses: every other address of 198.18.64.0-198.19.191.255 (inside the lab's
 # 198.18.0.0/15, away from the hosts at 198.18.0.10+, the uplinks and the service address).
@@ -126,6 +130,18 @@ def naive_script(rules: int, elements: int, selecting: int, client_ip: str) -> s
             f"\t\tip saddr {client_ip} tcp dport {PORT} accept\n\t\tdrop\n\t}}\n}}\n")
 
 
+def variants(ruleset: Ruleset, client_ip: str) -> dict[str, Ruleset]:
+    """Bulkhead's table without its output chain, and with its verdict maps holding only
+    the client's elements (the same chains, so the same walk, over a tiny map)."""
+    noout = Ruleset(ruleset.table, dict(ruleset.sets),
+                    {n: c for n, c in ruleset.chains.items() if n != "output"})
+    small_sets = {n: dataclasses.replace(x, elements=tuple(
+                      e for e in x.elements if f" {client_ip} " in f" {e} "))
+                  if n.startswith("m") else x for n, x in ruleset.sets.items()}
+    small = Ruleset(ruleset.table, small_sets, dict(ruleset.chains))
+    return {"bk-noout": noout, "bk-small": small}
+
+
 def build_tool(out_dir: Path) -> Path:
     exe = out_dir / "tcpbench"
     subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(C_SOURCE)], check=True,
@@ -149,8 +165,10 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 
 class Bench:
-    def __init__(self, lab: Lab, tool: Path, logs: Path, args: argparse.Namespace) -> None:
+    def __init__(self, lab: Lab, tool: Path, logs: Path, args: argparse.Namespace,
+                 receivers: Sequence[str]) -> None:
         self.lab = lab
+        self.receivers = tuple(receivers)
         self.tool = str(tool)
         self.logs = logs
         self.args = args
@@ -195,19 +213,19 @@ class Bench:
         """Servers (`accept` or `sink`) in every receiver, then one client run that takes
         the receivers in turn, slice by slice; the slices, each named by its receiver."""
         rounds = self.args.rounds if mode == "accept" else self.args.stream_rounds
-        slices = rounds * len(CONFIGS)
+        slices = rounds * len(self.receivers)
         # A slice may run over by a handshake timeout (1 s) or a drain (5 s).
         bound = slices * (seconds + (6 if mode == "sink" else 2)) + 30
-        servers = [self.server(host, mode, bound) for host in CONFIGS]
+        servers = [self.server(host, mode, bound) for host in self.receivers]
         try:
             got = self.client([*argv, str(PORT), str(seconds), str(slices),
                                *self._limits(mode),
-                               *(self.lab.address(h) for h in CONFIGS)], bound)
+                               *(self.lab.address(h) for h in self.receivers)], bound)
         finally:
             for proc in servers:
                 self._stop(proc)
         for one in got:
-            one["receiver"] = CONFIGS[one.pop("target")]
+            one["receiver"] = self.receivers[one.pop("target")]
         return got
 
     def _limits(self, mode: str) -> list[str]:
@@ -255,13 +273,19 @@ def load_rulesets(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         "apply_s": applied.seconds, "counts": ruleset.counts(),
         "input_chain": list(ruleset.chains["input"].rules), "listing_terse": listing}
 
+    if args.diagnose:
+        for host, variant in variants(ruleset, client_ip).items():
+            info[host] = {"load_s": bench.nft_load(host, variant.script(), 300),
+                          "counts": variant.counts()}
+
     script = naive_script(args.naive_rules, args.elements, args.selecting, client_ip)
     rules = script.count("tcp dport")
     info["naive"] = {"rules": rules, "load_s": bench.nft_load("naive", script, 900)}
     return info
 
 
-def check_meaning(lab: Lab, args: argparse.Namespace) -> dict[str, dict[str, str]]:
+def check_meaning(lab: Lab, args: argparse.Namespace, receivers: Sequence[str]
+                  ) -> dict[str, dict[str, str]]:
     """Probe each receiver from the client's address and from a listed address, on PORT
     and on list 0's port, and check the outcomes against the meaning of the rulesets."""
     per_list = args.elements // args.selecting
@@ -269,19 +293,19 @@ def check_meaning(lab: Lab, args: argparse.Namespace) -> dict[str, dict[str, str
     client_ip = lab.address(CLIENT)
     lab.set_addresses(CLIENT, [client_ip, outsider])
     try:
-        for host in CONFIGS:
+        for host in receivers:
             lab.listen(host, tcp=[PORT, LIST_PORT])
-        cases = [(f"{who} -> {port}", host, src, port) for host in CONFIGS
+        cases = [(f"{who} -> {port}", host, src, port) for host in receivers
                  for who, src in (("client", client_ip), ("listed", outsider))
                  for port in (PORT, LIST_PORT)]
         results = lab.probe_many([ProbeSpec(CLIENT, lab.address(host), "tcp", port,
                                             timeout=0.5, src_ip=src)
                                   for _, host, src, port in cases])
     finally:
-        for host in CONFIGS:
+        for host in receivers:
             lab.listen(host, replace=True)
         lab.set_addresses(CLIENT, [client_ip])
-    seen: dict[str, dict[str, str]] = {h: {} for h in CONFIGS}
+    seen: dict[str, dict[str, str]] = {h: {} for h in receivers}
     for (what, host, _, _), result in zip(cases, results, strict=True):
         seen[host][what] = result.outcome
     to_port, to_list = f"-> {PORT}", f"-> {LIST_PORT}"
@@ -289,7 +313,9 @@ def check_meaning(lab: Lab, args: argparse.Namespace) -> dict[str, dict[str, str
                         f"listed {to_list}"},
                "floor": {f"client {to_port}", f"listed {to_port}"},
                "bulkhead": {f"client {to_port}", f"listed {to_list}"},
-               "naive": {f"client {to_port}", f"listed {to_list}"}}
+               "naive": {f"client {to_port}", f"listed {to_list}"},
+               "bk-noout": {f"client {to_port}", f"listed {to_list}"},
+               "bk-small": {f"client {to_port}"}}
     wrong = [f"{host}: {what} {outcome}" for host, got in seen.items()
              for what, outcome in got.items() if (outcome == "open") != (what in allowed[host])]
     if wrong:
@@ -307,13 +333,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "rounds": args.rounds, "seconds": args.seconds,
                   "stream_rounds": args.stream_rounds,
                   "stream_seconds": args.stream_seconds, "inflight": args.inflight}}
+    receivers = (*CONFIGS, *(DIAGNOSTIC if args.diagnose else ()))
+    results["receivers"] = receivers
     with tempfile.TemporaryDirectory(prefix="bulkhead-dataplane-") as tmp_name:
         tmp = Path(tmp_name)
         tool = build_tool(tmp)
-        with Lab(args.lab, [CLIENT, *CONFIGS]) as lab:
-            bench = Bench(lab, tool, tmp, args)
+        with Lab(args.lab, [CLIENT, *receivers]) as lab:
+            bench = Bench(lab, tool, tmp, args, receivers)
             results["rulesets"] = load_rulesets(bench, args)
-            results["meaning"] = check_meaning(lab, args)
+            results["meaning"] = check_meaning(lab, args, receivers)
             conn = bench.connection_rates()
             stream = bench.throughputs()
     results["connection_slices"] = conn
@@ -329,28 +357,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # project's convention for timings); the median says how typical it is.
     pick: dict[str, Callable[[Sequence[float]], float]] = {"best": max, "median": median}
     for stat, fn in pick.items():
-        rate = {h: fn(per(conn, "per_s", h)) for h in CONFIGS}
-        gbit = {h: fn(per(stream, "gbit_s", h)) for h in CONFIGS}
+        rate = {h: fn(per(conn, "per_s", h)) for h in receivers}
+        gbit = {h: fn(per(stream, "gbit_s", h)) for h in receivers}
         results.setdefault("conn_per_s", {})[stat] = rate
         results.setdefault("throughput_gbit_s", {})[stat] = gbit
         results.setdefault("ratios", {})[stat] = {
-            "conn_vs_none": {h: ratio(rate[h], rate["none"]) for h in CONFIGS},
-            "throughput_vs_none": {h: ratio(gbit[h], gbit["none"]) for h in CONFIGS},
+            "conn_vs_none": {h: ratio(rate[h], rate["none"]) for h in receivers},
+            "throughput_vs_none": {h: ratio(gbit[h], gbit["none"]) for h in receivers},
             "bulkhead_vs_floor_conn": ratio(rate["bulkhead"], rate["floor"]),
             "bulkhead_vs_floor_throughput": ratio(gbit["bulkhead"], gbit["floor"]),
             "bulkhead_vs_naive_conn": ratio(rate["bulkhead"], rate["naive"])}
     # Ratios within each cycle (one slice per receiver, back to back): drift in the
     # machine's load between cycles cancels out. Median and quartiles over the cycles.
-    cycles = [dict(zip(CONFIGS, c, strict=True))
-              for c in zip(*(per(conn, "per_s", h) for h in CONFIGS), strict=True)]
-    pairs = [*((h, "none") for h in CONFIGS[1:]), ("bulkhead", "floor"), ("bulkhead", "naive")]
+    cycles = [dict(zip(receivers, c, strict=True))
+              for c in zip(*(per(conn, "per_s", h) for h in receivers), strict=True)]
+    pairs = [*((h, "none") for h in receivers[1:]), ("bulkhead", "floor"),
+             ("bulkhead", "naive"), *((h, "floor") for h in receivers[len(CONFIGS):])]
     per_cycle = {f"{a}/{b}": [ratio(c[a], c[b]) for c in cycles] for a, b in pairs}
     results["ratios"]["per_cycle"] = {
         name: {"p25": quantile(values, 0.25), "median": median(values),
                "p75": quantile(values, 0.75)} for name, values in per_cycle.items()}
     results["ratios"]["bulkhead_vs_floor_conn_per_cycle"] = per_cycle["bulkhead/floor"]
     results["failed_connections"] = {h: sum(int(x["failed"]) for x in conn
-                                            if x["receiver"] == h) for h in CONFIGS}
+                                            if x["receiver"] == h) for h in receivers}
     results["loadavg_after"] = os.getloadavg()
     return results
 
@@ -371,7 +400,7 @@ def report(results: dict[str, Any]) -> str:
         conn, gbit = results["conn_per_s"][stat], results["throughput_gbit_s"][stat]
         ratios = results["ratios"][stat]
         lines.append(f"{stat} slice:")
-        for h in CONFIGS:
+        for h in results["receivers"]:
             lines.append(f"  {h:<9} {conn[h]:>9.0f} conn/s ({ratios['conn_vs_none'][h]:.2f} of "
                          f"none)   {gbit[h]:>6.2f} Gbit/s "
                          f"({ratios['throughput_vs_none'][h]:.2f})")
@@ -405,6 +434,9 @@ def main() -> int:
     parser.add_argument("--stream-seconds", type=float, default=0.5, help="a stream slice")
     parser.add_argument("--inflight", type=int, default=32)
     parser.add_argument("--max-connections", type=int, default=2_000_000)
+    parser.add_argument("--diagnose", action="store_true",
+                        help="two more receivers: Bulkhead's table without its output chain, "
+                             "and with a verdict map of the client's element only")
     parser.add_argument("--lab", default="bench", help="lab name (not starting with t)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
