@@ -315,22 +315,21 @@ def _resolve_sets(snapshot: Snapshot, labels: Mapping[str, Mapping[str, str]],
             port_names.update(side.named_ports)
             port_names.update(side.not_named_ports)
     parsed = {s: parse(s) for s in selectors}
-    members: dict[str, netaddr.IPSet] = {s: netaddr.IPSet() for s in selectors}
+    # Collected first and merged once: IPSet.add per address is slow with big network sets.
+    members: dict[str, list[str]] = {s: [] for s in selectors}
     heps = sorted(snapshot.host_endpoints.values(), key=lambda h: h.name)
     for hep in heps:
         if not hep.expected_ips:
             continue
         for text, sel in parsed.items():
             if sel.matches(labels[hep.name]):
-                for ip in hep.expected_ips:
-                    members[text].add(ip)
+                members[text].extend(hep.expected_ips)
     for netset in snapshot.network_sets.values():
         for text, sel in parsed.items():
             if netset.nets and sel.matches(netset.labels):
-                for net in netset.nets:
-                    members[text].add(net)
-    for text, ipset in members.items():
-        cidrs = [str(c) for c in ipset.iter_cidrs()]
+                members[text].extend(netset.nets)
+    for text, addresses in members.items():
+        cidrs = [str(c) for c in netaddr.IPSet(addresses).iter_cidrs()]
         plan.selector_sets[text] = (tuple(c for c in cidrs if ":" not in c),
                                     tuple(c for c in cidrs if ":" in c))
     for name in sorted(port_names):
