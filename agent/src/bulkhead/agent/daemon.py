@@ -55,6 +55,11 @@ class AgentError(Exception):
     """A one-shot operation (--once, --dry-run) that could not be done."""
 
 
+class RestartWatch(Exception):
+    """Open the watch stream again, at once: the one open was made before the kernel
+    tracked connections, and its packets may now be dropped as new ones."""
+
+
 class Agent:
     def __init__(self, config: AgentConfig, enforcer: Enforcer, *, debounce: float = 0.05
                  ) -> None:
@@ -78,6 +83,7 @@ class Agent:
         self._apply_lock = asyncio.Lock()
         self._status_kick = asyncio.Event()
         self._stopping = False
+        self._queue: asyncio.Queue[Doc | Exception] | None = None  # the open watch's lines
 
     # ---------------------------------------------------------------------- state
     @property
@@ -150,6 +156,10 @@ class Agent:
             if cache_problem:
                 log.error(cache_problem)
             self.counters.record(report)
+            if report.created and self._queue is not None:
+                self._queue.put_nowait(RestartWatch(
+                    "the first ruleset turned connection tracking on; opening the watch "
+                    "stream again, so its packets belong to a tracked connection"))
             for warning in report.warnings:
                 log.warning(warning, extra={"fields": {"revision": revision}})
             log.info("applied", extra={"fields": {
@@ -184,6 +194,11 @@ class Agent:
             try:
                 await self._watch(session)
                 reason = "the watch stream ended"
+            except RestartWatch as e:
+                log.info(str(e), extra={"fields": {"revision": self.revision}})
+                self.connected = False
+                self.counters.reconnects += 1
+                continue
             except NETWORK_ERRORS as e:
                 reason = str(e) or type(e).__name__
             if self.connected:
@@ -211,9 +226,11 @@ class Agent:
                 raise SyncError(f"GET /v1/watch: {await error_of(resp)}")
             queue: asyncio.Queue[Doc | Exception] = asyncio.Queue()
             reader = asyncio.create_task(watch_lines(resp, queue))
+            self._queue = queue
             try:
                 await self._consume(queue)
             finally:
+                self._queue = None
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader

@@ -21,6 +21,10 @@ class EnforceReport:
     seconds: float
     counts: dict[str, int]     # e.g. chains, rules, sets, elements
     warnings: list[str]
+    # The apply put the first ruleset into a kernel that had none: connections opened
+    # before (the agent's own watch) were not tracked, and conntrack now sees them
+    # mid-stream, as new connections that policy may drop.
+    created: bool = False
 
 
 class EnforceError(Exception):

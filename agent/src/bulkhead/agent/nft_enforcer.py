@@ -63,6 +63,8 @@ class NftablesEnforcer:
     def enforce(self, snapshot: Snapshot, revision: int) -> EnforceReport:
         start = time.perf_counter()
         ruleset = self.ruleset(snapshot)
+        # Only the first apply of this process can meet a kernel without the table.
+        created = self.applier.last is None and self.applier.terse() is None
         try:
             result = self.applier.apply(ruleset)
         except NftError as e:
@@ -71,6 +73,7 @@ class NftablesEnforcer:
         self._snapshot = snapshot
         report = self._report(result, revision, ruleset)
         report.seconds = time.perf_counter() - start
+        report.created = created
         return report
 
     def drift(self) -> str | None:
