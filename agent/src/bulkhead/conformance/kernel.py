@@ -6,12 +6,17 @@ the store's, the runner waits until every agent enforces that revision, flushes
 conntrack (so no old connection hides a deny), listens on the probed ports and probes.
 A probe that reaches the host ("open", or "refused" when nothing listens) is allowed; a
 probe that times out is denied.
+
+`Testbed.enforce` and `wire_verdicts` are those steps for tests that are not case files
+(the differential and fault tests).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from bulkhead.conformance.cases import Case
@@ -31,6 +36,39 @@ def forget_connections(bed: Testbed, addresses: list[str]) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda h: bed.lab.run(h, ["sh", "-c", script], check=True),
                       bed.lab.hosts))
+
+
+@dataclass(frozen=True)
+class WireFlow:
+    """A connection to try on the wire: from lab host `src` (at `src_ip`) to `dst_ip`,
+    an address of lab host `dst`. `proto` is TCP, UDP or ICMP (echo; ICMPv6 echo when the
+    addresses are IPv6); `port` is None for ICMP."""
+
+    src: str
+    src_ip: str
+    dst: str
+    dst_ip: str
+    proto: str
+    port: int | None
+
+
+def wire_verdicts(bed: Testbed, flows: Sequence[WireFlow],
+                  timeout: float = PROBE_TIMEOUT) -> list[bool]:
+    """Whether each flow gets through, seen on the wire: forget the tracked connections
+    to the flows' destinations, listen on their ports, probe them all at once. A probe
+    that reaches the host ("open", or "refused" when nothing listens) is allowed; one
+    that times out is denied. Call after the agents have converged on the policy."""
+    forget_connections(bed, sorted({f.dst_ip for f in flows}))
+    ports: dict[str, dict[str, set[int]]] = {}
+    for f in flows:
+        if f.port is not None:
+            ports.setdefault(f.dst, {"tcp": set(), "udp": set()})[f.proto.lower()].add(f.port)
+    for host, by_proto in ports.items():
+        bed.lab.listen(host, tcp=sorted(by_proto["tcp"]), udp=sorted(by_proto["udp"]),
+                       replace=True)
+    specs = [ProbeSpec(f.src, f.dst_ip, f.proto.lower(), f.port, timeout, src_ip=f.src_ip)
+             for f in flows]
+    return [r.outcome in ("open", "refused") for r in bed.lab.probe_many(specs)]
 
 
 class NftablesDataplane:
@@ -76,15 +114,6 @@ class NftablesDataplane:
         marker = hashlib.sha1(case.name.encode()).hexdigest()[:12]
         revision = bed.replace_all(docs, marker)
         self.convergence.append(bed.wait_converged(revision))
-        forget_connections(bed, sorted(set(case.addresses.values())))
-        ports: dict[str, dict[str, set[int]]] = {}
-        for p in case.expect:
-            if p.port is not None:
-                ports.setdefault(where[p.dst], {"tcp": set(), "udp": set()})[
-                    p.proto.lower()].add(p.port)
-        for host, by_proto in ports.items():
-            bed.lab.listen(host, tcp=sorted(by_proto["tcp"]), udp=sorted(by_proto["udp"]),
-                           replace=True)
-        specs = [ProbeSpec(where[p.src], case.addresses[p.dst], p.proto.lower(), p.port,
-                           PROBE_TIMEOUT, src_ip=case.addresses[p.src]) for p in case.expect]
-        return [r.outcome in ("open", "refused") for r in bed.lab.probe_many(specs)]
+        return wire_verdicts(bed, [
+            WireFlow(where[p.src], case.addresses[p.src], where[p.dst], case.addresses[p.dst],
+                     p.proto, p.port) for p in case.expect])

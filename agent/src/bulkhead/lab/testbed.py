@@ -30,14 +30,22 @@ from bulkhead.server import pki
 
 BIN = Path(sys.executable).parent
 MANAGEMENT = "198.19.253.{}"   # hosts' management addresses, with management=True
+MARKER = "bulkhead-testbed-marker"   # a network set whose every write is a new revision
 POLICY_KINDS = ("StagedGlobalNetworkPolicy", "GlobalNetworkPolicy", "HostEndpoint",
                 "GlobalNetworkSet", "Profile", "Tier")  # the order to delete them in
 
 
 class Testbed:
+    __test__ = False  # not a test class, whatever pytest thinks of the name
     def __init__(self, name: str, hosts: Sequence[str] | int, *, net4: str = DEFAULT_NET4,
-                 failsafe_defaults: bool = True, management: bool = False) -> None:
+                 failsafe_defaults: bool = True, management: bool = False,
+                 agent_hosts: Sequence[str] | None = None) -> None:
+        """`agent_hosts`: the hosts that run an agent (all of them by default); the
+        others stand for machines outside the fleet, such as an Ansible controller."""
         self.lab = Lab(name, hosts, net4=net4)
+        self.agent_hosts = list(self.lab.hosts if agent_hosts is None else agent_hosts)
+        for host in self.agent_hosts:
+            self.lab.host(host)
         self.management = management
         self.failsafe_defaults = failsafe_defaults
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
@@ -132,7 +140,9 @@ class Testbed:
         return "(no log)"
 
     # -- agents -----------------------------------------------------------------------
-    def agent_config(self, host: str, failsafe_defaults: bool) -> Path:
+    def agent_config(self, host: str, failsafe_defaults: bool, **settings: Any) -> Path:
+        """Write `host`'s agent.yaml; `settings` override its keys (e.g.
+        heartbeatInterval=60)."""
         crt, key = pki.issue(self.pki_dir, host, role="agent")
         to_server = f"tcp:{self.lab.service_address}/32:{SERVER_PORT}"
         inbound = [str(f) for f in DEFAULT_INBOUND] if failsafe_defaults else []
@@ -144,12 +154,14 @@ class Testbed:
             "stateDir": str(self.dir / f"agent-{host}"),
             "failsafeInbound": inbound, "failsafeOutbound": [*outbound, to_server],
             "metricsListen": f"127.0.0.1:{9473}", "driftInterval": 2.0,
-            "statusInterval": 5.0, "heartbeatInterval": 2.0, "logLevel": "info"}))
+            "statusInterval": 5.0, "heartbeatInterval": 2.0, "logLevel": "info",
+            **settings}))
         return path
 
-    def start_agent(self, host: str, failsafe_defaults: bool | None = None) -> None:
+    def start_agent(self, host: str, failsafe_defaults: bool | None = None,
+                    **settings: Any) -> None:
         fs = self.failsafe_defaults if failsafe_defaults is None else failsafe_defaults
-        config = self.agent_config(host, fs)
+        config = self.agent_config(host, fs, **settings)
         self.agents[host] = self.lab.spawn(
             host, [str(BIN / "bulkhead-agent"), "--config", str(config)],
             self.dir / f"agent-{host}.log")
@@ -169,12 +181,12 @@ class Testbed:
             proc.wait(timeout=10)
 
     def start_agents(self, failsafe_defaults: bool) -> None:
-        """(Re)start every host's agent, with Felix's default failsafe ports or with only
-        the one to the server."""
+        """(Re)start the agent of every agent host, with Felix's default failsafe ports
+        or with only the one to the server."""
         for host in list(self.agents):
             self.stop_agent(host)
         self.failsafe_defaults = failsafe_defaults
-        for host in self.lab.hosts:
+        for host in self.agent_hosts:
             self.start_agent(host, failsafe_defaults)
 
     # -- talking to the server --------------------------------------------------------
@@ -197,27 +209,69 @@ class Testbed:
         return answer.get("revision") if isinstance(answer, dict) else None
 
     def replace_all(self, docs: Sequence[Mapping[str, Any]], marker: str) -> int:
-        """Make the store hold exactly `docs` (plus a marker network set, so the last write
-        always happens and gives the revision agents must reach)."""
+        """Make the store hold exactly `docs` (plus a marker network set, written last, so
+        the last write always happens and gives the revision agents must reach). Tiers
+        go last: a tier is deleted once no policy is left in it, even one that `docs`
+        keeps but moves to another tier."""
         keep = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        stale: dict[str, list[str]] = {}
         for kind in POLICY_KINDS:
             listing = self.request("GET", f"/v1/resources/{kind}")
-            for item in listing.get("items", []):
-                name = item["metadata"]["name"]
-                if (kind, name) in keep or name == "bulkhead-testbed-marker":
-                    continue
-                self.request("DELETE", f"/v1/resources/{kind}/{name}")
-        marker_doc = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
-                      "metadata": {"name": "bulkhead-testbed-marker",
-                                   "labels": {"bulkhead.io/step": marker}},
-                      "spec": {}}
+            stale[kind] = [i["metadata"]["name"] for i in listing.get("items", [])
+                           if (kind, i["metadata"]["name"]) not in keep
+                           and i["metadata"]["name"] != MARKER]
+        for kind in POLICY_KINDS:
+            if kind != "Tier":
+                for name in stale[kind]:
+                    self.request("DELETE", f"/v1/resources/{kind}/{name}")
         tiers = [d for d in docs if d["kind"] == "Tier"]
         others = [d for d in docs if d["kind"] != "Tier"]
-        if tiers:
-            self.apply(tiers)
-        revision = self.apply([*others, marker_doc])
+        for batch in (tiers, others):
+            if batch:
+                self.apply(batch)
+        for name in stale["Tier"]:
+            self.request("DELETE", f"/v1/resources/Tier/{name}")
+        revision = self.apply([{"apiVersion": "projectcalico.org/v3",
+                                "kind": "GlobalNetworkSet",
+                                "metadata": {"name": MARKER,
+                                             "labels": {"bulkhead.io/step": marker}},
+                                "spec": {}}])
         assert revision is not None  # the marker changed
         return revision
+
+    def enforce(self, docs: Sequence[Mapping[str, Any]], marker: str,
+                timeout: float = 30.0) -> int:
+        """Make the store hold exactly `docs` and wait until every agent enforces them;
+        the revision they reached."""
+        revision = self.replace_all(docs, marker)
+        self.wait_converged(revision, timeout=timeout)
+        return revision
+
+    def node_status(self, host: str) -> dict[str, Any]:
+        """What `host`'s agent last reported ({} before its first report)."""
+        for entry in self.nodes()["nodes"]:
+            if entry["node"] == host:
+                return dict(entry)
+        return {}
+
+    def table(self, host: str) -> str | None:
+        """`nft list table inet bulkhead` in `host`; None when the table is absent."""
+        done = self.lab.run(host, ["nft", "list", "table", "inet", "bulkhead"])
+        return done.stdout if done.returncode == 0 else None
+
+    def agent_metrics(self, host: str) -> dict[str, float]:
+        """The agent's /metrics in `host` (its own loopback), as name{labels} -> value."""
+        fetch = ("import urllib.request as u; print(u.urlopen("
+                 "'http://127.0.0.1:9473/metrics', timeout=5).read().decode())")
+        done = self.lab.run(host, [sys.executable, "-c", fetch], timeout=30)
+        if done.returncode != 0:
+            raise LabError(f"{host}: agent metrics not served: {done.stderr.strip()[-300:]}")
+        out: dict[str, float] = {}
+        for line in done.stdout.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
 
     def nodes(self, revision: int | None = None) -> dict[str, Any]:
         query = {"revision": str(revision)} if revision is not None else None
@@ -226,8 +280,9 @@ class Testbed:
 
     def wait_converged(self, revision: int, hosts: Iterable[str] | None = None,
                        timeout: float = 30.0) -> float:
-        """Wait until every (given) host's agent enforces `revision`; seconds waited."""
-        wanted = set(hosts if hosts is not None else self.lab.hosts)
+        """Wait until the agent of every (given) agent host enforces `revision`; seconds
+        waited."""
+        wanted = set(hosts if hosts is not None else self.agent_hosts)
         start = time.monotonic()
         while True:
             nodes = {n["node"]: n for n in self.nodes(revision)["nodes"]}
