@@ -118,6 +118,16 @@ class KernelWatch:
                     self.seen[host].setdefault(address, now)
                 pending.clear()
 
+    def explain(self, tb: Testbed, host: str, address: str) -> str:
+        """Why `host` looks behind: its monitor, its kernel's table, its agent's log."""
+        proc = self.procs[list(self.seen).index(host)]
+        listing = tb.lab.run(host, ["nft", "list", "table", "inet", "bulkhead"]).stdout
+        log = tb.dir / f"agent-{host}.log"
+        tail = log.read_text().splitlines()[-3:] if log.exists() else []
+        return (f"{host}: monitor {'running' if proc.poll() is None else 'exited'}, "
+                f"{address} {'in' if address in listing else 'not in'} the kernel's table, "
+                f"agent log: {' | '.join(tail)}")
+
     def when(self, host: str, address: str) -> float | None:
         return self.seen[host].get(address)
 
@@ -186,8 +196,9 @@ def one_write(tb: Testbed, api: Api, watch: KernelWatch, k: int, timeout: float
         if now - start > timeout:
             behind = [h for h in hosts if watch.when(h, address) is None]
             raise LabError(f"write {k} ({address}, revision {revision}) not enforced within "
-                           f"{timeout:.0f} s; kernel behind on {behind[:5]}, status "
-                           f"{'converged' if status_at else 'behind'}")
+                           f"{timeout:.0f} s; status {'converged' if status_at else 'behind'}; "
+                           f"kernel behind on {behind[:5]}: "
+                           + "; ".join(watch.explain(tb, h, address) for h in behind[:3]))
         time.sleep(STATUS_POLL)
     kernel = {h: (watch.when(h, address) or 0.0) - start for h in hosts}
     return {"write": k, "address": address, "revision": revision,
