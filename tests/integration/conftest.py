@@ -136,3 +136,55 @@ def run(cmd, env, cwd=None, check=True):
         raise AssertionError("%s failed (%d)\n--- stdout\n%s\n--- stderr\n%s" % (
             " ".join(cmd), proc.returncode, proc.stdout[-20000:], proc.stderr[-5000:]))
     return proc
+
+
+# ------------------------------------------------------------------ ansible-inventory
+GOLDEN = HERE / "golden"
+
+
+def plain(value):
+    """ansible-inventory's JSON without the __ansible_unsafe wrappers that mark computed
+    (untrusted) strings; the values themselves are compared."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def compare_golden(name, output):
+    """ansible-inventory --list output against golden/NAME (BULKHEAD_GOLDEN_UPDATE=1 rewrites
+    it; review the diff)."""
+    data = plain(json.loads(output))
+    path = GOLDEN / name
+    if os.environ.get("BULKHEAD_GOLDEN_UPDATE"):
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    assert data == json.loads(path.read_text())
+
+
+def inventory_env(tmp_path, **extra):
+    """ansible-* settings with a jsonfile fact cache in TMP_PATH/facts."""
+    env = dict(os.environ)
+    env.update(ansible_env())
+    env.update(ANSIBLE_CACHE_PLUGIN="jsonfile",
+               ANSIBLE_CACHE_PLUGIN_CONNECTION=str(tmp_path / "facts"),
+               ANSIBLE_CACHE_PLUGIN_TIMEOUT="0",
+               PATH="%s:%s" % (BIN, env.get("PATH", "")))
+    env.update(extra)
+    return env
+
+
+def inventory(env, *sources, check=True, args=("--list",)):
+    """ansible-inventory -i SOURCE... ARGS."""
+    cmd = ["ansible-inventory"]
+    for source in sources:
+        cmd += ["-i", str(source)]
+    return run(cmd + list(args), env, check=check)
+
+
+def write(directory, name, text):
+    path = directory / name
+    path.write_text(text)
+    return path

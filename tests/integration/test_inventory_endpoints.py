@@ -1,0 +1,239 @@
+"""The endpoints inventory plugin, run by the real ansible-inventory over YAML inventories
+with a real fact cache. The main output is compared with golden/endpoints.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import HERE, compare_golden, inventory, inventory_env, plain, run, write
+
+FILES = HERE / "files" / "inventory"
+VENV_PYTHON = Path(sys.executable)
+
+
+@pytest.fixture(scope="module")
+def fact_cache(tmp_path_factory):
+    """A jsonfile fact cache filled by a real playbook run (set_fact cacheable)."""
+    tmp = tmp_path_factory.mktemp("facts")
+    env = inventory_env(tmp)
+    run(["ansible-playbook", "-i", str(FILES / "hosts.yml"),
+         str(HERE / "files" / "inventory-facts.yml")], env)
+    assert sorted(p.name for p in (tmp / "facts").iterdir()) == [
+        "s1_kafka-1", "s1_kafka-2", "s1_win-1"]
+    return env
+
+
+def test_endpoints_golden(fact_cache):
+    done = inventory(fact_cache, FILES / "hosts.yml", FILES / "site.bulkhead.yml")
+    compare_golden("endpoints.json", done.stdout)
+    # The one host without any address gets labels but no HostEndpoint, with a warning.
+    assert "1 host(s) have no address" in done.stderr and "appliance-1" in done.stderr
+
+
+def test_endpoints_facts_from_real_setup(tmp_path):
+    """Facts gathered by the setup module on this machine become labels."""
+    env = inventory_env(tmp_path, ANSIBLE_PYTHON_INTERPRETER=sys.executable)
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text("all:\n  hosts:\n    this-host:\n      ansible_connection: local\n")
+    run(["ansible", "-i", str(hosts), "all", "-m", "ansible.builtin.setup",
+         "-a", "gather_subset=!all,network"], env)
+    config = tmp_path / "local.bulkhead.yml"
+    config.write_text("plugin: bulkhead.microseg.endpoints\nstrict: true\n"
+                      "labels:\n  os: ansible_facts.system | lower\n"
+                      "  machine: ansible_machine\ninterface_name: \"'*'\"\n")
+    done = inventory(env, hosts, config, args=("--host", "this-host"))
+    host = plain(json.loads(done.stdout))
+    assert host["bulkhead_labels"] == {"os": os.uname().sysname.lower(),
+                                       "machine": os.uname().machine}
+    assert host["bulkhead_host_endpoint"]["spec"]["interfaceName"] == "*"
+    assert host["bulkhead_host_endpoint"]["metadata"]["labels"] == host["bulkhead_labels"]
+
+
+@pytest.mark.parametrize("config, expected", [
+    # A value the model rejects: host, label and the model's reason.
+    ("labels:\n  os: \"'Red Hat'\"\n",
+     ['host web-1', 'label os="Red Hat": value is not valid']),
+    ("labels:\n  zone: zone\n  Bad Key: \"'x'\"\n",
+     ['host web-1', 'label key "Bad Key" is not valid']),
+    ("labels:\n  groups: \"['a', 'b']\"\n",
+     ["host web-1", "label groups", "must be a string, number or boolean, not list"]),
+    ("expected_ips: \"['198.18.1.300']\"\n",
+     ["host web-1", 'spec.expectedIPs[0]: "198.18.1.300" is not an IP address']),
+    ("endpoint_name: inventory_hostname | upper\n",
+     ["host web-1", '"WEB-1" is not a valid name']),
+    ("labels:\n  ready: true\n",
+     ["label ready must be a Jinja expression (a string), not boolean"]),
+    # strict: an undefined label names host, label and the expression.
+    ("strict: true\nlabels:\n  os: ansible_facts.system | lower\n",
+     ["host web-1", "label os (ansible_facts.system | lower)", "undefined"]),
+    ("strict: true\nlabels:\n  zone: zone\n  app: app\n",
+     ["host win-1", "label zone (zone)", "undefined"]),
+])
+def test_endpoints_bad_data_fails_naming_host_and_label(tmp_path, fact_cache, config, expected):
+    path = write(tmp_path, "bad.bulkhead.yml", "plugin: bulkhead.microseg.endpoints\n" + config)
+    env = dict(fact_cache, ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED="true")
+    done = inventory(env, FILES / "hosts.yml", path, check=False)
+    assert done.returncode != 0
+    message = " ".join(done.stderr.split())
+    for part in expected:
+        assert part in message, done.stderr
+
+
+def test_endpoints_strict_host_without_address(tmp_path, fact_cache):
+    hosts = write(tmp_path, "hosts.yml", "all:\n  hosts:\n    lonely:\n      zone: dmz\n")
+    path = write(tmp_path, "s.bulkhead.yml",
+                 "plugin: bulkhead.microseg.endpoints\nstrict: true\nlabels:\n  zone: zone\n")
+    env = dict(fact_cache, ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED="true")
+    done = inventory(env, hosts, path, check=False)
+    assert done.returncode != 0
+    assert "host lonely: no expected IPs and no interface_name" in " ".join(done.stderr.split())
+
+
+def test_endpoints_options(tmp_path, fact_cache):
+    """expected_ips as a comma-separated string, node/endpoint_name expressions, label
+    groups without a prefix or switched off, non-strict skipping of undefined labels."""
+    path = write(tmp_path, "o.bulkhead.yml", """\
+plugin: bulkhead.microseg.endpoints
+labels:
+  zone: zone
+  ready: "true"
+  port: "9000 + 92"
+  missing: no_such_variable
+expected_ips: "'198.18.9.1, 198.18.9.2'"
+node: "'node-' ~ inventory_hostname"
+endpoint_name: "inventory_hostname ~ '-eth0'"
+label_group_prefix: ""
+""")
+    done = inventory(fact_cache, FILES / "hosts.yml", path)
+    data = plain(json.loads(done.stdout))
+    web1 = data["_meta"]["hostvars"]["web-1"]
+    assert web1["bulkhead_labels"] == {"zone": "trusted", "ready": "true", "port": "9092"}
+    assert web1["bulkhead_host_endpoint"] == {
+        "apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+        "metadata": {"name": "web-1-eth0", "labels": web1["bulkhead_labels"]},
+        "spec": {"node": "node-web-1", "expectedIPs": ["198.18.9.1", "198.18.9.2"]}}
+    assert "web-1" in data["zone_trusted"]["hosts"] and "port_9092" in data
+    assert not any(name.startswith("label_") for name in data)
+
+    off = write(tmp_path, "off.bulkhead.yml",
+                "plugin: bulkhead.microseg.endpoints\nlabels:\n  zone: zone\nlabel_groups: false\n")
+    data = json.loads(inventory(fact_cache, FILES / "hosts.yml", off).stdout)
+    assert not any("zone" in name for name in data)
+
+
+def test_endpoints_omit_leaves_a_label_out_even_when_strict(tmp_path, fact_cache):
+    path = write(tmp_path, "omit.bulkhead.yml", """\
+plugin: bulkhead.microseg.endpoints
+strict: true
+labels:
+  app: app | default(omit)
+  zone: zone | default('none')
+expected_ips: "[ansible_host] if ansible_host is match('^[0-9.:]+$') else omit"
+interface_name: "'*'"
+""")
+    data = plain(json.loads(inventory(fact_cache, FILES / "hosts.yml", path).stdout))
+    hostvars = data["_meta"]["hostvars"]
+    assert hostvars["appliance-1"]["bulkhead_labels"] == {"zone": "none"}
+    assert hostvars["appliance-1"]["bulkhead_expected_ips"] == []
+    assert hostvars["appliance-1"]["bulkhead_host_endpoint"]["spec"] == {
+        "node": "appliance-1", "interfaceName": "*"}
+    assert hostvars["web-1"]["bulkhead_labels"] == {"zone": "trusted", "app": "nginx"}
+    assert hostvars["web-1"]["bulkhead_expected_ips"] == ["198.18.1.11"]
+
+
+def test_endpoints_use_vars_plugins(tmp_path, fact_cache):
+    """host_vars/ and group_vars/ next to the inventory, with the precedence constructed
+    gives them: host_vars/ over host variables over group_vars/ over group variables."""
+    hosts = write(tmp_path, "hosts.yml", "all:\n  children:\n    dmz:\n      vars: {zone: dmz}\n"
+                  "      hosts:\n        a: {ansible_host: 198.18.7.1, app: web}\n"
+                  "        b: {ansible_host: 198.18.7.2}\n")
+    (tmp_path / "group_vars").mkdir()
+    (tmp_path / "host_vars").mkdir()
+    write(tmp_path / "group_vars", "dmz.yml", "app: from-group-vars\nzone: edge\n")
+    write(tmp_path / "host_vars", "b.yml", "zone: from-host-vars\n")
+    config = "plugin: bulkhead.microseg.endpoints\nlabels:\n  zone: zone\n  app: app\n"
+    path = write(tmp_path, "v.bulkhead.yml", config + "use_vars_plugins: true\n")
+    hostvars = plain(json.loads(inventory(fact_cache, hosts, path).stdout))["_meta"]["hostvars"]
+    assert hostvars["a"]["bulkhead_labels"] == {"zone": "edge", "app": "web"}
+    assert hostvars["b"]["bulkhead_labels"] == {"zone": "from-host-vars", "app": "from-group-vars"}
+    # Without the option, only what the inventory sources themselves hold.
+    path = write(tmp_path, "n.bulkhead.yml", config)
+    hostvars = plain(json.loads(inventory(fact_cache, hosts, path).stdout))["_meta"]["hostvars"]
+    assert hostvars["b"]["bulkhead_labels"] == {"zone": "dmz"}
+
+
+SETUP_FACTS = {
+    # What ansible.builtin.setup returns (the keys the cache holds), trimmed.
+    "web-01": {"ansible_distribution": "Debian", "ansible_distribution_major_version": "12",
+               "ansible_default_ipv4": {"address": "198.18.0.10", "interface": "eth0"},
+               "ansible_default_ipv6": {"address": "2001:2::10", "interface": "eth0"}},
+    "db-01": {"ansible_distribution": "RedHat", "ansible_distribution_major_version": "9",
+              "ansible_default_ipv4": {"address": "198.18.0.12", "interface": "ens3"},
+              "ansible_default_ipv6": {"address": "2001:2::12", "interface": "ens3"}},
+}
+
+
+def test_endpoints_with_the_demo_options_and_a_seeded_fact_cache(tmp_path):
+    """The option shape `make demo` uses (inventory-examples/inventory/zz-endpoints.bulkhead.yml),
+    facts written into the cache by Ansible's own jsonfile cache plugin."""
+    from ansible.plugins.loader import cache_loader
+
+    cache = cache_loader.get("jsonfile", _uri=str(tmp_path / "facts"), _timeout=0, _prefix="")
+    for host, facts in SETUP_FACTS.items():
+        cache.set(host, facts)
+    hosts = write(tmp_path, "hosts.yml", """\
+all:
+  children:
+    dmz: {vars: {zone: dmz}, hosts: {web-01: {app: web, department: ecommerce}}}
+    restricted: {vars: {zone: restricted}, hosts: {db-01: {app: postgres, department: finance}}}
+    fra1: {vars: {datacenter: fra1}, hosts: {web-01: null, db-01: null}}
+""")
+    config = write(tmp_path, "zz-endpoints.bulkhead.yml", """\
+plugin: bulkhead.microseg.endpoints
+strict: true
+labels:
+  zone: zone
+  datacenter: datacenter
+  app: app
+  department: department
+  os: ansible_facts.distribution | lower
+  os-version: ansible_facts.distribution_major_version
+expected_ips: "[ansible_facts.default_ipv4.address, ansible_facts.default_ipv6.address]"
+interface_name: ansible_facts.default_ipv4.interface
+""")
+    env = inventory_env(tmp_path, ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED="true")
+    data = plain(json.loads(inventory(env, hosts, config).stdout))
+    assert data["_meta"]["hostvars"]["db-01"]["bulkhead_host_endpoint"] == {
+        "apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+        "metadata": {"name": "db-01", "labels": {
+            "zone": "restricted", "datacenter": "fra1", "app": "postgres",
+            "department": "finance", "os": "redhat", "os-version": "9"}},
+        "spec": {"node": "db-01", "interfaceName": "ens3",
+                 "expectedIPs": ["198.18.0.12", "2001:2::12"]}}
+    graph = inventory(env, hosts, config, args=("--graph", "label_zone_dmz")).stdout
+    assert graph.split() == ["@label_zone_dmz:", "|--web-01"]
+    # A host the cache has no facts for fails, naming it and the label.
+    cache.delete("web-01")
+    done = inventory(env, hosts, config, check=False)
+    assert done.returncode != 0
+    assert "host web-01: label os (ansible_facts.distribution | lower)" in " ".join(
+        done.stderr.split())
+
+
+def test_endpoints_without_bulkhead_package(tmp_path, fact_cache):
+    """Ansible from the venv, but without the bulkhead package: a clear install message."""
+    site = [p for p in sys.path if p.endswith("site-packages")][0]
+    env = dict(fact_cache, PYTHONPATH="%s:%s" % (site, fact_cache["ANSIBLE_COLLECTIONS_PATH"]),
+               ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED="true")
+    cmd = [sys.executable, "-S", str(VENV_PYTHON.parent / "ansible-inventory"),
+           "-i", str(FILES / "hosts.yml"), "-i", str(FILES / "site.bulkhead.yml"), "--list"]
+    done = run(cmd, env, check=False)
+    assert done.returncode != 0
+    message = " ".join(done.stderr.split())
+    assert "bulkhead.microseg.endpoints needs the Python package bulkhead" in message
+    assert "install bulkhead" in message
