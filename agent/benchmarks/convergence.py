@@ -221,6 +221,25 @@ def verify(tb: Testbed, k: int) -> None:
         raise LabError(f"after write {k}, the wire disagrees: {'; '.join(wrong[:5])}")
 
 
+def agent_applies(tb: Testbed, since: int) -> dict[str, Any]:
+    """From the agents' logs: their applies from revision `since` on, how many replaced
+    the whole table, and how long an apply took inside the agent (p50, p99)."""
+    seconds: list[float] = []
+    full = 0
+    for host in tb.lab.hosts:
+        log = tb.dir / f"agent-{host}.log"
+        for line in log.read_text().splitlines() if log.exists() else []:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("msg") == "applied" and int(record.get("revision", 0)) >= since:
+                seconds.append(1000 * float(record.get("seconds", 0.0)))
+                full += bool(record.get("full"))
+    return {"applies": len(seconds), "full": full, "p50_ms": pct(seconds, 50),
+            "p99_ms": pct(seconds, 99)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -254,6 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     writes.append(done)
                 verify(tb, k)
                 time.sleep(args.gap + rng.uniform(0, args.gap))
+            results["agent_applies"] = agent_applies(tb, writes[0]["revision"] if writes else 0)
         finally:
             api.close()
             watch.close()
@@ -273,6 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> str:
     k, h, s = r["kernel_every_host_ms"], r["kernel_per_host_ms"], r["status_every_host_ms"]
+    a = r["agent_applies"]
     return "\n".join([
         f"convergence, {r['date']}, load {r['loadavg_before'][0]:.2f}: {r['hosts']} agents, "
         f"{r['writes']} writes (testbed up in {r['testbed_up_s']:.1f} s)",
@@ -280,6 +301,8 @@ def report(r: dict[str, Any]) -> str:
         f"  each host's kernel:              p50 {h['p50']:.0f} ms, p99 {h['p99']:.0f} ms",
         f"  every agent reports it (status): p50 {s['p50']:.0f} ms, p99 {s['p99']:.0f} ms",
         f"  the write itself (HTTPS PUT):    p50 {r['api_write_ms']['p50']:.0f} ms",
+        f"  an apply inside the agent:       p50 {a['p50_ms']:.0f} ms, p99 {a['p99_ms']:.0f} ms "
+        f"({a['applies']} applies, {a['full']} of them whole-table)",
         f"  (not counted: the first write after the endpoints came under policy reached "
         f"every kernel in {r['first_write']['all_kernel_ms']:.0f} ms)"])
 

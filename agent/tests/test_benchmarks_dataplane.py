@@ -66,3 +66,5 @@ def test_convergence_benchmark_runs_small() -> None:
     details = results["write_details"]
     assert isinstance(details, list) and len(details) == 2
     assert all(set(w["kernel_ms"]) == {"h1", "h2"} for w in details)
+    applies = results["agent_applies"]
+    assert isinstance(applies, dict) and applies["applies"] >= 4   # 2 writes x 2 agents
