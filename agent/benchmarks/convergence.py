@@ -17,7 +17,9 @@ write, probes from the new address (held by the first host) to every other host 
 that the port is open on the wire. Writes are spaced so they never overlap.
 
 Figures: p50/p99 over writes of the time until every host enforces the write, p50/p99
-over (host, write) of each host's own time, and the same for the reported status.
+over (host, write) of each host's own time, the same for the reported status, and the
+agents' own apply times from their logs. The first write after the endpoints come under
+policy is reported apart (`first_write`), not counted: the agent reopens its watch then.
 """
 
 from __future__ import annotations

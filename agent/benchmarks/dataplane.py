@@ -16,18 +16,20 @@ own holding one ruleset, loaded once):
             receiver, their rules naming GlobalNetworkSets of 100,000 addresses in all;
   naive     the same meaning as one rule per (address, port), the way Ansible firewall
             roles write it (`ip saddr A tcp dport P accept`), the client's rule last.
-Meaning, in every ruleset but `none`: the client may reach TCP N; each listed address
-may reach only its own list's port (6000 + list number), not N; the rest is dropped.
-Probes check that meaning on the wire before anything is timed.
+Meaning, in `bulkhead` and `naive`: the client may reach TCP N; each listed address may
+reach only its own list's port (6000 + list number), not N; the rest is dropped (the
+floor lets anyone reach N). Probes check each receiver's meaning on the wire before
+anything is timed. `--diagnose` adds two receivers with Bulkhead's table taken apart.
 
 The load is a C program (tcpbench.c, compiled here with gcc): an epoll loop of
 non-blocking connects closed with a reset (no TIME_WAIT), against an accept-and-close
 server; and streams written for a bounded time into a sink. One client run takes the
 receivers in turn, a short slice each (none, floor, bulkhead, naive, none, ...), so the
-load of whatever else runs on the machine hits all four alike. Figures are the best slice
-of each receiver (the least disturbed, as for every timing in docs/benchmarks.md) and
-the median slice; ratios are taken against `none`, and Bulkhead's against `floor` (goal:
-at least 0.9), also within each cycle of four slices (the median of those).
+load of whatever else runs on the machine hits all four alike. Figures: each receiver's
+best and median slice, their ratios to `none` (and Bulkhead's to `floor`: the goal is at
+least 0.9), and the ratios within each cycle of slices, median and quartiles over the
+cycles: on a loaded machine these are the ones to quote (the best slice is whichever
+receiver happened to run in an idle moment).
 """
 
 from __future__ import annotations
