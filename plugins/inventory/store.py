@@ -1,0 +1,197 @@
+# -*- coding: utf-8 -*-
+# Copyright: Bulkhead developers
+# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+name: store
+short_description: The host endpoints held by bulkhead-server as inventory hosts
+version_added: 0.1.0
+author: Bulkhead developers (@bulkhead-microseg)
+description:
+  - Lists the HostEndpoints stored in bulkhead-server (optionally only those matching
+    O(label_selector)) and makes each one an inventory host, named after its C(spec.node)
+    or its C(metadata.name) (O(hostname)).
+  - Sets the host variables C(<vars_prefix>labels) (the endpoint's labels; when several
+    endpoints share a node, the labels of the first by name, and the groups of all of them),
+    C(<vars_prefix>expected_ips), C(<vars_prefix>host_endpoint) (the HostEndpoint without
+    server-owned metadata) and C(<vars_prefix>host_endpoints) (all of the host's endpoints,
+    when several share a node), and C(ansible_host) from the first expected IP.
+  - Adds every host to a group per label, C(label_<key>_<value>), and supports
+    O(compose), O(groups) and O(keyed_groups) like M(ansible.builtin.constructed).
+  - The API's answer can be cached (O(cache)), as C(amazon.aws.aws_ec2) caches its own.
+  - The connection options are the modules' own; each falls back to its E(BULKHEAD_*)
+    environment variable.
+  - The configuration file's name must end in C(.bulkhead_store.yml) or C(.bulkhead_store.yaml).
+options:
+  plugin:
+    description: Marks the file as this plugin's configuration.
+    required: true
+    type: str
+    choices: [bulkhead.microseg.store]
+  label_selector:
+    description:
+      - Only host endpoints whose labels match this selector, in Calico's selector language,
+        for example V(zone == 'trusted' && has(app)). The server filters.
+    type: str
+  hostname:
+    description:
+      - What names a host. V(node) is C(spec.node), the name the agent runs as (endpoints on
+        the same node become one host); V(name) is the HostEndpoint's C(metadata.name).
+    type: str
+    choices: [node, name]
+    default: node
+  vars_prefix:
+    description: Prefix of the host variables this plugin sets.
+    type: str
+    default: bulkhead_
+  set_ansible_host:
+    description: Set C(ansible_host) to the host's first expected IP.
+    type: bool
+    default: true
+  label_groups:
+    description:
+      - Add each host to a group per label, C(<label_group_prefix>_<key>_<value>), sanitised as
+        O(keyed_groups) names are.
+    type: bool
+    default: true
+  label_group_prefix:
+    description: Prefix of the label groups. Empty, the groups are C(<key>_<value>).
+    type: str
+    default: label
+extends_documentation_fragment:
+  - bulkhead.microseg.connection.plugins
+  - bulkhead.microseg.connection
+  - constructed
+  - inventory_cache
+notes:
+  - The caller needs a certificate with at least the viewer role.
+seealso:
+  - plugin: bulkhead.microseg.endpoints
+    plugin_type: inventory
+  - module: bulkhead.microseg.resource_info
+"""
+
+EXAMPLES = r"""
+# fleet.bulkhead_store.yml, used as: ansible-inventory -i fleet.bulkhead_store.yml --graph
+# The smallest file is the plugin line alone; the connection then comes from
+# BULKHEAD_SERVER, BULKHEAD_CA, BULKHEAD_CERT and BULKHEAD_KEY.
+plugin: bulkhead.microseg.store
+server_url: https://bulkhead.example.com:7443
+ca_path: /etc/bulkhead/pki/ca.crt
+client_cert: /etc/bulkhead/pki/viewer.crt
+client_key: /etc/bulkhead/pki/viewer.key
+label_selector: zone in {'trusted', 'dmz'}
+hostname: name
+keyed_groups:
+  - key: bulkhead_labels.app | default('none')
+    prefix: app
+cache: true
+cache_plugin: ansible.builtin.jsonfile
+cache_connection: ~/.cache/bulkhead-inventory
+cache_timeout: 300
+"""
+
+from ansible.errors import AnsibleParserError
+from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
+
+from ansible_collections.bulkhead.microseg.plugins.module_utils.client import (
+    BulkheadError,
+    strip_server_fields,
+)
+from ansible_collections.bulkhead.microseg.plugins.module_utils.connection import (
+    CONNECTION_SPEC,
+    client_from_params,
+)
+from ansible_collections.bulkhead.microseg.plugins.plugin_utils import engine
+
+NAME = "bulkhead.microseg.store"
+SUFFIXES = (".bulkhead_store.yml", ".bulkhead_store.yaml")
+
+
+class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
+    """HostEndpoints from bulkhead-server as hosts, labels as variables and groups."""
+
+    NAME = NAME
+
+    def verify_file(self, path):
+        return super().verify_file(path) and path.endswith(SUFFIXES)
+
+    _config_path = None
+
+    def parse(self, inventory, loader, path, cache=True):
+        super().parse(inventory, loader, path, cache=cache)
+        self._read_config_data(path)
+        self._config_path = path
+        key = self.get_cache_key(path)
+        # As amazon.aws.aws_ec2: read the cache only when both the caller (no
+        # --flush-cache, no refresh_inventory) and the configuration allow it.
+        use_cache = self.get_option("cache") and cache
+        update_cache = self.get_option("cache") and not cache
+        items = None
+        if use_cache:
+            try:
+                items = self._cache[key]
+            except KeyError:
+                update_cache = True
+        if items is None:
+            items = self._fetch()
+        if update_cache:
+            self._cache[key] = items
+        self._populate(items)
+
+    def _fetch(self):
+        params = dict((option, self.get_option(option)) for option in CONNECTION_SPEC)
+        if not params.get("server_url"):
+            raise AnsibleParserError("%s: %s: server_url is not set: give it in the file or set "
+                                     "BULKHEAD_SERVER" % (NAME, self._config_path))
+        selector = self.get_option("label_selector")
+        try:
+            client = client_from_params(params)
+            return client.list("HostEndpoint", selector=selector)
+        except BulkheadError as e:
+            where = " (label_selector %r)" % selector if selector else ""
+            raise AnsibleParserError("%s: listing HostEndpoints from %s%s failed: %s"
+                                     % (NAME, params.get("server_url"), where, e)) from None
+
+    def _populate(self, items):
+        by_host = {}
+        use_node = self.get_option("hostname") == "node"
+        for item in sorted(items, key=lambda d: d["metadata"]["name"]):
+            doc = strip_server_fields(item)
+            host = doc["spec"].get("node") if use_node else doc["metadata"]["name"]
+            by_host.setdefault(host or doc["metadata"]["name"], []).append(doc)
+
+        prefix = self.get_option("vars_prefix")
+        strict = self.get_option("strict")
+        for host, docs in by_host.items():
+            first = docs[0]
+            labels = dict(first["metadata"].get("labels") or {})
+            ips = []
+            for doc in docs:
+                ips.extend(ip for ip in doc["spec"].get("expectedIPs") or () if ip not in ips)
+            self.inventory.add_host(host)
+            self.inventory.set_variable(host, prefix + "labels", labels)
+            self.inventory.set_variable(host, prefix + "expected_ips", ips)
+            self.inventory.set_variable(host, prefix + "host_endpoint", first)
+            self.inventory.set_variable(host, prefix + "host_endpoints", docs)
+            if ips and self.get_option("set_ansible_host"):
+                self.inventory.set_variable(host, "ansible_host", ips[0])
+            if self.get_option("label_groups"):
+                groups = []
+                for doc in docs:
+                    for group in engine.label_group_names(
+                            doc["metadata"].get("labels") or {},
+                            self.get_option("label_group_prefix"), self._sanitize_group_name):
+                        if group not in groups:
+                            groups.append(group)
+                for group in groups:
+                    self.inventory.add_child(self.inventory.add_group(group), host)
+
+            variables = self.inventory.get_host(host).get_vars()
+            self._set_composite_vars(self.get_option("compose"), variables, host, strict=strict)
+            self._add_host_to_composed_groups(self.get_option("groups"), variables, host,
+                                              strict=strict)
+            self._add_host_to_keyed_groups(self.get_option("keyed_groups"), variables, host,
+                                           strict=strict)

@@ -1,0 +1,115 @@
+"""The store inventory plugin, run by the real ansible-inventory against the real
+bulkhead-server. The main output is compared with golden/store.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import compare_golden, inventory, plain, write
+
+
+def hep(name, node, ips, labels):
+    return {"apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"node": node, "expectedIPs": ips}}
+
+
+STORE_ENDPOINTS = [
+    hep("web-1-eth0", "web-1", ["198.18.1.11"], {"zone": "trusted", "app": "nginx"}),
+    hep("kafka-1-eth0", "kafka-1", ["198.18.1.21", "2001:2::21"],
+        {"zone": "trusted", "app": "kafka", "microseg.bulkhead.io/managed-by": "site"}),
+    hep("kafka-1-eth1", "kafka-1", ["198.18.3.21"], {"zone": "backup", "app": "kafka"}),
+    hep("db-1-eth0", "db-1", ["2001:2::31"], {"zone": "restricted", "app": "postgres"}),
+]
+
+
+@pytest.fixture
+def store(clean_server):
+    for doc in STORE_ENDPOINTS:
+        clean_server.request("POST", "/v1/resources/HostEndpoint", doc)
+    return clean_server
+
+
+def test_store_golden(store, tmp_path):
+    path = write(tmp_path, "fleet.bulkhead_store.yml", """\
+plugin: bulkhead.microseg.store
+keyed_groups:
+  - key: bulkhead_labels.app
+    prefix: app
+compose:
+  owner: bulkhead_labels['microseg.bulkhead.io/managed-by'] | default('nobody')
+""")
+    done = inventory(store.env("viewer"), path)
+    compare_golden("store.json", done.stdout)
+
+
+def test_store_selector_names_and_file_connection(store, tmp_path):
+    """label_selector filtered by the server, hosts named by metadata.name, the
+    connection from the file (no BULKHEAD_* environment), another vars prefix."""
+    crt, key = store.cert("viewer")
+    path = write(tmp_path, "sel.bulkhead_store.yml", """\
+plugin: bulkhead.microseg.store
+server_url: %s
+ca_path: %s
+client_cert: %s
+client_key: %s
+label_selector: "zone == 'trusted' && app in {'kafka', 'nginx'}"
+hostname: name
+vars_prefix: bh_
+set_ansible_host: false
+""" % (store.url, store.pki / "ca.crt", crt, key))
+    env = store.env("viewer")
+    for name in ("BULKHEAD_SERVER", "BULKHEAD_CA", "BULKHEAD_CERT", "BULKHEAD_KEY"):
+        env.pop(name)
+    data = plain(json.loads(inventory(env, path).stdout))
+    hostvars = data["_meta"]["hostvars"]
+    assert sorted(hostvars) == ["kafka-1-eth0", "web-1-eth0"]
+    assert hostvars["web-1-eth0"] == {
+        "bh_labels": {"zone": "trusted", "app": "nginx"},
+        "bh_expected_ips": ["198.18.1.11"],
+        "bh_host_endpoint": STORE_ENDPOINTS[0],
+        "bh_host_endpoints": [STORE_ENDPOINTS[0]]}
+    assert data["label_app_kafka"]["hosts"] == ["kafka-1-eth0"]
+
+
+def test_store_cache(store, tmp_path):
+    """The raw API answer is cached: a deleted endpoint stays until --flush-cache."""
+    path = write(tmp_path, "c.bulkhead_store.yml", """\
+plugin: bulkhead.microseg.store
+cache: true
+cache_plugin: ansible.builtin.jsonfile
+cache_connection: %s
+""" % (tmp_path / "cache"))
+    env = store.env("viewer")
+
+    def hosts(done):
+        return sorted(json.loads(done.stdout)["_meta"]["hostvars"])
+
+    assert hosts(inventory(env, path)) == ["db-1", "kafka-1", "web-1"]
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    store.request("DELETE", "/v1/resources/HostEndpoint/db-1-eth0")
+    assert hosts(inventory(env, path)) == ["db-1", "kafka-1", "web-1"]
+    assert hosts(inventory(env, path, args=("--list", "--flush-cache"))) == ["kafka-1", "web-1"]
+    assert hosts(inventory(env, path)) == ["kafka-1", "web-1"]
+
+
+@pytest.mark.parametrize("config, who, expected", [
+    ("label_selector: \"zone == \"\n", "viewer",
+     ["listing HostEndpoints", "label_selector", "zone =="]),
+    ("server_url: https://127.0.0.1:9\n", "viewer",
+     ["listing HostEndpoints from https://127.0.0.1:9", "failed"]),
+    ("server_url: \"\"\n", "viewer",
+     ["e.bulkhead_store.yml: server_url is not set", "BULKHEAD_SERVER"]),
+    # an agent's certificate may not list host endpoints: the server's refusal, verbatim
+    ("", "node-1", ["failed: agent node-1 may not GET /v1/resources/HostEndpoint"]),
+])
+def test_store_errors(store, tmp_path, config, who, expected):
+    path = write(tmp_path, "e.bulkhead_store.yml", "plugin: bulkhead.microseg.store\n" + config)
+    env = dict(store.env(who), ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED="true")
+    done = inventory(env, path, check=False)
+    assert done.returncode != 0
+    message = " ".join(done.stderr.split())
+    for part in expected:
+        assert part in message, done.stderr
