@@ -32,6 +32,7 @@ import json
 import os
 import random
 import re
+import signal
 import ssl
 import statistics
 import subprocess
@@ -327,6 +328,11 @@ def main() -> int:
     return 0
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)   # unwinds the `with`: the lab is removed
+
+
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     sys.exit(main())

@@ -40,6 +40,7 @@ import datetime
 import ipaddress
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -454,6 +455,11 @@ def main() -> int:
     return 0
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)   # unwinds the `with`: the lab is removed
+
+
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     sys.exit(main())
