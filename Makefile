@@ -5,10 +5,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test deps lint typecheck unit conformance conformance-kernel collection-lint collection-sanity \
+.PHONY: demo demo-down test deps lint typecheck unit conformance conformance-kernel collection-lint collection-sanity \
 	collection-test bench clean
 
 test: deps lint typecheck unit conformance conformance-kernel collection-lint collection-sanity collection-test
+
+# The README's first command: an example inventory enforced on a lab of six hosts.
+demo: deps
+	tests/collection-tree.sh $(VENV)/collections --link
+	$(BIN)/bulkhead demo --root "$(CURDIR)"
+
+# Removes every namespace, process and file `make demo` made (the lab "demo").
+demo-down:
+	@if [ -x $(BIN)/bulkhead ]; then $(BIN)/bulkhead lab down --name demo; \
+	else echo "nothing to remove: $(BIN)/bulkhead is not installed"; fi
 
 deps: $(STAMP)
 

@@ -147,6 +147,12 @@ def cmd_pki(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bulkhead.lab.demo import main as demo_main
+
+    return demo_main(["--root", args.root])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bulkhead", description="Label-based microsegmentation for Ansible-managed hosts.")
@@ -201,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
     add_lab_commands(sub)
+
+    p = sub.add_parser("demo", help="make demo: an example inventory enforced on a lab of hosts")
+    p.add_argument("--root", default=".", help="Bulkhead's repository (default: .)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("selector", help="print a selector's canonical form; test labels")
     p.add_argument("selector")

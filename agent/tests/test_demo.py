@@ -1,0 +1,136 @@
+"""`make demo`, end to end: the printed "after" table against the reference evaluator,
+then `make demo-down` leaves nothing behind. Plus the demo's pure pieces."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bulkhead.lab import list_labs
+from bulkhead.lab.core import STATE_ROOT
+from bulkhead.lab.demo import (
+    LAB,
+    Inventory,
+    Target,
+    parse_table,
+    read_inventory,
+    render_table,
+)
+from bulkhead.lab.kernel import netns_names
+from bulkhead.model import Snapshot, load_paths
+from bulkhead.policy import Evaluator, Flow
+from tests.labfixture import need_root
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _hep(name: str, *ips: str) -> dict[str, object]:
+    return {"apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+            "metadata": {"name": name, "labels": {"app": name}},
+            "spec": {"node": name, "expectedIPs": list(ips)}}
+
+
+def test_read_inventory_orders_hosts_by_address_and_finds_service_ports() -> None:
+    listing = {"_meta": {"hostvars": {
+        "db": {"app": "pg", "service_ports": {"pg": 5432, "web": 443},
+               "bulkhead_host_endpoint": _hep("db", "2001:2::12", "198.18.0.12")},
+        "web": {"app": "web", "service_ports": {"pg": 5432, "web": 443},
+                "bulkhead_host_endpoint": _hep("web", "198.18.0.10")},
+        "bastion": {"app": "ssh", "service_ports": {},
+                    "bulkhead_host_endpoint": _hep("bastion", "198.18.0.9")},
+    }}}
+    inv = read_inventory(listing)
+    assert inv.hosts == ["bastion", "web", "db"]
+    assert inv.addresses["db"] == ["198.18.0.12", "2001:2::12"]
+    assert inv.targets == [Target("web", 443), Target("db", 5432)]
+
+
+def test_read_inventory_without_the_plugin_says_so() -> None:
+    with pytest.raises(Exception, match="host web: no bulkhead_host_endpoint"):
+        read_inventory({"_meta": {"hostvars": {"web": {"app": "web"}}}})
+
+
+def test_table_renders_and_parses_back() -> None:
+    inv = Inventory(["a", "b", "c"], {}, {}, [Target("b", 80), Target("c", 5432)])
+    table = {("a", Target("b", 80)): True, ("a", Target("c", 5432)): False,
+             ("b", Target("c", 5432)): True, ("c", Target("b", 80)): False}
+    text = render_table(inv, table)
+    assert text.splitlines()[0].split() == ["from", "\\", "to", "b:80", "c:5432"]
+    assert parse_table(text) == {("a", "b:80"): True, ("a", "c:5432"): False,
+                                 ("b", "c:5432"): True, ("c", "b:80"): False}
+
+
+def _section(output: str, title: str) -> str:
+    """The table printed under the step whose heading starts with `title`."""
+    match = re.search(rf"^==> {re.escape(title)}.*?\n(.*?)(?=^==> |\Z)", output, re.M | re.S)
+    assert match, f"no step {title!r} in the demo's output:\n{output[-3000:]}"
+    lines = [line for line in match.group(1).splitlines() if line.startswith("    ")]
+    return "\n".join(line for line in lines if not line.strip().startswith("the reference"))
+
+
+def _leftovers() -> list[str]:
+    found = [ns for ns in netns_names() if ns.startswith(f"bhl-{LAB}-")]
+    if (STATE_ROOT / LAB).exists():
+        found.append(str(STATE_ROOT / LAB))
+    links = subprocess.run(["ip", "-o", "link", "show", f"bhl-{LAB}"], capture_output=True,
+                           text=True, check=False)
+    if links.returncode == 0 and links.stdout.strip():
+        found.append(f"link bhl-{LAB}")
+    procs = subprocess.run(["pgrep", "-f", f"bulkhead-lab/{LAB}/"], capture_output=True,
+                           text=True, check=False)
+    found += [f"process {pid}" for pid in procs.stdout.split()]
+    return found
+
+
+def test_make_demo_end_to_end_then_demo_down_leaves_nothing() -> None:
+    need_root()
+    env = {**os.environ, "MAKEFLAGS": ""}
+    try:
+        demo = subprocess.run(["make", "--no-print-directory", "demo"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
+        out = demo.stdout
+        assert LAB in list_labs()
+
+        # Before: nothing enforced, every host reaches every service.
+        before = parse_table(_section(out, "Before"))
+        assert before and all(before.values()), before
+
+        # After: the printed table is what the reference evaluator says of the policies
+        # in inventory-examples/ and the host endpoints the inventory plugin made.
+        after = parse_table(_section(out, "After"))
+        resources = load_paths([ROOT / "inventory-examples" / "policies"])
+        store = load_paths([STATE_ROOT / LAB / "store.yaml"])
+        heps = {r.name: r for r in store if r.kind == "HostEndpoint"}
+        assert len(heps) == 6, sorted(heps)
+        evaluator = Evaluator(Snapshot.build([*resources, *heps.values()]))
+        ip = {name: next(a for a in h.expected_ips if ":" not in a)  # type: ignore[attr-defined]
+              for name, h in heps.items()}
+        expected = {(src, col): evaluator.evaluate(
+            Flow.make(ip[src], ip[col.split(":")[0]], "TCP", int(col.split(":")[1])),
+            trace=False).allowed for (src, col) in after}
+        assert after == expected
+        assert len(after) == 30
+        assert not after[("web-01", "db-01:5432")]       # dmz never reaches restricted
+        assert after[("kafka-01", "zk-01:2181")]          # kafka and zookeeper talk
+        assert after[("app-01", "ad-01:636")]             # trusted reaches LDAPS
+        assert "security.dmz-egress" in out               # explain names the deny
+        assert out.rstrip().splitlines()[-1].startswith("Remove:  make demo-down")
+        # The "Explore" line's commands work as printed.
+        explore = subprocess.run(
+            ["bash", "-c", f". {STATE_ROOT / LAB}/env.sh && bulkhead get hostendpoints -o wide"
+             " && cd inventory-examples && ansible-inventory --graph label_zone_dmz"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+        assert explore.returncode == 0, explore.stderr
+        assert re.search(r"^db-01\s+db-01\s+eth0\s+198\.18\.0\.12", explore.stdout, re.M)
+        assert "web-01" in explore.stdout.split("@label_zone_dmz:")[1]
+    finally:
+        down = subprocess.run(["make", "--no-print-directory", "demo-down"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120,
+                              check=False)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert _leftovers() == []
