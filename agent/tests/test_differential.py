@@ -43,17 +43,24 @@ RETRY_TIMEOUT = 3.0       # a flow that differs is probed again, with this timeo
 
 LABELS = {"app": ("web", "db", "cache"), "zone": ("dmz", "lan"), "env": ("prod", "dev")}
 PORTS = (80, 443, 5432, 8080)                     # the ports flows go to
-RULE_PORTS = (80, 443, 5432, 8080, 22, 9999, "80:443", "400:6000", "5000:9000", "1:1024")
+RULE_PORTS = (80, 443, 5432, 8080, 22, 9999, "80:443", "400:6000", "5000:9000", "1:1024",
+              "8080:65535", "1:65535")
+EPHEMERAL = 32768   # source ports the kernel picks start here: rules' source ports stay below
 # Named ports: per host, each name is absent or one of these (protocol, port).
 NAMED = {"web": (("TCP", 80), ("TCP", 8080)), "pg": (("TCP", 5432),),
          "svc": (("UDP", 443), ("UDP", 80))}
-PORT_NAMES = (*NAMED, "nope")
+DUAL = "dual"   # a name some hosts give to TCP 443 and UDP 443 both
+PORT_NAMES = (*NAMED, DUAL, "nope")
 NETS = {4: ("198.18.0.10/32", "198.18.0.12/32", "198.18.0.8/30", "198.18.0.12/31",
             "198.18.0.0/16", "198.18.0.0/15", "10.0.0.0/8"),
         6: ("2001:2::10/128", "2001:2::13/128", "2001:2::10/127", "2001:2::12/127",
             "2001:2::/64", "2001:2::/48", "2001:db8::/32")}
-ICMP = {"ICMP": ({"type": 8}, {"type": 8, "code": 0}, {"type": 0}, {"type": 8, "code": 1}),
-        "ICMPv6": ({"type": 128}, {"type": 128, "code": 0}, {"type": 129})}
+ICMP = {"ICMP": ({"type": 8}, {"type": 8, "code": 0}, {"type": 0}, {"type": 8, "code": 1},
+                 {}),
+        "ICMPv6": ({"type": 128}, {"type": 128, "code": 0}, {"type": 129}, {})}
+ALL_NETS = {4: "0.0.0.0/0", 6: "::/0"}   # nets only: as notNets the model refuses them
+PROTOCOLS = (None, None, None, "TCP", "TCP", "UDP", "UDP", "ICMP", "ICMPv6", 6, 17, 1, 58)
+PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMPv6"}
 TIERS = ("ta", "tb")
 
 
@@ -100,11 +107,14 @@ def selectors(draw: st.DrawFn, depth: int = 2) -> str:
 
 
 @st.composite
-def sides(draw: st.DrawFn, protocol: str | None, family: int) -> dict[str, Any]:
+def sides(draw: st.DrawFn, protocol: str | None, family: int, source: bool
+          ) -> dict[str, Any]:
     """A rule's source or destination with none, one or two criteria (more rarely match
     any flow, and a rule that never matches tests little)."""
     if protocol in ("TCP", "UDP"):
-        pool: tuple[Any, ...] = (*RULE_PORTS, *PORT_NAMES)
+        numeric = [p for p in RULE_PORTS
+                   if not source or int(str(p).split(":")[-1]) < EPHEMERAL]
+        pool: tuple[Any, ...] = (*numeric, *PORT_NAMES)
     elif protocol is None:
         pool = PORT_NAMES         # numeric ports need a protocol that has them
     else:
@@ -115,7 +125,8 @@ def sides(draw: st.DrawFn, protocol: str | None, family: int) -> dict[str, Any]:
     for kind in draw(st.lists(st.sampled_from(kinds), min_size=count, max_size=count,
                               unique=True)):
         if kind in ("nets", "notNets"):
-            side[kind] = draw(st.lists(st.sampled_from(NETS[family]), min_size=1,
+            pool_nets = (*NETS[family], ALL_NETS[family]) if kind == "nets" else NETS[family]
+            side[kind] = draw(st.lists(st.sampled_from(pool_nets), min_size=1,
                                        max_size=2, unique=True))
         elif kind in ("selector", "notSelector"):
             side[kind] = draw(selectors(1))
@@ -129,13 +140,13 @@ def sides(draw: st.DrawFn, protocol: str | None, family: int) -> dict[str, Any]:
 def rules(draw: st.DrawFn) -> dict[str, Any]:
     rule: dict[str, Any] = {"action": draw(st.sampled_from(
         ["Allow", "Allow", "Allow", "Deny", "Deny", "Pass", "Log"]))}
-    protocol = draw(st.sampled_from([None, None, None, "TCP", "TCP", "UDP", "UDP", "ICMP",
-                                     "ICMPv6"]))
+    given = draw(st.sampled_from(PROTOCOLS))   # a name, or its number
+    protocol = PROTOCOL_NAMES.get(given, given) if isinstance(given, int) else given
     # Nets of one IP version per rule (the model refuses mixed ones); ICMPv6 goes with 6.
     family = 6 if protocol == "ICMPv6" else 4 if protocol == "ICMP" else \
         draw(st.sampled_from([4, 6]))
     if protocol is not None:
-        rule["protocol"] = protocol
+        rule["protocol"] = given
         if protocol in ICMP and draw(st.booleans()):
             rule["icmp"] = draw(st.sampled_from(ICMP[protocol]))
     elif rare(draw, 6):
@@ -148,7 +159,7 @@ def rules(draw: st.DrawFn) -> dict[str, Any]:
     if rare(draw, 7):
         rule["ipVersion"] = family
     for name in ("source", "destination"):
-        side = draw(sides(protocol, family))
+        side = draw(sides(protocol, family, name == "source"))
         if side:
             rule[name] = side
     return rule
@@ -185,6 +196,20 @@ def policy_sets(draw: st.DrawFn) -> list[dict[str, Any]]:
                 types.add(draw(st.sampled_from(["Ingress", "Egress"])))
             spec["types"] = sorted(types) or ["Ingress"]
         docs.append(doc("GlobalNetworkPolicy", f"p{i}", spec))
+        if rare(draw, 4):  # staged: computed by the agent, never enforced
+            staged: dict[str, Any] = {"stagedAction": "Delete", "tier": spec["tier"]}
+            if rare(draw, 2):
+                staged = {"tier": spec["tier"], "selector": "all()",
+                          "types": ["Ingress", "Egress"]}   # would deny everything
+            docs.append(doc("StagedGlobalNetworkPolicy", f"p{i}", staged))
+    profiles: list[list[str]] = [[DEFAULT_ALLOW_PROFILE], [DEFAULT_ALLOW_PROFILE], []]
+    if rare(draw, 3):  # a profile of our own: rules and labels for its endpoints
+        profile: dict[str, Any] = {"labelsToApply": draw(label_sets)}
+        for direction in ("ingress", "egress"):
+            if given_rules := draw(st.lists(rules(), max_size=2)):
+                profile[direction] = given_rules
+        docs.append(doc("Profile", "prof", profile))
+        profiles += [["prof"], ["prof", DEFAULT_ALLOW_PROFILE], [DEFAULT_ALLOW_PROFILE, "prof"]]
     for i in range(draw(st.integers(0, 2))):
         family = draw(st.sampled_from([4, 6]))
         nets = draw(st.lists(st.sampled_from(NETS[family]), min_size=1, max_size=2,
@@ -197,11 +222,14 @@ def policy_sets(draw: st.DrawFn) -> list[dict[str, Any]]:
         iface = draw(st.sampled_from(["*", "eth0", None]))  # None: found by expectedIPs
         if iface is not None:
             spec["interfaceName"] = iface
-        if not rare(draw, 4):
-            spec["profiles"] = [DEFAULT_ALLOW_PROFILE]
+        chosen = draw(st.sampled_from(profiles))
+        if chosen:
+            spec["profiles"] = chosen
         ports = [{"name": name, "protocol": proto, "port": port}
                  for name, options in NAMED.items()
                  for proto, port in [draw(st.sampled_from([("", 0), *options]))] if proto]
+        if rare(draw, 3):
+            ports += [{"name": DUAL, "protocol": proto, "port": 443} for proto in ("TCP", "UDP")]
         if ports:
             spec["ports"] = ports
         docs.append(doc("HostEndpoint", host, spec, draw(label_sets)))
