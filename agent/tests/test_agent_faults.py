@@ -173,8 +173,9 @@ def big_policy(step: int) -> list[dict[str, Any]]:
     return [netset, deny]
 
 
-def nft_children(pid: int) -> list[int]:
-    """The `nft` processes `pid` started (from any of its threads)."""
+def nft_loads(pid: int) -> list[int]:
+    """The `nft -f` processes (loading a ruleset, not listing one for a drift check)
+    that `pid` started, from any of its threads."""
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -183,10 +184,11 @@ def nft_children(pid: int) -> list[int]:
             continue
         for child in children:
             try:
-                if Path(f"/proc/{child}/comm").read_text().strip() == "nft":
-                    found.append(int(child))
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
+            if Path(argv[0].decode()).name == "nft" and b"-f" in argv:
+                found.append(int(child))
     return found
 
 
@@ -201,7 +203,7 @@ def test_agent_killed_mid_apply_leaves_a_whole_ruleset(bed: Testbed, when: str) 
     revision = bed.apply(big_policy(1))
     assert revision is not None
     deadline = time.monotonic() + WAIT
-    while not (seen := nft_children(agent.pid)):
+    while not (seen := nft_loads(agent.pid)):
         assert time.monotonic() < deadline, "the agent of h2 never started nft"
         time.sleep(0.005)
     if when == "during-nft":
