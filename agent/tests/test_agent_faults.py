@@ -240,6 +240,9 @@ def test_a_deleted_table_is_repaired(bed: Testbed) -> None:
                > repairs, "the agent of h2 to repair its table", timeout=30)
     assert bed.table("h2") == table
     assert wire_verdicts(bed, FLOWS) == BASE_VERDICTS
+    # The agent still follows the server (the table's conntrack entries outlived it).
+    bed.enforce([*BASE[:2], web_policy(80, 81)], "after-repair", timeout=WAIT)
+    assert wire_verdicts(bed, FLOWS) == [True, True, True, True]
 
 
 # ------------------------------------------------------- the first ruleset of a host
