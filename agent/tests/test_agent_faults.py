@@ -77,11 +77,6 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> N
         time.sleep(0.1)
 
 
-def agent_log(bed: Testbed, host: str, lines: int = 15) -> str:
-    text = (bed.dir / f"agent-{host}.log").read_text(errors="replace")
-    return "\n".join(text.splitlines()[-lines:])
-
-
 @pytest.fixture
 def bed() -> Iterator[Testbed]:
     need_root()
