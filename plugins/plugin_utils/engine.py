@@ -17,8 +17,9 @@ from collections.abc import Mapping
 
 from ansible.errors import AnsibleError, AnsibleFilterError
 
+# Only the selector language here: the lookup and the filters run in a fresh worker per
+# task, and bulkhead.model costs ~0.3 s to import; host_endpoint() imports it when needed.
 try:
-    from bulkhead.model import ValidationError, parse_resource
     from bulkhead.selector import SelectorError
     from bulkhead.selector import parse as _parse_selector
 except ImportError as exc:  # pragma: no cover - exercised by the missing-package test
@@ -144,6 +145,8 @@ def host_endpoint(name: str, node: str, labels: Mapping, expected_ips: list[str]
     for example `HostEndpoint web-1: metadata.labels: label zone="a b": value is not valid`.
     """
     require_bulkhead("bulkhead.microseg")
+    from bulkhead.model import ValidationError, parse_resource  # pylint: disable=import-outside-toplevel
+
     spec: dict = {"node": node}
     if interface_name:
         spec["interfaceName"] = interface_name
