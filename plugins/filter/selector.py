@@ -1,0 +1,97 @@
+# -*- coding: utf-8 -*-
+# Copyright: Bulkhead developers
+# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
+"""Selector filters: match labels, canonical form, select/reject items, labels -> selector.
+
+Documented in the sidecar files selector_*.yml next to this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ansible.errors import AnsibleFilterError
+
+from ansible_collections.bulkhead.microseg.plugins.plugin_utils import engine
+
+
+def _labels(value, what):
+    try:
+        labels = engine.labels_of(value, what)
+    except Exception as e:
+        raise AnsibleFilterError(str(e)) from None
+    return labels
+
+
+def selector_match(labels, selector):
+    """True when a resource with these labels is selected by `selector`."""
+    compiled = engine.filter_selector(selector, "selector_match")
+    return compiled.matches(_labels(labels, "selector_match: the input"))
+
+
+def selector_canonical(selector):
+    """The selector's canonical text, the form bulkhead-server stores and compares."""
+    return engine.filter_selector(selector, "selector_canonical").canonical
+
+
+def _item_labels(item, attribute, index, plugin):
+    where = "%s: item %d" % (plugin, index)
+    if attribute:
+        value = item
+        for part in attribute.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        return _labels(value, "%s: %s" % (where, attribute))
+    if not isinstance(item, Mapping):
+        raise AnsibleFilterError("%s: expected a mapping (labels, host variables or a "
+                                 "resource), not %s" % (where, engine.type_name(item)))
+    metadata = item.get("metadata") if "kind" in item else None
+    if isinstance(metadata, Mapping):
+        return _labels(metadata.get("labels"), "%s: metadata.labels" % where)
+    if engine.DEFAULT_LABELS_VAR in item:
+        return _labels(item.get(engine.DEFAULT_LABELS_VAR),
+                       "%s: %s" % (where, engine.DEFAULT_LABELS_VAR))
+    return dict((k, v) for k, v in item.items() if isinstance(v, str))
+
+
+def _partition(items, selector, attribute, plugin, keep):
+    compiled = engine.filter_selector(selector, plugin)
+    if isinstance(items, (str, Mapping)) or not hasattr(items, "__iter__"):
+        raise AnsibleFilterError("%s: expected a list, not %s" % (plugin, engine.type_name(items)))
+    return [item for index, item in enumerate(items)
+            if compiled.matches(_item_labels(item, attribute, index, plugin)) is keep]
+
+
+def selector_select(items, selector, attribute=None):
+    """The items whose labels match `selector`."""
+    return _partition(items, selector, attribute, "selector_select", True)
+
+
+def selector_reject(items, selector, attribute=None):
+    """The items whose labels do not match `selector`."""
+    return _partition(items, selector, attribute, "selector_reject", False)
+
+
+def selector_from_labels(labels):
+    """The selector matching exactly these labels (`k == 'v'` joined by `&&`), canonical."""
+    labels = _labels(labels, "selector_from_labels: the input")
+    if not labels:
+        return "all()"
+    parts = []
+    for key in sorted(labels):
+        value = labels[key]
+        if '"' in value and "'" in value:
+            raise AnsibleFilterError("selector_from_labels: label %s: a value cannot hold "
+                                     "both quote characters" % key)
+        parts.append('%s == %s' % (key, "'%s'" % value if "'" not in value else '"%s"' % value))
+    return selector_canonical(" && ".join(parts))
+
+
+class FilterModule:
+    def filters(self):
+        return {
+            "selector_match": selector_match,
+            "selector_canonical": selector_canonical,
+            "selector_select": selector_select,
+            "selector_reject": selector_reject,
+            "selector_from_labels": selector_from_labels,
+        }

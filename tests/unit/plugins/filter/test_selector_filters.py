@@ -1,0 +1,89 @@
+"""The selector filters, called as Jinja calls them."""
+
+from __future__ import annotations
+
+import pytest
+from ansible.errors import AnsibleFilterError
+
+from ansible_collections.bulkhead.microseg.plugins.filter.selector import FilterModule
+
+F = FilterModule().filters()
+
+
+def test_every_filter_is_exported():
+    assert sorted(F) == ["selector_canonical", "selector_from_labels", "selector_match",
+                         "selector_reject", "selector_select"]
+
+
+@pytest.mark.parametrize("labels, selector, expected", [
+    ({"zone": "trusted", "app": "kafka"}, "zone == 'trusted' && app in {'kafka'}", True),
+    ({"zone": "dmz"}, "zone == 'trusted'", False),
+    ({}, "zone != 'trusted'", True),
+    ({}, "zone not in {'a'}", True),
+    ({"port": 9092}, "port == '9092'", True),
+    ({"name": "web-01"}, "name starts with 'web' && name ends with '01'", True),
+    (None, "all()", True),
+])
+def test_selector_match(labels, selector, expected):
+    assert F["selector_match"](labels, selector) is expected
+
+
+def test_selector_match_errors():
+    with pytest.raises(AnsibleFilterError, match="at position 14: expected a label key"):
+        F["selector_match"]({}, "zone == 'a' &&")
+    with pytest.raises(AnsibleFilterError, match="labels must be a mapping"):
+        F["selector_match"]("zone=a", "all()")
+
+
+def test_selector_canonical():
+    assert F["selector_canonical"]("app=='x'") == F["selector_canonical"]('app == "x"')
+    assert F["selector_canonical"]("!has( a )") == "!has(a)"
+
+
+HEPS = [
+    {"kind": "HostEndpoint", "metadata": {"name": "a", "labels": {"zone": "trusted"}}},
+    {"kind": "HostEndpoint", "metadata": {"name": "b", "labels": {"zone": "dmz"}}},
+    {"kind": "HostEndpoint", "metadata": {"name": "c"}},
+]
+
+
+def test_select_and_reject_resources():
+    assert [d["metadata"]["name"] for d in F["selector_select"](HEPS, "zone == 'trusted'")] == ["a"]
+    assert [d["metadata"]["name"] for d in F["selector_reject"](HEPS, "zone == 'trusted'")] == [
+        "b", "c"]
+    assert F["selector_select"](HEPS, "!has(zone)") == [HEPS[2]]
+
+
+def test_select_host_variables_and_plain_labels_and_attribute():
+    hostvars = [{"inventory_hostname": "h1", "bulkhead_labels": {"app": "db"}, "app": "web"},
+                {"inventory_hostname": "h2", "bulkhead_labels": {"app": "web"}}]
+    assert F["selector_select"](hostvars, "app == 'db'") == [hostvars[0]]
+    plain = [{"zone": "a", "n": 1}, {"zone": "b"}]
+    assert F["selector_select"](plain, "zone == 'a'") == [plain[0]]
+    nested = [{"x": {"l": {"t": "db"}}}, {"x": {}}, {}]
+    assert F["selector_select"](nested, "t == 'db'", "x.l") == [nested[0]]
+
+
+def test_select_errors_name_the_item():
+    with pytest.raises(AnsibleFilterError, match="selector_select: expected a list, not string"):
+        F["selector_select"]("abc", "all()")
+    with pytest.raises(AnsibleFilterError, match="selector_select: item 1: expected a mapping"):
+        F["selector_select"]([{}, "x"], "all()")
+    with pytest.raises(AnsibleFilterError, match="item 0: metadata.labels: labels must be"):
+        F["selector_select"]([{"kind": "HostEndpoint", "metadata": {"labels": "x"}}], "all()")
+
+
+def test_selector_from_labels_round_trips():
+    built = F["selector_from_labels"]({"zone": "trusted", "app": "it's", "n": 3})
+    assert built == '(app == "it\'s" && n == "3" && zone == "trusted")'
+    assert F["selector_match"]({"zone": "trusted", "app": "it's", "n": "3"}, built)
+    assert not F["selector_match"]({"zone": "trusted", "app": "it's"}, built)
+    assert F["selector_from_labels"]({}) == "all()"
+    assert F["selector_from_labels"]({"e": ""}) == 'e == ""'
+
+
+def test_selector_from_labels_errors():
+    with pytest.raises(AnsibleFilterError, match="both quote characters"):
+        F["selector_from_labels"]({"a": "'\""})
+    with pytest.raises(AnsibleFilterError, match="label a: .* not list"):
+        F["selector_from_labels"]({"a": ["x"]})
