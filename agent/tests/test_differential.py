@@ -16,7 +16,6 @@ evaluator's `explain` and the two hosts' tables.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +25,7 @@ import yaml
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
+from bulkhead.conformance import wire_flow
 from bulkhead.conformance.kernel import WireFlow, wire_verdicts
 from bulkhead.lab.testbed import Testbed
 from bulkhead.model import API_VERSION, DEFAULT_ALLOW_PROFILE, Snapshot, parse_resource
@@ -255,13 +255,9 @@ flow_samples = st.lists(st.sampled_from(ALL_FLOWS), min_size=FLOWS, max_size=FLO
 
 
 def model_flow(f: WireFlow) -> Flow:
-    """The flow as the evaluator sees it: ICMP probes are echo requests with code 0, and
-    the source port is the kernel's ephemeral choice (unknown, never in RULE_PORTS)."""
-    if f.proto == "ICMP":
-        v6 = ipaddress.ip_address(f.src_ip).version == 6
-        return Flow.make(f.src_ip, f.dst_ip, "ICMPv6" if v6 else "ICMP",
-                         icmp_type=128 if v6 else 8, icmp_code=0)
-    return Flow.make(f.src_ip, f.dst_ip, f.proto, f.port)
+    """The flow as the evaluator sees it (an ICMP probe is an echo request, code 0; the
+    source port is the kernel's ephemeral choice, never in a rule's source ports)."""
+    return wire_flow(f.src_ip, f.dst_ip, f.proto, f.port)
 
 
 def word(allowed: bool) -> str:

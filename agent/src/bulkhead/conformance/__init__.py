@@ -10,9 +10,11 @@ from bulkhead.conformance.runner import (
     report_json,
     report_text,
     run_cases,
+    wire_flow,
 )
 
 __all__ = [
     "DATAPLANES", "Case", "CaseError", "CaseResult", "Dataplane", "ModelDataplane", "Probe",
     "load_cases", "parse_case", "probe_flow", "report_json", "report_text", "run_cases",
+    "wire_flow",
 ]

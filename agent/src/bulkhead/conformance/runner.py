@@ -35,8 +35,19 @@ class ModelDataplane:
 
 
 def probe_flow(case: Case, probe: Probe) -> Flow:
-    return Flow.make(case.addresses[probe.src], case.addresses[probe.dst], probe.proto,
+    return wire_flow(case.addresses[probe.src], case.addresses[probe.dst], probe.proto,
                      probe.port)
+
+
+def wire_flow(src: str, dst: str, proto: str, port: int | None) -> Flow:
+    """The first packet of a lab probe, as the evaluator sees it: TCP or UDP to `port`,
+    or an ICMP echo request, code 0 (ICMPv6's between IPv6 addresses). The source port
+    is the kernel's ephemeral choice, unknown here."""
+    if proto.upper() == "ICMP":
+        v6 = ":" in src
+        return Flow.make(src, dst, "ICMPv6" if v6 else "ICMP", icmp_type=128 if v6 else 8,
+                         icmp_code=0)
+    return Flow.make(src, dst, proto, port)
 
 
 def _nftables() -> Dataplane:
