@@ -1,9 +1,11 @@
 """Apply rendered tables to the kernel with `nft`, atomically, and watch them for drift.
 
-Every change is one `nft -f` transaction: a new structure replaces the whole table
-(`table; delete table; table {...}`), a change of set elements only is sent as element
-additions and deletions. The kernel applies a transaction whole or not at all, so a
-ruleset it rejects leaves the previous one in force. Only `inet <table>` is ever touched.
+Every change is one transaction: a new structure replaces the whole table with `nft -f`
+(`table; delete table; table {...}`); a change of set elements only is sent as element
+deletions and additions in one netlink batch (`netlink.py`), which skips the full read of
+the kernel's state that `nft` does first. The kernel applies a transaction whole or not at
+all, so a ruleset it rejects leaves the previous one in force. Only `inet <table>` is
+ever touched.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bulkhead.dataplane.nftables.netlink import (
+    NetlinkError,
+    NftNetlink,
+    Unsupported,
+    set_changes,
+)
 from bulkhead.dataplane.nftables.ruleset import Ruleset
 
 
@@ -26,18 +34,34 @@ class ApplyResult:
     full: bool        # the whole table was replaced
     changed: bool     # anything was sent to the kernel
     seconds: float
+    via: str = ""     # "nft" (a script), "netlink" (an element batch), "" (nothing sent)
+
+
+def _namespace(prefix: Sequence[str]) -> str | None:
+    """The network namespace nft runs in: "" for our own, the name for `ip netns exec
+    NAME`, None when the prefix is anything else (then netlink is not used)."""
+    if not prefix:
+        return ""
+    if len(prefix) == 4 and list(prefix[:3]) == ["ip", "netns", "exec"]:
+        return prefix[3]
+    return None
 
 
 class NftApplier:
     """Applies rulesets to one table. `prefix` runs nft elsewhere (e.g. `ip netns exec
-    NS`), for the lab and benchmarks; the agent runs it in its own namespace."""
+    NS`), for the lab and benchmarks; the agent runs it in its own namespace. Element
+    changes go over netlink when `netlink` is true and the namespace is this process's
+    or `ip netns exec NAME`; otherwise, and for element types the netlink encoder does
+    not know, through `nft -f`."""
 
     def __init__(self, table: str = "bulkhead", nft: str = "nft",
-                 prefix: Sequence[str] = ()) -> None:
+                 prefix: Sequence[str] = (), netlink: bool = True) -> None:
         self.table = table
         self.argv = [*prefix, nft]
+        self.netns = _namespace(prefix) if netlink else None
         self.last: Ruleset | None = None
         self._terse: str | None = None   # what the kernel showed right after our apply
+        self._generation: int | None = None   # the ruleset generation our last commit made
 
     def _nft(self, args: Sequence[str], script: str | None = None,
              argv: Sequence[str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -61,32 +85,74 @@ class NftApplier:
         if last is not None and drift is None and ruleset.body() == last.body():
             return ApplyResult(False, False, time.perf_counter() - start)
         full = last is None or drift is not None or ruleset.structure() != last.structure()
-        if full:
-            self._run_script(ruleset.script())
-        else:
+        via = "nft"
+        if not full:
             assert last is not None
-            script = ruleset.element_script(last)
-            if script:
-                self._run_script(script)
-        self.last = ruleset
+            sent = self._send_elements(last, ruleset)
+            if sent is None:
+                full = True   # the kernel's elements were not ours: replace the table
+            else:
+                via = sent
         if full:
-            self._terse = self.terse()
-        return ApplyResult(full, True, time.perf_counter() - start)
+            self._replace(ruleset)
+        self.last = ruleset
+        return ApplyResult(full, True, time.perf_counter() - start, via)
+
+    def _replace(self, ruleset: Ruleset) -> None:
+        self._run_script(ruleset.script())
+        # The generation first: a change between the two reads shows up as drift later.
+        self._generation = self.generation()
+        self._terse = self.terse()
+
+    def _send_elements(self, last: Ruleset, ruleset: Ruleset) -> str | None:
+        """Send the element changes from `last` to `ruleset`: "netlink" or "nft" (the
+        way they went), or None if the netlink batch was refused (nothing applied)."""
+        if self.netns is not None:
+            try:
+                changes = set_changes(last.sets.values(), ruleset.sets.values())
+            except Unsupported:
+                changes = None
+            if changes is not None:
+                try:
+                    with NftNetlink(self.netns) as nl:
+                        nl.apply(self.table, changes, self._generation)
+                except NetlinkError:
+                    return None
+                if self._generation is not None:
+                    self._generation += 1   # the batch was checked against it
+                return "netlink"
+        script = ruleset.element_script(last)
+        if script:
+            self._run_script(script)
+            self._generation = self.generation()
+        return "nft"
+
+    def generation(self) -> int | None:
+        """The kernel's ruleset generation (None without netlink): every committed
+        transaction in the namespace raises it, so an unchanged generation means nobody
+        changed anything since."""
+        if self.netns is None:
+            return None
+        try:
+            with NftNetlink(self.netns) as nl:
+                return nl.generation()
+        except NetlinkError:
+            return None
 
     def repair(self) -> ApplyResult:
         """Put the last applied ruleset back, whole."""
         if self.last is None:
             return ApplyResult(False, False, 0.0)
         start = time.perf_counter()
-        self._run_script(self.last.script())
-        self._terse = self.terse()
-        return ApplyResult(True, True, time.perf_counter() - start)
+        self._replace(self.last)
+        return ApplyResult(True, True, time.perf_counter() - start, "nft")
 
     def remove(self) -> None:
         """Delete the table (nothing of Bulkhead's stays in the kernel)."""
         self._run_script(f"table inet {self.table}\ndelete table inet {self.table}\n")
         self.last = None
         self._terse = None
+        self._generation = None
 
     # -- reading back -----------------------------------------------------------------
     def terse(self) -> str | None:
@@ -99,16 +165,21 @@ class NftApplier:
         return done.stdout if done.returncode == 0 else None
 
     def drifted(self) -> str | None:
-        """None while the kernel holds what we applied; else what is wrong. Compares the
-        table's chains, rules and set declarations (not elements) with what the kernel
-        showed right after the last apply."""
+        """None while the kernel holds what we applied; else what is wrong. If the
+        ruleset generation is still the one our last commit made, nothing was changed;
+        otherwise compares the table's chains, rules and set declarations (not elements)
+        with what the kernel showed right after the last full apply."""
         if self.last is None:
             return None
+        generation = self.generation()
+        if generation is not None and generation == self._generation:
+            return None   # no transaction since ours: nothing to read
         now = self.terse()
         if now is None:
             return f"table inet {self.table} is missing"
         if now != self._terse:
             return f"table inet {self.table} was changed outside the agent"
+        self._generation = generation   # another table changed; ours is as we left it
         return None
 
     def normalized(self, ruleset: Ruleset) -> str:

@@ -198,14 +198,14 @@ def element_text(run: CompiledRun, family: int) -> list[str]:
         parts = []
         for name, (lo, hi) in zip(run.fields, key, strict=True):
             if name.endswith("addr"):
-                parts.append(_address_range(lo, hi, family))
+                parts.append(address_range(lo, hi, family))
             else:
                 parts.append(str(lo) if lo == hi else f"{lo}-{hi}")
         out.append(f"{' . '.join(parts)} : {verdict}")
     return out
 
 
-def _address_range(lo: int, hi: int, family: int) -> str:
+def address_range(lo: int, hi: int, family: int) -> str:
     a, b = netaddr.IPAddress(lo, family), netaddr.IPAddress(hi, family)
     if lo == hi:
         return str(a)
