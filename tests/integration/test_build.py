@@ -1,0 +1,129 @@
+"""The collection as users get it: `ansible-galaxy collection build` makes an artifact,
+`ansible-galaxy collection install` installs it into an empty directory, and from that
+installed copy `ansible-doc` renders every plugin and a filter runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import BIN, HERE, ansible_env, run
+
+ROOT = HERE.parents[1]
+PLUGIN_TYPES = ("modules", "inventory", "lookup", "filter")
+
+
+def plugins_in_tree():
+    """Every plugin of the checkout, by ansible-doc type: name -> documented names."""
+    found = {}
+    for kind in PLUGIN_TYPES:
+        folder = ROOT / "plugins" / kind
+        if kind == "filter":
+            # one Python file holds the filters; each has its sidecar documentation
+            names = [yaml.safe_load(p.read_text())["DOCUMENTATION"]["name"]
+                     for p in sorted(folder.glob("*.yml"))]
+        else:
+            names = [p.stem for p in sorted(folder.glob("*.py")) if p.stem != "__init__"]
+        found["module" if kind == "modules" else kind] = names
+    return found
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The built artifact and an ansible-* environment that sees only its installed copy."""
+    tmp = tmp_path_factory.mktemp("galaxy")
+    env = dict(os.environ)
+    env.update(ansible_env())
+    env.update(ANSIBLE_COLLECTIONS_PATH=str(tmp / "installed"),
+               PATH="%s:%s" % (BIN, env.get("PATH", "")))
+    # The test run puts the checkout's tree on PYTHONPATH, where Ansible would find it too.
+    env.pop("PYTHONPATH", None)
+    galaxy = yaml.safe_load((ROOT / "galaxy.yml").read_text())
+    run(["ansible-galaxy", "collection", "build", str(ROOT), "--output-path", str(tmp)], env)
+    artifact = tmp / ("%s-%s-%s.tar.gz" % (galaxy["namespace"], galaxy["name"],
+                                           galaxy["version"]))
+    assert artifact.is_file()
+    run(["ansible-galaxy", "collection", "install", str(artifact), "-p",
+         str(tmp / "installed"), "--offline"], env)
+    return artifact, tmp / "installed" / "ansible_collections" / "bulkhead" / "microseg", env
+
+
+def test_artifact_holds_the_collection_and_nothing_else(installed):
+    artifact = installed[0]
+    with tarfile.open(artifact) as tar:
+        names = set(tar.getnames())
+    for kind, plugins in plugins_in_tree().items():
+        folder = "modules" if kind == "module" else kind
+        for name in plugins:
+            if kind != "filter":
+                assert "plugins/%s/%s.py" % (folder, name) in names
+    for path in ("MANIFEST.json", "FILES.json", "meta/runtime.yml", "plugins/filter/selector.py",
+                 "plugins/filter/selector_match.yml", "plugins/plugin_utils/engine.py",
+                 "plugins/module_utils/client.py", "plugins/doc_fragments/connection.py",
+                 "README.md", "LICENSE"):
+        assert path in names, path
+    # The Python distribution, the venv and test output stay out.
+    for name in names:
+        assert not name.startswith(("agent/", ".venv/", "tests/output/", ".git/")), name
+        assert "__pycache__" not in name and not name.endswith(".pyc"), name
+
+
+def test_install_into_an_empty_directory(installed):
+    _, copy, env = installed
+    manifest = json.loads((copy / "MANIFEST.json").read_text())
+    assert manifest["collection_info"]["namespace"] == "bulkhead"
+    assert manifest["collection_info"]["name"] == "microseg"
+    listed = run(["ansible-galaxy", "collection", "list", "bulkhead.microseg", "--format", "json"],
+                 env)
+    assert list(json.loads(listed.stdout)) == [str(copy.parents[1])]
+    # The installed copy works: a filter evaluated by a real ad-hoc run.
+    done = run(["ansible", "localhost", "-i", "localhost,", "-c", "local", "-m",
+                "ansible.builtin.debug", "-a",
+                "msg={{ {'zone': 'dmz'} | bulkhead.microseg.selector_match(\"zone != 'trusted'\") }}"],
+               env)
+    assert '"msg": true' in done.stdout
+
+
+@pytest.mark.parametrize("kind", ["module", "inventory", "lookup", "filter"])
+def test_ansible_doc_renders_every_plugin(installed, kind):
+    env = installed[2]
+    names = plugins_in_tree()[kind]
+    assert names, kind
+    listed = run(["ansible-doc", "-t", kind, "-l", "bulkhead.microseg", "--json"], env)
+    assert sorted(json.loads(listed.stdout)) == sorted("bulkhead.microseg." + n for n in names)
+    full = ["bulkhead.microseg." + n for n in names]
+    docs = json.loads(run(["ansible-doc", "-t", kind, "--json"] + full, env).stdout)
+    assert sorted(docs) == sorted(full)
+    for name, entry in docs.items():
+        doc = entry["doc"]
+        assert doc["short_description"] and doc["description"], name
+        assert entry["examples"], name
+        if kind in ("module", "lookup", "filter"):
+            assert entry["return"], name
+        assert "options" in doc, name
+    # The text rendering (what a user reads) as well, without warnings.
+    text = run(["ansible-doc", "-t", kind] + full, env)
+    for name in names:
+        assert "bulkhead.microseg." + name in text.stdout
+    assert "WARNING" not in text.stderr and "ERROR" not in text.stderr, text.stderr
+
+
+def test_store_plugin_and_modules_share_the_connection_options(installed):
+    env = installed[2]
+    module = json.loads(run(["ansible-doc", "-t", "module", "--json",
+                             "bulkhead.microseg.host_endpoint"], env).stdout)
+    store = json.loads(run(["ansible-doc", "-t", "inventory", "--json",
+                            "bulkhead.microseg.store"], env).stdout)
+    module_options = module["bulkhead.microseg.host_endpoint"]["doc"]["options"]
+    store_options = store["bulkhead.microseg.store"]["doc"]["options"]
+    for option in ("server_url", "ca_path", "client_cert", "client_key", "validate_certs",
+                   "request_timeout"):
+        assert store_options[option]["type"] == module_options[option]["type"], option
+        assert store_options[option]["description"] == module_options[option]["description"]
+    assert store_options["server_url"]["env"] == [{"name": "BULKHEAD_SERVER"}]
+    assert store_options["client_key"]["env"] == [{"name": "BULKHEAD_KEY"}]
