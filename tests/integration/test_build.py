@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from pathlib import Path
 
 import pytest
 import yaml
@@ -74,7 +73,7 @@ def test_artifact_holds_the_collection_and_nothing_else(installed):
 
 
 def test_install_into_an_empty_directory(installed):
-    _, copy, env = installed
+    copy, env = installed[1:]
     manifest = json.loads((copy / "MANIFEST.json").read_text())
     assert manifest["collection_info"]["namespace"] == "bulkhead"
     assert manifest["collection_info"]["name"] == "microseg"
