@@ -54,7 +54,8 @@ class NftablesEnforcer:
         self._by_address = any(h.node == self.node and not h.interface_name
                                for h in snapshot.host_endpoints.values())
         plan = calculate(snapshot, self.node, self._seen, self.failsafes)
-        return render(plan, self.table)
+        untracked = frozenset(p.name for p in snapshot.policies.values() if p.spec.do_not_track)
+        return render(plan, self.table, untracked=untracked)
 
     def _report(self, result: ApplyResult, revision: int, ruleset: Ruleset) -> EnforceReport:
         return EnforceReport(revision, result.full, result.changed, result.seconds,

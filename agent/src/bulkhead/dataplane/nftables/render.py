@@ -13,6 +13,13 @@ Layout, per direction (ingress = the `input` hook, egress = `output`):
              defaultAction is Deny (Pass: fall back to the endpoint chain).
     r_<h>:   a profile's rules; Pass returns to the next profile.
 
+Untracked (doNotTrack) policies are evaluated first a second time, at raw priority,
+before connection tracking (`raw_prerouting`, `raw_output`; only when an endpoint has
+one): lo, neighbour discovery and failsafe ports are left alone, then the endpoint's
+untracked policies (chains n_<h>, interface -> u_<h> through @raw_in / @raw_out): Allow
+goes to `untracked_accept` (`notrack accept`), Deny drops, no match goes on to conntrack
+and the filter chains, which evaluate the same policies again and reach the same verdict.
+
 Chains are named by a hash of their content, so endpoints that need the same program share
 one chain, and an unchanged chain keeps its name. Selectors become named sets keyed by
 their canonical form (`s4_<h>`, `s6_<h>`), named ports sets of address . protocol . port
@@ -22,7 +29,7 @@ their canonical form (`s4_<h>`, `s6_<h>`), named ports sets of address . protoco
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import netaddr
 
@@ -39,6 +46,7 @@ from bulkhead.model import EGRESS, INGRESS
 from bulkhead.policy.plan import (
     DIRECTIONS,
     DirectionPlan,
+    EndpointPlan,
     NodePlan,
     RulePlan,
     SidePlan,
@@ -46,7 +54,11 @@ from bulkhead.policy.plan import (
 
 TABLE = "bulkhead"
 VERDICT = {"Allow": "accept", "Deny": "drop", "Pass": "return"}
+UNTRACKED_ACCEPT = "untracked_accept"
+# At raw priority an Allow also takes the packet out of connection tracking.
+RAW_VERDICT = {**VERDICT, "Allow": f"goto {UNTRACKED_ACCEPT}"}
 HOOK = {INGRESS: "input", EGRESS: "output"}
+RAW_HOOK = {INGRESS: "prerouting", EGRESS: "output"}
 ND_TYPES = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert"
 
 
@@ -79,9 +91,11 @@ def _element(cidr: object) -> str:
 
 
 class _Renderer:
-    def __init__(self, plan: NodePlan, table: str, compile_runs: bool) -> None:
+    def __init__(self, plan: NodePlan, table: str, compile_runs: bool,
+                 untracked: frozenset[str] = frozenset()) -> None:
         self.plan = plan
         self.compile = compile_runs
+        self.untracked = untracked
         self.rs = Ruleset(table, warnings=list(plan.warnings))
 
     # -- sets -------------------------------------------------------------------------
@@ -105,7 +119,8 @@ class _Renderer:
                                        for e in entries})))
         return name
 
-    def rules(self, rules: Sequence[RulePlan], label: str) -> list[str]:
+    def rules(self, rules: Sequence[RulePlan], label: str,
+              verdicts: Mapping[str, str] = VERDICT) -> list[str]:
         """Rule lines for a sequence of rules: runs of two or more plain rules become one
         verdict-map lookup per IP family, the others one nft rule (or a few) each."""
         out: list[str] = []
@@ -113,9 +128,9 @@ class _Renderer:
 
         def flush() -> None:
             if len(run) >= 2 and self.compile:
-                out.extend(self.run_lookup(run, label))
+                out.extend(self.run_lookup(run, label, verdicts))
             else:
-                out.extend(line for r in run for line in self.rule(r))
+                out.extend(line for r in run for line in self.rule(r, verdicts))
             run.clear()
 
         for rule in rules:
@@ -123,11 +138,12 @@ class _Renderer:
                 run.append(rule)
                 continue
             flush()
-            out.extend(self.rule(rule))
+            out.extend(self.rule(rule, verdicts))
         flush()
         return out
 
-    def run_lookup(self, run: Sequence[RulePlan], label: str) -> list[str]:
+    def run_lookup(self, run: Sequence[RulePlan], label: str,
+                   verdicts: Mapping[str, str] = VERDICT) -> list[str]:
         per_family = any(r.ip_version is not None or r.source.needs_addresses
                          or r.destination.needs_addresses or r.source.nets
                          or r.destination.nets for r in run)
@@ -138,7 +154,7 @@ class _Renderer:
             boxes = [(b, r.action) for r in run
                      for b in rule_boxes(r, family, self.plan.selector_sets,
                                          self.plan.named_ports)]
-            compiled = compile_run(boxes, family)
+            compiled = compile_run(boxes, family, verdicts)
             if not compiled.cells:
                 continue
             prefix = f"meta nfproto ipv{family} " if per_family else ""
@@ -146,7 +162,7 @@ class _Renderer:
                 lines.append(f"{prefix}{compiled.cells[0][1]} {comment}")
                 continue
             identity = "\n".join([label, *(r.where for r in run), *compiled.fields,
-                                   str(compiled.interval)])
+                                   str(compiled.interval), *sorted(verdicts.values())])
             name = f"m{family if per_family else ''}_{_h(identity)}"
             self.rs.sets[name] = NftSet(
                 name, " . ".join(field_type(f, family) for f in compiled.fields),
@@ -162,7 +178,7 @@ class _Renderer:
         return name
 
     # -- rules ------------------------------------------------------------------------
-    def rule(self, rule: RulePlan) -> list[str]:
+    def rule(self, rule: RulePlan, verdicts: Mapping[str, str] = VERDICT) -> list[str]:
         """nft rule lines for one Calico rule: none if it can never match, several when
         a positive match is an OR (numeric ports or a named port; IPv4 or IPv6 sets)."""
         if rule.source.domains or rule.destination.domains:
@@ -178,7 +194,7 @@ class _Renderer:
         if rule.action == "Log":
             verdict = f"log prefix {_quote('bulkhead ' + rule.where + ': ', 120)}"
         else:
-            verdict = VERDICT[rule.action]
+            verdict = verdicts[rule.action]
         comment = f"comment {_quote(rule.where, 120)}"
         out = []
         for family in families:
@@ -272,9 +288,20 @@ class _Renderer:
 
     def base(self, direction: str) -> Chain:
         ingress = direction == INGRESS
-        ifname, peer = ("iifname", "saddr") if ingress else ("oifname", "daddr")
         rules = ["ct state established,related accept", "ct state invalid drop",
-                 f'{ifname} "lo" accept',
+                 *self.unfiltered(direction)]
+        chains, star = self.by_interface(
+            lambda ep: self.direction(ep.direction(direction), direction))
+        rules += self.dispatch(direction, "ep_in" if ingress else "ep_out", chains, star)
+        hook = f"type filter hook {HOOK[direction]} priority filter; policy accept;"
+        return Chain(HOOK[direction], tuple(rules), hook)
+
+    def unfiltered(self, direction: str) -> list[str]:
+        """Rules for what no policy decides: loopback, IPv6 neighbour discovery, the
+        failsafe ports (the failsafe set is declared here)."""
+        ingress = direction == INGRESS
+        ifname, peer = ("iifname", "saddr") if ingress else ("oifname", "daddr")
+        rules = [f'{ifname} "lo" accept',
                  f"meta l4proto 58 icmpv6 type {{ {ND_TYPES} }} accept"]
         failsafes = self.plan.failsafes.inbound if ingress else self.plan.failsafes.outbound
         plain = sorted({f"{f.protocol} . {f.port}" for f in failsafes if f.net is None})
@@ -288,34 +315,74 @@ class _Renderer:
                 ip = "ip" if f.net.version == 4 else "ip6"
                 rules.append(f"{ip} {peer} {f.net} meta l4proto {f.protocol} th dport {f.port} "
                              f"accept comment \"failsafe {f}\"")
-        dispatch: dict[str, str] = {}
+        return rules
+
+    def by_interface(self, chain_of: Callable[[EndpointPlan], str | None]
+                     ) -> tuple[dict[str, str], str | None]:
+        """Each interface's endpoint chain, and that of the endpoint on every interface
+        (the first one an interface or "*" is given to keeps it)."""
+        chains: dict[str, str] = {}
         star: str | None = None
         for ep in self.plan.endpoints:
-            chain = self.direction(ep.direction(direction), direction)
+            chain = chain_of(ep)
+            if chain is None:
+                continue
             if ep.interfaces == ("*",):
                 star = star or chain
             else:
                 for iface in ep.interfaces:
-                    dispatch.setdefault(iface, chain)
-        if dispatch:
-            name = "ep_in" if ingress else "ep_out"
+                    chains.setdefault(iface, chain)
+        return chains, star
+
+    def dispatch(self, direction: str, name: str, chains: Mapping[str, str],
+                 star: str | None) -> list[str]:
+        """Interface -> endpoint chain through the verdict map `name`, then the chain of
+        the endpoint on every interface."""
+        ifname = "iifname" if direction == INGRESS else "oifname"
+        rules = []
+        if chains:
             self.rs.sets[name] = NftSet(name, "ifname", map_to="verdict", elements=tuple(
-                f'"{i}" : jump {c}' for i, c in sorted(dispatch.items())))
+                f'"{i}" : jump {c}' for i, c in sorted(chains.items())))
             rules.append(f"{ifname} vmap @{name}")
         if star:
             rules.append(f"jump {star} comment \"endpoints on every interface\"")
-        hook = f"type filter hook {HOOK[direction]} priority filter; policy accept;"
-        return Chain(HOOK[direction], tuple(rules), hook)
+        return rules
+
+    # -- untracked policies, at raw priority ----------------------------------------------
+    def untracked_chain(self, dp: DirectionPlan) -> str | None:
+        jumps = []
+        for policy in dp.early:
+            if policy.name not in self.untracked:
+                continue
+            rules = self.rules(policy.rules, "policy " + policy.name, RAW_VERDICT)
+            jumps.append(f"jump {self.chain('n', rules)} comment "
+                         f"{_quote('untracked policy ' + policy.name, 120)}")
+        # No match: on to connection tracking and the filter chains.
+        return self.chain("u", jumps) if jumps else None
+
+    def raw_base(self, direction: str) -> Chain | None:
+        chains, star = self.by_interface(lambda ep: self.untracked_chain(ep.direction(direction)))
+        if not chains and not star:
+            return None
+        self.rs.chains.setdefault(UNTRACKED_ACCEPT, Chain(UNTRACKED_ACCEPT, ("notrack accept",)))
+        name = "raw_in" if direction == INGRESS else "raw_out"
+        rules = [*self.unfiltered(direction), *self.dispatch(direction, name, chains, star)]
+        hook = f"type filter hook {RAW_HOOK[direction]} priority raw; policy accept;"
+        return Chain(f"raw_{RAW_HOOK[direction]}", tuple(rules), hook)
 
 
-def render(plan: NodePlan, table: str = TABLE, compile_runs: bool = True) -> Ruleset:
+def render(plan: NodePlan, table: str = TABLE, compile_runs: bool = True,
+           untracked: frozenset[str] = frozenset()) -> Ruleset:
     """The whole table for the node's plan. `compile_runs=False` renders every rule as
-    its own nft rule (the layout verdict maps are measured against)."""
-    r = _Renderer(plan, table, compile_runs)
+    its own nft rule (the layout verdict maps are measured against). `untracked` names
+    the doNotTrack policies: they are also rendered at raw priority, with `notrack`."""
+    r = _Renderer(plan, table, compile_runs, untracked)
     bases = [r.base(d) for d in DIRECTIONS]
-    # Chains a rule jumps to are declared before it: policies, profiles, tiers, endpoints,
-    # then the base chains.
-    rank = {"p": 0, "r": 1, "t": 2, "e": 3}
-    others = sorted(r.rs.chains.values(), key=lambda c: (rank.get(c.name[0], 9), c.name))
+    bases += [c for c in (r.raw_base(d) for d in DIRECTIONS) if c is not None]
+    # Chains a rule jumps to are declared before it: the notrack accept, policies,
+    # profiles, tiers, endpoints, then the base chains.
+    rank = {"untracked": 0, "n": 1, "p": 1, "r": 2, "t": 3, "e": 4, "u": 4}
+    others = sorted(r.rs.chains.values(),
+                    key=lambda c: (rank.get(c.name.split("_")[0], 9), c.name))
     r.rs.chains = {c.name: c for c in [*others, *bases]}
     return r.rs

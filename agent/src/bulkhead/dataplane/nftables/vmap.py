@@ -133,12 +133,14 @@ class CompiledRun:
     interval: bool                           # some cell spans more than one value
 
 
-def compile_run(boxes: Sequence[tuple[Box, str]], family: int) -> CompiledRun:
-    """Disjoint cells, first match wins, from boxes in rule order."""
+def compile_run(boxes: Sequence[tuple[Box, str]], family: int,
+                verdicts: Mapping[str, str] = VERDICT) -> CompiledRun:
+    """Disjoint cells, first match wins, from boxes in rule order. `verdicts` maps
+    Allow, Deny and Pass to the nft verdicts the cells carry."""
     used = tuple(f for f in FIELDS if any(f in b for b, _ in boxes))
     full = {**FULL, "daddr": ADDR_FULL[family], "saddr": ADDR_FULL[family]}
     spans = [[b.get(f, [full[f]]) for f in used] for b, _ in boxes]
-    verdicts = [VERDICT[action] for _, action in boxes]
+    cell_verdicts = [verdicts[action] for _, action in boxes]
     # A field whose every interval is one value stays exact, so the map can be a hash.
     point = [all(lo == hi for s in spans for lo, hi in s[i]) for i in range(len(used))]
 
@@ -146,7 +148,7 @@ def compile_run(boxes: Sequence[tuple[Box, str]], family: int) -> CompiledRun:
     def cut(active: tuple[int, ...], depth: int
             ) -> tuple[tuple[tuple[Interval, ...], str], ...]:
         if depth == len(used):
-            return (((), verdicts[active[0]]),)
+            return (((), cell_verdicts[active[0]]),)
         events: dict[int, list[tuple[int, int]]] = {}
         for idx in active:
             for lo, hi in spans[idx][depth]:
