@@ -23,6 +23,7 @@ from bulkhead.dataplane.nftables.netlink import (
     NftNetlink,
     Unsupported,
     encode_set,
+    encode_units,
     in_kernel_order,
     set_changes,
 )
@@ -200,6 +201,22 @@ def _ruleset(sets: dict[str, NftSet]) -> Ruleset:
     rs = Ruleset("t", sets=dict(sets))
     rs.chains = {"c1": Chain("c1", ()), "c2": Chain("c2", ())}
     return rs
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(tables(), tables())
+def test_changes_from_the_changed_texts_equal_those_from_whole_sets(
+        old: dict[str, NftSet], new: dict[str, NftSet]) -> None:
+    """set_changes encodes only the texts that changed; the result is what comparing the
+    two whole encodings gives."""
+    got = {c.set_name: c for c in set_changes(old.values(), new.values())}
+    for name, s in new.items():
+        was, now = encode_units(old[name]), encode_units(s)
+        delete = in_kernel_order(e for u in was - now for e in u)
+        add = in_kernel_order(e for u in now - was for e in u)
+        change = got.get(name, Change(name))
+        assert (change.delete, change.add) == (delete, add)
 
 
 @root

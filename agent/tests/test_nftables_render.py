@@ -68,6 +68,9 @@ def test_a_label_change_moves_set_elements_only() -> None:
     before = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
     after = render(calculate(snap(*base({"app": "cache"})), "n1", {}, Failsafes.off()))
     assert before.structure() == after.structure()
+    assert after.same_structure(before) and not after.same(before)
+    assert after.same(after) and not after.same_structure(render(calculate(
+        snap(*base(), DB_POLICY | {"metadata": {"name": "db2"}}), "n1", {}, Failsafes.off())))
     added, removed = after.element_changes(before)
     assert added == [] and [e for _, e in removed] == ["198.18.0.11"]
     assert "delete element inet bulkhead s4_" in after.element_script(before)

@@ -82,9 +82,9 @@ class NftApplier:
         start = time.perf_counter()
         last = self.last
         drift = self.drifted()
-        if last is not None and drift is None and ruleset.body() == last.body():
+        if last is not None and drift is None and ruleset.same(last):
             return ApplyResult(False, False, time.perf_counter() - start)
-        full = last is None or drift is not None or ruleset.structure() != last.structure()
+        full = last is None or drift is not None or not ruleset.same_structure(last)
         via = "nft"
         if not full:
             assert last is not None

@@ -170,10 +170,13 @@ def encode_set(nft_set: NftSet, elements: Iterable[str] | None = None) -> frozen
     return frozenset(e for unit in encode_units(nft_set, elements) for e in unit)
 
 
-def encode_units(nft_set: NftSet, elements: Iterable[str] | None = None) -> frozenset[Unit]:
+def encode_units(nft_set: NftSet, elements: Iterable[str] | None = None,
+                 whole: bool = True) -> frozenset[Unit]:
     """`encode_set`, with an interval's start and end element kept together: a change
     replaces whole intervals, as `nft` does, so an end element is never left behind
-    without its start (the kernel would see two ends in a row, an overlap, mid-batch)."""
+    without its start (the kernel would see two ends in a row, an overlap, mid-batch).
+    `whole=False` encodes some of a set's elements: without the leading end element
+    (`leading_end` gives it) and without checking that intervals do not overlap."""
     texts = nft_set.elements if elements is None else tuple(elements)
     if nft_set.map_to not in (None, "verdict"):
         raise Unsupported(f"map data type {nft_set.map_to} is not encoded over netlink")
@@ -198,7 +201,24 @@ def encode_units(nft_set: NftSet, elements: Iterable[str] | None = None) -> froz
     if not interval:
         return frozenset((Element(_value(types[0], parts[0]), verdict=verdict),)
                          for parts, verdict in parsed)
-    return frozenset(_intervals(types[0], parsed))
+    return frozenset(_intervals(types[0], parsed, whole))
+
+
+def leading_end(nft_set: NftSet, elements: Iterable[str]) -> frozenset[Unit]:
+    """The end element at zero that `nft` puts first in an interval set of one field
+    whose lowest interval does not start at zero; empty for other sets."""
+    typ = nft_set.type.strip()
+    if "interval" not in nft_set.flags or typ not in FIELD_BYTES or typ == "ifname":
+        return frozenset()
+    texts = list(elements)
+    if not texts:
+        return frozenset()
+    # Only a text that begins with 0 or ':' can start at zero; parse just those.
+    for text in texts:
+        key = text.partition(" : ")[0].strip()
+        if key[:1] in ("0", ":") and _field_range(typ, key)[0] == 0:
+            return frozenset()
+    return frozenset({(Element(bytes(FIELD_BYTES[typ]), NFT_SET_ELEM_INTERVAL_END),)})
 
 
 def _concatenated(types: Sequence[str], parsed: Sequence[tuple[list[str], tuple[str, str] | None]],
@@ -221,18 +241,18 @@ def _concatenated(types: Sequence[str], parsed: Sequence[tuple[list[str], tuple[
         yield Element(b"".join(lows), key_end=b"".join(highs), verdict=verdict)
 
 
-def _intervals(typ: str, parsed: Sequence[tuple[list[str], tuple[str, str] | None]]
-               ) -> Iterable[Unit]:
+def _intervals(typ: str, parsed: Sequence[tuple[list[str], tuple[str, str] | None]],
+               whole: bool) -> Iterable[Unit]:
     if typ == "ifname":
         raise Unsupported("interface name intervals (wildcards)")
     size = FIELD_BYTES[typ]
     top = (1 << (8 * size)) - 1
     ranges = sorted(((*_field_range(typ, parts[0]), verdict) for parts, verdict in parsed),
                     key=lambda r: (r[0], r[1]))
-    for (_, hi, _), (lo, _, _) in itertools.pairwise(ranges):
+    for (_, hi, _), (lo, _, _) in itertools.pairwise(ranges if whole else ()):
         if lo <= hi:
             raise Unsupported("overlapping intervals")
-    if ranges and ranges[0][0] != 0:
+    if whole and ranges and ranges[0][0] != 0:
         yield (Element(bytes(size), NFT_SET_ELEM_INTERVAL_END),)
     for lo, hi, verdict in ranges:
         start = Element(lo.to_bytes(size, "big"), verdict=verdict)
@@ -488,10 +508,18 @@ def set_changes(old: Iterable[NftSet], new: Iterable[NftSet]) -> list[Change]:
         previous = before[s.name]
         if previous.elements == s.elements:
             continue
-        was, now = encode_units(previous), encode_units(s)
-        if was != now:
-            out.append(Change(s.name, in_kernel_order(e for u in was - now for e in u),
-                              in_kernel_order(e for u in now - was for e in u)))
+        # Only the texts that changed are encoded: with 100,000 elements, parsing them
+        # all would cost more than the kernel's whole update.
+        old_texts, new_texts = set(previous.elements), set(s.elements)
+        gone = encode_units(previous, (t for t in previous.elements if t not in new_texts),
+                            whole=False)
+        came = encode_units(s, (t for t in s.elements if t not in old_texts), whole=False)
+        was_end, now_end = leading_end(previous, previous.elements), leading_end(s, s.elements)
+        gone, came = gone | (was_end - now_end), came | (now_end - was_end)
+        gone, came = gone - came, came - gone   # the same element written another way
+        if gone or came:
+            out.append(Change(s.name, in_kernel_order(e for u in gone for e in u),
+                              in_kernel_order(e for u in came for e in u)))
     return out
 
 
