@@ -282,9 +282,18 @@ def test_the_applier_sends_label_changes_over_netlink(two_netns: tuple[str, str]
     applier = NftApplier(prefix=["ip", "netns", "exec", ns])
     first = render(calculate(snap(*base(), web2), "n1", {}, Failsafes.off()))
     assert applier.apply(first).via == "nft"
+    with NftNetlink(ns) as nl:
+        shape = nl.fingerprint("bulkhead")
+        assert shape is not None and nl.fingerprint("nosuchtable") is None
     moved = render(calculate(snap(*base({"app": "cache"}), web2), "n1", {}, Failsafes.off()))
     result = applier.apply(moved)
     assert (result.full, result.changed, result.via) == (False, True, "netlink")
+    with NftNetlink(ns) as nl:
+        assert nl.fingerprint("bulkhead") == shape   # elements are not part of it
+        nft(ns, "add", "rule", "inet", "bulkhead", "input", "accept")
+        assert nl.fingerprint("bulkhead") != shape
+    assert applier.drifted() == "table inet bulkhead was changed outside the agent"
+    assert applier.apply(moved).full
     assert applier.drifted() is None
     assert "198.18.0.11" not in nft(ns, "list", "table", "inet", "bulkhead")
     assert applier.diff(moved) == ""

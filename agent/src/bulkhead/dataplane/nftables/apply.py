@@ -60,7 +60,7 @@ class NftApplier:
         self.argv = [*prefix, nft]
         self.netns = _namespace(prefix) if netlink else None
         self.last: Ruleset | None = None
-        self._terse: str | None = None   # what the kernel showed right after our apply
+        self._terse: str | None = None   # the table's shape right after our full apply
         self._generation: int | None = None   # the ruleset generation our last commit made
 
     def _nft(self, args: Sequence[str], script: str | None = None,
@@ -102,7 +102,7 @@ class NftApplier:
         self._run_script(ruleset.script())
         # The generation first: a change between the two reads shows up as drift later.
         self._generation = self.generation()
-        self._terse = self.terse()
+        self._terse = self._shape()
 
     def _send_elements(self, last: Ruleset, ruleset: Ruleset) -> str | None:
         """Send the element changes from `last` to `ruleset`: "netlink" or "nft" (the
@@ -160,6 +160,19 @@ class NftApplier:
         done = self._nft(["-t", "list", "table", "inet", self.table])
         return done.stdout if done.returncode == 0 else None
 
+    def _shape(self) -> str | None:
+        """What drift is judged by: the table without set elements, None if it is absent.
+        A digest of netlink dumps where netlink is used (the terse listing still reads
+        every element), else `nft -t list table`."""
+        if self.netns is not None:
+            try:
+                with NftNetlink(self.netns) as nl:
+                    fingerprint = nl.fingerprint(self.table)
+                return None if fingerprint is None else "netlink " + fingerprint
+            except NetlinkError:
+                pass
+        return self.terse()
+
     def kernel_text(self) -> str | None:
         done = self._nft(["list", "table", "inet", self.table])
         return done.stdout if done.returncode == 0 else None
@@ -168,13 +181,13 @@ class NftApplier:
         """None while the kernel holds what we applied; else what is wrong. If the
         ruleset generation is still the one our last commit made, nothing was changed;
         otherwise compares the table's chains, rules and set declarations (not elements)
-        with what the kernel showed right after the last full apply."""
+        with what the kernel held right after the last full apply."""
         if self.last is None:
             return None
         generation = self.generation()
         if generation is not None and generation == self._generation:
             return None   # no transaction since ours: nothing to read
-        now = self.terse()
+        now = self._shape()
         if now is None:
             return f"table inet {self.table} is missing"
         if now != self._terse:

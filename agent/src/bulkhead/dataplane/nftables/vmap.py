@@ -11,11 +11,11 @@ kernel needs disjoint elements). A packet in no cell falls through to the next r
 
 from __future__ import annotations
 
+import bisect
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
-
-import netaddr
+from functools import cache, lru_cache
 
 from bulkhead.policy.plan import NamedPortEntry, RulePlan, SidePlan
 
@@ -36,8 +36,42 @@ def is_plain(rule: RulePlan) -> bool:
                         or s.domains for s in sides))
 
 
-def _ipset_intervals(ipset: netaddr.IPSet) -> list[Interval]:
-    return [(int(r.first), int(r.last)) for r in ipset.iter_ipranges()]
+@lru_cache(maxsize=512)
+def _intervals(cidrs: tuple[str, ...], family: int) -> tuple[Interval, ...]:
+    """The addresses of `cidrs` (those of `family`) as sorted, merged intervals. Cached:
+    a selector's set is the same for every rule that names it."""
+    raw = []
+    for text in cidrs:
+        if (":" in text) != (family == 6):
+            continue
+        net = ipaddress.ip_network(text, strict=False)
+        raw.append((int(net.network_address), int(net.broadcast_address)))
+    merged: list[Interval] = []
+    for lo, hi in sorted(raw):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return tuple(merged)
+
+
+def _intersection(a: Sequence[Interval], b: Sequence[Interval]) -> tuple[Interval, ...]:
+    out = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo <= hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return tuple(out)
+
+
+def _contains(intervals: Sequence[Interval], value: int) -> bool:
+    at = bisect.bisect_right(intervals, (value, 2**128)) - 1
+    return at >= 0 and intervals[at][0] <= value <= intervals[at][1]
 
 
 @dataclass
@@ -47,16 +81,15 @@ class _Ctx:
     named_ports: Mapping[str, tuple[NamedPortEntry, ...]]
 
 
-def _side_addresses(side: SidePlan, ctx: _Ctx) -> netaddr.IPSet | None:
-    """The side's address constraint as a set, None when it has none."""
-    result: netaddr.IPSet | None = None
+def _side_addresses(side: SidePlan, ctx: _Ctx) -> tuple[Interval, ...] | None:
+    """The side's address constraint as sorted disjoint intervals, None when it has none."""
+    result: tuple[Interval, ...] | None = None
     if side.nets:
-        nets = [n for n in side.nets if (":" in n) == (ctx.family == 6)]
-        result = netaddr.IPSet(nets)
+        result = _intervals(tuple(side.nets), ctx.family)
     if side.selector:
         v4, v6 = ctx.selector_sets[side.selector]
-        members = netaddr.IPSet(v4 if ctx.family == 4 else v6)
-        result = members if result is None else result & members
+        members = _intervals(v4 if ctx.family == 4 else v6, ctx.family)
+        result = members if result is None else _intersection(result, members)
     return result
 
 
@@ -68,7 +101,7 @@ def _side_boxes(side: SidePlan, which: str, ctx: _Ctx, protocol: int | None
     addresses = _side_addresses(side, ctx)
     base: Box = {}
     if addresses is not None:
-        base[addr_field] = _ipset_intervals(addresses)
+        base[addr_field] = list(addresses)
     if not (side.ports or side.named_ports):
         return [base] if base else None
     boxes: list[Box] = []
@@ -80,8 +113,8 @@ def _side_boxes(side: SidePlan, which: str, ctx: _Ctx, protocol: int | None
                 continue
             if protocol is not None and entry.protocol != protocol:
                 continue
-            ip = int(netaddr.IPAddress(entry.address))
-            if addresses is not None and entry.address not in addresses:
+            ip = int(ipaddress.ip_address(entry.address))
+            if addresses is not None and not _contains(addresses, ip):
                 continue
             boxes.append({addr_field: [(ip, ip)], "proto": [(entry.protocol, entry.protocol)],
                           port_field: [(entry.port, entry.port)]})
@@ -208,8 +241,12 @@ def element_text(run: CompiledRun, family: int) -> list[str]:
 
 
 def address_range(lo: int, hi: int, family: int) -> str:
-    a, b = netaddr.IPAddress(lo, family), netaddr.IPAddress(hi, family)
+    """An address, a CIDR when the range is exactly one, else `first-last`."""
+    address = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
     if lo == hi:
-        return str(a)
-    cidrs = netaddr.iprange_to_cidrs(a, b)
-    return str(cidrs[0]) if len(cidrs) == 1 else f"{a}-{b}"
+        return str(address(lo))
+    size = hi - lo + 1
+    if size & (size - 1) == 0 and lo % size == 0:
+        bits = 32 if family == 4 else 128
+        return f"{address(lo)}/{bits - size.bit_length() + 1}"
+    return f"{address(lo)}-{address(hi)}"
