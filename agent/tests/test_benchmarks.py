@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "run.py"
 
@@ -30,3 +33,18 @@ def test_server_benchmark_runs_small() -> None:
     for figures in results["watch"].values():
         assert 0 < figures["p50_ms"] <= figures["p99_ms"]
     assert results["fanout"]["etcd_watch_streams"] == {"direct": 20, "through_server": 1}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
+def test_apply_benchmark_runs_small() -> None:
+    script = SCRIPT.parent / "apply.py"
+    done = subprocess.run([sys.executable, str(script), "--policies", "20", "--elements", "200",
+                           "--selecting", "4", "--repeat", "1", "--json"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    results = json.loads(done.stdout)
+    assert results["sizes"]["policies"] == 20 and results["sizes"]["element_changes"] >= 1
+    assert results["sizes"]["set_elements"] >= 200
+    for figure in ("nft_f_s", "apply_s", "render_s", "render_apply_vs_nft_f"):
+        assert results["full"][figure] > 0
+    for figure in ("netlink_s", "nft_f_s", "netlink_vs_full_apply", "netlink_vs_nft_f"):
+        assert results["label_change"][figure] > 0

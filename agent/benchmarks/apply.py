@@ -1,0 +1,229 @@
+"""Apply cost: what the agent pays to put a ruleset in the kernel, side by side in one run.
+
+    .venv/bin/python agent/benchmarks/apply.py [--repeat 5] [--json]
+    .venv/bin/python agent/benchmarks/apply.py --policies 20 --elements 200 --selecting 4 \\
+        --repeat 1 --json          # smoke
+
+The store: one endpoint (`receiver`, node n1) and `--policies` policies, `--selecting` of
+them selecting it; each of those allows one GlobalNetworkSet (`--elements` addresses over
+all sets) to its own port and one group of host endpoints (1,000 on other nodes, labels
+app=web0..9) to port 80. The other policies select endpoints of other nodes. Everything
+runs in a throwaway network namespace (`ip netns add`); the root namespace's ruleset is
+never read or written.
+
+1. Full apply: calculate + render + `NftApplier.apply` of the whole table (the agent's
+   path: `nft -f`, then the generation and the terse listing it keeps for drift checks),
+   against `nft -f` of the same rendered file alone (goal: render + apply within 1.5x).
+2. Label change: one host endpoint's labels change (app=web1 -> app=cache), so its
+   address leaves one selector's elements. The applier sends that change as one netlink
+   batch, against the full apply (goal: under 5% of it) and against the same element
+   change sent by `nft -f` (the applier with netlink off), which reads the kernel's
+   whole state first. The change is applied back and forth; each figure is the best of
+   `--repeat` (the least disturbed by other work on the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from bulkhead.dataplane.nftables import Ruleset, render
+from bulkhead.dataplane.nftables.apply import NftApplier
+from bulkhead.model import Snapshot, parse_resource
+from bulkhead.policy import Failsafes
+from bulkhead.policy.plan import calculate
+
+V3 = "projectcalico.org/v3"
+NODE = "n1"
+PEERS = 1_000
+# Addresses: network sets from 198.18.64.0 (every other address, so no two merge into a
+# CIDR), peers from 198.18.8.0, the receiver at 198.18.0.10 (benchmarking range).
+LIST_BASE = int(ipaddress.IPv4Address("198.18.64.0"))
+PEER_BASE = int(ipaddress.IPv4Address("198.18.8.0"))
+
+
+def resources(policies: int, elements: int, selecting: int, moved: bool) -> list[dict[str, Any]]:
+    """The store; `moved` gives peer 1 the label app=cache instead of app=web1."""
+    per_list = max(1, elements // selecting)
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": V3, "kind": "HostEndpoint",
+         "metadata": {"name": "receiver", "labels": {"role": "db"}},
+         "spec": {"node": NODE, "interfaceName": "eth0", "expectedIPs": ["198.18.0.10"],
+                  "profiles": ["projectcalico-default-allow"]}}]
+    for p in range(PEERS):
+        app = "cache" if moved and p == 1 else f"web{p % 10}"
+        docs.append({"apiVersion": V3, "kind": "HostEndpoint",
+                     "metadata": {"name": f"peer-{p:04d}", "labels": {"app": app}},
+                     "spec": {"node": f"node-{p}", "interfaceName": "eth0",
+                              "expectedIPs": [str(ipaddress.IPv4Address(PEER_BASE + p))]}})
+    for i in range(selecting):
+        nets = [str(ipaddress.IPv4Address(LIST_BASE + 2 * (i * per_list + j)))
+                for j in range(per_list)]
+        docs.append({"apiVersion": V3, "kind": "GlobalNetworkSet",
+                     "metadata": {"name": f"list-{i}", "labels": {"list": f"l{i}"}},
+                     "spec": {"nets": nets}})
+    for i in range(policies):
+        rules = [{"action": "Allow", "protocol": "TCP",
+                  "source": {"selector": f"list == 'l{i % selecting}'"},
+                  "destination": {"ports": [6000 + i % selecting]}},
+                 {"action": "Allow", "protocol": "TCP",
+                  "source": {"selector": f"app == 'web{i % 10}'"},
+                  "destination": {"ports": [80]}}]
+        selector = "role == 'db'" if i < selecting else f"role == 'svc{i}'"
+        docs.append({"apiVersion": V3, "kind": "GlobalNetworkPolicy",
+                     "metadata": {"name": f"p{i:04d}"},
+                     "spec": {"order": i, "selector": selector, "ingress": rules}})
+    return docs
+
+
+def snapshot(args: argparse.Namespace, moved: bool) -> Snapshot:
+    return Snapshot.build(parse_resource(d) for d in resources(
+        args.policies, args.elements, args.selecting, moved))
+
+
+@contextmanager
+def scratch_netns() -> Iterator[str]:
+    name = f"bh-apply-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def full_replace(prefix: list[str], ruleset: Callable[[], Ruleset]) -> float:
+    """Seconds to make `ruleset()` and apply it with an applier that knows nothing yet."""
+    applier = NftApplier(prefix=prefix)
+    start = time.perf_counter()
+    applier.apply(ruleset())
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    snaps = {False: snapshot(args, False), True: snapshot(args, True)}
+    failsafes = Failsafes()
+    interfaces = {"eth0": ["198.18.0.10"]}
+
+    def agent_render(moved: bool) -> Ruleset:
+        return render(calculate(snaps[moved], NODE, interfaces, failsafes))
+
+    calc_s = min(timed(lambda: calculate(snaps[False], NODE, interfaces, failsafes))
+                 for _ in range(args.repeat))
+    plan = calculate(snaps[False], NODE, interfaces, failsafes)
+    render_s = min(timed(lambda: render(plan)) for _ in range(args.repeat))
+    rulesets = {m: agent_render(m) for m in (False, True)}
+    added, removed = rulesets[True].element_changes(rulesets[False])
+    if rulesets[True].structure() != rulesets[False].structure() or not (added or removed):
+        raise SystemExit("the label change did not come out as an element change")
+    script = rulesets[False].script()
+    with scratch_netns() as ns:
+        prefix = ["ip", "netns", "exec", ns]
+
+        def nft_f() -> None:
+            subprocess.run([*prefix, "nft", "-f", "-"], input=script, text=True, check=True)
+
+        nft_f()   # the table exists from here on: every full apply below replaces it
+        full_nft: list[float] = []
+        full_apply: list[float] = []
+        full_agent: list[float] = []
+        for _ in range(args.repeat):
+            full_nft.append(timed(nft_f))
+            # A fresh applier each time: it knows nothing, so it replaces the whole table.
+            full_apply.append(full_replace(prefix, lambda: rulesets[False]))
+            full_agent.append(full_replace(prefix, lambda: agent_render(False)))
+        # Element updates, back and forth, by netlink and by nft -f.
+        via_netlink: list[float] = []
+        via_nft: list[float] = []
+        for netlink, times in ((True, via_netlink), (False, via_nft)):
+            applier = NftApplier(prefix=prefix, netlink=netlink)
+            applier.apply(rulesets[False])
+            for i in range(2 * args.repeat):
+                target = rulesets[i % 2 == 0]
+                start = time.perf_counter()
+                result = applier.apply(target)
+                times.append(time.perf_counter() - start)
+                expected = "netlink" if netlink else "nft"
+                if result.full or result.via != expected:
+                    raise SystemExit(f"expected an element update via {expected}, got {result}")
+        label_end_to_end: list[float] = []
+        applier = NftApplier(prefix=prefix)
+        applier.apply(rulesets[False])
+        for i in range(2 * args.repeat):
+            start = time.perf_counter()
+            applier.apply(agent_render(i % 2 == 0))
+            label_end_to_end.append(time.perf_counter() - start)
+        elements = sum(len(s.elements) for s in rulesets[False].sets.values())
+    nft_s, apply_s, agent_s = min(full_nft), min(full_apply), min(full_agent)
+    netlink_s, nft_elem_s = min(via_netlink), min(via_nft)
+    return {
+        "sizes": {"policies": args.policies, "selecting": args.selecting,
+                  "set_elements": elements, "element_changes": len(added) + len(removed),
+                  **rulesets[False].counts()},
+        "full": {"nft_f_s": nft_s, "apply_s": apply_s, "render_s": render_s,
+                 "calculate_s": calc_s, "calculate_render_apply_s": agent_s,
+                 "render_apply_vs_nft_f": (render_s + apply_s) / nft_s,
+                 "calculate_render_apply_vs_nft_f": agent_s / nft_s},
+        "label_change": {"netlink_s": netlink_s, "nft_f_s": nft_elem_s,
+                         "netlink_vs_full_apply": netlink_s / apply_s,
+                         "netlink_vs_nft_f": netlink_s / nft_elem_s,
+                         "nft_f_vs_full_apply": nft_elem_s / apply_s,
+                         "calculate_render_apply_s": min(label_end_to_end),
+                         "calculate_render_apply_vs_full": min(label_end_to_end) / agent_s},
+        "load": os.getloadavg(),
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    s, f, c = r["sizes"], r["full"], r["label_change"]
+    return "\n".join([
+        f"table: {s['policies']} policies ({s['selecting']} selecting the endpoint), "
+        f"{s['set_elements']} set elements, {s['chains']} chains, {s['rules']} rules, "
+        f"{s['sets']} sets; load {r['load'][0]:.2f}",
+        f"full    nft -f of the rendered file {f['nft_f_s']:.3f} s; applier {f['apply_s']:.3f} s;"
+        f" render {f['render_s']:.3f} s; calculate {f['calculate_s']:.3f} s",
+        f"        (render + apply) / nft -f = {f['render_apply_vs_nft_f']:.2f}  (goal <= 1.5);"
+        f"  (calculate + render + apply) / nft -f = {f['calculate_render_apply_vs_nft_f']:.2f}",
+        f"label   {s['element_changes']} elements: netlink batch {1000 * c['netlink_s']:.1f} ms,"
+        f" nft -f {1000 * c['nft_f_s']:.1f} ms",
+        f"        netlink / full apply = {100 * c['netlink_vs_full_apply']:.2f}%  (goal < 5%);"
+        f"  netlink / nft -f = {c['netlink_vs_nft_f']:.3f};"
+        f"  nft -f / full apply = {100 * c['nft_f_vs_full_apply']:.1f}%",
+        f"        with calculate + render: {c['calculate_render_apply_s']:.3f} s = "
+        f"{100 * c['calculate_render_apply_vs_full']:.0f}% of calculate + render + full apply",
+    ])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policies", type=int, default=1_000)
+    parser.add_argument("--elements", type=int, default=100_000)
+    parser.add_argument("--selecting", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 2
+    results = run(args)
+    print(json.dumps(results, indent=2) if args.json else report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
