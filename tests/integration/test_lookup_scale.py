@@ -58,15 +58,9 @@ PLAY = """\
   hosts: localhost
   gather_facts: false
   tasks:
-    - name: Start the clock
-      ansible.builtin.set_fact:
-        started: "{{ now().timestamp() }}"
-    - name: One question, timed
+    - name: One question alone
       ansible.builtin.set_fact:
         timed: "{{ query('bulkhead.microseg.selector', \\"zone == 'dmz' && app == 'db'\\") }}"
-    - name: Stop the clock
-      ansible.builtin.set_fact:
-        seconds: "{{ now().timestamp() - started | float }}"
     - name: Ask
       ansible.builtin.set_fact:
         answers:
@@ -77,7 +71,6 @@ PLAY = """\
           templated: "{{ query('bulkhead.microseg.selector', \\"zone == 'templated'\\") }}"
           moved: "{{ query('bulkhead.microseg.selector', \\"zone == 'moved'\\") }}"
           timed: "{{ timed }}"
-          seconds: "{{ seconds }}"
     - name: Write the answers
       ansible.builtin.copy:
         content: "{{ answers | to_json }}"
@@ -121,6 +114,5 @@ def test_lookup_on_10000_hosts(tmp_path: Path):
     assert got["templated"] == ["h00000"]
     assert got["moved"] == ["h00004"]
     assert got["timed"] == members(lambda lab: lab["zone"] == "dmz" and lab["app"] == "db")
-    # Labels read from the inventory, not through hostvars (a millisecond or more per host
-    # here): three tasks around one lookup stay below 5 s on 10,000 hosts (about 0.5 s).
-    assert float(got["seconds"]) < 5, got["seconds"]
+    # How fast it is against hostvars filtering is a benchmark's figure, not a test's:
+    # agent/benchmarks/collection.py (docs/benchmarks.md).
