@@ -22,6 +22,7 @@ from bulkhead.dataplane.nftables.netlink import (
     NetlinkError,
     NftNetlink,
     Unsupported,
+    _differing,
     encode_set,
     encode_units,
     in_kernel_order,
@@ -201,6 +202,14 @@ def _ruleset(sets: dict[str, NftSet]) -> Ruleset:
     rs = Ruleset("t", sets=dict(sets))
     rs.chains = {"c1": Chain("c1", ()), "c2": Chain("c2", ())}
     return rs
+
+
+@given(st.lists(st.sets(st.integers(0, 40)), min_size=2, max_size=2), st.integers(1, 5))
+def test_trimming_common_runs_keeps_every_difference(pair: list[set[int]], chunk: int) -> None:
+    old, new = (tuple(f"e{i:02d}" for i in sorted(s)) for s in pair)
+    a, b = _differing(old, new, chunk)
+    assert set(a) - set(b) == set(old) - set(new) and set(b) - set(a) == set(new) - set(old)
+    assert len(a) <= len(old) and len(b) <= len(new)
 
 
 @settings(max_examples=200, deadline=None,
