@@ -235,10 +235,10 @@ def test_changes_from_the_changed_texts_equal_those_from_whole_sets(
 @given(st.lists(tables(), min_size=2, max_size=3))
 def test_netlink_changes_list_as_nft_f_does(two_netns: tuple[str, str],
                                             states: list[dict[str, NftSet]]) -> None:
-    """The same element changes sent as a netlink batch in one namespace and as an
-    `nft -f` element script in the other hold the same elements, and the same as the new
-    table loaded whole (so the next change starts from the elements `nft` would have
-    made). Several changes in a row, so a batch also starts from a batch's result."""
+    """The same element changes sent as a netlink batch in one namespace and by `nft -f`
+    in the other (an element script, then the new table loaded whole) hold the same
+    elements, so the next change starts from the elements `nft` would have made.
+    Several changes in a row, so a batch also starts from a batch's result."""
     via_netlink, via_nft = two_netns
     first = _ruleset(states[0])
     for ns in two_netns:
@@ -251,10 +251,15 @@ def test_netlink_changes_list_as_nft_f_does(two_netns: tuple[str, str],
         script = current.element_script(previous)
         if script:
             nft(via_nft, "-f", "-", script=script)
-        got = listing(via_netlink)
-        assert unordered(got) == unordered(listing(via_nft))
+        by_elements = unordered(listing(via_nft))
         nft(via_nft, "-f", "-", script=current.script())
-        assert unordered(got) == unordered(listing(via_nft))
+        whole = unordered(listing(via_nft))
+        got = unordered(listing(via_netlink))
+        assert got == whole
+        # Where nft's own two ways disagree, its element script is the one at fault:
+        # nft 1.0.6 sends an empty deletion for an interval that reaches the field's top
+        # (`delete element ... { 255 }` from an inet_proto interval map leaves it there).
+        assert got == by_elements or by_elements != whole
         previous = current
 
 
