@@ -44,9 +44,22 @@ class Counters:
                 "reconnects": self.reconnects, **self.counts}
 
 
+# What the server keeps of a report (bulkhead-server refuses more than 100 errors and a
+# body over 64 KiB, and cuts each error to 2,048 characters): the agent sends no more.
+MAX_ERRORS = 50
+MAX_ERROR_CHARS = 1000
+
+
 def status_body(applied_revision: int, errors: list[str], counters: Counters
                 ) -> dict[str, Any]:
-    return {"appliedRevision": applied_revision, "errors": list(errors),
+    """The report; errors past MAX_ERRORS are counted in the last one, long ones cut in
+    the middle (the start says what failed, the end what the kernel keeps)."""
+    half = MAX_ERROR_CHARS // 2 - 10
+    sent = [e if len(e) <= MAX_ERROR_CHARS else f"{e[:half]} ... (cut) ... {e[-half:]}"
+            for e in errors[:MAX_ERRORS]]
+    if len(errors) > MAX_ERRORS:
+        sent[-1] = f"... and {len(errors) - MAX_ERRORS + 1} more errors"
+    return {"appliedRevision": applied_revision, "errors": sent,
             "counters": counters.as_status()}
 
 

@@ -2,7 +2,17 @@
 
 from bulkhead.model.checks import NamedPort, Port, PortRange
 from bulkhead.model.errors import LoadError, ValidationError
-from bulkhead.model.load import documents, dump_json, dump_yaml, load_paths, load_text
+from bulkhead.model.load import (
+    MAX_DOCUMENTS,
+    documents,
+    dump_json,
+    dump_yaml,
+    flatten,
+    json_value,
+    load_paths,
+    load_text,
+    parse_documents,
+)
 from bulkhead.model.resources import (
     API_VERSION,
     DEFAULT_ALLOW,
@@ -32,9 +42,10 @@ from bulkhead.model.snapshot import Snapshot
 
 __all__ = [
     "API_VERSION", "DEFAULT_ALLOW", "DEFAULT_ALLOW_PROFILE", "DEFAULT_TIER",
-    "DEFAULT_TIER_ORDER", "EGRESS", "INGRESS", "KINDS", "KIND_ALIASES", "EndpointPort",
-    "EntityRule", "GlobalNetworkPolicy", "GlobalNetworkSet", "HostEndpoint", "ICMPMatch",
-    "LoadError", "Metadata", "NamedPort", "PolicySpec", "Port", "PortRange", "Profile",
-    "Resource", "Rule", "Snapshot", "StagedGlobalNetworkPolicy", "Tier", "ValidationError",
-    "documents", "dump_json", "dump_yaml", "load_paths", "load_text", "parse_resource",
+    "DEFAULT_TIER_ORDER", "EGRESS", "INGRESS", "KINDS", "KIND_ALIASES", "MAX_DOCUMENTS",
+    "EndpointPort", "EntityRule", "GlobalNetworkPolicy", "GlobalNetworkSet", "HostEndpoint",
+    "ICMPMatch", "LoadError", "Metadata", "NamedPort", "PolicySpec", "Port", "PortRange",
+    "Profile", "Resource", "Rule", "Snapshot", "StagedGlobalNetworkPolicy", "Tier",
+    "ValidationError", "documents", "dump_json", "dump_yaml", "flatten", "json_value",
+    "load_paths", "load_text", "parse_documents", "parse_resource",
 ]

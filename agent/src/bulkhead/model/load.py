@@ -16,30 +16,96 @@ from bulkhead.model.resources import Resource, parse_resource
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of keeping the last one silently."""
+MAX_DOCUMENTS = 10_000   # per text: a bound on work, far above any real manifest
+
+
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present
+
+
+class _StrictLoader(_BaseLoader):  # type: ignore[misc]
+    """A safe loader that refuses what a manifest never needs and an attacker uses:
+    duplicate keys (silently keeping the last one), aliases (a few KB expanding to GB),
+    and unhashable keys. libyaml also caps nesting at 1,000 levels."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # Every node is constructed once; meeting one again means an alias (*name).
+        if node in self.constructed_objects:
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML aliases (*name) are not accepted in manifests",
+                node.start_mark)
+        return super().construct_object(node, deep=True)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
+    if not isinstance(node, yaml.MappingNode):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"expected a mapping, found {node.id}", node.start_mark)
+    out: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML merge keys (<<) are not accepted in manifests",
+                key_node.start_mark)
         key = loader.construct_object(key_node)
-        if key in seen:
+        try:
+            seen = key in out
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a mapping key must be a string or a number, not "
+                f"{type(key).__name__}", key_node.start_mark) from None
+        if seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node)
+        out[key] = loader.construct_object(value_node)
+    return out
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def documents(text: str, source: str = "<input>") -> list[Any]:
-    """Decode every YAML (or JSON) document in `text`, expanding `kind: List`."""
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def json_value(text: str | bytes, source: str = "<input>") -> Any:
+    """Decode strict JSON: no duplicate keys, no NaN or Infinity; LoadError otherwise."""
     try:
-        docs = list(yaml.load_all(text, Loader=_StrictLoader))
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys,
+                          parse_constant=_no_constant)
+    except RecursionError:
+        raise LoadError(f"{source}: not valid JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise LoadError(f"{source}: not valid JSON: {e}") from None
+
+
+def documents(text: str, source: str = "<input>") -> list[Any]:
+    """Decode every YAML (or JSON) document in `text`, expanding `kind: List`.
+
+    Refuses aliases, duplicate keys and more than MAX_DOCUMENTS documents (LoadError)."""
+    docs: list[Any] = []
+    try:
+        for doc in yaml.load_all(text, Loader=_StrictLoader):
+            docs.append(doc)
+            if len(docs) > MAX_DOCUMENTS:
+                break
     except yaml.YAMLError as e:
         raise LoadError(f"{source}: not valid YAML or JSON: {e}") from None
+    except RecursionError:
+        raise LoadError(f"{source}: not valid YAML or JSON: nested too deeply") from None
+    return flatten(docs, source)
+
+
+def flatten(docs: list[Any], source: str = "<input>") -> list[Any]:
+    """Documents with `kind: List` and top-level lists expanded; at most MAX_DOCUMENTS."""
     out: list[Any] = []
     for doc in docs:
         if doc is None:
@@ -53,13 +119,21 @@ def documents(text: str, source: str = "<input>") -> list[Any]:
             out.extend(items)
         else:
             out.append(doc)
+        if len(out) > MAX_DOCUMENTS:
+            raise LoadError(f"{source}: more than {MAX_DOCUMENTS:,} documents; split it into "
+                            "several applies")
     return out
 
 
 def load_text(text: str, source: str = "<input>") -> list[Resource]:
     """Every resource in `text`; the first invalid one raises (nothing is half-loaded)."""
+    return parse_documents(documents(text, source), source)
+
+
+def parse_documents(docs: list[Any], source: str = "<input>") -> list[Resource]:
+    """Resources from decoded documents; the first invalid one raises."""
     resources = []
-    for i, doc in enumerate(documents(text, source)):
+    for i, doc in enumerate(docs):
         try:
             resources.append(parse_resource(doc))
         except ValidationError as e:

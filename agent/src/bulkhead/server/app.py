@@ -7,6 +7,7 @@ caller's role (see `bulkhead.server.pki`). Errors are JSON:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -26,11 +27,16 @@ from bulkhead.model import (
     Resource,
     Tier,
     ValidationError,
-    load_text,
+    documents,
+    flatten,
+    json_value,
+    parse_documents,
     parse_resource,
 )
 from bulkhead.selector import SelectorError, parse
+from bulkhead.server import limits
 from bulkhead.server.hub import STATUS_KIND, Hub, WireEvent
+from bulkhead.server.listen import Listener
 from bulkhead.server.pki import Identity, identity_from_subject
 from bulkhead.store import Conflict, Datastore, NotFound, Op, Stored, Unavailable
 
@@ -42,6 +48,10 @@ WHO = web.RequestKey("identity", Identity)
 METRICS = web.AppKey("metrics", dict)
 STORE = web.AppKey("store", Datastore)
 HUB = web.AppKey("hub", Hub)
+STOPPING = web.AppKey("stopping", asyncio.Event)
+LISTENER = web.AppKey("listener", Listener)
+MAX_BODY = 8 * 1024 * 1024
+TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVER_FIELDS = ("resourceVersion", "uid", "creationTimestamp", "generation")
 
@@ -91,9 +101,18 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         if isinstance(e, ApiError):
             raise
         raise ApiError(e.status, e.reason, e.text or e.reason) from None
+    except limits.BadInput as e:
+        status = 400
+        raise ApiError(400, "BadRequest", str(e)) from None
     except Unavailable as e:
         status = 503
         raise ApiError(503, "Unavailable", str(e)) from None
+    except Exception:
+        # A bug, never bad input: logged with its traceback, answered without one.
+        log.exception("request failed", extra={"fields": {"method": request.method,
+                                                          "path": request.path}})
+        raise ApiError(500, "InternalError", "the server failed on this request; its log "
+                       "says why") from None
     finally:
         route = request.match_info.route.resource.canonical if \
             request.match_info.route.resource else "unmatched"
@@ -115,12 +134,21 @@ def _kind(request: web.Request) -> str:
     raw = request.match_info["kind"]
     kind = KIND_ALIASES.get(raw) or KIND_ALIASES.get(raw.lower())
     if kind is None:
-        raise ApiError(404, "NotFound", f"unknown kind {raw!r}")
+        raise ApiError(404, "NotFound", f"unknown kind {raw[:64]!r}")
     return kind
 
 
+def _name(request: web.Request, key: str = "name") -> str:
+    name = request.match_info[key]
+    if not name or len(name) > limits.MAX_NAME or not name.isprintable():
+        raise ApiError(400, "BadRequest", f"{key} {name[:64]!r}: a name is 1 to "
+                       f"{limits.MAX_NAME} printable characters")
+    return name
+
+
 def _dry_run(request: web.Request) -> bool:
-    return request.query.get("dryRun", "").lower() in ("1", "true", "all")
+    raw = request.query.get("dryRun")
+    return (raw is not None and raw.lower() == "all") or limits.flag_param(raw, "dryRun")
 
 
 def _strip(doc: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +176,14 @@ def _authorize_write(identity: Identity, resource: Resource, old: Stored | None)
         raise forbidden(identity, f"write {resource.kind} {resource.name}")
     if not identity.tiers:
         return
+    if isinstance(resource, Tier):
+        # A tier's place among tiers decides what runs before whose policies: that is
+        # the cluster admin's call, never a tier admin's.
+        before = parse_resource(old.doc) if old is not None else None
+        old_order = before.order if isinstance(before, Tier) else None
+        if resource.order != old_order:
+            raise forbidden(identity, f"set the order of Tier {resource.name} (only an "
+                            "admin without tier limits sets tier order)")
     tiers = {_tier_of(resource)}
     if old is not None:
         tiers.add(_tier_of(parse_resource(old.doc)))
@@ -199,6 +235,9 @@ async def list_resources(request: web.Request) -> web.Response:
     kind = _kind(request) if "kind" in request.match_info else None
     selector = None
     if "selector" in request.query:
+        if len(request.query["selector"]) > limits.MAX_SELECTOR:
+            raise ApiError(400, "BadRequest", f"selector: longer than {limits.MAX_SELECTOR} "
+                           "characters")
         try:
             selector = parse(request.query["selector"])
         except SelectorError as e:
@@ -210,24 +249,52 @@ async def list_resources(request: web.Request) -> web.Response:
 
 async def get_resource(request: web.Request) -> web.Response:
     _require(request, "admin", "viewer")
-    kind, name = _kind(request), request.match_info["name"]
+    kind, name = _kind(request), _name(request)
     try:
         return _json((await request.app[STORE].get(kind, name)).doc)
     except NotFound as e:
         raise ApiError(404, "NotFound", str(e)) from None
 
 
-async def _body(request: web.Request) -> Any:
+async def _text(request: web.Request, limit: int = MAX_BODY) -> str:
+    """The body as text: at most `limit` bytes, UTF-8 (or ASCII), else a 4xx."""
+    charset = (request.charset or "utf-8").lower()
+    if charset not in TEXT_CHARSETS:
+        raise ApiError(415, "UnsupportedMediaType", f"charset {charset[:40]!r}: bodies are "
+                       "UTF-8")
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "RequestEntityTooLarge", f"the body is larger than {limit:,} "
+                       "bytes")
     try:
-        return await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, "BadRequest", f"the body is not JSON: {e}") from None
+        raw = await request.content.readexactly(request.content_length) \
+            if request.content_length is not None else await request.content.read(limit + 1)
+    except asyncio.IncompleteReadError:
+        raise ApiError(400, "BadRequest", "the body is shorter than Content-Length") from None
+    if len(raw) > limit:
+        raise ApiError(413, "RequestEntityTooLarge", f"the body is larger than {limit:,} "
+                       "bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, "BadRequest", f"the body is not UTF-8: {e}") from None
+
+
+async def _body(request: web.Request, limit: int = MAX_BODY) -> Any:
+    """The body as strict JSON (no duplicate keys, no NaN)."""
+    text = await _text(request, limit)
+    try:
+        return json_value(text, "the body") if len(text) < 65536 else \
+            await asyncio.to_thread(json_value, text, "the body")
+    except LoadError as e:
+        raise ApiError(400, "BadRequest", str(e)) from None
 
 
 async def write_resource(request: web.Request) -> web.Response:
-    identity = request[WHO]
+    identity = _require(request, "admin")
     store = request.app[STORE]
     kind = _kind(request)
+    if request.method == "PUT":
+        _name(request)
     doc = await _body(request)
     if isinstance(doc, dict) and doc.get("kind") != kind:
         raise ApiError(400, "BadRequest", f"the body is a {doc.get('kind')}, the URL says "
@@ -257,9 +324,9 @@ async def write_resource(request: web.Request) -> web.Response:
 
 
 async def delete_resource(request: web.Request) -> web.Response:
-    identity = request[WHO]
+    identity = _require(request, "admin")
     store = request.app[STORE]
-    kind, name = _kind(request), request.match_info["name"]
+    kind, name = _kind(request), _name(request)
     old = await _current(store, kind, name)
     if old is None:
         raise ApiError(404, "NotFound", f"{kind} {name} not found")
@@ -304,12 +371,20 @@ async def apply(request: web.Request) -> web.Response:
     """Create or update every resource in a YAML/JSON body, all or nothing.
 
     `?mode=create` refuses resources that exist, `?mode=replace` ones that do not;
-    `?dryRun=true` validates and returns the diff without writing."""
-    identity = request[WHO]
+    `?dryRun=true` validates and returns the diff without writing. The caller's role is
+    checked before the body is read; the body is decoded and validated off the event
+    loop (YAML aliases refused, at most MAX_DOCUMENTS documents)."""
+    identity = _require(request, "admin")
     store = request.app[STORE]
-    text = await request.text()
+    mode = request.query.get("mode", "apply")
+    if mode not in ("apply", "create", "replace"):
+        raise ApiError(400, "BadRequest", f"mode {mode[:40]!r}: expected apply, create or "
+                       "replace")
+    dry_run = _dry_run(request)
+    text = await _text(request)
+    is_json = request.content_type == "application/json"
     try:
-        resources = load_text(text, "body")
+        resources = await asyncio.to_thread(_load_body, text, is_json)
     except (ValidationError, LoadError) as e:
         raise ApiError(422 if isinstance(e, ValidationError) else 400,
                        "Invalid" if isinstance(e, ValidationError) else "BadRequest",
@@ -320,9 +395,6 @@ async def apply(request: web.Request) -> web.Response:
             raise ApiError(422, "Invalid", f"{r.kind} {r.name}: metadata.name: is defined "
                            "twice in the body")
         seen.add(r.key)
-    mode = request.query.get("mode", "apply")
-    if mode not in ("apply", "create", "replace"):
-        raise ApiError(400, "BadRequest", f"mode {mode!r}: expected apply, create or replace")
     olds = [await _current(store, r.kind, r.name) for r in resources]
     for r, old in zip(resources, olds, strict=True):
         _authorize_write(identity, r, old)
@@ -337,12 +409,18 @@ async def apply(request: web.Request) -> web.Response:
     ops = [Op("put", r.kind, r.name, r.dump(), str(old.revision) if old else "absent")
            for r, old, d in zip(resources, olds, diff, strict=True) if d["action"] != "unchanged"]
     revision = None
-    if not _dry_run(request) and ops:
+    if not dry_run and ops:
         try:
             revision = (await store.transaction(ops)).revision
         except (Conflict, NotFound) as e:
             raise ApiError(409, "Conflict", f"{e}; nothing was applied, try again") from None
-    return _json({"dryRun": _dry_run(request), "revision": revision, "results": diff})
+    return _json({"dryRun": dry_run, "revision": revision, "results": diff})
+
+
+def _load_body(text: str, is_json: bool) -> list[Resource]:
+    """An apply body's resources: strict JSON when the client says JSON, else YAML."""
+    docs = flatten([json_value(text, "body")], "body") if is_json else documents(text, "body")
+    return parse_documents(docs, "body")
 
 
 async def snapshot(request: web.Request) -> web.Response:
@@ -371,25 +449,32 @@ async def watch(request: web.Request) -> web.StreamResponse:
     `stream=true` the answer stays open and carries one JSON document per line: events as
     they come, and `{"type": "heartbeat", "revision": R}` every `timeout` seconds."""
     hub = request.app[HUB]
-    try:
-        after = int(request.query.get("revision", "-1"))
-        timeout = min(float(request.query.get("timeout", "30")), 300.0)
-    except ValueError:
-        raise ApiError(400, "BadRequest", "revision and timeout must be numbers") from None
+    after = limits.revision_param(request.query.get("revision"))
+    stream = limits.flag_param(request.query.get("stream"), "stream")
+    timeout = limits.seconds_param(request.query.get("timeout"), "timeout", 30.0,
+                                   limits.MIN_HEARTBEAT if stream else 0.0)
     if not hub.ready.is_set():
         raise ApiError(503, "Unavailable", "not in sync with the datastore")
-    if request.query.get("stream", "").lower() not in ("1", "true"):
-        events, revision = (None, hub.revision) if after < 0 else \
+    if not stream:
+        events, revision = (None, hub.revision) if after is None else \
             await hub.wait(after, timeout)
         body = _snapshot_body(hub) if events is None else _events_body(revision, events)
         return web.Response(body=body, content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    if after < 0:
+    if after is None:
         after = hub.revision
         await response.write(_snapshot_body(hub) + b"\n")
-    while True:
+    stopping = request.app[STOPPING]
+    # Every pass awaits the hub for at least MIN_HEARTBEAT seconds unless there is news,
+    # and ends when the client is gone or the server stops (agents reconnect elsewhere).
+    while not stopping.is_set():
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            break
         events, revision = await hub.wait(after, timeout)
+        if stopping.is_set():
+            break
         if events is None:
             after = hub.revision
             await response.write(_snapshot_body(hub) + b"\n")
@@ -399,27 +484,23 @@ async def watch(request: web.Request) -> web.StreamResponse:
         else:
             after = revision
             await response.write(b'{"type":"heartbeat","revision":%d}\n' % revision)
+    return response
 
 
 async def post_status(request: web.Request) -> web.Response:
-    identity = request[WHO]
-    node = request.match_info["node"]
-    if identity.role == "agent" and identity.name != node:
+    # A node's status is its own: only the agent whose certificate names the node reports
+    # it, so no admin (and no other agent) can fake convergence.
+    identity = _require(request, "agent")
+    node = _name(request, "node")
+    if identity.name != node:
         raise forbidden(identity, f"report status for node {node}")
-    if identity.role not in ("agent", "admin"):
-        raise forbidden(identity, "report agent status")
-    body = await _body(request)
-    if not isinstance(body, dict) or not isinstance(body.get("appliedRevision"), int):
-        raise ApiError(422, "Invalid", f"AgentStatus {node}: appliedRevision: must be an "
-                       "integer")
-    errors = body.get("errors") or []
-    counters = body.get("counters") or {}
-    if not isinstance(errors, list) or not isinstance(counters, dict):
-        raise ApiError(422, "Invalid", f"AgentStatus {node}: errors must be a list and "
-                       "counters a mapping")
+    body = await _body(request, limits.STATUS_MAX_BYTES)
+    try:
+        status = limits.agent_status(node, body)
+    except limits.BadInput as e:
+        raise ApiError(422, "Invalid", str(e)) from None
     doc = {"kind": STATUS_KIND, "metadata": {"name": node},
-           "status": {"appliedRevision": body["appliedRevision"], "errors": errors,
-                      "counters": counters,
+           "status": {**status,
                       "lastReport": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}}
     await request.app[STORE].transaction([Op("put", STATUS_KIND, node, doc)])
     return _json(doc)
@@ -428,14 +509,14 @@ async def post_status(request: web.Request) -> web.Response:
 async def nodes(request: web.Request) -> web.Response:
     _require(request, "admin", "viewer")
     items, revision = await request.app[STORE].list_resources(STATUS_KIND)
-    want = request.query.get("revision")
-    target = int(want) if want and want.isdigit() else None
+    target = limits.revision_param(request.query.get("revision"))
     out = []
     for s in items:
         status = s.doc.get("status", {})
         entry = {"node": s.name, **status}
         if target is not None:
-            entry["converged"] = status.get("appliedRevision", 0) >= target and \
+            applied = status.get("appliedRevision")
+            entry["converged"] = type(applied) is int and applied >= target and \
                 not status.get("errors")
         out.append(entry)
     body: dict[str, Any] = {"revision": revision, "nodes": out}
@@ -458,6 +539,17 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP bulkhead_http_requests_total HTTP requests by method, route and status.",
         "# TYPE bulkhead_http_requests_total counter",
     ]
+    listener = request.app.get(LISTENER)
+    if listener is not None:
+        lines += [
+            "# HELP bulkhead_connections Client connections open now (TLS handshakes too).",
+            "# TYPE bulkhead_connections gauge", f"bulkhead_connections {listener.connections}",
+            "# HELP bulkhead_connections_refused_total Connections closed at the limit.",
+            "# TYPE bulkhead_connections_refused_total counter",
+            f"bulkhead_connections_refused_total {listener.refused}",
+            "# HELP bulkhead_tls_handshake_failures_total Handshakes that failed or timed out.",
+            "# TYPE bulkhead_tls_handshake_failures_total counter",
+            f"bulkhead_tls_handshake_failures_total {listener.handshake_failures}"]
     for (method, route, status), count in sorted(request.app[METRICS]["requests"].items()):
         lines.append(f'bulkhead_http_requests_total{{method="{method}",route="{route}",'
                      f'status="{status}"}} {count}')
@@ -465,11 +557,14 @@ async def metrics(request: web.Request) -> web.Response:
                         charset="utf-8", headers={"X-Content-Type": "version=0.0.4"})
 
 
-def make_app(store: Datastore, hub: Hub, identity_override: Identity | None = None
-             ) -> web.Application:
-    app = web.Application(middlewares=[middleware], client_max_size=8 * 1024 * 1024)
+def make_app(store: Datastore, hub: Hub, identity_override: Identity | None = None,
+             listener: Listener | None = None) -> web.Application:
+    app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
     app[STORE] = store
     app[HUB] = hub
+    app[STOPPING] = asyncio.Event()
+    if listener is not None:
+        app[LISTENER] = listener
     app[METRICS] = {"requests": Counter()}
     if identity_override is not None:
         app[IDENTITY] = identity_override

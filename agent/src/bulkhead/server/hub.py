@@ -54,6 +54,7 @@ class Hub:
         self.ready = asyncio.Event()
         self.watchers = 0
         self.resyncs = 0
+        self.closing = False          # set by close(): every wait returns at once
 
     # -- feeding from the store -------------------------------------------------------
     async def run(self) -> None:
@@ -101,6 +102,11 @@ class Hub:
             del self._events[:cut], self._revisions[:cut]
         self._broadcast()
 
+    def close(self) -> None:
+        """Wake every waiting watcher and make later waits return at once (shutdown)."""
+        self.closing = True
+        self._broadcast()
+
     def _broadcast(self) -> None:
         tick, self._tick = self._tick, asyncio.Event()
         tick.set()
@@ -124,6 +130,8 @@ class Hub:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             while True:
+                if self.closing:
+                    return [], max(after, self.revision)
                 events = self.events_after(after)
                 if events is None or events:
                     return events, self.revision

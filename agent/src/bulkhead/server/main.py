@@ -10,16 +10,19 @@ import logging
 import signal
 import ssl
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from bulkhead.defaults import SERVER_PORT
-from bulkhead.server.app import make_app
+from bulkhead.server.app import HUB, STOPPING, make_app
 from bulkhead.server.hub import Hub
+from bulkhead.server.listen import RESERVED_FDS, Listener, raise_nofile_limit
 from bulkhead.store import open_store
 
 DEFAULT_CONFIG = Path("/etc/bulkhead/server.yaml")
@@ -38,9 +41,38 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+class BadHttpFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (a request line over 8 KiB, bad headers) as
+    an error with a traceback; it is a client's fault, already answered with a 400. Keep
+    one warning line per `every` seconds, without the traceback, counting the rest."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self._last = -every
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self._suppressed += 1
+            return False
+        self._last = now
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            "bad HTTP request: %s", (str(error).replace("\n", " ")[:200],), None, None)
+        record.fields = {"suppressed": self._suppressed}
+        self._suppressed = 0
+        return True
+
+
 def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(BadHttpFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -55,11 +87,18 @@ class ServerConfig:
     client_ca: str = "/etc/bulkhead/pki/ca.crt"
     client_auth: str = "required"   # required | optional (then only /healthz, /readyz)
     log_level: str = "info"
+    max_connections: int = 10_000       # capped by the file-descriptor limit
+    handshake_timeout: float = 10.0     # seconds to finish the TLS handshake
+    shutdown_timeout: float = 5.0       # seconds open requests get at shutdown
 
     KEYS: ClassVar[dict[str, str]] = {
         "listen": "listen", "datastore": "datastore", "tlsCert": "tls_cert",
         "tlsKey": "tls_key", "clientCA": "client_ca", "clientAuth": "client_auth",
-        "logLevel": "log_level"}
+        "logLevel": "log_level", "maxConnections": "max_connections",
+        "handshakeTimeout": "handshake_timeout", "shutdownTimeout": "shutdown_timeout"}
+    NUMBERS: ClassVar[dict[str, tuple[type, float, float]]] = {
+        "max_connections": (int, 1, 1_000_000), "handshake_timeout": (float, 0.5, 300),
+        "shutdown_timeout": (float, 0, 300)}
 
     @classmethod
     def load(cls, path: Path | None, overrides: dict[str, str | None]) -> ServerConfig:
@@ -75,10 +114,22 @@ class ServerConfig:
                 if key not in cls.KEYS:
                     raise SystemExit(f"bulkhead-server: config {path}: {key}: unknown field "
                                      f"(known: {', '.join(cls.KEYS)})")
-                setattr(config, cls.KEYS[key], str(value))
+                setattr(config, cls.KEYS[key], value if cls.KEYS[key] in cls.NUMBERS
+                        else str(value))
         for attr, value in overrides.items():
             if value is not None:
                 setattr(config, attr, value)
+        for attr, (kind, low, high) in cls.NUMBERS.items():
+            raw = getattr(config, attr)
+            try:
+                number = kind(raw)
+            except (TypeError, ValueError):
+                number = None
+            if isinstance(raw, bool) or number is None or not low <= number <= high:
+                key = next(k for k, a in cls.KEYS.items() if a == attr)
+                raise SystemExit(f"bulkhead-server: {key}: {raw!r} is not a number from "
+                                 f"{low:g} to {high:g}")
+            setattr(config, attr, number)
         if config.client_auth not in ("required", "optional"):
             raise SystemExit("bulkhead-server: clientAuth must be required or optional")
         return config
@@ -104,16 +155,26 @@ class ServerConfig:
 
 
 async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> None:
+    nofile = raise_nofile_limit()
+    max_connections = max(1, min(config.max_connections, nofile - RESERVED_FDS))
+    ssl_context = config.ssl_context()
     store = open_store(config.datastore)
     hub = Hub(store)
     follower = asyncio.create_task(hub.run())
-    runner = web.AppRunner(make_app(store, hub), access_log=None)
-    await runner.setup()
     host, port = config.host_port()
-    site = web.TCPSite(runner, host, port, ssl_context=config.ssl_context())
-    await site.start()
+    listener = Listener(ssl_context, host, port, max_connections=max_connections,
+                        handshake_timeout=config.handshake_timeout)
+    app = make_app(store, hub, listener=listener)
+    # handler_cancellation: a stream whose client left is cancelled at once, not at its
+    # next heartbeat.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=config.shutdown_timeout)
+    await runner.setup()
+    assert runner.server is not None
+    await listener.start(runner.server)
     logging.getLogger("bulkhead.server").info(
-        "listening", extra={"fields": {"listen": config.listen, "datastore": config.datastore}})
+        "listening", extra={"fields": {"listen": config.listen, "datastore": config.datastore,
+                                       "maxConnections": max_connections, "nofile": nofile}})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -124,8 +185,15 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     try:
         await stop.wait()
     finally:
-        follower.cancel()
+        # Stop accepting, end every watch (agents reconnect to another server), let
+        # requests in flight finish for up to shutdown_timeout, then let go of the store.
+        await listener.close()
+        app[STOPPING].set()
+        app[HUB].close()
         await runner.cleanup()
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
         await store.close()
 
 
