@@ -26,6 +26,7 @@ from bulkhead.model.resources import (
     Rule,
     StagedGlobalNetworkPolicy,
     Tier,
+    check_resource_name,
     parse_resource,
 )
 from bulkhead.model.snapshot import Snapshot
@@ -36,5 +37,6 @@ __all__ = [
     "EntityRule", "GlobalNetworkPolicy", "GlobalNetworkSet", "HostEndpoint", "ICMPMatch",
     "LoadError", "Metadata", "NamedPort", "PolicySpec", "Port", "PortRange", "Profile",
     "Resource", "Rule", "Snapshot", "StagedGlobalNetworkPolicy", "Tier", "ValidationError",
-    "documents", "dump_json", "dump_yaml", "load_paths", "load_text", "parse_resource",
+    "check_resource_name", "documents", "dump_json", "dump_yaml", "load_paths", "load_text",
+    "parse_resource",
 ]

@@ -26,6 +26,7 @@ from bulkhead.model import (
     Resource,
     Tier,
     ValidationError,
+    check_resource_name,
     load_text,
     parse_resource,
 )
@@ -73,6 +74,17 @@ def _identity(request: web.Request) -> Identity:
         raise ApiError(403, "Forbidden", str(e)) from None
 
 
+def _check_name(request: web.Request) -> None:
+    """A NAME in the path must be a valid name for its KIND: 400, before any handler."""
+    if "name" not in request.match_info or "kind" not in request.match_info:
+        return
+    kind = _kind(request)
+    try:
+        check_resource_name(kind, request.match_info["name"])
+    except ValidationError as e:
+        raise ApiError(400, "BadRequest", f"{kind} {e.problem}") from None
+
+
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
@@ -83,6 +95,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             identity = _identity(request)
             request[WHO] = identity
             who = f"{identity.role}:{identity.name}"
+            _check_name(request)
         response = await handler(request)
         status = response.status
         return response
