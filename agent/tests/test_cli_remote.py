@@ -143,3 +143,15 @@ async def test_server_strings_are_printed_without_control_characters(
     assert "web-1: nft: \\x1b[2Jcleared\\x07 your\\rscreen" in out
     assert await run("nodes", "-o", "json") == 0
     assert "\x1b" not in capsys.readouterr().out
+
+
+async def test_json_files_with_duplicate_keys_are_refused(
+        as_admin: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dup = as_admin.with_suffix(".json")
+    dup.write_text('{"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet", '
+                   '"metadata": {"name": "a", "name": "b"}, "spec": {}}')
+    for argv in (("apply", "-f", str(dup)), ("validate", "-f", str(dup))):
+        assert await run(*argv) == 2
+        assert "duplicate key 'name'" in capsys.readouterr().err
+    assert await run("get", "globalnetworksets") == 0
+    assert capsys.readouterr().out.split() == ["NAME"]

@@ -2,7 +2,16 @@
 
 from bulkhead.model.checks import NamedPort, Port, PortRange
 from bulkhead.model.errors import LoadError, ValidationError
-from bulkhead.model.load import documents, dump_json, dump_yaml, load_paths, load_text
+from bulkhead.model.load import (
+    DuplicateKeyError,
+    documents,
+    dump_json,
+    dump_yaml,
+    load_paths,
+    load_text,
+    strict_json,
+    strict_yaml,
+)
 from bulkhead.model.resources import (
     API_VERSION,
     DEFAULT_ALLOW,
@@ -33,10 +42,10 @@ from bulkhead.model.snapshot import Snapshot
 
 __all__ = [
     "API_VERSION", "DEFAULT_ALLOW", "DEFAULT_ALLOW_PROFILE", "DEFAULT_TIER",
-    "DEFAULT_TIER_ORDER", "EGRESS", "INGRESS", "KINDS", "KIND_ALIASES", "EndpointPort",
-    "EntityRule", "GlobalNetworkPolicy", "GlobalNetworkSet", "HostEndpoint", "ICMPMatch",
-    "LoadError", "Metadata", "NamedPort", "PolicySpec", "Port", "PortRange", "Profile",
-    "Resource", "Rule", "Snapshot", "StagedGlobalNetworkPolicy", "Tier", "ValidationError",
-    "check_resource_name", "documents", "dump_json", "dump_yaml", "load_paths", "load_text",
-    "parse_resource",
+    "DEFAULT_TIER_ORDER", "EGRESS", "INGRESS", "KINDS", "KIND_ALIASES", "DuplicateKeyError",
+    "EndpointPort", "EntityRule", "GlobalNetworkPolicy", "GlobalNetworkSet", "HostEndpoint",
+    "ICMPMatch", "LoadError", "Metadata", "NamedPort", "PolicySpec", "Port", "PortRange",
+    "Profile", "Resource", "Rule", "Snapshot", "StagedGlobalNetworkPolicy", "Tier",
+    "ValidationError", "check_resource_name", "documents", "dump_json", "dump_yaml",
+    "load_paths", "load_text", "parse_resource", "strict_json", "strict_yaml",
 ]

@@ -34,6 +34,44 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def strict_yaml(text: str) -> Any:
+    """One YAML document, duplicate keys refused (yaml.YAMLError), as `documents` does."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+class DuplicateKeyError(json.JSONDecodeError):
+    """A JSON object names a key twice. RFC 8259 leaves what that means to the reader;
+    json.loads keeps the last silently, so a reviewer and the server could read two
+    different documents. Refused, as the YAML loader refuses it."""
+
+    def __init__(self, key: str, doc: str) -> None:
+        super().__init__(f"duplicate key {key!r}", doc, 0)
+        self.key = key
+        self.args = (f"duplicate key {key!r}",)  # no position: the hook does not know it
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
+
+
+def strict_json(text: str) -> Any:
+    """json.loads that raises DuplicateKeyError (a JSONDecodeError) on a repeated key."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except _Duplicate as e:
+        raise DuplicateKeyError(e.key, text) from None
+
+
 def documents(text: str, source: str = "<input>") -> list[Any]:
     """Decode every YAML (or JSON) document in `text`, expanding `kind: List`."""
     try:

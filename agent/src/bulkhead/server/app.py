@@ -29,6 +29,7 @@ from bulkhead.model import (
     check_resource_name,
     load_text,
     parse_resource,
+    strict_json,
 )
 from bulkhead.selector import SelectorError, parse
 from bulkhead.server.hub import STATUS_KIND, Hub, WireEvent
@@ -232,7 +233,7 @@ async def get_resource(request: web.Request) -> web.Response:
 
 async def _body(request: web.Request) -> Any:
     try:
-        return await request.json(loads=json.loads)
+        return await request.json(loads=strict_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, "BadRequest", f"the body is not JSON: {e}") from None
 
@@ -458,6 +459,7 @@ async def nodes(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    _require(request, "admin", "viewer")
     hub = request.app[HUB]
     lines = [
         "# HELP bulkhead_revision The datastore revision the server has caught up with.",

@@ -18,6 +18,7 @@ import yaml
 from aiohttp import web
 
 from bulkhead.defaults import SERVER_PORT
+from bulkhead.model import strict_yaml
 from bulkhead.server.app import make_app
 from bulkhead.server.hub import Hub
 from bulkhead.store import open_store
@@ -66,7 +67,7 @@ class ServerConfig:
         config = cls()
         if path is not None:
             try:
-                data = yaml.safe_load(path.read_text()) or {}
+                data = strict_yaml(path.read_text()) or {}
             except (OSError, yaml.YAMLError) as e:
                 raise SystemExit(f"bulkhead-server: config {path}: {e}") from None
             if not isinstance(data, dict):
