@@ -34,6 +34,7 @@ from bulkhead.model import (
 from bulkhead.selector import SelectorError, parse
 from bulkhead.server.hub import STATUS_KIND, Hub, WireEvent
 from bulkhead.server.pki import Identity, identity_from_subject
+from bulkhead.server.revocation import Revocation
 from bulkhead.store import Conflict, Datastore, NotFound, Op, Stored, Unavailable
 
 log = logging.getLogger("bulkhead.server")
@@ -41,6 +42,8 @@ access_log = logging.getLogger("bulkhead.server.access")
 
 IDENTITY = web.AppKey("identity_override", Identity)
 WHO = web.RequestKey("identity", Identity)
+SERIAL = web.RequestKey("serial", int)  # the client certificate's serial number
+REVOCATION = web.AppKey("revocation", Revocation)
 METRICS = web.AppKey("metrics", dict)
 STORE = web.AppKey("store", Datastore)
 HUB = web.AppKey("hub", Hub)
@@ -69,10 +72,25 @@ def _identity(request: web.Request) -> Identity:
         if override is not None:  # a test app without TLS
             return override
         raise ApiError(401, "Unauthorized", "a client certificate is required")
+    cert = x509.load_der_x509_certificate(der)
+    request[SERIAL] = cert.serial_number
+    if peer_revoked(request):
+        log.warning("revoked certificate refused", extra={"fields": {
+            "serial": f"{cert.serial_number:X}", "subject": cert.subject.rfc4514_string()}})
+        raise ApiError(403, "Forbidden", "certificate revoked")
     try:
-        return identity_from_subject(x509.load_der_x509_certificate(der).subject)
+        return identity_from_subject(cert.subject)
     except ValueError as e:
         raise ApiError(403, "Forbidden", str(e)) from None
+
+
+def peer_revoked(request: web.Request) -> bool:
+    """Whether the client certificate of `request` is revoked now. Cheap (a set lookup;
+    the CRL file is looked at most once a second): a long-lived response such as a
+    streaming watch calls it between writes and ends when it turns true."""
+    revocation = request.app.get(REVOCATION)
+    serial = request.get(SERIAL)
+    return revocation is not None and serial is not None and revocation.is_revoked(serial)
 
 
 def _check_name(request: web.Request) -> None:
@@ -480,14 +498,16 @@ async def metrics(request: web.Request) -> web.Response:
                         charset="utf-8", headers={"X-Content-Type": "version=0.0.4"})
 
 
-def make_app(store: Datastore, hub: Hub, identity_override: Identity | None = None
-             ) -> web.Application:
+def make_app(store: Datastore, hub: Hub, identity_override: Identity | None = None,
+             revocation: Revocation | None = None) -> web.Application:
     app = web.Application(middlewares=[middleware], client_max_size=8 * 1024 * 1024)
     app[STORE] = store
     app[HUB] = hub
     app[METRICS] = {"requests": Counter()}
     if identity_override is not None:
         app[IDENTITY] = identity_override
+    if revocation is not None:
+        app[REVOCATION] = revocation
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -21,6 +21,7 @@ from bulkhead.defaults import SERVER_PORT
 from bulkhead.model import strict_yaml
 from bulkhead.server.app import make_app
 from bulkhead.server.hub import Hub
+from bulkhead.server.revocation import Revocation
 from bulkhead.store import open_store
 
 DEFAULT_CONFIG = Path("/etc/bulkhead/server.yaml")
@@ -56,11 +57,12 @@ class ServerConfig:
     client_ca: str = "/etc/bulkhead/pki/ca.crt"
     client_auth: str = "required"   # required | optional (then only /healthz, /readyz)
     log_level: str = "info"
+    crl: str | None = None   # None: crl.pem beside clientCA, used when (once) it exists
 
     KEYS: ClassVar[dict[str, str]] = {
         "listen": "listen", "datastore": "datastore", "tlsCert": "tls_cert",
         "tlsKey": "tls_key", "clientCA": "client_ca", "clientAuth": "client_auth",
-        "logLevel": "log_level"}
+        "logLevel": "log_level", "crl": "crl"}
 
     @classmethod
     def load(cls, path: Path | None, overrides: dict[str, str | None]) -> ServerConfig:
@@ -97,6 +99,13 @@ class ServerConfig:
             else ssl.CERT_OPTIONAL
         return ctx
 
+    def revocation(self) -> Revocation:
+        """The revoked client certificates: `crl` if set (it must exist), else
+        `crl.pem` in clientCA's folder, watched even before it exists."""
+        explicit = self.crl is not None
+        path = Path(self.crl) if self.crl is not None else Path(self.client_ca).parent / "crl.pem"
+        return Revocation(path, Path(self.client_ca), required=explicit)
+
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
         if not port.isdigit():
@@ -105,10 +114,11 @@ class ServerConfig:
 
 
 async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> None:
+    revocation = config.revocation()  # a bad CRL stops the start, before the store opens
     store = open_store(config.datastore)
     hub = Hub(store)
     follower = asyncio.create_task(hub.run())
-    runner = web.AppRunner(make_app(store, hub), access_log=None)
+    runner = web.AppRunner(make_app(store, hub, revocation=revocation), access_log=None)
     await runner.setup()
     host, port = config.host_port()
     site = web.TCPSite(runner, host, port, ssl_context=config.ssl_context())
@@ -120,6 +130,8 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, AttributeError):  # no SIGHUP on Windows
+        loop.add_signal_handler(signal.SIGHUP, revocation.refresh)
     if started is not None:
         started.set()
     try:
@@ -142,12 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-ca")
     parser.add_argument("--client-auth", choices=["required", "optional"])
     parser.add_argument("--log-level")
+    parser.add_argument("--crl", help="the client CA's CRL (default: crl.pem beside "
+                        "--client-ca, once it exists)")
     args = parser.parse_args(argv)
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     config = ServerConfig.load(path, {
         "listen": args.listen, "datastore": args.datastore, "tls_cert": args.tls_cert,
         "tls_key": args.tls_key, "client_ca": args.client_ca,
-        "client_auth": args.client_auth, "log_level": args.log_level})
+        "client_auth": args.client_auth, "log_level": args.log_level, "crl": args.crl})
     setup_logging(config.log_level)
     try:
         asyncio.run(serve(config))
