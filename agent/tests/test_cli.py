@@ -104,3 +104,13 @@ def test_console_script_is_installed() -> None:
     done = subprocess.run([str(bulkhead), "selector", "all()"], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0 and done.stdout == "all()\n"
+
+
+def test_local_errors_are_printed_without_control_characters(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\n'
+                   'metadata: {name: "x\\e[2J"}\nspec: {}\n')
+    assert main(["validate", "-f", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and '"x\\x1b[2J" is not a valid name' in err

@@ -99,3 +99,55 @@ async def test_nodes_and_unreachable(as_admin: Path, server: Server,
     monkeypatch.setenv("BULKHEAD_SERVER", "https://127.0.0.1:9")
     assert await run("get", "tiers") == 3
     assert "cannot reach bulkhead-server" in capsys.readouterr().err
+
+
+HEP = """
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: web, labels: {app: web}}
+spec: {node: web-1, interfaceName: eth0}
+"""
+
+
+async def test_names_are_url_encoded(as_admin: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    as_admin.write_text(HEP)
+    assert await run("apply", "-f", str(as_admin)) == 0
+    capsys.readouterr()
+    # Unencoded, `?x` would start a query string: `web` deleted and --dry-run lost.
+    assert await run("delete", "hep", "web?x", "--dry-run") == 1
+    err = capsys.readouterr().err
+    assert 'HostEndpoint "web?x" is not a valid name' in err and "HTTP 400" in err
+    assert await run("get", "hep", "web") == 0
+    assert capsys.readouterr().out.split() == ["NAME", "web"]
+    for name in ("we b", "web#x", "web/x", "..", "%2e", "web&dryRun=false", "web\x1b[2J", "é"):
+        for argv in (("get", "hep", name), ("delete", "hep", name)):
+            assert await run(*argv) == 1, argv
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and "HTTP 4" in err and "\x1b" not in err, err
+    assert await run("get", "hep", "web") == 0
+
+
+async def test_server_strings_are_printed_without_control_characters(
+        as_admin: Path, server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    async with server.client("web-1", "agent") as agent:
+        async with agent.post("/v1/status/web-1", json={
+                "appliedRevision": 3, "errors": ["nft: \x1b[2Jcleared\x07 your\rscreen"]}) as r:
+            assert r.status == 200
+    assert await run("nodes") == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    assert "web-1: nft: \\x1b[2Jcleared\\x07 your\\rscreen" in out
+    assert await run("nodes", "-o", "json") == 0
+    assert "\x1b" not in capsys.readouterr().out
+
+
+async def test_json_files_with_duplicate_keys_are_refused(
+        as_admin: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dup = as_admin.with_suffix(".json")
+    dup.write_text('{"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet", '
+                   '"metadata": {"name": "a", "name": "b"}, "spec": {}}')
+    for argv in (("apply", "-f", str(dup)), ("validate", "-f", str(dup))):
+        assert await run(*argv) == 2
+        assert "duplicate key 'name'" in capsys.readouterr().err
+    assert await run("get", "globalnetworksets") == 0
+    assert capsys.readouterr().out.split() == ["NAME"]

@@ -36,7 +36,7 @@ ALLOWED = {
     "viewer": {"snapshot", "watch", "list", "list-kind", "get", "nodes", "metrics", "healthz",
                "readyz"},
     # An agent is named web-1: it reads the snapshot and reports for itself only.
-    "agent": {"snapshot", "watch", "status-own", "metrics", "healthz", "readyz"},
+    "agent": {"snapshot", "watch", "status-own", "healthz", "readyz"},
     # An admin limited to tier t1 may write t1 (a Tier resource), nothing outside tiers.
     "tier-admin": {"snapshot", "watch", "list", "list-kind", "get", "create", "nodes",
                    "metrics", "healthz", "readyz"},

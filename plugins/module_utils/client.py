@@ -23,6 +23,15 @@ API_VERSION = "projectcalico.org/v3"
 SERVER_FIELDS = ("resourceVersion", "uid", "creationTimestamp", "generation")
 
 
+def resource_path(kind, name=None):
+    """/v1/resources/KIND[/NAME], each segment percent-encoded ("." and ".." too, or URL
+    normalization would resolve them away)."""
+    def segment(value):
+        encoded = quote(value, safe="")
+        return encoded.replace(".", "%2E") if value and not value.strip(".") else encoded
+    return "/v1/resources/" + segment(kind) + ("" if name is None else "/" + segment(name))
+
+
 class BulkheadError(Exception):
     """Anything that stops a request: the server cannot be reached, or refused."""
 
@@ -89,30 +98,28 @@ class BulkheadClient:
     def get(self, kind, name):
         """The stored document, or None when it does not exist."""
         try:
-            return self.request("GET", "/v1/resources/%s/%s" % (kind, quote(name, safe="")))
+            return self.request("GET", resource_path(kind, name))
         except NotFound:
             return None
 
     def list(self, kind=None, selector=None):
-        path = "/v1/resources" + ("/%s" % kind if kind else "")
+        path = resource_path(kind) if kind else "/v1/resources"
         query = {"selector": selector} if selector else None
         return self.request("GET", path, query=query)["items"]
 
     def create(self, doc, dry_run=False):
-        return self.request("POST", "/v1/resources/%s" % doc["kind"], body=doc,
+        return self.request("POST", resource_path(doc["kind"]), body=doc,
                             query=_dry(dry_run))
 
     def replace(self, doc, dry_run=False):
-        return self.request("PUT", "/v1/resources/%s/%s" % (
-            doc["kind"], quote(doc["metadata"]["name"], safe="")), body=doc,
-            query=_dry(dry_run))
+        return self.request("PUT", resource_path(doc["kind"], doc["metadata"]["name"]),
+                            body=doc, query=_dry(dry_run))
 
     def delete(self, kind, name, resource_version=None, dry_run=False):
         query = _dry(dry_run) or {}
         if resource_version:
             query["resourceVersion"] = resource_version
-        return self.request("DELETE", "/v1/resources/%s/%s" % (kind, quote(name, safe="")),
-                            query=query or None)
+        return self.request("DELETE", resource_path(kind, name), query=query or None)
 
     def apply(self, docs, dry_run=False, mode="apply"):
         """All-or-nothing apply of several documents; the server's per-resource results."""

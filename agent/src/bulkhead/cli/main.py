@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bulkhead.cli.remote import add_commands, run_remote
+from bulkhead.cli.remote import add_commands, printable, run_remote
 from bulkhead.conformance import DATAPLANES, CaseError, load_cases, report_json, report_text
 from bulkhead.conformance import run_cases as run_conformance
 from bulkhead.lab.cli import add_commands as add_lab_commands
@@ -136,6 +136,22 @@ def cmd_pki(args: argparse.Namespace) -> int:
     try:
         if args.pki_command == "init":
             print(f"CA written: {pki.init_ca(directory, force=args.force)}")
+        elif args.pki_command in ("revoke", "crl") and args.days is not None \
+                and args.days < 1:
+            raise UsageError("--days must be at least 1")
+        elif args.pki_command == "revoke":
+            serial = None if args.serial is None else pki.parse_serial(args.serial)
+            done = pki.revoke(directory, name=args.name, serial=serial, reason=args.reason,
+                              days=args.days or pki.CRL_DAYS)
+            for number in done.added:
+                print(f"revoked: serial {pki.serial_hex(number)}")
+            for number in done.already:
+                print(f"already revoked: serial {pki.serial_hex(number)}")
+            print(f"CRL: {done.path}")
+        elif args.pki_command == "crl":
+            days = args.days or pki.CRL_DAYS
+            path, count = pki.write_crl(directory, days=days)
+            print(f"CRL written: {path} ({count} revoked; next update in {days} days)")
         else:
             crt, key = pki.issue(directory, args.name, role=None if args.server else args.role,
                                  server=args.server, hosts=tuple(args.host or ()),
@@ -204,6 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     iss.add_argument("--host", action="append", help="server name or IP (repeatable)")
     iss.add_argument("--tier", action="append", help="limit an admin to this tier")
     iss.set_defaults(func=cmd_pki)
+    rev = psub.add_parser("revoke", help="add certificates to the CA's CRL (crl.pem)")
+    rev.add_argument("name", nargs="?",
+                     help="revoke every certificate issued to this name (CN)")
+    rev.add_argument("--serial", help="revoke this serial instead (hex, as openssl prints it)")
+    rev.add_argument("--dir", default="/etc/bulkhead/pki", help="where the CA is")
+    rev.add_argument("--reason", help="key-compromise, superseded, affiliation-changed, "
+                     "cessation-of-operation, privilege-withdrawn or unspecified")
+    rev.add_argument("--days", type=int, help="the CRL's nextUpdate, in days (default 30)")
+    rev.set_defaults(func=cmd_pki)
+    crl = psub.add_parser("crl", help="write crl.pem again, signed now (empty if none yet)")
+    crl.add_argument("--dir", default="/etc/bulkhead/pki", help="where the CA is")
+    crl.add_argument("--days", type=int, help="the CRL's nextUpdate, in days (default 30)")
+    crl.set_defaults(func=cmd_pki)
 
     add_commands(sub)
     add_lab_commands(sub)
@@ -227,13 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except ValidationError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(printable(f"error: {e}"), file=sys.stderr)
         return EXIT_FAILED
     except (SelectorError, CaseError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(printable(f"error: {e}"), file=sys.stderr)
         return EXIT_USAGE
     except (LoadError, UsageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(printable(f"error: {e}"), file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         return EXIT_OK

@@ -7,16 +7,28 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import yaml
 
-from bulkhead.client import ApiError, Connection, Unreachable
+from bulkhead.client import ApiError, Connection, Unreachable, resource_path
 from bulkhead.model import KIND_ALIASES, load_paths
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# C0 and C1 controls, DEL, line/paragraph separators and bidirectional overrides: what a
+# terminal would act on (clear the screen, move the cursor, reorder text) instead of show.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+NODE_ERRORS_SHOWN = 10
+
+
+def printable(text: object) -> str:
+    """`text` with control characters shown escaped (`\\x1b`, `\\r`), never acted on: for
+    strings from the server (agents' errors, names, messages) printed to a terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"),
+                        str(text))
 
 
 def _connection(args: argparse.Namespace) -> Connection:
@@ -44,7 +56,7 @@ def cmd_apply(args: argparse.Namespace, mode: str = "apply") -> int:
     result = _send_apply(args, mode, args.dry_run)
     suffix = " (dry run)" if result["dryRun"] else ""
     for item in result["results"]:
-        print(f"{item['kind']} {item['name']} {item['action']}{suffix}")
+        print(printable(f"{item['kind']} {item['name']} {item['action']}{suffix}"))
     if result.get("revision"):
         print(f"revision {result['revision']}")
     return EXIT_OK
@@ -59,7 +71,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         differs = True
         before = yaml.safe_dump(item.get("before") or {}, sort_keys=False).splitlines(True)
         after = yaml.safe_dump(item.get("after") or {}, sort_keys=False).splitlines(True)
-        label = f"{item['kind']}/{item['name']}"
+        label = printable(f"{item['kind']}/{item['name']}")
         sys.stdout.writelines(difflib.unified_diff(
             [] if item["action"] == "created" else before, after,
             fromfile=f"server/{label}", tofile=f"file/{label}"))
@@ -77,8 +89,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
         raise ValueError("give -f FILE, or KIND NAME")
     query = {"dryRun": "true"} if args.dry_run else None
     for kind, name in targets:
-        conn.request("DELETE", f"/v1/resources/{kind}/{name}", query=query)
-        print(f"{kind} {name} deleted" + (" (dry run)" if args.dry_run else ""))
+        conn.request("DELETE", resource_path(kind, name), query=query)
+        print(printable(f"{kind} {name} deleted" + (" (dry run)" if args.dry_run else "")))
     return EXIT_OK
 
 
@@ -106,6 +118,7 @@ WIDE["StagedGlobalNetworkPolicy"] = WIDE["GlobalNetworkPolicy"]
 
 
 def table(rows: list[list[str]]) -> str:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)
@@ -115,10 +128,10 @@ def cmd_get(args: argparse.Namespace) -> int:
     conn = _connection(args)
     kind = _kind(args.kind)
     if args.name:
-        docs = [conn.request("GET", f"/v1/resources/{kind}/{args.name}")]
+        docs = [conn.request("GET", resource_path(kind, args.name))]
     else:
         query = {"selector": args.selector} if args.selector else None
-        docs = conn.request("GET", f"/v1/resources/{kind}", query=query)["items"]
+        docs = conn.request("GET", resource_path(kind), query=query)["items"]
     if args.output == "yaml":
         print(yaml.safe_dump_all(docs, sort_keys=False), end="")
     elif args.output == "json":
@@ -151,9 +164,22 @@ def cmd_nodes(args: argparse.Namespace) -> int:
                 row.append("yes" if n.get("converged") else "no")
             rows.append(row)
         print(table(rows))
+        print(_node_errors(body["nodes"]), end="")
     if args.revision is not None and not body.get("converged"):
         return EXIT_REFUSED
     return EXIT_OK
+
+
+def _node_errors(nodes: list[dict[str, Any]]) -> str:
+    """The agents' own error messages under the table: `NODE: message`, escaped."""
+    lines = []
+    for n in nodes:
+        errors = n.get("errors") or []
+        lines += [printable(f"{n['node']}: {e}") for e in errors[:NODE_ERRORS_SHOWN]]
+        if len(errors) > NODE_ERRORS_SHOWN:
+            lines.append(printable(f"{n['node']}: ... {len(errors) - NODE_ERRORS_SHOWN} more "
+                                   "(-o json shows all)"))
+    return "".join(f"{line}\n" for line in ["", *lines]) if lines else ""
 
 
 def add_commands(sub: Any) -> None:
@@ -205,8 +231,8 @@ def run_remote(func: Any, args: argparse.Namespace) -> int:
         code: int = func(args)
         return code
     except ApiError as e:
-        print(f"error: {e.message} (HTTP {e.status} {e.reason})", file=sys.stderr)
+        print(printable(f"error: {e.message} (HTTP {e.status} {e.reason})"), file=sys.stderr)
         return EXIT_REFUSED
     except Unreachable as e:
-        print(f"error: cannot reach bulkhead-server: {e}", file=sys.stderr)
+        print(printable(f"error: cannot reach bulkhead-server: {e}"), file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from bulkhead.client import resource_path
 from bulkhead.lab.core import Lab, list_labs, teardown
 from bulkhead.lab.kernel import LabError
 from bulkhead.lab.probe import ProbeSpec
@@ -276,7 +277,7 @@ def store_resources(bed: Testbed) -> list[Any]:
     kinds = ("Tier", "GlobalNetworkPolicy", "StagedGlobalNetworkPolicy", "GlobalNetworkSet",
              "HostEndpoint", "Profile")
     docs = [item for kind in kinds
-            for item in bed.request("GET", f"/v1/resources/{kind}").get("items", [])]
+            for item in bed.request("GET", resource_path(kind)).get("items", [])]
     return [parse_resource(doc) for doc in docs]
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from bulkhead.client import ApiError, Connection, Unreachable
+from bulkhead.client import ApiError, Connection, Unreachable, resource_path
 from bulkhead.defaults import SERVER_PORT
 from bulkhead.lab.core import DEFAULT_NET4, Lab
 from bulkhead.lab.kernel import LabError
@@ -216,21 +216,21 @@ class Testbed:
         keep = {(d["kind"], d["metadata"]["name"]) for d in docs}
         stale: dict[str, list[str]] = {}
         for kind in POLICY_KINDS:
-            listing = self.request("GET", f"/v1/resources/{kind}")
+            listing = self.request("GET", resource_path(kind))
             stale[kind] = [i["metadata"]["name"] for i in listing.get("items", [])
                            if (kind, i["metadata"]["name"]) not in keep
                            and i["metadata"]["name"] != MARKER]
         for kind in POLICY_KINDS:
             if kind != "Tier":
                 for name in stale[kind]:
-                    self.request("DELETE", f"/v1/resources/{kind}/{name}")
+                    self.request("DELETE", resource_path(kind, name))
         tiers = [d for d in docs if d["kind"] == "Tier"]
         others = [d for d in docs if d["kind"] != "Tier"]
         for batch in (tiers, others):
             if batch:
                 self.apply(batch)
         for name in stale["Tier"]:
-            self.request("DELETE", f"/v1/resources/Tier/{name}")
+            self.request("DELETE", resource_path("Tier", name))
         revision = self.apply([{"apiVersion": "projectcalico.org/v3",
                                 "kind": "GlobalNetworkSet",
                                 "metadata": {"name": MARKER,

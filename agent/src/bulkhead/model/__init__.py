@@ -12,6 +12,7 @@ from bulkhead.model.load import (
     load_paths,
     load_text,
     parse_documents,
+    strict_yaml,
 )
 from bulkhead.model.resources import (
     API_VERSION,
@@ -36,6 +37,7 @@ from bulkhead.model.resources import (
     Rule,
     StagedGlobalNetworkPolicy,
     Tier,
+    check_resource_name,
     parse_resource,
 )
 from bulkhead.model.snapshot import Snapshot
@@ -46,6 +48,6 @@ __all__ = [
     "EndpointPort", "EntityRule", "GlobalNetworkPolicy", "GlobalNetworkSet", "HostEndpoint",
     "ICMPMatch", "LoadError", "Metadata", "NamedPort", "PolicySpec", "Port", "PortRange",
     "Profile", "Resource", "Rule", "Snapshot", "StagedGlobalNetworkPolicy", "Tier",
-    "ValidationError", "documents", "dump_json", "dump_yaml", "flatten", "json_value",
-    "load_paths", "load_text", "parse_documents", "parse_resource",
+    "ValidationError", "check_resource_name", "documents", "dump_json", "dump_yaml", "flatten",
+    "json_value", "load_paths", "load_text", "parse_documents", "parse_resource", "strict_yaml",
 ]

@@ -63,6 +63,11 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def strict_yaml(text: str) -> Any:
+    """One YAML document, with what `documents` refuses refused (yaml.YAMLError)."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:

@@ -7,7 +7,7 @@ in Calico's YAML shape, with defaults applied.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -579,6 +579,17 @@ def _read_profile(r: Reader, meta: Metadata) -> Profile:
     return Profile(metadata=meta, ingress=ingress, egress=egress, labels_to_apply=labels)
 
 
+def _name_check(kind: str) -> Callable[[Reader, str], None]:
+    if kind == "Tier":
+        return check_tier_name
+    return check_policy_name if kind.endswith("GlobalNetworkPolicy") else check_name
+
+
+def check_resource_name(kind: str, name: str) -> None:
+    """Raise ValidationError (`problem`: what is wrong) unless `name` can name a `kind`."""
+    _name_check(kind)(Reader(kind, "", "", name), name)
+
+
 def parse_resource(obj: Any) -> Resource:
     """Validate one decoded document and return the resource it describes."""
     if not isinstance(obj, dict):
@@ -596,10 +607,7 @@ def parse_resource(obj: Any) -> Resource:
     top.get("kind")
     if meta_data is None:
         raise top.fail("is required", "metadata")
-    is_tier = kind == "Tier"
-    name_check = check_tier_name if is_tier else (
-        check_policy_name if kind.endswith("GlobalNetworkPolicy") else check_name)
-    meta = _read_metadata(top.field("metadata"), name_check)
+    meta = _read_metadata(top.field("metadata"), _name_check(kind))
     spec = top.field("spec")
     spec.mapping()
     top.done({"status": "status is written by the system"})

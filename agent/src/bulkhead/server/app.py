@@ -27,6 +27,7 @@ from bulkhead.model import (
     Resource,
     Tier,
     ValidationError,
+    check_resource_name,
     documents,
     flatten,
     json_value,
@@ -38,6 +39,7 @@ from bulkhead.server import limits
 from bulkhead.server.hub import STATUS_KIND, Hub, WireEvent
 from bulkhead.server.listen import Listener
 from bulkhead.server.pki import Identity, identity_from_subject
+from bulkhead.server.revocation import Revocation
 from bulkhead.store import Conflict, Datastore, NotFound, Op, Stored, Unavailable
 
 log = logging.getLogger("bulkhead.server")
@@ -45,6 +47,8 @@ access_log = logging.getLogger("bulkhead.server.access")
 
 IDENTITY = web.AppKey("identity_override", Identity)
 WHO = web.RequestKey("identity", Identity)
+SERIAL = web.RequestKey("serial", int)  # the client certificate's serial number
+REVOCATION = web.AppKey("revocation", Revocation)
 METRICS = web.AppKey("metrics", dict)
 STORE = web.AppKey("store", Datastore)
 HUB = web.AppKey("hub", Hub)
@@ -77,10 +81,36 @@ def _identity(request: web.Request) -> Identity:
         if override is not None:  # a test app without TLS
             return override
         raise ApiError(401, "Unauthorized", "a client certificate is required")
+    cert = x509.load_der_x509_certificate(der)
+    request[SERIAL] = cert.serial_number
+    if peer_revoked(request):
+        log.warning("revoked certificate refused", extra={"fields": {
+            "serial": f"{cert.serial_number:X}", "subject": cert.subject.rfc4514_string()}})
+        raise ApiError(403, "Forbidden", "certificate revoked")
     try:
-        return identity_from_subject(x509.load_der_x509_certificate(der).subject)
+        return identity_from_subject(cert.subject)
     except ValueError as e:
         raise ApiError(403, "Forbidden", str(e)) from None
+
+
+def peer_revoked(request: web.Request) -> bool:
+    """Whether the client certificate of `request` is revoked now. Cheap (a set lookup;
+    the CRL file is looked at most once a second): a long-lived response such as a
+    streaming watch calls it between writes and ends when it turns true."""
+    revocation = request.app.get(REVOCATION)
+    serial = request.get(SERIAL)
+    return revocation is not None and serial is not None and revocation.is_revoked(serial)
+
+
+def _check_name(request: web.Request) -> None:
+    """A NAME in the path must be a valid name for its KIND: 400, before any handler."""
+    if "name" not in request.match_info or "kind" not in request.match_info:
+        return
+    kind = _kind(request)
+    try:
+        check_resource_name(kind, request.match_info["name"])
+    except ValidationError as e:
+        raise ApiError(400, "BadRequest", f"{kind} {e.problem}") from None
 
 
 @web.middleware
@@ -93,6 +123,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             identity = _identity(request)
             request[WHO] = identity
             who = f"{identity.role}:{identity.name}"
+            _check_name(request)
         response = await handler(request)
         status = response.status
         return response
@@ -467,10 +498,11 @@ async def watch(request: web.Request) -> web.StreamResponse:
         await response.write(_snapshot_body(hub) + b"\n")
     stopping = request.app[STOPPING]
     # Every pass awaits the hub for at least MIN_HEARTBEAT seconds unless there is news,
-    # and ends when the client is gone or the server stops (agents reconnect elsewhere).
+    # and ends when the client is gone, its certificate is revoked, or the server stops
+    # (agents reconnect elsewhere).
     while not stopping.is_set():
         transport = request.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or peer_revoked(request):
             break
         events, revision = await hub.wait(after, timeout)
         if stopping.is_set():
@@ -526,6 +558,7 @@ async def nodes(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    _require(request, "admin", "viewer")
     hub = request.app[HUB]
     lines = [
         "# HELP bulkhead_revision The datastore revision the server has caught up with.",
@@ -558,7 +591,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def make_app(store: Datastore, hub: Hub, identity_override: Identity | None = None,
-             listener: Listener | None = None) -> web.Application:
+             listener: Listener | None = None, revocation: Revocation | None = None
+             ) -> web.Application:
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
     app[STORE] = store
     app[HUB] = hub
@@ -568,6 +602,8 @@ def make_app(store: Datastore, hub: Hub, identity_override: Identity | None = No
     app[METRICS] = {"requests": Counter()}
     if identity_override is not None:
         app[IDENTITY] = identity_override
+    if revocation is not None:
+        app[REVOCATION] = revocation
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

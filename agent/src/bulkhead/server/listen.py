@@ -119,14 +119,29 @@ class Listener:
                                   connections=self.connections, error=str(e))
                 await asyncio.sleep(0.5)
                 continue
-            if self.connections >= self.max_connections:
-                conn.close()
-                self.refused += 1
-                self._over_limit.warn("connection limit reached: closing new connections",
-                                      limit=self.max_connections, refused=self.refused)
-                continue
-            self.handshaking += 1
-            self._spawn(self._handshake(conn))
+            self._take(conn)
+            # Then whatever else waits in the backlog, without a loop pass per socket.
+            for _ in range(self.backlog):
+                try:
+                    conn, _peer = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    if e.errno not in OUT_OF_FDS:
+                        raise
+                    break
+                self._take(conn)
+
+    def _take(self, conn: socket.socket) -> None:
+        if self.connections >= self.max_connections:
+            conn.close()
+            self.refused += 1
+            self._over_limit.warn("connection limit reached: closing new connections",
+                                  limit=self.max_connections, refused=self.refused)
+            return
+        conn.setblocking(False)
+        self.handshaking += 1
+        self._spawn(self._handshake(conn))
 
     async def _handshake(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()

@@ -20,9 +20,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bulkhead.defaults import SERVER_PORT
+from bulkhead.model import strict_yaml
 from bulkhead.server.app import HUB, STOPPING, make_app
 from bulkhead.server.hub import Hub
 from bulkhead.server.listen import RESERVED_FDS, Listener, raise_nofile_limit
+from bulkhead.server.revocation import Revocation
 from bulkhead.store import open_store
 
 DEFAULT_CONFIG = Path("/etc/bulkhead/server.yaml")
@@ -90,12 +92,14 @@ class ServerConfig:
     max_connections: int = 10_000       # capped by the file-descriptor limit
     handshake_timeout: float = 10.0     # seconds to finish the TLS handshake
     shutdown_timeout: float = 5.0       # seconds open requests get at shutdown
+    crl: str | None = None   # None: crl.pem beside clientCA, used when (once) it exists
 
     KEYS: ClassVar[dict[str, str]] = {
         "listen": "listen", "datastore": "datastore", "tlsCert": "tls_cert",
         "tlsKey": "tls_key", "clientCA": "client_ca", "clientAuth": "client_auth",
         "logLevel": "log_level", "maxConnections": "max_connections",
-        "handshakeTimeout": "handshake_timeout", "shutdownTimeout": "shutdown_timeout"}
+        "handshakeTimeout": "handshake_timeout", "shutdownTimeout": "shutdown_timeout",
+        "crl": "crl"}
     NUMBERS: ClassVar[dict[str, tuple[type, float, float]]] = {
         "max_connections": (int, 1, 1_000_000), "handshake_timeout": (float, 0.5, 300),
         "shutdown_timeout": (float, 0, 300)}
@@ -105,7 +109,7 @@ class ServerConfig:
         config = cls()
         if path is not None:
             try:
-                data = yaml.safe_load(path.read_text()) or {}
+                data = strict_yaml(path.read_text()) or {}
             except (OSError, yaml.YAMLError) as e:
                 raise SystemExit(f"bulkhead-server: config {path}: {e}") from None
             if not isinstance(data, dict):
@@ -147,6 +151,13 @@ class ServerConfig:
             else ssl.CERT_OPTIONAL
         return ctx
 
+    def revocation(self) -> Revocation:
+        """The revoked client certificates: `crl` if set (it must exist), else
+        `crl.pem` in clientCA's folder, watched even before it exists."""
+        explicit = self.crl is not None
+        path = Path(self.crl) if self.crl is not None else Path(self.client_ca).parent / "crl.pem"
+        return Revocation(path, Path(self.client_ca), required=explicit)
+
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
         if not port.isdigit():
@@ -155,6 +166,7 @@ class ServerConfig:
 
 
 async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> None:
+    revocation = config.revocation()  # a bad CRL stops the start, before the store opens
     nofile = raise_nofile_limit()
     max_connections = max(1, min(config.max_connections, nofile - RESERVED_FDS))
     ssl_context = config.ssl_context()
@@ -164,7 +176,7 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     host, port = config.host_port()
     listener = Listener(ssl_context, host, port, max_connections=max_connections,
                         handshake_timeout=config.handshake_timeout)
-    app = make_app(store, hub, listener=listener)
+    app = make_app(store, hub, listener=listener, revocation=revocation)
     # handler_cancellation: a stream whose client left is cancelled at once, not at its
     # next heartbeat.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
@@ -180,6 +192,8 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, AttributeError):  # no SIGHUP on Windows
+        loop.add_signal_handler(signal.SIGHUP, revocation.refresh)
     if started is not None:
         started.set()
     try:
@@ -209,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-ca")
     parser.add_argument("--client-auth", choices=["required", "optional"])
     parser.add_argument("--log-level")
+    parser.add_argument("--crl", help="the client CA's CRL (default: crl.pem beside "
+                        "--client-ca, once it exists)")
     args = parser.parse_args(argv)
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     config = ServerConfig.load(path, {
         "listen": args.listen, "datastore": args.datastore, "tls_cert": args.tls_cert,
         "tls_key": args.tls_key, "client_ca": args.client_ca,
-        "client_auth": args.client_auth, "log_level": args.log_level})
+        "client_auth": args.client_auth, "log_level": args.log_level, "crl": args.crl})
     setup_logging(config.log_level)
     try:
         asyncio.run(serve(config))
