@@ -419,3 +419,20 @@ def test_names_in_paths_are_bounded(make_server: Callable[..., Hardened]) -> Non
     with pytest.raises(ApiError) as err:
         server.conn.request("GET", "/v1/resources/Tier/" + urllib.parse.quote("a\x1bb"))
     assert err.value.status == 400
+
+
+# ------------------------------------------------------- 14: revoked while watching
+def test_a_watch_ends_when_its_certificate_is_revoked(
+        make_server: Callable[..., Hardened]) -> None:
+    server = make_server()
+    ctx = server.tls("web-1", "agent")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(http("GET", "/v1/watch?stream=true&timeout=0.2"))
+        assert b"200 OK" in tls.recv(65536)
+        pki.revoke(server.tmp, name="web-1")
+        started = time.monotonic()
+        tls.settimeout(10)
+        while tls.recv(65536):   # heartbeats, until the server ends the stream
+            assert time.monotonic() - started < 5.0
+        assert time.monotonic() - started < 3.0
