@@ -55,11 +55,19 @@ class ServerConfig:
     client_ca: str = "/etc/bulkhead/pki/ca.crt"
     client_auth: str = "required"   # required | optional (then only /healthz, /readyz)
     log_level: str = "info"
+    compaction_interval: float = 300.0      # seconds between compactions; 0: never
+    compaction_retain: int = 10_000         # last revisions with changes kept
+    compaction_max_revisions: int = 100_000  # and never more revisions than this in all
 
     KEYS: ClassVar[dict[str, str]] = {
         "listen": "listen", "datastore": "datastore", "tlsCert": "tls_cert",
         "tlsKey": "tls_key", "clientCA": "client_ca", "clientAuth": "client_auth",
-        "logLevel": "log_level"}
+        "logLevel": "log_level", "compactionInterval": "compaction_interval",
+        "compactionRetain": "compaction_retain",
+        "compactionMaxRevisions": "compaction_max_revisions"}
+    NUMBERS: ClassVar[dict[str, type[int] | type[float]]] = {
+        "compaction_interval": float, "compaction_retain": int,
+        "compaction_max_revisions": int}
 
     @classmethod
     def load(cls, path: Path | None, overrides: dict[str, str | None]) -> ServerConfig:
@@ -75,12 +83,29 @@ class ServerConfig:
                 if key not in cls.KEYS:
                     raise SystemExit(f"bulkhead-server: config {path}: {key}: unknown field "
                                      f"(known: {', '.join(cls.KEYS)})")
-                setattr(config, cls.KEYS[key], str(value))
+                attr = cls.KEYS[key]
+                number = cls.NUMBERS.get(attr)
+                if number is None:
+                    setattr(config, attr, str(value))
+                    continue
+                try:
+                    if isinstance(value, bool) or (number is int and isinstance(value, float)):
+                        raise ValueError
+                    setattr(config, attr, number(value))
+                except (TypeError, ValueError):
+                    raise SystemExit(f"bulkhead-server: config {path}: {key}: expected "
+                                     f"{'an integer' if number is int else 'a number'}, "
+                                     f"not {value!r}") from None
         for attr, value in overrides.items():
             if value is not None:
                 setattr(config, attr, value)
         if config.client_auth not in ("required", "optional"):
             raise SystemExit("bulkhead-server: clientAuth must be required or optional")
+        if config.compaction_interval < 0 or config.compaction_retain < 1 or \
+                config.compaction_max_revisions < config.compaction_retain:
+            raise SystemExit("bulkhead-server: compactionInterval must be >= 0 (0: never), "
+                             "compactionRetain >= 1 and compactionMaxRevisions >= "
+                             "compactionRetain")
         return config
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -105,8 +130,11 @@ class ServerConfig:
 
 async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> None:
     store = open_store(config.datastore)
-    hub = Hub(store)
+    hub = Hub(store, history=config.compaction_max_revisions)
     follower = asyncio.create_task(hub.run())
+    compactor = asyncio.create_task(hub.compact_forever(
+        config.compaction_interval, config.compaction_retain,
+        config.compaction_max_revisions)) if config.compaction_interval > 0 else None
     runner = web.AppRunner(make_app(store, hub), access_log=None)
     await runner.setup()
     host, port = config.host_port()
@@ -125,6 +153,8 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
         await stop.wait()
     finally:
         follower.cancel()
+        if compactor is not None:
+            compactor.cancel()
         await runner.cleanup()
         await store.close()
 
