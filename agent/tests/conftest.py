@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 class EtcdProcess:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, extra: tuple[str, ...] = ()) -> None:
         self.client_port, self.peer_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -38,7 +38,7 @@ class EtcdProcess:
             ["etcd", "--name", "bulkhead-test", "--data-dir", str(data_dir / "data"),
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"bulkhead-test={peer}", "--log-level", "warn"],
+             "--initial-cluster", f"bulkhead-test={peer}", "--log-level", "warn", *extra],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

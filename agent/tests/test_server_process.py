@@ -19,13 +19,14 @@ from tests.conftest import EtcdProcess, free_port
 
 
 class ServerProcess:
-    def __init__(self, tmp: Path, datastore: str, name: str = "server") -> None:
+    def __init__(self, tmp: Path, datastore: str, name: str = "server",
+                 extra: dict[str, object] | None = None) -> None:
         self.port = free_port()
         self.config = tmp / f"{name}.yaml"
         self.config.write_text(yaml.safe_dump({
             "listen": f"127.0.0.1:{self.port}", "datastore": datastore,
             "tlsCert": str(tmp / "server.crt"), "tlsKey": str(tmp / "server.key"),
-            "clientCA": str(tmp / "ca.crt"), "logLevel": "warning"}))
+            "clientCA": str(tmp / "ca.crt"), "logLevel": "warning", **(extra or {})}))
         self.log = tmp / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         crt, key = pki.issue(tmp, "alice", role="admin")

@@ -15,9 +15,14 @@ from bulkhead.store import (
     Conflict,
     Datastore,
     Event,
+    MissingReference,
     NotFound,
     Op,
+    Referrers,
+    StillReferenced,
+    TooLarge,
     TooOld,
+    TxResult,
     create,
     delete,
     open_store,
@@ -41,6 +46,11 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield backend
     finally:
         await backend.close()
+
+
+def netset(name: str) -> dict[str, Any]:
+    return {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+            "metadata": {"name": name}, "spec": {"nets": ["198.18.0.0/24"]}}
 
 
 def gnp(name: str, labels: dict[str, str] | None = None, order: int = 1) -> dict[str, Any]:
@@ -229,3 +239,169 @@ async def test_concurrent_writers_with_conflicts(store: Datastore, tmp_path: Pat
         await other.close()
     final = await store.get("GlobalNetworkPolicy", "counter")
     assert final.doc["spec"]["order"] == 40
+
+
+# ---------------------------------------------------------------- issue 15: under load
+@pytest.mark.parametrize("count", [1001, 5000])
+async def test_watch_and_history_carry_a_big_transaction_whole(store: Datastore,
+                                                               count: int) -> None:
+    count = min(count, store.max_ops)  # etcd: its --max-txn-ops (128 unless raised)
+    start = await store.revision()
+    big = await store.transaction([Op("put", "GlobalNetworkSet", f"s{i:05}", netset(f"s{i:05}"))
+                                   for i in range(count)])
+    after = await create(store, gnp("after"))
+    events = await asyncio.wait_for(_collect(store, start, count + 1), 30)
+    assert [e.name for e in events[:count]] == [f"s{i:05}" for i in range(count)]
+    assert {e.revision for e in events[:count]} == {big.revision}
+    assert (events[-1].name, events[-1].revision) == ("after", after.revision)
+    history = await asyncio.wait_for(store.history(start, big.revision), 30)
+    assert [e.name for e in history] == [e.name for e in events[:count]]
+
+
+async def test_a_transaction_over_the_limit_is_refused_whole(store: Datastore) -> None:
+    ops = [Op("put", "GlobalNetworkSet", f"s{i}", netset(f"s{i}"))
+           for i in range(store.max_ops + 1)]
+    before = await store.revision()
+    with pytest.raises(TooLarge) as err:
+        store.check_size(ops)
+    assert err.value.limit == store.max_ops and str(store.max_ops) in str(err.value)
+    with pytest.raises(TooLarge):
+        await store.transaction(ops)
+    assert await store.revision() == before
+    assert (await store.list_resources("GlobalNetworkSet"))[0] == []
+
+
+async def test_status_reports_stay_out_of_resources_and_watch(store: Datastore) -> None:
+    start = await store.revision()
+    for i in range(50):
+        await store.put_status(f"node-{i % 5}", {"kind": "AgentStatus",
+                                                 "metadata": {"name": f"node-{i % 5}"},
+                                                 "status": {"appliedRevision": i}})
+    reports, _ = await store.list_status()
+    assert {n: d["status"]["appliedRevision"] for n, d in reports.items()} == \
+        {f"node-{n}": 45 + n for n in range(5)}
+    assert (await store.list_resources())[0] == []
+    if isinstance(store, SQLiteStore):
+        assert await store.revision() == start  # no revision at all
+    made = await create(store, gnp("a"))
+    events = await asyncio.wait_for(_collect(store, start, 1), 10)
+    assert [(e.name, e.revision) for e in events] == [("a", made.revision)]
+    assert [e.name for e in await store.history(start, made.revision)] == ["a"]
+
+
+async def test_history_between_revisions(store: Datastore) -> None:
+    start = await store.revision()
+    a = await create(store, gnp("a"))
+    b = await update(store, gnp("a", order=2))
+    c = await delete(store, "GlobalNetworkPolicy", "a")
+    got = await store.history(start, b.revision)
+    assert [(e.type, e.revision) for e in got] == [("ADDED", a.revision),
+                                                   ("MODIFIED", b.revision)]
+    assert await store.history(c.revision, c.revision) == []
+    await store.compact(a.revision)
+    with pytest.raises(TooOld):
+        await store.history(start, c.revision)
+    got = await store.history(a.revision, c.revision)
+    assert [(e.type, e.revision) for e in got] == [("MODIFIED", b.revision),
+                                                   ("DELETED", c.revision)]
+
+
+TIER_USERS = Referrers(("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy"), ("spec", "tier"))
+
+
+def in_tier(name: str, tier: str, kind: str = "GlobalNetworkPolicy") -> Op:
+    doc = {"apiVersion": "projectcalico.org/v3", "kind": kind, "metadata": {"name": name},
+           "spec": {"tier": tier}}
+    return Op("put", kind, name, doc, requires=(("Tier", tier),))
+
+
+def tier_op(name: str) -> Op:
+    return Op("put", "Tier", name, {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
+                                    "metadata": {"name": name}, "spec": {}})
+
+
+async def test_references_are_checked_as_the_transaction_commits(store: Datastore) -> None:
+    before = await store.revision()
+    with pytest.raises(MissingReference) as missing:
+        await store.transaction([in_tier("p", "t")])
+    assert (missing.value.name, missing.value.ref_kind, missing.value.ref_name) == \
+        ("p", "Tier", "t")
+    assert await store.revision() == before
+    await store.transaction([in_tier("p", "t"), tier_op("t")])  # the same transaction: fine
+    await store.transaction([in_tier("q", "t", "StagedGlobalNetworkPolicy")])
+    drop = Op("delete", "Tier", "t", unreferenced=TIER_USERS)
+    with pytest.raises(StillReferenced) as held:
+        await store.transaction([drop])
+    assert held.value.referrers == [("GlobalNetworkPolicy", "p"),
+                                    ("StagedGlobalNetworkPolicy", "q")]
+    moved = in_tier("p", "other")
+    await store.transaction([tier_op("other"), moved])
+    with pytest.raises(StillReferenced, match="StagedGlobalNetworkPolicy q"):
+        await store.transaction([drop])
+    await delete(store, "StagedGlobalNetworkPolicy", "q")
+    await store.transaction([drop])
+    with pytest.raises(NotFound):
+        await store.get("Tier", "t")
+    with pytest.raises(MissingReference):  # a tier deleted in the same transaction
+        await store.transaction([Op("delete", "Tier", "other"), in_tier("r", "other")])
+
+
+async def test_tier_delete_and_policy_create_race_from_two_servers(store: Datastore) -> None:
+    other: Datastore
+    if isinstance(store, SQLiteStore):
+        other = SQLiteStore(store.path)
+    else:
+        assert isinstance(store, EtcdStore)
+        other = EtcdStore(store.endpoints, prefix=store.prefix)
+    wins = {"delete": 0, "create": 0}
+    try:
+        for i in range(40):
+            await store.transaction([tier_op(f"t{i}")])
+            drop = Op("delete", "Tier", f"t{i}", unreferenced=TIER_USERS)
+            first, second = (store, other) if i % 2 else (other, store)
+            outcome = await asyncio.wait_for(asyncio.gather(
+                first.transaction([drop]), second.transaction([in_tier(f"p{i}", f"t{i}")]),
+                return_exceptions=True), 30)
+            assert [type(o) for o in outcome] in ([StillReferenced, TxResult],
+                                                  [TxResult, MissingReference]), outcome
+            wins["create" if isinstance(outcome[0], StillReferenced) else "delete"] += 1
+    finally:
+        await other.close()
+    print(f"store-level tier race: {wins}")
+
+
+async def test_sqlite_compaction_gives_the_space_back(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "store.db")
+    try:
+        big = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+               "metadata": {"name": "big"}, "spec": {"nets": [f"198.18.{i // 256}.{i % 256}/32"
+                                                              for i in range(2000)]}}
+        for _ in range(60):
+            last = (await store.transaction([Op("put", "GlobalNetworkSet", "big", big)]))
+        grown = (tmp_path / "store.db").stat().st_size + \
+            (tmp_path / "store.db-wal").stat().st_size
+        await store.compact(last.revision - 1)
+        shrunk = (tmp_path / "store.db").stat().st_size + \
+            (tmp_path / "store.db-wal").stat().st_size
+        assert shrunk < grown / 5, (grown, shrunk)
+        assert [e.revision for e in await store.history(last.revision - 1, last.revision)] \
+            == [last.revision]
+    finally:
+        await store.close()
+
+
+async def test_sqlite_moves_status_reports_of_earlier_versions_out(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "store.db")
+    await store.transaction([Op("put", "AgentStatus", "web-1", {
+        "kind": "AgentStatus", "metadata": {"name": "web-1"}, "status": {"appliedRevision": 4}})])
+    await create(store, gnp("a"))
+    await store.close()
+    store = SQLiteStore(tmp_path / "store.db")
+    try:
+        reports, _ = await store.list_status()
+        assert reports["web-1"]["status"]["appliedRevision"] == 4
+        assert [s.kind for s in (await store.list_resources())[0]] == ["GlobalNetworkPolicy"]
+        assert [e.kind for e in await store.history(0, await store.revision())] == \
+            ["GlobalNetworkPolicy"]
+    finally:
+        await store.close()

@@ -44,9 +44,9 @@ class Counters:
                 "reconnects": self.reconnects, **self.counts}
 
 
-# What the server keeps of a report (bulkhead-server refuses more than 100 errors and a
-# body over 64 KiB, and cuts each error to 2,048 characters): the agent sends no more.
-MAX_ERRORS = 50
+# What the server keeps of a report (bulkhead-server keeps 20 errors, cuts each to 1,024
+# characters and refuses a body over 64 KiB): the agent sends no more.
+MAX_ERRORS = 20
 MAX_ERROR_CHARS = 1000
 
 

@@ -40,7 +40,18 @@ from bulkhead.server.hub import STATUS_KIND, Hub, WireEvent
 from bulkhead.server.listen import Listener
 from bulkhead.server.pki import Identity, identity_from_subject
 from bulkhead.server.revocation import Revocation
-from bulkhead.store import Conflict, Datastore, NotFound, Op, Stored, Unavailable
+from bulkhead.store import (
+    Conflict,
+    Datastore,
+    MissingReference,
+    NotFound,
+    Op,
+    Referrers,
+    StillReferenced,
+    Stored,
+    TooLarge,
+    Unavailable,
+)
 
 log = logging.getLogger("bulkhead.server")
 access_log = logging.getLogger("bulkhead.server.access")
@@ -58,6 +69,7 @@ MAX_BODY = 8 * 1024 * 1024
 TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVER_FIELDS = ("resourceVersion", "uid", "creationTimestamp", "generation")
+TIER_USERS = Referrers(("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy"), ("spec", "tier"))
 
 
 class ApiError(web.HTTPException):
@@ -135,6 +147,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     except limits.BadInput as e:
         status = 400
         raise ApiError(400, "BadRequest", str(e)) from None
+    except TooLarge as e:
+        status = 413
+        raise ApiError(413, "RequestEntityTooLarge", f"{e}; nothing was written") from None
     except Unavailable as e:
         status = 503
         raise ApiError(503, "Unavailable", str(e)) from None
@@ -239,15 +254,28 @@ async def _current(store: Datastore, kind: str, name: str) -> Stored | None:
         return None
 
 
+def _no_tier(kind: str, name: str, tier: str) -> ApiError:
+    return ApiError(422, "Invalid", f'{kind} {name}: spec.tier: tier "{tier}" does not exist')
+
+
+def _requires(resource: Resource) -> tuple[tuple[str, str], ...]:
+    """What must exist when a write of `resource` commits: a policy's tier. The store
+    checks it inside the transaction (MissingReference), so a Tier deleted meanwhile
+    cannot leave the policy orphaned."""
+    if isinstance(resource, GlobalNetworkPolicy) and resource.spec.tier != DEFAULT_TIER:
+        return (("Tier", resource.spec.tier),)
+    return ()
+
+
 async def _check_refs(store: Datastore, resources: list[Resource]) -> None:
-    """Policies must name a tier that exists (in the store or in the same request)."""
+    """Policies must name a tier that exists (in the store or in the same request). An
+    early answer (and the one dry runs get); the write itself carries `_requires`."""
     coming = {r.name for r in resources if isinstance(r, Tier)}
     for r in resources:
         if isinstance(r, GlobalNetworkPolicy) and r.spec.tier != DEFAULT_TIER \
                 and r.spec.tier not in coming and await _current(store, "Tier", r.spec.tier) \
                 is None:
-            raise ApiError(422, "Invalid", f'{r.kind} {r.name}: spec.tier: tier '
-                           f'"{r.spec.tier}" does not exist')
+            raise _no_tier(r.kind, r.name, r.spec.tier)
 
 
 # -------------------------------------------------------------------------- handlers
@@ -346,11 +374,14 @@ async def write_resource(request: web.Request) -> web.Response:
     if _dry_run(request):
         return _json(_diff_entry(resource, old), 200)
     try:
-        tx = await store.transaction([Op("put", kind, resource.name, resource.dump(), expect)])
+        tx = await store.transaction([Op("put", kind, resource.name, resource.dump(), expect,
+                                         requires=_requires(resource))])
     except Conflict as e:
         raise ApiError(409, "Conflict", str(e)) from None
     except NotFound as e:
         raise ApiError(404, "NotFound", str(e)) from None
+    except MissingReference as e:
+        raise _no_tier(e.kind, e.name, e.ref_name) from None
     return _json(tx.stored[0].doc, 201 if request.method == "POST" else 200)
 
 
@@ -362,7 +393,7 @@ async def delete_resource(request: web.Request) -> web.Response:
     if old is None:
         raise ApiError(404, "NotFound", f"{kind} {name} not found")
     _authorize_write(identity, parse_resource(old.doc), None)
-    if kind == "Tier":
+    if kind == "Tier":  # an early answer; the delete itself checks again as it commits
         items, _ = await store.list_resources("GlobalNetworkPolicy")
         staged, _ = await store.list_resources("StagedGlobalNetworkPolicy")
         users = [s.name for s in [*items, *staged] if s.doc["spec"].get("tier") == name]
@@ -373,11 +404,15 @@ async def delete_resource(request: web.Request) -> web.Response:
         return _json({"kind": kind, "name": name, "action": "deleted"})
     try:
         tx = await store.transaction([Op("delete", kind, name,
-                                         expect=request.query.get("resourceVersion"))])
+                                         expect=request.query.get("resourceVersion"),
+                                         unreferenced=TIER_USERS if kind == "Tier" else None)])
     except Conflict as e:
         raise ApiError(409, "Conflict", str(e)) from None
     except NotFound as e:
         raise ApiError(404, "NotFound", str(e)) from None
+    except StillReferenced as e:
+        raise ApiError(409, "Conflict", f"Tier {name} still holds policies: "
+                       f"{', '.join(n for _, n in e.referrers[:10])}") from None
     return _json(tx.stored[0].doc)
 
 
@@ -437,14 +472,20 @@ async def apply(request: web.Request) -> web.Response:
                            "replaced")
     await _check_refs(store, resources)
     diff = [_diff_entry(r, old) for r, old in zip(resources, olds, strict=True)]
-    ops = [Op("put", r.kind, r.name, r.dump(), str(old.revision) if old else "absent")
+    ops = [Op("put", r.kind, r.name, r.dump(), str(old.revision) if old else "absent",
+              requires=_requires(r))
            for r, old, d in zip(resources, olds, diff, strict=True) if d["action"] != "unchanged"]
     revision = None
-    if not dry_run and ops:
-        try:
+    try:
+        store.check_size(ops)   # the datastore's own limit on one atomic transaction
+        if not dry_run and ops:
             revision = (await store.transaction(ops)).revision
-        except (Conflict, NotFound) as e:
-            raise ApiError(409, "Conflict", f"{e}; nothing was applied, try again") from None
+    except (Conflict, NotFound) as e:
+        raise ApiError(409, "Conflict", f"{e}; nothing was applied, try again") from None
+    except MissingReference as e:
+        raise _no_tier(e.kind, e.name, e.ref_name) from None
+    except TooLarge as e:
+        raise ApiError(413, "RequestEntityTooLarge", f"{e}; nothing was applied") from None
     return _json({"dryRun": dry_run, "revision": revision, "results": diff})
 
 
@@ -534,18 +575,19 @@ async def post_status(request: web.Request) -> web.Response:
     doc = {"kind": STATUS_KIND, "metadata": {"name": node},
            "status": {**status,
                       "lastReport": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}}
-    await request.app[STORE].transaction([Op("put", STATUS_KIND, node, doc)])
+    # Kept apart from the resources: no revision, no event, no history to compact.
+    await request.app[STORE].put_status(node, doc)
     return _json(doc)
 
 
 async def nodes(request: web.Request) -> web.Response:
     _require(request, "admin", "viewer")
-    items, revision = await request.app[STORE].list_resources(STATUS_KIND)
+    reports, revision = await request.app[STORE].list_status()
     target = limits.revision_param(request.query.get("revision"))
     out = []
-    for s in items:
-        status = s.doc.get("status", {})
-        entry = {"node": s.name, **status}
+    for node, doc in reports.items():
+        status = doc.get("status", {})
+        entry = {"node": node, **status}
         if target is not None:
             applied = status.get("appliedRevision")
             entry["converged"] = type(applied) is int and applied >= target and \

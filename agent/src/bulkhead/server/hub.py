@@ -6,6 +6,10 @@ to JSON once. An agent long-polls with the last revision it saw: it gets the eve
 it, shared with every other agent, or a snapshot when its revision fell out of the window.
 So the datastore is read once per change, not once per agent, and an agent costs one
 waiting request, not a copy of the data.
+
+At start (and after every re-list) the window is filled from the history the datastore
+keeps, so agents resume across a server restart; compaction (`compact_forever`) trims the
+datastore's history and the window together, keeping the last revisions with changes.
 """
 
 from __future__ import annotations
@@ -42,14 +46,17 @@ def _wire(event: Event) -> WireEvent:
 
 
 class Hub:
-    def __init__(self, store: Datastore, window: int = 10_000) -> None:
+    def __init__(self, store: Datastore, window: int = 10_000, history: int = 100_000
+                 ) -> None:
         self.store = store
         self.window = window
+        self.history = history        # revisions of the datastore's history read at start
         self.revision = 0
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self._events: list[WireEvent] = []
         self._revisions: list[int] = []
         self._first_kept = 0          # events after this revision are all in the window
+        self._compacted = 0           # the datastore's history was compacted up to here
         self._tick = asyncio.Event()  # set and replaced on every change: a broadcast
         self.ready = asyncio.Event()
         self.watchers = 0
@@ -63,8 +70,9 @@ class Hub:
         while True:
             try:
                 items, revision = await self.store.list_resources()
+                first_kept, history = await self._history(revision)
                 self.objects = {(s.kind, s.name): s.doc for s in items}
-                self._reset(revision)
+                self._reset(revision, first_kept, history)
                 self.ready.set()
                 backoff = 0.2
                 async for event in self.store.watch(revision):
@@ -78,11 +86,31 @@ class Hub:
                 await asyncio.sleep(backoff * (1 + random.random()))
                 backoff = min(backoff * 2, 10.0)
 
-    def _reset(self, revision: int) -> None:
+    async def _history(self, revision: int) -> tuple[int, list[Event]]:
+        """The datastore's kept events up to `revision`, and the revision they start after
+        (`revision` itself when there is none to have)."""
+        after = max(0, revision - self.history)
+        for _ in range(3):
+            if after >= revision:
+                break
+            try:
+                return after, await self.store.history(after, revision)
+            except TooOld as e:  # compacted meanwhile: from where the history starts now
+                after = max(after + 1, e.oldest)
+        return revision, []
+
+    def _reset(self, revision: int, first_kept: int | None = None,
+               history: Iterable[Event] = ()) -> None:
+        """Objects at `revision` are in place; `history` are the events after `first_kept`
+        up to `revision` (already in the objects): the window watchers resume from."""
         self.revision = revision
-        self._events.clear()
-        self._revisions.clear()
-        self._first_kept = revision
+        self._events = [_wire(e) for e in history]
+        self._revisions = [e.revision for e in self._events]
+        self._first_kept = revision if first_kept is None else min(first_kept, revision)
+        if len(self._events) > self.window:
+            cut = len(self._events) - self.window
+            self._first_kept = self._revisions[cut - 1]
+            del self._events[:cut], self._revisions[:cut]
         self._broadcast()
 
     def _apply(self, events: Iterable[Event]) -> None:
@@ -106,6 +134,56 @@ class Hub:
         """Wake every waiting watcher and make later waits return at once (shutdown)."""
         self.closing = True
         self._broadcast()
+
+    # -- compaction -------------------------------------------------------------------
+    def compaction_point(self, retain: int) -> int:
+        """The revision before the `retain` newest revisions with changes in the window
+        (the window's start if it holds fewer): history up to there may go."""
+        seen, last = 0, -1
+        for revision in reversed(self._revisions):
+            if revision != last:
+                seen, last = seen + 1, revision
+                if seen == retain:
+                    return max(self._first_kept, revision - 1)
+        return self._first_kept
+
+    def forget(self, keep_after: int) -> None:
+        """Drop the events at and before `keep_after`: the datastore no longer has them,
+        so watchers from there take a snapshot here as they would after a restart."""
+        keep_after = min(keep_after, self.revision)
+        if keep_after <= self._first_kept:
+            return
+        cut = bisect.bisect_right(self._revisions, keep_after)
+        del self._events[:cut], self._revisions[:cut]
+        self._first_kept = keep_after
+
+    async def compact(self, retain: int, max_revisions: int) -> int | None:
+        """Compact the datastore to keep the last `retain` revisions with changes, and at
+        most `max_revisions` revisions in all (on etcd, status reports take revisions
+        too). The revision compacted to, or None when there was nothing to do."""
+        if not self.ready.is_set():
+            return None
+        current = await self.store.revision()
+        target = min(current, max(self.compaction_point(retain), current - max_revisions))
+        if target <= self._compacted:
+            return None
+        await self.store.compact(target)
+        self._compacted = target
+        self.forget(target)
+        return target
+
+    async def compact_forever(self, interval: float, retain: int, max_revisions: int
+                              ) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                target = await self.compact(retain, max_revisions)
+            except (StoreError, OSError) as e:
+                log.warning("compaction failed: %s; trying again in %.0f s", e, interval)
+                continue
+            if target is not None:
+                log.info("compacted", extra={"fields": {"keepAfter": target,
+                                                        "revision": self.revision}})
 
     def _broadcast(self) -> None:
         tick, self._tick = self._tick, asyncio.Event()

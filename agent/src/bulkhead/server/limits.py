@@ -16,8 +16,8 @@ MAX_SELECTOR = 4096                 # characters in ?selector=
 MAX_NAME = 253                      # a resource or node name (a DNS subdomain's length)
 
 STATUS_MAX_BYTES = 64 * 1024        # an agent's status body
-STATUS_MAX_ERRORS = 100
-STATUS_MAX_ERROR_CHARS = 2048
+STATUS_MAX_ERRORS = 20             # errors kept of a report (the last says how many more)
+STATUS_MAX_ERROR_CHARS = 1024
 STATUS_MAX_COUNTERS = 256
 STATUS_MAX_COUNTER_NAME = 128
 
@@ -77,7 +77,8 @@ def printable(text: str) -> str:
 
 def agent_status(node: str, body: Any) -> dict[str, Any]:
     """The fields of an AgentStatus report, checked: appliedRevision an integer in
-    [0, 2**63), errors a short list of strings (each cut to STATUS_MAX_ERROR_CHARS),
+    [0, 2**63), errors a list of strings (the first STATUS_MAX_ERRORS kept, each cut to
+    STATUS_MAX_ERROR_CHARS),
     counters a small mapping of names to
     finite numbers. Control characters other than tab and newline in error strings are
     stored as escapes, so nothing an agent reports can drive a terminal that prints it."""
@@ -93,9 +94,8 @@ def agent_status(node: str, body: Any) -> dict[str, Any]:
         raise BadInput(f"{where}: appliedRevision: must be an integer from 0 to "
                        f"{MAX_REVISION}")
     errors = body.get("errors") or []
-    if not isinstance(errors, list) or len(errors) > STATUS_MAX_ERRORS:
-        raise BadInput(f"{where}: errors: must be a list of at most {STATUS_MAX_ERRORS} "
-                       "strings")
+    if not isinstance(errors, list):
+        raise BadInput(f"{where}: errors: must be a list of strings")
     for i, error in enumerate(errors):
         if not isinstance(error, str):
             raise BadInput(f"{where}: errors[{i}]: must be a string")
@@ -110,5 +110,8 @@ def agent_status(node: str, body: Any) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                 not math.isfinite(value) or abs(value) > 2**63:
             raise BadInput(f"{where}: counters.{key}: must be a finite number")
+    if len(errors) > STATUS_MAX_ERRORS:
+        more = len(errors) - STATUS_MAX_ERRORS + 1
+        errors = [*errors[:STATUS_MAX_ERRORS - 1], f"... and {more} more errors"]
     return {"appliedRevision": revision, "errors": [shorten(printable(e)) for e in errors],
             "counters": dict(counters)}

@@ -93,16 +93,23 @@ class ServerConfig:
     handshake_timeout: float = 10.0     # seconds to finish the TLS handshake
     shutdown_timeout: float = 5.0       # seconds open requests get at shutdown
     crl: str | None = None   # None: crl.pem beside clientCA, used when (once) it exists
+    compaction_interval: float = 300.0      # seconds between compactions; 0: never
+    compaction_retain: int = 10_000         # last revisions with changes kept
+    compaction_max_revisions: int = 100_000  # and never more revisions than this in all
 
     KEYS: ClassVar[dict[str, str]] = {
         "listen": "listen", "datastore": "datastore", "tlsCert": "tls_cert",
         "tlsKey": "tls_key", "clientCA": "client_ca", "clientAuth": "client_auth",
         "logLevel": "log_level", "maxConnections": "max_connections",
         "handshakeTimeout": "handshake_timeout", "shutdownTimeout": "shutdown_timeout",
-        "crl": "crl"}
+        "crl": "crl", "compactionInterval": "compaction_interval",
+        "compactionRetain": "compaction_retain",
+        "compactionMaxRevisions": "compaction_max_revisions"}
     NUMBERS: ClassVar[dict[str, tuple[type, float, float]]] = {
         "max_connections": (int, 1, 1_000_000), "handshake_timeout": (float, 0.5, 300),
-        "shutdown_timeout": (float, 0, 300)}
+        "shutdown_timeout": (float, 0, 300), "compaction_interval": (float, 0, 86_400),
+        "compaction_retain": (int, 1, 10_000_000),
+        "compaction_max_revisions": (int, 1, 1_000_000_000)}
 
     @classmethod
     def load(cls, path: Path | None, overrides: dict[str, str | None]) -> ServerConfig:
@@ -129,6 +136,8 @@ class ServerConfig:
                 number = kind(raw)
             except (TypeError, ValueError):
                 number = None
+            if kind is int and isinstance(raw, float):
+                number = None  # 1.5 connections: refused, not rounded
             if isinstance(raw, bool) or number is None or not low <= number <= high:
                 key = next(k for k, a in cls.KEYS.items() if a == attr)
                 raise SystemExit(f"bulkhead-server: {key}: {raw!r} is not a number from "
@@ -136,6 +145,11 @@ class ServerConfig:
             setattr(config, attr, number)
         if config.client_auth not in ("required", "optional"):
             raise SystemExit("bulkhead-server: clientAuth must be required or optional")
+        if config.compaction_interval < 0 or config.compaction_retain < 1 or \
+                config.compaction_max_revisions < config.compaction_retain:
+            raise SystemExit("bulkhead-server: compactionInterval must be >= 0 (0: never), "
+                             "compactionRetain >= 1 and compactionMaxRevisions >= "
+                             "compactionRetain")
         return config
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -171,8 +185,11 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     max_connections = max(1, min(config.max_connections, nofile - RESERVED_FDS))
     ssl_context = config.ssl_context()
     store = open_store(config.datastore)
-    hub = Hub(store)
+    hub = Hub(store, history=config.compaction_max_revisions)
     follower = asyncio.create_task(hub.run())
+    compactor = asyncio.create_task(hub.compact_forever(
+        config.compaction_interval, config.compaction_retain,
+        config.compaction_max_revisions)) if config.compaction_interval > 0 else None
     host, port = config.host_port()
     listener = Listener(ssl_context, host, port, max_connections=max_connections,
                         handshake_timeout=config.handshake_timeout)
@@ -204,6 +221,8 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
         await listener.close()
         app[STOPPING].set()
         app[HUB].close()
+        if compactor is not None:
+            compactor.cancel()
         await runner.cleanup()
         follower.cancel()
         with contextlib.suppress(asyncio.CancelledError):

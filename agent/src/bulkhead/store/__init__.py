@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from bulkhead.store.base import (
     Conflict,
     Datastore,
     Event,
+    MissingReference,
     NotFound,
     Op,
+    Referrers,
+    StillReferenced,
     Stored,
     StoreError,
+    TooLarge,
     TooOld,
     TxResult,
     Unavailable,
@@ -20,13 +24,15 @@ from bulkhead.store.base import (
     update,
 )
 
-__all__ = ["Conflict", "Datastore", "Event", "NotFound", "Op", "StoreError", "Stored",
-           "TooOld", "TxResult", "Unavailable", "create", "delete", "open_store", "update"]
+__all__ = ["Conflict", "Datastore", "Event", "MissingReference", "NotFound", "Op",
+           "Referrers", "StillReferenced", "StoreError", "Stored", "TooLarge", "TooOld",
+           "TxResult", "Unavailable", "create", "delete", "open_store", "update"]
 
 
 def open_store(url: str) -> Datastore:
     """`sqlite:///var/lib/bulkhead/store.db` or `etcd://host:2379,host2:2379[/prefix]`
-    (`etcds://` for TLS)."""
+    (`etcds://` for TLS; `?max-txn-ops=N` when etcd runs with a `--max-txn-ops` other
+    than its default 128)."""
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         from bulkhead.store.sqlite import SQLiteStore
@@ -42,5 +48,15 @@ def open_store(url: str) -> Datastore:
         if not hosts:
             raise ValueError(f"datastore {url!r}: etcd URL needs host:port")
         prefix = parsed.path if parsed.path not in ("", "/") else "/bulkhead/"
-        return EtcdStore([f"{scheme}://{h}" for h in hosts], prefix=prefix)
+        options = parse_qs(parsed.query)
+        unknown = set(options) - {"max-txn-ops"}
+        if unknown:
+            raise ValueError(f"datastore {url!r}: unknown option {sorted(unknown)[0]!r} "
+                             "(known: max-txn-ops)")
+        raw = options.get("max-txn-ops", ["128"])[-1]
+        if not raw.isdigit() or int(raw) < 8:
+            raise ValueError(f"datastore {url!r}: max-txn-ops must be a number >= 8, "
+                             "as etcd's --max-txn-ops")
+        return EtcdStore([f"{scheme}://{h}" for h in hosts], prefix=prefix,
+                         max_txn_ops=int(raw))
     raise ValueError(f"datastore {url!r}: expected sqlite:///PATH or etcd://HOST:PORT,...")

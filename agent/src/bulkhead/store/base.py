@@ -50,6 +50,32 @@ class Unavailable(StoreError):
     """The backend cannot be reached or failed; nothing was written."""
 
 
+class TooLarge(StoreError):
+    """The transaction is bigger than the backend takes in one atomic commit; nothing was
+    written. `limit` is the most operations one transaction may hold there."""
+
+    def __init__(self, message: str, operations: int = 0, limit: int = 0) -> None:
+        self.operations, self.limit = operations, limit
+        super().__init__(message)
+
+
+class MissingReference(StoreError):
+    """`kind`/`name` requires `ref_kind`/`ref_name`, which does not exist at commit time."""
+
+    def __init__(self, kind: str, name: str, ref_kind: str, ref_name: str) -> None:
+        self.kind, self.name, self.ref_kind, self.ref_name = kind, name, ref_kind, ref_name
+        super().__init__(f"{kind} {name} requires {ref_kind} {ref_name}, which does not exist")
+
+
+class StillReferenced(StoreError):
+    """A delete refused because resources still refer to what it deletes."""
+
+    def __init__(self, kind: str, name: str, referrers: list[tuple[str, str]]) -> None:
+        self.kind, self.name, self.referrers = kind, name, referrers
+        super().__init__(f"{kind} {name} is still referred to by "
+                         + ", ".join(f"{k} {n}" for k, n in referrers[:10]))
+
+
 @dataclass(frozen=True)
 class Stored:
     """A resource as the store holds it; `doc` carries metadata.resourceVersion etc."""
@@ -75,12 +101,35 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Referrers:
+    """Who may refer to a resource: documents of `kinds` whose field at `path` holds the
+    resource's name (policies refer to their tier by `spec.tier`)."""
+
+    kinds: tuple[str, ...]
+    path: tuple[str, ...]
+
+    def refers(self, kind: str, doc: Mapping[str, Any], name: str) -> bool:
+        if kind not in self.kinds:
+            return False
+        value: Any = doc
+        for part in self.path:
+            value = value.get(part) if isinstance(value, Mapping) else None
+        return bool(value == name)
+
+
+@dataclass(frozen=True)
 class Op:
     """One write in a transaction.
 
     `put` with `expect=None` writes unconditionally; `expect="absent"` only creates;
     `expect="present"` only replaces; `expect="<resourceVersion>"` only replaces that
     version. `delete` needs the resource to exist, and may carry a version to expect.
+
+    References are checked when the transaction commits, inside it, so no concurrent
+    writer slips between the check and the write: a `put` with `requires` fails with
+    MissingReference unless every (kind, name) there exists then (or is put by the same
+    transaction); a `delete` with `unreferenced` fails with StillReferenced while any
+    resource those Referrers describe names the deleted one.
     """
 
     action: Literal["put", "delete"]
@@ -88,6 +137,8 @@ class Op:
     name: str
     doc: Document | None = None
     expect: str | None = None
+    requires: tuple[tuple[str, str], ...] = ()
+    unreferenced: Referrers | None = None
 
 
 @dataclass
@@ -117,7 +168,13 @@ def stamp(doc: Mapping[str, Any], revision: int, uid: str, created: str) -> Docu
 
 
 class Datastore(Protocol):
-    """What the server needs of a backend. All methods are coroutines."""
+    """What the server needs of a backend. All methods but `check_size` are coroutines."""
+
+    max_ops: int
+    """The most operations one transaction may hold (see `check_size`)."""
+
+    def check_size(self, ops: Sequence[Op]) -> None:
+        """Raise TooLarge when `ops` cannot commit as one transaction here."""
 
     async def get(self, kind: str, name: str) -> Stored:
         """The resource, or NotFound."""
@@ -136,8 +193,20 @@ class Datastore(Protocol):
         """Events with revision > `after`, in order, then new ones as they come; TooOld
         if `after` is older than the kept history."""
 
+    async def history(self, after: int, until: int) -> list[Event]:
+        """The kept events with `after` < revision <= `until`, in order; TooOld if `after`
+        is older than the kept history. (For a server that starts: its watchers resume.)"""
+
     async def compact(self, keep_after: int) -> None:
-        """Forget the history at and before `keep_after` (watches from there get TooOld)."""
+        """Forget the history at and before `keep_after` (watches from there get TooOld),
+        and give the space back."""
+
+    async def put_status(self, node: str, doc: Document) -> None:
+        """Keep an agent's status report, outside the resources: no revision, no event,
+        no history kept beyond the last report of each node."""
+
+    async def list_status(self) -> tuple[dict[str, Document], int]:
+        """Every node's last status report, and the current revision."""
 
     async def close(self) -> None: ...
 

@@ -5,14 +5,23 @@ so revisions and watch come from etcd itself and several bulkhead-servers sharin
 cluster stay consistent. A transaction reads the keys it touches, checks the caller's
 expectations, then commits with a compare on exactly what it read: if another writer got
 in between, it reads again and retries, so expectations hold at commit time.
+
+Beside the watched range `<prefix>` (say `/bulkhead/`), three kinds of keys that agents
+never watch: `/bulkhead!status/<node>` (agents' status reports), `/bulkhead!refs/<kind>/
+<name>` (bumped by every write that requires that resource, so a delete that wants it
+unreferenced notices a concurrent referrer by the key's mod_revision) and
+`/bulkhead.history` (a marker written to know where a replay of the history ends).
+One transaction holds at most `max_txn_ops` compares and as many writes (etcd's
+`--max-txn-ops`, 128 by default); a bigger one is refused whole with TooLarge.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,11 +29,15 @@ import aiohttp
 
 from bulkhead.selector import Selector
 from bulkhead.store.base import (
+    Document,
     Event,
     EventType,
+    MissingReference,
     NotFound,
     Op,
+    StillReferenced,
     Stored,
+    TooLarge,
     TooOld,
     TxResult,
     Unavailable,
@@ -33,6 +46,8 @@ from bulkhead.store.base import (
 )
 
 RETRIES = 20
+LEGACY_STATUS_KIND = "AgentStatus"  # earlier versions kept status reports as resources
+TOO_LARGE = ("too many operations in txn request", "request is too large")
 
 
 def _b64(text: str | bytes) -> str:
@@ -52,11 +67,16 @@ def _prefix_end(prefix: str) -> str:
 
 class EtcdStore:
     def __init__(self, endpoints: Sequence[str], prefix: str = "/bulkhead/",
-                 timeout: float = 10.0, ssl: Any = None) -> None:
+                 timeout: float = 10.0, ssl: Any = None, max_txn_ops: int = 128) -> None:
         if not endpoints:
             raise ValueError("etcd: no endpoints")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        base = self.prefix.rstrip("/")
+        self._status_prefix = base + "!status/"
+        self._refs_prefix = base + "!refs/"
+        self._marker = base + ".history"   # sorts just before the prefix
+        self.max_ops = max_txn_ops
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._ssl = ssl
         self._session: aiohttp.ClientSession | None = None
@@ -79,8 +99,15 @@ class EtcdStore:
                                              timeout=self._timeout) as resp:
                     data: dict[str, Any] = await resp.json(content_type=None)
                     if resp.status != 200:
+                        why = str(data.get("message") or data.get("error"))
+                        if any(text in why for text in TOO_LARGE):
+                            raise TooLarge(
+                                f"etcd refused the transaction as too large ({why}); "
+                                "nothing was written: split it into smaller ones, or raise "
+                                "etcd's --max-txn-ops / --max-request-bytes on every member "
+                                "(and set ?max-txn-ops=N in the datastore URL)")
                         raise Unavailable(f"etcd {endpoint}{path}: HTTP {resp.status}: "
-                                          f"{data.get('message') or data.get('error')}")
+                                          f"{why}")
                     self._current = (self._current + i) % len(self.endpoints)
                     return data
             except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:
@@ -114,7 +141,8 @@ class EtcdStore:
         prefix = self.prefix if kind is None else f"{self.prefix}{kind}/"
         data = await self._call("/v3/kv/range", {"key": _b64(prefix),
                                                  "range_end": _prefix_end(prefix)})
-        items = [self._stored(kv) for kv in data.get("kvs") or []]
+        items = [self._stored(kv) for kv in data.get("kvs") or []
+                 if self._split(_unb64(kv["key"]))[0] != LEGACY_STATUS_KIND]
         if selector is not None:
             items = [s for s in items if selector.matches(s.labels)]
         return items, int(data["header"]["revision"])
@@ -124,19 +152,102 @@ class EtcdStore:
                                                  "count_only": True})
         return int(data["header"]["revision"])
 
-    # -- writes -----------------------------------------------------------------------
-    async def transaction(self, ops: Sequence[Op]) -> TxResult:
-        if not ops:
-            return TxResult(await self.revision())
-        keys = [self._key(op.kind, op.name) for op in ops]
-        for _ in range(RETRIES):
+        # -- writes -----------------------------------------------------------------------
+    def _ref_key(self, kind: str, name: str) -> str:
+        return f"{self._refs_prefix}{kind}/{name}"
+
+    def _size(self, ops: Sequence[Op]) -> tuple[int, int]:
+        """The compares and the writes the commit of `ops` holds."""
+        keys = {(op.kind, op.name) for op in ops}
+        required = {ref for op in ops if op.action == "put" for ref in op.requires}
+        guarded = sum(1 for op in ops if op.action == "delete" and op.unreferenced)
+        return len(ops) + len(required - keys) + guarded, len(ops) + len(required)
+
+    def check_size(self, ops: Sequence[Op]) -> None:
+        compares, writes = self._size(ops)
+        needed = max(compares, writes)
+        if needed > self.max_ops:
+            extra = needed - len(ops)
+            refs = f" (one per resource, and {extra} for the tiers they refer to)" \
+                if extra else " (one per resource)"
+            raise TooLarge(
+                f"{len(ops)} resources need {needed} operations in one etcd transaction"
+                f"{refs}; etcd takes at most {self.max_ops} (its --max-txn-ops): split the "
+                f"apply into smaller ones of at most {max(1, self.max_ops - extra)} "
+                "resources, each all or nothing, or raise --max-txn-ops on every etcd "
+                "member and set ?max-txn-ops=N in the datastore URL", needed, self.max_ops)
+
+    async def _read(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The current key-values of `keys` (absent ones left out), read in chunks the
+        transaction limit allows; the commit compares every one of them."""
+        current: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(keys), self.max_ops):
             read = await self._call("/v3/kv/txn", {"success": [
-                {"request_range": {"key": _b64(k)}} for k in keys]})
-            current: dict[str, dict[str, Any]] = {}
+                {"request_range": {"key": _b64(k)}} for k in keys[start:start + self.max_ops]]})
             for response in read.get("responses") or []:
                 for kv in response.get("response_range", {}).get("kvs") or []:
                     current[_unb64(kv["key"]).decode()] = kv
+        return current
+
+    async def _referrers(self, op: Op, ops: Sequence[Op]) -> tuple[list[tuple[str, str]], str]:
+        """Who refers to what `op` deletes, as this transaction would leave it, and the
+        mod_revision of its reference key read at the same revision."""
+        assert op.unreferenced is not None
+        kinds = op.unreferenced.kinds
+        read = await self._call("/v3/kv/txn", {"success": [
+            {"request_range": {"key": _b64(self._ref_key(op.kind, op.name))}},
+            *({"request_range": {"key": _b64(f"{self.prefix}{k}/"),
+                                 "range_end": _prefix_end(f"{self.prefix}{k}/")}}
+              for k in kinds)]})
+        responses = [r.get("response_range", {}).get("kvs") or []
+                     for r in read.get("responses") or []]
+        ref_revision = responses[0][0]["mod_revision"] if responses and responses[0] else "0"
+        docs: dict[tuple[str, str], Any] = {}
+        for kvs in responses[1:]:
+            for kv in kvs:
+                docs[self._split(_unb64(kv["key"]))] = json.loads(_unb64(kv["value"]))
+        for other in ops:   # what this very transaction writes counts too
+            if other.kind in kinds:
+                if other.action == "delete":
+                    docs.pop((other.kind, other.name), None)
+                else:
+                    docs[(other.kind, other.name)] = other.doc
+        referrers = sorted(key for key, doc in docs.items()
+                           if op.unreferenced.refers(key[0], doc or {}, op.name))
+        return referrers, str(ref_revision)
+
+    async def transaction(self, ops: Sequence[Op]) -> TxResult:
+        if not ops:
+            return TxResult(await self.revision())
+        self.check_size(ops)
+        keys = [self._key(op.kind, op.name) for op in ops]
+        writes = {(op.kind, op.name): op.action for op in ops}
+        required = sorted({ref for op in ops if op.action == "put" for ref in op.requires})
+        required_keys = [self._key(k, n) for k, n in required if (k, n) not in writes]
+        for _ in range(RETRIES):
+            current = await self._read([*keys, *required_keys])
             compares, requests, planned = [], [], []
+            for op in ops:
+                if op.action == "put":
+                    for kind, name in op.requires:
+                        there = writes.get((kind, name), "present"
+                                           if self._key(kind, name) in current else None)
+                        if there != "put" and there != "present":
+                            raise MissingReference(op.kind, op.name, kind, name)
+            for key in required_keys:   # they must still be there when this commits
+                compares.append({"key": _b64(key), "target": "MOD", "result": "EQUAL",
+                                 "mod_revision": current[key]["mod_revision"]})
+            for kind, name in required:  # tell deletes that want them unreferenced
+                requests.append({"request_put": {"key": _b64(self._ref_key(kind, name)),
+                                                 "value": ""}})
+            for op in ops:
+                if op.action == "delete" and op.unreferenced is not None:
+                    referrers, ref_revision = await self._referrers(op, ops)
+                    if referrers:
+                        raise StillReferenced(op.kind, op.name, referrers)
+                    compares.append({"key": _b64(self._ref_key(op.kind, op.name)),
+                                     "target": "MOD", "result": "EQUAL",
+                                     "mod_revision": ref_revision})
             created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             for op, key in zip(ops, keys, strict=True):
                 kv = current.get(key)
@@ -176,16 +287,72 @@ class EtcdStore:
         raise Unavailable(f"etcd: transaction kept conflicting after {RETRIES} tries")
 
     async def compact(self, keep_after: int) -> None:
-        try:
-            await self._call("/v3/kv/compaction", {"revision": str(keep_after),
-                                                   "physical": True})
-        except Unavailable as e:
-            if "compacted" not in str(e):  # already compacted past it: nothing to do
-                raise
+        """Compacts the whole cluster's history (etcd's is one for every key); the space
+        comes back to the file system with etcd's own `etcdctl defrag`.
+
+        etcd keeps the revision it compacts at, so compacting at `keep_after + 1` forgets
+        `keep_after` as the contract says (at `keep_after` when that is the newest)."""
+        for revision in (keep_after + 1, keep_after):
+            try:
+                await self._call("/v3/kv/compaction", {"revision": str(revision),
+                                                       "physical": True})
+                return
+            except Unavailable as e:
+                if "compacted" in str(e):  # already compacted past it: nothing to do
+                    return
+                if "future revision" not in str(e):
+                    raise
+
+    # -- agents' status ---------------------------------------------------------------
+    async def put_status(self, node: str, doc: Document) -> None:
+        legacy = self._key(LEGACY_STATUS_KIND, node)
+        await self._call("/v3/kv/txn", {"success": [
+            {"request_put": {"key": _b64(self._status_prefix + node),
+                             "value": _b64(json.dumps(doc))}},
+            {"request_delete_range": {"key": _b64(legacy)}}]})
+
+    async def list_status(self) -> tuple[dict[str, Document], int]:
+        legacy = f"{self.prefix}{LEGACY_STATUS_KIND}/"
+        data = await self._call("/v3/kv/txn", {"success": [
+            {"request_range": {"key": _b64(legacy), "range_end": _prefix_end(legacy)}},
+            {"request_range": {"key": _b64(self._status_prefix),
+                               "range_end": _prefix_end(self._status_prefix)}}]})
+        out: dict[str, Document] = {}
+        for response, start in zip(data.get("responses") or [],
+                                   (legacy, self._status_prefix), strict=True):
+            for kv in response.get("response_range", {}).get("kvs") or []:
+                out[_unb64(kv["key"]).decode()[len(start):]] = json.loads(_unb64(kv["value"]))
+        return dict(sorted(out.items())), int(data["header"]["revision"])
 
     # -- watch ------------------------------------------------------------------------
     async def watch(self, after: int) -> AsyncIterator[Event]:
-        body = {"create_request": {"key": _b64(self.prefix),
+        async with contextlib.aclosing(self._stream(after, self.prefix)) as stream:
+            async for _, event in stream:
+                if event is not None:
+                    yield event
+
+    async def history(self, after: int, until: int) -> list[Event]:
+        """Replays the watch from `after` up to a marker written now: the marker's event
+        comes after every event before it, so the replay is known to be complete."""
+        if until <= after:
+            return []
+        marked = await self._call("/v3/kv/put", {"key": _b64(self._marker), "value": ""})
+        end = int(marked["header"]["revision"])
+        out: list[Event] = []
+        async with contextlib.aclosing(self._stream(after, self._marker)) as stream:
+            async for revision, event in stream:
+                if event is None:
+                    if revision >= end:
+                        return out
+                elif event.revision <= until:
+                    out.append(event)
+        raise Unavailable("etcd watch: the stream ended during a replay of the history")
+
+    async def _stream(self, after: int, start_key: str
+                      ) -> AsyncGenerator[tuple[int, Event | None]]:
+        """(revision, event) for the changes after `after` from `start_key` to the end of
+        the prefix; keys outside the prefix come as (revision, None)."""
+        body = {"create_request": {"key": _b64(start_key),
                                    "range_end": _prefix_end(self.prefix),
                                    "start_revision": str(after + 1), "prev_kv": True}}
         endpoint = self.endpoints[self._current]
@@ -208,23 +375,29 @@ class EtcdStore:
                         except json.JSONDecodeError:
                             break  # incomplete: wait for more
                         buffer = buffer[end:]
-                        for event in self._watch_events(message, after):
-                            yield event
+                        for item in self._watch_events(message, after):
+                            yield item
         except (aiohttp.ClientError, TimeoutError) as e:
             raise Unavailable(f"etcd watch: {e or type(e).__name__}") from None
 
-    def _watch_events(self, message: dict[str, Any], after: int) -> list[Event]:
+    def _watch_events(self, message: dict[str, Any], after: int
+                      ) -> list[tuple[int, Event | None]]:
         result = message.get("result") or {}
         if "error" in message:
             raise Unavailable(f"etcd watch: {message['error']}")
         compacted = int(result.get("compact_revision") or 0)
-        if compacted:
-            raise TooOld(after, compacted)
-        out = []
+        if compacted:  # etcd keeps the revision it compacted at: history starts after
+            raise TooOld(after, compacted - 1)
+        out: list[tuple[int, Event | None]] = []
+        prefix = self.prefix.encode()
         for ev in result.get("events") or []:
             kv = ev["kv"]
-            kind, name = self._split(_unb64(kv["key"]))
+            key = _unb64(kv["key"])
             revision = int(kv["mod_revision"])
+            if not key.startswith(prefix):
+                out.append((revision, None))
+                continue
+            kind, name = self._split(key)
             etype: EventType
             if ev.get("type") == "DELETE":
                 prev = ev.get("prev_kv")
@@ -238,7 +411,7 @@ class EtcdStore:
                 doc["metadata"]["resourceVersion"] = str(revision)
                 etype = "ADDED" if kv.get("create_revision") == kv["mod_revision"] else \
                     "MODIFIED"
-            out.append(Event(etype, kind, name, revision, doc))
+            out.append((revision, Event(etype, kind, name, revision, doc)))
         return out
 
     async def close(self) -> None:

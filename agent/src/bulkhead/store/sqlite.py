@@ -2,8 +2,11 @@
 
 Every transaction is one SQLite transaction (BEGIN IMMEDIATE ... COMMIT, synchronous=FULL),
 so a `kill -9` at any moment leaves either all of it or none of it, and nothing that was
-acknowledged is lost. Changes are kept in an `events` table for watchers until compacted.
-One server process owns the file; several servers share an etcd cluster instead.
+acknowledged is lost. Changes are kept in an `events` table for watchers until compacted;
+compaction gives the pages back to the file system (auto_vacuum=INCREMENTAL, then a WAL
+checkpoint that truncates). Agents' status reports live in a `status` table of their
+own: one row per node, no revision, no event. One server process owns the file; several
+servers share an etcd cluster instead.
 """
 
 from __future__ import annotations
@@ -21,16 +24,24 @@ from typing import Any
 
 from bulkhead.selector import Selector
 from bulkhead.store.base import (
+    Document,
     Event,
     EventType,
+    MissingReference,
     NotFound,
     Op,
+    StillReferenced,
     Stored,
+    TooLarge,
     TooOld,
     TxResult,
     check_expectation,
     stamp,
 )
+
+MAX_OPS = 10_000      # operations in one transaction: the write lock is held meanwhile
+WATCH_BATCH = 1_000   # events read at a time by a watch, rounded up to a whole revision
+STATUS_KIND = "AgentStatus"  # kept in `resources` by earlier versions; moved on open
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -44,6 +55,15 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0);
+CREATE TABLE IF NOT EXISTS status (node TEXT PRIMARY KEY, doc TEXT NOT NULL);
+"""
+
+MIGRATE_STATUS = """
+BEGIN IMMEDIATE;
+INSERT OR REPLACE INTO status SELECT name, doc FROM resources WHERE kind = 'AgentStatus';
+DELETE FROM resources WHERE kind = 'AgentStatus';
+DELETE FROM events WHERE kind = 'AgentStatus';
+COMMIT;
 """
 
 
@@ -52,13 +72,24 @@ def _now() -> str:
 
 
 class SQLiteStore:
+    max_ops = MAX_OPS
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            # INCREMENTAL, so compaction can give pages back. A new file takes it as it
+            # is; a file from an earlier version needs one VACUUM to switch.
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            if self._db.execute("PRAGMA page_count").fetchone()[0] > 0:
+                self._db.execute("VACUUM")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        if self._db.execute("SELECT 1 FROM resources WHERE kind = ? LIMIT 1",
+                            (STATUS_KIND,)).fetchone():
+            self._db.executescript(MIGRATE_STATUS)
         self._lock = threading.Lock()
         self._changed: asyncio.Condition | None = None
 
@@ -112,6 +143,32 @@ class SQLiteStore:
         return int(await self._run(self._meta, "revision"))
 
     # -- writes -----------------------------------------------------------------------
+    def check_size(self, ops: Sequence[Op]) -> None:
+        if len(ops) > self.max_ops:
+            raise TooLarge(f"{len(ops)} writes in one transaction; the SQLite datastore "
+                           f"takes at most {self.max_ops}: split it into smaller ones",
+                           len(ops), self.max_ops)
+
+    def _check_references(self, ops: Sequence[Op]) -> None:
+        """At commit time, inside the transaction: what puts require exists, and nothing
+        refers to what deletes want unreferenced."""
+        db = self._db
+        for op in ops:
+            if op.action == "put":
+                for kind, name in op.requires:
+                    if db.execute("SELECT 1 FROM resources WHERE kind = ? AND name = ?",
+                                  (kind, name)).fetchone() is None:
+                        raise MissingReference(op.kind, op.name, kind, name)
+            elif op.unreferenced is not None:
+                kinds = op.unreferenced.kinds
+                rows = db.execute(f"SELECT kind, name, doc FROM resources WHERE kind IN "
+                                  f"({', '.join('?' * len(kinds))}) ORDER BY kind, name",
+                                  kinds).fetchall()
+                referrers = [(k, n) for k, n, d in rows
+                             if op.unreferenced.refers(k, json.loads(d), op.name)]
+                if referrers:
+                    raise StillReferenced(op.kind, op.name, referrers)
+
     def _apply(self, ops: Sequence[Op]) -> TxResult:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
@@ -140,6 +197,7 @@ class SQLiteStore:
                 db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
                            (revision, seq, kind_of_event, op.kind, op.name, json.dumps(doc)))
                 result.stored.append(Stored(op.kind, op.name, revision, doc))
+            self._check_references(ops)
             db.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,))
             db.execute("COMMIT")
             return result
@@ -150,6 +208,7 @@ class SQLiteStore:
     async def transaction(self, ops: Sequence[Op]) -> TxResult:
         if not ops:
             return TxResult(await self.revision())
+        self.check_size(ops)
         result: TxResult = await self._run(self._apply, list(ops))
         cond = self._condition()
         async with cond:
@@ -169,17 +228,59 @@ class SQLiteStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            # Give the freed pages back: to the file, then the WAL's to the file system.
+            # (executescript steps the pragma to the end; execute frees one page a call)
+            self._db.executescript("PRAGMA incremental_vacuum;")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         await self._run(run)
 
+    # -- agents' status ---------------------------------------------------------------
+    async def put_status(self, node: str, doc: Document) -> None:
+        def run() -> None:
+            self._db.execute("INSERT OR REPLACE INTO status VALUES (?, ?)",
+                             (node, json.dumps(doc)))
+        await self._run(run)
+
+    async def list_status(self) -> tuple[dict[str, Document], int]:
+        def read() -> tuple[list[Any], int]:
+            self._db.execute("BEGIN")
+            try:
+                rows = self._db.execute("SELECT node, doc FROM status ORDER BY node").fetchall()
+                return rows, self._meta("revision")
+            finally:
+                self._db.execute("COMMIT")
+
+        rows, revision = await self._run(read)
+        return {node: json.loads(doc) for node, doc in rows}, revision
+
     # -- watch ------------------------------------------------------------------------
-    def _events_after(self, after: int) -> list[Event]:
-        compacted = self._meta("compacted")
-        if after < compacted:
-            raise TooOld(after, compacted)
-        rows = self._db.execute("SELECT revision, type, kind, name, doc FROM events WHERE "
-                                "revision > ? ORDER BY revision, seq LIMIT 1000",
-                                (after,)).fetchall()
+    def _events_after(self, after: int, until: int | None = None) -> list[Event]:
+        """Events after `after`: about WATCH_BATCH of them (all up to `until` if given),
+        and always whole revisions: a watcher moves past a revision only once it has
+        every event of it."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            compacted = self._meta("compacted")
+            if after < compacted:
+                raise TooOld(after, compacted)
+            if until is None:
+                row = db.execute("SELECT revision FROM events WHERE revision > ? ORDER BY "
+                                 "revision, seq LIMIT 1 OFFSET ?",
+                                 (after, WATCH_BATCH - 1)).fetchone()
+                until = self._meta("revision") if row is None else int(row[0])
+            rows = db.execute("SELECT revision, type, kind, name, doc FROM events WHERE "
+                              "revision > ? AND revision <= ? ORDER BY revision, seq",
+                              (after, until)).fetchall()
+        finally:
+            db.execute("COMMIT")
         return [Event(t, k, n, r, json.loads(d)) for r, t, k, n, d in rows]
+
+    async def history(self, after: int, until: int) -> list[Event]:
+        if until <= after:
+            return []
+        events: list[Event] = await self._run(self._events_after, after, until)
+        return events
 
     async def watch(self, after: int) -> AsyncIterator[Event]:
         cond = self._condition()
