@@ -31,3 +31,16 @@ def test_policy_doc_examples(command: str, output: str, monkeypatch: pytest.Monk
     assert argv[0] == "bulkhead"
     main(argv[1:])
     assert capsys.readouterr().out == output
+
+
+def test_the_tests_docs_name_exist() -> None:
+    """Every `test_...` a doc cites as holding a promise is a test (or test file) here."""
+    sources = "\n".join(p.read_text() for p in (ROOT / "agent" / "tests").glob("test_*.py"))
+    files = {p.name for p in (ROOT / "agent" / "tests").glob("test_*.py")}
+    for doc in (ROOT / "docs" / "server.md",):
+        for name in set(re.findall(r"\btest_\w+(?:\.py)?", doc.read_text())):
+            if name.endswith(".py"):
+                assert name in files, f"{doc.name} cites {name}, which does not exist"
+            else:
+                assert re.search(rf"def {name}\(", sources), \
+                    f"{doc.name} cites {name}, which is not a test"
