@@ -53,6 +53,7 @@ from bulkhead.server import pki
 
 V3 = "projectcalico.org/v3"
 MIB = 1024 * 1024
+MAX_IN_FLIGHT = 16  # writes waiting for their answer at once
 HIST_MS = 120_000   # delivery latency histogram: one bucket per ms, the last one catches all
 
 
@@ -207,11 +208,15 @@ def policy(j: int, seq: int) -> dict[str, Any]:
                                   "destination": {"ports": [1024 + seq % 60000]}}]}}
 
 
-def write_body(rng: random.Random, objects: int, seq: int) -> list[dict[str, Any]]:
-    """One apply body: 1 document (60%), 2 (30%) or 3 (10%), distinct objects."""
+def write_body(rng: random.Random, objects: int, seq: int, busy: set[tuple[str, int]]
+               ) -> tuple[list[dict[str, Any]], list[tuple[str, int]]]:
+    """One apply body: 1 document (60%), 2 (30%) or 3 (10%), distinct objects, none of
+    them in `busy` (being written by a request in flight: it would conflict)."""
     count = rng.choices((1, 2, 3), weights=(6, 3, 1))[0]
-    picks = rng.sample([(kind, j) for kind in ("set", "policy") for j in range(objects)], count)
-    return [netset(j, seq) if kind == "set" else policy(j, seq) for kind, j in picks]
+    free = [(kind, j) for kind in ("set", "policy") for j in range(objects)
+            if (kind, j) not in busy]
+    picks = rng.sample(free, min(count, len(free)))
+    return [netset(j, seq) if kind == "set" else policy(j, seq) for kind, j in picks], picks
 
 
 def percentile(values: list[int] | list[float], p: float) -> float:
@@ -270,6 +275,8 @@ class Soak:
     seq: int = 0
     writes_ok: int = 0
     writes_failed: int = 0
+    writes_skipped: int = 0
+    write_ms: list[float] = field(default_factory=list)
     documents: int = 0
     last_write_revision: int = 0
     status_ok: int = 0
@@ -356,7 +363,7 @@ class Soak:
                     seq: int, counted: bool = True) -> int | None:
         """POST /v1/apply; its revision, or None on an error. `counted`: a load write
         (the seed and the final write are not counted)."""
-        self.sent[seq] = time.perf_counter()
+        self.sent[seq] = sent = time.perf_counter()
         try:
             async with session.post(self.url + "/v1/apply", data=json.dumps(docs),
                                     timeout=aiohttp.ClientTimeout(total=30)) as r:
@@ -370,6 +377,7 @@ class Soak:
             self.error(f"write {type(e).__name__}", str(e) or repr(e))
             return None
         if counted:
+            self.write_ms.append(1000 * (time.perf_counter() - sent))
             self.writes_ok += 1
             self.documents += len(docs)
         revision = json.loads(body)["revision"]
@@ -377,16 +385,36 @@ class Soak:
         return int(revision)
 
     async def writer(self, session: aiohttp.ClientSession, until: float) -> None:
+        """A write every 1/rate seconds, each sent on time whether or not the previous one
+        was answered (the offered load holds when the server slows down), at most
+        MAX_IN_FLIGHT at once (a slot is skipped, and counted, beyond that); then waits
+        for the writes in flight."""
         interval = 1.0 / self.args.write_rate
+        in_flight: set[asyncio.Task[None]] = set()
+        busy: set[tuple[str, int]] = set()
+
+        async def write(docs: list[dict[str, Any]], seq: int,
+                        picks: list[tuple[str, int]]) -> None:
+            try:
+                await self.apply(session, docs, seq)
+            finally:
+                busy.difference_update(picks)
+
         next_at = time.monotonic()
         while not self.stopping and next_at < until:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            self.seq += 1
-            await self.apply(session, write_body(self.rng, self.args.objects, self.seq),
-                             self.seq)
             next_at += interval
-            # Behind schedule (a slow server): skip the missed slots, no burst afterwards.
-            next_at = max(next_at, time.monotonic() - interval)
+            if len(in_flight) >= MAX_IN_FLIGHT:
+                self.writes_skipped += 1
+                continue
+            self.seq += 1
+            docs, picks = write_body(self.rng, self.args.objects, self.seq, busy)
+            busy.update(picks)
+            task = asyncio.create_task(write(docs, self.seq, picks))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=60)
 
     async def reporter(self, k: int, node: str, session: aiohttp.ClientSession,
                        until: float) -> None:
@@ -542,7 +570,8 @@ async def soak(args: argparse.Namespace, tmp: Path, server: Process, url: str,
         out(HEADER)
         first = await state.sample(admin, keep_lags=False)
         out(row(first))
-        cpu_start = cpu_seconds(server.pid)
+        cpu_start, own_cpu_start = cpu_seconds(server.pid), time.process_time()
+        load_start = os.getloadavg()[0]
         phase_start = time.monotonic()
         until = phase_start + args.duration
         load = [asyncio.create_task(state.writer(admin, until))]
@@ -551,9 +580,14 @@ async def soak(args: argparse.Namespace, tmp: Path, server: Process, url: str,
         sampler = asyncio.create_task(state.sampler(admin, until, out))
         while time.monotonic() < until and server.proc.poll() is None:
             await asyncio.sleep(0.2)
-        await cancel_all([*load, sampler])
+        # The writer finishes its writes in flight; status reports just stop.
+        await cancel_all([*load[1:], sampler])
+        await asyncio.wait(load[:1], timeout=90)
+        await cancel_all(load[:1])
         server_died = server.proc.poll() is not None
         cpu_s = cpu_seconds(server.pid) - cpu_start
+        own_cpu_s = time.process_time() - own_cpu_start
+        load_end = os.getloadavg()[0]
         phase_s = time.monotonic() - phase_start
         # Convergence: one last write, nothing after it; every watcher must reach it.
         final_revision = None
@@ -601,11 +635,17 @@ async def soak(args: argparse.Namespace, tmp: Path, server: Process, url: str,
             "store_max_mib": round(max(store_values), 2),
             "fds_start": first.fds, "fds_end": end.fds,
             "fds_max": max(s.fds for s in state.samples),
-            "server_cpu_percent": round(100 * cpu_s / phase_s, 1) if phase_s else 0.0,
+            "server_cpu_percent": round(100 * cpu_s / phase_s, 1),
+            "client_cpu_percent": round(100 * own_cpu_s / phase_s, 1),
+            "load_average_start": load_start, "load_average_end": load_end,
             "connect_s": round(connect_s, 1), "connected_start": connected_start,
             "connected_end": end.connected, "reconnects": state.reconnects,
             "snapshots": state.snapshots,
             "writes": state.writes_ok, "writes_failed": state.writes_failed,
+            "writes_skipped": state.writes_skipped,
+            "writes_per_s": round(state.writes_ok / phase_s, 2),
+            "write_ms_p50": round(percentile(state.write_ms, 50), 1),
+            "write_ms_p99": round(percentile(state.write_ms, 99), 1),
             "documents_written": state.documents,
             "status_posts": state.status_ok, "status_failed": state.status_failed,
             "nodes_reported": nodes_reported,
