@@ -17,7 +17,8 @@ with real mutual TLS, then, in this one asyncio process:
   lag (revisions each watcher is behind the last acknowledged write), errors.
 At the end the writer and reporters stop, one last write is made, and every watcher must
 reach its revision (convergence). Exit status 1 if a watcher does not, if the server dies,
-or if `--max-rss-mib` / `--max-store-mib` is exceeded by the end of the run.
+if there were more errors than `--max-errors` (default 0: a failed write, status post or
+broken stream fails the run), or above `--max-rss-mib` / `--max-store-mib`.
 
 The server gets the open-file limit this process started with (`--server-nofile` to set
 another soft limit); this process raises its own soft limit to the hard limit.
@@ -666,7 +667,7 @@ async def soak(args: argparse.Namespace, tmp: Path, server: Process, url: str,
                                    "store_mib": round(s.store_mib, 3)}
                         for s in state.samples],
         })
-        if server_died:
+        if server_died or result["errors"]:
             result["server_log_tail"] = server.tail()
         return result
     finally:
@@ -684,6 +685,9 @@ def check_bounds(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
     if not result["all_converged"]:
         failures.append(f"{result['watchers'] - result['converged']} of {result['watchers']} "
                         f"watchers did not reach the final revision {result['final_revision']}")
+    if result["errors"] > args.max_errors:
+        failures.append(f"{result['errors']} errors (failed writes, status posts, watch "
+                        f"streams) > --max-errors {args.max_errors}: {result['errors_by_kind']}")
     if args.max_rss_mib is not None and result["rss_max_mib"] > args.max_rss_mib:
         failures.append(f"server RSS {result['rss_max_mib']} MiB > --max-rss-mib "
                         f"{args.max_rss_mib}")
@@ -756,6 +760,8 @@ def main() -> int:
                         "at start)")
     parser.add_argument("--max-rss-mib", type=float, help="fail above this server RSS")
     parser.add_argument("--max-store-mib", type=float, help="fail above this datastore size")
+    parser.add_argument("--max-errors", type=int, default=0,
+                        help="fail above this many errors (default 0)")
     parser.add_argument("--json", action="store_true",
                         help="the summary as JSON on stdout (the table goes to stderr)")
     args = parser.parse_args()
