@@ -48,3 +48,23 @@ def test_apply_benchmark_runs_small() -> None:
         assert results["full"][figure] > 0
     for figure in ("netlink_s", "nft_f_s", "netlink_vs_full_apply", "netlink_vs_nft_f"):
         assert results["label_change"][figure] > 0
+
+
+def test_soak_benchmark_runs_small() -> None:
+    script = SCRIPT.parent / "soak.py"
+    done = subprocess.run([sys.executable, str(script), "--watchers", "20", "--nodes", "5",
+                           "--duration", "8", "--status-interval", "2", "--heartbeat", "2",
+                           "--sample-interval", "2", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)
+    for figure in ("rss_start_mib", "rss_end_mib", "rss_max_mib", "store_start_mib",
+                   "store_end_mib", "status_posts", "events_delivered", "lag_revisions_p50",
+                   "lag_revisions_p99", "delivery_ms_p99", "errors", "samples"):
+        assert figure in results
+    assert results["connected_start"] == 20 and results["all_converged"]
+    assert results["converged"] == 20 and results["final_revision"] is not None
+    assert results["writes"] > 0 and results["status_posts"] > 0
+    assert results["events_delivered"] > 0
+    assert results["store_end_mib"] > results["store_start_mib"] > 0
+    assert results["failures"] == [] and not results["server_died"]
