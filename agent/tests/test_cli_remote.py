@@ -80,6 +80,49 @@ async def test_apply_get_diff_delete(as_admin: Path, capsys: pytest.CaptureFixtu
     assert "not found" in capsys.readouterr().err
 
 
+async def test_delete_f_removes_what_apply_f_made(as_admin: Path, server: Server,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 16: a Tier and its policies in one file; delete -f used to try the Tier first
+    # and fail with "Tier security still holds policies", deleting nothing.
+    f = str(as_admin)
+    assert await run("apply", "-f", f) == 0
+    capsys.readouterr()
+    assert await run("delete", "-f", f, "--dry-run") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "GlobalNetworkPolicy security.db-in deleted (dry run)",
+        "Tier security deleted (dry run)"]
+    assert await run("get", "tiers") == 0
+    assert capsys.readouterr().out.split() == ["NAME", "security"]
+    assert await run("delete", "-f", f) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["GlobalNetworkPolicy security.db-in deleted", "Tier security deleted"]
+    assert out[2].startswith("revision ")
+    assert await run("get", "tiers") == 0
+    assert capsys.readouterr().out.split() == ["NAME"]
+    # Again: everything is gone, so nothing is deleted, unless told to skip what is gone.
+    assert await run("delete", "-f", f) == 1
+    assert "not found; nothing was deleted" in capsys.readouterr().err
+    assert await run("delete", "-f", f, "--ignore-not-found") == 0
+    assert "Tier security not found, skipped" in capsys.readouterr().out
+
+
+async def test_delete_f_is_all_or_nothing(as_admin: Path, server: Server,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    f = str(as_admin)
+    assert await run("apply", "-f", f) == 0
+    other = as_admin.with_name("other.yaml")
+    other.write_text(MANIFEST.split("---")[1].replace("security.db-in", "security.web-in"))
+    assert await run("apply", "-f", str(other)) == 0
+    capsys.readouterr()
+    # The tier still holds a policy the file does not name: nothing is deleted.
+    assert await run("delete", "-f", f) == 1
+    err = capsys.readouterr().err
+    assert "Tier security still holds policies: security.web-in" in err
+    assert "nothing was deleted" in err
+    assert await run("get", "gnp") == 0
+    assert capsys.readouterr().out.split() == ["NAME", "security.db-in", "security.web-in"]
+
+
 async def test_invalid_file_is_refused_before_sending(as_admin: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     as_admin.write_text(MANIFEST.replace("ports: [5432]", 'ports: ["54-32"]'))

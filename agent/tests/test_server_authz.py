@@ -23,6 +23,7 @@ ENDPOINTS = {
     "replace": ("PUT", "/v1/resources/GlobalNetworkSet/n1", SET),
     "delete": ("DELETE", "/v1/resources/GlobalNetworkSet/n1?dryRun=true", None),
     "apply": ("POST", "/v1/apply?dryRun=true", APPLY),
+    "delete-many": ("POST", "/v1/delete?dryRun=true", APPLY.replace("n2", "n1")),
     "status-own": ("POST", "/v1/status/web-1", {"appliedRevision": 1}),
     "status-other": ("POST", "/v1/status/db-1", {"appliedRevision": 1}),
     "nodes": ("GET", "/v1/nodes", None),

@@ -363,3 +363,31 @@ def test_watchers_resume_across_a_restart(pki_dir: Path,  # noqa: F811
     quiet = conn.request("GET", "/v1/watch", query={"revision": str(last["revision"]),
                                                      "timeout": "0.2"})
     assert quiet == {"type": "events", "revision": last["revision"], "events": []}
+
+
+# ------------------------------------------- issue 16: delete -f, dependents first
+def test_a_tier_and_its_policies_go_in_one_delete(pki_dir: Path,  # noqa: F811
+                                                  servers: list[ServerProcess],  # noqa: F811
+                                                  datastore: str) -> None:
+    server = start(pki_dir, servers, datastore)
+    tier = {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
+            "metadata": {"name": "lockdown"}, "spec": {"order": 10}}
+    policies = [{"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+                 "metadata": {"name": f"lockdown.p{i}"},
+                 "spec": {"tier": "lockdown", "selector": "all()", "types": ["Ingress"]}}
+                for i in range(3)]
+    apply(server, [tier, *policies])
+    body = json.dumps([tier, *policies]).encode()   # the tier first, as the file has it
+    dry = server.conn.request("POST", "/v1/delete", raw=body, query={"dryRun": "true"})
+    assert [(r["kind"], r["action"]) for r in dry["results"]] == \
+        [("GlobalNetworkPolicy", "deleted")] * 3 + [("Tier", "deleted")]
+    assert dry["revision"] is None
+    assert len(server.conn.request("GET", "/v1/resources/GlobalNetworkPolicy")["items"]) == 3
+    done = server.conn.request("POST", "/v1/delete", raw=body)
+    snap = wait_revision(server, done["revision"])
+    assert [d for d in snap["items"] if d["kind"] in ("Tier", "GlobalNetworkPolicy")] == []
+    # One revision for all four: watchers see the tier and its policies go together.
+    events = server.conn.request("GET", "/v1/watch",
+                                 query={"revision": str(done["revision"] - 1), "timeout": "5"})
+    assert sorted(e["name"] for e in events["events"]) == \
+        ["lockdown", "lockdown.p0", "lockdown.p1", "lockdown.p2"]

@@ -80,17 +80,30 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     conn = _connection(args)
-    targets: list[tuple[str, str]] = []
+    query = {"dryRun": "true"} if args.dry_run else {}
+    suffix = " (dry run)" if args.dry_run else ""
     if args.filename:
-        targets = [(r.kind, r.name) for r in load_paths(args.filename)]
-    elif args.kind and args.name:
-        targets = [(_kind(args.kind), args.name)]
-    else:
+        # Every resource of the files in one request: all or nothing, dependents first
+        # (the policies of a tier before the tier), as `kubectl delete -f` users expect.
+        docs = [{"kind": r.kind, "metadata": {"name": r.name}}
+                for r in load_paths(args.filename)]
+        if not docs:
+            raise ValueError("no resources in " + ", ".join(args.filename))
+        if args.ignore_not_found:
+            query["ignoreNotFound"] = "true"
+        result = conn.request("POST", "/v1/delete", raw=json.dumps(docs).encode(),
+                              query=query)
+        for item in result["results"]:
+            what = "deleted" if item["action"] == "deleted" else "not found, skipped"
+            print(printable(f"{item['kind']} {item['name']} {what}{suffix}"))
+        if result.get("revision"):
+            print(f"revision {result['revision']}")
+        return EXIT_OK
+    if not (args.kind and args.name):
         raise ValueError("give -f FILE, or KIND NAME")
-    query = {"dryRun": "true"} if args.dry_run else None
-    for kind, name in targets:
-        conn.request("DELETE", resource_path(kind, name), query=query)
-        print(printable(f"{kind} {name} deleted" + (" (dry run)" if args.dry_run else "")))
+    kind = _kind(args.kind)
+    conn.request("DELETE", resource_path(kind, args.name), query=query or None)
+    print(printable(f"{kind} {args.name} deleted{suffix}"))
     return EXIT_OK
 
 
@@ -208,6 +221,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("name", nargs="?")
     p.add_argument("-f", "--filename", action="append", metavar="PATH")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--ignore-not-found", action="store_true",
+                   help="with -f: skip resources already gone instead of refusing")
     connection_flags(p)
     p.set_defaults(func=cmd_delete, remote=True)
 

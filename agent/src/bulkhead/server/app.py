@@ -416,6 +416,103 @@ async def delete_resource(request: web.Request) -> web.Response:
     return _json(tx.stored[0].doc)
 
 
+# Dependents go first in a multi-document delete: policies, then what they may name, then
+# the tiers that held them (one transaction, so the order is what a reader is shown).
+DELETE_ORDER = {"StagedGlobalNetworkPolicy": 0, "GlobalNetworkPolicy": 1, "HostEndpoint": 2,
+                "GlobalNetworkSet": 3, "Profile": 4, "Tier": 5}
+
+
+def _delete_keys(text: str, is_json: bool) -> list[tuple[str, str]]:
+    """(kind, name) of every document of a delete body: `kind` and `metadata.name` are
+    all a document needs (the rest, as in the file that applied it, is not read)."""
+    docs = flatten([json_value(text, "body")], "body") if is_json else documents(text, "body")
+    keys: list[tuple[str, str]] = []
+    for i, doc in enumerate(docs):
+        where = f"body: document {i + 1}"
+        raw_kind = doc.get("kind") if isinstance(doc, dict) else None
+        kind = (KIND_ALIASES.get(raw_kind) or KIND_ALIASES.get(raw_kind.lower())) \
+            if isinstance(raw_kind, str) else None
+        if kind is None:
+            raise LoadError(f"{where}: kind: {str(raw_kind)[:64]!r} is not a kind Bulkhead "
+                            "stores")
+        meta = doc.get("metadata")
+        name = meta.get("name") if isinstance(meta, dict) else None
+        if not isinstance(name, str) or not name:
+            raise LoadError(f"{where}: {kind}: metadata.name: is required")
+        try:
+            check_resource_name(kind, name)
+        except ValidationError as e:
+            raise LoadError(f"{where}: {kind} {name[:64]!r}: metadata.name: {e.problem}"
+                            ) from None
+        if (kind, name) not in keys:
+            keys.append((kind, name))
+    return keys
+
+
+async def delete_many(request: web.Request) -> web.Response:
+    """Delete every resource a YAML/JSON body names, all or nothing, in one transaction,
+    dependents first (a Tier with the policies it holds goes in one request).
+
+    `?dryRun=true` checks everything and deletes nothing; `?ignoreNotFound=true` reports
+    resources already gone as `absent` instead of refusing the whole request."""
+    identity = _require(request, "admin")
+    store = request.app[STORE]
+    dry_run = _dry_run(request)
+    ignore_missing = limits.flag_param(request.query.get("ignoreNotFound"), "ignoreNotFound")
+    text = await _text(request)
+    try:
+        keys = await asyncio.to_thread(_delete_keys, text,
+                                       request.content_type == "application/json")
+    except LoadError as e:
+        raise ApiError(400, "BadRequest", str(e)) from None
+    keys.sort(key=lambda k: DELETE_ORDER.get(k[0], 3))
+    results: list[dict[str, Any]] = []
+    ops: list[Op] = []
+    for kind, name in keys:
+        old = await _current(store, kind, name)
+        if old is None:
+            if not ignore_missing:
+                raise ApiError(404, "NotFound", f"{kind} {name} not found; nothing was "
+                               "deleted")
+            results.append({"kind": kind, "name": name, "action": "absent"})
+            continue
+        _authorize_write(identity, parse_resource(old.doc), None)
+        ops.append(Op("delete", kind, name, expect=str(old.revision),
+                      unreferenced=TIER_USERS if kind == "Tier" else None))
+        results.append({"kind": kind, "name": name, "action": "deleted"})
+    await _check_tiers_emptied(store, ops)
+    revision = None
+    try:
+        store.check_size(ops)
+        if not dry_run and ops:
+            revision = (await store.transaction(ops)).revision
+    except (Conflict, NotFound) as e:
+        raise ApiError(409, "Conflict", f"{e}; nothing was deleted, try again") from None
+    except StillReferenced as e:
+        raise ApiError(409, "Conflict", f"Tier {e.name} still holds policies: "
+                       f"{', '.join(n for _, n in e.referrers[:10])}; nothing was deleted"
+                       ) from None
+    except TooLarge as e:
+        raise ApiError(413, "RequestEntityTooLarge", f"{e}; nothing was deleted") from None
+    return _json({"dryRun": dry_run, "revision": revision, "results": results})
+
+
+async def _check_tiers_emptied(store: Datastore, ops: list[Op]) -> None:
+    """An early answer (and the dry run's): every Tier deleted must lose all its policies
+    in the same request. The transaction checks again as it commits."""
+    tiers = {op.name for op in ops if op.kind == "Tier"}
+    if not tiers:
+        return
+    going = {(op.kind, op.name) for op in ops}
+    for kind in TIER_USERS.kinds:
+        items, _ = await store.list_resources(kind)
+        for s in items:
+            tier = s.doc.get("spec", {}).get("tier")
+            if tier in tiers and (s.kind, s.name) not in going:
+                raise ApiError(409, "Conflict", f"Tier {tier} still holds policies: {s.name} "
+                               "(not in this request); nothing was deleted")
+
+
 def _diff_entry(resource: Resource, old: Stored | None) -> dict[str, Any]:
     new = resource.dump()
     if old is None:
@@ -652,6 +749,7 @@ def make_app(store: Datastore, hub: Hub, identity_override: Identity | None = No
     app.router.add_get("/v1/snapshot", snapshot)
     app.router.add_get("/v1/watch", watch)
     app.router.add_post("/v1/apply", apply)
+    app.router.add_post("/v1/delete", delete_many)
     app.router.add_get("/v1/resources", list_resources)
     app.router.add_get("/v1/resources/{kind}", list_resources)
     app.router.add_post("/v1/resources/{kind}", write_resource)
