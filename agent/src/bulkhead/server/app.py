@@ -59,7 +59,6 @@ from bulkhead.store import (
 log = logging.getLogger("bulkhead.server")
 access_log = logging.getLogger("bulkhead.server.access")
 
-IDENTITY = web.AppKey("identity_override", Identity)
 WHO = web.RequestKey("identity", Identity)
 SERIAL = web.RequestKey("serial", int)  # the client certificate's serial number
 REVOCATION = web.AppKey("revocation", Revocation)
@@ -92,9 +91,6 @@ def _identity(request: web.Request) -> Identity:
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
     if not der:
-        override = request.app.get(IDENTITY)
-        if override is not None:  # a test app without TLS
-            return override
         raise ApiError(401, "Unauthorized", "a client certificate is required")
     cert = x509.load_der_x509_certificate(der)
     request[SERIAL] = cert.serial_number
@@ -913,9 +909,8 @@ async def metrics(request: web.Request) -> web.Response:
                         charset="utf-8", headers={"X-Content-Type": "version=0.0.4"})
 
 
-def make_app(store: Datastore, hub: Hub, identity_override: Identity | None = None,
-             listener: Listener | None = None, revocation: Revocation | None = None
-             ) -> web.Application:
+def make_app(store: Datastore, hub: Hub, listener: Listener | None = None,
+             revocation: Revocation | None = None) -> web.Application:
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
     app[STORE] = store
     app[HUB] = hub
@@ -923,8 +918,6 @@ def make_app(store: Datastore, hub: Hub, identity_override: Identity | None = No
     if listener is not None:
         app[LISTENER] = listener
     app[METRICS] = {"requests": Counter()}
-    if identity_override is not None:
-        app[IDENTITY] = identity_override
     if revocation is not None:
         app[REVOCATION] = revocation
     app.router.add_get("/healthz", healthz)
