@@ -25,7 +25,7 @@ import yaml
 
 from bulkhead.client import ApiError, Connection
 from bulkhead.server import pki
-from tests.test_server_process import ServerProcess
+from tests.test_server_process import ServerProcess, pki_dir  # noqa: F401
 
 
 class Hardened(ServerProcess):
@@ -75,13 +75,6 @@ class Hardened(ServerProcess):
         ctx = ssl.create_default_context(cafile=self.conn.ca)
         ctx.load_cert_chain(crt, key)
         return ctx
-
-
-@pytest.fixture
-def pki_dir(tmp_path: Path) -> Path:
-    pki.init_ca(tmp_path)
-    pki.issue(tmp_path, "server", server=True, hosts=("127.0.0.1",))
-    return tmp_path
 
 
 @pytest.fixture

@@ -553,20 +553,7 @@ async def apply(request: web.Request) -> web.Response:
         raise ApiError(400, "BadRequest", f"mode {mode[:40]!r}: expected apply, create or "
                        "replace")
     dry_run = _dry_run(request)
-    text = await _text(request)
-    is_json = request.content_type == "application/json"
-    try:
-        resources = await asyncio.to_thread(_load_body, text, is_json)
-    except (ValidationError, LoadError) as e:
-        raise ApiError(422 if isinstance(e, ValidationError) else 400,
-                       "Invalid" if isinstance(e, ValidationError) else "BadRequest",
-                       str(e)) from None
-    seen: set[tuple[str, str]] = set()
-    for r in resources:
-        if r.key in seen:
-            raise ApiError(422, "Invalid", f"{r.kind} {r.name}: metadata.name: is defined "
-                           "twice in the body")
-        seen.add(r.key)
+    resources = await _resources_of_body(request)
     olds = [await _current(store, r.kind, r.name) for r in resources]
     for r, old in zip(resources, olds, strict=True):
         _authorize_write(identity, r, old)
@@ -593,6 +580,26 @@ async def apply(request: web.Request) -> web.Response:
     except TooLarge as e:
         raise ApiError(413, "RequestEntityTooLarge", f"{e}; nothing was applied") from None
     return _json({"dryRun": dry_run, "revision": revision, "results": diff})
+
+
+async def _resources_of_body(request: web.Request) -> list[Resource]:
+    """The resources of a write's body, decoded and validated off the event loop; a
+    resource named twice is refused."""
+    text = await _text(request)
+    try:
+        resources = await asyncio.to_thread(_load_body, text,
+                                            request.content_type == "application/json")
+    except (ValidationError, LoadError) as e:
+        raise ApiError(422 if isinstance(e, ValidationError) else 400,
+                       "Invalid" if isinstance(e, ValidationError) else "BadRequest",
+                       str(e)) from None
+    seen: set[tuple[str, str]] = set()
+    for r in resources:
+        if r.key in seen:
+            raise ApiError(422, "Invalid", f"{r.kind} {r.name}: metadata.name: is defined "
+                           "twice in the body")
+        seen.add(r.key)
+    return resources
 
 
 def _load_body(text: str, is_json: bool) -> list[Resource]:
@@ -668,20 +675,8 @@ async def sync(request: web.Request) -> web.Response:
     tier, owner = request.query.get("tier"), request.query.get("owner")
     if (tier is None) == (owner is None):
         raise ApiError(400, "BadRequest", "give exactly one of tier=NAME and owner=VALUE")
-    text = await _text(request)
-    try:
-        desired = await asyncio.to_thread(_load_body, text,
-                                          request.content_type == "application/json")
-    except (ValidationError, LoadError) as e:
-        raise ApiError(422 if isinstance(e, ValidationError) else 400,
-                       "Invalid" if isinstance(e, ValidationError) else "BadRequest",
-                       str(e)) from None
-    seen: set[tuple[str, str]] = set()
+    desired = await _resources_of_body(request)
     for r in desired:
-        if r.key in seen:
-            raise ApiError(422, "Invalid", f"{r.kind} {r.name}: metadata.name: is defined "
-                           "twice in the body")
-        seen.add(r.key)
         if not isinstance(r, GlobalNetworkPolicy):
             raise ApiError(422, "Invalid", f"{r.kind} {r.name}: a sync holds only "
                            "GlobalNetworkPolicy and StagedGlobalNetworkPolicy resources")
