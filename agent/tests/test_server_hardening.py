@@ -78,7 +78,7 @@ class Hardened(ServerProcess):
 
 
 @pytest.fixture
-def make_server(pki_dir: Path) -> Iterator[Callable[..., Hardened]]:
+def make_server(pki_dir: Path) -> Iterator[Callable[..., Hardened]]:  # noqa: F811
     made: list[Hardened] = []
 
     def make(**kwargs: Any) -> Hardened:
