@@ -204,9 +204,12 @@ def test_a_large_apply_does_not_stall_other_clients(
     done = threading.Event()
     answer: list[Any] = []
 
+    patient = Connection(server.conn.server, server.conn.ca, server.conn.cert,
+                         server.conn.key, timeout=120)
+
     def big() -> None:
         try:
-            answer.append(server.conn.request("POST", "/v1/apply", raw=body,
+            answer.append(patient.request("POST", "/v1/apply", raw=body,
                                               content_type="application/yaml",
                                               query={"dryRun": "true"}))
         finally:
