@@ -564,10 +564,8 @@ async def apply(request: web.Request) -> web.Response:
             raise ApiError(404, "NotFound", f"{r.kind} {r.name} not found; nothing was "
                            "replaced")
     await _check_refs(store, resources)
-    diff = [_diff_entry(r, old) for r, old in zip(resources, olds, strict=True)]
-    ops = [Op("put", r.kind, r.name, r.dump(), str(old.revision) if old else "absent",
-              requires=_requires(r))
-           for r, old, d in zip(resources, olds, diff, strict=True) if d["action"] != "unchanged"]
+    # Comparing and serializing thousands of documents is CPU work: off the event loop.
+    diff, ops = await asyncio.to_thread(_plan_puts, resources, olds)
     revision = None
     try:
         store.check_size(ops, audited=True)   # the datastore's own limit on one atomic transaction
@@ -579,7 +577,23 @@ async def apply(request: web.Request) -> web.Response:
         raise _no_tier(e.kind, e.name, e.ref_name) from None
     except TooLarge as e:
         raise ApiError(413, "RequestEntityTooLarge", f"{e}; nothing was applied") from None
-    return _json({"dryRun": dry_run, "revision": revision, "results": diff})
+    return await _big_json({"dryRun": dry_run, "revision": revision, "results": diff})
+
+
+def _plan_puts(resources: list[Resource], olds: list[Stored | None]
+               ) -> tuple[list[dict[str, Any]], list[Op]]:
+    """The diff of each resource against what the store holds, and the puts it takes."""
+    diff = [_diff_entry(r, old) for r, old in zip(resources, olds, strict=True)]
+    ops = [Op("put", r.kind, r.name, r.dump(), str(old.revision) if old else "absent",
+              requires=_requires(r))
+           for r, old, d in zip(resources, olds, diff, strict=True) if d["action"] != "unchanged"]
+    return diff, ops
+
+
+async def _big_json(data: dict[str, Any]) -> web.Response:
+    """A JSON answer serialized off the event loop (it may hold thousands of documents)."""
+    body = await asyncio.to_thread(json.dumps, data)
+    return web.Response(text=body, content_type="application/json")
 
 
 async def _resources_of_body(request: web.Request) -> list[Resource]:
