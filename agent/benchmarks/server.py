@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE.parent))  # for tests.conftest's EtcdProcess and fre
 
 from tests.conftest import EtcdProcess, free_port  # noqa: E402
 
-from bulkhead.server import pki  # noqa: E402
+from bulkhead import pki  # noqa: E402
 from bulkhead.store import Op  # noqa: E402
 from bulkhead.store.etcd import EtcdStore  # noqa: E402
 from bulkhead.store.sqlite import SQLiteStore  # noqa: E402

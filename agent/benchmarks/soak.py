@@ -50,7 +50,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from bulkhead.server import pki
+from bulkhead import pki
 
 V3 = "projectcalico.org/v3"
 MIB = 1024 * 1024

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bulkhead.server import pki
+from bulkhead import pki
 from bulkhead.server.main import ServerConfig, serve
 
 

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 import yaml
 
+from bulkhead import pki
 from bulkhead.agent import main as agent_main
 from bulkhead.agent.cache import cache_path, load_cache, save_cache
 from bulkhead.agent.config import FLAGS, KEYS, AgentConfig
@@ -27,7 +28,6 @@ from bulkhead.agent.daemon import Agent
 from bulkhead.agent.enforcer import EnforceError, EnforceReport
 from bulkhead.agent.sync import DesiredState
 from bulkhead.model import Snapshot
-from bulkhead.server import pki
 from tests.conftest import Server, free_port
 
 NODE = "web-1"

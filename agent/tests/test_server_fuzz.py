@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bulkhead import pki
 from bulkhead.model import LoadError, ValidationError, documents, json_value, load_text
-from bulkhead.server import pki
 from tests.test_server_hardening import Hardened, http, raw_request
 
 STALL_BOUND = 1.0   # seconds a healthz probe may take while the fuzzer runs

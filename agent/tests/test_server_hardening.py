@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from bulkhead import pki
 from bulkhead.client import ApiError, Connection
-from bulkhead.server import pki
 from tests.test_server_process import ServerProcess, pki_dir  # noqa: F401
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from bulkhead import pki
 from bulkhead.client import ApiError, Connection
-from bulkhead.server import pki
 from tests.conftest import EtcdProcess
 from tests.test_server_process import ServerProcess, netset, pki_dir, servers  # noqa: F401
 

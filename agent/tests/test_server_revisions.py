@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from bulkhead import pki
 from bulkhead.cli.main import main
 from bulkhead.client import ApiError, Connection
-from bulkhead.server import pki
 from tests.test_server_limits import apply, datastore, start  # noqa: F401
 from tests.test_server_process import ServerProcess, netset, pki_dir, servers  # noqa: F401
 

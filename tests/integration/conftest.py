@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bulkhead.server import pki
+from bulkhead import pki
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent

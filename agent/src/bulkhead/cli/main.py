@@ -130,7 +130,7 @@ def cmd_selector(args: argparse.Namespace) -> int:
 
 
 def cmd_pki(args: argparse.Namespace) -> int:
-    from bulkhead.server import pki
+    from bulkhead import pki
 
     directory = Path(args.dir)
     try:

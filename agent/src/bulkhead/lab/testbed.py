@@ -20,13 +20,13 @@ from typing import Any
 
 import yaml
 
+from bulkhead import pki
 from bulkhead.client import ApiError, Connection, Unreachable, resource_path
 from bulkhead.defaults import SERVER_PORT
 from bulkhead.lab.core import DEFAULT_NET4, Lab
 from bulkhead.lab.kernel import LabError
 from bulkhead.model import KINDS
 from bulkhead.policy import DEFAULT_INBOUND, DEFAULT_OUTBOUND
-from bulkhead.server import pki
 
 BIN = Path(sys.executable).parent
 MANAGEMENT = "198.19.253.{}"   # hosts' management addresses, with management=True

@@ -1,7 +1,7 @@
 """bulkhead-server's HTTP API (aiohttp): resources, apply, watch, agent status, health.
 
 Every request comes over TLS with a client certificate (mutual TLS); its subject names the
-caller's role (see `bulkhead.server.pki`). Errors are JSON:
+caller's role (see `bulkhead.pki`). Errors are JSON:
 `{"error": {"code": 422, "reason": "Invalid", "message": "GlobalNetworkPolicy x: spec..."}}`.
 """
 
@@ -34,11 +34,11 @@ from bulkhead.model import (
     parse_documents,
     parse_resource,
 )
+from bulkhead.pki import Identity, identity_from_subject
 from bulkhead.selector import SelectorError, parse
 from bulkhead.server import limits
 from bulkhead.server.hub import STATUS_KIND, Hub, WireEvent
 from bulkhead.server.listen import Listener
-from bulkhead.server.pki import Identity, identity_from_subject
 from bulkhead.server.revocation import Revocation
 from bulkhead.store import (
     Audit,
