@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bulkhead.lab import list_labs
-from bulkhead.lab.core import STATE_ROOT
+from bulkhead.lab import STATE_ROOT, list_labs
 from bulkhead.lab.demo import (
     LAB,
     Inventory,

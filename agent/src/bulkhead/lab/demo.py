@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bulkhead.client import resource_path
-from bulkhead.lab.core import Lab, list_labs, teardown
 from bulkhead.lab.kernel import LabError
+from bulkhead.lab.lab import Lab
+from bulkhead.lab.netns import list_labs, teardown
 from bulkhead.lab.probe import ProbeSpec
 from bulkhead.lab.testbed import BIN, Testbed
 from bulkhead.model import Snapshot, dump_yaml, parse_resource

@@ -22,8 +22,9 @@ import yaml
 
 from bulkhead.client import ApiError, Connection, Unreachable, resource_path
 from bulkhead.defaults import SERVER_PORT
-from bulkhead.lab.core import DEFAULT_NET4, Lab
 from bulkhead.lab.kernel import LabError
+from bulkhead.lab.lab import Lab
+from bulkhead.lab.layout import DEFAULT_NET4
 from bulkhead.model import KINDS
 from bulkhead.policy import DEFAULT_INBOUND, DEFAULT_OUTBOUND
 from bulkhead.server import pki
