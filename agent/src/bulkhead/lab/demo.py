@@ -28,10 +28,10 @@ from bulkhead.lab.kernel import LabError
 from bulkhead.lab.lab import Lab
 from bulkhead.lab.netns import list_labs, teardown
 from bulkhead.lab.probe import ProbeSpec
-from bulkhead.lab.testbed import BIN, Testbed
 from bulkhead.model import Snapshot, dump_yaml, parse_resource
 from bulkhead.policy import Evaluator, Flow
 from bulkhead.policy.explain import explain_text
+from bulkhead.testbed import BIN, Testbed
 
 LAB = "demo"
 PROBE_TIMEOUT = 1.0
