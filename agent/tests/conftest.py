@@ -115,4 +115,9 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
 
 
 # Lab fixtures (network namespaces): make_lab, make_module_lab, and the session sweep.
-from tests.labfixture import lab_sweep, make_lab, make_module_lab  # noqa: E402, F401
+from tests.labfixture import (  # noqa: E402, F401
+    lab_sweep,
+    make_lab,
+    make_module_lab,
+    pytest_pycollect_makeitem,
+)
