@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from bulkhead.client import ApiError, Connection, Unreachable, resource_path
+from bulkhead.client import ApiError, Connection, Unreachable, resource_path, route
 from bulkhead.model import KIND_ALIASES, load_paths
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -48,7 +48,7 @@ def _send_apply(args: argparse.Namespace, mode: str, dry_run: bool) -> dict[str,
     query = {"mode": mode}
     if dry_run:
         query["dryRun"] = "true"
-    result: dict[str, Any] = _connection(args).request("POST", "/v1/apply", raw=_body(args),
+    result: dict[str, Any] = _connection(args).request("POST", route("apply"), raw=_body(args),
                                                       query=query)
     return result
 
@@ -89,7 +89,7 @@ def _print_diff(results: list[dict[str, Any]], old: str, new: str) -> bool:
 def cmd_export(args: argparse.Namespace) -> int:
     query = {k: str(v) for k, v in (("revision", args.revision), ("tier", args.tier))
              if v is not None}
-    body = _connection(args).request("GET", "/v1/export", query=query or None)
+    body = _connection(args).request("GET", route("export"), query=query or None)
     text = f"# bulkhead export at revision {body['revision']}\n" + \
         yaml.safe_dump_all(body["items"], sort_keys=False, default_flow_style=False)
     if args.output:
@@ -105,7 +105,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     query = {"revision": str(args.to_revision)}
     if args.dry_run:
         query["dryRun"] = "true"
-    result = _connection(args).request("POST", "/v1/rollback", query=query)
+    result = _connection(args).request("POST", route("rollback"), query=query)
     suffix = " (dry run)" if result["dryRun"] else ""
     if args.diff or args.dry_run:
         _print_diff(result["results"], "now", f"revision-{args.to_revision}")
@@ -124,7 +124,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         query["kind"] = _kind(args.kind)
     if args.name:
         query["name"] = args.name
-    entries = _connection(args).request("GET", "/v1/history", query=query)["entries"]
+    entries = _connection(args).request("GET", route("history"), query=query)["entries"]
     if args.output == "json":
         print(json.dumps(entries, indent=2))
         return EXIT_OK
@@ -151,7 +151,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
             raise ValueError("no resources in " + ", ".join(args.filename))
         if args.ignore_not_found:
             query["ignoreNotFound"] = "true"
-        result = conn.request("POST", "/v1/delete", raw=json.dumps(docs).encode(),
+        result = conn.request("POST", route("delete"), raw=json.dumps(docs).encode(),
                               query=query)
         for item in result["results"]:
             what = "deleted" if item["action"] == "deleted" else "not found, skipped"
@@ -222,7 +222,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     query = {"revision": str(args.revision)} if args.revision is not None else None
-    body = _connection(args).request("GET", "/v1/nodes", query=query)
+    body = _connection(args).request("GET", route("nodes"), query=query)
     if args.output == "json":
         print(json.dumps(body, indent=2))
     else:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from bulkhead import api
 from bulkhead.model.checks import (
     PORT_PROTOCOLS,
     NamedPort,
@@ -34,7 +35,7 @@ from bulkhead.model.errors import ValidationError
 from bulkhead.model.reader import Reader, show
 from bulkhead.selector import Selector, parse
 
-API_VERSION = "projectcalico.org/v3"
+API_VERSION = api.API_VERSION
 ACTIONS = ("Allow", "Deny", "Log", "Pass")
 INGRESS, EGRESS = "Ingress", "Egress"
 DEFAULT_TIER = "default"
@@ -532,16 +533,7 @@ KINDS: dict[str, type[Resource]] = {
     cls.kind: cls for cls in (HostEndpoint, GlobalNetworkPolicy, StagedGlobalNetworkPolicy,
                               Tier, GlobalNetworkSet, Profile)
 }
-# Lower-case and plural spellings, as calicoctl accepts them on its command line.
-KIND_ALIASES: dict[str, str] = {}
-for _kind in KINDS:
-    _plural = _kind.lower()[:-1] + "ies" if _kind.endswith("y") else _kind.lower() + "s"
-    for _alias in (_kind, _kind.lower(), _plural):
-        KIND_ALIASES[_alias] = _kind
-KIND_ALIASES.update({"hep": "HostEndpoint", "heps": "HostEndpoint",
-                     "gnp": "GlobalNetworkPolicy", "gnps": "GlobalNetworkPolicy",
-                     "sgnp": "StagedGlobalNetworkPolicy", "gns": "GlobalNetworkSet",
-                     "policy": "GlobalNetworkPolicy", "policies": "GlobalNetworkPolicy"})
+assert tuple(KINDS) == api.KINDS, "bulkhead.api names the kinds the model reads"
 
 
 # ------------------------------------------------------------------------------ parse

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from cryptography import x509
 
+from bulkhead.api import OWNER_LABEL, ROUTES, SERVER_FIELDS
 from bulkhead.model import (
     DEFAULT_TIER,
     KIND_ALIASES,
@@ -70,7 +71,6 @@ LISTENER = web.AppKey("listener", Listener)
 MAX_BODY = 8 * 1024 * 1024
 TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-SERVER_FIELDS = ("resourceVersion", "uid", "creationTimestamp", "generation")
 TIER_USERS = Referrers(("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy"), ("spec", "tier"))
 
 
@@ -130,7 +130,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     status = 500
     who = "-"
     try:
-        if request.path not in ("/healthz", "/readyz"):
+        if request.path not in (ROUTES["healthz"], ROUTES["readyz"]):
             identity = _identity(request)
             request[WHO] = identity
             who = f"{identity.role}:{identity.name}"
@@ -623,7 +623,6 @@ def _load_body(text: str, is_json: bool) -> list[Resource]:
 
 
 # ------------------------------------------------- desired states: sync and rollback
-OWNER_LABEL = "microseg.bulkhead.io/managed-by"   # the collection's ownership label
 POLICY_KINDS = ("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy")
 
 
@@ -918,6 +917,19 @@ async def metrics(request: web.Request) -> web.Response:
                         charset="utf-8", headers={"X-Content-Type": "version=0.0.4"})
 
 
+# Every route of the API (bulkhead.api.ROUTES) and who answers it.
+HANDLERS: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "healthz", healthz), ("GET", "readyz", readyz), ("GET", "metrics", metrics),
+    ("GET", "snapshot", snapshot), ("GET", "watch", watch), ("POST", "apply", apply),
+    ("POST", "delete", delete_many), ("POST", "sync", sync), ("POST", "rollback", rollback),
+    ("GET", "export", export), ("GET", "history", history),
+    ("GET", "resources", list_resources), ("GET", "kind", list_resources),
+    ("POST", "kind", write_resource), ("GET", "resource", get_resource),
+    ("PUT", "resource", write_resource), ("DELETE", "resource", delete_resource),
+    ("POST", "status", post_status), ("GET", "nodes", nodes),
+)
+
+
 def make_app(store: Datastore, hub: Hub, listener: Listener | None = None,
              revocation: Revocation | None = None) -> web.Application:
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
@@ -929,23 +941,6 @@ def make_app(store: Datastore, hub: Hub, listener: Listener | None = None,
     app[METRICS] = {"requests": Counter()}
     if revocation is not None:
         app[REVOCATION] = revocation
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/snapshot", snapshot)
-    app.router.add_get("/v1/watch", watch)
-    app.router.add_post("/v1/apply", apply)
-    app.router.add_post("/v1/delete", delete_many)
-    app.router.add_post("/v1/sync", sync)
-    app.router.add_post("/v1/rollback", rollback)
-    app.router.add_get("/v1/export", export)
-    app.router.add_get("/v1/history", history)
-    app.router.add_get("/v1/resources", list_resources)
-    app.router.add_get("/v1/resources/{kind}", list_resources)
-    app.router.add_post("/v1/resources/{kind}", write_resource)
-    app.router.add_get("/v1/resources/{kind}/{name}", get_resource)
-    app.router.add_put("/v1/resources/{kind}/{name}", write_resource)
-    app.router.add_delete("/v1/resources/{kind}/{name}", delete_resource)
-    app.router.add_post("/v1/status/{node}", post_status)
-    app.router.add_get("/v1/nodes", nodes)
+    for method, which, handler in HANDLERS:
+        app.router.add_route(method, ROUTES[which], handler)
     return app

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from bulkhead import pki
-from bulkhead.client import ApiError, Connection, Unreachable, resource_path
+from bulkhead.client import ApiError, Connection, Unreachable, resource_path, route
 from bulkhead.defaults import SERVER_PORT
 from bulkhead.lab import DEFAULT_NET4, SWITCH, Lab, LabError
 from bulkhead.lab.processes import log_tail, stop
@@ -113,7 +113,7 @@ class Testbed:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                self.request("GET", "/readyz")
+                self.request("GET", route("readyz"))
                 return
             except (Unreachable, ApiError):
                 time.sleep(0.1)
@@ -189,7 +189,7 @@ class Testbed:
         """Apply resources (all or nothing); the store revision it made, None if nothing
         changed."""
         text = "\n---\n".join(json.dumps(d) for d in docs)
-        answer = self.request("POST", "/v1/apply", raw=text.encode(),
+        answer = self.request("POST", route("apply"), raw=text.encode(),
                               content_type="application/yaml")
         return answer.get("revision") if isinstance(answer, dict) else None
 
@@ -260,7 +260,7 @@ class Testbed:
 
     def nodes(self, revision: int | None = None) -> dict[str, Any]:
         query = {"revision": str(revision)} if revision is not None else None
-        answer: dict[str, Any] = self.request("GET", "/v1/nodes", query=query)
+        answer: dict[str, Any] = self.request("GET", route("nodes"), query=query)
         return answer
 
     def wait_converged(self, revision: int, hosts: Iterable[str] | None = None,
