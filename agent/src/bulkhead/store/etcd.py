@@ -175,8 +175,12 @@ class EtcdStore:
         needed = max(compares, writes)
         if needed > self.max_ops:
             extra = needed - len(ops)
-            refs = f" (one per resource, and {extra} for the tiers they refer to)" \
-                if extra else " (one per resource)"
+            parts = ["one per resource"]
+            if extra - int(audited) > 0:
+                parts.append(f"{extra - int(audited)} for the tiers they refer to")
+            if audited:
+                parts.append("1 for the audit entry")
+            refs = f" ({', '.join(parts)})"
             raise TooLarge(
                 f"{len(ops)} resources need {needed} operations in one etcd transaction"
                 f"{refs}; etcd takes at most {self.max_ops} (its --max-txn-ops): split the "
