@@ -20,6 +20,7 @@ from bulkhead.agent.daemon import Agent
 from bulkhead.agent.enforcer import EnforceError, EnforceReport
 from bulkhead.model import Snapshot
 from bulkhead.server import pki
+from tests.conftest import Server
 
 NODE = "web-1"
 
@@ -105,6 +106,23 @@ async def running(agent: Agent) -> AsyncIterator[asyncio.Task[None]]:
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+Started = tuple[aiohttp.ClientSession, aiohttp.ClientSession, Recorder, Agent, int]
+
+
+@contextlib.asynccontextmanager
+async def started_after_a(server: Server, tmp_path: Path, **config: Any
+                          ) -> AsyncIterator[Started]:
+    """Policy a in the store, then an agent with a recorder running against the server:
+    (admin session, viewer session, recorder, agent, revision of a)."""
+    rec = Recorder()
+    async with server.client("alice", "admin") as admin, \
+            server.client("val", "viewer") as viewer:
+        rev_a = await create(admin, gnp("a"))
+        agent = Agent(config_for(server.url, server.pki, tmp_path / "state", **config), rec)
+        async with running(agent):
+            yield admin, viewer, rec, agent, rev_a
 
 
 async def create(admin: aiohttp.ClientSession, doc: dict[str, Any]) -> int:

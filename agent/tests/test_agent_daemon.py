@@ -18,7 +18,16 @@ import yaml
 from bulkhead.agent.cache import load_cache
 from bulkhead.agent.daemon import Agent
 from bulkhead.server import pki
-from tests.agentfixture import Recorder, config_for, create, gnp, running, until, wait_status
+from tests.agentfixture import (
+    Recorder,
+    config_for,
+    create,
+    gnp,
+    running,
+    started_after_a,
+    until,
+    wait_status,
+)
 from tests.conftest import Server, free_port
 
 
@@ -99,55 +108,45 @@ async def test_server_killed_and_back(tmp_path: Path) -> None:
 # -------------------------------------------------------------- failures and drift
 async def test_a_failed_apply_is_reported_and_the_next_change_applies(
         server: Server, tmp_path: Path) -> None:
-    rec = Recorder()
-    async with server.client("alice", "admin") as admin, \
-            server.client("val", "viewer") as viewer:
-        rev_a = await create(admin, gnp("a"))
-        agent = Agent(config_for(server.url, server.pki, tmp_path / "state"), rec)
-        async with running(agent):
-            await until(lambda: rec.applied is not None, "the first apply")
-            rec.fail = "nft: Error: syntax error, unexpected junk"
-            rev_b = await create(admin, gnp("b"))
-            status = await wait_status(viewer, lambda s: bool(s["errors"]), "the error")
-            assert "syntax error, unexpected junk" in status["errors"][0]
-            failed = re.match(r"apply of revision (\d+) failed: ", status["errors"][0])
-            assert failed and int(failed[1]) >= rev_b
-            assert f"the kernel keeps revision {rev_a}" in status["errors"][0]
-            assert status["appliedRevision"] == rev_a and status["counters"]["failures"] == 1
-            assert rec.applied == (rev_a, ["a"])
-            cached = load_cache(tmp_path / "state")
-            assert cached is not None and cached.revision == rev_a   # last known good
+    async with started_after_a(server, tmp_path) as (admin, viewer, rec, _, rev_a):
+        await until(lambda: rec.applied is not None, "the first apply")
+        rec.fail = "nft: Error: syntax error, unexpected junk"
+        rev_b = await create(admin, gnp("b"))
+        status = await wait_status(viewer, lambda s: bool(s["errors"]), "the error")
+        assert "syntax error, unexpected junk" in status["errors"][0]
+        failed = re.match(r"apply of revision (\d+) failed: ", status["errors"][0])
+        assert failed and int(failed[1]) >= rev_b
+        assert f"the kernel keeps revision {rev_a}" in status["errors"][0]
+        assert status["appliedRevision"] == rev_a and status["counters"]["failures"] == 1
+        assert rec.applied == (rev_a, ["a"])
+        cached = load_cache(tmp_path / "state")
+        assert cached is not None and cached.revision == rev_a   # last known good
 
-            rec.fail = None
-            rev_c = await create(admin, gnp("c"))
-            status = await wait_status(viewer, lambda s: s["appliedRevision"] >= rev_c,
-                                       "the next good change")
-            assert status["errors"] == [] and rec.applied[1] == ["a", "b", "c"]
-            async with viewer.get("/v1/nodes", params={"revision": str(rev_c)}) as r:
-                assert (await r.json())["converged"] is True
+        rec.fail = None
+        rev_c = await create(admin, gnp("c"))
+        status = await wait_status(viewer, lambda s: s["appliedRevision"] >= rev_c,
+                                   "the next good change")
+        assert status["errors"] == [] and rec.applied[1] == ["a", "b", "c"]
+        async with viewer.get("/v1/nodes", params={"revision": str(rev_c)}) as r:
+            assert (await r.json())["converged"] is True
 
 
 async def test_drift_is_repaired_and_a_failed_apply_retried(
         server: Server, tmp_path: Path) -> None:
-    rec = Recorder()
-    async with server.client("alice", "admin") as admin, \
-            server.client("val", "viewer") as viewer:
-        await create(admin, gnp("a"))
-        agent = Agent(config_for(server.url, server.pki, tmp_path / "state",
-                                 drift_interval=0.1), rec)
-        async with running(agent):
-            await until(lambda: rec.applied is not None, "the first apply")
-            rec.drift_reason = "table inet bulkhead is missing"
-            await until(lambda: rec.repairs == 1, "the repair")
-            status = await wait_status(viewer, lambda s: s["counters"]["driftRepairs"] == 1,
-                                       "driftRepairs 1")
-            assert status["errors"] == []
+    async with started_after_a(server, tmp_path, drift_interval=0.1) as (
+            admin, viewer, rec, agent, _):
+        await until(lambda: rec.applied is not None, "the first apply")
+        rec.drift_reason = "table inet bulkhead is missing"
+        await until(lambda: rec.repairs == 1, "the repair")
+        status = await wait_status(viewer, lambda s: s["counters"]["driftRepairs"] == 1,
+                                   "driftRepairs 1")
+        assert status["errors"] == []
 
-            rec.fail = "nft: Could not process rule: Device or resource busy"
-            await create(admin, gnp("b"))
-            await until(lambda: agent.apply_error is not None, "the failed apply")
-            rec.fail = None   # no new write: the drift loop retries the apply by itself
-            await until(lambda: agent.errors == [] and rec.applied is not None
-                        and rec.applied[1] == ["a", "b"], "the retry")
-            assert rec.repairs == 1
+        rec.fail = "nft: Could not process rule: Device or resource busy"
+        await create(admin, gnp("b"))
+        await until(lambda: agent.apply_error is not None, "the failed apply")
+        rec.fail = None   # no new write: the drift loop retries the apply by itself
+        await until(lambda: agent.errors == [] and rec.applied is not None
+                    and rec.applied[1] == ["a", "b"], "the retry")
+        assert rec.repairs == 1
 
