@@ -40,10 +40,14 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from bulkhead.lab import LabError, ProbeSpec
 from bulkhead.testbed import Testbed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # agent/, for tests.procs
+from tests.procs import stop
 
 V3 = "projectcalico.org/v3"
 PORT = 7000
@@ -135,14 +139,7 @@ class KernelWatch:
         return self.seen[host].get(address)
 
     def close(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop(*self.procs, grace=5)
 
 
 class Api:

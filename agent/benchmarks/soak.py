@@ -52,6 +52,9 @@ import yaml
 
 from bulkhead import pki
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # agent/, for tests.procs
+from tests.procs import stop
+
 V3 = "projectcalico.org/v3"
 MIB = 1024 * 1024
 MAX_IN_FLIGHT = 16  # writes waiting for their answer at once
@@ -85,13 +88,7 @@ class Process:
 
     def stop(self, wait: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `wait` seconds."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop(self.proc, grace=wait)
         self._log.close()
 
 

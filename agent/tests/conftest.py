@@ -19,6 +19,7 @@ import pytest
 
 from bulkhead import pki
 from bulkhead.server.main import ServerConfig, serve
+from tests.procs import stop
 
 
 def free_port() -> int:
@@ -54,13 +55,7 @@ class EtcdProcess:
         raise RuntimeError("etcd did not become healthy within 30 s")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop(self.proc)
         self.log.close()
 
 

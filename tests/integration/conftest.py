@@ -1,4 +1,4 @@
-"""A real bulkhead-server (real mutual-TLS certificates from `bulkhead.server.pki`) on
+"""A real bulkhead-server (real mutual-TLS certificates from `bulkhead.pki`) on
 127.0.0.1 for the playbook and inventory tests, and helpers to run ansible-* on it."""
 
 from __future__ import annotations
