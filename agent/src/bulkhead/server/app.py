@@ -273,6 +273,28 @@ def _requires(resource: Resource) -> tuple[tuple[str, str], ...]:
     return ()
 
 
+async def _commit(store: Datastore, ops: list[Op], identity: Identity, dry_run: bool,
+                  what: str) -> int | None:
+    """Write `ops` as one audited transaction (unless `dry_run`; the datastore's size limit
+    is checked either way); the new revision. Each refusal names what went wrong and that
+    nothing was `what` (applied, deleted, changed)."""
+    try:
+        store.check_size(ops, audited=True)
+        if dry_run or not ops:
+            return None
+        return (await store.transaction(ops, _audit(identity))).revision
+    except (Conflict, NotFound) as e:
+        raise ApiError(409, "Conflict", f"{e}; nothing was {what}, try again") from None
+    except MissingReference as e:
+        raise _no_tier(e.kind, e.name, e.ref_name) from None
+    except StillReferenced as e:
+        raise ApiError(409, "Conflict", f"Tier {e.name} still holds policies: "
+                       f"{', '.join(n for _, n in e.referrers[:10])}; nothing was {what}"
+                       ) from None
+    except TooLarge as e:
+        raise ApiError(413, "RequestEntityTooLarge", f"{e}; nothing was {what}") from None
+
+
 async def _check_refs(store: Datastore, resources: list[Resource]) -> None:
     """Policies must name a tier that exists (in the store or in the same request). An
     early answer (and the one dry runs get); the write itself carries `_requires`."""
@@ -488,19 +510,7 @@ async def delete_many(request: web.Request) -> web.Response:
                       unreferenced=TIER_USERS if kind == "Tier" else None))
         results.append({"kind": kind, "name": name, "action": "deleted"})
     await _check_tiers_emptied(store, ops)
-    revision = None
-    try:
-        store.check_size(ops, audited=True)
-        if not dry_run and ops:
-            revision = (await store.transaction(ops, _audit(identity))).revision
-    except (Conflict, NotFound) as e:
-        raise ApiError(409, "Conflict", f"{e}; nothing was deleted, try again") from None
-    except StillReferenced as e:
-        raise ApiError(409, "Conflict", f"Tier {e.name} still holds policies: "
-                       f"{', '.join(n for _, n in e.referrers[:10])}; nothing was deleted"
-                       ) from None
-    except TooLarge as e:
-        raise ApiError(413, "RequestEntityTooLarge", f"{e}; nothing was deleted") from None
+    revision = await _commit(store, ops, identity, dry_run, "deleted")
     return _json({"dryRun": dry_run, "revision": revision, "results": results})
 
 
@@ -566,17 +576,7 @@ async def apply(request: web.Request) -> web.Response:
     await _check_refs(store, resources)
     # Comparing and serializing thousands of documents is CPU work: off the event loop.
     diff, ops = await asyncio.to_thread(_plan_puts, resources, olds)
-    revision = None
-    try:
-        store.check_size(ops, audited=True)   # the datastore's own limit on one atomic transaction
-        if not dry_run and ops:
-            revision = (await store.transaction(ops, _audit(identity))).revision
-    except (Conflict, NotFound) as e:
-        raise ApiError(409, "Conflict", f"{e}; nothing was applied, try again") from None
-    except MissingReference as e:
-        raise _no_tier(e.kind, e.name, e.ref_name) from None
-    except TooLarge as e:
-        raise ApiError(413, "RequestEntityTooLarge", f"{e}; nothing was applied") from None
+    revision = await _commit(store, ops, identity, dry_run, "applied")
     return await _big_json({"dryRun": dry_run, "revision": revision, "results": diff})
 
 
@@ -662,21 +662,7 @@ async def _converge(request: web.Request, identity: Identity, desired: list[Reso
              if isinstance(r, GlobalNetworkPolicy) and r.spec.tier not in gone_tiers}
     await _check_tiers_emptied(store, deletes,
                                leaving={(op.kind, op.name) for op in deletes} | moved)
-    revision = None
-    try:
-        store.check_size(ops, audited=True)
-        if not dry_run and ops:
-            revision = (await store.transaction(ops, _audit(identity))).revision
-    except (Conflict, NotFound) as e:
-        raise ApiError(409, "Conflict", f"{e}; nothing was changed, try again") from None
-    except MissingReference as e:
-        raise _no_tier(e.kind, e.name, e.ref_name) from None
-    except StillReferenced as e:
-        raise ApiError(409, "Conflict", f"Tier {e.name} still holds policies: "
-                       f"{', '.join(n for _, n in e.referrers[:10])}; nothing was changed"
-                       ) from None
-    except TooLarge as e:
-        raise ApiError(413, "RequestEntityTooLarge", f"{e}; nothing was changed") from None
+    revision = await _commit(store, ops, identity, dry_run, "changed")
     return _json({"dryRun": dry_run, "revision": revision, "results": results})
 
 
