@@ -32,7 +32,6 @@ import json
 import os
 import random
 import re
-import signal
 import ssl
 import statistics
 import subprocess
@@ -47,7 +46,7 @@ from bulkhead.lab import LabError, ProbeSpec
 from bulkhead.testbed import Testbed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # agent/, for tests.procs
-from tests.procs import stop
+from tests.procs import run_main, stop
 
 V3 = "projectcalico.org/v3"
 PORT = 7000
@@ -325,11 +324,5 @@ def main() -> int:
     return 0
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)   # unwinds the `with`: the lab is removed
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    sys.exit(main())
+    run_main(main)   # SIGTERM unwinds the `with`: the lab is removed

@@ -40,7 +40,6 @@ import datetime
 import ipaddress
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -58,7 +57,7 @@ from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # agent/, for tests.procs
-from tests.procs import stop
+from tests.procs import run_main, stop
 
 HERE = Path(__file__).resolve().parent
 C_SOURCE = HERE / "tcpbench.c"
@@ -453,11 +452,5 @@ def main() -> int:
     return 0
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)   # unwinds the `with`: the lab is removed
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    sys.exit(main())
+    run_main(main)   # SIGTERM unwinds the `with`: the lab is removed

@@ -34,7 +34,6 @@ import os
 import random
 import resource
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -51,9 +50,10 @@ import aiohttp
 import yaml
 
 from bulkhead import pki
+from bulkhead.agent.sync import lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # agent/, for tests.procs
-from tests.procs import stop
+from tests.procs import free_port, stop
 
 V3 = "projectcalico.org/v3"
 MIB = 1024 * 1024
@@ -62,13 +62,6 @@ HIST_MS = 120_000   # delivery latency histogram: one bucket per ms, the last on
 
 
 # ----------------------------------------------------------------------------- processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class Process:
     """A child process with its output in a log file; stopped by `stop`, whatever state."""
 
@@ -337,17 +330,9 @@ class Soak:
                         raise aiohttp.ClientResponseError(
                             resp.request_info, (), status=resp.status,
                             message=(await resp.text())[:200])
-                    buffer = bytearray()
-                    async for chunk in resp.content.iter_any():
-                        buffer += chunk
-                        start = 0
-                        while (end := buffer.find(b"\n", start)) != -1:
-                            line = bytes(buffer[start:end]).strip()
-                            start = end + 1
-                            if line:
-                                self._line(i, line)
-                                self.connected[i] = True
-                        del buffer[:start]
+                    async for line in lines(resp):
+                        self._line(i, line)
+                        self.connected[i] = True
                     if not self.stopping:
                         self.error("watch", "the server closed the stream")
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError) as e:

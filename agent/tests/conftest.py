@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -19,14 +18,7 @@ import pytest
 
 from bulkhead import pki
 from bulkhead.server.main import ServerConfig, serve
-from tests.procs import stop
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from tests.procs import free_port, stop
 
 
 class EtcdProcess:

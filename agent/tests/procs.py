@@ -1,11 +1,36 @@
-"""Stopping child processes one way for the tests and the benchmarks: SIGTERM, a grace
-period, then SIGKILL, and always reaped."""
+"""Processes and ports, one way for the tests and the benchmarks: stopping children
+(SIGTERM, a grace period, then SIGKILL, always reaped), a free port on loopback, and a
+benchmark's entry point that cleans up on SIGTERM."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)   # unwinds `with` and `finally`: labs and processes go
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """A benchmark's `__main__`: unbuffered output, SIGTERM cleans up like Ctrl-C."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    sys.exit(main())
 
 
 def stop(*procs: subprocess.Popen[Any], grace: float = 10.0) -> None:

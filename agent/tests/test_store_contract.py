@@ -204,15 +204,18 @@ def test_open_store_urls(tmp_path: Path) -> None:
         open_store("mysql://x")
 
 
+def second_store(store: Datastore) -> Datastore:
+    """Another instance on the same data, as a second server would open it."""
+    if isinstance(store, SQLiteStore):
+        return SQLiteStore(store.path)
+    assert isinstance(store, EtcdStore)
+    return EtcdStore(store.endpoints, prefix=store.prefix)
+
+
 async def test_concurrent_writers_with_conflicts(store: Datastore, tmp_path: Path,
                                                  request: pytest.FixtureRequest) -> None:
     """Read-modify-write from two store instances (two servers): no lost update."""
-    other: Datastore
-    if isinstance(store, SQLiteStore):
-        other = SQLiteStore(store.path)
-    else:
-        assert isinstance(store, EtcdStore)
-        other = EtcdStore(store.endpoints, prefix=store.prefix)
+    other = second_store(store)
     await create(store, gnp("counter", order=0))
     conflicts = 0
 
@@ -347,12 +350,7 @@ async def test_references_are_checked_as_the_transaction_commits(store: Datastor
 
 
 async def test_tier_delete_and_policy_create_race_from_two_servers(store: Datastore) -> None:
-    other: Datastore
-    if isinstance(store, SQLiteStore):
-        other = SQLiteStore(store.path)
-    else:
-        assert isinstance(store, EtcdStore)
-        other = EtcdStore(store.endpoints, prefix=store.prefix)
+    other = second_store(store)
     wins = {"delete": 0, "create": 0}
     try:
         for i in range(40):

@@ -15,7 +15,7 @@ import asyncio
 import json
 import random
 import ssl
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
@@ -155,26 +155,32 @@ async def fetch_snapshot(session: aiohttp.ClientSession) -> tuple[int, list[Doc]
     return body["revision"], [i for i in body["items"] if isinstance(i, dict)]
 
 
-async def watch_lines(resp: aiohttp.ClientResponse, queue: asyncio.Queue[Doc | Exception]
-                      ) -> None:
-    """Put each JSON line of a streaming watch on `queue`; an exception when it ends.
+async def lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The non-empty lines of a streaming answer, as they come.
 
     Lines are split here rather than with `readline`, which caps a line's length (a
     snapshot of a large fleet is one long line)."""
     buffer = bytearray()
+    async for chunk in resp.content.iter_any():
+        buffer += chunk
+        start = 0
+        while (end := buffer.find(b"\n", start)) != -1:
+            line = bytes(buffer[start:end]).strip()
+            start = end + 1
+            if line:
+                yield line
+        del buffer[:start]
+
+
+async def watch_lines(resp: aiohttp.ClientResponse, queue: asyncio.Queue[Doc | Exception]
+                      ) -> None:
+    """Put each JSON line of a streaming watch on `queue`; an exception when it ends."""
     try:
-        async for chunk in resp.content.iter_any():
-            buffer += chunk
-            start = 0
-            while (end := buffer.find(b"\n", start)) != -1:
-                line = bytes(buffer[start:end]).strip()
-                start = end + 1
-                if line:
-                    message = json.loads(line)
-                    if not isinstance(message, dict):
-                        raise SyncError(f"watch: expected a JSON object, got {line[:80]!r}")
-                    queue.put_nowait(message)
-            del buffer[:start]
+        async for line in lines(resp):
+            message = json.loads(line)
+            if not isinstance(message, dict):
+                raise SyncError(f"watch: expected a JSON object, got {line[:80]!r}")
+            queue.put_nowait(message)
         queue.put_nowait(SyncError("the server closed the watch stream"))
     except (aiohttp.ClientError, ValueError, SyncError, OSError) as e:
         queue.put_nowait(e)
