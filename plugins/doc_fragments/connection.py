@@ -91,7 +91,10 @@ options:
 attributes:
   check_mode:
     support: full
-    description: Validated by the server (dry run) and compared; nothing is written.
+    description:
+      - Validated by the server (dry run) and compared; nothing is written.
+      - A delete is a dry run on the server too, so check mode fails where the real run
+        would (a Tier that still holds policies).
   diff_mode:
     support: full
     description: Shows the resource before and after, without server-owned metadata.

@@ -121,6 +121,16 @@ class BulkheadClient:
             query["resourceVersion"] = resource_version
         return self.request("DELETE", resource_path(kind, name), query=query or None)
 
+    def delete_many(self, docs, dry_run=False, ignore_not_found=False):
+        """All-or-nothing delete of every resource the documents name (kind and
+        metadata.name), in one transaction; results say `deleted` or `absent`."""
+        query = {}
+        if dry_run:
+            query["dryRun"] = "true"
+        if ignore_not_found:
+            query["ignoreNotFound"] = "true"
+        return self.request("POST", "/v1/delete", raw=json.dumps(docs), query=query or None)
+
     def apply(self, docs, dry_run=False, mode="apply"):
         """All-or-nothing apply of several documents; the server's per-resource results."""
         query = {"mode": mode}

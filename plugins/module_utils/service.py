@@ -135,9 +135,17 @@ class ResourceService:
         doc["metadata"]["resourceVersion"] = current["metadata"].get("resourceVersion")
         return self.client.replace(doc)
 
-    def delete(self, current):
-        return self.client.delete(current["kind"], current["metadata"]["name"],
-                                  current["metadata"].get("resourceVersion"))
+    def remove(self, docs, dry_run=False):
+        """Delete every document's resource in one transaction, all or nothing (the
+        server's /v1/delete, dependents first); ones already gone are `absent`."""
+        keys = []
+        for doc in docs:
+            key = doc_key(doc)
+            if key not in keys:
+                keys.append(key)
+        body = [{"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name}}
+                for kind, name in keys]
+        return self.client.delete_many(body, dry_run=dry_run, ignore_not_found=True)
 
     def apply(self, docs):
         return self.client.apply(docs)

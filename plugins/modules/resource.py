@@ -35,7 +35,9 @@ options:
   state:
     description:
       - V(present) creates or updates every document; V(absent) deletes every one that
-        exists (policies before their tiers).
+        exists, all or nothing in one server transaction (policies before their tiers). A
+        Tier that would still hold policies not in the list fails the whole delete, and
+        nothing is deleted.
     type: str
     choices: [present, absent]
     default: present
@@ -44,7 +46,10 @@ extends_documentation_fragment:
 attributes:
   check_mode:
     support: full
-    description: Validated by the server (dry run) and compared; nothing is written.
+    description:
+      - Validated by the server (dry run) and compared; nothing is written.
+      - With O(state=absent) the delete is a dry run on the server, so check mode fails
+        where the real run would.
   diff_mode:
     support: full
     description: One before/after pair per changed resource.

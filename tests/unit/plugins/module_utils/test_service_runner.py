@@ -8,6 +8,7 @@ import pytest
 
 from ansible_collections.bulkhead.microseg.plugins.module_utils import runner, service
 from ansible_collections.bulkhead.microseg.plugins.module_utils.client import (
+    ApiError,
     strip_server_fields,
 )
 
@@ -69,9 +70,27 @@ class FakeService:
             self._put(d)
         return {"revision": self.rv}
 
-    def delete(self, current):
-        del self.store[service.doc_key(current)]
-        self.writes.append(("delete", current["metadata"]["name"]))
+    def remove(self, docs, dry_run=False):
+        """As /v1/delete: all or nothing, a Tier only with every policy it holds."""
+        keys = [service.doc_key(d) for d in docs]
+        for kind, name in keys:
+            if kind != "Tier":
+                continue
+            held = [k[1] for k, d in self.store.items() if k[0].endswith("NetworkPolicy")
+                    and d["spec"].get("tier") == name and k not in keys]
+            if held:
+                raise ApiError(409, "Conflict", "Tier %s still holds policies: %s"
+                               % (name, ", ".join(held)))
+        results = [{"kind": k[0], "name": k[1],
+                    "action": "deleted" if k in self.store else "absent"} for k in keys]
+        if dry_run or not any(r["action"] == "deleted" for r in results):
+            return {"dryRun": dry_run, "revision": None, "results": results}
+        self.rv += 1
+        for key in sorted(keys, key=lambda k: k[0] == "Tier"):
+            if key in self.store:
+                del self.store[key]
+                self.writes.append(("delete", key[1]))
+        return {"dryRun": False, "revision": self.rv, "results": results}
 
 
 def test_prune_drops_what_was_not_set():
@@ -143,11 +162,38 @@ def test_ensure_check_mode_writes_nothing():
 
 def test_ensure_absent():
     svc = FakeService(hep(rv="3"))
-    assert runner.ensure(svc, hep(), "absent", check_mode=True)["changed"]
+    check = runner.ensure(svc, hep(), "absent", check_mode=True)
+    assert check["changed"] and check["revision"] is None
     assert svc.writes == []
     result = runner.ensure(svc, hep(), "absent")
     assert result["changed"] and result["diff"]["after"] == {}
+    assert result["revision"] == 11
     assert not runner.ensure(svc, hep(), "absent")["changed"]
+
+
+def test_ensure_absent_check_mode_fails_as_the_real_run():
+    tier = {"apiVersion": "projectcalico.org/v3", "kind": "Tier", "metadata": {"name": "t"},
+            "spec": {}}
+    policy = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+              "metadata": {"name": "t.p"}, "spec": {"tier": "t"}}
+    svc = FakeService(tier, policy)
+    for check_mode in (True, False):
+        with pytest.raises(ApiError, match="still holds policies: t.p"):
+            runner.ensure(svc, tier, "absent", check_mode=check_mode)
+    assert svc.writes == []
+
+
+def test_ensure_many_absent_is_all_or_nothing():
+    tier = {"apiVersion": "projectcalico.org/v3", "kind": "Tier", "metadata": {"name": "t"},
+            "spec": {}}
+    policy = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+              "metadata": {"name": "t.p"}, "spec": {"tier": "t"}}
+    netset = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+              "metadata": {"name": "s"}, "spec": {}}
+    svc = FakeService(tier, policy, netset)
+    with pytest.raises(ApiError):
+        runner.ensure_many(svc, [netset, tier], "absent")
+    assert svc.writes == [] and len(svc.store) == 3
 
 
 def test_ensure_many_and_delete_order():
