@@ -80,10 +80,15 @@ options:
   labels:
     description:
       - Labels of the resource (C(metadata.labels)), which selectors match.
+      - Booleans become V(true) or V(false) and numbers stay as written (V(1), V(2.5)), the
+        same rule the P(bulkhead.microseg.endpoints#inventory) inventory plugin follows, so
+        V(pci == 'true') finds what either wrote. A null value is an error naming the label.
     type: dict
   purge_labels:
     description:
-      - With V(true), labels on the server that are not in O(labels) are removed.
+      - With V(true), labels on the server that are not in O(labels) are removed, except the
+        collection's own under C(microseg.bulkhead.io/) (for example the owner label of
+        M(bulkhead.microseg.host_endpoints)), as C(purge_tags) keeps C(aws:) tags.
       - With V(false), O(labels) are added to or update the ones on the server, and the others stay.
       - When O(labels) is not given, the labels on the server are kept either way.
     type: bool

@@ -37,11 +37,13 @@ options:
     description:
       - Label key to a Jinja expression over host variables and facts, for example
         V(ansible_facts.system | lower).
-      - A label whose expression is undefined, null or empty is left out of the host's labels;
+      - A label whose expression is undefined or empty is left out of the host's labels;
         with O(strict=true) it fails instead, naming the host and the label.
-      - A label whose expression gives V(omit) (for example V(app | default(omit))) is left out
+      - A label whose expression gives V(omit) (for example V(app | default(omit\))) is left out
         of the host's labels, also with O(strict=true).
-      - Numbers and booleans become strings (V(true), V(false)); lists and mappings are an error.
+      - Booleans become V(true) or V(false), numbers stay as written (V(1), V(2.5)), as the
+        modules write them; a null value, a list or a mapping is an error naming the host
+        and the label (use V(default(omit\)) to leave a label out).
     type: dict
     default: {}
   expected_ips:

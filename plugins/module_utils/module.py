@@ -17,7 +17,10 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.connection impor
     client_from_params,
     connection_spec,
 )
-from ansible_collections.bulkhead.microseg.plugins.module_utils.service import ResourceService
+from ansible_collections.bulkhead.microseg.plugins.module_utils.service import (
+    ResourceService,
+    make_resource,
+)
 
 RESOURCE_SPEC = dict(
     state=dict(type="str", default="present", choices=["present", "absent"]),
@@ -50,6 +53,13 @@ class BulkheadModule(AnsibleModule):
     def service(self):
         return ResourceService(self.client)
 
+    def make_resource(self, kind, name, spec, labels=None):
+        """The v3 document from the module's options; a bad label value fails naming it."""
+        try:
+            return make_resource(kind, name, spec, labels)
+        except ValueError as e:
+            self.fail_json(msg=str(e))
+
     def run(self, func):
         """Call `func()` (returning the result dict) and exit; server errors fail verbatim."""
         try:
@@ -57,7 +67,7 @@ class BulkheadModule(AnsibleModule):
         except ApiError as e:
             # The server's message names the resource and field: pass it on as it is.
             self.fail_json(msg=e.message, status=e.status, reason=e.reason)
-        except BulkheadError as e:
+        except (BulkheadError, ValueError) as e:
             self.fail_json(msg=str(e))
         if not self._diff:
             result.pop("diff", None)

@@ -147,7 +147,6 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.module import (
     resource_spec,
 )
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure
-from ansible_collections.bulkhead.microseg.plugins.module_utils.service import make_resource
 
 
 def main():
@@ -174,7 +173,7 @@ def main():
     if order is not None and order == int(order):
         order = int(order)  # 100, not 100.0, as users write it
     kind = "StagedGlobalNetworkPolicy" if p["staged"] else "GlobalNetworkPolicy"
-    desired = make_resource(kind, p["name"], {
+    desired = module.make_resource(kind, p["name"], {
         "stagedAction": p["staged_action"], "tier": p["tier"], "order": order,
         "selector": p["selector"], "types": p["types"], "ingress": p["ingress"],
         "egress": p["egress"], "doNotTrack": p["do_not_track"], "preDNAT": p["pre_dnat"],

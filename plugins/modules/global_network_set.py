@@ -65,7 +65,6 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.module import (
     resource_spec,
 )
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure
-from ansible_collections.bulkhead.microseg.plugins.module_utils.service import make_resource
 
 
 def main():
@@ -77,7 +76,7 @@ def main():
     )
     module = BulkheadModule(spec)
     p = module.params
-    desired = make_resource("GlobalNetworkSet", p["name"], {
+    desired = module.make_resource("GlobalNetworkSet", p["name"], {
         "nets": p["nets"], "allowedEgressDomains": p["allowed_egress_domains"]}, p["labels"])
     module.run(lambda: ensure(module.service, desired, p["state"], module.check_mode,
                               p["labels"] is not None, p["purge_labels"]))

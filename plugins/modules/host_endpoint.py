@@ -124,7 +124,6 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.module import (
     resource_spec,
 )
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure
-from ansible_collections.bulkhead.microseg.plugins.module_utils.service import make_resource
 
 
 def main():
@@ -143,7 +142,7 @@ def main():
     )
     module = BulkheadModule(spec, required_if=[("state", "present", ["node"])])
     p = module.params
-    desired = make_resource("HostEndpoint", p["name"], {
+    desired = module.make_resource("HostEndpoint", p["name"], {
         "node": p["node"], "interfaceName": p["interface_name"],
         "expectedIPs": p["expected_ips"], "profiles": p["profiles"], "ports": p["ports"],
     }, p["labels"])

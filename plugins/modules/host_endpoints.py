@@ -116,6 +116,7 @@ deleted:
 import copy
 
 from ansible_collections.bulkhead.microseg.plugins.module_utils.client import API_VERSION
+from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import normalize_labels
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure_many
 
@@ -135,7 +136,8 @@ def owned_docs(endpoints, owner, label):
         seen.add(meta["name"])
         for key in ("resourceVersion", "uid", "creationTimestamp", "generation"):
             meta.pop(key, None)
-        meta["labels"] = dict(meta.get("labels") or {})
+        meta["labels"] = normalize_labels(meta.get("labels") or {},
+                                          "endpoints[%d]: metadata.labels" % i)
         meta["labels"][label] = owner
         docs.append(doc)
     return docs

@@ -127,6 +127,9 @@ import json
 from ansible.module_utils.common.text.converters import to_text
 from ansible.module_utils.six import string_types
 
+from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import (
+    normalize_document_labels,
+)
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure_many
 
@@ -187,6 +190,11 @@ def main():
             module.fail_json(msg="document %d: needs kind and metadata.name" % (i + 1))
     if not docs:
         module.fail_json(msg="no documents given")
+    try:
+        docs = [normalize_document_labels(doc, "document %d: %s %s" % (
+            i + 1, doc["kind"], doc["metadata"]["name"])) for i, doc in enumerate(docs)]
+    except ValueError as e:
+        module.fail_json(msg=str(e))
     module.run(lambda: ensure_many(module.service, docs, p["state"], module.check_mode))
 
 

@@ -72,7 +72,6 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.module import (
     resource_spec,
 )
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure
-from ansible_collections.bulkhead.microseg.plugins.module_utils.service import make_resource
 
 
 def main():
@@ -87,9 +86,9 @@ def main():
     order = p["order"]
     if order is not None and order == int(order):
         order = int(order)
-    desired = make_resource("Tier", p["name"], {"order": order,
-                                                "defaultAction": p["default_action"]},
-                            p["labels"])
+    desired = module.make_resource("Tier", p["name"], {"order": order,
+                                                       "defaultAction": p["default_action"]},
+                                   p["labels"])
     module.run(lambda: ensure(module.service, desired, p["state"], module.check_mode,
                               p["labels"] is not None, p["purge_labels"]))
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 
 from ansible.errors import AnsibleError, AnsibleFilterError
 
+from ansible_collections.bulkhead.microseg.plugins.module_utils import labels as _labels
+
 # Only the selector language here: the lookup and the filters run in a fresh worker per
 # task, and bulkhead.model costs ~0.3 s to import; host_endpoint() imports it when needed.
 try:
@@ -70,17 +72,12 @@ def type_name(value: object) -> str:
 
 
 def label_value(value: object) -> str | None:
-    """A label value as a string, or None when the value means "no label" (None, "")."""
-    if value is None:
+    """A label value as text, by the rule every writer follows (module_utils.labels):
+    booleans `true`/`false`, numbers as written; None for "" (no label); TypeError for
+    null, lists and mappings."""
+    if value == "" and isinstance(value, str):
         return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, str):
-        return str(value) if value != "" else None
-    raise TypeError("a label value must be a string, number or boolean, not %s"
-                    % type_name(value))
+    return str(_labels.label_value(value))
 
 
 def labels_of(value: object, where: str) -> Mapping:
@@ -98,6 +95,8 @@ def labels_of(value: object, where: str) -> Mapping:
     # Numbers and booleans compare as the strings they would be as labels.
     out = {}
     for key, item in value.items():
+        if item is None:
+            continue  # read leniently: a null value is no label
         try:
             text = item if isinstance(item, str) else label_value(item)
         except TypeError as e:

@@ -105,6 +105,23 @@ def test_make_resource_stringifies_labels():
                    "metadata": {"name": "t", "labels": {"tier": "1"}}, "spec": {}}
 
 
+def test_make_resource_label_values_follow_one_rule():
+    doc = service.make_resource("HostEndpoint", "h", {}, {"pci": True, "old": False,
+                                                          "prio": 1, "w": 2.5, "s": "x"})
+    assert doc["metadata"]["labels"] == {"pci": "true", "old": "false", "prio": "1",
+                                         "w": "2.5", "s": "x"}
+    with pytest.raises(ValueError, match="labels: label owner: a label value cannot be null"):
+        service.make_resource("HostEndpoint", "h", {}, {"owner": None})
+    with pytest.raises(ValueError, match="label l: .* not list"):
+        service.make_resource("HostEndpoint", "h", {}, {"l": [1]})
+
+
+def test_purge_keeps_the_collections_own_labels():
+    current = hep(labels={"a": "1", "microseg.bulkhead.io/managed-by": "east"})
+    out = service.merge_labels(hep(labels={"b": "2"}), current, True, True)
+    assert out["metadata"]["labels"] == {"b": "2", "microseg.bulkhead.io/managed-by": "east"}
+
+
 @pytest.mark.parametrize("given,purge,expected", [
     (True, True, {"b": "2"}),
     (True, False, {"a": "1", "b": "2"}),
