@@ -220,8 +220,6 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
         """Set the host's bulkhead_* variables and groups; False when it has no address."""
         strict = self.get_option("strict")
         variables = self._variables(host, fact_cache)
-        self._set_composite_vars(self.get_option("compose"), variables, host, strict=strict)
-        variables = self._variables(host, fact_cache)
 
         labels = {}
         for key, expression in label_exprs.items():
@@ -261,7 +259,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
                 "IP address and there are no default_ipv4/default_ipv6 facts): set "
                 "expected_ips or interface_name" % (NAME, host))
 
-        # Groups see the variables just set, bulkhead_labels included.
+        # Labels first, then compose, groups and keyed_groups: they all see the variables
+        # just set (bulkhead_labels included), and groups see what compose made.
+        variables = self._variables(host, fact_cache)
+        self._set_composite_vars(self.get_option("compose"), variables, host, strict=strict)
         variables = self._variables(host, fact_cache)
         self._add_host_to_composed_groups(self.get_option("groups"), variables, host,
                                           strict=strict, fetch_hostvars=False)

@@ -126,3 +126,19 @@ def test_store_plugin_and_modules_share_the_connection_options(installed):
         assert store_options[option]["description"] == module_options[option]["description"]
     assert store_options["server_url"]["env"] == [{"name": "BULKHEAD_SERVER"}]
     assert store_options["client_key"]["env"] == [{"name": "BULKHEAD_KEY"}]
+
+
+@pytest.mark.parametrize("kind, name, values", [
+    ("lookup", "selector", ["!has(app)", "all()", "[?starts_with(@, 'web')]"]),
+    ("inventory", "store", ["zone == 'trusted' && has(app)"]),
+    ("inventory", "endpoints", ["app | default(omit)"]),
+    ("filter", "selector_from_labels", ["all()", '(app == "kafka" && zone == "trusted")']),
+])
+def test_markup_with_parentheses_renders_whole(installed, kind, name, values):
+    """V(), C() and friends end at the first unescaped parenthesis: a selector in them
+    must escape its own, or ansible-doc shows `!has(app'."""
+    env = installed[2]
+    text = " ".join(run(["ansible-doc", "-t", kind, "bulkhead.microseg." + name],
+                        env).stdout.split())
+    for value in values:
+        assert "`%s'" % value in text, value

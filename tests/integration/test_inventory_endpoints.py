@@ -84,6 +84,29 @@ def test_endpoints_bad_data_fails_naming_host_and_label(tmp_path, fact_cache, co
         assert part in message, done.stderr
 
 
+def test_endpoints_compose_sees_the_labels(tmp_path, fact_cache):
+    """Labels first, then compose, groups and keyed_groups: with strict, compose reads
+    bulkhead_labels, and groups read what compose made."""
+    path = write(tmp_path, "c.bulkhead.yml", """\
+plugin: bulkhead.microseg.endpoints
+strict: true
+labels:
+  zone: zone
+  datacenter: datacenter
+expected_ips: "['198.18.9.1']"
+compose:
+  site_zone: bulkhead_labels.datacenter ~ '-' ~ bulkhead_labels.zone
+groups:
+  dc1_trusted: site_zone == 'dc1-trusted'
+""")
+    hosts = write(tmp_path, "hosts.yml", "all:\n  vars: {datacenter: dc1}\n  hosts:\n"
+                  "    a: {zone: trusted}\n    b: {zone: dmz}\n")
+    data = plain(json.loads(inventory(fact_cache, hosts, path).stdout))
+    assert data["_meta"]["hostvars"]["a"]["site_zone"] == "dc1-trusted"
+    assert data["_meta"]["hostvars"]["b"]["site_zone"] == "dc1-dmz"
+    assert data["dc1_trusted"]["hosts"] == ["a"]
+
+
 @pytest.mark.parametrize("strict", ["true", "false"])
 def test_endpoints_null_label_is_an_error_naming_it(tmp_path, fact_cache, strict):
     """One rule for label values: booleans true/false, numbers as written, null an error."""
