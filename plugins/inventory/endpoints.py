@@ -26,7 +26,7 @@ description:
     has them, as top-level C(ansible_<name>) variables.
   - The configuration file's name must end in C(.bulkhead.yml) or C(.bulkhead.yaml).
 requirements:
-  - The Python package C(bulkhead) on the controller.
+  - The Python package C(bulkhead) on the controller, from the distribution C(bulkhead-microseg).
 options:
   plugin:
     description: Marks the file as this plugin's configuration.

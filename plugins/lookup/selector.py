@@ -19,7 +19,7 @@ description:
   - Hosts without O(labels_var) have no labels; they match only selectors such as
     V(!has(app\)) or V(all(\)).
 requirements:
-  - The Python package C(bulkhead) on the controller.
+  - The Python package C(bulkhead) on the controller, from the distribution C(bulkhead-microseg).
   - The Python package C(jmespath) on the controller, for O(query).
 options:
   _terms:

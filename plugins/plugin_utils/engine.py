@@ -31,16 +31,21 @@ else:
 
 API_VERSION = "projectcalico.org/v3"
 DEFAULT_LABELS_VAR = "bulkhead_labels"
+# The distribution that holds the `bulkhead` package (the name `bulkhead` on the package
+# index is someone else's project).
+DISTRIBUTION = "bulkhead-microseg"
 
 
 def require_bulkhead(plugin: str) -> None:
     """Fail with an "install bulkhead" message when the package cannot be imported."""
     if BULKHEAD_IMPORT_ERROR is not None:
         raise AnsibleError(
-            "%s needs the Python package bulkhead on the controller: install bulkhead into "
-            "the Python that runs Ansible (%s), for example `%s -m pip install bulkhead`, or "
+            "%s needs the Python package bulkhead on the controller: install the distribution "
+            "%s into the Python that runs Ansible (%s), for example `%s -m pip install %s` "
+            "(an execution environment: the collection's meta/ee-requirements.txt), or "
             "`pip install -e agent/` from a checkout (import failed: %s)"
-            % (plugin, sys.executable, sys.executable, BULKHEAD_IMPORT_ERROR))
+            % (plugin, DISTRIBUTION, sys.executable, sys.executable, DISTRIBUTION,
+               BULKHEAD_IMPORT_ERROR))
 
 
 def compile_selector(text: object, plugin: str, error=AnsibleError):

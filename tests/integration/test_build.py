@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import tarfile
 
 import pytest
@@ -142,3 +144,83 @@ def test_markup_with_parentheses_renders_whole(installed, kind, name, values):
                         env).stdout.split())
     for value in values:
         assert "`%s'" % value in text, value
+
+
+def _build_wheel(out, env):
+    """The bulkhead-microseg wheel from agent/: without build isolation (offline) when this
+    interpreter has the build backend agent/pyproject.toml asks for (tests/requirements.txt
+    installs it), else with pip's isolated build from the configured index."""
+    try:
+        import setuptools  # pylint: disable=import-outside-toplevel
+        offline = int(setuptools.__version__.split(".")[0]) >= 77
+    except ImportError:
+        offline = False
+    # From a copy: setuptools writes build/ and *.egg-info next to the sources.
+    source = out.parent / "agent-source"
+    shutil.copytree(ROOT / "agent", source, ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "tests", "benchmarks"))
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)]
+    run(cmd + (["--no-build-isolation", "--no-index"] if offline else []), env)
+    wheels = sorted(out.glob("bulkhead_microseg-*.whl"))
+    assert len(wheels) == 1, list(out.iterdir())
+    return wheels[0]
+
+
+def test_wheel_and_artifact_in_a_fresh_venv_offline(installed, tmp_path):
+    """What an execution environment holds: the collection as ansible-galaxy built and
+    installed it, and the bulkhead-microseg wheel installed into a fresh venv, nothing
+    from this checkout. A play there uses the lookup, a filter and the endpoints inventory
+    plugin, with no index reachable (pip --no-index; PIP_NO_INDEX for anything else)."""
+    copy, env = installed[1:]
+    # The collection names its controller dependency by the distribution's real name.
+    for name in ("requirements.txt", "meta/ee-requirements.txt"):
+        lines = [line.split("#")[0].strip() for line in (copy / name).read_text().splitlines()]
+        assert any(line.startswith("bulkhead-microseg") for line in lines), name
+    assert (copy / "bindep.txt").is_file() and (copy / "meta/execution-environment.yml").is_file()
+
+    wheel = _build_wheel(tmp_path / "dist", env)
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env)
+    python = venv / "bin" / "python"
+    offline = dict(env, PIP_NO_INDEX="1", PIP_FIND_LINKS="")
+    run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-index",
+         "--no-deps", str(wheel)], offline)
+    # Ansible and the wheel's dependencies (PyYAML, netaddr, aiohttp, cryptography) come
+    # from this test's environment through a .pth line: nothing is downloaded, and its
+    # bulkhead (an editable install of the checkout) stays out of sight, since .pth files
+    # inside that directory are not processed.
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    fresh_site = next(venv.glob("lib/python*/site-packages"))
+    (fresh_site / "zz-test-deps.pth").write_text(site + "\n")
+    where = run([str(python), "-c", "import bulkhead, importlib.metadata as m; "
+                 "print(bulkhead.__file__); print(m.version('bulkhead-microseg'))"], offline)
+    module_file, version = where.stdout.split()
+    assert module_file.startswith(str(fresh_site)), module_file
+    assert version == yaml.safe_load((ROOT / "galaxy.yml").read_text())["version"]
+
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text("all:\n  hosts:\n    web-1: {ansible_host: 198.18.4.1, zone: dmz, app: web}\n"
+                     "    db-1: {ansible_host: 198.18.4.2, zone: trusted, app: db}\n")
+    (tmp_path / "site.bulkhead.yml").write_text(
+        "plugin: bulkhead.microseg.endpoints\nstrict: true\nlabels:\n  zone: zone\n  app: app\n")
+    play = tmp_path / "play.yml"
+    play.write_text("""\
+- name: The collection's controller plugins in a fresh environment
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Lookup, filter and inventory plugin agree
+      ansible.builtin.assert:
+        that:
+          - query('bulkhead.microseg.selector', "zone == 'dmz'") == ['web-1']
+          - query('bulkhead.microseg.selector', "app == 'db'", return='ips') == ['198.18.4.2']
+          - hostvars['db-1'].bulkhead_labels | bulkhead.microseg.selector_match("zone == 'trusted'")
+          - hostvars['web-1'].bulkhead_host_endpoint.spec.expectedIPs == ['198.18.4.1']
+          - groups['label_zone_trusted'] == ['db-1']
+""")
+    fresh = dict(offline, ANSIBLE_PYTHON_INTERPRETER=str(python),
+                 PATH="%s:%s" % (venv / "bin", offline["PATH"]))
+    fresh.pop("PYTHONPATH", None)
+    done = run([str(python), "-m", "ansible", "playbook", "-i", str(hosts),
+                "-i", str(tmp_path / "site.bulkhead.yml"), str(play)], fresh)
+    assert "failed=0" in done.stdout

@@ -276,4 +276,4 @@ def test_endpoints_without_bulkhead_package(tmp_path, fact_cache):
     assert done.returncode != 0
     message = " ".join(done.stderr.split())
     assert "bulkhead.microseg.endpoints needs the Python package bulkhead" in message
-    assert "install bulkhead" in message
+    assert "pip install bulkhead-microseg" in message
