@@ -104,3 +104,22 @@ attributes:
     support: full
     description: Shows the resource before and after, without server-owned metadata.
 """
+
+    # Every module that writes: wait until the agents enforce the write.
+    WAIT = r"""
+options:
+  wait:
+    description:
+      - After a write, wait until the agents enforce the store revision it made (RV(revision)),
+        without errors, as M(bulkhead.microseg.agent_status) does with O(bulkhead.microseg.agent_status#module:wait_for_revision).
+      - Which agents a change touches is approximated by every agent that has reported its
+        status, so the module waits for the whole fleet. An agent that never reported is
+        not waited for.
+      - Nothing is waited for in check mode or when nothing changed.
+    type: bool
+    default: false
+  wait_timeout:
+    description: Seconds to wait with O(wait=true) before failing, naming the nodes that lag.
+    type: float
+    default: 120
+"""

@@ -31,6 +31,7 @@ options:
 extends_documentation_fragment:
   - bulkhead.microseg.connection
   - bulkhead.microseg.connection.resource
+  - bulkhead.microseg.connection.wait
 """
 
 EXAMPLES = r"""
@@ -44,10 +45,23 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+revision:
+  description:
+    - The store revision of the write; the agents enforce the change once they report it
+      (O(wait=true) waits for that). Null when nothing was written, and in check mode.
+  returned: always
+  type: int
+  sample: 57
+converged:
+  description: Every agent that reports its status enforces RV(revision) (O(wait=true) only).
+  returned: when O(wait=true) and something was written
+  type: bool
+  sample: true
 action:
   description: What was done (or in check mode would be done).
   returned: always
   type: str
+  choices: [created, updated, deleted, unchanged]
   sample: unchanged
 resource:
   description: The GlobalNetworkSet as the server stores it; empty when absent.

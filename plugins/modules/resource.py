@@ -43,6 +43,7 @@ options:
     default: present
 extends_documentation_fragment:
   - bulkhead.microseg.connection
+  - bulkhead.microseg.connection.wait
 attributes:
   check_mode:
     support: full
@@ -111,15 +112,23 @@ results:
       returned: always
       sample: platform.ssh-from-bastion
     action:
-      description: V(created), V(updated), V(deleted) or V(unchanged).
+      description: What was done to it (or in check mode would be done).
       type: str
       returned: always
+      choices: [created, updated, deleted, unchanged]
       sample: created
 revision:
-  description: The store revision of the write; null when nothing was written.
+  description:
+    - The store revision of the write; the agents enforce the change once they report it
+      (O(wait=true) waits for that). Null when nothing was written, and in check mode.
   returned: always
   type: int
   sample: 57
+converged:
+  description: Every agent that reports its status enforces RV(revision) (O(wait=true) only).
+  returned: when O(wait=true) and something was written
+  type: bool
+  sample: true
 """
 
 import json
@@ -132,6 +141,7 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import (
 )
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure_many
+from ansible_collections.bulkhead.microseg.plugins.module_utils.waiter import wait_spec
 
 try:
     import yaml
@@ -168,7 +178,8 @@ def main():
     module = BulkheadModule(
         dict(definition=dict(type="raw", aliases=["resource_definition"]),
              src=dict(type="path"),
-             state=dict(type="str", default="present", choices=["present", "absent"])),
+             state=dict(type="str", default="present", choices=["present", "absent"]),
+             **wait_spec()),
         mutually_exclusive=[("definition", "src")],
         required_one_of=[("definition", "src")],
     )
