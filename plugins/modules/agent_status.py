@@ -39,6 +39,9 @@ options:
     description: Seconds between two reads of the agents' status while waiting.
     type: float
     default: 1
+seealso:
+  - module: bulkhead.microseg.resource
+  - module: bulkhead.microseg.host_endpoints
 extends_documentation_fragment:
   - bulkhead.microseg.connection
 attributes:

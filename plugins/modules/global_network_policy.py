@@ -69,6 +69,10 @@ options:
   apply_on_forward:
     description: Apply the rules to forwarded traffic too.
     type: bool
+seealso:
+  - module: bulkhead.microseg.tier
+  - module: bulkhead.microseg.resource
+  - module: bulkhead.microseg.agent_status
 extends_documentation_fragment:
   - bulkhead.microseg.connection
   - bulkhead.microseg.connection.resource

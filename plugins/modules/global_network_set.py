@@ -28,6 +28,9 @@ options:
     description: Domain names (C(*.example.com) allowed) whose resolved addresses join the set.
     type: list
     elements: str
+seealso:
+  - module: bulkhead.microseg.global_network_policy
+  - module: bulkhead.microseg.resource
 extends_documentation_fragment:
   - bulkhead.microseg.connection
   - bulkhead.microseg.connection.resource

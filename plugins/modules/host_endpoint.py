@@ -58,6 +58,11 @@ options:
         description: V(TCP), V(UDP) or V(SCTP).
         type: str
         required: true
+seealso:
+  - module: bulkhead.microseg.host_endpoints
+  - module: bulkhead.microseg.resource_info
+  - plugin: bulkhead.microseg.endpoints
+    plugin_type: inventory
 extends_documentation_fragment:
   - bulkhead.microseg.connection
   - bulkhead.microseg.connection.resource

@@ -50,6 +50,11 @@ options:
         With V(false) the module fails naming them, and writes nothing.
     type: bool
     default: false
+seealso:
+  - module: bulkhead.microseg.host_endpoint
+  - module: bulkhead.microseg.agent_status
+  - plugin: bulkhead.microseg.endpoints
+    plugin_type: inventory
 extends_documentation_fragment:
   - bulkhead.microseg.connection
   - bulkhead.microseg.connection.wait

@@ -29,8 +29,12 @@ options:
     aliases: [resource_definition]
   src:
     description:
-      - Path to a YAML or JSON file with one or more documents, on the host that runs the
-        module (usually the controller). Mutually exclusive with O(definition).
+      - Path to a YAML or JSON file with one or more documents. Mutually exclusive with
+        O(definition).
+      - A relative path is looked up on the controller as C(kubernetes.core.k8s) and
+        M(ansible.builtin.copy) look up theirs, in the role's C(files/), the play's
+        C(files/), then relative to the playbook; the module reads it where it runs
+        (the controller, with C(delegate_to=localhost)).
     type: path
   state:
     description:
@@ -41,6 +45,10 @@ options:
     type: str
     choices: [present, absent]
     default: present
+seealso:
+  - module: bulkhead.microseg.resource_info
+  - module: bulkhead.microseg.global_network_policy
+  - module: bulkhead.microseg.agent_status
 extends_documentation_fragment:
   - bulkhead.microseg.connection
   - bulkhead.microseg.connection.wait

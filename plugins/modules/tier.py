@@ -30,6 +30,9 @@ options:
         defaults it to V(Deny).
     type: str
     choices: [Deny, Pass]
+seealso:
+  - module: bulkhead.microseg.global_network_policy
+  - module: bulkhead.microseg.resource
 extends_documentation_fragment:
   - bulkhead.microseg.connection
   - bulkhead.microseg.connection.resource

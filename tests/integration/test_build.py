@@ -224,3 +224,31 @@ def test_wheel_and_artifact_in_a_fresh_venv_offline(installed, tmp_path):
     done = run([str(python), "-m", "ansible", "playbook", "-i", str(hosts),
                 "-i", str(tmp_path / "site.bulkhead.yml"), str(play)], fresh)
     assert "failed=0" in done.stdout
+
+
+def test_release_hygiene(installed):
+    """requires_ansible claims what the tests run with; changelog fragments are in known
+    sections; related modules name each other; the typed modules' `action` has choices."""
+    copy, env = installed[1:]
+    runtime = yaml.safe_load((copy / "meta" / "runtime.yml").read_text())
+    claimed = runtime["requires_ansible"]
+    tested = [line for line in (ROOT / "tests" / "requirements.txt").read_text().splitlines()
+              if line.startswith("ansible-core")][0]
+    low = tested.split(">=")[1].split(",")[0]
+    assert claimed == ">=%s.0" % low, (claimed, tested)
+    assert (ROOT / "tests" / "sanity" / ("ignore-%s.txt" % low)).is_file()
+    config = yaml.safe_load((ROOT / "changelogs" / "config.yaml").read_text())
+    sections = {section[0] for section in config["sections"]}
+    sections |= {config["prelude_section_name"], config["trivial_section_name"]}
+    fragments = sorted((ROOT / "changelogs" / "fragments").glob("*.yml"))
+    assert fragments
+    for fragment in fragments:
+        assert set(yaml.safe_load(fragment.read_text())) <= sections, fragment.name
+    modules = plugins_in_tree()["module"]
+    docs = json.loads(run(["ansible-doc", "-t", "module", "--json"] +
+                          ["bulkhead.microseg." + n for n in modules], env).stdout)
+    for name, entry in docs.items():
+        assert entry["doc"].get("seealso"), name
+        action = (entry.get("return") or {}).get("action")
+        if action:
+            assert set(action["choices"]) == {"created", "updated", "deleted", "unchanged"}, name
