@@ -12,7 +12,6 @@ test: deps lint typecheck unit conformance conformance-kernel collection-lint co
 
 # The README's first command: an example inventory enforced on a lab of six hosts.
 demo: deps
-	tests/collection-tree.sh $(VENV)/collections --link
 	$(BIN)/bulkhead demo --root "$(CURDIR)"
 
 # Removes every namespace, process and file `make demo` made (the lab "demo").

@@ -4,7 +4,7 @@ the kernel of every lab host, with a real agent per host.
     .venv/bin/python agent/benchmarks/convergence.py [--hosts 20] [--writes 20] [--json]
     .venv/bin/python agent/benchmarks/convergence.py --hosts 2 --writes 2 --json  # smoke
 
-A testbed (`bulkhead.lab.testbed`, lab `conv`): bulkhead-server in the switch namespace,
+A testbed (`bulkhead.testbed`, lab `conv`): bulkhead-server in the switch namespace,
 a bulkhead-agent in each of N hosts, mutual TLS throughout. Every host is a HostEndpoint
 (eth0) selected by one policy: Allow TCP PORT from the GlobalNetworkSet `conv-src`. Each
 write replaces that set's one address with a new one (198.18.1.k), so each agent changes
@@ -40,10 +40,14 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from bulkhead.lab import LabError, ProbeSpec
-from bulkhead.lab.testbed import Testbed
+from bulkhead.testbed import Testbed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # agent/, for tests.procs
+from tests.procs import stop
 
 V3 = "projectcalico.org/v3"
 PORT = 7000
@@ -135,14 +139,7 @@ class KernelWatch:
         return self.seen[host].get(address)
 
     def close(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop(*self.procs, grace=5)
 
 
 class Api:

@@ -57,6 +57,9 @@ from bulkhead.model import Snapshot, parse_resource
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # agent/, for tests.procs
+from tests.procs import stop
+
 HERE = Path(__file__).resolve().parent
 C_SOURCE = HERE / "tcpbench.c"
 V3 = "projectcalico.org/v3"
@@ -205,12 +208,7 @@ class Bench:
         return slices
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop(proc, grace=5)
 
     def phase(self, mode: str, argv: Sequence[str], seconds: float) -> list[dict[str, Any]]:
         """Servers (`accept` or `sink`) in every receiver, then one client run that takes

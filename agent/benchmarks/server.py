@@ -37,8 +37,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # for tests.conftest's EtcdProcess and free_port
 
 from tests.conftest import EtcdProcess, free_port  # noqa: E402
+from tests.procs import stop  # noqa: E402
 
-from bulkhead.server import pki  # noqa: E402
+from bulkhead import pki  # noqa: E402
 from bulkhead.store import Op  # noqa: E402
 from bulkhead.store.etcd import EtcdStore  # noqa: E402
 from bulkhead.store.sqlite import SQLiteStore  # noqa: E402
@@ -75,11 +76,7 @@ class Server:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop(self.proc)
 
 
 def client_ssl(tmp: Path, name: str, role: str) -> ssl.SSLContext:

@@ -50,7 +50,10 @@ from typing import Any
 import aiohttp
 import yaml
 
-from bulkhead.server import pki
+from bulkhead import pki
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # agent/, for tests.procs
+from tests.procs import stop
 
 V3 = "projectcalico.org/v3"
 MIB = 1024 * 1024
@@ -85,13 +88,7 @@ class Process:
 
     def stop(self, wait: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `wait` seconds."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop(self.proc, grace=wait)
         self._log.close()
 
 
@@ -119,13 +116,14 @@ def start_etcd(tmp: Path) -> tuple[Process, str, Path]:
     raise RuntimeError("etcd did not become healthy within 30 s")
 
 
-def start_server(tmp: Path, datastore: str, nofile: int) -> tuple[Process, str]:
+def start_server(tmp: Path, datastore: str, nofile: int,
+                 extra: dict[str, Any] | None = None) -> tuple[Process, str]:
     port = free_port()
     config = tmp / "server.yaml"
     config.write_text(yaml.safe_dump({
         "listen": f"127.0.0.1:{port}", "datastore": datastore,
         "tlsCert": str(tmp / "server.crt"), "tlsKey": str(tmp / "server.key"),
-        "clientCA": str(tmp / "ca.crt"), "logLevel": "warning"}))
+        "clientCA": str(tmp / "ca.crt"), "logLevel": "warning", **(extra or {})}))
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 
     def limit() -> None:  # in the child, before exec: the limit a service would start with
@@ -718,7 +716,10 @@ async def run(args: argparse.Namespace, nofile_before: int) -> dict[str, Any]:
                 db = tmp / "soak.db"
                 datastore = f"sqlite://{db}"
                 store_paths = [db, Path(f"{db}-wal")]
-            server, url = start_server(tmp, datastore, server_nofile)
+            compaction = {k: v for k, v in (("compactionInterval", args.compaction_interval),
+                                            ("compactionRetain", args.compaction_retain))
+                          if v is not None}
+            server, url = start_server(tmp, datastore, server_nofile, compaction)
             result = await soak(args, tmp, server, url, store_paths, server_nofile)
             if etcd is not None:
                 result["etcd_rss_end_mib"] = round(rss_mib(etcd.pid), 1)
@@ -762,6 +763,10 @@ def main() -> int:
     parser.add_argument("--max-store-mib", type=float, help="fail above this datastore size")
     parser.add_argument("--max-errors", type=int, default=0,
                         help="fail above this many errors (default 0)")
+    parser.add_argument("--compaction-interval", type=float,
+                        help="the server's compactionInterval (default: the server's, 300 s)")
+    parser.add_argument("--compaction-retain", type=int,
+                        help="the server's compactionRetain (default: the server's, 10,000)")
     parser.add_argument("--json", action="store_true",
                         help="the summary as JSON on stdout (the table goes to stderr)")
     args = parser.parse_args()

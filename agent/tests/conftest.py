@@ -17,8 +17,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bulkhead.server import pki
+from bulkhead import pki
 from bulkhead.server.main import ServerConfig, serve
+from tests.procs import stop
 
 
 def free_port() -> int:
@@ -54,13 +55,7 @@ class EtcdProcess:
         raise RuntimeError("etcd did not become healthy within 30 s")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop(self.proc)
         self.log.close()
 
 
@@ -115,4 +110,9 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
 
 
 # Lab fixtures (network namespaces): make_lab, make_module_lab, and the session sweep.
-from tests.labfixture import lab_sweep, make_lab, make_module_lab  # noqa: E402, F401
+from tests.labfixture import (  # noqa: E402, F401
+    lab_sweep,
+    make_lab,
+    make_module_lab,
+    pytest_pycollect_makeitem,
+)

@@ -6,6 +6,8 @@
 - `lab_sweep` (autouse, session): at the start and end of the session removes the
   ``bhl-t*`` labs of this session and of sessions that died, but never those of a test
   session running next to this one (their owner process is alive).
+- `pytest_pycollect_makeitem`: `Testbed`, imported into test modules, is not collected
+  as a test class, whatever its name says.
 
 Lab names starting with ``t`` are for tests; do not give that prefix to a lab you keep.
 Tests skip, with the reason, when not root (CI runs as root).
@@ -22,6 +24,7 @@ from typing import Any
 import pytest
 
 from bulkhead.lab import Lab, LabError, list_labs, remove_all
+from bulkhead.testbed import Testbed
 
 TEST_PREFIX = "t"
 NEEDS_ROOT = "the lab needs root: it creates network namespaces (CI runs the tests as root)"
@@ -91,3 +94,8 @@ def lab_sweep() -> Iterator[None]:
     yield
     if os.geteuid() == 0:
         remove_all(TEST_PREFIX, include_live=False)
+
+
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object
+                              ) -> list[Any] | None:
+    return [] if obj is Testbed else None

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from bulkhead.conformance.kernel import WireFlow, wire_verdicts
-from bulkhead.lab.testbed import Testbed
 from bulkhead.model import API_VERSION, DEFAULT_ALLOW_PROFILE
+from bulkhead.testbed import Testbed
 from tests.labfixture import need_root, unique_lab_name
 
 HOSTS = ("h1", "h2", "h3")       # h3 has no host endpoint: the "controller"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bulkhead import pki
 from bulkhead.cli.main import main
-from bulkhead.server import pki
 from tests.conftest import Server
 
 MANIFEST = """

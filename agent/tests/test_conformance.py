@@ -85,6 +85,22 @@ def test_case_errors_name_the_case_and_field(tmp_path: Path, over: dict[str, Any
     assert "case deny-db" in str(err.value) and message in str(err.value)
 
 
+def test_cases_carry_free_metadata(tmp_path: Path) -> None:
+    """FORMAT.md: `description`, `source` and `notes` are free text on a case; any other
+    unknown key stays an error, and so does metadata that is not text."""
+    meta = case(description="deny all into db", notes=["first line", "second line"],
+                source="libcalico-go/lib/validator/v3/validator_test.go: \"allow Types ...\"")
+    [c] = load_cases(write(tmp_path, meta))
+    assert c.description == "deny all into db"
+    assert c.cited.startswith("libcalico-go/lib/validator/v3/validator_test.go")
+    assert c.notes == "first line\nsecond line"
+    assert c.source == str(tmp_path / "cases.yaml")   # still the file it came from
+    with pytest.raises(CaseError, match="case deny-db: source: must be text"):
+        load_cases(write(tmp_path, case(source={"url": "x"})))
+    with pytest.raises(CaseError, match="case deny-db: note: unknown field"):
+        load_cases(write(tmp_path, case(note="typo of notes")))
+
+
 def test_requires_modes(tmp_path: Path) -> None:
     no_profile = case(requires=["hep-no-profile"], policies=[], expect=[
         {"from": "web", "to": "db", "proto": "TCP", "port": 80, "allowed": False}])

@@ -1,31 +1,44 @@
 """`make demo`, end to end: the printed "after" table against the reference evaluator,
-then `make demo-down` leaves nothing behind. Plus the demo's pure pieces."""
+then `make demo-down` leaves nothing behind. Plus the demo's pure pieces.
+
+The end-to-end test runs what the two make targets run (checked with `make -n`) with
+this interpreter's `bulkhead`, so it also runs from a checkout whose environment lives
+elsewhere."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from bulkhead.lab import list_labs
-from bulkhead.lab.core import STATE_ROOT
-from bulkhead.lab.demo import (
-    LAB,
-    Inventory,
-    Target,
-    parse_table,
-    read_inventory,
-    render_table,
-)
+from bulkhead.demo.run import LAB
+from bulkhead.demo.tables import Inventory, Target, read_inventory, render_table
+from bulkhead.lab import STATE_ROOT, list_labs
 from bulkhead.lab.kernel import netns_names
 from bulkhead.model import Snapshot, load_paths
 from bulkhead.policy import Evaluator, Flow
 from tests.labfixture import need_root
 
 ROOT = Path(__file__).resolve().parents[2]
+BULKHEAD = Path(sys.executable).parent / "bulkhead"
+DEMO = [str(BULKHEAD), "demo", "--root", str(ROOT)]
+DEMO_DOWN = [str(BULKHEAD), "lab", "down", "--name", LAB]
+
+
+def parse_table(text: str) -> dict[tuple[str, str], bool]:
+    """The inverse of `render_table`: (from, "host:port") -> allowed."""
+    rows = [line.split() for line in text.strip().splitlines()]
+    header = rows[0][3:]   # after "from \ to"
+    out: dict[tuple[str, str], bool] = {}
+    for row in rows[1:]:
+        for column, cell in zip(header, row[1:], strict=True):
+            if cell != "-":
+                out[(row[0], column)] = cell == "open"
+    return out
 
 
 def _hep(name: str, *ips: str) -> dict[str, object]:
@@ -86,12 +99,20 @@ def _leftovers() -> list[str]:
     return found
 
 
+def test_make_targets_run_the_demo_and_remove_it() -> None:
+    for target, command in (("demo", "bulkhead demo --root"),
+                            ("demo-down", "bulkhead lab down --name demo")):
+        dry = subprocess.run(["make", "-n", "--no-print-directory", target], cwd=ROOT,
+                             env={**os.environ, "MAKEFLAGS": ""}, capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert command in dry.stdout, dry.stdout + dry.stderr
+
+
 def test_make_demo_end_to_end_then_demo_down_leaves_nothing() -> None:
     need_root()
-    env = {**os.environ, "MAKEFLAGS": ""}
     try:
-        demo = subprocess.run(["make", "--no-print-directory", "demo"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=600, check=False)
+        demo = subprocess.run(DEMO, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              check=False)
         assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
         out = demo.stdout
         assert LAB in list_labs()
@@ -129,8 +150,7 @@ def test_make_demo_end_to_end_then_demo_down_leaves_nothing() -> None:
         assert re.search(r"^db-01\s+db-01\s+eth0\s+198\.18\.0\.12", explore.stdout, re.M)
         assert "web-01" in explore.stdout.split("@label_zone_dmz:")[1]
     finally:
-        down = subprocess.run(["make", "--no-print-directory", "demo-down"], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=120,
-                              check=False)
+        down = subprocess.run(DEMO_DOWN, cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, check=False)
     assert down.returncode == 0, down.stdout + down.stderr
     assert _leftovers() == []

@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 
 from bulkhead.conformance import wire_flow
 from bulkhead.conformance.kernel import WireFlow, wire_verdicts
-from bulkhead.lab.testbed import Testbed
 from bulkhead.model import API_VERSION, DEFAULT_ALLOW_PROFILE, Snapshot, parse_resource
 from bulkhead.policy import Evaluator, Failsafes, Flow
 from bulkhead.policy.explain import explain_text
+from bulkhead.testbed import Testbed
 from tests.labfixture import need_root, unique_lab_name
 
 HOSTS = ("h1", "h2", "h3", "h4")

@@ -37,7 +37,7 @@ def test_the_tests_docs_name_exist() -> None:
     """Every `test_...` a doc cites as holding a promise is a test (or test file) here."""
     sources = "\n".join(p.read_text() for p in (ROOT / "agent" / "tests").glob("test_*.py"))
     files = {p.name for p in (ROOT / "agent" / "tests").glob("test_*.py")}
-    for doc in (ROOT / "docs" / "server.md",):
+    for doc in (ROOT / "docs" / "server.md", ROOT / "docs" / "policy.md"):
         for name in set(re.findall(r"\btest_\w+(?:\.py)?", doc.read_text())):
             if name.endswith(".py"):
                 assert name in files, f"{doc.name} cites {name}, which does not exist"

@@ -20,9 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from bulkhead import pki
 from bulkhead.cli.main import main
 from bulkhead.client import ApiError, Connection
-from bulkhead.server import pki
 from bulkhead.server.app import REVOCATION, SERIAL, peer_revoked
 from bulkhead.server.main import ServerConfig
 from bulkhead.server.revocation import RELOAD_INTERVAL, Revocation

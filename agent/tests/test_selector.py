@@ -102,6 +102,45 @@ def test_errors_name_position_and_expectation(text: str, position: int, expected
     assert isinstance(err.value, ValueError)
 
 
+# libcalico-go/lib/selector/parser/parser_test.go, `var badSelectors`: every one refused.
+CALICO_BAD_SELECTORS = [
+    "b == b", "b contains b", "b starts with b", "b ends with b", "'b1' == b", "b", "a b",
+    "!", 'foo == "bar" &', 'foo == "bar" |', "foo != ||", 'foo in {"", ||', 'foo in ""',
+    '"FOO', "\"FOO'", "'FOO", "(", '(a == "foo"', ")", "()", "%", 'a == "b" && %',
+    'a == "b" || %', "a ", "has(foo) &&",
+]
+
+
+@pytest.mark.parametrize("text", CALICO_BAD_SELECTORS)
+def test_calico_bad_selectors_are_refused(text: str) -> None:
+    with pytest.raises(SelectorError):
+        parse(text)
+
+
+@pytest.mark.parametrize(("text", "position", "expected"), [
+    # tokenizer.go trimWhitespace skips ' ' and '\t' only: a newline is no separator
+    ("app == 'db'\n", 11, "only spaces and tabs may separate tokens"),
+    ("app == 'db' &&\nhas(zone)", 14, "only spaces and tabs may separate tokens"),
+    ("\n", 0, "only spaces and tabs"),
+    # tokenizer.go: strings.CutPrefix(input, "has(") / "all(" / "global(": no space before (
+    ("has (app)", 4, "an operator after the label key"),
+    ("all ()", 4, "an operator after the label key"),
+])
+def test_calico_tokenizer_rules(text: str, position: int, expected: str) -> None:
+    with pytest.raises(SelectorError) as err:
+        parse(text)
+    assert err.value.position == position and expected in err.value.expected
+
+
+@pytest.mark.parametrize("text", [
+    "\tapp == 'db'\t&&\thas( app )",   # tabs separate tokens, as spaces do (tokenizer.go)
+    "tier starts\twith 'back'",          # cutMultiWordPrefixCheckBreak trims between words
+    "app == 'a\nb' || all( )",          # a newline inside a string is just a character
+])
+def test_calico_tokenizer_accepts(text: str) -> None:
+    assert parse(text).matches(LABELS)
+
+
 def test_nesting_is_bounded() -> None:
     deep = "(" * (MAX_DEPTH + 1) + "a == 'b'" + ")" * (MAX_DEPTH + 1)
     with pytest.raises(SelectorError, match="levels of nesting"):

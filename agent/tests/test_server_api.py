@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bulkhead.server import pki
+from bulkhead import pki
 from tests.conftest import Server
 
 POLICY = """

@@ -24,6 +24,10 @@ ENDPOINTS = {
     "delete": ("DELETE", "/v1/resources/GlobalNetworkSet/n1?dryRun=true", None),
     "apply": ("POST", "/v1/apply?dryRun=true", APPLY),
     "delete-many": ("POST", "/v1/delete?dryRun=true", APPLY.replace("n2", "n1")),
+    "sync": ("POST", "/v1/sync?tier=t1&dryRun=true", "[]"),
+    "rollback": ("POST", "/v1/rollback?revision=1&dryRun=true", None),
+    "export": ("GET", "/v1/export", None),
+    "history": ("GET", "/v1/history", None),
     "status-own": ("POST", "/v1/status/web-1", {"appliedRevision": 1}),
     "status-other": ("POST", "/v1/status/db-1", {"appliedRevision": 1}),
     "nodes": ("GET", "/v1/nodes", None),
@@ -35,12 +39,12 @@ ALLOWED = {
     # Status is each node's own: no admin reports for a node (it could fake convergence).
     "admin": set(ENDPOINTS) - {"status-own", "status-other"},
     "viewer": {"snapshot", "watch", "list", "list-kind", "get", "nodes", "metrics", "healthz",
-               "readyz"},
+               "readyz", "export", "history"},
     # An agent is named web-1: it reads the snapshot and reports for itself only.
     "agent": {"snapshot", "watch", "status-own", "healthz", "readyz"},
     # An admin limited to tier t1 may write t1 (a Tier resource), nothing outside tiers.
     "tier-admin": {"snapshot", "watch", "list", "list-kind", "get", "create", "nodes",
-                   "metrics", "healthz", "readyz"},
+                   "metrics", "healthz", "readyz", "sync", "export", "history"},
 }
 
 

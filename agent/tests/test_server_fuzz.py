@@ -16,15 +16,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bulkhead import pki
 from bulkhead.model import LoadError, ValidationError, documents, json_value, load_text
-from bulkhead.server import pki
 from tests.test_server_hardening import Hardened, http, raw_request
 
 STALL_BOUND = 1.0   # seconds a healthz probe may take while the fuzzer runs
 
 KINDS = ["Tier", "GlobalNetworkPolicy", "gnp", "HostEndpoint", "GlobalNetworkSet",
          "StagedGlobalNetworkPolicy", "Profile", "nope"]
-PARAMS = ["revision", "timeout", "stream", "dryRun", "mode", "selector", "resourceVersion"]
+PARAMS = ["revision", "timeout", "stream", "dryRun", "mode", "selector", "resourceVersion",
+          "tier", "owner", "limit", "kind", "name", "ignoreNotFound"]
 CTYPES = ["application/json", "application/yaml", "text/plain", "application/json; charset=x",
           "application/yaml; charset=latin-1", "", "multipart/form-data; boundary=x"]
 
@@ -72,7 +73,8 @@ bodies = st.one_of(
 @st.composite
 def requests(draw: st.DrawFn) -> tuple[str, str, bytes, str]:
     route = draw(st.sampled_from(["apply", "list", "kind", "one", "status", "nodes", "watch",
-                                  "snapshot", "metrics", "random"]))
+                                  "snapshot", "metrics", "random", "delete", "sync",
+                                  "rollback", "export", "history"]))
     kind = urllib.parse.quote(draw(st.sampled_from(KINDS) | st.text(max_size=20)), safe="")
     name = urllib.parse.quote(draw(names), safe="")
     method, path = {
@@ -81,7 +83,9 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes, str]:
         "one": (draw(st.sampled_from(["GET", "PUT", "DELETE"])), f"/v1/resources/{kind}/{name}"),
         "status": ("POST", f"/v1/status/{name}"), "nodes": ("GET", "/v1/nodes"),
         "watch": ("GET", "/v1/watch"), "snapshot": ("GET", "/v1/snapshot"),
-        "metrics": ("GET", "/metrics"),
+        "metrics": ("GET", "/metrics"), "delete": ("POST", "/v1/delete"),
+        "sync": ("POST", "/v1/sync"), "rollback": ("POST", "/v1/rollback"),
+        "export": ("GET", "/v1/export"), "history": ("GET", "/v1/history"),
         "random": (draw(st.sampled_from(["GET", "POST", "PATCH", "OPTIONS"])),
                    "/" + urllib.parse.quote(draw(st.text(max_size=30)), safe="/")),
     }[route]

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from bulkhead import pki
 from bulkhead.client import ApiError, Connection
-from bulkhead.server import pki
 from tests.conftest import EtcdProcess
 from tests.test_server_process import ServerProcess, netset, pki_dir, servers  # noqa: F401
 
@@ -158,10 +158,14 @@ def test_etcd_refuses_an_apply_over_its_transaction_limit(
         assert "128" in err.value.message and "--max-txn-ops" in err.value.message
         assert "split" in err.value.message
     assert server.conn.request("GET", "/v1/resources/GlobalNetworkSet")["items"] == []
-    # At the limit it goes through, all or nothing as ever.
-    result = apply(server, docs[:128])
+    # At the limit it goes through, all or nothing as ever: 127 resources and the audit
+    # entry the same transaction writes.
+    with pytest.raises(ApiError) as err:
+        apply(server, docs[:128])
+    assert err.value.status == 413 and "1 for the audit entry" in err.value.message
+    result = apply(server, docs[:127])
     assert {r["action"] for r in result["results"]} == {"created"}
-    assert len(server.conn.request("GET", "/v1/resources/GlobalNetworkSet")["items"]) == 128
+    assert len(server.conn.request("GET", "/v1/resources/GlobalNetworkSet")["items"]) == 127
 
 
 # ------------------------------------------------------------------------------ item 7

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bulkhead import pki
 from bulkhead.client import ApiError, Connection, Unreachable
-from bulkhead.server import pki
 from tests.conftest import EtcdProcess, free_port
 
 

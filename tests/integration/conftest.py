@@ -1,4 +1,4 @@
-"""A real bulkhead-server (real mutual-TLS certificates from `bulkhead.server.pki`) on
+"""A real bulkhead-server (real mutual-TLS certificates from `bulkhead.pki`) on
 127.0.0.1 for the playbook and inventory tests, and helpers to run ansible-* on it."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bulkhead.server import pki
+from bulkhead import pki
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent

@@ -43,6 +43,7 @@ from bulkhead.agent.sync import (
     open_session,
     watch_lines,
 )
+from bulkhead.api import route
 
 log = logging.getLogger("bulkhead.agent")
 T = TypeVar("T")
@@ -218,7 +219,7 @@ class Agent:
         if self._resume and self.revision >= 0:
             params["revision"] = str(self.revision)
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=None)
-        resp = await asyncio.wait_for(session.get("/v1/watch", params=params,
+        resp = await asyncio.wait_for(session.get(route("watch"), params=params,
                                                   timeout=timeout),
                                       self.config.heartbeat_timeout)
         async with resp:

@@ -26,7 +26,7 @@ from bulkhead.agent.config import DEFAULT_CONFIG, FLAGS, AgentConfig, ConfigErro
 from bulkhead.agent.daemon import Agent, AgentError
 from bulkhead.agent.enforcer import Enforcer
 from bulkhead.agent.sync import SyncError
-from bulkhead.server.main import setup_logging
+from bulkhead.logs import setup_logging
 
 EnforcerFactory = Callable[[AgentConfig], Enforcer]
 

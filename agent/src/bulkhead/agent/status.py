@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 
 from bulkhead.agent.enforcer import EnforceReport
 from bulkhead.agent.sync import SyncError, error_of
+from bulkhead.api import route
 
 
 @dataclass
@@ -66,7 +66,7 @@ def status_body(applied_revision: int, errors: list[str], counters: Counters
 async def post_status(session: aiohttp.ClientSession, node: str, body: dict[str, Any],
                       timeout: float = 10.0) -> None:
     """Raises SyncError when the server refuses, aiohttp/OS errors when unreachable."""
-    async with session.post(f"/v1/status/{quote(node, safe='')}", data=json.dumps(body),
+    async with session.post(route("status", node=node), data=json.dumps(body),
                             headers={"Content-Type": "application/json"},
                             timeout=aiohttp.ClientTimeout(total=timeout)) as r:
         if r.status != 200:

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from bulkhead.agent.config import AgentConfig, ConfigError
+from bulkhead.api import route
 from bulkhead.model import (
     DEFAULT_TIER,
     GlobalNetworkPolicy,
@@ -144,7 +145,7 @@ async def error_of(resp: aiohttp.ClientResponse) -> str:
 
 
 async def fetch_snapshot(session: aiohttp.ClientSession) -> tuple[int, list[Doc]]:
-    async with session.get("/v1/snapshot", timeout=aiohttp.ClientTimeout(total=60)) as r:
+    async with session.get(route("snapshot"), timeout=aiohttp.ClientTimeout(total=60)) as r:
         if r.status != 200:
             raise SyncError(f"GET /v1/snapshot: {await error_of(r)}")
         body = await r.json(loads=json.loads)

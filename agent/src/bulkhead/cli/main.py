@@ -130,7 +130,7 @@ def cmd_selector(args: argparse.Namespace) -> int:
 
 
 def cmd_pki(args: argparse.Namespace) -> int:
-    from bulkhead.server import pki
+    from bulkhead import pki
 
     directory = Path(args.dir)
     try:
@@ -164,7 +164,7 @@ def cmd_pki(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bulkhead.lab.demo import main as demo_main
+    from bulkhead.demo.run import main as demo_main
 
     return demo_main(["--root", args.root])
 

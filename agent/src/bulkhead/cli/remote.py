@@ -10,11 +10,12 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bulkhead.client import ApiError, Connection, Unreachable, resource_path
+from bulkhead.client import ApiError, Connection, Unreachable, resource_path, route
 from bulkhead.model import KIND_ALIASES, load_paths
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -47,7 +48,7 @@ def _send_apply(args: argparse.Namespace, mode: str, dry_run: bool) -> dict[str,
     query = {"mode": mode}
     if dry_run:
         query["dryRun"] = "true"
-    result: dict[str, Any] = _connection(args).request("POST", "/v1/apply", raw=_body(args),
+    result: dict[str, Any] = _connection(args).request("POST", route("apply"), raw=_body(args),
                                                       query=query)
     return result
 
@@ -64,18 +65,77 @@ def cmd_apply(args: argparse.Namespace, mode: str = "apply") -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     result = _send_apply(args, "apply", True)
+    return EXIT_REFUSED if _print_diff(result["results"], "server", "file") else EXIT_OK
+
+
+def _print_diff(results: list[dict[str, Any]], old: str, new: str) -> bool:
+    """A unified diff of every result that changes something; whether there was one.
+    (YAML escapes control characters in what it dumps; labels go through printable.)"""
     differs = False
-    for item in result["results"]:
+    for item in results:
         if item["action"] == "unchanged":
             continue
         differs = True
-        before = yaml.safe_dump(item.get("before") or {}, sort_keys=False).splitlines(True)
-        after = yaml.safe_dump(item.get("after") or {}, sort_keys=False).splitlines(True)
+        before = [] if item["action"] == "created" else \
+            yaml.safe_dump(item.get("before") or {}, sort_keys=False).splitlines(True)
+        after = [] if item["action"] == "deleted" else \
+            yaml.safe_dump(item.get("after") or {}, sort_keys=False).splitlines(True)
         label = printable(f"{item['kind']}/{item['name']}")
-        sys.stdout.writelines(difflib.unified_diff(
-            [] if item["action"] == "created" else before, after,
-            fromfile=f"server/{label}", tofile=f"file/{label}"))
-    return EXIT_REFUSED if differs else EXIT_OK
+        sys.stdout.writelines(difflib.unified_diff(before, after, fromfile=f"{old}/{label}",
+                                                   tofile=f"{new}/{label}"))
+    return differs
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    query = {k: str(v) for k, v in (("revision", args.revision), ("tier", args.tier))
+             if v is not None}
+    body = _connection(args).request("GET", route("export"), query=query or None)
+    text = f"# bulkhead export at revision {body['revision']}\n" + \
+        yaml.safe_dump_all(body["items"], sort_keys=False, default_flow_style=False)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"{len(body['items'])} resources at revision {body['revision']} written to "
+              f"{args.output}")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    query = {"revision": str(args.to_revision)}
+    if args.dry_run:
+        query["dryRun"] = "true"
+    result = _connection(args).request("POST", route("rollback"), query=query)
+    suffix = " (dry run)" if result["dryRun"] else ""
+    if args.diff or args.dry_run:
+        _print_diff(result["results"], "now", f"revision-{args.to_revision}")
+    for item in result["results"]:
+        if item["action"] != "unchanged":
+            print(printable(f"{item['kind']} {item['name']} {item['action']}{suffix}"))
+    changed = sum(item["action"] != "unchanged" for item in result["results"])
+    print(f"{changed} resources changed{suffix}" +
+          (f"; revision {result['revision']}" if result.get("revision") else ""))
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    query = {"limit": str(args.limit)}
+    if args.kind:
+        query["kind"] = _kind(args.kind)
+    if args.name:
+        query["name"] = args.name
+    entries = _connection(args).request("GET", route("history"), query=query)["entries"]
+    if args.output == "json":
+        print(json.dumps(entries, indent=2))
+        return EXIT_OK
+    rows = [["REVISION", "TIME", "WHO", "ROLE", "CHANGES"]]
+    for e in entries:
+        changes = ", ".join(f"{c['action']} {c['kind']} {c['name']}" for c in e["changes"][:3])
+        if len(e["changes"]) > 3:
+            changes += f", ... {len(e['changes']) - 3} more"
+        rows.append([str(e["revision"]), e["time"], e["who"], e["role"], changes])
+    print(table(rows))
+    return EXIT_OK
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -91,7 +151,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
             raise ValueError("no resources in " + ", ".join(args.filename))
         if args.ignore_not_found:
             query["ignoreNotFound"] = "true"
-        result = conn.request("POST", "/v1/delete", raw=json.dumps(docs).encode(),
+        result = conn.request("POST", route("delete"), raw=json.dumps(docs).encode(),
                               query=query)
         for item in result["results"]:
             what = "deleted" if item["action"] == "deleted" else "not found, skipped"
@@ -162,7 +222,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     query = {"revision": str(args.revision)} if args.revision is not None else None
-    body = _connection(args).request("GET", "/v1/nodes", query=query)
+    body = _connection(args).request("GET", route("nodes"), query=query)
     if args.output == "json":
         print(json.dumps(body, indent=2))
     else:
@@ -233,6 +293,28 @@ def add_commands(sub: Any) -> None:
     p.add_argument("-l", "--selector", help="label selector, e.g. \"zone == 'dmz'\"")
     connection_flags(p)
     p.set_defaults(func=cmd_get, remote=True)
+
+    p = sub.add_parser("export", help="every resource (or a tier) at a revision, as YAML")
+    p.add_argument("--revision", type=int, help="default: now")
+    p.add_argument("--tier", help="only this Tier and its policies")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here, not to stdout")
+    connection_flags(p)
+    p.set_defaults(func=cmd_export, remote=True)
+
+    p = sub.add_parser("rollback", help="restore every resource as it was at a revision")
+    p.add_argument("--to-revision", type=int, required=True, metavar="N")
+    p.add_argument("--dry-run", action="store_true", help="show what would change (a diff)")
+    p.add_argument("--diff", action="store_true", help="show a diff of the changes")
+    connection_flags(p)
+    p.set_defaults(func=cmd_rollback, remote=True)
+
+    p = sub.add_parser("history", help="who changed what, at which revision (newest first)")
+    p.add_argument("--kind")
+    p.add_argument("--name")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    connection_flags(p)
+    p.set_defaults(func=cmd_history, remote=True)
 
     p = sub.add_parser("nodes", help="agents and the revision they enforce")
     p.add_argument("--revision", type=int, help="show whether each node has converged to it")

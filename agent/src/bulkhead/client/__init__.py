@@ -20,24 +20,11 @@ from typing import Any
 
 import yaml
 
+from bulkhead.api import resource_path, route, segment
 from bulkhead.defaults import SERVER_PORT
 
 CONFIG_FILE = Path("~/.config/bulkhead/config.yaml")
-
-
-def segment(value: str) -> str:
-    """`value` as one URL path segment: every reserved character percent-encoded.
-
-    A name is data, not URL syntax: unencoded, `web?x` would start a query string and
-    `a/b` add a segment. "." and ".." are encoded too, or URL normalization would resolve
-    them away."""
-    encoded = urllib.parse.quote(value, safe="")
-    return encoded.replace(".", "%2E") if value and not value.strip(".") else encoded
-
-
-def resource_path(kind: str, name: str | None = None) -> str:
-    """`/v1/resources/KIND[/NAME]`, each segment encoded."""
-    return f"/v1/resources/{segment(kind)}" + ("" if name is None else f"/{segment(name)}")
+__all__ = ["ApiError", "Connection", "Unreachable", "resource_path", "route", "segment"]
 
 
 class ApiError(Exception):

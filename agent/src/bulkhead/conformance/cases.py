@@ -53,8 +53,12 @@ class Case:
     named_ports: dict[str, list[dict[str, Any]]]
     policies: list[dict[str, Any]]
     expect: list[Probe]
-    source: str = ""
+    source: str = ""          # the file the case was read from
     resources: list[Resource] = field(default_factory=list)
+    # Free metadata (FORMAT.md): what the case shows, where it was taken from, remarks.
+    description: str = ""
+    cited: str = ""           # the case's own `source:` key
+    notes: str = ""
 
     @property
     def failsafes(self) -> Failsafes:
@@ -97,10 +101,11 @@ def parse_case(raw: Any, source: str, index: int) -> Case:
     if not isinstance(name, str) or not name:
         raise CaseError(f"{source}: case #{index + 1}: name: is required")
     allowed_keys = {"name", "tags", "requires", "hosts", "addresses", "named_ports",
-                    "policies", "expect", "description"}
+                    "policies", "expect", *FREE_TEXT}
     for key in raw:
         if key not in allowed_keys:
             raise _fail(source, name, str(key), "unknown field")
+    free = {key: _free_text(raw.get(key), source, name, key) for key in FREE_TEXT}
     tags = raw.get("tags") or []
     requires = raw.get("requires") or []
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
@@ -125,13 +130,28 @@ def parse_case(raw: Any, source: str, index: int) -> Case:
     expect = [_probe(p, hosts, source, name, i) for i, p in enumerate(raw.get("expect") or [])]
     if not expect:
         raise _fail(source, name, "expect", "needs at least one probe")
-    case = Case(name, tags, requires, hosts, addresses, named_ports, policies, expect, source)
+    case = Case(name, tags, requires, hosts, addresses, named_ports, policies, expect, source,
+                description=free["description"], cited=free["source"], notes=free["notes"])
     try:
         case.resources = [parse_resource(doc) for doc in [*case.host_endpoints(), *policies]]
         case.snapshot()
     except ValidationError as e:
         raise _fail(source, name, "policies", str(e)) from None
     return case
+
+
+FREE_TEXT = ("description", "source", "notes")  # free metadata a case may carry
+
+
+def _free_text(value: Any, source: str, case: str, key: str) -> str:
+    """Free text: a string, or a list of strings (kept one per line)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "\n".join(value)
+    raise _fail(source, case, key, "must be text (a string or a list of strings)")
 
 
 def _addresses(given: dict[str, Any], hosts: dict[str, dict[str, str]], source: str,

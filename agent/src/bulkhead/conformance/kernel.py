@@ -21,7 +21,7 @@ from typing import Any
 
 from bulkhead.conformance.cases import Case
 from bulkhead.lab.probe import ProbeSpec
-from bulkhead.lab.testbed import MANAGEMENT, Testbed
+from bulkhead.testbed import MANAGEMENT, Testbed
 
 LAB_HOSTS = 6
 PROBE_TIMEOUT = 0.6

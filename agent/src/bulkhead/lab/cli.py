@@ -13,8 +13,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bulkhead.lab.core import DEFAULT_NET4, DEFAULT_NET6, SWITCH, Lab, list_labs, remove_all
 from bulkhead.lab.kernel import LabError
+from bulkhead.lab.lab import Lab
+from bulkhead.lab.layout import DEFAULT_NET4, DEFAULT_NET6
+from bulkhead.lab.names import SWITCH
+from bulkhead.lab.netns import list_labs, remove_all, teardown
+from bulkhead.lab.processes import in_namespace
 
 EXIT_OK, EXIT_NOT_OPEN, EXIT_USAGE = 0, 1, 2
 DEFAULT_NAME = "demo"
@@ -60,10 +64,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     try:
         Lab.load(args.name).down()
     except LabError:
-        # No (readable) state file: remove by name.
-        from bulkhead.lab.core import teardown
-
-        teardown(args.name)
+        teardown(args.name)  # no (readable) state file: remove by name
     print(f"removed: {args.name}")
     return EXIT_OK
 
@@ -115,7 +116,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         command = [os.environ.get("SHELL") or "/bin/bash"]
-    argv = ["ip", "netns", "exec", lab.ns(args.host), *command]
+    argv = in_namespace(lab.ns(args.host), command)
     sys.stdout.flush()
     os.execvp(argv[0], argv)
 

@@ -1,15 +1,10 @@
-"""Thin helpers over iproute2 and /proc for the lab: run `ip` (one command or a batch,
-in the root namespace or in a named one), list namespaces and links, find and stop the
-processes living in a namespace."""
+"""Thin helpers over iproute2 for the lab: run `ip` (one command or a batch, in the root
+namespace or in a named one), list namespaces, links and addresses."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,65 +97,3 @@ def root_addresses() -> list[str]:
         for info in link.get("addr_info", []):
             found.append(f"{info['local']}/{info['prefixlen']}")
     return found
-
-
-def process_start(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of `pid`, None if it is gone or a zombie:
-    with the pid it names one process, even if the pid is reused later."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def alive(pid: int, start: int | None) -> bool:
-    now = process_start(pid)
-    return now is not None and (start is None or now == start)
-
-
-def pids_in(namespaces: Iterable[str]) -> list[int]:
-    """The processes whose network namespace is one of `namespaces` (by name)."""
-    wanted = set()
-    for name in namespaces:
-        with contextlib.suppress(OSError):
-            st = os.stat(NETNS_DIR / name)
-            wanted.add((st.st_dev, st.st_ino))
-    if not wanted:
-        return []
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            st = os.stat(f"/proc/{entry.name}/ns/net")
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) in wanted:
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def stop_processes(targets: dict[int, int | None], grace: float = 2.0) -> list[int]:
-    """SIGTERM each pid (-> start time, or None), SIGKILL what is left after `grace`
-    seconds; returns the pids still alive after that (normally none)."""
-    live = {pid: start for pid, start in targets.items()
-            if pid != os.getpid() and alive(pid, start)}
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        for pid in live:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while live and time.monotonic() < deadline:
-            for pid in list(live):
-                # A zombie counts as gone: its parent (maybe a Popen) reaps it.
-                if not alive(pid, live[pid]):
-                    del live[pid]
-            if live:
-                time.sleep(0.01)
-        if not live:
-            break
-    return sorted(live)

@@ -1,5 +1,6 @@
 """Calico projectcalico.org/v3 resources: load, validate, dump."""
 
+from bulkhead.api import KIND_ALIASES
 from bulkhead.model.checks import NamedPort, Port, PortRange
 from bulkhead.model.errors import LoadError, ValidationError
 from bulkhead.model.load import (
@@ -22,7 +23,6 @@ from bulkhead.model.resources import (
     DEFAULT_TIER_ORDER,
     EGRESS,
     INGRESS,
-    KIND_ALIASES,
     KINDS,
     EndpointPort,
     EntityRule,

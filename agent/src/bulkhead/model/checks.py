@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import netaddr
 
+from bulkhead.model.errors import ValidationError
 from bulkhead.model.reader import Reader, show
 from bulkhead.selector import Selector, SelectorError, parse
 
@@ -52,6 +53,7 @@ def check_tier_name(r: Reader, value: str) -> None:
 
 
 def check_label_key(r: Reader, key: str) -> None:
+    """Kubernetes' qualified name (Calico's validateObjectMetaLabels: IsQualifiedName)."""
     prefix, _, name = key.rpartition("/")
     if "/" in key and (not prefix or len(prefix) > 253 or not _NAME.match(prefix)):
         raise r.fail(f"label key {show(key)}: prefix {show(prefix)} is not a DNS subdomain")
@@ -59,6 +61,26 @@ def check_label_key(r: Reader, key: str) -> None:
         raise r.fail(f"label key {show(key)} is not valid (letters, digits, '-', '_' and '.', "
                      "starting and ending with a letter or digit, at most 63 characters, "
                      "with an optional DNS-subdomain prefix and '/')")
+
+
+MAX_ANNOTATIONS_SIZE = 256 * 1024  # keys and values together (Calico, as Kubernetes)
+
+
+def check_annotations(r: Reader, annotations: dict[str, str]) -> None:
+    """Calico's validateObjectMetaAnnotations: each key a qualified name once lowercased
+    (so `ProjectCalico.org/Label` is fine), and at most 256 KiB of keys and values."""
+    total = 0
+    for key, value in annotations.items():
+        try:
+            check_label_key(r, key.lower())
+        except ValidationError:
+            raise r.fail(f"annotation key {show(key)} is not valid (letters, digits, '-', '_' "
+                         "and '.', starting and ending with a letter or digit, at most 63 "
+                         "characters, with an optional DNS-subdomain prefix and '/')") from None
+        total += len(key) + len(value)
+    if total > MAX_ANNOTATIONS_SIZE:
+        raise r.fail(f"annotations hold {total:,} bytes; at most {MAX_ANNOTATIONS_SIZE:,} "
+                     "(keys and values together)")
 
 
 def check_labels(r: Reader, labels: dict[str, str]) -> None:
@@ -75,7 +97,20 @@ def check_interface(r: Reader, value: str) -> None:
         raise r.fail(f"{show(value)} is not an interface name or \"*\"")
 
 
-def check_selector(r: Reader, value: str) -> Selector:
+MAX_SELECTOR_LENGTH = 1024  # Calico's CRD: MaxLength=1024 on every selector field
+
+
+def check_selector(r: Reader, value: str, global_allowed: bool = True) -> Selector:
+    """A selector as Calico takes it. Where Calico's CEL rule forbids `global()` (a policy's
+    `selector`, a rule's `source`/`destination` `selector`), `global_allowed` is False: Calico
+    tests the text for `global(`, so that is what is tested here too."""
+    if len(value) > MAX_SELECTOR_LENGTH:
+        raise r.fail(f"selector is {len(value):,} characters long; at most "
+                     f"{MAX_SELECTOR_LENGTH:,}")
+    if not global_allowed and "global(" in value:
+        raise r.fail(f"{show(value)}: global() can only be used in an EntityRule "
+                     "namespaceSelector (Calico); every host endpoint and network set is "
+                     "global, so write all() or leave the selector out")
     try:
         return parse(value)
     except SelectorError as e:
@@ -96,12 +131,26 @@ def check_cidr(r: Reader, value: str) -> str:
         if "/" in value:
             addr, _, plen = value.partition("/")
             ip = netaddr.IPAddress(addr, flags=netaddr.INET_PTON)
-            if not plen.isdigit() or int(plen) > (32 if ip.version == 4 else 128):
+            width = 32 if ip.version == 4 else 128
+            if not (plen.isascii() and plen.isdigit()) or int(plen) > width:
                 raise ValueError
             return str(netaddr.IPNetwork(f"{ip}/{int(plen)}").cidr)
         return str(netaddr.IPNetwork(str(netaddr.IPAddress(value, flags=netaddr.INET_PTON))))
     except (netaddr.AddrFormatError, ValueError, TypeError):
         raise r.fail(f"{show(value)} is not a CIDR (e.g. 198.18.0.0/24 or 2001:2::/48)") from None
+
+
+def check_rule_net(r: Reader, value: str) -> str:
+    """A rule's `nets`/`notNets` entry, as Calico's validateRule takes it: a CIDR with a
+    prefix length (it parses with ParseCIDR, so a bare address is refused) and no host bits
+    set (the `net` tag: `10.0.0.1/8` is refused, not silently widened to 10.0.0.0/8)."""
+    canonical = check_cidr(r, value)
+    if "/" not in value:
+        raise r.fail(f"{show(value)} has no prefix length; write {show(canonical)} "
+                     "(rule nets are CIDRs in Calico)")
+    if netaddr.IPAddress(value.partition("/")[0]) != netaddr.IPNetwork(canonical).network:
+        raise r.fail(f"{show(value)} has host bits set; write {show(canonical)}")
+    return canonical
 
 
 def check_domain(r: Reader, value: str) -> str:
@@ -122,7 +171,7 @@ def check_protocol(r: Reader, value: object) -> str | int:
             raise r.fail(f"{value} is not a protocol number (1-255)")
         return value
     if isinstance(value, str):
-        if value.isdigit():
+        if value.isascii() and value.isdigit():
             return check_protocol(r, int(value))
         if value in CANONICAL_PROTOCOL.values():
             return value
@@ -165,6 +214,13 @@ class NamedPort:
 
 Port = PortRange | NamedPort
 
+
+def valid_port_name(text: str) -> bool:
+    """Kubernetes' IsValidPortName, which Calico applies to rule and endpoint port names: at
+    most 15 of a-z, 0-9 and '-', a letter among them, no '-' at either end nor '--'."""
+    return (len(text) <= 15 and bool(_PORT_NAME.match(text)) and bool(re.search("[a-z]", text))
+            and "--" not in text)
+
 _PORT_ERROR = 'is not a port, a range "a:b" or a port name'
 
 
@@ -176,12 +232,12 @@ def check_port(r: Reader, value: object) -> Port:
             raise r.fail(f"{value} is out of range 1-65535")
         return PortRange(value, value)
     if isinstance(value, str):
-        text = value.strip()
-        if text.isdigit():
+        text = value
+        if text.isascii() and text.isdigit():
             return check_port(r, int(text))
         first, sep, last = text.partition(":")
         if sep:
-            if not (first.isdigit() and last.isdigit()):
+            if not (text.isascii() and first.isdigit() and last.isdigit()):
                 raise r.fail(f"{show(value)} {_PORT_ERROR}")
             lo, hi = int(first), int(last)
             if lo < 1 or hi > 65535:
@@ -189,6 +245,6 @@ def check_port(r: Reader, value: object) -> Port:
             if lo > hi:
                 raise r.fail(f"{show(value)}: the range's first port is above its last")
             return PortRange(lo, hi)
-        if len(text) <= 15 and _PORT_NAME.match(text) and re.search("[a-z]", text):
+        if valid_port_name(text):
             return NamedPort(text)
     raise r.fail(f"{show(value)} {_PORT_ERROR}")

@@ -11,20 +11,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from bulkhead import api
 from bulkhead.model.checks import (
     PORT_PROTOCOLS,
     NamedPort,
     Port,
+    check_annotations,
     check_cidr,
     check_domain,
     check_interface,
     check_ip,
-    check_label_key,
     check_labels,
     check_name,
     check_policy_name,
     check_port,
     check_protocol,
+    check_rule_net,
     check_selector,
     check_tier_name,
     protocol_number,
@@ -33,7 +35,7 @@ from bulkhead.model.errors import ValidationError
 from bulkhead.model.reader import Reader, show
 from bulkhead.selector import Selector, parse
 
-API_VERSION = "projectcalico.org/v3"
+API_VERSION = api.API_VERSION
 ACTIONS = ("Allow", "Deny", "Log", "Pass")
 INGRESS, EGRESS = "Ingress", "Egress"
 DEFAULT_TIER = "default"
@@ -75,8 +77,7 @@ def _read_metadata(r: Reader, name_check: Any = check_name) -> Metadata:
     labels = r.str_map("labels")
     check_labels(r.child("labels", labels), labels)
     annotations = r.str_map("annotations")
-    for key in annotations:
-        check_label_key(r.child("annotations", annotations), key)
+    check_annotations(r.child("annotations", annotations), annotations)
     version = r.get("resourceVersion")
     generation = r.integer("generation", 0, 2**63 - 1)
     meta = Metadata(
@@ -173,15 +174,30 @@ def _read_icmp(r: Reader) -> ICMPMatch | None:
     return ICMPMatch(icmp_type, code)
 
 
+# Calico's CRD bounds on an EntityRule's lists (MaxItems).
+MAX_NETS = 256
+MAX_PORTS = 50
+
+
+def _at_most(r: Reader, what: str, limit: int) -> None:
+    value = r.mapping().get(what)
+    if isinstance(value, list) and len(value) > limit:
+        raise r.fail(f"{len(value)} entries; at most {limit}", what)
+
+
 def _read_entity(r: Reader, side: str, direction: str) -> EntityRule:
     r.mapping()
-    nets = r.str_list("nets", check_cidr)
-    not_nets = r.str_list("notNets", check_cidr)
+    for what, limit in (("nets", MAX_NETS), ("notNets", MAX_NETS), ("ports", MAX_PORTS),
+                        ("notPorts", MAX_PORTS)):
+        _at_most(r, what, limit)
+    nets = r.str_list("nets", check_rule_net)
+    not_nets = r.str_list("notNets", check_rule_net)
     selector = r.string("selector")
     not_selector = r.string("notSelector")
     entity = EntityRule(
         nets=nets, not_nets=not_nets,
-        selector=check_selector(r.child("selector", selector), selector) if selector else None,
+        selector=(check_selector(r.child("selector", selector), selector, global_allowed=False)
+                  if selector else None),
         not_selector=(check_selector(r.child("notSelector", not_selector), not_selector)
                       if not_selector else None),
         ports=tuple(check_port(item, item.data) for item in r.items("ports")),
@@ -216,6 +232,7 @@ def _read_rule(r: Reader, direction: str) -> Rule:
     if r.get("metadata") is not None:
         meta = r.field("metadata")
         annotations = meta.str_map("annotations")
+        check_annotations(meta.child("annotations", annotations), annotations)
         meta.done()
     source = _read_entity(r.field("source"), "source", direction)
     destination = _read_entity(r.field("destination"), "destination", direction)
@@ -275,8 +292,13 @@ class PolicySpec:
     pre_dnat: bool = False
     do_not_track: bool = False
     staged_action: str | None = None  # Set | Delete, staged policies only
+    performance_hints: tuple[str, ...] = ()  # Calico's hints to Felix; no effect here
 
     def rules(self, direction: str) -> tuple[Rule, ...]:
+        """The rules that apply in `direction`: none when `types` leaves it out (Calico keeps
+        such rules in the resource but never evaluates them)."""
+        if direction not in self.types:
+            return ()
         return self.ingress if direction == INGRESS else self.egress
 
     def dump(self) -> dict[str, Any]:
@@ -288,6 +310,7 @@ class PolicySpec:
             "selector": str(self.selector), "types": list(self.types),
             "ingress": [x.dump() for x in self.ingress],
             "egress": [x.dump() for x in self.egress],
+            "performanceHints": list(self.performance_hints),
         })
         for key, value in (("applyOnForward", self.apply_on_forward),
                            ("preDNAT", self.pre_dnat), ("doNotTrack", self.do_not_track)):
@@ -301,6 +324,8 @@ def _order_out(order: float | None) -> float | int | None:
         return None
     return int(order) if order == int(order) else order
 
+
+PERFORMANCE_HINTS = ("AssumeNeededOnEveryNode",)
 
 _UNSUPPORTED_POLICY = {
     "namespaceSelector": "namespaces exist only for Kubernetes workloads",
@@ -323,7 +348,9 @@ def _read_policy_spec(r: Reader, name: str, staged: bool) -> PolicySpec:
             if extra:
                 raise r.fail(f"with stagedAction Delete, every field but tier must be empty "
                              f"({', '.join(extra)} given)", extra[0])
-    tier = r.string("tier", check=check_tier_name)
+    # An empty string is an unset field in Calico (omitempty), so the CRD default applies.
+    tier = r.string("tier", check=lambda rr, v: None if v == "" else check_tier_name(rr, v))
+    tier = tier or None
     prefix = name.split(".", 1)[0] if "." in name else None
     if tier is None and prefix not in (None, DEFAULT_TIER):
         raise r.fail(f"policy name {show(name)} has the prefix {show(prefix + '.')} but no "
@@ -337,7 +364,8 @@ def _read_policy_spec(r: Reader, name: str, staged: bool) -> PolicySpec:
                      " or drop the prefix", "tier")
     order = r.number("order")
     selector_text = r.string("selector") or ""
-    selector = check_selector(r.child("selector", selector_text), selector_text)
+    selector = check_selector(r.child("selector", selector_text), selector_text,
+                              global_allowed=False)
     ingress = tuple(_read_rule(item, "ingress") for item in r.items("ingress"))
     egress = tuple(_read_rule(item, "egress") for item in r.items("egress"))
     types_given = r.str_list("types")
@@ -346,6 +374,13 @@ def _read_policy_spec(r: Reader, name: str, staged: bool) -> PolicySpec:
             raise r.fail(f"{show(t)} is not Ingress or Egress", f"types[{i}]")
     if len(set(types_given)) != len(types_given):
         raise r.fail("lists a type twice", "types")
+    hints = r.str_list("performanceHints")
+    for i, hint in enumerate(hints):
+        if hint not in PERFORMANCE_HINTS:
+            raise r.fail(f"{show(hint)} is not a performance hint "
+                         f"({', '.join(PERFORMANCE_HINTS)})", f"performanceHints[{i}]")
+    if len(set(hints)) != len(hints):
+        raise r.fail("lists a hint twice", "performanceHints")
     pre_dnat = bool(r.flag("preDNAT"))
     if pre_dnat and (egress or EGRESS in types_given):
         raise r.fail("a preDNAT policy can only have ingress rules", "egress")
@@ -357,14 +392,13 @@ def _read_policy_spec(r: Reader, name: str, staged: bool) -> PolicySpec:
         types = (INGRESS, EGRESS)
     else:
         types = (INGRESS,)
-    if ingress and INGRESS not in types:
-        raise r.fail("has ingress rules but does not include Ingress", "types")
-    if egress and EGRESS not in types:
-        raise r.fail("has egress rules but does not include Egress", "types")
+    # Rules of a direction `types` leaves out are kept and never evaluated, as in Calico
+    # (validator_test: "allow Types without ingress when Ingress present").
     spec = PolicySpec(
         tier=tier, order=order, selector=selector, types=types, ingress=ingress,
         egress=egress, apply_on_forward=bool(r.flag("applyOnForward")), pre_dnat=pre_dnat,
         do_not_track=bool(r.flag("doNotTrack")), staged_action=staged_action,
+        performance_hints=hints,
     )
     if spec.pre_dnat:
         if spec.do_not_track:
@@ -499,28 +533,19 @@ KINDS: dict[str, type[Resource]] = {
     cls.kind: cls for cls in (HostEndpoint, GlobalNetworkPolicy, StagedGlobalNetworkPolicy,
                               Tier, GlobalNetworkSet, Profile)
 }
-# Lower-case and plural spellings, as calicoctl accepts them on its command line.
-KIND_ALIASES: dict[str, str] = {}
-for _kind in KINDS:
-    _plural = _kind.lower()[:-1] + "ies" if _kind.endswith("y") else _kind.lower() + "s"
-    for _alias in (_kind, _kind.lower(), _plural):
-        KIND_ALIASES[_alias] = _kind
-KIND_ALIASES.update({"hep": "HostEndpoint", "heps": "HostEndpoint",
-                     "gnp": "GlobalNetworkPolicy", "gnps": "GlobalNetworkPolicy",
-                     "sgnp": "StagedGlobalNetworkPolicy", "gns": "GlobalNetworkSet",
-                     "policy": "GlobalNetworkPolicy", "policies": "GlobalNetworkPolicy"})
+assert tuple(KINDS) == api.KINDS, "bulkhead.api names the kinds the model reads"
 
 
 # ------------------------------------------------------------------------------ parse
 def _read_hep(r: Reader, meta: Metadata) -> HostEndpoint:
     node = r.string("node", required=True, check=check_name)
-    iface = r.string("interfaceName", check=check_interface)
+    iface = r.string("interfaceName",  # "" is unset, as in Calico (omitempty)
+                     check=lambda rr, v: None if v == "" else check_interface(rr, v)) or None
     ips = r.str_list("expectedIPs", check_ip)
     if not iface and not ips:
         raise r.fail("a HostEndpoint needs interfaceName or expectedIPs")
     profiles = r.str_list("profiles", check_name)
     ports: list[EndpointPort] = []
-    seen: set[tuple[str, int]] = set()
     for item in r.items("ports"):
         item.mapping()
         name = item.string("name", required=True)
@@ -534,12 +559,10 @@ def _read_hep(r: Reader, meta: Metadata) -> HostEndpoint:
         proto = check_protocol(item.field("protocol"), raw_proto)
         if protocol_number(proto) not in PORT_PROTOCOLS:
             raise item.fail(f"{show(proto)}: named ports need TCP, UDP or SCTP", "protocol")
-        number = item.integer("port", 0, 65535)
+        number = item.integer("port", 1, 65535)
         if number is None:
             raise item.fail("is required", "port")
-        if (name, protocol_number(proto)) in seen:
-            raise item.fail(f"port {show(name)} with protocol {proto} is listed twice", "name")
-        seen.add((name, protocol_number(proto)))
+        # A name listed twice is accepted, as Calico does; a rule naming it matches any.
         item.done()
         ports.append(EndpointPort(name, proto, number))
     r.done()
@@ -548,22 +571,41 @@ def _read_hep(r: Reader, meta: Metadata) -> HostEndpoint:
                         profiles=profiles, ports=tuple(ports))
 
 
+# Calico's well-known tiers: their order and defaultAction are fixed (CEL rules on Tier).
+FIXED_TIERS: dict[str, tuple[float, str]] = {
+    DEFAULT_TIER: (DEFAULT_TIER_ORDER, "Deny"),
+    "kube-admin": (1_000.0, "Pass"),
+    "kube-baseline": (10_000_000.0, "Pass"),
+}
+
+
 def _read_tier(r: Reader, meta: Metadata) -> Tier:
     order = r.number("order")
-    action = r.string("defaultAction") or "Deny"
+    action = r.string("defaultAction") or "Deny"  # the CRD's default
     if action not in ("Deny", "Pass"):
         raise r.fail(f"{show(action)} is not Deny or Pass", "defaultAction")
     r.done()
-    if meta.name == DEFAULT_TIER and order not in (None, DEFAULT_TIER_ORDER):
-        raise r.fail(f"the default tier's order is fixed at {int(DEFAULT_TIER_ORDER)}", "order")
-    if meta.name == DEFAULT_TIER and action != "Deny":
-        raise r.fail("the default tier's defaultAction is always Deny", "defaultAction")
-    if meta.name == DEFAULT_TIER and order is None:
-        order = DEFAULT_TIER_ORDER
+    fixed = FIXED_TIERS.get(meta.name)
+    if fixed is not None:
+        fixed_order, fixed_action = fixed
+        if order != fixed_order:
+            raise r.fail(f"the {meta.name} tier's order is fixed at {int(fixed_order)}"
+                         + ("; write it" if order is None else ""), "order")
+        if action != fixed_action:
+            raise r.fail(f"the {meta.name} tier's defaultAction is always {fixed_action}",
+                         "defaultAction")
     return Tier(metadata=meta, order=order, default_action=action)
 
 
+# Calico's validateGlobalNetworkSet: this label maps a namespace into Calico's v1 model.
+RESERVED_NETWORK_SET_LABEL = "projectcalico.org/namespace"
+
+
 def _read_network_set(r: Reader, meta: Metadata) -> GlobalNetworkSet:
+    if RESERVED_NETWORK_SET_LABEL in meta.labels:
+        raise ValidationError(r.kind, r.name, "metadata.labels",
+                              f"{RESERVED_NETWORK_SET_LABEL} is not a valid label name "
+                              "(Calico reserves it)")
     nets = r.str_list("nets", check_cidr)
     domains = r.str_list("allowedEgressDomains", check_domain)
     r.done()

@@ -10,6 +10,8 @@ Grammar (precedence: `!` binds tightest, then `&&`, then `||`):
                 | KEY ("in" | "not in") "{" [STRING ("," STRING)*] "}"
                 | KEY ("contains" | "starts with" | "ends with") STRING
     (`startswith`, `endswith` and `notin` are accepted, as Calico does; `!!x` is `x`)
+    Tokens are separated by spaces and tabs only, as in Calico's tokenizer, and `has(`,
+    `all(` and `global(` are written without a space before the parenthesis.
     KEY        := [a-zA-Z0-9_./-]+
     STRING     := '"' [^"]* '"' | "'" [^']* "'"
 """
@@ -24,14 +26,15 @@ MAX_DEPTH = 64  # nesting of (), ! and has(); keeps recursion and compiled code 
 
 _KEY = re.compile(r"[a-zA-Z0-9_./\-]+")
 _WORD_OPS = (  # Calico allows any spacing between the words, none included
-    ("starts with", re.compile(r"starts\s*with(?![a-zA-Z0-9_./\-])")),
-    ("ends with", re.compile(r"ends\s*with(?![a-zA-Z0-9_./\-])")),
+    ("starts with", re.compile(r"starts[ \t]*with(?![a-zA-Z0-9_./\-])")),
+    ("ends with", re.compile(r"ends[ \t]*with(?![a-zA-Z0-9_./\-])")),
     ("contains", re.compile(r"contains(?![a-zA-Z0-9_./\-])")),
-    ("not in", re.compile(r"not\s*in(?![a-zA-Z0-9_./\-])")),
+    ("not in", re.compile(r"not[ \t]*in(?![a-zA-Z0-9_./\-])")),
     ("in", re.compile(r"in(?![a-zA-Z0-9_./\-])")),
 )
 MAX_KEY_LENGTH = 512
-_CALL = re.compile(r"(all|global|has)\s*\(")
+_CALL = re.compile(r"(all|global|has)\(")
+SPACE = " \t"  # Calico's tokenizer skips these and nothing else
 
 
 class SelectorError(ValueError):
@@ -55,7 +58,7 @@ class _Parser:
 
     # -- scanning ---------------------------------------------------------------------
     def skip_space(self) -> None:
-        while self.pos < len(self.text) and self.text[self.pos].isspace():
+        while self.pos < len(self.text) and self.text[self.pos] in SPACE:
             self.pos += 1
 
     def peek(self, literal: str) -> bool:
@@ -74,6 +77,8 @@ class _Parser:
 
     def error(self, expected: str) -> SelectorError:
         self.skip_space()
+        if self.pos < len(self.text) and self.text[self.pos].isspace():
+            expected += " (only spaces and tabs may separate tokens, as in Calico)"
         return SelectorError(self.text, self.pos, expected)
 
     def key(self) -> str:

@@ -1,7 +1,7 @@
 """bulkhead-server's HTTP API (aiohttp): resources, apply, watch, agent status, health.
 
 Every request comes over TLS with a client certificate (mutual TLS); its subject names the
-caller's role (see `bulkhead.server.pki`). Errors are JSON:
+caller's role (see `bulkhead.pki`). Errors are JSON:
 `{"error": {"code": 422, "reason": "Invalid", "message": "GlobalNetworkPolicy x: spec..."}}`.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from cryptography import x509
 
+from bulkhead.api import OWNER_LABEL, ROUTES, SERVER_FIELDS
 from bulkhead.model import (
     DEFAULT_TIER,
     KIND_ALIASES,
@@ -34,15 +35,17 @@ from bulkhead.model import (
     parse_documents,
     parse_resource,
 )
+from bulkhead.pki import Identity, identity_from_subject
 from bulkhead.selector import SelectorError, parse
 from bulkhead.server import limits
 from bulkhead.server.hub import STATUS_KIND, Hub, WireEvent
 from bulkhead.server.listen import Listener
-from bulkhead.server.pki import Identity, identity_from_subject
 from bulkhead.server.revocation import Revocation
 from bulkhead.store import (
+    Audit,
     Conflict,
     Datastore,
+    FutureRevision,
     MissingReference,
     NotFound,
     Op,
@@ -50,13 +53,13 @@ from bulkhead.store import (
     StillReferenced,
     Stored,
     TooLarge,
+    TooOld,
     Unavailable,
 )
 
 log = logging.getLogger("bulkhead.server")
 access_log = logging.getLogger("bulkhead.server.access")
 
-IDENTITY = web.AppKey("identity_override", Identity)
 WHO = web.RequestKey("identity", Identity)
 SERIAL = web.RequestKey("serial", int)  # the client certificate's serial number
 REVOCATION = web.AppKey("revocation", Revocation)
@@ -68,7 +71,6 @@ LISTENER = web.AppKey("listener", Listener)
 MAX_BODY = 8 * 1024 * 1024
 TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-SERVER_FIELDS = ("resourceVersion", "uid", "creationTimestamp", "generation")
 TIER_USERS = Referrers(("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy"), ("spec", "tier"))
 
 
@@ -89,9 +91,6 @@ def _identity(request: web.Request) -> Identity:
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
     if not der:
-        override = request.app.get(IDENTITY)
-        if override is not None:  # a test app without TLS
-            return override
         raise ApiError(401, "Unauthorized", "a client certificate is required")
     cert = x509.load_der_x509_certificate(der)
     request[SERIAL] = cert.serial_number
@@ -131,7 +130,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     status = 500
     who = "-"
     try:
-        if request.path not in ("/healthz", "/readyz"):
+        if request.path not in (ROUTES["healthz"], ROUTES["readyz"]):
             identity = _identity(request)
             request[WHO] = identity
             who = f"{identity.role}:{identity.name}"
@@ -169,6 +168,13 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 # --------------------------------------------------------------------------- helpers
+def _audit(identity: Identity) -> Audit:
+    """What the audit trail keeps of who writes: the certificate's name and role (and a
+    tier admin's tiers)."""
+    role = identity.role + (f" (tiers {', '.join(identity.tiers)})" if identity.tiers else "")
+    return Audit(identity.name, role)
+
+
 def _require(request: web.Request, *roles: str) -> Identity:
     identity: Identity = request[WHO]
     if identity.role not in roles:
@@ -265,6 +271,28 @@ def _requires(resource: Resource) -> tuple[tuple[str, str], ...]:
     if isinstance(resource, GlobalNetworkPolicy) and resource.spec.tier != DEFAULT_TIER:
         return (("Tier", resource.spec.tier),)
     return ()
+
+
+async def _commit(store: Datastore, ops: list[Op], identity: Identity, dry_run: bool,
+                  what: str) -> int | None:
+    """Write `ops` as one audited transaction (unless `dry_run`; the datastore's size limit
+    is checked either way); the new revision. Each refusal names what went wrong and that
+    nothing was `what` (applied, deleted, changed)."""
+    try:
+        store.check_size(ops, audited=True)
+        if dry_run or not ops:
+            return None
+        return (await store.transaction(ops, _audit(identity))).revision
+    except (Conflict, NotFound) as e:
+        raise ApiError(409, "Conflict", f"{e}; nothing was {what}, try again") from None
+    except MissingReference as e:
+        raise _no_tier(e.kind, e.name, e.ref_name) from None
+    except StillReferenced as e:
+        raise ApiError(409, "Conflict", f"Tier {e.name} still holds policies: "
+                       f"{', '.join(n for _, n in e.referrers[:10])}; nothing was {what}"
+                       ) from None
+    except TooLarge as e:
+        raise ApiError(413, "RequestEntityTooLarge", f"{e}; nothing was {what}") from None
 
 
 async def _check_refs(store: Datastore, resources: list[Resource]) -> None:
@@ -375,7 +403,7 @@ async def write_resource(request: web.Request) -> web.Response:
         return _json(_diff_entry(resource, old), 200)
     try:
         tx = await store.transaction([Op("put", kind, resource.name, resource.dump(), expect,
-                                         requires=_requires(resource))])
+                                         requires=_requires(resource))], _audit(identity))
     except Conflict as e:
         raise ApiError(409, "Conflict", str(e)) from None
     except NotFound as e:
@@ -405,7 +433,8 @@ async def delete_resource(request: web.Request) -> web.Response:
     try:
         tx = await store.transaction([Op("delete", kind, name,
                                          expect=request.query.get("resourceVersion"),
-                                         unreferenced=TIER_USERS if kind == "Tier" else None)])
+                                         unreferenced=TIER_USERS if kind == "Tier" else None)],
+                                     _audit(identity))
     except Conflict as e:
         raise ApiError(409, "Conflict", str(e)) from None
     except NotFound as e:
@@ -481,29 +510,19 @@ async def delete_many(request: web.Request) -> web.Response:
                       unreferenced=TIER_USERS if kind == "Tier" else None))
         results.append({"kind": kind, "name": name, "action": "deleted"})
     await _check_tiers_emptied(store, ops)
-    revision = None
-    try:
-        store.check_size(ops)
-        if not dry_run and ops:
-            revision = (await store.transaction(ops)).revision
-    except (Conflict, NotFound) as e:
-        raise ApiError(409, "Conflict", f"{e}; nothing was deleted, try again") from None
-    except StillReferenced as e:
-        raise ApiError(409, "Conflict", f"Tier {e.name} still holds policies: "
-                       f"{', '.join(n for _, n in e.referrers[:10])}; nothing was deleted"
-                       ) from None
-    except TooLarge as e:
-        raise ApiError(413, "RequestEntityTooLarge", f"{e}; nothing was deleted") from None
+    revision = await _commit(store, ops, identity, dry_run, "deleted")
     return _json({"dryRun": dry_run, "revision": revision, "results": results})
 
 
-async def _check_tiers_emptied(store: Datastore, ops: list[Op]) -> None:
+async def _check_tiers_emptied(store: Datastore, ops: list[Op],
+                               leaving: set[tuple[str, str]] | None = None) -> None:
     """An early answer (and the dry run's): every Tier deleted must lose all its policies
-    in the same request. The transaction checks again as it commits."""
+    in the same request (`leaving`: the policies that leave it; default: those `ops`
+    delete). The transaction checks again as it commits."""
     tiers = {op.name for op in ops if op.kind == "Tier"}
     if not tiers:
         return
-    going = {(op.kind, op.name) for op in ops}
+    going = leaving if leaving is not None else {(op.kind, op.name) for op in ops}
     for kind in TIER_USERS.kinds:
         items, _ = await store.list_resources(kind)
         for s in items:
@@ -544,20 +563,7 @@ async def apply(request: web.Request) -> web.Response:
         raise ApiError(400, "BadRequest", f"mode {mode[:40]!r}: expected apply, create or "
                        "replace")
     dry_run = _dry_run(request)
-    text = await _text(request)
-    is_json = request.content_type == "application/json"
-    try:
-        resources = await asyncio.to_thread(_load_body, text, is_json)
-    except (ValidationError, LoadError) as e:
-        raise ApiError(422 if isinstance(e, ValidationError) else 400,
-                       "Invalid" if isinstance(e, ValidationError) else "BadRequest",
-                       str(e)) from None
-    seen: set[tuple[str, str]] = set()
-    for r in resources:
-        if r.key in seen:
-            raise ApiError(422, "Invalid", f"{r.kind} {r.name}: metadata.name: is defined "
-                           "twice in the body")
-        seen.add(r.key)
+    resources = await _resources_of_body(request)
     olds = [await _current(store, r.kind, r.name) for r in resources]
     for r, old in zip(resources, olds, strict=True):
         _authorize_write(identity, r, old)
@@ -568,28 +574,196 @@ async def apply(request: web.Request) -> web.Response:
             raise ApiError(404, "NotFound", f"{r.kind} {r.name} not found; nothing was "
                            "replaced")
     await _check_refs(store, resources)
+    # Comparing and serializing thousands of documents is CPU work: off the event loop.
+    diff, ops = await asyncio.to_thread(_plan_puts, resources, olds)
+    revision = await _commit(store, ops, identity, dry_run, "applied")
+    return await _big_json({"dryRun": dry_run, "revision": revision, "results": diff})
+
+
+def _plan_puts(resources: list[Resource], olds: list[Stored | None]
+               ) -> tuple[list[dict[str, Any]], list[Op]]:
+    """The diff of each resource against what the store holds, and the puts it takes."""
     diff = [_diff_entry(r, old) for r, old in zip(resources, olds, strict=True)]
     ops = [Op("put", r.kind, r.name, r.dump(), str(old.revision) if old else "absent",
               requires=_requires(r))
            for r, old, d in zip(resources, olds, diff, strict=True) if d["action"] != "unchanged"]
-    revision = None
+    return diff, ops
+
+
+async def _big_json(data: dict[str, Any]) -> web.Response:
+    """A JSON answer serialized off the event loop (it may hold thousands of documents)."""
+    body = await asyncio.to_thread(json.dumps, data)
+    return web.Response(text=body, content_type="application/json")
+
+
+async def _resources_of_body(request: web.Request) -> list[Resource]:
+    """The resources of a write's body, decoded and validated off the event loop; a
+    resource named twice is refused."""
+    text = await _text(request)
     try:
-        store.check_size(ops)   # the datastore's own limit on one atomic transaction
-        if not dry_run and ops:
-            revision = (await store.transaction(ops)).revision
-    except (Conflict, NotFound) as e:
-        raise ApiError(409, "Conflict", f"{e}; nothing was applied, try again") from None
-    except MissingReference as e:
-        raise _no_tier(e.kind, e.name, e.ref_name) from None
-    except TooLarge as e:
-        raise ApiError(413, "RequestEntityTooLarge", f"{e}; nothing was applied") from None
-    return _json({"dryRun": dry_run, "revision": revision, "results": diff})
+        resources = await asyncio.to_thread(_load_body, text,
+                                            request.content_type == "application/json")
+    except (ValidationError, LoadError) as e:
+        raise ApiError(422 if isinstance(e, ValidationError) else 400,
+                       "Invalid" if isinstance(e, ValidationError) else "BadRequest",
+                       str(e)) from None
+    seen: set[tuple[str, str]] = set()
+    for r in resources:
+        if r.key in seen:
+            raise ApiError(422, "Invalid", f"{r.kind} {r.name}: metadata.name: is defined "
+                           "twice in the body")
+        seen.add(r.key)
+    return resources
 
 
 def _load_body(text: str, is_json: bool) -> list[Resource]:
     """An apply body's resources: strict JSON when the client says JSON, else YAML."""
     docs = flatten([json_value(text, "body")], "body") if is_json else documents(text, "body")
     return parse_documents(docs, "body")
+
+
+# ------------------------------------------------- desired states: sync and rollback
+POLICY_KINDS = ("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy")
+
+
+async def _converge(request: web.Request, identity: Identity, desired: list[Resource],
+                    scope: list[Stored]) -> web.Response:
+    """Make the store hold exactly `desired` where it now holds `scope`: puts for what is
+    new or differs, deletes for what `scope` has and `desired` lacks, in one transaction
+    (all or nothing); with `?dryRun=true` only the answer. Results as apply's, with
+    `deleted` (and its `before`) for what goes."""
+    store = request.app[STORE]
+    dry_run = _dry_run(request)
+    current = {(s.kind, s.name): s for s in scope}
+    wanted = {r.key for r in desired}
+    results: list[dict[str, Any]] = []
+    ops: list[Op] = []
+    for r in desired:
+        old = current.get(r.key) or await _current(store, r.kind, r.name)
+        _authorize_write(identity, r, old)
+        entry = _diff_entry(r, old)
+        results.append(entry)
+        if entry["action"] != "unchanged":
+            ops.append(Op("put", r.kind, r.name, r.dump(),
+                          str(old.revision) if old else "absent", requires=_requires(r)))
+    for key, s in sorted(current.items(), key=lambda kv: DELETE_ORDER.get(kv[0][0], 3)):
+        if key in wanted:
+            continue
+        _authorize_write(identity, parse_resource(s.doc), None)
+        results.append({"kind": s.kind, "name": s.name, "action": "deleted",
+                        "before": _strip(s.doc)})
+        ops.append(Op("delete", s.kind, s.name, expect=str(s.revision),
+                      unreferenced=TIER_USERS if s.kind == "Tier" else None))
+    await _check_refs(store, desired)
+    # A Tier that goes must lose its policies here: deleted, or moved to another tier.
+    deletes = [op for op in ops if op.action == "delete"]
+    gone_tiers = {op.name for op in deletes if op.kind == "Tier"}
+    moved = {r.key for r in desired
+             if isinstance(r, GlobalNetworkPolicy) and r.spec.tier not in gone_tiers}
+    await _check_tiers_emptied(store, deletes,
+                               leaving={(op.kind, op.name) for op in deletes} | moved)
+    revision = await _commit(store, ops, identity, dry_run, "changed")
+    return _json({"dryRun": dry_run, "revision": revision, "results": results})
+
+
+async def sync(request: web.Request) -> web.Response:
+    """`POST /v1/sync?tier=T` or `?owner=O`: the policies in the body become exactly the
+    policies of tier T (or those labelled microseg.bulkhead.io/managed-by=O): new ones
+    created, changed ones updated, the others of the scope deleted, in one transaction."""
+    identity = _require(request, "admin")
+    tier, owner = request.query.get("tier"), request.query.get("owner")
+    if (tier is None) == (owner is None):
+        raise ApiError(400, "BadRequest", "give exactly one of tier=NAME and owner=VALUE")
+    desired = await _resources_of_body(request)
+    for r in desired:
+        if not isinstance(r, GlobalNetworkPolicy):
+            raise ApiError(422, "Invalid", f"{r.kind} {r.name}: a sync holds only "
+                           "GlobalNetworkPolicy and StagedGlobalNetworkPolicy resources")
+        if tier is not None and r.spec.tier != tier:
+            raise ApiError(422, "Invalid", f"{r.kind} {r.name}: spec.tier: is "
+                           f'"{r.spec.tier}", not the tier synced ("{tier}")')
+        if owner is not None and r.metadata.labels.get(OWNER_LABEL) != owner:
+            raise ApiError(422, "Invalid", f"{r.kind} {r.name}: metadata.labels: "
+                           f'{OWNER_LABEL} must be "{owner}", the owner synced')
+    scope: list[Stored] = []
+    for kind in POLICY_KINDS:
+        items, _ = await request.app[STORE].list_resources(kind)
+        scope += [s for s in items
+                  if (tier is not None and s.doc.get("spec", {}).get("tier", DEFAULT_TIER)
+                      == tier) or (owner is not None and s.labels.get(OWNER_LABEL) == owner)]
+    if owner is not None:
+        for r in desired:   # another owner's policy is not taken over silently
+            old = await _current(request.app[STORE], r.kind, r.name)
+            theirs = old.labels.get(OWNER_LABEL) if old else None
+            if old is not None and theirs != owner:
+                raise ApiError(409, "Conflict", f"{r.kind} {r.name} exists and is "
+                               f"{'owned by ' + repr(theirs) if theirs else 'not owned'}; "
+                               "nothing was changed")
+    return await _converge(request, identity, desired, scope)
+
+
+async def rollback(request: web.Request) -> web.Response:
+    """`POST /v1/rollback?revision=N`: every resource back to what it was at revision N
+    (what came later deleted), in one transaction; a cluster admin's."""
+    identity = _require(request, "admin")
+    if identity.tiers:
+        raise forbidden(identity, "roll back the whole store (only an admin without tier "
+                        "limits may)")
+    target = limits.revision_param(request.query.get("revision"))
+    if target is None:
+        raise ApiError(400, "BadRequest", "revision: required (the revision to go back to)")
+    then = await _past(request, target)
+    try:
+        desired = [parse_resource(_strip(s.doc)) for s in then]
+    except ValidationError as e:
+        raise ApiError(422, "Invalid", f"at revision {target}: {e}; it is not valid today, "
+                       "nothing was changed") from None
+    scope, _ = await request.app[STORE].list_resources()
+    return await _converge(request, identity, desired, scope)
+
+
+async def _past(request: web.Request, revision: int) -> list[Stored]:
+    try:
+        return await request.app[STORE].list_at(revision)
+    except TooOld:
+        raise ApiError(410, "Gone", f"revision {revision} is older than the kept history "
+                       "(see compactionRetain)") from None
+    except FutureRevision as e:
+        raise ApiError(400, "BadRequest", str(e)) from None
+
+
+async def export(request: web.Request) -> web.Response:
+    """`GET /v1/export[?revision=N][&tier=T]`: every resource (or tier T and its policies)
+    as it was at revision N (default: now), without the fields the server owns."""
+    _require(request, "admin", "viewer")
+    revision = limits.revision_param(request.query.get("revision"))
+    tier = request.query.get("tier")
+    if revision is None:
+        items, revision = await request.app[STORE].list_resources()
+    else:
+        items = await _past(request, revision)
+    if tier is not None:
+        items = [s for s in items if (s.kind == "Tier" and s.name == tier) or
+                 (s.kind in POLICY_KINDS and s.doc.get("spec", {}).get("tier") == tier)]
+    items = sorted(items, key=lambda s: (DELETE_ORDER.get(s.kind, 3) * -1, s.kind, s.name))
+    return _json({"revision": revision, "items": [_strip(s.doc) for s in items]})
+
+
+async def history(request: web.Request) -> web.Response:
+    """`GET /v1/history[?limit=N][&kind=K][&name=NAME]`: who changed what, newest first."""
+    _require(request, "admin", "viewer")
+    raw = request.query.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw[:5]) <= 1000:
+        raise ApiError(400, "BadRequest", f"limit: {raw[:20]!r} is not a number from 1 to "
+                       "1000")
+    kind = None
+    if "kind" in request.query:
+        raw_kind = request.query["kind"]
+        kind = KIND_ALIASES.get(raw_kind) or KIND_ALIASES.get(raw_kind.lower())
+        if kind is None:
+            raise ApiError(400, "BadRequest", f"kind: unknown kind {raw_kind[:64]!r}")
+    entries = await request.app[STORE].audit_log(int(raw), kind, request.query.get("name"))
+    return _json({"entries": entries})
 
 
 async def snapshot(request: web.Request) -> web.Response:
@@ -729,9 +903,21 @@ async def metrics(request: web.Request) -> web.Response:
                         charset="utf-8", headers={"X-Content-Type": "version=0.0.4"})
 
 
-def make_app(store: Datastore, hub: Hub, identity_override: Identity | None = None,
-             listener: Listener | None = None, revocation: Revocation | None = None
-             ) -> web.Application:
+# Every route of the API (bulkhead.api.ROUTES) and who answers it.
+HANDLERS: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "healthz", healthz), ("GET", "readyz", readyz), ("GET", "metrics", metrics),
+    ("GET", "snapshot", snapshot), ("GET", "watch", watch), ("POST", "apply", apply),
+    ("POST", "delete", delete_many), ("POST", "sync", sync), ("POST", "rollback", rollback),
+    ("GET", "export", export), ("GET", "history", history),
+    ("GET", "resources", list_resources), ("GET", "kind", list_resources),
+    ("POST", "kind", write_resource), ("GET", "resource", get_resource),
+    ("PUT", "resource", write_resource), ("DELETE", "resource", delete_resource),
+    ("POST", "status", post_status), ("GET", "nodes", nodes),
+)
+
+
+def make_app(store: Datastore, hub: Hub, listener: Listener | None = None,
+             revocation: Revocation | None = None) -> web.Application:
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
     app[STORE] = store
     app[HUB] = hub
@@ -739,23 +925,8 @@ def make_app(store: Datastore, hub: Hub, identity_override: Identity | None = No
     if listener is not None:
         app[LISTENER] = listener
     app[METRICS] = {"requests": Counter()}
-    if identity_override is not None:
-        app[IDENTITY] = identity_override
     if revocation is not None:
         app[REVOCATION] = revocation
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/snapshot", snapshot)
-    app.router.add_get("/v1/watch", watch)
-    app.router.add_post("/v1/apply", apply)
-    app.router.add_post("/v1/delete", delete_many)
-    app.router.add_get("/v1/resources", list_resources)
-    app.router.add_get("/v1/resources/{kind}", list_resources)
-    app.router.add_post("/v1/resources/{kind}", write_resource)
-    app.router.add_get("/v1/resources/{kind}/{name}", get_resource)
-    app.router.add_put("/v1/resources/{kind}/{name}", write_resource)
-    app.router.add_delete("/v1/resources/{kind}/{name}", delete_resource)
-    app.router.add_post("/v1/status/{node}", post_status)
-    app.router.add_get("/v1/nodes", nodes)
+    for method, which, handler in HANDLERS:
+        app.router.add_route(method, ROUTES[which], handler)
     return app

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import ssl
@@ -13,13 +12,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import yaml
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bulkhead.defaults import SERVER_PORT
+from bulkhead.logs import setup_logging
 from bulkhead.model import strict_yaml
 from bulkhead.server.app import HUB, STOPPING, make_app
 from bulkhead.server.hub import Hub
@@ -28,19 +28,6 @@ from bulkhead.server.revocation import Revocation
 from bulkhead.store import open_store
 
 DEFAULT_CONFIG = Path("/etc/bulkhead/server.yaml")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and any `fields`."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-                               "level": record.levelname.lower(), "logger": record.name,
-                               "msg": record.getMessage()}
-        out.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
 
 
 class BadHttpFilter(logging.Filter):
@@ -69,15 +56,6 @@ class BadHttpFilter(logging.Filter):
         record.fields = {"suppressed": self._suppressed}
         self._suppressed = 0
         return True
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(BadHttpFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 @dataclass
@@ -250,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "listen": args.listen, "datastore": args.datastore, "tls_cert": args.tls_cert,
         "tls_key": args.tls_key, "client_ca": args.client_ca,
         "client_auth": args.client_auth, "log_level": args.log_level, "crl": args.crl})
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, BadHttpFilter())
     try:
         asyncio.run(serve(config))
     except ValueError as e:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from bulkhead.server import pki
+from bulkhead import pki
 
 log = logging.getLogger("bulkhead.server.revocation")
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlparse
 
 from bulkhead.store.base import (
+    Audit,
     Conflict,
     Datastore,
     Event,
+    FutureRevision,
     MissingReference,
     NotFound,
     Op,
@@ -24,7 +26,8 @@ from bulkhead.store.base import (
     update,
 )
 
-__all__ = ["Conflict", "Datastore", "Event", "MissingReference", "NotFound", "Op",
+__all__ = ["Audit", "Conflict", "Datastore", "Event", "FutureRevision", "MissingReference",
+           "NotFound", "Op",
            "Referrers", "StillReferenced", "StoreError", "Stored", "TooLarge", "TooOld",
            "TxResult", "Unavailable", "create", "delete", "open_store", "update"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from bulkhead.selector import Selector
@@ -44,6 +45,14 @@ class TooOld(StoreError):
         self.revision, self.oldest = revision, oldest
         super().__init__(f"revision {revision} is too old (history starts after {oldest}); "
                          "list again")
+
+
+class FutureRevision(StoreError):
+    """The requested revision is newer than the store's current one."""
+
+    def __init__(self, revision: int, current: int) -> None:
+        self.revision, self.current = revision, current
+        super().__init__(f"revision {revision} is in the future (the store is at {current})")
 
 
 class Unavailable(StoreError):
@@ -145,6 +154,34 @@ class Op:
 class TxResult:
     revision: int
     stored: list[Stored] = field(default_factory=list)   # one per op; DELETED: the old one
+    changes: list[dict[str, str]] = field(default_factory=list)  # kind, name, action
+
+
+def change_of(event_type: EventType, op: Op) -> dict[str, str]:
+    """What a write did, as the audit trail says it: created, configured or deleted."""
+    action = {"ADDED": "created", "MODIFIED": "configured", "DELETED": "deleted"}[event_type]
+    return {"kind": op.kind, "name": op.name, "action": action}
+
+
+@dataclass(frozen=True)
+class Audit:
+    """Who writes: kept with the revision the write makes, in the same transaction."""
+
+    who: str
+    role: str
+
+    def entry(self, revision: int, changes: list[dict[str, str]]) -> Document:
+        return {"revision": revision,
+                "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "who": self.who, "role": self.role, "changes": changes}
+
+
+def audit_matches(entry: Mapping[str, Any], kind: str | None, name: str | None) -> bool:
+    """Whether an audit entry changed a resource of `kind` (named `name`)."""
+    if kind is None and name is None:
+        return True
+    return any((kind is None or c.get("kind") == kind) and (name is None or c.get("name") == name)
+               for c in entry.get("changes") or [])
 
 
 def doc_key(doc: Mapping[str, Any]) -> tuple[str, str]:
@@ -173,8 +210,9 @@ class Datastore(Protocol):
     max_ops: int
     """The most operations one transaction may hold (see `check_size`)."""
 
-    def check_size(self, ops: Sequence[Op]) -> None:
-        """Raise TooLarge when `ops` cannot commit as one transaction here."""
+    def check_size(self, ops: Sequence[Op], audited: bool = False) -> None:
+        """Raise TooLarge when `ops` cannot commit as one transaction here (with an audit
+        entry when `audited`)."""
 
     async def get(self, kind: str, name: str) -> Stored:
         """The resource, or NotFound."""
@@ -183,8 +221,9 @@ class Datastore(Protocol):
                    ) -> tuple[list[Stored], int]:
         """Resources (of a kind, matching a label selector) and the revision they are at."""
 
-    async def transaction(self, ops: Sequence[Op]) -> TxResult:
-        """Every op or none, under one new revision. Conflict/NotFound leave no trace."""
+    async def transaction(self, ops: Sequence[Op], audit: Audit | None = None) -> TxResult:
+        """Every op or none, under one new revision. Conflict/NotFound leave no trace.
+        With `audit`, who wrote what is kept with the revision (see `audit_log`)."""
 
     async def revision(self) -> int:
         """The current revision."""
@@ -200,6 +239,15 @@ class Datastore(Protocol):
     async def compact(self, keep_after: int) -> None:
         """Forget the history at and before `keep_after` (watches from there get TooOld),
         and give the space back."""
+
+    async def list_at(self, revision: int) -> list[Stored]:
+        """Every resource as it was at `revision`; TooOld if the kept history does not
+        reach back there, FutureRevision past the current one."""
+
+    async def audit_log(self, limit: int, kind: str | None = None, name: str | None = None
+                        ) -> list[Document]:
+        """The newest `limit` audit entries (of writes to `kind`/`name`), newest first:
+        revision, time, who, role, changes. Kept as long as the history."""
 
     async def put_status(self, node: str, doc: Document) -> None:
         """Keep an agent's status report, outside the resources: no revision, no event,

@@ -29,9 +29,11 @@ import aiohttp
 
 from bulkhead.selector import Selector
 from bulkhead.store.base import (
+    Audit,
     Document,
     Event,
     EventType,
+    FutureRevision,
     MissingReference,
     NotFound,
     Op,
@@ -41,6 +43,8 @@ from bulkhead.store.base import (
     TooOld,
     TxResult,
     Unavailable,
+    audit_matches,
+    change_of,
     check_expectation,
     stamp,
 )
@@ -75,6 +79,7 @@ class EtcdStore:
         base = self.prefix.rstrip("/")
         self._status_prefix = base + "!status/"
         self._refs_prefix = base + "!refs/"
+        self._audit_prefix = base + "!audit/"  # one key per write, its revision the key's
         self._marker = base + ".history"   # sorts just before the prefix
         self.max_ops = max_txn_ops
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -156,20 +161,26 @@ class EtcdStore:
     def _ref_key(self, kind: str, name: str) -> str:
         return f"{self._refs_prefix}{kind}/{name}"
 
-    def _size(self, ops: Sequence[Op]) -> tuple[int, int]:
-        """The compares and the writes the commit of `ops` holds."""
+    def _size(self, ops: Sequence[Op], audited: bool) -> tuple[int, int]:
+        """The compares and the writes the commit of `ops` holds (one more write for the
+        audit entry when `audited`)."""
         keys = {(op.kind, op.name) for op in ops}
         required = {ref for op in ops if op.action == "put" for ref in op.requires}
         guarded = sum(1 for op in ops if op.action == "delete" and op.unreferenced)
-        return len(ops) + len(required - keys) + guarded, len(ops) + len(required)
+        return (len(ops) + len(required - keys) + guarded,
+                len(ops) + len(required) + int(audited))
 
-    def check_size(self, ops: Sequence[Op]) -> None:
-        compares, writes = self._size(ops)
+    def check_size(self, ops: Sequence[Op], audited: bool = False) -> None:
+        compares, writes = self._size(ops, audited)
         needed = max(compares, writes)
         if needed > self.max_ops:
             extra = needed - len(ops)
-            refs = f" (one per resource, and {extra} for the tiers they refer to)" \
-                if extra else " (one per resource)"
+            parts = ["one per resource"]
+            if extra - int(audited) > 0:
+                parts.append(f"{extra - int(audited)} for the tiers they refer to")
+            if audited:
+                parts.append("1 for the audit entry")
+            refs = f" ({', '.join(parts)})"
             raise TooLarge(
                 f"{len(ops)} resources need {needed} operations in one etcd transaction"
                 f"{refs}; etcd takes at most {self.max_ops} (its --max-txn-ops): split the "
@@ -216,10 +227,10 @@ class EtcdStore:
                            if op.unreferenced.refers(key[0], doc or {}, op.name))
         return referrers, str(ref_revision)
 
-    async def transaction(self, ops: Sequence[Op]) -> TxResult:
+    async def transaction(self, ops: Sequence[Op], audit: Audit | None = None) -> TxResult:
         if not ops:
             return TxResult(await self.revision())
-        self.check_size(ops)
+        self.check_size(ops, audit is not None)
         keys = [self._key(op.kind, op.name) for op in ops]
         writes = {(op.kind, op.name): op.action for op in ops}
         required = sorted({ref for op in ops if op.action == "put" for ref in op.requires})
@@ -249,9 +260,12 @@ class EtcdStore:
                                      "target": "MOD", "result": "EQUAL",
                                      "mod_revision": ref_revision})
             created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            changes = []
             for op, key in zip(ops, keys, strict=True):
                 kv = current.get(key)
                 check_expectation(op, int(kv["mod_revision"]) if kv else None)
+                changes.append(change_of("DELETED" if op.action == "delete" else
+                                         "MODIFIED" if kv else "ADDED", op))
                 if kv:
                     compares.append({"key": _b64(key), "target": "MOD", "result": "EQUAL",
                                      "mod_revision": kv["mod_revision"]})
@@ -273,11 +287,17 @@ class EtcdStore:
                     requests.append({"request_put": {"key": _b64(key),
                                                      "value": _b64(json.dumps(doc))}})
                     planned.append((op, doc))
+            if audit is not None:  # its revision is the commit's: the key's mod_revision
+                entry = audit.entry(0, changes)
+                del entry["revision"]
+                requests.append({"request_put": {
+                    "key": _b64(self._audit_prefix + str(uuid.uuid4())),
+                    "value": _b64(json.dumps(entry))}})
             done = await self._call("/v3/kv/txn", {"compare": compares, "success": requests})
             if not done.get("succeeded"):
                 continue  # another writer changed a key between our read and commit
             revision = int(done["header"]["revision"])
-            result = TxResult(revision)
+            result = TxResult(revision, changes=changes)
             for op, doc in planned:
                 out = json.loads(json.dumps(doc))
                 if op.action != "delete":
@@ -291,7 +311,9 @@ class EtcdStore:
         comes back to the file system with etcd's own `etcdctl defrag`.
 
         etcd keeps the revision it compacts at, so compacting at `keep_after + 1` forgets
-        `keep_after` as the contract says (at `keep_after` when that is the newest)."""
+        `keep_after` as the contract says (at `keep_after` when that is the newest).
+        Audit entries at and before `keep_after` go too (they are keys: deleted)."""
+        await self._forget_audit(keep_after)
         for revision in (keep_after + 1, keep_after):
             try:
                 await self._call("/v3/kv/compaction", {"revision": str(revision),
@@ -302,6 +324,48 @@ class EtcdStore:
                     return
                 if "future revision" not in str(e):
                     raise
+
+    # -- the past ---------------------------------------------------------------------
+    async def list_at(self, revision: int) -> list[Stored]:
+        try:
+            data = await self._call("/v3/kv/range", {
+                "key": _b64(self.prefix), "range_end": _prefix_end(self.prefix),
+                "revision": str(revision)})
+        except Unavailable as e:
+            if "compacted" in str(e):
+                raise TooOld(revision, revision) from None
+            if "future revision" in str(e):
+                raise FutureRevision(revision, await self.revision()) from None
+            raise
+        items = [self._stored(kv) for kv in data.get("kvs") or []]
+        return sorted((s for s in items if s.kind != LEGACY_STATUS_KIND),
+                      key=lambda s: (s.kind, s.name))
+
+    async def _audit_kvs(self, keys_only: bool = False) -> list[dict[str, Any]]:
+        data = await self._call("/v3/kv/range", {
+            "key": _b64(self._audit_prefix), "range_end": _prefix_end(self._audit_prefix),
+            "keys_only": keys_only})
+        kvs: list[dict[str, Any]] = data.get("kvs") or []
+        return sorted(kvs, key=lambda kv: -int(kv["mod_revision"]))
+
+    async def audit_log(self, limit: int, kind: str | None = None, name: str | None = None
+                        ) -> list[Document]:
+        out: list[Document] = []
+        for kv in await self._audit_kvs():
+            entry = json.loads(_unb64(kv["value"]))
+            entry = {"revision": int(kv["mod_revision"]), **entry}
+            if audit_matches(entry, kind, name):
+                out.append(entry)
+                if len(out) >= limit:
+                    break
+        return out
+
+    async def _forget_audit(self, keep_after: int) -> None:
+        old = [kv["key"] for kv in await self._audit_kvs(keys_only=True)
+               if int(kv["mod_revision"]) <= keep_after]
+        for start in range(0, len(old), self.max_ops):
+            await self._call("/v3/kv/txn", {"success": [
+                {"request_delete_range": {"key": key}} for key in old[start:start + self.max_ops]]})
 
     # -- agents' status ---------------------------------------------------------------
     async def put_status(self, node: str, doc: Document) -> None:

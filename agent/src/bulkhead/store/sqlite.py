@@ -24,9 +24,11 @@ from typing import Any
 
 from bulkhead.selector import Selector
 from bulkhead.store.base import (
+    Audit,
     Document,
     Event,
     EventType,
+    FutureRevision,
     MissingReference,
     NotFound,
     Op,
@@ -35,6 +37,8 @@ from bulkhead.store.base import (
     TooLarge,
     TooOld,
     TxResult,
+    audit_matches,
+    change_of,
     check_expectation,
     stamp,
 )
@@ -56,6 +60,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0);
 CREATE TABLE IF NOT EXISTS status (node TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (revision INTEGER PRIMARY KEY, doc TEXT NOT NULL);
 """
 
 MIGRATE_STATUS = """
@@ -87,6 +92,9 @@ class SQLiteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        if "prev" not in columns:  # the document an event replaced: to undo it (list_at)
+            self._db.execute("ALTER TABLE events ADD COLUMN prev TEXT")
         if self._db.execute("SELECT 1 FROM resources WHERE kind = ? LIMIT 1",
                             (STATUS_KIND,)).fetchone():
             self._db.executescript(MIGRATE_STATUS)
@@ -143,7 +151,7 @@ class SQLiteStore:
         return int(await self._run(self._meta, "revision"))
 
     # -- writes -----------------------------------------------------------------------
-    def check_size(self, ops: Sequence[Op]) -> None:
+    def check_size(self, ops: Sequence[Op], audited: bool = False) -> None:
         if len(ops) > self.max_ops:
             raise TooLarge(f"{len(ops)} writes in one transaction; the SQLite datastore "
                            f"takes at most {self.max_ops}: split it into smaller ones",
@@ -169,7 +177,7 @@ class SQLiteStore:
                 if referrers:
                     raise StillReferenced(op.kind, op.name, referrers)
 
-    def _apply(self, ops: Sequence[Op]) -> TxResult:
+    def _apply(self, ops: Sequence[Op], audit: Audit | None = None) -> TxResult:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -180,6 +188,7 @@ class SQLiteStore:
                                  "name = ?", (op.kind, op.name)).fetchone()
                 check_expectation(op, None if row is None else row[0])
                 old = json.loads(row[1]) if row else None
+                prev = row[1] if row else None
                 kind_of_event: EventType
                 if op.action == "delete":
                     assert old is not None
@@ -194,10 +203,16 @@ class SQLiteStore:
                     db.execute("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?)",
                                (op.kind, op.name, revision, json.dumps(doc)))
                     kind_of_event = "MODIFIED" if old else "ADDED"
-                db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
-                           (revision, seq, kind_of_event, op.kind, op.name, json.dumps(doc)))
+                db.execute("INSERT INTO events (revision, seq, type, kind, name, doc, prev) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (revision, seq, kind_of_event, op.kind, op.name, json.dumps(doc),
+                            prev))
                 result.stored.append(Stored(op.kind, op.name, revision, doc))
+                result.changes.append(change_of(kind_of_event, op))
             self._check_references(ops)
+            if audit is not None:
+                db.execute("INSERT INTO audit VALUES (?, ?)", (revision, json.dumps(
+                    audit.entry(revision, result.changes))))
             db.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,))
             db.execute("COMMIT")
             return result
@@ -205,11 +220,11 @@ class SQLiteStore:
             db.execute("ROLLBACK")
             raise
 
-    async def transaction(self, ops: Sequence[Op]) -> TxResult:
+    async def transaction(self, ops: Sequence[Op], audit: Audit | None = None) -> TxResult:
         if not ops:
             return TxResult(await self.revision())
         self.check_size(ops)
-        result: TxResult = await self._run(self._apply, list(ops))
+        result: TxResult = await self._run(self._apply, list(ops), audit)
         cond = self._condition()
         async with cond:
             cond.notify_all()
@@ -222,6 +237,7 @@ class SQLiteStore:
                 current = self._meta("compacted")
                 if keep_after > current:
                     self._db.execute("DELETE FROM events WHERE revision <= ?", (keep_after,))
+                    self._db.execute("DELETE FROM audit WHERE revision <= ?", (keep_after,))
                     self._db.execute("UPDATE meta SET value = ? WHERE key = 'compacted'",
                                      (keep_after,))
                 self._db.execute("COMMIT")
@@ -233,6 +249,53 @@ class SQLiteStore:
             self._db.executescript("PRAGMA incremental_vacuum;")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         await self._run(run)
+
+    # -- the past ---------------------------------------------------------------------
+    def _at(self, revision: int) -> list[Stored]:
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            compacted, current = self._meta("compacted"), self._meta("revision")
+            if revision < compacted:
+                raise TooOld(revision, compacted)
+            if revision > current:
+                raise FutureRevision(revision, current)
+            rows = db.execute("SELECT kind, name, revision, doc FROM resources").fetchall()
+            undo = db.execute("SELECT type, kind, name, doc, prev FROM events WHERE "
+                              "revision > ? ORDER BY revision DESC, seq DESC",
+                              (revision,)).fetchall()
+        finally:
+            db.execute("COMMIT")
+        state = {(k, n): json.loads(d) for k, n, _, d in rows}
+        for etype, kind, name, doc, prev in undo:   # newest first, back to `revision`
+            if etype == "ADDED":
+                state.pop((kind, name), None)
+            elif etype == "DELETED":
+                state[(kind, name)] = json.loads(doc)
+            elif prev is None:   # written before events kept what they replaced
+                raise TooOld(revision, compacted)
+            else:
+                state[(kind, name)] = json.loads(prev)
+        return [Stored(k, n, int(d.get("metadata", {}).get("resourceVersion") or 0), d)
+                for (k, n), d in sorted(state.items())]
+
+    async def list_at(self, revision: int) -> list[Stored]:
+        items: list[Stored] = await self._run(self._at, revision)
+        return items
+
+    async def audit_log(self, limit: int, kind: str | None = None, name: str | None = None
+                        ) -> list[Document]:
+        def read() -> list[Document]:
+            out: list[Document] = []
+            for (text,) in self._db.execute("SELECT doc FROM audit ORDER BY revision DESC"):
+                entry = json.loads(text)
+                if audit_matches(entry, kind, name):
+                    out.append(entry)
+                    if len(out) >= limit:
+                        break
+            return out
+        entries: list[Document] = await self._run(read)
+        return entries
 
     # -- agents' status ---------------------------------------------------------------
     async def put_status(self, node: str, doc: Document) -> None:

@@ -9,7 +9,6 @@ server's port, so no policy can cut it off from the store that would fix it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -20,23 +19,23 @@ from typing import Any
 
 import yaml
 
-from bulkhead.client import ApiError, Connection, Unreachable, resource_path
+from bulkhead import pki
+from bulkhead.client import ApiError, Connection, Unreachable, resource_path, route
 from bulkhead.defaults import SERVER_PORT
-from bulkhead.lab.core import DEFAULT_NET4, Lab
-from bulkhead.lab.kernel import LabError
+from bulkhead.lab import DEFAULT_NET4, SWITCH, Lab, LabError
+from bulkhead.lab.processes import log_tail, stop
 from bulkhead.model import KINDS
 from bulkhead.policy import DEFAULT_INBOUND, DEFAULT_OUTBOUND
-from bulkhead.server import pki
 
 BIN = Path(sys.executable).parent
 MANAGEMENT = "198.19.253.{}"   # hosts' management addresses, with management=True
 MARKER = "bulkhead-testbed-marker"   # a network set whose every write is a new revision
+AGENT_STOP_GRACE = 15.0  # seconds an agent has to stop on SIGTERM before SIGKILL
 POLICY_KINDS = ("StagedGlobalNetworkPolicy", "GlobalNetworkPolicy", "HostEndpoint",
                 "GlobalNetworkSet", "Profile", "Tier")  # the order to delete them in
 
 
 class Testbed:
-    __test__ = False  # not a test class, whatever pytest thinks of the name
     def __init__(self, name: str, hosts: Sequence[str] | int, *, net4: str = DEFAULT_NET4,
                  failsafe_defaults: bool = True, management: bool = False,
                  agent_hosts: Sequence[str] | None = None) -> None:
@@ -114,30 +113,25 @@ class Testbed:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                self.request("GET", "/readyz")
+                self.request("GET", route("readyz"))
                 return
             except (Unreachable, ApiError):
                 time.sleep(0.1)
-        raise LabError(f"bulkhead-server did not become ready: {self._log('server.log')}")
+        raise LabError("bulkhead-server did not become ready: "
+                       f"{log_tail(self.dir / 'server.log')}")
 
     def stop_server(self) -> None:
         """Kill the server (agents keep enforcing what they have)."""
         if self._server is not None:
-            self._server.kill()
-            self._server.wait(timeout=10)
+            stop(self._server, kill=True)
             self._server = None
 
     def start_server(self) -> None:
         """Start (or restart) the server from the config `up()` wrote."""
         config = self.dir / "server.yaml"
-        self._server = self.lab.spawn("sw", [str(BIN / "bulkhead-server"), "--config",
+        self._server = self.lab.spawn(SWITCH, [str(BIN / "bulkhead-server"), "--config",
                                              str(config)], self.dir / "server.log")
         self.wait_server()
-
-    def _log(self, name: str, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join((self.dir / name).read_text().splitlines()[-lines:])
-        return "(no log)"
 
     # -- agents -----------------------------------------------------------------------
     def agent_config(self, host: str, failsafe_defaults: bool, **settings: Any) -> Path:
@@ -168,17 +162,8 @@ class Testbed:
 
     def stop_agent(self, host: str, kill: bool = False) -> None:
         proc = self.agents.pop(host, None)
-        if proc is None:
-            return
-        if kill:
-            proc.kill()
-        else:
-            proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        if proc is not None:
+            stop(proc, AGENT_STOP_GRACE, kill=kill)
 
     def start_agents(self, failsafe_defaults: bool) -> None:
         """(Re)start the agent of every agent host, with Felix's default failsafe ports
@@ -204,7 +189,7 @@ class Testbed:
         """Apply resources (all or nothing); the store revision it made, None if nothing
         changed."""
         text = "\n---\n".join(json.dumps(d) for d in docs)
-        answer = self.request("POST", "/v1/apply", raw=text.encode(),
+        answer = self.request("POST", route("apply"), raw=text.encode(),
                               content_type="application/yaml")
         return answer.get("revision") if isinstance(answer, dict) else None
 
@@ -275,7 +260,7 @@ class Testbed:
 
     def nodes(self, revision: int | None = None) -> dict[str, Any]:
         query = {"revision": str(revision)} if revision is not None else None
-        answer: dict[str, Any] = self.request("GET", "/v1/nodes", query=query)
+        answer: dict[str, Any] = self.request("GET", route("nodes"), query=query)
         return answer
 
     def wait_converged(self, revision: int, hosts: Iterable[str] | None = None,
@@ -294,7 +279,7 @@ class Testbed:
                 detail = {h: nodes.get(h, {}) for h in behind[:3]}
                 raise LabError(f"agents {behind} did not reach revision {revision} in "
                                f"{timeout:.0f} s: {detail}; last agent log: "
-                               f"{self._log(f'agent-{behind[0]}.log', 5)}")
+                               f"{log_tail(self.dir / f'agent-{behind[0]}.log', 5)}")
             time.sleep(0.02)
 
 

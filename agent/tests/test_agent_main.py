@@ -1,0 +1,111 @@
+"""bulkhead.agent.main: the command line (--once, --dry-run, --offline, exit codes) and
+the daemon stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bulkhead.agent import main as agent_main
+from bulkhead.agent.cache import load_cache
+from bulkhead.agent.config import AgentConfig
+from bulkhead.agent.daemon import Agent
+from tests.agentfixture import (  # noqa: F401 (restore_logging: an autouse fixture)
+    Recorder,
+    config_for,
+    create,
+    gnp,
+    node_status,
+    restore_logging,
+    until,
+)
+from tests.conftest import Server, free_port
+
+
+def write_config(path: Path, cfg: AgentConfig, **extra: Any) -> Path:
+    data = {"server": cfg.server, "node": cfg.node, "ca": cfg.ca, "cert": cfg.cert,
+            "key": cfg.key, "stateDir": cfg.state_dir, "metricsListen": "", **extra}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def run_main(argv: list[str], rec: Recorder) -> int:
+    return await asyncio.to_thread(agent_main.main, argv, make_enforcer=lambda _: rec)
+
+
+async def test_once_and_dry_run(server: Server, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config_for(server.url, server.pki, tmp_path / "state")
+    conf = write_config(tmp_path / "agent.yaml", cfg)
+    rec = Recorder()
+    async with server.client("alice", "admin") as admin, \
+            server.client("val", "viewer") as viewer:
+        rev = await create(admin, gnp("a"))
+        for _ in range(200):  # the server's hub follows the store a moment after the write
+            async with viewer.get("/v1/snapshot") as r:
+                if (await r.json())["revision"] >= rev:
+                    break
+            await asyncio.sleep(0.02)
+
+        assert await run_main(["--config", str(conf), "--dry-run"], rec) == 0
+        out = capsys.readouterr().out
+        assert f"revision {rev}" in out and "chain gnp-a {" in out and "+chain gnp-a" in out
+        assert rec.calls == [] and rec.dry_runs == 1 and await node_status(viewer) == {}
+        assert load_cache(cfg.state_dir) is None   # changed nothing
+
+        assert await run_main(["--config", str(conf), "--once"], rec) == 0
+        assert f"applied revision {rev}" in capsys.readouterr().out
+        assert rec.calls == [(rev, ["a"])]
+        status = await node_status(viewer)
+        assert status["appliedRevision"] == rev and status["errors"] == []
+        cached = load_cache(cfg.state_dir)
+        assert cached is not None and cached.revision == rev
+
+        # --offline: the cache, with the server out of the picture.
+        down = ["--server", f"https://127.0.0.1:{free_port()}"]
+        assert await run_main(["--config", str(conf), *down, "--dry-run", "--offline"],
+                              rec) == 0
+        assert "from the cache" in capsys.readouterr().out and rec.dry_runs == 2
+
+        assert await run_main(["--config", str(conf), *down, "--once"], rec) == 3
+        assert "cannot reach" in capsys.readouterr().err
+
+        rec.fail = "nft: Error: Could not process rule: No such file or directory"
+        assert await run_main(["--config", str(conf), "--once"], rec) == 1
+        err = capsys.readouterr().err
+        assert "bulkhead-agent: apply of revision" in err and "No such file" in err
+        status = await node_status(viewer)
+        assert status["errors"] and status["appliedRevision"] == 0  # a fresh process
+
+        assert await run_main(["--config", str(conf), "--dry-run"], rec) == 1
+        err = capsys.readouterr().err
+        assert "bulkhead-agent: dry run of revision " in err and ": nft: Error: " in err
+
+
+async def test_sigterm_stops_the_daemon_and_leaves_the_ruleset(
+        server: Server, tmp_path: Path) -> None:
+    rec = Recorder()
+    async with server.client("alice", "admin") as admin:
+        await create(admin, gnp("a"))
+    agent = Agent(config_for(server.url, server.pki, tmp_path / "state"), rec)
+    task = asyncio.create_task(agent_main._daemon(agent))
+    await until(lambda: rec.applied is not None and agent.connected, "the apply")
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(task, 10)
+    assert len(rec.calls) == 1   # stopping applied nothing (and the seam has no "remove")
+
+
+
+def test_missing_tls_files_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = agent_main.main(["--once", "--server", "https://127.0.0.1:1", "--ca",
+                          str(tmp_path / "nope.crt"), "--metrics-listen", ""],
+                         make_enforcer=lambda _: Recorder())
+    err = capsys.readouterr().err
+    assert rc == 2 and f"ca: {tmp_path / 'nope.crt'}: No such file" in err, err
+
