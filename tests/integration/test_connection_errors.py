@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bulkhead.server import pki
+from bulkhead import pki
 
 from conftest import BIN, inventory, run, write
 

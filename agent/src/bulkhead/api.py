@@ -87,6 +87,7 @@ def route(which: str, /, **params: str) -> str:
 
 def resource_path(kind: str, name: str | None = None) -> str:
     """`/v1/resources/KIND[/NAME]`, each segment encoded."""
-    return route("kind", kind=kind) if name is None else route("resource", kind=kind,
-                                                                name=name)
+    if name is None:
+        return route("kind", kind=kind)
+    return route("resource", kind=kind, name=name)
 # ---- end of the API ----
