@@ -248,6 +248,37 @@ class BulkheadClient:
             query["dryRun"] = "true"
         return self.request("POST", "/v1/apply", raw=json.dumps(docs), query=query)
 
+    def sync(self, docs, tier=None, owner=None, dry_run=False):
+        """The policies `docs` become exactly those of a tier or an owner (one transaction)."""
+        query = {"tier": tier} if tier is not None else {"owner": owner}
+        if dry_run:
+            query["dryRun"] = "true"
+        return self.request("POST", "/v1/sync", raw=json.dumps(docs), query=query)
+
+    def rollback(self, revision, dry_run=False):
+        """Every resource back to revision `revision` (what came later deleted)."""
+        query = {"revision": str(revision)}
+        if dry_run:
+            query["dryRun"] = "true"
+        return self.request("POST", "/v1/rollback", query=query)
+
+    def export(self, revision=None, tier=None):
+        """Every resource (or a tier and its policies) as it was at `revision` (or now)."""
+        query = {}
+        if revision is not None:
+            query["revision"] = str(revision)
+        if tier is not None:
+            query["tier"] = tier
+        return self.request("GET", "/v1/export", query=query or None)
+
+    def history(self, limit=None, kind=None, name=None):
+        """Who changed what at which revision, newest first."""
+        query = {}
+        for key, value in (("limit", limit), ("kind", kind), ("name", name)):
+            if value is not None:
+                query[key] = str(value)
+        return self.request("GET", "/v1/history", query=query or None)["entries"]
+
     # ------------------------------------------------------------------- agents
     def nodes(self, revision=None):
         query = {"revision": str(revision)} if revision is not None else None

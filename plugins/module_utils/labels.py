@@ -13,9 +13,11 @@ __metaclass__ = type
 
 from ansible.module_utils.six import string_types
 
+from ansible_collections.bulkhead.microseg.plugins.module_utils.api import RESERVED_LABEL_PREFIX
+
 # Labels the collection itself writes (ownership); purges keep them, as amazon.aws keeps
 # `aws:` tags.
-RESERVED_PREFIX = "microseg.bulkhead.io/"
+RESERVED_PREFIX = RESERVED_LABEL_PREFIX
 
 
 def type_name(value):

@@ -111,3 +111,21 @@ def ensure_many(service, docs, state="present", check_mode=False):
             diffs.append(_diff(before, v.get("after"), "%s %s" % (v["kind"], v["name"])))
     return {"changed": bool(changed), "results": results, "diff": diffs,
             "revision": revision}
+
+
+def converged(answer, header_prefix=""):
+    """The module result from a sync or rollback answer (the server's results, with
+    `before`/`after` per changed resource): changed, results, diff, revision."""
+    results, diffs = [], []
+    for r in answer.get("results") or []:
+        action = {"configured": "updated"}.get(r["action"], r["action"])
+        results.append({"kind": r["kind"], "name": r["name"], "action": action})
+        if action != "unchanged":
+            diffs.append({"before": r.get("before") or {}, "after": r.get("after") or {},
+                          "before_header": "%s%s %s" % (header_prefix, r["kind"], r["name"]),
+                          "after_header": "%s%s %s" % (header_prefix, r["kind"], r["name"])})
+    out = {"changed": bool(diffs), "results": results, "diff": diffs,
+           "revision": None if answer.get("dryRun") else answer.get("revision")}
+    for action in ("created", "updated", "deleted"):
+        out[action] = [r["name"] for r in results if r["action"] == action]
+    return out

@@ -139,47 +139,15 @@ converged:
   sample: true
 """
 
-import json
-
 from ansible.module_utils.common.text.converters import to_text
-from ansible.module_utils.six import string_types
 
+from ansible_collections.bulkhead.microseg.plugins.module_utils.documents import check_named, load
 from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import (
     normalize_document_labels,
 )
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure_many
 from ansible_collections.bulkhead.microseg.plugins.module_utils.waiter import wait_spec
-
-try:
-    import yaml
-    HAS_YAML = True
-except ImportError:  # pragma: no cover - PyYAML comes with ansible-core
-    HAS_YAML = False
-
-
-def parse_documents(text, where):
-    """Documents from YAML or JSON text; empty documents are skipped."""
-    text = to_text(text)
-    if not HAS_YAML:
-        return json.loads(text)
-    try:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        raise ValueError("%s: not valid YAML: %s" % (where, e))
-
-
-def flatten(docs):
-    """A list of documents; a `kind: List` document contributes its items."""
-    out = []
-    for doc in docs if isinstance(docs, list) else [docs]:
-        if isinstance(doc, dict) and doc.get("kind") == "List":
-            out.extend(flatten(doc.get("items") or []))
-        elif isinstance(doc, list):
-            out.extend(flatten(doc))
-        else:
-            out.append(doc)
-    return out
 
 
 def main():
@@ -193,20 +161,10 @@ def main():
     )
     p = module.params
     try:
-        if p["src"]:
-            with open(p["src"], "rb") as f:
-                docs = parse_documents(f.read(), p["src"])
-        elif isinstance(p["definition"], string_types):
-            docs = parse_documents(p["definition"], "definition")
-        else:
-            docs = p["definition"]
+        docs = load(p["definition"], p["src"])
+        check_named(docs)
     except (OSError, IOError, ValueError) as e:
         module.fail_json(msg=to_text(e))
-    docs = flatten(docs)
-    for i, doc in enumerate(docs):
-        if not isinstance(doc, dict) or not doc.get("kind") or \
-                not isinstance(doc.get("metadata"), dict) or not doc["metadata"].get("name"):
-            module.fail_json(msg="document %d: needs kind and metadata.name" % (i + 1))
     if not docs:
         module.fail_json(msg="no documents given")
     try:

@@ -226,3 +226,20 @@ def test_ensure_many_and_delete_order():
     gone = runner.ensure_many(svc, [tier, policy], "absent")
     assert svc.writes[-2:] == [("delete", "t.p"), ("delete", "t")]
     assert len(gone["diff"]) == 2
+
+
+def test_converged_reports_the_servers_answer():
+    answer = {"dryRun": False, "revision": 40, "results": [
+        {"kind": "GlobalNetworkPolicy", "name": "t.a", "action": "created", "after": {"a": 1}},
+        {"kind": "GlobalNetworkPolicy", "name": "t.b", "action": "configured",
+         "before": {"b": 1}, "after": {"b": 2}},
+        {"kind": "GlobalNetworkPolicy", "name": "t.c", "action": "unchanged"},
+        {"kind": "GlobalNetworkPolicy", "name": "t.d", "action": "deleted", "before": {"d": 1}},
+    ]}
+    out = runner.converged(answer)
+    assert out["changed"] and out["revision"] == 40
+    assert (out["created"], out["updated"], out["deleted"]) == (["t.a"], ["t.b"], ["t.d"])
+    assert [d["after"] for d in out["diff"]] == [{"a": 1}, {"b": 2}, {}]
+    dry = runner.converged(dict(answer, dryRun=True))
+    assert dry["changed"] and dry["revision"] is None
+    assert not runner.converged({"dryRun": False, "revision": None, "results": []})["changed"]
