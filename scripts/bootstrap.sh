@@ -25,4 +25,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
+# The distribution was called `bulkhead` before it became bulkhead-microseg (the name
+# `bulkhead` on the package index is someone else's): drop the old editable install.
+if "$VENV/bin/python" -m pip show -q bulkhead >/dev/null 2>&1; then
+  "$VENV/bin/python" -m pip uninstall -q -y bulkhead
+fi
 "$VENV/bin/python" -m pip install -q -e "agent[dev]" -r tests/requirements.txt

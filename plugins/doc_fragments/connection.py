@@ -80,10 +80,15 @@ options:
   labels:
     description:
       - Labels of the resource (C(metadata.labels)), which selectors match.
+      - Booleans become V(true) or V(false) and numbers stay as written (V(1), V(2.5)), the
+        same rule the P(bulkhead.microseg.endpoints#inventory) inventory plugin follows, so
+        V(pci == 'true') finds what either wrote. A null value is an error naming the label.
     type: dict
   purge_labels:
     description:
-      - With V(true), labels on the server that are not in O(labels) are removed.
+      - With V(true), labels on the server that are not in O(labels) are removed, except the
+        collection's own under C(microseg.bulkhead.io/) (for example the owner label of
+        M(bulkhead.microseg.host_endpoints)), as C(purge_tags) keeps C(aws:) tags.
       - With V(false), O(labels) are added to or update the ones on the server, and the others stay.
       - When O(labels) is not given, the labels on the server are kept either way.
     type: bool
@@ -91,8 +96,30 @@ options:
 attributes:
   check_mode:
     support: full
-    description: Validated by the server (dry run) and compared; nothing is written.
+    description:
+      - Validated by the server (dry run) and compared; nothing is written.
+      - A delete is a dry run on the server too, so check mode fails where the real run
+        would (a Tier that still holds policies).
   diff_mode:
     support: full
     description: Shows the resource before and after, without server-owned metadata.
+"""
+
+    # Every module that writes: wait until the agents enforce the write.
+    WAIT = r"""
+options:
+  wait:
+    description:
+      - After a write, wait until the agents enforce the store revision it made (RV(revision)),
+        without errors, as M(bulkhead.microseg.agent_status) does with O(bulkhead.microseg.agent_status#module:wait_for_revision).
+      - Which agents a change touches is approximated by every agent that has reported its
+        status, so the module waits for the whole fleet. An agent that never reported is
+        not waited for.
+      - Nothing is waited for in check mode or when nothing changed.
+    type: bool
+    default: false
+  wait_timeout:
+    description: Seconds to wait with O(wait=true) before failing, naming the nodes that lag.
+    type: float
+    default: 120
 """

@@ -26,7 +26,7 @@ description:
     has them, as top-level C(ansible_<name>) variables.
   - The configuration file's name must end in C(.bulkhead.yml) or C(.bulkhead.yaml).
 requirements:
-  - The Python package C(bulkhead) on the controller.
+  - The Python package C(bulkhead) on the controller, from the distribution C(bulkhead-microseg).
 options:
   plugin:
     description: Marks the file as this plugin's configuration.
@@ -37,11 +37,13 @@ options:
     description:
       - Label key to a Jinja expression over host variables and facts, for example
         V(ansible_facts.system | lower).
-      - A label whose expression is undefined, null or empty is left out of the host's labels;
+      - A label whose expression is undefined or empty is left out of the host's labels;
         with O(strict=true) it fails instead, naming the host and the label.
-      - A label whose expression gives V(omit) (for example V(app | default(omit))) is left out
+      - A label whose expression gives V(omit) (for example V(app | default(omit\))) is left out
         of the host's labels, also with O(strict=true).
-      - Numbers and booleans become strings (V(true), V(false)); lists and mappings are an error.
+      - Booleans become V(true) or V(false), numbers stay as written (V(1), V(2.5)), as the
+        modules write them; a null value, a list or a mapping is an error naming the host
+        and the label (use V(default(omit\)) to leave a label out).
     type: dict
     default: {}
   expected_ips:
@@ -218,8 +220,6 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
         """Set the host's bulkhead_* variables and groups; False when it has no address."""
         strict = self.get_option("strict")
         variables = self._variables(host, fact_cache)
-        self._set_composite_vars(self.get_option("compose"), variables, host, strict=strict)
-        variables = self._variables(host, fact_cache)
 
         labels = {}
         for key, expression in label_exprs.items():
@@ -259,7 +259,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
                 "IP address and there are no default_ipv4/default_ipv6 facts): set "
                 "expected_ips or interface_name" % (NAME, host))
 
-        # Groups see the variables just set, bulkhead_labels included.
+        # Labels first, then compose, groups and keyed_groups: they all see the variables
+        # just set (bulkhead_labels included), and groups see what compose made.
+        variables = self._variables(host, fact_cache)
+        self._set_composite_vars(self.get_option("compose"), variables, host, strict=strict)
         variables = self._variables(host, fact_cache)
         self._add_host_to_composed_groups(self.get_option("groups"), variables, host,
                                           strict=strict, fetch_hostvars=False)

@@ -33,7 +33,7 @@ options:
   label_selector:
     description:
       - Only host endpoints whose labels match this selector, in Calico's selector language,
-        for example V(zone == 'trusted' && has(app)). The server filters.
+        for example V(zone == 'trusted' && has(app\)). The server filters.
     type: str
   hostname:
     description:

@@ -17,9 +17,9 @@ description:
     fails with the parser's message, its position and what was expected there.
   - With several selectors, the hosts matching any of them, each once, in inventory order.
   - Hosts without O(labels_var) have no labels; they match only selectors such as
-    V(!has(app)) or V(all()).
+    V(!has(app\)) or V(all(\)).
 requirements:
-  - The Python package C(bulkhead) on the controller.
+  - The Python package C(bulkhead) on the controller, from the distribution C(bulkhead-microseg).
   - The Python package C(jmespath) on the controller, for O(query).
 options:
   _terms:
@@ -59,7 +59,7 @@ options:
   query:
     description:
       - A JMESPath expression applied to the whole result list, for example
-        V([].metadata.name) with O(return=endpoint), or V([?starts_with(@, 'web')]) with names.
+        V([].metadata.name) with O(return=endpoint), or V([?starts_with(@, 'web'\)]) with names.
         A result that is not a list is returned as a list of one element.
     type: str
   precedence:
@@ -77,7 +77,7 @@ options:
     choices: [inventory, full]
     default: inventory
 notes:
-  - Use it with C(query()) (or C(lookup(..., wantlist=true))) to always get a list.
+  - Call it with the C(query) function (or C(lookup) with C(wantlist=true)) to always get a list.
 seealso:
   - plugin: bulkhead.microseg.selector_select
     plugin_type: filter

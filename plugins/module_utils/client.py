@@ -12,9 +12,12 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import json
+import os
+import socket
 
 from ansible.module_utils.six.moves.urllib.error import HTTPError, URLError
-from ansible.module_utils.six.moves.urllib.parse import quote, urlencode
+from ansible.module_utils.six.moves.urllib.parse import quote, urlencode, urlsplit
+from ansible.module_utils.urls import ConnectionError as UrlsConnectionError
 from ansible.module_utils.urls import open_url
 
 API_VERSION = "projectcalico.org/v3"
@@ -32,12 +35,38 @@ def resource_path(kind, name=None):
     return "/v1/resources/" + segment(kind) + ("" if name is None else "/" + segment(name))
 
 
+# Connection option -> its environment variable (the `bulkhead` CLI reads the same ones).
+ENV = {
+    "server_url": "BULKHEAD_SERVER",
+    "ca_path": "BULKHEAD_CA",
+    "client_cert": "BULKHEAD_CERT",
+    "client_key": "BULKHEAD_KEY",
+}
+
+# What each file option holds, for messages about it.
+FILE_OPTIONS = (
+    ("ca_path", "the CA certificate that signed the server's certificate"),
+    ("client_cert", "the client certificate (PEM) the server knows the caller by"),
+    ("client_key", "the private key (PEM) of client_cert"),
+)
+
+
+def option(name):
+    """`client_cert (BULKHEAD_CERT)`: how a message names a connection option."""
+    return "%s (%s)" % (name, ENV[name])
+
+
 class BulkheadError(Exception):
     """Anything that stops a request: the server cannot be reached, or refused."""
 
 
 class ServerUnreachable(BulkheadError):
     """Network or TLS failure: the server never answered."""
+
+
+class ConnectionSettingsError(BulkheadError):
+    """The connection options cannot work (a file missing, a URL with a path): nothing was
+    sent."""
 
 
 class ApiError(BulkheadError):
@@ -67,8 +96,89 @@ class BulkheadClient:
         self.client_key = client_key
         self.validate_certs = validate_certs
         self.timeout = timeout
+        self._checked = False
+
+    def check_settings(self):
+        """Fail with the option, the value and what to do when the settings cannot work."""
+        parts = urlsplit(self.server_url)
+        where = "%s: %s" % (option("server_url"), self.server_url)
+        if parts.scheme == "http":
+            raise ConnectionSettingsError(
+                "%s: bulkhead-server speaks HTTPS only (mutual TLS): use https://" % where)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ConnectionSettingsError(
+                "%s: expected https://HOST:PORT, for example https://bulkhead.example.com:7443"
+                % where)
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConnectionSettingsError(
+                "%s: has a path (%s): give only https://HOST:PORT; the API's paths (/v1/...) "
+                "are added to it, so with a path every request misses (404)"
+                % (where, parts.path or "?" + parts.query))
+        for name, what in FILE_OPTIONS:
+            path = getattr(self, name)
+            if not path:
+                continue
+            if not os.path.exists(path):
+                raise ConnectionSettingsError("%s: %s: no such file; it should hold %s"
+                                              % (option(name), path, what))
+            if not os.path.isfile(path) or not os.access(path, os.R_OK):
+                raise ConnectionSettingsError("%s: %s: not a readable file; it should hold %s"
+                                              % (option(name), path, what))
+        if self.client_key and not self.client_cert:
+            raise ConnectionSettingsError("%s is set (%s) but %s is not: give both"
+                                          % (option("client_key"), self.client_key,
+                                             option("client_cert")))
+        self._checked = True
+
+    def explain(self, error):
+        """A failed connection's likely cause, naming the option and path involved."""
+        inner = getattr(error, "reason", None)
+        inner = inner if isinstance(inner, BaseException) else error
+        text = str(inner)
+        cert, key, ca = self.client_cert, self.client_key, self.ca_path
+        if "KEY_VALUES_MISMATCH" in text:
+            return ("%s: %s is not the private key of %s: %s (KEY_VALUES_MISMATCH); give the "
+                    "key issued with that certificate"
+                    % (option("client_key"), key, option("client_cert"), cert))
+        if "NO_CERTIFICATE_OR_CRL_FOUND" in text:
+            return ("%s: %s holds no PEM certificate (%s); give the CA certificate, for "
+                    "example the ca.crt `bulkhead pki init` wrote" % (option("ca_path"), ca, text))
+        if "PEM lib" in text or "NO_START_LINE" in text:
+            return ("%s: %s or %s: %s is not a PEM certificate and key (%s)"
+                    % (option("client_cert"), cert, option("client_key"), key or cert, text))
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            if "mismatch" in text:
+                return ("the server's certificate is not issued for %s (%s): use the host "
+                        "name or address it was issued for in %s"
+                        % (urlsplit(self.server_url).hostname, text, option("server_url")))
+            trust = "%s: %s" % (option("ca_path"), ca) if ca else \
+                "the system's trust store (%s is not set)" % option("ca_path")
+            return ("the server's certificate is not signed by the CA in %s (%s); give the CA "
+                    "that issued the server's certificate" % (trust, text))
+        lowered = text.lower()
+        if isinstance(inner, ConnectionResetError) or "remote end closed" in lowered or \
+                "alert" in lowered or "eof occurred" in lowered:
+            if not cert:
+                return ("the server closed the connection: it requires a client certificate "
+                        "(mutual TLS) and none was given: set %s and %s"
+                        % (option("client_cert"), option("client_key")))
+            return ("the server closed the connection without an answer: it most likely "
+                    "rejected the client certificate %s: %s (not issued by the server's client "
+                    "CA, expired or revoked) [%s]" % (option("client_cert"), cert, text))
+        if isinstance(inner, ConnectionRefusedError):
+            return ("nothing accepts connections at %s (connection refused): is bulkhead-server "
+                    "running, and is the port in %s right?"
+                    % (urlsplit(self.server_url).netloc, option("server_url")))
+        if isinstance(inner, socket.gaierror):
+            return ("cannot resolve %s (%s): check %s"
+                    % (urlsplit(self.server_url).hostname, text, option("server_url")))
+        if isinstance(inner, socket.timeout) or "timed out" in lowered:
+            return "no answer within %s seconds (request_timeout)" % self.timeout
+        return text
 
     def request(self, method, path, body=None, query=None, raw=None):
+        if not self._checked:
+            self.check_settings()
         url = self.server_url + path
         if query:
             url += "?" + urlencode(query)
@@ -88,8 +198,8 @@ class BulkheadClient:
             payload = resp.read()
         except HTTPError as e:
             raise _api_error(e)
-        except (URLError, OSError, ValueError) as e:
-            raise ServerUnreachable("%s: %s" % (self.server_url, getattr(e, "reason", e)))
+        except (URLError, OSError, ValueError, UrlsConnectionError) as e:
+            raise ServerUnreachable("%s: %s" % (self.server_url, self.explain(e)))
         if not payload:
             return None
         return json.loads(payload)
@@ -121,12 +231,53 @@ class BulkheadClient:
             query["resourceVersion"] = resource_version
         return self.request("DELETE", resource_path(kind, name), query=query or None)
 
+    def delete_many(self, docs, dry_run=False, ignore_not_found=False):
+        """All-or-nothing delete of every resource the documents name (kind and
+        metadata.name), in one transaction; results say `deleted` or `absent`."""
+        query = {}
+        if dry_run:
+            query["dryRun"] = "true"
+        if ignore_not_found:
+            query["ignoreNotFound"] = "true"
+        return self.request("POST", "/v1/delete", raw=json.dumps(docs), query=query or None)
+
     def apply(self, docs, dry_run=False, mode="apply"):
         """All-or-nothing apply of several documents; the server's per-resource results."""
         query = {"mode": mode}
         if dry_run:
             query["dryRun"] = "true"
         return self.request("POST", "/v1/apply", raw=json.dumps(docs), query=query)
+
+    def sync(self, docs, tier=None, owner=None, dry_run=False):
+        """The policies `docs` become exactly those of a tier or an owner (one transaction)."""
+        query = {"tier": tier} if tier is not None else {"owner": owner}
+        if dry_run:
+            query["dryRun"] = "true"
+        return self.request("POST", "/v1/sync", raw=json.dumps(docs), query=query)
+
+    def rollback(self, revision, dry_run=False):
+        """Every resource back to revision `revision` (what came later deleted)."""
+        query = {"revision": str(revision)}
+        if dry_run:
+            query["dryRun"] = "true"
+        return self.request("POST", "/v1/rollback", query=query)
+
+    def export(self, revision=None, tier=None):
+        """Every resource (or a tier and its policies) as it was at `revision` (or now)."""
+        query = {}
+        if revision is not None:
+            query["revision"] = str(revision)
+        if tier is not None:
+            query["tier"] = tier
+        return self.request("GET", "/v1/export", query=query or None)
+
+    def history(self, limit=None, kind=None, name=None):
+        """Who changed what at which revision, newest first."""
+        query = {}
+        for key, value in (("limit", limit), ("kind", kind), ("name", name)):
+            if value is not None:
+                query[key] = str(value)
+        return self.request("GET", "/v1/history", query=query or None)["entries"]
 
     # ------------------------------------------------------------------- agents
     def nodes(self, revision=None):

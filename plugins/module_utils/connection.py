@@ -9,15 +9,7 @@ __metaclass__ = type
 
 from ansible.module_utils.basic import env_fallback
 
-from ansible_collections.bulkhead.microseg.plugins.module_utils.client import BulkheadClient
-
-# Option name -> environment variable, the same ones the `bulkhead` CLI reads.
-ENV = {
-    "server_url": "BULKHEAD_SERVER",
-    "ca_path": "BULKHEAD_CA",
-    "client_cert": "BULKHEAD_CERT",
-    "client_key": "BULKHEAD_KEY",
-}
+from ansible_collections.bulkhead.microseg.plugins.module_utils.client import ENV, BulkheadClient
 
 CONNECTION_SPEC = dict(
     server_url=dict(type="str", required=True, aliases=["url"],

@@ -17,7 +17,15 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.connection impor
     client_from_params,
     connection_spec,
 )
-from ansible_collections.bulkhead.microseg.plugins.module_utils.service import ResourceService
+from ansible_collections.bulkhead.microseg.plugins.module_utils.service import (
+    ResourceService,
+    make_resource,
+)
+from ansible_collections.bulkhead.microseg.plugins.module_utils.waiter import (
+    NotConverged,
+    wait_for_write,
+    wait_spec,
+)
 
 RESOURCE_SPEC = dict(
     state=dict(type="str", default="present", choices=["present", "absent"]),
@@ -27,7 +35,10 @@ RESOURCE_SPEC = dict(
 
 
 def resource_spec():
-    return dict((k, dict(v)) for k, v in RESOURCE_SPEC.items())
+    """The typed modules' shared options: state, labels, purge_labels, wait, wait_timeout."""
+    spec = dict((k, dict(v)) for k, v in RESOURCE_SPEC.items())
+    spec.update(wait_spec())
+    return spec
 
 
 class BulkheadModule(AnsibleModule):
@@ -50,14 +61,29 @@ class BulkheadModule(AnsibleModule):
     def service(self):
         return ResourceService(self.client)
 
+    def make_resource(self, kind, name, spec, labels=None):
+        """The v3 document from the module's options; a bad label value fails naming it."""
+        try:
+            return make_resource(kind, name, spec, labels)
+        except ValueError as e:
+            self.fail_json(msg=str(e))
+
     def run(self, func):
-        """Call `func()` (returning the result dict) and exit; server errors fail verbatim."""
+        """Call `func()` (returning the result dict) and exit; server errors fail verbatim.
+
+        A write module (one with the `wait` option) then waits, when asked, until the
+        agents enforce the revision it wrote."""
         try:
             result = func()
+            if "wait" in self.params:
+                result = wait_for_write(self, result)
+        except NotConverged as e:
+            self.fail_json(msg=str(e), revision=e.result.get("revision"),
+                           nodes=e.result.get("nodes"), missing=e.result.get("missing"))
         except ApiError as e:
             # The server's message names the resource and field: pass it on as it is.
             self.fail_json(msg=e.message, status=e.status, reason=e.reason)
-        except BulkheadError as e:
+        except (BulkheadError, ValueError) as e:
             self.fail_json(msg=str(e))
         if not self._diff:
             result.pop("diff", None)

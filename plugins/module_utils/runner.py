@@ -14,6 +14,15 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.service import (
 )
 
 
+def revision_of(doc):
+    """The store revision that wrote `doc` (its resourceVersion), or None."""
+    version = ((doc or {}).get("metadata") or {}).get("resourceVersion")
+    try:
+        return int(version)
+    except (TypeError, ValueError):
+        return None
+
+
 def _diff(before, after, name):
     return {"before": comparable(before) if before else {},
             "after": comparable(after) if after else {},
@@ -26,7 +35,11 @@ def ensure(service, desired, state="present", check_mode=False, labels_given=Tru
 
     Returns a dict with `changed`, `action` (created, updated, deleted, unchanged),
     `resource` (the stored document, or in check mode what would be stored; {} when
-    absent) and `diff` (before/after without server-owned metadata).
+    absent), `diff` (before/after without server-owned metadata) and `revision` (the
+    store revision of the write; None when nothing was written).
+
+    A delete goes through the server in check mode too (a dry run), so check mode fails
+    where the real run would (a Tier that still holds policies).
     """
     kind, name = doc_key(desired)
     header = "%s %s" % (kind, name)
@@ -35,17 +48,18 @@ def ensure(service, desired, state="present", check_mode=False, labels_given=Tru
     if state == "absent":
         if current is None:
             return {"changed": False, "action": "unchanged", "resource": {},
-                    "diff": _diff(None, None, header)}
-        if not check_mode:
-            service.delete(current)
-        return {"changed": True, "action": "deleted", "resource": {},
-                "diff": _diff(current, None, header)}
+                    "diff": _diff(None, None, header), "revision": None}
+        answer = service.remove([current], dry_run=check_mode)
+        gone = any(r.get("action") == "deleted" for r in answer.get("results") or [])
+        return {"changed": gone, "action": "deleted" if gone else "unchanged", "resource": {},
+                "diff": _diff(current if gone else None, None, header),
+                "revision": answer.get("revision")}
 
     desired = merge_labels(desired, current, labels_given, purge_labels)
     verdict = service.preview_one(desired, current)
     if verdict["action"] == "unchanged":
         return {"changed": False, "action": "unchanged", "resource": current,
-                "diff": _diff(current, current, header)}
+                "diff": _diff(current, current, header), "revision": None}
     after = verdict.get("after") or desired
     if check_mode:
         stored = after
@@ -54,7 +68,8 @@ def ensure(service, desired, state="present", check_mode=False, labels_given=Tru
     else:
         stored = service.update(desired, current)
     return {"changed": True, "action": "created" if current is None else "updated",
-            "resource": stored, "diff": _diff(current, stored, header)}
+            "resource": stored, "diff": _diff(current, stored, header),
+            "revision": None if check_mode else revision_of(stored)}
 
 
 def ensure_many(service, docs, state="present", check_mode=False):
@@ -64,20 +79,23 @@ def ensure_many(service, docs, state="present", check_mode=False):
     (a list of before/after pairs, one per changed resource)."""
     results, diffs = [], []
     if state == "absent":
-        todo = []
+        # One server transaction, all or nothing (a dry run in check mode): the results
+        # are the server's, so they never claim what did not happen.
+        keys = []
         for doc in docs:
-            kind, name = doc_key(doc)
-            current = service.get(kind, name)
+            if doc_key(doc) not in keys:
+                keys.append(doc_key(doc))
+        currents = dict((key, service.get(*key)) for key in keys)
+        answer = service.remove(docs, dry_run=check_mode)
+        done = dict(((r["kind"], r["name"]), r["action"]) for r in answer.get("results") or [])
+        for kind, name in keys:
+            deleted = done.get((kind, name)) == "deleted"
             results.append({"kind": kind, "name": name,
-                            "action": "unchanged" if current is None else "deleted"})
-            if current is not None:
-                todo.append(current)
-                diffs.append(_diff(current, None, "%s %s" % (kind, name)))
-        if not check_mode:
-            # Policies before their tiers: a tier still holding policies is refused.
-            for current in sorted(todo, key=lambda d: d["kind"] == "Tier"):
-                service.delete(current)
-        return {"changed": bool(todo), "results": results, "diff": diffs, "revision": None}
+                            "action": "deleted" if deleted else "unchanged"})
+            if deleted:
+                diffs.append(_diff(currents[(kind, name)], None, "%s %s" % (kind, name)))
+        return {"changed": bool(diffs), "results": results, "diff": diffs,
+                "revision": answer.get("revision")}
 
     currents = dict((doc_key(d), service.get(*doc_key(d))) for d in docs)
     verdicts = service.preview(docs)
@@ -93,3 +111,21 @@ def ensure_many(service, docs, state="present", check_mode=False):
             diffs.append(_diff(before, v.get("after"), "%s %s" % (v["kind"], v["name"])))
     return {"changed": bool(changed), "results": results, "diff": diffs,
             "revision": revision}
+
+
+def converged(answer, header_prefix=""):
+    """The module result from a sync or rollback answer (the server's results, with
+    `before`/`after` per changed resource): changed, results, diff, revision."""
+    results, diffs = [], []
+    for r in answer.get("results") or []:
+        action = {"configured": "updated"}.get(r["action"], r["action"])
+        results.append({"kind": r["kind"], "name": r["name"], "action": action})
+        if action != "unchanged":
+            diffs.append({"before": r.get("before") or {}, "after": r.get("after") or {},
+                          "before_header": "%s%s %s" % (header_prefix, r["kind"], r["name"]),
+                          "after_header": "%s%s %s" % (header_prefix, r["kind"], r["name"])})
+    out = {"changed": bool(diffs), "results": results, "diff": diffs,
+           "revision": None if answer.get("dryRun") else answer.get("revision")}
+    for action in ("created", "updated", "deleted"):
+        out[action] = [r["name"] for r in results if r["action"] == action]
+    return out

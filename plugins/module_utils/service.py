@@ -19,6 +19,10 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.client import (
     API_VERSION,
     strip_server_fields,
 )
+from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import (
+    normalize_labels,
+    reserved,
+)
 
 # Kind names as users write them, to the server's canonical kind.
 KIND_NAMES = {
@@ -57,11 +61,12 @@ def prune(value):
 
 
 def make_resource(kind, name, spec, labels=None):
-    """A v3 document from a module's options."""
+    """A v3 document from a module's options; ValueError for a label value that has no
+    text form (null, a list)."""
     doc = {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name},
            "spec": prune(spec or {})}
     if labels:
-        doc["metadata"]["labels"] = dict((str(k), str(v)) for k, v in labels.items())
+        doc["metadata"]["labels"] = normalize_labels(labels, "labels")
     return doc
 
 
@@ -73,7 +78,9 @@ def merge_labels(desired, current, labels_given, purge_labels):
     if not labels_given:
         labels = current_labels
     elif purge_labels:
-        labels = dict(meta.get("labels") or {})
+        # The collection's own labels (ownership) survive a purge.
+        labels = dict((k, v) for k, v in current_labels.items() if reserved(k))
+        labels.update(meta.get("labels") or {})
     else:
         labels = current_labels
         labels.update(meta.get("labels") or {})
@@ -135,9 +142,17 @@ class ResourceService:
         doc["metadata"]["resourceVersion"] = current["metadata"].get("resourceVersion")
         return self.client.replace(doc)
 
-    def delete(self, current):
-        return self.client.delete(current["kind"], current["metadata"]["name"],
-                                  current["metadata"].get("resourceVersion"))
+    def remove(self, docs, dry_run=False):
+        """Delete every document's resource in one transaction, all or nothing (the
+        server's /v1/delete, dependents first); ones already gone are `absent`."""
+        keys = []
+        for doc in docs:
+            key = doc_key(doc)
+            if key not in keys:
+                keys.append(key)
+        body = [{"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name}}
+                for kind, name in keys]
+        return self.client.delete_many(body, dry_run=dry_run, ignore_not_found=True)
 
     def apply(self, docs):
         return self.client.apply(docs)

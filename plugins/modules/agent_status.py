@@ -39,6 +39,9 @@ options:
     description: Seconds between two reads of the agents' status while waiting.
     type: float
     default: 1
+seealso:
+  - module: bulkhead.microseg.resource
+  - module: bulkhead.microseg.host_endpoints
 extends_documentation_fragment:
   - bulkhead.microseg.connection
 attributes:
@@ -130,44 +133,8 @@ elapsed:
   sample: 2.5
 """
 
-import time
-
-from ansible_collections.bulkhead.microseg.plugins.module_utils.client import BulkheadError
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
-
-
-def summarize(body, wanted, revision):
-    """The module's result from one /v1/nodes answer."""
-    nodes = body.get("nodes") or []
-    seen = set(n["node"] for n in nodes)
-    missing = [n for n in wanted or [] if n not in seen]
-    result = {"changed": False, "nodes": nodes, "revision": body.get("revision"),
-              "missing": missing}
-    if revision:
-        result["converged"] = bool(body.get("converged")) and not missing
-    return result
-
-
-def lagging(result):
-    names = ["%s (at %s%s)" % (n["node"], n.get("appliedRevision"),
-                               ", errors" if n.get("errors") else "")
-             for n in result["nodes"] if not n.get("converged")]
-    names += ["%s (never reported)" % n for n in result["missing"]]
-    return ", ".join(names)
-
-
-def wait(client, revision, wanted, timeout, interval, clock=time.monotonic, sleep=time.sleep):
-    started = clock()
-    while True:
-        result = summarize(client.nodes(revision or None), wanted, revision)
-        result["elapsed"] = round(clock() - started, 3)
-        if not revision or result["converged"]:
-            return result
-        if clock() - started >= timeout:
-            raise BulkheadError("timed out after %ss waiting for every agent to apply "
-                                "revision %s; not converged: %s"
-                                % (timeout, revision, lagging(result) or "(no node)"))
-        sleep(interval)
+from ansible_collections.bulkhead.microseg.plugins.module_utils.waiter import wait
 
 
 def main():

@@ -69,9 +69,14 @@ options:
   apply_on_forward:
     description: Apply the rules to forwarded traffic too.
     type: bool
+seealso:
+  - module: bulkhead.microseg.tier
+  - module: bulkhead.microseg.resource
+  - module: bulkhead.microseg.agent_status
 extends_documentation_fragment:
   - bulkhead.microseg.connection
   - bulkhead.microseg.connection.resource
+  - bulkhead.microseg.connection.wait
 """
 
 EXAMPLES = r"""
@@ -115,10 +120,23 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+revision:
+  description:
+    - The store revision of the write; the agents enforce the change once they report it
+      (O(wait=true) waits for that). Null when nothing was written, and in check mode.
+  returned: always
+  type: int
+  sample: 57
+converged:
+  description: Every agent that reports its status enforces RV(revision) (O(wait=true) only).
+  returned: when O(wait=true) and something was written
+  type: bool
+  sample: true
 action:
   description: What was done (or in check mode would be done).
   returned: always
   type: str
+  choices: [created, updated, deleted, unchanged]
   sample: updated
 resource:
   description:
@@ -147,7 +165,6 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.module import (
     resource_spec,
 )
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure
-from ansible_collections.bulkhead.microseg.plugins.module_utils.service import make_resource
 
 
 def main():
@@ -174,7 +191,7 @@ def main():
     if order is not None and order == int(order):
         order = int(order)  # 100, not 100.0, as users write it
     kind = "StagedGlobalNetworkPolicy" if p["staged"] else "GlobalNetworkPolicy"
-    desired = make_resource(kind, p["name"], {
+    desired = module.make_resource(kind, p["name"], {
         "stagedAction": p["staged_action"], "tier": p["tier"], "order": order,
         "selector": p["selector"], "types": p["types"], "ingress": p["ingress"],
         "egress": p["egress"], "doNotTrack": p["do_not_track"], "preDNAT": p["pre_dnat"],

@@ -28,9 +28,13 @@ options:
     description: Domain names (C(*.example.com) allowed) whose resolved addresses join the set.
     type: list
     elements: str
+seealso:
+  - module: bulkhead.microseg.global_network_policy
+  - module: bulkhead.microseg.resource
 extends_documentation_fragment:
   - bulkhead.microseg.connection
   - bulkhead.microseg.connection.resource
+  - bulkhead.microseg.connection.wait
 """
 
 EXAMPLES = r"""
@@ -44,10 +48,23 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+revision:
+  description:
+    - The store revision of the write; the agents enforce the change once they report it
+      (O(wait=true) waits for that). Null when nothing was written, and in check mode.
+  returned: always
+  type: int
+  sample: 57
+converged:
+  description: Every agent that reports its status enforces RV(revision) (O(wait=true) only).
+  returned: when O(wait=true) and something was written
+  type: bool
+  sample: true
 action:
   description: What was done (or in check mode would be done).
   returned: always
   type: str
+  choices: [created, updated, deleted, unchanged]
   sample: unchanged
 resource:
   description: The GlobalNetworkSet as the server stores it; empty when absent.
@@ -65,7 +82,6 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.module import (
     resource_spec,
 )
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure
-from ansible_collections.bulkhead.microseg.plugins.module_utils.service import make_resource
 
 
 def main():
@@ -77,7 +93,7 @@ def main():
     )
     module = BulkheadModule(spec)
     p = module.params
-    desired = make_resource("GlobalNetworkSet", p["name"], {
+    desired = module.make_resource("GlobalNetworkSet", p["name"], {
         "nets": p["nets"], "allowedEgressDomains": p["allowed_egress_domains"]}, p["labels"])
     module.run(lambda: ensure(module.service, desired, p["state"], module.check_mode,
                               p["labels"] is not None, p["purge_labels"]))

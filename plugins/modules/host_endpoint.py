@@ -58,9 +58,15 @@ options:
         description: V(TCP), V(UDP) or V(SCTP).
         type: str
         required: true
+seealso:
+  - module: bulkhead.microseg.host_endpoints
+  - module: bulkhead.microseg.resource_info
+  - plugin: bulkhead.microseg.endpoints
+    plugin_type: inventory
 extends_documentation_fragment:
   - bulkhead.microseg.connection
   - bulkhead.microseg.connection.resource
+  - bulkhead.microseg.connection.wait
 """
 
 EXAMPLES = r"""
@@ -95,10 +101,23 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+revision:
+  description:
+    - The store revision of the write; the agents enforce the change once they report it
+      (O(wait=true) waits for that). Null when nothing was written, and in check mode.
+  returned: always
+  type: int
+  sample: 57
+converged:
+  description: Every agent that reports its status enforces RV(revision) (O(wait=true) only).
+  returned: when O(wait=true) and something was written
+  type: bool
+  sample: true
 action:
   description: What was done (or in check mode would be done).
   returned: always
   type: str
+  choices: [created, updated, deleted, unchanged]
   sample: created
 resource:
   description:
@@ -124,7 +143,6 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.module import (
     resource_spec,
 )
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure
-from ansible_collections.bulkhead.microseg.plugins.module_utils.service import make_resource
 
 
 def main():
@@ -143,7 +161,7 @@ def main():
     )
     module = BulkheadModule(spec, required_if=[("state", "present", ["node"])])
     p = module.params
-    desired = make_resource("HostEndpoint", p["name"], {
+    desired = module.make_resource("HostEndpoint", p["name"], {
         "node": p["node"], "interfaceName": p["interface_name"],
         "expectedIPs": p["expected_ips"], "profiles": p["profiles"], "ports": p["ports"],
     }, p["labels"])

@@ -50,8 +50,14 @@ options:
         With V(false) the module fails naming them, and writes nothing.
     type: bool
     default: false
+seealso:
+  - module: bulkhead.microseg.host_endpoint
+  - module: bulkhead.microseg.agent_status
+  - plugin: bulkhead.microseg.endpoints
+    plugin_type: inventory
 extends_documentation_fragment:
   - bulkhead.microseg.connection
+  - bulkhead.microseg.connection.wait
 attributes:
   check_mode:
     support: full
@@ -89,9 +95,10 @@ results:
       returned: always
       sample: web-1
     action:
-      description: V(created), V(updated), V(deleted) or V(unchanged).
+      description: What was done to it (or in check mode would be done).
       type: str
       returned: always
+      choices: [created, updated, deleted, unchanged]
       sample: deleted
 created:
   description: Names of the endpoints created.
@@ -111,13 +118,28 @@ deleted:
   type: list
   elements: str
   sample: [web-old]
+revision:
+  description:
+    - The store revision of the last write (creations and updates are one transaction,
+      deletions a second one); the agents enforce the change once they report it
+      (O(wait=true) waits for that). Null when nothing was written, and in check mode.
+  returned: always
+  type: int
+  sample: 57
+converged:
+  description: Every agent that reports its status enforces RV(revision) (O(wait=true) only).
+  returned: when O(wait=true) and something was written
+  type: bool
+  sample: true
 """
 
 import copy
 
 from ansible_collections.bulkhead.microseg.plugins.module_utils.client import API_VERSION
+from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import normalize_labels
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure_many
+from ansible_collections.bulkhead.microseg.plugins.module_utils.waiter import wait_spec
 
 
 def owned_docs(endpoints, owner, label):
@@ -135,7 +157,8 @@ def owned_docs(endpoints, owner, label):
         seen.add(meta["name"])
         for key in ("resourceVersion", "uid", "creationTimestamp", "generation"):
             meta.pop(key, None)
-        meta["labels"] = dict(meta.get("labels") or {})
+        meta["labels"] = normalize_labels(meta.get("labels") or {},
+                                          "endpoints[%d]: metadata.labels" % i)
         meta["labels"][label] = owner
         docs.append(doc)
     return docs
@@ -163,12 +186,13 @@ def sync(module, service):
         result = ensure_many(service, docs, "present", module.check_mode)
     if p["purge"] and gone:
         removed = ensure_many(service, gone, "absent", module.check_mode)
-        result["changed"] = True
+        result["changed"] = result["changed"] or removed["changed"]
         result["results"] += removed["results"]
         result["diff"] += removed["diff"]
+        result["revision"] = removed["revision"] or result.get("revision")
     for action in ("created", "updated", "deleted"):
         result[action] = [r["name"] for r in result["results"] if r["action"] == action]
-    result.pop("revision", None)
+    result.setdefault("revision", None)
     return result
 
 
@@ -179,6 +203,7 @@ def main():
         managed_by_label=dict(type="str", default="microseg.bulkhead.io/managed-by"),
         purge=dict(type="bool", default=True),
         adopt=dict(type="bool", default=False),
+        **wait_spec()
     ))
     service = module.service
 

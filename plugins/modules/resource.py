@@ -29,22 +29,36 @@ options:
     aliases: [resource_definition]
   src:
     description:
-      - Path to a YAML or JSON file with one or more documents, on the host that runs the
-        module (usually the controller). Mutually exclusive with O(definition).
+      - Path to a YAML or JSON file with one or more documents. Mutually exclusive with
+        O(definition).
+      - A relative path is looked up on the controller as C(kubernetes.core.k8s) and
+        M(ansible.builtin.copy) look up theirs, in the role's C(files/), the play's
+        C(files/), then relative to the playbook; the module reads it where it runs
+        (the controller, with C(delegate_to=localhost)).
     type: path
   state:
     description:
       - V(present) creates or updates every document; V(absent) deletes every one that
-        exists (policies before their tiers).
+        exists, all or nothing in one server transaction (policies before their tiers). A
+        Tier that would still hold policies not in the list fails the whole delete, and
+        nothing is deleted.
     type: str
     choices: [present, absent]
     default: present
+seealso:
+  - module: bulkhead.microseg.resource_info
+  - module: bulkhead.microseg.global_network_policy
+  - module: bulkhead.microseg.agent_status
 extends_documentation_fragment:
   - bulkhead.microseg.connection
+  - bulkhead.microseg.connection.wait
 attributes:
   check_mode:
     support: full
-    description: Validated by the server (dry run) and compared; nothing is written.
+    description:
+      - Validated by the server (dry run) and compared; nothing is written.
+      - With O(state=absent) the delete is a dry run on the server, so check mode fails
+        where the real run would.
   diff_mode:
     support: full
     description: One before/after pair per changed resource.
@@ -106,82 +120,58 @@ results:
       returned: always
       sample: platform.ssh-from-bastion
     action:
-      description: V(created), V(updated), V(deleted) or V(unchanged).
+      description: What was done to it (or in check mode would be done).
       type: str
       returned: always
+      choices: [created, updated, deleted, unchanged]
       sample: created
 revision:
-  description: The store revision of the write; null when nothing was written.
+  description:
+    - The store revision of the write; the agents enforce the change once they report it
+      (O(wait=true) waits for that). Null when nothing was written, and in check mode.
   returned: always
   type: int
   sample: 57
+converged:
+  description: Every agent that reports its status enforces RV(revision) (O(wait=true) only).
+  returned: when O(wait=true) and something was written
+  type: bool
+  sample: true
 """
 
-import json
-
 from ansible.module_utils.common.text.converters import to_text
-from ansible.module_utils.six import string_types
 
+from ansible_collections.bulkhead.microseg.plugins.module_utils.documents import check_named, load
+from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import (
+    normalize_document_labels,
+)
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure_many
-
-try:
-    import yaml
-    HAS_YAML = True
-except ImportError:  # pragma: no cover - PyYAML comes with ansible-core
-    HAS_YAML = False
-
-
-def parse_documents(text, where):
-    """Documents from YAML or JSON text; empty documents are skipped."""
-    text = to_text(text)
-    if not HAS_YAML:
-        return json.loads(text)
-    try:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        raise ValueError("%s: not valid YAML: %s" % (where, e))
-
-
-def flatten(docs):
-    """A list of documents; a `kind: List` document contributes its items."""
-    out = []
-    for doc in docs if isinstance(docs, list) else [docs]:
-        if isinstance(doc, dict) and doc.get("kind") == "List":
-            out.extend(flatten(doc.get("items") or []))
-        elif isinstance(doc, list):
-            out.extend(flatten(doc))
-        else:
-            out.append(doc)
-    return out
+from ansible_collections.bulkhead.microseg.plugins.module_utils.waiter import wait_spec
 
 
 def main():
     module = BulkheadModule(
         dict(definition=dict(type="raw", aliases=["resource_definition"]),
              src=dict(type="path"),
-             state=dict(type="str", default="present", choices=["present", "absent"])),
+             state=dict(type="str", default="present", choices=["present", "absent"]),
+             **wait_spec()),
         mutually_exclusive=[("definition", "src")],
         required_one_of=[("definition", "src")],
     )
     p = module.params
     try:
-        if p["src"]:
-            with open(p["src"], "rb") as f:
-                docs = parse_documents(f.read(), p["src"])
-        elif isinstance(p["definition"], string_types):
-            docs = parse_documents(p["definition"], "definition")
-        else:
-            docs = p["definition"]
+        docs = load(p["definition"], p["src"])
+        check_named(docs)
     except (OSError, IOError, ValueError) as e:
         module.fail_json(msg=to_text(e))
-    docs = flatten(docs)
-    for i, doc in enumerate(docs):
-        if not isinstance(doc, dict) or not doc.get("kind") or \
-                not isinstance(doc.get("metadata"), dict) or not doc["metadata"].get("name"):
-            module.fail_json(msg="document %d: needs kind and metadata.name" % (i + 1))
     if not docs:
         module.fail_json(msg="no documents given")
+    try:
+        docs = [normalize_document_labels(doc, "document %d: %s %s" % (
+            i + 1, doc["kind"], doc["metadata"]["name"])) for i, doc in enumerate(docs)]
+    except ValueError as e:
+        module.fail_json(msg=str(e))
     module.run(lambda: ensure_many(module.service, docs, p["state"], module.check_mode))
 
 

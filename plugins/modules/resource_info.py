@@ -31,6 +31,10 @@ options:
       - Only resources whose labels match this selector, in Calico's selector language,
         for example V(zone == 'trusted' && app in {'kafka', 'zookeeper'}).
     type: str
+seealso:
+  - module: bulkhead.microseg.resource
+  - plugin: bulkhead.microseg.store
+    plugin_type: inventory
 extends_documentation_fragment:
   - bulkhead.microseg.connection
 attributes:

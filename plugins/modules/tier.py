@@ -30,9 +30,13 @@ options:
         defaults it to V(Deny).
     type: str
     choices: [Deny, Pass]
+seealso:
+  - module: bulkhead.microseg.global_network_policy
+  - module: bulkhead.microseg.resource
 extends_documentation_fragment:
   - bulkhead.microseg.connection
   - bulkhead.microseg.connection.resource
+  - bulkhead.microseg.connection.wait
 """
 
 EXAMPLES = r"""
@@ -51,10 +55,23 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+revision:
+  description:
+    - The store revision of the write; the agents enforce the change once they report it
+      (O(wait=true) waits for that). Null when nothing was written, and in check mode.
+  returned: always
+  type: int
+  sample: 57
+converged:
+  description: Every agent that reports its status enforces RV(revision) (O(wait=true) only).
+  returned: when O(wait=true) and something was written
+  type: bool
+  sample: true
 action:
   description: What was done (or in check mode would be done).
   returned: always
   type: str
+  choices: [created, updated, deleted, unchanged]
   sample: created
 resource:
   description: The Tier as the server stores it; empty when absent.
@@ -72,7 +89,6 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.module import (
     resource_spec,
 )
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure
-from ansible_collections.bulkhead.microseg.plugins.module_utils.service import make_resource
 
 
 def main():
@@ -87,9 +103,9 @@ def main():
     order = p["order"]
     if order is not None and order == int(order):
         order = int(order)
-    desired = make_resource("Tier", p["name"], {"order": order,
-                                                "defaultAction": p["default_action"]},
-                            p["labels"])
+    desired = module.make_resource("Tier", p["name"], {"order": order,
+                                                       "defaultAction": p["default_action"]},
+                                   p["labels"])
     module.run(lambda: ensure(module.service, desired, p["state"], module.check_mode,
                               p["labels"] is not None, p["purge_labels"]))
 

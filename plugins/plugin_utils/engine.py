@@ -17,6 +17,8 @@ from collections.abc import Mapping
 
 from ansible.errors import AnsibleError, AnsibleFilterError
 
+from ansible_collections.bulkhead.microseg.plugins.module_utils import labels as _labels
+
 # Only the selector language here: the lookup and the filters run in a fresh worker per
 # task, and bulkhead.model costs ~0.3 s to import; host_endpoint() imports it when needed.
 try:
@@ -29,16 +31,21 @@ else:
 
 API_VERSION = "projectcalico.org/v3"
 DEFAULT_LABELS_VAR = "bulkhead_labels"
+# The distribution that holds the `bulkhead` package (the name `bulkhead` on the package
+# index is someone else's project).
+DISTRIBUTION = "bulkhead-microseg"
 
 
 def require_bulkhead(plugin: str) -> None:
     """Fail with an "install bulkhead" message when the package cannot be imported."""
     if BULKHEAD_IMPORT_ERROR is not None:
         raise AnsibleError(
-            "%s needs the Python package bulkhead on the controller: install bulkhead into "
-            "the Python that runs Ansible (%s), for example `%s -m pip install bulkhead`, or "
+            "%s needs the Python package bulkhead on the controller: install the distribution "
+            "%s into the Python that runs Ansible (%s), for example `%s -m pip install %s` "
+            "(an execution environment: the collection's meta/ee-requirements.txt), or "
             "`pip install -e agent/` from a checkout (import failed: %s)"
-            % (plugin, sys.executable, sys.executable, BULKHEAD_IMPORT_ERROR))
+            % (plugin, DISTRIBUTION, sys.executable, sys.executable, DISTRIBUTION,
+               BULKHEAD_IMPORT_ERROR))
 
 
 def compile_selector(text: object, plugin: str, error=AnsibleError):
@@ -70,17 +77,12 @@ def type_name(value: object) -> str:
 
 
 def label_value(value: object) -> str | None:
-    """A label value as a string, or None when the value means "no label" (None, "")."""
-    if value is None:
+    """A label value as text, by the rule every writer follows (module_utils.labels):
+    booleans `true`/`false`, numbers as written; None for "" (no label); TypeError for
+    null, lists and mappings."""
+    if value == "" and isinstance(value, str):
         return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, str):
-        return str(value) if value != "" else None
-    raise TypeError("a label value must be a string, number or boolean, not %s"
-                    % type_name(value))
+    return str(_labels.label_value(value))
 
 
 def labels_of(value: object, where: str) -> Mapping:
@@ -98,6 +100,8 @@ def labels_of(value: object, where: str) -> Mapping:
     # Numbers and booleans compare as the strings they would be as labels.
     out = {}
     for key, item in value.items():
+        if item is None:
+            continue  # read leniently: a null value is no label
         try:
             text = item if isinstance(item, str) else label_value(item)
         except TypeError as e:

@@ -84,6 +84,46 @@ def test_endpoints_bad_data_fails_naming_host_and_label(tmp_path, fact_cache, co
         assert part in message, done.stderr
 
 
+def test_endpoints_compose_sees_the_labels(tmp_path, fact_cache):
+    """Labels first, then compose, groups and keyed_groups: with strict, compose reads
+    bulkhead_labels, and groups read what compose made."""
+    path = write(tmp_path, "c.bulkhead.yml", """\
+plugin: bulkhead.microseg.endpoints
+strict: true
+labels:
+  zone: zone
+  datacenter: datacenter
+expected_ips: "['198.18.9.1']"
+compose:
+  site_zone: bulkhead_labels.datacenter ~ '-' ~ bulkhead_labels.zone
+groups:
+  dc1_trusted: site_zone == 'dc1-trusted'
+""")
+    hosts = write(tmp_path, "hosts.yml", "all:\n  vars: {datacenter: dc1}\n  hosts:\n"
+                  "    a: {zone: trusted}\n    b: {zone: dmz}\n")
+    data = plain(json.loads(inventory(fact_cache, hosts, path).stdout))
+    assert data["_meta"]["hostvars"]["a"]["site_zone"] == "dc1-trusted"
+    assert data["_meta"]["hostvars"]["b"]["site_zone"] == "dc1-dmz"
+    assert data["dc1_trusted"]["hosts"] == ["a"]
+
+
+@pytest.mark.parametrize("strict", ["true", "false"])
+def test_endpoints_null_label_is_an_error_naming_it(tmp_path, fact_cache, strict):
+    """One rule for label values: booleans true/false, numbers as written, null an error."""
+    hosts = write(tmp_path, "hosts.yml", "all:\n  hosts:\n    a:\n      ansible_host: "
+                  "198.18.9.1\n      pci: true\n      prio: 1\n      owner: null\n")
+    path = write(tmp_path, "n.bulkhead.yml", "plugin: bulkhead.microseg.endpoints\n"
+                 "strict: %s\nlabels:\n  pci: pci\n  prio: prio\n  owner: owner\n" % strict)
+    env = dict(fact_cache, ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED="true")
+    done = inventory(env, hosts, path, check=False)
+    assert done.returncode != 0
+    assert "host a: label owner (owner): a label value cannot be null" in " ".join(
+        done.stderr.split())
+    path.write_text(path.read_text().replace("owner: owner", "owner: owner | default(omit, true)"))
+    data = plain(json.loads(inventory(env, hosts, path).stdout))
+    assert data["_meta"]["hostvars"]["a"]["bulkhead_labels"] == {"pci": "true", "prio": "1"}
+
+
 def test_endpoints_strict_host_without_address(tmp_path, fact_cache):
     hosts = write(tmp_path, "hosts.yml", "all:\n  hosts:\n    lonely:\n      zone: dmz\n")
     path = write(tmp_path, "s.bulkhead.yml",
@@ -236,4 +276,4 @@ def test_endpoints_without_bulkhead_package(tmp_path, fact_cache):
     assert done.returncode != 0
     message = " ".join(done.stderr.split())
     assert "bulkhead.microseg.endpoints needs the Python package bulkhead" in message
-    assert "install bulkhead" in message
+    assert "pip install bulkhead-microseg" in message

@@ -28,11 +28,16 @@ def test_selector_must_be_text():
 
 
 @pytest.mark.parametrize("value, expected", [
-    ("web", "web"), ("", None), (None, None), (True, "true"), (False, "false"),
+    ("web", "web"), ("", None), (True, "true"), (False, "false"),
     (9092, "9092"), (1.5, "1.5"),
 ])
 def test_label_value(value, expected):
     assert engine.label_value(value) == expected
+
+
+def test_label_value_null_is_an_error():
+    with pytest.raises(TypeError, match="a label value cannot be null"):
+        engine.label_value(None)
 
 
 def test_label_value_rejects_containers():

@@ -1,0 +1,89 @@
+# -*- coding: utf-8 -*-
+# Copyright: Bulkhead developers
+# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
+"""Manifests as modules take them: YAML or JSON text, a file, a folder of files, a dict or
+a list; `kind: List` documents unpacked."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import json
+import os
+
+from ansible.module_utils.common.text.converters import to_text
+from ansible.module_utils.six import string_types
+
+try:
+    import yaml
+    HAS_YAML = True
+except ImportError:  # pragma: no cover - PyYAML comes with ansible-core
+    HAS_YAML = False
+
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def parse_documents(text, where):
+    """Documents from YAML or JSON text; empty documents are skipped."""
+    text = to_text(text)
+    if not HAS_YAML:
+        return json.loads(text)
+    try:
+        return [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise ValueError("%s: not valid YAML: %s" % (where, e))
+
+
+def flatten(docs):
+    """A list of documents; a `kind: List` document contributes its items."""
+    out = []
+    for doc in docs if isinstance(docs, list) else [docs]:
+        if isinstance(doc, dict) and doc.get("kind") == "List":
+            out.extend(flatten(doc.get("items") or []))
+        elif isinstance(doc, list):
+            out.extend(flatten(doc))
+        else:
+            out.append(doc)
+    return out
+
+
+def read_src(path):
+    """The documents of a file, or of every *.yaml, *.yml and *.json file of a folder (not
+    its subfolders), in name order."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, name) for name in os.listdir(path)
+                       if name.endswith(MANIFEST_SUFFIXES) and
+                       os.path.isfile(os.path.join(path, name)))
+    else:
+        files = [path]
+    docs = []
+    for name in files:
+        with open(name, "rb") as f:
+            docs.extend(parse_documents(f.read(), name))
+    return docs
+
+
+def load(definition, src):
+    """The documents of `definition` (dict, list or text) or of `src` (file or folder),
+    flattened; ValueError or OSError naming what cannot be read."""
+    if src:
+        docs = read_src(src)
+    elif isinstance(definition, string_types):
+        docs = parse_documents(definition, "definition")
+    else:
+        docs = definition if definition is not None else []
+    return flatten(docs)
+
+
+def check_named(docs):
+    """ValueError unless every document has kind and metadata.name."""
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict) or not doc.get("kind") or \
+                not isinstance(doc.get("metadata"), dict) or not doc["metadata"].get("name"):
+            raise ValueError("document %d: needs kind and metadata.name" % (i + 1))
+
+
+def dump_documents(docs):
+    """Multi-document YAML, as calicoctl and `bulkhead export` write it."""
+    return yaml.safe_dump_all(docs, default_flow_style=False, sort_keys=False,
+                              explicit_start=True)
