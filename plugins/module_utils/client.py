@@ -16,23 +16,15 @@ import os
 import socket
 
 from ansible.module_utils.six.moves.urllib.error import HTTPError, URLError
-from ansible.module_utils.six.moves.urllib.parse import quote, urlencode, urlsplit
+from ansible.module_utils.six.moves.urllib.parse import urlencode, urlsplit
 from ansible.module_utils.urls import ConnectionError as UrlsConnectionError
 from ansible.module_utils.urls import open_url
 
-API_VERSION = "projectcalico.org/v3"
-
-# Server-owned metadata: never part of a comparison or of what a user writes.
-SERVER_FIELDS = ("resourceVersion", "uid", "creationTimestamp", "generation")
-
-
-def resource_path(kind, name=None):
-    """/v1/resources/KIND[/NAME], each segment percent-encoded ("." and ".." too, or URL
-    normalization would resolve them away)."""
-    def segment(value):
-        encoded = quote(value, safe="")
-        return encoded.replace(".", "%2E") if value and not value.strip(".") else encoded
-    return "/v1/resources/" + segment(kind) + ("" if name is None else "/" + segment(name))
+from ansible_collections.bulkhead.microseg.plugins.module_utils.api import (
+    SERVER_FIELDS,
+    resource_path,
+    route,
+)
 
 
 # Connection option -> its environment variable (the `bulkhead` CLI reads the same ones).
@@ -213,7 +205,7 @@ class BulkheadClient:
             return None
 
     def list(self, kind=None, selector=None):
-        path = resource_path(kind) if kind else "/v1/resources"
+        path = resource_path(kind) if kind else route("resources")
         query = {"selector": selector} if selector else None
         return self.request("GET", path, query=query)["items"]
 
@@ -239,28 +231,28 @@ class BulkheadClient:
             query["dryRun"] = "true"
         if ignore_not_found:
             query["ignoreNotFound"] = "true"
-        return self.request("POST", "/v1/delete", raw=json.dumps(docs), query=query or None)
+        return self.request("POST", route("delete"), raw=json.dumps(docs), query=query or None)
 
     def apply(self, docs, dry_run=False, mode="apply"):
         """All-or-nothing apply of several documents; the server's per-resource results."""
         query = {"mode": mode}
         if dry_run:
             query["dryRun"] = "true"
-        return self.request("POST", "/v1/apply", raw=json.dumps(docs), query=query)
+        return self.request("POST", route("apply"), raw=json.dumps(docs), query=query)
 
     def sync(self, docs, tier=None, owner=None, dry_run=False):
         """The policies `docs` become exactly those of a tier or an owner (one transaction)."""
         query = {"tier": tier} if tier is not None else {"owner": owner}
         if dry_run:
             query["dryRun"] = "true"
-        return self.request("POST", "/v1/sync", raw=json.dumps(docs), query=query)
+        return self.request("POST", route("sync"), raw=json.dumps(docs), query=query)
 
     def rollback(self, revision, dry_run=False):
         """Every resource back to revision `revision` (what came later deleted)."""
         query = {"revision": str(revision)}
         if dry_run:
             query["dryRun"] = "true"
-        return self.request("POST", "/v1/rollback", query=query)
+        return self.request("POST", route("rollback"), query=query)
 
     def export(self, revision=None, tier=None):
         """Every resource (or a tier and its policies) as it was at `revision` (or now)."""
@@ -269,7 +261,7 @@ class BulkheadClient:
             query["revision"] = str(revision)
         if tier is not None:
             query["tier"] = tier
-        return self.request("GET", "/v1/export", query=query or None)
+        return self.request("GET", route("export"), query=query or None)
 
     def history(self, limit=None, kind=None, name=None):
         """Who changed what at which revision, newest first."""
@@ -277,15 +269,15 @@ class BulkheadClient:
         for key, value in (("limit", limit), ("kind", kind), ("name", name)):
             if value is not None:
                 query[key] = str(value)
-        return self.request("GET", "/v1/history", query=query or None)["entries"]
+        return self.request("GET", route("history"), query=query or None)["entries"]
 
     # ------------------------------------------------------------------- agents
     def nodes(self, revision=None):
         query = {"revision": str(revision)} if revision is not None else None
-        return self.request("GET", "/v1/nodes", query=query)
+        return self.request("GET", route("nodes"), query=query)
 
     def snapshot(self):
-        return self.request("GET", "/v1/snapshot")
+        return self.request("GET", route("snapshot"))
 
 
 def _dry(dry_run):

@@ -15,8 +15,9 @@ __metaclass__ = type
 
 import copy
 
+from ansible_collections.bulkhead.microseg.plugins.module_utils import api
+from ansible_collections.bulkhead.microseg.plugins.module_utils.api import API_VERSION
 from ansible_collections.bulkhead.microseg.plugins.module_utils.client import (
-    API_VERSION,
     strip_server_fields,
 )
 from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import (
@@ -24,25 +25,12 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import (
     reserved,
 )
 
-# Kind names as users write them, to the server's canonical kind.
-KIND_NAMES = {
-    "hostendpoint": "HostEndpoint", "hostendpoints": "HostEndpoint", "hep": "HostEndpoint",
-    "globalnetworkpolicy": "GlobalNetworkPolicy", "globalnetworkpolicies": "GlobalNetworkPolicy",
-    "gnp": "GlobalNetworkPolicy",
-    "stagedglobalnetworkpolicy": "StagedGlobalNetworkPolicy",
-    "stagedglobalnetworkpolicies": "StagedGlobalNetworkPolicy", "sgnp": "StagedGlobalNetworkPolicy",
-    "tier": "Tier", "tiers": "Tier",
-    "globalnetworkset": "GlobalNetworkSet", "globalnetworksets": "GlobalNetworkSet",
-    "gns": "GlobalNetworkSet",
-    "profile": "Profile", "profiles": "Profile",
-}
-
-
 def canonical_kind(kind):
-    """`gnp` -> GlobalNetworkPolicy; unknown kinds are returned unchanged for the server to refuse."""
+    """`gnp` -> GlobalNetworkPolicy (the aliases of module_utils/api.py, the server's
+    own); unknown kinds are returned unchanged for the server to refuse."""
     if kind is None:
         return None
-    return KIND_NAMES.get(str(kind).lower(), kind)
+    return api.canonical_kind(str(kind)) or kind
 
 
 def prune(value):

@@ -135,7 +135,7 @@ converged:
 
 import copy
 
-from ansible_collections.bulkhead.microseg.plugins.module_utils.client import API_VERSION
+from ansible_collections.bulkhead.microseg.plugins.module_utils.api import API_VERSION, OWNER_LABEL
 from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import normalize_labels
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure_many
@@ -162,10 +162,6 @@ def owned_docs(endpoints, owner, label):
         meta["labels"][label] = owner
         docs.append(doc)
     return docs
-
-
-def owner_selector(label, owner):
-    return "%s == '%s'" % (label, owner.replace("\\", "\\\\").replace("'", "\\'"))
 
 
 def sync(module, service):
@@ -200,7 +196,7 @@ def main():
     module = BulkheadModule(dict(
         endpoints=dict(type="list", elements="dict", required=True),
         owner=dict(type="str", required=True),
-        managed_by_label=dict(type="str", default="microseg.bulkhead.io/managed-by"),
+        managed_by_label=dict(type="str", default=OWNER_LABEL),
         purge=dict(type="bool", default=True),
         adopt=dict(type="bool", default=False),
         **wait_spec()
