@@ -6,7 +6,8 @@ sets, named ports resolved through every endpoint's `spec.ports`).
 This is the agent's calculation stage (felix's calculation graph): pure data in, pure
 data out, shared by every dataplane. It decides nothing about packets itself; the
 dataplane renders the plan, and the reference evaluator (`bulkhead.policy.evaluate`)
-gives the same verdicts from the same snapshot.
+gives the same verdicts from the same snapshot without using any of this module: the two
+share only `bulkhead.policy.semantics`.
 """
 
 from __future__ import annotations
@@ -32,38 +33,10 @@ from bulkhead.model import (
 from bulkhead.model.checks import protocol_number
 from bulkhead.model.snapshot import order_key
 from bulkhead.policy.failsafe import Failsafes
+from bulkhead.policy.semantics import effective_labels, rule_ip_version, selects, staged_view
 from bulkhead.selector import parse
 
 DIRECTIONS = (INGRESS, EGRESS)
-
-
-def effective_labels(snapshot: Snapshot, hep: HostEndpoint) -> dict[str, str]:
-    """The endpoint's labels, over its profiles' labelsToApply (Calico's inheritance)."""
-    merged: dict[str, str] = {}
-    for name in hep.profiles:
-        profile = snapshot.profiles.get(name)
-        if profile is not None:
-            merged.update(profile.labels_to_apply)
-    merged.update(hep.labels)
-    return merged
-
-
-def rule_ip_version(rule: Rule) -> int | None:
-    """The IP version a rule is limited to: `ipVersion`, else that of its nets (Calico
-    renders a rule with IPv4 nets into the IPv4 ruleset only), else that of an ICMP
-    protocol; None when the rule applies to both."""
-    if rule.ip_version is not None:
-        return rule.ip_version
-    for side in (rule.source, rule.destination):
-        for net in (*side.nets, *side.not_nets):
-            return 6 if ":" in net else 4
-    if rule.protocol is not None:
-        number = protocol_number(rule.protocol)
-        if number == 1:
-            return 4
-        if number == 58:
-            return 6
-    return None
 
 
 # ------------------------------------------------------------------------------ plans
@@ -190,19 +163,6 @@ def calculate(snapshot: Snapshot, node: str, interfaces: Mapping[str, Sequence[s
     return plan
 
 
-def staged_view(snapshot: Snapshot) -> list[GlobalNetworkPolicy]:
-    """The enforced policies with the staged ones applied (Set replaces, Delete removes)."""
-    view: dict[tuple[str, str], GlobalNetworkPolicy] = {
-        (p.spec.tier, p.bare_name): p for p in snapshot.policies.values()}
-    for sp in snapshot.staged.values():
-        key = (sp.spec.tier, sp.bare_name)
-        if sp.spec.staged_action == "Delete":
-            view.pop(key, None)
-        else:
-            view[key] = sp
-    return list(view.values())
-
-
 def _interfaces(hep: HostEndpoint, interfaces: Mapping[str, Sequence[str]],
                 warnings: list[str]) -> tuple[str, ...]:
     if hep.interface_name == "*":
@@ -224,8 +184,8 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def _direction(snapshot: Snapshot, policies: Sequence[GlobalNetworkPolicy], hep: HostEndpoint,
                labels: Mapping[str, str], direction: str) -> DirectionPlan:
-    def selects(p: GlobalNetworkPolicy) -> bool:
-        return direction in p.spec.types and p.spec.selector.matches(labels)
+    def applies(p: GlobalNetworkPolicy) -> bool:
+        return selects(p, labels, direction)
 
     tiers = snapshot.ordered_tiers()
     rank = {t.name: i for i, t in enumerate(tiers)}
@@ -233,13 +193,13 @@ def _direction(snapshot: Snapshot, policies: Sequence[GlobalNetworkPolicy], hep:
     def early_key(p: GlobalNetworkPolicy) -> tuple[int, tuple[int, float, str]]:
         return (rank[p.spec.tier], order_key(p.spec.order, p.name))
 
-    untracked = sorted((p for p in policies if p.spec.do_not_track and selects(p)),
+    untracked = sorted((p for p in policies if p.spec.do_not_track and applies(p)),
                        key=early_key)
-    pre_dnat = sorted((p for p in policies if p.spec.pre_dnat and selects(p)), key=early_key)
+    pre_dnat = sorted((p for p in policies if p.spec.pre_dnat and applies(p)), key=early_key)
     early = untracked + (pre_dnat if direction == INGRESS else [])
     tier_plans = []
     for tier in tiers:
-        members = sorted((p for p in policies if p.spec.tier == tier.name and selects(p)
+        members = sorted((p for p in policies if p.spec.tier == tier.name and applies(p)
                           and not (p.spec.do_not_track or p.spec.pre_dnat)),
                          key=lambda p: order_key(p.spec.order, p.name))
         if not members:
