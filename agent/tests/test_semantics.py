@@ -46,6 +46,19 @@ def test_the_evaluator_never_imports_the_calculation() -> None:
 
 
 # -------------------------------------------------------------------- effective labels
+def test_endpoint_labels_win_then_profiles_in_order() -> None:
+    """Felix looks a label up in the endpoint's own labels, then in each parent (profile)
+    in order, the first that has it answering (felix/labelindex/endpoint_data.go,
+    `GetHandle`): the endpoint wins over its profiles, an earlier profile over a later."""
+    s = snap(res("Profile", "first", {"labelsToApply": {"zone": "dmz", "app": "ignored"}}),
+             res("Profile", "second", {"labelsToApply": {"zone": "lan", "env": "prod"}}),
+             res("HostEndpoint", "web", {"node": "n1", "interfaceName": "eth0",
+                                         "profiles": ["first", "missing", "second"]},
+                 {"app": "web"}))
+    assert effective_labels(s, s.host_endpoints["web"]) == {
+        "app": "web", "zone": "dmz", "env": "prod"}
+
+
 def test_an_endpoint_without_profiles_has_its_own_labels() -> None:
     s = snap(res("HostEndpoint", "db", {"node": "n1", "interfaceName": "eth0"}, {"app": "db"}))
     assert effective_labels(s, s.host_endpoints["db"]) == {"app": "db"}

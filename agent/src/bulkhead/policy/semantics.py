@@ -2,7 +2,9 @@
 written once from Calico's documented semantics and tested on its own
 (tests/test_semantics.py), so that neither side stands on the other.
 
-- An endpoint's labels: its own, over its profiles' `labelsToApply`.
+- An endpoint's labels: its own, then each profile's `labelsToApply` in the order the
+  profiles are listed; a key takes the first value found (Felix's label index looks up
+  the endpoint's labels, then its parents in order: felix/labelindex/endpoint_data.go).
 - Which policies select an endpoint in a direction: `types` decides. The model gives an
   omitted `types` its default when the resource is read (libcalico-go's client does it
   before storing: Egress if only egress rules, both if both, else Ingress), so every
@@ -22,13 +24,14 @@ from bulkhead.model.checks import protocol_number
 
 
 def effective_labels(snapshot: Snapshot, hep: HostEndpoint) -> dict[str, str]:
-    """The endpoint's labels, over its profiles' labelsToApply (Calico's inheritance)."""
-    merged: dict[str, str] = {}
+    """The endpoint's labels, then its profiles' labelsToApply: the first value of a
+    key wins. A profile that does not exist adds nothing."""
+    merged = dict(hep.labels)
     for name in hep.profiles:
         profile = snapshot.profiles.get(name)
         if profile is not None:
-            merged.update(profile.labels_to_apply)
-    merged.update(hep.labels)
+            for key, value in profile.labels_to_apply.items():
+                merged.setdefault(key, value)
     return merged
 
 
