@@ -119,7 +119,7 @@ def pair() -> Iterator[tuple[str, str]]:
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 def test_an_allowed_untracked_flow_leaves_no_conntrack_entry(pair: tuple[str, str]) -> None:
     client, server = pair
-    applier = NftApplier(prefix=["ip", "netns", "exec", server])
+    applier = NftApplier(netns=server)
     applier.apply(render(calculate(snap(*docs()), "n1", {}, Failsafes.off())))
     listener = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c", SERVER],
                                 stdout=subprocess.PIPE, text=True)
