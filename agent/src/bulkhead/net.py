@@ -43,6 +43,16 @@ def parse_network(text: str) -> tuple[int, int, int]:
     return family, first, first | host
 
 
+def parse_spans(texts: Iterable[str]) -> tuple[list[Span], list[Span]]:
+    """The IPv4 and the IPv6 spans of the addresses and CIDRs in `texts`, as given (not
+    sorted or merged: for callers that merge several lists once)."""
+    spans: dict[int, list[Span]] = {4: [], 6: []}
+    for text in texts:
+        family, first, last = parse_network(text)
+        spans[family].append((first, last))
+    return spans[4], spans[6]
+
+
 def address_text(value: int, family: int) -> str:
     """The address `value` of `family` as text."""
     if family == 4:
@@ -107,11 +117,8 @@ class AddressSet:
     @classmethod
     def of(cls, texts: Iterable[str]) -> AddressSet:
         """The addresses and CIDRs in `texts` (see `parse_network`), merged."""
-        spans: dict[int, list[Span]] = {4: [], 6: []}
-        for text in texts:
-            family, first, last = parse_network(text)
-            spans[family].append((first, last))
-        return cls(merge(spans[4]), merge(spans[6]))
+        v4, v6 = parse_spans(texts)
+        return cls(merge(v4), merge(v6))
 
     @classmethod
     def union(cls, sets: Iterable[AddressSet]) -> AddressSet:

@@ -31,7 +31,7 @@ from bulkhead.model import (
 )
 from bulkhead.model.checks import protocol_number
 from bulkhead.model.snapshot import order_key
-from bulkhead.net import NO_ADDRESSES, AddressSet, Span, merge, parse_network
+from bulkhead.net import NO_ADDRESSES, AddressSet, Span, merge, parse_network, parse_spans
 from bulkhead.policy.failsafe import Failsafes
 from bulkhead.policy.semantics import effective_labels, rule_ip_version, selects, staged_view
 from bulkhead.selector import Selector
@@ -292,10 +292,10 @@ def _resolve_sets(snapshot: Snapshot, labels: Mapping[str, Mapping[str, str]],
                     members[sel][family].append((first, last))
     for netset in snapshot.network_sets.values():
         matching = [sel for sel in selectors if netset.nets and sel.matches(netset.labels)]
-        nets = AddressSet.of(netset.nets) if matching else NO_ADDRESSES
+        v4, v6 = parse_spans(netset.nets) if matching else ([], [])
         for sel in matching:
-            members[sel][4] += nets.v4
-            members[sel][6] += nets.v6
+            members[sel][4] += v4
+            members[sel][6] += v6
     for sel, spans in members.items():
         plan.selector_sets[sel] = AddressSet(merge(spans[4]), merge(spans[6]))
     for name in sorted(port_names):

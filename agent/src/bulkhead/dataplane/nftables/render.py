@@ -41,7 +41,7 @@ from bulkhead.dataplane.nftables.vmap import (
     rule_boxes,
 )
 from bulkhead.model import EGRESS, INGRESS
-from bulkhead.net import AddressSet, address_text
+from bulkhead.net import AddressSet, address_text, merge
 from bulkhead.policy.plan import (
     DIRECTIONS,
     DirectionPlan,
@@ -72,13 +72,7 @@ def _quote(text: str, limit: int) -> str:
 
 
 def _ranges(ports: Sequence[tuple[int, int]]) -> str:
-    merged: list[list[int]] = []
-    for lo, hi in sorted(ports):
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in merged)
+    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in merge(ports))
 
 
 def _nets(nets: AddressSet) -> str:
