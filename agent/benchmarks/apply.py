@@ -106,9 +106,9 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def full_replace(prefix: list[str], ruleset: Callable[[], Ruleset]) -> float:
+def full_replace(ns: str, ruleset: Callable[[], Ruleset]) -> float:
     """Seconds to make `ruleset()` and apply it with an applier that knows nothing yet."""
-    applier = NftApplier(prefix=prefix)
+    applier = NftApplier(netns=ns)
     start = time.perf_counter()
     applier.apply(ruleset())
     return time.perf_counter() - start
@@ -144,13 +144,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.repeat):
             full_nft.append(timed(nft_f))
             # A fresh applier each time: it knows nothing, so it replaces the whole table.
-            full_apply.append(full_replace(prefix, lambda: rulesets[False]))
-            full_agent.append(full_replace(prefix, lambda: agent_render(False)))
+            full_apply.append(full_replace(ns, lambda: rulesets[False]))
+            full_agent.append(full_replace(ns, lambda: agent_render(False)))
         # Element updates, back and forth, by netlink and by nft -f.
         via_netlink: list[float] = []
         via_nft: list[float] = []
         for netlink, times in ((True, via_netlink), (False, via_nft)):
-            applier = NftApplier(prefix=prefix, netlink=netlink)
+            applier = NftApplier(netns=ns, netlink=netlink)
             applier.apply(rulesets[False])
             for i in range(2 * args.repeat):
                 target = rulesets[i % 2 == 0]
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if result.full or result.via != expected:
                     raise SystemExit(f"expected an element update via {expected}, got {result}")
         label_end_to_end: list[float] = []
-        applier = NftApplier(prefix=prefix)
+        applier = NftApplier(netns=ns)
         applier.apply(rulesets[False])
         for i in range(2 * args.repeat):
             start = time.perf_counter()

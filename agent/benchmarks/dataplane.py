@@ -261,7 +261,7 @@ def load_rulesets(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     planned = time.perf_counter()
     ruleset = render(plan)
     rendered = time.perf_counter()
-    applier = NftApplier(prefix=["ip", "netns", "exec", lab.ns("bulkhead")])
+    applier = NftApplier(netns=lab.ns("bulkhead"))
     applied = applier.apply(ruleset)
     listing = lab.run("bulkhead", ["nft", "-t", "list", "ruleset"]).stdout
     info["bulkhead"] = {

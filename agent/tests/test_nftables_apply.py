@@ -37,7 +37,7 @@ def nft(ns: str, *args: str, script: str | None = None) -> str:
 def test_full_then_elements_then_nothing(netns: str) -> None:
     nft(netns, "-f", "-", script="table inet other {\n chain c {\n type filter hook input "
                                  "priority 10; policy accept;\n }\n}\n")
-    applier = NftApplier(prefix=["ip", "netns", "exec", netns])
+    applier = NftApplier(netns=netns)
     first = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
     result = applier.apply(first)
     assert result.full and result.changed
@@ -55,7 +55,7 @@ def test_full_then_elements_then_nothing(netns: str) -> None:
 
 
 def test_a_rejected_ruleset_leaves_the_old_one(netns: str) -> None:
-    applier = NftApplier(prefix=["ip", "netns", "exec", netns])
+    applier = NftApplier(netns=netns)
     good = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
     applier.apply(good)
     before = nft(netns, "list", "table", "inet", "bulkhead")
@@ -70,7 +70,7 @@ def test_a_rejected_ruleset_leaves_the_old_one(netns: str) -> None:
 
 
 def test_drift_is_seen_and_repaired(netns: str) -> None:
-    applier = NftApplier(prefix=["ip", "netns", "exec", netns])
+    applier = NftApplier(netns=netns)
     ruleset = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
     applier.apply(ruleset)
     expected = nft(netns, "list", "table", "inet", "bulkhead")
@@ -86,7 +86,7 @@ def test_drift_is_seen_and_repaired(netns: str) -> None:
 
 
 def test_normalized_refuses_what_the_kernel_would(netns: str) -> None:
-    applier = NftApplier(prefix=["ip", "netns", "exec", netns])
+    applier = NftApplier(netns=netns)
     ruleset = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
     assert "chain input" in applier.normalized(ruleset)
     ruleset.chains["zz"] = Chain("zz", ("jump nowhere",))

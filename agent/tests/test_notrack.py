@@ -33,7 +33,10 @@ def docs() -> list[dict[str, Any]]:
 
 
 def test_untracked_policies_get_raw_chains_with_notrack() -> None:
-    rs = render(calculate(snap(*docs()), "n1", {}, Failsafes()), untracked=frozenset({"memcache"}))
+    plan = calculate(snap(*docs()), "n1", {}, Failsafes())
+    (endpoint,) = plan.endpoints
+    assert [(p.name, p.untracked) for p in endpoint.ingress.early] == [("memcache", True)]
+    rs = render(plan)
     pre, out = rs.chains["raw_prerouting"], rs.chains["raw_output"]
     assert pre.hook == "type filter hook prerouting priority raw; policy accept;"
     assert out.hook == "type filter hook output priority raw; policy accept;"
@@ -57,8 +60,8 @@ def test_untracked_policies_get_raw_chains_with_notrack() -> None:
     assert "goto" not in "\n".join(filter_policy.rules)
     filter_map = "\n".join(filter_policy.rules).split("vmap @")[1].split()[0]
     assert "6 . 5001 : accept" in rs.sets[filter_map].elements
-    # Not named as untracked: no raw chains at all.
-    plain = render(calculate(snap(*docs()), "n1", {}, Failsafes()))
+    # No untracked policy: no raw chains at all.
+    plain = render(calculate(snap(*docs()[::2]), "n1", {}, Failsafes()))
     assert not any(n.startswith(("raw_", "u_", "n_", "untracked")) for n in plain.chains)
 
 
@@ -116,9 +119,8 @@ def pair() -> Iterator[tuple[str, str]]:
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 def test_an_allowed_untracked_flow_leaves_no_conntrack_entry(pair: tuple[str, str]) -> None:
     client, server = pair
-    applier = NftApplier(prefix=["ip", "netns", "exec", server])
-    applier.apply(render(calculate(snap(*docs()), "n1", {}, Failsafes.off()),
-                         untracked=frozenset({"memcache"})))
+    applier = NftApplier(netns=server)
+    applier.apply(render(calculate(snap(*docs()), "n1", {}, Failsafes.off())))
     listener = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c", SERVER],
                                 stdout=subprocess.PIPE, text=True)
     try:

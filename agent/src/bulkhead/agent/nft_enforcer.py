@@ -53,9 +53,7 @@ class NftablesEnforcer:
         # Only endpoints without interfaceName depend on the host's addresses.
         self._by_address = any(h.node == self.node and not h.interface_name
                                for h in snapshot.host_endpoints.values())
-        plan = calculate(snapshot, self.node, self._seen, self.failsafes)
-        untracked = frozenset(p.name for p in snapshot.policies.values() if p.spec.do_not_track)
-        return render(plan, self.table, untracked=untracked)
+        return render(calculate(snapshot, self.node, self._seen, self.failsafes), self.table)
 
     def _report(self, result: ApplyResult, revision: int, ruleset: Ruleset) -> EnforceReport:
         return EnforceReport(revision, result.full, result.changed, result.seconds,

@@ -33,8 +33,8 @@ from bulkhead.model import (
 from bulkhead.model.snapshot import order_key
 from bulkhead.policy.failsafe import Failsafes
 from bulkhead.policy.flow import Flow, IPAddress
-from bulkhead.policy.plan import effective_labels, staged_view
 from bulkhead.policy.rules import CompiledRule, Context, Peer, compile_rules, domain_matches
+from bulkhead.policy.semantics import effective_labels, selects, staged_view
 
 ALLOW, DENY, PASS, LOG = "Allow", "Deny", "Pass", "Log"
 
@@ -213,8 +213,7 @@ class Evaluator:
             labels = self._labels[hep.name]
             found = []
             for tier, policies in view.tiers:
-                selecting = [p for p in policies
-                             if direction in p.spec.types and p.spec.selector.matches(labels)]
+                selecting = [p for p in policies if selects(p, labels, direction)]
                 if selecting:
                     found.append((tier, selecting))
             view.cache[key] = found
@@ -242,7 +241,7 @@ class Evaluator:
         if direction == INGRESS:
             early += view.pre_dnat
         for policy in early:
-            if direction not in policy.spec.types or not policy.spec.selector.matches(labels):
+            if not selects(policy, labels, direction):
                 continue
             stage = "untracked" if policy.spec.do_not_track else "pre-DNAT"
             if trace:

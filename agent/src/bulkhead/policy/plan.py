@@ -6,17 +6,17 @@ sets, named ports resolved through every endpoint's `spec.ports`).
 This is the agent's calculation stage (felix's calculation graph): pure data in, pure
 data out, shared by every dataplane. It decides nothing about packets itself; the
 dataplane renders the plan, and the reference evaluator (`bulkhead.policy.evaluate`)
-gives the same verdicts from the same snapshot.
+gives the same verdicts from the same snapshot without using any of this module: the two
+share only `bulkhead.policy.semantics`. A plan holds facts, not text to parse again:
+addresses as integer spans per family (`bulkhead.net`), selectors parsed, `untracked` on
+the policies that have doNotTrack.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-
-import netaddr
 
 from bulkhead.model import (
     EGRESS,
@@ -31,50 +31,24 @@ from bulkhead.model import (
 )
 from bulkhead.model.checks import protocol_number
 from bulkhead.model.snapshot import order_key
+from bulkhead.net import NO_ADDRESSES, AddressSet, Span, merge, parse_network, parse_spans
 from bulkhead.policy.failsafe import Failsafes
-from bulkhead.selector import parse
+from bulkhead.policy.semantics import effective_labels, rule_ip_version, selects, staged_view
+from bulkhead.selector import Selector
 
 DIRECTIONS = (INGRESS, EGRESS)
-
-
-def effective_labels(snapshot: Snapshot, hep: HostEndpoint) -> dict[str, str]:
-    """The endpoint's labels, over its profiles' labelsToApply (Calico's inheritance)."""
-    merged: dict[str, str] = {}
-    for name in hep.profiles:
-        profile = snapshot.profiles.get(name)
-        if profile is not None:
-            merged.update(profile.labels_to_apply)
-    merged.update(hep.labels)
-    return merged
-
-
-def rule_ip_version(rule: Rule) -> int | None:
-    """The IP version a rule is limited to: `ipVersion`, else that of its nets (Calico
-    renders a rule with IPv4 nets into the IPv4 ruleset only), else that of an ICMP
-    protocol; None when the rule applies to both."""
-    if rule.ip_version is not None:
-        return rule.ip_version
-    for side in (rule.source, rule.destination):
-        for net in (*side.nets, *side.not_nets):
-            return 6 if ":" in net else 4
-    if rule.protocol is not None:
-        number = protocol_number(rule.protocol)
-        if number == 1:
-            return 4
-        if number == 58:
-            return 6
-    return None
 
 
 # ------------------------------------------------------------------------------ plans
 @dataclass(frozen=True)
 class SidePlan:
-    """A rule's source or destination with its selectors named by canonical form."""
+    """A rule's source or destination: its nets as address spans, its selectors parsed
+    (their addresses in NodePlan.selector_sets)."""
 
-    nets: tuple[str, ...] = ()
-    not_nets: tuple[str, ...] = ()
-    selector: str | None = None          # canonical; addresses in NodePlan.selector_sets
-    not_selector: str | None = None
+    nets: AddressSet = NO_ADDRESSES
+    not_nets: AddressSet = NO_ADDRESSES
+    selector: Selector | None = None
+    not_selector: Selector | None = None
     ports: tuple[tuple[int, int], ...] = ()        # inclusive ranges
     named_ports: tuple[str, ...] = ()              # addresses in NodePlan.named_ports
     not_ports: tuple[tuple[int, int], ...] = ()
@@ -111,10 +85,12 @@ class TierPlan:
 
 @dataclass(frozen=True)
 class PolicyPlan:
-    """An untracked or pre-DNAT policy: its Allow or Deny is final, no match falls through."""
+    """An untracked or pre-DNAT policy: its Allow or Deny is final, no match falls through.
+    `untracked` (doNotTrack) policies are also enforced before connection tracking."""
 
     name: str
     rules: tuple[RulePlan, ...]
+    untracked: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,9 +117,10 @@ class EndpointPlan:
         return self.ingress if direction == INGRESS else self.egress
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class NamedPortEntry:
-    address: str                   # an expectedIP of an endpoint that has the port
+    family: int                    # 4 or 6
+    address: int                   # an expectedIP of an endpoint that has the port
     protocol: int
     port: int
 
@@ -153,7 +130,7 @@ class NodePlan:
     node: str
     endpoints: list[EndpointPlan]
     failsafes: Failsafes
-    selector_sets: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]  # canonical -> v4, v6
+    selector_sets: dict[Selector, AddressSet]
     named_ports: dict[str, tuple[NamedPortEntry, ...]]
     warnings: list[str] = field(default_factory=list)
 
@@ -190,19 +167,6 @@ def calculate(snapshot: Snapshot, node: str, interfaces: Mapping[str, Sequence[s
     return plan
 
 
-def staged_view(snapshot: Snapshot) -> list[GlobalNetworkPolicy]:
-    """The enforced policies with the staged ones applied (Set replaces, Delete removes)."""
-    view: dict[tuple[str, str], GlobalNetworkPolicy] = {
-        (p.spec.tier, p.bare_name): p for p in snapshot.policies.values()}
-    for sp in snapshot.staged.values():
-        key = (sp.spec.tier, sp.bare_name)
-        if sp.spec.staged_action == "Delete":
-            view.pop(key, None)
-        else:
-            view[key] = sp
-    return list(view.values())
-
-
 def _interfaces(hep: HostEndpoint, interfaces: Mapping[str, Sequence[str]],
                 warnings: list[str]) -> tuple[str, ...]:
     if hep.interface_name == "*":
@@ -224,8 +188,8 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def _direction(snapshot: Snapshot, policies: Sequence[GlobalNetworkPolicy], hep: HostEndpoint,
                labels: Mapping[str, str], direction: str) -> DirectionPlan:
-    def selects(p: GlobalNetworkPolicy) -> bool:
-        return direction in p.spec.types and p.spec.selector.matches(labels)
+    def applies(p: GlobalNetworkPolicy) -> bool:
+        return selects(p, labels, direction)
 
     tiers = snapshot.ordered_tiers()
     rank = {t.name: i for i, t in enumerate(tiers)}
@@ -233,13 +197,13 @@ def _direction(snapshot: Snapshot, policies: Sequence[GlobalNetworkPolicy], hep:
     def early_key(p: GlobalNetworkPolicy) -> tuple[int, tuple[int, float, str]]:
         return (rank[p.spec.tier], order_key(p.spec.order, p.name))
 
-    untracked = sorted((p for p in policies if p.spec.do_not_track and selects(p)),
+    untracked = sorted((p for p in policies if p.spec.do_not_track and applies(p)),
                        key=early_key)
-    pre_dnat = sorted((p for p in policies if p.spec.pre_dnat and selects(p)), key=early_key)
+    pre_dnat = sorted((p for p in policies if p.spec.pre_dnat and applies(p)), key=early_key)
     early = untracked + (pre_dnat if direction == INGRESS else [])
     tier_plans = []
     for tier in tiers:
-        members = sorted((p for p in policies if p.spec.tier == tier.name and selects(p)
+        members = sorted((p for p in policies if p.spec.tier == tier.name and applies(p)
                           and not (p.spec.do_not_track or p.spec.pre_dnat)),
                          key=lambda p: order_key(p.spec.order, p.name))
         if not members:
@@ -255,7 +219,8 @@ def _direction(snapshot: Snapshot, policies: Sequence[GlobalNetworkPolicy], hep:
             profiles.append(ProfilePlan(name, tuple(
                 rule_plan(r, f"{where} rule {i}") for i, r in enumerate(profile.rules(direction)))))
     return DirectionPlan(
-        early=tuple(PolicyPlan(p.name, tuple(_rules(p, direction))) for p in early),
+        early=tuple(PolicyPlan(p.name, tuple(_rules(p, direction)), p.spec.do_not_track)
+                    for p in early),
         tiers=tuple(tier_plans), profiles=tuple(profiles))
 
 
@@ -286,9 +251,8 @@ def _side(entity: EntityRule) -> SidePlan:
     ports, named = split(entity.ports)
     not_ports, not_named = split(entity.not_ports)
     return SidePlan(
-        nets=entity.nets, not_nets=entity.not_nets,
-        selector=None if entity.selector is None else str(entity.selector),
-        not_selector=None if entity.not_selector is None else str(entity.not_selector),
+        nets=AddressSet.of(entity.nets), not_nets=AddressSet.of(entity.not_nets),
+        selector=entity.selector, not_selector=entity.not_selector,
         ports=ports, named_ports=named, not_ports=not_ports, not_named_ports=not_named,
         domains=entity.domains)
 
@@ -307,103 +271,35 @@ def _all_rules(plan: NodePlan) -> Iterable[RulePlan]:
 
 def _resolve_sets(snapshot: Snapshot, labels: Mapping[str, Mapping[str, str]],
                   plan: NodePlan) -> None:
-    """Fill the plan's selector sets and named-port entries for the rules it holds."""
-    selectors: set[str] = set()
+    """Fill the plan's selector sets and named-port entries for the rules it holds. Every
+    address is parsed once, and each selector's members merged once."""
+    selectors: set[Selector] = set()
     port_names: set[str] = set()
     for rule in _all_rules(plan):
         for side in (rule.source, rule.destination):
             selectors.update(s for s in (side.selector, side.not_selector) if s)
             port_names.update(side.named_ports)
             port_names.update(side.not_named_ports)
-    parsed = {s: parse(s) for s in selectors}
-    # Collected first and merged once: IPSet.add per address is slow with big network sets.
-    members: dict[str, list[str]] = {s: [] for s in selectors}
     heps = sorted(snapshot.host_endpoints.values(), key=lambda h: h.name)
+    addresses = {h.name: [parse_network(ip) for ip in h.expected_ips] for h in heps}
+    members: dict[Selector, dict[int, list[Span]]] = {s: {4: [], 6: []} for s in selectors}
     for hep in heps:
         if not hep.expected_ips:
             continue
-        for text, sel in parsed.items():
+        for sel in selectors:
             if sel.matches(labels[hep.name]):
-                members[text].extend(hep.expected_ips)
+                for family, first, last in addresses[hep.name]:
+                    members[sel][family].append((first, last))
     for netset in snapshot.network_sets.values():
-        for text, sel in parsed.items():
-            if netset.nets and sel.matches(netset.labels):
-                members[text].extend(netset.nets)
-    for text, addresses in members.items():
-        cidrs = merged_cidrs(addresses)
-        plan.selector_sets[text] = (tuple(c for c in cidrs if ":" not in c),
-                                    tuple(c for c in cidrs if ":" in c))
+        matching = [sel for sel in selectors if netset.nets and sel.matches(netset.labels)]
+        v4, v6 = parse_spans(netset.nets) if matching else ([], [])
+        for sel in matching:
+            members[sel][4] += v4
+            members[sel][6] += v6
+    for sel, spans in members.items():
+        plan.selector_sets[sel] = AddressSet(merge(spans[4]), merge(spans[6]))
     for name in sorted(port_names):
-        entries = {NamedPortEntry(ip, protocol_number(port.protocol), port.port)
-                   for hep in heps for port in hep.ports if port.name == name
-                   for ip in hep.expected_ips}
-        plan.named_ports[name] = tuple(sorted(
-            entries, key=lambda e: (ipaddress.ip_address(e.address).version,
-                                    ipaddress.ip_address(e.address), e.protocol, e.port)))
-
-
-
-
-# ------------------------------------------------------------------- address helpers
-def _ipv4_network(text: str) -> tuple[int, int] | None:
-    """(address, prefix length) of an IPv4 address or CIDR written the plain way (dotted
-    quad, optional decimal prefix), None for anything else. `inet_pton` refuses what
-    netaddr and `ipaddress` refuse: short forms, leading zeros, octets over 255."""
-    address, slash, prefix = text.partition("/")
-    if slash and not (prefix.isascii() and prefix.isdigit() and prefix == str(int(prefix))
-                      and int(prefix) <= 32):
-        return None
-    try:
-        packed = socket.inet_pton(socket.AF_INET, address)
-    except OSError:
-        return None
-    return int.from_bytes(packed, "big"), int(prefix) if slash else 32
-
-
-def ipv4_span(text: str) -> tuple[int, int] | None:
-    """The first and last address of a plain IPv4 address or CIDR (host bits allowed, as
-    `ipaddress.ip_network(text, strict=False)` allows them), None for anything else."""
-    network = _ipv4_network(text)
-    if network is None:
-        return None
-    host = (1 << (32 - network[1])) - 1
-    first = network[0] & ~host
-    return first, first | host
-
-
-def ipv4_text(value: int) -> str:
-    """`str(ipaddress.IPv4Address(value))`, without building the object."""
-    if not 0 <= value < 2**32:
-        raise ValueError(f"{value} is not an IPv4 address")
-    return f"{value >> 24}.{value >> 16 & 255}.{value >> 8 & 255}.{value & 255}"
-
-
-def merged_cidrs(addresses: Sequence[str]) -> list[str]:
-    """`[str(c) for c in netaddr.IPSet(addresses).iter_cidrs()]`: the fewest CIDRs that
-    cover the addresses, in order. Computed directly from integer ranges when every
-    address is plain IPv4 without host bits (netaddr takes seconds for 100,000
-    addresses); through netaddr otherwise."""
-    spans = []
-    for text in addresses:
-        network = _ipv4_network(text)
-        host = -1 if network is None else (1 << (32 - network[1])) - 1
-        if network is None or network[0] & host:
-            # Not plain IPv4, or host bits set (netaddr may keep them in its text).
-            return [str(c) for c in netaddr.IPSet(addresses).iter_cidrs()]
-        spans.append((network[0], network[0] | host))
-    ranges: list[list[int]] = []   # merged: overlapping or adjacent spans joined
-    for lo, hi in sorted(spans):
-        if ranges and lo <= ranges[-1][1] + 1:
-            ranges[-1][1] = max(ranges[-1][1], hi)
-        else:
-            ranges.append([lo, hi])
-    cidrs: list[str] = []
-    for lo, hi in ranges:
-        while lo <= hi:
-            # The largest aligned block that starts at lo and ends by hi.
-            size = lo & -lo if lo else 1 << 32
-            while size > hi - lo + 1:
-                size >>= 1
-            cidrs.append(f"{ipv4_text(lo)}/{33 - size.bit_length()}")
-            lo += size
-    return cidrs
+        plan.named_ports[name] = tuple(sorted({
+            NamedPortEntry(family, first, protocol_number(port.protocol), port.port)
+            for hep in heps for port in hep.ports if port.name == name
+            for family, first, _ in addresses[hep.name]}))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from bulkhead.model import EndpointPort, EntityRule, HostEndpoint, ICMPMatch, NamedPort, Rule
 from bulkhead.model.checks import protocol_number
 from bulkhead.policy.flow import Flow, protocol_name
-from bulkhead.policy.plan import rule_ip_version
+from bulkhead.policy.semantics import rule_ip_version
 from bulkhead.selector import Selector
 
 

@@ -37,28 +37,19 @@ class ApplyResult:
     via: str = ""     # "nft" (a script), "netlink" (an element batch), "" (nothing sent)
 
 
-def _namespace(prefix: Sequence[str]) -> str | None:
-    """The network namespace nft runs in: "" for our own, the name for `ip netns exec
-    NAME`, None when the prefix is anything else (then netlink is not used)."""
-    if not prefix:
-        return ""
-    if len(prefix) == 4 and list(prefix[:3]) == ["ip", "netns", "exec"]:
-        return prefix[3]
-    return None
-
-
 class NftApplier:
-    """Applies rulesets to one table. `prefix` runs nft elsewhere (e.g. `ip netns exec
-    NS`), for the lab and benchmarks; the agent runs it in its own namespace. Element
-    changes go over netlink when `netlink` is true and the namespace is this process's
-    or `ip netns exec NAME`; otherwise, and for element types the netlink encoder does
-    not know, through `nft -f`."""
+    """Applies rulesets to one table of one network namespace: `netns` names it (an `ip
+    netns` name, /run/netns/NAME), "" is this process's own (the agent's). `nft` runs
+    there (`ip netns exec NAME nft`), and so does the netlink socket. Element changes go
+    over netlink when `netlink` is true; otherwise, and for element types the netlink
+    encoder does not know, through `nft -f`."""
 
-    def __init__(self, table: str = "bulkhead", nft: str = "nft",
-                 prefix: Sequence[str] = (), netlink: bool = True) -> None:
+    def __init__(self, table: str = "bulkhead", nft: str = "nft", netns: str = "",
+                 netlink: bool = True) -> None:
         self.table = table
-        self.argv = [*prefix, nft]
-        self.netns = _namespace(prefix) if netlink else None
+        self.netns = netns
+        self.argv = [*(["ip", "netns", "exec", netns] if netns else []), nft]
+        self._netlink_ns = netns if netlink else None   # None: no netlink
         self.last: Ruleset | None = None
         self._terse: str | None = None   # the table's shape right after our full apply
         self._generation: int | None = None   # the ruleset generation our last commit made
@@ -107,14 +98,14 @@ class NftApplier:
     def _send_elements(self, last: Ruleset, ruleset: Ruleset) -> str | None:
         """Send the element changes from `last` to `ruleset`: "netlink" or "nft" (the
         way they went), or None if the netlink batch was refused (nothing applied)."""
-        if self.netns is not None:
+        if self._netlink_ns is not None:
             try:
                 changes = set_changes(last.sets.values(), ruleset.sets.values())
             except Unsupported:
                 changes = None
             if changes is not None:
                 try:
-                    with NftNetlink(self.netns) as nl:
+                    with NftNetlink(self._netlink_ns) as nl:
                         nl.apply(self.table, changes, self._generation)
                 except NetlinkError:
                     return None
@@ -131,10 +122,10 @@ class NftApplier:
         """The kernel's ruleset generation (None without netlink): every committed
         transaction in the namespace raises it, so an unchanged generation means nobody
         changed anything since."""
-        if self.netns is None:
+        if self._netlink_ns is None:
             return None
         try:
-            with NftNetlink(self.netns) as nl:
+            with NftNetlink(self._netlink_ns) as nl:
                 return nl.generation()
         except NetlinkError:
             return None
@@ -164,9 +155,9 @@ class NftApplier:
         """What drift is judged by: the table without set elements, None if it is absent.
         A digest of netlink dumps where netlink is used (the terse listing still reads
         every element), else `nft -t list table`."""
-        if self.netns is not None:
+        if self._netlink_ns is not None:
             try:
-                with NftNetlink(self.netns) as nl:
+                with NftNetlink(self._netlink_ns) as nl:
                     fingerprint = nl.fingerprint(self.table)
                 return None if fingerprint is None else "netlink " + fingerprint
             except NetlinkError:

@@ -31,8 +31,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 
-import netaddr
-
 from bulkhead.dataplane.nftables.ruleset import Chain, NftSet, Ruleset
 from bulkhead.dataplane.nftables.vmap import (
     compile_run,
@@ -43,6 +41,7 @@ from bulkhead.dataplane.nftables.vmap import (
     rule_boxes,
 )
 from bulkhead.model import EGRESS, INGRESS
+from bulkhead.net import AddressSet, address_text, merge
 from bulkhead.policy.plan import (
     DIRECTIONS,
     DirectionPlan,
@@ -51,6 +50,7 @@ from bulkhead.policy.plan import (
     RulePlan,
     SidePlan,
 )
+from bulkhead.selector import Selector
 
 TABLE = "bulkhead"
 VERDICT = {"Allow": "accept", "Deny": "drop", "Pass": "return"}
@@ -72,51 +72,36 @@ def _quote(text: str, limit: int) -> str:
 
 
 def _ranges(ports: Sequence[tuple[int, int]]) -> str:
-    merged: list[list[int]] = []
-    for lo, hi in sorted(ports):
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in merged)
+    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in merge(ports))
 
 
-def _nets(nets: Sequence[str]) -> str:
-    return ", ".join(_element(c) for c in netaddr.IPSet(nets).iter_cidrs())
-
-
-def _element(cidr: object) -> str:
-    net = netaddr.IPNetwork(str(cidr))
-    return str(net.ip) if net.size == 1 else str(net.cidr)
+def _nets(nets: AddressSet) -> str:
+    return ", ".join([*nets.texts(4), *nets.texts(6)])
 
 
 class _Renderer:
-    def __init__(self, plan: NodePlan, table: str, compile_runs: bool,
-                 untracked: frozenset[str] = frozenset()) -> None:
+    def __init__(self, plan: NodePlan, table: str, compile_runs: bool) -> None:
         self.plan = plan
         self.compile = compile_runs
-        self.untracked = untracked
         self.rs = Ruleset(table, warnings=list(plan.warnings))
 
     # -- sets -------------------------------------------------------------------------
-    def selector_set(self, canonical: str, family: int) -> str:
-        name = f"s{family}_{_h(canonical)}"
+    def selector_set(self, selector: Selector, family: int) -> str:
+        name = f"s{family}_{_h(selector.canonical)}"
         if name not in self.rs.sets:
-            v4, v6 = self.plan.selector_sets[canonical]
-            cidrs = v4 if family == 4 else v6
+            members = self.plan.selector_sets[selector]
             self.rs.sets[name] = NftSet(name, f"ipv{family}_addr", ("interval",),
-                                        tuple(sorted(_element(c) for c in cidrs)))
+                                        tuple(sorted(members.texts(family))))
         return name
 
     def port_set(self, port_name: str, family: int) -> str:
         name = f"np{family}_{_h(port_name)}"
         if name not in self.rs.sets:
-            entries = [e for e in self.plan.named_ports.get(port_name, ())
-                       if (":" in e.address) == (family == 6)]
+            entries = [e for e in self.plan.named_ports.get(port_name, ()) if e.family == family]
             self.rs.sets[name] = NftSet(
                 name, f"ipv{family}_addr . inet_proto . inet_service",
-                elements=tuple(sorted({f"{e.address} . {e.protocol} . {e.port}"
-                                       for e in entries})))
+                elements=tuple(sorted({f"{address_text(e.address, family)} . {e.protocol} . "
+                                       f"{e.port}" for e in entries})))
         return name
 
     def rules(self, rules: Sequence[RulePlan], label: str,
@@ -352,7 +337,7 @@ class _Renderer:
     def untracked_chain(self, dp: DirectionPlan) -> str | None:
         jumps = []
         for policy in dp.early:
-            if policy.name not in self.untracked:
+            if not policy.untracked:
                 continue
             rules = self.rules(policy.rules, "policy " + policy.name, RAW_VERDICT)
             jumps.append(f"jump {self.chain('n', rules)} comment "
@@ -371,12 +356,11 @@ class _Renderer:
         return Chain(f"raw_{RAW_HOOK[direction]}", tuple(rules), hook)
 
 
-def render(plan: NodePlan, table: str = TABLE, compile_runs: bool = True,
-           untracked: frozenset[str] = frozenset()) -> Ruleset:
+def render(plan: NodePlan, table: str = TABLE, compile_runs: bool = True) -> Ruleset:
     """The whole table for the node's plan. `compile_runs=False` renders every rule as
-    its own nft rule (the layout verdict maps are measured against). `untracked` names
-    the doNotTrack policies: they are also rendered at raw priority, with `notrack`."""
-    r = _Renderer(plan, table, compile_runs, untracked)
+    its own nft rule (the layout verdict maps are measured against). The plan's untracked
+    (doNotTrack) policies are also rendered at raw priority, with `notrack`."""
+    r = _Renderer(plan, table, compile_runs)
     bases = [r.base(d) for d in DIRECTIONS]
     bases += [c for c in (r.raw_base(d) for d in DIRECTIONS) if c is not None]
     # Chains a rule jumps to are declared before it: the notrack accept, policies,

@@ -1,0 +1,152 @@
+"""Addresses as integer spans per IP family, shared by policy and the dataplanes.
+
+Text is read once, where it enters (`parse_network`, `AddressSet.of`), and written once,
+where a dataplane needs it (`address_text`, `AddressSet.cidrs`); in between, an address
+set is sorted, merged spans of integers per family, so no stage parses what another has
+printed. Addresses are written as `inet_ntop` writes them (and `nft`, and netaddr): IPv6
+compressed as RFC 5952 says, with IPv4-mapped addresses in dotted form.
+"""
+
+from __future__ import annotations
+
+import bisect
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+Span = tuple[int, int]           # the first and the last address, inclusive
+FAMILIES = (4, 6)
+BITS = {4: 32, 6: 128}
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def parse_network(text: str) -> tuple[int, int, int]:
+    """(family, first, last) of an address or CIDR. Host bits are allowed and cleared, as
+    `ipaddress.ip_network(text, strict=False)` clears them. Raises ValueError for
+    anything else (short IPv4 forms, leading zeros, a prefix that is not plain decimal)."""
+    address, slash, prefix = text.partition("/")
+    family = 6 if ":" in address else 4
+    try:
+        packed = socket.inet_pton(_AF[family], address)
+    except OSError:
+        raise ValueError(f"{text!r} is not an IP address or network") from None
+    bits = BITS[family]
+    if slash:
+        if not (prefix.isascii() and prefix.isdigit() and prefix == str(int(prefix))
+                and int(prefix) <= bits):
+            raise ValueError(f"{text!r}: the prefix length is not 0-{bits}")
+        length = int(prefix)
+    else:
+        length = bits
+    host = (1 << (bits - length)) - 1
+    first = int.from_bytes(packed, "big") & ~host
+    return family, first, first | host
+
+
+def parse_spans(texts: Iterable[str]) -> tuple[list[Span], list[Span]]:
+    """The IPv4 and the IPv6 spans of the addresses and CIDRs in `texts`, as given (not
+    sorted or merged: for callers that merge several lists once)."""
+    spans: dict[int, list[Span]] = {4: [], 6: []}
+    for text in texts:
+        family, first, last = parse_network(text)
+        spans[family].append((first, last))
+    return spans[4], spans[6]
+
+
+def address_text(value: int, family: int) -> str:
+    """The address `value` of `family` as text."""
+    if family == 4:
+        if not 0 <= value < 1 << 32:
+            raise ValueError(f"{value} is not an IPv4 address")
+        return f"{value >> 24}.{value >> 16 & 255}.{value >> 8 & 255}.{value & 255}"
+    return socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))
+
+
+def merge(spans: Iterable[Span]) -> tuple[Span, ...]:
+    """Sorted spans, overlapping or adjacent ones joined."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(spans):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in merged)
+
+
+def intersection(a: Sequence[Span], b: Sequence[Span]) -> tuple[Span, ...]:
+    """The addresses in both, for sorted disjoint spans."""
+    out = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo <= hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return tuple(out)
+
+
+def contains(spans: Sequence[Span], value: int) -> bool:
+    """Whether `value` is in the sorted disjoint spans."""
+    at = bisect.bisect_right(spans, (value, 1 << 128)) - 1
+    return at >= 0 and spans[at][0] <= value <= spans[at][1]
+
+
+def cidr_blocks(span: Span, family: int) -> Iterator[tuple[int, int]]:
+    """(first address, prefix length) of the fewest CIDRs that cover `span`, in order."""
+    lo, hi = span
+    bits = BITS[family]
+    while lo <= hi:
+        # The largest aligned block that starts at lo and ends by hi.
+        size = lo & -lo if lo else 1 << bits
+        while size > hi - lo + 1:
+            size >>= 1
+        yield lo, bits + 1 - size.bit_length()
+        lo += size
+
+
+@dataclass(frozen=True)
+class AddressSet:
+    """Addresses of both families, each as sorted, disjoint, non-adjacent spans."""
+
+    v4: tuple[Span, ...] = ()
+    v6: tuple[Span, ...] = ()
+
+    @classmethod
+    def of(cls, texts: Iterable[str]) -> AddressSet:
+        """The addresses and CIDRs in `texts` (see `parse_network`), merged."""
+        v4, v6 = parse_spans(texts)
+        return cls(merge(v4), merge(v6))
+
+    @classmethod
+    def union(cls, sets: Iterable[AddressSet]) -> AddressSet:
+        v4: list[Span] = []
+        v6: list[Span] = []
+        for s in sets:
+            v4 += s.v4
+            v6 += s.v6
+        return cls(merge(v4), merge(v6))
+
+    def spans(self, family: int) -> tuple[Span, ...]:
+        return self.v4 if family == 4 else self.v6
+
+    def __bool__(self) -> bool:
+        return bool(self.v4 or self.v6)
+
+    def cidrs(self, family: int) -> Iterator[tuple[int, int]]:
+        """(first address, prefix length) of the fewest CIDRs that cover the family's
+        addresses, in ascending order."""
+        for span in self.spans(family):
+            yield from cidr_blocks(span, family)
+
+    def texts(self, family: int) -> Iterator[str]:
+        """The CIDRs of `cidrs(family)` as text, a single address without its prefix."""
+        bits = BITS[family]
+        for first, length in self.cidrs(family):
+            text = address_text(first, family)
+            yield text if length == bits else f"{text}/{length}"
+
+
+NO_ADDRESSES = AddressSet()

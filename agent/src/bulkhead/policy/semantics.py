@@ -1,0 +1,70 @@
+"""What the calculation (`plan`) and the reference evaluator (`evaluate`) must agree on,
+written once from Calico's documented semantics and tested on its own
+(tests/test_semantics.py), so that neither side stands on the other.
+
+- An endpoint's labels: its own, then each profile's `labelsToApply` in the order the
+  profiles are listed; a key takes the first value found (Felix's label index looks up
+  the endpoint's labels, then its parents in order: felix/labelindex/endpoint_data.go).
+- Which policies select an endpoint in a direction: `types` decides. The model gives an
+  omitted `types` its default when the resource is read (libcalico-go's client does it
+  before storing: Egress if only egress rules, both if both, else Ingress), so every
+  policy here has its types; rules of a direction `types` leaves out never apply.
+- The staged view: each staged policy replaces (stagedAction Set) or removes (Delete)
+  the enforced policy of the same tier and name.
+- The IP version a rule is limited to: `ipVersion`, else that of its nets (Felix renders
+  a rule with IPv4 nets into the IPv4 ruleset only), else that of an ICMP protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from bulkhead.model import GlobalNetworkPolicy, HostEndpoint, Rule, Snapshot
+from bulkhead.model.checks import protocol_number
+
+
+def effective_labels(snapshot: Snapshot, hep: HostEndpoint) -> dict[str, str]:
+    """The endpoint's labels, then its profiles' labelsToApply: the first value of a
+    key wins. A profile that does not exist adds nothing."""
+    merged = dict(hep.labels)
+    for name in hep.profiles:
+        profile = snapshot.profiles.get(name)
+        if profile is not None:
+            for key, value in profile.labels_to_apply.items():
+                merged.setdefault(key, value)
+    return merged
+
+
+def selects(policy: GlobalNetworkPolicy, labels: Mapping[str, str], direction: str) -> bool:
+    """Whether the policy applies to an endpoint with these labels in `direction`."""
+    return direction in policy.spec.types and policy.spec.selector.matches(labels)
+
+
+def staged_view(snapshot: Snapshot) -> list[GlobalNetworkPolicy]:
+    """The enforced policies with the staged ones applied (Set replaces, Delete removes)."""
+    view: dict[tuple[str, str], GlobalNetworkPolicy] = {
+        (p.spec.tier, p.bare_name): p for p in snapshot.policies.values()}
+    for sp in snapshot.staged.values():
+        key = (sp.spec.tier, sp.bare_name)
+        if sp.spec.staged_action == "Delete":
+            view.pop(key, None)
+        else:
+            view[key] = sp
+    return list(view.values())
+
+
+def rule_ip_version(rule: Rule) -> int | None:
+    """The IP version a rule is limited to: `ipVersion`, else that of its nets, else that
+    of an ICMP protocol (ICMP is IPv4's, ICMPv6 IPv6's); None when it applies to both."""
+    if rule.ip_version is not None:
+        return rule.ip_version
+    for side in (rule.source, rule.destination):
+        for net in (*side.nets, *side.not_nets):
+            return 6 if ":" in net else 4
+    if rule.protocol is not None:
+        number = protocol_number(rule.protocol)
+        if number == 1:
+            return 4
+        if number == 58:
+            return 6
+    return None
