@@ -343,7 +343,7 @@ def test_a_batch_is_all_or_nothing(two_netns: tuple[str, str]) -> None:
 def test_the_applier_sends_label_changes_over_netlink(two_netns: tuple[str, str]) -> None:
     ns = two_netns[0]
     web2 = hep("web2", "n3", "198.18.0.13", {"app": "web"})
-    applier = NftApplier(prefix=["ip", "netns", "exec", ns])
+    applier = NftApplier(netns=ns)
     first = render(calculate(snap(*base(), web2), "n1", {}, Failsafes.off()))
     assert applier.apply(first).via == "nft"
     with NftNetlink(ns) as nl:
@@ -373,11 +373,11 @@ def test_the_applier_sends_label_changes_over_netlink(two_netns: tuple[str, str]
 
 
 @root
-def test_without_a_known_namespace_elements_go_through_nft(two_netns: tuple[str, str]) -> None:
+def test_with_netlink_off_elements_go_through_nft(two_netns: tuple[str, str]) -> None:
     ns = two_netns[1]
-    applier = NftApplier(prefix=["ip", "netns", "exec", ns], netlink=False)
+    applier = NftApplier(netns=ns, netlink=False)
     applier.apply(render(calculate(snap(*base()), "n1", {}, Failsafes.off())))
     moved = render(calculate(snap(*base({"app": "cache"})), "n1", {}, Failsafes.off()))
     assert applier.apply(moved).via == "nft"
     assert applier.diff(moved) == ""
-    assert NftApplier(prefix=["env", "nft"]).netns is None
+    assert applier.generation() is None
