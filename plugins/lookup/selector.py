@@ -118,6 +118,7 @@ from collections.abc import Mapping
 from ansible.errors import AnsibleError, AnsibleLookupError
 from ansible.plugins.lookup import LookupBase
 
+from ansible_collections.bulkhead.microseg.plugins.plugin_utils import ansible_internals as internals
 from ansible_collections.bulkhead.microseg.plugins.plugin_utils import engine
 
 try:
@@ -208,13 +209,11 @@ class _HostVars:
     def __init__(self, variables, full):
         self.hostvars = variables.get("hostvars")
         self.groups = variables.get("groups") or {}
-        self.inventory = getattr(self.hostvars, "_inventory", None)
-        manager = getattr(self.hostvars, "_variable_manager", None)
+        self.inventory = internals.inventory_of(self.hostvars)
+        manager = internals.variable_manager_of(self.hostvars)
         self.extra_vars = getattr(manager, "extra_vars", None) or {}
         # set_fact/register and include_vars outrank the inventory: the live mappings.
-        self.overrides = [cache for cache in (getattr(manager, "_nonpersistent_fact_cache", None),
-                                              getattr(manager, "_vars_cache", None))
-                          if cache is not None]
+        self.overrides = internals.override_layers(manager)
         self.full = full or self.inventory is None
         self._hosts = {}
 
