@@ -194,3 +194,21 @@ async def test_json_files_with_duplicate_keys_are_refused(
         assert "duplicate key 'name'" in capsys.readouterr().err
     assert await run("get", "globalnetworksets") == 0
     assert capsys.readouterr().out.split() == ["NAME"]
+
+
+async def test_label_values_follow_the_one_rule(as_admin: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 17: booleans are true/false and numbers as written, as the collection writes
+    # them, so `pci == 'true'` finds endpoints whichever writer made them; null is refused.
+    hep = as_admin.with_name("hep.yaml")
+    hep.write_text("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\n"
+                   "metadata: {name: web-1, labels: {pci: true, prio: 1, zone: dmz}}\n"
+                   "spec: {node: web-1, expectedIPs: [198.18.0.11]}\n")
+    assert await run("apply", "-f", str(hep)) == 0
+    capsys.readouterr()
+    assert await run("get", "hep", "-l", "pci == 'true' && prio == '1'") == 0
+    assert capsys.readouterr().out.split()[:2] == ["NAME", "web-1"]
+    hep.write_text(hep.read_text().replace("prio: 1", "owner: null"))
+    assert await run("apply", "-f", str(hep)) == 2
+    err = capsys.readouterr().err
+    assert "metadata.labels.owner: a label value cannot be null" in err

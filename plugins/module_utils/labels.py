@@ -13,6 +13,7 @@ __metaclass__ = type
 
 from ansible.module_utils.six import string_types
 
+from ansible_collections.bulkhead.microseg.plugins.module_utils import api
 from ansible_collections.bulkhead.microseg.plugins.module_utils.api import RESERVED_LABEL_PREFIX
 
 # Labels the collection itself writes (ownership); purges keep them, as amazon.aws keeps
@@ -29,18 +30,9 @@ def type_name(value):
 
 
 def label_value(value):
-    """A label value as the text the server stores; TypeError for null and containers."""
-    if value is None:
-        raise TypeError("a label value cannot be null; leave the label out instead "
-                        "(in Jinja: default(omit))")
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, string_types):
-        return value
-    raise TypeError("a label value must be a string, number or boolean, not %s"
-                    % type_name(value))
+    """A label value as the text the server stores (module_utils/api.py's rule);
+    TypeError for null and containers."""
+    return api.label_value(value)
 
 
 def normalize_labels(labels, where):

@@ -90,4 +90,22 @@ def resource_path(kind: str, name: str | None = None) -> str:
     if name is None:
         return route("kind", kind=kind)
     return route("resource", kind=kind, name=name)
+
+def label_value(value: object) -> str:
+    """The one rule for a label value every writer follows (the collection's modules and
+    inventory plugin, the CLI): a boolean becomes `true`/`false`, a number stays as
+    written, text is kept; TypeError for null and for containers."""
+    if value is None:
+        raise TypeError("a label value cannot be null; leave the label out instead "
+                        "(in Jinja: default(omit))")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    kind = "mapping" if isinstance(value, dict) else \
+        "list" if isinstance(value, (list, tuple)) else type(value).__name__
+    raise TypeError(f"a label value must be a string, number or boolean, not {kind}")
+
 # ---- end of the API ----

@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
+from bulkhead.api import label_value
 from bulkhead.client import ApiError, Connection, Unreachable, resource_path, route
-from bulkhead.model import KIND_ALIASES, load_paths
+from bulkhead.model import KIND_ALIASES, LoadError, load_paths
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # C0 and C1 controls, DEL, line/paragraph separators and bidirectional overrides: what a
@@ -38,10 +39,26 @@ def _connection(args: argparse.Namespace) -> Connection:
 
 def _body(args: argparse.Namespace) -> bytes:
     # Parsed (and validated) here first, so a bad file fails before anything is sent.
-    resources = load_paths(args.filename)
+    resources = load_paths(args.filename, label_rule)
     if not resources:
         raise ValueError("no resources in " + ", ".join(args.filename))
     return json.dumps([r.dump() for r in resources]).encode()
+
+
+def label_rule(doc: Any, where: str) -> Any:
+    """The document with its label values written by the one rule every writer follows
+    (`bulkhead.api.label_value`: `pci: true` is the label "true"); a null names the label."""
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
+        return doc
+    labels = meta["labels"]
+    written = {}
+    for key, value in labels.items():
+        try:
+            written[key] = label_value(value)
+        except TypeError as e:
+            raise LoadError(f"{where}: metadata.labels.{key}: {e}") from None
+    return {**doc, "metadata": {**meta, "labels": written}}
 
 
 def _send_apply(args: argparse.Namespace, mode: str, dry_run: bool) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -156,19 +156,27 @@ def manifest_files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_paths(paths: Iterable[str | Path]) -> list[Resource]:
-    """Resources from files, folders and `-` (standard input)."""
+def load_paths(paths: Iterable[str | Path],
+               prepare: Callable[[Any, str], Any] | None = None) -> list[Resource]:
+    """Resources from files, folders and `-` (standard input). `prepare(doc, where)`, if
+    given, may rewrite each decoded document before it is validated."""
     resources: list[Resource] = []
     for raw in paths:
         if str(raw) == "-":
-            resources.extend(load_text(sys.stdin.read(), "<stdin>"))
-            continue
-        for file in manifest_files(Path(raw)):
-            try:
-                text = file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise LoadError(f"{file}: cannot read: {e}") from None
-            resources.extend(load_text(text, str(file)))
+            sources = [("<stdin>", sys.stdin.read())]
+        else:
+            sources = []
+            for file in manifest_files(Path(raw)):
+                try:
+                    sources.append((str(file), file.read_text(encoding="utf-8")))
+                except (OSError, UnicodeDecodeError) as e:
+                    raise LoadError(f"{file}: cannot read: {e}") from None
+        for source, text in sources:
+            docs = documents(text, source)
+            if prepare is not None:
+                docs = [prepare(doc, f"{source}: document {i + 1}")
+                        for i, doc in enumerate(docs)]
+            resources.extend(parse_documents(docs, source))
     return resources
 
 
