@@ -4,9 +4,7 @@
 
 1. selector: compiled `Selector.matches` against a hand-written Python predicate for the
    same expression, over the same label sets (goal: within 1.5x).
-2. label index: cost of changing one endpoint's labels with 100,000 endpoints against 100
-   endpoints, the same 50 selectors held (goal: within 2x).
-3. evaluator: flows per second on a snapshot of 1,000 policies in 5 tiers and 10,000 host
+2. evaluator: flows per second on a snapshot of 1,000 policies in 5 tiers and 10,000 host
    endpoints, without and with the trace, after the per-endpoint caches are warm.
 """
 
@@ -23,7 +21,7 @@ from typing import Any
 
 from bulkhead.model import Snapshot, parse_resource
 from bulkhead.policy import Evaluator, Failsafes, Flow
-from bulkhead.selector import LabelIndex, parse
+from bulkhead.selector import parse
 
 V3 = "projectcalico.org/v3"
 
@@ -69,34 +67,6 @@ def bench_selector(quick: bool) -> dict[str, Any]:
             "tree_walk_ns": 1e9 * t_walk / len(label_sets),
             "compiled_vs_hand_written": t_compiled / t_hand,
             "tree_walk_vs_hand_written": t_walk / t_hand}
-
-
-def _index_update_cost(n_endpoints: int, updates: int) -> float:
-    rng = random.Random(2)
-    index: LabelIndex[int, int] = LabelIndex(lambda s, e: None, lambda s, e: None)
-    for i in range(50):
-        index.add_selector(i, parse(f"app == 'app{i}' && zone != 'lab'"))
-    for e in range(n_endpoints):
-        index.update_endpoint(e, random_labels(rng))
-    targets = [rng.randrange(n_endpoints) for _ in range(updates)]
-    new = [random_labels(rng) for _ in range(updates)]
-    generation = iter(range(10**9))
-
-    def run() -> None:
-        # A fresh `gen` label makes every update a real change, in every repetition.
-        for e, labels in zip(targets, new, strict=True):
-            index.update_endpoint(e, {**labels, "gen": str(next(generation))})
-
-    return best_of(run, 5) / updates
-
-
-def bench_index(quick: bool) -> dict[str, Any]:
-    big = 10_000 if quick else 100_000
-    small_cost = _index_update_cost(100, 2_000)
-    big_cost = _index_update_cost(big, 2_000)
-    return {"selectors": 50, "small_endpoints": 100, "big_endpoints": big,
-            "small_update_us": 1e6 * small_cost, "big_update_us": 1e6 * big_cost,
-            "big_vs_small": big_cost / small_cost}
 
 
 def big_snapshot(n_policies: int, n_endpoints: int) -> tuple[Snapshot, list[str]]:
@@ -163,20 +133,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = {"selector": bench_selector(args.quick), "label_index": bench_index(args.quick),
-               "evaluator": bench_evaluator(args.quick)}
+    results = {"selector": bench_selector(args.quick), "evaluator": bench_evaluator(args.quick)}
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    s, i, e = results["selector"], results["label_index"], results["evaluator"]
+    s, e = results["selector"], results["evaluator"]
     print(f"selector  compiled {s['compiled_ns']:.0f} ns, hand-written {s['hand_written_ns']:.0f}"
           f" ns, tree walk {s['tree_walk_ns']:.0f} ns per label set")
     print(f"          compiled / hand-written = {s['compiled_vs_hand_written']:.2f}  (goal <= 1.5)"
           f";  tree walk / hand-written = {s['tree_walk_vs_hand_written']:.2f}")
-    print(f"index     one endpoint update: {i['small_update_us']:.1f} us at {i['small_endpoints']}"
-          f" endpoints, {i['big_update_us']:.1f} us at {i['big_endpoints']}")
-    print(f"          {i['big_endpoints']} / {i['small_endpoints']} endpoints = "
-          f"{i['big_vs_small']:.2f}  (goal <= 2)")
     print(f"evaluator {e['policies']} policies, {e['endpoints']} endpoints: "
           f"{e['warm_flows_per_s']:.0f} flows/s warm, {e['cold_flows_per_s']:.0f} cold, "
           f"{e['traced_flows_per_s']:.0f} with trace (traced / untraced time = "

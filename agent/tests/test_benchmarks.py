@@ -17,8 +17,7 @@ def test_benchmarks_run_quick() -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json"],
                           capture_output=True, text=True, timeout=300, check=True)
     results = json.loads(done.stdout)
-    assert set(results) == {"selector", "label_index", "evaluator"}
-    assert results["label_index"]["big_endpoints"] == 10_000
+    assert set(results) == {"selector", "evaluator"}
     assert results["evaluator"]["flows"] == 2_000
     assert 0 < results["evaluator"]["allowed_share"] < 1
 

@@ -13,10 +13,9 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 
 from bulkhead.selector.ast import Node
-from bulkhead.selector.index import LabelIndex
 from bulkhead.selector.parser import SelectorError, parse_tree
 
-__all__ = ["LabelIndex", "Selector", "SelectorError", "parse"]
+__all__ = ["Selector", "SelectorError", "parse"]
 
 
 class Selector:
