@@ -6,7 +6,6 @@ from typing import Any
 
 V3 = "projectcalico.org/v3"
 
-
 EVERY_KIND = """
 apiVersion: projectcalico.org/v3
 kind: Tier
