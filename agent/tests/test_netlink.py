@@ -37,7 +37,7 @@ from bulkhead.dataplane.nftables.vmap import (
 )
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
-from tests.test_nftables_render import base, hep, snap
+from tests.nftfixture import base, hep, snap
 
 END = NFT_SET_ELEM_INTERVAL_END
 root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")

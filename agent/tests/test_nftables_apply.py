@@ -14,7 +14,7 @@ from bulkhead.dataplane.nftables import Chain, render
 from bulkhead.dataplane.nftables.apply import NftApplier, NftError
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
-from tests.test_nftables_render import base, snap
+from tests.nftfixture import base, snap
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 

@@ -2,49 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
-from typing import Any
-
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from bulkhead.dataplane.nftables import render
-from bulkhead.dataplane.nftables.vmap import Box, compile_run
-from bulkhead.model import Snapshot, parse_resource
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
-
-
-def hep(name: str, node: str, ip: str, labels: dict[str, str], iface: str | None = "*",
-        ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    spec: dict[str, Any] = {"node": node, "expectedIPs": [ip],
-                            "profiles": ["projectcalico-default-allow"]}
-    if iface:
-        spec["interfaceName"] = iface
-    if ports:
-        spec["ports"] = ports
-    return {"apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
-            "metadata": {"name": name, "labels": labels}, "spec": spec}
-
-
-def gnp(name: str, spec: dict[str, Any], kind: str = "GlobalNetworkPolicy") -> dict[str, Any]:
-    return {"apiVersion": "projectcalico.org/v3", "kind": kind,
-            "metadata": {"name": name}, "spec": spec}
-
-
-def snap(*docs: dict[str, Any]) -> Snapshot:
-    return Snapshot.build(parse_resource(d) for d in docs)
-
-
-DB_POLICY = gnp("db", {"selector": "app == 'db'", "ingress": [
-    {"action": "Allow", "protocol": "TCP", "source": {"selector": "app == 'web'"},
-     "destination": {"ports": [5432, "6000:6010"]}}]})
-
-
-def base(labels_web: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    return [hep("db", "n1", "198.18.0.12", {"app": "db"}),
-            hep("web", "n2", "198.18.0.11", labels_web or {"app": "web"}),
-            DB_POLICY]
+from tests.nftfixture import DB_POLICY, base, gnp, hep, snap
 
 
 def test_rules_reference_selector_sets_by_canonical_form() -> None:
@@ -62,18 +23,6 @@ def test_rules_reference_selector_sets_by_canonical_form() -> None:
         {"action": "Deny", "source": {"selector": 'app == "web"'}}]})
     rs2 = render(calculate(snap(*base(), other), "n1", {}, Failsafes.off()), compile_runs=False)
     assert sum(1 for name in rs2.sets if name.startswith("s4_")) == 1
-
-
-def test_a_label_change_moves_set_elements_only() -> None:
-    before = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
-    after = render(calculate(snap(*base({"app": "cache"})), "n1", {}, Failsafes.off()))
-    assert before.structure() == after.structure()
-    assert after.same_structure(before) and not after.same(before)
-    assert after.same(after) and not after.same_structure(render(calculate(
-        snap(*base(), DB_POLICY | {"metadata": {"name": "db2"}}), "n1", {}, Failsafes.off())))
-    added, removed = after.element_changes(before)
-    assert added == [] and [e for _, e in removed] == ["198.18.0.11"]
-    assert "delete element inet bulkhead s4_" in after.element_script(before)
 
 
 def test_pass_log_and_tier_default_pass() -> None:
@@ -102,14 +51,6 @@ def test_endpoints_with_the_same_program_share_chains() -> None:
     assert dispatch.map_to == "verdict" and len(dispatch.elements) == 2
     assert len({e.split("jump ")[1] for e in dispatch.elements}) == 1
     assert "iifname vmap @ep_in" in rs.chains["input"].rules
-
-
-def test_interfaces_found_by_expected_ips() -> None:
-    docs = [hep("db", "n1", "198.18.0.12", {"app": "db"}, iface=None), DB_POLICY]
-    plan = calculate(snap(*docs), "n1", {"lo": ["127.0.0.1"], "ens3": ["198.18.0.12/24"]})
-    assert [e.interfaces for e in plan.endpoints] == [("ens3",)]
-    plan = calculate(snap(*docs), "n1", {"ens3": ["198.18.0.99/24"]})
-    assert plan.endpoints == [] and "no interface of this host" in plan.warnings[0]
 
 
 def test_failsafes_come_before_policy() -> None:
@@ -175,27 +116,3 @@ def test_runs_of_plain_rules_become_one_map_lookup_per_family() -> None:
     _, removed = moved.element_changes(rs)
     assert removed and all("198.18.0.11" in e for _, e in removed)
     assert "delete element inet bulkhead " + name in moved.element_script(rs)
-
-
-intervals = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 4)).map(
-    lambda t: (t[0], t[0] + t[1])), min_size=1, max_size=2)
-boxes = st.lists(st.tuples(
-    st.fixed_dictionaries({}, optional={"proto": intervals, "dport": intervals,
-                                        "saddr": intervals}),
-    st.sampled_from(["Allow", "Deny", "Pass"])), min_size=1, max_size=5)
-
-
-@settings(max_examples=200, deadline=None)
-@given(boxes)
-def test_compiled_cells_give_the_first_matching_rule(rules: list[tuple[Box, str]]) -> None:
-    verdict = {"Allow": "accept", "Deny": "drop", "Pass": "return"}
-    run = compile_run(rules, 4)
-    for point in itertools.product(range(18), repeat=3):
-        where = dict(zip(("proto", "dport", "saddr"), point, strict=True))
-        expected = next((verdict[a] for b, a in rules
-                         if all(any(lo <= where[f] <= hi for lo, hi in iv)
-                                for f, iv in b.items())), None)
-        got = [v for key, v in run.cells
-               if all(lo <= where[f] <= hi for f, (lo, hi) in zip(run.fields, key, strict=True))]
-        assert len(got) <= 1  # cells are disjoint
-        assert (got[0] if got else None) == expected

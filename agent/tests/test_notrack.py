@@ -17,7 +17,7 @@ from bulkhead.dataplane.nftables import render
 from bulkhead.dataplane.nftables.apply import NftApplier
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
-from tests.test_nftables_render import gnp, hep, snap
+from tests.nftfixture import gnp, hep, snap
 
 UNTRACKED = gnp("memcache", {
     "selector": "app == 'db'", "doNotTrack": True, "applyOnForward": True,

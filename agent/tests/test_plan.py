@@ -15,6 +15,7 @@ from bulkhead.net import AddressSet, address_text
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 from bulkhead.policy.semantics import effective_labels, rule_ip_version, staged_view
+from tests import nftfixture
 
 V3 = "projectcalico.org/v3"
 
@@ -255,3 +256,13 @@ def test_address_sets_are_netaddrs_fewest_cidrs() -> None:
         got = [f"{t}/32" if "/" not in t else t for t in merged.texts(4)] + \
             [f"{t}/128" if "/" not in t else t for t in merged.texts(6)]
         assert got == want, addresses
+
+
+def test_interfaces_found_by_expected_ips() -> None:
+    docs = [nftfixture.hep("db", "n1", "198.18.0.12", {"app": "db"}, iface=None),
+            nftfixture.DB_POLICY]
+    plan = calculate(nftfixture.snap(*docs), "n1",
+                     {"lo": ["127.0.0.1"], "ens3": ["198.18.0.12/24"]})
+    assert [e.interfaces for e in plan.endpoints] == [("ens3",)]
+    plan = calculate(nftfixture.snap(*docs), "n1", {"ens3": ["198.18.0.99/24"]})
+    assert plan.endpoints == [] and "no interface of this host" in plan.warnings[0]

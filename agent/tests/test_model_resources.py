@@ -1,122 +1,25 @@
-"""Resources: loading, defaults, dumping, and validation errors that name kind, name, field."""
+"""bulkhead.model.resources: parsing, defaults, dumping, and validation errors that name
+kind, name, field. The BAD and PARITY tables span the field checks of checks.py too; they
+stay whole here, with parse_resource, the reader of manifests."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from bulkhead.model import (
     DEFAULT_TIER_ORDER,
     GlobalNetworkPolicy,
     HostEndpoint,
-    LoadError,
-    NamedPort,
-    PortRange,
     Snapshot,
     StagedGlobalNetworkPolicy,
     Tier,
     ValidationError,
-    dump_yaml,
-    load_paths,
     load_text,
     parse_resource,
 )
-
-V3 = "projectcalico.org/v3"
-
-EVERY_KIND = """
-apiVersion: projectcalico.org/v3
-kind: Tier
-metadata: {name: security}
-spec: {order: 100, defaultAction: Pass}
----
-apiVersion: projectcalico.org/v3
-kind: GlobalNetworkPolicy
-metadata: {name: security.db-ingress, labels: {owner: dba}}
-spec:
-  tier: security
-  order: 10.5
-  selector: app == 'db'
-  ingress:
-    - action: Allow
-      protocol: TCP
-      source: {selector: zone == 'dmz', notNets: [198.18.9.0/24]}
-      destination: {ports: [postgres, 80, "8000:8080"], notPorts: [8081]}
-    - action: Log
-      protocol: ICMP
-      icmp: {type: 8, code: 0}
-    - action: Deny
-      notProtocol: UDP
-      ipVersion: 6
-      source: {nets: ["2001:2::/48"]}
-  egress:
-    - action: Allow
-      protocol: UDP
-      destination: {domains: ["*.example.com"], ports: [53]}
----
-apiVersion: projectcalico.org/v3
-kind: StagedGlobalNetworkPolicy
-metadata: {name: lockdown}
-spec: {stagedAction: Set, selector: all(), types: [Ingress, Egress]}
----
-apiVersion: projectcalico.org/v3
-kind: HostEndpoint
-metadata: {name: db-eth0, labels: {app: db}}
-spec:
-  node: db
-  interfaceName: eth0
-  expectedIPs: [198.18.0.12, "2001:2::12"]
-  profiles: [projectcalico-default-allow]
-  ports: [{name: postgres, protocol: TCP, port: 5432}]
----
-apiVersion: projectcalico.org/v3
-kind: GlobalNetworkSet
-metadata: {name: partners, labels: {role: partner}}
-spec: {nets: [198.19.0.0/16], allowedEgressDomains: [api.example.com]}
----
-apiVersion: projectcalico.org/v3
-kind: Profile
-metadata: {name: quiet}
-spec:
-  labelsToApply: {quiet: "true"}
-  ingress: [{action: Deny}]
-"""
-
-
-def doc(kind: str, name: str, spec: dict[str, Any], **meta: Any) -> dict[str, Any]:
-    return {"apiVersion": V3, "kind": kind, "metadata": {"name": name, **meta}, "spec": spec}
-
-
-def gnp(spec: dict[str, Any], name: str = "p") -> dict[str, Any]:
-    return doc("GlobalNetworkPolicy", name, spec)
-
-
-def test_every_kind_loads_and_round_trips() -> None:
-    resources = load_text(EVERY_KIND)
-    assert [r.kind for r in resources] == ["Tier", "GlobalNetworkPolicy",
-                                           "StagedGlobalNetworkPolicy", "HostEndpoint",
-                                           "GlobalNetworkSet", "Profile"]
-    policy = resources[1]
-    assert isinstance(policy, GlobalNetworkPolicy)
-    assert policy.spec.types == ("Ingress", "Egress")
-    assert policy.spec.ingress[0].destination.ports == (
-        NamedPort("postgres"), PortRange(80, 80), PortRange(8000, 8080))
-    assert policy.bare_name == "db-ingress"
-    again = load_text(dump_yaml(resources))
-    assert again == resources
-    assert load_text(json.dumps([r.dump() for r in resources])) == resources
-    Snapshot.build(resources)
-
-
-def test_list_kind_and_multi_document() -> None:
-    items = [gnp({"selector": "a == 'b'"}, "one"), gnp({}, "two")]
-    text = yaml.safe_dump({"apiVersion": V3, "kind": "List", "items": items})
-    assert [r.name for r in load_text(text)] == ["one", "two"]
-    assert len(load_text(yaml.safe_dump_all(items))) == 2
+from tests.modelfixture import EVERY_KIND, V3, doc, gnp
 
 
 @pytest.mark.parametrize(("spec", "types"), [
@@ -145,19 +48,6 @@ def test_defaults() -> None:
     assert snap.tiers["default"].order == DEFAULT_TIER_ORDER
     assert snap.tiers["default"].default_action == "Deny"
     assert "projectcalico-default-allow" in snap.profiles
-
-
-def test_port_forms() -> None:
-    policy = parse_resource(gnp({"ingress": [{"action": "Allow", "protocol": "TCP",
-                                              "destination": {"ports": ["22", 1, "1:65535"]}}]}))
-    assert isinstance(policy, GlobalNetworkPolicy)
-    rule = policy.spec.ingress[0]
-    assert rule.protocol == "TCP"
-    assert rule.destination.ports == (PortRange(22, 22), PortRange(1, 1), PortRange(1, 65535))
-    named = parse_resource(gnp({"ingress": [{"action": "Allow", "destination": {
-        "ports": ["http"]}}]}))   # named ports need no protocol (Calico)
-    assert isinstance(named, GlobalNetworkPolicy)
-    assert named.spec.ingress[0].destination.ports == (NamedPort("http"),)
 
 
 BAD: list[tuple[dict[str, Any], str]] = [
@@ -278,45 +168,6 @@ def test_validation_errors_name_kind_name_and_field(data: dict[str, Any], messag
     with pytest.raises(ValidationError) as err:
         parse_resource(data)
     assert message in str(err.value)
-
-
-def test_load_text_names_file_and_document() -> None:
-    text = yaml.safe_dump_all([gnp({}, "ok"), gnp({"order": "x"}, "bad")])
-    with pytest.raises(ValidationError, match=r"^f.yaml: document 2: GlobalNetworkPolicy bad"):
-        load_text(text, "f.yaml")
-
-
-def test_yaml_errors_and_duplicate_keys() -> None:
-    with pytest.raises(LoadError, match="not valid YAML"):
-        load_text("a: [", "x.yaml")
-    with pytest.raises(LoadError, match="duplicate key 'kind'"):
-        load_text("kind: Tier\nkind: Tier\n", "x.yaml")
-    with pytest.raises(LoadError, match="a List needs `items:`"):
-        load_text("kind: List\n")
-
-
-def test_snapshot_checks_tiers_and_duplicates() -> None:
-    with pytest.raises(ValidationError) as err:
-        Snapshot.build([parse_resource(gnp({"tier": "security"}, "security.p"))])
-    assert str(err.value) == ('GlobalNetworkPolicy security.p: spec.tier: tier "security" '
-                              "does not exist")
-    with pytest.raises(ValidationError) as err:
-        Snapshot.build([parse_resource(gnp({})), parse_resource(gnp({}))])
-    assert str(err.value) == "GlobalNetworkPolicy p: metadata.name: is defined twice"
-    tier = parse_resource(doc("Tier", "security", {"order": 1}))
-    snap = Snapshot.build([tier, parse_resource(gnp({"tier": "security"}, "security.p"))])
-    assert [t.name for t in snap.ordered_tiers()] == ["security", "default"]
-    assert [r.name for r in snap.resources()] == ["security", "security.p"]
-
-
-def test_load_paths_reads_folders(tmp_path: Path) -> None:
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "a.yaml").write_text(yaml.safe_dump(gnp({}, "a")))
-    (tmp_path / "sub" / "b.json").write_text(json.dumps(gnp({}, "b")))
-    (tmp_path / "notes.txt").write_text("not a manifest")
-    assert [r.name for r in load_paths([tmp_path])] == ["a", "b"]
-    with pytest.raises(LoadError, match="no such file"):
-        load_paths([tmp_path / "missing.yaml"])
 
 
 def test_host_endpoint_fields() -> None:

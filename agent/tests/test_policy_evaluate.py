@@ -1,54 +1,11 @@
-"""The reference evaluator: each rule of DESIGN.md's semantics, with the trace it gives."""
+"""bulkhead.policy.evaluate, the reference evaluator: each rule of DESIGN.md's semantics,
+with the trace it gives."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import pytest
-
-from bulkhead.model import Snapshot, parse_resource
-from bulkhead.policy import Evaluator, FailsafePort, Failsafes, Flow
+from bulkhead.policy import Flow
 from bulkhead.policy.explain import explain_text
-
-V3 = "projectcalico.org/v3"
-WEB, DB, APP, OUT = "198.18.0.11", "198.18.0.12", "198.18.0.13", "198.19.5.5"
-
-
-def hep(name: str, ip: str, labels: dict[str, str],
-        profiles: Any = ("projectcalico-default-allow",), ports: Any = ()) -> dict[str, Any]:
-    return {"apiVersion": V3, "kind": "HostEndpoint",
-            "metadata": {"name": name, "labels": labels},
-            "spec": {"node": name, "interfaceName": "*", "expectedIPs": [ip],
-                     "profiles": list(profiles), "ports": list(ports)}}
-
-
-def res(kind: str, name: str, spec: dict[str, Any], labels: Any = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name}
-    if labels:
-        meta["labels"] = labels
-    return {"apiVersion": V3, "kind": kind, "metadata": meta, "spec": spec}
-
-
-HOSTS = [hep("web", WEB, {"app": "web", "zone": "dmz"}),
-         hep("db", DB, {"app": "db", "zone": "restricted"},
-             ports=[{"name": "postgres", "protocol": "TCP", "port": 5432}]),
-         hep("app", APP, {"app": "app", "zone": "trusted"})]
-
-
-def evaluator(*docs: dict[str, Any], hosts: Any = None, failsafes: Any = None) -> Evaluator:
-    snap = Snapshot.build(parse_resource(d) for d in [*(HOSTS if hosts is None else hosts),
-                                                       *docs])
-    return Evaluator(snap, failsafes if failsafes is not None else Failsafes.off())
-
-
-def tcp(src: str, dst: str, port: int) -> Flow:
-    return Flow.make(src, dst, "TCP", port)
-
-
-DB_ALLOW_DMZ = res("GlobalNetworkPolicy", "db-ingress", {
-    "selector": "app == 'db'",
-    "ingress": [{"action": "Allow", "protocol": "TCP", "source": {"selector": "zone == 'dmz'"},
-                 "destination": {"ports": ["postgres"]}}]})
+from tests.policyfixture import APP, DB, DB_ALLOW_DMZ, OUT, WEB, evaluator, hep, res, tcp
 
 
 def test_nothing_selects_a_host_so_profile_allows() -> None:
@@ -188,29 +145,6 @@ def test_source_ports_unknown_unless_given() -> None:
     assert ev.evaluate(Flow.make(WEB, DB, "TCP", 80, src_port=40000)).allowed
 
 
-def test_failsafe_ports_before_any_policy() -> None:
-    deny_all = res("GlobalNetworkPolicy", "deny-all", {"selector": "all()",
-                                                       "types": ["Ingress", "Egress"]})
-    ev = evaluator(deny_all, failsafes=Failsafes())
-    v = ev.evaluate(tcp(WEB, DB, 22))
-    # SSH in is failsafe; web's egress to 22 is not (22 is not an outbound failsafe).
-    assert v.ingress.decided_by == "failsafe" and not v.egress.allowed
-    assert ev.evaluate(tcp(WEB, DB, 7443)).allowed         # the server's port, both ways
-    assert ev.evaluate(Flow.make(WEB, DB, "UDP", 53)).egress.decided_by == "failsafe"
-    assert not evaluator(deny_all, failsafes=Failsafes.off()).evaluate(tcp(WEB, DB, 7443)).allowed
-    only = FailsafePort.parse("tcp:198.18.0.11/32:8080")
-    custom = Failsafes((only,), (only,))
-    assert evaluator(deny_all, failsafes=custom).evaluate(tcp(DB, WEB, 8080)).ingress.allowed is \
-        False
-    assert evaluator(deny_all, failsafes=custom).evaluate(tcp(WEB, DB, 8080)).ingress.allowed
-
-
-@pytest.mark.parametrize("bad", ["tcp", "tcp:99999", "gre:22", "tcp:not-a-net:22"])
-def test_failsafe_parse_errors(bad: str) -> None:
-    with pytest.raises(ValueError, match="failsafe port"):
-        FailsafePort.parse(bad)
-
-
 def test_profiles_no_profile_and_labels_to_apply() -> None:
     hosts = [hep("web", WEB, {"app": "web"}, profiles=["tagged"]),
              hep("db", DB, {"app": "db"}, profiles=[])]
@@ -259,12 +193,3 @@ def test_untracked_and_pre_dnat_stages_come_first() -> None:
     ev = evaluator(untracked, deny)
     assert ev.evaluate(tcp(WEB, DB, 80)).allowed
     assert not ev.evaluate(tcp(WEB, DB, 81)).allowed    # no match falls through to normal
-
-
-def test_explain_text_reads_well() -> None:
-    ev = evaluator(DB_ALLOW_DMZ)
-    text = explain_text(ev, ev.evaluate(tcp(APP, DB, 5432)))
-    assert text.splitlines()[0] == "flow 198.18.0.13 -> 198.18.0.12 TCP/5432"
-    assert "verdict: DENIED" in text
-    assert "ingress of db: Deny by the default action of tier default" in text
-    assert 'not source selector zone == "dmz" selects host endpoint app' in text

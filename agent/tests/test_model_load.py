@@ -1,0 +1,72 @@
+"""bulkhead.model.load: reading manifests (YAML, JSON, List, folders), dumping them, and
+load errors that name the file and document."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bulkhead.model import (
+    GlobalNetworkPolicy,
+    LoadError,
+    NamedPort,
+    PortRange,
+    Snapshot,
+    ValidationError,
+    dump_yaml,
+    load_paths,
+    load_text,
+)
+from tests.modelfixture import EVERY_KIND, V3, gnp
+
+
+def test_every_kind_loads_and_round_trips() -> None:
+    resources = load_text(EVERY_KIND)
+    assert [r.kind for r in resources] == ["Tier", "GlobalNetworkPolicy",
+                                           "StagedGlobalNetworkPolicy", "HostEndpoint",
+                                           "GlobalNetworkSet", "Profile"]
+    policy = resources[1]
+    assert isinstance(policy, GlobalNetworkPolicy)
+    assert policy.spec.types == ("Ingress", "Egress")
+    assert policy.spec.ingress[0].destination.ports == (
+        NamedPort("postgres"), PortRange(80, 80), PortRange(8000, 8080))
+    assert policy.bare_name == "db-ingress"
+    again = load_text(dump_yaml(resources))
+    assert again == resources
+    assert load_text(json.dumps([r.dump() for r in resources])) == resources
+    Snapshot.build(resources)
+
+
+def test_list_kind_and_multi_document() -> None:
+    items = [gnp({"selector": "a == 'b'"}, "one"), gnp({}, "two")]
+    text = yaml.safe_dump({"apiVersion": V3, "kind": "List", "items": items})
+    assert [r.name for r in load_text(text)] == ["one", "two"]
+    assert len(load_text(yaml.safe_dump_all(items))) == 2
+
+
+def test_load_text_names_file_and_document() -> None:
+    text = yaml.safe_dump_all([gnp({}, "ok"), gnp({"order": "x"}, "bad")])
+    with pytest.raises(ValidationError, match=r"^f.yaml: document 2: GlobalNetworkPolicy bad"):
+        load_text(text, "f.yaml")
+
+
+def test_yaml_errors_and_duplicate_keys() -> None:
+    with pytest.raises(LoadError, match="not valid YAML"):
+        load_text("a: [", "x.yaml")
+    with pytest.raises(LoadError, match="duplicate key 'kind'"):
+        load_text("kind: Tier\nkind: Tier\n", "x.yaml")
+    with pytest.raises(LoadError, match="a List needs `items:`"):
+        load_text("kind: List\n")
+
+
+def test_load_paths_reads_folders(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(gnp({}, "a")))
+    (tmp_path / "sub" / "b.json").write_text(json.dumps(gnp({}, "b")))
+    (tmp_path / "notes.txt").write_text("not a manifest")
+    assert [r.name for r in load_paths([tmp_path])] == ["a", "b"]
+    with pytest.raises(LoadError, match="no such file"):
+        load_paths([tmp_path / "missing.yaml"])
