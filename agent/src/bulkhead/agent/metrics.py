@@ -34,32 +34,34 @@ def _metric(lines: list[str], name: str, kind: str, help_text: str,
 
 def render_metrics(view: MetricsView) -> str:
     c = view.counters
+    # (name, type, help, value): one sample each, without labels.
+    single: list[tuple[str, str, str, float]] = [
+        ("applied_revision", "gauge", "The revision of the policy the kernel holds.",
+         view.applied_revision),
+        ("revision", "gauge", "The latest revision seen from the server.", view.revision),
+        ("connected", "gauge", "1 while the watch stream to the server is open.",
+         int(view.connected)),
+        ("errors", "gauge", "Errors in the last status (invalid objects, a failed apply).",
+         view.errors),
+        ("applies_total", "counter", "Successful applies.", c.applies),
+        ("full_applies_total", "counter",
+         "Applies and repairs that replaced the whole table.", c.full_applies),
+        ("apply_failures_total", "counter",
+         "Applies and repairs that failed (the kernel kept the previous ruleset).",
+         c.failures),
+        ("drift_repairs_total", "counter",
+         "Times the kernel's ruleset differed from what was applied and was put back.",
+         c.drift_repairs),
+        ("reconnects_total", "counter",
+         "Watch streams to the server opened again after one ended.", c.reconnects),
+        ("status_failures_total", "counter", "Status reports the server did not take.",
+         c.status_failures),
+        ("last_apply_seconds", "gauge", "How long the last apply took.",
+         c.last_apply_seconds),
+    ]
     lines: list[str] = []
-    _metric(lines, "bulkhead_agent_applied_revision", "gauge",
-            "The revision of the policy the kernel holds.", [("", view.applied_revision)])
-    _metric(lines, "bulkhead_agent_revision", "gauge",
-            "The latest revision seen from the server.", [("", view.revision)])
-    _metric(lines, "bulkhead_agent_connected", "gauge",
-            "1 while the watch stream to the server is open.", [("", int(view.connected))])
-    _metric(lines, "bulkhead_agent_errors", "gauge",
-            "Errors in the last status (invalid objects, a failed apply).",
-            [("", view.errors)])
-    _metric(lines, "bulkhead_agent_applies_total", "counter",
-            "Successful applies.", [("", c.applies)])
-    _metric(lines, "bulkhead_agent_full_applies_total", "counter",
-            "Applies and repairs that replaced the whole table.", [("", c.full_applies)])
-    _metric(lines, "bulkhead_agent_apply_failures_total", "counter",
-            "Applies and repairs that failed (the kernel kept the previous ruleset).",
-            [("", c.failures)])
-    _metric(lines, "bulkhead_agent_drift_repairs_total", "counter",
-            "Times the kernel's ruleset differed from what was applied and was put back.",
-            [("", c.drift_repairs)])
-    _metric(lines, "bulkhead_agent_reconnects_total", "counter",
-            "Watch streams to the server opened again after one ended.", [("", c.reconnects)])
-    _metric(lines, "bulkhead_agent_status_failures_total", "counter",
-            "Status reports the server did not take.", [("", c.status_failures)])
-    _metric(lines, "bulkhead_agent_last_apply_seconds", "gauge",
-            "How long the last apply took.", [("", c.last_apply_seconds)])
+    for name, kind, help_text, value in single:
+        _metric(lines, f"bulkhead_agent_{name}", kind, help_text, [("", value)])
     _metric(lines, "bulkhead_agent_ruleset_objects", "gauge",
             "What the last apply left in the kernel, by kind (chains, rules, sets, elements).",
             [(f'{{kind="{kind}"}}', n) for kind, n in sorted(c.counts.items())])
