@@ -25,6 +25,7 @@ from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import (
     reserved,
 )
 
+
 def canonical_kind(kind):
     """`gnp` -> GlobalNetworkPolicy (the aliases of module_utils/api.py, the server's
     own); unknown kinds are returned unchanged for the server to refuse."""
