@@ -91,6 +91,7 @@ def resource_path(kind: str, name: str | None = None) -> str:
         return route("kind", kind=kind)
     return route("resource", kind=kind, name=name)
 
+
 def label_value(value: object) -> str:
     """The one rule for a label value every writer follows (the collection's modules and
     inventory plugin, the CLI): a boolean becomes `true`/`false`, a number stays as
