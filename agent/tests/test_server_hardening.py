@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from bulkhead import pki
 from bulkhead.client import ApiError, Connection
@@ -29,37 +28,13 @@ from tests.test_server_process import ServerProcess, pki_dir  # noqa: F401
 
 
 class Hardened(ServerProcess):
-    """A server process with extra config keys and, optionally, a small RLIMIT_NOFILE."""
+    """A server process on SQLite, with what these tests read of it: CPU time, open file
+    descriptors, and TLS contexts for raw requests."""
 
     def __init__(self, tmp: Path, extra: dict[str, Any] | None = None,
                  nofile: tuple[int, int] | None = None) -> None:
-        super().__init__(tmp, f"sqlite://{tmp}/store.db")
-        config = yaml.safe_load(self.config.read_text())
-        config.update(extra or {})
-        self.config.write_text(yaml.safe_dump(config))
-        self.nofile = nofile
+        super().__init__(tmp, f"sqlite://{tmp}/store.db", extra=extra, nofile=nofile)
         self.tmp = tmp
-
-    def start(self) -> None:
-        if self.nofile is None:
-            super().start()
-            return
-        limit = self.nofile
-        original = subprocess.Popen
-
-        def popen(*args: Any, **kwargs: Any) -> Any:
-            kwargs["preexec_fn"] = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit)
-            return original(*args, **kwargs)
-
-        subprocess.Popen = popen  # type: ignore[misc]
-        try:
-            super().start()
-        finally:
-            subprocess.Popen = original  # type: ignore[misc]
-
-    def client(self, name: str, role: str, tiers: tuple[str, ...] = ()) -> Connection:
-        crt, key = pki.issue(self.tmp, name, role=role, tiers=tiers)
-        return Connection(self.conn.server, self.conn.ca, str(crt), str(key), timeout=10)
 
     def cpu_seconds(self) -> float:
         assert self.proc is not None

@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 
-from bulkhead import pki
-from bulkhead.client import ApiError, Connection
+from bulkhead.client import ApiError
 from tests.conftest import EtcdProcess
 from tests.test_server_process import ServerProcess, netset, pki_dir, servers  # noqa: F401
 
@@ -235,20 +234,6 @@ def _etcd_compacted_at(datastore: str, revision: int) -> bool:
     return "compacted" in answer.get("error", "")
 
 
-_AGENTS: dict[tuple[str, str], Connection] = {}
-
-
-def as_agent(server: ServerProcess, node: str) -> Connection:
-    """A connection with the agent certificate of `node`: only it reports node's status."""
-    key = (server.conn.server, node)
-    if key not in _AGENTS:
-        directory = Path(server.conn.ca).parent
-        crt, private = pki.issue(directory, node, role="agent")
-        _AGENTS[key] = Connection(server.conn.server, server.conn.ca, str(crt), str(private),
-                                  timeout=10)
-    return _AGENTS[key]
-
-
 def test_compaction_keeps_the_resume_window_and_status_stays_out(
         pki_dir: Path, servers: list[ServerProcess], datastore: str) -> None:  # noqa: F811
     server = start(pki_dir, servers, datastore, compactionInterval=0.2, compactionRetain=20)
@@ -258,7 +243,7 @@ def test_compaction_keeps_the_resume_window_and_status_stays_out(
             for i in range(60)]
     wait_revision(server, revs[-1])
     for i in range(300):
-        as_agent(server, f"node-{i % 30}").request("POST", f"/v1/status/node-{i % 30}",
+        server.client(f"node-{i % 30}", "agent").request("POST", f"/v1/status/node-{i % 30}",
                      {"appliedRevision": i, "errors": [], "counters": {"n": i}})
     # Status reports make no events: the policy revision agents follow stands still.
     assert conn.request("GET", "/v1/snapshot")["revision"] == revs[-1]
@@ -306,7 +291,7 @@ def test_status_reports_do_not_grow_etcd_history(pki_dir: Path,  # noqa: F811
     conn = server.conn
     conn.request("POST", "/v1/resources/GlobalNetworkSet", netset("one"))
     for i in range(400):
-        as_agent(server, f"node-{i % 10}").request("POST", f"/v1/status/node-{i % 10}",
+        server.client(f"node-{i % 10}", "agent").request("POST", f"/v1/status/node-{i % 10}",
                                                    {"appliedRevision": i})
     current = int(etcd_call(datastore, "/v3/kv/range", {"key": b64("/")})["header"]["revision"])
     deadline = time.monotonic() + 20
@@ -324,8 +309,7 @@ def test_status_reports_do_not_grow_etcd_history(pki_dir: Path,  # noqa: F811
 def test_a_status_report_is_bounded(pki_dir: Path,  # noqa: F811
                                     servers: list[ServerProcess]) -> None:  # noqa: F811
     server = start(pki_dir, servers, f"sqlite://{pki_dir}/store.db")
-    crt, key = pki.issue(pki_dir, "web-1", role="agent")  # a node reports for itself only
-    conn = Connection(server.conn.server, server.conn.ca, str(crt), str(key), timeout=10)
+    conn = server.client("web-1", "agent")   # a node reports for itself only
     with pytest.raises(ApiError) as err:
         conn.request("POST", "/v1/status/web-1", {"appliedRevision": 1,
                                                   "errors": ["x" * 70_000]})

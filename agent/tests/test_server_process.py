@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from tests.conftest import EtcdProcess, free_port
 
 class ServerProcess:
     def __init__(self, tmp: Path, datastore: str, name: str = "server",
-                 extra: dict[str, object] | None = None) -> None:
+                 extra: dict[str, object] | None = None,
+                 nofile: tuple[int, int] | None = None) -> None:
         self.port = free_port()
+        self.nofile = nofile   # the RLIMIT_NOFILE to start with (soft, hard), or inherited
         self.config = tmp / f"{name}.yaml"
         self.config.write_text(yaml.safe_dump({
             "listen": f"127.0.0.1:{self.port}", "datastore": datastore,
@@ -32,12 +35,26 @@ class ServerProcess:
         crt, key = pki.issue(tmp, "alice", role="admin")
         self.conn = Connection(f"https://127.0.0.1:{self.port}", str(tmp / "ca.crt"),
                                str(crt), str(key), timeout=10)
+        self._clients: dict[tuple[str, str, tuple[str, ...]], Connection] = {}
+
+    def client(self, name: str, role: str, tiers: tuple[str, ...] = ()) -> Connection:
+        """A connection with a certificate of its own (CN `name`, `role`, tier limits),
+        issued once per server."""
+        key = (name, role, tiers)
+        if key not in self._clients:
+            crt, private = pki.issue(Path(self.conn.ca).parent, name, role=role, tiers=tiers)
+            self._clients[key] = Connection(self.conn.server, self.conn.ca, str(crt),
+                                            str(private), timeout=30)
+        return self._clients[key]
 
     def start(self) -> None:
         server = Path(sys.executable).parent / "bulkhead-server"
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([str(server), "--config", str(self.config)],
-                                         stdout=log, stderr=log)
+            limit = self.nofile
+            self.proc = subprocess.Popen(
+                [str(server), "--config", str(self.config)], stdout=log, stderr=log,
+                preexec_fn=None if limit is None else
+                (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit)))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-2000:]

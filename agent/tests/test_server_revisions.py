@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from bulkhead import pki
 from bulkhead.cli.main import main
-from bulkhead.client import ApiError, Connection
+from bulkhead.client import ApiError
 from tests.test_server_limits import apply, datastore, start  # noqa: F401
 from tests.test_server_process import ServerProcess, netset, pki_dir, servers  # noqa: F401
 
@@ -38,12 +37,6 @@ def policy(name: str, tier_name: str = "default", port: int = 22,
                                   "destination": {"ports": [port]}}]}}
 
 
-def as_role(server: ServerProcess, name: str, role: str,
-            tiers: tuple[str, ...] = ()) -> Connection:
-    crt, key = pki.issue(Path(server.conn.ca).parent, name, role=role, tiers=tiers)
-    return Connection(server.conn.server, server.conn.ca, str(crt), str(key), timeout=30)
-
-
 def body(docs: list[dict[str, Any]]) -> bytes:
     return json.dumps(docs).encode()
 
@@ -56,7 +49,7 @@ def test_history_says_who_changed_what(pki_dir: Path, servers: list[ServerProces
                                        datastore: str) -> None:  # noqa: F811
     server = start(pki_dir, servers, datastore)
     alice = server.conn
-    ops = as_role(server, "ops", "admin", ("t1",))
+    ops = server.client("ops", "admin", ("t1",))
     first = apply(server, [tier("t1"), netset("n1")])["revision"]
     second = ops.request("POST", "/v1/resources/GlobalNetworkPolicy",
                          policy("t1.ssh", "t1"))["metadata"]["resourceVersion"]
@@ -74,10 +67,10 @@ def test_history_says_who_changed_what(pki_dir: Path, servers: list[ServerProces
         [("GlobalNetworkSet", "created"), ("Tier", "created")]
     only = alice.request("GET", "/v1/history", query={"kind": "globalnetworksets", "name": "n1"})
     assert [e["revision"] for e in only["entries"]] == [entries[0]["revision"], first]
-    viewer = as_role(server, "val", "viewer")
+    viewer = server.client("val", "viewer")
     assert viewer.request("GET", "/v1/history", query={"limit": "1"})["entries"] == \
         entries[:1]
-    agent = as_role(server, "web-1", "agent")
+    agent = server.client("web-1", "agent")
     with pytest.raises(ApiError) as err:
         agent.request("GET", "/v1/history")
     assert err.value.status == 403
@@ -116,7 +109,7 @@ def test_export_and_rollback_restore_a_revision(
     entry = conn.request("GET", "/v1/history", query={"limit": "1"})["entries"][0]
     assert entry["revision"] == done["revision"] and len(entry["changes"]) == 4
     # A tier admin may not roll the whole store back; revisions out of range are refused.
-    ops = as_role(server, "ops", "admin", ("t1",))
+    ops = server.client("ops", "admin", ("t1",))
     with pytest.raises(ApiError) as err:
         ops.request("POST", "/v1/rollback", query={"revision": str(good)})
     assert err.value.status == 403

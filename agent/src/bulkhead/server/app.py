@@ -421,13 +421,8 @@ async def delete_resource(request: web.Request) -> web.Response:
     if old is None:
         raise ApiError(404, "NotFound", f"{kind} {name} not found")
     _authorize_write(identity, parse_resource(old.doc), None)
-    if kind == "Tier":  # an early answer; the delete itself checks again as it commits
-        items, _ = await store.list_resources("GlobalNetworkPolicy")
-        staged, _ = await store.list_resources("StagedGlobalNetworkPolicy")
-        users = [s.name for s in [*items, *staged] if s.doc["spec"].get("tier") == name]
-        if users:
-            raise ApiError(409, "Conflict", f"Tier {name} still holds policies: "
-                           f"{', '.join(users[:10])}")
+    # An early answer (and the dry run's); the delete itself checks again as it commits.
+    await _check_tiers_emptied(store, [Op("delete", kind, name)], then="")
     if _dry_run(request):
         return _json({"kind": kind, "name": name, "action": "deleted"})
     try:
@@ -515,7 +510,8 @@ async def delete_many(request: web.Request) -> web.Response:
 
 
 async def _check_tiers_emptied(store: Datastore, ops: list[Op],
-                               leaving: set[tuple[str, str]] | None = None) -> None:
+                               leaving: set[tuple[str, str]] | None = None,
+                               then: str = "; nothing was deleted") -> None:
     """An early answer (and the dry run's): every Tier deleted must lose all its policies
     in the same request (`leaving`: the policies that leave it; default: those `ops`
     delete). The transaction checks again as it commits."""
@@ -523,13 +519,16 @@ async def _check_tiers_emptied(store: Datastore, ops: list[Op],
     if not tiers:
         return
     going = leaving if leaving is not None else {(op.kind, op.name) for op in ops}
+    held: dict[str, list[str]] = {}
     for kind in TIER_USERS.kinds:
         items, _ = await store.list_resources(kind)
         for s in items:
             tier = s.doc.get("spec", {}).get("tier")
             if tier in tiers and (s.kind, s.name) not in going:
-                raise ApiError(409, "Conflict", f"Tier {tier} still holds policies: {s.name} "
-                               "(not in this request); nothing was deleted")
+                held.setdefault(tier, []).append(s.name)
+    for tier, names in sorted(held.items()):
+        raise ApiError(409, "Conflict", f"Tier {tier} still holds policies: "
+                       f"{', '.join(names[:10])}{then}")
 
 
 def _diff_entry(resource: Resource, old: Stored | None) -> dict[str, Any]:
