@@ -66,6 +66,8 @@ class SidePlan:
 class RulePlan:
     action: str                    # Allow | Deny | Pass | Log
     where: str                     # "policy db-ingress ingress rule 0", for comments and logs
+    owner: str = ""                # the policy or profile the rule belongs to
+    index: int = 0                 # its place among the owner's rules for the direction
     ip_version: int | None = None
     protocol: int | None = None
     not_protocol: int | None = None
@@ -91,6 +93,7 @@ class PolicyPlan:
     name: str
     rules: tuple[RulePlan, ...]
     untracked: bool = False
+    tier: str = ""
 
 
 @dataclass(frozen=True)
@@ -217,25 +220,28 @@ def _direction(snapshot: Snapshot, policies: Sequence[GlobalNetworkPolicy], hep:
         if profile is not None:
             where = f"profile {name} {direction.lower()}"
             profiles.append(ProfilePlan(name, tuple(
-                rule_plan(r, f"{where} rule {i}") for i, r in enumerate(profile.rules(direction)))))
+                rule_plan(r, f"{where} rule {i}", name, i)
+                for i, r in enumerate(profile.rules(direction)))))
     return DirectionPlan(
-        early=tuple(PolicyPlan(p.name, tuple(_rules(p, direction)), p.spec.do_not_track)
-                    for p in early),
+        early=tuple(PolicyPlan(p.name, tuple(_rules(p, direction)), p.spec.do_not_track,
+                               p.spec.tier) for p in early),
         tiers=tuple(tier_plans), profiles=tuple(profiles))
 
 
 def _rules(policy: GlobalNetworkPolicy, direction: str) -> Iterable[RulePlan]:
     kind = "staged policy" if policy.staged else "policy"
     for i, rule in enumerate(policy.spec.rules(direction)):
-        yield rule_plan(rule, f"{kind} {policy.name} {direction.lower()} rule {i}")
+        yield rule_plan(rule, f"{kind} {policy.name} {direction.lower()} rule {i}",
+                        policy.name, i)
 
 
-def rule_plan(rule: Rule, where: str) -> RulePlan:
+def rule_plan(rule: Rule, where: str, owner: str = "", index: int = 0) -> RulePlan:
     def icmp(m: object) -> tuple[int | None, int | None] | None:
         return None if m is None else (m.type, m.code)  # type: ignore[attr-defined]
 
     return RulePlan(
-        action=rule.action, where=where, ip_version=rule_ip_version(rule),
+        action=rule.action, where=where, owner=owner, index=index,
+        ip_version=rule_ip_version(rule),
         protocol=None if rule.protocol is None else protocol_number(rule.protocol),
         not_protocol=None if rule.not_protocol is None else protocol_number(rule.not_protocol),
         icmp=icmp(rule.icmp), not_icmp=icmp(rule.not_icmp),

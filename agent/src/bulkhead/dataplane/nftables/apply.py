@@ -148,7 +148,7 @@ class NftApplier:
     # -- reading back -----------------------------------------------------------------
     def terse(self) -> str | None:
         """The table without set elements (cheap with big sets), None if it is absent."""
-        done = self._nft(["-t", "list", "table", "inet", self.table])
+        done = self._nft(["-t", "-s", "list", "table", "inet", self.table])
         return done.stdout if done.returncode == 0 else None
 
     def _shape(self) -> str | None:
@@ -165,7 +165,9 @@ class NftApplier:
         return self.terse()
 
     def kernel_text(self) -> str | None:
-        done = self._nft(["list", "table", "inet", self.table])
+        """The table as the kernel lists it, without counter values (`-s`), so a
+        table with flow-log counters compares with what was rendered."""
+        done = self._nft(["-s", "list", "table", "inet", self.table])
         return done.stdout if done.returncode == 0 else None
 
     def drifted(self) -> str | None:
@@ -192,7 +194,7 @@ class NftApplier:
         kernel would refuse it."""
         nft = self.argv[-1]
         # Listed by a second nft, after the first has committed its transaction.
-        shell = f'{nft} -f - && {nft} list table inet "$0"'
+        shell = f'{nft} -f - && {nft} -s list table inet "$0"'
         done = self._nft([self.table], ruleset.script(),
                          argv=["unshare", "--net", "sh", "-c", shell])
         if done.returncode != 0:

@@ -20,6 +20,18 @@ untracked policies (chains n_<h>, interface -> u_<h> through @raw_in / @raw_out)
 goes to `untracked_accept` (`notrack accept`), Deny drops, no match goes on to conntrack
 and the filter chains, which evaluate the same policies again and reach the same verdict.
 
+Flow logs (`render(..., flow_logs=FlowLogging())`): every decision above that ends or
+passes on a connection also counts the hit in a named counter and logs the packet to an
+NFLOG group (inbound and outbound apart) with a prefix that names the decision, such as
+`AI0|default|allow-web` (action, direction, rule index | tier | policy), or `AI0|#<hash>`
+when that would be longer than 63 characters. `Ruleset.decisions` maps each prefix back
+to its `Decision`. Only first packets get there: established traffic is accepted before.
+A verdict-map element then goes to a small chain (`l_<h>`) that counts, logs and gives
+the verdict; a Pass from such a chain returns to the endpoint chain, as the tier's own
+`return` would. Loopback, neighbour discovery and untracked policies at raw priority log
+nothing; an untracked (doNotTrack) flow has no connection to be first in, so each of its
+packets is logged by the filter chains.
+
 Chains are named by a hash of their content, so endpoints that need the same program share
 one chain, and an unchanged chain keeps its name. Selectors become named sets keyed by
 their canonical form (`s4_<h>`, `s6_<h>`), named ports sets of address . protocol . port
@@ -30,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from bulkhead.dataplane.nftables.ruleset import Chain, NftSet, Ruleset
 from bulkhead.dataplane.nftables.vmap import (
@@ -50,6 +63,14 @@ from bulkhead.policy.plan import (
     RulePlan,
     SidePlan,
 )
+from bulkhead.policy.trace import (
+    Decision,
+    failsafe,
+    no_profile,
+    profile_rule,
+    rule_decision,
+    tier_end,
+)
 from bulkhead.selector import Selector
 
 TABLE = "bulkhead"
@@ -60,6 +81,31 @@ RAW_VERDICT = {**VERDICT, "Allow": f"goto {UNTRACKED_ACCEPT}"}
 HOOK = {INGRESS: "input", EGRESS: "output"}
 RAW_HOOK = {INGRESS: "prerouting", EGRESS: "output"}
 ND_TYPES = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert"
+MAX_PREFIX = 63       # NFLOG prefixes are at most 64 bytes with the terminating NUL
+
+
+@dataclass(frozen=True)
+class FlowLogging:
+    """Where the table logs first packets: one NFLOG group per direction (felix uses 1
+    for inbound and 2 for outbound), the bytes of each packet copied (headers only)."""
+
+    inbound_group: int = 1
+    outbound_group: int = 2
+    snaplen: int = 128
+
+    def group(self, direction: str) -> int:
+        return self.inbound_group if direction == INGRESS else self.outbound_group
+
+
+def log_prefix(decision: Decision) -> str:
+    """The NFLOG prefix naming `decision`: readable where it fits, hashed where not."""
+    rule = "-" if decision.rule is None else str(decision.rule)
+    head = f"{decision.action[0].upper()}{decision.direction[0]}{rule}|"
+    body = f"{decision.tier}|{decision.policy}"
+    text = head + body
+    if len(text) > MAX_PREFIX or not all(ch.isalnum() or ch in "|.-_:/" for ch in text):
+        text = head + "#" + _h(body + chr(10) + text)
+    return text
 
 
 def _h(text: str) -> str:
@@ -79,11 +125,40 @@ def _nets(nets: AddressSet) -> str:
     return ", ".join([*nets.texts(4), *nets.texts(6)])
 
 
+# Where a run of rules is decided, for flow logs: (direction, tier); tier "profile"
+# for a profile's rules; None: nothing is logged.
+Place = tuple[str, str] | None
+
+
 class _Renderer:
-    def __init__(self, plan: NodePlan, table: str, compile_runs: bool) -> None:
+    def __init__(self, plan: NodePlan, table: str, compile_runs: bool,
+                 flow_logs: FlowLogging | None) -> None:
         self.plan = plan
         self.compile = compile_runs
+        self.flow_logs = flow_logs
         self.rs = Ruleset(table, warnings=list(plan.warnings))
+
+    # -- flow logs --------------------------------------------------------------------
+    def logged(self, decision: Decision) -> str:
+        """Statements that count and log a decision (before its verdict); "" when flow
+        logs are off."""
+        if self.flow_logs is None:
+            return ""
+        prefix = log_prefix(decision)
+        counter = f"c_{_h(prefix)}"
+        self.rs.decisions[prefix] = decision
+        self.rs.counters[counter] = prefix
+        return (f'counter name "{counter}" log prefix "{prefix}" '
+                f"group {self.flow_logs.group(decision.direction)} "
+                f"snaplen {self.flow_logs.snaplen} ")
+
+    def decision_of(self, rule: RulePlan, place: Place) -> Decision | None:
+        if place is None or self.flow_logs is None or rule.action not in VERDICT:
+            return None
+        direction, tier = place
+        if tier == "profile":
+            return profile_rule(direction, rule.owner, rule.index, rule.action)
+        return rule_decision(direction, tier, rule.owner, rule.index, rule.action)
 
     # -- sets -------------------------------------------------------------------------
     def selector_set(self, selector: Selector, family: int) -> str:
@@ -105,7 +180,7 @@ class _Renderer:
         return name
 
     def rules(self, rules: Sequence[RulePlan], label: str,
-              verdicts: Mapping[str, str] = VERDICT) -> list[str]:
+              verdicts: Mapping[str, str] = VERDICT, place: Place = None) -> list[str]:
         """Rule lines for a sequence of rules: runs of two or more plain rules become one
         verdict-map lookup per IP family, the others one nft rule (or a few) each."""
         out: list[str] = []
@@ -113,9 +188,9 @@ class _Renderer:
 
         def flush() -> None:
             if len(run) >= 2 and self.compile:
-                out.extend(self.run_lookup(run, label, verdicts))
+                out.extend(self.run_lookup(run, label, verdicts, place))
             else:
-                out.extend(line for r in run for line in self.rule(r, verdicts))
+                out.extend(line for r in run for line in self.rule(r, verdicts, place))
             run.clear()
 
         for rule in rules:
@@ -123,20 +198,27 @@ class _Renderer:
                 run.append(rule)
                 continue
             flush()
-            out.extend(self.rule(rule, verdicts))
+            out.extend(self.rule(rule, verdicts, place))
         flush()
         return out
 
     def run_lookup(self, run: Sequence[RulePlan], label: str,
-                   verdicts: Mapping[str, str] = VERDICT) -> list[str]:
+                   verdicts: Mapping[str, str] = VERDICT, place: Place = None) -> list[str]:
         per_family = any(r.ip_version is not None or r.source.needs_addresses
                          or r.destination.needs_addresses or r.source.nets
                          or r.destination.nets for r in run)
         families = (4, 6) if per_family else (4,)
         comment = f"comment {_quote(label + ': ' + run[0].where + ' .. ' + run[-1].where, 120)}"
+        # With flow logs, each rule's cells go to its own chain that counts and logs.
+        keys = [r.action for r in run]
+        decisions = [self.decision_of(r, place) for r in run]
+        if any(decisions):
+            keys = [str(i) for i in range(len(run))]
+            verdicts = {key: self.log_chain(d, verdicts[r.action]) if d else verdicts[r.action]
+                        for key, r, d in zip(keys, run, decisions, strict=True)}
         lines = []
         for family in families:
-            boxes = [(b, r.action) for r in run
+            boxes = [(b, key) for r, key in zip(run, keys, strict=True)
                      for b in rule_boxes(r, family, self.plan.selector_sets,
                                          self.plan.named_ports)]
             compiled = compile_run(boxes, family, verdicts)
@@ -157,13 +239,19 @@ class _Renderer:
             lines.append(f"{prefix}{key} vmap @{name} {comment}")
         return lines
 
+    def log_chain(self, decision: Decision, verdict: str) -> str:
+        """`goto` a chain that counts and logs the decision, then gives `verdict` (a
+        Pass's `return` then leaves the tier's chain, as it would have)."""
+        return f"goto {self.chain('l', [self.logged(decision) + verdict])}"
+
     def chain(self, prefix: str, rules: Sequence[str]) -> str:
         name = f"{prefix}_{_h(chr(10).join(rules))}"
         self.rs.chains.setdefault(name, Chain(name, tuple(rules)))
         return name
 
     # -- rules ------------------------------------------------------------------------
-    def rule(self, rule: RulePlan, verdicts: Mapping[str, str] = VERDICT) -> list[str]:
+    def rule(self, rule: RulePlan, verdicts: Mapping[str, str] = VERDICT,
+             place: Place = None) -> list[str]:
         """nft rule lines for one Calico rule: none if it can never match, several when
         a positive match is an OR (numeric ports or a named port; IPv4 or IPv6 sets)."""
         if rule.source.domains or rule.destination.domains:
@@ -179,7 +267,8 @@ class _Renderer:
         if rule.action == "Log":
             verdict = f"log prefix {_quote('bulkhead ' + rule.where + ': ', 120)}"
         else:
-            verdict = verdicts[rule.action]
+            decision = self.decision_of(rule, place)
+            verdict = (self.logged(decision) if decision else "") + verdicts[rule.action]
         comment = f"comment {_quote(rule.where, 120)}"
         out = []
         for family in families:
@@ -253,22 +342,29 @@ class _Renderer:
     def direction(self, dp: DirectionPlan, direction: str) -> str:
         jumps = []
         for policy in dp.early:
-            rules = self.rules(policy.rules, "policy " + policy.name)
+            rules = self.rules(policy.rules, "policy " + policy.name, VERDICT,
+                               (direction, policy.tier))
             jumps.append(f"jump {self.chain('p', rules)} comment "
                          f"{_quote('policy ' + policy.name, 120)}")
         for tier in dp.tiers:
-            rules = self.rules(tier.rules, "tier " + tier.name)
+            rules = self.rules(tier.rules, "tier " + tier.name, VERDICT, (direction, tier.name))
+            end = self.logged(tier_end(direction, tier.name, tier.default_action))
             if tier.default_action == "Deny":
-                rules.append(f"drop comment {_quote('tier ' + tier.name + ' default Deny', 120)}")
+                rules.append(f"{end}drop comment "
+                             f"{_quote('tier ' + tier.name + ' default Deny', 120)}")
+            elif end:   # Pass: logged, then the chain returns to the next tier
+                rules.append(f"{end}comment {_quote('tier ' + tier.name + ' default Pass', 120)}")
             jumps.append(f"jump {self.chain('t', rules)} comment "
                          f"{_quote('tier ' + tier.name + ': ' + ', '.join(tier.policies), 120)}")
         for profile in dp.profiles:
-            rules = self.rules(profile.rules, "profile " + profile.name)
+            rules = self.rules(profile.rules, "profile " + profile.name, VERDICT,
+                               (direction, "profile"))
             jumps.append(f"jump {self.chain('r', rules)} comment "
                          f"{_quote('profile ' + profile.name, 120)}")
         last = "no profile rule matched" if dp.profiles else "no profile"
         # No endpoint name in the chain: endpoints with the same program share it.
-        jumps.append(f"drop comment {_quote(direction.lower() + ': ' + last, 120)}")
+        jumps.append(f"{self.logged(no_profile(direction))}drop comment "
+                     f"{_quote(direction.lower() + ': ' + last, 120)}")
         return self.chain("e", jumps)
 
     def base(self, direction: str) -> Chain:
@@ -281,10 +377,14 @@ class _Renderer:
         hook = f"type filter hook {HOOK[direction]} priority filter; policy accept;"
         return Chain(HOOK[direction], tuple(rules), hook)
 
-    def unfiltered(self, direction: str) -> list[str]:
+    def unfiltered(self, direction: str, log: bool = True) -> list[str]:
         """Rules for what no policy decides: loopback, IPv6 neighbour discovery, the
-        failsafe ports (the failsafe set is declared here)."""
+        failsafe ports (the failsafe set is declared here; hits logged when `log`)."""
         ingress = direction == INGRESS
+
+        def logged() -> str:
+            return self.logged(failsafe(direction)) if log else ""
+
         ifname, peer = ("iifname", "saddr") if ingress else ("oifname", "daddr")
         rules = [f'{ifname} "lo" accept',
                  f"meta l4proto 58 icmpv6 type {{ {ND_TYPES} }} accept"]
@@ -294,12 +394,13 @@ class _Renderer:
             name = "fs_in" if ingress else "fs_out"
             self.rs.sets[name] = NftSet(name, "inet_proto . inet_service",
                                         elements=tuple(plain))
-            rules.append(f"meta l4proto . th dport @{name} accept comment \"failsafe ports\"")
+            rules.append(f"meta l4proto . th dport @{name} {logged()}accept "
+                         f"comment \"failsafe ports\"")
         for f in failsafes:
             if f.net is not None:
                 ip = "ip" if f.net.version == 4 else "ip6"
                 rules.append(f"{ip} {peer} {f.net} meta l4proto {f.protocol} th dport {f.port} "
-                             f"accept comment \"failsafe {f}\"")
+                             f"{logged()}accept comment \"failsafe {f}\"")
         return rules
 
     def by_interface(self, chain_of: Callable[[EndpointPlan], str | None]
@@ -351,21 +452,24 @@ class _Renderer:
             return None
         self.rs.chains.setdefault(UNTRACKED_ACCEPT, Chain(UNTRACKED_ACCEPT, ("notrack accept",)))
         name = "raw_in" if direction == INGRESS else "raw_out"
-        rules = [*self.unfiltered(direction), *self.dispatch(direction, name, chains, star)]
+        rules = [*self.unfiltered(direction, log=False),
+                 *self.dispatch(direction, name, chains, star)]
         hook = f"type filter hook {RAW_HOOK[direction]} priority raw; policy accept;"
         return Chain(f"raw_{RAW_HOOK[direction]}", tuple(rules), hook)
 
 
-def render(plan: NodePlan, table: str = TABLE, compile_runs: bool = True) -> Ruleset:
+def render(plan: NodePlan, table: str = TABLE, compile_runs: bool = True,
+           flow_logs: FlowLogging | None = None) -> Ruleset:
     """The whole table for the node's plan. `compile_runs=False` renders every rule as
     its own nft rule (the layout verdict maps are measured against). The plan's untracked
-    (doNotTrack) policies are also rendered at raw priority, with `notrack`."""
-    r = _Renderer(plan, table, compile_runs)
+    (doNotTrack) policies are also rendered at raw priority, with `notrack`. `flow_logs`:
+    count and log every decision (see the module's docstring)."""
+    r = _Renderer(plan, table, compile_runs, flow_logs)
     bases = [r.base(d) for d in DIRECTIONS]
     bases += [c for c in (r.raw_base(d) for d in DIRECTIONS) if c is not None]
     # Chains a rule jumps to are declared before it: the notrack accept, policies,
     # profiles, tiers, endpoints, then the base chains.
-    rank = {"untracked": 0, "n": 1, "p": 1, "r": 2, "t": 3, "e": 4, "u": 4}
+    rank = {"untracked": 0, "l": 0, "n": 1, "p": 1, "r": 2, "t": 3, "e": 4, "u": 4}
     others = sorted(r.rs.chains.values(),
                     key=lambda c: (rank.get(c.name.split("_")[0], 9), c.name))
     r.rs.chains = {c.name: c for c in [*others, *bases]}

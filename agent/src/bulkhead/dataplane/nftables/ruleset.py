@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from bulkhead.policy.trace import Decision
+
 
 @dataclass(frozen=True)
 class NftSet:
@@ -56,6 +58,10 @@ class Ruleset:
     sets: dict[str, NftSet] = field(default_factory=dict)
     chains: dict[str, Chain] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # Flow logs: each NFLOG prefix the table logs with, and the decision it names; each
+    # named counter and the prefix of the decision it counts.
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    counters: dict[str, str] = field(default_factory=dict)
 
     @property
     def family_table(self) -> str:
@@ -63,8 +69,9 @@ class Ruleset:
 
     def body(self, with_elements: bool = True) -> str:
         """The table as `nft list table` shows it (declarations, sets first)."""
-        parts = [s.declaration(with_elements) for s in sorted(self.sets.values(),
-                                                              key=lambda s: s.name)]
+        parts = [f"\tcounter {name} {{\n\t}}" for name in sorted(self.counters)]
+        parts += [s.declaration(with_elements) for s in sorted(self.sets.values(),
+                                                               key=lambda s: s.name)]
         parts += [c.declaration() for c in self.chains.values()]
         return f"table {self.family_table} {{\n" + "\n".join(parts) + "\n}\n"
 
@@ -83,6 +90,7 @@ class Ruleset:
         """`structure() == other.structure()`, without writing either out (cheap with
         100,000 elements)."""
         return (self.table == other.table
+                and sorted(self.counters) == sorted(other.counters)
                 and list(self.chains.items()) == list(other.chains.items())
                 and sorted(s.shape for s in self.sets.values())
                 == sorted(s.shape for s in other.sets.values()))
