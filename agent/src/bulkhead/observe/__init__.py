@@ -1,0 +1,1 @@
+"""Observe: what the host's table decided about real traffic (flow logs)."""

@@ -1,0 +1,351 @@
+"""Flows from the kernel's logs: first packets (NFLOG) joined with conntrack counts,
+given staged verdicts by the reference evaluator, aggregated per flush interval.
+
+Input, in the order the kernel gives it:
+- `packet(p)`: one NFLOG message. Every decision a connection's first packet meets logs
+  it once, with the prefix of that decision (`Ruleset.decisions` maps prefixes back): any
+  Pass steps, then the final Allow or Deny. The steps of one packet arrive one after the
+  other; the final one completes the connection's enforced trace.
+- `counts(entries)` and `ended(entry)`: conntrack entries (a periodic dump, destroy
+  events) with byte and packet counters; they are joined to allowed connections by
+  their original tuple. A denied first packet never makes a conntrack entry: its record
+  counts the logged packets alone (a retransmitted SYN is a packet, not a connection).
+
+Each new connection gets its staged verdict from the reference evaluator (staged
+policies in force, never rendered), computed again for the connections still open when
+the policy changes (`set_snapshot`). `flush(now)` turns the interval's aggregates into
+`FlowRecord`s, keyed by reporter, both ends (host endpoint, else the GlobalNetworkSet
+holding the address, else the address), protocol, destination port, the enforced and
+the staged traces.
+
+Memory is bounded: pending traces, open connections and aggregates each have a cap;
+what does not fit is dropped and counted in `dropped` by reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from bulkhead.model import EGRESS, INGRESS, Snapshot
+from bulkhead.model.flowlog import End, FlowRecord, scope_of
+from bulkhead.policy import Failsafes
+from bulkhead.policy.evaluate import Evaluator
+from bulkhead.policy.flow import Flow
+from bulkhead.policy.semantics import effective_labels
+from bulkhead.policy.trace import Decision, verdict_steps
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+PORTED = (6, 17, 132, 136)
+
+
+class Packet(Protocol):
+    """What the aggregator reads of a logged packet (observe.nflog.LoggedPacket)."""
+
+    prefix: str
+    proto: int
+    src: IPAddress
+    dst: IPAddress
+    sport: int | None
+    dport: int | None
+    icmp_type: int | None
+    icmp_code: int | None
+    length: int
+    timestamp: float
+
+
+class Tracked(Protocol):
+    """What the aggregator reads of a conntrack entry (observe.conntrack)."""
+
+    packets_orig: int
+    bytes_orig: int
+    packets_reply: int
+    bytes_reply: int
+
+
+Tuple5 = tuple[int, IPAddress, IPAddress, int | None, int | None]   # proto, src, dst, ports
+
+
+@dataclass(frozen=True)
+class Limits:
+    pending: int = 10_000        # first packets whose trace is not complete yet
+    connections: int = 100_000   # open connections followed for their counts
+    aggregates: int = 50_000     # records in one interval
+    verdicts: int = 20_000       # staged verdicts kept for flows seen again
+
+
+@dataclass
+class _Aggregate:
+    start: float
+    end: float
+    connections: set[Tuple5] = field(default_factory=set)
+    started: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass(frozen=True)
+class _Key:
+    """What one record aggregates over."""
+
+    reporter: str
+    src: tuple[str, str]          # (type, name) of each end
+    dst: tuple[str, str]
+    proto: int
+    port: int
+    action: str
+    trace: tuple[str, ...]
+    staged_action: str
+    staged_trace: tuple[str, ...]
+
+
+@dataclass
+class _Connection:
+    flow: Flow
+    reporter: str
+    key: _Key
+    opened: float
+    seen: tuple[int, int, int, int] = (0, 0, 0, 0)   # counters already attributed
+
+
+@dataclass(frozen=True)
+class _Staged:
+    action: str
+    trace: tuple[str, ...]
+
+
+class Ends:
+    """Who is at an address: a host endpoint (with its labels, profiles' labelsToApply
+    under them), else the GlobalNetworkSet with the longest prefix holding it (ties by
+    name), else the address itself, public or private."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._heps: dict[IPAddress, End] = {}
+        for hep in sorted(snapshot.host_endpoints.values(), key=lambda h: h.name):
+            labels = dict(effective_labels(snapshot, hep))
+            for ip in hep.expected_ips:
+                self._heps.setdefault(ipaddress.ip_address(ip), End("hep", hep.name, labels))
+        self._nets = sorted(
+            ((ipaddress.ip_network(n, strict=False), s.name, dict(s.labels))
+             for s in snapshot.network_sets.values() for n in s.nets),
+            key=lambda t: (-t[0].prefixlen, t[1]))
+        self._cache: dict[IPAddress, End] = {}
+
+    def at(self, ip: IPAddress) -> End:
+        found = self._heps.get(ip) or self._cache.get(ip)
+        if found is not None:
+            return found
+        end = next((End("ns", name, labels) for net, name, labels in self._nets
+                    if net.version == ip.version and ip in net),
+                   End("net", str(ip), {}, scope_of(str(ip))))
+        if len(self._cache) >= 10_000:
+            self._cache.clear()
+        self._cache[ip] = end
+        return end
+
+
+class FlowAggregator:
+    def __init__(self, node: str, snapshot: Snapshot, decisions: Mapping[str, Decision],
+                 failsafes: Failsafes | None = None, limits: Limits = Limits(),
+                 now: float = 0.0) -> None:
+        self.node = node
+        self.limits = limits
+        self.failsafes = failsafes if failsafes is not None else Failsafes()
+        self.decisions: Mapping[str, Decision] = decisions
+        self.dropped: dict[str, int] = {"pending": 0, "connections": 0, "aggregates": 0,
+                                        "unknown_prefix": 0}
+        self.connections_seen = 0
+        self._pending: OrderedDict[tuple[Tuple5, str], list[Decision]] = OrderedDict()
+        self._open: dict[Tuple5, _Connection] = {}
+        self._interval: dict[_Key, _Aggregate] = {}
+        self._ends_of: dict[_Key, tuple[End, End]] = {}
+        self._denied_seen: set[Tuple5] = set()
+        self._start = now
+        self.set_snapshot(snapshot, decisions)
+
+    # -- policy ------------------------------------------------------------------------
+    def set_snapshot(self, snapshot: Snapshot, decisions: Mapping[str, Decision]) -> None:
+        """New policy (or sets, or endpoints): staged verdicts are computed again, for
+        the connections still open too; their later counts go under the new verdict."""
+        self.decisions = decisions
+        self._evaluator = Evaluator(snapshot, self.failsafes)
+        self._ends = Ends(snapshot)
+        self._verdicts: OrderedDict[tuple[object, ...], _Staged] = OrderedDict()
+        self._source_ports = any(
+            r.source.ports or r.source.not_ports
+            for p in [*snapshot.policies.values(), *snapshot.staged.values()]
+            for d in (INGRESS, EGRESS) for r in p.spec.rules(d))
+        for conn in self._open.values():
+            conn.key = self._key(conn.flow, conn.reporter, conn.key.action, conn.key.trace)
+
+    def _staged(self, flow: Flow, reporter: str) -> _Staged:
+        sport = flow.src_port if self._source_ports else None
+        cache_key = (flow.src, flow.dst, flow.protocol, flow.dst_port, sport,
+                     flow.icmp_type, flow.icmp_code, reporter)
+        found = self._verdicts.get(cache_key)
+        if found is None:
+            verdict = self._evaluator.evaluate(flow, trace=True)
+            side = verdict.staged_ingress if reporter == "dst" else verdict.staged_egress
+            found = _Staged(side.action.lower(), verdict_steps(side))
+            self._verdicts[cache_key] = found
+            if len(self._verdicts) > self.limits.verdicts:
+                self._verdicts.popitem(last=False)
+        return found
+
+    def _key(self, flow: Flow, reporter: str, action: str, trace: tuple[str, ...]
+             ) -> _Key:
+        src, dst = self._ends.at(flow.src), self._ends.at(flow.dst)
+        staged = self._staged(flow, reporter)
+        port = flow.dst_port if flow.carries_ports and flow.dst_port is not None else 0
+        key = _Key(reporter, (src.type, src.name), (dst.type, dst.name), flow.protocol, port,
+                   action, trace, staged.action, staged.trace)
+        self._ends_of[key] = (src, dst)
+        return key
+
+    # -- input -------------------------------------------------------------------------
+    def packet(self, p: Packet) -> None:
+        decision = self.decisions.get(p.prefix)
+        if decision is None:
+            self.dropped["unknown_prefix"] += 1   # a table from before a policy change
+            return
+        ports = (p.sport, p.dport) if p.proto in PORTED else (None, None)
+        tuple5: Tuple5 = (p.proto, p.src, p.dst, *ports)
+        pending_key = (tuple5, decision.direction)
+        steps = self._pending.pop(pending_key, [])
+        steps.append(decision)
+        if not decision.final:
+            if len(self._pending) >= self.limits.pending:
+                self._pending.popitem(last=False)
+                self.dropped["pending"] += 1
+            self._pending[pending_key] = steps
+            return
+        self._first_packet(p, tuple5, decision, tuple(d.step for d in steps))
+
+    def _first_packet(self, p: Packet, tuple5: Tuple5, final: Decision,
+                      trace: tuple[str, ...]) -> None:
+        reporter = "dst" if final.direction == INGRESS else "src"
+        flow = Flow(p.src, p.dst, p.proto, tuple5[4], tuple5[3], p.icmp_type, p.icmp_code)
+        key = self._key(flow, reporter, final.action, trace)
+        agg = self._aggregate(key, p.timestamp)
+        if agg is None:
+            return
+        inbound = reporter == "dst"
+        if final.action == "deny":
+            agg.packets_in += inbound
+            agg.packets_out += not inbound
+            agg.bytes_in += p.length if inbound else 0
+            agg.bytes_out += 0 if inbound else p.length
+            if tuple5 not in self._denied_seen:   # a retransmission is no new attempt
+                self._denied_seen.add(tuple5)
+                agg.started += 1
+                agg.connections.add(tuple5)
+            return
+        known = self._open.get(tuple5)
+        if known is not None and known.key == key:
+            # Another logged packet of a connection we follow: an untracked flow, whose
+            # every packet is its own first one.
+            agg.packets_in += inbound
+            agg.packets_out += not inbound
+            agg.bytes_in += p.length if inbound else 0
+            agg.bytes_out += 0 if inbound else p.length
+            return
+        self.connections_seen += 1
+        agg.started += 1
+        agg.connections.add(tuple5)
+        if p.proto not in PORTED:
+            # No conntrack join (no ports to match on): the first packet is what we know.
+            agg.packets_in += inbound
+            agg.packets_out += not inbound
+            agg.bytes_in += p.length if inbound else 0
+            agg.bytes_out += 0 if inbound else p.length
+            return
+        if tuple5 not in self._open and len(self._open) >= self.limits.connections:
+            self.dropped["connections"] += 1
+            return
+        self._open[tuple5] = _Connection(flow, reporter, key, p.timestamp)
+
+    def _aggregate(self, key: _Key, at: float) -> _Aggregate | None:
+        agg = self._interval.get(key)
+        if agg is None:
+            if len(self._interval) >= self.limits.aggregates:
+                self.dropped["aggregates"] += 1
+                return None
+            agg = self._interval[key] = _Aggregate(at, at)
+        agg.start, agg.end = min(agg.start, at), max(agg.end, at)
+        return agg
+
+    def counts(self, entries: Iterable[tuple[Tuple5, Tracked]], now: float,
+               complete: bool = True, grace: float = 5.0) -> None:
+        """Counters of open connections (a conntrack dump): what is new since the last
+        look goes to this interval. A `complete` dump also ends the connections it does
+        not hold that were opened more than `grace` seconds ago (their destroy event
+        was missed, or they were never tracked)."""
+        present = set()
+        for tuple5, entry in entries:
+            conn = self._open.get(tuple5)
+            if conn is not None:
+                present.add(tuple5)
+                self._account(tuple5, conn, entry, now)
+        if complete:
+            for tuple5 in [t for t, c in self._open.items()
+                           if t not in present and c.opened < now - grace]:
+                del self._open[tuple5]
+
+    def ended(self, tuple5: Tuple5, entry: Tracked, now: float) -> None:
+        """A connection's last counters (a conntrack destroy event)."""
+        conn = self._open.pop(tuple5, None)
+        if conn is not None:
+            self._account(tuple5, conn, entry, now)
+
+    def _account(self, tuple5: Tuple5, conn: _Connection, entry: Tracked, now: float) -> None:
+        counters = (entry.packets_orig, entry.bytes_orig, entry.packets_reply,
+                    entry.bytes_reply)
+        delta = [max(0, new - old) for new, old in zip(counters, conn.seen, strict=True)]
+        conn.seen = counters
+        if not any(delta):
+            return
+        agg = self._aggregate(conn.key, now)
+        if agg is None:
+            return
+        agg.connections.add(tuple5)
+        if conn.reporter == "dst":    # the original direction came in
+            agg.packets_in += delta[0]
+            agg.bytes_in += delta[1]
+            agg.packets_out += delta[2]
+            agg.bytes_out += delta[3]
+        else:
+            agg.packets_out += delta[0]
+            agg.bytes_out += delta[1]
+            agg.packets_in += delta[2]
+            agg.bytes_in += delta[3]
+
+    # -- output ------------------------------------------------------------------------
+    def flush(self, now: float) -> list[FlowRecord]:
+        """The interval's records; a new interval starts."""
+        records = []
+        for key, agg in self._interval.items():
+            src, dst = self._ends_of[key]
+            records.append(FlowRecord(
+                start=min(agg.start, now), end=now, node=self.node, reporter=key.reporter,
+                src=src, dst=dst, proto=key.proto, dst_port=key.port, action=key.action,
+                enforced_trace=key.trace, staged_action=key.staged_action,
+                staged_trace=key.staged_trace, connections=len(agg.connections),
+                started=agg.started,
+                packets_in=agg.packets_in, packets_out=agg.packets_out,
+                bytes_in=agg.bytes_in, bytes_out=agg.bytes_out))
+        self._interval = {}
+        live = {c.key for c in self._open.values()}
+        self._ends_of = {k: v for k, v in self._ends_of.items() if k in live}
+        self._denied_seen.clear()
+        self._pending.clear()
+        self._start = now
+        return records
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)

@@ -1,0 +1,211 @@
+"""The flow aggregator: logged first packets with the prefixes a rendered table uses,
+conntrack counters joined, staged verdicts from the reference evaluator, bounded."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from bulkhead.dataplane.nftables import render
+from bulkhead.dataplane.nftables.render import FlowLogging
+from bulkhead.model import INGRESS
+from bulkhead.model.flowlog import parse_record
+from bulkhead.observe.flows import FlowAggregator, Limits
+from bulkhead.policy import Failsafes
+from bulkhead.policy.evaluate import Evaluator
+from bulkhead.policy.flow import Flow
+from bulkhead.policy.plan import calculate
+from bulkhead.policy.trace import verdict_steps
+from tests.nftfixture import gnp, hep, snap
+
+IP = ipaddress.ip_address
+DB, WEB, OUT = "198.18.0.12", "198.18.0.11", "198.19.7.7"
+
+
+@dataclass(frozen=True)
+class Logged:
+    """A logged packet as observe.nflog reads it (the fields the aggregator uses)."""
+
+    prefix: str
+    proto: int
+    src: Any
+    dst: Any
+    sport: int | None
+    dport: int | None
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    length: int = 60
+    timestamp: float = 100.0
+
+
+@dataclass(frozen=True)
+class Counters:
+    packets_orig: int
+    bytes_orig: int
+    packets_reply: int
+    bytes_reply: int
+
+
+TIER = {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
+        "metadata": {"name": "security"}, "spec": {"order": 10, "defaultAction": "Deny"}}
+OUTSIDE = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+           "metadata": {"name": "partners", "labels": {"zone": "partner"}},
+           "spec": {"nets": ["198.19.0.0/16"]}}
+
+
+def docs(*extra: dict[str, Any]) -> list[dict[str, Any]]:
+    return [hep("db", "n1", DB, {"app": "db"}), hep("web", "n2", WEB, {"app": "web"}),
+            OUTSIDE, TIER,
+            gnp("security.ssh", {"tier": "security", "selector": "all()", "order": 1,
+                                 "ingress": [{"action": "Pass", "protocol": "TCP",
+                                              "destination": {"ports": [5432, 80]}}],
+                                 "egress": [{"action": "Pass"}]}),
+            gnp("db", {"selector": "app == 'db'", "ingress": [
+                {"action": "Allow", "protocol": "TCP", "source": {"selector": "app == 'web'"},
+                 "destination": {"ports": [5432]}}]}),
+            *extra]
+
+
+def setup(*extra: dict[str, Any], limits: Limits | None = None
+          ) -> tuple[FlowAggregator, Any]:
+    snapshot = snap(*docs(*extra))
+    rs = render(calculate(snapshot, "n1", {}, Failsafes.off()), flow_logs=FlowLogging())
+    return FlowAggregator("n1", snapshot, rs.decisions, Failsafes.off(),
+                          limits or Limits()), rs
+
+
+def prefix(rs: Any, step: str, direction: str = INGRESS) -> str:
+    return next(p for p, d in rs.decisions.items() if d.step == step
+                and d.direction == direction)
+
+
+def test_an_allowed_connection_with_pass_steps_and_counts() -> None:
+    agg, rs = setup()
+    tuple5 = (6, IP(WEB), IP(DB), 40000, 5432)
+    for step in ("security|security.ssh|0|pass", "default|db|0|allow"):
+        agg.packet(Logged(prefix(rs, step), 6, IP(WEB), IP(DB), 40000, 5432))
+    agg.counts([(tuple5, Counters(10, 10_000, 8, 20_000))], now=101.0)
+    agg.ended(tuple5, Counters(12, 10_200, 9, 20_060), now=102.0)
+    agg.counts([(tuple5, Counters(99, 99, 99, 99))], now=103.0)   # gone: not counted
+    [record] = agg.flush(now=115.0)
+    assert record.reporter == "dst" and record.node == "n1"
+    assert (record.src.type, record.src.name, record.src.labels) == ("hep", "web",
+                                                                     {"app": "web"})
+    assert (record.dst.type, record.dst.name) == ("hep", "db")
+    assert (record.proto, record.dst_port, record.action) == (6, 5432, "allow")
+    assert record.enforced_trace == ("security|security.ssh|0|pass", "default|db|0|allow")
+    assert record.staged_trace == record.enforced_trace and record.staged_action == "allow"
+    assert (record.packets_in, record.bytes_in, record.packets_out, record.bytes_out) == \
+        (12, 10_200, 9, 20_060)
+    assert (record.connections, record.started) == (1, 1)
+    assert (record.start, record.end) == (100.0, 115.0)
+    # What the agent sends is what the server's parser takes.
+    assert parse_record(record.json(), now=200.0) == record
+    assert agg.flush(now=130.0) == []
+
+
+def test_the_enforced_trace_is_the_evaluators() -> None:
+    agg, rs = setup()
+    evaluator = Evaluator(snap(*docs()), Failsafes.off())
+    cases = [(WEB, DB, 5432), (WEB, DB, 80), (OUT, DB, 5432)]
+    for i, (src, dst, port) in enumerate(cases):
+        verdict = evaluator.evaluate(Flow.make(src, dst, "TCP", port, src_port=40000 + i))
+        for step in verdict_steps(verdict.ingress):
+            agg.packet(Logged(prefix(rs, step), 6, IP(src), IP(dst), 40000 + i, port))
+    records = {(r.src.name, r.dst_port): r for r in agg.flush(now=110.0)}
+    assert {k: r.action for k, r in records.items()} == {
+        ("web", 5432): "allow", ("web", 80): "deny", ("partners", 5432): "deny"}
+    assert records[("web", 80)].enforced_trace == ("security|security.ssh|0|pass",
+                                                  "default|end-of-tier|-|deny")
+    outside = records[("partners", 5432)]
+    assert (outside.src.type, outside.src.labels) == ("ns", {"zone": "partner"})
+    assert outside.enforced_trace == ("security|security.ssh|0|pass",
+                                      "default|end-of-tier|-|deny")
+
+
+def test_a_denied_syn_retransmitted_is_one_attempt() -> None:
+    agg, rs = setup()
+    step = prefix(rs, "security|end-of-tier|-|deny")
+    for t in (100.0, 101.0, 103.0):
+        agg.packet(Logged(step, 6, IP(OUT), IP(DB), 41000, 22, timestamp=t))
+    [record] = agg.flush(now=110.0)
+    assert (record.action, record.started, record.connections, record.packets_in) == \
+        ("deny", 1, 1, 3)
+    assert (record.dst.name, record.src.type) == ("db", "ns")
+
+
+def test_staged_verdicts_and_a_tier_mixing_staged_and_enforced_keeps_its_end() -> None:
+    """Calico PR #13416: a staged policy last in a tier with enforced ones must not
+    suppress the tier's end-of-tier action in the staged verdict."""
+    staged = gnp("security.web-80", {"tier": "security", "selector": "app == 'db'",
+                                     "order": 50, "ingress": [
+                                         {"action": "Allow", "protocol": "TCP",
+                                          "destination": {"ports": [80]}}]},
+                 kind="StagedGlobalNetworkPolicy")
+    agg, rs = setup(staged)
+    # 5432: the enforced tier passes it on; the staged tier too (the staged policy does
+    # not match), so the staged trace is the same.
+    for step in ("security|security.ssh|0|pass", "default|db|0|allow"):
+        agg.packet(Logged(prefix(rs, step), 6, IP(WEB), IP(DB), 40001, 5432))
+    # 22: denied at the end of tier security, enforced and staged alike.
+    agg.packet(Logged(prefix(rs, "security|end-of-tier|-|deny"), 6, IP(WEB), IP(DB),
+                      40002, 22))
+    records = {r.dst_port: r for r in agg.flush(now=110.0)}
+    assert records[5432].staged_trace == records[5432].enforced_trace
+    assert records[22].staged_trace == ("security|end-of-tier|-|deny",)
+    assert not records[22].staged_differs
+    # 80 passes the enforced tier (security.ssh rule 0) and is denied in default; the
+    # staged policy (order 50, after security.ssh) never sees it: same verdict.
+    for step in ("security|security.ssh|0|pass", "default|end-of-tier|-|deny"):
+        agg.packet(Logged(prefix(rs, step), 6, IP(WEB), IP(DB), 40003, 80))
+    [r80] = agg.flush(now=120.0)
+    assert r80.staged_trace == r80.enforced_trace
+
+
+def test_a_staged_deny_shows_where_the_evaluator_says_and_follows_policy_changes() -> None:
+    staged = gnp("db", {"selector": "app == 'db'", "ingress": [
+        {"action": "Deny", "protocol": "TCP", "source": {"selector": "app == 'web'"},
+         "destination": {"ports": [5432]}}]}, kind="StagedGlobalNetworkPolicy")
+    agg, rs = setup(staged)
+    tuple5 = (6, IP(WEB), IP(DB), 40000, 5432)
+    for step in ("security|security.ssh|0|pass", "default|db|0|allow"):
+        agg.packet(Logged(prefix(rs, step), 6, IP(WEB), IP(DB), 40000, 5432))
+    [record] = agg.flush(now=110.0)
+    assert record.action == "allow" and record.staged_action == "deny"
+    assert record.staged_trace == ("security|security.ssh|0|pass", "default|db|0|deny")
+    # The staged policy is withdrawn: the open connection's later counts go under the
+    # new staged verdict.
+    snapshot = snap(*docs())
+    agg.set_snapshot(snapshot, rs.decisions)
+    agg.counts([(tuple5, Counters(3, 300, 3, 300))], now=111.0)
+    [later] = agg.flush(now=120.0)
+    assert later.staged_action == "allow" and later.started == 0 and later.bytes_in == 300
+
+
+def test_bounds_are_kept_and_counted() -> None:
+    agg, rs = setup(limits=Limits(pending=5, connections=3, aggregates=4, verdicts=2))
+    allow = prefix(rs, "default|db|0|allow")
+    passed = prefix(rs, "security|security.ssh|0|pass")
+    for i in range(10):   # passes whose final step never comes
+        agg.packet(Logged(passed, 6, IP(WEB), IP(DB), 50000 + i, 5432))
+    assert agg.dropped["pending"] == 5
+    for i in range(10):
+        agg.packet(Logged(allow, 6, IP(WEB), IP(DB), 40000 + i, 5432))
+    assert agg.open_connections == 3 and agg.dropped["connections"] == 7
+    for i in range(10):   # each from another address in no set: its own record
+        agg.packet(Logged(allow, 6, IP(f"198.18.9.{i}"), IP(DB), 40000, 5432))
+    assert agg.dropped["aggregates"] == 7
+    assert len(agg.flush(now=110.0)) == 4
+    agg.packet(Logged("AI9|nothing", 6, IP(WEB), IP(DB), 1, 2))
+    assert agg.dropped["unknown_prefix"] == 1
+
+
+def test_a_complete_dump_ends_connections_it_no_longer_holds() -> None:
+    agg, rs = setup()
+    agg.packet(Logged(prefix(rs, "default|db|0|allow"), 6, IP(WEB), IP(DB), 40000, 5432,
+                      timestamp=100.0))
+    agg.counts([], now=102.0)
+    assert agg.open_connections == 1   # within the grace period
+    agg.counts([], now=106.0)
+    assert agg.open_connections == 0
