@@ -23,6 +23,8 @@ What the kernel does (6.x), and what follows:
   10 ms. A datagram holds at most NLBUFSIZ bytes of messages.
 - When the socket's receive buffer is full the kernel drops the datagram and the next
   read reports ENOBUFS once: `overruns` counts those reports, not the packets lost.
+- A dropped packet never confirms a conntrack entry, so `ct state new` matches its
+  retransmissions too: a blocked TCP client's SYN is logged each time it is resent.
 - NFULA_TIMESTAMP comes only from the prerouting, input and forward hooks; packets
   logged on output get the time they were read.
 """
