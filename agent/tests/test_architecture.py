@@ -63,7 +63,8 @@ ARROWS: dict[str, set[str]] = {
     "model": {"selector", "net"},
     "policy": {"model", "net"},
     "dataplane": {"policy", "net"},
-    "observe": {"policy", "net"},
+    # observe reads the kernel through dataplane.nftables.netlink's socket and framing.
+    "observe": {"policy", "net", "dataplane"},
     "store": {"model"},
     "client": {"model"},
     "server": {"store", "pki", "logging"},

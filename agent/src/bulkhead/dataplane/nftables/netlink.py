@@ -24,6 +24,7 @@ changed here lists exactly as if `nft -f` had written the new elements:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -33,7 +34,7 @@ import itertools
 import os
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from bulkhead.dataplane.nftables.ruleset import NftSet
@@ -338,12 +339,14 @@ def _setns(fd: int) -> None:
         raise NetlinkError(f"setns: {os.strerror(code)}", code)
 
 
-def open_socket(netns: str = "") -> socket.socket:
-    """A NETLINK_NETFILTER socket in this process's network namespace, or in the named
-    one (`ip netns` name, /run/netns/NAME): the thread enters it only while the socket is
-    made, and the socket stays bound to it."""
+@contextlib.contextmanager
+def inside_netns(netns: str) -> Iterator[None]:
+    """The calling thread inside the named network namespace (`ip netns` name,
+    /run/netns/NAME) until the block ends, then back in its own; "" stays where it is.
+    Sockets made and /proc/sys files opened meanwhile belong to that namespace."""
     if not netns:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        yield
+        return
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         try:
@@ -354,13 +357,36 @@ def open_socket(netns: str = "") -> socket.socket:
         try:
             _setns(target)
             try:
-                return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+                yield
             finally:
                 _setns(own)
         finally:
             os.close(target)
     finally:
         os.close(own)
+
+
+def open_socket(netns: str = "") -> socket.socket:
+    """A NETLINK_NETFILTER socket in this process's network namespace, or in the named
+    one (`ip netns` name, /run/netns/NAME): the thread enters it only while the socket is
+    made, and the socket stays bound to it."""
+    with inside_netns(netns):
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+
+
+def write_sysctl(name: str, value: str, netns: str = "") -> None:
+    """Set sysctl `name` (dotted, as `sysctl` spells it) as the named network namespace
+    sees it: per-namespace settings (net.netfilter.*, most of net.ipv4.*) change there
+    only."""
+    path = "/proc/sys/" + name.replace(".", "/")
+    with inside_netns(netns):
+        try:
+            with open(path, "w", encoding="ascii") as f:
+                f.write(value)
+        except OSError as e:
+            where = f" in network namespace {netns}" if netns else ""
+            raise NetlinkError(f"sysctl {name}={value}{where}: {e.strerror}", e.errno or 0) \
+                from None
 
 
 class NftNetlink:
