@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from bulkhead.agent import main as agent_main
-from bulkhead.agent.config import FLAGS, KEYS
+from bulkhead.agent.config import FLAGS, KEYS, load_config
 from tests.agentfixture import Recorder, restore_logging  # noqa: F401 (autouse fixture)
 
 
@@ -25,6 +25,15 @@ from tests.agentfixture import Recorder, restore_logging  # noqa: F401 (autouse 
     ({"metricsListen": "localhost"}, [], "metricsListen: 'localhost': expected HOST:PORT"),
     ({"logLevel": "loud"}, [], "logLevel: 'loud': expected one of debug"),
     ({"node": "web 1"}, [], "node: 'web 1': a node name is one word"),
+    ({"flowLogs": True}, [], "flowLogs: must be a mapping (enabled: true"),
+    ({"flowLogs": {"enabled": "yes"}}, [], "flowLogs.enabled: must be true or false"),
+    ({"flowLogs": {"enabled": True, "flush": 3}}, [], "flowLogs.flush: unknown key"),
+    ({"flowLogs": {"enabled": True, "flushInterval": 0.5}}, [],
+     "flowLogs.flushInterval: 0.5: must be 1 to 3600 s"),
+    ({"flowLogs": {"enabled": True, "inboundGroup": 70000}}, [],
+     "flowLogs.inboundGroup: 70000: must be an integer from 0 to 65535"),
+    ({"flowLogs": {"enabled": True, "inboundGroup": 2}}, [],
+     "flowLogs.outboundGroup: must differ from inboundGroup"),
     ("[1, 2]", [], "must be a mapping of keys to values"),
     ("a: [", [], "not YAML"),
     ({}, ["--failsafe-inbound", "tcp:22,tcpx:1"], "--failsafe-inbound[1]: failsafe port"),
@@ -49,3 +58,16 @@ def test_docs_list_every_config_key_and_flag() -> None:
         assert f"`{key}`" in doc, key
     for flag in FLAGS.values():
         assert f"`{flag}`" in doc, flag
+
+
+def test_flow_logs_settings_are_read(tmp_path: Path) -> None:
+    conf = tmp_path / "agent.yaml"
+    conf.write_text(yaml.safe_dump({"flowLogs": {"enabled": True, "flushInterval": 5,
+                                                 "spoolBytes": 2 << 20}}))
+    settings = load_config(conf).flow_logs
+    assert settings is not None
+    assert (settings.flush_interval, settings.spool_bytes, settings.inbound_group) == \
+        (5.0, 2 << 20, 1)
+    conf.write_text(yaml.safe_dump({"flowLogs": {"enabled": False, "flushInterval": 5}}))
+    assert load_config(conf).flow_logs is None
+    assert load_config(None).flow_logs is None

@@ -4,7 +4,8 @@
     model <- store <- server
     client <- agent/cli
     `net` below policy and dataplane; small shared rooms for pki and logging setup below
-    server, agent and CLI. policy/ knows nothing of nftables or HTTP; dataplane/ knows
+    server, agent and CLI, and for netlink framing below dataplane and observe (siblings:
+    neither imports the other). policy/ knows nothing of nftables or HTTP; dataplane/ knows
     nothing of HTTP, datastores or the lab; the agent never imports the server; the
     collection's modules and module_utils never import `bulkhead`.
 
@@ -38,6 +39,8 @@ ROOMS = {
     "bulkhead.cli": "cli",
     "bulkhead.pki": "pki",
     "bulkhead.logs": "logging",
+    # Netlink framing and sockets in a namespace, for the rooms that talk to the kernel.
+    "bulkhead.netlink": "netlink",
     "bulkhead.lab": "lab",
     # Lab machines running the real server and agents, and the demo on them: they use the
     # client and the engine, which the lab itself (namespaces only) does not.
@@ -62,9 +65,9 @@ ARROWS: dict[str, set[str]] = {
     "logging": set(),
     "model": {"selector", "net"},
     "policy": {"model", "net"},
-    "dataplane": {"policy", "net"},
-    # observe reads the kernel through dataplane.nftables.netlink's socket and framing.
-    "observe": {"policy", "net", "dataplane"},
+    "netlink": set(),
+    "dataplane": {"policy", "net", "netlink"},
+    "observe": {"policy", "net", "netlink"},
     "store": {"model"},
     "client": {"model"},
     "server": {"store", "pki", "logging"},

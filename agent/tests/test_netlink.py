@@ -20,7 +20,6 @@ from bulkhead.dataplane.nftables.netlink import (
     NFT_SET_ELEM_INTERVAL_END,
     Change,
     Element,
-    NetlinkError,
     NftNetlink,
     Unsupported,
     _differing,
@@ -35,6 +34,7 @@ from bulkhead.dataplane.nftables.vmap import (
     element_text,
     field_type,
 )
+from bulkhead.netlink import NetlinkError
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 from tests.nftfixture import base, hep, snap

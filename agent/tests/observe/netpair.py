@@ -21,9 +21,9 @@ from typing import TypeVar
 
 import pytest
 
-from bulkhead.dataplane.nftables.netlink import inside_netns
 from bulkhead.lab.kernel import ip, ip_batches
 from bulkhead.lab.processes import pids_in, process_start, run, stop_processes
+from bulkhead.netlink import inside_netns
 from bulkhead.observe.reader import Subscription
 from tests.labfixture import need_root
 

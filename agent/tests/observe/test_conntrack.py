@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from bulkhead.dataplane.nftables.netlink import NLA_F_NESTED, _attr, _message
 from bulkhead.lab.processes import run
+from bulkhead.netlink import NLA_F_NESTED, attr, message
 from bulkhead.observe.conntrack import (
     DELETE_MESSAGE,
     NEW_MESSAGE,
@@ -45,28 +45,28 @@ B = ipaddress.IPv4Address("198.18.219.2")
 
 # ------------------------------------------------------------------ crafted messages
 def nested(kind: int, *attrs: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
+    return attr(kind | NLA_F_NESTED, b"".join(attrs))
 
 
 def tuple_attr(kind: int, src: ipaddress.IPv4Address, dst: ipaddress.IPv4Address,
                proto: bytes) -> bytes:
-    return nested(kind, nested(1, _attr(1, src.packed), _attr(2, dst.packed)),
-                  nested(2, _attr(1, proto[:1]), *[_attr(k, proto[i:i + 2])
+    return nested(kind, nested(1, attr(1, src.packed), attr(2, dst.packed)),
+                  nested(2, attr(1, proto[:1]), *[attr(k, proto[i:i + 2])
                                                    for k, i in ((2, 1), (3, 3))]))
 
 
 def entry_message(kind: int = DELETE_MESSAGE, *extra: bytes) -> bytes:
     body = (tuple_attr(1, A, B, b"\x06" + struct.pack(">HH", 40000, 443))
             + tuple_attr(2, B, A, b"\x06" + struct.pack(">HH", 443, 40000))
-            + _attr(12, struct.pack(">I", 0xDEADBEEF)) + b"".join(extra))
-    return _message(kind, 0, 0, socket.AF_INET, 0, body)
+            + attr(12, struct.pack(">I", 0xDEADBEEF)) + b"".join(extra))
+    return message(kind, 0, 0, socket.AF_INET, 0, body)
 
 
-COUNTERS = (nested(9, _attr(5, b""), _attr(1, struct.pack(">Q", 2**32 + 5)),
-                   _attr(2, struct.pack(">Q", 2**40 + 7)))
-            + nested(10, _attr(1, struct.pack(">Q", 3)), _attr(2, struct.pack(">Q", 180)))
-            + nested(20, _attr(1, struct.pack(">Q", 1_700_000_000_500_000_000)),
-                     _attr(2, struct.pack(">Q", 1_700_000_002_000_000_000))))
+COUNTERS = (nested(9, attr(5, b""), attr(1, struct.pack(">Q", 2**32 + 5)),
+                   attr(2, struct.pack(">Q", 2**40 + 7)))
+            + nested(10, attr(1, struct.pack(">Q", 3)), attr(2, struct.pack(">Q", 180)))
+            + nested(20, attr(1, struct.pack(">Q", 1_700_000_000_500_000_000)),
+                     attr(2, struct.pack(">Q", 1_700_000_002_000_000_000))))
 
 
 def test_an_entry_is_read_with_big_endian_counters_and_times() -> None:
@@ -84,9 +84,9 @@ def test_events_are_named_and_malformed_ones_counted() -> None:
     cut = entry_message(NEW_MESSAGE)[:-1]
     body = entry_message()[16:]
     orig = len(tuple_attr(1, A, B, b"\x06" + bytes(4)))
-    no_reply = _message(DELETE_MESSAGE, 0, 0, socket.AF_INET, 0, body[:4 + orig])
-    short_counter = entry_message(DELETE_MESSAGE, nested(9, _attr(1, b"\x01\x02")))
-    bridge = _message(NEW_MESSAGE, 0, 0, 7, 0, body[4:])
+    no_reply = message(DELETE_MESSAGE, 0, 0, socket.AF_INET, 0, body[:4 + orig])
+    short_counter = entry_message(DELETE_MESSAGE, nested(9, attr(1, b"\x01\x02")))
+    bridge = message(NEW_MESSAGE, 0, 0, 7, 0, body[4:])
     events, bad = parse_messages(b"".join([
         entry_message(NEW_MESSAGE), entry_message(DELETE_MESSAGE, COUNTERS),
         no_reply, short_counter, bridge, entry_message(DELETE_MESSAGE)]))

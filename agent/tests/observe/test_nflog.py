@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bulkhead.dataplane.nftables.netlink import NLMSG_DONE, _attr, _message
+from bulkhead.netlink import NLMSG_DONE, attr, message
 from bulkhead.observe.nflog import (
     PACKET_MESSAGE,
     LoggedPacket,
@@ -59,13 +59,13 @@ def ipv6(next_header: int, rest: bytes, payload_length: int | None = None) -> by
 
 def logged(packet: bytes, family: int = socket.AF_INET, group: int = 7,
            prefix: str | None = "AI0|x", stamp: tuple[int, int] | None = None) -> bytes:
-    attrs = [_attr(1, struct.pack(">HBx", 0x0800, 1))]
+    attrs = [attr(1, struct.pack(">HBx", 0x0800, 1))]
     if prefix is not None:
-        attrs.append(_attr(10, prefix.encode() + b"\0"))
+        attrs.append(attr(10, prefix.encode() + b"\0"))
     if stamp is not None:
-        attrs.append(_attr(3, struct.pack(">QQ", *stamp)))
-    attrs.append(_attr(9, packet))
-    return _message(PACKET_MESSAGE, 0, 0, family, group, b"".join(attrs))
+        attrs.append(attr(3, struct.pack(">QQ", *stamp)))
+    attrs.append(attr(9, packet))
+    return message(PACKET_MESSAGE, 0, 0, family, group, b"".join(attrs))
 
 
 PORTS = struct.pack(">HH", 40000, 443)
@@ -116,10 +116,10 @@ def test_ipv6_extension_headers_are_skipped_to_the_upper_layer() -> None:
 
 def test_malformed_messages_are_counted_and_the_rest_still_read() -> None:
     good = logged(ipv4(6, PORTS))
-    no_payload = _message(PACKET_MESSAGE, 0, 0, socket.AF_INET, 7, _attr(10, b"x\0"))
-    overlong_attr = _message(PACKET_MESSAGE, 0, 0, socket.AF_INET, 7,
+    no_payload = message(PACKET_MESSAGE, 0, 0, socket.AF_INET, 7, attr(10, b"x\0"))
+    overlong_attr = message(PACKET_MESSAGE, 0, 0, socket.AF_INET, 7,
                              struct.pack("=HH", 200, 9) + bytes(8))
-    done = _message(NLMSG_DONE, 0, 0, 0, 7, b"")
+    done = message(NLMSG_DONE, 0, 0, 0, 7, b"")
     data = b"".join([
         good, done,
         logged(ipv4(6, PORTS), family=7),                   # a bridge family message

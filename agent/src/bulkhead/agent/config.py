@@ -30,6 +30,18 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {problem}")
 
 
+@dataclass(frozen=True)
+class FlowLogSettings:
+    """`flowLogs` in agent.yaml (see docs/observability.md)."""
+
+    flush_interval: float = 15.0
+    inbound_group: int = 1          # NFLOG groups the table logs to
+    outbound_group: int = 2
+    spool_bytes: int = 64 << 20     # records kept on disk while the server is away
+    max_connections: int = 100_000  # open connections followed for their counts
+    max_records: int = 50_000       # records per flush interval
+
+
 @dataclass
 class AgentConfig:
     server: str = f"https://localhost:{SERVER_PORT}"
@@ -45,6 +57,7 @@ class AgentConfig:
     drift_interval: float = 30.0             # seconds between drift checks
     status_interval: float = 60.0            # seconds between status reports
     heartbeat_interval: float = 10.0         # the server's heartbeat on the watch stream
+    flow_logs: FlowLogSettings | None = None  # None: flow logs off
 
     @property
     def failsafes(self) -> Failsafes:
@@ -67,8 +80,19 @@ KEYS: dict[str, str] = {
     "failsafeOutbound": "failsafe_outbound", "logLevel": "log_level",
     "metricsListen": "metrics_listen", "driftInterval": "drift_interval",
     "statusInterval": "status_interval", "heartbeatInterval": "heartbeat_interval",
+    "flowLogs": "flow_logs",
 }
-FLAGS: dict[str, str] = {attr: "--" + attr.replace("_", "-") for attr in KEYS.values()}
+FLAGS: dict[str, str] = {attr: "--" + attr.replace("_", "-") for attr in KEYS.values()
+                         if attr != "flow_logs"}
+# flowLogs: {enabled, flushInterval, inboundGroup, outboundGroup, spoolBytes,
+# maxConnections, maxRecords}; every key but `enabled` optional.
+FLOW_LOG_KEYS: dict[str, tuple[str, int, int]] = {   # key -> (attribute, min, max)
+    "inboundGroup": ("inbound_group", 0, 65535),
+    "outboundGroup": ("outbound_group", 0, 65535),
+    "spoolBytes": ("spool_bytes", 1 << 20, 1 << 40),
+    "maxConnections": ("max_connections", 100, 10_000_000),
+    "maxRecords": ("max_records", 100, 1_000_000),
+}
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> AgentConfig:
@@ -100,6 +124,8 @@ def _set(config: AgentConfig, attr: str, value: Any, where: str) -> None:
     kind = kinds[attr]
     if attr in ("failsafe_inbound", "failsafe_outbound"):
         setattr(config, attr, _failsafes(value, where))
+    elif attr == "flow_logs":
+        config.flow_logs = _flow_logs(value, where)
     elif kind == "float":
         setattr(config, attr, _seconds(value, where))
     else:
@@ -150,6 +176,37 @@ def _seconds(value: Any, where: str) -> float:
     if not 0 < seconds < 86400 * 365:
         raise ConfigError(where, f"{value!r}: must be more than 0 seconds")
     return seconds
+
+
+def _flow_logs(value: Any, where: str) -> FlowLogSettings | None:
+    if not isinstance(value, dict):
+        raise ConfigError(where, "must be a mapping (enabled: true, flushInterval: 15, ...)")
+    known = {"enabled", "flushInterval", *FLOW_LOG_KEYS}
+    for key in value:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
+    enabled = value.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}.enabled", f"must be true or false, not {enabled!r}")
+    if not enabled:
+        return None
+    settings: dict[str, Any] = {}
+    if "flushInterval" in value:
+        seconds = _seconds(value["flushInterval"], f"{where}.flushInterval")
+        if not 1 <= seconds <= 3600:
+            raise ConfigError(f"{where}.flushInterval", f"{seconds:g}: must be 1 to 3600 s")
+        settings["flush_interval"] = seconds
+    for key, (attr, lo, hi) in FLOW_LOG_KEYS.items():
+        if key in value:
+            number = value[key]
+            if isinstance(number, bool) or not isinstance(number, int) or not lo <= number <= hi:
+                raise ConfigError(f"{where}.{key}", f"{number!r}: must be an integer from "
+                                  f"{lo} to {hi}")
+            settings[attr] = number
+    result = FlowLogSettings(**settings)
+    if result.inbound_group == result.outbound_group:
+        raise ConfigError(f"{where}.outboundGroup", "must differ from inboundGroup")
+    return result
 
 
 def _failsafes(value: Any, where: str) -> tuple[FailsafePort, ...]:

@@ -9,6 +9,8 @@
     drift    every drift interval: enforcer.drift(), and repair() when it names a reason;
              a failed apply is retried then too
     status   after each apply and every status interval; best effort, never blocking
+    flows    with flow logs on (`flowLogs.enabled`): the kernel's logs read, aggregated,
+             spooled on disk and shipped to the server (agent/flowlogs.py)
 
 Nothing here ever removes the ruleset: when the agent stops, or cannot reach the server,
 the kernel keeps enforcing the last policy applied (fail static).
@@ -22,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -29,6 +32,7 @@ import aiohttp
 from bulkhead.agent.cache import CacheError, cache_path, load_cache, save_cache
 from bulkhead.agent.config import AgentConfig
 from bulkhead.agent.enforcer import EnforceError, Enforcer, EnforceReport
+from bulkhead.agent.flowlogs import FlowLogs
 from bulkhead.agent.metrics import MetricsServer, MetricsView
 from bulkhead.agent.status import Counters, post_status, status_body
 from bulkhead.agent.sync import (
@@ -85,6 +89,10 @@ class Agent:
         self._status_kick = asyncio.Event()
         self._stopping = False
         self._queue: asyncio.Queue[Doc | Exception] | None = None  # the open watch's lines
+        self.flow_logs = FlowLogs(config.flow_logs, config.node, config.failsafes,
+                                  Path(config.state_dir), rule_hits=getattr(
+                                      enforcer, "rule_hits", None)) \
+            if config.flow_logs else None
 
     # ---------------------------------------------------------------------- state
     @property
@@ -95,11 +103,17 @@ class Agent:
         return out
 
     def status(self) -> dict[str, Any]:
-        return status_body(self.applied_revision, self.errors, self.counters)
+        body = status_body(self.applied_revision, self.errors, self.counters)
+        if self.flow_logs is not None:
+            body["counters"].update(self.flow_logs.stats())
+        return body
 
     def metrics_view(self) -> MetricsView:
+        flows = self.flow_logs
         return MetricsView(self.config.node, self.applied_revision, self.revision,
-                           self.connected, len(self.errors), self.counters)
+                           self.connected, len(self.errors), self.counters,
+                           flows.stats() if flows else {},
+                           flows.hits() if flows else [])
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run an enforcer call in a worker thread, one at a time."""
@@ -149,6 +163,8 @@ class Agent:
                 self._status_kick.set()
                 return False
             self.apply_error = None
+            if self.flow_logs is not None:
+                self.flow_logs.update(snapshot, report.decisions)
             self._applied = objects
             self._in_sync = self.state.objects == objects
             self.applied_revision = revision
@@ -384,6 +400,9 @@ class Agent:
         tasks = [asyncio.create_task(self._sync_forever(session), name="sync"),
                  asyncio.create_task(self._drift_forever(), name="drift"),
                  asyncio.create_task(self._status_forever(session), name="status")]
+        if self.flow_logs is not None:
+            tasks.append(asyncio.create_task(
+                self.flow_logs.run(session, lambda: self._stopping), name="flows"))
         stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait([stopping, *tasks],

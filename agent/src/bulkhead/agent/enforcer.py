@@ -7,10 +7,11 @@ calls them from a worker thread, one at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from bulkhead.model import Snapshot
+from bulkhead.policy.trace import Decision
 
 
 @dataclass
@@ -25,6 +26,8 @@ class EnforceReport:
     # before (the agent's own watch) were not tracked, and conntrack now sees them
     # mid-stream, as new connections that policy may drop.
     created: bool = False
+    # Flow logs: the NFLOG prefixes the applied table logs with, and what they name.
+    decisions: dict[str, Decision] = field(default_factory=dict)
 
 
 class EnforceError(Exception):

@@ -39,7 +39,11 @@ def default_enforcer(config: AgentConfig) -> Enforcer:
         )
     except ImportError as e:
         raise AgentError(f"the nftables enforcer is not available: {e}") from None
-    enforcer: Enforcer = NftablesEnforcer(config.node, config.failsafes)
+    from bulkhead.dataplane.nftables.render import FlowLogging
+
+    flows = config.flow_logs
+    logged = FlowLogging(flows.inbound_group, flows.outbound_group) if flows else None
+    enforcer: Enforcer = NftablesEnforcer(config.node, config.failsafes, flow_logs=logged)
     return enforcer
 
 

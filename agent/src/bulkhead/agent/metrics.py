@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -21,6 +21,9 @@ class MetricsView:
     connected: bool
     errors: int
     counters: Counters
+    flows: dict[str, int] = field(default_factory=dict)   # flow-log counters (camelCase)
+    # Flow logs: each decision's hits, as (direction, tier, policy, rule, action, hits).
+    hits: list[tuple[str, str, str, str, str, int]] = field(default_factory=list)
 
 
 def _metric(lines: list[str], name: str, kind: str, help_text: str,
@@ -65,7 +68,24 @@ def render_metrics(view: MetricsView) -> str:
     _metric(lines, "bulkhead_agent_ruleset_objects", "gauge",
             "What the last apply left in the kernel, by kind (chains, rules, sets, elements).",
             [(f'{{kind="{kind}"}}', n) for kind, n in sorted(c.counts.items())])
+    if view.flows:
+        _metric(lines, "bulkhead_agent_flow_logs", "gauge",
+                "Flow logs: records sent, refused, spooled and dropped, kernel overruns, "
+                "open connections followed (by counter).",
+                [(f'{{counter="{_label(k)}"}}', v) for k, v in sorted(view.flows.items())])
+    if view.hits:
+        _metric(lines, "bulkhead_agent_rule_hits_total", "counter",
+                "Connections each decision of the table took (its first packets), from "
+                "the table's named counters.",
+                [("{" + ",".join(f'{k}="{_label(v)}"' for k, v in zip(
+                    ("direction", "tier", "policy", "rule", "action"), hit[:5], strict=True))
+                  + "}", hit[5]) for hit in view.hits])
     return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class MetricsServer:

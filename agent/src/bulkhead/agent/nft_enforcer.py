@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from bulkhead.agent.enforcer import EnforceError, EnforceReport
 from bulkhead.dataplane.nftables import Ruleset, render
 from bulkhead.dataplane.nftables.apply import ApplyResult, NftApplier, NftError
+from bulkhead.dataplane.nftables.render import FlowLogging
 from bulkhead.model import Snapshot
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
@@ -37,8 +38,10 @@ def local_interfaces(prefix: Sequence[str] = ()) -> dict[str, list[str]]:
 class NftablesEnforcer:
     def __init__(self, node: str, failsafes: Failsafes, table: str = "bulkhead",
                  interfaces: Callable[[], Interfaces] | None = None,
-                 applier: NftApplier | None = None) -> None:
+                 applier: NftApplier | None = None,
+                 flow_logs: FlowLogging | None = None) -> None:
         self.node = node
+        self.flow_logs = flow_logs
         self.failsafes = failsafes
         self.applier = applier or NftApplier(table)
         self.table = table
@@ -53,11 +56,13 @@ class NftablesEnforcer:
         # Only endpoints without interfaceName depend on the host's addresses.
         self._by_address = any(h.node == self.node and not h.interface_name
                                for h in snapshot.host_endpoints.values())
-        return render(calculate(snapshot, self.node, self._seen, self.failsafes), self.table)
+        return render(calculate(snapshot, self.node, self._seen, self.failsafes), self.table,
+                      flow_logs=self.flow_logs)
 
     def _report(self, result: ApplyResult, revision: int, ruleset: Ruleset) -> EnforceReport:
         return EnforceReport(revision, result.full, result.changed, result.seconds,
-                             ruleset.counts(), list(ruleset.warnings))
+                             ruleset.counts(), list(ruleset.warnings),
+                             decisions=dict(ruleset.decisions))
 
     def enforce(self, snapshot: Snapshot, revision: int) -> EnforceReport:
         start = time.perf_counter()
@@ -93,6 +98,15 @@ class NftablesEnforcer:
         except NftError as e:
             raise EnforceError(f"repair failed: {e}") from None
         return self._report(result, self.revision, last)
+
+    def rule_hits(self) -> dict[str, int]:
+        """Flow logs: how many connections each decision took (its named counter's
+        packets: only first packets reach it), by NFLOG prefix."""
+        last = self.applier.last
+        if last is None or not last.counters:
+            return {}
+        return {last.counters[name]: packets
+                for name, packets in self.applier.counters().items() if name in last.counters}
 
     def dry_run(self, snapshot: Snapshot) -> tuple[str, str]:
         ruleset = self.ruleset(snapshot)

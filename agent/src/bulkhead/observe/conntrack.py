@@ -29,11 +29,11 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from bulkhead.dataplane.nftables.netlink import (
+from bulkhead.netlink import (
     NLM_F_DUMP,
     NLM_F_REQUEST,
     NetlinkError,
-    _message,
+    message,
     write_sysctl,
 )
 from bulkhead.observe.reader import (
@@ -245,7 +245,7 @@ class Conntrack(Channel):
         """Every entry of `family` (AF_INET, AF_INET6; 0: both), the first `limit` of
         them; the rest are read off the socket and counted in `truncated`."""
         seq = self._next_seq()
-        self._send(_message(GET_MESSAGE, NLM_F_REQUEST | NLM_F_DUMP, seq, family, 0, b""))
+        self._send(message(GET_MESSAGE, NLM_F_REQUEST | NLM_F_DUMP, seq, family, 0, b""))
         entries: list[ConntrackEntry] = []
         self.truncated = 0
         while True:

@@ -45,25 +45,39 @@ PORTED = (6, 17, 132, 136)
 class Packet(Protocol):
     """What the aggregator reads of a logged packet (observe.nflog.LoggedPacket)."""
 
-    prefix: str
-    proto: int
-    src: IPAddress
-    dst: IPAddress
-    sport: int | None
-    dport: int | None
-    icmp_type: int | None
-    icmp_code: int | None
-    length: int
-    timestamp: float
+    @property
+    def prefix(self) -> str: ...
+    @property
+    def proto(self) -> int: ...
+    @property
+    def src(self) -> IPAddress: ...
+    @property
+    def dst(self) -> IPAddress: ...
+    @property
+    def sport(self) -> int | None: ...
+    @property
+    def dport(self) -> int | None: ...
+    @property
+    def icmp_type(self) -> int | None: ...
+    @property
+    def icmp_code(self) -> int | None: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def timestamp(self) -> float: ...
 
 
 class Tracked(Protocol):
     """What the aggregator reads of a conntrack entry (observe.conntrack)."""
 
-    packets_orig: int
-    bytes_orig: int
-    packets_reply: int
-    bytes_reply: int
+    @property
+    def packets_orig(self) -> int: ...
+    @property
+    def bytes_orig(self) -> int: ...
+    @property
+    def packets_reply(self) -> int: ...
+    @property
+    def bytes_reply(self) -> int: ...
 
 
 Tuple5 = tuple[int, IPAddress, IPAddress, int | None, int | None]   # proto, src, dst, ports

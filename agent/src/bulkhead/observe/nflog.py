@@ -39,12 +39,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bulkhead.dataplane.nftables.netlink import (
+from bulkhead.netlink import (
     NLM_F_ACK,
     NLM_F_REQUEST,
     NetlinkError,
-    _attr,
-    _message,
+    attr,
+    message,
 )
 from bulkhead.observe.reader import Malformed, Subscription, attributes, messages
 
@@ -196,11 +196,11 @@ def _ipv6(raw: bytes) -> Addresses:
 
 def _config(group: int, seq: int, *attrs: bytes, ack: bool = True) -> bytes:
     flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
-    return _message(CONFIG_MESSAGE, flags, seq, socket.AF_UNSPEC, group, b"".join(attrs))
+    return message(CONFIG_MESSAGE, flags, seq, socket.AF_UNSPEC, group, b"".join(attrs))
 
 
 def _command(command: int) -> bytes:
-    return _attr(NFULA_CFG_CMD, bytes([command]))
+    return attr(NFULA_CFG_CMD, bytes([command]))
 
 
 class NflogSocket(Subscription[LoggedPacket]):
@@ -233,10 +233,10 @@ class NflogSocket(Subscription[LoggedPacket]):
         seq = self._next_seq()
         code = self._request(_config(
             group, seq, _command(NFULNL_CFG_CMD_BIND),
-            _attr(NFULA_CFG_MODE, struct.pack(">IBx", copy_bytes, NFULNL_COPY_PACKET)),
-            _attr(NFULA_CFG_NLBUFSIZ, struct.pack(">I", NLBUFSIZ)),
-            _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", FLUSH_TIMEOUT)),
-            _attr(NFULA_CFG_QTHRESH, struct.pack(">I", QTHRESH))), seq)
+            attr(NFULA_CFG_MODE, struct.pack(">IBx", copy_bytes, NFULNL_COPY_PACKET)),
+            attr(NFULA_CFG_NLBUFSIZ, struct.pack(">I", NLBUFSIZ)),
+            attr(NFULA_CFG_TIMEOUT, struct.pack(">I", FLUSH_TIMEOUT)),
+            attr(NFULA_CFG_QTHRESH, struct.pack(">I", QTHRESH))), seq)
         if code in (errno.EBUSY, errno.EPERM):
             raise NflogError(f"NFLOG group {group} is already bound by another reader "
                              f"({errno.errorcode[code]}); one socket per group and "

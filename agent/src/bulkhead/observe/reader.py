@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Generic, Self, TypeVar
 
-from bulkhead.dataplane.nftables.netlink import (
+from bulkhead.netlink import (
     SO_RCVBUFFORCE,
     NetlinkError,
     open_socket,

@@ -38,9 +38,12 @@ POLICY_KINDS = ("StagedGlobalNetworkPolicy", "GlobalNetworkPolicy", "HostEndpoin
 class Testbed:
     def __init__(self, name: str, hosts: Sequence[str] | int, *, net4: str = DEFAULT_NET4,
                  failsafe_defaults: bool = True, management: bool = False,
-                 agent_hosts: Sequence[str] | None = None) -> None:
+                 agent_hosts: Sequence[str] | None = None,
+                 agent_settings: Mapping[str, Any] | None = None) -> None:
         """`agent_hosts`: the hosts that run an agent (all of them by default); the
-        others stand for machines outside the fleet, such as an Ansible controller."""
+        others stand for machines outside the fleet, such as an Ansible controller.
+        `agent_settings`: agent.yaml keys every agent gets (e.g. flowLogs)."""
+        self.agent_settings = dict(agent_settings or {})
         self.lab = Lab(name, hosts, net4=net4)
         self.agent_hosts = list(self.lab.hosts if agent_hosts is None else agent_hosts)
         for host in self.agent_hosts:
@@ -149,7 +152,7 @@ class Testbed:
             "failsafeInbound": inbound, "failsafeOutbound": [*outbound, to_server],
             "metricsListen": f"127.0.0.1:{9473}", "driftInterval": 2.0,
             "statusInterval": 5.0, "heartbeatInterval": 2.0, "logLevel": "info",
-            **settings}))
+            **self.agent_settings, **settings}))
         return path
 
     def start_agent(self, host: str, failsafe_defaults: bool | None = None,

@@ -11,18 +11,15 @@ ever touched.
 from __future__ import annotations
 
 import difflib
+import json
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bulkhead.dataplane.nftables.netlink import (
-    NetlinkError,
-    NftNetlink,
-    Unsupported,
-    set_changes,
-)
+from bulkhead.dataplane.nftables.netlink import NftNetlink, Unsupported, set_changes
 from bulkhead.dataplane.nftables.ruleset import Ruleset
+from bulkhead.netlink import NetlinkError
 
 
 class NftError(Exception):
@@ -163,6 +160,19 @@ class NftApplier:
             except NetlinkError:
                 pass
         return self.terse()
+
+    def counters(self) -> dict[str, int]:
+        """The table's named counters and their packet counts ({} if none or absent)."""
+        done = self._nft(["-j", "list", "counters", "table", "inet", self.table])
+        if done.returncode != 0:
+            return {}
+        try:
+            items = json.loads(done.stdout).get("nftables", [])
+        except ValueError:
+            return {}
+        return {c["name"]: int(c.get("packets", 0)) for item in items
+                if isinstance(item, dict) and isinstance(c := item.get("counter"), dict)
+                and isinstance(c.get("name"), str)}
 
     def kernel_text(self) -> str | None:
         """The table as the kernel lists it, without counter values (`-s`), so a

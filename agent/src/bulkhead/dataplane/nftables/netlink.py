@@ -24,9 +24,6 @@ changed here lists exactly as if `nft -f` had written the new elements:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import ipaddress
@@ -34,12 +31,28 @@ import itertools
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from bulkhead.dataplane.nftables.ruleset import NftSet
+from bulkhead.netlink import (
+    NETLINK_CAP_ACK,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    SO_SNDBUFFORCE,
+    SOL_NETLINK,
+    NetlinkError,
+    open_socket,
+)
+from bulkhead.netlink import attr as _attr
+from bulkhead.netlink import message as _message
+from bulkhead.netlink import nested as _nested
+from bulkhead.netlink import string as _string
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
@@ -67,18 +80,6 @@ NFTA_VERDICT_CODE = 1
 NFTA_VERDICT_CHAIN = 2
 NFT_SET_ELEM_INTERVAL_END = 1
 NFPROTO_INET = 1
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_CREATE = 0x400
-NLM_F_DUMP = 0x300
-NLA_F_NESTED = 0x8000
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
-CLONE_NEWNET = 0x40000000
 
 VERDICTS = {"accept": 1, "drop": 0, "continue": -1, "return": -5, "jump": -3, "goto": -4}
 # The bytes of one value of each nft type (a field of a concatenation is padded to 4).
@@ -91,14 +92,6 @@ MESSAGE_BYTES = 60_000
 
 class Unsupported(Exception):
     """A set type or element text this encoder does not know; use `nft -f` instead."""
-
-
-class NetlinkError(Exception):
-    """The kernel refused the batch (or could not be reached); nothing of it applied."""
-
-    def __init__(self, message: str, code: int = 0) -> None:
-        super().__init__(message)
-        self.code = code    # the errno the kernel answered, 0 if none
 
 
 @dataclass(frozen=True)
@@ -270,24 +263,6 @@ def _intervals(typ: str, parsed: Sequence[tuple[list[str], tuple[str, str] | Non
 
 
 # ----------------------------------------------------------------------- messages
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + bytes((4 - length % 4) % 4)
-
-
-def _nested(kind: int, *attrs: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
-
-
-def _string(kind: int, text: str) -> bytes:
-    return _attr(kind, text.encode() + b"\0")
-
-
-def _message(kind: int, flags: int, seq: int, family: int, res_id: int, body: bytes) -> bytes:
-    header = struct.pack("=IHHII", 16 + 4 + len(body), kind, flags, seq, 0)
-    return header + struct.pack("=BB", family, 0) + struct.pack(">H", res_id) + body
-
-
 def _element_attr(e: Element) -> bytes:
     attrs = [_nested(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, e.key))]
     if e.key_end is not None:
@@ -327,66 +302,6 @@ def _element_messages(table: str, kind: int, flags: int, set_name: str,
         size += len(raw)
     if chunk:
         yield kind, flags, head + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, *chunk)
-
-
-# ----------------------------------------------------------------------- the socket
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        code = ctypes.get_errno()
-        raise NetlinkError(f"setns: {os.strerror(code)}", code)
-
-
-@contextlib.contextmanager
-def inside_netns(netns: str) -> Iterator[None]:
-    """The calling thread inside the named network namespace (`ip netns` name,
-    /run/netns/NAME) until the block ends, then back in its own; "" stays where it is.
-    Sockets made and /proc/sys files opened meanwhile belong to that namespace."""
-    if not netns:
-        yield
-        return
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        try:
-            target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-        except OSError as e:
-            raise NetlinkError(f"network namespace {netns}: {e.strerror}", e.errno or 0) \
-                from None
-        try:
-            _setns(target)
-            try:
-                yield
-            finally:
-                _setns(own)
-        finally:
-            os.close(target)
-    finally:
-        os.close(own)
-
-
-def open_socket(netns: str = "") -> socket.socket:
-    """A NETLINK_NETFILTER socket in this process's network namespace, or in the named
-    one (`ip netns` name, /run/netns/NAME): the thread enters it only while the socket is
-    made, and the socket stays bound to it."""
-    with inside_netns(netns):
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-
-
-def write_sysctl(name: str, value: str, netns: str = "") -> None:
-    """Set sysctl `name` (dotted, as `sysctl` spells it) as the named network namespace
-    sees it: per-namespace settings (net.netfilter.*, most of net.ipv4.*) change there
-    only."""
-    path = "/proc/sys/" + name.replace(".", "/")
-    with inside_netns(netns):
-        try:
-            with open(path, "w", encoding="ascii") as f:
-                f.write(value)
-        except OSError as e:
-            where = f" in network namespace {netns}" if netns else ""
-            raise NetlinkError(f"sysctl {name}={value}{where}: {e.strerror}", e.errno or 0) \
-                from None
 
 
 class NftNetlink:

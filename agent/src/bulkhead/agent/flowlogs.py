@@ -1,0 +1,238 @@
+"""Flow logs in the agent: read the kernel's logs, aggregate, spool, ship.
+
+    read     NFLOG (the first packet of each connection, at every decision it meets) and
+             conntrack destroy events, on the event loop as they arrive
+    count    every flush interval: a conntrack dump (in a worker thread) for the counters
+             of connections still open
+    flush    every flush interval: the aggregator's records to the spool on disk
+    ship     the spool's files, oldest first, to the server (POST /v1/flows) over the
+             agent's mTLS session; removed once stored. While the server is away they
+             stay on disk up to a bound (drop-oldest, counted). A batch the server
+             refuses (4xx) is dropped and counted: it would be refused again.
+
+The kernel side is `bulkhead.observe` (NFLOG and ctnetlink sockets, the aggregator); the
+rendered table's decisions (prefix -> decision) come from the enforcer after each apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bulkhead.agent.config import FlowLogSettings
+from bulkhead.agent.spool import Spool
+from bulkhead.agent.sync import error_of
+from bulkhead.api import route
+from bulkhead.model import Snapshot
+from bulkhead.observe.flows import FlowAggregator, Limits, Tuple5
+from bulkhead.policy import Failsafes
+from bulkhead.policy.trace import Decision
+
+log = logging.getLogger("bulkhead.agent.flows")
+
+
+@dataclass
+class FlowLogCounters:
+    records_sent: int = 0
+    batches_sent: int = 0
+    batches_refused: int = 0
+    records_refused: int = 0
+    ship_failures: int = 0
+    nflog_overruns: int = 0
+    conntrack_overruns: int = 0
+    packets_read: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def entry_tuple(orig: Any) -> Tuple5:
+    """The aggregator's key for a conntrack tuple (ports only where the protocol has
+    them, as for logged packets)."""
+    if orig.proto in (6, 17, 132, 136):
+        return (orig.proto, orig.src, orig.dst, orig.sport, orig.dport)
+    return (orig.proto, orig.src, orig.dst, None, None)
+
+
+class FlowLogs:
+    def __init__(self, settings: FlowLogSettings, node: str, failsafes: Failsafes,
+                 state_dir: Path, netns: str = "",
+                 rule_hits: Callable[[], dict[str, int]] | None = None) -> None:
+        self.settings = settings
+        self._rule_hits = rule_hits
+        self._hits: dict[str, int] = {}
+        self.node = node
+        self.failsafes = failsafes
+        self.netns = netns
+        self.spool = Spool(state_dir / "flows", settings.spool_bytes)
+        self.counters = FlowLogCounters()
+        self.aggregator: FlowAggregator | None = None
+        self._previous: Mapping[str, Decision] = {}
+        self._kick = asyncio.Event()
+
+    # -- policy --------------------------------------------------------------------------
+    def update(self, snapshot: Snapshot, decisions: Mapping[str, Decision]) -> None:
+        """A new table is in the kernel. Packets logged by the one before may still be
+        queued: its prefixes stay known until the next flush."""
+        merged = {**self._previous, **decisions}
+        self._previous = decisions
+        if self.aggregator is None:
+            self.aggregator = FlowAggregator(
+                self.node, snapshot, merged, self.failsafes,
+                Limits(connections=self.settings.max_connections,
+                       aggregates=self.settings.max_records), time.time())
+        else:
+            self.aggregator.set_snapshot(snapshot, merged)
+
+    def hits(self) -> list[tuple[str, str, str, str, str, int]]:
+        """Each decision's hits at the last flush, for /metrics."""
+        decisions = {**self._previous}
+        out = []
+        for prefix, count in sorted(self._hits.items()):
+            d = decisions.get(prefix)
+            if d is not None:
+                out.append((d.direction.lower(), d.tier, d.policy,
+                            "-" if d.rule is None else str(d.rule), d.action, count))
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Counters for status and /metrics."""
+        agg = self.aggregator
+        dropped = dict(agg.dropped) if agg else {}
+        return {
+            "flowRecordsSent": self.counters.records_sent,
+            "flowRecordsRefused": self.counters.records_refused,
+            "flowRecordsSpooled": self.spool.records,
+            "flowRecordsDroppedSpool": self.spool.dropped,
+            "flowShipFailures": self.counters.ship_failures,
+            "flowNflogOverruns": self.counters.nflog_overruns,
+            "flowConntrackOverruns": self.counters.conntrack_overruns,
+            "flowPacketsRead": self.counters.packets_read,
+            "flowOpenConnections": agg.open_connections if agg else 0,
+            **{f"flowDropped_{k}": v for k, v in dropped.items()},
+        }
+
+    # -- running -------------------------------------------------------------------------
+    async def run(self, session: aiohttp.ClientSession, stopping: Callable[[], bool]) -> None:
+        """Read, count, flush and ship until cancelled (or `stopping()`)."""
+        from bulkhead.observe.conntrack import (
+            Conntrack,
+            ConntrackEvents,
+            enable_accounting,
+            enable_events,
+        )
+        from bulkhead.observe.nflog import NflogSocket
+
+        # Counters for connections made from now on; destroy events for every connection
+        # (the default, 2, gives them only to connections made while a reader listened).
+        await asyncio.to_thread(enable_accounting, self.netns)
+        await asyncio.to_thread(enable_events, self.netns)
+        loop = asyncio.get_running_loop()
+        nflog = NflogSocket([self.settings.inbound_group, self.settings.outbound_group],
+                            self.netns)
+        events = ConntrackEvents(self.netns)
+        conntrack = Conntrack(self.netns)
+
+        def read_nflog() -> None:
+            packets = nflog.read(5000)
+            self.counters.packets_read += len(packets)
+            self.counters.nflog_overruns = nflog.overruns
+            if self.aggregator is not None:
+                for p in packets:
+                    self.aggregator.packet(p)
+
+        def read_events() -> None:
+            ended = events.read(5000)
+            self.counters.conntrack_overruns = events.overruns
+            if self.aggregator is None:
+                return
+            now = time.time()
+            for kind, entry in ended:
+                if kind == "destroy":
+                    self.aggregator.ended(entry_tuple(entry.orig), entry, now)
+
+        loop.add_reader(nflog.fileno(), read_nflog)
+        loop.add_reader(events.fileno(), read_events)
+        shipper = asyncio.create_task(self._ship_forever(session, stopping), name="ship")
+        try:
+            while not stopping():
+                await asyncio.sleep(self.settings.flush_interval)
+                await self.flush(conntrack)
+        finally:
+            loop.remove_reader(nflog.fileno())
+            loop.remove_reader(events.fileno())
+            shipper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await shipper
+            # What was aggregated so far is kept for the next start.
+            with contextlib.suppress(Exception):
+                await self.flush(None)
+            nflog.close()
+            events.close()
+            conntrack.close()
+
+    async def flush(self, conntrack: Any) -> int:
+        """Counts from a conntrack dump, then the interval's records to the spool."""
+        if self.aggregator is None:
+            return 0
+        if conntrack is not None:
+            entries = await asyncio.to_thread(conntrack.dump)
+            self.aggregator.counts(((entry_tuple(e.orig), e) for e in entries), time.time())
+        if self._rule_hits is not None:
+            try:
+                self._hits = await asyncio.to_thread(self._rule_hits)
+            except Exception as e:   # counters are a view: never stop the flow logs
+                log.warning("rule hit counters not read: %s", e)
+        records = self.aggregator.flush(time.time())
+        if records:
+            await asyncio.to_thread(self.spool.put, records)
+            self._kick.set()
+        return len(records)
+
+    async def _ship_forever(self, session: aiohttp.ClientSession,
+                            stopping: Callable[[], bool]) -> None:
+        delay = 1.0
+        while not stopping():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.settings.flush_interval)
+            self._kick.clear()
+            try:
+                await self.ship(session)
+                delay = 1.0
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                self.counters.ship_failures += 1
+                log.warning("flow records not sent; kept on disk", extra={"fields": {
+                    "reason": str(e) or type(e).__name__, "spooled": self.spool.records}})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.flush_interval)
+
+    async def ship(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> int:
+        """Send the spool's files, oldest first; the number of records stored. Raises
+        aiohttp/OS errors when the server cannot be reached (the files stay)."""
+        sent = 0
+        while (item := self.spool.oldest()) is not None:
+            body = json.dumps({"records": item.records}, separators=(",", ":"))
+            async with session.post(route("flows"), data=body,
+                                    headers={"Content-Type": "application/json"},
+                                    timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                if r.status >= 500:
+                    raise aiohttp.ClientError(f"POST /v1/flows: {r.status}")
+                if r.status != 200:
+                    self.counters.batches_refused += 1
+                    self.counters.records_refused += len(item.records)
+                    log.error("the server refused flow records; dropped", extra={"fields": {
+                        "status": r.status, "reason": await error_of(r),
+                        "records": len(item.records)}})
+                else:
+                    self.counters.batches_sent += 1
+                    self.counters.records_sent += len(item.records)
+                    sent += len(item.records)
+            await asyncio.to_thread(self.spool.done, item.path)
+        return sent

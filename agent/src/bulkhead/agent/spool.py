@@ -1,0 +1,100 @@
+"""Flow records waiting for the server, on disk, bounded.
+
+Each flush writes its records as numbered JSON-lines files (at most one ingest batch
+each) in STATE_DIR/flows/, atomically (a temporary file, fsync, rename), so a crash or a
+server that is away loses nothing already written. The files are sent oldest first and
+removed once the server has stored them. Past `max_bytes` the oldest files go first
+(drop-oldest): their records are counted in `dropped`, never silently lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bulkhead.model.flowlog import MAX_BATCH, FlowRecord
+
+SUFFIX = ".jsonl"
+
+
+@dataclass(frozen=True)
+class Spooled:
+    path: Path
+    records: list[dict[str, Any]]
+
+
+def _count(path: Path) -> int:
+    """The number of records a spool file holds, from its name: SEQ-COUNT.jsonl."""
+    try:
+        return int(path.stem.split("-")[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+class Spool:
+    def __init__(self, directory: Path, max_bytes: int, batch: int = MAX_BATCH) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.batch = batch
+        self.dropped = 0            # records removed to stay within max_bytes, or unreadable
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in directory.glob("*.tmp"):
+            stale.unlink(missing_ok=True)   # a write a crash interrupted: never renamed
+        self._files = sorted(directory.glob("*" + SUFFIX))
+        self._sizes = {p: p.stat().st_size for p in self._files}
+        self._seq = max((int(p.stem.split("-")[0]) for p in self._files
+                         if p.stem.split("-")[0].isdigit()), default=0)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    @property
+    def records(self) -> int:
+        return sum(_count(p) for p in self._files)
+
+    def put(self, records: Sequence[FlowRecord]) -> None:
+        for at in range(0, len(records), self.batch):
+            chunk = records[at:at + self.batch]
+            self._seq += 1
+            path = self.directory / f"{self._seq:012d}-{len(chunk)}{SUFFIX}"
+            tmp = path.with_suffix(".tmp")
+            data = "".join(json.dumps(r.json(), separators=(",", ":")) + "\n" for r in chunk)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.rename(path)
+            self._files.append(path)
+            self._sizes[path] = len(data.encode())
+        self._trim()
+
+    def _trim(self) -> None:
+        while self._files and self.bytes > self.max_bytes:
+            self._drop(self._files[0])
+
+    def _drop(self, path: Path) -> None:
+        self.dropped += _count(path)
+        self.done(path)
+
+    def oldest(self) -> Spooled | None:
+        """The oldest file's records; an unreadable file is dropped (and counted)."""
+        while self._files:
+            path = self._files[0]
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+                return Spooled(path, [json.loads(line) for line in lines if line])
+            except (OSError, ValueError):
+                self._drop(path)
+        return None
+
+    def done(self, path: Path) -> None:
+        """The server has the file's records (or they were dropped): remove it."""
+        path.unlink(missing_ok=True)
+        if path in self._sizes:
+            del self._sizes[path]
+            self._files.remove(path)
