@@ -20,6 +20,11 @@ Meaning, in `bulkhead` and `naive`: the client may reach TCP N; each listed addr
 reach only its own list's port (6000 + list number), not N; the rest is dropped (the
 floor lets anyone reach N). Probes check each receiver's meaning on the wire before
 anything is timed. `--diagnose` adds two receivers with Bulkhead's table taken apart.
+`--flow-logs` adds `bk-flows`: Bulkhead's table rendered with flow logs (every decision
+counted and logged to NFLOG), read by the agent's flow pipeline (flowreader.py: NFLOG,
+conntrack, the aggregator with staged verdicts) in that receiver; its figures are the
+connection rate against `bulkhead` (goal at least 0.9) and the connections the reader
+missed out of those made.
 
 The load is a C program (tcpbench.c, compiled here with gcc): an epoll loop of
 non-blocking connects closed with a reset (no TIME_WAIT), against an accept-and-close
@@ -51,6 +56,7 @@ from typing import Any
 
 from bulkhead.dataplane.nftables import Ruleset, render
 from bulkhead.dataplane.nftables.apply import NftApplier
+from bulkhead.dataplane.nftables.render import FlowLogging
 from bulkhead.lab import Lab, LabError, ProbeSpec
 from bulkhead.model import Snapshot, parse_resource
 from bulkhead.policy import Failsafes
@@ -68,6 +74,7 @@ CONFIGS = ("none", "floor", "bulkhead", "naive")
 # --diagnose: Bulkhead's table taken apart, to see which part of the walk costs what.
 DIAGNOSTIC = ("bk-noout",    # without the output hook chain (the floor has none)
               "bk-small")    # the receiver's verdict map cut down to the client's element
+FLOWS = "bk-flows"              # --flow-logs: Bulkhead's table with flow logs, and a reader
 CLIENT = "client"
 # Listed addresses: every other address of 198.18.64.0-198.19.191.255 (inside the lab's
 # 198.18.0.0/15, away from the hosts at 198.18.0.10+, the uplinks and the service address).
@@ -178,6 +185,32 @@ class Bench:
         self.logs = logs
         self.args = args
         self._spawns = 0
+        self.resources_file = logs / "resources.json"
+        self.reader: subprocess.Popen[bytes] | None = None
+
+    def start_reader(self) -> Path:
+        """The flow pipeline in the bk-flows receiver, once it reads; where its JSON goes."""
+        out, log = self.logs / "flowreader.json", self.logs / "flowreader.log"
+        self.reader = self.lab.spawn(FLOWS, [
+            sys.executable, str(HERE / "flowreader.py"), str(self.resources_file), "receiver",
+            "eth0", f"{self.lab.address('bulkhead')}/15", str(out)], log)
+        deadline = time.monotonic() + 120
+        while "ready" not in (log.read_text() if log.exists() else ""):
+            if self.reader.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"flowreader did not start: "
+                               f"{log.read_text() if log.exists() else '(no log)'}")
+            time.sleep(0.05)
+        return out
+
+    def stop_reader(self, out: Path) -> dict[str, Any]:
+        if self.reader is not None:
+            stop(self.reader, grace=30)
+            self.reader = None
+        if not out.exists():
+            raise LabError("flowreader wrote nothing: "
+                           f"{(self.logs / 'flowreader.log').read_text()[-2000:]}")
+        found: dict[str, Any] = json.loads(out.read_text())
+        return found
 
     def nft_load(self, host: str, script: str, timeout: float) -> float:
         start = time.perf_counter()
@@ -273,6 +306,14 @@ def load_rulesets(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         "apply_s": applied.seconds, "counts": ruleset.counts(),
         "input_chain": list(ruleset.chains["input"].rules), "listing_terse": listing}
 
+    if args.flow_logs:
+        docs = resources(args.policies, args.elements, args.selecting, client_ip, recv_ip)
+        logged = render(plan, flow_logs=FlowLogging())
+        flows_applied = NftApplier(netns=lab.ns(FLOWS)).apply(logged)
+        bench.resources_file.write_text(json.dumps(docs))
+        info[FLOWS] = {"apply_s": flows_applied.seconds, "counts": logged.counts(),
+                       "decisions": len(logged.decisions)}
+
     if args.diagnose:
         for host, variant in variants(ruleset, client_ip).items():
             info[host] = {"load_s": bench.nft_load(host, variant.script(), 300),
@@ -315,6 +356,7 @@ def check_meaning(lab: Lab, args: argparse.Namespace, receivers: Sequence[str]
                "bulkhead": {f"client {to_port}", f"listed {to_list}"},
                "naive": {f"client {to_port}", f"listed {to_list}"},
                "bk-noout": {f"client {to_port}", f"listed {to_list}"},
+               FLOWS: {f"client {to_port}", f"listed {to_list}"},
                "bk-small": {f"client {to_port}"}}
     wrong = [f"{host}: {what} {outcome}" for host, got in seen.items()
              for what, outcome in got.items() if (outcome == "open") != (what in allowed[host])]
@@ -333,7 +375,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "rounds": args.rounds, "seconds": args.seconds,
                   "stream_rounds": args.stream_rounds,
                   "stream_seconds": args.stream_seconds, "inflight": args.inflight}}
-    receivers = (*CONFIGS, *(DIAGNOSTIC if args.diagnose else ()))
+    receivers = (*CONFIGS, *(DIAGNOSTIC if args.diagnose else ()),
+                 *((FLOWS,) if args.flow_logs else ()))
     results["receivers"] = receivers
     with tempfile.TemporaryDirectory(prefix="bulkhead-dataplane-") as tmp_name:
         tmp = Path(tmp_name)
@@ -341,9 +384,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with Lab(args.lab, [CLIENT, *receivers]) as lab:
             bench = Bench(lab, tool, tmp, args, receivers)
             results["rulesets"] = load_rulesets(bench, args)
+            out = bench.start_reader() if args.flow_logs else None
             results["meaning"] = check_meaning(lab, args, receivers)
             conn = bench.connection_rates()
             stream = bench.throughputs()
+            if out is not None:
+                results["flow_reader"] = bench.stop_reader(out)
     results["connection_slices"] = conn
     results["stream_slices"] = stream
 
@@ -372,7 +418,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cycles = [dict(zip(receivers, c, strict=True))
               for c in zip(*(per(conn, "per_s", h) for h in receivers), strict=True)]
     pairs = [*((h, "none") for h in receivers[1:]), ("bulkhead", "floor"),
-             ("bulkhead", "naive"), *((h, "floor") for h in receivers[len(CONFIGS):])]
+             ("bulkhead", "naive"), *((h, "floor") for h in receivers[len(CONFIGS):]),
+             *(((FLOWS, "bulkhead"),) if args.flow_logs else ())]
     per_cycle = {f"{a}/{b}": [ratio(c[a], c[b]) for c in cycles] for a, b in pairs}
     results["ratios"]["per_cycle"] = {
         name: {"p25": quantile(values, 0.25), "median": median(values),
@@ -380,6 +427,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["ratios"]["bulkhead_vs_floor_conn_per_cycle"] = per_cycle["bulkhead/floor"]
     results["failed_connections"] = {h: sum(int(x["failed"]) for x in conn
                                             if x["receiver"] == h) for h in receivers}
+    if args.flow_logs:
+        made = sum(int(x["connections"]) for x in conn if x["receiver"] == FLOWS)
+        seen = results["flow_reader"]["connections_seen"]
+        # The reader also saw the meaning probes and the stream phase's connections.
+        results["flow_logs"] = {"connections_made": made, "connections_seen": seen,
+                                "missed": max(0, made - seen),
+                                "missed_share": max(0, made - seen) / made if made else 0.0}
     results["loadavg_after"] = os.getloadavg()
     return results
 
@@ -412,8 +466,16 @@ def report(results: dict[str, Any]) -> str:
     lines.append("connection rate, ratio within each cycle (median [p25-p75] of "
                  f"{results['sizes']['rounds']} cycles):")
     for name, q in results["ratios"]["per_cycle"].items():
-        goal = "   goal >= 0.9" if name == "bulkhead/floor" else ""
+        goal = "   goal >= 0.9" if name in ("bulkhead/floor", f"{FLOWS}/bulkhead") else ""
         lines.append(f"  {name:<15} {q['median']:>7.2f} [{q['p25']:.2f}-{q['p75']:.2f}]{goal}")
+    if "flow_logs" in results:
+        fl, reader = results["flow_logs"], results["flow_reader"]
+        lines.append(f"flow logs: {fl['connections_made']} connections made to {FLOWS} in the "
+                     f"rate slices, {fl['connections_seen']} seen by the reader (missed "
+                     f"{fl['missed']}, {fl['missed_share']:.1%}); NFLOG overruns "
+                     f"{reader['nflog_overruns']}, aggregator drops {reader['dropped']}, "
+                     f"{reader['records']} records in {reader['flushes']} flushes, reader RSS "
+                     f"{reader['max_rss_mib']:.0f} MiB")
     return "\n".join(lines)
 
 
@@ -437,6 +499,9 @@ def main() -> int:
     parser.add_argument("--diagnose", action="store_true",
                         help="two more receivers: Bulkhead's table without its output chain, "
                              "and with a verdict map of the client's element only")
+    parser.add_argument("--flow-logs", action="store_true",
+                        help="one more receiver: Bulkhead's table with flow logs, read by the "
+                             "agent's flow pipeline")
     parser.add_argument("--lab", default="bench", help="lab name (not starting with t)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -35,8 +35,9 @@ def run_script(name: str, *args: str) -> dict[str, object]:
 def test_dataplane_benchmark_runs_small() -> None:
     results = run_script("dataplane.py", "--policies", "12", "--elements", "60",
                          "--selecting", "3", "--naive-rules", "60", "--rounds", "1",
-                         "--stream-rounds", "1", "--seconds", "0.3", "--stream-seconds", "0.3")
-    configs = {"none", "floor", "bulkhead", "naive"}
+                         "--stream-rounds", "1", "--seconds", "0.3", "--stream-seconds", "0.3",
+                         "--flow-logs")
+    configs = {"none", "floor", "bulkhead", "naive", "bk-flows"}
     for figure in ("conn_per_s", "throughput_gbit_s"):
         by_stat = results[figure]
         assert isinstance(by_stat, dict) and set(by_stat) == {"best", "median"}
@@ -54,6 +55,12 @@ def test_dataplane_benchmark_runs_small() -> None:
     assert rulesets["bulkhead"]["policies"] == 12
     assert rulesets["bulkhead"]["policies_selecting_receiver"] == 3
     assert rulesets["naive"]["rules"] == 61     # 60 listed addresses and the client's
+    # Flow logs: the reader in bk-flows saw the connections made to it.
+    flows = results["flow_logs"]
+    assert isinstance(flows, dict) and flows["connections_made"] > 0
+    assert flows["missed_share"] < 0.5   # a reader that saw little is broken, not slow
+    assert ratios["per_cycle"]["bk-flows/bulkhead"]["median"] > 0
+    assert rulesets["bk-flows"]["decisions"] > 0
 
 
 def test_convergence_benchmark_runs_small() -> None:

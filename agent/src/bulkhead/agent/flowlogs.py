@@ -222,7 +222,8 @@ class FlowLogs:
             async with session.post(route("flows"), data=body,
                                     headers={"Content-Type": "application/json"},
                                     timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                if r.status >= 500:
+                if r.status >= 500 or r.status in (404, 408, 429):
+                    # The server is unwell, busy, or older than flow logs: keep them.
                     raise aiohttp.ClientError(f"POST /v1/flows: {r.status}")
                 if r.status != 200:
                     self.counters.batches_refused += 1

@@ -10,6 +10,8 @@ Input, in the order the kernel gives it:
   events) with byte and packet counters; they are joined to allowed connections by
   their original tuple. A denied first packet never makes a conntrack entry: its record
   counts the logged packets alone (a retransmitted SYN is a packet, not a connection).
+  An untracked (doNotTrack) flow has no conntrack entry either, and every one of its
+  packets is logged as a first packet: each counts as a connection started.
 
 Each new connection gets its staged verdict from the reference evaluator (staged
 policies in force, never rendered), computed again for the connections still open when
@@ -259,15 +261,6 @@ class FlowAggregator:
                 agg.started += 1
                 agg.connections.add(tuple5)
             return
-        known = self._open.get(tuple5)
-        if known is not None and known.key == key:
-            # Another logged packet of a connection we follow: an untracked flow, whose
-            # every packet is its own first one.
-            agg.packets_in += inbound
-            agg.packets_out += not inbound
-            agg.bytes_in += p.length if inbound else 0
-            agg.bytes_out += 0 if inbound else p.length
-            return
         self.connections_seen += 1
         agg.started += 1
         agg.connections.add(tuple5)
@@ -278,6 +271,8 @@ class FlowAggregator:
             agg.bytes_in += p.length if inbound else 0
             agg.bytes_out += 0 if inbound else p.length
             return
+        # A tuple already open is a new connection on a reused port (conntrack logs only
+        # a connection's first packet), whose old one's end was not seen yet.
         if tuple5 not in self._open and len(self._open) >= self.limits.connections:
             self.dropped["connections"] += 1
             return
