@@ -11,7 +11,7 @@ from bulkhead.dataplane.nftables import render
 from bulkhead.dataplane.nftables.render import FlowLogging
 from bulkhead.model import INGRESS
 from bulkhead.model.flowlog import parse_record
-from bulkhead.observe.flows import FlowAggregator, Limits
+from bulkhead.observe.flows import Ends, FlowAggregator, Limits
 from bulkhead.policy import Failsafes
 from bulkhead.policy.evaluate import Evaluator
 from bulkhead.policy.flow import Flow
@@ -209,3 +209,19 @@ def test_a_complete_dump_ends_connections_it_no_longer_holds() -> None:
     assert agg.open_connections == 1   # within the grace period
     agg.counts([], now=106.0)
     assert agg.open_connections == 0
+
+
+def test_an_address_belongs_to_the_longest_prefix_set_then_the_first_name() -> None:
+    def netset(name: str, nets: list[str]) -> dict[str, Any]:
+        return {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+                "metadata": {"name": name, "labels": {"set": name}}, "spec": {"nets": nets}}
+
+    snapshot = snap(*docs(), netset("inner", ["198.19.7.0/24", "2001:2:0:7::/64"]),
+                    netset("also-inner", ["198.19.7.0/24"]))
+    ends = Ends(snapshot)
+    assert ends.at(IP(OUT)).name == "also-inner"          # /24 beats /16; ties by name
+    assert ends.at(IP("198.19.8.1")).name == "partners"
+    assert ends.at(IP("2001:2:0:7::5")).name == "inner"
+    assert ends.at(IP(DB)).type == "hep"
+    outside = ends.at(IP("8.8.8.8"))
+    assert (outside.type, outside.name, outside.scope) == ("net", "8.8.8.8", "public")
