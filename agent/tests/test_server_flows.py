@@ -293,3 +293,21 @@ def test_defaults_put_flows_beside_the_datastore(tmp_path: Path) -> None:
     config = ServerConfig.load(path, {}).flow_log_config()
     assert (config.store, config.path, config.retention_hours, config.json_lines) == (
         "sqlite", tmp_path / "state" / "flows.sqlite", 24.0, None)
+
+
+def test_a_jsonlines_failure_is_counted_never_a_refusal(tmp_path: Path) -> None:
+    """What the store took stays taken: the JSON lines file is a copy for shippers."""
+    from bulkhead.server.flows import FlowLogs
+    from bulkhead.store.flowlog import FlowLogConfig, JsonLinesSink
+
+    config = FlowLogConfig.parse({"jsonLines": {"path": str(tmp_path / "flows.jsonl")}},
+                                 tmp_path)
+    (tmp_path / "flows.jsonl").mkdir()            # a write there fails
+    logs = FlowLogs(config, config.open(), JsonLinesSink(tmp_path / "flows.jsonl", 4096, 2))
+    try:
+        body = json.dumps({"records": [flow_doc(), flow_doc()]})
+        assert logs.ingest(body, "web-1") == 2
+        assert logs.store.count() == 2
+        assert "bulkhead_flow_jsonlines_errors_total 1" in logs.metrics()
+    finally:
+        logs.close()
