@@ -300,10 +300,11 @@ def test_a_jsonlines_failure_is_counted_never_a_refusal(tmp_path: Path) -> None:
     from bulkhead.server.flows import FlowLogs
     from bulkhead.store.flowlog import FlowLogConfig, JsonLinesSink
 
-    config = FlowLogConfig.parse({"jsonLines": {"path": str(tmp_path / "flows.jsonl")}},
-                                 tmp_path)
-    (tmp_path / "flows.jsonl").mkdir()            # a write there fails
-    logs = FlowLogs(config, config.open(), JsonLinesSink(tmp_path / "flows.jsonl", 4096, 2))
+    config = FlowLogConfig.parse(None, tmp_path)
+    sink = JsonLinesSink(tmp_path / "logs" / "flows.jsonl", 4096, 2)
+    (tmp_path / "logs").rmdir()
+    (tmp_path / "logs").write_text("")            # its folder is a file now: writes fail
+    logs = FlowLogs(config, config.open(), sink)
     try:
         body = json.dumps({"records": [flow_doc(), flow_doc()]})
         assert logs.ingest(body, "web-1") == 2
