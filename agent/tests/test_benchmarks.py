@@ -34,6 +34,24 @@ def test_server_benchmark_runs_small() -> None:
     assert results["fanout"]["etcd_watch_streams"] == {"direct": 20, "through_server": 1}
 
 
+def test_flows_benchmark_runs_small() -> None:
+    script = SCRIPT.parent / "flows.py"
+    done = subprocess.run([sys.executable, str(script), "--flows", "6000", "--ingest", "2000",
+                           "--agents", "2", "--repeat", "1", "--json"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    results = json.loads(done.stdout)
+    for kind in ("sqlite", "clickhouse"):
+        figures = results[kind]
+        assert figures["stored"] == 6000
+        assert figures["store_ingest_per_s"] > 0 and figures["api_ingest_per_s"] > 0
+        assert set(figures["store_queries"]) == set(figures["api_queries"]) == {
+            "last_hour_deny", "last_hour_policy", "last_hour_top10", "last_hour_selector"}
+        assert figures["store_queries"]["last_hour_top10"]["rows"] == 10
+    # Both stores answer the same queries over the same records alike.
+    assert {k: v["rows"] for k, v in results["sqlite"]["store_queries"].items()} == \
+        {k: v["rows"] for k, v in results["clickhouse"]["store_queries"].items()}
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
 def test_apply_benchmark_runs_small() -> None:
     script = SCRIPT.parent / "apply.py"
