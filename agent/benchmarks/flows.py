@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from bulkhead.selector import parse  # noqa: E402
 from bulkhead.store.flowlog import FlowQuery, FlowStore  # noqa: E402
 from bulkhead.store.flowlog.clickhouse import ClickHouseFlowStore, ClickHouseSettings  # noqa: E402
 from bulkhead.store.flowlog.sqlite import SQLiteFlowStore  # noqa: E402
+from run import best_of  # noqa: E402  (benchmarks/run.py, this script's folder)
 
 NODES, ENDPOINTS, TIERS, POLICIES = 200, 2_000, 5, 60
 SELECTOR = "app == 'app7' && zone == 'mgmt'"   # one end in 40 matches
@@ -89,15 +90,6 @@ class Fleet:
                 ) -> Iterator[list[FlowRecord]]:
         for start in range(0, total, MAX_BATCH):
             yield [self.record(node, span) for _ in range(min(MAX_BATCH, total - start))]
-
-
-def best_of(fn: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 # ------------------------------------------------------------------------------ stores

@@ -107,6 +107,8 @@ def test_ingest_then_query_with_each_filter(make: Starter) -> None:
 @pytest.mark.parametrize(("params", "message"), [
     ({"since": "yesterday"}, "since: 'yesterday' is not a time"),
     ({"since": "nan"}, "since: 'nan' is not a time"),
+    ({"until": "10000000001"}, "until: '10000000001' is not a time"),
+    ({"after": "-1"}, "after: '-1' is not a time"),
     ({"since": "10", "until": "5"}, "since: 10 is after until 5"),
     ({"action": "drop"}, "action: 'drop' is not one of allow, deny"),
     ({"reporter": "both"}, "reporter: 'both' is not one of src, dst"),

@@ -49,7 +49,8 @@ from bulkhead.store.flowlog import (
 log = logging.getLogger("bulkhead.server.flows")
 
 DEFAULT_WINDOW = 3600.0          # seconds a query looks back without `since`
-MAX_TIME = 2.0**40               # unix seconds a time parameter may give (year 36812)
+# Unix seconds a time parameter may give: 2286-11-20, inside ClickHouse's DateTime64(6).
+MAX_TIME = 10_000_000_000.0
 INGEST_CONCURRENCY = 4           # batches parsed and stored at once; more wait their turn
 QUERY_CONCURRENCY = 2            # queries run at once
 PARAMS = ("since", "until", "node", "reporter", "action", "policy", "tier", "staged",

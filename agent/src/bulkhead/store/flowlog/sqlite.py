@@ -218,7 +218,7 @@ class SQLiteFlowStore:
                 lambda: int(time.monotonic() > deadline), 10_000)
             try:
                 return self._reader.execute(sql, args).fetchall()
-            except sqlite3.OperationalError as e:
+            except sqlite3.Error as e:
                 if "interrupted" in str(e):
                     raise FlowQueryTimeout(f"the query ran longer than {QUERY_SECONDS:g} s; "
                                            "narrow the time range or add filters") from None
@@ -230,17 +230,17 @@ class SQLiteFlowStore:
         """Every row the filters but the selector let through, in answer order, read a
         chunk at a time (keyset pagination: no row twice, none skipped)."""
         cond, args = where(q)
+        # Row values, so SQLite walks its index (`end` or `received`, then rowid) from
+        # where the last chunk ended; an OR of the two conditions sorts the range each time.
         if q.after is not None:
-            order, key, step = "received, id", "received", "(received > ? OR (received = ? " \
-                "AND id > ?))"
+            order, key, step = "received, id", "received", "(received, id) > (?, ?)"
         else:
-            order, key, step = '"end" DESC, id DESC', "end", '("end" < ? OR ("end" = ? ' \
-                "AND id < ?))"
+            order, key, step = '"end" DESC, id DESC', "end", '("end", id) < (?, ?)'
         index = COLUMNS.index(key)
 
         def fetch(last: Sequence[Any] | None) -> list[Any]:
             more = "" if last is None else f" AND {step}"
-            extra = [] if last is None else [last[index], last[index], last[-1]]
+            extra = [] if last is None else [last[index], last[-1]]
             return self._read(f"SELECT {SELECT} FROM flows WHERE {cond}{more} ORDER BY "
                               f"{order} LIMIT ?", [*args, *extra, SCAN_CHUNK], deadline)
 
