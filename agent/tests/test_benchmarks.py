@@ -50,8 +50,10 @@ def test_flows_benchmark_runs_small() -> None:
         assert figures["stored"] == 6000
         assert figures["store_ingest_per_s"] > 0 and figures["api_ingest_per_s"] > 0
         assert set(figures["store_queries"]) == set(figures["api_queries"]) == {
-            "last_hour_deny", "last_hour_policy", "last_hour_top10", "last_hour_selector"}
+            "last_hour_deny", "last_hour_policy", "last_hour_top10", "last_hour_selector",
+            "day_policy_staged_differs", "day_top10"}
         assert figures["store_queries"]["last_hour_top10"]["rows"] == 10
+        assert figures["store_queries"]["day_policy_staged_differs"]["rows"] > 0
     # Both stores answer the same queries over the same records alike.
     assert {k: v["rows"] for k, v in results["sqlite"]["store_queries"].items()} == \
         {k: v["rows"] for k, v in results["clickhouse"]["store_queries"].items()}
