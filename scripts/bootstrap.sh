@@ -30,4 +30,6 @@ fi
 if "$VENV/bin/python" -m pip show -q bulkhead >/dev/null 2>&1; then
   "$VENV/bin/python" -m pip uninstall -q -y bulkhead
 fi
-"$VENV/bin/python" -m pip install -q -e "agent[dev]" -r tests/requirements.txt
+# clickhouse and flows-test: the flow store's ClickHouse backend and the embedded engine
+# (chdb) its tests run on.
+"$VENV/bin/python" -m pip install -q -e "agent[dev,clickhouse,flows-test]" -r tests/requirements.txt

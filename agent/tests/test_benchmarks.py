@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,13 +35,34 @@ def test_server_benchmark_runs_small() -> None:
     assert results["fanout"]["etcd_watch_streams"] == {"direct": 20, "through_server": 1}
 
 
+def run_json(script: str, *args: str) -> Any:
+    """The --json figures of benchmarks/SCRIPT run with `args`."""
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / script), *args, "--json"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(done.stdout)
+
+
+def test_flows_benchmark_runs_small() -> None:
+    results = run_json("flows.py", "--flows", "6000", "--ingest", "2000", "--agents", "2",
+                       "--repeat", "1")
+    for kind in ("sqlite", "clickhouse"):
+        figures = results[kind]
+        assert figures["stored"] == 6000
+        assert figures["store_ingest_per_s"] > 0 and figures["api_ingest_per_s"] > 0
+        assert set(figures["store_queries"]) == set(figures["api_queries"]) == {
+            "last_hour_deny", "last_hour_policy", "last_hour_top10", "last_hour_selector",
+            "day_policy_staged_differs", "day_top10"}
+        assert figures["store_queries"]["last_hour_top10"]["rows"] == 10
+        assert figures["store_queries"]["day_policy_staged_differs"]["rows"] > 0
+    # Both stores answer the same queries over the same records alike.
+    assert {k: v["rows"] for k, v in results["sqlite"]["store_queries"].items()} == \
+        {k: v["rows"] for k, v in results["clickhouse"]["store_queries"].items()}
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
 def test_apply_benchmark_runs_small() -> None:
-    script = SCRIPT.parent / "apply.py"
-    done = subprocess.run([sys.executable, str(script), "--policies", "20", "--elements", "200",
-                           "--selecting", "4", "--repeat", "1", "--json"],
-                          capture_output=True, text=True, timeout=300, check=True)
-    results = json.loads(done.stdout)
+    results = run_json("apply.py", "--policies", "20", "--elements", "200", "--selecting", "4",
+                       "--repeat", "1")
     assert results["sizes"]["policies"] == 20 and results["sizes"]["element_changes"] >= 1
     assert results["sizes"]["set_elements"] >= 200
     for figure in ("nft_f_s", "apply_s", "render_s", "render_apply_vs_nft_f"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import Server
+from tests.flowfixture import flow_doc
 
 TIER = {"apiVersion": "projectcalico.org/v3", "kind": "Tier", "metadata": {"name": "t1"},
         "spec": {}}
@@ -31,20 +32,25 @@ ENDPOINTS = {
     "status-own": ("POST", "/v1/status/web-1", {"appliedRevision": 1}),
     "status-other": ("POST", "/v1/status/db-1", {"appliedRevision": 1}),
     "nodes": ("GET", "/v1/nodes", None),
+    "flows": ("GET", "/v1/flows", None),
+    "flows-send-own": ("POST", "/v1/flows", {"records": [flow_doc(node="web-1")]}),
+    "flows-send-other": ("POST", "/v1/flows", {"records": [flow_doc(node="db-1")]}),
     "metrics": ("GET", "/metrics", None),
     "healthz": ("GET", "/healthz", None),
     "readyz": ("GET", "/readyz", None),
 }
 ALLOWED = {
-    # Status is each node's own: no admin reports for a node (it could fake convergence).
-    "admin": set(ENDPOINTS) - {"status-own", "status-other"},
+    # Status and flows are each node's own: no admin reports for a node (it could fake
+    # convergence or traffic).
+    "admin": set(ENDPOINTS) - {"status-own", "status-other", "flows-send-own",
+                               "flows-send-other"},
     "viewer": {"snapshot", "watch", "list", "list-kind", "get", "nodes", "metrics", "healthz",
-               "readyz", "export", "history"},
+               "readyz", "export", "history", "flows"},
     # An agent is named web-1: it reads the snapshot and reports for itself only.
-    "agent": {"snapshot", "watch", "status-own", "healthz", "readyz"},
+    "agent": {"snapshot", "watch", "status-own", "flows-send-own", "healthz", "readyz"},
     # An admin limited to tier t1 may write t1 (a Tier resource), nothing outside tiers.
     "tier-admin": {"snapshot", "watch", "list", "list-kind", "get", "create", "nodes",
-                   "metrics", "healthz", "readyz", "sync", "export", "history"},
+                   "metrics", "healthz", "readyz", "sync", "export", "history", "flows"},
 }
 
 

@@ -59,6 +59,7 @@ ROUTES = {
     "watch": "/v1/watch",
     "status": "/v1/status/{node}",
     "nodes": "/v1/nodes",
+    "flows": "/v1/flows",
     "healthz": "/healthz",
     "readyz": "/readyz",
     "metrics": "/metrics",

@@ -33,7 +33,7 @@ def printable(text: object) -> str:
                         str(text))
 
 
-def _connection(args: argparse.Namespace) -> Connection:
+def connection(args: argparse.Namespace) -> Connection:
     return Connection.resolve(args.server, args.ca, args.cert, args.key)
 
 
@@ -65,7 +65,7 @@ def _send_apply(args: argparse.Namespace, mode: str, dry_run: bool) -> dict[str,
     query = {"mode": mode}
     if dry_run:
         query["dryRun"] = "true"
-    result: dict[str, Any] = _connection(args).request("POST", route("apply"), raw=_body(args),
+    result: dict[str, Any] = connection(args).request("POST", route("apply"), raw=_body(args),
                                                       query=query)
     return result
 
@@ -106,7 +106,7 @@ def _print_diff(results: list[dict[str, Any]], old: str, new: str) -> bool:
 def cmd_export(args: argparse.Namespace) -> int:
     query = {k: str(v) for k, v in (("revision", args.revision), ("tier", args.tier))
              if v is not None}
-    body = _connection(args).request("GET", route("export"), query=query or None)
+    body = connection(args).request("GET", route("export"), query=query or None)
     text = f"# bulkhead export at revision {body['revision']}\n" + \
         yaml.safe_dump_all(body["items"], sort_keys=False, default_flow_style=False)
     if args.output:
@@ -122,7 +122,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     query = {"revision": str(args.to_revision)}
     if args.dry_run:
         query["dryRun"] = "true"
-    result = _connection(args).request("POST", route("rollback"), query=query)
+    result = connection(args).request("POST", route("rollback"), query=query)
     suffix = " (dry run)" if result["dryRun"] else ""
     if args.diff or args.dry_run:
         _print_diff(result["results"], "now", f"revision-{args.to_revision}")
@@ -141,7 +141,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         query["kind"] = _kind(args.kind)
     if args.name:
         query["name"] = args.name
-    entries = _connection(args).request("GET", route("history"), query=query)["entries"]
+    entries = connection(args).request("GET", route("history"), query=query)["entries"]
     if args.output == "json":
         print(json.dumps(entries, indent=2))
         return EXIT_OK
@@ -156,7 +156,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    conn = _connection(args)
+    conn = connection(args)
     query = {"dryRun": "true"} if args.dry_run else {}
     suffix = " (dry run)" if args.dry_run else ""
     if args.filename:
@@ -215,7 +215,7 @@ def table(rows: list[list[str]]) -> str:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    conn = _connection(args)
+    conn = connection(args)
     kind = _kind(args.kind)
     if args.name:
         docs = [conn.request("GET", resource_path(kind, args.name))]
@@ -239,7 +239,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     query = {"revision": str(args.revision)} if args.revision is not None else None
-    body = _connection(args).request("GET", route("nodes"), query=query)
+    body = connection(args).request("GET", route("nodes"), query=query)
     if args.output == "json":
         print(json.dumps(body, indent=2))
     else:
@@ -272,13 +272,14 @@ def _node_errors(nodes: list[dict[str, Any]]) -> str:
     return "".join(f"{line}\n" for line in ["", *lines]) if lines else ""
 
 
-def add_commands(sub: Any) -> None:
-    def connection_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--server", help="https://HOST:PORT (env BULKHEAD_SERVER)")
-        p.add_argument("--ca", help="CA certificate (env BULKHEAD_CA)")
-        p.add_argument("--cert", help="client certificate (env BULKHEAD_CERT)")
-        p.add_argument("--key", help="client key (env BULKHEAD_KEY)")
+def connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", help="https://HOST:PORT (env BULKHEAD_SERVER)")
+    p.add_argument("--ca", help="CA certificate (env BULKHEAD_CA)")
+    p.add_argument("--cert", help="client certificate (env BULKHEAD_CERT)")
+    p.add_argument("--key", help="client key (env BULKHEAD_KEY)")
 
+
+def add_commands(sub: Any) -> None:
     for name, mode, text in (("apply", "apply", "create or update resources, all or nothing"),
                              ("create", "create", "create resources; fail if any exists"),
                              ("replace", "replace", "replace resources; fail if any is missing")):

@@ -27,6 +27,10 @@ END_TYPES = ("hep", "ns", "net")      # host endpoint, GlobalNetworkSet, an addr
 SCOPES = ("private", "public", "")    # for `net` ends; "" for the others
 
 MAX_BATCH = 5_000          # records in one ingest request
+# Bytes of one ingest request's body: 5,000 records of 3 KiB each on average. A record at
+# every bound (64 labels a side, 32 long steps a trace) is far bigger: such a batch is
+# sent in smaller requests (`bulkhead.client.flows.send_flows` splits by both bounds).
+MAX_BATCH_BYTES = 16 * 1024 * 1024
 MAX_TEXT = 253             # a name, a node
 MAX_LABELS = 64            # labels per end
 MAX_LABEL_KEY = 317        # prefix (253) + "/" + name (63)
@@ -46,6 +50,14 @@ FAILSAFE = "failsafe"         # failsafe|failsafe|-|allow
 
 class FlowRecordError(ValueError):
     """A record (or a batch) is not acceptable; the message names the field."""
+
+
+class ForeignNode(FlowRecordError):
+    """A record names a node other than the one the sender may report for."""
+
+
+class TooManyRecords(FlowRecordError):
+    """A batch holds more than MAX_BATCH records."""
 
 
 def step(tier: str, policy: str, rule: int | None, action: str) -> str:
@@ -154,7 +166,8 @@ def _time(doc: Mapping[str, Any], key: str, now: float) -> float:
         raise FlowRecordError(f"{key}: {value!r} is not a time")
     if seconds > now + MAX_FUTURE_SECONDS:
         raise FlowRecordError(f"{key}: {value!r} is more than an hour in the future")
-    return seconds
+    # Kept to the microsecond, as every store keeps it (ClickHouse's DateTime64(6)).
+    return round(seconds, 6)
 
 
 def _labels(doc: Mapping[str, Any], key: str) -> dict[str, str]:
@@ -221,8 +234,7 @@ def parse_record(doc: Any, now: float, node: str | None = None) -> FlowRecord:
         raise FlowRecordError(f"{missing[0]}: missing")
     record_node = _text(doc, "node")
     if node is not None and record_node != node:
-        raise FlowRecordError(f"node: {record_node[:60]!r} is not this agent's node "
-                              f"({node!r}); an agent reports only its own flows")
+        raise ForeignNode(_foreign(record_node, node))
     start, end = _time(doc, "start", now), _time(doc, "end", now)
     if start > end:
         raise FlowRecordError(f"start: {start} is after end {end}")
@@ -244,21 +256,36 @@ def parse_record(doc: Any, now: float, node: str | None = None) -> FlowRecord:
 
 def parse_batch(doc: Any, now: float, node: str | None = None) -> list[FlowRecord]:
     """Every record of an ingest body `{"records": [...]}`, or FlowRecordError for the
-    first bad one (`records[i].field: ...`): a batch is taken whole or not at all."""
+    first bad one (`records[i].field: ...`): a batch is taken whole or not at all.
+
+    With `node`, every record's `node` is compared with it before anything else is
+    checked: a batch holding another node's record is refused as ForeignNode whatever
+    else is wrong with it (the caller answers "forbidden", not "malformed")."""
     if not isinstance(doc, dict) or set(doc) != {"records"}:
         raise FlowRecordError('expected {"records": [...]}')
     records = doc["records"]
     if not isinstance(records, list):
         raise FlowRecordError(f"records: expected a list, got {_kind(records)}")
     if len(records) > MAX_BATCH:
-        raise FlowRecordError(f"records: more than {MAX_BATCH} in one batch")
+        raise TooManyRecords(f"records: {len(records)} records; at most {MAX_BATCH} in one "
+                             "batch")
+    if node is not None:
+        for i, item in enumerate(records):
+            claimed = item.get("node") if isinstance(item, dict) else None
+            if isinstance(claimed, str) and claimed != node:
+                raise ForeignNode(f"records[{i}].{_foreign(claimed, node)}")
     out = []
     for i, item in enumerate(records):
         try:
             out.append(parse_record(item, now, node))
         except FlowRecordError as e:
-            raise FlowRecordError(f"records[{i}].{e}") from None
+            raise type(e)(f"records[{i}].{e}") from None
     return out
+
+
+def _foreign(claimed: str, node: str) -> str:
+    return (f"node: {claimed[:60]!r} is not this agent's node ({node!r}); an agent reports "
+            "only its own flows")
 
 
 def _kind(value: object) -> str:

@@ -35,9 +35,11 @@ from bulkhead.model import (
     parse_documents,
     parse_resource,
 )
+from bulkhead.model.flowlog import MAX_BATCH_BYTES
 from bulkhead.pki import Identity, identity_from_subject
 from bulkhead.selector import SelectorError, parse
 from bulkhead.server import limits
+from bulkhead.server.flows import FlowLogs, Refused, parse_request
 from bulkhead.server.hub import STATUS_KIND, Hub, WireEvent
 from bulkhead.server.listen import Listener
 from bulkhead.server.revocation import Revocation
@@ -68,6 +70,7 @@ STORE = web.AppKey("store", Datastore)
 HUB = web.AppKey("hub", Hub)
 STOPPING = web.AppKey("stopping", asyncio.Event)
 LISTENER = web.AppKey("listener", Listener)
+FLOWS = web.AppKey("flows", FlowLogs)
 MAX_BODY = 8 * 1024 * 1024
 TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -850,6 +853,52 @@ async def post_status(request: web.Request) -> web.Response:
     return _json(doc)
 
 
+def _flow_logs(request: web.Request) -> FlowLogs:
+    logs = request.app.get(FLOWS)
+    if logs is None:
+        raise ApiError(503, "Unavailable", "flow logs are not set up on this server")
+    return logs
+
+
+async def post_flows(request: web.Request) -> web.Response:
+    """`POST /v1/flows`: an agent's batch of flow records, `{"records": [...]}`, stored
+    whole or not at all. Only agents send flows, each only its own node's: the role is
+    checked before the body is read, every record's node before any other field."""
+    try:
+        identity = _require(request, "agent")
+    except ApiError:
+        if FLOWS in request.app:
+            request.app[FLOWS].refused("forbidden")
+        raise
+    logs = _flow_logs(request)
+    async with logs.ingesting:   # a few batches at a time; the others wait unread
+        try:
+            text = await _text(request, MAX_BATCH_BYTES)
+        except ApiError as e:
+            logs.refused("too_large" if e.status == 413 else "invalid")
+            raise
+        try:
+            stored = await asyncio.to_thread(logs.ingest, text, identity.name)
+        except Refused as e:
+            raise ApiError(e.status, e.reason, e.message) from None
+    return _json({"stored": stored})
+
+
+async def get_flows(request: web.Request) -> web.Response:
+    """`GET /v1/flows?since=&until=&node=&reporter=&action=&policy=&tier=&staged=differs&
+    selector=&endpoint=&after=&limit=` (records, newest first; with `after`, what was
+    stored since, oldest first) or `&top=N` (top talkers by bytes)."""
+    _require(request, "admin", "viewer")
+    logs = _flow_logs(request)
+    wanted = parse_request(list(request.query.items()), time.time())
+    async with logs.querying:
+        try:
+            answer = await asyncio.to_thread(logs.answer, wanted)
+        except Refused as e:
+            raise ApiError(e.status, e.reason, e.message) from None
+    return await _big_json(answer)
+
+
 async def nodes(request: web.Request) -> web.Response:
     _require(request, "admin", "viewer")
     reports, revision = await request.app[STORE].list_status()
@@ -898,6 +947,9 @@ async def metrics(request: web.Request) -> web.Response:
     for (method, route, status), count in sorted(request.app[METRICS]["requests"].items()):
         lines.append(f'bulkhead_http_requests_total{{method="{method}",route="{route}",'
                      f'status="{status}"}} {count}')
+    flow_logs = request.app.get(FLOWS)
+    if flow_logs is not None:
+        lines += flow_logs.metrics()
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
                         charset="utf-8", headers={"X-Content-Type": "version=0.0.4"})
 
@@ -912,11 +964,13 @@ HANDLERS: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "kind", write_resource), ("GET", "resource", get_resource),
     ("PUT", "resource", write_resource), ("DELETE", "resource", delete_resource),
     ("POST", "status", post_status), ("GET", "nodes", nodes),
+    ("POST", "flows", post_flows), ("GET", "flows", get_flows),
 )
 
 
 def make_app(store: Datastore, hub: Hub, listener: Listener | None = None,
-             revocation: Revocation | None = None) -> web.Application:
+             revocation: Revocation | None = None,
+             flow_logs: FlowLogs | None = None) -> web.Application:
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
     app[STORE] = store
     app[HUB] = hub
@@ -926,6 +980,8 @@ def make_app(store: Datastore, hub: Hub, listener: Listener | None = None,
     app[METRICS] = {"requests": Counter()}
     if revocation is not None:
         app[REVOCATION] = revocation
+    if flow_logs is not None:
+        app[FLOWS] = flow_logs
     for method, which, handler in HANDLERS:
         app.router.add_route(method, ROUTES[which], handler)
     return app

@@ -12,7 +12,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
+from urllib.parse import urlparse
 
 import yaml
 from aiohttp import web
@@ -22,12 +23,15 @@ from bulkhead.defaults import SERVER_PORT
 from bulkhead.logs import setup_logging
 from bulkhead.model import strict_yaml
 from bulkhead.server.app import HUB, STOPPING, make_app
+from bulkhead.server.flows import FlowLogs
 from bulkhead.server.hub import Hub
 from bulkhead.server.listen import RESERVED_FDS, Listener, raise_nofile_limit
 from bulkhead.server.revocation import Revocation
 from bulkhead.store import open_store
+from bulkhead.store.flowlog import FlowLogConfig, FlowStoreError
 
 DEFAULT_CONFIG = Path("/etc/bulkhead/server.yaml")
+DEFAULT_STATE_DIR = Path("/var/lib/bulkhead")
 
 
 class BadHttpFilter(logging.Filter):
@@ -74,6 +78,8 @@ class ServerConfig:
     compaction_interval: float = 300.0      # seconds between compactions; 0: never
     compaction_retain: int = 10_000         # last revisions with changes kept
     compaction_max_revisions: int = 100_000  # and never more revisions than this in all
+    flow_logs_doc: Any = None                # the flowLogs section as written
+    flow_logs: FlowLogConfig | None = None   # checked by load; None: every default
 
     KEYS: ClassVar[dict[str, str]] = {
         "listen": "listen", "datastore": "datastore", "tlsCert": "tls_cert",
@@ -82,7 +88,7 @@ class ServerConfig:
         "handshakeTimeout": "handshake_timeout", "shutdownTimeout": "shutdown_timeout",
         "crl": "crl", "compactionInterval": "compaction_interval",
         "compactionRetain": "compaction_retain",
-        "compactionMaxRevisions": "compaction_max_revisions"}
+        "compactionMaxRevisions": "compaction_max_revisions", "flowLogs": "flow_logs_doc"}
     NUMBERS: ClassVar[dict[str, tuple[type, float, float]]] = {
         "max_connections": (int, 1, 1_000_000), "handshake_timeout": (float, 0.5, 300),
         "shutdown_timeout": (float, 0, 300), "compaction_interval": (float, 0, 86_400),
@@ -103,7 +109,8 @@ class ServerConfig:
                 if key not in cls.KEYS:
                     raise SystemExit(f"bulkhead-server: config {path}: {key}: unknown field "
                                      f"(known: {', '.join(cls.KEYS)})")
-                setattr(config, cls.KEYS[key], value if cls.KEYS[key] in cls.NUMBERS
+                attr = cls.KEYS[key]
+                setattr(config, attr, value if attr in cls.NUMBERS or attr == "flow_logs_doc"
                         else str(value))
         for attr, value in overrides.items():
             if value is not None:
@@ -128,7 +135,22 @@ class ServerConfig:
             raise SystemExit("bulkhead-server: compactionInterval must be >= 0 (0: never), "
                              "compactionRetain >= 1 and compactionMaxRevisions >= "
                              "compactionRetain")
+        try:
+            config.flow_logs = FlowLogConfig.parse(config.flow_logs_doc, config.state_dir())
+        except ValueError as e:
+            raise SystemExit(f"bulkhead-server: config {path}: {e}") from None
         return config
+
+    def state_dir(self) -> Path:
+        """Where the server keeps its files: the SQLite datastore's folder, else
+        /var/lib/bulkhead."""
+        parsed = urlparse(self.datastore)
+        if parsed.scheme == "sqlite" and parsed.path:
+            return Path(parsed.path).parent
+        return DEFAULT_STATE_DIR
+
+    def flow_log_config(self) -> FlowLogConfig:
+        return self.flow_logs or FlowLogConfig.parse(None, self.state_dir())
 
     def ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -163,6 +185,12 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     max_connections = max(1, min(config.max_connections, nofile - RESERVED_FDS))
     ssl_context = config.ssl_context()
     store = open_store(config.datastore)
+    try:
+        flow_logs = FlowLogs.open(config.flow_log_config())
+    except (FlowStoreError, OSError, ValueError) as e:
+        await store.close()
+        raise SystemExit(f"bulkhead-server: flowLogs: {e}") from None
+    expiry = asyncio.create_task(flow_logs.expire_forever())
     hub = Hub(store, history=config.compaction_max_revisions)
     follower = asyncio.create_task(hub.run())
     compactor = asyncio.create_task(hub.compact_forever(
@@ -171,7 +199,7 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     host, port = config.host_port()
     listener = Listener(ssl_context, host, port, max_connections=max_connections,
                         handshake_timeout=config.handshake_timeout)
-    app = make_app(store, hub, listener=listener, revocation=revocation)
+    app = make_app(store, hub, listener=listener, revocation=revocation, flow_logs=flow_logs)
     # handler_cancellation: a stream whose client left is cancelled at once, not at its
     # next heartbeat.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
@@ -181,7 +209,8 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     await listener.start(runner.server)
     logging.getLogger("bulkhead.server").info(
         "listening", extra={"fields": {"listen": config.listen, "datastore": config.datastore,
-                                       "maxConnections": max_connections, "nofile": nofile}})
+                                       "maxConnections": max_connections, "nofile": nofile,
+                                       "flowLogs": flow_logs.config.store}})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -206,6 +235,10 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
         with contextlib.suppress(asyncio.CancelledError):
             await follower
         await store.close()
+        expiry.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await expiry
+        await asyncio.to_thread(flow_logs.close)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,71 @@
+"""Flow logs over the API: `send_flows` (agents) and `flows` (the CLI, tools)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from bulkhead.api import route
+from bulkhead.client import Connection
+from bulkhead.model.flowlog import MAX_BATCH, MAX_BATCH_BYTES, FlowRecord
+
+_FRAME = len(b'{"records":[]}')
+
+
+def batches(records: Iterable[FlowRecord | Mapping[str, Any]],
+            max_records: int = MAX_BATCH, max_bytes: int = MAX_BATCH_BYTES) -> Iterator[bytes]:
+    """Ingest bodies holding every record in order, each within the server's bounds
+    (records and bytes). ValueError for a record that fits in no body."""
+    chunk: list[bytes] = []
+    size = _FRAME
+    for i, record in enumerate(records):
+        doc = record.json() if isinstance(record, FlowRecord) else dict(record)
+        encoded = json.dumps(doc, separators=(",", ":")).encode()
+        if _FRAME + len(encoded) > max_bytes:
+            raise ValueError(f"records[{i}]: {len(encoded):,} bytes as JSON, more than one "
+                             f"request takes ({max_bytes:,})")
+        if chunk and (len(chunk) >= max_records or size + 1 + len(encoded) > max_bytes):
+            yield b'{"records":[' + b",".join(chunk) + b"]}"
+            chunk, size = [], _FRAME
+        chunk.append(encoded)
+        size += len(encoded) + (1 if len(chunk) > 1 else 0)
+    if chunk:
+        yield b'{"records":[' + b",".join(chunk) + b"]}"
+
+
+def send_flows(conn: Connection, records: Iterable[FlowRecord | Mapping[str, Any]]) -> int:
+    """Send flow records as the agent of the node they name; how many the server stored.
+
+    Records go in as few requests as the server's bounds allow; each request is stored
+    whole or not at all. On a refusal (ApiError) or an unreachable server (Unreachable),
+    the requests before it were stored and the rest were not sent: keep the records from
+    the failed one on, and send them again."""
+    stored = 0
+    for body in batches(records):
+        answer = conn.request("POST", route("flows"), raw=body)
+        stored += int(answer["stored"])
+    return stored
+
+
+def flows(conn: Connection, *, since: float | None = None, until: float | None = None,
+          node: str | None = None, reporter: str | None = None, action: str | None = None,
+          policy: str | None = None, tier: str | None = None, staged_differs: bool = False,
+          selector: str | None = None, endpoint: str | None = None,
+          after: float | None = None, limit: int | None = None, top: int | None = None
+          ) -> dict[str, Any]:
+    """`GET /v1/flows`: `{"flows": [...], "truncated": bool}`, or with `top`,
+    `{"top": [...], "truncated": bool}`. Times are unix seconds; see docs/observability.md
+    for what each filter selects."""
+    params: dict[str, Any] = {
+        "since": since, "until": until, "node": node, "reporter": reporter,
+        "action": action, "policy": policy, "tier": tier,
+        "staged": "differs" if staged_differs else None, "selector": selector,
+        "endpoint": endpoint, "after": after, "limit": limit, "top": top}
+    query = {k: _text(v) for k, v in params.items() if v is not None}
+    answer: dict[str, Any] = conn.request("GET", route("flows"), query=query or None)
+    return answer
+
+
+def _text(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)

@@ -1,0 +1,295 @@
+"""Flow logs in the server: ingest (`POST /v1/flows`, agents), queries (`GET /v1/flows`,
+admins and viewers), retention, and their metrics. The HTTP handlers in `app.py` are thin;
+what they call is here, as plain code that blocks (they run it off the event loop).
+
+Ingest takes a batch whole or not at all: the body is parsed strictly, every record's
+node must be the caller's (checked before any other field), then the store takes the
+batch in one transaction. Only then is it appended to the JSON lines file, if configured:
+the file is a copy for shippers, so a failure there is logged and counted
+(`bulkhead_flow_jsonlines_errors_total`), never a refusal of what the store already has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bulkhead.model import LoadError, json_value
+from bulkhead.model.flowlog import (
+    ACTIONS,
+    MAX_TEXT,
+    REPORTERS,
+    FlowRecordError,
+    ForeignNode,
+    TooManyRecords,
+    parse_batch,
+)
+from bulkhead.selector import Selector, SelectorError, parse
+from bulkhead.server.limits import MAX_SELECTOR, BadInput
+from bulkhead.store.flowlog import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    MAX_SCAN,
+    MAX_TOP,
+    FlowLogConfig,
+    FlowQuery,
+    FlowQueryTimeout,
+    FlowStore,
+    FlowStoreError,
+    FlowStoreUnavailable,
+    JsonLinesSink,
+)
+
+log = logging.getLogger("bulkhead.server.flows")
+
+DEFAULT_WINDOW = 3600.0          # seconds a query looks back without `since`
+# Unix seconds a time parameter may give: 2286-11-20, inside ClickHouse's DateTime64(6).
+MAX_TIME = 10_000_000_000.0
+INGEST_CONCURRENCY = 4           # batches parsed and stored at once; more wait their turn
+QUERY_CONCURRENCY = 2            # queries run at once
+PARAMS = ("since", "until", "node", "reporter", "action", "policy", "tier", "staged",
+          "selector", "endpoint", "limit", "top", "after")
+REFUSALS = ("forbidden", "invalid", "too_large", "unavailable")
+
+
+class Refused(Exception):
+    """A request refused: the HTTP status, its reason word, the message, and the metric
+    reason of a refused batch (None for a query)."""
+
+    def __init__(self, status: int, reason: str, message: str, metric: str | None = None
+                 ) -> None:
+        self.status, self.reason, self.message, self.metric = status, reason, message, metric
+        super().__init__(message)
+
+
+@dataclass
+class Request:
+    """A checked `GET /v1/flows`: the query, and `top` (groups wanted) or None."""
+
+    query: FlowQuery
+    top: int | None = None
+
+
+class FlowLogs:
+    """The server's flow log state: the store, the JSON lines sink, counters and the
+    bounds on concurrent work."""
+
+    def __init__(self, config: FlowLogConfig, store: FlowStore,
+                 sink: JsonLinesSink | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.sink = sink
+        self.counters: Counter[str] = Counter()
+        self._ingesting: asyncio.Semaphore | None = None
+        self._querying: asyncio.Semaphore | None = None
+
+    @classmethod
+    def open(cls, config: FlowLogConfig) -> FlowLogs:
+        return cls(config, config.open(), config.sink())
+
+    @property
+    def ingesting(self) -> asyncio.Semaphore:
+        if self._ingesting is None:
+            self._ingesting = asyncio.Semaphore(INGEST_CONCURRENCY)
+        return self._ingesting
+
+    @property
+    def querying(self) -> asyncio.Semaphore:
+        if self._querying is None:
+            self._querying = asyncio.Semaphore(QUERY_CONCURRENCY)
+        return self._querying
+
+    def refused(self, reason: str) -> None:
+        self.counters[f"refused:{reason}"] += 1
+
+    # -- ingest -----------------------------------------------------------------------
+    def ingest(self, text: str, node: str) -> int:
+        """Parse and store one batch from the agent of `node`; how many records were
+        stored. Refused (counted) when the batch is not taken."""
+        try:
+            records = parse_batch(json_value(text, "the body"), time.time(), node)
+        except ForeignNode as e:
+            self.refused("forbidden")
+            raise Refused(403, "Forbidden", f"agent {node}: {e}; nothing was stored",
+                          "forbidden") from None
+        except TooManyRecords as e:
+            self.refused("too_large")
+            raise Refused(413, "RequestEntityTooLarge", f"{e}; nothing was stored",
+                          "too_large") from None
+        except (FlowRecordError, LoadError) as e:
+            self.refused("invalid")
+            raise Refused(400, "BadRequest", f"{e}; nothing was stored", "invalid") from None
+        received = time.time()
+        try:
+            stored = self.store.insert(records, received)
+        except FlowStoreError as e:
+            self.refused("unavailable")
+            log.warning("flow records not stored", extra={"fields": {
+                "node": node, "records": len(records), "error": str(e)}})
+            raise Refused(503, "Unavailable", f"the flow log store failed: {e}; nothing was "
+                          "stored, send the batch again later", "unavailable") from None
+        self.counters["records"] += stored
+        self.counters["batches"] += 1
+        if self.sink is not None and records:
+            try:
+                self.sink.write(records, received)
+            except OSError as e:
+                self.counters["jsonlines_errors"] += 1
+                log.error("flow records not written to the JSON lines file",
+                          extra={"fields": {"path": str(self.sink.path), "error": str(e),
+                                            "records": len(records)}})
+        return stored
+
+    # -- queries ----------------------------------------------------------------------
+    def answer(self, request: Request) -> dict[str, Any]:
+        try:
+            if request.top is not None:
+                top = self.store.top(request.query, request.top)
+                return {"top": [t.json() for t in top.top], "truncated": top.truncated}
+            page = self.store.query(request.query)
+            return {"flows": [f.json() for f in page.flows], "truncated": page.truncated}
+        except FlowQueryTimeout as e:
+            raise Refused(503, "Unavailable", str(e)) from None
+        except FlowStoreUnavailable as e:
+            raise Refused(503, "Unavailable", f"the flow log store is unavailable: {e}"
+                          ) from None
+        except FlowStoreError as e:
+            raise Refused(503, "Unavailable", f"the flow log store failed: {e}") from None
+
+    # -- retention --------------------------------------------------------------------
+    def expire(self) -> int:
+        gone = self.store.expire(time.time() - self.config.retention_seconds)
+        self.counters["expired"] += gone
+        return gone
+
+    async def expire_forever(self) -> None:
+        """Every expireInterval seconds, delete what is older than the retention (stores
+        whose own TTL does it, ClickHouse, are left to it)."""
+        if getattr(self.store, "expires_by_itself", False):
+            return
+        while True:
+            try:
+                gone = await asyncio.to_thread(self.expire)
+                if gone:
+                    log.info("flow records expired", extra={"fields": {"records": gone}})
+            except FlowStoreError as e:
+                log.warning("flow record expiry failed", extra={"fields": {"error": str(e)}})
+            await asyncio.sleep(self.config.expire_interval)
+
+    def metrics(self) -> list[str]:
+        c = self.counters
+        lines = [
+            "# HELP bulkhead_flow_records_stored_total Flow records stored.",
+            "# TYPE bulkhead_flow_records_stored_total counter",
+            f"bulkhead_flow_records_stored_total {c['records']}",
+            "# HELP bulkhead_flow_batches_stored_total Flow record batches stored.",
+            "# TYPE bulkhead_flow_batches_stored_total counter",
+            f"bulkhead_flow_batches_stored_total {c['batches']}",
+            "# HELP bulkhead_flow_batches_refused_total Flow record batches refused whole, "
+            "by reason.",
+            "# TYPE bulkhead_flow_batches_refused_total counter"]
+        lines += [f'bulkhead_flow_batches_refused_total{{reason="{r}"}} {c["refused:" + r]}'
+                  for r in REFUSALS]
+        lines += [
+            "# HELP bulkhead_flow_records_expired_total Flow records deleted by retention.",
+            "# TYPE bulkhead_flow_records_expired_total counter",
+            f"bulkhead_flow_records_expired_total {c['expired']}",
+            "# HELP bulkhead_flow_jsonlines_errors_total Stored batches the JSON lines file "
+            "could not take.",
+            "# TYPE bulkhead_flow_jsonlines_errors_total counter",
+            f"bulkhead_flow_jsonlines_errors_total {c['jsonlines_errors']}"]
+        return lines
+
+    def close(self) -> None:
+        self.store.close()
+
+
+# ------------------------------------------------------------------- query parameters
+def parse_request(items: Sequence[tuple[str, str]], now: float) -> Request:
+    """`GET /v1/flows`'s parameters, checked: BadInput naming the parameter otherwise."""
+    given: dict[str, str] = {}
+    for key, value in items:
+        if key not in PARAMS:
+            raise BadInput(f"{key[:40]}: unknown parameter (known: {', '.join(PARAMS)})")
+        if key in given:
+            raise BadInput(f"{key}: given more than once")
+        given[key] = value
+    since = _time(given.get("since"), "since")
+    until = _time(given.get("until"), "until")
+    if since is None:
+        since = max(0.0, (until if until is not None else now) - DEFAULT_WINDOW)
+    if until is not None and since > until:
+        raise BadInput(f"since: {since:g} is after until {until:g}")
+    staged = given.get("staged")
+    if staged not in (None, "differs"):
+        raise BadInput(f"staged: {staged[:40]!r}: the one value is `differs` (the staged "
+                       "action is not the enforced one)")
+    top = _count(given.get("top"), "top", MAX_TOP)
+    limit = _count(given.get("limit"), "limit", MAX_LIMIT)
+    if top is not None and limit is not None:
+        raise BadInput("limit: not with top (top=N is how many groups)")
+    query = FlowQuery(
+        since=since, until=until, node=_name(given.get("node"), "node"),
+        reporter=_choice(given.get("reporter"), "reporter", REPORTERS),
+        action=_choice(given.get("action"), "action", ACTIONS),
+        policy=_name(given.get("policy"), "policy", step_part=True),
+        tier=_name(given.get("tier"), "tier", step_part=True),
+        staged_differs=staged == "differs", selector=_selector(given.get("selector")),
+        endpoint=_name(given.get("endpoint"), "endpoint"),
+        after=_time(given.get("after"), "after"),
+        limit=limit or DEFAULT_LIMIT, scan_limit=MAX_SCAN)
+    return Request(query, top)
+
+
+def _time(raw: str | None, name: str) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw) if 0 < len(raw) <= 32 else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0 <= value <= MAX_TIME:
+        raise BadInput(f"{name}: {raw[:40]!r} is not a time (unix seconds, e.g. "
+                       "1764950400 or 1764950400.5)")
+    return value
+
+
+def _count(raw: str | None, name: str, high: int) -> int | None:
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 6 or not 1 <= int(raw) <= high:
+        raise BadInput(f"{name}: {raw[:40]!r} is not a number from 1 to {high:,}")
+    return int(raw)
+
+
+def _name(raw: str | None, name: str, step_part: bool = False) -> str | None:
+    if raw is None:
+        return None
+    if not raw or len(raw) > MAX_TEXT or not raw.isprintable() or (step_part and "|" in raw):
+        extra = " without |" if step_part else ""
+        raise BadInput(f"{name}: {raw[:40]!r} is not a name (1 to {MAX_TEXT} printable "
+                       f"characters{extra})")
+    return raw
+
+
+def _choice(raw: str | None, name: str, choices: Sequence[str]) -> str | None:
+    if raw is not None and raw not in choices:
+        raise BadInput(f"{name}: {raw[:40]!r} is not one of {', '.join(choices)}")
+    return raw
+
+
+def _selector(raw: str | None) -> Selector | None:
+    if raw is None:
+        return None
+    if len(raw) > MAX_SELECTOR:
+        raise BadInput(f"selector: longer than {MAX_SELECTOR} characters")
+    try:
+        return parse(raw)
+    except SelectorError as e:
+        raise BadInput(f"selector: {e}") from None

@@ -1,0 +1,259 @@
+"""One contract, two flow stores: the same tests against SQLite and ClickHouse (the real
+engine, embedded by chdb and driven by clickhouse-connect, as in production)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bulkhead.model.flowlog import MAX_COUNT
+from bulkhead.selector import parse
+from bulkhead.store.flowlog import FlowQuery, FlowStore, FlowStoreError
+from bulkhead.store.flowlog.clickhouse import ClickHouseFlowStore, ClickHouseSettings
+from bulkhead.store.flowlog.sqlite import SQLiteFlowStore
+from tests.flowfixture import flow
+
+_databases = itertools.count()
+T0 = float(int(time.time()))   # "now" for records (inside the ClickHouse TTL)
+
+
+@pytest.fixture(scope="session")
+def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One embedded ClickHouse for the session (chdb runs one per process); each test
+    gets a database of its own in it."""
+    if importlib.util.find_spec("chdb") is None:
+        pytest.fail("chdb is not installed: `make test` installs the flows-test extra "
+                    "(pip install -e 'agent[dev,flows-test]')")
+    import clickhouse_connect
+
+    dsn = f"chdb://{tmp_path_factory.mktemp('chdb')}/engine"
+    keeper = clickhouse_connect.get_client(dsn=dsn)   # keeps the engine up between tests
+    try:
+        yield dsn
+    finally:
+        keeper.close()
+
+
+def clickhouse_store(dsn: str, **changes: Any) -> ClickHouseFlowStore:
+    return ClickHouseFlowStore(ClickHouseSettings(
+        dsn=dsn, database=f"contract_{next(_databases)}", **changes))
+
+
+@pytest.fixture(params=["sqlite", "clickhouse"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FlowStore]:
+    backend: FlowStore
+    if request.param == "sqlite":
+        backend = SQLiteFlowStore(tmp_path / "flows.sqlite")
+    else:
+        backend = clickhouse_store(request.getfixturevalue("chdb_dsn"))
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def q(**fields: Any) -> FlowQuery:
+    return FlowQuery(**{"since": T0 - 86_400, **fields})
+
+
+def names(store: FlowStore, **fields: Any) -> list[str]:
+    """The `dst_name`s the query answers, in its order."""
+    return [f.record.dst.name for f in store.query(q(**fields)).flows]
+
+
+def test_round_trip_keeps_every_field(store: FlowStore) -> None:
+    a = flow(end=T0 - 30, dst_name="a", src_labels={"app": "web", "a/b.c": ""})
+    b = flow(end=T0 - 20.123456, dst_name="b", staged_action="deny",
+             staged_trace=["security|security.db-in|0|pass", "default|lockdown|-|deny"],
+             bytes_in=MAX_COUNT, src_type="net", src_name="2001:2::1", src_scope="public",
+             src_labels={})
+    assert store.insert([a, b], received=T0) == 2
+    page = store.query(q())
+    assert [f.record for f in page.flows] == [b, a]     # newest end first
+    assert [f.received for f in page.flows] == [T0, T0]
+    assert page.flows[0].json() == {**b.json(), "received": T0}
+    assert not page.truncated and store.count() == 2
+
+
+def test_a_batch_that_cannot_be_stored_stores_nothing(store: FlowStore) -> None:
+    store.insert([flow(end=T0 - 5)])
+    bad = dataclasses.replace(flow(end=T0 - 4), proto=256)   # past its column's range
+    with pytest.raises(FlowStoreError):
+        store.insert([flow(end=T0 - 3), flow(end=T0 - 2), bad])
+    assert store.count() == 1
+    assert store.insert([]) == 0
+
+
+def test_time_range_selects_by_end(store: FlowStore) -> None:
+    store.insert([flow(end=T0 - 300, dst_name="old"), flow(end=T0 - 100, dst_name="mid"),
+                  flow(end=T0, dst_name="new")])
+    assert names(store, since=T0 - 200) == ["new", "mid"]
+    assert names(store, since=T0 - 200, until=T0 - 100) == ["mid"]
+    assert names(store, since=T0 - 1000, until=T0 - 101) == ["old"]
+
+
+def test_each_filter(store: FlowStore) -> None:
+    store.insert([
+        flow(end=T0 - 6, dst_name="plain"),
+        flow(end=T0 - 5, dst_name="other-node", node="web-2", src_name="web-2"),
+        flow(end=T0 - 4, dst_name="ingress", reporter="dst"),
+        flow(end=T0 - 3, dst_name="denied", action="deny",
+             enforced_trace=["security|security.block|2|deny"], staged_action="deny",
+             staged_trace=["security|security.block|2|deny"]),
+        flow(end=T0 - 2, dst_name="would-deny", staged_action="deny",
+             staged_trace=["audit|audit.staged-lockdown|-|deny"]),
+        flow(end=T0 - 1, dst_name="to-set", dst_type="ns", dst_labels={"kind": "partners"},
+             src_labels={"app": "batch"}),
+    ], received=T0)
+    assert names(store, node="web-2") == ["other-node"]
+    assert names(store, reporter="dst") == ["ingress"]
+    assert names(store, action="deny") == ["denied"]
+    assert names(store, policy="security.block") == ["denied"]
+    assert names(store, policy="audit.staged-lockdown") == ["would-deny"]   # staged trace
+    assert names(store, tier="audit") == ["would-deny"]
+    assert names(store, policy="security") == []          # a tier, not a policy
+    assert names(store, tier="security.block") == []      # a policy, not a tier
+    assert names(store, staged_differs=True) == ["would-deny"]
+    assert names(store, endpoint="web-2") == ["other-node"]            # src end
+    assert names(store, endpoint="denied") == ["denied"]               # dst end
+    assert names(store, selector=parse("kind == 'partners'")) == ["to-set"]   # dst labels
+    assert names(store, selector=parse("app == 'batch'")) == ["to-set"]       # src labels
+    assert names(store, selector=parse("zone == 'trusted'"), action="deny") == ["denied"]
+    assert names(store, policy="security.db-in", node="web-2") == ["other-node"]
+
+
+def test_limit_and_truncated(store: FlowStore) -> None:
+    store.insert([flow(end=T0 - i, dst_name=f"d{i}") for i in range(5)])
+    page = store.query(q(limit=3))
+    assert [f.record.dst.name for f in page.flows] == ["d0", "d1", "d2"] and page.truncated
+    page = store.query(q(limit=5))
+    assert len(page.flows) == 5 and not page.truncated
+    page = store.query(q(limit=2, selector=parse("app == 'db'")))
+    assert [f.record.dst.name for f in page.flows] == ["d0", "d1"] and page.truncated
+
+
+def test_a_selector_scan_stops_at_its_bound(store: FlowStore) -> None:
+    store.insert([flow(end=T0 - i, dst_name=f"d{i}", dst_labels={"n": str(i)})
+                  for i in range(30)])
+    bounded = store.query(q(selector=parse("n == '25'"), scan_limit=10))
+    assert bounded.flows == [] and bounded.truncated
+    whole = store.query(q(selector=parse("n == '25'"), scan_limit=30))
+    assert [f.record.dst.name for f in whole.flows] == ["d25"] and not whole.truncated
+    top = store.top(q(selector=parse("has(n)"), scan_limit=10), 20)
+    assert top.truncated and sum(t.records for t in top.top) == 10
+
+
+def test_after_answers_what_was_stored_since_oldest_first(store: FlowStore) -> None:
+    store.insert([flow(end=T0 - 1, dst_name="first")], received=T0 + 1)
+    store.insert([flow(end=T0 - 9, dst_name="late"), flow(end=T0 - 8, dst_name="late2")],
+                 received=T0 + 2)
+    store.insert([flow(end=T0 - 5, dst_name="last")], received=T0 + 3)
+    assert names(store, after=T0 + 2) == ["late", "late2", "last"]
+    assert names(store, after=T0 + 2, limit=1) == ["late"]
+    assert names(store, after=T0 + 3.5) == []
+
+
+def test_top_talkers(store: FlowStore) -> None:
+    store.insert([
+        flow(end=T0 - 3, dst_name="db-1", bytes_in=100, bytes_out=50, packets_in=1,
+             packets_out=2, connections=1, started=1),
+        flow(end=T0 - 2, dst_name="db-1", bytes_in=100, bytes_out=50, packets_in=3,
+             packets_out=4, connections=2, started=0),
+        flow(end=T0 - 2, dst_name="db-1", dst_port=5433, bytes_in=10, bytes_out=0),
+        flow(end=T0 - 1, dst_name="cache", bytes_in=1000, bytes_out=0, action="deny",
+             staged_action="deny"),
+    ])
+    top = store.top(q(), 10)
+    assert [(t.dst_name, t.dst_port, t.bytes) for t in top.top] == [
+        ("cache", 5432, 1000), ("db-1", 5432, 300), ("db-1", 5433, 10)]
+    db = top.top[1]
+    assert (db.src_type, db.src_name, db.dst_type, db.proto, db.packets, db.connections,
+            db.started, db.records) == ("hep", "web-1", "hep", 6, 10, 3, 1, 2)
+    assert [t.dst_name for t in store.top(q(), 1).top] == ["cache"]
+    assert [t.dst_name for t in store.top(q(action="allow"), 10).top] == ["db-1", "db-1"]
+    by_selector = store.top(q(selector=parse("app == 'db'")), 10)
+    assert [(t.dst_name, t.bytes) for t in by_selector.top] == [
+        ("cache", 1000), ("db-1", 300), ("db-1", 10)] and not by_selector.truncated
+
+
+def test_top_sums_past_int64_do_not_fail(store: FlowStore) -> None:
+    store.insert([flow(end=T0 - 1, bytes_in=MAX_COUNT, bytes_out=MAX_COUNT)] * 3)
+    (row,) = store.top(q(), 5).top
+    assert row.bytes == pytest.approx(6 * MAX_COUNT, rel=1e-9) and row.records == 3
+
+
+def test_expire_removes_what_ended_before(store: FlowStore) -> None:
+    store.insert([flow(end=T0 - 100, dst_name="old", enforced_trace=["t|old-policy|0|allow"],
+                       staged_trace=[]),
+                  flow(end=T0 - 50, dst_name="edge"), flow(end=T0, dst_name="new")])
+    assert store.expire(T0 - 50) == 1
+    assert names(store) == ["new", "edge"] and store.count() == 2
+    assert names(store, policy="old-policy") == []
+    assert store.expire(T0 - 50) == 0
+    assert store.expire(T0 + 1) == 2 and store.count() == 0
+
+
+def test_sqlite_expires_in_chunks_without_losing_count(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from bulkhead.store.flowlog import sqlite
+
+    monkeypatch.setattr(sqlite, "EXPIRE_CHUNK", 3)
+    store = SQLiteFlowStore(tmp_path / "flows.sqlite")
+    try:
+        # Ten records share one end time: a chunk boundary inside them must not stall.
+        store.insert([flow(end=T0 - 100, dst_name=f"same{i}") for i in range(10)] +
+                     [flow(end=T0 - 90 + i, dst_name=f"d{i}") for i in range(10)] +
+                     [flow(end=T0, dst_name="kept")])
+        assert store.expire(T0 - 1) == 20
+        assert names(store) == ["kept"]
+    finally:
+        store.close()
+
+
+def test_clickhouse_table_has_ttl_and_drops_expired_rows_on_merge(chdb_dsn: str) -> None:
+    store = clickhouse_store(chdb_dsn, retention_seconds=3600)
+    try:
+        now = time.time()
+        store.insert([flow(end=now - 7200, dst_name="past-ttl"), flow(end=now - 60)])
+        assert store.count() == 2
+        client = store._client
+        ddl = client.command(f"SHOW CREATE TABLE {store.table}")
+        assert "TTL toDateTime(end) + toIntervalSecond(3600)" in ddl
+        client.command(f"OPTIMIZE TABLE {store.table} FINAL")   # merges apply the TTL
+        assert names(store, since=0) == ["db-1"] and store.count() == 1
+    finally:
+        store.close()
+    # Opened again with another retention, the table's TTL follows the configuration.
+    again = ClickHouseFlowStore(dataclasses.replace(store.settings, retention_seconds=7000))
+    try:
+        assert again.count() == 1
+        assert "toIntervalSecond(7000)" in again._client.command(
+            f"SHOW CREATE TABLE {again.table}")
+    finally:
+        again.close()
+
+
+def test_clickhouse_checks_a_table_it_did_not_create(chdb_dsn: str) -> None:
+    import clickhouse_connect
+
+    client = clickhouse_connect.get_client(dsn=chdb_dsn)
+    try:
+        client.command("CREATE DATABASE IF NOT EXISTS contract_foreign")
+        client.command("CREATE TABLE contract_foreign.flows (received DateTime64(6), "
+                       "node String) ENGINE = MergeTree ORDER BY received")
+    finally:
+        client.close()
+    store = ClickHouseFlowStore(ClickHouseSettings(
+        dsn=chdb_dsn, database="contract_foreign", table="flows", create_schema=False))
+    try:
+        with pytest.raises(FlowStoreError, match="lacks the columns action, bytes_in"):
+            store.count()
+    finally:
+        store.close()

@@ -1,0 +1,316 @@
+"""Flow logs through a real bulkhead-server process with real certificates: ingest (only
+an agent, only its own node's records, a batch whole or not at all, bounded), queries
+with each filter, top talkers, retention, metrics, the JSON lines copy, and ClickHouse
+(embedded by chdb) as the store."""
+
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import json
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bulkhead.client import ApiError, Connection
+from bulkhead.client.flows import flows, send_flows
+from bulkhead.model.flowlog import MAX_BATCH, MAX_BATCH_BYTES
+from bulkhead.server.main import ServerConfig
+from tests.flowfixture import flow_doc
+from tests.test_server_process import ServerProcess, pki_dir, servers  # noqa: F401
+
+Starter = Callable[..., ServerProcess]
+
+
+@pytest.fixture
+def make(pki_dir: Path, servers: list[ServerProcess]) -> Starter:  # noqa: F811
+    """Starts a server on SQLite with the `flowLogs` section given (`{dir}` in its text:
+    the server's folder); `servers` stops it."""
+    def start(flow_logs: dict[str, Any] | None = None) -> ServerProcess:
+        section = json.loads(json.dumps(flow_logs).replace("{dir}", str(pki_dir))) \
+            if flow_logs else None
+        server = ServerProcess(pki_dir, f"sqlite://{pki_dir}/store.db",
+                               extra={"flowLogs": section} if section else None)
+        servers.append(server)
+        server.start()
+        return server
+    return start
+
+
+def count(server: ServerProcess) -> int:
+    return len(flows(server.conn, since=0)["flows"])
+
+
+def metric(server: ServerProcess, line: str) -> int:
+    text = server.conn.request("GET", "/metrics")
+    for row in text.splitlines():
+        if row.startswith(line + " "):
+            return int(row.split()[-1])
+    raise AssertionError(f"{line} not in /metrics")
+
+
+def sample(now: float) -> list[dict[str, Any]]:
+    return [
+        flow_doc(end=now - 50, dst_name="db-1"),
+        flow_doc(end=now - 40, dst_name="db-2", reporter="dst", action="deny",
+                 enforced_trace=["security|security.block|1|deny"], staged_action="deny",
+                 staged_trace=["security|security.block|1|deny"], bytes_in=5000),
+        flow_doc(end=now - 30, dst_name="cache-1", staged_action="deny",
+                 staged_trace=["audit|audit.lockdown|-|deny"], dst_labels={"app": "cache"}),
+        flow_doc(end=now - 7200, dst_name="old"),
+    ]
+
+
+def dsts(answer: dict[str, Any]) -> list[str]:
+    return [f["dst_name"] for f in answer["flows"]]
+
+
+def test_ingest_then_query_with_each_filter(make: Starter) -> None:
+    server = make({"jsonLines": {"path": "{dir}/shipped/flows.jsonl"}})
+    jsonl = server.config.parent / "shipped" / "flows.jsonl"
+    agent = server.client("web-1", "agent")
+    viewer = server.client("carol", "viewer")
+    now = round(time.time(), 3)   # the server keeps times to the microsecond
+    docs = sample(now)
+    assert send_flows(agent, docs) == 4
+    answer = flows(viewer)                              # the last hour, newest first
+    assert dsts(answer) == ["cache-1", "db-2", "db-1"] and answer["truncated"] is False
+    got = answer["flows"][2]
+    assert {k: v for k, v in got.items() if k != "received"} == docs[0]
+    assert abs(got["received"] - now) < 60
+    assert dsts(flows(viewer, since=0)) == ["cache-1", "db-2", "db-1", "old"]
+    assert dsts(flows(viewer, since=now - 45, until=now - 35)) == ["db-2"]
+    assert dsts(flows(viewer, node="web-1", reporter="dst")) == ["db-2"]
+    assert dsts(flows(viewer, node="web-2")) == []
+    assert dsts(flows(viewer, action="deny")) == ["db-2"]
+    assert dsts(flows(viewer, policy="security.block")) == ["db-2"]
+    assert dsts(flows(viewer, policy="audit.lockdown")) == ["cache-1"]
+    assert dsts(flows(viewer, tier="audit")) == ["cache-1"]
+    assert dsts(flows(viewer, staged_differs=True)) == ["cache-1"]
+    assert dsts(flows(viewer, selector="app == 'cache'")) == ["cache-1"]
+    assert dsts(flows(viewer, selector="app == 'web'", limit=2)) == ["cache-1", "db-2"]
+    assert dsts(flows(viewer, endpoint="db-1")) == ["db-1"]
+    top = flows(viewer, top=2)
+    assert [(t["dst_name"], t["bytes"]) for t in top["top"]] == [("db-2", 7000),
+                                                                  ("cache-1", 3000)]
+    # The JSON lines copy: one line per stored record, as stored.
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [line["dst_name"] for line in lines] == ["db-1", "db-2", "cache-1", "old"]
+    assert metric(server, "bulkhead_flow_records_stored_total") == 4
+    assert metric(server, "bulkhead_flow_batches_stored_total") == 1
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"since": "yesterday"}, "since: 'yesterday' is not a time"),
+    ({"since": "nan"}, "since: 'nan' is not a time"),
+    ({"until": "10000000001"}, "until: '10000000001' is not a time"),
+    ({"after": "-1"}, "after: '-1' is not a time"),
+    ({"since": "10", "until": "5"}, "since: 10 is after until 5"),
+    ({"action": "drop"}, "action: 'drop' is not one of allow, deny"),
+    ({"reporter": "both"}, "reporter: 'both' is not one of src, dst"),
+    ({"staged": "yes"}, "staged: 'yes': the one value is `differs`"),
+    ({"selector": "app == "}, "selector: "),
+    ({"limit": "10001"}, "limit: '10001' is not a number from 1 to 10,000"),
+    ({"limit": "0"}, "limit: '0' is not a number from 1"),
+    ({"top": "5", "limit": "5"}, "limit: not with top"),
+    ({"policy": "a|b"}, "policy: 'a|b' is not a name"),
+    ({"node": "x" * 254}, "node: 'xxxx"),
+    ({"colour": "red"}, "colour: unknown parameter"),
+])
+def test_query_parameters_are_checked(make: Starter,
+                                      params: dict[str, str], message: str) -> None:
+    server = make()
+    with pytest.raises(ApiError) as err:
+        server.conn.request("GET", "/v1/flows", query=params)
+    assert err.value.status == 400 and message in err.value.message, err.value.message
+
+
+def test_a_parameter_given_twice_is_refused(make: Starter) -> None:
+    server = make()
+    with pytest.raises(ApiError) as err:
+        server.conn.request("GET", "/v1/flows?node=a&node=b")
+    assert err.value.status == 400 and "node: given more than once" in err.value.message
+
+
+def test_another_nodes_records_are_refused_whole(make: Starter) -> None:
+    server = make()
+    agent = server.client("web-1", "agent")
+    now = time.time()
+    # The foreign record comes after a malformed one: the node is checked first.
+    batch = [flow_doc(end=now - 5), flow_doc(end=now - 4, proto="tcp"),
+             flow_doc(end=now - 3, node="db-1")]
+    with pytest.raises(ApiError) as err:
+        send_flows(agent, batch)
+    assert err.value.status == 403
+    assert "records[2].node: 'db-1' is not this agent's node ('web-1')" in err.value.message
+    assert "nothing was stored" in err.value.message
+    assert count(server) == 0
+    assert metric(server, 'bulkhead_flow_batches_refused_total{reason="forbidden"}') == 1
+
+
+def test_a_malformed_batch_is_refused_whole(make: Starter) -> None:
+    server = make()
+    agent = server.client("web-1", "agent")
+    now = time.time()
+    for bad, message in (
+            (flow_doc(end=now, dst_port=70000), "records[1].dst_port: 70000 is outside"),
+            (flow_doc(end=now, enforced_trace=["nope"]), "records[1].enforced_trace[0]: "),
+            ({**flow_doc(end=now), "extra": 1}, "records[1].extra: unknown field")):
+        with pytest.raises(ApiError) as err:
+            send_flows(agent, [flow_doc(end=now - 1), bad])
+        assert err.value.status == 400 and message in err.value.message, err.value.message
+    for body in (b"[]", b'{"records": {}}', b'{"records": [], "more": 1}', b"{",
+                 b'{"records": [NaN]}'):
+        with pytest.raises(ApiError) as err:
+            agent.request("POST", "/v1/flows", raw=body)
+        assert err.value.status == 400, body
+    assert count(server) == 0
+    assert metric(server, 'bulkhead_flow_batches_refused_total{reason="invalid"}') == 8
+
+
+def test_roles(make: Starter) -> None:
+    server = make()
+    agent = server.client("web-1", "agent")
+    assert send_flows(agent, [flow_doc()]) == 1
+    assert len(flows(server.client("carol", "viewer"))["flows"]) == 1
+    assert len(flows(server.conn)["flows"]) == 1                     # admin
+    for who, call in ((agent, lambda c: flows(c)),
+                      (server.client("carol", "viewer"), lambda c: send_flows(c, [flow_doc()])),
+                      (server.conn, lambda c: send_flows(c, [flow_doc()]))):
+        with pytest.raises(ApiError) as err:
+            call(who)
+        assert err.value.status == 403, who.cert
+    assert count(server) == 1
+    assert metric(server, 'bulkhead_flow_batches_refused_total{reason="forbidden"}') == 2
+
+
+def _raw_post(server: ServerProcess, agent: Connection, headers: dict[str, str],
+              body: bytes = b"") -> tuple[int, str]:
+    ctx = ssl.create_default_context(cafile=agent.ca)
+    ctx.load_cert_chain(str(agent.cert), agent.key)
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=ctx, timeout=30)
+    try:
+        conn.putrequest("POST", "/v1/flows")
+        for key, value in {"Content-Type": "application/json", **headers}.items():
+            conn.putheader(key, value)
+        conn.endheaders()
+        if body:
+            conn.send(body)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def test_oversize_bodies_and_too_many_records(make: Starter) -> None:
+    server = make()
+    agent = server.client("web-1", "agent")
+    # Refused on the header alone: the body is never read.
+    status, text = _raw_post(server, agent, {"Content-Length": str(MAX_BATCH_BYTES + 1)})
+    assert status == 413 and f"larger than {MAX_BATCH_BYTES:,} bytes" in text
+    doc = flow_doc()
+    body = json.dumps({"records": [doc] * (MAX_BATCH + 1)}).encode()
+    status, text = _raw_post(server, agent, {"Content-Length": str(len(body))}, body)
+    assert status == 413 and f"5001 records; at most {MAX_BATCH}" in text
+    assert count(server) == 0
+    assert metric(server, 'bulkhead_flow_batches_refused_total{reason="too_large"}') == 2
+    # The client splits what one request cannot hold.
+    assert send_flows(agent, [doc] * (MAX_BATCH + 1)) == MAX_BATCH + 1
+    assert metric(server, "bulkhead_flow_batches_stored_total") == 2
+
+
+def test_retention_expires_old_records(make: Starter) -> None:
+    server = make({"retention": 1, "expireInterval": 0.2})
+    agent = server.client("web-1", "agent")
+    now = time.time()
+    assert send_flows(agent, [flow_doc(end=now - 3 * 3600, dst_name="old"),
+                              flow_doc(end=now - 60, dst_name="fresh")]) == 2
+    deadline = time.monotonic() + 20
+    while dsts(flows(server.conn, since=0)) != ["fresh"]:
+        assert time.monotonic() < deadline, dsts(flows(server.conn, since=0))
+        time.sleep(0.2)
+    assert metric(server, "bulkhead_flow_records_expired_total") == 1
+
+
+def test_clickhouse_store_through_the_server(make: Starter) -> None:
+    if importlib.util.find_spec("chdb") is None:
+        pytest.fail("chdb is not installed: `make test` installs the flows-test extra")
+    server = make({"store": "clickhouse", "clickhouse": {
+        "dsn": "chdb://{dir}/clickhouse", "database": "bulkhead_test"}})
+    agent = server.client("web-1", "agent")
+    now = time.time()
+    assert send_flows(agent, sample(now)[:3]) == 3
+    assert dsts(flows(server.conn)) == ["cache-1", "db-2", "db-1"]
+    assert dsts(flows(server.conn, policy="audit.lockdown")) == ["cache-1"]
+    assert dsts(flows(server.conn, selector="app == 'cache'")) == ["cache-1"]
+    assert flows(server.conn, top=1)["top"][0]["dst_name"] == "db-2"
+    with pytest.raises(ApiError) as err:
+        send_flows(agent, [flow_doc(end=now), flow_doc(end=now, node="db-1")])
+    assert err.value.status == 403 and count(server) == 3
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"colour": 1}, "flowLogs.colour: unknown key"),
+    ({"store": "postgres"}, "flowLogs.store: 'postgres' is not one of sqlite, clickhouse"),
+    ({"retention": 0}, "flowLogs.retention: 0 is not a number from"),
+    ({"jsonLines": {"maxBytes": 10}}, "flowLogs.jsonLines.path: required"),
+    ({"jsonLines": {"path": "/x", "keep": 1}}, "flowLogs.jsonLines.keep: 1 is not a whole "
+     "number from 2"),
+    ({"store": "clickhouse"}, "flowLogs.clickhouse: required with store: clickhouse"),
+    ({"store": "clickhouse", "clickhouse": {"host": "h", "dsn": "chdb:///x"}},
+     "give dsn, or host"),
+    ({"store": "clickhouse", "clickhouse": {"host": "h", "table": "a-b"}},
+     "flowLogs.clickhouse.table: 'a-b' is not a name"),
+    ({"clickhouse": {"host": "h"}}, "flowLogs.clickhouse: only with store: clickhouse"),
+])
+def test_config_errors_name_the_key(tmp_path: Path, section: dict[str, Any],
+                                    message: str) -> None:
+    path = tmp_path / "server.yaml"
+    path.write_text(json.dumps({"flowLogs": section}))
+    with pytest.raises(SystemExit) as err:
+        ServerConfig.load(path, {})
+    assert message in str(err.value), err.value
+
+
+def test_clickhouse_configured_without_its_package_is_a_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bulkhead.store.flowlog import config
+
+    monkeypatch.setattr(config, "available", lambda: False)
+    path = tmp_path / "server.yaml"
+    path.write_text(json.dumps({"flowLogs": {"store": "clickhouse",
+                                             "clickhouse": {"host": "ch.example"}}}))
+    with pytest.raises(SystemExit, match=r"needs the clickhouse-connect package.*"
+                       r"bulkhead-microseg\[clickhouse\]"):
+        ServerConfig.load(path, {})
+
+
+def test_defaults_put_flows_beside_the_datastore(tmp_path: Path) -> None:
+    path = tmp_path / "server.yaml"
+    path.write_text(json.dumps({"datastore": f"sqlite://{tmp_path}/state/store.db"}))
+    config = ServerConfig.load(path, {}).flow_log_config()
+    assert (config.store, config.path, config.retention_hours, config.json_lines) == (
+        "sqlite", tmp_path / "state" / "flows.sqlite", 24.0, None)
+
+
+def test_a_jsonlines_failure_is_counted_never_a_refusal(tmp_path: Path) -> None:
+    """What the store took stays taken: the JSON lines file is a copy for shippers."""
+    from bulkhead.server.flows import FlowLogs
+    from bulkhead.store.flowlog import FlowLogConfig, JsonLinesSink
+
+    config = FlowLogConfig.parse(None, tmp_path)
+    sink = JsonLinesSink(tmp_path / "logs" / "flows.jsonl", 4096, 2)
+    (tmp_path / "logs").rmdir()
+    (tmp_path / "logs").write_text("")            # its folder is a file now: writes fail
+    logs = FlowLogs(config, config.open(), sink)
+    try:
+        body = json.dumps({"records": [flow_doc(), flow_doc()]})
+        assert logs.ingest(body, "web-1") == 2
+        assert logs.store.count() == 2
+        assert "bulkhead_flow_jsonlines_errors_total 1" in logs.metrics()
+    finally:
+        logs.close()
