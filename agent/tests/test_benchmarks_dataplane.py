@@ -1,5 +1,5 @@
-"""The dataplane and convergence benchmarks run end to end on tiny sizes, in labs named by
-the test fixtures' scheme (so the session sweep removes them if a run dies). No timing is
+"""The dataplane, convergence and flow-flood benchmarks run end to end on tiny sizes, in
+labs named by the test fixtures' scheme (so the session sweep removes them if a run dies). No timing is
 asserted: the figures live in docs/benchmarks.md; here only that they are produced."""
 
 from __future__ import annotations
@@ -75,3 +75,14 @@ def test_convergence_benchmark_runs_small() -> None:
     assert all(set(w["kernel_ms"]) == {"h1", "h2"} for w in details)
     applies = results["agent_applies"]
     assert isinstance(applies, dict) and applies["applies"] >= 4   # 2 writes x 2 agents
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build tcpbench.c")
+def test_flowflood_benchmark_runs_small() -> None:
+    results = run_script("flowflood.py", "--seconds", "1", "--wait", "30")
+    made, got = results["connections_made"], results["connections_stored"]
+    assert isinstance(made, int) and isinstance(got, int) and made > 0
+    assert got > made // 2   # records reached the server (the figure is in the docs)
+    counters = results["agent_counters"]
+    assert isinstance(counters, dict) and counters["flowRecordsSent"] > 0
+    assert isinstance(results["agent_peak_rss_mib"], float)

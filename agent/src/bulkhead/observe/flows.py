@@ -97,7 +97,7 @@ class Limits:
 class _Aggregate:
     start: float
     end: float
-    connections: set[Tuple5] = field(default_factory=set)
+    continuing: set[Tuple5] = field(default_factory=set)   # opened in an earlier interval
     started: int = 0
     packets_in: int = 0
     packets_out: int = 0
@@ -271,11 +271,9 @@ class FlowAggregator:
             if tuple5 not in self._denied_seen:   # a retransmission is no new attempt
                 self._denied_seen.add(tuple5)
                 agg.started += 1
-                agg.connections.add(tuple5)
             return
         self.connections_seen += 1
         agg.started += 1
-        agg.connections.add(tuple5)
         if p.proto not in PORTED:
             # No conntrack join (no ports to match on): the first packet is what we know.
             agg.packets_in += inbound
@@ -333,7 +331,8 @@ class FlowAggregator:
         agg = self._aggregate(conn.key, now)
         if agg is None:
             return
-        agg.connections.add(tuple5)
+        if conn.opened < self._start:
+            agg.continuing.add(tuple5)
         if conn.reporter == "dst":    # the original direction came in
             agg.packets_in += delta[0]
             agg.bytes_in += delta[1]
@@ -355,7 +354,7 @@ class FlowAggregator:
                 start=min(agg.start, now), end=now, node=self.node, reporter=key.reporter,
                 src=src, dst=dst, proto=key.proto, dst_port=key.port, action=key.action,
                 enforced_trace=key.trace, staged_action=key.staged_action,
-                staged_trace=key.staged_trace, connections=len(agg.connections),
+                staged_trace=key.staged_trace, connections=agg.started + len(agg.continuing),
                 started=agg.started,
                 packets_in=agg.packets_in, packets_out=agg.packets_out,
                 bytes_in=agg.bytes_in, bytes_out=agg.bytes_out))
