@@ -1,6 +1,7 @@
 """The dataplane, convergence and flow-flood benchmarks run end to end on tiny sizes, in
-labs named by the test fixtures' scheme (so the session sweep removes them if a run dies). No timing is
-asserted: the figures live in docs/benchmarks.md; here only that they are produced."""
+labs named by the test fixtures' scheme (so the session sweep removes them if a run dies).
+No timing is asserted: the figures live in docs/benchmarks.md; here only that they are
+produced."""
 
 from __future__ import annotations
 
