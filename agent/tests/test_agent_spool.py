@@ -33,7 +33,7 @@ def test_past_the_bound_the_oldest_go_and_are_counted(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=4000, batch=5)
     for start in range(0, 40, 5):
         spool.put([record(i) for i in range(start, start + 5)])
-    assert spool.bytes <= 4000
+    assert spool.total_bytes <= 4000
     assert spool.dropped > 0 and spool.dropped + spool.records == 40
     first = spool.oldest()
     assert first is not None
@@ -50,3 +50,14 @@ def test_an_unreadable_file_or_a_half_written_one_is_dropped(tmp_path: Path) -> 
     again = Spool(tmp_path, max_bytes=1 << 20)
     assert not list(tmp_path.glob("*.tmp"))
     assert again.oldest() is None and again.dropped == 2
+
+
+def test_a_file_stays_within_one_request_body(tmp_path: Path) -> None:
+    one = len(record(0).json().__repr__())
+    spool = Spool(tmp_path, max_bytes=1 << 20, batch=1000, batch_bytes=64 + 3 * one)
+    spool.put([record(i) for i in range(10)])
+    counts = []
+    while (item := spool.oldest()) is not None:
+        counts.append(len(item.records))
+        spool.done(item.path)
+    assert sum(counts) == 10 and max(counts) <= 3 and len(counts) >= 4

@@ -1,8 +1,9 @@
 """Flow records waiting for the server, on disk, bounded.
 
 Each flush writes its records as numbered JSON-lines files (at most one ingest batch
-each) in STATE_DIR/flows/, atomically (a temporary file, fsync, rename), so a crash or a
-server that is away loses nothing already written. The files are sent oldest first and
+each: MAX_BATCH records, and MAX_BATCH_BYTES once framed as a request body) in
+STATE_DIR/flows/, atomically (a temporary file, fsync, rename), so a crash or a server
+that is away loses nothing already written. The files are sent oldest first and
 removed once the server has stored them. Past `max_bytes` the oldest files go first
 (drop-oldest): their records are counted in `dropped`, never silently lost.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bulkhead.model.flowlog import MAX_BATCH, FlowRecord
+from bulkhead.model.flowlog import MAX_BATCH, MAX_BATCH_BYTES, FlowRecord
 
 SUFFIX = ".jsonl"
 
@@ -36,10 +37,12 @@ def _count(path: Path) -> int:
 
 
 class Spool:
-    def __init__(self, directory: Path, max_bytes: int, batch: int = MAX_BATCH) -> None:
+    def __init__(self, directory: Path, max_bytes: int, batch: int = MAX_BATCH,
+                 batch_bytes: int = MAX_BATCH_BYTES) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.batch = batch
+        self.batch_bytes = batch_bytes - 64    # room for {"records":[...]} and commas
         self.dropped = 0            # records removed to stay within max_bytes, or unreadable
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         for stale in directory.glob("*.tmp"):
@@ -50,7 +53,7 @@ class Spool:
                          if p.stem.split("-")[0].isdigit()), default=0)
 
     @property
-    def bytes(self) -> int:
+    def total_bytes(self) -> int:
         return sum(self._sizes.values())
 
     @property
@@ -58,23 +61,34 @@ class Spool:
         return sum(_count(p) for p in self._files)
 
     def put(self, records: Sequence[FlowRecord]) -> None:
-        for at in range(0, len(records), self.batch):
-            chunk = records[at:at + self.batch]
-            self._seq += 1
-            path = self.directory / f"{self._seq:012d}-{len(chunk)}{SUFFIX}"
-            tmp = path.with_suffix(".tmp")
-            data = "".join(json.dumps(r.json(), separators=(",", ":")) + "\n" for r in chunk)
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.rename(path)
-            self._files.append(path)
-            self._sizes[path] = len(data.encode())
+        chunk: list[bytes] = []
+        size = 0
+        for record in records:
+            line = json.dumps(record.json(), separators=(",", ":")).encode() + b"\n"
+            if chunk and (len(chunk) >= self.batch or size + len(line) > self.batch_bytes):
+                self._write(chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._write(chunk)
         self._trim()
 
+    def _write(self, lines: list[bytes]) -> None:
+        self._seq += 1
+        path = self.directory / f"{self._seq:012d}-{len(lines)}{SUFFIX}"
+        tmp = path.with_suffix(".tmp")
+        data = b"".join(lines)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(path)
+        self._files.append(path)
+        self._sizes[path] = len(data)
+
     def _trim(self) -> None:
-        while self._files and self.bytes > self.max_bytes:
+        while self._files and self.total_bytes > self.max_bytes:
             self._drop(self._files[0])
 
     def _drop(self, path: Path) -> None:
