@@ -28,15 +28,14 @@ from bulkhead.observe.conntrack import (
     enable_accounting,
     enable_events,
 )
-from bulkhead.observe.flows import FlowAggregator
+from bulkhead.observe.flows import FlowAggregator, conn_key
 from bulkhead.observe.nflog import NflogSocket
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 
 
 def key(t: Any) -> tuple[Any, ...]:
-    ports = (t.sport, t.dport) if t.proto in (6, 17, 132, 136) else (None, None)
-    return (t.proto, t.src, t.dst, *ports)
+    return conn_key(t.proto, t.src, t.dst, t.sport, t.dport)
 
 
 def main() -> int:

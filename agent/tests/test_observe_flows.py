@@ -11,7 +11,7 @@ from bulkhead.dataplane.nftables import render
 from bulkhead.dataplane.nftables.render import FlowLogging
 from bulkhead.model import INGRESS
 from bulkhead.model.flowlog import parse_record
-from bulkhead.observe.flows import Ends, FlowAggregator, Limits
+from bulkhead.observe.flows import Ends, FlowAggregator, Limits, conn_key
 from bulkhead.policy import Failsafes
 from bulkhead.policy.evaluate import Evaluator
 from bulkhead.policy.flow import Flow
@@ -82,7 +82,7 @@ def prefix(rs: Any, step: str, direction: str = INGRESS) -> str:
 
 def test_an_allowed_connection_with_pass_steps_and_counts() -> None:
     agg, rs = setup()
-    tuple5 = (6, IP(WEB), IP(DB), 40000, 5432)
+    tuple5 = conn_key(6, IP(WEB), IP(DB), 40000, 5432)
     for step in ("security|security.ssh|0|pass", "default|db|0|allow"):
         agg.packet(Logged(prefix(rs, step), 6, IP(WEB), IP(DB), 40000, 5432))
     agg.counts([(tuple5, Counters(10, 10_000, 8, 20_000))], now=101.0)
@@ -168,7 +168,7 @@ def test_a_staged_deny_shows_where_the_evaluator_says_and_follows_policy_changes
         {"action": "Deny", "protocol": "TCP", "source": {"selector": "app == 'web'"},
          "destination": {"ports": [5432]}}]}, kind="StagedGlobalNetworkPolicy")
     agg, rs = setup(staged)
-    tuple5 = (6, IP(WEB), IP(DB), 40000, 5432)
+    tuple5 = conn_key(6, IP(WEB), IP(DB), 40000, 5432)
     for step in ("security|security.ssh|0|pass", "default|db|0|allow"):
         agg.packet(Logged(prefix(rs, step), 6, IP(WEB), IP(DB), 40000, 5432))
     [record] = agg.flush(now=110.0)

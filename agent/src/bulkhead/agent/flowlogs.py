@@ -33,7 +33,7 @@ from bulkhead.agent.spool import Spool
 from bulkhead.agent.sync import error_of
 from bulkhead.api import route
 from bulkhead.model import Snapshot
-from bulkhead.observe.flows import FlowAggregator, Limits, Tuple5
+from bulkhead.observe.flows import FlowAggregator, Limits, Tuple5, conn_key
 from bulkhead.policy import Failsafes
 from bulkhead.policy.trace import Decision
 
@@ -54,11 +54,8 @@ class FlowLogCounters:
 
 
 def entry_tuple(orig: Any) -> Tuple5:
-    """The aggregator's key for a conntrack tuple (ports only where the protocol has
-    them, as for logged packets)."""
-    if orig.proto in (6, 17, 132, 136):
-        return (orig.proto, orig.src, orig.dst, orig.sport, orig.dport)
-    return (orig.proto, orig.src, orig.dst, None, None)
+    """The aggregator's key for a conntrack tuple."""
+    return conn_key(orig.proto, orig.src, orig.dst, orig.sport, orig.dport)
 
 
 class FlowLogs:

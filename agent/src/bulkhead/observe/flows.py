@@ -82,7 +82,17 @@ class Tracked(Protocol):
     def bytes_reply(self) -> int: ...
 
 
-Tuple5 = tuple[int, IPAddress, IPAddress, int | None, int | None]   # proto, src, dst, ports
+# A connection: IP version, protocol, source and destination as integers (hashed far
+# faster than ipaddress objects), ports where the protocol has them.
+Tuple5 = tuple[int, int, int, int, int | None, int | None]
+
+
+def conn_key(proto: int, src: IPAddress, dst: IPAddress, sport: int | None,
+             dport: int | None) -> Tuple5:
+    """The aggregator's key of a connection, from a logged packet or a conntrack tuple."""
+    if proto in PORTED:
+        return (src.version, proto, int(src), int(dst), sport, dport)
+    return (src.version, proto, int(src), int(dst), None, None)
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,7 @@ class FlowAggregator:
         self._evaluator = Evaluator(snapshot, self.failsafes)
         self._ends = Ends(snapshot)
         self._verdicts: OrderedDict[tuple[object, ...], _Staged] = OrderedDict()
+        self._keys: dict[tuple[object, ...], _Key] = {}
         self._source_ports = any(
             r.source.ports or r.source.not_ports
             for p in [*snapshot.policies.values(), *snapshot.staged.values()]
@@ -241,8 +252,7 @@ class FlowAggregator:
         if decision is None:
             self.dropped["unknown_prefix"] += 1   # a table from before a policy change
             return
-        ports = (p.sport, p.dport) if p.proto in PORTED else (None, None)
-        tuple5: Tuple5 = (p.proto, p.src, p.dst, *ports)
+        tuple5 = conn_key(p.proto, p.src, p.dst, p.sport, p.dport)
         pending_key = (tuple5, decision.direction)
         steps = self._pending.pop(pending_key, [])
         steps.append(decision)
@@ -257,8 +267,17 @@ class FlowAggregator:
     def _first_packet(self, p: Packet, tuple5: Tuple5, final: Decision,
                       trace: tuple[str, ...]) -> None:
         reporter = "dst" if final.direction == INGRESS else "src"
-        flow = Flow(p.src, p.dst, p.proto, tuple5[4], tuple5[3], p.icmp_type, p.icmp_code)
-        key = self._key(flow, reporter, final.action, trace)
+        flow = Flow(p.src, p.dst, p.proto, tuple5[5], tuple5[4], p.icmp_type, p.icmp_code)
+        # Every new connection of one pair, port and trace has the same key: computed once.
+        sport = tuple5[4] if self._source_ports else None
+        memo = (reporter, tuple5[:4], tuple5[5], sport, p.icmp_type, p.icmp_code,
+                final.action, trace)
+        key = self._keys.get(memo)
+        if key is None:
+            key = self._key(flow, reporter, final.action, trace)
+            if len(self._keys) >= self.limits.verdicts:
+                self._keys.clear()
+            self._keys[memo] = key
         agg = self._aggregate(key, p.timestamp)
         if agg is None:
             return
