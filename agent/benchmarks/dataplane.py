@@ -475,7 +475,8 @@ def report(results: dict[str, Any]) -> str:
                      f"{fl['missed']}, {fl['missed_share']:.1%}); NFLOG overruns "
                      f"{reader['nflog_overruns']}, aggregator drops {reader['dropped']}, "
                      f"{reader['records']} records in {reader['flushes']} flushes, reader RSS "
-                     f"{reader['max_rss_mib']:.0f} MiB")
+                     f"{reader['max_rss_mib']:.0f} MiB, CPU {reader['cpu_seconds']:.0f} s in "
+                     f"{reader['seconds']:.0f} s")
     return "\n".join(lines)
 
 

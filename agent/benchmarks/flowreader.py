@@ -68,6 +68,8 @@ def main() -> int:
     sel.register(events.fileno(), selectors.EVENT_READ, "events")
     stats = {"packets": 0, "records": 0, "flushes": 0, "flush_seconds_max": 0.0}
     print("ready", flush=True)
+    began = time.monotonic()
+    setup = resource.getrusage(resource.RUSAGE_SELF)
     next_flush = time.monotonic() + args.flush
     while not stopping:
         for selected, _ in sel.select(timeout=max(0.0, next_flush - time.monotonic())):
@@ -90,11 +92,14 @@ def main() -> int:
             stats["flush_seconds_max"] = max(stats["flush_seconds_max"],
                                              time.perf_counter() - started)
             next_flush = time.monotonic() + args.flush
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     args.out.write_text(json.dumps({
+        "cpu_seconds": usage.ru_utime + usage.ru_stime - setup.ru_utime - setup.ru_stime,
+        "seconds": time.monotonic() - began,
         **stats, "connections_seen": aggregator.connections_seen,
         "nflog_overruns": nflog.overruns, "event_overruns": events.overruns,
         "dropped": aggregator.dropped,
-        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        "max_rss_mib": usage.ru_maxrss / 1024}))
     return 0
 
 
