@@ -5,7 +5,7 @@ memory while it keeps up.
     .venv/bin/python agent/benchmarks/flowflood.py [--seconds 20] [--json]
 
 One lab (`flood`: a client and a receiver), bulkhead-server and an agent in the receiver
-with flow logs on (flush every second). The client opens and resets TCP connections to
+with flow logs on (flushInterval 15 s, the default; `--flush`). The client opens and resets TCP connections to
 the receiver as fast as it can (tcpbench.c, `connect`, 32 in flight) for `--seconds`;
 every connection is allowed by a policy, so each is one first packet logged and one
 conntrack entry. Then the server is asked for the receiver's records of that port until
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bulkhead-flowflood-") as tmp_name:
         tmp = Path(tmp_name)
         tool = str(build_tool(tmp))
-        flow_logs = {"enabled": True, "flushInterval": 1}
+        flow_logs = {"enabled": True, "flushInterval": args.flush}
         with Testbed(args.lab, list(HOSTS), failsafe_defaults=False, agent_hosts=["recv"],
                      agent_settings={"flowLogs": flow_logs}) as bed:
             lab = bed.lab
@@ -141,6 +141,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0, help="the flood's length")
+    parser.add_argument("--flush", type=float, default=15.0,
+                        help="the agent's flushInterval (its conntrack dump comes as often)")
     parser.add_argument("--wait", type=float, default=60.0,
                         help="seconds to wait for the records to reach the server")
     parser.add_argument("--lab", default="flood", help="lab name (not starting with t)")

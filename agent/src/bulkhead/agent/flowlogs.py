@@ -65,6 +65,12 @@ class FlowLogs:
         self.settings = settings
         self._rule_hits = rule_hits
         self._hits: dict[str, int] = {}
+        # The kernel's side of the books: every logged first packet also counts in its
+        # decision's named counter, so their sum is what the kernel logged. Logged but
+        # not read (still queued, or dropped by the kernel for a full socket buffer):
+        self._hits_total: int | None = None   # None: no look yet (the first sets the base)
+        self._read_at_hits = 0
+        self.unread = 0
         self.node = node
         self.failsafes = failsafes
         self.netns = netns
@@ -112,6 +118,7 @@ class FlowLogs:
             "flowNflogOverruns": self.counters.nflog_overruns,
             "flowConntrackOverruns": self.counters.conntrack_overruns,
             "flowPacketsRead": self.counters.packets_read,
+            "flowPacketsUnread": self.unread,
             "flowOpenConnections": agg.open_connections if agg else 0,
             **{f"flowDropped_{k}": v for k, v in dropped.items()},
         }
@@ -187,11 +194,24 @@ class FlowLogs:
                 self._hits = await asyncio.to_thread(self._rule_hits)
             except Exception as e:   # counters are a view: never stop the flow logs
                 log.warning("rule hit counters not read: %s", e)
+            else:
+                self._balance(sum(self._hits.values()))
         records = self.aggregator.flush(time.time())
         if records:
             await asyncio.to_thread(self.spool.put, records)
             self._kick.set()
         return len(records)
+
+    def _balance(self, total: int) -> None:
+        """Logged (by the counters) against read, since the last look. Counters start
+        again at 0 when the table is replaced whole: a smaller sum is a new table."""
+        before = self._hits_total
+        read = self.counters.packets_read - self._read_at_hits
+        self._hits_total, self._read_at_hits = total, self.counters.packets_read
+        if before is None:
+            return   # what was logged before this agent read anything is not its to count
+        logged = total - before if total >= before else total
+        self.unread = max(0, self.unread + logged - read)
 
     async def _ship_forever(self, session: aiohttp.ClientSession,
                             stopping: Callable[[], bool]) -> None:
