@@ -93,13 +93,7 @@ seealso:
     link: https://github.com/bulkhead-microseg/bulkhead/blob/main/docs/observability.md
 extends_documentation_fragment:
   - bulkhead.microseg.connection
-attributes:
-  check_mode:
-    support: full
-    description: The module only reads.
-  diff_mode:
-    support: none
-    description: Nothing changes, so there is no diff.
+  - bulkhead.microseg.connection.read_only
 """
 
 EXAMPLES = r"""
