@@ -105,6 +105,17 @@ attributes:
     description: Shows the resource before and after, without server-owned metadata.
 """
 
+    # Every module that only reads.
+    READ_ONLY = r"""
+attributes:
+  check_mode:
+    support: full
+    description: The module only reads.
+  diff_mode:
+    support: none
+    description: Nothing changes, so there is no diff.
+"""
+
     # Every module that writes: wait until the agents enforce the write.
     WAIT = r"""
 options:

@@ -271,6 +271,11 @@ class BulkheadClient:
                 query[key] = str(value)
         return self.request("GET", route("history"), query=query or None)["entries"]
 
+    def flows(self, query=None):
+        """Flow log records, or top talkers with `top` (`GET /v1/flows`; query values are
+        strings, as the server reads them)."""
+        return self.request("GET", route("flows"), query=query or None)
+
     # ------------------------------------------------------------------- agents
     def nodes(self, revision=None):
         query = {"revision": str(revision)} if revision is not None else None

@@ -32,13 +32,7 @@ seealso:
   - module: bulkhead.microseg.export
 extends_documentation_fragment:
   - bulkhead.microseg.connection
-attributes:
-  check_mode:
-    support: full
-    description: The module only reads.
-  diff_mode:
-    support: none
-    description: Nothing changes, so there is no diff.
+  - bulkhead.microseg.connection.read_only
 """
 
 EXAMPLES = r"""

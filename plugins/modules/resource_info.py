@@ -37,13 +37,7 @@ seealso:
     plugin_type: inventory
 extends_documentation_fragment:
   - bulkhead.microseg.connection
-attributes:
-  check_mode:
-    support: full
-    description: The module only reads.
-  diff_mode:
-    support: none
-    description: Nothing changes, so there is no diff.
+  - bulkhead.microseg.connection.read_only
 """
 
 EXAMPLES = r"""
