@@ -5,8 +5,9 @@ memory while it keeps up.
     .venv/bin/python agent/benchmarks/flowflood.py [--seconds 20] [--json]
 
 One lab (`flood`: a client and a receiver), bulkhead-server and an agent in the receiver
-with flow logs on (flushInterval 15 s, the default; `--flush`). The client opens and resets TCP connections to
-the receiver as fast as it can (tcpbench.c, `connect`, 32 in flight) for `--seconds`;
+with flow logs on (flushInterval 15 s, the default; `--flush`). The client opens and
+resets TCP connections to the receiver as fast as it can (tcpbench.c, `connect`, 32 in
+flight) for `--seconds`;
 every connection is allowed by a policy, so each is one first packet logged and one
 conntrack entry. Then the server is asked for the receiver's records of that port until
 their `started` add up to what the client made (or a deadline): lost = made - stored.
