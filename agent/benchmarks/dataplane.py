@@ -193,7 +193,8 @@ class Bench:
         out, log = self.logs / "flowreader.json", self.logs / "flowreader.log"
         self.reader = self.lab.spawn(FLOWS, [
             sys.executable, str(HERE / "flowreader.py"), str(self.resources_file), "receiver",
-            "eth0", f"{self.lab.address('bulkhead')}/15", str(out)], log)
+            "eth0", f"{self.lab.address('bulkhead')}/15", str(out),
+            *(["--events"] if self.args.conntrack_events else [])], log)
         deadline = time.monotonic() + 120
         while "ready" not in (log.read_text() if log.exists() else ""):
             if self.reader.poll() is not None or time.monotonic() > deadline:
@@ -503,6 +504,8 @@ def main() -> int:
     parser.add_argument("--flow-logs", action="store_true",
                         help="one more receiver: Bulkhead's table with flow logs, read by the "
                              "agent's flow pipeline")
+    parser.add_argument("--conntrack-events", action="store_true",
+                        help="with --flow-logs: the reader takes conntrack destroy events too")
     parser.add_argument("--lab", default="bench", help="lab name (not starting with t)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

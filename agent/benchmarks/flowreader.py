@@ -4,7 +4,7 @@ does (`bulkhead.observe`), aggregates with staged verdicts, flushes every interv
 on SIGTERM writes what it saw as JSON. Shipping to a server is left out (the server
 benchmark measures ingest).
 
-    flowreader.py RESOURCES.json NODE IFACE ADDRESS OUT.json [--flush 1.0]
+    flowreader.py RESOURCES.json NODE IFACE ADDRESS OUT.json [--flush 15]
 """
 
 from __future__ import annotations
@@ -45,16 +45,19 @@ def main() -> int:
     p.add_argument("iface")
     p.add_argument("address")
     p.add_argument("out", type=Path)
-    p.add_argument("--flush", type=float, default=1.0)
+    p.add_argument("--flush", type=float, default=15.0, help="as the agent's flushInterval")
+    p.add_argument("--events", action="store_true",
+                   help="conntrack destroy events too (flowLogs.conntrackEvents)")
     args = p.parse_args()
     snapshot = Snapshot.build(parse_resource(d) for d in json.loads(args.resources.read_text()))
     plan = calculate(snapshot, args.node, {args.iface: [args.address]}, Failsafes())
     decisions = render(plan, flow_logs=FlowLogging()).decisions
     enable_accounting()
-    enable_events()
+    if args.events:
+        enable_events()
     aggregator = FlowAggregator(args.node, snapshot, decisions, Failsafes(), now=time.time())
     nflog = NflogSocket([1, 2])
-    events = ConntrackEvents()
+    events = ConntrackEvents() if args.events else None
     conntrack = Conntrack()
     stopping = False
 
@@ -65,7 +68,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     sel = selectors.DefaultSelector()
     sel.register(nflog.fileno(), selectors.EVENT_READ, "nflog")
-    sel.register(events.fileno(), selectors.EVENT_READ, "events")
+    if events is not None:
+        sel.register(events.fileno(), selectors.EVENT_READ, "events")
     stats = {"packets": 0, "records": 0, "flushes": 0, "flush_seconds_max": 0.0}
     print("ready", flush=True)
     began = time.monotonic()
@@ -78,7 +82,7 @@ def main() -> int:
                 stats["packets"] += len(packets)
                 for packet in packets:
                     aggregator.packet(packet)
-            else:
+            elif events is not None:
                 now = time.time()
                 for kind, entry in events.read(5000):
                     if kind == "destroy":
@@ -97,7 +101,8 @@ def main() -> int:
         "cpu_seconds": usage.ru_utime + usage.ru_stime - setup.ru_utime - setup.ru_stime,
         "seconds": time.monotonic() - began,
         **stats, "connections_seen": aggregator.connections_seen,
-        "nflog_overruns": nflog.overruns, "event_overruns": events.overruns,
+        "nflog_overruns": nflog.overruns,
+        "event_overruns": events.overruns if events is not None else 0,
         "dropped": aggregator.dropped,
         "max_rss_mib": usage.ru_maxrss / 1024}))
     return 0

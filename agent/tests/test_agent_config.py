@@ -32,6 +32,8 @@ from tests.agentfixture import Recorder, restore_logging  # noqa: F401 (autouse 
      "flowLogs.flushInterval: 0.5: must be 1 to 3600 s"),
     ({"flowLogs": {"enabled": True, "inboundGroup": 70000}}, [],
      "flowLogs.inboundGroup: 70000: must be an integer from 0 to 65535"),
+    ({"flowLogs": {"enabled": True, "conntrackEvents": "yes"}}, [],
+     "flowLogs.conntrackEvents: must be true or false"),
     ({"flowLogs": {"enabled": True, "inboundGroup": 2}}, [],
      "flowLogs.outboundGroup: must differ from inboundGroup"),
     ("[1, 2]", [], "must be a mapping of keys to values"),
@@ -63,9 +65,10 @@ def test_docs_list_every_config_key_and_flag() -> None:
 def test_flow_logs_settings_are_read(tmp_path: Path) -> None:
     conf = tmp_path / "agent.yaml"
     conf.write_text(yaml.safe_dump({"flowLogs": {"enabled": True, "flushInterval": 5,
-                                                 "spoolBytes": 2 << 20}}))
+                                                 "spoolBytes": 2 << 20,
+                                                 "conntrackEvents": True}}))
     settings = load_config(conf).flow_logs
-    assert settings is not None
+    assert settings is not None and settings.conntrack_events
     assert (settings.flush_interval, settings.spool_bytes, settings.inbound_group) == \
         (5.0, 2 << 20, 1)
     conf.write_text(yaml.safe_dump({"flowLogs": {"enabled": False, "flushInterval": 5}}))

@@ -99,11 +99,13 @@ def ingress_of_h2(bed: Testbed) -> dict[tuple[str, int], dict[str, Any]]:
     return out
 
 
-@pytest.fixture
-def bed() -> Iterator[Testbed]:
+@pytest.fixture(params=[False, True], ids=["dumps", "destroy-events"])
+def bed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
+    """Counts from conntrack dumps only (the default), or destroy events too."""
     need_root()
+    settings = {"flowLogs": {**FLOW_LOGS, "conntrackEvents": request.param}}
     with Testbed(unique_lab_name(), list(HOSTS), failsafe_defaults=False,
-                 agent_hosts=AGENTS, agent_settings={"flowLogs": FLOW_LOGS}) as testbed:
+                 agent_hosts=AGENTS, agent_settings=settings) as testbed:
         yield testbed
 
 
@@ -165,8 +167,12 @@ def test_a_server_restart_during_traffic_loses_no_record(bed: Testbed) -> None:
 
     wait_until(spooled, "h2 to keep records on disk while the server is away")
     bed.start_server()
-    wait_until(lambda: ingress_of_h2(bed).get(("h1", 80), {}).get("started", 0) >= rounds,
-               f"all {rounds} connections' records after the restart")
+    try:
+        wait_until(lambda: ingress_of_h2(bed).get(("h1", 80), {}).get("started", 0) >= rounds,
+                   f"all {rounds} connections' records after the restart")
+    except AssertionError:
+        raise AssertionError(f"h2's records: {flows(bed, node='h2')}; its counters: "
+                             f"{bed.agent_metrics('h2')}") from None
     assert ingress_of_h2(bed)[("h1", 80)]["started"] == rounds
     final = bed.agent_metrics("h2")
     assert final['bulkhead_agent_flow_logs{counter="flowRecordsDroppedSpool"}'] == 0

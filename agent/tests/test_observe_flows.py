@@ -225,3 +225,13 @@ def test_an_address_belongs_to_the_longest_prefix_set_then_the_first_name() -> N
     assert ends.at(IP(DB)).type == "hep"
     outside = ends.at(IP("8.8.8.8"))
     assert (outside.type, outside.name, outside.scope) == ("net", "8.8.8.8", "public")
+
+
+def test_a_pair_seen_again_after_a_flush_still_has_its_ends() -> None:
+    agg, rs = setup()
+    allow = prefix(rs, "default|db|0|allow")
+    for round_, now in ((0, 110.0), (1, 120.0)):
+        agg.packet(Logged(allow, 6, IP(WEB), IP(DB), 40000 + round_, 5432))
+        agg.counts([], now=now + 100)    # the connection is gone from conntrack
+        [record] = agg.flush(now=now)
+        assert (record.src.name, record.dst.name, record.started) == ("web", "db", 1)

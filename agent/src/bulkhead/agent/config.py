@@ -40,6 +40,9 @@ class FlowLogSettings:
     spool_bytes: int = 64 << 20     # records kept on disk while the server is away
     max_connections: int = 100_000  # open connections followed for their counts
     max_records: int = 50_000       # records per flush interval
+    # conntrack DESTROY events for each connection's last counters (else: the dumps
+    # only); they cost about 5% of the new-connection rate (docs/benchmarks.md)
+    conntrack_events: bool = False
 
 
 @dataclass
@@ -181,7 +184,7 @@ def _seconds(value: Any, where: str) -> float:
 def _flow_logs(value: Any, where: str) -> FlowLogSettings | None:
     if not isinstance(value, dict):
         raise ConfigError(where, "must be a mapping (enabled: true, flushInterval: 15, ...)")
-    known = {"enabled", "flushInterval", *FLOW_LOG_KEYS}
+    known = {"enabled", "flushInterval", "conntrackEvents", *FLOW_LOG_KEYS}
     for key in value:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
@@ -191,6 +194,11 @@ def _flow_logs(value: Any, where: str) -> FlowLogSettings | None:
     if not enabled:
         return None
     settings: dict[str, Any] = {}
+    events = value.get("conntrackEvents", False)
+    if not isinstance(events, bool):
+        raise ConfigError(f"{where}.conntrackEvents", f"must be true or false, not {events!r}")
+    if events:
+        settings["conntrack_events"] = True
     if "flushInterval" in value:
         seconds = _seconds(value["flushInterval"], f"{where}.flushInterval")
         if not 1 <= seconds <= 3600:

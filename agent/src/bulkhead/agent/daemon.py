@@ -89,6 +89,7 @@ class Agent:
         self._status_kick = asyncio.Event()
         self._stopping = False
         self._queue: asyncio.Queue[Doc | Exception] | None = None  # the open watch's lines
+        self.flow_retry = 5.0           # seconds before failed flow logs start again
         self.flow_logs = FlowLogs(config.flow_logs, config.node, config.failsafes,
                                   Path(config.state_dir), rule_hits=getattr(
                                       enforcer, "rule_hits", None)) \
@@ -362,6 +363,21 @@ class Agent:
                                                        "counts": report.counts}})
             self._status_kick.set()
 
+    # ---------------------------------------------------------------------- flows
+    async def _flows_forever(self, session: aiohttp.ClientSession) -> None:
+        """Flow logs, started again after any failure: they never stop enforcement."""
+        assert self.flow_logs is not None
+        while not self._stopping:
+            try:
+                await self.flow_logs.run(session, lambda: self._stopping)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.flow_logs.counters.failures += 1
+                log.error("flow logs failed; starting them again in %.0f s (enforcement "
+                          "goes on): %r", self.flow_retry, e, exc_info=True)
+                await asyncio.sleep(self.flow_retry)
+
     # --------------------------------------------------------------------- status
     async def _status_forever(self, session: aiohttp.ClientSession) -> None:
         failing = False
@@ -401,8 +417,7 @@ class Agent:
                  asyncio.create_task(self._drift_forever(), name="drift"),
                  asyncio.create_task(self._status_forever(session), name="status")]
         if self.flow_logs is not None:
-            tasks.append(asyncio.create_task(
-                self.flow_logs.run(session, lambda: self._stopping), name="flows"))
+            tasks.append(asyncio.create_task(self._flows_forever(session), name="flows"))
         stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait([stopping, *tasks],

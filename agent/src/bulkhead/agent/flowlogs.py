@@ -1,9 +1,11 @@
 """Flow logs in the agent: read the kernel's logs, aggregate, spool, ship.
 
-    read     NFLOG (the first packet of each connection, at every decision it meets) and
-             conntrack destroy events, on the event loop as they arrive
+    read     NFLOG (the first packet of each connection, at every decision it meets), on
+             the event loop as it arrives
     count    every flush interval: a conntrack dump (in a worker thread) for the counters
-             of connections still open
+             of connections still open, or ended but still in the table (closing TCP
+             stays 10 s after a reset, 120 s in TIME_WAIT); with `conntrackEvents`, also
+             each connection's last counters from its destroy event
     flush    every flush interval: the aggregator's records to the spool on disk
     ship     the spool's files, oldest first, to the server (POST /v1/flows) over the
              agent's mTLS session; removed once stored. While the server is away they
@@ -50,6 +52,7 @@ class FlowLogCounters:
     nflog_overruns: int = 0
     conntrack_overruns: int = 0
     packets_read: int = 0
+    failures: int = 0               # times the flow-log loop failed and was started again
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -115,6 +118,7 @@ class FlowLogs:
             "flowRecordsSpooled": self.spool.records,
             "flowRecordsDroppedSpool": self.spool.dropped,
             "flowShipFailures": self.counters.ship_failures,
+            "flowFailures": self.counters.failures,
             "flowNflogOverruns": self.counters.nflog_overruns,
             "flowConntrackOverruns": self.counters.conntrack_overruns,
             "flowPacketsRead": self.counters.packets_read,
@@ -134,14 +138,16 @@ class FlowLogs:
         )
         from bulkhead.observe.nflog import NflogSocket
 
-        # Counters for connections made from now on; destroy events for every connection
-        # (the default, 2, gives them only to connections made while a reader listened).
+        # Counters for connections made from now on; with conntrackEvents, destroy
+        # events for every connection (the default, 2, gives them only to connections
+        # made while a reader listened).
         await asyncio.to_thread(enable_accounting, self.netns)
-        await asyncio.to_thread(enable_events, self.netns)
+        if self.settings.conntrack_events:
+            await asyncio.to_thread(enable_events, self.netns)
         loop = asyncio.get_running_loop()
         nflog = NflogSocket([self.settings.inbound_group, self.settings.outbound_group],
                             self.netns)
-        events = ConntrackEvents(self.netns)
+        events = ConntrackEvents(self.netns) if self.settings.conntrack_events else None
         conntrack = Conntrack(self.netns)
 
         def read_nflog() -> None:
@@ -153,6 +159,7 @@ class FlowLogs:
                     self.aggregator.packet(p)
 
         def read_events() -> None:
+            assert events is not None
             ended = events.read(5000)
             self.counters.conntrack_overruns = events.overruns
             if self.aggregator is None:
@@ -163,7 +170,8 @@ class FlowLogs:
                     self.aggregator.ended(entry_tuple(entry.orig), entry, now)
 
         loop.add_reader(nflog.fileno(), read_nflog)
-        loop.add_reader(events.fileno(), read_events)
+        if events is not None:
+            loop.add_reader(events.fileno(), read_events)
         shipper = asyncio.create_task(self._ship_forever(session, stopping), name="ship")
         try:
             while not stopping():
@@ -171,7 +179,8 @@ class FlowLogs:
                 await self.flush(conntrack)
         finally:
             loop.remove_reader(nflog.fileno())
-            loop.remove_reader(events.fileno())
+            if events is not None:
+                loop.remove_reader(events.fileno())
             shipper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await shipper
@@ -179,7 +188,8 @@ class FlowLogs:
             with contextlib.suppress(Exception):
                 await self.flush(None)
             nflog.close()
-            events.close()
+            if events is not None:
+                events.close()
             conntrack.close()
 
     async def flush(self, conntrack: Any) -> int:

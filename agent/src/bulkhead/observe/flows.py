@@ -214,7 +214,7 @@ class FlowAggregator:
         self._evaluator = Evaluator(snapshot, self.failsafes)
         self._ends = Ends(snapshot)
         self._verdicts: OrderedDict[tuple[object, ...], _Staged] = OrderedDict()
-        self._keys: dict[tuple[object, ...], _Key] = {}
+        self._keys: dict[tuple[object, ...], tuple[_Key, tuple[End, End]]] = {}
         self._source_ports = any(
             r.source.ports or r.source.not_ports
             for p in [*snapshot.policies.values(), *snapshot.staged.values()]
@@ -272,12 +272,15 @@ class FlowAggregator:
         sport = tuple5[4] if self._source_ports else None
         memo = (reporter, tuple5[:4], tuple5[5], sport, p.icmp_type, p.icmp_code,
                 final.action, trace)
-        key = self._keys.get(memo)
-        if key is None:
+        known = self._keys.get(memo)
+        if known is None:
             key = self._key(flow, reporter, final.action, trace)
             if len(self._keys) >= self.limits.verdicts:
                 self._keys.clear()
-            self._keys[memo] = key
+            self._keys[memo] = (key, self._ends_of[key])
+        else:
+            key = known[0]
+            self._ends_of[key] = known[1]   # flush keeps only the open connections' ends
         agg = self._aggregate(key, p.timestamp)
         if agg is None:
             return
