@@ -61,3 +61,15 @@ def test_a_file_stays_within_one_request_body(tmp_path: Path) -> None:
         counts.append(len(item.records))
         spool.done(item.path)
     assert sum(counts) == 10 and max(counts) <= 3 and len(counts) >= 4
+
+
+def test_the_file_being_sent_is_never_trimmed_under_the_shipper(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=3000, batch=3)
+    spool.put([record(i) for i in range(3)])
+    sending = spool.oldest()
+    assert sending is not None
+    spool.put([record(i) for i in range(3, 12)])    # past the bound: the others go first
+    assert sending.path.exists() and spool.total_bytes > 0
+    spool.done(sending.path)
+    rest = spool.oldest()
+    assert rest is not None and rest.path != sending.path

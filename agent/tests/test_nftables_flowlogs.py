@@ -75,14 +75,25 @@ def test_verdict_map_cells_go_to_per_rule_chains() -> None:
         assert "log prefix" in rule and rule.split()[-1] in ("accept", "drop", "return")
 
 
-def test_raw_priority_and_loopback_log_nothing() -> None:
+def test_raw_priority_logs_only_a_deny_and_loopback_nothing() -> None:
     untracked = gnp("fast", {"selector": "app == 'db'", "doNotTrack": True,
                              "applyOnForward": True, "ingress": [
-                                 {"action": "Allow", "protocol": "UDP"}]})
+                                 {"action": "Allow", "protocol": "UDP"},
+                                 {"action": "Deny", "protocol": "TCP",
+                                  "destination": {"ports": [23]}},
+                                 {"action": "Deny", "protocol": "TCP",
+                                  "destination": {"ports": [25]}}]})
     plan = calculate(snap(*docs(), untracked), "n1", {}, Failsafes())
     rs = render(plan, flow_logs=FlowLogging())
     raw = [c for name, c in rs.chains.items() if name.startswith(("raw_", "n_", "u_"))]
-    assert raw and not any("log" in r for c in raw for r in c.rules)
+    assert raw and not any("log" in r for c in raw for r in c.rules)   # via l_ chains
+    raw_map = next(x for n, x in rs.sets.items() if n.startswith("m")
+                   and any("untracked_accept" in e for e in x.elements))
+    logged = {e.split(" : ")[0]: rs.chains[e.split(" : ")[1].split()[1]].rules[0]
+              for e in raw_map.elements if "goto l_" in e}
+    assert sorted(logged) == ["6 . 23", "6 . 25"]
+    assert all(r.endswith(" drop") and "log prefix" in r for r in logged.values())
+    assert any(e.endswith("goto untracked_accept") for e in raw_map.elements)
     assert not any("log" in r for r in rs.chains["input"].rules if '"lo"' in r)
     # The untracked policy is evaluated again by the filter chains, and logged there.
     assert "default|fast|0|allow" in steps(rs, INGRESS)

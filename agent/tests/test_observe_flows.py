@@ -206,8 +206,8 @@ def test_a_complete_dump_ends_connections_it_no_longer_holds() -> None:
     agg.packet(Logged(prefix(rs, "default|db|0|allow"), 6, IP(WEB), IP(DB), 40000, 5432,
                       timestamp=100.0))
     agg.counts([], now=102.0)
-    assert agg.open_connections == 1   # within the grace period
-    agg.counts([], now=106.0)
+    assert agg.open_connections == 1   # once could be a connection the dump just missed
+    agg.counts([], now=117.0)
     assert agg.open_connections == 0
 
 
@@ -235,3 +235,37 @@ def test_a_pair_seen_again_after_a_flush_still_has_its_ends() -> None:
         agg.counts([], now=now + 100)    # the connection is gone from conntrack
         [record] = agg.flush(now=now)
         assert (record.src.name, record.dst.name, record.started) == ("web", "db", 1)
+
+
+def test_server_bounds_hold_for_big_label_sets_and_long_traces() -> None:
+    many = {f"topology.example.com/k{i:02d}": "v" for i in range(70)}
+    agg, rs = setup(hep("big", "n1", "198.18.0.30", {"app": "db", **many}))
+    agg.packet(Logged(prefix(rs, "default|db|0|allow"), 6, IP(WEB), IP("198.18.0.30"),
+                      40000, 5432))
+    [record] = agg.flush(now=110.0)
+    assert len(record.dst.labels) == 64
+    assert parse_record(record.json(), now=200.0) == record
+
+
+def test_a_connection_read_just_after_a_flush_is_not_counted_twice() -> None:
+    agg, rs = setup()
+    tuple5 = conn_key(6, IP(WEB), IP(DB), 40000, 5432)
+    agg.flush(now=100.0)
+    agg.packet(Logged(prefix(rs, "default|db|0|allow"), 6, IP(WEB), IP(DB), 40000, 5432,
+                      timestamp=99.99))   # stamped before the flush, read after it
+    agg.counts([(tuple5, Counters(2, 200, 2, 200))], now=101.0)
+    [record] = agg.flush(now=110.0)
+    assert (record.connections, record.started) == (1, 1)
+    agg.counts([(tuple5, Counters(4, 400, 4, 400))], now=111.0)
+    [later] = agg.flush(now=120.0)
+    assert (later.connections, later.started, later.bytes_in) == (1, 0, 200)
+
+
+def test_a_spoofed_flood_keeps_memory_within_the_caps() -> None:
+    agg, rs = setup(limits=Limits(pending=100, aggregates=10, verdicts=50))
+    deny = prefix(rs, "security|end-of-tier|-|deny")
+    for i in range(5000):
+        agg.packet(Logged(deny, 6, IP(f"198.18.{100 + i // 250}.{i % 250}"), IP(DB),
+                          1024 + i, 22))
+    assert len(agg._ends_of) <= 10 and len(agg._denied_seen) <= 100
+    assert agg.dropped["aggregates"] == 4990

@@ -53,6 +53,7 @@ class FlowLogCounters:
     conntrack_overruns: int = 0
     packets_read: int = 0
     failures: int = 0               # times the flow-log loop failed and was started again
+    spool_failures: int = 0         # spool writes that failed (records kept for the next)
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -81,13 +82,16 @@ class FlowLogs:
         self.counters = FlowLogCounters()
         self.aggregator: FlowAggregator | None = None
         self._previous: Mapping[str, Decision] = {}
+        self._retired: dict[str, Decision] = {}   # older tables' prefixes, until a flush
+        self._unspooled: list[Any] = []           # records a failed spool write kept
         self._kick = asyncio.Event()
 
     # -- policy --------------------------------------------------------------------------
     def update(self, snapshot: Snapshot, decisions: Mapping[str, Decision]) -> None:
         """A new table is in the kernel. Packets logged by the one before may still be
         queued: its prefixes stay known until the next flush."""
-        merged = {**self._previous, **decisions}
+        self._retired.update(self._previous)
+        merged = {**self._retired, **decisions}
         self._previous = decisions
         if self.aggregator is None:
             self.aggregator = FlowAggregator(
@@ -119,6 +123,7 @@ class FlowLogs:
             "flowRecordsDroppedSpool": self.spool.dropped,
             "flowShipFailures": self.counters.ship_failures,
             "flowFailures": self.counters.failures,
+            "flowSpoolFailures": self.counters.spool_failures,
             "flowNflogOverruns": self.counters.nflog_overruns,
             "flowConntrackOverruns": self.counters.conntrack_overruns,
             "flowPacketsRead": self.counters.packets_read,
@@ -150,6 +155,19 @@ class FlowLogs:
         events = ConntrackEvents(self.netns) if self.settings.conntrack_events else None
         conntrack = Conntrack(self.netns)
 
+        broken: asyncio.Future[BaseException] = loop.create_future()
+
+        def guarded(read: Callable[[], None]) -> Callable[[], None]:
+            """A reader callback whose failure ends `run()` (to be started again): asyncio
+            would only log it, and call it again and again."""
+            def call() -> None:
+                try:
+                    read()
+                except Exception as e:
+                    if not broken.done():
+                        broken.set_result(e)
+            return call
+
         def read_nflog() -> None:
             packets = nflog.read(5000)
             self.counters.packets_read += len(packets)
@@ -169,13 +187,16 @@ class FlowLogs:
                 if kind == "destroy":
                     self.aggregator.ended(entry_tuple(entry.orig), entry, now)
 
-        loop.add_reader(nflog.fileno(), read_nflog)
+        loop.add_reader(nflog.fileno(), guarded(read_nflog))
         if events is not None:
-            loop.add_reader(events.fileno(), read_events)
+            loop.add_reader(events.fileno(), guarded(read_events))
         shipper = asyncio.create_task(self._ship_forever(session, stopping), name="ship")
         try:
             while not stopping():
-                await asyncio.sleep(self.settings.flush_interval)
+                with contextlib.suppress(TimeoutError):
+                    failure = await asyncio.wait_for(asyncio.shield(broken),
+                                                     self.settings.flush_interval)
+                    raise RuntimeError(f"reading the kernel's logs failed: {failure!r}")
                 await self.flush(conntrack)
         finally:
             loop.remove_reader(nflog.fileno())
@@ -198,7 +219,9 @@ class FlowLogs:
             return 0
         if conntrack is not None:
             entries = await asyncio.to_thread(conntrack.dump)
-            self.aggregator.counts(((entry_tuple(e.orig), e) for e in entries), time.time())
+            # A dump cut at its limit does not tell which connections have ended.
+            self.aggregator.counts(((entry_tuple(e.orig), e) for e in entries), time.time(),
+                                   complete=conntrack.truncated == 0)
         if self._rule_hits is not None:
             try:
                 self._hits = await asyncio.to_thread(self._rule_hits)
@@ -206,9 +229,18 @@ class FlowLogs:
                 log.warning("rule hit counters not read: %s", e)
             else:
                 self._balance(sum(self._hits.values()))
-        records = self.aggregator.flush(time.time())
+        records = [*self._unspooled, *self.aggregator.flush(time.time())]
+        self._retired.clear()
         if records:
-            await asyncio.to_thread(self.spool.put, records)
+            try:
+                await asyncio.to_thread(self.spool.put, records)
+            except OSError as e:
+                # Kept for the next flush (disk full, ...), up to one interval's worth.
+                self._unspooled = records[-self.settings.max_records:]
+                self.counters.spool_failures += 1
+                log.error("flow records not written to the spool; kept in memory: %s", e)
+                return 0
+            self._unspooled = []
             self._kick.set()
         return len(records)
 
@@ -233,7 +265,7 @@ class FlowLogs:
             try:
                 await self.ship(session)
                 delay = 1.0
-            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            except Exception as e:   # the shipper never dies: records wait on disk
                 self.counters.ship_failures += 1
                 log.warning("flow records not sent; kept on disk", extra={"fields": {
                     "reason": str(e) or type(e).__name__, "spooled": self.spool.records}})
@@ -249,10 +281,12 @@ class FlowLogs:
             async with session.post(route("flows"), data=body,
                                     headers={"Content-Type": "application/json"},
                                     timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                if r.status >= 500 or r.status in (404, 408, 429):
-                    # The server is unwell, busy, or older than flow logs: keep them.
-                    raise aiohttp.ClientError(f"POST /v1/flows: {r.status}")
-                if r.status != 200:
+                if r.status not in (200, 400, 413):
+                    # The server is unwell or busy, older than flow logs, or refuses the
+                    # session (a certificate being revoked or rotated): keep them.
+                    raise aiohttp.ClientError(f"POST /v1/flows: {r.status} "
+                                              f"{await error_of(r)}")
+                if r.status != 200:   # this batch itself is wrong: sent again, refused again
                     self.counters.batches_refused += 1
                     self.counters.records_refused += len(item.records)
                     log.error("the server refused flow records; dropped", extra={"fields": {

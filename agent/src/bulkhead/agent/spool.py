@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ class Spool:
         self.batch = batch
         self.batch_bytes = batch_bytes - 64    # room for {"records":[...]} and commas
         self.dropped = 0            # records removed to stay within max_bytes, or unreadable
+        self._lock = threading.Lock()   # flushes and the shipper call from worker threads
+        self._sending: Path | None = None   # the file being sent: never trimmed under it
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         for stale in directory.glob("*.tmp"):
             stale.unlink(missing_ok=True)   # a write a crash interrupted: never renamed
@@ -61,6 +64,10 @@ class Spool:
         return sum(_count(p) for p in self._files)
 
     def put(self, records: Sequence[FlowRecord]) -> None:
+        with self._lock:
+            self._put(records)
+
+    def _put(self, records: Sequence[FlowRecord]) -> None:
         chunk: list[bytes] = []
         size = 0
         for record in records:
@@ -84,30 +91,50 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         tmp.rename(path)
+        self._sync_directory()
         self._files.append(path)
         self._sizes[path] = len(data)
 
+    def _sync_directory(self) -> None:
+        """The rename survives a power loss too."""
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def _trim(self) -> None:
-        while self._files and self.total_bytes > self.max_bytes:
-            self._drop(self._files[0])
+        for path in list(self._files):
+            if self.total_bytes <= self.max_bytes:
+                break
+            if path != self._sending:
+                self._drop(path)
 
     def _drop(self, path: Path) -> None:
         self.dropped += _count(path)
-        self.done(path)
+        self._done(path)
 
     def oldest(self) -> Spooled | None:
         """The oldest file's records; an unreadable file is dropped (and counted)."""
-        while self._files:
-            path = self._files[0]
-            try:
-                lines = path.read_text(encoding="utf-8").splitlines()
-                return Spooled(path, [json.loads(line) for line in lines if line])
-            except (OSError, ValueError):
-                self._drop(path)
-        return None
+        with self._lock:
+            while self._files:
+                path = self._files[0]
+                try:
+                    lines = path.read_text(encoding="utf-8").splitlines()
+                    self._sending = path
+                    return Spooled(path, [json.loads(line) for line in lines if line])
+                except (OSError, ValueError):
+                    self._drop(path)
+            return None
 
     def done(self, path: Path) -> None:
         """The server has the file's records (or they were dropped): remove it."""
+        with self._lock:
+            self._done(path)
+            if self._sending == path:
+                self._sending = None
+
+    def _done(self, path: Path) -> None:
         path.unlink(missing_ok=True)
         if path in self._sizes:
             del self._sizes[path]

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bulkhead.model import EGRESS, INGRESS, Snapshot
-from bulkhead.model.flowlog import End, FlowRecord, scope_of
+from bulkhead.model.flowlog import MAX_LABELS, MAX_TRACE, End, FlowRecord, scope_of
 from bulkhead.policy import Failsafes
 from bulkhead.policy.evaluate import Evaluator
 from bulkhead.policy.flow import Flow
@@ -135,14 +135,25 @@ class _Connection:
     flow: Flow
     reporter: str
     key: _Key
-    opened: float
+    interval: int                  # the flush interval it started in
     seen: tuple[int, int, int, int] = (0, 0, 0, 0)   # counters already attributed
+    misses: int = 0                # complete dumps in a row that did not hold it
 
 
 @dataclass(frozen=True)
 class _Staged:
     action: str
     trace: tuple[str, ...]
+
+
+def _capped(trace: tuple[str, ...]) -> tuple[str, ...]:
+    """At most MAX_TRACE steps (the server's bound): the first ones and the final one."""
+    return trace if len(trace) <= MAX_TRACE else (*trace[:MAX_TRACE - 1], trace[-1])
+
+
+def _end_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """At most MAX_LABELS labels (the server's bound), the first by name."""
+    return dict(sorted(labels.items())[:MAX_LABELS])
 
 
 class Ends:
@@ -156,11 +167,12 @@ class Ends:
         for hep in sorted(snapshot.host_endpoints.values(), key=lambda h: h.name):
             labels = dict(effective_labels(snapshot, hep))
             for ip in hep.expected_ips:
-                self._heps.setdefault(ipaddress.ip_address(ip), End("hep", hep.name, labels))
+                self._heps.setdefault(ipaddress.ip_address(ip),
+                                      End("hep", hep.name, _end_labels(labels)))
         # (family, prefix length) -> network address as an integer -> the set's end
         self._nets: dict[tuple[int, int], dict[int, End]] = {}
         for netset in sorted(snapshot.network_sets.values(), key=lambda s: s.name):
-            end = End("ns", netset.name, dict(netset.labels))
+            end = End("ns", netset.name, _end_labels(netset.labels))
             for text in netset.nets:
                 net = ipaddress.ip_network(text, strict=False)
                 by_net = self._nets.setdefault((net.version, net.prefixlen), {})
@@ -203,7 +215,7 @@ class FlowAggregator:
         self._interval: dict[_Key, _Aggregate] = {}
         self._ends_of: dict[_Key, tuple[End, End]] = {}
         self._denied_seen: set[Tuple5] = set()
-        self._start = now
+        self._interval_no = 0
         self.set_snapshot(snapshot, decisions)
 
     # -- policy ------------------------------------------------------------------------
@@ -220,7 +232,9 @@ class FlowAggregator:
             for p in [*snapshot.policies.values(), *snapshot.staged.values()]
             for d in (INGRESS, EGRESS) for r in p.spec.rules(d))
         for conn in self._open.values():
-            conn.key = self._key(conn.flow, conn.reporter, conn.key.action, conn.key.trace)
+            conn.key, ends = self._key(conn.flow, conn.reporter, conn.key.action,
+                                       conn.key.trace)
+            self._ends_of[conn.key] = ends
 
     def _staged(self, flow: Flow, reporter: str) -> _Staged:
         sport = flow.src_port if self._source_ports else None
@@ -237,14 +251,16 @@ class FlowAggregator:
         return found
 
     def _key(self, flow: Flow, reporter: str, action: str, trace: tuple[str, ...]
-             ) -> _Key:
+             ) -> tuple[_Key, tuple[End, End]]:
+        """The record key of a connection, and its two ends (kept in `_ends_of` only
+        for keys that get a record or an open connection: memory follows the caps)."""
         src, dst = self._ends.at(flow.src), self._ends.at(flow.dst)
         staged = self._staged(flow, reporter)
         port = flow.dst_port if flow.carries_ports and flow.dst_port is not None else 0
+        # The server takes at most MAX_TRACE steps: the first ones and the final one.
         key = _Key(reporter, (src.type, src.name), (dst.type, dst.name), flow.protocol, port,
-                   action, trace, staged.action, staged.trace)
-        self._ends_of[key] = (src, dst)
-        return key
+                   action, _capped(trace), staged.action, _capped(staged.trace))
+        return key, (src, dst)
 
     # -- input -------------------------------------------------------------------------
     def packet(self, p: Packet) -> None:
@@ -274,14 +290,12 @@ class FlowAggregator:
                 final.action, trace)
         known = self._keys.get(memo)
         if known is None:
-            key = self._key(flow, reporter, final.action, trace)
+            known = self._key(flow, reporter, final.action, trace)
             if len(self._keys) >= self.limits.verdicts:
                 self._keys.clear()
-            self._keys[memo] = (key, self._ends_of[key])
-        else:
-            key = known[0]
-            self._ends_of[key] = known[1]   # flush keeps only the open connections' ends
-        agg = self._aggregate(key, p.timestamp)
+            self._keys[memo] = known
+        key, ends = known
+        agg = self._aggregate(key, p.timestamp, ends)
         if agg is None:
             return
         inbound = reporter == "dst"
@@ -291,7 +305,8 @@ class FlowAggregator:
             agg.bytes_in += p.length if inbound else 0
             agg.bytes_out += 0 if inbound else p.length
             if tuple5 not in self._denied_seen:   # a retransmission is no new attempt
-                self._denied_seen.add(tuple5)
+                if len(self._denied_seen) < self.limits.pending:
+                    self._denied_seen.add(tuple5)   # past the cap: each is an attempt
                 agg.started += 1
             return
         self.connections_seen += 1
@@ -308,33 +323,43 @@ class FlowAggregator:
         if tuple5 not in self._open and len(self._open) >= self.limits.connections:
             self.dropped["connections"] += 1
             return
-        self._open[tuple5] = _Connection(flow, reporter, key, p.timestamp)
+        self._open[tuple5] = _Connection(flow, reporter, key, self._interval_no)
+        self._ends_of[key] = ends
 
-    def _aggregate(self, key: _Key, at: float) -> _Aggregate | None:
+    def _aggregate(self, key: _Key, at: float, ends: tuple[End, End] | None = None
+                   ) -> _Aggregate | None:
         agg = self._interval.get(key)
         if agg is None:
             if len(self._interval) >= self.limits.aggregates:
                 self.dropped["aggregates"] += 1
                 return None
             agg = self._interval[key] = _Aggregate(at, at)
+            if ends is not None:
+                self._ends_of[key] = ends
         agg.start, agg.end = min(agg.start, at), max(agg.end, at)
         return agg
 
     def counts(self, entries: Iterable[tuple[Tuple5, Tracked]], now: float,
-               complete: bool = True, grace: float = 5.0) -> None:
+               complete: bool = True) -> None:
         """Counters of open connections (a conntrack dump): what is new since the last
         look goes to this interval. A `complete` dump also ends the connections it does
-        not hold that were opened more than `grace` seconds ago (their destroy event
-        was missed, or they were never tracked)."""
+        not hold twice in a row (their destroy event was missed, or they were never
+        tracked): once could be a connection logged just before the dump began."""
         present = set()
         for tuple5, entry in entries:
             conn = self._open.get(tuple5)
             if conn is not None:
                 present.add(tuple5)
+                conn.misses = 0
                 self._account(tuple5, conn, entry, now)
         if complete:
-            for tuple5 in [t for t, c in self._open.items()
-                           if t not in present and c.opened < now - grace]:
+            gone = []
+            for tuple5, conn in self._open.items():
+                if tuple5 not in present:
+                    conn.misses += 1
+                    if conn.misses >= 2:
+                        gone.append(tuple5)
+            for tuple5 in gone:
                 del self._open[tuple5]
 
     def ended(self, tuple5: Tuple5, entry: Tracked, now: float) -> None:
@@ -350,10 +375,10 @@ class FlowAggregator:
         conn.seen = counters
         if not any(delta):
             return
-        agg = self._aggregate(conn.key, now)
+        agg = self._aggregate(conn.key, now, self._ends_of[conn.key])
         if agg is None:
             return
-        if conn.opened < self._start:
+        if conn.interval < self._interval_no:
             agg.continuing.add(tuple5)
         if conn.reporter == "dst":    # the original direction came in
             agg.packets_in += delta[0]
@@ -385,7 +410,7 @@ class FlowAggregator:
         self._ends_of = {k: v for k, v in self._ends_of.items() if k in live}
         self._denied_seen.clear()
         self._pending.clear()
-        self._start = now
+        self._interval_no += 1
         return records
 
     @property

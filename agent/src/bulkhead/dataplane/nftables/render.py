@@ -28,9 +28,10 @@ when that would be longer than 63 characters. `Ruleset.decisions` maps each pref
 to its `Decision`. Only first packets get there: established traffic is accepted before.
 A verdict-map element then goes to a small chain (`l_<h>`) that counts, logs and gives
 the verdict; a Pass from such a chain returns to the endpoint chain, as the tier's own
-`return` would. Loopback, neighbour discovery and untracked policies at raw priority log
-nothing; an untracked (doNotTrack) flow has no connection to be first in, so each of its
-packets is logged by the filter chains.
+`return` would. Loopback and neighbour discovery log nothing. At raw priority only an
+untracked policy's Deny is logged (the packet ends there); its Allow and no-match go on
+to the filter chains, which evaluate the policy again and log there. An untracked
+(doNotTrack) flow has no connection to be first in, so each of its packets is logged.
 
 Chains are named by a hash of their content, so endpoints that need the same program share
 one chain, and an unchanged chain keeps its name. Selectors become named sets keyed by
@@ -125,9 +126,10 @@ def _nets(nets: AddressSet) -> str:
     return ", ".join([*nets.texts(4), *nets.texts(6)])
 
 
-# Where a run of rules is decided, for flow logs: (direction, tier); tier "profile"
-# for a profile's rules; None: nothing is logged.
-Place = tuple[str, str] | None
+# Where a run of rules is decided, for flow logs: (direction, tier, raw); tier "profile"
+# for a profile's rules; raw: at raw priority, where only a Deny is logged (an Allow or
+# a no-match goes on to the filter chains, which log it); None: nothing is logged.
+Place = tuple[str, str, bool] | None
 
 
 class _Renderer:
@@ -155,7 +157,9 @@ class _Renderer:
     def decision_of(self, rule: RulePlan, place: Place) -> Decision | None:
         if place is None or self.flow_logs is None or rule.action not in VERDICT:
             return None
-        direction, tier = place
+        direction, tier, raw = place
+        if raw and rule.action != "Deny":
+            return None
         if tier == "profile":
             return profile_rule(direction, rule.owner, rule.index, rule.action)
         return rule_decision(direction, tier, rule.owner, rule.index, rule.action)
@@ -343,11 +347,12 @@ class _Renderer:
         jumps = []
         for policy in dp.early:
             rules = self.rules(policy.rules, "policy " + policy.name, VERDICT,
-                               (direction, policy.tier))
+                               (direction, policy.tier, False))
             jumps.append(f"jump {self.chain('p', rules)} comment "
                          f"{_quote('policy ' + policy.name, 120)}")
         for tier in dp.tiers:
-            rules = self.rules(tier.rules, "tier " + tier.name, VERDICT, (direction, tier.name))
+            rules = self.rules(tier.rules, "tier " + tier.name, VERDICT,
+                               (direction, tier.name, False))
             end = self.logged(tier_end(direction, tier.name, tier.default_action))
             if tier.default_action == "Deny":
                 rules.append(f"{end}drop comment "
@@ -358,7 +363,7 @@ class _Renderer:
                          f"{_quote('tier ' + tier.name + ': ' + ', '.join(tier.policies), 120)}")
         for profile in dp.profiles:
             rules = self.rules(profile.rules, "profile " + profile.name, VERDICT,
-                               (direction, "profile"))
+                               (direction, "profile", False))
             jumps.append(f"jump {self.chain('r', rules)} comment "
                          f"{_quote('profile ' + profile.name, 120)}")
         last = "no profile rule matched" if dp.profiles else "no profile"
@@ -435,19 +440,21 @@ class _Renderer:
         return rules
 
     # -- untracked policies, at raw priority ----------------------------------------------
-    def untracked_chain(self, dp: DirectionPlan) -> str | None:
+    def untracked_chain(self, dp: DirectionPlan, direction: str) -> str | None:
         jumps = []
         for policy in dp.early:
             if not policy.untracked:
                 continue
-            rules = self.rules(policy.rules, "policy " + policy.name, RAW_VERDICT)
+            rules = self.rules(policy.rules, "policy " + policy.name, RAW_VERDICT,
+                               (direction, policy.tier, True))
             jumps.append(f"jump {self.chain('n', rules)} comment "
                          f"{_quote('untracked policy ' + policy.name, 120)}")
         # No match: on to connection tracking and the filter chains.
         return self.chain("u", jumps) if jumps else None
 
     def raw_base(self, direction: str) -> Chain | None:
-        chains, star = self.by_interface(lambda ep: self.untracked_chain(ep.direction(direction)))
+        chains, star = self.by_interface(
+            lambda ep: self.untracked_chain(ep.direction(direction), direction))
         if not chains and not star:
             return None
         self.rs.chains.setdefault(UNTRACKED_ACCEPT, Chain(UNTRACKED_ACCEPT, ("notrack accept",)))
