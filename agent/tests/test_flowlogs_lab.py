@@ -12,15 +12,14 @@ probes on the wire, records queried back from the server.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from bulkhead.api import route
 from bulkhead.conformance.kernel import WireFlow, wire_verdicts
-from bulkhead.model import API_VERSION, DEFAULT_ALLOW_PROFILE, Snapshot, parse_resource
+from bulkhead.model import API_VERSION, Snapshot, parse_resource
 from bulkhead.policy import Failsafes
 from bulkhead.policy.evaluate import Evaluator
 from bulkhead.policy.flow import Flow
@@ -28,21 +27,10 @@ from bulkhead.policy.trace import verdict_steps
 from bulkhead.testbed import Testbed
 from tests.labfixture import need_root, unique_lab_name
 
-HOSTS = ("h1", "h2", "h3")       # h3 runs no agent and has no endpoint: "outside"
-AGENTS = ("h1", "h2")
-WAIT = 60.0
+# The same three hosts (h3 runs no agent and has no endpoint: "outside") and helpers.
+from tests.test_agent_faults import AGENTS, HOSTS, hep, ip, wait_until
+
 FLOW_LOGS = {"enabled": True, "flushInterval": 1}
-
-
-def ip(host: str) -> str:
-    return f"198.18.0.{10 + HOSTS.index(host)}"
-
-
-def hep(host: str, labels: dict[str, str]) -> dict[str, Any]:
-    return {"apiVersion": API_VERSION, "kind": "HostEndpoint",
-            "metadata": {"name": host, "labels": labels},
-            "spec": {"node": host, "interfaceName": "*", "expectedIPs": [ip(host)],
-                     "profiles": [DEFAULT_ALLOW_PROFILE]}}
 
 
 def policy(name: str, spec: dict[str, Any], kind: str = "GlobalNetworkPolicy"
@@ -68,14 +56,6 @@ FLOWS = [WireFlow("h1", ip("h1"), "h2", ip("h2"), "TCP", 80),
          WireFlow("h1", ip("h1"), "h2", ip("h2"), "TCP", 81),
          WireFlow("h3", ip("h3"), "h2", ip("h2"), "TCP", 80),
          WireFlow("h1", ip("h1"), "h2", ip("h2"), "TCP", 23)]
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def flows(bed: Testbed, **query: str) -> list[dict[str, Any]]:
