@@ -28,14 +28,14 @@ from bulkhead.observe.conntrack import (
     enable_accounting,
     enable_events,
 )
-from bulkhead.observe.flows import FlowAggregator, conn_key
+from bulkhead.observe.flows import FlowAggregator, tracked_key
 from bulkhead.observe.nflog import NflogSocket
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 
 
-def key(t: Any) -> tuple[Any, ...]:
-    return conn_key(t.proto, t.src, t.dst, t.sport, t.dport)
+def key(entry: Any) -> tuple[Any, ...]:
+    return tracked_key(entry.orig, entry.reply)
 
 
 def main() -> int:
@@ -86,11 +86,11 @@ def main() -> int:
                 now = time.time()
                 for kind, entry in events.read(5000):
                     if kind == "destroy":
-                        aggregator.ended(key(entry.orig), entry, now)
+                        aggregator.ended(key(entry), entry, now)
         if time.monotonic() >= next_flush:
             started = time.perf_counter()
             now = time.time()
-            aggregator.counts(((key(e.orig), e) for e in conntrack.dump()), now)
+            aggregator.counts(((key(e), e) for e in conntrack.dump()), now)
             stats["records"] += len(aggregator.flush(now))
             stats["flushes"] += 1
             stats["flush_seconds_max"] = max(stats["flush_seconds_max"],

@@ -11,7 +11,7 @@ from bulkhead.dataplane.nftables import render
 from bulkhead.dataplane.nftables.render import FlowLogging
 from bulkhead.model import INGRESS
 from bulkhead.model.flowlog import parse_record
-from bulkhead.observe.flows import Ends, FlowAggregator, Limits, conn_key
+from bulkhead.observe.flows import Ends, FlowAggregator, Limits, conn_key, tracked_key
 from bulkhead.policy import Failsafes
 from bulkhead.policy.evaluate import Evaluator
 from bulkhead.policy.flow import Flow
@@ -269,3 +269,22 @@ def test_a_spoofed_flood_keeps_memory_within_the_caps() -> None:
                           1024 + i, 22))
     assert len(agg._ends_of) <= 10 and len(agg._denied_seen) <= 100
     assert agg.dropped["aggregates"] == 4990
+
+
+def test_a_connection_through_destination_nat_gets_its_counts() -> None:
+    """The client dialled a service address (198.19.9.9:80) that DNAT sent to db:5432:
+    the table logged the translated packet, conntrack's original tuple is untranslated,
+    its reply comes from db."""
+    from bulkhead.observe.conntrack import ConntrackEntry, ConnTuple
+
+    agg, rs = setup()
+    for step in ("security|security.ssh|0|pass", "default|db|0|allow"):
+        agg.packet(Logged(prefix(rs, step), 6, IP(WEB), IP(DB), 40000, 5432))
+    entry = ConntrackEntry(None, ConnTuple(4, 6, IP(WEB), IP("198.19.9.9"), 40000, 80),
+                           ConnTuple(4, 6, IP(DB), IP(WEB), 5432, 40000), 5, 500, 4, 900)
+    agg.counts([(tracked_key(entry.orig, entry.reply), entry)], now=101.0)
+    [record] = agg.flush(now=110.0)
+    assert (record.bytes_in, record.bytes_out, record.dst_port) == (500, 900, 5432)
+    plain = ConntrackEntry(None, ConnTuple(4, 6, IP(WEB), IP(DB), 1, 2),
+                           ConnTuple(4, 6, IP(DB), IP(WEB), 2, 1))
+    assert tracked_key(plain.orig, plain.reply) == conn_key(6, IP(WEB), IP(DB), 1, 2)

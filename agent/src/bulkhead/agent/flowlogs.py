@@ -35,7 +35,7 @@ from bulkhead.agent.spool import Spool
 from bulkhead.agent.sync import error_of
 from bulkhead.api import route
 from bulkhead.model import Snapshot
-from bulkhead.observe.flows import FlowAggregator, Limits, Tuple5, conn_key
+from bulkhead.observe.flows import FlowAggregator, Limits, Tuple5, tracked_key
 from bulkhead.policy import Failsafes
 from bulkhead.policy.trace import Decision
 
@@ -57,9 +57,9 @@ class FlowLogCounters:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-def entry_tuple(orig: Any) -> Tuple5:
-    """The aggregator's key for a conntrack tuple."""
-    return conn_key(orig.proto, orig.src, orig.dst, orig.sport, orig.dport)
+def entry_tuple(entry: Any) -> Tuple5:
+    """The aggregator's key for a conntrack entry (NAT taken into account)."""
+    return tracked_key(entry.orig, entry.reply)
 
 
 class FlowLogs:
@@ -185,7 +185,7 @@ class FlowLogs:
             now = time.time()
             for kind, entry in ended:
                 if kind == "destroy":
-                    self.aggregator.ended(entry_tuple(entry.orig), entry, now)
+                    self.aggregator.ended(entry_tuple(entry), entry, now)
 
         loop.add_reader(nflog.fileno(), guarded(read_nflog))
         if events is not None:
@@ -220,7 +220,7 @@ class FlowLogs:
         if conntrack is not None:
             entries = await asyncio.to_thread(conntrack.dump)
             # A dump cut at its limit does not tell which connections have ended.
-            self.aggregator.counts(((entry_tuple(e.orig), e) for e in entries), time.time(),
+            self.aggregator.counts(((entry_tuple(e), e) for e in entries), time.time(),
                                    complete=conntrack.truncated == 0)
         if self._rule_hits is not None:
             try:

@@ -30,7 +30,7 @@ import ipaddress
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from bulkhead.model import EGRESS, INGRESS, Snapshot
 from bulkhead.model.flowlog import MAX_LABELS, MAX_TRACE, End, FlowRecord, scope_of
@@ -154,6 +154,14 @@ def _capped(trace: tuple[str, ...]) -> tuple[str, ...]:
 def _end_labels(labels: Mapping[str, str]) -> dict[str, str]:
     """At most MAX_LABELS labels (the server's bound), the first by name."""
     return dict(sorted(labels.items())[:MAX_LABELS])
+
+
+def tracked_key(orig: Any, reply: Any) -> Tuple5:
+    """The key of a conntrack entry (its original and reply tuples) as the table's logged
+    packet gives it. The filter hooks see a packet after destination NAT (prerouting,
+    output) and before source NAT (postrouting, input): the original source, and the
+    destination the reply comes from. Without NAT that is the original tuple."""
+    return conn_key(orig.proto, orig.src, reply.src, orig.sport, reply.sport)
 
 
 class Ends:
