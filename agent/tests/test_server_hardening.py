@@ -407,3 +407,26 @@ def test_a_watch_ends_when_its_certificate_is_revoked(
         while tls.recv(65536):   # heartbeats, until the server ends the stream
             assert time.monotonic() - started < 5.0
         assert time.monotonic() - started < 3.0
+
+
+def test_a_chunked_body_is_read_to_its_end(make_server: Callable[..., Hardened]) -> None:
+    """Without Content-Length, a body that arrives in two chunks, apart, is read whole."""
+    server = make_server()
+    ctx = server.tls("admin-1", role="admin")
+    doc = ("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\n"
+           "metadata: {name: chunk%d}\nspec: {nets: [198.18.0.0/24]}\n")
+    first, second = (doc % 1 + "---\n").encode(), (doc % 2).encode()
+    head = (b"POST /v1/apply HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/yaml\r\nTransfer-Encoding: chunked\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(head + f"{len(first):x}\r\n".encode() + first + b"\r\n")
+        time.sleep(0.3)
+        tls.sendall(f"{len(second):x}\r\n".encode() + second + b"\r\n0\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    assert answer.split(b" ", 2)[1] == b"200", answer[:500]
+    names = {r["metadata"]["name"] for r in server.conn.request(
+        "GET", "/v1/resources/GlobalNetworkSet")["items"]}
+    assert {"chunk1", "chunk2"} <= names

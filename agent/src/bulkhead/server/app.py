@@ -357,7 +357,7 @@ async def _text(request: web.Request, limit: int = MAX_BODY) -> str:
                        "bytes")
     try:
         raw = await request.content.readexactly(request.content_length) \
-            if request.content_length is not None else await request.content.read(limit + 1)
+            if request.content_length is not None else await _until_end(request, limit + 1)
     except asyncio.IncompleteReadError:
         raise ApiError(400, "BadRequest", "the body is shorter than Content-Length") from None
     if len(raw) > limit:
@@ -367,6 +367,20 @@ async def _text(request: web.Request, limit: int = MAX_BODY) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ApiError(400, "BadRequest", f"the body is not UTF-8: {e}") from None
+
+
+async def _until_end(request: web.Request, most: int) -> bytes:
+    """A body without Content-Length (chunked): read until it ends or `most` bytes came.
+    One `read(n)` returns what has arrived so far, which may be the first chunk only."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < most:
+        chunk = await request.content.read(most - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 async def _body(request: web.Request, limit: int = MAX_BODY) -> Any:
