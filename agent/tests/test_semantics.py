@@ -5,12 +5,20 @@ other."""
 from __future__ import annotations
 
 import ast
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bulkhead.model import EGRESS, INGRESS, GlobalNetworkPolicy, Snapshot, parse_resource
+from bulkhead.model import (
+    EGRESS,
+    INGRESS,
+    GlobalNetworkPolicy,
+    Snapshot,
+    StagedGlobalNetworkPolicy,
+    parse_resource,
+)
 from bulkhead.policy.semantics import effective_labels, rule_ip_version, selects, staged_view
 
 V3 = "projectcalico.org/v3"
@@ -110,6 +118,25 @@ def test_staged_set_replaces_and_delete_removes_in_the_same_tier() -> None:
     assert sorted(view) == ["c", "d", "security.a"]
     assert view["security.a"].staged and str(view["security.a"].spec.selector) == 'app == "db"'
     assert not view["c"].staged and view["d"].staged
+
+
+def test_a_promoted_staged_policy_is_what_the_staged_view_evaluated() -> None:
+    """`enforced()`: Calico's ConvertStagedGlobalPolicyToEnforced keeps name, labels,
+    annotations and spec, and drops stagedAction; server-owned fields are not carried."""
+    staged = parse_resource({
+        "apiVersion": "projectcalico.org/v3", "kind": "StagedGlobalNetworkPolicy",
+        "metadata": {"name": "a", "labels": {"team": "net"}, "annotations": {"why": "x"},
+                     "resourceVersion": "7", "uid": "u1"},
+        "spec": {"stagedAction": "Set", "selector": "app == 'db'", "ingress": ALLOW}})
+    assert isinstance(staged, StagedGlobalNetworkPolicy)
+    enforced = staged.enforced()
+    assert type(enforced) is GlobalNetworkPolicy and not enforced.staged
+    assert enforced.spec == replace(staged.spec, staged_action=None)
+    doc = enforced.dump()
+    assert doc["kind"] == "GlobalNetworkPolicy" and "stagedAction" not in doc["spec"]
+    assert doc["metadata"] == {"name": "a", "labels": {"team": "net"},
+                               "annotations": {"why": "x"}}
+    assert parse_resource(doc) == enforced
 
 
 def test_without_staged_policies_the_view_is_the_enforced_one() -> None:

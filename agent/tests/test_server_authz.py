@@ -11,6 +11,8 @@ TIER = {"apiVersion": "projectcalico.org/v3", "kind": "Tier", "metadata": {"name
         "spec": {}}
 SET = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
        "metadata": {"name": "n1"}, "spec": {"nets": ["198.18.0.0/24"]}}
+STAGED = {"apiVersion": "projectcalico.org/v3", "kind": "StagedGlobalNetworkPolicy",
+          "metadata": {"name": "s1"}, "spec": {"selector": "all()"}}
 APPLY = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: n2}\n"
 
 # (method, path, body): each endpoint of the API.
@@ -27,6 +29,7 @@ ENDPOINTS = {
     "delete-many": ("POST", "/v1/delete?dryRun=true", APPLY.replace("n2", "n1")),
     "sync": ("POST", "/v1/sync?tier=t1&dryRun=true", "[]"),
     "rollback": ("POST", "/v1/rollback?revision=1&dryRun=true", None),
+    "promote": ("POST", "/v1/promote", {"names": ["s1"], "dryRun": True}),
     "export": ("GET", "/v1/export", None),
     "history": ("GET", "/v1/history", None),
     "status-own": ("POST", "/v1/status/web-1", {"appliedRevision": 1}),
@@ -48,7 +51,8 @@ ALLOWED = {
                "readyz", "export", "history", "flows"},
     # An agent is named web-1: it reads the snapshot and reports for itself only.
     "agent": {"snapshot", "watch", "status-own", "flows-send-own", "healthz", "readyz"},
-    # An admin limited to tier t1 may write t1 (a Tier resource), nothing outside tiers.
+    # An admin limited to tier t1 may write t1 (a Tier resource), nothing outside tiers
+    # (nor promote s1, a policy of tier default).
     "tier-admin": {"snapshot", "watch", "list", "list-kind", "get", "create", "nodes",
                    "metrics", "healthz", "readyz", "sync", "export", "history", "flows"},
 }
@@ -58,6 +62,8 @@ ALLOWED = {
 async def test_authorization_matrix(server: Server, role: str) -> None:
     async with server.client("alice", "admin") as admin:
         async with admin.post("/v1/resources/GlobalNetworkSet", json=SET) as r:
+            assert r.status == 201
+        async with admin.post("/v1/resources/StagedGlobalNetworkPolicy", json=STAGED) as r:
             assert r.status == 201
     name, cert_role, tiers = {"admin": ("alice", "admin", ()),
                               "viewer": ("val", "viewer", ()),

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bulkhead.cli.main import main
-from bulkhead.client import ApiError
+from bulkhead.client import ApiError, Connection
 from tests.test_server_limits import apply, datastore, start  # noqa: F401
 from tests.test_server_process import ServerProcess, netset, pki_dir, servers  # noqa: F401
 
@@ -194,14 +194,20 @@ def test_sync_by_owner_prunes_only_what_the_owner_has(
     assert err.value.status == 400
 
 
+def cli_as(conn: Connection, monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    """`bulkhead` commands from here on talk to `conn`'s server with its certificate (and
+    no ~/.config/bulkhead/config.yaml)."""
+    for env, value in (("BULKHEAD_SERVER", conn.server), ("BULKHEAD_CA", conn.ca),
+                       ("BULKHEAD_CERT", conn.cert), ("BULKHEAD_KEY", conn.key)):
+        monkeypatch.setenv(env, str(value))
+    monkeypatch.setenv("HOME", str(home))
+
+
 def test_cli_export_history_rollback(pki_dir: Path, servers: list[ServerProcess],  # noqa: F811
                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     server = start(pki_dir, servers, f"sqlite://{pki_dir}/store.db")
-    for env, value in (("BULKHEAD_SERVER", server.conn.server), ("BULKHEAD_CA", server.conn.ca),
-                       ("BULKHEAD_CERT", server.conn.cert), ("BULKHEAD_KEY", server.conn.key)):
-        monkeypatch.setenv(env, str(value))
-    monkeypatch.setenv("HOME", str(tmp_path))
+    cli_as(server.conn, monkeypatch, tmp_path)
     good = apply(server, [tier("t1"), policy("t1.ssh", "t1")])["revision"]
     apply(server, [netset("late")])
     out = tmp_path / "then.yaml"

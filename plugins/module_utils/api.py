@@ -56,6 +56,7 @@ ROUTES = {
     "delete": "/v1/delete",
     "sync": "/v1/sync",
     "rollback": "/v1/rollback",
+    "promote": "/v1/promote",
     "export": "/v1/export",
     "history": "/v1/history",
     "snapshot": "/v1/snapshot",

@@ -1,6 +1,7 @@
 """The `bulkhead` commands that talk to bulkhead-server: apply, create, replace, delete,
-get, diff, nodes. Exit codes: 0 done; 1 the server refused (invalid, conflict, forbidden,
-not found) or, for `diff`, there are differences; 2 bad usage or input; 3 unreachable."""
+get, diff, rollback, promote, nodes. Exit codes: 0 done; 1 the server refused (invalid,
+conflict, forbidden, not found) or, for `diff`, there are differences; 2 bad usage or
+input; 3 unreachable."""
 
 from __future__ import annotations
 
@@ -123,9 +124,21 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     if args.dry_run:
         query["dryRun"] = "true"
     result = connection(args).request("POST", route("rollback"), query=query)
+    return _report_changes(result, args.diff or args.dry_run, f"revision-{args.to_revision}")
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    result = connection(args).request("POST", route("promote"),
+                                      {"names": args.names, "dryRun": args.dry_run})
+    return _report_changes(result, args.diff or args.dry_run, "promoted")
+
+
+def _report_changes(result: dict[str, Any], diff: bool, after: str) -> int:
+    """What a rollback or promote changed (a diff of it first when `diff`), then how many
+    resources and the new revision."""
     suffix = " (dry run)" if result["dryRun"] else ""
-    if args.diff or args.dry_run:
-        _print_diff(result["results"], "now", f"revision-{args.to_revision}")
+    if diff:
+        _print_diff(result["results"], "now", after)
     for item in result["results"]:
         if item["action"] != "unchanged":
             print(printable(f"{item['kind']} {item['name']} {item['action']}{suffix}"))
@@ -325,6 +338,14 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--diff", action="store_true", help="show a diff of the changes")
     connection_flags(p)
     p.set_defaults(func=cmd_rollback, remote=True)
+
+    p = sub.add_parser("promote", help="make staged policies enforced (stagedAction Set) or "
+                       "delete what they stage the deletion of (Delete), in one transaction")
+    p.add_argument("names", nargs="+", metavar="NAME", help="a StagedGlobalNetworkPolicy")
+    p.add_argument("--dry-run", action="store_true", help="show what would change (a diff)")
+    p.add_argument("--diff", action="store_true", help="show a diff of the changes")
+    connection_flags(p)
+    p.set_defaults(func=cmd_promote, remote=True)
 
     p = sub.add_parser("history", help="who changed what, at which revision (newest first)")
     p.add_argument("--kind")

@@ -8,7 +8,7 @@ in Calico's YAML shape, with defaults applied.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from bulkhead import api
@@ -484,6 +484,15 @@ class GlobalNetworkPolicy(Resource):
 class StagedGlobalNetworkPolicy(GlobalNetworkPolicy):
     kind: ClassVar[str] = "StagedGlobalNetworkPolicy"
     staged: ClassVar[bool] = True
+
+    def enforced(self) -> GlobalNetworkPolicy:
+        """The GlobalNetworkPolicy this staged policy becomes when promoted (stagedAction
+        Set): its name, labels and annotations and its spec without stagedAction, as
+        libcalico-go's ConvertStagedGlobalPolicyToEnforced copies them; what the server
+        owns (resourceVersion, uid, creationTimestamp, generation) is the server's again."""
+        meta = Metadata(name=self.name, labels=dict(self.metadata.labels),
+                        annotations=dict(self.metadata.annotations))
+        return GlobalNetworkPolicy(metadata=meta, spec=replace(self.spec, staged_action=None))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from bulkhead.model import (
     GlobalNetworkPolicy,
     LoadError,
     Resource,
+    StagedGlobalNetworkPolicy,
     Tier,
     ValidationError,
     check_resource_name,
@@ -638,7 +639,7 @@ def _load_body(text: str, is_json: bool) -> list[Resource]:
     return parse_documents(docs, "body")
 
 
-# ------------------------------------------------- desired states: sync and rollback
+# ------------------------------------ desired states: sync, rollback and promote
 POLICY_KINDS = ("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy")
 
 
@@ -663,13 +664,8 @@ async def _converge(request: web.Request, identity: Identity, desired: list[Reso
             ops.append(Op("put", r.kind, r.name, r.dump(),
                           str(old.revision) if old else "absent", requires=_requires(r)))
     for key, s in sorted(current.items(), key=lambda kv: DELETE_ORDER.get(kv[0][0], 3)):
-        if key in wanted:
-            continue
-        _authorize_write(identity, parse_resource(s.doc), None)
-        results.append({"kind": s.kind, "name": s.name, "action": "deleted",
-                        "before": _strip(s.doc)})
-        ops.append(Op("delete", s.kind, s.name, expect=str(s.revision),
-                      unreferenced=TIER_USERS if s.kind == "Tier" else None))
+        if key not in wanted:
+            _plan_delete(identity, s, results, ops)
     await _check_refs(store, desired)
     # A Tier that goes must lose its policies here: deleted, or moved to another tier.
     deletes = [op for op in ops if op.action == "delete"]
@@ -680,6 +676,17 @@ async def _converge(request: web.Request, identity: Identity, desired: list[Reso
                                leaving={(op.kind, op.name) for op in deletes} | moved)
     revision = await _commit(store, ops, identity, dry_run, "changed")
     return _json({"dryRun": dry_run, "revision": revision, "results": results})
+
+
+def _plan_delete(identity: Identity, s: Stored, results: list[dict[str, Any]],
+                 ops: list[Op]) -> None:
+    """Authorize the delete of `s`, then add its result (`deleted`, with its `before`) and
+    its op, which expects the revision read."""
+    _authorize_write(identity, parse_resource(s.doc), None)
+    results.append({"kind": s.kind, "name": s.name, "action": "deleted",
+                    "before": _strip(s.doc)})
+    ops.append(Op("delete", s.kind, s.name, expect=str(s.revision),
+                  unreferenced=TIER_USERS if s.kind == "Tier" else None))
 
 
 async def sync(request: web.Request) -> web.Response:
@@ -736,6 +743,93 @@ async def rollback(request: web.Request) -> web.Response:
                        "nothing was changed") from None
     scope, _ = await request.app[STORE].list_resources()
     return await _converge(request, identity, desired, scope)
+
+
+PROMOTE_MAX_BODY = 256 * 1024
+PROMOTE_MAX_NAMES = 1000
+
+
+async def promote(request: web.Request) -> web.Response:
+    """`POST /v1/promote` with `{"names": [NAME...], "dryRun": false}`: each
+    StagedGlobalNetworkPolicy named takes effect, in one transaction with its staged copy
+    deleted. stagedAction Set writes the GlobalNetworkPolicy of its name from it
+    (`StagedGlobalNetworkPolicy.enforced`); Delete deletes the enforced policy it stands
+    for. Either way an enforced policy the staged view pairs with it under another
+    spelling of the name (`foo` and `TIER.foo` in TIER) goes too, so the store ends as
+    the staged view showed. An unknown name: 404, nothing changed."""
+    identity = _require(request, "admin")
+    store = request.app[STORE]
+    names, dry_run = _promote_request(await _body(request, PROMOTE_MAX_BODY))
+    dry_run = dry_run or _dry_run(request)
+    results: list[dict[str, Any]] = []
+    ops: list[Op] = []
+    enforced: list[Resource] = []
+    for name in names:
+        staged = await _current(store, "StagedGlobalNetworkPolicy", name)
+        if staged is None:
+            raise ApiError(404, "NotFound", f"StagedGlobalNetworkPolicy {name} not found; "
+                           "nothing was promoted")
+        policy = parse_resource(staged.doc)
+        assert isinstance(policy, StagedGlobalNetworkPolicy)
+        _authorize_write(identity, policy, None)
+        paired = await _paired(store, policy)
+        if policy.spec.staged_action != "Delete":
+            new = policy.enforced()
+            old = paired.pop(new.name, None) or \
+                await _current(store, "GlobalNetworkPolicy", new.name)
+            _authorize_write(identity, new, old)
+            enforced.append(new)
+            diff, puts = _plan_puts([new], [old])
+            results += diff
+            ops += puts
+        for s in paired.values():
+            _plan_delete(identity, s, results, ops)
+        _plan_delete(identity, staged, results, ops)
+    touched = Counter((op.kind, op.name) for op in ops)
+    for (kind, name), times in touched.items():
+        if times > 1:
+            raise ApiError(422, "Invalid", f"{kind} {name}: more than one of the staged "
+                           "policies named stands for it; nothing was promoted")
+    await _check_refs(store, enforced)
+    revision = await _commit(store, ops, identity, dry_run, "promoted")
+    return _json({"dryRun": dry_run, "revision": revision, "results": results})
+
+
+def _promote_request(body: Any) -> tuple[list[str], bool]:
+    """The names (each once, in order) and the dry-run flag of a promote body."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "BadRequest", 'the body: expected {"names": [...], "dryRun": '
+                       "false}")
+    unknown = sorted(set(body) - {"names", "dryRun"})
+    if unknown:
+        raise ApiError(400, "BadRequest", f"the body: unknown field {unknown[0][:64]!r} "
+                       "(names, dryRun)")
+    names, dry_run = body.get("names"), body.get("dryRun", False)
+    if not isinstance(dry_run, bool):
+        raise ApiError(400, "BadRequest", "dryRun: expected true or false")
+    if not isinstance(names, list) or not names or len(names) > PROMOTE_MAX_NAMES:
+        raise ApiError(400, "BadRequest", f"names: expected a list of 1 to "
+                       f"{PROMOTE_MAX_NAMES} StagedGlobalNetworkPolicy names")
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ApiError(400, "BadRequest", f"names[{i}]: expected a string")
+        try:
+            check_resource_name("StagedGlobalNetworkPolicy", name)
+        except ValidationError as e:
+            raise ApiError(400, "BadRequest", f"names[{i}]: {e.problem}") from None
+    return list(dict.fromkeys(names)), dry_run
+
+
+async def _paired(store: Datastore, staged: StagedGlobalNetworkPolicy) -> dict[str, Stored]:
+    """The enforced policies `staged` replaces or deletes in the staged view
+    (`bulkhead.policy.semantics.staged_view`): those of its tier and bare name, by name."""
+    tier, bare = staged.spec.tier, staged.bare_name
+    found: dict[str, Stored] = {}
+    for name in dict.fromkeys((staged.name, bare, f"{tier}.{bare}")):
+        s = await _current(store, "GlobalNetworkPolicy", name)
+        if s is not None and s.doc.get("spec", {}).get("tier", DEFAULT_TIER) == tier:
+            found[name] = s
+    return found
 
 
 async def _past(request: web.Request, revision: int) -> list[Stored]:
@@ -973,6 +1067,7 @@ HANDLERS: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "healthz", healthz), ("GET", "readyz", readyz), ("GET", "metrics", metrics),
     ("GET", "snapshot", snapshot), ("GET", "watch", watch), ("POST", "apply", apply),
     ("POST", "delete", delete_many), ("POST", "sync", sync), ("POST", "rollback", rollback),
+    ("POST", "promote", promote),
     ("GET", "export", export), ("GET", "history", history),
     ("GET", "resources", list_resources), ("GET", "kind", list_resources),
     ("POST", "kind", write_resource), ("GET", "resource", get_resource),
