@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
+from typing import Self
 
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST = 0x1
@@ -113,3 +114,26 @@ def write_sysctl(name: str, value: str, netns: str = "") -> None:
             where = f" in network namespace {netns}" if netns else ""
             raise NetlinkError(f"sysctl {name}={value}{where}: {e.strerror}", e.errno or 0) \
                 from None
+
+
+class NetlinkSocket:
+    """What every netlink socket of Bulkhead's does alike: the socket (`sock`, made by
+    the subclass), request sequence numbers, closing, use as a context manager."""
+
+    sock: socket.socket
+
+    def __init__(self) -> None:
+        self._seq = int.from_bytes(os.urandom(3), "big")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq

@@ -9,18 +9,18 @@ small message families do not warrant pyroute2."""
 from __future__ import annotations
 
 import errno
-import os
 import select
 import socket
 import struct
 import time
 from collections import deque
 from collections.abc import Iterator
-from typing import Generic, Self, TypeVar
+from typing import Generic, TypeVar
 
 from bulkhead.netlink import (
     SO_RCVBUFFORCE,
     NetlinkError,
+    NetlinkSocket,
     open_socket,
 )
 
@@ -72,16 +72,16 @@ def error_code(payload: bytes) -> int:
     return -code
 
 
-class Channel:
+class Channel(NetlinkSocket):
     """One non-blocking NETLINK_NETFILTER socket in a network namespace ("" = this
     process's), subscribed to multicast `groups` (a bit mask, bit n-1 for group n)."""
 
     error: type[NetlinkError] = NetlinkError   # what the subclass raises
 
     def __init__(self, netns: str = "", groups: int = 0, rcvbuf: int = 0) -> None:
+        super().__init__()
         self.overruns = 0     # times the kernel dropped messages for want of room
         self.malformed = 0    # messages skipped as unreadable
-        self._seq = int.from_bytes(os.urandom(3), "big")
         try:
             self.sock = open_socket(netns)
         except NetlinkError as e:
@@ -101,19 +101,6 @@ class Channel:
 
     def fileno(self) -> int:
         return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _next_seq(self) -> int:
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        return self._seq
 
     def _send(self, data: bytes) -> None:
         try:

@@ -46,6 +46,7 @@ from bulkhead.netlink import (
     SO_SNDBUFFORCE,
     SOL_NETLINK,
     NetlinkError,
+    NetlinkSocket,
     open_socket,
 )
 from bulkhead.netlink import attr as _attr
@@ -304,29 +305,16 @@ def _element_messages(table: str, kind: int, flags: int, set_name: str,
         yield kind, flags, head + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, *chunk)
 
 
-class NftNetlink:
+class NftNetlink(NetlinkSocket):
     """One netlink socket to nf_tables in a network namespace ("" = this process's)."""
 
     def __init__(self, netns: str = "", timeout: float = 30.0) -> None:
+        super().__init__()
         self.sock = open_socket(netns)
         self.sock.settimeout(timeout)
         self.sock.bind((0, 0))
         # Error answers carry only the failing message's header, not its 60 kB of elements.
         self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-        self.seq = int.from_bytes(os.urandom(3), "big")
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> NftNetlink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _next_seq(self) -> int:
-        self.seq = (self.seq + 1) & 0xFFFFFFFF
-        return self.seq
 
     def _receive(self) -> list[tuple[int, int, bytes]]:
         """One datagram's messages as (type, seq, payload)."""
