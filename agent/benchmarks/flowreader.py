@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from bulkhead.dataplane.nftables import render
 from bulkhead.dataplane.nftables.render import FlowLogging
@@ -32,10 +31,6 @@ from bulkhead.observe.flows import FlowAggregator, tracked_key
 from bulkhead.observe.nflog import NflogSocket
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
-
-
-def key(entry: Any) -> tuple[Any, ...]:
-    return tracked_key(entry.orig, entry.reply)
 
 
 def main() -> int:
@@ -86,11 +81,11 @@ def main() -> int:
                 now = time.time()
                 for kind, entry in events.read(5000):
                     if kind == "destroy":
-                        aggregator.ended(key(entry), entry, now)
+                        aggregator.ended(tracked_key(entry), entry, now)
         if time.monotonic() >= next_flush:
             started = time.perf_counter()
             now = time.time()
-            aggregator.counts(((key(e), e) for e in conntrack.dump()), now)
+            aggregator.counts(((tracked_key(e), e) for e in conntrack.dump()), now)
             stats["records"] += len(aggregator.flush(now))
             stats["flushes"] += 1
             stats["flush_seconds_max"] = max(stats["flush_seconds_max"],

@@ -282,9 +282,9 @@ def test_a_connection_through_destination_nat_gets_its_counts() -> None:
         agg.packet(Logged(prefix(rs, step), 6, IP(WEB), IP(DB), 40000, 5432))
     entry = ConntrackEntry(None, ConnTuple(4, 6, IP(WEB), IP("198.19.9.9"), 40000, 80),
                            ConnTuple(4, 6, IP(DB), IP(WEB), 5432, 40000), 5, 500, 4, 900)
-    agg.counts([(tracked_key(entry.orig, entry.reply), entry)], now=101.0)
+    agg.counts([(tracked_key(entry), entry)], now=101.0)
     [record] = agg.flush(now=110.0)
     assert (record.bytes_in, record.bytes_out, record.dst_port) == (500, 900, 5432)
     plain = ConntrackEntry(None, ConnTuple(4, 6, IP(WEB), IP(DB), 1, 2),
                            ConnTuple(4, 6, IP(DB), IP(WEB), 2, 1))
-    assert tracked_key(plain.orig, plain.reply) == conn_key(6, IP(WEB), IP(DB), 1, 2)
+    assert tracked_key(plain) == conn_key(6, IP(WEB), IP(DB), 1, 2)

@@ -35,7 +35,7 @@ from bulkhead.agent.spool import Spool
 from bulkhead.agent.sync import error_of
 from bulkhead.api import route
 from bulkhead.model import Snapshot
-from bulkhead.observe.flows import FlowAggregator, Limits, Tuple5, tracked_key
+from bulkhead.observe.flows import FlowAggregator, Limits, tracked_key
 from bulkhead.policy import Failsafes
 from bulkhead.policy.trace import Decision
 
@@ -55,11 +55,6 @@ class FlowLogCounters:
     failures: int = 0               # times the flow-log loop failed and was started again
     spool_failures: int = 0         # spool writes that failed (records kept for the next)
     extra: dict[str, int] = field(default_factory=dict)
-
-
-def entry_tuple(entry: Any) -> Tuple5:
-    """The aggregator's key for a conntrack entry (NAT taken into account)."""
-    return tracked_key(entry.orig, entry.reply)
 
 
 class FlowLogs:
@@ -103,10 +98,9 @@ class FlowLogs:
 
     def hits(self) -> list[tuple[str, str, str, str, str, int]]:
         """Each decision's hits at the last flush, for /metrics."""
-        decisions = {**self._previous}
         out = []
         for prefix, count in sorted(self._hits.items()):
-            d = decisions.get(prefix)
+            d = self._previous.get(prefix)
             if d is not None:
                 out.append((d.direction.lower(), d.tier, d.policy,
                             "-" if d.rule is None else str(d.rule), d.action, count))
@@ -185,7 +179,7 @@ class FlowLogs:
             now = time.time()
             for kind, entry in ended:
                 if kind == "destroy":
-                    self.aggregator.ended(entry_tuple(entry), entry, now)
+                    self.aggregator.ended(tracked_key(entry), entry, now)
 
         loop.add_reader(nflog.fileno(), guarded(read_nflog))
         if events is not None:
@@ -220,7 +214,7 @@ class FlowLogs:
         if conntrack is not None:
             entries = await asyncio.to_thread(conntrack.dump)
             # A dump cut at its limit does not tell which connections have ended.
-            self.aggregator.counts(((entry_tuple(e), e) for e in entries), time.time(),
+            self.aggregator.counts(((tracked_key(e), e) for e in entries), time.time(),
                                    complete=conntrack.truncated == 0)
         if self._rule_hits is not None:
             try:

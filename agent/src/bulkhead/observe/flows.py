@@ -156,11 +156,13 @@ def _end_labels(labels: Mapping[str, str]) -> dict[str, str]:
     return dict(sorted(labels.items())[:MAX_LABELS])
 
 
-def tracked_key(orig: Any, reply: Any) -> Tuple5:
-    """The key of a conntrack entry (its original and reply tuples) as the table's logged
-    packet gives it. The filter hooks see a packet after destination NAT (prerouting,
-    output) and before source NAT (postrouting, input): the original source, and the
-    destination the reply comes from. Without NAT that is the original tuple."""
+def tracked_key(entry: Any) -> Tuple5:
+    """The key of a conntrack entry (`observe.conntrack.ConntrackEntry`: its original and
+    reply tuples) as the table's logged packet gives it. The filter hooks see a packet
+    after destination NAT (prerouting, output) and before source NAT (postrouting,
+    input): the original source, and the destination the reply comes from. Without NAT
+    that is the original tuple."""
+    orig, reply = entry.orig, entry.reply
     return conn_key(orig.proto, orig.src, reply.src, orig.sport, reply.sport)
 
 
