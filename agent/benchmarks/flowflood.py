@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bulkhead-flowflood-") as tmp_name:
         tmp = Path(tmp_name)
         tool = str(build_tool(tmp))
-        flow_logs = {"enabled": True, "flushInterval": args.flush}
+        flow_logs = {"enabled": True, "flushInterval": args.flush,
+                     "conntrackEvents": args.conntrack_events}
         with Testbed(args.lab, list(HOSTS), failsafe_defaults=False, agent_hosts=["recv"],
                      agent_settings={"flowLogs": flow_logs}) as bed:
             lab = bed.lab
@@ -144,6 +145,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="the flood's length")
     parser.add_argument("--flush", type=float, default=15.0,
                         help="the agent's flushInterval (its conntrack dump comes as often)")
+    parser.add_argument("--conntrack-events", action="store_true",
+                        help="the agent takes conntrack destroy events too")
     parser.add_argument("--wait", type=float, default=60.0,
                         help="seconds to wait for the records to reach the server")
     parser.add_argument("--lab", default="flood", help="lab name (not starting with t)")

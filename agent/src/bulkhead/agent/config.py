@@ -41,7 +41,8 @@ class FlowLogSettings:
     max_connections: int = 100_000  # open connections followed for their counts
     max_records: int = 50_000       # records per flush interval
     # conntrack DESTROY events for each connection's last counters (else: the dumps
-    # only); they cost about 5% of the new-connection rate (docs/benchmarks.md)
+    # only); new connections ran at 0.88 of the rate without flow logs with them,
+    # 1.01 without them (docs/benchmarks.md)
     conntrack_events: bool = False
 
 
