@@ -189,6 +189,29 @@ def test_top_sums_past_int64_do_not_fail(store: FlowStore) -> None:
     assert row.bytes == pytest.approx(6 * MAX_COUNT, rel=1e-9) and row.records == 3
 
 
+def test_groups_for_a_preview(store: FlowStore) -> None:
+    store.insert([
+        flow(end=T0 - 30, connections=2, started=1, node="web-2"),
+        flow(end=T0 - 20, connections=3, started=3, node="web-1", staged_action="deny"),
+        flow(end=T0 - 10, dst_labels={"app": "db", "zone": "lan"}, connections=1),
+        flow(end=T0 - 5, action="deny", enforced_trace=["security|end-of-tier|-|deny"],
+             connections=9),
+        flow(end=T0 - 100, connections=50),   # before `since`
+    ])
+    page = store.groups(q(since=T0 - 60), 10)
+    assert not page.truncated
+    got = [(g.record.action, g.record.dst.labels.get("zone"), g.records, g.record.connections)
+           for g in page.groups]
+    assert got == [("deny", "trusted", 1, 9), ("allow", "trusted", 2, 5),
+                   ("allow", "lan", 1, 1)], got
+    both = page.groups[1].record
+    assert (both.start, both.end, both.node, both.started) == (T0 - 40, T0 - 20, "web-1", 4)
+    assert both.enforced_trace == ("security|security.db-in|0|allow",)
+    assert both.src.labels == {"app": "web", "zone": "dmz"} and both.proto == 6
+    cut = store.groups(q(since=T0 - 60), 2)
+    assert cut.truncated and len(cut.groups) == 2
+
+
 def test_expire_removes_what_ended_before(store: FlowStore) -> None:
     store.insert([flow(end=T0 - 100, dst_name="old", enforced_trace=["t|old-policy|0|allow"],
                        staged_trace=[]),

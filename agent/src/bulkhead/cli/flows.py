@@ -47,7 +47,7 @@ def when(text: str, now: float) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -82,12 +82,12 @@ def _counts(f: dict[str, Any]) -> str:
 
 Column = tuple[str, Callable[[dict[str, Any]], str]]
 COLUMNS: list[Column] = [
-    ("TIME (UTC)", lambda f: _clock(f["end"])), ("NODE", lambda f: f["node"]),
+    ("TIME (UTC)", lambda f: clock(f["end"])), ("NODE", lambda f: f["node"]),
     ("FLOW", lambda f: f"{_end(f, 'src')} -> {_end(f, 'dst')}"), ("PORT", _port),
     ("ACTION", _action), ("COUNTS", _counts),
     ("POLICY", lambda f: f["enforced_trace"][-1] if f["enforced_trace"] else "")]
 WIDE: list[Column] = [
-    ("START (UTC)", lambda f: _clock(f["start"])), ("END", lambda f: _clock(f["end"])[11:]),
+    ("START (UTC)", lambda f: clock(f["start"])), ("END", lambda f: clock(f["end"])[11:]),
     ("NODE", lambda f: f"{f['node']} ({f['reporter']})"),
     ("SRC", lambda f: _end(f, "src")), ("DST", lambda f: _end(f, "dst")), ("PORT", _port),
     ("ACTION", lambda f: f["action"]), ("STAGED", lambda f: f["staged_action"]),

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bulkhead.cli.flows import add_command as add_flows_command
+from bulkhead.cli.preview import add_command as add_preview_command
 from bulkhead.cli.remote import add_commands, printable, run_remote
 from bulkhead.conformance import DATAPLANES, CaseError, load_cases, report_json, report_text
 from bulkhead.conformance import run_cases as run_conformance
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
     add_flows_command(sub)
+    add_preview_command(sub)
     add_lab_commands(sub)
 
     p = sub.add_parser("demo", help="make demo: an example inventory enforced on a lab of hosts")

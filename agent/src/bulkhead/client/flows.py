@@ -69,3 +69,17 @@ def flows(conn: Connection, *, since: float | None = None, until: float | None =
 
 def _text(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
+
+
+def preview(conn: Connection, *, manifests: str | None = None,
+            promote: list[str] | str | None = None, hours: float | None = None,
+            until: float | None = None, protected: str | None = None,
+            limit: int | None = None) -> dict[str, Any]:
+    """`POST /v1/preview`: the stored flows of the last `hours` the proposed state would
+    decide differently (the store, with `manifests` over it and the staged policies of
+    `promote` promoted: names, "all" or "none"). See docs/observability.md."""
+    body = {"manifests": manifests, "promote": promote, "hours": hours, "until": until,
+            "protected": protected, "limit": limit}
+    answer: dict[str, Any] = conn.request(
+        "POST", route("preview"), {k: v for k, v in body.items() if v is not None})
+    return answer

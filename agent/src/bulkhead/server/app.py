@@ -40,6 +40,7 @@ from bulkhead.model.flowlog import MAX_BATCH_BYTES
 from bulkhead.pki import Identity, identity_from_subject
 from bulkhead.selector import SelectorError, parse
 from bulkhead.server import limits
+from bulkhead.server import preview as preview_api
 from bulkhead.server.flows import FlowLogs, Refused, parse_request
 from bulkhead.server.hub import STATUS_KIND, Hub, WireEvent
 from bulkhead.server.listen import Listener
@@ -59,6 +60,7 @@ from bulkhead.store import (
     TooOld,
     Unavailable,
 )
+from bulkhead.store.flowlog import FlowQueryTimeout, FlowStoreError
 
 log = logging.getLogger("bulkhead.server")
 access_log = logging.getLogger("bulkhead.server.access")
@@ -1007,6 +1009,47 @@ async def get_flows(request: web.Request) -> web.Response:
     return await _big_json(answer)
 
 
+async def post_preview(request: web.Request) -> web.Response:
+    """`POST /v1/preview` with `{"manifests": "...", "promote": [...] | "all" | "none",
+    "hours": 24, "until": T, "protected": SELECTOR, "limit": 100}`: which stored flows the
+    proposed state would decide differently (`bulkhead.server.preview`). Admins and
+    viewers: it changes nothing. Checked, then judged off the event loop, a few at a
+    time (the flow queries' bound)."""
+    _require(request, "admin", "viewer")
+    logs = _flow_logs(request)
+    hub = request.app[HUB]
+    if not hub.ready.is_set():
+        raise ApiError(503, "Unavailable", "not in sync with the datastore")
+    wanted = preview_api.parse_preview(await _body(request, preview_api.MAX_BODY))
+    try:
+        manifests = await asyncio.to_thread(preview_api.load_manifests, wanted.manifests) \
+            if wanted.manifests else []
+    except (ValidationError, LoadError) as e:
+        raise ApiError(422 if isinstance(e, ValidationError) else 400,
+                       "Invalid" if isinstance(e, ValidationError) else "BadRequest",
+                       f"manifests: {e}; nothing was previewed") from None
+    objects = hub.policy_objects()
+
+    def judge() -> dict[str, Any]:
+        current = [parse_resource(doc) for doc in objects]
+        proposed, names = preview_api.proposed_state(current, manifests, wanted.promote)
+        return preview_api.preview(logs.store, proposed, wanted, time.time(), names)
+
+    async with logs.querying:
+        try:
+            answer = await asyncio.to_thread(judge)
+        except preview_api.NotFound as e:
+            raise ApiError(404, "NotFound", str(e)) from None
+        except ValidationError as e:
+            raise ApiError(422, "Invalid", f"the proposed state: {e}; nothing was "
+                           "previewed") from None
+        except FlowQueryTimeout as e:
+            raise ApiError(503, "Unavailable", str(e)) from None
+        except FlowStoreError as e:
+            raise ApiError(503, "Unavailable", f"the flow log store failed: {e}") from None
+    return await _big_json(answer)
+
+
 async def nodes(request: web.Request) -> web.Response:
     _require(request, "admin", "viewer")
     reports, revision = await request.app[STORE].list_status()
@@ -1074,6 +1117,7 @@ HANDLERS: tuple[tuple[str, str, Handler], ...] = (
     ("PUT", "resource", write_resource), ("DELETE", "resource", delete_resource),
     ("POST", "status", post_status), ("GET", "nodes", nodes),
     ("POST", "flows", post_flows), ("GET", "flows", get_flows),
+    ("POST", "preview", post_preview),
 )
 
 

@@ -15,6 +15,8 @@ from bulkhead.store.flowlog.base import (
     FlowStore,
     FlowStoreError,
     FlowStoreUnavailable,
+    GroupPage,
+    GroupRow,
     StoredFlow,
     TopPage,
     TopRow,
@@ -24,5 +26,5 @@ from bulkhead.store.flowlog.jsonlines import JsonLinesSink
 
 __all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "MAX_SCAN", "MAX_TOP", "QUERY_SECONDS", "FlowLogConfig",
            "FlowPage", "FlowQuery", "FlowQueryTimeout", "FlowStore", "FlowStoreError",
-           "FlowStoreUnavailable", "JsonLinesConfig", "JsonLinesSink", "StoredFlow", "TopPage",
-           "TopRow"]
+           "FlowStoreUnavailable", "GroupPage", "GroupRow", "JsonLinesConfig", "JsonLinesSink",
+           "StoredFlow", "TopPage", "TopRow"]

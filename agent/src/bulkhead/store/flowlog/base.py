@@ -106,6 +106,28 @@ class TopPage:
     truncated: bool = False           # a selector filter stopped after `scan_limit` rows
 
 
+@dataclass(frozen=True)
+class GroupRow:
+    """Records alike for a preview: same reporter, ends (with their labels), protocol,
+    port, enforced action and trace. `record` stands for them all: its counters are
+    the sums, its start the first and its end the last, its node the least by name."""
+
+    record: FlowRecord
+    records: int
+
+
+@dataclass
+class GroupPage:
+    groups: list[GroupRow] = field(default_factory=list)
+    truncated: bool = False           # more groups than asked for: the rest are left out
+
+
+# The columns a preview groups records by (the same in every store).
+GROUP_KEY = ("reporter", "src_type", "src_name", "src_labels", "src_scope", "dst_type",
+             "dst_name", "dst_labels", "dst_scope", "proto", "dst_port", "action",
+             "enforced_trace")
+
+
 class FlowStore(Protocol):
     """Where flow records are kept and queried. Calls block (run them off the event loop);
     a store is safe to call from several threads."""
@@ -121,6 +143,11 @@ class FlowStore(Protocol):
     def top(self, q: FlowQuery, n: int) -> TopPage:
         """Top talkers: records grouped by src end, dst end, protocol and port, with bytes,
         packets and connections summed; most bytes first, at most `n` groups."""
+        ...
+
+    def groups(self, q: FlowQuery, n: int) -> GroupPage:
+        """Records grouped by GROUP_KEY (the selector filter does not apply), at most `n`
+        groups, most connections first."""
         ...
 
     def expire(self, before: float) -> int:
@@ -185,6 +212,17 @@ def top_of(rows: Iterable[StoredFlow], q: FlowQuery, n: int) -> TopPage:
     rows_out.sort(key=lambda t: (-t.bytes, t.key))
     page.top = rows_out[:n]
     return page
+
+
+def group_row(row: dict[str, Any]) -> GroupRow:
+    """A GroupRow from a store's row: GROUP_KEY's columns, then `start`, `end`, `node`,
+    the sums of connections, started, packets and bytes (in, out), and `records`."""
+    return GroupRow(record_of({**row, "staged_action": row["action"],
+                               "staged_trace": row["enforced_trace"]}),
+                    int(row["records"]))
+
+
+GROUP_SUMS = ("connections", "started", "packets_in", "packets_out", "bytes_in", "bytes_out")
 
 
 def trace_names(trace: Sequence[str], part: int) -> set[str]:

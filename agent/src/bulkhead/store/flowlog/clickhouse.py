@@ -24,18 +24,22 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bulkhead.model.flowlog import FlowRecord
+from bulkhead.model.flowlog import MAX_COUNT, FlowRecord
 from bulkhead.store.flowlog.base import (
+    GROUP_KEY,
+    GROUP_SUMS,
     QUERY_SECONDS,
     FlowPage,
     FlowQuery,
     FlowQueryTimeout,
     FlowStoreError,
     FlowStoreUnavailable,
+    GroupPage,
     StoredFlow,
     TopPage,
     TopRow,
     check_insert,
+    group_row,
     page_of,
     record_of,
     top_of,
@@ -306,6 +310,27 @@ class ClickHouseFlowStore:
         rows = self._call(lambda c: c.query(sql, parameters=params,
                                             settings=self._settings()).result_rows)
         return TopPage([TopRow(*r[:6], *(int(x) for x in r[6:])) for r in rows])
+
+    def groups(self, q: FlowQuery, n: int) -> GroupPage:
+        cond, params = where(q)
+        key = ", ".join(f"`{c}`" for c in GROUP_KEY)
+        sums = ", ".join(f"sum(toFloat64({c}))" for c in GROUP_SUMS)
+        sql = (f"SELECT {key}, toUnixTimestamp64Micro(min(start)), "
+               f"toUnixTimestamp64Micro(max(`end`)), min(node), {sums}, count() "
+               f"FROM {self.table} WHERE {cond} GROUP BY {key} "
+               f"ORDER BY sum(toFloat64(connections)) DESC, {key} LIMIT {n + 1:d}")
+        rows = self._call(lambda c: c.query(sql, parameters=params,
+                                            settings=self._settings()).result_rows)
+        names = (*GROUP_KEY, "start", "end", "node", *GROUP_SUMS, "records")
+        out = []
+        for r in rows[:n]:
+            doc = dict(zip(names, r, strict=True))
+            doc["start"] /= 1_000_000
+            doc["end"] /= 1_000_000
+            for column in GROUP_SUMS:
+                doc[column] = min(int(doc[column]), MAX_COUNT)
+            out.append(group_row(doc))
+        return GroupPage(out, len(rows) > n)
 
     def expire(self, before: float) -> int:
         cond = "`end` < fromUnixTimestamp64Micro({before:Int64}, 'UTC')"

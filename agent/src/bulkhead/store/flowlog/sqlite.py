@@ -20,19 +20,23 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bulkhead.model.flowlog import FlowRecord
+from bulkhead.model.flowlog import MAX_COUNT, FlowRecord
 from bulkhead.store.flowlog.base import (
+    GROUP_KEY,
+    GROUP_SUMS,
     QUERY_SECONDS,
     SCAN_CHUNK,
     FlowPage,
     FlowQuery,
     FlowQueryTimeout,
     FlowStoreError,
+    GroupPage,
     StoredFlow,
     TopPage,
     TopRow,
     check_insert,
     chunked,
+    group_row,
     page_of,
     record_of,
     top_of,
@@ -269,6 +273,27 @@ class SQLiteFlowStore:
             f"COUNT(*) FROM flows WHERE {cond} GROUP BY {TOP_KEY} ORDER BY b DESC, {TOP_KEY} "
             "LIMIT ?", [*args, n], deadline)
         return TopPage([TopRow(*r[:6], *(int(x) for x in r[6:])) for r in rows])
+
+    def groups(self, q: FlowQuery, n: int) -> GroupPage:
+        deadline = time.monotonic() + QUERY_SECONDS
+        cond, args = where(q)
+        key = ", ".join(f'"{c}"' for c in GROUP_KEY)
+        # Sums as floats (TOTAL never fails), capped at the record's bound when read.
+        rows = self._read(
+            f'SELECT {key}, MIN(start), MAX("end"), MIN(node), '
+            f"{', '.join(f'TOTAL({c})' for c in GROUP_SUMS)}, COUNT(*) FROM flows "
+            f"WHERE {cond} GROUP BY {key} ORDER BY TOTAL(connections) DESC, {key} LIMIT ?",
+            [*args, n + 1], deadline)
+        names = (*GROUP_KEY, "start", "end", "node", *GROUP_SUMS, "records")
+        out = []
+        for r in rows[:n]:
+            doc = dict(zip(names, r, strict=True))
+            for column in ("src_labels", "dst_labels", "enforced_trace"):
+                doc[column] = json.loads(doc[column])
+            for column in GROUP_SUMS:
+                doc[column] = min(int(doc[column]), MAX_COUNT)
+            out.append(group_row(doc))
+        return GroupPage(out, len(rows) > n)
 
     def count(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM flows", (),

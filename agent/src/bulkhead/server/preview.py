@@ -1,0 +1,264 @@
+"""Policy impact preview (`POST /v1/preview`): which stored flows a proposed change would
+decide differently, grouped by policy and endpoint pair, newly denied and newly allowed
+apart, and those the stored fields cannot decide listed as undecided, never guessed.
+
+The proposed state is the store's resources as they are, with the request's manifests
+(files not yet applied) put over them, then the staged policies chosen promoted (as
+`POST /v1/promote` would); `bulkhead.policy.impact` judges each group of alike records
+against it, and the judgement is compared with what the table did (the record's
+`action`). The body is bounded and checked before the store is asked anything; the
+work is bounded by MAX_GROUPS record groups and the store's query time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bulkhead.model import (
+    Resource,
+    Snapshot,
+    StagedGlobalNetworkPolicy,
+    ValidationError,
+    documents,
+    parse_documents,
+)
+from bulkhead.model.flowlog import FlowRecord
+from bulkhead.policy.impact import Impact, Judgement, promoted
+from bulkhead.selector import Selector, SelectorError, parse
+from bulkhead.server.limits import MAX_SELECTOR, BadInput
+from bulkhead.store.flowlog import FlowQuery, FlowStore
+
+MAX_BODY = 8 * 1024 * 1024        # manifests as `bulkhead apply` would send them
+MAX_HOURS = 24 * 90
+DEFAULT_HOURS = 24.0
+DEFAULT_LIMIT = 100               # groups listed per kind of change
+MAX_LIMIT = 1_000
+MAX_GROUPS = 100_000              # groups of alike records judged; more: `truncated`
+MAX_PORTS = 32                    # ports listed in one group
+MAX_NODES = 8                     # reporting nodes listed in one group
+MAX_NAMES = 1_000                 # staged policies named in `promote`
+FIELDS = ("manifests", "promote", "hours", "until", "protected", "limit")
+CHANGES = ("newlyDenied", "newlyAllowed", "undecided")
+
+
+class NotFound(Exception):
+    """A staged policy named in `promote` is not in the proposed state."""
+
+
+@dataclass(frozen=True)
+class PreviewRequest:
+    manifests: str | None = None
+    promote: tuple[str, ...] | str | None = None   # names, "all", "none"; None: default
+    hours: float = DEFAULT_HOURS
+    until: float | None = None
+    protected: Selector | None = None
+    limit: int = DEFAULT_LIMIT
+
+
+def parse_preview(body: Any) -> PreviewRequest:
+    """The body, checked: BadInput naming the field otherwise."""
+    if not isinstance(body, dict):
+        raise BadInput('the body: expected a JSON object such as {"hours": 24}')
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise BadInput(f"the body: unknown field {unknown[0][:64]!r} ({', '.join(FIELDS)})")
+    manifests = body.get("manifests")
+    if manifests is not None and not isinstance(manifests, str):
+        raise BadInput("manifests: expected YAML or JSON text (the files' content)")
+    promote = body.get("promote")
+    if isinstance(promote, list):
+        if not promote or len(promote) > MAX_NAMES or \
+                not all(isinstance(n, str) and 0 < len(n) <= 253 and n.isprintable()
+                        for n in promote):
+            raise BadInput(f"promote: expected 1 to {MAX_NAMES} StagedGlobalNetworkPolicy "
+                           'names, "all" or "none"')
+        promote = tuple(dict.fromkeys(promote))
+    elif promote not in (None, "all", "none"):
+        raise BadInput('promote: expected a list of StagedGlobalNetworkPolicy names, "all" '
+                       'or "none"')
+    hours = _number(body.get("hours", DEFAULT_HOURS), "hours", 1 / 60, MAX_HOURS)
+    until = body.get("until")
+    if until is not None:
+        until = _number(until, "until", 0, 10_000_000_000)
+    protected = body.get("protected")
+    if protected is not None:
+        if not isinstance(protected, str) or len(protected) > MAX_SELECTOR:
+            raise BadInput(f"protected: expected a selector of at most {MAX_SELECTOR} "
+                           "characters")
+        try:
+            protected = parse(protected)
+        except SelectorError as e:
+            raise BadInput(f"protected: {e}") from None
+    limit = body.get("limit", DEFAULT_LIMIT)
+    if type(limit) is not int or not 1 <= limit <= MAX_LIMIT:
+        raise BadInput(f"limit: expected a whole number from 1 to {MAX_LIMIT}")
+    return PreviewRequest(manifests, promote, hours, until, protected, limit)
+
+
+def _number(value: Any, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or not low <= value <= high:
+        raise BadInput(f"{name}: expected a number from {low:g} to {high:g}")
+    return float(value)
+
+
+def load_manifests(text: str) -> list[Resource]:
+    """The manifests' resources (YAML or JSON documents, Lists flattened), validated:
+    LoadError or ValidationError naming the resource and field otherwise."""
+    resources = parse_documents(documents(text, "manifests"), "manifests")
+    seen: set[tuple[str, str]] = set()
+    for r in resources:
+        if r.key in seen:
+            raise ValidationError(r.kind, r.name, "metadata.name", "is defined twice in the "
+                                  "manifests")
+        seen.add(r.key)
+    return resources
+
+
+def proposed_state(current: Sequence[Resource], manifests: Sequence[Resource],
+                   promote: tuple[str, ...] | str | None) -> tuple[Snapshot, list[str]]:
+    """The state to judge flows against, and the staged policies promoted into it: the
+    store's resources with the manifests over them (same kind and name: the manifest's),
+    then the staged policies named (`all`; `none`; by default the manifests' staged
+    policies when there are manifests, else every staged policy in the store)."""
+    merged = {r.key: r for r in current}
+    merged.update({r.key: r for r in manifests})
+    snapshot = Snapshot.build(merged.values())
+    if promote is None:
+        promote = tuple(r.name for r in manifests
+                        if isinstance(r, StagedGlobalNetworkPolicy)) if manifests else "all"
+    if promote == "none":
+        names: list[str] = []
+    elif promote == "all":
+        names = sorted(snapshot.staged)
+    else:
+        names = list(promote)
+        missing = [n for n in names if n not in snapshot.staged]
+        if missing:
+            raise NotFound(f"StagedGlobalNetworkPolicy {missing[0]} not found (in the store "
+                           "or the manifests); nothing was previewed")
+    return promoted(snapshot, names), names
+
+
+# ------------------------------------------------------------------------- the answer
+@dataclass
+class _Group:
+    change: str
+    direction: str
+    tier: str
+    policy: str
+    src: Mapping[str, Any]
+    dst: Mapping[str, Any]
+    steps: set[str] = field(default_factory=set)
+    why: set[str] = field(default_factory=set)
+    ports: set[str] = field(default_factory=set)
+    nodes: set[str] = field(default_factory=set)
+    records: int = 0
+    connections: int = 0
+    protected: bool = False
+
+    def json(self) -> dict[str, Any]:
+        out = {"direction": self.direction, "tier": self.tier, "policy": self.policy,
+               "src": dict(self.src), "dst": dict(self.dst), "ports": _few(self.ports,
+                                                                             MAX_PORTS),
+               "nodes": _few(self.nodes, MAX_NODES), "records": self.records,
+               "connections": self.connections, "steps": sorted(self.steps)}
+        if self.why:
+            out["why"] = sorted(self.why)
+        return out
+
+
+def _few(values: set[str], most: int) -> list[str]:
+    return sorted(values)[:most]
+
+
+def _end(record: FlowRecord, side: str) -> dict[str, Any]:
+    end = record.src if side == "src" else record.dst
+    out: dict[str, Any] = {"type": end.type, "name": end.name, "labels": dict(end.labels)}
+    if end.scope:
+        out["scope"] = end.scope
+    return out
+
+
+def _port(record: FlowRecord) -> str:
+    from bulkhead.policy.flow import protocol_name
+    name = protocol_name(record.proto)
+    return f"{name}/{record.dst_port}" if record.proto in (6, 17, 132, 136) else name
+
+
+def _decider(judgement: Judgement) -> tuple[str, str]:
+    """The tier and policy the judgement's steps name, when they name one."""
+    named = {tuple(s.split("|")[:2]) for s in judgement.steps}
+    if len(named) == 1:
+        tier, policy = next(iter(named))
+        return tier, policy
+    return "", ""
+
+
+def preview(store: FlowStore, proposed: Snapshot, request: PreviewRequest, now: float,
+            promoted_names: Sequence[str]) -> dict[str, Any]:
+    until = request.until if request.until is not None else now
+    since = max(0.0, until - request.hours * 3600)
+    page = store.groups(FlowQuery(since=since, until=until), MAX_GROUPS)
+    judge = Impact(proposed)
+    groups: dict[tuple[Any, ...], _Group] = {}
+    totals = {c: {"records": 0, "connections": 0} for c in (*CHANGES, "unchanged")}
+    examined = {"records": 0, "connections": 0, "groups": len(page.groups)}
+    protected = {"records": 0, "connections": 0}
+    for row in page.groups:
+        r = row.record
+        examined["records"] += row.records
+        examined["connections"] += r.connections
+        j = judge.judge(r)
+        if j.action is None:
+            change = "undecided"
+        elif j.action == r.action:
+            change = "unchanged"
+        else:
+            change = "newlyDenied" if j.action == "deny" else "newlyAllowed"
+        totals[change]["records"] += row.records
+        totals[change]["connections"] += r.connections
+        if change == "unchanged":
+            continue
+        tier, policy = _decider(j)
+        direction = "Ingress" if r.reporter == "dst" else "Egress"
+        key = (change, direction, tier, policy, r.src.type, r.src.name, r.dst.type,
+               r.dst.name)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = _Group(change, direction, tier, policy, _end(r, "src"),
+                                     _end(r, "dst"))
+        g.steps.update(j.steps)
+        g.why.update(j.why)
+        g.ports.add(_port(r))
+        g.nodes.add(r.node)
+        g.records += row.records
+        g.connections += r.connections
+        if change == "newlyDenied" and request.protected is not None and (
+                request.protected.matches(r.src.labels) or
+                request.protected.matches(r.dst.labels)):
+            g.protected = True
+            protected["records"] += row.records
+            protected["connections"] += r.connections
+    answer: dict[str, Any] = {
+        "since": since, "until": until, "promoted": list(promoted_names),
+        "examined": examined, "truncated": page.truncated, "totals": totals}
+    for change in CHANGES:
+        found = sorted((g for g in groups.values() if g.change == change),
+                       key=lambda g: (-g.connections, -g.records, g.tier, g.policy,
+                                      g.src["name"], g.dst["name"]))
+        answer[change] = [g.json() for g in found[:request.limit]]
+        answer[f"{change}Groups"] = len(found)
+    if request.protected is not None:
+        hit = [g for g in groups.values() if g.protected]
+        hit.sort(key=lambda g: (-g.connections, g.src["name"], g.dst["name"]))
+        answer["protected"] = {"selector": str(request.protected), **protected,
+                               "groups": [g.json() for g in hit[:request.limit]]}
+    return answer
+
+
+__all__ = ["MAX_BODY", "NotFound", "PreviewRequest",
+           "load_manifests", "parse_preview", "preview", "proposed_state"]
