@@ -60,7 +60,22 @@ def resourceish() -> st.SearchStrategy[Any]:
         "spec": spec})
 
 
+def previewish() -> st.SearchStrategy[Any]:
+    """Preview requests with random holes: manifests that parse, or not, and each field
+    of every type."""
+    manifests = st.lists(resourceish(), max_size=3).map(
+        lambda docs: "\n---\n".join(json.dumps(d) for d in docs)) | st.text(max_size=200)
+    return st.fixed_dictionaries({}, optional={
+        "manifests": manifests | json_values,
+        "promote": st.sampled_from(["all", "none", ["p1"], [], ["x" * 300]]) | json_values,
+        "hours": st.sampled_from([1, 0, 1e308, -1, 24.5, 2160, 2161]) | json_values,
+        "until": st.sampled_from([0, 1e12, -5]) | json_values,
+        "protected": st.sampled_from(["app == 'db'", "has(x", "x" * 5000]) | json_values,
+        "limit": st.sampled_from([1, 0, 1000, 1001, True]) | json_values})
+
+
 bodies = st.one_of(
+    previewish().map(lambda v: json.dumps(v).encode()),
     st.binary(max_size=2000),
     json_values.map(lambda v: json.dumps(v).encode()),
     resourceish().map(lambda v: json.dumps(v).encode()),
@@ -74,7 +89,8 @@ bodies = st.one_of(
 def requests(draw: st.DrawFn) -> tuple[str, str, bytes, str]:
     route = draw(st.sampled_from(["apply", "list", "kind", "one", "status", "nodes", "watch",
                                   "snapshot", "metrics", "random", "delete", "sync",
-                                  "rollback", "export", "history"]))
+                                  "rollback", "export", "history", "promote", "flows",
+                                  "preview"]))
     kind = urllib.parse.quote(draw(st.sampled_from(KINDS) | st.text(max_size=20)), safe="")
     name = urllib.parse.quote(draw(names), safe="")
     method, path = {
@@ -86,6 +102,8 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes, str]:
         "metrics": ("GET", "/metrics"), "delete": ("POST", "/v1/delete"),
         "sync": ("POST", "/v1/sync"), "rollback": ("POST", "/v1/rollback"),
         "export": ("GET", "/v1/export"), "history": ("GET", "/v1/history"),
+        "promote": ("POST", "/v1/promote"), "preview": ("POST", "/v1/preview"),
+        "flows": (draw(st.sampled_from(["GET", "POST"])), "/v1/flows"),
         "random": (draw(st.sampled_from(["GET", "POST", "PATCH", "OPTIONS"])),
                    "/" + urllib.parse.quote(draw(st.text(max_size=30)), safe="/")),
     }[route]
