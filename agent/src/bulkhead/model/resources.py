@@ -551,7 +551,8 @@ assert tuple(KINDS) == api.KINDS, "bulkhead.api names the kinds the model reads"
 
 
 # ------------------------------------------------------------------------------ parse
-def check_enforcement_label(kind: str, name: str, path: str, labels: dict[str, str]) -> None:
+def check_enforcement_label(kind: str, name: str, path: str, labels: Mapping[str, str]
+                            ) -> None:
     """The enforcement label, where it is given, is observe or enforce."""
     value = labels.get(ENFORCEMENT_LABEL)
     if value is not None and value not in ENFORCEMENT_MODES:
