@@ -25,9 +25,9 @@ exactly as in enforce mode, with the same trace, but nothing is blocked there. S
 - `allowed` and `wire_action`: what happens to the packet, Allow when observed.
 
 `Verdict.allowed` and `Verdict.staged_allowed` are what happens on the wire (the
-conformance cases' expectations); `Verdict.policy_allowed` and
-`Verdict.staged_policy_allowed` are the policy decisions, which for an observe endpoint
-say what enforcing it would block. The staged view follows the same rule.
+conformance cases' expectations); `Verdict.policy_allowed` is the policy decision, which
+for an observe endpoint says what enforcing it would block. The staged verdicts follow
+the same rule: their `action` is the staged view's policy decision.
 """
 
 from __future__ import annotations
@@ -140,10 +140,6 @@ class Verdict:
     def policy_allowed(self) -> bool:
         """Whether the policies allow it: what enforcing observe endpoints would do."""
         return self.egress.policy_allowed and self.ingress.policy_allowed
-
-    @property
-    def staged_policy_allowed(self) -> bool:
-        return self.staged_egress.policy_allowed and self.staged_ingress.policy_allowed
 
     @property
     def observed(self) -> bool:
