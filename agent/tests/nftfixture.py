@@ -38,3 +38,13 @@ def base(labels_web: dict[str, str] | None = None) -> list[dict[str, Any]]:
     return [hep("db", "n1", "198.18.0.12", {"app": "db"}),
             hep("web", "n2", "198.18.0.11", labels_web or {"app": "web"}),
             DB_POLICY]
+
+
+# An untracked policy on db: UDP allowed, TCP 23 and 25 denied, before conntrack.
+UNTRACKED_DB = gnp("fast", {"selector": "app == 'db'", "doNotTrack": True,
+                            "applyOnForward": True, "ingress": [
+                                {"action": "Allow", "protocol": "UDP"},
+                                {"action": "Deny", "protocol": "TCP",
+                                 "destination": {"ports": [23]}},
+                                {"action": "Deny", "protocol": "TCP",
+                                 "destination": {"ports": [25]}}]})

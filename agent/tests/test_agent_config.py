@@ -41,6 +41,8 @@ from tests.agentfixture import Recorder, restore_logging  # noqa: F401 (autouse 
     ({}, ["--failsafe-inbound", "tcp:22,tcpx:1"], "--failsafe-inbound[1]: failsafe port"),
     ({}, ["--heartbeat-interval", "0"], "--heartbeat-interval: '0': must be more than 0"),
     ({}, ["--offline"], "--offline goes with --dry-run"),
+    ({"enforcement": "audit"}, [], "enforcement: 'audit': expected enforce or observe"),
+    ({}, ["--enforcement", "off"], "--enforcement: 'off': expected enforce or observe"),
 ])
 def test_bad_config_names_the_key_and_exits_2(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], content: Any, argv: list[str],

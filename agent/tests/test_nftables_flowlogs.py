@@ -12,7 +12,7 @@ from bulkhead.model import EGRESS, INGRESS
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 from bulkhead.policy.trace import Decision
-from tests.nftfixture import DB_POLICY, base, gnp, hep, snap
+from tests.nftfixture import DB_POLICY, UNTRACKED_DB, base, gnp, hep, snap
 
 TIER = {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
         "metadata": {"name": "security"}, "spec": {"order": 10, "defaultAction": "Pass"}}
@@ -76,14 +76,7 @@ def test_verdict_map_cells_go_to_per_rule_chains() -> None:
 
 
 def test_raw_priority_logs_only_a_deny_and_loopback_nothing() -> None:
-    untracked = gnp("fast", {"selector": "app == 'db'", "doNotTrack": True,
-                             "applyOnForward": True, "ingress": [
-                                 {"action": "Allow", "protocol": "UDP"},
-                                 {"action": "Deny", "protocol": "TCP",
-                                  "destination": {"ports": [23]}},
-                                 {"action": "Deny", "protocol": "TCP",
-                                  "destination": {"ports": [25]}}]})
-    plan = calculate(snap(*docs(), untracked), "n1", {}, Failsafes())
+    plan = calculate(snap(*docs(), UNTRACKED_DB), "n1", {}, Failsafes())
     rs = render(plan, flow_logs=FlowLogging())
     raw = [c for name, c in rs.chains.items() if name.startswith(("raw_", "n_", "u_"))]
     assert raw and not any("log" in r for c in raw for r in c.rules)   # via l_ chains

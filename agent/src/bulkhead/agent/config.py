@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from bulkhead.defaults import SERVER_PORT
+from bulkhead.model import ENFORCE, ENFORCEMENT_LABEL, ENFORCEMENT_MODES
 from bulkhead.policy import DEFAULT_INBOUND, DEFAULT_OUTBOUND, FailsafePort, Failsafes
 
 DEFAULT_CONFIG = Path("/etc/bulkhead/agent.yaml")
@@ -62,6 +63,9 @@ class AgentConfig:
     status_interval: float = 60.0            # seconds between status reports
     heartbeat_interval: float = 10.0         # the server's heartbeat on the watch stream
     flow_logs: FlowLogSettings | None = None  # None: flow logs off
+    # The mode of this node's endpoints without the enforcement label (observe: nothing
+    # is blocked, everything is logged as the policies decide; docs/policy.md).
+    enforcement: str = ENFORCE
 
     @property
     def failsafes(self) -> Failsafes:
@@ -84,7 +88,7 @@ KEYS: dict[str, str] = {
     "failsafeOutbound": "failsafe_outbound", "logLevel": "log_level",
     "metricsListen": "metrics_listen", "driftInterval": "drift_interval",
     "statusInterval": "status_interval", "heartbeatInterval": "heartbeat_interval",
-    "flowLogs": "flow_logs",
+    "flowLogs": "flow_logs", "enforcement": "enforcement",
 }
 FLAGS: dict[str, str] = {attr: "--" + attr.replace("_", "-") for attr in KEYS.values()
                          if attr != "flow_logs"}
@@ -158,6 +162,10 @@ def _check_string(attr: str, text: str, where: str) -> str:
     elif attr == "metrics_listen":
         if text:
             _host_port(where, text)
+    elif attr == "enforcement":
+        if text not in ENFORCEMENT_MODES:
+            raise ConfigError(where, f"{text!r}: expected enforce or observe (the mode of "
+                              f"endpoints without the {ENFORCEMENT_LABEL} label)")
     elif not text:
         raise ConfigError(where, "must not be empty")
     return text

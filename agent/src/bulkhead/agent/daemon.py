@@ -92,7 +92,8 @@ class Agent:
         self.flow_retry = 5.0           # seconds before failed flow logs start again
         self.flow_logs = FlowLogs(config.flow_logs, config.node, config.failsafes,
                                   Path(config.state_dir), rule_hits=getattr(
-                                      enforcer, "rule_hits", None)) \
+                                      enforcer, "rule_hits", None),
+                                  default_mode=config.enforcement) \
             if config.flow_logs else None
 
     # ---------------------------------------------------------------------- state

@@ -34,7 +34,7 @@ from bulkhead.agent.config import FlowLogSettings
 from bulkhead.agent.spool import Spool
 from bulkhead.agent.sync import error_of
 from bulkhead.api import route
-from bulkhead.model import Snapshot
+from bulkhead.model import ENFORCE, Snapshot
 from bulkhead.observe.flows import FlowAggregator, Limits, tracked_key
 from bulkhead.policy import Failsafes
 from bulkhead.policy.trace import Decision
@@ -60,8 +60,10 @@ class FlowLogCounters:
 class FlowLogs:
     def __init__(self, settings: FlowLogSettings, node: str, failsafes: Failsafes,
                  state_dir: Path, netns: str = "",
-                 rule_hits: Callable[[], dict[str, int]] | None = None) -> None:
+                 rule_hits: Callable[[], dict[str, int]] | None = None,
+                 default_mode: str = ENFORCE) -> None:
         self.settings = settings
+        self.default_mode = default_mode   # endpoints without the enforcement label
         self._rule_hits = rule_hits
         self._hits: dict[str, int] = {}
         # The kernel's side of the books: every logged first packet also counts in its
@@ -92,7 +94,8 @@ class FlowLogs:
             self.aggregator = FlowAggregator(
                 self.node, snapshot, merged, self.failsafes,
                 Limits(connections=self.settings.max_connections,
-                       aggregates=self.settings.max_records), time.time())
+                       aggregates=self.settings.max_records), time.time(),
+                default_mode=self.default_mode)
         else:
             self.aggregator.set_snapshot(snapshot, merged)
 

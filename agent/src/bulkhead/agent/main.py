@@ -43,7 +43,8 @@ def default_enforcer(config: AgentConfig) -> Enforcer:
 
     flows = config.flow_logs
     logged = FlowLogging(flows.inbound_group, flows.outbound_group) if flows else None
-    enforcer: Enforcer = NftablesEnforcer(config.node, config.failsafes, flow_logs=logged)
+    enforcer: Enforcer = NftablesEnforcer(config.node, config.failsafes, flow_logs=logged,
+                                          default_mode=config.enforcement)
     return enforcer
 
 
@@ -70,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
         "metrics_listen": "HOST:PORT for /metrics (default 127.0.0.1:9473; \"\" turns it "
         "off)", "drift_interval": "seconds between drift checks (default 30)",
         "status_interval": "seconds between status reports (default 60)",
-        "heartbeat_interval": "seconds between the server's heartbeats (default 10)"}
+        "heartbeat_interval": "seconds between the server's heartbeats (default 10)",
+        "enforcement": "enforce (default) or observe: the mode of endpoints without the "
+        "microseg.bulkhead.io/enforcement label"}
     for attr, flag in FLAGS.items():
         p.add_argument(flag, dest=attr, metavar="VALUE", help=helps[attr])
     return p

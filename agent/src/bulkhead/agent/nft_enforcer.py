@@ -16,7 +16,7 @@ from bulkhead.agent.enforcer import EnforceError, EnforceReport
 from bulkhead.dataplane.nftables import Ruleset, render
 from bulkhead.dataplane.nftables.apply import ApplyResult, NftApplier, NftError
 from bulkhead.dataplane.nftables.render import FlowLogging
-from bulkhead.model import Snapshot
+from bulkhead.model import ENFORCE, Snapshot
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 
@@ -39,8 +39,9 @@ class NftablesEnforcer:
     def __init__(self, node: str, failsafes: Failsafes, table: str = "bulkhead",
                  interfaces: Callable[[], Interfaces] | None = None,
                  applier: NftApplier | None = None,
-                 flow_logs: FlowLogging | None = None) -> None:
+                 flow_logs: FlowLogging | None = None, default_mode: str = ENFORCE) -> None:
         self.node = node
+        self.default_mode = default_mode   # endpoints without the enforcement label
         self.flow_logs = flow_logs
         self.failsafes = failsafes
         self.applier = applier or NftApplier(table)
@@ -56,8 +57,9 @@ class NftablesEnforcer:
         # Only endpoints without interfaceName depend on the host's addresses.
         self._by_address = any(h.node == self.node and not h.interface_name
                                for h in snapshot.host_endpoints.values())
-        return render(calculate(snapshot, self.node, self._seen, self.failsafes), self.table,
-                      flow_logs=self.flow_logs)
+        plan = calculate(snapshot, self.node, self._seen, self.failsafes,
+                         default_mode=self.default_mode)
+        return render(plan, self.table, flow_logs=self.flow_logs)
 
     def _report(self, result: ApplyResult, revision: int, ruleset: Ruleset) -> EnforceReport:
         return EnforceReport(revision, result.full, result.changed, result.seconds,

@@ -22,8 +22,12 @@ from bulkhead.model.resources import (
     DEFAULT_TIER,
     DEFAULT_TIER_ORDER,
     EGRESS,
+    ENFORCE,
+    ENFORCEMENT_LABEL,
+    ENFORCEMENT_MODES,
     INGRESS,
     KINDS,
+    OBSERVE,
     EndpointPort,
     EntityRule,
     GlobalNetworkPolicy,
@@ -44,7 +48,8 @@ from bulkhead.model.snapshot import Snapshot
 
 __all__ = [
     "API_VERSION", "DEFAULT_ALLOW", "DEFAULT_ALLOW_PROFILE", "DEFAULT_TIER",
-    "DEFAULT_TIER_ORDER", "EGRESS", "INGRESS", "KINDS", "KIND_ALIASES", "MAX_DOCUMENTS",
+    "DEFAULT_TIER_ORDER", "EGRESS", "ENFORCE", "ENFORCEMENT_LABEL", "ENFORCEMENT_MODES",
+    "INGRESS", "KINDS", "KIND_ALIASES", "MAX_DOCUMENTS", "OBSERVE",
     "EndpointPort", "EntityRule", "GlobalNetworkPolicy", "GlobalNetworkSet", "HostEndpoint",
     "ICMPMatch", "LoadError", "Metadata", "NamedPort", "PolicySpec", "Port", "PortRange",
     "Profile", "Resource", "Rule", "Snapshot", "StagedGlobalNetworkPolicy", "Tier",

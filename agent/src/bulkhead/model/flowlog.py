@@ -46,6 +46,9 @@ END_OF_TIER = "end-of-tier"   # tier|end-of-tier|-|deny  (the tier's defaultActi
 PROFILE = "profile"           # profile|NAME|RULE|allow
 NO_PROFILE = "no-profile"     # endpoint|no-profile|-|deny (nothing allowed the flow)
 FAILSAFE = "failsafe"         # failsafe|failsafe|-|allow
+# The last step of every trace an endpoint in observe mode reports: the steps before it
+# are what the policies decided (a Deny too), and the packet went through.
+OBSERVE_STEP = "endpoint|observe|-|allow"
 
 
 class FlowRecordError(ValueError):

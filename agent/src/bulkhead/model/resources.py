@@ -41,6 +41,11 @@ INGRESS, EGRESS = "Ingress", "Egress"
 DEFAULT_TIER = "default"
 DEFAULT_TIER_ORDER = 1_000_000.0
 DEFAULT_ALLOW_PROFILE = "projectcalico-default-allow"
+# Per-host enforcement mode (docs/policy.md): a HostEndpoint labelled observe is
+# logged as its policies decide but never blocked; enforce (the default) blocks.
+ENFORCEMENT_LABEL = "microseg.bulkhead.io/enforcement"
+OBSERVE, ENFORCE = "observe", "enforce"
+ENFORCEMENT_MODES = (ENFORCE, OBSERVE)
 
 
 def _prune(d: dict[str, Any]) -> dict[str, Any]:
@@ -546,7 +551,18 @@ assert tuple(KINDS) == api.KINDS, "bulkhead.api names the kinds the model reads"
 
 
 # ------------------------------------------------------------------------------ parse
+def check_enforcement_label(kind: str, name: str, path: str, labels: Mapping[str, str]
+                            ) -> None:
+    """The enforcement label, where it is given, is observe or enforce."""
+    value = labels.get(ENFORCEMENT_LABEL)
+    if value is not None and value not in ENFORCEMENT_MODES:
+        raise ValidationError(kind, name, f'{path}["{ENFORCEMENT_LABEL}"]',
+                              f"{show(value)} is not an enforcement mode (expected "
+                              f"{OBSERVE} or {ENFORCE})")
+
+
 def _read_hep(r: Reader, meta: Metadata) -> HostEndpoint:
+    check_enforcement_label(r.kind, r.name, "metadata.labels", meta.labels)
     node = r.string("node", required=True, check=check_name)
     iface = r.string("interfaceName",  # "" is unset, as in Calico (omitempty)
                      check=lambda rr, v: None if v == "" else check_interface(rr, v)) or None
@@ -626,6 +642,8 @@ def _read_profile(r: Reader, meta: Metadata) -> Profile:
     egress = tuple(_read_rule(i, "egress") for i in r.items("egress"))
     labels = r.str_map("labelsToApply")
     check_labels(r.child("labelsToApply", labels), labels)
+    # labelsToApply become the endpoint's labels, this one included.
+    check_enforcement_label(r.kind, r.name, r.sub_path("labelsToApply"), labels)
     r.done()
     return Profile(metadata=meta, ingress=ingress, egress=egress, labels_to_apply=labels)
 

@@ -15,7 +15,11 @@ Input, in the order the kernel gives it:
 
 Each new connection gets its staged verdict from the reference evaluator (staged
 policies in force, never rendered), computed again for the connections still open when
-the policy changes (`set_snapshot`). `flush(now)` turns the interval's aggregates into
+the policy changes (`set_snapshot`). The evaluator also gives the reporting endpoint's
+enforcement mode: an endpoint in observe mode blocks nothing, so its records say `allow`,
+their enforced trace is the logged decisions (a Deny too) followed by OBSERVE_STEP, and
+their staged verdict is the staged view's policy decision; a connection keeps the mode
+it was accepted in. `flush(now)` turns the interval's aggregates into
 `FlowRecord`s, keyed by reporter, both ends (host endpoint, else the GlobalNetworkSet
 holding the address, else the address), protocol, destination port, the enforced and
 the staged traces.
@@ -32,8 +36,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bulkhead.model import EGRESS, INGRESS, Snapshot
-from bulkhead.model.flowlog import MAX_LABELS, MAX_TRACE, End, FlowRecord, scope_of
+from bulkhead.model import EGRESS, ENFORCE, INGRESS, Snapshot
+from bulkhead.model.flowlog import (
+    MAX_LABELS,
+    MAX_TRACE,
+    OBSERVE_STEP,
+    End,
+    FlowRecord,
+    scope_of,
+)
 from bulkhead.policy import Failsafes
 from bulkhead.policy.evaluate import Evaluator
 from bulkhead.policy.flow import Flow
@@ -136,6 +147,8 @@ class _Connection:
     reporter: str
     key: _Key
     interval: int                  # the flush interval it started in
+    logged: tuple[str, tuple[str, ...]] = ("allow", ())   # the kernel's action and trace
+    observed: bool = False         # accepted by an endpoint in observe mode
     seen: tuple[int, int, int, int] = (0, 0, 0, 0)   # counters already attributed
     misses: int = 0                # complete dumps in a row that did not hold it
 
@@ -144,11 +157,12 @@ class _Connection:
 class _Staged:
     action: str
     trace: tuple[str, ...]
+    observed: bool = False         # the reporting endpoint is in observe mode
 
 
-def _capped(trace: tuple[str, ...]) -> tuple[str, ...]:
-    """At most MAX_TRACE steps (the server's bound): the first ones and the final one."""
-    return trace if len(trace) <= MAX_TRACE else (*trace[:MAX_TRACE - 1], trace[-1])
+def _capped(trace: tuple[str, ...], limit: int = MAX_TRACE) -> tuple[str, ...]:
+    """At most `limit` steps (the server's bound): the first ones and the final one."""
+    return trace if len(trace) <= limit else (*trace[:limit - 1], trace[-1])
 
 
 def _end_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -212,8 +226,9 @@ class Ends:
 class FlowAggregator:
     def __init__(self, node: str, snapshot: Snapshot, decisions: Mapping[str, Decision],
                  failsafes: Failsafes | None = None, limits: Limits = Limits(),
-                 now: float = 0.0) -> None:
+                 now: float = 0.0, default_mode: str = ENFORCE) -> None:
         self.node = node
+        self.default_mode = default_mode   # endpoints without the enforcement label
         self.limits = limits
         self.failsafes = failsafes if failsafes is not None else Failsafes()
         self.decisions: Mapping[str, Decision] = decisions
@@ -233,7 +248,7 @@ class FlowAggregator:
         """New policy (or sets, or endpoints): staged verdicts are computed again, for
         the connections still open too; their later counts go under the new verdict."""
         self.decisions = decisions
-        self._evaluator = Evaluator(snapshot, self.failsafes)
+        self._evaluator = Evaluator(snapshot, self.failsafes, self.default_mode)
         self._ends = Ends(snapshot)
         self._verdicts: OrderedDict[tuple[object, ...], _Staged] = OrderedDict()
         self._keys: dict[tuple[object, ...], tuple[_Key, tuple[End, End]]] = {}
@@ -242,8 +257,8 @@ class FlowAggregator:
             for p in [*snapshot.policies.values(), *snapshot.staged.values()]
             for d in (INGRESS, EGRESS) for r in p.spec.rules(d))
         for conn in self._open.values():
-            conn.key, ends = self._key(conn.flow, conn.reporter, conn.key.action,
-                                       conn.key.trace)
+            conn.key, ends = self._key(conn.flow, conn.reporter, *conn.logged,
+                                       observed=conn.observed)
             self._ends_of[conn.key] = ends
 
     def _staged(self, flow: Flow, reporter: str) -> _Staged:
@@ -254,20 +269,25 @@ class FlowAggregator:
         if found is None:
             verdict = self._evaluator.evaluate(flow, trace=True)
             side = verdict.staged_ingress if reporter == "dst" else verdict.staged_egress
-            found = _Staged(side.action.lower(), verdict_steps(side))
+            # The staged view's policy decision: what enforcing would do, if observed.
+            found = _Staged(side.action.lower(), verdict_steps(side), side.observed)
             self._verdicts[cache_key] = found
             if len(self._verdicts) > self.limits.verdicts:
                 self._verdicts.popitem(last=False)
         return found
 
-    def _key(self, flow: Flow, reporter: str, action: str, trace: tuple[str, ...]
-             ) -> tuple[_Key, tuple[End, End]]:
-        """The record key of a connection, and its two ends (kept in `_ends_of` only
-        for keys that get a record or an open connection: memory follows the caps)."""
+    def _key(self, flow: Flow, reporter: str, action: str, trace: tuple[str, ...],
+             observed: bool | None = None) -> tuple[_Key, tuple[End, End]]:
+        """The record key of a connection from the kernel's action and trace, and its two
+        ends (kept in `_ends_of` only for keys that get a record or an open connection:
+        memory follows the caps). `observed`: the mode the connection was accepted in
+        (None: the reporting endpoint's mode now)."""
         src, dst = self._ends.at(flow.src), self._ends.at(flow.dst)
         staged = self._staged(flow, reporter)
         port = flow.dst_port if flow.carries_ports and flow.dst_port is not None else 0
         # The server takes at most MAX_TRACE steps: the first ones and the final one.
+        if staged.observed if observed is None else observed:
+            action, trace = "allow", (*_capped(trace, MAX_TRACE - 1), OBSERVE_STEP)
         key = _Key(reporter, (src.type, src.name), (dst.type, dst.name), flow.protocol, port,
                    action, _capped(trace), staged.action, _capped(staged.trace))
         return key, (src, dst)
@@ -309,7 +329,7 @@ class FlowAggregator:
         if agg is None:
             return
         inbound = reporter == "dst"
-        if final.action == "deny":
+        if key.action == "deny":     # an observe endpoint's Deny went through
             agg.packets_in += inbound
             agg.packets_out += not inbound
             agg.bytes_in += p.length if inbound else 0
@@ -333,7 +353,9 @@ class FlowAggregator:
         if tuple5 not in self._open and len(self._open) >= self.limits.connections:
             self.dropped["connections"] += 1
             return
-        self._open[tuple5] = _Connection(flow, reporter, key, self._interval_no)
+        self._open[tuple5] = _Connection(flow, reporter, key, self._interval_no,
+                                         (final.action, trace),
+                                         key.trace[-1:] == (OBSERVE_STEP,))
         self._ends_of[key] = ends
 
     def _aggregate(self, key: _Key, at: float, ends: tuple[End, End] | None = None

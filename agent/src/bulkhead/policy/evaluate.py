@@ -13,17 +13,34 @@ a policy selecting the endpoint for the direction; in a tier, policies by order 
 rules in order: Allow and Deny end evaluation, Pass goes to the next tier, Log records and
 goes on; no match in a tier -> its defaultAction. After the tiers, the endpoint's
 profiles; no profile, or no profile rule matched -> Deny.
+
+Enforcement modes (docs/policy.md): an endpoint in observe mode (its
+`microseg.bulkhead.io/enforcement` label, else the evaluator's `default_mode`) is decided
+exactly as in enforce mode, with the same trace, but nothing is blocked there. So a
+`DirectionVerdict` holds both:
+
+- `action`, `decided_by`, `tier`, `policy`, `rule`, `steps`: the policy decision, what
+  enforce mode would do (`policy_allowed`), and what flow logs name as the decision;
+- `observed`: the endpoint is in observe mode (set on all its verdicts, failsafes too);
+- `allowed` and `wire_action`: what happens to the packet, Allow when observed.
+
+`Verdict.allowed` and `Verdict.staged_allowed` are what happens on the wire (the
+conformance cases' expectations); `Verdict.policy_allowed` is the policy decision, which
+for an observe endpoint says what enforcing it would block. The staged verdicts follow
+the same rule: their `action` is the staged view's policy decision.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bulkhead.model import (
     EGRESS,
+    ENFORCE,
     INGRESS,
+    OBSERVE,
     GlobalNetworkPolicy,
     HostEndpoint,
     Rule,
@@ -34,7 +51,7 @@ from bulkhead.model.snapshot import order_key
 from bulkhead.policy.failsafe import Failsafes
 from bulkhead.policy.flow import Flow, IPAddress
 from bulkhead.policy.rules import CompiledRule, Context, Peer, compile_rules, domain_matches
-from bulkhead.policy.semantics import effective_labels, selects, staged_view
+from bulkhead.policy.semantics import effective_labels, enforcement_mode, selects, staged_view
 
 ALLOW, DENY, PASS, LOG = "Allow", "Deny", "Pass", "Log"
 
@@ -66,24 +83,41 @@ class DirectionVerdict:
     staged: bool = False           # decided by a staged policy (staged view only)
     steps: tuple[Step, ...] = ()
     logged: tuple[Step, ...] = ()  # Log rules the flow passed through
+    observed: bool = False         # the endpoint is in observe mode: nothing is blocked
+
+    @property
+    def policy_allowed(self) -> bool:
+        """What the policies decide (what enforce mode does)."""
+        return self.action == ALLOW
 
     @property
     def allowed(self) -> bool:
-        return self.action == ALLOW
+        """What happens to the packet: the policy decision, or Allow when observed."""
+        return self.observed or self.action == ALLOW
+
+    @property
+    def wire_action(self) -> str:
+        return ALLOW if self.allowed else DENY
 
     def summary(self) -> str:
         who = f"{self.direction.lower()} of {self.endpoint}" if self.endpoint else \
             f"{self.direction.lower()}: no host endpoint"
+        if not self.observed:
+            return f"{who}: {self._decision()}"
+        if self.action == DENY:
+            return f"{who}: observe mode: would {self._decision()}, allowed"
+        return f"{who}: {self._decision()} (observe mode)"
+
+    def _decision(self) -> str:
         if self.decided_by == "rule":
             kind = "staged policy" if self.staged else "policy"
-            return (f"{who}: {self.action} by {kind} {self.policy} (tier {self.tier}) "
+            return (f"{self.action} by {kind} {self.policy} (tier {self.tier}) "
                     f"{self.direction.lower()} rule {self.rule}")
         if self.decided_by == "profile" and self.policy:
-            return (f"{who}: {self.action} by {self.policy} {self.direction.lower()} "
-                    f"rule {self.rule}")
+            return f"{self.action} by {self.policy} {self.direction.lower()} rule {self.rule}"
         if self.decided_by == "tier-default":
-            return f"{who}: {self.action} by the default action of tier {self.tier}"
-        return f"{who}: {self.action} ({self.steps[-1].text if self.steps else self.decided_by})"
+            return f"{self.action} by the default action of tier {self.tier}"
+        return f"{self.action} ({self.steps[-1].text if self.steps else self.decided_by})"
 
 
 @dataclass(frozen=True)
@@ -101,6 +135,16 @@ class Verdict:
     @property
     def staged_allowed(self) -> bool:
         return self.staged_egress.allowed and self.staged_ingress.allowed
+
+    @property
+    def policy_allowed(self) -> bool:
+        """Whether the policies allow it: what enforcing observe endpoints would do."""
+        return self.egress.policy_allowed and self.ingress.policy_allowed
+
+    @property
+    def observed(self) -> bool:
+        """An endpoint of the flow is in observe mode."""
+        return self.egress.observed or self.ingress.observed
 
     @property
     def staged_differs(self) -> bool:
@@ -125,15 +169,20 @@ def _policy_key(p: GlobalNetworkPolicy) -> tuple[int, float, str]:
 class Evaluator:
     """Evaluates flows against one snapshot. Build once, evaluate many flows."""
 
-    def __init__(self, snapshot: Snapshot, failsafes: Failsafes | None = None) -> None:
+    def __init__(self, snapshot: Snapshot, failsafes: Failsafes | None = None,
+                 default_mode: str = ENFORCE) -> None:
+        """`default_mode`: the enforcement mode of endpoints without the label."""
         self.snapshot = snapshot
         self.failsafes = failsafes if failsafes is not None else Failsafes()
         self._by_ip: dict[IPAddress, list[HostEndpoint]] = {}
         self._labels: dict[str, Mapping[str, str]] = {}
+        self._observed: set[str] = set()
         for hep in sorted(snapshot.host_endpoints.values(), key=lambda h: h.name):
             for ip in hep.expected_ips:
                 self._by_ip.setdefault(ipaddress.ip_address(ip), []).append(hep)
             self._labels[hep.name] = effective_labels(snapshot, hep)
+            if enforcement_mode(self._labels[hep.name], default_mode) == OBSERVE:
+                self._observed.add(hep.name)
         self._sets = [(s, [ipaddress.ip_network(n) for n in s.nets])
                       for s in sorted(snapshot.network_sets.values(), key=lambda s: s.name)]
         self._rules: dict[int, tuple[tuple[Rule, ...], list[CompiledRule]]] = {}
@@ -219,8 +268,20 @@ class Evaluator:
             view.cache[key] = found
         return found
 
+    def mode(self, hep: HostEndpoint) -> str:
+        """The endpoint's enforcement mode (observe or enforce)."""
+        return OBSERVE if hep.name in self._observed else ENFORCE
+
     def _direction(self, ctx: Context, hep: HostEndpoint | None, direction: str,
                    view: _View, trace: bool) -> DirectionVerdict:
+        verdict = self._decide(ctx, hep, direction, view, trace)
+        if hep is not None and hep.name in self._observed:
+            return replace(verdict, observed=True)
+        return verdict
+
+    def _decide(self, ctx: Context, hep: HostEndpoint | None, direction: str,
+                view: _View, trace: bool) -> DirectionVerdict:
+        """The policy decision for one endpoint and direction."""
         steps: list[Step] = []
         logged: list[Step] = []
         if hep is None:

@@ -34,6 +34,8 @@ def explain_text(evaluator: Evaluator, verdict: Verdict) -> str:
            f"  to   {_who(evaluator, flow.dst)}",
            f"verdict: {'ALLOWED' if verdict.allowed else 'DENIED'} "
            "(needs the sender's egress and the receiver's ingress)"]
+    if verdict.allowed and not verdict.policy_allowed:
+        out.append("  observe mode: the policies deny it; enforce mode would block it")
     out += _direction_lines(verdict.egress)
     out += _direction_lines(verdict.ingress)
     if verdict.staged_egress is not verdict.egress or \

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from bulkhead.model import (
     EGRESS,
+    ENFORCE,
     INGRESS,
     EntityRule,
     GlobalNetworkPolicy,
@@ -33,7 +34,13 @@ from bulkhead.model.checks import protocol_number
 from bulkhead.model.snapshot import order_key
 from bulkhead.net import NO_ADDRESSES, AddressSet, Span, merge, parse_network, parse_spans
 from bulkhead.policy.failsafe import Failsafes
-from bulkhead.policy.semantics import effective_labels, rule_ip_version, selects, staged_view
+from bulkhead.policy.semantics import (
+    effective_labels,
+    enforcement_mode,
+    rule_ip_version,
+    selects,
+    staged_view,
+)
 from bulkhead.selector import Selector
 
 DIRECTIONS = (INGRESS, EGRESS)
@@ -115,6 +122,8 @@ class EndpointPlan:
     interfaces: tuple[str, ...]    # ("*",) for every interface of the host
     ingress: DirectionPlan
     egress: DirectionPlan
+    # observe: every Deny is logged as decided and the packet accepted (docs/policy.md)
+    mode: str = ENFORCE
 
     def direction(self, direction: str) -> DirectionPlan:
         return self.ingress if direction == INGRESS else self.egress
@@ -140,11 +149,14 @@ class NodePlan:
 
 # ------------------------------------------------------------------------ calculation
 def calculate(snapshot: Snapshot, node: str, interfaces: Mapping[str, Sequence[str]],
-              failsafes: Failsafes | None = None, staged: bool = False) -> NodePlan:
+              failsafes: Failsafes | None = None, staged: bool = False,
+              default_mode: str = ENFORCE) -> NodePlan:
     """The plan for `node`. `interfaces` maps the host's interface names to their
     addresses (used for endpoints that give expectedIPs but no interfaceName).
     `staged=True` plans the staged view (staged policies replacing or deleting the
-    enforced ones of the same tier and name), for flow verdicts; it is never rendered."""
+    enforced ones of the same tier and name), for flow verdicts; it is never rendered.
+    `default_mode`: the enforcement mode of endpoints without the enforcement label
+    (the agent's `enforcement` setting)."""
     policies = staged_view(snapshot) if staged else list(snapshot.policies.values())
     labels = {h.name: effective_labels(snapshot, h) for h in snapshot.host_endpoints.values()}
     plan = NodePlan(node, [], failsafes if failsafes is not None else Failsafes(), {}, {})
@@ -165,7 +177,8 @@ def calculate(snapshot: Snapshot, node: str, interfaces: Mapping[str, Sequence[s
         claimed.update(dict.fromkeys(ifaces, hep.name))
         ingress, egress = (_direction(snapshot, policies, hep, labels[hep.name], d)
                            for d in DIRECTIONS)
-        plan.endpoints.append(EndpointPlan(hep.name, ifaces, ingress, egress))
+        mode = enforcement_mode(labels[hep.name], default_mode)
+        plan.endpoints.append(EndpointPlan(hep.name, ifaces, ingress, egress, mode))
     _resolve_sets(snapshot, labels, plan)
     return plan
 

@@ -11,6 +11,9 @@ written once from Calico's documented semantics and tested on its own
   policy here has its types; rules of a direction `types` leaves out never apply.
 - The staged view: each staged policy replaces (stagedAction Set) or removes (Delete)
   the enforced policy of the same tier and name.
+- An endpoint's enforcement mode: the `microseg.bulkhead.io/enforcement` label of its
+  effective labels (observe or enforce), else the agent's default. Observe changes what
+  happens to a packet (nothing is blocked), never which policy decides.
 - The IP version a rule is limited to: `ipVersion`, else that of its nets (Felix renders
   a rule with IPv4 nets into the IPv4 ruleset only), else that of an ICMP protocol.
 """
@@ -19,7 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from bulkhead.model import GlobalNetworkPolicy, HostEndpoint, Rule, Snapshot
+from bulkhead.model import (
+    ENFORCE,
+    ENFORCEMENT_LABEL,
+    ENFORCEMENT_MODES,
+    GlobalNetworkPolicy,
+    HostEndpoint,
+    Rule,
+    Snapshot,
+)
 from bulkhead.model.checks import protocol_number
 
 
@@ -33,6 +44,15 @@ def effective_labels(snapshot: Snapshot, hep: HostEndpoint) -> dict[str, str]:
             for key, value in profile.labels_to_apply.items():
                 merged.setdefault(key, value)
     return merged
+
+
+def enforcement_mode(labels: Mapping[str, str], default: str = ENFORCE) -> str:
+    """`observe` or `enforce`: the endpoint's enforcement label (its effective labels,
+    see `effective_labels`) if it holds a mode, else `default` (the agent's setting).
+    The model refuses any other value of the label; one that got past it anyway is
+    ignored here."""
+    value = labels.get(ENFORCEMENT_LABEL)
+    return value if value in ENFORCEMENT_MODES else default
 
 
 def selects(policy: GlobalNetworkPolicy, labels: Mapping[str, str], direction: str) -> bool:

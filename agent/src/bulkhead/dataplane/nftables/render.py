@@ -33,6 +33,16 @@ untracked policy's Deny is logged (the packet ends there); its Allow and no-matc
 to the filter chains, which evaluate the policy again and log there. An untracked
 (doNotTrack) flow has no connection to be first in, so each of its packets is logged.
 
+Observe mode (an endpoint whose plan says `mode: observe`, docs/policy.md): its chains
+are rendered with every Deny of a policy, a profile, a tier's defaultAction and the end
+of the endpoint chain (no profile) giving `accept` instead of `drop`, after the same
+counter and log (the prefix still names the Deny, so flow logs say what enforcement
+would block); Allow, Pass and the failsafe ports are as in enforce. At raw priority an
+untracked Deny of an observe endpoint accepts the packet out of the raw hook (no
+`notrack`, nothing logged there): it goes on to connection tracking and the filter
+chains, which log the Deny and accept. An endpoint in enforce mode renders exactly as
+without modes.
+
 Chains are named by a hash of their content, so endpoints that need the same program share
 one chain, and an unchanged chain keeps its name. Selectors become named sets keyed by
 their canonical form (`s4_<h>`, `s6_<h>`), named ports sets of address . protocol . port
@@ -54,7 +64,7 @@ from bulkhead.dataplane.nftables.vmap import (
     is_plain,
     rule_boxes,
 )
-from bulkhead.model import EGRESS, INGRESS
+from bulkhead.model import EGRESS, INGRESS, OBSERVE
 from bulkhead.net import AddressSet, address_text, merge
 from bulkhead.policy.plan import (
     DIRECTIONS,
@@ -79,6 +89,10 @@ VERDICT = {"Allow": "accept", "Deny": "drop", "Pass": "return"}
 UNTRACKED_ACCEPT = "untracked_accept"
 # At raw priority an Allow also takes the packet out of connection tracking.
 RAW_VERDICT = {**VERDICT, "Allow": f"goto {UNTRACKED_ACCEPT}"}
+# Observe mode: nothing is blocked; a Deny is logged as decided and accepted.
+OBSERVE_VERDICT = {**VERDICT, "Deny": "accept"}
+# At raw priority an observed Deny leaves the raw hook, tracked, for the filter chains.
+OBSERVE_RAW_VERDICT = {**RAW_VERDICT, "Deny": "accept"}
 HOOK = {INGRESS: "input", EGRESS: "output"}
 RAW_HOOK = {INGRESS: "prerouting", EGRESS: "output"}
 ND_TYPES = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert"
@@ -343,33 +357,39 @@ class _Renderer:
         return alternatives
 
     # -- chains -----------------------------------------------------------------------
-    def direction(self, dp: DirectionPlan, direction: str) -> str:
+    def direction(self, dp: DirectionPlan, direction: str, mode: str = "") -> str:
+        """The endpoint chain for one direction; `mode` OBSERVE accepts where a Deny
+        would drop (see the module's docstring)."""
+        observe = mode == OBSERVE
+        verdicts = OBSERVE_VERDICT if observe else VERDICT
+        # Observe chains say so in their comments (and so never share an enforce chain).
+        note = " (observe: accept)" if observe else ""
         jumps = []
         for policy in dp.early:
-            rules = self.rules(policy.rules, "policy " + policy.name, VERDICT,
+            rules = self.rules(policy.rules, "policy " + policy.name + note, verdicts,
                                (direction, policy.tier, False))
             jumps.append(f"jump {self.chain('p', rules)} comment "
                          f"{_quote('policy ' + policy.name, 120)}")
         for tier in dp.tiers:
-            rules = self.rules(tier.rules, "tier " + tier.name, VERDICT,
+            rules = self.rules(tier.rules, "tier " + tier.name + note, verdicts,
                                (direction, tier.name, False))
             end = self.logged(tier_end(direction, tier.name, tier.default_action))
             if tier.default_action == "Deny":
-                rules.append(f"{end}drop comment "
-                             f"{_quote('tier ' + tier.name + ' default Deny', 120)}")
+                rules.append(f"{end}{verdicts['Deny']} comment "
+                             f"{_quote('tier ' + tier.name + ' default Deny' + note, 120)}")
             elif end:   # Pass: logged, then the chain returns to the next tier
                 rules.append(f"{end}comment {_quote('tier ' + tier.name + ' default Pass', 120)}")
             jumps.append(f"jump {self.chain('t', rules)} comment "
                          f"{_quote('tier ' + tier.name + ': ' + ', '.join(tier.policies), 120)}")
         for profile in dp.profiles:
-            rules = self.rules(profile.rules, "profile " + profile.name, VERDICT,
+            rules = self.rules(profile.rules, "profile " + profile.name + note, verdicts,
                                (direction, "profile", False))
             jumps.append(f"jump {self.chain('r', rules)} comment "
                          f"{_quote('profile ' + profile.name, 120)}")
         last = "no profile rule matched" if dp.profiles else "no profile"
         # No endpoint name in the chain: endpoints with the same program share it.
-        jumps.append(f"{self.logged(no_profile(direction))}drop comment "
-                     f"{_quote(direction.lower() + ': ' + last, 120)}")
+        jumps.append(f"{self.logged(no_profile(direction))}{verdicts['Deny']} comment "
+                     f"{_quote(direction.lower() + ': ' + last + note, 120)}")
         return self.chain("e", jumps)
 
     def base(self, direction: str) -> Chain:
@@ -377,7 +397,7 @@ class _Renderer:
         rules = ["ct state established,related accept", "ct state invalid drop",
                  *self.unfiltered(direction)]
         chains, star = self.by_interface(
-            lambda ep: self.direction(ep.direction(direction), direction))
+            lambda ep: self.direction(ep.direction(direction), direction, ep.mode))
         rules += self.dispatch(direction, "ep_in" if ingress else "ep_out", chains, star)
         hook = f"type filter hook {HOOK[direction]} priority filter; policy accept;"
         return Chain(HOOK[direction], tuple(rules), hook)
@@ -440,13 +460,18 @@ class _Renderer:
         return rules
 
     # -- untracked policies, at raw priority ----------------------------------------------
-    def untracked_chain(self, dp: DirectionPlan, direction: str) -> str | None:
+    def untracked_chain(self, dp: DirectionPlan, direction: str, mode: str = ""
+                        ) -> str | None:
+        observe = mode == OBSERVE
         jumps = []
         for policy in dp.early:
             if not policy.untracked:
                 continue
-            rules = self.rules(policy.rules, "policy " + policy.name, RAW_VERDICT,
-                               (direction, policy.tier, True))
+            # Observe: a Deny is logged by the filter chains (which accept), not here.
+            rules = self.rules(policy.rules,
+                               "policy " + policy.name + (" (observe)" if observe else ""),
+                               OBSERVE_RAW_VERDICT if observe else RAW_VERDICT,
+                               None if observe else (direction, policy.tier, True))
             jumps.append(f"jump {self.chain('n', rules)} comment "
                          f"{_quote('untracked policy ' + policy.name, 120)}")
         # No match: on to connection tracking and the filter chains.
@@ -454,7 +479,7 @@ class _Renderer:
 
     def raw_base(self, direction: str) -> Chain | None:
         chains, star = self.by_interface(
-            lambda ep: self.untracked_chain(ep.direction(direction), direction))
+            lambda ep: self.untracked_chain(ep.direction(direction), direction, ep.mode))
         if not chains and not star:
             return None
         self.rs.chains.setdefault(UNTRACKED_ACCEPT, Chain(UNTRACKED_ACCEPT, ("notrack accept",)))
