@@ -3,7 +3,8 @@ for random policy sets (the differential test's strategies: tiers, order, Pass, 
 nets, selectors, named ports, network sets, profiles, staged policies) and random flows
 between their hosts, every record the agent would make of a flow (ends resolved as
 `observe.flows.Ends` does) that the judge decides is decided as the evaluator decides
-the flow, for the enforced policies and for the staged ones promoted. And the judge is
+the flow, for the enforced policies and for the staged ones promoted, with some hosts in
+observe mode. And the judge is
 not vacuous: it decides most records, and says why when it does not.
 """
 
@@ -16,24 +17,38 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bulkhead.model import API_VERSION, Snapshot, parse_resource
-from bulkhead.model.flowlog import FlowRecord
+from bulkhead.model import API_VERSION, ENFORCEMENT_LABEL, OBSERVE, Snapshot, parse_resource
+from bulkhead.model.flowlog import OBSERVE_STEP, FlowRecord
 from bulkhead.observe.flows import Ends
 from bulkhead.policy import Evaluator, Failsafes
 from bulkhead.policy.evaluate import DirectionVerdict
 from bulkhead.policy.impact import Impact, promoted
 from bulkhead.policy.trace import verdict_steps
-from tests.test_differential import ALL_FLOWS, model_flow, policy_sets
+from tests.test_differential import ALL_FLOWS, HOSTS, model_flow, policy_sets
 
 
 def record_of(ends: Ends, flow: Any, reporter: str, verdict: DirectionVerdict) -> FlowRecord:
+    """The record the reporting agent makes of the flow: what happened on the wire, the
+    decisions its table logged, and the observe step when its endpoint observes."""
     f = model_flow(flow)
+    steps = verdict_steps(verdict) + ((OBSERVE_STEP,) if verdict.observed else ())
     return FlowRecord(
         start=0.0, end=1.0, node=flow.src if reporter == "src" else flow.dst,
         reporter=reporter, src=ends.at(f.src), dst=ends.at(f.dst), proto=f.protocol,
-        dst_port=f.dst_port or 0, action=verdict.action.lower(),
-        enforced_trace=verdict_steps(verdict), staged_action=verdict.action.lower(),
-        staged_trace=verdict_steps(verdict), connections=1, started=1)
+        dst_port=f.dst_port or 0, action=verdict.wire_action.lower(), enforced_trace=steps,
+        staged_action=verdict.action.lower(), staged_trace=verdict_steps(verdict),
+        connections=1, started=1)
+
+
+def observing(docs: list[dict[str, Any]], hosts: set[str]) -> list[dict[str, Any]]:
+    """The docs with the host endpoints of `hosts` labelled to observe mode."""
+    out = []
+    for d in docs:
+        if d["kind"] == "HostEndpoint" and d["metadata"]["name"] in hosts:
+            d = {**d, "metadata": {**d["metadata"], "labels": {
+                **d["metadata"].get("labels", {}), ENFORCEMENT_LABEL: OBSERVE}}}
+        out.append(d)
+    return out
 
 
 def doc(kind: str, name: str, spec: dict[str, Any], labels: dict[str, str] | None = None
@@ -48,9 +63,10 @@ def test_decided_records_agree_with_the_evaluator() -> None:
 
     @settings(max_examples=60, deadline=None, derandomize=True, database=None)
     @given(policy_sets(), st.lists(st.sampled_from(ALL_FLOWS), min_size=40, max_size=40,
-                                   unique=True))
-    def check(docs: list[dict[str, Any]], flows: list[Any]) -> None:
-        snapshot = Snapshot.build(parse_resource(d) for d in docs)
+                                   unique=True),
+           st.sets(st.sampled_from(HOSTS), max_size=2))
+    def check(docs: list[dict[str, Any]], flows: list[Any], observers: set[str]) -> None:
+        snapshot = Snapshot.build(parse_resource(d) for d in observing(docs, observers))
         evaluator = Evaluator(snapshot, Failsafes.off())
         ends = Ends(snapshot)
         judges = {"enforced": Impact(snapshot), "promoted": Impact(promoted(snapshot))}
@@ -69,15 +85,18 @@ def test_decided_records_agree_with_the_evaluator() -> None:
                         tally["undecided"] += 1
                         continue
                     tally["decided"] += 1
-                    assert got.action == side.action.lower(), (
+                    tally["observed"] += side.observed
+                    assert got.action == side.wire_action.lower(), (
                         f"{view} {reporter} {flow}: judged {got.action} {got.steps}, the "
                         f"evaluator says {side.summary()}")
                     # The deciding step the evaluator reached is among the judge's.
-                    assert verdict_steps(side)[-1] in got.steps, (got, side.summary())
+                    want = OBSERVE_STEP if side.observed else verdict_steps(side)[-1]
+                    assert want in got.steps, (got, side.summary())
 
     check()
     print(dict(tally))
     assert tally["decided"] > 3 * tally["undecided"], tally
+    assert tally["observed"] > 0.1 * tally["decided"], tally
 
 
 def test_what_records_cannot_decide_is_undecided_with_the_reason() -> None:

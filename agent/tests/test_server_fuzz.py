@@ -71,6 +71,7 @@ def previewish() -> st.SearchStrategy[Any]:
         "hours": st.sampled_from([1, 0, 1e308, -1, 24.5, 2160, 2161]) | json_values,
         "until": st.sampled_from([0, 1e12, -5]) | json_values,
         "protected": st.sampled_from(["app == 'db'", "has(x", "x" * 5000]) | json_values,
+        "enforce": st.sampled_from(["all()", "app in {", ""]) | json_values,
         "limit": st.sampled_from([1, 0, 1000, 1001, True]) | json_values})
 
 

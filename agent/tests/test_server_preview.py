@@ -18,8 +18,8 @@ import yaml
 from bulkhead.cli.main import main
 from bulkhead.client import ApiError
 from bulkhead.client.flows import preview, send_flows
-from bulkhead.model import API_VERSION, Snapshot, parse_resource
-from bulkhead.model.flowlog import FlowRecord
+from bulkhead.model import API_VERSION, ENFORCEMENT_LABEL, Snapshot, parse_resource
+from bulkhead.model.flowlog import OBSERVE_STEP, FlowRecord
 from bulkhead.observe.flows import Ends
 from bulkhead.policy import Evaluator, Failsafes, Flow
 from bulkhead.policy.trace import verdict_steps
@@ -67,8 +67,10 @@ def address(end: str) -> str:
 
 def records(snapshot: Snapshot, now: float) -> tuple[list[dict[str, Any]],
                                                      dict[tuple[str, str, str, int], str]]:
-    """The records the destinations' agents would send about TRAFFIC (ingress), and what
-    the evaluator says changes for each flow once the staged policies are in force."""
+    """The records the destinations' agents would send about TRAFFIC (ingress: what the
+    wire saw, the decisions logged, the observe step from an observing endpoint), and
+    what the evaluator says the policies change for each flow once the staged policies
+    are in force (the policy decision, whatever the endpoint's mode)."""
     evaluator = Evaluator(snapshot, Failsafes.off())
     ends = Ends(snapshot)
     out, changes = [], {}
@@ -80,7 +82,8 @@ def records(snapshot: Snapshot, now: float) -> tuple[list[dict[str, Any]],
             start=now - 100, end=now - 90, node=dst, reporter="dst",
             src=ends.at(ipaddress.ip_address(address(src))),
             dst=ends.at(ipaddress.ip_address(address(dst))), proto=flow.protocol,
-            dst_port=port, action=side.action.lower(), enforced_trace=verdict_steps(side),
+            dst_port=port, action=side.wire_action.lower(),
+            enforced_trace=verdict_steps(side) + ((OBSERVE_STEP,) if side.observed else ()),
             staged_action=staged.action.lower(), staged_trace=verdict_steps(staged),
             connections=times, started=times)
         out.append(record.json())
@@ -194,7 +197,39 @@ def test_the_cli_prints_the_preview_and_gates(server: ServerProcess, tmp_path: P
     assert "spec.order" in capsys.readouterr().err
 
 
+def test_observing_hosts_block_nothing_until_previewed_in_enforce_mode(
+        server: ServerProcess) -> None:
+    import time
+    # db-1 observes: its records say allow, with the decisions enforce would make.
+    db = json.loads(json.dumps(ENDPOINTS[2]))
+    db["metadata"]["labels"][ENFORCEMENT_LABEL] = "observe"
+    apply(server, [db])
+    docs_now = [db if d["metadata"]["name"] == "db-1" else d for d in ENDPOINTS]
+    snapshot = Snapshot.build(parse_resource(d) for d in docs_now + ENFORCED + STAGED)
+    docs, changes = records(snapshot, time.time())
+    db_records = [d for d in docs if d["node"] == "db-1"]
+    assert db_records and all(d["action"] == "allow" and d["enforced_trace"][-1] ==
+                              OBSERVE_STEP for d in db_records)
+    for dst in {d["node"] for d in docs}:
+        send_flows(server.client(dst, "agent"), [d for d in docs if d["node"] == dst])
+    viewer = server.client("carol", "viewer")
+    # Promoting alone changes nothing on db-1: it still observes.
+    still = preview(viewer, hours=1)
+    assert not any(g["dst"]["name"] == "db-1" for g in still["newlyDenied"])
+    # Moving db-1 to enforce with the staged policies promoted: what the evaluator's
+    # policy decision denies there is newly denied.
+    moved = preview(viewer, hours=1, enforce="app == 'db'")
+    assert moved["enforce"] == 'app == "db"'
+    on_db = {k for k, c in changes.items() if k[1] == "db-1" and c == "newlyDenied"}
+    assert on_db and {k for k in listed(moved, "newlyDenied") if k[1] == "db-1"} == on_db
+    # Not promoting, only enforcing: the enforced policies alone (none select db-1, and
+    # it has the default-allow profile) deny nothing new.
+    alone = preview(viewer, hours=1, enforce="app == 'db'", promote="none")
+    assert not alone["newlyDenied"], alone["newlyDenied"]
+
+
 @pytest.mark.parametrize(("body", "words"), [
+    ({"enforce": "app =="}, "enforce:"),
     ([], "expected a JSON object"),
     ({"hours": 0}, "hours: expected a number from"),
     ({"hours": "24"}, "hours: expected a number"),

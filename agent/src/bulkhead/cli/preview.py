@@ -63,6 +63,8 @@ def render(answer: dict[str, Any]) -> str:
                 else "") + ".",
              "Promoted for the preview: " + printable(", ".join(answer["promoted"]) or
                                                       "nothing") + "."]
+    if answer.get("enforce"):
+        lines.append(f"In enforce mode for the preview: {printable(answer['enforce'])}.")
     for change, title in TITLES.items():
         groups = answer[change]
         lines.append("")
@@ -110,7 +112,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
     elif args.promote_none:
         promote = "none"
     answer = preview(connection(args), manifests=manifests, promote=promote,
-                     hours=args.hours, protected=args.protected, limit=args.limit)
+                     enforce=args.enforce, hours=args.hours, protected=args.protected,
+                     limit=args.limit)
     if args.output == "json":
         print(json.dumps(answer, indent=2))
     elif args.output == "yaml":
@@ -136,6 +139,9 @@ def add_command(sub: Any) -> None:
                        help="promote every staged policy (the store's and the files')")
     which.add_argument("--promote-none", action="store_true",
                        help="promote nothing: the files' enforced policies alone")
+    p.add_argument("--enforce", metavar="SELECTOR",
+                   help="preview the host endpoints this selects in enforce mode (those "
+                   "in observe mode block nothing): what moving them to enforce would deny")
     p.add_argument("--hours", type=float, default=24.0,
                    help="flows that ended in the last N hours (default 24)")
     p.add_argument("--protected", metavar="SELECTOR",

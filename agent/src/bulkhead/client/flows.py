@@ -72,13 +72,16 @@ def _text(value: Any) -> str:
 
 
 def preview(conn: Connection, *, manifests: str | None = None,
-            promote: list[str] | str | None = None, hours: float | None = None,
+            promote: list[str] | str | None = None, enforce: str | None = None,
+            hours: float | None = None,
             until: float | None = None, protected: str | None = None,
             limit: int | None = None) -> dict[str, Any]:
     """`POST /v1/preview`: the stored flows of the last `hours` the proposed state would
     decide differently (the store, with `manifests` over it and the staged policies of
-    `promote` promoted: names, "all" or "none"). See docs/observability.md."""
-    body = {"manifests": manifests, "promote": promote, "hours": hours, "until": until,
+    `promote` promoted: names, "all" or "none"; the host endpoints `enforce` selects in
+    enforce mode). See docs/observability.md."""
+    body = {"manifests": manifests, "promote": promote, "enforce": enforce, "hours": hours,
+            "until": until,
             "protected": protected, "limit": limit}
     answer: dict[str, Any] = conn.request(
         "POST", route("preview"), {k: v for k, v in body.items() if v is not None})

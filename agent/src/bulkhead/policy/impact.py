@@ -25,7 +25,9 @@ branches (it matched, and it did not), and every outcome reachable is kept. When
 outcomes agree on the action, the record is decided; when they do not, it is undecided,
 with the reasons, and never guessed. Failsafe ports are not policy: a record the
 failsafes let through stays so (its enforced trace says it), and one they did not,
-stays out of them.
+stays out of them. An endpoint in observe mode in the proposed state (its
+`microseg.bulkhead.io/enforcement` label; without one, the agent's setting, which the
+record shows by its trace's last step `endpoint|observe|-|allow`) blocks nothing: allow.
 
 The reference evaluator (`Evaluator`) decides packets; this module decides records. A
 property test checks that whenever a record built from a packet (as the agent builds
@@ -40,7 +42,9 @@ from dataclasses import dataclass, field, replace
 
 from bulkhead.model import (
     EGRESS,
+    ENFORCE,
     INGRESS,
+    OBSERVE,
     EntityRule,
     GlobalNetworkPolicy,
     HostEndpoint,
@@ -49,8 +53,13 @@ from bulkhead.model import (
     Snapshot,
 )
 from bulkhead.model.checks import protocol_number
-from bulkhead.model.flowlog import FAILSAFE, End, FlowRecord
-from bulkhead.policy.semantics import effective_labels, rule_ip_version, selects
+from bulkhead.model.flowlog import FAILSAFE, OBSERVE_STEP, End, FlowRecord
+from bulkhead.policy.semantics import (
+    effective_labels,
+    enforcement_mode,
+    rule_ip_version,
+    selects,
+)
 from bulkhead.policy.trace import failsafe, no_profile, profile_rule, rule_decision, tier_end
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -330,6 +339,11 @@ class Impact:
         if hep is None:
             return Judgement(None, (), (f"host endpoint {local.name} is not in the proposed "
                                         "state",))
+        # The agent's own setting, for an endpoint without the label: what the record
+        # shows (an observing endpoint's records end with the observe step).
+        setting = OBSERVE if OBSERVE_STEP in record.enforced_trace else ENFORCE
+        if enforcement_mode(self._labels[hep.name], setting) == OBSERVE:
+            return Judgement("allow", (OBSERVE_STEP,))
         ctx = _Ctx(record, self._view(record.src), self._view(record.dst))
         outcomes = self._walk(ctx, hep, direction)
         actions = {a for a, _ in outcomes}

@@ -1011,10 +1011,10 @@ async def get_flows(request: web.Request) -> web.Response:
 
 async def post_preview(request: web.Request) -> web.Response:
     """`POST /v1/preview` with `{"manifests": "...", "promote": [...] | "all" | "none",
-    "hours": 24, "until": T, "protected": SELECTOR, "limit": 100}`: which stored flows the
-    proposed state would decide differently (`bulkhead.server.preview`). Admins and
-    viewers: it changes nothing. Checked, then judged off the event loop, a few at a
-    time (the flow queries' bound)."""
+    "enforce": SELECTOR, "hours": 24, "until": T, "protected": SELECTOR, "limit": 100}`:
+    which stored flows the proposed state would decide differently
+    (`bulkhead.server.preview`). Admins and viewers: it changes nothing. Checked, then
+    judged off the event loop, a few at a time (the flow queries' bound)."""
     _require(request, "admin", "viewer")
     logs = _flow_logs(request)
     hub = request.app[HUB]
@@ -1032,7 +1032,8 @@ async def post_preview(request: web.Request) -> web.Response:
 
     def judge() -> dict[str, Any]:
         current = [parse_resource(doc) for doc in objects]
-        proposed, names = preview_api.proposed_state(current, manifests, wanted.promote)
+        proposed, names = preview_api.proposed_state(current, manifests, wanted.promote,
+                                                     wanted.enforce)
         return preview_api.preview(logs.store, proposed, wanted, time.time(), names)
 
     async with logs.querying:

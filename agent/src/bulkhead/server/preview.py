@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bulkhead.model import (
+    ENFORCE,
+    ENFORCEMENT_LABEL,
     Resource,
     Snapshot,
     StagedGlobalNetworkPolicy,
@@ -27,6 +29,7 @@ from bulkhead.model import (
 )
 from bulkhead.model.flowlog import FlowRecord
 from bulkhead.policy.impact import Impact, Judgement, promoted
+from bulkhead.policy.semantics import effective_labels
 from bulkhead.selector import Selector, SelectorError, parse
 from bulkhead.server.limits import MAX_SELECTOR, BadInput
 from bulkhead.store.flowlog import FlowQuery, FlowStore
@@ -40,7 +43,7 @@ MAX_GROUPS = 100_000              # groups of alike records judged; more: `trunc
 MAX_PORTS = 32                    # ports listed in one group
 MAX_NODES = 8                     # reporting nodes listed in one group
 MAX_NAMES = 1_000                 # staged policies named in `promote`
-FIELDS = ("manifests", "promote", "hours", "until", "protected", "limit")
+FIELDS = ("manifests", "promote", "enforce", "hours", "until", "protected", "limit")
 CHANGES = ("newlyDenied", "newlyAllowed", "undecided")
 
 
@@ -56,6 +59,7 @@ class PreviewRequest:
     until: float | None = None
     protected: Selector | None = None
     limit: int = DEFAULT_LIMIT
+    enforce: Selector | None = None     # host endpoints previewed in enforce mode
 
 
 def parse_preview(body: Any) -> PreviewRequest:
@@ -83,19 +87,23 @@ def parse_preview(body: Any) -> PreviewRequest:
     until = body.get("until")
     if until is not None:
         until = _number(until, "until", 0, 10_000_000_000)
-    protected = body.get("protected")
-    if protected is not None:
-        if not isinstance(protected, str) or len(protected) > MAX_SELECTOR:
-            raise BadInput(f"protected: expected a selector of at most {MAX_SELECTOR} "
-                           "characters")
-        try:
-            protected = parse(protected)
-        except SelectorError as e:
-            raise BadInput(f"protected: {e}") from None
     limit = body.get("limit", DEFAULT_LIMIT)
     if type(limit) is not int or not 1 <= limit <= MAX_LIMIT:
         raise BadInput(f"limit: expected a whole number from 1 to {MAX_LIMIT}")
-    return PreviewRequest(manifests, promote, hours, until, protected, limit)
+    return PreviewRequest(manifests, promote, hours, until, _selector(body, "protected"),
+                          limit, _selector(body, "enforce"))
+
+
+def _selector(body: dict[str, Any], name: str) -> Selector | None:
+    raw = body.get(name)
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or len(raw) > MAX_SELECTOR:
+        raise BadInput(f"{name}: expected a selector of at most {MAX_SELECTOR} characters")
+    try:
+        return parse(raw)
+    except SelectorError as e:
+        raise BadInput(f"{name}: {e}") from None
 
 
 def _number(value: Any, name: str, low: float, high: float) -> float:
@@ -119,14 +127,22 @@ def load_manifests(text: str) -> list[Resource]:
 
 
 def proposed_state(current: Sequence[Resource], manifests: Sequence[Resource],
-                   promote: tuple[str, ...] | str | None) -> tuple[Snapshot, list[str]]:
+                   promote: tuple[str, ...] | str | None, enforce: Selector | None = None
+                   ) -> tuple[Snapshot, list[str]]:
     """The state to judge flows against, and the staged policies promoted into it: the
     store's resources with the manifests over them (same kind and name: the manifest's),
-    then the staged policies named (`all`; `none`; by default the manifests' staged
+    the host endpoints `enforce` selects (by their effective labels) labelled to enforce
+    mode, then the staged policies named (`all`; `none`; by default the manifests' staged
     policies when there are manifests, else every staged policy in the store)."""
     merged = {r.key: r for r in current}
     merged.update({r.key: r for r in manifests})
     snapshot = Snapshot.build(merged.values())
+    if enforce is not None:
+        for name, hep in list(snapshot.host_endpoints.items()):
+            if enforce.matches(effective_labels(snapshot, hep)):
+                labels = {**hep.metadata.labels, ENFORCEMENT_LABEL: ENFORCE}
+                snapshot.host_endpoints[name] = replace(
+                    hep, metadata=replace(hep.metadata, labels=labels))
     if promote is None:
         promote = tuple(r.name for r in manifests
                         if isinstance(r, StagedGlobalNetworkPolicy)) if manifests else "all"
@@ -245,6 +261,7 @@ def preview(store: FlowStore, proposed: Snapshot, request: PreviewRequest, now: 
             protected["connections"] += r.connections
     answer: dict[str, Any] = {
         "since": since, "until": until, "promoted": list(promoted_names),
+        "enforce": None if request.enforce is None else str(request.enforce),
         "examined": examined, "truncated": page.truncated, "totals": totals}
     for change in CHANGES:
         found = sorted((g for g in groups.values() if g.change == change),
