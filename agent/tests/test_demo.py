@@ -77,12 +77,25 @@ def test_table_renders_and_parses_back() -> None:
                                  ("b", "c:5432"): True, ("c", "b:80"): False}
 
 
-def _section(output: str, title: str) -> str:
-    """The table printed under the step whose heading starts with `title`."""
+def _step(output: str, title: str) -> str:
+    """What the demo printed under the step whose heading starts with `title`."""
     match = re.search(rf"^==> {re.escape(title)}.*?\n(.*?)(?=^==> |\Z)", output, re.M | re.S)
     assert match, f"no step {title!r} in the demo's output:\n{output[-3000:]}"
-    lines = [line for line in match.group(1).splitlines() if line.startswith("    ")]
-    return "\n".join(line for line in lines if not line.strip().startswith("the reference"))
+    return match.group(1)
+
+
+def _section(output: str, title: str) -> str:
+    """The table printed under the step whose heading starts with `title`: its header
+    and the rows after it (a host's name, then a cell per column)."""
+    lines = [line for line in _step(output, title).splitlines() if line.startswith("    ")]
+    start = next(i for i, line in enumerate(lines) if line.split()[:3] == ["from", "\\", "to"])
+    width = len(lines[start].split()) - 2
+    rows = [lines[start]]
+    for line in lines[start + 1:]:
+        if len(line.split()) != width:
+            break
+        rows.append(line)
+    return "\n".join(rows)
 
 
 def _leftovers() -> list[str]:
@@ -121,6 +134,27 @@ def test_make_demo_end_to_end_then_demo_down_leaves_nothing() -> None:
         before = parse_table(_section(out, "Before"))
         assert before and all(before.values()), before
 
+        # Onboarded in observe mode, the policies staged: still nothing is blocked, and
+        # the flow logs say what the staged policies would deny.
+        onboarded = _step(out, "Host endpoints in the store")
+        assert len(re.findall(r"^    \S+ +observe ", onboarded, re.M)) == 6, onboarded
+        assert "staged: application.active-directory," in onboarded
+        staged = parse_table(_section(out, "Staged"))
+        assert staged == before
+        records = re.search(r"(\d+) flow records in the server, (\d+) where the staged "
+                            r"policies would deny", _step(out, "Staged"))
+        assert records and int(records.group(2)) > 0, _step(out, "Staged")
+
+        # The preview lists what enforcing would deny, checked by the demo against the
+        # evaluator; and the after table denies exactly those flows.
+        shown = _step(out, "Preview")
+        assert re.search(r"Newly denied: \d+ connections", shown), shown
+        assert "application|end-of-tier" in shown and "Undecided" in shown
+        predicted = re.search(r"the reference evaluator agrees: (\d+) of 30 flows would be "
+                              r"denied", shown)
+        assert predicted, shown
+        assert "GlobalNetworkPolicy security.dmz-egress created" in _step(out, "Enforcing")
+
         # After: the printed table is what the reference evaluator says of the policies
         # in inventory-examples/ and the host endpoints the inventory plugin made.
         after = parse_table(_section(out, "After"))
@@ -136,6 +170,9 @@ def test_make_demo_end_to_end_then_demo_down_leaves_nothing() -> None:
             trace=False).allowed for (src, col) in after}
         assert after == expected
         assert len(after) == 30
+        blocked = sum(not ok for ok in after.values())
+        assert int(predicted.group(1)) == blocked
+        assert f"the preview predicted all {blocked} denied flows, and only those" in out
         assert not after[("web-01", "db-01:5432")]       # dmz never reaches restricted
         assert after[("kafka-01", "zk-01:2181")]          # kafka and zookeeper talk
         assert after[("app-01", "ad-01:636")]             # trusted reaches LDAPS

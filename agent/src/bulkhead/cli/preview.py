@@ -77,6 +77,9 @@ def render(answer: dict[str, Any]) -> str:
             rows.append([g["direction"], _policy(g), _end(g["src"]), _end(g["dst"]),
                          ",".join(g["ports"]), str(g["connections"]), str(g["records"])])
         lines.append(table(rows))
+        if len(groups) < answer[change + "Groups"]:
+            lines.append(f"  ... the first {len(groups)} of {answer[change + 'Groups']} "
+                         "groups (--limit)")
         if change == "undecided":
             why = sorted({w for g in groups for w in g.get("why", [])})
             lines += [f"  why: {printable(w)}" for w in why]

@@ -90,9 +90,13 @@ class Ansible:
         listing: dict[str, Any] = json.loads(done.stdout, object_hook=_unmarked)
         return listing
 
-    def playbook(self, extra_env: Mapping[str, str], say: Callable[[str], None]) -> None:
-        """Run the demo's playbook, each line of its output through `say`."""
-        proc = subprocess.Popen([str(BIN / "ansible-playbook"), str(self.root / PLAYBOOK)],
+    def playbook(self, extra_env: Mapping[str, str], say: Callable[[str], None],
+                 extra_vars: Mapping[str, str] | None = None) -> None:
+        """Run the demo's playbook (with `-e NAME=VALUE` for each of `extra_vars`), each
+        line of its output through `say`."""
+        flags = [f for k, v in (extra_vars or {}).items() for f in ("-e", f"{k}={v}")]
+        proc = subprocess.Popen([str(BIN / "ansible-playbook"), str(self.root / PLAYBOOK),
+                                 *flags],
                                 cwd=self.examples, env=self.env(extra_env), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert proc.stdout is not None

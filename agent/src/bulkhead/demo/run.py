@@ -4,32 +4,43 @@ the start."""
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from bulkhead.client import resource_path
+from bulkhead.client.flows import flows, preview
 from bulkhead.demo import DemoError
 from bulkhead.demo.ansible_cli import PLAYBOOK, Ansible
 from bulkhead.demo.tables import (
     Inventory,
     Table,
+    Target,
     flow,
     probe_table,
     read_inventory,
     reference_table,
     render_table,
+    table_cells,
 )
 from bulkhead.lab import LabError, list_labs, teardown
-from bulkhead.model import Resource, Snapshot, dump_yaml, parse_resource
+from bulkhead.model import ENFORCEMENT_LABEL, Resource, Snapshot, dump_yaml, parse_resource
 from bulkhead.policy import Evaluator
 from bulkhead.policy.explain import explain_text
+from bulkhead.policy.impact import proposed_state
+from bulkhead.selector import parse
 from bulkhead.testbed import BIN, Testbed
 
 LAB = "demo"
+FLUSH = 2            # seconds: the agents' flow-log interval in the demo
+FLOWS_TIMEOUT = 30.0
+SHOWN = 12           # preview groups printed per kind of change (the check reads them all)
+AGENT_SETTINGS = {"flowLogs": {"enabled": True, "flushInterval": FLUSH}}
 STORE_KINDS = ("Tier", "GlobalNetworkPolicy", "StagedGlobalNetworkPolicy", "GlobalNetworkSet",
                "HostEndpoint", "Profile")
 
@@ -62,8 +73,9 @@ class Demo:
             self.step(f"Removing the previous demo lab {LAB!r}")
             teardown(LAB)
         self.step(f"Building lab {LAB!r}: {len(inv.hosts)} hosts as network namespaces, "
-                  "bulkhead-server (SQLite, mTLS) and one bulkhead-agent per host")
-        bed = Testbed(LAB, inv.hosts)
+                  "bulkhead-server (SQLite, mTLS, flow logs) and one bulkhead-agent per host "
+                  "(flow logs on)")
+        bed = Testbed(LAB, inv.hosts, agent_settings=AGENT_SETTINGS)
         bed.up()
         bed.lab.set_addresses_many(inv.addresses)
         for host in inv.hosts:
@@ -74,38 +86,135 @@ class Demo:
         write_env_sh(bed, ansible)
 
         self.step("Before: what each host reaches now (nothing enforced yet)")
-        self.say(render_table(inv, probe_table(bed.lab, inv)))
+        before = probe_table(bed.lab, inv)
+        self.say(render_table(inv, before))
 
-        self.step("Onboarding and enforcing with Ansible")
+        self.step("Onboarding in observe mode and staging the policies, with Ansible")
         self.say(f"    $ cd {ansible.examples.name} && ansible-playbook ../{PLAYBOOK}")
         ansible.playbook(client_env(bed), lambda line: self.say("    " + line))
 
         self.step("Host endpoints in the store (labels from inventory facts)")
         resources = store_resources(bed)
-        (bed.dir / "store.yaml").write_text(dump_yaml(resources))
         for hep in sorted((r for r in resources if r.kind == "HostEndpoint"),
                           key=lambda r: r.name):
             dumped = hep.dump()
             labels = ",".join(f"{k}={v}" for k, v in
-                              sorted((dumped["metadata"].get("labels") or {}).items()))
+                              sorted((dumped["metadata"].get("labels") or {}).items())
+                              if k != ENFORCEMENT_LABEL)
             ips = ",".join(dumped["spec"].get("expectedIPs", []))
-            self.say(f"    {hep.name:<10} {ips:<26} {labels}")
+            mode = (dumped["metadata"].get("labels") or {}).get(ENFORCEMENT_LABEL, "")
+            self.say(f"    {hep.name:<10} {mode:<8} {ips:<26} {labels}")
+        staged = sorted(r.name for r in resources if r.kind == "StagedGlobalNetworkPolicy")
+        self.say(f"    staged: {', '.join(staged)}")
+
+        self.step("Staged: the same traffic again; observe mode blocks nothing, logs everything")
+        started = time.time()
+        during = probe_table(bed.lab, inv)
+        self.say(render_table(inv, during))
+        if during != before:
+            changed = sorted(f"{src} -> {t}" for (src, t), ok in during.items()
+                             if ok != before[(src, t)])
+            raise DemoError(f"observe mode blocked traffic: {', '.join(changed)}")
+        seen = self.wait_for_flows(bed, inv, started)
+        self.say(f"    {seen['records']} flow records in the server, "
+                 f"{seen['differs']} where the staged policies would deny "
+                 "(bulkhead flows --staged-differs)")
+
+        self.step("Preview: what promoting the staged policies and enforcing every host "
+                  "would deny, from those flows")
+        self.say(f"    $ bulkhead preview --enforce 'all()' --hours 1 --limit {SHOWN}")
+        for line in self.cli(bed, "preview", "--enforce", "all()", "--hours", "1", "--limit",
+                             str(SHOWN)).splitlines():
+            self.say("    " + line)
+        answer = preview(bed.connection(), enforce="all()", hours=1, limit=1000)
+        predicted = self.check_preview(inv, answer, resources)
+
+        self.step("Enforcing: the staged policies promoted, then every host to enforce mode")
+        self.say(f"    $ bulkhead promote {' '.join(staged)}")
+        for line in self.cli(bed, "promote", *staged).splitlines():
+            self.say("    " + line)
+        self.say(f"    $ ansible-playbook ../{PLAYBOOK} -e bulkhead_enforcement=enforce "
+                 "-e bulkhead_stage=false")
+        ansible.playbook(client_env(bed), lambda line: self.say("    " + line),
+                         {"bulkhead_enforcement": "enforce", "bulkhead_stage": "false"})
+        resources = store_resources(bed)
+        (bed.dir / "store.yaml").write_text(dump_yaml(resources))
 
         self.step("After: what each host reaches now, enforced by nftables in every host")
         after = probe_table(bed.lab, inv)
         self.say(render_table(inv, after))
         evaluator = Evaluator(Snapshot.build(resources))
         self.check(inv, after, evaluator)
+        wrong = sorted(f"{src} -> {t}" for (src, t), ok in after.items()
+                       if ok == ((src, t) in predicted))
+        if wrong:
+            raise DemoError(f"the preview mispredicted {len(wrong)} flows: {', '.join(wrong)}")
+        self.say(f"    the preview predicted all {len(predicted)} denied flows, and only those")
         self.explain(bed, inv, after, evaluator)
 
         self.step(f"Done in {time.monotonic() - self.started:.0f} s; the lab keeps running")
         denied = next(k for k, ok in after.items() if not ok)
         self.say(f"Explore: . {bed.dir}/env.sh; bulkhead get hostendpoints -o wide; "
+                 f"bulkhead flows --action deny; "
                  f"bulkhead explain -f {bed.dir}/store.yaml --from {denied[0]} "
                  f"--to {denied[1].host} --port {denied[1].port}; "
                  f"bulkhead lab exec {inv.hosts[0]}")
         self.say("Remove:  make demo-down   (every namespace, process and file of the demo)")
         return 0
+
+    def cli(self, bed: Testbed, *argv: str) -> str:
+        """A `bulkhead` command as the admin of the lab's server; its standard output."""
+        done = subprocess.run([str(BIN / "bulkhead"), *argv], env={**os.environ,
+                                                                   **client_env(bed)},
+                              capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise DemoError(f"bulkhead {' '.join(argv)} failed (exit {done.returncode}):\n"
+                            f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        return done.stdout
+
+    def wait_for_flows(self, bed: Testbed, inv: Inventory, since: float) -> dict[str, int]:
+        """Until the server holds both ends' records of every probe (the agents flush
+        every FLUSH seconds), at most FLOWS_TIMEOUT seconds."""
+        wanted = {(reporter, src, t.host, t.port) for src, t in table_cells(inv)
+                  for reporter in ("src", "dst")}
+        deadline = time.monotonic() + FLOWS_TIMEOUT
+        while True:
+            found = flows(bed.connection(), since=since - 1, limit=10_000)["flows"]
+            have = {(f["reporter"], f["src_name"], f["dst_name"], f["dst_port"])
+                    for f in found if f["proto"] == 6}
+            if wanted <= have:
+                return {"records": len(found),
+                        "differs": sum(f["action"] != f["staged_action"] for f in found)}
+            if time.monotonic() > deadline:
+                missing = sorted(wanted - have)[:5]
+                raise DemoError(f"flow records of {len(wanted - have)} probes did not reach "
+                                f"the server in {FLOWS_TIMEOUT:g} s, e.g. {missing}")
+            time.sleep(0.5)
+
+    def check_preview(self, inv: Inventory, answer: dict[str, Any],
+                      resources: list[Resource]) -> set[tuple[str, Target]]:
+        """The cells the preview says would be denied, checked against the reference
+        evaluator on the same proposed state (staged promoted, every host enforcing)."""
+        predicted = set()
+        cells = set(table_cells(inv))
+        for change in ("newlyDenied", "undecided"):
+            for group in answer[change]:
+                for src, t in cells:
+                    if (group["src"]["name"], group["dst"]["name"]) == (src, t.host) and \
+                            f"TCP/{t.port}" in group["ports"]:
+                        if change == "undecided":
+                            raise DemoError(f"the preview could not decide {src} -> {t}: "
+                                            f"{group.get('why')}")
+                        predicted.add((src, t))
+        proposed, _ = proposed_state(resources, [], "all", parse("all()"))
+        expected = {cell for cell, ok in reference_table(Evaluator(proposed), inv).items()
+                    if not ok}
+        if predicted != expected:
+            raise DemoError("the preview and the reference evaluator disagree on "
+                            f"{sorted(map(str, predicted ^ expected))}")
+        self.say(f"    the reference evaluator agrees: {len(predicted)} of {len(cells)} "
+                 "flows would be denied")
+        return predicted
 
     def check(self, inv: Inventory, after: Table, evaluator: Evaluator) -> None:
         expected = reference_table(evaluator, inv)

@@ -67,14 +67,14 @@ def _first_ip(hv: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(int(part) for part in v4[0].split(".")) if v4 else (999,)
 
 
-def _cells(inv: Inventory) -> list[tuple[str, Target]]:
+def table_cells(inv: Inventory) -> list[tuple[str, Target]]:
     return [(src, t) for src in inv.hosts for t in inv.targets if t.host != src]
 
 
 def probe_table(lab: Lab, inv: Inventory) -> Table:
     """Real TCP probes from every host to every other host's service port, over IPv4.
     "open" and "refused" reached the host (allowed); "blocked" did not."""
-    cells = _cells(inv)
+    cells = table_cells(inv)
     results = lab.probe_many([ProbeSpec(src, inv.addresses[t.host][0], "tcp", t.port,
                                         timeout=PROBE_TIMEOUT) for src, t in cells])
     return {cell: r.outcome != "blocked" for cell, r in zip(cells, results, strict=True)}
@@ -83,7 +83,7 @@ def probe_table(lab: Lab, inv: Inventory) -> Table:
 def reference_table(evaluator: Evaluator, inv: Inventory) -> Table:
     """What the reference evaluator says of the same cells."""
     return {(src, t): evaluator.evaluate(flow(inv, src, t), trace=False).allowed
-            for src, t in _cells(inv)}
+            for src, t in table_cells(inv)}
 
 
 def flow(inv: Inventory, src: str, target: Target) -> Flow:

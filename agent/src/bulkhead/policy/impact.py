@@ -43,14 +43,17 @@ from dataclasses import dataclass, field, replace
 from bulkhead.model import (
     EGRESS,
     ENFORCE,
+    ENFORCEMENT_LABEL,
     INGRESS,
     OBSERVE,
     EntityRule,
     GlobalNetworkPolicy,
     HostEndpoint,
     NamedPort,
+    Resource,
     Rule,
     Snapshot,
+    StagedGlobalNetworkPolicy,
 )
 from bulkhead.model.checks import protocol_number
 from bulkhead.model.flowlog import FAILSAFE, OBSERVE_STEP, End, FlowRecord
@@ -61,11 +64,49 @@ from bulkhead.policy.semantics import (
     selects,
 )
 from bulkhead.policy.trace import failsafe, no_profile, profile_rule, rule_decision, tier_end
+from bulkhead.selector import Selector
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Tri = bool | None                # True, False, or unknown
 PORTED = (6, 17, 132, 136)
 MAX_REASONS = 4
+
+
+class NotFound(Exception):
+    """A staged policy named to promote is not in the proposed state."""
+
+
+def proposed_state(current: Sequence[Resource], manifests: Sequence[Resource],
+                   promote: tuple[str, ...] | str | None, enforce: Selector | None = None
+                   ) -> tuple[Snapshot, list[str]]:
+    """The state to judge flows against, and the staged policies promoted into it: the
+    store's resources with the manifests over them (same kind and name: the manifest's),
+    the host endpoints `enforce` selects (by their effective labels) labelled to enforce
+    mode, then the staged policies named (`all`; `none`; by default the manifests' staged
+    policies when there are manifests, else every staged policy in the store)."""
+    merged = {r.key: r for r in current}
+    merged.update({r.key: r for r in manifests})
+    snapshot = Snapshot.build(merged.values())
+    if enforce is not None:
+        for name, hep in list(snapshot.host_endpoints.items()):
+            if enforce.matches(effective_labels(snapshot, hep)):
+                labels = {**hep.metadata.labels, ENFORCEMENT_LABEL: ENFORCE}
+                snapshot.host_endpoints[name] = replace(
+                    hep, metadata=replace(hep.metadata, labels=labels))
+    if promote is None:
+        promote = tuple(r.name for r in manifests
+                        if isinstance(r, StagedGlobalNetworkPolicy)) if manifests else "all"
+    if promote == "none":
+        names: list[str] = []
+    elif promote == "all":
+        names = sorted(snapshot.staged)
+    else:
+        names = list(promote)
+        missing = [n for n in names if n not in snapshot.staged]
+        if missing:
+            raise NotFound(f"StagedGlobalNetworkPolicy {missing[0]} not found (in the store "
+                           "or the manifests); nothing was previewed")
+    return promoted(snapshot, names), names
 
 
 def promoted(snapshot: Snapshot, names: Sequence[str] | None = None) -> Snapshot:

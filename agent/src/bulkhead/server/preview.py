@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from bulkhead.model import (
-    ENFORCE,
-    ENFORCEMENT_LABEL,
     Resource,
     Snapshot,
-    StagedGlobalNetworkPolicy,
     ValidationError,
     documents,
     parse_documents,
 )
 from bulkhead.model.flowlog import FlowRecord
-from bulkhead.policy.impact import Impact, Judgement, promoted
-from bulkhead.policy.semantics import effective_labels
+from bulkhead.policy.impact import Impact, Judgement, NotFound, proposed_state
 from bulkhead.selector import Selector, SelectorError, parse
 from bulkhead.server.limits import MAX_SELECTOR, BadInput
 from bulkhead.store.flowlog import FlowQuery, FlowStore
@@ -45,10 +41,6 @@ MAX_NODES = 8                     # reporting nodes listed in one group
 MAX_NAMES = 1_000                 # staged policies named in `promote`
 FIELDS = ("manifests", "promote", "enforce", "hours", "until", "protected", "limit")
 CHANGES = ("newlyDenied", "newlyAllowed", "undecided")
-
-
-class NotFound(Exception):
-    """A staged policy named in `promote` is not in the proposed state."""
 
 
 @dataclass(frozen=True)
@@ -124,39 +116,6 @@ def load_manifests(text: str) -> list[Resource]:
                                   "manifests")
         seen.add(r.key)
     return resources
-
-
-def proposed_state(current: Sequence[Resource], manifests: Sequence[Resource],
-                   promote: tuple[str, ...] | str | None, enforce: Selector | None = None
-                   ) -> tuple[Snapshot, list[str]]:
-    """The state to judge flows against, and the staged policies promoted into it: the
-    store's resources with the manifests over them (same kind and name: the manifest's),
-    the host endpoints `enforce` selects (by their effective labels) labelled to enforce
-    mode, then the staged policies named (`all`; `none`; by default the manifests' staged
-    policies when there are manifests, else every staged policy in the store)."""
-    merged = {r.key: r for r in current}
-    merged.update({r.key: r for r in manifests})
-    snapshot = Snapshot.build(merged.values())
-    if enforce is not None:
-        for name, hep in list(snapshot.host_endpoints.items()):
-            if enforce.matches(effective_labels(snapshot, hep)):
-                labels = {**hep.metadata.labels, ENFORCEMENT_LABEL: ENFORCE}
-                snapshot.host_endpoints[name] = replace(
-                    hep, metadata=replace(hep.metadata, labels=labels))
-    if promote is None:
-        promote = tuple(r.name for r in manifests
-                        if isinstance(r, StagedGlobalNetworkPolicy)) if manifests else "all"
-    if promote == "none":
-        names: list[str] = []
-    elif promote == "all":
-        names = sorted(snapshot.staged)
-    else:
-        names = list(promote)
-        missing = [n for n in names if n not in snapshot.staged]
-        if missing:
-            raise NotFound(f"StagedGlobalNetworkPolicy {missing[0]} not found (in the store "
-                           "or the manifests); nothing was previewed")
-    return promoted(snapshot, names), names
 
 
 # ------------------------------------------------------------------------- the answer
