@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import itertools
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,10 +207,25 @@ def test_groups_for_a_preview(store: FlowStore) -> None:
                    ("allow", "lan", 1, 1)], got
     both = page.groups[1].record
     assert (both.start, both.end, both.node, both.started) == (T0 - 40, T0 - 20, "web-1", 4)
+    assert page.groups[1].nodes == ("web-1", "web-2")
     assert both.enforced_trace == ("security|security.db-in|0|allow",)
     assert both.src.labels == {"app": "web", "zone": "dmz"} and both.proto == 6
     cut = store.groups(q(since=T0 - 60), 2)
     assert cut.truncated and len(cut.groups) == 2
+
+
+def test_groups_stop_at_their_text_budget(store: FlowStore,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preview's memory is bounded by the text of the groups, not only their number:
+    records with big labels fill the budget sooner."""
+    big = {f"k{i}": "v" * 60 for i in range(40)}
+    store.insert([flow(end=T0 - i, dst_name=f"db-{i}", dst_labels=big, connections=10 - i)
+                  for i in range(5)])
+    one = len(json.dumps(big, separators=(",", ":"))) + 200
+    for module in ("sqlite", "clickhouse"):
+        monkeypatch.setattr(f"bulkhead.store.flowlog.{module}.GROUP_BYTES", 2 * one + 100)
+    page = store.groups(q(since=T0 - 60), 100)
+    assert page.truncated and [g.record.dst.name for g in page.groups] == ["db-0", "db-1"]
 
 
 def test_expire_removes_what_ended_before(store: FlowStore) -> None:

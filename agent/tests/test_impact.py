@@ -14,17 +14,28 @@ import ipaddress
 from collections import Counter
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bulkhead.model import API_VERSION, ENFORCEMENT_LABEL, OBSERVE, Snapshot, parse_resource
 from bulkhead.model.flowlog import OBSERVE_STEP, FlowRecord
 from bulkhead.observe.flows import Ends
-from bulkhead.policy import Evaluator, Failsafes
+from bulkhead.policy import Evaluator, Failsafes, Flow
 from bulkhead.policy.evaluate import DirectionVerdict
-from bulkhead.policy.impact import Impact, promoted
+from bulkhead.policy.impact import Impact, PromotionConflict, promoted
 from bulkhead.policy.trace import verdict_steps
-from tests.test_differential import ALL_FLOWS, HOSTS, model_flow, policy_sets
+from tests.test_differential import (
+    ALL_FLOWS,
+    HOSTS,
+    NAMED,
+    V4,
+    V6,
+    label_sets,
+    model_flow,
+    policy_sets,
+    rules,
+    selectors,
+)
 
 
 def record_of(ends: Ends, flow: Any, reporter: str, verdict: DirectionVerdict) -> FlowRecord:
@@ -96,7 +107,115 @@ def test_decided_records_agree_with_the_evaluator() -> None:
     check()
     print(dict(tally))
     assert tally["decided"] > 3 * tally["undecided"], tally
-    assert tally["observed"] > 0.1 * tally["decided"], tally
+    assert tally["observed"] > 0.05 * tally["decided"], tally
+
+
+# Wider worlds than the kernel test can build: untracked and pre-DNAT policies, staged
+# policies with rules of their own, overlapping network sets, host endpoints sharing
+# addresses (with named ports), and flows from and to addresses that are no endpoint,
+# with source ports, ICMP types, SCTP and GRE.
+EXTRA_V4 = ("198.18.0.200", "198.18.0.9", "198.19.1.1", "10.1.2.3", "8.8.8.8")
+EXTRA_V6 = ("2001:2::99", "2001:db8::5", "2001:3::1")
+EXTRA_NETS = {4: ("198.18.0.0/24", "198.18.0.200/32", "10.0.0.0/8", "198.18.0.12/30",
+                  "198.16.0.0/12", "0.0.0.0/0"),
+              6: ("2001:2::/64", "2001:2::99/128", "2001:db8::/32", "::/0")}
+
+
+@st.composite
+def wide_worlds(draw: st.DrawFn) -> list[dict[str, Any]]:
+    out = []
+    for d in draw(policy_sets()):
+        if d["kind"] == "GlobalNetworkPolicy" and draw(st.integers(0, 3)) == 0:
+            spec = {**d["spec"], "applyOnForward": True}
+            if draw(st.booleans()):
+                spec["doNotTrack"] = True
+            else:
+                spec.pop("egress", None)
+                spec["preDNAT"] = True
+                if "types" in spec:
+                    spec["types"] = ["Ingress"]
+            d = {**d, "spec": spec}
+        if d["kind"] == "StagedGlobalNetworkPolicy" and draw(st.booleans()):
+            spec = {"tier": d["spec"]["tier"], "selector": draw(selectors(1)),
+                    "ingress": draw(st.lists(rules(), min_size=1, max_size=3))}
+            if egress := draw(st.lists(rules(), max_size=3)):
+                spec["egress"] = egress
+            d = {**d, "spec": spec}
+        out.append(d)
+    for i in range(draw(st.integers(0, 3))):
+        family = draw(st.sampled_from([4, 6]))
+        nets = draw(st.lists(st.sampled_from(EXTRA_NETS[family]), min_size=1, max_size=2,
+                             unique=True))
+        out.append(doc("GlobalNetworkSet", f"xs{i}", {"nets": nets}, draw(label_sets)))
+    for i in range(draw(st.integers(0, 2))):
+        ips = draw(st.lists(st.sampled_from([V4["h1"], V4["h2"], V6["h1"], "198.18.0.200"]),
+                            min_size=1, max_size=2, unique=True))
+        name = draw(st.sampled_from(["a0", "zz"])) + str(i)
+        spec: dict[str, Any] = {"node": name, "expectedIPs": ips}
+        ports = [{"name": n, "protocol": p, "port": port} for n, options in NAMED.items()
+                 for p, port in [draw(st.sampled_from([("", 0), *options]))] if p]
+        if ports:
+            spec["ports"] = ports
+        if draw(st.booleans()):
+            spec["profiles"] = ["projectcalico-default-allow"]
+        out.append(doc("HostEndpoint", name, spec, draw(label_sets)))
+    return out
+
+
+@st.composite
+def wide_flows(draw: st.DrawFn) -> Flow:
+    family = draw(st.sampled_from([4, 6]))
+    pool = [*V4.values(), *EXTRA_V4] if family == 4 else [*V6.values(), *EXTRA_V6]
+    src, dst = draw(st.sampled_from(pool)), draw(st.sampled_from(pool))
+    proto = draw(st.sampled_from(["TCP", "UDP", "ICMP", 132, 47]))
+    if proto == "ICMP":
+        return Flow.make(src, dst, "ICMP" if family == 4 else "ICMPv6",
+                         icmp_type=draw(st.sampled_from([None, 0, 8, 128, 129])),
+                         icmp_code=draw(st.sampled_from([None, 0, 1])))
+    if proto == 47:
+        return Flow.make(src, dst, 47)
+    return Flow.make(src, dst, proto, draw(st.sampled_from([22, 80, 443, 5432, 8080])),
+                     src_port=draw(st.sampled_from([None, 1000, 40000])))
+
+
+def test_decided_records_agree_in_wider_worlds() -> None:
+    tally: Counter[str] = Counter()
+
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(wide_worlds(), st.lists(wide_flows(), min_size=30, max_size=30),
+           st.sets(st.sampled_from(HOSTS), max_size=1))
+    def check(docs: list[dict[str, Any]], flows: list[Flow], observers: set[str]) -> None:
+        snapshot = Snapshot.build(parse_resource(d) for d in observing(docs, observers))
+        evaluator = Evaluator(snapshot, Failsafes.off())
+        ends = Ends(snapshot)
+        judges = {"enforced": Impact(snapshot, snapshot)}
+        try:
+            judges["promoted"] = Impact(promoted(snapshot), snapshot)
+        except PromotionConflict:
+            tally["conflict"] += 1
+        for f in flows:
+            verdict = evaluator.evaluate(f)
+            for view, judge in judges.items():
+                sides = ((verdict.egress, verdict.ingress) if view == "enforced" else
+                         (verdict.staged_egress, verdict.staged_ingress))
+                for reporter, side in zip(("src", "dst"), sides, strict=True):
+                    if side.endpoint is None:
+                        continue
+                    steps = verdict_steps(side) + ((OBSERVE_STEP,) if side.observed else ())
+                    record = FlowRecord(
+                        0.0, 1.0, "n", reporter, ends.at(f.src), ends.at(f.dst), f.protocol,
+                        f.dst_port or 0, side.wire_action.lower(), steps, side.action.lower(),
+                        verdict_steps(side), 1, 1)
+                    got = judge.judge(record)
+                    tally["decided" if got.decided else "undecided"] += 1
+                    assert not got.decided or got.action == side.wire_action.lower(), (
+                        f"{view} {reporter} {f}: judged {got}, the evaluator says "
+                        f"{side.summary()}")
+
+    check()
+    print(dict(tally))
+    assert tally["decided"] > 2 * tally["undecided"], tally
 
 
 def test_what_records_cannot_decide_is_undecided_with_the_reason() -> None:
@@ -146,3 +265,40 @@ def test_what_records_cannot_decide_is_undecided_with_the_reason() -> None:
     gone = Impact(Snapshot.build(parse_resource(d) for d in docs[1:]))
     got = gone.judge(record("198.19.0.1", "198.18.0.10", 6, 80))
     assert not got.decided and "not in the proposed state" in got.why[0], got
+
+
+def test_ends_the_proposal_moves_or_shares_are_not_guessed() -> None:
+    """Against the store as it is (`current`), an end the proposed state readdresses or
+    drops is unknown, and a reporting endpoint that moves or shares an address is
+    undecided: which packets it would see is not known."""
+    web = doc("HostEndpoint", "web", {"node": "web", "expectedIPs": ["198.18.0.10"]},
+              {"app": "web"})
+    db = doc("HostEndpoint", "db", {"node": "db", "expectedIPs": ["198.18.0.11"]},
+             {"app": "db"})
+    allow_web = doc("GlobalNetworkPolicy", "db", {
+        "selector": "app == 'db'", "types": ["Ingress"],
+        "ingress": [{"action": "Allow", "source": {"selector": "app == 'web'"}}]})
+    current = Snapshot.build(parse_resource(d) for d in (web, db, allow_web))
+    ends = Ends(current)
+    record = FlowRecord(0.0, 1.0, "db", "dst", ends.at(ipaddress.ip_address("198.18.0.10")),
+                        ends.at(ipaddress.ip_address("198.18.0.11")), 6, 80, "allow", (),
+                        "allow", ())
+    assert Impact(current, current).judge(record).action == "allow"
+
+    def judged(*docs: dict[str, Any]) -> Any:
+        proposed = Snapshot.build(parse_resource(d) for d in docs)
+        return Impact(proposed, current).judge(record)
+
+    moved_web = {**web, "spec": {**web["spec"], "expectedIPs": ["198.18.0.20"]}}
+    got = judged(moved_web, db, allow_web)
+    assert not got.decided and "not placed by the proposed state" not in str(got.why) and \
+        any("selector" in w for w in got.why), got
+    got = judged(db, allow_web)                      # web gone: any labels may be there
+    assert not got.decided, got
+    moved_db = {**db, "spec": {**db["spec"], "expectedIPs": ["198.18.0.21"]}}
+    got = judged(web, moved_db, allow_web)
+    assert not got.decided and "other addresses" in got.why[0], got
+    twin = doc("HostEndpoint", "a-db", {"node": "db", "expectedIPs": ["198.18.0.11"]},
+               {"app": "other"})
+    got = judged(web, db, twin, allow_web)
+    assert not got.decided and "shares an address with a-db" in got.why[0], got

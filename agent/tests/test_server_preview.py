@@ -19,7 +19,7 @@ from bulkhead.cli.main import main
 from bulkhead.client import ApiError
 from bulkhead.client.flows import preview, send_flows
 from bulkhead.model import API_VERSION, ENFORCEMENT_LABEL, Snapshot, parse_resource
-from bulkhead.model.flowlog import OBSERVE_STEP, FlowRecord
+from bulkhead.model.flowlog import OBSERVE_STEP, FlowRecord, parse_record
 from bulkhead.observe.flows import Ends
 from bulkhead.policy import Evaluator, Failsafes, Flow
 from bulkhead.policy.trace import verdict_steps
@@ -195,6 +195,9 @@ def test_the_cli_prints_the_preview_and_gates(server: ServerProcess, tmp_path: P
     bad.write_text(yaml.safe_dump(doc("GlobalNetworkPolicy", "x", {"order": "first"})))
     assert main(["preview", "-f", str(bad), *base]) == 2
     assert "spec.order" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["preview", "-f", str(tmp_path / "empty"), *base]) == 2
+    assert "no resources to preview" in capsys.readouterr().err
 
 
 def test_observing_hosts_block_nothing_until_previewed_in_enforce_mode(
@@ -228,12 +231,26 @@ def test_observing_hosts_block_nothing_until_previewed_in_enforce_mode(
     assert not alone["newlyDenied"], alone["newlyDenied"]
 
 
+def test_an_incomplete_preview_fails_every_gate_given() -> None:
+    from bulkhead.cli.preview import gates
+    answer: dict[str, Any] = {"truncated": True, "stopped": "judging stopped after 20 s",
+                              "totals": {"newlyDenied": {"connections": 0, "records": 0}}}
+    assert gates(answer, None) == []
+    assert gates(answer, 10) == ["the preview is incomplete (judging stopped after 20 s); "
+                                 "its totals are lower bounds"]
+    answer["protected"] = {"records": 0, "connections": 0, "selector": "all()"}
+    assert len(gates(answer, None)) == 1
+    assert gates({**answer, "truncated": False}, 10) == []
+
+
 @pytest.mark.parametrize(("body", "words"), [
     ({"enforce": "app =="}, "enforce:"),
     ([], "expected a JSON object"),
     ({"hours": 0}, "hours: expected a number from"),
     ({"hours": "24"}, "hours: expected a number"),
     ({"hours": 1e9}, "hours: expected a number"),
+    ({"hours": 10**400}, "hours: expected a number"),
+    ({"until": -10**400}, "until: expected a number"),
     ({"limit": 0}, "limit: expected a whole number"),
     ({"promote": "some"}, "promote: expected"),
     ({"promote": []}, "promote: expected 1 to"),
@@ -246,6 +263,29 @@ def test_bad_bodies_are_refused_naming_the_field(server: ServerProcess, body: An
     with pytest.raises(ApiError) as e:
         server.conn.request("POST", "/v1/preview", body)
     assert e.value.status == 400 and words in e.value.message, e.value.message
+
+
+def test_judging_stops_at_its_time_bound(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from bulkhead.policy.impact import proposed_state
+    from bulkhead.server import preview as module
+    from bulkhead.store.flowlog.sqlite import SQLiteFlowStore
+    resources = [parse_resource(d) for d in ENDPOINTS + ENFORCED + STAGED]
+    snapshot = Snapshot.build(resources)
+    now = time.time()
+    store = SQLiteFlowStore(tmp_path / "flows.sqlite")
+    store.insert([parse_record(r, now) for r in records(snapshot, now)[0]])
+    proposed, names = proposed_state(resources, [], "all")
+    request = module.parse_preview({"hours": 1})
+    whole = module.preview(store, proposed, request, now, names, snapshot)
+    assert not whole["truncated"] and whole["examined"]["groups"] == len(TRAFFIC)
+    monkeypatch.setattr(module, "JUDGE_SECONDS", -1.0)
+    cut = module.preview(store, proposed, request, now, names, snapshot)
+    assert cut["truncated"] and "judging stopped" in cut["stopped"]
+    assert cut["examined"]["groups"] == 0
+    store.close()
 
 
 def test_bad_manifests_unknown_names_and_roles(server: ServerProcess) -> None:
@@ -261,6 +301,13 @@ def test_bad_manifests_unknown_names_and_roles(server: ServerProcess) -> None:
     with pytest.raises(ApiError) as e:
         preview(conn, promote=["no-such"])
     assert e.value.status == 404 and "StagedGlobalNetworkPolicy no-such" in e.value.message
+    # What promote would refuse, the preview refuses too: two staged policies standing
+    # for one policy.
+    twice = doc("StagedGlobalNetworkPolicy", "default.db-ingress", STAGED[0]["spec"])
+    with pytest.raises(ApiError) as e:
+        preview(conn, manifests=json.dumps(twice), promote="all")
+    assert e.value.status == 422 and "both stand for the policy db-ingress" in \
+        e.value.message, e.value.message
     # An agent may not ask, and is refused before its body is read.
     with pytest.raises(ApiError) as e:
         server.client("db-1", "agent").request("POST", "/v1/preview", raw=b"{" * 100)

@@ -150,6 +150,25 @@ def test_promote_replaces_the_enforced_policy_the_staged_view_pairs(
     assert names(conn, "GlobalNetworkPolicy") == ["t1.ssh"]
 
 
+def test_promote_refuses_what_the_staged_view_cannot_be(
+        pki_dir: Path, servers: list[ServerProcess], datastore: str) -> None:  # noqa: F811
+    """A promoted name held by a policy of another tier would move that policy; two
+    staged policies standing for one: 422, nothing changed (the preview refuses the same)."""
+    server = start(pki_dir, servers, datastore)
+    conn = server.conn
+    apply(server, [tier("t1"), policy("p0", "default", 22), staged("p0", "t1", 2222),
+                   staged("default.p1", "default", 80), staged("p1", "default", 81)])
+    before = everything(conn)
+    for names, words in ((["p0"], "GlobalNetworkPolicy p0 is in tier default"),
+                         (["default.p1", "p1"], "both stand for the policy p1 of tier "
+                                                "default")):
+        with pytest.raises(ApiError) as e:
+            conn.request("POST", "/v1/promote", {"names": names})
+        assert e.value.status == 422 and words in e.value.message, e.value.message
+        assert "nothing was promoted" in e.value.message
+    assert everything(conn) == before
+
+
 def test_cli_promote(pki_dir: Path, servers: list[ServerProcess],  # noqa: F811
                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                      capsys: pytest.CaptureFixture[str]) -> None:

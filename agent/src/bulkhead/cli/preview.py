@@ -34,8 +34,10 @@ TITLES = {"newlyDenied": "Newly denied", "newlyAllowed": "Newly allowed",
 
 def _files_text(paths: list[str]) -> str:
     """The files' content as one YAML stream, checked here first (a bad file fails
-    before anything is sent)."""
-    load_paths(paths)
+    before anything is sent, and so do files with no resource: previewing them would
+    be previewing the store alone)."""
+    if not load_paths(paths):
+        raise LoadError(f"{', '.join(paths)}: no resources to preview")
     parts = []
     for path in paths:
         for f in manifest_files(Path(path)):
@@ -91,8 +93,13 @@ def render(answer: dict[str, Any]) -> str:
 
 
 def gates(answer: dict[str, Any], max_denied: int | None) -> list[str]:
-    """What failed of the gates given: too many newly denied, or a protected one."""
+    """What failed of the gates given: too many newly denied, a protected one, or a
+    preview that is not whole (its totals are lower bounds) when any gate is given."""
     failed = []
+    if answer["truncated"] and (max_denied is not None or "protected" in answer):
+        failed.append("the preview is incomplete (" + answer.get(
+            "stopped", "more records than the server judges at once") + "); its totals "
+            "are lower bounds")
     denied = answer["totals"]["newlyDenied"]["connections"]
     if max_denied is not None and denied > max_denied:
         failed.append(f"{denied} connections would be newly denied (at most {max_denied})")

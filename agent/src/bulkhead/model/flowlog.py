@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REPORTERS = ("src", "dst")
+# Protocols whose packets carry ports (TCP, UDP, SCTP, UDP-Lite); a record of any other
+# has dst_port 0.
+PORTED = frozenset({6, 17, 132, 136})
 ACTIONS = ("allow", "deny")
 STEP_ACTIONS = ("allow", "deny", "pass")
 END_TYPES = ("hep", "ns", "net")      # host endpoint, GlobalNetworkSet, an address

@@ -41,6 +41,7 @@ from bulkhead.model.flowlog import (
     MAX_LABELS,
     MAX_TRACE,
     OBSERVE_STEP,
+    PORTED,
     End,
     FlowRecord,
     scope_of,
@@ -52,7 +53,6 @@ from bulkhead.policy.semantics import effective_labels
 from bulkhead.policy.trace import Decision, verdict_steps
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-PORTED = (6, 17, 132, 136)
 
 
 class Packet(Protocol):

@@ -40,6 +40,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from bulkhead.model.flowlog import PORTED
 from bulkhead.netlink import (
     NLM_F_ACK,
     NLM_F_REQUEST,
@@ -70,7 +71,6 @@ FLUSH_TIMEOUT = 1        # 1/100 s the kernel holds a message for more to batch 
 QTHRESH = 32             # messages in one datagram at most
 NLBUFSIZ = 16384         # bytes of one datagram (the kernel allows 4 KiB to 128 KiB)
 
-PORT_PROTOCOLS = frozenset({6, 17, 132, 136})    # TCP, UDP, SCTP, UDP-Lite
 ICMP = {4: 1, 6: 58}                             # ICMP, ICMPv6 by IP version
 # IPv6 extension headers skipped to the upper-layer protocol: hop-by-hop, routing,
 # fragment, destination options.
@@ -160,7 +160,7 @@ def _packet(payload: bytes, now: float) -> LoggedPacket:
     else:
         proto, src, dst, length, l4 = _ipv6(raw)
     sport = dport = icmp_type = icmp_code = None
-    if proto in PORT_PROTOCOLS and len(l4) >= 4:
+    if proto in PORTED and len(l4) >= 4:
         sport, dport = struct.unpack_from(">HH", l4)
     elif proto == ICMP[family] and len(l4) >= 2:
         icmp_type, icmp_code = l4[0], l4[1]

@@ -47,11 +47,16 @@ from bulkhead.model import (
     Snapshot,
     Tier,
 )
-from bulkhead.model.snapshot import order_key
 from bulkhead.policy.failsafe import Failsafes
 from bulkhead.policy.flow import Flow, IPAddress
 from bulkhead.policy.rules import CompiledRule, Context, Peer, compile_rules, domain_matches
-from bulkhead.policy.semantics import effective_labels, enforcement_mode, selects, staged_view
+from bulkhead.policy.semantics import (
+    effective_labels,
+    enforcement_mode,
+    policy_layout,
+    selects,
+    staged_view,
+)
 
 ALLOW, DENY, PASS, LOG = "Allow", "Deny", "Pass", "Log"
 
@@ -162,10 +167,6 @@ class _View:
         default_factory=dict)
 
 
-def _policy_key(p: GlobalNetworkPolicy) -> tuple[int, float, str]:
-    return order_key(p.spec.order, p.name)
-
-
 class Evaluator:
     """Evaluates flows against one snapshot. Build once, evaluate many flows."""
 
@@ -192,22 +193,8 @@ class Evaluator:
 
     # -- setup ------------------------------------------------------------------------
     def _view(self, policies: list[GlobalNetworkPolicy]) -> _View:
-        normal = [p for p in policies if not (p.spec.do_not_track or p.spec.pre_dnat)]
-        tiers = []
-        for tier in self.snapshot.ordered_tiers():
-            members = sorted((p for p in normal if p.spec.tier == tier.name), key=_policy_key)
-            tiers.append((tier, members))
-        # Untracked and pre-DNAT policies keep their tier order, then policy order.
-        rank = {t.name: i for i, t in enumerate(self.snapshot.ordered_tiers())}
-
-        def staged_key(p: GlobalNetworkPolicy) -> tuple[int, tuple[int, float, str]]:
-            return (rank[p.spec.tier], _policy_key(p))
-
-        return _View(
-            tiers=tiers,
-            untracked=sorted((p for p in policies if p.spec.do_not_track), key=staged_key),
-            pre_dnat=sorted((p for p in policies if p.spec.pre_dnat), key=staged_key),
-        )
+        tiers, untracked, pre_dnat = policy_layout(self.snapshot, policies)
+        return _View(tiers=tiers, untracked=untracked, pre_dnat=pre_dnat)
 
     def endpoint_labels(self, hep: HostEndpoint) -> Mapping[str, str]:
         """The endpoint's labels, with its profiles' labelsToApply under them."""

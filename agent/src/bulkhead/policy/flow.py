@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from bulkhead.model.checks import CANONICAL_PROTOCOL, PROTOCOL_NAMES
+from bulkhead.model.flowlog import PORTED
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -72,7 +73,7 @@ class Flow:
 
     @property
     def carries_ports(self) -> bool:
-        return self.protocol in (6, 17, 132, 136)
+        return self.protocol in PORTED
 
     def __str__(self) -> str:
         proto = protocol_name(self.protocol)

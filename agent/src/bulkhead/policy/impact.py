@@ -9,25 +9,30 @@ record leaves out:
 
 - a host endpoint's addresses are its `expectedIPs` in the proposed state, its labels its
   effective labels there (own, then profiles' labelsToApply); a GlobalNetworkSet's
-  addresses are its nets there; an address end is exactly that address. An end the
-  proposed state does not hold keeps the labels the record logged, and its addresses
-  are unknown;
-- a selector holds when the end's own labels match it, or those of a network set (or
-  host endpoint) certain to hold the address; it is unknown when only one that may hold
-  it (overlapping, not covering, or the end's addresses unknown) would match;
-- nets hold when every candidate address is inside them, fail when none is, and are
-  unknown otherwise (a host endpoint with two addresses, a set that straddles a net);
+  addresses are its nets there; an address end is exactly that address, held by the
+  host endpoints and sets that hold it in the proposed state;
+- an end the proposed state does not hold, or holds at other addresses than the store
+  does now (given `current`), is unknown: no address, and any labels (those the record
+  logged, any set's, any host endpoint's) may be its;
+- a selector holds when labels certain to be at the address match it (the end's own,
+  another host endpoint's at all of its addresses, a set's that covers them); it is
+  unknown when only labels that may be there would match (a set that overlaps without
+  covering, a host endpoint sharing some of the addresses);
+- nets hold when every candidate address of the flow's IP version is inside them, fail
+  when none is, and are unknown otherwise (a set that straddles a net);
 - source ports, ICMP type and code (for ICMP flows), and domains are unknown.
 
 Then the policies are walked in Calico's order (`bulkhead.policy.evaluate`) on the
 endpoint that reported the record, in its direction: a rule whose match is unknown
-branches (it matched, and it did not), and every outcome reachable is kept. When all
-outcomes agree on the action, the record is decided; when they do not, it is undecided,
-with the reasons, and never guessed. Failsafe ports are not policy: a record the
-failsafes let through stays so (its enforced trace says it), and one they did not,
-stays out of them. An endpoint in observe mode in the proposed state (its
-`microseg.bulkhead.io/enforcement` label; without one, the agent's setting, which the
-record shows by its trace's last step `endpoint|observe|-|allow`) blocks nothing: allow.
+branches (it matched, and it did not), and every outcome reachable is kept, with the
+reasons met on the way. When all outcomes agree on the action, the record is decided;
+when they do not, it is undecided, with the reasons, and never guessed. Failsafe ports
+are not policy: a record the failsafes let through stays so (its enforced trace says
+it), and one they did not, stays out of them. An endpoint in observe mode in the
+proposed state (its `microseg.bulkhead.io/enforcement` label; without one, the agent's
+setting, which the record shows by its trace's last step `endpoint|observe|-|allow`)
+blocks nothing: allow. A reporting endpoint that shares an address with another one is
+undecided (which one's policies applied depends on the address).
 
 The reference evaluator (`Evaluator`) decides packets; this module decides records. A
 property test checks that whenever a record built from a packet (as the agent builds
@@ -36,7 +41,7 @@ it) is decided here, the decision is the evaluator's.
 
 from __future__ import annotations
 
-import ipaddress
+import bisect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -47,7 +52,7 @@ from bulkhead.model import (
     INGRESS,
     OBSERVE,
     EntityRule,
-    GlobalNetworkPolicy,
+    GlobalNetworkSet,
     HostEndpoint,
     NamedPort,
     Resource,
@@ -56,24 +61,31 @@ from bulkhead.model import (
     StagedGlobalNetworkPolicy,
 )
 from bulkhead.model.checks import protocol_number
-from bulkhead.model.flowlog import FAILSAFE, OBSERVE_STEP, End, FlowRecord
+from bulkhead.model.flowlog import FAILSAFE, OBSERVE_STEP, PORTED, End, FlowRecord
+from bulkhead.net import FAMILIES, AddressSet
 from bulkhead.policy.semantics import (
     effective_labels,
     enforcement_mode,
+    policy_layout,
     rule_ip_version,
     selects,
 )
 from bulkhead.policy.trace import failsafe, no_profile, profile_rule, rule_decision, tier_end
 from bulkhead.selector import Selector
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Tri = bool | None                # True, False, or unknown
-PORTED = (6, 17, 132, 136)
+Labels = Mapping[str, str]
 MAX_REASONS = 4
+MAX_VIEWS = 50_000               # ends' views kept; more: the cache starts again
+BIG = 1 << 129                   # past every address: a bisect key
 
 
 class NotFound(Exception):
     """A staged policy named to promote is not in the proposed state."""
+
+
+class PromotionConflict(ValueError):
+    """The staged policies named cannot all be promoted (as `POST /v1/promote` refuses)."""
 
 
 def proposed_state(current: Sequence[Resource], manifests: Sequence[Resource],
@@ -111,18 +123,35 @@ def proposed_state(current: Sequence[Resource], manifests: Sequence[Resource],
 
 def promoted(snapshot: Snapshot, names: Sequence[str] | None = None) -> Snapshot:
     """The state after promoting the staged policies `names` (all of them: None), as
-    `POST /v1/promote` would leave it: stagedAction Set puts the enforced policy in the
-    place of the one of its tier and bare name, Delete removes that one. Staged policies
-    not named stay staged (and out of force)."""
+    `POST /v1/promote` leaves it and as the staged view (`semantics.staged_view`) sees
+    it: stagedAction Set puts the enforced policy in the place of the one of its tier and
+    bare name, Delete removes that one. Staged policies not named stay staged (and out of
+    force). PromotionConflict where promote refuses: two staged policies standing for
+    one policy, or a promoted name held by a policy of another tier."""
     chosen = [sp for sp in snapshot.staged.values() if names is None or sp.name in names]
     policies = dict(snapshot.policies)
-    for sp in chosen:
+    paired: dict[tuple[str, str], str] = {}
+    for sp in sorted(chosen, key=lambda sp: sp.name):
+        key = (sp.spec.tier, sp.bare_name)
+        if key in paired:
+            raise PromotionConflict(
+                f"StagedGlobalNetworkPolicy {paired[key]} and {sp.name} both stand for the "
+                f"policy {sp.bare_name} of tier {sp.spec.tier}; promote one of them")
+        paired[key] = sp.name
         for name, p in list(policies.items()):
-            if p.spec.tier == sp.spec.tier and p.bare_name == sp.bare_name:
+            if (p.spec.tier, p.bare_name) == key:
                 del policies[name]
-        if sp.spec.staged_action != "Delete":
-            new = sp.enforced()
-            policies[new.name] = new
+    for sp in chosen:
+        if sp.spec.staged_action == "Delete":
+            continue
+        new = sp.enforced()
+        other = policies.get(new.name)
+        if other is not None:
+            raise PromotionConflict(
+                f"GlobalNetworkPolicy {new.name} is in tier {other.spec.tier}; promoting "
+                f"StagedGlobalNetworkPolicy {sp.name} of tier {sp.spec.tier} would replace "
+                "it")
+        policies[new.name] = new
     staged = {n: sp for n, sp in snapshot.staged.items() if sp not in chosen}
     return replace(snapshot, policies=policies, staged=staged)
 
@@ -146,17 +175,17 @@ class Judgement:
 class _EndView:
     """One end of a record as the proposed state sees it."""
 
-    addresses: list[Network] | None            # candidates; None: unknown
-    labels: list[Mapping[str, str]]             # certain to apply to the address
-    maybe: list[Mapping[str, str]]              # may apply
+    addresses: AddressSet | None                # candidates; None: unknown
+    labels: list[Labels]                        # certain to apply to the address
+    maybe: list[Labels]                         # may apply
     endpoints: list[HostEndpoint] | None        # host endpoints at the address; None: unknown
     name: str
 
     @property
     def versions(self) -> set[int]:
         if self.addresses is None:
-            return {4, 6}
-        return {n.version for n in self.addresses}
+            return set(FAMILIES)
+        return {f for f in FAMILIES if self.addresses.spans(f)}
 
 
 @dataclass
@@ -166,9 +195,25 @@ class _Ctx:
     dst: _EndView
     why: list[str] = field(default_factory=list)
 
+    @property
+    def versions(self) -> set[int]:
+        """The IP versions the flow may have: those both ends may have."""
+        return self.src.versions & self.dst.versions
+
     def unknown(self, reason: str) -> None:
         if reason not in self.why:
             self.why.append(reason)
+
+
+@dataclass
+class _Item:
+    """One place of the flat program: a rule (None: a final Deny, at a tier's end or
+    after the profiles), its step, and where a Pass goes (an untracked or pre-DNAT
+    policy's Pass: on to the next such policy, as the evaluator has it)."""
+
+    rule: Rule | None
+    step: str
+    pass_to: int = 0
 
 
 def _and(values: Sequence[Tri]) -> Tri:
@@ -181,90 +226,144 @@ def _not(value: Tri) -> Tri:
     return None if value is None else not value
 
 
+def _covered(inner: AddressSet, outer: AddressSet, families: set[int]) -> bool:
+    """Every address of `inner` of `families` is in `outer` (and there is one)."""
+    some = False
+    for f in families:
+        spans = outer.spans(f)
+        for lo, hi in inner.spans(f):
+            some = True
+            at = bisect.bisect_right(spans, (lo, BIG)) - 1
+            if at < 0 or spans[at][1] < hi:
+                return False
+    return some
+
+
+def _overlaps(a: AddressSet, b: AddressSet, families: set[int]) -> bool:
+    """Some address of `families` is in both: each span of the one with fewer looked up
+    in the other (a host endpoint's one or two addresses against a set of thousands)."""
+    for f in families:
+        small, large = sorted((a.spans(f), b.spans(f)), key=len)
+        for lo, hi in small:
+            at = bisect.bisect_right(large, (hi, BIG)) - 1
+            if at >= 0 and large[at][1] >= lo:
+                return True
+    return False
+
+
 class Impact:
     """Judges records against one proposed state: its enforced policies (staged ones are
     not in force: promote them into the snapshot first), host endpoints, network sets,
-    profiles and tiers. Build once, judge many records."""
+    profiles and tiers. `current`, the store as it is, tells which ends the proposed
+    state moves (those are unknown). Build once, judge many records."""
 
-    def __init__(self, proposed: Snapshot) -> None:
+    def __init__(self, proposed: Snapshot, current: Snapshot | None = None) -> None:
         self.snapshot = proposed
-        self._labels = {h.name: effective_labels(proposed, h)
-                        for h in proposed.host_endpoints.values()}
-        self._hep_nets = {h.name: [_net(ip) for ip in h.expected_ips]
-                          for h in proposed.host_endpoints.values()}
-        self._sets = [(s, [ipaddress.ip_network(n, strict=False) for n in s.nets])
-                      for s in sorted(proposed.network_sets.values(), key=lambda s: s.name)]
-        policies = [p for p in proposed.policies.values()]
-        normal = [p for p in policies if not (p.spec.do_not_track or p.spec.pre_dnat)]
-        tiers = proposed.ordered_tiers()
-        rank = {t.name: i for i, t in enumerate(tiers)}
-        self._tiers = [(t, sorted((p for p in normal if p.spec.tier == t.name),
-                                  key=lambda p: _order(p))) for t in tiers]
-        self._untracked = sorted((p for p in policies if p.spec.do_not_track),
-                                 key=lambda p: (rank[p.spec.tier], _order(p)))
-        self._pre_dnat = sorted((p for p in policies if p.spec.pre_dnat),
-                                key=lambda p: (rank[p.spec.tier], _order(p)))
+        heps = sorted(proposed.host_endpoints.values(), key=lambda h: h.name)
+        self._heps = heps
+        self._labels = {h.name: effective_labels(proposed, h) for h in heps}
+        self._hep_addresses = {h.name: AddressSet.of(h.expected_ips) for h in heps}
+        self._sets = [(s, AddressSet.of(s.nets)) for s in
+                      sorted(proposed.network_sets.values(), key=lambda s: s.name)]
+        self._moved: set[tuple[str, str]] = set()
+        if current is not None:
+            for h in heps:
+                now = current.host_endpoints.get(h.name)
+                if now is None or set(now.expected_ips) != set(h.expected_ips):
+                    self._moved.add(("hep", h.name))
+            for s, _ in self._sets:
+                was = current.network_sets.get(s.name)
+                if was is None or set(was.nets) != set(s.nets):
+                    self._moved.add(("ns", s.name))
+        self._at: dict[AddressSet, list[HostEndpoint]] = {}
+        for h in heps:
+            for ip in h.expected_ips:
+                self._at.setdefault(AddressSet.of([ip]), []).append(h)
+        self._tiers, self._untracked, self._pre_dnat = policy_layout(
+            proposed, list(proposed.policies.values()))
+        self._programs: dict[tuple[str, str], list[_Item]] = {}
         self._views: dict[tuple[str, str, str, frozenset[tuple[str, str]]], _EndView] = {}
+        self._nets: dict[tuple[str, ...], AddressSet] = {}
 
     # -- ends -------------------------------------------------------------------------
     def _view(self, end: End) -> _EndView:
         key = (end.type, end.name, end.scope, frozenset(end.labels.items()))
         found = self._views.get(key)
         if found is None:
-            found = self._views[key] = self._make_view(end)
-            if len(self._views) > 50_000:
+            if len(self._views) >= MAX_VIEWS:
                 self._views.clear()
+            found = self._views[key] = self._make_view(end)
         return found
+
+    def _unknown_end(self, end: End) -> _EndView:
+        """An end the proposed state does not place: any address, any labels."""
+        every: list[Labels] = [dict(end.labels), *(s.labels for s, _ in self._sets),
+                               *self._labels.values()]
+        return _EndView(None, [], every, None, end.name)
 
     def _make_view(self, end: End) -> _EndView:
         if end.type == "net":
-            try:
-                ip = ipaddress.ip_address(end.name)
-            except ValueError:
-                return _EndView(None, [], [dict(end.labels)], None, end.name)
-            net = _net(str(ip))
-            heps = [h for h in self._sorted_heps() if net in self._hep_nets[h.name]]
-            labels: list[Mapping[str, str]] = [self._labels[h.name] for h in heps]
-            labels += [s.labels for s, nets in self._sets if _covered([net], nets)]
-            return _EndView([net], labels, [], heps, end.name)
+            address = AddressSet.of([end.name])
+            at = self._at.get(address, [])
+            labels: list[Labels] = [self._labels[h.name] for h in at]
+            labels += [s.labels for s, nets in self._sets if _covered(address, nets,
+                                                                       set(FAMILIES))]
+            return _EndView(address, labels, [], list(at), end.name)
         if end.type == "hep":
             hep = self.snapshot.host_endpoints.get(end.name)
-            if hep is None:
-                return _EndView(None, [dict(end.labels)], [s.labels for s, _ in self._sets],
-                                None, end.name)
-            nets = self._hep_nets[hep.name] or None
-            certain: list[Mapping[str, str]] = [self._labels[hep.name]]
-            maybe: list[Mapping[str, str]] = []
-            for s, snets in self._sets:
-                if nets is None:
-                    maybe.append(s.labels)
-                elif _covered(nets, snets):
-                    certain.append(s.labels)
-                elif _overlaps(nets, snets):
-                    maybe.append(s.labels)
-            return _EndView(nets, certain, maybe, [hep], end.name)
-        # a GlobalNetworkSet
-        found = next((s for s, _ in self._sets if s.name == end.name), None)
-        if found is None:
-            every = [s.labels for s, _ in self._sets] + list(self._labels.values())
-            return _EndView(None, [dict(end.labels)], every, None, end.name)
-        mine = [n for s, nets in self._sets if s is found for n in nets]
-        certain = [found.labels]
-        maybe = []
-        for s, snets in self._sets:
-            if s is found:
-                continue
-            if _covered(mine, snets):
+            if hep is None or ("hep", end.name) in self._moved or not hep.expected_ips:
+                return self._unknown_end(end)
+            return self._hep_view(hep)
+        netset = self.snapshot.network_sets.get(end.name)
+        if netset is None or ("ns", end.name) in self._moved or not netset.nets:
+            return self._unknown_end(end)
+        return self._set_view(netset)
+
+    def _hep_view(self, hep: HostEndpoint) -> _EndView:
+        mine = self._hep_addresses[hep.name]
+        certain: list[Labels] = [self._labels[hep.name]]
+        maybe: list[Labels] = []
+        endpoints: list[HostEndpoint] | None = [hep]
+        for other in self._sharing(hep):
+            if _covered(mine, self._hep_addresses[other.name], set(FAMILIES)):
+                certain.append(self._labels[other.name])
+                if endpoints is not None:
+                    endpoints.append(other)
+            else:
+                maybe.append(self._labels[other.name])
+                endpoints = None
+        for s, nets in self._sets:
+            if _covered(mine, nets, set(FAMILIES)):
                 certain.append(s.labels)
-            elif _overlaps(mine, snets):
+            elif _overlaps(mine, nets, set(FAMILIES)):
                 maybe.append(s.labels)
-        inside = [h for h in self._sorted_heps() if _overlaps(self._hep_nets[h.name], mine)]
+        return _EndView(mine, certain, maybe, endpoints, hep.name)
+
+    def _set_view(self, netset: GlobalNetworkSet) -> _EndView:
+        mine = next(nets for s, nets in self._sets if s is netset)
+        certain: list[Labels] = [netset.labels]
+        maybe: list[Labels] = []
+        for s, nets in self._sets:
+            if s is netset:
+                continue
+            if _covered(mine, nets, set(FAMILIES)):
+                certain.append(s.labels)
+            elif _overlaps(mine, nets, set(FAMILIES)):
+                maybe.append(s.labels)
+        inside = [h for h in self._heps
+                  if _overlaps(self._hep_addresses[h.name], mine, set(FAMILIES))]
         maybe += [self._labels[h.name] for h in inside]
         # The address may be one of those endpoints': their named ports may apply.
-        return _EndView(mine or None, certain, maybe, None if inside else [], end.name)
+        return _EndView(mine, certain, maybe, None if inside else [], netset.name)
 
-    def _sorted_heps(self) -> list[HostEndpoint]:
-        return sorted(self.snapshot.host_endpoints.values(), key=lambda h: h.name)
+    def _sharing(self, hep: HostEndpoint) -> list[HostEndpoint]:
+        """Other host endpoints with an address of `hep`."""
+        out: dict[str, HostEndpoint] = {}
+        for ip in hep.expected_ips:
+            for other in self._at.get(AddressSet.of([ip]), []):
+                if other.name != hep.name:
+                    out[other.name] = other
+        return list(out.values())
 
     # -- criteria ---------------------------------------------------------------------
     def _rule(self, ctx: _Ctx, rule: Rule) -> Tri:
@@ -272,7 +371,7 @@ class Impact:
         values: list[Tri] = []
         version = rule_ip_version(rule)
         if version is not None:
-            possible = ctx.src.versions & ctx.dst.versions
+            possible = ctx.versions
             if possible == {version}:
                 values.append(True)
             elif version not in possible:
@@ -305,9 +404,9 @@ class Impact:
     def _side(self, ctx: _Ctx, entity: EntityRule, end: _EndView, side: str) -> list[Tri]:
         out: list[Tri] = []
         if entity.nets:
-            out.append(self._nets(ctx, end, entity.nets, side))
+            out.append(self._in_nets(ctx, end, entity.nets, side))
         if entity.not_nets:
-            out.append(_not(self._nets(ctx, end, entity.not_nets, side)))
+            out.append(_not(self._in_nets(ctx, end, entity.not_nets, side)))
         if entity.selector is not None:
             out.append(self._selected(ctx, end, entity.selector.matches, side))
         if entity.not_selector is not None:
@@ -321,20 +420,23 @@ class Impact:
             out.append(None)
         return out
 
-    def _nets(self, ctx: _Ctx, end: _EndView, cidrs: Sequence[str], side: str) -> Tri:
+    def _in_nets(self, ctx: _Ctx, end: _EndView, cidrs: Sequence[str], side: str) -> Tri:
         if end.addresses is None:
-            ctx.unknown(f"the {side} address ({end.name}: no address known)")
+            ctx.unknown(f"the {side} address ({end.name}: not placed by the proposed state)")
             return None
-        nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
-        if _covered(end.addresses, nets):
+        nets = self._nets.get(tuple(cidrs))
+        if nets is None:
+            nets = self._nets[tuple(cidrs)] = AddressSet.of(cidrs)
+        versions = ctx.versions
+        if _covered(end.addresses, nets, versions):
             return True
-        if not _overlaps(end.addresses, nets):
+        if not _overlaps(end.addresses, nets, versions):
             return False
         ctx.unknown(f"the {side} address ({end.name}: some of its addresses are in "
-                    f"{list(cidrs)}, some not)")
+                    f"{list(cidrs)[:4]}, some not)")
         return None
 
-    def _selected(self, ctx: _Ctx, end: _EndView, matches: Callable[[Mapping[str, str]], bool],
+    def _selected(self, ctx: _Ctx, end: _EndView, matches: Callable[[Labels], bool],
                   side: str) -> Tri:
         if any(matches(labels) for labels in end.labels):
             return True
@@ -362,7 +464,8 @@ class Impact:
             elif r.dst_port in p:  # type: ignore[operator]
                 return True
         if unknown:
-            ctx.unknown(f"the named ports at {end.name} (its host endpoint is not known)")
+            ctx.unknown(f"the named ports at {end.name} (which host endpoint holds the "
+                        "address is not known)")
             return None
         return False
 
@@ -380,26 +483,37 @@ class Impact:
         if hep is None:
             return Judgement(None, (), (f"host endpoint {local.name} is not in the proposed "
                                         "state",))
+        if ("hep", hep.name) in self._moved:
+            return Judgement(None, (), (f"host endpoint {hep.name} has other addresses in "
+                                        "the proposed state",))
+        sharing = self._sharing(hep)
+        if sharing:
+            return Judgement(None, (), (f"host endpoint {hep.name} shares an address with "
+                                        f"{sharing[0].name}: whose policies applied depends "
+                                        "on the address",))
         # The agent's own setting, for an endpoint without the label: what the record
         # shows (an observing endpoint's records end with the observe step).
         setting = OBSERVE if OBSERVE_STEP in record.enforced_trace else ENFORCE
         if enforcement_mode(self._labels[hep.name], setting) == OBSERVE:
             return Judgement("allow", (OBSERVE_STEP,))
         ctx = _Ctx(record, self._view(record.src), self._view(record.dst))
-        outcomes = self._walk(ctx, hep, direction)
+        outcomes, why = self._walk(ctx, hep, direction)
         actions = {a for a, _ in outcomes}
         steps = tuple(sorted({s for _, s in outcomes}))
         if len(actions) == 1:
             return Judgement(actions.pop(), steps)
-        return Judgement(None, steps, tuple(ctx.why[:MAX_REASONS]))
+        return Judgement(None, steps, tuple(why[:MAX_REASONS]))
 
-    def _walk(self, ctx: _Ctx, hep: HostEndpoint, direction: str) -> frozenset[tuple[str, str]]:
-        """Every (action, deciding step) the policies can reach for the record: the
-        program is laid out flat, then its outcomes computed from the end backwards, so
-        an unknown match costs a union, not a second walk."""
+    def _program(self, hep: HostEndpoint, direction: str) -> list[_Item]:
+        """The endpoint's policies in one direction laid out flat, as the evaluator walks
+        them: untracked and pre-DNAT policies, tiers with their ends, profiles, the final
+        Deny. The same for every record of the endpoint: kept."""
+        found = self._programs.get((hep.name, direction))
+        if found is not None:
+            return found
         labels = self._labels[hep.name]
         program: list[_Item] = []
-        early = list(self._untracked) + (list(self._pre_dnat) if direction == INGRESS else [])
+        early = self._untracked + (self._pre_dnat if direction == INGRESS else [])
         for policy in early:
             if selects(policy, labels, direction):
                 start = len(program)
@@ -412,11 +526,9 @@ class Impact:
             selecting = [p for p in policies if selects(p, labels, direction)]
             if not selecting:
                 continue
-            items: list[_Item] = []
-            for policy in selecting:
-                for i, rule in enumerate(policy.spec.rules(direction)):
-                    items.append(_Item(rule, rule_decision(direction, tier.name, policy.name,
-                                                           i, rule.action).step))
+            items = [_Item(rule, rule_decision(direction, tier.name, p.name, i,
+                                               rule.action).step)
+                     for p in selecting for i, rule in enumerate(p.spec.rules(direction))]
             end = len(program) + len(items) + (1 if tier.default_action != "Pass" else 0)
             for item in items:
                 item.pass_to = end
@@ -433,53 +545,36 @@ class Impact:
                 program.append(_Item(rule, profile_rule(direction, name, i, rule.action).step,
                                      pass_to=start + len(rules)))
         program.append(_Item(None, no_profile(direction).step))
+        self._programs[(hep.name, direction)] = program
+        return program
 
+    def _walk(self, ctx: _Ctx, hep: HostEndpoint, direction: str
+              ) -> tuple[frozenset[tuple[str, str]], list[str]]:
+        """Every (action, deciding step) the policies can reach for the record, and the
+        reasons of the unknown matches on the way there: outcomes are computed from the
+        program's end backwards, so an unknown match costs a union, not a second walk."""
+        program = self._program(hep, direction)
         outcomes: list[frozenset[tuple[str, str]]] = [frozenset()] * len(program)
+        reasons: list[tuple[str, ...]] = [()] * len(program)
         for index in range(len(program) - 1, -1, -1):
             item = program[index]
             if item.rule is None:
                 outcomes[index] = frozenset({("deny", item.step)})
                 continue
             action = item.rule.action
-            after = outcomes[index + 1]
+            ctx.why = []
             match = self._rule(ctx, item.rule)
             if match is False or action == "Log":
-                outcomes[index] = after
+                outcomes[index], reasons[index] = outcomes[index + 1], reasons[index + 1]
                 continue
             if action == "Pass":
-                hit = outcomes[item.pass_to]
+                hit, hit_why = outcomes[item.pass_to], reasons[item.pass_to]
             else:
-                hit = frozenset({(action.lower(), item.step)})
-            outcomes[index] = hit if match else hit | after
-        return outcomes[0]
-
-
-@dataclass
-class _Item:
-    """One place of the flat program: a rule (None: a final Deny, at a tier's end or
-    after the profiles), its step, and where a Pass goes (an untracked or pre-DNAT
-    policy's Pass: on to the next such policy, as the evaluator has it)."""
-
-    rule: Rule | None
-    step: str
-    pass_to: int = 0
-
-
-def _order(p: GlobalNetworkPolicy) -> tuple[int, float, str]:
-    from bulkhead.model.snapshot import order_key
-    return order_key(p.spec.order, p.name)
-
-
-def _net(text: str) -> Network:
-    return ipaddress.ip_network(text, strict=False)
-
-
-def _covered(candidates: Sequence[Network], nets: Sequence[Network]) -> bool:
-    """Every candidate network lies inside one of `nets`."""
-    return bool(candidates) and all(
-        any(c.version == n.version and c.subnet_of(n) for n in nets)  # type: ignore[arg-type]
-        for c in candidates)
-
-
-def _overlaps(candidates: Sequence[Network], nets: Sequence[Network]) -> bool:
-    return any(c.version == n.version and c.overlaps(n) for c in candidates for n in nets)
+                hit, hit_why = frozenset({(action.lower(), item.step)}), ()
+            if match:
+                outcomes[index], reasons[index] = hit, hit_why
+            else:
+                outcomes[index] = hit | outcomes[index + 1]
+                reasons[index] = tuple(dict.fromkeys(
+                    (*ctx.why, *hit_why, *reasons[index + 1])))[:MAX_REASONS]
+        return outcomes[0], list(reasons[0])

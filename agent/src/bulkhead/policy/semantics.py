@@ -20,7 +20,7 @@ written once from Calico's documented semantics and tested on its own
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from bulkhead.model import (
     ENFORCE,
@@ -30,8 +30,10 @@ from bulkhead.model import (
     HostEndpoint,
     Rule,
     Snapshot,
+    Tier,
 )
 from bulkhead.model.checks import protocol_number
+from bulkhead.model.snapshot import order_key
 
 
 def effective_labels(snapshot: Snapshot, hep: HostEndpoint) -> dict[str, str]:
@@ -71,6 +73,30 @@ def staged_view(snapshot: Snapshot) -> list[GlobalNetworkPolicy]:
         else:
             view[key] = sp
     return list(view.values())
+
+
+def policy_order(policy: GlobalNetworkPolicy) -> tuple[int, float, str]:
+    """Calico's order of policies in a tier: by order, unset last, ties by name."""
+    return order_key(policy.spec.order, policy.name)
+
+
+def policy_layout(snapshot: Snapshot, policies: Sequence[GlobalNetworkPolicy]
+                  ) -> tuple[list[tuple[Tier, list[GlobalNetworkPolicy]]],
+                             list[GlobalNetworkPolicy], list[GlobalNetworkPolicy]]:
+    """`policies` in the order they are evaluated: per tier (tier order) the normal ones
+    in policy order; then the untracked (doNotTrack) and the pre-DNAT ones apart, each
+    in tier order, then policy order (they are evaluated before the tiers)."""
+    tiers = snapshot.ordered_tiers()
+    rank = {t.name: i for i, t in enumerate(tiers)}
+    normal = [p for p in policies if not (p.spec.do_not_track or p.spec.pre_dnat)]
+    layout = [(t, sorted((p for p in normal if p.spec.tier == t.name), key=policy_order))
+              for t in tiers]
+
+    def early(p: GlobalNetworkPolicy) -> tuple[int, tuple[int, float, str]]:
+        return (rank[p.spec.tier], policy_order(p))
+
+    return (layout, sorted((p for p in policies if p.spec.do_not_track), key=early),
+            sorted((p for p in policies if p.spec.pre_dnat), key=early))
 
 
 def rule_ip_version(rule: Rule) -> int | None:

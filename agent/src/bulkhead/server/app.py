@@ -26,6 +26,7 @@ from bulkhead.model import (
     GlobalNetworkPolicy,
     LoadError,
     Resource,
+    Snapshot,
     StagedGlobalNetworkPolicy,
     Tier,
     ValidationError,
@@ -38,6 +39,7 @@ from bulkhead.model import (
 )
 from bulkhead.model.flowlog import MAX_BATCH_BYTES
 from bulkhead.pki import Identity, identity_from_subject
+from bulkhead.policy.impact import PromotionConflict
 from bulkhead.selector import SelectorError, parse
 from bulkhead.server import limits
 from bulkhead.server import preview as preview_api
@@ -766,6 +768,7 @@ async def promote(request: web.Request) -> web.Response:
     results: list[dict[str, Any]] = []
     ops: list[Op] = []
     enforced: list[Resource] = []
+    standing: dict[tuple[str, str], str] = {}
     for name in names:
         staged = await _current(store, "StagedGlobalNetworkPolicy", name)
         if staged is None:
@@ -774,11 +777,23 @@ async def promote(request: web.Request) -> web.Response:
         policy = parse_resource(staged.doc)
         assert isinstance(policy, StagedGlobalNetworkPolicy)
         _authorize_write(identity, policy, None)
+        key = (policy.spec.tier, policy.bare_name)
+        if key in standing:
+            raise ApiError(422, "Invalid", f"StagedGlobalNetworkPolicy {standing[key]} and "
+                           f"{name} both stand for the policy {key[1]} of tier {key[0]}; "
+                           "promote one of them; nothing was promoted")
+        standing[key] = name
         paired = await _paired(store, policy)
         if policy.spec.staged_action != "Delete":
             new = policy.enforced()
             old = paired.pop(new.name, None) or \
                 await _current(store, "GlobalNetworkPolicy", new.name)
+            if old is not None and old.doc.get("spec", {}).get("tier", DEFAULT_TIER) != \
+                    policy.spec.tier:
+                raise ApiError(422, "Invalid", f"GlobalNetworkPolicy {new.name} is in tier "
+                               f"{old.doc.get('spec', {}).get('tier', DEFAULT_TIER)}; "
+                               f"promoting StagedGlobalNetworkPolicy {name} of tier "
+                               f"{policy.spec.tier} would replace it; nothing was promoted")
             _authorize_write(identity, new, old)
             enforced.append(new)
             diff, puts = _plan_puts([new], [old])
@@ -1021,29 +1036,31 @@ async def post_preview(request: web.Request) -> web.Response:
     if not hub.ready.is_set():
         raise ApiError(503, "Unavailable", "not in sync with the datastore")
     wanted = preview_api.parse_preview(await _body(request, preview_api.MAX_BODY))
-    try:
-        manifests = await asyncio.to_thread(preview_api.load_manifests, wanted.manifests) \
-            if wanted.manifests else []
-    except (ValidationError, LoadError) as e:
-        raise ApiError(422 if isinstance(e, ValidationError) else 400,
-                       "Invalid" if isinstance(e, ValidationError) else "BadRequest",
-                       f"manifests: {e}; nothing was previewed") from None
     objects = hub.policy_objects()
 
     def judge() -> dict[str, Any]:
+        manifests = preview_api.load_manifests(wanted.manifests) if wanted.manifests else []
         current = [parse_resource(doc) for doc in objects]
         proposed, names = preview_api.proposed_state(current, manifests, wanted.promote,
                                                      wanted.enforce)
-        return preview_api.preview(logs.store, proposed, wanted, time.time(), names)
+        return preview_api.preview(logs.store, proposed, wanted, time.time(), names,
+                                   Snapshot.build(current))
 
+    # Parsing the manifests and judging are CPU work: off the event loop, and a few at a
+    # time, with the flow queries.
     async with logs.querying:
         try:
             answer = await asyncio.to_thread(judge)
+        except LoadError as e:
+            raise ApiError(400, "BadRequest", f"manifests: {e}; nothing was previewed"
+                           ) from None
         except preview_api.NotFound as e:
             raise ApiError(404, "NotFound", str(e)) from None
+        except PromotionConflict as e:
+            raise ApiError(422, "Invalid", f"{e}; nothing was previewed") from None
         except ValidationError as e:
-            raise ApiError(422, "Invalid", f"the proposed state: {e}; nothing was "
-                           "previewed") from None
+            raise ApiError(422, "Invalid", f"manifests: {e}; nothing was previewed"
+                           ) from None
         except FlowQueryTimeout as e:
             raise ApiError(503, "Unavailable", str(e)) from None
         except FlowStoreError as e:

@@ -12,7 +12,7 @@ work is bounded by MAX_GROUPS record groups and the store's query time.
 
 from __future__ import annotations
 
-import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +24,7 @@ from bulkhead.model import (
     documents,
     parse_documents,
 )
-from bulkhead.model.flowlog import FlowRecord
+from bulkhead.model.flowlog import PORTED, FlowRecord
 from bulkhead.policy.impact import Impact, Judgement, NotFound, proposed_state
 from bulkhead.selector import Selector, SelectorError, parse
 from bulkhead.server.limits import MAX_SELECTOR, BadInput
@@ -39,6 +39,7 @@ MAX_GROUPS = 100_000              # groups of alike records judged; more: `trunc
 MAX_PORTS = 32                    # ports listed in one group
 MAX_NODES = 8                     # reporting nodes listed in one group
 MAX_NAMES = 1_000                 # staged policies named in `promote`
+JUDGE_SECONDS = 20.0              # judging stops there: what is left is `truncated`
 FIELDS = ("manifests", "promote", "enforce", "hours", "until", "protected", "limit")
 CHANGES = ("newlyDenied", "newlyAllowed", "undecided")
 
@@ -99,8 +100,9 @@ def _selector(body: dict[str, Any], name: str) -> Selector | None:
 
 
 def _number(value: Any, name: str, low: float, high: float) -> float:
+    # Compared as given (an integer of 400 digits is no float), NaN fails both bounds.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value) or not low <= value <= high:
+            not low <= value <= high:
         raise BadInput(f"{name}: expected a number from {low:g} to {high:g}")
     return float(value)
 
@@ -161,7 +163,7 @@ def _end(record: FlowRecord, side: str) -> dict[str, Any]:
 def _port(record: FlowRecord) -> str:
     from bulkhead.policy.flow import protocol_name
     name = protocol_name(record.proto)
-    return f"{name}/{record.dst_port}" if record.proto in (6, 17, 132, 136) else name
+    return f"{name}/{record.dst_port}" if record.proto in PORTED else name
 
 
 def _decider(judgement: Judgement) -> tuple[str, str]:
@@ -174,17 +176,28 @@ def _decider(judgement: Judgement) -> tuple[str, str]:
 
 
 def preview(store: FlowStore, proposed: Snapshot, request: PreviewRequest, now: float,
-            promoted_names: Sequence[str]) -> dict[str, Any]:
+            promoted_names: Sequence[str], current: Snapshot | None = None
+            ) -> dict[str, Any]:
+    """The answer of `POST /v1/preview`: the store's groups of the window judged against
+    `proposed` (`current`: the store as it is, so ends the proposal moves are unknown),
+    for at most JUDGE_SECONDS."""
     until = request.until if request.until is not None else now
     since = max(0.0, until - request.hours * 3600)
     page = store.groups(FlowQuery(since=since, until=until), MAX_GROUPS)
-    judge = Impact(proposed)
+    judge = Impact(proposed, current)
+    deadline = time.monotonic() + JUDGE_SECONDS
+    stopped = None
     groups: dict[tuple[Any, ...], _Group] = {}
     totals = {c: {"records": 0, "connections": 0} for c in (*CHANGES, "unchanged")}
-    examined = {"records": 0, "connections": 0, "groups": len(page.groups)}
+    examined = {"records": 0, "connections": 0, "groups": 0}
     protected = {"records": 0, "connections": 0}
-    for row in page.groups:
+    for n, row in enumerate(page.groups):
+        if n % 100 == 0 and time.monotonic() > deadline:
+            stopped = (f"judging stopped after {JUDGE_SECONDS:g} s, {n} of "
+                       f"{len(page.groups)} groups judged; narrow the window (hours)")
+            break
         r = row.record
+        examined["groups"] += 1
         examined["records"] += row.records
         examined["connections"] += r.connections
         j = judge.judge(r)
@@ -209,7 +222,7 @@ def preview(store: FlowStore, proposed: Snapshot, request: PreviewRequest, now: 
         g.steps.update(j.steps)
         g.why.update(j.why)
         g.ports.add(_port(r))
-        g.nodes.add(r.node)
+        g.nodes.update(row.nodes)
         g.records += row.records
         g.connections += r.connections
         if change == "newlyDenied" and request.protected is not None and (
@@ -221,7 +234,10 @@ def preview(store: FlowStore, proposed: Snapshot, request: PreviewRequest, now: 
     answer: dict[str, Any] = {
         "since": since, "until": until, "promoted": list(promoted_names),
         "enforce": None if request.enforce is None else str(request.enforce),
-        "examined": examined, "truncated": page.truncated, "totals": totals}
+        "examined": examined, "truncated": page.truncated or stopped is not None,
+        "totals": totals}
+    if stopped is not None:
+        answer["stopped"] = stopped
     for change in CHANGES:
         found = sorted((g for g in groups.values() if g.change == change),
                        key=lambda g: (-g.connections, -g.records, g.tier, g.policy,

@@ -114,14 +114,19 @@ class GroupRow:
 
     record: FlowRecord
     records: int
+    nodes: tuple[str, ...] = ()       # the reporting nodes (at most MAX_GROUP_NODES)
 
 
 @dataclass
 class GroupPage:
     groups: list[GroupRow] = field(default_factory=list)
-    truncated: bool = False           # more groups than asked for: the rest are left out
+    truncated: bool = False           # more groups than asked for (in number or in bytes)
 
 
+MAX_GROUP_NODES = 8
+# Text (labels and traces) of the groups one answer holds at most: the memory a preview
+# takes whatever the records (each may hold 64 long labels an end and 32 long steps).
+GROUP_BYTES = 64 * 1024 * 1024
 # The columns a preview groups records by (the same in every store).
 GROUP_KEY = ("reporter", "src_type", "src_name", "src_labels", "src_scope", "dst_type",
              "dst_name", "dst_labels", "dst_scope", "proto", "dst_port", "action",
@@ -146,8 +151,8 @@ class FlowStore(Protocol):
         ...
 
     def groups(self, q: FlowQuery, n: int) -> GroupPage:
-        """Records grouped by GROUP_KEY (the selector filter does not apply), at most `n`
-        groups, most connections first."""
+        """Records grouped by GROUP_KEY (the selector filter does not apply), most
+        connections first: at most `n` groups and GROUP_BYTES of their text."""
         ...
 
     def expire(self, before: float) -> int:
@@ -215,11 +220,14 @@ def top_of(rows: Iterable[StoredFlow], q: FlowQuery, n: int) -> TopPage:
 
 
 def group_row(row: dict[str, Any]) -> GroupRow:
-    """A GroupRow from a store's row: GROUP_KEY's columns, then `start`, `end`, `node`,
-    the sums of connections, started, packets and bytes (in, out), and `records`."""
-    return GroupRow(record_of({**row, "staged_action": row["action"],
+    """A GroupRow from a store's row: GROUP_KEY's columns, then `start`, `end`, `nodes`
+    (a list), the sums of connections, started, packets and bytes (in, out), and
+    `records`."""
+    nodes = tuple(sorted(row["nodes"]))[:MAX_GROUP_NODES]
+    return GroupRow(record_of({**row, "node": nodes[0] if nodes else "",
+                               "staged_action": row["action"],
                                "staged_trace": row["enforced_trace"]}),
-                    int(row["records"]))
+                    int(row["records"]), nodes)
 
 
 GROUP_SUMS = ("connections", "started", "packets_in", "packets_out", "bytes_in", "bytes_out")

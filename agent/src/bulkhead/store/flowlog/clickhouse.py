@@ -26,8 +26,10 @@ from typing import Any
 
 from bulkhead.model.flowlog import MAX_COUNT, FlowRecord
 from bulkhead.store.flowlog.base import (
+    GROUP_BYTES,
     GROUP_KEY,
     GROUP_SUMS,
+    MAX_GROUP_NODES,
     QUERY_SECONDS,
     FlowPage,
     FlowQuery,
@@ -315,22 +317,28 @@ class ClickHouseFlowStore:
         cond, params = where(q)
         key = ", ".join(f"`{c}`" for c in GROUP_KEY)
         sums = ", ".join(f"sum(toFloat64({c}))" for c in GROUP_SUMS)
-        sql = (f"SELECT {key}, toUnixTimestamp64Micro(min(start)), "
-               f"toUnixTimestamp64Micro(max(`end`)), min(node), {sums}, count() "
-               f"FROM {self.table} WHERE {cond} GROUP BY {key} "
-               f"ORDER BY sum(toFloat64(connections)) DESC, {key} LIMIT {n + 1:d}")
+        size = ("length(toString(src_labels)) + length(toString(dst_labels)) + "
+                "length(toString(enforced_trace))")
+        order = f"sum(toFloat64(connections)) DESC, {key}"
+        # A running total of the groups' text keeps the answer within GROUP_BYTES.
+        sql = (f"SELECT * FROM (SELECT {key}, toUnixTimestamp64Micro(min(start)), "
+               f"toUnixTimestamp64Micro(max(`end`)), groupUniqArray({MAX_GROUP_NODES:d})(node), "
+               f"{sums}, count(), sum({size}) OVER (ORDER BY {order} ROWS BETWEEN "
+               "UNBOUNDED PRECEDING AND CURRENT ROW) AS running, count() OVER () "
+               f"FROM {self.table} WHERE {cond} GROUP BY {key}) "
+               f"WHERE running <= {GROUP_BYTES:d} ORDER BY running LIMIT {n:d}")
         rows = self._call(lambda c: c.query(sql, parameters=params,
                                             settings=self._settings()).result_rows)
-        names = (*GROUP_KEY, "start", "end", "node", *GROUP_SUMS, "records")
+        names = (*GROUP_KEY, "start", "end", "nodes", *GROUP_SUMS, "records")
         out = []
-        for r in rows[:n]:
-            doc = dict(zip(names, r, strict=True))
+        for r in rows:
+            doc = dict(zip(names, r[:len(names)], strict=True))
             doc["start"] /= 1_000_000
             doc["end"] /= 1_000_000
             for column in GROUP_SUMS:
                 doc[column] = min(int(doc[column]), MAX_COUNT)
             out.append(group_row(doc))
-        return GroupPage(out, len(rows) > n)
+        return GroupPage(out, bool(rows) and rows[0][-1] > len(rows))
 
     def expire(self, before: float) -> int:
         cond = "`end` < fromUnixTimestamp64Micro({before:Int64}, 'UTC')"

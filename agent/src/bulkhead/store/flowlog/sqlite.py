@@ -22,6 +22,7 @@ from typing import Any
 
 from bulkhead.model.flowlog import MAX_COUNT, FlowRecord
 from bulkhead.store.flowlog.base import (
+    GROUP_BYTES,
     GROUP_KEY,
     GROUP_SUMS,
     QUERY_SECONDS,
@@ -278,22 +279,27 @@ class SQLiteFlowStore:
         deadline = time.monotonic() + QUERY_SECONDS
         cond, args = where(q)
         key = ", ".join(f'"{c}"' for c in GROUP_KEY)
-        # Sums as floats (TOTAL never fails), capped at the record's bound when read.
+        order = f"TOTAL(connections) DESC, {key}"
+        size = "LENGTH(src_labels) + LENGTH(dst_labels) + LENGTH(enforced_trace)"
+        # Sums as floats (TOTAL never fails), capped at the record's bound when read; a
+        # running total of the groups' text keeps the answer within GROUP_BYTES.
         rows = self._read(
-            f'SELECT {key}, MIN(start), MAX("end"), MIN(node), '
-            f"{', '.join(f'TOTAL({c})' for c in GROUP_SUMS)}, COUNT(*) FROM flows "
-            f"WHERE {cond} GROUP BY {key} ORDER BY TOTAL(connections) DESC, {key} LIMIT ?",
-            [*args, n + 1], deadline)
-        names = (*GROUP_KEY, "start", "end", "node", *GROUP_SUMS, "records")
+            f"SELECT * FROM (SELECT {key}, MIN(start), MAX(\"end\"), "
+            f"json_group_array(DISTINCT node), "
+            f"{', '.join(f'TOTAL({c})' for c in GROUP_SUMS)}, COUNT(*), "
+            f"SUM({size}) OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) AS running, "
+            f"COUNT(*) OVER () FROM flows WHERE {cond} GROUP BY {key}) "
+            "WHERE running <= ? ORDER BY running LIMIT ?", [*args, GROUP_BYTES, n], deadline)
+        names = (*GROUP_KEY, "start", "end", "nodes", *GROUP_SUMS, "records")
         out = []
-        for r in rows[:n]:
-            doc = dict(zip(names, r, strict=True))
-            for column in ("src_labels", "dst_labels", "enforced_trace"):
+        for r in rows:
+            doc = dict(zip(names, r[:len(names)], strict=True))
+            for column in ("src_labels", "dst_labels", "enforced_trace", "nodes"):
                 doc[column] = json.loads(doc[column])
             for column in GROUP_SUMS:
                 doc[column] = min(int(doc[column]), MAX_COUNT)
             out.append(group_row(doc))
-        return GroupPage(out, len(rows) > n)
+        return GroupPage(out, bool(rows) and rows[0][-1] > len(rows))
 
     def count(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM flows", (),
