@@ -93,9 +93,9 @@ notes:
 seealso:
   - module: bulkhead.microseg.policy_promote
   - module: bulkhead.microseg.flow_logs_info
-  - name: Policy impact preview
-    description: How records are judged, and why some are undecided.
-    link: https://github.com/bulkhead-microseg/bulkhead/blob/main/docs/observability.md
+  - name: Policy impact preview and promotion
+    description: The gates, and a play that previews, then promotes.
+    link: https://github.com/bulkhead-microseg/bulkhead/blob/main/docs/collection.md#policy-impact-and-promotion-policy_preview-policy_promote
 extends_documentation_fragment:
   - bulkhead.microseg.connection
   - bulkhead.microseg.connection.read_only

@@ -42,6 +42,9 @@ seealso:
   - module: bulkhead.microseg.policy_preview
   - module: bulkhead.microseg.global_network_policy
   - module: bulkhead.microseg.rollback
+  - name: Promoting staged policies
+    description: What a promotion writes and deletes, on the server.
+    link: https://github.com/bulkhead-microseg/bulkhead/blob/main/docs/server.md#promoting-staged-policies
 extends_documentation_fragment:
   - bulkhead.microseg.connection
   - bulkhead.microseg.connection.wait
