@@ -11,21 +11,10 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import run
-from test_playbooks import playbook_env
+from test_playbooks import HEADER, run_playbook
 
-PLAY = """\
-- name: {name}
-  hosts: localhost
-  gather_facts: false
-  module_defaults:
-    group/bulkhead.microseg.bulkhead:
-      server_url: "{{{{ bulkhead_server }}}}"
-      ca_path: "{{{{ bulkhead_pki }}}}/ca.crt"
-      client_cert: "{{{{ bulkhead_pki }}}}/admin.crt"
-      client_key: "{{{{ bulkhead_pki }}}}/admin.key"
+TASKS = """\
   tasks:
-{tasks}
 """
 
 SEED = """\
@@ -54,14 +43,8 @@ PROMOTE = """\
 
 
 def playbook(server, tmp_path, name, tasks, *args):
-    play = tmp_path / ("%s.yml" % name)
-    play.write_text(PLAY.format(name=name, tasks="".join(tasks)))
-    extra = tmp_path / "vars.json"
-    extra.write_text(json.dumps({"bulkhead_server": server.url,
-                                 "bulkhead_pki": str(server.pki)}))
-    return run(["ansible-playbook", "-i", "localhost,", "-c", "local", str(play),
-                "-e", "@%s" % extra] + list(args), playbook_env(server), cwd=str(tmp_path),
-               check=False)
+    text = HEADER.format(name=name) + TASKS + "".join(tasks)
+    return run_playbook(server, tmp_path, name, text, *args, check=False)
 
 
 def recap(stdout):
