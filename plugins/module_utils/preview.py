@@ -67,8 +67,8 @@ def gates(answer, max_denied=None, fail_on_undecided=False):
     undecided = totals["undecided"]
     if fail_on_undecided and undecided["records"]:
         failed.append("fail_on_undecided: %d connections in %d records cannot be decided "
-                      "from the stored fields" % (undecided["connections"],
-                                                   undecided["records"]))
+                      "from the stored fields"
+                      % (undecided["connections"], undecided["records"]))
     return {"passed": not failed, "failed": failed}
 
 

@@ -70,7 +70,7 @@ options:
   max_denied:
     description:
       - Gate - the task fails when more than this many connections would be newly denied
-        (RV(preview.totals.newlyDenied.connections)), as C(bulkhead preview --max-denied)
+        (C(newlyDenied.connections) of RV(preview.totals)), as C(bulkhead preview --max-denied)
         fails. V(0) allows none.
       - Connections, not records - a record counts the connections of one flush interval.
     type: int

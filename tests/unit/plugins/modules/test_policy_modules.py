@@ -84,8 +84,8 @@ def test_check_mode_previews_as_well(server, capsys):
 def test_inline_definitions_are_sent_as_manifests(server, capsys):
     doc = {"apiVersion": "projectcalico.org/v3", "kind": "StagedGlobalNetworkPolicy",
            "metadata": {"name": "x", "labels": {"pci": True}}, "spec": {"selector": "all()"}}
-    code, _ = run(capsys, policy_preview, definition=[doc])
-    assert code == 0
+    code, result = run(capsys, policy_preview, definition=[doc])
+    assert code == 0 and result["gates"]["passed"] is True
     sent = json.loads(server.requests[0][2]["manifests"])
     assert sent[0]["metadata"]["labels"] == {"pci": "true"}
 
