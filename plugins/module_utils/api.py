@@ -64,6 +64,7 @@ ROUTES = {
     "status": "/v1/status/{node}",
     "nodes": "/v1/nodes",
     "flows": "/v1/flows",
+    "preview": "/v1/preview",
     "healthz": "/healthz",
     "readyz": "/readyz",
     "metrics": "/metrics",

@@ -276,6 +276,17 @@ class BulkheadClient:
         strings, as the server reads them)."""
         return self.request("GET", route("flows"), query=query or None)
 
+    def promote(self, names, dry_run=False):
+        """The StagedGlobalNetworkPolicies `names` take effect, their staged copies
+        deleted, in one transaction (`POST /v1/promote`); an unknown name: 404."""
+        return self.request("POST", route("promote"),
+                            body={"names": list(names), "dryRun": bool(dry_run)})
+
+    def preview(self, body):
+        """Which stored flows the proposed state would decide differently
+        (`POST /v1/preview`; `body` as the server reads it)."""
+        return self.request("POST", route("preview"), body=body)
+
     # ------------------------------------------------------------------- agents
     def nodes(self, revision=None):
         query = {"revision": str(revision)} if revision is not None else None

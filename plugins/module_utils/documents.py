@@ -14,6 +14,10 @@ import os
 from ansible.module_utils.common.text.converters import to_text
 from ansible.module_utils.six import string_types
 
+from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import (
+    normalize_document_labels,
+)
+
 try:
     import yaml
     HAS_YAML = True
@@ -81,6 +85,16 @@ def check_named(docs):
         if not isinstance(doc, dict) or not doc.get("kind") or \
                 not isinstance(doc.get("metadata"), dict) or not doc["metadata"].get("name"):
             raise ValueError("document %d: needs kind and metadata.name" % (i + 1))
+
+
+def load_manifests(definition, src):
+    """The documents of `definition` or `src` (as `load`), each with kind and
+    metadata.name, their label values following the collection's rule; ValueError or
+    OSError naming the document, file or label otherwise."""
+    docs = load(definition, src)
+    check_named(docs)
+    return [normalize_document_labels(doc, "document %d: %s %s" % (
+        i + 1, doc["kind"], doc["metadata"]["name"])) for i, doc in enumerate(docs)]
 
 
 def dump_documents(docs):

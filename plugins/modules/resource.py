@@ -141,10 +141,7 @@ converged:
 
 from ansible.module_utils.common.text.converters import to_text
 
-from ansible_collections.bulkhead.microseg.plugins.module_utils.documents import check_named, load
-from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import (
-    normalize_document_labels,
-)
+from ansible_collections.bulkhead.microseg.plugins.module_utils.documents import load_manifests
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure_many
 from ansible_collections.bulkhead.microseg.plugins.module_utils.waiter import wait_spec
@@ -161,17 +158,11 @@ def main():
     )
     p = module.params
     try:
-        docs = load(p["definition"], p["src"])
-        check_named(docs)
+        docs = load_manifests(p["definition"], p["src"])
     except (OSError, IOError, ValueError) as e:
         module.fail_json(msg=to_text(e))
     if not docs:
         module.fail_json(msg="no documents given")
-    try:
-        docs = [normalize_document_labels(doc, "document %d: %s %s" % (
-            i + 1, doc["kind"], doc["metadata"]["name"])) for i, doc in enumerate(docs)]
-    except ValueError as e:
-        module.fail_json(msg=str(e))
     module.run(lambda: ensure_many(module.service, docs, p["state"], module.check_mode))
 
 

@@ -15,8 +15,9 @@ from conftest import HERE, run
 TARGETS = sorted(p.name for p in (HERE / "targets").iterdir()
                  if (p / "tasks" / "main.yml").exists())
 
-PLAY = """\
-- name: Integration target {target}
+# A play on localhost whose modules reach the server through module_defaults.
+HEADER = """\
+- name: {name}
   hosts: localhost
   gather_facts: false
   module_defaults:
@@ -25,6 +26,9 @@ PLAY = """\
       ca_path: "{{{{ bulkhead_pki }}}}/ca.crt"
       client_cert: "{{{{ bulkhead_pki }}}}/admin.crt"
       client_key: "{{{{ bulkhead_pki }}}}/admin.key"
+"""
+
+PLAY = HEADER + """\
   roles:
     - {target}
 """
@@ -37,13 +41,21 @@ def playbook_env(server):
     return env
 
 
+def run_playbook(server, tmp_path, name, text, *args, check=True):
+    """ansible-playbook on TMP_PATH/NAME.yml holding `text`, the server's URL and PKI
+    folder (and the shared files/) given as extra variables."""
+    play = tmp_path / ("%s.yml" % name)
+    play.write_text(text)
+    extra = tmp_path / "vars.json"
+    extra.write_text(json.dumps({"bulkhead_server": server.url,
+                                 "bulkhead_pki": str(server.pki),
+                                 "bulkhead_files": str(HERE / "files")}))
+    return run(["ansible-playbook", "-i", "localhost,", "-c", "local", str(play),
+                "-e", "@%s" % extra] + list(args), playbook_env(server), cwd=str(tmp_path),
+               check=check)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_target(target, clean_server, tmp_path: Path):
-    play = tmp_path / "play.yml"
-    play.write_text(PLAY.format(target=target))
-    extra = tmp_path / "vars.json"
-    extra.write_text(json.dumps({"bulkhead_server": clean_server.url,
-                                 "bulkhead_pki": str(clean_server.pki),
-                                 "bulkhead_files": str(HERE / "files")}))
-    run(["ansible-playbook", "-i", "localhost,", "-c", "local", str(play),
-         "-e", "@%s" % extra], playbook_env(clean_server), cwd=str(tmp_path))
+    run_playbook(clean_server, tmp_path, "play",
+                 PLAY.format(name="Integration target %s" % target, target=target))

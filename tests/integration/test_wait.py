@@ -49,6 +49,18 @@ PLAY = """\
         definition: {apiVersion: projectcalico.org/v3, kind: GlobalNetworkSet,
                      metadata: {name: lab}, spec: {nets: [198.18.1.0/24]}}
       register: resource
+    - name: Staged policy
+      bulkhead.microseg.global_network_policy:
+        name: apps.canary
+        tier: apps
+        staged: true
+        selector: app == 'canary'
+        ingress: [{action: Allow}]
+      register: staged
+    - name: Promote it
+      bulkhead.microseg.policy_promote:
+        names: [apps.canary]
+      register: promoted
     - name: Delete the policy
       bulkhead.microseg.global_network_policy: {name: apps.web, state: absent}
       register: deleted
@@ -57,7 +69,7 @@ PLAY = """\
       register: unchanged
     - name: Results
       ansible.builtin.copy:
-        content: "{{ [tier, policy, netset, hep, heps, resource, deleted, unchanged] | to_json }}"
+        content: "{{ [tier, policy, netset, hep, heps, resource, staged, promoted, deleted, unchanged] | to_json }}"
         dest: "{{ out }}"
         mode: "0600"
 """
