@@ -47,14 +47,23 @@ def preview_body(params, manifests, now):
         body["until"] = unix_seconds(params["until"], "until", now)
     if params.get("protected") is not None:
         body["protected"] = params["protected"]
+    if params.get("enforce") is not None:
+        body["enforce"] = params["enforce"]
     return body
 
 
 def gates(answer, max_denied=None, fail_on_undecided=False):
     """`passed`, and `failed`: one reason per gate the preview fails. max_denied counts
     newly denied connections and protected fails on any newly denied record to or from
-    the selector, as `bulkhead preview` does; fail_on_undecided on any undecided record."""
+    the selector, as `bulkhead preview` does; fail_on_undecided on any undecided record.
+    A preview that is not whole (truncated: its totals are lower bounds) fails when any
+    gate is given, as `bulkhead preview` fails."""
     failed = []
+    if answer.get("truncated") and (max_denied is not None or fail_on_undecided or
+                                    "protected" in answer):
+        failed.append("truncated: the preview is incomplete (%s); its totals are lower "
+                      "bounds" % answer.get("stopped", "more records than the server "
+                                            "judges at once"))
     totals = answer["totals"]
     denied = totals["newlyDenied"]["connections"]
     if max_denied is not None and denied > max_denied:

@@ -67,6 +67,13 @@ options:
         C(bulkhead preview --protected) fails.
       - RV(preview.protected) lists what it hits.
     type: str
+  enforce:
+    description:
+      - A selector (V(zone == 'dmz')). The host endpoints it selects are previewed in
+        enforce mode (label C(microseg.bulkhead.io/enforcement=enforce)) - a host in
+        observe mode blocks nothing, so this previews moving it to enforce, as
+        C(bulkhead preview --enforce) does.
+    type: str
   max_denied:
     description:
       - Gate - the task fails when more than this many connections would be newly denied
@@ -86,8 +93,9 @@ options:
     default: 100
 notes:
   - When RV(preview.truncated) is true the server judged only part of the records
-    (100,000 groups of alike records), so the totals the gates compare are lower bounds
-    and the module warns; shorten O(hours).
+    (100,000 groups of alike records, 64 MiB of their text, or 20 seconds of judging), so
+    the totals the gates compare are lower bounds - any gate given then fails, as
+    C(bulkhead preview) fails; shorten O(hours).
   - A value the server refuses fails with its message, which starts with the field's name
     (C(protected), C(hours), C(manifests)), with the HTTP C(status) and C(reason).
 seealso:
@@ -259,6 +267,7 @@ def main():
             hours=dict(type="float", default=24),
             until=dict(type="raw"),
             protected=dict(type="str"),
+            enforce=dict(type="str"),
             max_denied=dict(type="int"),
             fail_on_undecided=dict(type="bool", default=False),
             limit=dict(type="int", default=100),
@@ -277,7 +286,7 @@ def main():
         result = judged(module.client, p, manifests, time.time())
         if result["preview"].get("truncated"):
             module.warn("the server judged only part of the records (truncated): the totals "
-                        "the gates compare are lower bounds; shorten hours")
+                        "are lower bounds; shorten hours")
         if not result["gates"]["passed"]:
             module.fail_json(msg="policy preview gate failed: " +
                              "; ".join(result["gates"]["failed"]), **result)

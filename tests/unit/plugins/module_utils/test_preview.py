@@ -59,6 +59,15 @@ def test_every_failed_gate_is_named():
         ["max_denied", "protected", "fail_on_undecided"]
 
 
+def test_an_incomplete_preview_fails_any_gate_given():
+    cut = dict(answer(), truncated=True, stopped="judging stopped after 20 s")
+    assert gates(cut)["passed"] is True
+    for verdict in (gates(cut, max_denied=5), gates(cut, fail_on_undecided=True),
+                    gates(dict(cut, **answer(protected=0)), None)):
+        assert verdict["failed"] == ["truncated: the preview is incomplete (judging stopped "
+                                     "after 20 s); its totals are lower bounds"]
+
+
 @pytest.mark.parametrize("value,wire", [(None, None), ("all", "all"), ("none", "none"),
                                         (["a", "b"], ["a", "b"]), (("a",), ["a"])])
 def test_promote_values(value, wire):
@@ -75,10 +84,11 @@ def test_other_promote_values_fail_naming_the_option(value):
 def test_the_body_holds_only_what_is_given():
     assert preview_body(PARAMS, [], 1000.0) == {"hours": 24.0, "limit": 100}
     docs = [{"kind": "StagedGlobalNetworkPolicy", "metadata": {"name": "x"}}]
-    body = preview_body(dict(PARAMS, promote="all", until="10m", protected="app == 'db'"),
-                        docs, 1000.0)
+    body = preview_body(dict(PARAMS, promote="all", until="10m", protected="app == 'db'",
+                             enforce="zone == 'dmz'"), docs, 1000.0)
     assert body == {"hours": 24.0, "limit": 100, "promote": "all", "until": 400.0,
-                    "protected": "app == 'db'", "manifests": json.dumps(docs)}
+                    "protected": "app == 'db'", "enforce": "zone == 'dmz'",
+                    "manifests": json.dumps(docs)}
 
 
 def test_a_bad_until_fails_naming_it():
