@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +23,7 @@ from bulkhead.model.flowlog import OBSERVE_STEP, FlowRecord
 from bulkhead.observe.flows import Ends
 from bulkhead.policy import Evaluator, Failsafes, Flow
 from bulkhead.policy.evaluate import DirectionVerdict
-from bulkhead.policy.impact import Impact, PromotionConflict, promoted
+from bulkhead.policy.impact import Impact, Judgement, PromotionConflict, promoted
 from bulkhead.policy.trace import verdict_steps
 from tests.test_differential import (
     ALL_FLOWS,
@@ -38,17 +39,30 @@ from tests.test_differential import (
 )
 
 
-def record_of(ends: Ends, flow: Any, reporter: str, verdict: DirectionVerdict) -> FlowRecord:
+def record_of(ends: Ends, f: Flow, reporter: str, verdict: DirectionVerdict) -> FlowRecord:
     """The record the reporting agent makes of the flow: what happened on the wire, the
     decisions its table logged, and the observe step when its endpoint observes."""
-    f = model_flow(flow)
     steps = verdict_steps(verdict) + ((OBSERVE_STEP,) if verdict.observed else ())
     return FlowRecord(
-        start=0.0, end=1.0, node=flow.src if reporter == "src" else flow.dst,
-        reporter=reporter, src=ends.at(f.src), dst=ends.at(f.dst), proto=f.protocol,
-        dst_port=f.dst_port or 0, action=verdict.wire_action.lower(), enforced_trace=steps,
+        start=0.0, end=1.0, node=verdict.endpoint or "", reporter=reporter,
+        src=ends.at(f.src), dst=ends.at(f.dst), proto=f.protocol, dst_port=f.dst_port or 0,
+        action=verdict.wire_action.lower(), enforced_trace=steps,
         staged_action=verdict.action.lower(), staged_trace=verdict_steps(verdict),
         connections=1, started=1)
+
+
+def judged(evaluator: Evaluator, judges: dict[str, Impact], ends: Ends, f: Flow
+           ) -> Iterator[tuple[str, str, DirectionVerdict, FlowRecord, Judgement]]:
+    """For each view (the enforced policies; the staged ones promoted) and each end with
+    a host endpoint: the evaluator's verdict, the record its agent makes, the judgement."""
+    verdict = evaluator.evaluate(f)
+    for view, judge in judges.items():
+        sides = ((verdict.egress, verdict.ingress) if view == "enforced" else
+                 (verdict.staged_egress, verdict.staged_ingress))
+        for reporter, side in zip(("src", "dst"), sides, strict=True):
+            if side.endpoint is not None:
+                record = record_of(ends, f, reporter, side)
+                yield view, reporter, side, record, judge.judge(record)
 
 
 def observing(docs: list[dict[str, Any]], hosts: set[str]) -> list[dict[str, Any]]:
@@ -82,27 +96,20 @@ def test_decided_records_agree_with_the_evaluator() -> None:
         ends = Ends(snapshot)
         judges = {"enforced": Impact(snapshot), "promoted": Impact(promoted(snapshot))}
         for flow in flows:
-            verdict = evaluator.evaluate(model_flow(flow))
-            for view, judge in judges.items():
-                sides = ((verdict.egress, verdict.ingress) if view == "enforced" else
-                         (verdict.staged_egress, verdict.staged_ingress))
-                for reporter, side in zip(("src", "dst"), sides, strict=True):
-                    if side.endpoint is None:
-                        continue
-                    record = record_of(ends, flow, reporter, side)
-                    got = judge.judge(record)
-                    if not got.decided:
-                        assert got.why, (flow, record)
-                        tally["undecided"] += 1
-                        continue
-                    tally["decided"] += 1
-                    tally["observed"] += side.observed
-                    assert got.action == side.wire_action.lower(), (
-                        f"{view} {reporter} {flow}: judged {got.action} {got.steps}, the "
-                        f"evaluator says {side.summary()}")
-                    # The deciding step the evaluator reached is among the judge's.
-                    want = OBSERVE_STEP if side.observed else verdict_steps(side)[-1]
-                    assert want in got.steps, (got, side.summary())
+            for view, reporter, side, record, got in judged(evaluator, judges, ends,
+                                                            model_flow(flow)):
+                if not got.decided:
+                    assert got.why, (flow, record)
+                    tally["undecided"] += 1
+                    continue
+                tally["decided"] += 1
+                tally["observed"] += side.observed
+                assert got.action == side.wire_action.lower(), (
+                    f"{view} {reporter} {flow}: judged {got.action} {got.steps}, the "
+                    f"evaluator says {side.summary()}")
+                # The deciding step the evaluator reached is among the judge's.
+                want = OBSERVE_STEP if side.observed else verdict_steps(side)[-1]
+                assert want in got.steps, (got, side.summary())
 
     check()
     print(dict(tally))
@@ -195,23 +202,11 @@ def test_decided_records_agree_in_wider_worlds() -> None:
         except PromotionConflict:
             tally["conflict"] += 1
         for f in flows:
-            verdict = evaluator.evaluate(f)
-            for view, judge in judges.items():
-                sides = ((verdict.egress, verdict.ingress) if view == "enforced" else
-                         (verdict.staged_egress, verdict.staged_ingress))
-                for reporter, side in zip(("src", "dst"), sides, strict=True):
-                    if side.endpoint is None:
-                        continue
-                    steps = verdict_steps(side) + ((OBSERVE_STEP,) if side.observed else ())
-                    record = FlowRecord(
-                        0.0, 1.0, "n", reporter, ends.at(f.src), ends.at(f.dst), f.protocol,
-                        f.dst_port or 0, side.wire_action.lower(), steps, side.action.lower(),
-                        verdict_steps(side), 1, 1)
-                    got = judge.judge(record)
-                    tally["decided" if got.decided else "undecided"] += 1
-                    assert not got.decided or got.action == side.wire_action.lower(), (
-                        f"{view} {reporter} {f}: judged {got}, the evaluator says "
-                        f"{side.summary()}")
+            for view, reporter, side, _, got in judged(evaluator, judges, ends, f):
+                tally["decided" if got.decided else "undecided"] += 1
+                assert not got.decided or got.action == side.wire_action.lower(), (
+                    f"{view} {reporter} {f}: judged {got}, the evaluator says "
+                    f"{side.summary()}")
 
     check()
     print(dict(tally))
