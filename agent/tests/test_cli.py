@@ -76,7 +76,8 @@ def test_explain_json(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["explain", "-f", str(files), "--from", "web", "--to", "db", "--port", "80",
                  "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["allowed"] is False
+    assert data["allowed"] is False and data["policy_allowed"] is False
+    assert data["observed"] is False
     assert data["ingress"]["decided_by"] == "tier-default"
     assert data["egress"]["action"] == "Allow"
 

@@ -23,6 +23,7 @@ from bulkhead.conformance import run_cases as run_conformance
 from bulkhead.lab.cli import add_commands as add_lab_commands
 from bulkhead.model import LoadError, Snapshot, ValidationError, load_paths
 from bulkhead.policy import Evaluator, FailsafePort, Failsafes, Flow
+from bulkhead.policy.evaluate import Verdict
 from bulkhead.policy.explain import explain_text
 from bulkhead.selector import SelectorError, parse
 
@@ -91,12 +92,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_FAILED if args.exit_code and not verdict.allowed else EXIT_OK
 
 
-def _verdict_json(verdict: object) -> dict[str, object]:
+def _verdict_json(v: Verdict) -> dict[str, object]:
+    """`allowed`: what happens on the wire; `policy_allowed`: what the policies decide
+    (they differ where an endpoint observes); the four direction verdicts whole."""
     from dataclasses import asdict
 
-    v = verdict
-    out = {"flow": str(v.flow), "allowed": v.allowed,  # type: ignore[attr-defined]
-           "staged_allowed": v.staged_allowed}  # type: ignore[attr-defined]
+    out: dict[str, object] = {"flow": str(v.flow), "allowed": v.allowed,
+                              "policy_allowed": v.policy_allowed, "observed": v.observed,
+                              "staged_allowed": v.staged_allowed}
     for key in ("egress", "ingress", "staged_egress", "staged_ingress"):
         out[key] = asdict(getattr(v, key))
     return out
