@@ -1,7 +1,7 @@
 """The package's imports follow the arrows of shared/DESIGN.md ("Repository layout"):
 
     selector <- model <- policy <- dataplane/observe <- agent
-    model <- store <- server
+    model <- store <- server, and policy <- server (the impact preview)
     client <- agent/cli
     `net` below policy and dataplane; small shared rooms for pki and logging setup below
     server, agent and CLI, and for netlink framing below dataplane and observe (siblings:
@@ -70,7 +70,11 @@ ARROWS: dict[str, set[str]] = {
     "observe": {"policy", "net", "netlink"},
     "store": {"model"},
     "client": {"model"},
-    "server": {"store", "pki", "logging"},
+    # The impact preview (POST /v1/preview) judges stored flows with the policy engine
+    # where they are stored, for the CLI and for Ansible modules that cannot import
+    # bulkhead: an arrow DESIGN.md does not draw, pointing the same way as the others
+    # (policy imports nothing of the server).
+    "server": {"store", "pki", "logging", "policy"},
     "agent": {"dataplane", "observe", "client", "pki", "logging"},
     "lab": set(),
     "testbed": {"lab", "client", "policy", "pki", "logging"},
