@@ -38,6 +38,10 @@ SYSTEMD = "/lib/systemd/systemd"
 BOOT_TIMEOUT = 60.0
 HALT_TIMEOUT = 10.0
 ENTER = ("--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup")
+# A command in a machine starts from this environment, not the caller's (whose PATH,
+# PYTHONPATH or virtualenv mean nothing to the machine's systemd and units).
+ENVIRONMENT = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "HOME=/root", "USER=root", "LOGNAME=root", "SHELL=/bin/sh", "LANG=C.UTF-8")
 
 # Units that must not run in a lab machine, besides every unit the machine's own
 # /etc/systemd/system enables (the host's services: databases, timers, gettys):
@@ -132,12 +136,14 @@ class Machine:
         return alive(self.pid, self.start)
 
     def enter(self, argv: Sequence[str]) -> list[str]:
-        """The command line that runs `argv` in this machine: in its cgroup, and in every
-        namespace of its PID 1."""
+        """The command line that runs `argv` in this machine: in its cgroup, in every
+        namespace of its PID 1, with ENVIRONMENT (and the caller's TERM)."""
         if not argv:
             raise ValueError("no command given")
+        term = [f"TERM={os.environ['TERM']}"] if "TERM" in os.environ else []
         return ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', self.cgroup,
-                "nsenter", f"--target={self.pid}", *ENTER, "--", *argv]
+                "nsenter", f"--target={self.pid}", *ENTER, "--",
+                "/usr/bin/env", "-i", *ENVIRONMENT, *term, *argv]
 
     def run(self, argv: Sequence[str], *, check: bool = False, timeout: float | None = 60.0,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
