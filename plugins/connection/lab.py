@@ -93,7 +93,8 @@ JOIN_CGROUP = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
 
 
 def process_start(pid):
-    """The start time of `pid` (clock ticks since boot), None if it is gone or a zombie."""
+    """The start time of `pid` (clock ticks since boot), None if it is gone or a zombie;
+    as bulkhead.lab.processes has it (the collection's plugins never import bulkhead)."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             stat = f.read()
@@ -193,26 +194,26 @@ class Connection(ConnectionBase):
     def put_file(self, in_path, out_path):
         super().put_file(in_path, out_path)
         display.vvv("PUT %s TO %s" % (in_path, out_path), host=self.get_option("lab_host"))
-        try:
-            with open(to_bytes(in_path, errors="surrogate_or_strict"), "rb") as src:
-                rc, _out, err = self._run("cat > %s" % shlex.quote(out_path), stdin=src)
-        except OSError as e:
-            raise AnsibleError("cannot read %s: %s" % (in_path, to_native(e)))
-        if rc != 0:
-            raise AnsibleError("failed to put %s into the lab machine at %s: %s"
-                               % (in_path, out_path, to_native(err).strip()))
+        self._copy(in_path, "cat > %s" % shlex.quote(out_path),
+                   "put %s into the lab machine at %s" % (in_path, out_path), fetch=False)
 
     def fetch_file(self, in_path, out_path):
         super().fetch_file(in_path, out_path)
         display.vvv("FETCH %s TO %s" % (in_path, out_path), host=self.get_option("lab_host"))
+        self._copy(out_path, "cat -- %s" % shlex.quote(in_path),
+                   "fetch %s from the lab machine" % in_path, fetch=True)
+
+    def _copy(self, local, command, what, fetch):
+        """Stream local file `local` into `command` run in the machine, or (`fetch`) the
+        command's output into `local`."""
         try:
-            with open(to_bytes(out_path, errors="surrogate_or_strict"), "wb") as dst:
-                rc, _out, err = self._run("cat -- %s" % shlex.quote(in_path), stdout=dst)
+            with open(to_bytes(local, errors="surrogate_or_strict"), "wb" if fetch else "rb") as f:
+                rc, _out, err = (self._run(command, stdout=f) if fetch
+                                 else self._run(command, stdin=f))
         except OSError as e:
-            raise AnsibleError("cannot write %s: %s" % (out_path, to_native(e)))
+            raise AnsibleError("failed to %s: %s" % (what, to_native(e)))
         if rc != 0:
-            raise AnsibleError("failed to fetch %s from the lab machine: %s"
-                               % (in_path, to_native(err).strip()))
+            raise AnsibleError("failed to %s: %s" % (what, to_native(err).strip()))
 
     def close(self):
         self._connected = False
