@@ -38,6 +38,8 @@ SYSTEMD = "/lib/systemd/systemd"
 BOOT_TIMEOUT = 60.0
 HALT_TIMEOUT = 10.0
 ENTER = ("--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup")
+# `sh -c JOIN_CGROUP CGROUP ARGV...`: moves itself into the machine's cgroup, then execs ARGV
+JOIN_CGROUP = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
 # A command in a machine starts from this environment, not the caller's (whose PATH,
 # PYTHONPATH or virtualenv mean nothing to the machine's systemd and units).
 ENVIRONMENT = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -141,7 +143,7 @@ class Machine:
         if not argv:
             raise ValueError("no command given")
         term = [f"TERM={os.environ['TERM']}"] if "TERM" in os.environ else []
-        return ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', self.cgroup,
+        return ["/bin/sh", "-c", JOIN_CGROUP, self.cgroup,
                 "nsenter", f"--target={self.pid}", *ENTER, "--",
                 "/usr/bin/env", "-i", *ENVIRONMENT, *term, *argv]
 
@@ -216,7 +218,7 @@ def launch(lab: str, host: str, ns: str) -> tuple[subprocess.Popen[bytes], Path,
     mdir = prepare(lab, host)
     cgroup = cgroup2_root() / machine_cgroup(lab, host)
     cgroup.mkdir(exist_ok=True)
-    argv = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup),
+    argv = ["/bin/sh", "-c", JOIN_CGROUP, str(cgroup),
             "nsenter", f"--net={NETNS_DIR / ns}",
             "unshare", "--fork", "--pid", "--mount", "--uts", "--ipc", "--cgroup",
             "--propagation", "private", "--",
