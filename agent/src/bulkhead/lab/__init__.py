@@ -11,7 +11,8 @@ One job a module: names.py (what everything is called), layout.py (nets and addr
 state.py (the state file), netns.py (build, find and remove labs in the kernel),
 daemons.py (the host daemons, from this side; hostd.py is the daemon), processes.py
 (commands in namespaces, stopping processes), conntrack.py, lab.py (`Lab`, over all of
-them), kernel.py (`ip`), probe.py (probe specs and results), cli.py (`bulkhead lab`).
+them), kernel.py (`ip`), probe.py (probe specs and results), machine.py (lab machines:
+a lab host booting systemd as PID 1), cli.py (`bulkhead lab`).
 """
 
 from bulkhead.lab.kernel import LabError

@@ -18,10 +18,10 @@ from bulkhead.lab.lab import Lab
 from bulkhead.lab.layout import DEFAULT_NET4, DEFAULT_NET6
 from bulkhead.lab.names import SWITCH
 from bulkhead.lab.netns import list_labs, remove_all, teardown
-from bulkhead.lab.processes import in_namespace
 
 EXIT_OK, EXIT_NOT_OPEN, EXIT_USAGE = 0, 1, 2
 DEFAULT_NAME = "demo"
+ALL = "all"
 
 
 def _status_text(lab: Lab) -> str:
@@ -39,6 +39,8 @@ def _status_text(lab: Lab) -> str:
             flags.append("namespace missing")
         if not h["hostd"]:
             flags.append("hostd not running")
+        if h["machine"]:
+            flags.append(f"machine: systemd pid {h['machine']['pid']}, {h['machine']['state']}")
         note = f"  ({', '.join(flags)})" if flags else ""
         lines.append(f"  {name.ljust(width)}  {h['ns']}  {' '.join(h['addresses'])}{note}")
     for proc in st["spawned"]:
@@ -48,7 +50,12 @@ def _status_text(lab: Lab) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     hosts: list[str] | int = args.host or args.hosts
-    lab = Lab(args.name, hosts, net4=args.net4, net6=args.net6).up()
+    machines: bool | list[str] = False
+    if args.machines == ALL:
+        machines = True
+    elif args.machines:
+        machines = [h for h in args.machines.split(",") if h]
+    lab = Lab(args.name, hosts, net4=args.net4, net6=args.net6, machines=machines).up()
     print(_status_text(lab))
     return EXIT_OK
 
@@ -116,7 +123,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         command = [os.environ.get("SHELL") or "/bin/bash"]
-    argv = in_namespace(lab.ns(args.host), command)
+    argv = lab.enter(args.host, command)
     sys.stdout.flush()
     os.execvp(argv[0], argv)
 
@@ -147,6 +154,8 @@ def add_commands(sub: Any) -> None:
                    help="a host by name (repeatable; instead of --hosts)")
     q.add_argument("--net4", default=DEFAULT_NET4, help=f"IPv4 net (default {DEFAULT_NET4})")
     q.add_argument("--net6", default=DEFAULT_NET6, help=f"IPv6 net (default {DEFAULT_NET6})")
+    q.add_argument("--machines", nargs="?", const=ALL, metavar="HOST,HOST",
+                   help="boot systemd in every host (or in the hosts named): lab machines")
     q.set_defaults(func=_guarded(cmd_up))
 
     q = lsub.add_parser("down", help="remove a lab, or every lab with --all")
@@ -180,7 +189,8 @@ def add_commands(sub: Any) -> None:
     q.add_argument("-v", "--verbose", action="store_true", help="addresses, detail, time")
     q.set_defaults(func=_guarded(cmd_probe))
 
-    q = lsub.add_parser("exec", help="run a command (default: a shell) in a lab host")
+    q = lsub.add_parser("exec", help="run a command (default: a shell) in a lab host "
+                                     "(in all namespaces of a lab machine)")
     named(q)
     q.add_argument("host", help=f"lab host name, or {SWITCH} for the switch namespace")
     q.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")

@@ -13,10 +13,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from bulkhead.lab import conntrack, netns, processes, state
+from bulkhead.lab import conntrack, machine, netns, processes, state
 from bulkhead.lab.daemons import HostDaemons
 from bulkhead.lab.kernel import LabError
 from bulkhead.lab.layout import DEFAULT_NET4, DEFAULT_NET6, Layout
+from bulkhead.lab.machine import Machine
 from bulkhead.lab.names import check_name, state_dir
 from bulkhead.lab.probe import DEFAULT_TIMEOUT, ProbeResult, ProbeSpec
 
@@ -27,11 +28,20 @@ class Lab(Layout):
     `Lab(...)` only describes the lab; `up()` builds it (an existing lab of that name is
     removed first), `down()` removes it. `Lab.load(name)` gets a lab built by another
     process from its state file. Also a context manager: `with Lab("t1", 3) as lab: ...`.
+
+    `machines` (True: every host; or some host names) makes those hosts lab machines:
+    `up()` boots systemd in them (machine.py, docs/lab.md "Lab machines").
     """
 
     def __init__(self, name: str = "demo", hosts: Sequence[str] | int = 2, *,
-                 net4: str = DEFAULT_NET4, net6: str = DEFAULT_NET6) -> None:
+                 net4: str = DEFAULT_NET4, net6: str = DEFAULT_NET6,
+                 machines: bool | Sequence[str] = ()) -> None:
         super().__init__(name, hosts, net4=net4, net6=net6)
+        wanted = list(self.hosts) if machines is True else list(machines or ())
+        for host in wanted:
+            self.host(host)
+        self.machine_hosts = wanted
+        self._machines: dict[str, Machine] = {}
         self.daemons = HostDaemons(self, self.state_dir)
         self._procs: list[subprocess.Popen[bytes]] = []   # to reap when they stop
         self._hostd: dict[str, dict[str, Any]] = {}       # as the state file keeps them
@@ -45,7 +55,8 @@ class Lab(Layout):
 
     def _save(self) -> None:
         state.write(self.name, {**self.dump(), "hostd": self._hostd,
-                                "spawned": self._spawned})
+                                "spawned": self._spawned,
+                                "machines": {h: m.dump() for h, m in self._machines.items()}})
 
     @classmethod
     def load(cls, name: str) -> Lab:
@@ -59,6 +70,8 @@ class Lab(Layout):
         lab.restore(saved)
         lab._hostd = dict(saved.get("hostd", {}))
         lab._spawned = list(saved.get("spawned", []))
+        lab._machines = {h: Machine.load(m) for h, m in saved.get("machines", {}).items()}
+        lab.machine_hosts = list(lab._machines)
         return lab
 
     @staticmethod
@@ -85,6 +98,8 @@ class Lab(Layout):
             self.daemons.wait_ready(started)
             netns.wait_forwarding(self)
             self._save()
+            if self.machine_hosts:
+                self.boot_machines(self.machine_hosts)
         except BaseException:
             with contextlib.suppress(LabError):
                 self.down()
@@ -103,6 +118,7 @@ class Lab(Layout):
         self._procs.clear()
         self._spawned.clear()
         self._hostd.clear()
+        self._machines.clear()
         self.uplink = None
 
     def __enter__(self) -> Lab:
@@ -152,14 +168,52 @@ class Lab(Layout):
         results in the order given. LabError if a probe could not be made at all."""
         return self.daemons.probe_many(probes)
 
+    # -- lab machines ----------------------------------------------------------------------
+
+    def boot_machines(self, hosts: Iterable[str], timeout: float = machine.BOOT_TIMEOUT
+                      ) -> None:
+        """Boot systemd in these hosts of the built lab (a host that is a machine already
+        is rebooted: stopped, then booted from a fresh upper layer), all at once; returns
+        when every one is `running`. LabError, with the failed units, otherwise."""
+        names = list(dict.fromkeys(hosts))
+        for host in names:
+            self.host(host)
+            if host in self._machines:
+                self.stop_machine(host)
+        booted = machine.boot(self.name, {h: self.ns(h) for h in names}, timeout,
+                              on_launch=lambda _h, proc, *_: self._procs.append(proc))
+        self._machines.update(booted)
+        self.machine_hosts = list(dict.fromkeys([*self.machine_hosts, *names]))
+        self._save()
+
+    def stop_machine(self, host: str, grace: float = machine.HALT_TIMEOUT) -> None:
+        """Shut `host`'s systemd down (SIGRTMIN+3, then SIGKILL after `grace` s) and drop
+        its upper layer; the host stays, as a plain namespace."""
+        found = self._machines.pop(self.host(host).name, None)
+        self.machine_hosts = [h for h in self.machine_hosts if h != host]
+        if found is not None:
+            self._save()
+            machine.stop(found, grace)
+
+    def machine(self, host: str) -> Machine | None:
+        """`host` as a lab machine (its systemd's pid, cgroup, dir), None if it is not one."""
+        return self._machines.get(self.host(host).name)
+
     # -- processes -------------------------------------------------------------------------
+
+    def enter(self, where: str, argv: Sequence[str]) -> list[str]:
+        """The command line that runs `argv` in a host: in every namespace of its systemd
+        when it is a lab machine, else in its network namespace (or the switch's)."""
+        found = self._machines.get(where)
+        return found.enter(argv) if found else processes.in_namespace(self.ns(where), argv)
 
     def run(self, where: str, argv: Sequence[str], *, check: bool = False,
             timeout: float | None = 60.0, input: str | None = None
             ) -> subprocess.CompletedProcess[str]:
-        """Run `argv` in a host's namespace (or the switch's, where='sw') and wait;
-        output captured as text."""
-        return processes.run(self.ns(where), argv, check=check, timeout=timeout, input=input)
+        """Run `argv` in a host's namespace (or the switch's, where='sw'; in a lab machine:
+        in all its namespaces) and wait; output captured as text."""
+        return subprocess.run(self.enter(where, argv), capture_output=True, text=True,
+                              check=check, timeout=timeout, input=input)
 
     def spawn(self, where: str, argv: Sequence[str], log_path: str | Path | None = None, *,
               env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -196,6 +250,7 @@ class Lab(Layout):
                 "ns": h.ns, "port": h.port, "addresses": list(h.addresses),
                 "ns_present": h.ns in spaces,
                 "hostd": d is not None and processes.alive(int(d["pid"]), d.get("start")),
+                "machine": self._machine_status(h.name),
             }
         return {
             "name": self.name, "net4": str(self.net4), "net6": str(self.net6),
@@ -209,3 +264,14 @@ class Lab(Layout):
             "spawned": [s for s in self._spawned
                         if processes.alive(int(s["pid"]), s.get("start"))],
         }
+
+    def _machine_status(self, host: str) -> dict[str, Any] | None:
+        found = self._machines.get(host)
+        if found is None:
+            return None
+        said = "stopped"
+        if found.alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                said = found.run(["systemctl", "is-system-running"],
+                                 timeout=10.0).stdout.strip() or "unknown"
+        return {"pid": found.pid, "state": said, "dir": found.dir}

@@ -8,7 +8,9 @@ even after a crash:
   ``up0``, the switch side of the uplink;
 - namespace ``bhl-NAME-HOST`` per host: ``lo`` and ``eth0`` (the peer of ``v<i>``);
 - ``bhl-NAME`` in the root namespace: the root side of the uplink;
-- ``/run/bulkhead-lab/NAME/``: ``state.json``, the host daemons' sockets and logs.
+- ``/run/bulkhead-lab/NAME/``: ``state.json``, the host daemons' sockets and logs;
+- cgroup ``bhl-NAME-HOST`` at the root of the cgroup2 hierarchy: a lab machine (booting
+  systemd, see machine.py), its upper layer in ``/run/bulkhead-lab/NAME/machines/HOST/``.
 """
 
 from __future__ import annotations
@@ -65,3 +67,12 @@ def lab_of_uplink(ifname: str) -> str | None:
     """The lab a root-namespace link is the uplink of; None for other links."""
     lab = ifname[len(PREFIX):]
     return lab if ifname.startswith(PREFIX) and NAME_RE.match(lab) else None
+
+
+def machine_cgroup(name: str, host: str) -> str:
+    """The cgroup2 directory (under the hierarchy's root) of lab `name`'s machine `host`."""
+    return f"{machine_cgroup_prefix(name)}{host}"
+
+
+def machine_cgroup_prefix(name: str) -> str:
+    return f"{PREFIX}{name}-"

@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
-from bulkhead.lab import state
+from bulkhead.lab import machine, state
 from bulkhead.lab.kernel import (
     IP_TIMEOUT,
     LabError,
@@ -159,14 +159,17 @@ def _uplink_exists(name: str) -> bool:
 
 
 def teardown(name: str, extra_pids: Mapping[int, int | None] | None = None) -> None:
-    """Remove every trace of lab `name`: stop the processes in its namespaces (and the
-    ones its state file tracks), delete the uplink, the namespaces and the state dir.
-    Works on a half-built lab, and when nothing is left (then it does nothing)."""
+    """Remove every trace of lab `name`: shut its lab machines down, stop the processes in
+    its namespaces (and the ones its state file tracks), delete the uplink, the namespaces
+    and the state dir. Works on a half-built lab, and when nothing is left (then it does
+    nothing)."""
     check_name(name)
     require_root()
+    saved = state.read(name) or {}
+    problems = machine.stop_leftovers(name, saved.get("machines", {}).values())
     namespaces = lab_namespaces(name)
     targets: dict[int, int | None] = {pid: process_start(pid) for pid in pids_in(namespaces)}
-    for pid, start in [*state.tracked(state.read(name) or {}).items(),
+    for pid, start in [*state.tracked(saved).items(),
                        *(extra_pids or {}).items()]:
         targets.setdefault(pid, start)
     left = stop_processes(targets)
@@ -175,7 +178,6 @@ def teardown(name: str, extra_pids: Mapping[int, int | None] | None = None) -> N
     if namespaces:
         ip(batch=[f"netns del {ns}" for ns in namespaces], force=True, check=False)
     shutil.rmtree(state_dir(name), ignore_errors=True)
-    problems = []
     if left:
         problems.append(f"processes {left} did not stop")
     if lab_namespaces(name):
