@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo demo-down test deps lint typecheck unit conformance conformance-kernel collection-lint collection-sanity \
-	collection-test bench clean
+	collection-test molecule bench clean
 
 test: deps lint typecheck unit conformance conformance-kernel collection-lint collection-sanity collection-test
 
@@ -54,6 +54,11 @@ collection-sanity: deps
 # Collection unit tests, then playbooks and inventories against a real bulkhead-server.
 collection-test: deps
 	VENV="$(CURDIR)/$(VENV)" tests/run-collection-tests.sh
+
+# Only the Molecule scenarios (molecule/*/) on lab machines; `make test` runs them in
+# collection-test (tests/integration/test_molecule.py).
+molecule: deps
+	VENV="$(CURDIR)/$(VENV)" tests/run-molecule.sh
 
 bench: deps
 	$(BIN)/python agent/benchmarks/run.py

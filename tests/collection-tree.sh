@@ -16,7 +16,7 @@ fi
 mkdir -p "$dest"
 # Collection content only: not the Python distribution (agent/), tooling or test output.
 for item in galaxy.yml meta plugins roles playbooks docs tests README.md LICENSE CHANGELOG.md changelogs \
-            inventory-examples requirements.txt bindep.txt .ansible-lint; do
+            inventory-examples molecule requirements.txt bindep.txt .ansible-lint; do
   [ -e "$root/$item" ] && cp -a "$root/$item" "$dest/"
 done
 rm -rf "$dest/tests/output"
