@@ -1,0 +1,303 @@
+"""The roles (pki, server, agent, and the common tasks they share) and the playbooks.
+
+Static: every role's argument spec renders with ansible-doc and documents exactly the
+role's defaults; variables carry the role's prefix; every playbook passes --syntax-check;
+the unit templates, rendered with the roles' defaults, pass `systemd-analyze verify` and
+carry the hardening; the configuration files they render load in bulkhead's own loaders.
+Real: the pki role run on localhost issues certificates that bulkhead.pki reads as the
+expected identities and that a real bulkhead-server accepts; a second run changes nothing,
+and a certificate near its expiry is issued again.
+
+Systemd does not run here (not PID 1): units are verified offline, under a --root that
+holds a copy of this machine's unit directory. Starting the units is left to the lab
+machines (Molecule)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import ssl
+import stat
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+from cryptography import x509
+
+from bulkhead import pki
+from bulkhead.agent.config import load_config
+from bulkhead.server.main import ServerConfig
+from conftest import BIN, HERE, ansible_env, run, start_server, stop_server
+
+ROOT = HERE.parents[1]
+ROLES = ("pki", "server", "agent", "common")
+PLAYBOOKS = sorted(p.name for p in (ROOT / "playbooks").glob("*.yml"))
+
+# Two hosts: srv-1 runs the server and an agent, web-1 an agent reached on SSH port 2222.
+INVENTORY = """\
+all:
+  children:
+    bulkhead_servers:
+      hosts:
+        srv-1: {ansible_host: 198.18.0.10}
+    bulkhead_agents:
+      hosts:
+        srv-1: {}
+        web-1: {ansible_host: 198.18.0.11, ansible_port: 2222}
+"""
+
+HARDENING = {
+    "server": {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+               "PrivateTmp": "yes", "ReadWritePaths": "/var/lib/bulkhead",
+               "CapabilityBoundingSet": "", "AmbientCapabilities": ""},
+    "agent": {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+              "PrivateTmp": "yes", "ReadWritePaths": "/var/lib/bulkhead-agent",
+              "CapabilityBoundingSet": "CAP_NET_ADMIN", "AmbientCapabilities": "CAP_NET_ADMIN"},
+}
+
+
+def env():
+    e = dict(os.environ)
+    e.update(ansible_env())
+    e["PATH"] = "%s:%s" % (BIN, e.get("PATH", ""))
+    return e
+
+
+def read_yaml(path):
+    return yaml.safe_load(path.read_text()) or {}
+
+
+# ------------------------------------------------------------------------------ static
+@pytest.mark.parametrize("role", ROLES)
+def test_argument_spec_renders_and_documents_every_default(role):
+    out = run(["ansible-doc", "-t", "role", "--json", "bulkhead.microseg.%s" % role], env())
+    doc = json.loads(out.stdout)["bulkhead.microseg.%s" % role]
+    documented = set()
+    for entry in doc["entry_points"].values():
+        assert entry["short_description"]
+        for name, option in (entry.get("options") or {}).items():
+            assert option.get("description"), (role, name)
+            assert option.get("type"), (role, name)
+            documented.add(name)
+    defaults = set(read_yaml(ROOT / "roles" / role / "defaults" / "main.yml"))
+    assert documented == defaults
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_variables_carry_the_role_prefix(role):
+    """bulkhead_<role>_ for public variables, _bulkhead_<role>_ for private ones (vars/,
+    register, set_fact): the check ansible-lint's var-naming[no-role-prefix] cannot make."""
+    folder = ROOT / "roles" / role
+    assert all(k.startswith("bulkhead_%s_" % role) for k in read_yaml(folder / "defaults" / "main.yml"))
+    assert all(k.startswith("_bulkhead_%s_" % role) for k in read_yaml(folder / "vars" / "main.yml"))
+    for path in sorted((folder / "tasks").glob("*.yml")):
+        for task in yaml.safe_load(path.read_text()) or []:
+            for inner in [task, *task.get("block", [])]:
+                names = list(inner.get("ansible.builtin.set_fact", {}) or {})
+                if "register" in inner:
+                    names.append(inner["register"])
+                for name in names:
+                    assert name.startswith(("_bulkhead_%s_" % role, "bulkhead_%s_" % role)), \
+                        (path.name, name)
+
+
+@pytest.mark.parametrize("playbook", PLAYBOOKS)
+def test_playbook_syntax(playbook, tmp_path):
+    (tmp_path / "hosts.yml").write_text(INVENTORY)
+    run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"), "--syntax-check",
+         str(ROOT / "playbooks" / playbook)], env())
+
+
+RENDER = """\
+- name: Render the {role} role's files with its defaults
+  hosts: {host}
+  connection: local
+  gather_facts: false
+  vars_files:
+    - {root}/roles/{role}/defaults/main.yml
+    - {root}/roles/{role}/vars/main.yml
+  tasks:
+    - name: Render
+      ansible.builtin.template:
+        src: "{root}/roles/{role}/templates/{{{{ item.0 }}}}"
+        dest: "{out}/{{{{ inventory_hostname }}}}/{{{{ item.1 }}}}"
+        mode: "0644"
+      loop:
+        - [bulkhead-{role}.service.j2, bulkhead-{role}.service]
+        - [{role}.yaml.j2, {role}.yaml]
+"""
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """OUT/HOST/{bulkhead-ROLE.service, ROLE.yaml}: srv-1 the server's, web-1 the agent's."""
+    tmp = tmp_path_factory.mktemp("rendered")
+    (tmp / "hosts.yml").write_text(INVENTORY)
+    plays = RENDER.format(role="server", host="srv-1", root=ROOT, out=tmp) + \
+        RENDER.format(role="agent", host="web-1", root=ROOT, out=tmp)
+    (tmp / "render.yml").write_text(plays)
+    for host in ("srv-1", "web-1"):
+        (tmp / host).mkdir()
+    run(["ansible-playbook", "-i", str(tmp / "hosts.yml"), str(tmp / "render.yml")], env())
+    return tmp
+
+
+def directives(unit_text):
+    """The [Service] section's Key=Value lines (the last one of a key wins)."""
+    section, found = None, {}
+    for line in unit_text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            found[key] = value
+    return found
+
+
+@pytest.mark.parametrize(("role", "host"), [("server", "srv-1"), ("agent", "web-1")])
+def test_units_verify_offline_and_are_hardened(rendered, role, host, tmp_path):
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    unit = (rendered / host / ("bulkhead-%s.service" % role)).read_text()
+    found = directives(unit)
+    for key, value in HARDENING[role].items():
+        assert found.get(key) == value, (key, found.get(key))
+    # A root with this machine's units (for the targets the unit needs), the unit, and the
+    # programs it runs.
+    root = tmp_path / "root"
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    (root / "etc/systemd/system" / ("bulkhead-%s.service" % role)).write_text(unit)
+    for key, value in found.items():
+        if key.startswith("Exec"):
+            program = root / value.split()[0].lstrip("-@+!").lstrip("/")
+            program.parent.mkdir(parents=True, exist_ok=True)
+            program.write_text("#!/bin/sh\n")
+            program.chmod(0o755)
+    out = run(["systemd-analyze", "verify", "--man=no", "--root=%s" % root,
+               "bulkhead-%s.service" % role], env(), check=False)
+    assert out.returncode == 0, out.stderr
+    # systemd only warns about unknown keys and values it cannot parse: none may be left.
+    assert not re.search(r"Unknown|ignoring|Failed|Invalid", out.stdout + out.stderr), \
+        out.stdout + out.stderr
+
+
+def test_agent_config_loads_with_the_failsafe_ports(rendered):
+    config = load_config(rendered / "web-1" / "agent.yaml")
+    assert config.server == "https://198.18.0.10:7443"
+    assert config.node == "web-1"
+    assert config.enforcement == "observe"
+    assert config.flow_logs is not None
+    inbound = {str(p) for p in config.failsafe_inbound}
+    outbound = {str(p) for p in config.failsafe_outbound}
+    # the SSH port Ansible uses for web-1 (2222) and the server's port
+    assert {"tcp:2222", "tcp:7443"} <= inbound
+    assert "tcp:7443" in outbound
+
+
+def test_server_config_loads(rendered):
+    config = ServerConfig.load(rendered / "srv-1" / "server.yaml", {})
+    assert config.listen == "0.0.0.0:7443"
+    assert config.datastore == "sqlite:///var/lib/bulkhead/store.db"
+    assert config.client_ca == "/etc/bulkhead/pki/ca.crt"
+
+
+# -------------------------------------------------------------------------- pki, real
+PKI_PLAY = """\
+- name: The pki role on localhost
+  hosts: all
+  connection: local
+  gather_facts: false
+  roles:
+    - role: bulkhead.microseg.pki
+      vars:
+        bulkhead_pki_ca_dir: {ca}
+        bulkhead_pki_dir: "{target}/{{{{ inventory_hostname }}}}"
+        bulkhead_pki_owner: root
+        bulkhead_pki_group: root
+        bulkhead_pki_clients:
+          - {{name: ansible, role: admin}}
+          - {{name: ops, role: admin, tiers: [app, db]}}
+          - {{name: audit, role: viewer}}
+"""
+
+
+def pki_run(tmp, *args):
+    out = run(["ansible-playbook", "-i", str(tmp / "hosts.yml"), str(tmp / "pki.yml"), *args],
+              env())
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", out.stdout, re.M)}
+
+
+def identity(path):
+    return pki.identity_from_subject(x509.load_pem_x509_certificate(path.read_bytes()).subject)
+
+
+def serial(path):
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+
+def test_pki_role_issues_what_the_server_accepts(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the role chowns the keys it distributes: run as root")
+    ca, target = tmp_path / "ca", tmp_path / "target"
+    (tmp_path / "hosts.yml").write_text(INVENTORY)
+    (tmp_path / "pki.yml").write_text(PKI_PLAY.format(ca=ca, target=target))
+
+    # check mode with no CA: nothing written
+    pki_run(tmp_path, "--check", "--diff")
+    assert not ca.exists() and not target.exists()
+
+    assert pki_run(tmp_path)["web-1"] > 0
+    assert identity(target / "web-1" / "agent.crt") == pki.Identity("web-1", "agent")
+    assert identity(target / "srv-1" / "agent.crt") == pki.Identity("srv-1", "agent")
+    assert identity(ca / "clients" / "ansible.crt") == pki.Identity("ansible", "admin")
+    assert identity(ca / "clients" / "ops.crt") == pki.Identity("ops", "admin", ("app", "db"))
+    assert identity(ca / "clients" / "audit.crt") == pki.Identity("audit", "viewer")
+    assert not (target / "web-1" / "server.crt").exists()
+    for host, names in (("srv-1", ("server", "agent")), ("web-1", ("agent",))):
+        for name in names:
+            assert stat.S_IMODE((target / host / ("%s.key" % name)).stat().st_mode) == 0o600
+    # `bulkhead pki revoke NAME` finds what the role issued
+    issued = [json.loads(line) for line in (ca / "issued.jsonl").read_text().splitlines()]
+    assert {e["name"] for e in issued} == {"ansible", "ops", "audit", "server@srv-1", "srv-1",
+                                           "web-1"}
+
+    # idempotent, also in check mode
+    assert set(pki_run(tmp_path).values()) == {0}
+    assert set(pki_run(tmp_path, "--check", "--diff").values()) == {0}
+
+    # a real server with the role's certificates: each client gets its role
+    d = tmp_path / "server"
+    d.mkdir()
+    for name in ("ca.crt", "server.crt", "server.key", "agent.crt", "agent.key"):
+        shutil.copy(target / "srv-1" / name, d / name)
+    for name in ("ansible.crt", "ansible.key"):
+        shutil.copy(ca / "clients" / name, d / name)
+    srv = start_server(d, who="ansible")
+    try:
+        assert srv.request("GET", "/v1/nodes", who="ansible") is not None
+        assert "revision" in srv.request("GET", "/v1/snapshot", who="agent")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            srv.request("GET", "/v1/nodes", who="agent")
+        assert refused.value.code == 403
+        # the server's own certificate (serverAuth and clientAuth) probes /healthz, as the
+        # server role's health wait does
+        ctx = ssl.create_default_context(cafile=str(d / "ca.crt"))
+        ctx.load_cert_chain(str(d / "server.crt"), str(d / "server.key"))
+        with urllib.request.urlopen(srv.url + "/healthz", context=ctx, timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        stop_server(srv)
+
+    # rotation: certificates expiring within bulkhead_pki_renew_days are issued again
+    before = serial(target / "web-1" / "agent.crt")
+    out = run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"), str(tmp_path / "pki.yml"),
+               "-e", "bulkhead_pki_renew_days=900", "-e", "bulkhead_pki_cert_days=1000"], env())
+    assert "changed=0" not in out.stdout.split("PLAY RECAP")[1].split("web-1")[1].splitlines()[0]
+    assert serial(target / "web-1" / "agent.crt") != before
+    assert identity(target / "web-1" / "agent.crt") == pki.Identity("web-1", "agent")
