@@ -301,3 +301,100 @@ def test_pki_role_issues_what_the_server_accepts(tmp_path):
     assert "changed=0" not in out.stdout.split("PLAY RECAP")[1].split("web-1")[1].splitlines()[0]
     assert serial(target / "web-1" / "agent.crt") != before
     assert identity(target / "web-1" / "agent.crt") == pki.Identity("web-1", "agent")
+
+
+# ------------------------------------------------------- the playbooks, on a real server
+# Two hosts whose endpoints the inventory gives directly (as the endpoints inventory
+# plugin would). The failsafe probes of enforce.yml need something listening: the hosts'
+# "SSH" port is the server's own port on 127.0.0.1.
+FLEET = """\
+all:
+  vars:
+    ansible_connection: local
+    ansible_host: 127.0.0.1
+    ansible_port: {port}
+    bulkhead_agent_server_host: 127.0.0.1
+    bulkhead_agent_server_port: {port}
+  children:
+    bulkhead_servers:
+      hosts:
+        node-1: {{}}
+    bulkhead_agents:
+      hosts:
+        node-1:
+          bulkhead_host_endpoint: {{metadata: {{name: node-1, labels: {{app: web}}}},
+                                   spec: {{node: node-1, expectedIPs: [198.18.0.21]}}}}
+        node-2:
+          bulkhead_host_endpoint: {{metadata: {{name: node-2, labels: {{app: db}}}},
+                                   spec: {{node: node-2, expectedIPs: [198.18.0.22]}}}}
+"""
+
+
+def playbook(server, tmp_path, name, *args, check=True):
+    e = server.env()
+    return run(["ansible-playbook", "-i", str(tmp_path / "fleet.yml"),
+                str(ROOT / "playbooks" / name), *args], e, check=check)
+
+
+def modes(server):
+    return {d["metadata"]["name"]: d["metadata"]["labels"]["microseg.bulkhead.io/enforcement"]
+            for d in server.request("GET", "/v1/resources/HostEndpoint")["items"]}
+
+
+def names(server, kind):
+    return sorted(d["metadata"]["name"] for d in server.request("GET", "/v1/resources/" + kind)["items"])
+
+
+def test_onboard_stage_preview_enforce_rollback(clean_server, tmp_path):
+    server = clean_server
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    policies = ROOT / "inventory-examples" / "policies"
+
+    # onboard: observe by default; check mode writes nothing; a second run changes nothing
+    out = playbook(server, tmp_path, "onboard.yml", "--check", "--diff")
+    assert "changed=1" in out.stdout and modes(server) == {}
+    playbook(server, tmp_path, "onboard.yml")
+    assert modes(server) == {"node-1": "observe", "node-2": "observe"}
+    assert "changed=0" in playbook(server, tmp_path, "onboard.yml").stdout
+
+    # stage: every GlobalNetworkPolicy of the folder becomes a StagedGlobalNetworkPolicy
+    playbook(server, tmp_path, "stage.yml", "-e", "bulkhead_policy_dir=%s" % policies,
+             "--check", "--diff")
+    assert names(server, "StagedGlobalNetworkPolicy") == []
+    playbook(server, tmp_path, "stage.yml", "-e", "bulkhead_policy_dir=%s" % policies)
+    staged = names(server, "StagedGlobalNetworkPolicy")
+    assert len(staged) == 9 and names(server, "GlobalNetworkPolicy") == []
+    assert "changed=0" in playbook(server, tmp_path, "stage.yml", "-e",
+                                   "bulkhead_policy_dir=%s" % policies).stdout
+
+    # preview: no flows logged, nothing newly denied: the gate passes; a report is kept
+    report = tmp_path / "preview.json"
+    playbook(server, tmp_path, "preview.yml", "-e", "bulkhead_preview_report=%s" % report)
+    assert json.loads(report.read_text())["totals"]["newlyDenied"]["connections"] == 0
+
+    # enforce: check mode promotes nothing; then promoted, hosts in enforce mode, probes pass
+    playbook(server, tmp_path, "enforce.yml", "--check", "--diff")
+    assert names(server, "StagedGlobalNetworkPolicy") == staged
+    out = playbook(server, tmp_path, "enforce.yml")
+    assert names(server, "StagedGlobalNetworkPolicy") == []
+    assert names(server, "GlobalNetworkPolicy") == staged
+    assert modes(server) == {"node-1": "enforce", "node-2": "enforce"}
+    assert "SSH from the controller still reaches the host" in out.stdout
+
+    # rollback: back to the revision before the promotion, found in the audit trail
+    playbook(server, tmp_path, "rollback.yml", "--check", "--diff")
+    assert names(server, "GlobalNetworkPolicy") == staged
+    playbook(server, tmp_path, "rollback.yml")
+    assert names(server, "StagedGlobalNetworkPolicy") == staged
+    assert names(server, "GlobalNetworkPolicy") == []
+    assert modes(server) == {"node-1": "observe", "node-2": "observe"}
+    assert "changed=0" in playbook(server, tmp_path, "rollback.yml").stdout
+
+
+def test_onboard_refuses_an_empty_inventory(clean_server, tmp_path):
+    (tmp_path / "fleet.yml").write_text("all:\n  hosts:\n    web-1: {}\n")
+    out = playbook(clean_server, tmp_path, "onboard.yml", check=False)
+    assert out.returncode == 2
+    assert "would delete every endpoint" in out.stdout.replace("\n", " ") or \
+        "Syncing nothing" in out.stdout
