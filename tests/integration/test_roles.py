@@ -398,3 +398,39 @@ def test_onboard_refuses_an_empty_inventory(clean_server, tmp_path):
     assert out.returncode == 2
     assert "would delete every endpoint" in out.stdout.replace("\n", " ") or \
         "Syncing nothing" in out.stdout
+
+
+# ------------------------------------------------------- site.yml, check mode, no systemd
+LOCAL = """\
+all:
+  vars:
+    ansible_connection: local
+  children:
+    bulkhead_servers:
+      hosts:
+        srv-1: {ansible_host: 127.0.0.1}
+    bulkhead_agents:
+      hosts:
+        srv-1: {}
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="site.yml becomes root")
+def test_site_in_check_mode_on_a_host_systemd_does_not_run(tmp_path):
+    """Here systemd is not PID 1 (`systemctl is-system-running`: offline): the roles stop
+    with a message naming the override; with it, --check --diff runs through and writes
+    nothing (not even the CA on the controller)."""
+    if run(["systemctl", "is-system-running"], env(), check=False).stdout.strip() != "offline":
+        pytest.skip("systemd runs this machine")
+    (tmp_path / "hosts.yml").write_text(LOCAL)
+    cmd = ["ansible-playbook", "-i", str(tmp_path / "hosts.yml"),
+           str(ROOT / "playbooks" / "site.yml"), "--check", "--diff",
+           "-e", "bulkhead_pki_ca_dir=%s" % (tmp_path / "ca")]
+    out = run(cmd, env(), check=False)
+    assert out.returncode == 2
+    assert "bulkhead_server_allow_offline=true" in out.stdout
+    out = run(cmd + ["-e", "bulkhead_server_allow_offline=true",
+                     "-e", "bulkhead_agent_allow_offline=true"], env())
+    assert "failed=0" in out.stdout
+    assert "tcp:7443" in out.stdout  # the agent's configuration in the diff
+    assert not (tmp_path / "ca").exists()
