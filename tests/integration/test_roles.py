@@ -434,3 +434,43 @@ def test_site_in_check_mode_on_a_host_systemd_does_not_run(tmp_path):
     assert "failed=0" in out.stdout
     assert "tcp:7443" in out.stdout  # the agent's configuration in the diff
     assert not (tmp_path / "ca").exists()
+
+
+# ------------------------------------------------------------- agent uninstall, for real
+UNINSTALL = """\
+- name: Uninstall the agent
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  roles:
+    - role: bulkhead.microseg.agent
+      vars:
+        bulkhead_agent_state: absent
+        bulkhead_agent_allow_offline: true
+        bulkhead_agent_config_dir: {tmp}/etc
+        bulkhead_agent_state_dir: {tmp}/state
+        bulkhead_agent_venv: {tmp}/venv
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("unshare"),
+                    reason="needs root, nft and unshare")
+def test_agent_uninstall_removes_its_table_and_nothing_else(tmp_path):
+    """In a network namespace of its own, with the agent's table and another one, on a
+    host systemd does not run (the unit's part is `systemctl disable` only)."""
+    for folder in ("etc", "state", "venv/bin"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "etc" / "agent.yaml").write_text("node: web-1\n")
+    (tmp_path / "state" / "snapshot.json").write_text("{}")
+    (tmp_path / "uninstall.yml").write_text(UNINSTALL.format(tmp=tmp_path))
+    play = "ansible-playbook %s" % (tmp_path / "uninstall.yml")
+    script = ("set -e; nft add table inet bulkhead; nft add table inet host-own; "
+              "%s --check --diff > check.out; nft list tables > after-check; ls etc >> after-check; "
+              "%s > first.out; nft list tables > after; %s > second.out" % (play, play, play))
+    run(["unshare", "-n", "sh", "-c", script], env(), cwd=tmp_path)
+    after_check = (tmp_path / "after-check").read_text()  # check mode: nothing removed
+    assert "table inet bulkhead" in after_check and "agent.yaml" in after_check
+    assert (tmp_path / "after").read_text().split() == ["table", "inet", "host-own"]
+    assert not (tmp_path / "etc" / "agent.yaml").exists()
+    assert not (tmp_path / "state").exists() and not (tmp_path / "venv").exists()
+    assert "changed=0" in (tmp_path / "second.out").read_text()
