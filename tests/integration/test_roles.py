@@ -20,8 +20,10 @@ import re
 import shutil
 import ssl
 import stat
+import tempfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -91,8 +93,9 @@ def test_variables_carry_the_role_prefix(role):
     """bulkhead_<role>_ for public variables, _bulkhead_<role>_ for private ones (vars/,
     register, set_fact): the check ansible-lint's var-naming[no-role-prefix] cannot make."""
     folder = ROOT / "roles" / role
-    assert all(k.startswith("bulkhead_%s_" % role) for k in read_yaml(folder / "defaults" / "main.yml"))
-    assert all(k.startswith("_bulkhead_%s_" % role) for k in read_yaml(folder / "vars" / "main.yml"))
+    public, private = "bulkhead_%s_" % role, "_bulkhead_%s_" % role
+    assert all(k.startswith(public) for k in read_yaml(folder / "defaults" / "main.yml"))
+    assert all(k.startswith(private) for k in read_yaml(folder / "vars" / "main.yml"))
     for path in sorted((folder / "tasks").glob("*.yml")):
         for task in yaml.safe_load(path.read_text()) or []:
             for inner in [task, *task.get("block", [])]:
@@ -100,8 +103,7 @@ def test_variables_carry_the_role_prefix(role):
                 if "register" in inner:
                     names.append(inner["register"])
                 for name in names:
-                    assert name.startswith(("_bulkhead_%s_" % role, "bulkhead_%s_" % role)), \
-                        (path.name, name)
+                    assert name.startswith((private, public)), (path.name, name)
 
 
 @pytest.mark.parametrize("playbook", PLAYBOOKS)
@@ -342,7 +344,8 @@ def modes(server):
 
 
 def names(server, kind):
-    return sorted(d["metadata"]["name"] for d in server.request("GET", "/v1/resources/" + kind)["items"])
+    items = server.request("GET", "/v1/resources/" + kind)["items"]
+    return sorted(d["metadata"]["name"] for d in items)
 
 
 def test_onboard_stage_preview_enforce_rollback(clean_server, tmp_path):
@@ -465,7 +468,8 @@ def test_agent_uninstall_removes_its_table_and_nothing_else(tmp_path):
     (tmp_path / "uninstall.yml").write_text(UNINSTALL.format(tmp=tmp_path))
     play = "ansible-playbook %s" % (tmp_path / "uninstall.yml")
     script = ("set -e; nft add table inet bulkhead; nft add table inet host-own; "
-              "%s --check --diff > check.out; nft list tables > after-check; ls etc >> after-check; "
+              "%s --check --diff > check.out; nft list tables > after-check; "
+              "ls etc >> after-check; "
               "%s > first.out; nft list tables > after; %s > second.out" % (play, play, play))
     run(["unshare", "-n", "sh", "-c", script], env(), cwd=tmp_path)
     after_check = (tmp_path / "after-check").read_text()  # check mode: nothing removed
@@ -474,3 +478,61 @@ def test_agent_uninstall_removes_its_table_and_nothing_else(tmp_path):
     assert not (tmp_path / "etc" / "agent.yaml").exists()
     assert not (tmp_path / "state").exists() and not (tmp_path / "venv").exists()
     assert "changed=0" in (tmp_path / "second.out").read_text()
+
+
+# ------------------------------------------------- the agent unit's one capability, for real
+AS_AGENT = ("setpriv --reuid 65534 --regid 65534 --clear-groups --no-new-privs "
+            "--inh-caps -all,+net_admin --ambient-caps -all,+net_admin "
+            "--bounding-set -all,+net_admin")
+
+
+@pytest.mark.skipif(os.geteuid() != 0
+                    or not all(shutil.which(p) for p in ("nft", "unshare", "setpriv")),
+                    reason="needs root, nft, unshare and setpriv")
+def test_the_agent_runs_as_a_user_with_cap_net_admin_only():
+    """What the agent unit grants (User= not root, CAP_NET_ADMIN bounding and ambient,
+    NoNewPrivileges), made with setpriv in a network namespace of its own with a server:
+    `--once` applies the table, the daemon runs with flow logs (NFLOG, ctnetlink, the
+    net.netfilter sysctls) and logs no error. The dry run needs more (a throwaway network
+    namespace), which is why the role runs it as root, outside the unit."""
+    # pytest's own temporary directories are root's alone; the agent's user must get in
+    with tempfile.TemporaryDirectory(prefix="bulkhead-roles-") as tmp:
+        tmp_path = Path(tmp)
+        tmp_path.chmod(0o755)
+        _run_agent_as_nobody(tmp_path)
+
+
+def _run_agent_as_nobody(tmp_path):
+    pki.init_ca(tmp_path)
+    pki.issue(tmp_path, "server", server=True, hosts=("127.0.0.1",))
+    pki.issue(tmp_path, "web-1", role="agent")
+    (tmp_path / "state").mkdir()
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump({
+        "server": "https://127.0.0.1:7443", "node": "web-1", "ca": str(tmp_path / "ca.crt"),
+        "cert": str(tmp_path / "web-1.crt"), "key": str(tmp_path / "web-1.key"),
+        "stateDir": str(tmp_path / "state"), "flowLogs": {"enabled": True},
+        "metricsListen": "", "driftInterval": 1}))
+    shutil.chown(tmp_path / "state", "nobody")
+    for name in ("web-1.key", "web-1.crt", "ca.crt", "agent.yaml"):
+        shutil.chown(tmp_path / name, "nobody")
+    agent = "%s %s --config %s" % (AS_AGENT, BIN / "bulkhead-agent", tmp_path / "agent.yaml")
+    script = """
+set -e
+ip link set lo up
+{bin}/bulkhead-server --listen 127.0.0.1:7443 --datastore sqlite://{d}/store.db \
+  --tls-cert {d}/server.crt --tls-key {d}/server.key --client-ca {d}/ca.crt \
+  --log-level warning > server.log 2>&1 &
+server=$!
+trap 'kill $server' EXIT
+for i in $(seq 50); do {agent} --once > once.out 2> once.err && break; sleep 0.2; done
+nft list tables > tables
+timeout 5 {agent} 2> daemon.log || true
+cat /proc/sys/net/netfilter/nf_conntrack_acct > acct
+""".format(bin=BIN, d=tmp_path, agent=agent)
+    run(["unshare", "-n", "sh", "-c", script], env(), cwd=tmp_path)
+    assert "applied revision" in (tmp_path / "once.out").read_text()
+    assert "table inet bulkhead" in (tmp_path / "tables").read_text()
+    log = [json.loads(line) for line in (tmp_path / "daemon.log").read_text().splitlines()]
+    assert any(e["msg"] == "connected" for e in log)
+    assert [e for e in log if e["level"] in ("warning", "error")] == []
+    assert (tmp_path / "acct").read_text().strip() == "1"
