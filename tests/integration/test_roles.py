@@ -348,8 +348,23 @@ def names(server, kind):
     return sorted(d["metadata"]["name"] for d in items)
 
 
-def test_onboard_stage_preview_enforce_rollback(clean_server, tmp_path):
-    server = clean_server
+@pytest.fixture
+def own_server(tmp_path_factory):
+    """A server of its own: the playbooks wait for every agent that ever reported, and the
+    session's server has heard from the other tests' make-believe agents."""
+    d = tmp_path_factory.mktemp("own-server")
+    pki.init_ca(d)
+    pki.issue(d, "server", server=True, hosts=("127.0.0.1",))
+    pki.issue(d, "admin", role="admin")
+    srv = start_server(d, who="admin")
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+def test_onboard_stage_preview_enforce_rollback(own_server, tmp_path):
+    server = own_server
     port = server.url.rsplit(":", 1)[1]
     (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
     policies = ROOT / "inventory-examples" / "policies"
@@ -395,9 +410,9 @@ def test_onboard_stage_preview_enforce_rollback(clean_server, tmp_path):
     assert "changed=0" in playbook(server, tmp_path, "rollback.yml").stdout
 
 
-def test_onboard_refuses_an_empty_inventory(clean_server, tmp_path):
+def test_onboard_refuses_an_empty_inventory(own_server, tmp_path):
     (tmp_path / "fleet.yml").write_text("all:\n  hosts:\n    web-1: {}\n")
-    out = playbook(clean_server, tmp_path, "onboard.yml", check=False)
+    out = playbook(own_server, tmp_path, "onboard.yml", check=False)
     assert out.returncode == 2
     assert "would delete every endpoint" in out.stdout.replace("\n", " ") or \
         "Syncing nothing" in out.stdout
