@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo demo-down test deps lint typecheck unit conformance conformance-kernel collection-lint collection-sanity \
-	collection-test molecule bench clean
+	collection-test molecule bench clean wheelhouse
 
 test: deps lint typecheck unit conformance conformance-kernel collection-lint collection-sanity collection-test
 
@@ -60,8 +60,22 @@ collection-test: deps
 molecule: deps
 	VENV="$(CURDIR)/$(VENV)" tests/run-molecule.sh
 
+# Wheels for hosts with no package index (the roles' *_install_from: wheel, docs/roles.md):
+# the bulkhead-microseg wheel built from agent/ and every runtime dependency as a wheel.
+# By default for this machine's Python and platform; for other hosts, for example:
+#   make wheelhouse WHEELHOUSE_TARGET="--python-version 3.11 --platform manylinux2014_x86_64"
+WHEELHOUSE := build/wheelhouse
+WHEELHOUSE_TARGET :=
+wheelhouse: deps
+	rm -rf $(WHEELHOUSE)
+	mkdir -p $(WHEELHOUSE)
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation --wheel-dir $(WHEELHOUSE) ./agent
+	$(BIN)/pip download -q --dest $(WHEELHOUSE) --only-binary=:all: $(WHEELHOUSE_TARGET) \
+	  $(WHEELHOUSE)/bulkhead_microseg-*.whl
+	@ls $(WHEELHOUSE)
+
 bench: deps
 	$(BIN)/python agent/benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) agent/src/*.egg-info tests/output .pytest_cache agent/.pytest_cache
+	rm -rf $(VENV) build agent/src/*.egg-info tests/output .pytest_cache agent/.pytest_cache

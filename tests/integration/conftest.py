@@ -82,6 +82,42 @@ def ansible_env():
     }
 
 
+def start_server(d, cert="server", ca="ca.crt", who="viewer"):
+    """bulkhead-server on a free 127.0.0.1 port with the certificates in D (D/CERT.crt and
+    .key, the client CA D/CA), its store and log in D; returns once WHO's certificate
+    (D/WHO.crt) reads /v1/nodes."""
+    port = free_port()
+    log = open(d / "server.log", "wb")  # pylint: disable=consider-using-with
+    proc = subprocess.Popen(
+        [str(BIN / "bulkhead-server"), "--listen", "127.0.0.1:%d" % port,
+         "--datastore", "sqlite://%s/store.db" % d, "--tls-cert", str(d / ("%s.crt" % cert)),
+         "--tls-key", str(d / ("%s.key" % cert)), "--client-ca", str(d / ca),
+         "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    srv = Server("https://127.0.0.1:%d" % port, d, proc)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("bulkhead-server exited: %s" % (d / "server.log").read_text())
+        try:
+            srv.request("GET", "/v1/nodes", who=who)
+            return srv
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.1)
+
+
+def stop_server(srv):
+    srv.proc.terminate()
+    try:
+        srv.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()
+        srv.proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("bulkhead-server")
@@ -91,36 +127,11 @@ def server(tmp_path_factory):
     pki.issue(d, "viewer", role="viewer")
     for node in ("node-1", "node-2"):
         pki.issue(d, node, role="agent")
-    port = free_port()
-    log = open(d / "server.log", "wb")  # pylint: disable=consider-using-with
-    proc = subprocess.Popen(
-        [str(BIN / "bulkhead-server"), "--listen", "127.0.0.1:%d" % port,
-         "--datastore", "sqlite://%s/store.db" % d, "--tls-cert", str(d / "server.crt"),
-         "--tls-key", str(d / "server.key"), "--client-ca", str(d / "ca.crt"),
-         "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
-    srv = Server("https://127.0.0.1:%d" % port, d, proc)
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("bulkhead-server exited: %s" % (d / "server.log").read_text())
-        try:
-            srv.request("GET", "/v1/nodes", who="viewer")
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.1)
+    srv = start_server(d)
     try:
         yield srv
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+        stop_server(srv)
 
 
 @pytest.fixture

@@ -1,0 +1,553 @@
+"""The roles (pki, server, agent, and the common tasks they share) and the playbooks.
+
+Static: every role's argument spec renders with ansible-doc and documents exactly the
+role's defaults; variables carry the role's prefix; every playbook passes --syntax-check;
+the unit templates, rendered with the roles' defaults, pass `systemd-analyze verify` and
+carry the hardening; the configuration files they render load in bulkhead's own loaders.
+Real: the pki role run on localhost issues certificates that bulkhead.pki reads as the
+expected identities and that a real bulkhead-server accepts; a second run changes nothing,
+and a certificate near its expiry is issued again.
+
+Systemd does not run here (not PID 1): units are verified offline, under a --root that
+holds a copy of this machine's unit directory. Starting the units is left to the lab
+machines (Molecule)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import ssl
+import stat
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+
+from bulkhead import pki
+from bulkhead.agent.config import load_config
+from bulkhead.server.main import ServerConfig
+from conftest import BIN, HERE, ansible_env, run, start_server, stop_server
+
+ROOT = HERE.parents[1]
+ROLES = ("pki", "server", "agent", "common")
+PLAYBOOKS = sorted(p.name for p in (ROOT / "playbooks").glob("*.yml"))
+
+# Two hosts: srv-1 runs the server and an agent, web-1 an agent reached on SSH port 2222.
+INVENTORY = """\
+all:
+  children:
+    bulkhead_servers:
+      hosts:
+        srv-1: {ansible_host: 198.18.0.10}
+    bulkhead_agents:
+      hosts:
+        srv-1: {}
+        web-1: {ansible_host: 198.18.0.11, ansible_port: 2222}
+"""
+
+HARDENING = {
+    "server": {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+               "PrivateTmp": "yes", "ReadWritePaths": "/var/lib/bulkhead",
+               "CapabilityBoundingSet": "", "AmbientCapabilities": ""},
+    "agent": {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+              "PrivateTmp": "yes", "ReadWritePaths": "/var/lib/bulkhead-agent",
+              "CapabilityBoundingSet": "CAP_NET_ADMIN", "AmbientCapabilities": "CAP_NET_ADMIN"},
+}
+
+
+def env():
+    e = dict(os.environ)
+    e.update(ansible_env())
+    e["PATH"] = "%s:%s" % (BIN, e.get("PATH", ""))
+    return e
+
+
+def read_yaml(path):
+    return yaml.safe_load(path.read_text()) or {}
+
+
+# ------------------------------------------------------------------------------ static
+@pytest.mark.parametrize("role", ROLES)
+def test_argument_spec_renders_and_documents_every_default(role):
+    out = run(["ansible-doc", "-t", "role", "--json", "bulkhead.microseg.%s" % role], env())
+    doc = json.loads(out.stdout)["bulkhead.microseg.%s" % role]
+    documented = set()
+    for entry in doc["entry_points"].values():
+        assert entry["short_description"]
+        for name, option in (entry.get("options") or {}).items():
+            assert option.get("description"), (role, name)
+            assert option.get("type"), (role, name)
+            documented.add(name)
+    defaults = set(read_yaml(ROOT / "roles" / role / "defaults" / "main.yml"))
+    assert documented == defaults
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_variables_carry_the_role_prefix(role):
+    """bulkhead_<role>_ for public variables, _bulkhead_<role>_ for private ones (vars/,
+    register, set_fact): the check ansible-lint's var-naming[no-role-prefix] cannot make."""
+    folder = ROOT / "roles" / role
+    public, private = "bulkhead_%s_" % role, "_bulkhead_%s_" % role
+    assert all(k.startswith(public) for k in read_yaml(folder / "defaults" / "main.yml"))
+    assert all(k.startswith(private) for k in read_yaml(folder / "vars" / "main.yml"))
+    for path in sorted((folder / "tasks").glob("*.yml")):
+        for task in yaml.safe_load(path.read_text()) or []:
+            for inner in [task, *task.get("block", [])]:
+                names = list(inner.get("ansible.builtin.set_fact", {}) or {})
+                if "register" in inner:
+                    names.append(inner["register"])
+                for name in names:
+                    assert name.startswith((private, public)), (path.name, name)
+
+
+@pytest.mark.parametrize("playbook", PLAYBOOKS)
+def test_playbook_syntax(playbook, tmp_path):
+    (tmp_path / "hosts.yml").write_text(INVENTORY)
+    run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"), "--syntax-check",
+         str(ROOT / "playbooks" / playbook)], env())
+
+
+RENDER = """\
+- name: Render the {role} role's files with its defaults
+  hosts: {host}
+  connection: local
+  gather_facts: false
+  vars_files:
+    - {root}/roles/{role}/defaults/main.yml
+    - {root}/roles/{role}/vars/main.yml
+  tasks:
+    - name: Render
+      ansible.builtin.template:
+        src: "{root}/roles/{role}/templates/{{{{ item.0 }}}}"
+        dest: "{out}/{{{{ inventory_hostname }}}}/{{{{ item.1 }}}}"
+        mode: "0644"
+      loop:
+        - [bulkhead-{role}.service.j2, bulkhead-{role}.service]
+        - [{role}.yaml.j2, {role}.yaml]
+"""
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """OUT/HOST/{bulkhead-ROLE.service, ROLE.yaml}: srv-1 the server's, web-1 the agent's."""
+    tmp = tmp_path_factory.mktemp("rendered")
+    (tmp / "hosts.yml").write_text(INVENTORY)
+    plays = RENDER.format(role="server", host="srv-1", root=ROOT, out=tmp) + \
+        RENDER.format(role="agent", host="web-1", root=ROOT, out=tmp)
+    (tmp / "render.yml").write_text(plays)
+    for host in ("srv-1", "web-1"):
+        (tmp / host).mkdir()
+    run(["ansible-playbook", "-i", str(tmp / "hosts.yml"), str(tmp / "render.yml")], env())
+    return tmp
+
+
+def directives(unit_text):
+    """The [Service] section's Key=Value lines (the last one of a key wins)."""
+    section, found = None, {}
+    for line in unit_text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            found[key] = value
+    return found
+
+
+@pytest.mark.parametrize(("role", "host"), [("server", "srv-1"), ("agent", "web-1")])
+def test_units_verify_offline_and_are_hardened(rendered, role, host, tmp_path):
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    unit = (rendered / host / ("bulkhead-%s.service" % role)).read_text()
+    found = directives(unit)
+    for key, value in HARDENING[role].items():
+        assert found.get(key) == value, (key, found.get(key))
+    # A root with this machine's units (for the targets the unit needs), the unit, and the
+    # programs it runs.
+    root = tmp_path / "root"
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    (root / "etc/systemd/system" / ("bulkhead-%s.service" % role)).write_text(unit)
+    for key, value in found.items():
+        if key.startswith("Exec"):
+            program = root / value.split()[0].lstrip("-@+!").lstrip("/")
+            program.parent.mkdir(parents=True, exist_ok=True)
+            program.write_text("#!/bin/sh\n")
+            program.chmod(0o755)
+    out = run(["systemd-analyze", "verify", "--man=no", "--root=%s" % root,
+               "bulkhead-%s.service" % role], env(), check=False)
+    assert out.returncode == 0, out.stderr
+    # systemd only warns about unknown keys and values it cannot parse: none may be left.
+    assert not re.search(r"Unknown|ignoring|Failed|Invalid", out.stdout + out.stderr), \
+        out.stdout + out.stderr
+
+
+def test_agent_config_loads_with_the_failsafe_ports(rendered):
+    config = load_config(rendered / "web-1" / "agent.yaml")
+    assert config.server == "https://198.18.0.10:7443"
+    assert config.node == "web-1"
+    assert config.enforcement == "observe"
+    assert config.flow_logs is not None
+    inbound = {str(p) for p in config.failsafe_inbound}
+    outbound = {str(p) for p in config.failsafe_outbound}
+    # the SSH port Ansible uses for web-1 (2222) and the server's port
+    assert {"tcp:2222", "tcp:7443"} <= inbound
+    assert "tcp:7443" in outbound
+
+
+def test_server_config_loads(rendered):
+    config = ServerConfig.load(rendered / "srv-1" / "server.yaml", {})
+    assert config.listen == "0.0.0.0:7443"
+    assert config.datastore == "sqlite:///var/lib/bulkhead/store.db"
+    assert config.client_ca == "/etc/bulkhead/pki/ca.crt"
+
+
+# -------------------------------------------------------------------------- pki, real
+PKI_PLAY = """\
+- name: The pki role on localhost
+  hosts: all
+  connection: local
+  gather_facts: false
+  roles:
+    - role: bulkhead.microseg.pki
+      vars:
+        bulkhead_pki_ca_dir: {ca}
+        bulkhead_pki_dir: "{target}/{{{{ inventory_hostname }}}}"
+        bulkhead_pki_owner: root
+        bulkhead_pki_group: root
+        bulkhead_pki_clients:
+          - {{name: ansible, role: admin}}
+          - {{name: ops, role: admin, tiers: [app, db]}}
+          - {{name: audit, role: viewer}}
+"""
+
+
+def pki_run(tmp, *args):
+    out = run(["ansible-playbook", "-i", str(tmp / "hosts.yml"), str(tmp / "pki.yml"), *args],
+              env())
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", out.stdout, re.M)}
+
+
+def identity(path):
+    return pki.identity_from_subject(x509.load_pem_x509_certificate(path.read_bytes()).subject)
+
+
+def serial(path):
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+
+def test_pki_role_issues_what_the_server_accepts(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the role chowns the keys it distributes: run as root")
+    ca, target = tmp_path / "ca", tmp_path / "target"
+    (tmp_path / "hosts.yml").write_text(INVENTORY)
+    (tmp_path / "pki.yml").write_text(PKI_PLAY.format(ca=ca, target=target))
+
+    # check mode with no CA: nothing written
+    pki_run(tmp_path, "--check", "--diff")
+    assert not ca.exists() and not target.exists()
+
+    assert pki_run(tmp_path)["web-1"] > 0
+    assert identity(target / "web-1" / "agent.crt") == pki.Identity("web-1", "agent")
+    assert identity(target / "srv-1" / "agent.crt") == pki.Identity("srv-1", "agent")
+    assert identity(ca / "clients" / "ansible.crt") == pki.Identity("ansible", "admin")
+    assert identity(ca / "clients" / "ops.crt") == pki.Identity("ops", "admin", ("app", "db"))
+    assert identity(ca / "clients" / "audit.crt") == pki.Identity("audit", "viewer")
+    assert not (target / "web-1" / "server.crt").exists()
+    for host, names in (("srv-1", ("server", "agent")), ("web-1", ("agent",))):
+        for name in names:
+            assert stat.S_IMODE((target / host / ("%s.key" % name)).stat().st_mode) == 0o600
+    # `bulkhead pki revoke NAME` finds what the role issued
+    issued = [json.loads(line) for line in (ca / "issued.jsonl").read_text().splitlines()]
+    assert {e["name"] for e in issued} == {"ansible", "ops", "audit", "server@srv-1", "srv-1",
+                                           "web-1"}
+
+    # idempotent, also in check mode
+    assert set(pki_run(tmp_path).values()) == {0}
+    assert set(pki_run(tmp_path, "--check", "--diff").values()) == {0}
+
+    # a real server with the role's certificates: each client gets its role
+    d = tmp_path / "server"
+    d.mkdir()
+    for name in ("ca.crt", "server.crt", "server.key", "agent.crt", "agent.key"):
+        shutil.copy(target / "srv-1" / name, d / name)
+    for name in ("ansible.crt", "ansible.key"):
+        shutil.copy(ca / "clients" / name, d / name)
+    srv = start_server(d, who="ansible")
+    try:
+        assert srv.request("GET", "/v1/nodes", who="ansible") is not None
+        assert "revision" in srv.request("GET", "/v1/snapshot", who="agent")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            srv.request("GET", "/v1/nodes", who="agent")
+        assert refused.value.code == 403
+        # the server's own certificate (serverAuth and clientAuth) probes /healthz, as the
+        # server role's health wait does
+        ctx = ssl.create_default_context(cafile=str(d / "ca.crt"))
+        ctx.load_cert_chain(str(d / "server.crt"), str(d / "server.key"))
+        with urllib.request.urlopen(srv.url + "/healthz", context=ctx, timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        stop_server(srv)
+
+    # rotation: certificates expiring within bulkhead_pki_renew_days are issued again
+    before = serial(target / "web-1" / "agent.crt")
+    out = run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"), str(tmp_path / "pki.yml"),
+               "-e", "bulkhead_pki_renew_days=900", "-e", "bulkhead_pki_cert_days=1000"], env())
+    assert "changed=0" not in out.stdout.split("PLAY RECAP")[1].split("web-1")[1].splitlines()[0]
+    assert serial(target / "web-1" / "agent.crt") != before
+    assert identity(target / "web-1" / "agent.crt") == pki.Identity("web-1", "agent")
+
+
+# ------------------------------------------------------- the playbooks, on a real server
+# Two hosts whose endpoints the inventory gives directly (as the endpoints inventory
+# plugin would). The failsafe probes of enforce.yml need something listening: the hosts'
+# "SSH" port is the server's own port on 127.0.0.1.
+FLEET = """\
+all:
+  vars:
+    ansible_connection: local
+    ansible_host: 127.0.0.1
+    ansible_port: {port}
+    bulkhead_agent_server_host: 127.0.0.1
+    bulkhead_agent_server_port: {port}
+  children:
+    bulkhead_servers:
+      hosts:
+        node-1: {{}}
+    bulkhead_agents:
+      hosts:
+        node-1:
+          bulkhead_host_endpoint: {{metadata: {{name: node-1, labels: {{app: web}}}},
+                                   spec: {{node: node-1, expectedIPs: [198.18.0.21]}}}}
+        node-2:
+          bulkhead_host_endpoint: {{metadata: {{name: node-2, labels: {{app: db}}}},
+                                   spec: {{node: node-2, expectedIPs: [198.18.0.22]}}}}
+"""
+
+
+def playbook(server, tmp_path, name, *args, check=True):
+    e = server.env()
+    return run(["ansible-playbook", "-i", str(tmp_path / "fleet.yml"),
+                str(ROOT / "playbooks" / name), *args], e, check=check)
+
+
+def modes(server):
+    return {d["metadata"]["name"]: d["metadata"]["labels"]["microseg.bulkhead.io/enforcement"]
+            for d in server.request("GET", "/v1/resources/HostEndpoint")["items"]}
+
+
+def names(server, kind):
+    items = server.request("GET", "/v1/resources/" + kind)["items"]
+    return sorted(d["metadata"]["name"] for d in items)
+
+
+@pytest.fixture
+def own_server(tmp_path_factory):
+    """A server of its own: the playbooks wait for every agent that ever reported, and the
+    session's server has heard from the other tests' make-believe agents."""
+    d = tmp_path_factory.mktemp("own-server")
+    pki.init_ca(d)
+    pki.issue(d, "server", server=True, hosts=("127.0.0.1",))
+    pki.issue(d, "admin", role="admin")
+    srv = start_server(d, who="admin")
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+def test_onboard_stage_preview_enforce_rollback(own_server, tmp_path):
+    server = own_server
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    policies = ROOT / "inventory-examples" / "policies"
+
+    # onboard: observe by default; check mode writes nothing; a second run changes nothing
+    out = playbook(server, tmp_path, "onboard.yml", "--check", "--diff")
+    assert "changed=1" in out.stdout and modes(server) == {}
+    playbook(server, tmp_path, "onboard.yml")
+    assert modes(server) == {"node-1": "observe", "node-2": "observe"}
+    assert "changed=0" in playbook(server, tmp_path, "onboard.yml").stdout
+
+    # stage: every GlobalNetworkPolicy of the folder becomes a StagedGlobalNetworkPolicy
+    playbook(server, tmp_path, "stage.yml", "-e", "bulkhead_policy_dir=%s" % policies,
+             "--check", "--diff")
+    assert names(server, "StagedGlobalNetworkPolicy") == []
+    playbook(server, tmp_path, "stage.yml", "-e", "bulkhead_policy_dir=%s" % policies)
+    staged = names(server, "StagedGlobalNetworkPolicy")
+    assert len(staged) == 9 and names(server, "GlobalNetworkPolicy") == []
+    assert "changed=0" in playbook(server, tmp_path, "stage.yml", "-e",
+                                   "bulkhead_policy_dir=%s" % policies).stdout
+
+    # preview: no flows logged, nothing newly denied: the gate passes; a report is kept
+    report = tmp_path / "preview.json"
+    playbook(server, tmp_path, "preview.yml", "-e", "bulkhead_preview_report=%s" % report)
+    assert json.loads(report.read_text())["totals"]["newlyDenied"]["connections"] == 0
+
+    # enforce: check mode promotes nothing; then promoted, hosts in enforce mode, probes pass
+    playbook(server, tmp_path, "enforce.yml", "--check", "--diff")
+    assert names(server, "StagedGlobalNetworkPolicy") == staged
+    out = playbook(server, tmp_path, "enforce.yml")
+    assert names(server, "StagedGlobalNetworkPolicy") == []
+    assert names(server, "GlobalNetworkPolicy") == staged
+    assert modes(server) == {"node-1": "enforce", "node-2": "enforce"}
+    assert "SSH from the controller still reaches the host" in out.stdout
+
+    # rollback: back to the revision before the promotion, found in the audit trail
+    playbook(server, tmp_path, "rollback.yml", "--check", "--diff")
+    assert names(server, "GlobalNetworkPolicy") == staged
+    playbook(server, tmp_path, "rollback.yml")
+    assert names(server, "StagedGlobalNetworkPolicy") == staged
+    assert names(server, "GlobalNetworkPolicy") == []
+    assert modes(server) == {"node-1": "observe", "node-2": "observe"}
+    assert "changed=0" in playbook(server, tmp_path, "rollback.yml").stdout
+
+
+def test_onboard_refuses_an_empty_inventory(own_server, tmp_path):
+    (tmp_path / "fleet.yml").write_text("all:\n  hosts:\n    web-1: {}\n")
+    out = playbook(own_server, tmp_path, "onboard.yml", check=False)
+    assert out.returncode == 2
+    assert "would delete every endpoint" in out.stdout.replace("\n", " ") or \
+        "Syncing nothing" in out.stdout
+
+
+# ------------------------------------------------------- site.yml, check mode, no systemd
+LOCAL = """\
+all:
+  vars:
+    ansible_connection: local
+  children:
+    bulkhead_servers:
+      hosts:
+        srv-1: {ansible_host: 127.0.0.1}
+    bulkhead_agents:
+      hosts:
+        srv-1: {}
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="site.yml becomes root")
+def test_site_in_check_mode_on_a_host_systemd_does_not_run(tmp_path):
+    """Here systemd is not PID 1 (`systemctl is-system-running`: offline): the roles stop
+    with a message naming the override; with it, --check --diff runs through and writes
+    nothing (not even the CA on the controller)."""
+    if run(["systemctl", "is-system-running"], env(), check=False).stdout.strip() != "offline":
+        pytest.skip("systemd runs this machine")
+    (tmp_path / "hosts.yml").write_text(LOCAL)
+    cmd = ["ansible-playbook", "-i", str(tmp_path / "hosts.yml"),
+           str(ROOT / "playbooks" / "site.yml"), "--check", "--diff",
+           "-e", "bulkhead_pki_ca_dir=%s" % (tmp_path / "ca")]
+    out = run(cmd, env(), check=False)
+    assert out.returncode == 2
+    assert "bulkhead_server_allow_offline=true" in out.stdout
+    out = run(cmd + ["-e", "bulkhead_server_allow_offline=true",
+                     "-e", "bulkhead_agent_allow_offline=true"], env())
+    assert "failed=0" in out.stdout
+    assert "tcp:7443" in out.stdout  # the agent's configuration in the diff
+    assert not (tmp_path / "ca").exists()
+
+
+# ------------------------------------------------------------- agent uninstall, for real
+UNINSTALL = """\
+- name: Uninstall the agent
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  roles:
+    - role: bulkhead.microseg.agent
+      vars:
+        bulkhead_agent_state: absent
+        bulkhead_agent_allow_offline: true
+        bulkhead_agent_config_dir: {tmp}/etc
+        bulkhead_agent_state_dir: {tmp}/state
+        bulkhead_agent_venv: {tmp}/venv
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("unshare"),
+                    reason="needs root, nft and unshare")
+def test_agent_uninstall_removes_its_table_and_nothing_else(tmp_path):
+    """In a network namespace of its own, with the agent's table and another one, on a
+    host systemd does not run (the unit's part is `systemctl disable` only)."""
+    for folder in ("etc", "state", "venv/bin"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "etc" / "agent.yaml").write_text("node: web-1\n")
+    (tmp_path / "state" / "snapshot.json").write_text("{}")
+    (tmp_path / "uninstall.yml").write_text(UNINSTALL.format(tmp=tmp_path))
+    play = "ansible-playbook %s" % (tmp_path / "uninstall.yml")
+    script = ("set -e; nft add table inet bulkhead; nft add table inet host-own; "
+              "%s --check --diff > check.out; nft list tables > after-check; "
+              "ls etc >> after-check; "
+              "%s > first.out; nft list tables > after; %s > second.out" % (play, play, play))
+    run(["unshare", "-n", "sh", "-c", script], env(), cwd=tmp_path)
+    after_check = (tmp_path / "after-check").read_text()  # check mode: nothing removed
+    assert "table inet bulkhead" in after_check and "agent.yaml" in after_check
+    assert (tmp_path / "after").read_text().split() == ["table", "inet", "host-own"]
+    assert not (tmp_path / "etc" / "agent.yaml").exists()
+    assert not (tmp_path / "state").exists() and not (tmp_path / "venv").exists()
+    assert "changed=0" in (tmp_path / "second.out").read_text()
+
+
+# ------------------------------------------------- the agent unit's one capability, for real
+AS_AGENT = ("setpriv --reuid 65534 --regid 65534 --clear-groups --no-new-privs "
+            "--inh-caps -all,+net_admin --ambient-caps -all,+net_admin "
+            "--bounding-set -all,+net_admin")
+
+
+@pytest.mark.skipif(os.geteuid() != 0
+                    or not all(shutil.which(p) for p in ("nft", "unshare", "setpriv")),
+                    reason="needs root, nft, unshare and setpriv")
+def test_the_agent_runs_as_a_user_with_cap_net_admin_only():
+    """What the agent unit grants (User= not root, CAP_NET_ADMIN bounding and ambient,
+    NoNewPrivileges), made with setpriv in a network namespace of its own with a server:
+    `--once` applies the table, the daemon runs with flow logs (NFLOG, ctnetlink, the
+    net.netfilter sysctls) and logs no error. The dry run needs more (a throwaway network
+    namespace), which is why the role runs it as root, outside the unit."""
+    # pytest's own temporary directories are root's alone; the agent's user must get in
+    with tempfile.TemporaryDirectory(prefix="bulkhead-roles-") as tmp:
+        tmp_path = Path(tmp)
+        tmp_path.chmod(0o755)
+        _run_agent_as_nobody(tmp_path)
+
+
+def _run_agent_as_nobody(tmp_path):
+    pki.init_ca(tmp_path)
+    pki.issue(tmp_path, "server", server=True, hosts=("127.0.0.1",))
+    pki.issue(tmp_path, "web-1", role="agent")
+    (tmp_path / "state").mkdir()
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump({
+        "server": "https://127.0.0.1:7443", "node": "web-1", "ca": str(tmp_path / "ca.crt"),
+        "cert": str(tmp_path / "web-1.crt"), "key": str(tmp_path / "web-1.key"),
+        "stateDir": str(tmp_path / "state"), "flowLogs": {"enabled": True},
+        "metricsListen": "", "driftInterval": 1}))
+    shutil.chown(tmp_path / "state", "nobody")
+    for name in ("web-1.key", "web-1.crt", "ca.crt", "agent.yaml"):
+        shutil.chown(tmp_path / name, "nobody")
+    agent = "%s %s --config %s" % (AS_AGENT, BIN / "bulkhead-agent", tmp_path / "agent.yaml")
+    script = """
+set -e
+ip link set lo up
+{bin}/bulkhead-server --listen 127.0.0.1:7443 --datastore sqlite://{d}/store.db \
+  --tls-cert {d}/server.crt --tls-key {d}/server.key --client-ca {d}/ca.crt \
+  --log-level warning > server.log 2>&1 &
+server=$!
+trap 'kill $server' EXIT
+for i in $(seq 50); do {agent} --once > once.out 2> once.err && break; sleep 0.2; done
+nft list tables > tables
+timeout 5 {agent} 2> daemon.log || true
+cat /proc/sys/net/netfilter/nf_conntrack_acct > acct
+""".format(bin=BIN, d=tmp_path, agent=agent)
+    run(["unshare", "-n", "sh", "-c", script], env(), cwd=tmp_path)
+    assert "applied revision" in (tmp_path / "once.out").read_text()
+    assert "table inet bulkhead" in (tmp_path / "tables").read_text()
+    log = [json.loads(line) for line in (tmp_path / "daemon.log").read_text().splitlines()]
+    assert any(e["msg"] == "connected" for e in log)
+    assert [e for e in log if e["level"] in ("warning", "error")] == []
+    assert (tmp_path / "acct").read_text().strip() == "1"
