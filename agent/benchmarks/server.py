@@ -44,6 +44,8 @@ from bulkhead.store import Op  # noqa: E402
 from bulkhead.store.etcd import EtcdStore  # noqa: E402
 from bulkhead.store.sqlite import SQLiteStore  # noqa: E402
 
+SEEN_TIMEOUT = 60.0   # seconds every watcher has to see a change
+
 
 def netset(name: str) -> dict[str, Any]:
     return {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
@@ -170,13 +172,24 @@ async def watchers_latency(url: str, agent_ssl: ssl.SSLContext, admin: aiohttp.C
             async with admin.post(url + "/v1/resources/GlobalNetworkSet",
                                   json=netset(name)) as r:
                 assert r.status == 201
-            while sum(1 for x in counts if x > c) < n:
-                await asyncio.sleep(0.005)
+            await all_saw(counts, c, name)
             await asyncio.sleep(0.05)
         await asyncio.wait_for(asyncio.gather(*tasks), 120)
     return {"p50_ms": 1000 * pct(latencies, 50), "p99_ms": 1000 * pct(latencies, 99),
             "all_ms": 1000 * max(latencies),
             "rss_per_watcher_kib": (rss_busy - rss_idle) / n if pid else 0.0}
+
+
+async def all_saw(counts: list[int], change: int, name: str) -> None:
+    """Until every watcher has seen `change` (its count past it), at most SEEN_TIMEOUT
+    seconds: a watcher that misses an event fails the run, naming it, never hangs it."""
+    deadline = time.monotonic() + SEEN_TIMEOUT
+    while sum(1 for x in counts if x > change) < len(counts):
+        if time.monotonic() > deadline:
+            behind = [i for i, x in enumerate(counts) if x <= change]
+            raise RuntimeError(f"watchers {behind[:10]} (of {len(counts)}) did not see change "
+                               f"{change} ({name}) within {SEEN_TIMEOUT:g} s")
+        await asyncio.sleep(0.005)
 
 
 async def direct_etcd_latency(endpoint: str, prefix: str, n: int, changes: int
@@ -202,8 +215,7 @@ async def direct_etcd_latency(endpoint: str, prefix: str, n: int, changes: int
         name = f"direct{c}"
         written[name] = time.perf_counter()
         await writer.transaction([Op("put", "GlobalNetworkSet", name, netset(name))])
-        while sum(1 for x in counts if x > c) < n:
-            await asyncio.sleep(0.005)
+        await all_saw(counts, c, name)
         await asyncio.sleep(0.05)
     await asyncio.wait_for(asyncio.gather(*tasks), 120)
     for s in [writer, *stores]:
