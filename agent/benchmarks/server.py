@@ -129,8 +129,23 @@ async def watchers_latency(url: str, agent_ssl: ssl.SSLContext, admin: aiohttp.C
             start_rev = (await r.json())["revision"]
         rss_idle = rss_kib(pid) if pid else 0
         counts = [0] * n
+        seen: list[set[str]] = [set() for _ in range(n)]
         connected = asyncio.Event()
         waiting = [0]
+
+        def take(i: int, body: dict[str, Any]) -> None:
+            """The changes an answer brings agent i: its events, or, when the server
+            answers a snapshot (the agent's revision left its window, as after a resync),
+            the changes the snapshot holds (an agent takes the whole state then)."""
+            now = time.perf_counter()
+            if body.get("type") == "snapshot":
+                names = {d.get("metadata", {}).get("name") for d in body.get("items", [])}
+            else:
+                names = {e.get("name") for e in body.get("events", [])}
+            for name in names & written.keys() - seen[i]:
+                seen[i].add(name)
+                latencies.append(now - written[name])
+            counts[i] = len(seen[i])
 
         async def poll_agent(i: int) -> None:
             revision = start_rev
@@ -141,11 +156,8 @@ async def watchers_latency(url: str, agent_ssl: ssl.SSLContext, admin: aiohttp.C
                 async with session.get(url + "/v1/watch", params={
                         "revision": str(revision), "timeout": "60"}) as r:
                     body = await r.json()
-                now = time.perf_counter()
                 waiting[0] -= 1
-                for event in body.get("events", []):
-                    latencies.append(now - written[event["name"]])
-                    counts[i] += 1
+                take(i, body)
                 revision = body["revision"]
 
         async def stream_agent(i: int) -> None:
@@ -155,11 +167,7 @@ async def watchers_latency(url: str, agent_ssl: ssl.SSLContext, admin: aiohttp.C
                 if waiting[0] >= n:
                     connected.set()
                 while counts[i] < changes:
-                    body = json.loads(await r.content.readline())
-                    now = time.perf_counter()
-                    for event in body.get("events", []):
-                        latencies.append(now - written[event["name"]])
-                        counts[i] += 1
+                    take(i, json.loads(await r.content.readline()))
 
         agent = stream_agent if stream else poll_agent
         tasks = [asyncio.create_task(agent(i)) for i in range(n)]
