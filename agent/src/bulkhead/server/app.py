@@ -39,7 +39,8 @@ from bulkhead.model import (
 )
 from bulkhead.model.flowlog import MAX_BATCH_BYTES
 from bulkhead.pki import Identity, identity_from_subject
-from bulkhead.policy.impact import PromotionConflict
+from bulkhead.policy.impact import NotFound as UnknownStaged
+from bulkhead.policy.impact import PromotionConflict, proposed_state
 from bulkhead.selector import SelectorError, parse
 from bulkhead.server import limits
 from bulkhead.server import preview as preview_api
@@ -1041,8 +1042,7 @@ async def post_preview(request: web.Request) -> web.Response:
     def judge() -> dict[str, Any]:
         manifests = preview_api.load_manifests(wanted.manifests) if wanted.manifests else []
         current = [parse_resource(doc) for doc in objects]
-        proposed, names = preview_api.proposed_state(current, manifests, wanted.promote,
-                                                     wanted.enforce)
+        proposed, names = proposed_state(current, manifests, wanted.promote, wanted.enforce)
         return preview_api.preview(logs.store, proposed, wanted, time.time(), names,
                                    Snapshot.build(current))
 
@@ -1054,7 +1054,7 @@ async def post_preview(request: web.Request) -> web.Response:
         except LoadError as e:
             raise ApiError(400, "BadRequest", f"manifests: {e}; nothing was previewed"
                            ) from None
-        except preview_api.NotFound as e:
+        except UnknownStaged as e:
             raise ApiError(404, "NotFound", str(e)) from None
         except PromotionConflict as e:
             raise ApiError(422, "Invalid", f"{e}; nothing was previewed") from None

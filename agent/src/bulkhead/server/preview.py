@@ -25,7 +25,8 @@ from bulkhead.model import (
     parse_documents,
 )
 from bulkhead.model.flowlog import PORTED, FlowRecord
-from bulkhead.policy.impact import Impact, Judgement, NotFound, proposed_state
+from bulkhead.policy.flow import protocol_name
+from bulkhead.policy.impact import Impact, Judgement
 from bulkhead.selector import Selector, SelectorError, parse
 from bulkhead.server.limits import MAX_SELECTOR, BadInput
 from bulkhead.store.flowlog import FlowQuery, FlowStore
@@ -161,7 +162,6 @@ def _end(record: FlowRecord, side: str) -> dict[str, Any]:
 
 
 def _port(record: FlowRecord) -> str:
-    from bulkhead.policy.flow import protocol_name
     name = protocol_name(record.proto)
     return f"{name}/{record.dst_port}" if record.proto in PORTED else name
 
@@ -252,5 +252,4 @@ def preview(store: FlowStore, proposed: Snapshot, request: PreviewRequest, now: 
     return answer
 
 
-__all__ = ["MAX_BODY", "NotFound", "PreviewRequest",
-           "load_manifests", "parse_preview", "preview", "proposed_state"]
+__all__ = ["MAX_BODY", "PreviewRequest", "load_manifests", "parse_preview", "preview"]
