@@ -261,7 +261,9 @@ def test_clickhouse_table_has_ttl_and_drops_expired_rows_on_merge(chdb_dsn: str)
     try:
         now = time.time()
         store.insert([flow(end=now - 7200, dst_name="past-ttl"), flow(end=now - 60)])
-        assert store.count() == 2
+        # A background merge may apply the TTL at any moment after the insert (a CI run
+        # once saw it before the first count), so only the fresh row is certain here.
+        assert store.count() in (1, 2)
         client = store._client
         ddl = client.command(f"SHOW CREATE TABLE {store.table}")
         assert "TTL toDateTime(end) + toIntervalSecond(3600)" in ddl
