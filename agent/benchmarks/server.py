@@ -65,17 +65,21 @@ def rss_kib(pid: int) -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, datastore: str, name: str) -> None:
+    def __init__(self, tmp: Path, datastore: str, name: str, logs: Path | None = None
+                 ) -> None:
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         config = tmp / f"{name}.yaml"
         config.write_text(yaml.safe_dump({
             "listen": f"127.0.0.1:{self.port}", "datastore": datastore,
             "tlsCert": str(tmp / "server.crt"), "tlsKey": str(tmp / "server.key"),
-            "clientCA": str(tmp / "ca.crt"), "logLevel": "error"}))
+            "clientCA": str(tmp / "ca.crt"), "logLevel": "info" if logs else "error"}))
         exe = Path(sys.executable).parent / "bulkhead-server"
+        log = open(logs / f"{name}.log", "wb") if logs else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen([str(exe), "--config", str(config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=log, stderr=log)
+        if logs:
+            log.close()  # type: ignore[union-attr]
 
     def stop(self) -> None:
         stop(self.proc)
@@ -258,7 +262,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                        ("etcd", f"etcd://127.0.0.1:{etcd.client_port}/srv")):
                 for mode in ("poll", "stream"):
                     # A fresh server per mode, so its memory figure is its own.
-                    server = Server(tmp, datastore, f"{backend}-{mode}")
+                    server = Server(tmp, datastore, f"{backend}-{mode}", args.server_logs)
                     servers.append(server)
                     async with aiohttp.ClientSession(
                             connector=aiohttp.TCPConnector(ssl=admin_ssl)) as admin:
@@ -291,6 +295,8 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=20)
     parser.add_argument("--writes", type=int, default=500)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--server-logs", type=Path, metavar="DIR",
+                        help="keep each server's log (level info) in DIR")
     args = parser.parse_args()
     results = asyncio.run(run(args))
     if args.json:

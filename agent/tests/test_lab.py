@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from bulkhead.lab import STATE_ROOT, Lab, LabError, ProbeSpec, list_labs, remove_all, teardown
+from bulkhead.lab import (
+    STATE_ROOT,
+    Lab,
+    LabError,
+    ProbeSpec,
+    forward,
+    list_labs,
+    remove_all,
+    teardown,
+)
 from tests.labfixture import NEEDS_ROOT, LabFactory, unique_lab_name
 
 root = pytest.mark.skipif(os.geteuid() != 0, reason=NEEDS_ROOT)
@@ -319,6 +328,73 @@ def test_switch_namespace_serves_hosts_and_root(make_lab: LabFactory, tmp_path: 
     assert done.stdout.strip() == "200", done.stderr
     assert lab.probe("h1", lab.service_address6, "tcp", 7443).outcome == "refused"
     assert lab.run("h1", ["ip", "route"]).stdout.split()[0] == "198.18.0.0/15"  # no default
+
+
+def _connect(address: str, port: int) -> str:
+    """"open" or the error a TCP connect from this namespace meets (1 s at most)."""
+    import socket
+    try:
+        with socket.create_connection((address, port), timeout=1.0):
+            return "open"
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError as e:
+        return type(e).__name__
+
+
+def test_forward_specs_are_checked() -> None:
+    assert forward.parse("7443=srv1") == forward.Forward(7443, "srv1", 7443)
+    assert forward.parse("8443=srv1:7443") == forward.Forward(8443, "srv1", 7443)
+    for bad, why in (("7443", "PORT=HOST"), ("x=h1", "PORT=HOST"), ("0=h1", "port 0"),
+                     ("80=h1:70000", "host port 70000"), ("80=-h", "PORT=HOST")):
+        with pytest.raises(LabError, match=why):
+            forward.parse(bad)
+    with pytest.raises(LabError, match="has no host nohost"):
+        Lab("x", 2, forwards=[forward.parse("80=nohost")])
+    with pytest.raises(LabError, match="uplink port 80 forwarded twice"):
+        Lab("x", 2, forwards=[forward.parse("80=h1"), forward.parse("80=h2")])
+
+
+@root
+def test_forward_from_the_root_namespace(make_lab: LabFactory) -> None:
+    """Forwarded ports of the uplink address reach lab hosts; nothing else crosses the
+    uplink; forwards follow address moves, change whole, and go with the lab."""
+    lab = make_lab(["srv", "b"], forwards=[forward.parse("7443=srv"),
+                                          forward.parse("8443=b:80")])
+    lab.listen("srv", tcp=[7443, 22])
+    lab.listen("b", tcp=[80])
+    up = lab.uplink_address
+    assert _connect(up, 7443) == "open"
+    assert _connect(up, 8443) == "open"
+    assert _connect(up, 22) == "refused"         # not forwarded: the switch itself refuses
+    # (No lab host answers ARP for the uplink's root address: the answers come back only
+    # because the switch gives the connections its service address as their source.)
+    # Routing is on in the switch, but only forwarded connections cross the uplink.
+    sw = lab.switch_ns
+    assert subprocess.run(["ip", "netns", "exec", sw, "sysctl", "-n", "net.ipv4.ip_forward"],
+                          capture_output=True, text=True, check=True).stdout.strip() == "1"
+    lab.run("srv", ["ip", "route", "add", f"{lab.uplink_root_address}/32", "via",
+                    lab.service_address], check=True)
+    assert lab.probe("srv", lab.uplink_root_address, "icmp", timeout=T).outcome == "blocked"
+    chain = json.loads(subprocess.run(
+        ["ip", "netns", "exec", sw, "nft", "-j", "list", "chain", "ip", forward.TABLE,
+         "crossing"], capture_output=True, text=True, check=True).stdout)["nftables"]
+    dropped = [r["rule"]["expr"] for r in chain if "rule" in r and
+               {"drop": None} in r["rule"]["expr"] and "oifname" in json.dumps(r)]
+    assert next(e for e in dropped[0] if "counter" in e)["counter"]["packets"] >= 1
+    assert Lab.load(lab.name).forwards == lab.forwards
+    assert lab.status()["forwards"] == [{"port": 7443, "host": "srv", "host_port": 7443},
+                                        {"port": 8443, "host": "b", "host_port": 80}]
+
+    lab.set_addresses("srv", ["198.18.0.77"])    # the forward follows the address
+    assert _connect(up, 7443) == "open"
+
+    lab.forward([forward.parse("9000=srv:22")])  # replaces every forward
+    assert (_connect(up, 9000), _connect(up, 7443)) == ("open", "refused")
+    lab.forward([])
+    assert _connect(up, 9000) == "refused"
+    assert subprocess.run(["ip", "netns", "exec", sw, "nft", "list", "tables"],
+                          capture_output=True, text=True, check=True).stdout == ""
 
 
 def _has(tool: str) -> bool:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from bulkhead.lab import forward
 from bulkhead.lab.kernel import LabError
 from bulkhead.lab.lab import Lab
 from bulkhead.lab.layout import DEFAULT_NET4, DEFAULT_NET6
@@ -32,6 +33,9 @@ def _status_text(lab: Lab) -> str:
              "  (on br0, from lab hosts)",
              f"  uplink           {st['uplink']} {st['uplink_root_address']} -> "
              f"{st['uplink_address']}  (from this namespace)"]
+    for f in st["forwards"]:
+        lines.append(f"  forward          tcp {st['uplink_address']}:{f['port']} -> "
+                     f"{f['host']}:{f['host_port']}")
     width = max(len(h) for h in st["hosts"])
     for name, h in st["hosts"].items():
         flags = []
@@ -55,7 +59,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         machines = True
     elif args.machines:
         machines = [h for h in args.machines.split(",") if h]
-    lab = Lab(args.name, hosts, net4=args.net4, net6=args.net6, machines=machines).up()
+    forwards = [forward.parse(spec) for spec in args.forward or ()]
+    lab = Lab(args.name, hosts, net4=args.net4, net6=args.net6, machines=machines,
+              forwards=forwards).up()
+    print(_status_text(lab))
+    return EXIT_OK
+
+
+def cmd_forward(args: argparse.Namespace) -> int:
+    lab = Lab.load(args.name)
+    lab.forward([forward.parse(spec) for spec in args.spec])
     print(_status_text(lab))
     return EXIT_OK
 
@@ -156,7 +169,16 @@ def add_commands(sub: Any) -> None:
     q.add_argument("--net6", default=DEFAULT_NET6, help=f"IPv6 net (default {DEFAULT_NET6})")
     q.add_argument("--machines", nargs="?", const=ALL, metavar="HOST,HOST",
                    help="boot systemd in every host (or in the hosts named): lab machines")
+    q.add_argument("--forward", action="append", metavar="PORT=HOST[:PORT]",
+                   help="lead TCP PORT of the uplink address (reached from this namespace) "
+                        "to a lab host (repeatable)")
     q.set_defaults(func=_guarded(cmd_up))
+
+    q = lsub.add_parser("forward", help="set the TCP ports led from the uplink address to "
+                                        "lab hosts (none: remove every forward)")
+    named(q)
+    q.add_argument("spec", nargs="*", metavar="PORT=HOST[:PORT]")
+    q.set_defaults(func=_guarded(cmd_forward))
 
     q = lsub.add_parser("down", help="remove a lab, or every lab with --all")
     named(q)

@@ -13,8 +13,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from bulkhead.lab import conntrack, machine, netns, processes, state
+from bulkhead.lab import conntrack, forward, machine, netns, processes, state
 from bulkhead.lab.daemons import HostDaemons
+from bulkhead.lab.forward import Forward
 from bulkhead.lab.kernel import LabError
 from bulkhead.lab.layout import DEFAULT_NET4, DEFAULT_NET6, Layout
 from bulkhead.lab.machine import Machine
@@ -30,17 +31,21 @@ class Lab(Layout):
     process from its state file. Also a context manager: `with Lab("t1", 3) as lab: ...`.
 
     `machines` (True: every host; or some host names) makes those hosts lab machines:
-    `up()` boots systemd in them (machine.py, docs/lab.md "Lab machines").
+    `up()` boots systemd in them (machine.py, docs/lab.md "Lab machines"). `forwards`
+    lead TCP ports of the uplink's switch address to lab hosts (forward.py).
     """
 
     def __init__(self, name: str = "demo", hosts: Sequence[str] | int = 2, *,
                  net4: str = DEFAULT_NET4, net6: str = DEFAULT_NET6,
-                 machines: bool | Sequence[str] = ()) -> None:
+                 machines: bool | Sequence[str] = (), forwards: Sequence[Forward] = ()
+                 ) -> None:
         super().__init__(name, hosts, net4=net4, net6=net6)
         wanted = list(self.hosts) if machines is True else list(machines or ())
         for host in wanted:
             self.host(host)
         self.machine_hosts = wanted
+        self.forwards = list(forwards)
+        forward.check(self, self.forwards)
         self._machines: dict[str, Machine] = {}
         self.daemons = HostDaemons(self, self.state_dir)
         self._procs: list[subprocess.Popen[bytes]] = []   # to reap when they stop
@@ -56,6 +61,7 @@ class Lab(Layout):
     def _save(self) -> None:
         state.write(self.name, {**self.dump(), "hostd": self._hostd,
                                 "spawned": self._spawned,
+                                "forwards": [f.dump() for f in self.forwards],
                                 "machines": {h: m.dump() for h, m in self._machines.items()}})
 
     @classmethod
@@ -72,6 +78,7 @@ class Lab(Layout):
         lab._spawned = list(saved.get("spawned", []))
         lab._machines = {h: Machine.load(m) for h, m in saved.get("machines", {}).items()}
         lab.machine_hosts = list(lab._machines)
+        lab.forwards = [Forward(**f) for f in saved.get("forwards", [])]
         return lab
 
     @staticmethod
@@ -97,6 +104,8 @@ class Lab(Layout):
             self._save()
             self.daemons.wait_ready(started)
             netns.wait_forwarding(self)
+            if self.forwards:
+                forward.apply(self, self.forwards)
             self._save()
             if self.machine_hosts:
                 self.boot_machines(self.machine_hosts)
@@ -142,6 +151,20 @@ class Lab(Layout):
             netns.move_addresses(self, new)
         for name, ifaces in new.items():
             self.hosts[name] = replace(self.hosts[name], interfaces=ifaces)
+        if self.uplink is not None:
+            if any(f.host in new for f in self.forwards):
+                forward.apply(self, self.forwards)
+            self._save()
+
+    # -- port forwards from the root namespace ---------------------------------------------
+
+    def forward(self, forwards: Sequence[Forward]) -> None:
+        """Forward exactly these TCP ports of the uplink's switch address
+        (`uplink_address`) to lab hosts; an empty list removes every forward."""
+        forward.check(self, forwards)
+        if self.uplink is not None:
+            forward.apply(self, forwards)
+        self.forwards = list(forwards)
         if self.uplink is not None:
             self._save()
 
@@ -260,6 +283,7 @@ class Lab(Layout):
             "uplink_address": self.uplink_address if self.uplink else None,
             "service_address": self.service_address,
             "service_address6": self.service_address6,
+            "forwards": [f.dump() for f in self.forwards],
             "hosts": hosts,
             "spawned": [s for s in self._spawned
                         if processes.alive(int(s["pid"]), s.get("start"))],
