@@ -127,6 +127,9 @@ def test_departed_stream_clients_leave_the_server_idle(
     assert healthz_seconds(server) < 1.0
     metrics = server.conn.request("GET", "/metrics")
     assert "bulkhead_watchers 0" in metrics
+    # A client that leaves is not a server failure: counted (and logged) as 499.
+    assert 'route="/v1/watch",status="499"} 50' in metrics
+    assert 'status="500"' not in metrics
 
 
 # ------------------------------------------------ 3: authorize before reading the body

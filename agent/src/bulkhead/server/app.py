@@ -133,6 +133,9 @@ def _check_name(request: web.Request) -> None:
         raise ApiError(400, "BadRequest", f"{kind} {e.problem}") from None
 
 
+CLIENT_CLOSED = 499   # the access log's and metrics' status of a request its client ended
+
+
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
@@ -161,6 +164,11 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     except Unavailable as e:
         status = 503
         raise ApiError(503, "Unavailable", str(e)) from None
+    except (asyncio.CancelledError, ConnectionResetError):
+        # The client went away (a streaming watch it closed, a request it gave up on):
+        # logged and counted as 499, as nginx does, never as the server's failure.
+        status = CLIENT_CLOSED
+        raise
     except Exception:
         # A bug, never bad input: logged with its traceback, answered without one.
         log.exception("request failed", extra={"fields": {"method": request.method,
