@@ -28,6 +28,12 @@ trap 'exit 143' TERM
 "$root/tests/collection-tree.sh" "$work/collections" --link
 export ANSIBLE_COLLECTIONS_PATH="$work/collections" ANSIBLE_HOME="$work/home"
 export BULKHEAD_CLI="$venv/bin/bulkhead"
+# The roles' scenarios install bulkhead from wheels (lab machines have no package index):
+# $BULKHEAD_WHEELHOUSE if given (a directory made by `make wheelhouse`), else built here.
+if [ -z "${BULKHEAD_WHEELHOUSE:-}" ]; then
+  make -s -C "$root" wheelhouse VENV="$venv" WHEELHOUSE="$work/wheelhouse" >/dev/null
+  export BULKHEAD_WHEELHOUSE="$work/wheelhouse"
+fi
 # molecule/ at the collection's root (not extensions/molecule/): said once, here
 export MOLECULE_GLOB="molecule/*/molecule.yml"
 export ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 NO_COLOR=1
