@@ -315,6 +315,7 @@ all:
     ansible_connection: local
     ansible_host: 127.0.0.1
     ansible_port: {port}
+    bulkhead_probe_ssh_port: {port}
     bulkhead_agent_server_host: 127.0.0.1
     bulkhead_agent_server_port: {port}
   children:
@@ -329,6 +330,13 @@ all:
         node-2:
           bulkhead_host_endpoint: {{metadata: {{name: node-2, labels: {{app: db}}}},
                                    spec: {{node: node-2, expectedIPs: [198.18.0.22]}}}}
+"""
+
+
+NEW_HOST = """\
+        node-3:
+          bulkhead_host_endpoint: {metadata: {name: node-3, labels: {app: web}},
+                                   spec: {node: node-3, expectedIPs: [198.18.0.23]}}
 """
 
 
@@ -399,6 +407,21 @@ def test_onboard_stage_preview_enforce_rollback(own_server, tmp_path):
     assert names(server, "GlobalNetworkPolicy") == staged
     assert modes(server) == {"node-1": "enforce", "node-2": "enforce"}
     assert "SSH from the controller still reaches the host" in out.stdout
+    # The pipeline again with nothing new: onboarding keeps the hosts' modes, policies
+    # enforced as written are not staged again, and nothing is promoted.
+    for name, *args in (("onboard.yml",), ("stage.yml", "-e", "bulkhead_policy_dir=%s" % policies),
+                        ("enforce.yml",)):
+        again = playbook(server, tmp_path, name, *args).stdout
+        assert "changed=0" in again and "changed=1" not in again, (name, again[-3000:])
+    assert names(server, "StagedGlobalNetworkPolicy") == [] and \
+        modes(server) == {"node-1": "enforce", "node-2": "enforce"}
+    # A new host is onboarded in observe mode; the enforced ones stay as they are.
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port) + NEW_HOST)
+    playbook(server, tmp_path, "onboard.yml")
+    assert modes(server) == {"node-1": "enforce", "node-2": "enforce", "node-3": "observe"}
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    playbook(server, tmp_path, "onboard.yml")
+    assert modes(server) == {"node-1": "enforce", "node-2": "enforce"}
 
     # rollback: back to the revision before the promotion, found in the audit trail
     playbook(server, tmp_path, "rollback.yml", "--check", "--diff")
