@@ -73,7 +73,8 @@ class Server:
         config.write_text(yaml.safe_dump({
             "listen": f"127.0.0.1:{self.port}", "datastore": datastore,
             "tlsCert": str(tmp / "server.crt"), "tlsKey": str(tmp / "server.key"),
-            "clientCA": str(tmp / "ca.crt"), "logLevel": "info" if logs else "error"}))
+            "clientCA": str(tmp / "ca.crt"), "logLevel": "info" if logs else "error",
+            "flowLogs": {"path": str(tmp / f"{name}-flows.sqlite")}}))  # not /var/lib/bulkhead
         exe = Path(sys.executable).parent / "bulkhead-server"
         log = open(logs / f"{name}.log", "wb") if logs else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen([str(exe), "--config", str(config)],

@@ -116,7 +116,9 @@ def start_server(tmp: Path, datastore: str, nofile: int,
     config.write_text(yaml.safe_dump({
         "listen": f"127.0.0.1:{port}", "datastore": datastore,
         "tlsCert": str(tmp / "server.crt"), "tlsKey": str(tmp / "server.key"),
-        "clientCA": str(tmp / "ca.crt"), "logLevel": "warning", **(extra or {})}))
+        "clientCA": str(tmp / "ca.crt"), "logLevel": "warning",
+        "flowLogs": {"path": str(tmp / "flows.sqlite")},   # not /var/lib/bulkhead
+        **(extra or {})}))
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 
     def limit() -> None:  # in the child, before exec: the limit a service would start with

@@ -17,8 +17,21 @@ import aiohttp
 import pytest
 
 from bulkhead import pki
-from bulkhead.server.main import ServerConfig, serve
+from bulkhead.server.main import DEFAULT_STATE_DIR, ServerConfig, serve
 from tests.procs import free_port, stop
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_state_left_on_the_machine() -> Iterator[None]:
+    """The tests keep their files in temporary directories: a server started without a
+    flow log path (an etcd datastore has no directory to put it beside) writes
+    /var/lib/bulkhead, where later lab machines (an overlay of this machine's /) and the
+    next session would find it. Fails the session when that directory appears."""
+    existed = DEFAULT_STATE_DIR.exists()
+    yield
+    assert existed or not DEFAULT_STATE_DIR.exists(), (
+        f"a test created {DEFAULT_STATE_DIR}: start servers with flowLogs.path in the "
+        "test's directory")
 
 
 class EtcdProcess:

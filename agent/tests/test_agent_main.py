@@ -42,7 +42,7 @@ async def run_main(argv: list[str], rec: Recorder) -> int:
 async def test_once_and_dry_run(server: Server, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     cfg = config_for(server.url, server.pki, tmp_path / "state")
-    conf = write_config(tmp_path / "agent.yaml", cfg)
+    conf = write_config(tmp_path / "agent.yaml", cfg, flowLogs={"enabled": True})
     rec = Recorder()
     async with server.client("alice", "admin") as admin, \
             server.client("val", "viewer") as viewer:
@@ -58,6 +58,9 @@ async def test_once_and_dry_run(server: Server, tmp_path: Path,
         assert f"revision {rev}" in out and "chain gnp-a {" in out and "+chain gnp-a" in out
         assert rec.calls == [] and rec.dry_runs == 1 and await node_status(viewer) == {}
         assert load_cache(cfg.state_dir) is None   # changed nothing
+        # Not even a directory: run as root before the service's first start, a dry run
+        # must leave nothing the service's own user could not write (the flow spool).
+        assert not Path(cfg.state_dir).exists()
 
         assert await run_main(["--config", str(conf), "--once"], rec) == 0
         assert f"applied revision {rev}" in capsys.readouterr().out

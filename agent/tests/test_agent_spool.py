@@ -48,8 +48,16 @@ def test_an_unreadable_file_or_a_half_written_one_is_dropped(tmp_path: Path) -> 
     [path] = list(tmp_path.glob("*.jsonl"))
     path.write_text("{not json\n")
     again = Spool(tmp_path, max_bytes=1 << 20)
-    assert not list(tmp_path.glob("*.tmp"))
     assert again.oldest() is None and again.dropped == 2
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_directory_is_made_on_first_use_only(tmp_path: Path) -> None:
+    """A dry run builds the agent, and so its spool: that must leave no directory behind."""
+    spool = Spool(tmp_path / "flows", max_bytes=1 << 20)
+    assert not (tmp_path / "flows").exists()
+    assert spool.records == 0
+    assert (tmp_path / "flows").stat().st_mode & 0o777 == 0o700
 
 
 def test_a_file_stays_within_one_request_body(tmp_path: Path) -> None:

@@ -29,7 +29,10 @@ class ServerProcess:
         self.config.write_text(yaml.safe_dump({
             "listen": f"127.0.0.1:{self.port}", "datastore": datastore,
             "tlsCert": str(tmp / "server.crt"), "tlsKey": str(tmp / "server.key"),
-            "clientCA": str(tmp / "ca.crt"), "logLevel": "warning", **(extra or {})}))
+            "clientCA": str(tmp / "ca.crt"), "logLevel": "warning",
+            # in the test's directory, not the default /var/lib/bulkhead (an etcd datastore
+            # has no directory of its own for the flow log store to go beside)
+            "flowLogs": {"path": str(tmp / f"{name}-flows.sqlite")}, **(extra or {})}))
         self.log = tmp / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         crt, key = pki.issue(tmp, "alice", role="admin")

@@ -47,24 +47,41 @@ class Spool:
         self.dropped = 0            # records removed to stay within max_bytes, or unreadable
         self._lock = threading.Lock()   # flushes and the shipper call from worker threads
         self._sending: Path | None = None   # the file being sent: never trimmed under it
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for stale in directory.glob("*.tmp"):
+        self._files: list[Path] = []
+        self._sizes: dict[Path, int] = {}
+        self._seq = 0
+        self._opened = False
+
+    def _open(self) -> None:
+        """Create the directory and take up the files a previous run left, on first use:
+        never at construction, so `bulkhead-agent --dry-run` (run as root before the
+        first start) leaves no directory the service's user could not write."""
+        if self._opened:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in self.directory.glob("*.tmp"):
             stale.unlink(missing_ok=True)   # a write a crash interrupted: never renamed
-        self._files = sorted(directory.glob("*" + SUFFIX))
+        self._files = sorted(self.directory.glob("*" + SUFFIX))
         self._sizes = {p: p.stat().st_size for p in self._files}
         self._seq = max((int(p.stem.split("-")[0]) for p in self._files
                          if p.stem.split("-")[0].isdigit()), default=0)
+        self._opened = True
 
     @property
     def total_bytes(self) -> int:
-        return sum(self._sizes.values())
+        with self._lock:
+            self._open()
+            return sum(self._sizes.values())
 
     @property
     def records(self) -> int:
-        return sum(_count(p) for p in self._files)
+        with self._lock:
+            self._open()
+            return sum(_count(p) for p in self._files)
 
     def put(self, records: Sequence[FlowRecord]) -> None:
         with self._lock:
+            self._open()
             self._put(records)
 
     def _put(self, records: Sequence[FlowRecord]) -> None:
@@ -105,7 +122,7 @@ class Spool:
 
     def _trim(self) -> None:
         for path in list(self._files):
-            if self.total_bytes <= self.max_bytes:
+            if sum(self._sizes.values()) <= self.max_bytes:
                 break
             if path != self._sending:
                 self._drop(path)
@@ -117,6 +134,7 @@ class Spool:
     def oldest(self) -> Spooled | None:
         """The oldest file's records; an unreadable file is dropped (and counted)."""
         with self._lock:
+            self._open()
             while self._files:
                 path = self._files[0]
                 try:
