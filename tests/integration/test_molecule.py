@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -68,9 +69,17 @@ def leftovers_after(lab, timeout=15.0):
     return found
 
 
+def plain(text):
+    """Molecule's output without the colour codes it prints even with NO_COLOR."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
 def plain_output(done):
-    """Molecule's stdout and stderr, without the colour codes it prints even with NO_COLOR."""
-    return re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
+    return plain(done.stdout + done.stderr)
+
+
+def plain_text(log):
+    return plain(log.read_text(errors="replace"))
 
 
 def lab_down(lab):
@@ -79,24 +88,77 @@ def lab_down(lab):
 
 
 SCENARIOS = sorted(p.parent.name for p in (ROOT / "molecule").glob("*/molecule.yml"))
+SCENARIO_SECONDS = 900   # each scenario's whole `molecule test`, all running at once
+
+
+def steps(scenario):
+    """The steps of the scenario's test sequence that must report success."""
+    config = yaml.safe_load((ROOT / "molecule" / scenario / "molecule.yml").read_text())
+    sequence = (config.get("scenario") or {}).get("test_sequence") or \
+        ["converge", "idempotence", "verify"]
+    return [s for s in sequence if s not in ("syntax", "create")] + ["destroy"]
+
+
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory):
+    """One wheelhouse of the checkout for every scenario (run-molecule.sh would build one
+    per run otherwise)."""
+    d = tmp_path_factory.mktemp("wheelhouse")
+    subprocess.run(["make", "-s", "-C", str(ROOT), "wheelhouse", "VENV=%s" % BIN.parent,
+                    "WHEELHOUSE=%s" % d], check=True, capture_output=True, timeout=600)
+    return d
+
+
+@pytest.fixture(scope="module")
+def scenario_runs(wheelhouse, tmp_path_factory):
+    """Every scenario's `tests/run-molecule.sh SCENARIO`, started at once (each its own lab,
+    each mostly waiting on its machines): scenario -> (process, its TMPDIR, its log).
+    Whatever still runs at the end is killed and its lab removed."""
+    runs = {}
+    try:
+        for scenario in SCENARIOS:
+            tmp = tmp_path_factory.mktemp("molecule-" + scenario)
+            log = tmp.parent / (tmp.name + ".log")
+            env = {**os.environ, "VENV": str(BIN.parent), "TMPDIR": str(tmp),
+                   "BULKHEAD_WHEELHOUSE": str(wheelhouse)}
+            with open(log, "wb") as out:
+                proc = subprocess.Popen([str(ROOT / "tests" / "run-molecule.sh"), scenario],
+                                        env=env, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            runs[scenario] = (proc, tmp, log, time.monotonic() + SCENARIO_SECONDS)
+        yield runs
+    finally:
+        for scenario, (proc, _, _, _) in runs.items():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            lab_down(lab_name(ROOT / "molecule" / scenario))
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_scenario(scenario, tmp_path):
-    """molecule test: converge, idempotence (a second converge changes nothing), verify."""
+def test_scenario(scenario, scenario_runs):
+    """molecule test: converge, idempotence (a second converge changes nothing), verify
+    (and a side effect where the scenario has one)."""
     lab = lab_name(ROOT / "molecule" / scenario)
-    env = {**os.environ, "VENV": str(BIN.parent), "TMPDIR": str(tmp_path)}
+    proc, tmp, log, deadline = scenario_runs[scenario]
     try:
-        done = subprocess.run([str(ROOT / "tests" / "run-molecule.sh"), scenario], env=env,
-                              capture_output=True, text=True, timeout=900, check=False)
-        out = plain_output(done)
-        assert done.returncode == 0, out[-20000:]
-        for step in ("converge", "idempotence", "verify", "destroy"):
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail("%s still running after %d s:\n%s" % (
+                scenario, SCENARIO_SECONDS, plain_text(log)[-20000:]))
+        out = plain_text(log)
+        assert proc.returncode == 0, out[-20000:]
+        for step in steps(scenario):
             assert "[%s > %s] Executed: Successful" % (scenario, step) in out, out[-20000:]
         assert not leftovers_after(lab)  # molecule's own destroy step removed it all
     finally:
         lab_down(lab)
-    assert not list(tmp_path.iterdir())  # run-molecule.sh's ephemeral dirs are gone
+    assert not list(tmp.iterdir())  # run-molecule.sh's ephemeral dirs are gone
 
 
 FAILING_CONVERGE = """\
