@@ -128,7 +128,8 @@ def scenario_runs(wheelhouse, tmp_path_factory):
             runs[scenario] = (proc, tmp, log, time.monotonic() + SCENARIO_SECONDS)
         yield runs
     finally:
-        for scenario, (proc, _, _, _) in runs.items():
+        for scenario, run in runs.items():
+            proc = run[0]
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
