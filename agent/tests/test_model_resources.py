@@ -105,8 +105,18 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (gnp({"ingress": [{"action": "Allow", "source": {"selector": "a =="}}]}),
      'spec.ingress[0].source.selector: "a ==" is not a valid selector: at position 4'),
     (gnp({"ingress": [{"action": "Allow", "destination": {"domains": ["x.com"]}}]}),
-     "spec.ingress[0].destination.domains: domains may only be given in an egress rule's "
-     "destination"),
+     "spec.ingress[0].destination.domains: domains can only be specified in the "
+     "destination of an egress Allow rule"),
+    (gnp({"egress": [{"action": "Deny", "destination": {"domains": ["x.com"]}}]}),
+     "spec.egress[0].destination.domains: only valid for Allow rules (the action is Deny)"),
+    (gnp({"egress": [{"action": "Allow",
+                      "destination": {"domains": ["x.com"], "selector": "a == 'b'"}}]}),
+     "spec.egress[0].destination.selector: must be left empty when destination.domains is "
+     "specified"),
+    (gnp({"egress": [{"action": "Allow", "destination": {"domains": ["x.*"]}}]}),
+     'spec.egress[0].destination.domains[0]: "x.*" is not a domain name'),
+    (doc("GlobalNetworkSet", "s", {"allowedEgressDomains": ["a_b.com"]}),
+     'GlobalNetworkSet s: spec.allowedEgressDomains[0]: "a_b.com" is not a domain name'),
     (gnp({"ingress": [{"action": "Allow", "http": {"methods": ["GET"]}}]}),
      "spec.ingress[0].http: unknown field (HTTP match needs an application-layer proxy"),
     (gnp({"ingress": [{"action": "Allow", "sourc": {}}]}),
@@ -199,6 +209,10 @@ def hep(**spec: Any) -> dict[str, Any]:
 
 def rule(**fields: Any) -> dict[str, Any]:
     return gnp({"ingress": [{"action": "Allow", **fields}]})
+
+
+def egress(destination: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return gnp({"egress": [{"action": "Allow", "destination": destination, **fields}]})
 
 
 def tier(name: str, **spec: Any) -> dict[str, Any]:
@@ -358,6 +372,39 @@ PARITY: list[tuple[str, dict[str, Any], str | None]] = [
     ('VT "should reject Deny rule with HTTP clause"',
      gnp({"ingress": [{"action": "Deny", "http": {"methods": ["GET"]}}]}),
      "spec.ingress[0].http: unknown field"),
+    # domains (Calico Enterprise: ValidateWildName and validateRule, validator_test.go)
+    ('ENT VT "should accept Allow rule with Destination.Domains"',
+     egress({"domains": ["example.com", "*.example.com", "www.*.com", "MICROSOFT.COM"]}), None),
+    ("ENT validateRule: notNets, notSelector and ports may go with domains",
+     egress({"domains": ["example.com"], "notNets": ["198.18.0.0/24"],
+             "notSelector": "a == 'b'", "ports": [443]}, protocol="TCP"), None),
+    ('ENT VT "should reject Allow rule with Source.Domains"',
+     gnp({"egress": [{"action": "Allow", "source": {"domains": ["example.com"]}}]}),
+     "can only be specified in the destination of an egress Allow rule"),
+    ('ENT VT "should reject Deny rule with Destination.Domains"',
+     gnp({"egress": [{"action": "Deny", "destination": {"domains": ["example.com"]}}]}),
+     "only valid for Allow rules"),
+    ('ENT VT "should reject Destination.Domains with Destination.Nets"',
+     egress({"domains": ["example.com"], "nets": ["198.18.0.8/32"]}),
+     "destination.nets: must be left empty when destination.domains is specified"),
+    ('ENT VT "should reject Destination.Domains with Destination.Selector"',
+     egress({"domains": ["example.com"], "selector": "role == 'fish'"}),
+     "destination.selector: must be left empty"),
+    ('ENT VT "should reject domain with a wildcard at the end" (example.com.*)',
+     egress({"domains": ["example.com.*"]}), "is not a domain name"),
+    ('ENT VT "should reject domain with a partial wildcard" (*example.com)',
+     egress({"domains": ["*example.com"]}), "is not a domain name"),
+    ("ENT ValidateWildName: two wildcards", egress({"domains": ["*.*.example.com"]}),
+     "is not a domain name"),
+    ("ENT ValidateWildName: '_' is not a DNS label character", egress({"domains": ["www.*._uk"]}),
+     "is not a domain name"),
+    ("ENT ValidateWildName: no trailing dot", egress({"domains": ["example.com."]}),
+     "is not a domain name"),
+    ("ENT ValidateWildName: no length bound",
+     egress({"domains": [".".join(["a" * 63] * 5)]}), None),
+    ('ENT "GlobalNetworkSet allowedEgressDomains: wildname"',
+     doc("GlobalNetworkSet", "s", {"nets": ["198.18.0.0/24"],
+                                   "allowedEgressDomains": ["db.com", "*.db.com"]}), None),
     # rule metadata and object metadata
     ('VT "should accept Rule with valid annotations"',
      rule(metadata={"annotations": {"foo": "bar"}}), None),

@@ -3,6 +3,8 @@ with the trace it gives."""
 
 from __future__ import annotations
 
+import pytest
+
 from bulkhead.policy import Flow
 from bulkhead.policy.explain import explain_text
 from tests.policyfixture import APP, DB, DB_ALLOW_DMZ, OUT, WEB, evaluator, hep, res, tcp
@@ -123,6 +125,38 @@ def test_network_sets_and_domains() -> None:
     ev = evaluator(dom)
     assert ev.evaluate(Flow.make(WEB, DB, "TCP", 1, domains=frozenset({"db.internal"}))).allowed
     assert not ev.evaluate(tcp(WEB, DB, 1)).allowed
+
+
+@pytest.mark.parametrize("pattern, name, matches", [
+    ("*.example.com", "api.example.com", True),
+    ("*.example.com", "a.b.example.com", True),      # one or more labels
+    ("*.example.com", "example.com", False),
+    ("*.example.com", "badexample.com", False),
+    ("www.*.com", "www.sun.com", True),
+    ("www.*.com", "www.a.b.com", True),
+    ("www.*.com", "www.com", False),
+    ("update.*.mycompany.com", "update.secure.suite.mycompany.com", True),
+    ("update.*.mycompany.com", "update.mycompany.com", False),
+    ("example.com", "www.example.com", False),       # exact without a wildcard
+    ("example.com", "example.com", True),
+])
+def test_domain_wildcards_as_calico_documents(pattern: str, name: str, matches: bool) -> None:
+    """Calico Enterprise's documented examples (docs "Domain names"): '*' stands for one
+    or more whole labels at its place."""
+    dom = res("GlobalNetworkPolicy", "d", {"selector": "app == 'web'", "egress": [
+        {"action": "Allow", "destination": {"domains": [pattern]}}]})
+    flow = Flow.make(WEB, "203.0.113.9", "TCP", 443, domains=frozenset({name}))
+    assert evaluator(dom).evaluate(flow).allowed is matches
+
+
+def test_domains_narrowed_by_not_nets() -> None:
+    dom = res("GlobalNetworkPolicy", "d", {"selector": "app == 'web'", "egress": [
+        {"action": "Allow", "destination": {"domains": ["*.example.com"],
+                                            "notNets": ["203.0.113.0/28"]}}]})
+    ev = evaluator(dom)
+    named = frozenset({"api.example.com"})
+    assert ev.evaluate(Flow.make(WEB, "203.0.113.99", "TCP", 443, domains=named)).allowed
+    assert not ev.evaluate(Flow.make(WEB, "203.0.113.9", "TCP", 443, domains=named)).allowed
 
 
 def test_icmp_and_protocol_less_rules() -> None:

@@ -20,8 +20,9 @@ _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 # IANA service names (Kubernetes' named ports): lowercase, digits and '-', one letter.
 _PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _IFACE = re.compile(r"^[a-zA-Z0-9_.-]{1,15}$")
-_DOMAIN = re.compile(r"^(\*\.)?([a-zA-Z0-9_]([a-zA-Z0-9_-]*[a-zA-Z0-9_])?\.)*"
-                     r"[a-zA-Z0-9_]([a-zA-Z0-9_-]*[a-zA-Z0-9_])?\.?$")
+# A DNS subdomain (RFC 1123 labels, lowercase), as Calico Enterprise checks a domain once
+# its one wildcard label is put aside (ValidateWildName); no length bound, as there.
+_DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 PROTOCOL_NAMES = {"TCP": 6, "UDP": 17, "ICMP": 1, "ICMPV6": 58, "SCTP": 132, "UDPLITE": 136}
 CANONICAL_PROTOCOL = {"TCP": "TCP", "UDP": "UDP", "ICMP": "ICMP", "ICMPV6": "ICMPv6",
@@ -154,9 +155,20 @@ def check_rule_net(r: Reader, value: str) -> str:
 
 
 def check_domain(r: Reader, value: str) -> str:
-    if len(value) > 253 or not _DOMAIN.match(value):
-        raise r.fail(f"{show(value)} is not a domain name (a leading '*.' is allowed)")
-    return value.lower().rstrip(".")
+    """A domain name or pattern, as Calico Enterprise takes it (lowercased): DNS labels of
+    letters, digits and '-', and at most one '*', a whole label standing for one or more
+    labels, first (*.x.y) or in the middle (x.*.y), never last."""
+    name = value.lower()
+    probe = name
+    if probe.startswith("*."):
+        probe = "x." + probe[2:]
+    elif ".*." in probe:
+        probe = probe.replace(".*.", ".x.", 1)
+    if name.endswith(".*") or not _DOMAIN.match(probe):
+        raise r.fail(f"{show(value)} is not a domain name: labels of letters, digits and "
+                     "'-', optionally with one wildcard label at the beginning (*.x.y) or in "
+                     "the middle (x.*.y)")
+    return name
 
 
 def protocol_number(value: str | int) -> int:

@@ -209,12 +209,16 @@ def _read_entity(r: Reader, side: str, direction: str) -> EntityRule:
         not_ports=tuple(check_port(item, item.data) for item in r.items("notPorts")),
         domains=r.str_list("domains", check_domain),
     )
+    # Calico Enterprise: domains only in the destination, of an Allow rule (checked with
+    # the action), and never beside nets or selector; notNets, notSelector and ports may
+    # narrow them. It lets an ingress rule carry them and ignores them there, which would
+    # widen the rule: refused here instead.
     if entity.domains and not (side == "destination" and direction == "egress"):
-        raise r.fail("domains may only be given in an egress rule's destination", "domains")
-    if entity.domains and (entity.nets or entity.selector or entity.not_nets
-                           or entity.not_selector):
-        raise r.fail("domains cannot be combined with nets, notNets, selector or "
-                     "notSelector", "domains")
+        raise r.fail("domains can only be specified in the destination of an egress Allow "
+                     "rule", "domains")
+    for what, given in (("nets", entity.nets), ("selector", entity.selector)):
+        if entity.domains and given:
+            raise r.fail(f"must be left empty when {side}.domains is specified", what)
     r.done(_UNSUPPORTED_RULE)
     return entity
 
@@ -244,6 +248,9 @@ def _read_rule(r: Reader, direction: str) -> Rule:
     rule = Rule(action=action, protocol=protocol, not_protocol=not_protocol, icmp=icmp,
                 not_icmp=not_icmp, ip_version=ip_version, source=source,
                 destination=destination, annotations=annotations)
+    if destination.domains and action != "Allow":
+        raise r.fail(f"only valid for Allow rules (the action is {action})",
+                     "destination.domains")
     _check_rule(r, rule)
     r.done(_UNSUPPORTED_RULE)
     return rule

@@ -81,13 +81,18 @@ def _icmp_matches(icmp: ICMPMatch, flow: Flow) -> bool:
 
 
 def domain_matches(patterns: Sequence[str], names: frozenset[str]) -> bool:
+    """Whether any name matches any pattern (all lowercase). A '*' label stands for one or
+    more whole labels at its place, as in Calico Enterprise: *.example.com matches
+    a.b.example.com, not example.com; www.*.com matches www.a.b.com, not www.com."""
     for pattern in patterns:
-        if pattern.startswith("*."):
-            suffix = pattern[1:]
-            if any(n.endswith(suffix) for n in names):
+        if "*" not in pattern:
+            if pattern in names:
                 return True
-        elif pattern in names:
-            return True
+            continue
+        head, _, tail = pattern.partition("*")   # "www." and ".com", or "" and ".x.y"
+        for n in names:
+            if len(n) > len(head) + len(tail) and n.startswith(head) and n.endswith(tail):
+                return True
     return False
 
 
