@@ -149,6 +149,31 @@ def test_domain_wildcards_as_calico_documents(pattern: str, name: str, matches: 
     assert evaluator(dom).evaluate(flow).allowed is matches
 
 
+def test_a_network_sets_domains_count_only_for_egress_allow_destination_selectors() -> None:
+    """Calico Enterprise (felix rule_scanner, docs GlobalNetworkSet): a set's
+    allowedEgressDomains add the addresses they resolved to only to the positive
+    destination selector of an egress Allow rule; a Deny, a notSelector or an ingress rule
+    sees the set by its nets alone."""
+    saas = res("GlobalNetworkSet", "saas", {"allowedEgressDomains": ["*.saas.example"]},
+               labels={"kind": "saas"})
+    named = frozenset({"api.saas.example"})
+    out = Flow.make(WEB, "203.0.113.9", "TCP", 443, domains=named)
+    allow = res("GlobalNetworkPolicy", "a", {"selector": "app == 'web'", "egress": [
+        {"action": "Allow", "destination": {"selector": "kind == 'saas'"}}]})
+    assert evaluator(saas, allow).evaluate(out).allowed
+    deny = res("GlobalNetworkPolicy", "d", {"selector": "app == 'web'", "order": 1, "egress": [
+        {"action": "Deny", "destination": {"selector": "kind == 'saas'"}},
+        {"action": "Allow"}]})
+    assert evaluator(saas, deny).evaluate(out).allowed          # the Deny does not see it
+    not_sel = res("GlobalNetworkPolicy", "n", {"selector": "app == 'web'", "egress": [
+        {"action": "Allow", "destination": {"notSelector": "kind == 'saas'"}}]})
+    assert evaluator(saas, not_sel).evaluate(out).allowed       # nor does a notSelector
+    ingress = res("GlobalNetworkPolicy", "i", {"selector": "app == 'db'", "ingress": [
+        {"action": "Allow", "destination": {"selector": "kind == 'saas'"}}]})
+    to_db = Flow.make(WEB, DB, "TCP", 5432, domains=frozenset({"db.saas.example"}))
+    assert not evaluator(saas, ingress).evaluate(to_db).allowed  # nor an ingress rule
+
+
 def test_domains_narrowed_by_not_nets() -> None:
     dom = res("GlobalNetworkPolicy", "d", {"selector": "app == 'web'", "egress": [
         {"action": "Allow", "destination": {"domains": ["*.example.com"],

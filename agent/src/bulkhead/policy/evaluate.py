@@ -186,7 +186,7 @@ class Evaluator:
                 self._observed.add(hep.name)
         self._sets = [(s, [ipaddress.ip_network(n) for n in s.nets])
                       for s in sorted(snapshot.network_sets.values(), key=lambda s: s.name)]
-        self._rules: dict[int, tuple[tuple[Rule, ...], list[CompiledRule]]] = {}
+        self._rules: dict[tuple[int, str], tuple[tuple[Rule, ...], list[CompiledRule]]] = {}
         self._peers: dict[tuple[IPAddress, frozenset[str]], Peer] = {}
         self._enforced = self._view(list(snapshot.policies.values()))
         self._staged = self._view(staged_view(snapshot)) if snapshot.staged else None
@@ -203,10 +203,11 @@ class Evaluator:
     def endpoints_at(self, ip: IPAddress) -> list[HostEndpoint]:
         return self._by_ip.get(ip, [])
 
-    def _compiled(self, rules: tuple[Rule, ...]) -> list[CompiledRule]:
-        found = self._rules.get(id(rules))
+    def _compiled(self, rules: tuple[Rule, ...], direction: str) -> list[CompiledRule]:
+        key = (id(rules), direction)
+        found = self._rules.get(key)
         if found is None or found[0] is not rules:
-            found = self._rules[id(rules)] = (rules, compile_rules(rules))
+            found = self._rules[key] = (rules, compile_rules(rules, direction))
         return found[1]
 
     def _peer(self, ip: IPAddress, domains: frozenset[str]) -> Peer:
@@ -216,14 +217,17 @@ class Evaluator:
             heps = self._by_ip.get(ip, [])
             labels = [self._labels[h.name] for h in heps]
             names = [f"host endpoint {h.name}" for h in heps]
+            by_name: list[Mapping[str, str]] = []
+            by_name_names: list[str] = []
             for netset, nets in self._sets:
-                inside = any(ip.version == n.version and ip in n for n in nets)
-                if not inside and domains and netset.allowed_egress_domains:
-                    inside = domain_matches(netset.allowed_egress_domains, domains)
-                if inside:
+                if any(ip.version == n.version and ip in n for n in nets):
                     labels.append(netset.labels)
                     names.append(f"network set {netset.name}")
-            peer = self._peers[key] = Peer(heps, labels, names)
+                elif domains and netset.allowed_egress_domains and \
+                        domain_matches(netset.allowed_egress_domains, domains):
+                    by_name.append(netset.labels)
+                    by_name_names.append(f"network set {netset.name}")
+            peer = self._peers[key] = Peer(heps, labels, names, by_name, by_name_names)
         return peer
 
     # -- evaluation -------------------------------------------------------------------
@@ -340,7 +344,7 @@ class Evaluator:
                   ) -> tuple[str, int] | None:
         """The first Allow, Deny or Pass rule of the policy that matches, or None."""
         kind = "staged policy" if policy.staged else "policy"
-        for index, compiled in enumerate(self._compiled(policy.spec.rules(direction))):
+        for index, compiled in enumerate(self._compiled(policy.spec.rules(direction), direction)):
             action = compiled.rule.action
             if not trace:
                 if compiled.test(ctx):
@@ -383,7 +387,7 @@ class Evaluator:
                 if trace:
                     steps.append(Step("profile", f"profile {name} does not exist"))
                 continue
-            for index, compiled in enumerate(self._compiled(profile.rules(direction))):
+            for index, compiled in enumerate(self._compiled(profile.rules(direction), direction)):
                 rule = compiled.rule
                 hit, why = self._explain(ctx, compiled) if trace else (compiled.test(ctx), "")
                 step = Step("rule", f"profile {name} {direction.lower()} rule {index} "

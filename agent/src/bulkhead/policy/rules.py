@@ -6,7 +6,16 @@ import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from bulkhead.model import EndpointPort, EntityRule, HostEndpoint, ICMPMatch, NamedPort, Rule
+from bulkhead.model import (
+    EGRESS,
+    INGRESS,
+    EndpointPort,
+    EntityRule,
+    HostEndpoint,
+    ICMPMatch,
+    NamedPort,
+    Rule,
+)
 from bulkhead.model.checks import protocol_number
 from bulkhead.policy.flow import Flow, protocol_name
 from bulkhead.policy.semantics import rule_ip_version
@@ -20,6 +29,11 @@ class Peer:
     endpoints: Sequence[HostEndpoint]
     labels: Sequence[Mapping[str, str]]  # of those endpoints and of the network sets
     names: Sequence[str]                 # for the trace: "hep web", "set corp-nets"
+    # Network sets that hold the address only through allowedEgressDomains (a name the
+    # flow's destination was resolved from): they count only for the destination selector
+    # of an egress Allow rule, as in Calico Enterprise.
+    domain_labels: Sequence[Mapping[str, str]] = ()
+    domain_names: Sequence[str] = ()
 
 
 @dataclass
@@ -52,8 +66,15 @@ def _selected(selector: Selector, peer: Peer) -> bool:
     return any(selector.matches(labels) for labels in peer.labels)
 
 
-def _peer_words(peer: Peer) -> str:
-    return ", ".join(peer.names) if peer.names else "no endpoint or network set"
+def _selected_with_domains(selector: Selector, peer: Peer) -> bool:
+    return _selected(selector, peer) or any(selector.matches(labels)
+                                            for labels in peer.domain_labels)
+
+
+def _peer_words(peer: Peer, domains: bool = False) -> str:
+    names = [*peer.names, *(f"{n} (by name)" for n in peer.domain_names)] if domains \
+        else list(peer.names)
+    return ", ".join(names) if names else "no endpoint or network set"
 
 
 def _port_matches(ports: Sequence[object], port: int | None, protocol: int,
@@ -100,7 +121,10 @@ def _fmt_ports(ports: Sequence[object]) -> str:
     return "[" + ", ".join(str(p) for p in ports) + "]"
 
 
-def _entity_criteria(side: str, entity: EntityRule) -> list[Criterion]:
+def _entity_criteria(side: str, entity: EntityRule, domain_sets: bool = False
+                     ) -> list[Criterion]:
+    """`domain_sets`: the destination of an egress Allow rule, whose selector also takes
+    the network sets the destination's names match."""
     out: list[Criterion] = []
     is_src = side == "source"
 
@@ -122,9 +146,10 @@ def _entity_criteria(side: str, entity: EntityRule) -> list[Criterion]:
             lambda c: f"{side} {ip(c)} outside notNets {list(entity.not_nets)}"))
     if entity.selector is not None:
         sel = entity.selector
+        selects = _selected_with_domains if domain_sets else _selected
         out.append(Criterion(
-            lambda c: _selected(sel, peer(c)),
-            lambda c: f"{side} selector {sel} selects {_peer_words(peer(c))}"))
+            lambda c: selects(sel, peer(c)),
+            lambda c: f"{side} selector {sel} selects {_peer_words(peer(c), domain_sets)}"))
     if entity.not_selector is not None:
         nsel = entity.not_selector
         out.append(Criterion(
@@ -173,16 +198,17 @@ class CompiledRule:
     test: Test  # all criteria at once, for evaluation without a trace
 
 
-def compile_rules(rules: Sequence[Rule]) -> list[CompiledRule]:
+def compile_rules(rules: Sequence[Rule], direction: str = INGRESS) -> list[CompiledRule]:
     out = []
     for rule in rules:
-        criteria = compile_rule(rule)
+        criteria = compile_rule(rule, direction)
         out.append(CompiledRule(rule, criteria, all_of([c.test for c in criteria])))
     return out
 
 
-def compile_rule(rule: Rule) -> list[Criterion]:
-    """The rule's criteria in the order the trace reports them."""
+def compile_rule(rule: Rule, direction: str = INGRESS) -> list[Criterion]:
+    """The rule's criteria in the order the trace reports them (`direction`: whose rules,
+    Ingress or Egress)."""
     out: list[Criterion] = []
     # A rule with IPv4 nets (or ICMP) is an IPv4 rule, as Calico renders it.
     v = rule_ip_version(rule)
@@ -209,5 +235,6 @@ def compile_rule(rule: Rule) -> list[Criterion]:
                              lambda c: f"ICMP type/code {c.flow.icmp_type}/{c.flow.icmp_code}"
                                        f" outside notICMP {nicmp.dump()}"))
     out.extend(_entity_criteria("source", rule.source))
-    out.extend(_entity_criteria("destination", rule.destination))
+    out.extend(_entity_criteria("destination", rule.destination,
+                                domain_sets=direction == EGRESS and rule.action == "Allow"))
     return out
