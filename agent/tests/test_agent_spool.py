@@ -55,8 +55,8 @@ def test_an_unreadable_file_or_a_half_written_one_is_dropped(tmp_path: Path) -> 
 def test_the_directory_is_made_on_first_use_only(tmp_path: Path) -> None:
     """A dry run builds the agent, and so its spool: that must leave no directory behind."""
     spool = Spool(tmp_path / "flows", max_bytes=1 << 20)
-    assert not (tmp_path / "flows").exists()
-    assert spool.records == 0
+    assert spool.records == 0 and not (tmp_path / "flows").exists()
+    assert spool.oldest() is None
     assert (tmp_path / "flows").stat().st_mode & 0o777 == 0o700
 
 

@@ -406,7 +406,8 @@ def test_onboard_stage_preview_enforce_rollback(own_server, tmp_path):
     assert names(server, "StagedGlobalNetworkPolicy") == []
     assert names(server, "GlobalNetworkPolicy") == staged
     assert modes(server) == {"node-1": "enforce", "node-2": "enforce"}
-    assert "SSH from the controller still reaches the host" in out.stdout
+    ssh_probe = out.stdout.split("SSH from the controller still reaches the host")[1]
+    assert "ok: [node-1" in ssh_probe.split("TASK")[0]   # run, not skipped
     # The pipeline again with nothing new: onboarding keeps the hosts' modes, policies
     # enforced as written are not staged again, and nothing is promoted.
     for name, *args in (("onboard.yml",), ("stage.yml", "-e", "bulkhead_policy_dir=%s" % policies),
@@ -415,6 +416,21 @@ def test_onboard_stage_preview_enforce_rollback(own_server, tmp_path):
         assert "changed=0" in again and "changed=1" not in again, (name, again[-3000:])
     assert names(server, "StagedGlobalNetworkPolicy") == [] and \
         modes(server) == {"node-1": "enforce", "node-2": "enforce"}
+    # A version staged and never promoted, then the folder back to the enforced version:
+    # the staged copy becomes the folder's again, never left for enforce.yml to promote.
+    changed = tmp_path / "policies-v2"
+    shutil.copytree(policies, changed)
+    app = changed / "20-application.yaml"
+    app.write_text(app.read_text().replace("order: 100", "order: 150", 1))
+    playbook(server, tmp_path, "stage.yml", "-e", "bulkhead_policy_dir=%s" % changed)
+    assert names(server, "StagedGlobalNetworkPolicy") == ["application.web"]
+    playbook(server, tmp_path, "stage.yml", "-e", "bulkhead_policy_dir=%s" % policies)
+    staged_web = server.request("GET", "/v1/resources/StagedGlobalNetworkPolicy/application.web")
+    assert staged_web["spec"]["order"] == 100
+    playbook(server, tmp_path, "enforce.yml")
+    assert names(server, "StagedGlobalNetworkPolicy") == []
+    assert server.request("GET", "/v1/resources/GlobalNetworkPolicy/application.web")[
+        "spec"]["order"] == 100
     # A new host is onboarded in observe mode; the enforced ones stay as they are.
     (tmp_path / "fleet.yml").write_text(FLEET.format(port=port) + NEW_HOST)
     playbook(server, tmp_path, "onboard.yml")

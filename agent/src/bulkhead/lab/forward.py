@@ -72,7 +72,9 @@ def _ipv4(lab: Layout, host: str) -> str | None:
 
 def ruleset(lab: Layout, forwards: Sequence[Forward]) -> str:
     """The switch namespace's forward table for `forwards` (replacing any earlier one)."""
-    dnat = [f'        iifname "up0" ip daddr {lab.uplink_address} tcp dport {f.port} '
+    # Only from the root namespace's end of the uplink: nothing routed in from elsewhere.
+    dnat = [f'        iifname "up0" ip saddr {lab.uplink_root_address} '
+            f"ip daddr {lab.uplink_address} tcp dport {f.port} "
             f"dnat to {_ipv4(lab, f.host)}:{f.host_port}" for f in forwards]
     return "\n".join([
         f"table ip {TABLE}",

@@ -134,6 +134,7 @@ def _check_name(request: web.Request) -> None:
 
 
 CLIENT_CLOSED = 499   # the access log's and metrics' status of a request its client ended
+CLIENT_GONE = "bulkhead.client_gone"   # set by a handler whose client left mid-answer
 
 
 @web.middleware
@@ -148,7 +149,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             who = f"{identity.role}:{identity.name}"
             _check_name(request)
         response = await handler(request)
-        status = response.status
+        status = CLIENT_CLOSED if request.get(CLIENT_GONE) else response.status
         return response
     except web.HTTPException as e:
         status = e.status
@@ -956,14 +957,16 @@ async def watch(request: web.Request) -> web.StreamResponse:
         if stopping.is_set():
             break
         if events is None:
-            after = hub.revision
-            await response.write(_snapshot_body(hub) + b"\n")
+            after, line = hub.revision, _snapshot_body(hub)
         elif events:
-            after = revision
-            await response.write(_events_body(revision, events) + b"\n")
+            after, line = revision, _events_body(revision, events)
         else:
-            after = revision
-            await response.write(b'{"type":"heartbeat","revision":%d}\n' % revision)
+            after, line = revision, b'{"type":"heartbeat","revision":%d}' % revision
+        try:
+            await response.write(line + b"\n")
+        except ConnectionResetError:   # the agent closed the stream: its answer ends here
+            request[CLIENT_GONE] = True
+            break
     return response
 
 
