@@ -24,7 +24,10 @@ anything is timed. `--diagnose` adds two receivers with Bulkhead's table taken a
 counted and logged to NFLOG), read by the agent's flow pipeline (flowreader.py: NFLOG,
 conntrack, the aggregator with staged verdicts) in that receiver; its figures are the
 connection rate against `bulkhead` (goal at least 0.9) and the connections the reader
-missed out of those made.
+missed out of those made. `--dns` adds `bk-dns`: Bulkhead's table with DNS snooping (the
+rules that log DNS to and from the trusted resolvers, first in the input and output
+chains); its figure is the connection rate against `bulkhead`: what snooping costs
+traffic that is not DNS.
 
 The load is a C program (tcpbench.c, compiled here with gcc): an epoll loop of
 non-blocking connects closed with a reset (no TIME_WAIT), against an accept-and-close
@@ -56,7 +59,7 @@ from typing import Any
 
 from bulkhead.dataplane.nftables import Ruleset, render
 from bulkhead.dataplane.nftables.apply import NftApplier
-from bulkhead.dataplane.nftables.render import FlowLogging
+from bulkhead.dataplane.nftables.render import DnsSnooping, FlowLogging
 from bulkhead.lab import Lab, LabError, ProbeSpec
 from bulkhead.model import Snapshot, parse_resource
 from bulkhead.policy import Failsafes
@@ -75,6 +78,7 @@ CONFIGS = ("none", "floor", "bulkhead", "naive")
 DIAGNOSTIC = ("bk-noout",    # without the output hook chain (the floor has none)
               "bk-small")    # the receiver's verdict map cut down to the client's element
 FLOWS = "bk-flows"              # --flow-logs: Bulkhead's table with flow logs, and a reader
+DNS = "bk-dns"                  # --dns: Bulkhead's table with DNS snooping rules
 CLIENT = "client"
 # Listed addresses: every other address of 198.18.64.0-198.19.191.255 (inside the lab's
 # 198.18.0.0/15, away from the hosts at 198.18.0.10+, the uplinks and the service address).
@@ -315,6 +319,13 @@ def load_rulesets(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         info[FLOWS] = {"apply_s": flows_applied.seconds, "counts": logged.counts(),
                        "decisions": len(logged.decisions)}
 
+    if args.dns:
+        snooped = render(plan, dns=DnsSnooping(("198.18.0.53", "2001:2::53", "127.0.0.53")))
+        dns_applied = NftApplier(netns=lab.ns(DNS)).apply(snooped)
+        info[DNS] = {"apply_s": dns_applied.seconds, "counts": snooped.counts(),
+                     "snoop_rules": [r for r in snooped.chains["input"].rules
+                                     if "dns" in r]}
+
     if args.diagnose:
         for host, variant in variants(ruleset, client_ip).items():
             info[host] = {"load_s": bench.nft_load(host, variant.script(), 300),
@@ -358,6 +369,7 @@ def check_meaning(lab: Lab, args: argparse.Namespace, receivers: Sequence[str]
                "naive": {f"client {to_port}", f"listed {to_list}"},
                "bk-noout": {f"client {to_port}", f"listed {to_list}"},
                FLOWS: {f"client {to_port}", f"listed {to_list}"},
+               DNS: {f"client {to_port}", f"listed {to_list}"},
                "bk-small": {f"client {to_port}"}}
     wrong = [f"{host}: {what} {outcome}" for host, got in seen.items()
              for what, outcome in got.items() if (outcome == "open") != (what in allowed[host])]
@@ -377,7 +389,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "stream_rounds": args.stream_rounds,
                   "stream_seconds": args.stream_seconds, "inflight": args.inflight}}
     receivers = (*CONFIGS, *(DIAGNOSTIC if args.diagnose else ()),
-                 *((FLOWS,) if args.flow_logs else ()))
+                 *((FLOWS,) if args.flow_logs else ()), *((DNS,) if args.dns else ()))
     results["receivers"] = receivers
     with tempfile.TemporaryDirectory(prefix="bulkhead-dataplane-") as tmp_name:
         tmp = Path(tmp_name)
@@ -420,7 +432,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               for c in zip(*(per(conn, "per_s", h) for h in receivers), strict=True)]
     pairs = [*((h, "none") for h in receivers[1:]), ("bulkhead", "floor"),
              ("bulkhead", "naive"), *((h, "floor") for h in receivers[len(CONFIGS):]),
-             *(((FLOWS, "bulkhead"),) if args.flow_logs else ())]
+             *(((FLOWS, "bulkhead"),) if args.flow_logs else ()),
+             *(((DNS, "bulkhead"),) if args.dns else ())]
     per_cycle = {f"{a}/{b}": [ratio(c[a], c[b]) for c in cycles] for a, b in pairs}
     results["ratios"]["per_cycle"] = {
         name: {"p25": quantile(values, 0.25), "median": median(values),
@@ -467,7 +480,8 @@ def report(results: dict[str, Any]) -> str:
     lines.append("connection rate, ratio within each cycle (median [p25-p75] of "
                  f"{results['sizes']['rounds']} cycles):")
     for name, q in results["ratios"]["per_cycle"].items():
-        goal = "   goal >= 0.9" if name in ("bulkhead/floor", f"{FLOWS}/bulkhead") else ""
+        goal = "   goal >= 0.9" if name in ("bulkhead/floor", f"{FLOWS}/bulkhead",
+                                          f"{DNS}/bulkhead") else ""
         lines.append(f"  {name:<15} {q['median']:>7.2f} [{q['p25']:.2f}-{q['p75']:.2f}]{goal}")
     if "flow_logs" in results:
         fl, reader = results["flow_logs"], results["flow_reader"]
@@ -506,6 +520,8 @@ def main() -> int:
                              "agent's flow pipeline")
     parser.add_argument("--conntrack-events", action="store_true",
                         help="with --flow-logs: the reader takes conntrack destroy events too")
+    parser.add_argument("--dns", action="store_true",
+                        help="add bk-dns: Bulkhead's table with DNS snooping rules")
     parser.add_argument("--lab", default="bench", help="lab name (not starting with t)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

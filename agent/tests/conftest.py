@@ -121,3 +121,16 @@ from tests.labfixture import (  # noqa: E402, F401
     make_module_lab,
     pytest_pycollect_makeitem,
 )
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """An empty network namespace of the test's own (`ip netns`), deleted after it."""
+    import uuid
+
+    name = f"bhtest-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)

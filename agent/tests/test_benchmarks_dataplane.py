@@ -37,8 +37,8 @@ def test_dataplane_benchmark_runs_small() -> None:
     results = run_script("dataplane.py", "--policies", "12", "--elements", "60",
                          "--selecting", "3", "--naive-rules", "60", "--rounds", "1",
                          "--stream-rounds", "1", "--seconds", "0.3", "--stream-seconds", "0.3",
-                         "--flow-logs")
-    configs = {"none", "floor", "bulkhead", "naive", "bk-flows"}
+                         "--flow-logs", "--dns")
+    configs = {"none", "floor", "bulkhead", "naive", "bk-flows", "bk-dns"}
     for figure in ("conn_per_s", "throughput_gbit_s"):
         by_stat = results[figure]
         assert isinstance(by_stat, dict) and set(by_stat) == {"best", "median"}
@@ -62,6 +62,21 @@ def test_dataplane_benchmark_runs_small() -> None:
     assert flows["missed_share"] < 0.5   # a reader that saw little is broken, not slow
     assert ratios["per_cycle"]["bk-flows/bulkhead"]["median"] > 0
     assert rulesets["bk-flows"]["decisions"] > 0
+    # DNS snooping: the same table with the logging rules for the trusted resolvers.
+    assert ratios["per_cycle"]["bk-dns/bulkhead"]["median"] > 0
+    assert len(rulesets["bk-dns"]["snoop_rules"]) == 2
+
+
+def test_dns_race_benchmark_runs_small() -> None:
+    results = run_script("dnsrace.py", "--names", "8")
+    assert results["before_answer"] == "blocked"
+    assert results["answers_read"] == 8 and results["elements_written"] == 8
+    latency = results["answer_to_kernel_ms"]
+    assert isinstance(latency, dict) and latency["samples"] == 8
+    assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+    # Every connection got through, at once or after a retransmission.
+    assert results["failed"] == 0
+    assert 0 <= results["raced"] <= 8
 
 
 def test_convergence_benchmark_runs_small() -> None:

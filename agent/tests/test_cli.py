@@ -92,6 +92,52 @@ def test_explain_usage_errors(files: Path, capsys: pytest.CaptureFixture[str]) -
                  "--failsafe", "tcp:x"]) == 2
 
 
+EGRESS_BY_NAME = """
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: web-egress}
+spec:
+  selector: app == 'web'
+  types: [Egress]
+  egress:
+    - action: Allow
+      protocol: TCP
+      destination: {domains: [api.example.com], ports: [443]}
+"""
+
+
+def test_explain_reads_an_agents_name_cache(files: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    from bulkhead.policy.names import NameCache, Record
+
+    policy = tmp_path / "egress.yaml"
+    policy.write_text(RESOURCES + EGRESS_BY_NAME)
+    cache = NameCache()
+    now = time.time()
+    cache.learn([Record("api.example.com", "CNAME", "edge.cdn.example", 300),
+                 Record("edge.cdn.example", "A", "198.18.3.4", 30)], now)
+    saved = tmp_path / "dns-cache.json"
+    cache.save(saved, now)
+    args = ["explain", "-f", str(policy), "--from", "web", "--to", "198.18.3.4", "--port",
+            "443", "--exit-code"]
+    assert main(args) == 1      # without the names: the address is no one's
+    capsys.readouterr()
+    assert main([*args, "--dns-cache", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: ALLOWED" in out
+    assert "allowed: 198.18.3.4 resolved from api.example.com via edge.cdn.example (TTL " \
+        in out
+    assert "198.18.3.4 resolved from edge.cdn.example (TTL " in out
+    ttl = int(out.split("api.example.com via edge.cdn.example (TTL ")[1].split()[0])
+    assert 25 <= ttl <= 30
+    saved.write_text("{not json")
+    assert main([*args, "--dns-cache", str(saved)]) == 2
+    assert "--dns-cache" in capsys.readouterr().err
+
+
 def test_selector_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["selector", "b in {'y','x'} && has(a)", "--labels", "a=1", "b=x"]) == 0
     assert capsys.readouterr().out == '(b in {"x", "y"} && has(a))\nmatches\n'

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,16 +15,6 @@ from bulkhead.policy.plan import calculate
 from tests.nftfixture import base, snap
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"bhtest-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def nft(ns: str, *args: str, script: str | None = None) -> str:

@@ -81,18 +81,50 @@ def test_named_ports_and_negations() -> None:
     assert any("meta l4proto . @th,0,8 != { 1 . 8 } drop" in r for r in tier.rules)
 
 
-def test_staged_policies_and_domains_do_not_change_the_table() -> None:
+def test_staged_policies_do_not_change_the_table() -> None:
     staged = gnp("db", {"selector": "all()", "ingress": [{"action": "Deny"}]},
                  kind="StagedGlobalNetworkPolicy")
-    domains = gnp("egress", {"selector": "app == 'db'", "egress": [
-        {"action": "Allow", "destination": {"domains": ["example.com"]}}]})
     plain = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
     with_staged = render(calculate(snap(*base(), staged), "n1", {}, Failsafes.off()))
     assert plain.body() == with_staged.body()
-    with_domains = render(calculate(snap(*base(), domains), "n1", {}, Failsafes.off()))
-    egress_tier = [c for n, c in with_domains.chains.items()
-                   if n.startswith("t_") and c not in plain.chains.values()]
-    assert [c.rules for c in egress_tier] == [(egress_tier[0].rules[-1],)]
+
+
+SAAS_SET = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+            "metadata": {"name": "saas", "labels": {"egress": "saas"}},
+            "spec": {"nets": ["198.18.9.0/24"],
+                     "allowedEgressDomains": ["api.example.com", "*.saas.example"]}}
+
+
+def test_domains_match_through_domain_sets_with_timeouts() -> None:
+    domains = gnp("egress", {"selector": "app == 'db'", "egress": [
+        {"action": "Allow", "protocol": "TCP",
+         "destination": {"domains": ["*.example.com"], "ports": [443]}},
+        {"action": "Allow", "destination": {"selector": "egress == 'saas'"}},
+        {"action": "Deny", "destination": {"selector": "egress == 'saas'"}}]})
+    rs = render(calculate(snap(*base(), SAAS_SET, domains), "n1", {}, Failsafes.off()))
+    assert sorted(rs.domain_sets.items()) == [
+        (f"d{f}_{h}", patterns) for f in (4, 6) for h, patterns in sorted(
+            [(n[3:], p) for n, p in rs.domain_sets.items() if n.startswith("d4_")])]
+    by_patterns = {p: n[3:] for n, p in rs.domain_sets.items()}
+    rule_set, netset = by_patterns[("*.example.com",)], by_patterns[
+        ("*.saas.example", "api.example.com")]
+    for name in rs.domain_sets:
+        assert rs.sets[name].flags == ("timeout",) and rs.sets[name].elements == ()
+    tier = next(c for n, c in rs.chains.items() if n.startswith("t_")
+                and any("egress rule" in r for r in c.rules))
+    rules = [r.split(" comment ")[0] for r in tier.rules]
+    # The rule's own domains: an address match on the domain set, per family.
+    assert f"meta nfproto ipv4 meta l4proto 6 ip daddr @d4_{rule_set} th dport {{ 443 }} " \
+           "accept" in rules
+    assert f"meta nfproto ipv6 meta l4proto 6 ip6 daddr @d6_{rule_set} th dport {{ 443 }} " \
+           "accept" in rules
+    # An egress Allow whose selector takes the network set: its nets or its domains.
+    allow = [r for r in rules if r.endswith("accept") and "l4proto 6" not in r]
+    assert any(f"ip daddr @d4_{netset}" in r for r in allow)
+    assert any("ip daddr @s4_" in r for r in allow)
+    # The Deny with the same selector sees the set by its nets alone (felix).
+    deny = [r for r in rules if r.endswith("drop") and "daddr" in r]
+    assert deny and not any("@d4_" in r or "@d6_" in r for r in deny)
 
 
 def test_runs_of_plain_rules_become_one_map_lookup_per_family() -> None:

@@ -6,8 +6,9 @@ raises `ConfigError` naming the key (or flag) and what is wrong with it.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,18 @@ class FlowLogSettings:
     conntrack_events: bool = False
 
 
+@dataclass(frozen=True)
+class DnsSettings:
+    """`dns` in agent.yaml (see docs/dns.md): DNS snooping for domain policy and DNS
+    logs, on unless `enabled: false`."""
+
+    trusted_servers: tuple[str, ...] = ()   # (): the nameservers of /etc/resolv.conf
+    group: int = 3                  # the NFLOG group DNS packets are logged to
+    extra_ttl: float = 0.0          # seconds added to each answer's TTL (felix DNSExtraTTL)
+    max_names: int = 100_000        # names the name cache holds
+    save_interval: float = 60.0     # seconds between writes of the cache to the state dir
+
+
 @dataclass
 class AgentConfig:
     server: str = f"https://localhost:{SERVER_PORT}"
@@ -66,6 +79,7 @@ class AgentConfig:
     # The mode of this node's endpoints without the enforcement label (observe: nothing
     # is blocked, everything is logged as the policies decide; docs/policy.md).
     enforcement: str = ENFORCE
+    dns: DnsSettings | None = field(default_factory=DnsSettings)   # None: no snooping
 
     @property
     def failsafes(self) -> Failsafes:
@@ -88,10 +102,10 @@ KEYS: dict[str, str] = {
     "failsafeOutbound": "failsafe_outbound", "logLevel": "log_level",
     "metricsListen": "metrics_listen", "driftInterval": "drift_interval",
     "statusInterval": "status_interval", "heartbeatInterval": "heartbeat_interval",
-    "flowLogs": "flow_logs", "enforcement": "enforcement",
+    "flowLogs": "flow_logs", "enforcement": "enforcement", "dns": "dns",
 }
 FLAGS: dict[str, str] = {attr: "--" + attr.replace("_", "-") for attr in KEYS.values()
-                         if attr != "flow_logs"}
+                         if attr not in ("flow_logs", "dns")}
 # flowLogs: {enabled, flushInterval, inboundGroup, outboundGroup, spoolBytes,
 # maxConnections, maxRecords}; every key but `enabled` optional.
 FLOW_LOG_KEYS: dict[str, tuple[str, int, int]] = {   # key -> (attribute, min, max)
@@ -124,6 +138,10 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
     for attr, value in (overrides or {}).items():
         if value is not None:
             _set(config, attr, value, FLAGS[attr])
+    flows, dns = config.flow_logs, config.dns
+    if flows and dns and dns.group in (flows.inbound_group, flows.outbound_group):
+        raise ConfigError(f"config {path}: dns.nflogGroup",
+                          f"{dns.group} is a flow-log group; DNS needs a group of its own")
     return config
 
 
@@ -134,6 +152,8 @@ def _set(config: AgentConfig, attr: str, value: Any, where: str) -> None:
         setattr(config, attr, _failsafes(value, where))
     elif attr == "flow_logs":
         config.flow_logs = _flow_logs(value, where)
+    elif attr == "dns":
+        config.dns = _dns(value, where)
     elif kind == "float":
         setattr(config, attr, _seconds(value, where))
     else:
@@ -190,17 +210,37 @@ def _seconds(value: Any, where: str) -> float:
     return seconds
 
 
-def _flow_logs(value: Any, where: str) -> FlowLogSettings | None:
+def _enabled(value: Any, where: str, known: Sequence[str], default: bool,
+             example: str) -> bool:
+    """A section that can be turned off: a mapping of known keys; its `enabled` flag."""
     if not isinstance(value, dict):
-        raise ConfigError(where, "must be a mapping (enabled: true, flushInterval: 15, ...)")
-    known = {"enabled", "flushInterval", "conntrackEvents", *FLOW_LOG_KEYS}
+        raise ConfigError(where, f"must be a mapping ({example}, ...)")
     for key in value:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
-    enabled = value.get("enabled", False)
+    enabled = value.get("enabled", default)
     if not isinstance(enabled, bool):
         raise ConfigError(f"{where}.enabled", f"must be true or false, not {enabled!r}")
-    if not enabled:
+    return enabled
+
+
+def _integers(value: dict[str, Any], where: str,
+              keys: Mapping[str, tuple[str, int, int]]) -> dict[str, int]:
+    """The integer keys given (key -> (attribute, min, max)), checked, by attribute."""
+    out = {}
+    for key, (attr, lo, hi) in keys.items():
+        if key in value:
+            number = value[key]
+            if isinstance(number, bool) or not isinstance(number, int) or not lo <= number <= hi:
+                raise ConfigError(f"{where}.{key}", f"{number!r}: must be an integer from "
+                                  f"{lo} to {hi}")
+            out[attr] = number
+    return out
+
+
+def _flow_logs(value: Any, where: str) -> FlowLogSettings | None:
+    known = ("enabled", "flushInterval", "conntrackEvents", *FLOW_LOG_KEYS)
+    if not _enabled(value, where, known, False, "enabled: true, flushInterval: 15"):
         return None
     settings: dict[str, Any] = {}
     events = value.get("conntrackEvents", False)
@@ -213,17 +253,48 @@ def _flow_logs(value: Any, where: str) -> FlowLogSettings | None:
         if not 1 <= seconds <= 3600:
             raise ConfigError(f"{where}.flushInterval", f"{seconds:g}: must be 1 to 3600 s")
         settings["flush_interval"] = seconds
-    for key, (attr, lo, hi) in FLOW_LOG_KEYS.items():
-        if key in value:
-            number = value[key]
-            if isinstance(number, bool) or not isinstance(number, int) or not lo <= number <= hi:
-                raise ConfigError(f"{where}.{key}", f"{number!r}: must be an integer from "
-                                  f"{lo} to {hi}")
-            settings[attr] = number
+    settings.update(_integers(value, where, FLOW_LOG_KEYS))
     result = FlowLogSettings(**settings)
     if result.inbound_group == result.outbound_group:
         raise ConfigError(f"{where}.outboundGroup", "must differ from inboundGroup")
     return result
+
+
+DNS_KEYS = ("enabled", "trustedServers", "nflogGroup", "extraTTL", "maxNames",
+            "cacheSaveInterval")
+
+
+def _dns(value: Any, where: str) -> DnsSettings | None:
+    if not _enabled(value, where, DNS_KEYS, True, "trustedServers: [...], extraTTL: 0"):
+        return None
+    settings: dict[str, Any] = {}
+    if "trustedServers" in value:
+        servers = value["trustedServers"]
+        if not isinstance(servers, list) or not servers:
+            raise ConfigError(f"{where}.trustedServers", "must be a non-empty list of IP "
+                              "addresses (leave it out for resolv.conf's nameservers)")
+        out = []
+        for i, item in enumerate(servers):
+            try:
+                out.append(str(ipaddress.ip_address(str(item).strip())))
+            except ValueError:
+                raise ConfigError(f"{where}.trustedServers[{i}]",
+                                  f"{item!r} is not an IP address") from None
+        settings["trusted_servers"] = tuple(dict.fromkeys(out))
+    settings.update(_integers(value, where, {"nflogGroup": ("group", 0, 65535),
+                                             "maxNames": ("max_names", 100, 10_000_000)}))
+    if "extraTTL" in value:
+        extra = value["extraTTL"]
+        if isinstance(extra, bool) or not isinstance(extra, int | float) \
+                or not 0 <= extra <= 86400:
+            raise ConfigError(f"{where}.extraTTL", f"{extra!r}: must be 0 to 86400 seconds")
+        settings["extra_ttl"] = float(extra)
+    if "cacheSaveInterval" in value:
+        seconds = _seconds(value["cacheSaveInterval"], f"{where}.cacheSaveInterval")
+        if not 1 <= seconds <= 3600:
+            raise ConfigError(f"{where}.cacheSaveInterval", f"{seconds:g}: must be 1 to 3600 s")
+        settings["save_interval"] = seconds
+    return DnsSettings(**settings)
 
 
 def _failsafes(value: Any, where: str) -> tuple[FailsafePort, ...]:

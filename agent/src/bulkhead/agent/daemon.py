@@ -11,6 +11,8 @@
     status   after each apply and every status interval; best effort, never blocking
     flows    with flow logs on (`flowLogs.enabled`): the kernel's logs read, aggregated,
              spooled on disk and shipped to the server (agent/flowlogs.py)
+    dns      with DNS snooping on (`dns`, the default with the nftables enforcer): answers
+             from the trusted resolvers fill the domain sets (agent/dns.py)
 
 Nothing here ever removes the ruleset: when the agent stops, or cannot reach the server,
 the kernel keeps enforcing the last policy applied (fail static).
@@ -95,6 +97,16 @@ class Agent:
                                       enforcer, "rule_hits", None),
                                   default_mode=config.enforcement) \
             if config.flow_logs else None
+        self.dns: Any = None            # agent.dns.DnsSnooper, when the enforcer snoops
+        snoop = getattr(enforcer, "dns", None)
+        if config.dns is not None and snoop is not None:
+            from bulkhead.agent.dns import DnsSnooper
+
+            self.dns = DnsSnooper(config.dns, snoop, Path(config.state_dir),
+                                  getattr(enforcer, "table", "bulkhead"))
+            applier = getattr(enforcer, "applier", None)
+            if applier is not None:
+                applier.timed = self.dns.timed
 
     # ---------------------------------------------------------------------- state
     @property
@@ -108,6 +120,8 @@ class Agent:
         body = status_body(self.applied_revision, self.errors, self.counters)
         if self.flow_logs is not None:
             body["counters"].update(self.flow_logs.stats())
+        if self.dns is not None:
+            body["counters"].update(self.dns.stats())
         return body
 
     def metrics_view(self) -> MetricsView:
@@ -115,7 +129,8 @@ class Agent:
         return MetricsView(self.config.node, self.applied_revision, self.revision,
                            self.connected, len(self.errors), self.counters,
                            flows.stats() if flows else {},
-                           flows.hits() if flows else [])
+                           flows.hits() if flows else [],
+                           self.dns.stats() if self.dns else {})
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run an enforcer call in a worker thread, one at a time."""
@@ -167,6 +182,8 @@ class Agent:
             self.apply_error = None
             if self.flow_logs is not None:
                 self.flow_logs.update(snapshot, report.decisions)
+            if self.dns is not None:
+                self.dns.applied(report.domain_sets, report.full)
             self._applied = objects
             self._in_sync = self.state.objects == objects
             self.applied_revision = revision
@@ -358,6 +375,8 @@ class Agent:
                 log.error(self.repair_error, exc_info=not isinstance(e, EnforceError))
             else:
                 self.repair_error = None
+                if self.dns is not None:
+                    self.dns.applied(report.domain_sets, report.full)
                 self.counters.record(report, repair=True)
                 log.info("repaired", extra={"fields": {"revision": self.applied_revision,
                                                        "seconds": round(report.seconds, 4),
@@ -365,19 +384,38 @@ class Agent:
             self._status_kick.set()
 
     # ---------------------------------------------------------------------- flows
-    async def _flows_forever(self, session: aiohttp.ClientSession) -> None:
-        """Flow logs, started again after any failure: they never stop enforcement."""
-        assert self.flow_logs is not None
+    async def _forever(self, what: str, run: Callable[[], Any], counters: Any) -> None:
+        """A side loop (flow logs, DNS snooping), started again after any failure (its
+        `counters.failures` counts them): it never stops enforcement."""
         while not self._stopping:
             try:
-                await self.flow_logs.run(session, lambda: self._stopping)
+                await run()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                self.flow_logs.counters.failures += 1
-                log.error("flow logs failed; starting them again in %.0f s (enforcement "
-                          "goes on): %r", self.flow_retry, e, exc_info=True)
+                counters.failures += 1
+                log.error("%s failed; starting again in %.0f s (enforcement goes on): %r",
+                          what, self.flow_retry, e, exc_info=True)
                 await asyncio.sleep(self.flow_retry)
+
+    async def _flows_forever(self, session: aiohttp.ClientSession) -> None:
+        flows = self.flow_logs
+        assert flows is not None
+        await self._forever("flow logs", lambda: flows.run(session, lambda: self._stopping),
+                            flows.counters)
+
+    # ------------------------------------------------------------------------ dns
+    async def _dns_forever(self) -> None:
+        dns = self.dns
+        assert dns is not None
+        await self._forever("DNS snooping", lambda: dns.run(lambda: self._stopping),
+                            dns.counters)
+
+    async def flush_dns(self) -> int:
+        """Forget the learned names and empty the kernel's domain sets (SIGUSR1)."""
+        if self.dns is None:
+            return 0
+        return await asyncio.to_thread(self.dns.flush)
 
     # --------------------------------------------------------------------- status
     async def _status_forever(self, session: aiohttp.ClientSession) -> None:
@@ -403,6 +441,8 @@ class Agent:
     # ------------------------------------------------------------------------ run
     async def run(self, stop: asyncio.Event) -> None:
         """The daemon, until `stop` is set. The ruleset stays in the kernel afterwards."""
+        if self.dns is not None:
+            await asyncio.to_thread(self.dns.load)   # before the cached table is applied
         await self.boot_from_cache()
         ctx = client_ssl_context(self.config)   # after the cache: a bad file still boots
         metrics = MetricsServer(self.metrics_view)
@@ -419,6 +459,8 @@ class Agent:
                  asyncio.create_task(self._status_forever(session), name="status")]
         if self.flow_logs is not None:
             tasks.append(asyncio.create_task(self._flows_forever(session), name="flows"))
+        if self.dns is not None:
+            tasks.append(asyncio.create_task(self._dns_forever(), name="dns"))
         stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait([stopping, *tasks],
@@ -438,6 +480,8 @@ class Agent:
                 _, pending = await asyncio.wait(pending, timeout=1.0)
             await session.close()
             await metrics.stop()
+            if self.dns is not None:
+                await asyncio.to_thread(self.dns.close)
             log.info("stopped; the ruleset stays in the kernel", extra={"fields": {
                 "appliedRevision": self.applied_revision}})
 

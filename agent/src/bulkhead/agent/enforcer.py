@@ -28,6 +28,8 @@ class EnforceReport:
     created: bool = False
     # Flow logs: the NFLOG prefixes the applied table logs with, and what they name.
     decisions: dict[str, Decision] = field(default_factory=dict)
+    # Domain sets: each set's name and the domain patterns it holds addresses for.
+    domain_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class EnforceError(Exception):

@@ -5,6 +5,9 @@
     bulkhead-agent --once                       fetch, enforce, report status, exit
     bulkhead-agent --dry-run [--offline]        print the ruleset and the diff against the
                                                 kernel; change nothing
+    bulkhead-agent --flush-dns-cache            forget the learned DNS names (saved cache
+                                                and the kernel's domain sets); a running
+                                                agent does the same on SIGUSR1
 
 Exit codes: 0 done; 1 the apply failed or the server refused; 2 bad configuration or
 usage; 3 the server cannot be reached.
@@ -39,12 +42,14 @@ def default_enforcer(config: AgentConfig) -> Enforcer:
         )
     except ImportError as e:
         raise AgentError(f"the nftables enforcer is not available: {e}") from None
+    from bulkhead.agent.dns import snooping
     from bulkhead.dataplane.nftables.render import FlowLogging
 
     flows = config.flow_logs
     logged = FlowLogging(flows.inbound_group, flows.outbound_group) if flows else None
-    enforcer: Enforcer = NftablesEnforcer(config.node, config.failsafes, flow_logs=logged,
-                                          default_mode=config.enforcement)
+    enforcer: Enforcer = NftablesEnforcer(
+        config.node, config.failsafes, flow_logs=logged, default_mode=config.enforcement,
+        dns=snooping(config.dns) if config.dns is not None else None)
     return enforcer
 
 
@@ -59,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="fetch the snapshot, enforce it, report status and exit")
     mode.add_argument("--dry-run", action="store_true",
                       help="print the ruleset and its diff against the kernel; change nothing")
+    mode.add_argument("--flush-dns-cache", action="store_true",
+                      help="forget the DNS names learned (the saved cache and the kernel's "
+                      "domain sets) and exit; send SIGUSR1 to a running agent instead")
     p.add_argument("--offline", action="store_true",
                    help="with --dry-run: use the cached policy, not the server")
     helps = {
@@ -95,6 +103,8 @@ def main(argv: list[str] | None = None, *,
     except ConfigError as e:
         return _error(str(e), 2)
     setup_logging(config.log_level)
+    if args.flush_dns_cache:
+        return _flush_dns(config)
     try:
         agent = Agent(config, (make_enforcer or default_enforcer)(config))
         if args.dry_run:
@@ -132,12 +142,33 @@ def _dry_run(agent: Agent, offline: bool) -> int:
     return 0
 
 
+def _flush_dns(config: AgentConfig) -> int:
+    """The stopped agent's DNS names: the saved cache removed, the domain sets emptied."""
+    from bulkhead.agent.dns import flush_saved
+
+    try:
+        names, sets = flush_saved(Path(config.state_dir))
+    except (OSError, ValueError) as e:
+        return _error(f"flushing the DNS cache: {e}", 1)
+    print(f"forgot {names} DNS names; emptied {sets} domain sets")
+    return 0
+
+
 async def _daemon(agent: Agent) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
+    flushes: set[asyncio.Task[int]] = set()
+
+    def flush() -> None:
+        task = asyncio.ensure_future(agent.flush_dns())
+        flushes.add(task)
+        task.add_done_callback(flushes.discard)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
+        loop.add_signal_handler(signal.SIGUSR1, flush)
     await agent.run(stop)
 
 

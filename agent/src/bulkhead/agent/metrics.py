@@ -24,6 +24,7 @@ class MetricsView:
     flows: dict[str, int] = field(default_factory=dict)   # flow-log counters (camelCase)
     # Flow logs: each decision's hits, as (direction, tier, policy, rule, action, hits).
     hits: list[tuple[str, str, str, str, str, int]] = field(default_factory=list)
+    dns: dict[str, float] = field(default_factory=dict)   # DNS snooping counters
 
 
 def _metric(lines: list[str], name: str, kind: str, help_text: str,
@@ -73,6 +74,12 @@ def render_metrics(view: MetricsView) -> str:
                 "Flow logs: records sent, refused, spooled and dropped, kernel overruns, "
                 "open connections followed (by counter).",
                 [(f'{{counter="{_label(k)}"}}', v) for k, v in sorted(view.flows.items())])
+    if view.dns:
+        _metric(lines, "bulkhead_agent_dns", "gauge",
+                "DNS snooping: answers and queries read, untrusted and malformed packets, "
+                "domain-set elements written, the name cache, and the time from an "
+                "answer to its elements in the kernel (p50, p99 in ms), by counter.",
+                [(f'{{counter="{_label(k)}"}}', v) for k, v in sorted(view.dns.items())])
     if view.hits:
         _metric(lines, "bulkhead_agent_rule_hits_total", "counter",
                 "Connections each decision of the table took (its first packets), from "

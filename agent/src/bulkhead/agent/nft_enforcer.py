@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from bulkhead.agent.enforcer import EnforceError, EnforceReport
 from bulkhead.dataplane.nftables import Ruleset, render
 from bulkhead.dataplane.nftables.apply import ApplyResult, NftApplier, NftError
-from bulkhead.dataplane.nftables.render import FlowLogging
+from bulkhead.dataplane.nftables.render import DnsSnooping, FlowLogging
 from bulkhead.model import ENFORCE, Snapshot
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
@@ -39,8 +39,10 @@ class NftablesEnforcer:
     def __init__(self, node: str, failsafes: Failsafes, table: str = "bulkhead",
                  interfaces: Callable[[], Interfaces] | None = None,
                  applier: NftApplier | None = None,
-                 flow_logs: FlowLogging | None = None, default_mode: str = ENFORCE) -> None:
+                 flow_logs: FlowLogging | None = None, default_mode: str = ENFORCE,
+                 dns: DnsSnooping | None = None) -> None:
         self.node = node
+        self.dns = dns
         self.default_mode = default_mode   # endpoints without the enforcement label
         self.flow_logs = flow_logs
         self.failsafes = failsafes
@@ -59,12 +61,13 @@ class NftablesEnforcer:
                                for h in snapshot.host_endpoints.values())
         plan = calculate(snapshot, self.node, self._seen, self.failsafes,
                          default_mode=self.default_mode)
-        return render(plan, self.table, flow_logs=self.flow_logs)
+        return render(plan, self.table, flow_logs=self.flow_logs, dns=self.dns)
 
     def _report(self, result: ApplyResult, revision: int, ruleset: Ruleset) -> EnforceReport:
         return EnforceReport(revision, result.full, result.changed, result.seconds,
                              ruleset.counts(), list(ruleset.warnings),
-                             decisions=dict(ruleset.decisions))
+                             decisions=dict(ruleset.decisions),
+                             domain_sets=dict(ruleset.domain_sets))
 
     def enforce(self, snapshot: Snapshot, revision: int) -> EnforceReport:
         start = time.perf_counter()

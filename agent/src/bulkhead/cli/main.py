@@ -72,14 +72,38 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _resolutions(path: str, address: str) -> tuple[list[str], list[str]]:
+    """The names an agent's DNS name cache (its dns-cache.json) holds for `address` now,
+    and a phrase for each: `resolved from NAME [via A, B] (TTL N s left)`."""
+    import time
+
+    from bulkhead.policy.names import NameCache
+
+    cache = NameCache()
+    now = time.time()
+    try:
+        cache.load(Path(path), now)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--dns-cache {path}: {e}") from None
+    names, phrases = [], []
+    for how in cache.reasons(address, now):
+        via = f" via {', '.join(how.via)}" if how.via else ""
+        names.append(how.name)
+        phrases.append(f"resolved from {how.name}{via} (TTL {max(0, int(how.expiry - now))} "
+                       "s left)")
+    return names, phrases
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     snapshot = Snapshot.build(load_paths(args.filename))
     evaluator = Evaluator(snapshot, _failsafes(args.failsafe))
+    dst = _resolve(snapshot, args.dst)
+    names, phrases = _resolutions(args.dns_cache, dst) if args.dns_cache else ([], [])
     try:
-        flow = Flow.make(_resolve(snapshot, args.src), _resolve(snapshot, args.dst),
+        flow = Flow.make(_resolve(snapshot, args.src), dst,
                          args.proto, args.port, src_port=args.src_port,
                          icmp_type=args.icmp_type, icmp_code=args.icmp_code,
-                         domains=frozenset(args.domain or ()))
+                         domains=frozenset([*(args.domain or ()), *names]))
     except ValueError as e:
         raise UsageError(str(e)) from None
     if flow.carries_ports and flow.dst_port is None:
@@ -88,7 +112,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(_verdict_json(verdict), indent=2))
     else:
-        print(explain_text(evaluator, verdict))
+        print(explain_text(evaluator, verdict, phrases))
     return EXIT_FAILED if args.exit_code and not verdict.allowed else EXIT_OK
 
 
@@ -193,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--icmp-type", type=int)
     p.add_argument("--icmp-code", type=int)
     p.add_argument("--domain", action="append", help="a name the destination resolved from")
+    p.add_argument("--dns-cache", metavar="FILE",
+                   help="an agent's DNS name cache (STATE_DIR/dns-cache.json): the names "
+                   "the destination resolved from, as that agent knows them now")
     p.add_argument("--failsafe", default="default",
                    help="'default' (Calico's and the server's), 'off', or a list: tcp:22,...")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")

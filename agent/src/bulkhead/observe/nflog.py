@@ -102,6 +102,9 @@ class LoggedPacket(NamedTuple):
     icmp_code: int | None
     length: int                 # the whole packet's length, from its IP header
     timestamp: float            # seconds since the epoch
+    # The upper-layer bytes (from the TCP/UDP header on), only from a reader that keeps
+    # them (`NflogSocket(keep_payload=True)`, for DNS answers): b"" otherwise.
+    payload: bytes = b""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -116,10 +119,12 @@ def _v6(raw: bytes) -> ipaddress.IPv6Address:
     return ipaddress.IPv6Address(raw)
 
 
-def parse_messages(data: bytes, now: float) -> tuple[list[LoggedPacket], int]:
+def parse_messages(data: bytes, now: float, keep_payload: bool = False
+                   ) -> tuple[list[LoggedPacket], int]:
     """The logged packets in one datagram from nfnetlink_log, and how many messages in
     it were unreadable (truncated, no packet, not IPv4 or IPv6). Other messages (acks,
-    NLMSG_DONE) are passed over. `now` stands in for a missing kernel timestamp."""
+    NLMSG_DONE) are passed over. `now` stands in for a missing kernel timestamp;
+    `keep_payload` keeps each packet's upper-layer bytes."""
     packets: list[LoggedPacket] = []
     bad = 0
     try:
@@ -127,7 +132,7 @@ def parse_messages(data: bytes, now: float) -> tuple[list[LoggedPacket], int]:
             if kind != PACKET_MESSAGE:
                 continue
             try:
-                packets.append(_packet(payload, now))
+                packets.append(_packet(payload, now, keep_payload))
             except Malformed:
                 bad += 1
     except Malformed:
@@ -135,7 +140,7 @@ def parse_messages(data: bytes, now: float) -> tuple[list[LoggedPacket], int]:
     return packets, bad
 
 
-def _packet(payload: bytes, now: float) -> LoggedPacket:
+def _packet(payload: bytes, now: float, keep_payload: bool = False) -> LoggedPacket:
     if len(payload) < 4:
         raise Malformed("no nfgenmsg")
     family = FAMILIES.get(payload[0])
@@ -165,7 +170,8 @@ def _packet(payload: bytes, now: float) -> LoggedPacket:
     elif proto == ICMP[family] and len(l4) >= 2:
         icmp_type, icmp_code = l4[0], l4[1]
     return LoggedPacket(group, prefix, family, proto, src, dst, sport, dport,
-                        icmp_type, icmp_code, length, timestamp)
+                        icmp_type, icmp_code, length, timestamp,
+                        bytes(l4) if keep_payload else b"")
 
 
 Addresses = tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address,
@@ -220,36 +226,42 @@ class NflogSocket(Subscription[LoggedPacket]):
     """A reader of NFLOG groups in a network namespace ("" = this process's). Each
     group is bound to copy up to `copy_bytes` of each packet (the rule's `snaplen` may
     ask for fewer); `rcvbuf` is the socket's receive buffer (SO_RCVBUFFORCE).
-    Non-blocking: wait on `fileno()`, then `read()`."""
+    `qthresh` is how many messages the kernel batches before sending (1: each at once,
+    for DNS answers that race their first connection); `keep_payload` keeps each
+    packet's upper-layer bytes. Non-blocking: wait on `fileno()`, then `read()`."""
 
     error = NflogError
 
     def __init__(self, groups: Sequence[int], netns: str = "", copy_bytes: int = 128,
-                 rcvbuf: int = 4 << 20) -> None:
+                 rcvbuf: int = 4 << 20, qthresh: int = QTHRESH,
+                 keep_payload: bool = False) -> None:
         wanted = list(dict.fromkeys(groups))
         for group in wanted:
             if not 0 <= group <= 0xFFFF:
                 raise ValueError(f"NFLOG group {group} is not in 0..65535")
         if not 0 < copy_bytes <= 0xFFFF - 4:
             raise ValueError(f"copy_bytes {copy_bytes} is not in 1..65531")
+        if not 1 <= qthresh <= 1000:
+            raise ValueError(f"qthresh {qthresh} is not in 1..1000")
         super().__init__(netns, rcvbuf=rcvbuf)
+        self.keep_payload = keep_payload
         self.groups: tuple[int, ...] = ()
         try:
             for group in wanted:
-                self._bind(group, copy_bytes)
+                self._bind(group, copy_bytes, qthresh)
                 self.groups += (group,)
         except BaseException:
             self.sock.close()
             raise
 
-    def _bind(self, group: int, copy_bytes: int) -> None:
+    def _bind(self, group: int, copy_bytes: int, qthresh: int) -> None:
         seq = self._next_seq()
         code = self._request(_config(
             group, seq, _command(NFULNL_CFG_CMD_BIND),
             attr(NFULA_CFG_MODE, struct.pack(">IBx", copy_bytes, NFULNL_COPY_PACKET)),
             attr(NFULA_CFG_NLBUFSIZ, struct.pack(">I", NLBUFSIZ)),
             attr(NFULA_CFG_TIMEOUT, struct.pack(">I", FLUSH_TIMEOUT)),
-            attr(NFULA_CFG_QTHRESH, struct.pack(">I", QTHRESH))), seq)
+            attr(NFULA_CFG_QTHRESH, struct.pack(">I", qthresh))), seq)
         if code in (errno.EBUSY, errno.EPERM):
             raise NflogError(f"NFLOG group {group} is already bound by another reader "
                              f"({errno.errorcode[code]}); one socket per group and "
@@ -259,7 +271,7 @@ class NflogSocket(Subscription[LoggedPacket]):
                              code)
 
     def _parse(self, data: bytes) -> tuple[list[LoggedPacket], int]:
-        return parse_messages(data, time.time())
+        return parse_messages(data, time.time(), self.keep_payload)
 
     def close(self) -> None:
         """Unbind the groups and close the socket (closing alone frees them too)."""

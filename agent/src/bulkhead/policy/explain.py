@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from bulkhead.policy.evaluate import DirectionVerdict, Evaluator, Verdict
 
@@ -27,13 +27,20 @@ def _direction_lines(v: DirectionVerdict, indent: str = "    ") -> list[str]:
     return lines
 
 
-def explain_text(evaluator: Evaluator, verdict: Verdict) -> str:
+def explain_text(evaluator: Evaluator, verdict: Verdict, resolved: Sequence[str] = ()
+                 ) -> str:
+    """`resolved`: how the destination's names were learned, one phrase each (`resolved
+    from api.example.com (TTL 30 s left)`), from the agent's DNS name cache."""
     flow = verdict.flow
     out = [f"flow {flow}",
            f"  from {_who(evaluator, flow.src)}",
-           f"  to   {_who(evaluator, flow.dst)}",
-           f"verdict: {'ALLOWED' if verdict.allowed else 'DENIED'} "
-           "(needs the sender's egress and the receiver's ingress)"]
+           f"  to   {_who(evaluator, flow.dst)}"]
+    out += [f"       {flow.dst} {phrase}" for phrase in resolved]
+    out += [f"verdict: {'ALLOWED' if verdict.allowed else 'DENIED'} "
+            "(needs the sender's egress and the receiver's ingress)"]
+    if resolved:
+        out.append(f"  {'allowed' if verdict.allowed else 'denied'}: {flow.dst} "
+                   f"{resolved[0]}")
     if verdict.allowed and not verdict.policy_allowed:
         out.append("  observe mode: the policies deny it; enforce mode would block it")
     out += _direction_lines(verdict.egress)

@@ -66,7 +66,7 @@ class SidePlan:
     def needs_addresses(self) -> bool:
         """Whether the side looks at an address whose family a set must match."""
         return bool(self.selector or self.not_selector or self.named_ports
-                    or self.not_named_ports)
+                    or self.not_named_ports or self.domains)
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class RulePlan:
     not_icmp: tuple[int | None, int | None] | None = None
     source: SidePlan = SidePlan()
     destination: SidePlan = SidePlan()
+    direction: str = INGRESS
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,20 @@ class NodePlan:
     selector_sets: dict[Selector, AddressSet]
     named_ports: dict[str, tuple[NamedPortEntry, ...]]
     warnings: list[str] = field(default_factory=list)
+    # The destination selectors of egress Allow rules that select network sets with
+    # allowedEgressDomains, and those domains (sorted): such a rule also allows the
+    # addresses the names resolve to (felix's domain sets).
+    domain_sets: dict[Selector, tuple[str, ...]] = field(default_factory=dict)
+
+    def domains_of(self, rule: RulePlan) -> tuple[str, ...]:
+        """The domains whose addresses a rule's destination also matches: its own
+        `domains`, or those of the network sets its selector selects (egress Allow)."""
+        if rule.destination.domains:
+            return rule.destination.domains
+        if rule.destination.selector is not None and rule.action == "Allow" \
+                and rule.direction == EGRESS:
+            return self.domain_sets.get(rule.destination.selector, ())
+        return ()
 
 
 # ------------------------------------------------------------------------ calculation
@@ -233,7 +248,7 @@ def _direction(snapshot: Snapshot, policies: Sequence[GlobalNetworkPolicy], hep:
         if profile is not None:
             where = f"profile {name} {direction.lower()}"
             profiles.append(ProfilePlan(name, tuple(
-                rule_plan(r, f"{where} rule {i}", name, i)
+                rule_plan(r, f"{where} rule {i}", name, i, direction)
                 for i, r in enumerate(profile.rules(direction)))))
     return DirectionPlan(
         early=tuple(PolicyPlan(p.name, tuple(_rules(p, direction)), p.spec.do_not_track,
@@ -245,10 +260,11 @@ def _rules(policy: GlobalNetworkPolicy, direction: str) -> Iterable[RulePlan]:
     kind = "staged policy" if policy.staged else "policy"
     for i, rule in enumerate(policy.spec.rules(direction)):
         yield rule_plan(rule, f"{kind} {policy.name} {direction.lower()} rule {i}",
-                        policy.name, i)
+                        policy.name, i, direction)
 
 
-def rule_plan(rule: Rule, where: str, owner: str = "", index: int = 0) -> RulePlan:
+def rule_plan(rule: Rule, where: str, owner: str = "", index: int = 0,
+              direction: str = INGRESS) -> RulePlan:
     def icmp(m: object) -> tuple[int | None, int | None] | None:
         return None if m is None else (m.type, m.code)  # type: ignore[attr-defined]
 
@@ -258,7 +274,8 @@ def rule_plan(rule: Rule, where: str, owner: str = "", index: int = 0) -> RulePl
         protocol=None if rule.protocol is None else protocol_number(rule.protocol),
         not_protocol=None if rule.not_protocol is None else protocol_number(rule.not_protocol),
         icmp=icmp(rule.icmp), not_icmp=icmp(rule.not_icmp),
-        source=_side(rule.source), destination=_side(rule.destination))
+        source=_side(rule.source), destination=_side(rule.destination),
+        direction=direction)
 
 
 def _side(entity: EntityRule) -> SidePlan:
@@ -317,6 +334,15 @@ def _resolve_sets(snapshot: Snapshot, labels: Mapping[str, Mapping[str, str]],
             members[sel][6] += v6
     for sel, spans in members.items():
         plan.selector_sets[sel] = AddressSet(merge(spans[4]), merge(spans[6]))
+    domain_selectors = {r.destination.selector for r in _all_rules(plan)
+                        if r.direction == EGRESS and r.action == "Allow"
+                        and r.destination.selector is not None}
+    for sel in domain_selectors:
+        domains = sorted({d for netset in snapshot.network_sets.values()
+                          if netset.allowed_egress_domains and sel.matches(netset.labels)
+                          for d in netset.allowed_egress_domains})
+        if domains:
+            plan.domain_sets[sel] = tuple(domains)
     for name in sorted(port_names):
         plan.named_ports[name] = tuple(sorted({
             NamedPortEntry(family, first, protocol_number(port.protocol), port.port)

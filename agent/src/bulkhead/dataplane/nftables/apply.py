@@ -14,7 +14,7 @@ import difflib
 import json
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bulkhead.dataplane.nftables.netlink import NftNetlink, Unsupported, set_changes
@@ -50,6 +50,9 @@ class NftApplier:
         self.last: Ruleset | None = None
         self._terse: str | None = None   # the table's shape right after our full apply
         self._generation: int | None = None   # the ruleset generation our last commit made
+        # Elements of the sets with timeouts (domain sets) to put back when the table is
+        # replaced whole, in the same transaction: set name -> `ADDRESS timeout Nms`.
+        self.timed: Callable[[Ruleset], Mapping[str, Sequence[str]]] | None = None
 
     def _nft(self, args: Sequence[str], script: str | None = None,
              argv: Sequence[str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -87,7 +90,9 @@ class NftApplier:
         return ApplyResult(full, True, time.perf_counter() - start, via)
 
     def _replace(self, ruleset: Ruleset) -> None:
-        self._run_script(ruleset.script())
+        timed = self.timed(ruleset) if self.timed is not None and ruleset.domain_sets \
+            else None
+        self._run_script(ruleset.script(timed))
         # The generation first: a change between the two reads shows up as drift later.
         self._generation = self.generation()
         self._terse = self._shape()

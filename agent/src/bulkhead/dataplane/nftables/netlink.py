@@ -74,6 +74,7 @@ NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_DATA = 2
 NFTA_SET_ELEM_FLAGS = 3
+NFTA_SET_ELEM_TIMEOUT = 4
 NFTA_SET_ELEM_KEY_END = 10
 NFTA_DATA_VALUE = 1
 NFTA_DATA_VERDICT = 2
@@ -103,6 +104,7 @@ class Element:
     flags: int = 0                       # NFT_SET_ELEM_INTERVAL_END for an end element
     key_end: bytes | None = None         # the range's last key (concatenated intervals)
     verdict: tuple[str, str] | None = None   # ("accept", "") / ("jump", "chain name")
+    timeout_ms: int | None = None        # a set with timeouts: the element's lifetime
 
 
 # ----------------------------------------------------------------------- encoding
@@ -270,6 +272,8 @@ def _element_attr(e: Element) -> bytes:
         attrs.append(_nested(NFTA_SET_ELEM_KEY_END, _attr(NFTA_DATA_VALUE, e.key_end)))
     if e.flags:
         attrs.append(_attr(NFTA_SET_ELEM_FLAGS, struct.pack(">I", e.flags)))
+    if e.timeout_ms is not None:
+        attrs.append(_attr(NFTA_SET_ELEM_TIMEOUT, struct.pack(">Q", e.timeout_ms)))
     if e.verdict is not None:
         code, chain = e.verdict
         inner = [_attr(NFTA_VERDICT_CODE, struct.pack(">i", VERDICTS[code]))]
@@ -277,6 +281,18 @@ def _element_attr(e: Element) -> bytes:
             inner.append(_string(NFTA_VERDICT_CHAIN, chain))
         attrs.append(_nested(NFTA_SET_ELEM_DATA, _nested(NFTA_DATA_VERDICT, *inner)))
     return _nested(NFTA_LIST_ELEM, *attrs)
+
+
+def timed_elements(family: int, addresses: Iterable[tuple[str, int]]) -> tuple[Element, ...]:
+    """Elements of a plain address set with timeouts (`flags timeout`): (address text,
+    milliseconds) pairs of `family`; others are skipped. Adding an element the set holds
+    sets its timeout anew (kernel 6.x), longer or shorter."""
+    out = []
+    for text, ms in addresses:
+        address = ipaddress.ip_address(text)
+        if address.version == family and ms > 0:
+            out.append(Element(address.packed, timeout_ms=ms))
+    return tuple(sorted(out, key=lambda e: e.key))
 
 
 @dataclass(frozen=True)

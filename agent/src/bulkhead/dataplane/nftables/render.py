@@ -43,6 +43,16 @@ untracked Deny of an observe endpoint accepts the packet out of the raw hook (no
 chains, which log the Deny and accept. An endpoint in enforce mode renders exactly as
 without modes.
 
+Domains (docs/dns.md): a rule's `destination.domains`, and the allowedEgressDomains of
+the network sets an egress Allow rule's destination selector takes, match through domain
+sets (`d4_<h>`, `d6_<h>`: `flags timeout`, keyed by the sorted patterns): `ip daddr
+@d4_<h>` beside the rule's other matches, or as an alternative to the selector's own set.
+They are declared empty: the agent fills them from DNS answers, each element with the
+answer's TTL as its timeout, and `Ruleset.domain_sets` tells it which patterns each set
+holds. With `dns=DnsSnooping(...)`, UDP port 53 to and from the trusted resolvers is
+logged whole to an NFLOG group, first in the input and output chains (before
+established traffic is accepted), for the agent's snooper.
+
 Chains are named by a hash of their content, so endpoints that need the same program share
 one chain, and an unchanged chain keeps its name. Selectors become named sets keyed by
 their canonical form (`s4_<h>`, `s6_<h>`), named ports sets of address . protocol . port
@@ -52,6 +62,7 @@ their canonical form (`s4_<h>`, `s6_<h>`), named ports sets of address . protoco
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -112,6 +123,31 @@ class FlowLogging:
         return self.inbound_group if direction == INGRESS else self.outbound_group
 
 
+@dataclass(frozen=True)
+class DnsSnooping:
+    """DNS over UDP between this host and its trusted resolvers, logged whole to one NFLOG
+    group before anything else in the input and output chains (established traffic
+    included): answers fill the domain sets, queries pair with them for DNS logs."""
+
+    servers: tuple[str, ...]      # the resolvers' addresses (IPv4 and IPv6)
+    group: int = 3
+    snaplen: int = 8192           # bytes copied: an EDNS answer of 4096 bytes fits
+
+    def rules(self, direction: str) -> list[str]:
+        ingress = direction == INGRESS
+        out = []
+        for family, word in ((4, "ip"), (6, "ip6")):
+            servers = sorted({str(a) for a in map(ipaddress.ip_address, self.servers)
+                              if a.version == family})
+            if not servers:
+                continue
+            peer, port = ("saddr", "sport") if ingress else ("daddr", "dport")
+            out.append(f"meta l4proto udp {word} {peer} {{ {', '.join(servers)} }} "
+                       f"udp {port} 53 log group {self.group} snaplen {self.snaplen} "
+                       f"comment \"dns {'answers' if ingress else 'queries'}\"")
+        return out
+
+
 def log_prefix(decision: Decision) -> str:
     """The NFLOG prefix naming `decision`: readable where it fits, hashed where not."""
     rule = "-" if decision.rule is None else str(decision.rule)
@@ -148,10 +184,11 @@ Place = tuple[str, str, bool] | None
 
 class _Renderer:
     def __init__(self, plan: NodePlan, table: str, compile_runs: bool,
-                 flow_logs: FlowLogging | None) -> None:
+                 flow_logs: FlowLogging | None, dns: DnsSnooping | None = None) -> None:
         self.plan = plan
         self.compile = compile_runs
         self.flow_logs = flow_logs
+        self.dns = dns
         self.rs = Ruleset(table, warnings=list(plan.warnings))
 
     # -- flow logs --------------------------------------------------------------------
@@ -187,6 +224,15 @@ class _Renderer:
                                         tuple(sorted(members.texts(family))))
         return name
 
+    def domain_set(self, domains: Sequence[str], family: int) -> str:
+        """The set of addresses `domains` resolve to: filled by the agent from DNS
+        answers, each element with a timeout (never rendered with elements)."""
+        name = f"d{family}_{_h(chr(10).join(domains))}"
+        if name not in self.rs.sets:
+            self.rs.sets[name] = NftSet(name, f"ipv{family}_addr", ("timeout",))
+            self.rs.domain_sets[name] = tuple(domains)
+        return name
+
     def port_set(self, port_name: str, family: int) -> str:
         name = f"np{family}_{_h(port_name)}"
         if name not in self.rs.sets:
@@ -212,7 +258,7 @@ class _Renderer:
             run.clear()
 
         for rule in rules:
-            if is_plain(rule):
+            if is_plain(rule) and not self.plan.domains_of(rule):
                 run.append(rule)
                 continue
             flush()
@@ -272,10 +318,6 @@ class _Renderer:
              place: Place = None) -> list[str]:
         """nft rule lines for one Calico rule: none if it can never match, several when
         a positive match is an OR (numeric ports or a named port; IPv4 or IPv6 sets)."""
-        if rule.source.domains or rule.destination.domains:
-            # Addresses for domains are learned from DNS answers (the flow-logs issue);
-            # until then such a rule matches nothing, as in the reference evaluator.
-            return []
         if rule.ip_version is not None:
             families: list[int | None] = [rule.ip_version]
         elif rule.source.needs_addresses or rule.destination.needs_addresses:
@@ -295,8 +337,9 @@ class _Renderer:
                 continue
             variants = [base]
             for which, side in (("s", rule.source), ("d", rule.destination)):
+                domains = self.plan.domains_of(rule) if which == "d" else ()
                 variants = [v + extra for v in variants
-                            for extra in self._side(side, which, family)]
+                            for extra in self._side(side, which, family, domains)]
             out += [" ".join([*v, verdict, comment]) for v in variants]
         return out
 
@@ -328,7 +371,12 @@ class _Renderer:
                 parts.append(f"meta l4proto . @th,0,8 . @th,8,8 != {{ {keys} }}")
         return parts
 
-    def _side(self, side: SidePlan, which: str, family: int | None) -> list[list[str]]:
+    def _side(self, side: SidePlan, which: str, family: int | None,
+              domains: Sequence[str] = ()) -> list[list[str]]:
+        """Alternatives (each a list of matches that must all hold) for one side.
+        `domains`: the destination also matches the addresses these names resolve to
+        (the rule's own `domains`, or its selector's network sets' allowedEgressDomains:
+        then the selector's members or those addresses)."""
         addr = f"{'ip' if family == 4 else 'ip6'} {which}addr"
         port = f"th {which}port"
         fixed: list[str] = []
@@ -336,8 +384,15 @@ class _Renderer:
             fixed.append(f"{addr} {{ {_nets(side.nets)} }}")
         if side.not_nets:
             fixed.append(f"{addr} != {{ {_nets(side.not_nets)} }}")
+        by_name = f"{addr} @{self.domain_set(domains, family)}" \
+            if domains and family is not None else None
+        peers: list[list[str]] = [[]]
+        if side.domains and by_name:
+            fixed.append(by_name)
         if side.selector and family is not None:
-            fixed.append(f"{addr} @{self.selector_set(side.selector, family)}")
+            selected = f"{addr} @{self.selector_set(side.selector, family)}"
+            peers = [[selected], [by_name]] if by_name and not side.domains else [[selected]]
+        head, fixed = fixed, []
         if side.not_selector and family is not None:
             fixed.append(f"{addr} != @{self.selector_set(side.not_selector, family)}")
         if side.not_ports:
@@ -345,16 +400,16 @@ class _Renderer:
         for name in side.not_named_ports:
             if family is not None:
                 fixed.append(f"{addr} . meta l4proto . {port} != @{self.port_set(name, family)}")
-        if not (side.ports or side.named_ports):
-            return [fixed]
-        alternatives = []
-        if side.ports:
-            alternatives.append([*fixed, f"{port} {{ {_ranges(side.ports)} }}"])
-        for name in side.named_ports:
-            if family is not None:
-                alternatives.append(
-                    [*fixed, f"{addr} . meta l4proto . {port} @{self.port_set(name, family)}"])
-        return alternatives
+        ported: list[list[str]] = [[]]
+        if side.ports or side.named_ports:
+            ported = []
+            if side.ports:
+                ported.append([f"{port} {{ {_ranges(side.ports)} }}"])
+            for name in side.named_ports:
+                if family is not None:
+                    ported.append([f"{addr} . meta l4proto . {port} "
+                                   f"@{self.port_set(name, family)}"])
+        return [[*head, *peer, *fixed, *extra] for peer in peers for extra in ported]
 
     # -- chains -----------------------------------------------------------------------
     def direction(self, dp: DirectionPlan, direction: str, mode: str = "") -> str:
@@ -394,7 +449,8 @@ class _Renderer:
 
     def base(self, direction: str) -> Chain:
         ingress = direction == INGRESS
-        rules = ["ct state established,related accept", "ct state invalid drop",
+        rules = [*(self.dns.rules(direction) if self.dns else ()),
+                 "ct state established,related accept", "ct state invalid drop",
                  *self.unfiltered(direction)]
         chains, star = self.by_interface(
             lambda ep: self.direction(ep.direction(direction), direction, ep.mode))
@@ -491,12 +547,13 @@ class _Renderer:
 
 
 def render(plan: NodePlan, table: str = TABLE, compile_runs: bool = True,
-           flow_logs: FlowLogging | None = None) -> Ruleset:
+           flow_logs: FlowLogging | None = None, dns: DnsSnooping | None = None) -> Ruleset:
     """The whole table for the node's plan. `compile_runs=False` renders every rule as
     its own nft rule (the layout verdict maps are measured against). The plan's untracked
     (doNotTrack) policies are also rendered at raw priority, with `notrack`. `flow_logs`:
-    count and log every decision (see the module's docstring)."""
-    r = _Renderer(plan, table, compile_runs, flow_logs)
+    count and log every decision (see the module's docstring). `dns`: log DNS to and
+    from the trusted resolvers for the agent's snooper (domain sets, DNS logs)."""
+    r = _Renderer(plan, table, compile_runs, flow_logs, dns)
     bases = [r.base(d) for d in DIRECTIONS]
     bases += [c for c in (r.raw_base(d) for d in DIRECTIONS) if c is not None]
     # Chains a rule jumps to are declared before it: the notrack accept, policies,

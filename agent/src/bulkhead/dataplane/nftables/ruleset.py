@@ -8,6 +8,7 @@ the whole table in one transaction.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bulkhead.policy.trace import Decision
@@ -62,6 +63,9 @@ class Ruleset:
     # named counter and the prefix of the decision it counts.
     decisions: dict[str, Decision] = field(default_factory=dict)
     counters: dict[str, str] = field(default_factory=dict)
+    # Domain sets (flags timeout, never rendered with elements): each set's name and the
+    # domain patterns whose resolved addresses it holds (filled from DNS answers).
+    domain_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def family_table(self) -> str:
@@ -75,12 +79,16 @@ class Ruleset:
         parts += [c.declaration() for c in self.chains.values()]
         return f"table {self.family_table} {{\n" + "\n".join(parts) + "\n}\n"
 
-    def script(self) -> str:
+    def script(self, timed: Mapping[str, Sequence[str]] | None = None) -> str:
         """An `nft -f` script that replaces the table in one transaction: the kernel holds
         the old table or the new one, never a mix (creating it first makes the delete
-        valid when there is no table yet)."""
+        valid when there is no table yet). `timed`: elements for sets with timeouts
+        (set name -> `ADDRESS timeout Nms` texts), added in the same transaction."""
+        adds = [f"add element {self.family_table} {name} {{ {', '.join(elements)} }}\n"
+                for name, elements in sorted((timed or {}).items())
+                if elements and name in self.sets]
         return (f"table {self.family_table}\ndelete table {self.family_table}\n"
-                + self.body())
+                + self.body() + "".join(adds))
 
     def structure(self) -> str:
         """Everything but set elements: equal structures differ only in elements."""

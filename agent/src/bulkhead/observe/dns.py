@@ -1,0 +1,142 @@
+"""DNS snooping: DNS messages read off the wire between this host and its trusted
+resolvers, for the name cache (`bulkhead.policy.names`) that fills the domain sets, and
+for DNS logs.
+
+    packet   the agent's table logs UDP packets from and to the trusted resolvers (port
+             53) to an NFLOG group with the whole packet (`dataplane.nftables.render`)
+    parse    dnspython reads the DNS message; a query is kept for pairing, an answer
+             gives the records on the chain from the question's name: CNAMEs followed
+             (at most MAX_CHAIN), A and AAAA taken, from the answer and additional
+             sections; records off the chain are ignored, and so is an answer whose
+             response code is not NOERROR
+
+UDP only, as felix: an answer over TCP teaches nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+
+from bulkhead.observe.nflog import LoggedPacket
+from bulkhead.policy.names import AAAA, CNAME, MAX_CHAIN, A, Record
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+UDP = 17
+DNS_PORT = 53
+UDP_HEADER = 8
+
+
+@dataclass(frozen=True)
+class DnsPacket:
+    """A DNS message seen on the wire between a client and a trusted resolver."""
+
+    answer: bool                # True: a response (from the server); False: a query
+    id: int
+    client: IPAddress
+    client_port: int
+    server: IPAddress
+    server_port: int
+    qname: str                  # lowercase, no trailing dot ("" if no question)
+    qtype: str                  # "A", "AAAA", "TYPE65534" ...
+    rcode: str                  # "NOERROR", "NXDOMAIN" ... ("" for a query)
+    records: tuple[Record, ...]  # on the chain from qname (answers only)
+    timestamp: float
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        """The names from the question along its CNAMEs (qname first)."""
+        names = [self.qname]
+        links = {r.name: r.value for r in self.records if r.kind == CNAME}
+        while names[-1] in links and len(names) <= MAX_CHAIN:
+            target = links[names[-1]]
+            if target in names:
+                break
+            names.append(target)
+        return tuple(names)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(r.value for r in self.records if r.kind in (A, AAAA))
+
+
+class NotDns(ValueError):
+    """Bytes that are not a DNS message over UDP."""
+
+
+def _name(name: dns.name.Name) -> str:
+    return name.to_text(omit_final_dot=True).lower()
+
+
+def parse_packet(packet: LoggedPacket) -> DnsPacket:
+    """The DNS message of a logged UDP packet (upper-layer bytes kept). Raises NotDns."""
+    if packet.proto != UDP or len(packet.payload) < UDP_HEADER:
+        raise NotDns("not a UDP packet with its header")
+    if packet.sport == DNS_PORT:
+        answer_side = True
+    elif packet.dport == DNS_PORT:
+        answer_side = False
+    else:
+        raise NotDns("neither port is 53")
+    try:
+        message = dns.message.from_wire(packet.payload[UDP_HEADER:], ignore_trailing=True,
+                                        one_rr_per_rrset=False)
+    except (dns.exception.DNSException, ValueError, IndexError, UnicodeError) as e:
+        raise NotDns(f"not a DNS message: {type(e).__name__}") from None
+    response = bool(message.flags & dns.flags.QR)
+    if response != answer_side:
+        raise NotDns("a response to port 53, or a query from it")
+    question = message.question[0] if message.question else None
+    qname = _name(question.name) if question is not None else ""
+    qtype = dns.rdatatype.to_text(question.rdtype) if question is not None else ""
+    if response:
+        client, client_port, server, server_port = packet.dst, packet.dport, packet.src, \
+            packet.sport
+    else:
+        client, client_port, server, server_port = packet.src, packet.sport, packet.dst, \
+            packet.dport
+    records: tuple[Record, ...] = ()
+    if response and question is not None and message.rcode() == dns.rcode.NOERROR:
+        records = _chain_records(qname, [*message.answer, *message.additional])
+    return DnsPacket(response, message.id, client, client_port or 0, server,
+                     server_port or 0, qname, qtype,
+                     dns.rcode.to_text(message.rcode()) if response else "",
+                     records, packet.timestamp)
+
+
+def _chain_records(qname: str, rrsets: Iterable[Any]) -> tuple[Record, ...]:
+    """The A, AAAA and CNAME records whose owner is on the CNAME chain from `qname`."""
+    by_owner: dict[str, list[Record]] = {}
+    for rrset in rrsets:
+        kind = dns.rdatatype.to_text(rrset.rdtype)
+        if kind not in (A, AAAA, CNAME) or rrset.rdclass != 1:    # IN only
+            continue
+        owner = _name(rrset.name)
+        for rdata in rrset:
+            value = _name(rdata.target) if kind == CNAME else rdata.address
+            by_owner.setdefault(owner, []).append(Record(owner, kind, value, int(rrset.ttl)))
+    out: list[Record] = []
+    name, seen = qname, set()
+    for _ in range(MAX_CHAIN + 1):
+        if name in seen:
+            break
+        seen.add(name)
+        records = by_owner.get(name, [])
+        out += records
+        targets = [r.value for r in records if r.kind == CNAME]
+        if not targets:
+            break
+        name = targets[0]   # a name has one CNAME; a second one is not followed
+    return tuple(out)
+
+

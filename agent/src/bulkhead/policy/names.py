@@ -1,0 +1,280 @@
+"""The DNS name cache: which addresses a name stands for right now, learned from answers
+(A, AAAA and CNAME records with their TTLs), shared by the agent (it fills the domain sets
+from it, `bulkhead.agent.dns`) and the reference evaluator (`bulkhead explain --dns-cache`
+reads an agent's saved cache: the names a destination address was resolved from).
+
+    learn    each record goes in with its expiry: now + max(TTL + extra, MIN_TTL) seconds
+             (felix: DNSExtraTTL, and at least 2 s)
+    resolve  a name's addresses: its own A/AAAA records and those of the names its
+             CNAMEs lead to; an address lives as long as the longest-lived path to it
+             (each path as long as its shortest-lived link)
+
+What felix does and this follows: the cache is the node's (any client's lookup opens the
+address for every endpoint whose policy allows the name); an address two names share is
+allowed for both, whichever resolved it. It is bounded (MAX_NAMES names, MAX_ADDRESSES
+per name): a flood of answers evicts the entries closest to expiry, counted, and never
+grows memory without bound.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bulkhead.policy.rules import domain_matches
+
+MAX_CHAIN = 16              # CNAME links followed from a name
+MIN_TTL = 2.0               # seconds an answer's address is kept at least (felix)
+MAX_NAMES = 100_000         # names the cache holds
+MAX_ADDRESSES = 64          # addresses (or CNAME targets) kept per name
+CACHE_VERSION = 1
+A, AAAA, CNAME = "A", "AAAA", "CNAME"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One A, AAAA or CNAME record of an answer: `value` is an address or a name."""
+
+    name: str
+    kind: str
+    value: str
+    ttl: int
+
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Why an address is allowed for a name: the name asked, the chain to the address,
+    and when the last link expires (seconds since the epoch)."""
+
+    name: str
+    address: str
+    expiry: float
+    via: tuple[str, ...] = ()    # CNAME targets between `name` and the address
+
+
+class NameCache:
+    """Names -> addresses and CNAME targets, each with its expiry (wall-clock seconds,
+    so a saved cache means the same after a restart). Thread-safe: the agent's loop
+    learns, the enforcer's thread reads when it replaces the table."""
+
+    def __init__(self, extra_ttl: float = 0.0, max_names: int = MAX_NAMES) -> None:
+        self.extra_ttl = extra_ttl
+        self.max_names = max_names
+        self.evicted = 0
+        self._lock = threading.Lock()
+        # name -> {address text: expiry}; name -> {CNAME target: expiry}
+        self._addresses: dict[str, dict[str, float]] = {}
+        self._aliases: dict[str, dict[str, float]] = {}
+        self._referrers: dict[str, set[str]] = {}     # CNAME target -> names pointing to it
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._addresses.keys() | self._aliases.keys())
+
+    def expiry_of(self, ttl: float, now: float) -> float:
+        return now + max(ttl + self.extra_ttl, MIN_TTL)
+
+    # -- learning ---------------------------------------------------------------------
+    def learn(self, records: Iterable[Record], now: float) -> set[str]:
+        """Add an answer's records; the names whose addresses may have changed (each
+        record's owner and every name whose CNAMEs lead to it)."""
+        touched: set[str] = set()
+        with self._lock:
+            for r in records:
+                table = self._aliases if r.kind == CNAME else self._addresses
+                entries = table.setdefault(r.name, {})
+                expiry = self.expiry_of(r.ttl, now)
+                if entries.get(r.value, 0.0) >= expiry:
+                    continue    # already known for as long: nothing moves
+                entries[r.value] = expiry
+                if len(entries) > MAX_ADDRESSES:
+                    del entries[min(entries, key=entries.__getitem__)]
+                    self.evicted += 1
+                if r.kind == CNAME:
+                    self._referrers.setdefault(r.value, set()).add(r.name)
+                touched.add(r.name)
+            self._bound(now)
+            return self._with_referrers(touched)
+
+    def _with_referrers(self, names: Iterable[str]) -> set[str]:
+        out: set[str] = set()
+        todo = list(names)
+        while todo and len(out) < self.max_names:
+            name = todo.pop()
+            if name in out:
+                continue
+            out.add(name)
+            todo.extend(self._referrers.get(name, ()))
+        return out
+
+    def _bound(self, now: float) -> None:
+        """Drop expired entries, then the soonest-expiring names while over the bound."""
+        names = self._addresses.keys() | self._aliases.keys()
+        if len(names) <= self.max_names:
+            return
+        self._expire(now)
+        names = self._addresses.keys() | self._aliases.keys()
+        excess = len(names) - self.max_names
+        if excess <= 0:
+            return
+
+        def last(name: str) -> float:
+            return max([*self._addresses.get(name, {}).values(),
+                        *self._aliases.get(name, {}).values()], default=0.0)
+
+        for name in sorted(names, key=last)[:excess]:
+            self._drop(name)
+            self.evicted += 1
+
+    def _drop(self, name: str) -> None:
+        self._addresses.pop(name, None)
+        for target in self._aliases.pop(name, {}):
+            referrers = self._referrers.get(target)
+            if referrers is not None:
+                referrers.discard(name)
+                if not referrers:
+                    del self._referrers[target]
+
+    def _expire(self, now: float) -> None:
+        for table in (self._addresses, self._aliases):
+            for name in list(table):
+                entries = table[name]
+                for value in [v for v, e in entries.items() if e <= now]:
+                    del entries[value]
+                    if table is self._aliases:
+                        self._referrers.get(value, set()).discard(name)
+                if not entries:
+                    del table[name]
+        for target in [t for t, r in self._referrers.items() if not r]:
+            del self._referrers[target]
+
+    def expire(self, now: float) -> None:
+        with self._lock:
+            self._expire(now)
+
+    def flush(self) -> int:
+        """Forget everything; the number of names forgotten."""
+        with self._lock:
+            count = len(self._addresses.keys() | self._aliases.keys())
+            self._addresses.clear()
+            self._aliases.clear()
+            self._referrers.clear()
+            return count
+
+    # -- reading ----------------------------------------------------------------------
+    def resolve(self, name: str, now: float) -> dict[str, Resolution]:
+        """The live addresses of `name` (address text -> how), through its CNAMEs."""
+        with self._lock:
+            return self._resolve(name, now)
+
+    def _resolve(self, name: str, now: float) -> dict[str, Resolution]:
+        best: dict[str, Resolution] = {}
+        # (name on the path, expiry of the path so far, CNAME targets passed)
+        todo: list[tuple[str, float, tuple[str, ...]]] = [(name, float("inf"), ())]
+        while todo:
+            current, until, via = todo.pop()
+            for address, expiry in self._addresses.get(current, {}).items():
+                live = min(until, expiry)
+                if live > now and (address not in best or best[address].expiry < live):
+                    best[address] = Resolution(name, address, live, via)
+            if len(via) >= MAX_CHAIN:
+                continue
+            for target, expiry in self._aliases.get(current, {}).items():
+                live = min(until, expiry)
+                if live > now and target != name and target not in via:
+                    todo.append((target, live, (*via, target)))
+        return best
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._addresses.keys() | self._aliases.keys())
+
+    def addresses(self, patterns: Sequence[str], now: float,
+                  names: Iterable[str] | None = None) -> dict[str, float]:
+        """Address text -> expiry for every cached name (or only `names`) that matches
+        one of `patterns`: what a domain set holds."""
+        with self._lock:
+            pool = self._addresses.keys() | self._aliases.keys() if names is None \
+                else set(names)
+            out: dict[str, float] = {}
+            for name in pool:
+                if not domain_matches(patterns, frozenset((name,))):
+                    continue
+                for address, how in self._resolve(name, now).items():
+                    if out.get(address, 0.0) < how.expiry:
+                        out[address] = how.expiry
+            return out
+
+    def reasons(self, address: str, now: float) -> list[Resolution]:
+        """The cached names that resolve to `address` now, longest-lived first."""
+        with self._lock:
+            owners = [n for n, entries in self._addresses.items() if address in entries]
+            names = self._with_referrers(owners)
+            found = [how for n in names
+                     if (how := self._resolve(n, now).get(address)) is not None]
+        return sorted(found, key=lambda r: (-r.expiry, r.name))
+
+    # -- persistence ------------------------------------------------------------------
+    def to_json(self, now: float) -> dict[str, Any]:
+        with self._lock:
+            self._expire(now)
+            return {"version": CACHE_VERSION,
+                    "addresses": {n: dict(e) for n, e in sorted(self._addresses.items())},
+                    "aliases": {n: dict(e) for n, e in sorted(self._aliases.items())}}
+
+    def load_json(self, data: Mapping[str, Any], now: float) -> int:
+        """Take a saved cache's live entries (a malformed one raises ValueError, and
+        nothing is taken); the number of names taken."""
+        if not isinstance(data, Mapping) or data.get("version") != CACHE_VERSION:
+            raise ValueError(f"not a version {CACHE_VERSION} name cache")
+        records: list[tuple[str, str, str, float]] = []
+        for key, kind in (("addresses", A), ("aliases", CNAME)):
+            table = data.get(key, {})
+            if not isinstance(table, Mapping):
+                raise ValueError(f"{key}: not a mapping")
+            for name, entries in table.items():
+                if not isinstance(name, str) or not isinstance(entries, Mapping):
+                    raise ValueError(f"{key}: {name!r} is not a name with entries")
+                for value, expiry in entries.items():
+                    if not isinstance(value, str) or isinstance(expiry, bool) \
+                            or not isinstance(expiry, int | float):
+                        raise ValueError(f"{key}.{name}: {value!r} -> {expiry!r}")
+                    if kind == A:
+                        ipaddress.ip_address(value)    # ValueError if not an address
+                    records.append((name, kind, value, float(expiry)))
+        with self._lock:
+            for name, kind, value, expiry in records:
+                if expiry <= now:
+                    continue
+                table = self._aliases if kind == CNAME else self._addresses
+                table.setdefault(name, {})[value] = expiry
+                if kind == CNAME:
+                    self._referrers.setdefault(value, set()).add(name)
+            self._bound(now)
+            return len(self._addresses.keys() | self._aliases.keys())
+
+    def save(self, path: Path, now: float) -> None:
+        """Write the cache to `path` atomically (a temporary file renamed over it)."""
+        text = json.dumps(self.to_json(now), separators=(",", ":"))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    def load(self, path: Path, now: float) -> int:
+        """Read a cache written by `save`; 0 if there is none. Raises ValueError for a
+        file that is not one (nothing is taken from it)."""
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return 0
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{path}: not JSON: {e}") from None
+        return self.load_json(data, now)

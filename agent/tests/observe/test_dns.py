@@ -1,0 +1,211 @@
+"""DNS snooping's core without a kernel: DNS messages parsed from logged packets (made
+with dnspython, as a resolver would send them), the chain rule, the name cache's expiry
+semantics, its bounds and its file."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import struct
+from pathlib import Path
+
+import dns.flags
+import dns.message
+import dns.rrset
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bulkhead.observe.dns import NotDns, parse_packet
+from bulkhead.observe.nflog import LoggedPacket
+from bulkhead.policy.names import MAX_ADDRESSES, MIN_TTL, NameCache, Record
+
+NOW = 1_800_000_000.0
+CLIENT, SERVER = ipaddress.ip_address("198.18.0.10"), ipaddress.ip_address("198.18.0.53")
+
+
+def packet(message: dns.message.Message, answer: bool = True, proto: int = 17,
+           raw: bytes | None = None) -> LoggedPacket:
+    body = message.to_wire() if raw is None else raw
+    sport, dport = (53, 40000) if answer else (40000, 53)
+    udp = struct.pack(">HHHH", sport, dport, 8 + len(body), 0) + body
+    src, dst = (SERVER, CLIENT) if answer else (CLIENT, SERVER)
+    return LoggedPacket(3, "", 4, proto, src, dst, sport, dport, None, None,
+                        28 + len(body), NOW, udp)
+
+
+def response(qname: str, *records: tuple[str, int, str, str],
+             additional: tuple[tuple[str, int, str, str], ...] = ()) -> dns.message.Message:
+    query = dns.message.make_query(qname, "A")
+    out = dns.message.make_response(query)
+    for name, ttl, kind, value in records:
+        out.answer.append(dns.rrset.from_text(name, ttl, "IN", kind, value))
+    for name, ttl, kind, value in additional:
+        out.additional.append(dns.rrset.from_text(name, ttl, "IN", kind, value))
+    return out
+
+
+def test_an_answer_gives_its_chain_of_records_and_a_query_its_question() -> None:
+    msg = response("WWW.Example.ORG.",
+                   ("www.example.org.", 30, "CNAME", "edge.cdn.example."),
+                   ("edge.cdn.example.", 5, "A", "198.18.0.14"),
+                   ("edge.cdn.example.", 5, "A", "198.18.0.15"),
+                   ("unrelated.example.", 300, "A", "198.18.0.99"),
+                   additional=(("edge.cdn.example.", 5, "AAAA", "2001:2::14"),
+                               ("glue.example.", 300, "A", "198.18.0.98")))
+    got = parse_packet(packet(msg))
+    assert (got.answer, got.qname, got.qtype, got.rcode) == (True, "www.example.org", "A",
+                                                             "NOERROR")
+    assert (got.client, got.client_port, got.server, got.server_port) == \
+        (CLIENT, 40000, SERVER, 53)
+    assert got.chain == ("www.example.org", "edge.cdn.example")
+    assert sorted(got.addresses) == ["198.18.0.14", "198.18.0.15", "2001:2::14"]
+    # Records off the chain (another name in the answer, glue) are not taken.
+    assert all(r.name in got.chain for r in got.records)
+    query = parse_packet(packet(dns.message.make_query("api.example.com", "AAAA"), False))
+    assert (query.answer, query.qname, query.qtype, query.records) == \
+        (False, "api.example.com", "AAAA", ())
+
+
+def test_an_nxdomain_teaches_nothing_and_non_dns_is_refused() -> None:
+    msg = response("gone.example.", ("gone.example.", 30, "A", "198.18.0.1"))
+    msg.set_rcode(3)
+    got = parse_packet(packet(msg))
+    assert got.rcode == "NXDOMAIN" and got.records == ()
+    with pytest.raises(NotDns):
+        parse_packet(packet(msg, raw=b"\x00\x01garbage"))
+    with pytest.raises(NotDns):
+        parse_packet(packet(msg, proto=6))
+    # A query sent from port 53 (or a response to it) is not what it claims.
+    with pytest.raises(NotDns):
+        parse_packet(packet(dns.message.make_query("a.example", "A"), answer=True))
+
+
+def test_a_cname_loop_and_a_long_chain_are_bounded() -> None:
+    loop = response("a.example.", ("a.example.", 30, "CNAME", "b.example."),
+                    ("b.example.", 30, "CNAME", "a.example."))
+    assert parse_packet(packet(loop)).chain == ("a.example", "b.example")
+    links = [(f"n{i}.example.", 30, "CNAME", f"n{i + 1}.example.") for i in range(40)]
+    long = parse_packet(packet(response("n0.example.", *links)))
+    assert len(long.chain) <= 17
+
+
+def rec(name: str, kind: str, value: str, ttl: int = 30) -> Record:
+    return Record(name, kind, value, ttl)
+
+
+def test_an_address_lives_as_long_as_its_longest_lived_path() -> None:
+    cache = NameCache()
+    touched = cache.learn([rec("www.example.org", "CNAME", "edge.cdn.example", 100),
+                           rec("edge.cdn.example", "A", "198.18.0.14", 5)], NOW)
+    assert touched == {"www.example.org", "edge.cdn.example"}
+    how = cache.resolve("www.example.org", NOW)["198.18.0.14"]
+    # The path is as long as its shortest link (the A record's 5 s).
+    assert (how.expiry, how.via) == (NOW + 5, ("edge.cdn.example",))
+    # A later answer for the target alone refreshes the alias's address too.
+    assert cache.learn([rec("edge.cdn.example", "A", "198.18.0.14", 50)], NOW + 1) == \
+        {"edge.cdn.example", "www.example.org"}
+    assert cache.resolve("www.example.org", NOW + 1)["198.18.0.14"].expiry == NOW + 51
+    # The same record known for longer already: nothing moves.
+    assert cache.learn([rec("edge.cdn.example", "A", "198.18.0.14", 10)], NOW + 2) == set()
+    assert cache.resolve("www.example.org", NOW + 60) == {}
+
+
+def test_ttl_gets_the_extra_and_at_least_two_seconds() -> None:
+    cache = NameCache(extra_ttl=10)
+    cache.learn([rec("a.example", "A", "198.18.0.1", 0), rec("b.example", "A",
+                                                            "198.18.0.2", 30)], NOW)
+    assert cache.resolve("a.example", NOW)["198.18.0.1"].expiry == NOW + 10
+    assert cache.resolve("b.example", NOW)["198.18.0.2"].expiry == NOW + 40
+    plain = NameCache()
+    plain.learn([rec("a.example", "A", "198.18.0.1", 0)], NOW)
+    assert plain.resolve("a.example", NOW)["198.18.0.1"].expiry == NOW + MIN_TTL
+
+
+def test_domain_patterns_pick_names_and_reasons_name_the_chain() -> None:
+    cache = NameCache()
+    cache.learn([rec("api.example.com", "A", "198.18.0.11", 30),
+                 rec("x.y.example.com", "A", "198.18.0.12", 30),
+                 rec("example.com", "A", "198.18.0.13", 30),
+                 rec("www.example.org", "CNAME", "edge.cdn.example", 30),
+                 rec("edge.cdn.example", "A", "198.18.0.11", 60)], NOW)
+    assert cache.addresses(["*.example.com"], NOW) == {"198.18.0.11": NOW + 30,
+                                                       "198.18.0.12": NOW + 30}
+    assert cache.addresses(["www.example.org"], NOW) == {"198.18.0.11": NOW + 30}
+    assert cache.addresses(["*.cdn.example"], NOW) == {"198.18.0.11": NOW + 60}
+    reasons = cache.reasons("198.18.0.11", NOW)
+    assert [(r.name, r.expiry, r.via) for r in reasons] == [
+        ("edge.cdn.example", NOW + 60, ()), ("api.example.com", NOW + 30, ()),
+        ("www.example.org", NOW + 30, ("edge.cdn.example",))]
+
+
+def test_the_cache_is_bounded_in_names_and_addresses_per_name() -> None:
+    cache = NameCache(max_names=100)
+    cache.learn([rec(f"n{i}.example", "A", "198.18.1.1", 10 + i) for i in range(150)], NOW)
+    assert len(cache) == 100 and cache.evicted == 50
+    # The soonest to expire went first.
+    assert "n0.example" not in cache.names() and "n149.example" in cache.names()
+    wide = NameCache()
+    wide.learn([rec("wide.example", "A", str(ipaddress.ip_address("198.18.2.0") + i),
+                    10 + i) for i in range(MAX_ADDRESSES + 20)], NOW)
+    assert len(wide.resolve("wide.example", NOW)) == MAX_ADDRESSES
+
+
+def test_the_file_round_trips_live_entries_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    cache = NameCache()
+    cache.learn([rec("www.example.org", "CNAME", "edge.cdn.example", 100),
+                 rec("edge.cdn.example", "A", "198.18.0.14", 50),
+                 rec("old.example", "A", "198.18.0.15", 1)], NOW)
+    path = tmp_path / "dns-cache.json"
+    cache.save(path, NOW + 10)     # old.example has expired by then
+    again = NameCache()
+    assert again.load(path, NOW + 10) == 2
+    assert again.resolve("www.example.org", NOW + 10)["198.18.0.14"].expiry == NOW + 50
+    assert again.load(tmp_path / "absent.json", NOW) == 0
+    for bad in ({"version": 9}, {"version": 1, "addresses": {"a": {"not-an-ip": NOW}}},
+                {"version": 1, "aliases": {"a": {"b": "soon"}}}, [1, 2]):
+        path.write_text(json.dumps(bad))
+        fresh = NameCache()
+        with pytest.raises(ValueError):
+            fresh.load(path, NOW)
+        assert len(fresh) == 0
+    assert cache.flush() == 2 and len(cache) == 0   # the save dropped the expired name
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a.x", "b.x", "c.x", "d.x"]),
+                          st.sampled_from(["A", "CNAME"]),
+                          st.sampled_from(["198.18.0.1", "198.18.0.2", "a.x", "b.x", "c.x"]),
+                          st.integers(0, 100), st.integers(0, 50)), max_size=12),
+       st.integers(0, 160))
+def test_resolution_agrees_with_a_walk_over_every_path(
+        answers: list[tuple[str, str, str, int, int]], later: int) -> None:
+    """The cache's expiry of each address equals the best over every acyclic CNAME path
+    (each path as long as its shortest link), computed here by brute force."""
+    cache = NameCache()
+    links: dict[tuple[str, str, str], float] = {}
+    for name, kind, value, ttl, at in answers:
+        if (kind == "A") != value[0].isdigit():
+            continue
+        cache.learn([Record(name, kind, value, ttl)], NOW + at)
+        key = (name, kind, value)
+        links[key] = max(links.get(key, 0.0), NOW + at + max(ttl, MIN_TTL))
+    now = NOW + later
+
+    def walk(name: str, until: float, seen: tuple[str, ...]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (owner, kind, value), expiry in links.items():
+            if owner != name:
+                continue
+            live = min(until, expiry)
+            if kind == "A":
+                if live > now:
+                    out[value] = max(out.get(value, 0.0), live)
+            elif value not in seen and live > now:
+                for address, e in walk(value, live, (*seen, value)).items():
+                    out[address] = max(out.get(address, 0.0), e)
+        return out
+
+    for name in ("a.x", "b.x", "c.x", "d.x"):
+        got = {a: how.expiry for a, how in cache.resolve(name, now).items()}
+        assert got == walk(name, float("inf"), (name,)), name
