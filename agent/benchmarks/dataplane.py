@@ -25,8 +25,8 @@ counted and logged to NFLOG), read by the agent's flow pipeline (flowreader.py: 
 conntrack, the aggregator with staged verdicts) in that receiver; its figures are the
 connection rate against `bulkhead` (goal at least 0.9) and the connections the reader
 missed out of those made. `--dns` adds `bk-dns`: Bulkhead's table with DNS snooping (the
-rules that log DNS to and from the trusted resolvers, first in the input and output
-chains); its figure is the connection rate against `bulkhead`: what snooping costs
+rules that log DNS to and from the trusted resolvers and hold answers, first in the input
+and output chains); its figure is the connection rate against `bulkhead`: what snooping costs
 traffic that is not DNS.
 
 The load is a C program (tcpbench.c, compiled here with gcc): an epoll loop of
@@ -320,7 +320,8 @@ def load_rulesets(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
                        "decisions": len(logged.decisions)}
 
     if args.dns:
-        snooped = render(plan, dns=DnsSnooping(("198.18.0.53", "2001:2::53", "127.0.0.53")))
+        snooped = render(plan, dns=DnsSnooping(("198.18.0.53", "2001:2::53", "127.0.0.53"),
+                                               hold=True))
         dns_applied = NftApplier(netns=lab.ns(DNS)).apply(snooped)
         info[DNS] = {"apply_s": dns_applied.seconds, "counts": snooped.counts(),
                      "snoop_rules": [r for r in snooped.chains["input"].rules

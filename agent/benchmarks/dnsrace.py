@@ -1,6 +1,6 @@
-"""Domain policy's race: how long from a DNS answer reaching the host to its address
-being in the kernel's domain set, and how often a client that connects at once (no
-delay mode: this kernel has no NFQUEUE to hold the answer) loses its first packet.
+"""Domain policy's race, in both modes side by side in one run: how long from a DNS
+answer reaching the host to its address being in the kernel's domain set, how often a
+client that connects at once loses its first packet, and what holding the answer costs.
 
     .venv/bin/python agent/benchmarks/dnsrace.py [--names 300] [--json]
     .venv/bin/python agent/benchmarks/dnsrace.py --names 20     # smoke
@@ -10,16 +10,19 @@ One lab (`dnsbench`): `client` holds Bulkhead's table (egress: TCP 8080 allowed 
 them) and runs the agent's snooper (`bulkhead.agent.dns.DnsSnooper`, the same code the
 agent runs, here in this process, reading the client's NFLOG group); `resolver` runs
 the lab's DNS server (`bulkhead.lab.dnsd`); `target` listens on TCP 8080 at one address
-per name (198.18.2.0/24, 198.18.3.0/24 ...). A program in the client resolves
-`n<i>.bench.example` and connects to the answer's address at once, one name after the
-other, each name new (so each answer must add an element).
+per name (198.18.2.0/24 on). A program in the client resolves each name and connects to
+the answer's address at once, one name after the other, each name new (so each answer
+must add an element). First in `NoDelay` mode (the answer passes while the agent writes
+the element), then in `DelayDNSResponse` (the table holds the answer, the agent sends it
+on once the element is written), with names of their own.
 
-Figures:
+Figures, per mode:
 - answer -> kernel: from the kernel's timestamp of the answer at the input hook to the
   netlink acknowledgement of its element (the snooper's own measurement), p50, p99, max;
-- the client's connect time after the answer, p50, p99: a first SYN judged before the
-  element was there is dropped and sent again after 1 s, so a connect of 0.9 s or more
-  counts as raced;
+- answer held: from that timestamp to the answer sent on (DelayDNSResponse);
+- the client's resolve time (query to answer) and connect time after the answer, p50,
+  p99: a first SYN judged before the element was there is dropped and sent again after
+  1 s, so a connect of 0.9 s or more counts as raced;
 - raced: how many of the names lost the race.
 """
 
@@ -39,10 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from bulkhead.agent.config import DnsSettings
-from bulkhead.agent.dns import DnsSnooper, percentile
+from bulkhead.agent.dns import DnsSnooper, percentile, snooping
 from bulkhead.dataplane.nftables import render
 from bulkhead.dataplane.nftables.apply import NftApplier
-from bulkhead.dataplane.nftables.render import DnsSnooping
 from bulkhead.lab import Lab
 from bulkhead.model import API_VERSION, Snapshot, parse_resource
 from bulkhead.policy import Failsafes
@@ -78,8 +80,11 @@ print(json.dumps(out))
 """
 
 
-def target_address(i: int) -> str:
-    return f"198.18.{2 + i // 250}.{1 + i % 250}"
+def target_address(name: str) -> str:
+    """n<i>.m<m>.bench.example -> 198.18.<2 + (m * 2000 + i) // 250>.<...>"""
+    i, m = int(name.split(".")[0][1:]), int(name.split(".")[1][1:])
+    k = m * 2000 + i
+    return f"198.18.{2 + k // 250}.{1 + k % 250}"
 
 
 def resources(client_ip: str) -> list[dict[str, Any]]:
@@ -94,96 +99,123 @@ def resources(client_ip: str) -> list[dict[str, Any]]:
               "destination": {"domains": ["*.bench.example"], "ports": [PORT]}}]}}]
 
 
+MODES = ("NoDelay", "DelayDNSResponse")
+
+
+def measure(lab: Lab, tmp: Path, mode: str, names: list[str]) -> dict[str, Any]:
+    """One mode: the client's table rendered for it, a snooper reading, the client's
+    resolve-and-connect loop over `names`."""
+    resolver_ip = lab.address(RESOLVER)
+    settings = DnsSettings(trusted_servers=(resolver_ip,), mode=mode)
+    snoop = snooping(settings)
+    plan = calculate(Snapshot.build(parse_resource(d) for d in resources(
+        lab.address(CLIENT))), CLIENT, {}, Failsafes())
+    ruleset = render(plan, dns=snoop)
+    ns = lab.ns(CLIENT)
+    state = tmp / mode
+    state.mkdir()
+    snooper = DnsSnooper(settings, snoop, state, netns=ns)
+    applier = NftApplier(netns=ns)
+    applier.timed = snooper.timed
+    applier.apply(ruleset)
+    snooper.applied(ruleset.domain_sets, full=True)
+    stop = threading.Event()
+    started = threading.Event()
+
+    def reader() -> None:
+        async def main() -> None:
+            task = asyncio.create_task(snooper.run(stop.is_set))
+            started.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        asyncio.run(main())
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    started.wait(10)
+    deadline = time.monotonic() + 10
+    while snoop.hold and not snooper.holding and time.monotonic() < deadline:
+        time.sleep(0.05)   # holding starts with the first renewal
+    # Nothing is open before the answers: a probe to a name's address is dropped.
+    before = lab.probe(CLIENT, target_address(names[0]), "tcp", PORT, timeout=0.5).outcome
+    done = lab.run(CLIENT, [sys.executable, "-c", CLIENT_PROGRAM, resolver_ip,
+                            json.dumps(names), str(PORT)], timeout=60 + 6 * len(names))
+    stop.set()
+    thread.join(30)
+    snooper.close()
+    if done.returncode != 0:
+        raise RuntimeError(f"client program failed ({mode}): {done.stderr[-800:]}")
+    rows = json.loads(done.stdout)
+    latencies, held = list(snooper.latencies), list(snooper.held)
+    counters = snooper.stats()
+    connects = [r["connect_s"] for r in rows]
+    raced = [r for r in rows if r["connect_s"] >= 0.9 or not r["ok"]]
+
+    def ms(values: list[float], fraction: float) -> float:
+        return 1000 * (percentile(values, fraction) or 0.0)
+
+    return {
+        "names": len(names), "before_answer": before,
+        "answers_read": counters["dnsAnswers"],
+        "elements_written": counters["dnsElementsWritten"],
+        "released": counters["dnsReleased"],
+        "answer_to_kernel_ms": {"samples": len(latencies), "p50": ms(latencies, 0.5),
+                                "p99": ms(latencies, 0.99),
+                                "max": 1000 * max(latencies, default=0.0)},
+        "answer_held_ms": {"samples": len(held), "p50": ms(held, 0.5), "p99": ms(held, 0.99)},
+        "resolve_ms": {"p50": ms([r["resolve_s"] for r in rows], 0.5),
+                       "p99": ms([r["resolve_s"] for r in rows], 0.99)},
+        "connect_ms": {"p50": ms(connects, 0.5), "p99": ms(connects, 0.99)},
+        "failed": sum(1 for r in rows if not r["ok"]),
+        "raced": len(raced), "raced_share": len(raced) / len(rows) if rows else 0.0}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
         "kernel": os.uname().release, "names": args.names}
-    names = [f"n{i}.bench.example" for i in range(args.names)]
+    names = {mode: [f"n{i}.m{m}.bench.example" for i in range(args.names)]
+             for m, mode in enumerate(MODES)}
+    everything = [n for mode in MODES for n in names[mode]]
     with tempfile.TemporaryDirectory(prefix="bulkhead-dns-") as tmp_name, \
             Lab(args.lab, [CLIENT, RESOLVER, TARGET]) as lab:
         tmp = Path(tmp_name)
         resolver_ip = lab.address(RESOLVER)
-        zone = {name: {"A": [target_address(i)], "ttl": 300} for i, name in enumerate(names)}
+        zone = {name: {"A": [target_address(name)], "ttl": 300} for name in everything}
         (tmp / "zone.json").write_text(json.dumps(zone))
         lab.spawn(RESOLVER, [sys.executable, "-m", "bulkhead.lab.dnsd", "--zone",
                              str(tmp / "zone.json"), "--listen", resolver_ip],
                   tmp / "dnsd.log")
         lab.set_addresses(TARGET, [lab.address(TARGET),
-                                   *(target_address(i) for i in range(args.names))])
+                                   *sorted({target_address(n) for n in everything})])
         lab.listen(TARGET, tcp=[PORT])
-        settings = DnsSettings(trusted_servers=(resolver_ip,))
-        snoop = DnsSnooping((resolver_ip,))
-        plan = calculate(Snapshot.build(parse_resource(d) for d in resources(
-            lab.address(CLIENT))), CLIENT, {}, Failsafes())
-        ruleset = render(plan, dns=snoop)
-        ns = lab.ns(CLIENT)
-        snooper = DnsSnooper(settings, snoop, tmp, netns=ns)
-        applier = NftApplier(netns=ns)
-        applier.timed = snooper.timed
-        applier.apply(ruleset)
-        snooper.applied(ruleset.domain_sets, full=True)
-        stop = threading.Event()
-        loop_ready = threading.Event()
-
-        def reader() -> None:
-            async def main() -> None:
-                task = asyncio.create_task(snooper.run(stop.is_set))
-                loop_ready.set()
-                while not stop.is_set():
-                    await asyncio.sleep(0.05)
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            asyncio.run(main())
-
-        thread = threading.Thread(target=reader, daemon=True)
-        thread.start()
-        loop_ready.wait(10)
-        time.sleep(0.2)   # the NFLOG group bound before the first answer
-        # Nothing is open before the answers: one probe to a name's address is dropped.
-        before = lab.probe(CLIENT, target_address(0), "tcp", PORT, timeout=0.5)
-        results["before_answer"] = before.outcome
-        done = lab.run(CLIENT, [sys.executable, "-c", CLIENT_PROGRAM, resolver_ip,
-                                json.dumps(names), str(PORT)], timeout=60 + 6 * args.names)
-        stop.set()
-        thread.join(30)
-        snooper.close()
-        if done.returncode != 0:
-            raise RuntimeError(f"client program failed: {done.stderr[-800:]}")
-        rows = json.loads(done.stdout)
-        latencies = list(snooper.latencies)
-        counters = snooper.stats()
-    connects = [r["connect_s"] for r in rows]
-    raced = [r for r in rows if r["connect_s"] >= 0.9 or not r["ok"]]
-    results.update({
-        "answers_read": counters["dnsAnswers"],
-        "elements_written": counters["dnsElementsWritten"],
-        "answer_to_kernel_ms": {
-            "samples": len(latencies),
-            "p50": 1000 * (percentile(latencies, 0.5) or 0.0),
-            "p99": 1000 * (percentile(latencies, 0.99) or 0.0),
-            "max": 1000 * max(latencies, default=0.0)},
-        "connect_ms": {"p50": 1000 * (percentile(connects, 0.5) or 0.0),
-                       "p99": 1000 * (percentile(connects, 0.99) or 0.0)},
-        "failed": sum(1 for r in rows if not r["ok"]),
-        "raced": len(raced), "raced_share": len(raced) / len(rows) if rows else 0.0,
-        "loadavg_after": os.getloadavg()})
+        results["modes"] = {mode: measure(lab, tmp, mode, names[mode]) for mode in MODES}
+    results["loadavg_after"] = os.getloadavg()
     return results
 
 
 def report(r: dict[str, Any]) -> str:
-    a, c = r["answer_to_kernel_ms"], r["connect_ms"]
-    return "\n".join([
-        f"dns, {r['date']}, load {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}, "
-        f"{r['names']} names, each resolved then connected to at once",
-        f"before any answer: a connection to a name's address is {r['before_answer']}",
-        f"answers read {r['answers_read']}, elements written {r['elements_written']}",
-        f"answer -> element in the kernel: p50 {a['p50']:.2f} ms, p99 {a['p99']:.2f} ms, "
-        f"max {a['max']:.2f} ms ({a['samples']} samples)",
-        f"connect after the answer: p50 {c['p50']:.2f} ms, p99 {c['p99']:.2f} ms",
-        f"raced (first SYN dropped, sent again after 1 s): {r['raced']} of {r['names']} "
-        f"({r['raced_share']:.1%}); failed {r['failed']}"])
+    lines = [f"dns, {r['date']}, load {r['loadavg_before'][0]:.2f} -> "
+             f"{r['loadavg_after'][0]:.2f}, {r['names']} names a mode, each resolved then "
+             "connected to at once"]
+    for mode, m in r["modes"].items():
+        a, h, c = m["answer_to_kernel_ms"], m["answer_held_ms"], m["connect_ms"]
+        lines += [
+            f"{mode}: before any answer a connection is {m['before_answer']}; answers "
+            f"{m['answers_read']}, elements {m['elements_written']}, released {m['released']}",
+            f"  answer -> element in the kernel: p50 {a['p50']:.2f} ms, p99 {a['p99']:.2f} "
+            f"ms, max {a['max']:.2f} ms",
+            f"  answer held (arrival -> sent on): p50 {h['p50']:.2f} ms, p99 {h['p99']:.2f} ms"
+            if h["samples"] else "  answers not held",
+            f"  resolve p50 {m['resolve_ms']['p50']:.2f} ms, p99 {m['resolve_ms']['p99']:.2f} "
+            f"ms; connect after the answer p50 {c['p50']:.2f} ms, p99 {c['p99']:.2f} ms",
+            f"  raced (first SYN dropped, sent again after 1 s): {m['raced']} of {m['names']} "
+            f"({m['raced_share']:.1%}); failed {m['failed']}"]
+    return "\n".join(lines)
 
 
 def main() -> int:

@@ -5,6 +5,7 @@ them; the settings and resolv.conf are read as documented."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -18,6 +19,7 @@ from bulkhead.agent.dns import DnsSnooper, flush_saved, resolv_servers, snooping
 from bulkhead.dataplane.nftables import render
 from bulkhead.dataplane.nftables.apply import NftApplier
 from bulkhead.dataplane.nftables.netlink import timed_elements
+from bulkhead.observe.nflog import LoggedPacket
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 from tests.nftfixture import base, gnp, snap
@@ -30,6 +32,13 @@ SERVER = "198.18.0.53"
 
 
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+
+
+def exchange(answer: dns.message.Message) -> list[LoggedPacket]:
+    """The query that asked for `answer` (same ID and question), then the answer."""
+    query = dns.message.make_query(answer.question[0].name, answer.question[0].rdtype)
+    query.id = answer.id
+    return [packet(query, answer=False), packet(answer)]
 
 
 def elements(ns: str, set_name: str) -> dict[str, int]:
@@ -67,7 +76,10 @@ def test_answers_fill_the_matching_sets_with_their_ttls(netns: str, tmp_path: Pa
         answer = response("www.example.org.",
                           ("www.example.org.", 300, "CNAME", "api.example.com."),
                           ("api.example.com.", 40, "A", "198.18.3.4"))
-        future = snooper.packets([packet(answer)])
+        # An answer no query asked teaches nothing.
+        assert snooper.packets([packet(answer)]) is None
+        assert snooper.counters.unsolicited == 1 and len(snooper.cache) == 0
+        future = snooper.packets(exchange(answer))
         assert future is not None
         future.result(timeout=10)
         # Both patterns take the address: www.example.org through its CNAME, and
@@ -75,7 +87,7 @@ def test_answers_fill_the_matching_sets_with_their_ttls(netns: str, tmp_path: Pa
         for name in sets.values():
             got = elements(netns, name)
             assert list(got) == ["198.18.3.4"] and 38 <= got["198.18.3.4"] <= 41
-        assert snooper.counters.answers == 1 and snooper.counters.elements_written == 2
+        assert snooper.counters.answers == 2 and snooper.counters.elements_written == 2
         assert len(snooper.latencies) == 1
         # A query is counted, an answer from another server ignored (the table would not
         # even log it), garbage counted as malformed.
@@ -86,7 +98,7 @@ def test_answers_fill_the_matching_sets_with_their_ttls(netns: str, tmp_path: Pa
                                        answer=False), forged,
                                 packet(answer, raw=b"\x01\x02")]) is None
         assert (snooper.counters.queries, snooper.counters.untrusted,
-                snooper.counters.malformed) == (1, 1, 1)
+                snooper.counters.malformed) == (2, 1, 1)
         assert "198.18.6.6" not in elements(netns, sets["wild"])
         # A table replaced whole keeps the live elements (same transaction).
         applier.repair()
@@ -102,8 +114,8 @@ def test_answers_fill_the_matching_sets_with_their_ttls(netns: str, tmp_path: Pa
 def test_a_stopped_agents_cache_and_sets_are_flushed(netns: str, tmp_path: Path) -> None:
     snooper, _, sets = setup(netns, tmp_path)
     try:
-        future = snooper.packets([packet(response(
-            "api.example.com.", ("api.example.com.", 600, "A", "198.18.3.5")))])
+        future = snooper.packets(exchange(response(
+            "api.example.com.", ("api.example.com.", 600, "A", "198.18.3.5"))))
         assert future is not None
         future.result(timeout=10)
         snooper.save()
@@ -113,6 +125,78 @@ def test_a_stopped_agents_cache_and_sets_are_flushed(netns: str, tmp_path: Path)
     assert flush_saved(tmp_path, netns=netns) == (1, 4)
     assert not (tmp_path / "dns-cache.json").exists()
     assert elements(netns, sets["wild"]) == {}
+
+
+@ROOT
+def test_without_a_raw_socket_answers_are_not_held(netns: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """No CAP_NET_RAW (no way to send held answers on): the snooper never turns holding
+    on, so the table lets answers through at once, and it says why."""
+    import asyncio
+
+    import bulkhead.agent.dns as agent_dns
+
+    def refused(family: int, netns: str = "") -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(agent_dns, "raw_socket", refused)
+    settings = DnsSettings(trusted_servers=(SERVER,))
+    snoop = snooping(settings)
+    assert snoop.hold
+    ruleset = render(calculate(snap(*base(), POLICY), "n1", {}, Failsafes()), dns=snoop)
+    NftApplier(netns=netns).apply(ruleset)
+    snooper = DnsSnooper(settings, snoop, tmp_path, netns=netns)
+
+    async def briefly() -> None:
+        stopping = False
+        task = asyncio.create_task(snooper.run(lambda: stopping))
+        await asyncio.sleep(1.5)
+        stopping = True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(briefly())
+    finally:
+        snooper.close()
+    assert not snooper.hold and not snooper.holding
+    assert "needs CAP_NET_RAW" in caplog.text
+    hold = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "set", "inet",
+                           "bulkhead", "dns_hold"], capture_output=True, text=True).stdout
+    assert "elements" not in hold
+
+
+def test_a_held_answer_is_sent_on_with_its_udp_checksum_made_anew() -> None:
+    import socket
+    import struct
+
+    from bulkhead.agent.dns import with_udp_checksum
+
+    def ones(data: bytes) -> int:
+        data += b"\0" * (len(data) % 2)
+        total = sum(struct.unpack(f">{len(data) // 2}H", data))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        return total
+
+    body = b"an answer of odd length"
+    udp = struct.pack(">HHHH", 53, 40000, 8 + len(body), 0x1234) + body   # partial sum
+    v4 = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                     socket.inet_aton("198.18.0.53"), socket.inet_aton("198.18.0.10")) + udp
+    fixed = with_udp_checksum(v4, 4)
+    pseudo = fixed[12:20] + struct.pack(">BBH", 0, 17, len(udp))
+    assert fixed[:26] == v4[:26] and fixed[28:] == v4[28:]
+    assert ones(pseudo + fixed[20:]) == 0xFFFF      # a valid checksum sums to all ones
+    v6 = struct.pack(">IHBB", 0x60000000, len(udp), 17, 64) + \
+        socket.inet_pton(socket.AF_INET6, "2001:2::53") + \
+        socket.inet_pton(socket.AF_INET6, "2001:2::10") + udp
+    fixed6 = with_udp_checksum(v6, 6)
+    pseudo6 = fixed6[8:40] + struct.pack(">IxxxB", len(udp), 17)
+    assert ones(pseudo6 + fixed6[40:]) == 0xFFFF
+    tcp = v4[:9] + b"\x06" + v4[10:]
+    assert with_udp_checksum(tcp, 4) == tcp      # not UDP: left as it is
 
 
 def test_timed_elements_keep_their_family_and_a_positive_timeout() -> None:
@@ -137,11 +221,16 @@ def test_resolv_conf_and_the_dns_settings(tmp_path: Path) -> None:
     assert load_config(None).dns == DnsSettings()
     config.write_text("dns: {enabled: false}\n")
     assert load_config(config).dns is None
+    config.write_text("dns: {mode: NoDelay}\n")
+    no_delay = load_config(config).dns
+    assert no_delay is not None and not snooping(no_delay, conf).hold
+    assert snooping(DnsSettings(), conf).hold      # DelayDNSResponse by default
     for text, where in (("dns: {trustedServers: [dns.example]}", "dns.trustedServers[0]"),
                         ("dns: {trustedServers: []}", "dns.trustedServers"),
                         ("dns: {extraTTL: -1}", "dns.extraTTL"),
                         ("dns: {nflogGroup: 70000}", "dns.nflogGroup"),
                         ("dns: {ttl: 5}", "dns.ttl"),
+                        ("dns: {mode: DelayDeniedPacket}", "dns.mode"),
                         ("dns: {nflogGroup: 1}\nflowLogs: {enabled: true}",
                          "dns.nflogGroup")):
         config.write_text(text + "\n")

@@ -7,7 +7,8 @@ work.
         else but the failsafe ports (DNS among them)
     h2  a web server (api.example.com, and b.example.net on the same address)
     h3  the trusted resolver (`bulkhead.lab.dnsd`); the agent's only trusted server
-    h4  an untrusted resolver that says api.example.com is h5
+    h4  an untrusted resolver that says api.example.com is h5 (and a forger of answers
+        from h3's address)
     h5  another web server (edge.cdn.example, behind www.example.org's CNAME)
 """
 
@@ -132,6 +133,49 @@ def test_an_allowed_name_opens_after_its_answer_and_closes_when_its_ttl_ends(
     assert 0 < p99 < 1000
 
 
+# Resolve a name and connect to its address at once, as a client does; how long the
+# connect took (a first SYN dropped for want of the element costs a 1 s retransmission).
+RESOLVE_AND_CONNECT = r"""
+import json, socket, sys, time
+import dns.message, dns.query
+r = dns.query.udp(dns.message.make_query(sys.argv[1], "A"), sys.argv[2], timeout=2)
+address = [rd.address for rr in r.answer for rd in rr][0]
+start = time.monotonic()
+s = socket.create_connection((address, int(sys.argv[3])), timeout=4)
+print(json.dumps({"address": address, "connect_s": time.monotonic() - start}))
+s.close()
+"""
+
+
+def test_held_answers_reach_the_client_after_the_element_so_the_first_syn_passes(
+        bed: Testbed) -> None:
+    bed.lab.listen("h2", tcp=[PORT], replace=True)
+    for _ in range(5):
+        flush(bed)
+        done = bed.lab.run("h1", [sys.executable, "-c", RESOLVE_AND_CONNECT,
+                                  "long.example.com", ip("h3"), str(PORT)], timeout=30)
+        assert done.returncode == 0, done.stderr[-500:]
+        result = json.loads(done.stdout)
+        # No retransmission: the element was in the kernel before the answer arrived.
+        assert result["address"] == ip("h2") and result["connect_s"] < 0.5, result
+    assert dns_metric(bed, "dnsReleased") >= 5
+    assert dns_metric(bed, "dnsReleaseFailures") == 0
+
+
+def test_a_hung_agent_holds_no_answer_for_long(bed: Testbed) -> None:
+    """The hold element times out when the agent stops renewing it: answers then pass
+    straight to the client (no-delay), so a hung agent does not take DNS down."""
+    flush(bed)
+    os.kill(agent_pid(bed), signal.SIGSTOP)
+    try:
+        time.sleep(3.5)     # the hold element's 3 s timeout
+        assert ask(bed, "long.example.com")["addresses"] == [ip("h2")]
+    finally:
+        os.kill(agent_pid(bed), signal.SIGCONT)
+    # The answer was logged as well: the woken agent learns it and opens the address.
+    wait_for(lambda: ip("h2") in (bed.table("h1") or ""), "the element after waking up")
+
+
 def test_a_cname_chain_and_a_network_sets_wildcard_domain(bed: Testbed) -> None:
     flush(bed)
     answer = ask(bed, "www.example.org")
@@ -161,6 +205,38 @@ def test_a_forged_answer_from_an_untrusted_server_opens_nothing(bed: Testbed) ->
     # the agent at all.
     assert dns_metric(bed, "dnsUntrusted") == untrusted
     assert dns_metric(bed, "dnsCacheNames") == 0
+
+
+# Run in h4: an answer for api.example.com (-> h5) forged with the trusted resolver's
+# address as its source, sent to h1 with no query behind it.
+SPOOF = r"""
+import socket, struct, sys
+import dns.message, dns.rrset
+src, dst, target = sys.argv[1], sys.argv[2], sys.argv[3]
+answer = dns.message.make_response(dns.message.make_query("api.example.com", "A"))
+answer.answer.append(dns.rrset.from_text("api.example.com.", 600, "IN", "A", target))
+body = answer.to_wire()
+udp = struct.pack(">HHHH", 53, 40000, 8 + len(body), 0) + body
+ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 7, 0, 64, 17, 0,
+                 socket.inet_aton(src), socket.inet_aton(dst))
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+s.sendto(ip + udp, (dst, 0))
+"""
+
+
+def test_an_answer_forged_with_the_trusted_servers_address_opens_nothing(
+        bed: Testbed) -> None:
+    flush(bed)
+    unsolicited = dns_metric(bed, "dnsUnsolicited")
+    done = bed.lab.run("h4", [sys.executable, "-c", SPOOF, ip("h3"), ip("h1"), ip("h5")],
+                       timeout=30)
+    assert done.returncode == 0, done.stderr[-500:]
+    # The agent read it (the table logs anything from the resolver's address), but no
+    # query from h1 asked for it: nothing learned, nothing opened.
+    wait_for(lambda: dns_metric(bed, "dnsUnsolicited") == unsolicited + 1,
+             "the forged answer counted")
+    assert dns_metric(bed, "dnsCacheNames") == 0
+    assert reach(bed, "h5") == [False]
 
 
 def test_the_name_cache_survives_a_restart_and_can_be_flushed(bed: Testbed) -> None:

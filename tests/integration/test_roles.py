@@ -536,18 +536,19 @@ def test_agent_uninstall_removes_its_table_and_nothing_else(tmp_path):
 
 # ------------------------------------------------- the agent unit's one capability, for real
 AS_AGENT = ("setpriv --reuid 65534 --regid 65534 --clear-groups --no-new-privs "
-            "--inh-caps -all,+net_admin --ambient-caps -all,+net_admin "
-            "--bounding-set -all,+net_admin")
+            "--inh-caps -all,+net_admin,+net_raw --ambient-caps -all,+net_admin,+net_raw "
+            "--bounding-set -all,+net_admin,+net_raw")
 
 
 @pytest.mark.skipif(os.geteuid() != 0
                     or not all(shutil.which(p) for p in ("nft", "unshare", "setpriv")),
                     reason="needs root, nft, unshare and setpriv")
 def test_the_agent_runs_as_a_user_with_cap_net_admin_only():
-    """What the agent unit grants (User= not root, CAP_NET_ADMIN bounding and ambient,
-    NoNewPrivileges), made with setpriv in a network namespace of its own with a server:
-    `--once` applies the table, the daemon runs with flow logs (NFLOG, ctnetlink, the
-    net.netfilter sysctls) and logs no error. The dry run needs more (a throwaway network
+    """What the agent unit grants (User= not root, CAP_NET_ADMIN and CAP_NET_RAW bounding
+    and ambient, NoNewPrivileges), made with setpriv in a network namespace of its own
+    with a server: `--once` applies the table, the daemon runs with flow logs (NFLOG,
+    ctnetlink, the net.netfilter sysctls) and DNS snooping holding answers (a raw socket
+    made, the hold element renewed) and logs no error. The dry run needs more (a throwaway network
     namespace), which is why the role runs it as root, outside the unit."""
     # pytest's own temporary directories are root's alone; the agent's user must get in
     with tempfile.TemporaryDirectory(prefix="bulkhead-roles-") as tmp:
@@ -580,7 +581,11 @@ server=$!
 trap 'kill $server' EXIT
 for i in $(seq 50); do {agent} --once > once.out 2> once.err && break; sleep 0.2; done
 nft list tables > tables
-timeout 5 {agent} 2> daemon.log || true
+timeout 5 {agent} 2> daemon.log &
+daemon=$!
+sleep 3
+nft list set inet bulkhead dns_hold > hold || true
+wait $daemon || true
 cat /proc/sys/net/netfilter/nf_conntrack_acct > acct
 """.format(bin=BIN, d=tmp_path, agent=agent)
     run(["unshare", "-n", "sh", "-c", script], env(), cwd=tmp_path)
@@ -590,3 +595,5 @@ cat /proc/sys/net/netfilter/nf_conntrack_acct > acct
     assert any(e["msg"] == "connected" for e in log)
     assert [e for e in log if e["level"] in ("warning", "error")] == []
     assert (tmp_path / "acct").read_text().strip() == "1"
+    # DNS answers held: the raw socket was made, the hold element renewed.
+    assert "53 timeout 3s" in (tmp_path / "hold").read_text()

@@ -58,6 +58,9 @@ class DnsSettings:
     extra_ttl: float = 0.0          # seconds added to each answer's TTL (felix DNSExtraTTL)
     max_names: int = 100_000        # names the name cache holds
     save_interval: float = 60.0     # seconds between writes of the cache to the state dir
+    # DelayDNSResponse: answers held until the domain sets hold their addresses (felix's
+    # mode, without NFQUEUE: the agent sends them on); NoDelay: they pass at once.
+    mode: str = "DelayDNSResponse"
 
 
 @dataclass
@@ -260,14 +263,20 @@ def _flow_logs(value: Any, where: str) -> FlowLogSettings | None:
     return result
 
 
-DNS_KEYS = ("enabled", "trustedServers", "nflogGroup", "extraTTL", "maxNames",
+DNS_KEYS = ("enabled", "mode", "trustedServers", "nflogGroup", "extraTTL", "maxNames",
             "cacheSaveInterval")
+DNS_MODES = ("DelayDNSResponse", "NoDelay")
 
 
 def _dns(value: Any, where: str) -> DnsSettings | None:
     if not _enabled(value, where, DNS_KEYS, True, "trustedServers: [...], extraTTL: 0"):
         return None
     settings: dict[str, Any] = {}
+    if "mode" in value:
+        if value["mode"] not in DNS_MODES:
+            raise ConfigError(f"{where}.mode", f"{value['mode']!r}: expected one of "
+                              f"{', '.join(DNS_MODES)}")
+        settings["mode"] = value["mode"]
     if "trustedServers" in value:
         servers = value["trustedServers"]
         if not isinstance(servers, list) or not servers:

@@ -2,8 +2,12 @@
 
     read     the NFLOG group the table logs DNS to (`dns.nflogGroup`, whole packets,
              each sent by the kernel at once), on the event loop as it arrives
-    learn    an answer from a trusted server: its records on the CNAME chain go into the
-             name cache (`bulkhead.observe.dns`)
+    pair     a query to a trusted server waits (10 s at most, 10,000 at most) for its
+             answer: same ends, ID and question
+    learn    an answer from a trusted server to a query seen: its records on the CNAME
+             chain go into the name cache (`bulkhead.policy.names`); an answer no query
+             asked teaches nothing (one forged from off the path must guess the client's
+             port and the ID first)
     write    for each domain set of the applied table whose patterns match a name the
              answer touched, that name's addresses with their remaining lifetime as the
              element timeout, in one netlink batch, from one worker thread (in order);
@@ -16,31 +20,44 @@
     flush    SIGUSR1 to the daemon, or `bulkhead-agent --flush-dns-cache` when it is
              stopped: the cache and the kernel's domain sets are emptied
 
-No delay: felix can hold the answer (or the first packet after it) until the set holds
-the address, through NFQUEUE; this kernel has no NFQUEUE, so the answer reaches the
-client while the agent writes the element. A client that connects faster than that has
-its first packet judged without the address (dropped, then retransmitted and allowed).
-`answerToKernel` in /metrics measures the window (docs/dns.md).
+Holding (`dns.mode: DelayDNSResponse`, the default; felix's mode of that name, without
+NFQUEUE): while the agent renews the element of the table's `dns_hold` set, the table
+logs each answer whole and drops it; the agent writes the elements, then sends the answer
+on through a raw socket, marked so the table lets it through, so the client connects
+after the address is in the kernel. The element times out 3 s after the agent stops
+renewing it (stopped, hung), and answers then pass at once: DNS never waits for a dead
+agent. `NoDelay` leaves answers alone; a client that connects at once then mostly loses
+its first packet (docs/dns.md has both measured).
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import concurrent.futures
 import contextlib
 import ipaddress
 import logging
+import socket
+import struct
+import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bulkhead.agent.config import DnsSettings
-from bulkhead.dataplane.nftables.netlink import Change, NftNetlink, timed_elements
-from bulkhead.dataplane.nftables.render import DnsSnooping
+from bulkhead.dataplane.nftables.netlink import Change, Element, NftNetlink, timed_elements
+from bulkhead.dataplane.nftables.render import (
+    HOLD_PREFIX,
+    HOLD_SET,
+    RELEASE_MARK,
+    DnsSnooping,
+)
 from bulkhead.dataplane.nftables.ruleset import Ruleset
-from bulkhead.netlink import NetlinkError
+from bulkhead.netlink import NetlinkError, inside_netns
 from bulkhead.observe.dns import DnsPacket, NotDns, parse_packet
 from bulkhead.observe.nflog import LoggedPacket
 from bulkhead.policy.names import NameCache
@@ -53,6 +70,16 @@ CACHE_FILE = "dns-cache.json"
 # What glibc asks when resolv.conf names no server.
 NO_NAMESERVER = ("127.0.0.1", "::1")
 LATENCIES = 2048          # answer -> kernel samples kept for the percentiles
+HOLD_TIMEOUT_MS = 3000    # the hold element's lifetime; renewed every HOLD_RENEW seconds
+HOLD_RENEW = 1.0
+NFLOG_MAX_COPY = 0xFFFF - 4
+SO_MARK = 36
+IPV6_HDRINCL = 36
+HOLD_KEY = (53).to_bytes(2, "big")
+UDP = 17
+MAX_PENDING = 10_000      # queries waiting for their answers
+PENDING_SECONDS = 10.0    # how long a query waits (resolvers give up after 5 s or so)
+DELAY_RESPONSE = "DelayDNSResponse"
 
 
 def resolv_servers(path: Path = RESOLV_CONF) -> tuple[str, ...]:
@@ -72,9 +99,16 @@ def resolv_servers(path: Path = RESOLV_CONF) -> tuple[str, ...]:
 
 
 def snooping(settings: DnsSettings, resolv_conf: Path = RESOLV_CONF) -> DnsSnooping:
-    """What the table logs for the agent: DNS with the trusted servers."""
+    """What the table logs for the agent: DNS with the trusted servers (answers held
+    for the agent in DelayDNSResponse mode)."""
     servers = settings.trusted_servers or resolv_servers(resolv_conf)
-    return DnsSnooping(servers, settings.group)
+    return DnsSnooping(servers, settings.group, hold=settings.mode == DELAY_RESPONSE)
+
+
+def exchange_key(message: DnsPacket) -> tuple[Any, ...]:
+    """What pairs an answer with its query: both ends, the ID and the question."""
+    return (message.client, message.client_port, message.server, message.server_port,
+            message.id, message.qname, message.qtype)
 
 
 def percentile(values: Iterable[float], fraction: float) -> float | None:
@@ -95,6 +129,10 @@ class DnsCounters:
     overruns: int = 0             # times the kernel dropped logged packets (full buffer)
     save_failures: int = 0
     failures: int = 0             # times snooping failed and was started again
+    unsolicited: int = 0          # answers to no query seen (learned from: nothing)
+    unanswered: int = 0           # queries that got no answer in PENDING_SECONDS
+    released: int = 0             # held answers sent on
+    release_failures: int = 0     # held answers that could not be sent on (lost)
 
 
 class DnsSnooper:
@@ -102,15 +140,21 @@ class DnsSnooper:
                  table: str = "bulkhead", netns: str = "") -> None:
         self.settings = settings
         self.trusted = frozenset(ipaddress.ip_address(a) for a in snoop.servers)
-        self.snaplen = snoop.snaplen
+        self.hold = snoop.hold
+        self.snaplen = NFLOG_MAX_COPY if snoop.hold else snoop.snaplen
         self.cache = NameCache(settings.extra_ttl, settings.max_names)
         self.path = state_dir / CACHE_FILE
         self.table = table
         self.netns = netns
         self.counters = DnsCounters()
         self.latencies: deque[float] = deque(maxlen=LATENCIES)
+        self.held: deque[float] = deque(maxlen=LATENCIES)   # answer -> sent on, seconds
+        self.holding = False          # the hold element is being renewed
+        self._raw: dict[int, socket.socket] = {}
         self.domain_sets: dict[str, tuple[str, ...]] = {}   # of the applied table
-        self.on_answer: Callable[[DnsPacket], None] | None = None   # for DNS logs, tests
+        # For DNS logs: each answer, with its query (None: unsolicited).
+        self.on_answer: Callable[[DnsPacket, DnsPacket | None], None] | None = None
+        self._pending: OrderedDict[tuple[Any, ...], DnsPacket] = OrderedDict()
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "bulkhead-dns")
         self._netlink: NftNetlink | None = None
 
@@ -139,6 +183,8 @@ class DnsSnooper:
         out: dict[str, list[str]] = {}
         for name, addresses in self._elements(ruleset.domain_sets, now).items():
             out[name] = [f"{a} timeout {ms}ms" for a, ms in sorted(addresses)]
+        if self.holding and HOLD_SET in ruleset.sets:
+            out[HOLD_SET] = [f"53 timeout {HOLD_TIMEOUT_MS}ms"]
         return out
 
     def _elements(self, domain_sets: Mapping[str, tuple[str, ...]], now: float,
@@ -167,30 +213,78 @@ class DnsSnooper:
             self._submit(self._elements(self.domain_sets, time.time()), None)
 
     def _submit(self, elements: Mapping[str, list[tuple[str, int]]],
-                answered_at: float | None) -> concurrent.futures.Future[None] | None:
+                answered_at: float | None, release: Sequence[LoggedPacket] = ()
+                ) -> concurrent.futures.Future[None] | None:
         changes = [Change(name, add=timed_elements(6 if name.startswith("d6_") else 4,
                                                    items))
                    for name, items in sorted(elements.items())]
         changes = [c for c in changes if c.add]
-        if not changes:
+        if not changes and not release:
             return None
-        return self._writer.submit(self._write, changes, answered_at)
+        return self._writer.submit(self._write, changes, answered_at, list(release))
 
-    def _write(self, changes: list[Change], answered_at: float | None) -> None:
+    def _send(self, changes: list[Change], quiet: bool = False) -> bool:
         try:
             if self._netlink is None:
                 self._netlink = NftNetlink(self.netns, timeout=10.0)
             self._netlink.apply(self.table, changes)
         except NetlinkError as e:
-            self.counters.write_failures += 1
             if self._netlink is not None:
                 self._netlink.close()
                 self._netlink = None
-            log.warning("domain set elements not written: %s", e)
+            (log.debug if quiet else log.warning)("DNS set elements not written: %s", e)
+            return False
+        return True
+
+    def _write(self, changes: list[Change], answered_at: float | None,
+               release: list[LoggedPacket]) -> None:
+        """In the writer thread: the elements, then the held answers that wait for them
+        (sent on even if the write failed: an answer lost would cost the client a retry,
+        a missing element only the first packet)."""
+        if changes:
+            if self._send(changes):
+                self.counters.elements_written += sum(len(c.add) for c in changes)
+                if answered_at is not None:
+                    self.latencies.append(max(0.0, time.time() - answered_at))
+            else:
+                self.counters.write_failures += 1
+        for packet in release:
+            self._release(packet)
+
+    def _release(self, packet: LoggedPacket) -> None:
+        """Send a held answer on, as it came (its own bytes), marked so the table lets
+        it through; it goes out and back in over loopback to the client's socket."""
+        try:
+            sock = self._raw.get(packet.family)
+            if sock is None:
+                sock = self._raw[packet.family] = raw_socket(packet.family, self.netns)
+            data = with_udp_checksum(packet.packet, packet.family)
+            if packet.family == 4:
+                sock.sendto(data, (str(packet.dst), 0))
+            else:
+                sock.sendto(data, (str(packet.dst), 0, 0, 0))
+        except OSError as e:
+            self.counters.release_failures += 1
+            if self.hold:   # never hold what cannot be sent on: stop renewing
+                self.hold = False
+                log.error("a held DNS answer could not be sent on (%s); answers pass at "
+                          "once from now on (NoDelay)", e.strerror or e)
             return
-        self.counters.elements_written += sum(len(c.add) for c in changes)
-        if answered_at is not None:
-            self.latencies.append(max(0.0, time.time() - answered_at))
+        self.counters.released += 1
+        self.held.append(max(0.0, time.time() - packet.timestamp))
+
+    def renew_hold(self) -> None:
+        """In the writer thread: keep holding answers for HOLD_TIMEOUT_MS more."""
+        # Quiet: before the first table (or with one that does not hold) this fails.
+        self.holding = self._send(
+            [Change(HOLD_SET, add=(Element(HOLD_KEY, timeout_ms=HOLD_TIMEOUT_MS),))],
+            quiet=True)
+
+    def stop_holding(self) -> None:
+        """In the writer thread: answers pass at once from now on (no agent to send
+        them on)."""
+        self.holding = False
+        self._send([Change(HOLD_SET, delete=(Element(HOLD_KEY),))], quiet=True)
 
     # -- packets ------------------------------------------------------------------------
     def packets(self, packets: Iterable[LoggedPacket]
@@ -199,7 +293,14 @@ class DnsSnooper:
         now = time.time()
         touched: set[str] = set()
         answered_at: float | None = None
+        release: list[LoggedPacket] = []
         for packet in packets:
+            if packet.prefix == HOLD_PREFIX:
+                # Held by the table until sent on: whatever it holds, it goes on.
+                if len(packet.packet) < packet.length:
+                    self.counters.release_failures += 1   # cut short: cannot be sent
+                else:
+                    release.append(packet)
             try:
                 message = parse_packet(packet)
             except NotDns:
@@ -210,17 +311,32 @@ class DnsSnooper:
                 continue
             if not message.answer:
                 self.counters.queries += 1
+                self._asked(message, now)
                 continue
             self.counters.answers += 1
-            if message.records:
+            query = self._pending.pop(exchange_key(message), None)
+            if query is None:
+                # No query from this host asked it (or none we saw): learn nothing. An
+                # answer forged from off the path must guess the port and the ID first.
+                self.counters.unsolicited += 1
+            elif message.records:
                 touched |= self.cache.learn(message.records, now)
                 answered_at = message.timestamp if answered_at is None \
                     else min(answered_at, message.timestamp)
             if self.on_answer is not None:
-                self.on_answer(message)
-        if not touched or not self.domain_sets:
-            return None
-        return self._submit(self._elements(self.domain_sets, now, touched), answered_at)
+                self.on_answer(message, query)
+        elements = self._elements(self.domain_sets, now, touched) \
+            if touched and self.domain_sets else {}
+        return self._submit(elements, answered_at, release)
+
+    def _asked(self, query: DnsPacket, now: float) -> None:
+        """Keep a query for its answer: at most MAX_PENDING, each PENDING_SECONDS."""
+        pending = self._pending
+        while pending and (len(pending) >= MAX_PENDING
+                           or next(iter(pending.values())).timestamp < now - PENDING_SECONDS):
+            pending.popitem(last=False)
+            self.counters.unanswered += 1
+        pending[exchange_key(query)] = query
 
     def flush(self) -> int:
         """Forget every name, empty the kernel's domain sets, remove the saved cache."""
@@ -237,6 +353,7 @@ class DnsSnooper:
 
     def stats(self) -> dict[str, float]:
         p50, p99 = percentile(self.latencies, 0.5), percentile(self.latencies, 0.99)
+        held = percentile(self.held, 0.99)
         return {
             "dnsAnswers": self.counters.answers, "dnsQueries": self.counters.queries,
             "dnsUntrusted": self.counters.untrusted, "dnsMalformed": self.counters.malformed,
@@ -246,6 +363,11 @@ class DnsSnooper:
             "dnsCacheNames": len(self.cache), "dnsCacheEvicted": self.cache.evicted,
             "dnsCacheSaveFailures": self.counters.save_failures,
             "dnsFailures": self.counters.failures,
+            "dnsUnsolicited": self.counters.unsolicited,
+            "dnsUnanswered": self.counters.unanswered,
+            "dnsReleased": self.counters.released,
+            "dnsReleaseFailures": self.counters.release_failures,
+            **({"dnsHeldP99Ms": round(held * 1000, 3)} if held is not None else {}),
             **({"dnsAnswerToKernelP50Ms": round(p50 * 1000, 3)} if p50 is not None else {}),
             **({"dnsAnswerToKernelP99Ms": round(p99 * 1000, 3)} if p99 is not None else {}),
         }
@@ -270,16 +392,40 @@ class DnsSnooper:
                 if not broken.done():
                     broken.set_result(e)
 
+        if self.hold:
+            try:   # the raw sockets answers are sent on with, made before any is held
+                for family in (4, 6):
+                    if family not in self._raw:
+                        self._raw[family] = raw_socket(family, self.netns)
+            except OSError as e:
+                self.hold = False
+                log.error("DNS answers cannot be held (DelayDNSResponse): no raw socket to "
+                          "send them on (%s; the agent needs CAP_NET_RAW); they pass at once "
+                          "(NoDelay)", e.strerror or e)
         loop.add_reader(nflog.fileno(), read)
+        writer = asyncio.wrap_future
+        next_save = time.monotonic() + self.settings.save_interval
         try:
             while not stopping():
+                if self.hold:   # answers are held only while this loop runs
+                    await writer(self._writer.submit(self.renew_hold))
+                elif self.holding:   # holding was given up: answers pass from now on
+                    await writer(self._writer.submit(self.stop_holding))
+                wait = HOLD_RENEW if self.hold else self.settings.save_interval
                 with contextlib.suppress(TimeoutError):
-                    failure = await asyncio.wait_for(asyncio.shield(broken),
-                                                     self.settings.save_interval)
+                    failure = await asyncio.wait_for(asyncio.shield(broken), wait)
                     raise RuntimeError(f"reading DNS packets failed: {failure!r}")
-                self.cache.expire(time.time())
-                await asyncio.to_thread(self.save)
+                if time.monotonic() >= next_save:
+                    next_save = time.monotonic() + self.settings.save_interval
+                    self.cache.expire(time.time())
+                    await asyncio.to_thread(self.save)
         finally:
+            if self.hold or self.holding:
+                with contextlib.suppress(Exception):
+                    await writer(self._writer.submit(self.stop_holding))
+            # Held answers still queued in the kernel's socket buffer are sent on.
+            with contextlib.suppress(Exception):
+                read()
             loop.remove_reader(nflog.fileno())
             nflog.close()
             with contextlib.suppress(Exception):
@@ -290,6 +436,58 @@ class DnsSnooper:
         if self._netlink is not None:
             self._netlink.close()
             self._netlink = None
+        for sock in self._raw.values():
+            sock.close()
+        self._raw.clear()
+
+
+def _ones_complement(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(array.array("H", data))   # native order; the sum is order-symmetric
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def with_udp_checksum(packet: bytes, family: int) -> bytes:
+    """The IP packet with its UDP checksum computed anew. An answer that came over a veth
+    may carry a partial one (the sender left it to offload, which never happened), and
+    sent on over loopback it would be refused (UdpInCsumErrors). Packets that are not
+    plain UDP (IPv6 extension headers) are returned as they are."""
+    if family == 4:
+        start = (packet[0] & 0x0F) * 4
+        if len(packet) < start + 8 or packet[9] != UDP:
+            return packet
+        pseudo = packet[12:20] + struct.pack(">BBH", 0, UDP, len(packet) - start)
+    else:
+        start = 40
+        if len(packet) < start + 8 or packet[6] != UDP:
+            return packet
+        pseudo = packet[8:40] + struct.pack(">IxxxB", len(packet) - start, UDP)
+    segment = bytearray(packet[start:])
+    segment[6:8] = b"\0\0"
+    folded = _ones_complement(pseudo + bytes(segment))
+    checksum = ~(socket.ntohs(folded) if sys.byteorder == "little" else folded) & 0xFFFF
+    segment[6:8] = struct.pack(">H", checksum or 0xFFFF)
+    return packet[:start] + bytes(segment)
+
+
+def raw_socket(family: int, netns: str = "") -> socket.socket:
+    """A socket that sends whole IP packets (the header included) of `family`, marked
+    RELEASE_MARK, made in the namespace `netns` (CAP_NET_RAW)."""
+    with inside_netns(netns):
+        if family == 4:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        else:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, RELEASE_MARK)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def flush_domain_sets(table: str, set_names: Iterable[str], netns: str = "") -> None:

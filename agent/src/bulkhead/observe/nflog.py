@@ -102,9 +102,11 @@ class LoggedPacket(NamedTuple):
     icmp_code: int | None
     length: int                 # the whole packet's length, from its IP header
     timestamp: float            # seconds since the epoch
-    # The upper-layer bytes (from the TCP/UDP header on), only from a reader that keeps
-    # them (`NflogSocket(keep_payload=True)`, for DNS answers): b"" otherwise.
+    # The upper-layer bytes (from the TCP/UDP header on) and the whole packet as copied,
+    # only from a reader that keeps them (`NflogSocket(keep_payload=True)`, for DNS
+    # answers): b"" otherwise.
     payload: bytes = b""
+    packet: bytes = b""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -171,7 +173,7 @@ def _packet(payload: bytes, now: float, keep_payload: bool = False) -> LoggedPac
         icmp_type, icmp_code = l4[0], l4[1]
     return LoggedPacket(group, prefix, family, proto, src, dst, sport, dport,
                         icmp_type, icmp_code, length, timestamp,
-                        bytes(l4) if keep_payload else b"")
+                        bytes(l4) if keep_payload else b"", bytes(raw) if keep_payload else b"")
 
 
 Addresses = tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address,

@@ -51,7 +51,9 @@ They are declared empty: the agent fills them from DNS answers, each element wit
 answer's TTL as its timeout, and `Ruleset.domain_sets` tells it which patterns each set
 holds. With `dns=DnsSnooping(...)`, UDP port 53 to and from the trusted resolvers is
 logged whole to an NFLOG group, first in the input and output chains (before
-established traffic is accepted), for the agent's snooper.
+established traffic is accepted), for the agent's snooper; with `hold`, answers are also
+dropped while the `dns_hold` set has its element, and the agent sends them on (marked)
+once their addresses are in the domain sets.
 
 Chains are named by a hash of their content, so endpoints that need the same program share
 one chain, and an unchanged chain keeps its name. Selectors become named sets keyed by
@@ -108,6 +110,14 @@ HOOK = {INGRESS: "input", EGRESS: "output"}
 RAW_HOOK = {INGRESS: "prerouting", EGRESS: "output"}
 ND_TYPES = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert"
 MAX_PREFIX = 63       # NFLOG prefixes are at most 64 bytes with the terminating NUL
+# DNS answers held for the agent (DnsSnooping.hold): the set whose one element (port 53,
+# with a timeout the agent renews) turns holding on, the mark of answers the agent sends
+# on, and the bytes of a held answer copied (all of it: it is sent on from the copy).
+HOLD_SET = "dns_hold"
+HOLD_PREFIX = "dns-held"
+RELEASE_MARK = 0x0BD50000
+RELEASE_MASK = 0xFFFF0000
+HOLD_SNAPLEN = 65535
 
 
 @dataclass(frozen=True)
@@ -127,11 +137,18 @@ class FlowLogging:
 class DnsSnooping:
     """DNS over UDP between this host and its trusted resolvers, logged whole to one NFLOG
     group before anything else in the input and output chains (established traffic
-    included): answers fill the domain sets, queries pair with them for DNS logs."""
+    included): answers fill the domain sets, queries pair with them for DNS logs.
+
+    `hold` (felix's DelayDNSResponse, without NFQUEUE): while the agent keeps the
+    element of HOLD_SET alive (a timeout it renews), an answer is logged and *dropped*;
+    the agent sends it on (a raw socket, marked RELEASE_MARK, which these rules let
+    through) once the domain sets hold its addresses. When the agent stops renewing
+    (stopped, hung), the element times out and answers pass as in no-delay mode."""
 
     servers: tuple[str, ...]      # the resolvers' addresses (IPv4 and IPv6)
     group: int = 3
     snaplen: int = 8192           # bytes copied: an EDNS answer of 4096 bytes fits
+    hold: bool = False
 
     def rules(self, direction: str) -> list[str]:
         ingress = direction == INGRESS
@@ -142,8 +159,13 @@ class DnsSnooping:
             if not servers:
                 continue
             peer, port = ("saddr", "sport") if ingress else ("daddr", "dport")
-            out.append(f"meta l4proto udp {word} {peer} {{ {', '.join(servers)} }} "
-                       f"udp {port} 53 log group {self.group} snaplen {self.snaplen} "
+            match = f"meta l4proto udp {word} {peer} {{ {', '.join(servers)} }} udp {port} 53"
+            if ingress and self.hold:
+                match += f" meta mark & {RELEASE_MASK:#x} != {RELEASE_MARK:#x}"
+                out.append(f"{match} udp sport @{HOLD_SET} log prefix \"{HOLD_PREFIX}\" group "
+                           f"{self.group} snaplen {HOLD_SNAPLEN} drop comment "
+                           f"\"dns answers held for the agent\"")
+            out.append(f"{match} log group {self.group} snaplen {self.snaplen} "
                        f"comment \"dns {'answers' if ingress else 'queries'}\"")
         return out
 
@@ -452,6 +474,8 @@ class _Renderer:
         rules = [*(self.dns.rules(direction) if self.dns else ()),
                  "ct state established,related accept", "ct state invalid drop",
                  *self.unfiltered(direction)]
+        if self.dns is not None and self.dns.hold and ingress:
+            self.rs.sets[HOLD_SET] = NftSet(HOLD_SET, "inet_service", ("timeout",))
         chains, star = self.by_interface(
             lambda ep: self.direction(ep.direction(direction), direction, ep.mode))
         rules += self.dispatch(direction, "ep_in" if ingress else "ep_out", chains, star)
