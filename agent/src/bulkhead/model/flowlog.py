@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,20 +227,28 @@ def _end(doc: Mapping[str, Any], prefix: str) -> End:
     return End(kind, name, _labels(doc, f"{prefix}_labels"), scope)
 
 
-def parse_record(doc: Any, now: float, node: str | None = None) -> FlowRecord:
-    """A FlowRecord from its JSON form; FlowRecordError naming the field if the document
-    is not exactly a record. `node`: the node the sender may report for."""
+def check_shape(doc: Any, fields: Sequence[str], node: str | None, what: str,
+                error: type[FlowRecordError] = FlowRecordError) -> str:
+    """A record's fields exactly `fields`, and its node the sender's (`node`, if given:
+    ForeignNode otherwise); the record's node."""
     if not isinstance(doc, dict):
-        raise FlowRecordError(f"expected a flow record (a mapping), got {_kind(doc)}")
-    unknown = sorted(set(doc) - set(FIELDS))
+        raise error(f"expected {what} (a mapping), got {_kind(doc)}")
+    unknown = sorted(set(doc) - set(fields))
     if unknown:
-        raise FlowRecordError(f"{str(unknown[0])[:40]}: unknown field")
-    missing = [k for k in FIELDS if k not in doc]
+        raise error(f"{str(unknown[0])[:40]}: unknown field")
+    missing = [k for k in fields if k not in doc]
     if missing:
-        raise FlowRecordError(f"{missing[0]}: missing")
+        raise error(f"{missing[0]}: missing")
     record_node = _text(doc, "node")
     if node is not None and record_node != node:
         raise ForeignNode(_foreign(record_node, node))
+    return record_node
+
+
+def parse_record(doc: Any, now: float, node: str | None = None) -> FlowRecord:
+    """A FlowRecord from its JSON form; FlowRecordError naming the field if the document
+    is not exactly a record. `node`: the node the sender may report for."""
+    record_node = check_shape(doc, FIELDS, node, "a flow record")
     start, end = _time(doc, "start", now), _time(doc, "end", now)
     if start > end:
         raise FlowRecordError(f"start: {start} is after end {end}")
@@ -260,18 +268,22 @@ def parse_record(doc: Any, now: float, node: str | None = None) -> FlowRecord:
     )
 
 
-def parse_batch(doc: Any, now: float, node: str | None = None) -> list[FlowRecord]:
-    """Every record of an ingest body `{"records": [...]}`, or FlowRecordError for the
-    first bad one (`records[i].field: ...`): a batch is taken whole or not at all.
+def parse_batch(doc: Any, now: float, node: str | None = None,
+                parse: Callable[[Any, float, str | None], Any] | None = None,
+                error: type[FlowRecordError] = FlowRecordError) -> list[Any]:
+    """Every record of an ingest body `{"records": [...]}`, or FlowRecordError (`error`)
+    for the first bad one (`records[i].field: ...`): a batch is taken whole or not at
+    all. `parse` reads one record (default: a flow record).
 
     With `node`, every record's `node` is compared with it before anything else is
     checked: a batch holding another node's record is refused as ForeignNode whatever
     else is wrong with it (the caller answers "forbidden", not "malformed")."""
+    one = parse or parse_record
     if not isinstance(doc, dict) or set(doc) != {"records"}:
-        raise FlowRecordError('expected {"records": [...]}')
+        raise error('expected {"records": [...]}')
     records = doc["records"]
     if not isinstance(records, list):
-        raise FlowRecordError(f"records: expected a list, got {_kind(records)}")
+        raise error(f"records: expected a list, got {_kind(records)}")
     if len(records) > MAX_BATCH:
         raise TooManyRecords(f"records: {len(records)} records; at most {MAX_BATCH} in one "
                              "batch")
@@ -283,7 +295,7 @@ def parse_batch(doc: Any, now: float, node: str | None = None) -> list[FlowRecor
     out = []
     for i, item in enumerate(records):
         try:
-            out.append(parse_record(item, now, node))
+            out.append(one(item, now, node))
         except FlowRecordError as e:
             raise type(e)(f"records[{i}].{e}") from None
     return out
