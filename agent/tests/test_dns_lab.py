@@ -125,9 +125,10 @@ def test_an_allowed_name_opens_after_its_answer_and_closes_when_its_ttl_ends(
     assert reach(bed, "h2", "h5") == [True, False]
     # The element's timeout is the TTL (3 s): after it, the address is closed again,
     # with no user-space sweep.
-    table = bed.table("h1") or ""
+    table = bed.table("h1", timed=True) or ""
     assert f"{ip('h2')} timeout 3s" in table
-    wait_for(lambda: ip("h2") not in (bed.table("h1") or ""), "the element to expire")
+    wait_for(lambda: ip("h2") not in (bed.table("h1", timed=True) or ""),
+             "the element to expire")
     assert reach(bed, "h2") == [False]
     p99 = dns_metric(bed, "dnsAnswerToKernelP99Ms")
     assert 0 < p99 < 1000
@@ -173,7 +174,8 @@ def test_a_hung_agent_holds_no_answer_for_long(bed: Testbed) -> None:
     finally:
         os.kill(agent_pid(bed), signal.SIGCONT)
     # The answer was logged as well: the woken agent learns it and opens the address.
-    wait_for(lambda: ip("h2") in (bed.table("h1") or ""), "the element after waking up")
+    wait_for(lambda: ip("h2") in (bed.table("h1", timed=True) or ""),
+             "the element after waking up")
 
 
 def test_a_cname_chain_and_a_network_sets_wildcard_domain(bed: Testbed) -> None:
@@ -250,7 +252,8 @@ def test_the_name_cache_survives_a_restart_and_can_be_flushed(bed: Testbed) -> N
     bed.stop_agent("h1")
     bed.lab.run("h1", ["nft", "delete", "table", "inet", "bulkhead"], check=True)
     bed.start_agent("h1")
-    wait_for(lambda: ip("h2") in (bed.table("h1") or ""), "the cached element back")
+    wait_for(lambda: ip("h2") in (bed.table("h1", timed=True) or ""),
+             "the cached element back")
     assert reach(bed, "h2") == [True]
     flush(bed)
     assert reach(bed, "h2") == [False]
