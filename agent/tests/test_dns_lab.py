@@ -68,7 +68,8 @@ DOCS: list[dict[str, Any]] = [
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
     need_root()
-    settings = {"dns": {"trustedServers": [ip("h3")], "cacheSaveInterval": 1}}
+    settings = {"dns": {"trustedServers": [ip("h3")], "cacheSaveInterval": 1},
+                "flowLogs": {"enabled": True, "flushInterval": 1}}
     with Testbed(unique_lab_name(), list(HOSTS), agent_hosts=["h1"],
                  agent_settings=settings) as testbed:
         for host, zone in (("h3", ZONE), ("h4", FORGED)):
@@ -239,6 +240,34 @@ def test_an_answer_forged_with_the_trusted_servers_address_opens_nothing(
              "the forged answer counted")
     assert dns_metric(bed, "dnsCacheNames") == 0
     assert reach(bed, "h5") == [False]
+
+
+def test_dns_logs_reach_the_server_with_question_answers_and_latency(bed: Testbed) -> None:
+    from bulkhead.client.flows import dns_logs
+
+    since = time.time() - 1
+    assert ask(bed, "www.example.org")["addresses"] == [ip("h5")]
+    assert ask(bed, "nothing.example") == {"rcode": "NXDOMAIN", "addresses": [],
+                                           "chain": []}
+
+    def logged() -> dict[str, dict[str, Any]]:
+        answer = dns_logs(bed.connection(), since=since, node="h1")
+        return {r["qname"]: r for r in answer["dns"]}
+
+    wait_for(lambda: {"www.example.org", "nothing.example"} <= set(logged()),
+             "the DNS records at the server", timeout=30)
+    www, gone = logged()["www.example.org"], logged()["nothing.example"]
+    assert (www["client_type"], www["client_name"]) == ("hep", "h1")
+    assert (www["server_type"], www["server_name"]) == ("net", ip("h3"))
+    assert (www["qtype"], www["rcode"]) == ("A", "NOERROR")
+    assert www["answers"] == [f"edge.cdn.example A {ip('h5')}",
+                              "www.example.org CNAME edge.cdn.example"]
+    assert www["count"] >= 1 and www["latency_count"] == www["count"]
+    assert 0 < www["latency_mean_ms"] <= www["latency_max_ms"] < 1000
+    assert (gone["rcode"], gone["answers"]) == ("NXDOMAIN", [])
+    # A filter by the names under a domain.
+    answer = dns_logs(bed.connection(), since=since, qname="*.example.org")
+    assert {r["qname"] for r in answer["dns"]} == {"www.example.org"}
 
 
 def test_the_name_cache_survives_a_restart_and_can_be_flushed(bed: Testbed) -> None:

@@ -64,6 +64,7 @@ ROUTES = {
     "status": "/v1/status/{node}",
     "nodes": "/v1/nodes",
     "flows": "/v1/flows",
+    "dns": "/v1/dns",
     "preview": "/v1/preview",
     "healthz": "/healthz",
     "readyz": "/readyz",

@@ -276,6 +276,10 @@ class BulkheadClient:
         strings, as the server reads them)."""
         return self.request("GET", route("flows"), query=query or None)
 
+    def dns(self, query=None):
+        """DNS log records (`GET /v1/dns`; query values are strings)."""
+        return self.request("GET", route("dns"), query=query or None)
+
     def promote(self, names, dry_run=False):
         """The StagedGlobalNetworkPolicies `names` take effect, their staged copies
         deleted, in one transaction (`POST /v1/promote`); an unknown name: 404."""

@@ -75,9 +75,9 @@ def wire_seconds(seconds):
     return text.rstrip("0").rstrip(".")
 
 
-def flow_query(params, now):
-    """The query parameters for `GET /v1/flows` from the module's options, and the `since`
-    and `until` they name (unix seconds, None when not given)."""
+def _window(params, now):
+    """The query's `since` and `until` as the server reads them, and as unix seconds
+    (None when not given)."""
     query = {}
     times = {}
     for name in ("since", "until"):
@@ -85,6 +85,13 @@ def flow_query(params, now):
         times[name] = None if value is None else unix_seconds(value, name, now)
         if times[name] is not None:
             query[name] = wire_seconds(times[name])
+    return query, times
+
+
+def flow_query(params, now):
+    """The query parameters for `GET /v1/flows` from the module's options, and the `since`
+    and `until` they name (unix seconds, None when not given)."""
+    query, times = _window(params, now)
     for name in FILTERS:
         if params.get(name) is not None:
             query[name] = params[name]
@@ -95,6 +102,29 @@ def flow_query(params, now):
     elif params.get("limit") is not None:
         query["limit"] = str(params["limit"])
     return query, times["since"], times["until"]
+
+
+DNS_FILTERS = ("node", "client", "qname", "rcode")
+
+
+def dns_query(params, now):
+    """The query parameters for `GET /v1/dns` from the module's options, and the `since`
+    and `until` they name (unix seconds, None when not given)."""
+    query, times = _window(params, now)
+    for name in DNS_FILTERS:
+        if params.get(name) is not None:
+            query[name] = params[name]
+    if params.get("limit") is not None:
+        query["limit"] = str(params["limit"])
+    return query, times["since"], times["until"]
+
+
+def read_dns(client, params, now):
+    """The dns_logs_info module's result: `dns` and `truncated`, and the time range."""
+    query, since, until = dns_query(params, now)
+    answer = client.dns(query)
+    return {"changed": False, "since": since, "until": until, "dns": answer["dns"],
+            "truncated": bool(answer.get("truncated"))}
 
 
 def read_flows(client, params, now):

@@ -107,6 +107,12 @@ class Agent:
             applier = getattr(enforcer, "applier", None)
             if applier is not None:
                 applier.timed = self.dns.timed
+        self.dns_logs: Any = None       # agent.dnslogs.DnsLogs: with snooping and flow logs
+        if self.dns is not None and config.flow_logs is not None:
+            from bulkhead.agent.dnslogs import DnsLogs
+
+            self.dns_logs = DnsLogs(config.flow_logs, config.node, Path(config.state_dir))
+            self.dns.on_answer = self.dns_logs.exchange
 
     # ---------------------------------------------------------------------- state
     @property
@@ -122,6 +128,8 @@ class Agent:
             body["counters"].update(self.flow_logs.stats())
         if self.dns is not None:
             body["counters"].update(self.dns.stats())
+        if self.dns_logs is not None:
+            body["counters"].update(self.dns_logs.stats())
         return body
 
     def metrics_view(self) -> MetricsView:
@@ -130,7 +138,8 @@ class Agent:
                            self.connected, len(self.errors), self.counters,
                            flows.stats() if flows else {},
                            flows.hits() if flows else [],
-                           self.dns.stats() if self.dns else {})
+                           {**(self.dns.stats() if self.dns else {}),
+                            **(self.dns_logs.stats() if self.dns_logs else {})})
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run an enforcer call in a worker thread, one at a time."""
@@ -184,6 +193,8 @@ class Agent:
                 self.flow_logs.update(snapshot, report.decisions)
             if self.dns is not None:
                 self.dns.applied(report.domain_sets, report.full)
+            if self.dns_logs is not None:
+                self.dns_logs.update(snapshot)
             self._applied = objects
             self._in_sync = self.state.objects == objects
             self.applied_revision = revision
@@ -461,6 +472,11 @@ class Agent:
             tasks.append(asyncio.create_task(self._flows_forever(session), name="flows"))
         if self.dns is not None:
             tasks.append(asyncio.create_task(self._dns_forever(), name="dns"))
+        if self.dns_logs is not None:
+            dns_logs = self.dns_logs
+            tasks.append(asyncio.create_task(self._forever(
+                "DNS logs", lambda: dns_logs.run(session, lambda: self._stopping),
+                dns_logs.counters), name="dns-logs"))
         stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait([stopping, *tasks],

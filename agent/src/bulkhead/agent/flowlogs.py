@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,44 +254,62 @@ class FlowLogs:
 
     async def _ship_forever(self, session: aiohttp.ClientSession,
                             stopping: Callable[[], bool]) -> None:
-        delay = 1.0
-        while not stopping():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.settings.flush_interval)
-            self._kick.clear()
-            try:
-                await self.ship(session)
-                delay = 1.0
-            except Exception as e:   # the shipper never dies: records wait on disk
-                self.counters.ship_failures += 1
-                log.warning("flow records not sent; kept on disk", extra={"fields": {
-                    "reason": str(e) or type(e).__name__, "spooled": self.spool.records}})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.flush_interval)
+        await ship_forever(lambda: self.ship(session), stopping, self._kick, self.spool,
+                           self.counters, self.settings.flush_interval, "flow")
 
     async def ship(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> int:
         """Send the spool's files, oldest first; the number of records stored. Raises
         aiohttp/OS errors when the server cannot be reached (the files stay)."""
-        sent = 0
-        while (item := self.spool.oldest()) is not None:
-            body = json.dumps({"records": item.records}, separators=(",", ":"))
-            async with session.post(route("flows"), data=body,
-                                    headers={"Content-Type": "application/json"},
-                                    timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                if r.status not in (200, 400, 413):
-                    # The server is unwell or busy, older than flow logs, or refuses the
-                    # session (a certificate being revoked or rotated): keep them.
-                    raise aiohttp.ClientError(f"POST /v1/flows: {r.status} "
-                                              f"{await error_of(r)}")
-                if r.status != 200:   # this batch itself is wrong: sent again, refused again
-                    self.counters.batches_refused += 1
-                    self.counters.records_refused += len(item.records)
-                    log.error("the server refused flow records; dropped", extra={"fields": {
-                        "status": r.status, "reason": await error_of(r),
-                        "records": len(item.records)}})
-                else:
-                    self.counters.batches_sent += 1
-                    self.counters.records_sent += len(item.records)
-                    sent += len(item.records)
-            await asyncio.to_thread(self.spool.done, item.path)
-        return sent
+        return await ship_spool(session, self.spool, "flows", self.counters, timeout)
+
+
+async def ship_forever(ship: Callable[[], Awaitable[int]], stopping: Callable[[], bool],
+                       kick: asyncio.Event, spool: Spool, counters: FlowLogCounters,
+                       interval: float, what: str) -> None:
+    """Ship when kicked (a flush wrote the spool) or every `interval`, until `stopping()`;
+    the shipper never dies: on failure the records wait on disk and it tries again later
+    (1 s, doubling up to `interval`)."""
+    delay = 1.0
+    while not stopping():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(kick.wait(), interval)
+        kick.clear()
+        try:
+            await ship()
+            delay = 1.0
+        except Exception as e:
+            counters.ship_failures += 1
+            log.warning(f"{what} records not sent; kept on disk", extra={"fields": {
+                "reason": str(e) or type(e).__name__, "spooled": spool.records}})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, interval)
+
+
+async def ship_spool(session: aiohttp.ClientSession, spool: Spool, which: str,
+                     counters: FlowLogCounters, timeout: float = 30.0) -> int:
+    """Send a spool's files to `POST /v1/<which>` (flows, dns), oldest first, each removed
+    once the server answered for it; the number of records stored. Raises aiohttp/OS
+    errors when the server cannot be reached or is unwell (the files stay)."""
+    sent = 0
+    while (item := spool.oldest()) is not None:
+        body = json.dumps({"records": item.records}, separators=(",", ":"))
+        async with session.post(route(which), data=body,
+                                headers={"Content-Type": "application/json"},
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            if r.status not in (200, 400, 413):
+                # The server is unwell or busy, older than these logs, or refuses the
+                # session (a certificate being revoked or rotated): keep them.
+                raise aiohttp.ClientError(f"POST /v1/{which}: {r.status} "
+                                          f"{await error_of(r)}")
+            if r.status != 200:   # this batch itself is wrong: sent again, refused again
+                counters.batches_refused += 1
+                counters.records_refused += len(item.records)
+                log.error("the server refused records; dropped", extra={"fields": {
+                    "route": which, "status": r.status, "reason": await error_of(r),
+                    "records": len(item.records)}})
+            else:
+                counters.batches_sent += 1
+                counters.records_sent += len(item.records)
+                sent += len(item.records)
+        await asyncio.to_thread(spool.done, item.path)
+    return sent

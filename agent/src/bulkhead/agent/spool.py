@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bulkhead.model.dnslog import DnsRecord
 from bulkhead.model.flowlog import MAX_BATCH, MAX_BATCH_BYTES, FlowRecord
 
 SUFFIX = ".jsonl"
@@ -77,12 +78,12 @@ class Spool:
     def records(self) -> int:
         return sum(_count(p) for p in list(self._files))
 
-    def put(self, records: Sequence[FlowRecord]) -> None:
+    def put(self, records: Sequence[FlowRecord | DnsRecord]) -> None:
         with self._lock:
             self._open()
             self._put(records)
 
-    def _put(self, records: Sequence[FlowRecord]) -> None:
+    def _put(self, records: Sequence[FlowRecord | DnsRecord]) -> None:
         chunk: list[bytes] = []
         size = 0
         for record in records:

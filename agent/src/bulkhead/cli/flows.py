@@ -163,17 +163,24 @@ def _key(f: dict[str, Any]) -> str:
 def _follow(conn: Connection, filters: dict[str, Any], shown: list[dict[str, Any]],
             args: argparse.Namespace) -> None:
     """Poll for what is stored from now on; print each record once, until Ctrl-C."""
+    follow(lambda after: flows(conn, **filters, after=after, limit=args.limit)["flows"],
+           shown, args.interval, lambda fresh: _emit(fresh, args.output, head=False))
+
+
+def follow(fetch: Callable[[float], list[dict[str, Any]]], shown: list[dict[str, Any]],
+           interval: float, emit: Callable[[list[dict[str, Any]]], None]) -> None:
+    """Poll `fetch(after)` for what is stored from now on; `emit` each record once, until
+    Ctrl-C (flow and DNS records alike: each has `received`)."""
     newest = max((f["received"] for f in shown), default=0.0)
     seen = {_key(f): f["received"] for f in shown}
     while True:
-        time.sleep(args.interval)
+        time.sleep(interval)
         try:
-            answer = flows(conn, **filters, after=max(0.0, newest - OVERLAP),
-                           limit=args.limit)
+            got = fetch(max(0.0, newest - OVERLAP))
         except Unreachable as e:
             print(printable(f"warning: {e}; trying again"), file=sys.stderr)
             continue
-        fresh = [f for f in answer["flows"] if _key(f) not in seen]
+        fresh = [f for f in got if _key(f) not in seen]
         for f in fresh:
             seen[_key(f)] = f["received"]
             newest = max(newest, f["received"])
@@ -182,12 +189,13 @@ def _follow(conn: Connection, filters: dict[str, Any], shown: list[dict[str, Any
         if len(seen) > MAX_SEEN:
             seen = dict(sorted(seen.items(), key=lambda kv: kv[1])[-MAX_SEEN:])
         if fresh:
-            _emit(fresh, args.output, head=False)
+            emit(fresh)
 
 
-def _emit(records: list[dict[str, Any]], output: str, head: bool) -> None:
+def _emit(records: list[dict[str, Any]], output: str, head: bool,
+          columns: tuple[list[Column], list[Column]] | None = None) -> None:
     """Records as --follow prints them: JSON one a line, YAML one document each, or table
-    rows (the header once)."""
+    rows (the header once); `columns`: (normal, wide), flow records' by default."""
     if output == "json":
         for f in records:
             print(json.dumps(f))
@@ -195,8 +203,8 @@ def _emit(records: list[dict[str, Any]], output: str, head: bool) -> None:
         if records:
             print(yaml.safe_dump_all(records, sort_keys=False, explicit_start=True), end="")
     elif records or head:
-        columns = WIDE if output == "wide" else COLUMNS
-        print(_rows(records, columns, head))
+        normal, wide = columns or (COLUMNS, WIDE)
+        print(_rows(records, wide if output == "wide" else normal, head))
     sys.stdout.flush()
 
 
@@ -218,6 +226,12 @@ def add_command(sub: Any) -> None:
                    "\"app == 'db'\"")
     p.add_argument("--endpoint", help="a host endpoint, network set or address at either end")
     p.add_argument("--top", type=int, metavar="N", help="the N top talkers (most bytes)")
+    output_flags(p)
+    p.set_defaults(func=cmd_flows, remote=True)
+
+
+def output_flags(p: argparse.ArgumentParser) -> None:
+    """--limit, -o, --follow, --interval and the connection's flags (flows and dns)."""
     p.add_argument("--limit", type=int, help="at most this many records (server default "
                    "1000, at most 10000)")
     p.add_argument("-o", "--output", choices=["table", "wide", "json", "yaml"],
@@ -228,4 +242,3 @@ def add_command(sub: Any) -> None:
                    help=f"--follow polls every this many seconds ({MIN_INTERVAL:g} to "
                    f"{MAX_INTERVAL:g}; default 2)")
     connection_flags(p)
-    p.set_defaults(func=cmd_flows, remote=True)

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bulkhead.cli.dns import add_command as add_dns_command
 from bulkhead.cli.flows import add_command as add_flows_command
 from bulkhead.cli.preview import add_command as add_preview_command
 from bulkhead.cli.remote import add_commands, printable, run_remote
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
     add_flows_command(sub)
+    add_dns_command(sub)
     add_preview_command(sub)
     add_lab_commands(sub)
 

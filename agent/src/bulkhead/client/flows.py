@@ -1,4 +1,5 @@
-"""Flow logs over the API: `send_flows` (agents) and `flows` (the CLI, tools)."""
+"""Flow and DNS logs over the API: `send_flows`, `send_dns` (agents); `flows`, `dns_logs`
+(the CLI, tools)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,20 @@ from typing import Any
 
 from bulkhead.api import route
 from bulkhead.client import Connection
+from bulkhead.model.dnslog import DnsRecord
 from bulkhead.model.flowlog import MAX_BATCH, MAX_BATCH_BYTES, FlowRecord
 
 _FRAME = len(b'{"records":[]}')
 
 
-def batches(records: Iterable[FlowRecord | Mapping[str, Any]],
+def batches(records: Iterable[FlowRecord | DnsRecord | Mapping[str, Any]],
             max_records: int = MAX_BATCH, max_bytes: int = MAX_BATCH_BYTES) -> Iterator[bytes]:
     """Ingest bodies holding every record in order, each within the server's bounds
     (records and bytes). ValueError for a record that fits in no body."""
     chunk: list[bytes] = []
     size = _FRAME
     for i, record in enumerate(records):
-        doc = record.json() if isinstance(record, FlowRecord) else dict(record)
+        doc = record.json() if isinstance(record, FlowRecord | DnsRecord) else dict(record)
         encoded = json.dumps(doc, separators=(",", ":")).encode()
         if _FRAME + len(encoded) > max_bytes:
             raise ValueError(f"records[{i}]: {len(encoded):,} bytes as JSON, more than one "
@@ -34,8 +36,10 @@ def batches(records: Iterable[FlowRecord | Mapping[str, Any]],
         yield b'{"records":[' + b",".join(chunk) + b"]}"
 
 
-def send_flows(conn: Connection, records: Iterable[FlowRecord | Mapping[str, Any]]) -> int:
-    """Send flow records as the agent of the node they name; how many the server stored.
+def send_flows(conn: Connection, records: Iterable[FlowRecord | DnsRecord | Mapping[str, Any]],
+               which: str = "flows") -> int:
+    """Send flow records (`which="dns"`: DNS log records) as the agent of the node they
+    name; how many the server stored.
 
     Records go in as few requests as the server's bounds allow; each request is stored
     whole or not at all. On a refusal (ApiError) or an unreachable server (Unreachable),
@@ -43,9 +47,27 @@ def send_flows(conn: Connection, records: Iterable[FlowRecord | Mapping[str, Any
     the failed one on, and send them again."""
     stored = 0
     for body in batches(records):
-        answer = conn.request("POST", route("flows"), raw=body)
+        answer = conn.request("POST", route(which), raw=body)
         stored += int(answer["stored"])
     return stored
+
+
+def send_dns(conn: Connection, records: Iterable[DnsRecord | Mapping[str, Any]]) -> int:
+    """`send_flows` for DNS log records (`POST /v1/dns`)."""
+    return send_flows(conn, records, "dns")
+
+
+def dns_logs(conn: Connection, *, since: float | None = None, until: float | None = None,
+             node: str | None = None, client: str | None = None, qname: str | None = None,
+             rcode: str | None = None, after: float | None = None,
+             limit: int | None = None) -> dict[str, Any]:
+    """`GET /v1/dns`: `{"dns": [...], "truncated": bool}`; `qname` a name or `*.SUFFIX`
+    (docs/dns.md)."""
+    params: dict[str, Any] = {"since": since, "until": until, "node": node, "client": client,
+                              "qname": qname, "rcode": rcode, "after": after, "limit": limit}
+    query = {k: _text(v) for k, v in params.items() if v is not None}
+    answer: dict[str, Any] = conn.request("GET", route("dns"), query=query or None)
+    return answer
 
 
 def flows(conn: Connection, *, since: float | None = None, until: float | None = None,

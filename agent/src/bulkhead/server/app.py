@@ -44,7 +44,8 @@ from bulkhead.policy.impact import PromotionConflict, proposed_state
 from bulkhead.selector import SelectorError, parse
 from bulkhead.server import limits
 from bulkhead.server import preview as preview_api
-from bulkhead.server.flows import FlowLogs, Refused, parse_request
+from bulkhead.server.dnslogs import DnsLogs, parse_dns_request
+from bulkhead.server.flows import FlowLogs, RecordLogs, Refused, parse_request
 from bulkhead.server.hub import STATUS_KIND, Hub, WireEvent
 from bulkhead.server.listen import Listener
 from bulkhead.server.revocation import Revocation
@@ -77,6 +78,7 @@ HUB = web.AppKey("hub", Hub)
 STOPPING = web.AppKey("stopping", asyncio.Event)
 LISTENER = web.AppKey("listener", Listener)
 FLOWS = web.AppKey("flows", FlowLogs)
+DNS = web.AppKey("dns", DnsLogs)
 MAX_BODY = 8 * 1024 * 1024
 TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -997,17 +999,24 @@ def _flow_logs(request: web.Request) -> FlowLogs:
     return logs
 
 
-async def post_flows(request: web.Request) -> web.Response:
-    """`POST /v1/flows`: an agent's batch of flow records, `{"records": [...]}`, stored
-    whole or not at all. Only agents send flows, each only its own node's: the role is
-    checked before the body is read, every record's node before any other field."""
+def _dns_logs(request: web.Request) -> DnsLogs:
+    logs = request.app.get(DNS)
+    if logs is None:
+        raise ApiError(503, "Unavailable", "DNS logs are not set up on this server")
+    return logs
+
+
+async def _ingest(request: web.Request, key: web.AppKey[Any]) -> web.Response:
+    """An agent's batch of records, `{"records": [...]}`, stored whole or not at all.
+    Only agents send them, each only its own node's: the role is checked before the body
+    is read, every record's node before any other field."""
     try:
         identity = _require(request, "agent")
     except ApiError:
-        if FLOWS in request.app:
-            request.app[FLOWS].refused("forbidden")
+        if key in request.app:
+            request.app[key].refused("forbidden")
         raise
-    logs = _flow_logs(request)
+    logs: RecordLogs = _flow_logs(request) if key is FLOWS else _dns_logs(request)
     async with logs.ingesting:   # a few batches at a time; the others wait unread
         try:
             text = await _text(request, MAX_BATCH_BYTES)
@@ -1021,19 +1030,43 @@ async def post_flows(request: web.Request) -> web.Response:
     return _json({"stored": stored})
 
 
-async def get_flows(request: web.Request) -> web.Response:
-    """`GET /v1/flows?since=&until=&node=&reporter=&action=&policy=&tier=&staged=differs&
-    selector=&endpoint=&after=&limit=` (records, newest first; with `after`, what was
-    stored since, oldest first) or `&top=N` (top talkers by bytes)."""
-    _require(request, "admin", "viewer")
-    logs = _flow_logs(request)
-    wanted = parse_request(list(request.query.items()), time.time())
+async def post_flows(request: web.Request) -> web.Response:
+    """`POST /v1/flows`: an agent's batch of flow records (`_ingest`)."""
+    return await _ingest(request, FLOWS)
+
+
+async def post_dns(request: web.Request) -> web.Response:
+    """`POST /v1/dns`: an agent's batch of DNS log records (`_ingest`)."""
+    return await _ingest(request, DNS)
+
+
+async def _query(request: web.Request, logs: RecordLogs, wanted: Any) -> web.Response:
+    """A checked query answered off the event loop, a few at a time."""
     async with logs.querying:
         try:
             answer = await asyncio.to_thread(logs.answer, wanted)
         except Refused as e:
             raise ApiError(e.status, e.reason, e.message) from None
     return await _big_json(answer)
+
+
+async def get_dns(request: web.Request) -> web.Response:
+    """`GET /v1/dns?since=&until=&node=&client=&qname=&rcode=&after=&limit=` (records,
+    newest first; with `after`, what was stored since, oldest first)."""
+    _require(request, "admin", "viewer")
+    logs = _dns_logs(request)
+    return await _query(request, logs, parse_dns_request(list(request.query.items()),
+                                                         time.time()))
+
+
+async def get_flows(request: web.Request) -> web.Response:
+    """`GET /v1/flows?since=&until=&node=&reporter=&action=&policy=&tier=&staged=differs&
+    selector=&endpoint=&after=&limit=` (records, newest first; with `after`, what was
+    stored since, oldest first) or `&top=N` (top talkers by bytes)."""
+    _require(request, "admin", "viewer")
+    logs = _flow_logs(request)
+    return await _query(request, logs, parse_request(list(request.query.items()),
+                                                     time.time()))
 
 
 async def post_preview(request: web.Request) -> web.Response:
@@ -1127,9 +1160,9 @@ async def metrics(request: web.Request) -> web.Response:
     for (method, route, status), count in sorted(request.app[METRICS]["requests"].items()):
         lines.append(f'bulkhead_http_requests_total{{method="{method}",route="{route}",'
                      f'status="{status}"}} {count}')
-    flow_logs = request.app.get(FLOWS)
-    if flow_logs is not None:
-        lines += flow_logs.metrics()
+    for logs in (request.app.get(FLOWS), request.app.get(DNS)):
+        if logs is not None:
+            lines += logs.metrics()
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
                         charset="utf-8", headers={"X-Content-Type": "version=0.0.4"})
 
@@ -1146,13 +1179,15 @@ HANDLERS: tuple[tuple[str, str, Handler], ...] = (
     ("PUT", "resource", write_resource), ("DELETE", "resource", delete_resource),
     ("POST", "status", post_status), ("GET", "nodes", nodes),
     ("POST", "flows", post_flows), ("GET", "flows", get_flows),
+    ("POST", "dns", post_dns), ("GET", "dns", get_dns),
     ("POST", "preview", post_preview),
 )
 
 
 def make_app(store: Datastore, hub: Hub, listener: Listener | None = None,
              revocation: Revocation | None = None,
-             flow_logs: FlowLogs | None = None) -> web.Application:
+             flow_logs: FlowLogs | None = None,
+             dns_logs: DnsLogs | None = None) -> web.Application:
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
     app[STORE] = store
     app[HUB] = hub
@@ -1164,6 +1199,8 @@ def make_app(store: Datastore, hub: Hub, listener: Listener | None = None,
         app[REVOCATION] = revocation
     if flow_logs is not None:
         app[FLOWS] = flow_logs
+    if dns_logs is not None:
+        app[DNS] = dns_logs
     for method, which, handler in HANDLERS:
         app.router.add_route(method, ROUTES[which], handler)
     return app

@@ -76,11 +76,14 @@ class Request:
     top: int | None = None
 
 
-class FlowLogs:
-    """The server's flow log state: the store, the JSON lines sink, counters and the
-    bounds on concurrent work."""
+class RecordLogs:
+    """What flow logs and DNS logs share in the server: a store, the JSON lines sink,
+    counters, the bounds on concurrent work, strict ingest and retention. `kind` names
+    the records in messages ("flow", "DNS"); `parse` reads an ingest body."""
 
-    def __init__(self, config: FlowLogConfig, store: FlowStore,
+    kind = "flow"
+
+    def __init__(self, config: FlowLogConfig, store: Any,
                  sink: JsonLinesSink | None = None) -> None:
         self.config = config
         self.store = store
@@ -89,9 +92,13 @@ class FlowLogs:
         self._ingesting: asyncio.Semaphore | None = None
         self._querying: asyncio.Semaphore | None = None
 
-    @classmethod
-    def open(cls, config: FlowLogConfig) -> FlowLogs:
-        return cls(config, config.open(), config.sink())
+    @staticmethod
+    def parse(doc: Any, now: float, node: str) -> Sequence[Any]:
+        return parse_batch(doc, now, node)
+
+    def answer(self, wanted: Any) -> dict[str, Any]:
+        """The answer to a checked query (the subclass's kind of query)."""
+        raise NotImplementedError
 
     @property
     def ingesting(self) -> asyncio.Semaphore:
@@ -113,7 +120,7 @@ class FlowLogs:
         """Parse and store one batch from the agent of `node`; how many records were
         stored. Refused (counted) when the batch is not taken."""
         try:
-            records = parse_batch(json_value(text, "the body"), time.time(), node)
+            records = self.parse(json_value(text, "the body"), time.time(), node)
         except ForeignNode as e:
             self.refused("forbidden")
             raise Refused(403, "Forbidden", f"agent {node}: {e}; nothing was stored",
@@ -127,13 +134,14 @@ class FlowLogs:
             raise Refused(400, "BadRequest", f"{e}; nothing was stored", "invalid") from None
         received = time.time()
         try:
-            stored = self.store.insert(records, received)
+            stored: int = self.store.insert(records, received)
         except FlowStoreError as e:
             self.refused("unavailable")
-            log.warning("flow records not stored", extra={"fields": {
+            log.warning(f"{self.kind} records not stored", extra={"fields": {
                 "node": node, "records": len(records), "error": str(e)}})
-            raise Refused(503, "Unavailable", f"the flow log store failed: {e}; nothing was "
-                          "stored, send the batch again later", "unavailable") from None
+            raise Refused(503, "Unavailable", f"the {self.kind} log store failed: {e}; "
+                          "nothing was stored, send the batch again later",
+                          "unavailable") from None
         self.counters["records"] += stored
         self.counters["batches"] += 1
         if self.sink is not None and records:
@@ -141,10 +149,45 @@ class FlowLogs:
                 self.sink.write(records, received)
             except OSError as e:
                 self.counters["jsonlines_errors"] += 1
-                log.error("flow records not written to the JSON lines file",
+                log.error(f"{self.kind} records not written to the JSON lines file",
                           extra={"fields": {"path": str(self.sink.path), "error": str(e),
                                             "records": len(records)}})
         return stored
+
+    # -- retention --------------------------------------------------------------------
+    def expire(self) -> int:
+        gone: int = self.store.expire(time.time() - self.config.retention_seconds)
+        self.counters["expired"] += gone
+        return gone
+
+    async def expire_forever(self) -> None:
+        """Every expireInterval seconds, delete what is older than the retention (stores
+        whose own TTL does it, ClickHouse, are left to it)."""
+        if getattr(self.store, "expires_by_itself", False):
+            return
+        while True:
+            try:
+                gone = await asyncio.to_thread(self.expire)
+                if gone:
+                    log.info(f"{self.kind} records expired",
+                             extra={"fields": {"records": gone}})
+            except FlowStoreError as e:
+                log.warning(f"{self.kind} record expiry failed",
+                            extra={"fields": {"error": str(e)}})
+            await asyncio.sleep(self.config.expire_interval)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class FlowLogs(RecordLogs):
+    """The server's flow log state (`RecordLogs`), its queries and metrics."""
+
+    store: FlowStore
+
+    @classmethod
+    def open(cls, config: FlowLogConfig) -> FlowLogs:
+        return cls(config, config.open(), config.sink())
 
     # -- queries ----------------------------------------------------------------------
     def answer(self, request: Request) -> dict[str, Any]:
@@ -161,26 +204,6 @@ class FlowLogs:
                           ) from None
         except FlowStoreError as e:
             raise Refused(503, "Unavailable", f"the flow log store failed: {e}") from None
-
-    # -- retention --------------------------------------------------------------------
-    def expire(self) -> int:
-        gone = self.store.expire(time.time() - self.config.retention_seconds)
-        self.counters["expired"] += gone
-        return gone
-
-    async def expire_forever(self) -> None:
-        """Every expireInterval seconds, delete what is older than the retention (stores
-        whose own TTL does it, ClickHouse, are left to it)."""
-        if getattr(self.store, "expires_by_itself", False):
-            return
-        while True:
-            try:
-                gone = await asyncio.to_thread(self.expire)
-                if gone:
-                    log.info("flow records expired", extra={"fields": {"records": gone}})
-            except FlowStoreError as e:
-                log.warning("flow record expiry failed", extra={"fields": {"error": str(e)}})
-            await asyncio.sleep(self.config.expire_interval)
 
     def metrics(self) -> list[str]:
         c = self.counters
@@ -206,17 +229,16 @@ class FlowLogs:
             f"bulkhead_flow_jsonlines_errors_total {c['jsonlines_errors']}"]
         return lines
 
-    def close(self) -> None:
-        self.store.close()
-
 
 # ------------------------------------------------------------------- query parameters
-def parse_request(items: Sequence[tuple[str, str]], now: float) -> Request:
-    """`GET /v1/flows`'s parameters, checked: BadInput naming the parameter otherwise."""
+def query_params(items: Sequence[tuple[str, str]], known: Sequence[str], now: float
+                 ) -> tuple[dict[str, str], float, float | None]:
+    """A query's parameters (each known, each once), and its time window: `since`
+    (default: DEFAULT_WINDOW before `until` or now) and `until`. BadInput otherwise."""
     given: dict[str, str] = {}
     for key, value in items:
-        if key not in PARAMS:
-            raise BadInput(f"{key[:40]}: unknown parameter (known: {', '.join(PARAMS)})")
+        if key not in known:
+            raise BadInput(f"{key[:40]}: unknown parameter (known: {', '.join(known)})")
         if key in given:
             raise BadInput(f"{key}: given more than once")
         given[key] = value
@@ -226,6 +248,12 @@ def parse_request(items: Sequence[tuple[str, str]], now: float) -> Request:
         since = max(0.0, (until if until is not None else now) - DEFAULT_WINDOW)
     if until is not None and since > until:
         raise BadInput(f"since: {since:g} is after until {until:g}")
+    return given, since, until
+
+
+def parse_request(items: Sequence[tuple[str, str]], now: float) -> Request:
+    """`GET /v1/flows`'s parameters, checked: BadInput naming the parameter otherwise."""
+    given, since, until = query_params(items, PARAMS, now)
     staged = given.get("staged")
     if staged not in (None, "differs"):
         raise BadInput(f"staged: {staged[:40]!r}: the one value is `differs` (the staged "

@@ -23,6 +23,7 @@ from bulkhead.defaults import SERVER_PORT
 from bulkhead.logs import setup_logging
 from bulkhead.model import strict_yaml
 from bulkhead.server.app import HUB, STOPPING, make_app
+from bulkhead.server.dnslogs import DnsLogs
 from bulkhead.server.flows import FlowLogs
 from bulkhead.server.hub import Hub
 from bulkhead.server.listen import RESERVED_FDS, Listener, raise_nofile_limit
@@ -187,10 +188,12 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     store = open_store(config.datastore)
     try:
         flow_logs = FlowLogs.open(config.flow_log_config())
+        dns_logs = DnsLogs.open(config.flow_log_config())
     except (FlowStoreError, OSError, ValueError) as e:
         await store.close()
         raise SystemExit(f"bulkhead-server: flowLogs: {e}") from None
     expiry = asyncio.create_task(flow_logs.expire_forever())
+    dns_expiry = asyncio.create_task(dns_logs.expire_forever())
     hub = Hub(store, history=config.compaction_max_revisions)
     follower = asyncio.create_task(hub.run())
     compactor = asyncio.create_task(hub.compact_forever(
@@ -199,7 +202,8 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     host, port = config.host_port()
     listener = Listener(ssl_context, host, port, max_connections=max_connections,
                         handshake_timeout=config.handshake_timeout)
-    app = make_app(store, hub, listener=listener, revocation=revocation, flow_logs=flow_logs)
+    app = make_app(store, hub, listener=listener, revocation=revocation, flow_logs=flow_logs,
+                   dns_logs=dns_logs)
     # handler_cancellation: a stream whose client left is cancelled at once, not at its
     # next heartbeat.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
@@ -235,10 +239,12 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
         with contextlib.suppress(asyncio.CancelledError):
             await follower
         await store.close()
-        expiry.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await expiry
+        for task in (expiry, dns_expiry):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await asyncio.to_thread(flow_logs.close)
+        await asyncio.to_thread(dns_logs.close)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,7 +166,7 @@ class FlowStore(Protocol):
         ...
 
 
-def check_insert(records: Sequence[FlowRecord]) -> None:
+def check_insert(records: Sequence[object]) -> None:
     if len(records) > MAX_INSERT:
         raise FlowStoreError(f"{len(records)} records in one insert; at most {MAX_INSERT}")
 

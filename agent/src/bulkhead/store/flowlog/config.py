@@ -27,6 +27,7 @@ from bulkhead.store.flowlog.clickhouse import (
     ClickHouseSettings,
     available,
 )
+from bulkhead.store.flowlog.dnslogs import SQLiteDnsStore
 from bulkhead.store.flowlog.jsonlines import JsonLinesSink
 
 SECTION = "flowLogs"
@@ -99,6 +100,21 @@ class FlowLogConfig:
     def sink(self) -> JsonLinesSink | None:
         j = self.json_lines
         return None if j is None else JsonLinesSink(j.path, j.max_bytes, j.keep)
+
+    @property
+    def dns_path(self) -> Path:
+        """DNS log records' SQLite file: `dns.sqlite` beside the flow store's file (with
+        every store: DNS logs are in SQLite only, for now)."""
+        return self.path.with_name("dns.sqlite")
+
+    def open_dns(self) -> SQLiteDnsStore:
+        return SQLiteDnsStore(self.dns_path)
+
+    def dns_sink(self) -> JsonLinesSink | None:
+        """DNS records as JSON lines beside the flows' file: `dns-NAME` in its folder."""
+        j = self.json_lines
+        return None if j is None else JsonLinesSink(j.path.with_name("dns-" + j.path.name),
+                                                    j.max_bytes, j.keep)
 
 
 # ----------------------------------------------------------------------------- checks

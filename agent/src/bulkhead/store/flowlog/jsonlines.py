@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bulkhead.model.dnslog import DnsRecord
 from bulkhead.model.flowlog import FlowRecord
 
 FILE_MODE = 0o640
@@ -52,7 +53,8 @@ class JsonLinesSink:
         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE))
         self.rotations += 1
 
-    def write(self, records: Sequence[FlowRecord], received: float | None = None) -> int:
+    def write(self, records: Sequence[FlowRecord | DnsRecord],
+              received: float | None = None) -> int:
         """Append one line per record; the bytes written. OSError if the disk refuses."""
         if not records:
             return 0

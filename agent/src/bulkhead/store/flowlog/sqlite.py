@@ -145,23 +145,44 @@ def where(q: FlowQuery) -> tuple[str, list[Any]]:
     return " AND ".join(terms), args
 
 
+def open_wal(path: Path, schema: str, table: str, what: str
+             ) -> tuple[sqlite3.Connection, sqlite3.Connection, float]:
+    """A SQLite file in WAL mode with `schema`: the writing connection, a reading one
+    (a long query never holds up ingest), and the newest `received` of `table`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(schema)
+        reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        last = db.execute(f"SELECT MAX(received) FROM {table}").fetchone()[0]
+    except sqlite3.Error as e:
+        raise FlowStoreError(f"{what} {path}: {e}") from None
+    return db, reader, float(last or 0.0)
+
+
+def read_rows(reader: sqlite3.Connection, sql: str, args: Sequence[Any], deadline: float,
+              what: str) -> list[Any]:
+    """Rows of one statement on a reading connection, stopped at `deadline` (monotonic):
+    FlowQueryTimeout then. The caller holds the connection's lock."""
+    reader.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+    try:
+        return reader.execute(sql, args).fetchall()
+    except sqlite3.Error as e:
+        if "interrupted" in str(e):
+            raise FlowQueryTimeout(f"the query ran longer than {QUERY_SECONDS:g} s; "
+                                   "narrow the time range or add filters") from None
+        raise FlowStoreError(f"{what}: {e}") from None
+    finally:
+        reader.set_progress_handler(None, 0)
+
+
 class SQLiteFlowStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
-            # Queries read on a connection of their own: a long one never holds up ingest.
-            self._reader = sqlite3.connect(self.path, isolation_level=None,
-                                           check_same_thread=False)
-            last = self._db.execute("SELECT MAX(received) FROM flows").fetchone()[0]
-        except sqlite3.Error as e:
-            raise FlowStoreError(f"flow log store {self.path}: {e}") from None
-        self._last_received = float(last or 0.0)
+        self._db, self._reader, self._last_received = open_wal(self.path, SCHEMA, "flows",
+                                                               "flow log store")
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
 
@@ -219,17 +240,8 @@ class SQLiteFlowStore:
     def _read(self, sql: str, args: Sequence[Any], deadline: float) -> list[Any]:
         """Rows of one statement on the reading connection, stopped at `deadline`."""
         with self._read_lock:
-            self._reader.set_progress_handler(
-                lambda: int(time.monotonic() > deadline), 10_000)
-            try:
-                return self._reader.execute(sql, args).fetchall()
-            except sqlite3.Error as e:
-                if "interrupted" in str(e):
-                    raise FlowQueryTimeout(f"the query ran longer than {QUERY_SECONDS:g} s; "
-                                           "narrow the time range or add filters") from None
-                raise FlowStoreError(f"flow log store {self.path}: {e}") from None
-            finally:
-                self._reader.set_progress_handler(None, 0)
+            return read_rows(self._reader, sql, args, deadline,
+                             f"flow log store {self.path}")
 
     def _scan(self, q: FlowQuery, deadline: float) -> Iterator[StoredFlow]:
         """Every row the filters but the selector let through, in answer order, read a
