@@ -270,6 +270,30 @@ def test_dns_logs_reach_the_server_with_question_answers_and_latency(bed: Testbe
     assert {r["qname"] for r in answer["dns"]} == {"www.example.org"}
 
 
+def test_flow_records_of_a_domain_rule_carry_the_same_staged_verdict(bed: Testbed) -> None:
+    """The agent's reference evaluator sees the names the destination was resolved from
+    (the same name cache), so a connection the kernel allowed by name is staged-allowed
+    too: no false 'staged differs' in the rollout."""
+    from bulkhead.client.flows import flows
+
+    flush(bed)
+    since = time.time() - 1
+    assert ask(bed, "long.example.com")["addresses"] == [ip("h2")]
+    assert reach(bed, "h2") == [True]
+
+    def records() -> list[dict[str, Any]]:
+        answer = flows(bed.connection(), since=since, node="h1", reporter="src")
+        return [r for r in answer["flows"] if r["dst_port"] == PORT
+                and r["dst_name"] == ip("h2")]
+
+    wait_for(lambda: bool(records()), "h1's flow record to h2", timeout=30)
+    for record in records():
+        assert record["action"] == "allow"
+        assert record["enforced_trace"] == ["default|client-egress|0|allow"]
+        assert (record["staged_action"], record["staged_trace"]) == \
+            (record["action"], record["enforced_trace"])
+
+
 def test_the_name_cache_survives_a_restart_and_can_be_flushed(bed: Testbed) -> None:
     flush(bed)
     assert ask(bed, "long.example.com")["addresses"] == [ip("h2")]

@@ -209,3 +209,12 @@ def test_resolution_agrees_with_a_walk_over_every_path(
     for name in ("a.x", "b.x", "c.x", "d.x"):
         got = {a: how.expiry for a, how in cache.resolve(name, now).items()}
         assert got == walk(name, float("inf"), (name,)), name
+    # The reverse lookup (through the cache's indexes) agrees with resolving every name.
+    for address in ("198.18.0.1", "198.18.0.2"):
+        expected = {n for n in ("a.x", "b.x", "c.x", "d.x")
+                    if address in walk(n, float("inf"), (n,))}
+        assert cache.names_for(address, now) == expected, address
+    cache.expire(now)
+    for address in ("198.18.0.1", "198.18.0.2"):
+        assert cache.names_for(address, now) == {
+            n for n in ("a.x", "b.x", "c.x", "d.x") if address in walk(n, float("inf"), (n,))}

@@ -82,6 +82,9 @@ class FlowLogs:
         self._retired: dict[str, Decision] = {}   # older tables' prefixes, until a flush
         self._unspooled: list[Any] = []           # records a failed spool write kept
         self._kick = asyncio.Event()
+        # The DNS name cache's lookup (address -> the names it was resolved from), for
+        # the staged verdicts of `domains` rules; set by the daemon when it snoops.
+        self.names: Callable[[Any], frozenset[str]] | None = None
 
     # -- policy --------------------------------------------------------------------------
     def update(self, snapshot: Snapshot, decisions: Mapping[str, Decision]) -> None:
@@ -95,7 +98,7 @@ class FlowLogs:
                 self.node, snapshot, merged, self.failsafes,
                 Limits(connections=self.settings.max_connections,
                        aggregates=self.settings.max_records), time.time(),
-                default_mode=self.default_mode)
+                default_mode=self.default_mode, names=self.names)
         else:
             self.aggregator.set_snapshot(snapshot, merged)
 

@@ -30,9 +30,10 @@ what does not fit is dropped and counted in `dropped` by reason.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -226,8 +227,13 @@ class Ends:
 class FlowAggregator:
     def __init__(self, node: str, snapshot: Snapshot, decisions: Mapping[str, Decision],
                  failsafes: Failsafes | None = None, limits: Limits = Limits(),
-                 now: float = 0.0, default_mode: str = ENFORCE) -> None:
+                 now: float = 0.0, default_mode: str = ENFORCE,
+                 names: Callable[[IPAddress], frozenset[str]] | None = None) -> None:
         self.node = node
+        # The names a destination address was resolved from (the agent's DNS name
+        # cache): egress flows carry them, so the staged verdict of a `domains` rule is
+        # the one the kernel's domain sets give.
+        self.names = names
         self.default_mode = default_mode   # endpoints without the enforcement label
         self.limits = limits
         self.failsafes = failsafes if failsafes is not None else Failsafes()
@@ -263,8 +269,12 @@ class FlowAggregator:
 
     def _staged(self, flow: Flow, reporter: str) -> _Staged:
         sport = flow.src_port if self._source_ports else None
+        if self.names is not None and reporter == "src" and not flow.dst_domains:
+            domains = self.names(flow.dst)
+            if domains:
+                flow = dataclasses.replace(flow, dst_domains=domains)
         cache_key = (flow.src, flow.dst, flow.protocol, flow.dst_port, sport,
-                     flow.icmp_type, flow.icmp_code, reporter)
+                     flow.icmp_type, flow.icmp_code, reporter, flow.dst_domains)
         found = self._verdicts.get(cache_key)
         if found is None:
             verdict = self._evaluator.evaluate(flow, trace=True)

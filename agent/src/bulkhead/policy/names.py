@@ -72,6 +72,7 @@ class NameCache:
         self._addresses: dict[str, dict[str, float]] = {}
         self._aliases: dict[str, dict[str, float]] = {}
         self._referrers: dict[str, set[str]] = {}     # CNAME target -> names pointing to it
+        self._owners: dict[str, set[str]] = {}        # address -> names with a record of it
 
     def __len__(self) -> int:
         with self._lock:
@@ -93,11 +94,15 @@ class NameCache:
                 if entries.get(r.value, 0.0) >= expiry:
                     continue    # already known for as long: nothing moves
                 entries[r.value] = expiry
-                if len(entries) > MAX_ADDRESSES:
-                    del entries[min(entries, key=entries.__getitem__)]
-                    self.evicted += 1
                 if r.kind == CNAME:
                     self._referrers.setdefault(r.value, set()).add(r.name)
+                else:
+                    self._owners.setdefault(r.value, set()).add(r.name)
+                if len(entries) > MAX_ADDRESSES:
+                    oldest = min(entries, key=entries.__getitem__)
+                    del entries[oldest]
+                    self._unlink(r.name, oldest, r.kind == CNAME)
+                    self.evicted += 1
                 touched.add(r.name)
             self._bound(now)
             return self._with_referrers(touched)
@@ -113,8 +118,19 @@ class NameCache:
             todo.extend(self._referrers.get(name, ()))
         return out
 
+    def _unlink(self, name: str, value: str, alias: bool) -> None:
+        """Forget that `name` points to `value` in the reverse indexes."""
+        index = self._referrers if alias else self._owners
+        linked = index.get(value)
+        if linked is not None:
+            linked.discard(name)
+            if not linked:
+                del index[value]
+
     def _bound(self, now: float) -> None:
         """Drop expired entries, then the soonest-expiring names while over the bound."""
+        if len(self._addresses) + len(self._aliases) <= self.max_names:
+            return      # the cheap upper bound: no union of the names on every answer
         names = self._addresses.keys() | self._aliases.keys()
         if len(names) <= self.max_names:
             return
@@ -133,13 +149,10 @@ class NameCache:
             self.evicted += 1
 
     def _drop(self, name: str) -> None:
-        self._addresses.pop(name, None)
+        for address in self._addresses.pop(name, {}):
+            self._unlink(name, address, False)
         for target in self._aliases.pop(name, {}):
-            referrers = self._referrers.get(target)
-            if referrers is not None:
-                referrers.discard(name)
-                if not referrers:
-                    del self._referrers[target]
+            self._unlink(name, target, True)
 
     def _expire(self, now: float) -> None:
         for table in (self._addresses, self._aliases):
@@ -147,12 +160,9 @@ class NameCache:
                 entries = table[name]
                 for value in [v for v, e in entries.items() if e <= now]:
                     del entries[value]
-                    if table is self._aliases:
-                        self._referrers.get(value, set()).discard(name)
+                    self._unlink(name, value, table is self._aliases)
                 if not entries:
                     del table[name]
-        for target in [t for t, r in self._referrers.items() if not r]:
-            del self._referrers[target]
 
     def expire(self, now: float) -> None:
         with self._lock:
@@ -165,6 +175,7 @@ class NameCache:
             self._addresses.clear()
             self._aliases.clear()
             self._referrers.clear()
+            self._owners.clear()
             return count
 
     # -- reading ----------------------------------------------------------------------
@@ -214,11 +225,17 @@ class NameCache:
     def reasons(self, address: str, now: float) -> list[Resolution]:
         """The cached names that resolve to `address` now, longest-lived first."""
         with self._lock:
-            owners = [n for n, entries in self._addresses.items() if address in entries]
-            names = self._with_referrers(owners)
+            names = self._with_referrers(self._owners.get(address, ()))
             found = [how for n in names
                      if (how := self._resolve(n, now).get(address)) is not None]
         return sorted(found, key=lambda r: (-r.expiry, r.name))
+
+    def names_for(self, address: str, now: float) -> frozenset[str]:
+        """The names `address` was resolved from (and is still live for): what a flow to
+        it carries as its destination's names for the reference evaluator."""
+        if address not in self._owners:     # the common case, without the lock
+            return frozenset()
+        return frozenset(r.name for r in self.reasons(address, now))
 
     # -- persistence ------------------------------------------------------------------
     def to_json(self, now: float) -> dict[str, Any]:
@@ -254,8 +271,8 @@ class NameCache:
                     continue
                 table = self._aliases if kind == CNAME else self._addresses
                 table.setdefault(name, {})[value] = expiry
-                if kind == CNAME:
-                    self._referrers.setdefault(value, set()).add(name)
+                index = self._referrers if kind == CNAME else self._owners
+                index.setdefault(value, set()).add(name)
             self._bound(now)
             return len(self._addresses.keys() | self._aliases.keys())
 
