@@ -6,6 +6,7 @@ them; the settings and resolv.conf are read as documented."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import subprocess
 from pathlib import Path
@@ -197,6 +198,30 @@ def test_a_held_answer_is_sent_on_with_its_udp_checksum_made_anew() -> None:
     assert ones(pseudo6 + fixed6[40:]) == 0xFFFF
     tcp = v4[:9] + b"\x06" + v4[10:]
     assert with_udp_checksum(tcp, 4) == tcp      # not UDP: left as it is
+
+
+def test_one_flooding_client_cannot_push_out_the_queries_of_others(tmp_path: Path) -> None:
+    from bulkhead.agent.dns import MAX_PENDING_CLIENT
+
+    snooper = DnsSnooper(DnsSettings(trusted_servers=(SERVER,)),
+                         snooping(DnsSettings(trusted_servers=(SERVER,))), tmp_path)
+    try:
+        flood = []
+        for i in range(MAX_PENDING_CLIENT + 50):
+            query = dns.message.make_query(f"q{i}.flood.example", "A")
+            flood.append(packet(query, answer=False))
+        assert snooper.packets(flood) is None
+        assert snooper.counters.queries_dropped == 50
+        # Another client's query (another address) is still kept and answered.
+        other = exchange(response("api.example.com.",
+                                  ("api.example.com.", 60, "A", "198.18.3.7")))
+        other = [p._replace(src=ipaddress.ip_address("198.18.0.20")) if p.dport == 53 else
+                 p._replace(dst=ipaddress.ip_address("198.18.0.20")) for p in other]
+        snooper.packets(other)
+        assert snooper.counters.unsolicited == 0
+        assert snooper.cache.names() == ["api.example.com"]
+    finally:
+        snooper.close()
 
 
 def test_timed_elements_keep_their_family_and_a_positive_timeout() -> None:

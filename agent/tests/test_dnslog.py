@@ -66,6 +66,28 @@ def test_exchanges_aggregate_by_ends_question_code_and_answers() -> None:
         assert parse_dns_record(r.json(), NOW + 30, "web-1") == r
 
 
+def test_what_the_aggregator_makes_the_server_takes_whatever_the_wire_said() -> None:
+    """A type named with a hyphen, answers longer than a record takes, a name cut at its
+    bound: the record is still one the server's parser accepts."""
+    import dns.message
+
+    from bulkhead.observe.dns import parse_packet
+    from tests.observe.test_dns import packet
+
+    query = dns.message.make_query("odd.example", "NSAP-PTR")
+    wire = parse_packet(packet(query, answer=False))
+    assert wire.qtype == "TYPE23"
+    long = "a" * 63 + "." + "b" * 63 + "." + "c" * 30 + ".example"
+    agg = DnsLogAggregator("n", snap())
+    agg.exchange(message(True, NOW, qname="x" * 300 + ".", records=(
+        Record(long, "CNAME", long + "x", 30), Record(long, "A", "198.18.0.1", 30))), None)
+    agg.exchange(DnsPacket(True, 1, CLIENT, 4, SERVER, 53, "odd.example", wire.qtype,
+                           "NOERROR", (), NOW), None)
+    for record in agg.flush(NOW + 1):
+        assert parse_dns_record(record.json(), NOW + 1, "n") == record
+        assert all(len(a) <= 300 for a in record.answers)
+
+
 def test_the_aggregator_is_bounded() -> None:
     agg = DnsLogAggregator("n", snap(), max_records=10)
     for i in range(15):

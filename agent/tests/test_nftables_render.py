@@ -157,10 +157,10 @@ def test_dns_snooping_rules_come_first_and_hold_answers_only_while_the_agent_ren
     plain = render(plan, dns=DnsSnooping(("198.18.0.53", "2001:2::53")))
     inbound, outbound = plain.chains["input"].rules, plain.chains["output"].rules
     assert list(inbound[:2]) == [
-        'meta l4proto udp ip saddr { 198.18.0.53 } udp sport 53 log group 3 snaplen 8192 '
-        'comment "dns answers"',
-        'meta l4proto udp ip6 saddr { 2001:2::53 } udp sport 53 log group 3 snaplen 8192 '
-        'comment "dns answers"']
+        'meta l4proto udp ip saddr { 198.18.0.53 } udp sport 53 ct state '
+        'established,untracked log group 3 snaplen 8192 comment "dns answers"',
+        'meta l4proto udp ip6 saddr { 2001:2::53 } udp sport 53 ct state '
+        'established,untracked log group 3 snaplen 8192 comment "dns answers"']
     assert outbound[0] == ('meta l4proto udp ip daddr { 198.18.0.53 } udp dport 53 log '
                            'group 3 snaplen 8192 comment "dns queries"')
     assert inbound[2] == "ct state established,related accept" and HOLD_SET not in plain.sets
@@ -168,9 +168,10 @@ def test_dns_snooping_rules_come_first_and_hold_answers_only_while_the_agent_ren
     rules = held.chains["input"].rules
     # Held: logged whole and dropped while the hold set has its element (the agent sends
     # the answer on, marked); the mark lets a sent-on answer through both rules.
-    assert rules[0] == ('meta l4proto udp ip saddr { 198.18.0.53 } udp sport 53 meta mark & '
-                        '0xffff0000 != 0xbd50000 udp sport @dns_hold log prefix "dns-held" '
-                        'group 3 snaplen 65535 drop comment "dns answers held for the agent"')
+    assert rules[0] == ('meta l4proto udp ip saddr { 198.18.0.53 } udp sport 53 ct state '
+                        'established,untracked meta mark & 0xffff0000 != 0xbd50000 udp sport '
+                        '@dns_hold log prefix "dns-held" group 3 snaplen 65535 drop comment '
+                        '"dns answers held for the agent"')
     assert rules[1].endswith('log group 3 snaplen 8192 comment "dns answers"')
     assert "meta mark & 0xffff0000 != 0xbd50000" in rules[1]
     assert held.sets[HOLD_SET].flags == ("timeout",) and held.sets[HOLD_SET].elements == ()

@@ -218,3 +218,37 @@ def test_resolution_agrees_with_a_walk_over_every_path(
     for address in ("198.18.0.1", "198.18.0.2"):
         assert cache.names_for(address, now) == {
             n for n in ("a.x", "b.x", "c.x", "d.x") if address in walk(n, float("inf"), (n,))}
+
+
+def test_an_address_keeps_its_longest_life_when_another_name_moves() -> None:
+    """Two names share an address: a short-lived answer for one must not cut the element
+    the other keeps alive (an element written again takes the new timeout)."""
+    cache = NameCache()
+    cache.learn([rec("a.example.com", "A", "198.18.1.4", 3600)], NOW)
+    touched = cache.learn([rec("b.example.com", "A", "198.18.1.4", 60)], NOW + 1)
+    assert touched == {"b.example.com"}
+    assert cache.addresses(["*.example.com"], NOW + 1, touched) == {"198.18.1.4": NOW + 3600}
+    # A pattern only the short-lived name matches gets the short life.
+    assert cache.addresses(["b.example.com"], NOW + 1, touched) == {"198.18.1.4": NOW + 61}
+
+
+def test_many_cname_paths_resolve_in_rounds_not_one_walk_each() -> None:
+    """Sixteen layers of four names, each pointing to all four of the next: 4**16 paths,
+    which a walk of every path would never finish; the widest one is found."""
+    cache = NameCache()
+    layers = [[f"n{layer}-{i}.example" for i in range(4)] for layer in range(17)]
+    records = [rec(name, "CNAME", target, 100 + layer)
+               for layer in range(16) for name in layers[layer] for target in layers[layer + 1]]
+    cache.learn([*records, rec(layers[16][0], "A", "198.18.1.9", 500)], NOW)
+    found = cache.resolve(layers[0][0], NOW)["198.18.1.9"]
+    assert found.expiry == NOW + 100 and len(found.via) == 16
+
+
+def test_a_hostile_ttl_or_a_tampered_cache_file_is_bounded(tmp_path: Path) -> None:
+    cache = NameCache()
+    cache.learn([rec("a.example", "A", "198.18.1.1", 2**32 - 1)], NOW)   # top bit set: 0
+    assert cache.resolve("a.example", NOW)["198.18.1.1"].expiry == NOW + MIN_TTL
+    path = tmp_path / "dns-cache.json"
+    path.write_text('{"version": 1, "addresses": {"a.example": {"198.18.1.1": Infinity}}}')
+    with pytest.raises(ValueError):
+        NameCache().load(path, NOW)

@@ -56,7 +56,7 @@ class DnsSettings:
     trusted_servers: tuple[str, ...] = ()   # (): the nameservers of /etc/resolv.conf
     group: int = 3                  # the NFLOG group DNS packets are logged to
     extra_ttl: float = 0.0          # seconds added to each answer's TTL (felix DNSExtraTTL)
-    max_names: int = 100_000        # names the name cache holds
+    max_names: int = 50_000         # names the name cache holds (twice as many entries)
     save_interval: float = 60.0     # seconds between writes of the cache to the state dir
     # DelayDNSResponse: answers held until the domain sets hold their addresses (felix's
     # mode, without NFQUEUE: the agent sends them on); NoDelay: they pass at once.
@@ -285,7 +285,8 @@ def _dns(value: Any, where: str) -> DnsSettings | None:
         out = []
         for i, item in enumerate(servers):
             try:
-                out.append(str(ipaddress.ip_address(str(item).strip())))
+                # A zone (fe80::1%eth0) cannot be matched by nftables: the address alone.
+                out.append(str(ipaddress.ip_address(str(item).strip().split("%", 1)[0])))
             except ValueError:
                 raise ConfigError(f"{where}.trustedServers[{i}]",
                                   f"{item!r} is not an IP address") from None

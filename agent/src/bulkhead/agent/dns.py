@@ -41,6 +41,7 @@ import logging
 import socket
 import struct
 import sys
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -78,6 +79,7 @@ IPV6_HDRINCL = 36
 HOLD_KEY = (53).to_bytes(2, "big")
 UDP = 17
 MAX_PENDING = 10_000      # queries waiting for their answers
+MAX_PENDING_CLIENT = 1_000   # of them, from one client address
 PENDING_SECONDS = 10.0    # how long a query waits (resolvers give up after 5 s or so)
 DELAY_RESPONSE = "DelayDNSResponse"
 
@@ -131,6 +133,7 @@ class DnsCounters:
     failures: int = 0             # times snooping failed and was started again
     unsolicited: int = 0          # answers to no query seen (learned from: nothing)
     unanswered: int = 0           # queries that got no answer in PENDING_SECONDS
+    queries_dropped: int = 0      # queries not kept (a client over its share, a full table)
     released: int = 0             # held answers sent on
     release_failures: int = 0     # held answers that could not be sent on (lost)
 
@@ -155,6 +158,9 @@ class DnsSnooper:
         # For DNS logs: each answer, with its query (None: unsolicited).
         self.on_answer: Callable[[DnsPacket, DnsPacket | None], None] | None = None
         self._pending: OrderedDict[tuple[Any, ...], DnsPacket] = OrderedDict()
+        self._pending_by_client: dict[Any, int] = {}
+        self._retry: set[str] = set()
+        self._retry_lock = threading.Lock()
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "bulkhead-dns")
         self._netlink: NftNetlink | None = None
 
@@ -213,7 +219,8 @@ class DnsSnooper:
             self._submit(self._elements(self.domain_sets, time.time()), None)
 
     def _submit(self, elements: Mapping[str, list[tuple[str, int]]],
-                answered_at: float | None, release: Sequence[LoggedPacket] = ()
+                answered_at: float | None, release: Sequence[LoggedPacket] = (),
+                names: frozenset[str] = frozenset()
                 ) -> concurrent.futures.Future[None] | None:
         changes = [Change(name, add=timed_elements(6 if name.startswith("d6_") else 4,
                                                    items))
@@ -221,14 +228,14 @@ class DnsSnooper:
         changes = [c for c in changes if c.add]
         if not changes and not release:
             return None
-        return self._writer.submit(self._write, changes, answered_at, list(release))
+        return self._writer.submit(self._write, changes, answered_at, list(release), names)
 
     def _send(self, changes: list[Change], quiet: bool = False) -> bool:
         try:
             if self._netlink is None:
                 self._netlink = NftNetlink(self.netns, timeout=10.0)
             self._netlink.apply(self.table, changes)
-        except NetlinkError as e:
+        except Exception as e:   # NetlinkError, OSError (a socket), struct.error: never raise
             if self._netlink is not None:
                 self._netlink.close()
                 self._netlink = None
@@ -237,19 +244,24 @@ class DnsSnooper:
         return True
 
     def _write(self, changes: list[Change], answered_at: float | None,
-               release: list[LoggedPacket]) -> None:
+               release: list[LoggedPacket], names: frozenset[str] = frozenset()) -> None:
         """In the writer thread: the elements, then the held answers that wait for them
         (sent on even if the write failed: an answer lost would cost the client a retry,
-        a missing element only the first packet)."""
-        if changes:
-            if self._send(changes):
-                self.counters.elements_written += sum(len(c.add) for c in changes)
-                if answered_at is not None:
-                    self.latencies.append(max(0.0, time.time() - answered_at))
-            else:
-                self.counters.write_failures += 1
-        for packet in release:
-            self._release(packet)
+        a missing element only the first packet). A failed write's names are written
+        again at the next tick (a caching resolver's next answer may teach nothing new)."""
+        try:
+            if changes:
+                if self._send(changes):
+                    self.counters.elements_written += sum(len(c.add) for c in changes)
+                    if answered_at is not None:
+                        self.latencies.append(max(0.0, time.time() - answered_at))
+                else:
+                    self.counters.write_failures += 1
+                    with self._retry_lock:
+                        self._retry |= names
+        finally:
+            for packet in release:
+                self._release(packet)
 
     def _release(self, packet: LoggedPacket) -> None:
         """Send a held answer on, as it came (its own bytes), marked so the table lets
@@ -315,6 +327,8 @@ class DnsSnooper:
                 continue
             self.counters.answers += 1
             query = self._pending.pop(exchange_key(message), None)
+            if query is not None:
+                self._forget(query)
             if query is None:
                 # No query from this host asked it (or none we saw): learn nothing. An
                 # answer forged from off the path must guess the port and the ID first.
@@ -327,16 +341,42 @@ class DnsSnooper:
                 self.on_answer(message, query)
         elements = self._elements(self.domain_sets, now, touched) \
             if touched and self.domain_sets else {}
-        return self._submit(elements, answered_at, release)
+        return self._submit(elements, answered_at, release, frozenset(touched))
+
+    def retry(self) -> concurrent.futures.Future[None] | None:
+        """Write again the elements of names whose write failed."""
+        with self._retry_lock:
+            names, self._retry = self._retry, set()
+        if not names or not self.domain_sets:
+            return None
+        return self._submit(self._elements(self.domain_sets, time.time(), names), None,
+                            names=frozenset(names))
 
     def _asked(self, query: DnsPacket, now: float) -> None:
-        """Keep a query for its answer: at most MAX_PENDING, each PENDING_SECONDS."""
+        """Keep a query for its answer, PENDING_SECONDS at most: MAX_PENDING in all and
+        MAX_PENDING_CLIENT per client address. A client over its share, or a full table,
+        has its new query left out (counted): one flooding process never pushes out the
+        queries of the others."""
         pending = self._pending
-        while pending and (len(pending) >= MAX_PENDING
-                           or next(iter(pending.values())).timestamp < now - PENDING_SECONDS):
-            pending.popitem(last=False)
+        while pending and next(iter(pending.values())).timestamp < now - PENDING_SECONDS:
+            self._forget(pending.popitem(last=False)[1])
             self.counters.unanswered += 1
-        pending[exchange_key(query)] = query
+        key = exchange_key(query)
+        if key in pending:
+            return
+        held = self._pending_by_client.get(query.client, 0)
+        if len(pending) >= MAX_PENDING or held >= MAX_PENDING_CLIENT:
+            self.counters.queries_dropped += 1
+            return
+        pending[key] = query
+        self._pending_by_client[query.client] = held + 1
+
+    def _forget(self, query: DnsPacket) -> None:
+        left = self._pending_by_client.get(query.client, 1) - 1
+        if left > 0:
+            self._pending_by_client[query.client] = left
+        else:
+            self._pending_by_client.pop(query.client, None)
 
     def flush(self) -> int:
         """Forget every name, empty the kernel's domain sets, remove the saved cache."""
@@ -365,6 +405,7 @@ class DnsSnooper:
             "dnsFailures": self.counters.failures,
             "dnsUnsolicited": self.counters.unsolicited,
             "dnsUnanswered": self.counters.unanswered,
+            "dnsQueriesDropped": self.counters.queries_dropped,
             "dnsReleased": self.counters.released,
             "dnsReleaseFailures": self.counters.release_failures,
             **({"dnsHeldP99Ms": round(held * 1000, 3)} if held is not None else {}),
@@ -407,11 +448,16 @@ class DnsSnooper:
         next_save = time.monotonic() + self.settings.save_interval
         try:
             while not stopping():
-                if self.hold:   # answers are held only while this loop runs
+                # Answers are held only while this loop runs, and only while the table
+                # has domain sets (without them there is nothing to wait for).
+                if self.hold and self.domain_sets:
                     await writer(self._writer.submit(self.renew_hold))
-                elif self.holding:   # holding was given up: answers pass from now on
+                elif self.holding:   # holding given up, or nothing to hold for
                     await writer(self._writer.submit(self.stop_holding))
-                wait = HOLD_RENEW if self.hold else self.settings.save_interval
+                retried = self.retry()
+                if retried is not None:
+                    await writer(retried)
+                wait = HOLD_RENEW
                 with contextlib.suppress(TimeoutError):
                     failure = await asyncio.wait_for(asyncio.shield(broken), wait)
                     raise RuntimeError(f"reading DNS packets failed: {failure!r}")

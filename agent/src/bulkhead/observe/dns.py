@@ -78,6 +78,17 @@ def _name(name: dns.name.Name) -> str:
     return name.to_text(omit_final_dot=True).lower()
 
 
+def _rcode_text(rcode: dns.rcode.Rcode) -> str:
+    text = dns.rcode.to_text(rcode)
+    return text if text.isascii() and text.isalnum() else f"RCODE{int(rcode)}"
+
+
+def _type_text(rdtype: dns.rdatatype.RdataType) -> str:
+    """A record type as letters and digits (NSAP-PTR is TYPE23): what logs carry."""
+    text = dns.rdatatype.to_text(rdtype)
+    return text if text.isascii() and text.isalnum() else f"TYPE{int(rdtype)}"
+
+
 def parse_packet(packet: LoggedPacket) -> DnsPacket:
     """The DNS message of a logged UDP packet (upper-layer bytes kept). Raises NotDns."""
     if packet.proto != UDP or len(packet.payload) < UDP_HEADER:
@@ -98,7 +109,7 @@ def parse_packet(packet: LoggedPacket) -> DnsPacket:
         raise NotDns("a response to port 53, or a query from it")
     question = message.question[0] if message.question else None
     qname = _name(question.name) if question is not None else ""
-    qtype = dns.rdatatype.to_text(question.rdtype) if question is not None else ""
+    qtype = _type_text(question.rdtype) if question is not None else ""
     if response:
         client, client_port, server, server_port = packet.dst, packet.dport, packet.src, \
             packet.sport
@@ -110,12 +121,15 @@ def parse_packet(packet: LoggedPacket) -> DnsPacket:
         records = _chain_records(qname, [*message.answer, *message.additional])
     return DnsPacket(response, message.id, client, client_port or 0, server,
                      server_port or 0, qname, qtype,
-                     dns.rcode.to_text(message.rcode()) if response else "",
+                     _rcode_text(message.rcode()) if response else "",
                      records, packet.timestamp)
 
 
 def _chain_records(qname: str, rrsets: Iterable[Any]) -> tuple[Record, ...]:
-    """The A, AAAA and CNAME records whose owner is on the CNAME chain from `qname`."""
+    """The A, AAAA and CNAME records whose owner is on the CNAME chain from `qname`: at
+    each name its addresses and the one CNAME followed (a name has one; others are not
+    taken). Names written with escapes (a `\\` in their text: a dot or a byte inside a
+    label) are never taken: a pattern compares plain labels."""
     by_owner: dict[str, list[Record]] = {}
     for rrset in rrsets:
         kind = dns.rdatatype.to_text(rrset.rdtype)
@@ -124,6 +138,8 @@ def _chain_records(qname: str, rrsets: Iterable[Any]) -> tuple[Record, ...]:
         owner = _name(rrset.name)
         for rdata in rrset:
             value = _name(rdata.target) if kind == CNAME else rdata.address
+            if "\\" in owner or "\\" in value:
+                continue
             by_owner.setdefault(owner, []).append(Record(owner, kind, value, int(rrset.ttl)))
     out: list[Record] = []
     name, seen = qname, set()
@@ -132,11 +148,9 @@ def _chain_records(qname: str, rrsets: Iterable[Any]) -> tuple[Record, ...]:
             break
         seen.add(name)
         records = by_owner.get(name, [])
-        out += records
-        targets = [r.value for r in records if r.kind == CNAME]
+        targets = [r for r in records if r.kind == CNAME]
+        out += [r for r in records if r.kind != CNAME] + targets[:1]
         if not targets:
             break
-        name = targets[0]   # a name has one CNAME; a second one is not followed
+        name = targets[0].value
     return tuple(out)
-
-

@@ -14,7 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bulkhead.model import Snapshot
-from bulkhead.model.dnslog import MAX_ANSWERS, MAX_LATENCY_MS, MAX_NAME, DnsRecord
+from bulkhead.model.dnslog import (
+    MAX_ANSWER,
+    MAX_ANSWERS,
+    MAX_LATENCY_MS,
+    MAX_NAME,
+    MAX_TYPE,
+    DnsRecord,
+)
 from bulkhead.model.flowlog import End
 from bulkhead.observe.dns import DnsPacket
 from bulkhead.observe.flows import Ends
@@ -51,11 +58,15 @@ class DnsLogAggregator:
         self._ends = Ends(snapshot)
 
     def exchange(self, answer: DnsPacket, query: DnsPacket | None) -> None:
-        answers = tuple(sorted(f"{r.name} {r.kind} {r.value}"
-                               for r in answer.records))[:MAX_ANSWERS]
+        # Only what the server takes: answers of at most MAX_ANSWER characters, at most
+        # MAX_ANSWERS of them, the name cut to MAX_NAME (never ending in a dot).
+        answers = tuple(sorted(text for r in answer.records
+                               if len(text := f"{r.name} {r.kind} {r.value}") <= MAX_ANSWER
+                               ))[:MAX_ANSWERS]
+        qname = answer.qname[:MAX_NAME].rstrip(".")
         client, server = self._ends.at(answer.client), self._ends.at(answer.server)
-        key = (client.type, client.name, server.type, server.name, answer.qname[:MAX_NAME],
-               answer.qtype, answer.rcode, answers)
+        key = (client.type, client.name, server.type, server.name, qname,
+               answer.qtype[:MAX_TYPE], answer.rcode[:MAX_TYPE], answers)
         agg = self._open.get(key)
         if agg is None:
             if len(self._open) >= self.max_records:

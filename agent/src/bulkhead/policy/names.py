@@ -11,15 +11,17 @@ reads an agent's saved cache: the names a destination address was resolved from)
 
 What felix does and this follows: the cache is the node's (any client's lookup opens the
 address for every endpoint whose policy allows the name); an address two names share is
-allowed for both, whichever resolved it. It is bounded (MAX_NAMES names, MAX_ADDRESSES
-per name): a flood of answers evicts the entries closest to expiry, counted, and never
-grows memory without bound.
+allowed for both, whichever resolved it. It is bounded (MAX_NAMES names, MAX_ENTRIES
+addresses and CNAME targets in all, MAX_ADDRESSES per name): a flood of answers evicts
+the names closest to expiry, a tenth at a time, counted, and never grows memory without
+bound.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,8 +32,11 @@ from bulkhead.policy.rules import domain_matches
 
 MAX_CHAIN = 16              # CNAME links followed from a name
 MIN_TTL = 2.0               # seconds an answer's address is kept at least (felix)
-MAX_NAMES = 100_000         # names the cache holds
+MAX_NAMES = 50_000          # names the cache holds
+MAX_ENTRIES = 100_000       # addresses and CNAME targets of all names together
 MAX_ADDRESSES = 64          # addresses (or CNAME targets) kept per name
+EVICT_SHARE = 0.1           # over a bound, this share of the names goes at once
+MAX_TTL = 2**31 - 1         # RFC 2181 section 8: a TTL with the top bit set means 0
 CACHE_VERSION = 1
 A, AAAA, CNAME = "A", "AAAA", "CNAME"
 
@@ -63,9 +68,12 @@ class NameCache:
     so a saved cache means the same after a restart). Thread-safe: the agent's loop
     learns, the enforcer's thread reads when it replaces the table."""
 
-    def __init__(self, extra_ttl: float = 0.0, max_names: int = MAX_NAMES) -> None:
+    def __init__(self, extra_ttl: float = 0.0, max_names: int = MAX_NAMES,
+                 max_entries: int | None = None) -> None:
         self.extra_ttl = extra_ttl
         self.max_names = max_names
+        self.max_entries = max_entries if max_entries is not None else 2 * max_names
+        self._entries = 0
         self.evicted = 0
         self._lock = threading.Lock()
         # name -> {address text: expiry}; name -> {CNAME target: expiry}
@@ -79,6 +87,7 @@ class NameCache:
             return len(self._addresses.keys() | self._aliases.keys())
 
     def expiry_of(self, ttl: float, now: float) -> float:
+        ttl = 0 if not 0 <= ttl <= MAX_TTL else ttl
         return now + max(ttl + self.extra_ttl, MIN_TTL)
 
     # -- learning ---------------------------------------------------------------------
@@ -91,8 +100,11 @@ class NameCache:
                 table = self._aliases if r.kind == CNAME else self._addresses
                 entries = table.setdefault(r.name, {})
                 expiry = self.expiry_of(r.ttl, now)
-                if entries.get(r.value, 0.0) >= expiry:
+                known = entries.get(r.value)
+                if known is not None and known >= expiry:
                     continue    # already known for as long: nothing moves
+                if known is None:
+                    self._entries += 1
                 entries[r.value] = expiry
                 if r.kind == CNAME:
                     self._referrers.setdefault(r.value, set()).add(r.name)
@@ -101,6 +113,7 @@ class NameCache:
                 if len(entries) > MAX_ADDRESSES:
                     oldest = min(entries, key=entries.__getitem__)
                     del entries[oldest]
+                    self._entries -= 1
                     self._unlink(r.name, oldest, r.kind == CNAME)
                     self.evicted += 1
                 touched.add(r.name)
@@ -128,30 +141,38 @@ class NameCache:
                 del index[value]
 
     def _bound(self, now: float) -> None:
-        """Drop expired entries, then the soonest-expiring names while over the bound."""
-        if len(self._addresses) + len(self._aliases) <= self.max_names:
-            return      # the cheap upper bound: no union of the names on every answer
-        names = self._addresses.keys() | self._aliases.keys()
-        if len(names) <= self.max_names:
-            return
+        """Over a bound (names, or entries of all names): drop the expired entries, then,
+        if still over, the tenth of the names that expire first (at once: a full cache
+        sorts its names once per tenth, not once per answer)."""
+        if len(self._addresses) + len(self._aliases) <= self.max_names \
+                and self._entries <= self.max_entries:
+            return      # cheap upper bounds: no union of the names on every answer
         self._expire(now)
         names = self._addresses.keys() | self._aliases.keys()
-        excess = len(names) - self.max_names
-        if excess <= 0:
+        if len(names) <= self.max_names and self._entries <= self.max_entries:
             return
 
         def last(name: str) -> float:
             return max([*self._addresses.get(name, {}).values(),
                         *self._aliases.get(name, {}).values()], default=0.0)
 
-        for name in sorted(names, key=last)[:excess]:
+        ordered = sorted(names, key=last)
+        cut = max(len(names) - self.max_names, int(len(names) * EVICT_SHARE), 1)
+        for name in ordered[:cut]:
+            self._drop(name)
+            self.evicted += 1
+        for name in ordered[cut:]:
+            if self._entries <= self.max_entries:
+                break
             self._drop(name)
             self.evicted += 1
 
     def _drop(self, name: str) -> None:
         for address in self._addresses.pop(name, {}):
+            self._entries -= 1
             self._unlink(name, address, False)
         for target in self._aliases.pop(name, {}):
+            self._entries -= 1
             self._unlink(name, target, True)
 
     def _expire(self, now: float) -> None:
@@ -160,6 +181,7 @@ class NameCache:
                 entries = table[name]
                 for value in [v for v, e in entries.items() if e <= now]:
                     del entries[value]
+                    self._entries -= 1
                     self._unlink(name, value, table is self._aliases)
                 if not entries:
                     del table[name]
@@ -176,6 +198,7 @@ class NameCache:
             self._aliases.clear()
             self._referrers.clear()
             self._owners.clear()
+            self._entries = 0
             return count
 
     # -- reading ----------------------------------------------------------------------
@@ -185,21 +208,31 @@ class NameCache:
             return self._resolve(name, now)
 
     def _resolve(self, name: str, now: float) -> dict[str, Resolution]:
+        """The widest path to each address (the one whose shortest-lived link lives
+        longest), at most MAX_CHAIN CNAME links: one relaxation round per link, so a
+        name with many CNAME targets costs rounds x links, never one walk per path."""
+        reach: dict[str, tuple[float, tuple[str, ...]]] = {name: (float("inf"), ())}
+        frontier = {name}
+        for _ in range(MAX_CHAIN):
+            changed: set[str] = set()
+            for node in frontier:
+                until, via = reach[node]
+                for target, expiry in self._aliases.get(node, {}).items():
+                    live = min(until, expiry)
+                    if live <= now or target == name or target in via:
+                        continue
+                    if live > reach.get(target, (0.0, ()))[0]:
+                        reach[target] = (live, (*via, target))
+                        changed.add(target)
+            if not changed:
+                break
+            frontier = changed
         best: dict[str, Resolution] = {}
-        # (name on the path, expiry of the path so far, CNAME targets passed)
-        todo: list[tuple[str, float, tuple[str, ...]]] = [(name, float("inf"), ())]
-        while todo:
-            current, until, via = todo.pop()
-            for address, expiry in self._addresses.get(current, {}).items():
+        for node, (until, via) in reach.items():
+            for address, expiry in self._addresses.get(node, {}).items():
                 live = min(until, expiry)
                 if live > now and (address not in best or best[address].expiry < live):
                     best[address] = Resolution(name, address, live, via)
-            if len(via) >= MAX_CHAIN:
-                continue
-            for target, expiry in self._aliases.get(current, {}).items():
-                live = min(until, expiry)
-                if live > now and target != name and target not in via:
-                    todo.append((target, live, (*via, target)))
         return best
 
     def names(self) -> list[str]:
@@ -220,6 +253,16 @@ class NameCache:
                 for address, how in self._resolve(name, now).items():
                     if out.get(address, 0.0) < how.expiry:
                         out[address] = how.expiry
+            if names is not None:
+                # Only some names moved; an address lives as long as any matching name
+                # keeps it (an element written anew takes this timeout, even a shorter
+                # one: another name's shorter TTL must not cut it).
+                for address in out:
+                    for owner in self._with_referrers(self._owners.get(address, ())):
+                        if domain_matches(patterns, frozenset((owner,))):
+                            found = self._resolve(owner, now).get(address)
+                            if found is not None and found.expiry > out[address]:
+                                out[address] = found.expiry
             return out
 
     def reasons(self, address: str, now: float) -> list[Resolution]:
@@ -260,7 +303,8 @@ class NameCache:
                     raise ValueError(f"{key}: {name!r} is not a name with entries")
                 for value, expiry in entries.items():
                     if not isinstance(value, str) or isinstance(expiry, bool) \
-                            or not isinstance(expiry, int | float):
+                            or not isinstance(expiry, int | float) \
+                            or not math.isfinite(expiry):
                         raise ValueError(f"{key}.{name}: {value!r} -> {expiry!r}")
                     if kind == A:
                         ipaddress.ip_address(value)    # ValueError if not an address
@@ -270,7 +314,10 @@ class NameCache:
                 if expiry <= now:
                     continue
                 table = self._aliases if kind == CNAME else self._addresses
-                table.setdefault(name, {})[value] = expiry
+                entries = table.setdefault(name, {})
+                if value not in entries:
+                    self._entries += 1
+                entries[value] = min(expiry, now + MAX_TTL)
                 index = self._referrers if kind == CNAME else self._owners
                 index.setdefault(value, set()).add(name)
             self._bound(now)

@@ -188,10 +188,15 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     store = open_store(config.datastore)
     try:
         flow_logs = FlowLogs.open(config.flow_log_config())
-        dns_logs = DnsLogs.open(config.flow_log_config())
     except (FlowStoreError, OSError, ValueError) as e:
         await store.close()
         raise SystemExit(f"bulkhead-server: flowLogs: {e}") from None
+    try:
+        dns_logs = DnsLogs.open(config.flow_log_config())
+    except (FlowStoreError, OSError, ValueError) as e:
+        flow_logs.close()
+        await store.close()
+        raise SystemExit(f"bulkhead-server: flowLogs (DNS logs): {e}") from None
     expiry = asyncio.create_task(flow_logs.expire_forever())
     dns_expiry = asyncio.create_task(dns_logs.expire_forever())
     hub = Hub(store, history=config.compaction_max_revisions)

@@ -11,6 +11,7 @@ ever touched.
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import subprocess
 import time
@@ -108,7 +109,15 @@ class NftApplier:
             if changes is not None:
                 try:
                     with NftNetlink(self._netlink_ns) as nl:
-                        nl.apply(self.table, changes, self._generation)
+                        try:
+                            nl.apply(self.table, changes, self._generation)
+                        except NetlinkError as e:
+                            # Another transaction came between (the agent's own DNS
+                            # elements commit every second): if the table's shape is
+                            # still ours, send the batch again against the new generation.
+                            if e.code != errno.ERESTART or self.drifted() is not None:
+                                raise
+                            nl.apply(self.table, changes, self._generation)
                 except NetlinkError:
                     return None
                 if self._generation is not None:

@@ -160,6 +160,11 @@ class DnsSnooping:
                 continue
             peer, port = ("saddr", "sport") if ingress else ("daddr", "dport")
             match = f"meta l4proto udp {word} {peer} {{ {', '.join(servers)} }} udp {port} 53"
+            if ingress:
+                # Only replies to this host's queries (and untracked traffic): a packet
+                # forged or unsolicited from the resolver's address is neither logged nor
+                # held, so a flood of them cannot push real answers out of the buffer.
+                match += " ct state established,untracked"
             if ingress and self.hold:
                 match += f" meta mark & {RELEASE_MASK:#x} != {RELEASE_MARK:#x}"
                 out.append(f"{match} udp sport @{HOLD_SET} log prefix \"{HOLD_PREFIX}\" group "

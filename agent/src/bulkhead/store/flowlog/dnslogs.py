@@ -123,8 +123,8 @@ def where(q: DnsQuery) -> tuple[str, list[Any]]:
             args.append(value)
     if q.qname is not None:
         if q.qname.startswith("*."):
-            # Names under the suffix: an index range, the suffix's characters taken as
-            # they are (GLOB and LIKE would read `*`, `?`, `%` and `_` in it).
+            # Names under the suffix, compared as they are (GLOB and LIKE would read `*`,
+            # `?`, `%` and `_` in it): a scan within the time range, not an index range.
             suffix = q.qname[1:]
             terms.append("substr(qname, -?) = ? AND length(qname) > ?")
             args += [len(suffix), suffix, len(suffix)]
