@@ -421,7 +421,6 @@ class DnsSnooper:
         loop = asyncio.get_running_loop()
         nflog = NflogSocket([self.settings.group], self.netns, copy_bytes=self.snaplen,
                             qthresh=1, keep_payload=True)
-        nflog.timestamps()   # a query's time: when it was logged, not when it was read
         broken: asyncio.Future[BaseException] = loop.create_future()
 
         def read() -> None:

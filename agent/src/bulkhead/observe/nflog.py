@@ -273,9 +273,7 @@ class NflogSocket(Subscription[LoggedPacket]):
                              code)
 
     def _parse(self, data: bytes) -> tuple[list[LoggedPacket], int]:
-        # A packet without the kernel's timestamp (logged on output) gets the time the
-        # kernel queued its datagram, when asked for (`timestamps()`), else now.
-        return parse_messages(data, self.stamp or time.time(), self.keep_payload)
+        return parse_messages(data, time.time(), self.keep_payload)
 
     def close(self) -> None:
         """Unbind the groups and close the socket (closing alone frees them too)."""

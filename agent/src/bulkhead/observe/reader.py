@@ -29,7 +29,6 @@ NLMSG_DONE = 3
 NLA_TYPE_MASK = 0x3FFF       # clears NLA_F_NESTED and NLA_F_NET_BYTEORDER
 RECV_BYTES = 1 << 18         # above the largest datagram either family sends (128 KiB)
 REQUEST_TIMEOUT = 5.0        # seconds for the kernel to answer a request
-SO_TIMESTAMPNS = 35          # Linux (the socket module does not name it)
 
 T = TypeVar("T")
 
@@ -99,19 +98,6 @@ class Channel(NetlinkSocket):
             self.sock.close()
             raise self.error(f"netlink socket: {e.strerror}", e.errno or 0) from None
         self._buffer = bytearray(RECV_BYTES)
-        self._anc = 0             # ancillary bytes asked for (SO_TIMESTAMPNS: 16)
-        self.stamp: float | None = None   # the kernel's time of the last datagram, if asked
-
-    def timestamps(self) -> None:
-        """Have the kernel stamp each datagram with the time it queued it
-        (SO_TIMESTAMPNS): `stamp` after each read. With messages sent one at a time, that
-        is when the packet was logged, even if it is read much later."""
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        except OSError as e:
-            raise self.error(f"netlink socket: SO_TIMESTAMPNS: {e.strerror}",
-                             e.errno or 0) from None
-        self._anc = socket.CMSG_SPACE(16)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -129,7 +115,7 @@ class Channel(NetlinkSocket):
         deadline = time.monotonic() + wait
         while True:
             try:
-                size, anc, flags, sender = self.sock.recvmsg_into([self._buffer], self._anc)
+                size, _anc, flags, sender = self.sock.recvmsg_into([self._buffer])
             except BlockingIOError:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -146,12 +132,6 @@ class Channel(NetlinkSocket):
                 continue
             if sender[0] != 0:    # only the kernel (port 0) speaks to these sockets
                 continue
-            self.stamp = None
-            for level, kind, data in anc:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS \
-                        and len(data) >= 16:
-                    sec, nsec = struct.unpack("=qq", data[:16])
-                    self.stamp = sec + nsec / 1e9
             return bytes(self._buffer[:size])
 
 
