@@ -264,8 +264,13 @@ def test_dns_logs_reach_the_server_with_question_answers_and_latency(bed: Testbe
     assert (www["qtype"], www["rcode"]) == ("A", "NOERROR")
     assert www["answers"] == [f"edge.cdn.example A {ip('h5')}",
                               "www.example.org CNAME edge.cdn.example"]
-    assert www["count"] >= 1 and www["latency_count"] == www["count"]
-    assert 0 < www["latency_mean_ms"] <= www["latency_max_ms"] < 1000
+    # The latency of the exchanges whose query the agent read before the answer came
+    # (a busy agent reads both at once: unknown then, not counted).
+    assert www["count"] >= 1 and 0 <= www["latency_count"] <= www["count"]
+    if www["latency_count"]:
+        assert 0 < www["latency_mean_ms"] <= www["latency_max_ms"] < 1000
+    else:
+        assert www["latency_mean_ms"] == www["latency_max_ms"] == 0
     assert (gone["rcode"], gone["answers"]) == ("NXDOMAIN", [])
     # A filter by the names under a domain.
     answer = dns_logs(bed.connection(), since=since, qname="*.example.org")

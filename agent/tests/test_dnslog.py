@@ -88,6 +88,15 @@ def test_what_the_aggregator_makes_the_server_takes_whatever_the_wire_said() -> 
         assert all(len(a) <= 300 for a in record.answers)
 
 
+def test_a_query_read_after_its_answer_leaves_the_latency_unknown() -> None:
+    agg = DnsLogAggregator("n", snap())
+    agg.exchange(message(True, NOW), message(False, NOW + 0.001))   # read late
+    agg.exchange(message(True, NOW + 1), message(False, NOW + 0.998))
+    (record,) = agg.flush(NOW + 2)
+    assert (record.count, record.latency_count) == (2, 1)
+    assert record.latency_mean_ms == record.latency_max_ms == 2.0
+
+
 def test_the_aggregator_is_bounded() -> None:
     agg = DnsLogAggregator("n", snap(), max_records=10)
     for i in range(15):

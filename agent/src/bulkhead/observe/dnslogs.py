@@ -4,8 +4,9 @@ one was seen), aggregated per flush interval into `bulkhead.model.dnslog.DnsReco
 Records alike share a key: the client end and the server end (as flow records name them:
 a host endpoint, else the GlobalNetworkSet holding the address, else the address), the
 question, the response code and the answers. Each counts its exchanges, and the latency
-of those whose query was seen (the kernel's timestamp of the answer at the input hook
-minus the time the query was read on its way out). At most `max_records` keys an
+of those whose query was read before their answer arrived (the kernel's timestamp of the
+answer at the input hook minus the time the query was read on its way out; a query read
+late, with its answer, leaves the latency unknown). At most `max_records` keys an
 interval; exchanges beyond are counted in `dropped`, never kept.
 """
 
@@ -75,8 +76,12 @@ class DnsLogAggregator:
             agg = self._open[key] = _Aggregate(client, server, answer.timestamp)
         agg.start = min(agg.start, answer.timestamp)
         agg.count += 1
-        if query is not None:
-            ms = min(MAX_LATENCY_MS, max(0.0, (answer.timestamp - query.timestamp) * 1000))
+        # The answer's time is the kernel's (input hook); the query's, the time the agent
+        # read it (the kernel stamps no packet on output). A query read only after its
+        # answer arrived (a busy agent reads both at once) says nothing of the latency:
+        # then it is unknown, never a made-up 0.
+        if query is not None and answer.timestamp > query.timestamp:
+            ms = min(MAX_LATENCY_MS, (answer.timestamp - query.timestamp) * 1000)
             agg.latency_count += 1
             agg.latency_sum_ms += ms
             agg.latency_max_ms = max(agg.latency_max_ms, ms)
