@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import sys
 import time
 from typing import Any
-
-import yaml
 
 from bulkhead.cli.flows import (
     MAX_INTERVAL,
@@ -20,13 +16,14 @@ from bulkhead.cli.flows import (
     _emit,
     _end,
     _labels,
-    _rows,
+    _show,
     clock,
     follow,
     output_flags,
     when,
+    window_flags,
 )
-from bulkhead.cli.remote import EXIT_OK, connection, printable
+from bulkhead.cli.remote import EXIT_OK, connection
 from bulkhead.client.flows import dns_logs
 
 
@@ -68,15 +65,7 @@ def cmd_dns(args: argparse.Namespace) -> int:
     records.reverse()     # oldest first, as a log reads (and --follow goes on)
     columns = (COLUMNS, WIDE)
     if not args.follow:
-        if args.output == "json":
-            print(json.dumps(answer, indent=2))
-        elif args.output == "yaml":
-            print(yaml.safe_dump(answer, sort_keys=False), end="")
-        else:
-            print(_rows(records, WIDE if args.output == "wide" else COLUMNS, True))
-            if answer.get("truncated"):
-                print(printable("(more records match than are shown: narrow the filters or "
-                                "raise --limit)"), file=sys.stderr)
+        _show(answer, "dns", args.output, columns)
         return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):   # Ctrl-C ends a follow: not an error
         _emit(records, args.output, True, columns)
@@ -88,10 +77,7 @@ def cmd_dns(args: argparse.Namespace) -> int:
 def add_command(sub: Any) -> None:
     p = sub.add_parser("dns", help="DNS logs: what each host asked its resolvers, and the "
                        "answers (docs/dns.md)")
-    p.add_argument("--since", default="1h", help="a duration before now (2h, 30m, 1d), "
-                   "unix seconds or an ISO time; records that ended since then (default 1h)")
-    p.add_argument("--until", help="likewise; records that ended by then (default: no end)")
-    p.add_argument("--node", help="the reporting node")
+    window_flags(p)
     p.add_argument("--client", help="the client: a host endpoint's name, or an address")
     p.add_argument("--qname", help="the name asked, or *.SUFFIX for the names under SUFFIX")
     p.add_argument("--rcode", help="the response code (NOERROR, NXDOMAIN, SERVFAIL, ...)")

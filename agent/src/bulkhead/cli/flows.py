@@ -142,16 +142,20 @@ def cmd_flows(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _show(answer: dict[str, Any], key: str, output: str) -> None:
+def _show(answer: dict[str, Any], key: str, output: str,
+          columns: tuple[list[Column], list[Column]] | None = None) -> None:
+    """An answer as JSON, YAML or a table of `answer[key]`; `columns`: (normal, wide),
+    flow records' by default (top talkers' for key "top")."""
     if output == "json":
         print(json.dumps(answer, indent=2))
     elif output == "yaml":
         print(yaml.safe_dump(answer, sort_keys=False), end="")
     else:
-        columns = TOP if key == "top" else WIDE if output == "wide" else COLUMNS
-        print(_rows(answer[key], columns, True))
+        normal, wide = columns or (COLUMNS, WIDE)
+        print(_rows(answer[key], TOP if key == "top" else wide if output == "wide"
+                    else normal, True))
     if answer.get("truncated") and output in ("table", "wide"):
-        print(printable(f"(more {'records' if key == 'flows' else 'groups'} match than "
+        print(printable(f"(more {'groups' if key == 'top' else 'records'} match than "
                         "are shown: narrow the filters or raise --limit)"), file=sys.stderr)
     sys.stdout.flush()
 
@@ -211,10 +215,7 @@ def _emit(records: list[dict[str, Any]], output: str, head: bool,
 def add_command(sub: Any) -> None:
     p = sub.add_parser("flows", help="flow logs: what each host's table decided, and what "
                        "staged policies would have")
-    p.add_argument("--since", default="1h", help="a duration before now (2h, 30m, 1d), "
-                   "unix seconds or an ISO time; records that ended since then (default 1h)")
-    p.add_argument("--until", help="likewise; records that ended by then (default: no end)")
-    p.add_argument("--node", help="the reporting node")
+    window_flags(p)
     p.add_argument("--reporter", choices=["src", "dst"],
                    help="src: the flow left the node (egress); dst: it reached it (ingress)")
     p.add_argument("--action", choices=["allow", "deny"], help="the enforced action")
@@ -228,6 +229,14 @@ def add_command(sub: Any) -> None:
     p.add_argument("--top", type=int, metavar="N", help="the N top talkers (most bytes)")
     output_flags(p)
     p.set_defaults(func=cmd_flows, remote=True)
+
+
+def window_flags(p: argparse.ArgumentParser) -> None:
+    """--since, --until and --node (flows and dns)."""
+    p.add_argument("--since", default="1h", help="a duration before now (2h, 30m, 1d), "
+                   "unix seconds or an ISO time; records that ended since then (default 1h)")
+    p.add_argument("--until", help="likewise; records that ended by then (default: no end)")
+    p.add_argument("--node", help="the reporting node")
 
 
 def output_flags(p: argparse.ArgumentParser) -> None:
