@@ -24,7 +24,7 @@ def flow_doc(**changes: Any) -> dict[str, Any]:
         "enforced_trace": ["security|security.db-in|0|allow"],
         "staged_action": "allow", "staged_trace": ["security|security.db-in|0|allow"],
         "connections": 2, "started": 1, "packets_in": 10, "packets_out": 12,
-        "bytes_in": 1000, "bytes_out": 2000,
+        "bytes_in": 1000, "bytes_out": 2000, "dst_domains": None,
     }
     doc.update(changes)
     return doc

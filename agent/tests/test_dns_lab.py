@@ -280,7 +280,8 @@ def test_dns_logs_reach_the_server_with_question_answers_and_latency(bed: Testbe
 def test_flow_records_of_a_domain_rule_carry_the_same_staged_verdict(bed: Testbed) -> None:
     """The agent's reference evaluator sees the names the destination was resolved from
     (the same name cache), so a connection the kernel allowed by name is staged-allowed
-    too: no false 'staged differs' in the rollout."""
+    too: no false 'staged differs' in the rollout. The records carry the names, for the
+    impact preview."""
     from bulkhead.client.flows import flows
 
     flush(bed)
@@ -299,6 +300,7 @@ def test_flow_records_of_a_domain_rule_carry_the_same_staged_verdict(bed: Testbe
         assert record["enforced_trace"] == ["default|client-egress|0|allow"]
         assert (record["staged_action"], record["staged_trace"]) == \
             (record["action"], record["enforced_trace"])
+        assert "long.example.com" in record["dst_domains"], record
 
 
 def test_the_name_cache_survives_a_restart_and_can_be_flushed(bed: Testbed) -> None:

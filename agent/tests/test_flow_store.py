@@ -18,6 +18,7 @@ from bulkhead.model.flowlog import MAX_COUNT
 from bulkhead.selector import parse
 from bulkhead.store.flowlog import FlowQuery, FlowStore, FlowStoreError
 from bulkhead.store.flowlog.clickhouse import ClickHouseFlowStore, ClickHouseSettings
+from bulkhead.store.flowlog.sqlite import SCHEMA as SQLITE_SCHEMA
 from bulkhead.store.flowlog.sqlite import SQLiteFlowStore
 from tests.flowfixture import flow
 
@@ -81,6 +82,52 @@ def test_round_trip_keeps_every_field(store: FlowStore) -> None:
     assert [f.received for f in page.flows] == [T0, T0]
     assert page.flows[0].json() == {**b.json(), "received": T0}
     assert not page.truncated and store.count() == 2
+
+
+def test_destination_domains_keep_not_known_apart_from_none(store: FlowStore) -> None:
+    """None (the agent did not say) and () (no name resolved to the address) are both
+    kept as such: a preview decides a `domains` rule on the one, never on the other."""
+    records = [flow(end=T0 - 30, dst_name="unknown"),
+               flow(end=T0 - 20, dst_name="none", dst_domains=[]),
+               flow(end=T0 - 10, dst_name="named",
+                    dst_domains=["api.example.com", "cdn.example.net"])]
+    store.insert(records, received=T0)
+    got = {f.record.dst.name: f.record.dst_domains for f in store.query(q()).flows}
+    assert got == {"unknown": None, "none": (), "named": ("api.example.com",
+                                                          "cdn.example.net")}
+    # Records alike but for their names are separate groups for a preview.
+    same = [flow(end=T0 - 9, dst_domains=d) for d in (None, [], ["a.example.com"],
+                                                     ["a.example.com"])]
+    store.insert(same, received=T0)
+    groups = {g.record.dst_domains: g.records for g in store.groups(q(since=T0 - 15), 10)
+              .groups}
+    assert groups == {None: 1, (): 1, ("a.example.com",): 2, ("api.example.com",
+                                                              "cdn.example.net"): 1}
+
+
+def test_sqlite_adds_the_domains_column_to_a_file_of_an_older_server(tmp_path: Path
+                                                                     ) -> None:
+    import sqlite3
+
+    path = tmp_path / "flows.sqlite"
+    old = sqlite3.connect(path)
+    schema = SQLITE_SCHEMA.replace(",\n    dst_domains TEXT\n", "\n")
+    assert "dst_domains" not in schema
+    old.executescript(schema)
+    row = flow(end=T0 - 5, dst_name="before")
+    values = [T0, row.start, row.end, row.node, row.reporter, "hep", "web-1", "{}", "",
+              "hep", "before", "{}", "", 6, 5432, "allow", "[]", "allow", "[]", 1, 1, 0, 0,
+              0, 0]
+    old.execute(f"INSERT INTO flows VALUES (1, {', '.join('?' * len(values))})", values)
+    old.commit()
+    old.close()
+    store = SQLiteFlowStore(path)
+    try:
+        store.insert([flow(end=T0 - 1, dst_name="after", dst_domains=["a.example.com"])])
+        got = {f.record.dst.name: f.record.dst_domains for f in store.query(q()).flows}
+        assert got == {"before": None, "after": ("a.example.com",)}
+    finally:
+        store.close()
 
 
 def test_a_batch_that_cannot_be_stored_stores_nothing(store: FlowStore) -> None:
@@ -298,3 +345,40 @@ def test_clickhouse_checks_a_table_it_did_not_create(chdb_dsn: str) -> None:
             store.count()
     finally:
         store.close()
+
+
+def test_clickhouse_adds_the_domains_columns_to_a_table_of_an_older_server(chdb_dsn: str
+                                                                           ) -> None:
+    """A table the server created before `dst_domains` gets the columns (its rows read as
+    not known); one it did not create and that lacks them is refused with the ALTER to
+    run."""
+    import clickhouse_connect
+
+    from bulkhead.store.flowlog.clickhouse import SCHEMA
+
+    old = SCHEMA.replace("    dst_domains Array(String), dst_domains_known Bool,\n", "")
+    assert "dst_domains" not in old
+    client = clickhouse_connect.get_client(dsn=chdb_dsn)
+    try:
+        for database in ("contract_older", "contract_older_foreign"):
+            client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+            client.command(old.format(table=f"{database}.flows",
+                                      ttl="toDateTime(`end`) + toIntervalSecond(86400)"))
+        client.command("INSERT INTO contract_older.flows (received, start, `end`, node, "
+                       "dst_name, proto) VALUES (now64(6), now64(6), now64(6), 'web-1', "
+                       "'before', 6)")
+    finally:
+        client.close()
+    store = ClickHouseFlowStore(ClickHouseSettings(dsn=chdb_dsn, database="contract_older"))
+    foreign = ClickHouseFlowStore(ClickHouseSettings(
+        dsn=chdb_dsn, database="contract_older_foreign", create_schema=False))
+    try:
+        store.insert([flow(end=T0 - 1, dst_name="after", dst_domains=["a.example.com"])])
+        got = {f.record.dst.name: f.record.dst_domains for f in store.query(q()).flows}
+        assert got == {"before": None, "after": ("a.example.com",)}
+        with pytest.raises(FlowStoreError, match=r"lacks the columns dst_domains, "
+                           r"dst_domains_known .*ALTER TABLE .*ADD COLUMN IF NOT EXISTS"):
+            foreign.count()
+    finally:
+        store.close()
+        foreign.close()

@@ -1,18 +1,23 @@
 """The flow record parser's batch rules the server relies on: another node's record is
-refused as such before anything else, too many records as such, times to the µs."""
+refused as such before anything else, too many records as such, times to the µs; and
+the optional destination domain names."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
 from bulkhead.model.flowlog import (
     MAX_BATCH,
+    MAX_DOMAINS,
+    MAX_NAME,
     FlowRecordError,
     ForeignNode,
     TooManyRecords,
     parse_batch,
+    parse_record,
 )
 from tests.flowfixture import flow_doc
 
@@ -34,3 +39,32 @@ def test_too_many_records_and_times_kept_to_the_microsecond() -> None:
     (record,) = parse_batch({"records": [flow_doc(end=1_700_000_000.12345678)]},
                             time.time(), "web-1")
     assert record.end == 1_700_000_000.123457
+
+
+def test_destination_domains_are_optional_and_checked() -> None:
+    """`dst_domains`: left out (an agent from before the field) or null is "not known";
+    a list is the names, sorted; anything else is refused naming the field."""
+    now = time.time()
+    old = flow_doc()
+    del old["dst_domains"]
+    assert parse_record(old, now).dst_domains is None
+    assert parse_record(flow_doc(dst_domains=None), now).dst_domains is None
+    assert parse_record(flow_doc(dst_domains=[]), now).dst_domains == ()
+    got = parse_record(flow_doc(dst_domains=["b.example.com", "a.example.com",
+                                             "b.example.com"]), now)
+    assert got.dst_domains == ("a.example.com", "b.example.com")
+    assert parse_record(got.json(), now) == got
+    bad = {"x": "dst_domains: expected a list of domain names or null, got a string",
+           "many": f"dst_domains: more than {MAX_DOMAINS} names",
+           "one": r"dst_domains\[1\]: expected a string, got a number",
+           "upper": r"dst_domains\[0\]: 'Api.example.com' is not a lowercase name",
+           "dot": r"dst_domains\[0\]: 'a.example.com.' is not a lowercase name",
+           "empty": r"dst_domains\[0\]: must not be empty",
+           "long": rf"dst_domains\[0\]: longer than {MAX_NAME} characters"}
+    values: dict[str, Any] = {
+        "x": "a.example.com", "many": [f"n{i}.example.com" for i in range(MAX_DOMAINS + 1)],
+        "one": ["a.example.com", 7], "upper": ["Api.example.com"],
+        "dot": ["a.example.com."], "empty": [""], "long": ["a" * (MAX_NAME + 1)]}
+    for case, message in bad.items():
+        with pytest.raises(FlowRecordError, match=message):
+            parse_record(flow_doc(dst_domains=values[case]), now)

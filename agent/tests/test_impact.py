@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bulkhead.model import API_VERSION, ENFORCEMENT_LABEL, OBSERVE, Snapshot, parse_resource
-from bulkhead.model.flowlog import OBSERVE_STEP, FlowRecord
+from bulkhead.model.flowlog import MAX_DOMAINS, OBSERVE_STEP, FlowRecord
 from bulkhead.observe.flows import Ends
 from bulkhead.policy import Evaluator, Failsafes, Flow
 from bulkhead.policy.evaluate import DirectionVerdict
@@ -39,19 +39,24 @@ from tests.test_differential import (
 )
 
 
-def record_of(ends: Ends, f: Flow, reporter: str, verdict: DirectionVerdict) -> FlowRecord:
+def record_of(ends: Ends, f: Flow, reporter: str, verdict: DirectionVerdict,
+              snooping: bool = True) -> FlowRecord:
     """The record the reporting agent makes of the flow: what happened on the wire, the
-    decisions its table logged, and the observe step when its endpoint observes."""
+    decisions its table logged, the observe step when its endpoint observes, and (egress,
+    an agent that snoops DNS) the names the destination was resolved from."""
     steps = verdict_steps(verdict) + ((OBSERVE_STEP,) if verdict.observed else ())
+    names = tuple(sorted(f.dst_domains))[:MAX_DOMAINS] if snooping and reporter == "src" \
+        else None
     return FlowRecord(
         start=0.0, end=1.0, node=verdict.endpoint or "", reporter=reporter,
         src=ends.at(f.src), dst=ends.at(f.dst), proto=f.protocol, dst_port=f.dst_port or 0,
         action=verdict.wire_action.lower(), enforced_trace=steps,
         staged_action=verdict.action.lower(), staged_trace=verdict_steps(verdict),
-        connections=1, started=1)
+        connections=1, started=1, dst_domains=names)
 
 
-def judged(evaluator: Evaluator, judges: dict[str, Impact], ends: Ends, f: Flow
+def judged(evaluator: Evaluator, judges: dict[str, Impact], ends: Ends, f: Flow,
+           snooping: bool = True
            ) -> Iterator[tuple[str, str, DirectionVerdict, FlowRecord, Judgement]]:
     """For each view (the enforced policies; the staged ones promoted) and each end with
     a host endpoint: the evaluator's verdict, the record its agent makes, the judgement."""
@@ -61,7 +66,7 @@ def judged(evaluator: Evaluator, judges: dict[str, Impact], ends: Ends, f: Flow
                  (verdict.staged_egress, verdict.staged_ingress))
         for reporter, side in zip(("src", "dst"), sides, strict=True):
             if side.endpoint is not None:
-                record = record_of(ends, f, reporter, side)
+                record = record_of(ends, f, reporter, side, snooping)
                 yield view, reporter, side, record, judge.judge(record)
 
 
@@ -119,13 +124,17 @@ def test_decided_records_agree_with_the_evaluator() -> None:
 
 # Wider worlds than the kernel test can build: untracked and pre-DNAT policies, staged
 # policies with rules of their own, overlapping network sets, host endpoints sharing
-# addresses (with named ports), and flows from and to addresses that are no endpoint,
-# with source ports, ICMP types, SCTP and GRE.
+# addresses (with named ports), egress by domain name (rules' domains, network sets'
+# allowedEgressDomains), and flows from and to addresses that are no endpoint, with
+# source ports, ICMP types, SCTP and GRE, and the names their destination was resolved
+# from.
 EXTRA_V4 = ("198.18.0.200", "198.18.0.9", "198.19.1.1", "10.1.2.3", "8.8.8.8")
 EXTRA_V6 = ("2001:2::99", "2001:db8::5", "2001:3::1")
 EXTRA_NETS = {4: ("198.18.0.0/24", "198.18.0.200/32", "10.0.0.0/8", "198.18.0.12/30",
                   "198.16.0.0/12", "0.0.0.0/0"),
               6: ("2001:2::/64", "2001:2::99/128", "2001:db8::/32", "::/0")}
+DOMAINS = ("api.example.com", "a.b.example.com", "example.com", "www.other.net")
+PATTERNS = ("*.example.com", "example.com", "api.example.com", "www.*.net", "*.net")
 
 
 @st.composite
@@ -166,6 +175,24 @@ def wide_worlds(draw: st.DrawFn) -> list[dict[str, Any]]:
         if draw(st.booleans()):
             spec["profiles"] = ["projectcalico-default-allow"]
         out.append(doc("HostEndpoint", name, spec, draw(label_sets)))
+    patterns = st.lists(st.sampled_from(PATTERNS), min_size=1, max_size=2, unique=True)
+    for i in range(draw(st.integers(0, 2))):
+        # An egress Allow by name, or by a selector that may take the sets below.
+        target = {"domains": draw(patterns)} if draw(st.booleans()) else \
+            {"selector": draw(selectors(1))}
+        rule: dict[str, Any] = {"action": "Allow", "destination": target}
+        if draw(st.booleans()):
+            rule = {**rule, "protocol": "TCP", "destination": {**target, "ports": [443]}}
+        egress = [rule, *([{"action": "Deny"}] if draw(st.booleans()) else [])]
+        kind = draw(st.sampled_from(["GlobalNetworkPolicy", "StagedGlobalNetworkPolicy"]))
+        out.append(doc(kind, f"dom{i}", {"tier": "default", "selector": draw(selectors(1)),
+                                         "order": draw(st.sampled_from([1, 3, 10])),
+                                         "types": ["Egress"], "egress": egress}))
+    for i in range(draw(st.integers(0, 2))):
+        set_spec: dict[str, Any] = {"allowedEgressDomains": draw(patterns)}
+        if draw(st.booleans()):
+            set_spec["nets"] = [draw(st.sampled_from(EXTRA_NETS[4]))]
+        out.append(doc("GlobalNetworkSet", f"ds{i}", set_spec, draw(label_sets)))
     return out
 
 
@@ -175,14 +202,15 @@ def wide_flows(draw: st.DrawFn) -> Flow:
     pool = [*V4.values(), *EXTRA_V4] if family == 4 else [*V6.values(), *EXTRA_V6]
     src, dst = draw(st.sampled_from(pool)), draw(st.sampled_from(pool))
     proto = draw(st.sampled_from(["TCP", "UDP", "ICMP", 132, 47]))
+    names = frozenset(draw(st.lists(st.sampled_from(DOMAINS), max_size=2, unique=True)))
     if proto == "ICMP":
         return Flow.make(src, dst, "ICMP" if family == 4 else "ICMPv6",
                          icmp_type=draw(st.sampled_from([None, 0, 8, 128, 129])),
-                         icmp_code=draw(st.sampled_from([None, 0, 1])))
+                         icmp_code=draw(st.sampled_from([None, 0, 1])), domains=names)
     if proto == 47:
-        return Flow.make(src, dst, 47)
+        return Flow.make(src, dst, 47, domains=names)
     return Flow.make(src, dst, proto, draw(st.sampled_from([22, 80, 443, 5432, 8080])),
-                     src_port=draw(st.sampled_from([None, 1000, 40000])))
+                     src_port=draw(st.sampled_from([None, 1000, 40000])), domains=names)
 
 
 def test_decided_records_agree_in_wider_worlds() -> None:
@@ -191,8 +219,9 @@ def test_decided_records_agree_in_wider_worlds() -> None:
     @settings(max_examples=120, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(wide_worlds(), st.lists(wide_flows(), min_size=30, max_size=30),
-           st.sets(st.sampled_from(HOSTS), max_size=1))
-    def check(docs: list[dict[str, Any]], flows: list[Flow], observers: set[str]) -> None:
+           st.sets(st.sampled_from(HOSTS), max_size=1), st.booleans())
+    def check(docs: list[dict[str, Any]], flows: list[Flow], observers: set[str],
+              snooping: bool) -> None:
         snapshot = Snapshot.build(parse_resource(d) for d in observing(docs, observers))
         evaluator = Evaluator(snapshot, Failsafes.off())
         ends = Ends(snapshot)
@@ -202,8 +231,16 @@ def test_decided_records_agree_in_wider_worlds() -> None:
         except PromotionConflict:
             tally["conflict"] += 1
         for f in flows:
-            for view, reporter, side, _, got in judged(evaluator, judges, ends, f):
+            for view, reporter, side, record, got in judged(evaluator, judges, ends, f,
+                                                            snooping):
                 tally["decided" if got.decided else "undecided"] += 1
+                if got.decided and record.dst_domains and any(
+                        s.startswith("default|dom") and s.endswith("allow")
+                        for s in got.steps):
+                    tally["allowed by name"] += 1
+                if got.decided and side.decided_by == "rule" and side.action == "Allow" \
+                        and "(by name)" in side.steps[-1].text:
+                    tally["allowed through a set, by name"] += 1
                 assert not got.decided or got.action == side.wire_action.lower(), (
                     f"{view} {reporter} {f}: judged {got}, the evaluator says "
                     f"{side.summary()}")
@@ -211,6 +248,10 @@ def test_decided_records_agree_in_wider_worlds() -> None:
     check()
     print(dict(tally))
     assert tally["decided"] > 2 * tally["undecided"], tally
+    # Not vacuous: some records are allowed by a rule's domains, some through a network
+    # set a selector took by its allowedEgressDomains.
+    assert tally["allowed by name"] > 20, tally
+    assert tally["allowed through a set, by name"] > 5, tally
 
 
 def test_what_records_cannot_decide_is_undecided_with_the_reason() -> None:
@@ -297,3 +338,42 @@ def test_ends_the_proposal_moves_or_shares_are_not_guessed() -> None:
                {"app": "other"})
     got = judged(web, db, twin, allow_web)
     assert not got.decided and "shares an address with a-db" in got.why[0], got
+
+
+def test_domain_rules_are_decided_from_the_names_a_record_gives() -> None:
+    """A `domains` rule, and a selector taking a network set by its allowedEgressDomains,
+    are decided from the record's `dst_domains`: not when the record does not give them,
+    nor when its list is full (it may have been cut) and matches nothing."""
+    docs = [
+        doc("HostEndpoint", "web", {"node": "web", "expectedIPs": ["198.18.0.10"]},
+            {"app": "web"}),
+        doc("GlobalNetworkSet", "saas", {"allowedEgressDomains": ["*.saas.net"]},
+            {"egress": "saas"}),
+        doc("GlobalNetworkPolicy", "web-out", {
+            "selector": "app == 'web'", "types": ["Egress"], "egress": [
+                {"action": "Allow", "destination": {"domains": ["api.example.com"]}},
+                {"action": "Allow", "destination": {"selector": "egress == 'saas'"}}]}),
+    ]
+    snapshot = Snapshot.build(parse_resource(d) for d in docs)
+    judge = Impact(snapshot)
+    ends = Ends(snapshot)
+
+    def record(names: list[str] | None, reporter: str = "src") -> FlowRecord:
+        return FlowRecord(0.0, 1.0, "web", reporter, ends.at(ipaddress.ip_address(
+            "198.18.0.10")), ends.at(ipaddress.ip_address("203.0.113.9")), 6, 443, "allow",
+            (), "allow", (), dst_domains=None if names is None else tuple(names))
+
+    assert judge.judge(record(["api.example.com"])).steps == ("default|web-out|0|allow",)
+    assert judge.judge(record(["x.y.saas.net"])).steps == ("default|web-out|1|allow",)
+    got = judge.judge(record([]))
+    assert got.action == "deny" and got.steps == ("default|end-of-tier|-|deny",), got
+    got = judge.judge(record(["example.com", "saas.net"]))   # no pattern takes these
+    assert got.action == "deny", got
+    got = judge.judge(record(None))
+    assert not got.decided and any("domain names (the reporting agent did not say" in w
+                                   for w in got.why), got
+    full = [f"n{i:02d}.example.org" for i in range(MAX_DOMAINS)]
+    got = judge.judge(record(full))
+    assert not got.decided and any(f"keeps only the first {MAX_DOMAINS}" in w
+                                   for w in got.why), got
+    assert judge.judge(record([*full[:-1], "api.example.com"])).action == "allow"

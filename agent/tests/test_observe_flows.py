@@ -9,7 +9,7 @@ from typing import Any
 
 from bulkhead.dataplane.nftables import render
 from bulkhead.dataplane.nftables.render import FlowLogging
-from bulkhead.model import INGRESS
+from bulkhead.model import EGRESS, INGRESS
 from bulkhead.model.flowlog import parse_record
 from bulkhead.observe.flows import Ends, FlowAggregator, Limits, conn_key, tracked_key
 from bulkhead.policy import Failsafes
@@ -181,6 +181,46 @@ def test_a_staged_deny_shows_where_the_evaluator_says_and_follows_policy_changes
     agg.counts([(tuple5, Counters(3, 300, 3, 300))], now=111.0)
     [later] = agg.flush(now=120.0)
     assert later.staged_action == "allow" and later.started == 0 and later.bytes_in == 300
+
+
+def test_egress_records_carry_the_names_the_destination_was_resolved_from() -> None:
+    """With the agent's name cache, an egress record says which names the destination
+    was resolved from when the connection began (sorted; connections alike but for their
+    names are separate records), and its staged verdict follows them; an ingress record,
+    or an agent without the cache, says it does not know (None)."""
+    staged = gnp("db-out", {"selector": "app == 'db'", "egress": [
+        {"action": "Allow", "destination": {"domains": ["*.example.com"]}}]},
+        kind="StagedGlobalNetworkPolicy")
+    snapshot = snap(*docs(staged))
+    rs = render(calculate(snapshot, "n1", {}, Failsafes.off()), flow_logs=FlowLogging())
+    cache = {IP(OUT): frozenset({"www.example.com", "api.example.com"})}
+    evaluator = Evaluator(snapshot, Failsafes.off())
+
+    def connect(agg: FlowAggregator, dst: str, sport: int) -> None:
+        verdict = evaluator.evaluate(Flow.make(DB, dst, "TCP", 443, src_port=sport))
+        for step in verdict_steps(verdict.egress):
+            agg.packet(Logged(prefix(rs, step, EGRESS), 6, IP(DB), IP(dst), sport, 443))
+
+    agg = FlowAggregator("n1", snapshot, rs.decisions, Failsafes.off(),
+                         names=lambda ip: cache.get(ip, frozenset()))
+    connect(agg, OUT, 40000)
+    cache[IP(OUT)] = frozenset({"api.example.com"})   # the cache changed: a new record
+    connect(agg, OUT, 40001)
+    connect(agg, "198.19.7.8", 40002)                  # resolved from no name
+    for step in ("security|security.ssh|0|pass", "default|db|0|allow"):
+        agg.packet(Logged(prefix(rs, step), 6, IP(WEB), IP(DB), 40003, 5432))
+    records = agg.flush(now=110.0)
+    got = {(r.reporter, r.dst.name, r.dst_domains, r.staged_action) for r in records}
+    assert got == {("src", "partners", ("api.example.com", "www.example.com"), "allow"),
+                   ("src", "partners", ("api.example.com",), "allow"),
+                   ("src", "partners", (), "deny"),
+                   ("dst", "db", None, "allow")}, got
+    for r in records:
+        assert parse_record(r.json(), now=200.0) == r
+    blind = FlowAggregator("n1", snapshot, rs.decisions, Failsafes.off())
+    connect(blind, OUT, 40000)
+    [record] = blind.flush(now=110.0)
+    assert record.dst_domains is None and record.staged_action == "deny"
 
 
 def test_bounds_are_kept_and_counted() -> None:

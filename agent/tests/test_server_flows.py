@@ -55,7 +55,8 @@ def metric(server: ServerProcess, line: str) -> int:
 
 def sample(now: float) -> list[dict[str, Any]]:
     return [
-        flow_doc(end=now - 50, dst_name="db-1"),
+        flow_doc(end=now - 50, dst_name="db-1", dst_domains=["db.example.com",
+                                                             "pg.example.com"]),
         flow_doc(end=now - 40, dst_name="db-2", reporter="dst", action="deny",
                  enforced_trace=["security|security.block|1|deny"], staged_action="deny",
                  staged_trace=["security|security.block|1|deny"], bytes_in=5000),

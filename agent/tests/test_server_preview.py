@@ -200,6 +200,44 @@ def test_the_cli_prints_the_preview_and_gates(server: ServerProcess, tmp_path: P
     assert "no resources to preview" in capsys.readouterr().err
 
 
+def test_egress_by_domain_is_previewed_from_the_names_records_give(
+        server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    """Egress records carry the names their destination was resolved from (agents that
+    snoop DNS): a policy allowing by name is previewed from them; a record that does not
+    give them is undecided, never guessed."""
+    import time
+    now = time.time()
+    web = Ends(Snapshot.build(parse_resource(d) for d in ENDPOINTS)).at(
+        ipaddress.ip_address(HOSTS["web-1"][0]))
+    names = {"198.19.8.1": ["api.example.com"], "198.19.8.2": [], "198.19.8.3": None}
+    docs = [FlowRecord(now - 100, now - 90, "web-1", "src", web,
+                       Ends(Snapshot.build([])).at(ipaddress.ip_address(ip)), 6, 443,
+                       "allow", ("profile|projectcalico-default-allow|0|allow",), "allow",
+                       ("profile|projectcalico-default-allow|0|allow",), connections=1,
+                       started=1, dst_domains=None if n is None else tuple(n)).json()
+            for ip, n in names.items()]
+    send_flows(server.client("web-1", "agent"), docs)
+    files = [doc("GlobalNetworkPolicy", "web-out", {
+        "selector": "app == 'web'", "types": ["Egress"],
+        "egress": [{"action": "Allow", "destination": {"domains": ["*.example.com"]}}]})]
+    answer = preview(server.client("carol", "viewer"), hours=1,
+                     manifests="\n---\n".join(json.dumps(d) for d in files))
+    assert answer["totals"]["unchanged"]["records"] == 1     # allowed by name, as today
+    assert listed(answer, "newlyDenied") == {("web-1", "198.19.8.2", "TCP", 443)}
+    assert listed(answer, "undecided") == {("web-1", "198.19.8.3", "TCP", 443)}
+    assert any("domain names" in w for w in answer["undecided"][0]["why"])
+    # The CLI shows the names with the destination.
+    docs = [{**d, "dst_domains": ["api.example.com", "b.example.com", "c.example.com"],
+             "dst_name": "198.19.8.4"} for d in docs[:1]]
+    send_flows(server.client("web-1", "agent"), docs)
+    conn = server.conn
+    assert main(["flows", "--server", conn.server, "--ca", conn.ca, "--cert",
+                 str(conn.cert), "--key", str(conn.key)]) == 0
+    out = capsys.readouterr().out
+    assert "web-1 -> 198.19.8.4 (api.example.com,b.example.com +1)" in out, out
+    assert "web-1 -> 198.19.8.1 (api.example.com)" in out, out
+
+
 def test_observing_hosts_block_nothing_until_previewed_in_enforce_mode(
         server: ServerProcess) -> None:
     import time

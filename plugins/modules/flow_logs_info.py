@@ -278,6 +278,15 @@ flows:
       type: int
       returned: always
       sample: 2000
+    dst_domains:
+      description:
+        - The domain names the destination address was resolved from, as the reporting agent's DNS name cache had
+          them when the connection began (sorted, at most 16).
+        - V(null) when not known (an ingress record, an agent that does not snoop DNS, or one from before the field).
+      type: list
+      elements: str
+      returned: always
+      sample: [api.example.com]
 top:
   description: The top talkers, most bytes first - records grouped by both ends, protocol and port.
   returned: when O(top) is set

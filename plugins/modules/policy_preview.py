@@ -197,7 +197,8 @@ preview:
         - Each has C(direction) (V(Ingress) or V(Egress)), the deciding C(tier) and
           C(policy) (empty when several decide), C(src) and C(dst) (C(type), C(name),
           C(labels), and C(scope) for an address), C(ports), the reporting C(nodes),
-          C(records), C(connections) and the deciding C(steps).
+          C(records), C(connections) and the deciding C(steps); C(domains), the names the
+          destination was resolved from, when the records give any.
       type: list
       elements: dict
       returned: always

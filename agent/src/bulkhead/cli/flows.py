@@ -56,6 +56,18 @@ def _end(f: dict[str, Any], prefix: str) -> str:
     return f"ns:{name}" if f[f"{prefix}_type"] == "ns" else name
 
 
+def named(end: str, names: list[str] | None, most: int = 2) -> str:
+    """An end with the first of the domain names it was resolved from."""
+    if not names:
+        return end
+    more = f" +{len(names) - most}" if len(names) > most else ""
+    return f"{end} ({','.join(names[:most])}{more})"
+
+
+def _dst(f: dict[str, Any]) -> str:
+    return named(_end(f, "dst"), f.get("dst_domains"))
+
+
 def _port(f: dict[str, Any]) -> str:
     proto = PROTOCOLS.get(f["proto"], str(f["proto"]))
     return f"{proto}/{f['dst_port']}" if f["dst_port"] else proto
@@ -83,13 +95,13 @@ def _counts(f: dict[str, Any]) -> str:
 Column = tuple[str, Callable[[dict[str, Any]], str]]
 COLUMNS: list[Column] = [
     ("TIME (UTC)", lambda f: clock(f["end"])), ("NODE", lambda f: f["node"]),
-    ("FLOW", lambda f: f"{_end(f, 'src')} -> {_end(f, 'dst')}"), ("PORT", _port),
+    ("FLOW", lambda f: f"{_end(f, 'src')} -> {_dst(f)}"), ("PORT", _port),
     ("ACTION", _action), ("COUNTS", _counts),
     ("POLICY", lambda f: f["enforced_trace"][-1] if f["enforced_trace"] else "")]
 WIDE: list[Column] = [
     ("START (UTC)", lambda f: clock(f["start"])), ("END", lambda f: clock(f["end"])[11:]),
     ("NODE", lambda f: f"{f['node']} ({f['reporter']})"),
-    ("SRC", lambda f: _end(f, "src")), ("DST", lambda f: _end(f, "dst")), ("PORT", _port),
+    ("SRC", lambda f: _end(f, "src")), ("DST", _dst), ("PORT", _port),
     ("ACTION", lambda f: f["action"]), ("STAGED", lambda f: f["staged_action"]),
     ("CONN", lambda f: f"{f['connections']} ({f['started']} new)"),
     ("PACKETS IN/OUT", lambda f: f"{f['packets_in']}/{f['packets_out']}"),

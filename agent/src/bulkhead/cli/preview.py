@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from bulkhead.cli.flows import clock
+from bulkhead.cli.flows import clock, named
 from bulkhead.cli.remote import (
     EXIT_OK,
     EXIT_REFUSED,
@@ -76,7 +76,8 @@ def render(answer: dict[str, Any]) -> str:
             continue
         rows = [["DIRECTION", "POLICY", "SOURCE", "DESTINATION", "PORTS", "CONN", "RECORDS"]]
         for g in groups:
-            rows.append([g["direction"], _policy(g), _end(g["src"]), _end(g["dst"]),
+            rows.append([g["direction"], _policy(g), _end(g["src"]),
+                         named(_end(g["dst"]), g.get("domains")),
                          ",".join(g["ports"]), str(g["connections"]), str(g["records"])])
         lines.append(table(rows))
         if len(groups) < answer[change + "Groups"]:

@@ -28,10 +28,10 @@ from bulkhead.model.flowlog import (
     _text,
     _time,
     check_shape,
+    dns_name,
     parse_batch,
 )
 
-MAX_NAME = 253             # a DNS name, without the final dot
 MAX_ANSWERS = 32           # answer records kept per record
 MAX_ANSWER = 300           # "NAME TYPE VALUE"
 MAX_TYPE = 16              # "A", "AAAA", "TYPE65534"
@@ -81,12 +81,13 @@ def _ms(doc: Mapping[str, Any], key: str) -> float:
     return round(float(value), 3)
 
 
-def _dns_name(doc: Mapping[str, Any], key: str) -> str:
-    name = _text(doc, key, empty=True, limit=MAX_NAME)
-    if name != name.lower() or name.endswith(".") or " " in name:
-        raise DnsRecordError(f"{key}: {name[:60]!r} is not a lowercase name without the "
-                             "final dot")
-    return name
+def _qname(doc: Mapping[str, Any]) -> str:
+    try:
+        return dns_name(doc, "qname")
+    except DnsRecordError:
+        raise
+    except FlowRecordError as e:
+        raise DnsRecordError(str(e)) from None
 
 
 def _answers(doc: Mapping[str, Any]) -> tuple[str, ...]:
@@ -127,7 +128,7 @@ def parse_dns_record(doc: Any, now: float, node: str | None = None) -> DnsRecord
         raise DnsRecordError(f"rcode: {rcode[:20]!r} is not a response code (NOERROR, "
                              "NXDOMAIN, or its number)")
     return DnsRecord(start=start, end=end, node=record_node, client=client, server=server,
-                     qname=_dns_name(doc, "qname"), qtype=qtype, rcode=rcode,
+                     qname=_qname(doc), qtype=qtype, rcode=rcode,
                      answers=_answers(doc), count=count, latency_count=latency_count,
                      latency_mean_ms=_ms(doc, "latency_mean_ms"),
                      latency_max_ms=_ms(doc, "latency_max_ms"))

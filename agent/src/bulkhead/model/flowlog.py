@@ -41,6 +41,10 @@ MAX_LABEL_VALUE = 63
 MAX_TRACE = 32             # steps per trace
 MAX_STEP = 600
 MAX_COUNT = 2**63 - 1
+MAX_NAME = 253             # a DNS name, without the final dot
+# Domain names a record gives its destination address: the first ones by name when the
+# agent's name cache holds more (a list this long may be cut short).
+MAX_DOMAINS = 16
 # Records may come from a host whose clock is a little ahead; not from next year.
 MAX_FUTURE_SECONDS = 3600.0
 
@@ -114,6 +118,11 @@ class FlowRecord:
     packets_out: int = 0       # from the reporting host
     bytes_in: int = 0
     bytes_out: int = 0
+    # The names the destination address was resolved from, as the reporting agent's DNS
+    # name cache had them when the connection began (egress records of agents that snoop
+    # DNS); None: not known (an ingress record, an agent that does not snoop, or one from
+    # before the field). Sorted; at most MAX_DOMAINS.
+    dst_domains: tuple[str, ...] | None = None
 
     @property
     def staged_differs(self) -> bool:
@@ -129,11 +138,14 @@ class FlowRecord:
             "started": self.started, "packets_in": self.packets_in,
             "packets_out": self.packets_out, "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "dst_domains": None if self.dst_domains is None else list(self.dst_domains),
         }
 
 
 FIELDS = tuple(FlowRecord(0, 0, "", "src", End("net", ""), End("net", ""), 0, 0, "allow",
                           (), "allow", ()).json())
+# Fields a record may leave out (agents from before them): the default stands.
+OPTIONAL = ("dst_domains",)
 
 
 # ------------------------------------------------------------------------- parsing
@@ -192,6 +204,31 @@ def _labels(doc: Mapping[str, Any], key: str) -> dict[str, str]:
     return dict(value)
 
 
+def dns_name(doc: Mapping[str, Any], key: str, empty: bool = True) -> str:
+    """A DNS name as records carry it: lowercase, without the final dot, no spaces."""
+    name = _text(doc, key, empty=empty, limit=MAX_NAME)
+    if name != name.lower() or name.endswith(".") or " " in name:
+        raise FlowRecordError(f"{key}: {name[:60]!r} is not a lowercase name without the "
+                              "final dot")
+    return name
+
+
+def _domains(doc: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise FlowRecordError(f"{key}: expected a list of domain names or null, got "
+                              f"{_kind(value)}")
+    if len(value) > MAX_DOMAINS:
+        raise FlowRecordError(f"{key}: more than {MAX_DOMAINS} names")
+    names = set()
+    for i, item in enumerate(value):
+        at = f"{key}[{i}]"
+        names.add(dns_name({at: item}, at, empty=False))
+    return tuple(sorted(names))
+
+
 def _trace(doc: Mapping[str, Any], key: str) -> tuple[str, ...]:
     value = doc.get(key)
     if not isinstance(value, list):
@@ -228,15 +265,16 @@ def _end(doc: Mapping[str, Any], prefix: str) -> End:
 
 
 def check_shape(doc: Any, fields: Sequence[str], node: str | None, what: str,
-                error: type[FlowRecordError] = FlowRecordError) -> str:
-    """A record's fields exactly `fields`, and its node the sender's (`node`, if given:
-    ForeignNode otherwise); the record's node."""
+                error: type[FlowRecordError] = FlowRecordError,
+                optional: Sequence[str] = ()) -> str:
+    """A record's fields exactly `fields` (those in `optional` may be missing), and its
+    node the sender's (`node`, if given: ForeignNode otherwise); the record's node."""
     if not isinstance(doc, dict):
         raise error(f"expected {what} (a mapping), got {_kind(doc)}")
     unknown = sorted(set(doc) - set(fields))
     if unknown:
         raise error(f"{str(unknown[0])[:40]}: unknown field")
-    missing = [k for k in fields if k not in doc]
+    missing = [k for k in fields if k not in doc and k not in optional]
     if missing:
         raise error(f"{missing[0]}: missing")
     record_node = _text(doc, "node")
@@ -248,7 +286,7 @@ def check_shape(doc: Any, fields: Sequence[str], node: str | None, what: str,
 def parse_record(doc: Any, now: float, node: str | None = None) -> FlowRecord:
     """A FlowRecord from its JSON form; FlowRecordError naming the field if the document
     is not exactly a record. `node`: the node the sender may report for."""
-    record_node = check_shape(doc, FIELDS, node, "a flow record")
+    record_node = check_shape(doc, FIELDS, node, "a flow record", optional=OPTIONAL)
     start, end = _time(doc, "start", now), _time(doc, "end", now)
     if start > end:
         raise FlowRecordError(f"start: {start} is after end {end}")
@@ -265,6 +303,7 @@ def parse_record(doc: Any, now: float, node: str | None = None) -> FlowRecord:
         connections=_int(doc, "connections"), started=_int(doc, "started"),
         packets_in=_int(doc, "packets_in"), packets_out=_int(doc, "packets_out"),
         bytes_in=_int(doc, "bytes_in"), bytes_out=_int(doc, "bytes_out"),
+        dst_domains=_domains(doc, "dst_domains"),
     )
 
 

@@ -19,11 +19,10 @@ from bulkhead.model.dnslog import (
     MAX_ANSWER,
     MAX_ANSWERS,
     MAX_LATENCY_MS,
-    MAX_NAME,
     MAX_TYPE,
     DnsRecord,
 )
-from bulkhead.model.flowlog import End
+from bulkhead.model.flowlog import MAX_NAME, End
 from bulkhead.observe.dns import DnsPacket
 from bulkhead.observe.flows import Ends
 

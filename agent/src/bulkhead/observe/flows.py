@@ -30,7 +30,6 @@ what does not fit is dropped and counted in `dropped` by reason.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -39,6 +38,7 @@ from typing import Any, Protocol
 
 from bulkhead.model import EGRESS, ENFORCE, INGRESS, Snapshot
 from bulkhead.model.flowlog import (
+    MAX_DOMAINS,
     MAX_LABELS,
     MAX_TRACE,
     OBSERVE_STEP,
@@ -140,6 +140,7 @@ class _Key:
     trace: tuple[str, ...]
     staged_action: str
     staged_trace: tuple[str, ...]
+    domains: tuple[str, ...] | None      # the destination's names (None: not known)
 
 
 @dataclass
@@ -269,10 +270,6 @@ class FlowAggregator:
 
     def _staged(self, flow: Flow, reporter: str) -> _Staged:
         sport = flow.src_port if self._source_ports else None
-        if self.names is not None and reporter == "src" and not flow.dst_domains:
-            domains = self.names(flow.dst)
-            if domains:
-                flow = dataclasses.replace(flow, dst_domains=domains)
         cache_key = (flow.src, flow.dst, flow.protocol, flow.dst_port, sport,
                      flow.icmp_type, flow.icmp_code, reporter, flow.dst_domains)
         found = self._verdicts.get(cache_key)
@@ -294,12 +291,15 @@ class FlowAggregator:
         (None: the reporting endpoint's mode now)."""
         src, dst = self._ends.at(flow.src), self._ends.at(flow.dst)
         staged = self._staged(flow, reporter)
+        # The names go with egress records of an agent that snoops DNS (None: not known).
+        domains = (tuple(sorted(flow.dst_domains))[:MAX_DOMAINS]
+                   if self.names is not None and reporter == "src" else None)
         port = flow.dst_port if flow.carries_ports and flow.dst_port is not None else 0
         # The server takes at most MAX_TRACE steps: the first ones and the final one.
         if staged.observed if observed is None else observed:
             action, trace = "allow", (*_capped(trace, MAX_TRACE - 1), OBSERVE_STEP)
         key = _Key(reporter, (src.type, src.name), (dst.type, dst.name), flow.protocol, port,
-                   action, _capped(trace), staged.action, _capped(staged.trace))
+                   action, _capped(trace), staged.action, _capped(staged.trace), domains)
         return key, (src, dst)
 
     # -- input -------------------------------------------------------------------------
@@ -323,11 +323,17 @@ class FlowAggregator:
     def _first_packet(self, p: Packet, tuple5: Tuple5, final: Decision,
                       trace: tuple[str, ...]) -> None:
         reporter = "dst" if final.direction == INGRESS else "src"
-        flow = Flow(p.src, p.dst, p.proto, tuple5[5], tuple5[4], p.icmp_type, p.icmp_code)
-        # Every new connection of one pair, port and trace has the same key: computed once.
+        # The names the destination was resolved from, as the kernel's domain sets had
+        # them: the staged verdict of a `domains` rule is then the one they give.
+        domains = self.names(p.dst) if self.names is not None and reporter == "src" \
+            else frozenset()
+        flow = Flow(p.src, p.dst, p.proto, tuple5[5], tuple5[4], p.icmp_type, p.icmp_code,
+                    domains)
+        # Every new connection of one pair, port, trace and names has the same key:
+        # computed once.
         sport = tuple5[4] if self._source_ports else None
         memo = (reporter, tuple5[:4], tuple5[5], sport, p.icmp_type, p.icmp_code,
-                final.action, trace)
+                final.action, trace, domains)
         known = self._keys.get(memo)
         if known is None:
             known = self._key(flow, reporter, final.action, trace)
@@ -446,7 +452,7 @@ class FlowAggregator:
                 staged_trace=key.staged_trace, connections=agg.started + len(agg.continuing),
                 started=agg.started,
                 packets_in=agg.packets_in, packets_out=agg.packets_out,
-                bytes_in=agg.bytes_in, bytes_out=agg.bytes_out))
+                bytes_in=agg.bytes_in, bytes_out=agg.bytes_out, dst_domains=key.domains))
         self._interval = {}
         live = {c.key for c in self._open.values()}
         self._ends_of = {k: v for k, v in self._ends_of.items() if k in live}

@@ -2,10 +2,9 @@
 judged from stored flow records (`bulkhead.model.flowlog.FlowRecord`), not from packets.
 
 A record does not carry everything a packet did: ends are named (a host endpoint, a
-GlobalNetworkSet, or an address), not addressed, and the source port, ICMP type and the
-names the destination was resolved from are not kept. So every criterion is decided in
-three values, True, False or unknown, with the proposed state standing in for what the
-record leaves out:
+GlobalNetworkSet, or an address), not addressed, and the source port and ICMP type are
+not kept. So every criterion is decided in three values, True, False or unknown, with
+the proposed state standing in for what the record leaves out:
 
 - a host endpoint's addresses are its `expectedIPs` in the proposed state, its labels its
   effective labels there (own, then profiles' labelsToApply); a GlobalNetworkSet's
@@ -20,7 +19,11 @@ record leaves out:
   covering, a host endpoint sharing some of the addresses);
 - nets hold when every candidate address of the flow's IP version is inside them, fail
   when none is, and are unknown otherwise (a set that straddles a net);
-- source ports, ICMP type and code (for ICMP flows), and domains are unknown.
+- source ports, and ICMP type and code (for ICMP flows), are unknown;
+- `domains`, and an egress Allow destination selector's network sets taken by their
+  allowedEgressDomains, are decided from the names the record gives its destination
+  (`dst_domains`, from the agent's DNS name cache); unknown when the record does not
+  give them, or gives a full list (MAX_DOMAINS: it may have been cut) that matches not.
 
 Then the policies are walked in Calico's order (`bulkhead.policy.evaluate`) on the
 endpoint that reported the record, in its direction: a rule whose match is unknown
@@ -61,8 +64,16 @@ from bulkhead.model import (
     StagedGlobalNetworkPolicy,
 )
 from bulkhead.model.checks import protocol_number
-from bulkhead.model.flowlog import FAILSAFE, OBSERVE_STEP, PORTED, End, FlowRecord
+from bulkhead.model.flowlog import (
+    FAILSAFE,
+    MAX_DOMAINS,
+    OBSERVE_STEP,
+    PORTED,
+    End,
+    FlowRecord,
+)
 from bulkhead.net import FAMILIES, AddressSet
+from bulkhead.policy.rules import domain_matches
 from bulkhead.policy.semantics import (
     effective_labels,
     enforcement_mode,
@@ -220,6 +231,12 @@ def _and(values: Sequence[Tri]) -> Tri:
     if any(v is False for v in values):
         return False
     return None if any(v is None for v in values) else True
+
+
+def _or(a: Tri, b: Tri) -> Tri:
+    if a is True or b is True:
+        return True
+    return None if a is None or b is None else False
 
 
 def _not(value: Tri) -> Tri:
@@ -390,7 +407,10 @@ class Impact:
         if False in values:
             return False
         values += self._side(ctx, rule.source, ctx.src, "source")
-        values += self._side(ctx, rule.destination, ctx.dst, "destination")
+        # An egress Allow rule's destination selector also takes the network sets whose
+        # allowedEgressDomains the destination's names match.
+        by_name = r.reporter == "src" and rule.action == "Allow"
+        values += self._side(ctx, rule.destination, ctx.dst, "destination", by_name)
         return _and(values)
 
     def _icmp(self, ctx: _Ctx, type_: int | None, code: int | None) -> Tri:
@@ -401,14 +421,18 @@ class Impact:
         ctx.unknown("the ICMP type and code (flow records do not keep them)")
         return None
 
-    def _side(self, ctx: _Ctx, entity: EntityRule, end: _EndView, side: str) -> list[Tri]:
+    def _side(self, ctx: _Ctx, entity: EntityRule, end: _EndView, side: str,
+              by_name: bool = False) -> list[Tri]:
         out: list[Tri] = []
         if entity.nets:
             out.append(self._in_nets(ctx, end, entity.nets, side))
         if entity.not_nets:
             out.append(_not(self._in_nets(ctx, end, entity.not_nets, side)))
         if entity.selector is not None:
-            out.append(self._selected(ctx, end, entity.selector.matches, side))
+            selected = self._selected(ctx, end, entity.selector.matches, side)
+            if by_name and selected is not True:
+                selected = _or(selected, self._by_name(ctx, entity.selector.matches))
+            out.append(selected)
         if entity.not_selector is not None:
             out.append(_not(self._selected(ctx, end, entity.not_selector.matches, side)))
         if entity.ports:
@@ -416,9 +440,31 @@ class Impact:
         if entity.not_ports:
             out.append(_not(self._ports(ctx, end, entity.not_ports, side)))
         if entity.domains:
-            ctx.unknown("the destination's domain names (flow records do not keep them)")
-            out.append(None)
+            out.append(self._named(ctx, entity.domains))
         return out
+
+    def _named(self, ctx: _Ctx, patterns: Sequence[str]) -> Tri:
+        """Whether the names the record gives its destination match `patterns` (Calico's
+        wildcards): unknown when the record does not say them, or when the list it has is
+        full (it may have been cut short) and matches nothing."""
+        names = ctx.record.dst_domains
+        if names is None or ctx.record.reporter != "src":
+            ctx.unknown("the destination's domain names (the reporting agent did not say "
+                        "them: it does not snoop DNS, or predates the field)")
+            return None
+        if domain_matches(patterns, frozenset(names)):
+            return True
+        if len(names) >= MAX_DOMAINS:
+            ctx.unknown(f"the destination's domain names (the record keeps only the first "
+                        f"{MAX_DOMAINS})")
+            return None
+        return False
+
+    def _by_name(self, ctx: _Ctx, matches: Callable[[Labels], bool]) -> Tri:
+        """Whether a network set the selector matches allows the destination by name."""
+        patterns = [p for s, _ in self._sets if s.allowed_egress_domains and matches(s.labels)
+                    for p in s.allowed_egress_domains]
+        return self._named(ctx, patterns) if patterns else False
 
     def _in_nets(self, ctx: _Ctx, end: _EndView, cidrs: Sequence[str], side: str) -> Tri:
         if end.addresses is None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from bulkhead.model.dnslog import MAX_NAME, MAX_TYPE, parse_dns_batch
+from bulkhead.model.dnslog import MAX_TYPE, parse_dns_batch
+from bulkhead.model.flowlog import MAX_NAME
 from bulkhead.server.flows import (
     REFUSALS,
     RecordLogs,

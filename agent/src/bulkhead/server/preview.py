@@ -39,6 +39,7 @@ MAX_LIMIT = 1_000
 MAX_GROUPS = 100_000              # groups of alike records judged; more: `truncated`
 MAX_PORTS = 32                    # ports listed in one group
 MAX_NODES = 8                     # reporting nodes listed in one group
+MAX_DOMAINS = 16                  # destination domain names listed in one group
 MAX_NAMES = 1_000                 # staged policies named in `promote`
 JUDGE_SECONDS = 20.0              # judging stops there: what is left is `truncated`
 FIELDS = ("manifests", "promote", "enforce", "hours", "until", "protected", "limit")
@@ -134,6 +135,7 @@ class _Group:
     why: set[str] = field(default_factory=set)
     ports: set[str] = field(default_factory=set)
     nodes: set[str] = field(default_factory=set)
+    domains: set[str] = field(default_factory=set)   # the destination's names, if given
     records: int = 0
     connections: int = 0
     protected: bool = False
@@ -146,6 +148,8 @@ class _Group:
                "connections": self.connections, "steps": sorted(self.steps)}
         if self.why:
             out["why"] = sorted(self.why)
+        if self.domains:
+            out["domains"] = _few(self.domains, MAX_DOMAINS)
         return out
 
 
@@ -223,6 +227,8 @@ def preview(store: FlowStore, proposed: Snapshot, request: PreviewRequest, now: 
         g.why.update(j.why)
         g.ports.add(_port(r))
         g.nodes.update(row.nodes)
+        if len(g.domains) < 4 * MAX_DOMAINS:     # memory bounded; the first listed
+            g.domains.update(r.dst_domains or ())
         g.records += row.records
         g.connections += r.connections
         if change == "newlyDenied" and request.protected is not None and (

@@ -109,8 +109,9 @@ class TopPage:
 @dataclass(frozen=True)
 class GroupRow:
     """Records alike for a preview: same reporter, ends (with their labels), protocol,
-    port, enforced action and trace. `record` stands for them all: its counters are
-    the sums, its start the first and its end the last, its node the least by name."""
+    port, enforced action and trace, and destination domain names. `record` stands for
+    them all: its counters are the sums, its start the first and its end the last, its
+    node the least by name."""
 
     record: FlowRecord
     records: int
@@ -130,7 +131,7 @@ GROUP_BYTES = 64 * 1024 * 1024
 # The columns a preview groups records by (the same in every store).
 GROUP_KEY = ("reporter", "src_type", "src_name", "src_labels", "src_scope", "dst_type",
              "dst_name", "dst_labels", "dst_scope", "proto", "dst_port", "action",
-             "enforced_trace")
+             "enforced_trace", "dst_domains")
 
 
 class FlowStore(Protocol):
@@ -253,7 +254,8 @@ def chunked(fetch: Any) -> Iterator[Any]:
 
 def record_of(row: dict[str, Any]) -> FlowRecord:
     """A FlowRecord from a store's row of columns named as the record's fields (labels a
-    mapping, traces sequences): rows the store wrote itself, trusted."""
+    mapping, traces and domains sequences; domains None or missing: not known): rows the
+    store wrote itself, trusted."""
     return FlowRecord(
         start=float(row["start"]), end=float(row["end"]), node=row["node"],
         reporter=row["reporter"],
@@ -264,4 +266,5 @@ def record_of(row: dict[str, Any]) -> FlowRecord:
         staged_trace=tuple(row["staged_trace"]), connections=int(row["connections"]),
         started=int(row["started"]), packets_in=int(row["packets_in"]),
         packets_out=int(row["packets_out"]), bytes_in=int(row["bytes_in"]),
-        bytes_out=int(row["bytes_out"]))
+        bytes_out=int(row["bytes_out"]),
+        dst_domains=None if row.get("dst_domains") is None else tuple(row["dst_domains"]))

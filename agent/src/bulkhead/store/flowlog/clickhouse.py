@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     staged_action LowCardinality(String), staged_trace Array(String),
     connections UInt64, started UInt64, packets_in UInt64, packets_out UInt64,
     bytes_in UInt64, bytes_out UInt64,
+    dst_domains Array(String), dst_domains_known Bool,
     policies Array(String) MATERIALIZED arrayDistinct(arrayMap(s -> splitByChar('|', s)[2],
         arrayConcat(enforced_trace, staged_trace))),
     tiers Array(String) MATERIALIZED arrayDistinct(arrayMap(s -> splitByChar('|', s)[1],
@@ -82,7 +83,12 @@ TTL {ttl}
 COLUMNS = ("received", "start", "end", "node", "reporter", "src_type", "src_name",
            "src_labels", "src_scope", "dst_type", "dst_name", "dst_labels", "dst_scope",
            "proto", "dst_port", "action", "enforced_trace", "staged_action", "staged_trace",
-           "connections", "started", "packets_in", "packets_out", "bytes_in", "bytes_out")
+           "connections", "started", "packets_in", "packets_out", "bytes_in", "bytes_out",
+           "dst_domains", "dst_domains_known")
+# Columns added since the first schema: added to a table that lacks them (createSchema),
+# whose rows then read as not known.
+ADDED = "ADD COLUMN IF NOT EXISTS dst_domains Array(String) AFTER bytes_out, " \
+        "ADD COLUMN IF NOT EXISTS dst_domains_known Bool DEFAULT false AFTER dst_domains"
 TIMES = ("received", "start", "end")
 # The columns the server needs of a table it did not create (createSchema: false).
 REQUIRED = frozenset((*COLUMNS, "policies", "tiers"))
@@ -122,13 +128,20 @@ def _row(record: FlowRecord, received: int) -> list[Any]:
             r.dst.type, r.dst.name, dict(r.dst.labels), r.dst.scope,
             r.proto, r.dst_port, r.action, list(r.enforced_trace), r.staged_action,
             list(r.staged_trace), r.connections, r.started, r.packets_in, r.packets_out,
-            r.bytes_in, r.bytes_out]
+            r.bytes_in, r.bytes_out, list(r.dst_domains or ()), r.dst_domains is not None]
+
+
+def _domains(doc: dict[str, Any]) -> None:
+    """The row's two domain columns as the record's one field (None: not known)."""
+    if not doc.pop("dst_domains_known"):
+        doc["dst_domains"] = None
 
 
 def _stored(row: Sequence[Any]) -> StoredFlow:
     doc = dict(zip(COLUMNS, row, strict=True))
     for key in TIMES:
         doc[key] = doc[key] / 1_000_000
+    _domains(doc)
     return StoredFlow(record_of(doc), doc["received"])
 
 
@@ -194,21 +207,27 @@ class ClickHouseFlowStore:
             ttl = f"toDateTime(`end`) + toIntervalSecond({s.retention_seconds})"
             client.command(f"CREATE DATABASE IF NOT EXISTS `{s.database}`")
             client.command(SCHEMA.format(table=self.table, ttl=ttl))
+            if "dst_domains_known" not in self._columns(client):
+                client.command(f"ALTER TABLE {self.table} {ADDED}")
             engine = client.query("SELECT engine_full FROM system.tables WHERE database = "
                                   "{d:String} AND name = {t:String}",
                                   parameters={"d": s.database, "t": s.table}).result_rows
             if engine and f"toIntervalSecond({s.retention_seconds})" not in engine[0][0]:
                 client.command(f"ALTER TABLE {self.table} MODIFY TTL {ttl}")
         else:
-            found = {r[0] for r in client.query(
-                "SELECT name FROM system.columns WHERE database = {d:String} AND "
-                "table = {t:String}", parameters={"d": s.database, "t": s.table}).result_rows}
-            missing = sorted(REQUIRED - found)
+            missing = sorted(REQUIRED - self._columns(client))
             if missing:
                 raise FlowStoreError(f"ClickHouse table {self.table} lacks the columns "
                                      f"{', '.join(missing)} (see docs/observability.md for "
-                                     "the schema)")
+                                     f"the schema; for a table of an older server: ALTER "
+                                     f"TABLE {self.table} {ADDED})")
         return client
+
+    def _columns(self, client: Any) -> set[str]:
+        s = self.settings
+        return {r[0] for r in client.query(
+            "SELECT name FROM system.columns WHERE database = {d:String} AND "
+            "table = {t:String}", parameters={"d": s.database, "t": s.table}).result_rows}
 
     def _call(self, fn: Any) -> Any:
         """fn(client) under the lock, connecting first if need be; errors as FlowStore
@@ -315,10 +334,12 @@ class ClickHouseFlowStore:
 
     def groups(self, q: FlowQuery, n: int) -> GroupPage:
         cond, params = where(q)
-        key = ", ".join(f"`{c}`" for c in GROUP_KEY)
+        # The record's dst_domains are two columns here.
+        columns = [*GROUP_KEY, "dst_domains_known"]
+        key = ", ".join(f"`{c}`" for c in columns)
         sums = ", ".join(f"sum(toFloat64({c}))" for c in GROUP_SUMS)
         size = ("length(toString(src_labels)) + length(toString(dst_labels)) + "
-                "length(toString(enforced_trace))")
+                "length(toString(enforced_trace)) + length(toString(dst_domains))")
         order = f"sum(toFloat64(connections)) DESC, {key}"
         # A running total of the groups' text keeps the answer within GROUP_BYTES.
         sql = (f"SELECT * FROM (SELECT {key}, toUnixTimestamp64Micro(min(start)), "
@@ -329,10 +350,11 @@ class ClickHouseFlowStore:
                f"WHERE running <= {GROUP_BYTES:d} ORDER BY running LIMIT {n:d}")
         rows = self._call(lambda c: c.query(sql, parameters=params,
                                             settings=self._settings()).result_rows)
-        names = (*GROUP_KEY, "start", "end", "nodes", *GROUP_SUMS, "records")
+        names = (*columns, "start", "end", "nodes", *GROUP_SUMS, "records")
         out = []
         for r in rows:
             doc = dict(zip(names, r[:len(names)], strict=True))
+            _domains(doc)
             doc["start"] /= 1_000_000
             doc["end"] /= 1_000_000
             for column in GROUP_SUMS:

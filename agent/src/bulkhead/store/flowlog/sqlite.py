@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS flows (
     packets_in INTEGER NOT NULL CHECK (packets_in >= 0),
     packets_out INTEGER NOT NULL CHECK (packets_out >= 0),
     bytes_in INTEGER NOT NULL CHECK (bytes_in >= 0),
-    bytes_out INTEGER NOT NULL CHECK (bytes_out >= 0)
+    bytes_out INTEGER NOT NULL CHECK (bytes_out >= 0),
+    dst_domains TEXT
 );
 CREATE INDEX IF NOT EXISTS flows_end ON flows ("end");
 CREATE INDEX IF NOT EXISTS flows_node ON flows (node, "end");
@@ -82,10 +83,14 @@ CREATE INDEX IF NOT EXISTS flow_names_end ON flow_names ("end");
 COLUMNS = ("received", "start", "end", "node", "reporter", "src_type", "src_name",
            "src_labels", "src_scope", "dst_type", "dst_name", "dst_labels", "dst_scope",
            "proto", "dst_port", "action", "enforced_trace", "staged_action", "staged_trace",
-           "connections", "started", "packets_in", "packets_out", "bytes_in", "bytes_out")
+           "connections", "started", "packets_in", "packets_out", "bytes_in", "bytes_out",
+           "dst_domains")
 COLUMN_LIST = ", ".join(f'"{c}"' for c in COLUMNS)
 SELECT = f"{COLUMN_LIST}, id"
-JSON_COLUMNS = ("src_labels", "dst_labels", "enforced_trace", "staged_trace")
+JSON_COLUMNS = ("src_labels", "dst_labels", "enforced_trace", "staged_trace", "dst_domains")
+# Columns added since the first schema, added to a file that lacks them when it is opened
+# (their rows then hold NULL: not known).
+ADDED = (("flows", "dst_domains", "TEXT"),)
 TOP_KEY = "src_type, src_name, dst_type, dst_name, proto, dst_port"
 
 
@@ -100,7 +105,8 @@ def _row(record: FlowRecord, flow_id: int, received: float) -> tuple[Any, ...]:
             r.dst.type, r.dst.name, _dump(dict(r.dst.labels)), r.dst.scope,
             r.proto, r.dst_port, r.action, _dump(list(r.enforced_trace)), r.staged_action,
             _dump(list(r.staged_trace)), r.connections, r.started, r.packets_in,
-            r.packets_out, r.bytes_in, r.bytes_out)
+            r.packets_out, r.bytes_in, r.bytes_out,
+            None if r.dst_domains is None else _dump(list(r.dst_domains)))
 
 
 def _names(record: FlowRecord, flow_id: int) -> list[tuple[str, str, float, int]]:
@@ -112,7 +118,8 @@ def _names(record: FlowRecord, flow_id: int) -> list[tuple[str, str, float, int]
 def _stored(row: Sequence[Any]) -> StoredFlow:
     doc = dict(zip(COLUMNS, row, strict=False))
     for key in JSON_COLUMNS:
-        doc[key] = json.loads(doc[key])
+        if doc[key] is not None:
+            doc[key] = json.loads(doc[key])
     return StoredFlow(record_of(doc), float(doc["received"]))
 
 
@@ -145,16 +152,23 @@ def where(q: FlowQuery) -> tuple[str, list[Any]]:
     return " AND ".join(terms), args
 
 
-def open_wal(path: Path, schema: str, table: str, what: str
+def open_wal(path: Path, schema: str, table: str, what: str,
+             added: Sequence[tuple[str, str, str]] = ()
              ) -> tuple[sqlite3.Connection, sqlite3.Connection, float]:
     """A SQLite file in WAL mode with `schema`: the writing connection, a reading one
-    (a long query never holds up ingest), and the newest `received` of `table`."""
+    (a long query never holds up ingest), and the newest `received` of `table`.
+    `added`: (table, column, type) that a file written by an older server may lack; they
+    are added to it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(schema)
+        for name, column, kind in added:
+            have = {row[1] for row in db.execute(f"PRAGMA table_info({name})")}
+            if column not in have:
+                db.execute(f"ALTER TABLE {name} ADD COLUMN {column} {kind}")
         reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         last = db.execute(f"SELECT MAX(received) FROM {table}").fetchone()[0]
     except sqlite3.Error as e:
@@ -182,7 +196,7 @@ class SQLiteFlowStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._db, self._reader, self._last_received = open_wal(self.path, SCHEMA, "flows",
-                                                               "flow log store")
+                                                               "flow log store", ADDED)
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
 
@@ -292,7 +306,8 @@ class SQLiteFlowStore:
         cond, args = where(q)
         key = ", ".join(f'"{c}"' for c in GROUP_KEY)
         order = f"TOTAL(connections) DESC, {key}"
-        size = "LENGTH(src_labels) + LENGTH(dst_labels) + LENGTH(enforced_trace)"
+        size = ("LENGTH(src_labels) + LENGTH(dst_labels) + LENGTH(enforced_trace) + "
+                "COALESCE(LENGTH(dst_domains), 0)")
         # Sums as floats (TOTAL never fails), capped at the record's bound when read; a
         # running total of the groups' text keeps the answer within GROUP_BYTES.
         rows = self._read(
@@ -306,8 +321,10 @@ class SQLiteFlowStore:
         out = []
         for r in rows:
             doc = dict(zip(names, r[:len(names)], strict=True))
-            for column in ("src_labels", "dst_labels", "enforced_trace", "nodes"):
-                doc[column] = json.loads(doc[column])
+            for column in ("src_labels", "dst_labels", "enforced_trace", "nodes",
+                           "dst_domains"):
+                if doc[column] is not None:
+                    doc[column] = json.loads(doc[column])
             for column in GROUP_SUMS:
                 doc[column] = min(int(doc[column]), MAX_COUNT)
             out.append(group_row(doc))
