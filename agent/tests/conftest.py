@@ -1,9 +1,11 @@
-"""Shared fixtures: a real etcd on 127.0.0.1 (Debian's etcd-server), started once."""
+"""Shared fixtures: a real etcd on 127.0.0.1 (Debian's etcd-server), started once; one
+embedded ClickHouse (chdb) for the session."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import shutil
 import ssl
 import subprocess
@@ -134,3 +136,20 @@ def netns() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+@pytest.fixture(scope="session")
+def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One embedded ClickHouse for the session (chdb runs one per process); each test
+    gets a database of its own in it."""
+    if importlib.util.find_spec("chdb") is None:
+        pytest.fail("chdb is not installed: `make test` installs the flows-test extra "
+                    "(pip install -e 'agent[dev,flows-test]')")
+    import clickhouse_connect
+
+    dsn = f"chdb://{tmp_path_factory.mktemp('chdb')}/engine"
+    keeper = clickhouse_connect.get_client(dsn=dsn)   # keeps the engine up between tests
+    try:
+        yield dsn
+    finally:
+        keeper.close()

@@ -4,7 +4,6 @@ engine, embedded by chdb and driven by clickhouse-connect, as in production)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import time
@@ -24,23 +23,6 @@ from tests.flowfixture import flow
 
 _databases = itertools.count()
 T0 = float(int(time.time()))   # "now" for records (inside the ClickHouse TTL)
-
-
-@pytest.fixture(scope="session")
-def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One embedded ClickHouse for the session (chdb runs one per process); each test
-    gets a database of its own in it."""
-    if importlib.util.find_spec("chdb") is None:
-        pytest.fail("chdb is not installed: `make test` installs the flows-test extra "
-                    "(pip install -e 'agent[dev,flows-test]')")
-    import clickhouse_connect
-
-    dsn = f"chdb://{tmp_path_factory.mktemp('chdb')}/engine"
-    keeper = clickhouse_connect.get_client(dsn=dsn)   # keeps the engine up between tests
-    try:
-        yield dsn
-    finally:
-        keeper.close()
 
 
 def clickhouse_store(dsn: str, **changes: Any) -> ClickHouseFlowStore:

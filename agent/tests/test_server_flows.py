@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from bulkhead.client import ApiError, Connection
-from bulkhead.client.flows import flows, send_flows
+from bulkhead.client.flows import dns_logs, flows, send_dns, send_flows
 from bulkhead.model.flowlog import MAX_BATCH, MAX_BATCH_BYTES
 from bulkhead.server.main import ServerConfig
 from tests.flowfixture import flow_doc
@@ -252,6 +252,17 @@ def test_clickhouse_store_through_the_server(make: Starter) -> None:
     with pytest.raises(ApiError) as err:
         send_flows(agent, [flow_doc(end=now), flow_doc(end=now, node="db-1")])
     assert err.value.status == 403 and count(server) == 3
+    # DNS logs go to a table beside the flows' (dnsTable, default dns_logs).
+    lookup = {"start": now - 10, "end": now - 5, "node": "web-1", "client_type": "hep",
+              "client_name": "web-1", "client_labels": {}, "client_scope": "",
+              "server_type": "net", "server_name": "198.18.0.53", "server_labels": {},
+              "server_scope": "private", "qname": "api.example.com", "qtype": "A",
+              "rcode": "NOERROR", "answers": ["api.example.com A 198.18.3.4"], "count": 1,
+              "latency_count": 1, "latency_mean_ms": 0.5, "latency_max_ms": 0.5}
+    assert send_dns(agent, [lookup]) == 1
+    [got] = dns_logs(server.conn, qname="*.example.com")["dns"]
+    assert got["answers"] == lookup["answers"] and got["end"] == round(lookup["end"], 6)
+    assert not (server.config.parent / "dns.sqlite").exists()
 
 
 @pytest.mark.parametrize(("section", "message"), [

@@ -29,7 +29,7 @@ from bulkhead.store.flowlog import (
     FlowQueryTimeout,
     FlowStoreError,
 )
-from bulkhead.store.flowlog.dnslogs import DnsQuery, SQLiteDnsStore
+from bulkhead.store.flowlog.dnslogs import DnsQuery, DnsStore
 
 PARAMS = ("since", "until", "node", "client", "qname", "rcode", "after", "limit")
 
@@ -39,7 +39,7 @@ class DnsLogs(RecordLogs):
     metrics."""
 
     kind = "DNS"
-    store: SQLiteDnsStore
+    store: DnsStore
 
     @staticmethod
     def parse(doc: Any, now: float, node: str) -> Sequence[Any]:

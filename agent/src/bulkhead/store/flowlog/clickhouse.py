@@ -20,7 +20,7 @@ import importlib.util
 import re
 import threading
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +111,7 @@ class ClickHouseSettings:
     password: str = ""
     database: str = "bulkhead"
     table: str = "flows"
+    dns_table: str = "dns_logs"          # DNS log records, in the same database
     secure: bool = False
     ca_file: str | None = None
     create_schema: bool = True           # create the database and table; keep the TTL
@@ -145,13 +146,24 @@ def _stored(row: Sequence[Any]) -> StoredFlow:
     return StoredFlow(record_of(doc), doc["received"])
 
 
+def window(since: float, until: float | None, after: float | None
+           ) -> tuple[list[str], dict[str, Any]]:
+    """The terms (and bound parameters) of a query's time window: `end` from `since` to
+    `until`, stored at or after `after`."""
+    terms = ["`end` >= fromUnixTimestamp64Micro({since:Int64}, 'UTC')"]
+    params: dict[str, Any] = {"since": _micros(since)}
+    for key, value, term in (
+            ("until", until, "`end` <= fromUnixTimestamp64Micro({until:Int64}, 'UTC')"),
+            ("after", after, "received >= fromUnixTimestamp64Micro({after:Int64}, 'UTC')")):
+        if value is not None:
+            terms.append(term)
+            params[key] = _micros(value)
+    return terms, params
+
+
 def where(q: FlowQuery) -> tuple[str, dict[str, Any]]:
     """The condition for every filter of `q` but the selector, with bound parameters."""
-    terms = ["`end` >= fromUnixTimestamp64Micro({since:Int64}, 'UTC')"]
-    params: dict[str, Any] = {"since": _micros(q.since)}
-    if q.until is not None:
-        terms.append("`end` <= fromUnixTimestamp64Micro({until:Int64}, 'UTC')")
-        params["until"] = _micros(q.until)
+    terms, params = window(q.since, q.until, q.after)
     for column in ("node", "reporter", "action"):
         value = getattr(q, column)
         if value is not None:
@@ -168,25 +180,28 @@ def where(q: FlowQuery) -> tuple[str, dict[str, Any]]:
     if q.tier is not None:
         terms.append("has(tiers, {tier:String})")
         params["tier"] = q.tier
-    if q.after is not None:
-        terms.append("received >= fromUnixTimestamp64Micro({after:Int64}, 'UTC')")
-        params["after"] = _micros(q.after)
     return " AND ".join(terms), params
 
 
-class ClickHouseFlowStore:
-    """Connects on first use (and again after a failure): a ClickHouse that is down makes
-    flow requests fail with FlowStoreUnavailable, never the server's start."""
+class ClickHouseTable:
+    """One table of records in ClickHouse: connects on first use (and again after a
+    failure), so a ClickHouse that is down makes requests fail with FlowStoreUnavailable,
+    never the server's start. Subclasses give the table's name, schema and columns."""
 
     expires_by_itself = True   # the table's TTL does retention
+    schema = ""                # CREATE TABLE, with {table} and {ttl}
+    required: frozenset[str] = frozenset()   # columns a table it did not create must have
+    added = ""                 # ALTER TABLE clauses for columns added since the first schema
+    newest = ""                # the last column `added` adds: missing, they are added
 
-    def __init__(self, settings: ClickHouseSettings) -> None:
-        for what in (settings.database, settings.table):
+    def __init__(self, settings: ClickHouseSettings, table: str) -> None:
+        for what in (settings.database, table):
             if not NAME.fullmatch(what):
                 raise ValueError(f"{what[:70]!r} is not a ClickHouse name this server uses "
                                  "(letters, digits, _; not starting with a digit)")
         self.settings = settings
-        self.table = f"`{settings.database}`.`{settings.table}`"
+        self.table_name = table
+        self.table = f"`{settings.database}`.`{table}`"
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -206,28 +221,30 @@ class ClickHouseFlowStore:
         if s.create_schema:
             ttl = f"toDateTime(`end`) + toIntervalSecond({s.retention_seconds})"
             client.command(f"CREATE DATABASE IF NOT EXISTS `{s.database}`")
-            client.command(SCHEMA.format(table=self.table, ttl=ttl))
-            if "dst_domains_known" not in self._columns(client):
-                client.command(f"ALTER TABLE {self.table} {ADDED}")
+            client.command(self.schema.format(table=self.table, ttl=ttl))
+            if self.newest and self.newest not in self._columns(client):
+                client.command(f"ALTER TABLE {self.table} {self.added}")
             engine = client.query("SELECT engine_full FROM system.tables WHERE database = "
                                   "{d:String} AND name = {t:String}",
-                                  parameters={"d": s.database, "t": s.table}).result_rows
+                                  parameters={"d": s.database,
+                                              "t": self.table_name}).result_rows
             if engine and f"toIntervalSecond({s.retention_seconds})" not in engine[0][0]:
                 client.command(f"ALTER TABLE {self.table} MODIFY TTL {ttl}")
         else:
-            missing = sorted(REQUIRED - self._columns(client))
+            missing = sorted(self.required - self._columns(client))
             if missing:
+                older = (f"; for a table of an older server: ALTER TABLE {self.table} "
+                         f"{self.added}" if self.added else "")
                 raise FlowStoreError(f"ClickHouse table {self.table} lacks the columns "
                                      f"{', '.join(missing)} (see docs/observability.md for "
-                                     f"the schema; for a table of an older server: ALTER "
-                                     f"TABLE {self.table} {ADDED})")
+                                     f"the schema{older})")
         return client
 
     def _columns(self, client: Any) -> set[str]:
-        s = self.settings
         return {r[0] for r in client.query(
             "SELECT name FROM system.columns WHERE database = {d:String} AND "
-            "table = {t:String}", parameters={"d": s.database, "t": s.table}).result_rows}
+            "table = {t:String}", parameters={"d": self.settings.database,
+                                              "t": self.table_name}).result_rows}
 
     def _call(self, fn: Any) -> Any:
         """fn(client) under the lock, connecting first if need be; errors as FlowStore
@@ -272,15 +289,56 @@ class ClickHouseFlowStore:
     def _settings(self) -> dict[str, Any]:
         return {"max_execution_time": int(QUERY_SECONDS)}
 
-    # -- the store --------------------------------------------------------------------
-    def insert(self, records: Sequence[FlowRecord], received: float | None = None) -> int:
+    def _insert(self, records: Sequence[Any], received: float | None,
+                row: Callable[[Any, int], list[Any]], columns: Sequence[str]) -> int:
+        """Every record as `row(record, received µs)`, in one block: stored whole or not
+        at all."""
         check_insert(records)
         if not records:
             return 0
         stamp = _micros(time.time() if received is None else received)
-        rows = [_row(r, stamp) for r in records]
-        self._call(lambda c: c.insert(self.table, rows, column_names=list(COLUMNS)))
+        rows = [row(r, stamp) for r in records]
+        self._call(lambda c: c.insert(self.table, rows, column_names=list(columns)))
         return len(records)
+
+    def _rows(self, sql: str, params: dict[str, Any]) -> list[Any]:
+        return list(self._call(lambda c: c.query(sql, parameters=params,
+                                                 settings=self._settings()).result_rows))
+
+    def expire(self, before: float) -> int:
+        cond = "`end` < fromUnixTimestamp64Micro({before:Int64}, 'UTC')"
+        params = {"before": _micros(before)}
+
+        def run(c: Any) -> int:
+            count = int(c.query(f"SELECT count() FROM {self.table} WHERE {cond}",
+                                parameters=params).result_rows[0][0])
+            if count:
+                c.command(f"DELETE FROM {self.table} WHERE {cond}", parameters=params)
+            return count
+
+        return int(self._call(run))
+
+    def count(self) -> int:
+        return int(self._call(lambda c: c.query(f"SELECT count() FROM {self.table}")
+                              .result_rows[0][0]))
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+class ClickHouseFlowStore(ClickHouseTable):
+    schema = SCHEMA
+    required = REQUIRED
+    added = ADDED
+    newest = "dst_domains_known"
+
+    def __init__(self, settings: ClickHouseSettings) -> None:
+        super().__init__(settings, settings.table)
+
+    # -- the store --------------------------------------------------------------------
+    def insert(self, records: Sequence[FlowRecord], received: float | None = None) -> int:
+        return self._insert(records, received, _row, COLUMNS)
 
     def _order(self, q: FlowQuery) -> str:
         return "received" if q.after is not None else "`end` DESC"
@@ -314,9 +372,8 @@ class ClickHouseFlowStore:
         cond, params = where(q)
         sql = (f"SELECT {SELECT} FROM {self.table} WHERE {cond} ORDER BY {self._order(q)} "
                f"LIMIT {q.limit + 1:d}")
-        rows = self._call(lambda c: c.query(sql, parameters=params,
-                                            settings=self._settings()).result_rows)
-        return FlowPage([_stored(r) for r in rows[:q.limit]], len(rows) > q.limit)
+        found = self._rows(sql, params)
+        return FlowPage([_stored(r) for r in found[:q.limit]], len(found) > q.limit)
 
     def top(self, q: FlowQuery, n: int) -> TopPage:
         if q.selector is not None:
@@ -328,9 +385,8 @@ class ClickHouseFlowStore:
                "sum(toFloat64(connections)), sum(toFloat64(started)), count() "
                f"FROM {self.table} WHERE {cond} GROUP BY {TOP_KEY} "
                f"ORDER BY b DESC, {TOP_KEY} LIMIT {n:d}")
-        rows = self._call(lambda c: c.query(sql, parameters=params,
-                                            settings=self._settings()).result_rows)
-        return TopPage([TopRow(*r[:6], *(int(x) for x in r[6:])) for r in rows])
+        found = self._rows(sql, params)
+        return TopPage([TopRow(*r[:6], *(int(x) for x in r[6:])) for r in found])
 
     def groups(self, q: FlowQuery, n: int) -> GroupPage:
         cond, params = where(q)
@@ -348,8 +404,7 @@ class ClickHouseFlowStore:
                "UNBOUNDED PRECEDING AND CURRENT ROW) AS running, count() OVER () "
                f"FROM {self.table} WHERE {cond} GROUP BY {key}) "
                f"WHERE running <= {GROUP_BYTES:d} ORDER BY running LIMIT {n:d}")
-        rows = self._call(lambda c: c.query(sql, parameters=params,
-                                            settings=self._settings()).result_rows)
+        rows = self._rows(sql, params)
         names = (*columns, "start", "end", "nodes", *GROUP_SUMS, "records")
         out = []
         for r in rows:
@@ -361,24 +416,3 @@ class ClickHouseFlowStore:
                 doc[column] = min(int(doc[column]), MAX_COUNT)
             out.append(group_row(doc))
         return GroupPage(out, bool(rows) and rows[0][-1] > len(rows))
-
-    def expire(self, before: float) -> int:
-        cond = "`end` < fromUnixTimestamp64Micro({before:Int64}, 'UTC')"
-        params = {"before": _micros(before)}
-
-        def run(c: Any) -> int:
-            count = int(c.query(f"SELECT count() FROM {self.table} WHERE {cond}",
-                                parameters=params).result_rows[0][0])
-            if count:
-                c.command(f"DELETE FROM {self.table} WHERE {cond}", parameters=params)
-            return count
-
-        return int(self._call(run))
-
-    def count(self) -> int:
-        return int(self._call(lambda c: c.query(f"SELECT count() FROM {self.table}")
-                              .result_rows[0][0]))
-
-    def close(self) -> None:
-        with self._lock:
-            self._drop()

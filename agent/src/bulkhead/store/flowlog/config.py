@@ -7,8 +7,8 @@
       expireInterval: 300            # seconds between expiry runs (sqlite)
       jsonLines: {path: /var/log/bulkhead/flows.jsonl, maxBytes: 104857600, keep: 5}
       clickhouse: {dsn: ..., host: ..., port: ..., user: ..., passwordFile: ...,
-                   database: bulkhead, table: flows, secure: false, caFile: ...,
-                   createSchema: true}
+                   database: bulkhead, table: flows, dnsTable: dns_logs, secure: false,
+                   caFile: ..., createSchema: true}
 
 Every mistake is a ValueError naming the key (`flowLogs.jsonLines.keep: ...`).
 """
@@ -27,7 +27,7 @@ from bulkhead.store.flowlog.clickhouse import (
     ClickHouseSettings,
     available,
 )
-from bulkhead.store.flowlog.dnslogs import SQLiteDnsStore
+from bulkhead.store.flowlog.dnslogs import ClickHouseDnsStore, DnsStore, SQLiteDnsStore
 from bulkhead.store.flowlog.jsonlines import JsonLinesSink
 
 SECTION = "flowLogs"
@@ -39,7 +39,7 @@ DEFAULT_JSONL_KEEP = 5
 KEYS = ("store", "path", "retention", "expireInterval", "jsonLines", "clickhouse")
 JSONL_KEYS = ("path", "maxBytes", "keep")
 CLICKHOUSE_KEYS = ("dsn", "host", "port", "user", "passwordFile", "database", "table",
-                   "secure", "caFile", "createSchema")
+                   "dnsTable", "secure", "caFile", "createSchema")
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,15 @@ class FlowLogConfig:
 
     @property
     def dns_path(self) -> Path:
-        """DNS log records' SQLite file: `dns.sqlite` beside the flow store's file (with
-        every store: DNS logs are in SQLite only, for now)."""
+        """DNS log records' SQLite file (store sqlite): `dns.sqlite` beside the flow
+        store's file."""
         return self.path.with_name("dns.sqlite")
 
-    def open_dns(self) -> SQLiteDnsStore:
+    def open_dns(self) -> DnsStore:
+        """The DNS log store beside the flow store: `dns.sqlite`, or the ClickHouse table
+        `dnsTable` in the flows' database."""
+        if self.clickhouse is not None:
+            return ClickHouseDnsStore(self.clickhouse)
         return SQLiteDnsStore(self.dns_path)
 
     def dns_sink(self) -> JsonLinesSink | None:
@@ -185,7 +189,7 @@ def _clickhouse(doc: Any, retention_seconds: int) -> ClickHouseSettings:
             password = Path(path).read_text().strip()
         except OSError as e:
             raise ValueError(f"{where}.passwordFile: {e}") from None
-    for key in ("database", "table"):
+    for key in ("database", "table", "dnsTable"):
         if key in doc and not NAME.fullmatch(str(doc[key])):
             raise ValueError(f"{where}.{key}: {str(doc[key])[:70]!r} is not a name this "
                              "server uses (letters, digits and _, not starting with a digit)")
@@ -198,6 +202,7 @@ def _clickhouse(doc: Any, retention_seconds: int) -> ClickHouseSettings:
         user=_text(doc, "user", "default", where), password=password,
         database=_text(doc, "database", "bulkhead", where),
         table=_text(doc, "table", "flows", where),
+        dns_table=_text(doc, "dnsTable", "dns_logs", where),
         secure=_flag(doc, "secure", False, where),
         ca_file=_text(doc, "caFile", None, where) if "caFile" in doc else None,
         create_schema=_flag(doc, "createSchema", True, where),

@@ -1,11 +1,19 @@
-"""DNS log records in a SQLite file of their own (`dns.sqlite` beside the flow store's
-file), in WAL mode so queries read while agents write.
+"""DNS log records beside the flow records, in the same kind of store (`DnsStore`):
 
-One row per record in `dns_logs`: the record's scalar fields as columns, labels and
-answers as JSON text. Queries select by the record's `end` and answer newest first; with
-`after`, what was stored at or after that time, oldest first (`bulkhead dns --follow`).
-Filters: node, client (the client end's name), qname (a name, or `*.SUFFIX` for the
-names under it), rcode. Indexes: the time alone and after node, client and qname.
+- SQLite: a file of its own (`dns.sqlite` beside the flow store's file), in WAL mode so
+  queries read while agents write. One row per record in `dns_logs`: the record's scalar
+  fields as columns, labels and answers as JSON text. Indexes: the time alone and after
+  node, client and qname.
+- ClickHouse: the table `dnsTable` (default `dns_logs`) in the flows' database, made as
+  the flows' table is (MergeTree ordered by (`end`, node), partitioned by the day of
+  `received` so a batch is one block committed whole, the TTL on `end` for retention);
+  labels `Map(String, String)`, answers `Array(String)`, bloom-filter indexes on the
+  client's name and qname.
+
+Queries select by the record's `end` and answer newest first; with `after`, what was
+stored at or after that time, oldest first (`bulkhead dns --follow`). Filters: node,
+client (the client end's name), qname (a name, or `*.SUFFIX` for the names under it),
+rcode.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bulkhead.model.dnslog import DnsRecord
 from bulkhead.model.flowlog import End
@@ -26,6 +34,12 @@ from bulkhead.store.flowlog.base import (
     QUERY_SECONDS,
     FlowStoreError,
     check_insert,
+)
+from bulkhead.store.flowlog.clickhouse import (
+    ClickHouseSettings,
+    ClickHouseTable,
+    _micros,
+    window,
 )
 from bulkhead.store.flowlog.sqlite import open_wal, read_rows
 
@@ -85,6 +99,41 @@ class DnsPage:
     truncated: bool = False
 
 
+class DnsStore(Protocol):
+    """Where DNS log records are kept and queried (calls block; safe from threads)."""
+
+    def insert(self, records: Sequence[DnsRecord], received: float | None = None) -> int:
+        """Store every record, or none (FlowStoreError); how many were stored."""
+        ...
+
+    def query(self, q: DnsQuery) -> DnsPage:
+        ...
+
+    def expire(self, before: float) -> int:
+        ...
+
+    def count(self) -> int:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def _record(d: dict[str, Any]) -> DnsRecord:
+    """A DnsRecord from a row of columns named as its fields (labels mappings, answers a
+    sequence): rows the store wrote itself, trusted."""
+    return DnsRecord(
+        start=float(d["start"]), end=float(d["end"]), node=d["node"],
+        client=End(d["client_type"], d["client_name"], dict(d["client_labels"]),
+                   d["client_scope"]),
+        server=End(d["server_type"], d["server_name"], dict(d["server_labels"]),
+                   d["server_scope"]),
+        qname=d["qname"], qtype=d["qtype"], rcode=d["rcode"], answers=tuple(d["answers"]),
+        count=int(d["count"]), latency_count=int(d["latency_count"]),
+        latency_mean_ms=float(d["latency_mean_ms"]),
+        latency_max_ms=float(d["latency_max_ms"]))
+
+
 def _dump(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
@@ -99,16 +148,9 @@ def _row(r: DnsRecord, received: float) -> tuple[Any, ...]:
 
 def _stored(row: Sequence[Any]) -> StoredDns:
     d = dict(zip(COLUMNS, row, strict=True))
-    return StoredDns(DnsRecord(
-        start=float(d["start"]), end=float(d["end"]), node=d["node"],
-        client=End(d["client_type"], d["client_name"], json.loads(d["client_labels"]),
-                   d["client_scope"]),
-        server=End(d["server_type"], d["server_name"], json.loads(d["server_labels"]),
-                   d["server_scope"]),
-        qname=d["qname"], qtype=d["qtype"], rcode=d["rcode"],
-        answers=tuple(json.loads(d["answers"])), count=int(d["count"]),
-        latency_count=int(d["latency_count"]), latency_mean_ms=float(d["latency_mean_ms"]),
-        latency_max_ms=float(d["latency_max_ms"])), float(d["received"]))
+    for key in ("client_labels", "server_labels", "answers"):
+        d[key] = json.loads(d[key])
+    return StoredDns(_record(d), float(d["received"]))
 
 
 def where(q: DnsQuery) -> tuple[str, list[Any]]:
@@ -196,3 +238,80 @@ class SQLiteDnsStore:
         with self._write_lock, self._read_lock:
             self._reader.close()
             self._db.close()
+
+
+# ------------------------------------------------------------------------ ClickHouse
+CLICKHOUSE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {table} (
+    received DateTime64(6, 'UTC'),
+    start DateTime64(6, 'UTC'),
+    `end` DateTime64(6, 'UTC'),
+    node LowCardinality(String),
+    client_type LowCardinality(String), client_name String,
+    client_labels Map(String, String), client_scope LowCardinality(String),
+    server_type LowCardinality(String), server_name String,
+    server_labels Map(String, String), server_scope LowCardinality(String),
+    qname String, qtype LowCardinality(String), rcode LowCardinality(String),
+    answers Array(String),
+    count UInt64, latency_count UInt64, latency_mean_ms Float64, latency_max_ms Float64,
+    INDEX client_idx client_name TYPE bloom_filter GRANULARITY 4,
+    INDEX qname_idx qname TYPE bloom_filter GRANULARITY 4
+) ENGINE = MergeTree
+PARTITION BY toYYYYMMDD(received)
+ORDER BY (`end`, node)
+TTL {ttl}
+"""
+TIMES = ("received", "start", "end")
+SELECT = ", ".join(f"toUnixTimestamp64Micro(`{c}`)" if c in TIMES else f"`{c}`"
+                   for c in COLUMNS)
+
+
+def clickhouse_where(q: DnsQuery) -> tuple[str, dict[str, Any]]:
+    """The condition for every filter of `q`, with bound parameters."""
+    terms, params = window(q.since, q.until, q.after)
+    for column, key, value in (("node", "node", q.node), ("client_name", "client", q.client),
+                               ("rcode", "rcode", q.rcode)):
+        if value is not None:
+            terms.append(f"{column} = {{{key}:String}}")
+            params[key] = value
+    if q.qname is not None:
+        if q.qname.startswith("*."):
+            # The names under the suffix (endsWith compares bytes: no pattern characters).
+            terms.append("endsWith(qname, {suffix:String}) AND "
+                         "length(qname) > length({suffix:String})")
+            params["suffix"] = q.qname[1:]
+        else:
+            terms.append("qname = {qname:String}")
+            params["qname"] = q.qname
+    return " AND ".join(terms), params
+
+
+class ClickHouseDnsStore(ClickHouseTable):
+    schema = CLICKHOUSE_SCHEMA
+    required = frozenset(COLUMNS)
+
+    def __init__(self, settings: ClickHouseSettings) -> None:
+        super().__init__(settings, settings.dns_table)
+
+    def insert(self, records: Sequence[DnsRecord], received: float | None = None) -> int:
+        def row(r: DnsRecord, stamp: int) -> list[Any]:
+            return [stamp, _micros(r.start), _micros(r.end), r.node, r.client.type,
+                    r.client.name, dict(r.client.labels), r.client.scope, r.server.type,
+                    r.server.name, dict(r.server.labels), r.server.scope, r.qname, r.qtype,
+                    r.rcode, list(r.answers), r.count, r.latency_count, r.latency_mean_ms,
+                    r.latency_max_ms]
+
+        return self._insert(records, received, row, COLUMNS)
+
+    def query(self, q: DnsQuery) -> DnsPage:
+        cond, params = clickhouse_where(q)
+        order = "received" if q.after is not None else "`end` DESC"
+        rows = self._rows(f"SELECT {SELECT} FROM {self.table} WHERE {cond} ORDER BY {order} "
+                          f"LIMIT {q.limit + 1:d}", params)
+        out = []
+        for row in rows[:q.limit]:
+            d = dict(zip(COLUMNS, row, strict=True))
+            for key in TIMES:
+                d[key] = d[key] / 1_000_000
+            out.append(StoredDns(_record(d), d["received"]))
+        return DnsPage(out, len(rows) > q.limit)
