@@ -340,12 +340,16 @@ def test_clickhouse_adds_the_domains_columns_to_a_table_of_an_older_server(chdb_
 
     old = SCHEMA.replace("    dst_domains Array(String), dst_domains_known Bool,\n", "")
     assert "dst_domains" not in old
+    # One of the two columns already there (an ALTER cut short): the other is added.
+    half = SCHEMA.replace("dst_domains Array(String), dst_domains_known Bool,",
+                          "dst_domains Array(String),")
     client = clickhouse_connect.get_client(dsn=chdb_dsn)
     try:
-        for database in ("contract_older", "contract_older_foreign"):
+        for database, schema in (("contract_older", old), ("contract_older_foreign", old),
+                                 ("contract_half", half)):
             client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
-            client.command(old.format(table=f"{database}.flows",
-                                      ttl="toDateTime(`end`) + toIntervalSecond(86400)"))
+            client.command(schema.format(table=f"{database}.flows",
+                                         ttl="toDateTime(`end`) + toIntervalSecond(86400)"))
         client.command("INSERT INTO contract_older.flows (received, start, `end`, node, "
                        "dst_name, proto) VALUES (now64(6), now64(6), now64(6), 'web-1', "
                        "'before', 6)")
@@ -361,6 +365,13 @@ def test_clickhouse_adds_the_domains_columns_to_a_table_of_an_older_server(chdb_
         with pytest.raises(FlowStoreError, match=r"lacks the columns dst_domains, "
                            r"dst_domains_known .*ALTER TABLE .*ADD COLUMN IF NOT EXISTS"):
             foreign.count()
+        half_store = ClickHouseFlowStore(ClickHouseSettings(dsn=chdb_dsn,
+                                                            database="contract_half"))
+        try:
+            half_store.insert([flow(end=T0 - 1, dst_domains=[])])
+            assert half_store.query(q()).flows[0].record.dst_domains == ()
+        finally:
+            half_store.close()
     finally:
         store.close()
         foreign.close()

@@ -60,11 +60,24 @@ def test_destination_domains_are_optional_and_checked() -> None:
            "upper": r"dst_domains\[0\]: 'Api.example.com' is not a lowercase name",
            "dot": r"dst_domains\[0\]: 'a.example.com.' is not a lowercase name",
            "empty": r"dst_domains\[0\]: must not be empty",
-           "long": rf"dst_domains\[0\]: longer than {MAX_NAME} characters"}
+           "long": rf"dst_domains\[0\]: longer than {MAX_NAME} characters",
+           "comma": r"dst_domains\[0\]: 'a,b.example' is not a domain name",
+           "root": r"dst_domains\[0\]: '\.' is not a lowercase name without the final"}
     values: dict[str, Any] = {
         "x": "a.example.com", "many": [f"n{i}.example.com" for i in range(MAX_DOMAINS + 1)],
         "one": ["a.example.com", 7], "upper": ["Api.example.com"],
-        "dot": ["a.example.com."], "empty": [""], "long": ["a" * (MAX_NAME + 1)]}
+        "dot": ["a.example.com."], "empty": [""], "long": ["a" * (MAX_NAME + 1)],
+        "comma": ["a,b.example"], "root": ["."]}
     for case, message in bad.items():
         with pytest.raises(FlowRecordError, match=message):
             parse_record(flow_doc(dst_domains=values[case]), now)
+
+    # Only an egress record gives names.
+    with pytest.raises(FlowRecordError, match="dst_domains: only an egress record"):
+        parse_record(flow_doc(reporter="dst", dst_domains=[]), now)
+    # An agent leaves the field out when it does not know (a server from before the
+    # field refuses unknown fields); answers always have it.
+    assert "dst_domains" not in parse_record(flow_doc(), now).wire()
+    assert parse_record(flow_doc(), now).json()["dst_domains"] is None
+    assert parse_record(flow_doc(dst_domains=["a.example"]), now).wire()["dst_domains"] == \
+        ["a.example"]

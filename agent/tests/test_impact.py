@@ -134,6 +134,9 @@ EXTRA_NETS = {4: ("198.18.0.0/24", "198.18.0.200/32", "10.0.0.0/8", "198.18.0.12
                   "198.16.0.0/12", "0.0.0.0/0"),
               6: ("2001:2::/64", "2001:2::99/128", "2001:db8::/32", "::/0")}
 DOMAINS = ("api.example.com", "a.b.example.com", "example.com", "www.other.net")
+# More names than a record keeps (MAX_DOMAINS, the first by name): a name after them that
+# a pattern would take is cut from the record.
+MANY = tuple(f"b{i:02d}.pool.org" for i in range(MAX_DOMAINS + 2))
 PATTERNS = ("*.example.com", "example.com", "api.example.com", "www.*.net", "*.net")
 
 
@@ -203,6 +206,8 @@ def wide_flows(draw: st.DrawFn) -> Flow:
     src, dst = draw(st.sampled_from(pool)), draw(st.sampled_from(pool))
     proto = draw(st.sampled_from(["TCP", "UDP", "ICMP", 132, 47]))
     names = frozenset(draw(st.lists(st.sampled_from(DOMAINS), max_size=2, unique=True)))
+    if draw(st.integers(0, 5)) == 5:
+        names |= frozenset(MANY[:draw(st.integers(MAX_DOMAINS - 1, len(MANY)))])
     if proto == "ICMP":
         return Flow.make(src, dst, "ICMP" if family == 4 else "ICMPv6",
                          icmp_type=draw(st.sampled_from([None, 0, 8, 128, 129])),
@@ -241,6 +246,8 @@ def test_decided_records_agree_in_wider_worlds() -> None:
                 if got.decided and side.decided_by == "rule" and side.action == "Allow" \
                         and "(by name)" in side.steps[-1].text:
                     tally["allowed through a set, by name"] += 1
+                if record.dst_domains is not None and len(f.dst_domains) > MAX_DOMAINS:
+                    tally["cut" if not got.decided else "cut, decided"] += 1
                 assert not got.decided or got.action == side.wire_action.lower(), (
                     f"{view} {reporter} {f}: judged {got}, the evaluator says "
                     f"{side.summary()}")
@@ -252,6 +259,7 @@ def test_decided_records_agree_in_wider_worlds() -> None:
     # set a selector took by its allowedEgressDomains.
     assert tally["allowed by name"] > 20, tally
     assert tally["allowed through a set, by name"] > 5, tally
+    assert tally["cut"] > 0 and tally["cut, decided"] > 0, tally
 
 
 def test_what_records_cannot_decide_is_undecided_with_the_reason() -> None:

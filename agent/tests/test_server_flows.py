@@ -278,6 +278,8 @@ def test_clickhouse_store_through_the_server(make: Starter) -> None:
     ({"store": "clickhouse", "clickhouse": {"host": "h", "table": "a-b"}},
      "flowLogs.clickhouse.table: 'a-b' is not a name"),
     ({"clickhouse": {"host": "h"}}, "flowLogs.clickhouse: only with store: clickhouse"),
+    ({"store": "clickhouse", "clickhouse": {"host": "h", "dnsTable": "flows"}},
+     "flowLogs.clickhouse.dnsTable: must differ from flowLogs.clickhouse.table"),
 ])
 def test_config_errors_name_the_key(tmp_path: Path, section: dict[str, Any],
                                     message: str) -> None:

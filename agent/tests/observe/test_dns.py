@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from bulkhead.observe.dns import NotDns, parse_packet
 from bulkhead.observe.nflog import LoggedPacket
-from bulkhead.policy.names import MAX_ADDRESSES, MIN_TTL, NameCache, Record
+from bulkhead.policy.names import MAX_ADDRESSES, MAX_NAMES_FOR, MIN_TTL, NameCache, Record
 
 NOW = 1_800_000_000.0
 CLIENT, SERVER = ipaddress.ip_address("198.18.0.10"), ipaddress.ip_address("198.18.0.53")
@@ -252,3 +252,26 @@ def test_a_hostile_ttl_or_a_tampered_cache_file_is_bounded(tmp_path: Path) -> No
     path.write_text('{"version": 1, "addresses": {"a.example": {"198.18.1.1": Infinity}}}')
     with pytest.raises(ValueError):
         NameCache().load(path, NOW)
+
+
+def test_names_for_an_address_are_bounded_and_kept_until_the_cache_changes() -> None:
+    """A CDN address answered for thousands of names: a flow to it costs a lookup, not a
+    walk of every name (the answer is kept, one object, until the cache changes or one of
+    its names lapses), and carries at most MAX_NAMES_FOR names."""
+    cache = NameCache(max_names=10_000)
+    cache.learn([rec(f"n{i}.cdn.example", "A", "198.18.1.7", 100) for i in range(3000)],
+                NOW)
+    first = cache.names_for("198.18.1.7", NOW)
+    assert len(first) == MAX_NAMES_FOR and first <= {f"n{i}.cdn.example"
+                                                     for i in range(3000)}
+    assert cache.names_for("198.18.1.7", NOW + 1) is first          # kept
+    cache.learn([rec("other.example", "A", "198.18.1.8", 5)], NOW + 2)
+    again = cache.names_for("198.18.1.7", NOW + 2)                 # the cache changed
+    assert again == first and again is not first
+    # One name with a short life: the kept answer ends when it lapses.
+    small = NameCache()
+    small.learn([rec("long.example", "A", "198.18.1.9", 100),
+                 rec("short.example", "A", "198.18.1.9", 10)], NOW)
+    assert small.names_for("198.18.1.9", NOW + 1) == {"long.example", "short.example"}
+    assert small.names_for("198.18.1.9", NOW + 11) == {"long.example"}
+    assert small.names_for("198.18.1.10", NOW) == frozenset()

@@ -87,7 +87,7 @@ class Spool:
         chunk: list[bytes] = []
         size = 0
         for record in records:
-            line = json.dumps(record.json(), separators=(",", ":")).encode() + b"\n"
+            line = json.dumps(record.wire(), separators=(",", ":")).encode() + b"\n"
             if chunk and (len(chunk) >= self.batch or size + len(line) > self.batch_bytes):
                 self._write(chunk)
                 chunk, size = [], 0

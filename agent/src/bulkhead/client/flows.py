@@ -22,7 +22,7 @@ def batches(records: Iterable[FlowRecord | DnsRecord | Mapping[str, Any]],
     chunk: list[bytes] = []
     size = _FRAME
     for i, record in enumerate(records):
-        doc = record.json() if isinstance(record, FlowRecord | DnsRecord) else dict(record)
+        doc = record.wire() if isinstance(record, FlowRecord | DnsRecord) else dict(record)
         encoded = json.dumps(doc, separators=(",", ":")).encode()
         if _FRAME + len(encoded) > max_bytes:
             raise ValueError(f"records[{i}]: {len(encoded):,} bytes as JSON, more than one "

@@ -68,6 +68,10 @@ class DnsRecord:
             "latency_max_ms": self.latency_max_ms,
         }
 
+    def wire(self) -> dict[str, Any]:
+        """The JSON form an agent sends (the same as `json()`)."""
+        return self.json()
+
 
 FIELDS = tuple(DnsRecord(0, 0, "", End("net", ""), End("net", ""), "", "", "", ()).json())
 

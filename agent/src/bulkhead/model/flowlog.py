@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ MAX_NAME = 253             # a DNS name, without the final dot
 # Domain names a record gives its destination address: the first ones by name when the
 # agent's name cache holds more (a list this long may be cut short).
 MAX_DOMAINS = 16
+HOSTNAME = re.compile(r"[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*")
 # Records may come from a host whose clock is a little ahead; not from next year.
 MAX_FUTURE_SECONDS = 3600.0
 
@@ -141,6 +143,14 @@ class FlowRecord:
             "dst_domains": None if self.dst_domains is None else list(self.dst_domains),
         }
 
+    def wire(self) -> dict[str, Any]:
+        """The JSON form an agent sends: `dst_domains` left out when not known, so a
+        server from before the field takes the record."""
+        doc = self.json()
+        if self.dst_domains is None:
+            del doc["dst_domains"]
+        return doc
+
 
 FIELDS = tuple(FlowRecord(0, 0, "", "src", End("net", ""), End("net", ""), 0, 0, "allow",
                           (), "allow", ()).json())
@@ -213,10 +223,19 @@ def dns_name(doc: Mapping[str, Any], key: str, empty: bool = True) -> str:
     return name
 
 
-def _domains(doc: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
+def is_hostname(name: str) -> bool:
+    """A name a flow record may give its destination: lowercase labels of letters,
+    digits, `-` and `_`, dot-separated, without the final dot, at most MAX_NAME long."""
+    return len(name) <= MAX_NAME and HOSTNAME.fullmatch(name) is not None
+
+
+def _domains(doc: Mapping[str, Any], key: str, reporter: str) -> tuple[str, ...] | None:
     value = doc.get(key)
     if value is None:
         return None
+    if reporter != "src":
+        raise FlowRecordError(f"{key}: only an egress record (reporter src) gives its "
+                              "destination's names; null here")
     if not isinstance(value, list):
         raise FlowRecordError(f"{key}: expected a list of domain names or null, got "
                               f"{_kind(value)}")
@@ -225,7 +244,11 @@ def _domains(doc: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
     names = set()
     for i, item in enumerate(value):
         at = f"{key}[{i}]"
-        names.add(dns_name({at: item}, at, empty=False))
+        name = dns_name({at: item}, at, empty=False)
+        if not is_hostname(name):
+            raise FlowRecordError(f"{at}: {name[:60]!r} is not a domain name (lowercase "
+                                  "letters, digits, - and _ in dot-separated labels)")
+        names.add(name)
     return tuple(sorted(names))
 
 
@@ -303,7 +326,7 @@ def parse_record(doc: Any, now: float, node: str | None = None) -> FlowRecord:
         connections=_int(doc, "connections"), started=_int(doc, "started"),
         packets_in=_int(doc, "packets_in"), packets_out=_int(doc, "packets_out"),
         bytes_in=_int(doc, "bytes_in"), bytes_out=_int(doc, "bytes_out"),
-        dst_domains=_domains(doc, "dst_domains"),
+        dst_domains=_domains(doc, "dst_domains", doc["reporter"]),
     )
 
 

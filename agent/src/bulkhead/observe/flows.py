@@ -45,6 +45,7 @@ from bulkhead.model.flowlog import (
     PORTED,
     End,
     FlowRecord,
+    is_hostname,
     scope_of,
 )
 from bulkhead.policy import Failsafes
@@ -292,7 +293,8 @@ class FlowAggregator:
         src, dst = self._ends.at(flow.src), self._ends.at(flow.dst)
         staged = self._staged(flow, reporter)
         # The names go with egress records of an agent that snoops DNS (None: not known).
-        domains = (tuple(sorted(flow.dst_domains))[:MAX_DOMAINS]
+        # (Names the server would refuse, such as the root, are left out of the record.)
+        domains = (tuple(sorted(n for n in flow.dst_domains if is_hostname(n)))[:MAX_DOMAINS]
                    if self.names is not None and reporter == "src" else None)
         port = flow.dst_port if flow.carries_ports and flow.dst_port is not None else 0
         # The server takes at most MAX_TRACE steps: the first ones and the final one.

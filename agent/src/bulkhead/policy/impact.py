@@ -301,6 +301,8 @@ class Impact:
         self._programs: dict[tuple[str, str], list[_Item]] = {}
         self._views: dict[tuple[str, str, str, frozenset[tuple[str, str]]], _EndView] = {}
         self._nets: dict[tuple[str, ...], AddressSet] = {}
+        # An egress Allow selector -> the allowedEgressDomains of the sets it takes.
+        self._egress_domains: dict[Selector, tuple[str, ...]] = {}
 
     # -- ends -------------------------------------------------------------------------
     def _view(self, end: End) -> _EndView:
@@ -431,7 +433,7 @@ class Impact:
         if entity.selector is not None:
             selected = self._selected(ctx, end, entity.selector.matches, side)
             if by_name and selected is not True:
-                selected = _or(selected, self._by_name(ctx, entity.selector.matches))
+                selected = _or(selected, self._by_name(ctx, entity.selector))
             out.append(selected)
         if entity.not_selector is not None:
             out.append(_not(self._selected(ctx, end, entity.not_selector.matches, side)))
@@ -460,10 +462,13 @@ class Impact:
             return None
         return False
 
-    def _by_name(self, ctx: _Ctx, matches: Callable[[Labels], bool]) -> Tri:
+    def _by_name(self, ctx: _Ctx, selector: Selector) -> Tri:
         """Whether a network set the selector matches allows the destination by name."""
-        patterns = [p for s, _ in self._sets if s.allowed_egress_domains and matches(s.labels)
-                    for p in s.allowed_egress_domains]
+        patterns = self._egress_domains.get(selector)
+        if patterns is None:
+            patterns = self._egress_domains[selector] = tuple(sorted({
+                p for s, _ in self._sets if s.allowed_egress_domains
+                and selector.matches(s.labels) for p in s.allowed_egress_domains}))
         return self._named(ctx, patterns) if patterns else False
 
     def _in_nets(self, ctx: _Ctx, end: _EndView, cidrs: Sequence[str], side: str) -> Tri:

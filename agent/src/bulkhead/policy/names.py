@@ -20,6 +20,7 @@ bound.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import math
 import threading
@@ -35,6 +36,10 @@ MIN_TTL = 2.0               # seconds an answer's address is kept at least (feli
 MAX_NAMES = 50_000          # names the cache holds
 MAX_ENTRIES = 100_000       # addresses and CNAME targets of all names together
 MAX_ADDRESSES = 64          # addresses (or CNAME targets) kept per name
+# Names looked at for one address in `names_for` (a CDN address may be the answer of
+# thousands of names): a flow carries at most these, whatever the cache holds.
+MAX_NAMES_FOR = 256
+MAX_MEMO = 10_000           # addresses whose names `names_for` keeps computed
 EVICT_SHARE = 0.1           # over a bound, this share of the names goes at once
 MAX_TTL = 2**31 - 1         # RFC 2181 section 8: a TTL with the top bit set means 0
 CACHE_VERSION = 1
@@ -81,6 +86,9 @@ class NameCache:
         self._aliases: dict[str, dict[str, float]] = {}
         self._referrers: dict[str, set[str]] = {}     # CNAME target -> names pointing to it
         self._owners: dict[str, set[str]] = {}        # address -> names with a record of it
+        # Raised by every change of the cache: `names_for`'s answers hold while it stays.
+        self._version = 0
+        self._memo: dict[str, tuple[int, float, frozenset[str]]] = {}
 
     def __len__(self) -> int:
         with self._lock:
@@ -117,13 +125,16 @@ class NameCache:
                     self._unlink(r.name, oldest, r.kind == CNAME)
                     self.evicted += 1
                 touched.add(r.name)
+            if touched:
+                self._version += 1
             self._bound(now)
             return self._with_referrers(touched)
 
-    def _with_referrers(self, names: Iterable[str]) -> set[str]:
+    def _with_referrers(self, names: Iterable[str], limit: int | None = None) -> set[str]:
         out: set[str] = set()
         todo = list(names)
-        while todo and len(out) < self.max_names:
+        most = self.max_names if limit is None else limit
+        while todo and len(out) < most:
             name = todo.pop()
             if name in out:
                 continue
@@ -168,6 +179,7 @@ class NameCache:
             self.evicted += 1
 
     def _drop(self, name: str) -> None:
+        self._version += 1
         for address in self._addresses.pop(name, {}):
             self._entries -= 1
             self._unlink(name, address, False)
@@ -180,6 +192,7 @@ class NameCache:
             for name in list(table):
                 entries = table[name]
                 for value in [v for v, e in entries.items() if e <= now]:
+                    self._version += 1
                     del entries[value]
                     self._entries -= 1
                     self._unlink(name, value, table is self._aliases)
@@ -199,6 +212,7 @@ class NameCache:
             self._referrers.clear()
             self._owners.clear()
             self._entries = 0
+            self._version += 1
             return count
 
     # -- reading ----------------------------------------------------------------------
@@ -275,10 +289,27 @@ class NameCache:
 
     def names_for(self, address: str, now: float) -> frozenset[str]:
         """The names `address` was resolved from (and is still live for): what a flow to
-        it carries as its destination's names for the reference evaluator."""
+        it carries as its destination's names for the reference evaluator. At most
+        MAX_NAMES_FOR names are looked at; the answer is kept (one object, shared by the
+        flows to the address) until the cache changes or one of the names lapses, so a
+        first packet costs a lookup."""
+        memo = self._memo.get(address)      # read without the lock: a stale read is redone
+        if memo is not None and memo[0] == self._version and now < memo[1]:
+            return memo[2]
         if address not in self._owners:     # the common case, without the lock
             return frozenset()
-        return frozenset(r.name for r in self.reasons(address, now))
+        with self._lock:
+            owners = self._owners.get(address, set())
+            names = self._with_referrers(itertools.islice(owners, MAX_NAMES_FOR),
+                                         MAX_NAMES_FOR)
+            found = [how for n in names
+                     if (how := self._resolve(n, now).get(address)) is not None]
+            result = frozenset(r.name for r in found)
+            if len(self._memo) >= MAX_MEMO:
+                self._memo.clear()
+            self._memo[address] = (self._version, min((r.expiry for r in found),
+                                                      default=now + 1.0), result)
+            return result
 
     # -- persistence ------------------------------------------------------------------
     def to_json(self, now: float) -> dict[str, Any]:

@@ -192,7 +192,7 @@ class ClickHouseTable:
     schema = ""                # CREATE TABLE, with {table} and {ttl}
     required: frozenset[str] = frozenset()   # columns a table it did not create must have
     added = ""                 # ALTER TABLE clauses for columns added since the first schema
-    newest = ""                # the last column `added` adds: missing, they are added
+    added_columns: frozenset[str] = frozenset()   # what `added` adds: one missing, it runs
 
     def __init__(self, settings: ClickHouseSettings, table: str) -> None:
         for what in (settings.database, table):
@@ -222,7 +222,7 @@ class ClickHouseTable:
             ttl = f"toDateTime(`end`) + toIntervalSecond({s.retention_seconds})"
             client.command(f"CREATE DATABASE IF NOT EXISTS `{s.database}`")
             client.command(self.schema.format(table=self.table, ttl=ttl))
-            if self.newest and self.newest not in self._columns(client):
+            if self.added_columns - self._columns(client):
                 client.command(f"ALTER TABLE {self.table} {self.added}")
             engine = client.query("SELECT engine_full FROM system.tables WHERE database = "
                                   "{d:String} AND name = {t:String}",
@@ -331,7 +331,7 @@ class ClickHouseFlowStore(ClickHouseTable):
     schema = SCHEMA
     required = REQUIRED
     added = ADDED
-    newest = "dst_domains_known"
+    added_columns = frozenset({"dst_domains", "dst_domains_known"})
 
     def __init__(self, settings: ClickHouseSettings) -> None:
         super().__init__(settings, settings.table)

@@ -193,6 +193,9 @@ def _clickhouse(doc: Any, retention_seconds: int) -> ClickHouseSettings:
         if key in doc and not NAME.fullmatch(str(doc[key])):
             raise ValueError(f"{where}.{key}: {str(doc[key])[:70]!r} is not a name this "
                              "server uses (letters, digits and _, not starting with a digit)")
+    if doc.get("dnsTable", "dns_logs") == doc.get("table", "flows"):
+        raise ValueError(f"{where}.dnsTable: must differ from {where}.table (DNS log records "
+                         "have a table of their own)")
     port = doc.get("port")
     if port is not None:
         port = int(_number(doc, "port", 0, 1, 65535, where, integer=True))

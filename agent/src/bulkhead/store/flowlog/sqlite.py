@@ -168,7 +168,11 @@ def open_wal(path: Path, schema: str, table: str, what: str,
         for name, column, kind in added:
             have = {row[1] for row in db.execute(f"PRAGMA table_info({name})")}
             if column not in have:
-                db.execute(f"ALTER TABLE {name} ADD COLUMN {column} {kind}")
+                try:
+                    db.execute(f"ALTER TABLE {name} ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError as e:
+                    if "duplicate column" not in str(e):   # another process added it
+                        raise
         reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         last = db.execute(f"SELECT MAX(received) FROM {table}").fetchone()[0]
     except sqlite3.Error as e:
