@@ -15,7 +15,7 @@ the policies that have doNotTrack.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bulkhead.model import (
@@ -24,6 +24,7 @@ from bulkhead.model import (
     INGRESS,
     EntityRule,
     GlobalNetworkPolicy,
+    GlobalNetworkSet,
     HostEndpoint,
     NamedPort,
     PortRange,
@@ -166,12 +167,23 @@ class NodePlan:
 def calculate(snapshot: Snapshot, node: str, interfaces: Mapping[str, Sequence[str]],
               failsafes: Failsafes | None = None, staged: bool = False,
               default_mode: str = ENFORCE) -> NodePlan:
+    """The plan for `node` (see `calculation`)."""
+    return calculation(snapshot, node, interfaces, failsafes, staged, default_mode)[0]
+
+
+def calculation(snapshot: Snapshot, node: str, interfaces: Mapping[str, Sequence[str]],
+                failsafes: Failsafes | None = None, staged: bool = False,
+                default_mode: str = ENFORCE
+                ) -> tuple[NodePlan, dict[str, dict[str, str]],
+                           dict[Selector, dict[Member, Spans]]]:
     """The plan for `node`. `interfaces` maps the host's interface names to their
     addresses (used for endpoints that give expectedIPs but no interfaceName).
     `staged=True` plans the staged view (staged policies replacing or deleting the
     enforced ones of the same tier and name), for flow verdicts; it is never rendered.
     `default_mode`: the enforcement mode of endpoints without the enforcement label
-    (the agent's `enforcement` setting)."""
+    (the agent's `enforcement` setting). With the plan: every host endpoint's effective
+    labels, and the members of each selector the plan uses (what the incremental
+    calculator, `bulkhead.policy.incremental`, keeps up to date)."""
     policies = staged_view(snapshot) if staged else list(snapshot.policies.values())
     labels = {h.name: effective_labels(snapshot, h) for h in snapshot.host_endpoints.values()}
     plan = NodePlan(node, [], failsafes if failsafes is not None else Failsafes(), {}, {})
@@ -194,8 +206,9 @@ def calculate(snapshot: Snapshot, node: str, interfaces: Mapping[str, Sequence[s
                            for d in DIRECTIONS)
         mode = enforcement_mode(labels[hep.name], default_mode)
         plan.endpoints.append(EndpointPlan(hep.name, ifaces, ingress, egress, mode))
-    _resolve_sets(snapshot, labels, plan)
-    return plan
+    members = members_of(snapshot, labels, selectors_of(plan))
+    _resolve_sets(snapshot, labels, plan, members)
+    return plan, labels, members
 
 
 def _interfaces(hep: HostEndpoint, interfaces: Mapping[str, Sequence[str]],
@@ -305,35 +318,76 @@ def _all_rules(plan: NodePlan) -> Iterable[RulePlan]:
                 yield from pr.rules
 
 
+# Who puts addresses in a selector's set: ("hep", name) or ("ns", name) -> its IPv4 and
+# IPv6 spans (the endpoint's expectedIPs, the set's nets), as parsed.
+Member = tuple[str, str]
+Spans = tuple[list[Span], list[Span]]
+
+
+def selectors_of(plan: NodePlan) -> set[Selector]:
+    """The selectors (and notSelectors) the plan's rules use."""
+    return {s for rule in _all_rules(plan) for side in (rule.source, rule.destination)
+            for s in (side.selector, side.not_selector) if s}
+
+
+def hep_spans(hep: HostEndpoint) -> Spans:
+    return parse_spans(hep.expected_ips)
+
+
+def members_of(snapshot: Snapshot, labels: Mapping[str, Mapping[str, str]],
+               selectors: Iterable[Selector],
+               set_spans: Callable[[GlobalNetworkSet], Spans] | None = None
+               ) -> dict[Selector, dict[Member, Spans]]:
+    """Each selector's members and the spans each gives (every address parsed once;
+    `set_spans` gives a network set's spans, parsed anew if not given)."""
+    members: dict[Selector, dict[Member, Spans]] = {s: {} for s in selectors}
+    if not members:
+        return members
+    for hep in snapshot.host_endpoints.values():
+        if not hep.expected_ips:
+            continue
+        matching = [sel for sel in members if sel.matches(labels[hep.name])]
+        if matching:
+            spans = hep_spans(hep)
+            for sel in matching:
+                members[sel][("hep", hep.name)] = spans
+    for netset in snapshot.network_sets.values():
+        matching = [sel for sel in members if netset.nets and sel.matches(netset.labels)]
+        if matching:
+            spans = set_spans(netset) if set_spans is not None else parse_spans(netset.nets)
+            for sel in matching:
+                members[sel][("ns", netset.name)] = spans
+    return members
+
+
+def address_set(members: Mapping[Member, Spans]) -> AddressSet:
+    """The addresses the members give, merged."""
+    v4: list[Span] = []
+    v6: list[Span] = []
+    for four, six in members.values():
+        v4 += four
+        v6 += six
+    return AddressSet(merge(v4), merge(v6))
+
+
 def _resolve_sets(snapshot: Snapshot, labels: Mapping[str, Mapping[str, str]],
-                  plan: NodePlan) -> None:
+                  plan: NodePlan, members: dict[Selector, dict[Member, Spans]] | None = None
+                  ) -> None:
     """Fill the plan's selector sets and named-port entries for the rules it holds. Every
-    address is parsed once, and each selector's members merged once."""
-    selectors: set[Selector] = set()
+    address is parsed once, and each selector's members merged once. `members`: the
+    selectors' members, if already known (the incremental calculator keeps them)."""
+    if members is None:
+        members = members_of(snapshot, labels, selectors_of(plan))
     port_names: set[str] = set()
     for rule in _all_rules(plan):
         for side in (rule.source, rule.destination):
-            selectors.update(s for s in (side.selector, side.not_selector) if s)
             port_names.update(side.named_ports)
             port_names.update(side.not_named_ports)
     heps = sorted(snapshot.host_endpoints.values(), key=lambda h: h.name)
-    addresses = {h.name: [parse_network(ip) for ip in h.expected_ips] for h in heps}
-    members: dict[Selector, dict[int, list[Span]]] = {s: {4: [], 6: []} for s in selectors}
-    for hep in heps:
-        if not hep.expected_ips:
-            continue
-        for sel in selectors:
-            if sel.matches(labels[hep.name]):
-                for family, first, last in addresses[hep.name]:
-                    members[sel][family].append((first, last))
-    for netset in snapshot.network_sets.values():
-        matching = [sel for sel in selectors if netset.nets and sel.matches(netset.labels)]
-        v4, v6 = parse_spans(netset.nets) if matching else ([], [])
-        for sel in matching:
-            members[sel][4] += v4
-            members[sel][6] += v6
-    for sel, spans in members.items():
-        plan.selector_sets[sel] = AddressSet(merge(spans[4]), merge(spans[6]))
+    addresses = {h.name: [parse_network(ip) for ip in h.expected_ips] for h in heps
+                 if h.ports}
+    for sel, given in members.items():
+        plan.selector_sets[sel] = address_set(given)
     domain_selectors = {r.destination.selector for r in _all_rules(plan)
                         if r.direction == EGRESS and r.action == "Allow"
                         and r.destination.selector is not None}

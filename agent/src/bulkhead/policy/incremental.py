@@ -1,0 +1,183 @@
+"""The node's plan kept between changes: what felix's calculation graph does for the
+changes that come by the thousand in a fleet — a host endpoint elsewhere gets other labels
+or addresses, a GlobalNetworkSet gets other nets or labels.
+
+`Calculator.calculate(snapshot, interfaces, changed)` answers the same plan as
+`bulkhead.policy.plan.calculate` (a property test holds the two equal over random event
+sequences), and says which selectors' address sets moved. It keeps each selector's
+members (`plan.members_of`: who puts which spans in it) and every host endpoint's
+effective labels, so a change of that kind costs:
+
+- for each changed host endpoint or network set, one match of each selector in use
+  (where it was a member, where it is one now);
+- for each selector whose members changed, merging its members' spans anew (the work is
+  that selector's size, not the fleet's);
+- nothing for the rest: the endpoints' policy plans, named ports, domain sets and
+  warnings are the previous plan's objects.
+
+Anything else calculates the plan from scratch (`plan.calculation`): a policy, tier,
+profile or staged policy changed; a host endpoint of this node changed (its policies may
+have); a changed endpoint elsewhere has named ports the plan uses; a changed network set
+has allowedEgressDomains (the domain sets follow them); the host's interfaces moved.
+Those change the table's structure, which the dataplane replaces whole anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+
+from bulkhead.model import ENFORCE, GlobalNetworkSet, HostEndpoint, Snapshot
+from bulkhead.net import parse_spans
+from bulkhead.policy.failsafe import Failsafes
+from bulkhead.policy.plan import (
+    Member,
+    NodePlan,
+    Spans,
+    address_set,
+    calculation,
+    hep_spans,
+)
+from bulkhead.policy.semantics import effective_labels
+from bulkhead.selector import Selector
+
+Key = tuple[str, str]          # (kind, name), as the agent's desired state keys objects
+HEP, NETSET = "HostEndpoint", "GlobalNetworkSet"
+
+
+class Calculator:
+    """One node's plan, calculated again only where a change reaches (see the module).
+    Not thread-safe: one caller at a time (the agent's enforcer thread)."""
+
+    def __init__(self, node: str, failsafes: Failsafes | None = None,
+                 default_mode: str = ENFORCE) -> None:
+        self.node = node
+        self.failsafes = failsafes if failsafes is not None else Failsafes()
+        self.default_mode = default_mode
+        self.plan: NodePlan | None = None
+        self.full = 0                      # calculations from scratch
+        self.incremental = 0               # changes folded into the kept plan
+        self._snapshot: Snapshot | None = None
+        self._interfaces: dict[str, list[str]] = {}
+        self._labels: dict[str, dict[str, str]] = {}
+        self._members: dict[Selector, dict[Member, Spans]] = {}
+        # A network set's nets as parsed, with the nets they were parsed from.
+        self._set_spans: dict[str, tuple[tuple[str, ...], Spans]] = {}
+
+    def calculate(self, snapshot: Snapshot, interfaces: Mapping[str, Sequence[str]],
+                  changed: Iterable[Key] | None = None
+                  ) -> tuple[NodePlan, frozenset[Selector] | None]:
+        """The plan for `snapshot`, and the selectors whose address sets differ from the
+        last plan's (None: calculated from scratch, anything may differ). `changed`: the
+        objects that changed since the last call (None: found by comparing snapshots)."""
+        seen = {k: list(v) for k, v in interfaces.items()}
+        old = self._snapshot
+        moved: frozenset[Selector] | None = None
+        if old is not None and self.plan is not None and seen == self._interfaces:
+            keys = set(changed) if changed is not None else _changed(old, snapshot)
+            moved = self._fold(old, snapshot, keys)
+        if moved is None:
+            self._from_scratch(snapshot, seen)
+        else:
+            self.incremental += 1
+        self._snapshot = snapshot
+        assert self.plan is not None
+        return self.plan, moved
+
+    # -- from scratch -----------------------------------------------------------------
+    def _from_scratch(self, snapshot: Snapshot, interfaces: dict[str, list[str]]) -> None:
+        self._set_spans = {}
+        plan, labels, members = calculation(
+            snapshot, self.node, interfaces, self.failsafes, default_mode=self.default_mode)
+        self.plan, self._labels, self._members = plan, labels, members
+        self._interfaces = interfaces
+        self.full += 1
+
+    # -- one change at a time ---------------------------------------------------------
+    def _fold(self, old: Snapshot, new: Snapshot, keys: set[Key]
+              ) -> frozenset[Selector] | None:
+        """The kept plan brought to `new`, and the selectors that moved; None when the
+        change needs a calculation from scratch (nothing kept was touched then)."""
+        plan = self.plan
+        assert plan is not None
+        heps: list[tuple[str, HostEndpoint | None]] = []
+        sets: list[tuple[str, GlobalNetworkSet | None]] = []
+        for kind, name in keys:
+            if kind == HEP:
+                before, after = old.host_endpoints.get(name), new.host_endpoints.get(name)
+                if any(h is not None and (h.node == self.node or
+                                          (h.ports and plan.named_ports))
+                       for h in (before, after)):
+                    return None
+                heps.append((name, after))
+            elif kind == NETSET:
+                was, now = old.network_sets.get(name), new.network_sets.get(name)
+                if any(s is not None and s.allowed_egress_domains for s in (was, now)):
+                    return None
+                sets.append((name, now))
+            else:
+                return None
+        moved: set[Selector] = set()
+        for name, hep in heps:
+            if hep is None:
+                self._labels.pop(name, None)
+                moved |= self._place(("hep", name), None, None)
+                continue
+            labels = self._labels[name] = effective_labels(new, hep)
+            spans = hep_spans(hep) if hep.expected_ips else None
+            moved |= self._place(("hep", name), labels, spans)
+        for name, netset in sets:
+            if netset is None or not netset.nets:
+                self._set_spans.pop(name, None)
+                moved |= self._place(("ns", name), None, None)
+                continue
+            moved |= self._place(("ns", name), netset.labels, self._parsed(netset))
+        if moved:
+            selector_sets = dict(plan.selector_sets)
+            for sel in moved:
+                selector_sets[sel] = address_set(self._members[sel])
+            self.plan = replace(plan, selector_sets=selector_sets)
+        return frozenset(moved)
+
+    def _place(self, member: Member, labels: Mapping[str, str] | None,
+               spans: Spans | None) -> set[Selector]:
+        """Put `member` (with `spans`) in the selectors its labels match, out of the
+        others; the selectors whose members changed."""
+        moved = set()
+        for sel, members in self._members.items():
+            had = members.get(member)
+            wants = spans is not None and labels is not None and sel.matches(labels)
+            if wants:
+                assert spans is not None
+                if had is None or had != spans:
+                    members[member] = spans
+                    moved.add(sel)
+            elif had is not None:
+                del members[member]
+                moved.add(sel)
+        return moved
+
+    def _parsed(self, netset: GlobalNetworkSet) -> Spans:
+        kept = self._set_spans.get(netset.name)
+        if kept is not None and kept[0] == netset.nets:
+            return kept[1]
+        spans = parse_spans(netset.nets)
+        self._set_spans[netset.name] = (netset.nets, spans)
+        return spans
+
+
+def _changed(old: Snapshot, new: Snapshot) -> set[Key]:
+    """The objects that differ between two snapshots (by identity: the agent's desired
+    state keeps an unchanged object's parsed resource)."""
+    out: set[Key] = set()
+    for kind, a, b in (("Tier", old.tiers, new.tiers),
+                       ("GlobalNetworkPolicy", old.policies, new.policies),
+                       ("StagedGlobalNetworkPolicy", old.staged, new.staged),
+                       (HEP, old.host_endpoints, new.host_endpoints),
+                       (NETSET, old.network_sets, new.network_sets),
+                       ("Profile", old.profiles, new.profiles)):
+        if a is b:
+            continue
+        out.update((kind, name) for name in a.keys() | b.keys()
+                   if a.get(name) is not b.get(name))
+    return out
