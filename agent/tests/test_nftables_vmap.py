@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bulkhead.dataplane.nftables.vmap import Box, compile_run
+from bulkhead.dataplane.nftables.vmap import Box, RunCompiler, compile_run, element_text
 
 intervals = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 4)).map(
     lambda t: (t[0], t[0] + t[1])), min_size=1, max_size=2)
@@ -31,3 +32,61 @@ def test_compiled_cells_give_the_first_matching_rule(rules: list[tuple[Box, str]
                if all(lo <= where[f] <= hi for f, (lo, hi) in zip(run.fields, key, strict=True))]
         assert len(got) <= 1  # cells are disjoint
         assert (got[0] if got else None) == expected
+
+
+def _spans(values: list[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted disjoint spans of single values and pairs, more than BY_IDENTITY of them."""
+    return tuple((v, v + (v % 3 == 0)) for v in sorted(set(values)))
+
+
+big = st.lists(st.integers(0, 40).map(lambda v: 2 * v), min_size=10, max_size=30).map(_spans)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(st.lists(big, min_size=2, max_size=4),
+       st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["Allow", "Deny", "Pass"]),
+                          st.sampled_from([None, [(6, 6)], [(6, 6), (17, 17)]]),
+                          st.sampled_from([None, [(80, 80)], [(80, 90)], [(22, 22), (443, 443)]])),
+                min_size=1, max_size=6),
+       st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), big), max_size=6),
+       st.sampled_from(["saddr", "daddr"]))
+def test_a_run_compiled_again_after_changes_is_compiled_from_scratch(
+        pool: list[tuple[tuple[int, int], ...]], rules: list[tuple[int, str, Any, Any]],
+        changes: list[tuple[int, int, tuple[tuple[int, int], ...]]], field: str) -> None:
+    """The incremental compiler against `compile_run` over a sequence of changes: an
+    address list replaced (a new object, as a selector's set is when it moves), a rule's
+    verdict or list swapped; the same element texts, fields and interval flag each time,
+    and a change that moves nothing cuts nothing again."""
+    compiler = RunCompiler()
+    lists = list(pool)
+    spec = [list(r) for r in rules]
+
+    def boxes() -> list[tuple[Box, str]]:
+        out = []
+        for which, action, proto, ports in spec:
+            box: Box = {field: lists[which % len(lists)]}  # type: ignore[dict-item]
+            if proto is not None:
+                box["proto"] = proto
+            if ports is not None:
+                box["dport"] = ports
+            out.append((box, action))
+        return out
+
+    def check() -> None:
+        want = compile_run(boxes(), 4)
+        fields, interval, elements = compiler.compile(boxes(), 4)
+        assert (fields, interval) == (want.fields, want.interval)
+        assert elements == tuple(sorted(element_text(want, 4))) if fields else \
+            elements == tuple(v for _, v in want.cells)
+
+    check()
+    before = compiler.cut_again
+    check()                                   # nothing changed: nothing cut again
+    assert compiler.cut_again == before
+    for which, rule, replacement in changes:
+        if rule % 2:
+            lists[which % len(lists)] = replacement
+        else:
+            spec[rule % len(spec)][0] = which
+            spec[rule % len(spec)][1] = ("Allow", "Deny", "Pass")[rule % 3]
+        check()

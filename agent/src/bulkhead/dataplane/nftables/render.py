@@ -70,6 +70,8 @@ from dataclasses import dataclass
 
 from bulkhead.dataplane.nftables.ruleset import Chain, NftSet, Ruleset
 from bulkhead.dataplane.nftables.vmap import (
+    Box,
+    RunCompiler,
     compile_run,
     element_text,
     field_expr,
@@ -209,13 +211,51 @@ def _nets(nets: AddressSet) -> str:
 Place = tuple[str, str, bool] | None
 
 
+class RenderCache:
+    """What one render keeps for the next (the agent renders its table on every change):
+    each verdict map's compiler (`vmap.RunCompiler`, which cuts again only what moved) and
+    each selector set's elements, by the address set they were written from. The next
+    render takes from it what its inputs did not change; what it did not use is dropped."""
+
+    def __init__(self) -> None:
+        self.runs: dict[tuple[object, ...], RunCompiler] = {}
+        self.sets: dict[tuple[int, int], tuple[AddressSet, tuple[str, ...]]] = {}
+        self._used_runs: set[tuple[object, ...]] = set()
+        self._used_sets: set[tuple[int, int]] = set()
+
+    def compiler(self, key: tuple[object, ...]) -> RunCompiler:
+        self._used_runs.add(key)
+        found = self.runs.get(key)
+        if found is None:
+            found = self.runs[key] = RunCompiler()
+        return found
+
+    def set_elements(self, members: AddressSet, family: int) -> tuple[str, ...]:
+        key = (id(members), family)
+        self._used_sets.add(key)
+        kept = self.sets.get(key)
+        if kept is not None and kept[0] is members:
+            return kept[1]
+        elements = tuple(sorted(members.texts(family)))
+        self.sets[key] = (members, elements)
+        return elements
+
+    def done(self) -> None:
+        """After a render: forget what it did not use."""
+        self.runs = {k: v for k, v in self.runs.items() if k in self._used_runs}
+        self.sets = {k: v for k, v in self.sets.items() if k in self._used_sets}
+        self._used_runs, self._used_sets = set(), set()
+
+
 class _Renderer:
     def __init__(self, plan: NodePlan, table: str, compile_runs: bool,
-                 flow_logs: FlowLogging | None, dns: DnsSnooping | None = None) -> None:
+                 flow_logs: FlowLogging | None, dns: DnsSnooping | None = None,
+                 cache: RenderCache | None = None) -> None:
         self.plan = plan
         self.compile = compile_runs
         self.flow_logs = flow_logs
         self.dns = dns
+        self.cache = cache
         self.rs = Ruleset(table, warnings=list(plan.warnings))
 
     # -- flow logs --------------------------------------------------------------------
@@ -247,8 +287,9 @@ class _Renderer:
         name = f"s{family}_{_h(selector.canonical)}"
         if name not in self.rs.sets:
             members = self.plan.selector_sets[selector]
-            self.rs.sets[name] = NftSet(name, f"ipv{family}_addr", ("interval",),
-                                        tuple(sorted(members.texts(family))))
+            elements = self.cache.set_elements(members, family) if self.cache is not None \
+                else tuple(sorted(members.texts(family)))
+            self.rs.sets[name] = NftSet(name, f"ipv{family}_addr", ("interval",), elements)
         return name
 
     def domain_set(self, domains: Sequence[str], family: int) -> str:
@@ -312,23 +353,36 @@ class _Renderer:
             boxes = [(b, key) for r, key in zip(run, keys, strict=True)
                      for b in rule_boxes(r, family, self.plan.selector_sets,
                                          self.plan.named_ports)]
-            compiled = compile_run(boxes, family, verdicts)
-            if not compiled.cells:
+            fields, interval, elements = self.compiled(
+                (label, *(r.where for r in run), family, *sorted(verdicts.items())),
+                boxes, family, verdicts)
+            if not elements:
                 continue
             prefix = f"meta nfproto ipv{family} " if per_family else ""
-            if not compiled.fields:  # a rule with no criteria: its verdict for everything
-                lines.append(f"{prefix}{compiled.cells[0][1]} {comment}")
+            if not fields:  # a rule with no criteria: its verdict for everything
+                lines.append(f"{prefix}{elements[0]} {comment}")
                 continue
-            identity = "\n".join([label, *(r.where for r in run), *compiled.fields,
-                                   str(compiled.interval), *sorted(verdicts.values())])
+            identity = "\n".join([label, *(r.where for r in run), *fields,
+                                   str(interval), *sorted(verdicts.values())])
             name = f"m{family if per_family else ''}_{_h(identity)}"
             self.rs.sets[name] = NftSet(
-                name, " . ".join(field_type(f, family) for f in compiled.fields),
-                ("interval",) if compiled.interval else (),
-                tuple(sorted(element_text(compiled, family))), map_to="verdict")
-            key = " . ".join(field_expr(f, family) for f in compiled.fields)
+                name, " . ".join(field_type(f, family) for f in fields),
+                ("interval",) if interval else (), elements, map_to="verdict")
+            key = " . ".join(field_expr(f, family) for f in fields)
             lines.append(f"{prefix}{key} vmap @{name} {comment}")
         return lines
+
+    def compiled(self, key: tuple[object, ...], boxes: Sequence[tuple[Box, str]], family: int,
+                 verdicts: Mapping[str, str]) -> tuple[tuple[str, ...], bool, tuple[str, ...]]:
+        """A run's (fields, interval, sorted element texts); with no fields, its one
+        verdict for everything (no element: the run matches nothing)."""
+        if self.cache is not None:
+            return self.cache.compiler(key).compile(boxes, family, verdicts)
+        compiled = compile_run(boxes, family, verdicts)
+        if not compiled.fields:
+            return (), False, tuple(v for _, v in compiled.cells[:1])
+        return (compiled.fields, compiled.interval,
+                tuple(sorted(element_text(compiled, family))))
 
     def log_chain(self, decision: Decision, verdict: str) -> str:
         """`goto` a chain that counts and logs the decision, then gives `verdict` (a
@@ -576,13 +630,15 @@ class _Renderer:
 
 
 def render(plan: NodePlan, table: str = TABLE, compile_runs: bool = True,
-           flow_logs: FlowLogging | None = None, dns: DnsSnooping | None = None) -> Ruleset:
+           flow_logs: FlowLogging | None = None, dns: DnsSnooping | None = None,
+           cache: RenderCache | None = None) -> Ruleset:
     """The whole table for the node's plan. `compile_runs=False` renders every rule as
     its own nft rule (the layout verdict maps are measured against). The plan's untracked
     (doNotTrack) policies are also rendered at raw priority, with `notrack`. `flow_logs`:
     count and log every decision (see the module's docstring). `dns`: log DNS to and
-    from the trusted resolvers for the agent's snooper (domain sets, DNS logs)."""
-    r = _Renderer(plan, table, compile_runs, flow_logs, dns)
+    from the trusted resolvers for the agent's snooper (domain sets, DNS logs). `cache`:
+    what the last render of this table kept (`RenderCache`); the table is the same."""
+    r = _Renderer(plan, table, compile_runs, flow_logs, dns, cache)
     bases = [r.base(d) for d in DIRECTIONS]
     bases += [c for c in (r.raw_base(d) for d in DIRECTIONS) if c is not None]
     # Chains a rule jumps to are declared before it: the notrack accept, policies,
@@ -591,4 +647,6 @@ def render(plan: NodePlan, table: str = TABLE, compile_runs: bool = True,
     others = sorted(r.rs.chains.values(),
                     key=lambda c: (rank.get(c.name.split("_")[0], 9), c.name))
     r.rs.chains = {c.name: c for c in [*others, *bases]}
+    if cache is not None:
+        cache.done()
     return r.rs

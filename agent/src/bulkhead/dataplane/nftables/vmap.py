@@ -11,6 +11,7 @@ kernel needs disjoint elements). A packet in no cell falls through to the next r
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ def _side_boxes(side: SidePlan, which: str, ctx: _Ctx, protocol: int | None
     addresses = _side_addresses(side, ctx)
     base: Box = {}
     if addresses is not None:
-        base[addr_field] = list(addresses)
+        # The address set's own tuple (not a copy): `RunCompiler` knows it by identity.
+        base[addr_field] = addresses  # type: ignore[assignment]
     if not (side.ports or side.named_ports):
         return [base] if base else None
     boxes: list[Box] = []
@@ -253,3 +255,211 @@ def address_range(lo: int, hi: int, family: int) -> str:
     if size & (size - 1) == 0 and lo % size == 0:
         return f"{address_text(lo, family)}/{BITS[family] - size.bit_length() + 1}"
     return f"{address_text(lo, family)}-{address_text(hi, family)}"
+
+
+# Spans longer than this are memoized by identity (an address set's spans, the same
+# object while the set is unchanged); shorter ones (protocols, ports) by content.
+BY_IDENTITY = 8
+_EVERYTHING = {4: {**{f: (v,) for f, v in FULL.items()}, "daddr": (ADDR_FULL[4],),
+                   "saddr": (ADDR_FULL[4],)},
+               6: {**{f: (v,) for f, v in FULL.items()}, "daddr": (ADDR_FULL[6],),
+                   "saddr": (ADDR_FULL[6],)}}
+Cell = tuple[tuple[Interval, ...], str]
+
+
+class RunCompiler:
+    """`compile_run` for one run compiled again and again (the agent renders its table on
+    every change): what it answers is what `compile_run` would, as element texts, but a
+    subtree of cells whose boxes did not change is not cut again, and the elements are
+    the last ones with the cells that changed taken out and put in. A label change that
+    moves one address in a map of 100,000 elements costs that address's part of the tree,
+    not the map.
+
+    Subtrees are memoized by the boxes they are made of: each box's verdict and its
+    intervals from that field on, big interval lists (an address set's spans) by identity.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[object, ...], _Tree] = {}
+        self._refs: dict[int, object] = {}      # what the identities in the keys are of
+        self._root: _Tree | None = None
+        self._shape: tuple[object, ...] | None = None
+        self._elements: tuple[str, ...] = ()
+        self._wide = 0                          # cells wider than one value in a field
+        self._points: dict[int, tuple[object, bool]] = {}
+        self.cut_again = 0                      # subtrees cut (not taken from the memo)
+
+    def compile(self, boxes: Sequence[tuple[Box, str]], family: int,
+                verdicts: Mapping[str, str] = VERDICT
+                ) -> tuple[tuple[str, ...], bool, tuple[str, ...]]:
+        """(fields, interval, sorted element texts) of the run, as `compile_run` and
+        `element_text` give them."""
+        used = tuple(f for f in FIELDS if any(f in b for b, _ in boxes))
+        cell_verdicts = [verdicts[action] for _, action in boxes]
+        if not boxes or not used:
+            # Nothing, or one verdict for everything (its one "element" is the verdict).
+            self._memo, self._refs, self._root, self._shape = {}, {}, None, None
+            return (), False, tuple(cell_verdicts[:1])
+        everything = _EVERYTHING[family]
+        spans: list[list[Sequence[Interval]]] = [[b.get(f, everything[f]) for f in used]
+                                                 for b, _ in boxes]
+        point = tuple(all(self._point(s[i]) for s in spans) for i in range(len(used)))
+        shape = (family, used, point)
+        if shape != self._shape:
+            self._memo, self._root, self._elements, self._wide = {}, None, (), 0
+        self._shape = shape
+        refs: dict[int, object] = {}
+
+        def key_of(x: Sequence[Interval]) -> object:
+            if isinstance(x, tuple) and len(x) > BY_IDENTITY:
+                refs[id(x)] = x
+                return id(x)
+            return tuple(x)
+
+        keys = [[key_of(s) for s in box] for box in spans]
+        last_depth = len(used) - 1
+        old: dict[tuple[object, ...], _Tree] = self._memo
+        new: dict[tuple[object, ...], _Tree] = {}
+
+        def cut(active: tuple[int, ...], depth: int) -> _Tree:
+            # A box with the same intervals as an earlier one from here on never decides
+            # (the earlier one covers all it covers, and comes first): left out.
+            tails: set[tuple[object, ...]] = set()
+            kept = []
+            for i in active:
+                tail = tuple(keys[i][depth:])
+                if tail not in tails:
+                    tails.add(tail)
+                    kept.append(i)
+            active = tuple(kept)
+            key = (depth, *((cell_verdicts[i], *keys[i][depth:]) for i in active))
+            found = new.get(key)
+            if found is None:
+                found = old.get(key)
+                if found is None:
+                    found = self._cut(active, depth, spans, cell_verdicts, point, last_depth,
+                                      cut)
+                new[key] = found
+            return found
+
+        root = cut(tuple(range(len(boxes))), 0)
+        removed: list[Cell] = []
+        added: list[Cell] = []
+        if self._root is None:
+            _cells(root, (), last_depth, added)
+        else:
+            _diff(self._root, root, (), last_depth, removed, added)
+        self._memo, self._refs, self._root = new, refs, root
+        wide = [i for i in range(len(used)) if not point[i]]
+
+        def is_wide(cell: Cell) -> bool:
+            return any(cell[0][i][0] != cell[0][i][1] for i in wide)
+
+        self._wide += sum(map(is_wide, added)) - sum(map(is_wide, removed))
+        if removed or added:
+            self._elements = _updated(
+                self._elements,
+                element_text(CompiledRun(used, tuple(removed), False), family),
+                element_text(CompiledRun(used, tuple(added), False), family))
+        return used, self._wide > 0, self._elements
+
+    def _point(self, spans: Sequence[Interval]) -> bool:
+        """Whether every interval is one value (kept per big list, by identity)."""
+        if isinstance(spans, tuple) and len(spans) > BY_IDENTITY:
+            kept = self._points.get(id(spans))
+            if kept is not None and kept[0] is spans:
+                return kept[1]
+            value = all(lo == hi for lo, hi in spans)
+            if len(self._points) > 4096:
+                self._points.clear()
+            self._points[id(spans)] = (spans, value)
+            return value
+        return all(lo == hi for lo, hi in spans)
+
+    def _cut(self, active: tuple[int, ...], depth: int, spans: list[list[Sequence[Interval]]],
+             cell_verdicts: list[str], point: tuple[bool, ...], last_depth: int,
+             cut: Callable[[tuple[int, ...], int], _Tree]) -> _Tree:
+        """`compile_run`'s cut, one level: subtrees below come from `cut` (memoized)."""
+        self.cut_again += 1
+        if len(active) == 1 and _separated(spans[active[0]][depth]):
+            sub = cell_verdicts[active[0]] if depth == last_depth else cut(active, depth + 1)
+            return tuple((segment, sub) for segment in spans[active[0]][depth]) if sub else ()
+        events: dict[int, list[tuple[int, int]]] = {}
+        for idx in active:
+            for lo, hi in spans[idx][depth]:
+                events.setdefault(lo, []).append((1, idx))
+                events.setdefault(hi + 1, []).append((-1, idx))
+        covering: dict[int, int] = {}
+        pieces: list[tuple[Interval, _Tree | str]] = []
+        at_keys = sorted(events)
+        for i, at in enumerate(at_keys):
+            for delta, idx in events[at]:
+                covering[idx] = covering.get(idx, 0) + delta
+                if covering[idx] == 0:
+                    del covering[idx]
+            if not covering or i + 1 == len(at_keys):
+                continue
+            segment = (at, at_keys[i + 1] - 1)
+            sub = (cell_verdicts[min(covering)] if depth == last_depth
+                   else cut(tuple(sorted(covering)), depth + 1))
+            if not sub:
+                continue
+            if (pieces and not point[depth] and pieces[-1][0][1] + 1 == segment[0]
+                    and pieces[-1][1] == sub):
+                pieces[-1] = ((pieces[-1][0][0], segment[1]), sub)
+            else:
+                pieces.append((segment, sub))
+        return tuple(pieces)
+
+
+def _cells(tree: _Tree, prefix: tuple[Interval, ...], last_depth: int,
+           out: list[Cell]) -> None:
+    """Every cell of `tree` (whose first field is number len(prefix))."""
+    if len(prefix) == last_depth:
+        out.extend(((*prefix, segment), verdict) for segment, verdict in tree
+                   if isinstance(verdict, str))
+        return
+    for segment, sub in tree:
+        if not isinstance(sub, str):
+            _cells(sub, (*prefix, segment), last_depth, out)
+
+
+def _diff(old: _Tree, new: _Tree, prefix: tuple[Interval, ...], last_depth: int,
+          removed: list[Cell], added: list[Cell]) -> None:
+    """The cells only in `old` and those only in `new`; a subtree that is the same
+    object in both is skipped whole."""
+    if old is new:
+        return
+    before, after = dict(old), dict(new)
+    if len(prefix) == last_depth:
+        removed.extend(((*prefix, seg), v) for seg, v in old if after.get(seg) != v
+                       and isinstance(v, str))
+        added.extend(((*prefix, seg), v) for seg, v in new if before.get(seg) != v
+                     and isinstance(v, str))
+        return
+    for segment, sub in old:
+        other = after.get(segment)
+        if isinstance(sub, str):
+            continue
+        if other is None or isinstance(other, str):
+            _cells(sub, (*prefix, segment), last_depth, removed)
+        else:
+            _diff(sub, other, (*prefix, segment), last_depth, removed, added)
+    for segment, sub in new:
+        if segment not in before and not isinstance(sub, str):
+            _cells(sub, (*prefix, segment), last_depth, added)
+
+
+def _updated(elements: tuple[str, ...], gone: Sequence[str], came: Sequence[str]
+             ) -> tuple[str, ...]:
+    """The sorted `elements` without `gone` and with `came` (distinct texts)."""
+    if len(gone) + len(came) > len(elements) // 8:
+        return tuple(sorted(set(elements).difference(gone).union(came)))
+    out = list(elements)
+    for text in sorted(gone, reverse=True):
+        at = bisect.bisect_left(out, text)
+        if at < len(out) and out[at] == text:
+            del out[at]
+    for text in came:
+        bisect.insort(out, text)
+    return tuple(out)
