@@ -51,7 +51,8 @@ LIST_BASE = int(ipaddress.IPv4Address("198.18.64.0"))
 PEER_BASE = int(ipaddress.IPv4Address("198.18.8.0"))
 
 
-def resources(policies: int, elements: int, selecting: int, moved: bool) -> list[dict[str, Any]]:
+def resources(policies: int, elements: int, selecting: int, moved: bool,
+              peers: int = PEERS) -> list[dict[str, Any]]:
     """The store; `moved` gives peer 1 the label app=cache instead of app=web1."""
     per_list = max(1, elements // selecting)
     docs: list[dict[str, Any]] = [
@@ -59,12 +60,8 @@ def resources(policies: int, elements: int, selecting: int, moved: bool) -> list
          "metadata": {"name": "receiver", "labels": {"role": "db"}},
          "spec": {"node": NODE, "interfaceName": "eth0", "expectedIPs": ["198.18.0.10"],
                   "profiles": ["projectcalico-default-allow"]}}]
-    for p in range(PEERS):
-        app = "cache" if moved and p == 1 else f"web{p % 10}"
-        docs.append({"apiVersion": V3, "kind": "HostEndpoint",
-                     "metadata": {"name": f"peer-{p:04d}", "labels": {"app": app}},
-                     "spec": {"node": f"node-{p}", "interfaceName": "eth0",
-                              "expectedIPs": [str(ipaddress.IPv4Address(PEER_BASE + p))]}})
+    for p in range(peers):
+        docs.append(peer(p, "cache" if moved and p == 1 else f"web{p % 10}"))
     for i in range(selecting):
         nets = [str(ipaddress.IPv4Address(LIST_BASE + 2 * (i * per_list + j)))
                 for j in range(per_list)]
@@ -83,6 +80,14 @@ def resources(policies: int, elements: int, selecting: int, moved: bool) -> list
                      "metadata": {"name": f"p{i:04d}"},
                      "spec": {"order": i, "selector": selector, "ingress": rules}})
     return docs
+
+
+def peer(p: int, app: str) -> dict[str, Any]:
+    """Host endpoint number `p` on another node (addresses from 198.18.8.0 on)."""
+    return {"apiVersion": V3, "kind": "HostEndpoint",
+            "metadata": {"name": f"peer-{p:04d}", "labels": {"app": app}},
+            "spec": {"node": f"node-{p}", "interfaceName": "eth0",
+                     "expectedIPs": [str(ipaddress.IPv4Address(PEER_BASE + p))]}}
 
 
 def snapshot(args: argparse.Namespace, moved: bool) -> Snapshot:
@@ -112,6 +117,58 @@ def full_replace(ns: str, ruleset: Callable[[], Ruleset]) -> float:
     start = time.perf_counter()
     applier.apply(ruleset())
     return time.perf_counter() - start
+
+
+def end_to_end(args: argparse.Namespace, peers: int) -> dict[str, Any]:
+    """The agent's own path for one change, event received -> kernel holds it: the
+    desired state takes the watch event (`DesiredState.apply`), builds the snapshot from
+    the last one (`changes`), and the Linux enforcer folds the change into the kept plan,
+    renders with what the last render kept and sends the element change
+    (`NftablesEnforcer.enforce`), in a scratch network namespace. Two changes, each there
+    and back `--repeat` times: peer 1's label (app=web1 <-> app=cache), and one address of
+    a network set (its first net <-> 198.18.255.254). Median and p99 of each."""
+    from bulkhead.agent.nft_enforcer import NftablesEnforcer
+    from bulkhead.agent.sync import DesiredState
+
+    docs = resources(args.policies, args.elements, args.selecting, False, peers)
+    state = DesiredState()
+    state.replace(docs)
+    netset = next(d for d in docs if d["kind"] == "GlobalNetworkSet")
+    changes = {
+        "label": [peer(1, "cache"), peer(1, "web1")],
+        "netset": [{**netset, "spec": {"nets": ["198.18.255.254", *netset["spec"]["nets"][1:]]}},
+                   netset]}
+    out: dict[str, Any] = {"host_endpoints": peers + 1}
+    with scratch_netns() as ns:
+        enforcer = NftablesEnforcer(NODE, Failsafes(), applier=NftApplier(netns=ns),
+                                    interfaces=lambda: {"eth0": ["198.18.0.10"]})
+        snap, errors, _ = state.changes()
+        assert not errors, errors
+        start = time.perf_counter()
+        enforcer.enforce(snap, 1)
+        out["full_apply_s"] = time.perf_counter() - start
+        revision = 1
+        for what, docs_ in changes.items():
+            times: list[float] = []
+            for i in range(2 * args.repeat):
+                doc = docs_[i % 2]
+                revision += 1
+                event = {"type": "MODIFIED", "kind": doc["kind"],
+                         "name": doc["metadata"]["name"], "object": doc}
+                start = time.perf_counter()
+                state.apply([event])
+                snap, _, changed = state.changes()
+                report = enforcer.enforce(snap, revision, changed)
+                times.append(time.perf_counter() - start)
+                if report.full or not report.changed:
+                    raise SystemExit(f"the {what} change did not go as an element change")
+            times.sort()
+            out[f"{what}_ms"] = {"median": 1000 * times[len(times) // 2],
+                                 "p99": 1000 * times[min(len(times) - 1,
+                                                         int(0.99 * len(times)))]}
+        out["incremental"] = enforcer.calculator.incremental
+        out["from_scratch"] = enforcer.calculator.full
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,6 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             applier.apply(agent_render(i % 2 == 0))
             label_end_to_end.append(time.perf_counter() - start)
         elements = sum(len(s.elements) for s in rulesets[False].sets.values())
+    end = end_to_end(args, PEERS)
     nft_s, apply_s, agent_s = min(full_nft), min(full_apply), min(full_agent)
     netlink_s, nft_elem_s = min(via_netlink), min(via_nft)
     return {
@@ -184,6 +242,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "nft_f_vs_full_apply": nft_elem_s / apply_s,
                          "calculate_render_apply_s": min(label_end_to_end),
                          "calculate_render_apply_vs_full": min(label_end_to_end) / agent_s},
+        "label_change_end_to_end_ms": end["label_ms"]["median"],
+        "netset_change_end_to_end_ms": end["netset_ms"]["median"],
+        "end_to_end": [end, *(end_to_end(args, n) for n in args.scale)],
         "load": os.getloadavg(),
     }
 
@@ -205,6 +266,11 @@ def report(r: dict[str, Any]) -> str:
         f"  nft -f / full apply = {100 * c['nft_f_vs_full_apply']:.1f}%",
         f"        with calculate + render: {c['calculate_render_apply_s']:.3f} s = "
         f"{100 * c['calculate_render_apply_vs_full']:.0f}% of calculate + render + full apply",
+        *(f"agent   {e['host_endpoints']} host endpoints: event -> kernel, label change "
+          f"{e['label_ms']['median']:.1f} ms (p99 {e['label_ms']['p99']:.1f}), network set "
+          f"change {e['netset_ms']['median']:.1f} ms (p99 {e['netset_ms']['p99']:.1f}); "
+          f"full apply {e['full_apply_s']:.2f} s  (goal <= 20 ms)"
+          for e in r["end_to_end"]),
     ])
 
 
@@ -216,6 +282,9 @@ def main() -> int:
     parser.add_argument("--selecting", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--scale", type=int, nargs="*", default=[],
+                        help="also measure the agent's path with this many host endpoints "
+                             "elsewhere (e.g. 100 10000 100000)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ class Recorder:
                              counts={"chains": len(names), "rules": 2 * len(names),
                                      "sets": 1, "elements": 3}, warnings=[])
 
-    def enforce(self, snapshot: Snapshot, revision: int) -> EnforceReport:
+    def enforce(self, snapshot: Snapshot, revision: int,
+                changed: Iterable[tuple[str, str]] | None = None) -> EnforceReport:
         names = sorted(snapshot.policies)
         with self.lock:
             self.calls.append((revision, names))

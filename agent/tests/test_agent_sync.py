@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from bulkhead.agent.cache import load_cache
 from bulkhead.agent.sync import Backoff, DesiredState
+from bulkhead.model import API_VERSION
 from tests.agentfixture import create, gnp, started_after_a, until, wait_status
 from tests.conftest import Server
 
@@ -61,6 +63,45 @@ def test_invalid_objects_are_left_out_and_reported() -> None:
     assert any("GlobalNetworkPolicy bad: spec.selector" in e for e in errors)
     assert any("Mystery" in e for e in errors)
 
+
+
+def test_changes_build_from_the_last_snapshot_and_say_what_changed() -> None:
+    """A host endpoint or network set event: the snapshot is the last one with that entry
+    replaced (the rest the same objects), and the change is named; anything else, or the
+    first build, builds it whole (None). Either way it equals a build from scratch."""
+    def hep(name: str, app: str, node: str = "n2") -> dict[str, Any]:
+        return {"apiVersion": API_VERSION, "kind": "HostEndpoint",
+                "metadata": {"name": name, "labels": {"app": app}},
+                "spec": {"node": node, "expectedIPs": ["198.18.0.20"]}}
+
+    def event(doc: dict[str, Any] | None, kind: str = "HostEndpoint",
+              name: str = "") -> dict[str, Any]:
+        if doc is None:
+            return {"type": "DELETED", "kind": kind, "name": name}
+        return {"type": "MODIFIED", "kind": doc["kind"], "name": doc["metadata"]["name"],
+                "object": doc}
+
+    state = DesiredState()
+    state.replace([gnp("a"), hep("web-1", "web"), hep("db-1", "db")])
+    first, _, changed = state.changes()
+    assert changed is None
+    version = state.version
+    state.apply([event(hep("web-1", "cache")), event(None, name="db-1"),
+                 event({**hep("x", "y"), "spec": {"node": "n2"}})])   # invalid
+    snapshot, errors, changed = state.changes()
+    assert changed == {("HostEndpoint", "web-1"), ("HostEndpoint", "db-1"),
+                       ("HostEndpoint", "x")}
+    assert state.version == version + 3
+    assert snapshot.policies is first.policies
+    assert snapshot.host_endpoints["web-1"].labels == {"app": "cache"}
+    assert (snapshot, errors) == state.build()
+    assert len(errors) == 1 and "HostEndpoint x" in errors[0]
+    state.apply([event(gnp("b"))])
+    snapshot, errors, changed = state.changes()
+    assert changed is None and sorted(snapshot.policies) == ["a", "b"]
+    assert (snapshot, errors) == state.build()
+    state.replace(state.items())          # the same objects again: nothing changed
+    assert state.changes()[2] == set()
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets() -> None:

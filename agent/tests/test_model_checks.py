@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+
+import netaddr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from bulkhead.model import (
     GlobalNetworkPolicy,
     NamedPort,
     PortRange,
     parse_resource,
 )
+from bulkhead.model.checks import check_cidr
+from bulkhead.model.errors import ValidationError
+from bulkhead.model.reader import Reader
 from tests.modelfixture import gnp
 
 
@@ -22,3 +31,29 @@ def test_port_forms() -> None:
         "ports": ["http"]}}]}))   # named ports need no protocol (Calico)
     assert isinstance(named, GlobalNetworkPolicy)
     assert named.spec.ingress[0].destination.ports == (NamedPort("http"),)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.one_of(st.integers(0, 2**32 - 1).map(lambda v: str(ipaddress.IPv4Address(v))),
+                 st.integers(0, 2**128 - 1).map(lambda v: str(ipaddress.IPv6Address(v))),
+                 st.sampled_from(["1.2.3", "01.2.3.4", "1.2.3.4.5", "::g", "x", "", "1.2.3.4/",
+                                  "1.2.3.4/33", "::/129", "1.2.3.4/a", "1.2.3.4/-1"])),
+       st.sampled_from(["", "/0", "/8", "/24", "/32", "/48", "/64", "/127", "/128", "/08"]))
+def test_cidrs_are_read_and_written_as_netaddr_does(address: str, prefix: str) -> None:
+    """check_cidr (inet_pton and inet_ntop, fast) answers what netaddr with INET_PTON did."""
+    value = address + prefix
+    try:
+        ip = netaddr.IPAddress(address, flags=netaddr.INET_PTON)
+        width = 32 if ip.version == 4 else 128
+        plen = prefix[1:] if prefix else str(width)
+        if not plen.isdigit() or int(plen) > width:
+            raise ValueError
+        want: str | None = str(netaddr.IPNetwork(f"{ip}/{int(plen)}").cidr)
+    except (netaddr.AddrFormatError, ValueError):
+        want = None
+    reader = Reader("GlobalNetworkSet", "s", "spec.nets[0]", value)
+    try:
+        got: str | None = check_cidr(reader, value)
+    except ValidationError:
+        got = None
+    assert got == want, value

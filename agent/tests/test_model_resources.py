@@ -568,3 +568,4 @@ def test_rules_outside_types_are_kept_and_never_apply() -> None:
 def test_empty_tier_is_the_default_tier() -> None:
     policy = parse_resource(gnp({"tier": ""}))
     assert isinstance(policy, GlobalNetworkPolicy) and policy.spec.tier == "default"
+

@@ -41,7 +41,6 @@ from bulkhead.agent.sync import (
     Backoff,
     DesiredState,
     Doc,
-    Key,
     SyncError,
     client_ssl_context,
     error_of,
@@ -82,7 +81,7 @@ class Agent:
         self.apply_error: str | None = None
         self.repair_error: str | None = None
         self.cache_error: str | None = None
-        self._applied: dict[Key, Doc] | None = None   # the objects of the last good apply
+        self._applied: int | None = None   # the state's version at the last good apply
         self._in_sync = False           # the kernel holds exactly self.state
         self._resume = False            # watch from self.revision (not on first start)
         self._backoff = Backoff()
@@ -156,18 +155,24 @@ class Agent:
         """Enforce what `self.state` holds at `self.revision`; True if the kernel has it."""
         async with self._apply_lock:
             revision = self.revision
-            objects = dict(self.state.objects)
-            if self.apply_error is None and self._applied == objects:
+            version = self.state.version
+            if self.apply_error is None and self._applied == version:
                 self.applied_revision = max(self.applied_revision, revision)
                 self._in_sync = True
                 return True
-            snapshot, self.object_errors = self.state.build()
-            for message in self.object_errors:
-                log.error(message, extra={"fields": {"revision": revision}})
+            # Built from the last snapshot and what changed since (see DesiredState).
+            snapshot, object_errors, changed = self.state.changes()
+            if object_errors != self.object_errors:
+                for message in object_errors:
+                    log.error(message, extra={"fields": {"revision": revision}})
+            self.object_errors = object_errors
             items = self.state.items()
+            # After a failed apply the kernel may hold anything older: tell it everything.
+            told = changed if self._applied is not None and self.apply_error is None \
+                else None
 
             def apply() -> tuple[EnforceReport, str | None]:
-                report = self.enforcer.enforce(snapshot, revision)
+                report = self.enforcer.enforce(snapshot, revision, told)
                 if not write_cache:
                     return report, None
                 try:
@@ -198,8 +203,8 @@ class Agent:
                 self.dns.applied(report.domain_sets, report.full)
             if self.dns_logs is not None:
                 self.dns_logs.update(snapshot)
-            self._applied = objects
-            self._in_sync = self.state.objects == objects
+            self._applied = version
+            self._in_sync = self.state.version == version
             self.applied_revision = revision
             if write_cache:
                 self.cache_error = cache_problem

@@ -7,6 +7,7 @@ calls them from a worker thread, one at a time.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,7 +38,9 @@ class EnforceError(Exception):
 
 
 class Enforcer(Protocol):
-    def enforce(self, snapshot: Snapshot, revision: int) -> EnforceReport: ...
+    # `changed`: the objects (kind, name) that changed since the last call; None: any
+    def enforce(self, snapshot: Snapshot, revision: int,
+                changed: Iterable[tuple[str, str]] | None = None) -> EnforceReport: ...
     def drift(self) -> str | None: ...          # None: kernel holds what was applied; else why not
     def repair(self) -> EnforceReport: ...      # re-apply the last ruleset
     def dry_run(self, snapshot: Snapshot) -> tuple[str, str]: ...  # (ruleset text, diff vs kernel)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from bulkhead.agent.enforcer import EnforceError, EnforceReport
 from bulkhead.dataplane.nftables import Ruleset, render
 from bulkhead.dataplane.nftables.apply import ApplyResult, NftApplier, NftError
-from bulkhead.dataplane.nftables.render import DnsSnooping, FlowLogging
+from bulkhead.dataplane.nftables.render import DnsSnooping, FlowLogging, RenderCache
 from bulkhead.model import ENFORCE, Snapshot
 from bulkhead.policy import Failsafes
+from bulkhead.policy.incremental import Calculator, Key
 from bulkhead.policy.plan import calculate
 
 Interfaces = Mapping[str, Sequence[str]]
@@ -51,15 +52,33 @@ class NftablesEnforcer:
         self.interfaces = interfaces or local_interfaces
         self.revision = 0
         self._snapshot: Snapshot | None = None
-        self._seen: dict[str, list[str]] = {}   # interfaces the last ruleset was made for
         self._by_address = False
+        # The plan kept between changes, and what the last render kept for the next.
+        self.calculator = Calculator(node, failsafes, default_mode)
+        self.render_cache = RenderCache()
 
-    def ruleset(self, snapshot: Snapshot) -> Ruleset:
-        self._seen = {k: list(v) for k, v in self.interfaces().items()}
-        # Only endpoints without interfaceName depend on the host's addresses.
-        self._by_address = any(h.node == self.node and not h.interface_name
-                               for h in snapshot.host_endpoints.values())
-        plan = calculate(snapshot, self.node, self._seen, self.failsafes,
+    @property
+    def _seen(self) -> dict[str, list[str]]:
+        """The interfaces the last ruleset was made for."""
+        return self.calculator.interfaces
+
+    def ruleset(self, snapshot: Snapshot, changed: Iterable[Key] | None = None) -> Ruleset:
+        """The table for `snapshot`: the kept plan with `changed` folded in where it can
+        be (`bulkhead.policy.incremental`), rendered with what the last render kept."""
+        # Told what changed (a watch event), the interfaces are read only if the plan is
+        # made from scratch; otherwise read now (they may be what changed).
+        plan, moved = self.calculator.calculate(
+            snapshot, self.interfaces if changed is not None else self.interfaces(), changed)
+        if moved is None:
+            # Only endpoints without interfaceName depend on the host's addresses.
+            self._by_address = any(h.node == self.node and not h.interface_name
+                                   for h in snapshot.host_endpoints.values())
+        return render(plan, self.table, flow_logs=self.flow_logs, dns=self.dns,
+                      cache=self.render_cache)
+
+    def preview(self, snapshot: Snapshot) -> Ruleset:
+        """The table for `snapshot` from scratch, leaving the kept plan alone (dry runs)."""
+        plan = calculate(snapshot, self.node, self.interfaces(), self.failsafes,
                          default_mode=self.default_mode)
         return render(plan, self.table, flow_logs=self.flow_logs, dns=self.dns)
 
@@ -69,9 +88,12 @@ class NftablesEnforcer:
                              decisions=dict(ruleset.decisions),
                              domain_sets=dict(ruleset.domain_sets))
 
-    def enforce(self, snapshot: Snapshot, revision: int) -> EnforceReport:
+    def enforce(self, snapshot: Snapshot, revision: int,
+                changed: Iterable[Key] | None = None) -> EnforceReport:
+        """Bring the kernel to `snapshot`. `changed`: the objects that changed since the
+        last call (None: anything may have)."""
         start = time.perf_counter()
-        ruleset = self.ruleset(snapshot)
+        ruleset = self.ruleset(snapshot, changed)
         # Only the first apply of this process can meet a kernel without the table.
         created = self.applier.last is None and self.applier.terse() is None
         try:
@@ -114,7 +136,7 @@ class NftablesEnforcer:
                 for name, packets in self.applier.counters().items() if name in last.counters}
 
     def dry_run(self, snapshot: Snapshot) -> tuple[str, str]:
-        ruleset = self.ruleset(snapshot)
+        ruleset = self.preview(snapshot)
         try:
             return ruleset.script(), self.applier.diff(ruleset)
         except NftError as e:

@@ -15,7 +15,8 @@ import asyncio
 import json
 import random
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -25,6 +26,8 @@ from bulkhead.api import route
 from bulkhead.model import (
     DEFAULT_TIER,
     GlobalNetworkPolicy,
+    GlobalNetworkSet,
+    HostEndpoint,
     Resource,
     Snapshot,
     StagedGlobalNetworkPolicy,
@@ -35,6 +38,7 @@ from bulkhead.model import (
 
 Key = tuple[str, str]
 Doc = dict[str, Any]
+HEP, NETSET = "HostEndpoint", "GlobalNetworkSet"
 
 
 class SyncError(Exception):
@@ -42,49 +46,106 @@ class SyncError(Exception):
 
 
 class DesiredState:
+    """`version` counts the changes of `objects`. `changes()` builds the snapshot from the
+    last one and the objects that changed since (a host endpoint or network set changed:
+    its entry replaced in copies of those tables, nothing else parsed or checked again);
+    anything else builds it whole, from the parsed objects kept."""
+
     def __init__(self) -> None:
         self.objects: dict[Key, Doc] = {}
+        self.version = 0
         self._parsed: dict[Key, tuple[Doc, Resource | str]] = {}
+        self._dirty: set[Key] | None = None      # changed since the last build; None: all
+        self._built: tuple[Snapshot, dict[Key, str]] | None = None
 
     def replace(self, items: Iterable[Doc]) -> None:
         """A snapshot: these objects and no others."""
-        self.objects = {}
-        for doc in items:
-            self.objects[_key(doc)] = doc
+        objects = {_key(doc): doc for doc in items}
+        if objects != self.objects:
+            self.objects = objects
+            self.version += 1
+            self._dirty = None
 
     def apply(self, events: Iterable[Doc]) -> None:
         for event in events:
             key = (str(event.get("kind", "")), str(event.get("name", "")))
             if event.get("type") == "DELETED":
-                self.objects.pop(key, None)
+                if self.objects.pop(key, None) is None:
+                    continue
             elif isinstance(event.get("object"), dict):
                 self.objects[key] = event["object"]
+            else:
+                continue
+            self.version += 1
+            if self._dirty is not None:
+                self._dirty.add(key)
 
     def items(self) -> list[Doc]:
         return [self.objects[k] for k in sorted(self.objects)]
 
+    def changes(self) -> tuple[Snapshot, list[str], set[Key] | None]:
+        """The snapshot to enforce, the objects left out of it (one message each), and
+        the objects changed since the last call (None: any may have)."""
+        dirty, self._dirty = self._dirty, set()
+        built = self._built
+        if dirty is not None and built is not None and \
+                all(k[0] in (HEP, NETSET) for k in dirty):
+            snapshot, errors = built
+            heps, sets = dict(snapshot.host_endpoints), dict(snapshot.network_sets)
+            errors = dict(errors)
+            for key in dirty:
+                heps.pop(key[1], None) if key[0] == HEP else sets.pop(key[1], None)
+                errors.pop(key, None)
+                doc = self.objects.get(key)
+                if doc is None:
+                    continue
+                result = self._parse(key, doc)
+                if isinstance(result, str):
+                    errors[key] = result
+                elif isinstance(result, HostEndpoint):
+                    heps[key[1]] = result
+                elif isinstance(result, GlobalNetworkSet):
+                    sets[key[1]] = result
+            snapshot = replace(snapshot, host_endpoints=heps, network_sets=sets)
+            self._built = (snapshot, errors)
+            return snapshot, _messages(errors), dirty
+        snapshot, errors = self._build()
+        self._built = (snapshot, errors)
+        return snapshot, _messages(errors), None
+
     def build(self) -> tuple[Snapshot, list[str]]:
+        """The snapshot to enforce and the objects left out of it, built whole."""
+        snapshot, errors = self._build()
+        return snapshot, _messages(errors)
+
+    def _parse(self, key: Key, doc: Doc) -> Resource | str:
+        cached = self._parsed.get(key)
+        if cached is not None and cached[0] is doc:
+            return cached[1]
+        result: Resource | str
+        try:
+            res = parse_resource(doc)
+            result = res if (res.kind, res.name) == key else \
+                f"{key[0]} {key[1]}: the object is a {res.kind} named {res.name}"
+        except ValidationError as e:
+            result = str(e)
+        except Exception as e:  # a bug in a parser must not stop the agent
+            result = f"{key[0]} {key[1]}: cannot be read: {e!r}"
+        self._parsed[key] = (doc, result)
+        return result
+
+    def _build(self) -> tuple[Snapshot, dict[Key, str]]:
         """The snapshot to enforce and the objects left out of it (one message each)."""
         resources: dict[Key, Resource] = {}
         errors: dict[Key, str] = {}
-        parsed: dict[Key, tuple[Doc, Resource | str]] = {}
         for key, doc in self.objects.items():
-            cached = self._parsed.get(key)
-            if cached is not None and cached[0] is doc:
-                result = cached[1]
-            else:
-                try:
-                    result = parse_resource(doc)
-                except ValidationError as e:
-                    result = str(e)
-                except Exception as e:  # a bug in a parser must not stop the agent
-                    result = f"{key[0]} {key[1]}: cannot be read: {e!r}"
-            parsed[key] = (doc, result)
+            result = self._parse(key, doc)
             if isinstance(result, str):
                 errors[key] = result
             else:
                 resources[key] = result
-        self._parsed = parsed
+        # Parsed objects no longer held are forgotten.
+        self._parsed = {k: v for k, v in self._parsed.items() if k in self.objects}
         tiers = {DEFAULT_TIER} | {r.name for r in resources.values() if isinstance(r, Tier)}
         for key, res in list(resources.items()):
             if isinstance(res, GlobalNetworkPolicy | StagedGlobalNetworkPolicy) \
@@ -102,7 +163,11 @@ class DesiredState:
                     raise
                 errors[key] = f"{e}; left out"
                 del resources[key]
-        return snapshot, [f"invalid object left out: {errors[k]}" for k in sorted(errors)]
+        return snapshot, errors
+
+
+def _messages(errors: Mapping[Key, str]) -> list[str]:
+    return [f"invalid object left out: {errors[k]}" for k in sorted(errors)]
 
 
 def _key(doc: Doc) -> Key:

@@ -9,6 +9,7 @@ import netaddr
 
 from bulkhead.model.errors import ValidationError
 from bulkhead.model.reader import Reader, show
+from bulkhead.net import BITS, address_text, parse_network
 from bulkhead.selector import Selector, SelectorError, parse
 
 # DNS-1123 subdomain, as Calico and Kubernetes check resource names.
@@ -127,18 +128,20 @@ def check_ip(r: Reader, value: str) -> str:
 
 
 def check_cidr(r: Reader, value: str) -> str:
-    """A CIDR or a bare address (a /32 or /128), returned in canonical masked form."""
+    """A CIDR or a bare address (a /32 or /128), returned in canonical masked form. (The
+    address is read by `inet_pton`, as netaddr's INET_PTON reads it, and written by
+    `inet_ntop`: a network set of 100,000 nets is read in a fraction of netaddr's time.)"""
+    addr, slash, plen = value.partition("/")
     try:
-        if "/" in value:
-            addr, _, plen = value.partition("/")
-            ip = netaddr.IPAddress(addr, flags=netaddr.INET_PTON)
-            width = 32 if ip.version == 4 else 128
-            if not (plen.isascii() and plen.isdigit()) or int(plen) > width:
-                raise ValueError
-            return str(netaddr.IPNetwork(f"{ip}/{int(plen)}").cidr)
-        return str(netaddr.IPNetwork(str(netaddr.IPAddress(value, flags=netaddr.INET_PTON))))
-    except (netaddr.AddrFormatError, ValueError, TypeError):
+        family, first, _ = parse_network(addr)
+        width = BITS[family]
+        if slash and (not (plen.isascii() and plen.isdigit()) or int(plen) > width):
+            raise ValueError(plen)
+    except (ValueError, TypeError):
         raise r.fail(f"{show(value)} is not a CIDR (e.g. 198.18.0.0/24 or 2001:2::/48)") from None
+    length = int(plen) if slash else width
+    network = first & ~((1 << (width - length)) - 1)
+    return f"{address_text(network, family)}/{length}"
 
 
 def check_rule_net(r: Reader, value: str) -> str:

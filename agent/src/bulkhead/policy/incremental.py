@@ -24,7 +24,7 @@ Those change the table's structure, which the dataplane replaces whole anyway.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from bulkhead.model import ENFORCE, GlobalNetworkSet, HostEndpoint, Snapshot
@@ -42,6 +42,7 @@ from bulkhead.policy.semantics import effective_labels
 from bulkhead.selector import Selector
 
 Key = tuple[str, str]          # (kind, name), as the agent's desired state keys objects
+Interfaces = Mapping[str, Sequence[str]]
 HEP, NETSET = "HostEndpoint", "GlobalNetworkSet"
 
 
@@ -64,25 +65,37 @@ class Calculator:
         # A network set's nets as parsed, with the nets they were parsed from.
         self._set_spans: dict[str, tuple[tuple[str, ...], Spans]] = {}
 
-    def calculate(self, snapshot: Snapshot, interfaces: Mapping[str, Sequence[str]],
+    def calculate(self, snapshot: Snapshot,
+                  interfaces: Mapping[str, Sequence[str]] | Callable[[], Interfaces],
                   changed: Iterable[Key] | None = None
                   ) -> tuple[NodePlan, frozenset[Selector] | None]:
         """The plan for `snapshot`, and the selectors whose address sets differ from the
         last plan's (None: calculated from scratch, anything may differ). `changed`: the
-        objects that changed since the last call (None: found by comparing snapshots)."""
-        seen = {k: list(v) for k, v in interfaces.items()}
+        objects that changed since the last call (None: found by comparing snapshots).
+        `interfaces`: the host's, or how to read them (then read only for a calculation
+        from scratch: a change folded in keeps the interfaces the plan was made with; the
+        agent's drift check reads them again)."""
+        seen = None if callable(interfaces) else {k: list(v) for k, v in interfaces.items()}
         old = self._snapshot
         moved: frozenset[Selector] | None = None
-        if old is not None and self.plan is not None and seen == self._interfaces:
+        if old is not None and self.plan is not None and seen in (None, self._interfaces):
             keys = set(changed) if changed is not None else _changed(old, snapshot)
             moved = self._fold(old, snapshot, keys)
         if moved is None:
+            if seen is None:
+                assert callable(interfaces)
+                seen = {k: list(v) for k, v in interfaces().items()}
             self._from_scratch(snapshot, seen)
         else:
             self.incremental += 1
         self._snapshot = snapshot
         assert self.plan is not None
         return self.plan, moved
+
+    @property
+    def interfaces(self) -> dict[str, list[str]]:
+        """The host's interfaces the plan was made with."""
+        return self._interfaces
 
     # -- from scratch -----------------------------------------------------------------
     def _from_scratch(self, snapshot: Snapshot, interfaces: dict[str, list[str]]) -> None:

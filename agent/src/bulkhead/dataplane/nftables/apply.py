@@ -10,12 +10,13 @@ ever touched.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import json
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from bulkhead.dataplane.nftables.netlink import NftNetlink, Unsupported, set_changes
@@ -51,9 +52,30 @@ class NftApplier:
         self.last: Ruleset | None = None
         self._terse: str | None = None   # the table's shape right after our full apply
         self._generation: int | None = None   # the ruleset generation our last commit made
+        self._nl: NftNetlink | None = None
         # Elements of the sets with timeouts (domain sets) to put back when the table is
         # replaced whole, in the same transaction: set name -> `ADDRESS timeout Nms`.
         self.timed: Callable[[Ruleset], Mapping[str, Sequence[str]]] | None = None
+
+    @contextlib.contextmanager
+    def _socket(self) -> Iterator[NftNetlink]:
+        """The applier's netlink socket, opened once and kept (closing a netfilter netlink
+        socket costs the kernel milliseconds); dropped after any error, so a reply left
+        unread never meets the next request."""
+        assert self._netlink_ns is not None
+        if self._nl is None:
+            self._nl = NftNetlink(self._netlink_ns)
+        try:
+            yield self._nl
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the kept netlink socket (opened again when needed)."""
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
 
     def _nft(self, args: Sequence[str], script: str | None = None,
              argv: Sequence[str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -108,7 +130,7 @@ class NftApplier:
                 changes = None
             if changes is not None:
                 try:
-                    with NftNetlink(self._netlink_ns) as nl:
+                    with self._socket() as nl:
                         try:
                             nl.apply(self.table, changes, self._generation)
                         except NetlinkError as e:
@@ -136,7 +158,7 @@ class NftApplier:
         if self._netlink_ns is None:
             return None
         try:
-            with NftNetlink(self._netlink_ns) as nl:
+            with self._socket() as nl:
                 return nl.generation()
         except NetlinkError:
             return None
@@ -152,6 +174,7 @@ class NftApplier:
     def remove(self) -> None:
         """Delete the table (nothing of Bulkhead's stays in the kernel)."""
         self._run_script(f"table inet {self.table}\ndelete table inet {self.table}\n")
+        self.close()
         self.last = None
         self._terse = None
         self._generation = None
@@ -168,7 +191,7 @@ class NftApplier:
         every element), else `nft -t list table`."""
         if self._netlink_ns is not None:
             try:
-                with NftNetlink(self._netlink_ns) as nl:
+                with self._socket() as nl:
                     fingerprint = nl.fingerprint(self.table)
                 return None if fingerprint is None else "netlink " + fingerprint
             except NetlinkError:
