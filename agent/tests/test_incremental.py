@@ -82,6 +82,12 @@ def worlds(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[tuple[str, str, 
     return docs, events
 
 
+def outside(spans: tuple[tuple[int, int], ...], regions: list[tuple[int, int]]
+            ) -> list[tuple[int, int]]:
+    """The spans that lie wholly outside every region (a span meeting one is left out)."""
+    return [s for s in spans if all(s[1] < lo or s[0] > hi for lo, hi in regions)]
+
+
 def test_incremental_plans_equal_plans_from_scratch() -> None:
     tally: Counter[str] = Counter()
 
@@ -114,9 +120,17 @@ def test_incremental_plans_equal_plans_from_scratch() -> None:
             else:
                 tally["incremental"] += 1
                 tally["moved"] += bool(moved)
+                tally["patched"] += len(got.moved_from)
                 changed = {s for s in want.selector_sets
                            if previous.selector_sets.get(s) != want.selector_sets[s]}
                 assert changed <= moved, (changed, moved)
+                # A patched set is the one before outside the regions it names.
+                for sel, (before, regions) in got.moved_from.items():
+                    assert before == previous.selector_sets[sel]
+                    for family in (4, 6):
+                        cut = [(lo, hi) for f, lo, hi in regions if f == family]
+                        assert outside(before.spans(family), cut) == \
+                            outside(got.selector_sets[sel].spans(family), cut), sel
             previous = got
         # Without the hint, the change is found by comparing snapshots.
         again, _ = Calculator(NODE, Failsafes.off()).calculate(snapshot, INTERFACES)
@@ -125,6 +139,7 @@ def test_incremental_plans_equal_plans_from_scratch() -> None:
     check()
     print(dict(tally))
     assert tally["incremental"] > 2 * tally["from scratch"], tally
+    assert tally["patched"] > 20, tally
     assert tally["moved"] > 0.3 * tally["incremental"], tally
 
 

@@ -72,20 +72,29 @@ def test_a_run_compiled_again_after_changes_is_compiled_from_scratch(
             out.append((box, action))
         return out
 
+    hints: dict[int, Any] = {}
+
     def check() -> None:
         want = compile_run(boxes(), 4)
-        fields, interval, elements = compiler.compile(boxes(), 4)
+        fields, interval, elements = compiler.compile(boxes(), 4, hints=hints)
+        hints.clear()
         assert (fields, interval) == (want.fields, want.interval)
         assert elements == tuple(sorted(element_text(want, 4))) if fields else \
             elements == tuple(v for _, v in want.cells)
 
     check()
-    before = compiler.cut_again
+    cut = compiler.cut_again
     check()                                   # nothing changed: nothing cut again
-    assert compiler.cut_again == before
+    assert compiler.cut_again == cut
     for which, rule, replacement in changes:
         if rule % 2:
+            before = lists[which % len(lists)]
             lists[which % len(lists)] = replacement
+            # As the incremental calculator hints it: the range the two lists differ in.
+            differ = set(before) ^ set(replacement)
+            if differ and rule % 4 == 1:
+                hints[id(replacement)] = (before, [(min(lo for lo, _ in differ),
+                                                    max(hi for _, hi in differ))])
         else:
             spec[rule % len(spec)][0] = which
             spec[rule % len(spec)][1] = ("Allow", "Deny", "Pass")[rule % 3]

@@ -24,11 +24,12 @@ Those change the table's structure, which the dataplane replaces whole anyway.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from bulkhead.model import ENFORCE, GlobalNetworkSet, HostEndpoint, Snapshot
-from bulkhead.net import parse_spans
+from bulkhead.net import AddressSet, Span, merge, parse_spans
 from bulkhead.policy.failsafe import Failsafes
 from bulkhead.policy.plan import (
     Member,
@@ -44,6 +45,7 @@ from bulkhead.selector import Selector
 Key = tuple[str, str]          # (kind, name), as the agent's desired state keys objects
 Interfaces = Mapping[str, Sequence[str]]
 HEP, NETSET = "HostEndpoint", "GlobalNetworkSet"
+BIG = 1 << 129                 # past every address: a bisect key
 
 
 class Calculator:
@@ -64,6 +66,11 @@ class Calculator:
         self._members: dict[Selector, dict[Member, Spans]] = {}
         # A network set's nets as parsed, with the nets they were parsed from.
         self._set_spans: dict[str, tuple[tuple[str, ...], Spans]] = {}
+        # Per selector that moved once: every member span, sorted (duplicates kept), per
+        # family, so the next change patches its set where it lands; and the changes of
+        # the fold under way: (spans before, spans after) per member, None for none.
+        self._sorted: dict[Selector, tuple[list[Span], list[Span]]] = {}
+        self._deltas: dict[Selector, list[tuple[Spans | None, Spans | None]]] = {}
 
     def calculate(self, snapshot: Snapshot,
                   interfaces: Mapping[str, Sequence[str]] | Callable[[], Interfaces],
@@ -100,6 +107,7 @@ class Calculator:
     # -- from scratch -----------------------------------------------------------------
     def _from_scratch(self, snapshot: Snapshot, interfaces: dict[str, list[str]]) -> None:
         self._set_spans = {}
+        self._sorted, self._deltas = {}, {}
         plan, labels, members = calculation(
             snapshot, self.node, interfaces, self.failsafes, default_mode=self.default_mode)
         self.plan, self._labels, self._members = plan, labels, members
@@ -147,9 +155,22 @@ class Calculator:
             moved |= self._place(("ns", name), netset.labels, self._parsed(netset))
         if moved:
             selector_sets = dict(plan.selector_sets)
+            moved_from: dict[Selector, tuple[AddressSet, tuple[tuple[int, int, int], ...]]] = {}
             for sel in moved:
-                selector_sets[sel] = address_set(self._members[sel])
-            self.plan = replace(plan, selector_sets=selector_sets)
+                deltas = self._deltas.pop(sel, [])
+                lists = self._sorted.get(sel)
+                if lists is None:
+                    # The first change of this selector: merged whole, kept sorted after.
+                    selector_sets[sel] = address_set(self._members[sel])
+                    self._sorted[sel] = _sorted_spans(self._members[sel])
+                    continue
+                old_set = plan.selector_sets[sel]
+                selector_sets[sel], regions = _patched(old_set, lists, deltas)
+                moved_from[sel] = (old_set, regions)
+            self.plan = replace(plan, selector_sets=selector_sets, moved_from=moved_from)
+        elif plan.moved_from:
+            self.plan = replace(plan, moved_from={})     # nothing moved this time
+        self._deltas.clear()
         return frozenset(moved)
 
     def _place(self, member: Member, labels: Mapping[str, str] | None,
@@ -165,9 +186,11 @@ class Calculator:
                 if had is None or had != spans:
                     members[member] = spans
                     moved.add(sel)
+                    self._deltas.setdefault(sel, []).append((had, spans))
             elif had is not None:
                 del members[member]
                 moved.add(sel)
+                self._deltas.setdefault(sel, []).append((had, None))
         return moved
 
     def _parsed(self, netset: GlobalNetworkSet) -> Spans:
@@ -177,6 +200,56 @@ class Calculator:
         spans = parse_spans(netset.nets)
         self._set_spans[netset.name] = (netset.nets, spans)
         return spans
+
+
+def _sorted_spans(members: Mapping[Member, Spans]) -> tuple[list[Span], list[Span]]:
+    v4: list[Span] = []
+    v6: list[Span] = []
+    for four, six in members.values():
+        v4 += four
+        v6 += six
+    return sorted(v4), sorted(v6)
+
+
+def _patched(before: AddressSet, lists: tuple[list[Span], list[Span]],
+             deltas: Sequence[tuple[Spans | None, Spans | None]]
+             ) -> tuple[AddressSet, tuple[tuple[int, int, int], ...]]:
+    """`before` with the members' changes (`deltas`) applied where they land: the sorted
+    member spans (`lists`, updated here) are merged again only between the first and the
+    last address a change touches, widened to the merged spans there. The new set and
+    the regions (family, first, last) outside which it is `before`."""
+    out: list[tuple[Span, ...]] = []
+    regions = []
+    for f, family in enumerate((4, 6)):
+        spans = lists[f]
+        touched: list[Span] = []
+        for had, now in deltas:
+            for span in (had[f] if had is not None else ()):
+                at = bisect.bisect_left(spans, span)
+                if at < len(spans) and spans[at] == span:
+                    del spans[at]
+                touched.append(span)
+            for span in (now[f] if now is not None else ()):
+                bisect.insort(spans, span)
+                touched.append(span)
+        merged = before.spans(family)
+        if not touched:
+            out.append(merged)
+            continue
+        lo = min(t[0] for t in touched)
+        hi = max(t[1] for t in touched)
+        # The merged spans that overlap or touch [lo, hi]: merged[i:j].
+        i = bisect.bisect_right(merged, (lo - 1, BIG)) - 1
+        if i < 0 or merged[i][1] < lo - 1:
+            i += 1
+        j = bisect.bisect_right(merged, (hi + 1, BIG))
+        first = min(lo, merged[i][0]) if i < j else lo
+        last = max(hi, merged[j - 1][1]) if i < j else hi
+        a = bisect.bisect_left(spans, (first, -1))
+        b = bisect.bisect_right(spans, (last, BIG))
+        out.append(merged[:i] + merge(spans[a:b]) + merged[j:])
+        regions.append((family, first, last))
+    return AddressSet(out[0], out[1]), tuple(regions)
 
 
 def _changed(old: Snapshot, new: Snapshot) -> set[Key]:

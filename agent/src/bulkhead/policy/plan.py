@@ -151,6 +151,11 @@ class NodePlan:
     # allowedEgressDomains, and those domains (sorted): such a rule also allows the
     # addresses the names resolve to (felix's domain sets).
     domain_sets: dict[Selector, tuple[str, ...]] = field(default_factory=dict)
+    # Set by the incremental calculator: for a selector whose set it patched, the set
+    # before and the regions (family, first, last) outside which the two are the same,
+    # so a dataplane can redo only those. Not part of what the plan says.
+    moved_from: dict[Selector, tuple[AddressSet, tuple[tuple[int, int, int], ...]]] = \
+        field(default_factory=dict, compare=False, repr=False)
 
     def domains_of(self, rule: RulePlan) -> tuple[str, ...]:
         """The domains whose addresses a rule's destination also matches: its own

@@ -222,6 +222,9 @@ class RenderCache:
         self.sets: dict[tuple[int, int], tuple[AddressSet, tuple[str, ...]]] = {}
         self._used_runs: set[tuple[object, ...]] = set()
         self._used_sets: set[tuple[int, int]] = set()
+        self._boxes: dict[tuple[int, int], tuple[RulePlan, tuple[int, ...], tuple[object, ...],
+                                                 list[Box]]] = {}
+        self._used_boxes: set[tuple[int, int]] = set()
 
     def compiler(self, key: tuple[object, ...]) -> RunCompiler:
         self._used_runs.add(key)
@@ -229,6 +232,21 @@ class RenderCache:
         if found is None:
             found = self.runs[key] = RunCompiler()
         return found
+
+    def boxes(self, rule: RulePlan, family: int, inputs: tuple[object, ...],
+              make: Callable[[], list[Box]]) -> list[Box]:
+        """A rule's boxes, made again when the rule or its inputs (the address sets and
+        named ports it uses) are other objects than last time."""
+        key = (id(rule), family)
+        self._used_boxes.add(key)
+        ids = tuple(map(id, inputs))
+        kept = self._boxes.get(key)
+        # (The kept entry holds the rule and the inputs, so their ids stay theirs.)
+        if kept is not None and kept[0] is rule and kept[1] == ids:
+            return kept[3]
+        boxes = make()
+        self._boxes[key] = (rule, ids, inputs, boxes)
+        return boxes
 
     def set_elements(self, members: AddressSet, family: int) -> tuple[str, ...]:
         key = (id(members), family)
@@ -244,7 +262,8 @@ class RenderCache:
         """After a render: forget what it did not use."""
         self.runs = {k: v for k, v in self.runs.items() if k in self._used_runs}
         self.sets = {k: v for k, v in self.sets.items() if k in self._used_sets}
-        self._used_runs, self._used_sets = set(), set()
+        self._boxes = {k: v for k, v in self._boxes.items() if k in self._used_boxes}
+        self._used_runs, self._used_sets, self._used_boxes = set(), set(), set()
 
 
 class _Renderer:
@@ -257,6 +276,16 @@ class _Renderer:
         self.dns = dns
         self.cache = cache
         self.rs = Ruleset(table, warnings=list(plan.warnings))
+        # Address lists the incremental calculator patched: each one's id -> the list it
+        # replaced and the ranges it changed in (a verdict map's leaf is redone there).
+        self.hints: dict[int, tuple[Sequence[tuple[int, int]], Sequence[tuple[int, int]]]] = {}
+        for sel, (before, regions) in plan.moved_from.items():
+            after = plan.selector_sets.get(sel)
+            for family in (4, 6):
+                if after is not None and after.spans(family) is not before.spans(family):
+                    self.hints[id(after.spans(family))] = (
+                        before.spans(family),
+                        [(lo, hi) for f, lo, hi in regions if f == family])
 
     # -- flow logs --------------------------------------------------------------------
     def logged(self, decision: Decision) -> str:
@@ -351,8 +380,7 @@ class _Renderer:
         lines = []
         for family in families:
             boxes = [(b, key) for r, key in zip(run, keys, strict=True)
-                     for b in rule_boxes(r, family, self.plan.selector_sets,
-                                         self.plan.named_ports)]
+                     for b in self.boxes(r, family)]
             fields, interval, elements = self.compiled(
                 (label, *(r.where for r in run), family, *sorted(verdicts.items())),
                 boxes, family, verdicts)
@@ -372,12 +400,25 @@ class _Renderer:
             lines.append(f"{prefix}{key} vmap @{name} {comment}")
         return lines
 
+    def boxes(self, rule: RulePlan, family: int) -> list[Box]:
+        """The rule's boxes (`vmap.rule_boxes`), kept in the cache while the rule and the
+        address sets and named ports it uses are the same objects."""
+        if self.cache is None:
+            return rule_boxes(rule, family, self.plan.selector_sets, self.plan.named_ports)
+        inputs = tuple(self.plan.selector_sets.get(sel) if sel is not None else None
+                       for side in (rule.source, rule.destination)
+                       for sel in (side.selector,)) + tuple(
+            self.plan.named_ports.get(name) for side in (rule.source, rule.destination)
+            for name in side.named_ports)
+        return self.cache.boxes(rule, family, inputs, lambda: rule_boxes(
+            rule, family, self.plan.selector_sets, self.plan.named_ports))
+
     def compiled(self, key: tuple[object, ...], boxes: Sequence[tuple[Box, str]], family: int,
                  verdicts: Mapping[str, str]) -> tuple[tuple[str, ...], bool, tuple[str, ...]]:
         """A run's (fields, interval, sorted element texts); with no fields, its one
         verdict for everything (no element: the run matches nothing)."""
         if self.cache is not None:
-            return self.cache.compiler(key).compile(boxes, family, verdicts)
+            return self.cache.compiler(key).compile(boxes, family, verdicts, self.hints)
         compiled = compile_run(boxes, family, verdicts)
         if not compiled.fields:
             return (), False, tuple(v for _, v in compiled.cells[:1])

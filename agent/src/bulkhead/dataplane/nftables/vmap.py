@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
-from bulkhead.net import BITS, AddressSet, Span, address_text, contains, intersection
+from bulkhead.net import BITS, AddressSet, Span, address_text, contains, intersection, merge
 from bulkhead.policy.plan import NamedPortEntry, RulePlan, SidePlan
 from bulkhead.selector import Selector
 
@@ -265,6 +265,11 @@ _EVERYTHING = {4: {**{f: (v,) for f, v in FULL.items()}, "daddr": (ADDR_FULL[4],
                6: {**{f: (v,) for f, v in FULL.items()}, "daddr": (ADDR_FULL[6],),
                    "saddr": (ADDR_FULL[6],)}}
 Cell = tuple[tuple[Interval, ...], str]
+# An interval list's id -> (the list it replaced, the ranges outside which both agree).
+Hints = Mapping[int, tuple[Sequence[Interval], Sequence[Interval]]]
+# A leaf of the tree with what it was made of: each box's intervals and verdict.
+_Leaf = tuple[tuple[Sequence[Interval], ...], tuple[str, ...], "_Tree"]
+BIG = 1 << 129                  # past every value: a bisect key
 
 
 class RunCompiler:
@@ -287,13 +292,18 @@ class RunCompiler:
         self._elements: tuple[str, ...] = ()
         self._wide = 0                          # cells wider than one value in a field
         self._points: dict[int, tuple[object, bool]] = {}
+        # The last compile's leaves (the last field's segments) by the boxes they are of.
+        self._leaves: dict[tuple[int, ...], _Leaf] = {}
         self.cut_again = 0                      # subtrees cut (not taken from the memo)
+        self.patched = 0                        # leaves cut again only where they moved
 
     def compile(self, boxes: Sequence[tuple[Box, str]], family: int,
-                verdicts: Mapping[str, str] = VERDICT
+                verdicts: Mapping[str, str] = VERDICT, hints: Hints | None = None
                 ) -> tuple[tuple[str, ...], bool, tuple[str, ...]]:
         """(fields, interval, sorted element texts) of the run, as `compile_run` and
-        `element_text` give them."""
+        `element_text` give them. `hints`: for an interval list that replaced another
+        (by its id), the one it replaced and the ranges outside which the two are the
+        same; a leaf of the tree made of such lists is cut again only in those ranges."""
         used = tuple(f for f in FIELDS if any(f in b for b, _ in boxes))
         cell_verdicts = [verdicts[action] for _, action in boxes]
         if not boxes or not used:
@@ -320,6 +330,9 @@ class RunCompiler:
         last_depth = len(used) - 1
         old: dict[tuple[object, ...], _Tree] = self._memo
         new: dict[tuple[object, ...], _Tree] = {}
+        leaves: dict[tuple[int, ...], _Leaf] = {}
+        patches: dict[int, tuple[_Tree, list[tuple[Interval, _Tree | str]],
+                                 list[tuple[Interval, _Tree | str]]]] = {}
 
         def cut(active: tuple[int, ...], depth: int) -> _Tree:
             # A box with the same intervals as an earlier one from here on never decides
@@ -334,12 +347,18 @@ class RunCompiler:
             active = tuple(kept)
             key = (depth, *((cell_verdicts[i], *keys[i][depth:]) for i in active))
             found = new.get(key)
+            if found is not None:
+                return found
+            found = old.get(key)
+            if found is None and depth == last_depth and hints:
+                found = self._patch(active, spans, cell_verdicts, depth, point[depth], hints,
+                                    patches)
             if found is None:
-                found = old.get(key)
-                if found is None:
-                    found = self._cut(active, depth, spans, cell_verdicts, point, last_depth,
-                                      cut)
-                new[key] = found
+                found = self._cut(active, depth, spans, cell_verdicts, point, last_depth, cut)
+            new[key] = found
+            if depth == last_depth:
+                leaves[active] = (tuple(spans[i][depth] for i in active),
+                                  tuple(cell_verdicts[i] for i in active), found)
             return found
 
         root = cut(tuple(range(len(boxes))), 0)
@@ -348,8 +367,8 @@ class RunCompiler:
         if self._root is None:
             _cells(root, (), last_depth, added)
         else:
-            _diff(self._root, root, (), last_depth, removed, added)
-        self._memo, self._refs, self._root = new, refs, root
+            _diff(self._root, root, (), last_depth, removed, added, patches)
+        self._memo, self._refs, self._root, self._leaves = new, refs, root, leaves
         wide = [i for i in range(len(used)) if not point[i]]
 
         def is_wide(cell: Cell) -> bool:
@@ -375,6 +394,61 @@ class RunCompiler:
             self._points[id(spans)] = (spans, value)
             return value
         return all(lo == hi for lo, hi in spans)
+
+    def _patch(self, active: tuple[int, ...], spans: list[list[Sequence[Interval]]],
+               cell_verdicts: list[str], depth: int, point: bool, hints: Hints,
+               patches: dict[int, tuple[_Tree, list[tuple[Interval, _Tree | str]],
+                                        list[tuple[Interval, _Tree | str]]]]
+               ) -> _Tree | None:
+        """The leaf of boxes `active` cut again only in the ranges their hinted interval
+        lists changed in, from the last compile's leaf of the same boxes; None when there
+        is none, or a list changed without a hint. The pieces taken out and put in go to
+        `patches` (by the new leaf's id) for the diff."""
+        last = self._leaves.get(active)
+        if last is None or last[1] != tuple(cell_verdicts[i] for i in active):
+            return None
+        ranges: list[Interval] = []
+        for k, i in enumerate(active):
+            now = spans[i][depth]
+            if now is last[0][k]:
+                continue
+            hint = hints.get(id(now))
+            if hint is None or hint[0] is not last[0][k]:
+                return None
+            ranges += hint[1]
+        pieces = list(last[2])
+        gone: list[tuple[Interval, _Tree | str]] = []
+        came: set[tuple[Interval, _Tree | str]] = set()   # put in by this patch, and kept
+        for rlo, rhi in reversed(merge(ranges)):
+            # The pieces that meet or touch [rlo, rhi]: pieces[a:b], redone whole.
+            a = bisect.bisect_right(pieces, ((rlo, BIG),))
+            if a > 0 and pieces[a - 1][0][1] >= rlo - 1:
+                a -= 1
+            b = bisect.bisect_right(pieces, ((rhi + 1, BIG),))
+            lo = min(rlo, pieces[a][0][0]) if a < b else rlo
+            hi = max(rhi, pieces[b - 1][0][1]) if a < b else rhi
+            fresh = _sweep(active, [spans[i][depth] for i in active],
+                           [cell_verdicts[i] for i in active], lo, hi, point)
+            # Pieces beside the range that now touch one of the same verdict join it.
+            if not point and fresh and a > 0 and pieces[a - 1][0][1] + 1 == fresh[0][0][0] \
+                    and pieces[a - 1][1] == fresh[0][1]:
+                a -= 1
+                fresh[0] = ((pieces[a][0][0], fresh[0][0][1]), fresh[0][1])
+            if not point and fresh and b < len(pieces) and \
+                    fresh[-1][0][1] + 1 == pieces[b][0][0] and pieces[b][1] == fresh[-1][1]:
+                fresh[-1] = ((fresh[-1][0][0], pieces[b][0][1]), fresh[-1][1])
+                b += 1
+            for piece in pieces[a:b]:
+                if piece in came:          # put in for a range to the right, redone here
+                    came.discard(piece)
+                else:
+                    gone.append(piece)
+            came.update(fresh)
+            pieces[a:b] = fresh
+        self.patched += 1
+        leaf = tuple(pieces)
+        patches[id(leaf)] = (last[2], gone, list(came))
+        return leaf
 
     def _cut(self, active: tuple[int, ...], depth: int, spans: list[list[Sequence[Interval]]],
              cell_verdicts: list[str], point: tuple[bool, ...], last_depth: int,
@@ -412,6 +486,42 @@ class RunCompiler:
         return tuple(pieces)
 
 
+def _sweep(active: Sequence[int], lists: Sequence[Sequence[Interval]], verdicts: Sequence[str],
+           lo: int, hi: int, point: bool) -> list[tuple[Interval, _Tree | str]]:
+    """The last field's pieces within [lo, hi] of boxes `active` (their interval lists
+    and verdicts in the same order): the first box covering a segment decides it, and in
+    a field that is not all points, touching segments of one verdict are joined."""
+    events: dict[int, list[tuple[int, int]]] = {}
+    for idx, intervals in zip(active, lists, strict=True):
+        k = max(bisect.bisect_right(intervals, (lo, BIG)) - 1, 0)
+        while k < len(intervals) and intervals[k][0] <= hi:
+            first, last = intervals[k]
+            k += 1
+            if last < lo:
+                continue
+            events.setdefault(max(first, lo), []).append((1, idx))
+            events.setdefault(min(last, hi) + 1, []).append((-1, idx))
+    verdict_of = dict(zip(active, verdicts, strict=True))
+    covering: dict[int, int] = {}
+    pieces: list[tuple[Interval, _Tree | str]] = []
+    at_keys = sorted(events)
+    for i, at in enumerate(at_keys):
+        for delta, idx in events[at]:
+            covering[idx] = covering.get(idx, 0) + delta
+            if covering[idx] == 0:
+                del covering[idx]
+        if not covering or i + 1 == len(at_keys):
+            continue
+        segment = (at, at_keys[i + 1] - 1)
+        verdict = verdict_of[min(covering)]
+        if pieces and not point and pieces[-1][0][1] + 1 == segment[0] \
+                and pieces[-1][1] == verdict:
+            pieces[-1] = ((pieces[-1][0][0], segment[1]), verdict)
+        else:
+            pieces.append((segment, verdict))
+    return pieces
+
+
 def _cells(tree: _Tree, prefix: tuple[Interval, ...], last_depth: int,
            out: list[Cell]) -> None:
     """Every cell of `tree` (whose first field is number len(prefix))."""
@@ -425,10 +535,19 @@ def _cells(tree: _Tree, prefix: tuple[Interval, ...], last_depth: int,
 
 
 def _diff(old: _Tree, new: _Tree, prefix: tuple[Interval, ...], last_depth: int,
-          removed: list[Cell], added: list[Cell]) -> None:
+          removed: list[Cell], added: list[Cell],
+          patches: Mapping[int, tuple[_Tree, list[tuple[Interval, _Tree | str]],
+                                      list[tuple[Interval, _Tree | str]]]] | None = None
+          ) -> None:
     """The cells only in `old` and those only in `new`; a subtree that is the same
-    object in both is skipped whole."""
+    object in both is skipped whole, and a leaf patched from `old` gives its pieces taken
+    out and put in."""
     if old is new:
+        return
+    patch = patches.get(id(new)) if patches else None
+    if patch is not None and patch[0] is old:
+        removed.extend(((*prefix, seg), v) for seg, v in patch[1] if isinstance(v, str))
+        added.extend(((*prefix, seg), v) for seg, v in patch[2] if isinstance(v, str))
         return
     before, after = dict(old), dict(new)
     if len(prefix) == last_depth:
@@ -444,7 +563,7 @@ def _diff(old: _Tree, new: _Tree, prefix: tuple[Interval, ...], last_depth: int,
         if other is None or isinstance(other, str):
             _cells(sub, (*prefix, segment), last_depth, removed)
         else:
-            _diff(sub, other, (*prefix, segment), last_depth, removed, added)
+            _diff(sub, other, (*prefix, segment), last_depth, removed, added, patches)
     for segment, sub in new:
         if segment not in before and not isinstance(sub, str):
             _cells(sub, (*prefix, segment), last_depth, added)
