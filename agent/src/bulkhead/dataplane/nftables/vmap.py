@@ -140,6 +140,53 @@ def _separated(intervals: Sequence[Interval]) -> bool:
     return all(a[1] + 1 < b[0] for a, b in itertools.pairwise(intervals))
 
 
+def _events(active: Sequence[int], lists: Sequence[Sequence[Interval]],
+            lo: int | None = None, hi: int | None = None) -> dict[int, list[tuple[int, int]]]:
+    """Where each box (index, with its interval list in the same order) starts covering
+    (+1) and stops (-1), clipped to [lo, hi] when given."""
+    events: dict[int, list[tuple[int, int]]] = {}
+    for idx, intervals in zip(active, lists, strict=True):
+        if lo is None or hi is None:
+            chosen: Sequence[Interval] = intervals
+        else:
+            k = max(bisect.bisect_right(intervals, (lo, BIG)) - 1, 0)
+            end = bisect.bisect_right(intervals, (hi, BIG))
+            chosen = [(max(first, lo), min(last, hi)) for first, last in intervals[k:end]
+                      if last >= lo]
+        for first, last in chosen:
+            events.setdefault(first, []).append((1, idx))
+            events.setdefault(last + 1, []).append((-1, idx))
+    return events
+
+
+def _pieces(events: Mapping[int, Sequence[tuple[int, int]]],
+            sub_of: Callable[[dict[int, int]], _Tree | str], point: bool
+            ) -> list[tuple[Interval, _Tree | str]]:
+    """A field's segments between the events, each with what the boxes covering it give
+    (`sub_of`: a verdict, or the cells of the next fields; nothing: left out); in a field
+    that is not all points, touching segments that give the same are joined."""
+    covering: dict[int, int] = {}
+    pieces: list[tuple[Interval, _Tree | str]] = []
+    keys = sorted(events)
+    for i, at in enumerate(keys):
+        for delta, idx in events[at]:
+            covering[idx] = covering.get(idx, 0) + delta
+            if covering[idx] == 0:
+                del covering[idx]
+        if not covering or i + 1 == len(keys):
+            continue
+        segment = (at, keys[i + 1] - 1)
+        sub = sub_of(covering)
+        if not sub:
+            continue   # no cells inside (a box with no interval in a later field)
+        if (pieces and not point and pieces[-1][0][1] + 1 == segment[0]
+                and pieces[-1][1] == sub):
+            pieces[-1] = ((pieces[-1][0][0], segment[1]), sub)
+        else:
+            pieces.append((segment, sub))
+    return pieces
+
+
 def compile_run(boxes: Sequence[tuple[Box, str]], family: int,
                 verdicts: Mapping[str, str] = VERDICT) -> CompiledRun:
     """Disjoint cells, first match wins, from boxes in rule order. `verdicts` maps
@@ -160,32 +207,11 @@ def compile_run(boxes: Sequence[tuple[Box, str]], family: int,
             # One box whose intervals neither touch nor overlap: they are the segments.
             sub = cell_verdicts[active[0]] if depth == last_depth else cut(active, depth + 1)
             return tuple((segment, sub) for segment in spans[active[0]][depth]) if sub else ()
-        events: dict[int, list[tuple[int, int]]] = {}
-        for idx in active:
-            for lo, hi in spans[idx][depth]:
-                events.setdefault(lo, []).append((1, idx))
-                events.setdefault(hi + 1, []).append((-1, idx))
-        covering: dict[int, int] = {}
-        pieces: list[tuple[Interval, _Tree | str]] = []
-        keys = sorted(events)
-        for i, at in enumerate(keys):
-            for delta, idx in events[at]:
-                covering[idx] = covering.get(idx, 0) + delta
-                if covering[idx] == 0:
-                    del covering[idx]
-            if not covering or i + 1 == len(keys):
-                continue
-            segment = (at, keys[i + 1] - 1)
-            sub = (cell_verdicts[min(covering)] if depth == last_depth
-                   else cut(tuple(sorted(covering)), depth + 1))
-            if not sub:
-                continue   # no cells inside (a box with no interval in a later field)
-            if (pieces and not point[depth] and pieces[-1][0][1] + 1 == segment[0]
-                    and pieces[-1][1] == sub):
-                pieces[-1] = ((pieces[-1][0][0], segment[1]), sub)
-            else:
-                pieces.append((segment, sub))
-        return tuple(pieces)
+        return tuple(_pieces(
+            _events(active, [spans[i][depth] for i in active]),
+            lambda covering: (cell_verdicts[min(covering)] if depth == last_depth
+                              else cut(tuple(sorted(covering)), depth + 1)),
+            point[depth]))
 
     cells: list[tuple[tuple[Interval, ...], str]] = []
 
@@ -458,68 +484,20 @@ class RunCompiler:
         if len(active) == 1 and _separated(spans[active[0]][depth]):
             sub = cell_verdicts[active[0]] if depth == last_depth else cut(active, depth + 1)
             return tuple((segment, sub) for segment in spans[active[0]][depth]) if sub else ()
-        events: dict[int, list[tuple[int, int]]] = {}
-        for idx in active:
-            for lo, hi in spans[idx][depth]:
-                events.setdefault(lo, []).append((1, idx))
-                events.setdefault(hi + 1, []).append((-1, idx))
-        covering: dict[int, int] = {}
-        pieces: list[tuple[Interval, _Tree | str]] = []
-        at_keys = sorted(events)
-        for i, at in enumerate(at_keys):
-            for delta, idx in events[at]:
-                covering[idx] = covering.get(idx, 0) + delta
-                if covering[idx] == 0:
-                    del covering[idx]
-            if not covering or i + 1 == len(at_keys):
-                continue
-            segment = (at, at_keys[i + 1] - 1)
-            sub = (cell_verdicts[min(covering)] if depth == last_depth
-                   else cut(tuple(sorted(covering)), depth + 1))
-            if not sub:
-                continue
-            if (pieces and not point[depth] and pieces[-1][0][1] + 1 == segment[0]
-                    and pieces[-1][1] == sub):
-                pieces[-1] = ((pieces[-1][0][0], segment[1]), sub)
-            else:
-                pieces.append((segment, sub))
-        return tuple(pieces)
+        return tuple(_pieces(
+            _events(active, [spans[i][depth] for i in active]),
+            lambda covering: (cell_verdicts[min(covering)] if depth == last_depth
+                              else cut(tuple(sorted(covering)), depth + 1)),
+            point[depth]))
 
 
 def _sweep(active: Sequence[int], lists: Sequence[Sequence[Interval]], verdicts: Sequence[str],
            lo: int, hi: int, point: bool) -> list[tuple[Interval, _Tree | str]]:
     """The last field's pieces within [lo, hi] of boxes `active` (their interval lists
-    and verdicts in the same order): the first box covering a segment decides it, and in
-    a field that is not all points, touching segments of one verdict are joined."""
-    events: dict[int, list[tuple[int, int]]] = {}
-    for idx, intervals in zip(active, lists, strict=True):
-        k = max(bisect.bisect_right(intervals, (lo, BIG)) - 1, 0)
-        while k < len(intervals) and intervals[k][0] <= hi:
-            first, last = intervals[k]
-            k += 1
-            if last < lo:
-                continue
-            events.setdefault(max(first, lo), []).append((1, idx))
-            events.setdefault(min(last, hi) + 1, []).append((-1, idx))
+    and verdicts in the same order): the first box covering a segment decides it."""
     verdict_of = dict(zip(active, verdicts, strict=True))
-    covering: dict[int, int] = {}
-    pieces: list[tuple[Interval, _Tree | str]] = []
-    at_keys = sorted(events)
-    for i, at in enumerate(at_keys):
-        for delta, idx in events[at]:
-            covering[idx] = covering.get(idx, 0) + delta
-            if covering[idx] == 0:
-                del covering[idx]
-        if not covering or i + 1 == len(at_keys):
-            continue
-        segment = (at, at_keys[i + 1] - 1)
-        verdict = verdict_of[min(covering)]
-        if pieces and not point and pieces[-1][0][1] + 1 == segment[0] \
-                and pieces[-1][1] == verdict:
-            pieces[-1] = ((pieces[-1][0][0], segment[1]), verdict)
-        else:
-            pieces.append((segment, verdict))
-    return pieces
+    return _pieces(_events(active, lists, lo, hi),
+                   lambda covering: verdict_of[min(covering)], point)
 
 
 def _cells(tree: _Tree, prefix: tuple[Interval, ...], last_depth: int,
