@@ -25,6 +25,7 @@ Those change the table's structure, which the dataplane replaces whole anyway.
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
@@ -112,6 +113,8 @@ class Calculator:
             snapshot, self.node, interfaces, self.failsafes, default_mode=self.default_mode)
         self.plan, self._labels, self._members = plan, labels, members
         self._interfaces = interfaces
+        # Sorted now, so that even a selector's first change is patched where it lands.
+        self._sorted = {sel: _sorted_spans(given) for sel, given in members.items()}
         self.full += 1
 
     # -- one change at a time ---------------------------------------------------------
@@ -163,6 +166,8 @@ class Calculator:
                     # The first change of this selector: merged whole, kept sorted after.
                     selector_sets[sel] = address_set(self._members[sel])
                     self._sorted[sel] = _sorted_spans(self._members[sel])
+                    continue
+                if not deltas:
                     continue
                 old_set = plan.selector_sets[sel]
                 selector_sets[sel], regions = _patched(old_set, lists, deltas)
@@ -219,37 +224,45 @@ def _patched(before: AddressSet, lists: tuple[list[Span], list[Span]],
     last address a change touches, widened to the merged spans there. The new set and
     the regions (family, first, last) outside which it is `before`."""
     out: list[tuple[Span, ...]] = []
-    regions = []
+    regions: list[Span] = []
+    regions_out: list[tuple[int, int, int]] = []
     for f, family in enumerate((4, 6)):
         spans = lists[f]
         touched: list[Span] = []
         for had, now in deltas:
-            for span in (had[f] if had is not None else ()):
+            # Only what differs (a network set with one net changed moves one span).
+            before_spans = Counter(had[f] if had is not None else ())
+            after_spans = Counter(now[f] if now is not None else ())
+            for span in (before_spans - after_spans).elements():
                 at = bisect.bisect_left(spans, span)
                 if at < len(spans) and spans[at] == span:
                     del spans[at]
                 touched.append(span)
-            for span in (now[f] if now is not None else ()):
+            for span in (after_spans - before_spans).elements():
                 bisect.insort(spans, span)
                 touched.append(span)
-        merged = before.spans(family)
+        merged: tuple[Span, ...] | list[Span] = before.spans(family)
         if not touched:
-            out.append(merged)
+            out.append(before.spans(family))
             continue
-        lo = min(t[0] for t in touched)
-        hi = max(t[1] for t in touched)
-        # The merged spans that overlap or touch [lo, hi]: merged[i:j].
-        i = bisect.bisect_right(merged, (lo - 1, BIG)) - 1
-        if i < 0 or merged[i][1] < lo - 1:
-            i += 1
-        j = bisect.bisect_right(merged, (hi + 1, BIG))
-        first = min(lo, merged[i][0]) if i < j else lo
-        last = max(hi, merged[j - 1][1]) if i < j else hi
-        a = bisect.bisect_left(spans, (first, -1))
-        b = bisect.bisect_right(spans, (last, BIG))
-        out.append(merged[:i] + merge(spans[a:b]) + merged[j:])
-        regions.append((family, first, last))
-    return AddressSet(out[0], out[1]), tuple(regions)
+        merged = list(merged)
+        # Each touched span, right to left: the merged spans that overlap or touch it,
+        # merged[i:j], are merged again from the members' spans there.
+        for lo, hi in sorted(touched, reverse=True):
+            i = bisect.bisect_right(merged, (lo - 1, BIG)) - 1
+            if i < 0 or merged[i][1] < lo - 1:
+                i += 1
+            j = bisect.bisect_right(merged, (hi + 1, BIG))
+            first = min(lo, merged[i][0]) if i < j else lo
+            last = max(hi, merged[j - 1][1]) if i < j else hi
+            a = bisect.bisect_left(spans, (first, -1))
+            b = bisect.bisect_right(spans, (last, BIG))
+            merged[i:j] = merge(spans[a:b])
+            regions.append((first, last))
+        out.append(tuple(merged))
+        regions_out += [(family, lo, hi) for lo, hi in merge(regions)]
+        regions = []
+    return AddressSet(out[0], out[1]), tuple(regions_out)
 
 
 def _changed(old: Snapshot, new: Snapshot) -> set[Key]:
