@@ -67,14 +67,21 @@ class NftablesEnforcer:
         be (`bulkhead.policy.incremental`), rendered with what the last render kept."""
         # Told what changed (a watch event), the interfaces are read only if the plan is
         # made from scratch; otherwise read now (they may be what changed).
-        plan, moved = self.calculator.calculate(
-            snapshot, self.interfaces if changed is not None else self.interfaces(), changed)
-        if moved is None:
-            # Only endpoints without interfaceName depend on the host's addresses.
-            self._by_address = any(h.node == self.node and not h.interface_name
-                                   for h in snapshot.host_endpoints.values())
-        return render(plan, self.table, flow_logs=self.flow_logs, dns=self.dns,
-                      cache=self.render_cache)
+        try:
+            plan, moved = self.calculator.calculate(
+                snapshot, self.interfaces if changed is not None else self.interfaces(),
+                changed)
+            if moved is None:
+                # Only endpoints without interfaceName depend on the host's addresses.
+                self._by_address = any(h.node == self.node and not h.interface_name
+                                       for h in snapshot.host_endpoints.values())
+            return render(plan, self.table, flow_logs=self.flow_logs, dns=self.dns,
+                          cache=self.render_cache)
+        except BaseException:
+            # Nothing kept may be trusted after a failure half way: start again.
+            self.calculator.reset()
+            self.render_cache = RenderCache()
+            raise
 
     def preview(self, snapshot: Snapshot) -> Ruleset:
         """The table for `snapshot` from scratch, leaving the kept plan alone (dry runs)."""

@@ -98,6 +98,7 @@ class DesiredState:
                 errors.pop(key, None)
                 doc = self.objects.get(key)
                 if doc is None:
+                    self._parsed.pop(key, None)    # deleted: its parse is not kept
                     continue
                 result = self._parse(key, doc)
                 if isinstance(result, str):

@@ -88,7 +88,11 @@ class Calculator:
         moved: frozenset[Selector] | None = None
         if old is not None and self.plan is not None and seen in (None, self._interfaces):
             keys = set(changed) if changed is not None else _changed(old, snapshot)
-            moved = self._fold(old, snapshot, keys)
+            try:
+                moved = self._fold(old, snapshot, keys)
+            except BaseException:
+                self.reset()      # the kept state is half changed: from scratch next time
+                raise
         if moved is None:
             if seen is None:
                 assert callable(interfaces)
@@ -99,6 +103,12 @@ class Calculator:
         self._snapshot = snapshot
         assert self.plan is not None
         return self.plan, moved
+
+    def reset(self) -> None:
+        """Forget the kept plan: the next call calculates from scratch."""
+        self.plan, self._snapshot = None, None
+        self._labels, self._members, self._set_spans = {}, {}, {}
+        self._sorted, self._deltas = {}, {}
 
     @property
     def interfaces(self) -> dict[str, list[str]]:

@@ -133,12 +133,19 @@ class NftApplier:
                     with self._socket() as nl:
                         try:
                             nl.apply(self.table, changes, self._generation)
+                            restart = False
                         except NetlinkError as e:
-                            # Another transaction came between (the agent's own DNS
-                            # elements commit every second): if the table's shape is
-                            # still ours, send the batch again against the new generation.
-                            if e.code != errno.ERESTART or self.drifted() is not None:
+                            if e.code != errno.ERESTART:
                                 raise
+                            restart = True
+                    # Another transaction came between (the agent's own DNS elements
+                    # commit every second): if the table's shape is still ours, send the
+                    # batch again against the new generation (the drift check uses the
+                    # socket too, so it is taken again after it).
+                    if restart:
+                        if self.drifted() is not None:
+                            return None
+                        with self._socket() as nl:
                             nl.apply(self.table, changes, self._generation)
                 except NetlinkError:
                     return None

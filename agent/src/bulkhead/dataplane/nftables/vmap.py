@@ -334,7 +334,7 @@ class RunCompiler:
         cell_verdicts = [verdicts[action] for _, action in boxes]
         if not boxes or not used:
             # Nothing, or one verdict for everything (its one "element" is the verdict).
-            self._memo, self._refs, self._root, self._shape = {}, {}, None, None
+            self._forget()
             return (), False, tuple(cell_verdicts[:1])
         everything = _EVERYTHING[family]
         spans: list[list[Sequence[Interval]]] = [[b.get(f, everything[f]) for f in used]
@@ -342,8 +342,25 @@ class RunCompiler:
         point = tuple(all(self._point(s[i]) for s in spans) for i in range(len(used)))
         shape = (family, used, point)
         if shape != self._shape:
-            self._memo, self._root, self._elements, self._wide = {}, None, (), 0
-        self._shape = shape
+            # Other fields, or a field that became (or stopped being) all points: what
+            # was cut before is grouped otherwise now. Start again.
+            self._forget()
+        try:
+            return self._compile(boxes, family, cell_verdicts, used, spans, point, shape,
+                                 hints)
+        except BaseException:
+            self._forget()       # half done: nothing kept may be trusted
+            raise
+
+    def _forget(self) -> None:
+        self._memo, self._refs, self._root, self._leaves = {}, {}, None, {}
+        self._shape, self._elements, self._wide = None, (), 0
+
+    def _compile(self, boxes: Sequence[tuple[Box, str]], family: int,
+                 cell_verdicts: list[str], used: tuple[str, ...],
+                 spans: list[list[Sequence[Interval]]], point: tuple[bool, ...],
+                 shape: tuple[object, ...], hints: Hints | None
+                 ) -> tuple[tuple[str, ...], bool, tuple[str, ...]]:
         refs: dict[int, object] = {}
 
         def key_of(x: Sequence[Interval]) -> object:
@@ -394,19 +411,21 @@ class RunCompiler:
             _cells(root, (), last_depth, added)
         else:
             _diff(self._root, root, (), last_depth, removed, added, patches)
-        self._memo, self._refs, self._root, self._leaves = new, refs, root, leaves
         wide = [i for i in range(len(used)) if not point[i]]
 
         def is_wide(cell: Cell) -> bool:
             return any(cell[0][i][0] != cell[0][i][1] for i in wide)
 
-        self._wide += sum(map(is_wide, added)) - sum(map(is_wide, removed))
+        elements = self._elements
         if removed or added:
-            self._elements = _updated(
-                self._elements,
-                element_text(CompiledRun(used, tuple(removed), False), family),
+            elements = _updated(
+                elements, element_text(CompiledRun(used, tuple(removed), False), family),
                 element_text(CompiledRun(used, tuple(added), False), family))
-        return used, self._wide > 0, self._elements
+        # Kept only now that everything is computed.
+        self._wide += sum(map(is_wide, added)) - sum(map(is_wide, removed))
+        self._memo, self._refs, self._root, self._leaves = new, refs, root, leaves
+        self._shape, self._elements = shape, elements
+        return used, self._wide > 0, elements
 
     def _point(self, spans: Sequence[Interval]) -> bool:
         """Whether every interval is one value (kept per big list, by identity)."""
