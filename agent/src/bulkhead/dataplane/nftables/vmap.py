@@ -187,6 +187,23 @@ def _pieces(events: Mapping[int, Sequence[tuple[int, int]]],
     return pieces
 
 
+def _level(active: tuple[int, ...], depth: int, spans: Sequence[Sequence[Sequence[Interval]]],
+           cell_verdicts: Sequence[str], point: bool, last_depth: int,
+           cut: Callable[[tuple[int, ...], int], _Tree]) -> _Tree:
+    """The cells of the boxes `active` from field `depth` on: each segment of the field
+    carries the boxes covering it, the first of them deciding at the end (`cut` gives
+    the next field's)."""
+    if len(active) == 1 and _separated(spans[active[0]][depth]):
+        # One box whose intervals neither touch nor overlap: they are the segments.
+        sub = cell_verdicts[active[0]] if depth == last_depth else cut(active, depth + 1)
+        return tuple((segment, sub) for segment in spans[active[0]][depth]) if sub else ()
+    return tuple(_pieces(
+        _events(active, [spans[i][depth] for i in active]),
+        lambda covering: (cell_verdicts[min(covering)] if depth == last_depth
+                          else cut(tuple(sorted(covering)), depth + 1)),
+        point))
+
+
 def compile_run(boxes: Sequence[tuple[Box, str]], family: int,
                 verdicts: Mapping[str, str] = VERDICT) -> CompiledRun:
     """Disjoint cells, first match wins, from boxes in rule order. `verdicts` maps
@@ -203,15 +220,7 @@ def compile_run(boxes: Sequence[tuple[Box, str]], family: int,
     def cut(active: tuple[int, ...], depth: int) -> _Tree:
         """The cells of the boxes `active` from field `depth` on: each segment of the
         field carries the boxes covering it, the first of them deciding at the end."""
-        if len(active) == 1 and _separated(spans[active[0]][depth]):
-            # One box whose intervals neither touch nor overlap: they are the segments.
-            sub = cell_verdicts[active[0]] if depth == last_depth else cut(active, depth + 1)
-            return tuple((segment, sub) for segment in spans[active[0]][depth]) if sub else ()
-        return tuple(_pieces(
-            _events(active, [spans[i][depth] for i in active]),
-            lambda covering: (cell_verdicts[min(covering)] if depth == last_depth
-                              else cut(tuple(sorted(covering)), depth + 1)),
-            point[depth]))
+        return _level(active, depth, spans, cell_verdicts, point[depth], last_depth, cut)
 
     cells: list[tuple[tuple[Interval, ...], str]] = []
 
@@ -500,14 +509,7 @@ class RunCompiler:
              cut: Callable[[tuple[int, ...], int], _Tree]) -> _Tree:
         """`compile_run`'s cut, one level: subtrees below come from `cut` (memoized)."""
         self.cut_again += 1
-        if len(active) == 1 and _separated(spans[active[0]][depth]):
-            sub = cell_verdicts[active[0]] if depth == last_depth else cut(active, depth + 1)
-            return tuple((segment, sub) for segment in spans[active[0]][depth]) if sub else ()
-        return tuple(_pieces(
-            _events(active, [spans[i][depth] for i in active]),
-            lambda covering: (cell_verdicts[min(covering)] if depth == last_depth
-                              else cut(tuple(sorted(covering)), depth + 1)),
-            point[depth]))
+        return _level(active, depth, spans, cell_verdicts, point[depth], last_depth, cut)
 
 
 def _sweep(active: Sequence[int], lists: Sequence[Sequence[Interval]], verdicts: Sequence[str],
