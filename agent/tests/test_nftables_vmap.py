@@ -39,7 +39,14 @@ def _spans(values: list[int]) -> tuple[tuple[int, int], ...]:
     return tuple((v, v + (v % 3 == 0)) for v in sorted(set(values)))
 
 
-big = st.lists(st.integers(0, 40).map(lambda v: 2 * v), min_size=10, max_size=30).map(_spans)
+def _points(values: list[int]) -> tuple[tuple[int, int], ...]:
+    return tuple((v, v) for v in sorted(set(values)))
+
+
+_values = st.lists(st.integers(0, 40).map(lambda v: 2 * v), min_size=10, max_size=30)
+# Lists of single values and pairs, or of single values only (a map's field of all
+# points is cut otherwise; a list replacing one of all points is read where it moved).
+big = st.one_of(_values.map(_spans), _values.map(_points))
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)

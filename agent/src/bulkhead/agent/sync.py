@@ -35,6 +35,7 @@ from bulkhead.model import (
     ValidationError,
     parse_resource,
 )
+from bulkhead.model.table import Table
 
 Key = tuple[str, str]
 Doc = dict[str, Any]
@@ -48,7 +49,8 @@ class SyncError(Exception):
 class DesiredState:
     """`version` counts the changes of `objects`. `changes()` builds the snapshot from the
     last one and the objects that changed since (a host endpoint or network set changed:
-    its entry replaced in copies of those tables, nothing else parsed or checked again);
+    its entry replaced in a new version of that table, a `Table` sharing every shard the
+    change did not touch; nothing else parsed or checked again);
     anything else builds it whole, from the parsed objects kept."""
 
     def __init__(self) -> None:
@@ -91,10 +93,11 @@ class DesiredState:
         if dirty is not None and built is not None and \
                 all(k[0] in (HEP, NETSET) for k in dirty):
             snapshot, errors = built
-            heps, sets = dict(snapshot.host_endpoints), dict(snapshot.network_sets)
             errors = dict(errors)
+            put: dict[str, dict[str, Any]] = {HEP: {}, NETSET: {}}
+            drop: dict[str, list[str]] = {HEP: [], NETSET: []}
             for key in dirty:
-                heps.pop(key[1], None) if key[0] == HEP else sets.pop(key[1], None)
+                drop[key[0]].append(key[1])
                 errors.pop(key, None)
                 doc = self.objects.get(key)
                 if doc is None:
@@ -103,10 +106,10 @@ class DesiredState:
                 result = self._parse(key, doc)
                 if isinstance(result, str):
                     errors[key] = result
-                elif isinstance(result, HostEndpoint):
-                    heps[key[1]] = result
-                elif isinstance(result, GlobalNetworkSet):
-                    sets[key[1]] = result
+                elif isinstance(result, HostEndpoint | GlobalNetworkSet):
+                    put[key[0]][key[1]] = result
+            heps = Table.of(snapshot.host_endpoints).changed(put[HEP], drop[HEP])
+            sets = Table.of(snapshot.network_sets).changed(put[NETSET], drop[NETSET])
             snapshot = replace(snapshot, host_endpoints=heps, network_sets=sets)
             self._built = (snapshot, errors)
             return snapshot, _messages(errors), dirty
@@ -164,6 +167,9 @@ class DesiredState:
                     raise
                 errors[key] = f"{e}; left out"
                 del resources[key]
+        # In Tables, so that the next change's snapshot shares what it does not change.
+        snapshot = replace(snapshot, host_endpoints=Table(snapshot.host_endpoints),
+                           network_sets=Table(snapshot.network_sets))
         return snapshot, errors
 
 

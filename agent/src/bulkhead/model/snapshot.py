@@ -7,7 +7,7 @@ always there, as in Calico.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bulkhead.model.errors import ValidationError
@@ -34,8 +34,10 @@ class Snapshot:
     tiers: dict[str, Tier] = field(default_factory=dict)
     policies: dict[str, GlobalNetworkPolicy] = field(default_factory=dict)
     staged: dict[str, StagedGlobalNetworkPolicy] = field(default_factory=dict)
-    host_endpoints: dict[str, HostEndpoint] = field(default_factory=dict)
-    network_sets: dict[str, GlobalNetworkSet] = field(default_factory=dict)
+    # Mappings: the agent's snapshots hold Tables (bulkhead.model.table), a change's
+    # version sharing what it did not change; never modified once built.
+    host_endpoints: Mapping[str, HostEndpoint] = field(default_factory=dict)
+    network_sets: Mapping[str, GlobalNetworkSet] = field(default_factory=dict)
     profiles: dict[str, Profile] = field(default_factory=dict)
 
     @classmethod
@@ -58,13 +60,15 @@ class Snapshot:
         return snap
 
     def _table(self, res: Resource) -> dict[str, Resource]:
-        tables: dict[type, dict[str, Resource]] = {
-            Tier: self.tiers, GlobalNetworkPolicy: self.policies,  # type: ignore[dict-item]
-            StagedGlobalNetworkPolicy: self.staged,  # type: ignore[dict-item]
-            HostEndpoint: self.host_endpoints,  # type: ignore[dict-item]
-            GlobalNetworkSet: self.network_sets, Profile: self.profiles,  # type: ignore[dict-item]
+        tables: dict[type, Mapping[str, Resource]] = {
+            Tier: self.tiers, GlobalNetworkPolicy: self.policies,
+            StagedGlobalNetworkPolicy: self.staged,
+            HostEndpoint: self.host_endpoints,
+            GlobalNetworkSet: self.network_sets, Profile: self.profiles,
         }
-        return tables[type(res)]
+        table = tables[type(res)]
+        assert isinstance(table, dict), "only a Snapshot being built is filled"
+        return table
 
     def resources(self) -> list[Resource]:
         """Every user resource (built-ins left out) in a stable order."""

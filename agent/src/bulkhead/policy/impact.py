@@ -111,11 +111,12 @@ def proposed_state(current: Sequence[Resource], manifests: Sequence[Resource],
     merged.update({r.key: r for r in manifests})
     snapshot = Snapshot.build(merged.values())
     if enforce is not None:
-        for name, hep in list(snapshot.host_endpoints.items()):
+        heps = dict(snapshot.host_endpoints)
+        for name, hep in heps.items():
             if enforce.matches(effective_labels(snapshot, hep)):
                 labels = {**hep.metadata.labels, ENFORCEMENT_LABEL: ENFORCE}
-                snapshot.host_endpoints[name] = replace(
-                    hep, metadata=replace(hep.metadata, labels=labels))
+                heps[name] = replace(hep, metadata=replace(hep.metadata, labels=labels))
+        snapshot = replace(snapshot, host_endpoints=heps)
     if promote is None:
         promote = tuple(r.name for r in manifests
                         if isinstance(r, StagedGlobalNetworkPolicy)) if manifests else "all"

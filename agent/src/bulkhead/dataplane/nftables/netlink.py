@@ -24,6 +24,7 @@ changed here lists exactly as if `nft -f` had written the new elements:
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import ipaddress
@@ -31,10 +32,10 @@ import itertools
 import os
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from bulkhead.dataplane.nftables.ruleset import NftSet
+from bulkhead.dataplane.nftables.ruleset import Elements, NftSet, delta
 from bulkhead.netlink import (
     NETLINK_CAP_ACK,
     NLM_F_ACK,
@@ -207,21 +208,33 @@ def encode_units(nft_set: NftSet, elements: Iterable[str] | None = None,
     return frozenset(_intervals(types[0], parsed, whole))
 
 
-def leading_end(nft_set: NftSet, elements: Iterable[str]) -> frozenset[Unit]:
+def leading_end(nft_set: NftSet, elements: Sequence[str]) -> frozenset[Unit]:
     """The end element at zero that `nft` puts first in an interval set of one field
-    whose lowest interval does not start at zero; empty for other sets."""
+    whose lowest interval does not start at zero; empty for other sets. `elements`:
+    sorted texts."""
     typ = nft_set.type.strip()
     if "interval" not in nft_set.flags or typ not in FIELD_BYTES or typ == "ifname":
         return frozenset()
-    texts = list(elements)
-    if not texts:
+    if not elements:
         return frozenset()
     # Only a text that begins with 0 or ':' can start at zero; parse just those.
-    for text in texts:
+    for text in _maybe_zero(elements):
         key = text.partition(" : ")[0].strip()
-        if key[:1] in ("0", ":") and _field_range(typ, key)[0] == 0:
+        if _field_range(typ, key)[0] == 0:
             return frozenset()
     return frozenset({(Element(bytes(FIELD_BYTES[typ]), NFT_SET_ELEM_INTERVAL_END),)})
+
+
+def _maybe_zero(elements: Sequence[str]) -> Iterator[str]:
+    """The texts of sorted `elements` that begin with 0 or ':' (two runs of a sorted
+    list, found by bisection: a patched list is not written out for them)."""
+    if isinstance(elements, Elements):
+        yield from (t for t in _maybe_zero(elements.root) if t not in elements.gone)
+        yield from (t for t in elements.came if t[:1] in ("0", ":"))
+        return
+    for first, after in (("0", "1"), (":", ";")):
+        lo = bisect.bisect_left(elements, first)
+        yield from (elements[i] for i in range(lo, bisect.bisect_left(elements, after, lo)))
 
 
 def _concatenated(types: Sequence[str], parsed: Sequence[tuple[list[str], tuple[str, str] | None]],
@@ -498,11 +511,19 @@ def set_changes(old: Iterable[NftSet], new: Iterable[NftSet]) -> list[Change]:
     out = []
     for s in new:
         previous = before[s.name]
-        if previous.elements == s.elements:
-            continue
         # Only the texts that changed are encoded: with 100,000 elements, parsing them
-        # all would cost more than the kernel's whole update.
-        old_texts, new_texts = (set(t) for t in _differing(previous.elements, s.elements))
+        # all would cost more than the kernel's whole update. Patched lists of one root
+        # say what changed; others are compared where they differ.
+        known = delta(previous.elements, s.elements)
+        if known is not None:
+            old_texts, new_texts = known
+        else:
+            if previous.elements == s.elements:
+                continue
+            old_texts, new_texts = (frozenset(t) for t in _differing(
+                tuple(previous.elements), tuple(s.elements)))
+        if not old_texts and not new_texts:
+            continue
         gone = encode_units(previous, old_texts - new_texts, whole=False)
         came = encode_units(s, new_texts - old_texts, whole=False)
         was_end, now_end = leading_end(previous, previous.elements), leading_end(s, s.elements)

@@ -414,7 +414,7 @@ class _Renderer:
             rule, family, self.plan.selector_sets, self.plan.named_ports))
 
     def compiled(self, key: tuple[object, ...], boxes: Sequence[tuple[Box, str]], family: int,
-                 verdicts: Mapping[str, str]) -> tuple[tuple[str, ...], bool, tuple[str, ...]]:
+                 verdicts: Mapping[str, str]) -> tuple[tuple[str, ...], bool, Sequence[str]]:
         """A run's (fields, interval, sorted element texts); with no fields, its one
         verdict for everything (no element: the run matches nothing)."""
         if self.cache is not None:

@@ -8,10 +8,118 @@ the whole table in one transaction.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import heapq
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from bulkhead.policy.trace import Decision
+
+
+class Elements(Sequence[str]):
+    """A set's sorted element texts as an earlier list (`root`) with some texts taken out
+    (`gone`) and some put in (`came`): the agent renders its table on every change, and
+    a change that moves one element of a map of 200,000 would otherwise copy and compare
+    the whole list twice (about 7 ms). The texts are written out only when read (a full
+    apply, a listing); `delta` tells the applier what changed between two lists of one
+    root without reading either.
+
+    `gone` is part of `root`, `came` is not, and they share nothing. When they grow past
+    a sixteenth of the root, the next patch starts from the written-out list."""
+
+    __slots__ = ("_texts", "came", "gone", "root")
+
+    def __init__(self, root: tuple[str, ...], gone: frozenset[str], came: frozenset[str]
+                 ) -> None:
+        self.root, self.gone, self.came = root, gone, came
+        self._texts: tuple[str, ...] | None = None if gone or came else root
+
+    @staticmethod
+    def patched(elements: Sequence[str], gone: Iterable[str], came: Iterable[str]
+                ) -> Elements:
+        """`elements` without `gone` (texts it holds) and with `came` (texts it lacks)."""
+        out, back = frozenset(gone), frozenset(came)
+        out, back = out - back, back - out          # taken out and put back: stays
+        if isinstance(elements, Elements) and \
+                len(elements.gone) + len(elements.came) <= _most(elements.root):
+            was_out, was_in = elements.gone, elements.came
+            return Elements(elements.root, (was_out - back) | (out - was_in),
+                            (was_in - out) | (back - was_out))
+        root = elements.texts() if isinstance(elements, Elements) else tuple(elements)
+        if len(out) + len(back) > _most(root):   # most of it: written out now
+            return Elements(tuple(sorted(set(root).difference(out).union(back))),
+                            frozenset(), frozenset())
+        return Elements(root, out, back)
+
+    def texts(self) -> tuple[str, ...]:
+        """The sorted texts, written out once."""
+        if self._texts is None:
+            kept = [t for t in self.root if t not in self.gone] if self.gone else self.root
+            self._texts = tuple(heapq.merge(kept, sorted(self.came)))
+        return self._texts
+
+    def __len__(self) -> int:
+        return len(self.root) - len(self.gone) + len(self.came)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[str, ...]: ...
+    def __getitem__(self, index: int | slice) -> str | tuple[str, ...]:
+        return self.texts()[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.texts())
+
+    def __contains__(self, text: object) -> bool:
+        return text in self.came or (text not in self.gone and text in self.texts())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Elements) and other.root is self.root:
+            return other.gone == self.gone and other.came == self.came
+        if isinstance(other, Sequence):
+            return len(self) == len(other) and self.texts() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.texts())
+
+    def __repr__(self) -> str:
+        return f"Elements({self.texts()!r})"
+
+
+def _most(root: Sequence[str]) -> int:
+    """How many texts a patch of `root` may name before the next starts from the whole."""
+    return max(64, len(root) // 16)
+
+
+def delta(old: Sequence[str], new: Sequence[str]
+          ) -> tuple[frozenset[str], frozenset[str]] | None:
+    """(texts only in `old`, texts only in `new`) when both are patches of one root (or
+    one is the other's root), read from their patches; None otherwise."""
+    if old is new:
+        return frozenset(), frozenset()
+    a = old if isinstance(old, Elements) else None
+    b = new if isinstance(new, Elements) else None
+    if b is not None and a is not None and a.root is b.root:
+        pass
+    elif b is not None and (old is b.root or (a is not None and a._texts is b.root)):
+        a = Elements(b.root, frozenset(), frozenset())
+    elif a is not None and (new is a.root or (b is not None and b._texts is a.root)):
+        b = Elements(a.root, frozenset(), frozenset())
+    else:
+        return None
+    assert a is not None and b is not None
+    # A text the patches do not name is in both or in neither.
+    named = a.gone | a.came | b.gone | b.came
+    in_root = a.gone | b.gone
+
+    def holds(e: Elements, text: str) -> bool:
+        return text in e.came or (text in in_root and text not in e.gone)
+
+    only_old = frozenset(t for t in named if holds(a, t) and not holds(b, t))
+    only_new = frozenset(t for t in named if holds(b, t) and not holds(a, t))
+    return only_old, only_new
 
 
 @dataclass(frozen=True)
@@ -19,7 +127,7 @@ class NftSet:
     name: str
     type: str                         # "ipv4_addr", "ipv4_addr . inet_proto . inet_service"
     flags: tuple[str, ...] = ()       # ("interval",)
-    elements: tuple[str, ...] = ()    # element text, sorted, as rendered
+    elements: Sequence[str] = ()      # element text, sorted, as rendered (or Elements)
     map_to: str | None = None         # "verdict" for a verdict map
 
     def declaration(self, with_elements: bool = True) -> str:
@@ -106,7 +214,8 @@ class Ruleset:
     def same(self, other: Ruleset) -> bool:
         """`body() == other.body()`, without writing either out."""
         return self.same_structure(other) and all(
-            s.elements == other.sets[name].elements for name, s in self.sets.items())
+            s.elements is other.sets[name].elements or s.elements == other.sets[name].elements
+            for name, s in self.sets.items())
 
     @property
     def digest(self) -> str:

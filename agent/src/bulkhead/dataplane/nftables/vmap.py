@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
+from bulkhead.dataplane.nftables.ruleset import Elements
 from bulkhead.net import BITS, AddressSet, Span, address_text, contains, intersection, merge
 from bulkhead.policy.plan import NamedPortEntry, RulePlan, SidePlan
 from bulkhead.selector import Selector
@@ -307,6 +308,19 @@ _Leaf = tuple[tuple[Sequence[Interval], ...], tuple[str, ...], "_Tree"]
 BIG = 1 << 129                  # past every value: a bisect key
 
 
+def _meeting(spans: Sequence[Interval], regions: Sequence[Interval]) -> Iterator[Interval]:
+    """The intervals of sorted, disjoint `spans` that meet one of `regions`."""
+    for lo, hi in regions:
+        at = bisect.bisect_left(spans, lo, key=_high)
+        while at < len(spans) and spans[at][0] <= hi:
+            yield spans[at]
+            at += 1
+
+
+def _high(span: Interval) -> int:
+    return span[1]
+
+
 class RunCompiler:
     """`compile_run` for one run compiled again and again (the agent renders its table on
     every change): what it answers is what `compile_run` would, as element texts, but a
@@ -324,7 +338,7 @@ class RunCompiler:
         self._refs: dict[int, object] = {}      # what the identities in the keys are of
         self._root: _Tree | None = None
         self._shape: tuple[object, ...] | None = None
-        self._elements: tuple[str, ...] = ()
+        self._elements: Sequence[str] = ()
         self._wide = 0                          # cells wider than one value in a field
         self._points: dict[int, tuple[object, bool]] = {}
         # The last compile's leaves (the last field's segments) by the boxes they are of.
@@ -334,7 +348,7 @@ class RunCompiler:
 
     def compile(self, boxes: Sequence[tuple[Box, str]], family: int,
                 verdicts: Mapping[str, str] = VERDICT, hints: Hints | None = None
-                ) -> tuple[tuple[str, ...], bool, tuple[str, ...]]:
+                ) -> tuple[tuple[str, ...], bool, Sequence[str]]:
         """(fields, interval, sorted element texts) of the run, as `compile_run` and
         `element_text` give them. `hints`: for an interval list that replaced another
         (by its id), the one it replaced and the ranges outside which the two are the
@@ -348,7 +362,7 @@ class RunCompiler:
         everything = _EVERYTHING[family]
         spans: list[list[Sequence[Interval]]] = [[b.get(f, everything[f]) for f in used]
                                                  for b, _ in boxes]
-        point = tuple(all(self._point(s[i]) for s in spans) for i in range(len(used)))
+        point = tuple(all(self._point(s[i], hints) for s in spans) for i in range(len(used)))
         shape = (family, used, point)
         if shape != self._shape:
             # Other fields, or a field that became (or stopped being) all points: what
@@ -369,7 +383,7 @@ class RunCompiler:
                  cell_verdicts: list[str], used: tuple[str, ...],
                  spans: list[list[Sequence[Interval]]], point: tuple[bool, ...],
                  shape: tuple[object, ...], hints: Hints | None
-                 ) -> tuple[tuple[str, ...], bool, tuple[str, ...]]:
+                 ) -> tuple[tuple[str, ...], bool, Sequence[str]]:
         refs: dict[int, object] = {}
 
         def key_of(x: Sequence[Interval]) -> object:
@@ -427,7 +441,7 @@ class RunCompiler:
 
         elements = self._elements
         if removed or added:
-            elements = _updated(
+            elements = Elements.patched(
                 elements, element_text(CompiledRun(used, tuple(removed), False), family),
                 element_text(CompiledRun(used, tuple(added), False), family))
         # Kept only now that everything is computed.
@@ -436,13 +450,19 @@ class RunCompiler:
         self._shape, self._elements = shape, elements
         return used, self._wide > 0, elements
 
-    def _point(self, spans: Sequence[Interval]) -> bool:
-        """Whether every interval is one value (kept per big list, by identity)."""
+    def _point(self, spans: Sequence[Interval], hints: Hints | None = None) -> bool:
+        """Whether every interval is one value (kept per big list, by identity). A big
+        list that replaced one of all points is read only in the ranges it changed in."""
         if isinstance(spans, tuple) and len(spans) > BY_IDENTITY:
             kept = self._points.get(id(spans))
             if kept is not None and kept[0] is spans:
                 return kept[1]
-            value = all(lo == hi for lo, hi in spans)
+            hint = hints.get(id(spans)) if hints else None
+            was = self._points.get(id(hint[0])) if hint is not None else None
+            if hint is not None and was is not None and was[0] is hint[0] and was[1]:
+                value = all(lo == hi for lo, hi in _meeting(spans, hint[1]))
+            else:
+                value = all(lo == hi for lo, hi in spans)
             if len(self._points) > 4096:
                 self._points.clear()
             self._points[id(spans)] = (spans, value)
@@ -566,18 +586,3 @@ def _diff(old: _Tree, new: _Tree, prefix: tuple[Interval, ...], last_depth: int,
     for segment, sub in new:
         if segment not in before and not isinstance(sub, str):
             _cells(sub, (*prefix, segment), last_depth, added)
-
-
-def _updated(elements: tuple[str, ...], gone: Sequence[str], came: Sequence[str]
-             ) -> tuple[str, ...]:
-    """The sorted `elements` without `gone` and with `came` (distinct texts)."""
-    if len(gone) + len(came) > len(elements) // 8:
-        return tuple(sorted(set(elements).difference(gone).union(came)))
-    out = list(elements)
-    for text in sorted(gone, reverse=True):
-        at = bisect.bisect_left(out, text)
-        if at < len(out) and out[at] == text:
-            del out[at]
-    for text in came:
-        bisect.insort(out, text)
-    return tuple(out)
