@@ -34,9 +34,12 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -210,6 +213,85 @@ def agent_counts(bed: Testbed) -> dict[str, Any]:
             if not k.startswith("bulkhead_agent_rule_hits_total")}
 
 
+# --------------------------------------------------------------------------- tracemalloc
+# The agent's own entry point with tracemalloc on: SIGUSR2 dumps a snapshot to the file
+# named by the first argument (the agent's flags follow). The agent is not changed.
+TRACED_AGENT = """
+import signal, sys, tracemalloc
+path = sys.argv.pop(1)
+tracemalloc.start({frames})
+signal.signal(signal.SIGUSR2, lambda *_: tracemalloc.take_snapshot().dump(path))
+from bulkhead.agent.main import main
+sys.exit(main())
+"""
+
+
+def start_traced_agent(bed: Testbed, settings: dict[str, Any], dump: Path,
+                       frames: int) -> subprocess.Popen[bytes]:
+    """Replace the testbed's agent by one under tracemalloc (same config and log)."""
+    bed.stop_agent(HOST)
+    config = bed.agent_config(HOST, bed.failsafe_defaults, **settings)
+    proc = bed.lab.spawn(HOST, [sys.executable, "-c", TRACED_AGENT.format(frames=frames),
+                                str(dump), "--config", str(config)],
+                         bed.dir / f"agent-{HOST}.log")
+    bed.agents[HOST] = proc
+    return proc
+
+
+def take_snapshot(pid: int, dump: Path, timeout: float = 120.0) -> tracemalloc.Snapshot:
+    dump.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    size = -1
+    while True:   # written when its size stops growing
+        time.sleep(0.5)
+        now = dump.stat().st_size if dump.exists() else -1
+        if now > 0 and now == size:
+            return tracemalloc.Snapshot.load(str(dump))
+        if time.monotonic() > deadline:
+            raise RuntimeError("the agent wrote no tracemalloc snapshot")
+        size = now
+
+
+def breakdown(snap: tracemalloc.Snapshot, top: int) -> dict[str, Any]:
+    """Where the live Python memory was allocated: by line, by file, and by the deepest
+    bulkhead frame of each allocation (the agent's code that asked for it, whichever
+    library did the allocating)."""
+    src = str(Path(__file__).resolve().parents[1] / "src") + os.sep
+
+    def short(name: str) -> str:
+        return name[len(src):] if name.startswith(src) else \
+            name.rsplit("site-packages" + os.sep, 1)[-1]
+
+    by_line = snap.statistics("lineno")
+    by_file = snap.statistics("filename")
+    owners: dict[str, list[int]] = {}
+    for stat in snap.statistics("traceback"):
+        if any(f.filename.startswith("<frozen importlib") for f in stat.traceback):
+            where = "(importing modules)"
+        else:
+            frame = next((f for f in reversed(stat.traceback)   # the most recent first
+                          if f.filename.startswith(src)), stat.traceback[-1])
+            where = f"{short(frame.filename)}:{frame.lineno}"
+        entry = owners.setdefault(where, [0, 0])
+        entry[0] += stat.size
+        entry[1] += stat.count
+    ranked = sorted(owners.items(), key=lambda kv: -kv[1][0])
+    files: dict[str, int] = {}
+    for where, (size, _) in owners.items():
+        files[where.rsplit(":", 1)[0]] = files.get(where.rsplit(":", 1)[0], 0) + size
+    return {
+        "traced_mib": sum(s.size for s in by_file) / MIB / 1024,
+        "by_file": [{"file": short(str(s.traceback[0].filename)),
+                     "mib": s.size / MIB / 1024, "blocks": s.count} for s in by_file[:top]],
+        "by_line": [{"line": f"{short(s.traceback[0].filename)}:{s.traceback[0].lineno}",
+                     "mib": s.size / MIB / 1024, "blocks": s.count} for s in by_line[:top]],
+        "by_bulkhead_caller": [{"line": k, "mib": v[0] / MIB / 1024, "blocks": v[1]}
+                               for k, v in ranked[:top]],
+        "by_bulkhead_file": [{"file": k, "mib": v / MIB / 1024} for k, v in
+                             sorted(files.items(), key=lambda kv: -kv[1])[:top]]}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = dict(USER_DEFAULTS)
     if args.flow_logs:
@@ -222,12 +304,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "selecting_node": args.selecting},
         "settings": settings}
     with Testbed(args.lab, [HOST], agent_hosts=[HOST], agent_settings=settings) as bed:
-        proc = bed.agents[HOST]
+        dump = bed.dir / "agent.tracemalloc"
+        proc = (start_traced_agent(bed, settings, dump, args.tracemalloc)
+                if args.tracemalloc else bed.agents[HOST])
         pid = proc.pid
         # An empty store (but the marker) applied: the agent's baseline.
         bed.wait_converged(bed.replace_all([], "empty"), timeout=args.timeout)
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if not any(part.endswith(b"bulkhead-agent") for part in cmdline[1:2]):
+        if not args.tracemalloc and \
+                not any(part.endswith(b"bulkhead-agent") for part in cmdline[1:2]):
             raise RuntimeError(f"pid {pid} is not the agent: {cmdline!r}")
         results["rss_start_mib"] = rss_mib(pid)
         docs = store(args, bed.lab.address(HOST))
@@ -242,6 +327,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "rss_file_mib": mem.get("RssFile", 0) / MIB,
                            "threads": mem.get("Threads", 0),
                            "children": len(children(pid))}
+        if args.tracemalloc:
+            results["tracemalloc"] = breakdown(take_snapshot(pid, dump), args.top)
         if args.churn_seconds > 0:
             results["churn"] = churn(bed, pid, docs, args.churn_seconds, args.churn_rate,
                                      args.timeout)
@@ -283,6 +370,17 @@ def report(r: dict[str, Any]) -> str:
             "after the last write")
     lines.append(f"  peak RSS (VmHWM) {r['peak_rss_mib']:.1f} MiB; calico-node: "
                  "240-270 MiB, 0.12-0.17 core")
+    t = r.get("tracemalloc")
+    if t:
+        lines.append(f"  tracemalloc: {t['traced_mib']:.1f} MiB of Python objects live; "
+                     "by the agent's line that asked for them:")
+        lines.extend(f"    {e['mib']:7.2f} MiB {e['blocks']:8d} blocks  {e['line']}"
+                     for e in t["by_bulkhead_caller"])
+        lines.append("  by the agent's file that asked for them:")
+        lines.extend(f"    {e['mib']:7.2f} MiB  {e['file']}" for e in t["by_bulkhead_file"])
+        lines.append("  by file that allocated:")
+        lines.extend(f"    {e['mib']:7.2f} MiB {e['blocks']:8d} blocks  {e['file']}"
+                     for e in t["by_file"])
     return "\n".join(lines)
 
 
@@ -304,6 +402,11 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds the agent may take to apply a revision")
     parser.add_argument("--flow-logs", action="store_true", help="turn flow logs on")
+    parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                        help="run the agent under tracemalloc (FRAMES frames a trace) and "
+                        "report where its memory was allocated at the end of the idle "
+                        "window; its RSS and CPU figures are then tracemalloc's too")
+    parser.add_argument("--top", type=int, default=25, help="lines of the breakdown")
     parser.add_argument("--lab", default="fprint", help="lab name (not starting with t)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
