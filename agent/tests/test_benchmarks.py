@@ -89,3 +89,20 @@ def test_soak_benchmark_runs_small() -> None:
     assert results["events_delivered"] > 0
     assert results["store_end_mib"] > results["store_start_mib"] > 0
     assert results["failures"] == [] and not results["server_died"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for the lab's network namespaces")
+def test_footprint_benchmark_runs_small() -> None:
+    from tests.labfixture import unique_lab_name
+
+    results = run_json("footprint.py", "--policies", "20", "--heps", "50", "--elements", "100",
+                       "--selecting", "4", "--idle-seconds", "2", "--churn-seconds", "2",
+                       "--churn-rate", "4", "--settle", "0.5", "--lab", unique_lab_name())
+    assert results["sizes"]["policies"] == 20 and results["sizes"]["host_endpoints"] == 51
+    # A Python agent: more than its interpreter, less than the goal's ceiling times four.
+    assert 10 < results["rss_mib"] <= results["peak_rss_mib"] < 256
+    assert results["churn_rss_mib"] <= results["peak_rss_mib"]
+    assert 0 <= results["idle_core"] < 1 and 0 < results["churn_core"] < 2
+    assert results["idle"]["samples"] >= 2 and results["churn"]["writes"] == 8
+    assert results["agent_metrics"]["bulkhead_agent_applied_revision"] == \
+        results["load"]["revision"] + 8
