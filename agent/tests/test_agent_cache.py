@@ -3,6 +3,7 @@ server is down; a corrupt cache is reported and ignored."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,11 @@ def test_the_cache_keeps_the_items_and_revision(tmp_path: Path) -> None:
     cached = load_cache(tmp_path / "state")
     assert cached is not None and cached.revision == 9
     assert [i["metadata"]["name"] for i in cached.items] == ["a", "b"]
+    # Items given as JSON text (as the agent keeps them) are written as they are.
+    save_cache(tmp_path / "state", NODE, 10, [json.dumps(gnp("c")).encode(), gnp("d")])
+    cached = load_cache(tmp_path / "state")
+    assert cached is not None and cached.revision == 10 and cached.node == NODE
+    assert cached.items == [gnp("c"), gnp("d")]
     cache_path(tmp_path / "state").write_text("[]")
     with pytest.raises(CacheError):
         load_cache(tmp_path / "state")

@@ -4,6 +4,7 @@ enforcer with their revisions; the desired state leaves invalid objects out."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,14 @@ def test_changes_build_from_the_last_snapshot_and_say_what_changed() -> None:
     assert (snapshot, errors) == state.build()
     state.replace(state.items())          # the same objects again: nothing changed
     assert state.changes()[2] == set()
+    version = state.version               # an event that changes nothing (keys in
+    state.apply([event(json.loads(json.dumps(gnp("b"), sort_keys=True)))])  # another order)
+    assert state.version == version and state.changes()[2] == set()
+    # Kept as compact JSON text, keys sorted: what the cache is written from.
+    assert state.texts() == [json.dumps(d, separators=(",", ":"), sort_keys=True).encode()
+                             for d in state.items()]
+    assert [json.loads(t)["metadata"]["name"] for t in state.texts()] == \
+        ["a", "b", "web-1", "x"]          # x is invalid: kept, left out of the snapshot
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets() -> None:

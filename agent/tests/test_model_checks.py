@@ -14,7 +14,7 @@ from bulkhead.model import (
     PortRange,
     parse_resource,
 )
-from bulkhead.model.checks import check_cidr
+from bulkhead.model.checks import check_cidr, check_ip, check_rule_net
 from bulkhead.model.errors import ValidationError
 from bulkhead.model.reader import Reader
 from tests.modelfixture import gnp
@@ -57,3 +57,46 @@ def test_cidrs_are_read_and_written_as_netaddr_does(address: str, prefix: str) -
     except ValidationError:
         got = None
     assert got == want, value
+
+
+ADDRESSES = st.one_of(
+    st.integers(0, 2**32 - 1).map(lambda v: str(ipaddress.IPv4Address(v))),
+    st.integers(0, 2**128 - 1).map(lambda v: str(ipaddress.IPv6Address(v))),
+    st.integers(0, 2**32 - 1).map(lambda v: f"::ffff:{ipaddress.IPv4Address(v)}"),
+    st.integers(0, 2**16 - 1).map(lambda v: f"2001:2:0:0:0:0:0:{v:X}"),
+    st.sampled_from(["1.2.3", "01.2.3.4", "1.2.3.4.5", "::g", "x", "", "1.2.3.4/32",
+                     " 1.2.3.4", "1.2.3.4 ", "fe80::1%eth0", "::", "0.0.0.0"]))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(ADDRESSES)
+def test_addresses_are_read_and_written_as_netaddr_does(value: str) -> None:
+    """check_ip (inet_pton and inet_ntop) answers what netaddr with INET_PTON did."""
+    try:
+        want: str | None = str(netaddr.IPAddress(value, flags=netaddr.INET_PTON))
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        want = None
+    try:
+        got: str | None = check_ip(Reader("HostEndpoint", "h", "spec.expectedIPs[0]", value),
+                                   value)
+    except ValidationError:
+        got = None
+    assert got == want, value
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(ADDRESSES, st.sampled_from(["", "/0", "/8", "/24", "/32", "/64", "/128"]))
+def test_rule_nets_refuse_host_bits_as_netaddr_finds_them(address: str, prefix: str) -> None:
+    value = address + prefix
+    reader = Reader("GlobalNetworkPolicy", "p", "spec.ingress[0].source.nets[0]", value)
+    try:
+        canonical = check_cidr(reader, value)
+    except ValidationError:
+        return
+    try:
+        got: str | None = check_rule_net(reader, value)
+    except ValidationError:
+        got = None
+    host_bits = netaddr.IPAddress(value.partition("/")[0]) != \
+        netaddr.IPNetwork(canonical).network
+    assert got == (None if "/" not in value or host_bits else canonical), value

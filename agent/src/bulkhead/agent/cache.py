@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,16 @@ def cache_path(state_dir: str | Path) -> Path:
 
 
 def save_cache(state_dir: str | Path, node: str, revision: int,
-               items: list[dict[str, Any]]) -> Path:
-    """Write the cache atomically; raises OSError when the disk refuses."""
+               items: Sequence[Mapping[str, Any] | bytes]) -> Path:
+    """Write the cache atomically; raises OSError when the disk refuses. An item is an
+    object, or its JSON text (written as it is: the agent keeps its objects as text)."""
     directory = Path(state_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({"format": FORMAT, "node": node, "revision": revision,
-                       "items": items}, separators=(",", ":")).encode()
+    head = json.dumps({"format": FORMAT, "node": node, "revision": revision},
+                      separators=(",", ":")).encode()
+    body = b"".join([head[:-1], b',"items":[', b",".join(
+        item if isinstance(item, bytes) else json.dumps(item, separators=(",", ":")).encode()
+        for item in items), b"]}"])
     fd, tmp = tempfile.mkstemp(prefix=".snapshot.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -35,6 +35,7 @@ from bulkhead.agent.cache import CacheError, cache_path, load_cache, save_cache
 from bulkhead.agent.config import AgentConfig
 from bulkhead.agent.enforcer import EnforceError, Enforcer, EnforceReport
 from bulkhead.agent.flowlogs import FlowLogs
+from bulkhead.agent.memory import give_back
 from bulkhead.agent.metrics import MetricsServer, MetricsView
 from bulkhead.agent.status import Counters, post_status, status_body
 from bulkhead.agent.sync import (
@@ -166,13 +167,15 @@ class Agent:
                 for message in object_errors:
                     log.error(message, extra={"fields": {"revision": revision}})
             self.object_errors = object_errors
-            items = self.state.items()
+            items = self.state.texts()
             # After a failed apply the kernel may hold anything older: tell it everything.
             told = changed if self._applied is not None and self.apply_error is None \
                 else None
 
             def apply() -> tuple[EnforceReport, str | None]:
                 report = self.enforcer.enforce(snapshot, revision, told)
+                if told is None:
+                    give_back()     # a calculation from scratch dropped far more than it kept
                 if not write_cache:
                     return report, None
                 try:

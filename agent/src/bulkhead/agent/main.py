@@ -28,6 +28,7 @@ import aiohttp
 from bulkhead.agent.config import DEFAULT_CONFIG, FLAGS, AgentConfig, ConfigError, load_config
 from bulkhead.agent.daemon import Agent, AgentError
 from bulkhead.agent.enforcer import Enforcer
+from bulkhead.agent.memory import limit_arenas
 from bulkhead.agent.sync import SyncError
 from bulkhead.logs import setup_logging
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None, *,
     setup_logging(config.log_level)
     if args.flush_dns_cache:
         return _flush_dns(config)
+    limit_arenas()          # before any thread starts (see bulkhead.agent.memory)
     try:
         agent = Agent(config, (make_enforcer or default_enforcer)(config))
         if args.dry_run:
