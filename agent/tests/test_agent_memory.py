@@ -34,3 +34,31 @@ def test_the_arena_limit_is_taken_and_trim_gives_pages_back() -> None:
     peak, before, after = map(int, out)
     # KiB: freeing alone left most of the 50 MB in the process; the trim gave it back.
     assert before - after > 20_000, (peak, before, after)
+
+
+def test_settle_freezes_what_is_kept_and_the_next_settle_frees_its_cycles() -> None:
+    import gc
+    import weakref
+
+    from bulkhead.agent.memory import settle
+
+    class Node:
+        def __init__(self) -> None:
+            self.me = self          # a reference cycle: only the collector frees it
+
+    try:
+        garbage = Node()
+        gone = weakref.ref(garbage)
+        kept = Node()
+        held = weakref.ref(kept)
+        del garbage
+        settle()
+        assert gone() is None                 # garbage before the settle: collected
+        assert gc.get_freeze_count() > 0      # what is left is frozen
+        del kept
+        gc.collect()
+        assert held() is not None             # frozen: the collector does not see it
+        settle()
+        assert held() is None                 # the next settle unfreezes and collects
+    finally:
+        gc.unfreeze()

@@ -344,6 +344,9 @@ class RunCompiler:
         # The last compile's leaves (the last field's segments) by the boxes they are of.
         self._leaves: dict[tuple[int, ...], _Leaf] = {}
         self.cut_again = 0                      # subtrees cut (not taken from the memo)
+        # The last compile's boxes and answer: the same box objects again, the same answer.
+        self._last: tuple[int, tuple[tuple[Box, str], ...], dict[str, str],
+                          tuple[tuple[str, ...], bool, Sequence[str]]] | None = None
         self.patched = 0                        # leaves cut again only where they moved
 
     def compile(self, boxes: Sequence[tuple[Box, str]], family: int,
@@ -353,6 +356,12 @@ class RunCompiler:
         `element_text` give them. `hints`: for an interval list that replaced another
         (by its id), the one it replaced and the ranges outside which the two are the
         same; a leaf of the tree made of such lists is cut again only in those ranges."""
+        last = self._last
+        if last is not None and last[0] == family and len(last[1]) == len(boxes) and \
+                last[2] == verdicts and \
+                all(a[0] is b[0] and a[1] == b[1] for a, b in zip(last[1], boxes, strict=True)):
+            return last[3]      # the same box objects: nothing moved (their lists are theirs)
+        self._last = None
         used = tuple(f for f in FIELDS if any(f in b for b, _ in boxes))
         cell_verdicts = [verdicts[action] for _, action in boxes]
         if not boxes or not used:
@@ -369,13 +378,17 @@ class RunCompiler:
             # was cut before is grouped otherwise now. Start again.
             self._forget()
         try:
-            return self._compile(boxes, family, cell_verdicts, used, spans, point, shape,
-                                 hints)
+            answer = self._compile(boxes, family, cell_verdicts, used, spans, point, shape,
+                                   hints)
         except BaseException:
             self._forget()       # half done: nothing kept may be trusted
             raise
+        # The boxes are kept with the answer, so their ids stay theirs.
+        self._last = (family, tuple(boxes), dict(verdicts), answer)
+        return answer
 
     def _forget(self) -> None:
+        self._last = None
         self._memo, self._refs, self._root, self._leaves = {}, {}, None, {}
         self._shape, self._elements, self._wide = None, (), 0
 
