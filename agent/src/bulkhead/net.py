@@ -107,7 +107,7 @@ def cidr_blocks(span: Span, family: int) -> Iterator[tuple[int, int]]:
         lo += size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AddressSet:
     """Addresses of both families, each as sorted, disjoint, non-adjacent spans."""
 

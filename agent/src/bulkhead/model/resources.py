@@ -54,7 +54,7 @@ def _prune(d: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- metadata
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Metadata:
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -100,7 +100,7 @@ def _timestamp(r: Reader) -> str | None:
 
 
 # ------------------------------------------------------------------------------ rules
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ICMPMatch:
     type: int | None = None
     code: int | None = None
@@ -109,7 +109,7 @@ class ICMPMatch:
         return _prune({"type": self.type, "code": self.code})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EntityRule:
     """A rule's `source` or `destination`: every criterion given must hold."""
 
@@ -136,7 +136,7 @@ class EntityRule:
         })
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rule:
     action: str
     protocol: str | int | None = None
@@ -290,7 +290,7 @@ def _check_rule(r: Reader, rule: Rule) -> None:
 
 
 # --------------------------------------------------------------------------- policies
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PolicySpec:
     """The spec of a GlobalNetworkPolicy or a StagedGlobalNetworkPolicy."""
 
@@ -424,7 +424,7 @@ def _read_policy_spec(r: Reader, name: str, staged: bool) -> PolicySpec:
 
 
 # ------------------------------------------------------------------------------ kinds
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Resource:
     kind: ClassVar[str] = ""
     metadata: Metadata
@@ -449,7 +449,7 @@ class Resource:
         return (self.kind, self.name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointPort:
     name: str
     protocol: str | int
@@ -459,7 +459,7 @@ class EndpointPort:
         return {"name": self.name, "protocol": self.protocol, "port": self.port}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HostEndpoint(Resource):
     kind: ClassVar[str] = "HostEndpoint"
     node: str = ""
@@ -476,7 +476,7 @@ class HostEndpoint(Resource):
         })
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GlobalNetworkPolicy(Resource):
     kind: ClassVar[str] = "GlobalNetworkPolicy"
     spec: PolicySpec = PolicySpec()
@@ -492,7 +492,7 @@ class GlobalNetworkPolicy(Resource):
         return self.name[len(prefix):] if self.name.startswith(prefix) else self.name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StagedGlobalNetworkPolicy(GlobalNetworkPolicy):
     kind: ClassVar[str] = "StagedGlobalNetworkPolicy"
     staged: ClassVar[bool] = True
@@ -507,7 +507,7 @@ class StagedGlobalNetworkPolicy(GlobalNetworkPolicy):
         return GlobalNetworkPolicy(metadata=meta, spec=replace(self.spec, staged_action=None))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tier(Resource):
     kind: ClassVar[str] = "Tier"
     order: float | None = None
@@ -517,7 +517,7 @@ class Tier(Resource):
         return _prune({"order": _order_out(self.order), "defaultAction": self.default_action})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GlobalNetworkSet(Resource):
     kind: ClassVar[str] = "GlobalNetworkSet"
     nets: tuple[str, ...] = ()
@@ -528,7 +528,7 @@ class GlobalNetworkSet(Resource):
                        "allowedEgressDomains": list(self.allowed_egress_domains)})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Profile(Resource):
     kind: ClassVar[str] = "Profile"
     ingress: tuple[Rule, ...] = ()

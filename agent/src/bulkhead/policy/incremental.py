@@ -63,7 +63,7 @@ class Calculator:
         self.incremental = 0               # changes folded into the kept plan
         self._snapshot: Snapshot | None = None
         self._interfaces: dict[str, list[str]] = {}
-        self._labels: dict[str, dict[str, str]] = {}
+        self._labels: dict[str, Mapping[str, str]] = {}
         self._members: dict[Selector, dict[Member, Spans]] = {}
         # A network set's nets as parsed, with the nets they were parsed from.
         self._set_spans: dict[str, tuple[tuple[str, ...], Spans]] = {}

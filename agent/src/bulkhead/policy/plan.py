@@ -48,7 +48,7 @@ DIRECTIONS = (INGRESS, EGRESS)
 
 
 # ------------------------------------------------------------------------------ plans
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SidePlan:
     """A rule's source or destination: its nets as address spans, its selectors parsed
     (their addresses in NodePlan.selector_sets)."""
@@ -70,7 +70,7 @@ class SidePlan:
                     or self.not_named_ports or self.domains)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RulePlan:
     action: str                    # Allow | Deny | Pass | Log
     where: str                     # "policy db-ingress ingress rule 0", for comments and logs
@@ -86,7 +86,7 @@ class RulePlan:
     direction: str = INGRESS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TierPlan:
     name: str
     default_action: str            # Deny | Pass
@@ -94,7 +94,7 @@ class TierPlan:
     rules: tuple[RulePlan, ...]    # their rules, in policy order then rule order
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PolicyPlan:
     """An untracked or pre-DNAT policy: its Allow or Deny is final, no match falls through.
     `untracked` (doNotTrack) policies are also enforced before connection tracking."""
@@ -105,20 +105,20 @@ class PolicyPlan:
     tier: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProfilePlan:
     name: str
     rules: tuple[RulePlan, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirectionPlan:
     early: tuple[PolicyPlan, ...] = ()
     tiers: tuple[TierPlan, ...] = ()
     profiles: tuple[ProfilePlan, ...] = ()   # none: Deny after the tiers
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointPlan:
     name: str
     interfaces: tuple[str, ...]    # ("*",) for every interface of the host
@@ -179,7 +179,7 @@ def calculate(snapshot: Snapshot, node: str, interfaces: Mapping[str, Sequence[s
 def calculation(snapshot: Snapshot, node: str, interfaces: Mapping[str, Sequence[str]],
                 failsafes: Failsafes | None = None, staged: bool = False,
                 default_mode: str = ENFORCE
-                ) -> tuple[NodePlan, dict[str, dict[str, str]],
+                ) -> tuple[NodePlan, dict[str, Mapping[str, str]],
                            dict[Selector, dict[Member, Spans]]]:
     """The plan for `node`. `interfaces` maps the host's interface names to their
     addresses (used for endpoints that give expectedIPs but no interfaceName).

@@ -36,16 +36,21 @@ from bulkhead.model.checks import protocol_number
 from bulkhead.model.snapshot import order_key
 
 
-def effective_labels(snapshot: Snapshot, hep: HostEndpoint) -> dict[str, str]:
+def effective_labels(snapshot: Snapshot, hep: HostEndpoint) -> Mapping[str, str]:
     """The endpoint's labels, then its profiles' labelsToApply: the first value of a
-    key wins. A profile that does not exist adds nothing."""
-    merged = dict(hep.labels)
+    key wins. A profile that does not exist adds nothing. (The endpoint's own mapping
+    when no profile adds a label: not a copy per endpoint. Read, never written.)"""
+    merged: dict[str, str] | None = None
     for name in hep.profiles:
         profile = snapshot.profiles.get(name)
-        if profile is not None:
-            for key, value in profile.labels_to_apply.items():
-                merged.setdefault(key, value)
-    return merged
+        if profile is None:
+            continue
+        for key, value in profile.labels_to_apply.items():
+            if key not in hep.labels and (merged is None or key not in merged):
+                if merged is None:
+                    merged = dict(hep.labels)
+                merged[key] = value
+    return hep.labels if merged is None else merged
 
 
 def enforcement_mode(labels: Mapping[str, str], default: str = ENFORCE) -> str:
