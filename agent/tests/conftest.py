@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib.util
 import shutil
 import ssl
@@ -34,6 +35,14 @@ def no_state_left_on_the_machine() -> Iterator[None]:
     assert existed or not DEFAULT_STATE_DIR.exists(), (
         f"a test created {DEFAULT_STATE_DIR}: start servers with flowLogs.path in the "
         "test's directory")
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_frozen() -> Iterator[None]:
+    """An agent in the test process settles its memory (gc.freeze, bulkhead.agent.memory):
+    the next test starts with every object in the collector's view again."""
+    yield
+    gc.unfreeze()
 
 
 class EtcdProcess:

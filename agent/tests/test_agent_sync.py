@@ -121,3 +121,38 @@ def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets() -> None:
     assert backoff.attempt == len(ceilings)
     backoff.reset()
     assert backoff.attempt == 0 and backoff.next() <= 0.2
+
+
+def test_an_object_too_deep_to_write_out_is_left_out_not_the_end_of_the_agent() -> None:
+    """json.loads (the watch reader) accepts nesting that writing the object back out,
+    a few frames deeper, does not: the object is reported and left out of the snapshot
+    and of the cache; the agent goes on."""
+    def loads(n: int) -> bool:
+        try:
+            json.loads("[" * n + "]" * n)
+            return True
+        except RecursionError:
+            return False
+
+    low, high = 1, 1 << 20       # the deepest nesting the decoder takes here
+    while low + 1 < high:
+        middle = (low + high) // 2
+        low, high = (middle, high) if loads(middle) else (low, middle)
+    deep: dict[str, Any] = {"apiVersion": API_VERSION, "kind": "HostEndpoint",
+                            "metadata": {"name": "x"},
+                            "spec": json.loads("[" * (low - 2) + "]" * (low - 2))}
+    state = DesiredState()
+    state.replace([gnp("a")])
+
+    def nested(levels: int) -> None:   # as deep in the stack as the daemon calls it
+        if levels:
+            return nested(levels - 1)
+        state.apply([{"type": "MODIFIED", "kind": "HostEndpoint", "name": "x",
+                      "object": deep}])
+        return None
+
+    nested(50)
+    snapshot, errors, _ = state.changes()
+    assert sorted(snapshot.policies) == ["a"] and "x" not in snapshot.host_endpoints
+    assert any("HostEndpoint x" in e and "nested too deeply" in e for e in errors), errors
+    assert [json.loads(t)["metadata"]["name"] for t in state.texts()] == ["a"]

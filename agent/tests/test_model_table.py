@@ -49,3 +49,19 @@ def test_a_table_that_grew_is_sharded_again() -> None:
     assert len(table) == 2_001
     assert len(table._shards) * len(table._shards) >= 2_001 // 4
     assert Table.of(table) is table
+
+
+def test_a_table_pickled_into_another_process_is_sharded_there() -> None:
+    """Shards follow this process's string hashes; a pickle carries the entries."""
+    import pickle
+    import subprocess
+    import sys
+
+    table = Table({f"h{i}": i for i in range(500)}).changed({"h5": -5}, ["h7"])
+    probe = ("import pickle, sys; t = pickle.loads(sys.stdin.buffer.read()); "
+             "assert t['h5'] == -5 and 'h7' not in t and len(t) == 499; "
+             "assert t == {f'h{i}': i for i in range(500) if i != 7} | {'h5': -5}")
+    for seed in ("1", "2"):
+        subprocess.run([sys.executable, "-c", probe], input=pickle.dumps(table),
+                       env={"PYTHONHASHSEED": seed, "PYTHONPATH": ":".join(sys.path)},
+                       check=True, timeout=60)

@@ -67,3 +67,17 @@ def test_set_changes_from_patched_lists_equal_those_from_whole_lists() -> None:
         assert [(c.delete, c.add) for c in got] == [
             (in_kernel_order(e for u in was - now for e in u),
              in_kernel_order(e for u in now - was for e in u))]
+
+
+def test_a_patch_naming_texts_it_cannot_move_moves_only_what_it_can() -> None:
+    """Taking out a text not held, or putting in one held, changes nothing: the
+    applier's delta never names an element that is not in one of the two lists."""
+    root = ("a", "b", "c")
+    one = Elements.patched(root, ["zz", "a"], ["b", "d"])
+    assert tuple(one) == ("b", "c", "d") and len(one) == 3
+    two = Elements.patched(one, ["a", "d"], ["c", "e"])
+    assert tuple(two) == ("b", "c", "e") and len(two) == 3
+    assert delta(one, two) == (frozenset({"d"}), frozenset({"e"}))
+    assert delta(root, two) == (frozenset({"a"}), frozenset({"e"}))
+    assert Elements.patched(root, [], []) == root and Elements(root, frozenset(),
+                                                                 frozenset()) != "abc"

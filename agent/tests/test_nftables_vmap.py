@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bulkhead.dataplane.nftables.vmap import Box, RunCompiler, compile_run, element_text
+from bulkhead.dataplane.nftables.vmap import VERDICT, Box, RunCompiler, compile_run, element_text
 
 intervals = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 4)).map(
     lambda t: (t[0], t[0] + t[1])), min_size=1, max_size=2)
@@ -106,3 +106,30 @@ def test_a_run_compiled_again_after_changes_is_compiled_from_scratch(
             spec[rule % len(spec)][0] = which
             spec[rule % len(spec)][1] = ("Allow", "Deny", "Pass")[rule % 3]
         check()
+
+
+def test_the_same_box_objects_again_answer_as_compile_run_does() -> None:
+    """RunCompiler answers the last answer for the same box objects, and only for them:
+    another family, other verdicts or other actions on the same boxes are compiled."""
+    first: Box = {"daddr": tuple((i, i) for i in range(0, 40, 2)),  # type: ignore[dict-item]
+                  "dport": [(80, 80)]}
+    second: Box = {"saddr": ((5, 9),)}  # type: ignore[dict-item]
+    swapped = {**VERDICT, "Allow": "drop", "Deny": "accept"}
+    steps: list[tuple[list[tuple[Box, str]], int, dict[str, str]]] = [
+        ([(first, "Allow"), (second, "Deny")], 4, dict(VERDICT)),
+        ([(first, "Allow"), (second, "Deny")], 4, dict(VERDICT)),
+        ([(first, "Allow"), (second, "Deny")], 6, dict(VERDICT)),
+        ([(first, "Deny"), (second, "Allow")], 6, dict(VERDICT)),
+        ([(first, "Deny"), (second, "Allow")], 6, swapped),
+        ([(second, "Allow")], 6, dict(VERDICT)), ([], 6, dict(VERDICT)),
+        ([(second, "Allow")], 6, dict(VERDICT))]
+    compiler = RunCompiler()
+    for k, (boxes, family, verdicts) in enumerate(steps):
+        cut = compiler.cut_again
+        fields, interval, elements = compiler.compile(list(boxes), family, verdicts)
+        want = compile_run(boxes, family, verdicts)
+        assert (fields, interval) == (want.fields, want.interval), k
+        assert tuple(elements) == (tuple(sorted(element_text(want, family))) if fields
+                                   else tuple(v for _, v in want.cells[:1])), k
+        if k == 1:
+            assert compiler.cut_again == cut      # the same objects: nothing cut again

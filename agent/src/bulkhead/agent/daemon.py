@@ -35,7 +35,7 @@ from bulkhead.agent.cache import CacheError, cache_path, load_cache, save_cache
 from bulkhead.agent.config import AgentConfig
 from bulkhead.agent.enforcer import EnforceError, Enforcer, EnforceReport
 from bulkhead.agent.flowlogs import FlowLogs
-from bulkhead.agent.memory import SETTLE_EVERY, settle
+from bulkhead.agent.memory import SETTLE_EVERY, SETTLE_GAP, settle
 from bulkhead.agent.metrics import MetricsServer, MetricsView
 from bulkhead.agent.status import Counters, post_status, status_body
 from bulkhead.agent.sync import (
@@ -85,6 +85,7 @@ class Agent:
         self._applied: int | None = None   # the state's version at the last good apply
         self._in_sync = False           # the kernel holds exactly self.state
         self._since_settle = 0          # applies since the last memory.settle()
+        self._settled = -SETTLE_GAP      # when it was (time.monotonic())
         self._resume = False            # watch from self.revision (not on first start)
         self._backoff = Backoff()
         self._kernel = threading.Lock()  # one enforcer call at a time, even if abandoned
@@ -176,9 +177,11 @@ class Agent:
             def apply() -> tuple[EnforceReport, str | None]:
                 report = self.enforcer.enforce(snapshot, revision, told)
                 self._since_settle += 1
-                if told is None or self._since_settle >= SETTLE_EVERY:
+                now = time.monotonic()
+                if (report.scratch and now - self._settled >= SETTLE_GAP) or \
+                        self._since_settle >= SETTLE_EVERY:
                     settle()       # see bulkhead.agent.memory
-                    self._since_settle = 0
+                    self._since_settle, self._settled = 0, now
                 if not write_cache:
                     return report, None
                 try:

@@ -27,6 +27,8 @@ class EnforceReport:
     # before (the agent's own watch) were not tracked, and conntrack now sees them
     # mid-stream, as new connections that policy may drop.
     created: bool = False
+    # The plan was calculated from scratch (not a change folded into the kept one).
+    scratch: bool = False
     # Flow logs: the NFLOG prefixes the applied table logs with, and what they name.
     decisions: dict[str, Decision] = field(default_factory=dict)
     # Domain sets: each set's name and the domain patterns it holds addresses for.

@@ -14,8 +14,9 @@ these do nothing and say so).
   without walking 700,000 kept objects: at 100,000 host endpoints a collection of the
   oldest generation took several milliseconds of a label change's ten. Objects frozen
   and later dropped are freed by their reference counts as before; only one caught in a
-  reference cycle waits for the next `settle` (each apply from scratch, and every
-  `SETTLE_EVERY` applies).
+  reference cycle waits for the next `settle` (after an apply from scratch, at most
+  once per `SETTLE_GAP` seconds: the collection holds the interpreter for 0.1-0.25 s
+  at 100,000 endpoints; and every `SETTLE_EVERY` applies).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import gc
 
 M_ARENA_MAX = -8      # mallopt's parameter number (glibc's malloc.h)
 SETTLE_EVERY = 1000   # applies between two settles when none is from scratch
+SETTLE_GAP = 10.0     # seconds at least between two settles after applies from scratch
 
 
 @functools.cache

@@ -52,6 +52,7 @@ class NftablesEnforcer:
         self.interfaces = interfaces or local_interfaces
         self.revision = 0
         self._snapshot: Snapshot | None = None
+        self.scratch = True     # the last plan was calculated from scratch
         self._by_address = False
         # The plan kept between changes, and what the last render kept for the next.
         self.calculator = Calculator(node, failsafes, default_mode)
@@ -71,6 +72,7 @@ class NftablesEnforcer:
             plan, moved = self.calculator.calculate(
                 snapshot, self.interfaces if changed is not None else self.interfaces(),
                 changed)
+            self.scratch = moved is None
             if moved is None:
                 # Only endpoints without interfaceName depend on the host's addresses.
                 self._by_address = any(h.node == self.node and not h.interface_name
@@ -112,6 +114,7 @@ class NftablesEnforcer:
         report = self._report(result, revision, ruleset)
         report.seconds = time.perf_counter() - start
         report.created = created
+        report.scratch = self.scratch
         return report
 
     def drift(self) -> str | None:

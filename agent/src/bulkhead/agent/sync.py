@@ -85,7 +85,7 @@ class DesiredState:
                 self._parsed.pop(key, None)
             elif isinstance(event.get("object"), dict):
                 text = _text(event["object"])
-                if self.objects.get(key) == text:
+                if text is not UNKEPT and self.objects.get(key) == text:
                     continue
                 self.objects[key] = text
                 self._parsed[key] = self._parse(key, text, event["object"])
@@ -96,12 +96,14 @@ class DesiredState:
                 self._dirty.add(key)
 
     def items(self) -> list[Doc]:
-        """The objects, decoded, in key order."""
-        return [json.loads(self.objects[k]) for k in sorted(self.objects)]
+        """The objects, decoded, in key order (those left out as UNKEPT too)."""
+        return [json.loads(text) for text in self.texts()]
 
     def texts(self) -> list[bytes]:
-        """The objects' JSON texts in key order (what the cache is written from)."""
-        return [self.objects[k] for k in sorted(self.objects)]
+        """The objects' JSON texts in key order (what the cache is written from). An
+        object that could not be written out is not in them: it is left out of every
+        snapshot anyway."""
+        return [self.objects[k] for k in sorted(self.objects) if self.objects[k]]
 
     def changes(self) -> tuple[Snapshot, list[str], set[Key] | None]:
         """The snapshot to enforce, the objects left out of it (one message each), and
@@ -142,9 +144,11 @@ class DesiredState:
     def _parse(self, key: Key, text: bytes, doc: Doc) -> tuple[bytes, Resource | str]:
         """(`text`, its parse): kept from before when the text is the same."""
         cached = self._parsed.get(key)
-        if cached is not None and cached[0] == text:
+        if cached is not None and cached[0] == text and text is not UNKEPT:
             return cached
         result: Resource | str
+        if text is UNKEPT:
+            return text, f"{key[0]} {key[1]}: the object is nested too deeply; left out"
         try:
             res = parse_resource(doc)
             result = res if (res.kind, res.name) == key else \
@@ -191,9 +195,17 @@ def _messages(errors: Mapping[Key, str]) -> list[str]:
     return [f"invalid object left out: {errors[k]}" for k in sorted(errors)]
 
 
+UNKEPT = b""    # the text of an object that could not be written back out
+
+
 def _text(doc: Doc) -> bytes:
-    """An object's JSON text: compact, keys sorted (equal objects, equal texts)."""
-    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    """An object's JSON text: compact, keys sorted (equal objects, equal texts); UNKEPT
+    when it cannot be written (nested deeper than the encoder goes: such an object is
+    left out and reported, never the end of the agent)."""
+    try:
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    except (RecursionError, ValueError, TypeError):
+        return UNKEPT
 
 
 def _key(doc: Doc) -> Key:

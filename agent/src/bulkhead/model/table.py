@@ -110,3 +110,7 @@ class Table(Mapping[str, V]):
 
     def __repr__(self) -> str:
         return f"Table({dict(self.items())!r})"
+
+    def __reduce__(self) -> tuple[type[Table[V]], tuple[dict[str, V]]]:
+        # Sharded by this process's string hashes: another process shards anew.
+        return (Table, (dict(self.items()),))

@@ -7,6 +7,7 @@ the whole table in one transaction.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -40,6 +41,10 @@ class Elements(Sequence[str]):
         """`elements` without `gone` (texts it holds) and with `came` (texts it lacks)."""
         out, back = frozenset(gone), frozenset(came)
         out, back = out - back, back - out          # taken out and put back: stays
+        # Only what is held can go, only what is not can come: a caller's slip would
+        # otherwise become a wrong element batch.
+        out = frozenset(t for t in out if _holds(elements, t))
+        back = frozenset(t for t in back if not _holds(elements, t))
         if isinstance(elements, Elements) and \
                 len(elements.gone) + len(elements.came) <= _most(elements.root):
             was_out, was_in = elements.gone, elements.came
@@ -77,7 +82,7 @@ class Elements(Sequence[str]):
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Elements) and other.root is self.root:
             return other.gone == self.gone and other.came == self.came
-        if isinstance(other, Sequence):
+        if isinstance(other, tuple | list):
             return len(self) == len(other) and self.texts() == tuple(other)
         return NotImplemented
 
@@ -86,6 +91,15 @@ class Elements(Sequence[str]):
 
     def __repr__(self) -> str:
         return f"Elements({self.texts()!r})"
+
+
+def _holds(elements: Sequence[str], text: str) -> bool:
+    """Whether sorted `elements` hold `text` (by bisection; a patch by its sets)."""
+    if isinstance(elements, Elements):
+        return text in elements.came or (text not in elements.gone
+                                         and _holds(elements.root, text))
+    at = bisect.bisect_left(elements, text)
+    return at < len(elements) and elements[at] == text
 
 
 def _most(root: Sequence[str]) -> int:
