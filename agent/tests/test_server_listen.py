@@ -175,3 +175,25 @@ async def test_lean_tls_protocol_refuses_an_asyncio_without_max_size(
     monkeypatch.delattr(sslproto.SSLProtocol, "max_size")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     assert listen.lean_tls_protocol(asyncio.get_running_loop(), ctx, bytearray(1024)) is None
+
+
+async def test_a_burst_of_handshakes_ends_with_the_heap_trimmed(
+        served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once handshakes stop (none under way for TRIM_DELAY, at least TRIM_AFTER done),
+    the listener gives the C heap's free pages back, once per burst."""
+    assert listen.malloc_trim() is not None   # glibc (Debian)
+    monkeypatch.setattr(listen, "TRIM_AFTER", 4)
+    monkeypatch.setattr(listen, "TRIM_DELAY", 0.05)
+    calls: list[int] = []
+    served.listener.trim = lambda: calls.append(served.listener.handshaking)
+    connector = aiohttp.TCPConnector(ssl=served.client_ssl, limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        responses = await _watchers(served, session, 2)   # under TRIM_AFTER: no trim
+        await asyncio.sleep(0.3)
+        assert calls == []
+        responses += await _watchers(served, session, 6)
+        await asyncio.sleep(0.3)
+        assert calls == [0] and served.listener.trims == 1   # once, with none under way
+        served.release.set()
+        for r in responses:
+            r.close()

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import logging
 import resource
 import socket
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -90,6 +91,27 @@ def lean_tls_protocol(loop: asyncio.AbstractEventLoop, ssl_context: ssl.SSLConte
     return lean
 
 
+# A TLS handshake allocates far more than the connection keeps; a burst of them (agents
+# reconnecting after a restart) leaves that memory freed but scattered through the heap,
+# where the C allocator keeps it. Once a burst is over (TRIM_DELAY seconds after a
+# handshake ended with none under way, if TRIM_AFTER handshakes were done since the last
+# time), the free pages go back to the system.
+TRIM_DELAY = 0.5
+TRIM_AFTER = 64
+
+
+def malloc_trim() -> Callable[[], object] | None:
+    """glibc's `malloc_trim(0)` (free pages of the C heap back to the system), or None
+    where the C library has none (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
+
+
 def raise_nofile_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -139,6 +161,10 @@ class Listener:
         self._read_buffer = bytearray(SHARED_READ_BUFFER)
         self._tasks: set[asyncio.Task[None]] = set()
         self._over_limit = RateLimitedLog()
+        self.trim = malloc_trim()
+        self.trims = 0                # times the heap's free pages were given back
+        self._handshakes_untrimmed = 0
+        self._trim_handle: asyncio.TimerHandle | None = None
         self._no_fds = RateLimitedLog()
 
     @property
@@ -225,6 +251,18 @@ class Listener:
             raise
         finally:
             self.handshaking -= 1
+            self._handshakes_untrimmed += 1
+            if self.handshaking == 0 and self._trim_handle is None and self.trim and \
+                    self._handshakes_untrimmed >= TRIM_AFTER:
+                self._trim_handle = loop.call_later(TRIM_DELAY, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        if self.handshaking or self.trim is None:   # still under way: at its end
+            return
+        self._handshakes_untrimmed = 0
+        self.trim()
+        self.trims += 1
 
     async def _lean_handshake(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
                               tls_protocol: type[asyncio.BufferedProtocol]) -> None:
@@ -245,6 +283,9 @@ class Listener:
 
     async def close(self) -> None:
         """Stop accepting and drop connections still in their handshake."""
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+            self._trim_handle = None
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
