@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import sqlite3
 import threading
@@ -89,10 +88,14 @@ def _now() -> str:
 
 @dataclass
 class _Pending:
-    """A transaction waiting for the next group commit, and its caller's future."""
+    """A transaction for a group commit, and its caller's future (None: the caller
+    commits it itself)."""
     ops: list[Op]
     audit: Audit | None
-    done: asyncio.Future[TxResult]
+    done: asyncio.Future[TxResult] | None
+
+
+Outcome = tuple[TxResult, list[Event]] | Exception   # a transaction's, in a group commit
 
 
 class SQLiteStore:
@@ -120,7 +123,7 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._changed: asyncio.Condition | None = None
         self._pending: collections.deque[_Pending] = collections.deque()
-        self._committer: asyncio.Task[None] | None = None
+        self._committing = False   # a commit under way: transactions wait for the next
         # This process's committed events by revision, contiguous (see _feed_after).
         self._feed: collections.deque[tuple[int, list[Event]]] = collections.deque(
             maxlen=FEED_REVISIONS)
@@ -244,29 +247,34 @@ class SQLiteStore:
                 audit.entry(revision, result.changes))))
         return result, events
 
-    def _apply_group(self, group: list[_Pending]
-                     ) -> list[tuple[TxResult, list[Event]] | Exception]:
-        """Every transaction of `group`, in order, in one SQLite transaction: each in a
-        savepoint, undone alone if it raises (its outcome is then the exception), a
-        revision for each that applies. Returns once the commit is durable; raises
-        (nothing written) if the SQLite transaction itself fails."""
+    def _apply_group(self, group: list[_Pending]) -> list[Outcome]:
+        """Every transaction of `group`, in order, in one SQLite transaction, a revision
+        for each that applies; one that raises is undone alone (a savepoint each, when
+        there are several) and its outcome is the exception. Returns once the commit is
+        durable; raises (nothing written) if the SQLite transaction itself fails."""
         db = self._db
+        several = len(group) > 1
         db.execute("BEGIN IMMEDIATE")
         try:
             revision = self._meta("revision")
-            outcomes: list[tuple[TxResult, list[Event]] | Exception] = []
+            outcomes: list[Outcome] = []
             for pending in group:
-                db.execute("SAVEPOINT tx")
+                if several:
+                    db.execute("SAVEPOINT tx")
                 try:
                     outcome = self._apply_one(pending.ops, pending.audit, revision + 1)
                 except sqlite3.Error:
                     raise                      # the database's failure: the whole group's
                 except Exception as e:         # this transaction's own: undo it alone
+                    if not several:
+                        db.execute("ROLLBACK")
+                        return [e]
                     db.execute("ROLLBACK TO tx")
                     db.execute("RELEASE tx")
                     outcomes.append(e)
                     continue
-                db.execute("RELEASE tx")
+                if several:
+                    db.execute("RELEASE tx")
                 revision += 1
                 outcomes.append(outcome)
             db.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,))
@@ -283,57 +291,78 @@ class SQLiteStore:
             return TxResult(await self.revision())
         self.check_size(ops)
         loop = asyncio.get_running_loop()
-        pending = _Pending(list(ops), audit, loop.create_future())
-        self._pending.append(pending)
-        if self._committer is None:
-            # Its own task: a caller that is cancelled (its client left) does not stop
-            # the commits of the others.
-            self._committer = loop.create_task(self._commit_pending())
-        return await pending.done
+        if self._committing:   # a commit is under way: this one goes in the next
+            done: asyncio.Future[TxResult] = loop.create_future()
+            self._pending.append(_Pending(list(ops), audit, done))
+            return await done
+        # None under way: commit it from here, at once (what comes meanwhile waits).
+        self._committing = True
+        try:
+            outcome = (await self._commit_group([_Pending(list(ops), audit, None)]))[0]
+        finally:
+            self._commit_next(loop)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome[0]
+
+    def _commit_next(self, loop: asyncio.AbstractEventLoop) -> None:
+        """After a commit: the next group, if any, in a task of its own (so a caller that
+        is cancelled, its client gone, does not stop the commits of the others)."""
+        if self._pending:
+            loop.create_task(self._commit_pending())
+        else:
+            self._committing = False
+
+    async def _commit_group(self, group: list[_Pending]) -> list[Outcome]:
+        """Commit `group`, answer its callers' futures, wake the watchers."""
+        try:
+            outcomes: list[Outcome] = await self._run(self._apply_group, group)
+        except Exception as e:   # the commit failed: nothing of the group is written
+            outcomes = [Unavailable(f"the SQLite datastore could not commit ({e}); "
+                                    "nothing was written, try again")
+                        if isinstance(e, sqlite3.Error) else e for _ in group]
+        except BaseException:    # cancelled
+            for pending in group:
+                if pending.done is not None:
+                    pending.done.cancel()
+            raise
+        for pending, outcome in zip(group, outcomes, strict=True):
+            if pending.done is None or pending.done.done():
+                continue
+            if isinstance(outcome, Exception):
+                pending.done.set_exception(outcome)
+            else:
+                pending.done.set_result(outcome[0])
+        if any(not isinstance(o, Exception) for o in outcomes):
+            cond = self._condition()
+            async with cond:
+                cond.notify_all()
+        return outcomes
 
     async def _commit_pending(self) -> None:
-        """Commit what is pending, a group at a time, until nothing is: what arrives
-        during a commit goes in the next one."""
+        """Commit what is pending, a group at a time: what arrives during a commit goes
+        in the next one."""
+        loop = asyncio.get_running_loop()
         try:
-            while self._pending:
-                group: list[_Pending] = []
-                size = 0
-                while self._pending and (not group or size + len(self._pending[0].ops)
-                                         <= MAX_GROUP_OPS):
-                    pending = self._pending.popleft()
-                    if pending.done.cancelled():   # its caller left before it began
-                        continue
-                    group.append(pending)
-                    size += len(pending.ops)
-                if not group:
-                    continue
-                try:
-                    outcomes: list[tuple[TxResult, list[Event]] | Exception] = \
-                        await self._run(self._apply_group, group)
-                except Exception as e:   # the commit failed: nothing of the group is written
-                    outcomes = [Unavailable(f"the SQLite datastore could not commit ({e}); "
-                                            "nothing was written, try again")
-                                if isinstance(e, sqlite3.Error) else e for _ in group]
-                except BaseException:    # cancelled (the loop is stopping)
-                    for pending in group:
-                        pending.done.cancel()
-                    raise
-                for pending, outcome in zip(group, outcomes, strict=True):
-                    if pending.done.done():
-                        continue
-                    if isinstance(outcome, Exception):
-                        pending.done.set_exception(outcome)
-                    else:
-                        pending.done.set_result(outcome[0])
-                cond = self._condition()
-                async with cond:
-                    cond.notify_all()
-        finally:
-            self._committer = None
-            for pending in self._pending:   # only if this task was cancelled
-                if not pending.done.done():
+            group: list[_Pending] = []
+            size = 0
+            while self._pending and (not group or size + len(self._pending[0].ops)
+                                     <= MAX_GROUP_OPS):
+                pending = self._pending.popleft()
+                if pending.done is not None and pending.done.cancelled():
+                    continue   # its caller left before it began
+                group.append(pending)
+                size += len(pending.ops)
+            if group:
+                await self._commit_group(group)
+        except BaseException:
+            for pending in self._pending:   # cancelled: the loop is stopping
+                if pending.done is not None and not pending.done.done():
                     pending.done.set_exception(Unavailable("the datastore is closing"))
             self._pending.clear()
+            self._committing = False
+            raise
+        self._commit_next(loop)
 
     # -- this process's events, from memory --------------------------------------------
     def _to_feed(self, revisions: list[list[Event]]) -> None:
@@ -355,8 +384,12 @@ class SQLiteStore:
             first, last = self._feed[0][0], self._feed[-1][0]
             if not first <= after + 1 <= last + 1:
                 return None
-            return [e for revision, events in self._feed if revision > after
-                    for e in events]
+            newer: list[list[Event]] = []
+            for revision, events in reversed(self._feed):   # the newest few, not them all
+                if revision <= after:
+                    break
+                newer.append(events)
+        return [e for events in reversed(newer) for e in events]
 
     async def compact(self, keep_after: int) -> None:
         def run() -> None:
@@ -497,7 +530,8 @@ class SQLiteStore:
                 after = event.revision
 
     async def close(self) -> None:
-        if self._committer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._committer)
+        for _ in range(1000):   # let commits under way finish (at most about 10 s)
+            if not self._committing:
+                break
+            await asyncio.sleep(0.01)
         await self._run(self._db.close)
