@@ -1,11 +1,14 @@
 """Store and server benchmarks: every figure side by side in one run.
 
-    .venv/bin/python agent/benchmarks/server.py [--watchers 1000] [--changes 20] [--json]
+    .venv/bin/python agent/benchmarks/server.py [--watchers 1000] [--changes 20]
+        [--writes 500] [--writers 16] [--json]
 
 Needs `etcd` (Debian's etcd-server) on PATH; starts its own etcd and bulkhead-servers on
 127.0.0.1 and stops them. Figures:
-1. write throughput: sequential single-resource transactions per second, SQLite and etcd,
-   straight to the store and through the HTTPS API;
+1. write throughput: single-resource transactions per second, SQLite and etcd, straight
+   to the store and through the HTTPS API: one writer at a time (sequential), and
+   `--writers` writers at once (each its own task; through the API each its own
+   connection), both sides under the same conditions;
 2. watch notify latency: N agents watching one server (long-poll, and streaming), a change
    written, the time until each agent has it (p50, p99 over all agents and changes),
    SQLite and etcd;
@@ -120,6 +123,38 @@ async def api_writes(session: aiohttp.ClientSession, url: str, count: int) -> fl
                                 json=netset(f"api{i}-{time.time_ns()}")) as r:
             assert r.status == 201, await r.text()
     return count / (time.perf_counter() - start)
+
+
+async def store_writes_concurrent(store: Any, count: int, writers: int) -> float:
+    """`count` one-resource transactions from `writers` tasks at once."""
+    async def writer(w: int) -> None:
+        for i in range(w, count, writers):
+            await store.transaction([Op("put", "GlobalNetworkSet", f"c{i}",
+                                        netset(f"c{i}"))])
+    start = time.perf_counter()
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    return count / (time.perf_counter() - start)
+
+
+async def api_writes_concurrent(ssl_context: ssl.SSLContext, url: str, count: int,
+                                writers: int) -> float:
+    """`count` creates from `writers` clients at once, each on a connection of its own
+    (opened before the clock starts)."""
+    connector = aiohttp.TCPConnector(ssl=ssl_context, limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def warm() -> None:
+            async with session.get(url + "/healthz") as r:
+                await r.read()
+        await asyncio.gather(*(warm() for _ in range(writers)))
+
+        async def writer(w: int) -> None:
+            for i in range(w, count, writers):
+                async with session.post(url + "/v1/resources/GlobalNetworkSet",
+                                        json=netset(f"apic{i}-{time.time_ns()}")) as r:
+                    assert r.status == 201, await r.text()
+        start = time.perf_counter()
+        await asyncio.gather(*(writer(w) for w in range(writers)))
+        return count / (time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------ watching
@@ -250,14 +285,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             sqlite = SQLiteStore(tmp / "direct.db")
             results["store_writes_per_s"] = {
                 "sqlite": await store_writes(sqlite, args.writes)}
+            results["store_writes_concurrent_per_s"] = {
+                "sqlite": await store_writes_concurrent(sqlite, args.writes, args.writers)}
             await sqlite.close()
             etcd_store = EtcdStore([etcd.url], prefix="/direct/")
             results["store_writes_per_s"]["etcd"] = await store_writes(etcd_store, args.writes)
+            results["store_writes_concurrent_per_s"]["etcd"] = await store_writes_concurrent(
+                etcd_store, args.writes, args.writers)
             await etcd_store.close()
 
             admin_ssl = client_ssl(tmp, "bench-admin", "admin")
             agent_ssl = client_ssl(tmp, "bench-agent", "agent")
             results["api_writes_per_s"] = {}
+            results["api_writes_concurrent_per_s"] = {}
+            results["writers"] = args.writers
             results["watch"] = {}
             for backend, datastore in (("sqlite", f"sqlite://{tmp}/server.db"),
                                        ("etcd", f"etcd://127.0.0.1:{etcd.client_port}/srv")):
@@ -271,6 +312,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         if mode == "poll":
                             results["api_writes_per_s"][backend] = await api_writes(
                                 admin, server.url, args.writes)
+                            results["api_writes_concurrent_per_s"][backend] = \
+                                await api_writes_concurrent(admin_ssl, server.url,
+                                                            args.writes, args.writers)
                         results["watch"][f"{backend}-{mode}"] = await watchers_latency(
                             server.url, agent_ssl, admin, args.watchers, args.changes,
                             server.proc.pid, stream=mode == "stream")
@@ -295,6 +339,8 @@ def main() -> int:
     parser.add_argument("--watchers", type=int, default=1000)
     parser.add_argument("--changes", type=int, default=20)
     parser.add_argument("--writes", type=int, default=500)
+    parser.add_argument("--writers", type=int, default=16,
+                        help="writers at once for the concurrent write figures")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--server-logs", type=Path, metavar="DIR",
                         help="keep each server's log (level info) in DIR")
@@ -305,7 +351,11 @@ def main() -> int:
         return 0
     w, a = results["store_writes_per_s"], results["api_writes_per_s"]
     print(f"writes/s      store: sqlite {w['sqlite']:.0f}, etcd {w['etcd']:.0f};  "
-          f"HTTPS API: sqlite {a['sqlite']:.0f}, etcd {a['etcd']:.0f}")
+          f"HTTPS API: sqlite {a['sqlite']:.0f}, etcd {a['etcd']:.0f}  (one writer)")
+    w, a = results["store_writes_concurrent_per_s"], results["api_writes_concurrent_per_s"]
+    print(f"writes/s      store: sqlite {w['sqlite']:.0f}, etcd {w['etcd']:.0f};  "
+          f"HTTPS API: sqlite {a['sqlite']:.0f}, etcd {a['etcd']:.0f}  "
+          f"({args.writers} writers at once)")
     for backend, r in results["watch"].items():
         print(f"watch {backend:<12} {args.watchers} watchers x {args.changes} changes: "
               f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, all reached in "

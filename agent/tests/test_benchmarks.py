@@ -33,6 +33,10 @@ def test_server_benchmark_runs_small() -> None:
     for figures in results["watch"].values():
         assert 0 < figures["p50_ms"] <= figures["p99_ms"]
     assert results["fanout"]["etcd_watch_streams"] == {"direct": 20, "through_server": 1}
+    for figure in ("store_writes_per_s", "api_writes_per_s", "store_writes_concurrent_per_s",
+                   "api_writes_concurrent_per_s"):
+        assert set(results[figure]) == {"sqlite", "etcd"}
+        assert all(rate > 0 for rate in results[figure].values())
 
 
 def run_json(script: str, *args: str) -> Any:

@@ -923,6 +923,26 @@ def _events_body(revision: int, events: list[WireEvent]) -> bytes:
         b",".join(e.json for e in events) + b"]}"
 
 
+class _LastLine:
+    """The last streamed events line and what it answers (the revision it starts after,
+    the one it brings to): the watchers a change wakes all want the same one, so it is
+    built once and the same bytes are written to each."""
+
+    def __init__(self) -> None:
+        self.key: tuple[int, int] = (-1, -1)
+        self.last: WireEvent | None = None   # the same object: not a window refilled since
+        self.line = b""
+
+    def get(self, after: int, revision: int, events: list[WireEvent]) -> bytes:
+        if self.key != (after, revision) or self.last is not events[-1]:
+            self.key, self.last = (after, revision), events[-1]
+            self.line = _events_body(revision, events) + b"\n"
+        return self.line
+
+
+LAST_LINE = web.AppKey("last_line", _LastLine)
+
+
 async def watch(request: web.Request) -> web.StreamResponse:
     """`?revision=R&timeout=S`: the events after R, or a snapshot (without `revision`, on
     first contact, or when R is older than the server's window).
@@ -948,6 +968,7 @@ async def watch(request: web.Request) -> web.StreamResponse:
         after = hub.revision
         await response.write(_snapshot_body(hub) + b"\n")
     stopping = request.app[STOPPING]
+    last_line = request.app[LAST_LINE]
     # Every pass awaits the hub for at least MIN_HEARTBEAT seconds unless there is news,
     # and ends when the client is gone, its certificate is revoked, or the server stops
     # (agents reconnect elsewhere).
@@ -959,13 +980,13 @@ async def watch(request: web.Request) -> web.StreamResponse:
         if stopping.is_set():
             break
         if events is None:
-            after, line = hub.revision, _snapshot_body(hub)
+            after, line = hub.revision, _snapshot_body(hub) + b"\n"
         elif events:
-            after, line = revision, _events_body(revision, events)
+            after, line = revision, last_line.get(after, revision, events)
         else:
-            after, line = revision, b'{"type":"heartbeat","revision":%d}' % revision
+            after, line = revision, b'{"type":"heartbeat","revision":%d}\n' % revision
         try:
-            await response.write(line + b"\n")
+            await response.write(line)
         except ConnectionResetError:   # the agent closed the stream: its answer ends here
             request[CLIENT_GONE] = True
             break
@@ -1192,6 +1213,7 @@ def make_app(store: Datastore, hub: Hub, listener: Listener | None = None,
     app[STORE] = store
     app[HUB] = hub
     app[STOPPING] = asyncio.Event()
+    app[LAST_LINE] = _LastLine()
     if listener is not None:
         app[LISTENER] = listener
     app[METRICS] = {"requests": Counter()}

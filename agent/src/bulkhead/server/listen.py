@@ -6,19 +6,26 @@ asyncio's own `create_server` cannot count connections that never finish their h
 opens TCP connections and sends nothing would exhaust file descriptors unseen. Here every
 accepted socket is counted from `accept()` until it closes: during the handshake by this
 module, after it by aiohttp's `Server.connections`.
+
+Every connection's TLS layer reads its socket into one buffer shared by all of them,
+not into the 256 KiB buffer asyncio gives each SSL connection: with a thousand agents
+holding a streaming watch open, those buffers were most of the server's memory.
+`lean_tls_protocol` is the one place that leans on that detail of asyncio; it is checked
+when the listener starts, and without it connections are made as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import logging
 import resource
 import socket
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +34,82 @@ log = logging.getLogger("bulkhead.server.listen")
 
 RESERVED_FDS = 128          # kept for the datastore, log files, etcd connections, CRL reads
 OUT_OF_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# asyncio gives every TLS connection a read buffer of its own (256 KiB, allocated when
+# the connection is made, kept until it closes). The socket is read into that buffer and
+# the bytes are copied out at once, in the same call, to OpenSSL's input, so one buffer per
+# event loop serves every connection. DECRYPT_CHUNK: the most one decrypting read asks
+# for; a TLS record carries at most 16 KiB of data, so a larger read gains nothing.
+SHARED_READ_BUFFER = 256 * 1024
+DECRYPT_CHUNK = 16 * 1024
+
+
+def lean_tls_protocol(loop: asyncio.AbstractEventLoop, ssl_context: ssl.SSLContext,
+                      buffer: bytearray) -> type[asyncio.BufferedProtocol] | None:
+    """asyncio's server-side TLS protocol reading every connection's socket into
+    `buffer` (shared: no read buffer per connection), or None when this Python's asyncio
+    is not the one this was written for (the listener then makes connections with
+    `connect_accepted_socket(ssl=...)` and asyncio's buffers, as before).
+
+    This is the one place that relies on asyncio's internals: `SSLProtocol` (not a
+    documented API) sizes its buffer by its class attribute `max_size` and keeps it in
+    `_ssl_buffer`/`_ssl_buffer_view`; its transport calls `get_buffer`, `recv_into` and
+    `buffer_updated` in one go, and `buffer_updated` copies the bytes out at once, so
+    nothing is left in the buffer when another connection's read comes. The check builds
+    one instance, without a connection, and asks it for a buffer the way a transport does
+    (`get_buffer(-1)`, the documented protocol API): it must be `buffer`."""
+    view = memoryview(buffer)
+    try:
+        from asyncio import sslproto
+        base: Any = sslproto.SSLProtocol
+        if not isinstance(getattr(base, "max_size", None), int) or \
+                not issubclass(base, asyncio.BufferedProtocol):
+            raise TypeError("no SSLProtocol.max_size")
+
+        class LeanSSLProtocol(base):  # type: ignore[misc]
+            max_size = DECRYPT_CHUNK   # also the buffer __init__ makes, dropped at once
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self._ssl_buffer = buffer
+                self._ssl_buffer_view = view
+
+        probe = LeanSSLProtocol(loop, asyncio.Protocol(), ssl_context, None,
+                                server_side=True, ssl_handshake_timeout=1.0)
+        got = probe.get_buffer(-1)
+        shared = isinstance(got, memoryview) and got.obj is buffer and \
+            len(got) == len(buffer)
+        probe.connection_lost(None)   # marks its transport closed: no ResourceWarning
+    except Exception as e:  # any surprise means: do as asyncio does
+        log.warning("TLS read buffers: asyncio's SSLProtocol is not as expected (%s); "
+                    "every connection gets a buffer of its own", e)
+        return None
+    if not shared:
+        log.warning("TLS read buffers: asyncio's SSLProtocol did not take the shared "
+                    "buffer; every connection gets a buffer of its own")
+        return None
+    lean: type[asyncio.BufferedProtocol] = LeanSSLProtocol
+    return lean
+
+
+# A TLS handshake allocates far more than the connection keeps; a burst of them (agents
+# reconnecting after a restart) leaves that memory freed but scattered through the heap,
+# where the C allocator keeps it. Once a burst is over (TRIM_DELAY seconds after a
+# handshake ended with none under way, if TRIM_AFTER handshakes were done since the last
+# time), the free pages go back to the system.
+TRIM_DELAY = 0.5
+TRIM_AFTER = 64
+
+
+def malloc_trim() -> Callable[[], object] | None:
+    """glibc's `malloc_trim(0)` (free pages of the C heap back to the system), or None
+    where the C library has none (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
 
 
 def raise_nofile_limit() -> int:
@@ -74,8 +157,14 @@ class Listener:
         self.refused = 0              # connections closed at once: over the limit
         self.handshake_failures = 0   # no TLS within the timeout, or a bad handshake
         self._sockets: list[socket.socket] = []
+        self.tls_protocol: type[asyncio.BufferedProtocol] | None = None  # see start()
+        self._read_buffer = bytearray(SHARED_READ_BUFFER)
         self._tasks: set[asyncio.Task[None]] = set()
         self._over_limit = RateLimitedLog()
+        self.trim = malloc_trim()
+        self.trims = 0                # times the heap's free pages were given back
+        self._handshakes_untrimmed = 0
+        self._trim_handle: asyncio.TimerHandle | None = None
         self._no_fds = RateLimitedLog()
 
     @property
@@ -85,6 +174,7 @@ class Listener:
     async def start(self, server: web.Server) -> None:
         self.server = server
         loop = asyncio.get_running_loop()
+        self.tls_protocol = lean_tls_protocol(loop, self.ssl_context, self._read_buffer)
         infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
         for family, kind, proto, _, address in infos[:1] if self.host else infos:
@@ -147,9 +237,12 @@ class Listener:
         loop = asyncio.get_running_loop()
         try:
             assert self.server is not None
-            await loop.connect_accepted_socket(
-                self.server, sock=conn, ssl=self.ssl_context,
-                ssl_handshake_timeout=self.handshake_timeout)
+            if self.tls_protocol is None:
+                await loop.connect_accepted_socket(
+                    self.server, sock=conn, ssl=self.ssl_context,
+                    ssl_handshake_timeout=self.handshake_timeout)
+            else:
+                await self._lean_handshake(loop, conn, self.tls_protocol)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
             self.handshake_failures += 1
             conn.close()
@@ -158,9 +251,41 @@ class Listener:
             raise
         finally:
             self.handshaking -= 1
+            self._handshakes_untrimmed += 1
+            if self.handshaking == 0 and self._trim_handle is None and self.trim and \
+                    self._handshakes_untrimmed >= TRIM_AFTER:
+                self._trim_handle = loop.call_later(TRIM_DELAY, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        if self.handshaking or self.trim is None:   # still under way: at its end
+            return
+        self._handshakes_untrimmed = 0
+        self.trim()
+        self.trims += 1
+
+    async def _lean_handshake(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                              tls_protocol: type[asyncio.BufferedProtocol]) -> None:
+        """What `connect_accepted_socket(ssl=...)` does, with `tls_protocol` in place of
+        asyncio's own: the TLS protocol over a plain socket transport, aiohttp's protocol
+        over it once the handshake (bounded by the same timeout) is done."""
+        assert self.server is not None
+        handshake = loop.create_future()
+        tls = tls_protocol(loop, self.server(), self.ssl_context,  # type: ignore[call-arg]
+                           handshake, server_side=True,
+                           ssl_handshake_timeout=self.handshake_timeout)
+        transport, _ = await loop.connect_accepted_socket(lambda: tls, sock=conn)
+        try:
+            await handshake
+        except BaseException:
+            transport.close()
+            raise
 
     async def close(self) -> None:
         """Stop accepting and drop connections still in their handshake."""
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+            self._trim_handle = None
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

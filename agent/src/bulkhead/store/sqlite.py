@@ -1,10 +1,16 @@
 """The embedded default datastore: one SQLite file in WAL mode.
 
-Every transaction is one SQLite transaction (BEGIN IMMEDIATE ... COMMIT, synchronous=FULL),
-so a `kill -9` at any moment leaves either all of it or none of it, and nothing that was
-acknowledged is lost. Changes are kept in an `events` table for watchers until compacted;
-compaction gives the pages back to the file system (auto_vacuum=INCREMENTAL, then a WAL
-checkpoint that truncates). Agents' status reports live in a `status` table of their
+Every transaction is atomic and durable (BEGIN IMMEDIATE ... COMMIT, synchronous=FULL):
+a `kill -9` at any moment leaves either all of it or none of it, and nothing that was
+acknowledged is lost. Transactions that arrive while a commit is under way are committed
+together, by the next commit (group commit: one fsync for them all): each in a SAVEPOINT
+of its own, with a revision of its own, so one that is refused (a conflict, a missing
+tier) is undone alone and the others go on; none is answered before the commit is on
+disk, and if the commit fails, every one of them fails, with nothing written.
+Events of this process's own writes reach watchers from memory, without a read back.
+Changes are kept in an `events` table for watchers until compacted; compaction gives
+the pages back to the file system (auto_vacuum=INCREMENTAL, then a WAL checkpoint that
+truncates). Agents' status reports live in a `status` table of their
 own: one row per node, no revision, no event. One server process owns the file; several
 servers share an etcd cluster instead.
 """
@@ -12,12 +18,13 @@ servers share an etcd cluster instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import json
 import sqlite3
 import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +44,7 @@ from bulkhead.store.base import (
     TooLarge,
     TooOld,
     TxResult,
+    Unavailable,
     audit_matches,
     change_of,
     check_expectation,
@@ -44,6 +52,8 @@ from bulkhead.store.base import (
 )
 
 MAX_OPS = 10_000      # operations in one transaction: the write lock is held meanwhile
+MAX_GROUP_OPS = MAX_OPS   # operations in one group commit (a bigger transaction goes alone)
+FEED_REVISIONS = 1_024    # revisions of this process's writes kept in memory for watchers
 WATCH_BATCH = 1_000   # events read at a time by a watch, rounded up to a whole revision
 STATUS_KIND = "AgentStatus"  # kept in `resources` by earlier versions; moved on open
 
@@ -76,6 +86,18 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclass
+class _Pending:
+    """A transaction for a group commit, and its caller's future (None: the caller
+    commits it itself)."""
+    ops: list[Op]
+    audit: Audit | None
+    done: asyncio.Future[TxResult] | None
+
+
+Outcome = tuple[TxResult, list[Event]] | Exception   # a transaction's, in a group commit
+
+
 class SQLiteStore:
     max_ops = MAX_OPS
 
@@ -100,6 +122,13 @@ class SQLiteStore:
             self._db.executescript(MIGRATE_STATUS)
         self._lock = threading.Lock()
         self._changed: asyncio.Condition | None = None
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._committing = False   # a commit under way: transactions wait for the next
+        # This process's committed events by revision, contiguous (see _feed_after).
+        self._feed: collections.deque[tuple[int, list[Event]]] = collections.deque(
+            maxlen=FEED_REVISIONS)
+        self._feed_lock = threading.Lock()
+        self._compacted_here = 0
 
     # -- plumbing ---------------------------------------------------------------------
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -177,58 +206,190 @@ class SQLiteStore:
                 if referrers:
                     raise StillReferenced(op.kind, op.name, referrers)
 
-    def _apply(self, ops: Sequence[Op], audit: Audit | None = None) -> TxResult:
+    def _apply_one(self, ops: Sequence[Op], audit: Audit | None, revision: int
+                   ) -> tuple[TxResult, list[Event]]:
+        """`ops` at `revision`, inside the open SQLite transaction (the caller commits or
+        rolls back); what it stored and the events it makes."""
         db = self._db
+        result = TxResult(revision)
+        events: list[Event] = []
+        for seq, op in enumerate(ops):
+            row = db.execute("SELECT revision, doc FROM resources WHERE kind = ? AND "
+                             "name = ?", (op.kind, op.name)).fetchone()
+            check_expectation(op, None if row is None else row[0])
+            old = json.loads(row[1]) if row else None
+            prev = row[1] if row else None
+            kind_of_event: EventType
+            if op.action == "delete":
+                assert old is not None and prev is not None
+                db.execute("DELETE FROM resources WHERE kind = ? AND name = ?",
+                           (op.kind, op.name))
+                doc, text, kind_of_event = old, prev, "DELETED"
+            else:
+                assert op.doc is not None
+                meta = (old or {}).get("metadata", {})
+                doc = stamp(op.doc, revision, meta.get("uid") or str(uuid.uuid4()),
+                            meta.get("creationTimestamp") or _now())
+                text = json.dumps(doc)
+                db.execute("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?)",
+                           (op.kind, op.name, revision, text))
+                kind_of_event = "MODIFIED" if old else "ADDED"
+            db.execute("INSERT INTO events (revision, seq, type, kind, name, doc, prev) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (revision, seq, kind_of_event, op.kind, op.name, text, prev))
+            result.stored.append(Stored(op.kind, op.name, revision, doc))
+            result.changes.append(change_of(kind_of_event, op))
+            # The watchers' copy, apart from the caller's.
+            events.append(Event(kind_of_event, op.kind, op.name, revision, json.loads(text)))
+        self._check_references(ops)
+        if audit is not None:
+            db.execute("INSERT INTO audit VALUES (?, ?)", (revision, json.dumps(
+                audit.entry(revision, result.changes))))
+        return result, events
+
+    def _apply_group(self, group: list[_Pending]) -> list[Outcome]:
+        """Every transaction of `group`, in order, in one SQLite transaction, a revision
+        for each that applies; one that raises is undone alone (a savepoint each, when
+        there are several) and its outcome is the exception. Returns once the commit is
+        durable; raises (nothing written) if the SQLite transaction itself fails."""
+        db = self._db
+        several = len(group) > 1
         db.execute("BEGIN IMMEDIATE")
         try:
-            revision = self._meta("revision") + 1
-            result = TxResult(revision)
-            for seq, op in enumerate(ops):
-                row = db.execute("SELECT revision, doc FROM resources WHERE kind = ? AND "
-                                 "name = ?", (op.kind, op.name)).fetchone()
-                check_expectation(op, None if row is None else row[0])
-                old = json.loads(row[1]) if row else None
-                prev = row[1] if row else None
-                kind_of_event: EventType
-                if op.action == "delete":
-                    assert old is not None
-                    db.execute("DELETE FROM resources WHERE kind = ? AND name = ?",
-                               (op.kind, op.name))
-                    doc, kind_of_event = old, "DELETED"
-                else:
-                    assert op.doc is not None
-                    meta = (old or {}).get("metadata", {})
-                    doc = stamp(op.doc, revision, meta.get("uid") or str(uuid.uuid4()),
-                                meta.get("creationTimestamp") or _now())
-                    db.execute("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?)",
-                               (op.kind, op.name, revision, json.dumps(doc)))
-                    kind_of_event = "MODIFIED" if old else "ADDED"
-                db.execute("INSERT INTO events (revision, seq, type, kind, name, doc, prev) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (revision, seq, kind_of_event, op.kind, op.name, json.dumps(doc),
-                            prev))
-                result.stored.append(Stored(op.kind, op.name, revision, doc))
-                result.changes.append(change_of(kind_of_event, op))
-            self._check_references(ops)
-            if audit is not None:
-                db.execute("INSERT INTO audit VALUES (?, ?)", (revision, json.dumps(
-                    audit.entry(revision, result.changes))))
+            revision = self._meta("revision")
+            outcomes: list[Outcome] = []
+            for pending in group:
+                if several:
+                    db.execute("SAVEPOINT tx")
+                try:
+                    outcome = self._apply_one(pending.ops, pending.audit, revision + 1)
+                except sqlite3.Error:
+                    raise                      # the database's failure: the whole group's
+                except Exception as e:         # this transaction's own: undo it alone
+                    if not several:
+                        db.execute("ROLLBACK")
+                        return [e]
+                    db.execute("ROLLBACK TO tx")
+                    db.execute("RELEASE tx")
+                    outcomes.append(e)
+                    continue
+                if several:
+                    db.execute("RELEASE tx")
+                revision += 1
+                outcomes.append(outcome)
             db.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,))
             db.execute("COMMIT")
-            return result
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
+        self._to_feed([o[1] for o in outcomes if not isinstance(o, Exception)])
+        return outcomes
 
     async def transaction(self, ops: Sequence[Op], audit: Audit | None = None) -> TxResult:
         if not ops:
             return TxResult(await self.revision())
         self.check_size(ops)
-        result: TxResult = await self._run(self._apply, list(ops), audit)
-        cond = self._condition()
-        async with cond:
-            cond.notify_all()
-        return result
+        loop = asyncio.get_running_loop()
+        if self._committing:   # a commit is under way: this one goes in the next
+            done: asyncio.Future[TxResult] = loop.create_future()
+            self._pending.append(_Pending(list(ops), audit, done))
+            return await done
+        # None under way: commit it from here, at once (what comes meanwhile waits).
+        self._committing = True
+        try:
+            outcome = (await self._commit_group([_Pending(list(ops), audit, None)]))[0]
+        finally:
+            self._commit_next(loop)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome[0]
+
+    def _commit_next(self, loop: asyncio.AbstractEventLoop) -> None:
+        """After a commit: the next group, if any, in a task of its own (so a caller that
+        is cancelled, its client gone, does not stop the commits of the others)."""
+        if self._pending:
+            loop.create_task(self._commit_pending())
+        else:
+            self._committing = False
+
+    async def _commit_group(self, group: list[_Pending]) -> list[Outcome]:
+        """Commit `group`, answer its callers' futures, wake the watchers."""
+        try:
+            outcomes: list[Outcome] = await self._run(self._apply_group, group)
+        except Exception as e:   # the commit failed: nothing of the group is written
+            outcomes = [Unavailable(f"the SQLite datastore could not commit ({e}); "
+                                    "nothing was written, try again")
+                        if isinstance(e, sqlite3.Error) else e for _ in group]
+        except BaseException:    # cancelled
+            for pending in group:
+                if pending.done is not None:
+                    pending.done.cancel()
+            raise
+        for pending, outcome in zip(group, outcomes, strict=True):
+            if pending.done is None or pending.done.done():
+                continue
+            if isinstance(outcome, Exception):
+                pending.done.set_exception(outcome)
+            else:
+                pending.done.set_result(outcome[0])
+        if any(not isinstance(o, Exception) for o in outcomes):
+            cond = self._condition()
+            async with cond:
+                cond.notify_all()
+        return outcomes
+
+    async def _commit_pending(self) -> None:
+        """Commit what is pending, a group at a time: what arrives during a commit goes
+        in the next one."""
+        loop = asyncio.get_running_loop()
+        try:
+            group: list[_Pending] = []
+            size = 0
+            while self._pending and (not group or size + len(self._pending[0].ops)
+                                     <= MAX_GROUP_OPS):
+                pending = self._pending.popleft()
+                if pending.done is not None and pending.done.cancelled():
+                    continue   # its caller left before it began
+                group.append(pending)
+                size += len(pending.ops)
+            if group:
+                await self._commit_group(group)
+        except BaseException:
+            for pending in self._pending:   # cancelled: the loop is stopping
+                if pending.done is not None and not pending.done.done():
+                    pending.done.set_exception(Unavailable("the datastore is closing"))
+            self._pending.clear()
+            self._committing = False
+            raise
+        self._commit_next(loop)
+
+    # -- this process's events, from memory --------------------------------------------
+    def _to_feed(self, revisions: list[list[Event]]) -> None:
+        """Called with the write lock held, right after the commit: revisions in order."""
+        with self._feed_lock:
+            for events in revisions:
+                revision = events[0].revision
+                if self._feed and self._feed[-1][0] != revision - 1:
+                    self._feed.clear()   # another process wrote in between: start again
+                self._feed.append((revision, events))
+
+    def _feed_after(self, after: int) -> list[Event] | None:
+        """This process's events after `after`, when memory has every one of them up to
+        its last own write (another process's later writes are found by the watch's
+        periodic read); None when it does not reach back to `after`."""
+        with self._feed_lock:
+            if not self._feed or after < self._compacted_here:
+                return None
+            first, last = self._feed[0][0], self._feed[-1][0]
+            if not first <= after + 1 <= last + 1:
+                return None
+            newer: list[list[Event]] = []
+            for revision, events in reversed(self._feed):   # the newest few, not them all
+                if revision <= after:
+                    break
+                newer.append(events)
+        return [e for events in reversed(newer) for e in events]
 
     async def compact(self, keep_after: int) -> None:
         def run() -> None:
@@ -240,6 +401,7 @@ class SQLiteStore:
                     self._db.execute("DELETE FROM audit WHERE revision <= ?", (keep_after,))
                     self._db.execute("UPDATE meta SET value = ? WHERE key = 'compacted'",
                                      (keep_after,))
+                    self._compacted_here = keep_after
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -347,18 +509,29 @@ class SQLiteStore:
 
     async def watch(self, after: int) -> AsyncIterator[Event]:
         cond = self._condition()
+        read = True   # from the file: at first, and when memory cannot tell
         while True:
             async with cond:
-                events: list[Event] = await self._run(self._events_after, after)
+                events = None if read else self._feed_after(after)
+                if events is None:
+                    events = await self._run(self._events_after, after)
+                read = False
                 if not events:
-                    # Woken by every local write; the timeout also picks up writes made
-                    # by another process on the same file (tests, `bulkhead` offline).
-                    with contextlib.suppress(TimeoutError):
+                    # Woken by every local write (its events are in memory); the timeout
+                    # reads the file, for writes made by another process on it (tests,
+                    # `bulkhead` offline).
+                    try:
                         await asyncio.wait_for(cond.wait(), timeout=1.0)
+                    except TimeoutError:
+                        read = True
                     continue
             for event in events:
                 yield event
                 after = event.revision
 
     async def close(self) -> None:
+        for _ in range(1000):   # let commits under way finish (at most about 10 s)
+            if not self._committing:
+                break
+            await asyncio.sleep(0.01)
         await self._run(self._db.close)
