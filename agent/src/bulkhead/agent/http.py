@@ -37,6 +37,7 @@ Every failure is an `HttpError`: `ConnectError`, `Disconnected`, `ProtocolError`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import ssl
@@ -51,6 +52,7 @@ MAX_HEADERS = 100
 MAX_BODY = 256 << 20          # a body read whole (a large fleet's snapshot is one body)
 MAX_INFORMATIONAL = 8         # 1xx answers skipped before the real one
 PIECE = 64 << 10              # the most read from the socket at once
+DRAIN = 64 << 10              # a body left unread up to this is read to keep the connection
 
 _STATUS = re.compile(r"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -350,7 +352,7 @@ class Request:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._response is not None:
-            self._response.release()
+            await self._response.__aexit__(exc_type, exc, tb)
 
 
 class Response:
@@ -597,7 +599,15 @@ class Response:
     async def __aenter__(self) -> Response:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        """Released; the rest of a small body (`DRAIN`, with a length) read first, so
+        the connection is kept, when the block ended without an exception."""
+        if exc_type is None and not self._done and not self._released \
+                and not self._chunked and self._left is not None and self._left <= DRAIN:
+            with contextlib.suppress(HttpError):
+                while await self._piece():
+                    pass
         self.release()
 
     def __repr__(self) -> str:
