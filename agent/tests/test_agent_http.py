@@ -271,6 +271,44 @@ async def test_connections_are_kept_alive_and_a_stale_one_replaced() -> None:
         assert scripted.connections == 2
 
 
+async def test_idle_connections_are_closed_after_idle_seconds() -> None:
+    closed = asyncio.Event()
+
+    async def once_then_wait(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                             ) -> None:
+        await read_request(reader)
+        writer.write(ok(b"k"))
+        await writer.drain()
+        if await reader.read() == b"":
+            closed.set()
+
+    scripted = Scripted(once_then_wait)
+    async with scripted as session:
+        session._idle_seconds = 0.1
+        assert await get_body(session) == b"k"
+        assert len(session._idle) == 1
+        async with asyncio.timeout(5):
+            await closed.wait()
+        assert session._idle == []
+
+
+async def test_an_error_body_that_never_ends_is_not_waited_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bulkhead.agent import sync
+    monkeypatch.setattr(sync, "ERROR_READ_SECONDS", 0.2)
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 100\r\n\r\nx")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async with Scripted(slow) as session:
+        async with session.get("/x", timeout=Timeout(total=None)) as r:
+            assert await error_of(r) == \
+                "HTTP 503: Busy (the body not read within 0.2 s)"
+
+
 async def test_an_answer_not_read_to_its_end_closes_its_connection() -> None:
     """Unless what is left is small (up to 64 KiB with a length): then it is read."""
     scripted = Scripted(answering(ok(b"x" * 1_000_000), keep=True))

@@ -171,6 +171,7 @@ class Session:
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Conn] = []
         self._busy: set[_Conn] = set()
+        self._expiry: asyncio.TimerHandle | None = None
         self._closed = False
 
     # -- requests ------------------------------------------------------------------------
@@ -295,12 +296,31 @@ class Session:
         self._busy.discard(conn)
         self._slots.release()
         if reusable and not self._closed and len(self._idle) < self._max and conn.usable():
-            conn.idle_since = asyncio.get_running_loop().time()
+            loop = asyncio.get_running_loop()
+            conn.idle_since = loop.time()
             self._idle.append(conn)
+            if self._expiry is None:
+                self._expiry = loop.call_later(self._idle_seconds, self._expire)
         elif reusable:
             conn.close()
         else:
             conn.abort()
+
+    def _expire(self) -> None:
+        """Close the connections idle for `idle_seconds` (and those the server closed)."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        kept = []
+        for conn in self._idle:
+            if now - conn.idle_since < self._idle_seconds and conn.usable():
+                kept.append(conn)
+            else:
+                conn.close()
+        self._idle = kept
+        if kept:
+            first = min(c.idle_since for c in kept)
+            self._expiry = loop.call_at(first + self._idle_seconds, self._expire)
 
     def _drop(self, conn: _Conn) -> None:
         self._busy.discard(conn)
@@ -309,6 +329,9 @@ class Session:
     async def close(self) -> None:
         """Close every connection, idle or in use (answers being read then fail)."""
         self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         for conn in self._idle:
             conn.close()
         for conn in self._busy:

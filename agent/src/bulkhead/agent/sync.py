@@ -44,8 +44,9 @@ HEP, NETSET = "HostEndpoint", "GlobalNetworkSet"
 # A line of the watch stream: a snapshot there is one line, as large as GET /v1/snapshot's
 # body (bulkhead.agent.http.MAX_BODY); what is kept of a line never grows past this.
 MAX_LINE = 256 << 20
-# An error answer's body: only its start is shown.
+# An error answer's body: only its start is shown; read within this many seconds.
 MAX_ERROR_BODY = 1 << 20
+ERROR_READ_SECONDS = 10.0
 
 
 class SyncError(Exception):
@@ -236,9 +237,14 @@ def open_session(config: AgentConfig, ctx: ssl.SSLContext) -> Session:
 async def error_of(resp: Response) -> str:
     """`HTTP <status>: <the server's message>` (its JSON error, or the body's start)."""
     try:
-        text = (await resp.read(MAX_ERROR_BODY)).decode("utf-8", "replace")
+        async with asyncio.timeout(ERROR_READ_SECONDS):
+            text = (await resp.read(MAX_ERROR_BODY)).decode("utf-8", "replace")
     except HttpError as e:
         return f"HTTP {resp.status}: {resp.reason} (the body not read: {e})"
+    except TimeoutError:
+        resp.release()
+        return f"HTTP {resp.status}: {resp.reason} (the body not read within " \
+            f"{ERROR_READ_SECONDS:g} s)"
     try:
         message = str(json.loads(text)["error"]["message"])
     except (ValueError, KeyError, TypeError):
