@@ -52,6 +52,7 @@ MAX_HEADERS = 100
 MAX_BODY = 256 << 20          # a body read whole (a large fleet's snapshot is one body)
 MAX_INFORMATIONAL = 8         # 1xx answers skipped before the real one
 PIECE = 64 << 10              # the most read from the socket at once
+SSL_SHUTDOWN_SECONDS = 5.0    # a closed connection's TLS shutdown, then it is aborted
 DRAIN = 64 << 10              # a body left unread up to this is read to keep the connection
 
 _STATUS = re.compile(r"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
@@ -139,10 +140,13 @@ class _Conn:
         return not self.writer.transport.is_closing() and not self.reader.at_eof()
 
     def close(self) -> None:
+        """Always the orderly close (TLS close_notify, then FIN), never an abort: on a
+        host whose kernel began tracking connections after this one opened (the agent's
+        first ruleset turns conntrack on), a bare FIN or RST of ours is invalid to
+        conntrack and dropped, the server goes on sending, and its packets arrive as new
+        connections to a closed port (that a policy denies, flow logs record). The close
+        is bounded by the TLS shutdown timeout (`SSL_SHUTDOWN_SECONDS`)."""
         self.writer.close()
-
-    def abort(self) -> None:
-        self.writer.transport.abort()
 
 
 class Session:
@@ -269,6 +273,8 @@ class Session:
                     self._host, self._port, ssl=self._ssl,
                     server_hostname=self._host if self._ssl is not None else None,
                     ssl_handshake_timeout=connect if self._ssl is not None and connect
+                    else None,
+                    ssl_shutdown_timeout=SSL_SHUTDOWN_SECONDS if self._ssl is not None
                     else None, limit=MAX_HEAD)
         except TimeoutError:
             which = "connect" if when != deadline else "total"
@@ -301,10 +307,8 @@ class Session:
             self._idle.append(conn)
             if self._expiry is None:
                 self._expiry = loop.call_later(self._idle_seconds, self._expire)
-        elif reusable:
-            conn.close()
         else:
-            conn.abort()
+            conn.close()
 
     def _expire(self) -> None:
         """Close the connections idle for `idle_seconds` (and those the server closed)."""
@@ -324,7 +328,7 @@ class Session:
 
     def _drop(self, conn: _Conn) -> None:
         self._busy.discard(conn)
-        conn.abort()
+        conn.close()
 
     async def close(self) -> None:
         """Close every connection, idle or in use (answers being read then fail)."""
@@ -335,7 +339,7 @@ class Session:
         for conn in self._idle:
             conn.close()
         for conn in self._busy:
-            conn.abort()
+            conn.close()
         self._idle.clear()
         self._busy.clear()
         await asyncio.sleep(0)   # let the transports finish closing
