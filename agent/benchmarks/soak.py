@@ -332,7 +332,7 @@ class Soak:
                         raise aiohttp.ClientResponseError(
                             resp.request_info, (), status=resp.status,
                             message=(await resp.text())[:200])
-                    async for line in lines(resp):
+                    async for line in lines(resp.content.iter_any()):
                         self._line(i, line)
                         self.connected[i] = True
                     if not self.stopping:

@@ -29,12 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
-
 from bulkhead.agent.cache import CacheError, cache_path, load_cache, save_cache
 from bulkhead.agent.config import AgentConfig
 from bulkhead.agent.enforcer import EnforceError, Enforcer, EnforceReport
 from bulkhead.agent.flowlogs import FlowLogs
+from bulkhead.agent.http import HttpError, Session, Timeout
 from bulkhead.agent.memory import SETTLE_EVERY, SETTLE_GAP, settle
 from bulkhead.agent.metrics import MetricsServer, MetricsView
 from bulkhead.agent.status import Counters, post_status, status_body
@@ -55,7 +54,7 @@ log = logging.getLogger("bulkhead.agent")
 T = TypeVar("T")
 
 # Errors that mean "the server cannot be reached or the stream broke": retry later.
-NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError, SyncError, ValueError)
+NETWORK_ERRORS = (HttpError, OSError, TimeoutError, SyncError, ValueError)
 
 
 class AgentError(Exception):
@@ -253,7 +252,7 @@ class Agent:
         return await self.enforce_current(write_cache=False)
 
     # ----------------------------------------------------------------------- sync
-    async def _sync_forever(self, session: aiohttp.ClientSession) -> None:
+    async def _sync_forever(self, session: Session) -> None:
         while not self._stopping:
             try:
                 await self._watch(session)
@@ -277,11 +276,13 @@ class Agent:
                     "retryIn": round(delay, 2), "server": self.config.server}})
             await asyncio.sleep(delay)
 
-    async def _watch(self, session: aiohttp.ClientSession) -> None:
+    async def _watch(self, session: Session) -> None:
         params = {"stream": "true", "timeout": str(self.config.heartbeat_interval)}
         if self._resume and self.revision >= 0:
             params["revision"] = str(self.revision)
-        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=None)
+        # No total or read timeout: the stream lives as long as it heartbeats, and
+        # _consume ends it after a silent heartbeat_timeout; its answer must start by then.
+        timeout = Timeout(total=None, connect=10, read=None)
         resp = await asyncio.wait_for(session.get(route("watch"), params=params,
                                                   timeout=timeout),
                                       self.config.heartbeat_timeout)
@@ -426,7 +427,7 @@ class Agent:
                           what, self.flow_retry, e, exc_info=True)
                 await asyncio.sleep(self.flow_retry)
 
-    async def _flows_forever(self, session: aiohttp.ClientSession) -> None:
+    async def _flows_forever(self, session: Session) -> None:
         flows = self.flow_logs
         assert flows is not None
         await self._forever("flow logs", lambda: flows.run(session, lambda: self._stopping),
@@ -446,7 +447,7 @@ class Agent:
         return await asyncio.to_thread(self.dns.flush)
 
     # --------------------------------------------------------------------- status
-    async def _status_forever(self, session: aiohttp.ClientSession) -> None:
+    async def _status_forever(self, session: Session) -> None:
         failing = False
         while not self._stopping:
             with contextlib.suppress(TimeoutError):

@@ -15,10 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from bulkhead.agent.config import FlowLogSettings
 from bulkhead.agent.flowlogs import FlowLogCounters, ship_forever, ship_spool
+from bulkhead.agent.http import Session
 from bulkhead.agent.spool import Spool
 from bulkhead.model import Snapshot
 from bulkhead.observe.dns import DnsPacket
@@ -75,10 +74,10 @@ class DnsLogs:
         self._kick.set()
         return len(records)
 
-    async def ship(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> int:
+    async def ship(self, session: Session, timeout: float = 30.0) -> int:
         return await ship_spool(session, self.spool, "dns", self.counters, timeout)
 
-    async def run(self, session: aiohttp.ClientSession, stopping: Callable[[], bool]) -> None:
+    async def run(self, session: Session, stopping: Callable[[], bool]) -> None:
         """Flush every interval and ship until cancelled (or `stopping()`)."""
         shipper = asyncio.create_task(ship_forever(
             lambda: self.ship(session), stopping, self._kick, self.spool, self.counters,

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from bulkhead.agent.config import FlowLogSettings
+from bulkhead.agent.http import HttpError, Session, Timeout
 from bulkhead.agent.spool import Spool
 from bulkhead.agent.sync import error_of
 from bulkhead.api import route
@@ -133,7 +132,7 @@ class FlowLogs:
         }
 
     # -- running -------------------------------------------------------------------------
-    async def run(self, session: aiohttp.ClientSession, stopping: Callable[[], bool]) -> None:
+    async def run(self, session: Session, stopping: Callable[[], bool]) -> None:
         """Read, count, flush and ship until cancelled (or `stopping()`)."""
         from bulkhead.observe.conntrack import (
             Conntrack,
@@ -255,14 +254,14 @@ class FlowLogs:
         logged = total - before if total >= before else total
         self.unread = max(0, self.unread + logged - read)
 
-    async def _ship_forever(self, session: aiohttp.ClientSession,
+    async def _ship_forever(self, session: Session,
                             stopping: Callable[[], bool]) -> None:
         await ship_forever(lambda: self.ship(session), stopping, self._kick, self.spool,
                            self.counters, self.settings.flush_interval, "flow")
 
-    async def ship(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> int:
+    async def ship(self, session: Session, timeout: float = 30.0) -> int:
         """Send the spool's files, oldest first; the number of records stored. Raises
-        aiohttp/OS errors when the server cannot be reached (the files stay)."""
+        HttpError when the server cannot be reached (the files stay)."""
         return await ship_spool(session, self.spool, "flows", self.counters, timeout)
 
 
@@ -288,22 +287,21 @@ async def ship_forever(ship: Callable[[], Awaitable[int]], stopping: Callable[[]
             delay = min(delay * 2, interval)
 
 
-async def ship_spool(session: aiohttp.ClientSession, spool: Spool, which: str,
+async def ship_spool(session: Session, spool: Spool, which: str,
                      counters: FlowLogCounters, timeout: float = 30.0) -> int:
     """Send a spool's files to `POST /v1/<which>` (flows, dns), oldest first, each removed
-    once the server answered for it; the number of records stored. Raises aiohttp/OS
-    errors when the server cannot be reached or is unwell (the files stay)."""
+    once the server answered for it; the number of records stored. Raises HttpError when
+    the server cannot be reached or is unwell (the files stay)."""
     sent = 0
     while (item := spool.oldest()) is not None:
-        body = json.dumps({"records": item.records}, separators=(",", ":"))
+        body = json.dumps({"records": item.records}, separators=(",", ":")).encode()
         async with session.post(route(which), data=body,
                                 headers={"Content-Type": "application/json"},
-                                timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                                timeout=Timeout(total=timeout, connect=timeout)) as r:
             if r.status not in (200, 400, 413):
                 # The server is unwell or busy, older than these logs, or refuses the
                 # session (a certificate being revoked or rotated): keep them.
-                raise aiohttp.ClientError(f"POST /v1/{which}: {r.status} "
-                                          f"{await error_of(r)}")
+                raise HttpError(f"POST /v1/{which}: {await error_of(r)}")
             if r.status != 200:   # this batch itself is wrong: sent again, refused again
                 counters.batches_refused += 1
                 counters.records_refused += len(item.records)

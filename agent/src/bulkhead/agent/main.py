@@ -23,11 +23,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
-
 from bulkhead.agent.config import DEFAULT_CONFIG, FLAGS, AgentConfig, ConfigError, load_config
 from bulkhead.agent.daemon import Agent, AgentError
 from bulkhead.agent.enforcer import Enforcer
+from bulkhead.agent.http import HttpError
 from bulkhead.agent.memory import limit_arenas
 from bulkhead.agent.sync import SyncError
 from bulkhead.logs import setup_logging
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None, *,
         return _error(str(e), 1)
     except SyncError as e:
         return _error(f"{config.server}: {e}", 1)
-    except (aiohttp.ClientError, OSError, TimeoutError) as e:
+    except (HttpError, OSError, TimeoutError) as e:
         return _error(f"cannot reach {config.server}: {e or type(e).__name__}", 3)
 
 

@@ -1,16 +1,29 @@
-"""`/metrics` in Prometheus' text format on a local port (127.0.0.1:9473 by default)."""
+"""`/metrics` in Prometheus' text format on a local port (127.0.0.1:9473 by default).
+
+The server is a few lines on `asyncio.start_server`, not aiohttp.web: `GET /metrics` is
+answered 200 (text/plain; version=0.0.4), anything else 404, a request that is not HTTP
+400; each connection carries one request (HTTP/1.0 style: closed after the answer). A
+request's head is bounded (`MAX_REQUEST` bytes, `MAX_REQUEST_LINES` lines) and must come
+within `READ_TIMEOUT` seconds; at most `MAX_CLIENTS` connections are served at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
 from bulkhead.agent.status import Counters
 
 log = logging.getLogger("bulkhead.agent.metrics")
+
+MAX_REQUEST = 8 << 10        # a request line and its headers
+MAX_REQUEST_LINES = 64
+READ_TIMEOUT = 5.0           # seconds for the request to come, and for the answer to go
+MAX_CLIENTS = 16
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass
@@ -98,26 +111,74 @@ def _label(value: str) -> str:
 class MetricsServer:
     def __init__(self, view: Callable[[], MetricsView]) -> None:
         self._view = view
-        self._runner: web.AppRunner | None = None
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=render_metrics(self._view()), content_type="text/plain",
-                            charset="utf-8", headers={"X-Content-Type": "version=0.0.4"})
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.StreamWriter] = set()
 
     async def start(self, host: str, port: int) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        self._server = await asyncio.start_server(self._serve, host, port,
+                                                  limit=MAX_REQUEST)
         log.info("metrics listening", extra={"fields": {"listen": f"{host}:{port}"}})
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._clients):
+                writer.transport.abort()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                     ) -> None:
+        if len(self._clients) >= MAX_CLIENTS:
+            writer.transport.abort()
+            return
+        self._clients.add(writer)
+        try:
+            try:
+                async with asyncio.timeout(READ_TIMEOUT):
+                    request = await _read_request(reader)
+            except TimeoutError:
+                return                       # said nothing (complete) in time: closed
+            except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):
+                request = None
+            status, body = self._answer(request)
+            head = (f"HTTP/1.0 {status}\r\nContent-Type: "
+                    f"{CONTENT_TYPE if status.startswith('200') else 'text/plain'}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            writer.write(head.encode() + body)
+            async with asyncio.timeout(READ_TIMEOUT):
+                await writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        except Exception:      # never let a bug here stop the listener: logged, closed
+            log.exception("serving /metrics failed")
+        finally:
+            self._clients.discard(writer)
+            writer.close()
+
+    def _answer(self, request: tuple[str, str] | None) -> tuple[str, bytes]:
+        if request is None:
+            return "400 Bad Request", b"bad request\n"
+        method, target = request
+        if method == "GET" and target.split("?", 1)[0] == "/metrics":
+            return "200 OK", render_metrics(self._view()).encode()
+        return "404 Not Found", b"not found: GET /metrics\n"
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
+    """(method, target) of an HTTP request; its headers read to the empty line and not
+    kept. ValueError when it is not a request."""
+    line = await reader.readuntil(b"\n")
+    parts = line.decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ValueError("not an HTTP/1.x request line")
+    size = len(line)
+    for _ in range(MAX_REQUEST_LINES):
+        header = await reader.readuntil(b"\n")
+        size += len(header)
+        if size > MAX_REQUEST:
+            raise ValueError("request head too large")
+        if header in (b"\r\n", b"\n"):
+            return parts[0], parts[1]
+    raise ValueError("too many header lines")

@@ -7,13 +7,11 @@ Reporting is best effort: a server that cannot be reached never holds up enforce
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from bulkhead.agent.enforcer import EnforceReport
+from bulkhead.agent.http import Session, Timeout
 from bulkhead.agent.sync import SyncError, error_of
 from bulkhead.api import route
 
@@ -63,11 +61,10 @@ def status_body(applied_revision: int, errors: list[str], counters: Counters
             "counters": counters.as_status()}
 
 
-async def post_status(session: aiohttp.ClientSession, node: str, body: dict[str, Any],
+async def post_status(session: Session, node: str, body: dict[str, Any],
                       timeout: float = 10.0) -> None:
-    """Raises SyncError when the server refuses, aiohttp/OS errors when unreachable."""
-    async with session.post(route("status", node=node), data=json.dumps(body),
-                            headers={"Content-Type": "application/json"},
-                            timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+    """Raises SyncError when the server refuses, HttpError when unreachable."""
+    async with session.post(route("status", node=node), json_body=body,
+                            timeout=Timeout(total=timeout, connect=timeout)) as r:
         if r.status != 200:
             raise SyncError(f"POST /v1/status/{node}: {await error_of(r)}")

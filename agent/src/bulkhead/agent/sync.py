@@ -6,7 +6,8 @@ not parse (the server validates every write, so this is a safety net) or names a
 does not exist is left out and reported; it never stops the rest from being enforced.
 
 `watch_lines` reads the server's streaming watch (`GET /v1/watch?stream=true`, one JSON
-document per line) into a queue, and `Backoff` spaces out reconnects.
+document per line, each at most `MAX_LINE`) into a queue, and `Backoff` spaces out
+reconnects. HTTP is `bulkhead.agent.http` (not aiohttp: see there).
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import asyncio
 import json
 import random
 import ssl
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-import aiohttp
-
 from bulkhead.agent.config import AgentConfig, ConfigError
+from bulkhead.agent.http import HttpError, Response, Session, Timeout
 from bulkhead.api import route
 from bulkhead.model import (
     DEFAULT_TIER,
@@ -40,6 +40,13 @@ from bulkhead.model.table import Table
 Key = tuple[str, str]
 Doc = dict[str, Any]
 HEP, NETSET = "HostEndpoint", "GlobalNetworkSet"
+
+# A line of the watch stream: a snapshot there is one line, as large as GET /v1/snapshot's
+# body (bulkhead.agent.http.MAX_BODY); what is kept of a line never grows past this.
+MAX_LINE = 256 << 20
+# An error answer's body: only its start is shown; read within this many seconds.
+MAX_ERROR_BODY = 1 << 20
+ERROR_READ_SECONDS = 10.0
 
 
 class SyncError(Exception):
@@ -233,59 +240,73 @@ def _ssl_reason(e: OSError | ssl.SSLError) -> str:
     return getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)
 
 
-def open_session(config: AgentConfig, ctx: ssl.SSLContext) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(config.server.rstrip("/"),
-                                 connector=aiohttp.TCPConnector(ssl=ctx, limit=4))
+def open_session(config: AgentConfig, ctx: ssl.SSLContext) -> Session:
+    """Requests to the server, at most 4 connections at a time (the watch, status, flow
+    and DNS logs), kept alive between requests."""
+    return Session(config.server.rstrip("/"), ctx, max_connections=4)
 
 
-async def error_of(resp: aiohttp.ClientResponse) -> str:
-    text = await resp.text(errors="replace")
+async def error_of(resp: Response) -> str:
+    """`HTTP <status>: <the server's message>` (its JSON error, or the body's start)."""
+    try:
+        async with asyncio.timeout(ERROR_READ_SECONDS):
+            text = (await resp.read(MAX_ERROR_BODY)).decode("utf-8", "replace")
+    except HttpError as e:
+        return f"HTTP {resp.status}: {resp.reason} (the body not read: {e})"
+    except TimeoutError:
+        resp.release()
+        return f"HTTP {resp.status}: {resp.reason} (the body not read within " \
+            f"{ERROR_READ_SECONDS:g} s)"
     try:
         message = str(json.loads(text)["error"]["message"])
     except (ValueError, KeyError, TypeError):
-        message = text.strip()[:200] or str(resp.reason)
+        message = text.strip()[:200] or resp.reason
     return f"HTTP {resp.status}: {message}"
 
 
-async def fetch_snapshot(session: aiohttp.ClientSession) -> tuple[int, list[Doc]]:
-    async with session.get(route("snapshot"), timeout=aiohttp.ClientTimeout(total=60)) as r:
+async def fetch_snapshot(session: Session) -> tuple[int, list[Doc]]:
+    async with session.get(route("snapshot"), timeout=Timeout(total=60, connect=10)) as r:
         if r.status != 200:
             raise SyncError(f"GET /v1/snapshot: {await error_of(r)}")
-        body = await r.json(loads=json.loads)
+        body = await r.json()
     if not isinstance(body, dict) or not isinstance(body.get("revision"), int) \
             or not isinstance(body.get("items"), list):
         raise SyncError("GET /v1/snapshot: the answer has no revision and items")
     return body["revision"], [i for i in body["items"] if isinstance(i, dict)]
 
 
-async def lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The non-empty lines of a streaming answer, as they come.
-
-    Lines are split here rather than with `readline`, which caps a line's length (a
-    snapshot of a large fleet is one long line)."""
+async def lines(chunks: AsyncIterable[bytes], max_line: int = MAX_LINE
+                ) -> AsyncIterator[bytes]:
+    """The non-empty lines of a streaming answer's pieces, as they come; SyncError for a
+    line over `max_line` bytes (a snapshot of a large fleet is one long line)."""
     buffer = bytearray()
-    async for chunk in resp.content.iter_any():
+    async for chunk in chunks:
+        scan = len(buffer)      # the bytes before hold no newline
         buffer += chunk
         start = 0
-        while (end := buffer.find(b"\n", start)) != -1:
-            line = bytes(buffer[start:end]).strip()
-            start = end + 1
+        while (end := buffer.find(b"\n", scan)) != -1:
+            if end - start > max_line:
+                break
+            with memoryview(buffer) as view:
+                line = bytes(view[start:end]).strip()
+            start = scan = end + 1
             if line:
                 yield line
         del buffer[:start]
+        if len(buffer) > max_line:
+            raise SyncError(f"a line of the stream is over {max_line >> 20} MiB")
 
 
-async def watch_lines(resp: aiohttp.ClientResponse, queue: asyncio.Queue[Doc | Exception]
-                      ) -> None:
+async def watch_lines(resp: Response, queue: asyncio.Queue[Doc | Exception]) -> None:
     """Put each JSON line of a streaming watch on `queue`; an exception when it ends."""
     try:
-        async for line in lines(resp):
+        async for line in lines(resp.iter_chunks()):
             message = json.loads(line)
             if not isinstance(message, dict):
                 raise SyncError(f"watch: expected a JSON object, got {line[:80]!r}")
             queue.put_nowait(message)
         queue.put_nowait(SyncError("the server closed the watch stream"))
-    except (aiohttp.ClientError, ValueError, SyncError, OSError) as e:
+    except (HttpError, ValueError, SyncError, OSError) as e:
         queue.put_nowait(e)
 
 
