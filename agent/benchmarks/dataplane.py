@@ -485,18 +485,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(results: dict[str, Any]) -> str:
     rs = results["rulesets"]
-    b = rs["bulkhead"]
     lines = [f"dataplane, {results['date']}, load {results['loadavg_before'][0]:.2f} -> "
              f"{results['loadavg_after'][0]:.2f}, {results['sizes']['rounds']} cycles of one "
              f"slice per receiver",
-             f"bulkhead ruleset: {b['policies']} policies, {b['policies_selecting_receiver']} "
-             f"selecting the receiver, {b['network_set_addresses']} addresses; counts "
-             f"{b['counts']}; plan {b['plan_s']:.1f} s, render {b['render_s']:.1f} s, apply "
-             f"{b['apply_s']:.1f} s",
              *(f"{h} ruleset: {rs[h]['policies']} policies, "
                f"{rs[h]['policies_selecting_receiver']} selecting the receiver, "
-               f"{rs[h]['network_set_addresses']} addresses; plan {rs[h]['plan_s']:.1f} s, "
-               f"render {rs[h]['render_s']:.1f} s, apply {rs[h]['apply_s']:.1f} s; "
+               f"{rs[h]['network_set_addresses']} addresses; counts {rs[h]['counts']}; plan "
+               f"{rs[h]['plan_s']:.1f} s, render {rs[h]['render_s']:.1f} s, apply "
+               f"{rs[h]['apply_s']:.1f} s\n  "
                + describe(rs[h]['kernel_memory'], rs[h]['counts'].get('elements', 0))
                for h in ("bulkhead", TENX) if h in rs),
              f"naive ruleset: {rs['naive']['rules']} rules, loaded in "
