@@ -3,6 +3,7 @@
     .venv/bin/python agent/benchmarks/apply.py [--repeat 5] [--json]
     .venv/bin/python agent/benchmarks/apply.py --policies 20 --elements 200 --selecting 4 \\
         --repeat 1 --json          # smoke
+    .venv/bin/python agent/benchmarks/apply.py --size 10x --repeat 3   # ten times the scale
 
 The store: one endpoint (`receiver`, node n1) and `--policies` policies, `--selecting` of
 them selecting it; each of those allows one GlobalNetworkSet (`--elements` addresses over
@@ -20,6 +21,14 @@ never read or written.
    change sent by `nft -f` (the applier with netlink off), which reads the kernel's
    whole state first. The change is applied back and forth; each figure is the best of
    `--repeat` (the least disturbed by other work on the machine).
+3. Kernel memory: what loading the table into the fresh namespace took (kernelmem.py: the
+   memory cgroup's kernel charge and /proc/meminfo, before and after the first `nft -f`).
+4. A fresh process (spawned) that does what an agent starting up does: builds the store,
+   calculates, renders and applies the table into a namespace of its own; its stage
+   times and its peak RSS.
+
+`--size 10x` is ten times the default sizes: 10,000 policies, 1,000 selecting the
+endpoint, 1,000,000 addresses (issue 23); explicit flags override a preset's size.
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -42,6 +53,9 @@ from bulkhead.model import Snapshot, parse_resource
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernelmem import describe, measured  # a module beside this one
+
 V3 = "projectcalico.org/v3"
 NODE = "n1"
 PEERS = 1_000
@@ -49,6 +63,8 @@ PEERS = 1_000
 # CIDR), peers from 198.18.8.0, the receiver at 198.18.0.10 (benchmarking range).
 LIST_BASE = int(ipaddress.IPv4Address("198.18.64.0"))
 PEER_BASE = int(ipaddress.IPv4Address("198.18.8.0"))
+# --size: (policies, addresses in network sets, policies selecting the endpoint).
+SIZES = {"1x": (1_000, 100_000, 100), "10x": (10_000, 1_000_000, 1_000)}
 
 
 def resources(policies: int, elements: int, selecting: int, moved: bool,
@@ -176,6 +192,35 @@ def end_to_end(args: argparse.Namespace, peers: int) -> dict[str, Any]:
     return out
 
 
+def fresh_apply(policies: int, elements: int, selecting: int) -> dict[str, float]:
+    """In a process of its own: what an agent starting up does with the store (build the
+    snapshot, calculate, render, apply into an empty namespace); the seconds of each
+    stage and the process's peak RSS."""
+    start = time.perf_counter()
+    snap = Snapshot.build(parse_resource(d) for d in resources(
+        policies, elements, selecting, False))
+    built = time.perf_counter()
+    plan = calculate(snap, NODE, {"eth0": ["198.18.0.10"]}, Failsafes())
+    planned = time.perf_counter()
+    ruleset = render(plan)
+    rendered = time.perf_counter()
+    with scratch_netns() as ns:
+        NftApplier(netns=ns).apply(ruleset)
+        applied = time.perf_counter()
+    return {"build_s": built - start, "calculate_s": planned - built,
+            "render_s": rendered - planned, "apply_s": applied - rendered,
+            "calculate_render_apply_s": applied - built,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def in_fresh_process(args: argparse.Namespace) -> dict[str, float]:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        found: dict[str, float] = pool.apply(
+            fresh_apply, (args.policies, args.elements, args.selecting))
+    return found
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     snaps = {False: snapshot(args, False), True: snapshot(args, True)}
     failsafes = Failsafes()
@@ -199,7 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def nft_f() -> None:
             subprocess.run([*prefix, "nft", "-f", "-"], input=script, text=True, check=True)
 
-        nft_f()   # the table exists from here on: every full apply below replaces it
+        # The table exists from here on: every full apply below replaces it.
+        kernel_memory = measured(nft_f)
         full_nft: list[float] = []
         full_apply: list[float] = []
         full_agent: list[float] = []
@@ -230,6 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             applier.apply(agent_render(i % 2 == 0))
             label_end_to_end.append(time.perf_counter() - start)
         elements = sum(len(s.elements) for s in rulesets[False].sets.values())
+    fresh = in_fresh_process(args)
     end = end_to_end(args, PEERS)
     nft_s, apply_s, agent_s = min(full_nft), min(full_apply), min(full_agent)
     netlink_s, nft_elem_s = min(via_netlink), min(via_nft)
@@ -247,6 +294,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "nft_f_vs_full_apply": nft_elem_s / apply_s,
                          "calculate_render_apply_s": min(label_end_to_end),
                          "calculate_render_apply_vs_full": min(label_end_to_end) / agent_s},
+        "kernel_memory": kernel_memory,
+        "fresh_process": fresh,
         "label_change_end_to_end_ms": end["label_ms"]["median"],
         "netset_change_end_to_end_ms": end["netset_ms"]["median"],
         "end_to_end": [end, *(end_to_end(args, n) for n in args.scale)],
@@ -271,6 +320,12 @@ def report(r: dict[str, Any]) -> str:
         f"  nft -f / full apply = {100 * c['nft_f_vs_full_apply']:.1f}%",
         f"        with calculate + render: {c['calculate_render_apply_s']:.3f} s = "
         f"{100 * c['calculate_render_apply_vs_full']:.0f}% of calculate + render + full apply",
+        describe(r["kernel_memory"], s["set_elements"]),
+        f"fresh process: build {r['fresh_process']['build_s']:.2f} s, calculate "
+        f"{r['fresh_process']['calculate_s']:.2f} s, render {r['fresh_process']['render_s']:.2f}"
+        f" s, apply {r['fresh_process']['apply_s']:.2f} s (calculate + render + apply "
+        f"{r['fresh_process']['calculate_render_apply_s']:.2f} s, goal at 10x <= 5 s); peak RSS "
+        f"{r['fresh_process']['peak_rss_mib']:.0f} MiB",
         *(f"agent   {e['host_endpoints']} host endpoints: event -> kernel, label change "
           f"{e['label_ms']['median']:.1f} ms (p99 {e['label_ms']['p99']:.1f}), network set "
           f"change {e['netset_ms']['median']:.1f} ms (p99 {e['netset_ms']['p99']:.1f}); "
@@ -282,15 +337,22 @@ def report(r: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policies", type=int, default=1_000)
-    parser.add_argument("--elements", type=int, default=100_000)
-    parser.add_argument("--selecting", type=int, default=100)
+    parser.add_argument("--size", choices=sorted(SIZES), default="1x",
+                        help="1x: 1,000 policies, 100 selecting, 100,000 addresses; "
+                             "10x: ten times each")
+    parser.add_argument("--policies", type=int)
+    parser.add_argument("--elements", type=int)
+    parser.add_argument("--selecting", type=int)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--scale", type=int, nargs="*", default=[],
                         help="also measure the agent's path with this many host endpoints "
                              "elsewhere (e.g. 100 10000 100000)")
     args = parser.parse_args()
+    for name, value in zip(("policies", "elements", "selecting"), SIZES[args.size],
+                           strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2

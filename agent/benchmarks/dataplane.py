@@ -27,7 +27,11 @@ connection rate against `bulkhead` (goal at least 0.9) and the connections the r
 missed out of those made. `--dns` adds `bk-dns`: Bulkhead's table with DNS snooping (the
 rules that log DNS to and from the trusted resolvers and hold answers, first in the input
 and output chains); its figure is the connection rate against `bulkhead`: what snooping costs
-traffic that is not DNS.
+traffic that is not DNS. `--ten-x` adds `bk-10x`: Bulkhead's table at ten times the run's
+sizes (10,000 policies, 1,000 selecting the receiver, 1,000,000 addresses by default; the
+same meaning), side by side with `bulkhead`; with each table the kernel memory it took
+(kernelmem.py). `--size 10x` runs the whole benchmark at ten times the default sizes
+instead (the naive table keeps --naive-rules rules).
 
 The load is a C program (tcpbench.c, compiled here with gcc): an epoll loop of
 non-blocking connects closed with a reset (no TIME_WAIT), against an accept-and-close
@@ -58,15 +62,18 @@ from pathlib import Path
 from typing import Any
 
 from bulkhead.dataplane.nftables import Ruleset, render
-from bulkhead.dataplane.nftables.apply import NftApplier
+from bulkhead.dataplane.nftables.apply import ApplyResult, NftApplier
 from bulkhead.dataplane.nftables.render import DnsSnooping, FlowLogging
 from bulkhead.lab import Lab, LabError, ProbeSpec
 from bulkhead.model import Snapshot, parse_resource
 from bulkhead.policy import Failsafes
-from bulkhead.policy.plan import calculate
+from bulkhead.policy.plan import NodePlan, calculate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # agent/, for tests.procs
 from tests.procs import run_main, stop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernelmem, beside this file
+from kernelmem import describe, measured
 
 HERE = Path(__file__).resolve().parent
 C_SOURCE = HERE / "tcpbench.c"
@@ -79,6 +86,9 @@ DIAGNOSTIC = ("bk-noout",    # without the output hook chain (the floor has none
               "bk-small")    # the receiver's verdict map cut down to the client's element
 FLOWS = "bk-flows"              # --flow-logs: Bulkhead's table with flow logs, and a reader
 DNS = "bk-dns"                  # --dns: Bulkhead's table with DNS snooping rules
+TENX = "bk-10x"                 # --ten-x: Bulkhead's table at ten times the sizes
+# --size: (policies, addresses in network sets, policies selecting the receiver).
+SIZES = {"1x": (1_000, 100_000, 100), "10x": (10_000, 1_000_000, 1_000)}
 CLIENT = "client"
 # Listed addresses: every other address of 198.18.64.0-198.19.191.255 (inside the lab's
 # 198.18.0.0/15, away from the hosts at 198.18.0.10+, the uplinks and the service address).
@@ -291,25 +301,11 @@ def load_rulesets(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     info["floor"] = {"load_s": bench.nft_load("floor", floor_script(), 60)}
 
     recv_ip = lab.address("bulkhead")
-    start = time.perf_counter()
-    snapshot = Snapshot.build(parse_resource(d) for d in resources(
-        args.policies, args.elements, args.selecting, client_ip, recv_ip))
-    built = time.perf_counter()
-    plan = calculate(snapshot, "receiver", {"eth0": [f"{recv_ip}/15"]}, Failsafes())
-    planned = time.perf_counter()
-    ruleset = render(plan)
-    rendered = time.perf_counter()
-    applier = NftApplier(netns=lab.ns("bulkhead"))
-    applied = applier.apply(ruleset)
-    listing = lab.run("bulkhead", ["nft", "-t", "list", "ruleset"]).stdout
-    info["bulkhead"] = {
-        "policies": len(snapshot.policies),
-        "policies_selecting_receiver": sum(
-            len(t.policies) for ep in plan.endpoints for t in ep.ingress.tiers),
-        "network_set_addresses": sum(len(n.nets) for n in snapshot.network_sets.values()),
-        "build_s": built - start, "plan_s": planned - built, "render_s": rendered - planned,
-        "apply_s": applied.seconds, "counts": ruleset.counts(),
-        "input_chain": list(ruleset.chains["input"].rules), "listing_terse": listing}
+    info["bulkhead"], plan, ruleset = load_bulkhead(
+        lab, "bulkhead", args.policies, args.elements, args.selecting)
+    if args.ten_x:
+        info[TENX] = load_bulkhead(lab, TENX, 10 * args.policies, 10 * args.elements,
+                                   10 * args.selecting)[0]
 
     if args.flow_logs:
         docs = resources(args.policies, args.elements, args.selecting, client_ip, recv_ip)
@@ -336,6 +332,37 @@ def load_rulesets(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     rules = script.count("tcp dport")
     info["naive"] = {"rules": rules, "load_s": bench.nft_load("naive", script, 900)}
     return info
+
+
+def load_bulkhead(lab: Lab, host: str, policies: int, elements: int, selecting: int
+                  ) -> tuple[dict[str, Any], NodePlan, Ruleset]:
+    """Bulkhead's table for `host` (the receiver), calculated from the store, rendered and
+    loaded by the agent's applier into the host's namespace, which held no table before:
+    what each stage took, and the kernel memory of the load."""
+    recv_ip = lab.address(host)
+    start = time.perf_counter()
+    snapshot = Snapshot.build(parse_resource(d) for d in resources(
+        policies, elements, selecting, lab.address(CLIENT), recv_ip))
+    built = time.perf_counter()
+    plan = calculate(snapshot, "receiver", {"eth0": [f"{recv_ip}/15"]}, Failsafes())
+    planned = time.perf_counter()
+    ruleset = render(plan)
+    rendered = time.perf_counter()
+    applier = NftApplier(netns=lab.ns(host))
+    applied: list[ApplyResult] = []
+    memory = measured(lambda: applied.append(applier.apply(ruleset)))
+    # (Only the default table's: `nft` reads every element to list, a minute at 10x.)
+    listing = lab.run(host, ["nft", "-t", "list", "ruleset"]).stdout if host == "bulkhead" \
+        else ""
+    return {
+        "policies": len(snapshot.policies),
+        "policies_selecting_receiver": sum(
+            len(t.policies) for ep in plan.endpoints for t in ep.ingress.tiers),
+        "network_set_addresses": sum(len(n.nets) for n in snapshot.network_sets.values()),
+        "build_s": built - start, "plan_s": planned - built, "render_s": rendered - planned,
+        "apply_s": applied[0].seconds, "counts": ruleset.counts(), "kernel_memory": memory,
+        "input_chain": list(ruleset.chains["input"].rules), "listing_terse": listing,
+    }, plan, ruleset
 
 
 def check_meaning(lab: Lab, args: argparse.Namespace, receivers: Sequence[str]
@@ -371,6 +398,7 @@ def check_meaning(lab: Lab, args: argparse.Namespace, receivers: Sequence[str]
                "bk-noout": {f"client {to_port}", f"listed {to_list}"},
                FLOWS: {f"client {to_port}", f"listed {to_list}"},
                DNS: {f"client {to_port}", f"listed {to_list}"},
+               TENX: {f"client {to_port}", f"listed {to_list}"},
                "bk-small": {f"client {to_port}"}}
     wrong = [f"{host}: {what} {outcome}" for host, got in seen.items()
              for what, outcome in got.items() if (outcome == "open") != (what in allowed[host])]
@@ -390,7 +418,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "stream_rounds": args.stream_rounds,
                   "stream_seconds": args.stream_seconds, "inflight": args.inflight}}
     receivers = (*CONFIGS, *(DIAGNOSTIC if args.diagnose else ()),
-                 *((FLOWS,) if args.flow_logs else ()), *((DNS,) if args.dns else ()))
+                 *((FLOWS,) if args.flow_logs else ()), *((DNS,) if args.dns else ()),
+                 *((TENX,) if args.ten_x else ()))
     results["receivers"] = receivers
     with tempfile.TemporaryDirectory(prefix="bulkhead-dataplane-") as tmp_name:
         tmp = Path(tmp_name)
@@ -434,7 +463,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pairs = [*((h, "none") for h in receivers[1:]), ("bulkhead", "floor"),
              ("bulkhead", "naive"), *((h, "floor") for h in receivers[len(CONFIGS):]),
              *(((FLOWS, "bulkhead"),) if args.flow_logs else ()),
-             *(((DNS, "bulkhead"),) if args.dns else ())]
+             *(((DNS, "bulkhead"),) if args.dns else ()),
+             *(((TENX, "bulkhead"),) if args.ten_x else ())]
     per_cycle = {f"{a}/{b}": [ratio(c[a], c[b]) for c in cycles] for a, b in pairs}
     results["ratios"]["per_cycle"] = {
         name: {"p25": quantile(values, 0.25), "median": median(values),
@@ -455,14 +485,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(results: dict[str, Any]) -> str:
     rs = results["rulesets"]
-    b = rs["bulkhead"]
     lines = [f"dataplane, {results['date']}, load {results['loadavg_before'][0]:.2f} -> "
              f"{results['loadavg_after'][0]:.2f}, {results['sizes']['rounds']} cycles of one "
              f"slice per receiver",
-             f"bulkhead ruleset: {b['policies']} policies, {b['policies_selecting_receiver']} "
-             f"selecting the receiver, {b['network_set_addresses']} addresses; counts "
-             f"{b['counts']}; plan {b['plan_s']:.1f} s, render {b['render_s']:.1f} s, apply "
-             f"{b['apply_s']:.1f} s",
+             *(f"{h} ruleset: {rs[h]['policies']} policies, "
+               f"{rs[h]['policies_selecting_receiver']} selecting the receiver, "
+               f"{rs[h]['network_set_addresses']} addresses; counts {rs[h]['counts']}; plan "
+               f"{rs[h]['plan_s']:.1f} s, render {rs[h]['render_s']:.1f} s, apply "
+               f"{rs[h]['apply_s']:.1f} s\n  "
+               + describe(rs[h]['kernel_memory'], rs[h]['counts'].get('elements', 0))
+               for h in ("bulkhead", TENX) if h in rs),
              f"naive ruleset: {rs['naive']['rules']} rules, loaded in "
              f"{rs['naive']['load_s']:.1f} s; floor loaded in {rs['floor']['load_s']:.2f} s"]
     for stat in ("best", "median"):
@@ -481,7 +513,8 @@ def report(results: dict[str, Any]) -> str:
     lines.append("connection rate, ratio within each cycle (median [p25-p75] of "
                  f"{results['sizes']['rounds']} cycles):")
     for name, q in results["ratios"]["per_cycle"].items():
-        goal = "   goal >= 0.9" if name in ("bulkhead/floor", f"{FLOWS}/bulkhead",
+        goal = "   goal >= 0.9" if name in ("bulkhead/floor", f"{TENX}/floor",
+                                          f"{FLOWS}/bulkhead",
                                           f"{DNS}/bulkhead") else ""
         lines.append(f"  {name:<15} {q['median']:>7.2f} [{q['p25']:.2f}-{q['p75']:.2f}]{goal}")
     if "flow_logs" in results:
@@ -499,10 +532,13 @@ def report(results: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policies", type=int, default=1000)
-    parser.add_argument("--elements", type=int, default=100_000,
+    parser.add_argument("--size", choices=sorted(SIZES), default="1x",
+                        help="1x: 1,000 policies, 100 selecting, 100,000 addresses; "
+                             "10x: ten times each")
+    parser.add_argument("--policies", type=int)
+    parser.add_argument("--elements", type=int,
                         help="addresses in the network sets the receiver's policies name")
-    parser.add_argument("--selecting", type=int, default=100,
+    parser.add_argument("--selecting", type=int,
                         help="policies (and network sets) on the receiver's path")
     parser.add_argument("--naive-rules", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=40,
@@ -523,9 +559,17 @@ def main() -> int:
                         help="with --flow-logs: the reader takes conntrack destroy events too")
     parser.add_argument("--dns", action="store_true",
                         help="add bk-dns: Bulkhead's table with DNS snooping rules")
+    parser.add_argument("--ten-x", action="store_true",
+                        help=f"add {TENX}: Bulkhead's table at ten times the sizes")
     parser.add_argument("--lab", default="bench", help="lab name (not starting with t)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    for name, value in zip(("policies", "elements", "selecting"), SIZES[args.size],
+                           strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.ten_x and 10 * args.selecting > 1000:
+        parser.error("--ten-x needs --selecting of at most 100 (ports 6000-6999)")
     if not 1 <= args.selecting <= min(args.policies, 1000):
         parser.error("--selecting must be 1..min(--policies, 1000)")
     if args.elements < args.selecting:

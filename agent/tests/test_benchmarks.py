@@ -73,6 +73,15 @@ def test_apply_benchmark_runs_small() -> None:
         assert results["full"][figure] > 0
     for figure in ("netlink_s", "nft_f_s", "netlink_vs_full_apply", "netlink_vs_nft_f"):
         assert results["label_change"][figure] > 0
+    # The table's kernel memory (charged to this cgroup where it can be read), and the
+    # fresh process that builds, calculates, renders and applies.
+    memory = results["kernel_memory"]
+    assert memory["memcg_kmem_mib"] is None or memory["memcg_kmem_mib"] >= 0
+    assert set(memory["meminfo_mib"]) == {"Slab", "VmallocUsed", "Percpu", "total"}
+    fresh = results["fresh_process"]
+    for figure in ("build_s", "calculate_s", "render_s", "apply_s", "peak_rss_mib"):
+        assert fresh[figure] > 0
+    assert fresh["calculate_render_apply_s"] >= fresh["apply_s"]
 
 
 def test_soak_benchmark_runs_small() -> None:

@@ -37,8 +37,8 @@ def test_dataplane_benchmark_runs_small() -> None:
     results = run_script("dataplane.py", "--policies", "12", "--elements", "60",
                          "--selecting", "3", "--naive-rules", "60", "--rounds", "1",
                          "--stream-rounds", "1", "--seconds", "0.3", "--stream-seconds", "0.3",
-                         "--flow-logs", "--dns")
-    configs = {"none", "floor", "bulkhead", "naive", "bk-flows", "bk-dns"}
+                         "--flow-logs", "--dns", "--ten-x")
+    configs = {"none", "floor", "bulkhead", "naive", "bk-flows", "bk-dns", "bk-10x"}
     for figure in ("conn_per_s", "throughput_gbit_s"):
         by_stat = results[figure]
         assert isinstance(by_stat, dict) and set(by_stat) == {"best", "median"}
@@ -65,6 +65,15 @@ def test_dataplane_benchmark_runs_small() -> None:
     # DNS snooping: the same table with the logging rules for the trusted resolvers.
     assert ratios["per_cycle"]["bk-dns/bulkhead"]["median"] > 0
     assert len(rulesets["bk-dns"]["snoop_rules"]) == 4    # held and logged, per family
+    # Ten times the scale: the same meaning from ten times the policies and addresses.
+    assert rulesets["bk-10x"]["policies"] == 120
+    assert rulesets["bk-10x"]["policies_selecting_receiver"] == 30
+    assert rulesets["bk-10x"]["network_set_addresses"] == 600
+    assert ratios["per_cycle"]["bk-10x/floor"]["median"] > 0
+    assert ratios["per_cycle"]["bk-10x/bulkhead"]["median"] > 0
+    for host in ("bulkhead", "bk-10x"):
+        assert set(rulesets[host]["kernel_memory"]["meminfo_mib"]) == {
+            "Slab", "VmallocUsed", "Percpu", "total"}
 
 
 def test_dns_race_benchmark_runs_small() -> None:

@@ -4,6 +4,7 @@ netaddr (which the plan and the renderer used before)."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
 
 import netaddr
 import pytest
@@ -49,6 +50,19 @@ def test_address_text_is_what_nft_and_netaddr_write() -> None:
     assert address_text(0xC6120001, 4) == "198.18.0.1"
     with pytest.raises(ValueError):
         address_text(2**32, 4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 6))))
+def test_merge_gives_the_same_addresses_as_sorted_separated_spans(
+        given_spans: list[tuple[int, int]]) -> None:
+    spans = [(lo, lo + width) for lo, width in given_spans]
+    merged = merge(spans)
+    covered = {v for lo, hi in spans for v in range(lo, hi + 1)}
+    assert {v for lo, hi in merged for v in range(lo, hi + 1)} == covered
+    # Sorted, and neither overlapping nor touching: two spans have a gap between them.
+    assert all(lo <= hi for lo, hi in merged)
+    assert all(a[1] + 1 < b[0] for a, b in itertools.pairwise(merged))
 
 
 def test_spans() -> None:

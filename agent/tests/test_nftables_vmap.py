@@ -133,3 +133,31 @@ def test_the_same_box_objects_again_answer_as_compile_run_does() -> None:
                                    else tuple(v for _, v in want.cells[:1])), k
         if k == 1:
             assert compiler.cut_again == cut      # the same objects: nothing cut again
+
+
+def _texts_one_by_one(run: Any, family: int) -> list[str]:
+    """Each cell written field by field: what element_text's shared heads must equal."""
+    from bulkhead.dataplane.nftables.vmap import address_range
+    out = []
+    for key, verdict in run.cells:
+        parts = [address_range(lo, hi, family) if name.endswith("addr")
+                 else (str(lo) if lo == hi else f"{lo}-{hi}")
+                 for name, (lo, hi) in zip(run.fields, key, strict=True)]
+        out.append(f"{' . '.join(parts)} : {verdict}")
+    return out
+
+
+wide = st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40)).map(
+    lambda t: (t[0], t[0] + t[1])), min_size=1, max_size=3)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(
+    st.fixed_dictionaries({}, optional={"proto": wide, "dport": wide, "sport": wide,
+                                        "daddr": wide, "saddr": wide}),
+    st.sampled_from(["Allow", "Deny", "Pass"])), min_size=1, max_size=5),
+    st.sampled_from([4, 6]))
+def test_element_text_writes_each_cell_as_its_fields_one_by_one(
+        rules: list[tuple[Box, str]], family: int) -> None:
+    run = compile_run(rules, family)
+    assert element_text(run, family) == _texts_one_by_one(run, family)

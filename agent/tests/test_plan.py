@@ -266,3 +266,28 @@ def test_interfaces_found_by_expected_ips() -> None:
     assert [e.interfaces for e in plan.endpoints] == [("ens3",)]
     plan = calculate(nftfixture.snap(*docs), "n1", {"ens3": ["198.18.0.99/24"]})
     assert plan.endpoints == [] and "no interface of this host" in plan.warnings[0]
+
+
+def test_the_selectors_that_match_labels_are_those_whose_expression_is_true() -> None:
+    """members_of looks `key == "value"` selectors up by the label pairs an object holds
+    and evaluates only the others: the same selectors, in the same order, as evaluating
+    every selector."""
+    from bulkhead.policy.plan import _matcher
+    from bulkhead.selector import parse
+
+    rng = random.Random(23)
+    keys, values = ["a", "b", "list"], ["x", "y", "l1", ""]
+
+    def one() -> str:
+        k, v, w = rng.choice(keys), rng.choice(values), rng.choice(values)
+        return rng.choice([f"{k} == '{v}'", f"{k} != '{v}'", f"has({k})", "all()",
+                           f"{k} in {{'{v}', '{w}'}}", f"!has({k})", f"{k} == '{v}' && has({k})",
+                           f"{k} == '{v}' || {rng.choice(keys)} == '{w}'",
+                           f"{k} starts with '{v}'"])
+
+    for _ in range(300):
+        selectors = list(dict.fromkeys(parse(one()) for _ in range(rng.randint(1, 12))))
+        matching = _matcher(selectors)
+        for _ in range(10):
+            labels = {k: rng.choice(values) for k in keys if rng.random() < 0.6}
+            assert matching(labels) == [s for s in selectors if s.matches(labels)]

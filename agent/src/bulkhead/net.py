@@ -64,13 +64,15 @@ def address_text(value: int, family: int) -> str:
 
 def merge(spans: Iterable[Span]) -> tuple[Span, ...]:
     """Sorted spans, overlapping or adjacent ones joined."""
-    merged: list[list[int]] = []
-    for lo, hi in sorted(spans):
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], hi)
+    merged: list[Span] = []
+    for span in sorted(spans):
+        # A span that joins none is kept as given (no new tuple per span).
+        if merged and span[0] <= merged[-1][1] + 1:
+            if span[1] > merged[-1][1]:
+                merged[-1] = (merged[-1][0], span[1])
         else:
-            merged.append([lo, hi])
-    return tuple((lo, hi) for lo, hi in merged)
+            merged.append(span)
+    return tuple(merged)
 
 
 def intersection(a: Sequence[Span], b: Sequence[Span]) -> tuple[Span, ...]:

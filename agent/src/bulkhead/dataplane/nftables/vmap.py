@@ -262,10 +262,27 @@ def field_expr(name: str, family: int) -> str:
 
 
 def element_text(run: CompiledRun, family: int) -> list[str]:
+    """Each cell as `field . field ... : verdict`. Cells come in tree order, so a run of
+    them shares every field but the last: that head is written once per run of cells."""
     writers = [_address_writer(family) if name.endswith("addr") else _ValueTexts().__getitem__
                for name in run.fields]
-    return [f"{' . '.join([write(iv) for write, iv in zip(writers, key, strict=True)])} : {verdict}"
-            for key, verdict in run.cells]
+    if not writers:
+        return [f" : {verdict}" for _, verdict in run.cells]
+    *head_writers, write_last = writers
+    last = len(writers) - 1
+    out: list[str] = []
+    before: tuple[Interval, ...] | None = None
+    head = ""
+    for key, verdict in run.cells:
+        if len(key) != len(writers):
+            raise ValueError(f"a cell of {len(key)} fields in a map of {len(writers)}")
+        prefix = key[:last]
+        if prefix != before:
+            before = prefix
+            head = "".join([write(iv) + " . " for write, iv in zip(head_writers, prefix,
+                                                                   strict=True)])
+        out.append(f"{head}{write_last(key[last])} : {verdict}")
+    return out
 
 
 class _ValueTexts(dict[Interval, str]):
