@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 
 from bulkhead import pki
@@ -150,3 +151,31 @@ async def test_drift_is_repaired_and_a_failed_apply_retried(
                     and rec.applied[1] == ["a", "b"], "the retry")
         assert rec.repairs == 1
 
+
+
+def test_memory_settles_after_a_scratch_apply_once_the_gap_has_passed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An apply from scratch makes a settle due; it runs at once unless one ran within
+    SETTLE_GAP (then the next apply or drift check runs it), and every SETTLE_EVERY
+    applies in any case. (`settle` itself is tested in test_agent_memory.)"""
+    from bulkhead.agent import daemon
+    from bulkhead.agent.memory import SETTLE_EVERY, SETTLE_GAP
+
+    settled: list[float] = []
+    monkeypatch.setattr(daemon, "settle", lambda: settled.append(1.0))
+    pki.init_ca(tmp_path)
+    agent = Agent(config_for("https://127.0.0.1:1", tmp_path, tmp_path / "state"), Recorder())
+    agent._settle_if_due()
+    assert settled == []                       # nothing from scratch yet
+    agent._settle_due = True
+    agent._settle_if_due()
+    assert settled == [1.0] and not agent._settle_due
+    agent._settle_due = True                   # another, within the gap: kept due
+    agent._settle_if_due()
+    assert settled == [1.0] and agent._settle_due
+    agent._settled -= SETTLE_GAP               # the gap has passed
+    agent._settle_if_due()
+    assert len(settled) == 2 and not agent._settle_due
+    agent._since_settle = SETTLE_EVERY         # many applies, none from scratch
+    agent._settle_if_due()
+    assert len(settled) == 3 and agent._since_settle == 0

@@ -85,6 +85,7 @@ class Agent:
         self._in_sync = False           # the kernel holds exactly self.state
         self._since_settle = 0          # applies since the last memory.settle()
         self._settled = -SETTLE_GAP      # when it was (time.monotonic())
+        self._settle_due = False        # an apply from scratch came since
         self._resume = False            # watch from self.revision (not on first start)
         self._backoff = Backoff()
         self._kernel = threading.Lock()  # one enforcer call at a time, even if abandoned
@@ -176,11 +177,8 @@ class Agent:
             def apply() -> tuple[EnforceReport, str | None]:
                 report = self.enforcer.enforce(snapshot, revision, told)
                 self._since_settle += 1
-                now = time.monotonic()
-                if (report.scratch and now - self._settled >= SETTLE_GAP) or \
-                        self._since_settle >= SETTLE_EVERY:
-                    settle()       # see bulkhead.agent.memory
-                    self._since_settle, self._settled = 0, now
+                self._settle_due |= report.scratch
+                self._settle_if_due()
                 if not write_cache:
                     return report, None
                 try:
@@ -370,10 +368,22 @@ class Agent:
         return False
 
     # ---------------------------------------------------------------------- drift
+    def _settle_if_due(self) -> None:
+        """After an apply from scratch, at most every SETTLE_GAP seconds (one that came
+        sooner is settled by the next apply or drift check), and every SETTLE_EVERY
+        applies: see bulkhead.agent.memory. In the worker thread, under the kernel lock."""
+        now = time.monotonic()
+        if (self._settle_due and now - self._settled >= SETTLE_GAP) or \
+                self._since_settle >= SETTLE_EVERY:
+            settle()
+            self._since_settle, self._settled, self._settle_due = 0, now, False
+
     async def _drift_forever(self) -> None:
         while not self._stopping:
             await asyncio.sleep(self.config.drift_interval)
             await self.check_drift()
+            if self._settle_due:
+                await self._call(self._settle_if_due)
 
     async def check_drift(self) -> None:
         if self.apply_error is not None:
