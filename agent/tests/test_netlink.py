@@ -383,3 +383,20 @@ def test_with_netlink_off_elements_go_through_nft(two_netns: tuple[str, str]) ->
     assert applier.apply(moved).via == "nft"
     assert applier.diff(moved) == ""
     assert applier.generation() is None
+
+
+@root
+def test_a_batch_of_many_messages_gets_all_its_answers(two_netns: tuple[str, str]) -> None:
+    """Every message of a batch is answered; 1,500 answers overflow a socket's default
+    receive buffer (ENOBUFS, and the applier would fall back to `nft -f`): the buffer is
+    sized to the batch."""
+    ns = two_netns[0]
+    count = 1500
+    sets = {f"s{i}": NftSet(f"s{i}", "ipv4_addr", ("interval",), ("198.18.0.1",))
+            for i in range(count)}
+    nft(ns, "-f", "-", script=_ruleset(sets).script())
+    grown = NftSet("x", "ipv4_addr", ("interval",), ("198.18.0.1", "198.18.1.7"))
+    added = in_kernel_order(encode_set(grown) - encode_set(sets["s0"]))
+    with NftNetlink(ns) as nl:
+        assert nl.apply("t", [Change(name, add=added) for name in sets]) == count
+    assert listing(ns).count("198.18.1.7") == count

@@ -44,6 +44,7 @@ from bulkhead.netlink import (
     NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
+    SO_RCVBUFFORCE,
     SO_SNDBUFFORCE,
     SOL_NETLINK,
     NetlinkError,
@@ -68,6 +69,9 @@ NFT_MSG_NEWGEN = 15
 NFT_MSG_GETGEN = 16
 NFTA_GEN_ID = 1
 NFTA_SET_COUNT = 20   # how many elements a set holds: not part of its shape
+# Receive-buffer room per answer a batch waits for: a 36-byte error/ack message costs a
+# socket buffer about 700 bytes of its accounting (skb truesize); 1 KiB each is enough.
+ANSWER_ROOM = 1024
 NFTA_SET_ELEM_LIST_TABLE = 1
 NFTA_SET_ELEM_LIST_SET = 2
 NFTA_SET_ELEM_LIST_ELEMENTS = 3
@@ -344,6 +348,7 @@ class NftNetlink(NetlinkSocket):
         self.sock.bind((0, 0))
         # Error answers carry only the failing message's header, not its 60 kB of elements.
         self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        self._receive_room = 0
 
     def _receive(self) -> list[tuple[int, int, bytes]]:
         """One datagram's messages as (type, seq, payload)."""
@@ -360,6 +365,16 @@ class NftNetlink(NetlinkSocket):
             out.append((kind, seq, data[at + 16:at + length]))
             at += (length + 3) & ~3
         return out
+
+    def _room_for_answers(self, count: int) -> None:
+        want = max(count * ANSWER_ROOM, 1 << 18)
+        if want <= self._receive_room:
+            return
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, want)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
+        self._receive_room = want
 
     def _send(self, data: bytes) -> None:
         # The whole batch is one datagram: make room for it in the send buffer.
@@ -465,6 +480,9 @@ class NftNetlink(NetlinkSocket):
                                   body))
         batch.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, self._next_seq(),
                               socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES, b""))
+        # Every message is answered before any answer is read: room for all of them (a
+        # default buffer holds about 280; past that the kernel drops them, ENOBUFS).
+        self._room_for_answers(len(parts))
         self._send(b"".join(batch))
         errors: list[tuple[int, int]] = []
         while pending:
