@@ -6,6 +6,7 @@ over the bound, bad chunks, cut bodies, silence, a body over the cap). Also the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import ssl
@@ -514,3 +515,92 @@ def test_the_agent_does_not_import_aiohttp() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+async def test_a_post_on_a_connection_that_ends_unanswered_is_not_sent_again() -> None:
+    """The server may have taken the POST before the connection ended: it fails, and
+    the caller decides (a GET is sent again on a new connection)."""
+    bodies: list[bytes] = []
+
+    async def take_then_hang_up(reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        bodies.append(await reader.readexactly(length))
+        if len(bodies) == 1:               # the first is answered, the connection kept
+            writer.write(ok(b"{}"))
+            await writer.drain()
+            await read_request(reader)     # the second: taken, never answered
+            bodies.append(b"(second on the kept connection)")
+
+    scripted = Scripted(take_then_hang_up)
+    async with scripted as session:
+        async with session.post("/v1/flows", json_body={"n": 1}, timeout=FIVE_SECONDS) as r:
+            assert r.status == 200 and await r.read() == b"{}"
+        with pytest.raises(Disconnected):
+            async with session.post("/v1/flows", json_body={"n": 2}, timeout=FIVE_SECONDS):
+                pass
+        assert scripted.connections == 1   # not sent again on a new connection
+
+
+async def test_bytes_past_an_answer_are_never_read_as_the_next_answer() -> None:
+    """A server that sends more than its answer frames: the connection is not reused."""
+    scripted = Scripted(answering(ok(b"one") + b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n"
+                                  b"\r\n{\"evil\":1", keep=True))
+    async with scripted as session:
+        assert await get_body(session) == b"one"
+        await asyncio.sleep(0.1)
+        assert await get_body(session) == b"one"
+        assert scripted.connections == 2
+
+
+async def test_a_cancelled_drain_gives_its_connection_back() -> None:
+    """Leaving an answer whose small rest is still being read, cancelled: the slot comes
+    back (else, after max_connections such, nothing could be sent)."""
+    async def slow_rest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    scripted = Scripted(slow_rest)
+    async with scripted as session:
+        for _ in range(6):                 # more than the pool's 4 connections
+            async def leave_early() -> None:
+                async with session.get("/x", timeout=FIVE_SECONDS):
+                    pass                   # the rest (8 bytes) is drained on leaving
+            task = asyncio.create_task(leave_early())
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert session._slots._value == 4 and not session._busy   # every slot is back
+
+
+async def test_a_metrics_client_that_does_not_read_is_cut_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer bigger than the socket buffers, to a client that asks and never reads:
+    after READ_TIMEOUT the connection is aborted (not closed: a close would keep it,
+    and the answer buffered for it, until it reads)."""
+    monkeypatch.setattr(agent_metrics, "READ_TIMEOUT", 0.5)
+    body = "x" * (24 << 20)
+    monkeypatch.setattr(agent_metrics, "render_metrics", lambda view: body)
+    view = MetricsView("web-1", 3, 4, True, 0, Counters())
+    metrics = MetricsServer(lambda: view)
+    port = free_port()
+    await metrics.start("127.0.0.1", port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1.5)                # never read in time
+        got = 0
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(10):
+                while piece := await reader.read(1 << 20):
+                    got += len(piece)
+        writer.close()
+        assert 0 < got < len(body)              # what was on its way, then cut off
+    finally:
+        await metrics.stop()

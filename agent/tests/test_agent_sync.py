@@ -156,3 +156,19 @@ def test_an_object_too_deep_to_write_out_is_left_out_not_the_end_of_the_agent() 
     assert sorted(snapshot.policies) == ["a"] and "x" not in snapshot.host_endpoints
     assert any("HostEndpoint x" in e and "nested too deeply" in e for e in errors), errors
     assert [json.loads(t)["metadata"]["name"] for t in state.texts()] == ["a"]
+
+
+async def test_a_watch_line_nested_too_deeply_breaks_the_stream_not_the_agent() -> None:
+    """A hostile server's line deeper than the JSON decoder goes is the stream's end (the
+    agent reconnects), like any broken line; it does not escape as RecursionError."""
+    from bulkhead.agent.sync import watch_lines
+
+    class Deep:
+        async def iter_chunks(self) -> Any:
+            yield b'{"type": "events", "events": ' + b"[" * 200_000 + b"]" * 200_000 + b"}\n"
+            yield b'{"type": "heartbeat"}\n'
+
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    await watch_lines(Deep(), queue)  # type: ignore[arg-type]
+    got = queue.get_nowait()
+    assert isinstance(got, RecursionError) and queue.empty()

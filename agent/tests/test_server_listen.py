@@ -194,6 +194,19 @@ async def test_a_burst_of_handshakes_ends_with_the_heap_trimmed(
         responses += await _watchers(served, session, 6)
         await asyncio.sleep(0.3)
         assert calls == [0] and served.listener.trims == 1   # once, with none under way
+        # Handshakes that fail (anyone can make them) do not count towards a trim.
+        counted = served.listener._handshakes_untrimmed
+        for _ in range(6):
+            _, writer = await asyncio.open_connection("127.0.0.1", served.listener.port)
+            writer.write(b"not TLS\r\n\r\n")
+            await writer.drain()
+            writer.close()
+        await asyncio.sleep(0.3)
+        assert served.listener._handshakes_untrimmed == counted
+        # Another burst within TRIM_EVERY: its trim waits (at most one a minute).
+        responses += await _watchers(served, session, 6)
+        await asyncio.sleep(0.3)
+        assert served.listener.trims == 1 and served.listener._trim_handle is not None
         served.release.set()
         for r in responses:
             r.close()

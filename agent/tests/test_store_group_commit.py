@@ -184,3 +184,54 @@ async def test_watch_sees_writes_of_another_process_between_its_own(
     events = await watched
     assert [e.name for e in events] == ["mine-1", "theirs", "mine-2", "mine-3"]
     assert [e.revision for e in events] == list(range(start + 1, start + 5))
+
+
+async def test_a_lone_commit_whose_caller_left_still_wakes_the_watchers(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client leaves (its handler is cancelled) while its write commits: the write
+    lands and watchers hear of it at once, not at their next periodic read."""
+    import time
+    seen: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    async def watcher() -> None:
+        async for _ in store.watch(0):
+            seen.set_result(time.monotonic())
+            return
+
+    real = store._apply_group
+
+    def slow(group: Any) -> Any:       # a slow disk's fsync
+        time.sleep(0.3)
+        return real(group)
+
+    monkeypatch.setattr(store, "_apply_group", slow)
+    watching = asyncio.create_task(watcher())
+    await asyncio.sleep(0.2)
+    write = asyncio.create_task(store.transaction([put("x")]))
+    await asyncio.sleep(0.05)          # its commit is under way
+    left = time.monotonic()
+    write.cancel()
+    at = await asyncio.wait_for(seen, 5)
+    await watching
+    assert await store.revision() == 1
+    assert at - left < 0.6, at - left  # the commit's 0.3 s, not a 1 s periodic read
+    assert await store.transaction([put("y")])   # and the next write is not stuck
+
+
+async def test_the_in_memory_feed_is_bounded_by_events(store: SQLiteStore,
+                                                       monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """Bulk writes keep at most FEED_EVENTS events in memory (the oldest revisions are
+    read back from the file), and a watcher still gets every event."""
+    from bulkhead.store import sqlite as module
+    monkeypatch.setattr(module, "FEED_EVENTS", 50)
+    for batch in range(6):
+        await store.transaction([put(f"b{batch}-{i}") for i in range(20)])
+    assert store._feed_events <= 50 and len(store._feed) == 2
+    assert store._feed_events == sum(len(events) for _, events in store._feed)
+    names = []
+    async for event in store.watch(0):
+        names.append(event.name)
+        if len(names) == 120:
+            break
+    assert names == [f"b{b}-{i}" for b in range(6) for i in range(20)]

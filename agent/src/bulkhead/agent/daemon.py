@@ -54,7 +54,8 @@ log = logging.getLogger("bulkhead.agent")
 T = TypeVar("T")
 
 # Errors that mean "the server cannot be reached or the stream broke": retry later.
-NETWORK_ERRORS = (HttpError, OSError, TimeoutError, SyncError, ValueError)
+# RecursionError: an answer nested deeper than the JSON decoder goes (a hostile server).
+NETWORK_ERRORS = (HttpError, OSError, TimeoutError, SyncError, ValueError, RecursionError)
 
 
 class AgentError(Exception):

@@ -15,8 +15,10 @@ trusts nothing the network says:
 
 - Connections are kept alive and reused (at most `max_connections` at a time, 4 by
   default: a request waits for one to come free; an idle one is closed after
-  `idle_seconds`, 15 by default). A request whose reused connection turns out closed by
-  the server before a byte of the answer arrived is sent once more on a new connection.
+  `idle_seconds`, 15 by default). A GET whose reused connection turns out closed by the
+  server before a byte of the answer arrived is sent once more on a new connection (a
+  POST is not: the server may have taken it). A connection holding bytes beyond the
+  answer it framed is not reused.
 - Requests: `Host`, `Connection: keep-alive`, `Accept-Encoding: identity` (nothing
   compressed comes back), a JSON body with `Content-Length`.
 - Answers: a body framed by `Content-Length`, chunked transfer encoding, or the end of
@@ -137,7 +139,11 @@ class _Conn:
         self.idle_since = 0.0
 
     def usable(self) -> bool:
-        return not self.writer.transport.is_closing() and not self.reader.at_eof()
+        """Open, and holding no byte beyond the last answer (a server that sent more
+        than it framed would have it read as the next request's answer)."""
+        buffered = getattr(self.reader, "_buffer", None)   # asyncio.StreamReader's
+        return (not self.writer.transport.is_closing() and not self.reader.at_eof()
+                and buffered is not None and not buffered)
 
     def close(self) -> None:
         """Always the orderly close (TLS close_notify, then FIN), never an abort: on a
@@ -251,7 +257,10 @@ class Session:
                     await response._start(message)
                     return response
                 except Disconnected as e:
-                    if not (e.empty and conn.reused):
+                    # Only a request that changes nothing is sent again: the server
+                    # may have taken a POST before the connection ended.
+                    if not (e.empty and conn.reused and not response.heard
+                            and method in ("GET", "HEAD")):
                         raise
                     self._drop(conn)
                     conn = None
@@ -401,6 +410,7 @@ class Response:
         self._left: int | None = None      # bytes of the body (or of the chunk) to come
         self._done = False
         self._released = False
+        self.heard = False          # something of the answer came
         self._body: bytes | None = None
 
     # -- reading -------------------------------------------------------------------------
@@ -444,6 +454,7 @@ class Response:
         conn.writer.write(message)
         await self._io(conn.writer.drain())
         raw = await self._io(conn.reader.readuntil(b"\r\n\r\n"))
+        self.heard = True
         for _ in range(MAX_INFORMATIONAL):
             self._parse_head(raw)
             if self.status >= 200:
@@ -630,12 +641,14 @@ class Response:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         """Released; the rest of a small body (`DRAIN`, with a length) read first, so
         the connection is kept, when the block ended without an exception."""
-        if exc_type is None and not self._done and not self._released \
-                and not self._chunked and self._left is not None and self._left <= DRAIN:
-            with contextlib.suppress(HttpError):
-                while await self._piece():
-                    pass
-        self.release()
+        try:
+            if exc_type is None and not self._done and not self._released \
+                    and not self._chunked and self._left is not None and self._left <= DRAIN:
+                with contextlib.suppress(HttpError):
+                    while await self._piece():
+                        pass
+        finally:
+            self.release()      # also when cancelled while reading the rest
 
     def __repr__(self) -> str:
         return f"<Response {self.what}: {self.status} {self.reason}>"

@@ -139,23 +139,30 @@ class MetricsServer:
                 async with asyncio.timeout(READ_TIMEOUT):
                     request = await _read_request(reader)
             except TimeoutError:
-                return                       # said nothing (complete) in time: closed
+                writer.transport.abort()     # said nothing (complete) in time: closed
+                return
             except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):
                 request = None
             status, body = self._answer(request)
             head = (f"HTTP/1.0 {status}\r\nContent-Type: "
                     f"{CONTENT_TYPE if status.startswith('200') else 'text/plain'}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            # drain() then waits for the whole answer to leave, not just most of it.
+            writer.transport.set_write_buffer_limits(high=0)
             writer.write(head.encode() + body)
             async with asyncio.timeout(READ_TIMEOUT):
                 await writer.drain()
+            writer.close()
+            return
         except (OSError, TimeoutError):
             pass
         except Exception:      # never let a bug here stop the listener: logged, closed
             log.exception("serving /metrics failed")
         finally:
             self._clients.discard(writer)
-            writer.close()
+        # Not answered in time (a client that does not read): aborted, so its connection
+        # and the answer still buffered for it do not stay (a close would wait to flush).
+        writer.transport.abort()
 
     def _answer(self, request: tuple[str, str] | None) -> tuple[str, bytes]:
         if request is None:

@@ -259,7 +259,7 @@ async def error_of(resp: Response) -> str:
             f"{ERROR_READ_SECONDS:g} s)"
     try:
         message = str(json.loads(text)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         message = text.strip()[:200] or resp.reason
     return f"HTTP {resp.status}: {message}"
 
@@ -306,7 +306,9 @@ async def watch_lines(resp: Response, queue: asyncio.Queue[Doc | Exception]) -> 
                 raise SyncError(f"watch: expected a JSON object, got {line[:80]!r}")
             queue.put_nowait(message)
         queue.put_nowait(SyncError("the server closed the watch stream"))
-    except (HttpError, ValueError, SyncError, OSError) as e:
+    except (HttpError, ValueError, SyncError, OSError, RecursionError) as e:
+        # (RecursionError: JSON nested deeper than the decoder goes, from a hostile
+        # server: a broken stream like any other, never the end of the agent.)
         queue.put_nowait(e)
 
 

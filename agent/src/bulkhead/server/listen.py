@@ -95,9 +95,11 @@ def lean_tls_protocol(loop: asyncio.AbstractEventLoop, ssl_context: ssl.SSLConte
 # reconnecting after a restart) leaves that memory freed but scattered through the heap,
 # where the C allocator keeps it. Once a burst is over (TRIM_DELAY seconds after a
 # handshake ended with none under way, if TRIM_AFTER handshakes were done since the last
-# time), the free pages go back to the system.
+# time, and at most once per TRIM_EVERY seconds), the free pages go back to the system,
+# in a worker thread.
 TRIM_DELAY = 0.5
 TRIM_AFTER = 64
+TRIM_EVERY = 60.0
 
 
 def malloc_trim() -> Callable[[], object] | None:
@@ -164,6 +166,7 @@ class Listener:
         self.trim = malloc_trim()
         self.trims = 0                # times the heap's free pages were given back
         self._handshakes_untrimmed = 0
+        self._last_trim = -TRIM_EVERY
         self._trim_handle: asyncio.TimerHandle | None = None
         self._no_fds = RateLimitedLog()
 
@@ -249,20 +252,32 @@ class Listener:
         except asyncio.CancelledError:
             conn.close()
             raise
+        else:
+            # Only completed handshakes count: failed ones (anyone can make them) do not
+            # bring a trim sooner.
+            self._handshakes_untrimmed += 1
         finally:
             self.handshaking -= 1
-            self._handshakes_untrimmed += 1
             if self.handshaking == 0 and self._trim_handle is None and self.trim and \
                     self._handshakes_untrimmed >= TRIM_AFTER:
-                self._trim_handle = loop.call_later(TRIM_DELAY, self._trim)
+                wait = max(TRIM_DELAY, self._last_trim + TRIM_EVERY - loop.time())
+                self._trim_handle = loop.call_later(wait, self._trim)
 
     def _trim(self) -> None:
         self._trim_handle = None
         if self.handshaking or self.trim is None:   # still under way: at its end
             return
         self._handshakes_untrimmed = 0
-        self.trim()
+        loop = asyncio.get_running_loop()
+        self._last_trim = loop.time()
+        # In a worker thread: malloc_trim releases the GIL, and takes 5-100 ms on a
+        # large fragmented heap, which the event loop would otherwise wait for.
+        self._spawn(self._trim_in_thread(self.trim))
         self.trims += 1
+
+    @staticmethod
+    async def _trim_in_thread(trim: Callable[[], object]) -> None:
+        await asyncio.to_thread(trim)
 
     async def _lean_handshake(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
                               tls_protocol: type[asyncio.BufferedProtocol]) -> None:

@@ -54,6 +54,7 @@ from bulkhead.store.base import (
 MAX_OPS = 10_000      # operations in one transaction: the write lock is held meanwhile
 MAX_GROUP_OPS = MAX_OPS   # operations in one group commit (a bigger transaction goes alone)
 FEED_REVISIONS = 1_024    # revisions of this process's writes kept in memory for watchers
+FEED_EVENTS = 10_000      # and events at most (bulk writes): older revisions are read back
 WATCH_BATCH = 1_000   # events read at a time by a watch, rounded up to a whole revision
 STATUS_KIND = "AgentStatus"  # kept in `resources` by earlier versions; moved on open
 
@@ -128,7 +129,9 @@ class SQLiteStore:
         self._feed: collections.deque[tuple[int, list[Event]]] = collections.deque(
             maxlen=FEED_REVISIONS)
         self._feed_lock = threading.Lock()
+        self._feed_events = 0
         self._compacted_here = 0
+        self._lone: set[asyncio.Task[Outcome]] = set()
 
     # -- plumbing ---------------------------------------------------------------------
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -295,15 +298,25 @@ class SQLiteStore:
             done: asyncio.Future[TxResult] = loop.create_future()
             self._pending.append(_Pending(list(ops), audit, done))
             return await done
-        # None under way: commit it from here, at once (what comes meanwhile waits).
+        # None under way: commit it from here, at once (what comes meanwhile waits). In a
+        # task shielded from the caller: a caller cancelled (its client gone) while the
+        # commit runs must not skip the watchers' wake-up or hand the next group over
+        # before this commit is done.
         self._committing = True
-        try:
-            outcome = (await self._commit_group([_Pending(list(ops), audit, None)]))[0]
-        finally:
-            self._commit_next(loop)
+        commit = loop.create_task(self._commit_lone(loop, _Pending(list(ops), audit, None)))
+        self._lone.add(commit)                   # held until done (the loop holds tasks
+        commit.add_done_callback(self._lone.discard)   # weakly)
+        outcome = await asyncio.shield(commit)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome[0]
+
+    async def _commit_lone(self, loop: asyncio.AbstractEventLoop, pending: _Pending
+                           ) -> Outcome:
+        try:
+            return (await self._commit_group([pending]))[0]
+        finally:
+            self._commit_next(loop)
 
     def _commit_next(self, loop: asyncio.AbstractEventLoop) -> None:
         """After a commit: the next group, if any, in a task of its own (so a caller that
@@ -372,7 +385,15 @@ class SQLiteStore:
                 revision = events[0].revision
                 if self._feed and self._feed[-1][0] != revision - 1:
                     self._feed.clear()   # another process wrote in between: start again
+                    self._feed_events = 0
+                if len(self._feed) == FEED_REVISIONS:
+                    self._feed_events -= len(self._feed[0][1])   # the append drops it
                 self._feed.append((revision, events))
+                self._feed_events += len(events)
+                # Bounded by events too: a few bulk writes of 10,000 objects would
+                # otherwise keep gigabytes of parsed documents alive.
+                while self._feed_events > FEED_EVENTS and len(self._feed) > 1:
+                    self._feed_events -= len(self._feed.popleft()[1])
 
     def _feed_after(self, after: int) -> list[Event] | None:
         """This process's events after `after`, when memory has every one of them up to
