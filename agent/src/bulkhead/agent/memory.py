@@ -11,52 +11,31 @@ these do nothing and say so).
   what is garbage is collected, what is left (the kept plan, the snapshot, the render
   cache: most of the process's objects) is frozen out of the cycle collector's view
   (`gc.freeze`), and free pages are given back. A change's own garbage is then collected
-  without walking 700,000 kept objects: at 100,000 host endpoints a collection of the
-  oldest generation took several milliseconds of a label change's ten. Objects frozen
+  without walking the hundreds of thousands of objects a large plan keeps. Objects frozen
   and later dropped are freed by their reference counts as before; only one caught in a
   reference cycle waits for the next `settle` (after an apply from scratch, at most
-  once per `SETTLE_GAP` seconds: the collection holds the interpreter for 0.1-0.25 s
-  at 100,000 endpoints; and every `SETTLE_EVERY` applies).
+  once per `SETTLE_GAP` seconds, since the full collection holds the interpreter
+  while it runs; and every `SETTLE_EVERY` applies).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import gc
 
-M_ARENA_MAX = -8      # mallopt's parameter number (glibc's malloc.h)
+from bulkhead.heap import limit_arenas, malloc_trim
+
+__all__ = ["SETTLE_EVERY", "SETTLE_GAP", "give_back", "limit_arenas", "settle"]
+
 SETTLE_EVERY = 1000   # applies between two settles when none is from scratch
 SETTLE_GAP = 10.0     # seconds at least between two settles after applies from scratch
 
 
-@functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version.restype = ctypes.c_char_p
-        libc.gnu_get_libc_version()
-    except (OSError, AttributeError):
-        return None          # not glibc (musl has neither mallopt's arenas nor trim)
-    return libc
-
-
-def limit_arenas(count: int = 2) -> bool:
-    """At most `count` malloc arenas; False where that cannot be set."""
-    libc = _glibc()
-    return libc is not None and libc.mallopt(M_ARENA_MAX, count) == 1
-
-
 def give_back() -> bool:
     """Return free heap pages to the system; False where there is no malloc_trim."""
-    libc = _glibc()
-    if libc is None:
+    trim = malloc_trim()
+    if trim is None:
         return False
-    libc.malloc_trim(0)
+    trim()
     return True
 
 

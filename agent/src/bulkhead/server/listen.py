@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import logging
 import resource
@@ -29,6 +28,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
+
+from bulkhead.heap import malloc_trim
 
 log = logging.getLogger("bulkhead.server.listen")
 
@@ -100,18 +101,6 @@ def lean_tls_protocol(loop: asyncio.AbstractEventLoop, ssl_context: ssl.SSLConte
 TRIM_DELAY = 0.5
 TRIM_AFTER = 64
 TRIM_EVERY = 60.0
-
-
-def malloc_trim() -> Callable[[], object] | None:
-    """glibc's `malloc_trim(0)` (free pages of the C heap back to the system), or None
-    where the C library has none (musl, macOS)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return lambda: trim(0)
 
 
 def raise_nofile_limit() -> int:
