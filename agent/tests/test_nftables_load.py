@@ -372,3 +372,19 @@ def test_the_staging_table_has_no_rules_on_its_hooks() -> None:
         odd = Ruleset("t", chains={"input": Chain("input", (), hook)})
         with pytest.raises(Unsupported):
             staging(odd, frozenset())
+
+
+@root
+def test_a_staging_table_left_behind_goes_with_the_next_full_apply(netns: str) -> None:
+    """An agent killed mid-load leaves `inet bulkhead_load` (no rules on its hooks):
+    the next full apply through `nft -f`, and the table's removal, delete it."""
+    leftover = "table inet bulkhead_load {\n chain input {\n type filter hook input " \
+               "priority 0; policy accept;\n }\n}\n"
+    nft(netns, "-f", "-", script=leftover)
+    applier = NftApplier(netns=netns)
+    assert applier.apply(render(calculate(snap(*base()), "n1", {}, Failsafes.off()))).via \
+        == "nft"
+    assert nft(netns, "list", "tables").split() == ["table", "inet", "bulkhead"]
+    nft(netns, "-f", "-", script=leftover)
+    applier.remove()
+    assert nft(netns, "list", "tables").strip() == ""

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from bulkhead.dataplane.nftables.load import BIG_SET, StagingError, load
+from bulkhead.dataplane.nftables.load import BIG_SET, STAGING, StagingError, encodes, load
 from bulkhead.dataplane.nftables.netlink import NftNetlink, Unsupported, set_changes
 from bulkhead.dataplane.nftables.ruleset import Ruleset
 from bulkhead.netlink import NetlinkError
@@ -49,8 +49,9 @@ class NftApplier:
     there (`ip netns exec NAME nft`), and so does the netlink socket. Element changes go
     over netlink when `netlink` is true; otherwise, and for element types the netlink
     encoder does not know, through `nft -f`. With `netlink`, a table with a set of
-    `load_min` elements or more is loaded whole over netlink (`load.load`), and through
-    `nft -f` if that fails (`ApplyResult.fallback` says why)."""
+    `load_min` elements or more of a kind `load.element_attrs` encodes is loaded whole
+    over netlink (`load.load`), and through `nft -f` if that fails
+    (`ApplyResult.fallback` says why)."""
 
     def __init__(self, table: str = "bulkhead", nft: str = "nft", netns: str = "",
                  netlink: bool = True) -> None:
@@ -132,7 +133,8 @@ class NftApplier:
         via = "nft"
         self._fallback = ""
         if self._netlink_ns is not None and not any(timed.values() if timed else ()) \
-                and any(len(s.elements) >= self.load_min for s in ruleset.sets.values()):
+                and any(len(s.elements) >= self.load_min and encodes(s)
+                        for s in ruleset.sets.values()):
             try:
                 with self._socket() as nl:
                     load(nl, ruleset, self.argv, self.load_min)
@@ -142,7 +144,9 @@ class NftApplier:
                 # goes through nft, as without netlink.
                 self._fallback = f"netlink load: {e}"
         if via == "nft":
-            self._run_script(ruleset.script(timed))
+            # A staging table left by an agent killed mid-load goes in the same
+            # transaction (it enforces nothing, but should not stay).
+            self._run_script(self._no_staging() + ruleset.script(timed))
         # The generation first: a change between the two reads shows up as drift later.
         self._generation = self.generation()
         self._terse = self._shape()
@@ -186,6 +190,11 @@ class NftApplier:
             self._generation = self.generation()
         return "nft"
 
+    def _no_staging(self) -> str:
+        """Script lines that delete `load.py`'s staging table, present or not."""
+        staging = self.table + STAGING
+        return f"table inet {staging}\ndelete table inet {staging}\n"
+
     def generation(self) -> int | None:
         """The kernel's ruleset generation (None without netlink): every committed
         transaction in the namespace raises it, so an unchanged generation means nobody
@@ -208,7 +217,8 @@ class NftApplier:
 
     def remove(self) -> None:
         """Delete the table (nothing of Bulkhead's stays in the kernel)."""
-        self._run_script(f"table inet {self.table}\ndelete table inet {self.table}\n")
+        self._run_script(self._no_staging()
+                         + f"table inet {self.table}\ndelete table inet {self.table}\n")
         self.close()
         self.last = None
         self._terse = None

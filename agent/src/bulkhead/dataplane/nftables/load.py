@@ -135,12 +135,10 @@ def element_attrs(nft_set: NftSet) -> list[bytes]:
     out of its joined text with `str.replace`, packed by `inet_pton` (strict: four
     dotted decimals, or an IPv6 text) and joined with the bytes that stand between two
     elements' addresses, all in C."""
-    if nft_set.flags or nft_set.map_to not in (None, "verdict"):
-        raise Unsupported(f"set {nft_set.name}: only sets without flags are encoded whole")
+    if not encodes(nft_set):
+        raise Unsupported(f"set {nft_set.name} ({nft_set.type}, flags {nft_set.flags}) "
+                          "is not encoded whole")
     types = [t.strip() for t in nft_set.type.split(" . ")]
-    if types[-1] not in ("ipv4_addr", "ipv6_addr") or \
-            any(t not in FIELD_BYTES for t in types):
-        raise Unsupported(f"set {nft_set.name}: type {nft_set.type} is not encoded whole")
     family = socket.AF_INET if types[-1] == "ipv4_addr" else socket.AF_INET6
     size = FIELD_BYTES[types[-1]]
     elements = nft_set.elements
@@ -226,12 +224,24 @@ def _cut(joined: bytes, size: int) -> list[bytes]:
 def _merged(pieces: list[bytes]) -> list[bytes]:
     """Neighbouring pieces joined while they stay within MESSAGE_BYTES."""
     out: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
     for piece in pieces:
-        if out and len(out[-1]) + len(piece) <= MESSAGE_BYTES:
-            out[-1] += piece
-        else:
-            out.append(piece)
+        if group and size + len(piece) > MESSAGE_BYTES:
+            out.append(b"".join(group))
+            group, size = [], 0
+        group.append(piece)
+        size += len(piece)
+    if group:
+        out.append(b"".join(group))
     return out
+
+
+def encodes(nft_set: NftSet) -> bool:
+    """Whether `element_attrs` takes sets of this declaration (its texts aside)."""
+    types = [t.strip() for t in nft_set.type.split(" . ")]
+    return not nft_set.flags and nft_set.map_to in (None, "verdict") and \
+        types[-1] in ("ipv4_addr", "ipv6_addr") and all(t in FIELD_BYTES for t in types)
 
 
 def big_sets(ruleset: Ruleset, at_least: int = BIG_SET) -> dict[str, list[bytes]]:
