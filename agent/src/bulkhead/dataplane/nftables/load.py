@@ -131,10 +131,10 @@ def element_attrs(nft_set: NftSet) -> list[bytes]:
     A million elements cost seconds one by one in Python, so the texts are taken in
     runs that share everything but the address (the fields before it and the verdict):
     a sorted list holds each run together, found by bisection (an unsorted one is
-    encoded too, in shorter runs). A run's addresses are cut
-    out of its joined text with `str.replace`, packed by `inet_pton` (strict: four
-    dotted decimals, or an IPv6 text) and joined with the bytes that stand between two
-    elements' addresses, all in C."""
+    encoded too, in shorter runs). A run's addresses are cut out of its joined text
+    with `str.replace`, packed by `inet_pton` (strict: four dotted decimals, or an IPv6
+    text) and joined with the bytes that stand between two elements' addresses, all
+    in C."""
     if not encodes(nft_set):
         raise Unsupported(f"set {nft_set.name} ({nft_set.type}, flags {nft_set.flags}) "
                           "is not encoded whole")
