@@ -235,3 +235,60 @@ async def test_the_in_memory_feed_is_bounded_by_events(store: SQLiteStore,
         if len(names) == 120:
             break
     assert names == [f"b{b}-{i}" for b in range(6) for i in range(20)]
+
+
+async def test_a_read_during_a_commit_waits_off_the_event_loop(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`get` reads on the event loop only when the connection is free: while a commit
+    holds it (a slow disk's fsync), the read waits in a worker thread, and the loop goes
+    on meanwhile; the read then sees the committed write."""
+    import time
+    await store.transaction([put("x")])
+    real = store._apply_group
+
+    def slow(group: Any) -> Any:
+        time.sleep(0.3)
+        return real(group)
+
+    monkeypatch.setattr(store, "_apply_group", slow)
+    write = asyncio.create_task(store.transaction([put("x", expect=None)]))
+    await asyncio.sleep(0.05)          # its commit is under way, holding the connection
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while not write.done():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    read = await store.get("GlobalNetworkSet", "x")
+    await write
+    await ticking
+    assert read.revision in (1, 2)
+    assert max(gaps) < 0.2, max(gaps)  # the loop was never held for the commit's 0.3 s
+    assert (await store.get("GlobalNetworkSet", "x")).revision == 2
+
+
+async def test_a_lone_writer_is_answered_before_the_watchers_are_woken(
+        store: SQLiteStore) -> None:
+    """The server's own write: its caller (the HTTP handler, which sends the answer)
+    runs before the watchers (the hub) do their work for it."""
+    order: list[str] = []
+
+    async def watcher() -> None:
+        async for event in store.watch(0):
+            order.append(f"watcher {event.name}")
+            if event.name == "b":
+                return
+
+    watching = asyncio.create_task(watcher())
+    await asyncio.sleep(0.1)           # waiting for news
+    for name in ("a", "b"):
+        await store.transaction([put(name)])
+        order.append(f"writer {name}")
+        await asyncio.sleep(0.05)
+    await asyncio.wait_for(watching, 5)
+    assert order == ["writer a", "watcher a", "writer b", "watcher b"]

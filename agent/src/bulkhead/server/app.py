@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -98,21 +99,48 @@ def forbidden(who: Identity, what: str) -> ApiError:
 
 
 # ------------------------------------------------------------------------ middleware
-def _identity(request: web.Request) -> Identity:
-    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+# Who is at the other end of each TLS connection: the client certificate's serial number
+# and the identity its subject names, read once per connection, not once per request. A
+# connection's certificate cannot change: the server's TLS context refuses renegotiation
+# (`bulkhead.server.main`) and never asks for a certificate after the handshake. Keyed by
+# the connection's `ssl.SSLObject`, dropped with it; revocation is still checked per request.
+_PEERS: weakref.WeakKeyDictionary[Any, tuple[int, Identity | str]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _peer_certificate(ssl_object: Any) -> x509.Certificate:
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         raise ApiError(401, "Unauthorized", "a client certificate is required")
-    cert = x509.load_der_x509_certificate(der)
-    request[SERIAL] = cert.serial_number
+    return x509.load_der_x509_certificate(der)
+
+
+def _peer(ssl_object: Any) -> tuple[int, Identity | str]:
+    """The serial number and identity of the client certificate (or why the certificate
+    names no identity), kept for the connection; 401 without a certificate."""
+    cert = _peer_certificate(ssl_object)
+    try:
+        who: Identity | str = identity_from_subject(cert.subject)
+    except ValueError as e:
+        who = str(e)
+    peer = (cert.serial_number, who)
+    _PEERS[ssl_object] = peer
+    return peer
+
+
+def _identity(request: web.Request) -> Identity:
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    peer = _PEERS.get(ssl_object) if ssl_object is not None else None
+    serial, who = peer if peer is not None else _peer(ssl_object)
+    request[SERIAL] = serial
     if peer_revoked(request):
         log.warning("revoked certificate refused", extra={"fields": {
-            "serial": f"{cert.serial_number:X}", "subject": cert.subject.rfc4514_string()}})
+            "serial": f"{serial:X}",
+            "subject": _peer_certificate(ssl_object).subject.rfc4514_string()}})
         raise ApiError(403, "Forbidden", "certificate revoked")
-    try:
-        return identity_from_subject(cert.subject)
-    except ValueError as e:
-        raise ApiError(403, "Forbidden", str(e)) from None
+    if isinstance(who, str):
+        raise ApiError(403, "Forbidden", who)
+    return who
 
 
 def peer_revoked(request: web.Request) -> bool:
@@ -182,9 +210,10 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         route = request.match_info.route.resource.canonical if \
             request.match_info.route.resource else "unmatched"
         request.app[METRICS]["requests"][(request.method, route, status)] += 1
-        access_log.info("request", extra={"fields": {
-            "method": request.method, "path": request.path, "status": status, "who": who,
-            "ms": round(1000 * (time.perf_counter() - started), 2)}})
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("request", extra={"fields": {
+                "method": request.method, "path": request.path, "status": status,
+                "who": who, "ms": round(1000 * (time.perf_counter() - started), 2)}})
 
 
 # --------------------------------------------------------------------------- helpers

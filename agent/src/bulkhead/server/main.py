@@ -156,6 +156,9 @@ class ServerConfig:
     def ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # A connection's client certificate is read once and holds for the connection
+        # (`bulkhead.server.app`): no renegotiation (TLS 1.2) may bring another.
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
         try:
             ctx.load_cert_chain(self.tls_cert, self.tls_key)
             ctx.load_verify_locations(self.client_ca)

@@ -89,11 +89,10 @@ def _now() -> str:
 
 @dataclass
 class _Pending:
-    """A transaction for a group commit, and its caller's future (None: the caller
-    commits it itself)."""
+    """A transaction for a group commit, and its caller's future."""
     ops: list[Op]
     audit: Audit | None
-    done: asyncio.Future[TxResult] | None
+    done: asyncio.Future[TxResult]
 
 
 Outcome = tuple[TxResult, list[Event]] | Exception   # a transaction's, in a group commit
@@ -131,7 +130,7 @@ class SQLiteStore:
         self._feed_lock = threading.Lock()
         self._feed_events = 0
         self._compacted_here = 0
-        self._lone: set[asyncio.Task[Outcome]] = set()
+        self._lone: set[asyncio.Task[None]] = set()
 
     # -- plumbing ---------------------------------------------------------------------
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -151,9 +150,19 @@ class SQLiteStore:
 
     # -- reads ------------------------------------------------------------------------
     async def get(self, kind: str, name: str) -> Stored:
-        row = await self._run(lambda: self._db.execute(
-            "SELECT revision, doc FROM resources WHERE kind = ? AND name = ?",
-            (kind, name)).fetchone())
+        def read() -> Any:
+            return self._db.execute("SELECT revision, doc FROM resources WHERE kind = ? "
+                                    "AND name = ?", (kind, name)).fetchone()
+        # One row by its key: read here, on the event loop, when the connection is free
+        # (tens of microseconds; a reader in WAL mode does not wait for writers), which
+        # spares two thread switches; in a worker thread while a commit holds it.
+        if self._lock.acquire(blocking=False):
+            try:
+                row = read()
+            finally:
+                self._lock.release()
+        else:
+            row = await self._run(read)
         if row is None:
             raise NotFound(kind, name)
         return Stored(kind, name, row[0], json.loads(row[1]))
@@ -298,23 +307,22 @@ class SQLiteStore:
             done: asyncio.Future[TxResult] = loop.create_future()
             self._pending.append(_Pending(list(ops), audit, done))
             return await done
-        # None under way: commit it from here, at once (what comes meanwhile waits). In a
-        # task shielded from the caller: a caller cancelled (its client gone) while the
-        # commit runs must not skip the watchers' wake-up or hand the next group over
-        # before this commit is done.
+        # None under way: commit it at once (what comes meanwhile waits), in a task of its
+        # own: a caller cancelled (its client gone) while the commit runs cancels only its
+        # future, never the commit, the watchers' wake-up or the hand-over to the next
+        # group. The caller is answered before the watchers are woken, so its answer
+        # leaves before they do their work.
         self._committing = True
-        commit = loop.create_task(self._commit_lone(loop, _Pending(list(ops), audit, None)))
+        done = loop.create_future()
+        commit = loop.create_task(self._commit_lone(loop, _Pending(list(ops), audit, done)))
         self._lone.add(commit)                   # held until done (the loop holds tasks
         commit.add_done_callback(self._lone.discard)   # weakly)
-        outcome = await asyncio.shield(commit)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome[0]
+        return await done
 
     async def _commit_lone(self, loop: asyncio.AbstractEventLoop, pending: _Pending
-                           ) -> Outcome:
+                           ) -> None:
         try:
-            return (await self._commit_group([pending]))[0]
+            await self._commit_group([pending])
         finally:
             self._commit_next(loop)
 
@@ -336,11 +344,10 @@ class SQLiteStore:
                         if isinstance(e, sqlite3.Error) else e for _ in group]
         except BaseException:    # cancelled
             for pending in group:
-                if pending.done is not None:
-                    pending.done.cancel()
+                pending.done.cancel()
             raise
         for pending, outcome in zip(group, outcomes, strict=True):
-            if pending.done is None or pending.done.done():
+            if pending.done.done():
                 continue
             if isinstance(outcome, Exception):
                 pending.done.set_exception(outcome)
@@ -362,7 +369,7 @@ class SQLiteStore:
             while self._pending and (not group or size + len(self._pending[0].ops)
                                      <= MAX_GROUP_OPS):
                 pending = self._pending.popleft()
-                if pending.done is not None and pending.done.cancelled():
+                if pending.done.cancelled():
                     continue   # its caller left before it began
                 group.append(pending)
                 size += len(pending.ops)
@@ -370,7 +377,7 @@ class SQLiteStore:
                 await self._commit_group(group)
         except BaseException:
             for pending in self._pending:   # cancelled: the loop is stopping
-                if pending.done is not None and not pending.done.done():
+                if not pending.done.done():
                     pending.done.set_exception(Unavailable("the datastore is closing"))
             self._pending.clear()
             self._committing = False
@@ -542,7 +549,8 @@ class SQLiteStore:
                     # reads the file, for writes made by another process on it (tests,
                     # `bulkhead` offline).
                     try:
-                        await asyncio.wait_for(cond.wait(), timeout=1.0)
+                        async with asyncio.timeout(1.0):   # no task of its own, as
+                            await cond.wait()              # wait_for would make
                     except TimeoutError:
                         read = True
                     continue
