@@ -171,7 +171,7 @@ class Agent:
                 for message in object_errors:
                     log.error(message, extra={"fields": {"revision": revision}})
             self.object_errors = object_errors
-            items = self.state.texts()
+            parts = self.state.cache_parts()
             # After a failed apply the kernel may hold anything older: tell it everything.
             told = changed if self._applied is not None and self.apply_error is None \
                 else None
@@ -185,7 +185,8 @@ class Agent:
                 if not write_cache:
                     return report, None
                 try:
-                    save_cache(self.config.state_dir, self.config.node, revision, items)
+                    save_cache(self.config.state_dir, self.config.node, revision,
+                               parts=parts)
                 except OSError as e:
                     return report, (f"cache {cache_path(self.config.state_dir)} not written: "
                                     f"{e.strerror or e}; a restart without the server "

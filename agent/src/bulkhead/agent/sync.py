@@ -13,6 +13,7 @@ reconnects. HTTP is `bulkhead.agent.http` (not aiohttp: see there).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
 import ssl
@@ -22,6 +23,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
+from bulkhead.agent.cache import Texts
 from bulkhead.agent.config import AgentConfig, ConfigError
 from bulkhead.agent.http import HttpError, Response, Session, Timeout
 from bulkhead.api import KINDS, route
@@ -63,35 +65,45 @@ class DesiredState:
     change did not touch; nothing else parsed or checked again);
     anything else builds it whole, from the parsed objects kept.
 
-    Each object is kept as its JSON text (compact, keys sorted) and its parse, not as
-    the decoded JSON: decoded, 10,000 host endpoints take about 16 MiB, as text 4 MiB.
-    The text is what the cache is written from (`texts`). Both leave out what the server
-    stamps on every write (`SERVER_OWNED`: resourceVersion, uid, creationTimestamp): none
-    of it is enforced, and an object whose only change is a new stamp changes nothing
-    here. Equal label maps are one map, shared by the objects that carry them (10,000
-    host endpoints in ten groups keep ten), and a kind is one string."""
+    Each object is kept as its parse and its JSON text (compact, keys sorted), not as
+    the decoded JSON: decoded, 10,000 host endpoints take about 16 MiB. The texts are
+    what the cache is written from, kept compressed as the cache writes them
+    (`cache.Texts`); `objects` holds a digest of each (BLAKE2b, 16 bytes), which tells an
+    object written again unchanged. Texts and parses leave out what the server stamps on
+    every write (`SERVER_OWNED`: resourceVersion, uid, creationTimestamp): none of it is
+    enforced, and an object whose only change is a new stamp changes nothing here.
+    Equal label maps are one map, shared by the objects that carry them (10,000 host
+    endpoints in ten groups keep ten), and a kind is one string."""
 
     def __init__(self) -> None:
-        self.objects: dict[Key, bytes] = {}
+        self.objects: dict[Key, bytes] = {}      # each object's text's digest (or UNKEPT)
         self.version = 0
         # The parse of each object's text (the same keys as `objects`).
         self._parsed: dict[Key, Resource | str] = {}
+        self._texts = Texts()
         self._labels: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
         self._dirty: set[Key] | None = None      # changed since the last build; None: all
         self._built: tuple[Snapshot, dict[Key, str]] | None = None
 
     def replace(self, items: Iterable[Doc]) -> None:
         """A snapshot: these objects and no others."""
-        objects = {_key(doc): _text(doc) for doc in items}
-        if objects == self.objects:
+        texts = {_key(doc): _text(doc) for doc in items}
+        digests = {key: _digest(text) for key, text in texts.items()}
+        if digests == self.objects:
             return
         before, parsed = self.objects, self._parsed
         self.objects, self._parsed = {}, {}
         self.version += 1
         self._dirty = None
-        for key, text in objects.items():   # parses of the same text kept
-            self._keep(key, text, parsed[key] if text is not UNKEPT and
-                       before.get(key) == text else self._parse(key, text))
+        kept: dict[Key, bytes] = {}
+        for key, text in texts.items():     # parses of the same text kept
+            digest = digests[key]
+            result = parsed[key] if digest is not UNKEPT and before.get(key) == digest \
+                else self._parse(key, text)
+            at = self._keep(key, digest, result)
+            if text is not UNKEPT:
+                kept[at] = text
+        self._texts.reset(kept)
         self._prune_labels()
 
     def apply(self, events: Iterable[Doc]) -> None:
@@ -101,11 +113,17 @@ class DesiredState:
                 if self.objects.pop(key, None) is None:
                     continue
                 self._parsed.pop(key, None)
+                self._texts.drop(key)
             elif isinstance(event.get("object"), dict):
                 text = _text(event["object"])
-                if text is not UNKEPT and self.objects.get(key) == text:
+                digest = _digest(text)
+                if digest is not UNKEPT and self.objects.get(key) == digest:
                     continue
-                self._keep(key, text, self._parse(key, text))
+                at = self._keep(key, digest, self._parse(key, text))
+                if text is UNKEPT:
+                    self._texts.drop(at)
+                else:
+                    self._texts.put(at, text)
             else:
                 continue
             self.version += 1
@@ -114,14 +132,17 @@ class DesiredState:
         self._prune_labels()
 
     def items(self) -> list[Doc]:
-        """The objects, decoded, in key order (those left out as UNKEPT too)."""
+        """The objects, decoded, in key order (but those that could not be written out)."""
         return [json.loads(text) for text in self.texts()]
 
     def texts(self) -> list[bytes]:
-        """The objects' JSON texts in key order (what the cache is written from). An
-        object that could not be written out is not in them: it is left out of every
-        snapshot anyway."""
-        return [self.objects[k] for k in sorted(self.objects) if self.objects[k]]
+        """The objects' JSON texts in key order. An object that could not be written out
+        is not in them: it is left out of every snapshot anyway."""
+        return self._texts.texts()
+
+    def cache_parts(self) -> list[bytes]:
+        """The texts as the cache is written from them (`cache.save_cache`'s parts)."""
+        return self._texts.parts()
 
     def changes(self) -> tuple[Snapshot, list[str], set[Key] | None]:
         """The snapshot to enforce, the objects left out of it (one message each), and
@@ -175,13 +196,14 @@ class DesiredState:
         except Exception as e:  # a bug in a parser must not stop the agent
             return f"{key[0]} {key[1]}: cannot be read: {e!r}"
 
-    def _keep(self, key: Key, text: bytes, result: Resource | str) -> None:
-        """Keep `text` and its parse, keyed by the parse's own strings where it has them
-        (see `_parse`)."""
+    def _keep(self, key: Key, digest: bytes, result: Resource | str) -> Key:
+        """Keep an object's digest and parse, keyed by the parse's own strings where it
+        has them (see `_parse`); that key."""
         if not isinstance(result, str):
             key = (result.kind, result.name)
-        self.objects[key] = text
+        self.objects[key] = digest
         self._parsed[key] = result
+        return key
 
     def _lean(self, res: Resource) -> Resource:
         """`res` as kept: without what it need not keep (the server's stamps are not in
@@ -261,6 +283,11 @@ def _text(doc: Doc) -> bytes:
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
     except (RecursionError, ValueError, TypeError):
         return UNKEPT
+
+
+def _digest(text: bytes) -> bytes:
+    """What tells two texts apart (UNKEPT for UNKEPT)."""
+    return UNKEPT if text is UNKEPT else hashlib.blake2b(text, digest_size=16).digest()
 
 
 def _key(doc: Doc) -> Key:
