@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bulkhead.agent.cache import load_cache
 from bulkhead.agent.sync import Backoff, DesiredState
 from bulkhead.model import API_VERSION
@@ -236,15 +238,26 @@ def test_an_object_too_deep_to_write_out_is_left_out_not_the_end_of_the_agent() 
 
 async def test_a_watch_line_nested_too_deeply_breaks_the_stream_not_the_agent() -> None:
     """A hostile server's line deeper than the JSON decoder goes is the stream's end (the
-    agent reconnects), like any broken line; it does not escape as RecursionError."""
-    from bulkhead.agent.sync import watch_lines
+    agent reconnects), like any broken line; it does not escape as RecursionError. Lines
+    are queued as they came, decoded when their turn comes."""
+    from bulkhead.agent.sync import SyncError, watch_lines, watch_message
+
+    deep = b'{"type": "events", "events": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
 
     class Deep:
         async def iter_chunks(self) -> Any:
-            yield b'{"type": "events", "events": ' + b"[" * 200_000 + b"]" * 200_000 + b"}\n"
-            yield b'{"type": "heartbeat"}\n'
+            yield deep + b"\n"
+            yield b'{"type": "heartbeat"}\n[1]\nnot json\n'
 
     queue: asyncio.Queue[Any] = asyncio.Queue()
     await watch_lines(Deep(), queue)  # type: ignore[arg-type]
-    got = queue.get_nowait()
-    assert isinstance(got, RecursionError) and queue.empty()
+    got = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert got[:4] == [deep, b'{"type": "heartbeat"}', b"[1]", b"not json"]
+    assert isinstance(got[4], SyncError) and "closed" in str(got[4])
+    with pytest.raises(SyncError, match="RecursionError"):
+        watch_message(deep)
+    assert watch_message(got[1]) == {"type": "heartbeat"}
+    with pytest.raises(SyncError, match="expected a JSON object"):
+        watch_message(b"[1]")
+    with pytest.raises(SyncError, match="not JSON"):
+        watch_message(b"not json")

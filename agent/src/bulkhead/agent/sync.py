@@ -6,8 +6,9 @@ not parse (the server validates every write, so this is a safety net) or names a
 does not exist is left out and reported; it never stops the rest from being enforced.
 
 `watch_lines` reads the server's streaming watch (`GET /v1/watch?stream=true`, one JSON
-document per line, each at most `MAX_LINE`) into a queue, and `Backoff` spaces out
-reconnects. HTTP is `bulkhead.agent.http` (not aiohttp: see there).
+document per line, each at most `MAX_LINE`) into a queue, `watch_message` decodes a line
+when its turn comes, and `Backoff` spaces out reconnects. HTTP is `bulkhead.agent.http`
+(not aiohttp: see there).
 """
 
 from __future__ import annotations
@@ -381,19 +382,32 @@ async def lines(chunks: AsyncIterable[bytes], max_line: int = MAX_LINE
             raise SyncError(f"a line of the stream is over {max_line >> 20} MiB")
 
 
-async def watch_lines(resp: Response, queue: asyncio.Queue[Doc | Exception]) -> None:
-    """Put each JSON line of a streaming watch on `queue`; an exception when it ends."""
+async def watch_lines(resp: Response, queue: asyncio.Queue[bytes | Exception]) -> None:
+    """Put each line of a streaming watch on `queue` as it came; an exception when it
+    ends. Lines are decoded (`watch_message`) when their turn comes, not here: the reader
+    goes on while the agent applies, and a burst of lines waiting decoded would take
+    five times their size, made in between what the apply keeps (its memory then held
+    by the few pieces of the apply left among it)."""
     try:
         async for line in lines(resp.iter_chunks()):
-            message = json.loads(line)
-            if not isinstance(message, dict):
-                raise SyncError(f"watch: expected a JSON object, got {line[:80]!r}")
-            queue.put_nowait(message)
+            queue.put_nowait(line)
         queue.put_nowait(SyncError("the server closed the watch stream"))
-    except (HttpError, ValueError, SyncError, OSError, RecursionError) as e:
-        # (RecursionError: JSON nested deeper than the decoder goes, from a hostile
-        # server: a broken stream like any other, never the end of the agent.)
+    except (HttpError, SyncError, OSError) as e:
         queue.put_nowait(e)
+
+
+def watch_message(line: bytes) -> Doc:
+    """A line of the watch stream, decoded; SyncError when it is not a JSON object
+    (nested deeper than the decoder goes included: from a hostile server, a broken
+    stream like any other, never the end of the agent)."""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise SyncError(f"watch: a line that is not JSON ({type(e).__name__}: "
+                        f"{str(e)[:80]})") from None
+    if not isinstance(message, dict):
+        raise SyncError(f"watch: expected a JSON object, got {line[:80]!r}")
+    return message
 
 
 class Backoff:
