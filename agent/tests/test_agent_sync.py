@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bulkhead.agent.cache import load_cache
 from bulkhead.agent.sync import Backoff, DesiredState
 from bulkhead.model import API_VERSION
@@ -113,6 +115,82 @@ def test_changes_build_from_the_last_snapshot_and_say_what_changed() -> None:
         ["a", "b", "web-1", "x"]          # x is invalid: kept, left out of the snapshot
 
 
+def _peer(name: str, app: str, revision: int = 7) -> dict[str, Any]:
+    """A host endpoint on another node as the server sends it: with its stamps."""
+    return {"apiVersion": API_VERSION, "kind": "HostEndpoint",
+            "metadata": {"name": name, "labels": {"app": app, "tier": "front"},
+                         "resourceVersion": str(revision), "uid": f"uid-{name}",
+                         "creationTimestamp": "2026-12-05T12:00:00Z"},
+            "spec": {"node": f"node-{name}", "interfaceName": "eth0",
+                     "expectedIPs": ["198.18.0.20"]}}
+
+
+def test_what_the_server_stamps_is_not_kept_and_a_new_stamp_changes_nothing() -> None:
+    state = DesiredState()
+    state.replace([_peer("a", "web"), {**gnp("p"), "metadata": {
+        "name": "p", "resourceVersion": "3", "uid": "u", "creationTimestamp": "t",
+        "annotations": {"owner": "ops"}}}])
+    snapshot, errors, _ = state.changes()
+    assert errors == []
+    for text in state.texts():
+        meta = json.loads(text)["metadata"]
+        assert not {"resourceVersion", "uid", "creationTimestamp"} & set(meta), meta
+    hep = snapshot.host_endpoints["a"]
+    assert (hep.metadata.resource_version, hep.metadata.uid,
+            hep.metadata.creation_timestamp) == (None, None, None)
+    assert hep.labels == {"app": "web", "tier": "front"} and hep.interface_name == "eth0"
+    assert snapshot.policies["p"].metadata.annotations == {"owner": "ops"}
+    version = state.version        # written again, unchanged: a new resourceVersion only
+    state.apply([{"type": "MODIFIED", "kind": "HostEndpoint", "name": "a",
+                  "object": _peer("a", "web", revision=8)}])
+    assert state.version == version and state.changes()[2] == set()
+    state.apply([{"type": "MODIFIED", "kind": "HostEndpoint", "name": "a",
+                  "object": _peer("a", "db", revision=9)}])
+    assert state.version == version + 1
+    assert state.changes()[0].host_endpoints["a"].labels["app"] == "db"
+
+
+def test_equal_labels_are_one_map_and_no_string_of_the_message_is_kept() -> None:
+    """What is kept of an object is read from its own text: no piece of the decoded
+    message (its strings) stays behind to hold the message's memory once dropped."""
+    docs = [_peer(f"h{i}", f"web{i % 2}") for i in range(6)]
+    message = json.loads(json.dumps({"items": docs}))["items"]
+    state = DesiredState()
+    state.replace(message)
+    heps = state.changes()[0].host_endpoints
+    assert heps["h0"].labels is heps["h2"].labels is heps["h4"].labels
+    assert heps["h1"].labels is heps["h3"].labels
+    assert heps["h0"].labels is not heps["h1"].labels
+    assert heps["h0"].interface_name is heps["h1"].interface_name
+    given = {id(s) for doc in message for s in (
+        doc["kind"], doc["metadata"]["name"], doc["spec"]["node"],
+        doc["spec"]["interfaceName"], *doc["metadata"]["labels"],
+        *doc["metadata"]["labels"].values())}
+    for key, hep in heps.items():
+        kept = [key, hep.name, hep.node, hep.interface_name, *hep.labels,
+                *hep.labels.values(), *next(k for k in state.objects if k[1] == key)]
+        assert not {id(s) for s in kept} & given, key
+    # From events too.
+    event = json.loads(json.dumps({"type": "MODIFIED", "kind": "HostEndpoint",
+                                   "name": "h9", "object": _peer("h9", "web1")}))
+    state.apply([event])
+    hep = state.changes()[0].host_endpoints["h9"]
+    assert hep.labels is heps["h1"].labels
+    kept_key = next(k for k in state.objects if k[1] == "h9")
+    assert kept_key[1] is not event["name"] and hep.name is not event["name"]
+    assert hep.node is not event["object"]["spec"]["node"]
+
+
+def test_the_shared_label_maps_stay_within_the_objects_count() -> None:
+    state = DesiredState()
+    state.replace([_peer("a", "x")])
+    for i in range(500):         # one endpoint, relabelled again and again
+        state.apply([{"type": "MODIFIED", "kind": "HostEndpoint", "name": "a",
+                      "object": _peer("a", f"app{i}")}])
+    assert len(state._labels) <= 2 * 1 + 64
+    assert state.changes()[0].host_endpoints["a"].labels["app"] == "app499"
+
+
 def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets() -> None:
     backoff = Backoff(base=0.2, cap=1.0)
     ceilings = [0.2, 0.4, 0.8, 1.0, 1.0]
@@ -160,15 +238,26 @@ def test_an_object_too_deep_to_write_out_is_left_out_not_the_end_of_the_agent() 
 
 async def test_a_watch_line_nested_too_deeply_breaks_the_stream_not_the_agent() -> None:
     """A hostile server's line deeper than the JSON decoder goes is the stream's end (the
-    agent reconnects), like any broken line; it does not escape as RecursionError."""
-    from bulkhead.agent.sync import watch_lines
+    agent reconnects), like any broken line; it does not escape as RecursionError. Lines
+    are queued as they came, decoded when their turn comes."""
+    from bulkhead.agent.sync import SyncError, watch_lines, watch_message
+
+    deep = b'{"type": "events", "events": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
 
     class Deep:
         async def iter_chunks(self) -> Any:
-            yield b'{"type": "events", "events": ' + b"[" * 200_000 + b"]" * 200_000 + b"}\n"
-            yield b'{"type": "heartbeat"}\n'
+            yield deep + b"\n"
+            yield b'{"type": "heartbeat"}\n[1]\nnot json\n'
 
     queue: asyncio.Queue[Any] = asyncio.Queue()
     await watch_lines(Deep(), queue)  # type: ignore[arg-type]
-    got = queue.get_nowait()
-    assert isinstance(got, RecursionError) and queue.empty()
+    got = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert got[:4] == [deep, b'{"type": "heartbeat"}', b"[1]", b"not json"]
+    assert isinstance(got[4], SyncError) and "closed" in str(got[4])
+    with pytest.raises(SyncError, match="RecursionError"):
+        watch_message(deep)
+    assert watch_message(got[1]) == {"type": "heartbeat"}
+    with pytest.raises(SyncError, match="expected a JSON object"):
+        watch_message(b"[1]")
+    with pytest.raises(SyncError, match="not JSON"):
+        watch_message(b"not json")

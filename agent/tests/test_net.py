@@ -19,6 +19,7 @@ from bulkhead.net import (
     intersection,
     merge,
     parse_network,
+    parse_spans,
 )
 
 
@@ -32,6 +33,18 @@ from bulkhead.net import (
 ])
 def test_parse_network(text: str, expected: tuple[int, int, int]) -> None:
     assert parse_network(text) == expected
+
+
+def test_a_single_address_is_one_int_and_spans_are_tuples() -> None:
+    """What a plan keeps per endpoint, small: a single address's span holds one int
+    twice, the spans of a family are a tuple (smaller than a list; an empty one is
+    shared)."""
+    for text in ("198.18.8.1", "2001:2::1"):
+        _, first, last = parse_network(text)
+        assert first is last
+    v4, v6 = parse_spans(["198.18.8.1", "198.18.0.0/24"])
+    assert v4 == ((0xC6120801, 0xC6120801), (0xC6120000, 0xC61200FF)) and v6 == ()
+    assert type(v4) is tuple and type(v6) is tuple
 
 
 @pytest.mark.parametrize("bad", ["", "1.2.3", "01.2.3.4", "1.2.3.256", "1.2.3.4/33",

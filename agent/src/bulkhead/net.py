@@ -40,17 +40,19 @@ def parse_network(text: str) -> tuple[int, int, int]:
         length = bits
     host = (1 << (bits - length)) - 1
     first = int.from_bytes(packed, "big") & ~host
-    return family, first, first | host
+    # A single address is one int, first and last (kept by the thousand in plans).
+    return family, first, first | host if host else first
 
 
-def parse_spans(texts: Iterable[str]) -> tuple[list[Span], list[Span]]:
+def parse_spans(texts: Iterable[str]) -> tuple[tuple[Span, ...], tuple[Span, ...]]:
     """The IPv4 and the IPv6 spans of the addresses and CIDRs in `texts`, as given (not
-    sorted or merged: for callers that merge several lists once)."""
+    sorted or merged: for callers that merge several lists once). Tuples: a plan keeps
+    these per endpoint, and a tuple is smaller than a list (an empty one is shared)."""
     spans: dict[int, list[Span]] = {4: [], 6: []}
     for text in texts:
         family, first, last = parse_network(text)
         spans[family].append((first, last))
-    return spans[4], spans[6]
+    return tuple(spans[4]), tuple(spans[6])
 
 
 def address_text(value: int, family: int) -> str:

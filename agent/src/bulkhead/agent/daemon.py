@@ -47,6 +47,7 @@ from bulkhead.agent.sync import (
     fetch_snapshot,
     open_session,
     watch_lines,
+    watch_message,
 )
 from bulkhead.api import route
 
@@ -93,7 +94,7 @@ class Agent:
         self._apply_lock = asyncio.Lock()
         self._status_kick = asyncio.Event()
         self._stopping = False
-        self._queue: asyncio.Queue[Doc | Exception] | None = None  # the open watch's lines
+        self._queue: asyncio.Queue[bytes | Exception] | None = None  # the open watch's lines
         self.flow_retry = 5.0           # seconds before failed flow logs start again
         self.flow_logs = FlowLogs(config.flow_logs, config.node, config.failsafes,
                                   Path(config.state_dir), rule_hits=getattr(
@@ -171,7 +172,7 @@ class Agent:
                 for message in object_errors:
                     log.error(message, extra={"fields": {"revision": revision}})
             self.object_errors = object_errors
-            items = self.state.texts()
+            parts = self.state.cache_parts()
             # After a failed apply the kernel may hold anything older: tell it everything.
             told = changed if self._applied is not None and self.apply_error is None \
                 else None
@@ -185,7 +186,8 @@ class Agent:
                 if not write_cache:
                     return report, None
                 try:
-                    save_cache(self.config.state_dir, self.config.node, revision, items)
+                    save_cache(self.config.state_dir, self.config.node, revision,
+                               parts=parts)
                 except OSError as e:
                     return report, (f"cache {cache_path(self.config.state_dir)} not written: "
                                     f"{e.strerror or e}; a restart without the server "
@@ -290,7 +292,7 @@ class Agent:
         async with resp:
             if resp.status != 200:
                 raise SyncError(f"GET /v1/watch: {await error_of(resp)}")
-            queue: asyncio.Queue[Doc | Exception] = asyncio.Queue()
+            queue: asyncio.Queue[bytes | Exception] = asyncio.Queue()
             reader = asyncio.create_task(watch_lines(resp, queue))
             self._queue = queue
             try:
@@ -301,7 +303,7 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
 
-    async def _consume(self, queue: asyncio.Queue[Doc | Exception]) -> None:
+    async def _consume(self, queue: asyncio.Queue[bytes | Exception]) -> None:
         loop = asyncio.get_running_loop()
         dirty_since: float | None = None
         last = 0.0
@@ -312,7 +314,7 @@ class Agent:
                 wait = max(0.0, min(last + self.debounce, dirty_since + 10 * self.debounce)
                            - loop.time())
             try:
-                message = await asyncio.wait_for(queue.get(), wait)
+                line = await asyncio.wait_for(queue.get(), wait)
             except TimeoutError:
                 if dirty_since is None:
                     raise SyncError(f"no heartbeat for {self.config.heartbeat_timeout:g} s; "
@@ -320,19 +322,32 @@ class Agent:
                 dirty_since = None
                 await self.enforce_current()
                 continue
-            if isinstance(message, Exception):
+            try:
+                changed = self._handle_line(line)
+            except SyncError as e:
+                line = e
+            if isinstance(line, Exception):
                 if dirty_since is not None:  # what arrived before the break is good
                     await self.enforce_current()
-                raise message
-            if not self.connected:
-                self.connected = True
-                self._backoff.reset()
-                log.info("connected", extra={"fields": {"server": self.config.server}})
-                self._status_kick.set()
-            if self._handle(message):
+                raise line
+            if changed:
                 last = loop.time()
                 if dirty_since is None:
                     dirty_since = last
+
+    def _handle_line(self, line: bytes | Exception) -> bool:
+        """Decode a line of the stream and fold it into the state; True if objects
+        changed. (The decoded line lives only here: nothing of it is left when the
+        apply it calls for runs.)"""
+        if isinstance(line, Exception):
+            return False
+        message = watch_message(line)
+        if not self.connected:
+            self.connected = True
+            self._backoff.reset()
+            log.info("connected", extra={"fields": {"server": self.config.server}})
+            self._status_kick.set()
+        return self._handle(message)
 
     def _handle(self, message: Doc) -> bool:
         """Fold one line of the stream into the state; True if objects changed."""

@@ -6,28 +6,34 @@ not parse (the server validates every write, so this is a safety net) or names a
 does not exist is left out and reported; it never stops the rest from being enforced.
 
 `watch_lines` reads the server's streaming watch (`GET /v1/watch?stream=true`, one JSON
-document per line, each at most `MAX_LINE`) into a queue, and `Backoff` spaces out
-reconnects. HTTP is `bulkhead.agent.http` (not aiohttp: see there).
+document per line, each at most `MAX_LINE`) into a queue, `watch_message` decodes a line
+when its turn comes, and `Backoff` spaces out reconnects. HTTP is `bulkhead.agent.http`
+(not aiohttp: see there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
 import ssl
+import sys
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
+from bulkhead.agent.cache import Texts
 from bulkhead.agent.config import AgentConfig, ConfigError
 from bulkhead.agent.http import HttpError, Response, Session, Timeout
-from bulkhead.api import route
+from bulkhead.api import KINDS, route
 from bulkhead.model import (
     DEFAULT_TIER,
     GlobalNetworkPolicy,
     GlobalNetworkSet,
     HostEndpoint,
+    Metadata,
     Resource,
     Snapshot,
     StagedGlobalNetworkPolicy,
@@ -60,57 +66,84 @@ class DesiredState:
     change did not touch; nothing else parsed or checked again);
     anything else builds it whole, from the parsed objects kept.
 
-    Each object is kept as its JSON text (compact, keys sorted) and its parse, not as
-    the decoded JSON: decoded, 10,000 host endpoints take about 16 MiB, as text 4 MiB.
-    The text is what the cache is written from (`texts`)."""
+    Each object is kept as its parse and its JSON text (compact, keys sorted), not as
+    the decoded JSON: decoded, 10,000 host endpoints take about 16 MiB. The texts are
+    what the cache is written from, kept compressed as the cache writes them
+    (`cache.Texts`); `objects` holds a digest of each (BLAKE2b, 16 bytes), which tells an
+    object written again unchanged. Texts and parses leave out what the server stamps on
+    every write (`SERVER_OWNED`: resourceVersion, uid, creationTimestamp): none of it is
+    enforced, and an object whose only change is a new stamp changes nothing here.
+    Equal label maps are one map, shared by the objects that carry them (10,000 host
+    endpoints in ten groups keep ten), and a kind is one string."""
 
     def __init__(self) -> None:
-        self.objects: dict[Key, bytes] = {}
+        self.objects: dict[Key, bytes] = {}      # each object's text's digest (or UNKEPT)
         self.version = 0
-        self._parsed: dict[Key, tuple[bytes, Resource | str]] = {}
+        # The parse of each object's text (the same keys as `objects`).
+        self._parsed: dict[Key, Resource | str] = {}
+        self._texts = Texts()
+        self._labels: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
         self._dirty: set[Key] | None = None      # changed since the last build; None: all
         self._built: tuple[Snapshot, dict[Key, str]] | None = None
 
     def replace(self, items: Iterable[Doc]) -> None:
         """A snapshot: these objects and no others."""
-        docs = {_key(doc): doc for doc in items}
-        objects = {key: _text(doc) for key, doc in docs.items()}
-        if objects != self.objects:
-            self.objects = objects
-            self.version += 1
-            self._dirty = None
-            # Parsed now, from the decoded JSON at hand; parses of the same text kept.
-            self._parsed = {key: self._parse(key, text, docs[key])
-                            for key, text in objects.items()}
+        texts = {_key(doc): _text(doc) for doc in items}
+        digests = {key: _digest(text) for key, text in texts.items()}
+        if digests == self.objects:
+            return
+        before, parsed = self.objects, self._parsed
+        self.objects, self._parsed = {}, {}
+        self.version += 1
+        self._dirty = None
+        kept: dict[Key, bytes] = {}
+        for key, text in texts.items():     # parses of the same text kept
+            digest = digests[key]
+            result = parsed[key] if digest is not UNKEPT and before.get(key) == digest \
+                else self._parse(key, text)
+            at = self._keep(key, digest, result)
+            if text is not UNKEPT:
+                kept[at] = text
+        self._texts.reset(kept)
+        self._prune_labels()
 
     def apply(self, events: Iterable[Doc]) -> None:
         for event in events:
-            key = (str(event.get("kind", "")), str(event.get("name", "")))
+            key = (_kind(event.get("kind", "")), str(event.get("name", "")))
             if event.get("type") == "DELETED":
                 if self.objects.pop(key, None) is None:
                     continue
                 self._parsed.pop(key, None)
+                self._texts.drop(key)
             elif isinstance(event.get("object"), dict):
                 text = _text(event["object"])
-                if text is not UNKEPT and self.objects.get(key) == text:
+                digest = _digest(text)
+                if digest is not UNKEPT and self.objects.get(key) == digest:
                     continue
-                self.objects[key] = text
-                self._parsed[key] = self._parse(key, text, event["object"])
+                at = self._keep(key, digest, self._parse(key, text))
+                if text is UNKEPT:
+                    self._texts.drop(at)
+                else:
+                    self._texts.put(at, text)
             else:
                 continue
             self.version += 1
             if self._dirty is not None:
                 self._dirty.add(key)
+        self._prune_labels()
 
     def items(self) -> list[Doc]:
-        """The objects, decoded, in key order (those left out as UNKEPT too)."""
+        """The objects, decoded, in key order (but those that could not be written out)."""
         return [json.loads(text) for text in self.texts()]
 
     def texts(self) -> list[bytes]:
-        """The objects' JSON texts in key order (what the cache is written from). An
-        object that could not be written out is not in them: it is left out of every
-        snapshot anyway."""
-        return [self.objects[k] for k in sorted(self.objects) if self.objects[k]]
+        """The objects' JSON texts in key order. An object that could not be written out
+        is not in them: it is left out of every snapshot anyway."""
+        return self._texts.texts()
+
+    def cache_parts(self) -> list[bytes]:
+        """The texts as the cache is written from them (`cache.save_cache`'s parts)."""
+        return self._texts.parts()
 
     def changes(self) -> tuple[Snapshot, list[str], set[Key] | None]:
         """The snapshot to enforce, the objects left out of it (one message each), and
@@ -126,10 +159,9 @@ class DesiredState:
             for key in dirty:
                 drop[key[0]].append(key[1])
                 errors.pop(key, None)
-                parsed = self._parsed.get(key)
-                if parsed is None:                 # deleted
+                result = self._parsed.get(key)
+                if result is None:                 # deleted
                     continue
-                result = parsed[1]
                 if isinstance(result, str):
                     errors[key] = result
                 elif isinstance(result, HostEndpoint | GlobalNetworkSet):
@@ -148,29 +180,62 @@ class DesiredState:
         snapshot, errors = self._build()
         return snapshot, _messages(errors)
 
-    def _parse(self, key: Key, text: bytes, doc: Doc) -> tuple[bytes, Resource | str]:
-        """(`text`, its parse): kept from before when the text is the same."""
-        cached = self._parsed.get(key)
-        if cached is not None and cached[0] == text and text is not UNKEPT:
-            return cached
-        result: Resource | str
+    def _parse(self, key: Key, text: bytes) -> Resource | str:
+        """The parse of an object's text: the resource, or why it is left out. Read
+        from the text, not from the decoded message it came in: what is kept of it is
+        then made between what is kept of the objects before it, and the message, once
+        dropped, leaves no piece of itself behind to hold its memory."""
         if text is UNKEPT:
-            return text, f"{key[0]} {key[1]}: the object is nested too deeply; left out"
+            return f"{key[0]} {key[1]}: the object is nested too deeply; left out"
         try:
-            res = parse_resource(doc)
-            result = res if (res.kind, res.name) == key else \
-                f"{key[0]} {key[1]}: the object is a {res.kind} named {res.name}"
+            res = parse_resource(json.loads(text))
+            if (res.kind, res.name) != key:
+                return f"{key[0]} {key[1]}: the object is a {res.kind} named {res.name}"
+            return self._lean(res)
         except ValidationError as e:
-            result = str(e)
+            return str(e)
         except Exception as e:  # a bug in a parser must not stop the agent
-            result = f"{key[0]} {key[1]}: cannot be read: {e!r}"
-        return text, result
+            return f"{key[0]} {key[1]}: cannot be read: {e!r}"
+
+    def _keep(self, key: Key, digest: bytes, result: Resource | str) -> Key:
+        """Keep an object's digest and parse, keyed by the parse's own strings where it
+        has them (see `_parse`); that key."""
+        if not isinstance(result, str):
+            key = (result.kind, result.name)
+        self.objects[key] = digest
+        self._parsed[key] = result
+        return key
+
+    def _lean(self, res: Resource) -> Resource:
+        """`res` as kept: without what it need not keep (the server's stamps are not in
+        its text already), its labels the map shared by every object with the same
+        labels, no map of its own for no annotations."""
+        meta = res.metadata
+        labels = self._labels.setdefault(tuple(sorted(meta.labels.items())), meta.labels)
+        lean: dict[str, Any] = {"metadata": Metadata(
+            name=meta.name, labels=labels, annotations=meta.annotations or NO_ANNOTATIONS,
+            generation=meta.generation)}
+        if isinstance(res, HostEndpoint) and res.interface_name:
+            lean["interface_name"] = sys.intern(res.interface_name)
+        return replace(res, **lean)
+
+    def _prune_labels(self) -> None:
+        """Forget the shared label maps no object carries any longer (when there are
+        more of them than objects: the table stays within the objects' count)."""
+        if len(self._labels) <= 2 * len(self._parsed) + 64:
+            return
+        kept: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
+        for result in self._parsed.values():
+            if not isinstance(result, str):
+                labels = result.metadata.labels
+                kept[tuple(sorted(labels.items()))] = labels
+        self._labels = kept
 
     def _build(self) -> tuple[Snapshot, dict[Key, str]]:
         """The snapshot to enforce and the objects left out of it (one message each)."""
         resources: dict[Key, Resource] = {}
         errors: dict[Key, str] = {}
-        for key, (_, result) in self._parsed.items():
+        for key, result in self._parsed.items():
             if isinstance(result, str):
                 errors[key] = result
             else:
@@ -203,22 +268,42 @@ def _messages(errors: Mapping[Key, str]) -> list[str]:
 
 
 UNKEPT = b""    # the text of an object that could not be written back out
+# What the server's store writes into every object's metadata on every write.
+SERVER_OWNED = ("creationTimestamp", "resourceVersion", "uid")
+NO_ANNOTATIONS: Mapping[str, str] = MappingProxyType({})   # shared by objects without any
 
 
 def _text(doc: Doc) -> bytes:
-    """An object's JSON text: compact, keys sorted (equal objects, equal texts); UNKEPT
-    when it cannot be written (nested deeper than the encoder goes: such an object is
-    left out and reported, never the end of the agent)."""
+    """An object's JSON text without `SERVER_OWNED`: compact, keys sorted (equal objects,
+    equal texts); UNKEPT when it cannot be written (nested deeper than the encoder goes:
+    such an object is left out and reported, never the end of the agent)."""
+    meta = doc.get("metadata")
+    if isinstance(meta, dict) and any(k in meta for k in SERVER_OWNED):
+        doc = {**doc, "metadata": {k: v for k, v in meta.items() if k not in SERVER_OWNED}}
     try:
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
     except (RecursionError, ValueError, TypeError):
         return UNKEPT
 
 
+def _digest(text: bytes) -> bytes:
+    """What tells two texts apart (UNKEPT for UNKEPT)."""
+    return UNKEPT if text is UNKEPT else hashlib.blake2b(text, digest_size=16).digest()
+
+
 def _key(doc: Doc) -> Key:
     meta = doc.get("metadata")
     name = meta.get("name") if isinstance(meta, dict) else None
-    return (str(doc.get("kind", "")), str(name or ""))
+    return (_kind(doc.get("kind", "")), str(name or ""))
+
+
+_KINDS = {kind: kind for kind in KINDS}
+
+
+def _kind(value: object) -> str:
+    """A kind as text: one string per kind the model reads."""
+    text = str(value)
+    return _KINDS.get(text, text)
 
 
 # ------------------------------------------------------------------------- connection
@@ -297,19 +382,32 @@ async def lines(chunks: AsyncIterable[bytes], max_line: int = MAX_LINE
             raise SyncError(f"a line of the stream is over {max_line >> 20} MiB")
 
 
-async def watch_lines(resp: Response, queue: asyncio.Queue[Doc | Exception]) -> None:
-    """Put each JSON line of a streaming watch on `queue`; an exception when it ends."""
+async def watch_lines(resp: Response, queue: asyncio.Queue[bytes | Exception]) -> None:
+    """Put each line of a streaming watch on `queue` as it came; an exception when it
+    ends. Lines are decoded (`watch_message`) when their turn comes, not here: the reader
+    goes on while the agent applies, and a burst of lines waiting decoded would take
+    five times their size, made in between what the apply keeps (its memory then held
+    by the few pieces of the apply left among it)."""
     try:
         async for line in lines(resp.iter_chunks()):
-            message = json.loads(line)
-            if not isinstance(message, dict):
-                raise SyncError(f"watch: expected a JSON object, got {line[:80]!r}")
-            queue.put_nowait(message)
+            queue.put_nowait(line)
         queue.put_nowait(SyncError("the server closed the watch stream"))
-    except (HttpError, ValueError, SyncError, OSError, RecursionError) as e:
-        # (RecursionError: JSON nested deeper than the decoder goes, from a hostile
-        # server: a broken stream like any other, never the end of the agent.)
+    except (HttpError, SyncError, OSError) as e:
         queue.put_nowait(e)
+
+
+def watch_message(line: bytes) -> Doc:
+    """A line of the watch stream, decoded; SyncError when it is not a JSON object
+    (nested deeper than the decoder goes included: from a hostile server, a broken
+    stream like any other, never the end of the agent)."""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise SyncError(f"watch: a line that is not JSON ({type(e).__name__}: "
+                        f"{str(e)[:80]})") from None
+    if not isinstance(message, dict):
+        raise SyncError(f"watch: expected a JSON object, got {line[:80]!r}")
+    return message
 
 
 class Backoff:

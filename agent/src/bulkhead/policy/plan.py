@@ -327,7 +327,7 @@ def _all_rules(plan: NodePlan) -> Iterable[RulePlan]:
 # Who puts addresses in a selector's set: ("hep", name) or ("ns", name) -> its IPv4 and
 # IPv6 spans (the endpoint's expectedIPs, the set's nets), as parsed.
 Member = tuple[str, str]
-Spans = tuple[list[Span], list[Span]]
+Spans = tuple[tuple[Span, ...], tuple[Span, ...]]
 
 
 def selectors_of(plan: NodePlan) -> set[Selector]:
