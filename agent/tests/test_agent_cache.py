@@ -70,6 +70,31 @@ def test_the_cache_is_gzip_of_json_lines_and_the_format_before_is_read(
             load_cache(state)
 
 
+def test_a_cache_that_inflates_past_the_bound_or_is_cut_short_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is decompressed member by member up to MAX_INFLATED and no further (a
+    file of zeros that inflates a thousand times is refused, not read into memory)."""
+    from bulkhead.agent import cache
+
+    state = tmp_path / "state"
+    save_cache(state, NODE, 4, [gnp("a"), gnp("b")])
+    whole = cache_path(state).read_bytes()
+    size = len(gzip.decompress(whole))
+    monkeypatch.setattr(cache, "MAX_INFLATED", size)
+    cached = load_cache(state)                       # exactly at the bound: read
+    assert cached is not None and cached.items == [gnp("a"), gnp("b")]
+    monkeypatch.setattr(cache, "MAX_INFLATED", size - 1)
+    with pytest.raises(CacheError, match="more than"):
+        load_cache(state)
+    monkeypatch.setattr(cache, "MAX_INFLATED", 1 << 20)
+    cache_path(state).write_bytes(gzip.compress(b"\n" * (4 << 20)))
+    with pytest.raises(CacheError, match="more than 1048576 bytes once decompressed"):
+        load_cache(state)
+    cache_path(state).write_bytes(whole[:-5])        # the last member cut short
+    with pytest.raises(CacheError, match=r"not gzip \(a gzip member is cut short"):
+        load_cache(state)
+
+
 Op = tuple[str, str, int]      # ("put" | "drop", name, version)
 
 

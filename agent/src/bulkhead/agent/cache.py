@@ -31,6 +31,10 @@ FORMAT = 2            # gzip of JSON lines; FORMAT_1 (one JSON document) is read
 FORMAT_1 = 1
 SHARDS = 64           # gzip members `Texts` keeps
 LEVEL = 1             # gzip's level: a tenth of the size already, in a quarter ms a shard
+# What the cache may hold once decompressed: the watch's largest body (a fleet's snapshot
+# is one; bulkhead.agent.http.MAX_BODY) and room for the header. A file that inflates past
+# it is refused, not read into memory.
+MAX_INFLATED = (256 << 20) + (64 << 10)
 Key = tuple[str, str]
 
 
@@ -166,6 +170,24 @@ def save_cache(state_dir: str | Path, node: str, revision: int,
     return directory / CACHE_FILE
 
 
+def _inflated(raw: bytes, limit: int) -> bytes:
+    """The gzip members of `raw` decompressed, one after another; CacheError past
+    `limit` bytes (nothing more is decompressed) and EOFError for a member cut short."""
+    out: list[bytes] = []
+    size = 0
+    while raw:
+        member = zlib.decompressobj(wbits=31)       # 31: one gzip member
+        data = member.decompress(raw, limit - size + 1)
+        size += len(data)
+        if size > limit:
+            raise CacheError(f"more than {limit} bytes once decompressed")
+        out.append(data)
+        if not member.eof:
+            raise EOFError("a gzip member is cut short")
+        raw = member.unused_data
+    return b"".join(out)
+
+
 def load_cache(state_dir: str | Path) -> Cached | None:
     """The cache, or None if there is none yet; raises CacheError if it is unusable."""
     path = cache_path(state_dir)
@@ -177,7 +199,11 @@ def load_cache(state_dir: str | Path) -> Cached | None:
         raise CacheError(f"cache {path}: {e.strerror or e}") from None
     if raw[:2] == b"\x1f\x8b":
         try:
-            head, *lines = gzip.decompress(raw).split(b"\n")
+            try:
+                inflated = _inflated(raw, MAX_INFLATED)
+            except CacheError as e:
+                raise CacheError(f"cache {path}: {e}") from None
+            head, *lines = inflated.split(b"\n")
             data = json.loads(head)
             if isinstance(data, dict) and data.get("format") == FORMAT:
                 data["items"] = [json.loads(line) for line in lines if line]
