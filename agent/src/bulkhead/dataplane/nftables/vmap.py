@@ -19,12 +19,21 @@ from dataclasses import dataclass
 from functools import cache
 
 from bulkhead.dataplane.nftables.ruleset import Elements
-from bulkhead.net import BITS, AddressSet, Span, address_text, contains, intersection, merge
+from bulkhead.net import (
+    BITS,
+    AddressSet,
+    Span,
+    address_text,
+    contains,
+    intersection,
+    merge,
+    separated,
+)
 from bulkhead.policy.plan import NamedPortEntry, RulePlan, SidePlan
 from bulkhead.selector import Selector
 
 Interval = Span
-_low, _high = operator.itemgetter(0), operator.itemgetter(1)    # an interval's ends
+_high = operator.itemgetter(1)              # an interval's last value (a bisect key)
 Box = dict[str, list[Interval]]            # a missing field matches anything
 
 FIELDS = ("proto", "dport", "sport", "daddr", "saddr")   # key order in the map
@@ -139,11 +148,8 @@ _Tree = tuple[tuple[Interval, "_Tree | str"], ...]
 
 
 def _separated(intervals: Sequence[Interval]) -> bool:
-    """Sorted, with a gap between each interval and the next (each interval's first
-    less the last of the one before is at least 2; read in C calls, not a Python step
-    per interval: an address set's spans are a million)."""
-    firsts = map(_low, itertools.islice(intervals, 1, None))
-    return min(map(operator.sub, firsts, map(_high, intervals)), default=2) >= 2
+    """Sorted, with a gap between each interval and the next."""
+    return separated(intervals)
 
 
 def _events(active: Sequence[int], lists: Sequence[Sequence[Interval]],
@@ -210,17 +216,37 @@ def _level(active: tuple[int, ...], depth: int, spans: Sequence[Sequence[Sequenc
         point))
 
 
-def _cut_tree(boxes: Sequence[tuple[Box, str]], family: int, verdicts: Mapping[str, str]
+def _points(intervals: Sequence[Interval]) -> bool:
+    """Whether every interval is one value."""
+    return all(lo == hi for lo, hi in intervals)
+
+
+def _cut_tree(boxes: Sequence[tuple[Box, str]], family: int, verdicts: Mapping[str, str],
+              distinct: bool = False
               ) -> tuple[tuple[str, ...], list[bool], _Tree | str | None]:
     """The fields the boxes use, whether each is all points, and the cells as a tree
     (first match wins, boxes in rule order); for boxes with no field, the first one's
-    verdict for everything; for no boxes, None."""
+    verdict for everything; for no boxes, None. `distinct`: a box with the same
+    intervals as an earlier one (the same list objects, or equal short lists) is left
+    out first: it never decides (the earlier one covers what it covers, and comes
+    first), and a thousand rules that allow one address set to one port are one box."""
     used = tuple(f for f in FIELDS if any(f in b for b, _ in boxes))
     full = {**FULL, "daddr": ADDR_FULL[family], "saddr": ADDR_FULL[family]}
     spans = [[b.get(f, [full[f]]) for f in used] for b, _ in boxes]
     cell_verdicts = [verdicts[action] for _, action in boxes]
     # A field whose every interval is one value stays exact, so the map can be a hash.
-    point = [all(lo == hi for s in spans for lo, hi in s[i]) for i in range(len(used))]
+    point = [all(_points(intervals) for intervals in {id(s[i]): s[i] for s in spans}.values())
+             for i in range(len(used))]
+    if distinct:
+        seen: set[tuple[object, ...]] = set()
+        kept = []
+        for box, verdict in zip(spans, cell_verdicts, strict=True):
+            key = tuple(id(x) if isinstance(x, tuple) and len(x) > BY_IDENTITY else tuple(x)
+                        for x in box)
+            if key not in seen:
+                seen.add(key)
+                kept.append((box, verdict))
+        spans, cell_verdicts = [box for box, _ in kept], [verdict for _, verdict in kept]
     last_depth = len(used) - 1
     if not boxes:
         return used, point, None
@@ -233,7 +259,7 @@ def _cut_tree(boxes: Sequence[tuple[Box, str]], family: int, verdicts: Mapping[s
         field carries the boxes covering it, the first of them deciding at the end."""
         return _level(active, depth, spans, cell_verdicts, point[depth], last_depth, cut)
 
-    tree = cut(tuple(range(len(boxes))), 0)
+    tree = cut(tuple(range(len(spans))), 0)
     cut.cache_clear()
     return used, point, tree
 
@@ -261,7 +287,7 @@ def compile_texts(boxes: Sequence[tuple[Box, str]], family: int,
     `element_text`); with no fields, the one verdict for everything (none for no boxes).
     The texts are written from the tree of cells (`tree_texts`), with no cell object
     per element: a run of a million addresses is written in a fraction of the time."""
-    used, point, tree = _cut_tree(boxes, family, verdicts)
+    used, point, tree = _cut_tree(boxes, family, verdicts, distinct=True)
     if tree is None:
         return (), False, ()
     if isinstance(tree, str):
