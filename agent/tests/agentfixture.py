@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -35,6 +36,7 @@ class Recorder:
         self.repairs = 0
         self.dry_runs = 0
         self.applied: tuple[int, list[str]] | None = None
+        self.collector: list[bool] = []   # gc.isenabled() in each enforce
         self.lock = threading.Lock()
 
     def _report(self, revision: int, names: list[str]) -> EnforceReport:
@@ -46,6 +48,7 @@ class Recorder:
                 changed: Iterable[tuple[str, str]] | None = None) -> EnforceReport:
         names = sorted(snapshot.policies)
         with self.lock:
+            self.collector.append(gc.isenabled())
             self.calls.append((revision, names))
             if self.fail:
                 raise EnforceError(self.fail)

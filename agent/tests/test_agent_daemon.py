@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import re
 import signal
 import subprocess
@@ -128,6 +129,9 @@ async def test_a_failed_apply_is_reported_and_the_next_change_applies(
         status = await wait_status(viewer, lambda s: s["appliedRevision"] >= rev_c,
                                    "the next good change")
         assert status["errors"] == [] and rec.applied[1] == ["a", "b", "c"]
+        # Every apply ran with the cycle collector held off (memory.collector_paused),
+        # the failed one too, and it is back on after them.
+        assert rec.collector and not any(rec.collector) and gc.isenabled()
         async with viewer.get("/v1/nodes", params={"revision": str(rev_c)}) as r:
             assert (await r.json())["converged"] is True
 

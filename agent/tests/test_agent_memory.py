@@ -62,3 +62,30 @@ def test_settle_freezes_what_is_kept_and_the_next_settle_frees_its_cycles() -> N
         assert held() is None                 # the next settle unfreezes and collects
     finally:
         gc.unfreeze()
+
+
+def test_the_collector_is_held_off_in_the_block_and_as_it_was_after() -> None:
+    import gc
+
+    from bulkhead.agent.memory import collector_paused
+
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+        with collector_paused():                 # inside another: still off after it
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    try:
+        with collector_paused():
+            raise ValueError("in the block")
+    except ValueError:
+        pass
+    assert gc.isenabled()                         # on again after an error too
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()                 # it was off: left off
+    finally:
+        gc.enable()

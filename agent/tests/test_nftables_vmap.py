@@ -9,9 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bulkhead.dataplane.nftables.vmap import (
+    CHUNK,
     VERDICT,
     Box,
     RunCompiler,
+    _Pieces,
     _separated,
     compile_run,
     compile_texts,
@@ -64,15 +66,17 @@ big = st.one_of(_values.map(_spans), _values.map(_points))
                           st.sampled_from([None, [(80, 80)], [(80, 90)], [(22, 22), (443, 443)]])),
                 min_size=1, max_size=6),
        st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), big), max_size=6),
-       st.sampled_from(["saddr", "daddr"]))
+       st.sampled_from(["saddr", "daddr"]), st.sampled_from([1, 2, 3, CHUNK]))
 def test_a_run_compiled_again_after_changes_is_compiled_from_scratch(
         pool: list[tuple[tuple[int, int], ...]], rules: list[tuple[int, str, Any, Any]],
-        changes: list[tuple[int, int, tuple[tuple[int, int], ...]]], field: str) -> None:
+        changes: list[tuple[int, int, tuple[tuple[int, int], ...]]], field: str,
+        chunk: int) -> None:
     """The incremental compiler against `compile_run` over a sequence of changes: an
     address list replaced (a new object, as a selector's set is when it moves), a rule's
     verdict or list swapped; the same element texts, fields and interval flag each time,
-    and a change that moves nothing cuts nothing again."""
-    compiler = RunCompiler()
+    and a change that moves nothing cuts nothing again. Leaves longer than two chunks
+    are kept in chunks (`_Pieces`): small chunks here, so the lists' leaves are."""
+    compiler = RunCompiler(chunk)
     lists = list(pool)
     spec = [list(r) for r in rules]
 
@@ -232,3 +236,69 @@ def test_separated_is_a_gap_between_each_interval_and_the_next(
         intervals: list[tuple[int, int]]) -> None:
     assert _separated(intervals) == all(a[1] + 1 < b[0]
                                         for a, b in itertools.pairwise(intervals))
+
+
+_piece_starts = st.lists(st.integers(0, 200), max_size=60).map(lambda v: sorted(set(v)))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(_piece_starts, st.integers(1, 5), st.integers(-5, 205), st.integers(0, 20),
+       st.lists(st.integers(0, 200), max_size=5), st.integers(0, 3))
+def test_pieces_patched_read_as_the_same_patch_of_one_tuple(
+        starts: list[int], size: int, lo: int, width: int, fresh_starts: list[int],
+        drop: int) -> None:
+    """`_Pieces` against a tuple of the same pieces: reading (length, iteration, indexing,
+    equality both ways) and a patch of the pieces around [lo, hi] that takes out the
+    piece before the last one starting at or before lo (its neighbour) and those up to
+    the first one starting after hi + 1 (and that one), and puts new pieces in; the
+    chunks the patch did not reach are the old leaf's own objects."""
+    pieces = tuple(((s, s), "accept" if s % 3 else "drop") for s in starts)
+    leaf = _Pieces.of(pieces, size)
+    assert len(leaf) == len(pieces) and tuple(leaf) == pieces
+    assert leaf == pieces and pieces == leaf and leaf == list(pieces)
+    assert [leaf[i] for i in range(-len(pieces), len(pieces))] == [*pieces, *pieces]
+    hi = lo + width
+
+    def patch(flat: list[Any], p_lo: int, p_hi: int) -> None:
+        # The same window rule _patch relies on: from two pieces before the first one
+        # starting after lo to the first one starting after hi + 1.
+        a = max(sum(1 for p in flat if p[0][0] <= p_lo) - min(drop, 2), 0)
+        b = sum(1 for p in flat if p[0][0] <= p_hi + 1)
+        if drop % 2 and b < len(flat):
+            b += 1             # and the first piece after, when there is one
+        new = [((s, s), "accept") for s in sorted(set(fresh_starts)) if p_lo <= s <= p_hi]
+        flat[a:b] = new
+
+    want = list(pieces)
+    patch(want, lo, hi)
+    got = leaf.patched(lo, hi, patch, size)
+    assert tuple(got) == tuple(want)
+    assert len(got) == len(want)
+    # Made again: the chunks with a piece starting in [lo, hi + 1], and at most one more
+    # before them and two around their ends.
+    shared = {id(c) for c in got._chunks}
+    touched = sum(1 for c in leaf._chunks if any(lo <= p[0][0] <= hi + 1 for p in c))
+    assert sum(id(c) not in shared for c in leaf._chunks) <= touched + 3
+
+
+def test_a_compile_again_leaves_no_reference_cycle() -> None:
+    """The incremental compiler's garbage is freed by reference counts: a cycle would
+    keep the last memo and leaves (the whole map's pieces) until the cycle collector
+    runs, and that collection walks them inside some later change."""
+    import gc
+
+    spans = tuple((2 * v, 2 * v) for v in range(40))
+    moved = spans[1:]
+    compiler = RunCompiler(chunk=4)
+    boxes: list[tuple[Any, str]] = [({"saddr": spans, "dport": [(80, 80)]}, "Allow")]
+    gc.collect()
+    gc.disable()
+    try:
+        compiler.compile(boxes, 4)
+        for replacement, before in ((moved, spans), (spans, moved)):
+            boxes = [({"saddr": replacement, "dport": [(80, 80)]}, "Allow")]
+            compiler.compile(boxes, 4, hints={id(replacement): (before, [(0, 0)])})
+        assert compiler.patched == 2
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

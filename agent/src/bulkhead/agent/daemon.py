@@ -34,7 +34,7 @@ from bulkhead.agent.config import AgentConfig
 from bulkhead.agent.enforcer import EnforceError, Enforcer, EnforceReport
 from bulkhead.agent.flowlogs import FlowLogs
 from bulkhead.agent.http import HttpError, Session, Timeout
-from bulkhead.agent.memory import SETTLE_EVERY, SETTLE_GAP, settle
+from bulkhead.agent.memory import SETTLE_EVERY, SETTLE_GAP, collector_paused, settle
 from bulkhead.agent.metrics import MetricsServer, MetricsView
 from bulkhead.agent.status import Counters, post_status, status_body
 from bulkhead.agent.sync import (
@@ -165,7 +165,8 @@ class Agent:
                 self._in_sync = True
                 return True
             # Built from the last snapshot and what changed since (see DesiredState).
-            snapshot, object_errors, changed = self.state.changes()
+            with collector_paused():
+                snapshot, object_errors, changed = self.state.changes()
             if object_errors != self.object_errors:
                 for message in object_errors:
                     log.error(message, extra={"fields": {"revision": revision}})
@@ -176,7 +177,8 @@ class Agent:
                 else None
 
             def apply() -> tuple[EnforceReport, str | None]:
-                report = self.enforcer.enforce(snapshot, revision, told)
+                with collector_paused():   # what it makes due runs once the kernel has it
+                    report = self.enforcer.enforce(snapshot, revision, told)
                 self._since_settle += 1
                 self._settle_due |= report.scratch
                 self._settle_if_due()
@@ -353,7 +355,8 @@ class Agent:
             events = message.get("events")
             if not isinstance(events, list):
                 raise SyncError("watch: events without a list of events")
-            self.state.apply(e for e in events if isinstance(e, dict))
+            with collector_paused():
+                self.state.apply(e for e in events if isinstance(e, dict))
             self.revision = max(self.revision, revision)
             self._in_sync = False
             return True

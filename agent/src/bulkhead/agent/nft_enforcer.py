@@ -92,8 +92,11 @@ class NftablesEnforcer:
         return render(plan, self.table, flow_logs=self.flow_logs, dns=self.dns)
 
     def _report(self, result: ApplyResult, revision: int, ruleset: Ruleset) -> EnforceReport:
+        # A netlink load that failed (the table went in by `nft -f` instead) is reported.
+        fallback = [f"the table was loaded by nft -f: {result.fallback}"] \
+            if result.fallback else []
         return EnforceReport(revision, result.full, result.changed, result.seconds,
-                             ruleset.counts(), list(ruleset.warnings),
+                             ruleset.counts(), [*ruleset.warnings, *fallback],
                              decisions=dict(ruleset.decisions),
                              domain_sets=dict(ruleset.domain_sets))
 

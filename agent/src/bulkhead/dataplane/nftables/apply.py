@@ -1,11 +1,14 @@
 """Apply rendered tables to the kernel with `nft`, atomically, and watch them for drift.
 
-Every change is one transaction: a new structure replaces the whole table with `nft -f`
-(`table; delete table; table {...}`); a change of set elements only is sent as element
+Every change is one transaction: a new structure replaces the whole table
+(`table; delete table; table {...}`), with `nft -f`, or, for a table with a big set, as
+one netlink batch whose big sets' elements are encoded here (`load.py`: `nft` parsing a
+million elements costs seconds); a change of set elements only is sent as element
 deletions and additions in one netlink batch (`netlink.py`), which skips the full read of
 the kernel's state that `nft` does first. The kernel applies a transaction whole or not at
 all, so a ruleset it rejects leaves the previous one in force. Only `inet <table>` is
-ever touched.
+ever touched, and, while a table is loaded over netlink, its staging table `inet
+<table>_load` (no rules on its hooks; deleted in the same transaction).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from bulkhead.dataplane.nftables.load import BIG_SET, STAGING, StagingError, encodes, load
 from bulkhead.dataplane.nftables.netlink import NftNetlink, Unsupported, set_changes
 from bulkhead.dataplane.nftables.ruleset import Ruleset
 from bulkhead.netlink import NetlinkError
@@ -33,7 +37,10 @@ class ApplyResult:
     full: bool        # the whole table was replaced
     changed: bool     # anything was sent to the kernel
     seconds: float
-    via: str = ""     # "nft" (a script), "netlink" (an element batch), "" (nothing sent)
+    via: str = ""     # "nft" (a script), "netlink" (a netlink batch), "" (nothing sent)
+    # A full apply that went through `nft -f` although the netlink load was tried: why
+    # that failed (the kernel or `nft` refused it, or it met what it does not cover).
+    fallback: str = ""
 
 
 class NftApplier:
@@ -41,7 +48,10 @@ class NftApplier:
     netns` name, /run/netns/NAME), "" is this process's own (the agent's). `nft` runs
     there (`ip netns exec NAME nft`), and so does the netlink socket. Element changes go
     over netlink when `netlink` is true; otherwise, and for element types the netlink
-    encoder does not know, through `nft -f`."""
+    encoder does not know, through `nft -f`. With `netlink`, a table with a set of
+    `load_min` elements or more of a kind `load.element_attrs` encodes is loaded whole
+    over netlink (`load.load`), and through `nft -f` if that fails
+    (`ApplyResult.fallback` says why)."""
 
     def __init__(self, table: str = "bulkhead", nft: str = "nft", netns: str = "",
                  netlink: bool = True) -> None:
@@ -53,6 +63,8 @@ class NftApplier:
         self._terse: str | None = None   # the table's shape right after our full apply
         self._generation: int | None = None   # the ruleset generation our last commit made
         self._nl: NftNetlink | None = None
+        self.load_min = BIG_SET
+        self._fallback = ""   # why the last full apply did not go over netlink
         # Elements of the sets with timeouts (domain sets) to put back when the table is
         # replaced whole, in the same transaction: set name -> `ADDRESS timeout Nms`.
         self.timed: Callable[[Ruleset], Mapping[str, Sequence[str]]] | None = None
@@ -108,17 +120,37 @@ class NftApplier:
             else:
                 via = sent
         if full:
-            self._replace(ruleset)
+            via = self._replace(ruleset)
         self.last = ruleset
-        return ApplyResult(full, True, time.perf_counter() - start, via)
+        return ApplyResult(full, True, time.perf_counter() - start, via,
+                           self._fallback if full else "")
 
-    def _replace(self, ruleset: Ruleset) -> None:
+    def _replace(self, ruleset: Ruleset) -> str:
+        """Replace the whole table: over netlink (`load.load`) when it has a big set,
+        else, or if that fails, with `nft -f`. Returns the way it went."""
         timed = self.timed(ruleset) if self.timed is not None and ruleset.domain_sets \
             else None
-        self._run_script(ruleset.script(timed))
+        via = "nft"
+        self._fallback = ""
+        if self._netlink_ns is not None and not any(timed.values() if timed else ()) \
+                and any(len(s.elements) >= self.load_min and encodes(s)
+                        for s in ruleset.sets.values()):
+            try:
+                with self._socket() as nl:
+                    load(nl, ruleset, self.argv, self.load_min)
+                via = "netlink"
+            except (Unsupported, NetlinkError, StagingError) as e:
+                # Nothing of the batch was applied (one transaction): the whole script
+                # goes through nft, as without netlink.
+                self._fallback = f"netlink load: {e}"
+        if via == "nft":
+            # A staging table left by an agent killed mid-load goes in the same
+            # transaction (it enforces nothing, but should not stay).
+            self._run_script(self._no_staging() + ruleset.script(timed))
         # The generation first: a change between the two reads shows up as drift later.
         self._generation = self.generation()
         self._terse = self._shape()
+        return via
 
     def _send_elements(self, last: Ruleset, ruleset: Ruleset) -> str | None:
         """Send the element changes from `last` to `ruleset`: "netlink" or "nft" (the
@@ -158,6 +190,11 @@ class NftApplier:
             self._generation = self.generation()
         return "nft"
 
+    def _no_staging(self) -> str:
+        """Script lines that delete `load.py`'s staging table, present or not."""
+        staging = self.table + STAGING
+        return f"table inet {staging}\ndelete table inet {staging}\n"
+
     def generation(self) -> int | None:
         """The kernel's ruleset generation (None without netlink): every committed
         transaction in the namespace raises it, so an unchanged generation means nobody
@@ -175,12 +212,13 @@ class NftApplier:
         if self.last is None:
             return ApplyResult(False, False, 0.0)
         start = time.perf_counter()
-        self._replace(self.last)
-        return ApplyResult(True, True, time.perf_counter() - start, "nft")
+        via = self._replace(self.last)
+        return ApplyResult(True, True, time.perf_counter() - start, via, self._fallback)
 
     def remove(self) -> None:
         """Delete the table (nothing of Bulkhead's stays in the kernel)."""
-        self._run_script(f"table inet {self.table}\ndelete table inet {self.table}\n")
+        self._run_script(self._no_staging()
+                         + f"table inet {self.table}\ndelete table inet {self.table}\n")
         self.close()
         self.last = None
         self._terse = None

@@ -376,7 +376,7 @@ class NftNetlink(NetlinkSocket):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
         self._receive_room = want
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes | bytearray) -> None:
         # The whole batch is one datagram: make room for it in the send buffer.
         want = max(len(data) * 2, 1 << 16)
         try:
@@ -417,7 +417,7 @@ class NftNetlink(NetlinkSocket):
         digest = hashlib.sha256()
         found = False
         for kind in (NFT_MSG_GETCHAIN, NFT_MSG_GETSET, NFT_MSG_GETRULE):
-            for payload in self._dump(kind):
+            for payload in self.dump(kind):
                 attrs = []
                 at = 4   # after the nfgenmsg
                 while at + 4 <= len(payload):
@@ -434,10 +434,12 @@ class NftNetlink(NetlinkSocket):
                         digest.update(raw)
         return digest.hexdigest() if found else None
 
-    def _dump(self, kind: int) -> Iterable[bytes]:
+    def dump(self, kind: int, body: bytes = b"") -> Iterable[bytes]:
+        """The answers (nfgenmsg + attributes) to a dump request of `kind` (GETCHAIN...),
+        of every inet table; `body`: the request's attributes (GETSETELEM names a set)."""
         seq = self._next_seq()
         self._send(_message((NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST | NLM_F_DUMP,
-                            seq, NFPROTO_INET, 0, b""))
+                            seq, NFPROTO_INET, 0, body))
         while True:
             for got_kind, got, payload in self._receive():
                 if got != seq:
@@ -464,26 +466,42 @@ class NftNetlink(NetlinkSocket):
         for change in changes:
             parts += _element_messages(table, NFT_MSG_NEWSETELEM, NLM_F_CREATE,
                                        change.set_name, change.add)
+        return self.transaction(parts, generation)
+
+    def transaction(self, parts: Sequence[tuple[int, int, bytes]],
+                    generation: int | None = None) -> int:
+        """Send `parts` ((NFT_MSG_* kind, extra flags, body) of nf_tables messages, family
+        inet) in one batch: one transaction, applied whole or not at all. With
+        `generation`, the kernel refuses it (ERESTART) if the ruleset is no longer at
+        that generation. Returns the number of messages sent. Raises NetlinkError if
+        any message was refused; then nothing was applied."""
         if not parts:
             return 0
         begin_seq = self._next_seq()
         genid = b"" if generation is None else _attr(NFNL_BATCH_GENID,
                                                       struct.pack(">I", generation))
-        batch = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, begin_seq, socket.AF_UNSPEC,
-                          NFNL_SUBSYS_NFTABLES, genid)]
+        begin = _message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, begin_seq, socket.AF_UNSPEC,
+                         NFNL_SUBSYS_NFTABLES, genid)
+        # Written into one buffer of the batch's size: a table's load is tens of MB, and
+        # a list of messages joined would hold it twice more.
+        batch = bytearray(len(begin) + sum(20 + len(body) for _, _, body in parts) + 20)
+        batch[:len(begin)] = begin
+        at = len(begin)
         pending: set[int] = set()
         for kind, flags, body in parts:
             seq = self._next_seq()
             pending.add(seq)
-            batch.append(_message((NFNL_SUBSYS_NFTABLES << 8) | kind,
-                                  NLM_F_REQUEST | NLM_F_ACK | flags, seq, NFPROTO_INET, 0,
-                                  body))
-        batch.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, self._next_seq(),
-                              socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES, b""))
+            struct.pack_into("=IHHIIBBH", batch, at, 20 + len(body),
+                             (NFNL_SUBSYS_NFTABLES << 8) | kind,
+                             NLM_F_REQUEST | NLM_F_ACK | flags, seq, 0, NFPROTO_INET, 0, 0)
+            batch[at + 20:at + 20 + len(body)] = body
+            at += 20 + len(body)
+        batch[at:] = _message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, self._next_seq(),
+                              socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES, b"")
         # Every message is answered before any answer is read: room for all of them (a
         # default buffer holds about 280; past that the kernel drops them, ENOBUFS).
         self._room_for_answers(len(parts))
-        self._send(b"".join(batch))
+        self._send(batch)
         errors: list[tuple[int, int]] = []
         while pending:
             for kind, seq, payload in self._receive():
@@ -501,14 +519,17 @@ class NftNetlink(NetlinkSocket):
         if errors:
             seq, code = errors[0]
             index = seq - begin_seq - 1
-            raise NetlinkError(_explain(code, parts[index][2] if 0 <= index < len(parts)
+            raise NetlinkError(_explain(code, parts[index] if 0 <= index < len(parts)
                                         else None), code)
         return len(parts)
 
 
-def _explain(code: int, body: bytes | None) -> str:
+def _explain(code: int, part: tuple[int, int, bytes] | None) -> str:
     where = ""
-    if body is not None:
+    if part is not None and part[0] not in (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM):
+        where = f" (nf_tables message {part[0]})"
+    elif part is not None:
+        body = part[2]
         names: list[str] = []
         at = 0
         while at + 4 <= len(body) and len(names) < 2:
@@ -519,7 +540,7 @@ def _explain(code: int, body: bytes | None) -> str:
         where = f" (set {' '.join(names[1:])})" if len(names) > 1 else ""
     if code == errno.ERESTART:
         return "the ruleset changed since it was read (generation mismatch)" + where
-    return f"the kernel refused the element batch: {os.strerror(code)}{where}"
+    return f"the kernel refused the batch: {os.strerror(code)}{where}"
 
 
 def set_changes(old: Iterable[NftSet], new: Iterable[NftSet]) -> list[Change]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import heapq
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import overload
 
@@ -193,24 +193,27 @@ class Ruleset:
     def family_table(self) -> str:
         return f"inet {self.table}"
 
-    def body(self, with_elements: bool = True) -> str:
-        """The table as `nft list table` shows it (declarations, sets first)."""
+    def body(self, with_elements: bool = True, empty: Collection[str] = ()) -> str:
+        """The table as `nft list table` shows it (declarations, sets first); the sets
+        named in `empty` without their elements."""
         parts = [f"\tcounter {name} {{\n\t}}" for name in sorted(self.counters)]
-        parts += [s.declaration(with_elements) for s in sorted(self.sets.values(),
-                                                               key=lambda s: s.name)]
+        parts += [s.declaration(with_elements and s.name not in empty)
+                  for s in sorted(self.sets.values(), key=lambda s: s.name)]
         parts += [c.declaration() for c in self.chains.values()]
         return f"table {self.family_table} {{\n" + "\n".join(parts) + "\n}\n"
 
-    def script(self, timed: Mapping[str, Sequence[str]] | None = None) -> str:
+    def script(self, timed: Mapping[str, Sequence[str]] | None = None,
+               empty: Collection[str] = ()) -> str:
         """An `nft -f` script that replaces the table in one transaction: the kernel holds
         the old table or the new one, never a mix (creating it first makes the delete
         valid when there is no table yet). `timed`: elements for sets with timeouts
-        (set name -> `ADDRESS timeout Nms` texts), added in the same transaction."""
+        (set name -> `ADDRESS timeout Nms` texts), added in the same transaction.
+        `empty`: sets declared without their elements (`load.py` sends those itself)."""
         adds = [f"add element {self.family_table} {name} {{ {', '.join(elements)} }}\n"
                 for name, elements in sorted((timed or {}).items())
                 if elements and name in self.sets]
         return (f"table {self.family_table}\ndelete table {self.family_table}\n"
-                + self.body() + "".join(adds))
+                + self.body(empty=empty) + "".join(adds))
 
     def structure(self) -> str:
         """Everything but set elements: equal structures differ only in elements."""

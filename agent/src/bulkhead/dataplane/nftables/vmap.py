@@ -144,7 +144,7 @@ class CompiledRun:
 
 # Cells as a tree: one field's disjoint segments in order, each with the cells of the
 # next fields inside it; a verdict below the last field. Equal trees hold equal cells.
-_Tree = tuple[tuple[Interval, "_Tree | str"], ...]
+_Tree = Sequence[tuple[Interval, "_Tree | str"]]   # a tuple, or a long leaf's _Pieces
 
 
 def _separated(intervals: Sequence[Interval]) -> bool:
@@ -257,10 +257,12 @@ def _cut_tree(boxes: Sequence[tuple[Box, str]], family: int, verdicts: Mapping[s
     def cut(active: tuple[int, ...], depth: int) -> _Tree:
         """The cells of the boxes `active` from field `depth` on: each segment of the
         field carries the boxes covering it, the first of them deciding at the end."""
-        return _level(active, depth, spans, cell_verdicts, point[depth], last_depth, cut)
+        return _level(active, depth, spans, cell_verdicts, point[depth], last_depth,
+                      cut)  # noqa: F821 (deleted below, once the tree is cut)
 
     tree = cut(tuple(range(len(spans))), 0)
     cut.cache_clear()
+    del cut          # it names itself: no reference cycle left for the collector
     return used, point, tree
 
 
@@ -383,10 +385,11 @@ def tree_texts(tree: _Tree, fields: Sequence[str], point: Sequence[bool], family
         write = writers[depth]
         for segment, sub in tree:
             if not isinstance(sub, str):
-                walk(sub, depth + 1, f"{head}{write(segment)} . ",
+                walk(sub, depth + 1, f"{head}{write(segment)} . ",  # noqa: F821 (see below)
                      head_wide or (not point[depth] and segment[0] != segment[1]))
 
     walk(tree, 0, "", False)
+    del walk         # it names itself: no reference cycle left holding `out`
     return out, wide
 
 
@@ -441,6 +444,89 @@ def _meeting(spans: Sequence[Interval], regions: Sequence[Interval]) -> Iterator
 
 
 
+Piece = tuple[Interval, "_Tree | str"]
+CHUNK = 256                     # pieces per chunk of a long leaf (see _Pieces)
+
+
+class _Pieces(Sequence[Piece]):
+    """A leaf of the tree (the last field's pieces, in order) kept as a list of chunks.
+
+    A label change moves one address of a leaf that can hold 100,000 pieces. As one
+    tuple, the leaf would be copied whole to patch it, and every piece of it touched
+    (its reference count) by the copy and again when the old one is freed: with a
+    large heap those are cache misses, and they made a label change slower the more
+    host endpoints there were. Patched, a `_Pieces` shares every chunk but the few
+    around the change with the leaf it came from. It reads as the tuple of its pieces
+    would: iteration, length, indexing, equality with any sequence of the same pieces.
+    """
+
+    __slots__ = ("_chunks", "_firsts", "_len")
+
+    def __init__(self, chunks: list[tuple[Piece, ...]]) -> None:
+        self._chunks = [c for c in chunks if c]
+        self._firsts = [c[0][0][0] for c in self._chunks]   # each chunk's first value
+        self._len = sum(map(len, self._chunks))
+
+    @classmethod
+    def of(cls, pieces: Sequence[Piece], size: int) -> _Pieces:
+        if isinstance(pieces, _Pieces):
+            return pieces
+        return cls([tuple(pieces[i:i + size]) for i in range(0, len(pieces), size)])
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[Piece]:
+        return itertools.chain.from_iterable(self._chunks)
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        if isinstance(index, slice):
+            return tuple(self)[index]
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        for chunk in self._chunks:
+            if index < len(chunk):
+                return chunk[index]
+            index -= len(chunk)
+        raise IndexError(index)
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Sequence) or isinstance(other, str) or \
+                len(other) != self._len:
+            return False
+        return all(a == b for a, b in zip(self, other, strict=True))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def patched(self, lo: int, hi: int, patch: Callable[[list[Piece], int, int], None],
+                size: int) -> _Pieces:
+        """A copy with `patch(pieces, lo, hi)` applied to a flat list of the pieces
+        around [lo, hi]: at least two pieces before the last one starting at or before
+        `lo` and the first one starting after `hi` + 1 (where there are such), so a patch
+        that reads and rewrites those neighbours sees them. Only the chunks that list
+        came from are made again."""
+        chunks, firsts = self._chunks, self._firsts
+        if not chunks:
+            flat: list[Piece] = []
+            patch(flat, lo, hi)
+            return _Pieces([tuple(flat[i:i + size]) for i in range(0, len(flat), size)])
+        # The chunk of the last piece starting at or before `lo`, and the one before it
+        # (the piece before that one may be its last); the chunk of the first piece
+        # starting after `hi` + 1, which may be the one after the chunk of the last
+        # piece starting at or before it.
+        start = max(bisect.bisect_right(firsts, lo) - 2, 0)
+        stop = min(bisect.bisect_right(firsts, hi + 1) + 1, len(chunks))
+        flat = list(itertools.chain.from_iterable(chunks[start:stop]))
+        patch(flat, lo, hi)
+        redone = [tuple(flat[i:i + size]) for i in range(0, len(flat), size)]
+        return _Pieces([*chunks[:start], *redone, *chunks[stop:]])
+
+
 class RunCompiler:
     """`compile_run` for one run compiled again and again (the agent renders its table on
     every change): what it answers is what `compile_run` would, as element texts, but a
@@ -453,7 +539,8 @@ class RunCompiler:
     intervals from that field on, big interval lists (an address set's spans) by identity.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int = CHUNK) -> None:
+        self._chunk = chunk                     # a longer leaf is kept in chunks (_Pieces)
         self._memo: dict[tuple[object, ...], _Tree] = {}
         self._refs: dict[int, object] = {}      # what the identities in the keys are of
         self._root: _Tree | None = None
@@ -533,6 +620,8 @@ class RunCompiler:
         patches: dict[int, tuple[_Tree, list[tuple[Interval, _Tree | str]],
                                  list[tuple[Interval, _Tree | str]]]] = {}
 
+        itself: list[Callable[[tuple[int, ...], int], _Tree]] = []
+
         def cut(active: tuple[int, ...], depth: int) -> _Tree:
             # A box with the same intervals as an earlier one from here on never decides
             # (the earlier one covers all it covers, and comes first): left out.
@@ -553,14 +642,21 @@ class RunCompiler:
                 found = self._patch(active, spans, cell_verdicts, depth, point[depth], hints,
                                     patches)
             if found is None:
-                found = self._cut(active, depth, spans, cell_verdicts, point, last_depth, cut)
+                found = self._cut(active, depth, spans, cell_verdicts, point, last_depth,
+                                  itself[0])
             new[key] = found
             if depth == last_depth:
                 leaves[active] = (tuple(spans[i][depth] for i in active),
                                   tuple(cell_verdicts[i] for i in active), found)
             return found
 
+        # `cut` calls itself through `itself`, emptied once it is done: a function that
+        # names itself in its closure is a reference cycle, and left to the cycle
+        # collector it would keep the last memo and leaves (all of the map's pieces)
+        # alive until a collection, which then walks and frees them inside a later change.
+        itself.append(cut)
         root = cut(tuple(range(len(boxes))), 0)
+        itself.clear()
         elements: Sequence[str]
         if self._root is None:
             # From scratch: every cell written from the tree, sorted once.
@@ -628,10 +724,11 @@ class RunCompiler:
             if hint is None or hint[0] is not last[0][k]:
                 return None
             ranges += hint[1]
-        pieces = list(last[2])
         gone: list[tuple[Interval, _Tree | str]] = []
         came: set[tuple[Interval, _Tree | str]] = set()   # put in by this patch, and kept
-        for rlo, rhi in reversed(merge(ranges)):
+        chunk = self._chunk
+
+        def redo(pieces: list[Piece], rlo: int, rhi: int) -> None:
             # The pieces that meet or touch [rlo, rhi]: pieces[a:b], redone whole.
             a = bisect.bisect_right(pieces, ((rlo, BIG),))
             if a > 0 and pieces[a - 1][0][1] >= rlo - 1:
@@ -657,8 +754,11 @@ class RunCompiler:
                     gone.append(piece)
             came.update(fresh)
             pieces[a:b] = fresh
+
+        leaf = _Pieces.of(last[2], chunk)
+        for rlo, rhi in reversed(merge(ranges)):
+            leaf = leaf.patched(rlo, rhi, redo, chunk)
         self.patched += 1
-        leaf = tuple(pieces)
         patches[id(leaf)] = (last[2], gone, list(came))
         return leaf
 
@@ -667,7 +767,10 @@ class RunCompiler:
              cut: Callable[[tuple[int, ...], int], _Tree]) -> _Tree:
         """`compile_run`'s cut, one level: subtrees below come from `cut` (memoized)."""
         self.cut_again += 1
-        return _level(active, depth, spans, cell_verdicts, point[depth], last_depth, cut)
+        tree = _level(active, depth, spans, cell_verdicts, point[depth], last_depth, cut)
+        if depth == last_depth and len(tree) > 2 * self._chunk:
+            return _Pieces.of(tree, self._chunk)   # patched later in place of the chunk
+        return tree
 
 
 def _sweep(active: Sequence[int], lists: Sequence[Sequence[Interval]], verdicts: Sequence[str],

@@ -1,0 +1,390 @@
+"""A whole table loaded as one netlink batch (`load.py`): its elements encoded as the
+netlink encoder encodes them, the kernel holding what `nft -f` of the same script makes,
+enforcing the same, and `nft -f` taking over whenever the batch fails."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from bulkhead.dataplane.nftables import Chain, NftSet, Ruleset, render
+from bulkhead.dataplane.nftables import load as load_module
+from bulkhead.dataplane.nftables.apply import NftApplier, NftError
+from bulkhead.dataplane.nftables.load import (
+    BIG_SET,
+    NFT_MSG_NEWCHAIN,
+    NFT_MSG_NEWRULE,
+    StagingError,
+    _attributes,
+    element_attrs,
+    load,
+    staging,
+)
+from bulkhead.dataplane.nftables.netlink import (
+    MESSAGE_BYTES,
+    NftNetlink,
+    Unsupported,
+    _element_attr,
+    encode_set,
+)
+from bulkhead.dataplane.nftables.render import FlowLogging
+from bulkhead.dataplane.nftables.ruleset import Elements
+from bulkhead.netlink import NetlinkError
+from bulkhead.policy import Failsafes
+from bulkhead.policy.plan import calculate
+from tests.nftfixture import UNTRACKED_DB, base, gnp, hep, snap
+from tests.test_netlink import _ruleset, tables, unordered
+from tests.test_notrack import CLIENT, SERVER, pair, run
+
+root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+__all__ = ["pair"]   # the fixture, used by name
+
+
+# ----------------------------------------------------------------------- encoding
+def split(pieces: list[bytes]) -> list[bytes]:
+    """The element attributes in `pieces`, each piece checked to hold whole ones."""
+    out = []
+    for piece in pieces:
+        assert 0 < len(piece) <= MESSAGE_BYTES
+        elements = list(_attributes(piece))
+        assert sum(len(raw) for _, raw in elements) == len(piece)
+        out += [raw for _, raw in elements]
+    return out
+
+
+VERDICTS = ["accept", "drop", "return", "jump c1", "goto c2"]
+
+
+@st.composite
+def big_sets(draw: st.DrawFn) -> NftSet:
+    """A set or verdict map without intervals whose last field is an address."""
+    version = draw(st.sampled_from([4, 6]))
+    address = st.integers(0, 2 ** (32 if version == 4 else 128) - 1).map(
+        lambda n: str(ipaddress.IPv6Address(n) if version == 6 else ipaddress.IPv4Address(n)))
+    leading = draw(st.sampled_from([[], ["inet_proto"], ["inet_proto", "inet_service"],
+                                    ["inet_service"], ["ifname"]]))
+    value = {"inet_proto": st.sampled_from(["6", "17", "0", "255"]),
+             "inet_service": st.sampled_from(["0", "80", "6000", "65535"]),
+             "ifname": st.sampled_from(['"eth0"', '"veth-a"'])}
+    is_map = draw(st.booleans())
+    keys = draw(st.lists(st.tuples(*(value[t] for t in leading), address), min_size=1,
+                         max_size=60, unique=True))
+    texts = []
+    for key in keys:
+        text = " . ".join(key)
+        texts.append(f"{text} : {draw(st.sampled_from(VERDICTS))}" if is_map else text)
+    typ = " . ".join([*leading, f"ipv{version}_addr"])
+    return NftSet("s", typ, elements=tuple(sorted(texts)),
+                  map_to="verdict" if is_map else None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(big_sets(), st.randoms())
+def test_whole_set_encoding_equals_the_element_encoder(nft_set: NftSet,
+                                                       rnd: random.Random) -> None:
+    """`element_attrs` (runs cut in C) gives the bytes `encode_set` + `_element_attr`
+    give one element at a time, sorted or not, and as a patched list."""
+    expected = sorted(_element_attr(e) for e in encode_set(nft_set))
+    assert sorted(split(element_attrs(nft_set))) == expected
+    shuffled = list(nft_set.elements)
+    rnd.shuffle(shuffled)
+    assert sorted(split(element_attrs(NftSet(nft_set.name, nft_set.type,
+                                             elements=tuple(shuffled),
+                                             map_to=nft_set.map_to)))) == expected
+    patched = Elements.patched(nft_set.elements[1:], [], nft_set.elements[:1])
+    assert sorted(split(element_attrs(NftSet(nft_set.name, nft_set.type, elements=patched,
+                                             map_to=nft_set.map_to)))) == expected
+
+
+def test_a_big_run_is_cut_into_messages_of_whole_elements() -> None:
+    texts = tuple(sorted(f"6 . 80 . {ipaddress.IPv4Address(0xC6120000 + i)} : accept"
+                         for i in range(5000)))
+    nft_set = NftSet("m", "inet_proto . inet_service . ipv4_addr", elements=texts,
+                     map_to="verdict")
+    pieces = element_attrs(nft_set)
+    assert len(pieces) > 1
+    assert len(split(pieces)) == 5000
+
+
+@pytest.mark.parametrize("nft_set", [
+    NftSet("i", "ipv4_addr", ("interval",), ("10.0.0.0/8",)),
+    NftSet("a", "ipv4_addr", elements=("10.0.0.0/8",)),
+    NftSet("b", "ipv4_addr", elements=("10.1.2",)),           # inet_aton would take it
+    NftSet("c", "ipv4_addr", elements=("2001:2::1",)),
+    NftSet("d", "ipv6_addr", elements=("10.0.0.1",)),
+    NftSet("e", "inet_proto . ipv4_addr", elements=("6 . 10.0.0.1 . 7",)),
+    NftSet("f", "inet_proto . ipv4_addr", elements=("6 . 10.0.0.1 : accept",)),
+    NftSet("g", "inet_proto . ipv4_addr", elements=("6 . 10.0.0.1",), map_to="verdict"),
+    NftSet("h", "inet_proto . ipv4_addr", elements=("300 . 10.0.0.1",)),
+    NftSet("j", "inet_service", elements=("80",)),
+    NftSet("k", "inet_proto . ipv4_addr", elements=("6 . 10.0.0.1 : jump",),
+           map_to="verdict"),
+    NftSet("l", "ipv4_addr . inet_proto", elements=("10.0.0.1 . 6",)),
+    NftSet("m", "ipv4_addr", elements=("10.0.0.1", "10.0.0.2 . 6")),
+    NftSet("n", "inet_proto . ipv4_addr", elements=("6 . 10.0.0.1", "6 . 6 . 10.0.0.1")),
+])
+def test_what_is_not_a_plain_element_is_not_encoded(nft_set: NftSet) -> None:
+    with pytest.raises(Unsupported):
+        element_attrs(nft_set)
+
+
+# ------------------------------------------------------------------- on a real kernel
+def nft(ns: str, *args: str, script: str | None = None) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, "nft", *args], input=script, text=True,
+                          capture_output=True, check=True).stdout
+
+
+def in_ns(ns: str) -> tuple[str, ...]:
+    return ("ip", "netns", "exec", ns, "nft")
+
+
+@pytest.fixture
+def netns2(netns: str) -> Iterator[tuple[str, str]]:
+    other = netns + "-b"
+    subprocess.run(["ip", "netns", "add", other], check=True)
+    try:
+        yield netns, other
+    finally:
+        subprocess.run(["ip", "netns", "delete", other], check=False)
+
+
+def rulesets() -> dict[str, tuple[list[dict[str, Any]], FlowLogging | None]]:
+    """Tables with a big map (`big_store`) and beside it what else the renderer writes:
+    selector sets, failsafe sets, untracked raw chains, flow-log counters and logs,
+    interval maps, an IPv6 map."""
+    web = gnp("web", {"selector": "app == 'db'", "order": 5, "ingress": [
+        {"action": "Allow", "protocol": "TCP", "source": {"selector": "app == 'web'"},
+         "destination": {"ports": [5432]}},
+        {"action": "Allow", "protocol": "TCP", "source": {"selector": "app == 'web'"},
+         "destination": {"notPorts": [22]}}]})
+    common = [*big_store(), hep("web", "n2", "198.18.0.11", {"app": "web"}), web]
+    listed = gnp("listed", {"selector": "app == 'db'", "ingress": [
+        {"action": "Allow", "protocol": "TCP", "source": {"nets": [
+            f"198.18.{i // 256}.{i % 256}/32" for i in range(0, 600, 3)]},
+         "destination": {"ports": [443, 8443]}},
+        {"action": "Deny", "protocol": "UDP", "source": {"nets": ["2001:2::1/128",
+                                                                  "2001:2::5/128"]}}]})
+    return {"plain": (common, None), "untracked": ([*common, UNTRACKED_DB], None),
+            "flows": (common, FlowLogging()), "listed": ([*common, listed], None)}
+
+
+@root
+@pytest.mark.parametrize("name", ["plain", "untracked", "flows", "listed"])
+def test_a_netlink_load_lists_as_nft_f_does(netns2: tuple[str, str], name: str) -> None:
+    """Only the big map encoded here, or every set it can encode: the table a netlink
+    load makes lists (text, and JSON without handles) as the one `nft -f` makes."""
+    docs, flow_logs = rulesets()[name]
+    ruleset = render(calculate(snap(*docs), "n1", {}, Failsafes()), flow_logs=flow_logs)
+    assert flow_logs is None or ruleset.counters
+    fast, slow = netns2
+    for at_least in (BIG_SET, 1):
+        with NftNetlink(fast) as nl:
+            assert load(nl, ruleset, in_ns(fast), at_least=at_least) > 0
+        assert "bulkhead_load" not in nft(fast, "list", "tables")
+        nft(slow, "-f", "-", script=ruleset.script())
+        assert unordered(nft(fast, "list", "table", "inet", "bulkhead")) == \
+            unordered(nft(slow, "list", "table", "inet", "bulkhead"))
+        assert normalized_json(fast) == normalized_json(slow)
+
+
+def normalized_json(ns: str) -> list[str]:
+    """The table as `nft -j` lists it, without handles, each set's elements sorted."""
+    out = []
+    for item in json.loads(nft(ns, "-j", "list", "table", "inet", "bulkhead"))["nftables"]:
+        for kind, value in item.items():
+            if isinstance(value, dict):
+                value = {k: v for k, v in value.items() if k != "handle"}
+                if "elem" in value:
+                    value["elem"] = sorted(json.dumps(e, sort_keys=True) for e in value["elem"])
+            out.append(json.dumps({kind: value}, sort_keys=True))
+    return sorted(out)
+
+
+@root
+@settings(max_examples=25, deadline=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.function_scoped_fixture])
+@given(tables(), big_sets())
+def test_random_sets_load_as_nft_f_loads_them(netns2: tuple[str, str],
+                                              sets: dict[str, NftSet], big: NftSet) -> None:
+    """The element test's random sets of every kind the renderer writes (intervals,
+    concatenations, interface maps: copied from the scratch namespace) and a map or set
+    encoded here, over an earlier table."""
+    ruleset = _ruleset({**sets, "z": dataclasses.replace(big, name="z")})
+    # A base chain of policy drop (staged with policy accept, given its own back).
+    ruleset.chains["in"] = Chain("in", ("jump c1", "udp dport 9 accept"),
+                                 "type filter hook input priority 10; policy drop;")
+    fast, slow = netns2
+    with NftNetlink(fast) as nl:
+        load(nl, ruleset, in_ns(fast), at_least=1)
+    assert "t_load" not in nft(fast, "list", "tables")
+    nft(slow, "-f", "-", script=ruleset.script())
+    assert unordered(nft(fast, "list", "table", "inet", "t")) == \
+        unordered(nft(slow, "list", "table", "inet", "t"))
+
+
+def big_store(extra: int = 0) -> list[dict[str, Any]]:
+    """db (198.18.7.2) allows TCP 5001 from a network set of 2,000 addresses that holds
+    the client (198.18.7.1), TCP 5003 from one that does not, and nothing on 5002."""
+    def netset(name: str, first: int, count: int) -> dict[str, Any]:
+        nets = [str(ipaddress.IPv4Address(int(ipaddress.IPv4Address("198.18.7.1")) + i * 2))
+                for i in range(first, first + count)]
+        return {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+                "metadata": {"name": name, "labels": {"list": name}}, "spec": {"nets": nets}}
+    return [hep("db", "n1", "198.18.7.2", {"app": "db"}), netset("with", 0, 2000 + extra),
+            netset("without", 3000, 2000),
+            gnp("big", {"selector": "app == 'db'", "ingress": [
+                {"action": "Allow", "protocol": "TCP", "source": {"selector": "list == 'with'"},
+                 "destination": {"ports": [5001]}},
+                {"action": "Allow", "protocol": "TCP",
+                 "source": {"selector": "list == 'without'"},
+                 "destination": {"ports": [5003]}}]})]
+
+
+@root
+def test_a_netlink_load_enforces_as_nft_f_does(pair: tuple[str, str]) -> None:
+    client, server = pair
+    ruleset = render(calculate(snap(*big_store()), "n1", {}, Failsafes.off()))
+    assert max(len(s.elements) for s in ruleset.sets.values()) >= 4000
+    outcomes = {}
+    for netlink in (True, False):
+        applier = NftApplier(netns=server, netlink=netlink)
+        applier.remove()
+        result = applier.apply(ruleset)
+        assert result.full and result.via == ("netlink" if netlink else "nft")
+        assert not result.fallback
+        assert applier.diff(ruleset) == ""
+        listener = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c",
+                                     SERVER], stdout=subprocess.PIPE, text=True)
+        try:
+            assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+            outcomes[netlink] = {port: run(client, sys.executable, "-c", CLIENT,
+                                           str(port)).strip() for port in (5001, 5002, 5003)}
+        finally:
+            listener.kill()
+            listener.wait()
+        # The element path still works on a table loaded either way.
+        moved = render(calculate(snap(*big_store(extra=3)), "n1", {}, Failsafes.off()))
+        step = applier.apply(moved)
+        assert not step.full and step.via == ("netlink" if netlink else "nft")
+        assert applier.drifted() is None
+    assert outcomes[True] == outcomes[False] == {5001: "hi", 5002: "blocked",
+                                                 5003: "blocked"}
+
+
+@root
+def test_a_refused_batch_applies_nothing_and_nft_takes_over(
+        netns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    applier = NftApplier(netns=netns)
+    first = render(calculate(snap(*base()), "n1", {}, Failsafes.off()))
+    applier.apply(first)
+    before = nft(netns, "list", "table", "inet", "bulkhead")
+    ruleset = render(calculate(snap(*big_store()), "n1", {}, Failsafes.off()))
+    # Rules without their chain: the kernel refuses those messages, last in the batch
+    # (after the table was deleted and made again, and the elements were added).
+    kept = dict(load_module.KEPT)
+    kept[NFT_MSG_NEWRULE] = kept[NFT_MSG_NEWRULE] - {2}
+    monkeypatch.setattr(load_module, "KEPT", kept)
+    skipped = dict(load_module.SKIPPED)
+    skipped[NFT_MSG_NEWRULE] = skipped[NFT_MSG_NEWRULE] | {2}
+    monkeypatch.setattr(load_module, "SKIPPED", skipped)
+    with NftNetlink(netns) as nl, pytest.raises(NetlinkError):
+        load(nl, ruleset, in_ns(netns))
+    assert nft(netns, "list", "table", "inet", "bulkhead") == before
+    assert "bulkhead_load" not in nft(netns, "list", "tables")
+    assert applier.drifted() is None
+    # The applier falls back to nft -f for the whole table, and says why.
+    result = NftApplier(netns=netns).apply(ruleset)
+    assert result.full and result.via == "nft"
+    assert result.fallback.startswith("netlink load: the kernel refused the batch")
+    assert NftApplier(netns=netns).diff(ruleset) == ""
+
+
+@root
+def test_an_attribute_not_known_is_not_copied(netns: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    skipped = dict(load_module.SKIPPED)
+    skipped[NFT_MSG_NEWCHAIN] = skipped[NFT_MSG_NEWCHAIN] - {2}      # the chain's handle
+    monkeypatch.setattr(load_module, "SKIPPED", skipped)
+    ruleset = render(calculate(snap(*big_store()), "n1", {}, Failsafes.off()))
+    with NftNetlink(netns) as nl, pytest.raises(Unsupported, match="attribute 2"):
+        load(nl, ruleset, in_ns(netns))
+    assert "bulkhead" not in nft(netns, "list", "tables")
+
+
+@root
+def test_a_ruleset_nft_refuses_leaves_the_old_table(netns: str) -> None:
+    applier = NftApplier(netns=netns)
+    good = render(calculate(snap(*big_store()), "n1", {}, Failsafes.off()))
+    assert applier.apply(good).via == "netlink"
+    before = nft(netns, "list", "table", "inet", "bulkhead")
+    bad = render(calculate(snap(*big_store(extra=1)), "n1", {}, Failsafes.off()))
+    bad.chains["input"] = dataclasses.replace(
+        bad.chains["input"], rules=(*bad.chains["input"].rules, "ip saddr @no_such_set accept"))
+    with NftNetlink(netns) as nl, pytest.raises(StagingError, match="no_such_set"):
+        load(nl, bad, in_ns(netns))
+    with pytest.raises(NftError, match="no_such_set"):
+        applier.apply(bad)
+    assert nft(netns, "list", "table", "inet", "bulkhead") == before
+    assert applier.drifted() is None
+
+
+def test_element_attrs_header_layout() -> None:
+    """The cut around the address sits where `_element_attr` puts the key's value."""
+    (piece,) = element_attrs(NftSet("m", "inet_proto . ipv4_addr",
+                                    elements=("6 . 198.18.0.1 : accept",), map_to="verdict"))
+    length, kind = struct.unpack_from("=HH", piece)
+    assert length == len(piece) and kind & 0x3FFF == 1
+    assert piece[12:20] == bytes([6, 0, 0, 0, 198, 18, 0, 1])
+
+
+def test_the_staging_table_has_no_rules_on_its_hooks() -> None:
+    ruleset = Ruleset("bulkhead", sets={"big": NftSet("big", "ipv4_addr",
+                                                       elements=("198.18.0.1",))},
+                      chains={"c": Chain("c", ("accept",)),
+                              "input": Chain("input", ("jump c",), "type filter hook input "
+                                             "priority filter; policy drop;"),
+                              "output": Chain("output", ("jump c",), "type filter hook "
+                                              "output priority 0;")})
+    staged, policies = staging(ruleset, frozenset({"big"}))
+    assert staged.table == "bulkhead_load" and policies == {"input": 0, "output": 1}
+    assert staged.sets["big"].elements == ()
+    assert staged.chains["input"] == Chain(
+        "input", (), "type filter hook input priority filter; policy accept;")
+    assert staged.chains["output"].rules == () and \
+        staged.chains["output"].hook.endswith("policy accept;")
+    assert staged.chains["input__load"] == Chain("input__load", ("jump c",))
+    assert staged.chains["c"] == ruleset.chains["c"]
+    for hook in ("type filter hook input priority 0; policy queue;",
+                 "type filter hook input priority 0; policy drop; policy accept;"):
+        odd = Ruleset("t", chains={"input": Chain("input", (), hook)})
+        with pytest.raises(Unsupported):
+            staging(odd, frozenset())
+
+
+@root
+def test_a_staging_table_left_behind_goes_with_the_next_full_apply(netns: str) -> None:
+    """An agent killed mid-load leaves `inet bulkhead_load` (no rules on its hooks):
+    the next full apply through `nft -f`, and the table's removal, delete it."""
+    leftover = "table inet bulkhead_load {\n chain input {\n type filter hook input " \
+               "priority 0; policy accept;\n }\n}\n"
+    nft(netns, "-f", "-", script=leftover)
+    applier = NftApplier(netns=netns)
+    assert applier.apply(render(calculate(snap(*base()), "n1", {}, Failsafes.off()))).via \
+        == "nft"
+    assert nft(netns, "list", "tables").split() == ["table", "inet", "bulkhead"]
+    nft(netns, "-f", "-", script=leftover)
+    applier.remove()
+    assert nft(netns, "list", "tables").strip() == ""
