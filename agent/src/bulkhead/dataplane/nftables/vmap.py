@@ -659,10 +659,12 @@ class RunCompiler:
         itself.clear()
         elements: Sequence[str]
         if self._root is None:
-            # From scratch: every cell written from the tree, sorted once.
+            # From scratch: every cell written from the tree, sorted once. (As an
+            # `Elements`, as the next patches of it are: the applier reads the changes
+            # between two of one root from their patches.)
             texts, wide_cells = tree_texts(root, used, point, family)
             texts.sort()
-            elements = tuple(texts)
+            elements = Elements(tuple(texts), frozenset(), frozenset())
         else:
             removed: list[Cell] = []
             added: list[Cell] = []
