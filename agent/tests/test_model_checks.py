@@ -14,9 +14,10 @@ from bulkhead.model import (
     PortRange,
     parse_resource,
 )
-from bulkhead.model.checks import check_cidr, check_ip, check_rule_net
+from bulkhead.model.checks import check_cidr, check_ip, check_rule_net, read_cidrs
 from bulkhead.model.errors import ValidationError
 from bulkhead.model.reader import Reader
+from bulkhead.net import parse_spans
 from tests.modelfixture import gnp
 
 
@@ -100,3 +101,36 @@ def test_rule_nets_refuse_host_bits_as_netaddr_finds_them(address: str, prefix: 
     host_bits = netaddr.IPAddress(value.partition("/")[0]) != \
         netaddr.IPNetwork(canonical).network
     assert got == (None if "/" not in value or host_bits else canonical), value
+
+
+# Network sets' nets: bare IPv4 addresses (read in bulk), with the forms inet_pton refuses
+# or that look like one (leading zeros, short forms, spaces, other digits, NUL), CIDRs of
+# both families and prefix forms check_cidr takes or refuses.
+NETS = st.one_of(
+    st.integers(0, 2**32 - 1).map(lambda v: str(ipaddress.IPv4Address(v))),
+    st.integers(0, 2**32 - 1).map(lambda v: str(ipaddress.IPv4Address(v))),
+    st.tuples(ADDRESSES, st.sampled_from(["/0", "/8", "/24", "/32", "/64", "/128", "/024",
+                                          "/33", "/", "/ 8", "/\u0668"])).map("".join),
+    st.sampled_from(["01.2.3.4", "1.2.3.04", "1.2.3", "1.2.3.4.", "256.1.1.1", "1.2.3.\u0664",
+                     "1.2.3.4\x00", "\x001.2.3.4", "1..2.3", "", " 1.2.3.4", "0.0.0.0",
+                     "255.255.255.255"]))
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(st.lists(NETS, max_size=6), st.booleans())
+def test_nets_read_in_bulk_are_what_check_cidr_reads_one_by_one(
+        values: list[object], other: bool) -> None:
+    """read_cidrs answers check_cidr's text for each value and the spans of those texts,
+    or None exactly when check_cidr refuses one of them (or one is no string)."""
+    if other:
+        values = [*values, 1234]
+    got = read_cidrs(values)
+    try:
+        want = tuple(check_cidr(Reader("GlobalNetworkSet", "s", "spec.nets[0]", v), v)
+                     for v in values)  # type: ignore[arg-type]
+    except (ValidationError, TypeError, AttributeError):
+        assert got is None, values
+        return
+    assert got is not None, values
+    v4, v6 = parse_spans(want)
+    assert got == (want, (tuple(v4), tuple(v6))), values

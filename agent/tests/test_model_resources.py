@@ -4,6 +4,7 @@ stay whole here, with parse_resource, the reader of manifests."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from bulkhead.model import (
     DEFAULT_TIER_ORDER,
     GlobalNetworkPolicy,
+    GlobalNetworkSet,
     HostEndpoint,
     Snapshot,
     StagedGlobalNetworkPolicy,
@@ -185,6 +187,29 @@ def test_host_endpoint_fields() -> None:
     assert isinstance(hep, HostEndpoint)
     assert hep.expected_ips == ("198.18.0.12", "2001:2::12")
     assert hep.ports[0].protocol == "TCP" and hep.ports[0].port == 5432
+
+
+A, B = 0xC6120000, 0x20010002 << 96      # 198.18.0.0, 2001:2::
+
+
+@pytest.mark.parametrize(("nets", "spans"), [
+    (["198.18.0.1", "198.18.0.3", "198.18.0.2"],              # read in bulk
+     (((A + 1, A + 1), (A + 3, A + 3), (A + 2, A + 2)), ())),
+    (["198.18.0.7/24", "2001:2::1", "198.18.9.9"],            # value by value
+     (((A, A + 255), (A + 0x909, A + 0x909)), ((B + 1, B + 1),))),
+])
+def test_a_network_sets_spans_are_its_nets_and_follow_them(
+        nets: list[str], spans: tuple[tuple[tuple[int, int], ...], ...]) -> None:
+    """The spans read with the nets are those of the nets, in order; a copy with other
+    nets (`dataclasses.replace`) has those nets' spans, not the first one's."""
+    netset = parse_resource(doc("GlobalNetworkSet", "s", {"nets": nets}))
+    assert isinstance(netset, GlobalNetworkSet)
+    assert netset.spans() == spans
+    fresh = GlobalNetworkSet(metadata=netset.metadata, nets=netset.nets)
+    assert fresh.spans() == spans                     # read from the nets when asked
+    assert netset == fresh                            # the spans are no part of the set
+    other = dataclasses.replace(netset, nets=("198.18.5.0/31",))
+    assert other.spans() == (((A + 0x500, A + 0x501),), ())
 
 
 def test_staged_delete_dumps_only_what_it_deletes() -> None:

@@ -20,6 +20,7 @@ from bulkhead.net import (
     merge,
     parse_network,
     parse_spans,
+    separated,
 )
 
 
@@ -76,6 +77,17 @@ def test_merge_gives_the_same_addresses_as_sorted_separated_spans(
     # Sorted, and neither overlapping nor touching: two spans have a gap between them.
     assert all(lo <= hi for lo, hi in merged)
     assert all(a[1] + 1 < b[0] for a, b in itertools.pairwise(merged))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.integers(0, 400), st.integers(0, 2)), max_size=8))
+def test_separated_spans_are_merged_as_they_are(given_spans: list[tuple[int, int]]) -> None:
+    """`separated` is "a gap between each span and the next"; such spans are what
+    merge answers (sorted), the same span objects."""
+    spans = sorted((lo, lo + width) for lo, width in given_spans)
+    assert separated(spans) == all(a[1] + 1 < b[0] for a, b in itertools.pairwise(spans))
+    if separated(spans):
+        assert all(a is b for a, b in zip(merge(reversed(spans)), spans, strict=True))
 
 
 def test_spans() -> None:

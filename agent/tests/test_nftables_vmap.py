@@ -14,7 +14,9 @@ from bulkhead.dataplane.nftables.vmap import (
     Box,
     RunCompiler,
     _Pieces,
+    _separated,
     compile_run,
+    compile_texts,
     element_text,
 )
 
@@ -171,6 +173,69 @@ def test_element_text_writes_each_cell_as_its_fields_one_by_one(
         rules: list[tuple[Box, str]], family: int) -> None:
     run = compile_run(rules, family)
     assert element_text(run, family) == _texts_one_by_one(run, family)
+
+
+# Address lists as an address set gives them (sorted, disjoint; single addresses and
+# ranges), around /24 and /16 boundaries and the ends of the space, in either family.
+def _address_lists(family: int) -> st.SearchStrategy[tuple[tuple[int, int], ...]]:
+    top = 2**32 if family == 4 else 2**128
+    starts = st.sampled_from([0, 0xC612_40FE, 0xC612_FFF0, 0x0A00_0000, top - 300])
+    return st.tuples(starts, st.lists(st.tuples(st.integers(0, 290), st.integers(0, 3)),
+                                      min_size=1, max_size=40)).map(
+        lambda t: tuple(sorted({(t[0] + o, min(top - 1, t[0] + o + w * (o % 2)))
+                                for o, w in t[1]})))
+
+
+def _disjoint(spans: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in spans:
+        if not out or lo > out[-1][1]:
+            out.append((lo, hi))
+    return tuple(out)
+
+
+@st.composite
+def _runs(draw: st.DrawFn) -> tuple[list[tuple[Box, str]], int]:
+    family = draw(st.sampled_from([4, 6]))
+    field = draw(st.sampled_from(["saddr", "daddr"]))
+    lists = draw(st.lists(_address_lists(family).map(_disjoint), min_size=1, max_size=3))
+    run: list[tuple[Box, str]] = []
+    for _ in range(draw(st.integers(1, 5))):
+        box: Box = {field: draw(st.sampled_from(lists))}  # type: ignore[dict-item]
+        extra = draw(st.sampled_from([None, "proto", "dport", "sport"]))
+        if extra is not None:
+            box[extra] = draw(st.sampled_from([[(6, 6)], [(80, 80), (443, 443)],
+                                               [(1000, 1999)], [(6, 6), (17, 17)]]))
+        run.append((box, draw(st.sampled_from(["Allow", "Deny", "Pass"]))))
+    return run, family
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(_runs())
+def test_compiled_texts_are_the_cells_written_one_by_one(
+        drawn: tuple[list[tuple[Box, str]], int]) -> None:
+    """compile_texts (from scratch, written from the tree) and a RunCompiler's first
+    compile give what compile_run's cells give written field by field, sorted."""
+    rules, family = drawn
+    run = compile_run(rules, family)
+    want = (run.fields, run.interval, tuple(sorted(_texts_one_by_one(run, family))))
+    assert compile_texts(rules, family) == want
+    fields, interval, elements = RunCompiler().compile(rules, family)
+    assert (fields, interval, tuple(elements)) == want
+
+
+def test_compiled_texts_of_no_box_or_no_field() -> None:
+    assert compile_texts([], 4) == ((), False, ())
+    assert compile_texts([({}, "Deny"), ({}, "Allow")], 6) == ((), False, ("drop",))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)).map(
+    lambda t: (min(t), max(t))), max_size=6).map(sorted))
+def test_separated_is_a_gap_between_each_interval_and_the_next(
+        intervals: list[tuple[int, int]]) -> None:
+    assert _separated(intervals) == all(a[1] + 1 < b[0]
+                                        for a, b in itertools.pairwise(intervals))
 
 
 _piece_starts = st.lists(st.integers(0, 200), max_size=60).map(lambda v: sorted(set(v)))

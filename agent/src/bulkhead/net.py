@@ -64,10 +64,28 @@ def address_text(value: int, family: int) -> str:
     return socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))
 
 
+def separated(spans: Iterable[Span]) -> bool:
+    """Whether each span begins at least two past the end of the one before (sorted,
+    disjoint, not adjacent: what `merge` leaves as it is)."""
+    ends = iter(spans)
+    first = next(ends, None)
+    if first is None:
+        return True
+    last = first[1]
+    for lo, hi in ends:
+        if lo - last < 2:
+            return False
+        last = hi
+    return True
+
+
 def merge(spans: Iterable[Span]) -> tuple[Span, ...]:
     """Sorted spans, overlapping or adjacent ones joined."""
+    ordered = sorted(spans)
+    if separated(ordered):       # the common case (a network set's addresses): as they are
+        return tuple(ordered)
     merged: list[Span] = []
-    for span in sorted(spans):
+    for span in ordered:
         # A span that joins none is kept as given (no new tuple per span).
         if merged and span[0] <= merged[-1][1] + 1:
             if span[1] > merged[-1][1]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import socket
+import struct
 from dataclasses import dataclass
+from functools import partial
 
 from bulkhead.model.errors import ValidationError
 from bulkhead.model.reader import Reader, show
-from bulkhead.net import BITS, address_text, parse_network
+from bulkhead.net import BITS, Span, address_text, parse_network
 from bulkhead.selector import Selector, SelectorError, parse
 
 # DNS-1123 subdomain, as Calico and Kubernetes check resource names.
@@ -132,14 +135,19 @@ def check_ip(r: Reader, value: str) -> str:
 
 def _cidr(r: Reader, value: str) -> tuple[int, int, int, int]:
     """(family, address, prefix length, network) of a CIDR or a bare address."""
-    addr, slash, plen = value.partition("/")
     try:
-        family, first, _ = parse_network(addr)
-        width = BITS[family]
-        if slash and (not (plen.isascii() and plen.isdigit()) or int(plen) > width):
-            raise ValueError(plen)
+        return _cidr_parts(value)
     except (ValueError, TypeError):
         raise r.fail(f"{show(value)} is not a CIDR (e.g. 198.18.0.0/24 or 2001:2::/48)") from None
+
+
+def _cidr_parts(value: str) -> tuple[int, int, int, int]:
+    """`_cidr` without a Reader: ValueError or TypeError for what is not a CIDR."""
+    addr, slash, plen = value.partition("/")
+    family, first, _ = parse_network(addr)
+    width = BITS[family]
+    if slash and (not (plen.isascii() and plen.isdigit()) or int(plen) > width):
+        raise ValueError(plen)
     length = int(plen) if slash else width
     return family, first, length, first & ~((1 << (width - length)) - 1)
 
@@ -150,6 +158,46 @@ def check_cidr(r: Reader, value: str) -> str:
     `inet_ntop`: a network set of 100,000 nets is read in a fraction of netaddr's time.)"""
     family, _, length, network = _cidr(r, value)
     return f"{address_text(network, family)}/{length}"
+
+
+_PTON4 = partial(socket.inet_pton, socket.AF_INET)
+
+
+def read_cidrs(values: object
+               ) -> tuple[tuple[str, ...], tuple[tuple[Span, ...], tuple[Span, ...]]] | None:
+    """`check_cidr` of each value of a list, and the IPv4 and the IPv6 spans of the CIDRs
+    (first and last address, in the order given), read without a `Reader` per value: a
+    GlobalNetworkSet holds up to millions of nets. None when `values` is not a list or any
+    value is not a string `check_cidr` takes: the caller then reads the list value by
+    value, for the error and where it is."""
+    if not isinstance(values, list):
+        return None
+    try:
+        joined = "".join(values)
+    except TypeError:                # a value that is not a string
+        return None
+    if "/" not in joined and ":" not in joined:
+        # Bare IPv4 addresses (or not addresses at all), read by inet_pton in one pass.
+        # What it takes is four decimal numbers up to 255 without leading zeros, joined
+        # by dots: the text `address_text` writes, so the canonical form is the value
+        # with /32 (a test holds this against `check_cidr`).
+        try:
+            packed = b"".join(map(_PTON4, values))
+        except (OSError, ValueError):
+            return None
+        firsts = struct.unpack(f">{len(values)}I", packed)
+        v4 = tuple(zip(firsts, firsts, strict=True))
+        return tuple([value + "/32" for value in values]), (v4, ())
+    texts: list[str] = []
+    spans: tuple[list[Span], list[Span]] = ([], [])
+    for value in values:
+        try:
+            family, _, length, network = _cidr_parts(value)
+        except (ValueError, TypeError):
+            return None
+        texts.append(f"{address_text(network, family)}/{length}")
+        spans[family == 6].append((network, network | (1 << (BITS[family] - length)) - 1))
+    return tuple(texts), (tuple(spans[0]), tuple(spans[1]))
 
 
 def check_rule_net(r: Reader, value: str) -> str:

@@ -24,12 +24,25 @@ def show(value: Any) -> str:
 
 
 class Reader:
+    __slots__ = ("_field", "_parent", "_path", "_seen", "data", "kind", "name")
+
     def __init__(self, kind: str, name: str, path: str, data: Any) -> None:
         self.kind = kind
         self.name = name
-        self.path = path
+        self._path: str | None = path
+        self._parent: Reader | None = None
+        self._field: str | int | None = None
         self.data = data
         self._seen: set[str] = set()
+
+    @property
+    def path(self) -> str:
+        """Where the data is in the resource (`spec.ingress[0].source`), written when
+        first asked (mostly for an error): a policy's rules make dozens of readers."""
+        if self._path is None:
+            assert self._parent is not None
+            self._path = self._parent.sub_path(self._field)
+        return self._path
 
     # -- errors ---------------------------------------------------------------------
     def fail(self, problem: str, field: str | None = None) -> ValidationError:
@@ -43,10 +56,14 @@ class Reader:
         return f"{self.path}.{field}" if self.path else field
 
     def child(self, field: str | int, data: Any) -> Reader:
-        return Reader(self.kind, self.name, self.sub_path(field), data)
+        node = Reader(self.kind, self.name, "", data)
+        node._path, node._parent, node._field = None, self, field
+        return node
 
     # -- mappings -------------------------------------------------------------------
     def mapping(self) -> dict[str, Any]:
+        if type(self.data) is dict:
+            return self.data
         if self.data is None:
             return {}
         if not isinstance(self.data, dict):
@@ -58,7 +75,8 @@ class Reader:
 
     def get(self, field: str) -> Any:
         self._seen.add(field)
-        return self.mapping().get(field)
+        data = self.data
+        return data.get(field) if type(data) is dict else self.mapping().get(field)
 
     def field(self, field: str) -> Reader:
         return self.child(field, self.get(field))

@@ -30,9 +30,11 @@ from bulkhead.model.checks import (
     check_selector,
     check_tier_name,
     protocol_number,
+    read_cidrs,
 )
 from bulkhead.model.errors import ValidationError
 from bulkhead.model.reader import Reader, show
+from bulkhead.net import Span, parse_spans
 from bulkhead.selector import Selector, parse
 
 API_VERSION = api.API_VERSION
@@ -522,6 +524,27 @@ class GlobalNetworkSet(Resource):
     kind: ClassVar[str] = "GlobalNetworkSet"
     nets: tuple[str, ...] = ()
     allowed_egress_domains: tuple[str, ...] = ()
+    # The nets as spans (`spans()`): read with the nets, or from them when first asked.
+    # Not an argument, so that `dataclasses.replace` never carries them to other nets.
+    _spans: tuple[tuple[Span, ...], tuple[Span, ...]] | None = field(
+        default=None, init=False, compare=False, repr=False)
+
+    @classmethod
+    def read(cls, metadata: Metadata, nets: tuple[str, ...],
+             allowed_egress_domains: tuple[str, ...],
+             spans: tuple[tuple[Span, ...], tuple[Span, ...]] | None) -> GlobalNetworkSet:
+        """A network set whose nets were read with their spans (`checks.read_cidrs`)."""
+        netset = cls(metadata=metadata, nets=nets, allowed_egress_domains=allowed_egress_domains)
+        object.__setattr__(netset, "_spans", spans)
+        return netset
+
+    def spans(self) -> tuple[tuple[Span, ...], tuple[Span, ...]]:
+        """The IPv4 and the IPv6 spans (first and last address) of the nets, in order."""
+        if self._spans is None:
+            v4, v6 = parse_spans(self.nets)
+            object.__setattr__(self, "_spans", (tuple(v4), tuple(v6)))
+            assert self._spans is not None
+        return self._spans
 
     def spec_dump(self) -> dict[str, Any]:
         return _prune({"nets": list(self.nets),
@@ -638,10 +661,12 @@ def _read_network_set(r: Reader, meta: Metadata) -> GlobalNetworkSet:
         raise ValidationError(r.kind, r.name, "metadata.labels",
                               f"{RESERVED_NETWORK_SET_LABEL} is not a valid label name "
                               "(Calico reserves it)")
-    nets = r.str_list("nets", check_cidr)
+    # A million nets are read in bulk; value by value only where one is not a CIDR.
+    read = read_cidrs(r.get("nets"))
+    nets = r.str_list("nets", check_cidr) if read is None else read[0]
     domains = r.str_list("allowedEgressDomains", check_domain)
     r.done()
-    return GlobalNetworkSet(metadata=meta, nets=nets, allowed_egress_domains=domains)
+    return GlobalNetworkSet.read(meta, nets, domains, None if read is None else read[1])
 
 
 def _read_profile(r: Reader, meta: Metadata) -> Profile:

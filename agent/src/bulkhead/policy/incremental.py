@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from bulkhead.model import ENFORCE, GlobalNetworkSet, HostEndpoint, Snapshot
-from bulkhead.net import AddressSet, Span, merge, parse_spans
+from bulkhead.net import AddressSet, Span, merge
 from bulkhead.policy.failsafe import Failsafes
 from bulkhead.policy.plan import (
     Member,
@@ -65,8 +65,6 @@ class Calculator:
         self._interfaces: dict[str, list[str]] = {}
         self._labels: dict[str, Mapping[str, str]] = {}
         self._members: dict[Selector, dict[Member, Spans]] = {}
-        # A network set's nets as parsed, with the nets they were parsed from.
-        self._set_spans: dict[str, tuple[tuple[str, ...], Spans]] = {}
         # Per selector that moved once: every member span, sorted (duplicates kept), per
         # family, so the next change patches its set where it lands; and the changes of
         # the fold under way: (spans before, spans after) per member, None for none.
@@ -107,7 +105,7 @@ class Calculator:
     def reset(self) -> None:
         """Forget the kept plan: the next call calculates from scratch."""
         self.plan, self._snapshot = None, None
-        self._labels, self._members, self._set_spans = {}, {}, {}
+        self._labels, self._members = {}, {}
         self._sorted, self._deltas = {}, {}
 
     @property
@@ -117,7 +115,6 @@ class Calculator:
 
     # -- from scratch -----------------------------------------------------------------
     def _from_scratch(self, snapshot: Snapshot, interfaces: dict[str, list[str]]) -> None:
-        self._set_spans = {}
         self._sorted, self._deltas = {}, {}
         plan, labels, members = calculation(
             snapshot, self.node, interfaces, self.failsafes, default_mode=self.default_mode)
@@ -162,10 +159,9 @@ class Calculator:
             moved |= self._place(("hep", name), labels, spans)
         for name, netset in sets:
             if netset is None or not netset.nets:
-                self._set_spans.pop(name, None)
                 moved |= self._place(("ns", name), None, None)
                 continue
-            moved |= self._place(("ns", name), netset.labels, self._parsed(netset))
+            moved |= self._place(("ns", name), netset.labels, netset.spans())
         if moved:
             selector_sets = dict(plan.selector_sets)
             moved_from: dict[Selector, tuple[AddressSet, tuple[tuple[int, int, int], ...]]] = {}
@@ -207,14 +203,6 @@ class Calculator:
                 moved.add(sel)
                 self._deltas.setdefault(sel, []).append((had, None))
         return moved
-
-    def _parsed(self, netset: GlobalNetworkSet) -> Spans:
-        kept = self._set_spans.get(netset.name)
-        if kept is not None and kept[0] == netset.nets:
-            return kept[1]
-        spans = parse_spans(netset.nets)
-        self._set_spans[netset.name] = (netset.nets, spans)
-        return spans
 
 
 def _sorted_spans(members: Mapping[Member, Spans]) -> tuple[list[Span], list[Span]]:

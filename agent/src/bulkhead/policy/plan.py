@@ -24,7 +24,6 @@ from bulkhead.model import (
     INGRESS,
     EntityRule,
     GlobalNetworkPolicy,
-    GlobalNetworkSet,
     HostEndpoint,
     NamedPort,
     PortRange,
@@ -327,7 +326,7 @@ def _all_rules(plan: NodePlan) -> Iterable[RulePlan]:
 # Who puts addresses in a selector's set: ("hep", name) or ("ns", name) -> its IPv4 and
 # IPv6 spans (the endpoint's expectedIPs, the set's nets), as parsed.
 Member = tuple[str, str]
-Spans = tuple[tuple[Span, ...], tuple[Span, ...]]
+Spans = tuple[Sequence[Span], Sequence[Span]]
 
 
 def selectors_of(plan: NodePlan) -> set[Selector]:
@@ -341,11 +340,9 @@ def hep_spans(hep: HostEndpoint) -> Spans:
 
 
 def members_of(snapshot: Snapshot, labels: Mapping[str, Mapping[str, str]],
-               selectors: Iterable[Selector],
-               set_spans: Callable[[GlobalNetworkSet], Spans] | None = None
-               ) -> dict[Selector, dict[Member, Spans]]:
-    """Each selector's members and the spans each gives (every address parsed once;
-    `set_spans` gives a network set's spans, parsed anew if not given)."""
+               selectors: Iterable[Selector]) -> dict[Selector, dict[Member, Spans]]:
+    """Each selector's members and the spans each gives (an endpoint's addresses parsed
+    once; a network set's nets are read with it, `GlobalNetworkSet.spans`)."""
     members: dict[Selector, dict[Member, Spans]] = {s: {} for s in selectors}
     if not members:
         return members
@@ -361,7 +358,7 @@ def members_of(snapshot: Snapshot, labels: Mapping[str, Mapping[str, str]],
     for netset in snapshot.network_sets.values():
         matching = matching_of(netset.labels) if netset.nets else []
         if matching:
-            spans = set_spans(netset) if set_spans is not None else parse_spans(netset.nets)
+            spans = netset.spans()
             for sel in matching:
                 members[sel][("ns", netset.name)] = spans
     return members

@@ -72,8 +72,7 @@ from bulkhead.dataplane.nftables.ruleset import Chain, NftSet, Ruleset
 from bulkhead.dataplane.nftables.vmap import (
     Box,
     RunCompiler,
-    compile_run,
-    element_text,
+    compile_texts,
     field_expr,
     field_type,
     is_plain,
@@ -419,11 +418,7 @@ class _Renderer:
         verdict for everything (no element: the run matches nothing)."""
         if self.cache is not None:
             return self.cache.compiler(key).compile(boxes, family, verdicts, self.hints)
-        compiled = compile_run(boxes, family, verdicts)
-        if not compiled.fields:
-            return (), False, tuple(v for _, v in compiled.cells[:1])
-        return (compiled.fields, compiled.interval,
-                tuple(sorted(element_text(compiled, family))))
+        return compile_texts(boxes, family, verdicts)
 
     def log_chain(self, decision: Decision, verdict: str) -> str:
         """`goto` a chain that counts and logs the decision, then gives `verdict` (a
