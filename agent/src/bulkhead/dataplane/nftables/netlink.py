@@ -95,6 +95,7 @@ FIELD_BYTES = {"ipv4_addr": 4, "ipv6_addr": 16, "inet_proto": 1, "inet_service":
 # Element attributes of one NEWSETELEM/DELSETELEM message stay under this many bytes:
 # a netlink attribute's length is 16 bits.
 MESSAGE_BYTES = 60_000
+NLM_F_DUMP_INTR = 0x10   # a dump's answer: the ruleset changed while it was dumped
 
 
 class Unsupported(Exception):
@@ -349,9 +350,12 @@ class NftNetlink(NetlinkSocket):
         # Error answers carry only the failing message's header, not its 60 kB of elements.
         self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         self._receive_room = 0
+        self.interrupted = False
 
     def _receive(self) -> list[tuple[int, int, bytes]]:
-        """One datagram's messages as (type, seq, payload)."""
+        """One datagram's messages as (type, seq, payload). A message flagged
+        NLM_F_DUMP_INTR sets `interrupted`: the dump it belongs to met a change of the
+        ruleset while it ran, and may have skipped or repeated objects."""
         try:
             data = self.sock.recv(1 << 20)
         except OSError as e:
@@ -359,9 +363,11 @@ class NftNetlink(NetlinkSocket):
         out = []
         at = 0
         while at + 16 <= len(data):
-            length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, at)
+            length, kind, flags, seq, _pid = struct.unpack_from("=IHHII", data, at)
             if length < 16:
                 break
+            if flags & NLM_F_DUMP_INTR:
+                self.interrupted = True
             out.append((kind, seq, data[at + 16:at + length]))
             at += (length + 3) & ~3
         return out
@@ -436,14 +442,21 @@ class NftNetlink(NetlinkSocket):
 
     def dump(self, kind: int, body: bytes = b"") -> Iterable[bytes]:
         """The answers (nfgenmsg + attributes) to a dump request of `kind` (GETCHAIN...),
-        of every inet table; `body`: the request's attributes (GETSETELEM names a set)."""
+        of every inet table; `body`: the request's attributes (GETSETELEM names a set).
+        NetlinkError (EINTR) if the kernel flags the dump as interrupted: the ruleset
+        changed while it was read (by anyone, in any table), and an object may have been
+        skipped or sent twice."""
         seq = self._next_seq()
+        self.interrupted = False
         self._send(_message((NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST | NLM_F_DUMP,
                             seq, NFPROTO_INET, 0, body))
         while True:
             for got_kind, got, payload in self._receive():
                 if got != seq:
                     continue
+                if self.interrupted:
+                    raise NetlinkError("dump: the ruleset changed while it was read",
+                                       errno.EINTR)
                 if got_kind == NLMSG_DONE:
                     return
                 if got_kind == NLMSG_ERROR:
