@@ -131,7 +131,7 @@ def element_attrs(nft_set: NftSet) -> list[bytes]:
     A million elements cost seconds one by one in Python, so the texts are taken in
     runs that share everything but the address (the fields before it and the verdict):
     a sorted list holds each run together, found by bisection (an unsorted one is
-    encoded too, in shorter runs). A run's addresses are cut out of its joined text
+    sorted first). A run's addresses are cut out of its joined text
     with `str.replace`, packed by `inet_pton` (strict: four dotted decimals, or an IPv6
     text) and joined with the bytes that stand between two elements' addresses, all
     in C."""
@@ -146,6 +146,7 @@ def element_attrs(nft_set: NftSet) -> list[bytes]:
         else tuple(elements)
     pieces: list[bytes] = []
     i = 0
+    resorted = False
     while i < len(texts):
         key, sep, data = texts[i].partition(" : ")
         if bool(sep) != (nft_set.map_to is not None):
@@ -157,7 +158,14 @@ def element_attrs(nft_set: NftSet) -> list[bytes]:
         if prefix:
             end = max(i + 1, bisect.bisect_left(texts, prefix + "\U0010ffff", i))
             if ("\n" + "\n".join(texts[i:end])).count("\n" + prefix) != end - i:
-                # Not sorted after all (a caller's list): the run is what begins with
+                if not resorted:
+                    # Not sorted after all (a caller's list): what is left is sorted
+                    # once (a set has no order), so that every run is found by
+                    # bisection; trying each text's run as a slice up to where the
+                    # bisection of an unsorted list lands would cost quadratic time.
+                    texts, i, resorted = sorted(texts[i:]), 0, True
+                    continue
+                # Still not (a text with a line break): the run is what begins with
                 # the prefix from here on, found one by one.
                 end = i + 1
                 while end < len(texts) and texts[end].startswith(prefix):
