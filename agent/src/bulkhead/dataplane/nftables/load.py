@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import errno
 import re
 import socket
 import struct
@@ -41,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 
 from bulkhead.dataplane.nftables.netlink import (
+    DUMP_TRIES,
     FIELD_BYTES,
     MESSAGE_BYTES,
     NFT_MSG_GETCHAIN,
@@ -61,7 +63,7 @@ from bulkhead.dataplane.nftables.netlink import (
     _verdict,
 )
 from bulkhead.dataplane.nftables.ruleset import Chain, Elements, NftSet, Ruleset
-from bulkhead.netlink import NLA_F_NESTED, NLM_F_CREATE
+from bulkhead.netlink import NLA_F_NESTED, NLM_F_CREATE, NetlinkError
 from bulkhead.netlink import attr as _attr
 from bulkhead.netlink import nested as _nested
 from bulkhead.netlink import string as _string
@@ -458,7 +460,14 @@ def load(nl: NftNetlink, ruleset: Ruleset, nft: Sequence[str] = ("nft",),
             raise StagingError(f"nft could not run: {e}") from None
         if done.returncode != 0:
             raise StagingError(done.stderr.strip() or "nft -f of the staging table failed")
-        body = copied_table(nl, staged.table, ruleset.table, elements, policies)
+        for attempt in range(DUMP_TRIES):
+            try:
+                body = copied_table(nl, staged.table, ruleset.table, elements, policies)
+                break
+            except NetlinkError as e:
+                # A commit (anyone's, in any table) interrupted a dump: read it again.
+                if e.code != errno.EINTR or attempt == DUMP_TRIES - 1:
+                    raise
         del elements        # copied into the messages: a million elements are 40 MB
         parts = [(NFT_MSG_DELTABLE, 0, source), (NFT_MSG_NEWTABLE, NLM_F_CREATE, table),
                  (NFT_MSG_DELTABLE, 0, table), (NFT_MSG_NEWTABLE, NLM_F_CREATE, table), *body]
