@@ -26,8 +26,11 @@ from bulkhead.dataplane.nftables.load import (
     BIG_SET,
     NFT_MSG_NEWCHAIN,
     NFT_MSG_NEWRULE,
+    NFTA_CHAIN_NAME,
+    NFTA_CHAIN_POLICY,
     StagingError,
     _attributes,
+    _recreate,
     element_attrs,
     load,
     staging,
@@ -42,6 +45,8 @@ from bulkhead.dataplane.nftables.netlink import (
 from bulkhead.dataplane.nftables.render import FlowLogging
 from bulkhead.dataplane.nftables.ruleset import Elements
 from bulkhead.netlink import NetlinkError, NetlinkSocket
+from bulkhead.netlink import attr as _attr
+from bulkhead.netlink import string as _string
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 from tests.nftfixture import UNTRACKED_DB, base, gnp, hep, snap
@@ -468,3 +473,15 @@ def test_an_unsorted_list_is_encoded_in_whole_runs(monkeypatch: pytest.MonkeyPat
     assert sorted(got) == sorted(split(element_attrs(dataclasses.replace(
         unsorted, elements=tuple(sorted(texts))))))
     assert sorted(got) == sorted(_element_attr(e) for e in encode_set(unsorted))
+
+
+def test_a_base_chain_dumped_without_its_policy_is_not_copied() -> None:
+    """The policy is put in place of the dumped one: a dump without it (an odd kernel)
+    would have made a policy-drop chain accept."""
+    table, name = _string(1, "t_load"), _string(NFTA_CHAIN_NAME, "in")
+    policy = {NFTA_CHAIN_POLICY: _attr(NFTA_CHAIN_POLICY, struct.pack(">I", 0))}
+    dumped = bytes(4) + table + name + _attr(NFTA_CHAIN_POLICY, struct.pack(">I", 1))
+    copied = _recreate(NFT_MSG_NEWCHAIN, dumped, "t", policy)
+    assert copied == _string(1, "t") + name + policy[NFTA_CHAIN_POLICY]
+    with pytest.raises(Unsupported, match="missing"):
+        _recreate(NFT_MSG_NEWCHAIN, bytes(4) + table + name, "t", policy)

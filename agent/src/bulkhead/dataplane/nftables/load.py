@@ -315,17 +315,24 @@ def _table_name(payload: bytes) -> str | None:
 def _recreate(kind: int, payload: bytes, table: str,
               replace: dict[int, bytes] | None = None) -> bytes:
     """The body of a NEW* message that creates the dumped object `payload` again, in
-    `table`, with the attributes in `replace` (type -> attribute) instead of its own."""
+    `table`, with the attributes in `replace` (type -> attribute) instead of its own.
+    Unsupported if the object lacks one of those: a base chain dumped without its
+    policy would otherwise be made with the kernel's default, accept."""
     out = []
+    replaced = set()
     for attr, raw in _attributes(payload, 4):
         if attr == 1:                           # every object's table
             out.append(_string(1, table))
         elif replace and attr in replace:
             out.append(replace[attr])
+            replaced.add(attr)
         elif attr in KEPT[kind]:
             out.append(raw)
         elif attr not in SKIPPED[kind]:
             raise Unsupported(f"nf_tables message {kind}: attribute {attr} is not copied")
+    if replace and replaced != set(replace):
+        raise Unsupported(f"nf_tables message {kind}: attributes "
+                          f"{sorted(set(replace) - replaced)} missing from the dump")
     return b"".join(out)
 
 
