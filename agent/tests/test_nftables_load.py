@@ -454,6 +454,23 @@ def test_the_drift_fingerprint_reads_an_interrupted_dump_again() -> None:
         _fake_netlink(3).fingerprint("t")
 
 
+@root
+def test_an_odd_answer_the_reader_trips_on_falls_back_to_nft(
+        netns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer the copy cannot read (a short attribute: struct.error; a name that is
+    not UTF-8: UnicodeDecodeError) is a failed load like any other: nft -f loads the
+    table, the reason is reported, and no staging table stays."""
+    def odd(*args: object, **kwargs: object) -> list[tuple[int, int, bytes]]:
+        raise struct.error("unpack_from requires a buffer of at least 4 bytes")
+
+    monkeypatch.setattr(load_module, "copied_table", odd)
+    ruleset = render(calculate(snap(*big_store()), "n1", {}, Failsafes.off()))
+    result = NftApplier(netns=netns).apply(ruleset)
+    assert result.full and result.via == "nft"
+    assert "unpack_from requires" in result.fallback
+    assert NftApplier(netns=netns).diff(ruleset) == ""
+    assert "bulkhead_load" not in nft(netns, "list", "tables")
+
 
 def test_an_unsorted_list_is_encoded_in_whole_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """A caller's unsorted list is encoded as the sorted one, in as few runs: trying
