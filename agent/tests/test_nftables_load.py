@@ -492,6 +492,85 @@ def test_an_unsorted_list_is_encoded_in_whole_runs(monkeypatch: pytest.MonkeyPat
     assert sorted(got) == sorted(_element_attr(e) for e in encode_set(unsorted))
 
 
+UDP_SERVER = """
+import select, socket, sys
+socks = {}
+for port in (5001, 5002):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    s.bind(("198.18.7.2", port)); socks[s] = port
+counts = {5001: 0, 5002: 0}
+print("ready", flush=True)
+while True:
+    ready, _, _ = select.select(list(socks), [], [], 60)
+    if not ready:
+        break
+    for s in ready:
+        data = s.recv(64)
+        if data == b"stop":
+            print(counts[5001], counts[5002], flush=True)
+            sys.exit(0)
+        counts[socks[s]] += 1
+"""
+
+UDP_CLIENT = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rounds = int(sys.argv[1])
+for i in range(rounds):
+    s.sendto(b"x", ("198.18.7.2", 5001)); s.sendto(b"x", ("198.18.7.2", 5002))
+    time.sleep(0.001)
+time.sleep(0.2)
+s.sendto(b"stop", ("198.18.7.2", 5001))
+print(rounds, flush=True)
+"""
+
+
+def _guarded(extra: str) -> Ruleset:
+    """Input of 198.18.7.2: policy drop; UDP from 198.18.7.1 to 5001 accepted by a big
+    verdict map (2,000 elements, 5002 not in it); `extra` makes the structure differ."""
+    texts = sorted(["17 . 5001 . 198.18.7.1 : accept"]
+                   + [f"17 . {5002 + i % 2 * 1000} . 198.19.{i // 256}.{i % 256} : accept"
+                      for i in range(2000)])
+    return Ruleset("bulkhead", sets={"big": NftSet(
+        "big", "inet_proto . inet_service . ipv4_addr", elements=tuple(texts),
+        map_to="verdict")}, chains={"in": Chain(
+            "in", ("meta l4proto . th dport . ip saddr vmap @big", extra),
+            "type filter hook input priority filter; policy drop;")})
+
+
+@root
+def test_packets_see_the_old_policy_or_the_new_one_during_full_applies(
+        pair: tuple[str, str]) -> None:
+    """UDP to 5001 (accepted) and 5002 (dropped by the policy) while the table is loaded
+    over netlink again and again: every 5001 datagram arrives, no 5002 one does."""
+    client, server = pair
+    applier = NftApplier(netns=server)
+    variants = [_guarded("udp dport 5009 drop"), _guarded("udp dport 5010 drop")]
+    assert applier.apply(variants[0]).via == "netlink"
+    listener = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c",
+                                 UDP_SERVER], stdout=subprocess.PIPE, text=True)
+    sender = None
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+        sender = subprocess.Popen(["ip", "netns", "exec", client, sys.executable, "-c",
+                                   UDP_CLIENT, "4000"], stdout=subprocess.PIPE, text=True)
+        applies = 0
+        while sender.poll() is None and applies < 200:
+            result = applier.apply(variants[(applies + 1) % 2])
+            assert result.full and result.via == "netlink", result.fallback
+            applies += 1
+        out, _ = sender.communicate(timeout=30)
+        got, _ = listener.communicate(timeout=30)
+    finally:
+        for process in (sender, listener):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    assert applies >= 5
+    assert got.split() == [out.strip(), "0"]
+
+
 def test_a_base_chain_dumped_without_its_policy_is_not_copied() -> None:
     """The policy is put in place of the dumped one: a dump without it (an odd kernel)
     would have made a policy-drop chain accept."""
