@@ -26,8 +26,11 @@ from bulkhead.dataplane.nftables.load import (
     BIG_SET,
     NFT_MSG_NEWCHAIN,
     NFT_MSG_NEWRULE,
+    NFTA_CHAIN_NAME,
+    NFTA_CHAIN_POLICY,
     StagingError,
     _attributes,
+    _recreate,
     element_attrs,
     load,
     staging,
@@ -41,7 +44,9 @@ from bulkhead.dataplane.nftables.netlink import (
 )
 from bulkhead.dataplane.nftables.render import FlowLogging
 from bulkhead.dataplane.nftables.ruleset import Elements
-from bulkhead.netlink import NetlinkError
+from bulkhead.netlink import NetlinkError, NetlinkSocket
+from bulkhead.netlink import attr as _attr
+from bulkhead.netlink import string as _string
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 from tests.nftfixture import UNTRACKED_DB, base, gnp, hep, snap
@@ -388,3 +393,191 @@ def test_a_staging_table_left_behind_goes_with_the_next_full_apply(netns: str) -
     nft(netns, "-f", "-", script=leftover)
     applier.remove()
     assert nft(netns, "list", "tables").strip() == ""
+
+
+# ----------------------------------------------------------------------- odd answers
+class _Answers:
+    """A netlink socket that answers each dump request with one chain of table t, in a
+    datagram of its own, then NLMSG_DONE; the first `interrupted` dumps flagged
+    NLM_F_DUMP_INTR."""
+
+    def __init__(self, interrupted: int) -> None:
+        self.interrupted = interrupted
+        self.queue: list[bytes] = []
+
+    def setsockopt(self, *args: object) -> None:
+        pass
+
+    def send(self, data: bytes) -> int:
+        seq = struct.unpack_from("=I", data, 8)[0]
+        flags = 0x2 | (0x10 if self.interrupted > 0 else 0)
+        self.interrupted -= 1
+        body = bytes(4) + struct.pack("=HH", 6, 1) + b"t\0\0\0"
+        self.queue.append(struct.pack("=IHHII", 16 + len(body), (10 << 8) | 3, flags, seq, 0)
+                          + body)
+        self.queue.append(struct.pack("=IHHII", 20, 3, flags, seq, 0) + bytes(4))
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        return self.queue.pop(0)
+
+    def close(self) -> None:
+        pass
+
+
+def _fake_netlink(interrupted: int) -> NftNetlink:
+    nl = NftNetlink.__new__(NftNetlink)
+    NetlinkSocket.__init__(nl)
+    nl.sock = _Answers(interrupted)  # type: ignore[assignment]
+    nl._receive_room = 0
+    nl.interrupted = False
+    return nl
+
+
+def test_a_dump_the_kernel_flags_as_interrupted_is_refused() -> None:
+    # A dump that met a change of the ruleset (NLM_F_DUMP_INTR) may miss a rule: the
+    # copy of the staging table would then enforce less than the script says.
+    assert len(list(_fake_netlink(0).dump(3))) == 1
+    nl = _fake_netlink(1)
+    with pytest.raises(NetlinkError, match="changed while it was read"):
+        list(nl.dump(3))
+    assert nl.sock.queue == []          # read to its end: nothing left for the next request
+    assert len(list(nl.dump(3))) == 1
+
+
+def test_the_drift_fingerprint_reads_an_interrupted_dump_again() -> None:
+    # The DNS writer commits every second: an interrupted dump is not drift.
+    expected = _fake_netlink(0).fingerprint("t")
+    assert expected is not None
+    assert _fake_netlink(2).fingerprint("t") == expected
+    with pytest.raises(NetlinkError):
+        _fake_netlink(3).fingerprint("t")
+
+
+@root
+def test_an_odd_answer_the_reader_trips_on_falls_back_to_nft(
+        netns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer the copy cannot read (a short attribute: struct.error; a name that is
+    not UTF-8: UnicodeDecodeError) is a failed load like any other: nft -f loads the
+    table, the reason is reported, and no staging table stays."""
+    def odd(*args: object, **kwargs: object) -> list[tuple[int, int, bytes]]:
+        raise struct.error("unpack_from requires a buffer of at least 4 bytes")
+
+    monkeypatch.setattr(load_module, "copied_table", odd)
+    ruleset = render(calculate(snap(*big_store()), "n1", {}, Failsafes.off()))
+    result = NftApplier(netns=netns).apply(ruleset)
+    assert result.full and result.via == "nft"
+    assert "unpack_from requires" in result.fallback
+    assert NftApplier(netns=netns).diff(ruleset) == ""
+    assert "bulkhead_load" not in nft(netns, "list", "tables")
+
+
+def test_an_unsorted_list_is_encoded_in_whole_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller's unsorted list is encoded as the sorted one, in as few runs: trying
+    each text's run up to where bisection lands in an unsorted list took quadratic
+    time (seconds for 8,000 elements)."""
+    texts = [f"6 . {(80, 443)[i % 2]} . 198.18.{i // 256 % 256}.{i % 256} : "
+             f"{('accept', 'drop')[i // 3 % 2]}" for i in range(4000)]
+    random.Random(5).shuffle(texts)
+    unsorted = NftSet("m", "inet_proto . inet_service . ipv4_addr", elements=tuple(texts),
+                      map_to="verdict")
+    runs = []
+    real = load_module._by_verdict
+    monkeypatch.setattr(load_module, "_by_verdict",
+                        lambda run, *a: runs.append(len(run)) or real(run, *a))
+    got = split(element_attrs(unsorted))
+    assert runs == [2000, 2000]
+    assert sorted(got) == sorted(split(element_attrs(dataclasses.replace(
+        unsorted, elements=tuple(sorted(texts))))))
+    assert sorted(got) == sorted(_element_attr(e) for e in encode_set(unsorted))
+
+
+UDP_SERVER = """
+import select, socket, sys
+socks = {}
+for port in (5001, 5002):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    s.bind(("198.18.7.2", port)); socks[s] = port
+counts = {5001: 0, 5002: 0}
+print("ready", flush=True)
+while True:
+    ready, _, _ = select.select(list(socks), [], [], 60)
+    if not ready:
+        break
+    for s in ready:
+        data = s.recv(64)
+        if data == b"stop":
+            print(counts[5001], counts[5002], flush=True)
+            sys.exit(0)
+        counts[socks[s]] += 1
+"""
+
+UDP_CLIENT = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rounds = int(sys.argv[1])
+for i in range(rounds):
+    s.sendto(b"x", ("198.18.7.2", 5001)); s.sendto(b"x", ("198.18.7.2", 5002))
+    time.sleep(0.001)
+time.sleep(0.2)
+s.sendto(b"stop", ("198.18.7.2", 5001))
+print(rounds, flush=True)
+"""
+
+
+def _guarded(extra: str) -> Ruleset:
+    """Input of 198.18.7.2: policy drop; UDP from 198.18.7.1 to 5001 accepted by a big
+    verdict map (2,000 elements, 5002 not in it); `extra` makes the structure differ."""
+    texts = sorted(["17 . 5001 . 198.18.7.1 : accept"]
+                   + [f"17 . {5002 + i % 2 * 1000} . 198.19.{i // 256}.{i % 256} : accept"
+                      for i in range(2000)])
+    return Ruleset("bulkhead", sets={"big": NftSet(
+        "big", "inet_proto . inet_service . ipv4_addr", elements=tuple(texts),
+        map_to="verdict")}, chains={"in": Chain(
+            "in", ("meta l4proto . th dport . ip saddr vmap @big", extra),
+            "type filter hook input priority filter; policy drop;")})
+
+
+@root
+def test_packets_see_the_old_policy_or_the_new_one_during_full_applies(
+        pair: tuple[str, str]) -> None:
+    """UDP to 5001 (accepted) and 5002 (dropped by the policy) while the table is loaded
+    over netlink again and again: every 5001 datagram arrives, no 5002 one does."""
+    client, server = pair
+    applier = NftApplier(netns=server)
+    variants = [_guarded("udp dport 5009 drop"), _guarded("udp dport 5010 drop")]
+    assert applier.apply(variants[0]).via == "netlink"
+    listener = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c",
+                                 UDP_SERVER], stdout=subprocess.PIPE, text=True)
+    sender = None
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+        sender = subprocess.Popen(["ip", "netns", "exec", client, sys.executable, "-c",
+                                   UDP_CLIENT, "4000"], stdout=subprocess.PIPE, text=True)
+        applies = 0
+        while sender.poll() is None and applies < 200:
+            result = applier.apply(variants[(applies + 1) % 2])
+            assert result.full and result.via == "netlink", result.fallback
+            applies += 1
+        out, _ = sender.communicate(timeout=30)
+        got, _ = listener.communicate(timeout=30)
+    finally:
+        for process in (sender, listener):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    assert applies >= 5
+    assert got.split() == [out.strip(), "0"]
+
+
+def test_a_base_chain_dumped_without_its_policy_is_not_copied() -> None:
+    """The policy is put in place of the dumped one: a dump without it (an odd kernel)
+    would have made a policy-drop chain accept."""
+    table, name = _string(1, "t_load"), _string(NFTA_CHAIN_NAME, "in")
+    policy = {NFTA_CHAIN_POLICY: _attr(NFTA_CHAIN_POLICY, struct.pack(">I", 0))}
+    dumped = bytes(4) + table + name + _attr(NFTA_CHAIN_POLICY, struct.pack(">I", 1))
+    copied = _recreate(NFT_MSG_NEWCHAIN, dumped, "t", policy)
+    assert copied == _string(1, "t") + name + policy[NFTA_CHAIN_POLICY]
+    with pytest.raises(Unsupported, match="missing"):
+        _recreate(NFT_MSG_NEWCHAIN, bytes(4) + table + name, "t", policy)

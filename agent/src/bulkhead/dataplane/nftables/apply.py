@@ -139,10 +139,15 @@ class NftApplier:
                 with self._socket() as nl:
                     load(nl, ruleset, self.argv, self.load_min)
                 via = "netlink"
-            except (Unsupported, NetlinkError, StagingError) as e:
-                # Nothing of the batch was applied (one transaction): the whole script
-                # goes through nft, as without netlink.
-                self._fallback = f"netlink load: {e}"
+            except Exception as e:   # Unsupported, NetlinkError, StagingError,
+                # and what an odd kernel answer makes the reader raise (struct.error,
+                # UnicodeDecodeError): none may stop the table from being loaded. Nothing
+                # of the batch was applied (one transaction), or all of it (the answers
+                # were lost): either way the whole script goes through nft, as without
+                # netlink.
+                self._fallback = f"netlink load: {type(e).__name__}: {e}" \
+                    if not isinstance(e, (Unsupported, NetlinkError, StagingError)) \
+                    else f"netlink load: {e}"
         if via == "nft":
             # A staging table left by an agent killed mid-load goes in the same
             # transaction (it enforces nothing, but should not stay).

@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import errno
 import re
 import socket
 import struct
@@ -41,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 
 from bulkhead.dataplane.nftables.netlink import (
+    DUMP_TRIES,
     FIELD_BYTES,
     MESSAGE_BYTES,
     NFT_MSG_GETCHAIN,
@@ -61,7 +63,7 @@ from bulkhead.dataplane.nftables.netlink import (
     _verdict,
 )
 from bulkhead.dataplane.nftables.ruleset import Chain, Elements, NftSet, Ruleset
-from bulkhead.netlink import NLA_F_NESTED, NLM_F_CREATE
+from bulkhead.netlink import NLA_F_NESTED, NLM_F_CREATE, NetlinkError
 from bulkhead.netlink import attr as _attr
 from bulkhead.netlink import nested as _nested
 from bulkhead.netlink import string as _string
@@ -131,7 +133,7 @@ def element_attrs(nft_set: NftSet) -> list[bytes]:
     A million elements cost seconds one by one in Python, so the texts are taken in
     runs that share everything but the address (the fields before it and the verdict):
     a sorted list holds each run together, found by bisection (an unsorted one is
-    encoded too, in shorter runs). A run's addresses are cut out of its joined text
+    sorted first). A run's addresses are cut out of its joined text
     with `str.replace`, packed by `inet_pton` (strict: four dotted decimals, or an IPv6
     text) and joined with the bytes that stand between two elements' addresses, all
     in C."""
@@ -146,6 +148,7 @@ def element_attrs(nft_set: NftSet) -> list[bytes]:
         else tuple(elements)
     pieces: list[bytes] = []
     i = 0
+    resorted = False
     while i < len(texts):
         key, sep, data = texts[i].partition(" : ")
         if bool(sep) != (nft_set.map_to is not None):
@@ -157,7 +160,14 @@ def element_attrs(nft_set: NftSet) -> list[bytes]:
         if prefix:
             end = max(i + 1, bisect.bisect_left(texts, prefix + "\U0010ffff", i))
             if ("\n" + "\n".join(texts[i:end])).count("\n" + prefix) != end - i:
-                # Not sorted after all (a caller's list): the run is what begins with
+                if not resorted:
+                    # Not sorted after all (a caller's list): what is left is sorted
+                    # once (a set has no order), so that every run is found by
+                    # bisection; trying each text's run as a slice up to where the
+                    # bisection of an unsorted list lands would cost quadratic time.
+                    texts, i, resorted = sorted(texts[i:]), 0, True
+                    continue
+                # Still not (a text with a line break): the run is what begins with
                 # the prefix from here on, found one by one.
                 end = i + 1
                 while end < len(texts) and texts[end].startswith(prefix):
@@ -305,17 +315,24 @@ def _table_name(payload: bytes) -> str | None:
 def _recreate(kind: int, payload: bytes, table: str,
               replace: dict[int, bytes] | None = None) -> bytes:
     """The body of a NEW* message that creates the dumped object `payload` again, in
-    `table`, with the attributes in `replace` (type -> attribute) instead of its own."""
+    `table`, with the attributes in `replace` (type -> attribute) instead of its own.
+    Unsupported if the object lacks one of those: a base chain dumped without its
+    policy would otherwise be made with the kernel's default, accept."""
     out = []
+    replaced = set()
     for attr, raw in _attributes(payload, 4):
         if attr == 1:                           # every object's table
             out.append(_string(1, table))
         elif replace and attr in replace:
             out.append(replace[attr])
+            replaced.add(attr)
         elif attr in KEPT[kind]:
             out.append(raw)
         elif attr not in SKIPPED[kind]:
             raise Unsupported(f"nf_tables message {kind}: attribute {attr} is not copied")
+    if replace and replaced != set(replace):
+        raise Unsupported(f"nf_tables message {kind}: attributes "
+                          f"{sorted(set(replace) - replaced)} missing from the dump")
     return b"".join(out)
 
 
@@ -450,7 +467,14 @@ def load(nl: NftNetlink, ruleset: Ruleset, nft: Sequence[str] = ("nft",),
             raise StagingError(f"nft could not run: {e}") from None
         if done.returncode != 0:
             raise StagingError(done.stderr.strip() or "nft -f of the staging table failed")
-        body = copied_table(nl, staged.table, ruleset.table, elements, policies)
+        for attempt in range(DUMP_TRIES):
+            try:
+                body = copied_table(nl, staged.table, ruleset.table, elements, policies)
+                break
+            except NetlinkError as e:
+                # A commit (anyone's, in any table) interrupted a dump: read it again.
+                if e.code != errno.EINTR or attempt == DUMP_TRIES - 1:
+                    raise
         del elements        # copied into the messages: a million elements are 40 MB
         parts = [(NFT_MSG_DELTABLE, 0, source), (NFT_MSG_NEWTABLE, NLM_F_CREATE, table),
                  (NFT_MSG_DELTABLE, 0, table), (NFT_MSG_NEWTABLE, NLM_F_CREATE, table), *body]

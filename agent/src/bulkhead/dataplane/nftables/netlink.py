@@ -95,6 +95,8 @@ FIELD_BYTES = {"ipv4_addr": 4, "ipv6_addr": 16, "inet_proto": 1, "inet_service":
 # Element attributes of one NEWSETELEM/DELSETELEM message stay under this many bytes:
 # a netlink attribute's length is 16 bits.
 MESSAGE_BYTES = 60_000
+NLM_F_DUMP_INTR = 0x10   # a dump's answer: the ruleset changed while it was dumped
+DUMP_TRIES = 3           # reads of an interrupted dump (or dumps) before giving up
 
 
 class Unsupported(Exception):
@@ -349,9 +351,12 @@ class NftNetlink(NetlinkSocket):
         # Error answers carry only the failing message's header, not its 60 kB of elements.
         self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         self._receive_room = 0
+        self.interrupted = False
 
     def _receive(self) -> list[tuple[int, int, bytes]]:
-        """One datagram's messages as (type, seq, payload)."""
+        """One datagram's messages as (type, seq, payload). A message flagged
+        NLM_F_DUMP_INTR sets `interrupted`: the dump it belongs to met a change of the
+        ruleset while it ran, and may have skipped or repeated objects."""
         try:
             data = self.sock.recv(1 << 20)
         except OSError as e:
@@ -359,9 +364,11 @@ class NftNetlink(NetlinkSocket):
         out = []
         at = 0
         while at + 16 <= len(data):
-            length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, at)
+            length, kind, flags, seq, _pid = struct.unpack_from("=IHHII", data, at)
             if length < 16:
                 break
+            if flags & NLM_F_DUMP_INTR:
+                self.interrupted = True
             out.append((kind, seq, data[at + 16:at + length]))
             at += (length + 3) & ~3
         return out
@@ -413,7 +420,18 @@ class NftNetlink(NetlinkSocket):
     def fingerprint(self, table: str) -> str | None:
         """A digest of `inet <table>`'s chains, rules and set declarations, without set
         elements (None when the table is missing). `nft -t list table` still reads every
-        element, seconds with 100,000 of them; these dumps carry none."""
+        element, seconds with 100,000 of them; these dumps carry none. A dump that a
+        commit interrupted (the DNS writer's, every second) is read again, up to
+        DUMP_TRIES times in all."""
+        for attempt in range(DUMP_TRIES):
+            try:
+                return self._fingerprint(table)
+            except NetlinkError as e:
+                if e.code != errno.EINTR or attempt == DUMP_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _fingerprint(self, table: str) -> str | None:
         digest = hashlib.sha256()
         found = False
         for kind in (NFT_MSG_GETCHAIN, NFT_MSG_GETSET, NFT_MSG_GETRULE):
@@ -436,8 +454,12 @@ class NftNetlink(NetlinkSocket):
 
     def dump(self, kind: int, body: bytes = b"") -> Iterable[bytes]:
         """The answers (nfgenmsg + attributes) to a dump request of `kind` (GETCHAIN...),
-        of every inet table; `body`: the request's attributes (GETSETELEM names a set)."""
+        of every inet table; `body`: the request's attributes (GETSETELEM names a set).
+        NetlinkError (EINTR), once the dump is read to its end, if the kernel flagged it
+        as interrupted: the ruleset changed while it was read (any commit, in any table,
+        even of elements only), and an object may have been skipped or sent twice."""
         seq = self._next_seq()
+        self.interrupted = False
         self._send(_message((NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST | NLM_F_DUMP,
                             seq, NFPROTO_INET, 0, body))
         while True:
@@ -445,6 +467,10 @@ class NftNetlink(NetlinkSocket):
                 if got != seq:
                     continue
                 if got_kind == NLMSG_DONE:
+                    # Read to its end first: nothing of the dump is left on the socket.
+                    if self.interrupted:
+                        raise NetlinkError("dump: the ruleset changed while it was read",
+                                           errno.EINTR)
                     return
                 if got_kind == NLMSG_ERROR:
                     code = -struct.unpack_from("=i", payload)[0]
