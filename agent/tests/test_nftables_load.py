@@ -527,23 +527,35 @@ print(rounds, flush=True)
 
 
 def _guarded(extra: str) -> Ruleset:
-    """Input of 198.18.7.2: policy drop; UDP from 198.18.7.1 to 5001 accepted by a big
-    verdict map (2,000 elements, 5002 not in it); `extra` makes the structure differ."""
+    """Input of 198.18.7.2: UDP from 198.18.7.1 to 5001 accepted by a big verdict map
+    (2,000 elements, 5002 not in it), everything else dropped by the chain's last rule;
+    `extra` makes the structure differ. As the renderer's base chains: policy accept and
+    the drops explicit. (A base chain with policy drop is not safe to replace with its
+    table in one transaction: the kernel gives a new base chain policy accept until the
+    commit sets its policy, and the old chain, its rules gone at the generation flip,
+    stays on the hook a moment longer; replaced again and again here, such a chain let
+    a datagram to 5002 through and dropped one to 5001, through nft -f as through
+    netlink. docs/dataplane.md.)"""
     texts = sorted(["17 . 5001 . 198.18.7.1 : accept"]
                    + [f"17 . {5002 + i % 2 * 1000} . 198.19.{i // 256}.{i % 256} : accept"
                       for i in range(2000)])
     return Ruleset("bulkhead", sets={"big": NftSet(
         "big", "inet_proto . inet_service . ipv4_addr", elements=tuple(texts),
         map_to="verdict")}, chains={"in": Chain(
-            "in", ("meta l4proto . th dport . ip saddr vmap @big", extra),
-            "type filter hook input priority filter; policy drop;")})
+            "in", ("meta l4proto . th dport . ip saddr vmap @big", extra, "drop"),
+            "type filter hook input priority filter; policy accept;")})
 
 
 @root
 def test_packets_see_the_old_policy_or_the_new_one_during_full_applies(
         pair: tuple[str, str]) -> None:
     """UDP to 5001 (accepted) and 5002 (dropped by the policy) while the table is loaded
-    over netlink again and again: every 5001 datagram arrives, no 5002 one does."""
+    over netlink again and again: no 5002 datagram arrives, ever. A few 5001 ones may
+    not: a packet that began the old chain before the transaction's generation flip and
+    looks the map up after it finds the old map's elements gone (deleted in the same
+    transaction) and meets the chain's last rule, drop (the same with nft -f; a few in
+    4,000 datagrams over about 200 replaces here). docs/dataplane.md, "A whole table
+    over netlink"."""
     client, server = pair
     applier = NftApplier(netns=server)
     variants = [_guarded("udp dport 5009 drop"), _guarded("udp dport 5010 drop")]
@@ -568,7 +580,9 @@ def test_packets_see_the_old_policy_or_the_new_one_during_full_applies(
                 process.kill()
                 process.wait()
     assert applies >= 5
-    assert got.split() == [out.strip(), "0"]
+    accepted, dropped = map(int, got.split())
+    assert dropped == 0                                   # never let through
+    assert int(out) * 0.98 <= accepted <= int(out)        # lost only in the window
 
 
 def test_a_base_chain_dumped_without_its_policy_is_not_copied() -> None:
