@@ -26,6 +26,9 @@ class FirewallRule:
     icmp_types: tuple[str, ...] = ()   # "8", "8:0"
     interface_alias: str | None = None  # None: every interface
     description: str = ""              # the rules it comes from
+    # Shown in the Windows Firewall console; the agent sets the compiler's name here
+    # when it renames the rule for a generation (bulkhead.dataplane.windows.powershell).
+    display_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
