@@ -65,6 +65,7 @@ MAX_TEXT = 4_096
 # Names per Remove-NetFirewallRule command (keeps lines of a bounded length).
 REMOVE_CHUNK = 200
 APPLIED_MARK = "bulkhead-applied"
+ADDED_MARK = "bulkhead-added"
 
 PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 1: "ICMPv4", 58: "ICMPv6"}
 PROTOCOL_NUMBERS = {v.upper(): k for k, v in PROTOCOL_NAMES.items()}
@@ -72,7 +73,6 @@ PORT_PROTOCOLS = (6, 17)
 ICMP_PROTOCOLS = (1, 58)
 # PowerShell reads these as single quotes too (about_Quoting_Rules): refused, not escaped.
 TYPOGRAPHIC_QUOTES = "\u2018\u2019\u201a\u201b"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _GENERATION_NAME = re.compile(rf"^{GROUP}-(\d+)-(\d+)$")
 _PORT = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
 _ICMP = re.compile(r"^(\d{1,3})(?::(\d{1,3}))?$")
@@ -176,9 +176,9 @@ def canonical(rule: FirewallRule) -> FirewallRule:
         except ValueError as e:
             raise RenderError(f"firewall rule {rule.name}: {what}: {e}") from None
 
-    if not _NAME.match(rule.name):
-        raise RenderError(f"firewall rule {rule.name!r}: name: letters, digits, '.', '_' "
-                          "and '-' only, 1-255 characters")
+    if not 1 <= len(rule.name) <= 255 or refused_character(rule.name) is not None:
+        raise RenderError(f"firewall rule {rule.name!r}: name: 1-255 characters, none of "
+                          "them a control character or a typographic quote")
     if rule.direction not in (INBOUND, OUTBOUND):
         raise RenderError(f"firewall rule {rule.name}: direction: {rule.direction!r} is not "
                           f"{INBOUND} or {OUTBOUND}")
@@ -283,7 +283,10 @@ def apply_script(rules: Sequence[FirewallRule], generation: int,
     (the rules are renamed by `number`); `old`: the group's rules now (as listed), all
     removed after the new ones are in. `profiles`: the profiles whose defaults are set
     (`profile_command`) after the new rules are in; None leaves the profiles alone. The
-    script's last output line is `bulkhead-applied <generation>`."""
+    script prints `bulkhead-added <generation>` once the new rules are all in, and
+    `bulkhead-applied <generation>` at its end."""
+    for rule in rules:
+        canonical(rule)          # errors name the compiler's rule, before renaming
     new = number(rules, generation)
     new_names = {r.name for r in new}
     clash = sorted(r.name for r in old if r.name in new_names)
@@ -301,6 +304,7 @@ def apply_script(rules: Sequence[FirewallRule], generation: int,
     lines += ["} catch {"]
     lines += _remove_commands([r.name for r in new], "    ", quiet=True)
     lines += ["    throw", "}", ""]
+    lines.append("Write-Output " + quote(f"{ADDED_MARK} {generation}"))
     old_allows = [r.name for r in old if r.action != BLOCK]
     old_blocks = [r.name for r in old if r.action == BLOCK]
     lines += _remove_commands(old_allows) + _remove_commands(old_blocks)
@@ -313,6 +317,12 @@ def apply_script(rules: Sequence[FirewallRule], generation: int,
 def applied(stdout: str, generation: int) -> bool:
     """Whether an apply script's output says it ran to its end."""
     return f"{APPLIED_MARK} {generation}" in stdout.splitlines()
+
+
+def added(stdout: str, generation: int) -> bool:
+    """Whether an apply script's output says the new generation is all in (the old
+    one's removal may still have failed)."""
+    return f"{ADDED_MARK} {generation}" in stdout.splitlines()
 
 
 def list_script(profiles: Sequence[str] = PROFILES) -> str:

@@ -1,0 +1,280 @@
+"""The Windows enforcer: calculate the node's plan, compile it to Windows Firewall rules,
+apply them as one generation through PowerShell, and list the group back for drift.
+
+The stages stay apart as on Linux: `bulkhead.policy.plan` calculates, a compile function
+(by default `dataplane.windows.flatten` then `dataplane.windows.firewall`) turns the plan
+into rules, `dataplane.windows.powershell` writes the scripts, and a runner, the only
+part that touches Windows, runs them (`PowerShellRunner`: powershell.exe with the script
+on standard input). Tests give a fake runner (tests/netsecurityfake.py).
+
+A generation (`bulkhead-<gen>-<n>`) is added, then every other rule of the group
+removed; a script that fails while adding removes what it added, so an EnforceError
+leaves the previous generation enforced (powershell.py: the order and the transient).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from bulkhead.agent.enforcer import EnforceError, EnforceReport
+from bulkhead.dataplane.windows import powershell
+from bulkhead.dataplane.windows.flat import Unsupported
+from bulkhead.dataplane.windows.powershell import (
+    PROFILES,
+    Listing,
+    ListingError,
+    RenderError,
+    content,
+)
+from bulkhead.dataplane.windows.rules import FirewallRule
+from bulkhead.model import EGRESS, ENFORCE, INGRESS, Snapshot
+from bulkhead.policy import Failsafes
+from bulkhead.policy.plan import NodePlan, calculate
+
+Runner = Callable[[str], str]                  # a script in, its standard output back
+Compile = Callable[[NodePlan], list[FirewallRule]]
+Interfaces = Mapping[str, Sequence[str]]
+
+RUN_TIMEOUT = 300.0     # seconds for one script (thousands of New-NetFirewallRule calls)
+MAX_OUTPUT = 64 << 20   # bytes of a listing kept
+
+
+class RunnerError(Exception):
+    """The script did not run to its end: PowerShell failed, timed out or is missing.
+    `stdout`: what it printed before (the apply's marks tell how far it got)."""
+
+    def __init__(self, message: str, stdout: str = "") -> None:
+        super().__init__(message)
+        self.stdout = stdout
+
+
+class PowerShellRunner:
+    """Runs a script with Windows PowerShell: `powershell.exe -NoProfile -NonInteractive
+    -Command -`, the script on standard input (no length limit, nothing written to
+    disk). In that mode PowerShell reads statement by statement, and a statement that
+    spans lines (the apply's try/catch) must be followed by an empty line, which the
+    scripts have. Not run here: there is no Windows host."""
+
+    def __init__(self, command: Sequence[str] = ("powershell.exe", "-NoProfile",
+                                                 "-NonInteractive", "-Command", "-"),
+                 timeout: float = RUN_TIMEOUT) -> None:
+        self.command = list(command)
+        self.timeout = timeout
+
+    def __call__(self, script: str) -> str:
+        try:
+            done = subprocess.run(self.command, input=script, capture_output=True,
+                                  text=True, timeout=self.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise RunnerError(f"PowerShell did not finish in {self.timeout:g} s") from None
+        except OSError as e:
+            raise RunnerError(f"cannot run {self.command[0]}: {e}") from None
+        if done.returncode != 0 or done.stderr.strip():
+            tail = (done.stderr.strip() or done.stdout.strip())[-2000:]
+            raise RunnerError(f"PowerShell exited with {done.returncode}: {tail}", done.stdout)
+        if len(done.stdout) > MAX_OUTPUT:
+            raise RunnerError(f"PowerShell printed more than {MAX_OUTPUT} bytes")
+        return done.stdout
+
+
+def compile_plan(plan: NodePlan) -> list[FirewallRule]:
+    """The node's rules: each endpoint's flattened policy per direction, compiled for
+    each of its interfaces (one rule set for all of them when it has `*`)."""
+    # Imported by name: the compilers are written beside this module (issue 24) and are
+    # looked up only when the agent runs on Windows.
+    flatten = importlib.import_module("bulkhead.dataplane.windows.flatten")
+    firewall = importlib.import_module("bulkhead.dataplane.windows.firewall")
+    rules: list[FirewallRule] = []
+    for endpoint in plan.endpoints:
+        aliases: list[str | None] = [None] if "*" in endpoint.interfaces \
+            else list(endpoint.interfaces)
+        for direction in (INGRESS, EGRESS):
+            flat = flatten.flatten(plan, endpoint, direction)
+            for alias in aliases:
+                name = f"{endpoint.name}-{direction.lower()}" + (f"-{alias}" if alias else "")
+                rules += firewall.compile(flat, direction, name, interface_alias=alias)
+    return rules
+
+
+def local_interfaces() -> dict[str, list[str]]:
+    """No interface lookup yet: endpoints name theirs (`interfaceName`) or use `*`."""
+    return {}
+
+
+class WindowsFirewallEnforcer:
+    def __init__(self, node: str, failsafes: Failsafes, runner: Runner | None = None,
+                 compile: Compile | None = None,
+                 interfaces: Callable[[], Interfaces] | None = None,
+                 profiles: Sequence[str] = PROFILES, default_mode: str = ENFORCE) -> None:
+        self.node = node
+        self.failsafes = failsafes
+        self.runner: Runner = runner or PowerShellRunner()
+        self.compile: Compile = compile or compile_plan
+        self.interfaces = interfaces or local_interfaces
+        self.profiles = tuple(profiles)
+        self.default_mode = default_mode
+        self.revision = 0
+        self.generation = 0                      # the last one applied by this process
+        self.applied: list[FirewallRule] | None = None   # its rules, named
+        self._wanted: list[FirewallRule] | None = None   # what they were made from
+
+    # ---------------------------------------------------------------- the stages
+    def rules(self, snapshot: Snapshot) -> list[FirewallRule]:
+        """The node's rules for `snapshot` (named by the compiler, not yet numbered)."""
+        plan = calculate(snapshot, self.node, self.interfaces(), self.failsafes,
+                         default_mode=self.default_mode)
+        try:
+            rules = self.compile(plan)
+            for rule in rules:
+                powershell.canonical(rule)
+        except Unsupported as e:
+            raise EnforceError(f"not enforceable by Windows Firewall: {e}") from None
+        except RenderError as e:
+            raise EnforceError(f"cannot write the rules as PowerShell: {e}") from None
+        return rules
+
+    def _run(self, script: str, what: str) -> str:
+        try:
+            return self.runner(script)
+        except RunnerError as e:
+            raise EnforceError(f"{what}: {e}") from None
+
+    def listing(self) -> Listing:
+        """The group `bulkhead` as Windows holds it now."""
+        out = self._run(powershell.list_script(self.profiles), "listing the firewall rules")
+        try:
+            return powershell.parse_listing(out)
+        except ListingError as e:
+            raise EnforceError(f"listing the firewall rules: {e}") from None
+
+    def _apply(self, wanted: list[FirewallRule], revision: int) -> EnforceReport:
+        start = time.perf_counter()
+        listed = self.listing()
+        current = self._current(listed)
+        if current is not None and self._problems(listed, current, wanted) == []:
+            # Already enforced (by this process, or by one before a restart): adopted.
+            self.generation, self.revision = max(listed.generations()), revision
+            self._wanted, self.applied = wanted, list(current)
+            return self._report(revision, False, start, wanted)
+        generation = max([self.generation, *listed.generations()]) + 1
+        try:
+            script = powershell.apply_script(wanted, generation, listed.rules, self.profiles)
+        except RenderError as e:
+            raise EnforceError(f"cannot write the rules as PowerShell: {e}") from None
+        try:
+            out = self.runner(script)
+        except RunnerError as e:
+            if not powershell.added(e.stdout, generation):
+                raise EnforceError(f"applying generation {generation} for revision "
+                                   f"{revision} failed; the previous rules stay: {e}") from None
+            # The new rules are all in; rules of an older generation may be left, which
+            # drift finds and repair removes.
+            self.generation, self.revision = generation, revision
+            self._wanted, self.applied = wanted, powershell.number(wanted, generation)
+            raise EnforceError(f"generation {generation} for revision {revision} is "
+                               f"enforced, but removing the older rules failed: {e}") from None
+        if not powershell.applied(out, generation):
+            raise EnforceError(f"applying generation {generation} for revision {revision}: "
+                               "the script did not report its end")
+        self.generation, self.revision = generation, revision
+        self._wanted, self.applied = wanted, powershell.number(wanted, generation)
+        report = self._report(revision, True, start, wanted)
+        report.created = not listed.rules
+        return report
+
+    def _report(self, revision: int, changed: bool, start: float,
+                rules: Sequence[FirewallRule]) -> EnforceReport:
+        blocks = sum(r.action == powershell.BLOCK for r in rules)
+        return EnforceReport(revision, changed, changed, time.perf_counter() - start,
+                             {"rules": len(rules), "allow": len(rules) - blocks,
+                              "block": blocks, "generation": self.generation}, [],
+                             scratch=True)
+
+    def _current(self, listed: Listing) -> list[FirewallRule] | None:
+        """The listed rules of the newest generation, or None when there are none."""
+        generations = listed.generations()
+        if not generations:
+            return None
+        newest = max(generations)
+        return [r for r in listed.rules if powershell.generation_of(r.name) == newest]
+
+    def _problems(self, listed: Listing, current: Sequence[FirewallRule],
+                  wanted: Sequence[FirewallRule]) -> list[str]:
+        """Why the group does not enforce `wanted` (the compiler's rules): empty when
+        it does."""
+        out = [f"a rule that is not the agent's spelling: {u}" for u in listed.unreadable]
+        names = {r.name for r in current}
+        out += [f"rule {r.name} of an older generation is left"
+                for r in listed.rules if r.name not in names]
+        out += [f"rule {n} is disabled" for n in sorted(listed.disabled)]
+        want = sorted(map(repr, map(content, powershell.number(wanted, 1))))
+        have = sorted(map(repr, map(content, current)))
+        if want != have:
+            lost = [w for w in want if w not in have]
+            extra = [h for h in have if h not in want]
+            out += [f"missing: {w}" for w in lost[:5]] + [f"not wanted: {h}" for h in extra[:5]]
+            if not lost and not extra:
+                out.append("rules are there a different number of times")
+        seen = {p.name: p for p in listed.profiles}
+        for name in self.profiles:
+            p = seen.get(name)
+            if p is None:
+                out.append(f"profile {name} was not listed")
+            elif not p.enforcing:
+                out.append(f"profile {name}: enabled {p.enabled}, default inbound "
+                           f"{p.default_inbound}, default outbound {p.default_outbound} "
+                           "(wanted True, Block, Block)")
+        return out
+
+    # ---------------------------------------------------------------- the protocol
+    def enforce(self, snapshot: Snapshot, revision: int,
+                changed: Iterable[tuple[str, str]] | None = None) -> EnforceReport:
+        """Bring the firewall to `snapshot`. `changed` is not used: Windows rules are
+        compiled whole (flattening makes every rule depend on the ones before it)."""
+        return self._apply(self.rules(snapshot), revision)
+
+    def drift(self) -> str | None:
+        """None while the group holds the last generation applied, unchanged, and the
+        profiles still block by default; else what differs (the first few)."""
+        if self._wanted is None or self.applied is None:
+            return None
+        listed = self.listing()
+        current = [r for r in listed.rules
+                   if powershell.generation_of(r.name) == self.generation]
+        problems = self._problems(listed, current, self._wanted)
+        applied = {r.name: powershell.canonical(r) for r in self.applied}
+        found = {r.name: r for r in current}
+        problems += [f"rule {n} was removed" for n in sorted(set(applied) - set(found))]
+        problems += [f"rule {n} was changed" for n in sorted(set(applied) & set(found))
+                     if applied[n] != found[n]]
+        return "; ".join(dict.fromkeys(problems)) or None
+
+    def repair(self) -> EnforceReport:
+        """Apply the last rules again, as a new generation."""
+        if self._wanted is None:
+            return EnforceReport(self.revision, False, False, 0.0, {}, [])
+        return self._apply(self._wanted, self.revision)
+
+    def dry_run(self, snapshot: Snapshot) -> tuple[str, str]:
+        """The script the next apply would run, and a diff of the rules (without their
+        generation names) from what the group holds to what it would hold."""
+        wanted = self.rules(snapshot)
+        listed = self.listing()
+        current = self._current(listed) or []
+        generation = max([self.generation, *listed.generations()]) + 1
+        try:
+            script = powershell.apply_script(wanted, generation, listed.rules, self.profiles)
+            new_lines = sorted(powershell.new_rule_command(r).split(" -Group ", 1)[1]
+                               for r in powershell.number(wanted, 1))
+            old_lines = sorted(powershell.new_rule_command(r).split(" -Group ", 1)[1]
+                               for r in current)
+        except RenderError as e:
+            raise EnforceError(f"cannot write the rules as PowerShell: {e}") from None
+        diff = "".join(difflib.unified_diff(
+            [line + "\n" for line in old_lines], [line + "\n" for line in new_lines],
+            "firewall group bulkhead (now)", f"generation {generation}"))
+        return script, diff
