@@ -121,6 +121,7 @@ class FakeNetSecurity:
     news: int = 0
     removes: int = 0
     stop: bool = False                 # $ErrorActionPreference is 'Stop'
+    states: list[frozenset[str]] = field(default_factory=list)   # names after each command
     last_error: str = ""
     output: list[str] = field(default_factory=list)
 
@@ -188,11 +189,13 @@ class FakeNetSecurity:
             out = self.command(name, params)
         except CmdletError as e:
             if quiet:
+                self.states.append(frozenset(self.rules))
                 return
             # Without 'Stop' the error would not end the script (PowerShell's default,
             # Continue): the scripts always set it first.
             assert self.stop, f"{e}: without $ErrorActionPreference = 'Stop'"
             raise
+        self.states.append(frozenset(self.rules))
         if len(commands) == 1:
             self.output += out
 

@@ -1,0 +1,251 @@
+"""The Windows enforcer against a fake NetSecurity module (tests/pwshfixture.py): the
+scripts it runs are the real ones, parsed by tree-sitter and carried out on rules held
+in memory. The compile stage is injected (fixed rule lists): the compilers are tested on
+their own."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+from bulkhead.agent.enforcer import EnforceError
+from bulkhead.agent.win_enforcer import PowerShellRunner, RunnerError, WindowsFirewallEnforcer
+from bulkhead.dataplane.windows import powershell
+from bulkhead.dataplane.windows.flat import Unsupported
+from bulkhead.dataplane.windows.powershell import ProfileState, canonical, number
+from bulkhead.dataplane.windows.rules import FirewallRule
+from bulkhead.model import Snapshot, parse_resource
+from bulkhead.policy import Failsafes
+from bulkhead.policy.plan import NodePlan
+from tests.pwshfixture import FakeNetSecurity, syntax_errors
+from tests.windowsplans import WEB, WEB_NEXT
+
+SNAPSHOT = Snapshot.build([parse_resource({
+    "apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+    "metadata": {"name": "win1-ethernet", "labels": {"role": "web"}},
+    "spec": {"node": "win1", "interfaceName": "Ethernet", "expectedIPs": ["198.18.0.10"]}})])
+
+
+class Compiler:
+    """Stands in for flatten + firewall.compile: gives `rules`, records the plans."""
+
+    def __init__(self, rules: list[FirewallRule]) -> None:
+        self.rules = rules
+        self.plans: list[NodePlan] = []
+
+    def __call__(self, plan: NodePlan) -> list[FirewallRule]:
+        self.plans.append(plan)
+        return list(self.rules)
+
+
+def setup(rules: list[FirewallRule] = WEB
+          ) -> tuple[WindowsFirewallEnforcer, FakeNetSecurity, Compiler]:
+    fake, compiler = FakeNetSecurity(), Compiler(rules)
+    return WindowsFirewallEnforcer("win1", Failsafes(), runner=fake, compile=compiler), \
+        fake, compiler
+
+
+def held(fake: FakeNetSecurity) -> list[FirewallRule]:
+    return sorted((canonical(r) for r in fake.rules.values()), key=lambda r: r.name)
+
+
+def numbered(rules: list[FirewallRule], generation: int) -> list[FirewallRule]:
+    return sorted((canonical(r) for r in number(rules, generation)), key=lambda r: r.name)
+
+
+def test_the_first_apply_adds_generation_1_and_sets_the_profiles() -> None:
+    enforcer, fake, compiler = setup()
+    report = enforcer.enforce(SNAPSHOT, 5)
+    assert compiler.plans[0].node == "win1"
+    assert [e.name for e in compiler.plans[0].endpoints] == ["win1-ethernet"]
+    assert held(fake) == numbered(WEB, 1)
+    assert all(fake.groups[n] == "bulkhead" for n in fake.rules)
+    assert all(p.enforcing for p in fake.profiles.values())
+    assert report.changed and report.full and report.created and report.revision == 5
+    assert report.counts == {"rules": len(WEB), "allow": len(WEB) - 1, "block": 1,
+                             "generation": 1}
+    assert enforcer.drift() is None
+
+
+def test_the_same_rules_again_change_nothing() -> None:
+    enforcer, fake, _ = setup()
+    enforcer.enforce(SNAPSHOT, 5)
+    scripts = len(fake.scripts)
+    report = enforcer.enforce(SNAPSHOT, 6)
+    assert not report.changed and report.revision == 6 and enforcer.revision == 6
+    assert fake.scripts[scripts:] == [powershell.list_script()]     # listed, nothing run
+    assert held(fake) == numbered(WEB, 1)
+
+
+def test_a_new_generation_replaces_the_old_one_blocks_first() -> None:
+    enforcer, fake, compiler = setup()
+    enforcer.enforce(SNAPSHOT, 5)
+    compiler.rules = WEB_NEXT
+    fake.states.clear()
+    report = enforcer.enforce(SNAPSHOT, 6)
+    assert report.changed and not report.created and report.counts["generation"] == 2
+    assert held(fake) == numbered(WEB_NEXT, 2)
+    # The transient: at no moment is an Allow of a generation in without all of that
+    # generation's Blocks (new: Blocks added first; old: Allows removed first).
+    old, new = number(WEB, 1), number(WEB_NEXT, 2)
+    for names in fake.states:
+        for rules in (old, new):
+            allows = {r.name for r in rules if r.action == "Allow"}
+            blocks = {r.name for r in rules if r.action == "Block"}
+            assert not (names & allows) or blocks <= names, sorted(names)
+    assert any(names >= {r.name for r in old + new} for names in fake.states)
+
+
+@pytest.mark.parametrize("at", [1, 4, len(WEB_NEXT)])
+def test_a_failure_while_adding_leaves_the_previous_generation(at: int) -> None:
+    enforcer, fake, compiler = setup()
+    enforcer.enforce(SNAPSHOT, 5)
+    compiler.rules = WEB_NEXT
+    fake.fail_new = fake.news + at
+    with pytest.raises(EnforceError, match=r"generation 2 for revision 6 failed; the "
+                                           r"previous rules stay.*injected failure"):
+        enforcer.enforce(SNAPSHOT, 6)
+    assert held(fake) == numbered(WEB, 1)
+    assert enforcer.generation == 1 and enforcer.revision == 5
+    assert enforcer.drift() is None
+    # the next apply goes through, as generation 2 again (nothing of it was left)
+    enforcer.enforce(SNAPSHOT, 6)
+    assert held(fake) == numbered(WEB_NEXT, 2)
+
+
+def test_a_failure_while_removing_the_old_is_reported_and_repaired() -> None:
+    enforcer, fake, compiler = setup()
+    enforcer.enforce(SNAPSHOT, 5)
+    compiler.rules = WEB_NEXT
+    fake.fail_remove = fake.removes + 1
+    with pytest.raises(EnforceError, match="generation 2 for revision 6 is enforced, but "
+                                           "removing the older rules failed"):
+        enforcer.enforce(SNAPSHOT, 6)
+    assert {r.name for r in numbered(WEB_NEXT, 2)} <= set(fake.rules)
+    reason = enforcer.drift()
+    assert reason is not None and "rule bulkhead-1-1 of an older generation is left" in reason
+    enforcer.repair()
+    assert held(fake) == numbered(WEB_NEXT, 3)
+    assert enforcer.drift() is None
+
+
+def test_drift_names_a_removed_rule_and_repair_restores_it() -> None:
+    enforcer, fake, _ = setup()
+    enforcer.enforce(SNAPSHOT, 5)
+    del fake.rules["bulkhead-1-3"]
+    reason = enforcer.drift()
+    assert reason is not None and "rule bulkhead-1-3 was removed" in reason
+    report = enforcer.repair()
+    assert report.changed and report.revision == 5
+    assert held(fake) == numbered(WEB, 2)
+    assert enforcer.drift() is None
+
+
+def test_drift_names_a_changed_rule() -> None:
+    enforcer, fake, _ = setup()
+    enforcer.enforce(SNAPSHOT, 5)
+    fake.rules["bulkhead-1-3"] = replace(fake.rules["bulkhead-1-3"],
+                                         remote_addresses=("0.0.0.0/0",))
+    reason = enforcer.drift()
+    assert reason is not None and "rule bulkhead-1-3 was changed" in reason
+    assert "missing: " in reason and "not wanted: " in reason
+
+
+@pytest.mark.parametrize(("tamper", "expected"), [
+    (lambda f: f.disabled.add("bulkhead-1-2"), "rule bulkhead-1-2 is disabled"),
+    (lambda f: f.profiles.__setitem__("Public", ProfileState("Public", "True", "Block",
+                                                             "Allow")),
+     "profile Public: enabled True, default inbound Block, default outbound Allow"),
+    (lambda f: f.profiles.__setitem__("Domain", ProfileState("Domain", "False", "Block",
+                                                             "Block")),
+     "profile Domain: enabled False"),
+])
+def test_drift_names_disabled_rules_and_profiles(
+        tamper: Callable[[FakeNetSecurity], object], expected: str) -> None:
+    enforcer, fake, _ = setup()
+    enforcer.enforce(SNAPSHOT, 5)
+    tamper(fake)
+    reason = enforcer.drift()
+    assert reason is not None and expected in reason
+    enforcer.repair()
+    assert enforcer.drift() is None
+
+
+def test_a_rule_added_to_the_group_behind_the_agents_back_is_drift() -> None:
+    enforcer, fake, _ = setup()
+    enforcer.enforce(SNAPSHOT, 5)
+    fake.rules["allow-all"] = FirewallRule("allow-all", "Inbound", "Allow")
+    fake.groups["allow-all"] = "bulkhead"
+    reason = enforcer.drift()
+    assert reason is not None and "rule allow-all of an older generation is left" in reason
+    enforcer.repair()
+    assert "allow-all" not in fake.rules and enforcer.drift() is None
+
+
+def test_a_restarted_agent_adopts_the_generation_it_finds() -> None:
+    enforcer, fake, compiler = setup()
+    enforcer.enforce(SNAPSHOT, 5)
+    again = WindowsFirewallEnforcer("win1", Failsafes(), runner=fake, compile=compiler)
+    report = again.enforce(SNAPSHOT, 7)
+    assert not report.changed and again.generation == 1
+    assert again.drift() is None
+    compiler.rules = WEB_NEXT
+    assert again.enforce(SNAPSHOT, 8).counts["generation"] == 2
+
+
+def test_dry_run_shows_the_script_and_the_diff_and_changes_nothing() -> None:
+    enforcer, fake, compiler = setup()
+    enforcer.enforce(SNAPSHOT, 5)
+    before = dict(fake.rules)
+    compiler.rules = WEB_NEXT
+    script, diff = enforcer.dry_run(SNAPSHOT)
+    assert fake.rules == before
+    assert syntax_errors(script) == [] and "'bulkhead-2-1'" in script
+    lines = diff.splitlines()
+    assert any(line.startswith("-") and "'443'" in line for line in lines)
+    assert any(line.startswith("+") and "-LocalPort '23'" in line for line in lines)
+    assert not any(line.startswith(("-", "+")) and "failsafe tcp:22" in line
+                   for line in lines if not line.startswith(("---", "+++")))
+
+
+def test_what_the_compiler_refuses_is_an_enforce_error() -> None:
+    def refuse(plan: NodePlan) -> list[FirewallRule]:
+        raise Unsupported("policy default.db ingress rule 2", "notICMP", "no ICMP negation")
+    fake = FakeNetSecurity()
+    enforcer = WindowsFirewallEnforcer("win1", Failsafes(), runner=fake, compile=refuse)
+    with pytest.raises(EnforceError, match=r"policy default\.db ingress rule 2: notICMP"):
+        enforcer.enforce(SNAPSHOT, 1)
+    assert fake.scripts == []
+
+
+def test_nothing_applied_means_no_drift_and_nothing_to_repair() -> None:
+    enforcer, fake, _ = setup()
+    assert enforcer.drift() is None
+    assert not enforcer.repair().changed
+    assert fake.scripts == []
+
+
+# The runner at its real boundary: a process fed the script on standard input.
+def test_the_runner_feeds_the_script_on_stdin() -> None:
+    run = PowerShellRunner([sys.executable, "-c", "import sys; print(sys.stdin.read()[::-1])"])
+    assert run("abc") == "cba\n"
+
+
+def test_the_runner_reports_failure_with_what_was_printed() -> None:
+    run = PowerShellRunner([sys.executable, "-c",
+                            "import sys; print('bulkhead-added 3'); "
+                            "print('boom', file=sys.stderr); sys.exit(1)"])
+    with pytest.raises(RunnerError, match="exited with 1: boom") as e:
+        run("x")
+    assert powershell.added(e.value.stdout, 3)
+
+
+def test_the_runner_is_bounded_in_time() -> None:
+    run = PowerShellRunner([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.5)
+    with pytest.raises(RunnerError, match=r"did not finish in 0\.5 s"):
+        run("x")
+    with pytest.raises(RunnerError, match="cannot run"):
+        PowerShellRunner(["/nonexistent/powershell.exe"])("x")
