@@ -8,9 +8,10 @@ for PowerShell, not by the code that wrote it.
 `FakeNetSecurity` is a FAKE, standing in for what cannot run here: Windows PowerShell
 with the NetSecurity module and a Windows Firewall. It keeps the group's rules and the
 profiles in memory and runs only the shapes `bulkhead.dataplane.windows.powershell`
-emits, read from the tree-sitter tree: `$ErrorActionPreference = 'Stop'`, try/catch with
-`throw`, and the commands New-NetFirewallRule, Remove-NetFirewallRule,
-Set-NetFirewallProfile, Write-Output (each with quoted-string arguments), piped to
+emits, read from the tree-sitter tree: the whole script as `& { ... }`,
+`$ErrorActionPreference = 'Stop'` (and `$ProgressPreference`), try/catch with `throw`,
+and the commands New-NetFirewallRule, Remove-NetFirewallRule, Set-NetFirewallProfile,
+Write-Output (each with quoted-string arguments), piped to
 Out-Null or not; the listing script is recognized as a whole and answered with
 `listing_json` (the documented shape, not one captured on Windows). Anything else fails
 the test. Errors follow PowerShell's rules as far as these scripts need: with the
@@ -147,7 +148,8 @@ class FakeNetSecurity:
     # ---------------------------------------------------------------- the language
     def block(self, node: tree_sitter.Node) -> None:
         for child in node.children:
-            if child.type in ("program", "statement_list", "statement_block"):
+            if child.type in ("program", "statement_list", "statement_block",
+                              "script_block_body"):
                 self.block(child)
             elif child.type in ("{", "}", "comment"):
                 continue
@@ -173,14 +175,22 @@ class FakeNetSecurity:
     def pipeline(self, node: tree_sitter.Node) -> None:
         assignment = next((c for c in node.children if c.type == "assignment_expression"), None)
         if assignment is not None:
-            left = assignment.children[0]
-            assert text(left) == "$ErrorActionPreference", text(assignment)
+            left = text(assignment.children[0])
             values = [powershell.unquote(text(n)) for n in walk(assignment.children[-1])
                       if n.type == "string_literal"]
-            self.stop = values == ["Stop"]
+            if left == "$ErrorActionPreference":
+                self.stop = values == ["Stop"]
+            else:
+                assert left == "$ProgressPreference", text(assignment)
             return
         chain = node.children[0]
         commands = [c for c in chain.children if c.type == "command"]
+        invoked = [c for c in commands if c.children[0].type == "command_invokation_operator"]
+        if invoked:          # & { ... }: the script as one statement
+            assert len(commands) == 1, text(node)
+            body = next(n for n in walk(invoked[0]) if n.type == "script_block_body")
+            self.block(body)
+            return
         names = [command_of(c)[0] for c in commands]
         assert len(commands) == 1 or names[1:] == ["Out-Null"], f"pipeline {text(node)!r}"
         name, params = command_of(commands[0])

@@ -71,6 +71,9 @@ def test_no_golden_file_is_left_over() -> None:
 def test_every_script_parses_as_powershell(name: str) -> None:
     script = scripts()[name]
     assert syntax_errors(script) == []
+    # one statement for `powershell -Command -`: & { ... }, no empty line before its end
+    assert script.splitlines()[1] == "& {" and script.endswith("\n}\n\n")
+    assert "\n\n" not in script[:-2]
     # and the tree is the script's: one command per rule, the try's and the removals
     commands = [command_of(n)[0] for n in walk(parse(script).root_node) if n.type == "command"]
     if name.startswith("web-generation"):

@@ -55,9 +55,9 @@ class RunnerError(Exception):
 class PowerShellRunner:
     """Runs a script with Windows PowerShell: `powershell.exe -NoProfile -NonInteractive
     -Command -`, the script on standard input (no length limit, nothing written to
-    disk). In that mode PowerShell reads statement by statement, and a statement that
-    spans lines (the apply's try/catch) must be followed by an empty line, which the
-    scripts have. Not run here: there is no Windows host."""
+    disk). In that mode PowerShell runs each statement as it reads it, like a console;
+    the scripts are therefore one statement each (`& { ... }`, no empty line inside)
+    followed by an empty line (powershell.py). Not run here: there is no Windows host."""
 
     def __init__(self, command: Sequence[str] = ("powershell.exe", "-NoProfile",
                                                  "-NonInteractive", "-Command", "-"),

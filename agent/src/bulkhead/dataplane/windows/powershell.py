@@ -35,8 +35,9 @@ older generation, which the next apply (or repair) removes.
 Every value is a single-quoted PowerShell string ('' for a quote inside); characters a
 single-quoted string cannot hold plainly (control and format characters, line
 separators, PowerShell's typographic single quotes) are refused, naming the rule and
-field. The emitted subset is small on purpose: assignments, try/catch/throw, and
-commands whose arguments are quoted strings or comma lists of them.
+field. The emitted subset is small on purpose: the whole script one script block
+(`& { ... }`, see `_whole`), assignments, try/catch/throw, and commands whose arguments
+are quoted strings or comma lists of them.
 
 Shapes of what Get-NetFirewallRule and its filter cmdlets return (`parse_listing`)
 follow Microsoft's documentation of the NetSecurity module; they were not captured on a
@@ -295,15 +296,13 @@ def apply_script(rules: Sequence[FirewallRule], generation: int,
                           f"{clash[:5]}")
     blocks = [r for r in new if r.action == BLOCK]
     allows = [r for r in new if r.action != BLOCK]
-    lines = [f"# Bulkhead: firewall rules of generation {generation} "
-             f"({len(blocks)} Block, {len(allows)} Allow); "
-             f"{len(old)} rules of the group {GROUP} before",
-             "$ErrorActionPreference = " + quote("Stop"),
+    lines = ["$ErrorActionPreference = " + quote("Stop"),
+             "$ProgressPreference = " + quote("SilentlyContinue"),
              "try {"]
     lines += ["    " + new_rule_command(r) for r in blocks + allows]
     lines += ["} catch {"]
     lines += _remove_commands([r.name for r in new], "    ", quiet=True)
-    lines += ["    throw", "}", ""]
+    lines += ["    throw", "}"]
     lines.append("Write-Output " + quote(f"{ADDED_MARK} {generation}"))
     old_allows = [r.name for r in old if r.action != BLOCK]
     old_blocks = [r.name for r in old if r.action == BLOCK]
@@ -311,7 +310,19 @@ def apply_script(rules: Sequence[FirewallRule], generation: int,
     if profiles is not None:
         lines.append(profile_command(profiles))
     lines.append("Write-Output " + quote(f"{APPLIED_MARK} {generation}"))
-    return "\n".join(lines) + "\n\n"
+    return _whole(lines, f"firewall rules of generation {generation} ({len(blocks)} Block, "
+                         f"{len(allows)} Allow); {len(old)} rules of the group {GROUP} before")
+
+
+def _whole(lines: Sequence[str], title: str) -> str:
+    """The script as one statement, `& { ... }`, and an empty line after it. With the
+    script on standard input (`-Command -`) PowerShell runs each statement as it is read,
+    like a console: an error would end that statement only, and the next ones (the old
+    generation's removal) would still run; and a statement spanning lines ends at an
+    empty line (so none inside). One script block makes an error end the whole script."""
+    assert all(line.strip() for line in lines), "no empty line inside the block"
+    return "\n".join([f"# Bulkhead: {title}", "& {", *[f"    {line}" for line in lines],
+                      "}", "", ""])
 
 
 def applied(stdout: str, generation: int) -> bool:
@@ -331,10 +342,11 @@ def list_script(profiles: Sequence[str] = PROFILES) -> str:
     no error (Get-NetFirewallRule reports one: silenced)."""
     rules = ("$rules = @(Get-NetFirewallRule -Group " + quote(GROUP)
              + " -ErrorAction " + quote("SilentlyContinue") + ")")
-    return "\n".join([
+    return _whole([
         "$ErrorActionPreference = " + quote("Stop"),
+        "$ProgressPreference = " + quote("SilentlyContinue"),
         rules,
-        "$listed = foreach ($r in $rules) {",
+        "$listed = @(foreach ($r in $rules) {",
         "    $a = $r | Get-NetFirewallAddressFilter",
         "    $p = $r | Get-NetFirewallPortFilter",
         "    $i = $r | Get-NetFirewallInterfaceFilter",
@@ -346,19 +358,19 @@ def list_script(profiles: Sequence[str] = PROFILES) -> str:
         "        LocalPort = @($p.LocalPort); RemotePort = @($p.RemotePort)",
         "        IcmpType = @($p.IcmpType); InterfaceAlias = @($i.InterfaceAlias)",
         "    }",
-        "}",
-        "$profiles = foreach ($f in @(Get-NetFirewallProfile -Name " + _list(profiles, "profile")
+        "})",
+        "$profiles = @(foreach ($f in @(Get-NetFirewallProfile -Name " + _list(profiles, "profile")
         + ")) {",
         "    [pscustomobject]@{",
         "        Name = $f.Name; Enabled = [string]$f.Enabled",
         "        DefaultInboundAction = [string]$f.DefaultInboundAction",
         "        DefaultOutboundAction = [string]$f.DefaultOutboundAction",
         "    }",
-        "}",
-        "[pscustomobject]@{ Rules = @($listed); Profiles = @($profiles) } | "
+        "})",
+        # @(...) around each foreach: no output is an empty list, not one $null
+        "[pscustomobject]@{ Rules = $listed; Profiles = $profiles } | "
         "ConvertTo-Json -Depth 4 -Compress",
-        "",
-    ]) + "\n"
+    ], f"the rules of the group {GROUP} and the profiles, as JSON")
 
 
 # ------------------------------------------------------------------------------ listing
@@ -454,6 +466,8 @@ def parse_listing(stdout: str) -> Listing:
     disabled: set[str] = set()
     unreadable: list[str] = []
     for item in doc.get("Rules") or []:
+        if item is None:         # @($null) of an older listing: nothing
+            continue
         if not isinstance(item, dict) or not isinstance(item.get("Name"), str):
             raise ListingError(f"a listed rule is not an object with a Name: {item!r:.200}")
         try:
