@@ -249,3 +249,29 @@ def test_the_runner_is_bounded_in_time() -> None:
         run("x")
     with pytest.raises(RunnerError, match="cannot run"):
         PowerShellRunner(["/nonexistent/powershell.exe"])("x")
+
+
+def test_the_default_compile_runs_the_windows_compilers() -> None:
+    """The default compile stage over a real plan: flatten, then firewall.compile, per
+    direction and interface. The compilers come from other work of issue 24: skipped
+    until they are in the tree."""
+    pytest.importorskip("bulkhead.dataplane.windows.flatten")
+    pytest.importorskip("bulkhead.dataplane.windows.firewall")
+    from bulkhead.agent.win_enforcer import compile_plan
+    from bulkhead.policy.plan import calculate
+
+    plan = calculate(SNAPSHOT, "win1", {}, Failsafes())
+    rules = compile_plan(plan)
+    assert rules and all(canonical(r) for r in rules)
+    assert {r.interface_alias for r in rules} == {"Ethernet"}
+    assert {r.direction for r in rules} == {"Inbound", "Outbound"}
+
+    def allows_ssh(r: FirewallRule) -> bool:
+        spans = [p.split("-") for p in r.local_ports]
+        return r.direction == "Inbound" and r.action == "Allow" and r.protocol in (6, None) \
+            and (not spans or any(int(s[0]) <= 22 <= int(s[-1]) for s in spans))
+    assert any(allows_ssh(r) for r in rules)          # the failsafe tcp:22
+    fake = FakeNetSecurity()
+    enforcer = WindowsFirewallEnforcer("win1", Failsafes(), runner=fake)
+    enforcer.enforce(SNAPSHOT, 1)
+    assert len(fake.rules) == len(rules) and enforcer.drift() is None
