@@ -13,7 +13,8 @@ emits, read from the tree-sitter tree: the whole script as `& { ... }`,
 and the commands New-NetFirewallRule, Remove-NetFirewallRule, Set-NetFirewallProfile,
 Write-Output (each with quoted-string arguments), piped to
 Out-Null or not; the listing script is recognized as a whole and answered with
-`listing_json` (the documented shape, not one captured on Windows). Anything else fails
+`listing_json` (the documented shape, not one captured on Windows), and so is the
+interface listing (from `addresses`). Anything else fails
 the test. Errors follow PowerShell's rules as far as these scripts need: with the
 preference 'Stop' a cmdlet error ends the script unless a try catches it;
 `-ErrorAction 'SilentlyContinue'` drops it; the runner raises RunnerError (with the
@@ -24,6 +25,7 @@ status and standard error would make the real runner do.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -116,6 +118,8 @@ class FakeNetSecurity:
     profiles: dict[str, ProfileState] = field(default_factory=lambda: {
         # Windows' own defaults: inbound blocked, outbound allowed.
         p: ProfileState(p, "True", "Block", "Allow") for p in PROFILES})
+    # the host's interfaces and addresses (Get-NetIPAddress)
+    addresses: dict[str, list[str]] = field(default_factory=dict)
     fail_new: int | None = None
     fail_remove: int | None = None
     scripts: list[str] = field(default_factory=list)
@@ -133,6 +137,10 @@ class FakeNetSecurity:
         assert not errors, f"the script does not parse: {errors}"
         if script == powershell.list_script(tuple(self.profiles)):
             return self.listing()
+        if script == powershell.interfaces_script():
+            return json.dumps([{"InterfaceAlias": alias, "IPAddress": address}
+                               for alias, addresses in self.addresses.items()
+                               for address in addresses])
         self.stop = False
         self.output: list[str] = []
         try:

@@ -47,6 +47,7 @@ def scripts() -> dict[str, str]:
         "web-generation-2.ps1": apply_script(WEB_NEXT, 2, first),
         "web-generation-2-private-only.ps1": apply_script(WEB_NEXT, 2, first, ("Private",)),
         "listing.ps1": list_script(),
+        "interfaces.ps1": powershell.interfaces_script(),
     }
 
 
@@ -75,8 +76,9 @@ def test_every_script_parses_as_powershell(name: str) -> None:
     assert script.splitlines()[1] == "& {" and script.endswith("\n}\n\n")
     assert "\n\n" not in script[:-2]
     # and the tree is the script's: one command per rule, the try's and the removals
-    commands = [command_of(n)[0] for n in walk(parse(script).root_node) if n.type == "command"]
     if name.startswith("web-generation"):
+        commands = [command_of(n)[0] for n in walk(parse(script).root_node)
+                    if n.type == "command"]
         rules = WEB if name.endswith("-1.ps1") else WEB_NEXT
         assert commands.count("New-NetFirewallRule") == len(rules)
         assert "Set-NetFirewallProfile" in commands
@@ -224,3 +226,20 @@ def test_a_listing_of_another_shape_is_an_error(bad: str) -> None:
 def test_the_sample_is_json_of_the_listings_shape() -> None:
     doc = json.loads(SAMPLE.read_text())
     assert set(doc) == {"Rules", "Profiles"}
+
+
+def test_the_interface_listing_is_read() -> None:
+    """Get-NetIPAddress's objects as ConvertTo-Json gives them (documented shape; an
+    IPv6 link-local address with its zone), and a lone object instead of a list."""
+    out = json.dumps([{"InterfaceAlias": "Ethernet", "IPAddress": "198.18.0.10"},
+                      {"InterfaceAlias": "Ethernet", "IPAddress": "fe80::1%12"},
+                      {"InterfaceAlias": "Loopback Pseudo-Interface 1",
+                       "IPAddress": "127.0.0.1"}])
+    assert powershell.parse_interfaces(out) == {
+        "Ethernet": ["198.18.0.10", "fe80::1"], "Loopback Pseudo-Interface 1": ["127.0.0.1"]}
+    one = json.dumps({"InterfaceAlias": "Ethernet 2", "IPAddress": "2001:2::10"})
+    assert powershell.parse_interfaces(one) == {"Ethernet 2": ["2001:2::10"]}
+    for bad in ("x", "3", '[{"InterfaceAlias": "e"}]',
+                '[{"InterfaceAlias": "e", "IPAddress": "nope"}]'):
+        with pytest.raises(ListingError):
+            powershell.parse_interfaces(bad)

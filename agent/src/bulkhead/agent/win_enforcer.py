@@ -100,11 +100,6 @@ def compile_plan(plan: NodePlan) -> list[FirewallRule]:
     return rules
 
 
-def local_interfaces() -> dict[str, list[str]]:
-    """No interface lookup yet: endpoints name theirs (`interfaceName`) or use `*`."""
-    return {}
-
-
 class WindowsFirewallEnforcer:
     def __init__(self, node: str, failsafes: Failsafes, runner: Runner | None = None,
                  compile: Compile | None = None,
@@ -114,19 +109,34 @@ class WindowsFirewallEnforcer:
         self.failsafes = failsafes
         self.runner: Runner = runner or PowerShellRunner()
         self.compile: Compile = compile or compile_plan
-        self.interfaces = interfaces or local_interfaces
+        self.interfaces = interfaces or self.local_interfaces
         self.profiles = tuple(profiles)
         self.default_mode = default_mode
         self.revision = 0
         self.generation = 0                      # the last one applied by this process
         self.applied: list[FirewallRule] | None = None   # its rules, named
         self._wanted: list[FirewallRule] | None = None   # what they were made from
+        self.warnings: list[str] = []            # the last plan's
+
+    def local_interfaces(self) -> dict[str, list[str]]:
+        """The host's interfaces and addresses (Get-NetIPAddress), which endpoints
+        without `interfaceName` are found by, through their expectedIPs."""
+        out = self._run(powershell.interfaces_script(), "reading the host's interfaces")
+        try:
+            return powershell.parse_interfaces(out)
+        except ListingError as e:
+            raise EnforceError(f"reading the host's interfaces: {e}") from None
 
     # ---------------------------------------------------------------- the stages
     def rules(self, snapshot: Snapshot) -> list[FirewallRule]:
         """The node's rules for `snapshot` (named by the compiler, not yet numbered)."""
-        plan = calculate(snapshot, self.node, self.interfaces(), self.failsafes,
-                         default_mode=self.default_mode)
+        # Only endpoints without interfaceName need the host's addresses (one more
+        # PowerShell run): read them only then.
+        by_address = any(h.node == self.node and not h.interface_name
+                         for h in snapshot.host_endpoints.values())
+        plan = calculate(snapshot, self.node, self.interfaces() if by_address else {},
+                         self.failsafes, default_mode=self.default_mode)
+        self.warnings = list(plan.warnings)
         try:
             rules = self.compile(plan)
             for rule in rules:
@@ -191,8 +201,8 @@ class WindowsFirewallEnforcer:
         blocks = sum(r.action == powershell.BLOCK for r in rules)
         return EnforceReport(revision, changed, changed, time.perf_counter() - start,
                              {"rules": len(rules), "allow": len(rules) - blocks,
-                              "block": blocks, "generation": self.generation}, [],
-                             scratch=True)
+                              "block": blocks, "generation": self.generation},
+                             list(self.warnings), scratch=True)
 
     def _current(self, listed: Listing) -> list[FirewallRule] | None:
         """The listed rules of the newest generation, or None when there are none."""
@@ -209,6 +219,8 @@ class WindowsFirewallEnforcer:
         out = [f"a rule that is not the agent's spelling: {u}" for u in listed.unreadable]
         names = {r.name for r in current}
         out += [f"rule {r.name} of an older generation is left"
+                if powershell.generation_of(r.name) is not None
+                else f"rule {r.name} in the group is not the agent's"
                 for r in listed.rules if r.name not in names]
         out += [f"rule {n} is disabled" for n in sorted(listed.disabled)]
         want = sorted(map(repr, map(content, powershell.number(wanted, 1))))

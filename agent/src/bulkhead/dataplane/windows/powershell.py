@@ -373,6 +373,46 @@ def list_script(profiles: Sequence[str] = PROFILES) -> str:
     ], f"the rules of the group {GROUP} and the profiles, as JSON")
 
 
+def interfaces_script() -> str:
+    """The host's interfaces and their unicast addresses as JSON, a list of
+    {"InterfaceAlias": ..., "IPAddress": ...} (see `parse_interfaces`)."""
+    return _whole([
+        "$ErrorActionPreference = " + quote("Stop"),
+        "$ProgressPreference = " + quote("SilentlyContinue"),
+        "$found = @(Get-NetIPAddress | ForEach-Object {",
+        "    [pscustomobject]@{ InterfaceAlias = $_.InterfaceAlias; IPAddress = $_.IPAddress }",
+        "})",
+        "ConvertTo-Json -InputObject $found -Depth 2 -Compress",
+    ], "the host's interfaces and addresses, as JSON")
+
+
+def parse_interfaces(stdout: str) -> dict[str, list[str]]:
+    """What `interfaces_script` printed: interface alias -> its addresses (an IPv6 zone
+    such as `%12` dropped). Raises ListingError for another shape."""
+    try:
+        doc = json.loads(stdout)
+    except ValueError as e:
+        raise ListingError(f"the interface listing is not JSON: {e}") from None
+    if isinstance(doc, dict):           # one address: ConvertTo-Json of a 1-list in 5.1
+        doc = [doc]
+    if not isinstance(doc, list):
+        raise ListingError("the interface listing is not a list")
+    found: dict[str, list[str]] = {}
+    for item in doc[:MAX_VALUES]:
+        if not isinstance(item, dict) or not isinstance(item.get("InterfaceAlias"), str) \
+                or not isinstance(item.get("IPAddress"), str):
+            raise ListingError(f"an interface entry lacks InterfaceAlias or IPAddress: "
+                               f"{item!r:.200}")
+        address = item["IPAddress"].split("%", 1)[0]
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ListingError(f"interface {item['InterfaceAlias']}: {address!r} is not "
+                               "an address") from None
+        found.setdefault(item["InterfaceAlias"], []).append(address)
+    return found
+
+
 # ------------------------------------------------------------------------------ listing
 @dataclass(frozen=True)
 class ProfileState:
