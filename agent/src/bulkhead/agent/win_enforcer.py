@@ -280,10 +280,8 @@ class WindowsFirewallEnforcer:
         generation = max([self.generation, *listed.generations()]) + 1
         try:
             script = powershell.apply_script(wanted, generation, listed.rules, self.profiles)
-            new_lines = sorted(powershell.new_rule_command(r).split(" -Group ", 1)[1]
-                               for r in powershell.number(wanted, 1))
-            old_lines = sorted(powershell.new_rule_command(r).split(" -Group ", 1)[1]
-                               for r in current)
+            new_lines = sorted(map(powershell.rule_text, wanted))
+            old_lines = sorted(map(powershell.rule_text, current))
         except RenderError as e:
             raise EnforceError(f"cannot write the rules as PowerShell: {e}") from None
         diff = "".join(difflib.unified_diff(

@@ -238,11 +238,19 @@ def number(rules: Sequence[FirewallRule], generation: int) -> list[FirewallRule]
 def new_rule_command(rule: FirewallRule) -> str:
     """One New-NetFirewallRule command (the rule checked by `canonical` first)."""
     r = canonical(rule)
-    parts = ["New-NetFirewallRule",
-             "-Name", quote(r.name),
-             "-DisplayName", quote(r.display_name or r.name),
-             "-Group", quote(GROUP),
-             "-Direction", quote(r.direction),
+    return " ".join(["New-NetFirewallRule", "-Name", quote(r.name),
+                     "-DisplayName", quote(r.display_name or r.name),
+                     "-Group", quote(GROUP), *_parameters(r)]) + " | Out-Null"
+
+
+def rule_text(rule: FirewallRule) -> str:
+    """What a rule does as New-NetFirewallRule's parameters, without its names (for
+    diffs between generations)."""
+    return " ".join(_parameters(canonical(rule)))
+
+
+def _parameters(r: FirewallRule) -> list[str]:
+    parts = ["-Direction", quote(r.direction),
              "-Action", quote(r.action),
              "-Protocol", quote("Any" if r.protocol is None
                                 else PROTOCOL_NAMES.get(r.protocol, str(r.protocol)))]
@@ -257,7 +265,7 @@ def new_rule_command(rule: FirewallRule) -> str:
     if r.description:
         parts += ["-Description", quote(r.description)]
     parts += ["-Enabled", quote("True"), "-Profile", quote("Any")]
-    return " ".join(parts) + " | Out-Null"
+    return parts
 
 
 def _remove_commands(names: Sequence[str], indent: str = "", quiet: bool = False
