@@ -298,14 +298,12 @@ def test_windows_files_load_in_the_agent(tmp_path):
 
 
 @pytest.mark.parametrize(("provided", "error"), [
-    ({"bulkhead_agent_ssh_port": 5986, "bulkhead_agent_windows_default_outbound": "allow",
-      "bulkhead_agent_windows_firewall_profiles": ["Domain"],
-      "bulkhead_agent_windows_start_mode": "delayed",
+    ({"bulkhead_agent_ssh_port": 5986, "bulkhead_agent_windows_start_mode": "delayed",
       "bulkhead_agent_windows_pki_ca_dir": "/srv/bulkhead/pki"}, None),
-    ({"bulkhead_agent_ssh_port": 5986, "bulkhead_agent_windows_default_outbound": "drop"},
-     "bulkhead_agent_windows_default_outbound must be one of: block, allow"),
-    ({"bulkhead_agent_ssh_port": 5986, "bulkhead_agent_windows_firewall_profiles": ["Home"]},
-     "bulkhead_agent_windows_firewall_profiles must be one or more of: Domain, Private, Public"),
+    ({"bulkhead_agent_ssh_port": 5986, "bulkhead_agent_windows_start_mode": "boot"},
+     "bulkhead_agent_windows_start_mode must be one of: auto, delayed"),
+    ({"bulkhead_agent_ssh_port": "winrm"},
+     "argument 'bulkhead_agent_ssh_port' is of type str and we were unable to convert to int"),
 ])
 def test_windows_variables_are_validated(tmp_path, provided, error):
     # The spec's defaults are the role's defaults/main.yml (test_argument_spec_...); a

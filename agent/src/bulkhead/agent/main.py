@@ -67,7 +67,8 @@ def windows_enforcer(config: AgentConfig) -> Enforcer:
         )
     except ImportError as e:
         raise AgentError(f"the Windows Firewall enforcer is not available: {e}") from None
-    enforcer: Enforcer = WindowsFirewallEnforcer.for_config(config)
+    enforcer: Enforcer = WindowsFirewallEnforcer(config.node, config.failsafes,
+                                                 default_mode=config.enforcement)
     return enforcer
 
 
