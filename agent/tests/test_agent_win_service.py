@@ -276,3 +276,59 @@ def test_a_daemon_that_fails_exits_with_its_code(tmp_path: Path) -> None:
     assert scm.states() == ["running", "error"]
     assert "exit 2" in scm.calls[-1][1] and "ca: " in scm.calls[-1][1]
     assert "nope.crt" in scm.calls[-1][1]
+
+
+# ------------------------------------------------------------- `service debug`, real
+def _debug_process(conf: Path) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-m", "bulkhead.agent.main", "service", "debug",
+                             "--config", str(conf)], env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+
+
+def test_service_debug_refuses_hns_with_exit_1(tmp_path: Path) -> None:
+    conf = tmp_path / "agent.yaml"
+    conf.write_text(yaml.safe_dump({"dataplane": "hns", "metricsListen": ""}))
+    proc = _debug_process(conf)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == FAILED
+    assert "bulkhead-agent: error: bulkhead-agent stopped (exit 1): dataplane hns" in err
+
+
+def test_service_debug_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """The console's Ctrl+C is the SCM's stop request: exit 0, nothing applied. The server
+    is unreachable and there is no cache, so the nftables enforcer never touches the
+    kernel (no DNS snooping, no flow logs)."""
+    import signal
+
+    from tests.agentfixture import make_pki
+
+    directory = make_pki(tmp_path)
+    cfg = config_for("https://127.0.0.1:1", directory, tmp_path / "state")
+    conf = write_config(tmp_path / "agent.yaml", cfg, dns={"enabled": False})
+    proc = _debug_process(conf)
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "running (Ctrl+C stops it" in line:
+                break
+        else:
+            raise AssertionError("".join(lines))
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, rest
+    assert "bulkhead-agent: stopping" in rest
+    assert "the rules it applied stay in place (revision 0)" in rest
