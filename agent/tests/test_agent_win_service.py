@@ -332,3 +332,15 @@ def test_service_debug_stops_on_ctrl_c(tmp_path: Path) -> None:
     assert proc.returncode == 0, rest
     assert "bulkhead-agent: stopping" in rest
     assert "the rules it applied stay in place (revision 0)" in rest
+
+
+def test_windows_firewall_dataplane_makes_the_windows_enforcer() -> None:
+    """With agent/win_enforcer.py beside it (written in parallel, issue 24): the config's
+    node, failsafes and default mode reach the enforcer; nothing runs PowerShell yet."""
+    win_enforcer = pytest.importorskip("bulkhead.agent.win_enforcer")
+    config = load_config(None, {"dataplane": "windows-firewall", "node": "win-1",
+                                "enforcement": "observe", "failsafe_inbound": "tcp:5986"})
+    enforcer = agent_main.default_enforcer(config)
+    assert isinstance(enforcer, win_enforcer.WindowsFirewallEnforcer)
+    assert (enforcer.node, enforcer.default_mode) == ("win-1", "observe")
+    assert [str(p) for p in enforcer.failsafes.inbound] == ["tcp:5986"]
