@@ -28,8 +28,10 @@ $(STAMP): scripts/bootstrap.sh agent/pyproject.toml tests/requirements.txt
 lint: deps
 	cd agent && ../$(BIN)/ruff check src tests benchmarks
 
+# The second run checks the Windows-only half of the service against pywin32's stubs.
 typecheck: deps
 	cd agent && ../$(BIN)/mypy
+	cd agent && ../$(BIN)/mypy --platform win32 --follow-imports=silent src/bulkhead/agent/win_service.py
 
 unit: deps
 	cd agent && ../$(BIN)/pytest

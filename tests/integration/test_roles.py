@@ -211,6 +211,110 @@ def test_server_config_loads(rendered):
     assert config.client_ca == "/etc/bulkhead/pki/ca.crt"
 
 
+# ---------------------------------------------------------------------- Windows, static
+# Windows hosts cannot be reached from here: the Windows path is checked by its syntax,
+# the argument spec's validation, and the files it renders (loaded by the agent's loader).
+WINDOWS_INVENTORY = """\
+all:
+  children:
+    bulkhead_servers:
+      hosts:
+        srv-1: {ansible_host: 198.18.0.10}
+    bulkhead_windows_agents:
+      hosts:
+        win-1: {ansible_host: 198.18.0.12, ansible_connection: winrm}
+"""
+
+WINDOWS_RENDER = """\
+- name: Render the agent role's Windows files with its defaults
+  hosts: win-1
+  gather_facts: false
+  vars_files:
+    - {root}/roles/agent/defaults/main.yml
+    - {root}/roles/agent/vars/main.yml
+  tasks:
+    - name: The role's own checks of the variables pass with the defaults
+      ansible.builtin.include_tasks: "{{{{ item }}}}"
+      loop:
+        - {root}/roles/agent/tasks/checks.yml
+        - {root}/roles/agent/tasks/windows_checks.yml
+    - name: Render agent.yaml
+      delegate_to: localhost
+      ansible.builtin.template:
+        src: {root}/roles/agent/templates/agent.yaml.j2
+        dest: {out}/agent.yaml
+        mode: "0644"
+    - name: Write what the role computes
+      delegate_to: localhost
+      ansible.builtin.copy:
+        content: "{{{{ {{'command': _bulkhead_agent_win_command, 'python': _bulkhead_agent_win_python,
+                     'config': _bulkhead_agent_win_config, 'port': bulkhead_agent_ssh_port}}
+                     | to_json }}}}"
+        dest: {out}/computed.json
+        mode: "0644"
+"""
+
+VALIDATE = """\
+- name: The agent role's argument spec, for a Windows host's variables
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: Validate
+      ansible.builtin.validate_argument_spec:
+        argument_spec: "{{{{ (lookup('ansible.builtin.file', '{root}/roles/agent/meta/argument_specs.yml')
+                            | from_yaml).argument_specs.main.options }}}}"
+        provided_arguments: {provided}
+"""
+
+
+def test_windows_playbook_syntax(tmp_path):
+    (tmp_path / "hosts.yml").write_text(WINDOWS_INVENTORY)
+    run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"), "--syntax-check",
+         str(ROOT / "playbooks" / "windows.yml")], env())
+
+
+def test_windows_files_load_in_the_agent(tmp_path):
+    from bulkhead.agent.win_service import service_command_line
+
+    (tmp_path / "hosts.yml").write_text(WINDOWS_INVENTORY)
+    (tmp_path / "render.yml").write_text(WINDOWS_RENDER.format(root=ROOT, out=tmp_path))
+    # (facts are not gathered: the host is taken for Windows as os_family would say)
+    run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"), str(tmp_path / "render.yml"),
+         "-e", "_bulkhead_agent_windows=true"], env())
+    computed = json.loads((tmp_path / "computed.json").read_text())
+    assert computed["python"] == "C:\\Program Files\\Bulkhead\\python\\tools\\python.exe"
+    assert computed["config"] == "C:\\ProgramData\\Bulkhead\\agent.yaml"
+    # the SCM's command line is the one `bulkhead-agent service install` writes
+    assert computed["command"] == service_command_line(computed["python"], computed["config"])
+    assert int(computed["port"]) == 5986      # WinRM's, not SSH's
+    config = load_config(tmp_path / "agent.yaml")
+    assert config.dataplane == "windows-firewall"
+    assert config.dns is None and config.flow_logs is None
+    assert config.ca == "C:\\ProgramData\\Bulkhead\\pki\\ca.crt"
+    assert config.state_dir == "C:\\ProgramData\\Bulkhead\\state"
+    assert config.server == "https://198.18.0.10:7443" and config.node == "win-1"
+    assert {"tcp:5986", "tcp:7443"} <= {str(p) for p in config.failsafe_inbound}
+
+
+@pytest.mark.parametrize(("provided", "error"), [
+    ({"bulkhead_agent_ssh_port": 5986, "bulkhead_agent_windows_start_mode": "delayed",
+      "bulkhead_agent_windows_pki_ca_dir": "/srv/bulkhead/pki"}, None),
+    ({"bulkhead_agent_ssh_port": 5986, "bulkhead_agent_windows_start_mode": "boot"},
+     "bulkhead_agent_windows_start_mode must be one of: auto, delayed"),
+    ({"bulkhead_agent_ssh_port": "winrm"},
+     "argument 'bulkhead_agent_ssh_port' is of type str and we were unable to convert to int"),
+])
+def test_windows_variables_are_validated(tmp_path, provided, error):
+    # The spec's defaults are the role's defaults/main.yml (test_argument_spec_...); a
+    # templated one (the port) is given here, as the role's own validation gets it.
+    (tmp_path / "validate.yml").write_text(VALIDATE.format(root=ROOT, provided=json.dumps(provided)))
+    out = run(["ansible-playbook", "-i", "localhost,", str(tmp_path / "validate.yml")], env(),
+              check=error is None)
+    if error is not None:
+        assert out.returncode != 0 and error in out.stdout + out.stderr, out.stdout + out.stderr
+
+
 # -------------------------------------------------------------------------- pki, real
 PKI_PLAY = """\
 - name: The pki role on localhost

@@ -2,15 +2,20 @@
 
 Every value is checked here, once, so the daemon never meets a bad one later: a problem
 raises `ConfigError` naming the key (or flag) and what is wrong with it.
+
+On Windows the defaults live under `%ProgramData%\\Bulkhead` (`agent.yaml`, `pki\\`,
+`state\\`, `logs\\`) and the dataplane is Windows Firewall (docs/windows.md).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,8 +25,44 @@ from bulkhead.defaults import SERVER_PORT
 from bulkhead.model import ENFORCE, ENFORCEMENT_LABEL, ENFORCEMENT_MODES
 from bulkhead.policy import DEFAULT_INBOUND, DEFAULT_OUTBOUND, FailsafePort, Failsafes
 
-DEFAULT_CONFIG = Path("/etc/bulkhead/agent.yaml")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# The enforcers (docs/dataplane.md, docs/windows.md): nftables on Linux; on Windows,
+# Windows Firewall on the host or HNS ACLs on HNS endpoints.
+NFTABLES, WINDOWS_FIREWALL, HNS = "nftables", "windows-firewall", "hns"
+DATAPLANES = (NFTABLES, WINDOWS_FIREWALL, HNS)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the agent looks by default: its config file, its certificates, its state
+    (the cache, the spools) and, on Windows, its log file (a service has no stderr;
+    elsewhere "": logs go to stderr, which systemd keeps in the journal)."""
+
+    config: str
+    ca: str
+    cert: str
+    key: str
+    state_dir: str
+    log_dir: str
+    dataplane: str
+
+
+def default_paths(platform: str = sys.platform,
+                  environ: Mapping[str, str] = os.environ) -> Paths:
+    """The defaults of `platform` (`sys.platform`); Windows' from %ProgramData%."""
+    if platform == "win32":
+        root = PureWindowsPath(environ.get("ProgramData") or "C:\\ProgramData") / "Bulkhead"
+        pki = root / "pki"
+        return Paths(str(root / "agent.yaml"), str(pki / "ca.crt"), str(pki / "agent.crt"),
+                     str(pki / "agent.key"), str(root / "state"), str(root / "logs"),
+                     WINDOWS_FIREWALL)
+    etc = PurePosixPath("/etc/bulkhead")
+    return Paths(str(etc / "agent.yaml"), str(etc / "pki/ca.crt"), str(etc / "pki/agent.crt"),
+                 str(etc / "pki/agent.key"), "/var/lib/bulkhead-agent", "", NFTABLES)
+
+
+PATHS = default_paths()
+DEFAULT_CONFIG = Path(PATHS.config)
 
 
 class ConfigError(Exception):
@@ -67,10 +108,10 @@ class DnsSettings:
 class AgentConfig:
     server: str = f"https://localhost:{SERVER_PORT}"
     node: str = field(default_factory=socket.gethostname)
-    ca: str = "/etc/bulkhead/pki/ca.crt"
-    cert: str = "/etc/bulkhead/pki/agent.crt"
-    key: str = "/etc/bulkhead/pki/agent.key"
-    state_dir: str = "/var/lib/bulkhead-agent"
+    ca: str = PATHS.ca
+    cert: str = PATHS.cert
+    key: str = PATHS.key
+    state_dir: str = PATHS.state_dir
     failsafe_inbound: tuple[FailsafePort, ...] = DEFAULT_INBOUND
     failsafe_outbound: tuple[FailsafePort, ...] = DEFAULT_OUTBOUND
     log_level: str = "info"
@@ -83,6 +124,9 @@ class AgentConfig:
     # is blocked, everything is logged as the policies decide; docs/policy.md).
     enforcement: str = ENFORCE
     dns: DnsSettings | None = field(default_factory=DnsSettings)   # None: no snooping
+    # Who enforces: nftables (Linux), windows-firewall or hns (Windows; no flow logs, no
+    # DNS snooping there: both read NFLOG and conntrack).
+    dataplane: str = PATHS.dataplane
 
     @property
     def failsafes(self) -> Failsafes:
@@ -106,6 +150,7 @@ KEYS: dict[str, str] = {
     "metricsListen": "metrics_listen", "driftInterval": "drift_interval",
     "statusInterval": "status_interval", "heartbeatInterval": "heartbeat_interval",
     "flowLogs": "flow_logs", "enforcement": "enforcement", "dns": "dns",
+    "dataplane": "dataplane",
 }
 FLAGS: dict[str, str] = {attr: "--" + attr.replace("_", "-") for attr in KEYS.values()
                          if attr not in ("flow_logs", "dns")}
@@ -124,6 +169,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
     """The file at `path` (none: defaults only), then `overrides` (attribute -> value;
     None means not given). Raises ConfigError."""
     config = AgentConfig()
+    given: set[str] = set()
     if path is not None:
         try:
             data = yaml.safe_load(path.read_text()) or {}
@@ -138,14 +184,31 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
                 raise ConfigError(f"config {path}: {key}",
                                   f"unknown key (known: {', '.join(KEYS)})")
             _set(config, KEYS[key], value, f"config {path}: {key}")
+            given.add(KEYS[key])
     for attr, value in (overrides or {}).items():
         if value is not None:
             _set(config, attr, value, FLAGS[attr])
+    if config.dataplane != NFTABLES:
+        _without_netfilter(config, given, f"config {path}")
     flows, dns = config.flow_logs, config.dns
     if flows and dns and dns.group in (flows.inbound_group, flows.outbound_group):
         raise ConfigError(f"config {path}: dns.nflogGroup",
                           f"{dns.group} is a flow-log group; DNS needs a group of its own")
     return config
+
+
+def _without_netfilter(config: AgentConfig, given: set[str], where: str) -> None:
+    """Flow logs and DNS snooping read NFLOG and conntrack, which only the nftables
+    dataplane has: on by default, they are turned off; asked for, they are refused."""
+    if config.flow_logs is not None:
+        raise ConfigError(f"{where}: flowLogs", f"flow logs need the nftables dataplane "
+                          f"(NFLOG, conntrack); dataplane {config.dataplane} has none: "
+                          "leave flowLogs out or set enabled: false")
+    if config.dns is not None and "dns" in given:
+        raise ConfigError(f"{where}: dns", f"DNS snooping needs the nftables dataplane "
+                          f"(NFLOG); dataplane {config.dataplane} has none: leave dns out "
+                          "or set enabled: false")
+    config.dns = None
 
 
 def _set(config: AgentConfig, attr: str, value: Any, where: str) -> None:
@@ -185,6 +248,9 @@ def _check_string(attr: str, text: str, where: str) -> str:
     elif attr == "metrics_listen":
         if text:
             _host_port(where, text)
+    elif attr == "dataplane":
+        if text not in DATAPLANES:
+            raise ConfigError(where, f"{text!r}: expected one of {', '.join(DATAPLANES)}")
     elif attr == "enforcement":
         if text not in ENFORCEMENT_MODES:
             raise ConfigError(where, f"{text!r}: expected enforce or observe (the mode of "

@@ -8,6 +8,9 @@
     bulkhead-agent --flush-dns-cache            forget the learned DNS names (saved cache
                                                 and the kernel's domain sets); a running
                                                 agent does the same on SIGUSR1
+    bulkhead-agent service install|remove|start|stop|run|debug [--config FILE]
+                                                the Windows service (agent/win_service.py;
+                                                `debug` runs it in the console anywhere)
 
 Exit codes: 0 done; 1 the apply failed or the server refused; 2 bad configuration or
 usage; 3 the server cannot be reached.
@@ -23,7 +26,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bulkhead.agent.config import DEFAULT_CONFIG, FLAGS, AgentConfig, ConfigError, load_config
+from bulkhead.agent.config import (
+    DEFAULT_CONFIG,
+    FLAGS,
+    HNS,
+    NFTABLES,
+    WINDOWS_FIREWALL,
+    AgentConfig,
+    ConfigError,
+    load_config,
+)
 from bulkhead.agent.daemon import Agent, AgentError
 from bulkhead.agent.enforcer import Enforcer
 from bulkhead.agent.http import HttpError
@@ -35,6 +47,32 @@ EnforcerFactory = Callable[[AgentConfig], Enforcer]
 
 
 def default_enforcer(config: AgentConfig) -> Enforcer:
+    """The enforcer `dataplane` names: nftables (Linux), or Windows Firewall / HNS."""
+    if config.dataplane in (WINDOWS_FIREWALL, HNS):
+        return windows_enforcer(config)
+    assert config.dataplane == NFTABLES
+    return nftables_enforcer(config)
+
+
+def windows_enforcer(config: AgentConfig) -> Enforcer:
+    """Windows Firewall rules on the host (agent/win_enforcer.py); HNS ACLs are compiled
+    and checked (dataplane/windows/hns.py) but not applied by this agent yet."""
+    if config.dataplane == HNS:
+        raise AgentError("dataplane hns: this agent does not apply HNS ACLs yet (they are "
+                         "compiled and checked against a fake HNS only; docs/windows.md); "
+                         f"use dataplane {WINDOWS_FIREWALL}")
+    try:
+        from bulkhead.agent.win_enforcer import (  # type: ignore[import-not-found,unused-ignore]
+            WindowsFirewallEnforcer,
+        )
+    except ImportError as e:
+        raise AgentError(f"the Windows Firewall enforcer is not available: {e}") from None
+    enforcer: Enforcer = WindowsFirewallEnforcer(config.node, config.failsafes,
+                                                 default_mode=config.enforcement)
+    return enforcer
+
+
+def nftables_enforcer(config: AgentConfig) -> Enforcer:
     """The Linux dataplane: nftables, in a table of the agent's own."""
     try:
         from bulkhead.agent.nft_enforcer import (  # type: ignore[import-not-found,unused-ignore]
@@ -81,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
         "status_interval": "seconds between status reports (default 60)",
         "heartbeat_interval": "seconds between the server's heartbeats (default 10)",
         "enforcement": "enforce (default) or observe: the mode of endpoints without the "
-        "microseg.bulkhead.io/enforcement label"}
+        "microseg.bulkhead.io/enforcement label",
+        "dataplane": "nftables (the default on Linux), windows-firewall (the default on "
+        "Windows) or hns"}
     for attr, flag in FLAGS.items():
         p.add_argument(flag, dest=attr, metavar="VALUE", help=helps[attr])
     return p
@@ -94,6 +134,11 @@ def _error(message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None, *,
          make_enforcer: EnforcerFactory | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["service"]:
+        from bulkhead.agent.win_service import command
+
+        return command(argv[1:], make_enforcer=make_enforcer or default_enforcer)
     args = _parser().parse_args(argv)
     if args.offline and not args.dry_run:
         return _error("--offline goes with --dry-run", 2)
