@@ -70,6 +70,16 @@ def refused_extras(draw: st.DrawFn) -> list[dict[str, Any]]:
 @st.composite
 def worlds(draw: st.DrawFn, refusals: bool = True) -> World:
     docs = draw(policy_sets())
+    if draw(st.booleans()):
+        # More Pass: a policy early in some tier whose first rules pass (a Pass rule's
+        # boxes get a copy of what follows its tier).
+        tiers = ["default", *(d["metadata"]["name"] for d in docs if d["kind"] == "Tier")]
+        passing = [{**r, "action": "Pass"} for r in draw(st.lists(rules(), min_size=1,
+                                                                   max_size=2))]
+        docs.append(doc("GlobalNetworkPolicy", "passer", {
+            "tier": draw(st.sampled_from(tiers)), "order": 0, "selector": draw(selectors(1)),
+            "types": ["Ingress", "Egress"], "ingress": passing,
+            "egress": [{**r, "action": "Pass"} for r in draw(st.lists(rules(), max_size=2))]}))
     for d in docs:
         if d["kind"] == "HostEndpoint" and rare(draw, 5):
             d["metadata"].setdefault("labels", {})[ENFORCEMENT_LABEL] = OBSERVE
