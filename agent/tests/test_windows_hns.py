@@ -117,11 +117,19 @@ def test_priorities_rise_when_the_action_changes() -> None:
     assert rules[-1] == AclRule("web-in-4", "Block", "In", 1003)
 
 
+def test_allow_ends_come_before_the_last_block() -> None:
+    every = {4: (Entry(ALLOW, EVERY4, "a"),), 6: (Entry(ALLOW, EVERY6, "b"),)}
+    rules = hns.compile(every, INGRESS, "x")
+    assert [(r.action, r.priority, r.protocols, r.remote_addresses) for r in rules] == [
+        ("Allow", 1000, "", ()), ("Block", 1001, "", ())]
+    assert FakeHns(rules).allows(INGRESS, 6, 47, 1, 2, None, None, None)
+
+
 def test_the_families_ends_differ() -> None:
     flat = {4: (Entry(ALLOW, EVERY4, "a"),), 6: (Entry(DENY, EVERY6, "b"),)}
     rules = hns.compile(flat, EGRESS, "x")
-    assert [(r.action, r.direction, r.remote_addresses) for r in rules] == [
-        ("Allow", "Out", ("0.0.0.0/0",)), ("Block", "Out", ("::/0",))]
+    assert [(r.action, r.direction, r.protocols, r.remote_addresses) for r in rules] == [
+        ("Allow", "Out", "", ("0.0.0.0/0",)), ("Block", "Out", "", ())]
     fake = FakeHns(rules)
     assert fake.allows(EGRESS, 4, 6, 1, 2, 1000, 80, None)
     assert not fake.allows(EGRESS, 6, 6, 1, 2, 1000, 80, None)

@@ -18,9 +18,11 @@ rules, every combination of the chunks (Calico's ipPortsPerRule, 4000, in
 a few thousand"). An entry for all addresses of a family names the family's whole range
 ("0.0.0.0/0" or "::/0") as its remote address, so it stays in its family (an HNS rule
 with no addresses matches both). The lists of both families end with an entry matching
-everything; those become the last rule: one rule with no protocol and no address when
-both have the same action, else one per family. So the rules decide every packet
-themselves and never rely on HNS's implicit default deny.
+everything: an Allow end becomes an Allow rule (one for both families, with no protocol
+and no address, when both end so; else with its family's range), and the last rule is
+always a Block of everything (no protocol, no address), as Calico ends a policy set
+with a Block: it decides what the lists deny at their end. So the rules decide every
+packet themselves and never rely on HNS's implicit default deny.
 
 Refused with `Unsupported`, naming the entry's rule: ICMP types and codes (HNS ACLs have
 no such field), ports of protocols other than TCP and UDP, more than `max_rules` rules,
@@ -29,14 +31,25 @@ priorities past `MAX_PRIORITY`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from itertools import product
 
 from bulkhead.model import EGRESS, INGRESS
 from bulkhead.model.flowlog import PORTED
 from bulkhead.net import BITS, address_text, cidr_blocks
 
-from .flat import ALL_ICMP, ALL_PORTS, ALL_PROTOCOLS, ALLOW, Box, Entry, Flat, Spans, Unsupported
+from .flat import (
+    ALL_ICMP,
+    ALL_PORTS,
+    ALL_PROTOCOLS,
+    ALLOW,
+    DENY,
+    Box,
+    Entry,
+    Flat,
+    Spans,
+    Unsupported,
+)
 from .rules import AclRule
 
 HNS_DIRECTIONS = {INGRESS: "In", EGRESS: "Out"}
@@ -140,10 +153,16 @@ def compile(flat: Mapping[int, Flat], direction: str, name: str,
         for entry in entries[:-1]:
             writer.entry(entry, family)
         last[family] = entries[-1]
-    tails: Sequence[Entry] = list(last.values())
-    if len(last) == 2 and len({e.action for e in tails}) == 1:
-        writer.entry(tails[0], None)
+    # The ends: Allow ones (observe mode, a default-allow profile) before the last rule,
+    # one for both families when both end so; the last rule, Calico's end-of-tier Block,
+    # decides what the lists deny at their end.
+    allowing = [f for f, e in last.items() if e.action == ALLOW]
+    if len(allowing) == 2:
+        writer.entry(last[allowing[0]], None)
     else:
-        for family, entry in last.items():
-            writer.entry(entry, family)
+        for family in allowing:
+            writer.entry(last[family], family)
+    denying = [e for e in last.values() if e.action != ALLOW]
+    writer.entry(Entry(DENY, Box.everything(4), denying[0].where if denying else
+                       "the last rule (Calico's end-of-tier Block)"), None)
     return writer.rules
