@@ -5,10 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-down test deps lint typecheck unit conformance conformance-kernel collection-lint collection-sanity \
+.PHONY: demo demo-down test deps lint typecheck unit conformance conformance-kernel conformance-windows collection-lint collection-sanity \
 	collection-test molecule bench clean wheelhouse
 
-test: deps lint typecheck unit conformance conformance-kernel collection-lint collection-sanity collection-test
+test: deps lint typecheck unit conformance conformance-kernel conformance-windows collection-lint collection-sanity collection-test
 
 # The README's first command: an example inventory enforced on a lab of six hosts.
 demo: deps
@@ -42,6 +42,11 @@ conformance: deps
 # The same cases on real agents enforcing nftables in a lab of network namespaces.
 conformance-kernel: deps
 	$(BIN)/bulkhead conformance run agent/tests/conformance/ --dataplane nftables
+
+# The same cases compiled for Windows (HNS ACLs) and decided by a fake of HNS: no Windows
+# here, so this checks the compilation; cases HNS cannot enforce are reported as refused.
+conformance-windows: deps
+	$(BIN)/bulkhead conformance run agent/tests/conformance/ --dataplane hns
 
 # The collection's own modules resolve through a link in $(VENV)/collections.
 collection-lint: deps

@@ -79,7 +79,8 @@ ARROWS: dict[str, set[str]] = {
     "lab": set(),
     "testbed": {"lab", "client", "policy", "pki", "logging"},
     "demo": {"testbed"},
-    "conformance": {"testbed", "policy"},
+    # The Windows dataplanes run here as compilers with fakes (conformance/windows.py).
+    "conformance": {"testbed", "policy", "dataplane"},
     "cli": {"client", "conformance", "demo", "policy", "pki", "logging"},
 }
 

@@ -58,7 +58,7 @@ def test_a_wrong_expectation_fails_with_table_and_json(tmp_path: Path,
     data = json.loads(capsys.readouterr().out)
     assert data == {"cases": 2, "probes": 3, "failed": [
         {"case": "deny-db", "from": "web", "to": "db", "proto": "TCP", "port": 80,
-         "expected": True, "actual": False}]}
+         "expected": True, "actual": False}], "refused": []}
 
 
 @pytest.mark.parametrize(("over", "message"), [

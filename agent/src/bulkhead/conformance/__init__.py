@@ -6,15 +6,17 @@ from bulkhead.conformance.runner import (
     CaseResult,
     Dataplane,
     ModelDataplane,
+    Refused,
     probe_flow,
     report_json,
     report_text,
+    run_case,
     run_cases,
     wire_flow,
 )
 
 __all__ = [
     "DATAPLANES", "Case", "CaseError", "CaseResult", "Dataplane", "ModelDataplane", "Probe",
-    "load_cases", "parse_case", "probe_flow", "report_json", "report_text", "run_cases",
-    "wire_flow",
+    "Refused", "load_cases", "parse_case", "probe_flow", "report_json", "report_text",
+    "run_case", "run_cases", "wire_flow",
 ]

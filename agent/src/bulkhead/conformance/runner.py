@@ -2,7 +2,11 @@
 
 A dataplane takes a case and returns, for each expected probe, whether the connection got
 through. `model` asks the reference evaluator; the nftables dataplane (real agents in lab
-namespaces) plugs in through the same `Dataplane` protocol.
+namespaces) plugs in through the same `Dataplane` protocol, and so do the Windows ones
+(`hns`, `windows-firewall`: the plan compiled for Windows, decided by fakes of HNS and of
+Windows Firewall, `bulkhead.conformance.windows`). A dataplane that cannot enforce a
+case's policies raises `Refused`: the case is reported as refused, with the reason,
+neither agreeing nor failing.
 """
 
 from __future__ import annotations
@@ -20,7 +24,16 @@ class Dataplane(Protocol):
     name: str
 
     def run(self, case: Case) -> list[bool]:
-        """Whether each probe of `case.expect` got through, in order."""
+        """Whether each probe of `case.expect` got through, in order. Raises `Refused`
+        when the dataplane cannot enforce the case's policies."""
+
+
+class Refused(Exception):
+    """The dataplane cannot enforce a case's policies exactly; `reason` says what."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class ModelDataplane:
@@ -57,25 +70,49 @@ def _nftables() -> Dataplane:
     return NftablesDataplane()
 
 
+def _hns() -> Dataplane:
+    from bulkhead.conformance.windows import WindowsDataplane
+
+    return WindowsDataplane("hns")
+
+
+def _windows_firewall() -> Dataplane:
+    from bulkhead.conformance.windows import WindowsDataplane
+
+    return WindowsDataplane("windows-firewall")
+
+
 DATAPLANES: dict[str, Callable[[], Dataplane]] = {"model": ModelDataplane,
-                                                  "nftables": _nftables}
+                                                  "nftables": _nftables,
+                                                  "hns": _hns,
+                                                  "windows-firewall": _windows_firewall}
 
 
 @dataclass
 class CaseResult:
     case: Case
     actual: list[bool]
+    refused: str | None = None   # why the dataplane cannot enforce the case (no actual)
 
     @property
     def failed(self) -> list[tuple[Probe, bool]]:
+        if self.refused is not None:
+            return []
         return [(p, a) for p, a in zip(self.case.expect, self.actual, strict=True)
                 if p.allowed != a]
+
+
+def run_case(case: Case, dataplane: Dataplane) -> CaseResult:
+    try:
+        return CaseResult(case, dataplane.run(case))
+    except Refused as e:
+        return CaseResult(case, [], e.reason)
 
 
 def run_cases(cases: Sequence[Case], dataplane: Dataplane) -> list[CaseResult]:
     """Run every case; a dataplane with a `close()` (the kernel's lab) is closed after."""
     try:
-        return [CaseResult(case, dataplane.run(case)) for case in cases]
+        return [run_case(case, dataplane) for case in cases]
     finally:
         close = getattr(dataplane, "close", None)
         if close is not None:
@@ -103,6 +140,10 @@ def report_text(results: Sequence[CaseResult], dataplane: str) -> str:
     out: list[str] = []
     for result in results:
         case = result.case
+        if result.refused is not None:
+            out.append(f"== {case.name} [{', '.join(case.tags)}] REFUSED by {dataplane}: "
+                       f"{result.refused}")
+            continue
         status = "FAIL" if result.failed else "ok"
         out.append(f"== {case.name} [{', '.join(case.tags)}] {status}")
         by_column: dict[str, list[tuple[Probe, bool]]] = defaultdict(list)
@@ -120,28 +161,49 @@ def report_text(results: Sequence[CaseResult], dataplane: str) -> str:
                        f"{'allowed' if probe.allowed else 'denied'}, got "
                        f"{'allowed' if got else 'denied'}")
     out.append("")
-    out.append("pass rate per tag:")
+    out.append("pass rate per tag (refused cases apart):")
+    refused_by_tag = refused_tags(results)
     for tag, (passed, total) in sorted(tag_rates(results).items()):
-        out.append(f"  {tag:<24} {passed}/{total} cases ({100 * passed / total:.0f}%)")
+        rate = f"({100 * passed / total:.0f}%)" if total else "(none run)"
+        extra = f", {refused_by_tag[tag]} refused" if refused_by_tag.get(tag) else ""
+        out.append(f"  {tag:<24} {passed}/{total} cases {rate}{extra}")
     cases_failed = sum(1 for r in results if r.failed)
+    n_refused = sum(1 for r in results if r.refused is not None)
     n_probes = sum(len(r.actual) for r in results)
     n_differ = sum(len(r.failed) for r in results)
-    out.append(f"{len(results) - cases_failed} passed, {cases_failed} failed "
-               f"({n_probes - n_differ}/{n_probes} probes agree, dataplane {dataplane})")
+    refused_words = f", {n_refused} refused" if n_refused else ""
+    out.append(f"{len(results) - cases_failed - n_refused} passed, {cases_failed} failed"
+               f"{refused_words} ({n_probes - n_differ}/{n_probes} probes agree, "
+               f"dataplane {dataplane})")
     return "\n".join(out)
 
 
 def tag_rates(results: Sequence[CaseResult]) -> dict[str, tuple[int, int]]:
+    """Per tag: the cases that passed and the cases run (refused ones are not run)."""
     rates: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for result in results:
         for tag in result.case.tags or ["untagged"]:
+            if result.refused is not None:
+                rates.setdefault(tag, [0, 0])   # the tag is listed, with no case run
+                continue
             rates[tag][1] += 1
             if not result.failed:
                 rates[tag][0] += 1
     return {k: (v[0], v[1]) for k, v in rates.items()}
 
 
+def refused_tags(results: Sequence[CaseResult]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for result in results:
+        if result.refused is not None:
+            for tag in result.case.tags or ["untagged"]:
+                counts[tag] += 1
+    return dict(counts)
+
+
 def report_json(results: Sequence[CaseResult]) -> dict[str, Any]:
+    """`cases`: all given; `probes`: the probes run (none of a refused case); `refused`:
+    the cases the dataplane cannot enforce, with the reason and their probe count."""
     return {
         "cases": len(results),
         "probes": sum(len(r.actual) for r in results),
@@ -150,4 +212,6 @@ def report_json(results: Sequence[CaseResult]) -> dict[str, Any]:
              "port": p.port, "expected": p.allowed, "actual": got}
             for r in results for p, got in r.failed
         ],
+        "refused": [{"case": r.case.name, "reason": r.refused, "probes": len(r.case.expect)}
+                    for r in results if r.refused is not None],
     }

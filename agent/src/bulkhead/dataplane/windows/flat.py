@@ -107,3 +107,15 @@ class Unsupported(ValueError):
     def __init__(self, where: str, field: str, why: str) -> None:
         super().__init__(f"{where}: {field}: {why}")
         self.where, self.field, self.why = where, field, why
+
+
+def first_match(flat: Flat, protocol: int, local: int, remote: int, local_port: int | None,
+                remote_port: int | None, icmp: int | None) -> Entry:
+    """The entry that decides one packet (arguments as `Box.matches`): the first whose
+    box holds it. Raises ValueError when none does (a list that does not end with an
+    entry matching everything)."""
+    for entry in flat:
+        if entry.box.matches(protocol, local, remote, local_port, remote_port, icmp):
+            return entry
+    raise ValueError("no entry of the list matches the packet: a flattened list ends "
+                     "with an entry matching every packet of its family")
