@@ -66,7 +66,7 @@ def test_flows_benchmark_runs_small() -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
 def test_apply_benchmark_runs_small() -> None:
     results = run_json("apply.py", "--policies", "20", "--elements", "200", "--selecting", "4",
-                       "--repeat", "1")
+                       "--repeat", "1", "--changes", "3", "--scale", "10")
     assert results["sizes"]["policies"] == 20 and results["sizes"]["element_changes"] >= 1
     assert results["sizes"]["set_elements"] >= 200
     for figure in ("nft_f_s", "apply_s", "render_s", "render_apply_vs_nft_f"):
@@ -82,6 +82,20 @@ def test_apply_benchmark_runs_small() -> None:
     for figure in ("build_s", "calculate_s", "render_s", "apply_s", "peak_rss_mib"):
         assert fresh[figure] > 0
     assert fresh["calculate_render_apply_s"] >= fresh["apply_s"]
+    # The agent's path at each fleet size (1,000 and 10 peers), the changes interleaved:
+    # every change of each kind at each size counted, and the flatness figure is the
+    # largest median over the smallest.
+    sizes = results["end_to_end"]
+    assert [e["host_endpoints"] for e in sizes] == [1001, 11]
+    for e in sizes:
+        for what in ("label_ms", "netset_ms"):
+            assert e[what]["changes"] == 3
+            assert 0 < e[what]["min"] <= e[what]["median"] <= e[what]["max"]
+        assert e["incremental"] == 6 and e["from_scratch"] == 1
+    label = results["end_to_end_flatness"]["label"]
+    medians = [e["label_ms"]["median"] for e in sizes]
+    assert label["largest_over_smallest_median"] == max(medians) / min(medians) >= 1
+    assert results["label_change_end_to_end_ms"] == medians[0]
 
 
 def test_soak_benchmark_runs_small() -> None:
