@@ -26,7 +26,8 @@ def test_benchmarks_run_quick() -> None:
 def test_server_benchmark_runs_small() -> None:
     script = SCRIPT.parent / "server.py"
     done = subprocess.run([sys.executable, str(script), "--watchers", "20", "--changes", "2",
-                           "--writes", "20", "--json"],
+                           "--writes", "20", "--rounds", "2", "--client-writes", "3",
+                           "--json"],
                           capture_output=True, text=True, timeout=300, check=True)
     results = json.loads(done.stdout)
     assert set(results["watch"]) == {"sqlite-poll", "sqlite-stream", "etcd-poll", "etcd-stream"}
@@ -34,9 +35,18 @@ def test_server_benchmark_runs_small() -> None:
         assert 0 < figures["p50_ms"] <= figures["p99_ms"]
     assert results["fanout"]["etcd_watch_streams"] == {"direct": 20, "through_server": 1}
     for figure in ("store_writes_per_s", "api_writes_per_s", "store_writes_concurrent_per_s",
-                   "api_writes_concurrent_per_s"):
+                   "api_writes_concurrent_per_s", "api_writes_client_per_s"):
         assert set(results[figure]) == {"sqlite", "etcd"}
         assert all(rate > 0 for rate in results[figure].values())
+    # One writer, the store's and the API's in turns: a ratio per round, and the
+    # server's CPU per API write.
+    for backend, one in results["one_writer"].items():
+        ratio = one["ratio"]
+        assert ratio["rounds"] == 2 and ratio["writes_per_round"] == 10
+        assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+        assert one["api_per_s"] == results["api_writes_per_s"][backend]
+        assert one["store_per_s"] == results["store_writes_per_s"][backend]
+        assert one["server_cpu_ms_per_write"] >= 0   # CPU comes in clock ticks (10 ms)
 
 
 def run_json(script: str, *args: str) -> Any:
