@@ -105,6 +105,10 @@ def test_apply_benchmark_runs_small() -> None:
     label = results["end_to_end_flatness"]["label"]
     medians = [e["label_ms"]["median"] for e in sizes]
     assert label["largest_over_smallest_median"] == max(medians) / min(medians) >= 1
+    # Paired against the smallest fleet round by round: the smallest is 1 against itself.
+    assert label["paired_over_smallest"]["11"] == 1.0
+    paired = label["paired_over_smallest"].values()
+    assert label["largest_over_smallest_paired"] == max(paired) / min(paired) >= 1
     assert results["label_change_end_to_end_ms"] == medians[0]
 
 
