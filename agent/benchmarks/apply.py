@@ -4,6 +4,7 @@
     .venv/bin/python agent/benchmarks/apply.py --policies 20 --elements 200 --selecting 4 \\
         --repeat 1 --json          # smoke
     .venv/bin/python agent/benchmarks/apply.py --size 10x --repeat 3   # ten times the scale
+    .venv/bin/python agent/benchmarks/apply.py --scale 100 10000 100000 --changes 200
 
 The store: one endpoint (`receiver`, node n1) and `--policies` policies, `--selecting` of
 them selecting it; each of those allows one GlobalNetworkSet (`--elements` addresses over
@@ -26,6 +27,13 @@ never read or written.
 4. A fresh process (spawned) that does what an agent starting up does: builds the store,
    calculates, renders and applies the table into a namespace of its own; its stage
    times and its peak RSS.
+5. The agent's own path for one change, event received -> kernel holds it
+   (`label_change_end_to_end_ms`), at 1,000 peers and at each `--scale` fleet size: every
+   size's agent is set up first, then `--changes` label changes and as many network set
+   changes at each size, interleaved round by round; per size the median and spread,
+   and the flatness figure, the largest median over the smallest (issue 23: <= 1.2),
+   and the same paired: per size the median over the rounds of its change's time over
+   the smallest fleet's in the same round.
 
 `--size 10x` is ten times the default sizes: 10,000 policies, 1,000 selecting the
 endpoint, 1,000,000 addresses (issue 23); explicit flags override a preset's size.
@@ -47,7 +55,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from bulkhead.dataplane.nftables import Ruleset, render
@@ -138,68 +146,127 @@ def full_replace(ns: str, ruleset: Callable[[], Ruleset]) -> float:
     return time.perf_counter() - start
 
 
-def end_to_end(args: argparse.Namespace, peers: int) -> dict[str, Any]:
-    """The agent's own path for one change, event received -> kernel holds it: the
-    desired state takes the watch event (`DesiredState.apply`), builds the snapshot from
-    the last one (`changes`), and the Linux enforcer folds the change into the kept plan,
-    renders with what the last render kept and sends the element change
-    (`NftablesEnforcer.enforce`), in a scratch network namespace. After the first apply
-    the process settles as the daemon's does after an apply from scratch
-    (`bulkhead.agent.memory.settle`: collect, freeze what is kept, give pages back), and
-    each change runs with the cycle collector held off as in the daemon
-    (`memory.collector_paused`; the clock stops when the kernel holds the change, before
-    the collections it made due).
-    Two changes, each there and back `--repeat` times: peer 1's label (app=web1 <->
-    app=cache), and one address of a network set (its first net <-> 198.18.255.254).
-    Median and p99 of each."""
-    from bulkhead.agent.memory import collector_paused, settle
-    from bulkhead.agent.nft_enforcer import NftablesEnforcer
-    from bulkhead.agent.sync import DesiredState
+class AgentPath:
+    """One agent's own path for one change, event received -> kernel holds it, at a
+    fleet of `peers` host endpoints elsewhere: the desired state takes the watch event
+    (`DesiredState.apply`), builds the snapshot from the last one (`changes`), and the
+    Linux enforcer folds the change into the kept plan, renders with what the last render
+    kept and sends the element change (`NftablesEnforcer.enforce`), in a scratch network
+    namespace of its own (entered on `stack`). Each change runs with the cycle collector
+    held off as in the daemon (`memory.collector_paused`; the clock stops when the kernel
+    holds the change, before the collections it made due).
+    Two changes, each there and back: peer 1's label (app=web1 <-> app=cache), and one
+    address of a network set (its first net <-> 198.18.255.254)."""
 
-    docs = resources(args.policies, args.elements, args.selecting, False, peers)
-    state = DesiredState()
-    state.replace(docs)
-    netset = next(d for d in docs if d["kind"] == "GlobalNetworkSet")
-    changes = {
-        "label": [peer(1, "cache"), peer(1, "web1")],
-        "netset": [{**netset, "spec": {"nets": ["198.18.255.254", *netset["spec"]["nets"][1:]]}},
-                   netset]}
-    out: dict[str, Any] = {"host_endpoints": peers + 1}
-    with scratch_netns() as ns:
-        enforcer = NftablesEnforcer(NODE, Failsafes(), applier=NftApplier(netns=ns),
-                                    interfaces=lambda: {"eth0": ["198.18.0.10"]})
-        snap, errors, _ = state.changes()
+    def __init__(self, args: argparse.Namespace, peers: int, stack: ExitStack) -> None:
+        from bulkhead.agent.nft_enforcer import NftablesEnforcer
+        from bulkhead.agent.sync import DesiredState
+
+        docs = resources(args.policies, args.elements, args.selecting, False, peers)
+        self.host_endpoints = peers + 1
+        self.state = DesiredState()
+        self.state.replace(docs)
+        netset = next(d for d in docs if d["kind"] == "GlobalNetworkSet")
+        self.changes = {
+            "label": [peer(1, "cache"), peer(1, "web1")],
+            "netset": [{**netset, "spec": {"nets": ["198.18.255.254",
+                                                    *netset["spec"]["nets"][1:]]}},
+                       netset]}
+        self.times: dict[str, list[float]] = {what: [] for what in self.changes}
+        ns = stack.enter_context(scratch_netns())
+        self.enforcer = NftablesEnforcer(NODE, Failsafes(), applier=NftApplier(netns=ns),
+                                         interfaces=lambda: {"eth0": ["198.18.0.10"]})
+        snap, errors, _ = self.state.changes()
         assert not errors, errors
         start = time.perf_counter()
-        enforcer.enforce(snap, 1)
-        out["full_apply_s"] = time.perf_counter() - start
+        self.enforcer.enforce(snap, 1)
+        self.full_apply_s = time.perf_counter() - start
+        self.revision = 1
+
+    def change(self, what: str) -> None:
+        """The next change of kind `what` (there, then back), timed."""
+        from bulkhead.agent.memory import collector_paused
+
+        times = self.times[what]
+        doc = self.changes[what][len(times) % 2]
+        self.revision += 1
+        event = {"type": "MODIFIED", "kind": doc["kind"], "name": doc["metadata"]["name"],
+                 "object": doc}
+        start = time.perf_counter()
+        # The daemon holds the cycle collector off over the same steps
+        # (memory.collector_paused); what that makes due runs after the kernel holds the
+        # change, so the clock stops inside.
+        with collector_paused():
+            self.state.apply([event])
+            snap, _, changed = self.state.changes()
+            report = self.enforcer.enforce(snap, self.revision, changed)
+            times.append(time.perf_counter() - start)
+        if report.full or not report.changed:
+            raise SystemExit(f"the {what} change did not go as an element change")
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"host_endpoints": self.host_endpoints,
+                               "full_apply_s": self.full_apply_s}
+        for what, times in self.times.items():
+            out[f"{what}_ms"] = spread(times)
+        out["incremental"] = self.enforcer.calculator.incremental
+        out["from_scratch"] = self.enforcer.calculator.full
+        return out
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    """Median, p10, p90, p99, least and most of `times` (seconds), in milliseconds."""
+    ordered = sorted(times)
+
+    def at(q: float) -> float:
+        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return {"median": at(0.5), "p10": at(0.1), "p90": at(0.9), "p99": at(0.99),
+            "min": 1000 * ordered[0], "max": 1000 * ordered[-1], "changes": len(ordered)}
+
+
+def end_to_end(args: argparse.Namespace, fleets: list[int]) -> dict[str, Any]:
+    """The agent's path (`AgentPath`) at each fleet size, every agent set up first and
+    the changes interleaved: round after round, one change at each size, in an order
+    that turns by one place each round, so a burst of other work on the machine lands on
+    every size alike instead of on the size measured at that moment (measured one size
+    after the other, the medians moved by up to 2x between runs). `--changes` changes
+    of each kind at each size; per size the median and spread. The flatness figure: the
+    largest median over the smallest, per kind (goal: at most 1.2); and paired, the
+    largest over the smallest of each size's median ratio to the smallest fleet in the
+    same round."""
+    from bulkhead.agent.memory import settle
+
+    with ExitStack() as stack:
+        agents = [AgentPath(args, peers, stack) for peers in fleets]
         settle()          # as the daemon does after an apply from scratch
-        revision = 1
-        for what, docs_ in changes.items():
-            times: list[float] = []
-            for i in range(2 * args.repeat):
-                doc = docs_[i % 2]
-                revision += 1
-                event = {"type": "MODIFIED", "kind": doc["kind"],
-                         "name": doc["metadata"]["name"], "object": doc}
-                start = time.perf_counter()
-                # The daemon holds the cycle collector off over the same steps
-                # (memory.collector_paused); what that makes due runs after the kernel
-                # holds the change, so the clock stops inside.
-                with collector_paused():
-                    state.apply([event])
-                    snap, _, changed = state.changes()
-                    report = enforcer.enforce(snap, revision, changed)
-                    times.append(time.perf_counter() - start)
-                if report.full or not report.changed:
-                    raise SystemExit(f"the {what} change did not go as an element change")
-            times.sort()
-            out[f"{what}_ms"] = {"median": 1000 * times[len(times) // 2],
-                                 "p99": 1000 * times[min(len(times) - 1,
-                                                         int(0.99 * len(times)))]}
-        out["incremental"] = enforcer.calculator.incremental
-        out["from_scratch"] = enforcer.calculator.full
-    return out
+        for what in ("label", "netset"):
+            for r in range(args.changes):
+                turn = r % len(agents)
+                for agent in agents[turn:] + agents[:turn]:
+                    agent.change(what)
+        results = [a.result() for a in agents]
+        flat = {}
+        smallest = min(agents, key=lambda a: a.host_endpoints)
+        for what in ("label", "netset"):
+            medians = [r[f"{what}_ms"]["median"] for r in results]
+            # Paired: each round's time at a size over the same round's at the smallest
+            # fleet (the two a few milliseconds apart), the median over the rounds; load
+            # that changes slower than a round cancels out.
+            paired = [median([t / base for t, base in zip(a.times[what],
+                                                          smallest.times[what],
+                                                          strict=True)])
+                      for a in agents]
+            flat[what] = {
+                "largest_over_smallest_median": max(medians) / min(medians),
+                "paired_over_smallest": {str(a.host_endpoints): p
+                                         for a, p in zip(agents, paired, strict=True)},
+                "largest_over_smallest_paired": max(paired) / min(paired)}
+    return {"sizes": results, "flatness": flat}
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 def fresh_apply(policies: int, elements: int, selecting: int) -> dict[str, float]:
@@ -287,7 +354,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             label_end_to_end.append(time.perf_counter() - start)
         elements = sum(len(s.elements) for s in rulesets[False].sets.values())
     fresh = in_fresh_process(args)
-    end = end_to_end(args, PEERS)
+    measured_e2e = end_to_end(args, [PEERS, *args.scale])
+    end = measured_e2e["sizes"][0]
     nft_s, apply_s, agent_s = min(full_nft), min(full_apply), min(full_agent)
     netlink_s, nft_elem_s = min(via_netlink), min(via_nft)
     return {
@@ -308,7 +376,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fresh_process": fresh,
         "label_change_end_to_end_ms": end["label_ms"]["median"],
         "netset_change_end_to_end_ms": end["netset_ms"]["median"],
-        "end_to_end": [end, *(end_to_end(args, n) for n in args.scale)],
+        "end_to_end": measured_e2e["sizes"],
+        "end_to_end_flatness": measured_e2e["flatness"],
         "load": os.getloadavg(),
     }
 
@@ -347,10 +416,16 @@ def report(r: dict[str, Any]) -> str:
         describe(r["kernel_memory"], s["set_elements"]),
         fresh_line(r["fresh_process"]),
         *(f"agent   {e['host_endpoints']} host endpoints: event -> kernel, label change "
-          f"{e['label_ms']['median']:.1f} ms (p99 {e['label_ms']['p99']:.1f}), network set "
-          f"change {e['netset_ms']['median']:.1f} ms (p99 {e['netset_ms']['p99']:.1f}); "
-          f"full apply {e['full_apply_s']:.2f} s  (goal <= 20 ms)"
-          for e in r["end_to_end"]),
+          f"{e['label_ms']['median']:.2f} ms (p10-p90 {e['label_ms']['p10']:.2f}-"
+          f"{e['label_ms']['p90']:.2f}), network set change {e['netset_ms']['median']:.2f} ms"
+          f" (p10-p90 {e['netset_ms']['p10']:.2f}-{e['netset_ms']['p90']:.2f}); "
+          f"{e['label_ms']['changes']} changes of each; full apply {e['full_apply_s']:.2f} s"
+          f"  (goal <= 20 ms)" for e in r["end_to_end"]),
+        *(f"flat    {what} change, largest / smallest median over the sizes: "
+          f"{f['largest_over_smallest_median']:.2f}; paired (each round against the "
+          f"smallest fleet's change of that round, median): "
+          f"{f['largest_over_smallest_paired']:.2f}  (goal <= 1.2)"
+          for what, f in r["end_to_end_flatness"].items()),
     ])
 
 
@@ -368,6 +443,9 @@ def main() -> int:
     parser.add_argument("--fresh-only", action="store_true",
                         help="measure only the agent's start in a fresh process (best of "
                              "--repeat; peak RSS: the largest)")
+    parser.add_argument("--changes", type=int, default=100,
+                        help="changes of each kind at each size for the agent's path "
+                             "(interleaved over the sizes)")
     parser.add_argument("--scale", type=int, nargs="*", default=[],
                         help="also measure the agent's path with this many host endpoints "
                              "elsewhere (e.g. 100 10000 100000)")

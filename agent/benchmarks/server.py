@@ -6,9 +6,13 @@
 Needs `etcd` (Debian's etcd-server) on PATH; starts its own etcd and bulkhead-servers on
 127.0.0.1 and stops them. Figures:
 1. write throughput: single-resource transactions per second, SQLite and etcd, straight
-   to the store and through the HTTPS API: one writer at a time (sequential), and
+   to the store and through the HTTPS API: one writer at a time (sequential; the store's
+   and the API's in turns, `--rounds` rounds, the ratio per round; and the server's CPU
+   per API write, which moves less with the machine's load than a rate), and
    `--writers` writers at once (each its own task; through the API each its own
-   connection), both sides under the same conditions;
+   connection), both sides under the same conditions; and one writer through the
+   project's own client (`bulkhead.client`, a connection per request, as the CLI and the
+   collection's modules make);
 2. watch notify latency: N agents watching one server (long-poll, and streaming), a change
    written, the time until each agent has it (p50, p99 over all agents and changes),
    SQLite and etcd;
@@ -109,19 +113,71 @@ async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
 
 
 # ---------------------------------------------------------------------- write throughput
-async def store_writes(store: Any, count: int) -> float:
+async def store_writes(store: Any, count: int, prefix: str = "w") -> float:
+    """Seconds for `count` one-resource creates straight to the store, one at a time."""
     start = time.perf_counter()
     for i in range(count):
-        await store.transaction([Op("put", "GlobalNetworkSet", f"w{i}", netset(f"w{i}"))])
-    return count / (time.perf_counter() - start)
+        name = f"{prefix}{i}"
+        await store.transaction([Op("put", "GlobalNetworkSet", name, netset(name))])
+    return time.perf_counter() - start
 
 
 async def api_writes(session: aiohttp.ClientSession, url: str, count: int) -> float:
+    """Seconds for `count` creates through the API, one at a time, on one connection."""
     start = time.perf_counter()
     for i in range(count):
         async with session.post(url + "/v1/resources/GlobalNetworkSet",
                                 json=netset(f"api{i}-{time.time_ns()}")) as r:
             assert r.status == 201, await r.text()
+    return time.perf_counter() - start
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def one_writer(store: Any, session: aiohttp.ClientSession, url: str, pid: int,
+                     count: int, rounds: int, tag: str) -> dict[str, Any]:
+    """One writer straight to the store and one through the API, in turns: `rounds`
+    rounds of `count / rounds` writes each way (which goes first alternates), so a burst
+    of other work on the machine falls on both sides alike; the ratio of each round's
+    two rates, and the server's CPU (all its threads) per API write."""
+    per = max(1, count // rounds)
+    direct_s = api_s = server_cpu = 0.0
+    ratios: list[float] = []
+    for r in range(rounds):
+        d = a = 0.0
+        for side in (("store", "api") if r % 2 == 0 else ("api", "store")):
+            if side == "store":
+                d = await store_writes(store, per, prefix=f"{tag}{r}-")
+            else:
+                before = cpu_s(pid)
+                a = await api_writes(session, url, per)
+                server_cpu += cpu_s(pid) - before
+        direct_s, api_s = direct_s + d, api_s + a
+        ratios.append(d / a)
+    ratios.sort()
+    return {"store_per_s": rounds * per / direct_s, "api_per_s": rounds * per / api_s,
+            "ratio": {"median": ratios[len(ratios) // 2], "min": ratios[0],
+                      "max": ratios[-1], "rounds": rounds, "writes_per_round": per},
+            "server_cpu_ms_per_write": 1000 * server_cpu / (rounds * per)}
+
+
+def client_writes(url: str, tmp: Path, count: int) -> float:
+    """Writes per second through the project's own client (`bulkhead.client`, what the
+    CLI uses; the collection's modules work the same way through
+    `ansible.module_utils.urls`): one request per HTTPS connection, head and body in one
+    write, one at a time."""
+    from bulkhead.client import Connection
+
+    conn = Connection(server=url, ca=str(tmp / "ca.crt"), cert=str(tmp / "bench-admin.crt"),
+                      key=str(tmp / "bench-admin.key"))
+    start = time.perf_counter()
+    for i in range(count):
+        conn.request("POST", "/v1/resources/GlobalNetworkSet",
+                     netset(f"cli{i}-{time.time_ns()}"))
     return count / (time.perf_counter() - start)
 
 
@@ -281,22 +337,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         etcd = EtcdProcess(tmp)
         servers: list[Server] = []
         try:
-            # 1. writes straight to the stores
+            results["load_start"] = os.getloadavg()
+            # 1. writes straight to the stores, many writers at once (one writer: below,
+            # in turns with the API's)
             sqlite = SQLiteStore(tmp / "direct.db")
-            results["store_writes_per_s"] = {
-                "sqlite": await store_writes(sqlite, args.writes)}
             results["store_writes_concurrent_per_s"] = {
                 "sqlite": await store_writes_concurrent(sqlite, args.writes, args.writers)}
             await sqlite.close()
             etcd_store = EtcdStore([etcd.url], prefix="/direct/")
-            results["store_writes_per_s"]["etcd"] = await store_writes(etcd_store, args.writes)
             results["store_writes_concurrent_per_s"]["etcd"] = await store_writes_concurrent(
                 etcd_store, args.writes, args.writers)
             await etcd_store.close()
 
             admin_ssl = client_ssl(tmp, "bench-admin", "admin")
             agent_ssl = client_ssl(tmp, "bench-agent", "agent")
+            results["store_writes_per_s"] = {}
             results["api_writes_per_s"] = {}
+            results["one_writer"] = {}
+            results["api_writes_client_per_s"] = {}
             results["api_writes_concurrent_per_s"] = {}
             results["writers"] = args.writers
             results["watch"] = {}
@@ -310,8 +368,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             connector=aiohttp.TCPConnector(ssl=admin_ssl)) as admin:
                         await wait_ready(admin, server.url)
                         if mode == "poll":
-                            results["api_writes_per_s"][backend] = await api_writes(
-                                admin, server.url, args.writes)
+                            direct: Any = SQLiteStore(tmp / "direct.db") \
+                                if backend == "sqlite" else \
+                                EtcdStore([etcd.url], prefix="/direct/")
+                            one = await one_writer(direct, admin, server.url,
+                                                   server.proc.pid, args.writes, args.rounds,
+                                                   "w")
+                            await direct.close()
+                            results["one_writer"][backend] = one
+                            results["store_writes_per_s"][backend] = one["store_per_s"]
+                            results["api_writes_per_s"][backend] = one["api_per_s"]
+                            results["api_writes_client_per_s"][backend] = \
+                                await asyncio.to_thread(client_writes, server.url, tmp,
+                                                        args.client_writes)
                             results["api_writes_concurrent_per_s"][backend] = \
                                 await api_writes_concurrent(admin_ssl, server.url,
                                                             args.writes, args.writers)
@@ -330,6 +399,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for s in servers:
                 s.stop()
             etcd.stop()
+    results["load_end"] = os.getloadavg()
     return results
 
 
@@ -341,6 +411,11 @@ def main() -> int:
     parser.add_argument("--writes", type=int, default=500)
     parser.add_argument("--writers", type=int, default=16,
                         help="writers at once for the concurrent write figures")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="one writer: rounds of --writes/--rounds writes straight to "
+                             "the store and as many through the API, in turns")
+    parser.add_argument("--client-writes", type=int, default=100,
+                        help="writes through the project's own client (a connection each)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--server-logs", type=Path, metavar="DIR",
                         help="keep each server's log (level info) in DIR")
@@ -351,7 +426,15 @@ def main() -> int:
         return 0
     w, a = results["store_writes_per_s"], results["api_writes_per_s"]
     print(f"writes/s      store: sqlite {w['sqlite']:.0f}, etcd {w['etcd']:.0f};  "
-          f"HTTPS API: sqlite {a['sqlite']:.0f}, etcd {a['etcd']:.0f}  (one writer)")
+          f"HTTPS API: sqlite {a['sqlite']:.0f}, etcd {a['etcd']:.0f}  (one writer, in "
+          f"turns)")
+    for backend, one in results["one_writer"].items():
+        r = one["ratio"]
+        print(f"              {backend}: API / store {r['median']:.2f} (median of "
+              f"{r['rounds']} rounds, {r['min']:.2f}-{r['max']:.2f}; goal >= 0.5); server "
+              f"CPU {one['server_cpu_ms_per_write']:.2f} ms per API write; the project's "
+              f"client (a connection per write) "
+              f"{results['api_writes_client_per_s'][backend]:.0f}/s")
     w, a = results["store_writes_concurrent_per_s"], results["api_writes_concurrent_per_s"]
     print(f"writes/s      store: sqlite {w['sqlite']:.0f}, etcd {w['etcd']:.0f};  "
           f"HTTPS API: sqlite {a['sqlite']:.0f}, etcd {a['etcd']:.0f}  "

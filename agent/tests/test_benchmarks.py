@@ -26,7 +26,8 @@ def test_benchmarks_run_quick() -> None:
 def test_server_benchmark_runs_small() -> None:
     script = SCRIPT.parent / "server.py"
     done = subprocess.run([sys.executable, str(script), "--watchers", "20", "--changes", "2",
-                           "--writes", "20", "--json"],
+                           "--writes", "20", "--rounds", "2", "--client-writes", "3",
+                           "--json"],
                           capture_output=True, text=True, timeout=300, check=True)
     results = json.loads(done.stdout)
     assert set(results["watch"]) == {"sqlite-poll", "sqlite-stream", "etcd-poll", "etcd-stream"}
@@ -34,9 +35,18 @@ def test_server_benchmark_runs_small() -> None:
         assert 0 < figures["p50_ms"] <= figures["p99_ms"]
     assert results["fanout"]["etcd_watch_streams"] == {"direct": 20, "through_server": 1}
     for figure in ("store_writes_per_s", "api_writes_per_s", "store_writes_concurrent_per_s",
-                   "api_writes_concurrent_per_s"):
+                   "api_writes_concurrent_per_s", "api_writes_client_per_s"):
         assert set(results[figure]) == {"sqlite", "etcd"}
         assert all(rate > 0 for rate in results[figure].values())
+    # One writer, the store's and the API's in turns: a ratio per round, and the
+    # server's CPU per API write.
+    for backend, one in results["one_writer"].items():
+        ratio = one["ratio"]
+        assert ratio["rounds"] == 2 and ratio["writes_per_round"] == 10
+        assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+        assert one["api_per_s"] == results["api_writes_per_s"][backend]
+        assert one["store_per_s"] == results["store_writes_per_s"][backend]
+        assert one["server_cpu_ms_per_write"] >= 0   # CPU comes in clock ticks (10 ms)
 
 
 def run_json(script: str, *args: str) -> Any:
@@ -66,7 +76,7 @@ def test_flows_benchmark_runs_small() -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
 def test_apply_benchmark_runs_small() -> None:
     results = run_json("apply.py", "--policies", "20", "--elements", "200", "--selecting", "4",
-                       "--repeat", "1")
+                       "--repeat", "1", "--changes", "3", "--scale", "10")
     assert results["sizes"]["policies"] == 20 and results["sizes"]["element_changes"] >= 1
     assert results["sizes"]["set_elements"] >= 200
     for figure in ("nft_f_s", "apply_s", "render_s", "render_apply_vs_nft_f"):
@@ -82,6 +92,24 @@ def test_apply_benchmark_runs_small() -> None:
     for figure in ("build_s", "calculate_s", "render_s", "apply_s", "peak_rss_mib"):
         assert fresh[figure] > 0
     assert fresh["calculate_render_apply_s"] >= fresh["apply_s"]
+    # The agent's path at each fleet size (1,000 and 10 peers), the changes interleaved:
+    # every change of each kind at each size counted, and the flatness figure is the
+    # largest median over the smallest.
+    sizes = results["end_to_end"]
+    assert [e["host_endpoints"] for e in sizes] == [1001, 11]
+    for e in sizes:
+        for what in ("label_ms", "netset_ms"):
+            assert e[what]["changes"] == 3
+            assert 0 < e[what]["min"] <= e[what]["median"] <= e[what]["max"]
+        assert e["incremental"] == 6 and e["from_scratch"] == 1
+    label = results["end_to_end_flatness"]["label"]
+    medians = [e["label_ms"]["median"] for e in sizes]
+    assert label["largest_over_smallest_median"] == max(medians) / min(medians) >= 1
+    # Paired against the smallest fleet round by round: the smallest is 1 against itself.
+    assert label["paired_over_smallest"]["11"] == 1.0
+    paired = label["paired_over_smallest"].values()
+    assert label["largest_over_smallest_paired"] == max(paired) / min(paired) >= 1
+    assert results["label_change_end_to_end_ms"] == medians[0]
 
 
 def test_soak_benchmark_runs_small() -> None:

@@ -274,6 +274,12 @@ def test_pieces_patched_read_as_the_same_patch_of_one_tuple(
     got = leaf.patched(lo, hi, patch, size)
     assert tuple(got) == tuple(want)
     assert len(got) == len(want)
+    # Spliced, not gathered again: the same chunk starts, length and no empty chunk as
+    # a leaf built from the patched chunks.
+    assert all(got._chunks)
+    assert got._firsts == [c[0][0][0] for c in got._chunks]
+    assert got._len == sum(map(len, got._chunks))
+    assert [got[i] for i in range(len(want))] == want
     # Made again: the chunks with a piece starting in [lo, hi + 1], and at most one more
     # before them and two around their ends.
     shared = {id(c) for c in got._chunks}
