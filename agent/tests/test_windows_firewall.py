@@ -91,7 +91,7 @@ def spans(draw: st.DrawFn, points: list[int], whole: tuple[int, int]) -> tuple[
 @st.composite
 def boxes(draw: st.DrawFn, family: int) -> Box:
     top = all_addresses(family)[0]
-    kind = draw(st.sampled_from(["any", "ported", "icmp", "protocols"]))
+    kind = draw(st.sampled_from(["any", "ported", "icmp", "protocols", "wide"]))
     local = draw(spans(cuts(family), top))
     remote = draw(spans(cuts(family), top))
     if kind == "ported":         # ports only with protocols that carry them or lack them
@@ -103,6 +103,11 @@ def boxes(draw: st.DrawFn, family: int) -> Box:
         protocols = draw(st.sampled_from([((1, 1),), ((58, 58),), ((1, 1), (58, 58))]))
         return Box(family, protocols, local, remote,
                    icmp=draw(spans(ICMP_CUTS, (0, 0xFFFF))))
+    if kind == "wide":           # ports and ICMP with protocols that lack them
+        protocols = minus(draw(spans(PROTOCOLS, (0, 255))), ((132, 132), (136, 136)))
+        ports = draw(spans(PORT_CUTS, (0, 65535)))
+        icmp = draw(spans(ICMP_CUTS, (0, 0xFFFF))) if ports == ALL_PORTS else ALL_ICMP
+        return Box(family, protocols or ((6, 6),), local, remote, ports, ALL_PORTS, icmp)
     if kind == "protocols":
         protocols = draw(spans(PROTOCOLS, (0, 255)))
         return Box(family, protocols, local, remote)
@@ -127,25 +132,26 @@ def near(spans_: tuple[tuple[int, int], ...], value: int) -> list[int]:
 def packets(draw: st.DrawFn, flat: dict[int, Flat]) -> list[Packet]:
     """Random packets of both families, most on or next to an edge of one of the boxes."""
     out: list[Packet] = []
-    for _ in range(draw(st.integers(10, 24))):
+    for _ in range(draw(st.integers(16, 32))):
         family = draw(st.sampled_from([4, 6]))
         box = draw(st.sampled_from(flat[family])).box
         top = all_addresses(family)[0][1]
-        protocol = draw(st.sampled_from(PROTOCOLS + [box.protocols[0][0],
-                                                     box.protocols[-1][1]]))
-        local = draw(st.sampled_from(near(box.local, BASE[family])))
-        remote = draw(st.sampled_from(near(box.remote, BASE[family] + 300)))
+        own = [v for span in box.protocols for v in span]
+        protocol = draw(st.sampled_from(own if draw(st.booleans()) else PROTOCOLS))
+        local = clamp(draw(st.sampled_from(near(box.local, BASE[family]))), top)
+        remote = clamp(draw(st.sampled_from(near(box.remote, BASE[family] + 300))), top)
         local_port = remote_port = icmp = None
         if protocol in PORTED:
-            local_port = draw(st.sampled_from(near(box.local_ports, 22)))
-            remote_port = draw(st.sampled_from(near(box.remote_ports, 40000)))
+            local_port = clamp(draw(st.sampled_from(near(box.local_ports, 22))), 0xFFFF)
+            remote_port = clamp(draw(st.sampled_from(near(box.remote_ports, 40000))), 0xFFFF)
         if protocol in (1, 58):
-            icmp = draw(st.sampled_from(near(box.icmp, icmp_span(8, 0)[0])))
-        if not (0 <= local <= top and 0 <= remote <= top) or not all(
-                v is None or 0 <= v <= 0xFFFF for v in (local_port, remote_port, icmp)):
-            continue
+            icmp = clamp(draw(st.sampled_from(near(box.icmp, icmp_span(8, 0)[0]))), 0xFFFF)
         out.append((family, protocol, local, remote, local_port, remote_port, icmp))
     return out
+
+
+def clamp(value: int, top: int) -> int:
+    return min(max(value, 0), top)
 
 
 def verdicts(rules: list[FirewallRule], packets_: list[Packet], direction: str = "Inbound"

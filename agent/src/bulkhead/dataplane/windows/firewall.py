@@ -46,8 +46,8 @@ from bulkhead.dataplane.windows.flat import (
     all_addresses,
 )
 from bulkhead.dataplane.windows.rules import INBOUND, OUTBOUND, FirewallRule
-from bulkhead.net import BITS, address_text, cidr_blocks, intersection, merge
 from bulkhead.model.flowlog import PORTED
+from bulkhead.net import BITS, address_text, cidr_blocks, intersection, merge
 
 BLOCK = "Block"
 BLOCKS = ("all", "explicit", "none")
@@ -94,7 +94,7 @@ def windows_direction(direction: str) -> str:
                          "Outbound") from None
 
 
-def compile(flat: Mapping[int, Flat], direction: str, name: str,  # noqa: A001 (agreed name)
+def compile(flat: Mapping[int, Flat], direction: str, name: str,
             interface_alias: str | None = None, max_rules: int = MAX_RULES, *,
             blocks: str = "all") -> list[FirewallRule]:
     """Windows Firewall rules that decide every packet of `direction` as the first-match
@@ -298,8 +298,7 @@ def _join(shapes: Iterable[_Shape], field: str | None) -> list[_Shape]:
         values = dict(zip(fields, (getattr(first, f) for f in fields), strict=True))
         if field is not None and len(group) > 1:
             values[field] = merge(span for s in group for span in getattr(s, field))
-        out.append(_Shape(**values,  # type: ignore[arg-type]
-                          sources=frozenset().union(*(s.sources for s in group))))
+        out.append(_Shape(**values, sources=frozenset().union(*(s.sources for s in group))))
     return out
 
 
@@ -322,8 +321,8 @@ def _rules(shapes: list[_Shape]) -> list[_Rule]:
     ports and ICMP share one rule (a Windows Firewall address list may hold both
     families, and a rule with no addresses matches both), lists cut into CHUNK entries.
     In the order of the list entry each rule first comes from."""
-    pairs: dict[tuple[object, ...], dict[int, list[_Shape]]] = defaultdict(
-        lambda: {4: [], 6: []})
+    pairs: dict[tuple[str, int | None, Spans, Spans, Spans], dict[int, list[_Shape]]] = \
+        defaultdict(lambda: {4: [], 6: []})
     for s in shapes:
         pairs[(s.action, s.protocol, s.local_ports, s.remote_ports, s.icmp)][s.family] \
             .append(s)
@@ -339,8 +338,7 @@ def _rules(shapes: list[_Shape]) -> list[_Rule]:
                      _chunks(tuple(_port_texts(lports))), _chunks(tuple(_port_texts(rports))),
                      _chunks(tuple(_icmp_texts(icmp)))]
             for lo, re, lp, rp, ic in product(*lists):
-                out.append(_Rule(str(action), protocol, lo, re, lp, rp, ic,  # type: ignore
-                                 sources))
+                out.append(_Rule(action, protocol, lo, re, lp, rp, ic, sources))
     out.sort(key=lambda r: min(r.sources))
     return out
 
@@ -354,7 +352,7 @@ def _addresses(members: list[_Shape]) -> tuple[tuple[str, ...], tuple[str, ...]]
     """The local and remote address lists of a rule for one shape per family. A list is
     left empty (Any) only where every family's shape holds all its addresses; a rule for
     one family names addresses on at least one side, so it never matches the other."""
-    sides = []
+    sides: list[tuple[str, ...]] = []
     for side in ("local", "remote"):
         if all(getattr(s, side) == all_addresses(s.family) for s in members):
             sides.append(())
