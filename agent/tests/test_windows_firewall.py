@@ -10,6 +10,7 @@ Then the text formats, chunking, refusals and the rule bound, one by one.
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from typing import Any
 
@@ -366,3 +367,30 @@ def test_fake_reads_text_strictly() -> None:
     assert fake.allows("Inbound", 6, 47, "2001:2::1", "2001:2::ffff", None, None, None)
     assert not fake.allows("Outbound", 6, 47, "2001:2::1", "2001:2::ffff", None, None, None)
     assert ALL_PORTS == ((0, 65535),)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(a=spans(list(range(0, 40, 3)), (0, 40)), b=spans(list(range(1, 40, 4)), (0, 40)),
+       c=spans(list(range(0, 40, 5)), (0, 40)), d=spans(list(range(2, 40, 3)), (0, 40)))
+def test_span_and_box_arithmetic(a: Any, b: Any, c: Any, d: Any) -> None:
+    """`minus`, `meet` and `subtract` against sets of values: the pieces of x - y are
+    disjoint, at most one per field, and hold exactly the values of x not in y."""
+    def values(spans_: Any) -> set[int]:
+        return {v for lo, hi in spans_ for v in range(lo, hi + 1)}
+
+    assert values(minus(a, b)) == values(a) - values(b)
+    assert values(firewall.meet(a, b)) == values(a) & values(b)
+    assert merge(minus(a, b)) == minus(a, b) and merge(firewall.meet(a, b)) == firewall.meet(a, b)
+    x, y = (a, b, c, a, b, c), (c, d, a, d, d, b)
+    pieces = firewall.subtract(x, y)
+    assert len(pieces) <= 6
+
+    chooser = random.Random(len(pieces))   # points of x, on edges of y's spans often
+    edges = [sorted(values(f) & {e for lo, hi in g for e in (lo - 1, lo, hi, hi + 1)}
+                    | set(sorted(values(f))[::9])) for f, g in zip(x, y, strict=True)]
+    inside = {tuple(chooser.choice(e) for e in edges) for _ in range(300)}
+    for p in inside:
+        in_y = all(any(lo <= v <= hi for lo, hi in f) for v, f in zip(p, y, strict=True))
+        holders = [q for q in pieces
+                   if all(any(lo <= v <= hi for lo, hi in f) for v, f in zip(p, q, strict=True))]
+        assert len(holders) == (0 if in_y else 1), p

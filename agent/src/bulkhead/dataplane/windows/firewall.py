@@ -28,6 +28,7 @@ ports only with those two), and more rules than `max_rules`.
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ _PORT_FIELDS = {INBOUND: ("destination.ports", "source.ports"),
 
 # protocols, local, remote, local ports, remote ports, icmp; ports and icmp extended.
 _XBox = tuple[Spans, Spans, Spans, Spans, Spans, Spans]
+_CHEAP_FIRST = (0, 3, 4, 5, 1, 2)
 
 
 def windows_direction(direction: str) -> str:
@@ -147,20 +149,58 @@ def _extend(box: Box) -> _XBox:
 
 
 def minus(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> Spans:
-    """The values of `a` not in `b`, for sorted disjoint spans."""
+    """The values of `a` not in `b`, for sorted disjoint spans. The spans of `a` between
+    two of `b` are found by bisection and copied as they are (a complement of many
+    addresses loses a few at a time)."""
     out: list[tuple[int, int]] = []
-    j = 0
+    n, i = len(a), 0
+    if not n:
+        return ()
+    head = a[0]                        # a[i], or what is left of it
+    for lo, hi in b:
+        if head[1] < lo:               # a's spans before this one of b: as they are
+            out.append(head)
+            k = bisect.bisect_left(a, lo, lo=i + 1, key=_end)
+            out.extend(a[i + 1:k])
+            i = k
+            if i == n:
+                break
+            head = a[i]
+        while head[0] <= hi:
+            if head[0] < lo:
+                out.append((head[0], lo - 1))
+            if head[1] > hi:
+                head = (hi + 1, head[1])
+                break
+            i += 1
+            if i == n:
+                break
+            head = a[i]
+        if i == n:
+            break
+    if i < n:
+        out.append(head)
+        out.extend(a[i + 1:])
+    return tuple(out)
+
+
+def _end(span: tuple[int, int]) -> int:
+    return span[1]
+
+
+def meet(a: Spans, b: Spans) -> Spans:
+    """The values in both, for sorted disjoint spans; each span of the shorter list is
+    looked up in the longer one (a complement of many addresses meets short lists)."""
+    if len(a) > len(b):
+        a, b = b, a
+    out: list[tuple[int, int]] = []
     for lo, hi in a:
-        while j < len(b) and b[j][1] < lo:
-            j += 1
-        at, k = lo, j
+        k = bisect.bisect_left(b, (lo,))
+        if k and b[k - 1][1] >= lo:
+            k -= 1
         while k < len(b) and b[k][0] <= hi:
-            if b[k][0] > at:
-                out.append((at, b[k][0] - 1))
-            at = max(at, b[k][1] + 1)
+            out.append((max(lo, b[k][0]), min(hi, b[k][1])))
             k += 1
-        if at <= hi:
-            out.append((at, hi))
     return tuple(out)
 
 
@@ -168,9 +208,14 @@ def subtract(x: _XBox, y: _XBox) -> list[_XBox]:
     """`x` minus `y` as disjoint boxes: at most one per field (the values of field i that
     `y` lacks, with the fields before i narrowed to `y`'s). Protocols come first, so what
     another protocol keeps stays one piece."""
-    common = [intersection(a, b) for a, b in zip(x, y, strict=True)]
-    if not all(common):
-        return [x]
+    common: list[Spans] = [(), (), (), (), (), ()]
+    for i in _CHEAP_FIRST:             # the short fields first: most pairs miss there
+        a, b = x[i], y[i]
+        if a[-1][1] < b[0][0] or b[-1][1] < a[0][0]:
+            return [x]
+        common[i] = a if a == b else meet(a, b)
+        if not common[i]:
+            return [x]
     pieces: list[_XBox] = []
     for i in range(6):
         rest = minus(x[i], y[i])
@@ -187,21 +232,23 @@ def _regions(flat: Flat, family: int, blocks: str, limit: int
         if entry.box.family != family:
             raise ValueError(f"{entry.where}: a family {entry.box.family} box in the "
                              f"family {family} list")
+        if entry.action not in (ALLOW, DENY):
+            raise ValueError(f"{entry.where}: action {entry.action!r} is not Allow or Deny")
     for i, entry in enumerate(flat):
+        if entry.box.empty:            # matches no packet: no rules, nothing to subtract
+            continue
         if entry.action == ALLOW:
             if blocks != "none":       # earlier Deny regions are blocked: the whole box
                 yield i, ALLOW, [boxes[i]]
                 continue
             other = DENY
-        elif entry.action == DENY:
+        else:
             if blocks == "none" or (blocks == "explicit" and i == len(flat) - 1):
                 continue
             other = ALLOW
-        else:
-            raise ValueError(f"{entry.where}: action {entry.action!r} is not Allow or Deny")
         pieces = [boxes[i]]
         for j in range(i):
-            if flat[j].action == other:
+            if flat[j].action == other and not flat[j].box.empty:
                 pieces = [p for q in pieces for p in subtract(q, boxes[j])]
                 if len(pieces) > limit:
                     raise Unsupported(entry.where, "rule count",
