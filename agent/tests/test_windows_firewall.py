@@ -394,3 +394,16 @@ def test_span_and_box_arithmetic(a: Any, b: Any, c: Any, d: Any) -> None:
         holders = [q for q in pieces
                    if all(any(lo <= v <= hi for lo, hi in f) for v, f in zip(p, q, strict=True))]
         assert len(holders) == (0 if in_y else 1), p
+
+
+def test_pieces_before_merging_are_bounded() -> None:
+    """A Deny after many Allows that each cut every protocol is refused while subtracting,
+    long before its rules are merged, naming the Deny."""
+    entries = [Entry(ALLOW, replace(V4, protocols=((6, 6),), local_ports=((p, p),),
+                                    remote=net(f"198.18.{p}.0/24")), f"policy p rule {p}")
+               for p in range(1, 40, 2)]
+    flat = {4: (*entries, Entry(DENY, V4, "tier default default"))}
+    with pytest.raises(Unsupported) as raised:
+        compile(flat, "Ingress", "bh", max_rules=3)
+    assert raised.value.where == "tier default default"
+    assert raised.value.field == "rule count"

@@ -117,13 +117,13 @@ def compile(flat: Mapping[int, Flat], direction: str, name: str,
         for index, action, region in _regions(flat[family], family, blocks, 8 * max_rules):
             source = len(wheres)
             wheres.append(flat[family][index].where)
-            for piece in region:
+            for piece in region:       # at most 256 shapes a piece
                 shapes.extend(_shapes(piece, family, action, source, wheres[source],
                                       wf_direction))
-            if len(shapes) > 64 * max_rules:
-                raise Unsupported(wheres[source], "rule count",
-                                  f"more than {64 * max_rules} pieces before merging "
-                                  f"(max_rules {max_rules})")
+                if len(shapes) > 64 * max_rules:
+                    raise Unsupported(wheres[source], "rule count",
+                                      f"more than {64 * max_rules} rules before merging "
+                                      f"(max_rules {max_rules})")
     rules = _rules(_merge(shapes))
     if len(rules) > max_rules:
         past = rules[max_rules]
