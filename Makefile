@@ -47,6 +47,7 @@ conformance-kernel: deps
 # here, so this checks the compilation; cases HNS cannot enforce are reported as refused.
 conformance-windows: deps
 	$(BIN)/bulkhead conformance run agent/tests/conformance/ --dataplane hns
+	$(BIN)/bulkhead conformance run agent/tests/conformance/ --dataplane windows-firewall
 
 # The collection's own modules resolve through a link in $(VENV)/collections.
 collection-lint: deps

@@ -335,9 +335,9 @@ def test_service_debug_stops_on_ctrl_c(tmp_path: Path) -> None:
 
 
 def test_windows_firewall_dataplane_makes_the_windows_enforcer() -> None:
-    """With agent/win_enforcer.py beside it (written in parallel, issue 24): the config's
-    node, failsafes and default mode reach the enforcer; nothing runs PowerShell yet."""
-    win_enforcer = pytest.importorskip("bulkhead.agent.win_enforcer")
+    """The config's node, failsafes and default mode reach the enforcer; nothing runs
+    PowerShell yet."""
+    from bulkhead.agent import win_enforcer
     config = load_config(None, {"dataplane": "windows-firewall", "node": "win-1",
                                 "enforcement": "observe", "failsafe_inbound": "tcp:5986"})
     enforcer = agent_main.default_enforcer(config)

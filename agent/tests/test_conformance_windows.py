@@ -45,8 +45,6 @@ def test_the_project_cases_on_hns() -> None:
 
 
 def test_the_project_cases_on_windows_firewall() -> None:
-    # Enabled once the Windows Firewall compiler (issue 24, another branch) is merged.
-    pytest.importorskip("bulkhead.dataplane.windows.firewall")
     check_project_cases("windows-firewall")
 
 

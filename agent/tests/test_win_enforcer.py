@@ -254,10 +254,7 @@ def test_the_runner_is_bounded_in_time() -> None:
 
 def test_the_default_compile_runs_the_windows_compilers() -> None:
     """The default compile stage over a real plan: flatten, then firewall.compile, per
-    direction and interface. The compilers come from other work of issue 24: skipped
-    until they are in the tree."""
-    pytest.importorskip("bulkhead.dataplane.windows.flatten")
-    pytest.importorskip("bulkhead.dataplane.windows.firewall")
+    direction and interface."""
     from bulkhead.agent.win_enforcer import compile_plan
     from bulkhead.policy.plan import calculate
 
@@ -281,9 +278,7 @@ def test_the_default_compile_runs_the_windows_compilers() -> None:
 def test_the_conformance_plans_apply_and_list_back_unchanged() -> None:
     """The first case of every conformance file, compiled by the Windows compilers for
     its first probed host: the script parses, the fake applies it, and the listing reads
-    back as no drift (skipped until the compilers are in the tree)."""
-    pytest.importorskip("bulkhead.dataplane.windows.flatten")
-    pytest.importorskip("bulkhead.dataplane.windows.firewall")
+    back as no drift."""
     from pathlib import Path
 
     from bulkhead.conformance.cases import load_cases

@@ -15,14 +15,14 @@ leaves the previous generation enforced (powershell.py: the order and the transi
 from __future__ import annotations
 
 import difflib
-import importlib
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from bulkhead.agent.enforcer import EnforceError, EnforceReport
-from bulkhead.dataplane.windows import powershell
+from bulkhead.dataplane.windows import firewall, powershell
 from bulkhead.dataplane.windows.flat import Unsupported
+from bulkhead.dataplane.windows.flatten import flatten
 from bulkhead.dataplane.windows.powershell import (
     PROFILES,
     Listing,
@@ -84,16 +84,12 @@ class PowerShellRunner:
 def compile_plan(plan: NodePlan) -> list[FirewallRule]:
     """The node's rules: each endpoint's flattened policy per direction, compiled for
     each of its interfaces (one rule set for all of them when it has `*`)."""
-    # Imported by name: the compilers are written beside this module (issue 24) and are
-    # looked up only when the agent runs on Windows.
-    flatten = importlib.import_module("bulkhead.dataplane.windows.flatten")
-    firewall = importlib.import_module("bulkhead.dataplane.windows.firewall")
     rules: list[FirewallRule] = []
     for endpoint in plan.endpoints:
         aliases: list[str | None] = [None] if "*" in endpoint.interfaces \
             else list(endpoint.interfaces)
         for direction in (INGRESS, EGRESS):
-            flat = flatten.flatten(plan, endpoint, direction)
+            flat = flatten(plan, endpoint, direction)
             for alias in aliases:
                 name = f"{endpoint.name}-{direction.lower()}" + (f"-{alias}" if alias else "")
                 rules += firewall.compile(flat, direction, name, interface_alias=alias)

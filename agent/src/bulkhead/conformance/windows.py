@@ -21,14 +21,13 @@ with the endpoint, direction, policy, rule and field: the runner reports it as r
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from bulkhead.conformance.cases import Case
 from bulkhead.conformance.runner import Refused, probe_flow
-from bulkhead.dataplane.windows import fake_hns, hns
+from bulkhead.dataplane.windows import fake_firewall, fake_hns, firewall, hns
 from bulkhead.dataplane.windows.flat import Flat, Unsupported
 from bulkhead.dataplane.windows.flatten import flatten
 from bulkhead.model import EGRESS, INGRESS
@@ -54,19 +53,7 @@ def backend(name: str) -> tuple[Compile, Callable[[list[Any]], Fake]]:
     if name == "hns":
         return hns.compile, fake_hns.FakeHns
     if name == "windows-firewall":
-        try:
-            # By name: the modules come with the Windows Firewall compiler (issue 24),
-            # merged apart from this one.
-            firewall = importlib.import_module("bulkhead.dataplane.windows.firewall")
-            fake_firewall = importlib.import_module("bulkhead.dataplane.windows.fake_firewall")
-        except ImportError as e:
-            raise ImportError(
-                "the windows-firewall dataplane needs bulkhead.dataplane.windows.firewall "
-                "and fake_firewall (issue 24's Windows Firewall compiler), which this "
-                f"build does not have: {e}") from e
-        compile_: Compile = firewall.compile
-        fake: Callable[[list[Any]], Fake] = fake_firewall.FakeFirewall
-        return compile_, fake
+        return firewall.compile, fake_firewall.FakeFirewall
     raise ValueError(f"Windows backend {name!r}: expected one of {', '.join(BACKENDS)}")
 
 
