@@ -256,3 +256,23 @@ def test_a_direction_that_is_none_is_refused() -> None:
     plan, ep = plan_of()
     with pytest.raises(ValueError, match="direction 'In': expected Ingress or Egress"):
         flatten(plan, ep, "In")
+
+
+def test_ipv6_neighbour_discovery_is_allowed_before_any_policy() -> None:
+    """As the nftables table accepts it: a deny-all policy leaves ICMPv6 types 133-136
+    allowed (an IPv6 host endpoint keeps its neighbours), and nothing else of ICMPv6;
+    IPv4 has no such head, and HNS's lists (no ICMP types there) can leave it out."""
+    deny = res("GlobalNetworkPolicy", "deny", {"selector": "app == 'db'",
+                                               "ingress": [{"action": "Deny"}],
+                                               "egress": [{"action": "Deny"}]})
+    plan, ep = plan_of(deny)
+    local, remote = int(ipaddress.ip_address("2001:2::1")), int(ipaddress.ip_address("2001:2::9"))
+    for direction in (INGRESS, EGRESS):
+        flat = flatten(plan, ep, direction)
+        for icmp_type in range(256):
+            entry = first_match(flat[6], 58, local, remote, None, None, icmp_type << 8)
+            assert entry.action == (ALLOW if 133 <= icmp_type <= 136 else DENY), icmp_type
+        assert first_match(flat[4], 1, 1, 2, None, None, 135 << 8).action == DENY
+        assert all(e.where != "IPv6 neighbour discovery" for e in flat[4])
+        bare = flatten(plan, ep, direction, neighbour_discovery=False)
+        assert first_match(bare[6], 58, local, remote, None, None, 135 << 8).action == DENY

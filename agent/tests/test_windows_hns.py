@@ -62,7 +62,7 @@ def test_fake_hns_over_compiled_rules_decides_as_the_evaluator() -> None:
             rules: list[AclRule] = []
             try:
                 for direction in DIRECTIONS:
-                    flat = flatten(plan, ep, direction)
+                    flat = flatten(plan, ep, direction, neighbour_discovery=False)
                     refuse = hns_refuses(flat)
                     try:
                         rules += hns.compile(flat, direction, host)

@@ -74,7 +74,10 @@ class WindowsDataplane:
                 rules: list[Any] = []
                 for direction in (INGRESS, EGRESS):
                     try:
-                        rules += self.compile(flatten(plan, ep, direction), direction, ep.name)
+                        # HNS cannot match ICMP types: no neighbour discovery head there.
+                        flat = flatten(plan, ep, direction,
+                                       neighbour_discovery=self.name != "hns")
+                        rules += self.compile(flat, direction, ep.name)
                     except Unsupported as e:
                         raise Refused(f"host endpoint {ep.name} {direction.lower()}: {e}") \
                             from None

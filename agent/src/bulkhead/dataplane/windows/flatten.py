@@ -4,6 +4,8 @@
 first matching entry is the reference evaluator's decision (`bulkhead.policy.evaluate`)
 for every packet of that family seen at the endpoint in that direction:
 
+0. for IPv6, neighbour discovery (ICMPv6 types 133-136): Allow, before any policy, as
+   the nftables dataplane does (`ND_BOX`; the evaluator does not model it);
 1. failsafe ports (`plan.failsafes`): inbound ones on ingress match the local (the
    destination) port, outbound ones on egress the remote (the destination) port, and the
    peer's net when one is given: Allow;
@@ -313,8 +315,10 @@ def _failsafe_box(fs: FailsafePort, family: int, direction: str) -> Box | None:
 class _Builder:
     """Builds one family's list, from the last stage back (a Pass copies what follows)."""
 
-    def __init__(self, plan: NodePlan, family: int, direction: str) -> None:
+    def __init__(self, plan: NodePlan, family: int, direction: str,
+                 neighbour_discovery: bool = True) -> None:
         self.plan, self.family, self.direction = plan, family, direction
+        self.neighbour_discovery = neighbour_discovery
         self.everything = Box.everything(family)
 
     def block(self, rules: Sequence[RulePlan], passed: list[Entry], after: list[Entry]
@@ -368,7 +372,19 @@ class _Builder:
             else self.plan.failsafes.outbound
         head = [Entry(ALLOW, box, f"failsafe {fs}") for fs in failsafes
                 if (box := _failsafe_box(fs, self.family, self.direction)) is not None]
+        if self.family == 6 and self.neighbour_discovery:
+            head.insert(0, Entry(ALLOW, ND_BOX, "IPv6 neighbour discovery"))
         return _reachable(head + rest, self.everything)
+
+
+# IPv6 neighbour discovery (ICMPv6 router solicitation and advertisement, neighbour
+# solicitation and advertisement: types 133-136, RFC 4861) is accepted before any policy,
+# as the nftables table does: without it a host endpoint's IPv6 stops working, and the
+# rules here end in an explicit Block of everything (`firewall.BLOCKS`), which would
+# override Windows' own Core Networking rules for it. The reference evaluator decides
+# policy only and does not model it (nor does the nftables dataplane's differential test).
+ND_BOX = Box(6, ((58, 58),), ((0, (1 << 128) - 1),), ((0, (1 << 128) - 1),),
+             icmp=((133 << 8, (136 << 8) | 0xFF),))
 
 
 def _reachable(entries: list[Entry], everything: Box) -> Flat:
@@ -380,10 +396,13 @@ def _reachable(entries: list[Entry], everything: Box) -> Flat:
 
 
 def flatten(plan: NodePlan, endpoint: EndpointPlan, direction: str, *,
-            policy_decision: bool = False) -> dict[int, Flat]:
+            policy_decision: bool = False, neighbour_discovery: bool = True
+            ) -> dict[int, Flat]:
     """The first-match list of each family (4, 6) for `endpoint` in `direction`
     (Ingress or Egress). Observe mode: one Allow matching everything, unless
-    `policy_decision`. Raises Unsupported (see the module's docstring)."""
+    `policy_decision`. `neighbour_discovery=False` leaves out the IPv6 neighbour
+    discovery head (for HNS, which cannot match ICMP types). Raises Unsupported (see the
+    module's docstring)."""
     if direction not in (INGRESS, EGRESS):
         raise ValueError(f"direction {direction!r}: expected {INGRESS} or {EGRESS}")
     if endpoint.mode == OBSERVE and not policy_decision:
@@ -392,4 +411,4 @@ def flatten(plan: NodePlan, endpoint: EndpointPlan, direction: str, *,
                 for f in FAMILIES}
     _refuse(plan, endpoint, direction)
     dp = endpoint.direction(direction)
-    return {f: _Builder(plan, f, direction).flat(dp) for f in FAMILIES}
+    return {f: _Builder(plan, f, direction, neighbour_discovery).flat(dp) for f in FAMILIES}
