@@ -136,6 +136,10 @@ class HnsEnforcer:
     def wanted(self, snapshot: Snapshot) -> dict[str, Wanted]:
         """HNS endpoint id -> its ACLs for `snapshot`. Raises EnforceError naming the
         policy, rule and field HNS cannot express; then nothing is applied."""
+        return self._wanted(snapshot)[0]
+
+    def _wanted(self, snapshot: Snapshot) -> tuple[dict[str, Wanted], set[str]]:
+        """`wanted`, and the ids of every HNS endpoint of the host."""
         try:
             endpoints = self.hcn.endpoints()
         except HcnError as e:
@@ -161,7 +165,7 @@ class HnsEnforcer:
             by_name[ep.name] = rules
         for i, name in sorted(owners.items()):
             out[i] = Wanted(name, by_name[name])
-        return out
+        return out, {e.id for e in endpoints}
 
     def _found(self, endpoint: str) -> tuple[list[dict[str, Any]], list[AclRule]]:
         """The endpoint's ACL policies as HCN holds them, raw and parsed."""
@@ -173,12 +177,11 @@ class HnsEnforcer:
 
     def _apply(self, snapshot: Snapshot, revision: int) -> EnforceReport:
         start = time.perf_counter()
-        wanted = self.wanted(snapshot)
+        wanted, existing = self._wanted(snapshot)
         # id -> the request to send; released: endpoints no host endpoint names now
         requests: dict[str, str] = {}
         previous: dict[str, list[dict[str, Any]]] = {}
         try:
-            existing = {e.id for e in self.hcn.endpoints()}
             for i, want in wanted.items():
                 raw, rules = self._found(i)
                 if hns_json.drift(want.rules, rules):
