@@ -31,7 +31,8 @@ lint: deps
 # The second run checks the Windows-only half of the service against pywin32's stubs.
 typecheck: deps
 	cd agent && ../$(BIN)/mypy
-	cd agent && ../$(BIN)/mypy --platform win32 --follow-imports=silent src/bulkhead/agent/win_service.py
+	cd agent && ../$(BIN)/mypy --platform win32 --follow-imports=silent src/bulkhead/agent/win_service.py \
+		src/bulkhead/agent/hcn.py src/bulkhead/agent/hns_enforcer.py
 
 unit: deps
 	cd agent && ../$(BIN)/pytest

@@ -7,6 +7,7 @@ the SCM is `FakeScm`, a recorder at the one boundary that needs Windows."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from bulkhead.agent import hcn
 from bulkhead.agent import main as agent_main
 from bulkhead.agent.cache import load_cache
 from bulkhead.agent.config import (
@@ -25,6 +27,7 @@ from bulkhead.agent.config import (
 )
 from bulkhead.agent.daemon import AgentError
 from bulkhead.agent.enforcer import EnforceReport
+from bulkhead.agent.hns_enforcer import HnsEnforcer
 from bulkhead.agent.win_service import (
     BAD_CONFIG,
     FAILED,
@@ -43,6 +46,7 @@ from tests.agentfixture import (  # noqa: F401 (restore_logging: an autouse fixt
     until,
 )
 from tests.conftest import Server
+from tests.hcnfake import FakeHcn
 
 
 class FakeScm:
@@ -135,9 +139,17 @@ def test_bad_dataplane_settings_name_the_key(tmp_path: Path, content: dict[str, 
     assert message in str(e.value)
 
 
-def test_hns_dataplane_is_refused_by_the_agent_with_a_reason() -> None:
-    with pytest.raises(AgentError, match="dataplane hns: this agent does not apply HNS"):
-        agent_main.default_enforcer(load_config(None, {"dataplane": "hns"}))
+def test_hns_dataplane_builds_the_hns_enforcer(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config(None, {"dataplane": "hns", "node": "win1"})
+    if sys.platform != "win32":    # computenetwork.dll is loaded when the agent starts
+        with pytest.raises(AgentError, match="dataplane hns: HCN is only on Windows"):
+            agent_main.default_enforcer(config)
+    fake = FakeHcn([])
+    monkeypatch.setattr(hcn, "ComputeNetwork", lambda: fake)
+    enforcer = agent_main.default_enforcer(config)
+    assert isinstance(enforcer, HnsEnforcer) and enforcer.node == "win1"
+    assert enforcer.hcn is fake and enforcer.enforce(Snapshot.build([]), 1).counts[
+        "endpoints"] == 0
 
 
 # ------------------------------------------------------------------- command line
@@ -291,13 +303,15 @@ def _debug_process(conf: Path) -> Any:
                             stdout=subprocess.DEVNULL, text=True)
 
 
-def test_service_debug_refuses_hns_with_exit_1(tmp_path: Path) -> None:
+@pytest.mark.skipif(sys.platform == "win32", reason="HCN is there on Windows")
+def test_service_debug_refuses_hns_off_windows_with_exit_1(tmp_path: Path) -> None:
     conf = tmp_path / "agent.yaml"
     conf.write_text(yaml.safe_dump({"dataplane": "hns", "metricsListen": ""}))
     proc = _debug_process(conf)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == FAILED
-    assert "bulkhead-agent: error: bulkhead-agent stopped (exit 1): dataplane hns" in err
+    assert "bulkhead-agent: error: bulkhead-agent stopped (exit 1): dataplane hns: HCN is " \
+        "only on Windows" in err
 
 
 def test_service_debug_stops_on_ctrl_c(tmp_path: Path) -> None:

@@ -55,12 +55,10 @@ def default_enforcer(config: AgentConfig) -> Enforcer:
 
 
 def windows_enforcer(config: AgentConfig) -> Enforcer:
-    """Windows Firewall rules on the host (agent/win_enforcer.py); HNS ACLs are compiled
-    and checked (dataplane/windows/hns.py) but not applied by this agent yet."""
+    """Windows Firewall rules on the host (agent/win_enforcer.py), or HNS ACLs on the
+    host's HNS endpoints (agent/hns_enforcer.py)."""
     if config.dataplane == HNS:
-        raise AgentError("dataplane hns: this agent does not apply HNS ACLs yet (they are "
-                         "compiled and checked against a fake HNS only; docs/windows.md); "
-                         f"use dataplane {WINDOWS_FIREWALL}")
+        return hns_enforcer(config)
     try:
         from bulkhead.agent.win_enforcer import (  # type: ignore[import-not-found,unused-ignore]
             WindowsFirewallEnforcer,
@@ -69,6 +67,21 @@ def windows_enforcer(config: AgentConfig) -> Enforcer:
         raise AgentError(f"the Windows Firewall enforcer is not available: {e}") from None
     enforcer: Enforcer = WindowsFirewallEnforcer(config.node, config.failsafes,
                                                  default_mode=config.enforcement)
+    return enforcer
+
+
+def hns_enforcer(config: AgentConfig) -> Enforcer:
+    """HNS ACLs through the Host Compute Network API (computenetwork.dll, loaded here:
+    off Windows the agent stops at once, "HCN is only on Windows")."""
+    from bulkhead.agent import hcn
+    from bulkhead.agent.hns_enforcer import HnsEnforcer
+
+    try:
+        api = hcn.ComputeNetwork()
+    except hcn.HcnError as e:
+        raise AgentError(f"dataplane hns: {e}") from None
+    enforcer: Enforcer = HnsEnforcer(config.node, config.failsafes, hcn=api,
+                                     default_mode=config.enforcement)
     return enforcer
 
 
