@@ -48,6 +48,7 @@ from bulkhead.netlink import NetlinkError, NetlinkSocket
 from bulkhead.netlink import attr as _attr
 from bulkhead.netlink import string as _string
 from bulkhead.policy import Failsafes
+from bulkhead.policy.failsafe import FailsafePort
 from bulkhead.policy.plan import calculate
 from tests.nftfixture import UNTRACKED_DB, base, gnp, hep, snap
 from tests.test_netlink import _ruleset, tables, unordered
@@ -517,9 +518,11 @@ UDP_CLIENT = """
 import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 rounds = int(sys.argv[1])
+burst = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 for i in range(rounds):
     s.sendto(b"x", ("198.18.7.2", 5001)); s.sendto(b"x", ("198.18.7.2", 5002))
-    time.sleep(0.001)
+    if i % burst == burst - 1:
+        time.sleep(0.001)
 time.sleep(0.2)
 s.sendto(b"stop", ("198.18.7.2", 5001))
 print(rounds, flush=True)
@@ -595,3 +598,70 @@ def test_a_base_chain_dumped_without_its_policy_is_not_copied() -> None:
     assert copied == _string(1, "t") + name + policy[NFTA_CHAIN_POLICY]
     with pytest.raises(Unsupported, match="missing"):
         _recreate(NFT_MSG_NEWCHAIN, bytes(4) + table + name, "t", policy)
+
+
+WIDENING = 3000
+
+
+def _dispatched(extra: bool) -> Ruleset:
+    """The renderer's table for db (198.18.7.2) on interface v1: UDP to 5002 from a
+    network set of 1,500 addresses that holds the client denied, everything else
+    allowed (one verdict map, after the interface's `iifname vmap @ep_in`); `extra`
+    adds a rule, which changes the table's structure."""
+    nets = [str(ipaddress.IPv4Address(int(ipaddress.IPv4Address("198.18.7.1")) + i * 2))
+            for i in range(1500)]
+    bad = {"selector": "list == 'bad'"}
+    rules: list[dict[str, Any]] = [
+        {"action": "Deny", "protocol": "UDP", "source": bad, "destination": {"ports": [5002]}}]
+    if extra:
+        rules.append({"action": "Deny", "protocol": "TCP", "source": bad,
+                      "destination": {"ports": [5009]}})
+    rules.append({"action": "Allow", "protocol": "UDP", "source": bad,
+                  "destination": {"ports": [5001]}})
+    store = [hep("db", "n1", "198.18.7.2", {"app": "db"}, iface="v1"),
+             {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+              "metadata": {"name": "bad", "labels": {"list": "bad"}}, "spec": {"nets": nets}},
+             gnp("guard", {"selector": "app == 'db'", "ingress": rules})]
+    # Rules before the interface map (failsafe ports of other peers, none of this
+    # traffic's) make the moment a packet spends before that lookup longer.
+    failsafes = Failsafes(tuple(FailsafePort(6, 1 + i, ipaddress.ip_network(
+        f"198.19.{i // 256}.{i % 256}/32")) for i in range(WIDENING)), ())
+    return render(calculate(snap(*store), "n1", {}, failsafes))
+
+
+@root
+@pytest.mark.parametrize("netlink", [True, False])
+def test_a_deny_holds_while_the_renderers_table_is_replaced(
+        pair: tuple[str, str], netlink: bool) -> None:
+    """The renderer's table, with the Deny a verdict-map element behind the interface
+    map `ep_in`, replaced again and again (netlink load, and nft -f) while UDP comes
+    to 5001 (allowed) and 5002 (denied): no datagram to 5002 gets through."""
+    client, server = pair
+    applier = NftApplier(netns=server, netlink=netlink)
+    variants = [_dispatched(False), _dispatched(True)]
+    assert applier.apply(variants[0]).full
+    listener = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c",
+                                 UDP_SERVER], stdout=subprocess.PIPE, text=True)
+    sender = None
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+        sender = subprocess.Popen(["ip", "netns", "exec", client, sys.executable, "-c",
+                                   UDP_CLIENT, "50000", "25"], stdout=subprocess.PIPE, text=True)
+        applies = 0
+        while sender.poll() is None and applies < 200:
+            result = applier.apply(variants[(applies + 1) % 2])
+            assert result.full and result.via == ("netlink" if netlink else "nft"), (
+                result.fallback, result.via)
+            applies += 1
+        out, _ = sender.communicate(timeout=30)
+        got, _ = listener.communicate(timeout=30)
+    finally:
+        for process in (sender, listener):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    assert applies >= 5
+    accepted, dropped = map(int, got.split())
+    print(f"applies={applies} sent={out.strip()} accepted={accepted} denied-through={dropped}")
+    assert dropped == 0
+    assert accepted == int(out)
