@@ -553,12 +553,12 @@ def _guarded(extra: str) -> Ruleset:
 def test_packets_see_the_old_policy_or_the_new_one_during_full_applies(
         pair: tuple[str, str]) -> None:
     """UDP to 5001 (accepted) and 5002 (dropped by the policy) while the table is loaded
-    over netlink again and again: no 5002 datagram arrives, ever. A few 5001 ones may
-    not: a packet that began the old chain before the transaction's generation flip and
-    looks the map up after it finds the old map's elements gone (deleted in the same
-    transaction) and meets the chain's last rule, drop (the same with nft -f; a few in
-    4,000 datagrams over about 200 replaces here). docs/dataplane.md, "A whole table
-    over netlink"."""
+    over netlink again and again: no 5002 datagram arrives, ever, and every 5001 one
+    does. (With the table replaced in one transaction, a packet that began the old chain
+    before the commit and looked the map up after it found the old map's elements gone
+    and met the chain's last rule, drop: a few in 4,000. The old map now stays until an
+    RCU grace period after the switch. docs/dataplane.md, "The moment a table is
+    replaced".)"""
     client, server = pair
     applier = NftApplier(netns=server)
     variants = [_guarded("udp dport 5009 drop"), _guarded("udp dport 5010 drop")]
@@ -585,7 +585,7 @@ def test_packets_see_the_old_policy_or_the_new_one_during_full_applies(
     assert applies >= 5
     accepted, dropped = map(int, got.split())
     assert dropped == 0                                   # never let through
-    assert int(out) * 0.98 <= accepted <= int(out)        # lost only in the window
+    assert accepted == int(out)                           # never lost
 
 
 def test_a_base_chain_dumped_without_its_policy_is_not_copied() -> None:
@@ -635,7 +635,11 @@ def test_a_deny_holds_while_the_renderers_table_is_replaced(
         pair: tuple[str, str], netlink: bool) -> None:
     """The renderer's table, with the Deny a verdict-map element behind the interface
     map `ep_in`, replaced again and again (netlink load, and nft -f) while UDP comes
-    to 5001 (allowed) and 5002 (denied): no datagram to 5002 gets through."""
+    to 5001 (allowed) and 5002 (denied): no datagram to 5002 gets through, every one to
+    5001 does. Replaced in one transaction, 2 to 6 of 50,000 denied datagrams got
+    through per run: a packet that began the old input chain before the commit and
+    looked `ep_in` up after it found the old map's elements gone, and the chain ended
+    in its policy, accept."""
     client, server = pair
     applier = NftApplier(netns=server, netlink=netlink)
     variants = [_dispatched(False), _dispatched(True)]
@@ -662,6 +666,5 @@ def test_a_deny_holds_while_the_renderers_table_is_replaced(
                 process.wait()
     assert applies >= 5
     accepted, dropped = map(int, got.split())
-    print(f"applies={applies} sent={out.strip()} accepted={accepted} denied-through={dropped}")
     assert dropped == 0
     assert accepted == int(out)

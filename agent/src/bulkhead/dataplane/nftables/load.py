@@ -393,12 +393,14 @@ def _element_messages(table: str, set_name: str, attrs: Sequence[bytes]
 
 
 def copied_table(nl: NftNetlink, source: str, table: str, elements: dict[str, list[bytes]],
-                 policies: dict[str, int]) -> list[tuple[int, int, bytes]]:
+                 policies: dict[str, int], kept: frozenset[str] = frozenset()
+                 ) -> list[tuple[int, int, bytes]]:
     """The messages that create `inet <table>` as `inet <source>` (a staging table from
     `staging`) stands in the namespace of `nl`, in the order `nft` sends them (objects,
     chains, sets each with its elements, rules): the base chains (`policies`) get their
     policy and the rules of their RULES chain, and the sets named in `elements` (set
     name -> encoded pieces) get those elements instead of the ones they hold.
+    Objects (counters) named in `kept` are not created: the table keeps its own.
     Unsupported if the source table is missing or holds what is not copied."""
     parts: list[tuple[int, int, bytes]] = []
     rules: list[tuple[int, int, bytes]] = []
@@ -410,6 +412,8 @@ def copied_table(nl: NftNetlink, source: str, table: str, elements: dict[str, li
             if _table_name(payload) != source:
                 continue
             found = True
+            if new == NFT_MSG_NEWOBJ and _name(payload, 2) in kept:
+                continue
             replace: dict[int, bytes] = {}
             if new == NFT_MSG_NEWRULE:
                 chain = _name(payload, NFTA_RULE_CHAIN)
@@ -445,11 +449,14 @@ def copied_table(nl: NftNetlink, source: str, table: str, elements: dict[str, li
 
 
 def load(nl: NftNetlink, ruleset: Ruleset, nft: Sequence[str] = ("nft",),
-         at_least: int = BIG_SET) -> int:
+         at_least: int = BIG_SET, switch: Sequence[tuple[int, int, bytes]] | None = None,
+         kept: frozenset[str] = frozenset()) -> int:
     """Replace `inet <table>` in the namespace of `nl` with `ruleset`, in one
     transaction (see the module's docstring); the sets with at least `at_least`
     elements that `element_attrs` encodes get their elements from here. `nft`: the
-    command that runs `nft` in that namespace. Returns the number of messages sent.
+    command that runs `nft` in that namespace. `switch`: the messages that clear the
+    way in place of deleting the table (`replace.switch_messages`: the old maps stay),
+    `kept` the counters the table keeps. Returns the number of messages sent.
     Raises Unsupported (nothing sent), StagingError (`nft` refused the staging script)
     or NetlinkError (the kernel refused the batch: nothing of it applied); the staging
     table is gone in every case."""
@@ -469,15 +476,18 @@ def load(nl: NftNetlink, ruleset: Ruleset, nft: Sequence[str] = ("nft",),
             raise StagingError(done.stderr.strip() or "nft -f of the staging table failed")
         for attempt in range(DUMP_TRIES):
             try:
-                body = copied_table(nl, staged.table, ruleset.table, elements, policies)
+                body = copied_table(nl, staged.table, ruleset.table, elements, policies,
+                                    kept)
                 break
             except NetlinkError as e:
                 # A commit (anyone's, in any table) interrupted a dump: read it again.
                 if e.code != errno.EINTR or attempt == DUMP_TRIES - 1:
                     raise
         del elements        # copied into the messages: a million elements are 40 MB
-        parts = [(NFT_MSG_DELTABLE, 0, source), (NFT_MSG_NEWTABLE, NLM_F_CREATE, table),
-                 (NFT_MSG_DELTABLE, 0, table), (NFT_MSG_NEWTABLE, NLM_F_CREATE, table), *body]
+        clear = list(switch) if switch is not None else [
+            (NFT_MSG_NEWTABLE, NLM_F_CREATE, table), (NFT_MSG_DELTABLE, 0, table),
+            (NFT_MSG_NEWTABLE, NLM_F_CREATE, table)]
+        parts = [(NFT_MSG_DELTABLE, 0, source), *clear, *body]
         if sum(len(p[2]) + 20 for p in parts) > MAX_BATCH:
             raise Unsupported(f"a batch over {MAX_BATCH} bytes")
         return nl.transaction(parts)
