@@ -380,8 +380,8 @@ class NftApplier:
 
     def diff(self, ruleset: Ruleset) -> str:
         """A unified diff from the kernel's table to `ruleset`, in the kernel's wording."""
-        before = self.kernel_text() or ""
-        after = self.normalized(ruleset)
+        before = _in_order(self.kernel_text() or "")
+        after = _in_order(self.normalized(ruleset))
         return "".join(difflib.unified_diff(
             before.splitlines(keepends=True), after.splitlines(keepends=True),
             f"kernel: inet {self.table}", f"rendered: inet {self.table}"))
@@ -391,3 +391,24 @@ def _first_errors(stderr: str, limit: int = 20) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
     text = "\n".join(lines[:limit])
     return text + (f"\n... ({len(lines) - limit} more lines)" if len(lines) > limit else "")
+
+
+def _in_order(listing: str) -> str:
+    """A table's listing with its declarations (sets, maps, counters, chains) sorted by
+    their first line: the kernel lists chains in the order they were made, and a full
+    apply keeps the chains it flushes where they were."""
+    head: list[str] = []
+    blocks: list[list[str]] = []
+    tail: list[str] = []
+    for line in listing.splitlines(keepends=True):
+        if blocks and blocks[-1][-1] != "\t}\n" and blocks[-1][-1] != "\t}":
+            blocks[-1].append(line)
+        elif line.startswith("\t") and not line.startswith("\t\t") and \
+                line.rstrip().endswith("{"):
+            blocks.append([line])
+        elif blocks:
+            tail.append(line)
+        else:
+            head.append(line)
+    return "".join(head + [line for block in sorted(blocks, key=lambda b: b[0])
+                           for line in block] + tail)
