@@ -3,8 +3,8 @@
 A new structure replaces the whole table in one transaction that switches every rule
 to the new table, with `nft -f`, or, for a table with a big set, as one netlink batch
 whose big sets' elements are encoded here (`load.py`: `nft` parsing a million elements
-costs seconds); the old table's maps stay through it, and go in a second transaction
-once no packet can be in the old rules (`replace.py`: the new maps are named with a
+costs seconds); the old table's sets and maps stay through it, and go in a second
+transaction once no packet can be in the old rules (`replace.py`: the new ones are named with a
 generation suffix). A change of set elements only is sent as element
 deletions and additions in one netlink batch (`netlink.py`), which skips the full read of
 the kernel's state that `nft` does first. The kernel applies a transaction whole or not at
@@ -28,9 +28,12 @@ from bulkhead.dataplane.nftables.load import BIG_SET, STAGING, StagingError, enc
 from bulkhead.dataplane.nftables.netlink import DUMP_TRIES, NftNetlink, Unsupported, set_changes
 from bulkhead.dataplane.nftables.replace import (
     KernelTable,
+    Leftovers,
     cleanup_messages,
     cleanup_script,
     current_tag,
+    early_chains,
+    early_sets,
     grace_period,
     leftovers,
     next_tag,
@@ -41,7 +44,7 @@ from bulkhead.dataplane.nftables.replace import (
     switch_script,
     tagged,
 )
-from bulkhead.dataplane.nftables.ruleset import Ruleset
+from bulkhead.dataplane.nftables.ruleset import Chain, Ruleset
 from bulkhead.netlink import NetlinkError
 
 
@@ -160,7 +163,8 @@ class NftApplier:
             try:
                 with self._socket() as nl:
                     load(nl, new, self.argv, self.load_min,
-                         switch_messages(self.table, kernel, new), frozenset(kernel.counters))
+                         switch_messages(self.table, kernel, new), frozenset(kernel.counters),
+                         early_sets(kernel, new), early_chains(kernel, new))
                 via = "netlink"
             except Exception as e:   # Unsupported, NetlinkError, StagingError,
                 # and what an odd kernel answer makes the reader raise (struct.error,
@@ -174,8 +178,25 @@ class NftApplier:
         if via == "nft":
             # A staging table left by an agent killed mid-load goes in the same
             # transaction (it enforces nothing, but should not stay).
-            self._run_script(self._no_staging() + switch_script(kernel, new)
-                             + switch_body(kernel, new).script(timed, replace=False))
+            early, chains = early_sets(kernel, new), early_chains(kernel, new)
+            if early:
+                # The new sets first, whole, in a transaction of their own, with the
+                # chains their elements jump to, empty (`replace.py`).
+                self._run_script(Ruleset(new.table, sets={n: new.sets[n] for n in early},
+                                         chains={n: Chain(n, ()) for n in chains})
+                                 .script(replace=False))
+            try:
+                self._run_script(self._no_staging() + switch_script(kernel, new)
+                                 + switch_body(kernel, new, early).script(timed,
+                                                                          replace=False))
+            except NftError:
+                # The old table stays in force: the new sets go again (at worst, the next
+                # full apply removes them).
+                with contextlib.suppress(NftError):
+                    self._run_script(cleanup_script(new.family_table, Leftovers(
+                        tuple((n, new.sets[n].map_to is not None) for n in early),
+                        tuple(chains), ())))
+                raise
         self._tag = tag
         self._cleanup(kernel, new)
         # The generation first: a change between the two reads shows up as drift later.
@@ -185,7 +206,7 @@ class NftApplier:
 
     def _cleanup(self, kernel: KernelTable, new: Ruleset) -> None:
         """The second transaction of a full apply: once every packet that began in the
-        old rules has left them, the old maps and what only the old table had go. If it
+        old rules has left them, the old sets and what only the old table had go. If it
         fails, the new table is in force all the same; the next full apply removes what
         is left (`cleanup_error` says why)."""
         self.cleanup_error = ""

@@ -393,14 +393,18 @@ def _element_messages(table: str, set_name: str, attrs: Sequence[bytes]
 
 
 def copied_table(nl: NftNetlink, source: str, table: str, elements: dict[str, list[bytes]],
-                 policies: dict[str, int], kept: frozenset[str] = frozenset()
+                 policies: dict[str, int], kept: frozenset[str] = frozenset(),
+                 early: frozenset[tuple[int, str]] = frozenset(),
+                 first: list[tuple[int, int, bytes]] | None = None
                  ) -> list[tuple[int, int, bytes]]:
     """The messages that create `inet <table>` as `inet <source>` (a staging table from
     `staging`) stands in the namespace of `nl`, in the order `nft` sends them (objects,
     chains, sets each with its elements, rules): the base chains (`policies`) get their
     policy and the rules of their RULES chain, and the sets named in `elements` (set
     name -> encoded pieces) get those elements instead of the ones they hold.
-    Objects (counters) named in `kept` are not created: the table keeps its own.
+    Objects (counters) named in `kept` are not created: the table keeps its own. The
+    sets and chains in `early` ((NFT_MSG_NEWSET or NFT_MSG_NEWCHAIN, name)) go to `first`
+    instead, sets with their elements, chains without their rules.
     Unsupported if the source table is missing or holds what is not copied."""
     parts: list[tuple[int, int, bytes]] = []
     rules: list[tuple[int, int, bytes]] = []
@@ -437,12 +441,15 @@ def copied_table(nl: NftNetlink, source: str, table: str, elements: dict[str, li
                 # name it by that); rules here name sets by name.
                 sets += 1
                 body += _attr(NFTA_SET_ID, struct.pack(">I", sets))
-            parts.append((new, NLM_F_CREATE, body))
+            # NFTA_SET_NAME, NFTA_CHAIN_NAME
+            name = _name(payload, 2) if new == NFT_MSG_NEWSET else \
+                _name(payload, NFTA_CHAIN_NAME) if new == NFT_MSG_NEWCHAIN else ""
+            into = first if first is not None and name and (new, name) in early else parts
+            into.append((new, NLM_F_CREATE, body))
             if new == NFT_MSG_NEWSET:
-                name = _name(payload, 2)         # NFTA_SET_NAME
                 attrs = elements[name] if name in elements else \
                     _dumped_elements(nl, source, name)
-                parts += _element_messages(table, name, attrs)
+                into += _element_messages(table, name, attrs)
     if not found:
         raise Unsupported(f"table inet {source} is missing")
     return parts + rules
@@ -450,13 +457,17 @@ def copied_table(nl: NftNetlink, source: str, table: str, elements: dict[str, li
 
 def load(nl: NftNetlink, ruleset: Ruleset, nft: Sequence[str] = ("nft",),
          at_least: int = BIG_SET, switch: Sequence[tuple[int, int, bytes]] | None = None,
-         kept: frozenset[str] = frozenset()) -> int:
+         kept: frozenset[str] = frozenset(), early: Sequence[str] = (),
+         early_chains: Sequence[str] = ()) -> int:
     """Replace `inet <table>` in the namespace of `nl` with `ruleset`, in one
     transaction (see the module's docstring); the sets with at least `at_least`
     elements that `element_attrs` encodes get their elements from here. `nft`: the
     command that runs `nft` in that namespace. `switch`: the messages that clear the
-    way in place of deleting the table (`replace.switch_messages`: the old maps stay),
-    `kept` the counters the table keeps. Returns the number of messages sent.
+    way in place of deleting the table (`replace.switch_messages`: the old sets stay),
+    `kept` the counters the table keeps, `early` the sets created (with their
+    elements) in a transaction of their own before that one, so that they are whole in
+    the kernel before any rule uses them, with the regular chains `early_chains` (empty;
+    their rules come with the rest). Returns the number of messages sent.
     Raises Unsupported (nothing sent), StagingError (`nft` refused the staging script)
     or NetlinkError (the kernel refused the batch: nothing of it applied); the staging
     table is gone in every case."""
@@ -476,8 +487,12 @@ def load(nl: NftNetlink, ruleset: Ruleset, nft: Sequence[str] = ("nft",),
             raise StagingError(done.stderr.strip() or "nft -f of the staging table failed")
         for attempt in range(DUMP_TRIES):
             try:
+                first: list[tuple[int, int, bytes]] = []
                 body = copied_table(nl, staged.table, ruleset.table, elements, policies,
-                                    kept)
+                                    kept, frozenset(
+                                        [(NFT_MSG_NEWSET, n) for n in early]
+                                        + [(NFT_MSG_NEWCHAIN, n) for n in early_chains]),
+                                    first)
                 break
             except NetlinkError as e:
                 # A commit (anyone's, in any table) interrupted a dump: read it again.
@@ -488,9 +503,13 @@ def load(nl: NftNetlink, ruleset: Ruleset, nft: Sequence[str] = ("nft",),
             (NFT_MSG_NEWTABLE, NLM_F_CREATE, table), (NFT_MSG_DELTABLE, 0, table),
             (NFT_MSG_NEWTABLE, NLM_F_CREATE, table)]
         parts = [(NFT_MSG_DELTABLE, 0, source), *clear, *body]
-        if sum(len(p[2]) + 20 for p in parts) > MAX_BATCH:
+        if sum(len(p[2]) + 20 for p in parts) > MAX_BATCH or \
+                sum(len(p[2]) + 20 for p in first) > MAX_BATCH:
             raise Unsupported(f"a batch over {MAX_BATCH} bytes")
-        return nl.transaction(parts)
+        sent = 0
+        if first:
+            sent = nl.transaction([(NFT_MSG_NEWTABLE, NLM_F_CREATE, table), *first])
+        return sent + nl.transaction(parts)
     except BaseException:
         # Whatever was staged goes (it was harmless: empty hooks, policy accept).
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):

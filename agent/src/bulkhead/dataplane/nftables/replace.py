@@ -1,28 +1,33 @@
 """Replacing a whole table in two transactions, so that no packet meets a half-gone map.
 
-A verdict map's elements are looked up in the kernel's *current* generation, while a
-packet walks the rules of the generation it began in. A transaction that deletes a map
-deactivates its elements at once (a plain set's stay active until it is freed), so a
-packet that began the old rules before the commit and reaches the old map's lookup after
-it finds nothing and goes on to the next rule: an `iifname vmap @ep_in` that misses
-ends the base chain, whose policy is accept. docs/dataplane.md, "The moment a table is
-replaced".
+A set's or map's elements are looked up in the kernel's *current* generation, while a
+packet walks the rules of the generation it began in. A transaction that deletes a set
+or map deactivates its elements at once, so a packet that began the old rules before
+the commit and reaches the old set's lookup after it finds nothing and goes on to the
+next rule: an `iifname vmap @ep_in` that misses ends the base chain, whose policy is
+accept; a Deny by `ip saddr @s4_...` that misses goes on to a later Allow.
+docs/dataplane.md, "The moment a table is replaced".
 
 So a full apply is two transactions:
 
 1. Switch: every chain the kernel holds is flushed (base chains in the new table are
-   deleted and made again, as `delete table` did), its plain sets deleted, and the new
-   table's counters (those it lacks), sets, maps, chains and rules created. The new
-   maps have names of their own, the table's map names with a generation suffix
-   (`_g0`, `_g1`, ...: `tagged`), so the old maps, and the chains their elements jump to,
-   stay in the kernel untouched: a packet still in the old rules finds the old maps
-   whole, and the old chains it jumps to keep the old generation's rules.
+   deleted and made again, as `delete table` did), and the new table's counters (those
+   it lacks), sets, maps, chains and rules created. The new sets and maps have names of
+   their own, the rendered names with a generation suffix (`_g0`, `_g1`, ...:
+   `tagged`), so the old ones, and the chains their elements jump to, stay in the
+   kernel untouched: a packet still in the old rules finds the old sets whole, and the
+   old chains it jumps to keep the old generation's rules (a chain's rules, unlike set
+   elements, are read in the packet's own generation).
 2. After an RCU grace period (every packet that began before the switch has left the
-   hooks; `grace_period`): the old maps, the chains only the old table had and its
-   counters that the new one lacks are deleted.
+   hooks; `grace_period`): the old sets and maps, the chains only the old table had and
+   its counters that the new one lacks are deleted.
 
-Only maps get a suffix: plain sets keep their names (the DNS writer fills domain sets
-by name), and chains are named by their content already.
+Sets with timeouts keep their names (the DNS writer fills the domain sets and
+`dns_hold` by name): they are deleted and made again in the switch, with their live
+elements (the applier's `timed`). A packet that straddles the switch can miss one: a
+domain set is only in egress Allow rules (a missed one drops an allowed packet), and a
+missed `dns_hold` lets an answer pass unheld, as when the agent stops renewing it.
+Chains are named by their content already.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import platform
 import re
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bulkhead.dataplane.nftables.netlink import NFT_MSG_GETCHAIN, NFT_MSG_GETSET, NftNetlink
@@ -68,14 +74,6 @@ class KernelTable:
     chains: dict[str, bool] = field(default_factory=dict)     # name -> is a base chain
     sets: dict[str, bool] = field(default_factory=dict)       # name -> is a map
     counters: set[str] = field(default_factory=set)
-
-    @property
-    def maps(self) -> list[str]:
-        return sorted(name for name, is_map in self.sets.items() if is_map)
-
-    @property
-    def plain_sets(self) -> list[str]:
-        return sorted(name for name, is_map in self.sets.items() if not is_map)
 
 
 def _attrs(payload: bytes) -> dict[int, bytes]:
@@ -144,8 +142,8 @@ def next_tag(kernel: KernelTable) -> int:
 
 
 def current_tag(kernel: KernelTable) -> int | None:
-    """The suffix of the kernel's maps when they share one (None otherwise)."""
-    tags = {m[1] for name in kernel.maps if (m := TAG.search(name))}
+    """The suffix of the kernel's sets when they share one (None otherwise)."""
+    tags = {m[1] for name in kernel.sets if (m := TAG.search(name))}
     return int(tags.pop()) if len(tags) == 1 else None
 
 
@@ -154,10 +152,11 @@ def kernel_name(name: str, tag: int) -> str:
 
 
 def tagged(ruleset: Ruleset, tag: int | None) -> Ruleset:
-    """`ruleset` as it goes to the kernel: each map named with suffix `tag` (None: as
-    rendered), the rules naming them so. Elements are the same objects."""
+    """`ruleset` as it goes to the kernel: each set and map but those with timeouts
+    named with suffix `tag` (None: as rendered), the rules naming them so. Elements are
+    the same objects."""
     maps = {name: kernel_name(name, tag) for name, s in ruleset.sets.items()
-            if s.map_to is not None} if tag is not None else {}
+            if "timeout" not in s.flags} if tag is not None else {}
     if not maps:
         return ruleset
 
@@ -184,7 +183,8 @@ def switch_messages(table: str, kernel: KernelTable, new: Ruleset
                     ) -> list[tuple[int, int, bytes]]:
     """The first messages of the switch (before the new table's objects): the table
     made if absent, every chain flushed, the base chains the new table has again
-    deleted, the plain sets deleted. Maps and other chains stay for `cleanup`."""
+    deleted, the sets whose names the new table uses (those with timeouts) deleted.
+    Other sets, maps and chains stay for the cleanup."""
     t = _table_attr(table)
     parts: list[tuple[int, int, bytes]] = [(NFT_MSG_NEWTABLE, NLM_F_CREATE, t)]
     for chain in sorted(kernel.chains):
@@ -192,8 +192,9 @@ def switch_messages(table: str, kernel: KernelTable, new: Ruleset
     for chain in sorted(kernel.chains):
         if _recreated(chain, kernel, new):
             parts.append((NFT_MSG_DELCHAIN, 0, t + _string(3, chain)))
-    for name in kernel.plain_sets:
-        parts.append((NFT_MSG_DELSET, 0, t + _string(2, name)))
+    for name in sorted(kernel.sets):
+        if name in new.sets:
+            parts.append((NFT_MSG_DELSET, 0, t + _string(2, name)))
     return parts
 
 
@@ -211,13 +212,31 @@ def switch_script(kernel: KernelTable, new: Ruleset) -> str:
     lines += [f"flush chain {t} {chain}" for chain in sorted(kernel.chains)]
     lines += [f"delete chain {t} {chain}" for chain in sorted(kernel.chains)
               if _recreated(chain, kernel, new)]
-    lines += [f"delete set {t} {name}" for name in kernel.plain_sets]
+    lines += [f"delete {'map' if kernel.sets[name] else 'set'} {t} {name}"
+              for name in sorted(kernel.sets) if name in new.sets]
     return "\n".join(lines) + "\n"
 
 
-def switch_body(kernel: KernelTable, new: Ruleset) -> Ruleset:
-    """What the switch creates: `new` without the counters the kernel's table keeps."""
-    return Ruleset(new.table, sets=new.sets, chains=new.chains,
+def early_sets(kernel: KernelTable, new: Ruleset) -> list[str]:
+    """The new sets created, with their elements, in a transaction before the switch:
+    all but those whose names the kernel's table has (sets with timeouts)."""
+    return sorted(name for name in new.sets if name not in kernel.sets)
+
+
+def early_chains(kernel: KernelTable, new: Ruleset) -> list[str]:
+    """The new regular chains the kernel's table lacks: made empty before the switch,
+    with the early sets, for the verdicts of map elements to jump to (their rules come
+    with the switch)."""
+    return sorted(name for name, chain in new.chains.items()
+                  if chain.hook is None and name not in kernel.chains)
+
+
+def switch_body(kernel: KernelTable, new: Ruleset, early: Sequence[str] = ()) -> Ruleset:
+    """What the switch creates: `new` without the counters the kernel's table keeps and
+    the sets made before it (`early`)."""
+    made = set(early)
+    return Ruleset(new.table, sets={n: s for n, s in new.sets.items() if n not in made},
+                   chains=new.chains,
                    counters={k: v for k, v in new.counters.items()
                              if k not in kernel.counters})
 
@@ -225,28 +244,29 @@ def switch_body(kernel: KernelTable, new: Ruleset) -> Ruleset:
 # ----------------------------------------------------------------------- the cleanup
 @dataclass(frozen=True)
 class Leftovers:
-    """What the second transaction deletes: the old maps, the chains and counters the
-    new table does not have."""
+    """What the second transaction deletes: the old sets and maps, the chains and
+    counters the new table does not have."""
 
-    maps: tuple[str, ...]
+    sets: tuple[tuple[str, bool], ...]      # (name, is a map)
     chains: tuple[str, ...]
     counters: tuple[str, ...]
 
     def __bool__(self) -> bool:
-        return bool(self.maps or self.chains or self.counters)
+        return bool(self.sets or self.chains or self.counters)
 
 
 def leftovers(kernel: KernelTable, new: Ruleset) -> Leftovers:
-    return Leftovers(tuple(m for m in kernel.maps if m not in new.sets),
+    return Leftovers(tuple((name, is_map) for name, is_map in sorted(kernel.sets.items())
+                           if name not in new.sets),
                      tuple(c for c in sorted(kernel.chains) if c not in new.chains),
                      tuple(c for c in sorted(kernel.counters) if c not in new.counters))
 
 
 def cleanup_messages(table: str, gone: Leftovers) -> list[tuple[int, int, bytes]]:
-    """The second transaction: maps first (their elements hold the chains), then the
-    chains (flushed by the switch), then the counters."""
+    """The second transaction: sets and maps first (map elements hold the chains),
+    then the chains (flushed by the switch), then the counters."""
     t = _table_attr(table)
-    parts = [(NFT_MSG_DELSET, 0, t + _string(2, name)) for name in gone.maps]
+    parts = [(NFT_MSG_DELSET, 0, t + _string(2, name)) for name, _ in gone.sets]
     parts += [(NFT_MSG_DELCHAIN, 0, t + _string(3, name)) for name in gone.chains]
     parts += [(NFT_MSG_DELOBJ, 0, t + _string(2, name)
                + _attr(3, struct.pack(">I", NFT_OBJECT_COUNTER))) for name in gone.counters]
@@ -254,7 +274,8 @@ def cleanup_messages(table: str, gone: Leftovers) -> list[tuple[int, int, bytes]
 
 
 def cleanup_script(family_table: str, gone: Leftovers) -> str:
-    lines = [f"delete map {family_table} {name}" for name in gone.maps]
+    lines = [f"delete {'map' if is_map else 'set'} {family_table} {name}"
+             for name, is_map in gone.sets]
     lines += [f"delete chain {family_table} {name}" for name in gone.chains]
     lines += [f"delete counter {family_table} {name}" for name in gone.counters]
     return "\n".join(lines) + ("\n" if lines else "")
