@@ -1,11 +1,11 @@
 """Apply rendered tables to the kernel with `nft`, atomically, and watch them for drift.
 
-A new structure replaces the whole table in one transaction that switches every rule
-to the new table, with `nft -f`, or, for a table with a big set, as one netlink batch
-whose big sets' elements are encoded here (`load.py`: `nft` parsing a million elements
-costs seconds); the old table's sets and maps stay through it, and go in a second
-transaction once no packet can be in the old rules (`replace.py`: the new ones are named with a
-generation suffix). A change of set elements only is sent as element
+A new structure replaces the whole table: its sets first, then one transaction that
+switches every rule to the new table, with `nft -f`, or, for a table with a big set, as
+netlink batches whose big sets' elements are encoded here (`load.py`: `nft` parsing a
+million elements costs seconds); the old table's sets and maps stay through it, and go
+in a last transaction once no packet can be in the old rules (`replace.py`: the new
+ones are named with a generation suffix). A change of set elements only is sent as element
 deletions and additions in one netlink batch (`netlink.py`), which skips the full read of
 the kernel's state that `nft` does first. The kernel applies a transaction whole or not at
 all, so a ruleset it rejects leaves the previous one in force. Only `inet <table>` is

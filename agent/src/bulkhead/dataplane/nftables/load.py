@@ -15,11 +15,13 @@ kernel's part is the rest. So the applier loads a table in three steps:
    elements, rules) and turned into the messages that create the real table: its name
    put in, the base chains given their rules and policy back, and the attributes the
    kernel gave the copy (handles, use counts, positions, element counts) left out.
-3. One batch: the staging table deleted, the real one created (if absent), deleted and
-   created again from those messages, with the big sets' elements (`element_attrs`)
-   between the sets and the rules, as `nft` orders them. The kernel applies the batch
-   as one transaction, like `nft -f`'s `table; delete table; table {...}`: packets see
-   the old table or the new one, whole, never a table without its elements.
+3. The new sets and maps the kernel's table lacks, with their elements, and the empty
+   chains their elements jump to, in one batch; then one batch that deletes the
+   staging table and switches the real one (`replace.switch_messages`: its chains
+   flushed, its base chains made again, the old sets left for later) and creates the
+   rest from those messages, as `nft` orders them. The kernel applies each batch as
+   one transaction; `replace.py` says why the new sets come first and the old ones go
+   last. (Called without `switch`, one batch deletes the table and makes it again.)
 
 Anything this does not cover (an attribute it does not know, a set type the element
 encoder does not take, a hook it cannot make harmless, a batch over MAX_BATCH) raises

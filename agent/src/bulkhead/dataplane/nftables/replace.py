@@ -1,4 +1,4 @@
-"""Replacing a whole table in two transactions, so that no packet meets a half-gone map.
+"""Replacing a whole table in three transactions, so that no packet meets a half-gone set.
 
 A set's or map's elements are looked up in the kernel's *current* generation, while a
 packet walks the rules of the generation it began in. A transaction that deletes a set
@@ -8,17 +8,22 @@ next rule: an `iifname vmap @ep_in` that misses ends the base chain, whose polic
 accept; a Deny by `ip saddr @s4_...` that misses goes on to a later Allow.
 docs/dataplane.md, "The moment a table is replaced".
 
-So a full apply is two transactions:
+And a set made in the same transaction as the rules that use it can look empty to
+packets for a moment after the commit: some set backends publish their elements after
+the generation flip. So a full apply is three transactions:
 
-1. Switch: every chain the kernel holds is flushed (base chains in the new table are
+1. The new sets and maps, with their elements (`early_sets`), and the new regular
+   chains their elements jump to, empty (`early_chains`): no rule uses them yet. They
+   have names of their own, the rendered names with a generation suffix (`_g0`, `_g1`,
+   ...: `tagged`).
+2. Switch: every chain the kernel holds is flushed (base chains in the new table are
    deleted and made again, as `delete table` did), and the new table's counters (those
-   it lacks), sets, maps, chains and rules created. The new sets and maps have names of
-   their own, the rendered names with a generation suffix (`_g0`, `_g1`, ...:
-   `tagged`), so the old ones, and the chains their elements jump to, stay in the
-   kernel untouched: a packet still in the old rules finds the old sets whole, and the
-   old chains it jumps to keep the old generation's rules (a chain's rules, unlike set
-   elements, are read in the packet's own generation).
-2. After an RCU grace period (every packet that began before the switch has left the
+   it lacks), chains and rules created. The old sets and maps, and the chains their
+   elements jump to, stay in the kernel untouched: a packet still in the old rules
+   finds the old sets whole, and the old chains it jumps to keep the old generation's
+   rules (a chain's rules, unlike set elements, are read in the packet's own
+   generation).
+3. After an RCU grace period (every packet that began before the switch has left the
    hooks; `grace_period`): the old sets and maps, the chains only the old table had and
    its counters that the new one lacks are deleted.
 
