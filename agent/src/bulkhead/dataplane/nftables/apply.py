@@ -1,9 +1,11 @@
 """Apply rendered tables to the kernel with `nft`, atomically, and watch them for drift.
 
-Every change is one transaction: a new structure replaces the whole table
-(`table; delete table; table {...}`), with `nft -f`, or, for a table with a big set, as
-one netlink batch whose big sets' elements are encoded here (`load.py`: `nft` parsing a
-million elements costs seconds); a change of set elements only is sent as element
+A new structure replaces the whole table: its sets first, then one transaction that
+switches every rule to the new table, with `nft -f`, or, for a table with a big set, as
+netlink batches whose big sets' elements are encoded here (`load.py`: `nft` parsing a
+million elements costs seconds); the old table's sets and maps stay through it, and go
+in a last transaction once no packet can be in the old rules (`replace.py`: the new
+ones are named with a generation suffix). A change of set elements only is sent as element
 deletions and additions in one netlink batch (`netlink.py`), which skips the full read of
 the kernel's state that `nft` does first. The kernel applies a transaction whole or not at
 all, so a ruleset it rejects leaves the previous one in force. Only `inet <table>` is
@@ -23,8 +25,26 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from bulkhead.dataplane.nftables.load import BIG_SET, STAGING, StagingError, encodes, load
-from bulkhead.dataplane.nftables.netlink import NftNetlink, Unsupported, set_changes
-from bulkhead.dataplane.nftables.ruleset import Ruleset
+from bulkhead.dataplane.nftables.netlink import DUMP_TRIES, NftNetlink, Unsupported, set_changes
+from bulkhead.dataplane.nftables.replace import (
+    KernelTable,
+    Leftovers,
+    cleanup_messages,
+    cleanup_script,
+    current_tag,
+    early_chains,
+    early_sets,
+    grace_period,
+    leftovers,
+    next_tag,
+    read_json,
+    read_netlink,
+    switch_body,
+    switch_messages,
+    switch_script,
+    tagged,
+)
+from bulkhead.dataplane.nftables.ruleset import Chain, Ruleset
 from bulkhead.netlink import NetlinkError
 
 
@@ -65,6 +85,8 @@ class NftApplier:
         self._nl: NftNetlink | None = None
         self.load_min = BIG_SET
         self._fallback = ""   # why the last full apply did not go over netlink
+        self._tag: int | None = None   # the generation suffix of the kernel's map names
+        self.cleanup_error = ""   # why the last full apply left old objects behind
         # Elements of the sets with timeouts (domain sets) to put back when the table is
         # replaced whole, in the same transaction: set name -> `ADDRESS timeout Nms`.
         self.timed: Callable[[Ruleset], Mapping[str, Sequence[str]]] | None = None
@@ -132,12 +154,17 @@ class NftApplier:
             else None
         via = "nft"
         self._fallback = ""
+        kernel = self.kernel_table()
+        tag = next_tag(kernel)
+        new = tagged(ruleset, tag)
         if self._netlink_ns is not None and not any(timed.values() if timed else ()) \
                 and any(len(s.elements) >= self.load_min and encodes(s)
                         for s in ruleset.sets.values()):
             try:
                 with self._socket() as nl:
-                    load(nl, ruleset, self.argv, self.load_min)
+                    load(nl, new, self.argv, self.load_min,
+                         switch_messages(self.table, kernel, new), frozenset(kernel.counters),
+                         early_sets(kernel, new), early_chains(kernel, new))
                 via = "netlink"
             except Exception as e:   # Unsupported, NetlinkError, StagingError,
                 # and what an odd kernel answer makes the reader raise (struct.error,
@@ -151,18 +178,85 @@ class NftApplier:
         if via == "nft":
             # A staging table left by an agent killed mid-load goes in the same
             # transaction (it enforces nothing, but should not stay).
-            self._run_script(self._no_staging() + ruleset.script(timed))
+            early, chains = early_sets(kernel, new), early_chains(kernel, new)
+            if early:
+                # The new sets first, whole, in a transaction of their own, with the
+                # chains their elements jump to, empty (`replace.py`).
+                self._run_script(Ruleset(new.table, sets={n: new.sets[n] for n in early},
+                                         chains={n: Chain(n, ()) for n in chains})
+                                 .script(replace=False))
+            try:
+                self._run_script(self._no_staging() + switch_script(kernel, new)
+                                 + switch_body(kernel, new, early).script(timed,
+                                                                          replace=False))
+            except NftError:
+                # The old table stays in force: the new sets go again (at worst, the next
+                # full apply removes them).
+                with contextlib.suppress(NftError):
+                    self._run_script(cleanup_script(new.family_table, Leftovers(
+                        tuple((n, new.sets[n].map_to is not None) for n in early),
+                        tuple(chains), ())))
+                raise
+        self._tag = tag
+        self._cleanup(kernel, new)
         # The generation first: a change between the two reads shows up as drift later.
         self._generation = self.generation()
         self._terse = self._shape()
         return via
+
+    def _cleanup(self, kernel: KernelTable, new: Ruleset) -> None:
+        """The second transaction of a full apply: once every packet that began in the
+        old rules has left them, the old sets and what only the old table had go. If it
+        fails, the new table is in force all the same; the next full apply removes what
+        is left (`cleanup_error` says why)."""
+        self.cleanup_error = ""
+        gone = leftovers(kernel, new)
+        if not gone:
+            return
+        grace_period()
+        if self._netlink_ns is not None:
+            try:
+                with self._socket() as nl:
+                    nl.transaction(cleanup_messages(self.table, gone))
+                return
+            except NetlinkError as e:
+                self.cleanup_error = f"netlink: {e}"
+        try:
+            self._run_script(cleanup_script(new.family_table, gone))
+            self.cleanup_error = ""
+        except NftError as e:
+            self.cleanup_error += f"; nft: {e}"
+
+    def kernel_table(self) -> KernelTable:
+        """The named objects of the kernel's table (empty when it is absent): over
+        netlink when used, else from `nft -j -t list table`."""
+        if self._netlink_ns is not None:
+            for attempt in range(DUMP_TRIES):
+                try:
+                    with self._socket() as nl:
+                        return read_netlink(nl, self.table)
+                except NetlinkError as e:
+                    if e.code != errno.EINTR or attempt == DUMP_TRIES - 1:
+                        break
+        done = self._nft(["-j", "-t", "list", "table", "inet", self.table])
+        if done.returncode != 0:
+            return KernelTable()
+        try:
+            return read_json(done.stdout)
+        except ValueError as e:
+            raise NftError(f"nft -j list table inet {self.table}: {e}") from None
+
+    def _in_kernel(self, ruleset: Ruleset) -> Ruleset:
+        """`ruleset` with the kernel's map names (the suffix of the last full apply)."""
+        return tagged(ruleset, self._tag)
 
     def _send_elements(self, last: Ruleset, ruleset: Ruleset) -> str | None:
         """Send the element changes from `last` to `ruleset`: "netlink" or "nft" (the
         way they went), or None if the netlink batch was refused (nothing applied)."""
         if self._netlink_ns is not None:
             try:
-                changes = set_changes(last.sets.values(), ruleset.sets.values())
+                changes = set_changes(self._in_kernel(last).sets.values(),
+                                      self._in_kernel(ruleset).sets.values())
             except Unsupported:
                 changes = None
             if changes is not None:
@@ -189,7 +283,7 @@ class NftApplier:
                 if self._generation is not None:
                     self._generation += 1   # the batch was checked against it
                 return "netlink"
-        script = ruleset.element_script(last)
+        script = self._in_kernel(ruleset).element_script(self._in_kernel(last))
         if script:
             self._run_script(script)
             self._generation = self.generation()
@@ -228,6 +322,7 @@ class NftApplier:
         self.last = None
         self._terse = None
         self._generation = None
+        self._tag = None
 
     # -- reading back -----------------------------------------------------------------
     def terse(self) -> str | None:
@@ -290,9 +385,15 @@ class NftApplier:
         namespace (`unshare --net`), so nothing here changes. Raises NftError if the
         kernel would refuse it."""
         nft = self.argv[-1]
-        # Listed by a second nft, after the first has committed its transaction.
+        # Listed by a second nft, after the first has committed its transaction. With
+        # the map names the kernel's table has (or would have, loaded now).
+        tag = self._tag
+        if tag is None:
+            kernel = self.kernel_table()
+            tag = current_tag(kernel)
+            tag = next_tag(kernel) if tag is None else tag
         shell = f'{nft} -f - && {nft} -s list table inet "$0"'
-        done = self._nft([self.table], ruleset.script(),
+        done = self._nft([self.table], tagged(ruleset, tag).script(),
                          argv=["unshare", "--net", "sh", "-c", shell])
         if done.returncode != 0:
             raise NftError(_first_errors(done.stderr))
@@ -300,8 +401,8 @@ class NftApplier:
 
     def diff(self, ruleset: Ruleset) -> str:
         """A unified diff from the kernel's table to `ruleset`, in the kernel's wording."""
-        before = self.kernel_text() or ""
-        after = self.normalized(ruleset)
+        before = _in_order(self.kernel_text() or "")
+        after = _in_order(self.normalized(ruleset))
         return "".join(difflib.unified_diff(
             before.splitlines(keepends=True), after.splitlines(keepends=True),
             f"kernel: inet {self.table}", f"rendered: inet {self.table}"))
@@ -311,3 +412,24 @@ def _first_errors(stderr: str, limit: int = 20) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
     text = "\n".join(lines[:limit])
     return text + (f"\n... ({len(lines) - limit} more lines)" if len(lines) > limit else "")
+
+
+def _in_order(listing: str) -> str:
+    """A table's listing with its declarations (sets, maps, counters, chains) sorted by
+    their first line: the kernel lists chains in the order they were made, and a full
+    apply keeps the chains it flushes where they were."""
+    head: list[str] = []
+    blocks: list[list[str]] = []
+    tail: list[str] = []
+    for line in listing.splitlines(keepends=True):
+        if blocks and blocks[-1][-1] != "\t}\n" and blocks[-1][-1] != "\t}":
+            blocks[-1].append(line)
+        elif line.startswith("\t") and not line.startswith("\t\t") and \
+                line.rstrip().endswith("{"):
+            blocks.append([line])
+        elif blocks:
+            tail.append(line)
+        else:
+            head.append(line)
+    return "".join(head + [line for block in sorted(blocks, key=lambda b: b[0])
+                           for line in block] + tail)

@@ -15,11 +15,13 @@ kernel's part is the rest. So the applier loads a table in three steps:
    elements, rules) and turned into the messages that create the real table: its name
    put in, the base chains given their rules and policy back, and the attributes the
    kernel gave the copy (handles, use counts, positions, element counts) left out.
-3. One batch: the staging table deleted, the real one created (if absent), deleted and
-   created again from those messages, with the big sets' elements (`element_attrs`)
-   between the sets and the rules, as `nft` orders them. The kernel applies the batch
-   as one transaction, like `nft -f`'s `table; delete table; table {...}`: packets see
-   the old table or the new one, whole, never a table without its elements.
+3. The new sets and maps the kernel's table lacks, with their elements, and the empty
+   chains their elements jump to, in one batch; then one batch that deletes the
+   staging table and switches the real one (`replace.switch_messages`: its chains
+   flushed, its base chains made again, the old sets left for later) and creates the
+   rest from those messages, as `nft` orders them. The kernel applies each batch as
+   one transaction; `replace.py` says why the new sets come first and the old ones go
+   last. (Called without `switch`, one batch deletes the table and makes it again.)
 
 Anything this does not cover (an attribute it does not know, a set type the element
 encoder does not take, a hook it cannot make harmless, a batch over MAX_BATCH) raises
@@ -393,12 +395,18 @@ def _element_messages(table: str, set_name: str, attrs: Sequence[bytes]
 
 
 def copied_table(nl: NftNetlink, source: str, table: str, elements: dict[str, list[bytes]],
-                 policies: dict[str, int]) -> list[tuple[int, int, bytes]]:
+                 policies: dict[str, int], kept: frozenset[str] = frozenset(),
+                 early: frozenset[tuple[int, str]] = frozenset(),
+                 first: list[tuple[int, int, bytes]] | None = None
+                 ) -> list[tuple[int, int, bytes]]:
     """The messages that create `inet <table>` as `inet <source>` (a staging table from
     `staging`) stands in the namespace of `nl`, in the order `nft` sends them (objects,
     chains, sets each with its elements, rules): the base chains (`policies`) get their
     policy and the rules of their RULES chain, and the sets named in `elements` (set
     name -> encoded pieces) get those elements instead of the ones they hold.
+    Objects (counters) named in `kept` are not created: the table keeps its own. The
+    sets and chains in `early` ((NFT_MSG_NEWSET or NFT_MSG_NEWCHAIN, name)) go to `first`
+    instead, sets with their elements, chains without their rules.
     Unsupported if the source table is missing or holds what is not copied."""
     parts: list[tuple[int, int, bytes]] = []
     rules: list[tuple[int, int, bytes]] = []
@@ -410,6 +418,8 @@ def copied_table(nl: NftNetlink, source: str, table: str, elements: dict[str, li
             if _table_name(payload) != source:
                 continue
             found = True
+            if new == NFT_MSG_NEWOBJ and _name(payload, 2) in kept:
+                continue
             replace: dict[int, bytes] = {}
             if new == NFT_MSG_NEWRULE:
                 chain = _name(payload, NFTA_RULE_CHAIN)
@@ -433,23 +443,33 @@ def copied_table(nl: NftNetlink, source: str, table: str, elements: dict[str, li
                 # name it by that); rules here name sets by name.
                 sets += 1
                 body += _attr(NFTA_SET_ID, struct.pack(">I", sets))
-            parts.append((new, NLM_F_CREATE, body))
+            # NFTA_SET_NAME, NFTA_CHAIN_NAME
+            name = _name(payload, 2) if new == NFT_MSG_NEWSET else \
+                _name(payload, NFTA_CHAIN_NAME) if new == NFT_MSG_NEWCHAIN else ""
+            into = first if first is not None and name and (new, name) in early else parts
+            into.append((new, NLM_F_CREATE, body))
             if new == NFT_MSG_NEWSET:
-                name = _name(payload, 2)         # NFTA_SET_NAME
                 attrs = elements[name] if name in elements else \
                     _dumped_elements(nl, source, name)
-                parts += _element_messages(table, name, attrs)
+                into += _element_messages(table, name, attrs)
     if not found:
         raise Unsupported(f"table inet {source} is missing")
     return parts + rules
 
 
 def load(nl: NftNetlink, ruleset: Ruleset, nft: Sequence[str] = ("nft",),
-         at_least: int = BIG_SET) -> int:
+         at_least: int = BIG_SET, switch: Sequence[tuple[int, int, bytes]] | None = None,
+         kept: frozenset[str] = frozenset(), early: Sequence[str] = (),
+         early_chains: Sequence[str] = ()) -> int:
     """Replace `inet <table>` in the namespace of `nl` with `ruleset`, in one
     transaction (see the module's docstring); the sets with at least `at_least`
     elements that `element_attrs` encodes get their elements from here. `nft`: the
-    command that runs `nft` in that namespace. Returns the number of messages sent.
+    command that runs `nft` in that namespace. `switch`: the messages that clear the
+    way in place of deleting the table (`replace.switch_messages`: the old sets stay),
+    `kept` the counters the table keeps, `early` the sets created (with their
+    elements) in a transaction of their own before that one, so that they are whole in
+    the kernel before any rule uses them, with the regular chains `early_chains` (empty;
+    their rules come with the rest). Returns the number of messages sent.
     Raises Unsupported (nothing sent), StagingError (`nft` refused the staging script)
     or NetlinkError (the kernel refused the batch: nothing of it applied); the staging
     table is gone in every case."""
@@ -469,18 +489,29 @@ def load(nl: NftNetlink, ruleset: Ruleset, nft: Sequence[str] = ("nft",),
             raise StagingError(done.stderr.strip() or "nft -f of the staging table failed")
         for attempt in range(DUMP_TRIES):
             try:
-                body = copied_table(nl, staged.table, ruleset.table, elements, policies)
+                first: list[tuple[int, int, bytes]] = []
+                body = copied_table(nl, staged.table, ruleset.table, elements, policies,
+                                    kept, frozenset(
+                                        [(NFT_MSG_NEWSET, n) for n in early]
+                                        + [(NFT_MSG_NEWCHAIN, n) for n in early_chains]),
+                                    first)
                 break
             except NetlinkError as e:
                 # A commit (anyone's, in any table) interrupted a dump: read it again.
                 if e.code != errno.EINTR or attempt == DUMP_TRIES - 1:
                     raise
         del elements        # copied into the messages: a million elements are 40 MB
-        parts = [(NFT_MSG_DELTABLE, 0, source), (NFT_MSG_NEWTABLE, NLM_F_CREATE, table),
-                 (NFT_MSG_DELTABLE, 0, table), (NFT_MSG_NEWTABLE, NLM_F_CREATE, table), *body]
-        if sum(len(p[2]) + 20 for p in parts) > MAX_BATCH:
+        clear = list(switch) if switch is not None else [
+            (NFT_MSG_NEWTABLE, NLM_F_CREATE, table), (NFT_MSG_DELTABLE, 0, table),
+            (NFT_MSG_NEWTABLE, NLM_F_CREATE, table)]
+        parts = [(NFT_MSG_DELTABLE, 0, source), *clear, *body]
+        if sum(len(p[2]) + 20 for p in parts) > MAX_BATCH or \
+                sum(len(p[2]) + 20 for p in first) > MAX_BATCH:
             raise Unsupported(f"a batch over {MAX_BATCH} bytes")
-        return nl.transaction(parts)
+        sent = 0
+        if first:
+            sent = nl.transaction([(NFT_MSG_NEWTABLE, NLM_F_CREATE, table), *first])
+        return sent + nl.transaction(parts)
     except BaseException:
         # Whatever was staged goes (it was harmless: empty hooks, policy accept).
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):

@@ -203,17 +203,20 @@ class Ruleset:
         return f"table {self.family_table} {{\n" + "\n".join(parts) + "\n}\n"
 
     def script(self, timed: Mapping[str, Sequence[str]] | None = None,
-               empty: Collection[str] = ()) -> str:
+               empty: Collection[str] = (), replace: bool = True) -> str:
         """An `nft -f` script that replaces the table in one transaction: the kernel holds
         the old table or the new one, never a mix (creating it first makes the delete
         valid when there is no table yet). `timed`: elements for sets with timeouts
         (set name -> `ADDRESS timeout Nms` texts), added in the same transaction.
-        `empty`: sets declared without their elements (`load.py` sends those itself)."""
+        `empty`: sets declared without their elements (`load.py` sends those itself).
+        `replace=False`: the table's body only, added to what is there (`replace.py`
+        clears the way first)."""
         adds = [f"add element {self.family_table} {name} {{ {', '.join(elements)} }}\n"
                 for name, elements in sorted((timed or {}).items())
                 if elements and name in self.sets]
-        return (f"table {self.family_table}\ndelete table {self.family_table}\n"
-                + self.body(empty=empty) + "".join(adds))
+        head = f"table {self.family_table}\ndelete table {self.family_table}\n" \
+            if replace else ""
+        return head + self.body(empty=empty) + "".join(adds)
 
     def structure(self) -> str:
         """Everything but set elements: equal structures differ only in elements."""
