@@ -244,6 +244,26 @@ def test_the_runner_reports_failure_with_what_was_printed() -> None:
     assert powershell.added(e.value.stdout, 3)
 
 
+def test_the_runner_reads_output_in_any_code_page_and_writes_only_ascii() -> None:
+    # A byte that is no character in UTF-8 (an OEM code page's, say) is no crash.
+    run = PowerShellRunner([sys.executable, "-c",
+                            "import sys; sys.stdout.buffer.write(b'\\xff\\r\\nbulkhead-applied 1"
+                            "\\r\\n')"])
+    out = run("x")
+    assert powershell.applied(out, 1) and out.startswith("\ufffd")
+    with pytest.raises(RunnerError, match="not ASCII"):
+        run("Write-Output '\u00e9'")
+
+
+def test_the_runner_keeps_what_a_timed_out_script_printed() -> None:
+    run = PowerShellRunner([sys.executable, "-c",
+                            "import sys, time; print('bulkhead-added 3', flush=True); "
+                            "time.sleep(5)"], timeout=1.0)
+    with pytest.raises(RunnerError, match="did not finish") as e:
+        run("x")
+    assert powershell.added(e.value.stdout, 3)
+
+
 def test_the_runner_is_bounded_in_time() -> None:
     run = PowerShellRunner([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.5)
     with pytest.raises(RunnerError, match=r"did not finish in 0\.5 s"):

@@ -66,19 +66,36 @@ class PowerShellRunner:
         self.timeout = timeout
 
     def __call__(self, script: str) -> str:
+        # The scripts are ASCII (powershell.py: so that no code page PowerShell may read
+        # them in changes what they say); the output is read leniently, as PowerShell
+        # writes it in the console's code page, which need not be Python's.
+        if not script.isascii():
+            raise RunnerError("the script is not ASCII; not run")
         try:
-            done = subprocess.run(self.command, input=script, capture_output=True,
-                                  text=True, timeout=self.timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise RunnerError(f"PowerShell did not finish in {self.timeout:g} s") from None
+            done = subprocess.run(self.command, input=script.encode("ascii"),
+                                  capture_output=True, timeout=self.timeout, check=False)
+        except subprocess.TimeoutExpired as e:
+            raise RunnerError(f"PowerShell did not finish in {self.timeout:g} s",
+                              _text(e.stdout)) from None
         except OSError as e:
             raise RunnerError(f"cannot run {self.command[0]}: {e}") from None
-        if done.returncode != 0 or done.stderr.strip():
-            tail = (done.stderr.strip() or done.stdout.strip())[-2000:]
-            raise RunnerError(f"PowerShell exited with {done.returncode}: {tail}", done.stdout)
+        stdout, stderr = _text(done.stdout), _text(done.stderr)
+        if done.returncode != 0 or stderr.strip():
+            tail = (stderr.strip() or stdout.strip())[-2000:]
+            raise RunnerError(f"PowerShell exited with {done.returncode}: {tail}", stdout)
         if len(done.stdout) > MAX_OUTPUT:
             raise RunnerError(f"PowerShell printed more than {MAX_OUTPUT} bytes")
-        return done.stdout
+        return stdout
+
+
+def _text(output: bytes | str | None) -> str:
+    """PowerShell's output as text: UTF-8 where it is, anything else replaced (not an
+    error: a listing's text is checked by its parser, the marks are ASCII)."""
+    if output is None:
+        return ""
+    if isinstance(output, str):
+        return output
+    return output.decode("utf-8", errors="replace").replace("\r\n", "\n")
 
 
 def compile_plan(plan: NodePlan) -> list[FirewallRule]:

@@ -35,8 +35,18 @@ older generation, which the next apply (or repair) removes.
 Every value is a single-quoted PowerShell string ('' for a quote inside); characters a
 single-quoted string cannot hold plainly (control and format characters, line
 separators, PowerShell's typographic single quotes) are refused, naming the rule and
-field. The emitted subset is small on purpose: the whole script one script block
-(`& { ... }`, see `_whole`), assignments, try/catch/throw, and commands whose arguments
+field. So is every character outside printable ASCII: the scripts are pure ASCII, so they
+mean the same in whatever ASCII-compatible code page PowerShell reads its standard input
+(the console's OEM code page, the ANSI one without a console, UTF-8), whatever encoding
+Python wrote them in. Else a value could close its string once re-read: U+0452 written
+as UTF-8 (D1 92) and read as Windows-1252 is U+00D1 U+2019, a typographic quote; and
+U+00E2 U+20AC U+2122 written as Windows-1252 (E2 80 99) and read as UTF-8 is U+2019. The
+values the agent writes are ASCII anyway (policy, tier and interface names are checked as
+such by the model); only an interface alias found on the host can be otherwise, and is
+refused with the rule and field named.
+
+The emitted subset is small on purpose: the whole script one script block (`& { ... }`,
+see `_whole`), assignments, try/catch/throw, and commands whose arguments
 are quoted strings or comma lists of them.
 
 Shapes of what Get-NetFirewallRule and its filter cmdlets return (`parse_listing`)
@@ -72,7 +82,8 @@ PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 1: "ICMPv4", 58: "ICMPv6"}
 PROTOCOL_NUMBERS = {v.upper(): k for k, v in PROTOCOL_NAMES.items()}
 PORT_PROTOCOLS = (6, 17)
 ICMP_PROTOCOLS = (1, 58)
-# PowerShell reads these as single quotes too (about_Quoting_Rules): refused, not escaped.
+# PowerShell reads these as single quotes too (about_Quoting_Rules): refused, not escaped
+# (as is any character outside printable ASCII, see the module's docstring).
 TYPOGRAPHIC_QUOTES = "\u2018\u2019\u201a\u201b"
 _GENERATION_NAME = re.compile(rf"^{GROUP}-(\d+)-(\d+)$")
 _PORT = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
@@ -89,9 +100,10 @@ class ListingError(ValueError):
 
 # ------------------------------------------------------------------------------ quoting
 def refused_character(text: str) -> str | None:
-    """The first character `quote` refuses, or None."""
+    """The first character `quote` refuses, or None: anything but printable ASCII (the
+    other checks stay, should that ever be widened)."""
     for ch in text:
-        if ch in TYPOGRAPHIC_QUOTES or unicodedata.category(ch) in (
+        if not " " <= ch <= "~" or ch in TYPOGRAPHIC_QUOTES or unicodedata.category(ch) in (
                 "Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
             return ch
     return None
@@ -178,8 +190,8 @@ def canonical(rule: FirewallRule) -> FirewallRule:
             raise RenderError(f"firewall rule {rule.name}: {what}: {e}") from None
 
     if not 1 <= len(rule.name) <= 255 or refused_character(rule.name) is not None:
-        raise RenderError(f"firewall rule {rule.name!r}: name: 1-255 characters, none of "
-                          "them a control character or a typographic quote")
+        raise RenderError(f"firewall rule {rule.name!r}: name: 1-255 characters, all of "
+                          "them printable ASCII")
     if rule.direction not in (INBOUND, OUTBOUND):
         raise RenderError(f"firewall rule {rule.name}: direction: {rule.direction!r} is not "
                           f"{INBOUND} or {OUTBOUND}")
