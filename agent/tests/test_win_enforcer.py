@@ -186,6 +186,35 @@ def test_a_rule_added_to_the_group_behind_the_agents_back_is_drift() -> None:
     assert "allow-all" not in fake.rules and enforcer.drift() is None
 
 
+@pytest.mark.parametrize("name", ["*", "bulkhead-*", "[a-z]*", "?*"])
+def test_a_rule_named_as_a_wildcard_is_never_removed_by_name(name: str) -> None:
+    """Remove-NetFirewallRule -Name takes wildcards: the rule `*` in the group must not
+    make the apply remove every rule on the host (Windows' own, the new generation)."""
+    enforcer, fake, compiler = setup()
+    enforcer.enforce(SNAPSHOT, 5)
+    fake.rules["CoreNet-DHCP-In"] = FirewallRule("CoreNet-DHCP-In", "Inbound", "Allow", 17)
+    fake.groups["CoreNet-DHCP-In"] = "@FirewallAPI.dll,-25000"
+    fake.rules[name] = FirewallRule(name, "Inbound", "Allow")
+    fake.groups[name] = "bulkhead"
+    compiler.rules = WEB_NEXT
+    report = enforcer.enforce(SNAPSHOT, 6)
+    assert report.changed and report.counts["generation"] == 2
+    assert "CoreNet-DHCP-In" in fake.rules and name in fake.rules
+    left = [canonical(fake.rules["CoreNet-DHCP-In"]), canonical(fake.rules[name])]
+    assert held(fake) == sorted([*numbered(WEB_NEXT, 2), *left], key=lambda r: r.name)
+    reason = enforcer.drift()
+    assert reason is not None and f"rule {name} in the group is not the agent's" in reason
+    assert "remove it by hand" in reason
+
+
+def test_the_fake_reads_remove_names_as_wildcards() -> None:
+    from tests.pwshfixture import _wildcard_match
+    assert _wildcard_match("*", "anything") and _wildcard_match("bulkhead-1-*", "BULKHEAD-1-7")
+    assert _wildcard_match("[a-c]x?", "bxy") and not _wildcard_match("[a-c]x?", "dxy")
+    assert _wildcard_match("a`*", "a*") and not _wildcard_match("a`*", "ab")
+    assert not _wildcard_match("bulkhead-1-1", "bulkhead-1-10")
+
+
 def test_a_restarted_agent_adopts_the_generation_it_finds() -> None:
     enforcer, fake, compiler = setup()
     enforcer.enforce(SNAPSHOT, 5)

@@ -234,6 +234,8 @@ class WindowsFirewallEnforcer:
         out += [f"rule {r.name} of an older generation is left"
                 if powershell.generation_of(r.name) is not None
                 else f"rule {r.name} in the group is not the agent's"
+                + (" (its name is a wildcard pattern to Remove-NetFirewallRule: the agent "
+                   "leaves it, remove it by hand)" if powershell.has_wildcard(r.name) else "")
                 for r in listed.rules if r.name not in names]
         out += [f"rule {n} is disabled" for n in sorted(listed.disabled)]
         want = sorted(map(repr, map(content, powershell.number(wanted, 1))))

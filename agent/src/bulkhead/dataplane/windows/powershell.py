@@ -49,6 +49,13 @@ The emitted subset is small on purpose: the whole script one script block (`& { 
 see `_whole`), assignments, try/catch/throw, and commands whose arguments
 are quoted strings or comma lists of them.
 
+Remove-NetFirewallRule's -Name takes wildcards (Microsoft's documentation of the cmdlet:
+"Wildcard characters are accepted"), so a listed rule whose name holds one (`*`, `?`,
+`[`, `]`, or the escape character, a backtick) is never removed by name: a rule named
+`*` put in the group would otherwise have the apply remove every rule on the host, the
+new generation and Windows' own included. Such a rule is left in place; the listing
+shows it as not the agent's (drift) until someone removes it by hand.
+
 Shapes of what Get-NetFirewallRule and its filter cmdlets return (`parse_listing`)
 follow Microsoft's documentation of the NetSecurity module; they were not captured on a
 real Windows host.
@@ -85,6 +92,8 @@ ICMP_PROTOCOLS = (1, 58)
 # PowerShell reads these as single quotes too (about_Quoting_Rules): refused, not escaped
 # (as is any character outside printable ASCII, see the module's docstring).
 TYPOGRAPHIC_QUOTES = "\u2018\u2019\u201a\u201b"
+# What Remove-NetFirewallRule -Name reads as a wildcard pattern (see the docstring).
+WILDCARDS = "*?[]`"
 _GENERATION_NAME = re.compile(rf"^{GROUP}-(\d+)-(\d+)$")
 _PORT = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
 _ICMP = re.compile(r"^(\d{1,3})(?::(\d{1,3}))?$")
@@ -324,14 +333,21 @@ def apply_script(rules: Sequence[FirewallRule], generation: int,
     lines += _remove_commands([r.name for r in new], "    ", quiet=True)
     lines += ["    throw", "}"]
     lines.append("Write-Output " + quote(f"{ADDED_MARK} {generation}"))
-    old_allows = [r.name for r in old if r.action != BLOCK]
-    old_blocks = [r.name for r in old if r.action == BLOCK]
+    removable = [r for r in old if not has_wildcard(r.name)]
+    old_allows = [r.name for r in removable if r.action != BLOCK]
+    old_blocks = [r.name for r in removable if r.action == BLOCK]
     lines += _remove_commands(old_allows) + _remove_commands(old_blocks)
     if profiles is not None:
         lines.append(profile_command(profiles))
     lines.append("Write-Output " + quote(f"{APPLIED_MARK} {generation}"))
     return _whole(lines, f"firewall rules of generation {generation} ({len(blocks)} Block, "
                          f"{len(allows)} Allow); {len(old)} rules of the group {GROUP} before")
+
+
+def has_wildcard(name: str) -> bool:
+    """Whether Remove-NetFirewallRule -Name would read `name` as a pattern (such rules
+    are never removed by name)."""
+    return any(ch in WILDCARDS for ch in name)
 
 
 def _whole(lines: Sequence[str], title: str) -> str:
