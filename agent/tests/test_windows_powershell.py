@@ -104,10 +104,14 @@ def test_a_script_broken_at_one_rule_is_caught() -> None:
 
 # Text a single-quoted string may hold: printable ASCII (quote() refuses the rest).
 SAFE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), min_size=1, max_size=40)
+# An interface alias: no wildcard characters either (New-NetFirewallRule reads it as a
+# pattern).
+ALIAS = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e,
+                              blacklist_characters=powershell.WILDCARDS), min_size=1, max_size=40)
 
 
 @settings(max_examples=60, deadline=None)
-@given(description=SAFE, display=SAFE, alias=SAFE)
+@given(description=SAFE, display=SAFE, alias=ALIAS)
 def test_strings_round_trip_through_the_powershell_parser(
         description: str, display: str, alias: str) -> None:
     rule = FirewallRule("x", INBOUND, "Allow", 6, local_ports=("80",), description=description,
@@ -153,6 +157,15 @@ def test_no_value_changes_the_script_when_it_is_read_in_another_code_page(
         assert str(e).startswith("firewall rule web-1: ")
         return
     assert script.encode(written).decode(read, errors="replace") == script
+
+
+@pytest.mark.parametrize("alias", ["Ethernet*", "Ethernet [1]", "Wi-Fi?", "a`b"])
+def test_an_interface_alias_that_is_a_wildcard_pattern_is_refused(alias: str) -> None:
+    # New-NetFirewallRule -InterfaceAlias <WildcardPattern[]>: "Ethernet*" would put the
+    # rule on every Ethernet interface.
+    rule = FirewallRule("web-1", INBOUND, "Allow", interface_alias=alias)
+    with pytest.raises(RenderError, match=r"firewall rule web-1: interface alias: .*wildcard"):
+        apply_script([rule], 1)
 
 
 def test_every_script_is_ascii() -> None:

@@ -54,7 +54,9 @@ Remove-NetFirewallRule's -Name takes wildcards (Microsoft's documentation of the
 `[`, `]`, or the escape character, a backtick) is never removed by name: a rule named
 `*` put in the group would otherwise have the apply remove every rule on the host, the
 new generation and Windows' own included. Such a rule is left in place; the listing
-shows it as not the agent's (drift) until someone removes it by hand.
+shows it as not the agent's (drift) until someone removes it by hand. New-NetFirewallRule's
+-InterfaceAlias is a WildcardPattern[] too (its syntax in the same documentation): an
+alias with a wildcard character would put the rule on other interfaces, so it is refused.
 
 Shapes of what Get-NetFirewallRule and its filter cmdlets return (`parse_listing`)
 follow Microsoft's documentation of the NetSecurity module; they were not captured on a
@@ -219,6 +221,10 @@ def canonical(rule: FirewallRule) -> FirewallRule:
             quote(text, what)
         except RenderError as e:
             raise RenderError(f"firewall rule {rule.name}: {e}") from None
+    if rule.interface_alias and has_wildcard(rule.interface_alias):
+        raise RenderError(f"firewall rule {rule.name}: interface alias: "
+                          f"{rule.interface_alias!r} holds a wildcard character ({WILDCARDS}), "
+                          "which New-NetFirewallRule would match against other interfaces")
     return replace(
         rule,
         local_addresses=each(rule.local_addresses, _address, "local addresses"),
