@@ -73,7 +73,12 @@ def test_bad_acls_are_refused_naming_rule_and_field(change: dict[str, object],
 
 @pytest.mark.parametrize("bad", ["nope", '{"Policies": {}}', "[1]",
                                  '[{"Type": "ACL", "Settings": {"Colour": "red"}}]',
-                                 '[{"Type": "ACL", "Settings": {"Priority": "1"}}]'])
+                                 '[{"Type": "ACL", "Settings": {"Priority": "1"}}]',
+                                 "[" * 100_000,             # nested too deep for json
+                                 '"a string"',
+                                 "[" + ",".join(['{"Type": "X"}'] * 50_001) + "]",
+                                 '[{"Type": "ACL", "Settings": {"RemotePorts": "'
+                                 + ",".join(["80"] * 10_001) + '"}}]'])
 def test_json_of_another_shape_is_an_error(bad: str) -> None:
     with pytest.raises(HnsJsonError):
         hns_json.parse(bad)

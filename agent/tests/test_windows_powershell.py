@@ -252,10 +252,17 @@ def test_the_windows_shaped_sample_is_read() -> None:
 
 
 @pytest.mark.parametrize("bad", ["not json", "[]", '{"Rules": {}}', '{"Rules": [{"x": 1}]}',
-                                 '{"Rules": [], "Profiles": [{"Name": "Public"}]}'])
+                                 '{"Rules": [], "Profiles": [{"Name": "Public"}]}',
+                                 "[" * 100_000,             # nested too deep for json
+                                 '{"Rules": [' + ",".join(["null"] * 100_001) + "]}"])
 def test_a_listing_of_another_shape_is_an_error(bad: str) -> None:
     with pytest.raises(ListingError):
         parse_listing(bad)
+
+
+def test_an_interface_listing_nested_too_deep_is_an_error() -> None:
+    with pytest.raises(ListingError, match="not JSON"):
+        powershell.parse_interfaces("[" * 100_000)
 
 
 def test_the_sample_is_json_of_the_listings_shape() -> None:

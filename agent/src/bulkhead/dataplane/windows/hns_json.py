@@ -111,7 +111,10 @@ def _split(setting: Mapping[str, Any], key: str) -> tuple[str, ...]:
     value = setting.get(key, "")
     if not isinstance(value, str):
         raise HnsJsonError(f"ACL policy: {key}: expected a string, got {value!r:.80}")
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+    values = tuple(v.strip() for v in value.split(",") if v.strip())
+    if len(values) > MAX_VALUES:
+        raise HnsJsonError(f"ACL policy: {key}: more than {MAX_VALUES} values")
+    return values
 
 
 def parse(doc: str | Mapping[str, Any] | Sequence[Any], prefix: str = "acl") -> list[AclRule]:
@@ -122,7 +125,7 @@ def parse(doc: str | Mapping[str, Any] | Sequence[Any], prefix: str = "acl") -> 
     if isinstance(doc, str):
         try:
             doc = json.loads(doc)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:     # RecursionError: nested too deep
             raise HnsJsonError(f"not JSON: {e}") from None
     if isinstance(doc, Mapping):
         if "Settings" in doc and "Policies" not in doc:
@@ -130,8 +133,10 @@ def parse(doc: str | Mapping[str, Any] | Sequence[Any], prefix: str = "acl") -> 
         if not isinstance(doc, Mapping) or not isinstance(doc.get("Policies", []), list):
             raise HnsJsonError("expected an object with a list Policies")
         doc = doc.get("Policies", [])
-    if not isinstance(doc, Sequence):
+    if not isinstance(doc, Sequence) or isinstance(doc, str):
         raise HnsJsonError("expected a list of policies")
+    if len(doc) > MAX_RULES:
+        raise HnsJsonError(f"more than {MAX_RULES} policies on one endpoint")
     rules: list[AclRule] = []
     for item in doc:
         if not isinstance(item, Mapping) or not isinstance(item.get("Settings", {}), Mapping):

@@ -433,7 +433,7 @@ def parse_interfaces(stdout: str) -> dict[str, list[str]]:
     such as `%12` dropped). Raises ListingError for another shape."""
     try:
         doc = json.loads(stdout)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:     # RecursionError: nested too deep
         raise ListingError(f"the interface listing is not JSON: {e}") from None
     if isinstance(doc, dict):           # one address: ConvertTo-Json of a 1-list in 5.1
         doc = [doc]
@@ -539,7 +539,7 @@ def parse_listing(stdout: str) -> Listing:
     ListingError when the JSON is not of the listing's shape."""
     try:
         doc = json.loads(stdout)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:     # RecursionError: nested too deep
         raise ListingError(f"the listing is not JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("Rules", []), list) \
             or not isinstance(doc.get("Profiles", []), list):
@@ -547,6 +547,9 @@ def parse_listing(stdout: str) -> Listing:
     rules: list[FirewallRule] = []
     disabled: set[str] = set()
     unreadable: list[str] = []
+    if len(doc.get("Rules") or []) > 2 * MAX_RULES:
+        raise ListingError(f"the listing has more than {2 * MAX_RULES} rules in the group "
+                           f"{GROUP} (two generations at most are the agent's)")
     for item in doc.get("Rules") or []:
         if item is None:         # @($null) of an older listing: nothing
             continue
