@@ -155,6 +155,19 @@ def test_drift_names_a_changed_rule() -> None:
     assert "missing: " in reason and "not wanted: " in reason
 
 
+def test_drift_of_huge_rules_is_reported_in_bounded_text() -> None:
+    wide = [FirewallRule(f"wide-{i}", "Inbound", "Allow", 6, local_ports=("80",),
+                         remote_addresses=tuple(f"198.18.{j // 250}.{j % 250 + 1}"
+                                                for j in range(5000))) for i in range(8)]
+    enforcer, fake, _ = setup(wide)
+    enforcer.enforce(SNAPSHOT, 5)
+    for name in list(fake.rules):
+        fake.rules[name] = replace(fake.rules[name], remote_addresses=("0.0.0.0/0",))
+    reason = enforcer.drift()
+    assert reason is not None and "was changed" in reason and "missing: " in reason
+    assert len(reason) < 5000
+
+
 @pytest.mark.parametrize(("tamper", "expected"), [
     (lambda f: f.disabled.add("bulkhead-1-2"), "rule bulkhead-1-2 is disabled"),
     (lambda f: f.profiles.__setitem__("Public", ProfileState("Public", "True", "Block",

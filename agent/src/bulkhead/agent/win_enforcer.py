@@ -41,6 +41,8 @@ Interfaces = Mapping[str, Sequence[str]]
 
 RUN_TIMEOUT = 300.0     # seconds for one script (thousands of New-NetFirewallRule calls)
 MAX_OUTPUT = 64 << 20   # bytes of a listing kept
+MAX_PROBLEM = 300       # characters of one drift problem (a rule may hold 10,000 addresses)
+MAX_DRIFT = 4000        # characters of a drift report
 
 
 class RunnerError(Exception):
@@ -96,6 +98,23 @@ def _text(output: bytes | str | None) -> str:
     if isinstance(output, str):
         return output
     return output.decode("utf-8", errors="replace").replace("\r\n", "\n")
+
+
+def _bounded(problems: Sequence[str]) -> str:
+    """The problems joined (duplicates once), each cut to MAX_PROBLEM characters and the
+    whole to MAX_DRIFT, saying how many were left out: a drift report goes to the log
+    and the server, and one rule's text may be hundreds of kilobytes."""
+    out: list[str] = []
+    size = 0
+    unique = list(dict.fromkeys(problems))
+    for n, problem in enumerate(unique):
+        text = problem if len(problem) <= MAX_PROBLEM else problem[:MAX_PROBLEM] + "..."
+        if size + len(text) > MAX_DRIFT:
+            out.append(f"and {len(unique) - n} more")
+            break
+        out.append(text)
+        size += len(text) + 2
+    return "; ".join(out)
 
 
 def compile_plan(plan: NodePlan) -> list[FirewallRule]:
@@ -278,7 +297,7 @@ class WindowsFirewallEnforcer:
         problems += [f"rule {n} was removed" for n in sorted(set(applied) - set(found))]
         problems += [f"rule {n} was changed" for n in sorted(set(applied) & set(found))
                      if applied[n] != found[n]]
-        return "; ".join(dict.fromkeys(problems)) or None
+        return _bounded(problems) or None
 
     def repair(self) -> EnforceReport:
         """Apply the last rules again, as a new generation."""
