@@ -31,8 +31,8 @@ DIRECTIONS = ("In", "Out")
 RULE_TYPES = ("Switch", "Host")
 MAX_RULES = 50_000
 MAX_VALUES = 10_000
-_PROTOCOL = re.compile(r"^\d{1,3}$")
-_PORT = re.compile(r"^\d{1,5}(-\d{1,5})?$")
+_PROTOCOL = re.compile(r"^[0-9]{1,3}$")
+_PORT = re.compile(r"^[0-9]{1,5}(-[0-9]{1,5})?$")
 _ADDRESS = re.compile(r"^[0-9A-Fa-f.:/]{2,49}$")
 _FIELDS = ("Protocols", "Action", "Direction", "LocalAddresses", "RemoteAddresses",
            "LocalPorts", "RemotePorts", "RuleType", "Priority")
@@ -47,10 +47,15 @@ def _joined(rule: AclRule, what: str, values: Sequence[str], pattern: re.Pattern
     if len(values) > MAX_VALUES:
         raise HnsJsonError(f"ACL {rule.id}: {what}: more than {MAX_VALUES} values")
     for v in values:
-        if v == "Any" or not pattern.match(v):
+        if v == "Any" or not pattern.match(v) or (pattern is _PORT and not _port_range(v)):
             raise HnsJsonError(f"ACL {rule.id}: {what}: {v!r} is not a value HNS takes "
-                               "(an address, a/len, a port or first-last; never Any)")
+                               "(an address, a/len, a port 0-65535 or first-last; never Any)")
     return ",".join(values)
+
+
+def _port_range(text: str) -> bool:
+    first, _, last = text.partition("-")
+    return int(first) <= int(last or first) <= 65535
 
 
 def policy_setting(rule: AclRule) -> dict[str, Any]:
