@@ -306,6 +306,19 @@ def test_the_runner_keeps_what_a_timed_out_script_printed() -> None:
     assert powershell.added(e.value.stdout, 3)
 
 
+def test_the_runner_names_powershell_by_its_full_path() -> None:
+    from bulkhead.agent.win_enforcer import default_command
+    # Not a bare name: Windows would look in the program's own and the current
+    # directory first.
+    assert PowerShellRunner().command[0].endswith(
+        "\\System32\\WindowsPowerShell\\v1.0\\powershell.exe")
+    assert default_command({"SystemRoot": "D:\\Win"})[0] == \
+        "D:\\Win\\System32\\WindowsPowerShell\\v1.0\\powershell.exe"
+    for bad in ({}, {"SystemRoot": "relative"}):
+        assert default_command(bad)[0].startswith("C:\\Windows\\System32\\")
+    assert default_command()[1:] == ["-NoProfile", "-NonInteractive", "-Command", "-"]
+
+
 def test_the_runner_is_bounded_in_time() -> None:
     run = PowerShellRunner([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.5)
     with pytest.raises(RunnerError, match=r"did not finish in 0\.5 s"):

@@ -15,9 +15,11 @@ leaves the previous generation enforced (powershell.py: the order and the transi
 from __future__ import annotations
 
 import difflib
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import PureWindowsPath
 
 from bulkhead.agent.enforcer import EnforceError, EnforceReport
 from bulkhead.dataplane.windows import firewall, powershell
@@ -61,10 +63,9 @@ class PowerShellRunner:
     the scripts are therefore one statement each (`& { ... }`, no empty line inside)
     followed by an empty line (powershell.py). Not run here: there is no Windows host."""
 
-    def __init__(self, command: Sequence[str] = ("powershell.exe", "-NoProfile",
-                                                 "-NonInteractive", "-Command", "-"),
+    def __init__(self, command: Sequence[str] | None = None,
                  timeout: float = RUN_TIMEOUT) -> None:
-        self.command = list(command)
+        self.command = list(command) if command is not None else default_command()
         self.timeout = timeout
 
     def __call__(self, script: str) -> str:
@@ -88,6 +89,17 @@ class PowerShellRunner:
         if len(done.stdout) > MAX_OUTPUT:
             raise RunnerError(f"PowerShell printed more than {MAX_OUTPUT} bytes")
         return stdout
+
+
+def default_command(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Windows PowerShell by its full path under %SystemRoot%, not by name: Windows
+    looks a bare name up in the running program's directory and the current directory
+    before System32, and a powershell.exe put in either would run as SYSTEM."""
+    root = PureWindowsPath(environ.get("SystemRoot") or "C:\\Windows")
+    if not root.is_absolute():
+        root = PureWindowsPath("C:\\Windows")
+    exe = root / "System32" / "WindowsPowerShell" / "v1.0" / "powershell.exe"
+    return [str(exe), "-NoProfile", "-NonInteractive", "-Command", "-"]
 
 
 def _text(output: bytes | str | None) -> str:
