@@ -319,6 +319,20 @@ def test_the_runner_names_powershell_by_its_full_path() -> None:
     assert default_command()[1:] == ["-NoProfile", "-NonInteractive", "-Command", "-"]
 
 
+def test_the_runner_keeps_a_bounded_output() -> None:
+    # 8 MiB printed, 1 MiB kept: an error, and the child is not blocked on a full pipe.
+    run = PowerShellRunner([sys.executable, "-c",
+                            "import sys; sys.stdin.read(); "
+                            "sys.stdout.buffer.write(b'x' * (8 << 20))"],
+                           timeout=30, max_output=1 << 20)
+    with pytest.raises(RunnerError, match=f"more than {1 << 20} bytes"):
+        run("x" * (1 << 20))       # a script larger than a pipe's buffer, too
+    ok = PowerShellRunner([sys.executable, "-c",
+                           "import sys; sys.stdout.write(str(len(sys.stdin.read())))"],
+                          max_output=100)
+    assert ok("y" * (3 << 20)) == str(3 << 20)
+
+
 def test_the_runner_is_bounded_in_time() -> None:
     run = PowerShellRunner([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.5)
     with pytest.raises(RunnerError, match=r"did not finish in 0\.5 s"):

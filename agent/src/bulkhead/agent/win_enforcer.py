@@ -17,9 +17,11 @@ from __future__ import annotations
 import difflib
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import PureWindowsPath
+from typing import IO
 
 from bulkhead.agent.enforcer import EnforceError, EnforceReport
 from bulkhead.dataplane.windows import firewall, powershell
@@ -43,6 +45,7 @@ Interfaces = Mapping[str, Sequence[str]]
 
 RUN_TIMEOUT = 300.0     # seconds for one script (thousands of New-NetFirewallRule calls)
 MAX_OUTPUT = 64 << 20   # bytes of a listing kept
+MAX_STDERR = 1 << 20    # bytes of standard error kept (its tail is reported)
 MAX_PROBLEM = 300       # characters of one drift problem (a rule may hold 10,000 addresses)
 MAX_DRIFT = 4000        # characters of a drift report
 
@@ -64,9 +67,10 @@ class PowerShellRunner:
     followed by an empty line (powershell.py). Not run here: there is no Windows host."""
 
     def __init__(self, command: Sequence[str] | None = None,
-                 timeout: float = RUN_TIMEOUT) -> None:
+                 timeout: float = RUN_TIMEOUT, max_output: int = MAX_OUTPUT) -> None:
         self.command = list(command) if command is not None else default_command()
         self.timeout = timeout
+        self.max_output = max_output
 
     def __call__(self, script: str) -> str:
         # The scripts are ASCII (powershell.py: so that no code page PowerShell may read
@@ -75,20 +79,73 @@ class PowerShellRunner:
         if not script.isascii():
             raise RunnerError("the script is not ASCII; not run")
         try:
-            done = subprocess.run(self.command, input=script.encode("ascii"),
-                                  capture_output=True, timeout=self.timeout, check=False)
-        except subprocess.TimeoutExpired as e:
-            raise RunnerError(f"PowerShell did not finish in {self.timeout:g} s",
-                              _text(e.stdout)) from None
+            proc = subprocess.Popen(self.command, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as e:
             raise RunnerError(f"cannot run {self.command[0]}: {e}") from None
-        stdout, stderr = _text(done.stdout), _text(done.stderr)
-        if done.returncode != 0 or stderr.strip():
+        # Each stream read by a thread of its own, kept up to max_output bytes and the
+        # rest read and dropped (so the process never blocks on a full pipe, and memory
+        # stays bounded whatever it prints).
+        out, err = _Drain(proc.stdout, self.max_output), _Drain(proc.stderr, MAX_STDERR)
+        feed = threading.Thread(target=_feed, args=(proc.stdin, script.encode("ascii")),
+                                daemon=True)
+        for t in (out, err, feed):
+            t.start()
+        try:
+            returncode = proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            for t in (out, err, feed):
+                t.join(1.0)
+            raise RunnerError(f"PowerShell did not finish in {self.timeout:g} s",
+                              _text(out.data())) from None
+        for t in (out, err, feed):
+            t.join()
+        stdout, stderr = _text(out.data()), _text(err.data())
+        if returncode != 0 or stderr.strip():
             tail = (stderr.strip() or stdout.strip())[-2000:]
-            raise RunnerError(f"PowerShell exited with {done.returncode}: {tail}", stdout)
-        if len(done.stdout) > MAX_OUTPUT:
-            raise RunnerError(f"PowerShell printed more than {MAX_OUTPUT} bytes")
+            raise RunnerError(f"PowerShell exited with {returncode}: {tail}", stdout)
+        if out.overflow:
+            raise RunnerError(f"PowerShell printed more than {self.max_output} bytes")
         return stdout
+
+
+class _Drain(threading.Thread):
+    """Reads a stream to its end, keeping the first `limit` bytes."""
+
+    def __init__(self, stream: IO[bytes] | None, limit: int) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.limit = stream, limit
+        self.chunks: list[bytes] = []
+        self.kept = 0
+        self.overflow = False
+
+    def run(self) -> None:
+        if self.stream is None:
+            return
+        with self.stream:
+            while chunk := self.stream.read(65536):
+                room = self.limit - self.kept
+                if len(chunk) > room:
+                    self.overflow = True
+                    chunk = chunk[:max(room, 0)]
+                if chunk:
+                    self.chunks.append(chunk)
+                    self.kept += len(chunk)
+
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+def _feed(stream: IO[bytes] | None, data: bytes) -> None:
+    if stream is None:
+        return
+    try:
+        with stream:
+            stream.write(data)
+    except OSError:         # the process ended before reading it all: its exit says why
+        pass
 
 
 def default_command(environ: Mapping[str, str] = os.environ) -> list[str]:
