@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -96,6 +97,31 @@ def command_of(node: tree_sitter.Node) -> tuple[str, dict[str, list[str]]]:
             params.setdefault("", []).extend(literals(child))
             current = None
     return name, params
+
+
+def _wildcard_match(pattern: str, name: str) -> bool:
+    """PowerShell's wildcards as far as rule names need: `*`, `?`, `[...]`, a backtick
+    escaping the next character; case-insensitive."""
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "`" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif ch == "[" and "]" in pattern[i + 1:]:
+            end = pattern.index("]", i + 1)
+            out.append("[" + re.escape(pattern[i + 1:end]).replace("\\-", "-") + "]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.fullmatch("".join(out), name, re.IGNORECASE | re.DOTALL) is not None
 
 
 class CmdletError(Exception):
@@ -226,10 +252,16 @@ class FakeNetSecurity:
             self.removes += 1
             if self.removes == self.fail_remove:
                 raise CmdletError("Remove-NetFirewallRule: injected failure")
-            missing = [n for n in params["-Name"] if n not in self.rules]
-            for n in params["-Name"]:
-                self.rules.pop(n, None)
-                self.disabled.discard(n)
+            # -Name is a wildcard pattern (Microsoft's documentation of the cmdlet),
+            # of any rule on the host, whatever its group.
+            matched = {n: [r for r in self.rules if _wildcard_match(n, r)]
+                       for n in params["-Name"]}
+            missing = [n for n, found in matched.items() if not found]
+            for found in matched.values():
+                for n in found:
+                    self.rules.pop(n, None)
+                    self.groups.pop(n, None)
+                    self.disabled.discard(n)
             if missing:
                 raise CmdletError(f"Remove-NetFirewallRule: no rule named {missing[0]}")
             return []

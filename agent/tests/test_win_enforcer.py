@@ -155,6 +155,19 @@ def test_drift_names_a_changed_rule() -> None:
     assert "missing: " in reason and "not wanted: " in reason
 
 
+def test_drift_of_huge_rules_is_reported_in_bounded_text() -> None:
+    wide = [FirewallRule(f"wide-{i}", "Inbound", "Allow", 6, local_ports=("80",),
+                         remote_addresses=tuple(f"198.18.{j // 250}.{j % 250 + 1}"
+                                                for j in range(5000))) for i in range(8)]
+    enforcer, fake, _ = setup(wide)
+    enforcer.enforce(SNAPSHOT, 5)
+    for name in list(fake.rules):
+        fake.rules[name] = replace(fake.rules[name], remote_addresses=("0.0.0.0/0",))
+    reason = enforcer.drift()
+    assert reason is not None and "was changed" in reason and "missing: " in reason
+    assert len(reason) < 5000
+
+
 @pytest.mark.parametrize(("tamper", "expected"), [
     (lambda f: f.disabled.add("bulkhead-1-2"), "rule bulkhead-1-2 is disabled"),
     (lambda f: f.profiles.__setitem__("Public", ProfileState("Public", "True", "Block",
@@ -184,6 +197,35 @@ def test_a_rule_added_to_the_group_behind_the_agents_back_is_drift() -> None:
     assert reason is not None and "rule allow-all in the group is not the agent's" in reason
     enforcer.repair()
     assert "allow-all" not in fake.rules and enforcer.drift() is None
+
+
+@pytest.mark.parametrize("name", ["*", "bulkhead-*", "[a-z]*", "?*"])
+def test_a_rule_named_as_a_wildcard_is_never_removed_by_name(name: str) -> None:
+    """Remove-NetFirewallRule -Name takes wildcards: the rule `*` in the group must not
+    make the apply remove every rule on the host (Windows' own, the new generation)."""
+    enforcer, fake, compiler = setup()
+    enforcer.enforce(SNAPSHOT, 5)
+    fake.rules["CoreNet-DHCP-In"] = FirewallRule("CoreNet-DHCP-In", "Inbound", "Allow", 17)
+    fake.groups["CoreNet-DHCP-In"] = "@FirewallAPI.dll,-25000"
+    fake.rules[name] = FirewallRule(name, "Inbound", "Allow")
+    fake.groups[name] = "bulkhead"
+    compiler.rules = WEB_NEXT
+    report = enforcer.enforce(SNAPSHOT, 6)
+    assert report.changed and report.counts["generation"] == 2
+    assert "CoreNet-DHCP-In" in fake.rules and name in fake.rules
+    left = [canonical(fake.rules["CoreNet-DHCP-In"]), canonical(fake.rules[name])]
+    assert held(fake) == sorted([*numbered(WEB_NEXT, 2), *left], key=lambda r: r.name)
+    reason = enforcer.drift()
+    assert reason is not None and f"rule {name} in the group is not the agent's" in reason
+    assert "remove it by hand" in reason
+
+
+def test_the_fake_reads_remove_names_as_wildcards() -> None:
+    from tests.pwshfixture import _wildcard_match
+    assert _wildcard_match("*", "anything") and _wildcard_match("bulkhead-1-*", "BULKHEAD-1-7")
+    assert _wildcard_match("[a-c]x?", "bxy") and not _wildcard_match("[a-c]x?", "dxy")
+    assert _wildcard_match("a`*", "a*") and not _wildcard_match("a`*", "ab")
+    assert not _wildcard_match("bulkhead-1-1", "bulkhead-1-10")
 
 
 def test_a_restarted_agent_adopts_the_generation_it_finds() -> None:
@@ -242,6 +284,53 @@ def test_the_runner_reports_failure_with_what_was_printed() -> None:
     with pytest.raises(RunnerError, match="exited with 1: boom") as e:
         run("x")
     assert powershell.added(e.value.stdout, 3)
+
+
+def test_the_runner_reads_output_in_any_code_page_and_writes_only_ascii() -> None:
+    # A byte that is no character in UTF-8 (an OEM code page's, say) is no crash.
+    run = PowerShellRunner([sys.executable, "-c",
+                            "import sys; sys.stdout.buffer.write(b'\\xff\\r\\nbulkhead-applied 1"
+                            "\\r\\n')"])
+    out = run("x")
+    assert powershell.applied(out, 1) and out.startswith("\ufffd")
+    with pytest.raises(RunnerError, match="not ASCII"):
+        run("Write-Output '\u00e9'")
+
+
+def test_the_runner_keeps_what_a_timed_out_script_printed() -> None:
+    run = PowerShellRunner([sys.executable, "-c",
+                            "import sys, time; print('bulkhead-added 3', flush=True); "
+                            "time.sleep(5)"], timeout=1.0)
+    with pytest.raises(RunnerError, match="did not finish") as e:
+        run("x")
+    assert powershell.added(e.value.stdout, 3)
+
+
+def test_the_runner_names_powershell_by_its_full_path() -> None:
+    from bulkhead.agent.win_enforcer import default_command
+    # Not a bare name: Windows would look in the program's own and the current
+    # directory first.
+    assert PowerShellRunner().command[0].endswith(
+        "\\System32\\WindowsPowerShell\\v1.0\\powershell.exe")
+    assert default_command({"SystemRoot": "D:\\Win"})[0] == \
+        "D:\\Win\\System32\\WindowsPowerShell\\v1.0\\powershell.exe"
+    for bad in ({}, {"SystemRoot": "relative"}):
+        assert default_command(bad)[0].startswith("C:\\Windows\\System32\\")
+    assert default_command()[1:] == ["-NoProfile", "-NonInteractive", "-Command", "-"]
+
+
+def test_the_runner_keeps_a_bounded_output() -> None:
+    # 8 MiB printed, 1 MiB kept: an error, and the child is not blocked on a full pipe.
+    run = PowerShellRunner([sys.executable, "-c",
+                            "import sys; sys.stdin.read(); "
+                            "sys.stdout.buffer.write(b'x' * (8 << 20))"],
+                           timeout=30, max_output=1 << 20)
+    with pytest.raises(RunnerError, match=f"more than {1 << 20} bytes"):
+        run("x" * (1 << 20))       # a script larger than a pipe's buffer, too
+    ok = PowerShellRunner([sys.executable, "-c",
+                           "import sys; sys.stdout.write(str(len(sys.stdin.read())))"],
+                          max_output=100)
+    assert ok("y" * (3 << 20)) == str(3 << 20)
 
 
 def test_the_runner_is_bounded_in_time() -> None:

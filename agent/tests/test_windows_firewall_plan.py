@@ -61,3 +61,98 @@ def test_fake_firewall_over_compiled_plans_decides_as_the_evaluator() -> None:
     check()
     print(dict(seen))
     assert seen["allowed"] > 200 and seen["denied"] > 200, seen
+
+
+# ---------------------------------------------------------------- one targeted world
+# What the random worlds do not draw: a host endpoint with several addresses of one
+# family (and packets to each), named ports on both sides of one rule (a name with a TCP
+# and a UDP port), a tier whose only policy is Egress (empty for ingress), Pass in a
+# profile, notPorts under Pass, ipVersion, notProtocol and a notNets source.
+def _doc(kind: str, name: str, spec: dict[str, Any],
+         labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "projectcalico.org/v3", "kind": kind,
+            "metadata": {"name": name, **({"labels": labels} if labels else {})}, "spec": spec}
+
+
+A1, A2, A6, PEER4, PEER6 = "198.18.0.1", "198.18.0.2", "2001:2::1", "198.18.1.9", "2001:2::9"
+TARGETED = [
+    _doc("HostEndpoint", "h1", {
+        "node": "h1", "interfaceName": "eth0", "expectedIPs": [A1, A2, A6],
+        "profiles": ["prof"],
+        "ports": [{"name": "web", "port": 8080, "protocol": "TCP"},
+                  {"name": "web", "port": 8081, "protocol": "UDP"}]}, {"role": "web"}),
+    _doc("HostEndpoint", "p", {
+        "node": "p", "expectedIPs": [PEER4, PEER6],
+        "ports": [{"name": "web", "port": 9090, "protocol": "TCP"},
+                  {"name": "dns", "port": 53, "protocol": "UDP"}]}, {"role": "peer"}),
+    _doc("Tier", "t1", {"order": 10}),
+    _doc("Tier", "t2", {"order": 20}),
+    _doc("GlobalNetworkPolicy", "t1.eg", {
+        "tier": "t1", "selector": "role == 'web'", "types": ["Egress"],
+        "egress": [{"action": "Pass", "protocol": "UDP"},
+                   {"action": "Deny", "protocol": "TCP",
+                    "destination": {"notPorts": [80, "9000:9100"]}}]}),
+    _doc("GlobalNetworkPolicy", "t2.in", {
+        "tier": "t2", "selector": "role == 'web'", "types": ["Ingress"],
+        "ingress": [{"action": "Allow", "source": {"selector": "role == 'peer'",
+                                                   "ports": ["web", "dns"]},
+                     "destination": {"ports": ["web"]}},
+                    {"action": "Deny", "protocol": "TCP", "destination": {"nets": [A2 + "/32"],
+                                                                          "ports": [80]}},
+                    {"action": "Pass", "protocol": "UDP", "destination": {"notPorts": [53]}},
+                    {"action": "Allow", "notProtocol": "UDP",
+                     "source": {"notNets": ["198.18.1.0/24"]}},
+                    {"action": "Deny", "ipVersion": 4, "notProtocol": "UDP"}]}),
+    _doc("Profile", "prof", {
+        "ingress": [{"action": "Allow", "protocol": "UDP", "source": {"ports": ["dns"]}},
+                    {"action": "Pass"}, {"action": "Allow", "ipVersion": 6}],
+        "egress": [{"action": "Allow", "ipVersion": 4}, {"action": "Pass", "protocol": "TCP"},
+                   {"action": "Allow"}]}),
+]
+
+
+def test_a_targeted_world_decides_as_the_evaluator_on_both_backends() -> None:
+    import ipaddress
+
+    from bulkhead.dataplane.windows import hns
+    from bulkhead.dataplane.windows.fake_hns import FakeHns
+    from bulkhead.model import EGRESS, Snapshot, parse_resource
+    from bulkhead.policy import Evaluator, Failsafes, Flow
+    from bulkhead.policy.plan import calculate
+
+    snapshot = Snapshot.build(parse_resource(d) for d in TARGETED)
+    failsafes = Failsafes.off()
+    evaluator = Evaluator(snapshot, failsafes)
+    plan = calculate(snapshot, "h1", {"eth0": [A1, A2, A6]}, failsafes)
+    ep = endpoint(plan, "h1")
+    assert ep is not None
+    fw: list[FirewallRule] = []
+    acls = []
+    for direction in DIRECTIONS:
+        fw += firewall.compile(flatten(plan, ep, direction), direction, f"h1-{direction}")
+        acls += hns.compile(flatten(plan, ep, direction, neighbour_discovery=False),
+                            direction, "h1")
+    fakes = {"firewall": FakeFirewall(fw), "hns": FakeHns(acls)}
+    seen: Counter[str] = Counter()
+    for direction in (INGRESS, EGRESS):
+        for local in (A1, A2, A6):
+            for remote in ((PEER4, "198.19.0.1") if ":" not in local else (PEER6, "2001:2::77")):
+                for protocol in (6, 17, 47):
+                    ports = (53, 80, 8080, 8081, 9050, 9090) if protocol != 47 else (None,)
+                    for local_port in ports:
+                        for remote_port in ports:
+                            lo, re_ = ipaddress.ip_address(local), ipaddress.ip_address(remote)
+                            src, dst = (re_, lo) if direction == INGRESS else (lo, re_)
+                            sport, dport = ((remote_port, local_port) if direction == INGRESS
+                                            else (local_port, remote_port))
+                            verdict = evaluator.evaluate(
+                                Flow(src, dst, protocol, dport, sport, None, None), trace=False)
+                            want = (verdict.ingress if direction == INGRESS
+                                    else verdict.egress).allowed
+                            for name, fake in fakes.items():
+                                got = fake.allows(direction, lo.version, protocol, int(lo),
+                                                  int(re_), local_port, remote_port, None)
+                                assert got == want, (name, direction, local, remote, protocol,
+                                                     local_port, remote_port)
+                            seen["allowed" if want else "denied"] += 1
+    assert seen["allowed"] > 100 and seen["denied"] > 100, seen

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from bulkhead.dataplane.windows import hns
+from bulkhead.dataplane.windows import hns, hns_json
 from bulkhead.dataplane.windows.fake_hns import FakeHns
 from bulkhead.dataplane.windows.flat import (
     ALL_ICMP,
@@ -209,10 +209,15 @@ def test_the_fake_reads_priorities_lower_first_and_block_wins_a_tie() -> None:
 
 
 def test_the_fake_matches_ports_of_tcp_and_udp_only() -> None:
-    fake = FakeHns([AclRule("a", "Allow", "In", 1000, local_ports=("0-65535",))])
+    fake = FakeHns([AclRule("a", "Allow", "In", 1000, "6", local_ports=("0-65535",))])
     assert fake.allows(INGRESS, 4, 6, 1, 2, 80, 1000, None)
+    assert not fake.allows(INGRESS, 4, 17, 1, 2, 80, 1000, None)
     assert not fake.allows(INGRESS, 4, 1, 1, 2, None, None, 8 << 8)
-    assert not fake.allows(INGRESS, 4, 132, 1, 2, 80, 1000, None)
+    # Ports without TCP or UDP: hns_json cannot send them, so the fake refuses them too
+    # (it is no more lenient than what reaches HNS).
+    for protocols in ("", "132"):
+        with pytest.raises(ValueError, match="ACL a: ports: only with protocol 6"):
+            FakeHns([AclRule("a", "Allow", "In", 1000, protocols, local_ports=("80",))])
 
 
 def test_the_fake_refuses_what_hns_would_not_take() -> None:
@@ -224,3 +229,13 @@ def test_the_fake_refuses_what_hns_would_not_take() -> None:
         FakeHns([AclRule("r", "Allow", "In", 1000, "6", local_ports=("70000",))])
     with pytest.raises(ValueError, match="ACL r: direction: 'Ingress' is not In or Out"):
         FakeHns([AclRule("r", "Allow", "Ingress", 1000)])
+    # Priority 0 is left out of HCN's JSON (omitempty), so HNS would not get it; and it
+    # is a uint16. hns_json refuses both; so does the fake.
+    for priority in (0, 65536):
+        with pytest.raises(ValueError, match=f"ACL r: priority: {priority} is not 1-65535"):
+            FakeHns([AclRule("r", "Allow", "In", priority)])
+    with pytest.raises(ValueError, match="ACL r: rule type: 'Port' is not Switch or Host"):
+        FakeHns([AclRule("r", "Allow", "In", 1000, rule_type="Port")])
+    # Everything the fake takes, hns_json can send.
+    hns_json.render([AclRule("r", "Allow", "In", 1, "17", remote_ports=("53",)),
+                     AclRule("s", "Block", "Out", 65535, rule_type="Host")])

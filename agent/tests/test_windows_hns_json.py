@@ -63,6 +63,10 @@ def test_drift_names_what_changed() -> None:
     ({"protocols": "1", "local_ports": ("80",)}, "ports: only with protocol 6"),
     ({"rule_type": "Wfp"}, "rule type"),
     ({"local_ports": ("80,81",)}, "local ports"),
+    ({"local_ports": ("99999",)}, "local ports: '99999' is not a value"),
+    ({"remote_ports": ("90-80",)}, "remote ports: '90-80' is not a value"),
+    ({"local_ports": ("\u0668\u0660",)}, "local ports: "),     # Arabic-Indic 80: \d, not ASCII
+    ({"protocols": "\u0666"}, "protocols: "),
 ])
 def test_bad_acls_are_refused_naming_rule_and_field(change: dict[str, object],
                                                     message: str) -> None:
@@ -73,7 +77,12 @@ def test_bad_acls_are_refused_naming_rule_and_field(change: dict[str, object],
 
 @pytest.mark.parametrize("bad", ["nope", '{"Policies": {}}', "[1]",
                                  '[{"Type": "ACL", "Settings": {"Colour": "red"}}]',
-                                 '[{"Type": "ACL", "Settings": {"Priority": "1"}}]'])
+                                 '[{"Type": "ACL", "Settings": {"Priority": "1"}}]',
+                                 "[" * 100_000,             # nested too deep for json
+                                 '"a string"',
+                                 "[" + ",".join(['{"Type": "X"}'] * 50_001) + "]",
+                                 '[{"Type": "ACL", "Settings": {"RemotePorts": "'
+                                 + ",".join(["80"] * 10_001) + '"}}]'])
 def test_json_of_another_shape_is_an_error(bad: str) -> None:
     with pytest.raises(HnsJsonError):
         hns_json.parse(bad)

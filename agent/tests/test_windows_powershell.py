@@ -102,15 +102,16 @@ def test_a_script_broken_at_one_rule_is_caught() -> None:
     assert errors
 
 
-# Text a single-quoted string may hold: no control, format or separator characters, no
-# typographic quotes (quote() refuses those).
-SAFE = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"),
-                             blacklist_characters=powershell.TYPOGRAPHIC_QUOTES),
-               min_size=1, max_size=40)
+# Text a single-quoted string may hold: printable ASCII (quote() refuses the rest).
+SAFE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), min_size=1, max_size=40)
+# An interface alias: no wildcard characters either (New-NetFirewallRule reads it as a
+# pattern).
+ALIAS = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e,
+                              blacklist_characters=powershell.WILDCARDS), min_size=1, max_size=40)
 
 
 @settings(max_examples=60, deadline=None)
-@given(description=SAFE, display=SAFE, alias=SAFE)
+@given(description=SAFE, display=SAFE, alias=ALIAS)
 def test_strings_round_trip_through_the_powershell_parser(
         description: str, display: str, alias: str) -> None:
     rule = FirewallRule("x", INBOUND, "Allow", 6, local_ports=("80",), description=description,
@@ -128,13 +129,47 @@ def test_strings_round_trip_through_the_powershell_parser(
 
 
 @pytest.mark.parametrize("bad", ["a\nb", "a\x00", "tab\there", "\u2019quoted", "rtl\u202e",
-                                 "line\u2028sep"])
+                                 "line\u2028sep", "caf\u00e9", "nel\u0085", "\u0452x"])
 def test_strings_a_quote_cannot_hold_plainly_are_refused(bad: str) -> None:
     with pytest.raises(RenderError, match="description: character U"):
         quote(bad, "description")
     rule = FirewallRule("web-1", INBOUND, "Allow", description=bad)
     with pytest.raises(RenderError, match="firewall rule web-1: description"):
         apply_script([rule], 1)
+
+
+# A value that is harmless as text but, once the script's bytes are read in another code
+# page than they were written in, holds a typographic quote (which closes a single-quoted
+# string in PowerShell) and then a command. Python writes the locale's encoding (ANSI,
+# or UTF-8 in its UTF-8 mode); PowerShell reads standard input in the console's code page
+# (OEM, ANSI without a console, or UTF-8): they need not agree.
+@pytest.mark.parametrize(("value", "written", "read"), [
+    ("\u0452; Remove-NetFirewallRule -All; \u0452", "utf-8", "cp1252"),   # D1 92: U+00D1, U+2019
+    ("\u00e2\u20ac\u2122; Remove-NetFirewallRule -All; #", "cp1252", "utf-8"),  # E2 80 99: U+2019
+])
+@pytest.mark.parametrize("field", ["description", "display_name", "interface_alias"])
+def test_no_value_changes_the_script_when_it_is_read_in_another_code_page(
+        value: str, written: str, read: str, field: str) -> None:
+    rule = replace(FirewallRule("web-1", INBOUND, "Allow"), **{field: value})
+    try:
+        script = apply_script([rule], 1)
+    except RenderError as e:
+        assert str(e).startswith("firewall rule web-1: ")
+        return
+    assert script.encode(written).decode(read, errors="replace") == script
+
+
+@pytest.mark.parametrize("alias", ["Ethernet*", "Ethernet [1]", "Wi-Fi?", "a`b"])
+def test_an_interface_alias_that_is_a_wildcard_pattern_is_refused(alias: str) -> None:
+    # New-NetFirewallRule -InterfaceAlias <WildcardPattern[]>: "Ethernet*" would put the
+    # rule on every Ethernet interface.
+    rule = FirewallRule("web-1", INBOUND, "Allow", interface_alias=alias)
+    with pytest.raises(RenderError, match=r"firewall rule web-1: interface alias: .*wildcard"):
+        apply_script([rule], 1)
+
+
+def test_every_script_is_ascii() -> None:
+    assert all(text.isascii() for text in scripts().values())
 
 
 def test_quotes_are_doubled() -> None:
@@ -217,10 +252,17 @@ def test_the_windows_shaped_sample_is_read() -> None:
 
 
 @pytest.mark.parametrize("bad", ["not json", "[]", '{"Rules": {}}', '{"Rules": [{"x": 1}]}',
-                                 '{"Rules": [], "Profiles": [{"Name": "Public"}]}'])
+                                 '{"Rules": [], "Profiles": [{"Name": "Public"}]}',
+                                 "[" * 100_000,             # nested too deep for json
+                                 '{"Rules": [' + ",".join(["null"] * 100_001) + "]}"])
 def test_a_listing_of_another_shape_is_an_error(bad: str) -> None:
     with pytest.raises(ListingError):
         parse_listing(bad)
+
+
+def test_an_interface_listing_nested_too_deep_is_an_error() -> None:
+    with pytest.raises(ListingError, match="not JSON"):
+        powershell.parse_interfaces("[" * 100_000)
 
 
 def test_the_sample_is_json_of_the_listings_shape() -> None:

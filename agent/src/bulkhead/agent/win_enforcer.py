@@ -15,9 +15,13 @@ leaves the previous generation enforced (powershell.py: the order and the transi
 from __future__ import annotations
 
 import difflib
+import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import PureWindowsPath
+from typing import IO
 
 from bulkhead.agent.enforcer import EnforceError, EnforceReport
 from bulkhead.dataplane.windows import firewall, powershell
@@ -41,6 +45,9 @@ Interfaces = Mapping[str, Sequence[str]]
 
 RUN_TIMEOUT = 300.0     # seconds for one script (thousands of New-NetFirewallRule calls)
 MAX_OUTPUT = 64 << 20   # bytes of a listing kept
+MAX_STDERR = 1 << 20    # bytes of standard error kept (its tail is reported)
+MAX_PROBLEM = 300       # characters of one drift problem (a rule may hold 10,000 addresses)
+MAX_DRIFT = 4000        # characters of a drift report
 
 
 class RunnerError(Exception):
@@ -59,26 +66,124 @@ class PowerShellRunner:
     the scripts are therefore one statement each (`& { ... }`, no empty line inside)
     followed by an empty line (powershell.py). Not run here: there is no Windows host."""
 
-    def __init__(self, command: Sequence[str] = ("powershell.exe", "-NoProfile",
-                                                 "-NonInteractive", "-Command", "-"),
-                 timeout: float = RUN_TIMEOUT) -> None:
-        self.command = list(command)
+    def __init__(self, command: Sequence[str] | None = None,
+                 timeout: float = RUN_TIMEOUT, max_output: int = MAX_OUTPUT) -> None:
+        self.command = list(command) if command is not None else default_command()
         self.timeout = timeout
+        self.max_output = max_output
 
     def __call__(self, script: str) -> str:
+        # The scripts are ASCII (powershell.py: so that no code page PowerShell may read
+        # them in changes what they say); the output is read leniently, as PowerShell
+        # writes it in the console's code page, which need not be Python's.
+        if not script.isascii():
+            raise RunnerError("the script is not ASCII; not run")
         try:
-            done = subprocess.run(self.command, input=script, capture_output=True,
-                                  text=True, timeout=self.timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise RunnerError(f"PowerShell did not finish in {self.timeout:g} s") from None
+            proc = subprocess.Popen(self.command, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as e:
             raise RunnerError(f"cannot run {self.command[0]}: {e}") from None
-        if done.returncode != 0 or done.stderr.strip():
-            tail = (done.stderr.strip() or done.stdout.strip())[-2000:]
-            raise RunnerError(f"PowerShell exited with {done.returncode}: {tail}", done.stdout)
-        if len(done.stdout) > MAX_OUTPUT:
-            raise RunnerError(f"PowerShell printed more than {MAX_OUTPUT} bytes")
-        return done.stdout
+        # Each stream read by a thread of its own, kept up to max_output bytes and the
+        # rest read and dropped (so the process never blocks on a full pipe, and memory
+        # stays bounded whatever it prints).
+        out, err = _Drain(proc.stdout, self.max_output), _Drain(proc.stderr, MAX_STDERR)
+        feed = threading.Thread(target=_feed, args=(proc.stdin, script.encode("ascii")),
+                                daemon=True)
+        for t in (out, err, feed):
+            t.start()
+        try:
+            returncode = proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            for t in (out, err, feed):
+                t.join(1.0)
+            raise RunnerError(f"PowerShell did not finish in {self.timeout:g} s",
+                              _text(out.data())) from None
+        for t in (out, err, feed):
+            t.join()
+        stdout, stderr = _text(out.data()), _text(err.data())
+        if returncode != 0 or stderr.strip():
+            tail = (stderr.strip() or stdout.strip())[-2000:]
+            raise RunnerError(f"PowerShell exited with {returncode}: {tail}", stdout)
+        if out.overflow:
+            raise RunnerError(f"PowerShell printed more than {self.max_output} bytes")
+        return stdout
+
+
+class _Drain(threading.Thread):
+    """Reads a stream to its end, keeping the first `limit` bytes."""
+
+    def __init__(self, stream: IO[bytes] | None, limit: int) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.limit = stream, limit
+        self.chunks: list[bytes] = []
+        self.kept = 0
+        self.overflow = False
+
+    def run(self) -> None:
+        if self.stream is None:
+            return
+        with self.stream:
+            while chunk := self.stream.read(65536):
+                room = self.limit - self.kept
+                if len(chunk) > room:
+                    self.overflow = True
+                    chunk = chunk[:max(room, 0)]
+                if chunk:
+                    self.chunks.append(chunk)
+                    self.kept += len(chunk)
+
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+def _feed(stream: IO[bytes] | None, data: bytes) -> None:
+    if stream is None:
+        return
+    try:
+        with stream:
+            stream.write(data)
+    except OSError:         # the process ended before reading it all: its exit says why
+        pass
+
+
+def default_command(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Windows PowerShell by its full path under %SystemRoot%, not by name: Windows
+    looks a bare name up in the running program's directory and the current directory
+    before System32, and a powershell.exe put in either would run as SYSTEM."""
+    root = PureWindowsPath(environ.get("SystemRoot") or "C:\\Windows")
+    if not root.is_absolute():
+        root = PureWindowsPath("C:\\Windows")
+    exe = root / "System32" / "WindowsPowerShell" / "v1.0" / "powershell.exe"
+    return [str(exe), "-NoProfile", "-NonInteractive", "-Command", "-"]
+
+
+def _text(output: bytes | str | None) -> str:
+    """PowerShell's output as text: UTF-8 where it is, anything else replaced (not an
+    error: a listing's text is checked by its parser, the marks are ASCII)."""
+    if output is None:
+        return ""
+    if isinstance(output, str):
+        return output
+    return output.decode("utf-8", errors="replace").replace("\r\n", "\n")
+
+
+def _bounded(problems: Sequence[str]) -> str:
+    """The problems joined (duplicates once), each cut to MAX_PROBLEM characters and the
+    whole to MAX_DRIFT, saying how many were left out: a drift report goes to the log
+    and the server, and one rule's text may be hundreds of kilobytes."""
+    out: list[str] = []
+    size = 0
+    unique = list(dict.fromkeys(problems))
+    for n, problem in enumerate(unique):
+        text = problem if len(problem) <= MAX_PROBLEM else problem[:MAX_PROBLEM] + "..."
+        if size + len(text) > MAX_DRIFT:
+            out.append(f"and {len(unique) - n} more")
+            break
+        out.append(text)
+        size += len(text) + 2
+    return "; ".join(out)
 
 
 def compile_plan(plan: NodePlan) -> list[FirewallRule]:
@@ -217,6 +322,8 @@ class WindowsFirewallEnforcer:
         out += [f"rule {r.name} of an older generation is left"
                 if powershell.generation_of(r.name) is not None
                 else f"rule {r.name} in the group is not the agent's"
+                + (" (its name is a wildcard pattern to Remove-NetFirewallRule: the agent "
+                   "leaves it, remove it by hand)" if powershell.has_wildcard(r.name) else "")
                 for r in listed.rules if r.name not in names]
         out += [f"rule {n} is disabled" for n in sorted(listed.disabled)]
         want = sorted(map(repr, map(content, powershell.number(wanted, 1))))
@@ -259,7 +366,7 @@ class WindowsFirewallEnforcer:
         problems += [f"rule {n} was removed" for n in sorted(set(applied) - set(found))]
         problems += [f"rule {n} was changed" for n in sorted(set(applied) & set(found))
                      if applied[n] != found[n]]
-        return "; ".join(dict.fromkeys(problems)) or None
+        return _bounded(problems) or None
 
     def repair(self) -> EnforceReport:
         """Apply the last rules again, as a new generation."""

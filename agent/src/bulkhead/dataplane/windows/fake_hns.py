@@ -14,7 +14,10 @@ Calico's Windows dataplane describe it, nothing more:
   (ACLs are set per endpoint).
 
 Rules are checked when given: what HNS would not take (the address "Any", a protocol
-list, a port out of range) is a ValueError naming the rule and field.
+list, a port out of range, ports without protocol 6 or 17, a priority HCN cannot send:
+0 is omitted from its JSON, more than 65535 is no uint16, a rule type other than Switch
+or Host) is a ValueError naming the rule and field, as `hns_json.policy_setting` refuses
+it, so a test through the fake cannot pass with rules that could not be sent.
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ def _ports(rule: AclRule, field: str, texts: tuple[str, ...]) -> tuple[tuple[int
 def _parse(rule: AclRule) -> _Rule:
     if rule.action not in ("Allow", "Block"):
         raise ValueError(f"ACL {rule.id}: action: {rule.action!r} is not Allow or Block")
+    if not 1 <= rule.priority <= 65535:
+        raise ValueError(f"ACL {rule.id}: priority: {rule.priority} is not 1-65535")
+    if rule.rule_type not in ("Switch", "Host"):
+        raise ValueError(f"ACL {rule.id}: rule type: {rule.rule_type!r} is not Switch or Host")
+    if (rule.local_ports or rule.remote_ports) and rule.protocols not in ("6", "17"):
+        raise ValueError(f"ACL {rule.id}: ports: only with protocol 6 (TCP) or 17 (UDP)")
     protocol = None
     if rule.protocols:
         if not rule.protocols.isdigit() or int(rule.protocols) > 255:

@@ -31,8 +31,8 @@ DIRECTIONS = ("In", "Out")
 RULE_TYPES = ("Switch", "Host")
 MAX_RULES = 50_000
 MAX_VALUES = 10_000
-_PROTOCOL = re.compile(r"^\d{1,3}$")
-_PORT = re.compile(r"^\d{1,5}(-\d{1,5})?$")
+_PROTOCOL = re.compile(r"^[0-9]{1,3}$")
+_PORT = re.compile(r"^[0-9]{1,5}(-[0-9]{1,5})?$")
 _ADDRESS = re.compile(r"^[0-9A-Fa-f.:/]{2,49}$")
 _FIELDS = ("Protocols", "Action", "Direction", "LocalAddresses", "RemoteAddresses",
            "LocalPorts", "RemotePorts", "RuleType", "Priority")
@@ -47,10 +47,15 @@ def _joined(rule: AclRule, what: str, values: Sequence[str], pattern: re.Pattern
     if len(values) > MAX_VALUES:
         raise HnsJsonError(f"ACL {rule.id}: {what}: more than {MAX_VALUES} values")
     for v in values:
-        if v == "Any" or not pattern.match(v):
+        if v == "Any" or not pattern.match(v) or (pattern is _PORT and not _port_range(v)):
             raise HnsJsonError(f"ACL {rule.id}: {what}: {v!r} is not a value HNS takes "
-                               "(an address, a/len, a port or first-last; never Any)")
+                               "(an address, a/len, a port 0-65535 or first-last; never Any)")
     return ",".join(values)
+
+
+def _port_range(text: str) -> bool:
+    first, _, last = text.partition("-")
+    return int(first) <= int(last or first) <= 65535
 
 
 def policy_setting(rule: AclRule) -> dict[str, Any]:
@@ -111,7 +116,10 @@ def _split(setting: Mapping[str, Any], key: str) -> tuple[str, ...]:
     value = setting.get(key, "")
     if not isinstance(value, str):
         raise HnsJsonError(f"ACL policy: {key}: expected a string, got {value!r:.80}")
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+    values = tuple(v.strip() for v in value.split(",") if v.strip())
+    if len(values) > MAX_VALUES:
+        raise HnsJsonError(f"ACL policy: {key}: more than {MAX_VALUES} values")
+    return values
 
 
 def parse(doc: str | Mapping[str, Any] | Sequence[Any], prefix: str = "acl") -> list[AclRule]:
@@ -122,7 +130,7 @@ def parse(doc: str | Mapping[str, Any] | Sequence[Any], prefix: str = "acl") -> 
     if isinstance(doc, str):
         try:
             doc = json.loads(doc)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:     # RecursionError: nested too deep
             raise HnsJsonError(f"not JSON: {e}") from None
     if isinstance(doc, Mapping):
         if "Settings" in doc and "Policies" not in doc:
@@ -130,8 +138,10 @@ def parse(doc: str | Mapping[str, Any] | Sequence[Any], prefix: str = "acl") -> 
         if not isinstance(doc, Mapping) or not isinstance(doc.get("Policies", []), list):
             raise HnsJsonError("expected an object with a list Policies")
         doc = doc.get("Policies", [])
-    if not isinstance(doc, Sequence):
+    if not isinstance(doc, Sequence) or isinstance(doc, str):
         raise HnsJsonError("expected a list of policies")
+    if len(doc) > MAX_RULES:
+        raise HnsJsonError(f"more than {MAX_RULES} policies on one endpoint")
     rules: list[AclRule] = []
     for item in doc:
         if not isinstance(item, Mapping) or not isinstance(item.get("Settings", {}), Mapping):

@@ -35,9 +35,28 @@ older generation, which the next apply (or repair) removes.
 Every value is a single-quoted PowerShell string ('' for a quote inside); characters a
 single-quoted string cannot hold plainly (control and format characters, line
 separators, PowerShell's typographic single quotes) are refused, naming the rule and
-field. The emitted subset is small on purpose: the whole script one script block
-(`& { ... }`, see `_whole`), assignments, try/catch/throw, and commands whose arguments
+field. So is every character outside printable ASCII: the scripts are pure ASCII, so they
+mean the same in whatever ASCII-compatible code page PowerShell reads its standard input
+(the console's OEM code page, the ANSI one without a console, UTF-8), whatever encoding
+Python wrote them in. Else a value could close its string once re-read: U+0452 written
+as UTF-8 (D1 92) and read as Windows-1252 is U+00D1 U+2019, a typographic quote; and
+U+00E2 U+20AC U+2122 written as Windows-1252 (E2 80 99) and read as UTF-8 is U+2019. The
+values the agent writes are ASCII anyway (policy, tier and interface names are checked as
+such by the model); only an interface alias found on the host can be otherwise, and is
+refused with the rule and field named.
+
+The emitted subset is small on purpose: the whole script one script block (`& { ... }`,
+see `_whole`), assignments, try/catch/throw, and commands whose arguments
 are quoted strings or comma lists of them.
+
+Remove-NetFirewallRule's -Name takes wildcards (Microsoft's documentation of the cmdlet:
+"Wildcard characters are accepted"), so a listed rule whose name holds one (`*`, `?`,
+`[`, `]`, or the escape character, a backtick) is never removed by name: a rule named
+`*` put in the group would otherwise have the apply remove every rule on the host, the
+new generation and Windows' own included. Such a rule is left in place; the listing
+shows it as not the agent's (drift) until someone removes it by hand. New-NetFirewallRule's
+-InterfaceAlias is a WildcardPattern[] too (its syntax in the same documentation): an
+alias with a wildcard character would put the rule on other interfaces, so it is refused.
 
 Shapes of what Get-NetFirewallRule and its filter cmdlets return (`parse_listing`)
 follow Microsoft's documentation of the NetSecurity module; they were not captured on a
@@ -72,8 +91,11 @@ PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 1: "ICMPv4", 58: "ICMPv6"}
 PROTOCOL_NUMBERS = {v.upper(): k for k, v in PROTOCOL_NAMES.items()}
 PORT_PROTOCOLS = (6, 17)
 ICMP_PROTOCOLS = (1, 58)
-# PowerShell reads these as single quotes too (about_Quoting_Rules): refused, not escaped.
+# PowerShell reads these as single quotes too (about_Quoting_Rules): refused, not escaped
+# (as is any character outside printable ASCII, see the module's docstring).
 TYPOGRAPHIC_QUOTES = "\u2018\u2019\u201a\u201b"
+# What Remove-NetFirewallRule -Name reads as a wildcard pattern (see the docstring).
+WILDCARDS = "*?[]`"
 _GENERATION_NAME = re.compile(rf"^{GROUP}-(\d+)-(\d+)$")
 _PORT = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
 _ICMP = re.compile(r"^(\d{1,3})(?::(\d{1,3}))?$")
@@ -89,9 +111,10 @@ class ListingError(ValueError):
 
 # ------------------------------------------------------------------------------ quoting
 def refused_character(text: str) -> str | None:
-    """The first character `quote` refuses, or None."""
+    """The first character `quote` refuses, or None: anything but printable ASCII (the
+    other checks stay, should that ever be widened)."""
     for ch in text:
-        if ch in TYPOGRAPHIC_QUOTES or unicodedata.category(ch) in (
+        if not " " <= ch <= "~" or ch in TYPOGRAPHIC_QUOTES or unicodedata.category(ch) in (
                 "Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
             return ch
     return None
@@ -178,8 +201,8 @@ def canonical(rule: FirewallRule) -> FirewallRule:
             raise RenderError(f"firewall rule {rule.name}: {what}: {e}") from None
 
     if not 1 <= len(rule.name) <= 255 or refused_character(rule.name) is not None:
-        raise RenderError(f"firewall rule {rule.name!r}: name: 1-255 characters, none of "
-                          "them a control character or a typographic quote")
+        raise RenderError(f"firewall rule {rule.name!r}: name: 1-255 characters, all of "
+                          "them printable ASCII")
     if rule.direction not in (INBOUND, OUTBOUND):
         raise RenderError(f"firewall rule {rule.name}: direction: {rule.direction!r} is not "
                           f"{INBOUND} or {OUTBOUND}")
@@ -198,6 +221,10 @@ def canonical(rule: FirewallRule) -> FirewallRule:
             quote(text, what)
         except RenderError as e:
             raise RenderError(f"firewall rule {rule.name}: {e}") from None
+    if rule.interface_alias and has_wildcard(rule.interface_alias):
+        raise RenderError(f"firewall rule {rule.name}: interface alias: "
+                          f"{rule.interface_alias!r} holds a wildcard character ({WILDCARDS}), "
+                          "which New-NetFirewallRule would match against other interfaces")
     return replace(
         rule,
         local_addresses=each(rule.local_addresses, _address, "local addresses"),
@@ -312,14 +339,21 @@ def apply_script(rules: Sequence[FirewallRule], generation: int,
     lines += _remove_commands([r.name for r in new], "    ", quiet=True)
     lines += ["    throw", "}"]
     lines.append("Write-Output " + quote(f"{ADDED_MARK} {generation}"))
-    old_allows = [r.name for r in old if r.action != BLOCK]
-    old_blocks = [r.name for r in old if r.action == BLOCK]
+    removable = [r for r in old if not has_wildcard(r.name)]
+    old_allows = [r.name for r in removable if r.action != BLOCK]
+    old_blocks = [r.name for r in removable if r.action == BLOCK]
     lines += _remove_commands(old_allows) + _remove_commands(old_blocks)
     if profiles is not None:
         lines.append(profile_command(profiles))
     lines.append("Write-Output " + quote(f"{APPLIED_MARK} {generation}"))
     return _whole(lines, f"firewall rules of generation {generation} ({len(blocks)} Block, "
                          f"{len(allows)} Allow); {len(old)} rules of the group {GROUP} before")
+
+
+def has_wildcard(name: str) -> bool:
+    """Whether Remove-NetFirewallRule -Name would read `name` as a pattern (such rules
+    are never removed by name)."""
+    return any(ch in WILDCARDS for ch in name)
 
 
 def _whole(lines: Sequence[str], title: str) -> str:
@@ -399,7 +433,7 @@ def parse_interfaces(stdout: str) -> dict[str, list[str]]:
     such as `%12` dropped). Raises ListingError for another shape."""
     try:
         doc = json.loads(stdout)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:     # RecursionError: nested too deep
         raise ListingError(f"the interface listing is not JSON: {e}") from None
     if isinstance(doc, dict):           # one address: ConvertTo-Json of a 1-list in 5.1
         doc = [doc]
@@ -505,7 +539,7 @@ def parse_listing(stdout: str) -> Listing:
     ListingError when the JSON is not of the listing's shape."""
     try:
         doc = json.loads(stdout)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:     # RecursionError: nested too deep
         raise ListingError(f"the listing is not JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("Rules", []), list) \
             or not isinstance(doc.get("Profiles", []), list):
@@ -513,6 +547,9 @@ def parse_listing(stdout: str) -> Listing:
     rules: list[FirewallRule] = []
     disabled: set[str] = set()
     unreadable: list[str] = []
+    if len(doc.get("Rules") or []) > 2 * MAX_RULES:
+        raise ListingError(f"the listing has more than {2 * MAX_RULES} rules in the group "
+                           f"{GROUP} (two generations at most are the agent's)")
     for item in doc.get("Rules") or []:
         if item is None:         # @($null) of an older listing: nothing
             continue
