@@ -19,10 +19,9 @@ from bulkhead.dataplane.windows.flatten import flatten
 from bulkhead.dataplane.windows.rules import FirewallRule
 from bulkhead.model import INGRESS
 from tests.test_differential import HOSTS as HOST_NAMES
-from tests.windowsfixture import DIRECTIONS, endpoint, packets, worlds
+from tests.windowsfixture import DIRECTIONS, check_backend, endpoint, worlds
 
 EXAMPLES = 20
-PACKETS = 16
 
 
 def test_fake_firewall_over_compiled_plans_decides_as_the_evaluator() -> None:
@@ -47,16 +46,8 @@ def test_fake_firewall_over_compiled_plans_decides_as_the_evaluator() -> None:
                 assert e.field.endswith("ports"), e
                 seen["refused"] += 1
                 continue
-            fake = FakeFirewall(rules)
             seen["rules"] += len(rules)
-            for direction in DIRECTIONS:
-                for packet in data.draw(st.lists(packets(host), min_size=PACKETS,
-                                                 max_size=PACKETS)):
-                    verdict = world.evaluator.evaluate(packet.flow(direction), trace=False)
-                    dv = verdict.ingress if direction == INGRESS else verdict.egress
-                    got = fake.allows(direction, packet.family, *packet.args())
-                    assert got == dv.allowed, (packet, direction, dv, rules)
-                    seen["allowed" if got else "denied"] += 1
+            check_backend(world, data, host, FakeFirewall(rules), seen)
 
     check()
     print(dict(seen))

@@ -29,10 +29,9 @@ from bulkhead.dataplane.windows.flatten import flatten
 from bulkhead.dataplane.windows.rules import AclRule
 from bulkhead.model import EGRESS, INGRESS
 from tests.test_differential import HOSTS as HOST_NAMES
-from tests.windowsfixture import DIRECTIONS, endpoint, packets, worlds
+from tests.windowsfixture import DIRECTIONS, check_backend, endpoint, worlds
 
 EXAMPLES = 40
-PACKETS = 16
 
 
 def hns_refuses(flat: dict[int, Flat]) -> bool:
@@ -73,16 +72,8 @@ def test_fake_hns_over_compiled_rules_decides_as_the_evaluator() -> None:
                     assert not refuse
             except Unsupported:
                 continue
-            fake = FakeHns(rules)
             seen["rules"] += len(rules)
-            for direction in DIRECTIONS:
-                for packet in data.draw(st.lists(packets(host), min_size=PACKETS,
-                                                 max_size=PACKETS)):
-                    verdict = world.evaluator.evaluate(packet.flow(direction), trace=False)
-                    dv = verdict.ingress if direction == INGRESS else verdict.egress
-                    got = fake.allows(direction, packet.family, *packet.args())
-                    assert got == dv.allowed, (packet, direction, dv, rules)
-                    seen["allowed" if got else "denied"] += 1
+            check_backend(world, data, host, FakeHns(rules), seen)
 
     check()
     print(dict(seen))

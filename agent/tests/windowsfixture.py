@@ -6,8 +6,9 @@ reference evaluator's verdict for that endpoint and direction."""
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from hypothesis import strategies as st
 
@@ -151,3 +152,26 @@ def endpoint(plan: NodePlan, host: str) -> EndpointPlan | None:
 
 
 DIRECTIONS = (INGRESS, EGRESS)
+
+
+class Backend(Protocol):
+    def allows(self, direction: str, family: int, protocol: int, local: int, remote: int,
+               local_port: int | None, remote_port: int | None, icmp: int | None,
+               interface: str | None = None) -> bool: ...
+
+
+PACKETS = 16
+
+
+def check_backend(world: World, data: st.DataObject, host: str, fake: Backend,
+                  seen: Counter[str], count: int = PACKETS) -> None:
+    """Random packets at `host`'s endpoint, both directions: the backend's fake, fed
+    with the rules compiled for the endpoint, decides as the reference evaluator
+    (`allowed`: what happens on the wire). Counts the verdicts in `seen`."""
+    for direction in DIRECTIONS:
+        for packet in data.draw(st.lists(packets(host), min_size=count, max_size=count)):
+            verdict = world.evaluator.evaluate(packet.flow(direction), trace=False)
+            dv = verdict.ingress if direction == INGRESS else verdict.egress
+            got = fake.allows(direction, packet.family, *packet.args())
+            assert got == dv.allowed, (packet, direction, dv)
+            seen["allowed" if got else "denied"] += 1
