@@ -1,18 +1,24 @@
 """The conformance runner: case files run against a dataplane, compared with `expect`."""
 
-from bulkhead.conformance.cases import Case, CaseError, Probe, load_cases, parse_case
+from bulkhead.conformance.cases import (
+    Case,
+    CaseError,
+    Probe,
+    Refused,
+    load_cases,
+    parse_case,
+    probe_flow,
+    wire_flow,
+)
 from bulkhead.conformance.runner import (
     DATAPLANES,
     CaseResult,
     Dataplane,
     ModelDataplane,
-    Refused,
-    probe_flow,
     report_json,
     report_text,
     run_case,
     run_cases,
-    wire_flow,
 )
 
 __all__ = [

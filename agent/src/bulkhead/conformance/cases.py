@@ -17,7 +17,7 @@ from bulkhead.model import (
     ValidationError,
     parse_resource,
 )
-from bulkhead.policy import Failsafes
+from bulkhead.policy import Failsafes, Flow
 
 PROTOCOLS = ("TCP", "UDP", "ICMP")
 REQUIRES = ("failsafe-defaults", "hep-no-profile")
@@ -229,3 +229,27 @@ def load_cases(path: str | Path) -> list[Case]:
             names.add(case.name)
             cases.append(case)
     return cases
+
+
+class Refused(Exception):
+    """The dataplane cannot enforce a case's policies exactly; `reason` says what."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def probe_flow(case: Case, probe: Probe) -> Flow:
+    return wire_flow(case.addresses[probe.src], case.addresses[probe.dst], probe.proto,
+                     probe.port)
+
+
+def wire_flow(src: str, dst: str, proto: str, port: int | None) -> Flow:
+    """The first packet of a lab probe, as the evaluator sees it: TCP or UDP to `port`,
+    or an ICMP echo request, code 0 (ICMPv6's between IPv6 addresses). The source port
+    is the kernel's ephemeral choice, unknown here."""
+    if proto.upper() == "ICMP":
+        v6 = ":" in src
+        return Flow.make(src, dst, "ICMPv6" if v6 else "ICMP", icmp_type=128 if v6 else 8,
+                         icmp_code=0)
+    return Flow.make(src, dst, proto, port)

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bulkhead.conformance.cases import Case, Probe
-from bulkhead.policy import Evaluator, Flow
+from bulkhead.conformance.cases import Case, Probe, Refused, probe_flow
+from bulkhead.policy import Evaluator
 
 
 class Dataplane(Protocol):
@@ -26,14 +26,6 @@ class Dataplane(Protocol):
     def run(self, case: Case) -> list[bool]:
         """Whether each probe of `case.expect` got through, in order. Raises `Refused`
         when the dataplane cannot enforce the case's policies."""
-
-
-class Refused(Exception):
-    """The dataplane cannot enforce a case's policies exactly; `reason` says what."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class ModelDataplane:
@@ -45,22 +37,6 @@ class ModelDataplane:
         evaluator = Evaluator(case.snapshot(), case.failsafes)
         return [evaluator.evaluate(probe_flow(case, p), trace=False).allowed
                 for p in case.expect]
-
-
-def probe_flow(case: Case, probe: Probe) -> Flow:
-    return wire_flow(case.addresses[probe.src], case.addresses[probe.dst], probe.proto,
-                     probe.port)
-
-
-def wire_flow(src: str, dst: str, proto: str, port: int | None) -> Flow:
-    """The first packet of a lab probe, as the evaluator sees it: TCP or UDP to `port`,
-    or an ICMP echo request, code 0 (ICMPv6's between IPv6 addresses). The source port
-    is the kernel's ephemeral choice, unknown here."""
-    if proto.upper() == "ICMP":
-        v6 = ":" in src
-        return Flow.make(src, dst, "ICMPv6" if v6 else "ICMP", icmp_type=128 if v6 else 8,
-                         icmp_code=0)
-    return Flow.make(src, dst, proto, port)
 
 
 def _nftables() -> Dataplane:

@@ -25,8 +25,7 @@ import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from bulkhead.conformance.cases import Case
-from bulkhead.conformance.runner import Refused, probe_flow
+from bulkhead.conformance.cases import Case, Refused, probe_flow
 from bulkhead.dataplane.windows import fake_firewall, fake_hns, firewall, hns
 from bulkhead.dataplane.windows.flat import Flat, Unsupported
 from bulkhead.dataplane.windows.flatten import flatten
