@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from bulkhead.dataplane.windows import firewall
 from bulkhead.dataplane.windows.fake_firewall import FakeFirewall
-from bulkhead.dataplane.windows.firewall import CHUNK, address_texts, compile, minus
+from bulkhead.dataplane.windows.firewall import CHUNK, address_texts, compile
 from bulkhead.dataplane.windows.flat import (
     ALL_ICMP,
     ALL_PORTS,
@@ -34,6 +34,8 @@ from bulkhead.dataplane.windows.flat import (
     icmp_span,
 )
 from bulkhead.dataplane.windows.rules import FirewallRule
+from bulkhead.net import difference as minus
+from bulkhead.net import intersection as meet
 from bulkhead.net import merge, parse_network
 from bulkhead.policy.flow import PORTED
 
@@ -379,8 +381,8 @@ def test_span_and_box_arithmetic(a: Any, b: Any, c: Any, d: Any) -> None:
         return {v for lo, hi in spans_ for v in range(lo, hi + 1)}
 
     assert values(minus(a, b)) == values(a) - values(b)
-    assert values(firewall.meet(a, b)) == values(a) & values(b)
-    assert merge(minus(a, b)) == minus(a, b) and merge(firewall.meet(a, b)) == firewall.meet(a, b)
+    assert values(meet(a, b)) == values(a) & values(b)
+    assert merge(minus(a, b)) == minus(a, b) and merge(meet(a, b)) == meet(a, b)
     x, y = (a, b, c, a, b, c), (c, d, a, d, d, b)
     pieces = firewall.subtract(x, y)
     assert len(pieces) <= 6

@@ -24,8 +24,9 @@ from bulkhead.dataplane.windows.flat import (
     Unsupported,
     first_match,
 )
-from bulkhead.dataplane.windows.flatten import difference, flatten, subtract
+from bulkhead.dataplane.windows.flatten import flatten, subtract
 from bulkhead.model import EGRESS, INGRESS, OBSERVE, Snapshot, parse_resource
+from bulkhead.net import difference
 from bulkhead.policy import Evaluator, Failsafes
 from bulkhead.policy.failsafe import FailsafePort
 from bulkhead.policy.plan import EndpointPlan, NodePlan, calculate

@@ -96,18 +96,59 @@ def merge(spans: Iterable[Span]) -> tuple[Span, ...]:
 
 
 def intersection(a: Sequence[Span], b: Sequence[Span]) -> tuple[Span, ...]:
-    """The addresses in both, for sorted disjoint spans."""
-    out = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        if lo <= hi:
-            out.append((lo, hi))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
+    """The values in both, for sorted disjoint spans; each span of the shorter list is
+    looked up in the longer one (a complement of many addresses meets short lists)."""
+    if len(a) > len(b):
+        a, b = b, a
+    out: list[Span] = []
+    for lo, hi in a:
+        k = bisect.bisect_left(b, (lo,))
+        if k and b[k - 1][1] >= lo:
+            k -= 1
+        while k < len(b) and b[k][0] <= hi:
+            out.append((max(lo, b[k][0]), min(hi, b[k][1])))
+            k += 1
     return tuple(out)
+
+
+def difference(a: Sequence[Span], b: Sequence[Span]) -> tuple[Span, ...]:
+    """The values of `a` not in `b`, for sorted disjoint spans. The spans of `a` between
+    two of `b` are found by bisection and copied as they are (a complement of many
+    addresses loses a few at a time)."""
+    out: list[Span] = []
+    n, i = len(a), 0
+    if not n:
+        return ()
+    head = a[0]                        # a[i], or what is left of it
+    for lo, hi in b:
+        if head[1] < lo:               # a's spans before this one of b: as they are
+            out.append(head)
+            k = bisect.bisect_left(a, lo, lo=i + 1, key=_last)
+            out.extend(a[i + 1:k])
+            i = k
+            if i == n:
+                break
+            head = a[i]
+        while head[0] <= hi:
+            if head[0] < lo:
+                out.append((head[0], lo - 1))
+            if head[1] > hi:
+                head = (hi + 1, head[1])
+                break
+            i += 1
+            if i == n:
+                break
+            head = a[i]
+        if i == n:
+            break
+    if i < n:
+        out.append(head)
+        out.extend(a[i + 1:])
+    return tuple(out)
+
+
+def _last(span: Span) -> int:
+    return span[1]
 
 
 def contains(spans: Sequence[Span], value: int) -> bool:

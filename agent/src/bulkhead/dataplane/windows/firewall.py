@@ -28,9 +28,8 @@ ports only with those two), and more rules than `max_rules`.
 
 from __future__ import annotations
 
-import bisect
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import product, zip_longest
 
@@ -48,7 +47,7 @@ from bulkhead.dataplane.windows.flat import (
 )
 from bulkhead.dataplane.windows.rules import INBOUND, OUTBOUND, FirewallRule
 from bulkhead.model.flowlog import PORTED
-from bulkhead.net import BITS, address_text, cidr_blocks, intersection, merge
+from bulkhead.net import BITS, address_text, cidr_blocks, difference, intersection, merge
 
 BLOCK = "Block"
 BLOCKS = ("all", "explicit", "none")
@@ -148,62 +147,6 @@ def _extend(box: Box) -> _XBox:
             ext(box.remote_ports), ext(box.icmp))
 
 
-def minus(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> Spans:
-    """The values of `a` not in `b`, for sorted disjoint spans. The spans of `a` between
-    two of `b` are found by bisection and copied as they are (a complement of many
-    addresses loses a few at a time)."""
-    out: list[tuple[int, int]] = []
-    n, i = len(a), 0
-    if not n:
-        return ()
-    head = a[0]                        # a[i], or what is left of it
-    for lo, hi in b:
-        if head[1] < lo:               # a's spans before this one of b: as they are
-            out.append(head)
-            k = bisect.bisect_left(a, lo, lo=i + 1, key=_end)
-            out.extend(a[i + 1:k])
-            i = k
-            if i == n:
-                break
-            head = a[i]
-        while head[0] <= hi:
-            if head[0] < lo:
-                out.append((head[0], lo - 1))
-            if head[1] > hi:
-                head = (hi + 1, head[1])
-                break
-            i += 1
-            if i == n:
-                break
-            head = a[i]
-        if i == n:
-            break
-    if i < n:
-        out.append(head)
-        out.extend(a[i + 1:])
-    return tuple(out)
-
-
-def _end(span: tuple[int, int]) -> int:
-    return span[1]
-
-
-def meet(a: Spans, b: Spans) -> Spans:
-    """The values in both, for sorted disjoint spans; each span of the shorter list is
-    looked up in the longer one (a complement of many addresses meets short lists)."""
-    if len(a) > len(b):
-        a, b = b, a
-    out: list[tuple[int, int]] = []
-    for lo, hi in a:
-        k = bisect.bisect_left(b, (lo,))
-        if k and b[k - 1][1] >= lo:
-            k -= 1
-        while k < len(b) and b[k][0] <= hi:
-            out.append((max(lo, b[k][0]), min(hi, b[k][1])))
-            k += 1
-    return tuple(out)
-
-
 def subtract(x: _XBox, y: _XBox) -> list[_XBox]:
     """`x` minus `y` as disjoint boxes: at most one per field (the values of field i that
     `y` lacks, with the fields before i narrowed to `y`'s). Protocols come first, so what
@@ -213,12 +156,12 @@ def subtract(x: _XBox, y: _XBox) -> list[_XBox]:
         a, b = x[i], y[i]
         if a[-1][1] < b[0][0] or b[-1][1] < a[0][0]:
             return [x]
-        common[i] = a if a == b else meet(a, b)
+        common[i] = a if a == b else intersection(a, b)
         if not common[i]:
             return [x]
     pieces: list[_XBox] = []
     for i in range(6):
-        rest = minus(x[i], y[i])
+        rest = difference(x[i], y[i])
         if rest:
             pieces.append((*common[:i], rest, *x[i + 1:]))  # type: ignore[arg-type]
     return pieces

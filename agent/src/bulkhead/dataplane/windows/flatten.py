@@ -47,7 +47,7 @@ from collections.abc import Iterable, Sequence
 
 from bulkhead.model import EGRESS, INGRESS, OBSERVE
 from bulkhead.model.flowlog import PORTED
-from bulkhead.net import NO_ADDRESSES, Span, merge
+from bulkhead.net import NO_ADDRESSES, Span, difference, intersection, merge
 from bulkhead.policy.failsafe import FailsafePort
 from bulkhead.policy.plan import (
     DirectionPlan,
@@ -85,43 +85,21 @@ MAX_ENTRIES = 20_000
 
 
 # ---------------------------------------------------------------------- span algebra
-def difference(a: Spans, b: Spans) -> Spans:
-    """The values of sorted disjoint spans `a` that are not in `b`."""
-    out: list[Span] = []
-    j = 0
-    for lo, hi in a:
-        while j < len(b) and b[j][1] < lo:
-            j += 1
-        k = j
-        while k < len(b) and b[k][0] <= hi:
-            if b[k][0] > lo:
-                out.append((lo, b[k][0] - 1))
-            lo = max(lo, b[k][1] + 1)
-            k += 1
-        if lo <= hi:
-            out.append((lo, hi))
-    return tuple(out)
-
-
 def effective(box: Box) -> Box | None:
     """The box with its protocols cut to those whose packets can be in it: a box that
     restricts ports holds only protocols that carry ports, one that restricts ICMP only
     ICMP and ICMPv6. None when nothing is left."""
     protocols = box.protocols
     if box.local_ports != ALL_PORTS or box.remote_ports != ALL_PORTS:
-        protocols = _intersection(protocols, PORTED_PROTOCOLS)
+        protocols = intersection(protocols, PORTED_PROTOCOLS)
     if box.icmp != ALL_ICMP:
-        protocols = _intersection(protocols, ICMP_PROTOCOLS)
+        protocols = intersection(protocols, ICMP_PROTOCOLS)
     if not protocols or box.empty:
         return None
     if protocols == box.protocols:
         return box
     return Box(box.family, protocols, box.local, box.remote, box.local_ports,
                box.remote_ports, box.icmp)
-
-
-def _intersection(a: Spans, b: Spans) -> Spans:
-    return difference(a, difference(a, b))
 
 
 def subtract(a: Box, b: Box) -> list[Box]:
