@@ -8,7 +8,9 @@ Needs `etcd` (Debian's etcd-server) on PATH; starts its own etcd and bulkhead-se
 1. write throughput: single-resource transactions per second, SQLite and etcd, straight
    to the store and through the HTTPS API: one writer at a time (sequential; the store's
    and the API's in turns, `--rounds` rounds, the ratio per round; and the server's CPU
-   per API write, which moves less with the machine's load than a rate), and
+   per API write, which moves less with the machine's load than a rate; and the ceiling
+   a write through the API could reach: the store's write plus an authenticated
+   round trip that writes nothing), and
    `--writers` writers at once (each its own task; through the API each its own
    connection), both sides under the same conditions; and one writer through the
    project's own client (`bulkhead.client`, a connection per request, as the CLI and the
@@ -132,6 +134,19 @@ async def api_writes(session: aiohttp.ClientSession, url: str, count: int) -> fl
     return time.perf_counter() - start
 
 
+async def api_round_trips(session: aiohttp.ClientSession, url: str, count: int) -> float:
+    """Seconds for `count` authenticated requests that write nothing (a GET of a resource
+    that does not exist: TLS, HTTP, the client certificate's identity and revocation,
+    routing, the name check, one store read, a 404), one at a time, on one connection:
+    what any API write pays before its own work and the commit."""
+    start = time.perf_counter()
+    for _ in range(count):
+        async with session.get(url + "/v1/resources/GlobalNetworkSet/absent") as r:
+            assert r.status == 404, await r.text()
+            await r.read()
+    return time.perf_counter() - start
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of process `pid`, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -143,25 +158,37 @@ async def one_writer(store: Any, session: aiohttp.ClientSession, url: str, pid: 
     """One writer straight to the store and one through the API, in turns: `rounds`
     rounds of `count / rounds` writes each way (which goes first alternates), so a burst
     of other work on the machine falls on both sides alike; the ratio of each round's
-    two rates, and the server's CPU (all its threads) per API write."""
+    two rates, and the server's CPU (all its threads) per API write. Beside them, in the
+    same rounds, as many authenticated requests that write nothing (`api_round_trips`):
+    `ceiling` is the ratio an API write would reach if it cost that round trip plus the
+    store's own write and nothing else (store time / (store time + round trip time)),
+    the most any work on the write's own path could bring the ratio to."""
     per = max(1, count // rounds)
-    direct_s = api_s = server_cpu = 0.0
+    direct_s = api_s = trip_s = server_cpu = 0.0
     ratios: list[float] = []
+    ceilings: list[float] = []
     for r in range(rounds):
-        d = a = 0.0
-        for side in (("store", "api") if r % 2 == 0 else ("api", "store")):
+        d = a = t = 0.0
+        for side in (("store", "api", "trip") if r % 2 == 0 else ("trip", "api", "store")):
             if side == "store":
                 d = await store_writes(store, per, prefix=f"{tag}{r}-")
+            elif side == "trip":
+                t = await api_round_trips(session, url, per)
             else:
                 before = cpu_s(pid)
                 a = await api_writes(session, url, per)
                 server_cpu += cpu_s(pid) - before
-        direct_s, api_s = direct_s + d, api_s + a
+        direct_s, api_s, trip_s = direct_s + d, api_s + a, trip_s + t
         ratios.append(d / a)
+        ceilings.append(d / (d + t))
     ratios.sort()
+    ceilings.sort()
     return {"store_per_s": rounds * per / direct_s, "api_per_s": rounds * per / api_s,
+            "round_trips_per_s": rounds * per / trip_s,
             "ratio": {"median": ratios[len(ratios) // 2], "min": ratios[0],
                       "max": ratios[-1], "rounds": rounds, "writes_per_round": per},
+            "ceiling": {"median": ceilings[len(ceilings) // 2], "min": ceilings[0],
+                        "max": ceilings[-1]},
             "server_cpu_ms_per_write": 1000 * server_cpu / (rounds * per)}
 
 
@@ -431,7 +458,9 @@ def main() -> int:
     for backend, one in results["one_writer"].items():
         r = one["ratio"]
         print(f"              {backend}: API / store {r['median']:.2f} (median of "
-              f"{r['rounds']} rounds, {r['min']:.2f}-{r['max']:.2f}; goal >= 0.5); server "
+              f"{r['rounds']} rounds, {r['min']:.2f}-{r['max']:.2f}; goal >= 0.5; a write "
+              f"costing a no-write round trip ({one['round_trips_per_s']:.0f}/s) plus the "
+              f"store's write would reach {one['ceiling']['median']:.2f}); server "
               f"CPU {one['server_cpu_ms_per_write']:.2f} ms per API write; the project's "
               f"client (a connection per write) "
               f"{results['api_writes_client_per_s'][backend]:.0f}/s")

@@ -47,6 +47,10 @@ def test_server_benchmark_runs_small() -> None:
         assert one["api_per_s"] == results["api_writes_per_s"][backend]
         assert one["store_per_s"] == results["store_writes_per_s"][backend]
         assert one["server_cpu_ms_per_write"] >= 0   # CPU comes in clock ticks (10 ms)
+        # The ceiling: the store's write plus a round trip that writes nothing.
+        ceiling = one["ceiling"]
+        assert 0 < ceiling["min"] <= ceiling["median"] <= ceiling["max"] < 1
+        assert one["round_trips_per_s"] > 0
 
 
 def run_json(script: str, *args: str) -> Any:
