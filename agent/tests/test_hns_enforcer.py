@@ -9,13 +9,14 @@ import ipaddress
 import json
 import sys
 from itertools import product
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bulkhead.agent.enforcer import EnforceError
 from bulkhead.agent.hcn import ComputeNetwork, HcnError, HnsEndpoint, parse_endpoint
-from bulkhead.agent.hns_enforcer import HnsEnforcer, assign
+from bulkhead.agent.hns_enforcer import STATE_FILE, HnsEnforcer, assign, load_set_endpoints
 from bulkhead.model import EGRESS, INGRESS, Snapshot, parse_resource
 from bulkhead.policy import Evaluator, Failsafes
 from bulkhead.policy.plan import calculate
@@ -224,3 +225,49 @@ def test_the_real_hcn_refuses_cleanly_off_windows() -> None:
     enforcer = HnsEnforcer("win1", Failsafes())
     with pytest.raises(EnforceError, match="dataplane hns: HCN is only on Windows"):
         enforcer.enforce(SNAPSHOT, 1)
+
+
+def test_a_restarted_agent_releases_endpoints_set_before_it_stopped(tmp_path: Path) -> None:
+    """The ids of the endpoints holding the agent's ACLs are kept in the state
+    directory: an agent started again releases the endpoint whose HostEndpoint went
+    while it was stopped (without the file it could not know the endpoint was its)."""
+    hcn = fake()
+    first = HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path)
+    first.enforce(SNAPSHOT, 1)
+    assert hcn.acls(DB_ID) and hcn.acls(WEB_ID)
+    kept = json.loads((tmp_path / STATE_FILE).read_text())
+    assert kept == {"format": 1, "endpoints": sorted([WEB_ID, DB_ID])}
+    # Stopped; win1-db deleted meanwhile; started again on the same state directory.
+    again = HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path)
+    report = again.enforce(snapshot(HOSTS[0], *POLICIES), 2)
+    assert report.changed and hcn.held[DB_ID].policies == [] and hcn.acls(WEB_ID)
+    assert json.loads((tmp_path / STATE_FILE).read_text())["endpoints"] == [WEB_ID]
+    # Without the file (an agent of before), the endpoint kept its ACLs.
+    hcn = fake()
+    HnsEnforcer("win1", Failsafes(), hcn=hcn).enforce(SNAPSHOT, 1)
+    HnsEnforcer("win1", Failsafes(), hcn=hcn).enforce(snapshot(HOSTS[0], *POLICIES), 2)
+    assert hcn.acls(DB_ID)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"format": 2, "endpoints": []}',
+                                     b'{"format": 1, "endpoints": [7]}', b"[1, 2]",
+                                     b'{"format": 1, "endpoints": ["' + b"x" * 200 + b'"]}',
+                                     b" " * (5 << 20)])
+def test_an_unusable_state_file_is_a_warning_and_taken_as_empty(tmp_path: Path,
+                                                                 content: bytes) -> None:
+    (tmp_path / STATE_FILE).write_bytes(content)
+    hcn = fake()
+    enforcer = HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path)
+    report = enforcer.enforce(SNAPSHOT, 1)
+    assert any(STATE_FILE in w and "not used" in w for w in report.warnings), report.warnings
+    assert hcn.acls(WEB_ID)                        # enforced all the same
+    # the apply wrote a good file over it
+    assert load_set_endpoints(tmp_path) == ({WEB_ID, DB_ID}, None)
+
+
+def test_a_state_file_the_disk_refuses_is_a_warning(tmp_path: Path) -> None:
+    state = tmp_path / "not-a-directory"
+    state.write_text("a file where the state directory should be")
+    report = HnsEnforcer("win1", Failsafes(), hcn=fake(), state_dir=state).enforce(
+        SNAPSHOT, 1)
+    assert any("not written" in w for w in report.warnings), report.warnings

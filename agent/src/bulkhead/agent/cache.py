@@ -15,16 +15,15 @@ of format 1 (one JSON document, the agent before) is read too.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
-import os
-import tempfile
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bulkhead.agent.files import write_atomically
 
 CACHE_FILE = "snapshot.json"
 FORMAT = 2            # gzip of JSON lines; FORMAT_1 (one JSON document) is read too
@@ -150,23 +149,7 @@ def save_cache(state_dir: str | Path, node: str, revision: int,
                      *(_NEWLINE + part for part in parts),
                      gzip.compress(b"".join(b"\n" + line for line in lines), LEVEL,
                                    mtime=0)])
-    fd, tmp = tempfile.mkstemp(prefix=".snapshot.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, directory / CACHE_FILE)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(directory / CACHE_FILE, body)
     return directory / CACHE_FILE
 
 

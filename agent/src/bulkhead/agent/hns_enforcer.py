@@ -21,8 +21,10 @@ policies they had (as HCN gave them), so an EnforceError leaves the previous ACL
 every endpoint, unless the restore fails too, which the error says, naming them.
 Endpoints this process set and no host endpoint names any more get their ACLs removed
 (an endpoint without ACLs allows everything, as an interface without a HostEndpoint does
-on Linux). After a restart the agent does not know which endpoints it set before: one
-whose HostEndpoint went while the agent was stopped keeps its ACLs (the docs say so).
+on Linux). The ids of the endpoints set are kept in the state directory
+(`hns-endpoints.json`, written atomically after every apply that changes them), so an
+agent started again also releases an endpoint whose HostEndpoint went while it was
+stopped; a file it cannot read is reported as a warning and taken as empty.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bulkhead.agent.enforcer import EnforceError, EnforceReport
+from bulkhead.agent.files import write_atomically
 from bulkhead.agent.hcn import Hcn, HcnError, HnsEndpoint, acl_policies
 from bulkhead.dataplane.windows import hns, hns_json
 from bulkhead.dataplane.windows.flat import Unsupported
@@ -46,6 +50,45 @@ from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import EndpointPlan, NodePlan, calculate
 
 Compile = Callable[[NodePlan, EndpointPlan], list[AclRule]]
+STATE_FILE = "hns-endpoints.json"
+STATE_FORMAT = 1
+MOST_STATE_BYTES = 4 << 20     # a million endpoint ids would not reach it
+MOST_ID = 128                  # an HCN id is a GUID, 36 characters
+
+
+def load_set_endpoints(state_dir: str | Path) -> tuple[set[str], str | None]:
+    """The endpoint ids an earlier agent on this node set ACLs on, and a warning when
+    the file is there but cannot be used (it is then taken as empty)."""
+    path = Path(state_dir) / STATE_FILE
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MOST_STATE_BYTES + 1)
+    except FileNotFoundError:
+        return set(), None
+    except OSError as e:
+        return set(), f"{path}: not read ({e.strerror or e}); endpoints set before a " \
+            "restart and no longer named keep their ACLs"
+    try:
+        if len(raw) > MOST_STATE_BYTES:
+            raise ValueError(f"larger than {MOST_STATE_BYTES} bytes")
+        data = json.loads(raw)
+        ids = data.get("endpoints") if isinstance(data, dict) else None
+        if data.get("format") != STATE_FORMAT or not isinstance(ids, list) or not all(
+                isinstance(i, str) and 0 < len(i) <= MOST_ID and i.isprintable()
+                for i in ids):
+            raise ValueError("not a list of endpoint ids in format 1")
+    except (ValueError, AttributeError) as e:
+        return set(), f"{path}: not used ({e}); endpoints set before a restart and no " \
+            "longer named keep their ACLs"
+    return set(ids), None
+
+
+def save_set_endpoints(state_dir: str | Path, ids: Iterable[str]) -> None:
+    """Keep the ids of the endpoints holding this agent's ACLs; raises OSError."""
+    directory = Path(state_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomically(directory / STATE_FILE, json.dumps(
+        {"format": STATE_FORMAT, "endpoints": sorted(ids)}).encode())
 
 
 def compile_endpoint(plan: NodePlan, endpoint: EndpointPlan) -> list[AclRule]:
@@ -111,7 +154,8 @@ def assign(plan: NodePlan, endpoints: Iterable[HnsEndpoint]) -> tuple[dict[str, 
 
 class HnsEnforcer:
     def __init__(self, node: str, failsafes: Failsafes, hcn: Hcn | None = None,
-                 compile: Compile | None = None, default_mode: str = ENFORCE) -> None:
+                 compile: Compile | None = None, default_mode: str = ENFORCE,
+                 state_dir: str | Path | None = None) -> None:
         self.node = node
         self.failsafes = failsafes
         self._hcn = hcn
@@ -121,6 +165,15 @@ class HnsEnforcer:
         self.snapshot: Snapshot | None = None             # the last one applied
         self.applied: dict[str, Wanted] = {}              # id -> what was set on it
         self.warnings: list[str] = []
+        # Where the ids of the endpoints set are kept (None: nowhere); those an earlier
+        # agent set, until an apply has released or taken them.
+        self.state_dir = state_dir
+        self.earlier: set[str] = set()
+        self._read_warning: str | None = None    # reported once, by the next apply
+        self._write_warning: str | None = None   # until a write succeeds
+        if state_dir is not None:
+            self.earlier, self._read_warning = load_set_endpoints(state_dir)
+        self._saved: set[str] | None = set(self.earlier) if state_dir is not None else None
 
     @property
     def hcn(self) -> Hcn:
@@ -186,7 +239,7 @@ class HnsEnforcer:
                 raw, rules = self._found(i)
                 if hns_json.drift(want.rules, rules):
                     requests[i], previous[i] = want.request(), raw
-            for i in sorted(set(self.applied) - set(wanted)):
+            for i in sorted((set(self.applied) | self.earlier) - set(wanted)):
                 if i in existing:
                     raw, _ = self._found(i)
                     requests[i] = _restore_request([])
@@ -201,7 +254,24 @@ class HnsEnforcer:
                 raise EnforceError(self._roll_back(done, previous, revision, i, e)) from None
             done.append(i)
         self.snapshot, self.revision, self.applied = snapshot, revision, wanted
+        self.earlier = set()
+        self._keep_set_endpoints()
         return self._report(revision, bool(done), start)
+
+    def _keep_set_endpoints(self) -> None:
+        """Write the ids of the endpoints set when they changed; a warning if the disk
+        refuses (the next apply tries again)."""
+        if self.state_dir is None or set(self.applied) == self._saved:
+            return
+        try:
+            save_set_endpoints(self.state_dir, self.applied)
+        except OSError as e:
+            self._write_warning = f"{Path(self.state_dir) / STATE_FILE}: not written " \
+                f"({e.strerror or e}); after a restart, endpoints no longer named may keep " \
+                "their ACLs"
+            return
+        self._saved = set(self.applied)
+        self._write_warning = None
 
     def _roll_back(self, done: list[str], previous: Mapping[str, list[dict[str, Any]]],
                    revision: int, failed: str, error: HcnError) -> str:
@@ -222,11 +292,13 @@ class HnsEnforcer:
 
     def _report(self, revision: int, changed: bool, start: float) -> EnforceReport:
         rules = [r for w in self.applied.values() for r in w.rules]
+        state = [w for w in (self._read_warning, self._write_warning) if w]
+        self._read_warning = None
         blocks = sum(r.action == "Block" for r in rules)
         return EnforceReport(revision, changed, changed, time.perf_counter() - start,
                              {"endpoints": len(self.applied), "rules": len(rules),
                               "allow": len(rules) - blocks, "block": blocks},
-                             list(self.warnings), scratch=True)
+                             list(self.warnings) + state, scratch=True)
 
     # ---------------------------------------------------------------- the protocol
     def enforce(self, snapshot: Snapshot, revision: int,

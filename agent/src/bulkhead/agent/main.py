@@ -81,7 +81,8 @@ def hns_enforcer(config: AgentConfig) -> Enforcer:
     except hcn.HcnError as e:
         raise AgentError(f"dataplane hns: {e}") from None
     enforcer: Enforcer = HnsEnforcer(config.node, config.failsafes, hcn=api,
-                                     default_mode=config.enforcement)
+                                     default_mode=config.enforcement,
+                                     state_dir=config.state_dir)
     return enforcer
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bulkhead.agent.files import sync_directory
 from bulkhead.model.dnslog import DnsRecord
 from bulkhead.model.flowlog import MAX_BATCH, MAX_BATCH_BYTES, FlowRecord
 
@@ -107,17 +108,9 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         tmp.rename(path)
-        self._sync_directory()
+        sync_directory(self.directory)
         self._files.append(path)
         self._sizes[path] = len(data)
-
-    def _sync_directory(self) -> None:
-        """The rename survives a power loss too."""
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _trim(self) -> None:
         for path in list(self._files):
