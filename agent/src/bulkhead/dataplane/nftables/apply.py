@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from bulkhead.dataplane.nftables.load import BIG_SET, STAGING, StagingError, encodes, load
 from bulkhead.dataplane.nftables.netlink import DUMP_TRIES, NftNetlink, Unsupported, set_changes
+from bulkhead.dataplane.nftables.order import Uses, joined, order, uses
 from bulkhead.dataplane.nftables.replace import (
     KernelTable,
     Leftovers,
@@ -86,6 +87,7 @@ class NftApplier:
         self.load_min = BIG_SET
         self._fallback = ""   # why the last full apply did not go over netlink
         self._tag: int | None = None   # the generation suffix of the kernel's map names
+        self._uses: Uses | None = None   # how the applied table's rules use its sets
         self.cleanup_error = ""   # why the last full apply left old objects behind
         # Elements of the sets with timeouts (domain sets) to put back when the table is
         # replaced whole, in the same transaction: set name -> `ADDRESS timeout Nms`.
@@ -198,6 +200,7 @@ class NftApplier:
                         tuple(chains), ())))
                 raise
         self._tag = tag
+        self._uses = None
         self._cleanup(kernel, new)
         # The generation first: a change between the two reads shows up as drift later.
         self._generation = self.generation()
@@ -251,8 +254,41 @@ class NftApplier:
         return tagged(ruleset, self._tag)
 
     def _send_elements(self, last: Ruleset, ruleset: Ruleset) -> str | None:
-        """Send the element changes from `last` to `ruleset`: "netlink" or "nft" (the
-        way they went), or None if the netlink batch was refused (nothing applied)."""
+        """Send the element changes from `last` to `ruleset`, in the order `order.py`
+        gives (narrowing changes first, widening ones an RCU grace period later): "netlink"
+        or "nft" (the way they went), or None if they cannot be ordered or the kernel
+        refused a step (the table is then replaced whole)."""
+        if self._uses is None:
+            self._uses = uses(last)
+        how = self._uses
+        if any(last.sets[m].elements is not ruleset.sets[m].elements
+               for m in how.raw_maps if m in ruleset.sets):
+            # What raw chains reach may change with these maps: both tables' ranks.
+            how = joined(how, uses(ruleset))
+            self._uses = None
+        steps = order(last, ruleset, how)
+        if steps is None:
+            return None
+        via: str | None = None
+        before = last
+        for i, step in enumerate(steps):
+            if i:
+                grace_period()
+            try:
+                via = self._send_step(before, step)
+            except NftError:
+                if len(steps) == 1:
+                    raise
+                return None   # a step the kernel refused (an overlap): replace the table
+            if via is None:
+                return None
+            before = step
+        return via
+
+    def _send_step(self, last: Ruleset, ruleset: Ruleset) -> str | None:
+        """Send the element changes from `last` to `ruleset` in one transaction: "netlink"
+        or "nft" (the way they went), or None if the netlink batch was refused (nothing
+        applied)."""
         if self._netlink_ns is not None:
             try:
                 changes = set_changes(self._in_kernel(last).sets.values(),
