@@ -7,10 +7,11 @@ million elements costs seconds); the old table's sets and maps stay through it, 
 in a last transaction once no packet can be in the old rules (`replace.py`: the new
 ones are named with a generation suffix). A change of set elements only is sent as element
 deletions and additions in one netlink batch (`netlink.py`), which skips the full read of
-the kernel's state that `nft` does first. The kernel applies a transaction whole or not at
-all, so a ruleset it rejects leaves the previous one in force. Only `inet <table>` is
-ever touched, and, while a table is loaded over netlink, its staging table `inet
-<table>_load` (no rules on its hooks; deleted in the same transaction).
+the kernel's state that `nft` does first; in two, an RCU grace period apart, when it both
+narrows and widens what is accepted (`order.py`: narrowing first). The kernel applies a
+transaction whole or not at all, so a ruleset it rejects leaves the previous one in force.
+Only `inet <table>` is ever touched, and, while a table is loaded over netlink, its staging
+table `inet <table>_load` (no rules on its hooks; deleted in the same transaction).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 from bulkhead.dataplane.nftables.load import BIG_SET, STAGING, StagingError, encodes, load
 from bulkhead.dataplane.nftables.netlink import DUMP_TRIES, NftNetlink, Unsupported, set_changes
-from bulkhead.dataplane.nftables.order import Uses, joined, order, uses
+from bulkhead.dataplane.nftables.order import Uses, joined, new_targets, order, uses
 from bulkhead.dataplane.nftables.replace import (
     KernelTable,
     Leftovers,
@@ -261,9 +262,8 @@ class NftApplier:
         if self._uses is None:
             self._uses = uses(last)
         how = self._uses
-        if any(last.sets[m].elements is not ruleset.sets[m].elements
-               for m in how.raw_maps if m in ruleset.sets):
-            # What raw chains reach may change with these maps: both tables' ranks.
+        if new_targets(how, last, ruleset):
+            # A map now jumps where it did not: what a packet reaches changes with it.
             how = joined(how, uses(ruleset))
             self._uses = None
         steps = order(last, ruleset, how)

@@ -18,20 +18,25 @@ the old state (first commit) or the new one (second), so a packet that both deny
 denied (a mix of states of one rank is ranked as they are: each lookup is monotone).
 
 What cannot be ranked is not split: a set used both ways or by a rule whose verdict is
-neither accept nor drop (a Pass's `return`, a jump, a raw chain's `notrack` accept) and
-a map element that moves between two verdicts of neither kind (`jump a` to `jump b`).
-Such a map change gets a transaction of its own between the two when the map is
-used by one rule of a base chain (`iifname vmap @ep_in`: a packet looks it up once, so
-it sees it old or new, and nothing else changes in that commit); otherwise `order`
+neither accept nor drop (a Pass's `return`, a jump, anything in a raw chain, where
+accept only ends the raw hook's walk) and a map element that moves between two
+outcomes of neither kind (`jump a` to `jump b`). Such changes go in one commit of their
+own between the two, if one packet looks all of them up once at most, together
+(counted over the chains a walk can enter from each hook's base chains: `iifname vmap
+@ep_in` once, a tier chain's set once per endpoint chain that jumps to it): a packet
+then sees at most one of them, old or new, with everything else at the narrowed state,
+which is below both the old state and (with them new) the new one. Otherwise `order`
 returns None and the applier replaces the table whole (`replace.py`).
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from bulkhead.dataplane.nftables.netlink import Unsupported, _field_range
 from bulkhead.dataplane.nftables.ruleset import Chain, Elements, NftSet, Ruleset, delta
 from bulkhead.net import address_text, merge, parse_network
 
@@ -42,8 +47,16 @@ ACCEPT, DROP = "accept", "drop"
 _STATEMENTS = frozenset({"counter", "name", "log", "prefix", "group", "level", '""'})
 _QUOTED = re.compile(r'"[^"]*"')
 _RAW = re.compile(r"priority (raw|-300)\b")
-# Map changes of middle rank (each a transaction and a grace period of its own).
-MOST_MIDDLE = 2
+_HOOK = re.compile(r"\bhook (\w+)")
+# The hooks one packet can pass, in the families of an inet table: a packet's lookups are
+# counted over the base chains of each such path.
+PATHS = (("prerouting", "input"), ("prerouting", "forward", "postrouting"),
+         ("output", "postrouting"))
+# Commits of changes that cannot be ranked: one. (Two would make a state between them
+# that is neither below the old one nor below the new one: a host's element moved from
+# one map to another, taken out of the first in one commit and put in the second in the
+# next, is in neither between them.)
+MOST_MIDDLE = 1
 
 
 @dataclass(frozen=True)
@@ -51,9 +64,20 @@ class Uses:
     """How a table's rules use its sets and maps."""
 
     sets: Mapping[str, str]                 # set -> MORE, LESS, NEUTRAL or UNKNOWN
-    maps: Mapping[str, bool]                # map -> looked up once per packet at most
+    # set or map -> path (an entry of PATHS, or a hook of none) -> how many times one
+    # packet can look it up on that path, at most (2: twice or more)
+    lookups: Mapping[str, Mapping[tuple[str, ...], int]]
+    targets: Mapping[str, frozenset[str]]   # map -> the chains its elements jump to
     raw_maps: frozenset[str]                # maps a raw chain looks up: accept is no top
     finals: Mapping[str, str]               # chain -> the one verdict it always gives
+
+    def once(self, names: Iterable[str]) -> bool:
+        """Whether one packet looks these sets and maps up once at most, all together."""
+        totals: dict[tuple[str, ...], int] = {}
+        for name in names:
+            for path, count in self.lookups.get(name, {}).items():
+                totals[path] = totals.get(path, 0) + count
+        return all(count <= 1 for count in totals.values())
 
 
 def _tokens(rule: str) -> list[str]:
@@ -85,44 +109,54 @@ def _verdict(words: Sequence[str], finals: Mapping[str, str]) -> str | None:
     return None
 
 
+def _jump_targets(texts: Iterable[str]) -> set[str]:
+    return {t.split()[-1] for e in texts
+            if (t := e.partition(" : ")[2].strip()).startswith(("jump ", "goto "))}
+
+
 def uses(ruleset: Ruleset) -> Uses:
     """How `ruleset`'s rules use each of its sets and maps."""
     finals = {name: v for name, c in ruleset.chains.items() if (v := _final(c)) is not None}
-    # Chains a raw base chain reaches: `accept` there only ends the raw hook's walk.
-    targets: dict[str, set[str]] = {}
-    map_rules: dict[str, list[tuple[str, bool]]] = {}
-    parsed: dict[str, list[list[str]]] = {}
-    for name, chain in ruleset.chains.items():
-        parsed[name] = [_tokens(r) for r in chain.rules]
-        for words in parsed[name]:
+    parsed = {name: [_tokens(r) for r in chain.rules] for name, chain in ruleset.chains.items()}
+    map_names = {w[1:] for lines in parsed.values() for words in lines
+                 for i, w in enumerate(words) if w.startswith("@") and i
+                 and words[i - 1] == "vmap" and w[1:] in ruleset.sets}
+    targets = {m: frozenset(_jump_targets(ruleset.sets[m].elements)) for m in map_names}
+    # Where each chain goes: a rule's jump or goto, and every chain a map it looks up
+    # jumps to (one lookup, one of them).
+    edges: dict[str, list[str]] = {}
+    for name, lines in parsed.items():
+        out = edges.setdefault(name, [])
+        for words in lines:
             for i, word in enumerate(words):
                 if word in ("jump", "goto") and i + 1 < len(words):
-                    targets.setdefault(name, set()).add(words[i + 1])
-                if word.startswith("@") and i and words[i - 1] == "vmap":
-                    map_rules.setdefault(word[1:], []).append((name, chain.hook is not None))
-    raw: set[str] = set()
-    todo = [n for n, c in ruleset.chains.items() if c.hook and _RAW.search(c.hook)]
-    while todo:
-        name = todo.pop()
-        if name in raw:
-            continue
-        raw.add(name)
-        todo += targets.get(name, ())
-        for words in parsed.get(name, ()):
-            for i, word in enumerate(words):
-                if word.startswith("@") and i and words[i - 1] == "vmap" and \
-                        word[1:] in ruleset.sets:
-                    todo += [t.split()[-1] for e in ruleset.sets[word[1:]].elements
-                             if (t := e.partition(" : ")[2]).startswith(("jump ", "goto "))]
+                    out.append(words[i + 1])
+                elif word.startswith("@") and i and words[i - 1] == "vmap":
+                    out += sorted(targets.get(word[1:], ()))
+    bases = {n: (h.group(1) if (h := _HOOK.search(c.hook or "")) else "")
+             for n, c in ruleset.chains.items() if c.hook}
+    # Per base chain, how many times one walk can enter each chain (2: twice or more).
+    entered: dict[str, dict[str, int]] = {b: _entries(b, edges) for b in bases}
+    raw = {c for b, counts in entered.items()
+           if _RAW.search(ruleset.chains[b].hook or "") for c in counts}
+    lookups: dict[str, dict[tuple[str, ...], int]] = {}
     sets: dict[str, set[str]] = {}
     for name, lines in parsed.items():
         for words in lines:
             verdict = _verdict(words, finals)
             has_map = "vmap" in words
             for i, word in enumerate(words):
-                if not word.startswith("@") or (i and words[i - 1] == "vmap"):
+                if not word.startswith("@"):
                     continue
-                negated = i > 0 and words[i - 1] == "!="
+                looked = word[1:]
+                for base, counts in entered.items():
+                    if name in counts:
+                        for path in _paths(bases[base]):
+                            per = lookups.setdefault(looked, {})
+                            per[path] = min(2, per.get(path, 0) + counts[name])
+                if i and words[i - 1] == "vmap":
+                    continue
+                negated = words[i - 1] == "!=" if i else False
                 if has_map or name in raw:
                     kind = UNKNOWN
                 elif verdict is None:
@@ -133,14 +167,53 @@ def uses(ruleset: Ruleset) -> Uses:
                     kind = MORE if negated else LESS
                 else:
                     kind = UNKNOWN
-                sets.setdefault(word[1:], set()).add(kind)
+                sets.setdefault(looked, set()).add(kind)
     polarity = {}
     for name in (n for n, s in ruleset.sets.items() if s.map_to is None):
         kinds = sets.get(name, set()) - {NEUTRAL}
         polarity[name] = NEUTRAL if not kinds else kinds.pop() if len(kinds) == 1 else UNKNOWN
-    once = {name: len(rules) == 1 and rules[0][1] for name, rules in map_rules.items()}
-    raw_maps = frozenset(m for m, rules in map_rules.items() if any(c in raw for c, _ in rules))
-    return Uses(polarity, once, raw_maps, finals)
+    raw_maps = frozenset(m for m in map_names
+                         if any(f"@{m}" in words for c in raw for words in parsed.get(c, ())))
+    return Uses(polarity, lookups, targets, raw_maps, finals)
+
+
+def _paths(hook: str) -> list[tuple[str, ...]]:
+    found: list[tuple[str, ...]] = [p for p in PATHS if hook in p]
+    return found or [(hook,)]
+
+
+def _entries(base: str, edges: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """How many times one walk from `base` can enter each chain it reaches (2: twice or
+    more; a loop, which the kernel refuses, counts as twice)."""
+    order: list[str] = []
+    state: dict[str, int] = {}
+    looped = False
+    stack: list[tuple[str, int]] = [(base, 0)]
+    while stack:
+        name, at = stack.pop()
+        if at == 0:
+            if state.get(name) == 2:
+                continue
+            if state.get(name) == 1:
+                looped = True
+                continue
+            state[name] = 1
+        nexts = edges.get(name, ())
+        if at < len(nexts):
+            stack.append((name, at + 1))
+            if state.get(nexts[at]) != 2:
+                stack.append((nexts[at], 0))
+        else:
+            state[name] = 2
+            order.append(name)
+    counts = {name: 0 for name in order}
+    counts[base] = 1
+    for name in reversed(order):        # a chain before every chain it goes to
+        for nxt in edges.get(name, ()):
+            counts[nxt] = min(2, counts[nxt] + counts[name])
+    if looped:
+        counts = {name: 2 for name in counts}
+    return counts
 
 
 # ------------------------------------------------------------------------ ranking
@@ -227,6 +300,89 @@ def _key(text: str) -> tuple[str, str | None]:
     return key.strip(), verdict.strip() if colon else None
 
 
+_RANGED = ("ipv4_addr", "ipv6_addr", "inet_proto", "inet_service")
+MOST_CELLS = 4096   # pieces of a changed region of an interval map; more: not ordered
+
+
+def _field_text(typ: str, lo: int, hi: int) -> str:
+    if typ in ("ipv4_addr", "ipv6_addr"):
+        family = 4 if typ == "ipv4_addr" else 6
+        a = address_text(lo, family)
+        return a if lo == hi else f"{a}-{address_text(hi, family)}"
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+Box = tuple[tuple[int, int], ...]
+
+
+def _box(types: Sequence[str], key: str) -> Box:
+    fields = [f.strip() for f in key.split(" . ")]
+    if len(fields) != len(types):
+        raise ValueError(f"{key!r} has not {len(types)} fields")
+    return tuple(_field_range(t, f) for t, f in zip(types, fields, strict=True))
+
+
+def _cells(nft_set: NftSet, gone: frozenset[str], came: frozenset[str], how: Uses,
+           polarity: str) -> tuple[frozenset[str], frozenset[str]] | None:
+    """The changed region of an interval map or concatenated interval set cut into the
+    pieces every old and new element is made of, each piece given its old and its new
+    outcome: (the texts of the region once narrowed, once its pieces that cannot be
+    ranked are new too); None if a type is not known or the pieces are too many."""
+    types = [t.strip() for t in nft_set.type.split(" . ")]
+    if any(t not in _RANGED for t in types):
+        return None
+    try:
+        olds = [(_box(types, k), v) for k, v in map(_key, gone)]
+        news = [(_box(types, k), v) for k, v in map(_key, came)]
+    except (ValueError, Unsupported):
+        return None
+    cuts: list[list[int]] = []
+    for i in range(len(types)):
+        points = sorted({b[i][0] for b, _ in olds + news} | {b[i][1] + 1 for b, _ in olds + news})
+        cuts.append(points)
+    cells: dict[Box, list[str | None]] = {}
+    for which, boxes in enumerate((olds, news)):
+        for box, value in boxes:
+            pieces: list[Box] = [()]
+            for i, (lo, hi) in enumerate(box):
+                points = [p for p in cuts[i] if lo <= p <= hi + 1]
+                spans = [(a, b - 1) for a, b in itertools.pairwise(points)]
+                pieces = [(*piece, span) for piece in pieces for span in spans]
+                if len(pieces) > MOST_CELLS:
+                    return None
+            for piece in pieces:
+                cells.setdefault(piece, [None, None])[which] = value if nft_set.map_to \
+                    else "member"
+            if len(cells) > MOST_CELLS:
+                return None
+    raw = nft_set.name in how.raw_maps
+
+    def ranked(value: str | None) -> int | str:
+        if nft_set.map_to:
+            return rank(_resolve(value, how), raw)
+        member = value is not None
+        return (2 if member else 0) if polarity == MORE else (0 if member else 2)
+
+    def text(piece: Box, value: str | None) -> str | None:
+        if value is None:
+            return None
+        key = " . ".join(_field_text(t, lo, hi) for t, (lo, hi) in zip(types, piece,
+                                                                        strict=True))
+        return f"{key} : {value}" if nft_set.map_to else key
+
+    narrowed: set[str] = set()
+    unranked: set[str] = set()
+    for piece, (was, now) in cells.items():
+        a, b = ranked(was), ranked(now)
+        first = now if at_most(b, a) else was
+        later = now if not at_most(b, a) and not at_most(a, b) else first
+        if (t := text(piece, first)) is not None:
+            narrowed.add(t)
+        if (t := text(piece, later)) is not None:
+            unranked.add(t)
+    return frozenset(narrowed), frozenset(unranked)
+
+
 def order(last: Ruleset, new: Ruleset, how: Uses) -> list[Ruleset] | None:
     """The states to commit one after the other, an RCU grace period apart, to go from
     `last`'s elements to `new`'s (same structure): [new] when one transaction is safe,
@@ -245,11 +401,33 @@ def order(last: Ruleset, new: Ruleset, how: Uses) -> list[Ruleset] | None:
         if s.map_to is None:
             polarity = how.sets.get(name, UNKNOWN)
             if polarity == UNKNOWN:
-                return None
-            out, into = _plain(before, gone, came, polarity)
+                middle.append((name, gone, came))
+                continue
+            if "interval" in s.flags and not _address_intervals(s) and \
+                    polarity != NEUTRAL:
+                cut = _cells(before, gone, came, how, polarity)
+                if cut is None:
+                    return None
+                narrowed, _ = cut
+                out, into = gone - narrowed, narrowed - gone
+            else:
+                out, into = _plain(before, gone, came, polarity)
             first[name] = (out, into)
             narrows = narrows or bool(out or into)
             widens = widens or (out, into) != (gone, came)
+            continue
+        if "interval" in s.flags:
+            cut = _cells(before, gone, came, how, UNKNOWN)
+            if cut is None:
+                return None
+            narrowed, unranked = cut
+            if narrowed != gone:
+                first[name] = (gone - narrowed, narrowed - gone)
+                narrows = True
+            if unranked != narrowed:
+                middle.append((name, narrowed - unranked, unranked - narrowed))
+            if unranked != came:
+                widens = True
             continue
         raw = name in how.raw_maps
         old_by_key = {k: v for k, v in map(_key, gone)}
@@ -276,15 +454,26 @@ def order(last: Ruleset, new: Ruleset, how: Uses) -> list[Ruleset] | None:
             first[name] = (frozenset(out_texts), frozenset(in_texts))
             narrows = True
         if mid_out or mid_in:
-            if not how.maps.get(name, False):
-                return None
             middle.append((name, frozenset(mid_out), frozenset(mid_in)))
         if len(out_texts) + len(mid_out) < len(gone) or \
                 len(in_texts) + len(mid_in) < len(came):
             widens = True
-    if len(middle) > MOST_MIDDLE:
+    # Changes that cannot be ranked: in one commit of their own, if one packet looks them
+    # up once at most, all together (it then sees one of them, old or new, and nothing
+    # else changes in that commit).
+    commits: list[list[tuple[str, frozenset[str], frozenset[str]]]] = []
+    for item in middle:
+        if not how.once([item[0]]):
+            return None
+        for commit in commits:
+            if how.once([c[0] for c in commit] + [item[0]]):
+                commit.append(item)
+                break
+        else:
+            commits.append([item])
+    if len(commits) > MOST_MIDDLE:
         return None
-    steps = int(narrows) + len(middle) + int(widens)
+    steps = int(narrows) + len(commits) + int(widens)
     if steps <= 1:
         return [new]
     states: list[Ruleset] = []
@@ -292,8 +481,8 @@ def order(last: Ruleset, new: Ruleset, how: Uses) -> list[Ruleset] | None:
     if first:
         state = _patched(state, first)
         states.append(state)
-    for name, out, into in middle:
-        state = _patched(state, {name: (out, into)})
+    for commit in commits:
+        state = _patched(state, {name: (out, into) for name, out, into in commit})
         states.append(state)
     if not states or not state.same(new):
         states.append(new)
@@ -316,12 +505,28 @@ def _patched(ruleset: Ruleset, changes: Mapping[str, tuple[frozenset[str], froze
 
 
 def joined(a: Uses, b: Uses) -> Uses:
-    """What both say (a set ranked one way by one and another way by the other: UNKNOWN),
-    for a change of the maps a raw chain looks up, which changes what raw chains reach."""
+    """What both say, the more careful where they differ (a set ranked one way by one and
+    another way by the other: UNKNOWN; the larger count of lookups), for a change that
+    gives a map jumps to chains it did not jump to, which changes what a packet reaches."""
+    lookups = {n: {p: max(a.lookups.get(n, {}).get(p, 0), b.lookups.get(n, {}).get(p, 0))
+                   for p in {*a.lookups.get(n, {}), *b.lookups.get(n, {})}}
+               for n in {*a.lookups, *b.lookups}}
     return Uses({n: p if b.sets.get(n) == p else UNKNOWN for n, p in a.sets.items()},
-                {n: o and b.maps.get(n, False) for n, o in a.maps.items()},
+                lookups, {n: a.targets.get(n, frozenset()) | b.targets.get(n, frozenset())
+                          for n in {*a.targets, *b.targets}},
                 a.raw_maps | b.raw_maps,
                 {n: v for n, v in a.finals.items() if b.finals.get(n) == v})
 
 
-__all__ = ["Uses", "at_most", "joined", "order", "rank", "uses"]
+def new_targets(how: Uses, last: Ruleset, new: Ruleset) -> bool:
+    """Whether `new` gives a map a jump to a chain it did not jump to in `how`'s table."""
+    for name, known in how.targets.items():
+        if name in new.sets and name in last.sets and \
+                new.sets[name].elements is not last.sets[name].elements:
+            came = _texts(last.sets[name], new.sets[name])[1]
+            if not _jump_targets(came) <= known:
+                return True
+    return False
+
+
+__all__ = ["Uses", "at_most", "joined", "new_targets", "order", "rank", "uses"]
