@@ -71,6 +71,22 @@ class Uses:
     raw_maps: frozenset[str]                # maps a raw chain looks up: accept is no top
     finals: Mapping[str, str]               # chain -> the one verdict it always gives
 
+    def single(self, kinds: Mapping[str, set[str]]) -> bool:
+        """Whether changes of these kinds (per set: LESS for a part that narrows, MORE
+        for one that widens, UNKNOWN) are safe in one commit: on every path, one packet
+        looks up one changed set once at most, or every change it can meet narrows, or
+        every one widens (a mix of old and new then lies between them)."""
+        totals: dict[tuple[str, ...], int] = {}
+        met: dict[tuple[str, ...], set[str]] = {}
+        for name, kind in kinds.items():
+            if not kind:
+                continue
+            for path, count in self.lookups.get(name, {}).items():
+                if count:
+                    totals[path] = totals.get(path, 0) + count
+                    met.setdefault(path, set()).update(kind)
+        return all(totals[path] <= 1 or met[path] in ({LESS}, {MORE}) for path in totals)
+
     def once(self, names: Iterable[str]) -> bool:
         """Whether one packet looks these sets and maps up once at most, all together."""
         totals: dict[tuple[str, ...], int] = {}
@@ -393,20 +409,28 @@ def order(last: Ruleset, new: Ruleset, how: Uses) -> list[Ruleset] | None:
     `last`'s elements to `new`'s (same structure): [new] when one transaction is safe,
     [narrowed, (maps of middle rank,) new] when not; None when the change cannot be
     ordered (replace the table instead)."""
+    changes: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+    for name, s in new.sets.items():
+        if last.sets[name].elements is not s.elements:
+            gone, came = _texts(last.sets[name], s)
+            if gone or came:
+                changes[name] = (gone, came)
+    if how.once(changes):
+        # One packet looks up one changed set at most, once: it sees it old or new (a
+        # set's elements change at one moment), the rest unchanged. The common case: a
+        # label or network set change lands in one verdict map.
+        return [new]
     first: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
     middle: list[tuple[str, frozenset[str], frozenset[str]]] = []
-    narrows = widens = False
-    for name, s in new.sets.items():
-        before = last.sets[name]
-        if before.elements is s.elements:
-            continue
-        gone, came = _texts(before, s)
-        if not gone and not came:
-            continue
+    kinds: dict[str, set[str]] = {name: set() for name in changes}
+    for name, (gone, came) in changes.items():
+        before, s = last.sets[name], new.sets[name]
+        kind = kinds[name]
         if s.map_to is None:
             polarity = how.sets.get(name, UNKNOWN)
             if polarity == UNKNOWN:
                 middle.append((name, gone, came))
+                kind.add(UNKNOWN)
                 continue
             if "interval" in s.flags and not _address_intervals(s) and \
                     polarity != NEUTRAL:
@@ -418,8 +442,9 @@ def order(last: Ruleset, new: Ruleset, how: Uses) -> list[Ruleset] | None:
             else:
                 out, into = _plain(before, gone, came, polarity)
             first[name] = (out, into)
-            narrows = narrows or bool(out or into)
-            widens = widens or (out, into) != (gone, came)
+            if polarity != NEUTRAL:
+                kind.update([LESS] if out or into else [])
+                kind.update([MORE] if (out, into) != (gone, came) else [])
             continue
         if "interval" in s.flags:
             cut = _cells(before, gone, came, how, UNKNOWN)
@@ -428,11 +453,12 @@ def order(last: Ruleset, new: Ruleset, how: Uses) -> list[Ruleset] | None:
             narrowed, unranked = cut
             if narrowed != gone:
                 first[name] = (gone - narrowed, narrowed - gone)
-                narrows = True
+                kind.add(LESS)
             if unranked != narrowed:
                 middle.append((name, narrowed - unranked, unranked - narrowed))
+                kind.add(UNKNOWN)
             if unranked != came:
-                widens = True
+                kind.add(MORE)
             continue
         raw = name in how.raw_maps
         old_by_key = {k: v for k, v in map(_key, gone)}
@@ -450,19 +476,17 @@ def order(last: Ruleset, new: Ruleset, how: Uses) -> list[Ruleset] | None:
             if at_most(b, a):          # narrows (or the same outcome): first
                 out_texts.update(t for t in (was_text,) if t)
                 in_texts.update(t for t in (now_text,) if t)
-            elif at_most(a, b):        # widens: second
-                widens = True
+            elif at_most(a, b):        # widens: last
+                kind.add(MORE)
             else:
                 mid_out.update(t for t in (was_text,) if t)
                 mid_in.update(t for t in (now_text,) if t)
         if out_texts or in_texts:
             first[name] = (frozenset(out_texts), frozenset(in_texts))
-            narrows = True
+            kind.add(LESS)
         if mid_out or mid_in:
             middle.append((name, frozenset(mid_out), frozenset(mid_in)))
-        if len(out_texts) + len(mid_out) < len(gone) or \
-                len(in_texts) + len(mid_in) < len(came):
-            widens = True
+            kind.add(UNKNOWN)
     # Changes that cannot be ranked: in one commit of their own, if one packet looks them
     # up once at most, all together (it then sees one of them, old or new, and nothing
     # else changes in that commit).
@@ -478,8 +502,7 @@ def order(last: Ruleset, new: Ruleset, how: Uses) -> list[Ruleset] | None:
             commits.append([item])
     if len(commits) > MOST_MIDDLE:
         return None
-    steps = int(narrows) + len(commits) + int(widens)
-    if steps <= 1:
+    if how.single(kinds):
         return [new]
     states: list[Ruleset] = []
     state = last
