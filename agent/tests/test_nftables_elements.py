@@ -26,7 +26,7 @@ from tests.test_notrack import pair
 root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 __all__ = ["pair"]   # the fixture, used by name
 
-PADDING = 1000
+PADDING = 3000
 TIER = {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
         "metadata": {"name": "second"}, "spec": {"order": 200}}
 
@@ -83,18 +83,27 @@ def verdict_moved(moved: bool) -> Ruleset:
 
 
 def passed(moved: bool) -> Ruleset:
-    """db's first tier passes everything from `p == 'yes'` to the second tier, then
-    denies UDP to 5002 and allows all but TCP; the second tier allows UDP to 5001 only.
-    One verdict map holds it, its drop for 5002 a range of sources that the client cuts
-    when it joins p (its keys become `return` elements). UDP to 5002 is denied before
-    (the Deny) and after (the second tier's default), and to 5001 allowed both ways."""
-    client = {"p": "yes"} if moved else {"role": "client"}
+    """db's first tier denies UDP to 5002 from `bad == 'yes'` (a plain set), then after
+    many rules passes everything from `p == 'yes'` to the second tier, denies UDP to
+    5002 and allows all but TCP; the second tier allows UDP to 5001 only. The Pass and
+    the Deny are one verdict map, its drop for 5002 a range of sources that the client
+    cuts when it joins p (its other keys become `return` elements, which cannot be
+    ranked). The client joins bad and p at once: UDP to 5002 is denied before (the
+    map's Deny) and after (the plain set's), to 5001 allowed both ways. Three commits:
+    the set and the cut range, the returns, the range merged again."""
+    client = {"bad": "yes", "p": "yes"} if moved else {"role": "client"}
+    padding = [{"action": "Log", "protocol": "TCP",
+                "source": {"nets": [f"198.19.{i // 256}.{i % 256}/32"]},
+                "destination": {"ports": [1 + i]}} for i in range(PADDING)]
     return _rendered([
         TIER,
         hep("db", "n1", "198.18.7.2", {"app": "db"}, iface="v1"),
         hep("client", "n2", "198.18.7.1", client),
-        hep("other", "n3", "198.18.9.9", {"p": "yes"}),
+        hep("other", "n3", "198.18.9.9", {"p": "yes", "bad": "yes"}),
         gnp("first", {"selector": "app == 'db'", "order": 1, "ingress": [
+            {"action": "Deny", "protocol": "UDP", "source": {"selector": "bad == 'yes'"},
+             "destination": {"ports": [5002]}},
+            *padding,
             {"action": "Pass", "source": {"selector": "p == 'yes'"}},
             {"action": "Deny", "protocol": "UDP", "destination": {"ports": [5002]}},
             {"action": "Allow", "notProtocol": "TCP"}]}),

@@ -19,7 +19,7 @@ from bulkhead.net import merge, parse_network
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 from tests.nftfixture import gnp, hep, snap
-from tests.test_nftables_elements import both_sets, interface_moved, verdict_moved
+from tests.test_nftables_elements import both_sets, interface_moved, passed, verdict_moved
 
 HOSTS = [f"198.18.0.{i}" for i in range(1, 9)]
 BASE = "type filter hook input priority filter; policy accept;"
@@ -231,8 +231,10 @@ def test_the_renderers_sets_are_ranked_by_their_rules() -> None:
     assert how.sets[deny] == LESS
     # ep_in on input, ep_out on output: one packet looks up one of them, once.
     assert how.once(["ep_in", "ep_out"]) and not how.once(["ep_in", deny])
-    # One step each way where only one kind of change is made, two for both_sets.
-    for build, count in ((both_sets, 2), (verdict_moved, 1), (interface_moved, 1)):
+    # One commit where one packet meets one changed set, two for both_sets (a Deny set
+    # and an Allow map), three for passed (a Deny set, a cut range, returns).
+    for build, count in ((both_sets, 2), (verdict_moved, 1), (interface_moved, 1),
+                         (passed, 3)):
         a, b = build(False), build(True)
         for x, y in ((a, b), (b, a)):
             steps = order(x, y, uses(x))
