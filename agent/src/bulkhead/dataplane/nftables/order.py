@@ -7,15 +7,20 @@ transaction, `ip saddr @deny drop` looked up before the commit (not yet a member
 `ip saddr @allow accept` after it (a member now) accept a packet that the old and the
 new elements both deny. docs/dataplane.md, "Element changes in order".
 
-So a change is cut in two transactions, an RCU grace period apart (no packet walks
-through both commits): first every change that can only narrow what is accepted, then
-every one that can only widen it. Whether an element narrows or widens comes from how
-the table's rules use its set: `@s accept` (or `!= @s drop`) accepts more the more `s`
+A change stays one transaction where that is safe: when one packet looks up one changed
+set once at most (a set's elements change at one moment, so the packet sees it old or
+new and nothing else changed), or when every change a packet can meet narrows what is
+accepted, or every one widens it. Otherwise it is cut, an RCU grace period between
+commits (no packet walks through two): first every change that can only narrow, last
+every one that can only widen. Whether an element narrows or widens comes from how the
+table's rules use its set: `@s accept` (or `!= @s drop`) accepts more the more `s`
 holds, `@s drop` (or `!= @s accept`) less; in a verdict map, an element that drops
-ranks below anything, one that accepts above anything. Every state a straddling packet
-can see between two commits is then a mix of two states, each no more permissive than
-the old state (first commit) or the new one (second), so a packet that both deny is
-denied (a mix of states of one rank is ranked as they are: each lookup is monotone).
+ranks below anything, one that accepts above anything. Interval sets and maps are cut
+into the pieces their old and new changed elements are made of, so the narrowed state
+holds no overlapping element. Every state a straddling packet can see between two
+commits is then a mix of two states, each no more permissive than the old state (first
+commit) or the new one (last), so a packet that both deny is denied (each lookup is
+monotone in the ranking).
 
 What cannot be ranked is not split: a set used both ways or by a rule whose verdict is
 neither accept nor drop (a Pass's `return`, a jump, anything in a raw chain, where
