@@ -188,3 +188,29 @@ def test_no_denied_datagram_passes_an_element_update(pair: tuple[str, str], worl
     assert len(updates) >= 5
     assert denied == 0
     assert accepted == sent
+
+
+@root
+@pytest.mark.parametrize("netlink", [True, False])
+def test_a_change_that_cannot_be_ordered_replaces_the_table(netns: str, netlink: bool
+                                                              ) -> None:
+    """A set behind a Pass that one packet can look up twice (the Pass's and a later
+    Allow's `!= @set`): `order` gives None, and the applier replaces the table whole;
+    the kernel then holds the new table."""
+    def table(member: bool) -> Ruleset:
+        return _rendered([
+            hep("db", "n1", "198.18.7.2", {"app": "db"}, iface="v1"),
+            hep("c", "n2", "198.18.7.1", {"p": "yes"} if member else {}),
+            hep("o", "n3", "198.18.9.9", {"p": "yes"}),
+            gnp("x", {"selector": "app == 'db'", "ingress": [
+                {"action": "Pass", "source": {"selector": "p == 'yes'"}},
+                {"action": "Allow", "notProtocol": "TCP",
+                 "source": {"notSelector": "p == 'yes'"}}]})])
+    applier = NftApplier(netns=netns, netlink=netlink)
+    before, after = table(False), table(True)
+    assert before.same_structure(after)
+    assert applier.apply(before).full
+    result = applier.apply(after)
+    assert result.full and result.changed
+    assert applier.diff(after) == ""
+    assert applier.drifted() is None

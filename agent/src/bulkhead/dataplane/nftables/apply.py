@@ -7,8 +7,9 @@ million elements costs seconds); the old table's sets and maps stay through it, 
 in a last transaction once no packet can be in the old rules (`replace.py`: the new
 ones are named with a generation suffix). A change of set elements only is sent as element
 deletions and additions in one netlink batch (`netlink.py`), which skips the full read of
-the kernel's state that `nft` does first; in two, an RCU grace period apart, when it both
-narrows and widens what is accepted (`order.py`: narrowing first). The kernel applies a
+the kernel's state that `nft` does first; in up to three, an RCU grace period apart, when
+a packet could meet a change that narrows what is accepted and one that widens it
+(`order.py`: narrowing first, widening last). The kernel applies a
 transaction whole or not at all, so a ruleset it rejects leaves the previous one in force.
 Only `inet <table>` is ever touched, and, while a table is loaded over netlink, its staging
 table `inet <table>_load` (no rules on its hooks; deleted in the same transaction).
@@ -266,7 +267,10 @@ class NftApplier:
             # A map now jumps where it did not: what a packet reaches changes with it.
             how = joined(how, uses(ruleset))
             self._uses = None
-        steps = order(last, ruleset, how)
+        try:
+            steps = order(last, ruleset, how)
+        except (ValueError, Unsupported):
+            steps = None   # an element text the order cannot read: replace the table
         if steps is None:
             return None
         via: str | None = None
