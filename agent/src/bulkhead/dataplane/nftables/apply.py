@@ -7,10 +7,12 @@ million elements costs seconds); the old table's sets and maps stay through it, 
 in a last transaction once no packet can be in the old rules (`replace.py`: the new
 ones are named with a generation suffix). A change of set elements only is sent as element
 deletions and additions in one netlink batch (`netlink.py`), which skips the full read of
-the kernel's state that `nft` does first. The kernel applies a transaction whole or not at
-all, so a ruleset it rejects leaves the previous one in force. Only `inet <table>` is
-ever touched, and, while a table is loaded over netlink, its staging table `inet
-<table>_load` (no rules on its hooks; deleted in the same transaction).
+the kernel's state that `nft` does first; in up to three, an RCU grace period apart, when
+a packet could meet a change that narrows what is accepted and one that widens it
+(`order.py`: narrowing first, widening last). The kernel applies a
+transaction whole or not at all, so a ruleset it rejects leaves the previous one in force.
+Only `inet <table>` is ever touched, and, while a table is loaded over netlink, its staging
+table `inet <table>_load` (no rules on its hooks; deleted in the same transaction).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 
 from bulkhead.dataplane.nftables.load import BIG_SET, STAGING, StagingError, encodes, load
 from bulkhead.dataplane.nftables.netlink import DUMP_TRIES, NftNetlink, Unsupported, set_changes
+from bulkhead.dataplane.nftables.order import Uses, joined, new_targets, order, uses
 from bulkhead.dataplane.nftables.replace import (
     KernelTable,
     Leftovers,
@@ -86,6 +89,7 @@ class NftApplier:
         self.load_min = BIG_SET
         self._fallback = ""   # why the last full apply did not go over netlink
         self._tag: int | None = None   # the generation suffix of the kernel's map names
+        self._uses: Uses | None = None   # how the applied table's rules use its sets
         self.cleanup_error = ""   # why the last full apply left old objects behind
         # Elements of the sets with timeouts (domain sets) to put back when the table is
         # replaced whole, in the same transaction: set name -> `ADDRESS timeout Nms`.
@@ -198,6 +202,7 @@ class NftApplier:
                         tuple(chains), ())))
                 raise
         self._tag = tag
+        self._uses = None
         self._cleanup(kernel, new)
         # The generation first: a change between the two reads shows up as drift later.
         self._generation = self.generation()
@@ -251,8 +256,43 @@ class NftApplier:
         return tagged(ruleset, self._tag)
 
     def _send_elements(self, last: Ruleset, ruleset: Ruleset) -> str | None:
-        """Send the element changes from `last` to `ruleset`: "netlink" or "nft" (the
-        way they went), or None if the netlink batch was refused (nothing applied)."""
+        """Send the element changes from `last` to `ruleset`, in the order `order.py`
+        gives (narrowing changes first, widening ones an RCU grace period later): "netlink"
+        or "nft" (the way they went), or None if they cannot be ordered or the kernel
+        refused a step (the table is then replaced whole)."""
+        if self._uses is None:
+            self._uses = uses(last)
+        how = self._uses
+        if new_targets(how, last, ruleset):
+            # A map now jumps where it did not: what a packet reaches changes with it.
+            how = joined(how, uses(ruleset))
+            self._uses = None
+        try:
+            steps = order(last, ruleset, how)
+        except (ValueError, Unsupported):
+            steps = None   # an element text the order cannot read: replace the table
+        if steps is None:
+            return None
+        via: str | None = None
+        before = last
+        for i, step in enumerate(steps):
+            if i:
+                grace_period()
+            try:
+                via = self._send_step(before, step)
+            except NftError:
+                if len(steps) == 1:
+                    raise
+                return None   # a step the kernel refused (an overlap): replace the table
+            if via is None:
+                return None
+            before = step
+        return via
+
+    def _send_step(self, last: Ruleset, ruleset: Ruleset) -> str | None:
+        """Send the element changes from `last` to `ruleset` in one transaction: "netlink"
+        or "nft" (the way they went), or None if the netlink batch was refused (nothing
+        applied)."""
         if self._netlink_ns is not None:
             try:
                 changes = set_changes(self._in_kernel(last).sets.values(),
