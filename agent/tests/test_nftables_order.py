@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bulkhead.dataplane.nftables import Chain, NftSet, Ruleset, render
+from bulkhead.dataplane.nftables import Chain, NftSet, Ruleset, render, replace
 from bulkhead.dataplane.nftables.order import LESS, UNKNOWN, order, uses
+from bulkhead.dataplane.nftables.render import FlowLogging
 from bulkhead.net import merge, parse_network
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
@@ -273,3 +274,44 @@ def test_a_set_a_pass_uses_gets_a_commit_of_its_own_if_looked_up_once() -> None:
     changed = [n for n in a.sets if a.sets[n].elements != b.sets[n].elements]
     assert changed and all(how.sets[n] == UNKNOWN and not how.once([n]) for n in changed)
     assert order(a, b, how) is None
+
+
+def test_logged_verdict_chains_count_as_their_verdict_with_flow_logs() -> None:
+    """With flow logs the renderer's verdicts go through `l_` chains (`log group ...
+    snaplen 128 prefix ...` then the verdict): each is one plain verdict, so a map's
+    `goto l_...` elements are ranked as accept or drop, as without flow logs, and
+    both_sets is still two commits, not a middle one or a full replace."""
+    def table(moved: bool) -> Ruleset:
+        client = {"bad": "yes", "good": "yes"} if moved else {"role": "client"}
+        return render(calculate(snap(
+            hep("db", "n1", "198.18.7.2", {"app": "db"}, iface="v1"),
+            hep("client", "n2", "198.18.7.1", client),
+            hep("other", "n3", "198.18.9.9", {"bad": "yes", "good": "yes"}),
+            gnp("deny", {"selector": "app == 'db'", "order": 1, "ingress": [
+                {"action": "Deny", "protocol": "UDP", "source": {"selector": "bad == 'yes'"},
+                 "destination": {"ports": [5002]}}, {"action": "Log", "protocol": "TCP"}]}),
+            gnp("allow", {"selector": "app == 'db'", "order": 2, "ingress": [
+                {"action": "Allow", "protocol": "UDP",
+                 "source": {"selector": "good == 'yes'"}},
+                {"action": "Allow", "protocol": "UDP", "destination": {"ports": [5001]}}]})),
+            "n1", {}, Failsafes.off()), flow_logs=FlowLogging())
+    a, b = table(False), table(True)
+    logged = [c for c in a.chains.values() if c.name.startswith("l_")]
+    assert logged and all("snaplen" in c.rules[0] for c in logged)
+    how = uses(a)
+    assert {c.name for c in logged} <= set(how.finals)
+    steps = order(a, b, how)
+    assert steps is not None and len(steps) == 2 and steps[-1].same(b)
+
+
+@pytest.mark.parametrize(("cpus", "slept"), [(2, []), (1, [replace.GRACE_FALLBACK])])
+def test_the_grace_period_waits_with_one_cpu_too(monkeypatch: pytest.MonkeyPatch, cpus: int,
+                                                 slept: list[float]) -> None:
+    """membarrier(MEMBARRIER_CMD_GLOBAL) returns at once with one CPU online, where a
+    packet preempted in the output hook of a preemptible kernel could still be in the
+    old rules: the grace period is then a wait, as where membarrier is missing."""
+    waits: list[float] = []
+    monkeypatch.setattr(replace, "_online_cpus", lambda: cpus)
+    monkeypatch.setattr(replace.time, "sleep", waits.append)
+    replace.grace_period()
+    assert waits == slept

@@ -36,20 +36,23 @@ returns None and the applier replaces the table whole (`replace.py`).
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from bulkhead.dataplane.nftables.netlink import Unsupported, _differing, _field_range
 from bulkhead.dataplane.nftables.ruleset import Chain, Elements, NftSet, Ruleset, delta
-from bulkhead.net import address_text, merge, parse_network
+from bulkhead.net import address_text, intersection, merge, parse_network
 
 MORE, LESS, NEUTRAL, UNKNOWN = "+", "-", "0", "?"
 ACCEPT, DROP = "accept", "drop"
 # Statements a chain may hold without a condition and still be one plain verdict (the
 # logged verdicts `l_` chains give, a profile's `accept`).
-_STATEMENTS = frozenset({"counter", "name", "log", "prefix", "group", "level", '""'})
+_STATEMENTS = frozenset({"counter", "name", "log", "prefix", "group", "snaplen", "level",
+                         '""'})
 _QUOTED = re.compile(r'"[^"]*"')
 _RAW = re.compile(r"priority (raw|-300)\b")
 _HOOK = re.compile(r"\bhook (\w+)")
@@ -292,16 +295,6 @@ def _address_intervals(nft_set: NftSet) -> bool:
     return "interval" in nft_set.flags and nft_set.type.strip() in ("ipv4_addr", "ipv6_addr")
 
 
-def _intersect(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]
-               ) -> list[tuple[int, int]]:
-    out = []
-    for lo, hi in merge(a):
-        for lo2, hi2 in merge(b):
-            if max(lo, lo2) <= min(hi, hi2):
-                out.append((max(lo, lo2), min(hi, hi2)))
-    return out
-
-
 def _plain(old: NftSet, gone: frozenset[str], came: frozenset[str], polarity: str
            ) -> tuple[frozenset[str], frozenset[str]]:
     """(texts out, texts in) of a plain set's first, narrowing step: for a set that
@@ -314,9 +307,9 @@ def _plain(old: NftSet, gone: frozenset[str], came: frozenset[str], polarity: st
         return (gone, frozenset()) if polarity == MORE else (frozenset(), came)
     a, b = _spans(gone), _spans(came)
     if polarity == MORE:
-        mid = {f: _intersect(a[f], b[f]) for f in (4, 6)}
+        mid = {f: intersection(merge(a[f]), merge(b[f])) for f in (4, 6)}
     else:
-        mid = {f: [*a[f], *b[f]] for f in (4, 6)}
+        mid = {f: (*a[f], *b[f]) for f in (4, 6)}
     texts = frozenset(_span_texts(mid))
     return gone - texts, texts - gone
 
@@ -362,6 +355,8 @@ def _cells(nft_set: NftSet, gone: frozenset[str], came: frozenset[str], how: Use
         news = [(_box(types, k), v) for k, v in map(_key, came)]
     except (ValueError, Unsupported):
         return None
+    if len(olds) > MOST_CELLS or len(news) > MOST_CELLS:
+        return None    # each box of one state is a cell of its own at least
     cuts: list[list[int]] = []
     for i in range(len(types)):
         points = sorted({b[i][0] for b, _ in olds + news} | {b[i][1] + 1 for b, _ in olds + news})
@@ -369,13 +364,14 @@ def _cells(nft_set: NftSet, gone: frozenset[str], came: frozenset[str], how: Use
     cells: dict[Box, list[str | None]] = {}
     for which, boxes in enumerate((olds, news)):
         for box, value in boxes:
-            pieces: list[Box] = [()]
-            for i, (lo, hi) in enumerate(box):
-                points = [p for p in cuts[i] if lo <= p <= hi + 1]
-                spans = [(a, b - 1) for a, b in itertools.pairwise(points)]
-                pieces = [(*piece, span) for piece in pieces for span in spans]
-                if len(pieces) > MOST_CELLS:
-                    return None
+            # Each field's spans between the cut points inside the box (found by
+            # bisection), their product counted before it is made.
+            per_field = [[(a, b - 1) for a, b in itertools.pairwise(
+                cuts[i][bisect.bisect_left(cuts[i], lo):bisect.bisect_right(cuts[i], hi + 1)])]
+                for i, (lo, hi) in enumerate(box)]
+            if math.prod(map(len, per_field)) > MOST_CELLS:
+                return None
+            pieces: list[Box] = list(itertools.product(*per_field))
             for piece in pieces:
                 cells.setdefault(piece, [None, None])[which] = value if nft_set.map_to \
                     else "member"

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import platform
 import re
 import struct
@@ -290,9 +291,11 @@ def grace_period() -> None:
     """Return after an RCU grace period: every packet that was inside a netfilter hook
     when this was called has left it (membarrier(MEMBARRIER_CMD_GLOBAL) is
     synchronize_rcu with more than one CPU online). Where that call is not available,
-    a wait of GRACE_FALLBACK seconds, far longer than a packet's walk of the rules."""
+    and with one CPU online (membarrier then returns at once, and on a preemptible
+    kernel a packet preempted in the output hook could still be in the old rules), a
+    wait of GRACE_FALLBACK seconds, far longer than a packet's walk of the rules."""
     number = MEMBARRIER.get(platform.machine())
-    if number is not None:
+    if number is not None and _online_cpus() > 1:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.syscall(number, MEMBARRIER_CMD_GLOBAL, 0, 0) == 0:
@@ -300,3 +303,11 @@ def grace_period() -> None:
         except (OSError, AttributeError):
             pass
     time.sleep(GRACE_FALLBACK)
+
+
+def _online_cpus() -> int:
+    """CPUs online now (1 when it cannot be told: the careful answer here)."""
+    try:
+        return max(1, os.sysconf("SC_NPROCESSORS_ONLN"))
+    except (ValueError, OSError):
+        return 1
