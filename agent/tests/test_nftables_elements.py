@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -20,13 +18,18 @@ from bulkhead.dataplane.nftables.apply import NftApplier
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 from tests.nftfixture import gnp, hep, snap
-from tests.test_nftables_load import UDP_CLIENT, UDP_SERVER
+from tests.test_nftables_load import under_traffic
 from tests.test_notrack import pair
 
 root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 __all__ = ["pair"]   # the fixture, used by name
 
 PADDING = 3000
+# Rules that make a packet's walk between two lookups long (Log rules for TCP from
+# addresses no test traffic has).
+PADDING_RULES = [{"action": "Log", "protocol": "TCP",
+                  "source": {"nets": [f"198.19.{i // 256}.{i % 256}/32"]},
+                  "destination": {"ports": [1 + i]}} for i in range(PADDING)]
 TIER = {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
         "metadata": {"name": "second"}, "spec": {"order": 200}}
 
@@ -43,9 +46,6 @@ def both_sets(moved: bool) -> Ruleset:
     (the tier's default Deny, or the Deny), but a packet that looks the Deny's set up
     before the client joins it and the map after would be accepted."""
     client = {"bad": "yes", "good": "yes"} if moved else {"role": "client"}
-    padding = [{"action": "Log", "protocol": "TCP",
-                "source": {"nets": [f"198.19.{i // 256}.{i % 256}/32"]},
-                "destination": {"ports": [1 + i]}} for i in range(PADDING)]
     return _rendered([
         hep("db", "n1", "198.18.7.2", {"app": "db"}, iface="v1"),
         hep("client", "n2", "198.18.7.1", client),
@@ -53,7 +53,7 @@ def both_sets(moved: bool) -> Ruleset:
         gnp("deny", {"selector": "app == 'db'", "order": 1, "ingress": [
             {"action": "Deny", "protocol": "UDP", "source": {"selector": "bad == 'yes'"},
              "destination": {"ports": [5002]}},
-            *padding]}),
+            *PADDING_RULES]}),
         gnp("allow", {"selector": "app == 'db'", "order": 2, "ingress": [
             {"action": "Allow", "protocol": "UDP", "source": {"selector": "good == 'yes'"}},
             {"action": "Allow", "protocol": "UDP", "destination": {"ports": [5001]}}]})])
@@ -92,9 +92,6 @@ def passed(moved: bool) -> Ruleset:
     map's Deny) and after (the plain set's), to 5001 allowed both ways. Three commits:
     the set and the cut range, the returns, the range merged again."""
     client = {"bad": "yes", "p": "yes"} if moved else {"role": "client"}
-    padding = [{"action": "Log", "protocol": "TCP",
-                "source": {"nets": [f"198.19.{i // 256}.{i % 256}/32"]},
-                "destination": {"ports": [1 + i]}} for i in range(PADDING)]
     return _rendered([
         TIER,
         hep("db", "n1", "198.18.7.2", {"app": "db"}, iface="v1"),
@@ -103,7 +100,7 @@ def passed(moved: bool) -> Ruleset:
         gnp("first", {"selector": "app == 'db'", "order": 1, "ingress": [
             {"action": "Deny", "protocol": "UDP", "source": {"selector": "bad == 'yes'"},
              "destination": {"ports": [5002]}},
-            *padding,
+            *PADDING_RULES,
             {"action": "Pass", "source": {"selector": "p == 'yes'"}},
             {"action": "Deny", "protocol": "UDP", "destination": {"ports": [5002]}},
             {"action": "Allow", "notProtocol": "TCP"}]}),
@@ -147,29 +144,16 @@ def updated_under_traffic(server: str, client: str, applier: NftApplier,
     5002) while the elements go back and forth between the variants (at most 400
     updates) under UDP to both ports; never a full apply."""
     assert applier.apply(variants[0]).full
-    listener = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c",
-                                 UDP_SERVER], stdout=subprocess.PIPE, text=True)
-    sender = None
-    try:
-        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
-        sender = subprocess.Popen(["ip", "netns", "exec", client, sys.executable, "-c",
-                                   UDP_CLIENT, "50000", "25"], stdout=subprocess.PIPE,
-                                  text=True)
-        updates: list[float] = []
-        while sender.poll() is None and len(updates) < 400:
-            start = time.perf_counter()
-            result = applier.apply(variants[(len(updates) + 1) % 2])
-            updates.append(time.perf_counter() - start)
-            assert not result.full and result.changed and result.via == via, result
-        out, _ = sender.communicate(timeout=60)
-        got, _ = listener.communicate(timeout=60)
-    finally:
-        for process in (sender, listener):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
-    accepted, denied = map(int, got.split())
-    return updates, int(out), accepted, denied
+    updates: list[float] = []
+
+    def update(i: int) -> None:
+        start = time.perf_counter()
+        result = applier.apply(variants[(i + 1) % 2])
+        updates.append(time.perf_counter() - start)
+        assert not result.full and result.changed and result.via == via, result
+
+    _, sent, accepted, denied = under_traffic(server, client, update, 400, timeout=60)
+    return updates, sent, accepted, denied
 
 
 @root

@@ -12,7 +12,7 @@ import random
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -653,11 +653,12 @@ def _set_denied(extra: bool) -> Ruleset:
     return ruleset
 
 
-def _replaced_under_traffic(server: str, client: str, applier: NftApplier,
-                            variants: list[Ruleset], via: str) -> tuple[int, int, int, int]:
-    """(applies, datagrams sent to each port, arrived at 5001, arrived at 5002) while
-    the table is replaced again and again (at most 200 times) under UDP to both."""
-    assert applier.apply(variants[0]).full
+def under_traffic(server: str, client: str, step: Callable[[int], None], most: int,
+                  timeout: float = 30) -> tuple[int, int, int, int]:
+    """(steps taken, datagrams sent to each port, arrived at 5001, arrived at 5002):
+    `step(i)` called again and again (at most `most` times) while 50,000 datagrams go
+    to each of UDP 5001 and 5002; the sender and the listener are killed whatever
+    happens."""
     listener = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c",
                                  UDP_SERVER], stdout=subprocess.PIPE, text=True)
     sender = None
@@ -666,21 +667,33 @@ def _replaced_under_traffic(server: str, client: str, applier: NftApplier,
         sender = subprocess.Popen(["ip", "netns", "exec", client, sys.executable, "-c",
                                    UDP_CLIENT, "50000", "25"], stdout=subprocess.PIPE,
                                   text=True)
-        applies = 0
-        while sender.poll() is None and applies < 200:
-            result = applier.apply(variants[(applies + 1) % 2])
-            assert result.full and result.via == via, (result.fallback, result.via)
-            assert not applier.cleanup_error
-            applies += 1
-        out, _ = sender.communicate(timeout=30)
-        got, _ = listener.communicate(timeout=30)
+        steps = 0
+        while sender.poll() is None and steps < most:
+            step(steps)
+            steps += 1
+        out, _ = sender.communicate(timeout=timeout)
+        got, _ = listener.communicate(timeout=timeout)
     finally:
         for process in (sender, listener):
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
     accepted, dropped = map(int, got.split())
-    return applies, int(out), accepted, dropped
+    return steps, int(out), accepted, dropped
+
+
+def _replaced_under_traffic(server: str, client: str, applier: NftApplier,
+                            variants: list[Ruleset], via: str) -> tuple[int, int, int, int]:
+    """(applies, datagrams sent to each port, arrived at 5001, arrived at 5002) while
+    the table is replaced again and again (at most 200 times) under UDP to both."""
+    assert applier.apply(variants[0]).full
+
+    def replace(i: int) -> None:
+        result = applier.apply(variants[(i + 1) % 2])
+        assert result.full and result.via == via, (result.fallback, result.via)
+        assert not applier.cleanup_error
+
+    return under_traffic(server, client, replace, 200)
 
 
 @root
