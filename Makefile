@@ -34,8 +34,10 @@ typecheck: deps
 	cd agent && ../$(BIN)/mypy --platform win32 --follow-imports=silent src/bulkhead/agent/win_service.py \
 		src/bulkhead/agent/hcn.py src/bulkhead/agent/hns_enforcer.py
 
+# Two passes: the tests marked `alone` (namespaces, labs, nftables in the kernel, time and
+# memory bounds: agent/tests/conftest.py) one at a time, then the others two at a time.
 unit: deps
-	cd agent && ../$(BIN)/pytest
+	cd agent && ../$(BIN)/pytest -m alone && ../$(BIN)/pytest -m "not alone" -n 2
 
 conformance: deps
 	$(BIN)/bulkhead conformance run agent/tests/conformance/

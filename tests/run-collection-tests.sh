@@ -3,7 +3,10 @@
 # into a temporary ansible_collections/ tree on ANSIBLE_COLLECTIONS_PATH; the
 # integration tests start a real bulkhead-server on 127.0.0.1 and run ansible-playbook
 # and ansible-inventory against it.
-#   tests/run-collection-tests.sh [PYTEST ARGS]    (default: tests/unit tests/integration)
+#   tests/run-collection-tests.sh [PYTEST ARGS]
+# By default tests/unit and tests/integration, two test files at a time (pytest-xdist,
+# a file's tests on one worker, so a module's fixtures are made once): the Molecule
+# scenarios (test_molecule.py, about seven minutes) run beside the other files.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${VENV:-$root/.venv}
@@ -15,5 +18,5 @@ export ANSIBLE_COLLECTIONS_PATH="$work" ANSIBLE_HOME="$work/home"
 export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$venv/bin:$PATH"
 cd "$work/ansible_collections/bulkhead/microseg"
-[ $# -gt 0 ] || set -- tests/unit tests/integration
+[ $# -gt 0 ] || set -- -n 2 --dist loadfile tests/unit tests/integration
 exec "$venv/bin/pytest" -p no:cacheprovider -q -c tests/pytest.ini "$@"

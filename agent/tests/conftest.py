@@ -23,6 +23,37 @@ from bulkhead import pki
 from bulkhead.server.main import DEFAULT_STATE_DIR, ServerConfig, serve
 from tests.procs import free_port, stop
 
+# `make test` runs the package's tests in two passes (Makefile, `unit`): first the tests
+# marked `alone`, one at a time with the machine to themselves, then the others two at
+# a time (pytest-xdist, `-n 2`). Alone: every module that builds network namespaces, lab
+# machines or nftables tables in the kernel (their probes and traffic counts must not
+# share the CPU: "every allowed datagram arrived"), that runs the benchmark scripts or
+# `make demo`, or that bounds a time or a memory figure. `test_alone.py` fails when a
+# module that needs root, a lab or a namespace is missing here.
+ALONE = frozenset({
+    # network namespaces, labs, nftables in the kernel
+    "observe/test_conntrack.py", "observe/test_nflog.py", "test_agent_dns.py",
+    "test_agent_faults.py", "test_demo.py", "test_differential.py", "test_dns_lab.py",
+    "test_flowlogs_lab.py", "test_lab.py", "test_lab_machines.py", "test_netlink.py",
+    "test_nftables_apply.py", "test_nftables_elements.py", "test_nftables_load.py",
+    "test_notrack.py", "test_observe_mode_lab.py",
+    # the benchmark scripts, small
+    "test_benchmarks.py", "test_benchmarks_dataplane.py",
+    # a time or a memory bound: a slow client cut in time, a revoked certificate refused
+    # within its bound, commits grouped while one runs, a crash mid-write, memory per
+    # waiting connection, latencies under fuzzing
+    "test_server_hardening.py", "test_pki_revocation.py", "test_server_peer_identity.py",
+    "test_store_group_commit.py", "test_store_crash.py", "test_server_listen.py",
+    "test_server_fuzz.py",
+})
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.relative_to(TESTS).as_posix() in ALONE:
+            item.add_marker(pytest.mark.alone)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def no_state_left_on_the_machine() -> Iterator[None]:

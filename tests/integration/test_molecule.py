@@ -88,7 +88,8 @@ def lab_down(lab):
 
 
 SCENARIOS = sorted(p.parent.name for p in (ROOT / "molecule").glob("*/molecule.yml"))
-SCENARIO_SECONDS = 900   # each scenario's whole `molecule test`, all running at once
+SCENARIO_SECONDS = 1200  # each scenario's whole `molecule test`, all running at once
+# (and beside the collection's other tests: tests/run-collection-tests.sh)
 
 
 def steps(scenario):
