@@ -36,15 +36,17 @@ ALONE = frozenset({
     "test_agent_faults.py", "test_demo.py", "test_differential.py", "test_dns_lab.py",
     "test_flowlogs_lab.py", "test_lab.py", "test_lab_machines.py", "test_netlink.py",
     "test_nftables_apply.py", "test_nftables_elements.py", "test_nftables_load.py",
-    "test_notrack.py", "test_observe_mode_lab.py",
+    "test_notrack.py", "test_observe_mode_lab.py", "test_enforcement_mode.py",
+    "test_nftables_flowlogs.py",
     # the benchmark scripts, small
     "test_benchmarks.py", "test_benchmarks_dataplane.py",
     # a time or a memory bound: a slow client cut in time, a revoked certificate refused
     # within its bound, commits grouped while one runs, a crash mid-write, memory per
-    # waiting connection, latencies under fuzzing
+    # waiting connection, latencies under fuzzing, the agent's HTTP timeouts, a child
+    # that must answer within a second
     "test_server_hardening.py", "test_pki_revocation.py", "test_server_peer_identity.py",
     "test_store_group_commit.py", "test_store_crash.py", "test_server_listen.py",
-    "test_server_fuzz.py",
+    "test_server_fuzz.py", "test_agent_http.py", "test_win_enforcer.py",
 })
 TESTS = Path(__file__).resolve().parent
 

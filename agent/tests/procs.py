@@ -1,6 +1,7 @@
 """Processes and ports, one way for the tests and the benchmarks: stopping children
-(SIGTERM, a grace period, then SIGKILL, always reaped), a free port on loopback, and a
-benchmark's entry point that cleans up on SIGTERM."""
+(SIGTERM, a grace period, then SIGKILL, always reaped), a free port on loopback, a
+benchmark's entry point that cleans up on SIGTERM, and Ctrl-C for a child as a terminal
+gives it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def ctrl_c_as_in_a_terminal() -> None:
+    """A `preexec_fn` for a child that a test stops with SIGINT, as Ctrl-C in a terminal
+    would: SIGINT back at its default in the child. A test run started in the background
+    by a non-interactive shell (`make test &`, nohup, some CI runners) has SIGINT ignored,
+    and a Python child then keeps it ignored instead of raising KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:

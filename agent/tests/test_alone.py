@@ -13,11 +13,12 @@ from pathlib import Path
 from tests.conftest import ALONE
 
 TESTS = Path(__file__).resolve().parent
-# What such a module uses: the lab fixtures and Testbed, `ip netns`, the namespace pair
-# of tests/observe, a root check before it touches the kernel.
+# What such a module uses: the lab fixtures, Testbed and Lab, `ip netns`, `unshare`, the
+# nftables applier, the namespace pair of tests/observe, a root check before it touches
+# the kernel.
 NEEDS_THE_MACHINE = re.compile(
-    r"\bTestbed\b|\bmake_lab\b|\bmake_module_lab\b|\"ip\", \"netns\"|\bnetpair\b|"
-    r"os\.geteuid\(\)")
+    r"\bTestbed\b|\bmake_lab\b|\bmake_module_lab\b|\bLab\(|\"ip\", \"netns\"|"
+    r"\bnetpair\b|\bunshare\b|\bNftApplier\(|\bneed_root\(|os\.geteuid\(\)")
 
 
 def test_every_module_that_builds_namespaces_runs_alone() -> None:

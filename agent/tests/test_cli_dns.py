@@ -17,6 +17,7 @@ import pytest
 from bulkhead import pki
 from bulkhead.cli.main import main
 from bulkhead.client.flows import send_dns
+from tests.procs import ctrl_c_as_in_a_terminal
 from tests.test_cli_flows import Lines, as_viewer  # noqa: F401
 from tests.test_server_dns import record
 from tests.test_server_process import ServerProcess
@@ -82,7 +83,8 @@ def test_follow_prints_new_records_until_ctrl_c(as_viewer: dict[str, str],  # no
     exe = Path(sys.executable).parent / "bulkhead"
     proc = subprocess.Popen([str(exe), "dns", "--follow", "--interval", "0.5", "-o", "json",
                              "--node", "web-3"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **as_viewer})
+                            stderr=subprocess.DEVNULL, env={**os.environ, **as_viewer},
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     out = Lines(proc)
     try:
         agent = server.client("web-3", "agent")

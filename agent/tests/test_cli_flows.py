@@ -22,6 +22,7 @@ from bulkhead.cli.flows import when
 from bulkhead.cli.main import main
 from bulkhead.client.flows import send_flows
 from tests.flowfixture import flow_doc
+from tests.procs import ctrl_c_as_in_a_terminal
 from tests.test_server_process import ServerProcess
 
 NOW = round(time.time(), 3)
@@ -186,7 +187,8 @@ def test_follow_prints_new_records_until_ctrl_c(as_viewer: dict[str, str],
     exe = Path(sys.executable).parent / "bulkhead"
     proc = subprocess.Popen([str(exe), "flows", "--follow", "--interval", "0.5", "-o", "json",
                              "--node", "web-3"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **as_viewer})
+                            stderr=subprocess.DEVNULL, env={**os.environ, **as_viewer},
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     out = Lines(proc)
     try:
         # JSON one record a line: none yet (whenever the first poll runs, these come once).

@@ -688,7 +688,7 @@ server=$!
 trap 'kill $server' EXIT
 for i in $(seq 50); do {agent} --once > once.out 2> once.err && break; sleep 0.2; done
 nft list tables > tables
-timeout 5 {agent} 2> daemon.log &
+timeout 10 {agent} 2> daemon.log &
 daemon=$!
 sleep 3
 nft list set inet bulkhead dns_hold > hold || true

@@ -128,11 +128,11 @@ def test_wait_fails_naming_the_agent_that_lags(clean_server, agents, tmp_path):
     time.sleep(0.3)
     done = run(["ansible", "localhost", "-i", "localhost,", "-c", "local", "-m",
                 "bulkhead.microseg.global_network_set", "-a",
-                "name=late nets=198.18.2.0/24 wait=true wait_timeout=1.5"],
+                "name=late nets=198.18.2.0/24 wait=true wait_timeout=5.0"],
                clean_server.env(), check=False)
     assert done.returncode != 0
     text = " ".join(done.stdout.split())
-    assert "timed out after 1.5s waiting for every agent to apply revision" in text
+    assert "timed out after 5.0s waiting for every agent to apply revision" in text
     assert "not converged: node-2 (at " in text and "node-1" not in text.split("not converged")[1]
     # The write happened; the failure says at which revision.
     assert '"revision": ' in text
