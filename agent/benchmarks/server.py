@@ -10,7 +10,8 @@ Needs `etcd` (Debian's etcd-server) on PATH; starts its own etcd and bulkhead-se
    and the API's in turns, `--rounds` rounds, the ratio per round; and the server's CPU
    per API write, which moves less with the machine's load than a rate; and the ceiling
    a write through the API could reach: the store's write plus an authenticated
-   round trip that writes nothing), and
+   round trip that writes nothing; the same writes and round trips through a lean
+   client, `LeanClient`, in the same rounds: `lean`), and
    `--writers` writers at once (each its own task; through the API each its own
    connection), both sides under the same conditions; and one writer through the
    project's own client (`bulkhead.client`, a connection per request, as the CLI and the
@@ -31,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -147,6 +149,66 @@ async def api_round_trips(session: aiohttp.ClientSession, url: str, count: int) 
     return time.perf_counter() - start
 
 
+class LeanClient:
+    """One keep-alive HTTPS connection driven by hand: a blocking TLS socket, each HTTP/1.1
+    request written in one `sendall` and its answer read by Content-Length. The least a
+    Python client can cost, so a figure taken with it shows the server's cost more than
+    the client library's (aiohttp's client takes about as long per request as the
+    server's whole answer to a GET). Benchmark use only: it reads only what this
+    server sends (no chunked answers, no redirects)."""
+
+    def __init__(self, url: str, ssl_context: ssl.SSLContext) -> None:
+        host, port = url.removeprefix("https://").rsplit(":", 1)
+        raw = socket.create_connection((host, int(port)), timeout=30)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = ssl_context.wrap_socket(raw, server_hostname=host)
+        self.host = host
+
+    def request(self, method: str, path: str, body: bytes = b"") -> int:
+        """The answer's status; its body read and dropped."""
+        self.sock.sendall(
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            data += chunk
+        head, rest = data.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in lines[1:]
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(rest) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            rest += chunk
+        return int(lines[0].split(b" ", 2)[1])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def lean_writes(client: LeanClient, count: int) -> float:
+    """`api_writes` through the lean client."""
+    start = time.perf_counter()
+    for i in range(count):
+        body = json.dumps(netset(f"lean{i}-{time.time_ns()}")).encode()
+        status = client.request("POST", "/v1/resources/GlobalNetworkSet", body)
+        assert status == 201, status
+    return time.perf_counter() - start
+
+
+def lean_round_trips(client: LeanClient, count: int) -> float:
+    """`api_round_trips` through the lean client."""
+    start = time.perf_counter()
+    for _ in range(count):
+        status = client.request("GET", "/v1/resources/GlobalNetworkSet/absent")
+        assert status == 404, status
+    return time.perf_counter() - start
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of process `pid`, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -154,7 +216,8 @@ def cpu_s(pid: int) -> float:
 
 
 async def one_writer(store: Any, session: aiohttp.ClientSession, url: str, pid: int,
-                     count: int, rounds: int, tag: str) -> dict[str, Any]:
+                     count: int, rounds: int, tag: str, lean: LeanClient
+                     ) -> dict[str, Any]:
     """One writer straight to the store and one through the API, in turns: `rounds`
     rounds of `count / rounds` writes each way (which goes first alternates), so a burst
     of other work on the machine falls on both sides alike; the ratio of each round's
@@ -162,34 +225,51 @@ async def one_writer(store: Any, session: aiohttp.ClientSession, url: str, pid: 
     same rounds, as many authenticated requests that write nothing (`api_round_trips`):
     `ceiling` is the ratio an API write would reach if it cost that round trip plus the
     store's own write and nothing else (store time / (store time + round trip time)),
-    the most any work on the write's own path could bring the ratio to."""
+    the most any work on the write's own path could bring the ratio to. The same writes
+    and round trips through `LeanClient`, in the same rounds, give `lean`: the ratio
+    and the ceiling with the least a client can cost."""
     per = max(1, count // rounds)
-    direct_s = api_s = trip_s = server_cpu = 0.0
+    direct_s = api_s = trip_s = lean_s = lean_trip_s = server_cpu = 0.0
     ratios: list[float] = []
     ceilings: list[float] = []
+    lean_ratios: list[float] = []
+    lean_ceilings: list[float] = []
+    sides = ("store", "api", "trip", "lean", "lean_trip")
     for r in range(rounds):
-        d = a = t = 0.0
-        for side in (("store", "api", "trip") if r % 2 == 0 else ("trip", "api", "store")):
+        d = a = t = la = lt = 0.0
+        for side in (sides if r % 2 == 0 else sides[::-1]):
             if side == "store":
                 d = await store_writes(store, per, prefix=f"{tag}{r}-")
             elif side == "trip":
                 t = await api_round_trips(session, url, per)
+            elif side == "lean":
+                la = lean_writes(lean, per)
+            elif side == "lean_trip":
+                lt = lean_round_trips(lean, per)
             else:
                 before = cpu_s(pid)
                 a = await api_writes(session, url, per)
                 server_cpu += cpu_s(pid) - before
         direct_s, api_s, trip_s = direct_s + d, api_s + a, trip_s + t
+        lean_s, lean_trip_s = lean_s + la, lean_trip_s + lt
         ratios.append(d / a)
         ceilings.append(d / (d + t))
-    ratios.sort()
-    ceilings.sort()
-    return {"store_per_s": rounds * per / direct_s, "api_per_s": rounds * per / api_s,
-            "round_trips_per_s": rounds * per / trip_s,
-            "ratio": {"median": ratios[len(ratios) // 2], "min": ratios[0],
-                      "max": ratios[-1], "rounds": rounds, "writes_per_round": per},
-            "ceiling": {"median": ceilings[len(ceilings) // 2], "min": ceilings[0],
-                        "max": ceilings[-1]},
-            "server_cpu_ms_per_write": 1000 * server_cpu / (rounds * per)}
+        lean_ratios.append(d / la)
+        lean_ceilings.append(d / (d + lt))
+    n = rounds * per
+    return {"store_per_s": n / direct_s, "api_per_s": n / api_s,
+            "round_trips_per_s": n / trip_s,
+            "ratio": {**spread(ratios), "rounds": rounds, "writes_per_round": per},
+            "ceiling": spread(ceilings),
+            "server_cpu_ms_per_write": 1000 * server_cpu / n,
+            "lean": {"api_per_s": n / lean_s, "round_trips_per_s": n / lean_trip_s,
+                     "ratio": spread(lean_ratios), "ceiling": spread(lean_ceilings)}}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of per-round figures."""
+    ordered = sorted(values)
+    return {"median": ordered[len(ordered) // 2], "min": ordered[0], "max": ordered[-1]}
 
 
 def client_writes(url: str, tmp: Path, count: int) -> float:
@@ -398,9 +478,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             direct: Any = SQLiteStore(tmp / "direct.db") \
                                 if backend == "sqlite" else \
                                 EtcdStore([etcd.url], prefix="/direct/")
-                            one = await one_writer(direct, admin, server.url,
-                                                   server.proc.pid, args.writes, args.rounds,
-                                                   "w")
+                            lean = LeanClient(server.url, admin_ssl)
+                            try:
+                                one = await one_writer(direct, admin, server.url,
+                                                       server.proc.pid, args.writes,
+                                                       args.rounds, "w", lean)
+                            finally:
+                                lean.close()
                             await direct.close()
                             results["one_writer"][backend] = one
                             results["store_writes_per_s"][backend] = one["store_per_s"]
@@ -464,6 +548,10 @@ def main() -> int:
               f"CPU {one['server_cpu_ms_per_write']:.2f} ms per API write; the project's "
               f"client (a connection per write) "
               f"{results['api_writes_client_per_s'][backend]:.0f}/s")
+        lean = one["lean"]
+        print(f"              {backend}, lean client: API / store {lean['ratio']['median']:.2f} "
+              f"({lean['api_per_s']:.0f}/s; ceiling {lean['ceiling']['median']:.2f}, "
+              f"round trips {lean['round_trips_per_s']:.0f}/s)")
     w, a = results["store_writes_concurrent_per_s"], results["api_writes_concurrent_per_s"]
     print(f"writes/s      store: sqlite {w['sqlite']:.0f}, etcd {w['etcd']:.0f};  "
           f"HTTPS API: sqlite {a['sqlite']:.0f}, etcd {a['etcd']:.0f}  "

@@ -51,6 +51,11 @@ def test_server_benchmark_runs_small() -> None:
         ceiling = one["ceiling"]
         assert 0 < ceiling["min"] <= ceiling["median"] <= ceiling["max"] < 1
         assert one["round_trips_per_s"] > 0
+        # The same through the lean client, in the same rounds.
+        lean = one["lean"]
+        assert 0 < lean["ratio"]["min"] <= lean["ratio"]["median"] <= lean["ratio"]["max"]
+        assert 0 < lean["ceiling"]["min"] <= lean["ceiling"]["max"] < 1
+        assert lean["api_per_s"] > 0 and lean["round_trips_per_s"] > 0
 
 
 def run_json(script: str, *args: str) -> Any:
