@@ -19,4 +19,5 @@ export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$venv/bin:$PATH"
 cd "$work/ansible_collections/bulkhead/microseg"
 [ $# -gt 0 ] || set -- -n 2 --dist loadfile tests/unit tests/integration
-exec "$venv/bin/pytest" -p no:cacheprovider -q -c tests/pytest.ini "$@"
+# not exec: the EXIT trap above removes $work when pytest is done
+"$venv/bin/pytest" -p no:cacheprovider -q -c tests/pytest.ini "$@"
