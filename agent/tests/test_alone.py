@@ -10,9 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ALONE
+from tests.conftest import ALONE, TESTS
 
-TESTS = Path(__file__).resolve().parent
 # What such a module uses: the lab fixtures, Testbed and Lab, `ip netns`, `unshare`, the
 # nftables applier, the namespace pair of tests/observe, a root check before it touches
 # the kernel.
