@@ -91,6 +91,52 @@ async def test_admin_crud_and_errors(server: Server) -> None:
             assert r.status == 404
 
 
+async def test_create_and_update_answer_alike_with_and_without_the_pre_read(
+        server: Server) -> None:
+    """An admin without tier limits writes without reading the resource first (the
+    transaction refuses a create of what exists and an update of what is absent); a tier
+    admin's write and a dry run read it first. The answers are the same either way, a
+    refused write changes nothing, and a write's answer is the stored document, byte for
+    byte what a GET of it returns."""
+    tier = {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
+            "metadata": {"name": "t1"}, "spec": {"order": 100}}
+    async with server.client("alice", "admin") as admin, \
+            server.client("ops", "admin", ("t1",)) as ops:
+        async with admin.post("/v1/resources/Tier", json=tier) as r:
+            assert r.status == 201
+        async with admin.post("/v1/resources/GlobalNetworkPolicy", json=gnp("t1.a", "t1")) as r:
+            assert r.status == 201
+            created = await r.read()
+        async with admin.get("/v1/resources/GlobalNetworkPolicy/t1.a") as r:
+            assert await r.read() == created
+        answers = []
+        for client, params in ((admin, {}), (ops, {}), (admin, {"dryRun": "true"})):
+            async with client.post("/v1/resources/GlobalNetworkPolicy", params=params,
+                                   json=gnp("t1.a", "t1", order=7)) as r:
+                answers.append((r.status, (await r.json())["error"]))
+            async with client.put("/v1/resources/GlobalNetworkPolicy/t1.b", params=params,
+                                  json=gnp("t1.b", "t1")) as r:
+                answers.append((r.status, (await r.json())["error"]))
+        assert answers == 3 * [
+            (409, {"code": 409, "reason": "AlreadyExists",
+                   "message": "GlobalNetworkPolicy t1.a already exists"}),
+            (404, {"code": 404, "reason": "NotFound",
+                   "message": "GlobalNetworkPolicy t1.b not found"})], answers
+        async with admin.get("/v1/resources/GlobalNetworkPolicy/t1.a") as r:
+            assert await r.read() == created                 # the refused create: nothing
+        async with admin.get("/v1/resources/GlobalNetworkPolicy/t1.b") as r:
+            assert r.status == 404                           # the refused update: nothing
+        update = json.loads(created)
+        update["spec"]["order"] = 9
+        async with ops.put("/v1/resources/GlobalNetworkPolicy/t1.a", json=update) as r:
+            assert r.status == 200
+            updated = await r.read()
+        async with admin.get("/v1/resources/GlobalNetworkPolicy/t1.a") as r:
+            assert await r.read() == updated and json.loads(updated)["spec"]["order"] == 9
+        async with admin.delete("/v1/resources/GlobalNetworkPolicy/t1.a") as r:
+            assert await r.read() == updated
+
+
 async def test_apply_all_or_nothing_and_dry_run(server: Server) -> None:
     async with server.client("alice", "admin") as c:
         async with c.post("/v1/apply", params={"dryRun": "true"}, data=POLICY) as r:

@@ -69,11 +69,13 @@ def strict_yaml(text: str) -> Any:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):   # a key came twice: name the first that did
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return out
 
 
@@ -81,11 +83,17 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+# One decoder for every call (`json.loads` with hooks builds a new one each time).
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys,
+                                parse_constant=_no_constant)
+
+
 def json_value(text: str | bytes, source: str = "<input>") -> Any:
     """Decode strict JSON: no duplicate keys, no NaN or Infinity; LoadError otherwise."""
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys,
-                          parse_constant=_no_constant)
+        if isinstance(text, bytes):   # as json.loads takes bytes: UTF-8, -16 or -32
+            text = text.decode(json.detect_encoding(text), "surrogatepass")
+        return _STRICT_JSON.decode(text)
     except RecursionError:
         raise LoadError(f"{source}: not valid JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError

@@ -264,6 +264,15 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda d: json.dumps(d))
 
 
+def _stored_json(stored: Stored, status: int = 200) -> web.Response:
+    """A stored resource as the answer, in the JSON text the store wrote (when it kept
+    it): the same bytes `_json` would make, without encoding the document again."""
+    if stored.text is None:
+        return _json(stored.doc, status)
+    return web.Response(body=stored.text.encode(), status=status,
+                        content_type="application/json")
+
+
 def _tier_of(resource: Resource) -> str | None:
     if isinstance(resource, GlobalNetworkPolicy):
         return resource.spec.tier
@@ -453,27 +462,40 @@ async def write_resource(request: web.Request) -> web.Response:
     if request.method == "PUT" and resource.name != request.match_info["name"]:
         raise ApiError(400, "BadRequest", f"the body names {resource.name}, the URL "
                        f"{request.match_info['name']}")
-    old = await _current(store, kind, resource.name)
+    dry_run = _dry_run(request)
+    creating = request.method == "POST"
+    # The resource as stored now: a tier admin's rights and a dry run's diff depend on
+    # it. An admin without tier limits needs nothing of it: the transaction itself
+    # refuses a create of what exists and an update of what does not, with the same
+    # answers, so a write spares the read.
+    old = await _current(store, kind, resource.name) if identity.tiers or dry_run else None
     _authorize_write(identity, resource, old)
     await _check_refs(store, [resource])
-    if request.method == "POST" and old is not None:
-        raise ApiError(409, "AlreadyExists", f"{kind} {resource.name} already exists")
-    if request.method == "PUT" and old is None:
-        raise ApiError(404, "NotFound", f"{kind} {resource.name} not found")
+    if identity.tiers or dry_run:
+        if creating and old is not None:
+            raise _already_exists(kind, resource.name)
+        if not creating and old is None:
+            raise ApiError(404, "NotFound", f"{kind} {resource.name} not found")
     version = doc.get("metadata", {}).get("resourceVersion")
-    expect = "absent" if request.method == "POST" else (str(version) if version else "present")
-    if _dry_run(request):
+    expect = "absent" if creating else (str(version) if version else "present")
+    if dry_run:
         return _json(_diff_entry(resource, old), 200)
     try:
         tx = await store.transaction([Op("put", kind, resource.name, resource.dump(), expect,
                                          requires=_requires(resource))], _audit(identity))
     except Conflict as e:
+        if creating:
+            raise _already_exists(kind, resource.name) from None
         raise ApiError(409, "Conflict", str(e)) from None
     except NotFound as e:
         raise ApiError(404, "NotFound", str(e)) from None
     except MissingReference as e:
         raise _no_tier(e.kind, e.name, e.ref_name) from None
-    return _json(tx.stored[0].doc, 201 if request.method == "POST" else 200)
+    return _stored_json(tx.stored[0], 201 if creating else 200)
+
+
+def _already_exists(kind: str, name: str) -> ApiError:
+    return ApiError(409, "AlreadyExists", f"{kind} {name} already exists")
 
 
 async def delete_resource(request: web.Request) -> web.Response:
@@ -500,7 +522,7 @@ async def delete_resource(request: web.Request) -> web.Response:
     except StillReferenced as e:
         raise ApiError(409, "Conflict", f"Tier {name} still holds policies: "
                        f"{', '.join(n for _, n in e.referrers[:10])}") from None
-    return _json(tx.stored[0].doc)
+    return _stored_json(tx.stored[0])
 
 
 # Dependents go first in a multi-document delete: policies, then what they may name, then

@@ -39,10 +39,13 @@ class WireEvent:
 
 
 def _wire(event: Event) -> WireEvent:
-    body = {"type": event.type, "kind": event.kind, "name": event.name,
-            "revision": event.revision, "object": event.doc}
-    return WireEvent(event.revision, event.kind, event.name,
-                     json.dumps(body, separators=(",", ":")).encode())
+    head = {"type": event.type, "kind": event.kind, "name": event.name,
+            "revision": event.revision}
+    if event.text is None or "\n" in event.text or "\r" in event.text:
+        text = json.dumps({**head, "object": event.doc}, separators=(",", ":"))
+    else:   # the document as the store wrote it (one line), not encoded again
+        text = json.dumps(head, separators=(",", ":"))[:-1] + ',"object":' + event.text + "}"
+    return WireEvent(event.revision, event.kind, event.name, text.encode())
 
 
 class Hub:

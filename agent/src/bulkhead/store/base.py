@@ -93,6 +93,9 @@ class Stored:
     name: str
     revision: int           # the revision that last wrote it (its resourceVersion)
     doc: Document
+    # `doc` as the store wrote it (`json.dumps` with its defaults), when the store has it
+    # at hand: an answer can send it as it is. Not part of the value.
+    text: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def labels(self) -> Mapping[str, str]:
@@ -107,6 +110,7 @@ class Event:
     name: str
     revision: int
     doc: Document           # the new document, or the last one for DELETED
+    text: str | None = field(default=None, compare=False, repr=False)   # as in Stored
 
 
 @dataclass(frozen=True)

@@ -249,10 +249,11 @@ class SQLiteStore:
             db.execute("INSERT INTO events (revision, seq, type, kind, name, doc, prev) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (revision, seq, kind_of_event, op.kind, op.name, text, prev))
-            result.stored.append(Stored(op.kind, op.name, revision, doc))
+            result.stored.append(Stored(op.kind, op.name, revision, doc, text))
             result.changes.append(change_of(kind_of_event, op))
             # The watchers' copy, apart from the caller's.
-            events.append(Event(kind_of_event, op.kind, op.name, revision, json.loads(text)))
+            events.append(Event(kind_of_event, op.kind, op.name, revision, json.loads(text),
+                                text))
         self._check_references(ops)
         if audit is not None:
             db.execute("INSERT INTO audit VALUES (?, ?)", (revision, json.dumps(
@@ -527,7 +528,7 @@ class SQLiteStore:
                               (after, until)).fetchall()
         finally:
             db.execute("COMMIT")
-        return [Event(t, k, n, r, json.loads(d)) for r, t, k, n, d in rows]
+        return [Event(t, k, n, r, json.loads(d), d) for r, t, k, n, d in rows]
 
     async def history(self, after: int, until: int) -> list[Event]:
         if until <= after:
