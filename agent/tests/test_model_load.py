@@ -20,6 +20,7 @@ from bulkhead.model import (
     load_paths,
     load_text,
 )
+from bulkhead.model.load import json_value
 from tests.modelfixture import EVERY_KIND, V3, gnp
 
 
@@ -70,3 +71,28 @@ def test_load_paths_reads_folders(tmp_path: Path) -> None:
     assert [r.name for r in load_paths([tmp_path])] == ["a", "b"]
     with pytest.raises(LoadError, match="no such file"):
         load_paths([tmp_path / "missing.yaml"])
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"a": 1, "a": 2}', "duplicate key 'a'"),
+    ('{"a": {"b": [{"c": 1, "d": 2, "c": 3}]}}', "duplicate key 'c'"),
+    ('{"a": NaN}', "NaN is not a JSON number"),
+    ('[-Infinity]', "-Infinity is not a JSON number"),
+    ('{"a": 1} x', "Extra data"),
+])
+def test_strict_json_refuses_what_json_loads_takes_or_refuses(text: str, problem: str) -> None:
+    """One decoder serves every call: it refuses duplicate keys at any depth, NaN and
+    Infinity, with the same words for str and for bytes."""
+    for given in (text, text.encode()):
+        with pytest.raises(LoadError, match=f"^body: not valid JSON: {problem}"):
+            json_value(given, "body")
+
+
+def test_strict_json_reads_what_json_loads_reads() -> None:
+    """A byte order mark is refused in a text and read in bytes, as json.loads does."""
+    with pytest.raises(LoadError, match=r"^body: not valid JSON: Unexpected UTF-8 BOM"):
+        json_value('\ufeff{"a": 1}', "body")
+    assert json_value('\ufeff{"a": 1}'.encode(), "body") == {"a": 1}
+    assert json_value('{"a": {"b": [1, {"a": 2}]}, "b": "\\u00e9"}', "body") == {
+        "a": {"b": [1, {"a": 2}]}, "b": "é"}
+    assert json_value('{"a": 1}'.encode("utf-16"), "body") == {"a": 1}

@@ -107,8 +107,10 @@ async def test_create_and_update_answer_alike_with_and_without_the_pre_read(
         async with admin.post("/v1/resources/GlobalNetworkPolicy", json=gnp("t1.a", "t1")) as r:
             assert r.status == 201
             created = await r.read()
+            assert r.headers["Content-Type"] == "application/json; charset=utf-8"
         async with admin.get("/v1/resources/GlobalNetworkPolicy/t1.a") as r:
             assert await r.read() == created
+            assert r.headers["Content-Type"] == "application/json; charset=utf-8"
         answers = []
         for client, params in ((admin, {}), (ops, {}), (admin, {"dryRun": "true"})):
             async with client.post("/v1/resources/GlobalNetworkPolicy", params=params,

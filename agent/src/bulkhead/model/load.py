@@ -93,6 +93,8 @@ def json_value(text: str | bytes, source: str = "<input>") -> Any:
     try:
         if isinstance(text, bytes):   # as json.loads takes bytes: UTF-8, -16 or -32
             text = text.decode(json.detect_encoding(text), "surrogatepass")
+        elif text.startswith("\ufeff"):   # as json.loads refuses it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
         return _STRICT_JSON.decode(text)
     except RecursionError:
         raise LoadError(f"{source}: not valid JSON: nested too deeply") from None

@@ -270,7 +270,7 @@ def _stored_json(stored: Stored, status: int = 200) -> web.Response:
     if stored.text is None:
         return _json(stored.doc, status)
     return web.Response(body=stored.text.encode(), status=status,
-                        content_type="application/json")
+                        content_type="application/json", charset="utf-8")
 
 
 def _tier_of(resource: Resource) -> str | None:
