@@ -335,6 +335,66 @@ PKI_PLAY = """\
 """
 
 
+# ------------------------------------------------------ the wheelhouse copy, for real
+WHEELHOUSE = """\
+- name: Bring a wheelhouse over
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: The common role's wheelhouse tasks
+      ansible.builtin.include_role:
+        name: bulkhead.microseg.common
+        tasks_from: wheelhouse
+      vars:
+        bulkhead_common_wheelhouse: {src}
+"""
+COPY_TASK = re.compile(r"TASK \[bulkhead\.microseg\.common : Copy the wheelhouse[^\]]*\] \**\n(\w+)")
+OWN_WHEEL_TASK = re.compile(r"TASK \[bulkhead\.microseg\.common : Copy the bulkhead wheel[^\]]*\] "
+                            r"\**\n(\w+)")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the wheels belong to root")
+def test_the_wheelhouse_is_copied_only_when_the_target_lacks_a_wheel(tmp_path):
+    """The target keeps the dependencies' wheels by name (a name carries the version, a
+    version's wheel is one file): a run whose wheels are all there copies no directory;
+    a wheel missing there, or new on the controller, brings the copy back. The bulkhead
+    wheel, rebuilt under the same name until its version changes, is compared by content
+    on every run."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    own = "bulkhead_microseg-0.1.0-py3-none-any.whl"
+    for name in (own, "a-1.0-py3-none-any.whl", "b-2.0-py3-none-any.whl"):
+        (src / name).write_text(name)
+    (tmp_path / "play.yml").write_text(WHEELHOUSE.format(src=src))
+
+    def play(*args):
+        out = run(["ansible-playbook", str(tmp_path / "play.yml"),
+                   "-e", "_bulkhead_common_wheelhouse_dest=%s" % dest, *args], env()).stdout
+        copy, own_copy = COPY_TASK.search(out), OWN_WHEEL_TASK.search(out)
+        assert copy and own_copy, out
+        return copy.group(1), own_copy.group(1), int(re.search(r"changed=(\d+)", out).group(1))
+
+    def there():
+        return {p.name: p.read_text() for p in dest.iterdir()}
+
+    assert play("--check") == ("changed", "changed", 3)   # nothing there yet: all would come
+    assert not dest.exists()
+    assert play() == ("changed", "ok", 2)                 # the directory and the copy
+    assert there() == {p.name: p.read_text() for p in src.iterdir()}
+    assert play() == ("skipping", "ok", 0)
+    (dest / "b-2.0-py3-none-any.whl").unlink()
+    (src / "c-3.0-py3-none-any.whl").write_text("c")
+    assert play("--check") == ("changed", "ok", 1)
+    assert play() == ("changed", "ok", 1)
+    assert there() == {p.name: p.read_text() for p in src.iterdir()}
+    assert play() == ("skipping", "ok", 0)
+    (src / own).write_text("rebuilt")                     # the same version built again
+    assert play() == ("skipping", "changed", 1)
+    assert there()[own] == "rebuilt"
+    assert play() == ("skipping", "ok", 0)
+
+
 def pki_run(tmp, *args):
     out = run(["ansible-playbook", "-i", str(tmp / "hosts.yml"), str(tmp / "pki.yml"), *args],
               env())
