@@ -349,6 +349,32 @@ async def test_references_are_checked_as_the_transaction_commits(store: Datastor
         await store.transaction([Op("delete", "Tier", "other"), in_tier("r", "other")])
 
 
+async def test_a_write_is_refused_for_its_own_key_before_its_references(
+        store: Datastore) -> None:
+    """A write that is wrong about its own key (a create of what exists, an update or a
+    delete of what is absent) gets that answer even when what it refers to is missing
+    or still referenced too: both stores check expectations first, so the API answers
+    alike on either (409 or 404, not 422)."""
+    await store.transaction([tier_op("u"), in_tier("p", "u")])
+    before = await store.revision()
+    exists = in_tier("p", "gone")
+    with pytest.raises(Conflict, match="already exists"):
+        await store.transaction([Op("put", exists.kind, "p", exists.doc, "absent",
+                                    requires=exists.requires)])
+    with pytest.raises(NotFound):
+        await store.transaction([Op("put", exists.kind, "absent-one", exists.doc, "present",
+                                    requires=exists.requires)])
+    with pytest.raises(NotFound):
+        await store.transaction([Op("delete", "Tier", "never", expect="present",
+                                    unreferenced=TIER_USERS)])
+    with pytest.raises(MissingReference):
+        await store.transaction([Op("put", exists.kind, "new", exists.doc, "absent",
+                                    requires=exists.requires)])
+    with pytest.raises(StillReferenced):
+        await store.transaction([Op("delete", "Tier", "u", unreferenced=TIER_USERS)])
+    assert await store.revision() == before
+
+
 async def test_tier_delete_and_policy_create_race_from_two_servers(store: Datastore) -> None:
     other = second_store(store)
     wins = {"delete": 0, "create": 0}

@@ -238,6 +238,11 @@ class EtcdStore:
         for _ in range(RETRIES):
             current = await self._read([*keys, *required_keys])
             compares, requests, planned = [], [], []
+            # What each write expects of its own key first, then what it refers to, as
+            # SQLite checks them: a refused write gets the same answer on either store.
+            for op, key in zip(ops, keys, strict=True):
+                kv = current.get(key)
+                check_expectation(op, int(kv["mod_revision"]) if kv else None)
             for op in ops:
                 if op.action == "put":
                     for kind, name in op.requires:
@@ -263,7 +268,6 @@ class EtcdStore:
             changes = []
             for op, key in zip(ops, keys, strict=True):
                 kv = current.get(key)
-                check_expectation(op, int(kv["mod_revision"]) if kv else None)
                 changes.append(change_of("DELETED" if op.action == "delete" else
                                          "MODIFIED" if kv else "ADDED", op))
                 if kv:
