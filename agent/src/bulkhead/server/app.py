@@ -468,10 +468,11 @@ async def write_resource(request: web.Request) -> web.Response:
     # it. An admin without tier limits needs nothing of it: the transaction itself
     # refuses a create of what exists and an update of what does not, with the same
     # answers, so a write spares the read.
-    old = await _current(store, kind, resource.name) if identity.tiers or dry_run else None
+    pre_read = bool(identity.tiers) or dry_run
+    old = await _current(store, kind, resource.name) if pre_read else None
     _authorize_write(identity, resource, old)
     await _check_refs(store, [resource])
-    if identity.tiers or dry_run:
+    if pre_read:
         if creating and old is not None:
             raise _already_exists(kind, resource.name)
         if not creating and old is None:
