@@ -731,3 +731,45 @@ def test_a_deny_holds_while_the_renderers_table_is_replaced(
     assert applies >= 5
     assert dropped == 0
     assert accepted == sent
+
+
+def _base_chains(ns: str) -> dict[str, tuple[int, int]]:
+    """The base chains of `inet bulkhead` in `ns`: name -> (handle, priority)."""
+    listing = json.loads(nft(ns, "-j", "-a", "list", "table", "inet", "bulkhead"))
+    return {c["name"]: (c["handle"], c["prio"]) for item in listing["nftables"]
+            if isinstance(c := item.get("chain"), dict) and "hook" in c}
+
+
+@root
+@pytest.mark.parametrize("netlink", [True, False])
+def test_a_full_apply_keeps_the_base_chains_whose_hook_is_the_same(
+        netns: str, netlink: bool) -> None:
+    """A full apply flushes the base chains and fills them again, the same kernel
+    objects (their handles stay): a base chain made again would be on the hook, without
+    rules, ahead of the old one from the moment the batch is prepared, while the old
+    one's rules are gone from the generation flip until the commit takes it off
+    (`replace.py`). One whose priority changes is made again, with the new priority;
+    the others stay."""
+    applier = NftApplier(netns=netns, netlink=netlink)
+    via = "netlink" if netlink else "nft"
+    assert applier.apply(_dispatched(False)).full
+    first = _base_chains(netns)
+    assert len(first) >= 2
+    result = applier.apply(_dispatched(True))
+    assert result.full and result.via == via, result.fallback
+    assert _base_chains(netns) == first
+    assert "5009" in nft(netns, "list", "table", "inet", "bulkhead")   # the new rules
+    moved = _dispatched(False)
+    name = next(n for n, c in moved.chains.items()
+                if c.hook and "priority filter;" in c.hook)
+    chain = moved.chains[name]
+    assert chain.hook is not None
+    moved.chains[name] = Chain(name, chain.rules,
+                               chain.hook.replace("priority filter;", "priority filter + 5;"))
+    result = applier.apply(moved)
+    assert result.full and result.via == via, result.fallback
+    after = _base_chains(netns)
+    assert after[name][0] != first[name][0] and after[name][1] == 5
+    assert {n: v for n, v in after.items() if n != name} == \
+        {n: v for n, v in first.items() if n != name}
+    assert not applier.cleanup_error

@@ -16,16 +16,27 @@ the generation flip. So a full apply is three transactions:
    chains their elements jump to, empty (`early_chains`): no rule uses them yet. They
    have names of their own, the rendered names with a generation suffix (`_g0`, `_g1`,
    ...: `tagged`).
-2. Switch: every chain the kernel holds is flushed (base chains in the new table are
-   deleted and made again, as `delete table` did), and the new table's counters (those
-   it lacks), chains and rules created. The old sets and maps, and the chains their
-   elements jump to, stay in the kernel untouched: a packet still in the old rules
+2. Switch: every chain the kernel holds is flushed, and the new table's counters (those
+   it lacks), chains and rules created. A base chain the new table has with the same
+   type, hook and priority is kept (flushed and given its new rules and policy, one
+   kernel object); only one whose hook changes is deleted and made again
+   (`hook_key`). The old sets and maps, and the chains their elements jump to, stay
+   in the kernel untouched: a packet still in the old rules
    finds the old sets whole, and the old chains it jumps to keep the old generation's
    rules (a chain's rules, unlike set elements, are read in the packet's own
    generation).
 3. After an RCU grace period (every packet that began before the switch has left the
    hooks; `grace_period`): the old sets and maps, the chains only the old table had and
    its counters that the new one lacks are deleted.
+
+A base chain is kept rather than made again because the kernel registers a new base
+chain's hook when the batch is prepared, ahead of the old chain's at the same priority,
+with no rules until the commit, and takes the old one off the hook only during the
+commit, after the generation flip. A packet could pass the new chain before the flip
+(no rules: its policy, accept) and the old one after it (its rules flushed in the new
+generation: accept), and so meet no rule at all; that fits the one denied datagram of
+50,000 a CI run once counted through a full apply. A kept chain has one list of rules
+per generation, so a packet meets either the old rules or the new ones.
 
 Sets with timeouts keep their names (the DNS writer fills the domain sets and
 `dns_hold` by name): they are deleted and made again in the switch, with their live
@@ -80,6 +91,35 @@ class KernelTable:
     chains: dict[str, bool] = field(default_factory=dict)     # name -> is a base chain
     sets: dict[str, bool] = field(default_factory=dict)       # name -> is a map
     counters: set[str] = field(default_factory=set)
+    # A base chain's (type, hook, priority), for those the reader could tell.
+    hooks: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+
+
+# inet hooks by number (NF_INET_*), and nft's named priorities for the inet family.
+HOOKS = ("prerouting", "input", "forward", "output", "postrouting", "ingress")
+PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50,
+              "srcnat": 100}
+HOOK_TEXT = re.compile(r"^type\s+(\w+)\s+hook\s+(\w+)\s+priority\s+"
+                       r"(-?\w+)(?:\s*([+-])\s*(\d+))?\s*;(?:\s*policy\s+\w+\s*;)?$")
+
+
+def hook_key(hook: str) -> tuple[str, str, int] | None:
+    """(type, hook, priority) of a rendered base chain's hook line ("type filter hook
+    input priority filter; policy accept;"); None for what this does not read (a
+    device, an unknown name), which the switch then makes again."""
+    m = HOOK_TEXT.match(hook.strip())
+    if m is None or m[2] not in HOOKS:
+        return None
+    base = m[3]
+    if base in PRIORITIES:
+        priority = PRIORITIES[base]
+    elif re.fullmatch(r"-?\d+", base):
+        priority = int(base)
+    else:
+        return None
+    if m[4]:
+        priority += int(m[5]) if m[4] == "+" else -int(m[5])
+    return m[1], m[2], priority
 
 
 def _attrs(payload: bytes) -> dict[int, bytes]:
@@ -106,7 +146,10 @@ def read_netlink(nl: NftNetlink, table: str) -> KernelTable:
     for payload in nl.dump(NFT_MSG_GETCHAIN):
         a = _attrs(payload)
         if _text(a.get(1)) == table:
-            out.chains[_text(a.get(3))] = 4 in a          # NFTA_CHAIN_HOOK
+            name = _text(a.get(3))
+            out.chains[name] = 4 in a                     # NFTA_CHAIN_HOOK
+            if 4 in a and (key := _hook_attrs(_attrs(bytes(4) + a[4]), a.get(7))):
+                out.hooks[name] = key
     for payload in nl.dump(NFT_MSG_GETSET):
         a = _attrs(payload)
         if _text(a.get(1)) != table:
@@ -121,6 +164,19 @@ def read_netlink(nl: NftNetlink, table: str) -> KernelTable:
     return out
 
 
+def _hook_attrs(hook: dict[int, bytes], kind: bytes | None
+                ) -> tuple[str, str, int] | None:
+    """(type, hook, priority) from a dumped NFTA_CHAIN_HOOK's attributes (HOOKNUM 1,
+    PRIORITY 2, DEV 3) and NFTA_CHAIN_TYPE; None with a device or what is not read."""
+    num, prio = hook.get(1, b""), hook.get(2, b"")
+    if 3 in hook or len(num) != 4 or len(prio) != 4 or kind is None:
+        return None
+    number = struct.unpack(">I", num)[0]
+    if number >= len(HOOKS):
+        return None
+    return _text(kind), HOOKS[number], struct.unpack(">i", prio)[0]
+
+
 def read_json(listing: str) -> KernelTable:
     """The same from `nft -j -t list table inet <table>` output."""
     out = KernelTable()
@@ -128,7 +184,11 @@ def read_json(listing: str) -> KernelTable:
         if not isinstance(item, dict):
             continue
         if isinstance(c := item.get("chain"), dict):
-            out.chains[str(c.get("name"))] = "hook" in c
+            name = str(c.get("name"))
+            out.chains[name] = "hook" in c
+            if "hook" in c and "dev" not in c and "device" not in c and \
+                    isinstance(c.get("prio"), int) and c.get("hook") in HOOKS:
+                out.hooks[name] = (str(c.get("type")), str(c["hook"]), c["prio"])
         elif isinstance(s := item.get("set"), dict):
             out.sets[str(s.get("name"))] = "map" in s
         elif isinstance(m := item.get("map"), dict):
@@ -188,8 +248,8 @@ def _table_attr(table: str) -> bytes:
 def switch_messages(table: str, kernel: KernelTable, new: Ruleset
                     ) -> list[tuple[int, int, bytes]]:
     """The first messages of the switch (before the new table's objects): the table
-    made if absent, every chain flushed, the base chains the new table has again
-    deleted, the sets whose names the new table uses (those with timeouts) deleted.
+    made if absent, every chain flushed, the base chains the new table has with another
+    hook deleted, the sets whose names the new table uses (those with timeouts) deleted.
     Other sets, maps and chains stay for the cleanup."""
     t = _table_attr(table)
     parts: list[tuple[int, int, bytes]] = [(NFT_MSG_NEWTABLE, NLM_F_CREATE, t)]
@@ -205,10 +265,18 @@ def switch_messages(table: str, kernel: KernelTable, new: Ruleset
 
 
 def _recreated(chain: str, kernel: KernelTable, new: Ruleset) -> bool:
-    """A chain of the kernel's table deleted in the switch and made again: a base chain
-    in either (its hook is made as the new table says), whose name the new table has."""
+    """A chain of the kernel's table deleted in the switch and made again: one whose
+    name the new table has, a base chain in either, unless both are base chains with
+    the same type, hook and priority (then it is kept: the module's docstring says
+    why). The kept chain's rules are flushed; the switch's NEWCHAIN for it updates it
+    (the kernel takes that when the hook is the same) and sets its policy."""
     ours = new.chains.get(chain)
-    return ours is not None and (kernel.chains[chain] or ours.hook is not None)
+    if ours is None or not (kernel.chains[chain] or ours.hook is not None):
+        return False
+    if kernel.chains[chain] and ours.hook is not None:
+        key = hook_key(ours.hook)
+        return key is None or kernel.hooks.get(chain) != key
+    return True
 
 
 def switch_script(kernel: KernelTable, new: Ruleset) -> str:

@@ -1,0 +1,105 @@
+"""The switch of a full apply (`replace.py`): which base chains it keeps and which it
+makes again, read from the rendered hook line and from the kernel's own listing."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from bulkhead.dataplane.nftables import Chain, Ruleset
+from bulkhead.dataplane.nftables.replace import (
+    NFT_MSG_DELCHAIN,
+    KernelTable,
+    _hook_attrs,
+    hook_key,
+    read_json,
+    switch_messages,
+    switch_script,
+)
+from bulkhead.netlink import string as _string
+
+HOOK = "type filter hook input priority filter; policy accept;"
+
+
+@pytest.mark.parametrize(("line", "key"), [
+    (HOOK, ("filter", "input", 0)),
+    ("type filter hook prerouting priority raw; policy accept;",
+     ("filter", "prerouting", -300)),
+    ("type filter hook output priority filter + 5; policy drop;", ("filter", "output", 5)),
+    ("type filter hook forward priority -150;", ("filter", "forward", -150)),
+    ("type nat hook postrouting priority srcnat - 10; policy accept;",
+     ("nat", "postrouting", 90)),
+    ("type filter hook ingress device eth0 priority 0;", None),     # a device: not read
+    ("type filter hook input priority nosuch;", None),
+    ("type filter hook sideways priority 0;", None),
+])
+def test_a_hook_line_is_read_as_type_hook_and_priority(line: str,
+                                                        key: tuple[str, str, int] | None
+                                                        ) -> None:
+    assert hook_key(line) == key
+
+
+def test_a_dumped_hook_is_read_as_type_hook_and_priority() -> None:
+    hook = {1: struct.pack(">I", 1), 2: struct.pack(">i", -300)}
+    assert _hook_attrs(hook, b"filter\0") == ("filter", "input", -300)
+    assert _hook_attrs({**hook, 3: b"eth0\0"}, b"filter\0") is None    # a device
+    assert _hook_attrs({**hook, 1: struct.pack(">I", 9)}, b"filter\0") is None
+    assert _hook_attrs(hook, None) is None
+
+
+def test_the_listing_gives_each_base_chains_hook() -> None:
+    listing = json.dumps({"nftables": [
+        {"metainfo": {}},
+        {"chain": {"family": "inet", "table": "t", "name": "in", "handle": 1,
+                   "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}},
+        {"chain": {"family": "inet", "table": "t", "name": "dev", "handle": 2,
+                   "type": "filter", "hook": "ingress", "prio": 0, "dev": "eth0",
+                   "policy": "accept"}},
+        {"chain": {"family": "inet", "table": "t", "name": "plain", "handle": 3}}]})
+    kernel = read_json(listing)
+    assert kernel.chains == {"in": True, "dev": True, "plain": False}
+    assert kernel.hooks == {"in": ("filter", "input", 0)}
+
+
+def _deleted(parts: list[tuple[int, int, bytes]]) -> set[str]:
+    """The chains the switch's messages delete."""
+    out = set()
+    for kind, _, body in parts:
+        if kind == NFT_MSG_DELCHAIN:
+            out.add(body[len(_string(1, "t")):][4:].rstrip(b"\0").decode())
+    return out
+
+
+def test_the_switch_keeps_a_base_chain_whose_hook_is_the_same() -> None:
+    """Kept: the same type, hook and priority (its policy may change: the switch's
+    NEWCHAIN sets it). Made again: another priority, a hook the kernel's listing did
+    not say, a base chain that becomes a regular one or the other way round."""
+    kernel = KernelTable(chains={"in": True, "out": True, "odd": True, "was": True,
+                                 "now": False, "gone": True},
+                         hooks={"in": ("filter", "input", 0), "out": ("filter", "output", 0),
+                                "was": ("filter", "forward", 0),
+                                "gone": ("filter", "input", 10)})
+    new = Ruleset("t", chains={
+        "in": Chain("in", ("accept",), "type filter hook input priority filter; "
+                                       "policy drop;"),
+        "out": Chain("out", (), "type filter hook output priority filter + 1; "
+                                "policy accept;"),
+        "odd": Chain("odd", (), HOOK),
+        "was": Chain("was", ()),
+        "now": Chain("now", (), "type filter hook forward priority filter;")})
+    deleted = _deleted(switch_messages("t", kernel, new))
+    assert deleted == {"out", "odd", "was", "now"}
+    script = switch_script(kernel, new)
+    assert {line.split()[-1] for line in script.splitlines()
+            if line.startswith("delete chain")} == deleted
+    # Every chain of the kernel's table is flushed all the same, the kept one too.
+    assert {line.split()[-1] for line in script.splitlines()
+            if line.startswith("flush chain")} == set(kernel.chains)
+
+
+def test_a_kernel_hook_not_read_makes_the_chain_again() -> None:
+    kernel = KernelTable(chains={"in": True})     # no hook: a reader that could not tell
+    new = Ruleset("t", chains={"in": Chain("in", (), HOOK)})
+    assert _deleted(switch_messages("t", kernel, new)) == {"in"}
