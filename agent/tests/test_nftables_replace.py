@@ -9,15 +9,19 @@ import struct
 import pytest
 
 from bulkhead.dataplane.nftables import Chain, Ruleset
+from bulkhead.dataplane.nftables.netlink import NFT_MSG_GETCHAIN
 from bulkhead.dataplane.nftables.replace import (
     NFT_MSG_DELCHAIN,
     KernelTable,
     _hook_attrs,
     hook_key,
     read_json,
+    read_netlink,
     switch_messages,
     switch_script,
 )
+from bulkhead.netlink import NLA_F_NESTED
+from bulkhead.netlink import attr as _attr
 from bulkhead.netlink import string as _string
 
 HOOK = "type filter hook input priority filter; policy accept;"
@@ -45,8 +49,40 @@ def test_a_dumped_hook_is_read_as_type_hook_and_priority() -> None:
     hook = {1: struct.pack(">I", 1), 2: struct.pack(">i", -300)}
     assert _hook_attrs(hook, b"filter\0") == ("filter", "input", -300)
     assert _hook_attrs({**hook, 3: b"eth0\0"}, b"filter\0") is None    # a device
+    assert _hook_attrs({**hook, 4: b""}, b"filter\0") is None           # devices
     assert _hook_attrs({**hook, 1: struct.pack(">I", 9)}, b"filter\0") is None
     assert _hook_attrs(hook, None) is None
+
+
+class _Dumps:
+    """What `read_netlink` asks of a socket: dumps by message type."""
+
+    def __init__(self, dumps: dict[int, list[bytes]]) -> None:
+        self.dumps = dumps
+
+    def dump(self, kind: int) -> list[bytes]:
+        return self.dumps.get(kind, [])
+
+
+def _chain(table: str, name: str, hook: bytes | None = None) -> bytes:
+    """A GETCHAIN dump's payload: nfgenmsg, table, name, and a base chain's nested
+    NFTA_CHAIN_HOOK with NFTA_CHAIN_TYPE."""
+    out = bytes(4) + _string(1, table) + _string(3, name)
+    if hook is not None:
+        out += _attr(4 | NLA_F_NESTED, hook) + _string(7, "filter")
+    return out
+
+
+def test_the_netlink_dump_gives_each_base_chains_hook() -> None:
+    """Read from the nested hook attribute: the hook by number, the priority signed;
+    chains of other tables and regular chains without a hook."""
+    raw = _attr(1, struct.pack(">I", 0)) + _attr(2, struct.pack(">i", -300))
+    kernel = read_netlink(_Dumps({NFT_MSG_GETCHAIN: [
+        _chain("t", "pre", raw), _chain("t", "plain"),
+        _chain("other", "in", _attr(1, struct.pack(">I", 1)) + _attr(2, bytes(4)))]}),
+        "t")   # type: ignore[arg-type]
+    assert kernel.chains == {"pre": True, "plain": False}
+    assert kernel.hooks == {"pre": ("filter", "prerouting", -300)}
 
 
 def test_the_listing_gives_each_base_chains_hook() -> None:
@@ -73,9 +109,10 @@ def _deleted(parts: list[tuple[int, int, bytes]]) -> set[str]:
 
 
 def test_the_switch_keeps_a_base_chain_whose_hook_is_the_same() -> None:
-    """Kept: the same type, hook and priority (its policy may change: the switch's
-    NEWCHAIN sets it). Made again: another priority, a hook the kernel's listing did
-    not say, a base chain that becomes a regular one or the other way round."""
+    """Kept: the same type, hook and priority (the switch's NEWCHAIN sets its policy at
+    the commit; the renderer's are all accept, `replace.py` says why). Made again:
+    another priority, a hook the kernel's listing did not say, a base chain that becomes
+    a regular one or the other way round."""
     kernel = KernelTable(chains={"in": True, "out": True, "odd": True, "was": True,
                                  "now": False, "gone": True},
                          hooks={"in": ("filter", "input", 0), "out": ("filter", "output", 0),

@@ -18,8 +18,8 @@ the generation flip. So a full apply is three transactions:
    ...: `tagged`).
 2. Switch: every chain the kernel holds is flushed, and the new table's counters (those
    it lacks), chains and rules created. A base chain the new table has with the same
-   type, hook and priority is kept (flushed and given its new rules and policy, one
-   kernel object); only one whose hook changes is deleted and made again
+   type, hook and priority is kept (flushed and given its new rules, one kernel
+   object); only one whose hook changes is deleted and made again
    (`hook_key`). The old sets and maps, and the chains their elements jump to, stay
    in the kernel untouched: a packet still in the old rules
    finds the old sets whole, and the old chains it jumps to keep the old generation's
@@ -37,6 +37,10 @@ commit, after the generation flip. A packet could pass the new chain before the 
 generation: accept), and so meet no rule at all; that fits the one denied datagram of
 50,000 a CI run once counted through a full apply. A kept chain has one list of rules
 per generation, so a packet meets either the old rules or the new ones.
+A chain's policy is not kept per generation: the commit sets it, and a packet still in
+the old rules ends in the new policy. The renderer gives every base chain policy accept
+and writes its drops as rules, so the policy never changes. A chain made again (its
+hook changed) keeps the window above when its new priority is not above the old one.
 
 Sets with timeouts keep their names (the DNS writer fills the domain sets and
 `dns_hold` by name): they are deleted and made again in the switch, with their live
@@ -167,9 +171,10 @@ def read_netlink(nl: NftNetlink, table: str) -> KernelTable:
 def _hook_attrs(hook: dict[int, bytes], kind: bytes | None
                 ) -> tuple[str, str, int] | None:
     """(type, hook, priority) from a dumped NFTA_CHAIN_HOOK's attributes (HOOKNUM 1,
-    PRIORITY 2, DEV 3) and NFTA_CHAIN_TYPE; None with a device or what is not read."""
+    PRIORITY 2, DEV 3, DEVS 4) and NFTA_CHAIN_TYPE; None with a device or what is not
+    read."""
     num, prio = hook.get(1, b""), hook.get(2, b"")
-    if 3 in hook or len(num) != 4 or len(prio) != 4 or kind is None:
+    if 3 in hook or 4 in hook or len(num) != 4 or len(prio) != 4 or kind is None:
         return None
     number = struct.unpack(">I", num)[0]
     if number >= len(HOOKS):
@@ -269,7 +274,8 @@ def _recreated(chain: str, kernel: KernelTable, new: Ruleset) -> bool:
     name the new table has, a base chain in either, unless both are base chains with
     the same type, hook and priority (then it is kept: the module's docstring says
     why). The kept chain's rules are flushed; the switch's NEWCHAIN for it updates it
-    (the kernel takes that when the hook is the same) and sets its policy."""
+    (the kernel takes that when the hook is the same) and sets its policy at the commit
+    (the renderer's base chains all have policy accept)."""
     ours = new.chains.get(chain)
     if ours is None or not (kernel.chains[chain] or ours.hook is not None):
         return False
