@@ -11,7 +11,9 @@ Needs `etcd` (Debian's etcd-server) on PATH; starts its own etcd and bulkhead-se
    per API write, which moves less with the machine's load than a rate; and the ceiling
    a write through the API could reach: the store's write plus an authenticated
    round trip that writes nothing; the same writes and round trips through a lean
-   client, `LeanClient`, in the same rounds: `lean`), and
+   client, `LeanClient`, in the same rounds: `lean`; and what of a write is the store's
+   commit, straight and in the server, from `store.commits` and the server's
+   `bulkhead_datastore_commit_seconds`), and
    `--writers` writers at once (each its own task; through the API each its own
    connection), both sides under the same conditions; and one writer through the
    project's own client (`bulkhead.client`, a connection per request, as the CLI and the
@@ -209,6 +211,18 @@ def lean_round_trips(client: LeanClient, count: int) -> float:
     return time.perf_counter() - start
 
 
+async def server_commits(session: aiohttp.ClientSession, url: str) -> tuple[int, float]:
+    """The server's commits so far and their seconds (`bulkhead_datastore_commit_seconds`
+    in /metrics)."""
+    async with session.get(url + "/metrics") as r:
+        assert r.status == 200, await r.text()
+        text = await r.text()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("bulkhead_datastore_commit_seconds_")}
+    return (int(values["bulkhead_datastore_commit_seconds_count"]),
+            values["bulkhead_datastore_commit_seconds_sum"])
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of process `pid`, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -230,6 +244,8 @@ async def one_writer(store: Any, session: aiohttp.ClientSession, url: str, pid: 
     and the ceiling with the least a client can cost."""
     per = max(1, count // rounds)
     direct_s = api_s = trip_s = lean_s = lean_trip_s = server_cpu = 0.0
+    direct_commit_s = lean_commit_s = 0.0
+    direct_commits = lean_commits = 0
     ratios: list[float] = []
     ceilings: list[float] = []
     lean_ratios: list[float] = []
@@ -239,11 +255,18 @@ async def one_writer(store: Any, session: aiohttp.ClientSession, url: str, pid: 
         d = a = t = la = lt = 0.0
         for side in (sides if r % 2 == 0 else sides[::-1]):
             if side == "store":
+                before_n, before_s = store.commits.count, store.commits.seconds
                 d = await store_writes(store, per, prefix=f"{tag}{r}-")
+                direct_commits += store.commits.count - before_n
+                direct_commit_s += store.commits.seconds - before_s
             elif side == "trip":
                 t = await api_round_trips(session, url, per)
             elif side == "lean":
+                before_n, before_s = await server_commits(session, url)
                 la = lean_writes(lean, per)
+                after_n, after_s = await server_commits(session, url)
+                lean_commits += after_n - before_n
+                lean_commit_s += after_s - before_s
             elif side == "lean_trip":
                 lt = lean_round_trips(lean, per)
             else:
@@ -262,8 +285,14 @@ async def one_writer(store: Any, session: aiohttp.ClientSession, url: str, pid: 
             "ratio": {**spread(ratios), "rounds": rounds, "writes_per_round": per},
             "ceiling": spread(ceilings),
             "server_cpu_ms_per_write": 1000 * server_cpu / n,
+            # The store's own commit (BEGIN to the durable COMMIT; etcd's txn request)
+            # per write, straight and inside the server: what of a write is the commit.
+            "store_commit_ms": 1000 * direct_commit_s / max(1, direct_commits),
             "lean": {"api_per_s": n / lean_s, "round_trips_per_s": n / lean_trip_s,
-                     "ratio": spread(lean_ratios), "ceiling": spread(lean_ceilings)}}
+                     "ratio": spread(lean_ratios), "ceiling": spread(lean_ceilings),
+                     "write_ms": 1000 * lean_s / n,
+                     "server_commit_ms": 1000 * lean_commit_s / max(1, lean_commits),
+                     "commits_per_write": lean_commits / n}}
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -551,7 +580,10 @@ def main() -> int:
         lean = one["lean"]
         print(f"              {backend}, lean client: API / store {lean['ratio']['median']:.2f} "
               f"({lean['api_per_s']:.0f}/s; ceiling {lean['ceiling']['median']:.2f}, "
-              f"round trips {lean['round_trips_per_s']:.0f}/s)")
+              f"round trips {lean['round_trips_per_s']:.0f}/s); a write "
+              f"{lean['write_ms']:.2f} ms, its commit in the server "
+              f"{lean['server_commit_ms']:.2f} ms, straight to the store "
+              f"{one['store_commit_ms']:.2f} ms")
     w, a = results["store_writes_concurrent_per_s"], results["api_writes_concurrent_per_s"]
     print(f"writes/s      store: sqlite {w['sqlite']:.0f}, etcd {w['etcd']:.0f};  "
           f"HTTPS API: sqlite {a['sqlite']:.0f}, etcd {a['etcd']:.0f}  "

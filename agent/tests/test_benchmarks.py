@@ -56,6 +56,11 @@ def test_server_benchmark_runs_small() -> None:
         assert 0 < lean["ratio"]["min"] <= lean["ratio"]["median"] <= lean["ratio"]["max"]
         assert 0 < lean["ceiling"]["min"] <= lean["ceiling"]["max"] < 1
         assert lean["api_per_s"] > 0 and lean["round_trips_per_s"] > 0
+        # One commit per write, one writer at a time; a write takes longer than its
+        # commit in the server.
+        assert lean["commits_per_write"] == 1
+        assert 0 < lean["server_commit_ms"] < lean["write_ms"]
+        assert one["store_commit_ms"] > 0
 
 
 def run_json(script: str, *args: str) -> Any:

@@ -239,9 +239,18 @@ async def test_nodes_converged_and_probes(server: Server) -> None:
             assert (await r.json())["converged"] is False
         async with viewer.get("/healthz") as r:
             assert r.status == 200
+        async with server.client("alice", "admin") as admin, \
+                admin.post("/v1/resources/GlobalNetworkPolicy", json=gnp("m1")) as r:
+            assert r.status == 201
         async with viewer.get("/metrics") as r:
             text = await r.text()
         assert "bulkhead_revision " in text and 'route="/v1/nodes"' in text
+        # The write above was one commit, timed.
+        values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                  if line.startswith("bulkhead_datastore_commit_seconds_")}
+        assert values["bulkhead_datastore_commit_seconds_count"] >= 1
+        assert values["bulkhead_datastore_commit_seconds_sum"] > 0
+        assert "# TYPE bulkhead_datastore_commit_seconds summary" in text
 
 
 async def test_streaming_watch(server: Server) -> None:

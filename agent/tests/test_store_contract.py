@@ -429,3 +429,17 @@ async def test_sqlite_moves_status_reports_of_earlier_versions_out(tmp_path: Pat
             ["GlobalNetworkPolicy"]
     finally:
         await store.close()
+
+
+async def test_each_commit_is_timed_and_a_refused_write_is_not(store: Datastore) -> None:
+    """`commits` counts the transactions that reached the commit, with their time; a
+    write its own expectation refuses never gets there, on either backend."""
+    assert (store.commits.count, store.commits.seconds) == (0, 0.0)
+    await create(store, gnp("a"))
+    await store.transaction([Op("put", "GlobalNetworkSet", "n", netset("n"))])
+    assert store.commits.count == 2
+    first = store.commits.seconds
+    assert first > 0
+    with pytest.raises(Conflict):
+        await create(store, gnp("a"))
+    assert store.commits.count == 2 and store.commits.seconds == first

@@ -1216,6 +1216,15 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE bulkhead_resyncs_total counter", f"bulkhead_resyncs_total {hub.resyncs}",
         "# HELP bulkhead_objects Resources held in memory.",
         "# TYPE bulkhead_objects gauge", f"bulkhead_objects {len(hub.objects)}",
+    ]
+    commits = request.app[STORE].commits
+    lines += [
+        "# HELP bulkhead_datastore_commit_seconds Transactions this server committed to "
+        "the datastore (SQLite: BEGIN to the durable COMMIT, a group commit once; etcd: "
+        "the txn request); agents' status reports are not among them.",
+        "# TYPE bulkhead_datastore_commit_seconds summary",
+        f"bulkhead_datastore_commit_seconds_sum {commits.seconds:.6f}",
+        f"bulkhead_datastore_commit_seconds_count {commits.count}",
         "# HELP bulkhead_http_requests_total HTTP requests by method, route and status.",
         "# TYPE bulkhead_http_requests_total counter",
     ]

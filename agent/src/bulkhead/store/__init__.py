@@ -6,6 +6,7 @@ from urllib.parse import parse_qs, urlparse
 
 from bulkhead.store.base import (
     Audit,
+    CommitTimes,
     Conflict,
     Datastore,
     Event,
@@ -26,8 +27,8 @@ from bulkhead.store.base import (
     update,
 )
 
-__all__ = ["Audit", "Conflict", "Datastore", "Event", "FutureRevision", "MissingReference",
-           "NotFound", "Op",
+__all__ = ["Audit", "CommitTimes", "Conflict", "Datastore", "Event", "FutureRevision",
+           "MissingReference", "NotFound", "Op",
            "Referrers", "StillReferenced", "StoreError", "Stored", "TooLarge", "TooOld",
            "TxResult", "Unavailable", "create", "delete", "open_store", "update"]
 

@@ -167,6 +167,20 @@ def change_of(event_type: EventType, op: Op) -> dict[str, str]:
     return {"kind": op.kind, "name": op.name, "action": action}
 
 
+@dataclass
+class CommitTimes:
+    """How long the datastore's commits took (a SQLite transaction from BEGIN to its
+    durable COMMIT, an etcd txn request): for the server's metrics and the benchmarks.
+    A group of transactions committed together counts once."""
+
+    count: int = 0
+    seconds: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.count += 1
+
+
 @dataclass(frozen=True)
 class Audit:
     """Who writes: kept with the revision the write makes, in the same transaction."""
@@ -213,6 +227,9 @@ class Datastore(Protocol):
 
     max_ops: int
     """The most operations one transaction may hold (see `check_size`)."""
+
+    commits: CommitTimes
+    """The commits this process made, and how long they took."""
 
     def check_size(self, ops: Sequence[Op], audited: bool = False) -> None:
         """Raise TooLarge when `ops` cannot commit as one transaction here (with an audit

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ import aiohttp
 from bulkhead.selector import Selector
 from bulkhead.store.base import (
     Audit,
+    CommitTimes,
     Document,
     Event,
     EventType,
@@ -86,6 +88,7 @@ class EtcdStore:
         self._ssl = ssl
         self._session: aiohttp.ClientSession | None = None
         self._current = 0  # index of the endpoint that answered last
+        self.commits = CommitTimes()
 
     # -- HTTP -------------------------------------------------------------------------
     def _http(self) -> aiohttp.ClientSession:
@@ -297,7 +300,9 @@ class EtcdStore:
                 requests.append({"request_put": {
                     "key": _b64(self._audit_prefix + str(uuid.uuid4())),
                     "value": _b64(json.dumps(entry))}})
+            started = time.perf_counter()
             done = await self._call("/v3/kv/txn", {"compare": compares, "success": requests})
+            self.commits.add(time.perf_counter() - started)
             if not done.get("succeeded"):
                 continue  # another writer changed a key between our read and commit
             revision = int(done["header"]["revision"])

@@ -22,6 +22,7 @@ import collections
 import json
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import Any
 from bulkhead.selector import Selector
 from bulkhead.store.base import (
     Audit,
+    CommitTimes,
     Document,
     Event,
     EventType,
@@ -131,6 +133,7 @@ class SQLiteStore:
         self._feed_events = 0
         self._compacted_here = 0
         self._lone: set[asyncio.Task[None]] = set()
+        self.commits = CommitTimes()
 
     # -- plumbing ---------------------------------------------------------------------
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -267,6 +270,7 @@ class SQLiteStore:
         durable; raises (nothing written) if the SQLite transaction itself fails."""
         db = self._db
         several = len(group) > 1
+        started = time.perf_counter()
         db.execute("BEGIN IMMEDIATE")
         try:
             revision = self._meta("revision")
@@ -296,6 +300,7 @@ class SQLiteStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self.commits.add(time.perf_counter() - started)
         self._to_feed([o[1] for o in outcomes if not isinstance(o, Exception)])
         return outcomes
 
