@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -443,3 +445,26 @@ async def test_each_commit_is_timed_and_a_refused_write_is_not(store: Datastore)
     with pytest.raises(Conflict):
         await create(store, gnp("a"))
     assert store.commits.count == 2 and store.commits.seconds == first
+
+
+async def test_the_sqlite_store_uses_one_thread_of_its_own_and_closes_twice(
+        tmp_path: Path) -> None:
+    """Every read and commit that leaves the event loop runs in the store's own thread
+    (one, whatever other work the loop's pool has); closing again is harmless."""
+    store = SQLiteStore(tmp_path / "one.db")
+    seen: set[str] = set()
+    real = store._apply_group
+
+    def spy(group: Any) -> Any:
+        seen.add(threading.current_thread().name)
+        return real(group)
+
+    store._apply_group = spy  # type: ignore[method-assign]
+    # The loop's shared pool kept busy meanwhile (6 workers on 2 CPUs; 8 jobs).
+    hogs = [asyncio.create_task(asyncio.to_thread(time.sleep, 0.2)) for _ in range(8)]
+    for i in range(20):
+        await store.transaction([Op("put", "GlobalNetworkSet", f"n{i}", netset(f"n{i}"))])
+    await asyncio.gather(*hogs)
+    assert len(seen) == 1 and next(iter(seen)).startswith("bulkhead-sqlite")
+    await store.close()
+    await store.close()

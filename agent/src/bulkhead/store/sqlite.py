@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import json
 import sqlite3
 import threading
@@ -134,13 +135,20 @@ class SQLiteStore:
         self._compacted_here = 0
         self._lone: set[asyncio.Task[None]] = set()
         self.commits = CommitTimes()
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="bulkhead-sqlite")
+        self._closed = False
 
     # -- plumbing ---------------------------------------------------------------------
     async def _run(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` with the connection, in the store's own thread. One thread for all
+        of them (they take the connection in turn anyway): a commit never waits for a
+        worker of the loop's shared pool busy with other work, and runs where the last
+        one did, its memory still in the CPU's caches."""
         def locked() -> Any:
             with self._lock:
                 return fn(*args)
-        return await asyncio.to_thread(locked)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, locked)
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:
@@ -565,8 +573,14 @@ class SQLiteStore:
                 after = event.revision
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for _ in range(1000):   # let commits under way finish (at most about 10 s)
             if not self._committing:
                 break
             await asyncio.sleep(0.01)
-        await self._run(self._db.close)
+        try:
+            await self._run(self._db.close)
+        finally:
+            self._thread.shutdown(wait=False)
