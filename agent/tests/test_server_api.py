@@ -247,10 +247,18 @@ async def test_nodes_converged_and_probes(server: Server) -> None:
         assert "bulkhead_revision " in text and 'route="/v1/nodes"' in text
         # The write above was one commit, timed.
         values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-                  if line.startswith("bulkhead_datastore_commit_seconds_")}
-        assert values["bulkhead_datastore_commit_seconds_count"] >= 1
+                  if line.startswith("bulkhead_datastore_commit")}
+        assert values["bulkhead_datastore_commit_seconds_count"] == 1
         assert values["bulkhead_datastore_commit_seconds_sum"] > 0
+        assert values["bulkhead_datastore_commit_failures_total"] == 0
         assert "# TYPE bulkhead_datastore_commit_seconds summary" in text
+        # Each family's samples follow its own HELP and TYPE lines, never another's.
+        family = ""
+        for line in text.splitlines():
+            if line.startswith("# TYPE "):
+                family = line.split()[2]
+            elif line and not line.startswith("#"):
+                assert line.startswith(family), (family, line)
 
 
 async def test_streaming_watch(server: Server) -> None:

@@ -25,6 +25,7 @@ from bulkhead.store import (
     TooLarge,
     TooOld,
     TxResult,
+    Unavailable,
     create,
     delete,
     open_store,
@@ -460,11 +461,34 @@ async def test_the_sqlite_store_uses_one_thread_of_its_own_and_closes_twice(
         return real(group)
 
     store._apply_group = spy  # type: ignore[method-assign]
-    # The loop's shared pool kept busy meanwhile (6 workers on 2 CPUs; 8 jobs).
-    hogs = [asyncio.create_task(asyncio.to_thread(time.sleep, 0.2)) for _ in range(8)]
-    for i in range(20):
-        await store.transaction([Op("put", "GlobalNetworkSet", f"n{i}", netset(f"n{i}"))])
-    await asyncio.gather(*hogs)
-    assert len(seen) == 1 and next(iter(seen)).startswith("bulkhead-sqlite")
+    try:
+        # The loop's shared pool kept busy meanwhile (6 workers on 2 CPUs; 8 jobs).
+        hogs = [asyncio.create_task(asyncio.to_thread(time.sleep, 0.2)) for _ in range(8)]
+        for i in range(20):
+            await store.transaction([Op("put", "GlobalNetworkSet", f"n{i}",
+                                        netset(f"n{i}"))])
+        await asyncio.gather(*hogs)
+        assert len(seen) == 1 and next(iter(seen)).startswith("bulkhead-sqlite")
+    finally:
+        await store.close()
     await store.close()
-    await store.close()
+    # Closed: a write is answered as the datastore being unavailable, not a crash.
+    with pytest.raises(Unavailable, match="closed"):
+        await store.transaction([Op("put", "GlobalNetworkSet", "late", netset("late"))])
+
+
+async def test_a_commit_sqlite_fails_counts_as_a_failure(tmp_path: Path) -> None:
+    """A commit the database refuses (here: read-only) is Unavailable, nothing written,
+    counted in `failures` and not as a commit."""
+    store = SQLiteStore(tmp_path / "ro.db")
+    try:
+        await store.transaction([Op("put", "GlobalNetworkSet", "a", netset("a"))])
+        store._db.execute("PRAGMA query_only = ON")
+        with pytest.raises(Unavailable, match="could not commit"):
+            await store.transaction([Op("put", "GlobalNetworkSet", "b", netset("b"))])
+        assert (store.commits.count, store.commits.failures) == (1, 1)
+        store._db.execute("PRAGMA query_only = OFF")
+        with pytest.raises(NotFound):
+            await store.get("GlobalNetworkSet", "b")
+    finally:
+        await store.close()

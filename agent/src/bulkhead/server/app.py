@@ -1221,12 +1221,14 @@ async def metrics(request: web.Request) -> web.Response:
     lines += [
         "# HELP bulkhead_datastore_commit_seconds Transactions this server committed to "
         "the datastore (SQLite: BEGIN to the durable COMMIT, a group commit once; etcd: "
-        "the txn request); agents' status reports are not among them.",
+        "the txn that succeeded); agents' status reports are not among them.",
         "# TYPE bulkhead_datastore_commit_seconds summary",
         f"bulkhead_datastore_commit_seconds_sum {commits.seconds:.6f}",
         f"bulkhead_datastore_commit_seconds_count {commits.count}",
-        "# HELP bulkhead_http_requests_total HTTP requests by method, route and status.",
-        "# TYPE bulkhead_http_requests_total counter",
+        "# HELP bulkhead_datastore_commit_failures_total Commits the datastore did not "
+        "take (a database error, etcd unreachable), not writes it refused.",
+        "# TYPE bulkhead_datastore_commit_failures_total counter",
+        f"bulkhead_datastore_commit_failures_total {commits.failures}",
     ]
     listener = request.app.get(LISTENER)
     if listener is not None:
@@ -1239,6 +1241,8 @@ async def metrics(request: web.Request) -> web.Response:
             "# HELP bulkhead_tls_handshake_failures_total Handshakes that failed or timed out.",
             "# TYPE bulkhead_tls_handshake_failures_total counter",
             f"bulkhead_tls_handshake_failures_total {listener.handshake_failures}"]
+    lines += ["# HELP bulkhead_http_requests_total HTTP requests by method, route and status.",
+              "# TYPE bulkhead_http_requests_total counter"]   # its samples right after
     for (method, route, status), count in sorted(request.app[METRICS]["requests"].items()):
         lines.append(f'bulkhead_http_requests_total{{method="{method}",route="{route}",'
                      f'status="{status}"}} {count}')

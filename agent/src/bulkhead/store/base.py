@@ -170,11 +170,14 @@ def change_of(event_type: EventType, op: Op) -> dict[str, str]:
 @dataclass
 class CommitTimes:
     """How long the datastore's commits took (a SQLite transaction from BEGIN to its
-    durable COMMIT, an etcd txn request): for the server's metrics and the benchmarks.
-    A group of transactions committed together counts once."""
+    durable COMMIT, an etcd txn that succeeded): for the server's metrics and the
+    benchmarks. A group of transactions committed together counts once; a write refused
+    before the commit (its expectation, a reference) does not count, and one the
+    datastore failed to commit counts in `failures`."""
 
     count: int = 0
     seconds: float = 0.0
+    failures: int = 0     # commits the datastore did not take (an error, not a refusal)
 
     def add(self, seconds: float) -> None:
         self.seconds += seconds

@@ -301,10 +301,15 @@ class EtcdStore:
                     "key": _b64(self._audit_prefix + str(uuid.uuid4())),
                     "value": _b64(json.dumps(entry))}})
             started = time.perf_counter()
-            done = await self._call("/v3/kv/txn", {"compare": compares, "success": requests})
-            self.commits.add(time.perf_counter() - started)
+            try:
+                done = await self._call("/v3/kv/txn", {"compare": compares,
+                                                       "success": requests})
+            except Unavailable:
+                self.commits.failures += 1
+                raise
             if not done.get("succeeded"):
                 continue  # another writer changed a key between our read and commit
+            self.commits.add(time.perf_counter() - started)
             revision = int(done["header"]["revision"])
             result = TxResult(revision, changes=changes)
             for op, doc in planned:

@@ -137,7 +137,7 @@ class SQLiteStore:
         self.commits = CommitTimes()
         self._thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="bulkhead-sqlite")
-        self._closed = False
+        self._thread_closed = False
 
     # -- plumbing ---------------------------------------------------------------------
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -148,7 +148,12 @@ class SQLiteStore:
         def locked() -> Any:
             with self._lock:
                 return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._thread, locked)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, locked)
+        except RuntimeError:
+            if self._thread_closed:   # after close(): an answer, not a crash
+                raise Unavailable("the SQLite datastore is closed") from None
+            raise
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:
@@ -279,8 +284,8 @@ class SQLiteStore:
         db = self._db
         several = len(group) > 1
         started = time.perf_counter()
-        db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute("BEGIN IMMEDIATE")
             revision = self._meta("revision")
             outcomes: list[Outcome] = []
             for pending in group:
@@ -304,7 +309,9 @@ class SQLiteStore:
                 outcomes.append(outcome)
             db.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,))
             db.execute("COMMIT")
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, sqlite3.Error):
+                self.commits.failures += 1
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
@@ -573,9 +580,8 @@ class SQLiteStore:
                 after = event.revision
 
     async def close(self) -> None:
-        if self._closed:
+        if self._thread_closed:
             return
-        self._closed = True
         for _ in range(1000):   # let commits under way finish (at most about 10 s)
             if not self._committing:
                 break
@@ -583,4 +589,5 @@ class SQLiteStore:
         try:
             await self._run(self._db.close)
         finally:
+            self._thread_closed = True
             self._thread.shutdown(wait=False)
