@@ -148,12 +148,9 @@ class SQLiteStore:
         def locked() -> Any:
             with self._lock:
                 return fn(*args)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, locked)
-        except RuntimeError:
-            if self._thread_closed:   # after close(): an answer, not a crash
-                raise Unavailable("the SQLite datastore is closed") from None
-            raise
+        if self._thread_closed:   # after close(): an answer, not a crash
+            raise Unavailable("the SQLite datastore is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, locked)
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:

@@ -277,12 +277,12 @@ def _recreated(chain: str, kernel: KernelTable, new: Ruleset) -> bool:
     (the kernel takes that when the hook is the same) and sets its policy at the commit
     (the renderer's base chains all have policy accept)."""
     ours = new.chains.get(chain)
-    if ours is None or not (kernel.chains[chain] or ours.hook is not None):
+    if ours is None:
         return False
-    if kernel.chains[chain] and ours.hook is not None:
+    if kernel.chains[chain] and ours.hook is not None:     # a base chain in both
         key = hook_key(ours.hook)
         return key is None or kernel.hooks.get(chain) != key
-    return True
+    return kernel.chains[chain] or ours.hook is not None
 
 
 def switch_script(kernel: KernelTable, new: Ruleset) -> str:
