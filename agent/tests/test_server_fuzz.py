@@ -180,8 +180,11 @@ _CONTEXTS: dict[int, dict[str, Any]] = {}
 
 
 def _contexts(server: Hardened) -> dict[str, Any]:
+    """TLS contexts by role. Not `alice`, whose files the prober's connection reads:
+    issuing them again under it could hand it a key from one issue and a certificate
+    from the other."""
     if id(server) not in _CONTEXTS:
-        _CONTEXTS[id(server)] = {"admin": server.tls("alice", "admin"),
+        _CONTEXTS[id(server)] = {"admin": server.tls("fuzz-admin", "admin"),
                                  "viewer": server.tls("val", "viewer"),
                                  "agent": server.tls("web-1", "agent")}
     return _CONTEXTS[id(server)]
