@@ -1,7 +1,7 @@
 """Store and server benchmarks: every figure side by side in one run.
 
     .venv/bin/python agent/benchmarks/server.py [--watchers 1000] [--changes 20]
-        [--writes 500] [--writers 16] [--json]
+        [--writes 500] [--writers 16] [--event-loop auto|uvloop|asyncio] [--json]
 
 Needs `etcd` (Debian's etcd-server) on PATH; starts its own etcd and bulkhead-servers on
 127.0.0.1 and stops them. Figures:
@@ -78,8 +78,8 @@ def rss_kib(pid: int) -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, datastore: str, name: str, logs: Path | None = None
-                 ) -> None:
+    def __init__(self, tmp: Path, datastore: str, name: str, logs: Path | None = None,
+                 event_loop: str = "auto") -> None:
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         config = tmp / f"{name}.yaml"
@@ -87,6 +87,7 @@ class Server:
             "listen": f"127.0.0.1:{self.port}", "datastore": datastore,
             "tlsCert": str(tmp / "server.crt"), "tlsKey": str(tmp / "server.key"),
             "clientCA": str(tmp / "ca.crt"), "logLevel": "info" if logs else "error",
+            "eventLoop": event_loop,
             "flowLogs": {"path": str(tmp / f"{name}-flows.sqlite")}}))  # not /var/lib/bulkhead
         exe = Path(sys.executable).parent / "bulkhead-server"
         log = open(logs / f"{name}.log", "wb") if logs else subprocess.DEVNULL  # noqa: SIM115
@@ -221,6 +222,16 @@ async def server_commits(session: aiohttp.ClientSession, url: str) -> tuple[int,
               if line.startswith("bulkhead_datastore_commit_seconds_")}
     return (int(values["bulkhead_datastore_commit_seconds_count"]),
             values["bulkhead_datastore_commit_seconds_sum"])
+
+
+async def server_loop(session: aiohttp.ClientSession, url: str) -> str:
+    """The event loop the server says it runs on (`bulkhead_server_info` in /metrics)."""
+    async with session.get(url + "/metrics") as r:
+        assert r.status == 200, await r.text()
+        text = await r.text()
+    line = next(line for line in text.splitlines()
+                if line.startswith("bulkhead_server_info{"))
+    return line.split('event_loop="', 1)[1].split('"', 1)[0]
 
 
 def cpu_s(pid: int) -> float:
@@ -465,7 +476,8 @@ async def direct_etcd_latency(endpoint: str, prefix: str, n: int, changes: int
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"watchers": args.watchers, "changes": args.changes}
+    results: dict[str, Any] = {"watchers": args.watchers, "changes": args.changes,
+                               "event_loop": args.event_loop}
     with tempfile.TemporaryDirectory(prefix="bulkhead-bench-") as tmp_name:
         tmp = Path(tmp_name)
         pki.init_ca(tmp)
@@ -498,7 +510,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                        ("etcd", f"etcd://127.0.0.1:{etcd.client_port}/srv")):
                 for mode in ("poll", "stream"):
                     # A fresh server per mode, so its memory figure is its own.
-                    server = Server(tmp, datastore, f"{backend}-{mode}", args.server_logs)
+                    server = Server(tmp, datastore, f"{backend}-{mode}", args.server_logs,
+                                    args.event_loop)
                     servers.append(server)
                     async with aiohttp.ClientSession(
                             connector=aiohttp.TCPConnector(ssl=admin_ssl)) as admin:
@@ -507,6 +520,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             direct: Any = SQLiteStore(tmp / "direct.db") \
                                 if backend == "sqlite" else \
                                 EtcdStore([etcd.url], prefix="/direct/")
+                            results.setdefault("server_event_loop", {})[backend] = \
+                                await server_loop(admin, server.url)
                             lean = LeanClient(server.url, admin_ssl)
                             try:
                                 one = await one_writer(direct, admin, server.url,
@@ -556,6 +571,9 @@ def main() -> int:
                              "the store and as many through the API, in turns")
     parser.add_argument("--client-writes", type=int, default=100,
                         help="writes through the project's own client (a connection each)")
+    parser.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"),
+                        default="auto", help="the servers' eventLoop (default: auto, as "
+                        "a server's config has it)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--server-logs", type=Path, metavar="DIR",
                         help="keep each server's log (level info) in DIR")

@@ -12,7 +12,7 @@ import ssl
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,22 @@ ALONE = frozenset({
     "test_server_fuzz.py", "test_agent_http.py", "test_win_enforcer.py",
 })
 TESTS = Path(__file__).resolve().parent
+# The server runs on uvloop when it is installed (`eventLoop: auto`, bulkhead.server.main),
+# on asyncio's own loop when told: the modules that run it in the test's process and lean
+# on the event loop's transports (the listener's TLS buffers, the peer's certificate read
+# from the connection, the API end to end, hostile clients) run on both loops.
+BOTH_LOOPS = frozenset({
+    "test_server_listen.py", "test_server_peer_identity.py", "test_server_api.py",
+    "test_server_fuzz.py",
+})
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item
+                                  ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.path.relative_to(TESTS).as_posix() in BOTH_LOOPS:
+        import uvloop
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -30,6 +30,9 @@ def test_server_benchmark_runs_small() -> None:
                            "--json"],
                           capture_output=True, text=True, timeout=300, check=True)
     results = json.loads(done.stdout)
+    # The servers run on the loop their config's default picks (uvloop is a dependency).
+    assert results["event_loop"] == "auto"
+    assert results["server_event_loop"] == {"sqlite": "uvloop", "etcd": "uvloop"}
     assert set(results["watch"]) == {"sqlite-poll", "sqlite-stream", "etcd-poll", "etcd-stream"}
     for figures in results["watch"].values():
         assert 0 < figures["p50_ms"] <= figures["p99_ms"]
@@ -61,6 +64,20 @@ def test_server_benchmark_runs_small() -> None:
         assert lean["commits_per_write"] == 1
         assert 0 < lean["server_commit_ms"] < lean["write_ms"]
         assert one["store_commit_ms"] > 0
+
+
+def test_event_loop_benchmark_runs_small() -> None:
+    results = run_json("eventloop.py", "--rounds", "2", "--writes", "10", "--concurrent",
+                       "16", "--writers", "4")
+    assert results["rounds"] == 2
+    for loop in ("asyncio", "uvloop"):
+        rounds = results["rounds_figures"][loop]
+        assert all(len(values) == 2 for values in rounds.values())
+        assert all(ratio > 0 for ratio in rounds["lean_ratio"])
+        assert all(rate > 0 for rate in rounds["concurrent_per_s"])
+        # Every write is in some commit; a group commit takes several.
+        assert all(0 < c <= 1 for c in rounds["concurrent_commits_per_write"])
+    assert set(results["uvloop_over_asyncio"]) >= {"lean_ratio", "concurrent_per_s"}
 
 
 def run_json(script: str, *args: str) -> Any:

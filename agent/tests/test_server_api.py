@@ -252,6 +252,10 @@ async def test_nodes_converged_and_probes(server: Server) -> None:
         assert values["bulkhead_datastore_commit_seconds_sum"] > 0
         assert values["bulkhead_datastore_commit_failures_total"] == 0
         assert "# TYPE bulkhead_datastore_commit_seconds summary" in text
+        # The loop the server runs on: this test's (asyncio's own, then uvloop).
+        running = "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ \
+            else "asyncio"
+        assert f'bulkhead_server_info{{event_loop="{running}"}} 1' in text.splitlines()
         # Each family's samples follow its own HELP and TYPE lines, never another's.
         family = ""
         for line in text.splitlines():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import resource
 import signal
@@ -16,6 +18,7 @@ import yaml
 
 from bulkhead import pki
 from bulkhead.client import ApiError, Connection, Unreachable
+from bulkhead.server.main import ServerConfig, event_loop_factory
 from tests.conftest import EtcdProcess, free_port
 
 
@@ -150,3 +153,42 @@ def test_two_servers_share_one_etcd(pki_dir: Path, servers: list[ServerProcess],
     a.kill()
     assert b.conn.request("GET", "/v1/resources/GlobalNetworkSet/from-a")["metadata"]["name"] \
         == "from-a"
+
+
+@pytest.mark.parametrize("choice, expected", [(None, "uvloop"), ("asyncio", "asyncio"),
+                                              ("uvloop", "uvloop")])
+def test_the_server_runs_on_uvloop_unless_told_otherwise(
+        pki_dir: Path, servers: list[ServerProcess], choice: str | None,
+        expected: str) -> None:
+    extra: dict[str, object] = {"logLevel": "info"}
+    if choice is not None:
+        extra["eventLoop"] = choice
+    server = ServerProcess(pki_dir, f"sqlite://{pki_dir}/s.db", extra=extra)
+    servers.append(server)
+    server.start()
+    # Writes, reads and a watch answer the same on either loop.
+    start = server.conn.request("GET", "/v1/snapshot")["revision"]
+    server.conn.request("POST", "/v1/resources/GlobalNetworkSet", netset("on-the-loop"))
+    body = server.conn.request("GET", "/v1/watch",
+                               query={"revision": str(start), "timeout": "10"})
+    assert [e["name"] for e in body["events"]] == ["on-the-loop"]
+    started = [json.loads(line) for line in server.log.read_text().splitlines()
+               if '"listening"' in line]
+    assert [s["eventLoop"] for s in started] == [expected]
+
+
+def test_an_unknown_event_loop_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "server.yaml"
+    path.write_text("eventLoop: twisted\n")
+    with pytest.raises(SystemExit, match=r"eventLoop: 'twisted' is not one of auto, uvloop, "
+                                         r"asyncio"):
+        ServerConfig.load(path, {})
+
+
+def test_uvloop_asked_for_but_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)   # import uvloop: ImportError
+    with pytest.raises(SystemExit, match="eventLoop: uvloop is not installed"):
+        event_loop_factory("uvloop")
+    name, factory = event_loop_factory("auto")
+    assert (name, factory) == ("asyncio", asyncio.new_event_loop)

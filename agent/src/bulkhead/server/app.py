@@ -1204,10 +1204,19 @@ async def nodes(request: web.Request) -> web.Response:
     return _json(body)
 
 
+def event_loop_name() -> str:
+    """The running event loop: uvloop's or asyncio's own (`eventLoop`, bulkhead.server.main)."""
+    loop = asyncio.get_running_loop()
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 async def metrics(request: web.Request) -> web.Response:
     _require(request, "admin", "viewer")
     hub = request.app[HUB]
     lines = [
+        "# HELP bulkhead_server_info The server process: the event loop it runs on.",
+        "# TYPE bulkhead_server_info gauge",
+        f'bulkhead_server_info{{event_loop="{event_loop_name()}"}} 1',
         "# HELP bulkhead_revision The datastore revision the server has caught up with.",
         "# TYPE bulkhead_revision gauge", f"bulkhead_revision {hub.revision}",
         "# HELP bulkhead_watchers Agents waiting on a watch now.",

@@ -10,6 +10,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,7 +23,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from bulkhead.defaults import SERVER_PORT
 from bulkhead.logs import setup_logging
 from bulkhead.model import strict_yaml
-from bulkhead.server.app import HUB, STOPPING, make_app
+from bulkhead.server.app import HUB, STOPPING, event_loop_name, make_app
 from bulkhead.server.dnslogs import DnsLogs
 from bulkhead.server.flows import FlowLogs
 from bulkhead.server.hub import Hub
@@ -81,6 +82,7 @@ class ServerConfig:
     compaction_max_revisions: int = 100_000  # and never more revisions than this in all
     flow_logs_doc: Any = None                # the flowLogs section as written
     flow_logs: FlowLogConfig | None = None   # checked by load; None: every default
+    event_loop: str = "auto"   # auto (uvloop when installed) | uvloop | asyncio
 
     KEYS: ClassVar[dict[str, str]] = {
         "listen": "listen", "datastore": "datastore", "tlsCert": "tls_cert",
@@ -89,7 +91,8 @@ class ServerConfig:
         "handshakeTimeout": "handshake_timeout", "shutdownTimeout": "shutdown_timeout",
         "crl": "crl", "compactionInterval": "compaction_interval",
         "compactionRetain": "compaction_retain",
-        "compactionMaxRevisions": "compaction_max_revisions", "flowLogs": "flow_logs_doc"}
+        "compactionMaxRevisions": "compaction_max_revisions", "flowLogs": "flow_logs_doc",
+        "eventLoop": "event_loop"}
     NUMBERS: ClassVar[dict[str, tuple[type, float, float]]] = {
         "max_connections": (int, 1, 1_000_000), "handshake_timeout": (float, 0.5, 300),
         "shutdown_timeout": (float, 0, 300), "compaction_interval": (float, 0, 86_400),
@@ -131,6 +134,9 @@ class ServerConfig:
             setattr(config, attr, number)
         if config.client_auth not in ("required", "optional"):
             raise SystemExit("bulkhead-server: clientAuth must be required or optional")
+        if config.event_loop not in EVENT_LOOPS:
+            raise SystemExit(f"bulkhead-server: eventLoop: {config.event_loop!r} is not one "
+                             f"of {', '.join(EVENT_LOOPS)}")
         if config.compaction_interval < 0 or config.compaction_retain < 1 or \
                 config.compaction_max_revisions < config.compaction_retain:
             raise SystemExit("bulkhead-server: compactionInterval must be >= 0 (0: never), "
@@ -222,7 +228,8 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     logging.getLogger("bulkhead.server").info(
         "listening", extra={"fields": {"listen": config.listen, "datastore": config.datastore,
                                        "maxConnections": max_connections, "nofile": nofile,
-                                       "flowLogs": flow_logs.config.store}})
+                                       "flowLogs": flow_logs.config.store,
+                                       "eventLoop": event_loop_name()}})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -255,6 +262,26 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
         await asyncio.to_thread(dns_logs.close)
 
 
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def event_loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The event loop the server runs on, and its name. uvloop (libuv's loop, in C)
+    carries a request's bytes between the socket and aiohttp with less of Python's time
+    than asyncio's own loop (docs/benchmarks.md, "The server's event loop"); `auto` takes
+    it when it is installed (a dependency on Linux), `asyncio` keeps Python's own."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("bulkhead-server: eventLoop: uvloop is not installed "
+                                 "(pip install uvloop), or set eventLoop: asyncio") from None
+        else:
+            return "uvloop", uvloop.new_event_loop
+    return "asyncio", asyncio.new_event_loop
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bulkhead-server",
                                      description="The Bulkhead central store and API.")
@@ -267,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-ca")
     parser.add_argument("--client-auth", choices=["required", "optional"])
     parser.add_argument("--log-level")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS,
+                        help="auto (default: uvloop when installed), uvloop or asyncio")
     parser.add_argument("--crl", help="the client CA's CRL (default: crl.pem beside "
                         "--client-ca, once it exists)")
     args = parser.parse_args(argv)
@@ -274,10 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig.load(path, {
         "listen": args.listen, "datastore": args.datastore, "tls_cert": args.tls_cert,
         "tls_key": args.tls_key, "client_ca": args.client_ca,
-        "client_auth": args.client_auth, "log_level": args.log_level, "crl": args.crl})
+        "client_auth": args.client_auth, "log_level": args.log_level, "crl": args.crl,
+        "event_loop": args.event_loop})
     setup_logging(config.log_level, BadHttpFilter())
+    _, factory = event_loop_factory(config.event_loop)
     try:
-        asyncio.run(serve(config))
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve(config))
     except ValueError as e:
         raise SystemExit(f"bulkhead-server: {e}") from None
     return 0
