@@ -52,10 +52,11 @@ TESTS = Path(__file__).resolve().parent
 # The server runs on uvloop when it is installed (`eventLoop: auto`, bulkhead.server.main),
 # on asyncio's own loop when told: the modules that run it in the test's process and lean
 # on the event loop's transports (the listener's TLS buffers, the peer's certificate read
-# from the connection, the API end to end, hostile clients) run on both loops.
+# from the connection, the API end to end) run their async tests on both loops. Servers
+# started as processes run on the default unless a test says otherwise
+# (test_server_hardening.py runs its connection-level tests on both).
 BOTH_LOOPS = frozenset({
     "test_server_listen.py", "test_server_peer_identity.py", "test_server_api.py",
-    "test_server_fuzz.py",
 })
 
 

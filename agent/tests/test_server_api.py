@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import ssl
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,9 @@ import aiohttp
 import pytest
 
 from bulkhead import pki
+from bulkhead.server.main import ServerConfig, serve
 from tests.conftest import Server
+from tests.procs import free_port
 
 POLICY = """
 apiVersion: projectcalico.org/v3
@@ -226,7 +230,8 @@ async def test_watch_long_poll_and_snapshot(server: Server) -> None:
             assert (await r.json())["events"] == []
 
 
-async def test_nodes_converged_and_probes(server: Server) -> None:
+async def test_nodes_converged_and_probes(server: Server, request: pytest.FixtureRequest
+                                         ) -> None:
     async with server.client("web-1", "agent") as agent:
         async with agent.post("/v1/status/web-1", json={"appliedRevision": 5,
                                                         "counters": {"rules": 12}}) as r:
@@ -252,10 +257,10 @@ async def test_nodes_converged_and_probes(server: Server) -> None:
         assert values["bulkhead_datastore_commit_seconds_sum"] > 0
         assert values["bulkhead_datastore_commit_failures_total"] == 0
         assert "# TYPE bulkhead_datastore_commit_seconds summary" in text
-        # The loop the server runs on: this test's (asyncio's own, then uvloop).
-        running = "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ \
-            else "asyncio"
-        assert f'bulkhead_server_info{{event_loop="{running}"}} 1' in text.splitlines()
+        # The loop the server runs on: this test's, asyncio's own or uvloop (conftest).
+        loop = "uvloop" if request.node.name.endswith("[uvloop]") else "asyncio"
+        assert type(asyncio.get_running_loop()).__module__.startswith(loop)
+        assert f'bulkhead_server_info{{event_loop="{loop}"}} 1' in text.splitlines()
         # Each family's samples follow its own HELP and TYPE lines, never another's.
         family = ""
         for line in text.splitlines():
@@ -281,3 +286,29 @@ async def test_streaming_watch(server: Server) -> None:
                 if line["type"] == "events":
                     assert [e["name"] for e in line["events"]] == ["s1"]
             assert "events" in seen and set(seen) <= {"events", "heartbeat"}
+
+
+async def test_a_stopped_server_gives_its_signals_back(tmp_path: Path) -> None:
+    """serve() handles SIGTERM, SIGINT and SIGHUP while it runs and gives them back when it
+    stops, on either loop: uvloop's close() would leave its handlers in place, and the
+    process would ignore SIGTERM and SIGINT from then on."""
+    pki.init_ca(tmp_path)
+    pki.issue(tmp_path, "server", server=True, hosts=("127.0.0.1",))
+    config = ServerConfig(listen=f"127.0.0.1:{free_port()}",
+                          datastore=f"sqlite://{tmp_path}/s.db",
+                          tls_cert=str(tmp_path / "server.crt"),
+                          tls_key=str(tmp_path / "server.key"),
+                          client_ca=str(tmp_path / "ca.crt"))
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    started = asyncio.Event()
+    task = asyncio.create_task(serve(config, started))
+    await asyncio.wait_for(started.wait(), 10)
+    serving = {sig: signal.getsignal(sig) for sig in signals}
+    assert all(handler not in (signal.SIG_DFL, signal.default_int_handler)
+               for handler in serving.values()), serving
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert {sig: signal.getsignal(sig) for sig in signals} == {
+        signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler,
+        signal.SIGHUP: signal.SIG_DFL}

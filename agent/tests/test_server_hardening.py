@@ -205,14 +205,21 @@ def test_a_large_apply_does_not_stall_other_clients(
 
 
 # ------------------------------------------------------- 4: idle connections, fd limit
+# The connection-level promises hold on either event loop the server can run on
+# (`eventLoop`; the other tests here run on the default, uvloop).
+LOOPS = ("asyncio", "uvloop")
+
+
+@pytest.mark.parametrize("event_loop", LOOPS)
 def test_idle_tcp_connections_do_not_starve_valid_clients(
-        make_server: Callable[..., Hardened]) -> None:
+        make_server: Callable[..., Hardened], event_loop: str) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < 4096:
         pytest.skip(f"this machine's hard RLIMIT_NOFILE is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
     # Started with the usual soft limit of 1,024: the server raises its own.
-    server = make_server(extra={"handshakeTimeout": 1.0}, nofile=(1024, 4096))
+    server = make_server(extra={"handshakeTimeout": 1.0, "eventLoop": event_loop},
+                         nofile=(1024, 4096))
     baseline = server.open_fds()
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(1100)]
     try:
@@ -230,9 +237,11 @@ def test_idle_tcp_connections_do_not_starve_valid_clients(
     assert "out of system resource" not in log and "out of file descriptors" not in log
 
 
+@pytest.mark.parametrize("event_loop", LOOPS)
 def test_the_connection_limit_refuses_with_one_log_line(
-        make_server: Callable[..., Hardened]) -> None:
-    server = make_server(extra={"maxConnections": 20, "handshakeTimeout": 1.0})
+        make_server: Callable[..., Hardened], event_loop: str) -> None:
+    server = make_server(extra={"maxConnections": 20, "handshakeTimeout": 1.0,
+                                "eventLoop": event_loop})
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]
     try:
         time.sleep(0.3)
@@ -250,8 +259,10 @@ def test_the_connection_limit_refuses_with_one_log_line(
 
 
 # ------------------------------------------------------------------ 6: prompt shutdown
-def test_sigterm_with_open_watches_stops_at_once(make_server: Callable[..., Hardened]) -> None:
-    server = make_server()
+@pytest.mark.parametrize("event_loop", LOOPS)
+def test_sigterm_with_open_watches_stops_at_once(make_server: Callable[..., Hardened],
+                                                 event_loop: str) -> None:
+    server = make_server(extra={"eventLoop": event_loop})
     ctx = server.tls()
     streams = []
     for _ in range(20):

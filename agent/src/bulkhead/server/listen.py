@@ -55,7 +55,12 @@ def lean_tls_protocol(loop: asyncio.AbstractEventLoop, ssl_context: ssl.SSLConte
     documented API) sizes its buffer by its class attribute `max_size` and keeps it in
     `_ssl_buffer`/`_ssl_buffer_view`; its transport calls `get_buffer`, `recv_into` and
     `buffer_updated` in one go, and `buffer_updated` copies the bytes out at once, so
-    nothing is left in the buffer when another connection's read comes. The check builds
+    nothing is left in the buffer when another connection's read comes. On uvloop
+    (`eventLoop`, bulkhead.server.main) the same class runs over uvloop's TCP transport,
+    which treats it as any buffered protocol: libuv asks for the buffer, reads into it
+    and hands it back in one callback per read. Nothing here checks that of a later
+    uvloop or libuv (reads into buffers registered in advance would break it);
+    `test_concurrent_bodies_arrive_intact` does, on both loops. The check builds
     one instance, without a connection, and asks it for a buffer the way a transport does
     (`get_buffer(-1)`, the documented protocol API): it must be `buffer`."""
     view = memoryview(buffer)

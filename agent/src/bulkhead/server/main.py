@@ -232,34 +232,44 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
                                        "eventLoop": event_loop_name()}})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    handled: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
     with contextlib.suppress(NotImplementedError, AttributeError):  # no SIGHUP on Windows
         loop.add_signal_handler(signal.SIGHUP, revocation.refresh)
+        handled.append(signal.SIGHUP)
     if started is not None:
         started.set()
     try:
         await stop.wait()
     finally:
-        # Stop accepting, end every watch (agents reconnect to another server), let
-        # requests in flight finish for up to shutdown_timeout, then let go of the store.
-        await listener.close()
-        app[STOPPING].set()
-        app[HUB].close()
-        if compactor is not None:
-            compactor.cancel()
-        await runner.cleanup()
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
-        await store.close()
-        for task in (expiry, dns_expiry):
-            task.cancel()
+        try:
+            # Stop accepting, end every watch (agents reconnect to another server), let
+            # requests in flight finish for up to shutdown_timeout, then let go of the store.
+            await listener.close()
+            app[STOPPING].set()
+            app[HUB].close()
+            if compactor is not None:
+                compactor.cancel()
+            await runner.cleanup()
+            follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await asyncio.to_thread(flow_logs.close)
-        await asyncio.to_thread(dns_logs.close)
+                await follower
+            await store.close()
+            for task in (expiry, dns_expiry):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await asyncio.to_thread(flow_logs.close)
+            await asyncio.to_thread(dns_logs.close)
+        finally:
+            # While the loop runs: uvloop's close() leaves them in place (a stopped loop's
+            # remove_signal_handler does nothing), and the process would then ignore
+            # SIGTERM and SIGINT until it exits.
+            for handled_sig in handled:
+                loop.remove_signal_handler(handled_sig)
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
@@ -269,7 +279,7 @@ def event_loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractE
     """The event loop the server runs on, and its name. uvloop (libuv's loop, in C)
     carries a request's bytes between the socket and aiohttp with less of Python's time
     than asyncio's own loop (docs/benchmarks.md, "The server's event loop"); `auto` takes
-    it when it is installed (a dependency on Linux), `asyncio` keeps Python's own."""
+    it when it is installed (a dependency but on Windows), `asyncio` keeps Python's own."""
     if choice != "asyncio":
         try:
             import uvloop
