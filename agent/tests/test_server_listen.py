@@ -135,6 +135,21 @@ async def test_a_waiting_connection_costs_little_memory(served: Served) -> None:
             r.close()
 
 
+async def test_a_connections_socket_pauses_at_64_kib_and_resumes_at_16(served: Served
+                                                                        ) -> None:
+    """The same write-buffer marks under the TLS layer on either loop (uvloop's own low
+    mark would be 16 bytes)."""
+    connector = aiohttp.TCPConnector(ssl=served.client_ssl, limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(served.url + "/watch") as r:
+            assert await r.content.readline() == b"waiting\n"
+            [handler] = served.server.connections
+            assert handler.transport is not None
+            socket_transport = handler.transport._ssl_protocol._transport  # type: ignore[attr-defined]
+            assert socket_transport.get_write_buffer_limits() == (16 * 1024, 64 * 1024)
+            served.release.set()
+
+
 async def test_concurrent_bodies_arrive_intact(served: Served) -> None:
     """Many connections sending at once through the one buffer: each body reaches its
     handler byte for byte."""

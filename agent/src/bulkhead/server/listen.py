@@ -42,6 +42,7 @@ OUT_OF_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # for; a TLS record carries at most 16 KiB of data, so a larger read gains nothing.
 SHARED_READ_BUFFER = 256 * 1024
 DECRYPT_CHUNK = 16 * 1024
+WRITE_BUFFER_HIGH = 64 * 1024   # and a quarter of it, the low mark (asyncio's defaults)
 
 
 def lean_tls_protocol(loop: asyncio.AbstractEventLoop, ssl_context: ssl.SSLContext,
@@ -284,6 +285,10 @@ class Listener:
                            handshake, server_side=True,
                            ssl_handshake_timeout=self.handshake_timeout)
         transport, _ = await loop.connect_accepted_socket(lambda: tls, sock=conn)
+        # The socket's write buffer: writing pauses above 64 KiB and resumes below 16 KiB
+        # on either loop (uvloop's own default low mark is 16 bytes: a slow reader would
+        # get a pause and a resume for nearly every TLS record).
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         try:
             await handshake
         except BaseException:
