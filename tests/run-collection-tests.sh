@@ -20,4 +20,4 @@ export PATH="$venv/bin:$PATH"
 cd "$work/ansible_collections/bulkhead/microseg"
 [ $# -gt 0 ] || set -- -n 2 --dist loadfile tests/unit tests/integration
 # not exec: the EXIT trap above removes $work when pytest is done
-"$venv/bin/pytest" -p no:cacheprovider -q -c tests/pytest.ini "$@"
+"$venv/bin/pytest" -p no:cacheprovider -q --durations=10 -c tests/pytest.ini "$@"

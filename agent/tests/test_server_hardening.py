@@ -210,6 +210,12 @@ def test_a_large_apply_does_not_stall_other_clients(
 LOOPS = ("asyncio", "uvloop")
 
 
+def runs_on(server: Hardened, event_loop: str) -> bool:
+    """Whether the server says (`/metrics`) it runs on `event_loop`."""
+    metrics = server.conn.request("GET", "/metrics")
+    return f'bulkhead_server_info{{event_loop="{event_loop}"}} 1' in metrics.splitlines()
+
+
 @pytest.mark.parametrize("event_loop", LOOPS)
 def test_idle_tcp_connections_do_not_starve_valid_clients(
         make_server: Callable[..., Hardened], event_loop: str) -> None:
@@ -220,6 +226,7 @@ def test_idle_tcp_connections_do_not_starve_valid_clients(
     # Started with the usual soft limit of 1,024: the server raises its own.
     server = make_server(extra={"handshakeTimeout": 1.0, "eventLoop": event_loop},
                          nofile=(1024, 4096))
+    assert runs_on(server, event_loop)
     baseline = server.open_fds()
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(1100)]
     try:
@@ -242,6 +249,7 @@ def test_the_connection_limit_refuses_with_one_log_line(
         make_server: Callable[..., Hardened], event_loop: str) -> None:
     server = make_server(extra={"maxConnections": 20, "handshakeTimeout": 1.0,
                                 "eventLoop": event_loop})
+    assert runs_on(server, event_loop)
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]
     try:
         time.sleep(0.3)
@@ -263,6 +271,7 @@ def test_the_connection_limit_refuses_with_one_log_line(
 def test_sigterm_with_open_watches_stops_at_once(make_server: Callable[..., Hardened],
                                                  event_loop: str) -> None:
     server = make_server(extra={"eventLoop": event_loop})
+    assert runs_on(server, event_loop)
     ctx = server.tls()
     streams = []
     for _ in range(20):

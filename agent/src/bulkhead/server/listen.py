@@ -285,11 +285,12 @@ class Listener:
                            handshake, server_side=True,
                            ssl_handshake_timeout=self.handshake_timeout)
         transport, _ = await loop.connect_accepted_socket(lambda: tls, sock=conn)
-        # The socket's write buffer: writing pauses above 64 KiB and resumes below 16 KiB
-        # on either loop (uvloop's own default low mark is 16 bytes: a slow reader would
-        # get a pause and a resume for nearly every TLS record).
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         try:
+            # The socket's write buffer: writing pauses above 64 KiB and resumes below
+            # 16 KiB, asyncio's marks, on either loop (uvloop's own low mark is 16 bytes,
+            # which lets the queue run dry before it is refilled). Not on the fallback
+            # (`connect_accepted_socket(ssl=...)`): uvloop's own TLS keeps its marks.
+            transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
             await handshake
         except BaseException:
             transport.close()
