@@ -53,6 +53,7 @@ from tests.conftest import EtcdProcess, free_port  # noqa: E402
 from tests.procs import stop  # noqa: E402
 
 from bulkhead import pki  # noqa: E402
+from bulkhead.server.main import EVENT_LOOPS  # noqa: E402
 from bulkhead.store import Op  # noqa: E402
 from bulkhead.store.etcd import EtcdStore  # noqa: E402
 from bulkhead.store.sqlite import SQLiteStore  # noqa: E402
@@ -571,7 +572,7 @@ def main() -> int:
                              "the store and as many through the API, in turns")
     parser.add_argument("--client-writes", type=int, default=100,
                         help="writes through the project's own client (a connection each)")
-    parser.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"),
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS,
                         default="auto", help="the servers' eventLoop (default: auto, as "
                         "a server's config has it)")
     parser.add_argument("--json", action="store_true")

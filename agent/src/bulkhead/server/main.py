@@ -34,6 +34,7 @@ from bulkhead.store.flowlog import FlowLogConfig, FlowStoreError
 
 DEFAULT_CONFIG = Path("/etc/bulkhead/server.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/bulkhead")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")   # eventLoop: event_loop_factory
 
 
 class BadHttpFilter(logging.Filter):
@@ -270,9 +271,6 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
             # SIGTERM and SIGINT until it exits.
             for handled_sig in handled:
                 loop.remove_signal_handler(handled_sig)
-
-
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 def event_loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
