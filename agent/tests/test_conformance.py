@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,16 @@ import pytest
 import yaml
 
 from bulkhead.cli.main import main
-from bulkhead.conformance import CaseError, ModelDataplane, load_cases, report_json, run_cases
+from bulkhead.conformance import (
+    Case,
+    CaseError,
+    ModelDataplane,
+    load_cases,
+    report_json,
+    report_text,
+    run_cases,
+    run_cases_at_once,
+)
 
 CASES_DIR = Path(__file__).parent / "conformance"
 
@@ -116,3 +126,66 @@ def test_the_project_cases_pass_on_the_model() -> None:
     assert len(cases) >= 1
     results = run_cases(cases, ModelDataplane())
     assert report_json(results)["failed"] == []
+
+
+class Recording:
+    """A dataplane that records which of several ran which case, and that it was closed;
+    `slow` makes every case take a moment, so several really run at once."""
+
+    name = "recording"
+
+    def __init__(self, index: int, log: list[tuple[int, str]], closed: list[int],
+                 fail_on: str | None = None) -> None:
+        self.index, self.log, self.closed, self.fail_on = index, log, closed, fail_on
+        self.model = ModelDataplane()
+
+    def run(self, c: Case) -> list[bool]:
+        if c.name == self.fail_on:
+            raise RuntimeError(f"the lab of dataplane {self.index} broke")
+        time.sleep(0.01)
+        self.log.append((self.index, c.name))
+        return self.model.run(c)
+
+    def close(self) -> None:
+        self.closed.append(self.index)
+
+
+def test_cases_at_once_report_as_one_at_a_time(tmp_path: Path) -> None:
+    """Three dataplanes at once each take cases; the results, in the cases' order, are
+    the ones a single dataplane gives, and every dataplane is closed."""
+    cases = load_cases(CASES_DIR)
+    log: list[tuple[int, str]] = []
+    closed: list[int] = []
+    results = run_cases_at_once(cases, lambda i: Recording(i, log, closed), 3)
+    alone = run_cases(cases, ModelDataplane())
+    assert [r.case.name for r in results] == [c.name for c in cases]
+    assert [(r.actual, r.refused) for r in results] == [(r.actual, r.refused) for r in alone]
+    assert sorted(name for _, name in log) == sorted(c.name for c in cases)
+    assert {i for i, _ in log} == {0, 1, 2}   # each of them ran cases
+    assert sorted(closed) == [0, 1, 2]
+    assert report_text(results, "model") == report_text(alone, "model")
+
+
+def test_a_dataplane_that_breaks_stops_the_run_and_every_lab_is_closed() -> None:
+    cases = load_cases(CASES_DIR)
+    log: list[tuple[int, str]] = []
+    closed: list[int] = []
+    with pytest.raises(RuntimeError, match=r"the lab of dataplane [01] broke"):
+        run_cases_at_once(cases, lambda i: Recording(i, log, closed, fail_on=cases[5].name), 2)
+    assert sorted(closed) == [0, 1]
+    assert len(log) < len(cases)   # the other stopped after its case, not at the end
+
+
+@pytest.mark.parametrize("at_once", ["0", "5"])
+def test_at_once_out_of_range_is_refused_by_name(at_once: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["conformance", "run", str(CASES_DIR), "--at-once", at_once]) == 2
+    assert f"--at-once {at_once}: from 1 to 4" in capsys.readouterr().err
+
+
+def test_the_project_cases_pass_on_the_model_two_at_once(capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    assert main(["conformance", "run", str(CASES_DIR), "--at-once", "2"]) == 0
+    two = capsys.readouterr().out
+    assert main(["conformance", "run", str(CASES_DIR)]) == 0
+    assert two == capsys.readouterr().out

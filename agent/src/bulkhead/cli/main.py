@@ -19,8 +19,15 @@ from bulkhead.cli.dns import add_command as add_dns_command
 from bulkhead.cli.flows import add_command as add_flows_command
 from bulkhead.cli.preview import add_command as add_preview_command
 from bulkhead.cli.remote import add_commands, printable, run_remote
-from bulkhead.conformance import DATAPLANES, CaseError, load_cases, report_json, report_text
-from bulkhead.conformance import run_cases as run_conformance
+from bulkhead.conformance import (
+    DATAPLANES,
+    CaseError,
+    load_cases,
+    report_json,
+    report_text,
+    run_cases_at_once,
+)
+from bulkhead.conformance.runner import MAX_AT_ONCE
 from bulkhead.lab.cli import add_commands as add_lab_commands
 from bulkhead.model import LoadError, Snapshot, ValidationError, load_paths
 from bulkhead.policy import Evaluator, FailsafePort, Failsafes, Flow
@@ -131,15 +138,16 @@ def _verdict_json(v: Verdict) -> dict[str, object]:
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
+    if not 1 <= args.at_once <= MAX_AT_ONCE:
+        raise UsageError(f"--at-once {args.at_once}: from 1 to {MAX_AT_ONCE}")
     cases = [c for path in args.cases for c in load_cases(path)]
     if args.only:
         cases = [c for c in cases if c.name in args.only or set(args.only) & set(c.tags)]
-    dataplane = DATAPLANES[args.dataplane]()
-    results = run_conformance(cases, dataplane)
+    results = run_cases_at_once(cases, DATAPLANES[args.dataplane], args.at_once)
     if args.json:
         print(json.dumps(report_json(results), indent=2))
     else:
-        print(report_text(results, dataplane.name))
+        print(report_text(results, args.dataplane))
     return EXIT_FAILED if any(r.failed for r in results) else EXIT_OK
 
 
@@ -235,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true")
     run.add_argument("--only", action="append", metavar="NAME|TAG",
                      help="run only the cases with this name or tag")
+    run.add_argument("--at-once", type=int, default=1, metavar="N",
+                     help=f"run the cases on N dataplanes at once, 1 to {MAX_AT_ONCE} "
+                     "(nftables: a lab each, conf, conf2, ...); the report is the same")
     run.set_defaults(func=cmd_conformance)
 
     p = sub.add_parser("pki", help="create a CA and certificates for mutual TLS")

@@ -19,10 +19,11 @@ from bulkhead.conformance.runner import (
     report_text,
     run_case,
     run_cases,
+    run_cases_at_once,
 )
 
 __all__ = [
     "DATAPLANES", "Case", "CaseError", "CaseResult", "Dataplane", "ModelDataplane", "Probe",
     "Refused", "load_cases", "parse_case", "probe_flow", "report_json", "report_text",
-    "run_case", "run_cases", "wire_flow",
+    "run_case", "run_cases", "run_cases_at_once", "wire_flow",
 ]

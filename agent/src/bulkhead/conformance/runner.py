@@ -11,8 +11,10 @@ neither agreeing nor failing.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,29 +41,37 @@ class ModelDataplane:
                 for p in case.expect]
 
 
-def _nftables() -> Dataplane:
+def _model(index: int = 0) -> Dataplane:
+    return ModelDataplane()
+
+
+def _nftables(index: int = 0) -> Dataplane:
+    """The kernel dataplane; the `index`th of several at once has a lab of its own."""
     # Imported here: the kernel dataplane needs the lab, which the model dataplane does not.
     from bulkhead.conformance.kernel import NftablesDataplane
 
-    return NftablesDataplane()
+    return NftablesDataplane("conf" if index == 0 else f"conf{index + 1}")
 
 
-def _hns() -> Dataplane:
+def _hns(index: int = 0) -> Dataplane:
     from bulkhead.conformance.windows import WindowsDataplane
 
     return WindowsDataplane("hns")
 
 
-def _windows_firewall() -> Dataplane:
+def _windows_firewall(index: int = 0) -> Dataplane:
     from bulkhead.conformance.windows import WindowsDataplane
 
     return WindowsDataplane("windows-firewall")
 
 
-DATAPLANES: dict[str, Callable[[], Dataplane]] = {"model": ModelDataplane,
-                                                  "nftables": _nftables,
-                                                  "hns": _hns,
-                                                  "windows-firewall": _windows_firewall}
+# A dataplane by name: `DATAPLANES[name](index)` makes the `index`th (from 0) of the ones
+# that run cases at once (`run_cases_at_once`).
+DATAPLANES: dict[str, Callable[[int], Dataplane]] = {"model": _model,
+                                                     "nftables": _nftables,
+                                                     "hns": _hns,
+                                                     "windows-firewall": _windows_firewall}
+MAX_AT_ONCE = 4   # dataplanes at once: each kernel one is a lab with a server and 6 agents
 
 
 @dataclass
@@ -85,14 +95,58 @@ def run_case(case: Case, dataplane: Dataplane) -> CaseResult:
         return CaseResult(case, [], e.reason)
 
 
+def _close(dataplane: Dataplane) -> None:
+    close = getattr(dataplane, "close", None)
+    if close is not None:
+        close()
+
+
 def run_cases(cases: Sequence[Case], dataplane: Dataplane) -> list[CaseResult]:
     """Run every case; a dataplane with a `close()` (the kernel's lab) is closed after."""
     try:
         return [run_case(case, dataplane) for case in cases]
     finally:
-        close = getattr(dataplane, "close", None)
-        if close is not None:
-            close()
+        _close(dataplane)
+
+
+def run_cases_at_once(cases: Sequence[Case], make: Callable[[int], Dataplane],
+                      at_once: int) -> list[CaseResult]:
+    """Every case, on `at_once` dataplanes made by `make(0)`, `make(1)`, ..., each in a
+    thread of its own taking the next case not yet taken (the kernel's: a lab each, so
+    the time spent waiting for probes that time out overlaps). The results come in the
+    cases' order, as `run_cases` gives them. Each dataplane is closed after; if one
+    raises, the others stop after their current case and the error is raised."""
+    if not 1 <= at_once <= MAX_AT_ONCE:
+        raise ValueError(f"{at_once} dataplanes at once: from 1 to {MAX_AT_ONCE}")
+    at_once = min(at_once, max(1, len(cases)))
+    if at_once == 1:
+        return run_cases(cases, make(0))
+    results: list[CaseResult | None] = [None] * len(cases)
+    lock = threading.Lock()
+    taken = iter(range(len(cases)))
+    failed = threading.Event()
+
+    def work(index: int) -> None:
+        dataplane = make(index)
+        try:
+            while not failed.is_set():
+                with lock:
+                    i = next(taken, None)
+                if i is None:
+                    return
+                results[i] = run_case(cases[i], dataplane)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            _close(dataplane)
+
+    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="conformance") as pool:
+        for done in [pool.submit(work, index) for index in range(at_once)]:
+            done.result()
+    done_all = [r for r in results if r is not None]
+    assert len(done_all) == len(cases)   # every case was taken, and none raised
+    return done_all
 
 
 def _table(case: Case, probes: list[tuple[Probe, bool]], actual: bool) -> list[str]:
