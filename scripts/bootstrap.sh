@@ -31,5 +31,9 @@ if "$VENV/bin/python" -m pip show -q bulkhead >/dev/null 2>&1; then
   "$VENV/bin/python" -m pip uninstall -q -y bulkhead
 fi
 # clickhouse and flows-test: the flow store's ClickHouse backend and the embedded engine
-# (chdb) its tests run on.
-"$VENV/bin/python" -m pip install -q -e "agent[dev,clickhouse,flows-test]" -r tests/requirements.txt
+# (chdb) its tests run on. --no-compile: Python compiles a module when it is first imported
+# (and keeps it in __pycache__); compiling every file at install, most of them never
+# imported here (about 21,000 files, 15,000 of them the `ansible` package's collections), took
+# half the install's time (69 s against 37 s with a warm pip cache).
+"$VENV/bin/python" -m pip install -q --no-compile -e "agent[dev,clickhouse,flows-test]" \
+  -r tests/requirements.txt
