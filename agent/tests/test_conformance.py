@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -170,10 +172,46 @@ def test_a_dataplane_that_breaks_stops_the_run_and_every_lab_is_closed() -> None
     cases = load_cases(CASES_DIR)
     log: list[tuple[int, str]] = []
     closed: list[int] = []
-    with pytest.raises(RuntimeError, match=r"the lab of dataplane [01] broke"):
+    with pytest.raises(RuntimeError, match=r"the lab of dataplane [01] broke") as broke:
         run_cases_at_once(cases, lambda i: Recording(i, log, closed, fail_on=cases[5].name), 2)
     assert sorted(closed) == [0, 1]
     assert len(log) < len(cases)   # the other stopped after its case, not at the end
+    assert any(f"case {cases[5].name}" in note for note in broke.value.__notes__)
+
+
+def test_a_dataplane_that_cannot_be_made_stops_the_others() -> None:
+    cases = load_cases(CASES_DIR)
+    log: list[tuple[int, str]] = []
+    closed: list[int] = []
+
+    def make(i: int) -> Recording:
+        if i == 1:
+            raise OSError("no lab for you")
+        return Recording(i, log, closed)
+    with pytest.raises(OSError, match="no lab for you") as refused:
+        run_cases_at_once(cases, make, 2)
+    assert closed == [0]              # the one made is closed, the other never was
+    assert len(log) < len(cases)
+    assert "dataplane 1, before its first case" in refused.value.__notes__[0]
+
+
+class Interrupting(Recording):
+    """Ctrl-C reaches the main thread while this dataplane runs its third case."""
+
+    def run(self, c: Case) -> list[bool]:
+        if len(self.log) == 2:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        return super().run(c)
+
+
+def test_ctrl_c_stops_every_dataplane_after_its_case_and_closes_them() -> None:
+    cases = load_cases(CASES_DIR)
+    log: list[tuple[int, str]] = []
+    closed: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_cases_at_once(cases, lambda i: Interrupting(i, log, closed), 2)
+    assert sorted(closed) == [0, 1]
+    assert len(log) < 10 < len(cases)   # stopped soon, not after every case
 
 
 @pytest.mark.parametrize("at_once", ["0", "5"])
@@ -189,3 +227,51 @@ def test_the_project_cases_pass_on_the_model_two_at_once(capsys: pytest.CaptureF
     two = capsys.readouterr().out
     assert main(["conformance", "run", str(CASES_DIR)]) == 0
     assert two == capsys.readouterr().out
+
+
+class PaperLab:
+    """Stands in for a testbed's lab in `NftablesDataplane.run`: six hosts, addresses
+    taken and forgotten. Only the retry logic is under test here; `make
+    conformance-kernel` runs the real labs."""
+
+    def __init__(self) -> None:
+        self.hosts = {f"h{i}": None for i in range(1, 7)}
+
+    def set_addresses_many(self, addresses: dict[str, list[str]]) -> None:
+        self.addresses = addresses
+
+
+class PaperBed:
+    failsafe_defaults = False
+
+    def __init__(self) -> None:
+        self.lab = PaperLab()
+
+    def replace_all(self, docs: list[dict[str, Any]], marker: str) -> int:
+        return 7
+
+    def wait_converged(self, revision: int) -> float:
+        return 0.01
+
+
+def test_an_expected_allowed_probe_that_timed_out_is_asked_again_slowly(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The first round: every probe timed out. The probes expected to get through are
+    asked once more with RETRY_TIMEOUT, and their second answer counts; those expected to
+    be denied are not asked again."""
+    from bulkhead.conformance import kernel
+
+    [c] = load_cases(write(tmp_path, case()))   # web->db TCP/80 denied, db->web ICMP allowed
+    rounds: list[tuple[list[str], float]] = []
+
+    def wire(bed: Any, flows: list[kernel.WireFlow], timeout: float = kernel.PROBE_TIMEOUT
+             ) -> list[bool]:
+        rounds.append(([f.proto for f in flows], timeout))
+        return [len(rounds) > 1] * len(flows)   # nothing back at first, then an answer
+    monkeypatch.setattr(kernel, "wire_verdicts", wire)
+    dataplane = kernel.NftablesDataplane()
+    dataplane.testbed = PaperBed()  # type: ignore[assignment]
+    assert dataplane.run(c) == [False, True]
+    assert rounds == [(["TCP", "ICMP"], kernel.PROBE_TIMEOUT),
+                      (["ICMP"], kernel.RETRY_TIMEOUT)]
+    assert dataplane.retried == 1

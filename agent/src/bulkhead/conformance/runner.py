@@ -127,23 +127,37 @@ def run_cases_at_once(cases: Sequence[Case], make: Callable[[int], Dataplane],
     failed = threading.Event()
 
     def work(index: int) -> None:
-        dataplane = make(index)
+        dataplane: Dataplane | None = None
+        i: int | None = None
         try:
+            dataplane = make(index)
             while not failed.is_set():
                 with lock:
                     i = next(taken, None)
                 if i is None:
                     return
                 results[i] = run_case(cases[i], dataplane)
-        except BaseException:
+        except BaseException as e:
             failed.set()
+            lab = getattr(dataplane, "lab_name", None)
+            e.add_note(f"conformance: dataplane {index}" + (f" (lab {lab})" if lab else "")
+                       + (f", case {cases[i].name}" if i is not None else
+                          ", before its first case"))
             raise
         finally:
-            _close(dataplane)
+            if dataplane is not None:
+                _close(dataplane)
 
     with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="conformance") as pool:
-        for done in [pool.submit(work, index) for index in range(at_once)]:
-            done.result()
+        futures = [pool.submit(work, index) for index in range(at_once)]
+        try:
+            for done in futures:
+                done.result()
+        except BaseException:
+            # The first error (or Ctrl-C here): the others stop after their current case,
+            # and leaving the `with` waits for them to close their labs.
+            failed.set()
+            raise
     done_all = [r for r in results if r is not None]
     assert len(done_all) == len(cases)   # every case was taken, and none raised
     return done_all
