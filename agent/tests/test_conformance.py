@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -275,3 +276,21 @@ def test_an_expected_allowed_probe_that_timed_out_is_asked_again_slowly(
     assert rounds == [(["TCP", "ICMP"], kernel.PROBE_TIMEOUT),
                       (["ICMP"], kernel.RETRY_TIMEOUT)]
     assert dataplane.retried == 1
+
+
+def test_when_every_dataplane_breaks_the_error_notes_the_others() -> None:
+    cases = load_cases(CASES_DIR)
+    closed: list[int] = []
+
+    class Broken(Recording):
+        def run(self, c: Case) -> list[bool]:
+            time.sleep(0.05)   # both have taken a case before either raises
+            raise RuntimeError(f"the lab of dataplane {self.index} broke")
+    with pytest.raises(RuntimeError) as broke:
+        run_cases_at_once(cases, lambda i: Broken(i, [], closed), 2)
+    first = re.fullmatch(r"the lab of dataplane (\d) broke", str(broke.value))
+    assert first is not None
+    other = 1 - int(first.group(1))
+    assert any(f"and also RuntimeError('the lab of dataplane {other} broke')" in note
+               for note in broke.value.__notes__)
+    assert sorted(closed) == [0, 1]

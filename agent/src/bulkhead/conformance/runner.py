@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -153,10 +153,16 @@ def run_cases_at_once(cases: Sequence[Case], make: Callable[[int], Dataplane],
         try:
             for done in futures:
                 done.result()
-        except BaseException:
-            # The first error (or Ctrl-C here): the others stop after their current case,
-            # and leaving the `with` waits for them to close their labs.
+        except BaseException as first:
+            # The first error (or Ctrl-C here): the others stop after their current case
+            # and close their labs; what else failed meanwhile is noted on the first.
             failed.set()
+            wait(futures)
+            for done in futures:
+                other = done.exception()
+                if other is not None and other is not first:
+                    first.add_note(f"conformance: and also {other!r}"
+                                   + "".join(f"; {n}" for n in getattr(other, "__notes__", ())))
             raise
     done_all = [r for r in results if r is not None]
     assert len(done_all) == len(cases)   # every case was taken, and none raised
