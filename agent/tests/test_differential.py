@@ -26,7 +26,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from bulkhead.conformance import wire_flow
-from bulkhead.conformance.kernel import WireFlow, wire_verdicts
+from bulkhead.conformance.kernel import RETRY_TIMEOUT, WireFlow, wire_verdicts
 from bulkhead.model import API_VERSION, DEFAULT_ALLOW_PROFILE, Snapshot, parse_resource
 from bulkhead.policy import Evaluator, Failsafes, Flow
 from bulkhead.policy.explain import explain_text
@@ -39,7 +39,6 @@ V6 = {h: f"2001:2::{10 + i}" for i, h in enumerate(HOSTS)}
 POLICY_SETS = 14          # examples per run
 FLOWS = 48                # flows per policy set: 672 per run
 MIN_FLOWS = 500
-RETRY_TIMEOUT = 3.0       # a flow that differs is probed again, with this timeout
 
 LABELS = {"app": ("web", "db", "cache"), "zone": ("dmz", "lan"), "env": ("prod", "dev")}
 PORTS = (80, 443, 5432, 8080)                     # the ports flows go to
