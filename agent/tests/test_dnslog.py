@@ -115,6 +115,8 @@ def test_the_aggregator_is_bounded() -> None:
     ({"latency_count": 4}, "latency_count"),
     ({"latency_mean_ms": -1}, "latency_mean_ms"),
     ({"latency_max_ms": float("nan")}, "latency_max_ms"),
+    ({"latency_mean_ms": 10 ** 400}, "latency_mean_ms"),   # beyond a float: no OverflowError
+    ({"start": 10 ** 400}, "start"),
     ({"server_type": "net", "server_name": "resolver"}, "server_name"),
     ({"start": NOW + 1}, "start"),
     ({"extra": 1}, "extra"),

@@ -41,6 +41,16 @@ def test_too_many_records_and_times_kept_to_the_microsecond() -> None:
     assert record.end == 1_700_000_000.123457
 
 
+def test_times_beyond_a_float_are_refused_naming_the_field() -> None:
+    """An integer too large for a float (an OverflowError in float()) is a bad time, named
+    by its field and shown shortened."""
+    for key in ("start", "end"):
+        doc = {**flow_doc(), key: 10 ** 400}
+        with pytest.raises(FlowRecordError, match=rf"^records\[0\]\.{key}: an integer of "
+                           r"401 digits is not a time"):
+            parse_batch({"records": [doc]}, time.time())
+
+
 def test_destination_domains_are_optional_and_checked() -> None:
     """`dst_domains`: left out (an agent from before the field) or null is "not known";
     a list is the names, sorted; anything else is refused naming the field."""

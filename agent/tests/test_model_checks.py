@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import netaddr
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -134,3 +135,28 @@ def test_nets_read_in_bulk_are_what_check_cidr_reads_one_by_one(
     assert got is not None, values
     v4, v6 = parse_spans(want)
     assert got == (want, (tuple(v4), tuple(v6))), values
+
+
+def test_numbers_beyond_any_range_are_validation_errors_naming_the_field() -> None:
+    """Strings of thousands of digits (int() refuses them) and integers beyond a float's
+    range (float() overflows) are refused by field, with the value shortened."""
+    cases = [
+        ({"ingress": [{"action": "Allow", "protocol": "1" * 5000}]},
+         r"spec.ingress\[0\].protocol: \"1{64}\.\.\.\" \(5,000 characters\) is not a "
+         r"protocol number"),
+        ({"ingress": [{"action": "Allow", "protocol": "TCP",
+                       "destination": {"ports": ["9" * 5000]}}]},
+         r"ports\[0\]: \"9{64}\.\.\.\" \(5,000 characters\) is out of range 1-65535"),
+        ({"ingress": [{"action": "Allow", "protocol": "TCP",
+                       "destination": {"ports": ["1:" + "9" * 5000]}}]},
+         r"ports\[0\]: .*: ports are 1-65535"),
+        ({"order": 10 ** 400}, r"spec.order: must be a finite number, not an integer of 401 "
+         r"digits"),
+    ]
+    for spec, problem in cases:
+        with pytest.raises(ValidationError, match=problem):
+            parse_resource(gnp(spec))
+    policy = parse_resource(gnp({"ingress": [{"action": "Allow", "protocol": "0006",
+                                              "destination": {"ports": ["000080:0000443"]}}]}))
+    assert isinstance(policy, GlobalNetworkPolicy)   # leading zeros still read
+    assert policy.spec.ingress[0].destination.ports == (PortRange(80, 443),)

@@ -96,3 +96,34 @@ def test_strict_json_reads_what_json_loads_reads() -> None:
     assert json_value('{"a": {"b": [1, {"a": 2}]}, "b": "\\u00e9"}', "body") == {
         "a": {"b": [1, {"a": 2}]}, "b": "é"}
     assert json_value('{"a": 1}'.encode("utf-16"), "body") == {"a": 1}
+
+
+def test_values_yaml_cannot_read_are_load_errors_naming_the_document() -> None:
+    """An integer of thousands of digits (beyond Python's limit on reading one) is a
+    LoadError naming the document, not a ValueError escaping to the caller."""
+    text = yaml.safe_dump(gnp({}, "ok")) + "---\n" + "order: " + "9" * 5000 + "\n"
+    with pytest.raises(LoadError, match=r"^f.yaml: document 2: not valid YAML or JSON: "
+                       r"Exceeds the limit \(4300 digits\)"):
+        load_text(text, "f.yaml")
+
+
+def test_plain_scalars_mean_what_they_mean_to_calicoctl() -> None:
+    """go-yaml (Calico's YAML library) reads no base-60 numbers and gives timestamps to a
+    generic value as strings: `20:30` is a port range, not the integer 1230, and a date,
+    valid or not, is text."""
+    text = f"""apiVersion: {V3}
+kind: GlobalNetworkPolicy
+metadata: {{name: ranges, labels: {{released: 2024-01-31}}}}
+spec:
+  ingress:
+  - action: Allow
+    protocol: TCP
+    destination: {{ports: [20:30, 1:05, 80, 0x1f]}}
+"""
+    policy = load_text(text)[0]
+    assert isinstance(policy, GlobalNetworkPolicy)
+    assert policy.spec.ingress[0].destination.ports == (
+        PortRange(20, 30), PortRange(1, 5), PortRange(80, 80), PortRange(31, 31))
+    assert policy.labels == {"released": "2024-01-31"}
+    bad_date = text.replace("2024-01-31", "2001-13-45")
+    assert load_text(bad_date)[0].labels["released"] == "2001-13-45"

@@ -312,3 +312,60 @@ async def test_a_stopped_server_gives_its_signals_back(tmp_path: Path) -> None:
     assert {sig: signal.getsignal(sig) for sig in signals} == {
         signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler,
         signal.SIGHUP: signal.SIG_DFL}
+
+
+async def test_a_compressed_body_is_refused_whole(server: Server) -> None:
+    """A gzip body of 51 tiers: aiohttp would inflate it while Content-Length gives the
+    compressed size, and a read by Content-Length applied the first tier only, with a 200.
+    It is refused (415, naming the header) and nothing is written; the same text sent as
+    it is (`identity`) applies every tier."""
+    import gzip
+    text = "".join(f"apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {{name: t{i}}}\n"
+                   f"spec: {{order: {100 + i}}}\n# {'x' * 40}{i}\n---\n" for i in range(51))
+    async with server.client("alice", "admin") as c:
+        for coding in ("gzip", "deflate", "br"):
+            body = gzip.compress(text.encode()) if coding == "gzip" else text.encode()
+            async with c.post("/v1/apply", data=body, headers={
+                    "Content-Type": "application/yaml", "Content-Encoding": coding}) as r:
+                assert r.status == 415, await r.text()
+                assert f"Content-Encoding '{coding}'" in (await r.json())["error"]["message"]
+        async with c.get("/v1/resources/Tier") as r:
+            assert (await r.json())["items"] == []
+        async with c.post("/v1/apply", data=text, headers={
+                "Content-Type": "application/yaml", "Content-Encoding": "identity"}) as r:
+            assert r.status == 200 and len((await r.json())["results"]) == 51
+
+
+async def test_a_watcher_ahead_of_the_store_takes_a_snapshot(server: Server) -> None:
+    """A revision the datastore never reached (an agent from before a restore from
+    backup): still ahead when the timeout runs out, the watcher is sent a snapshot with
+    the store's revision; with events only after its own revision it would never see the
+    changes in between. One a moment ahead (another server's hub ahead of this one) is
+    answered with the events once the store gets past it."""
+    async with server.client("alice", "admin") as admin, \
+            server.client("web-1", "agent") as agent:
+        async with admin.post("/v1/resources/GlobalNetworkPolicy", json=gnp("a")) as r:
+            assert r.status == 201
+        async with agent.get("/v1/watch") as r:
+            now = (await r.json())["revision"]
+        for timeout in ("0", "0.3"):
+            async with agent.get("/v1/watch", params={"revision": str(now + 1000),
+                                                      "timeout": timeout}) as r:
+                body = await r.json()
+            assert body["type"] == "snapshot" and body["revision"] == now
+            assert [i["metadata"]["name"] for i in body["items"]] == ["a"]
+        async with agent.get("/v1/watch", params={"revision": str(now + 1000),
+                                                  "timeout": "0.3", "stream": "true"}) as r:
+            line = json.loads(await r.content.readline())
+        assert line["type"] == "snapshot" and line["revision"] == now
+        ahead = asyncio.ensure_future(agent.get("/v1/watch", params={
+            "revision": str(now + 1), "timeout": "20"}))
+        await asyncio.sleep(0.2)
+        for name in ("b", "c"):
+            async with admin.post("/v1/resources/GlobalNetworkPolicy", json=gnp(name)) as r:
+                assert r.status == 201
+        resp = await asyncio.wait_for(ahead, 20)
+        body = await resp.json()
+        resp.release()
+        assert body["type"] == "events" and body["revision"] >= now + 2
+        assert [e["name"] for e in body["events"]] == ["c"]   # after now + 1: b's was seen

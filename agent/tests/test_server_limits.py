@@ -324,6 +324,13 @@ def test_a_status_report_is_bounded(pki_dir: Path,  # noqa: F811
     assert err.value.status == 422 and "errors[0]" in err.value.message
     node = server.conn.request("GET", "/v1/nodes")["nodes"][0]
     assert node["node"] == "web-1" and node["errors"] == errors
+    # A counter beyond a float's range is refused by name, not a 500 (isfinite() of it
+    # raises OverflowError).
+    with pytest.raises(ApiError) as err:
+        conn.request("POST", "/v1/status/web-1", {"appliedRevision": 1,
+                                                  "counters": {"a": 10 ** 400}})
+    assert err.value.status == 422 and "counters.a: must be a finite number" in \
+        err.value.message
 
 
 # ----------------------------------------------------------------------------- item 13

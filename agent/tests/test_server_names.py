@@ -63,3 +63,61 @@ async def test_metrics_are_for_admins_and_viewers(server: Server) -> None:
             else:
                 assert (await r.json())["error"]["message"] == \
                     "agent web-1 may not GET /metrics"
+
+
+async def test_a_caller_the_route_is_not_for_is_refused_before_its_path_is_read(
+        server: Server) -> None:
+    """The role first, then the name: an agent writing a resource is told it may not
+    (403) whether the name in the path is valid or not; an admin is told what is wrong
+    with the name (400)."""
+    async with server.client("web-1", "agent") as agent:
+        for name in ("good-name", "Bad_Name"):
+            async with agent.put(f"/v1/resources/gnp/{name}", data=b"{}") as r:
+                assert r.status == 403, (name, r.status)
+            async with agent.delete(f"/v1/resources/gnp/{name}") as r:
+                assert r.status == 403, (name, r.status)
+    async with server.client("alice", "admin") as admin:
+        async with admin.put("/v1/resources/gnp/Bad_Name", data=b"{}") as r:
+            assert r.status == 400
+            assert "is not a valid" in (await r.json())["error"]["message"]
+        # A body of another kind is named, shortened: a megabyte of kind is not sent back.
+        async with admin.post("/v1/resources/gnp", json={"kind": "K" * 1_000_000}) as r:
+            assert r.status == 400
+            message = (await r.json())["error"]["message"]
+        assert message.startswith("the body is a 'KKKK") and len(message) < 200
+
+
+async def test_history_limits_and_resource_versions_are_read_whole(server: Server) -> None:
+    """`limit` is ASCII digits read whole ("00001000000" is a million, refused; "²" is no
+    digit, a 400 not a 500); a `resourceVersion` is digits as the server wrote them: the
+    store's own words for "only create" and "only replace" are not versions."""
+    async with server.client("alice", "admin") as c:
+        for raw in ("00001000000", "1001", "0", "²", "1" * 5000, "x"):
+            async with c.get("/v1/history", params={"limit": raw}) as r:
+                assert r.status == 400, (raw[:20], r.status)
+                assert "limit:" in (await r.json())["error"]["message"]
+        async with c.get("/v1/history", params={"limit": "0000000010"}) as r:
+            assert r.status == 200
+        tier = {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
+                "metadata": {"name": "ghost"}, "spec": {"order": 10}}
+        for version in ("absent", "present", "x1", {"a": [1]}, -1, "1" * 20):
+            doc = {**tier, "metadata": {"name": "ghost", "resourceVersion": version}}
+            async with c.put("/v1/resources/tier/ghost", json=doc) as r:
+                assert r.status == 422, (version, r.status)
+                assert "metadata.resourceVersion: must be a revision" in \
+                    (await r.json())["error"]["message"]
+            async with c.delete("/v1/resources/tier/ghost",
+                                params={"resourceVersion": str(version)}) as r:
+                assert r.status == 400, (version, r.status)
+                assert "resourceVersion:" in (await r.json())["error"]["message"]
+        async with c.get("/v1/resources/tier/ghost") as r:
+            assert r.status == 404            # nothing was created
+        async with c.post("/v1/resources/tier", json=tier) as r:
+            created = (await r.json())["metadata"]["resourceVersion"]
+        stale = {**tier, "metadata": {"name": "ghost",
+                                      "resourceVersion": str(int(created) + 5)}}
+        async with c.put("/v1/resources/tier/ghost", json=stale) as r:
+            assert r.status == 409
+        fresh = {**tier, "metadata": {"name": "ghost", "resourceVersion": int(created)}}
+        async with c.put("/v1/resources/tier/ghost", json=fresh) as r:
+            assert r.status == 200            # a number as YAML reads one is a version too

@@ -244,6 +244,8 @@ def check_protocol(r: Reader, value: object) -> str | int:
         return value
     if isinstance(value, str):
         if value.isascii() and value.isdigit():
+            if len(value.lstrip("0")) > 3:   # int() of thousands of digits refuses
+                raise r.fail(f"{show(value)} is not a protocol number (1-255)")
             return check_protocol(r, int(value))
         if value in CANONICAL_PROTOCOL.values():
             return value
@@ -306,11 +308,15 @@ def check_port(r: Reader, value: object) -> Port:
     if isinstance(value, str):
         text = value
         if text.isascii() and text.isdigit():
+            if len(text.lstrip("0")) > 5:   # int() of thousands of digits refuses
+                raise r.fail(f"{show(value)} is out of range 1-65535")
             return check_port(r, int(text))
         first, sep, last = text.partition(":")
         if sep:
             if not (text.isascii() and first.isdigit() and last.isdigit()):
                 raise r.fail(f"{show(value)} {_PORT_ERROR}")
+            if len(first.lstrip("0")) > 5 or len(last.lstrip("0")) > 5:
+                raise r.fail(f"{show(value)}: ports are 1-65535")
             lo, hi = int(first), int(last)
             if lo < 1 or hi > 65535:
                 raise r.fail(f"{show(value)}: ports are 1-65535")

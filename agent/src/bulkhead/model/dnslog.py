@@ -31,6 +31,7 @@ from bulkhead.model.flowlog import (
     dns_name,
     parse_batch,
 )
+from bulkhead.model.reader import show
 
 MAX_ANSWERS = 32           # answer records kept per record
 MAX_ANSWER = 300           # "NAME TYPE VALUE"
@@ -80,9 +81,13 @@ def _ms(doc: Mapping[str, Any], key: str) -> float:
     value = doc.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DnsRecordError(f"{key}: expected milliseconds, got {_kind(value)}")
-    if not math.isfinite(value) or not 0 <= value <= MAX_LATENCY_MS:
-        raise DnsRecordError(f"{key}: {value!r} is not 0 to {MAX_LATENCY_MS:.0f} ms")
-    return round(float(value), 3)
+    try:
+        ms = float(value)
+    except OverflowError:   # an integer beyond a float's range
+        ms = math.inf
+    if not math.isfinite(ms) or not 0 <= ms <= MAX_LATENCY_MS:
+        raise DnsRecordError(f"{key}: {show(value)} is not 0 to {MAX_LATENCY_MS:.0f} ms")
+    return round(ms, 3)
 
 
 def _qname(doc: Mapping[str, Any]) -> str:

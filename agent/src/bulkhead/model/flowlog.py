@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bulkhead.model.reader import show
+
 REPORTERS = ("src", "dst")
 # Protocols whose packets carry ports (TCP, UDP, SCTP, UDP-Lite); a record of any other
 # has dst_port 0.
@@ -189,11 +191,14 @@ def _time(doc: Mapping[str, Any], key: str, now: float) -> float:
     value = doc.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FlowRecordError(f"{key}: expected unix seconds, got {_kind(value)}")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:   # an integer beyond a float's range
+        seconds = math.inf
     if not math.isfinite(seconds) or seconds < 0:
-        raise FlowRecordError(f"{key}: {value!r} is not a time")
+        raise FlowRecordError(f"{key}: {show(value)} is not a time")
     if seconds > now + MAX_FUTURE_SECONDS:
-        raise FlowRecordError(f"{key}: {value!r} is more than an hour in the future")
+        raise FlowRecordError(f"{key}: {show(value)} is more than an hour in the future")
     # Kept to the microsecond, as every store keeps it (ClickHouse's DateTime64(6)).
     return round(seconds, 6)
 

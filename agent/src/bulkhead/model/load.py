@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -62,6 +63,32 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_NUMBERS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
+
+
+def _read_as_calico_does(resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]]
+                         ) -> dict[Any, list[tuple[str, re.Pattern[str]]]]:
+    """PyYAML's implicit types less two YAML 1.1 readings Calico's YAML library (go-yaml,
+    through sigs.k8s.io/yaml) does not make, so a plain scalar means what it means to
+    calicoctl: base-60 numbers (`20:30`, a port range, is not the integer 1230) and
+    timestamps (`2024-01-31` is a string, as go-yaml gives one to a generic value; an
+    impossible date such as `2001-13-45` is a string too, not an error)."""
+    out: dict[Any, list[tuple[str, re.Pattern[str]]]] = {}
+    for first, pairs in resolvers.items():
+        kept: list[tuple[str, re.Pattern[str]]] = []
+        for tag, pattern in pairs:
+            if tag == _TIMESTAMP:
+                continue
+            if tag in _NUMBERS:   # no colon anywhere: no base-60 reading
+                pattern = re.compile("(?!.*:)" + pattern.pattern, pattern.flags)
+            kept.append((tag, pattern))
+        out[first] = kept
+    return out
+
+
+_StrictLoader.yaml_implicit_resolvers = _read_as_calico_does(_BaseLoader.yaml_implicit_resolvers)
+
 
 def strict_yaml(text: str) -> Any:
     """One YAML document, with what `documents` refuses refused (yaml.YAMLError)."""
@@ -116,6 +143,10 @@ def documents(text: str, source: str = "<input>") -> list[Any]:
         raise LoadError(f"{source}: not valid YAML or JSON: {e}") from None
     except RecursionError:
         raise LoadError(f"{source}: not valid YAML or JSON: nested too deeply") from None
+    except (ValueError, OverflowError) as e:   # a value the constructors refuse: an
+        # integer of thousands of digits (Python's limit on reading one)
+        raise LoadError(f"{source}: document {len(docs) + 1}: not valid YAML or JSON: "
+                        f"{str(e).split(';')[0]}") from None
     return flatten(docs, source)
 
 

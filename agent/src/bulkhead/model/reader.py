@@ -7,6 +7,7 @@ so a check deep in a rule raises `GlobalNetworkPolicy x: spec.ingress[0].protoco
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -16,11 +17,20 @@ from bulkhead.model.errors import ValidationError
 T = TypeVar("T")
 
 
+SHOWN = 64   # characters of a value an error message repeats; the rest is counted
+
+
 def show(value: Any) -> str:
-    """A value as it appears in an error message."""
+    """A value as it appears in an error message: at most about SHOWN characters of it,
+    whatever its size (a hostile manifest's megabyte string is not sent back whole)."""
     if isinstance(value, str):
-        return '"' + value + '"'
-    return repr(value) if not isinstance(value, (int, float)) else str(value)
+        if len(value) <= SHOWN:
+            return '"' + value + '"'
+        return f'"{value[:SHOWN]}..." ({len(value):,} characters)'
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {len(str(abs(value))):,} digits"
+    text = repr(value) if not isinstance(value, (int, float)) else str(value)
+    return text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text):,} characters)"
 
 
 class Reader:
@@ -116,9 +126,13 @@ class Reader:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(f"must be a number, not {show(value)}", field)
-        if value != value or value in (float("inf"), float("-inf")):
+        try:
+            number = float(value)
+        except OverflowError:   # an integer beyond a float's range (about 1.8e308)
+            raise self.fail(f"must be a finite number, not {show(value)}", field) from None
+        if not math.isfinite(number):
             raise self.fail("must be a finite number", field)
-        return float(value)
+        return number
 
     def integer(self, field: str, lo: int, hi: int) -> int | None:
         value = self.get(field)

@@ -85,15 +85,31 @@ def _read_metadata(r: Reader, name_check: Any = check_name) -> Metadata:
     check_labels(r.child("labels", labels), labels)
     annotations = r.str_map("annotations")
     check_annotations(r.child("annotations", annotations), annotations)
-    version = r.get("resourceVersion")
+    version = _resource_version(r)
     generation = r.integer("generation", 0, 2**63 - 1)
     meta = Metadata(
         name=name, labels=labels, annotations=annotations,
-        resource_version=None if version is None else str(version),
+        resource_version=version,
         uid=r.string("uid"), creation_timestamp=_timestamp(r), generation=generation,
     )
     r.done()
     return meta
+
+
+def _resource_version(r: Reader) -> str | None:
+    """The revision a write expects the resource to be at, as the server wrote it: digits
+    (a string, or a number as YAML reads one); empty is none, as in Kubernetes. Anything
+    else could never match, or would match what the store means by its own words for
+    "only create" and "only replace"."""
+    version = r.get("resourceVersion")
+    if version is None or version == "":
+        return None
+    text = str(version) if isinstance(version, int) and not isinstance(version, bool) \
+        else version
+    if not (isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= 19):
+        raise r.fail(f"must be a revision as the server wrote it (at most 19 digits), not "
+                     f"{show(version)}", "resourceVersion")
+    return text
 
 
 def _timestamp(r: Reader) -> str | None:

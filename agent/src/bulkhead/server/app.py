@@ -152,17 +152,6 @@ def peer_revoked(request: web.Request) -> bool:
     return revocation is not None and serial is not None and revocation.is_revoked(serial)
 
 
-def _check_name(request: web.Request) -> None:
-    """A NAME in the path must be a valid name for its KIND: 400, before any handler."""
-    if "name" not in request.match_info or "kind" not in request.match_info:
-        return
-    kind = _kind(request)
-    try:
-        check_resource_name(kind, request.match_info["name"])
-    except ValidationError as e:
-        raise ApiError(400, "BadRequest", f"{kind} {e.problem}") from None
-
-
 CLIENT_CLOSED = 499   # the access log's and metrics' status of a request its client ended
 CLIENT_GONE = "bulkhead.client_gone"   # set by a handler whose client left mid-answer
 
@@ -177,7 +166,6 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             identity = _identity(request)
             request[WHO] = identity
             who = f"{identity.role}:{identity.name}"
-            _check_name(request)
         response = await handler(request)
         status = CLIENT_CLOSED if request.get(CLIENT_GONE) else response.status
         return response
@@ -240,7 +228,16 @@ def _kind(request: web.Request) -> str:
 
 
 def _name(request: web.Request, key: str = "name") -> str:
+    """The NAME of the path, checked (400): for a resource, a valid name for its KIND.
+    Handlers ask for it after the caller's role, so a caller the route is not for is
+    told so (403) before anything of its request is read."""
     name = request.match_info[key]
+    if key == "name" and "kind" in request.match_info:
+        kind = _kind(request)
+        try:
+            check_resource_name(kind, name)
+        except ValidationError as e:
+            raise ApiError(400, "BadRequest", f"{kind} {e.problem}") from None
     if not name or len(name) > limits.MAX_NAME or not name.isprintable():
         raise ApiError(400, "BadRequest", f"{key} {name[:64]!r}: a name is 1 to "
                        f"{limits.MAX_NAME} printable characters")
@@ -403,6 +400,13 @@ async def get_resource(request: web.Request) -> web.Response:
 
 async def _text(request: web.Request, limit: int = MAX_BODY) -> str:
     """The body as text: at most `limit` bytes, UTF-8 (or ASCII), else a 4xx."""
+    # aiohttp would inflate a compressed body (the server turns that off: main.py) while
+    # Content-Length gives the compressed size, so a body read by it would be cut short
+    # and an apply half-read; no client of ours compresses, so a coding is refused.
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        raise ApiError(415, "UnsupportedMediaType", f"Content-Encoding {coding[:40]!r}: "
+                       "bodies are not compressed; send the body as it is")
     charset = (request.charset or "utf-8").lower()
     if charset not in TEXT_CHARSETS:
         raise ApiError(415, "UnsupportedMediaType", f"charset {charset[:40]!r}: bodies are "
@@ -456,8 +460,8 @@ async def write_resource(request: web.Request) -> web.Response:
         _name(request)
     doc = await _body(request)
     if isinstance(doc, dict) and doc.get("kind") != kind:
-        raise ApiError(400, "BadRequest", f"the body is a {doc.get('kind')}, the URL says "
-                       f"{kind}")
+        raise ApiError(400, "BadRequest", f"the body is a {str(doc.get('kind'))[:64]!r}, "
+                       f"the URL says {kind}")
     resource = _parse(doc)
     if request.method == "PUT" and resource.name != request.match_info["name"]:
         raise ApiError(400, "BadRequest", f"the body names {resource.name}, the URL "
@@ -477,8 +481,8 @@ async def write_resource(request: web.Request) -> web.Response:
             raise _already_exists(kind, resource.name)
         if not creating and old is None:
             raise ApiError(404, "NotFound", f"{kind} {resource.name} not found")
-    version = doc.get("metadata", {}).get("resourceVersion")
-    expect = "absent" if creating else (str(version) if version else "present")
+    version = resource.metadata.resource_version   # digits, or None (validated)
+    expect = "absent" if creating else (version or "present")
     if dry_run:
         return _json(_diff_entry(resource, old), 200)
     try:
@@ -503,6 +507,7 @@ async def delete_resource(request: web.Request) -> web.Response:
     identity = _require(request, "admin")
     store = request.app[STORE]
     kind, name = _kind(request), _name(request)
+    version = limits.revision_param(request.query.get("resourceVersion"), "resourceVersion")
     old = await _current(store, kind, name)
     if old is None:
         raise ApiError(404, "NotFound", f"{kind} {name} not found")
@@ -513,7 +518,7 @@ async def delete_resource(request: web.Request) -> web.Response:
         return _json({"kind": kind, "name": name, "action": "deleted"})
     try:
         tx = await store.transaction([Op("delete", kind, name,
-                                         expect=request.query.get("resourceVersion"),
+                                         expect=None if version is None else str(version),
                                          unreferenced=TIER_USERS if kind == "Tier" else None)],
                                      _audit(identity))
     except Conflict as e:
@@ -944,7 +949,9 @@ async def history(request: web.Request) -> web.Response:
     """`GET /v1/history[?limit=N][&kind=K][&name=NAME]`: who changed what, newest first."""
     _require(request, "admin", "viewer")
     raw = request.query.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw[:5]) <= 1000:
+    # ASCII digits only (str.isdigit takes "²", which int() refuses), the whole of them
+    # read: "00001000000" is a million, not 1.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10 and 1 <= int(raw) <= 1000):
         raise ApiError(400, "BadRequest", f"limit: {raw[:20]!r} is not a number from 1 to "
                        "1000")
     kind = None

@@ -205,7 +205,13 @@ class Hub:
 
     async def wait(self, after: int, timeout: float) -> tuple[list[WireEvent] | None, int]:
         """Events after `after` (waiting up to `timeout` for one) and the revision they
-        bring the caller to; None instead of events means: take a snapshot."""
+        bring the caller to; None instead of events means: take a snapshot.
+
+        A caller ahead of this hub (`after` above its revision) waits for it to get there
+        (a hub a moment behind another server's, on one etcd) and is then answered as any
+        other; still ahead when `timeout` runs out, it takes a snapshot: its revision is
+        one this datastore never reached (a datastore restored from a backup), and with
+        only events after it an agent would never see the changes in between."""
         self.watchers += 1
         try:
             loop = asyncio.get_running_loop()
@@ -213,15 +219,18 @@ class Hub:
             while True:
                 if self.closing:
                     return [], max(after, self.revision)
-                events = self.events_after(after)
+                events = self.events_after(after) if after <= self.revision else []
                 if events is None or events:
                     return events, self.revision
                 remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return [], max(after, self.revision)
-                try:
-                    await asyncio.wait_for(self._tick.wait(), remaining)
-                except TimeoutError:
-                    return [], max(after, self.revision)
+                if remaining > 0:
+                    try:
+                        await asyncio.wait_for(self._tick.wait(), remaining)
+                        continue
+                    except TimeoutError:
+                        pass
+                if after > self.revision:
+                    return None, self.revision
+                return [], self.revision
         finally:
             self.watchers -= 1

@@ -107,8 +107,9 @@ def agent_status(node: str, body: Any) -> dict[str, Any]:
         if len(key) > STATUS_MAX_COUNTER_NAME or not key.isprintable() or not key:
             raise BadInput(f"{where}: counters: {key[:40]!r}: a counter name is 1 to "
                            f"{STATUS_MAX_COUNTER_NAME} printable characters")
+        # The range first: isfinite() of an integer beyond a float's range raises.
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not math.isfinite(value) or abs(value) > 2**63:
+                abs(value) > 2**63 or not math.isfinite(value):
             raise BadInput(f"{where}: counters.{key}: must be a finite number")
     if len(errors) > STATUS_MAX_ERRORS:
         more = len(errors) - STATUS_MAX_ERRORS + 1

@@ -220,9 +220,10 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     app = make_app(store, hub, listener=listener, revocation=revocation, flow_logs=flow_logs,
                    dns_logs=dns_logs)
     # handler_cancellation: a stream whose client left is cancelled at once, not at its
-    # next heartbeat.
+    # next heartbeat. auto_decompress off: a compressed body is never inflated (a few KB
+    # of gzip can hold gigabytes); `_text` refuses one (415).
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                           shutdown_timeout=config.shutdown_timeout)
+                           shutdown_timeout=config.shutdown_timeout, auto_decompress=False)
     await runner.setup()
     assert runner.server is not None
     await listener.start(runner.server)
