@@ -112,6 +112,30 @@ def test_answers_fill_the_matching_sets_with_their_ttls(netns: str, tmp_path: Pa
 
 
 @ROOT
+def test_a_long_ttl_survives_a_table_replaced_whole(netns: str, tmp_path: Path) -> None:
+    """An answer's TTL of two days (172,800 s): a table replaced whole carries the element
+    in its own transaction, its timeout in nft's text. Written as `172800000ms` nft refused
+    it ("value too large") and with it the whole table."""
+    snooper, applier, sets = setup(netns, tmp_path)
+    try:
+        answer = response("www.example.org.", ("www.example.org.", 172_800, "A",
+                                                "198.18.3.5"))
+        future = snooper.packets(exchange(answer))
+        assert future is not None
+        future.result(timeout=10)
+        assert "198.18.3.5" in elements(netns, sets["www"])
+        applier.repair()
+        assert "198.18.3.5" in elements(netns, sets["www"])
+        listed = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "set", "inet",
+                                 "bulkhead", sets["www"]], capture_output=True, text=True,
+                                check=True).stdout
+        # The kernel holds what is left of the two days (1d23h59m...), not a cut timeout.
+        assert "198.18.3.5 timeout 1d23h59m" in listed, listed
+    finally:
+        snooper.close()
+
+
+@ROOT
 def test_a_stopped_agents_cache_and_sets_are_flushed(netns: str, tmp_path: Path) -> None:
     snooper, _, sets = setup(netns, tmp_path)
     try:

@@ -57,7 +57,7 @@ from bulkhead.dataplane.nftables.render import (
     RELEASE_MARK,
     DnsSnooping,
 )
-from bulkhead.dataplane.nftables.ruleset import Ruleset
+from bulkhead.dataplane.nftables.ruleset import Ruleset, timeout_text
 from bulkhead.netlink import NetlinkError, inside_netns
 from bulkhead.observe.dns import DnsPacket, NotDns, parse_packet
 from bulkhead.observe.nflog import LoggedPacket
@@ -188,9 +188,9 @@ class DnsSnooper:
         now = time.time()
         out: dict[str, list[str]] = {}
         for name, addresses in self._elements(ruleset.domain_sets, now).items():
-            out[name] = [f"{a} timeout {ms}ms" for a, ms in sorted(addresses)]
+            out[name] = [f"{a} timeout {timeout_text(ms)}" for a, ms in sorted(addresses)]
         if self.holding and HOLD_SET in ruleset.sets:
-            out[HOLD_SET] = [f"53 timeout {HOLD_TIMEOUT_MS}ms"]
+            out[HOLD_SET] = [f"53 timeout {timeout_text(HOLD_TIMEOUT_MS)}"]
         return out
 
     def _elements(self, domain_sets: Mapping[str, tuple[str, ...]], now: float,

@@ -93,6 +93,23 @@ class Elements(Sequence[str]):
         return f"Elements({self.texts()!r})"
 
 
+_UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1))
+
+
+def timeout_text(ms: int) -> str:
+    """`ms` milliseconds as nft writes a set element's timeout: days, hours, minutes,
+    seconds and milliseconds (`1d3h46m40s`). nft refuses a single unit's number from about
+    10^8 on (`100000000ms`, `2147483647s`: "value too large"), so a DNS answer's TTL of
+    28 hours or more written in milliseconds failed a whole table's load."""
+    ms = max(0, int(ms))
+    parts: list[str] = []
+    for unit, size in _UNITS:
+        count, ms = divmod(ms, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0ms"
+
+
 def _holds(elements: Sequence[str], text: str) -> bool:
     """Whether sorted `elements` hold `text` (by bisection; a patch by its sets)."""
     if isinstance(elements, Elements):
