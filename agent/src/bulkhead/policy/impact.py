@@ -405,7 +405,7 @@ class Impact:
             values.append(r.proto != protocol_number(rule.not_protocol))
         if rule.icmp is not None:
             values.append(self._icmp(ctx, rule.icmp.type, rule.icmp.code))
-        if rule.not_icmp is not None:
+        if rule.not_icmp is not None and rule.not_icmp.type is not None:   # {}: none
             values.append(_not(self._icmp(ctx, rule.not_icmp.type, rule.not_icmp.code)))
         if False in values:
             return False

@@ -284,7 +284,12 @@ def _rules(policy: GlobalNetworkPolicy, direction: str) -> Iterable[RulePlan]:
 def rule_plan(rule: Rule, where: str, owner: str = "", index: int = 0,
               direction: str = INGRESS) -> RulePlan:
     def icmp(m: object) -> tuple[int | None, int | None] | None:
-        return None if m is None else (m.type, m.code)  # type: ignore[attr-defined]
+        # Without a type an `icmp`/`notICMP` is no condition: felix builds its ICMP match
+        # only from a type (`if in.NotICMPType != nil`), so `notICMP: {}` leaves the rule
+        # as if it were not there, and `icmp: {}` matches any ICMP the protocol does.
+        if m is None or m.type is None:  # type: ignore[attr-defined]
+            return None
+        return (m.type, m.code)  # type: ignore[attr-defined]
 
     return RulePlan(
         action=rule.action, where=where, owner=owner, index=index,

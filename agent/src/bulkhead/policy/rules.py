@@ -229,7 +229,7 @@ def compile_rule(rule: Rule, direction: str = INGRESS) -> list[Criterion]:
         out.append(Criterion(lambda c: _icmp_matches(icmp, c.flow),
                              lambda c: f"ICMP type/code {c.flow.icmp_type}/{c.flow.icmp_code}"
                                        f" matches icmp {icmp.dump()}"))
-    if rule.not_icmp is not None:
+    if rule.not_icmp is not None and rule.not_icmp.type is not None:   # {}: no condition
         nicmp = rule.not_icmp
         out.append(Criterion(lambda c: not _icmp_matches(nicmp, c.flow),
                              lambda c: f"ICMP type/code {c.flow.icmp_type}/{c.flow.icmp_code}"

@@ -473,10 +473,8 @@ class _Renderer:
                 parts.append(f"{word} type {icmp_type}")
             if code is not None:
                 parts.append(f"{word} code {code}")
-        if rule.not_icmp is not None:
+        if rule.not_icmp is not None:   # always with a type (rule_plan)
             icmp_type, code = rule.not_icmp
-            if icmp_type is None:
-                return None  # notICMP {} excludes every ICMP packet of any type: never
             protos = [rule.protocol] if rule.protocol in (1, 58) else [1, 58]
             # Raw header bytes with the protocol in the key: true for any packet that is
             # not an ICMP message of this type (and code), TCP and UDP included.
