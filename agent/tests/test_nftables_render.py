@@ -176,3 +176,24 @@ def test_dns_snooping_rules_come_first_and_hold_answers_only_while_the_agent_ren
     assert "meta mark & 0xffff0000 != 0xbd50000" in rules[1]
     assert held.sets[HOLD_SET].flags == ("timeout",) and held.sets[HOLD_SET].elements == ()
     assert held.chains["output"].rules[0] == plain.chains["output"].rules[0]
+
+
+def test_a_run_over_its_cell_budget_is_rendered_rule_by_rule() -> None:
+    """A policy of 100 rules whose port ranges nest and whose nets differ would be a map
+    of about a million cells (seconds and hundreds of MiB to render, more to load): its
+    rules are rendered one by one instead, as `compile_runs=False` renders them."""
+    rules = [{"action": "Allow" if i % 2 else "Deny", "protocol": "TCP",
+              "source": {"ports": [f"{1000 + i}:{60000 - i}"]},
+              "destination": {"ports": [f"{1000 + i}:{60000 - i}"],
+                              "nets": [f"10.0.{i}.0/24"]}} for i in range(100)]
+    docs = [*base(), gnp("nested", {"selector": "app == 'db'", "ingress": rules})]
+    compiled = render(calculate(snap(*docs), "n1", {}, Failsafes.off()))
+    plain = render(calculate(snap(*docs), "n1", {}, Failsafes.off()), compile_runs=False)
+
+    def nested_lines(rs: object) -> list[str]:
+        return [r for c in rs.chains.values() for r in c.rules  # type: ignore[attr-defined]
+                if "policy nested" in r]
+
+    assert len(nested_lines(compiled)) == 100
+    assert nested_lines(compiled) == nested_lines(plain)
+    assert all(len(s.elements) < 1000 for s in compiled.sets.values())

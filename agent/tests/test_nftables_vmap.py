@@ -308,3 +308,35 @@ def test_a_compile_again_leaves_no_reference_cycle() -> None:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def nested_run(n: int) -> list[tuple[Box, str]]:
+    """n rules whose port ranges nest in two fields and whose nets differ: their cells
+    multiply as n^3 (the rules one by one cost 4n intervals)."""
+    return [({"proto": [(6, 6)], "dport": [(1000 + i, 60000 - i)],
+              "sport": [(1000 + i, 60000 - i)],
+              "daddr": [(0x0A000000 + 256 * i, 0x0A000000 + 256 * i + 255)]},
+             "Allow" if i % 2 else "Deny") for i in range(n)]
+
+
+def test_a_run_whose_cells_multiply_past_its_budget_is_refused() -> None:
+    """40 such rules make about 42,700 cells (under the floor of 65,536); 100 would make about
+    a million: refused before a cell is written, by both compilers; the incremental one
+    then compiles the next run from scratch."""
+    import pytest
+
+    from bulkhead.dataplane.nftables.vmap import MIN_CELL_BUDGET, TooManyCells
+    _, _, texts = compile_texts(nested_run(40), 4)
+    assert 40_000 < len(texts) < MIN_CELL_BUDGET
+    with pytest.raises(TooManyCells) as err:
+        compile_texts(nested_run(100), 4)
+    assert err.value.cells > 10 * MIN_CELL_BUDGET and err.value.budget == MIN_CELL_BUDGET
+    compiler = RunCompiler()
+    assert compiler.compile(nested_run(40), 4)[2] == texts
+    with pytest.raises(TooManyCells):
+        compiler.compile(nested_run(100), 4)
+    assert compiler.compile(nested_run(40), 4)[2] == texts
+    # A big address set is its own measure: 100,000 addresses in one box compile.
+    many = tuple((2 * v, 2 * v) for v in range(100_000))
+    assert len(compile_texts([({"saddr": many, "dport": [(80, 80)]}, "Allow")], 4)[2]) \
+        == 100_000

@@ -63,6 +63,7 @@ their canonical form (`s4_<h>`, `s6_<h>`), named ports sets of address . protoco
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
@@ -72,6 +73,7 @@ from bulkhead.dataplane.nftables.ruleset import Chain, NftSet, Ruleset
 from bulkhead.dataplane.nftables.vmap import (
     Box,
     RunCompiler,
+    TooManyCells,
     compile_texts,
     field_expr,
     field_type,
@@ -347,10 +349,15 @@ class _Renderer:
         run: list[RulePlan] = []
 
         def flush() -> None:
+            lines: list[str] | None = None
             if len(run) >= 2 and self.compile:
-                out.extend(self.run_lookup(run, label, verdicts, place))
-            else:
-                out.extend(line for r in run for line in self.rule(r, verdicts, place))
+                # Cells multiplying past the run's budget (TooManyCells): the rules one
+                # by one cost their own intervals.
+                with contextlib.suppress(TooManyCells):
+                    lines = self.run_lookup(run, label, verdicts, place)
+            if lines is None:
+                lines = [line for r in run for line in self.rule(r, verdicts, place)]
+            out.extend(lines)
             run.clear()
 
         for rule in rules:
@@ -376,13 +383,15 @@ class _Renderer:
             keys = [str(i) for i in range(len(run))]
             verdicts = {key: self.log_chain(d, verdicts[r.action]) if d else verdicts[r.action]
                         for key, r, d in zip(keys, run, decisions, strict=True)}
-        lines = []
+        compiled = []   # every family's first: TooManyCells leaves no map half made
         for family in families:
             boxes = [(b, key) for r, key in zip(run, keys, strict=True)
                      for b in self.boxes(r, family)]
-            fields, interval, elements = self.compiled(
+            compiled.append((family, self.compiled(
                 (label, *(r.where for r in run), family, *sorted(verdicts.items())),
-                boxes, family, verdicts)
+                boxes, family, verdicts)))
+        lines = []
+        for family, (fields, interval, elements) in compiled:
             if not elements:
                 continue
             prefix = f"meta nfproto ipv{family} " if per_family else ""

@@ -263,6 +263,7 @@ def _cut_tree(boxes: Sequence[tuple[Box, str]], family: int, verdicts: Mapping[s
     tree = cut(tuple(range(len(spans))), 0)
     cut.cache_clear()
     del cut          # it names itself: no reference cycle left for the collector
+    check_cells(tree, last_depth, cell_budget(spans))
     return used, point, tree
 
 
@@ -431,6 +432,54 @@ Hints = Mapping[int, tuple[Sequence[Interval], Sequence[Interval]]]
 # A leaf of the tree with what it was made of: each box's intervals and verdict.
 _Leaf = tuple[tuple[Sequence[Interval], ...], tuple[str, ...], "_Tree"]
 BIG = 1 << 129                  # past every value: a bisect key
+
+# A run's map may hold at most this many times the intervals its boxes are made of (and
+# at least MIN_CELL_BUDGET cells): nested ranges in several fields cut each other into a
+# number of cells that grows as the product of the rules (160 rules of a port range, a
+# source port range and a net each: 2.7 million cells, seconds of CPU and hundreds of
+# MiB), while the same rules one nft rule each cost their own intervals. Past it the run
+# is not compiled (TooManyCells) and its rules are rendered one by one.
+CELLS_PER_INTERVAL = 16
+MIN_CELL_BUDGET = 65_536
+
+
+class TooManyCells(Exception):
+    """A run whose map would hold more cells than its budget."""
+
+    def __init__(self, cells: int, budget: int) -> None:
+        super().__init__(f"a verdict map of {cells:,} cells, over its budget of {budget:,}")
+        self.cells, self.budget = cells, budget
+
+
+def cell_budget(spans: Sequence[Sequence[Sequence[Interval]]]) -> int:
+    """The most cells a run's map may hold: CELLS_PER_INTERVAL per interval of its boxes
+    (`spans`: each box's interval lists), at least MIN_CELL_BUDGET."""
+    return max(MIN_CELL_BUDGET, CELLS_PER_INTERVAL * sum(len(x) for box in spans for x in box))
+
+
+def _cells_under(node: _Tree, depth: int, last_depth: int, counted: dict[int, int]) -> int:
+    """The cells `node` (a subtree at field `depth`) stands for, shared subtrees counted
+    once each in `counted` (by id). A module function: a closure naming itself would be
+    a reference cycle, left to the cycle collector (test_nftables_vmap)."""
+    if depth == last_depth:
+        return len(node)
+    known = counted.get(id(node))
+    if known is None:
+        known = sum(1 if isinstance(sub, str) else
+                    _cells_under(sub, depth + 1, last_depth, counted) for _, sub in node)
+        counted[id(node)] = known
+    return known
+
+
+def check_cells(tree: _Tree | str | None, last_depth: int, budget: int) -> None:
+    """Raise TooManyCells when the tree of cells (subtrees shared: a DAG, which stays
+    small while the cells it stands for multiply) holds more than `budget` cells, before
+    any of them is written out."""
+    if tree is None or isinstance(tree, str):
+        return
+    cells = _cells_under(tree, 0, last_depth, {})
+    if cells > budget:
+        raise TooManyCells(cells, budget)
 
 
 def _meeting(spans: Sequence[Interval], regions: Sequence[Interval]) -> Iterator[Interval]:
@@ -672,6 +721,7 @@ class RunCompiler:
         itself.append(cut)
         root = cut(tuple(range(len(boxes))), 0)
         itself.clear()
+        check_cells(root, last_depth, cell_budget(spans))
         elements: Sequence[str]
         if self._root is None:
             # From scratch: every cell written from the tree, sorted once. (As an
