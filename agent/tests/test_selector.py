@@ -216,3 +216,36 @@ def test_parser_raises_only_selector_error(text: str) -> None:
     except SelectorError:
         return
     assert str(parse(str(selector))) == str(selector)
+
+
+def test_parsed_selectors_kept_are_bounded_by_their_text() -> None:
+    """Selectors come from clients too (`?selector=`, up to 4,096 characters), and a
+    compiled one costs about 24 bytes per character: the cache keeps at most CACHE_CHARS
+    characters of them (a count alone let 8,192 long ones hold 800 MB), and the intern
+    table only what something else still holds."""
+    import gc
+    import tracemalloc
+
+    import bulkhead.selector as sel
+
+    def long_one(i: int) -> str:
+        return " || ".join(f"k{j} == 'v{i}-{j}'" for j in range(200))   # about 4,000 chars
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1500):
+            sel.parse(long_one(i))
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert sel._cached_chars <= sel.CACHE_CHARS
+    assert len(sel._CACHE) < 1500
+    assert sum(len(c) > 3000 for c in list(sel._INTERNED.keys())) <= len(sel._CACHE)
+    # 1,500 of them held would be about 140 MiB; the bound keeps about 1 MiB of text.
+    assert kept < 64 * 2**20, kept
+    # What is still cached is still shared: the same text, the same object.
+    last = long_one(1499)
+    assert sel.parse(last) is sel.parse(last)

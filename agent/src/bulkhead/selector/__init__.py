@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from functools import lru_cache
 
 from bulkhead.selector.ast import Compare, Node
 from bulkhead.selector.parser import SelectorError, parse_tree
@@ -26,7 +28,7 @@ class Selector:
     hand-written predicate does.
     """
 
-    __slots__ = ("canonical", "matches", "tree")
+    __slots__ = ("__weakref__", "canonical", "matches", "tree")
 
     def __init__(self, tree: Node) -> None:
         self.tree = tree
@@ -65,23 +67,40 @@ class Selector:
         return hash(self.canonical)
 
 
-@lru_cache(maxsize=8192)
+# Parsed selectors by their text, the most recently used kept: at most CACHE_ENTRIES of
+# them and CACHE_CHARS characters of text in all. A compiled selector costs about 24
+# bytes per character of its text, and texts come from clients too (`?selector=`, at
+# most 4,096 characters): bounded by count alone, 8,192 long ones held 800 MB.
+CACHE_ENTRIES = 8192
+CACHE_CHARS = 1 << 20
+_CACHE: OrderedDict[str, Selector] = OrderedDict()
+_CACHE_LOCK = threading.Lock()   # parse() runs in worker threads too (big applies)
+_cached_chars = 0
+# Different spellings of one selector share one compiled object while anything holds
+# it (a snapshot, a plan, the cache above); no more than that is kept.
+_INTERNED: weakref.WeakValueDictionary[str, Selector] = weakref.WeakValueDictionary()
+
+
 def _parse_cached(text: str) -> Selector:
+    global _cached_chars
+    with _CACHE_LOCK:
+        found = _CACHE.get(text)
+        if found is not None:
+            _CACHE.move_to_end(text)
+            return found
     tree = parse_tree(text)
-    return _by_canonical(tree.canonical(), tree)
-
-
-_INTERNED: dict[str, Selector] = {}
-
-
-def _by_canonical(canonical: str, tree: Node) -> Selector:
-    # Different spellings of one selector share one compiled object.
-    found = _INTERNED.get(canonical)
-    if found is None:
-        if len(_INTERNED) > 65536:
-            _INTERNED.clear()
-        found = _INTERNED[canonical] = Selector(tree)
-    return found
+    canonical = tree.canonical()
+    with _CACHE_LOCK:
+        selector = _INTERNED.get(canonical)
+        if selector is None:
+            selector = _INTERNED[canonical] = Selector(tree)
+        if text not in _CACHE:
+            _CACHE[text] = selector
+            _cached_chars += len(text)
+            while _CACHE and (len(_CACHE) > CACHE_ENTRIES or _cached_chars > CACHE_CHARS):
+                old, _ = _CACHE.popitem(last=False)
+                _cached_chars -= len(old)
+        return selector
 
 
 def parse(text: str) -> Selector:
