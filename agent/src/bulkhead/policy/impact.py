@@ -140,8 +140,14 @@ def promoted(snapshot: Snapshot, names: Sequence[str] | None = None) -> Snapshot
     bare name, Delete removes that one. Staged policies not named stay staged (and out of
     force). PromotionConflict where promote refuses: two staged policies standing for
     one policy, or a promoted name held by a policy of another tier."""
-    chosen = [sp for sp in snapshot.staged.values() if names is None or sp.name in names]
+    wanted = None if names is None else set(names)
+    chosen = [sp for sp in snapshot.staged.values() if wanted is None or sp.name in wanted]
     policies = dict(snapshot.policies)
+    # The policies by tier and bare name, once: thousands of staged policies against
+    # thousands of policies cost their sum, not their product (a viewer's preview).
+    held: dict[tuple[str, str], list[str]] = {}
+    for name, p in policies.items():
+        held.setdefault((p.spec.tier, p.bare_name), []).append(name)
     paired: dict[tuple[str, str], str] = {}
     for sp in sorted(chosen, key=lambda sp: sp.name):
         key = (sp.spec.tier, sp.bare_name)
@@ -150,9 +156,8 @@ def promoted(snapshot: Snapshot, names: Sequence[str] | None = None) -> Snapshot
                 f"StagedGlobalNetworkPolicy {paired[key]} and {sp.name} both stand for the "
                 f"policy {sp.bare_name} of tier {sp.spec.tier}; promote one of them")
         paired[key] = sp.name
-        for name, p in list(policies.items()):
-            if (p.spec.tier, p.bare_name) == key:
-                del policies[name]
+        for name in held.get(key, ()):
+            del policies[name]
     for sp in chosen:
         if sp.spec.staged_action == "Delete":
             continue
@@ -164,7 +169,8 @@ def promoted(snapshot: Snapshot, names: Sequence[str] | None = None) -> Snapshot
                 f"StagedGlobalNetworkPolicy {sp.name} of tier {sp.spec.tier} would replace "
                 "it")
         policies[new.name] = new
-    staged = {n: sp for n, sp in snapshot.staged.items() if sp not in chosen}
+    promoted_names = {sp.name for sp in chosen}
+    staged = {n: sp for n, sp in snapshot.staged.items() if n not in promoted_names}
     return replace(snapshot, policies=policies, staged=staged)
 
 
