@@ -261,3 +261,39 @@ async def test_a_watch_line_nested_too_deeply_breaks_the_stream_not_the_agent() 
         watch_message(b"[1]")
     with pytest.raises(SyncError, match="not JSON"):
         watch_message(b"not json")
+
+
+async def test_the_lines_waiting_for_the_agent_are_bounded() -> None:
+    """A server that sends faster than the agent applies (a burst during a long apply, or
+    a hostile one: 64,000 lines of 16 KB grew the agent by a gigabyte) fills the queue
+    to its bound and then waits: the rest stays in the socket, where TCP holds the server
+    back. A line larger than the bound still goes in alone; every line comes out in
+    order."""
+    from bulkhead.agent.sync import LineQueue, watch_lines
+
+    line = b"x" * 16_000
+
+    class Flood:
+        sent = 0
+
+        async def iter_chunks(self) -> Any:
+            for _ in range(1000):
+                Flood.sent += 1
+                yield line + b"\n"
+
+    queue = LineQueue(limit=100_000)
+    reader = asyncio.create_task(watch_lines(Flood(), queue))  # type: ignore[arg-type]
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert queue.queued <= 100_000 and Flood.sent <= 8       # six lines queued, one held
+    got = 0
+    while got < 1000:
+        item = await asyncio.wait_for(queue.get(), 5)
+        assert item == line
+        got += 1
+        assert queue.queued <= 100_000
+    assert isinstance(await asyncio.wait_for(queue.get(), 5), Exception)   # then the end
+    await reader
+    big = LineQueue(limit=10)
+    await asyncio.wait_for(big.put(line), 1)                  # alone, over the bound
+    assert big.queued == len(line) and await big.get() == line

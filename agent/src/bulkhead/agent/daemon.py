@@ -41,6 +41,7 @@ from bulkhead.agent.sync import (
     Backoff,
     DesiredState,
     Doc,
+    LineQueue,
     SyncError,
     client_ssl_context,
     error_of,
@@ -94,7 +95,7 @@ class Agent:
         self._apply_lock = asyncio.Lock()
         self._status_kick = asyncio.Event()
         self._stopping = False
-        self._queue: asyncio.Queue[bytes | Exception] | None = None  # the open watch's lines
+        self._queue: LineQueue | None = None  # the open watch's lines
         self.flow_retry = 5.0           # seconds before failed flow logs start again
         self.flow_logs = FlowLogs(config.flow_logs, config.node, config.failsafes,
                                   Path(config.state_dir), rule_hits=getattr(
@@ -292,7 +293,7 @@ class Agent:
         async with resp:
             if resp.status != 200:
                 raise SyncError(f"GET /v1/watch: {await error_of(resp)}")
-            queue: asyncio.Queue[bytes | Exception] = asyncio.Queue()
+            queue = LineQueue()
             reader = asyncio.create_task(watch_lines(resp, queue))
             self._queue = queue
             try:
@@ -303,7 +304,7 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
 
-    async def _consume(self, queue: asyncio.Queue[bytes | Exception]) -> None:
+    async def _consume(self, queue: LineQueue) -> None:
         loop = asyncio.get_running_loop()
         dirty_since: float | None = None
         last = 0.0

@@ -382,15 +382,54 @@ async def lines(chunks: AsyncIterable[bytes], max_line: int = MAX_LINE
             raise SyncError(f"a line of the stream is over {max_line >> 20} MiB")
 
 
-async def watch_lines(resp: Response, queue: asyncio.Queue[bytes | Exception]) -> None:
+QUEUED_BYTES = 64 << 20   # lines of the watch waiting for the agent, at most (and one)
+
+
+class LineQueue:
+    """The watch's lines waiting for the agent's turn: at most QUEUED_BYTES of them (one
+    line is always taken, whatever its size). Past that the reader waits, so the socket
+    fills and TCP holds the server back: a server sending faster than the agent applies
+    (a burst of events during a long apply, or a hostile one) cannot grow the agent
+    without bound. Anything else put (an exception, a restart) goes in at once."""
+
+    def __init__(self, limit: int = QUEUED_BYTES) -> None:
+        self.limit = limit
+        self.queued = 0                       # bytes of the lines waiting
+        self._items: asyncio.Queue[bytes | Exception] = asyncio.Queue()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def put(self, line: bytes) -> None:
+        while self.queued and self.queued + len(line) > self.limit:
+            self._room.clear()
+            await self._room.wait()
+        self.queued += len(line)
+        self._items.put_nowait(line)
+
+    def put_nowait(self, item: bytes | Exception) -> None:
+        if isinstance(item, bytes):
+            self.queued += len(item)
+        self._items.put_nowait(item)
+
+    async def get(self) -> bytes | Exception:
+        item = await self._items.get()
+        if isinstance(item, bytes):
+            self.queued -= len(item)
+            if self.queued + 1 <= self.limit:
+                self._room.set()
+        return item
+
+
+async def watch_lines(resp: Response, queue: LineQueue | asyncio.Queue[bytes | Exception]
+                      ) -> None:
     """Put each line of a streaming watch on `queue` as it came; an exception when it
     ends. Lines are decoded (`watch_message`) when their turn comes, not here: the reader
-    goes on while the agent applies, and a burst of lines waiting decoded would take
-    five times their size, made in between what the apply keeps (its memory then held
-    by the few pieces of the apply left among it)."""
+    goes on while the agent applies (up to the queue's bound), and a burst of lines
+    waiting decoded would take five times their size, made in between what the apply
+    keeps (its memory then held by the few pieces of the apply left among it)."""
     try:
         async for line in lines(resp.iter_chunks()):
-            queue.put_nowait(line)
+            await queue.put(line)
         queue.put_nowait(SyncError("the server closed the watch stream"))
     except (HttpError, SyncError, OSError) as e:
         queue.put_nowait(e)
