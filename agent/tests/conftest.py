@@ -96,13 +96,27 @@ def nothing_left_frozen() -> Iterator[None]:
 
 
 class EtcdProcess:
+    """etcd on two free ports of 127.0.0.1. A port found free can be taken by another
+    process before etcd binds it (the tests run two at a time, each starting servers and
+    etcd): etcd then exits with "address already in use", and it is started again on
+    other ports, up to three times."""
+
     def __init__(self, data_dir: Path, extra: tuple[str, ...] = ()) -> None:
+        for attempt in range(3):
+            if self._start(data_dir, extra, attempt):
+                return
+        raise RuntimeError(f"etcd found no free ports in 3 tries: "
+                           f"{self.log_path.read_text()[-2000:]}")
+
+    def _start(self, data_dir: Path, extra: tuple[str, ...], attempt: int) -> bool:
+        """True once etcd is healthy; False when its ports were taken meanwhile."""
         self.client_port, self.peer_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
-        self.log = open(data_dir / "etcd.log", "wb")  # noqa: SIM115 (closed in stop)
+        self.log_path = data_dir / ("etcd.log" if attempt == 0 else f"etcd-{attempt}.log")
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            ["etcd", "--name", "bulkhead-test", "--data-dir", str(data_dir / "data"),
+            ["etcd", "--name", "bulkhead-test", "--data-dir", str(data_dir / f"data{attempt}"),
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"bulkhead-test={peer}", "--log-level", "warn", *extra],
@@ -110,11 +124,15 @@ class EtcdProcess:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited: {(data_dir / 'etcd.log').read_text()[-2000:]}")
+                self.log.close()
+                text = self.log_path.read_text()
+                if "address already in use" in text:
+                    return False
+                raise RuntimeError(f"etcd exited: {text[-2000:]}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
                     if resp.status == 200:
-                        return
+                        return True
             except OSError:
                 time.sleep(0.1)
         self.stop()

@@ -492,3 +492,31 @@ async def test_a_commit_sqlite_fails_counts_as_a_failure(tmp_path: Path) -> None
             await store.get("GlobalNetworkSet", "b")
     finally:
         await store.close()
+
+
+def test_etcd_for_the_tests_starts_again_when_its_port_was_taken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port found free can be taken before etcd binds it (tests run two at a time):
+    etcd exits with "address already in use" and the fixture starts it on other ports."""
+    import shutil
+    import socket
+
+    import tests.conftest as conftest
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd is not installed")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real = conftest.free_port
+    monkeypatch.setattr(conftest, "free_port", lambda: next(ports, None) or real())
+    try:
+        etcd = conftest.EtcdProcess(tmp_path)
+        try:
+            assert etcd.log_path.name == "etcd-1.log" and etcd.client_port != \
+                taken.getsockname()[1]
+            assert "address already in use" in (tmp_path / "etcd.log").read_text()
+        finally:
+            etcd.stop()
+    finally:
+        taken.close()
