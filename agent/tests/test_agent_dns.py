@@ -225,14 +225,17 @@ def test_a_held_answer_is_sent_on_with_its_udp_checksum_made_anew() -> None:
 
 
 def test_one_flooding_client_cannot_push_out_the_queries_of_others(tmp_path: Path) -> None:
+    """Over a client address's share its oldest queries are let go: other addresses keep
+    theirs, and another process of the flooding host (the same address) is answered."""
     from bulkhead.agent.dns import MAX_PENDING_CLIENT
 
     snooper = DnsSnooper(DnsSettings(trusted_servers=(SERVER,)),
                          snooping(DnsSettings(trusted_servers=(SERVER,))), tmp_path)
     try:
-        flood = []
+        flood, asked = [], []
         for i in range(MAX_PENDING_CLIENT + 50):
             query = dns.message.make_query(f"q{i}.flood.example", "A")
+            asked.append(query)
             flood.append(packet(query, answer=False))
         assert snooper.packets(flood) is None
         assert snooper.counters.queries_dropped == 50
@@ -244,6 +247,22 @@ def test_one_flooding_client_cannot_push_out_the_queries_of_others(tmp_path: Pat
         snooper.packets(other)
         assert snooper.counters.unsolicited == 0
         assert snooper.cache.names() == ["api.example.com"]
+        # Another process of the flooding host (its address): its query is the newest,
+        # so it is kept and its answer learned; the flood's oldest is let go for it.
+        mine = exchange(response("www.example.org.",
+                                 ("www.example.org.", 60, "A", "198.18.3.8")))
+        snooper.packets(mine)
+        assert snooper.counters.unsolicited == 0 and snooper.counters.queries_dropped == 51
+        assert snooper.cache.names() == ["api.example.com", "www.example.org"]
+        # The flood's newest query is still waiting for its answer; its oldest is not.
+        for query, learned in ((asked[-1], True), (asked[0], False)):
+            answer = dns.message.make_response(query)
+            answer.answer.append(dns.rrset.from_text(query.question[0].name, 60, "IN", "A",
+                                                     "198.18.3.9"))
+            snooper.packets([packet(answer)])
+            assert (query.question[0].name.to_text(omit_final_dot=True)
+                    in snooper.cache.names()) == learned
+        assert snooper.counters.unsolicited == 1
     finally:
         snooper.close()
 

@@ -158,7 +158,8 @@ class DnsSnooper:
         # For DNS logs: each answer, with its query (None: unsolicited).
         self.on_answer: Callable[[DnsPacket, DnsPacket | None], None] | None = None
         self._pending: OrderedDict[tuple[Any, ...], DnsPacket] = OrderedDict()
-        self._pending_by_client: dict[Any, int] = {}
+        # Each client address's pending queries, oldest first (keys of `_pending`).
+        self._pending_by_client: dict[Any, OrderedDict[tuple[Any, ...], None]] = {}
         self._retry: set[str] = set()
         self._retry_lock = threading.Lock()
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "bulkhead-dns")
@@ -354,9 +355,12 @@ class DnsSnooper:
 
     def _asked(self, query: DnsPacket, now: float) -> None:
         """Keep a query for its answer, PENDING_SECONDS at most: MAX_PENDING in all and
-        MAX_PENDING_CLIENT per client address. A client over its share, or a full table,
-        has its new query left out (counted): one flooding process never pushes out the
-        queries of the others."""
+        MAX_PENDING_CLIENT per client address. A client over its share has its oldest
+        query let go for the new one, and a full table leaves the new one out (both
+        counted): one flooding client address never pushes out the queries of the others,
+        and a process that leaves a thousand queries unanswered (names under a slow zone)
+        does not shut out the other processes of its host, which share its address: their
+        queries are the newest."""
         pending = self._pending
         while pending and next(iter(pending.values())).timestamp < now - PENDING_SECONDS:
             self._forget(pending.popitem(last=False)[1])
@@ -364,19 +368,25 @@ class DnsSnooper:
         key = exchange_key(query)
         if key in pending:
             return
-        held = self._pending_by_client.get(query.client, 0)
-        if len(pending) >= MAX_PENDING or held >= MAX_PENDING_CLIENT:
+        held = self._pending_by_client.setdefault(query.client, OrderedDict())
+        if len(held) >= MAX_PENDING_CLIENT:
+            oldest, _ = held.popitem(last=False)
+            pending.pop(oldest, None)
             self.counters.queries_dropped += 1
+        elif len(pending) >= MAX_PENDING:
+            self.counters.queries_dropped += 1
+            if not held:
+                del self._pending_by_client[query.client]
             return
         pending[key] = query
-        self._pending_by_client[query.client] = held + 1
+        held[key] = None
 
     def _forget(self, query: DnsPacket) -> None:
-        left = self._pending_by_client.get(query.client, 1) - 1
-        if left > 0:
-            self._pending_by_client[query.client] = left
-        else:
-            self._pending_by_client.pop(query.client, None)
+        held = self._pending_by_client.get(query.client)
+        if held is not None:
+            held.pop(exchange_key(query), None)
+            if not held:
+                del self._pending_by_client[query.client]
 
     def flush(self) -> int:
         """Forget every name, empty the kernel's domain sets, remove the saved cache."""

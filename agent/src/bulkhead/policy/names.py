@@ -39,6 +39,13 @@ MAX_ADDRESSES = 64          # addresses (or CNAME targets) kept per name
 # Names looked at for one address in `names_for` (a CDN address may be the answer of
 # thousands of names): a flow carries at most these, whatever the cache holds.
 MAX_NAMES_FOR = 256
+# Names looked at per answer for the domain sets: the answer's own and those whose CNAMEs
+# lead to them, nearest first. Without a bound, names that all alias one target (a
+# local process resolving x1.evil.test ... x20000.evil.test, each a CNAME of one name)
+# made each answer cost every earlier one: 112 s of CPU for 10,000 answers, on the
+# agent's event loop. A name left out is looked at when its own answer comes (a client
+# resolves a name before it connects to its address).
+MAX_FANOUT = 1_024
 MAX_MEMO = 10_000           # addresses whose names `names_for` keeps computed
 EVICT_SHARE = 0.1           # over a bound, this share of the names goes at once
 MAX_TTL = 2**31 - 1         # RFC 2181 section 8: a TTL with the top bit set means 0
@@ -128,18 +135,29 @@ class NameCache:
             if touched:
                 self._version += 1
             self._bound(now)
-            return self._with_referrers(touched)
+            return self._with_referrers(touched, MAX_FANOUT)
 
     def _with_referrers(self, names: Iterable[str], limit: int | None = None) -> set[str]:
-        out: set[str] = set()
-        todo = list(names)
+        """`names` and the names whose CNAMEs lead to them, nearest first (`names`
+        themselves, then their referrers, then theirs...): `limit` of them at most."""
         most = self.max_names if limit is None else limit
-        while todo and len(out) < most:
-            name = todo.pop()
-            if name in out:
-                continue
-            out.add(name)
-            todo.extend(self._referrers.get(name, ()))
+        out: set[str] = set()
+        frontier: list[str] = []
+        for name in names:
+            if len(out) >= most:
+                return out
+            if name not in out:
+                out.add(name)
+                frontier.append(name)
+        while frontier:
+            nearer, frontier = frontier, []
+            for name in nearer:
+                for referrer in self._referrers.get(name, ()):
+                    if referrer not in out:
+                        if len(out) >= most:
+                            return out
+                        out.add(referrer)
+                        frontier.append(referrer)
         return out
 
     def _unlink(self, name: str, value: str, alias: bool) -> None:
@@ -270,9 +288,14 @@ class NameCache:
             if names is not None:
                 # Only some names moved; an address lives as long as any matching name
                 # keeps it (an element written anew takes this timeout, even a shorter
-                # one: another name's shorter TTL must not cut it).
+                # one: another name's shorter TTL must not cut it). MAX_FANOUT of the
+                # names that hold the address are looked at: past that (an address a
+                # thousand names share), a timeout may come out shorter than another
+                # name's, and that name's address is let go early: a connection to it
+                # then waits for that name's next answer (never one let through).
                 for address in out:
-                    for owner in self._with_referrers(self._owners.get(address, ())):
+                    for owner in self._with_referrers(self._owners.get(address, ()),
+                                                      MAX_FANOUT):
                         if domain_matches(patterns, frozenset((owner,))):
                             found = self._resolve(owner, now).get(address)
                             if found is not None and found.expiry > out[address]:
