@@ -156,6 +156,20 @@ def test_numbers_beyond_any_range_are_validation_errors_naming_the_field() -> No
     for spec, problem in cases:
         with pytest.raises(ValidationError, match=problem):
             parse_resource(gnp(spec))
+    # Leading zeros count to int()'s limit of 4,300 digits too.
+    zeros = "0" * 4400
+    for spec, problem in [
+            ({"ingress": [{"action": "Allow", "protocol": zeros + "6"}]}, None),
+            ({"ingress": [{"action": "Allow", "protocol": "TCP",
+                           "destination": {"ports": [zeros + "80", f"{zeros}80:{zeros}443"]}}]},
+             None),
+            ({"ingress": [{"action": "Allow", "protocol": zeros + "6000"}]},
+             "is not a protocol number")]:
+        if problem is None:
+            parse_resource(gnp(spec))
+        else:
+            with pytest.raises(ValidationError, match=problem):
+                parse_resource(gnp(spec))
     policy = parse_resource(gnp({"ingress": [{"action": "Allow", "protocol": "0006",
                                               "destination": {"ports": ["000080:0000443"]}}]}))
     assert isinstance(policy, GlobalNetworkPolicy)   # leading zeros still read

@@ -98,13 +98,18 @@ def test_strict_json_reads_what_json_loads_reads() -> None:
     assert json_value('{"a": 1}'.encode("utf-16"), "body") == {"a": 1}
 
 
-def test_values_yaml_cannot_read_are_load_errors_naming_the_document() -> None:
-    """An integer of thousands of digits (beyond Python's limit on reading one) is a
-    LoadError naming the document, not a ValueError escaping to the caller."""
-    text = yaml.safe_dump(gnp({}, "ok")) + "---\n" + "order: " + "9" * 5000 + "\n"
-    with pytest.raises(LoadError, match=r"^f.yaml: document 2: not valid YAML or JSON: "
-                       r"Exceeds the limit \(4300 digits\)"):
-        load_text(text, "f.yaml")
+def test_values_yaml_cannot_read_are_load_errors_naming_where() -> None:
+    """An integer of thousands of digits (beyond Python's limit on reading one, or in hex,
+    which has none, beyond what any message can print) is a LoadError naming where it is,
+    not a ValueError escaping to the caller (a 500 in the server); so is an impossible
+    value a constructor refuses."""
+    for value in ("9" * 5000, "0x" + "f" * 4000, "0" * 4400 + "6"):
+        text = yaml.safe_dump(gnp({}, "ok")) + "---\n" + f"spec: {{order: {value}}}\n"
+        with pytest.raises(LoadError, match=r"^f.yaml: not valid YAML or JSON: an integer "
+                           r"written in [0-9,]+ characters \(at most 70\)\n.*line 7"):
+            load_text(text, "f.yaml")
+    assert load_text(yaml.safe_dump(gnp({}, "ok")) + "---\n" + yaml.safe_dump(
+        gnp({"order": 10**60}, "big")), "f.yaml")[1].spec.order == float(10**60)
 
 
 def test_plain_scalars_mean_what_they_mean_to_calicoctl() -> None:

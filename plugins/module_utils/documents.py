@@ -10,6 +10,7 @@ __metaclass__ = type
 
 import json
 import os
+import re
 
 from ansible.module_utils.common.text.converters import to_text
 from ansible.module_utils.six import string_types
@@ -25,6 +26,19 @@ except ImportError:  # pragma: no cover - PyYAML comes with ansible-core
     HAS_YAML = False
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_NUMBERS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+if HAS_YAML:
+    class ManifestLoader(yaml.SafeLoader):  # pylint: disable=too-many-ancestors
+        """YAML as the server and the CLI read manifests (bulkhead.model.load), as
+        calicoctl's go-yaml reads them: no base-60 numbers (`ports: [20:30]` is the range
+        20-30, not the port 1230) and timestamps left as strings."""
+
+    ManifestLoader.yaml_implicit_resolvers = dict(
+        (first, [(tag, re.compile("(?!.*:)" + rx.pattern, rx.flags) if tag in _NUMBERS else rx)
+                 for tag, rx in pairs if tag != _TIMESTAMP])
+        for first, pairs in yaml.SafeLoader.yaml_implicit_resolvers.items())
 
 
 def parse_documents(text, where):
@@ -33,7 +47,7 @@ def parse_documents(text, where):
     if not HAS_YAML:
         return json.loads(text)
     try:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
+        return [d for d in yaml.load_all(text, Loader=ManifestLoader) if d is not None]
     except yaml.YAMLError as e:
         raise ValueError("%s: not valid YAML: %s" % (where, e))
 

@@ -240,13 +240,14 @@ def check_protocol(r: Reader, value: object) -> str | int:
         raise r.fail(f"{show(value)} is not a protocol")
     if isinstance(value, int):
         if not 1 <= value <= 255:
-            raise r.fail(f"{value} is not a protocol number (1-255)")
+            raise r.fail(f"{show(value)} is not a protocol number (1-255)")
         return value
     if isinstance(value, str):
         if value.isascii() and value.isdigit():
-            if len(value.lstrip("0")) > 3:   # int() of thousands of digits refuses
+            digits = value.lstrip("0") or "0"   # int() counts zeros to its 4,300
+            if len(digits) > 3:
                 raise r.fail(f"{show(value)} is not a protocol number (1-255)")
-            return check_protocol(r, int(value))
+            return check_protocol(r, int(digits))
         if value in CANONICAL_PROTOCOL.values():
             return value
         if value.upper() in CANONICAL_PROTOCOL:
@@ -303,19 +304,21 @@ def check_port(r: Reader, value: object) -> Port:
         raise r.fail(f"{show(value)} {_PORT_ERROR}")
     if isinstance(value, int):
         if not 1 <= value <= 65535:
-            raise r.fail(f"{value} is out of range 1-65535")
+            raise r.fail(f"{show(value)} is out of range 1-65535")
         return PortRange(value, value)
     if isinstance(value, str):
         text = value
         if text.isascii() and text.isdigit():
-            if len(text.lstrip("0")) > 5:   # int() of thousands of digits refuses
+            digits = text.lstrip("0") or "0"    # int() counts zeros to its 4,300
+            if len(digits) > 5:
                 raise r.fail(f"{show(value)} is out of range 1-65535")
-            return check_port(r, int(text))
+            return check_port(r, int(digits))
         first, sep, last = text.partition(":")
         if sep:
             if not (text.isascii() and first.isdigit() and last.isdigit()):
                 raise r.fail(f"{show(value)} {_PORT_ERROR}")
-            if len(first.lstrip("0")) > 5 or len(last.lstrip("0")) > 5:
+            first, last = first.lstrip("0") or "0", last.lstrip("0") or "0"
+            if len(first) > 5 or len(last) > 5:
                 raise r.fail(f"{show(value)}: ports are 1-65535")
             lo, hi = int(first), int(last)
             if lo < 1 or hi > 65535:

@@ -183,7 +183,7 @@ def _int(doc: Mapping[str, Any], key: str, lo: int = 0, hi: int = MAX_COUNT) -> 
     if isinstance(value, bool) or not isinstance(value, int):
         raise FlowRecordError(f"{key}: expected an integer, got {_kind(value)}")
     if not lo <= value <= hi:
-        raise FlowRecordError(f"{key}: {value} is outside {lo}..{hi}")
+        raise FlowRecordError(f"{key}: {show(value)} is outside {lo}..{hi}")
     return value
 
 

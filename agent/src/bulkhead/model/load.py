@@ -63,6 +63,24 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
+MAX_INT_TEXT = 70   # characters of a YAML integer: 64 bits written in binary, and some
+
+
+def _construct_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
+    """An integer, written in at most MAX_INT_TEXT characters: `0x` and thousands of
+    digits would make an integer no message can print (str() refuses past 4,300 digits);
+    go-yaml reads no integer beyond 64 bits either."""
+    text = loader.construct_scalar(node)
+    if len(text) > MAX_INT_TEXT:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"an integer written in {len(text):,} characters (at most "
+            f"{MAX_INT_TEXT})", node.start_mark)
+    value: int = yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
+    return value
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _NUMBERS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
 

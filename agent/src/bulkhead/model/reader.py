@@ -28,6 +28,8 @@ def show(value: Any) -> str:
             return '"' + value + '"'
         return f'"{value[:SHOWN]}..." ({len(value):,} characters)'
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        if value.bit_length() > 14_000:   # str() refuses past 4,300 digits
+            return f"an integer of {value.bit_length():,} bits"
         return f"an integer of {len(str(abs(value))):,} digits"
     text = repr(value) if not isinstance(value, (int, float)) else str(value)
     return text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text):,} characters)"
@@ -141,7 +143,7 @@ class Reader:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(f"must be an integer, not {show(value)}", field)
         if not lo <= value <= hi:
-            raise self.fail(f"{value} is out of range {lo}-{hi}", field)
+            raise self.fail(f"{show(value)} is out of range {lo}-{hi}", field)
         return value
 
     def items(self, field: str) -> Iterator[Reader]:

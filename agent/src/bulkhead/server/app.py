@@ -460,8 +460,9 @@ async def write_resource(request: web.Request) -> web.Response:
         _name(request)
     doc = await _body(request)
     if isinstance(doc, dict) and doc.get("kind") != kind:
-        raise ApiError(400, "BadRequest", f"the body is a {str(doc.get('kind'))[:64]!r}, "
-                       f"the URL says {kind}")
+        what = "has no kind" if doc.get("kind") is None else \
+            f"is a {str(doc.get('kind'))[:64]!r}"
+        raise ApiError(400, "BadRequest", f"the body {what}, the URL says {kind}")
     resource = _parse(doc)
     if request.method == "PUT" and resource.name != request.match_info["name"]:
         raise ApiError(400, "BadRequest", f"the body names {resource.name}, the URL "

@@ -35,3 +35,13 @@ def test_documents_need_kind_and_name():
 def test_dump_round_trips():
     docs = [{"kind": "A", "metadata": {"name": "a"}}, {"kind": "B", "metadata": {"name": "b"}}]
     assert documents.load(documents.dump_documents(docs), None) == docs
+
+
+def test_plain_scalars_are_read_as_the_server_reads_them():
+    """As the server and the CLI (bulkhead.model.load), as calicoctl's go-yaml: no base-60
+    numbers (`20:30` is a port range, not 1230) and timestamps as strings; the other
+    numbers as YAML reads them."""
+    text = "ports: [20:30, 1:05, 80, 0x1f]\nreleased: 2024-01-31\nbad: 2001-13-45\norder: 1.5\n"
+    (doc,) = documents.load(text, None)
+    assert doc == {"ports": ["20:30", "1:05", 80, 31], "released": "2024-01-31",
+                   "bad": "2001-13-45", "order": 1.5}
