@@ -369,3 +369,30 @@ async def test_a_watcher_ahead_of_the_store_takes_a_snapshot(server: Server) -> 
         resp.release()
         assert body["type"] == "events" and body["revision"] >= now + 2
         assert [e["name"] for e in body["events"]] == ["c"]   # after now + 1: b's was seen
+
+
+async def test_a_watcher_ahead_of_this_hub_but_not_of_the_datastore_keeps_waiting() -> None:
+    """On one etcd a hub's revision moves only with policy events while agents' status
+    reports move etcd's: an agent failing over from a server that listed later is ahead
+    of this hub but not of the datastore. It gets heartbeats at its own revision, then
+    the events after it; only a revision the datastore never reached takes a snapshot,
+    and a datastore that cannot tell keeps the caller waiting."""
+    from bulkhead.server.hub import Hub
+    from bulkhead.store import Unavailable
+
+    class Store:
+        current = 200
+        fails = False
+
+        async def revision(self) -> int:
+            if Store.fails:
+                raise Unavailable("etcd is gone")
+            return Store.current
+
+    hub = Hub(Store())  # type: ignore[arg-type]
+    hub._reset(100)
+    assert await hub.wait(180, 0.05) == ([], 180)          # behind the store: heartbeat
+    Store.fails = True
+    assert await hub.wait(180, 0.05) == ([], 180)
+    Store.fails, Store.current = False, 150
+    assert await hub.wait(180, 0.05) == (None, 100)        # never reached: a snapshot

@@ -208,10 +208,12 @@ class Hub:
         bring the caller to; None instead of events means: take a snapshot.
 
         A caller ahead of this hub (`after` above its revision) waits for it to get there
-        (a hub a moment behind another server's, on one etcd) and is then answered as any
-        other; still ahead when `timeout` runs out, it takes a snapshot: its revision is
-        one this datastore never reached (a datastore restored from a backup), and with
-        only events after it an agent would never see the changes in between."""
+        (a hub behind another server's on one etcd: agents' status reports move etcd's
+        revision, which a hub sees only at its next policy event) and is then answered as
+        any other, with a heartbeat at `after` meanwhile. Still ahead of the datastore
+        itself when `timeout` runs out, it takes a snapshot: its revision is one this
+        datastore never reached (a datastore restored from a backup), and with only
+        events after it an agent would never see the changes in between."""
         self.watchers += 1
         try:
             loop = asyncio.get_running_loop()
@@ -229,8 +231,12 @@ class Hub:
                         continue
                     except TimeoutError:
                         pass
-                if after > self.revision:
-                    return None, self.revision
-                return [], self.revision
+                if after <= self.revision:
+                    return [], self.revision
+                try:
+                    current = await self.store.revision()
+                except (StoreError, OSError):
+                    current = after          # the datastore cannot say: keep the caller
+                return (None, self.revision) if after > current else ([], after)
         finally:
             self.watchers -= 1
