@@ -197,3 +197,11 @@ def test_a_run_over_its_cell_budget_is_rendered_rule_by_rule() -> None:
     assert len(nested_lines(compiled)) == 100
     assert nested_lines(compiled) == nested_lines(plain)
     assert all(len(s.elements) < 1000 for s in compiled.sets.values())
+    # With flow logs the lookup makes a logging chain per rule before it compiles: they
+    # go with it, and the table is the one the rules one by one make.
+    from bulkhead.dataplane.nftables.render import FlowLogging
+    logged = render(calculate(snap(*docs), "n1", {}, Failsafes.off()),
+                    flow_logs=FlowLogging())
+    logged_plain = render(calculate(snap(*docs), "n1", {}, Failsafes.off()),
+                          compile_runs=False, flow_logs=FlowLogging())
+    assert sorted(logged.chains) == sorted(logged_plain.chains)

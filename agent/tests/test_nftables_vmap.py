@@ -336,6 +336,13 @@ def test_a_run_whose_cells_multiply_past_its_budget_is_refused() -> None:
     with pytest.raises(TooManyCells):
         compiler.compile(nested_run(100), 4)
     assert compiler.compile(nested_run(40), 4)[2] == texts
+    # Compiled again over a run of the same fields (a patch of the last one's cells, not
+    # a tree written whole): counted by the cells the patch moves, refused alike.
+    compiler = RunCompiler()
+    compiler.compile(nested_run(3), 4)
+    with pytest.raises(TooManyCells):
+        compiler.compile(nested_run(60), 4)
+    assert compiler.compile(nested_run(40), 4)[2] == texts
     # A big address set is its own measure: 100,000 addresses in one box compile.
     many = tuple((2 * v, 2 * v) for v in range(100_000))
     assert len(compile_texts([({"saddr": many, "dport": [(80, 80)]}, "Allow")], 4)[2]) \

@@ -63,7 +63,6 @@ their canonical form (`s4_<h>`, `s6_<h>`), named ports sets of address . protoco
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
@@ -351,10 +350,15 @@ class _Renderer:
         def flush() -> None:
             lines: list[str] | None = None
             if len(run) >= 2 and self.compile:
-                # Cells multiplying past the run's budget (TooManyCells): the rules one
-                # by one cost their own intervals.
-                with contextlib.suppress(TooManyCells):
+                chains = len(self.rs.chains)
+                try:
                     lines = self.run_lookup(run, label, verdicts, place)
+                except TooManyCells:
+                    # Cells multiplying past the run's budget: the rules one by one cost
+                    # their own intervals. The chains the lookup made for its cells' flow
+                    # logs (the newest) go: the rules log inline.
+                    for name in list(self.rs.chains)[chains:]:
+                        del self.rs.chains[name]
             if lines is None:
                 lines = [line for r in run for line in self.rule(r, verdicts, place)]
             out.extend(lines)

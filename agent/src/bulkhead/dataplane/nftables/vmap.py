@@ -721,12 +721,14 @@ class RunCompiler:
         itself.append(cut)
         root = cut(tuple(range(len(boxes))), 0)
         itself.clear()
-        check_cells(root, last_depth, cell_budget(spans))
+        budget = cell_budget(spans)
         elements: Sequence[str]
         if self._root is None:
             # From scratch: every cell written from the tree, sorted once. (As an
             # `Elements`, as the next patches of it are: the applier reads the changes
-            # between two of one root from their patches.)
+            # between two of one root from their patches.) The cells are counted on the
+            # tree first; a patch below counts them by the cells it moves.
+            check_cells(root, last_depth, budget)
             texts, wide_cells = tree_texts(root, used, point, family)
             texts.sort()
             elements = Elements(tuple(texts), frozenset(), frozenset())
@@ -734,6 +736,9 @@ class RunCompiler:
             removed: list[Cell] = []
             added: list[Cell] = []
             _diff(self._root, root, (), last_depth, removed, added, patches)
+            cells = len(self._elements) - len(removed) + len(added)
+            if cells > budget:
+                raise TooManyCells(cells, budget)
             wide = [i for i in range(len(used)) if not point[i]]
 
             def is_wide(cell: Cell) -> bool:
