@@ -304,3 +304,33 @@ def test_resolv_conf_and_the_dns_settings(tmp_path: Path) -> None:
         config.write_text(text + "\n")
         with pytest.raises(ConfigError, match=where.replace("[", r"\[").replace("]", r"\]")):
             load_config(config)
+
+
+def test_an_element_is_never_written_with_a_shorter_life_than_the_kernel_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two names share an address; the short-lived one's answer must not cut the element
+    the long-lived one keeps (a write sets the timeout anew). The cache looks at 1,024 of
+    an address's names: past them (here, none at all) the snooper's record of what it
+    wrote keeps the longer life."""
+    from bulkhead.policy import names as names_module
+    from bulkhead.policy.names import Record
+
+    snooper = DnsSnooper(DnsSettings(trusted_servers=(SERVER,)),
+                         snooping(DnsSettings(trusted_servers=(SERVER,))), tmp_path)
+    try:
+        sets = {"d4_wild": ("*.example.com",)}
+        now = 1_800_000_000.0
+        snooper.cache.learn([Record("a.example.com", "A", "198.18.1.4", 3600)], now)
+        assert snooper._elements(sets, now) == {"d4_wild": [("198.18.1.4", 3_600_001)]}
+        touched = snooper.cache.learn([Record("b.example.com", "A", "198.18.1.4", 60)],
+                                      now + 1)
+        assert touched == {"b.example.com"}
+        monkeypatch.setattr(names_module, "MAX_FANOUT", 0)
+        assert snooper.cache.addresses(("*.example.com",), now + 1, ["b.example.com"]) == \
+            {"198.18.1.4": now + 61}                    # the cache alone would cut it
+        assert snooper._elements(sets, now + 1, touched) == \
+            {"d4_wild": [("198.18.1.4", 3_599_001)]}    # written: what a's answer gave
+        snooper.flush()
+        assert snooper._written == {}
+    finally:
+        snooper.close()

@@ -162,6 +162,12 @@ class DnsSnooper:
         self._pending_by_client: dict[Any, OrderedDict[tuple[Any, ...], None]] = {}
         self._retry: set[str] = set()
         self._retry_lock = threading.Lock()
+        # What each domain set's elements were last written with (set -> address ->
+        # expiry): a write for some names never gives an element a shorter life than the
+        # kernel holds (another name may keep it alive: the cache looks at 1,024 of them).
+        self._written: dict[str, dict[str, float]] = {}
+        self._written_pruned: dict[str, int] = {}
+        self._written_lock = threading.Lock()
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "bulkhead-dns")
         self._netlink: NftNetlink | None = None
 
@@ -205,17 +211,44 @@ class DnsSnooper:
                                             for n in pool):
                 continue
             family = 6 if set_name.startswith("d6_") else 4
-            items = [(a, int((expiry - now) * 1000) + 1)
-                     for a, expiry in self.cache.addresses(patterns, now, pool).items()
-                     if ipaddress.ip_address(a).version == family and expiry > now]
+            found = {a: expiry for a, expiry in self.cache.addresses(patterns, now, pool).items()
+                     if ipaddress.ip_address(a).version == family and expiry > now}
+            found = self._never_shorter(set_name, found, now, whole=pool is None)
+            items = [(a, int((expiry - now) * 1000) + 1) for a, expiry in found.items()]
             if items:
                 out[set_name] = items
         return out
+
+    def _never_shorter(self, set_name: str, found: dict[str, float], now: float,
+                       whole: bool) -> dict[str, float]:
+        """`found` (address -> expiry) with each expiry at least the one last written to
+        the set for the address; what is written is remembered. `whole`: every cached
+        name was looked at (a table written whole): `found` is the set's content."""
+        with self._written_lock:
+            if whole:
+                self._written[set_name] = dict(found)
+                self._written_pruned[set_name] = len(found)
+                return found
+            written = self._written.setdefault(set_name, {})
+            for address, expiry in found.items():
+                kept = written.get(address, 0.0)
+                if kept > expiry:
+                    found[address] = kept
+                else:
+                    written[address] = expiry
+            if len(written) > 2 * self._written_pruned.get(set_name, 0) + 1024:
+                for address in [a for a, expiry in written.items() if expiry <= now]:
+                    del written[address]
+                self._written_pruned[set_name] = len(written)
+            return found
 
     def applied(self, domain_sets: Mapping[str, tuple[str, ...]], full: bool) -> None:
         """A table is in the kernel: its domain sets from now on. Replaced whole, it
         gets every live element again (answers may have come while it was written)."""
         self.domain_sets = dict(domain_sets)
+        with self._written_lock:
+            for name in [n for n in self._written if n not in self.domain_sets]:
+                del self._written[name]
         if full and self.domain_sets:
             self._submit(self._elements(self.domain_sets, time.time()), None)
 
@@ -391,6 +424,8 @@ class DnsSnooper:
     def flush(self) -> int:
         """Forget every name, empty the kernel's domain sets, remove the saved cache."""
         count = self.cache.flush()
+        with self._written_lock:
+            self._written.clear()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         future = self._writer.submit(self._flush_sets, list(self.domain_sets))

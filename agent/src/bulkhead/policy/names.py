@@ -289,10 +289,9 @@ class NameCache:
                 # Only some names moved; an address lives as long as any matching name
                 # keeps it (an element written anew takes this timeout, even a shorter
                 # one: another name's shorter TTL must not cut it). MAX_FANOUT of the
-                # names that hold the address are looked at: past that (an address a
-                # thousand names share), a timeout may come out shorter than another
-                # name's, and that name's address is let go early: a connection to it
-                # then waits for that name's next answer (never one let through).
+                # names that hold the address are looked at; past that (an address a
+                # thousand names share) the agent's record of what it wrote keeps the
+                # longer life (DnsSnooper._never_shorter).
                 for address in out:
                     for owner in self._with_referrers(self._owners.get(address, ()),
                                                       MAX_FANOUT):
