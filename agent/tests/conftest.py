@@ -115,11 +115,14 @@ class EtcdProcess:
         peer = f"http://127.0.0.1:{self.peer_port}"
         self.log_path = data_dir / ("etcd.log" if attempt == 0 else f"etcd-{attempt}.log")
         self.log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        # A name of its own: an etcd another test left on the port would answer /health
+        # too, so it is ours only when it names itself so.
+        self.name = f"bulkhead-test-{self.client_port}"
         self.proc = subprocess.Popen(
-            ["etcd", "--name", "bulkhead-test", "--data-dir", str(data_dir / f"data{attempt}"),
+            ["etcd", "--name", self.name, "--data-dir", str(data_dir / f"data{attempt}"),
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"bulkhead-test={peer}", "--log-level", "warn", *extra],
+             "--initial-cluster", f"{self.name}={peer}", "--log-level", "warn", *extra],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -131,8 +134,14 @@ class EtcdProcess:
                 raise RuntimeError(f"etcd exited: {text[-2000:]}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return True
+                    healthy = resp.status == 200
+                members = urllib.request.Request(self.url + "/v3/cluster/member/list",
+                                                 data=b"{}", method="POST")
+                with urllib.request.urlopen(members, timeout=1) as resp:
+                    ours = f'"name":"{self.name}"' in resp.read().decode()
+                if healthy and ours:
+                    return True
+                time.sleep(0.1)
             except OSError:
                 time.sleep(0.1)
         self.stop()
