@@ -89,8 +89,10 @@ async def test_a_caller_the_route_is_not_for_is_refused_before_its_path_is_read(
 
 async def test_history_limits_and_resource_versions_are_read_whole(server: Server) -> None:
     """`limit` is ASCII digits read whole ("00001000000" is a million, refused; "²" is no
-    digit, a 400 not a 500); a `resourceVersion` is digits as the server wrote them: the
-    store's own words for "only create" and "only replace" are not versions."""
+    digit, a 400 not a 500). A `resourceVersion` that is not one this server wrote
+    (digits) never reaches the store: the store's own words for "only create" and "only
+    replace" are not versions; a PUT with one gets 409, as a stale one does; an apply of
+    a manifest exported elsewhere ("123/456") still applies."""
     async with server.client("alice", "admin") as c:
         for raw in ("00001000000", "1001", "0", "²", "1" * 5000, "x"):
             async with c.get("/v1/history", params={"limit": raw}) as r:
@@ -100,12 +102,18 @@ async def test_history_limits_and_resource_versions_are_read_whole(server: Serve
             assert r.status == 200
         tier = {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
                 "metadata": {"name": "ghost"}, "spec": {"order": 10}}
-        for version in ("absent", "present", "x1", {"a": [1]}, -1, "1" * 20):
+        for version in ("absent", "present", "x1", "123/456", -1):
+            doc = {**tier, "metadata": {"name": "ghost", "resourceVersion": version}}
+            async with c.put("/v1/resources/tier/ghost", json=doc) as r:
+                assert r.status == 409, (version, r.status)
+                assert "is not one this server wrote" in (await r.json())["error"]["message"]
+        for version in ({"a": [1]}, "x" * 65, "a\nb"):
             doc = {**tier, "metadata": {"name": "ghost", "resourceVersion": version}}
             async with c.put("/v1/resources/tier/ghost", json=doc) as r:
                 assert r.status == 422, (version, r.status)
-                assert "metadata.resourceVersion: must be a revision" in \
+                assert "metadata.resourceVersion: must be a version" in \
                     (await r.json())["error"]["message"]
+        for version in ("absent", "present", "x1", {"a": [1]}, -1, "1" * 20):
             async with c.delete("/v1/resources/tier/ghost",
                                 params={"resourceVersion": str(version)}) as r:
                 assert r.status == 400, (version, r.status)
@@ -121,3 +129,7 @@ async def test_history_limits_and_resource_versions_are_read_whole(server: Serve
         fresh = {**tier, "metadata": {"name": "ghost", "resourceVersion": int(created)}}
         async with c.put("/v1/resources/tier/ghost", json=fresh) as r:
             assert r.status == 200            # a number as YAML reads one is a version too
+        exported = {**tier, "metadata": {"name": "elsewhere", "resourceVersion": "123/456"}}
+        async with c.post("/v1/apply", json=[exported]) as r:
+            assert r.status == 200, await r.text()
+            assert [x["action"] for x in (await r.json())["results"]] == ["created"]

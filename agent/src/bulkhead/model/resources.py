@@ -97,18 +97,18 @@ def _read_metadata(r: Reader, name_check: Any = check_name) -> Metadata:
 
 
 def _resource_version(r: Reader) -> str | None:
-    """The revision a write expects the resource to be at, as the server wrote it: digits
-    (a string, or a number as YAML reads one); empty is none, as in Kubernetes. Anything
-    else could never match, or would match what the store means by its own words for
-    "only create" and "only replace"."""
+    """The version a write expects the resource to be at: opaque text, as in Kubernetes
+    and Calico (a manifest exported from another datastore carries its own, such as
+    "123/456"), or a number as YAML reads one; empty is none. At most 64 printable
+    characters. Only the server's own (digits) can match: a PUT with another gets 409."""
     version = r.get("resourceVersion")
     if version is None or version == "":
         return None
     text = str(version) if isinstance(version, int) and not isinstance(version, bool) \
-        else version
-    if not (isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= 19):
-        raise r.fail(f"must be a revision as the server wrote it (at most 19 digits), not "
-                     f"{show(version)}", "resourceVersion")
+        and version.bit_length() < 256 else version
+    if not (isinstance(text, str) and len(text) <= 64 and text.isprintable()):
+        raise r.fail(f"must be a version as the server wrote it (text of at most 64 "
+                     f"printable characters), not {show(version)}", "resourceVersion")
     return text
 
 

@@ -482,7 +482,12 @@ async def write_resource(request: web.Request) -> web.Response:
             raise _already_exists(kind, resource.name)
         if not creating and old is None:
             raise ApiError(404, "NotFound", f"{kind} {resource.name} not found")
-    version = resource.metadata.resource_version   # digits, or None (validated)
+    version = resource.metadata.resource_version
+    if not creating and version is not None and not (version.isascii() and version.isdigit()):
+        # Never passed on: the store's own words for "only create" and "only replace"
+        # are not versions, and no other text is one this server wrote.
+        raise ApiError(409, "Conflict", f"{kind} {resource.name}: resourceVersion "
+                       f"{version!r} is not one this server wrote; read the resource again")
     expect = "absent" if creating else (version or "present")
     if dry_run:
         return _json(_diff_entry(resource, old), 200)
