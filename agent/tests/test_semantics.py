@@ -160,3 +160,15 @@ def test_without_staged_policies_the_view_is_the_enforced_one() -> None:
 def test_rule_ip_version(rule: dict[str, Any], version: int | None) -> None:
     (parsed,) = policy({"ingress": [rule]}).spec.ingress
     assert rule_ip_version(parsed) == version
+
+
+def test_icmp_and_not_icmp_are_criteria_only_with_a_type() -> None:
+    """felix builds its ICMP match from the type only: `{}` is no criterion, a type (and
+    a code) is."""
+    from bulkhead.model import ICMPMatch
+    from bulkhead.policy.semantics import icmp_criterion
+
+    assert icmp_criterion(None) is None
+    assert icmp_criterion(ICMPMatch()) is None
+    assert icmp_criterion(ICMPMatch(8)) == ICMPMatch(8)
+    assert icmp_criterion(ICMPMatch(8, 0)) == ICMPMatch(8, 0)

@@ -235,6 +235,13 @@ def protocol_number(value: str | int) -> int:
     return value if isinstance(value, int) else PROTOCOL_NAMES[value.upper()]
 
 
+def _small_number(digits: str, most: int) -> int | None:
+    """ASCII `digits` as a number, None when it has more than `most` digits (leading zeros
+    aside): int() of thousands of digits refuses, and counts the zeros too."""
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= most else None
+
+
 def check_protocol(r: Reader, value: object) -> str | int:
     if isinstance(value, bool):
         raise r.fail(f"{show(value)} is not a protocol")
@@ -244,10 +251,10 @@ def check_protocol(r: Reader, value: object) -> str | int:
         return value
     if isinstance(value, str):
         if value.isascii() and value.isdigit():
-            digits = value.lstrip("0") or "0"   # int() counts zeros to its 4,300
-            if len(digits) > 3:
+            number = _small_number(value, 3)
+            if number is None:
                 raise r.fail(f"{show(value)} is not a protocol number (1-255)")
-            return check_protocol(r, int(digits))
+            return check_protocol(r, number)
         if value in CANONICAL_PROTOCOL.values():
             return value
         if value.upper() in CANONICAL_PROTOCOL:
@@ -309,19 +316,16 @@ def check_port(r: Reader, value: object) -> Port:
     if isinstance(value, str):
         text = value
         if text.isascii() and text.isdigit():
-            digits = text.lstrip("0") or "0"    # int() counts zeros to its 4,300
-            if len(digits) > 5:
+            number = _small_number(text, 5)
+            if number is None:
                 raise r.fail(f"{show(value)} is out of range 1-65535")
-            return check_port(r, int(digits))
+            return check_port(r, number)
         first, sep, last = text.partition(":")
         if sep:
             if not (text.isascii() and first.isdigit() and last.isdigit()):
                 raise r.fail(f"{show(value)} {_PORT_ERROR}")
-            first, last = first.lstrip("0") or "0", last.lstrip("0") or "0"
-            if len(first) > 5 or len(last) > 5:
-                raise r.fail(f"{show(value)}: ports are 1-65535")
-            lo, hi = int(first), int(last)
-            if lo < 1 or hi > 65535:
+            lo, hi = _small_number(first, 5), _small_number(last, 5)
+            if lo is None or hi is None or lo < 1 or hi > 65535:
                 raise r.fail(f"{show(value)}: ports are 1-65535")
             if lo > hi:
                 raise r.fail(f"{show(value)}: the range's first port is above its last")

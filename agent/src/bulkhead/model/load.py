@@ -161,8 +161,8 @@ def documents(text: str, source: str = "<input>") -> list[Any]:
         raise LoadError(f"{source}: not valid YAML or JSON: {e}") from None
     except RecursionError:
         raise LoadError(f"{source}: not valid YAML or JSON: nested too deeply") from None
-    except (ValueError, OverflowError) as e:   # a value the constructors refuse: an
-        # integer of thousands of digits (Python's limit on reading one)
+    except (ValueError, OverflowError) as e:   # a value a constructor refuses (an
+        # explicit `!!timestamp` of an impossible date); integers are bounded above
         raise LoadError(f"{source}: document {len(docs) + 1}: not valid YAML or JSON: "
                         f"{str(e).split(';')[0]}") from None
     return flatten(docs, source)

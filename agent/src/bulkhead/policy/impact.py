@@ -77,6 +77,7 @@ from bulkhead.policy.rules import domain_matches
 from bulkhead.policy.semantics import (
     effective_labels,
     enforcement_mode,
+    icmp_criterion,
     policy_layout,
     rule_ip_version,
     selects,
@@ -411,8 +412,9 @@ class Impact:
             values.append(r.proto != protocol_number(rule.not_protocol))
         if rule.icmp is not None:
             values.append(self._icmp(ctx, rule.icmp.type, rule.icmp.code))
-        if rule.not_icmp is not None and rule.not_icmp.type is not None:   # {}: none
-            values.append(_not(self._icmp(ctx, rule.not_icmp.type, rule.not_icmp.code)))
+        not_icmp = icmp_criterion(rule.not_icmp)
+        if not_icmp is not None:
+            values.append(_not(self._icmp(ctx, not_icmp.type, not_icmp.code)))
         if False in values:
             return False
         values += self._side(ctx, rule.source, ctx.src, "source")

@@ -25,6 +25,7 @@ from bulkhead.model import (
     EntityRule,
     GlobalNetworkPolicy,
     HostEndpoint,
+    ICMPMatch,
     NamedPort,
     PortRange,
     Rule,
@@ -37,6 +38,7 @@ from bulkhead.policy.failsafe import Failsafes
 from bulkhead.policy.semantics import (
     effective_labels,
     enforcement_mode,
+    icmp_criterion,
     rule_ip_version,
     selects,
     staged_view,
@@ -79,8 +81,8 @@ class RulePlan:
     ip_version: int | None = None
     protocol: int | None = None
     not_protocol: int | None = None
-    icmp: tuple[int | None, int | None] | None = None       # (type, code)
-    not_icmp: tuple[int | None, int | None] | None = None
+    icmp: tuple[int, int | None] | None = None       # (type, code)
+    not_icmp: tuple[int, int | None] | None = None
     source: SidePlan = SidePlan()
     destination: SidePlan = SidePlan()
     direction: str = INGRESS
@@ -283,13 +285,11 @@ def _rules(policy: GlobalNetworkPolicy, direction: str) -> Iterable[RulePlan]:
 
 def rule_plan(rule: Rule, where: str, owner: str = "", index: int = 0,
               direction: str = INGRESS) -> RulePlan:
-    def icmp(m: object) -> tuple[int | None, int | None] | None:
-        # Without a type an `icmp`/`notICMP` is no condition: felix builds its ICMP match
-        # only from a type (`if in.NotICMPType != nil`), so `notICMP: {}` leaves the rule
-        # as if it were not there, and `icmp: {}` matches any ICMP the protocol does.
-        if m is None or m.type is None:  # type: ignore[attr-defined]
+    def icmp(m: ICMPMatch | None) -> tuple[int, int | None] | None:
+        criterion = icmp_criterion(m)   # with a type, or none (semantics)
+        if criterion is None or criterion.type is None:
             return None
-        return (m.type, m.code)  # type: ignore[attr-defined]
+        return (criterion.type, criterion.code)
 
     return RulePlan(
         action=rule.action, where=where, owner=owner, index=index,

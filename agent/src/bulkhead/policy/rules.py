@@ -18,7 +18,7 @@ from bulkhead.model import (
 )
 from bulkhead.model.checks import protocol_number
 from bulkhead.policy.flow import Flow, protocol_name
-from bulkhead.policy.semantics import rule_ip_version
+from bulkhead.policy.semantics import icmp_criterion, rule_ip_version
 from bulkhead.selector import Selector
 
 
@@ -229,8 +229,8 @@ def compile_rule(rule: Rule, direction: str = INGRESS) -> list[Criterion]:
         out.append(Criterion(lambda c: _icmp_matches(icmp, c.flow),
                              lambda c: f"ICMP type/code {c.flow.icmp_type}/{c.flow.icmp_code}"
                                        f" matches icmp {icmp.dump()}"))
-    if rule.not_icmp is not None and rule.not_icmp.type is not None:   # {}: no condition
-        nicmp = rule.not_icmp
+    nicmp = icmp_criterion(rule.not_icmp)
+    if nicmp is not None:
         out.append(Criterion(lambda c: not _icmp_matches(nicmp, c.flow),
                              lambda c: f"ICMP type/code {c.flow.icmp_type}/{c.flow.icmp_code}"
                                        f" outside notICMP {nicmp.dump()}"))

@@ -16,6 +16,9 @@ written once from Calico's documented semantics and tested on its own
   happens to a packet (nothing is blocked), never which policy decides.
 - The IP version a rule is limited to: `ipVersion`, else that of its nets (Felix renders
   a rule with IPv4 nets into the IPv4 ruleset only), else that of an ICMP protocol.
+- A rule's `icmp` and `notICMP` are criteria only with a type: felix builds its ICMP match
+  from the type (`if in.NotICMPType != nil`), so `notICMP: {}` is no criterion and
+  `icmp: {}` matches every message of the rule's protocol.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from bulkhead.model import (
     ENFORCEMENT_MODES,
     GlobalNetworkPolicy,
     HostEndpoint,
+    ICMPMatch,
     Rule,
     Snapshot,
     Tier,
@@ -119,3 +123,8 @@ def rule_ip_version(rule: Rule) -> int | None:
         if number == 58:
             return 6
     return None
+
+
+def icmp_criterion(match: ICMPMatch | None) -> ICMPMatch | None:
+    """A rule's `icmp` or `notICMP` as a criterion: None when it has none (no type)."""
+    return match if match is not None and match.type is not None else None

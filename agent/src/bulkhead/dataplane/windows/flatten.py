@@ -224,7 +224,7 @@ def rule_boxes(plan: NodePlan, rule: RulePlan, family: int, direction: str) -> l
         icmp = (icmp_span(rule.icmp[0], rule.icmp[1]),)
     start = effective(Box(family, protocols, everything, everything, icmp=icmp))
     region = [] if start is None else [start]
-    if rule.not_icmp is not None and rule.not_icmp[0] is not None:   # {}: no condition
+    if rule.not_icmp is not None:   # always with a type (rule_plan)
         region = subtract_all(region, [Box(family, ICMP_PROTOCOLS, everything, everything,
                                            icmp=(icmp_span(rule.not_icmp[0],
                                                            rule.not_icmp[1]),))])
