@@ -432,6 +432,47 @@ def test_a_watch_ends_when_its_certificate_is_revoked(
         assert time.monotonic() - started < 3.0
 
 
+def test_a_revoked_watch_gets_no_change_made_after_its_revocation(
+        make_server: Callable[..., Hardened]) -> None:
+    """A stream waiting out a long heartbeat when its certificate is revoked: the change
+    that ends the wait is not sent to it; the stream ends instead. A long poll answers
+    403."""
+    server = make_server()
+    ctx = server.tls("web-1", "agent")
+    admin = server.tls("admin-1", role="admin")
+    doc = json.dumps({"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+                      "metadata": {"name": "after-revocation"},
+                      "spec": {"nets": ["198.18.0.0/24"]}}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw2, \
+            ctx.wrap_socket(raw2, server_hostname="127.0.0.1") as poll:
+        tls.sendall(http("GET", "/v1/watch?stream=true&timeout=60"))
+        first = tls.recv(65536)
+        assert b"200 OK" in first
+        while b'"revision"' not in first:   # the snapshot, before the revocation
+            first += tls.recv(65536)
+        revision = server.conn.request("GET", "/v1/resources/GlobalNetworkSet")["revision"]
+        poll.sendall(http("GET", f"/v1/watch?revision={revision}&timeout=60"))
+        pki.revoke(server.tmp, name="web-1")
+        time.sleep(1.5)   # the server reads the CRL again at most once a second
+        status, answer = raw_request(server, admin, http(
+            "POST", "/v1/resources/GlobalNetworkSet", doc,
+            {"Content-Type": "application/json"}))
+        assert status == 201, answer[:300]
+        tls.settimeout(10)
+        rest = b""
+        while chunk := tls.recv(65536):
+            rest += chunk
+        assert b"after-revocation" not in rest
+        poll.settimeout(10)
+        polled = b""
+        while b"\r\n\r\n" not in polled:
+            polled += poll.recv(65536)
+        assert polled.split(b" ", 2)[1] == b"403", polled[:300]
+        assert b"after-revocation" not in polled
+
+
 def test_a_chunked_body_is_read_to_its_end(make_server: Callable[..., Hardened]) -> None:
     """Without Content-Length, a body that arrives in two chunks, apart, is read whole."""
     server = make_server()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import subprocess
 import time
 from typing import Any
 
@@ -103,3 +104,29 @@ def test_the_servers_tls_refuses_renegotiation(tmp_path: Any) -> None:
                           tls_key=str(tmp_path / "server.key"),
                           client_ca=str(tmp_path / "ca.crt"))
     assert config.ssl_context().options & ssl.OP_NO_RENEGOTIATION
+
+
+@pytest.mark.parametrize("serial", ["0", "-5"])
+async def test_a_certificate_that_could_not_be_revoked_is_refused(
+        server: Server, tmp_path: Any, serial: str) -> None:
+    """A certificate of the CA whose serial number is not positive (openssl signs one when
+    told to): no CRL can name it, so the server takes no role from it (403)."""
+    key, csr, crt = tmp_path / "z.key", tmp_path / "z.csr", tmp_path / "z.crt"
+    subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(csr),
+                    "-subj", "/CN=zero/OU=role=admin"], check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA",
+                    str(server.pki / "ca.crt"), "-CAkey", str(server.pki / "ca.key"),
+                    "-set_serial", serial, "-days", "1", "-out", str(crt)],
+                   check=True, capture_output=True)
+    ctx = ssl.create_default_context(cafile=str(server.pki / "ca.crt"))
+    ctx.load_cert_chain(str(crt), str(key))
+    async with aiohttp.ClientSession(server.url, connector=aiohttp.TCPConnector(ssl=ctx)
+                                     ) as zero:
+        async with zero.get("/v1/nodes") as r:
+            assert r.status == 403
+            assert "is not positive" in (await r.json())["error"]["message"]
+        async with zero.post("/v1/resources/GlobalNetworkSet", json=netset("zero")) as r:
+            assert r.status == 403
+        async with zero.get("/healthz") as r:   # the probes need no identity
+            assert r.status == 200

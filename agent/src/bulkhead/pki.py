@@ -18,6 +18,8 @@ import datetime
 import ipaddress
 import json
 import os
+import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,12 +67,35 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
+    """`data` into `path`, whole or not at all: through a temporary file of a name nobody
+    can foresee, created new (never a file or link planted beforehand) with mode 0600,
+    and 0644 set only once it holds a public file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if not private:
+                os.fchmod(f.fileno(), 0o644)
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# What `issue` takes as a NAME: it is the certificate's CN (the node's name for an agent)
+# and the base of the files it writes, so no path separator, no leading dot, at most 64
+# characters (X.509's upper bound for a CN).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+CA_FILES = ("ca",)   # NAME.crt and NAME.key that are the CA's own in its directory
+
+
+def check_name(name: str) -> None:
+    if not NAME.fullmatch(name):
+        raise ValueError(f"certificate name {name[:64]!r}: 1 to 64 letters, digits and . _ @ "
+                         "-, starting with a letter or digit (it is the CN and the file "
+                         "name)")
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -103,14 +128,26 @@ def init_ca(directory: Path, name: str = "bulkhead CA", days: int = 3650,
 
 def issue(directory: Path, name: str, *, role: str | None = None, server: bool = False,
           hosts: tuple[str, ...] = (), tiers: tuple[str, ...] = (), days: int = 825,
-          out: Path | None = None) -> tuple[Path, Path]:
+          out: Path | None = None, replace: bool = True) -> tuple[Path, Path]:
     """Issue `<name>.crt`/`<name>.key` signed by the CA in `directory`.
 
     A server certificate gets `hosts` (DNS names or IPs) as subject alternative names; a
-    client certificate gets its role (and tier limits) in the subject.
+    client certificate gets its role (and tier limits) in the subject. The CA's own files
+    are never written over; other files of the same name only if `replace`.
     """
+    check_name(name)
     if not server and role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    target = out or directory
+    crt_path, key_path = target / f"{name}.crt", target / f"{name}.key"
+    if name in CA_FILES and target.resolve() == directory.resolve():
+        raise ValueError(f"certificate name {name!r}: {directory / name}.crt and .key are "
+                         "the CA's own files; choose another name or --out")
+    if not replace:
+        there = [str(p) for p in (crt_path, key_path) if p.exists() or p.is_symlink()]
+        if there:
+            raise FileExistsError(f"{' and '.join(there)} exist; pass --force to issue "
+                                  "again over them")
     ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
     ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
@@ -138,8 +175,6 @@ def issue(directory: Path, name: str, *, role: str | None = None, server: bool =
                 sans.append(x509.DNSName(host))
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
-    target = out or directory
-    crt_path, key_path = target / f"{name}.crt", target / f"{name}.key"
     _write(key_path, _key_pem(key), private=True)
     _write(crt_path, cert.public_bytes(serialization.Encoding.PEM))
     line = json.dumps({"serial": serial_hex(cert.serial_number), "name": name,

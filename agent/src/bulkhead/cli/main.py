@@ -194,7 +194,8 @@ def cmd_pki(args: argparse.Namespace) -> int:
             crt, key = pki.issue(directory, args.name, role=None if args.server else args.role,
                                  server=args.server, hosts=tuple(args.host or ()),
                                  tiers=tuple(args.tier or ()),
-                                 out=Path(args.out) if args.out else None)
+                                 out=Path(args.out) if args.out else None,
+                                 replace=args.force)
             print(f"certificate: {crt}\nkey:         {key}")
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
@@ -263,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--server", action="store_true", help="a server certificate")
     iss.add_argument("--host", action="append", help="server name or IP (repeatable)")
     iss.add_argument("--tier", action="append", help="limit an admin to this tier")
+    iss.add_argument("--force", action="store_true",
+                     help="issue again over an existing NAME.crt and NAME.key")
     iss.set_defaults(func=cmd_pki)
     rev = psub.add_parser("revoke", help="add certificates to the CA's CRL (crl.pem)")
     rev.add_argument("name", nargs="?",

@@ -112,17 +112,27 @@ def _peer_certificate(ssl_object: Any) -> x509.Certificate:
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         raise ApiError(401, "Unauthorized", "a client certificate is required")
-    return x509.load_der_x509_certificate(der)
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError as e:   # the handshake took it; cryptography reads X.509 stricter
+        raise ApiError(403, "Forbidden", f"the client certificate cannot be read: {e}"
+                       ) from None
 
 
 def _peer(ssl_object: Any) -> tuple[int, Identity | str]:
     """The serial number and identity of the client certificate (or why the certificate
     names no identity), kept for the connection; 401 without a certificate."""
     cert = _peer_certificate(ssl_object)
-    try:
-        who: Identity | str = identity_from_subject(cert.subject)
-    except ValueError as e:
-        who = str(e)
+    who: Identity | str
+    if cert.serial_number <= 0:
+        # RFC 5280 wants it positive, and a CRL cannot name it: such a certificate could
+        # never be revoked, so it is not taken.
+        who = f"the client certificate's serial number {cert.serial_number} is not positive"
+    else:
+        try:
+            who = identity_from_subject(cert.subject)
+        except ValueError as e:
+            who = str(e)
     peer = (cert.serial_number, who)
     _PEERS[ssl_object] = peer
     return peer
@@ -1025,6 +1035,8 @@ async def watch(request: web.Request) -> web.StreamResponse:
     if not stream:
         events, revision = (None, hub.revision) if after is None else \
             await hub.wait(after, timeout)
+        if peer_revoked(request):   # revoked while it waited: nothing more for it
+            raise ApiError(403, "Forbidden", "certificate revoked")
         body = _snapshot_body(hub) if events is None else _events_body(revision, events)
         return web.Response(body=body, content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -1042,7 +1054,9 @@ async def watch(request: web.Request) -> web.StreamResponse:
         if transport is None or transport.is_closing() or peer_revoked(request):
             break
         events, revision = await hub.wait(after, timeout)
-        if stopping.is_set():
+        # The wait may have lasted the whole heartbeat interval: a certificate revoked
+        # meanwhile gets nothing more, not even the change that ended the wait.
+        if stopping.is_set() or peer_revoked(request):
             break
         if events is None:
             after, line = hub.revision, _snapshot_body(hub) + b"\n"
