@@ -16,9 +16,13 @@ from typing import Any
 
 import pytest
 
+from bulkhead.agent.flowlogs import FlowLogCounters, ship_spool
+from bulkhead.agent.http import HttpError, Session
+from bulkhead.agent.spool import Spool
 from bulkhead.client import ApiError, Connection
 from bulkhead.client.flows import dns_logs, flows, send_dns, send_flows
-from bulkhead.model.flowlog import MAX_BATCH, MAX_BATCH_BYTES
+from bulkhead.model.flowlog import MAX_BATCH, MAX_BATCH_BYTES, parse_batch
+from bulkhead.server.flows import NodeBudget
 from bulkhead.server.main import ServerConfig
 from tests.flowfixture import flow_doc
 from tests.test_server_process import ServerProcess, pki_dir, servers  # noqa: F401
@@ -224,6 +228,68 @@ def test_oversize_bodies_and_too_many_records(make: Starter) -> None:
     assert metric(server, "bulkhead_flow_batches_stored_total") == 2
 
 
+def test_an_agent_over_its_bytes_a_minute_is_told_to_come_back(make: Starter) -> None:
+    """Each node may send `nodeBytesPerMinute` of flow (and, apart, DNS) batches: past it,
+    429 with Retry-After before its body is read, nothing stored, counted; other nodes
+    are not held back. (A compromised host's agent otherwise filled the server's disk
+    at the speed of the network.)"""
+    server = make({"nodeBytesPerMinute": 4096})
+    web, db = server.client("web-1", "agent"), server.client("db-1", "agent")
+    now = time.time()
+    batch = [flow_doc(end=now - 5, dst_name=f"d{i}") for i in range(8)]
+    assert len(json.dumps({"records": batch})) > 4096
+    assert send_flows(web, batch) == 8          # a full bucket takes one batch, any size
+    with pytest.raises(ApiError) as err:
+        send_flows(web, batch[:1])
+    assert err.value.status == 429
+    assert "agent web-1: more than 4,096 bytes of flow records a minute; nothing was " \
+        "stored, send again in" in err.value.message
+    status, text = _raw_post(server, web, {"Content-Length": "10"}, b"not json!!")
+    assert status == 429, text                  # refused before the body is read
+    assert send_flows(db, [flow_doc(end=now - 5, node="db-1")]) == 1
+    assert count(server) == 9
+    assert metric(server, 'bulkhead_flow_batches_refused_total{reason="rate_limited"}') == 2
+
+
+async def test_the_agent_keeps_a_batch_told_to_come_back_in_its_spool(
+        make: Starter, tmp_path: Path) -> None:
+    """The agent's side of a 429: the batch stays on disk for later, not dropped."""
+    server = make({"nodeBytesPerMinute": 4096})
+    web = server.client("web-1", "agent")
+    now = time.time()
+    records = parse_batch({"records": [flow_doc(end=now - 5, dst_name=f"d{i}")
+                                       for i in range(8)]}, now, "web-1")
+    spool = Spool(tmp_path / "spool", 1 << 20, batch=8)
+    spool.put(records)
+    spool.put(records[:1])
+    ctx = ssl.create_default_context(cafile=web.ca)
+    ctx.load_cert_chain(str(web.cert), web.key)
+    counters = FlowLogCounters()
+    async with Session(f"https://127.0.0.1:{server.port}", ctx) as session:
+        with pytest.raises(HttpError, match="429"):
+            await ship_spool(session, spool, "flows", counters)
+    assert spool.records == 1 and counters.records_sent == 8
+    assert counters.batches_refused == 0 and count(server) == 8
+
+
+def test_a_node_budget_refills_at_its_rate_and_forgets_idle_nodes() -> None:
+    clock = [1000.0]
+    budget = NodeBudget(6000, max_nodes=3, clock=lambda: clock[0])   # 100 bytes a second
+    assert budget.wait("a") == 0
+    budget.charge("a", 9000)                 # a batch bigger than the bucket: in debt
+    assert budget.wait("a") == pytest.approx(30.01)
+    clock[0] += 30
+    assert budget.wait("a") == pytest.approx(0.01)
+    clock[0] += 0.02
+    assert budget.wait("a") == 0
+    clock[0] += 3600                         # never more than a minute's worth
+    budget.charge("a", 6000)
+    assert budget.wait("a") > 0
+    for node in ("b", "c", "d"):             # b, c full again: dropped first
+        budget.charge(node, 0)
+    assert set(budget._buckets) <= {"a", "d"} and "a" in budget._buckets
+
+
 def test_retention_expires_old_records(make: Starter) -> None:
     server = make({"retention": 1, "expireInterval": 0.2})
     agent = server.client("web-1", "agent")
@@ -269,6 +335,8 @@ def test_clickhouse_store_through_the_server(make: Starter) -> None:
     ({"colour": 1}, "flowLogs.colour: unknown key"),
     ({"store": "postgres"}, "flowLogs.store: 'postgres' is not one of sqlite, clickhouse"),
     ({"retention": 0}, "flowLogs.retention: 0 is not a number from"),
+    ({"nodeBytesPerMinute": 100}, "flowLogs.nodeBytesPerMinute: 100 is not a whole number "
+     "from 1024"),
     ({"jsonLines": {"maxBytes": 10}}, "flowLogs.jsonLines.path: required"),
     ({"jsonLines": {"path": "/x", "keep": 1}}, "flowLogs.jsonLines.keep: 1 is not a whole "
      "number from 2"),

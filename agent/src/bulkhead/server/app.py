@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import weakref
 from collections import Counter
@@ -87,11 +88,12 @@ TIER_USERS = Referrers(("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy"), ("s
 
 
 class ApiError(web.HTTPException):
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
         self.status_code = status
         super().__init__(text=json.dumps({"error": {"code": status, "reason": reason,
                                                      "message": message}}),
-                         content_type="application/json")
+                         content_type="application/json", headers=headers)
 
 
 def forbidden(who: Identity, what: str) -> ApiError:
@@ -1117,12 +1119,21 @@ async def _ingest(request: web.Request, key: web.AppKey[Any]) -> web.Response:
             request.app[key].refused("forbidden")
         raise
     logs: RecordLogs = _flow_logs(request) if key is FLOWS else _dns_logs(request)
+    wait = logs.budget.wait(identity.name)
+    if wait > 0:   # over its share: told so before its body is read
+        logs.refused("rate_limited")
+        raise ApiError(429, "TooManyRequests", f"agent {identity.name}: more than "
+                       f"{logs.budget.per_minute:,} bytes of {logs.kind} records a minute; "
+                       f"nothing was stored, send again in {math.ceil(wait)} s",
+                       headers={"Retry-After": str(math.ceil(wait))})
     async with logs.ingesting:   # a few batches at a time; the others wait unread
         try:
             text = await _text(request, MAX_BATCH_BYTES)
         except ApiError as e:
             logs.refused("too_large" if e.status == 413 else "invalid")
             raise
+        finally:   # what arrived counts, taken or not
+            logs.budget.charge(identity.name, request.content.total_bytes)
         try:
             stored = await asyncio.to_thread(logs.ingest, text, identity.name)
         except Refused as e:

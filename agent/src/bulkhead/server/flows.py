@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +55,41 @@ INGEST_CONCURRENCY = 4           # batches parsed and stored at once; more wait 
 QUERY_CONCURRENCY = 2            # queries run at once
 PARAMS = ("since", "until", "node", "reporter", "action", "policy", "tier", "staged",
           "selector", "endpoint", "limit", "top", "after")
-REFUSALS = ("forbidden", "invalid", "too_large", "unavailable")
+REFUSALS = ("forbidden", "invalid", "too_large", "unavailable", "rate_limited")
+
+
+class NodeBudget:
+    """The bytes each node may send a minute: a bucket per node holding at most one
+    minute's worth, filled continuously. A batch is taken while the node's bucket is not
+    empty and its size is then taken out (it may go below zero, so the long-run rate
+    holds whatever the batches' sizes); an empty bucket says how long until it is not.
+    Nodes are certificate names; a bucket back to full is the same as none, so those are
+    dropped first when there are more than `max_nodes`."""
+
+    def __init__(self, per_minute: int, max_nodes: int = 65_536,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.rate = per_minute / 60.0
+        self.max_nodes = max_nodes
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}   # node -> (level, when)
+
+    def _level(self, node: str, now: float) -> float:
+        level, when = self._buckets.get(node, (float(self.per_minute), now))
+        return min(float(self.per_minute), level + (now - when) * self.rate)
+
+    def wait(self, node: str) -> float:
+        """Seconds until `node` may send again; 0 when it may now."""
+        level = self._level(node, self.clock())
+        return 0.0 if level > 0 else (1.0 - level) / self.rate
+
+    def charge(self, node: str, size: int) -> None:
+        now = self.clock()
+        self._buckets[node] = (self._level(node, now) - size, now)
+        if len(self._buckets) > self.max_nodes:
+            full = [n for n in self._buckets if self._level(n, now) >= self.per_minute]
+            for n in full or list(self._buckets)[:len(self._buckets) - self.max_nodes]:
+                del self._buckets[n]
 
 
 class Refused(Exception):
@@ -89,6 +123,7 @@ class RecordLogs:
         self.store = store
         self.sink = sink
         self.counters: Counter[str] = Counter()
+        self.budget = NodeBudget(config.node_bytes_per_minute)
         self._ingesting: asyncio.Semaphore | None = None
         self._querying: asyncio.Semaphore | None = None
 

@@ -36,7 +36,11 @@ DEFAULT_RETENTION_HOURS = 24.0
 DEFAULT_EXPIRE_INTERVAL = 300.0
 DEFAULT_JSONL_BYTES = 100 * 1024 * 1024
 DEFAULT_JSONL_KEEP = 5
-KEYS = ("store", "path", "retention", "expireInterval", "jsonLines", "clickhouse")
+KEYS = ("store", "path", "retention", "expireInterval", "nodeBytesPerMinute", "jsonLines",
+        "clickhouse")
+# What one agent may send a minute, flow and DNS batches each (bytes of request bodies):
+# a node over it is told to come back later (429); its records wait in its spool.
+DEFAULT_NODE_BYTES_PER_MINUTE = 32 * 1024 * 1024
 JSONL_KEYS = ("path", "maxBytes", "keep")
 CLICKHOUSE_KEYS = ("dsn", "host", "port", "user", "passwordFile", "database", "table",
                    "dnsTable", "secure", "caFile", "createSchema")
@@ -55,6 +59,7 @@ class FlowLogConfig:
     path: Path                                   # the SQLite file
     retention_hours: float = DEFAULT_RETENTION_HOURS
     expire_interval: float = DEFAULT_EXPIRE_INTERVAL
+    node_bytes_per_minute: int = DEFAULT_NODE_BYTES_PER_MINUTE
     json_lines: JsonLinesConfig | None = None
     clickhouse: ClickHouseSettings | None = None
 
@@ -84,6 +89,9 @@ class FlowLogConfig:
             retention_hours=retention,
             expire_interval=_number(doc, "expireInterval", DEFAULT_EXPIRE_INTERVAL, 0.1,
                                     86_400),
+            node_bytes_per_minute=int(_number(doc, "nodeBytesPerMinute",
+                                              DEFAULT_NODE_BYTES_PER_MINUTE, 1024, 2 ** 40,
+                                              integer=True)),
             json_lines=_json_lines(doc["jsonLines"]) if doc.get("jsonLines") is not None
             else None,
             clickhouse=settings)
