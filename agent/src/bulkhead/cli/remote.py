@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -17,7 +18,14 @@ from typing import Any
 import yaml
 
 from bulkhead.api import label_value
-from bulkhead.client import ApiError, Connection, Unreachable, resource_path, route
+from bulkhead.client import (
+    ApiError,
+    BadAnswer,
+    Connection,
+    Unreachable,
+    resource_path,
+    route,
+)
 from bulkhead.model import KIND_ALIASES, LoadError, load_paths
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -371,4 +379,19 @@ def run_remote(func: Any, args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     except Unreachable as e:
         print(printable(f"error: cannot reach bulkhead-server: {e}"), file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except BadAnswer as e:
+        print(printable(f"error: bulkhead-server's answer cannot be read: {e}"),
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except (TypeError, KeyError, AttributeError, IndexError) as e:
+        # An answer of another shape than this command reads (the server of another
+        # version, or not a bulkhead-server): said so, not a traceback. BULKHEAD_DEBUG=1
+        # shows the traceback.
+        if os.environ.get("BULKHEAD_DEBUG"):
+            raise
+        print(printable(f"error: bulkhead-server's answer is not what `bulkhead "
+                        f"{args.command}` reads ({type(e).__name__}: {str(e)[:200]}); is "
+                        "the server a bulkhead-server of this version? (BULKHEAD_DEBUG=1 "
+                        "shows where)"), file=sys.stderr)
         return EXIT_UNREACHABLE

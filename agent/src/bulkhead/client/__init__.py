@@ -7,13 +7,14 @@ variables (BULKHEAD_SERVER, BULKHEAD_CA, BULKHEAD_CERT, BULKHEAD_KEY), then
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
 import socket
 import ssl
-import urllib.error
+import threading
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,10 @@ from bulkhead.api import resource_path, route, segment
 from bulkhead.defaults import SERVER_PORT
 
 CONFIG_FILE = Path("~/.config/bulkhead/config.yaml")
-__all__ = ["ApiError", "Connection", "Unreachable", "resource_path", "route", "segment"]
+__all__ = ["ApiError", "BadAnswer", "Connection", "Unreachable", "resource_path", "route",
+           "segment"]
+# The largest answer read (an export of a big store is tens of MiB); past it, BadAnswer.
+MAX_ANSWER = 256 * 1024 * 1024
 
 
 class ApiError(Exception):
@@ -37,6 +41,11 @@ class ApiError(Exception):
 
 class Unreachable(Exception):
     """The server could not be reached (network, TLS), or the settings cannot work."""
+
+
+class BadAnswer(Exception):
+    """The server answered, but not what a bulkhead-server answers: not JSON where JSON was
+    said, nested past reading, larger than MAX_ANSWER, or of another shape."""
 
 
 # Each setting as a message names it: flag, environment variable, config file key.
@@ -147,31 +156,76 @@ class Connection:
     def request(self, method: str, path: str, body: Any = None, *,
                 query: dict[str, str] | None = None, raw: bytes | None = None,
                 content_type: str = "application/json") -> Any:
-        url = self.server.rstrip("/") + path
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
+        """One request on a connection of its own; the answer's JSON (or text). The whole
+        request, answer read, lasts at most `timeout` seconds (not each read: a server
+        sending a byte at a time cannot hold the caller); redirects are not followed."""
+        target = path + ("?" + urllib.parse.urlencode(query) if query else "")
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": content_type,
-                                              "Accept": "application/json"})
         self.check()
         try:
             ctx = self._context()
         except (OSError, ssl.SSLError) as e:
             raise Unreachable(self.explain(e)) from None
+        parts = urllib.parse.urlsplit(self.server)
+        conn = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443,
+                                           context=ctx, timeout=self.timeout)
+        expired = threading.Event()
+
+        def expire() -> None:   # unblocks whatever read or write is waiting
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(self.timeout, expire)
+        timer.daemon = True
+        timer.start()
         try:
-            with urllib.request.urlopen(req, context=ctx, timeout=self.timeout) as resp:
-                payload = resp.read()
-        except urllib.error.HTTPError as e:
-            text = e.read().decode(errors="replace")
+            conn.request(method, target, body=data, headers={
+                "Content-Type": content_type, "Accept": "application/json"})
+            resp = conn.getresponse()
+            payload = _read_at_most(resp, MAX_ANSWER, self.server)
+            if expired.is_set():   # what came before the cut is not the answer
+                raise TimeoutError
+        except (OSError, http.client.HTTPException) as e:
+            if expired.is_set():
+                raise Unreachable(f"{self.server}: no whole answer within {self.timeout:g} "
+                                  "s") from None
+            raise Unreachable(f"{self.server}: {self.explain(e)}") from None
+        finally:
+            timer.cancel()
+            conn.close()
+        if 300 <= resp.status < 400:
+            where = str(resp.getheader("Location", ""))[:200]
+            raise ApiError(resp.status, resp.reason, f"the server answered with a redirect "
+                           f"to {where!r}; bulkhead does not follow redirects: give the "
+                           "server's own https:// address")
+        if resp.status >= 400:
+            text = payload.decode(errors="replace")
             try:
                 err = json.loads(text)["error"]
-                raise ApiError(e.code, err["reason"], err["message"]) from None
-            except (ValueError, KeyError, TypeError):
-                raise ApiError(e.code, e.reason, text.strip() or e.reason) from None
-        except (urllib.error.URLError, OSError) as e:
-            raise Unreachable(f"{self.server}: {self.explain(e)}") from None
+                raise ApiError(resp.status, str(err["reason"]), str(err["message"]))
+            except (ValueError, KeyError, TypeError, RecursionError):
+                raise ApiError(resp.status, resp.reason, text.strip()[:1000] or resp.reason
+                               ) from None
         if not payload:
             return None
-        ctype = resp.headers.get("Content-Type", "")
-        return json.loads(payload) if "json" in ctype else payload.decode()
+        if "json" in resp.getheader("Content-Type", ""):
+            try:
+                return json.loads(payload)
+            except (ValueError, RecursionError) as e:
+                raise BadAnswer(f"{self.server}{path}: the answer is not JSON bulkhead can "
+                                f"read ({type(e).__name__}: {str(e)[:200]})") from None
+        return payload.decode(errors="replace")
+
+
+def _read_at_most(resp: http.client.HTTPResponse, most: int, server: str) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := resp.read(65536):
+        size += len(chunk)
+        if size > most:
+            raise BadAnswer(f"{server}: the answer is larger than {most:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
