@@ -38,6 +38,7 @@ from tests.agentfixture import Recorder, restore_logging  # noqa: F401 (autouse 
      "flowLogs.outboundGroup: must differ from inboundGroup"),
     ("[1, 2]", [], "must be a mapping of keys to values"),
     ("a: [", [], "not YAML"),
+    (b"node: web-\xff1\n", [], "not UTF-8 text (byte 10)"),
     ({}, ["--failsafe-inbound", "tcp:22,tcpx:1"], "--failsafe-inbound[1]: failsafe port"),
     ({}, ["--heartbeat-interval", "0"], "--heartbeat-interval: '0': must be more than 0"),
     ({}, ["--offline"], "--offline goes with --dry-run"),
@@ -48,7 +49,10 @@ def test_bad_config_names_the_key_and_exits_2(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], content: Any, argv: list[str],
         message: str) -> None:
     conf = tmp_path / "agent.yaml"
-    conf.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    if isinstance(content, bytes):
+        conf.write_bytes(content)
+    else:
+        conf.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
     rc = agent_main.main(["--config", str(conf), *argv], make_enforcer=lambda _: Recorder())
     err = capsys.readouterr().err
     assert rc == 2 and message in err, err

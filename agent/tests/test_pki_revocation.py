@@ -187,7 +187,8 @@ def test_an_explicit_crl_must_exist_and_be_the_cas(
 
 
 def stale_crl(directory: Path, serial: int) -> bytes:
-    """A CRL of the CA in `directory` revoking `serial`, whose nextUpdate has passed."""
+    """A CRL of the CA in `directory` revoking `serial`, whose nextUpdate has passed (its
+    CRL number above any `pki revoke` gave, so it is not an older copy)."""
     ca = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
     key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
@@ -195,7 +196,8 @@ def stale_crl(directory: Path, serial: int) -> bytes:
     entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
     return (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
             .last_update(now - timedelta(days=2)).next_update(now - timedelta(days=1))
-            .add_revoked_certificate(entry).sign(key, hashes.SHA256())
+            .add_revoked_certificate(entry).add_extension(x509.CRLNumber(1000), critical=False)
+            .sign(key, hashes.SHA256())
             .public_bytes(serialization.Encoding.PEM))
 
 
@@ -243,6 +245,44 @@ def test_revocation_reloads_within_its_interval(tmp_path: Path,
     assert rev.is_revoked(a)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "past its nextUpdate" in warnings[0]
+
+
+def test_an_older_crl_put_back_does_not_unrevoke(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A copy of an earlier CRL (a lower CRL number; without numbers, an earlier
+    thisUpdate) is refused: what was revoked since stays revoked."""
+    caplog.set_level(logging.INFO, "bulkhead.server.revocation")
+    pki.init_ca(tmp_path)
+    rev = Revocation(tmp_path / "crl.pem", tmp_path / "ca.crt", required=False)
+    assert "no crl file yet: no certificate is revoked until it appears" in caplog.text
+    a = serial_of(pki.issue(tmp_path, "a", role="viewer")[0])
+    b = serial_of(pki.issue(tmp_path, "b", role="viewer")[0])
+    pki.revoke(tmp_path, name="a")
+    only_a = (tmp_path / "crl.pem").read_bytes()
+    pki.revoke(tmp_path, name="b")
+    both = (tmp_path / "crl.pem").read_bytes()
+    rev.refresh()
+    assert rev.is_revoked(a) and rev.is_revoked(b)
+    caplog.clear()
+    replace(tmp_path / "crl.pem", only_a)
+    rev.refresh()
+    assert rev.is_revoked(b)
+    assert "crl refused: older than the one in force" in caplog.text
+    # Without CRL numbers, thisUpdate decides.
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    key = serialization.load_pem_private_key((tmp_path / "ca.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    now = datetime.now(UTC)
+    bare = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
+            .last_update(now - timedelta(hours=1)).next_update(now + timedelta(days=1))
+            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    replace(tmp_path / "crl.pem", both)
+    fresh = Revocation(tmp_path / "crl.pem", tmp_path / "ca.crt", required=False)
+    assert fresh.is_revoked(b)
+    caplog.clear()
+    replace(tmp_path / "crl.pem", bare)   # no number, and older than the one read
+    fresh.refresh()
+    assert fresh.is_revoked(b) and "older than the one in force" in caplog.text
 
 
 def test_peer_revoked_for_long_lived_responses(tmp_path: Path) -> None:

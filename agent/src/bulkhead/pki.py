@@ -263,12 +263,13 @@ def _write_crl(directory: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCu
         with contextlib.suppress(x509.ExtensionNotFound):
             number = previous.extensions.get_extension_for_class(x509.CRLNumber) \
                 .value.crl_number + 1
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
-               .last_update(now - datetime.timedelta(minutes=5))
-               .next_update(now + datetime.timedelta(days=days))
-               .add_extension(x509.CRLNumber(number), critical=False))
-    for entry in [*(previous or []), *new]:
-        builder = builder.add_revoked_certificate(entry)
+    # Every entry handed over at once: adding them one by one copies the list each time
+    # (a revocation into a CRL of 100,000 entries took 10 s).
+    builder = x509.CertificateRevocationListBuilder(
+        issuer_name=ca_cert.subject, last_update=now - datetime.timedelta(minutes=5),
+        next_update=now + datetime.timedelta(days=days),
+        revoked_certificates=[*(previous or []), *new]
+    ).add_extension(x509.CRLNumber(number), critical=False)
     path = directory / CRL_FILE
     _write(path, builder.sign(ca_key, hashes.SHA256()).public_bytes(
         serialization.Encoding.PEM))

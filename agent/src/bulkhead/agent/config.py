@@ -172,9 +172,11 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
     given: set[str] = set()
     if path is not None:
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except OSError as e:
             raise ConfigError(f"config {path}", e.strerror or str(e)) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config {path}", f"not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config {path}", f"not YAML: {e}") from None
         if not isinstance(data, dict):

@@ -5,12 +5,16 @@ the file's identity (inode, size, mtime) at most every `interval` seconds, so a
 `bulkhead pki revoke` (which replaces the file atomically) takes effect within that
 bound without a restart; SIGHUP re-reads at once. A CRL that cannot be read, or that
 the client CA did not sign, is refused: the previous list stays in force and the error
-is logged. A CRL past its nextUpdate stays in force too (its serials are still
-revoked), with a warning: re-sign it with `bulkhead pki crl`.
+is logged. So is one older than the CRL in force (a lower CRL number, or without numbers
+an earlier thisUpdate): an old copy put back would un-revoke what was revoked since. A
+CRL past its nextUpdate stays in force (its serials are still revoked), with a warning:
+re-sign it with `bulkhead pki crl`. A server started without the file (the default path,
+before any revocation) says so in its log: nothing is revoked until the file appears.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -45,6 +49,8 @@ class Revocation:
         self._revoked: frozenset[int] = frozenset()
         self._file: FileKey | None = None
         self._next_update: datetime.datetime | None = None
+        self._this_update: datetime.datetime | None = None
+        self._number: int | None = None
         self._stale_warned = False
         self._checked = clock()
         # Bumped whenever the revoked set changes: a long-lived stream compares it with
@@ -54,6 +60,9 @@ class Revocation:
             raise ValueError(f"crl {path}: no such file (create it with `bulkhead pki crl`)")
         if path.exists():
             self._load(self._stat(), fatal=True)
+        else:
+            log.warning("no crl file yet: no certificate is revoked until it appears",
+                        extra={"fields": {"crl": str(path)}})
 
     @property
     def revoked(self) -> frozenset[int]:
@@ -102,12 +111,26 @@ class Revocation:
                 "fields": {"crl": str(self.path), "error": str(e)}})
             self._file = key  # do not parse the same bad file on every look
             return
+        number: int | None = None
+        with contextlib.suppress(x509.ExtensionNotFound):
+            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        older = (number < self._number if number is not None and self._number is not None
+                 else self._this_update is not None
+                 and crl.last_update_utc < self._this_update)
+        if older:
+            log.error("crl refused: older than the one in force; the previous revocations "
+                      "stay in force", extra={"fields": {
+                          "crl": str(self.path), "number": number, "in_force": self._number,
+                          "thisUpdate": crl.last_update_utc.isoformat()}})
+            self._file = key
+            return
         revoked = pki.revoked_serials(crl)
         if revoked != self._revoked:
             self.generation += 1
         self._revoked = revoked
         self._file = key
         self._next_update = crl.next_update_utc
+        self._this_update, self._number = crl.last_update_utc, number
         self._stale_warned = False
         log.info("crl loaded", extra={"fields": {"crl": str(self.path),
                                                   "revoked": len(revoked)}})
