@@ -95,3 +95,23 @@ def test_keys_are_private_whatever_was_there_and_a_planted_link_is_not_followed(
     assert victim.read_bytes() == b"victim"
     assert sorted(p.name for p in out.iterdir()) == ["alice.crt", "alice.key",
                                                      "alice.key.tmp"]
+
+
+@pytest.mark.parametrize(("attrs", "found"), [
+    ([("CN", "web-1"), ("OU", "role=agent")], pki.Identity("web-1", "agent")),
+    ([("CN", "ops"), ("OU", "role=admin"), ("OU", "tier=b"), ("OU", "tier=a")],
+     pki.Identity("ops", "admin", ("a", "b"))),
+    ([("CN", "web-1"), ("CN", "db-1"), ("OU", "role=agent")], "names 2 CNs"),
+    ([("OU", "role=agent")], "no bulkhead role"),
+    ([("CN", "x"), ("OU", "role=agent"), ("OU", "role=admin")], "no bulkhead role"),
+    ([("CN", "x"), ("OU", "role=Admin")], "no bulkhead role"),
+])
+def test_the_identity_a_subject_names(attrs: list[tuple[str, str]],
+                                      found: pki.Identity | str) -> None:
+    oids = {"CN": x509.NameOID.COMMON_NAME, "OU": x509.NameOID.ORGANIZATIONAL_UNIT_NAME}
+    subject = x509.Name([x509.NameAttribute(oids[k], v) for k, v in attrs])
+    if isinstance(found, pki.Identity):
+        assert pki.identity_from_subject(subject) == found
+    else:
+        with pytest.raises(ValueError, match=found):
+            pki.identity_from_subject(subject)

@@ -59,6 +59,9 @@ def identity_from_subject(subject: x509.Name) -> Identity:
     tiers = tuple(sorted(o.split("=", 1)[1] for o in ous if o.startswith("tier=")))
     if not cns or len(roles) != 1 or roles[0] not in ROLES:
         raise ValueError("the client certificate carries no bulkhead role (OU role=...)")
+    if len(cns) != 1:   # which one names the caller would be a guess
+        raise ValueError(f"the client certificate names {len(cns)} CNs; a bulkhead "
+                         "identity has one")
     return Identity(str(cns[0].value), roles[0], tiers)
 
 
