@@ -33,7 +33,42 @@ if HAS_YAML:
     class ManifestLoader(yaml.SafeLoader):  # pylint: disable=too-many-ancestors
         """YAML as the server and the CLI read manifests (bulkhead.model.load), as
         calicoctl's go-yaml reads them: no base-60 numbers (`ports: [20:30]` is the range
-        20-30, not the port 1230) and timestamps left as strings."""
+        20-30, not the port 1230) and timestamps left as strings. What the server's loader
+        refuses is refused here too: duplicate keys (YAML keeps the last one silently),
+        aliases (a few hundred bytes of `*name` expanding to gigabytes) and merge keys."""
+
+        def construct_object(self, node, deep=False):
+            # Each node is built once; a node met again is an alias (*name) of it.
+            if node in self.constructed_objects:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "YAML aliases (*name) are not accepted in manifests",
+                    node.start_mark)
+            return super(ManifestLoader, self).construct_object(node, deep=True)
+
+    def _construct_mapping(loader, node):
+        if not isinstance(node, yaml.MappingNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, "expected a mapping, found %s" % node.id, node.start_mark)
+        out = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise yaml.constructor.ConstructorError(
+                    None, None, "YAML merge keys (<<) are not accepted in manifests",
+                    key_node.start_mark)
+            key = loader.construct_object(key_node)
+            try:
+                seen = key in out
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a string or a number, not %s"
+                    % type(key).__name__, key_node.start_mark)
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "duplicate key %r" % (key,), key_node.start_mark)
+            out[key] = loader.construct_object(value_node)
+        return out
+
+    ManifestLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 
     ManifestLoader.yaml_implicit_resolvers = dict(
         (first, [(tag, re.compile("(?!.*:)" + rx.pattern, rx.flags) if tag in _NUMBERS else rx)

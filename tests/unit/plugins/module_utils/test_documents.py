@@ -45,3 +45,32 @@ def test_plain_scalars_are_read_as_the_server_reads_them():
     (doc,) = documents.load(text, None)
     assert doc == {"ports": ["20:30", "1:05", 80, 31], "released": "2024-01-31",
                    "bad": "2001-13-45", "order": 1.5}
+
+
+def test_a_duplicate_key_is_refused_naming_the_key_and_where():
+    """As the server's loader: YAML would keep the second value silently."""
+    text = "kind: Tier\nmetadata:\n  name: a\n  name: b\n"
+    with pytest.raises(ValueError, match=r"definition: not valid YAML: duplicate key 'name'"
+                                         r"[\s\S]*line 4, column 3"):
+        documents.load(text, None)
+
+
+def test_aliases_and_merge_keys_are_refused(tmp_path):
+    """A kilobyte of aliases would expand to gigabytes: refused at the first one, fast."""
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        bomb.append("%s: &%s [*%s, *%s, *%s, *%s, *%s, *%s, *%s, *%s, *%s]"
+                    % ((chr(97 + i), chr(97 + i)) + (chr(96 + i),) * 9))
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(bomb) + "\n")
+    assert len(path.read_text()) < 1024
+    with pytest.raises(ValueError, match=r"bomb.yaml: not valid YAML: YAML aliases \(\*name\) "
+                                         r"are not accepted in manifests"):
+        documents.load(None, str(path))
+    with pytest.raises(ValueError, match=r"merge keys \(<<\) are not accepted"):
+        documents.load("base: {a: 1}\nother:\n  <<: {a: 2}\n", None)
+
+
+def test_an_anchor_without_alias_is_read():
+    assert documents.load("kind: Tier\nmetadata: &m {name: a}\n", None) == [
+        {"kind": "Tier", "metadata": {"name": "a"}}]
