@@ -17,7 +17,12 @@ description:
     endpoints share a node, the labels of the first by name, and the groups of all of them),
     C(<vars_prefix>expected_ips), C(<vars_prefix>host_endpoint) (the HostEndpoint without
     server-owned metadata) and C(<vars_prefix>host_endpoints) (all of the host's endpoints,
-    when several share a node), and C(ansible_host) from the first expected IP.
+    when several share a node), and C(ansible_host) from the first expected IP (the first
+    value of C(expectedIPs) that is an IP address; others are warned about and skipped).
+  - A HostEndpoint whose host name would be a name Ansible reserves (C(localhost), C(all),
+    C(ungrouped), a loopback address such as C(127.0.0.1) or C(::1)) or is not a valid host
+    name is left out, with a warning naming it and why, so an endpoint cannot stand in for
+    the controller (a task delegated to C(localhost)) or for a built-in group.
   - Adds every host to a group per label, C(label_<key>_<value>), and supports
     O(compose), O(groups) and O(keyed_groups) like M(ansible.builtin.constructed).
   - The API's answer can be cached (O(cache)), as C(amazon.aws.aws_ec2) caches its own.
@@ -47,7 +52,7 @@ options:
     type: str
     default: bulkhead_
   set_ansible_host:
-    description: Set C(ansible_host) to the host's first expected IP.
+    description: Set C(ansible_host) to the host's first expected IP that is an IP address.
     type: bool
     default: true
   label_groups:
@@ -93,8 +98,12 @@ cache_connection: ~/.cache/bulkhead-inventory
 cache_timeout: 300
 """
 
+import ipaddress
+import re
+
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
+from ansible.utils.display import Display
 
 from ansible_collections.bulkhead.microseg.plugins.module_utils.client import (
     BulkheadError,
@@ -108,6 +117,46 @@ from ansible_collections.bulkhead.microseg.plugins.plugin_utils import engine
 
 NAME = "bulkhead.microseg.store"
 SUFFIXES = (".bulkhead_store.yml", ".bulkhead_store.yaml")
+
+display = Display()
+
+# Names Ansible gives a meaning of its own: a host called so would take the place of the
+# implicit localhost (every delegate_to: localhost task would go where the endpoint says)
+# or of a built-in group (`all` made the groups loop).
+RESERVED_NAMES = frozenset(("localhost", "localhost.localdomain", "localhost6",
+                            "localhost6.localdomain6", "all", "ungrouped"))
+# A DNS name or a single label (letters, digits, `-`, `_`, dots between labels), as a
+# Calico node name is; an IPv6 address is checked on its own.
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
+                        r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*$")
+
+
+def ip_address(value):
+    """The IP address `value` is written as, or None (a network, a name, a number, ...)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def host_name_problem(name):
+    """Why `name` cannot be an inventory host's name, or None when it can."""
+    if not isinstance(name, str) or not name:
+        return "no host name"
+    if name.lower() in RESERVED_NAMES:
+        return "%r is a name Ansible reserves" % name
+    address = ip_address(name)
+    if address is not None:
+        if address.is_loopback or address.is_unspecified:
+            return "%r is a loopback address, which Ansible takes for the controller" % name
+        return None
+    if name.lower().startswith("localhost."):
+        return "%r is a name Ansible reserves" % name
+    if not _HOST_NAME.match(name):
+        return "%r is not a valid host name" % name
+    return None
 
 
 class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
@@ -155,13 +204,33 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             raise AnsibleParserError("%s: listing HostEndpoints from %s%s failed: %s"
                                      % (NAME, params.get("server_url"), where, e)) from None
 
+    @staticmethod
+    def _ansible_host(host, docs):
+        """The first expected IP that is an IP address; the others are warned about."""
+        for doc in docs:
+            for value in doc["spec"].get("expectedIPs") or ():
+                if ip_address(value) is not None:
+                    return str(ip_address(value))
+                display.warning("%s: host %s: HostEndpoint %s: expectedIPs value %r is not an "
+                                "IP address: not used as ansible_host"
+                                % (NAME, host, doc["metadata"]["name"], value))
+        return None
+
     def _populate(self, items):
         by_host = {}
         use_node = self.get_option("hostname") == "node"
         for item in sorted(items, key=lambda d: d["metadata"]["name"]):
             doc = strip_server_fields(item)
             host = doc["spec"].get("node") if use_node else doc["metadata"]["name"]
-            by_host.setdefault(host or doc["metadata"]["name"], []).append(doc)
+            host = host or doc["metadata"]["name"]
+            problem = host_name_problem(host)
+            if problem:
+                display.warning("%s: HostEndpoint %s is left out: %s (%s)" % (
+                    NAME, doc["metadata"]["name"],
+                    "spec.node" if use_node and doc["spec"].get("node") else "metadata.name",
+                    problem))
+                continue
+            by_host.setdefault(host, []).append(doc)
 
         prefix = self.get_option("vars_prefix")
         strict = self.get_option("strict")
@@ -176,8 +245,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             self.inventory.set_variable(host, prefix + "expected_ips", ips)
             self.inventory.set_variable(host, prefix + "host_endpoint", first)
             self.inventory.set_variable(host, prefix + "host_endpoints", docs)
-            if ips and self.get_option("set_ansible_host"):
-                self.inventory.set_variable(host, "ansible_host", ips[0])
+            if self.get_option("set_ansible_host"):
+                address = self._ansible_host(host, docs)
+                if address is not None:
+                    self.inventory.set_variable(host, "ansible_host", address)
             if self.get_option("label_groups"):
                 groups = []
                 for doc in docs:

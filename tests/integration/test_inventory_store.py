@@ -113,3 +113,24 @@ def test_store_errors(store, tmp_path, config, who, expected):
     message = " ".join(done.stderr.split())
     for part in expected:
         assert part in message, done.stderr
+
+
+def test_store_leaves_out_endpoints_named_as_ansible_reserves(clean_server, tmp_path):
+    """`node: localhost` would take the implicit localhost's place (delegate_to: localhost
+    over SSH to the endpoint's address); `node: all` made the groups loop. Both are left
+    out with a warning naming the HostEndpoint; the others are read."""
+    for doc in (hep("evil-local", "localhost", ["127.0.0.2"], {"app": "x"}),
+                hep("evil-all", "all", ["198.18.9.1"], {"app": "x"}),
+                hep("evil-loop", "127.0.0.1", ["198.18.9.2"], {"app": "x"}),
+                STORE_ENDPOINTS[0]):
+        clean_server.request("POST", "/v1/resources/HostEndpoint", doc)
+    path = write(tmp_path, "r.bulkhead_store.yml", "plugin: bulkhead.microseg.store\n")
+    done = inventory(clean_server.env("viewer"), path)
+    data = plain(json.loads(done.stdout))
+    assert sorted(data["_meta"]["hostvars"]) == ["web-1"]
+    assert data["_meta"]["hostvars"]["web-1"]["ansible_host"] == "198.18.1.11"
+    warnings = " ".join(done.stderr.split())
+    for name, why in (("evil-local", "'localhost' is a name Ansible reserves"),
+                      ("evil-all", "'all' is a name Ansible reserves"),
+                      ("evil-loop", "'127.0.0.1' is a loopback address")):
+        assert "HostEndpoint %s is left out: spec.node (%s" % (name, why) in warnings, warnings
