@@ -14,6 +14,7 @@ __metaclass__ = type
 import json
 import os
 import socket
+import time
 
 from ansible.module_utils.six.moves.urllib.error import HTTPError, URLError
 from ansible.module_utils.six.moves.urllib.parse import urlencode, urlsplit
@@ -34,6 +35,14 @@ ENV = {
     "client_cert": "BULKHEAD_CERT",
     "client_key": "BULKHEAD_KEY",
 }
+
+# The largest answer read, in bytes: far above any real one (an export of 10,000
+# resources is about 10 MB; a preview stops at 64 MiB of groups), below what would
+# exhaust the memory of the host that runs the module.
+MAX_ANSWER_BYTES = 128 * 1024 * 1024
+# The largest error answer read (the server's are a few hundred bytes).
+MAX_ERROR_BYTES = 1024 * 1024
+_CHUNK = 64 * 1024
 
 # What each file option holds, for messages about it.
 FILE_OPTIONS = (
@@ -73,6 +82,42 @@ class ApiError(BulkheadError):
 
 class NotFound(ApiError):
     """HTTP 404."""
+
+
+class AnswerRefused(BulkheadError):
+    """The server answered, but not as bulkhead-server answers: a redirect, an answer
+    too large or too slow, not JSON, or JSON of the wrong shape. Nothing of it is used."""
+
+
+def read_bounded(resp, url, deadline, limit, timeout):
+    """The body of `resp`, read in pieces until its end: AnswerRefused past `limit` bytes
+    or once the `deadline` (time.monotonic()) has passed, so a server that sends a byte a
+    second cannot keep the caller waiting for longer than the request's timeout."""
+    length = None
+    headers = getattr(resp, "headers", None)
+    if headers is not None:
+        try:
+            length = int(headers.get("Content-Length"))
+        except (TypeError, ValueError):
+            length = None
+    if length is not None and length > limit:
+        raise AnswerRefused("%s: the answer is %d bytes, more than the %d the collection reads "
+                            "(MAX_ANSWER_BYTES); nothing of it was read" % (url, length, limit))
+    read = getattr(resp, "read1", None) or resp.read
+    parts, size = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise AnswerRefused("%s: the answer did not arrive whole within %s seconds "
+                                "(request_timeout): %d bytes in that time"
+                                % (url, timeout, size))
+        part = read(_CHUNK)
+        if not part:
+            return b"".join(parts)
+        size += len(part)
+        if size > limit:
+            raise AnswerRefused("%s: the answer is more than %d bytes (MAX_ANSWER_BYTES); the "
+                                "rest was not read" % (url, limit))
+        parts.append(part)
 
 
 class BulkheadClient:
@@ -181,15 +226,29 @@ class BulkheadClient:
         else:
             data = None
         headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        # The whole request, not each read, is bounded by the timeout.
+        deadline = time.monotonic() + self.timeout
         try:
+            # No redirect is followed: bulkhead-server sends none, and one followed would
+            # take the request (and the trust in its answer) elsewhere, even to http://.
             resp = open_url(url, data=data, headers=headers, method=method,
                             timeout=self.timeout, validate_certs=self.validate_certs,
                             ca_path=self.ca_path, client_cert=self.client_cert,
                             client_key=self.client_key, use_proxy=False,
-                            http_agent="bulkhead.microseg")
-            payload = resp.read()
+                            http_agent="bulkhead.microseg", follow_redirects="none")
+            try:
+                payload = read_bounded(resp, url, deadline, MAX_ANSWER_BYTES, self.timeout)
+            finally:
+                resp.close()
         except HTTPError as e:
-            raise _api_error(e)
+            if 300 <= e.code < 400:
+                where = (e.headers.get("Location") if e.headers is not None else None) or \
+                    "(no Location)"
+                raise AnswerRefused("%s %s: the server answered %s, a redirect to %s: "
+                                    "redirects are not followed; give the server's own "
+                                    "address in %s" % (method, url, e.code, where,
+                                                       option("server_url")))
+            raise _api_error(e, url, deadline, self.timeout)
         except (URLError, OSError, ValueError, UrlsConnectionError) as e:
             raise ServerUnreachable("%s: %s" % (self.server_url, self.explain(e)))
         if not payload:
@@ -304,9 +363,9 @@ def _dry(dry_run):
     return {"dryRun": "true"} if dry_run else None
 
 
-def _api_error(e):
+def _api_error(e, url, deadline, timeout):
     try:
-        text = e.read()
+        text = read_bounded(e, url, deadline, MAX_ERROR_BYTES, timeout)
     except Exception:  # pylint: disable=broad-except
         text = b""
     if isinstance(text, bytes):
@@ -315,7 +374,7 @@ def _api_error(e):
     try:
         err = json.loads(text)["error"]
         reason, message = err.get("reason", reason), err.get("message", message)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         pass
     cls = NotFound if status == 404 else ApiError
     return cls(status, str(reason), message or str(reason) or "HTTP %s" % status)
