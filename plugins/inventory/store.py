@@ -208,7 +208,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
     def _ansible_host(host, docs):
         """The first expected IP that is an IP address; the others are warned about."""
         for doc in docs:
-            for value in doc["spec"].get("expectedIPs") or ():
+            for value in (doc.get("spec") or {}).get("expectedIPs") or ():
                 if ip_address(value) is not None:
                     return str(ip_address(value))
                 display.warning("%s: host %s: HostEndpoint %s: expectedIPs value %r is not an "
@@ -221,13 +221,12 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         use_node = self.get_option("hostname") == "node"
         for item in sorted(items, key=lambda d: d["metadata"]["name"]):
             doc = strip_server_fields(item)
-            host = doc["spec"].get("node") if use_node else doc["metadata"]["name"]
-            host = host or doc["metadata"]["name"]
+            node = (doc.get("spec") or {}).get("node") if use_node else None
+            host = node or doc["metadata"]["name"]
             problem = host_name_problem(host)
             if problem:
                 display.warning("%s: HostEndpoint %s is left out: %s (%s)" % (
-                    NAME, doc["metadata"]["name"],
-                    "spec.node" if use_node and doc["spec"].get("node") else "metadata.name",
+                    NAME, doc["metadata"]["name"], "spec.node" if node else "metadata.name",
                     problem))
                 continue
             by_host.setdefault(host, []).append(doc)
@@ -239,7 +238,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             labels = dict(first["metadata"].get("labels") or {})
             ips = []
             for doc in docs:
-                ips.extend(ip for ip in doc["spec"].get("expectedIPs") or () if ip not in ips)
+                ips.extend(ip for ip in (doc.get("spec") or {}).get("expectedIPs") or ()
+                           if ip not in ips)
             self.inventory.add_host(host)
             self.inventory.set_variable(host, prefix + "labels", labels)
             self.inventory.set_variable(host, prefix + "expected_ips", ips)

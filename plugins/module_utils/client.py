@@ -89,6 +89,73 @@ class AnswerRefused(BulkheadError):
     too large or too slow, not JSON, or JSON of the wrong shape. Nothing of it is used."""
 
 
+NULL = type(None)
+NUMBER = (int, float)
+_TYPE_NAMES = ((bool, "a boolean"), (dict, "a mapping"), (list, "a list"), (str, "a string"),
+               (int, "an integer"), (float, "a number"), (NULL, "null"))
+
+# The shapes of the server's answers, as the collection reads them: a mapping with at
+# least these keys (a key ending in `?` may be missing), a list whose elements all have
+# one shape, a type, or a tuple of types (one of which may be a mapping's shape).
+RESOURCE = {"kind": str, "metadata": {"name": str}, "spec?": dict}
+RESULTS = {"results": [{"kind": str, "name": str, "action": str,
+                        "before?": (dict, NULL), "after?": (dict, NULL)}],
+           "revision?": (int, NULL)}
+VERDICT = {"action": str, "after?": (dict, NULL)}
+EXPORT = {"revision": int, "items": [RESOURCE]}
+NODES = {"nodes": [{"node": str}], "revision?": (int, NULL)}
+COUNTS = {"records": NUMBER, "connections": NUMBER}
+PREVIEW = {"totals": {"newlyDenied": COUNTS, "undecided": COUNTS},
+           "protected?": ({"records": NUMBER, "connections": NUMBER, "selector": str}, NULL)}
+
+
+def _kind_of(value):
+    for cls, name in _TYPE_NAMES:
+        if isinstance(value, cls):
+            return name
+    return type(value).__name__
+
+
+def _expected(types):
+    names = dict(_TYPE_NAMES)
+    return " or ".join("a mapping" if isinstance(cls, dict) else names.get(cls, cls.__name__)
+                       for cls in types)
+
+
+def shape_problem(value, shape, where="the answer"):
+    """What in `value` does not have `shape` (see RESOURCE), or None when all of it does."""
+    if isinstance(shape, tuple):
+        for option in shape:
+            if isinstance(option, dict) and isinstance(value, dict):
+                return shape_problem(value, option, where)
+        plain = tuple(t for t in shape if not isinstance(t, dict))
+        if isinstance(value, plain) and (bool in plain or not isinstance(value, bool)):
+            return None
+        return "%s: expected %s, found %s" % (where, _expected(shape), _kind_of(value))
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return "%s: expected a mapping, found %s" % (where, _kind_of(value))
+        for key, sub in shape.items():
+            name = key.rstrip("?")
+            if name not in value:
+                if key.endswith("?"):
+                    continue
+                return "%s: has no %s" % (where, name)
+            problem = shape_problem(value[name], sub, "%s.%s" % (where, name))
+            if problem:
+                return problem
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return "%s: expected a list, found %s" % (where, _kind_of(value))
+        for i, item in enumerate(value):
+            problem = shape_problem(item, shape[0], "%s[%d]" % (where, i))
+            if problem:
+                return problem
+        return None
+    return shape_problem(value, (shape,), where)
+
+
 def read_bounded(resp, url, deadline, limit, timeout):
     """The body of `resp`, read in pieces until its end: AnswerRefused past `limit` bytes
     or once the `deadline` (time.monotonic()) has passed, so a server that sends a byte a
@@ -253,28 +320,44 @@ class BulkheadClient:
             raise ServerUnreachable("%s: %s" % (self.server_url, self.explain(e)))
         if not payload:
             return None
-        return json.loads(payload)
+        try:
+            return json.loads(payload)
+        except (ValueError, RecursionError) as e:
+            raise AnswerRefused("%s %s: the answer is not JSON (%s): %r" % (
+                method, url, e, payload[:80]))
+
+    def call(self, method, path, shape, body=None, query=None, raw=None):
+        """`request`, and AnswerRefused naming the URL unless the answer has `shape` (see
+        RESOURCE): the methods below read the server through it, so what the modules take
+        from an answer is there, of the type they use."""
+        answer = self.request(method, path, body=body, query=query, raw=raw)
+        problem = shape_problem(answer, shape)
+        if problem:
+            url = self.server_url + path + ("?" + urlencode(query) if query else "")
+            raise AnswerRefused("%s %s: not an answer bulkhead-server gives: %s"
+                                % (method, url, problem))
+        return answer
 
     # ---------------------------------------------------------------- resources
     def get(self, kind, name):
         """The stored document, or None when it does not exist."""
         try:
-            return self.request("GET", resource_path(kind, name))
+            return self.call("GET", resource_path(kind, name), RESOURCE)
         except NotFound:
             return None
 
     def list(self, kind=None, selector=None):
         path = resource_path(kind) if kind else route("resources")
         query = {"selector": selector} if selector else None
-        return self.request("GET", path, query=query)["items"]
+        return self.call("GET", path, {"items": [RESOURCE]}, query=query)["items"]
 
     def create(self, doc, dry_run=False):
-        return self.request("POST", resource_path(doc["kind"]), body=doc,
-                            query=_dry(dry_run))
+        return self.call("POST", resource_path(doc["kind"]), VERDICT if dry_run else RESOURCE,
+                         body=doc, query=_dry(dry_run))
 
     def replace(self, doc, dry_run=False):
-        return self.request("PUT", resource_path(doc["kind"], doc["metadata"]["name"]),
-                            body=doc, query=_dry(dry_run))
+        return self.call("PUT", resource_path(doc["kind"], doc["metadata"]["name"]),
+                         VERDICT if dry_run else RESOURCE, body=doc, query=_dry(dry_run))
 
     def delete(self, kind, name, resource_version=None, dry_run=False):
         query = _dry(dry_run) or {}
@@ -290,28 +373,29 @@ class BulkheadClient:
             query["dryRun"] = "true"
         if ignore_not_found:
             query["ignoreNotFound"] = "true"
-        return self.request("POST", route("delete"), raw=json.dumps(docs), query=query or None)
+        return self.call("POST", route("delete"), RESULTS, raw=json.dumps(docs),
+                         query=query or None)
 
     def apply(self, docs, dry_run=False, mode="apply"):
         """All-or-nothing apply of several documents; the server's per-resource results."""
         query = {"mode": mode}
         if dry_run:
             query["dryRun"] = "true"
-        return self.request("POST", route("apply"), raw=json.dumps(docs), query=query)
+        return self.call("POST", route("apply"), RESULTS, raw=json.dumps(docs), query=query)
 
     def sync(self, docs, tier=None, owner=None, dry_run=False):
         """The policies `docs` become exactly those of a tier or an owner (one transaction)."""
         query = {"tier": tier} if tier is not None else {"owner": owner}
         if dry_run:
             query["dryRun"] = "true"
-        return self.request("POST", route("sync"), raw=json.dumps(docs), query=query)
+        return self.call("POST", route("sync"), RESULTS, raw=json.dumps(docs), query=query)
 
     def rollback(self, revision, dry_run=False):
         """Every resource back to revision `revision` (what came later deleted)."""
         query = {"revision": str(revision)}
         if dry_run:
             query["dryRun"] = "true"
-        return self.request("POST", route("rollback"), query=query)
+        return self.call("POST", route("rollback"), RESULTS, query=query)
 
     def export(self, revision=None, tier=None):
         """Every resource (or a tier and its policies) as it was at `revision` (or now)."""
@@ -320,7 +404,7 @@ class BulkheadClient:
             query["revision"] = str(revision)
         if tier is not None:
             query["tier"] = tier
-        return self.request("GET", route("export"), query=query or None)
+        return self.call("GET", route("export"), EXPORT, query=query or None)
 
     def history(self, limit=None, kind=None, name=None):
         """Who changed what at which revision, newest first."""
@@ -328,35 +412,37 @@ class BulkheadClient:
         for key, value in (("limit", limit), ("kind", kind), ("name", name)):
             if value is not None:
                 query[key] = str(value)
-        return self.request("GET", route("history"), query=query or None)["entries"]
+        return self.call("GET", route("history"), {"entries": [dict]},
+                         query=query or None)["entries"]
 
     def flows(self, query=None):
         """Flow log records, or top talkers with `top` (`GET /v1/flows`; query values are
         strings, as the server reads them)."""
-        return self.request("GET", route("flows"), query=query or None)
+        shape = {"top": [dict]} if query and "top" in query else {"flows": [dict]}
+        return self.call("GET", route("flows"), shape, query=query or None)
 
     def dns(self, query=None):
         """DNS log records (`GET /v1/dns`; query values are strings)."""
-        return self.request("GET", route("dns"), query=query or None)
+        return self.call("GET", route("dns"), {"dns": [dict]}, query=query or None)
 
     def promote(self, names, dry_run=False):
         """The StagedGlobalNetworkPolicies `names` take effect, their staged copies
         deleted, in one transaction (`POST /v1/promote`); an unknown name: 404."""
-        return self.request("POST", route("promote"),
-                            body={"names": list(names), "dryRun": bool(dry_run)})
+        return self.call("POST", route("promote"), RESULTS,
+                         body={"names": list(names), "dryRun": bool(dry_run)})
 
     def preview(self, body):
         """Which stored flows the proposed state would decide differently
         (`POST /v1/preview`; `body` as the server reads it)."""
-        return self.request("POST", route("preview"), body=body)
+        return self.call("POST", route("preview"), PREVIEW, body=body)
 
     # ------------------------------------------------------------------- agents
     def nodes(self, revision=None):
         query = {"revision": str(revision)} if revision is not None else None
-        return self.request("GET", route("nodes"), query=query)
+        return self.call("GET", route("nodes"), NODES, query=query)
 
     def snapshot(self):
-        return self.request("GET", route("snapshot"))
+        return self.call("GET", route("snapshot"), dict)
 
 
 def _dry(dry_run):

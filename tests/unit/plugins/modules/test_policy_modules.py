@@ -121,7 +121,7 @@ def test_the_servers_refusal_is_passed_on(server, capsys):
 
 def test_promote_asks_for_the_staged_names_in_check_mode_as_a_dry_run(server, capsys):
     server.answers["/v1/resources/StagedGlobalNetworkPolicy"] = {
-        "items": [{"metadata": {"name": "a"}}]}
+        "items": [{"kind": "StagedGlobalNetworkPolicy", "metadata": {"name": "a"}}]}
     server.answers["/v1/promote"] = {"dryRun": True, "revision": 3, "results": []}
     code, result = run(capsys, policy_promote, _ansible_check_mode=True, names=["a"])
     assert code == 0
