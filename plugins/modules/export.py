@@ -29,7 +29,10 @@ options:
     description: Only this tier and the policies in it.
     type: str
   dest:
-    description: File to write the manifest to, on the host that runs the module.
+    description:
+      - File to write the manifest to, on the host that runs the module. Its directory must
+        exist. The file is written as a new temporary file of an unpredictable name in that
+        directory, then moved over O(dest) in one step.
     type: path
 seealso:
   - module: bulkhead.microseg.rollback
@@ -79,6 +82,7 @@ dest:
 """
 
 import os
+import tempfile
 
 from ansible.module_utils.common.text.converters import to_bytes, to_text
 
@@ -95,21 +99,47 @@ def run(module):
     text = "# bulkhead export: revision %s%s\n" % (
         answer["revision"], ", tier %s" % p["tier"] if p["tier"] else "")
     text += dump_documents(answer["items"]) if answer["items"] else ""
+    dest = p["dest"]
+    folder = os.path.dirname(os.path.abspath(dest))
+    if os.path.isdir(dest):
+        raise ValueError("dest: %s is a directory: give the path of the file to write" % dest)
+    if not os.path.isdir(folder):
+        raise ValueError("dest: %s: its directory %s does not exist" % (dest, folder))
     before = None
-    if os.path.exists(p["dest"]):
-        with open(p["dest"], "rb") as f:
-            before = to_text(f.read())
-    result["dest"] = p["dest"]
+    if os.path.exists(dest):
+        try:
+            with open(dest, "rb") as f:
+                before = to_text(f.read())
+        except (IOError, OSError) as e:
+            raise ValueError("dest: %s: cannot be read: %s" % (dest, e))
+    result["dest"] = dest
     if before != text:
         result["changed"] = True
         result["diff"] = {"before": before or "", "after": text,
                           "before_header": p["dest"], "after_header": p["dest"]}
         if not module.check_mode:
-            tmp = p["dest"] + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(to_bytes(text))
-            module.atomic_move(tmp, p["dest"])
+            write(module, dest, folder, to_bytes(text))
     return result
+
+
+def write(module, dest, folder, data):
+    """`data` into a new file of a name no one can guess or plant beforehand (mkstemp, in
+    dest's directory, mode 0600), then moved over dest in one step."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(dest), suffix=".tmp",
+                                   dir=folder)
+    except (IOError, OSError) as e:
+        raise ValueError("dest: %s: cannot write in %s: %s" % (dest, folder, e))
+    try:
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except (IOError, OSError) as e:
+            raise ValueError("dest: %s: cannot write %s: %s" % (dest, tmp, e))
+        module.atomic_move(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def main():
