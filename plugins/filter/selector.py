@@ -71,18 +71,29 @@ def selector_reject(items, selector, attribute=None):
     return _partition(items, selector, attribute, "selector_reject", False)
 
 
+def _check_labels(labels, plugin):
+    """AnsibleFilterError naming the first key or value that is not a Calico label's (the
+    model's own check): a key is pasted into the selector's text, so `a == 'x' || all()`
+    as a key would select everything."""
+    engine.require_bulkhead(plugin)
+    # pylint: disable-next=import-outside-toplevel
+    from bulkhead.model.checks import ValidationError, check_labels
+    from bulkhead.model.reader import Reader  # pylint: disable=import-outside-toplevel
+    for key in sorted(labels):
+        try:
+            check_labels(Reader("labels", "", "", labels), {key: labels[key]})
+        except ValidationError as e:
+            raise AnsibleFilterError("%s: %s" % (plugin, e.problem)) from None
+
+
 def selector_from_labels(labels):
     """The selector matching exactly these labels (`k == 'v'` joined by `&&`), canonical."""
     labels = _labels(labels, "selector_from_labels: the input")
     if not labels:
         return "all()"
-    parts = []
-    for key in sorted(labels):
-        value = labels[key]
-        if '"' in value and "'" in value:
-            raise AnsibleFilterError("selector_from_labels: label %s: a value cannot hold "
-                                     "both quote characters" % key)
-        parts.append('%s == %s' % (key, "'%s'" % value if "'" not in value else '"%s"' % value))
+    _check_labels(labels, "selector_from_labels")
+    # Keys and values are Calico's (checked above): no quote, space or operator in them.
+    parts = ["%s == '%s'" % (key, labels[key]) for key in sorted(labels)]
     return selector_canonical(" && ".join(parts))
 
 

@@ -74,16 +74,39 @@ def test_select_errors_name_the_item():
 
 
 def test_selector_from_labels_round_trips():
-    built = F["selector_from_labels"]({"zone": "trusted", "app": "it's", "n": 3})
-    assert built == '(app == "it\'s" && n == "3" && zone == "trusted")'
-    assert F["selector_match"]({"zone": "trusted", "app": "it's", "n": "3"}, built)
-    assert not F["selector_match"]({"zone": "trusted", "app": "it's"}, built)
+    built = F["selector_from_labels"]({"zone": "trusted", "app": "kafka_2.13", "n": 3})
+    assert built == '(app == "kafka_2.13" && n == "3" && zone == "trusted")'
+    assert F["selector_match"]({"zone": "trusted", "app": "kafka_2.13", "n": "3"}, built)
+    assert not F["selector_match"]({"zone": "trusted", "app": "kafka_2.13"}, built)
     assert F["selector_from_labels"]({}) == "all()"
     assert F["selector_from_labels"]({"e": ""}) == 'e == ""'
 
 
 def test_selector_from_labels_errors():
-    with pytest.raises(AnsibleFilterError, match="both quote characters"):
+    with pytest.raises(AnsibleFilterError, match="value is not valid"):
         F["selector_from_labels"]({"a": "'\""})
     with pytest.raises(AnsibleFilterError, match="label a: .* not list"):
         F["selector_from_labels"]({"a": ["x"]})
+
+
+@pytest.mark.parametrize("labels, message", [
+    ({"app == 'web' || all() || x": "y"},
+     "label key \"app == 'web' || all() || x\" is not valid"),
+    ({"app": "web", "zone)": "a"}, 'label key "zone)" is not valid'),
+    ({"-app": "web"}, 'label key "-app" is not valid'),
+    ({"bad prefix/app": "web"}, 'label key "bad prefix/app": prefix'),
+    ({"app": "web' || all() || 'x"}, "label app=\"web' || all() || 'x\": value is not valid"),
+    ({"app": "a" * 64}, "value is not valid"),
+])
+def test_selector_from_labels_refuses_what_is_not_a_label(labels, message):
+    """A key is written into the selector as it is: `app == 'web' || all() || x` as a key
+    widened the selector to every endpoint."""
+    with pytest.raises(AnsibleFilterError, match="^selector_from_labels: ") as e:
+        F["selector_from_labels"](labels)
+    assert message in str(e.value)
+
+
+def test_selector_from_labels_takes_calico_labels():
+    assert F["selector_from_labels"]({"microseg.bulkhead.io/managed-by": "site", "a_b.c": "",
+                                      "App-1": "v1.2_x"}) == \
+        '(App-1 == "v1.2_x" && a_b.c == "" && microseg.bulkhead.io/managed-by == "site")'
