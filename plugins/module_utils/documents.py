@@ -129,11 +129,14 @@ def load(definition, src):
 
 
 def check_named(docs):
-    """ValueError unless every document has kind and metadata.name."""
+    """ValueError unless every document has kind and metadata.name, both strings."""
     for i, doc in enumerate(docs):
         if not isinstance(doc, dict) or not doc.get("kind") or \
                 not isinstance(doc.get("metadata"), dict) or not doc["metadata"].get("name"):
             raise ValueError("document %d: needs kind and metadata.name" % (i + 1))
+        for field, value in (("kind", doc["kind"]), ("metadata.name", doc["metadata"]["name"])):
+            if not isinstance(value, string_types):
+                raise ValueError("document %d: %s: %r is not a string" % (i + 1, field, value))
 
 
 def load_manifests(definition, src):

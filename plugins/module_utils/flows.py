@@ -29,7 +29,10 @@ def unix_seconds(value, name, now):
     option `name` otherwise."""
     seconds = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:   # an integer past any float: no time
+            seconds = None
     elif isinstance(value, str):
         text = value.strip()
         if DURATION.match(text):
@@ -42,8 +45,17 @@ def unix_seconds(value, name, now):
         raise ValueError(
             "%s: %r is not a time: give unix seconds (1764950400), a duration before now "
             "(30m, 2h, 1d, 1h30m) or an ISO 8601 time (2026-12-04T08:00:00Z)"
-            % (name, value if not isinstance(value, str) else value[:60]))
+            % (name, _shown(value)))
     return seconds
+
+
+def _shown(value):
+    """The value for a message: text cut at 60 characters, a huge integer by its size."""
+    if isinstance(value, str):
+        return value[:60]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10 ** 30:
+        return "an integer of %d digits" % len(str(abs(value)))
+    return value
 
 
 def _number(text):

@@ -7,6 +7,8 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import math
+
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.bulkhead.microseg.plugins.module_utils.client import (
@@ -60,6 +62,17 @@ class BulkheadModule(AnsibleModule):
     @property
     def service(self):
         return ResourceService(self.client)
+
+    def order(self, option="order"):
+        """The `order` option as users write it (100, not 100.0); a value that is not a
+        finite number (inf, nan) fails naming the option."""
+        value = self.params.get(option)
+        if value is None:
+            return None
+        if not math.isfinite(value):
+            self.fail_json(msg="%s: %s is not a number a policy or tier can be ordered by: "
+                               "give a finite number" % (option, value))
+        return int(value) if value == int(value) else value
 
     def make_resource(self, kind, name, spec, labels=None):
         """The v3 document from the module's options; a bad label value fails naming it."""

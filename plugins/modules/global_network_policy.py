@@ -187,9 +187,7 @@ def main():
     p = module.params
     if p["staged_action"] and not p["staged"]:
         module.fail_json(msg="staged_action needs staged=true")
-    order = p["order"]
-    if order is not None and order == int(order):
-        order = int(order)  # 100, not 100.0, as users write it
+    order = module.order()  # 100, not 100.0, as users write it
     kind = "StagedGlobalNetworkPolicy" if p["staged"] else "GlobalNetworkPolicy"
     desired = module.make_resource(kind, p["name"], {
         "stagedAction": p["staged_action"], "tier": p["tier"], "order": order,

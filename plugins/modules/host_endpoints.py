@@ -152,6 +152,8 @@ def owned_docs(endpoints, owner, label):
         meta = doc.get("metadata")
         if doc["kind"] != "HostEndpoint" or not isinstance(meta, dict) or not meta.get("name"):
             raise ValueError("endpoints[%d]: needs kind HostEndpoint and metadata.name" % i)
+        if not isinstance(meta["name"], str):
+            raise ValueError("endpoints[%d]: metadata.name: %r is not a string" % (i, meta["name"]))
         if meta["name"] in seen:
             raise ValueError("endpoints[%d]: HostEndpoint %s is listed twice" % (i, meta["name"]))
         seen.add(meta["name"])

@@ -100,9 +100,7 @@ def main():
     )
     module = BulkheadModule(spec)
     p = module.params
-    order = p["order"]
-    if order is not None and order == int(order):
-        order = int(order)
+    order = module.order()
     desired = module.make_resource("Tier", p["name"], {"order": order,
                                                        "defaultAction": p["default_action"]},
                                    p["labels"])
