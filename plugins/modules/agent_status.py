@@ -36,7 +36,9 @@ options:
     type: float
     default: 300
   poll_interval:
-    description: Seconds between two reads of the agents' status while waiting.
+    description:
+      - Seconds between two reads of the agents' status while waiting, at least 0.1 (a
+        smaller or non-finite value fails naming this option).
     type: float
     default: 1
 seealso:
@@ -136,6 +138,9 @@ elapsed:
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
 from ansible_collections.bulkhead.microseg.plugins.module_utils.waiter import wait
 
+# Seconds: a shorter interval would only poll the server harder, not answer sooner.
+MIN_POLL_INTERVAL = 0.1
+
 
 def main():
     module = BulkheadModule(dict(
@@ -145,6 +150,10 @@ def main():
         poll_interval=dict(type="float", default=1),
     ))
     p = module.params
+    interval = p["poll_interval"]
+    if not interval >= MIN_POLL_INTERVAL or interval == float("inf"):   # nan is neither
+        module.fail_json(msg="poll_interval: %s: give a number of seconds of at least %s (each "
+                             "poll is a request to the server)" % (interval, MIN_POLL_INTERVAL))
     module.run(lambda: wait(module.client, p["wait_for_revision"], p["nodes"], p["timeout"],
                             p["poll_interval"]))
 

@@ -10,6 +10,7 @@ import pytest
 from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.bulkhead.microseg.plugins.modules import (
+    agent_status,
     flow_logs_info,
     global_network_policy,
     host_endpoints,
@@ -56,3 +57,16 @@ def test_a_whole_order_is_written_as_an_integer():
         params = {"order": 100.0}
         order = tier.BulkheadModule.order
     assert Fake().order() == 100 and isinstance(Fake().order(), int)
+
+
+@pytest.mark.parametrize("interval", ["-1", "0", "0.01", "nan", "inf"])
+def test_agent_status_poll_interval_must_be_a_pause(capsys, interval):
+    """-1 failed with "sleep length must be non-negative" (no option named), 0 polled the
+    server in a tight loop."""
+    with patch_module_args(dict(server_url=URL, wait_for_revision=3, poll_interval=interval)):
+        with pytest.raises(SystemExit) as done:
+            agent_status.main()
+    result = json.loads(capsys.readouterr().out)
+    assert done.value.code == 1
+    assert result["msg"] == ("poll_interval: %s: give a number of seconds of at least 0.1 (each "
+                             "poll is a request to the server)" % float(interval))
