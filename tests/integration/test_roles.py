@@ -766,3 +766,48 @@ cat /proc/sys/net/netfilter/nf_conntrack_acct > acct
     # them on was made at start (without CAP_NET_RAW the agent logs an error, above).
     # (No policy names a domain here, so there is nothing to hold for.)
     assert "set dns_hold" in (tmp_path / "hold").read_text()
+
+
+UNIT_CHECKS = """\
+- name: The {role} role's checks of the values its unit is written with
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  vars_files:
+    - {root}/roles/{role}/defaults/main.yml
+  tasks:
+    - name: Check
+      ansible.builtin.include_tasks:
+        file: {root}/roles/{role}/tasks/unit_checks.yml
+"""
+
+INJECTED = "/var/lib/x\nExecStartPre=+/bin/sh -c 'id > /tmp/pwned'"
+
+
+@pytest.mark.parametrize(("role", "variable", "value"), [
+    ("agent", "bulkhead_agent_state_dir", INJECTED),
+    ("server", "bulkhead_server_state_dir", INJECTED),
+    ("server", "bulkhead_server_user", "root\nExecStartPre=+/bin/true"),
+    ("agent", "bulkhead_agent_user", "Bulk Head"),
+    ("agent", "bulkhead_agent_venv", "/opt/bulk head"),
+    ("agent", "bulkhead_agent_config_dir", "etc/bulkhead"),
+    ("server", "bulkhead_server_venv", "/opt/%h"),
+    ("server", "bulkhead_server_config_dir", "/etc/bulkhead\n"),
+    ("agent", None, None),
+    ("server", None, None),
+])
+def test_unit_values_are_checked_naming_the_variable(tmp_path, role, variable, value):
+    """User=, ExecStart= and ReadWritePaths= take these variables as they are: a newline
+    in the state directory added a root ExecStartPre. The role's preflight refuses them,
+    naming the variable; its defaults pass."""
+    play = tmp_path / "checks.yml"
+    play.write_text(UNIT_CHECKS.format(role=role, root=ROOT))
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({variable: value} if variable else {}))
+    done = run(["ansible-playbook", "-i", "localhost,", str(play), "-e", "@%s" % extra], env(),
+               check=False)
+    if variable is None:
+        assert done.returncode == 0, done.stdout[-3000:]
+        return
+    assert done.returncode != 0
+    assert "%s: %s is not " % (variable, json.dumps(value)) in done.stdout, done.stdout[-3000:]
