@@ -165,3 +165,29 @@ def test_a_redirect_is_not_followed(fake: FakeServer,
         assert f"redirect to '{target}'" in err and "does not follow redirects" in err
         with pytest.raises(socket.timeout):
             plain_http.accept()   # nothing went to the plain-HTTP address
+
+
+def test_a_slow_connect_counts_against_the_deadline(
+        fake: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline runs from the request's start: a connect that took all of it (a first
+    address that never answers) leaves none for a server that then dribbles."""
+    import http.client
+
+    real = socket.create_connection
+
+    def slow(*args: object, **kwargs: object) -> socket.socket:
+        time.sleep(1.2)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+    monkeypatch.setattr(http.client.socket, "create_connection", slow)
+
+    def dribble(tls: ssl.SSLSocket) -> None:
+        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 1000\r\n\r\n")
+        for _ in range(40):
+            tls.sendall(b" ")
+            time.sleep(0.25)
+    fake.answer = dribble
+    started = time.monotonic()
+    with pytest.raises(Unreachable, match=r"no whole answer within 1 s"):
+        fake.conn(timeout=1.0).request("GET", "/v1/nodes")
+    assert time.monotonic() - started < 3.0

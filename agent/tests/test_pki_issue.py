@@ -47,8 +47,9 @@ def test_the_ca_files_are_never_written_over(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     pki.init_ca(tmp_path)
     ca = {p: (tmp_path / p).read_bytes() for p in ("ca.crt", "ca.key")}
-    with pytest.raises(ValueError, match="the CA's own files"):
-        pki.issue(tmp_path, "ca", role="agent")
+    for name in ("ca", "CA", "Ca"):
+        with pytest.raises(ValueError, match="the CA's own files"):
+            pki.issue(tmp_path, name, role="agent")
     assert main(["pki", "issue", "ca", "--role", "agent", "--dir", str(tmp_path),
                  "--force"]) == 2
     assert "the CA's own files" in capsys.readouterr().err

@@ -249,14 +249,15 @@ def test_revocation_reloads_within_its_interval(tmp_path: Path,
 
 def test_an_older_crl_put_back_does_not_unrevoke(tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    """A copy of an earlier CRL (a lower CRL number; without numbers, an earlier
-    thisUpdate) is refused: what was revoked since stays revoked."""
+    """A CRL older than the one in force from the same CA (a lower CRL number; without
+    numbers, an earlier thisUpdate) adds what it revokes and drops nothing: an old copy
+    put back un-revokes nothing, and a CRL begun again from number 1 (the CA host lost
+    its file) still revokes what it names. Another CA's CRL is not compared."""
     caplog.set_level(logging.INFO, "bulkhead.server.revocation")
     pki.init_ca(tmp_path)
     rev = Revocation(tmp_path / "crl.pem", tmp_path / "ca.crt", required=False)
     assert "no crl file yet: no certificate is revoked until it appears" in caplog.text
-    a = serial_of(pki.issue(tmp_path, "a", role="viewer")[0])
-    b = serial_of(pki.issue(tmp_path, "b", role="viewer")[0])
+    a, b, d = (serial_of(pki.issue(tmp_path, n, role="viewer")[0]) for n in "abd")
     pki.revoke(tmp_path, name="a")
     only_a = (tmp_path / "crl.pem").read_bytes()
     pki.revoke(tmp_path, name="b")
@@ -266,8 +267,13 @@ def test_an_older_crl_put_back_does_not_unrevoke(tmp_path: Path,
     caplog.clear()
     replace(tmp_path / "crl.pem", only_a)
     rev.refresh()
-    assert rev.is_revoked(b)
-    assert "crl refused: older than the one in force" in caplog.text
+    assert rev.is_revoked(a) and rev.is_revoked(b)
+    assert "crl older than the one in force" in caplog.text
+    # The CA host lost crl.pem: the next revocation starts again at number 1.
+    (tmp_path / "crl.pem").unlink()
+    pki.revoke(tmp_path, name="d")
+    rev.refresh()
+    assert rev.is_revoked(a) and rev.is_revoked(b) and rev.is_revoked(d)
     # Without CRL numbers, thisUpdate decides.
     ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
     key = serialization.load_pem_private_key((tmp_path / "ca.key").read_bytes(), None)
@@ -283,6 +289,17 @@ def test_an_older_crl_put_back_does_not_unrevoke(tmp_path: Path,
     replace(tmp_path / "crl.pem", bare)   # no number, and older than the one read
     fresh.refresh()
     assert fresh.is_revoked(b) and "older than the one in force" in caplog.text
+    # Another CA of the bundle numbers its CRLs on its own: its number 1 replaces.
+    other = tmp_path / "other"
+    pki.init_ca(other, name="another CA")
+    (tmp_path / "bundle.crt").write_bytes((tmp_path / "ca.crt").read_bytes() +
+                                          (other / "ca.crt").read_bytes())
+    replace(tmp_path / "crl.pem", both)
+    bundled = Revocation(tmp_path / "crl.pem", tmp_path / "bundle.crt", required=False)
+    x = serial_of(pki.issue(other, "x", role="viewer")[0])
+    replace(tmp_path / "crl.pem", pki.revoke(other, name="x").path.read_bytes())
+    bundled.refresh()
+    assert bundled.is_revoked(x) and not bundled.is_revoked(b)
 
 
 def test_peer_revoked_for_long_lived_responses(tmp_path: Path) -> None:

@@ -5,9 +5,11 @@ with each filter, top talkers, retention, metrics, the JSON lines copy, and Clic
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import json
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -251,6 +253,42 @@ def test_an_agent_over_its_bytes_a_minute_is_told_to_come_back(make: Starter) ->
     assert metric(server, 'bulkhead_flow_batches_refused_total{reason="rate_limited"}') == 2
 
 
+def test_a_nodes_batches_sent_together_share_its_budget(make: Starter) -> None:
+    """Batches of one node arriving at once: the first takes the bucket (charged what its
+    Content-Length says, before its body is read), the next is refused at its headers."""
+    server = make({"nodeBytesPerMinute": 4096})
+    web = server.client("web-1", "agent")
+    ctx = ssl.create_default_context(cafile=web.ca)
+    ctx.load_cert_chain(str(web.cert), web.key)
+    now = time.time()
+    body = json.dumps({"records": [flow_doc(end=now - 5, dst_name=f"d{i}")
+                                   for i in range(8)]}).encode()
+    head = (f"POST /v1/flows HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+    socks = []
+    try:
+        for _ in range(3):
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            tls = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+            socks.append(tls)
+            tls.sendall(head + body[:100])   # the rest comes later
+        time.sleep(0.5)
+        answers = []
+        for tls in socks:
+            with contextlib.suppress(OSError):   # already answered and closed
+                tls.sendall(body[100:])
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+            answers.append(int(answer.split(b" ", 2)[1]))
+    finally:
+        for tls in socks:
+            tls.close()
+    assert answers == [200, 429, 429]
+    assert count(server) == 8
+
+
 async def test_the_agent_keeps_a_batch_told_to_come_back_in_its_spool(
         make: Starter, tmp_path: Path) -> None:
     """The agent's side of a 429: the batch stays on disk for later, not dropped."""
@@ -288,6 +326,9 @@ def test_a_node_budget_refills_at_its_rate_and_forgets_idle_nodes() -> None:
     for node in ("b", "c", "d"):             # b, c full again: dropped first
         budget.charge(node, 0)
     assert set(budget._buckets) <= {"a", "d"} and "a" in budget._buckets
+    for node in ("e", "f", "g"):             # none full: down to three quarters, oldest out
+        budget.charge(node, 100)
+    assert len(budget._buckets) <= 3 and "g" in budget._buckets
 
 
 def test_retention_expires_old_records(make: Starter) -> None:

@@ -143,7 +143,8 @@ def issue(directory: Path, name: str, *, role: str | None = None, server: bool =
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     target = out or directory
     crt_path, key_path = target / f"{name}.crt", target / f"{name}.key"
-    if name in CA_FILES and target.resolve() == directory.resolve():
+    if name.lower() in CA_FILES and target.resolve() == directory.resolve():
+        # (lower case: on a filesystem that ignores case, CA.crt is ca.crt)
         raise ValueError(f"certificate name {name!r}: {directory / name}.crt and .key are "
                          "the CA's own files; choose another name or --out")
     if not replace:

@@ -14,6 +14,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,10 +179,17 @@ class Connection:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
+        deadline = time.monotonic() + self.timeout
         timer = threading.Timer(self.timeout, expire)
         timer.daemon = True
         timer.start()
         try:
+            # Connected first: the timer cannot cut a connect short (no socket yet), so
+            # the time left is checked after it and given to each read as its bound.
+            conn.connect()
+            if expired.is_set() or conn.sock is None:
+                raise TimeoutError
+            conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
             conn.request(method, target, body=data, headers={
                 "Content-Type": content_type, "Accept": "application/json"})
             resp = conn.getresponse()

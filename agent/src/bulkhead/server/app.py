@@ -1126,6 +1126,12 @@ async def _ingest(request: web.Request, key: web.AppKey[Any]) -> web.Response:
                        f"{logs.budget.per_minute:,} bytes of {logs.kind} records a minute; "
                        f"nothing was stored, send again in {math.ceil(wait)} s",
                        headers={"Retry-After": str(math.ceil(wait))})
+    # Taken out now, what the body says it holds (a chunked one: the most a batch may):
+    # a node's requests arriving together cannot all pass the check above before any
+    # is charged. Settled with what arrived once the body is read.
+    reserved = min(MAX_BATCH_BYTES + 1, request.content_length
+                   if request.content_length is not None else MAX_BATCH_BYTES)
+    logs.budget.charge(identity.name, reserved)
     async with logs.ingesting:   # a few batches at a time; the others wait unread
         try:
             text = await _text(request, MAX_BATCH_BYTES)
@@ -1133,7 +1139,7 @@ async def _ingest(request: web.Request, key: web.AppKey[Any]) -> web.Response:
             logs.refused("too_large" if e.status == 413 else "invalid")
             raise
         finally:   # what arrived counts, taken or not
-            logs.budget.charge(identity.name, request.content.total_bytes)
+            logs.budget.charge(identity.name, request.content.total_bytes - reserved)
         try:
             stored = await asyncio.to_thread(logs.ingest, text, identity.name)
         except Refused as e:

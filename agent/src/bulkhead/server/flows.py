@@ -84,11 +84,14 @@ class NodeBudget:
         return 0.0 if level > 0 else (1.0 - level) / self.rate
 
     def charge(self, node: str, size: int) -> None:
+        """Take `size` bytes out of the node's bucket (a negative size gives back what was
+        taken out beforehand and did not come)."""
         now = self.clock()
         self._buckets[node] = (self._level(node, now) - size, now)
-        if len(self._buckets) > self.max_nodes:
-            full = [n for n in self._buckets if self._level(n, now) >= self.per_minute]
-            for n in full or list(self._buckets)[:len(self._buckets) - self.max_nodes]:
+        if len(self._buckets) > self.max_nodes:   # down to three quarters: seldom
+            for n in [n for n in self._buckets if self._level(n, now) >= self.per_minute]:
+                del self._buckets[n]
+            for n in list(self._buckets)[:max(0, len(self._buckets) - self.max_nodes * 3 // 4)]:
                 del self._buckets[n]
 
 

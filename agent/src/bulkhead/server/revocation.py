@@ -5,8 +5,10 @@ the file's identity (inode, size, mtime) at most every `interval` seconds, so a
 `bulkhead pki revoke` (which replaces the file atomically) takes effect within that
 bound without a restart; SIGHUP re-reads at once. A CRL that cannot be read, or that
 the client CA did not sign, is refused: the previous list stays in force and the error
-is logged. So is one older than the CRL in force (a lower CRL number, or without numbers
-an earlier thisUpdate): an old copy put back would un-revoke what was revoked since. A
+is logged. One older than the CRL in force from the same CA (a lower CRL number, or
+without numbers an earlier thisUpdate) adds its revocations and drops none: an old copy
+put back would otherwise un-revoke what was revoked since, and a CRL begun again from
+number 1 (the CA host lost its file) still revokes what it names. A
 CRL past its nextUpdate stays in force (its serials are still revoked), with a warning:
 re-sign it with `bulkhead pki crl`. A server started without the file (the default path,
 before any revocation) says so in its log: nothing is revoked until the file appears.
@@ -50,6 +52,7 @@ class Revocation:
         self._file: FileKey | None = None
         self._next_update: datetime.datetime | None = None
         self._this_update: datetime.datetime | None = None
+        self._issuer: bytes | None = None
         self._number: int | None = None
         self._stale_warned = False
         self._checked = clock()
@@ -114,23 +117,31 @@ class Revocation:
         number: int | None = None
         with contextlib.suppress(x509.ExtensionNotFound):
             number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-        older = (number < self._number if number is not None and self._number is not None
-                 else self._this_update is not None
-                 and crl.last_update_utc < self._this_update)
-        if older:
-            log.error("crl refused: older than the one in force; the previous revocations "
-                      "stay in force", extra={"fields": {
-                          "crl": str(self.path), "number": number, "in_force": self._number,
-                          "thisUpdate": crl.last_update_utc.isoformat()}})
-            self._file = key
-            return
+        issuer = crl.issuer.public_bytes()
+        older = issuer == self._issuer and (
+            number < self._number if number is not None and self._number is not None
+            else self._this_update is not None and crl.last_update_utc < self._this_update)
         revoked = pki.revoked_serials(crl)
+        if older:
+            # An old copy put back, or a CRL begun again after the CA host lost its file
+            # (numbered from 1): what it revokes is added, nothing in force is dropped.
+            added = revoked - self._revoked
+            log.error("crl older than the one in force: its revocations are added, none of "
+                      "those in force is dropped", extra={"fields": {
+                          "crl": str(self.path), "number": number, "in_force": self._number,
+                          "thisUpdate": crl.last_update_utc.isoformat(),
+                          "added": len(added)}})
+            self._file = key
+            if added:
+                self._revoked |= added
+                self.generation += 1
+            return
         if revoked != self._revoked:
             self.generation += 1
         self._revoked = revoked
         self._file = key
         self._next_update = crl.next_update_utc
-        self._this_update, self._number = crl.last_update_utc, number
+        self._issuer, self._this_update, self._number = issuer, crl.last_update_utc, number
         self._stale_warned = False
         log.info("crl loaded", extra={"fields": {"crl": str(self.path),
                                                   "revoked": len(revoked)}})
