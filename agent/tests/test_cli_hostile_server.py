@@ -32,6 +32,15 @@ def plain(status: str, body: bytes, content_type: str = "application/json",
     return send
 
 
+def dribble(tls: ssl.SSLSocket) -> None:
+    """A head that promises 1,000 bytes, then a byte every quarter second."""
+    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n")
+    for _ in range(40):
+        tls.sendall(b" ")
+        time.sleep(0.25)
+
+
 class FakeServer:
     """Answers every request with `answer` (set by the test), TLS with the test CA's
     server certificate, client certificates required as the real server does."""
@@ -141,12 +150,6 @@ def test_an_answer_over_the_bound_is_not_read_whole(
 
 
 def test_a_server_sending_a_byte_at_a_time_cannot_hold_the_client(fake: FakeServer) -> None:
-    def dribble(tls: ssl.SSLSocket) -> None:
-        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: 1000\r\n\r\n")
-        for _ in range(40):
-            tls.sendall(b" ")
-            time.sleep(0.25)
     fake.answer = dribble
     started = time.monotonic()
     with pytest.raises(Unreachable, match=r"no whole answer within 1\.5 s"):
@@ -180,12 +183,6 @@ def test_a_slow_connect_counts_against_the_deadline(
         return real(*args, **kwargs)  # type: ignore[arg-type]
     monkeypatch.setattr(http.client.socket, "create_connection", slow)
 
-    def dribble(tls: ssl.SSLSocket) -> None:
-        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: 1000\r\n\r\n")
-        for _ in range(40):
-            tls.sendall(b" ")
-            time.sleep(0.25)
     fake.answer = dribble
     started = time.monotonic()
     with pytest.raises(Unreachable, match=r"no whole answer within 1 s"):

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bulkhead import pki
-from conftest import HERE, run, start_server, stop_server
+from conftest import HERE, run
 
 TARGETS = sorted(p.name for p in (HERE / "targets").iterdir()
                  if (p / "tasks" / "main.yml").exists())
@@ -62,28 +61,21 @@ def test_target(target, clean_server, tmp_path: Path):
                  PLAY.format(name="Integration target %s" % target, target=target))
 
 
-def test_stage_keeps_a_port_range_as_the_server_reads_it(tmp_path_factory, tmp_path: Path):
+def test_stage_keeps_a_port_range_as_the_server_reads_it(own_server, tmp_path: Path):
     """playbooks/stage.yml reads the folder with the manifests filter: `ports: [20:21]` is
     staged as the range 20:21 (from_yaml_all's YAML 1.1 made it the port 1221). A server
     of its own: stage.yml waits for every agent that ever reported to the shared one."""
-    d = tmp_path_factory.mktemp("stage-server")
-    pki.init_ca(d)
-    pki.issue(d, "server", server=True, hosts=("127.0.0.1",))
-    pki.issue(d, "admin", role="admin")
-    srv = start_server(d, who="admin")
-    try:
-        policies = tmp_path / "policies"
-        policies.mkdir()
-        (policies / "10-ftp.yaml").write_text(
-            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\n"
-            "metadata: {name: ftp}\n"
-            "spec:\n  selector: app == 'ftp'\n  types: [Ingress]\n  ingress:\n"
-            "    - action: Allow\n      protocol: TCP\n      destination:\n"
-            "        ports: [20:21, 990]\n")
-        run(["ansible-playbook", "-i", "localhost,", "-c", "local",
-             str(HERE.parents[1] / "playbooks" / "stage.yml"),
-             "-e", "bulkhead_policy_dir=%s" % policies], srv.env(), cwd=str(tmp_path))
-        staged = srv.request("GET", "/v1/resources/StagedGlobalNetworkPolicy/ftp")
-        assert staged["spec"]["ingress"][0]["destination"]["ports"] == ["20:21", 990]
-    finally:
-        stop_server(srv)
+    srv = own_server
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "10-ftp.yaml").write_text(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\n"
+        "metadata: {name: ftp}\n"
+        "spec:\n  selector: app == 'ftp'\n  types: [Ingress]\n  ingress:\n"
+        "    - action: Allow\n      protocol: TCP\n      destination:\n"
+        "        ports: [20:21, 990]\n")
+    run(["ansible-playbook", "-i", "localhost,", "-c", "local",
+         str(HERE.parents[1] / "playbooks" / "stage.yml"),
+         "-e", "bulkhead_policy_dir=%s" % policies], srv.env(), cwd=str(tmp_path))
+    staged = srv.request("GET", "/v1/resources/StagedGlobalNetworkPolicy/ftp")
+    assert staged["spec"]["ingress"][0]["destination"]["ports"] == ["20:21", 990]

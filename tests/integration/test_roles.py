@@ -523,21 +523,6 @@ def names(server, kind):
     return sorted(d["metadata"]["name"] for d in items)
 
 
-@pytest.fixture
-def own_server(tmp_path_factory):
-    """A server of its own: the playbooks wait for every agent that ever reported, and the
-    session's server has heard from the other tests' make-believe agents."""
-    d = tmp_path_factory.mktemp("own-server")
-    pki.init_ca(d)
-    pki.issue(d, "server", server=True, hosts=("127.0.0.1",))
-    pki.issue(d, "admin", role="admin")
-    srv = start_server(d, who="admin")
-    try:
-        yield srv
-    finally:
-        stop_server(srv)
-
-
 def test_onboard_stage_preview_enforce_rollback(own_server, tmp_path):
     server = own_server
     port = server.url.rsplit(":", 1)[1]
