@@ -7,6 +7,7 @@ or hostile server could send."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -91,8 +92,12 @@ class FakeServer:
 
     def close(self) -> None:
         self.stopping = True
+        # shutdown() wakes the thread's accept(); close() alone would leave it waiting
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
 
 
 @pytest.fixture
