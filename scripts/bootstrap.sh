@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
 # Debian packages: installed only when missing, so repeated runs stay fast and offline.
-APT_PACKAGES=(python3 python3-venv python3-dev gcc git make etcd-server iproute2 nftables conntrack procps systemd util-linux)
+APT_PACKAGES=(python3 python3-venv python3-dev gcc git make etcd-server iproute2 nftables conntrack procps systemd util-linux openssl)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
