@@ -4,6 +4,7 @@ the daemon stopped by SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -112,3 +113,62 @@ def test_missing_tls_files_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert rc == 2 and f"ca: {tmp_path / 'nope.crt'}: No such file" in err, err
 
+
+
+def release_config(tmp_path: Path, dataplane: str) -> Path:
+    """An agent config for `--release`, which reaches no server (the TLS files exist,
+    empty: only their presence is checked before a connection)."""
+    for name in ("ca.crt", "agent.crt", "agent.key"):
+        (tmp_path / name).write_text("")
+    conf = tmp_path / "agent.yaml"
+    conf.write_text(yaml.safe_dump({
+        "server": "https://198.18.0.1:7443", "node": "win1", "ca": str(tmp_path / "ca.crt"),
+        "cert": str(tmp_path / "agent.crt"), "key": str(tmp_path / "agent.key"),
+        "stateDir": str(tmp_path / "state"), "metricsListen": "", "dataplane": dataplane}))
+    return conf
+
+
+def test_release_removes_the_hns_acls_the_agent_set(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bulkhead.agent.hns_enforcer import HnsEnforcer
+    from bulkhead.policy import Failsafes
+    from tests.test_hns_enforcer import DB_ID, SNAPSHOT, WEB_ID, fake
+
+    hcn = fake()
+    conf = release_config(tmp_path, "hns")
+    HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path / "state").enforce(
+        SNAPSHOT, 1)
+
+    def make(config: AgentConfig) -> Any:
+        return HnsEnforcer(config.node, config.failsafes, hcn=hcn,
+                           state_dir=config.state_dir)
+
+    assert agent_main.main(["--config", str(conf), "--release"], make_enforcer=make) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == [f"released ACLs of HNS endpoint {i}"
+                                for i in sorted([WEB_ID, DB_ID])]
+    assert not hcn.acls(WEB_ID) and not hcn.acls(DB_ID)
+    assert agent_main.main(["--config", str(conf), "--release"], make_enforcer=make) == 0
+    assert capsys.readouterr().out == "nothing to release (dataplane hns)\n"
+    # a removal HCN refuses: exit 1, naming the endpoint
+    HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path / "state").enforce(
+        SNAPSHOT, 2)
+    hcn.failing = {hcn.calls + 1}
+    assert agent_main.main(["--config", str(conf), "--release"], make_enforcer=make) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bulkhead-agent: --release: removing the ACLs of HNS endpoint "), err
+
+
+@pytest.mark.parametrize(("dataplane", "argv", "message"), [
+    ("windows-firewall", ["--release"], "--release: dataplane windows-firewall: remove the "
+     "agent's rule group instead"),
+    ("hns", ["--release", "--once"], "not allowed with argument"),
+])
+def test_release_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], dataplane: str,
+                         argv: list[str], message: str) -> None:
+    conf = release_config(tmp_path, dataplane)
+    with pytest.raises(SystemExit) if "--once" in argv else contextlib.nullcontext():
+        rc = agent_main.main(["--config", str(conf), *argv],
+                             make_enforcer=lambda _: Recorder())
+        assert rc == 2
+    assert message in capsys.readouterr().err

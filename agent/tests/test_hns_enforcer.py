@@ -271,3 +271,62 @@ def test_a_state_file_the_disk_refuses_is_a_warning(tmp_path: Path) -> None:
     report = HnsEnforcer("win1", Failsafes(), hcn=fake(), state_dir=state).enforce(
         SNAPSHOT, 1)
     assert any("not written" in w for w in report.warnings), report.warnings
+
+
+def test_release_removes_the_agents_acls_and_nothing_else(tmp_path: Path) -> None:
+    """`bulkhead-agent --release` (an uninstall): a stopped agent keeps its ACLs (fail
+    static); release, by an agent started again on the same state directory, removes
+    them from the endpoints it set and only there, keeps their other policies, and
+    forgets them (a second release finds nothing)."""
+    hcn = fake()
+    theirs = json.loads(HnsEnforcer("other", Failsafes(), hcn=fake()).wanted(
+        snapshot(doc("HostEndpoint", "x", {"node": "other", "expectedIPs": ["198.18.0.12"]}),
+                 *POLICIES))[OTHER_ID].request())["Settings"]["Policies"]
+    hcn.held[OTHER_ID].policies = list(theirs)          # ACLs someone else set
+    HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path).enforce(SNAPSHOT, 1)
+    assert hcn.acls(WEB_ID) and hcn.acls(DB_ID)
+    released, warnings = HnsEnforcer("win1", Failsafes(), hcn=hcn,
+                                     state_dir=tmp_path).release()
+    assert released == [f"ACLs of HNS endpoint {i}" for i in sorted([WEB_ID, DB_ID])]
+    assert warnings == []
+    assert hcn.held[WEB_ID].policies == [FOREIGN] and hcn.held[DB_ID].policies == []
+    assert hcn.held[OTHER_ID].policies == theirs
+    assert not (tmp_path / STATE_FILE).exists()
+    assert HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path).release() == ([], [])
+
+
+def test_release_by_the_running_process_and_of_an_endpoint_gone(tmp_path: Path) -> None:
+    hcn = fake()
+    enforcer = HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path)
+    enforcer.enforce(SNAPSHOT, 1)
+    del hcn.held[DB_ID]                                   # the container went
+    assert enforcer.release() == ([f"ACLs of HNS endpoint {WEB_ID}"], [])
+    assert hcn.held[WEB_ID].policies == [FOREIGN] and enforcer.applied == {}
+    assert enforcer.drift() is None
+    assert not (tmp_path / STATE_FILE).exists()
+
+
+def test_a_failed_release_names_the_endpoint_and_a_second_one_finishes(
+        tmp_path: Path) -> None:
+    hcn = fake()
+    HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path).enforce(SNAPSHOT, 1)
+    hcn.failing = {hcn.calls + 2}                         # the second removal fails
+    first_id, second_id = sorted([WEB_ID, DB_ID])
+    with pytest.raises(EnforceError, match=f"removing the ACLs of HNS endpoint {second_id}"
+                       ".*released 1 endpoint.*1 left"):
+        HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path).release()
+    assert hcn.acls(second_id) and not hcn.acls(first_id)
+    assert load_set_endpoints(tmp_path) == ({second_id}, None)
+    assert HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path).release() == (
+        [f"ACLs of HNS endpoint {second_id}"], [])
+    assert not hcn.acls(WEB_ID) and not hcn.acls(DB_ID)
+
+
+def test_release_with_an_unusable_state_file_touches_nothing(tmp_path: Path) -> None:
+    hcn = fake()
+    HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path).enforce(SNAPSHOT, 1)
+    (tmp_path / STATE_FILE).write_bytes(b"{not json")
+    released, warnings = HnsEnforcer("win1", Failsafes(), hcn=hcn,
+                                     state_dir=tmp_path).release()
+    assert released == [] and len(warnings) == 1 and "not used" in warnings[0]
+    assert hcn.acls(WEB_ID) and hcn.acls(DB_ID)

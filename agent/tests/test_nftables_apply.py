@@ -81,3 +81,21 @@ def test_normalized_refuses_what_the_kernel_would(netns: str) -> None:
     with pytest.raises(NftError):
         applier.normalized(ruleset)
     assert "bulkhead" not in nft(netns, "list", "tables")
+
+
+def test_release_deletes_the_agents_table_and_nothing_else(netns: str) -> None:
+    """`bulkhead-agent --release` on nftables: the agent's table goes (a stopped agent
+    keeps it: fail static), another table stays; a second release finds nothing."""
+    from bulkhead.agent.nft_enforcer import NftablesEnforcer
+
+    nft(netns, "-f", "-", script="table inet other {\n chain c {\n type filter hook input "
+                                 "priority 10; policy accept;\n }\n}\n")
+    enforcer = NftablesEnforcer("n1", Failsafes.off(), interfaces=dict,
+                                applier=NftApplier(netns=netns))
+    enforcer.enforce(snap(*base()), 1)
+    assert "table inet bulkhead" in nft(netns, "list", "tables")
+    again = NftablesEnforcer("n1", Failsafes.off(), interfaces=dict,
+                             applier=NftApplier(netns=netns))     # after a restart
+    assert again.release() == (["table inet bulkhead"], [])
+    assert nft(netns, "list", "tables").strip() == "table inet other"
+    assert again.release() == ([], [])

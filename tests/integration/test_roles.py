@@ -248,7 +248,8 @@ WINDOWS_RENDER = """\
       delegate_to: localhost
       ansible.builtin.copy:
         content: "{{{{ {{'command': _bulkhead_agent_win_command, 'python': _bulkhead_agent_win_python,
-                     'config': _bulkhead_agent_win_config, 'port': bulkhead_agent_ssh_port}}
+                     'config': _bulkhead_agent_win_config, 'port': bulkhead_agent_ssh_port,
+                     'hns_state': _bulkhead_agent_win_hns_state}}
                      | to_json }}}}"
         dest: {out}/computed.json
         mode: "0644"
@@ -274,14 +275,17 @@ def test_windows_playbook_syntax(tmp_path):
          str(ROOT / "playbooks" / "windows.yml")], env())
 
 
-def test_windows_files_load_in_the_agent(tmp_path):
+@pytest.mark.parametrize("dataplane", [None, "hns"])
+def test_windows_files_load_in_the_agent(tmp_path, dataplane):
+    from bulkhead.agent.hns_enforcer import STATE_FILE
     from bulkhead.agent.win_service import service_command_line
 
     (tmp_path / "hosts.yml").write_text(WINDOWS_INVENTORY)
     (tmp_path / "render.yml").write_text(WINDOWS_RENDER.format(root=ROOT, out=tmp_path))
     # (facts are not gathered: the host is taken for Windows as os_family would say)
+    chosen = ["-e", "bulkhead_agent_windows_dataplane=%s" % dataplane] if dataplane else []
     run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"), str(tmp_path / "render.yml"),
-         "-e", "_bulkhead_agent_windows=true"], env())
+         "-e", "_bulkhead_agent_windows=true", *chosen], env())
     computed = json.loads((tmp_path / "computed.json").read_text())
     assert computed["python"] == "C:\\Program Files\\Bulkhead\\python\\tools\\python.exe"
     assert computed["config"] == "C:\\ProgramData\\Bulkhead\\agent.yaml"
@@ -289,7 +293,9 @@ def test_windows_files_load_in_the_agent(tmp_path):
     assert computed["command"] == service_command_line(computed["python"], computed["config"])
     assert int(computed["port"]) == 5986      # WinRM's, not SSH's
     config = load_config(tmp_path / "agent.yaml")
-    assert config.dataplane == "windows-firewall"
+    assert config.dataplane == (dataplane or "windows-firewall")
+    # the uninstall runs `--release` while the HNS enforcer's list is there
+    assert computed["hns_state"] == config.state_dir + "\\" + STATE_FILE
     assert config.dns is None and config.flow_logs is None
     assert config.ca == "C:\\ProgramData\\Bulkhead\\pki\\ca.crt"
     assert config.state_dir == "C:\\ProgramData\\Bulkhead\\state"
@@ -302,6 +308,9 @@ def test_windows_files_load_in_the_agent(tmp_path):
       "bulkhead_agent_windows_pki_ca_dir": "/srv/bulkhead/pki"}, None),
     ({"bulkhead_agent_ssh_port": 5986, "bulkhead_agent_windows_start_mode": "boot"},
      "bulkhead_agent_windows_start_mode must be one of: auto, delayed"),
+    ({"bulkhead_agent_ssh_port": 5986, "bulkhead_agent_windows_dataplane": "hns"}, None),
+    ({"bulkhead_agent_ssh_port": 5986, "bulkhead_agent_windows_dataplane": "nftables"},
+     "bulkhead_agent_windows_dataplane must be one of: windows-firewall, hns"),
     ({"bulkhead_agent_ssh_port": "winrm"},
      "argument 'bulkhead_agent_ssh_port' is of type str and we were unable to convert to int"),
 ])

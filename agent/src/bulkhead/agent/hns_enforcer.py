@@ -333,6 +333,55 @@ class HnsEnforcer:
             return EnforceReport(self.revision, False, False, 0.0, {}, [])
         return self._apply(self.snapshot, self.revision)
 
+    def release(self) -> tuple[list[str], list[str]]:
+        """Remove the agent's ACL policies from every HNS endpoint it set (the state
+        file's, and this process's) that still has ACLs, and forget them: what an
+        uninstall does, since a stopped agent keeps its ACLs (fail static). Endpoints
+        gone are forgotten; ACLs on endpoints the agent never set are not touched. The
+        ACLs released (`ACLs of HNS endpoint ID`) and the warnings (a state file not
+        usable: nothing is known to release). Raises EnforceError naming the endpoint a
+        removal failed on; the state file then still lists it and those after it, so a
+        second run finishes."""
+        warnings = [w for w in (self._read_warning,) if w]
+        self._read_warning = None
+        ours = sorted(set(self.applied) | self.earlier)
+        try:
+            existing = {e.id for e in self.hcn.endpoints()}
+        except HcnError as e:
+            raise EnforceError(f"listing the HNS endpoints: {e}") from None
+        released: list[str] = []
+        left = [i for i in ours if i in existing]
+        while left:
+            i = left[0]
+            try:
+                if acl_policies(self.hcn.query(i)):
+                    self.hcn.modify(i, _restore_request([]))
+                    released.append(f"ACLs of HNS endpoint {i}")
+            except HcnError as e:
+                self.applied, self.earlier = {}, set(left)
+                self._forget(left)
+                raise EnforceError(f"removing the ACLs of HNS endpoint {i}: {e}; "
+                                   f"released {len(released)} endpoint(s) before it, "
+                                   f"{len(left)} left") from None
+            left.pop(0)
+        self.applied, self.earlier, self.snapshot = {}, set(), None
+        self._forget([])
+        return released, warnings
+
+    def _forget(self, left: list[str]) -> None:
+        """The state file lists `left` only (removed when empty); no-op without one."""
+        if self.state_dir is None:
+            return
+        path = Path(self.state_dir) / STATE_FILE
+        try:
+            if left:
+                save_set_endpoints(self.state_dir, left)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as e:
+            raise EnforceError(f"{path}: not written ({e.strerror or e})") from None
+        self._saved = set(left)
+
     def dry_run(self, snapshot: Snapshot) -> tuple[str, str]:
         """Each endpoint's request (JSON), and a diff of the ACLs from what HCN holds to
         what the apply would set."""

@@ -37,7 +37,7 @@ from bulkhead.agent.config import (
     load_config,
 )
 from bulkhead.agent.daemon import Agent, AgentError
-from bulkhead.agent.enforcer import Enforcer
+from bulkhead.agent.enforcer import EnforceError, Enforcer
 from bulkhead.agent.http import HttpError
 from bulkhead.agent.memory import limit_arenas
 from bulkhead.agent.sync import SyncError
@@ -119,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--flush-dns-cache", action="store_true",
                       help="forget the DNS names learned (the saved cache and the kernel's "
                       "domain sets) and exit; send SIGUSR1 to a running agent instead")
+    mode.add_argument("--release", action="store_true",
+                      help="remove what the agent set in the dataplane and exit, as an "
+                      "uninstall does (a stopped agent keeps it: fail static): nftables, "
+                      "its table; hns, its ACLs on the HNS endpoints it set; stop the "
+                      "agent first")
     p.add_argument("--offline", action="store_true",
                    help="with --dry-run: use the cached policy, not the server")
     helps = {
@@ -164,6 +169,8 @@ def main(argv: list[str] | None = None, *,
     setup_logging(config.log_level)
     if args.flush_dns_cache:
         return _flush_dns(config)
+    if args.release:
+        return _release(config, make_enforcer or default_enforcer)
     limit_arenas()          # before any thread starts (see bulkhead.agent.memory)
     try:
         agent = Agent(config, (make_enforcer or default_enforcer)(config))
@@ -211,6 +218,31 @@ def _flush_dns(config: AgentConfig) -> int:
     except (OSError, ValueError) as e:
         return _error(f"flushing the DNS cache: {e}", 1)
     print(f"forgot {names} DNS names; emptied {sets} domain sets")
+    return 0
+
+
+def _release(config: AgentConfig, make_enforcer: EnforcerFactory) -> int:
+    """`--release`: the enforcer's objects removed from the dataplane, each named."""
+    if config.dataplane == WINDOWS_FIREWALL:
+        return _error("--release: dataplane windows-firewall: remove the agent's rule "
+                      "group instead (Get-NetFirewallRule -Group bulkhead | "
+                      "Remove-NetFirewallRule), as the agent role does", 2)
+    try:
+        enforcer = make_enforcer(config)
+        release = getattr(enforcer, "release", None)
+        if release is None:
+            return _error(f"--release: dataplane {config.dataplane}: not offered", 2)
+        released, warnings = release()
+    except AgentError as e:
+        return _error(str(e), 1)
+    except EnforceError as e:
+        return _error(f"--release: {e}", 1)
+    for message in warnings:
+        print(f"bulkhead-agent: {message}", file=sys.stderr)
+    for name in released:
+        print(f"released {name}")
+    if not released:
+        print(f"nothing to release (dataplane {config.dataplane})")
     return 0
 
 

@@ -154,3 +154,16 @@ class NftablesEnforcer:
             return ruleset.script(), self.applier.diff(ruleset)
         except NftError as e:
             raise EnforceError(f"nft would refuse the ruleset: {e}") from None
+
+    def release(self) -> tuple[list[str], list[str]]:
+        """Delete the agent's table (and a staging table left by a load), what an
+        uninstall does: a stopped agent keeps its table (fail static). The objects
+        removed (none if the table is not there) and no warnings; the rest of the host's
+        ruleset is not touched. Raises EnforceError if nft refuses."""
+        present = self.applier.terse() is not None
+        try:
+            self.applier.remove()
+        except NftError as e:
+            raise EnforceError(f"deleting table inet {self.table}: {e}") from None
+        self._snapshot = None
+        return ([f"table inet {self.table}"] if present else []), []
