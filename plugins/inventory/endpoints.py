@@ -23,7 +23,13 @@ description:
     bulkhead-server uses, so a bad label key or value, address or name fails here with
     the host, the label and what is wrong.
   - Facts are available both as C(ansible_facts.<name>) and, as M(ansible.builtin.constructed)
-    has them, as top-level C(ansible_<name>) variables.
+    has them, as top-level C(ansible_<name>) variables; but a fact never replaces an inventory
+    variable of the same name, and connection and magic variables among the facts (C(ansible_host)
+    and the like) are dropped, as Ansible drops them from gathered facts.
+  - Facts are what a host says of itself, and a compromised host says what it likes. Labels that
+    policies trust (who may reach a database) and the addresses of O(expected_ips) should come from
+    the inventory (variables, groups, an IP C(ansible_host)); a label or address taken from a fact
+    is only as trustworthy as the host.
   - The configuration file's name must end in C(.bulkhead.yml) or C(.bulkhead.yaml).
 requirements:
   - The Python package C(bulkhead) on the controller, from the distribution C(bulkhead-microseg).
@@ -87,6 +93,13 @@ extends_documentation_fragment:
   - constructed
 notes:
   - Runs after the other inventory sources; it adds variables and groups and no hosts.
+  - A host whose HostEndpoint cannot be made (a bad label value, address or name) does not
+    stop the others; it gets C(bulkhead_endpoint_error) (the message) and no
+    C(bulkhead_host_endpoint), and the source fails at the end naming every such host (a
+    warning unless C(any_unparsed_is_failed)). C(onboard.yml) syncs nothing while a host of
+    its group has C(bulkhead_endpoint_error), since its purge would delete that host's HostEndpoint.
+  - Needs ansible-core 2.19 or newer (older versions would treat the strings read from
+    facts as templates on the controller).
   - Hosts without any address (no O(expected_ips), no IP C(ansible_host), no facts) and
     without O(interface_name) get labels but no C(bulkhead_host_endpoint), with a warning;
     with O(strict=true) they fail.
@@ -118,11 +131,12 @@ groups:
 from ansible import constants as C
 from ansible.errors import AnsibleError, AnsibleParserError
 from ansible.inventory.helpers import get_group_vars
+from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.inventory import BaseInventoryPlugin, Constructable
 from ansible.plugins.loader import cache_loader
 from ansible.utils.display import Display
 from ansible.utils.vars import combine_vars
-from ansible.vars.clean import namespace_facts
+from ansible.vars.clean import clean_facts, namespace_facts
 from ansible.vars.plugins import get_vars_from_inventory_sources
 
 from ansible_collections.bulkhead.microseg.plugins.plugin_utils import engine
@@ -130,7 +144,7 @@ from ansible_collections.bulkhead.microseg.plugins.plugin_utils import engine
 try:
     from ansible.errors import AnsibleValueOmittedError
     from ansible.template import trust_as_template
-except ImportError:  # ansible-core < 2.19: every template string is trusted
+except ImportError:  # ansible-core < 2.19: refused in parse (engine.require_core_219)
     class AnsibleValueOmittedError(Exception):
         """Never raised before 2.19, where an omitted value is the omit placeholder."""
 
@@ -156,6 +170,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
 
     def parse(self, inventory, loader, path, cache=False):
         super().parse(inventory, loader, path, cache=cache)
+        engine.require_core_219(NAME)
         engine.require_bulkhead(NAME)
         self._read_config_data(path)
         labels = self.get_option("labels") or {}
@@ -165,24 +180,43 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
         fact_cache = cache_loader.get(C.CACHE_PLUGIN)
         self._sources = getattr(inventory, "processed_sources", None) or []
         without_address = []
+        errors = []
         for host in list(inventory.hosts):
+            # A host that cannot be labeled does not stop the others: it gets
+            # bulkhead_endpoint_error instead of a HostEndpoint, which onboard.yml refuses
+            # to sync past (its purge would delete that host's HostEndpoint), and the
+            # source fails at the end, naming every such host.
             try:
                 if not self._host(host, labels, fact_cache):
                     without_address.append(host)
-            except AnsibleError:
-                raise
-            except Exception as e:
-                raise AnsibleParserError("%s: host %s: %s" % (NAME, host, e)) from e
+            except Exception as e:  # pylint: disable=broad-exception-caught
+                message = to_text(e) if isinstance(e, AnsibleError) else \
+                    "%s: host %s: %s" % (NAME, host, e)
+                self.inventory.set_variable(host, "bulkhead_endpoint_error", message)
+                errors.append(message)
         if without_address:
             display.warning(
                 "%s: %d host(s) have no address and no interface_name, so no "
                 "bulkhead_host_endpoint: %s%s" % (
                     NAME, len(without_address), ", ".join(without_address[:10]),
                     ", ..." if len(without_address) > 10 else ""))
+        if errors:
+            raise AnsibleParserError(
+                "%s: %d host(s) could not be labeled (each has bulkhead_endpoint_error, and "
+                "onboard.yml syncs nothing while one has): %s%s" % (
+                    NAME, len(errors), "; ".join(errors[:10]),
+                    "; ..." if len(errors) > 10 else ""))
 
     # ------------------------------------------------------------------ per host
     def _variables(self, host, fact_cache):
-        """Group and host variables, then cached facts (top-level and as ansible_facts)."""
+        """Group and host variables, then cached facts (as ansible_facts, and top-level
+        where the inventory has no variable of that name).
+
+        Facts are what a host says of itself (a compromised host says what it likes), so
+        they never replace the inventory's variables: connection and magic variables
+        (``ansible_host``...) are dropped as Ansible drops them from gathered facts
+        (``clean_facts``), and a fact named like an inventory variable (``app``) is seen
+        only under ``ansible_facts``."""
         obj = self.inventory.hosts[host]
         group_vars, host_vars = get_group_vars(obj.get_groups()), obj.get_vars()
         if self.get_option("use_vars_plugins"):
@@ -193,10 +227,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
                 self.loader, self._sources, [obj], "all"))
         variables = combine_vars(group_vars, host_vars)
         if fact_cache.contains(host):
-            facts = fact_cache.get(host)
-            variables = combine_vars(variables, facts)
-            if "ansible_facts" not in variables:
-                variables = combine_vars(variables, namespace_facts(facts))
+            facts = clean_facts(fact_cache.get(host))
+            if "ansible_facts" not in facts:
+                facts = combine_vars(facts, namespace_facts(facts))
+            variables = combine_vars(facts, variables)
         return variables
 
     def _evaluate(self, expression, variables, host, what, strict):

@@ -171,6 +171,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
 
     def parse(self, inventory, loader, path, cache=True):
         super().parse(inventory, loader, path, cache=cache)
+        engine.require_core_219(NAME)
         self._read_config_data(path)
         self._config_path = path
         key = self.get_cache_key(path)

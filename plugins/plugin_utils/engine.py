@@ -12,6 +12,7 @@ with a message that names what is wrong.
 from __future__ import annotations
 
 import ipaddress
+import re
 import sys
 from collections.abc import Mapping
 
@@ -34,6 +35,20 @@ DEFAULT_LABELS_VAR = "bulkhead_labels"
 # The distribution that holds the `bulkhead` package (the name `bulkhead` on the package
 # index is someone else's project).
 DISTRIBUTION = "bulkhead-microseg"
+
+
+def require_core_219(plugin: str) -> None:
+    """Fail on ansible-core older than 2.19 (meta/runtime.yml requires it, which Ansible
+    only warns about): before 2.19 every string in inventory variables is a template, so
+    what a server or a host sends (an annotation, a fact) would run on the controller."""
+    from ansible.release import __version__ as core_version
+
+    numbers = re.findall(r"\d+", core_version)[:2]
+    if tuple(int(n) for n in numbers) < (2, 19):
+        raise AnsibleError(
+            "%s needs ansible-core 2.19 or newer (this is %s): older versions treat the "
+            "strings it reads from bulkhead-server or from hosts' facts as templates"
+            % (plugin, core_version))
 
 
 def require_bulkhead(plugin: str) -> None:

@@ -277,3 +277,61 @@ def test_endpoints_without_bulkhead_package(tmp_path, fact_cache):
     message = " ".join(done.stderr.split())
     assert "bulkhead.microseg.endpoints needs the Python package bulkhead" in message
     assert "pip install bulkhead-microseg" in message
+
+
+def test_a_hosts_facts_never_replace_the_inventorys_variables(tmp_path):
+    """Facts are what a host says of itself: a compromised host's cached facts naming
+    ansible_host, app or zone change neither its labels nor its address; they are seen
+    only under ansible_facts (its real facts still label it)."""
+    from ansible.plugins.loader import cache_loader
+
+    cache = cache_loader.get("jsonfile", _uri=str(tmp_path / "facts"), _timeout=0, _prefix="")
+    cache.set("web-01", {"ansible_host": "198.18.0.99", "ansible_port": 2222,
+                         "app": "orders", "zone": "trusted", "ansible_system": "Linux",
+                         "ansible_default_ipv4": {"address": "198.18.0.98"}})
+    hosts = write(tmp_path, "hosts.yml", """\
+all:
+  children:
+    dmz: {vars: {zone: dmz}, hosts: {web-01: {app: web, ansible_host: 198.18.0.10}}}
+""")
+    config = write(tmp_path, "zz.bulkhead.yml", """\
+plugin: bulkhead.microseg.endpoints
+strict: true
+labels:
+  app: app
+  zone: zone
+  os: ansible_facts.system | lower
+  said: ansible_facts.app
+""")
+    env = inventory_env(tmp_path, ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED="true")
+    host = plain(json.loads(inventory(env, hosts, config).stdout))["_meta"]["hostvars"]["web-01"]
+    assert host["bulkhead_host_endpoint"]["metadata"]["labels"] == {
+        "app": "web", "zone": "dmz", "os": "linux", "said": "orders"}
+    assert host["bulkhead_host_endpoint"]["spec"]["expectedIPs"] == ["198.18.0.10"]
+    assert host["ansible_host"] == "198.18.0.10"
+
+
+def test_one_host_that_cannot_be_labeled_does_not_stop_the_others(tmp_path):
+    """A bad label value of one host (its facts, say) fails the source naming it and
+    marks it with bulkhead_endpoint_error; the hosts after it still get their
+    HostEndpoints (onboard.yml refuses to sync while one host has the error)."""
+    hosts = write(tmp_path, "hosts.yml", """\
+all:
+  hosts:
+    a-1: {os: debian, ansible_host: 198.18.0.11}
+    b-1: {os: "openSUSE Leap", ansible_host: 198.18.0.12}
+    c-1: {os: debian, ansible_host: 198.18.0.13}
+""")
+    config = write(tmp_path, "zz.bulkhead.yml", "plugin: bulkhead.microseg.endpoints\n"
+                   "labels:\n  os: os\n")
+    env = inventory_env(tmp_path)
+    done = inventory(env, hosts, config)
+    hostvars = plain(json.loads(done.stdout))["_meta"]["hostvars"]
+    assert "bulkhead_host_endpoint" in hostvars["a-1"]
+    assert "bulkhead_host_endpoint" in hostvars["c-1"]
+    assert "bulkhead_host_endpoint" not in hostvars["b-1"]
+    assert "host b-1" in hostvars["b-1"]["bulkhead_endpoint_error"]
+    assert "1 host(s) could not be labeled" in " ".join(done.stderr.split())
+    failing = inventory(dict(env, ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED="true"), hosts,
+                        config, check=False)
+    assert failing.returncode != 0 and "host b-1" in " ".join(failing.stderr.split())

@@ -618,6 +618,33 @@ def test_onboard_refuses_an_empty_inventory(own_server, tmp_path):
         "Syncing nothing" in out.stdout
 
 
+def test_onboard_syncs_nothing_while_a_host_cannot_be_labeled(own_server, tmp_path):
+    """A host the endpoints plugin cannot label (a bad label value from its facts, say)
+    gets no HostEndpoint: the sync's purge would delete its endpoint in the store, so
+    onboard.yml stops before it, naming the host, and the store keeps every endpoint."""
+    server = own_server
+    fleet = tmp_path / "fleet.yml"
+    config = tmp_path / "zz.bulkhead.yml"
+    config.write_text("plugin: bulkhead.microseg.endpoints\nlabels:\n  os: os\n")
+    env = dict(server.env(), ANSIBLE_INVENTORY_ENABLED="yaml,bulkhead.microseg.endpoints")
+
+    def onboard(check=True):
+        return run(["ansible-playbook", "-i", str(fleet), "-i", str(config),
+                    str(ROOT / "playbooks" / "onboard.yml")], env, check=check)
+
+    fleet.write_text("all:\n  hosts:\n    node-1: {os: debian, ansible_host: 198.18.0.21}\n"
+                     "    node-2: {os: debian, ansible_host: 198.18.0.22}\n")
+    onboard()
+    assert names(server, "HostEndpoint") == ["node-1", "node-2"]
+    fleet.write_text("all:\n  hosts:\n    node-1: {os: debian, ansible_host: 198.18.0.21}\n"
+                     "    node-2: {os: \"openSUSE Leap\", ansible_host: 198.18.0.22}\n")
+    out = onboard(check=False)
+    assert out.returncode == 2, out.stdout
+    text = " ".join(out.stdout.split())
+    assert "Nothing synced" in text and "host node-2" in text, text
+    assert names(server, "HostEndpoint") == ["node-1", "node-2"]
+
+
 # ------------------------------------------------------- site.yml, check mode, no systemd
 LOCAL = """\
 all:
