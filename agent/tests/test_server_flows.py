@@ -159,6 +159,42 @@ def test_another_nodes_records_are_refused_whole(make: Starter) -> None:
     assert metric(server, 'bulkhead_flow_batches_refused_total{reason="forbidden"}') == 1
 
 
+def hep(name: str, node: str, ip: str) -> dict[str, Any]:
+    return {"apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+            "metadata": {"name": name, "labels": {"app": name.split("-")[0]}},
+            "spec": {"node": node, "expectedIPs": [ip]}}
+
+
+def test_records_about_another_nodes_endpoint_are_refused_whole(make: Starter) -> None:
+    """An agent reports its own endpoints' flows: a record whose reporting end (the
+    destination of an ingress record) is a HostEndpoint the store has on another node
+    is refused, batch and all; the other end may be anyone's, and an endpoint the store
+    does not hold (deleted since) is taken."""
+    server = make()
+    for name, ip in (("web-1", "198.18.0.11"), ("db-1", "198.18.0.12")):
+        server.conn.request("POST", "/v1/resources/HostEndpoint", hep(name, name, ip))
+    agent = server.client("web-1", "agent")
+    now = time.time()
+    # web-1's own: egress to db-1, ingress from db-1, and one of an endpoint gone since
+    send_flows(agent, [flow_doc(end=now - 5),
+                       flow_doc(end=now - 4, reporter="dst", src_name="db-1",
+                                dst_name="web-1"),
+                       flow_doc(end=now - 3, src_name="web-old")])
+    assert count(server) == 3
+    # "db-1 saw a connection from web-1 denied": db-1's to say, not web-1's
+    forged = flow_doc(end=now - 2, reporter="dst", action="deny", connections=1_000_000,
+                      enforced_trace=["security|security.db-in|0|deny"])
+    with pytest.raises(ApiError) as err:
+        send_flows(agent, [flow_doc(end=now - 1), forged])
+    # 409: the agent drops such a batch (an endpoint moved to another node would have
+    # its spool send it again forever on a 403)
+    assert err.value.status == 409
+    assert ("records[1].dst_name: host endpoint 'db-1' is on node 'db-1', not this "
+            "agent's ('web-1')") in err.value.message
+    assert count(server) == 3
+    assert metric(server, 'bulkhead_flow_batches_refused_total{reason="foreign_endpoint"}') == 1
+
+
 def test_a_malformed_batch_is_refused_whole(make: Starter) -> None:
     server = make()
     agent = server.client("web-1", "agent")
@@ -308,6 +344,29 @@ async def test_the_agent_keeps_a_batch_told_to_come_back_in_its_spool(
             await ship_spool(session, spool, "flows", counters)
     assert spool.records == 1 and counters.records_sent == 8
     assert counters.batches_refused == 0 and count(server) == 8
+
+
+async def test_the_agent_drops_a_batch_naming_another_nodes_endpoint(
+        make: Starter, tmp_path: Path) -> None:
+    """The agent's side of a 409 (an endpoint its records name is on another node now,
+    say moved while the records waited): the batch is dropped and counted, and the
+    spool goes on with the next one instead of sending it again forever."""
+    server = make()
+    server.conn.request("POST", "/v1/resources/HostEndpoint", hep("db-1", "db-1",
+                                                                 "198.18.0.12"))
+    now = time.time()
+    moved = parse_batch({"records": [flow_doc(end=now - 5, reporter="dst")]}, now, "web-1")
+    fine = parse_batch({"records": [flow_doc(end=now - 4)]}, now, "web-1")
+    spool = Spool(tmp_path / "spool", 1 << 20, batch=1)
+    spool.put(moved)
+    spool.put(fine)
+    web = server.client("web-1", "agent")
+    ctx = ssl.create_default_context(cafile=web.ca)
+    ctx.load_cert_chain(str(web.cert), web.key)
+    counters = FlowLogCounters()
+    async with Session(f"https://127.0.0.1:{server.port}", ctx) as session:
+        assert await ship_spool(session, spool, "flows", counters) == 1
+    assert spool.records == 0 and counters.records_refused == 1 and count(server) == 1
 
 
 def test_a_node_budget_refills_at_its_rate_and_forgets_idle_nodes() -> None:

@@ -61,6 +61,27 @@ TRAFFIC = [("web-1", "db-1", "TCP", 5432, 3), ("web-2", "db-1", "TCP", 5432, 1),
            ("db-1", "web-1", "UDP", 514, 1)]
 
 
+def test_protected_reads_the_labels_the_store_gives_not_the_records(
+        server: ServerProcess) -> None:
+    """The records name their ends' labels as the agent saw them; the protected gate
+    takes a host endpoint's labels from the store: an agent claiming web-1 is `cache`
+    neither hides web-1's denied flow from `app == 'web'` nor flags `app == 'cache'`."""
+    import time
+    snapshot = Snapshot.build(parse_resource(d) for d in ENDPOINTS + ENFORCED + STAGED)
+    docs, _ = records(snapshot, time.time())
+    for d in docs:
+        for end in ("src", "dst"):
+            if d[f"{end}_type"] == "hep" and d[f"{end}_name"] == "web-1":
+                d[f"{end}_labels"] = {"app": "cache"}
+    for dst in {d["node"] for d in docs}:
+        send_flows(server.client(dst, "agent"), [d for d in docs if d["node"] == dst])
+    viewer = server.client("carol", "viewer")
+    web = preview(viewer, hours=1, protected="app == 'web'")["protected"]
+    assert (web["records"], web["connections"]) == (1, 2)
+    cache = preview(viewer, hours=1, protected="app == 'cache'")["protected"]
+    assert (cache["records"], cache["connections"]) == (0, 0)
+
+
 def address(end: str) -> str:
     return HOSTS[end][0] if end in HOSTS else end
 

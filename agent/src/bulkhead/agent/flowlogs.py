@@ -298,9 +298,10 @@ async def ship_spool(session: Session, spool: Spool, which: str,
         async with session.post(route(which), data=body,
                                 headers={"Content-Type": "application/json"},
                                 timeout=Timeout(total=timeout, connect=timeout)) as r:
-            if r.status not in (200, 400, 413):
+            if r.status not in (200, 400, 409, 413):
                 # The server is unwell or busy, older than these logs, or refuses the
-                # session (a certificate being revoked or rotated): keep them.
+                # session (a certificate being revoked or rotated): keep them. (409: a
+                # record names an endpoint the store has on another node now.)
                 raise HttpError(f"POST /v1/{which}: {await error_of(r)}")
             if r.status != 200:   # this batch itself is wrong: sent again, refused again
                 counters.batches_refused += 1

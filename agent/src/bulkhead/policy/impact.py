@@ -313,6 +313,19 @@ class Impact:
         self._egress_domains: dict[Selector, tuple[str, ...]] = {}
 
     # -- ends -------------------------------------------------------------------------
+    def labels_of(self, end: End) -> Mapping[str, str]:
+        """The end's labels as the proposed state has them (a host endpoint's
+        effective labels, a network set's labels); the record's own only for an end the
+        state does not hold (an address, or one gone): an agent says what labels it saw,
+        the store says what they are."""
+        if end.type == "hep" and end.name in self._labels:
+            return self._labels[end.name]
+        if end.type == "ns":
+            found = self.snapshot.network_sets.get(end.name)
+            if found is not None:
+                return found.labels
+        return end.labels
+
     def _view(self, end: End) -> _EndView:
         key = (end.type, end.name, end.scope, frozenset(end.labels.items()))
         found = self._views.get(key)

@@ -55,7 +55,8 @@ INGEST_CONCURRENCY = 4           # batches parsed and stored at once; more wait 
 QUERY_CONCURRENCY = 2            # queries run at once
 PARAMS = ("since", "until", "node", "reporter", "action", "policy", "tier", "staged",
           "selector", "endpoint", "limit", "top", "after")
-REFUSALS = ("forbidden", "invalid", "too_large", "unavailable", "rate_limited")
+REFUSALS = ("forbidden", "invalid", "too_large", "unavailable", "rate_limited",
+            "foreign_endpoint")
 
 
 class NodeBudget:
@@ -113,6 +114,10 @@ class Request:
     top: int | None = None
 
 
+class ForeignEndpoint(ForeignNode):
+    """A record's reporting end is a HostEndpoint the store has on another node."""
+
+
 class RecordLogs:
     """What flow logs and DNS logs share in the server: a store, the JSON lines sink,
     counters, the bounds on concurrent work, strict ingest and retention. `kind` names
@@ -154,11 +159,28 @@ class RecordLogs:
         self.counters[f"refused:{reason}"] += 1
 
     # -- ingest -----------------------------------------------------------------------
-    def ingest(self, text: str, node: str) -> int:
+    @staticmethod
+    def check_owners(records: Sequence[Any], node: str,
+                     owner: Callable[[str], str | None]) -> None:
+        """ForeignNode when a record is not `node`'s own to report (a kind whose
+        records name no endpoint: nothing to check)."""
+
+    def ingest(self, text: str, node: str,
+               owner: Callable[[str], str | None] | None = None) -> int:
         """Parse and store one batch from the agent of `node`; how many records were
-        stored. Refused (counted) when the batch is not taken."""
+        stored. Refused (counted) when the batch is not taken. `owner`: the node of a
+        HostEndpoint in the store now (None: not there), to refuse records an agent
+        makes up about another node's endpoints."""
         try:
             records = self.parse(json_value(text, "the body"), time.time(), node)
+            if owner is not None:
+                self.check_owners(records, node, owner)
+        except ForeignEndpoint as e:
+            # 409, not 403: the agent drops the batch (logged, counted) instead of keeping
+            # it, since an endpoint moved to another node refuses it every time.
+            self.refused("foreign_endpoint")
+            raise Refused(409, "Conflict", f"agent {node}: {e}; nothing was stored",
+                          "foreign_endpoint") from None
         except ForeignNode as e:
             self.refused("forbidden")
             raise Refused(403, "Forbidden", f"agent {node}: {e}; nothing was stored",
@@ -226,6 +248,26 @@ class FlowLogs(RecordLogs):
     @classmethod
     def open(cls, config: FlowLogConfig) -> FlowLogs:
         return cls(config, config.open(), config.sink())
+
+    @staticmethod
+    def check_owners(records: Sequence[Any], node: str,
+                     owner: Callable[[str], str | None]) -> None:
+        """A record's reporting end (the source of a `src` record, the destination of
+        a `dst` one) is an endpoint of the sender's node: one naming a HostEndpoint the
+        store has on another node is refused (an agent could otherwise put made-up
+        traffic of other hosts before the preview's gates). An endpoint the store does
+        not hold (deleted since the flow, or never there) is taken: the preview cannot
+        judge its records, and no other node's are touched."""
+        for i, record in enumerate(records):
+            end, field = (record.src, "src_name") if record.reporter == "src" else \
+                (record.dst, "dst_name")
+            if end.type != "hep":
+                continue
+            found = owner(end.name)
+            if found is not None and found != node:
+                raise ForeignEndpoint(f"records[{i}].{field}: host endpoint {end.name[:60]!r} "
+                                  f"is on node {found[:60]!r}, not this agent's ({node!r}); "
+                                  "an agent reports only its own endpoints' flows")
 
     # -- queries ----------------------------------------------------------------------
     def answer(self, request: Request) -> dict[str, Any]:

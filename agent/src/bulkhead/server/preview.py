@@ -232,8 +232,8 @@ def preview(store: FlowStore, proposed: Snapshot, request: PreviewRequest, now: 
         g.records += row.records
         g.connections += r.connections
         if change == "newlyDenied" and request.protected is not None and (
-                request.protected.matches(r.src.labels) or
-                request.protected.matches(r.dst.labels)):
+                request.protected.matches(judge.labels_of(r.src)) or
+                request.protected.matches(judge.labels_of(r.dst))):
             g.protected = True
             protected["records"] += row.records
             protected["connections"] += r.connections
