@@ -288,6 +288,19 @@ def test_observing_hosts_block_nothing_until_previewed_in_enforce_mode(
     # it has the default-allow profile) deny nothing new.
     alone = preview(viewer, hours=1, enforce="app == 'db'", promote="none")
     assert not alone["newlyDenied"], alone["newlyDenied"]
+    # Done as previewed: promoted, db-1 enforcing. The records from its observing days
+    # (allowed then) are compared with what is in force now, which denies them too:
+    # previewing no further change shows nothing newly denied (it showed them all,
+    # compared with what the table did then).
+    server.conn.request("POST", "/v1/promote", {"names": sorted(
+        d["metadata"]["name"] for d in STAGED), "dryRun": False})
+    db["metadata"]["labels"][ENFORCEMENT_LABEL] = "enforce"
+    apply(server, [db])
+    after = preview(viewer, hours=1, promote="none")
+    assert after["promoted"] == []
+    assert not after["newlyDenied"] and not after["newlyAllowed"], after
+    assert after["totals"]["unchanged"]["records"] + \
+        after["totals"]["undecided"]["records"] == len(docs)
 
 
 def test_an_incomplete_preview_fails_every_gate_given() -> None:

@@ -5,9 +5,11 @@ apart, and those the stored fields cannot decide listed as undecided, never gues
 The proposed state is the store's resources as they are, with the request's manifests
 (files not yet applied) put over them, then the staged policies chosen promoted (as
 `POST /v1/promote` would); `bulkhead.policy.impact` judges each group of alike records
-against it, and the judgement is compared with what the table did (the record's
-`action`). The body is bounded and checked before the store is asked anything; the
-work is bounded by MAX_GROUPS record groups and the store's query time.
+against it, and the judgement is compared with what the store as it is decides for the
+same record now (what the table did, the record's `action`, where that cannot be
+decided): a change is what the proposal changes from now. The body is bounded and
+checked before the store is asked anything; the work is bounded by MAX_GROUPS record
+groups and the store's query time.
 """
 
 from __future__ import annotations
@@ -184,11 +186,16 @@ def preview(store: FlowStore, proposed: Snapshot, request: PreviewRequest, now: 
             ) -> dict[str, Any]:
     """The answer of `POST /v1/preview`: the store's groups of the window judged against
     `proposed` (`current`: the store as it is, so ends the proposal moves are unknown),
-    for at most JUDGE_SECONDS."""
+    for at most JUDGE_SECONDS. Each is compared with what `current` decides for it now
+    (the record's own action where that cannot be decided, or without `current`): a
+    record made before an enforce or a promote is compared with the policies and modes
+    in force now, not with what the table did then, so what is already enforced never
+    shows as a change."""
     until = request.until if request.until is not None else now
     since = max(0.0, until - request.hours * 3600)
     page = store.groups(FlowQuery(since=since, until=until), MAX_GROUPS)
     judge = Impact(proposed, current)
+    now_judge = Impact(current, current) if current is not None else None
     deadline = time.monotonic() + JUDGE_SECONDS
     stopped = None
     groups: dict[tuple[Any, ...], _Group] = {}
@@ -205,9 +212,12 @@ def preview(store: FlowStore, proposed: Snapshot, request: PreviewRequest, now: 
         examined["records"] += row.records
         examined["connections"] += r.connections
         j = judge.judge(r)
+        before = r.action
+        if now_judge is not None and j.action is not None:
+            before = now_judge.judge(r).action or r.action
         if j.action is None:
             change = "undecided"
-        elif j.action == r.action:
+        elif j.action == before:
             change = "unchanged"
         else:
             change = "newlyDenied" if j.action == "deny" else "newlyAllowed"
