@@ -601,9 +601,11 @@ def test_onboard_stage_preview_enforce_rollback(own_server, tmp_path):
     assert modes(server) == {"node-1": "enforce", "node-2": "enforce"}
 
     # rollback: back to the revision before the promotion, found in the audit trail
-    playbook(server, tmp_path, "rollback.yml", "--check", "--diff")
+    checked = playbook(server, tmp_path, "rollback.yml", "--check", "--diff").stdout
+    assert "nothing written (check mode)" in checked, checked
     assert names(server, "GlobalNetworkPolicy") == staged
-    playbook(server, tmp_path, "rollback.yml")
+    done = playbook(server, tmp_path, "rollback.yml").stdout
+    assert re.search(r"resources; revision [0-9]+", done), done
     assert names(server, "StagedGlobalNetworkPolicy") == staged
     assert names(server, "GlobalNetworkPolicy") == []
     assert modes(server) == {"node-1": "observe", "node-2": "observe"}
