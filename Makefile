@@ -41,7 +41,7 @@ lint: deps
 typecheck: deps
 	cd agent && ../$(BIN)/mypy
 	cd agent && ../$(BIN)/mypy --platform win32 --follow-imports=silent src/bulkhead/agent/win_service.py \
-		src/bulkhead/agent/hcn.py src/bulkhead/agent/hns_enforcer.py
+		src/bulkhead/agent/hcn.py src/bulkhead/agent/hns_enforcer.py src/bulkhead/agent/lock.py
 
 # Two passes: the tests marked `alone` (namespaces, labs, nftables in the kernel, time and
 # memory bounds: agent/tests/conftest.py) one at a time, then the others two at a time.

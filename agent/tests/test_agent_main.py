@@ -100,6 +100,9 @@ async def test_sigterm_stops_the_daemon_and_leaves_the_ruleset(
     agent = Agent(config_for(server.url, server.pki, tmp_path / "state"), rec)
     task = asyncio.create_task(agent_main._daemon(agent))
     await until(lambda: rec.applied is not None and agent.connected, "the apply")
+    from bulkhead.agent import lock
+    with pytest.raises(lock.Held):           # the running agent's mark (--release)
+        lock.take(tmp_path / "state")
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(task, 10)
     assert len(rec.calls) == 1   # stopping applied nothing (and the seam has no "remove")
@@ -157,6 +160,42 @@ def test_release_removes_the_hns_acls_the_agent_set(
     assert agent_main.main(["--config", str(conf), "--release"], make_enforcer=make) == 1
     err = capsys.readouterr().err
     assert err.startswith("bulkhead-agent: --release: removing the ACLs of HNS endpoint "), err
+
+
+def test_release_is_refused_while_the_agent_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A running agent holds its lock in the state directory: it would put back what a
+    release removes (and the HNS list would be gone), so --release refuses, exit 1."""
+    from bulkhead.agent import lock
+
+    conf = release_config(tmp_path, "hns")
+    made: list[AgentConfig] = []
+    held = lock.take(tmp_path / "state")
+    assert held is not None
+    try:
+        rc = agent_main.main(["--config", str(conf), "--release"],
+                             make_enforcer=lambda c: made.append(c) or Recorder())
+    finally:
+        held.close()
+    err = capsys.readouterr().err
+    assert rc == 1 and "is held by a running agent: stop the agent first" in err, err
+    assert made == []          # no enforcer was even made
+    # stopped (the lock released): the release goes ahead
+    assert agent_main.main(["--config", str(conf), "--release"],
+                           make_enforcer=lambda c: made.append(c) or Recorder()) == 2
+    assert len(made) == 1 and "not offered" in capsys.readouterr().err
+
+
+def test_release_without_nft_is_an_error_not_a_traceback() -> None:
+    from bulkhead.agent.enforcer import EnforceError
+    from bulkhead.agent.nft_enforcer import NftablesEnforcer
+    from bulkhead.dataplane.nftables.apply import NftApplier
+    from bulkhead.policy import Failsafes
+
+    enforcer = NftablesEnforcer("n1", Failsafes.off(), interfaces=dict,
+                                applier=NftApplier(nft="/nonexistent/nft", netlink=False))
+    with pytest.raises(EnforceError, match="deleting table inet bulkhead: nft could not run"):
+        enforcer.release()
 
 
 @pytest.mark.parametrize(("dataplane", "argv", "message"), [

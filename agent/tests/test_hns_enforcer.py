@@ -323,10 +323,13 @@ def test_a_failed_release_names_the_endpoint_and_a_second_one_finishes(
 
 
 def test_release_with_an_unusable_state_file_touches_nothing(tmp_path: Path) -> None:
+    """The file alone says which endpoints hold the agent's ACLs: unusable, release
+    fails (the role's uninstall with it), removes nothing and keeps the file."""
     hcn = fake()
     HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path).enforce(SNAPSHOT, 1)
     (tmp_path / STATE_FILE).write_bytes(b"{not json")
-    released, warnings = HnsEnforcer("win1", Failsafes(), hcn=hcn,
-                                     state_dir=tmp_path).release()
-    assert released == [] and len(warnings) == 1 and "not used" in warnings[0]
+    with pytest.raises(EnforceError, match=r"cannot tell which HNS endpoints hold the "
+                       r"agent's ACLs: .*not used.*nothing was removed"):
+        HnsEnforcer("win1", Failsafes(), hcn=hcn, state_dir=tmp_path).release()
     assert hcn.acls(WEB_ID) and hcn.acls(DB_ID)
+    assert (tmp_path / STATE_FILE).read_bytes() == b"{not json"

@@ -61,6 +61,31 @@ TRAFFIC = [("web-1", "db-1", "TCP", 5432, 3), ("web-2", "db-1", "TCP", 5432, 1),
            ("db-1", "web-1", "UDP", 514, 1)]
 
 
+def test_a_deny_undone_since_and_proposed_again_is_newly_denied(
+        server: ServerProcess) -> None:
+    """Records of an older state (a policy denied web to db on 5432, deleted since: the
+    store allows it now) and a proposal that brings that policy back: the records say
+    deny, as the proposal does, but from now it is a change, and the gates count it."""
+    import time
+    old_deny = doc("GlobalNetworkPolicy", "old-deny", {
+        "selector": "app == 'db'", "types": ["Ingress"], "order": 1,
+        "ingress": [{"action": "Deny", "protocol": "TCP", "source": {"selector": "app == 'web'"},
+                     "destination": {"ports": [5432]}}]})
+    then = Snapshot.build(parse_resource(d) for d in ENDPOINTS + ENFORCED + [old_deny])
+    docs, _ = records(then, time.time())
+    assert {d["action"] for d in docs if d["dst_port"] == 5432 and
+            d["src_name"].startswith("web-")} == {"deny"}
+    for dst in {d["node"] for d in docs}:
+        send_flows(server.client(dst, "agent"), [d for d in docs if d["node"] == dst])
+    viewer = server.client("carol", "viewer")
+    again = preview(viewer, hours=1, promote="none", manifests=json.dumps(old_deny))
+    assert {("web-1", "db-1", "TCP", 5432), ("web-2", "db-1", "TCP", 5432)} <= \
+        listed(again, "newlyDenied"), again["newlyDenied"]
+    # and a preview of no change lists nothing, though the records say deny
+    same = preview(viewer, hours=1, promote="none")
+    assert not same["newlyDenied"] and not same["newlyAllowed"]
+
+
 def test_protected_reads_the_labels_the_store_gives_not_the_records(
         server: ServerProcess) -> None:
     """The records name their ends' labels as the agent saw them; the protected gate

@@ -94,10 +94,10 @@ extends_documentation_fragment:
 notes:
   - Runs after the other inventory sources; it adds variables and groups and no hosts.
   - A host whose HostEndpoint cannot be made (a bad label value, address or name) does not
-    stop the others; it gets C(bulkhead_endpoint_error) (the message) and no
-    C(bulkhead_host_endpoint), and the source fails at the end naming every such host (a
-    warning unless C(any_unparsed_is_failed)). C(onboard.yml) syncs nothing while a host of
-    its group has C(bulkhead_endpoint_error), since its purge would delete that host's HostEndpoint.
+    stop the others; it gets C(bulkhead_endpoint_error) (the message), and the source fails
+    at the end naming every such host (a warning unless C(any_unparsed_is_failed)).
+    C(onboard.yml) syncs nothing while any host has C(bulkhead_endpoint_error), since its
+    purge would delete that host's HostEndpoint.
   - Needs ansible-core 2.19 or newer (older versions would treat the strings read from
     facts as templates on the controller).
   - Hosts without any address (no O(expected_ips), no IP C(ansible_host), no facts) and

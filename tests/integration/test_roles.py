@@ -630,9 +630,9 @@ def test_onboard_syncs_nothing_while_a_host_cannot_be_labeled(own_server, tmp_pa
     config.write_text("plugin: bulkhead.microseg.endpoints\nlabels:\n  os: os\n")
     env = dict(server.env(), ANSIBLE_INVENTORY_ENABLED="yaml,bulkhead.microseg.endpoints")
 
-    def onboard(check=True):
+    def onboard(*args, check=True):
         return run(["ansible-playbook", "-i", str(fleet), "-i", str(config),
-                    str(ROOT / "playbooks" / "onboard.yml")], env, check=check)
+                    str(ROOT / "playbooks" / "onboard.yml"), *args], env, check=check)
 
     fleet.write_text("all:\n  hosts:\n    node-1: {os: debian, ansible_host: 198.18.0.21}\n"
                      "    node-2: {os: debian, ansible_host: 198.18.0.22}\n")
@@ -644,6 +644,11 @@ def test_onboard_syncs_nothing_while_a_host_cannot_be_labeled(own_server, tmp_pa
     assert out.returncode == 2, out.stdout
     text = " ".join(out.stdout.split())
     assert "Nothing synced" in text and "host node-2" in text, text
+    assert names(server, "HostEndpoint") == ["node-1", "node-2"]
+    # Onboarding a group the plugin made from labels: node-2, unlabeled, is in none of
+    # them, and the purge would delete its endpoint all the same.
+    out = onboard("-e", "bulkhead_onboard_group=label_os_debian", check=False)
+    assert out.returncode == 2 and "Nothing synced" in " ".join(out.stdout.split()), out.stdout
     assert names(server, "HostEndpoint") == ["node-1", "node-2"]
 
 

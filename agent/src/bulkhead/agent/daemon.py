@@ -27,8 +27,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
+from bulkhead.agent import lock
 from bulkhead.agent.cache import CacheError, cache_path, load_cache, save_cache
 from bulkhead.agent.config import AgentConfig
 from bulkhead.agent.enforcer import EnforceError, Enforcer, EnforceReport
@@ -500,6 +501,18 @@ class Agent:
     # ------------------------------------------------------------------------ run
     async def run(self, stop: asyncio.Event) -> None:
         """The daemon, until `stop` is set. The ruleset stays in the kernel afterwards."""
+        try:   # the running agent's mark, for `--release` (bulkhead.agent.lock)
+            self._lock: IO[bytes] | None = lock.take(self.config.state_dir)
+        except (lock.Held, OSError) as e:
+            self._lock = None
+            log.warning("running without the agent's lock: %s", e)
+        try:
+            await self._run(stop)
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         if self.dns is not None:
             await asyncio.to_thread(self.dns.load)   # before the cached table is applied
         await self.boot_from_cache()

@@ -338,12 +338,16 @@ class HnsEnforcer:
         file's, and this process's) that still has ACLs, and forget them: what an
         uninstall does, since a stopped agent keeps its ACLs (fail static). Endpoints
         gone are forgotten; ACLs on endpoints the agent never set are not touched. The
-        ACLs released (`ACLs of HNS endpoint ID`) and the warnings (a state file not
-        usable: nothing is known to release). Raises EnforceError naming the endpoint a
+        ACLs released (`ACLs of HNS endpoint ID`) and warnings (none so far). Raises
+        EnforceError when the state file cannot be used (nothing removed, the file
+        kept: it alone says which endpoints are the agent's), and naming the endpoint a
         removal failed on; the state file then still lists it and those after it, so a
         second run finishes."""
-        warnings = [w for w in (self._read_warning,) if w]
-        self._read_warning = None
+        if self._read_warning is not None:
+            raise EnforceError(f"cannot tell which HNS endpoints hold the agent's ACLs: "
+                               f"{self._read_warning}; nothing was removed (repair or "
+                               "remove the file, then run it again)")
+        warnings: list[str] = []
         ours = sorted(set(self.applied) | self.earlier)
         try:
             existing = {e.id for e in self.hcn.endpoints()}

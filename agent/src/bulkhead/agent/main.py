@@ -8,6 +8,9 @@
     bulkhead-agent --flush-dns-cache            forget the learned DNS names (saved cache
                                                 and the kernel's domain sets); a running
                                                 agent does the same on SIGUSR1
+    bulkhead-agent --release                    remove what the stopped agent set in the
+                                                dataplane (an uninstall); refused while
+                                                the agent runs (its lock, agent/lock.py)
     bulkhead-agent service install|remove|start|stop|run|debug [--config FILE]
                                                 the Windows service (agent/win_service.py;
                                                 `debug` runs it in the console anywhere)
@@ -26,6 +29,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from bulkhead.agent import lock
 from bulkhead.agent.config import (
     DEFAULT_CONFIG,
     FLAGS,
@@ -227,6 +231,13 @@ def _release(config: AgentConfig, make_enforcer: EnforcerFactory) -> int:
         return _error("--release: dataplane windows-firewall: remove the agent's rule "
                       "group instead (Get-NetFirewallRule -Group bulkhead | "
                       "Remove-NetFirewallRule), as the agent role does", 2)
+    try:   # a running agent would put back what is removed here
+        held = lock.take(config.state_dir, create=False)
+    except lock.Held as e:
+        return _error(f"--release: {e}: stop the agent first", 1)
+    except OSError as e:
+        return _error(f"--release: cannot take {Path(config.state_dir) / lock.LOCK_FILE}: "
+                      f"{e.strerror or e}", 1)
     try:
         enforcer = make_enforcer(config)
         release = getattr(enforcer, "release", None)
@@ -237,6 +248,9 @@ def _release(config: AgentConfig, make_enforcer: EnforcerFactory) -> int:
         return _error(str(e), 1)
     except EnforceError as e:
         return _error(f"--release: {e}", 1)
+    finally:
+        if held is not None:
+            held.close()
     for message in warnings:
         print(f"bulkhead-agent: {message}", file=sys.stderr)
     for name in released:

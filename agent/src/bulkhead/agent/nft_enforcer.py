@@ -160,8 +160,8 @@ class NftablesEnforcer:
         uninstall does: a stopped agent keeps its table (fail static). The objects
         removed (none if the table is not there) and no warnings; the rest of the host's
         ruleset is not touched. Raises EnforceError if nft refuses."""
-        present = self.applier.terse() is not None
         try:
+            present = self.applier.terse() is not None
             self.applier.remove()
         except NftError as e:
             raise EnforceError(f"deleting table inet {self.table}: {e}") from None

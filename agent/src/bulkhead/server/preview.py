@@ -213,11 +213,10 @@ def preview(store: FlowStore, proposed: Snapshot, request: PreviewRequest, now: 
         examined["connections"] += r.connections
         j = judge.judge(r)
         before = r.action
-        # Asked only when the proposal differs from what the table did (one judgement a
-        # group, not two, for the many the proposal leaves alone); so a record of an
-        # older state whose decision the proposal brings back is not listed, but the same
-        # traffic recorded since under the state now is.
-        if now_judge is not None and j.action is not None and j.action != r.action:
+        # Every decided group is judged against the state now too: a record of an older
+        # state whose decision the proposal brings back (a deny undone since, proposed
+        # again) is a change from now, and the gates count it.
+        if now_judge is not None and j.action is not None:
             before = now_judge.judge(r).action or r.action
         if j.action is None:
             change = "undecided"
