@@ -186,18 +186,6 @@ def test_release_is_refused_while_the_agent_runs(
     assert len(made) == 1 and "not offered" in capsys.readouterr().err
 
 
-def test_release_without_nft_is_an_error_not_a_traceback() -> None:
-    from bulkhead.agent.enforcer import EnforceError
-    from bulkhead.agent.nft_enforcer import NftablesEnforcer
-    from bulkhead.dataplane.nftables.apply import NftApplier
-    from bulkhead.policy import Failsafes
-
-    enforcer = NftablesEnforcer("n1", Failsafes.off(), interfaces=dict,
-                                applier=NftApplier(nft="/nonexistent/nft", netlink=False))
-    with pytest.raises(EnforceError, match="deleting table inet bulkhead: nft could not run"):
-        enforcer.release()
-
-
 @pytest.mark.parametrize(("dataplane", "argv", "message"), [
     ("windows-firewall", ["--release"], "--release: dataplane windows-firewall: remove the "
      "agent's rule group instead"),

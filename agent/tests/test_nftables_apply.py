@@ -99,3 +99,13 @@ def test_release_deletes_the_agents_table_and_nothing_else(netns: str) -> None:
     assert again.release() == (["table inet bulkhead"], [])
     assert nft(netns, "list", "tables").strip() == "table inet other"
     assert again.release() == ([], [])
+
+
+def test_release_without_nft_is_an_error_not_a_traceback() -> None:
+    from bulkhead.agent.enforcer import EnforceError
+    from bulkhead.agent.nft_enforcer import NftablesEnforcer
+
+    enforcer = NftablesEnforcer("n1", Failsafes.off(), interfaces=dict,
+                                applier=NftApplier(nft="/nonexistent/nft", netlink=False))
+    with pytest.raises(EnforceError, match="deleting table inet bulkhead: nft could not run"):
+        enforcer.release()
