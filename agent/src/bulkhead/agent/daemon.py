@@ -501,16 +501,16 @@ class Agent:
     # ------------------------------------------------------------------------ run
     async def run(self, stop: asyncio.Event) -> None:
         """The daemon, until `stop` is set. The ruleset stays in the kernel afterwards."""
+        held: IO[bytes] | None = None
         try:   # the running agent's mark, for `--release` (bulkhead.agent.lock)
-            self._lock: IO[bytes] | None = lock.take(self.config.state_dir)
+            held = lock.take(self.config.state_dir)
         except (lock.Held, OSError) as e:
-            self._lock = None
             log.warning("running without the agent's lock: %s", e)
         try:
             await self._run(stop)
         finally:
-            if self._lock is not None:
-                self._lock.close()
+            if held is not None:
+                held.close()
 
     async def _run(self, stop: asyncio.Event) -> None:
         if self.dns is not None:

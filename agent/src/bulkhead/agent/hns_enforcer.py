@@ -354,20 +354,19 @@ class HnsEnforcer:
         except HcnError as e:
             raise EnforceError(f"listing the HNS endpoints: {e}") from None
         released: list[str] = []
-        left = [i for i in ours if i in existing]
-        while left:
-            i = left[0]
+        todo = [i for i in ours if i in existing]
+        for n, i in enumerate(todo):
             try:
                 if acl_policies(self.hcn.query(i)):
                     self.hcn.modify(i, _restore_request([]))
                     released.append(f"ACLs of HNS endpoint {i}")
             except HcnError as e:
+                left = todo[n:]
                 self.applied, self.earlier = {}, set(left)
                 self._forget(left)
                 raise EnforceError(f"removing the ACLs of HNS endpoint {i}: {e}; "
                                    f"released {len(released)} endpoint(s) before it, "
                                    f"{len(left)} left") from None
-            left.pop(0)
         self.applied, self.earlier, self.snapshot = {}, set(), None
         self._forget([])
         return released, warnings

@@ -6,7 +6,7 @@ and the list of what it set (HNS) would be gone."""
 
 from __future__ import annotations
 
-import os
+import errno
 import sys
 from pathlib import Path
 from typing import IO
@@ -41,8 +41,8 @@ def take(state_dir: str | Path, create: bool = True) -> IO[bytes] | None:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         f.close()
-        if isinstance(e, (BlockingIOError, PermissionError)) or e.errno in (
-                getattr(os, "EWOULDBLOCK", 11), 13, 36):   # EACCES; EDEADLOCK on Windows
+        # flock: EWOULDBLOCK; msvcrt.locking: EACCES, or EDEADLOCK after its retries
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", None)):
             raise Held(f"{directory / LOCK_FILE} is held by a running agent") from None
         raise
     return f

@@ -1142,21 +1142,10 @@ async def _ingest(request: web.Request, key: web.AppKey[Any]) -> web.Response:
             logs.budget.charge(identity.name, request.content.total_bytes - reserved)
         try:
             stored = await asyncio.to_thread(logs.ingest, text, identity.name,
-                                             _endpoint_node(request.app[HUB]))
+                                             request.app[HUB].endpoint_node)
         except Refused as e:
             raise ApiError(e.status, e.reason, e.message) from None
     return _json({"stored": stored})
-
-
-def _endpoint_node(hub: Hub) -> Callable[[str], str | None]:
-    """The node of a HostEndpoint the server holds now (None if it holds none of that
-    name): one dictionary read, safe from the ingest's thread."""
-    def owner(name: str) -> str | None:
-        doc = hub.objects.get(("HostEndpoint", name))
-        spec = doc.get("spec") if isinstance(doc, dict) else None
-        node = spec.get("node") if isinstance(spec, dict) else None
-        return node if isinstance(node, str) else None
-    return owner
 
 
 async def post_flows(request: web.Request) -> web.Response:

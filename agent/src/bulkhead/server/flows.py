@@ -265,9 +265,10 @@ class FlowLogs(RecordLogs):
                 continue
             found = owner(end.name)
             if found is not None and found != node:
-                raise ForeignEndpoint(f"records[{i}].{field}: host endpoint {end.name[:60]!r} "
-                                  f"is on node {found[:60]!r}, not this agent's ({node!r}); "
-                                  "an agent reports only its own endpoints' flows")
+                raise ForeignEndpoint(
+                    f"records[{i}].{field}: host endpoint {end.name[:60]!r} is on node "
+                    f"{found[:60]!r}, not this agent's ({node!r}); an agent reports only "
+                    "its own endpoints' flows")
 
     # -- queries ----------------------------------------------------------------------
     def answer(self, request: Request) -> dict[str, Any]:

@@ -193,6 +193,14 @@ class Hub:
         tick.set()
 
     # -- serving agents ---------------------------------------------------------------
+    def endpoint_node(self, name: str) -> str | None:
+        """The node of the HostEndpoint `name` held now (None if none of that name): one
+        dictionary read, safe from another thread (flow ingest asks from one)."""
+        doc = self.objects.get(("HostEndpoint", name))
+        spec = doc.get("spec") if isinstance(doc, dict) else None
+        node = spec.get("node") if isinstance(spec, dict) else None
+        return node if isinstance(node, str) else None
+
     def policy_objects(self) -> list[dict[str, Any]]:
         return [doc for (kind, _), doc in sorted(self.objects.items()) if kind != STATUS_KIND]
 
