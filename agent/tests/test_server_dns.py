@@ -13,7 +13,7 @@ import pytest
 
 from bulkhead.client import ApiError
 from bulkhead.client.flows import dns_logs, send_dns
-from tests.test_server_flows import Starter, make, metric  # noqa: F401
+from tests.test_server_flows import Starter, hep, make, metric  # noqa: F401
 from tests.test_server_process import pki_dir, servers  # noqa: F401
 
 
@@ -83,6 +83,28 @@ def test_only_an_agent_sends_and_only_its_own_records(make: Starter) -> None:  #
     assert dns_logs(server.client("carol", "admin"), since=0)["dns"] == []
     assert metric(server, 'bulkhead_dns_batches_refused_total{reason="forbidden"}') == 2
     assert metric(server, 'bulkhead_dns_batches_refused_total{reason="invalid"}') == 1
+
+
+def test_lookups_of_another_nodes_endpoint_are_refused_whole(make: Starter  # noqa: F811
+                                                              ) -> None:
+    """An agent reports its own host's lookups: a record whose client is a HostEndpoint
+    the store has on another node is refused, batch and all, with the 409 the agent drops
+    a batch on; an endpoint the store does not hold is taken."""
+    server = make()
+    for name, ip in (("web-1", "198.18.0.11"), ("db-1", "198.18.0.12")):
+        server.conn.request("POST", "/v1/resources/HostEndpoint", hep(name, name, ip))
+    agent = server.client("web-1", "agent")
+    now = time.time()
+    assert send_dns(agent, [record(now - 5), record(now - 4, client_name="web-old")]) == 2
+    with pytest.raises(ApiError) as err:
+        send_dns(agent, [record(now - 3), record(now - 2, "evil.example",
+                                                 client_name="db-1")])
+    assert err.value.status == 409
+    assert ("records[1].client_name: host endpoint 'db-1' is on node 'db-1', not this "
+            "agent's ('web-1')") in err.value.message
+    assert "nothing was stored" in err.value.message
+    assert len(dns_logs(server.client("carol", "viewer"), since=0)["dns"]) == 2
+    assert metric(server, 'bulkhead_dns_batches_refused_total{reason="foreign_endpoint"}') == 1
 
 
 @pytest.mark.parametrize(("query", "param"), [

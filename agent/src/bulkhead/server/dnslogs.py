@@ -1,13 +1,14 @@
 """DNS logs in the server: ingest (`POST /v1/dns`, agents), queries (`GET /v1/dns`, admins
 and viewers), retention, and their metrics, as flow logs have them (`server/flows.py`):
 a batch is parsed strictly, every record's node must be the caller's (checked before any
-other field), the store takes it whole or not at all, then the JSON lines copy (if
-configured) gets it, a failure there logged and counted, never a refusal.
+other field) and its client not a HostEndpoint of another node (409), the store takes it
+whole or not at all, then the JSON lines copy (if configured) gets it, a failure there
+logged and counted, never a refusal.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bulkhead.model.dnslog import MAX_TYPE, parse_dns_batch
@@ -19,6 +20,7 @@ from bulkhead.server.flows import (
     _count,
     _name,
     _time,
+    check_own_end,
     query_params,
 )
 from bulkhead.server.limits import BadInput
@@ -44,6 +46,15 @@ class DnsLogs(RecordLogs):
     @staticmethod
     def parse(doc: Any, now: float, node: str) -> Sequence[Any]:
         return parse_dns_batch(doc, now, node)
+
+    @staticmethod
+    def check_owners(records: Sequence[Any], node: str,
+                     owner: Callable[[str], str | None]) -> None:
+        """A record's client (who asked) is an endpoint of the sender's node: one naming
+        a HostEndpoint the store has on another node is refused, as flow records are."""
+        for i, record in enumerate(records):
+            check_own_end(record.client, f"records[{i}].client_name", node, owner,
+                          "lookups")
 
     @classmethod
     def open(cls, config: FlowLogConfig) -> DnsLogs:

@@ -25,6 +25,7 @@ from bulkhead.model.flowlog import (
     ACTIONS,
     MAX_TEXT,
     REPORTERS,
+    End,
     FlowRecordError,
     ForeignNode,
     TooManyRecords,
@@ -116,6 +117,20 @@ class Request:
 
 class ForeignEndpoint(ForeignNode):
     """A record's reporting end is a HostEndpoint the store has on another node."""
+
+
+def check_own_end(end: End, field: str, node: str, owner: Callable[[str], str | None],
+                  what: str) -> None:
+    """ForeignEndpoint when `end` names a HostEndpoint the store has on a node other
+    than `node` (the sender's). An endpoint the store does not hold (deleted since, or
+    never there) is taken: nothing can be judged by it, and no other node's is touched."""
+    if end.type != "hep":
+        return
+    found = owner(end.name)
+    if found is not None and found != node:
+        raise ForeignEndpoint(
+            f"{field}: host endpoint {end.name[:60]!r} is on node {found[:60]!r}, not "
+            f"this agent's ({node!r}); an agent reports only its own endpoints' {what}")
 
 
 class RecordLogs:
@@ -259,16 +274,10 @@ class FlowLogs(RecordLogs):
         not hold (deleted since the flow, or never there) is taken: the preview cannot
         judge its records, and no other node's are touched."""
         for i, record in enumerate(records):
-            end, field = (record.src, "src_name") if record.reporter == "src" else \
-                (record.dst, "dst_name")
-            if end.type != "hep":
-                continue
-            found = owner(end.name)
-            if found is not None and found != node:
-                raise ForeignEndpoint(
-                    f"records[{i}].{field}: host endpoint {end.name[:60]!r} is on node "
-                    f"{found[:60]!r}, not this agent's ({node!r}); an agent reports only "
-                    "its own endpoints' flows")
+            if record.reporter == "src":
+                check_own_end(record.src, f"records[{i}].src_name", node, owner, "flows")
+            else:
+                check_own_end(record.dst, f"records[{i}].dst_name", node, owner, "flows")
 
     # -- queries ----------------------------------------------------------------------
     def answer(self, request: Request) -> dict[str, Any]:
