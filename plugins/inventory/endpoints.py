@@ -102,7 +102,9 @@ notes:
     facts as templates on the controller).
   - Hosts without any address (no O(expected_ips), no IP C(ansible_host), no facts) and
     without O(interface_name) get labels but no C(bulkhead_host_endpoint), with a warning;
-    with O(strict=true) they fail.
+    with O(strict=true) they fail. They still get C(bulkhead_endpoint_name), and
+    C(onboard.yml) leaves the endpoint of that name as it is in the store instead of
+    deleting it.
 seealso:
   - plugin: bulkhead.microseg.store
     plugin_type: inventory
@@ -280,6 +282,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
 
         self.inventory.set_variable(host, "bulkhead_labels", labels)
         self.inventory.set_variable(host, "bulkhead_expected_ips", ips)
+        if name is not None:
+            # Also for a host without an address: onboard.yml keeps the endpoint of that
+            # name instead of deleting it (an expired fact cache is not a host gone).
+            self.inventory.set_variable(host, "bulkhead_endpoint_name", name)
         has_address = bool(ips or interface)
         if has_address and node is not None and name is not None:
             try:

@@ -44,6 +44,15 @@ options:
     description: Delete the endpoints this owner has on the server that are not in O(endpoints).
     type: bool
     default: true
+  keep:
+    description:
+      - Names of endpoints this owner has on the server that the purge leaves as they are,
+        though they are not in O(endpoints); for example those of hosts still in the
+        inventory whose endpoint could not be made this time (no address known).
+      - An endpoint both here and in O(endpoints) is written as O(endpoints) says.
+    type: list
+    elements: str
+    default: []
   adopt:
     description:
       - Take over endpoints of the same name that have no owner label or another owner.
@@ -118,6 +127,12 @@ deleted:
   type: list
   elements: str
   sample: [web-old]
+kept:
+  description: Names of the owned endpoints not in O(endpoints) that O(keep) kept from the purge.
+  returned: always
+  type: list
+  elements: str
+  sample: [web-2]
 revision:
   description:
     - The store revision of the last write (creations and updates are one transaction,
@@ -177,8 +192,10 @@ def sync(module, service):
     if foreign and not p["adopt"]:
         raise ValueError("HostEndpoint %s exist(s) and are not owned by %s (label %s); set "
                          "adopt=true to take them over" % (", ".join(foreign), owner, label))
-    gone = [existing[n] for n in sorted(existing) if n not in wanted and
-            (existing[n]["metadata"].get("labels") or {}).get(label) == owner]
+    keep = set(p["keep"] or [])
+    owned = [n for n in sorted(existing) if n not in wanted and
+             (existing[n]["metadata"].get("labels") or {}).get(label) == owner]
+    gone = [existing[n] for n in owned if n not in keep]
     result = {"changed": False, "results": [], "diff": []}
     if docs:
         result = ensure_many(service, docs, "present", module.check_mode)
@@ -191,6 +208,7 @@ def sync(module, service):
     for action in ("created", "updated", "deleted"):
         result[action] = [r["name"] for r in result["results"] if r["action"] == action]
     result.setdefault("revision", None)
+    result["kept"] = [n for n in owned if n in keep] if p["purge"] else []
     return result
 
 
@@ -201,6 +219,7 @@ def main():
         managed_by_label=dict(type="str", default=OWNER_LABEL),
         purge=dict(type="bool", default=True),
         adopt=dict(type="bool", default=False),
+        keep=dict(type="list", elements="str", default=[]),
         **wait_spec()
     ))
     service = module.service

@@ -652,6 +652,46 @@ def test_onboard_syncs_nothing_while_a_host_cannot_be_labeled(own_server, tmp_pa
     assert names(server, "HostEndpoint") == ["node-1", "node-2"]
 
 
+def test_onboard_keeps_the_endpoint_of_a_host_without_an_address_now(own_server, tmp_path):
+    """A host still in the inventory whose address is unknown now (no IP ansible_host
+    and no facts: an expired fact cache) gets no HostEndpoint from the plugin; onboard.yml
+    keeps its endpoint in the store as it is, saying so, instead of purging it and leaving
+    the host unenforced. A host gone from the inventory is still deleted."""
+    server = own_server
+    fleet = tmp_path / "fleet.yml"
+    config = tmp_path / "zz.bulkhead.yml"
+    config.write_text("plugin: bulkhead.microseg.endpoints\nlabels:\n  os: os\n")
+    env = dict(server.env(), ANSIBLE_INVENTORY_ENABLED="yaml,bulkhead.microseg.endpoints")
+
+    def onboard(*args):
+        return run(["ansible-playbook", "-i", str(fleet), "-i", str(config),
+                    str(ROOT / "playbooks" / "onboard.yml"), *args], env)
+
+    fleet.write_text("all:\n  hosts:\n"
+                     "    node-1: {os: debian, ansible_host: 198.18.0.21}\n"
+                     "    node-2: {os: debian, ansible_host: 198.18.0.22}\n"
+                     "    node-3: {os: debian, ansible_host: 198.18.0.23}\n")
+    onboard()
+    before = {d["metadata"]["name"]: d for d in server.request(
+        "GET", "/v1/resources/HostEndpoint")["items"]}
+    assert sorted(before) == ["node-1", "node-2", "node-3"]
+    # node-2 is known by name only now; node-3 left the inventory.
+    fleet.write_text("all:\n  hosts:\n"
+                     "    node-1: {os: debian, ansible_host: 198.18.0.21}\n"
+                     "    node-2: {os: debian, ansible_host: node-2.example}\n")
+    for args, written in ((("--check",), "nothing written (check mode)"), ((), "revision ")):
+        out = onboard(*args)
+        text = " ".join(out.stdout.split())
+        assert "deleted 1 host endpoints; " + written in text, text
+        assert "kept as they are, their hosts having no address now: node-2" in text, text
+    after = {d["metadata"]["name"]: d for d in server.request(
+        "GET", "/v1/resources/HostEndpoint")["items"]}
+    assert sorted(after) == ["node-1", "node-2"]
+    assert after["node-2"]["spec"] == before["node-2"]["spec"]
+    assert after["node-2"]["metadata"]["resourceVersion"] == \
+        before["node-2"]["metadata"]["resourceVersion"]
+
+
 # ------------------------------------------------------- site.yml, check mode, no systemd
 LOCAL = """\
 all:
