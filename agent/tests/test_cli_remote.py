@@ -65,6 +65,19 @@ async def test_apply_get_diff_delete(as_admin: Path, capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["NAME", "TIER", "ORDER", "SELECTOR", "LABELS"]
     assert out[1].split()[:3] == ["security.db-in", "security", "10"]
+    for labels, mode in (({"app": "db"}, "-"),
+                         ({"microseg.bulkhead.io/enforcement": "observe"}, "observe")):
+        hep = {"apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+               "metadata": {"name": "db-1", "labels": labels},
+               "spec": {"node": "db-1", "expectedIPs": ["198.18.0.12", "198.18.1.12"]}}
+        (as_admin.parent / "hep.yaml").write_text(yaml.safe_dump(hep))
+        assert await run("apply", "-f", str(as_admin.parent / "hep.yaml")) == 0
+        capsys.readouterr()
+        assert await run("get", "hep", "-o", "wide") == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].split() == ["NAME", "NODE", "INTERFACE", "IPS", "MODE", "LABELS"]
+        # no interface: the column is blank
+        assert out[1].split()[:4] == ["db-1", "db-1", "198.18.0.12,198.18.1.12", mode]
     assert await run("get", "GlobalNetworkPolicy", "security.db-in", "-o", "yaml") == 0
     doc = yaml.safe_load(capsys.readouterr().out)
     assert doc["spec"]["selector"] == 'app == "db"' and doc["metadata"]["resourceVersion"]

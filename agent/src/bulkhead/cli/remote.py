@@ -26,7 +26,7 @@ from bulkhead.client import (
     resource_path,
     route,
 )
-from bulkhead.model import KIND_ALIASES, LoadError, load_paths
+from bulkhead.model import ENFORCEMENT_LABEL, KIND_ALIASES, LoadError, load_paths
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # C0 and C1 controls, DEL, line/paragraph separators and bidirectional overrides: what a
@@ -220,7 +220,10 @@ WIDE: dict[str, list[Column]] = {
                             ("SELECTOR", lambda d: d["spec"].get("selector", ""))],
     "HostEndpoint": [("NODE", lambda d: d["spec"].get("node", "")),
                      ("INTERFACE", lambda d: d["spec"].get("interfaceName", "")),
-                     ("IPS", lambda d: ",".join(d["spec"].get("expectedIPs", [])))],
+                     ("IPS", lambda d: ",".join(d["spec"].get("expectedIPs", []))),
+                     # observe or enforce; "-": no label, the agent's `enforcement` decides
+                     ("MODE", lambda d: (d["metadata"].get("labels") or {}).get(
+                         ENFORCEMENT_LABEL, "-"))],
     "Tier": [("ORDER", lambda d: d["spec"].get("order", "")),
              ("DEFAULT", lambda d: d["spec"].get("defaultAction", "Deny"))],
     "GlobalNetworkSet": [("NETS", lambda d: ",".join(d["spec"].get("nets", [])))],
