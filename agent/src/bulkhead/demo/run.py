@@ -117,8 +117,9 @@ class Demo:
             raise DemoError(f"observe mode blocked traffic: {', '.join(changed)}")
         seen = self.wait_for_flows(bed, inv, started)
         self.say(f"    {seen['records']} flow records in the server, "
-                 f"{seen['differs']} where the staged policies would deny "
-                 "(bulkhead flows --staged-differs)")
+                 f"{seen['differs']} where the staged policies would deny, "
+                 f"{seen['flows']} flows (both ends log a connection, each judging its own "
+                 "side; bulkhead flows --staged-differs)")
 
         self.step("Preview: what promoting the staged policies and enforcing every host "
                   "would deny, from those flows")
@@ -183,8 +184,10 @@ class Demo:
             have = {(f["reporter"], f["src_name"], f["dst_name"], f["dst_port"])
                     for f in found if f["proto"] == 6}
             if wanted <= have:
-                return {"records": len(found),
-                        "differs": sum(f["action"] != f["staged_action"] for f in found)}
+                differs = [f for f in found if f["action"] != f["staged_action"]]
+                return {"records": len(found), "differs": len(differs),
+                        "flows": len({(f["src_name"], f["dst_name"], f["dst_port"])
+                                      for f in differs})}
             if time.monotonic() > deadline:
                 missing = sorted(wanted - have)[:5]
                 raise DemoError(f"flow records of {len(wanted - have)} probes did not reach "
@@ -213,7 +216,7 @@ class Demo:
             raise DemoError("the preview and the reference evaluator disagree on "
                             f"{sorted(map(str, predicted ^ expected))}")
         self.say(f"    the reference evaluator agrees: {len(predicted)} of {len(cells)} "
-                 "flows would be denied")
+                 "flows would be denied (a group above is one end's side of a flow)")
         return predicted
 
     def check(self, inv: Inventory, after: Table, evaluator: Evaluator) -> None:
