@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -282,6 +283,52 @@ def test_sqlite_expires_in_chunks_without_losing_count(tmp_path: Path,
         assert store.expire(T0 - 1) == 20
         assert names(store) == ["kept"]
     finally:
+        store.close()
+
+
+def test_sqlite_on_a_full_file_refuses_naming_the_cause_and_expires_after(tmp_path: Path
+                                                                           ) -> None:
+    """A file that cannot grow (a full disk; here SQLite's own page limit, which fails the
+    same way) refuses a batch whole, naming the cause, and leaves no transaction open:
+    expiry, which frees the space, still runs, and so does the next insert once there is
+    room."""
+    store = SQLiteFlowStore(tmp_path / "flows.sqlite")
+    try:
+        store.insert([flow(end=T0 - 100, dst_name=f"old{i}") for i in range(50)])
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+        batch = [flow(end=T0 - i, dst_name=f"new{i}" + "x" * 200) for i in range(500)]
+        with pytest.raises(FlowStoreError) as full:
+            store.insert(batch)
+        assert "full" in str(full.value) and "nothing was stored" in str(full.value)
+        assert "no transaction" not in str(full.value)
+        assert store.count() == 50
+        assert store.expire(T0 - 50) == 50 and store.count() == 0
+        store._db.execute(f"PRAGMA max_page_count = {pages * 1000}")
+        assert store.insert(batch) == 500
+    finally:
+        store.close()
+
+
+def test_sqlite_expiry_that_cannot_take_the_file_says_so_and_expires_later(
+        tmp_path: Path) -> None:
+    """Expiry when another process holds the file's write lock (a backup, a shell):
+    FlowStoreError, not sqlite3's own error (which ended the server's expiry task for
+    good), and the next try expires."""
+    path = tmp_path / "flows.sqlite"
+    store = SQLiteFlowStore(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        store.insert([flow(end=T0 - 100, dst_name="old"), flow(end=T0, dst_name="new")])
+        store._db.execute("PRAGMA busy_timeout = 50")
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(FlowStoreError) as locked:
+            store.expire(T0 - 50)
+        assert "locked" in str(locked.value)
+        other.execute("ROLLBACK")
+        assert store.expire(T0 - 50) == 1 and names(store) == ["new"]
+    finally:
+        other.close()
         store.close()
 
 

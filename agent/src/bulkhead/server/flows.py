@@ -249,6 +249,9 @@ class RecordLogs:
             except FlowStoreError as e:
                 log.warning(f"{self.kind} record expiry failed",
                             extra={"fields": {"error": str(e)}})
+            except Exception as e:   # never dies: it alone frees the space
+                log.error(f"{self.kind} record expiry failed",
+                          extra={"fields": {"error": f"{type(e).__name__}: {e}"}})
             await asyncio.sleep(self.config.expire_interval)
 
     def close(self) -> None:

@@ -83,9 +83,11 @@ class Hub:
             except TooOld:
                 self.resyncs += 1
                 log.warning("store history compacted past the hub; listing again")
-            except (StoreError, OSError) as e:
+            except Exception as e:   # never dies: agents would stop getting changes
                 self.ready.clear()
-                log.error("datastore error: %s; retrying in %.1f s", e, backoff)
+                log.error("datastore error: %s; retrying in %.1f s",
+                          e if isinstance(e, (StoreError, OSError))
+                          else f"{type(e).__name__}: {e}", backoff)
                 await asyncio.sleep(backoff * (1 + random.random()))
                 backoff = min(backoff * 2, 10.0)
 
@@ -183,6 +185,10 @@ class Hub:
                 target = await self.compact(retain, max_revisions)
             except (StoreError, OSError) as e:
                 log.warning("compaction failed: %s; trying again in %.0f s", e, interval)
+                continue
+            except Exception as e:   # never dies: the history would grow without bound
+                log.error("compaction failed: %s: %s; trying again in %.0f s",
+                          type(e).__name__, e, interval)
                 continue
             if target is not None:
                 log.info("compacted", extra={"fields": {"keepAfter": target,

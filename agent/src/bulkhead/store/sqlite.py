@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import json
 import sqlite3
 import threading
@@ -101,6 +102,20 @@ class _Pending:
 Outcome = tuple[TxResult, list[Event]] | Exception   # a transaction's, in a group commit
 
 
+def failed(e: sqlite3.Error) -> Unavailable:
+    """The datastore's answer to a failure of the file (a full disk, a lock held by
+    another process, an I/O error): 503 to a client, a retry to the server's tasks."""
+    return Unavailable(f"the SQLite datastore failed: {e}")
+
+
+def rollback(db: sqlite3.Connection) -> None:
+    """Undo the transaction under way, if any: a COMMIT that failed (a full disk) has
+    undone it already, and a second ROLLBACK's error would hide the first one."""
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):   # the caller raises the first error
+            db.execute("ROLLBACK")
+
+
 class SQLiteStore:
     max_ops = MAX_OPS
 
@@ -150,7 +165,10 @@ class SQLiteStore:
                 return fn(*args)
         if self._thread_closed:   # after close(): an answer, not a crash
             raise Unavailable("the SQLite datastore is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, locked)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, locked)
+        except sqlite3.Error as e:
+            raise failed(e) from e
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:
@@ -172,6 +190,8 @@ class SQLiteStore:
         if self._lock.acquire(blocking=False):
             try:
                 row = read()
+            except sqlite3.Error as e:
+                raise failed(e) from e
             finally:
                 self._lock.release()
         else:
@@ -309,8 +329,7 @@ class SQLiteStore:
         except BaseException as e:
             if isinstance(e, sqlite3.Error):
                 self.commits.failures += 1
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+            rollback(db)
             raise
         self.commits.add(time.perf_counter() - started)
         self._to_feed([o[1] for o in outcomes if not isinstance(o, Exception)])
@@ -357,9 +376,10 @@ class SQLiteStore:
         try:
             outcomes: list[Outcome] = await self._run(self._apply_group, group)
         except Exception as e:   # the commit failed: nothing of the group is written
-            outcomes = [Unavailable(f"the SQLite datastore could not commit ({e}); "
+            cause = e.__cause__ if isinstance(e, Unavailable) else e
+            outcomes = [Unavailable(f"the SQLite datastore could not commit ({cause}); "
                                     "nothing was written, try again")
-                        if isinstance(e, sqlite3.Error) else e for _ in group]
+                        if isinstance(cause, sqlite3.Error) else e for _ in group]
         except BaseException:    # cancelled
             for pending in group:
                 pending.done.cancel()
@@ -447,11 +467,12 @@ class SQLiteStore:
                     self._db.execute("DELETE FROM audit WHERE revision <= ?", (keep_after,))
                     self._db.execute("UPDATE meta SET value = ? WHERE key = 'compacted'",
                                      (keep_after,))
-                    self._compacted_here = keep_after
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                rollback(self._db)
                 raise
+            if keep_after > current:   # only once it is durable (the feed reads it)
+                self._compacted_here = keep_after
             # Give the freed pages back: to the file, then the WAL's to the file system.
             # (executescript steps the pragma to the end; execute frees one page a call)
             self._db.executescript("PRAGMA incremental_vacuum;")

@@ -43,6 +43,7 @@ from bulkhead.store.flowlog.base import (
     top_of,
     trace_names,
 )
+from bulkhead.store.sqlite import rollback
 
 EXPIRE_CHUNK = 20_000   # rows deleted in one transaction: ingest waits at most that long
 
@@ -226,7 +227,7 @@ class SQLiteFlowStore:
                                     for n in _names(r, base + i + 1)])
                     db.execute("COMMIT")
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    rollback(db)
                     raise
             except sqlite3.Error as e:
                 raise FlowStoreError(f"flow log store {self.path}: {e}; nothing was "
@@ -235,22 +236,30 @@ class SQLiteFlowStore:
         return len(records)
 
     def expire(self, before: float) -> int:
+        """Delete the records that ended before `before`, a chunk a transaction; how many.
+        FlowStoreError when the file fails (a full disk: the chunks done stay done)."""
         total = 0
         db = self._db
         while True:
             with self._write_lock:
-                row = db.execute('SELECT "end" FROM flows WHERE "end" < ? ORDER BY "end" '
-                                 "LIMIT 1 OFFSET ?", (before, EXPIRE_CHUNK)).fetchone()
-                # A chunk ends at a time: a record and its names go in the same one.
-                cond, cut = ('"end" <= ?', row[0]) if row else ('"end" < ?', before)
-                db.execute("BEGIN IMMEDIATE")
                 try:
-                    total += db.execute(f"DELETE FROM flows WHERE {cond}", (cut,)).rowcount
-                    db.execute(f"DELETE FROM flow_names WHERE {cond}", (cut,))
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
+                    row = db.execute('SELECT "end" FROM flows WHERE "end" < ? ORDER BY '
+                                     '"end" LIMIT 1 OFFSET ?', (before, EXPIRE_CHUNK)
+                                     ).fetchone()
+                    # A chunk ends at a time: a record and its names go in the same one.
+                    cond, cut = ('"end" <= ?', row[0]) if row else ('"end" < ?', before)
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        total += db.execute(f"DELETE FROM flows WHERE {cond}",
+                                            (cut,)).rowcount
+                        db.execute(f"DELETE FROM flow_names WHERE {cond}", (cut,))
+                        db.execute("COMMIT")
+                    except BaseException:
+                        rollback(db)
+                        raise
+                except sqlite3.Error as e:
+                    raise FlowStoreError(f"flow log store {self.path}: {e}; {total:,} "
+                                         "records expired before it") from None
             if row is None:
                 return total
 
