@@ -38,6 +38,8 @@ ALONE = frozenset({
     "test_nftables_apply.py", "test_nftables_elements.py", "test_nftables_load.py",
     "test_notrack.py", "test_observe_mode_lab.py", "test_enforcement_mode.py",
     "test_nftables_flowlogs.py",
+    # a tmpfs mounted as root (under the spool, filled and remounted read-only)
+    "test_agent_spool_disk.py",
     # the benchmark scripts, small
     "test_benchmarks.py", "test_benchmarks_dataplane.py",
     # a time or a memory bound: a slow client cut in time, a revoked certificate refused

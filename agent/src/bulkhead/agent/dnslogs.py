@@ -18,7 +18,7 @@ from typing import Any
 from bulkhead.agent.config import FlowLogSettings
 from bulkhead.agent.flowlogs import FlowLogCounters, ship_forever, ship_spool
 from bulkhead.agent.http import Session
-from bulkhead.agent.spool import Spool
+from bulkhead.agent.spool import Spool, SpoolWriteError
 from bulkhead.model import Snapshot
 from bulkhead.observe.dns import DnsPacket
 from bulkhead.observe.dnslogs import DnsLogAggregator
@@ -65,8 +65,9 @@ class DnsLogs:
             return 0
         try:
             await asyncio.to_thread(self.spool.put, records)
-        except OSError as e:
-            self._unspooled = records[-self.settings.max_records:]
+        except OSError as e:   # kept: those not spooled before the failure
+            done = e.written if isinstance(e, SpoolWriteError) else 0
+            self._unspooled = records[done:][-self.settings.max_records:]
             self.counters.spool_failures += 1
             log.error("DNS log records not written to the spool; kept in memory: %s", e)
             return 0

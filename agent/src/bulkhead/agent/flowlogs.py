@@ -30,7 +30,7 @@ from typing import Any
 
 from bulkhead.agent.config import FlowLogSettings
 from bulkhead.agent.http import HttpError, Session, Timeout
-from bulkhead.agent.spool import Spool
+from bulkhead.agent.spool import Spool, SpoolWriteError
 from bulkhead.agent.sync import error_of
 from bulkhead.api import route
 from bulkhead.model import ENFORCE, Snapshot
@@ -234,8 +234,10 @@ class FlowLogs:
             try:
                 await asyncio.to_thread(self.spool.put, records)
             except OSError as e:
-                # Kept for the next flush (disk full, ...), up to one interval's worth.
-                self._unspooled = records[-self.settings.max_records:]
+                # Kept for the next flush (disk full, ...), up to one interval's worth:
+                # those not spooled before the failure.
+                done = e.written if isinstance(e, SpoolWriteError) else 0
+                self._unspooled = records[done:][-self.settings.max_records:]
                 self.counters.spool_failures += 1
                 log.error("flow records not written to the spool; kept in memory: %s", e)
                 return 0
@@ -313,5 +315,10 @@ async def ship_spool(session: Session, spool: Spool, which: str,
                 counters.batches_sent += 1
                 counters.records_sent += len(item.records)
                 sent += len(item.records)
-        await asyncio.to_thread(spool.done, item.path)
+        failed = await asyncio.to_thread(spool.done, item.path)
+        if failed is not None:
+            counters.spool_failures += 1
+            log.error("a spool file sent could not be removed; not sent again until the "
+                      "agent restarts", extra={"fields": {"path": str(item.path),
+                                                          "error": str(failed)}})
     return sent

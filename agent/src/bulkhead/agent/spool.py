@@ -10,6 +10,7 @@ removed once the server has stored them. Past `max_bytes` the oldest files go fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -23,6 +24,17 @@ from bulkhead.model.dnslog import DnsRecord
 from bulkhead.model.flowlog import MAX_BATCH, MAX_BATCH_BYTES, FlowRecord
 
 SUFFIX = ".jsonl"
+
+
+class SpoolWriteError(OSError):
+    """A spool write failed (disk full, read-only): `written` records of the batch, the
+    first ones, are on disk in whole files; the others are not, and no partial file is
+    left."""
+
+    def __init__(self, error: OSError, written: int) -> None:
+        super().__init__(error.errno, f"{error.strerror or error}; {written} of the records "
+                         "were spooled before it")
+        self.written = written
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ class Spool:
         self.batch = batch
         self.batch_bytes = batch_bytes - 64    # room for {"records":[...]} and commas
         self.dropped = 0            # records removed to stay within max_bytes, or unreadable
+        self.unremoved = 0          # files done with that could not be removed
         self._lock = threading.Lock()   # flushes and the shipper call from worker threads
         self._sending: Path | None = None   # the file being sent: never trimmed under it
         self._files: list[Path] = []
@@ -80,34 +93,47 @@ class Spool:
         return sum(_count(p) for p in list(self._files))
 
     def put(self, records: Sequence[FlowRecord | DnsRecord]) -> None:
+        """Write `records` as files; SpoolWriteError (how many were written) if a write
+        fails, so the caller keeps only the others."""
         with self._lock:
             self._open()
             self._put(records)
 
     def _put(self, records: Sequence[FlowRecord | DnsRecord]) -> None:
         chunk: list[bytes] = []
-        size = 0
-        for record in records:
-            line = json.dumps(record.wire(), separators=(",", ":")).encode() + b"\n"
-            if chunk and (len(chunk) >= self.batch or size + len(line) > self.batch_bytes):
+        size = written = 0
+        try:
+            for record in records:
+                line = json.dumps(record.wire(), separators=(",", ":")).encode() + b"\n"
+                if chunk and (len(chunk) >= self.batch or
+                              size + len(line) > self.batch_bytes):
+                    self._write(chunk)
+                    written += len(chunk)
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += len(line)
+            if chunk:
                 self._write(chunk)
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        if chunk:
-            self._write(chunk)
-        self._trim()
+        except OSError as e:
+            raise SpoolWriteError(e, written) from e
+        finally:
+            self._trim()
 
     def _write(self, lines: list[bytes]) -> None:
         self._seq += 1
         path = self.directory / f"{self._seq:012d}-{len(lines)}{SUFFIX}"
         tmp = path.with_suffix(".tmp")
         data = b"".join(lines)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.rename(path)
+        except OSError:
+            with contextlib.suppress(OSError):   # no partial file left behind
+                tmp.unlink(missing_ok=True)
+            raise
         sync_directory(self.directory)
         self._files.append(path)
         self._sizes[path] = len(data)
@@ -137,15 +163,24 @@ class Spool:
                     self._drop(path)
             return None
 
-    def done(self, path: Path) -> None:
-        """The server has the file's records (or they were dropped): remove it."""
+    def done(self, path: Path) -> OSError | None:
+        """The server has the file's records (or they were dropped): remove it. The
+        error if the file could not be removed (a read-only file system): it is
+        forgotten all the same, never sent again by this process (a restart sends it
+        again)."""
         with self._lock:
-            self._done(path)
+            error = self._done(path)
             if self._sending == path:
                 self._sending = None
+            return error
 
-    def _done(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
+    def _done(self, path: Path) -> OSError | None:
         if path in self._sizes:
             del self._sizes[path]
             self._files.remove(path)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            self.unremoved += 1
+            return e
+        return None
