@@ -251,6 +251,10 @@ class BulkheadClient:
             return ("%s: %s or %s: %s is not a PEM certificate and key (%s)"
                     % (option("client_cert"), cert, option("client_key"), key or cert, text))
         if "CERTIFICATE_VERIFY_FAILED" in text:
+            for words in ("has expired", "is not yet valid"):
+                if "certificate " + words in text:
+                    return ("the server's certificate %s (%s): renew it on the server, or "
+                            "check this machine's clock" % (words, text))
             if "mismatch" in text:
                 return ("the server's certificate is not issued for %s (%s): use the host "
                         "name or address it was issued for in %s"

@@ -52,6 +52,7 @@ from bulkhead.agent.sync import (
     watch_message,
 )
 from bulkhead.api import route
+from bulkhead.pki import certificate_problem
 
 log = logging.getLogger("bulkhead.agent")
 T = TypeVar("T")
@@ -259,6 +260,7 @@ class Agent:
     # ----------------------------------------------------------------------- sync
     async def _sync_forever(self, session: Session) -> None:
         while not self._stopping:
+            tls = False   # a failure a certificate can cause: the server closing on us
             try:
                 await self._watch(session)
                 reason = "the watch stream ended"
@@ -269,6 +271,7 @@ class Agent:
                 continue
             except NETWORK_ERRORS as e:
                 reason = str(e) or type(e).__name__
+                tls = isinstance(e, HttpError) and not self.connected
             if self.connected:
                 self.connected = False
                 self.counters.reconnects += 1
@@ -276,9 +279,15 @@ class Agent:
                             self.applied_revision, extra={"fields": {"reason": reason}})
             delay = self._backoff.next()
             if self._backoff.attempt in (1, 2) or self._backoff.attempt % 10 == 0:
-                log.warning("cannot reach the server; retrying", extra={"fields": {
-                    "reason": reason, "attempt": self._backoff.attempt,
-                    "retryIn": round(delay, 2), "server": self.config.server}})
+                fields = {"reason": reason, "attempt": self._backoff.attempt,
+                          "retryIn": round(delay, 2), "server": self.config.server}
+                # A server refuses a client certificate by closing the connection, which
+                # says nothing of why: say what is wrong with this agent's own, if it is.
+                problem = certificate_problem(self.config.cert, self.config.ca) \
+                    if tls else None
+                if problem:
+                    fields["certificate"] = problem
+                log.warning("cannot reach the server; retrying", extra={"fields": fields})
             await asyncio.sleep(delay)
 
     async def _watch(self, session: Session) -> None:

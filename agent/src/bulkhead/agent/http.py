@@ -289,6 +289,9 @@ class Session:
             which = "connect" if when != deadline else "total"
             raise HttpTimeout(f"{what}: cannot connect to {where} in time ({which} "
                               "timeout)") from None
+        except ssl.SSLCertVerificationError as e:   # what is wrong with it, not only that
+            raise ConnectError(f"{what}: TLS with {where} failed: the server's certificate: "
+                               f"{e.verify_message or e.reason or e}") from None
         except ssl.SSLError as e:
             raise ConnectError(f"{what}: TLS with {where} failed: "
                                f"{e.reason or e}") from None

@@ -24,6 +24,7 @@ import yaml
 
 from bulkhead.api import resource_path, route, segment
 from bulkhead.defaults import SERVER_PORT
+from bulkhead.pki import certificate_problem
 
 CONFIG_FILE = Path("~/.config/bulkhead/config.yaml")
 __all__ = ["ApiError", "BadAnswer", "Connection", "Unreachable", "resource_path", "route",
@@ -125,6 +126,11 @@ class Connection:
             return (f"{SETTINGS['cert']}: {self.cert} or {SETTINGS['key']}: "
                     f"{self.key or self.cert} is not a PEM certificate and key ({text})")
         if "CERTIFICATE_VERIFY_FAILED" in text:
+            for words in ("certificate has expired", "certificate is not yet valid"):
+                if words in text:
+                    return (f"the server's certificate {words[len('certificate '):]} "
+                            f"({text}): renew it on the server, or check this machine's "
+                            "clock")
             if "mismatch" in text:
                 return (f"the server's certificate is not issued for "
                         f"{urllib.parse.urlsplit(self.server).hostname} ({text})")
@@ -138,6 +144,11 @@ class Connection:
                 return ("the server closed the connection: it requires a client certificate "
                         f"(mutual TLS) and none was given: set {SETTINGS['cert']} and "
                         f"{SETTINGS['key']}")
+            problem = certificate_problem(self.cert, self.ca)
+            if problem:
+                return ("the server closed the connection without an answer: it most likely "
+                        f"rejected the client certificate {SETTINGS['cert']}: {problem} "
+                        f"[{text}]")
             return ("the server closed the connection without an answer: it most likely "
                     f"rejected the client certificate {SETTINGS['cert']}: {self.cert} (not "
                     f"issued by the server's client CA, expired or revoked) [{text}]")
