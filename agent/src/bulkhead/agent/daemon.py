@@ -121,8 +121,8 @@ class Agent:
             self.dns_logs = DnsLogs(config.flow_logs, config.node, Path(config.state_dir))
             self.dns.on_answer = self.dns_logs.exchange
         if self.dns is not None and self.flow_logs is not None:
-            cache = self.dns.cache
-            self.flow_logs.names = lambda ip: cache.names_for(str(ip), time.time())
+            cache, clock = self.dns.cache, self.dns.clock
+            self.flow_logs.names = lambda ip: cache.names_for(str(ip), clock())
 
     # ---------------------------------------------------------------------- state
     @property

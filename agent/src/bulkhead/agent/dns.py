@@ -138,6 +138,25 @@ class DnsCounters:
     release_failures: int = 0     # held answers that could not be sent on (lost)
 
 
+class SteadyClock:
+    """Unix seconds that move with the monotonic clock: the wall clock's reading when
+    made, then never stepped (NTP, `date -s`, a VM resumed). The name cache's expiries,
+    and the kernel's element timeouts taken from them, are in it: a step of the wall
+    clock back would keep names in the kernel past their TTL by the step, one forward
+    would drop them all at once. The cache on disk is in wall-clock time (`wall_shift`),
+    as `bulkhead explain` and the next start read it."""
+
+    def __init__(self) -> None:
+        self._offset = time.time() - time.monotonic()
+
+    def __call__(self) -> float:
+        return time.monotonic() + self._offset
+
+    def wall_shift(self) -> float:
+        """What to add to one of its times for the wall clock's."""
+        return time.time() - self()
+
+
 class DnsSnooper:
     def __init__(self, settings: DnsSettings, snoop: DnsSnooping, state_dir: Path,
                  table: str = "bulkhead", netns: str = "") -> None:
@@ -146,6 +165,7 @@ class DnsSnooper:
         self.hold = snoop.hold
         self.snaplen = NFLOG_MAX_COPY if snoop.hold else snoop.snaplen
         self.cache = NameCache(settings.extra_ttl, settings.max_names)
+        self.clock = SteadyClock()   # the cache's time: never stepped
         self.path = state_dir / CACHE_FILE
         self.table = table
         self.netns = netns
@@ -174,7 +194,7 @@ class DnsSnooper:
     # -- the cache on disk --------------------------------------------------------------
     def load(self) -> None:
         try:
-            count = self.cache.load(self.path, time.time())
+            count = self.cache.load(self.path, self.clock(), -self.clock.wall_shift())
         except (OSError, ValueError) as e:
             log.error("DNS name cache %s not read (starting empty): %s", self.path, e)
             return
@@ -183,7 +203,7 @@ class DnsSnooper:
 
     def save(self) -> None:
         try:
-            self.cache.save(self.path, time.time())
+            self.cache.save(self.path, self.clock(), self.clock.wall_shift())
         except OSError as e:
             self.counters.save_failures += 1
             log.error("DNS name cache not saved to %s: %s", self.path, e.strerror or e)
@@ -192,7 +212,7 @@ class DnsSnooper:
     def timed(self, ruleset: Ruleset) -> dict[str, list[str]]:
         """The live elements of the ruleset's domain sets as nft text, for a table
         replaced whole (called from the enforcer's thread)."""
-        now = time.time()
+        now = self.clock()
         out: dict[str, list[str]] = {}
         for name, addresses in self._elements(ruleset.domain_sets, now).items():
             out[name] = [f"{a} timeout {timeout_text(ms)}" for a, ms in sorted(addresses)]
@@ -250,7 +270,7 @@ class DnsSnooper:
             for name in [n for n in self._written if n not in self.domain_sets]:
                 del self._written[name]
         if full and self.domain_sets:
-            self._submit(self._elements(self.domain_sets, time.time()), None)
+            self._submit(self._elements(self.domain_sets, self.clock()), None)
 
     def _submit(self, elements: Mapping[str, list[tuple[str, int]]],
                 answered_at: float | None, release: Sequence[LoggedPacket] = (),
@@ -336,7 +356,7 @@ class DnsSnooper:
     def packets(self, packets: Iterable[LoggedPacket]
                 ) -> concurrent.futures.Future[None] | None:
         """Learn from logged DNS packets; the future of the element write they caused."""
-        now = time.time()
+        now = self.clock()
         touched: set[str] = set()
         answered_at: float | None = None
         release: list[LoggedPacket] = []
@@ -357,7 +377,7 @@ class DnsSnooper:
                 continue
             if not message.answer:
                 self.counters.queries += 1
-                self._asked(message, now)
+                self._asked(message, time.time())   # packets' timestamps are the wall's
                 continue
             self.counters.answers += 1
             query = self._pending.pop(exchange_key(message), None)
@@ -383,7 +403,7 @@ class DnsSnooper:
             names, self._retry = self._retry, set()
         if not names or not self.domain_sets:
             return None
-        return self._submit(self._elements(self.domain_sets, time.time(), names), None,
+        return self._submit(self._elements(self.domain_sets, self.clock(), names), None,
                             names=frozenset(names))
 
     def _asked(self, query: DnsPacket, now: float) -> None:
@@ -508,7 +528,7 @@ class DnsSnooper:
                     raise RuntimeError(f"reading DNS packets failed: {failure!r}")
                 if time.monotonic() >= next_save:
                     next_save = time.monotonic() + self.settings.save_interval
-                    self.cache.expire(time.time())
+                    self.cache.expire(self.clock())
                     await asyncio.to_thread(self.save)
         finally:
             if self.hold or self.holding:

@@ -334,16 +334,20 @@ class NameCache:
             return result
 
     # -- persistence ------------------------------------------------------------------
-    def to_json(self, now: float) -> dict[str, Any]:
+    def to_json(self, now: float, shift: float = 0.0) -> dict[str, Any]:
+        """The live entries, their expiries plus `shift` (to the wall clock from the
+        clock `now` is of)."""
         with self._lock:
             self._expire(now)
             return {"version": CACHE_VERSION,
-                    "addresses": {n: dict(e) for n, e in sorted(self._addresses.items())},
-                    "aliases": {n: dict(e) for n, e in sorted(self._aliases.items())}}
+                    "addresses": {n: {v: x + shift for v, x in e.items()}
+                                  for n, e in sorted(self._addresses.items())},
+                    "aliases": {n: {v: x + shift for v, x in e.items()}
+                                for n, e in sorted(self._aliases.items())}}
 
-    def load_json(self, data: Mapping[str, Any], now: float) -> int:
+    def load_json(self, data: Mapping[str, Any], now: float, shift: float = 0.0) -> int:
         """Take a saved cache's live entries (a malformed one raises ValueError, and
-        nothing is taken); the number of names taken."""
+        nothing is taken), their expiries plus `shift`; the number of names taken."""
         if not isinstance(data, Mapping) or data.get("version") != CACHE_VERSION:
             raise ValueError(f"not a version {CACHE_VERSION} name cache")
         records: list[tuple[str, str, str, float]] = []
@@ -361,7 +365,7 @@ class NameCache:
                         raise ValueError(f"{key}.{name}: {value!r} -> {expiry!r}")
                     if kind == A:
                         ipaddress.ip_address(value)    # ValueError if not an address
-                    records.append((name, kind, value, float(expiry)))
+                    records.append((name, kind, value, float(expiry) + shift))
         with self._lock:
             for name, kind, value, expiry in records:
                 if expiry <= now:
@@ -376,16 +380,17 @@ class NameCache:
             self._bound(now)
             return len(self._addresses.keys() | self._aliases.keys())
 
-    def save(self, path: Path, now: float) -> None:
-        """Write the cache to `path` atomically (a temporary file renamed over it)."""
-        text = json.dumps(self.to_json(now), separators=(",", ":"))
+    def save(self, path: Path, now: float, shift: float = 0.0) -> None:
+        """Write the cache to `path` atomically (a temporary file renamed over it), its
+        expiries plus `shift` (see `to_json`)."""
+        text = json.dumps(self.to_json(now, shift), separators=(",", ":"))
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
 
-    def load(self, path: Path, now: float) -> int:
-        """Read a cache written by `save`; 0 if there is none. Raises ValueError for a
-        file that is not one (nothing is taken from it)."""
+    def load(self, path: Path, now: float, shift: float = 0.0) -> int:
+        """Read a cache written by `save` (its expiries plus `shift`); 0 if there is none.
+        Raises ValueError for a file that is not one (nothing is taken from it)."""
         try:
             text = path.read_text()
         except FileNotFoundError:
@@ -394,4 +399,4 @@ class NameCache:
             data = json.loads(text)
         except ValueError as e:
             raise ValueError(f"{path}: not JSON: {e}") from None
-        return self.load_json(data, now)
+        return self.load_json(data, now, shift)
