@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 from bulkhead.server.hub import Hub
 from bulkhead.store import Op, TooOld, Unavailable
 from bulkhead.store.sqlite import SQLiteStore
+from tests.test_store_group_commit import store  # noqa: F401  (the fixture)
 
 
 def netset(name: str, nets: int = 1) -> dict[str, Any]:
@@ -30,17 +30,8 @@ def put(name: str, nets: int = 1) -> Op:
     return Op("put", "GlobalNetworkSet", name, netset(name, nets), None)
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "store.db")
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-async def test_a_full_file_fails_writes_and_status_as_unavailable(store: SQLiteStore
-                                                                  ) -> None:
+async def test_a_full_file_fails_writes_and_status_as_unavailable(
+        store: SQLiteStore) -> None:  # noqa: F811
     for i in range(3):
         await store.transaction([put(f"set-{i}")])
     pages = store._db.execute("PRAGMA page_count").fetchone()[0]
@@ -62,7 +53,7 @@ async def test_a_full_file_fails_writes_and_status_as_unavailable(store: SQLiteS
 
 
 async def test_compaction_the_lock_refuses_fails_as_unavailable_and_compacts_later(
-        store: SQLiteStore, tmp_path: Path) -> None:
+        store: SQLiteStore, tmp_path: Path) -> None:  # noqa: F811
     for i in range(5):
         await store.transaction([put(f"set-{i}")])
     store._db.execute("PRAGMA busy_timeout = 50")
@@ -82,8 +73,8 @@ async def test_compaction_the_lock_refuses_fails_as_unavailable_and_compacts_lat
     assert [e.revision for e in await store.history(3, 5)] == [4, 5]
 
 
-async def test_the_servers_compaction_task_outlives_a_held_lock(store: SQLiteStore,
-                                                                tmp_path: Path) -> None:
+async def test_the_servers_compaction_task_outlives_a_held_lock(
+        store: SQLiteStore, tmp_path: Path) -> None:  # noqa: F811
     """The hub's compaction loop logs a failure and tries again: once the lock is gone,
     the history is compacted (before, sqlite3's error ended the task, and the history
     grew for as long as the server ran)."""

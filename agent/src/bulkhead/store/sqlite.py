@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,6 +114,18 @@ def rollback(db: sqlite3.Connection) -> None:
     if db.in_transaction:
         with contextlib.suppress(sqlite3.Error):   # the caller raises the first error
             db.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
+def immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction (BEGIN IMMEDIATE to COMMIT), undone on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        rollback(db)
+        raise
 
 
 class SQLiteStore:
@@ -459,18 +471,13 @@ class SQLiteStore:
 
     async def compact(self, keep_after: int) -> None:
         def run() -> None:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(self._db):
                 current = self._meta("compacted")
                 if keep_after > current:
                     self._db.execute("DELETE FROM events WHERE revision <= ?", (keep_after,))
                     self._db.execute("DELETE FROM audit WHERE revision <= ?", (keep_after,))
                     self._db.execute("UPDATE meta SET value = ? WHERE key = 'compacted'",
                                      (keep_after,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                rollback(self._db)
-                raise
             if keep_after > current:   # only once it is durable (the feed reads it)
                 self._compacted_here = keep_after
             # Give the freed pages back: to the file, then the WAL's to the file system.

@@ -43,7 +43,7 @@ from bulkhead.store.flowlog.base import (
     top_of,
     trace_names,
 )
-from bulkhead.store.sqlite import rollback
+from bulkhead.store.sqlite import immediate
 
 EXPIRE_CHUNK = 20_000   # rows deleted in one transaction: ingest waits at most that long
 
@@ -215,8 +215,7 @@ class SQLiteFlowStore:
             # `received` never goes back: --follow reads on from the last one it saw.
             stamp = max(time.time() if received is None else received, self._last_received)
             try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
+                with immediate(db):
                     base = db.execute("SELECT COALESCE(MAX(id), 0) FROM flows").fetchone()[0]
                     db.executemany(f"INSERT INTO flows (id, {COLUMN_LIST}) VALUES "
                                    f"({', '.join('?' * (len(COLUMNS) + 1))})",
@@ -225,10 +224,6 @@ class SQLiteFlowStore:
                     db.executemany("INSERT OR IGNORE INTO flow_names VALUES (?, ?, ?, ?)",
                                    [n for i, r in enumerate(records)
                                     for n in _names(r, base + i + 1)])
-                    db.execute("COMMIT")
-                except BaseException:
-                    rollback(db)
-                    raise
             except sqlite3.Error as e:
                 raise FlowStoreError(f"flow log store {self.path}: {e}; nothing was "
                                      "stored") from None
@@ -248,15 +243,10 @@ class SQLiteFlowStore:
                                      ).fetchone()
                     # A chunk ends at a time: a record and its names go in the same one.
                     cond, cut = ('"end" <= ?', row[0]) if row else ('"end" < ?', before)
-                    db.execute("BEGIN IMMEDIATE")
-                    try:
-                        total += db.execute(f"DELETE FROM flows WHERE {cond}",
-                                            (cut,)).rowcount
+                    with immediate(db):
+                        gone = db.execute(f"DELETE FROM flows WHERE {cond}", (cut,)).rowcount
                         db.execute(f"DELETE FROM flow_names WHERE {cond}", (cut,))
-                        db.execute("COMMIT")
-                    except BaseException:
-                        rollback(db)
-                        raise
+                    total += gone
                 except sqlite3.Error as e:
                     raise FlowStoreError(f"flow log store {self.path}: {e}; {total:,} "
                                          "records expired before it") from None
