@@ -23,6 +23,7 @@ from bulkhead.agent.daemon import Agent
 from bulkhead.agent.http import ConnectError, Session
 from bulkhead.agent.sync import client_ssl_context
 from bulkhead.client import Connection, Unreachable
+from bulkhead.client.certificates import certificate_problem
 from tests.agentfixture import Recorder, config_for, until
 from tests.test_cli_hostile_server import FakeServer
 
@@ -59,15 +60,15 @@ def test_certificate_problem_names_the_file_and_what_is_wrong(tmp_path: Path) ->
     pki.init_ca(tmp_path / "b", name="another CA")
     crt, _ = pki.issue(tmp_path / "a", "web-1", role="agent", days=10)
     ca = tmp_path / "a" / "ca.crt"
-    assert pki.certificate_problem(crt, ca) is None
-    later = pki.certificate_problem(crt, ca, NOW + datetime.timedelta(days=11))
+    assert certificate_problem(crt, ca) is None
+    later = certificate_problem(crt, ca, NOW + datetime.timedelta(days=11))
     assert later is not None and later.startswith(f"the certificate {crt} expired on ")
-    earlier = pki.certificate_problem(crt, ca, NOW - datetime.timedelta(days=1))
+    earlier = certificate_problem(crt, ca, NOW - datetime.timedelta(days=1))
     assert earlier is not None and "is not valid before" in earlier and "clock" in earlier
-    other = pki.certificate_problem(crt, tmp_path / "b" / "ca.crt")
-    assert other is not None and "not issued by the CA in" in other
-    assert "(issuer CN=bulkhead CA)" in other
-    missing = pki.certificate_problem(tmp_path / "nope.crt", ca)
+    other = certificate_problem(crt, tmp_path / "b" / "ca.crt")
+    assert other is not None and "not issued directly by the CA in" in other
+    assert "(its issuer: CN=bulkhead CA)" in other
+    missing = certificate_problem(tmp_path / "nope.crt", ca)
     assert missing is not None and "cannot be read" in missing
 
 
@@ -81,7 +82,7 @@ def test_the_cli_says_its_certificate_is_from_another_ca(tmp_path: Path) -> None
         with pytest.raises(Unreachable) as err:
             conn.request("GET", "/v1/resources/Tier")
         text = str(err.value)
-        assert f"the certificate {crt} is not issued by the CA in {fake.ca}" in text, text
+        assert f"the certificate {crt} is not issued directly by the CA in {fake.ca}" in text, text
     finally:
         fake.stopping = True
         fake.listener.close()
@@ -97,7 +98,8 @@ def test_an_expired_server_certificate_is_named_as_expired(tmp_path: Path) -> No
         with pytest.raises(Unreachable) as err:
             fake.conn(timeout=10).request("GET", "/v1/resources/Tier")
         text = str(err.value)
-        assert "the server's certificate has expired" in text and "not signed" not in text
+        assert "the server's certificate (or the CA that issued it) has expired" in text
+        assert "not signed" not in text
 
         async def connect() -> None:
             ctx = ssl.create_default_context(cafile=str(fake.ca))
@@ -107,7 +109,8 @@ def test_an_expired_server_certificate_is_named_as_expired(tmp_path: Path) -> No
                     pass
         with pytest.raises(ConnectError) as agent_err:
             asyncio.run(connect())
-        assert "the server's certificate: certificate has expired" in str(agent_err.value)
+        assert "the server's certificate (or its CA): certificate has expired" in \
+            str(agent_err.value)
     finally:
         fake.stopping = True
         fake.listener.close()
@@ -138,8 +141,37 @@ def test_the_agent_says_its_certificate_is_from_another_ca(tmp_path: Path,
 
         with caplog.at_level(logging.WARNING, logger="bulkhead.agent"):
             asyncio.run(run())
-        assert any(f"the certificate {config.cert} is not issued by the CA in {fake.ca}"
+        assert any(f"the certificate {config.cert} is not issued directly by the CA in {fake.ca}"
                    in text for text in said()), said()
     finally:
         fake.stopping = True
         fake.listener.close()
+
+
+def test_the_agent_does_not_blame_its_certificate_when_nothing_answers(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Connection refused says so, with no word on the certificate (from another CA here,
+    which is no cause of a refused connection)."""
+    pki.init_ca(tmp_path / "server")
+    pki.init_ca(tmp_path / "other", name="another CA")
+    config = config_for("https://127.0.0.1:1", tmp_path / "other", tmp_path / "state",
+                        ca=str(tmp_path / "server" / "ca.crt"))
+    agent = Agent(config, Recorder())
+
+    def warnings() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("cannot reach")]
+
+    async def run() -> None:
+        async with Session(config.server, client_ssl_context(config)) as session:
+            task = asyncio.create_task(agent._sync_forever(session))
+            try:
+                await until(lambda: len(warnings()) >= 2, "two warnings", timeout=20)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level(logging.WARNING, logger="bulkhead.agent"):
+        asyncio.run(run())
+    for record in warnings():
+        fields = getattr(record, "fields", {})
+        assert "cannot connect" in fields["reason"] and "certificate" not in fields, fields

@@ -253,8 +253,8 @@ class BulkheadClient:
         if "CERTIFICATE_VERIFY_FAILED" in text:
             for words in ("has expired", "is not yet valid"):
                 if "certificate " + words in text:
-                    return ("the server's certificate %s (%s): renew it on the server, or "
-                            "check this machine's clock" % (words, text))
+                    return ("the server's certificate (or the CA that issued it) %s (%s): renew "
+                            "it, or check this machine's clock" % (words, text))
             if "mismatch" in text:
                 return ("the server's certificate is not issued for %s (%s): use the host "
                         "name or address it was issued for in %s"

@@ -34,7 +34,7 @@ from bulkhead.agent.cache import CacheError, cache_path, load_cache, save_cache
 from bulkhead.agent.config import AgentConfig
 from bulkhead.agent.enforcer import EnforceError, Enforcer, EnforceReport
 from bulkhead.agent.flowlogs import FlowLogs
-from bulkhead.agent.http import HttpError, Session, Timeout
+from bulkhead.agent.http import Disconnected, HttpError, Session, Timeout, TlsRefused
 from bulkhead.agent.memory import SETTLE_EVERY, SETTLE_GAP, collector_paused, settle
 from bulkhead.agent.metrics import MetricsServer, MetricsView
 from bulkhead.agent.status import Counters, post_status, status_body
@@ -52,7 +52,7 @@ from bulkhead.agent.sync import (
     watch_message,
 )
 from bulkhead.api import route
-from bulkhead.pki import certificate_problem
+from bulkhead.client.certificates import certificate_problem
 
 log = logging.getLogger("bulkhead.agent")
 T = TypeVar("T")
@@ -260,7 +260,7 @@ class Agent:
     # ----------------------------------------------------------------------- sync
     async def _sync_forever(self, session: Session) -> None:
         while not self._stopping:
-            tls = False   # a failure a certificate can cause: the server closing on us
+            refused = False   # what a refused client certificate looks like
             try:
                 await self._watch(session)
                 reason = "the watch stream ended"
@@ -271,7 +271,8 @@ class Agent:
                 continue
             except NETWORK_ERRORS as e:
                 reason = str(e) or type(e).__name__
-                tls = isinstance(e, HttpError) and not self.connected
+                refused = not self.connected and (isinstance(e, TlsRefused) or (
+                    isinstance(e, Disconnected) and e.empty))
             if self.connected:
                 self.connected = False
                 self.counters.reconnects += 1
@@ -284,7 +285,7 @@ class Agent:
                 # A server refuses a client certificate by closing the connection, which
                 # says nothing of why: say what is wrong with this agent's own, if it is.
                 problem = certificate_problem(self.config.cert, self.config.ca) \
-                    if tls else None
+                    if refused else None
                 if problem:
                     fields["certificate"] = problem
                 log.warning("cannot reach the server; retrying", extra={"fields": fields})

@@ -72,6 +72,11 @@ class ConnectError(HttpError):
     """No connection (refused, unreachable, the name unknown, the TLS handshake failed)."""
 
 
+class TlsRefused(ConnectError):
+    """The TLS handshake failed on the server's side (an alert: a client certificate it
+    refuses, no cipher in common), not on the server's certificate."""
+
+
 class Disconnected(HttpError):
     """The server closed the connection before the answer was complete."""
 
@@ -290,11 +295,10 @@ class Session:
             raise HttpTimeout(f"{what}: cannot connect to {where} in time ({which} "
                               "timeout)") from None
         except ssl.SSLCertVerificationError as e:   # what is wrong with it, not only that
-            raise ConnectError(f"{what}: TLS with {where} failed: the server's certificate: "
-                               f"{e.verify_message or e.reason or e}") from None
+            raise ConnectError(f"{what}: TLS with {where} failed: the server's certificate "
+                               f"(or its CA): {e.verify_message or e.reason or e}") from None
         except ssl.SSLError as e:
-            raise ConnectError(f"{what}: TLS with {where} failed: "
-                               f"{e.reason or e}") from None
+            raise TlsRefused(f"{what}: TLS with {where} failed: {e.reason or e}") from None
         except OSError as e:
             raise ConnectError(f"{what}: cannot connect to {where}: "
                                f"{e.strerror or e}") from None

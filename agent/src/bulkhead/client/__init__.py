@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 
 from bulkhead.api import resource_path, route, segment
+from bulkhead.client.certificates import certificate_problem
 from bulkhead.defaults import SERVER_PORT
-from bulkhead.pki import certificate_problem
 
 CONFIG_FILE = Path("~/.config/bulkhead/config.yaml")
 __all__ = ["ApiError", "BadAnswer", "Connection", "Unreachable", "resource_path", "route",
@@ -128,9 +128,9 @@ class Connection:
         if "CERTIFICATE_VERIFY_FAILED" in text:
             for words in ("certificate has expired", "certificate is not yet valid"):
                 if words in text:
-                    return (f"the server's certificate {words[len('certificate '):]} "
-                            f"({text}): renew it on the server, or check this machine's "
-                            "clock")
+                    return (f"the server's certificate (or the CA that issued it) "
+                            f"{words[len('certificate '):]} ({text}): renew it, or check "
+                            "this machine's clock")
             if "mismatch" in text:
                 return (f"the server's certificate is not issued for "
                         f"{urllib.parse.urlsplit(self.server).hostname} ({text})")
