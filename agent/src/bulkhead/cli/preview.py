@@ -67,6 +67,10 @@ def render(answer: dict[str, Any]) -> str:
                                                       "nothing") + "."]
     if answer.get("enforce"):
         lines.append(f"In enforce mode for the preview: {printable(answer['enforce'])}.")
+    left_out = answer.get("leftOut") or []
+    if left_out:
+        lines.append(f"Left out, as the agents leave them out ({len(left_out)} stored objects "
+                     "today's checks refuse): " + printable("; ".join(left_out[:5])) + ".")
     for change, title in TITLES.items():
         groups = answer[change]
         lines.append("")
