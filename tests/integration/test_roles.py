@@ -683,13 +683,35 @@ def test_onboard_keeps_the_endpoint_of_a_host_without_an_address_now(own_server,
         out = onboard(*args)
         text = " ".join(out.stdout.split())
         assert "deleted 1 host endpoints; " + written in text, text
-        assert "kept as they are, their hosts having no address now: node-2" in text, text
+        assert ("kept as they are, the plugin having made no HostEndpoint for their hosts "
+                "now (no address, or no node): node-2") in text, text
     after = {d["metadata"]["name"]: d for d in server.request(
         "GET", "/v1/resources/HostEndpoint")["items"]}
     assert sorted(after) == ["node-1", "node-2"]
     assert after["node-2"]["spec"] == before["node-2"]["spec"]
     assert after["node-2"]["metadata"]["resourceVersion"] == \
         before["node-2"]["metadata"]["resourceVersion"]
+    # A mode given moves it too (enforce.yml's step), its addresses as they were.
+    text = " ".join(onboard("-e", "bulkhead_enforcement=enforce").stdout.split())
+    assert "written again as they were, with the mode given" in text, text
+    after = {d["metadata"]["name"]: d for d in server.request(
+        "GET", "/v1/resources/HostEndpoint")["items"]}
+    assert after["node-2"]["spec"] == before["node-2"]["spec"]
+    assert {n: d["metadata"]["labels"]["microseg.bulkhead.io/enforcement"]
+            for n, d in after.items()} == {"node-1": "enforce", "node-2": "enforce"}
+    # A host whose endpoint cannot even be named: nothing is synced (its endpoint could
+    # not be told from one of a host gone).
+    config.write_text("plugin: bulkhead.microseg.endpoints\nlabels:\n  os: os\n"
+                      "endpoint_name: endpoint | default(inventory_hostname)\n")
+    fleet.write_text("all:\n  hosts:\n"
+                     "    node-1: {os: debian, ansible_host: 198.18.0.21}\n"
+                     "    node-2: {os: debian, endpoint: '', ansible_host: 198.18.0.22}\n")
+    out = run(["ansible-playbook", "-i", str(fleet), "-i", str(config),
+               str(ROOT / "playbooks" / "onboard.yml")], env, check=False)
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 2 and "endpoint_name gave nothing for 1 host(s) (node-2)" in text, \
+        text
+    assert names(server, "HostEndpoint") == ["node-1", "node-2"]
 
 
 # ------------------------------------------------------- site.yml, check mode, no systemd
