@@ -78,3 +78,26 @@ def test_a_step_of_the_wall_clock_leaves_the_kernels_timeouts_the_ttl(
     assert TTL - 3 < restarted()["198.18.3.4"] <= TTL + 1
     monkeypatch.setattr(time, "time", real)
     assert "198.18.3.4" not in restarted()
+
+
+def test_a_cache_written_after_this_clocks_now_is_not_read(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """A host without a battery-backed clock starts a day behind, before NTP: the cache it
+    saved yesterday would keep its entries a day past their TTL once the clock is set, so
+    it is not read (reported; the cache starts empty)."""
+    snoop = snooping(DnsSettings(trusted_servers=(SERVER,)))
+    snooper = DnsSnooper(DnsSettings(trusted_servers=(SERVER,)), snoop, tmp_path)
+    snooper.cache.learn([Record("api.example.com", A, "198.18.3.4", 300)], snooper.clock())
+    snooper.save()
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 86_400)
+    behind = DnsSnooper(DnsSettings(trusted_servers=(SERVER,)), snoop, tmp_path)
+    with pytest.raises(ValueError, match="is the clock behind"):
+        behind.cache.load(behind.path, behind.clock(), -behind.clock.wall_shift())
+    behind.load()   # the agent's own: reported, and nothing taken
+    assert behind.cache.to_json(behind.clock())["addresses"] == {}
+    monkeypatch.setattr(time, "time", real)
+    again = DnsSnooper(DnsSettings(trusted_servers=(SERVER,)), snoop, tmp_path)
+    again.load()
+    assert list(again.cache.to_json(again.clock())["addresses"]) == ["api.example.com"]

@@ -138,19 +138,25 @@ class DnsCounters:
     release_failures: int = 0     # held answers that could not be sent on (lost)
 
 
+def _since_boot() -> float:
+    """Seconds that only go forward, counting time suspended (CLOCK_BOOTTIME, Linux):
+    the kernel's element timeouts run on while a host or VM sleeps, so must the cache's."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class SteadyClock:
-    """Unix seconds that move with the monotonic clock: the wall clock's reading when
-    made, then never stepped (NTP, `date -s`, a VM resumed). The name cache's expiries,
-    and the kernel's element timeouts taken from them, are in it: a step of the wall
-    clock back would keep names in the kernel past their TTL by the step, one forward
-    would drop them all at once. The cache on disk is in wall-clock time (`wall_shift`),
-    as `bulkhead explain` and the next start read it."""
+    """Unix seconds that move with the boot-time clock: the wall clock's reading when
+    made, then never stepped (NTP, `date -s`). The name cache's expiries, and the
+    kernel's element timeouts taken from them, are in it: a step of the wall clock back
+    would keep names in the kernel past their TTL by the step, one forward would drop
+    them all at once. The cache on disk is in wall-clock time (`wall_shift`), as
+    `bulkhead explain` and the next start read it."""
 
     def __init__(self) -> None:
-        self._offset = time.time() - time.monotonic()
+        self._offset = time.time() - _since_boot()
 
     def __call__(self) -> float:
-        return time.monotonic() + self._offset
+        return _since_boot() + self._offset
 
     def wall_shift(self) -> float:
         """What to add to one of its times for the wall clock's."""

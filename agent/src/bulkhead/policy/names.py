@@ -48,6 +48,7 @@ MAX_NAMES_FOR = 256
 MAX_FANOUT = 1_024
 MAX_MEMO = 10_000           # addresses whose names `names_for` keeps computed
 EVICT_SHARE = 0.1           # over a bound, this share of the names goes at once
+FUTURE_SLACK = 60.0         # seconds a saved cache may seem to come from the future
 MAX_TTL = 2**31 - 1         # RFC 2181 section 8: a TTL with the top bit set means 0
 CACHE_VERSION = 1
 A, AAAA, CNAME = "A", "AAAA", "CNAME"
@@ -339,7 +340,7 @@ class NameCache:
         clock `now` is of)."""
         with self._lock:
             self._expire(now)
-            return {"version": CACHE_VERSION,
+            return {"version": CACHE_VERSION, "saved": now + shift,
                     "addresses": {n: {v: x + shift for v, x in e.items()}
                                   for n, e in sorted(self._addresses.items())},
                     "aliases": {n: {v: x + shift for v, x in e.items()}
@@ -350,6 +351,14 @@ class NameCache:
         nothing is taken), their expiries plus `shift`; the number of names taken."""
         if not isinstance(data, Mapping) or data.get("version") != CACHE_VERSION:
             raise ValueError(f"not a version {CACHE_VERSION} name cache")
+        saved = data.get("saved")
+        if isinstance(saved, int | float) and not isinstance(saved, bool) and \
+                saved > now - shift + FUTURE_SLACK:
+            # Written later than this clock's now: the clock is behind (a host without a
+            # battery-backed clock, before NTP). Its entries would live that much longer.
+            raise ValueError(f"written {saved - (now - shift):.0f} s after this clock's "
+                             "now (is the clock behind?); its entries would outlive "
+                             "their TTL by as much")
         records: list[tuple[str, str, str, float]] = []
         for key, kind in (("addresses", A), ("aliases", CNAME)):
             table = data.get(key, {})
