@@ -316,9 +316,6 @@ async def ship_spool(session: Session, spool: Spool, which: str,
                 counters.records_sent += len(item.records)
                 sent += len(item.records)
         failed = await asyncio.to_thread(spool.done, item.path)
-        if failed is not None:
+        if failed is not None:   # logged by the spool
             counters.spool_failures += 1
-            log.error("a spool file sent could not be removed; not sent again until the "
-                      "agent restarts", extra={"fields": {"path": str(item.path),
-                                                          "error": str(failed)}})
     return sent

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from bulkhead.model.dnslog import DnsRecord
 from bulkhead.model.flowlog import MAX_BATCH, MAX_BATCH_BYTES, FlowRecord
 
 SUFFIX = ".jsonl"
+log = logging.getLogger("bulkhead.agent")
 
 
 class SpoolWriteError(OSError):
@@ -101,21 +103,23 @@ class Spool:
 
     def _put(self, records: Sequence[FlowRecord | DnsRecord]) -> None:
         chunk: list[bytes] = []
-        size = written = 0
+        size = 0
+        before = len(self._files)
         try:
             for record in records:
                 line = json.dumps(record.wire(), separators=(",", ":")).encode() + b"\n"
                 if chunk and (len(chunk) >= self.batch or
                               size + len(line) > self.batch_bytes):
                     self._write(chunk)
-                    written += len(chunk)
                     chunk, size = [], 0
                 chunk.append(line)
                 size += len(line)
             if chunk:
                 self._write(chunk)
         except OSError as e:
-            raise SpoolWriteError(e, written) from e
+            # Written: the files renamed into place (even if the directory's fsync after
+            # the last one failed: it is there, and will be sent).
+            raise SpoolWriteError(e, sum(_count(p) for p in self._files[before:])) from e
         finally:
             self._trim()
 
@@ -134,9 +138,9 @@ class Spool:
             with contextlib.suppress(OSError):   # no partial file left behind
                 tmp.unlink(missing_ok=True)
             raise
-        sync_directory(self.directory)
         self._files.append(path)
         self._sizes[path] = len(data)
+        sync_directory(self.directory)
 
     def _trim(self) -> None:
         for path in list(self._files):
@@ -182,5 +186,8 @@ class Spool:
             path.unlink(missing_ok=True)
         except OSError as e:
             self.unremoved += 1
+            log.error("a spool file could not be removed; forgotten until the agent restarts "
+                      "(which sends it)", extra={"fields": {"path": str(path),
+                                                           "error": e.strerror or str(e)}})
             return e
         return None
