@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bulkhead.server.hub import Hub
-from bulkhead.store import Op, TooOld, Unavailable
+from bulkhead.store import BeforeUndo, Op, TooOld, Unavailable
 from bulkhead.store.sqlite import SQLiteStore
 from tests.test_store_group_commit import store  # noqa: F401  (the fixture)
 
@@ -111,3 +111,41 @@ async def test_the_servers_compaction_task_outlives_a_held_lock(
                 task.cancel()
         await asyncio.gather(*(t for t in (compactor, follower) if t is not None),
                              return_exceptions=True)
+
+
+async def test_a_file_that_cannot_be_opened_is_unavailable_naming_it(tmp_path: Path) -> None:
+    """A start on a file another process holds locked (a VACUUM it needs, the schema):
+    the store's error naming the file, which the server's start turns into one line,
+    not sqlite3's traceback."""
+    path = tmp_path / "store.db"
+    first = SQLiteStore(path)
+    await first.close()
+    other = sqlite3.connect(path, isolation_level=None, timeout=0.05)
+    try:
+        other.execute("PRAGMA auto_vacuum=NONE")   # the next open must VACUUM: a write
+        other.execute("VACUUM")
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(Unavailable) as err:
+            SQLiteStore(path)
+        assert f"the SQLite datastore {path} cannot be opened" in str(err.value)
+        assert "locked" in str(err.value)
+    finally:
+        other.close()
+
+
+async def test_the_state_before_an_older_servers_changes_is_not_called_compacted(
+        store: SQLiteStore, tmp_path: Path) -> None:  # noqa: F811
+    """Changes an older server wrote kept no `prev`: the state before them cannot be
+    rebuilt, and the error says so (not "older than the kept history")."""
+    for i in range(3):
+        await store.transaction([put("set-0", nets=i + 1)])   # an add, then two updates
+    db = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    try:
+        db.execute("UPDATE events SET prev = NULL WHERE revision = 2")
+    finally:
+        db.close()
+    with pytest.raises(BeforeUndo) as err:
+        await store.list_at(1)
+    assert "written by an older server" in str(err.value) and "revision 2 or later" in \
+        str(err.value)
+    assert [s.name for s in await store.list_at(2)] == ["set-0"]

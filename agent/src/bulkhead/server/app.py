@@ -53,6 +53,7 @@ from bulkhead.server.listen import Listener
 from bulkhead.server.revocation import Revocation
 from bulkhead.store import (
     Audit,
+    BeforeUndo,
     Conflict,
     Datastore,
     FutureRevision,
@@ -976,6 +977,8 @@ async def _paired(store: Datastore, staged: StagedGlobalNetworkPolicy) -> dict[s
 async def _past(request: web.Request, revision: int) -> list[Stored]:
     try:
         return await request.app[STORE].list_at(revision)
+    except BeforeUndo as e:
+        raise ApiError(410, "Gone", str(e)) from None
     except TooOld:
         raise ApiError(410, "Gone", f"revision {revision} is older than the kept history "
                        "(see compactionRetain)") from None

@@ -29,7 +29,7 @@ from bulkhead.server.flows import FlowLogs
 from bulkhead.server.hub import Hub
 from bulkhead.server.listen import RESERVED_FDS, Listener, raise_nofile_limit
 from bulkhead.server.revocation import Revocation
-from bulkhead.store import open_store
+from bulkhead.store import StoreError, open_store
 from bulkhead.store.flowlog import FlowLogConfig, FlowStoreError
 
 DEFAULT_CONFIG = Path("/etc/bulkhead/server.yaml")
@@ -195,7 +195,10 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     nofile = raise_nofile_limit()
     max_connections = max(1, min(config.max_connections, nofile - RESERVED_FDS))
     ssl_context = config.ssl_context()
-    store = open_store(config.datastore)
+    try:
+        store = open_store(config.datastore)
+    except StoreError as e:
+        raise SystemExit(f"bulkhead-server: datastore: {e}") from None
     try:
         flow_logs = FlowLogs.open(config.flow_log_config())
     except (FlowStoreError, OSError, ValueError) as e:

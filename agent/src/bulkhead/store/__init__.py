@@ -6,6 +6,7 @@ from urllib.parse import parse_qs, urlparse
 
 from bulkhead.store.base import (
     Audit,
+    BeforeUndo,
     CommitTimes,
     Conflict,
     Datastore,
@@ -27,7 +28,7 @@ from bulkhead.store.base import (
     update,
 )
 
-__all__ = ["Audit", "CommitTimes", "Conflict", "Datastore", "Event", "FutureRevision",
+__all__ = ["Audit", "BeforeUndo", "CommitTimes", "Conflict", "Datastore", "Event", "FutureRevision",
            "MissingReference", "NotFound", "Op",
            "Referrers", "StillReferenced", "StoreError", "Stored", "TooLarge", "TooOld",
            "TxResult", "Unavailable", "create", "delete", "open_store", "update"]

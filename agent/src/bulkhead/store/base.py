@@ -47,6 +47,20 @@ class TooOld(StoreError):
                          "list again")
 
 
+class BeforeUndo(TooOld):
+    """The state at `revision` cannot be rebuilt: the history back to it holds changes an
+    older server wrote without keeping what they replaced (up to revision `oldest`)."""
+
+    def __init__(self, revision: int, oldest: int) -> None:
+        super().__init__(revision, oldest)
+        self.args = (f"revision {revision}: the changes up to revision {oldest} were "
+                     "written by an older server, which did not keep what they replaced; "
+                     f"the state at revision {oldest} or later can be rebuilt",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class FutureRevision(StoreError):
     """The requested revision is newer than the store's current one."""
 

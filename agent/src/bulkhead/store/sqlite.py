@@ -35,6 +35,7 @@ from typing import Any
 from bulkhead.selector import Selector
 from bulkhead.store.base import (
     Audit,
+    BeforeUndo,
     CommitTimes,
     Document,
     Event,
@@ -116,6 +117,14 @@ def rollback(db: sqlite3.Connection) -> None:
             db.execute("ROLLBACK")
 
 
+def newest_old_format(db: sqlite3.Connection) -> int:
+    """The newest revision with a change written before events kept what they replaced
+    (an older server's)."""
+    row = db.execute("SELECT MAX(revision) FROM events WHERE type = 'MODIFIED' AND "
+                     "prev IS NULL").fetchone()
+    return int(row[0] or 0)
+
+
 @contextlib.contextmanager
 def immediate(db: sqlite3.Connection) -> Iterator[None]:
     """A write transaction (BEGIN IMMEDIATE to COMMIT), undone on any error."""
@@ -134,22 +143,11 @@ class SQLiteStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
-            # INCREMENTAL, so compaction can give pages back. A new file takes it as it
-            # is; a file from an earlier version needs one VACUUM to switch.
-            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            if self._db.execute("PRAGMA page_count").fetchone()[0] > 0:
-                self._db.execute("VACUUM")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
-        if "prev" not in columns:  # the document an event replaced: to undo it (list_at)
-            self._db.execute("ALTER TABLE events ADD COLUMN prev TEXT")
-        if self._db.execute("SELECT 1 FROM resources WHERE kind = ? LIMIT 1",
-                            (STATUS_KIND,)).fetchone():
-            self._db.executescript(MIGRATE_STATUS)
+        try:
+            self._db = self._open()
+        except sqlite3.Error as e:   # a full disk, a lock another process holds
+            raise Unavailable(f"the SQLite datastore {self.path} cannot be opened: {e}"
+                              ) from None
         self._lock = threading.Lock()
         self._changed: asyncio.Condition | None = None
         self._pending: collections.deque[_Pending] = collections.deque()
@@ -165,6 +163,31 @@ class SQLiteStore:
         self._thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="bulkhead-sqlite")
         self._thread_closed = False
+
+    def _open(self) -> sqlite3.Connection:
+        """The file's connection: WAL, every commit durable, the schema made or brought
+        up to date (an older server's file)."""
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                # INCREMENTAL, so compaction can give pages back. A new file takes it as
+                # it is; a file from an earlier version needs one VACUUM to switch.
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                if db.execute("PRAGMA page_count").fetchone()[0] > 0:
+                    db.execute("VACUUM")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+            if "prev" not in columns:  # the document an event replaced: to undo it
+                db.execute("ALTER TABLE events ADD COLUMN prev TEXT")
+            if db.execute("SELECT 1 FROM resources WHERE kind = ? LIMIT 1",
+                          (STATUS_KIND,)).fetchone():
+                db.executescript(MIGRATE_STATUS)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     # -- plumbing ---------------------------------------------------------------------
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -509,7 +532,7 @@ class SQLiteStore:
             elif etype == "DELETED":
                 state[(kind, name)] = json.loads(doc)
             elif prev is None:   # written before events kept what they replaced
-                raise TooOld(revision, compacted)
+                raise BeforeUndo(revision, newest_old_format(db))
             else:
                 state[(kind, name)] = json.loads(prev)
         return [Stored(k, n, int(d.get("metadata", {}).get("resourceVersion") or 0), d)
