@@ -94,7 +94,8 @@ def test_a_cache_written_after_this_clocks_now_is_not_read(tmp_path: Path,
     monkeypatch.setattr(time, "time", lambda: real() - 86_400)
     behind = DnsSnooper(DnsSettings(trusted_servers=(SERVER,)), snoop, tmp_path)
     with pytest.raises(ValueError, match="is the clock behind"):
-        behind.cache.load(behind.path, behind.clock(), -behind.clock.wall_shift())
+        behind.cache.load(behind.path, behind.clock(), -behind.clock.wall_shift(),
+                          refuse_future=True)
     behind.load()   # the agent's own: reported, and nothing taken
     assert behind.cache.to_json(behind.clock())["addresses"] == {}
     monkeypatch.setattr(time, "time", real)

@@ -70,3 +70,52 @@ async def test_an_object_todays_checks_refuse_can_still_be_deleted(server: Serve
             assert r.status == 200, await r.text()
         async with admin.get("/v1/resources/GlobalNetworkPolicy") as r:
             assert (await r.json())["items"] == []
+
+
+async def test_a_policy_whose_tier_is_left_out_is_left_out_too(server: Server) -> None:
+    """A Tier today's checks refuse (an order on a tier whose place is fixed) leaves its
+    policies without a tier, as the agents see it: the preview leaves them out too and
+    still answers."""
+    old = SQLiteStore(server.pki / "s.db")
+    try:
+        await old.transaction([
+            Op("put", "Tier", "kube-admin", {
+                "apiVersion": "projectcalico.org/v3", "kind": "Tier",
+                "metadata": {"name": "kube-admin"}, "spec": {"order": 5}}, None),
+            Op("put", "GlobalNetworkPolicy", "kube-admin.p", {
+                "apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+                "metadata": {"name": "kube-admin.p"},
+                "spec": {"tier": "kube-admin", "selector": "all()", "types": ["Ingress"]}},
+               None)])
+    finally:
+        await old.close()
+    async with server.client("web-1", "agent") as agent:
+        for _ in range(200):
+            async with agent.get("/v1/snapshot") as r:
+                if r.status == 200 and len((await r.json())["items"]) == 2:
+                    break
+            await asyncio.sleep(0.05)
+    async with server.client("alice", "admin") as admin:
+        async with admin.post("/v1/preview", json={"promote": "none"}) as r:
+            answer = await r.json()
+            assert r.status == 200, answer
+            assert [m.split(":")[0] for m in answer["leftOut"]] == [
+                "Tier kube-admin", "GlobalNetworkPolicy kube-admin.p"], answer["leftOut"]
+
+
+async def test_a_tier_admin_cannot_delete_its_ordered_tier(server: Server) -> None:
+    """Deleted and made again without its order, a tier would run after every ordered
+    one: only an admin without tier limits sets a tier's order, so only one deletes an
+    ordered tier."""
+    async with server.client("alice", "admin") as admin:
+        async with admin.post("/v1/resources/Tier", json={
+                "apiVersion": "projectcalico.org/v3", "kind": "Tier",
+                "metadata": {"name": "t1"}, "spec": {"order": 100}}) as r:
+            assert r.status == 201, await r.text()
+    async with server.client("ops", "admin", tiers=("t1",)) as ops:
+        async with ops.delete("/v1/resources/Tier/t1") as r:
+            text = await r.text()
+            assert r.status == 403 and "order of Tier t1" in text, text
+        async with ops.post("/v1/delete", data="kind: Tier\nmetadata: {name: t1}\n",
+                            headers={"Content-Type": "application/yaml"}) as r:
+            assert r.status == 403, await r.text()

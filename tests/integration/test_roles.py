@@ -699,6 +699,24 @@ def test_onboard_keeps_the_endpoint_of_a_host_without_an_address_now(own_server,
     assert after["node-2"]["spec"] == before["node-2"]["spec"]
     assert {n: d["metadata"]["labels"]["microseg.bulkhead.io/enforcement"]
             for n, d in after.items()} == {"node-1": "enforce", "node-2": "enforce"}
+    # A mode given reaches only the hosts of the group onboarded.
+    server.request("PUT", "/v1/resources/HostEndpoint/node-2", dict(
+        after["node-2"], metadata={**after["node-2"]["metadata"], "labels": {
+            **after["node-2"]["metadata"]["labels"],
+            "microseg.bulkhead.io/enforcement": "observe"}}))
+    fleet.write_text("all:\n  hosts:\n"
+                     "    node-1: {os: debian, ansible_host: 198.18.0.21}\n"
+                     "    node-2: {os: centos, ansible_host: node-2.example}\n")
+    onboard("-e", "bulkhead_enforcement=enforce", "-e", "bulkhead_onboard_group=label_os_debian")
+    mode = server.request("GET", "/v1/resources/HostEndpoint/node-2")["metadata"]["labels"]
+    assert mode["microseg.bulkhead.io/enforcement"] == "observe"
+    # An inventory that made no endpoint and holds none of the store's: still refused
+    # (syncing it would delete every endpoint of the owner).
+    fleet.write_text("all:\n  hosts:\n    other-1: {os: debian, ansible_host: other.example}\n")
+    out = run(["ansible-playbook", "-i", str(fleet), "-i", str(config),
+               str(ROOT / "playbooks" / "onboard.yml")], env, check=False)
+    assert out.returncode == 2 and "Syncing nothing" in " ".join(out.stdout.split()), out.stdout
+    assert names(server, "HostEndpoint") == ["node-1", "node-2"]
     # A host whose endpoint cannot even be named: nothing is synced (its endpoint could
     # not be told from one of a host gone).
     config.write_text("plugin: bulkhead.microseg.endpoints\nlabels:\n  os: os\n"

@@ -138,25 +138,20 @@ class DnsCounters:
     release_failures: int = 0     # held answers that could not be sent on (lost)
 
 
-def _since_boot() -> float:
-    """Seconds that only go forward, counting time suspended (CLOCK_BOOTTIME, Linux):
-    the kernel's element timeouts run on while a host or VM sleeps, so must the cache's."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
 class SteadyClock:
-    """Unix seconds that move with the boot-time clock: the wall clock's reading when
+    """Unix seconds that move with the monotonic clock: the wall clock's reading when
     made, then never stepped (NTP, `date -s`). The name cache's expiries, and the
     kernel's element timeouts taken from them, are in it: a step of the wall clock back
     would keep names in the kernel past their TTL by the step, one forward would drop
-    them all at once. The cache on disk is in wall-clock time (`wall_shift`), as
-    `bulkhead explain` and the next start read it."""
+    them all at once. Like the kernel's timeouts (jiffies), it does not count time
+    suspended, so the cache and the sets agree after a sleep. The cache on disk is in
+    wall-clock time (`wall_shift`), as `bulkhead explain` and the next start read it."""
 
     def __init__(self) -> None:
-        self._offset = time.time() - _since_boot()
+        self._offset = time.time() - time.monotonic()
 
     def __call__(self) -> float:
-        return _since_boot() + self._offset
+        return time.monotonic() + self._offset
 
     def wall_shift(self) -> float:
         """What to add to one of its times for the wall clock's."""
@@ -200,7 +195,8 @@ class DnsSnooper:
     # -- the cache on disk --------------------------------------------------------------
     def load(self) -> None:
         try:
-            count = self.cache.load(self.path, self.clock(), -self.clock.wall_shift())
+            count = self.cache.load(self.path, self.clock(), -self.clock.wall_shift(),
+                                    refuse_future=True)
         except (OSError, ValueError) as e:
             log.error("DNS name cache %s not read (starting empty): %s", self.path, e)
             return

@@ -29,16 +29,13 @@ from bulkhead.agent.config import AgentConfig, ConfigError
 from bulkhead.agent.http import HttpError, Response, Session, Timeout
 from bulkhead.api import KINDS, route
 from bulkhead.model import (
-    DEFAULT_TIER,
-    GlobalNetworkPolicy,
     GlobalNetworkSet,
     HostEndpoint,
     Metadata,
     Resource,
     Snapshot,
-    StagedGlobalNetworkPolicy,
-    Tier,
     ValidationError,
+    enforceable,
     parse_resource,
 )
 from bulkhead.model.table import Table
@@ -240,23 +237,8 @@ class DesiredState:
                 errors[key] = result
             else:
                 resources[key] = result
-        tiers = {DEFAULT_TIER} | {r.name for r in resources.values() if isinstance(r, Tier)}
-        for key, res in list(resources.items()):
-            if isinstance(res, GlobalNetworkPolicy | StagedGlobalNetworkPolicy) \
-                    and res.spec.tier not in tiers:
-                errors[key] = (f'{res.kind} {res.name}: spec.tier: tier "{res.spec.tier}" '
-                               "does not exist; the policy is left out")
-                del resources[key]
-        while True:
-            try:
-                snapshot = Snapshot.build(resources.values())
-                break
-            except ValidationError as e:  # cannot happen after the checks above; be safe
-                key = (e.kind, e.name)
-                if key not in resources:
-                    raise
-                errors[key] = f"{e}; left out"
-                del resources[key]
+        snapshot, left_out = enforceable(resources)
+        errors.update(left_out)
         # In Tables, so that the next change's snapshot shares what it does not change.
         snapshot = replace(snapshot, host_endpoints=Table(snapshot.host_endpoints),
                            network_sets=Table(snapshot.network_sets))

@@ -69,8 +69,11 @@ def render(answer: dict[str, Any]) -> str:
         lines.append(f"In enforce mode for the preview: {printable(answer['enforce'])}.")
     left_out = answer.get("leftOut") or []
     if left_out:
-        lines.append(f"Left out, as the agents leave them out ({len(left_out)} stored objects "
-                     "today's checks refuse): " + printable("; ".join(left_out[:5])) + ".")
+        lines.append(f"Left out, as the agents leave them out ({len(left_out)} stored "
+                     "objects):")
+        lines += [f"  - {printable(m)}" for m in left_out[:10]]
+        if len(left_out) > 10:
+            lines.append(f"  ... and {len(left_out) - 10} more")
     for change, title in TITLES.items():
         groups = answer[change]
         lines.append("")

@@ -44,7 +44,7 @@ from bulkhead.model.resources import (
     check_resource_name,
     parse_resource,
 )
-from bulkhead.model.snapshot import Snapshot
+from bulkhead.model.snapshot import Snapshot, enforceable
 
 __all__ = [
     "API_VERSION", "DEFAULT_ALLOW", "DEFAULT_ALLOW_PROFILE", "DEFAULT_TIER",
@@ -53,6 +53,7 @@ __all__ = [
     "EndpointPort", "EntityRule", "GlobalNetworkPolicy", "GlobalNetworkSet", "HostEndpoint",
     "ICMPMatch", "LoadError", "Metadata", "NamedPort", "PolicySpec", "Port", "PortRange",
     "Profile", "Resource", "Rule", "Snapshot", "StagedGlobalNetworkPolicy", "Tier",
-    "ValidationError", "check_resource_name", "documents", "dump_json", "dump_yaml", "flatten",
+    "ValidationError", "check_resource_name", "documents", "dump_json", "dump_yaml",
+    "enforceable", "flatten",
     "json_value", "load_paths", "load_text", "parse_documents", "parse_resource", "strict_yaml",
 ]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from bulkhead.model.errors import ValidationError
 from bulkhead.model.resources import (
     DEFAULT_ALLOW,
+    DEFAULT_TIER,
     DEFAULT_TIER_RESOURCE,
     GlobalNetworkPolicy,
     GlobalNetworkSet,
@@ -81,3 +82,28 @@ class Snapshot:
 
     def ordered_tiers(self) -> list[Tier]:
         return sorted(self.tiers.values(), key=lambda t: order_key(t.order, t.name))
+
+
+def enforceable(resources: Mapping[tuple[str, str], Resource]
+                ) -> tuple[Snapshot, dict[tuple[str, str], str]]:
+    """The snapshot of `resources` (by kind and name) that agents enforce, and what is
+    left out of it, a message each: a policy whose tier is not there, and an object the
+    snapshot refuses. What the agents build from the store, and what a preview judges
+    against."""
+    kept = dict(resources)
+    errors: dict[tuple[str, str], str] = {}
+    tiers = {DEFAULT_TIER} | {r.name for r in kept.values() if isinstance(r, Tier)}
+    for key, res in list(kept.items()):
+        if isinstance(res, GlobalNetworkPolicy) and res.spec.tier not in tiers:
+            errors[key] = (f'{res.kind} {res.name}: spec.tier: tier "{res.spec.tier}" '
+                           "does not exist; the policy is left out")
+            del kept[key]
+    while True:
+        try:
+            return Snapshot.build(kept.values()), errors
+        except ValidationError as e:   # not expected after the checks above; be safe
+            key = (e.kind, e.name)
+            if key not in kept:
+                raise
+            errors[key] = f"{e}; left out"
+            del kept[key]

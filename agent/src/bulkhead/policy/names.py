@@ -346,14 +346,17 @@ class NameCache:
                     "aliases": {n: {v: x + shift for v, x in e.items()}
                                 for n, e in sorted(self._aliases.items())}}
 
-    def load_json(self, data: Mapping[str, Any], now: float, shift: float = 0.0) -> int:
+    def load_json(self, data: Mapping[str, Any], now: float, shift: float = 0.0,
+                  refuse_future: bool = False) -> int:
         """Take a saved cache's live entries (a malformed one raises ValueError, and
-        nothing is taken), their expiries plus `shift`; the number of names taken."""
+        nothing is taken), their expiries plus `shift`; the number of names taken.
+        `refuse_future`: a cache saved after this clock's now is refused (the agent's
+        own, at start); a reader elsewhere (`explain`) takes it."""
         if not isinstance(data, Mapping) or data.get("version") != CACHE_VERSION:
             raise ValueError(f"not a version {CACHE_VERSION} name cache")
         saved = data.get("saved")
-        if isinstance(saved, int | float) and not isinstance(saved, bool) and \
-                saved > now - shift + FUTURE_SLACK:
+        if refuse_future and isinstance(saved, int | float) and \
+                not isinstance(saved, bool) and saved > now - shift + FUTURE_SLACK:
             # Written later than this clock's now: the clock is behind (a host without a
             # battery-backed clock, before NTP). Its entries would live that much longer.
             raise ValueError(f"written {saved - (now - shift):.0f} s after this clock's "
@@ -397,7 +400,8 @@ class NameCache:
         tmp.write_text(text)
         tmp.replace(path)
 
-    def load(self, path: Path, now: float, shift: float = 0.0) -> int:
+    def load(self, path: Path, now: float, shift: float = 0.0,
+             refuse_future: bool = False) -> int:
         """Read a cache written by `save` (its expiries plus `shift`); 0 if there is none.
         Raises ValueError for a file that is not one (nothing is taken from it)."""
         try:
@@ -408,4 +412,4 @@ class NameCache:
             data = json.loads(text)
         except ValueError as e:
             raise ValueError(f"{path}: not JSON: {e}") from None
-        return self.load_json(data, now, shift)
+        return self.load_json(data, now, shift, refuse_future)

@@ -28,12 +28,12 @@ from bulkhead.model import (
     GlobalNetworkPolicy,
     LoadError,
     Resource,
-    Snapshot,
     StagedGlobalNetworkPolicy,
     Tier,
     ValidationError,
     check_resource_name,
     documents,
+    enforceable,
     flatten,
     json_value,
     parse_documents,
@@ -316,6 +316,10 @@ def _authorize_delete(identity: Identity, s: Stored) -> None:
     """`_authorize_write` for deleting what is stored, which need not be valid today."""
     if identity.role != "admin":
         raise forbidden(identity, f"write {s.kind} {s.name}")
+    if identity.tiers and s.kind == "Tier" and _stored_order(s.doc) is not None:
+        # Deleted and made again without its order, it would run after every ordered tier.
+        raise forbidden(identity, f"set the order of Tier {s.name} (only an admin without "
+                        "tier limits sets tier order)")
     tier = _stored_tier(s.kind, s.name, s.doc)
     if identity.tiers and (tier is None or not identity.may_touch_tier(tier)):
         where = f"tier {tier}" if tier else f"{s.kind} (not in a tier)"
@@ -894,6 +898,7 @@ async def promote(request: web.Request) -> web.Response:
         if staged is None:
             raise ApiError(404, "NotFound", f"StagedGlobalNetworkPolicy {name} not found; "
                            "nothing was promoted")
+        _authorize_delete(identity, staged)   # its tier's admin, before what it says
         try:
             policy = parse_resource(staged.doc)
         except ValidationError as e:
@@ -1243,17 +1248,22 @@ async def post_preview(request: web.Request) -> web.Response:
 
     def judge() -> dict[str, Any]:
         manifests = preview_api.load_manifests(wanted.manifests) if wanted.manifests else []
-        # A stored object today's checks refuse (taken by an older server) is left out,
-        # as the agents leave it out, and named in the answer.
-        current, left_out = [], []
+        # What the agents enforce: a stored object today's checks refuse (taken by an
+        # older server), or a policy whose tier is left out, is left out, and named.
+        parsed: dict[tuple[str, str], Resource] = {}
+        left_out: list[str] = []
         for doc in objects:
             try:
-                current.append(parse_resource(doc))
+                r = parse_resource(doc)
+                parsed[r.key] = r
             except ValidationError as e:
-                left_out.append(f"{e}; left out, as the agents leave it out")
+                left_out.append(str(e))
+        now_snapshot, refused = enforceable(parsed)
+        left_out += [refused[k] for k in sorted(refused)]
+        current = [r for k, r in sorted(parsed.items()) if k not in refused]
         proposed, names = proposed_state(current, manifests, wanted.promote, wanted.enforce)
         answer = preview_api.preview(logs.store, proposed, wanted, time.time(), names,
-                                     Snapshot.build(current))
+                                     now_snapshot)
         if left_out:
             answer["leftOut"] = left_out
         return answer

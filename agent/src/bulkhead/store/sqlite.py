@@ -142,10 +142,10 @@ class SQLiteStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = self._open()
-        except sqlite3.Error as e:   # a full disk, a lock another process holds
+        except (sqlite3.Error, OSError) as e:   # a full disk, a lock held, a permission
             raise Unavailable(f"the SQLite datastore {self.path} cannot be opened: {e}"
                               ) from None
         self._lock = threading.Lock()
