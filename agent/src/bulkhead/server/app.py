@@ -1252,14 +1252,23 @@ async def post_preview(request: web.Request) -> web.Response:
         # older server), or a policy whose tier is left out, is left out, and named.
         parsed: dict[tuple[str, str], Resource] = {}
         left_out: list[str] = []
+        gone: set[tuple[str, str]] = set()
         for doc in objects:
             try:
                 r = parse_resource(doc)
                 parsed[r.key] = r
             except ValidationError as e:
                 left_out.append(str(e))
+                gone.add((e.kind, e.name))
         now_snapshot, refused = enforceable(parsed)
         left_out += [refused[k] for k in sorted(refused)]
+        if isinstance(wanted.promote, tuple):
+            for name in wanted.promote:
+                if ("StagedGlobalNetworkPolicy", name) in gone | set(refused):
+                    raise PromotionConflict(
+                        f"StagedGlobalNetworkPolicy {name} is stored, but left out as the "
+                        "agents leave it out (today's checks refuse it: see leftOut); "
+                        "apply it again corrected")
         current = [r for k, r in sorted(parsed.items()) if k not in refused]
         proposed, names = proposed_state(current, manifests, wanted.promote, wanted.enforce)
         answer = preview_api.preview(logs.store, proposed, wanted, time.time(), names,
