@@ -179,6 +179,15 @@ preview:
       type: bool
       returned: always
       sample: false
+    leftOut:
+      description:
+        - Stored objects left out of the state judged, as the agents leave them out, a message each
+          (objects an older server took that today's checks refuse, and the policies of a tier left out).
+        - Each is also a warning of the module.
+      type: list
+      elements: str
+      returned: when there are any
+      sample: ["GlobalNetworkPolicy default.dd: spec.egress[0].destination.domains: only valid for Allow rules (the action is Deny)"]
     totals:
       description:
         - C(records) and C(connections) for each of C(newlyDenied), C(newlyAllowed),
@@ -288,6 +297,8 @@ def main():
         if result["preview"].get("truncated"):
             module.warn("the server judged only part of the records (truncated): the totals "
                         "are lower bounds; shorten hours")
+        for message in (result["preview"].get("leftOut") or [])[:10]:
+            module.warn("left out of the preview, as the agents leave it out: %s" % message)
         if not result["gates"]["passed"]:
             module.fail_json(msg="policy preview gate failed: " +
                              "; ".join(result["gates"]["failed"]), **result)
