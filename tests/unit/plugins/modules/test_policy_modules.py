@@ -99,6 +99,17 @@ def test_a_truncated_preview_warns(server, capsys, monkeypatch):
     assert len(warned) == 1 and "lower bounds" in warned[0]
 
 
+def test_objects_the_server_left_out_are_warned_of(server, capsys, monkeypatch):
+    warned = []
+    monkeypatch.setattr(BulkheadModule, "warn", lambda self, text: warned.append(text))
+    server.answers["/v1/preview"] = {"totals": TOTALS, "truncated": False,
+                                     "leftOut": ["GlobalNetworkPolicy default.dd: bad"]}
+    code, result = run(capsys, policy_preview)
+    assert code == 0 and result["preview"]["leftOut"] == ["GlobalNetworkPolicy default.dd: bad"]
+    assert warned == ["left out of the preview, as the agents leave it out: "
+                      "GlobalNetworkPolicy default.dd: bad"]
+
+
 @pytest.mark.parametrize("args,msg", [
     ({"max_denied": -1}, "max_denied: -1: give 0 or more connections"),
     ({"promote": "db-ingress"}, "promote: 'db-ingress': give a list of "
