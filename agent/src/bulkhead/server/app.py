@@ -320,11 +320,16 @@ def _authorize_delete(identity: Identity, s: Stored) -> None:
         # Deleted and made again without its order, it would run after every ordered tier.
         raise forbidden(identity, f"set the order of Tier {s.name} (only an admin without "
                         "tier limits sets tier order)")
-    tier = _stored_tier(s.kind, s.name, s.doc)
-    if identity.tiers and (tier is None or not identity.may_touch_tier(tier)):
-        where = f"tier {tier}" if tier else f"{s.kind} (not in a tier)"
-        raise forbidden(identity, f"write {s.kind} {s.name} in {where}; allowed tiers: "
-                        f"{', '.join(identity.tiers)}")
+    if not identity.tiers:
+        return
+    tiers = {_stored_tier(s.kind, s.name, s.doc)}
+    if s.kind in ("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy") and "." in s.name:
+        tiers.add(s.name.split(".", 1)[0])   # a valid policy's prefix is its tier
+    for tier in sorted(tiers, key=str):
+        if tier is None or not identity.may_touch_tier(tier):
+            where = f"tier {tier}" if tier else f"{s.kind} (not in a tier)"
+            raise forbidden(identity, f"write {s.kind} {s.name} in {where}; allowed "
+                            f"tiers: {', '.join(identity.tiers)}")
 
 
 def _authorize_write(identity: Identity, resource: Resource, old: Stored | None) -> None:
