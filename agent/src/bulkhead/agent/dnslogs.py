@@ -65,9 +65,8 @@ class DnsLogs:
             return 0
         try:
             await asyncio.to_thread(self.spool.put, records)
-        except OSError as e:   # kept: those not spooled before the failure
-            done = e.written if isinstance(e, SpoolWriteError) else 0
-            self._unspooled = records[done:][-self.settings.max_records:]
+        except SpoolWriteError as e:   # kept: those not spooled before the failure
+            self._unspooled = records[e.written:][-self.settings.max_records:]
             self.counters.spool_failures += 1
             log.error("DNS log records not written to the spool; kept in memory: %s", e)
             return 0

@@ -233,11 +233,10 @@ class FlowLogs:
         if records:
             try:
                 await asyncio.to_thread(self.spool.put, records)
-            except OSError as e:
+            except SpoolWriteError as e:
                 # Kept for the next flush (disk full, ...), up to one interval's worth:
                 # those not spooled before the failure.
-                done = e.written if isinstance(e, SpoolWriteError) else 0
-                self._unspooled = records[done:][-self.settings.max_records:]
+                self._unspooled = records[e.written:][-self.settings.max_records:]
                 self.counters.spool_failures += 1
                 log.error("flow records not written to the spool; kept in memory: %s", e)
                 return 0

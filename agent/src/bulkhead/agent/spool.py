@@ -98,7 +98,10 @@ class Spool:
         """Write `records` as files; SpoolWriteError (how many were written) if a write
         fails, so the caller keeps only the others."""
         with self._lock:
-            self._open()
+            try:
+                self._open()
+            except OSError as e:
+                raise SpoolWriteError(e, 0) from e
             self._put(records)
 
     def _put(self, records: Sequence[FlowRecord | DnsRecord]) -> None:

@@ -126,11 +126,10 @@ class Connection:
             return (f"{SETTINGS['cert']}: {self.cert} or {SETTINGS['key']}: "
                     f"{self.key or self.cert} is not a PEM certificate and key ({text})")
         if "CERTIFICATE_VERIFY_FAILED" in text:
-            for words in ("certificate has expired", "certificate is not yet valid"):
-                if words in text:
-                    return (f"the server's certificate (or the CA that issued it) "
-                            f"{words[len('certificate '):]} ({text}): renew it, or check "
-                            "this machine's clock")
+            for words in ("has expired", "is not yet valid"):
+                if f"certificate {words}" in text:
+                    return (f"the server's certificate (or the CA that issued it) {words} "
+                            f"({text}): renew it, or check this machine's clock")
             if "mismatch" in text:
                 return (f"the server's certificate is not issued for "
                         f"{urllib.parse.urlsplit(self.server).hostname} ({text})")

@@ -312,47 +312,46 @@ def _stored_order(doc: Any) -> Any:
         else None
 
 
-def _authorize_delete(identity: Identity, s: Stored) -> None:
-    """`_authorize_write` for deleting what is stored, which need not be valid today."""
+def _check_tiers(identity: Identity, kind: str, name: str, tiers: set[str | None],
+                 order_moves: bool = False) -> None:
+    """An admin's write of `kind` `name` touching `tiers` (None: not in a tier), which
+    `order_moves` a Tier's order: refused beyond the admin's tier limits."""
     if identity.role != "admin":
-        raise forbidden(identity, f"write {s.kind} {s.name}")
-    if identity.tiers and s.kind == "Tier" and _stored_order(s.doc) is not None:
-        # Deleted and made again without its order, it would run after every ordered tier.
-        raise forbidden(identity, f"set the order of Tier {s.name} (only an admin without "
-                        "tier limits sets tier order)")
+        raise forbidden(identity, f"write {kind} {name}")
     if not identity.tiers:
         return
+    if order_moves:
+        # A tier's place among tiers decides what runs before whose policies: that is
+        # the cluster admin's call, never a tier admin's.
+        raise forbidden(identity, f"set the order of Tier {name} (only an admin without "
+                        "tier limits sets tier order)")
+    for tier in sorted(tiers, key=str):
+        if tier is None or not identity.may_touch_tier(tier):
+            where = f"tier {tier}" if tier else f"{kind} (not in a tier)"
+            raise forbidden(identity, f"write {kind} {name} in {where}; allowed tiers: "
+                            f"{', '.join(identity.tiers)}")
+
+
+def _authorize_delete(identity: Identity, s: Stored) -> None:
+    """`_authorize_write` for deleting what is stored, which need not be valid today.
+    An ordered Tier deleted and made again without its order would run after every
+    ordered tier: its deletion moves its order."""
     tiers = {_stored_tier(s.kind, s.name, s.doc)}
     if s.kind in ("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy") and "." in s.name:
         tiers.add(s.name.split(".", 1)[0])   # a valid policy's prefix is its tier
-    for tier in sorted(tiers, key=str):
-        if tier is None or not identity.may_touch_tier(tier):
-            where = f"tier {tier}" if tier else f"{s.kind} (not in a tier)"
-            raise forbidden(identity, f"write {s.kind} {s.name} in {where}; allowed "
-                            f"tiers: {', '.join(identity.tiers)}")
+    _check_tiers(identity, s.kind, s.name, tiers,
+                 s.kind == "Tier" and _stored_order(s.doc) is not None)
 
 
 def _authorize_write(identity: Identity, resource: Resource, old: Stored | None) -> None:
-    if identity.role != "admin":
-        raise forbidden(identity, f"write {resource.kind} {resource.name}")
-    if not identity.tiers:
-        return
+    moves = False
     if isinstance(resource, Tier):
-        # A tier's place among tiers decides what runs before whose policies: that is
-        # the cluster admin's call, never a tier admin's.
         old_order = _stored_order(old.doc) if old is not None else None
-        new_order = None if resource.order is None else float(resource.order)
-        if new_order != old_order:
-            raise forbidden(identity, f"set the order of Tier {resource.name} (only an "
-                            "admin without tier limits sets tier order)")
+        moves = (None if resource.order is None else float(resource.order)) != old_order
     tiers = {_tier_of(resource)}
     if old is not None:
         tiers.add(_stored_tier(old.kind, old.name, old.doc))
-    for tier in tiers:
-        if tier is None or not identity.may_touch_tier(tier):
-            where = f"tier {tier}" if tier else f"{resource.kind} (not in a tier)"
-            raise forbidden(identity, f"write {resource.kind} {resource.name} in {where}; "
-                            f"allowed tiers: {', '.join(identity.tiers)}")
+    _check_tiers(identity, resource.kind, resource.name, tiers, moves)
 
 
 def _parse(doc: Any) -> Resource:

@@ -41,10 +41,10 @@ class Conflict(StoreError):
 class TooOld(StoreError):
     """The requested revision is older than the history the store keeps: resync."""
 
-    def __init__(self, revision: int, oldest: int) -> None:
+    def __init__(self, revision: int, oldest: int, message: str | None = None) -> None:
         self.revision, self.oldest = revision, oldest
-        super().__init__(f"revision {revision} is too old (history starts after {oldest}); "
-                         "list again")
+        super().__init__(message or f"revision {revision} is too old (history starts "
+                         f"after {oldest}); list again")
 
 
 class BeforeUndo(TooOld):
@@ -52,13 +52,10 @@ class BeforeUndo(TooOld):
     older server wrote without keeping what they replaced (up to revision `oldest`)."""
 
     def __init__(self, revision: int, oldest: int) -> None:
-        super().__init__(revision, oldest)
-        self.args = (f"revision {revision}: the changes up to revision {oldest} were "
-                     "written by an older server, which did not keep what they replaced; "
-                     f"the state at revision {oldest} or later can be rebuilt",)
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+        super().__init__(revision, oldest, f"revision {revision}: the changes up to revision "
+                         f"{oldest} were written by an older server, which did not keep what "
+                         f"they replaced; the state at revision {oldest} or later can be "
+                         "rebuilt")
 
 
 class FutureRevision(StoreError):
