@@ -78,7 +78,29 @@ def test_named_ports_and_negations() -> None:
     named = next(r for r in v4 if "ip daddr . meta l4proto . th dport @np4_" in r)
     np_set = named.split("th dport @")[1].split()[0]
     assert rs.sets[np_set].elements == ("198.18.0.12 . 6 . 5432",)
-    assert any("meta l4proto . @th,0,8 != { 1 . 8 } drop" in r for r in tier.rules)
+    assert any("meta l4proto 1 @th,0,8 != 8 drop" in r for r in tier.rules)
+
+
+def test_not_icmp_matches_only_the_icmp_of_the_packets_family() -> None:
+    """felix renders notICMP as `icmp type != N` (IPv4) and `icmpv6 type != N` (IPv6):
+    with no protocol in the rule, the match names the ICMP of each family, and a rule of
+    another protocol can never match."""
+    docs = [hep("db", "n1", "198.18.0.12", {"app": "db"}),
+            gnp("db", {"selector": "app == 'db'", "ingress": [
+                {"action": "Deny", "notICMP": {"type": 8}},
+                {"action": "Deny", "notICMP": {"type": 3, "code": 1}},
+                {"action": "Deny", "destination": {"nets": ["2001:2::/48"]},
+                 "notICMP": {"type": 128}},
+                {"action": "Deny", "protocol": "TCP", "notICMP": {"type": 8}}]})]
+    rs = render(calculate(snap(*docs), "n1", {}, Failsafes.off()))
+    tier = next(c for n, c in rs.chains.items() if n.startswith("t_"))
+    drops = [r for r in tier.rules if " drop " in r]
+    assert any("meta nfproto . meta l4proto { ipv4 . 1, ipv6 . 58 } @th,0,8 != 8 drop"
+               in r for r in drops)
+    assert any("{ ipv4 . 1, ipv6 . 58 } @th,0,8 . @th,8,8 != { 3 . 1 } drop" in r
+               for r in drops)
+    assert any("meta nfproto ipv6 meta l4proto 58 @th,0,8 != 128 " in r for r in drops)
+    assert not any("l4proto 6" in r for r in drops)   # TCP and notICMP: never a match
 
 
 def test_staged_policies_do_not_change_the_table() -> None:

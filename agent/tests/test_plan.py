@@ -15,6 +15,7 @@ from bulkhead.net import AddressSet, address_text
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
 from bulkhead.policy.semantics import effective_labels, rule_ip_version, staged_view
+from bulkhead.selector import parse as parse_selector
 from tests import nftfixture
 
 V3 = "projectcalico.org/v3"
@@ -192,10 +193,20 @@ def test_named_ports_resolve_through_every_endpoints_ports() -> None:
              ports=[{"name": "pg", "protocol": "TCP", "port": 5432}])
     db2 = hep("db2", "n3", ["198.18.0.13"], {"app": "db"},
               ports=[{"name": "pg", "protocol": "UDP", "port": 6000}])
-    plan = plan_of(WEB, db, db2, gnp("to-pg", "app == 'web'", egress=[
-        {"action": "Allow", "protocol": "TCP", "destination": {"ports": ["pg"]}}]))
+    db3 = hep("db3", "n4", ["198.18.0.14"], {"app": "cache"},
+              ports=[{"name": "pg", "protocol": "TCP", "port": 5432}])
+    plan = plan_of(WEB, db, db2, db3, gnp("to-pg", "app == 'web'", egress=[
+        {"action": "Allow", "protocol": "TCP", "destination": {"ports": ["pg"]}},
+        {"action": "Allow", "protocol": "TCP",
+         "destination": {"selector": "app == 'db'", "notPorts": ["pg"]}}]))
     assert [(address_text(e.address, e.family), e.protocol, e.port)
-            for e in plan.named_ports["pg"]] == [
+            for e in plan.named_ports[(None, "pg")]] == [
+        ("198.18.0.12", 6, 5432), ("198.18.0.13", 17, 6000), ("198.18.0.14", 6, 5432),
+        ("2001:db8::c", 6, 5432)]
+    # Under a selector, only the endpoints it matches (felix's named-port IP sets), for
+    # notPorts too: db3 has pg but is no app == 'db'.
+    assert [(address_text(e.address, e.family), e.protocol, e.port)
+            for e in plan.named_ports[(parse_selector("app == 'db'"), "pg")]] == [
         ("198.18.0.12", 6, 5432), ("198.18.0.13", 17, 6000), ("2001:db8::c", 6, 5432)]
 
 

@@ -196,6 +196,29 @@ def test_icmp_and_protocol_less_rules() -> None:
     assert not ev.evaluate(Flow.make(WEB, DB, "UDP", 9)).allowed
 
 
+def test_not_icmp_matches_only_icmp_messages_of_the_flows_family() -> None:
+    """felix: `icmp type != N` in the IPv4 table, `icmpv6 type != N` in the IPv6 one."""
+    pol = res("GlobalNetworkPolicy", "p", {"selector": "app == 'db'", "ingress": [
+        {"action": "Allow", "notICMP": {"type": 0}}]})
+    web6, db6 = "2001:2::11", "2001:2::12"
+    ev = evaluator(pol, hosts=[hep("web", WEB, {"app": "web"}), hep("db", DB, {"app": "db"}),
+                               hep("web6", web6, {"app": "web"}),
+                               hep("db6", db6, {"app": "db"})])
+    assert ev.evaluate(Flow.make(WEB, DB, "ICMP", icmp_type=8)).allowed
+    assert not ev.evaluate(Flow.make(WEB, DB, "ICMP", icmp_type=0)).allowed
+    assert not ev.evaluate(tcp(WEB, DB, 5432)).allowed
+    assert not ev.evaluate(Flow.make(WEB, DB, "UDP", 5353)).allowed
+    assert ev.evaluate(Flow.make(web6, db6, "ICMPv6", icmp_type=128)).allowed
+    assert not ev.evaluate(Flow.make(web6, db6, "ICMP", icmp_type=8)).allowed
+    assert not ev.evaluate(tcp(web6, db6, 5432)).allowed
+    words = explain_text(ev, ev.evaluate(tcp(WEB, DB, 5432)))
+    assert "protocol TCP is ICMP" in words, words
+    # With another protocol in the rule, a notICMP never matches.
+    tcp_rule = res("GlobalNetworkPolicy", "p", {"selector": "app == 'db'", "ingress": [
+        {"action": "Allow", "protocol": "TCP", "notICMP": {"type": 0}}]})
+    assert not evaluator(tcp_rule).evaluate(tcp(WEB, DB, 5432)).allowed
+
+
 def test_source_ports_unknown_unless_given() -> None:
     pol = res("GlobalNetworkPolicy", "p", {"selector": "app == 'db'", "ingress": [
         {"action": "Allow", "protocol": "TCP", "source": {"ports": ["1024:65535"]}}]})

@@ -427,7 +427,9 @@ class Impact:
             values.append(self._icmp(ctx, rule.icmp.type, rule.icmp.code))
         not_icmp = icmp_criterion(rule.not_icmp)
         if not_icmp is not None:
-            values.append(_not(self._icmp(ctx, not_icmp.type, not_icmp.code)))
+            # Only ICMP messages (semantics): a record of TCP or UDP never matches.
+            values.append(False if r.proto not in (1, 58)
+                          else _not(self._icmp(ctx, not_icmp.type, not_icmp.code)))
         if False in values:
             return False
         values += self._side(ctx, rule.source, ctx.src, "source")
@@ -460,9 +462,9 @@ class Impact:
         if entity.not_selector is not None:
             out.append(_not(self._selected(ctx, end, entity.not_selector.matches, side)))
         if entity.ports:
-            out.append(self._ports(ctx, end, entity.ports, side))
+            out.append(self._ports(ctx, end, entity.ports, side, entity.selector))
         if entity.not_ports:
-            out.append(_not(self._ports(ctx, end, entity.not_ports, side)))
+            out.append(_not(self._ports(ctx, end, entity.not_ports, side, entity.selector)))
         if entity.domains:
             out.append(self._named(ctx, entity.domains))
         return out
@@ -519,7 +521,9 @@ class Impact:
             return None
         return False
 
-    def _ports(self, ctx: _Ctx, end: _EndView, ports: Sequence[object], side: str) -> Tri:
+    def _ports(self, ctx: _Ctx, end: _EndView, ports: Sequence[object], side: str,
+               selector: Selector | None) -> Tri:
+        """A named port counts only on an endpoint the side's selector matches (rules)."""
         r = ctx.record
         if r.proto not in PORTED:
             return False
@@ -532,7 +536,9 @@ class Impact:
                 if end.endpoints is None:
                     unknown = True
                 elif any(ep.name == p.name and protocol_number(ep.protocol) == r.proto
-                         and ep.port == r.dst_port for h in end.endpoints for ep in h.ports):
+                         and ep.port == r.dst_port
+                         and (selector is None or selector.matches(self._labels[h.name]))
+                         for h in end.endpoints for ep in h.ports):
                     return True
             elif r.dst_port in p:  # type: ignore[operator]
                 return True

@@ -60,7 +60,7 @@ class SidePlan:
     selector: Selector | None = None
     not_selector: Selector | None = None
     ports: tuple[tuple[int, int], ...] = ()        # inclusive ranges
-    named_ports: tuple[str, ...] = ()              # addresses in NodePlan.named_ports
+    named_ports: tuple[str, ...] = ()              # entries: NodePlan.named_ports[port_key]
     not_ports: tuple[tuple[int, int], ...] = ()
     not_named_ports: tuple[str, ...] = ()
     domains: tuple[str, ...] = ()
@@ -70,6 +70,12 @@ class SidePlan:
         """Whether the side looks at an address whose family a set must match."""
         return bool(self.selector or self.not_selector or self.named_ports
                     or self.not_named_ports or self.domains)
+
+    def port_key(self, name: str) -> NamedPortKey:
+        """Where the entries of the side's named port (or not-port) `name` are: only
+        endpoints the side's selector matches count (felix filters a named port's IP set
+        by the rule's positive selector: network sets have no ports)."""
+        return (self.selector, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,13 +147,18 @@ class NamedPortEntry:
     port: int
 
 
+# A named port, as a rule side uses it: the side's selector (None: every endpoint) and
+# the port's name (`SidePlan.port_key`).
+NamedPortKey = tuple[Selector | None, str]
+
+
 @dataclass
 class NodePlan:
     node: str
     endpoints: list[EndpointPlan]
     failsafes: Failsafes
     selector_sets: dict[Selector, AddressSet]
-    named_ports: dict[str, tuple[NamedPortEntry, ...]]
+    named_ports: dict[NamedPortKey, tuple[NamedPortEntry, ...]]
     warnings: list[str] = field(default_factory=list)
     # The destination selectors of egress Allow rules that select network sets with
     # allowedEgressDomains, and those domains (sorted): such a rule also allows the
@@ -414,11 +425,11 @@ def _resolve_sets(snapshot: Snapshot, labels: Mapping[str, Mapping[str, str]],
     selectors' members, if already known (the incremental calculator keeps them)."""
     if members is None:
         members = members_of(snapshot, labels, selectors_of(plan))
-    port_names: set[str] = set()
+    port_keys: set[NamedPortKey] = set()
     for rule in _all_rules(plan):
         for side in (rule.source, rule.destination):
-            port_names.update(side.named_ports)
-            port_names.update(side.not_named_ports)
+            port_keys.update(side.port_key(n) for n in (*side.named_ports,
+                                                        *side.not_named_ports))
     heps = sorted(snapshot.host_endpoints.values(), key=lambda h: h.name)
     addresses = {h.name: [parse_network(ip) for ip in h.expected_ips] for h in heps
                  if h.ports}
@@ -433,8 +444,10 @@ def _resolve_sets(snapshot: Snapshot, labels: Mapping[str, Mapping[str, str]],
                           for d in netset.allowed_egress_domains})
         if domains:
             plan.domain_sets[sel] = tuple(domains)
-    for name in sorted(port_names):
-        plan.named_ports[name] = tuple(sorted({
+    for key in sorted(port_keys, key=lambda k: (str(k[0] or ""), k[1])):
+        selector, name = key
+        plan.named_ports[key] = tuple(sorted({
             NamedPortEntry(family, first, protocol_number(port.protocol), port.port)
             for hep in heps for port in hep.ports if port.name == name
+            if selector is None or selector.matches(labels[hep.name])
             for family, first, _ in addresses[hep.name]}))

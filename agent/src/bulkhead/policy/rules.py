@@ -18,7 +18,7 @@ from bulkhead.model import (
 )
 from bulkhead.model.checks import protocol_number
 from bulkhead.policy.flow import Flow, protocol_name
-from bulkhead.policy.semantics import icmp_criterion, rule_ip_version
+from bulkhead.policy.semantics import icmp_criterion, icmp_protocol, rule_ip_version
 from bulkhead.selector import Selector
 
 
@@ -27,7 +27,7 @@ class Peer:
     """What stands at one address of a flow: host endpoints and network sets."""
 
     endpoints: Sequence[HostEndpoint]
-    labels: Sequence[Mapping[str, str]]  # of those endpoints and of the network sets
+    labels: Sequence[Mapping[str, str]]  # of those endpoints (in order), then network sets
     names: Sequence[str]                 # for the trace: "hep web", "set corp-nets"
     # Network sets that hold the address only through allowedEgressDomains (a name the
     # flow's destination was resolved from): they count only for the destination selector
@@ -77,13 +77,18 @@ def _peer_words(peer: Peer, domains: bool = False) -> str:
     return ", ".join(names) if names else "no endpoint or network set"
 
 
-def _port_matches(ports: Sequence[object], port: int | None, protocol: int,
-                  endpoints: Sequence[HostEndpoint]) -> bool:
+def _port_matches(ports: Sequence[object], port: int | None, protocol: int, peer: Peer,
+                  selector: Selector | None) -> bool:
+    """A named port counts only on an endpoint at the address that the side's (positive)
+    selector matches: felix's named-port IP sets hold the endpoints the selector matches
+    that have the port (network sets have none). Peer labels list the endpoints first."""
     if port is None:
         return False
     for p in ports:
         if isinstance(p, NamedPort):
-            if any(_named(ep.ports, p.name, protocol, port) for ep in endpoints):
+            if any(_named(ep.ports, p.name, protocol, port)
+                   and (selector is None or selector.matches(labels))
+                   for ep, labels in zip(peer.endpoints, peer.labels, strict=False)):
                 return True
         elif port in p:  # type: ignore[operator]
             return True
@@ -159,13 +164,13 @@ def _entity_criteria(side: str, entity: EntityRule, domain_sets: bool = False
         ports = entity.ports
         out.append(Criterion(
             lambda c: _port_matches(ports, _flow_port(c.flow, is_src), c.flow.protocol,
-                                    peer(c).endpoints),
+                                    peer(c), entity.selector),
             lambda c: f"{side} port {_flow_port(c.flow, is_src)} in ports {_fmt_ports(ports)}"))
     if entity.not_ports:
         not_ports = entity.not_ports
         out.append(Criterion(
-            lambda c: not _port_matches(not_ports, _flow_port(c.flow, is_src), c.flow.protocol,
-                                        peer(c).endpoints),
+            lambda c: not _port_matches(not_ports, _flow_port(c.flow, is_src),
+                                        c.flow.protocol, peer(c), entity.selector),
             lambda c: f"{side} port {_flow_port(c.flow, is_src)} outside notPorts "
                       f"{_fmt_ports(not_ports)}"))
     if entity.domains:
@@ -231,9 +236,13 @@ def compile_rule(rule: Rule, direction: str = INGRESS) -> list[Criterion]:
                                        f" matches icmp {icmp.dump()}"))
     nicmp = icmp_criterion(rule.not_icmp)
     if nicmp is not None:
-        out.append(Criterion(lambda c: not _icmp_matches(nicmp, c.flow),
-                             lambda c: f"ICMP type/code {c.flow.icmp_type}/{c.flow.icmp_code}"
-                                       f" outside notICMP {nicmp.dump()}"))
+        # Only ICMP messages of the flow's family (semantics): TCP and UDP never match.
+        out.append(Criterion(lambda c: c.flow.protocol == icmp_protocol(c.flow.version)
+                             and not _icmp_matches(nicmp, c.flow),
+                             lambda c: f"protocol {protocol_name(c.flow.protocol)} is "
+                                       f"{protocol_name(icmp_protocol(c.flow.version))}, "
+                                       f"type/code {c.flow.icmp_type}/{c.flow.icmp_code} "
+                                       f"outside notICMP {nicmp.dump()}"))
     out.extend(_entity_criteria("source", rule.source))
     out.extend(_entity_criteria("destination", rule.destination,
                                 domain_sets=direction == EGRESS and rule.action == "Allow"))

@@ -19,6 +19,10 @@ written once from Calico's documented semantics and tested on its own
 - A rule's `icmp` and `notICMP` are criteria only with a type: felix builds its ICMP match
   from the type (`if in.NotICMPType != nil`), so `notICMP: {}` is no criterion and
   `icmp: {}` matches every message of the rule's protocol.
+- A `notICMP` with a type matches only ICMP messages of the packet's own family (ICMP in
+  IPv4, ICMPv6 in IPv6) other than that type (and code), never TCP or UDP: felix renders
+  it as `icmp type != N` in its IPv4 table and `icmpv6 type != N` in its IPv6 one
+  (felix/rules/policy.go, `NotICMPType`), matches that carry the ICMP protocol with them.
 """
 
 from __future__ import annotations
@@ -123,6 +127,11 @@ def rule_ip_version(rule: Rule) -> int | None:
         if number == 58:
             return 6
     return None
+
+
+def icmp_protocol(version: int) -> int:
+    """The ICMP protocol of an IP version: 1 (ICMP) for IPv4, 58 (ICMPv6) for IPv6."""
+    return 1 if version == 4 else 58
 
 
 def icmp_criterion(match: ICMPMatch | None) -> ICMPMatch | None:

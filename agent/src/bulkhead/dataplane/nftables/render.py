@@ -85,10 +85,12 @@ from bulkhead.policy.plan import (
     DIRECTIONS,
     DirectionPlan,
     EndpointPlan,
+    NamedPortKey,
     NodePlan,
     RulePlan,
     SidePlan,
 )
+from bulkhead.policy.semantics import icmp_protocol
 from bulkhead.policy.trace import (
     Decision,
     failsafe,
@@ -330,10 +332,11 @@ class _Renderer:
             self.rs.domain_sets[name] = tuple(domains)
         return name
 
-    def port_set(self, port_name: str, family: int) -> str:
-        name = f"np{family}_{_h(port_name)}"
+    def port_set(self, key: NamedPortKey, family: int) -> str:
+        selector, port_name = key
+        name = f"np{family}_{_h(port_name if selector is None else f'{port_name} {selector}')}"
         if name not in self.rs.sets:
-            entries = [e for e in self.plan.named_ports.get(port_name, ()) if e.family == family]
+            entries = [e for e in self.plan.named_ports.get(key, ()) if e.family == family]
             self.rs.sets[name] = NftSet(
                 name, f"ipv{family}_addr . inet_proto . inet_service",
                 elements=tuple(sorted({f"{address_text(e.address, family)} . {e.protocol} . "
@@ -420,8 +423,8 @@ class _Renderer:
         inputs = tuple(self.plan.selector_sets.get(sel) if sel is not None else None
                        for side in (rule.source, rule.destination)
                        for sel in (side.selector,)) + tuple(
-            self.plan.named_ports.get(name) for side in (rule.source, rule.destination)
-            for name in side.named_ports)
+            self.plan.named_ports.get(side.port_key(name))
+            for side in (rule.source, rule.destination) for name in side.named_ports)
         return self.cache.boxes(rule, family, inputs, lambda: rule_boxes(
             rule, family, self.plan.selector_sets, self.plan.named_ports))
 
@@ -487,16 +490,22 @@ class _Renderer:
             if code is not None:
                 parts.append(f"{word} code {code}")
         if rule.not_icmp is not None:   # always with a type (rule_plan)
+            # Only ICMP messages of the packet's own family, as felix's `icmp type != N`
+            # (IPv4 table) and `icmpv6 type != N` (IPv6 table) match: never TCP or UDP.
+            if rule.protocol is not None and rule.protocol not in (1, 58):
+                return None
+            if family is not None:
+                if rule.protocol not in (None, icmp_protocol(family)):
+                    return None
+                if rule.protocol is None:
+                    parts.append(f"meta l4proto {icmp_protocol(family)}")
+            elif rule.protocol is None:
+                parts.append("meta nfproto . meta l4proto { ipv4 . 1, ipv6 . 58 }")
             icmp_type, code = rule.not_icmp
-            protos = [rule.protocol] if rule.protocol in (1, 58) else [1, 58]
-            # Raw header bytes with the protocol in the key: true for any packet that is
-            # not an ICMP message of this type (and code), TCP and UDP included.
             if code is None:
-                keys = ", ".join(f"{p} . {icmp_type}" for p in protos)
-                parts.append(f"meta l4proto . @th,0,8 != {{ {keys} }}")
+                parts.append(f"@th,0,8 != {icmp_type}")
             else:
-                keys = ", ".join(f"{p} . {icmp_type} . {code}" for p in protos)
-                parts.append(f"meta l4proto . @th,0,8 . @th,8,8 != {{ {keys} }}")
+                parts.append(f"@th,0,8 . @th,8,8 != {{ {icmp_type} . {code} }}")
         return parts
 
     def _side(self, side: SidePlan, which: str, family: int | None,
@@ -527,7 +536,8 @@ class _Renderer:
             fixed.append(f"{port} != {{ {_ranges(side.not_ports)} }}")
         for name in side.not_named_ports:
             if family is not None:
-                fixed.append(f"{addr} . meta l4proto . {port} != @{self.port_set(name, family)}")
+                fixed.append(f"{addr} . meta l4proto . {port} != "
+                             f"@{self.port_set(side.port_key(name), family)}")
         ported: list[list[str]] = [[]]
         if side.ports or side.named_ports:
             ported = []
@@ -536,7 +546,7 @@ class _Renderer:
             for name in side.named_ports:
                 if family is not None:
                     ported.append([f"{addr} . meta l4proto . {port} "
-                                   f"@{self.port_set(name, family)}"])
+                                   f"@{self.port_set(side.port_key(name), family)}"])
         return [[*head, *peer, *fixed, *extra] for peer in peers for extra in ported]
 
     # -- chains -----------------------------------------------------------------------

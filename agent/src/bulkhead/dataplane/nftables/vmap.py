@@ -29,7 +29,7 @@ from bulkhead.net import (
     merge,
     separated,
 )
-from bulkhead.policy.plan import NamedPortEntry, RulePlan, SidePlan
+from bulkhead.policy.plan import NamedPortEntry, NamedPortKey, RulePlan, SidePlan
 from bulkhead.selector import Selector
 
 Interval = Span
@@ -54,7 +54,7 @@ def is_plain(rule: RulePlan) -> bool:
 class _Ctx:
     family: int
     selector_sets: Mapping[Selector, AddressSet]
-    named_ports: Mapping[str, tuple[NamedPortEntry, ...]]
+    named_ports: Mapping[NamedPortKey, tuple[NamedPortEntry, ...]]
 
 
 def _side_addresses(side: SidePlan, ctx: _Ctx) -> tuple[Interval, ...] | None:
@@ -84,7 +84,7 @@ def _side_boxes(side: SidePlan, which: str, ctx: _Ctx, protocol: int | None
     if side.ports:
         boxes.append({**base, port_field: list(side.ports)})
     for name in side.named_ports:
-        for entry in ctx.named_ports.get(name, ()):
+        for entry in ctx.named_ports.get(side.port_key(name), ()):
             if entry.family != ctx.family:
                 continue
             if protocol is not None and entry.protocol != protocol:
@@ -99,7 +99,7 @@ def _side_boxes(side: SidePlan, which: str, ctx: _Ctx, protocol: int | None
 
 def rule_boxes(rule: RulePlan, family: int,
                selector_sets: Mapping[Selector, AddressSet],
-               named_ports: Mapping[str, tuple[NamedPortEntry, ...]]) -> list[Box]:
+               named_ports: Mapping[NamedPortKey, tuple[NamedPortEntry, ...]]) -> list[Box]:
     """The rule's match in one IP family as a union of boxes ([] = matches nothing)."""
     if rule.ip_version not in (None, family):
         return []

@@ -57,6 +57,7 @@ from bulkhead.policy.plan import (
     RulePlan,
     SidePlan,
 )
+from bulkhead.policy.semantics import icmp_protocol
 from bulkhead.selector import Selector
 
 from .flat import (
@@ -156,17 +157,18 @@ def _field_box(family: int, local_side: bool, addresses: Spans | None = None,
     return Box(family, protocols, everything, addr, ALL_PORTS, port)
 
 
-def _port_boxes(plan: NodePlan, family: int, local_side: bool,
+def _port_boxes(plan: NodePlan, family: int, local_side: bool, side: SidePlan,
                 numeric: Sequence[tuple[int, int]], names: Iterable[str]) -> list[Box]:
     """The packets whose port on one side is one of `numeric`, or is a named port of an
-    endpoint at that side's address (for the named port's protocol)."""
+    endpoint at that side's address (for the named port's protocol) that the side's
+    selector matches."""
     out: list[Box] = []
     if numeric:
         out.append(_field_box(family, local_side, ports=merge(numeric)))
     by_port: dict[tuple[int, int], list[Span]] = {}
     for name in names:
         entry: NamedPortEntry
-        for entry in plan.named_ports.get(name, ()):
+        for entry in plan.named_ports.get(side.port_key(name), ()):
             if entry.family == family:
                 by_port.setdefault((entry.protocol, entry.port), []).append(
                     (entry.address, entry.address))
@@ -200,11 +202,11 @@ def _side(plan: NodePlan, region: list[Box], side: SidePlan, family: int,
         region = intersect_all(region, [_field_box(family, local_side, difference(
             everything, _addresses(plan, side.not_selector, family)))])
     if side.ports or side.named_ports:
-        region = intersect_all(region, _port_boxes(plan, family, local_side, side.ports,
-                                                   side.named_ports))
+        region = intersect_all(region, _port_boxes(plan, family, local_side, side,
+                                                   side.ports, side.named_ports))
     if side.not_ports or side.not_named_ports:
-        region = subtract_all(region, _port_boxes(plan, family, local_side, side.not_ports,
-                                                  side.not_named_ports))
+        region = subtract_all(region, _port_boxes(plan, family, local_side, side,
+                                                  side.not_ports, side.not_named_ports))
     return region
 
 
@@ -225,9 +227,11 @@ def rule_boxes(plan: NodePlan, rule: RulePlan, family: int, direction: str) -> l
     start = effective(Box(family, protocols, everything, everything, icmp=icmp))
     region = [] if start is None else [start]
     if rule.not_icmp is not None:   # always with a type (rule_plan)
-        region = subtract_all(region, [Box(family, ICMP_PROTOCOLS, everything, everything,
-                                           icmp=(icmp_span(rule.not_icmp[0],
-                                                           rule.not_icmp[1]),))])
+        # Only ICMP messages of this family, other than the type (and code): semantics.
+        own = ((icmp_protocol(family),) * 2,)
+        region = subtract_all(intersect_all(region, [Box(family, own, everything, everything)]),
+                              [Box(family, own, everything, everything,
+                                   icmp=(icmp_span(rule.not_icmp[0], rule.not_icmp[1]),))])
     # Ingress: the destination is the endpoint (local); egress: the source is.
     region = _side(plan, region, rule.source, family, local_side=direction == EGRESS)
     region = _side(plan, region, rule.destination, family, local_side=direction == INGRESS)
