@@ -232,19 +232,26 @@ class Hub:
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
+            timed_out = False
             while True:
                 if self.closing:
-                    return [], max(after, self.revision)
+                    # No events read here: the caller stays where it is (a revision
+                    # above it could stand for events it never got).
+                    return [], after
                 events = self.events_after(after) if after <= self.revision else []
                 if events is None or events:
                     return events, self.revision
                 remaining = deadline - loop.time()
-                if remaining > 0:
+                if remaining > 0 and not timed_out:
                     try:
                         await asyncio.wait_for(self._tick.wait(), remaining)
-                        continue
                     except TimeoutError:
-                        pass
+                        # A change may have come between the timer and this task's turn
+                        # (its broadcast found the wait cancelled): look again before
+                        # answering with a revision, which would then skip it for good.
+                        timed_out = True
+                    continue
+                # Nothing after `after` up to self.revision, read with no await since.
                 if after <= self.revision:
                     return [], self.revision
                 try:
