@@ -542,6 +542,11 @@ async def write_resource(request: web.Request) -> web.Response:
         raise ApiError(409, "Conflict", f"{kind} {resource.name}: resourceVersion "
                        f"{version!r} is not one this server wrote; read the resource again")
     expect = "absent" if creating else (version or "present")
+    if identity.tiers and old is not None and version is None:
+        # The rights were checked against `old`: the write commits only over it. A
+        # change in between (another admin moving the policy to a tier outside this
+        # admin's, or giving its Tier an order) makes it a 409, not a write over it.
+        expect = str(old.revision)
     if dry_run:
         return _json(_diff_entry(resource, old), 200)
     try:
@@ -576,8 +581,11 @@ async def delete_resource(request: web.Request) -> web.Response:
     if _dry_run(request):
         return _json({"kind": kind, "name": name, "action": "deleted"})
     try:
+        # Without a resourceVersion, the delete commits only over what was read (and
+        # authorized, and is answered): a change in between is a 409, as in delete_many.
         tx = await store.transaction([Op("delete", kind, name,
-                                         expect=None if version is None else str(version),
+                                         expect=str(old.revision if version is None
+                                                    else version),
                                          unreferenced=TIER_USERS if kind == "Tier" else None)],
                                      _audit(identity))
     except Conflict as e:
