@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from bulkhead.dataplane.nftables import render
 from bulkhead.policy import Failsafes
 from bulkhead.policy.plan import calculate
@@ -227,3 +229,35 @@ def test_a_run_over_its_cell_budget_is_rendered_rule_by_rule() -> None:
     logged_plain = render(calculate(snap(*docs), "n1", {}, Failsafes.off()),
                           compile_runs=False, flow_logs=FlowLogging())
     assert sorted(logged.chains) == sorted(logged_plain.chains)
+
+
+def test_untracked_and_pre_dnat_policies_are_one_chain_per_stage_and_tier() -> None:
+    """A Pass (`return`) in an untracked or pre-DNAT policy skips the rest of its tier's
+    policies of that stage: their rules share one chain, the next tier's are another."""
+    tier = {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
+            "metadata": {"name": "second"}, "spec": {"order": 20}}
+
+    def early(name: str, stage: str, order: int, rule: dict[str, Any],
+              in_tier: str = "default") -> dict[str, Any]:
+        return gnp(name, {"tier": in_tier, "order": order, "selector": "app == 'db'",
+                          stage: True, "applyOnForward": True, "ingress": [rule]})
+
+    docs = [hep("db", "n1", "198.18.0.12", {"app": "db"}, iface="eth0"), tier,
+            early("u1", "doNotTrack", 1, {"action": "Pass", "protocol": "UDP"}),
+            early("u2", "doNotTrack", 2, {"action": "Deny", "protocol": "UDP"}),
+            early("second.u3", "doNotTrack", 1, {"action": "Deny", "protocol": "TCP"},
+                  "second"),
+            early("p1", "preDNAT", 1, {"action": "Pass", "protocol": "TCP"}),
+            early("p2", "preDNAT", 2, {"action": "Deny", "protocol": "TCP"})]
+    rs = render(calculate(snap(*docs), "n1", {"eth0": ["198.18.0.12/24"]}, Failsafes.off()),
+                compile_runs=False)
+    endpoint = next(c for n, c in rs.chains.items() if n.startswith("e_"))
+    jumps = [r for r in endpoint.rules if r.startswith("jump p_")]
+    # Tier second (order 20) before default (Calico's default tier is ordered last).
+    assert [r.split("comment ")[1] for r in jumps] == [
+        '"policy second.u3"', '"policy u1, u2"', '"policy p1, p2"']
+    first = rs.chains[jumps[1].split()[1]].rules
+    assert [r.split(" comment")[0].split()[-1] for r in first] == ["return", "drop"]
+    raw = next(c for n, c in rs.chains.items() if n.startswith("u_"))
+    assert [r.split("comment ")[1] for r in raw.rules] == [
+        '"untracked policy second.u3"', '"untracked policy u1, u2"']

@@ -266,6 +266,35 @@ def test_staged_policies_never_change_the_enforced_verdict() -> None:
     assert not v.allowed and v.staged_allowed   # deleting db-ingress would open db again
 
 
+def test_an_untracked_pass_skips_the_rest_of_its_tier_only() -> None:
+    """felix walks untracked policies tier by tier: a Pass skips its tier's others, not
+    the next tier's; no match at the end falls through to the tiers."""
+    tiers = [res("Tier", "first", {"order": 10}), res("Tier", "second", {"order": 20})]
+
+    def untracked(name: str, tier: str, order: int, rule: dict[str, object]
+                  ) -> dict[str, object]:
+        return res("GlobalNetworkPolicy", name, {
+            "tier": tier, "order": order, "selector": "app == 'db'", "doNotTrack": True,
+            "applyOnForward": True, "ingress": [rule]})
+
+    hosts = [hep("web", WEB, {"app": "web"}), hep("app", APP, {"app": "app"}),
+             {**hep("db", DB, {"app": "db"}), "spec": {
+                 **hep("db", DB, {"app": "db"})["spec"], "interfaceName": "eth0"}}]
+    ev = evaluator(*tiers,
+                   untracked("first.pass-web", "first", 1,
+                             {"action": "Pass", "source": {"selector": "app == 'web'"}}),
+                   untracked("first.deny-tcp", "first", 2, {"action": "Deny", "protocol": "TCP"}),
+                   untracked("second.deny-81", "second", 1,
+                             {"action": "Deny", "protocol": "TCP",
+                              "destination": {"ports": [81]}}),
+                   hosts=hosts)
+    assert ev.evaluate(tcp(WEB, DB, 80)).allowed          # passed, then no match: profile
+    assert not ev.evaluate(tcp(WEB, DB, 81)).allowed      # passed, the next tier denies
+    assert not ev.evaluate(tcp(APP, DB, 80)).allowed      # first.deny-tcp
+    words = explain_text(ev, ev.evaluate(tcp(WEB, DB, 80)))
+    assert "first.deny-tcp skipped: a Pass left tier first" in words, words
+
+
 def test_untracked_and_pre_dnat_stages_come_first() -> None:
     untracked = res("GlobalNetworkPolicy", "raw", {
         "selector": "app == 'db'", "doNotTrack": True, "applyOnForward": True, "order": 1,

@@ -288,14 +288,23 @@ class Evaluator:
                 return DirectionVerdict(direction, hep.name, ALLOW, "failsafe", steps=(step,))
         labels = self._labels[hep.name]
 
-        # Untracked, then pre-DNAT policies: a matching Allow or Deny is final.
+        # Untracked, then pre-DNAT policies: a matching Allow or Deny is final; a Pass
+        # skips the rest of its tier's policies of the same stage (felix walks each
+        # stage's policies tier by tier, with no end-of-tier drop).
         early = list(view.untracked)
         if direction == INGRESS:
             early += view.pre_dnat
+        left: tuple[bool, str] | None = None    # (stage, tier) a Pass left
         for policy in early:
             if not selects(policy, labels, direction):
                 continue
             stage = "untracked" if policy.spec.do_not_track else "pre-DNAT"
+            if (policy.spec.do_not_track, policy.spec.tier) == left:
+                if trace:
+                    steps.append(Step("policy", f"{stage} policy {policy.name} skipped: a "
+                                      f"Pass left tier {policy.spec.tier}", policy.spec.tier,
+                                      policy.name, staged=policy.staged))
+                continue
             if trace:
                 steps.append(Step("policy", f"{stage} policy {policy.name} selects {hep.name}",
                                   policy.spec.tier, policy.name, staged=policy.staged))
@@ -304,6 +313,8 @@ class Evaluator:
                 return DirectionVerdict(direction, hep.name, outcome[0], "rule",
                                         policy.spec.tier, policy.name, outcome[1],
                                         policy.staged, tuple(steps), tuple(logged))
+            if outcome is not None and outcome[0] == PASS:
+                left = (policy.spec.do_not_track, policy.spec.tier)
 
         applicable = self._applicable(view, hep, direction)
         if trace and not applicable:

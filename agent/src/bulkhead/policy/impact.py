@@ -228,7 +228,8 @@ class _Ctx:
 class _Item:
     """One place of the flat program: a rule (None: a final Deny, at a tier's end or
     after the profiles), its step, and where a Pass goes (an untracked or pre-DNAT
-    policy's Pass: on to the next such policy, as the evaluator has it)."""
+    policy's Pass: past the rest of its tier's policies of that stage, as the evaluator
+    has it)."""
 
     rule: Rule | None
     step: str
@@ -593,14 +594,22 @@ class Impact:
         labels = self._labels[hep.name]
         program: list[_Item] = []
         early = self._untracked + (self._pre_dnat if direction == INGRESS else [])
+        group: list[_Item] = []
+        group_key: tuple[bool, str] | None = None
         for policy in early:
-            if selects(policy, labels, direction):
-                start = len(program)
-                rules = policy.spec.rules(direction)
-                for i, rule in enumerate(rules):
-                    program.append(_Item(rule, rule_decision(direction, policy.spec.tier,
-                                                             policy.name, i, rule.action).step,
-                                         pass_to=start + len(rules)))
+            if not selects(policy, labels, direction):
+                continue
+            # A Pass skips the rest of its tier's policies of the same stage.
+            key = (policy.spec.do_not_track, policy.spec.tier)
+            if key != group_key:
+                group, group_key = [], key
+            for i, rule in enumerate(policy.spec.rules(direction)):
+                item = _Item(rule, rule_decision(direction, policy.spec.tier, policy.name,
+                                                 i, rule.action).step)
+                group.append(item)
+                program.append(item)
+            for item in group:
+                item.pass_to = len(program)
         for tier, policies in self._tiers:
             selecting = [p for p in policies if selects(p, labels, direction)]
             if not selecting:

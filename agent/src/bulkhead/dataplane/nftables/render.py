@@ -87,6 +87,7 @@ from bulkhead.policy.plan import (
     EndpointPlan,
     NamedPortKey,
     NodePlan,
+    PolicyPlan,
     RulePlan,
     SidePlan,
 )
@@ -558,11 +559,12 @@ class _Renderer:
         # Observe chains say so in their comments (and so never share an enforce chain).
         note = " (observe: accept)" if observe else ""
         jumps = []
-        for policy in dp.early:
-            rules = self.rules(policy.rules, "policy " + policy.name + note, verdicts,
-                               (direction, policy.tier, False))
+        for early_tier, policies in _early_groups(dp.early):
+            names = ", ".join(p.name for p in policies)
+            rules = self.rules(tuple(r for p in policies for r in p.rules),
+                               "policy " + names + note, verdicts, (direction, early_tier, False))
             jumps.append(f"jump {self.chain('p', rules)} comment "
-                         f"{_quote('policy ' + policy.name, 120)}")
+                         f"{_quote('policy ' + names, 120)}")
         for tier in dp.tiers:
             rules = self.rules(tier.rules, "tier " + tier.name + note, verdicts,
                                (direction, tier.name, False))
@@ -660,16 +662,15 @@ class _Renderer:
                         ) -> str | None:
         observe = mode == OBSERVE
         jumps = []
-        for policy in dp.early:
-            if not policy.untracked:
-                continue
+        for tier, policies in _early_groups(dp.early, untracked_only=True):
+            names = ", ".join(p.name for p in policies)
             # Observe: a Deny is logged by the filter chains (which accept), not here.
-            rules = self.rules(policy.rules,
-                               "policy " + policy.name + (" (observe)" if observe else ""),
+            rules = self.rules(tuple(r for p in policies for r in p.rules),
+                               "policy " + names + (" (observe)" if observe else ""),
                                OBSERVE_RAW_VERDICT if observe else RAW_VERDICT,
-                               None if observe else (direction, policy.tier, True))
+                               None if observe else (direction, tier, True))
             jumps.append(f"jump {self.chain('n', rules)} comment "
-                         f"{_quote('untracked policy ' + policy.name, 120)}")
+                         f"{_quote('untracked policy ' + names, 120)}")
         # No match: on to connection tracking and the filter chains.
         return self.chain("u", jumps) if jumps else None
 
@@ -684,6 +685,22 @@ class _Renderer:
                  *self.dispatch(direction, name, chains, star)]
         hook = f"type filter hook {RAW_HOOK[direction]} priority raw; policy accept;"
         return Chain(f"raw_{RAW_HOOK[direction]}", tuple(rules), hook)
+
+
+def _early_groups(early: Sequence[PolicyPlan], untracked_only: bool = False
+                  ) -> list[tuple[str, list[PolicyPlan]]]:
+    """The untracked and pre-DNAT policies as runs of one stage and tier, in order: each
+    run is one chain, so that a Pass (`return`) skips the rest of its tier's policies of
+    that stage, as felix walks each stage tier by tier (with no end-of-tier drop)."""
+    groups: list[tuple[str, bool, list[PolicyPlan]]] = []
+    for policy in early:
+        if untracked_only and not policy.untracked:
+            continue
+        if groups and groups[-1][:2] == (policy.tier, policy.untracked):
+            groups[-1][2].append(policy)
+        else:
+            groups.append((policy.tier, policy.untracked, [policy]))
+    return [(tier, policies) for tier, _, policies in groups]
 
 
 def render(plan: NodePlan, table: str = TABLE, compile_runs: bool = True,
