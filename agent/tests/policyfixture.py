@@ -20,6 +20,12 @@ def hep(name: str, ip: str, labels: dict[str, str],
                      "profiles": list(profiles), "ports": list(ports)}}
 
 
+def on_interface(endpoint: dict[str, Any], name: str = "eth0") -> dict[str, Any]:
+    """The host endpoint on one named interface instead of "*": one that takes untracked
+    (doNotTrack) policies, which Calico ignores on an endpoint on every interface."""
+    return {**endpoint, "spec": {**endpoint["spec"], "interfaceName": name}}
+
+
 def res(kind: str, name: str, spec: dict[str, Any], labels: Any = None) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name}
     if labels:

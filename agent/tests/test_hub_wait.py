@@ -18,8 +18,8 @@ class _TimerFiresAsAChangeLands:
     and applied by the hub, and only then does the wait's timer report its timeout (the
     order the loop can run them in when both are due)."""
 
-    def __init__(self, hub: Hub, store: SQLiteStore) -> None:
-        self.hub, self.store = hub, store
+    def __init__(self, hub: Hub, datastore: SQLiteStore) -> None:
+        self.hub, self.store = hub, datastore
         self.fired = False
 
     def set(self) -> None:          # the hub's broadcast of the change

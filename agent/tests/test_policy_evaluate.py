@@ -7,7 +7,19 @@ import pytest
 
 from bulkhead.policy import Flow
 from bulkhead.policy.explain import explain_text
-from tests.policyfixture import APP, DB, DB_ALLOW_DMZ, OUT, WEB, evaluator, hep, res, tcp
+from tests.policyfixture import (
+    APP,
+    DB,
+    DB_ALLOW_DMZ,
+    HOSTS,
+    OUT,
+    WEB,
+    evaluator,
+    hep,
+    on_interface,
+    res,
+    tcp,
+)
 
 
 def test_nothing_selects_a_host_so_profile_allows() -> None:
@@ -278,8 +290,7 @@ def test_an_untracked_pass_skips_the_rest_of_its_tier_only() -> None:
             "applyOnForward": True, "ingress": [rule]})
 
     hosts = [hep("web", WEB, {"app": "web"}), hep("app", APP, {"app": "app"}),
-             {**hep("db", DB, {"app": "db"}), "spec": {
-                 **hep("db", DB, {"app": "db"})["spec"], "interfaceName": "eth0"}}]
+             on_interface(hep("db", DB, {"app": "db"}))]
     ev = evaluator(*tiers,
                    untracked("first.pass-web", "first", 1,
                              {"action": "Pass", "source": {"selector": "app == 'web'"}}),
@@ -301,6 +312,13 @@ def test_untracked_and_pre_dnat_stages_come_first() -> None:
         "ingress": [{"action": "Allow", "protocol": "TCP", "destination": {"ports": [80]}}]})
     deny = res("GlobalNetworkPolicy", "deny", {"selector": "app == 'db'",
                                               "ingress": [{"action": "Deny"}]})
-    ev = evaluator(untracked, deny)
+    one_interface = [on_interface(h) if h["metadata"]["name"] == "db" else h for h in HOSTS]
+    ev = evaluator(untracked, deny, hosts=one_interface)
     assert ev.evaluate(tcp(WEB, DB, 80)).allowed
     assert not ev.evaluate(tcp(WEB, DB, 81)).allowed    # no match falls through to normal
+    # On every interface ("*"), the endpoint takes no untracked policy, as in Calico.
+    star = evaluator(untracked, deny)
+    verdict = star.evaluate(tcp(WEB, DB, 80))
+    assert not verdict.allowed
+    assert 'untracked policies raw select db, but an endpoint on every interface' in \
+        explain_text(star, verdict)

@@ -30,7 +30,7 @@ from bulkhead.net import difference
 from bulkhead.policy import Evaluator, Failsafes
 from bulkhead.policy.failsafe import FailsafePort
 from bulkhead.policy.plan import EndpointPlan, NodePlan, calculate
-from tests.policyfixture import DB, HOSTS, WEB, hep, res
+from tests.policyfixture import DB, HOSTS, WEB, hep, on_interface, res
 from tests.test_differential import HOSTS as HOST_NAMES
 from tests.windowsfixture import DIRECTIONS, Packet, endpoint, packets, worlds
 
@@ -177,10 +177,11 @@ def plan_of(*docs: dict[str, Any], failsafes: Failsafes | None = None,
 
 
 def test_untracked_and_pre_dnat_policies_are_refused() -> None:
+    one_interface = [on_interface(h) if h["metadata"]["name"] == "db" else h for h in HOSTS]
     for flag in ("doNotTrack", "preDNAT"):
         plan, ep = plan_of(res("GlobalNetworkPolicy", "early", {
             "selector": "app == 'db'", flag: True, "applyOnForward": True,
-            "ingress": [{"action": "Deny", "protocol": "TCP"}]}))
+            "ingress": [{"action": "Deny", "protocol": "TCP"}]}), hosts=one_interface)
         with pytest.raises(Unsupported) as e:
             flatten(plan, ep, INGRESS)
         assert (e.value.where, e.value.field) == ("policy early", flag)

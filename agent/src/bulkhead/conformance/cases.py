@@ -20,7 +20,7 @@ from bulkhead.model import (
 from bulkhead.policy import Failsafes, Flow
 
 PROTOCOLS = ("TCP", "UDP", "ICMP")
-REQUIRES = ("failsafe-defaults", "hep-no-profile")
+REQUIRES = ("failsafe-defaults", "hep-no-profile", "hep-by-address")
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
 FIRST_HOST = 10  # auto-assigned addresses start at 198.18.0.10
 
@@ -65,11 +65,15 @@ class Case:
         return Failsafes() if "failsafe-defaults" in self.requires else Failsafes.off()
 
     def host_endpoints(self) -> list[dict[str, Any]]:
-        """Calico's automatic host endpoints, one per lab host, as the format assumes."""
+        """Calico's automatic host endpoints (`interfaceName: "*"`), one per lab host, as
+        the format assumes; with `requires: [hep-by-address]`, endpoints without an
+        interfaceName, which the agent finds by their address (one interface each: what
+        takes untracked policies, which Calico ignores on a "*" endpoint)."""
         out = []
         for host, labels in self.hosts.items():
-            spec: dict[str, Any] = {"node": host, "interfaceName": "*",
-                                    "expectedIPs": [self.addresses[host]]}
+            spec: dict[str, Any] = {"node": host, "expectedIPs": [self.addresses[host]]}
+            if "hep-by-address" not in self.requires:
+                spec["interfaceName"] = "*"
             if "hep-no-profile" not in self.requires:
                 spec["profiles"] = [DEFAULT_ALLOW_PROFILE]
             if self.named_ports.get(host):

@@ -68,7 +68,10 @@ class WindowsDataplane:
         snapshot = case.snapshot()
         fakes: dict[str, Fake] = {}
         for node in sorted({h.node for h in snapshot.host_endpoints.values()}):
-            plan = calculate(snapshot, node, {}, case.failsafes)
+            # The lab host's one interface holds its address (for endpoints found by it).
+            interfaces = {"eth0": [ip for h in snapshot.host_endpoints.values()
+                                   if h.node == node for ip in h.expected_ips]}
+            plan = calculate(snapshot, node, interfaces, case.failsafes)
             for ep in plan.endpoints:
                 rules: list[Any] = []
                 for direction in (INGRESS, EGRESS):

@@ -56,6 +56,7 @@ from bulkhead.policy.semantics import (
     policy_layout,
     selects,
     staged_view,
+    untracked_ignored,
 )
 
 ALLOW, DENY, PASS, LOG = "Allow", "Deny", "Pass", "Log"
@@ -291,7 +292,13 @@ class Evaluator:
         # Untracked, then pre-DNAT policies: a matching Allow or Deny is final; a Pass
         # skips the rest of its tier's policies of the same stage (felix walks each
         # stage's policies tier by tier, with no end-of-tier drop).
-        early = list(view.untracked)
+        early = [] if untracked_ignored(hep) else list(view.untracked)
+        if trace and untracked_ignored(hep):
+            names = [p.name for p in view.untracked if selects(p, labels, direction)]
+            if names:
+                steps.append(Step("policy", f"untracked policies {', '.join(names)} select "
+                                  f"{hep.name}, but an endpoint on every interface "
+                                  '(interfaceName "*") takes none, as in Calico'))
         if direction == INGRESS:
             early += view.pre_dnat
         left: tuple[bool, str] | None = None    # (stage, tier) a Pass left

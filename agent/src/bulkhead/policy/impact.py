@@ -81,6 +81,7 @@ from bulkhead.policy.semantics import (
     policy_layout,
     rule_ip_version,
     selects,
+    untracked_ignored,
 )
 from bulkhead.policy.trace import failsafe, no_profile, profile_rule, rule_decision, tier_end
 from bulkhead.selector import Selector
@@ -593,7 +594,8 @@ class Impact:
             return found
         labels = self._labels[hep.name]
         program: list[_Item] = []
-        early = self._untracked + (self._pre_dnat if direction == INGRESS else [])
+        early = ([] if untracked_ignored(hep) else self._untracked) + \
+            (self._pre_dnat if direction == INGRESS else [])
         group: list[_Item] = []
         group_key: tuple[bool, str] | None = None
         for policy in early:

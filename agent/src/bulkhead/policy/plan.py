@@ -42,6 +42,7 @@ from bulkhead.policy.semantics import (
     rule_ip_version,
     selects,
     staged_view,
+    untracked_ignored,
 )
 from bulkhead.selector import Selector
 from bulkhead.selector.ast import Compare
@@ -220,8 +221,8 @@ def calculation(snapshot: Snapshot, node: str, interfaces: Mapping[str, Sequence
         if not ifaces:
             continue
         claimed.update(dict.fromkeys(ifaces, hep.name))
-        ingress, egress = (_direction(snapshot, policies, hep, labels[hep.name], d)
-                           for d in DIRECTIONS)
+        ingress, egress = (_direction(snapshot, policies, hep, labels[hep.name], d,
+                                      plan.warnings) for d in DIRECTIONS)
         mode = enforcement_mode(labels[hep.name], default_mode)
         plan.endpoints.append(EndpointPlan(hep.name, ifaces, ingress, egress, mode))
     members = members_of(snapshot, labels, selectors_of(plan))
@@ -249,9 +250,18 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 def _direction(snapshot: Snapshot, policies: Sequence[GlobalNetworkPolicy], hep: HostEndpoint,
-               labels: Mapping[str, str], direction: str) -> DirectionPlan:
+               labels: Mapping[str, str], direction: str,
+               warnings: list[str] | None = None) -> DirectionPlan:
     def applies(p: GlobalNetworkPolicy) -> bool:
         return selects(p, labels, direction)
+
+    if untracked_ignored(hep):
+        ignored = sorted(p.name for p in policies if p.spec.do_not_track and applies(p))
+        if ignored and warnings is not None:
+            warnings.append(f'HostEndpoint {hep.name}: interfaceName "*" takes no untracked '
+                            f"(doNotTrack) policy, as in Calico; {direction.lower()} "
+                            f"policies {', '.join(ignored[:5])}"
+                            f"{', ...' if len(ignored) > 5 else ''} left out")
 
     tiers = snapshot.ordered_tiers()
     rank = {t.name: i for i, t in enumerate(tiers)}
@@ -259,8 +269,8 @@ def _direction(snapshot: Snapshot, policies: Sequence[GlobalNetworkPolicy], hep:
     def early_key(p: GlobalNetworkPolicy) -> tuple[int, tuple[int, float, str]]:
         return (rank[p.spec.tier], order_key(p.spec.order, p.name))
 
-    untracked = sorted((p for p in policies if p.spec.do_not_track and applies(p)),
-                       key=early_key)
+    untracked = sorted((p for p in policies if p.spec.do_not_track and applies(p)
+                        and not untracked_ignored(hep)), key=early_key)
     pre_dnat = sorted((p for p in policies if p.spec.pre_dnat and applies(p)), key=early_key)
     early = untracked + (pre_dnat if direction == INGRESS else [])
     tier_plans = []

@@ -11,6 +11,10 @@ written once from Calico's documented semantics and tested on its own
   policy here has its types; rules of a direction `types` leaves out never apply.
 - The staged view: each staged policy replaces (stagedAction Set) or removes (Delete)
   the enforced policy of the same tier and name.
+- A host endpoint with `interfaceName: "*"` takes no untracked (doNotTrack) policy:
+  felix ignores them there, with a warning (felix/dataplane/linux/endpoint_mgr.go,
+  "DoNotTrack policy is not supported for a HEP with `interfaceName: *`"); its pre-DNAT
+  and normal policies apply.
 - An endpoint's enforcement mode: the `microseg.bulkhead.io/enforcement` label of its
   effective labels (observe or enforce), else the agent's default. Observe changes what
   happens to a packet (nothing is blocked), never which policy decides.
@@ -127,6 +131,11 @@ def rule_ip_version(rule: Rule) -> int | None:
         if number == 58:
             return 6
     return None
+
+
+def untracked_ignored(hep: HostEndpoint) -> bool:
+    """Whether the endpoint takes no untracked policy: one on every interface ("*")."""
+    return hep.interface_name == "*"
 
 
 def icmp_protocol(version: int) -> int:
