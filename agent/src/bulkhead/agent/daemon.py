@@ -40,6 +40,7 @@ from bulkhead.agent.metrics import MetricsServer, MetricsView
 from bulkhead.agent.status import Counters, post_status, status_body
 from bulkhead.agent.sync import (
     Backoff,
+    ClientTls,
     DesiredState,
     Doc,
     LineQueue,
@@ -98,6 +99,7 @@ class Agent:
         self._status_kick = asyncio.Event()
         self._stopping = False
         self._queue: LineQueue | None = None  # the open watch's lines
+        self.tls: ClientTls | None = None  # the TLS context, renewed from disk (run())
         self.flow_retry = 5.0           # seconds before failed flow logs start again
         self.flow_logs = FlowLogs(config.flow_logs, config.node, config.failsafes,
                                   Path(config.state_dir), rule_hits=getattr(
@@ -283,9 +285,12 @@ class Agent:
                 fields = {"reason": reason, "attempt": self._backoff.attempt,
                           "retryIn": round(delay, 2), "server": self.config.server}
                 # A server refuses a client certificate by closing the connection, which
-                # says nothing of why: say what is wrong with this agent's own, if it is.
-                problem = certificate_problem(self.config.cert, self.config.ca) \
-                    if refused else None
+                # says nothing of why: say what is wrong with this agent's own, if it is
+                # (the one it presents, which the file on disk may no longer hold).
+                problem = None
+                if refused:
+                    problem = self.tls.problem() if self.tls is not None else \
+                        certificate_problem(self.config.cert, self.config.ca)
                 if problem:
                     fields["certificate"] = problem
                 log.warning("cannot reach the server; retrying", extra={"fields": fields})
@@ -526,7 +531,7 @@ class Agent:
         if self.dns is not None:
             await asyncio.to_thread(self.dns.load)   # before the cached table is applied
         await self.boot_from_cache()
-        ctx = client_ssl_context(self.config)   # after the cache: a bad file still boots
+        self.tls = ClientTls(self.config)   # after the cache: a bad file still boots
         metrics = MetricsServer(self.metrics_view)
         address = self.config.metrics_address()
         if address is not None:
@@ -535,7 +540,7 @@ class Agent:
             except OSError as e:
                 log.error("metrics not served: %s", e,
                           extra={"fields": {"listen": self.config.metrics_listen}})
-        session = open_session(self.config, ctx)
+        session = open_session(self.config, self.tls)   # renewed files: new connections
         tasks = [asyncio.create_task(self._sync_forever(session), name="sync"),
                  asyncio.create_task(self._drift_forever(), name="drift"),
                  asyncio.create_task(self._status_forever(session), name="status")]

@@ -19,6 +19,10 @@ trusts nothing the network says:
   server before a byte of the answer arrived is sent once more on a new connection (a
   POST is not: the server may have taken it). A connection holding bytes beyond the
   answer it framed is not reused.
+- TLS: a context, or a function giving the one to use now (the agent's, built again
+  when its certificate files change on disk), asked at each request: a new connection
+  uses what it gives, a kept one opened with another is closed rather than reused, and
+  an answer being read (a stream) keeps its connection.
 - Requests: `Host`, `Connection: keep-alive`, `Accept-Encoding: identity` (nothing
   compressed comes back), a JSON body with `Content-Length`.
 - Answers: a body framed by `Content-Length`, chunked transfer encoding, or the end of
@@ -136,10 +140,12 @@ class Headers:
 
 
 class _Conn:
-    __slots__ = ("idle_since", "reader", "reused", "writer")
+    __slots__ = ("idle_since", "reader", "reused", "tls", "writer")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 tls: ssl.SSLContext | None) -> None:
         self.reader, self.writer = reader, writer
+        self.tls = tls            # the context it was opened with
         self.reused = False
         self.idle_since = 0.0
 
@@ -160,11 +166,15 @@ class _Conn:
         self.writer.close()
 
 
-class Session:
-    """Requests to one server (`base_url`, https:// with `ssl_context`), over kept-alive
-    connections. `close()` (or `async with`) closes them."""
+TlsSource = ssl.SSLContext | Callable[[], ssl.SSLContext]
 
-    def __init__(self, base_url: str, ssl_context: ssl.SSLContext | None, *,
+
+class Session:
+    """Requests to one server (`base_url`, https:// with `ssl_context`: a context, or a
+    function giving the one for the next request), over kept-alive connections.
+    `close()` (or `async with`) closes them."""
+
+    def __init__(self, base_url: str, ssl_context: TlsSource | None, *,
                  max_connections: int = 4, idle_seconds: float = 15.0) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("https", "http") or not url.hostname \
@@ -174,7 +184,8 @@ class Session:
         if url.query or url.fragment or url.username or url.password:
             raise ValueError(f"{base_url!r}: a base URL has no query, fragment or user")
         self.base_url = base_url
-        self._ssl = ssl_context
+        self._tls: Callable[[], ssl.SSLContext] | None = \
+            (lambda: ssl_context) if isinstance(ssl_context, ssl.SSLContext) else ssl_context
         self._host = url.hostname
         self._port = url.port or (443 if ssl_context is not None else 80)
         host = f"[{self._host}]" if ":" in self._host else self._host
@@ -251,11 +262,12 @@ class Session:
                               "(total timeout)") from None
         conn: _Conn | None = None
         try:
+            tls = self._tls() if self._tls is not None else None
             # A reused connection the server closed meanwhile: once more on a new one.
             for attempt in range(2):
-                conn = self._pooled(loop.time()) if attempt == 0 else None
+                conn = self._pooled(loop.time(), tls) if attempt == 0 else None
                 if conn is None:
-                    conn = await self._connect(what, deadline, timeout.connect)
+                    conn = await self._connect(what, deadline, timeout.connect, tls)
                 self._busy.add(conn)
                 response = Response(self, conn, what, method, deadline, timeout, max_body)
                 try:
@@ -276,20 +288,19 @@ class Session:
             self._slots.release()
             raise
 
-    async def _connect(self, what: str, deadline: float | None, connect: float | None
-                       ) -> _Conn:
+    async def _connect(self, what: str, deadline: float | None, connect: float | None,
+                       tls: ssl.SSLContext | None) -> _Conn:
         loop = asyncio.get_running_loop()
         when = _earliest(deadline, None if connect is None else loop.time() + connect)
         where = f"{self._host}:{self._port}"
         try:
             async with asyncio.timeout_at(when):
                 reader, writer = await asyncio.open_connection(
-                    self._host, self._port, ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
-                    ssl_handshake_timeout=connect if self._ssl is not None and connect
-                    else None,
-                    ssl_shutdown_timeout=SSL_SHUTDOWN_SECONDS if self._ssl is not None
-                    else None, limit=MAX_HEAD)
+                    self._host, self._port, ssl=tls,
+                    server_hostname=self._host if tls is not None else None,
+                    ssl_handshake_timeout=connect if tls is not None and connect else None,
+                    ssl_shutdown_timeout=SSL_SHUTDOWN_SECONDS if tls is not None else None,
+                    limit=MAX_HEAD)
         except TimeoutError:
             which = "connect" if when != deadline else "total"
             raise HttpTimeout(f"{what}: cannot connect to {where} in time ({which} "
@@ -302,12 +313,15 @@ class Session:
         except OSError as e:
             raise ConnectError(f"{what}: cannot connect to {where}: "
                                f"{e.strerror or e}") from None
-        return _Conn(reader, writer)
+        return _Conn(reader, writer, tls)
 
-    def _pooled(self, now: float) -> _Conn | None:
+    def _pooled(self, now: float, tls: ssl.SSLContext | None) -> _Conn | None:
+        """A kept connection to reuse, opened with `tls` (one opened with a context since
+        replaced is closed: the next request presents the renewed certificate)."""
         while self._idle:
             conn = self._idle.pop()
-            if now - conn.idle_since <= self._idle_seconds and conn.usable():
+            if now - conn.idle_since <= self._idle_seconds and conn.usable() \
+                    and conn.tls is tls:
                 conn.reused = True
                 return conn
             conn.close()

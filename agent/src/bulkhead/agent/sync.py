@@ -16,18 +16,25 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+import os
 import random
 import ssl
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from bulkhead.agent.cache import Texts
 from bulkhead.agent.config import AgentConfig, ConfigError
-from bulkhead.agent.http import HttpError, Response, Session, Timeout
+from bulkhead.agent.http import HttpError, Response, Session, Timeout, TlsSource
 from bulkhead.api import KINDS, route
+from bulkhead.client.certificates import pem_problem
 from bulkhead.model import (
     GlobalNetworkSet,
     HostEndpoint,
@@ -40,6 +47,7 @@ from bulkhead.model import (
 )
 from bulkhead.model.table import Table
 
+log = logging.getLogger("bulkhead.agent")
 Key = tuple[str, str]
 Doc = dict[str, Any]
 HEP, NETSET = "HostEndpoint", "GlobalNetworkSet"
@@ -307,9 +315,123 @@ def _ssl_reason(e: OSError | ssl.SSLError) -> str:
     return getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)
 
 
-def open_session(config: AgentConfig, ctx: ssl.SSLContext) -> Session:
+# A file's identity: device, inode, size, modification time (None: it cannot be seen).
+Identity = tuple[int, int, int, int] | None
+
+
+class ClientTls:
+    """The agent's TLS context for its next connection, built again when the CA,
+    certificate or key file has changed on disk (its identity: device, inode, size,
+    modification time, looked at by each request), so a certificate renewed in place
+    (`bulkhead pki issue --force` from cron) is presented without a restart. Files that
+    do not load (half written, a key that is not the certificate's) leave the context in
+    use as it was, said once in an error; they are tried again when they change. The
+    connections already open keep the certificate they were opened with.
+
+    `tls = ClientTls(config)` raises ConfigError as `client_ssl_context` does; `tls()` is
+    the context to use now, `tls.problem()` what is wrong with the certificate it
+    presents."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self._seen = self._identity()
+        self._failed: tuple[Identity, ...] | None = None
+        self.context, self.presented, self.authorities = self._load()
+
+    def _identity(self) -> tuple[Identity, ...]:
+        out: list[Identity] = []
+        for path in (self.config.ca, self.config.cert, self.config.key):
+            try:
+                st = os.stat(path)
+            except OSError:
+                out.append(None)
+            else:
+                out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def _load(self) -> tuple[ssl.SSLContext, bytes, bytes]:
+        """The context from the files, and the certificate and CA text read with it."""
+        context = client_ssl_context(self.config)
+        texts = []
+        for where, path in (("cert", self.config.cert), ("ca", self.config.ca)):
+            try:
+                texts.append(Path(path).read_bytes())
+            except OSError as e:
+                raise ConfigError(where, f"{path}: {e.strerror or e}") from None
+        return context, texts[0], texts[1]
+
+    def _why(self) -> str | None:
+        """Which file keeps the context from loading, and why, in words plainer than
+        OpenSSL's ("PEM lib"); None when none of these is seen."""
+        config = self.config
+        try:
+            ca, cert, key = (Path(p).read_bytes() for p in (config.ca, config.cert,
+                                                             config.key))
+        except OSError:
+            return None    # client_ssl_context named the file
+        try:
+            x509.load_pem_x509_certificates(ca)
+        except ValueError:
+            return f"ca: {config.ca}: no complete PEM certificate (half written?)"
+        try:
+            public = x509.load_pem_x509_certificate(cert).public_key()
+        except ValueError:
+            return f"cert: {config.cert}: no complete PEM certificate (half written?)"
+        try:
+            private = serialization.load_pem_private_key(key, None)
+        except (ValueError, TypeError):
+            return (f"key: {config.key}: no complete PEM private key without a passphrase "
+                    "(half written?)")
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if private.public_key().public_bytes(*spki) != public.public_bytes(*spki):
+            return (f"cert/key: {config.key} is not the key of the certificate in "
+                    f"{config.cert} (one renewed, not yet the other?)")
+        return None
+
+    def __call__(self) -> ssl.SSLContext:
+        now = self._identity()
+        if now == self._seen or now == self._failed:
+            return self.context
+        try:
+            loaded = self._load()
+        except ConfigError as e:
+            if self._identity() == now:   # not being written as we read: say it once
+                self._failed = now
+                log.error("the agent's TLS files changed but do not load; new connections "
+                          "keep presenting the certificate loaded before", extra={
+                              "fields": {"reason": self._why() or str(e)}})
+            return self.context
+        if self._identity() != now:   # written to as we read: the next request reads again
+            return self.context
+        self.context, self.presented, self.authorities = loaded
+        self._seen, self._failed = now, None
+        fields: dict[str, Any] = {"cert": self.config.cert}
+        try:
+            cert = x509.load_pem_x509_certificate(self.presented)
+            fields.update(serial=f"{cert.serial_number:X}",
+                          notAfter=cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        except ValueError:
+            pass
+        log.info("TLS files reloaded: new connections present the certificate now in cert",
+                 extra={"fields": fields})
+        return self.context
+
+    def problem(self) -> str | None:
+        """What keeps the certificate this agent presents (the one in its context, which
+        the file may no longer hold) from being accepted; None when nothing is seen."""
+        cert = self.config.cert
+        try:
+            same = Path(cert).read_bytes() == self.presented
+        except OSError:
+            same = False
+        name = f"the certificate {cert}" if same else \
+            f"the certificate this agent presents (read from {cert}, changed since)"
+        return pem_problem(self.presented, name, self.authorities, self.config.ca)
+
+
+def open_session(config: AgentConfig, ctx: TlsSource) -> Session:
     """Requests to the server, at most 4 connections at a time (the watch, status, flow
-    and DNS logs), kept alive between requests."""
+    and DNS logs), kept alive between requests; `ctx` a context, or a ClientTls."""
     return Session(config.server.rstrip("/"), ctx, max_connections=4)
 
 
