@@ -157,6 +157,49 @@ async def test_nodes_and_unreachable(as_admin: Path, server: Server,
     assert "cannot reach bulkhead-server" in capsys.readouterr().err
 
 
+async def test_a_gone_node_is_forgotten_so_waits_end(as_admin: Path, server: Server,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A decommissioned (or down) host's last report held up every wait for ever: no
+    command or API could remove it. `bulkhead delete node NAME` forgets it; its agent's
+    next report brings it back."""
+    async with server.client("web-1", "agent") as web1, \
+            server.client("web-2", "agent") as web2:
+        for client, node, revision in ((web1, "web-1", 7), (web2, "web-2", 3)):
+            async with client.post(f"/v1/status/{node}",
+                                   json={"appliedRevision": revision}) as r:
+                assert r.status == 200
+        assert await run("nodes", "--revision", "7") == 1       # web-2 holds it up
+        capsys.readouterr()
+        assert await run("delete", "node", "web-2", "--dry-run") == 0
+        assert capsys.readouterr().out.strip() == "node web-2 forgotten (dry run)"
+        assert await run("nodes", "--revision", "7") == 1
+        capsys.readouterr()
+        assert await run("delete", "node", "web-2") == 0
+        assert capsys.readouterr().out.strip() == "node web-2 forgotten"
+        assert await run("nodes", "--revision", "7") == 0
+        capsys.readouterr()
+        assert await run("delete", "node", "web-2") == 1
+        assert "node web-2 has no status report" in capsys.readouterr().err
+        assert await run("delete", "node", "web-2", "--ignore-not-found") == 0
+        assert capsys.readouterr().out.strip() == "node web-2 not found, skipped"
+        # The flag works for a resource named on the command line too (it was -f only).
+        assert await run("delete", "hostendpoint", "nosuch", "--ignore-not-found") == 0
+        assert capsys.readouterr().out.strip() == "HostEndpoint nosuch not found, skipped"
+        assert await run("delete", "hostendpoint", "nosuch") == 1
+        # Only an admin without tier limits: a node is no tier's.
+        async with server.client("ops", "admin", tiers=("app",)) as ops, \
+                server.client("eve", "viewer") as viewer:
+            for client in (ops, viewer, web1):
+                async with client.delete("/v1/status/web-1") as r:
+                    assert r.status == 403, await r.text()
+        async with web2.post("/v1/status/web-2", json={"appliedRevision": 7}) as r:
+            assert r.status == 200
+        capsys.readouterr()
+        assert await run("nodes", "--revision", "7") == 0
+        assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == \
+            ["web-1", "web-2"]
+
+
 HEP = """
 apiVersion: projectcalico.org/v3
 kind: HostEndpoint

@@ -295,6 +295,21 @@ async def test_status_reports_stay_out_of_resources_and_watch(store: Datastore) 
     assert [e.name for e in await store.history(start, made.revision)] == ["a"]
 
 
+async def test_a_nodes_status_report_can_be_forgotten(store: Datastore) -> None:
+    """A host gone (or down for a while) leaves the nodes waited for; its agent's next
+    report brings it back."""
+    for node in ("node-1", "node-2"):
+        await store.put_status(node, {"kind": "AgentStatus", "metadata": {"name": node},
+                                      "status": {"appliedRevision": 1}})
+    assert await store.delete_status("node-1") is True
+    assert sorted((await store.list_status())[0]) == ["node-2"]
+    assert await store.delete_status("node-1") is False
+    assert await store.delete_status("nobody") is False
+    await store.put_status("node-1", {"kind": "AgentStatus", "metadata": {"name": "node-1"},
+                                      "status": {"appliedRevision": 2}})
+    assert sorted((await store.list_status())[0]) == ["node-1", "node-2"]
+
+
 async def test_history_between_revisions(store: Datastore) -> None:
     start = await store.revision()
     a = await create(store, gnp("a"))

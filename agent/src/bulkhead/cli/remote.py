@@ -199,9 +199,20 @@ def cmd_delete(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not (args.kind and args.name):
         raise ValueError("give -f FILE, or KIND NAME")
-    kind = _kind(args.kind)
-    conn.request("DELETE", resource_path(kind, args.name), query=query or None)
-    print(printable(f"{kind} {args.name} deleted{suffix}"))
+    if args.kind.lower() in ("node", "nodes"):
+        # Not a resource: the node's last status report, which every wait counts.
+        path, what, done = route("status", node=args.name), f"node {args.name}", "forgotten"
+    else:
+        kind = _kind(args.kind)
+        path, what, done = resource_path(kind, args.name), f"{kind} {args.name}", "deleted"
+    try:
+        conn.request("DELETE", path, query=query or None)
+    except ApiError as e:
+        if e.status != 404 or not args.ignore_not_found:
+            raise
+        print(printable(f"{what} not found, skipped{suffix}"))
+        return EXIT_OK
+    print(printable(f"{what} {done}{suffix}"))
     return EXIT_OK
 
 
@@ -318,13 +329,14 @@ def add_commands(sub: Any) -> None:
     connection_flags(p)
     p.set_defaults(func=cmd_diff, remote=True)
 
-    p = sub.add_parser("delete", help="delete resources named in files, or KIND NAME")
+    p = sub.add_parser("delete", help="delete resources named in files, or KIND NAME "
+                       "(node NAME: forget a node's status report)")
     p.add_argument("kind", nargs="?")
     p.add_argument("name", nargs="?")
     p.add_argument("-f", "--filename", action="append", metavar="PATH")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--ignore-not-found", action="store_true",
-                   help="with -f: skip resources already gone instead of refusing")
+                   help="skip resources already gone instead of refusing")
     connection_flags(p)
     p.set_defaults(func=cmd_delete, remote=True)
 

@@ -1151,6 +1151,27 @@ async def post_status(request: web.Request) -> web.Response:
     return _json(doc)
 
 
+async def delete_status(request: web.Request) -> web.Response:
+    """Forget a node's status report: a host decommissioned, renamed or down for a
+    while no longer holds up every wait for convergence (`bulkhead nodes`, the
+    collection's `wait`). Its agent's next report brings it back. Fleet-wide, so for
+    admins without tier limits. `?dryRun=true` says what would go."""
+    identity = _require(request, "admin")
+    node = _name(request, "node")
+    if identity.tiers:
+        raise forbidden(identity, f"forget node {node}'s status (not a tier's)")
+    store = request.app[STORE]
+    reports, _ = await store.list_status()
+    if node not in reports:
+        raise ApiError(404, "NotFound", f"node {node} has no status report")
+    if _dry_run(request):
+        return _json({"node": node, "action": "forgotten", "dryRun": True})
+    if not await store.delete_status(node):
+        raise ApiError(404, "NotFound", f"node {node} has no status report")
+    log.info("node %s's status report forgotten by %s", node, identity.name)
+    return _json({"node": node, "action": "forgotten", "dryRun": False})
+
+
 def _flow_logs(request: web.Request) -> FlowLogs:
     logs = request.app.get(FLOWS)
     if logs is None:
@@ -1398,7 +1419,8 @@ HANDLERS: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "resources", list_resources), ("GET", "kind", list_resources),
     ("POST", "kind", write_resource), ("GET", "resource", get_resource),
     ("PUT", "resource", write_resource), ("DELETE", "resource", delete_resource),
-    ("POST", "status", post_status), ("GET", "nodes", nodes),
+    ("POST", "status", post_status), ("DELETE", "status", delete_status),
+    ("GET", "nodes", nodes),
     ("POST", "flows", post_flows), ("GET", "flows", get_flows),
     ("POST", "dns", post_dns), ("GET", "dns", get_dns),
     ("POST", "preview", post_preview),

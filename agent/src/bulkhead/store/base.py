@@ -291,6 +291,11 @@ class Datastore(Protocol):
     async def list_status(self) -> tuple[dict[str, Document], int]:
         """Every node's last status report, and the current revision."""
 
+    async def delete_status(self, node: str) -> bool:
+        """Forget a node's last status report (a host gone, or down for a while: it no
+        longer counts among the agents waited for; its next report brings it back).
+        Whether there was one."""
+
     async def close(self) -> None: ...
 
 

@@ -389,6 +389,14 @@ class EtcdStore:
                              "value": _b64(json.dumps(doc))}},
             {"request_delete_range": {"key": _b64(legacy)}}]})
 
+    async def delete_status(self, node: str) -> bool:
+        legacy = self._key(LEGACY_STATUS_KIND, node)
+        data = await self._call("/v3/kv/txn", {"success": [
+            {"request_delete_range": {"key": _b64(self._status_prefix + node)}},
+            {"request_delete_range": {"key": _b64(legacy)}}]})
+        return any(int(r.get("response_delete_range", {}).get("deleted", 0) or 0) > 0
+                   for r in data.get("responses") or [])
+
     async def list_status(self) -> tuple[dict[str, Document], int]:
         legacy = f"{self.prefix}{LEGACY_STATUS_KIND}/"
         data = await self._call("/v3/kv/txn", {"success": [

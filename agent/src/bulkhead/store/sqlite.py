@@ -563,6 +563,12 @@ class SQLiteStore:
                              (node, json.dumps(doc)))
         await self._run(run)
 
+    async def delete_status(self, node: str) -> bool:
+        def run() -> bool:
+            return self._db.execute("DELETE FROM status WHERE node = ?", (node,)).rowcount > 0
+        deleted: bool = await self._run(run)
+        return deleted
+
     async def list_status(self) -> tuple[dict[str, Document], int]:
         def read() -> tuple[list[Any], int]:
             self._db.execute("BEGIN")
