@@ -156,6 +156,32 @@ async def test_drift_is_repaired_and_a_failed_apply_retried(
         assert rec.repairs == 1
 
 
+async def test_drift_is_repaired_to_the_last_good_ruleset_while_an_apply_fails(
+        server: Server, tmp_path: Path) -> None:
+    """A refused apply is retried at every drift check; while it keeps failing, the drift
+    check still runs and the repair puts back the last ruleset the kernel accepted (not
+    the refused one), and the status says both."""
+    async with started_after_a(server, tmp_path, drift_interval=0.1) as (
+            admin, viewer, rec, agent, rev_a):
+        await until(lambda: rec.applied is not None, "the first apply")
+        rec.fail = "nft: Error: Could not process rule: Invalid argument"
+        rev_b = await create(admin, gnp("b"))
+        await until(lambda: agent.apply_error is not None, "the failed apply")
+        rec.drift_reason = "table inet bulkhead is missing"   # nft flush ruleset
+        await until(lambda: rec.repairs == 1, "the repair while the apply fails")
+        assert rec.applied == (rev_a, ["a"])   # the last good one, put back
+        status = await wait_status(viewer, lambda s: s["counters"]["driftRepairs"] == 1,
+                                   "driftRepairs 1")
+        assert status["appliedRevision"] == rev_a
+        [error] = status["errors"]
+        assert f"the kernel keeps revision {rev_a}" in error and "Invalid argument" in error
+        await until(lambda: sum(names == ["a", "b"] for _, names in rec.calls) >= 3,
+                    "the failed apply retried after the repair")
+        rec.fail = None
+        await until(lambda: agent.errors == [] and rec.applied is not None
+                    and rec.applied[0] >= rev_b, "the retry")
+        assert rec.repairs == 1
+
 
 def test_memory_settles_after_a_scratch_apply_once_the_gap_has_passed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,8 @@
 Testbed), nftables in the hosts' network namespaces, probes on the wire.
 
 - the server killed while agents run: enforcement unchanged; status resumes after restart
-- a ruleset the kernel refuses: the old one stays in force, the error is in the status
+- a ruleset the kernel refuses: the old one stays in force, the error is in the status,
+  and drift (`nft flush ruleset`) is repaired to it while the apply keeps failing
 - the agent killed (with its nft) mid-apply: the kernel holds the old or the new ruleset
 - the table deleted by hand: the agent's drift check puts it back
 - a policy denying everything: failsafe ports keep SSH and the agent's server reachable
@@ -141,6 +142,18 @@ def test_a_ruleset_the_kernel_refuses_keeps_the_old_one_and_is_reported(bed: Tes
     bed.wait_converged(revision, hosts=["h1"])  # h1 has no endpoint the policy selects
     assert bed.table("h2") == table
     assert wire_verdicts(bed, FLOWS) == BASE_VERDICTS
+    # While the apply keeps failing, drift is still repaired, to the last good ruleset:
+    # another tool's `nft flush ruleset` does not leave h2 without policy.
+    repairs = bed.agent_metrics("h2")["bulkhead_agent_drift_repairs_total"]
+    bed.lab.run("h2", ["nft", "flush", "ruleset"], check=True)
+    wait_until(lambda: bed.agent_metrics("h2")["bulkhead_agent_drift_repairs_total"]
+               > repairs, "the agent of h2 to repair its table while the apply fails",
+               timeout=30)
+    assert bed.table("h2") == table
+    assert wire_verdicts(bed, FLOWS) == BASE_VERDICTS
+    status = bed.node_status("h2")
+    assert [e for e in status["errors"] if "apply of revision" in e] and \
+        status["counters"]["driftRepairs"] > 0, status
     # Taking the policy back lets h2 converge again, with its errors cleared.
     bed.enforce(BASE, "fixed", timeout=WAIT)
     assert bed.node_status("h2")["errors"] == []

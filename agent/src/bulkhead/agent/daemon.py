@@ -7,7 +7,8 @@
     enforce  in a worker thread, one call at a time; on success write the cache; on
              EnforceError keep the previous state (the kernel still holds it) and report
     drift    every drift interval: enforcer.drift(), and repair() when it names a reason;
-             a failed apply is retried then too
+             a failed apply is retried then too, and while it keeps failing the drift
+             check and repair go on against the last ruleset the kernel accepted
     status   after each apply and every status interval; best effort, never blocking
     flows    with flow logs on (`flowLogs.enabled`): the kernel's logs read, aggregated,
              spooled on disk and shipped to the server (agent/flowlogs.py)
@@ -417,10 +418,14 @@ class Agent:
                 await self._call(self._settle_if_due)
 
     async def check_drift(self) -> None:
+        """Repair what drifted from the last ruleset the kernel accepted. While a newer
+        apply fails, retry it first; if it fails again, the kernel is still judged (and
+        repaired) against the last good one, which the enforcer keeps (a refused apply
+        changes neither it nor the kernel)."""
         if self.apply_error is not None:
             log.info("retrying the failed apply", extra={"fields": {"revision": self.revision}})
-            await self.enforce_current()
-            return
+            if await self.enforce_current():
+                return
         if self._applied is None:
             return  # nothing applied yet: nothing to compare with
         async with self._apply_lock:
