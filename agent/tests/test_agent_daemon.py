@@ -183,6 +183,39 @@ async def test_drift_is_repaired_to_the_last_good_ruleset_while_an_apply_fails(
         assert rec.repairs == 1
 
 
+async def test_an_endpoint_left_unenforced_is_in_the_status_until_it_is_enforced(
+        server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A host endpoint the dataplane cannot enforce (its expectedIPs on no interface of
+    the host: an address gone, found by the drift check) is an error in the status, so
+    the node is not counted converged, and it is logged; once it is enforced again
+    (the address back, another repair), the error goes."""
+    gone = "HostEndpoint web-1-eth0: no interface of this host has any of its " \
+        "expectedIPs ['198.18.0.111']; not enforced"
+    async with started_after_a(server, tmp_path, drift_interval=0.1) as (
+            admin, viewer, rec, agent, rev_a):
+        await until(lambda: rec.applied is not None, "the first apply")
+        await wait_status(viewer, lambda s: s["appliedRevision"] >= rev_a, "the first status")
+        rec.unenforced = [gone]
+        rec.drift_reason = "the host's interfaces or addresses changed"
+        await until(lambda: rec.repairs == 1, "the repair")
+        status = await wait_status(viewer, lambda s: s["errors"] == [gone],
+                                   "the endpoint reported unenforced")
+        assert status["appliedRevision"] >= rev_a
+        assert [r.levelname for r in caplog.records if r.getMessage() == gone] == ["WARNING"]
+        async with viewer.get("/v1/nodes", params={"revision": str(rev_a)}) as r:
+            assert (await r.json())["converged"] is False
+        rev_b = await create(admin, gnp("b"))   # an apply keeps reporting it
+        status = await wait_status(viewer, lambda s: s["appliedRevision"] >= rev_b,
+                                   "the next apply")
+        assert status["errors"] == [gone]
+        rec.unenforced = []
+        rec.drift_reason = "the host's interfaces or addresses changed"
+        await until(lambda: rec.repairs == 2, "the second repair")
+        await wait_status(viewer, lambda s: s["errors"] == [], "the error cleared")
+        async with viewer.get("/v1/nodes", params={"revision": str(rev_b)}) as r:
+            assert (await r.json())["converged"] is True
+
+
 def test_memory_settles_after_a_scratch_apply_once_the_gap_has_passed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An apply from scratch makes a settle due; it runs at once unless one ran within

@@ -84,6 +84,7 @@ class Agent:
         self.counters = Counters()
         self.connected = False
         self.object_errors: list[str] = []
+        self.unenforced: list[str] = []   # the kernel's ruleset leaves these out
         self.apply_error: str | None = None
         self.repair_error: str | None = None
         self.cache_error: str | None = None
@@ -130,6 +131,7 @@ class Agent:
     def errors(self) -> list[str]:
         out = [e for e in (self.cache_error,) if e]
         out += self.object_errors
+        out += self.unenforced
         out += [e for e in (self.apply_error, self.repair_error) if e]
         return out
 
@@ -219,6 +221,7 @@ class Agent:
             if self.dns_logs is not None:
                 self.dns_logs.update(snapshot)
             self._applied = version
+            self.unenforced = list(report.unenforced)
             self._in_sync = self.state.version == version
             self.applied_revision = revision
             if write_cache:
@@ -450,6 +453,11 @@ class Agent:
                 log.error(self.repair_error, exc_info=not isinstance(e, EnforceError))
             else:
                 self.repair_error = None
+                # A repair can plan again (the host's addresses changed): what it leaves
+                # out is logged and reported, as an apply's is.
+                self.unenforced = list(report.unenforced)
+                for warning in report.warnings:
+                    log.warning(warning, extra={"fields": {"revision": self.applied_revision}})
                 if self.dns is not None:
                     self.dns.applied(report.domain_sets, report.full)
                 self.counters.record(report, repair=True)

@@ -298,7 +298,8 @@ class HnsEnforcer:
         return EnforceReport(revision, changed, changed, time.perf_counter() - start,
                              {"endpoints": len(self.applied), "rules": len(rules),
                               "allow": len(rules) - blocks, "block": blocks},
-                             list(self.warnings) + state, scratch=True)
+                             list(self.warnings) + state, scratch=True,
+                             unenforced=list(self.warnings))
 
     # ---------------------------------------------------------------- the protocol
     def enforce(self, snapshot: Snapshot, revision: int,

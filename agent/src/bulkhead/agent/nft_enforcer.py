@@ -98,7 +98,8 @@ class NftablesEnforcer:
         return EnforceReport(revision, result.full, result.changed, result.seconds,
                              ruleset.counts(), [*ruleset.warnings, *fallback],
                              decisions=dict(ruleset.decisions),
-                             domain_sets=dict(ruleset.domain_sets))
+                             domain_sets=dict(ruleset.domain_sets),
+                             unenforced=list(ruleset.warnings))
 
     def enforce(self, snapshot: Snapshot, revision: int,
                 changed: Iterable[Key] | None = None) -> EnforceReport:

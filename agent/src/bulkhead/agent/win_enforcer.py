@@ -303,7 +303,8 @@ class WindowsFirewallEnforcer:
         return EnforceReport(revision, changed, changed, time.perf_counter() - start,
                              {"rules": len(rules), "allow": len(rules) - blocks,
                               "block": blocks, "generation": self.generation},
-                             list(self.warnings), scratch=True)
+                             list(self.warnings), scratch=True,
+                             unenforced=list(self.warnings))
 
     def _current(self, listed: Listing) -> list[FirewallRule] | None:
         """The listed rules of the newest generation, or None when there are none."""
