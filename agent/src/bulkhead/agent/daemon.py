@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -89,6 +90,7 @@ class Agent:
         self.repair_error: str | None = None
         self.cache_error: str | None = None
         self._applied: int | None = None   # the state's version at the last good apply
+        self._render_again = False      # render even an unchanged state (DNS resolvers)
         self._in_sync = False           # the kernel holds exactly self.state
         self._since_settle = 0          # applies since the last memory.settle()
         self._settled = -SETTLE_GAP      # when it was (time.monotonic())
@@ -167,7 +169,8 @@ class Agent:
         async with self._apply_lock:
             revision = self.revision
             version = self.state.version
-            if self.apply_error is None and self._applied == version:
+            if self.apply_error is None and self._applied == version and \
+                    not self._render_again:
                 self.applied_revision = max(self.applied_revision, revision)
                 self._in_sync = True
                 return True
@@ -181,7 +184,7 @@ class Agent:
             parts = self.state.cache_parts()
             # After a failed apply the kernel may hold anything older: tell it everything.
             told = changed if self._applied is not None and self.apply_error is None \
-                else None
+                and not self._render_again else None
 
             def apply() -> tuple[EnforceReport, str | None]:
                 with collector_paused():   # what it makes due runs once the kernel has it
@@ -218,9 +221,13 @@ class Agent:
                 self.flow_logs.update(snapshot, report.decisions)
             if self.dns is not None:
                 self.dns.applied(report.domain_sets, report.full)
+                snoop = getattr(self.enforcer, "dns", None)
+                if snoop is not None and snoop != self.dns.snoop:
+                    self.dns.use(snoop)   # the resolvers the kernel's table now logs
             if self.dns_logs is not None:
                 self.dns_logs.update(snapshot)
             self._applied = version
+            self._render_again = False
             self.unenforced = list(report.unenforced)
             self._in_sync = self.state.version == version
             self.applied_revision = revision
@@ -425,6 +432,8 @@ class Agent:
         apply fails, retry it first; if it fails again, the kernel is still judged (and
         repaired) against the last good one, which the enforcer keeps (a refused apply
         changes neither it nor the kernel)."""
+        if await self._resolvers_changed():
+            return
         if self.apply_error is not None:
             log.info("retrying the failed apply", extra={"fields": {"revision": self.revision}})
             if await self.enforce_current():
@@ -465,6 +474,28 @@ class Agent:
                                                        "seconds": round(report.seconds, 4),
                                                        "counts": report.counts}})
             self._status_kick.set()
+
+    async def _resolvers_changed(self) -> bool:
+        """resolv.conf names other resolvers (DNS snooping without trustedServers): the
+        table is rendered again to log theirs, and their answers are trusted (the old ones'
+        too until an apply puts the new ones in the kernel). True if that apply was made
+        (whether it succeeded or not: a failure is retried like any other)."""
+        use_dns = getattr(self.enforcer, "use_dns", None)
+        if self.dns is None or use_dns is None:
+            return False
+        snoop = await asyncio.to_thread(self.dns.resolvers_changed)
+        if snoop is None:
+            return False
+        log.warning("the trusted DNS resolvers changed (resolv.conf); rendering the table "
+                    "again", extra={"fields": {"servers": list(snoop.servers)}})
+        old = self.dns.snoop
+        self.dns.use(dataclasses.replace(snoop, servers=tuple(
+            dict.fromkeys([*old.servers, *snoop.servers]))))
+        async with self._apply_lock:
+            use_dns(snoop)
+            self._render_again = True
+        await self.enforce_current()
+        return True
 
     # ---------------------------------------------------------------------- flows
     async def _forever(self, what: str, run: Callable[[], Any], counters: Any) -> None:

@@ -85,6 +85,12 @@ class NftablesEnforcer:
             self.render_cache = RenderCache()
             raise
 
+    def use_dns(self, dns: DnsSnooping) -> None:
+        """Log DNS with other trusted resolvers from the next apply on (resolv.conf
+        changed): the DNS rules of the input and output chains are rendered again."""
+        self.dns = dns
+        self.render_cache = RenderCache()
+
     def preview(self, snapshot: Snapshot) -> Ruleset:
         """The table for `snapshot` from scratch, leaving the kept plan alone (dry runs)."""
         plan = calculate(snapshot, self.node, self.interfaces(), self.failsafes,
