@@ -33,6 +33,7 @@ class Recorder:
         self.calls: list[tuple[int, list[str]]] = []
         self.fail: str | None = None
         self.drift_reason: str | None = None
+        self.unenforced: list[str] = []   # what the "plan" leaves out, in every report
         self.repairs = 0
         self.dry_runs = 0
         self.applied: tuple[int, list[str]] | None = None
@@ -42,7 +43,8 @@ class Recorder:
     def _report(self, revision: int, names: list[str]) -> EnforceReport:
         return EnforceReport(revision, full=True, changed=True, seconds=0.25,
                              counts={"chains": len(names), "rules": 2 * len(names),
-                                     "sets": 1, "elements": 3}, warnings=[])
+                                     "sets": 1, "elements": 3},
+                             warnings=list(self.unenforced), unenforced=list(self.unenforced))
 
     def enforce(self, snapshot: Snapshot, revision: int,
                 changed: Iterable[tuple[str, str]] | None = None) -> EnforceReport:

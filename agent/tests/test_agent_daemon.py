@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,6 +23,8 @@ import yaml
 from bulkhead import pki
 from bulkhead.agent.cache import load_cache
 from bulkhead.agent.daemon import Agent
+from bulkhead.agent.enforcer import EnforceReport
+from bulkhead.model import Snapshot
 from tests.agentfixture import (
     Recorder,
     config_for,
@@ -155,6 +160,112 @@ async def test_drift_is_repaired_and_a_failed_apply_retried(
                     and rec.applied[1] == ["a", "b"], "the retry")
         assert rec.repairs == 1
 
+
+async def test_drift_is_repaired_to_the_last_good_ruleset_while_an_apply_fails(
+        server: Server, tmp_path: Path) -> None:
+    """A refused apply is retried at every drift check; while it keeps failing, the drift
+    check still runs and the repair puts back the last ruleset the kernel accepted (not
+    the refused one), and the status says both."""
+    async with started_after_a(server, tmp_path, drift_interval=0.1) as (
+            admin, viewer, rec, agent, rev_a):
+        await until(lambda: rec.applied is not None, "the first apply")
+        rec.fail = "nft: Error: Could not process rule: Invalid argument"
+        rev_b = await create(admin, gnp("b"))
+        await until(lambda: agent.apply_error is not None, "the failed apply")
+        rec.drift_reason = "table inet bulkhead is missing"   # nft flush ruleset
+        await until(lambda: rec.repairs == 1, "the repair while the apply fails")
+        assert rec.applied == (rev_a, ["a"])   # the last good one, put back
+        status = await wait_status(viewer, lambda s: s["counters"]["driftRepairs"] == 1,
+                                   "driftRepairs 1")
+        assert status["appliedRevision"] == rev_a
+        [error] = status["errors"]
+        assert f"the kernel keeps revision {rev_a}" in error and "Invalid argument" in error
+        await until(lambda: sum(names == ["a", "b"] for _, names in rec.calls) >= 3,
+                    "the failed apply retried after the repair")
+        rec.fail = None
+        await until(lambda: agent.errors == [] and rec.applied is not None
+                    and rec.applied[0] >= rev_b, "the retry")
+        assert rec.repairs == 1
+
+
+async def test_an_endpoint_left_unenforced_is_in_the_status_until_it_is_enforced(
+        server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A host endpoint the dataplane cannot enforce (its expectedIPs on no interface of
+    the host: an address gone, found by the drift check) is an error in the status, so
+    the node is not counted converged, and it is logged; once it is enforced again
+    (the address back, another repair), the error goes."""
+    gone = "HostEndpoint web-1-eth0: no interface of this host has any of its " \
+        "expectedIPs ['198.18.0.111']; not enforced"
+    async with started_after_a(server, tmp_path, drift_interval=0.1) as (
+            admin, viewer, rec, _, rev_a):
+        await until(lambda: rec.applied is not None, "the first apply")
+        await wait_status(viewer, lambda s: s["appliedRevision"] >= rev_a, "the first status")
+        rec.unenforced = [gone]
+        rec.drift_reason = "the host's interfaces or addresses changed"
+        await until(lambda: rec.repairs == 1, "the repair")
+        status = await wait_status(viewer, lambda s: s["errors"] == [gone],
+                                   "the endpoint reported unenforced")
+        assert status["appliedRevision"] >= rev_a
+        assert [r.levelname for r in caplog.records if r.getMessage() == gone] == ["WARNING"]
+        async with viewer.get("/v1/nodes", params={"revision": str(rev_a)}) as r:
+            assert (await r.json())["converged"] is False
+        rev_b = await create(admin, gnp("b"))   # an apply keeps reporting it
+        status = await wait_status(viewer, lambda s: s["appliedRevision"] >= rev_b,
+                                   "the next apply")
+        assert status["errors"] == [gone]
+        rec.unenforced = []
+        rec.drift_reason = "the host's interfaces or addresses changed"
+        await until(lambda: rec.repairs == 2, "the second repair")
+        await wait_status(viewer, lambda s: s["errors"] == [], "the error cleared")
+        async with viewer.get("/v1/nodes", params={"revision": str(rev_b)}) as r:
+            assert (await r.json())["converged"] is True
+
+
+class DnsRecorder(Recorder):
+    """A Recorder whose "table" logs DNS with `dns`'s resolvers, as the nftables enforcer's."""
+
+    def __init__(self, dns: Any) -> None:
+        super().__init__()
+        self.dns = dns
+        self.rendered: list[tuple[str, ...]] = []   # the resolvers of each enforce
+
+    def enforce(self, snapshot: Snapshot, revision: int,
+                changed: Iterable[tuple[str, str]] | None = None) -> EnforceReport:
+        self.rendered.append(self.dns.servers)
+        return super().enforce(snapshot, revision, changed)
+
+    def use_dns(self, dns: Any) -> None:
+        self.dns = dns
+
+
+async def test_a_changed_resolv_conf_is_read_at_the_drift_check_and_rendered(
+        tmp_path: Path) -> None:
+    """Without trustedServers the resolvers are resolv.conf's: a new one there (a DHCP
+    renew) is read at the next drift check, the table rendered again to log its answers,
+    and they are trusted; an unchanged file is one stat."""
+    from bulkhead.agent.config import DnsSettings
+    from bulkhead.agent.dns import snooping
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 198.18.0.12\n")
+    rec = DnsRecorder(snooping(DnsSettings(), resolv))
+    pki.init_ca(tmp_path)
+    agent = Agent(config_for("https://127.0.0.1:1", tmp_path, tmp_path / "state"), rec)
+    assert agent.dns is not None
+    agent.dns.resolv_conf = resolv
+    try:
+        assert await agent.enforce_current()
+        await agent.check_drift()
+        assert rec.rendered == [("198.18.0.12",)]   # the same resolvers: no apply
+        resolv.write_text("# renewed\nnameserver 198.18.0.10\nnameserver 2001:2::53\n")
+        await agent.check_drift()
+        assert rec.rendered[1:] == [("198.18.0.10", "2001:2::53")]
+        assert agent.dns.trusted == {ipaddress.ip_address("198.18.0.10"),
+                                     ipaddress.ip_address("2001:2::53")}
+        await agent.check_drift()
+        assert len(rec.rendered) == 2 and agent.errors == []
+    finally:
+        agent.dns.close()
 
 
 def test_memory_settles_after_a_scratch_apply_once_the_gap_has_passed(

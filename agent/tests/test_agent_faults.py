@@ -2,9 +2,11 @@
 Testbed), nftables in the hosts' network namespaces, probes on the wire.
 
 - the server killed while agents run: enforcement unchanged; status resumes after restart
-- a ruleset the kernel refuses: the old one stays in force, the error is in the status
+- a ruleset the kernel refuses: the old one stays in force, the error is in the status,
+  and drift (`nft flush ruleset`) is repaired to it while the apply keeps failing
 - the agent killed (with its nft) mid-apply: the kernel holds the old or the new ruleset
 - the table deleted by hand: the agent's drift check puts it back
+- an endpoint's address gone: reported in the status (not converged) until it is back
 - a policy denying everything: failsafe ports keep SSH and the agent's server reachable
 
 Each test has a testbed of its own (removed pass or fail); every wait polls for a state
@@ -141,6 +143,18 @@ def test_a_ruleset_the_kernel_refuses_keeps_the_old_one_and_is_reported(bed: Tes
     bed.wait_converged(revision, hosts=["h1"])  # h1 has no endpoint the policy selects
     assert bed.table("h2") == table
     assert wire_verdicts(bed, FLOWS) == BASE_VERDICTS
+    # While the apply keeps failing, drift is still repaired, to the last good ruleset:
+    # another tool's `nft flush ruleset` does not leave h2 without policy.
+    repairs = bed.agent_metrics("h2")["bulkhead_agent_drift_repairs_total"]
+    bed.lab.run("h2", ["nft", "flush", "ruleset"], check=True)
+    wait_until(lambda: bed.agent_metrics("h2")["bulkhead_agent_drift_repairs_total"]
+               > repairs, "the agent of h2 to repair its table while the apply fails",
+               timeout=30)
+    assert bed.table("h2") == table
+    assert wire_verdicts(bed, FLOWS) == BASE_VERDICTS
+    status = bed.node_status("h2")
+    assert [e for e in status["errors"] if "apply of revision" in e] and \
+        status["counters"]["driftRepairs"] > 0, status
     # Taking the policy back lets h2 converge again, with its errors cleared.
     bed.enforce(BASE, "fixed", timeout=WAIT)
     assert bed.node_status("h2")["errors"] == []
@@ -260,6 +274,33 @@ def test_a_deleted_table_is_repaired(bed: Testbed) -> None:
     # The agent still follows the server (the table's conntrack entries outlived it).
     bed.enforce([*BASE[:2], web_policy(80, 81)], "after-repair", timeout=WAIT)
     assert wire_verdicts(bed, FLOWS) == [True, True, True, True]
+
+
+# ------------------------------------------------- an endpoint's address goes away
+def test_an_endpoint_whose_address_goes_away_is_reported_until_it_is_back(bed: Testbed
+                                                                           ) -> None:
+    """h2's endpoint is found by its expectedIPs (no interfaceName). The address goes
+    (a DHCP renew): the drift check plans again and leaves the endpoint out, as Calico
+    does, and h2's status says so, so it is not counted converged; back, it is enforced
+    and the error goes."""
+    address = "198.18.0.111"
+    bed.lab.run("h2", ["ip", "addr", "add", f"{address}/32", "dev", "eth0"], check=True)
+    by_address = {**BASE[1], "spec": {"node": "h2", "expectedIPs": [address],
+                                      "profiles": [DEFAULT_ALLOW_PROFILE]}}
+    revision = bed.enforce([BASE[0], by_address, web_policy(80)], "by-address")
+    bed.lab.run("h2", ["ip", "addr", "del", f"{address}/32", "dev", "eth0"], check=True)
+
+    def reported() -> list[str]:
+        return [e for e in bed.node_status("h2").get("errors", []) if "HostEndpoint h2: "
+                f"no interface of this host has any of its expectedIPs ['{address}']" in e]
+
+    wait_until(lambda: bool(reported()), "h2 to report its endpoint unenforced", timeout=30)
+    assert not bed.nodes(revision)["converged"]
+    assert "not enforced" in (bed.dir / "agent-h2.log").read_text()
+    bed.lab.run("h2", ["ip", "addr", "add", f"{address}/32", "dev", "eth0"], check=True)
+    wait_until(lambda: bed.node_status("h2").get("errors") == [], "the error to go",
+               timeout=30)
+    bed.wait_converged(revision, timeout=WAIT)
 
 
 # ------------------------------------------------------- the first ruleset of a host

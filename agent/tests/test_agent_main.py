@@ -178,12 +178,37 @@ def test_release_is_refused_while_the_agent_runs(
     finally:
         held.close()
     err = capsys.readouterr().err
-    assert rc == 1 and "is held by a running agent: stop the agent first" in err, err
+    assert rc == 1 and f"is held by a running agent (process {os.getpid()}): stop the " \
+        "agent first" in err, err
     assert made == []          # no enforcer was even made
     # stopped (the lock released): the release goes ahead
     assert agent_main.main(["--config", str(conf), "--release"],
                            make_enforcer=lambda c: made.append(c) or Recorder()) == 2
     assert len(made) == 1 and "not offered" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [[], ["--once"]], ids=["daemon", "once"])
+def test_a_second_agent_refuses_to_start(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         argv: list[str]) -> None:
+    """Two agents on one state directory would each put back their own ruleset at every
+    drift check: a daemon (or --once) started while another holds the lock says so in one
+    line, naming the lock file and its holder, exit 1, before it touches the kernel."""
+    from bulkhead.agent import lock
+
+    conf = release_config(tmp_path, "nftables")
+    rec = Recorder()
+    held = lock.take(tmp_path / "state")
+    assert held is not None
+    try:
+        rc = agent_main.main(["--config", str(conf), *argv], make_enforcer=lambda _: rec)
+    finally:
+        held.close()
+    err = capsys.readouterr().err
+    path = tmp_path / "state" / lock.LOCK_FILE
+    assert rc == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"bulkhead-agent: {path} is held by a running agent (process "
+                          f"{os.getpid()}): not starting a second agent"), err
+    assert rec.calls == [] and rec.dry_runs == 0
 
 
 @pytest.mark.parametrize(("dataplane", "argv", "message"), [

@@ -7,7 +7,8 @@
     enforce  in a worker thread, one call at a time; on success write the cache; on
              EnforceError keep the previous state (the kernel still holds it) and report
     drift    every drift interval: enforcer.drift(), and repair() when it names a reason;
-             a failed apply is retried then too
+             a failed apply is retried then too, and while it keeps failing the drift
+             check and repair go on against the last ruleset the kernel accepted
     status   after each apply and every status interval; best effort, never blocking
     flows    with flow logs on (`flowLogs.enabled`): the kernel's logs read, aggregated,
              spooled on disk and shipped to the server (agent/flowlogs.py)
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -84,10 +86,12 @@ class Agent:
         self.counters = Counters()
         self.connected = False
         self.object_errors: list[str] = []
+        self.unenforced: list[str] = []   # the kernel's ruleset leaves these out
         self.apply_error: str | None = None
         self.repair_error: str | None = None
         self.cache_error: str | None = None
         self._applied: int | None = None   # the state's version at the last good apply
+        self._render_again = False      # render even an unchanged state (DNS resolvers)
         self._in_sync = False           # the kernel holds exactly self.state
         self._since_settle = 0          # applies since the last memory.settle()
         self._settled = -SETTLE_GAP      # when it was (time.monotonic())
@@ -131,6 +135,7 @@ class Agent:
     def errors(self) -> list[str]:
         out = [e for e in (self.cache_error,) if e]
         out += self.object_errors
+        out += self.unenforced
         out += [e for e in (self.apply_error, self.repair_error) if e]
         return out
 
@@ -166,7 +171,8 @@ class Agent:
         async with self._apply_lock:
             revision = self.revision
             version = self.state.version
-            if self.apply_error is None and self._applied == version:
+            if self.apply_error is None and self._applied == version and \
+                    not self._render_again:
                 self.applied_revision = max(self.applied_revision, revision)
                 self._in_sync = True
                 return True
@@ -180,7 +186,7 @@ class Agent:
             parts = self.state.cache_parts()
             # After a failed apply the kernel may hold anything older: tell it everything.
             told = changed if self._applied is not None and self.apply_error is None \
-                else None
+                and not self._render_again else None
 
             def apply() -> tuple[EnforceReport, str | None]:
                 with collector_paused():   # what it makes due runs once the kernel has it
@@ -217,9 +223,14 @@ class Agent:
                 self.flow_logs.update(snapshot, report.decisions)
             if self.dns is not None:
                 self.dns.applied(report.domain_sets, report.full)
+                snoop = getattr(self.enforcer, "dns", None)
+                if snoop is not None and snoop != self.dns.snoop:
+                    self.dns.use(snoop)   # the resolvers the kernel's table now logs
             if self.dns_logs is not None:
                 self.dns_logs.update(snapshot)
             self._applied = version
+            self._render_again = False
+            self.unenforced = list(report.unenforced)
             self._in_sync = self.state.version == version
             self.applied_revision = revision
             if write_cache:
@@ -422,10 +433,16 @@ class Agent:
                 await self._call(self._settle_if_due)
 
     async def check_drift(self) -> None:
+        """Repair what drifted from the last ruleset the kernel accepted. While a newer
+        apply fails, retry it first; if it fails again, the kernel is still judged (and
+        repaired) against the last good one, which the enforcer keeps (a refused apply
+        changes neither it nor the kernel)."""
+        if await self._resolvers_changed():
+            return
         if self.apply_error is not None:
             log.info("retrying the failed apply", extra={"fields": {"revision": self.revision}})
-            await self.enforce_current()
-            return
+            if await self.enforce_current():
+                return
         if self._applied is None:
             return  # nothing applied yet: nothing to compare with
         async with self._apply_lock:
@@ -450,6 +467,11 @@ class Agent:
                 log.error(self.repair_error, exc_info=not isinstance(e, EnforceError))
             else:
                 self.repair_error = None
+                # A repair can plan again (the host's addresses changed): what it leaves
+                # out is logged and reported, as an apply's is.
+                self.unenforced = list(report.unenforced)
+                for warning in report.warnings:
+                    log.warning(warning, extra={"fields": {"revision": self.applied_revision}})
                 if self.dns is not None:
                     self.dns.applied(report.domain_sets, report.full)
                 self.counters.record(report, repair=True)
@@ -457,6 +479,28 @@ class Agent:
                                                        "seconds": round(report.seconds, 4),
                                                        "counts": report.counts}})
             self._status_kick.set()
+
+    async def _resolvers_changed(self) -> bool:
+        """resolv.conf names other resolvers (DNS snooping without trustedServers): the
+        table is rendered again to log theirs, and their answers are trusted (the old ones'
+        too until an apply puts the new ones in the kernel). True if that apply was made
+        (whether it succeeded or not: a failure is retried like any other)."""
+        use_dns = getattr(self.enforcer, "use_dns", None)
+        if self.dns is None or use_dns is None:
+            return False
+        snoop = await asyncio.to_thread(self.dns.resolvers_changed)
+        if snoop is None:
+            return False
+        log.warning("the trusted DNS resolvers changed (resolv.conf); rendering the table "
+                    "again", extra={"fields": {"servers": list(snoop.servers)}})
+        old = self.dns.snoop
+        self.dns.use(dataclasses.replace(snoop, servers=tuple(
+            dict.fromkeys([*old.servers, *snoop.servers]))))
+        async with self._apply_lock:
+            use_dns(snoop)
+            self._render_again = True
+        await self.enforce_current()
+        return True
 
     # ---------------------------------------------------------------------- flows
     async def _forever(self, what: str, run: Callable[[], Any], counters: Any) -> None:
@@ -516,16 +560,26 @@ class Agent:
     # ------------------------------------------------------------------------ run
     async def run(self, stop: asyncio.Event) -> None:
         """The daemon, until `stop` is set. The ruleset stays in the kernel afterwards."""
-        held: IO[bytes] | None = None
-        try:   # the running agent's mark, for `--release` (bulkhead.agent.lock)
-            held = lock.take(self.config.state_dir)
-        except (lock.Held, OSError) as e:
-            log.warning("running without the agent's lock: %s", e)
+        held = self._take_lock()
         try:
             await self._run(stop)
         finally:
             if held is not None:
                 held.close()
+
+    def _take_lock(self) -> IO[bytes] | None:
+        """The running agent's mark (bulkhead.agent.lock): `--release` refuses while it is
+        held, and so does a second agent on the same state directory (AgentError), which
+        would otherwise put back its own ruleset at every drift check, and the first one
+        its own. None, with a warning, if the lock file cannot be made."""
+        try:
+            return lock.take(self.config.state_dir)
+        except lock.Held as e:
+            raise AgentError(f"{e}: not starting a second agent on state directory "
+                             f"{self.config.state_dir}; stop that one first") from None
+        except OSError as e:
+            log.warning("running without the agent's lock: %s", e)
+            return None
 
     async def _run(self, stop: asyncio.Event) -> None:
         if self.dns is not None:
@@ -579,7 +633,16 @@ class Agent:
 
     # ------------------------------------------------------------------- one-shot
     async def once(self) -> int:
-        """Fetch the snapshot, enforce it, report status; the revision applied."""
+        """Fetch the snapshot, enforce it, report status; the revision applied. Refused
+        (AgentError) while an agent runs on the same state directory."""
+        held = self._take_lock()
+        try:
+            return await self._once()
+        finally:
+            if held is not None:
+                held.close()
+
+    async def _once(self) -> int:
         ctx = client_ssl_context(self.config)
         async with open_session(self.config, ctx) as session:
             revision, items = await fetch_snapshot(session)

@@ -36,6 +36,7 @@ import array
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -162,7 +163,12 @@ class DnsSnooper:
     def __init__(self, settings: DnsSettings, snoop: DnsSnooping, state_dir: Path,
                  table: str = "bulkhead", netns: str = "") -> None:
         self.settings = settings
+        self.snoop = snoop
         self.trusted = frozenset(ipaddress.ip_address(a) for a in snoop.servers)
+        # Without trustedServers, the resolvers are /etc/resolv.conf's: read again at each
+        # drift check when its (inode, size, mtime) moved (`resolvers_changed`).
+        self.resolv_conf = RESOLV_CONF
+        self._resolv_seen: tuple[int, int, int] | None = None
         self.hold = snoop.hold
         self.snaplen = NFLOG_MAX_COPY if snoop.hold else snoop.snaplen
         self.cache = NameCache(settings.extra_ttl, settings.max_names)
@@ -191,6 +197,32 @@ class DnsSnooper:
         self._written_lock = threading.Lock()
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "bulkhead-dns")
         self._netlink: NftNetlink | None = None
+
+    # -- the trusted resolvers ----------------------------------------------------------
+    def resolvers_changed(self) -> DnsSnooping | None:
+        """With no `trustedServers` set: what the table should log now that resolv.conf
+        names other servers (a DHCP renew, a VPN, resolvconf), or None if it names the
+        same (or is unchanged since the last look: one stat). Called at each drift check;
+        `use` takes it once applied."""
+        if self.settings.trusted_servers:
+            return None
+        try:
+            st = self.resolv_conf.stat()
+            seen: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            seen = None   # gone: glibc's default then (resolv_servers)
+        if seen is not None and seen == self._resolv_seen:
+            return None
+        self._resolv_seen = seen
+        servers = resolv_servers(self.resolv_conf)
+        if set(map(ipaddress.ip_address, servers)) == self.trusted:
+            return None
+        return dataclasses.replace(self.snoop, servers=servers)
+
+    def use(self, snoop: DnsSnooping) -> None:
+        """Trust the answers of `snoop`'s servers (the table now logs theirs)."""
+        self.snoop = snoop
+        self.trusted = frozenset(ipaddress.ip_address(a) for a in snoop.servers)
 
     # -- the cache on disk --------------------------------------------------------------
     def load(self) -> None:

@@ -33,6 +33,10 @@ class EnforceReport:
     decisions: dict[str, Decision] = field(default_factory=dict)
     # Domain sets: each set's name and the domain patterns it holds addresses for.
     domain_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # What of this node's plan the dataplane does not enforce (among `warnings`): a host
+    # endpoint with no interface here that has its expectedIPs, or whose interface another
+    # endpoint took. The agent reports them in its status `errors` until they are gone.
+    unenforced: list[str] = field(default_factory=list)
 
 
 class EnforceError(Exception):

@@ -165,6 +165,7 @@ class HnsEnforcer:
         self.snapshot: Snapshot | None = None             # the last one applied
         self.applied: dict[str, Wanted] = {}              # id -> what was set on it
         self.warnings: list[str] = []
+        self.notes: list[str] = []                # the last plan's, logged only
         # Where the ids of the endpoints set are kept (None: nowhere); those an earlier
         # agent set, until an apply has released or taken them.
         self.state_dir = state_dir
@@ -201,6 +202,7 @@ class HnsEnforcer:
                          self.failsafes, default_mode=self.default_mode)
         owners, warnings = assign(plan, endpoints)
         self.warnings = list(plan.warnings) + warnings
+        self.notes = list(plan.notes)
         by_name: dict[str, tuple[AclRule, ...]] = {}
         out: dict[str, Wanted] = {}
         for ep in plan.endpoints:
@@ -298,7 +300,8 @@ class HnsEnforcer:
         return EnforceReport(revision, changed, changed, time.perf_counter() - start,
                              {"endpoints": len(self.applied), "rules": len(rules),
                               "allow": len(rules) - blocks, "block": blocks},
-                             list(self.warnings) + state, scratch=True)
+                             list(self.warnings) + self.notes + state, scratch=True,
+                             unenforced=list(self.warnings))
 
     # ---------------------------------------------------------------- the protocol
     def enforce(self, snapshot: Snapshot, revision: int,

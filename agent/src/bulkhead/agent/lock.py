@@ -2,11 +2,17 @@
 held by the daemon while it runs and released by the system when the process ends
 (a crash included). `bulkhead-agent --release` refuses while another process holds it:
 the running agent would put back, at its next drift repair, what the release removed,
-and the list of what it set (HNS) would be gone."""
+and the list of what it set (HNS) would be gone. So do a second daemon and `--once`
+(bulkhead.agent.daemon): two agents on one state directory would each put back their own
+ruleset at every drift check. The holder writes its process id after the first byte
+(which `msvcrt.locking` locks on Windows, where a locked byte cannot be read), so a
+refusal can name it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import sys
 from pathlib import Path
 from typing import IO
@@ -16,6 +22,17 @@ LOCK_FILE = "agent.lock"
 
 class Held(Exception):
     """Another process holds the lock."""
+
+
+def holder(path: Path) -> int | None:
+    """The process id the holder of the lock file `path` wrote, None if unknown."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(1)
+            text = f.read(32).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def take(state_dir: str | Path, create: bool = True) -> IO[bytes] | None:
@@ -43,6 +60,12 @@ def take(state_dir: str | Path, create: bool = True) -> IO[bytes] | None:
         f.close()
         # flock: EWOULDBLOCK; msvcrt.locking: EACCES, or EDEADLOCK after its retries
         if e.errno in (errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", None)):
-            raise Held(f"{directory / LOCK_FILE} is held by a running agent") from None
+            pid = holder(directory / LOCK_FILE)
+            by = f" (process {pid})" if pid is not None else ""
+            raise Held(f"{directory / LOCK_FILE} is held by a running agent{by}") from None
         raise
+    with contextlib.suppress(OSError):   # only informative: the lock is what counts
+        f.truncate(0)
+        f.write(f"\n{os.getpid()}\n".encode("ascii"))   # appended ("a"): after byte 0
+        f.flush()
     return f

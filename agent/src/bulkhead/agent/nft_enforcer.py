@@ -85,6 +85,12 @@ class NftablesEnforcer:
             self.render_cache = RenderCache()
             raise
 
+    def use_dns(self, dns: DnsSnooping) -> None:
+        """Log DNS with other trusted resolvers from the next apply on (resolv.conf
+        changed): the DNS rules of the input and output chains are rendered again."""
+        self.dns = dns
+        self.render_cache = RenderCache()
+
     def preview(self, snapshot: Snapshot) -> Ruleset:
         """The table for `snapshot` from scratch, leaving the kept plan alone (dry runs)."""
         plan = calculate(snapshot, self.node, self.interfaces(), self.failsafes,
@@ -96,9 +102,11 @@ class NftablesEnforcer:
         fallback = [f"the table was loaded by nft -f: {result.fallback}"] \
             if result.fallback else []
         return EnforceReport(revision, result.full, result.changed, result.seconds,
-                             ruleset.counts(), [*ruleset.warnings, *fallback],
+                             ruleset.counts(), [*ruleset.warnings, *ruleset.notes,
+                                                *fallback],
                              decisions=dict(ruleset.decisions),
-                             domain_sets=dict(ruleset.domain_sets))
+                             domain_sets=dict(ruleset.domain_sets),
+                             unenforced=list(ruleset.warnings))
 
     def enforce(self, snapshot: Snapshot, revision: int,
                 changed: Iterable[Key] | None = None) -> EnforceReport:

@@ -218,6 +218,7 @@ class WindowsFirewallEnforcer:
         self.applied: list[FirewallRule] | None = None   # its rules, named
         self._wanted: list[FirewallRule] | None = None   # what they were made from
         self.warnings: list[str] = []            # the last plan's
+        self.notes: list[str] = []               # the last plan's, logged only
 
     def local_interfaces(self) -> dict[str, list[str]]:
         """The host's interfaces and addresses (Get-NetIPAddress), which endpoints
@@ -238,6 +239,7 @@ class WindowsFirewallEnforcer:
         plan = calculate(snapshot, self.node, self.interfaces() if by_address else {},
                          self.failsafes, default_mode=self.default_mode)
         self.warnings = list(plan.warnings)
+        self.notes = list(plan.notes)
         try:
             rules = self.compile(plan)
             for rule in rules:
@@ -303,7 +305,8 @@ class WindowsFirewallEnforcer:
         return EnforceReport(revision, changed, changed, time.perf_counter() - start,
                              {"rules": len(rules), "allow": len(rules) - blocks,
                               "block": blocks, "generation": self.generation},
-                             list(self.warnings), scratch=True)
+                             list(self.warnings) + self.notes, scratch=True,
+                             unenforced=list(self.warnings))
 
     def _current(self, listed: Listing) -> list[FirewallRule] | None:
         """The listed rules of the newest generation, or None when there are none."""

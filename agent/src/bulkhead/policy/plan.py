@@ -160,7 +160,12 @@ class NodePlan:
     failsafes: Failsafes
     selector_sets: dict[Selector, AddressSet]
     named_ports: dict[NamedPortKey, tuple[NamedPortEntry, ...]]
+    # What this node's plan leaves unenforced (a host endpoint with no interface here,
+    # or whose interface another took): the agent's status reports them.
     warnings: list[str] = field(default_factory=list)
+    # What the plan says of itself that leaves nothing unenforced Calico would enforce
+    # (untracked policies on an endpoint on every interface): logged only.
+    notes: list[str] = field(default_factory=list)
     # The destination selectors of egress Allow rules that select network sets with
     # allowedEgressDomains, and those domains (sorted): such a rule also allows the
     # addresses the names resolve to (felix's domain sets).
@@ -222,7 +227,7 @@ def calculation(snapshot: Snapshot, node: str, interfaces: Mapping[str, Sequence
             continue
         claimed.update(dict.fromkeys(ifaces, hep.name))
         ingress, egress = (_direction(snapshot, policies, hep, labels[hep.name], d,
-                                      plan.warnings) for d in DIRECTIONS)
+                                      plan.notes) for d in DIRECTIONS)
         mode = enforcement_mode(labels[hep.name], default_mode)
         plan.endpoints.append(EndpointPlan(hep.name, ifaces, ingress, egress, mode))
     members = members_of(snapshot, labels, selectors_of(plan))
@@ -251,14 +256,14 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def _direction(snapshot: Snapshot, policies: Sequence[GlobalNetworkPolicy], hep: HostEndpoint,
                labels: Mapping[str, str], direction: str,
-               warnings: list[str] | None = None) -> DirectionPlan:
+               notes: list[str] | None = None) -> DirectionPlan:
     def applies(p: GlobalNetworkPolicy) -> bool:
         return selects(p, labels, direction)
 
     if untracked_ignored(hep):
         ignored = sorted(p.name for p in policies if p.spec.do_not_track and applies(p))
-        if ignored and warnings is not None:
-            warnings.append(f'HostEndpoint {hep.name}: interfaceName "*" takes no untracked '
+        if ignored and notes is not None:
+            notes.append(f'HostEndpoint {hep.name}: interfaceName "*" takes no untracked '
                             f"(doNotTrack) policy, as in Calico; {direction.lower()} "
                             f"policies {', '.join(ignored[:5])}"
                             f"{', ...' if len(ignored) > 5 else ''} left out")

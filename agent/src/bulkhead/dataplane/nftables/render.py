@@ -278,7 +278,7 @@ class _Renderer:
         self.flow_logs = flow_logs
         self.dns = dns
         self.cache = cache
-        self.rs = Ruleset(table, warnings=list(plan.warnings))
+        self.rs = Ruleset(table, warnings=list(plan.warnings), notes=list(plan.notes))
         # Address lists the incremental calculator patched: each one's id -> the list it
         # replaced and the ranges it changed in (a verdict map's leaf is redone there).
         self.hints: dict[int, tuple[Sequence[tuple[int, int]], Sequence[tuple[int, int]]]] = {}

@@ -197,7 +197,8 @@ class Ruleset:
     table: str
     sets: dict[str, NftSet] = field(default_factory=dict)
     chains: dict[str, Chain] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)   # the plan's: unenforced endpoints
+    notes: list[str] = field(default_factory=list)      # the plan's notes: logged only
     # Flow logs: each NFLOG prefix the table logs with, and the decision it names; each
     # named counter and the prefix of the decision it counts.
     decisions: dict[str, Decision] = field(default_factory=dict)
