@@ -294,6 +294,37 @@ def event_loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractE
     return "asyncio", asyncio.new_event_loop
 
 
+def bump_revision(datastore: str, by: int) -> int:
+    """`--bump-revision N`: the restored SQLite file's revision raised, its history
+    marked compacted; says what it did."""
+    if not datastore.startswith("sqlite:"):
+        raise SystemExit("bulkhead-server: --bump-revision is for a SQLite datastore; for "
+                         "etcd, restore with etcdutl snapshot restore --bump-revision N "
+                         "--mark-compacted")
+    if by < 1:
+        raise SystemExit(f"bulkhead-server: --bump-revision {by}: give a number of at "
+                         "least 1, more than the writes made since the backup")
+
+    from bulkhead.store.sqlite import SQLiteStore
+
+    async def run() -> tuple[int, int]:
+        store = open_store(datastore)
+        assert isinstance(store, SQLiteStore)
+        try:
+            before = await store.revision()
+            return before, await store.bump_revision(by)
+        finally:
+            await store.close()
+
+    try:
+        before, after = asyncio.run(run())
+    except (ValueError, StoreError, OSError) as e:
+        raise SystemExit(f"bulkhead-server: --bump-revision: {e}") from None
+    print(f"{datastore}: revision {before} -> {after}; the history before it is marked "
+          "compacted: every agent takes a snapshot when it connects")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bulkhead-server",
                                      description="The Bulkhead central store and API.")
@@ -310,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto (default: uvloop when installed), uvloop or asyncio")
     parser.add_argument("--crl", help="the client CA's CRL (default: crl.pem beside "
                         "--client-ca, once it exists)")
+    parser.add_argument("--bump-revision", type=int, metavar="N",
+                        help="SQLite, the server stopped, after restoring the file from a "
+                        "backup: raise its revision by N (more than the writes since the "
+                        "backup) and mark the history before it compacted, so every agent "
+                        "takes a snapshot; then exit (etcd: etcdutl snapshot restore "
+                        "--bump-revision N --mark-compacted)")
     args = parser.parse_args(argv)
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     config = ServerConfig.load(path, {
@@ -318,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         "client_auth": args.client_auth, "log_level": args.log_level, "crl": args.crl,
         "event_loop": args.event_loop})
     setup_logging(config.log_level, BadHttpFilter())
+    if args.bump_revision is not None:
+        return bump_revision(config.datastore, args.bump_revision)
     _, factory = event_loop_factory(config.event_loop)
     try:
         with asyncio.Runner(loop_factory=factory) as runner:

@@ -492,6 +492,28 @@ class SQLiteStore:
                 newer.append(events)
         return [e for events in reversed(newer) for e in events]
 
+    async def bump_revision(self, by: int) -> int:
+        """Raise the revision by `by` and mark the whole history compacted up to it (a
+        file restored from a backup, the server stopped): every agent then holds a
+        revision at or below the compaction point and takes a snapshot, instead of
+        resuming at a revision number the restored file hands out again for other
+        changes. The audit entries stay. The new revision."""
+        if by < 1:
+            raise ValueError(f"bump the revision by at least 1, not {by}")
+
+        def run() -> int:
+            with immediate(self._db):
+                revision = self._meta("revision") + by
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'revision'",
+                                 (revision,))
+                self._db.execute("DELETE FROM events")
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'compacted'",
+                                 (revision,))
+            self._compacted_here = revision
+            return revision
+        bumped: int = await self._run(run)
+        return bumped
+
     async def compact(self, keep_after: int) -> None:
         def run() -> None:
             with immediate(self._db):
