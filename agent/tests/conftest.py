@@ -38,8 +38,9 @@ ALONE = frozenset({
     "test_nftables_apply.py", "test_nftables_elements.py", "test_nftables_load.py",
     "test_notrack.py", "test_observe_mode_lab.py", "test_enforcement_mode.py",
     "test_nftables_flowlogs.py",
-    # a tmpfs mounted as root (under the spool, filled and remounted read-only)
-    "test_agent_spool_disk.py",
+    # a tmpfs mounted as root (under the spool, filled and remounted read-only); files
+    # made as root and taken as another user
+    "test_agent_spool_disk.py", "test_agent_lock_owner.py",
     # the benchmark scripts, small
     "test_benchmarks.py", "test_benchmarks_dataplane.py",
     # a time or a memory bound: a slow client cut in time, a revoked certificate refused

@@ -45,7 +45,15 @@ def take(state_dir: str | Path, create: bool = True) -> IO[bytes] | None:
     if not create and not (directory / LOCK_FILE).exists():
         return None
     directory.mkdir(parents=True, exist_ok=True)
-    f = open(directory / LOCK_FILE, "a+b")  # noqa: SIM115 (held open: the lock lives with it)
+    path = directory / LOCK_FILE
+    made = not path.exists()
+    f = open(path, "a+b")  # noqa: SIM115 (held open: the lock lives with it)
+    if made and sys.platform != "win32" and os.geteuid() == 0:
+        # Made by root (`--once` by hand): the directory's owner, the agent's user, must
+        # still open it, or the daemon would run without its lock.
+        with contextlib.suppress(OSError):
+            owner = directory.stat()
+            os.chown(path, owner.st_uid, owner.st_gid)
     try:
         if sys.platform == "win32":
             import msvcrt

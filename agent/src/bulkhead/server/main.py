@@ -307,6 +307,11 @@ def bump_revision(datastore: str, by: int) -> int:
 
     from bulkhead.store.sqlite import SQLiteStore
 
+    path = Path(urlparse(datastore).path)
+    if not path.is_file():   # a mistyped path would be a new, empty store
+        raise SystemExit(f"bulkhead-server: --bump-revision: {path}: no such file (the "
+                         "restored store)")
+
     async def run() -> tuple[int, int]:
         store = open_store(datastore)
         assert isinstance(store, SQLiteStore)
