@@ -80,6 +80,6 @@ def test_bump_revision_is_for_sqlite_and_a_positive_number(tmp_path: Path) -> No
         main(["--datastore", "etcd://127.0.0.1:9", "--bump-revision", "5"])
     with pytest.raises(SystemExit, match="at least 1"):
         main(["--datastore", f"sqlite://{tmp_path}/s.db", "--bump-revision", "0"])
-    with pytest.raises(SystemExit, match="s.db: no such file"):
+    with pytest.raises(SystemExit, match=r"s\.db: no such file"):
         main(["--datastore", f"sqlite://{tmp_path}/s.db", "--bump-revision", "10"])
     assert not (tmp_path / "s.db").exists()
