@@ -81,6 +81,7 @@ from bulkhead.policy.semantics import (
     policy_layout,
     rule_ip_version,
     selects,
+    side_selectors,
     untracked_ignored,
 )
 from bulkhead.policy.trace import failsafe, no_profile, profile_rule, rule_decision, tier_end
@@ -456,17 +457,18 @@ class Impact:
             out.append(self._in_nets(ctx, end, entity.nets, side))
         if entity.not_nets:
             out.append(_not(self._in_nets(ctx, end, entity.not_nets, side)))
-        if entity.selector is not None:
-            selected = self._selected(ctx, end, entity.selector.matches, side)
+        positive, negative = side_selectors(entity)   # both: one (semantics)
+        if positive is not None:
+            selected = self._selected(ctx, end, positive.matches, side)
             if by_name and selected is not True:
-                selected = _or(selected, self._by_name(ctx, entity.selector))
+                selected = _or(selected, self._by_name(ctx, positive))
             out.append(selected)
-        if entity.not_selector is not None:
-            out.append(_not(self._selected(ctx, end, entity.not_selector.matches, side)))
+        if negative is not None:
+            out.append(_not(self._selected(ctx, end, negative.matches, side)))
         if entity.ports:
-            out.append(self._ports(ctx, end, entity.ports, side, entity.selector))
+            out.append(self._ports(ctx, end, entity.ports, side, positive))
         if entity.not_ports:
-            out.append(_not(self._ports(ctx, end, entity.not_ports, side, entity.selector)))
+            out.append(_not(self._ports(ctx, end, entity.not_ports, side, positive)))
         if entity.domains:
             out.append(self._named(ctx, entity.domains))
         return out

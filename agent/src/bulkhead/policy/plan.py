@@ -41,6 +41,7 @@ from bulkhead.policy.semantics import (
     icmp_criterion,
     rule_ip_version,
     selects,
+    side_selectors,
     staged_view,
     untracked_ignored,
 )
@@ -335,9 +336,10 @@ def _side(entity: EntityRule) -> SidePlan:
 
     ports, named = split(entity.ports)
     not_ports, not_named = split(entity.not_ports)
+    selector, not_selector = side_selectors(entity)
     return SidePlan(
         nets=AddressSet.of(entity.nets), not_nets=AddressSet.of(entity.not_nets),
-        selector=entity.selector, not_selector=entity.not_selector,
+        selector=selector, not_selector=not_selector,
         ports=ports, named_ports=named, not_ports=not_ports, not_named_ports=not_named,
         domains=entity.domains)
 

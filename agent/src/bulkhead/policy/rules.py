@@ -18,7 +18,12 @@ from bulkhead.model import (
 )
 from bulkhead.model.checks import protocol_number
 from bulkhead.policy.flow import Flow, protocol_name
-from bulkhead.policy.semantics import icmp_criterion, icmp_protocol, rule_ip_version
+from bulkhead.policy.semantics import (
+    icmp_criterion,
+    icmp_protocol,
+    rule_ip_version,
+    side_selectors,
+)
 from bulkhead.selector import Selector
 
 
@@ -149,14 +154,15 @@ def _entity_criteria(side: str, entity: EntityRule, domain_sets: bool = False
         out.append(Criterion(
             lambda c: not _in_nets(ip(c), not_nets),
             lambda c: f"{side} {ip(c)} outside notNets {list(entity.not_nets)}"))
-    if entity.selector is not None:
-        sel = entity.selector
+    positive, negative = side_selectors(entity)   # both: one (semantics)
+    if positive is not None:
+        sel = positive
         selects = _selected_with_domains if domain_sets else _selected
         out.append(Criterion(
             lambda c: selects(sel, peer(c)),
             lambda c: f"{side} selector {sel} selects {_peer_words(peer(c), domain_sets)}"))
-    if entity.not_selector is not None:
-        nsel = entity.not_selector
+    if negative is not None:
+        nsel = negative
         out.append(Criterion(
             lambda c: not _selected(nsel, peer(c)),
             lambda c: f"{side} notSelector {nsel} leaves out {_peer_words(peer(c))}"))
@@ -164,13 +170,13 @@ def _entity_criteria(side: str, entity: EntityRule, domain_sets: bool = False
         ports = entity.ports
         out.append(Criterion(
             lambda c: _port_matches(ports, _flow_port(c.flow, is_src), c.flow.protocol,
-                                    peer(c), entity.selector),
+                                    peer(c), positive),
             lambda c: f"{side} port {_flow_port(c.flow, is_src)} in ports {_fmt_ports(ports)}"))
     if entity.not_ports:
         not_ports = entity.not_ports
         out.append(Criterion(
             lambda c: not _port_matches(not_ports, _flow_port(c.flow, is_src),
-                                        c.flow.protocol, peer(c), entity.selector),
+                                        c.flow.protocol, peer(c), positive),
             lambda c: f"{side} port {_flow_port(c.flow, is_src)} outside notPorts "
                       f"{_fmt_ports(not_ports)}"))
     if entity.domains:

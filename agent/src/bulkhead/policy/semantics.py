@@ -15,6 +15,12 @@ written once from Calico's documented semantics and tested on its own
   felix ignores them there, with a warning (felix/dataplane/linux/endpoint_mgr.go,
   "DoNotTrack policy is not supported for a HEP with `interfaceName: *`"); its pre-DNAT
   and normal policies apply.
+- A rule side's `selector` and `notSelector` together are one selector, `(selector) &&
+  !(notSelector)`, each endpoint and network set judged on its own labels: felix folds
+  the negation into the positive selector when there is one
+  (felix/calc/rule_scanner.go, combineMatchesIfPossible), so an endpoint the selector
+  takes is not left out because a network set holding its address matches the
+  notSelector. Alone, a notSelector leaves out every address something it matches holds.
 - An endpoint's enforcement mode: the `microseg.bulkhead.io/enforcement` label of its
   effective labels (observe or enforce), else the agent's default. Observe changes what
   happens to a packet (nothing is blocked), never which policy decides.
@@ -37,6 +43,7 @@ from bulkhead.model import (
     ENFORCE,
     ENFORCEMENT_LABEL,
     ENFORCEMENT_MODES,
+    EntityRule,
     GlobalNetworkPolicy,
     HostEndpoint,
     ICMPMatch,
@@ -46,6 +53,7 @@ from bulkhead.model import (
 )
 from bulkhead.model.checks import protocol_number
 from bulkhead.model.snapshot import order_key
+from bulkhead.selector import Selector, and_not
 
 
 def effective_labels(snapshot: Snapshot, hep: HostEndpoint) -> Mapping[str, str]:
@@ -131,6 +139,14 @@ def rule_ip_version(rule: Rule) -> int | None:
         if number == 58:
             return 6
     return None
+
+
+def side_selectors(entity: EntityRule) -> tuple[Selector | None, Selector | None]:
+    """A rule side's (selector, notSelector) as they match: with both, one selector
+    `(selector) && !(notSelector)` and no notSelector (see the module's docstring)."""
+    if entity.selector is not None and entity.not_selector is not None:
+        return and_not(entity.selector, entity.not_selector), None
+    return entity.selector, entity.not_selector
 
 
 def untracked_ignored(hep: HostEndpoint) -> bool:

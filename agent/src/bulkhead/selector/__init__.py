@@ -14,10 +14,10 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
-from bulkhead.selector.ast import Compare, Node
+from bulkhead.selector.ast import BoolOp, Compare, Node, Not
 from bulkhead.selector.parser import SelectorError, parse_tree
 
-__all__ = ["Selector", "SelectorError", "parse"]
+__all__ = ["Selector", "SelectorError", "and_not", "parse"]
 
 
 class Selector:
@@ -108,3 +108,15 @@ def parse(text: str) -> Selector:
     if not isinstance(text, str):
         raise SelectorError(repr(text), 0, "selector text (a string)")
     return _parse_cached(text)
+
+
+def and_not(positive: Selector, negated: Selector) -> Selector:
+    """`(positive) && !(negated)` as one selector, built from the two trees (no text to
+    parse again, so no length limit to meet twice); shared like parsed ones."""
+    tree = BoolOp("&&", (positive.tree, Not(negated.tree)))
+    canonical = tree.canonical()
+    with _CACHE_LOCK:
+        selector = _INTERNED.get(canonical)
+        if selector is None:
+            selector = _INTERNED[canonical] = Selector(tree)
+    return selector
