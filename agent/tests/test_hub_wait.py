@@ -6,6 +6,8 @@ that revision as reached: it never got the change, and reported itself converged
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from bulkhead.server.hub import Hub
 from bulkhead.store.sqlite import SQLiteStore
@@ -34,17 +36,26 @@ class _TimerFiresAsAChangeLands:
         raise TimeoutError
 
 
-async def test_a_change_as_the_timer_fires_is_sent_not_skipped(
-        store: SQLiteStore) -> None:  # noqa: F811
-    hub = Hub(store)
+@contextlib.asynccontextmanager
+async def hub_at(datastore: SQLiteStore, writes: int) -> AsyncIterator[Hub]:
+    """A hub following the store, once it holds `writes` writes made through the store."""
+    hub = Hub(datastore)
     follower = asyncio.create_task(hub.run())
     try:
-        for i in range(3):
-            await store.transaction([put(f"set-{i}")])
+        for i in range(writes):
+            await datastore.transaction([put(f"set-{i}")])
         async with asyncio.timeout(10):
             await hub.ready.wait()
-            while hub.revision < 3:
+            while hub.revision < writes:
                 await asyncio.sleep(0.01)
+        yield hub
+    finally:
+        follower.cancel()
+
+
+async def test_a_change_as_the_timer_fires_is_sent_not_skipped(
+        store: SQLiteStore) -> None:  # noqa: F811
+    async with hub_at(store, 3) as hub:
         fake = _TimerFiresAsAChangeLands(hub, store)
         hub._tick = fake  # type: ignore[assignment]
         events, revision = await hub.wait(3, timeout=5)
@@ -53,24 +64,12 @@ async def test_a_change_as_the_timer_fires_is_sent_not_skipped(
         assert events is not None and [e.revision for e in events] == [4], events
         # And a wait with nothing new still answers at once with no events.
         assert await hub.wait(4, timeout=0) == ([], 4)
-    finally:
-        follower.cancel()
 
 
 async def test_a_closing_hub_keeps_the_caller_where_it_was(
         store: SQLiteStore) -> None:  # noqa: F811
     """Shutting down, a wait answers at once without events, at the caller's own
     revision: at the hub's, the caller would skip the events in between."""
-    hub = Hub(store)
-    follower = asyncio.create_task(hub.run())
-    try:
-        for i in range(3):
-            await store.transaction([put(f"set-{i}")])
-        async with asyncio.timeout(10):
-            await hub.ready.wait()
-            while hub.revision < 3:
-                await asyncio.sleep(0.01)
+    async with hub_at(store, 3) as hub:
         hub.close()
         assert await hub.wait(1, timeout=5) == ([], 1)
-    finally:
-        follower.cancel()
