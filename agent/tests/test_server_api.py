@@ -7,6 +7,7 @@ import contextlib
 import json
 import signal
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +262,14 @@ async def test_nodes_converged_and_probes(server: Server, request: pytest.Fixtur
         loop = "uvloop" if request.node.name.endswith("[uvloop]") else "asyncio"
         assert type(asyncio.get_running_loop()).__module__.startswith(loop)
         assert f'bulkhead_server_info{{event_loop="{loop}"}} 1' in text.splitlines()
+        # Each node's last report, for alerts on the fleet (docs/observability.md).
+        samples = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                       if line.startswith("bulkhead_node"))
+        assert samples['bulkhead_node_applied_revision{node="web-1"}'] == "5"
+        assert samples['bulkhead_node_errors{node="web-1"}'] == "0"
+        assert samples["bulkhead_nodes"] == "1"
+        reported = int(samples['bulkhead_node_last_report_timestamp_seconds{node="web-1"}'])
+        assert abs(time.time() - reported) < 120
         # Each family's samples follow its own HELP and TYPE lines, never another's.
         family = ""
         for line in text.splitlines():

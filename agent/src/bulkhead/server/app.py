@@ -1357,6 +1357,51 @@ def event_loop_name() -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+async def _node_metrics(store: Datastore) -> list[str]:
+    """Each node's last status report, for alerts on a fleet: a node that stopped
+    reporting, one behind the revision, one with errors (docs/observability.md). Nothing
+    but a note when the datastore cannot say."""
+    try:
+        reports, _ = await store.list_status()
+    except (Unavailable, OSError) as e:
+        log.warning("metrics: the nodes' status reports cannot be read: %s", e)
+        return ["# the nodes' status reports could not be read"]
+    applied, reported, errors = [], [], []
+    for node, doc in reports.items():
+        status = doc.get("status", {}) if isinstance(doc, dict) else {}
+        name = _label(node)
+        revision = status.get("appliedRevision")
+        if type(revision) is int:
+            applied.append(f'bulkhead_node_applied_revision{{node="{name}"}} {revision}')
+        try:
+            when = datetime.strptime(str(status.get("lastReport")), "%Y-%m-%dT%H:%M:%SZ")
+        except ValueError:
+            pass
+        else:
+            reported.append(f'bulkhead_node_last_report_timestamp_seconds{{node="{name}"}} '
+                            f"{int(when.replace(tzinfo=UTC).timestamp())}")
+        found = status.get("errors")
+        errors.append(f'bulkhead_node_errors{{node="{name}"}} '
+                      f"{len(found) if isinstance(found, list) else 0}")
+    return [
+        "# HELP bulkhead_nodes Nodes with a status report (bulkhead nodes).",
+        "# TYPE bulkhead_nodes gauge", f"bulkhead_nodes {len(reports)}",
+        "# HELP bulkhead_node_applied_revision The revision a node's agent last reported "
+        "in force.",
+        "# TYPE bulkhead_node_applied_revision gauge", *applied,
+        "# HELP bulkhead_node_last_report_timestamp_seconds When a node's agent last "
+        "reported (unix seconds).",
+        "# TYPE bulkhead_node_last_report_timestamp_seconds gauge", *reported,
+        "# HELP bulkhead_node_errors Errors in a node's last report (an apply that failed, "
+        "an endpoint left unenforced, policies it left out).",
+        "# TYPE bulkhead_node_errors gauge", *errors]
+
+
 async def metrics(request: web.Request) -> web.Response:
     _require(request, "admin", "viewer")
     hub = request.app[HUB]
@@ -1405,6 +1450,7 @@ async def metrics(request: web.Request) -> web.Response:
     for logs in (request.app.get(FLOWS), request.app.get(DNS)):
         if logs is not None:
             lines += logs.metrics()
+    lines += await _node_metrics(request.app[STORE])
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
                         charset="utf-8", headers={"X-Content-Type": "version=0.0.4"})
 
