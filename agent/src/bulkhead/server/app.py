@@ -82,6 +82,10 @@ STOPPING = web.AppKey("stopping", asyncio.Event)
 LISTENER = web.AppKey("listener", Listener)
 FLOWS = web.AppKey("flows", FlowLogs)
 DNS = web.AppKey("dns", DnsLogs)
+# Which requests get an access-log line (`accessLog`): every one, those answered 400 and
+# up, or none. Agents' status, flow and DNS reports make most of them on a fleet.
+ACCESS_LOG = web.AppKey("access_log", str)
+ACCESS_LOG_MODES = ("all", "errors", "off")
 MAX_BODY = 8 * 1024 * 1024
 TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -211,7 +215,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         route = request.match_info.route.resource.canonical if \
             request.match_info.route.resource else "unmatched"
         request.app[METRICS]["requests"][(request.method, route, status)] += 1
-        if access_log.isEnabledFor(logging.INFO):
+        mode = request.app[ACCESS_LOG]
+        if (mode == "all" or (mode == "errors" and status >= 400)) and \
+                access_log.isEnabledFor(logging.INFO):
             access_log.info("request", extra={"fields": {
                 "method": request.method, "path": request.path, "status": status,
                 "who": who, "ms": round(1000 * (time.perf_counter() - started), 2)}})
@@ -1476,8 +1482,9 @@ HANDLERS: tuple[tuple[str, str, Handler], ...] = (
 def make_app(store: Datastore, hub: Hub, listener: Listener | None = None,
              revocation: Revocation | None = None,
              flow_logs: FlowLogs | None = None,
-             dns_logs: DnsLogs | None = None) -> web.Application:
+             dns_logs: DnsLogs | None = None, access_log: str = "all") -> web.Application:
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
+    app[ACCESS_LOG] = access_log
     app[STORE] = store
     app[HUB] = hub
     app[STOPPING] = asyncio.Event()

@@ -23,7 +23,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from bulkhead.defaults import SERVER_PORT
 from bulkhead.logs import setup_logging
 from bulkhead.model import strict_yaml
-from bulkhead.server.app import HUB, STOPPING, event_loop_name, make_app
+from bulkhead.server.app import ACCESS_LOG_MODES, HUB, STOPPING, event_loop_name, make_app
 from bulkhead.server.dnslogs import DnsLogs
 from bulkhead.server.flows import FlowLogs
 from bulkhead.server.hub import Hub
@@ -84,6 +84,7 @@ class ServerConfig:
     flow_logs_doc: Any = None                # the flowLogs section as written
     flow_logs: FlowLogConfig | None = None   # checked by load; None: every default
     event_loop: str = "auto"   # auto (uvloop when installed) | uvloop | asyncio
+    access_log: str = "all"    # all | errors (status 400 and up) | off: the request lines
 
     KEYS: ClassVar[dict[str, str]] = {
         "listen": "listen", "datastore": "datastore", "tlsCert": "tls_cert",
@@ -93,7 +94,7 @@ class ServerConfig:
         "crl": "crl", "compactionInterval": "compaction_interval",
         "compactionRetain": "compaction_retain",
         "compactionMaxRevisions": "compaction_max_revisions", "flowLogs": "flow_logs_doc",
-        "eventLoop": "event_loop"}
+        "eventLoop": "event_loop", "accessLog": "access_log"}
     NUMBERS: ClassVar[dict[str, tuple[type, float, float]]] = {
         "max_connections": (int, 1, 1_000_000), "handshake_timeout": (float, 0.5, 300),
         "shutdown_timeout": (float, 0, 300), "compaction_interval": (float, 0, 86_400),
@@ -135,6 +136,9 @@ class ServerConfig:
             setattr(config, attr, number)
         if config.client_auth not in ("required", "optional"):
             raise SystemExit("bulkhead-server: clientAuth must be required or optional")
+        if config.access_log not in ACCESS_LOG_MODES:
+            raise SystemExit(f"bulkhead-server: accessLog: {config.access_log!r} is not one "
+                             f"of {', '.join(ACCESS_LOG_MODES)}")
         if config.event_loop not in EVENT_LOOPS:
             raise SystemExit(f"bulkhead-server: eventLoop: {config.event_loop!r} is not one "
                              f"of {', '.join(EVENT_LOOPS)}")
@@ -221,7 +225,7 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     listener = Listener(ssl_context, host, port, max_connections=max_connections,
                         handshake_timeout=config.handshake_timeout)
     app = make_app(store, hub, listener=listener, revocation=revocation, flow_logs=flow_logs,
-                   dns_logs=dns_logs)
+                   dns_logs=dns_logs, access_log=config.access_log)
     # handler_cancellation: a stream whose client left is cancelled at once, not at its
     # next heartbeat. auto_decompress off: a compressed body is never inflated (a few KB
     # of gzip can hold gigabytes); `_text` refuses one (415).
