@@ -6,6 +6,7 @@ with each filter, top talkers, retention, metrics, the JSON lines copy, and Clic
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import importlib.util
 import json
@@ -496,3 +497,53 @@ def test_a_jsonlines_failure_is_counted_never_a_refusal(tmp_path: Path) -> None:
         assert "bulkhead_flow_jsonlines_errors_total 1" in logs.metrics()
     finally:
         logs.close()
+
+
+async def test_a_batch_sent_again_after_its_answer_was_lost_is_stored_once(
+        make: Starter, tmp_path: Path) -> None:
+    """The agent keeps a spool file until it sees a 200: a batch whose answer was lost
+    after the server stored it (a reset connection, the client's timeout) is sent again.
+    It carries the same Idempotency-Key (a hash of the body), and the server, which keeps
+    the last keys of each node, stores it once (it was stored twice: doubled bytes in the
+    top talkers)."""
+    server = make()
+    web = server.client("web-1", "agent")
+    now = time.time()
+    records = parse_batch({"records": [flow_doc(end=now - 5, dst_name=f"d{i}")
+                                       for i in range(50)]}, now, "web-1")
+    spool = Spool(tmp_path / "spool", 1 << 20, batch=50)
+    spool.put(records)
+    item = spool.oldest()
+    assert item is not None
+    body = json.dumps({"records": item.records}, separators=(",", ":")).encode()
+    ctx = ssl.create_default_context(cafile=web.ca)
+    ctx.load_cert_chain(str(web.cert), web.key)
+    # The first sending: the server stores it, the agent never reads the answer.
+    lost = http.client.HTTPSConnection("127.0.0.1", server.port, context=ctx, timeout=10)
+    lost.request("POST", "/v1/flows", body, {
+        "Content-Type": "application/json",
+        "Idempotency-Key": hashlib.sha256(body).hexdigest()[:32]})
+    deadline = time.monotonic() + 10
+    while count(server) < 50 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lost.close()
+    assert count(server) == 50
+    # The agent sends the file again, as it does: answered 200, the file goes, stored once.
+    counters = FlowLogCounters()
+    async with Session(f"https://127.0.0.1:{server.port}", ctx) as session:
+        await ship_spool(session, spool, "flows", counters)
+    assert spool.records == 0 and counters.batches_sent == 1
+    assert count(server) == 50
+    assert metric(server, "bulkhead_flow_batches_duplicate_total") == 1
+    assert metric(server, "bulkhead_flow_batches_stored_total") == 1
+    # A key that is not one is refused, naming the header.
+    bad = http.client.HTTPSConnection("127.0.0.1", server.port, context=ctx, timeout=10)
+    try:
+        bad.request("POST", "/v1/flows", body, {"Content-Type": "application/json",
+                                                "Idempotency-Key": "not one!"})
+        answer = bad.getresponse()
+        assert answer.status == 400
+        assert "Idempotency-Key: 1 to 64 letters" in answer.read().decode()
+    finally:
+        bad.close()
+    assert count(server) == 50

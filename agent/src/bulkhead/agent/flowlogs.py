@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -296,8 +297,11 @@ async def ship_spool(session: Session, spool: Spool, which: str,
     sent = 0
     while (item := spool.oldest()) is not None:
         body = json.dumps({"records": item.records}, separators=(",", ":")).encode()
+        # The same key when the batch is sent again (its answer lost): stored once.
+        key = hashlib.sha256(body).hexdigest()[:32]
         async with session.post(route(which), data=body,
-                                headers={"Content-Type": "application/json"},
+                                headers={"Content-Type": "application/json",
+                                         "Idempotency-Key": key},
                                 timeout=Timeout(total=timeout, connect=timeout)) as r:
             if r.status not in (200, 400, 409, 413):
                 # The server is unwell or busy, older than these logs, or refuses the

@@ -47,7 +47,7 @@ from bulkhead.selector import SelectorError, parse
 from bulkhead.server import limits
 from bulkhead.server import preview as preview_api
 from bulkhead.server.dnslogs import DnsLogs, parse_dns_request
-from bulkhead.server.flows import FlowLogs, RecordLogs, Refused, parse_request
+from bulkhead.server.flows import BATCH_KEY, FlowLogs, RecordLogs, Refused, parse_request
 from bulkhead.server.hub import STATUS_KIND, Hub, WireEvent
 from bulkhead.server.listen import Listener
 from bulkhead.server.revocation import Revocation
@@ -1203,6 +1203,33 @@ async def _ingest(request: web.Request, key: web.AppKey[Any]) -> web.Response:
             request.app[key].refused("forbidden")
         raise
     logs: RecordLogs = _flow_logs(request) if key is FLOWS else _dns_logs(request)
+    batch = request.headers.get("Idempotency-Key")
+    if batch is not None:
+        if not BATCH_KEY.fullmatch(batch):
+            logs.refused("invalid")
+            raise ApiError(400, "BadRequest", "Idempotency-Key: 1 to 64 letters, digits, "
+                           "'-' or '_'")
+        before = logs.stored_before(identity.name, batch)
+        if before is not None:   # sent again, its answer lost: stored once, said so
+            logs.counters["duplicates"] += 1
+            return _json({"stored": 0, "duplicate": True, "storedBefore": before})
+        if not logs.storing(identity.name, batch):
+            raise ApiError(503, "Unavailable", f"agent {identity.name}: this batch is being "
+                           "stored now; send it again in a moment", headers={"Retry-After": "1"})
+    try:
+        stored = await _ingest_body(request, logs, identity)
+    except BaseException:
+        if batch is not None:
+            logs.settled(identity.name, batch, None)
+        raise
+    if batch is not None:
+        logs.settled(identity.name, batch, stored)
+    return _json({"stored": stored})
+
+
+async def _ingest_body(request: web.Request, logs: RecordLogs, identity: Identity) -> int:
+    """The body of `_ingest` once the batch is known new: charged to the node's budget,
+    read, parsed and stored; the number of records stored."""
     wait = logs.budget.wait(identity.name)
     if wait > 0:   # over its share: told so before its body is read
         logs.refused("rate_limited")
@@ -1225,11 +1252,11 @@ async def _ingest(request: web.Request, key: web.AppKey[Any]) -> web.Response:
         finally:   # what arrived counts, taken or not
             logs.budget.charge(identity.name, request.content.total_bytes - reserved)
         try:
-            stored = await asyncio.to_thread(logs.ingest, text, identity.name,
-                                             request.app[HUB].endpoint_node)
+            stored: int = await asyncio.to_thread(logs.ingest, text, identity.name,
+                                                  request.app[HUB].endpoint_node)
         except Refused as e:
             raise ApiError(e.status, e.reason, e.message) from None
-    return _json({"stored": stored})
+    return stored
 
 
 async def post_flows(request: web.Request) -> web.Response:

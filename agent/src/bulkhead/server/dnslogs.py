@@ -75,6 +75,10 @@ class DnsLogs(RecordLogs):
             "# HELP bulkhead_dns_records_stored_total DNS log records stored.",
             "# TYPE bulkhead_dns_records_stored_total counter",
             f"bulkhead_dns_records_stored_total {c['records']}",
+            "# HELP bulkhead_dns_batches_duplicate_total Batches sent again after their "
+            "answer was lost (the same Idempotency-Key): not stored twice.",
+            "# TYPE bulkhead_dns_batches_duplicate_total counter",
+            f"bulkhead_dns_batches_duplicate_total {c['duplicates']}",
             "# HELP bulkhead_dns_batches_refused_total DNS log batches refused whole, by "
             "reason.",
             "# TYPE bulkhead_dns_batches_refused_total counter"]

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,12 @@ log = logging.getLogger("bulkhead.server.flows")
 DEFAULT_WINDOW = 3600.0          # seconds a query looks back without `since`
 # Unix seconds a time parameter may give: 2286-11-20, inside ClickHouse's DateTime64(6).
 MAX_TIME = 10_000_000_000.0
+# A batch sent again after its answer was lost (the agent keeps a spool file until it
+# sees a 200) carries the key it was first sent with (`Idempotency-Key`, a hash of the
+# body): the last few keys stored for each node are kept, so the batch is not stored
+# twice. In memory: a resend across a server restart is stored again.
+RECENT_BATCHES = 16
+BATCH_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 INGEST_CONCURRENCY = 4           # batches parsed and stored at once; more wait their turn
 QUERY_CONCURRENCY = 2            # queries run at once
 PARAMS = ("since", "until", "node", "reporter", "action", "policy", "tier", "staged",
@@ -149,6 +156,30 @@ class RecordLogs:
         self.budget = NodeBudget(config.node_bytes_per_minute)
         self._ingesting: asyncio.Semaphore | None = None
         self._querying: asyncio.Semaphore | None = None
+        self._recent: dict[str, OrderedDict[str, int]] = {}   # node: batch key -> stored
+        self._storing: set[tuple[str, str]] = set()           # (node, key) under way
+
+    # -- batches sent again -----------------------------------------------------------
+    def stored_before(self, node: str, key: str) -> int | None:
+        """How many records the batch `key` of `node` stored, if it was stored lately."""
+        return self._recent.get(node, OrderedDict()).get(key)
+
+    def storing(self, node: str, key: str) -> bool:
+        """Mark the batch as under way; False when it already is (a resend racing it)."""
+        if (node, key) in self._storing:
+            return False
+        self._storing.add((node, key))
+        return True
+
+    def settled(self, node: str, key: str, stored: int | None) -> None:
+        """The batch is no longer under way; `stored` (None: not stored) is remembered."""
+        self._storing.discard((node, key))
+        if stored is None:
+            return
+        recent = self._recent.setdefault(node, OrderedDict())
+        recent[key] = stored
+        while len(recent) > RECENT_BATCHES:
+            recent.popitem(last=False)
 
     @staticmethod
     def parse(doc: Any, now: float, node: str) -> Sequence[Any]:
@@ -307,6 +338,10 @@ class FlowLogs(RecordLogs):
             "# HELP bulkhead_flow_batches_stored_total Flow record batches stored.",
             "# TYPE bulkhead_flow_batches_stored_total counter",
             f"bulkhead_flow_batches_stored_total {c['batches']}",
+            "# HELP bulkhead_flow_batches_duplicate_total Batches sent again after their "
+            "answer was lost (the same Idempotency-Key): not stored twice.",
+            "# TYPE bulkhead_flow_batches_duplicate_total counter",
+            f"bulkhead_flow_batches_duplicate_total {c['duplicates']}",
             "# HELP bulkhead_flow_batches_refused_total Flow record batches refused whole, "
             "by reason.",
             "# TYPE bulkhead_flow_batches_refused_total counter"]
