@@ -404,11 +404,15 @@ def test_the_wheelhouse_is_copied_only_when_the_target_lacks_a_wheel(tmp_path):
     assert play() == ("skipping", "ok", 0)
 
 
-def pki_run(tmp, *args):
-    out = run(["ansible-playbook", "-i", str(tmp / "hosts.yml"), str(tmp / "pki.yml"), *args],
-              env())
+def recap(out):
+    """Each host's changed count in a run's PLAY RECAP."""
     return {m.group(1): int(m.group(2))
             for m in re.finditer(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", out.stdout, re.M)}
+
+
+def pki_run(tmp, *args):
+    return recap(run(["ansible-playbook", "-i", str(tmp / "hosts.yml"), str(tmp / "pki.yml"),
+                      *args], env()))
 
 
 def identity(path):
@@ -479,6 +483,77 @@ def test_pki_role_issues_what_the_server_accepts(tmp_path):
     assert "changed=0" not in out.stdout.split("PLAY RECAP")[1].split("web-1")[1].splitlines()[0]
     assert serial(target / "web-1" / "agent.crt") != before
     assert identity(target / "web-1" / "agent.crt") == pki.Identity("web-1", "agent")
+
+
+def test_pki_role_issues_again_a_certificate_the_crl_revokes(tmp_path):
+    """A host added again under a name whose certificate was revoked (`bulkhead pki revoke
+    NAME --dir CA_DIR`, as a decommission does) gets a new key and certificate, never the
+    revoked one back: the run says why, --check shows it and writes nothing, the next run
+    changes nothing, and a real server with the CRL takes the new certificate."""
+    if os.geteuid() != 0:
+        pytest.skip("the role chowns the keys it distributes: run as root")
+    ca, target = tmp_path / "ca", tmp_path / "target"
+    (tmp_path / "hosts.yml").write_text(INVENTORY)
+    (tmp_path / "pki.yml").write_text(PKI_PLAY.format(ca=ca, target=target))
+    pki_run(tmp_path)
+
+    def others():
+        return {p: p.read_bytes() for p in sorted(ca.rglob("*.crt")) if "web-1" not in p.parts}
+
+    old = {n: (ca / "hosts" / "web-1" / n).read_bytes() for n in ("agent.crt", "agent.key")}
+    before = others()
+    run([str(BIN / "bulkhead"), "pki", "revoke", "web-1", "--dir", str(ca)], env())
+    ca_cert = x509.load_pem_x509_certificate((ca / "ca.crt").read_bytes())
+    revoked = pki.revoked_serials(pki.read_crl(ca / "crl.pem", [ca_cert]))
+    assert serial(ca / "hosts" / "web-1" / "agent.crt") in revoked
+
+    cmd = ["ansible-playbook", "-i", str(tmp_path / "hosts.yml"), str(tmp_path / "pki.yml")]
+    # srv-1's one change: the server host gets the new crl.pem
+    out = run(cmd + ["--check", "--diff"], env())
+    assert recap(out)["web-1"] > 0 and recap(out)["srv-1"] == 1
+    assert "web-1: the certificate %s/hosts/web-1/agent.crt (serial %X) is revoked" % (
+        ca, serial(ca / "hosts" / "web-1" / "agent.crt")) in out.stdout
+    assert {n: (ca / "hosts" / "web-1" / n).read_bytes() for n in old} == old
+    assert {n: (target / "web-1" / n).read_bytes() for n in old} == old
+    assert not (target / "srv-1" / "crl.pem").exists()
+
+    out = run(cmd, env())
+    assert recap(out)["web-1"] > 0 and recap(out)["srv-1"] == 1
+    assert (target / "srv-1" / "crl.pem").read_bytes() == (ca / "crl.pem").read_bytes()
+    assert "is revoked in %s/crl.pem" % ca in out.stdout
+    new = {n: (ca / "hosts" / "web-1" / n).read_bytes() for n in old}
+    assert new["agent.crt"] != old["agent.crt"] and new["agent.key"] != old["agent.key"]
+    assert {n: (target / "web-1" / n).read_bytes() for n in old} == new
+    assert serial(ca / "hosts" / "web-1" / "agent.crt") not in revoked
+    assert identity(ca / "hosts" / "web-1" / "agent.crt") == pki.Identity("web-1", "agent")
+    assert others() == before
+    # `bulkhead pki revoke web-1` would find the new one too
+    assert serial(ca / "hosts" / "web-1" / "agent.crt") in pki.serials_of(ca, "web-1")
+
+    # idempotent, also in check mode: the new certificate is not in the CRL
+    assert set(pki_run(tmp_path).values()) == {0}
+    assert set(pki_run(tmp_path, "--check", "--diff").values()) == {0}
+
+    # a real server reading the CRL: the revoked certificate is refused, the new one taken
+    d = tmp_path / "server"
+    d.mkdir()
+    for name in ("ca.crt", "server.crt", "server.key"):
+        shutil.copy(target / "srv-1" / name, d / name)
+    shutil.copy(ca / "crl.pem", d / "crl.pem")
+    for name in ("ansible.crt", "ansible.key"):
+        shutil.copy(ca / "clients" / name, d / name)
+    (d / "old.crt").write_bytes(old["agent.crt"])
+    (d / "old.key").write_bytes(old["agent.key"])
+    shutil.copy(target / "web-1" / "agent.crt", d / "web-1.crt")
+    shutil.copy(target / "web-1" / "agent.key", d / "web-1.key")
+    srv = start_server(d, who="ansible")
+    try:
+        assert "revision" in srv.request("GET", "/v1/snapshot", who="web-1")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            srv.request("GET", "/v1/snapshot", who="old")
+        assert refused.value.code == 403
+    finally:
+        stop_server(srv)
 
 
 # ------------------------------------------------------- the playbooks, on a real server
