@@ -556,6 +556,36 @@ def test_pki_role_issues_again_a_certificate_the_crl_revokes(tmp_path):
         stop_server(srv)
 
 
+def test_pki_role_issues_nothing_for_an_agent_to_be_removed(tmp_path):
+    """With bulkhead_agent_state=absent (site.yml -e, to uninstall the agent) the pki role
+    issues and copies no agent certificate: a new host gets nothing at all, a server host
+    keeps its server certificate only; the run says why and a second run changes nothing.
+    With the agent present again, the certificates come."""
+    if os.geteuid() != 0:
+        pytest.skip("the role chowns the keys it distributes: run as root")
+    ca, target = tmp_path / "ca", tmp_path / "target"
+    (tmp_path / "hosts.yml").write_text(INVENTORY)
+    (tmp_path / "pki.yml").write_text(PKI_PLAY.format(ca=ca, target=target))
+    cmd = ["ansible-playbook", "-i", str(tmp_path / "hosts.yml"), str(tmp_path / "pki.yml"),
+           "-e", "bulkhead_agent_state=absent"]
+    out = run(cmd, env())
+    assert "web-1: the agent is to be removed (bulkhead_pki_agent_state absent)" in out.stdout
+    assert not (ca / "hosts" / "web-1").exists() and not (target / "web-1").exists()
+
+    def files(folder):
+        return sorted(p.name for p in folder.iterdir())
+
+    assert files(ca / "hosts" / "srv-1") == ["server.crt", "server.key"]
+    assert files(target / "srv-1") == ["ca.crt", "server.crt", "server.key"]
+    issued = [json.loads(line) for line in (ca / "issued.jsonl").read_text().splitlines()]
+    assert {e["name"] for e in issued} == {"ansible", "ops", "audit", "server@srv-1"}
+    assert set(recap(run(cmd, env())).values()) == {0}
+
+    assert pki_run(tmp_path)["web-1"] > 0
+    assert identity(target / "web-1" / "agent.crt") == pki.Identity("web-1", "agent")
+    assert identity(target / "srv-1" / "agent.crt") == pki.Identity("srv-1", "agent")
+
+
 # ------------------------------------------------------- the playbooks, on a real server
 # Two hosts whose endpoints the inventory gives directly (as the endpoints inventory
 # plugin would). The failsafe probes of enforce.yml need something listening: the hosts'
@@ -882,6 +912,68 @@ def test_agent_uninstall_removes_its_table_and_nothing_else(tmp_path):
     assert not (tmp_path / "etc" / "agent.yaml").exists()
     assert not (tmp_path / "state").exists() and not (tmp_path / "venv").exists()
     assert "changed=0" in (tmp_path / "second.out").read_text()
+
+
+# site.yml's second play with -e bulkhead_agent_state=absent, on hosts whose certificates
+# are in HOSTS/NAME and whose agent's files in HOSTS/NAME-agent.
+SITE_ABSENT = """\
+- name: Certificates and bulkhead-agent, the agent removed
+  hosts: bulkhead_agents
+  connection: local
+  gather_facts: false
+  roles:
+    - role: bulkhead.microseg.pki
+      vars:
+        bulkhead_pki_ca_dir: {ca}
+        bulkhead_pki_dir: "{hosts}/{{{{ inventory_hostname }}}}"
+        bulkhead_pki_owner: root
+        bulkhead_pki_group: root
+    - role: bulkhead.microseg.agent
+      vars:
+        bulkhead_agent_allow_offline: true
+        bulkhead_agent_pki_dir: "{hosts}/{{{{ inventory_hostname }}}}"
+        bulkhead_agent_config_dir: "{hosts}/{{{{ inventory_hostname }}}}-agent/etc"
+        bulkhead_agent_state_dir: "{hosts}/{{{{ inventory_hostname }}}}-agent/state"
+        bulkhead_agent_venv: "{hosts}/{{{{ inventory_hostname }}}}-agent/venv"
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root and unshare")
+def test_agent_uninstall_removes_the_certificate_and_key(tmp_path):
+    """site.yml with bulkhead_agent_state=absent on hosts the pki role gave certificates:
+    nothing is issued, the agent's certificate and key leave the host (ca.crt too, unless
+    the server's certificate is beside it), the run says that revoking is still to do;
+    --check removes nothing and a second run changes nothing. In a network namespace of
+    its own: the uninstall deletes the table inet bulkhead."""
+    ca, hosts = tmp_path / "ca", tmp_path / "hosts"
+    (tmp_path / "hosts.yml").write_text(INVENTORY)
+    (tmp_path / "pki.yml").write_text(PKI_PLAY.format(ca=ca, target=hosts))
+    (tmp_path / "absent.yml").write_text(SITE_ABSENT.format(ca=ca, hosts=hosts))
+    pki_run(tmp_path)
+    assert {p.name for p in (hosts / "web-1").iterdir()} == {"ca.crt", "agent.crt", "agent.key"}
+    controller = {p: p.read_bytes() for p in sorted(ca.rglob("*")) if p.is_file()}
+
+    def ls():
+        return {h: sorted(p.name for p in (hosts / h).iterdir()) for h in ("srv-1", "web-1")}
+
+    before = ls()
+    play = "ansible-playbook -i %s %s -e bulkhead_agent_state=absent" % (
+        tmp_path / "hosts.yml", tmp_path / "absent.yml")
+    script = ("set -e; %s --check --diff > check.out; ls %s/web-1 > after-check; "
+              "%s > first.out; %s > second.out" % (play, hosts, play, play))
+    run(["unshare", "-n", "sh", "-c", script], env(), cwd=tmp_path)
+    check = (tmp_path / "check.out").read_text()
+    assert (tmp_path / "after-check").read_text().split() == before["web-1"]
+    assert "web-1: the agent's key and certificate (CN web-1) would be removed" in check
+    assert ls() == {"srv-1": ["ca.crt", "server.crt", "server.key"], "web-1": []}
+    first = (tmp_path / "first.out").read_text()
+    for host in ("srv-1", "web-1"):
+        assert "bulkhead pki revoke %s --dir %s" % (host, ca) in first
+    # nothing issued: the controller's files are as they were (issued.jsonl too)
+    assert {p: p.read_bytes() for p in sorted(ca.rglob("*")) if p.is_file()} == controller
+    second = (tmp_path / "second.out").read_text()
+    assert re.findall(r"changed=(\d+)", second) == ["0", "0"], second
 
 
 # ------------------------------------------------- the agent unit's one capability, for real
