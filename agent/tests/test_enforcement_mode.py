@@ -97,19 +97,20 @@ async def test_the_server_refuses_another_mode_and_takes_observe(server: Server)
 
 
 # ---------------------------------------------------------------- calculation, render
-def observe_docs(db_labels: dict[str, str]) -> list[dict[str, Any]]:
+def observe_docs(db_labels: dict[str, str], iface: str = "*") -> list[dict[str, Any]]:
+    """db (on `iface`: "*" takes no untracked policy, as in Calico) and web."""
     deny = nft.gnp("web", {"selector": "app == 'db'", "ingress": [
         {"action": "Deny", "protocol": "TCP", "destination": {"ports": [81]}},
         {"action": "Allow", "protocol": "TCP", "destination": {"ports": [80]}}],
         "egress": [{"action": "Deny", "protocol": "UDP"}, {"action": "Pass"}]})
-    return [nft.hep("db", "n1", "198.18.0.12", {"app": "db", **db_labels}),
+    return [nft.hep("db", "n1", "198.18.0.12", {"app": "db", **db_labels}, iface=iface),
             nft.hep("web", "n2", "198.18.0.11", {"app": "web"}), nft.DB_POLICY, deny,
             nft.UNTRACKED_DB]
 
 
 def rendered(db_labels: dict[str, str], default_mode: str = ENFORCE,
-             flow_logs: FlowLogging | None = FLOW_LOGS) -> Ruleset:
-    plan = calculate(nft.snap(*observe_docs(db_labels)), "n1", {}, Failsafes(),
+             flow_logs: FlowLogging | None = FLOW_LOGS, iface: str = "*") -> Ruleset:
+    plan = calculate(nft.snap(*observe_docs(db_labels, iface)), "n1", {}, Failsafes(),
                      default_mode=default_mode)
     return render(plan, flow_logs=flow_logs)
 
@@ -140,7 +141,8 @@ def drops(rs: Ruleset) -> list[str]:
 
 
 def test_observe_drops_nothing_and_logs_every_deny() -> None:
-    enforced, observed = rendered({}), rendered({ENFORCEMENT_LABEL: OBSERVE})
+    enforced = rendered({}, iface="eth0")        # an interface of its own: untracked too
+    observed = rendered({ENFORCEMENT_LABEL: OBSERVE}, iface="eth0")
     assert drops(enforced) and not drops(observed)
     # The same decisions are logged, under the same prefixes: a Deny still says Deny.
     assert set(observed.decisions) == set(enforced.decisions)
@@ -155,7 +157,7 @@ def test_observe_drops_nothing_and_logs_every_deny() -> None:
 
 
 def test_observe_lets_an_untracked_deny_on_to_the_filter_chains() -> None:
-    observed = rendered({ENFORCEMENT_LABEL: OBSERVE})
+    observed = rendered({ENFORCEMENT_LABEL: OBSERVE}, iface="eth0")
     raw_map = next(s for n, s in observed.sets.items() if n.startswith("m")
                    and any("untracked_accept" in e for e in s.elements))
     by_key = {e.split(" : ")[0]: e.split(" : ")[1] for e in raw_map.elements}

@@ -76,7 +76,12 @@ def test_verdict_map_cells_go_to_per_rule_chains() -> None:
 
 
 def test_raw_priority_logs_only_a_deny_and_loopback_nothing() -> None:
-    plan = calculate(snap(*docs(), UNTRACKED_DB), "n1", {}, Failsafes())
+    # db on an interface of its own: an endpoint on every interface takes no untracked
+    # policy, as in Calico.
+    named = [hep("db", "n1", "198.18.0.12", {"app": "db"}, iface="eth0") if
+             d["kind"] == "HostEndpoint" and d["metadata"]["name"] == "db" else d
+             for d in docs()]
+    plan = calculate(snap(*named, UNTRACKED_DB), "n1", {}, Failsafes())
     rs = render(plan, flow_logs=FlowLogging())
     raw = [c for name, c in rs.chains.items() if name.startswith(("raw_", "n_", "u_"))]
     assert raw and not any("log" in r for c in raw for r in c.rules)   # via l_ chains

@@ -29,7 +29,9 @@ TRACKED = gnp("db", {"selector": "app == 'db'", "ingress": [
 
 
 def docs() -> list[dict[str, Any]]:
-    return [hep("db", "n1", "198.18.7.2", {"app": "db"}), UNTRACKED, TRACKED]
+    # On its interface (v1 in the kernel test): an endpoint on every interface ("*")
+    # takes no untracked policy, as in Calico.
+    return [hep("db", "n1", "198.18.7.2", {"app": "db"}, iface="v1"), UNTRACKED, TRACKED]
 
 
 def test_untracked_policies_get_raw_chains_with_notrack() -> None:
@@ -42,9 +44,10 @@ def test_untracked_policies_get_raw_chains_with_notrack() -> None:
     assert out.hook == "type filter hook output priority raw; policy accept;"
     # Failsafe ports stay tracked and are decided before any policy, as in the filter chains.
     assert any("@fs_in accept" in r for r in pre.rules)
-    star = pre.rules[-1].split()[1]
-    assert star.startswith("u_") and pre.rules[-1].startswith("jump u_")
-    (jump,) = rs.chains[star].rules
+    assert pre.rules[-1] == "iifname vmap @raw_in"
+    (element,) = rs.sets["raw_in"].elements
+    assert element.startswith('"v1" : jump u_')
+    (jump,) = rs.chains[element.split()[-1]].rules
     policy = rs.chains[jump.split()[1]]
     assert policy.name.startswith("n_")
     lines = "\n".join(policy.rules)
