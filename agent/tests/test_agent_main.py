@@ -111,7 +111,8 @@ async def test_sigterm_stops_the_daemon_and_leaves_the_ruleset(
 
 def test_missing_tls_files_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = agent_main.main(["--once", "--server", "https://127.0.0.1:1", "--ca",
-                          str(tmp_path / "nope.crt"), "--metrics-listen", ""],
+                          str(tmp_path / "nope.crt"), "--metrics-listen", "",
+                          "--state-dir", str(tmp_path / "state")],   # not the host's
                          make_enforcer=lambda _: Recorder())
     err = capsys.readouterr().err
     assert rc == 2 and f"ca: {tmp_path / 'nope.crt'}: No such file" in err, err
