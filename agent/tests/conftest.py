@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -180,13 +181,21 @@ class Server:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    async with serving(tmp_path) as srv:
+        yield srv
+
+
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, **settings: Any) -> AsyncIterator[Server]:
+    """bulkhead-server in this process on SQLite, with its PKI in `tmp_path` and
+    `settings` (ServerConfig fields) on top, once it is ready."""
     pki.init_ca(tmp_path)
     pki.issue(tmp_path, "server", server=True, hosts=("127.0.0.1",))
     port = free_port()
     config = ServerConfig(listen=f"127.0.0.1:{port}", datastore=f"sqlite://{tmp_path}/s.db",
                           tls_cert=str(tmp_path / "server.crt"),
                           tls_key=str(tmp_path / "server.key"),
-                          client_ca=str(tmp_path / "ca.crt"))
+                          client_ca=str(tmp_path / "ca.crt"), **settings)
     started = asyncio.Event()
     task = asyncio.create_task(serve(config, started))
     await asyncio.wait_for(started.wait(), 10)

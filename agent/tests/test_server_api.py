@@ -16,7 +16,7 @@ import pytest
 
 from bulkhead import pki
 from bulkhead.server.main import ServerConfig, serve
-from tests.conftest import Server
+from tests.conftest import Server, serving
 from tests.procs import free_port
 
 POLICY = """
@@ -413,39 +413,17 @@ async def test_access_log_takes_every_request_the_errors_or_none(
     """`accessLog`: a fleet's status and flow reports fill the server's journal with a
     line each (about 1.4 MB an agent a day); `errors` keeps the requests answered 400 and
     up, `off` none, without lowering the server's own logLevel."""
-    pki.init_ca(tmp_path)
-    pki.issue(tmp_path, "server", server=True, hosts=("127.0.0.1",))
-    port = free_port()
-    config = ServerConfig(listen=f"127.0.0.1:{port}", datastore=f"sqlite://{tmp_path}/s.db",
-                          tls_cert=str(tmp_path / "server.crt"),
-                          tls_key=str(tmp_path / "server.key"),
-                          client_ca=str(tmp_path / "ca.crt"), access_log=mode)
-    started = asyncio.Event()
-    task = asyncio.create_task(serve(config, started))
-    try:
-        await asyncio.wait_for(started.wait(), 10)
-        srv = Server(f"https://127.0.0.1:{port}", tmp_path)
+    async with serving(tmp_path, access_log=mode) as srv, srv.client("val", "viewer") as viewer:
         with caplog.at_level("INFO", logger="bulkhead.server.access"):
-            async with srv.client("val", "viewer") as viewer:
-                for _ in range(100):   # ready once the hub has read the store
-                    async with viewer.get("/readyz") as r:
-                        if r.status == 200:
-                            break
-                    await asyncio.sleep(0.05)
-                caplog.clear()
-                async with viewer.get("/v1/resources/Tier") as r:
-                    assert r.status == 200
-                async with viewer.get("/v1/resources/Tier/nosuch") as r:
-                    assert r.status == 404
-        lines = [(rec.fields["path"], rec.fields["status"])  # type: ignore[attr-defined]
-                 for rec in caplog.records if rec.name == "bulkhead.server.access"]
-        assert lines == {"all": [("/v1/resources/Tier", 200),
-                                 ("/v1/resources/Tier/nosuch", 404)],
-                         "errors": [("/v1/resources/Tier/nosuch", 404)], "off": []}[mode]
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+            caplog.clear()
+            async with viewer.get("/v1/resources/Tier") as r:
+                assert r.status == 200
+            async with viewer.get("/v1/resources/Tier/nosuch") as r:
+                assert r.status == 404
+    lines = [(rec.fields["path"], rec.fields["status"])  # type: ignore[attr-defined]
+             for rec in caplog.records if rec.name == "bulkhead.server.access"]
+    assert lines == {"all": [("/v1/resources/Tier", 200), ("/v1/resources/Tier/nosuch", 404)],
+                     "errors": [("/v1/resources/Tier/nosuch", 404)], "off": []}[mode]
 
 
 def test_access_log_takes_only_its_three_modes() -> None:

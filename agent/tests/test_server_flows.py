@@ -13,7 +13,7 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -326,16 +326,22 @@ def test_a_nodes_batches_sent_together_share_its_budget(make: Starter) -> None:
     assert count(server) == 8
 
 
+def spooled(tmp_path: Path, count: int) -> tuple[Spool, Sequence[Any]]:
+    """An agent's spool for web-1 with one batch of `count` records in it, and them."""
+    now = time.time()
+    records = parse_batch({"records": [flow_doc(end=now - 5, dst_name=f"d{i}")
+                                       for i in range(count)]}, now, "web-1")
+    spool = Spool(tmp_path / "spool", 1 << 20, batch=count)
+    spool.put(records)
+    return spool, records
+
+
 async def test_the_agent_keeps_a_batch_told_to_come_back_in_its_spool(
         make: Starter, tmp_path: Path) -> None:
     """The agent's side of a 429: the batch stays on disk for later, not dropped."""
     server = make({"nodeBytesPerMinute": 4096})
     web = server.client("web-1", "agent")
-    now = time.time()
-    records = parse_batch({"records": [flow_doc(end=now - 5, dst_name=f"d{i}")
-                                       for i in range(8)]}, now, "web-1")
-    spool = Spool(tmp_path / "spool", 1 << 20, batch=8)
-    spool.put(records)
+    spool, records = spooled(tmp_path, 8)
     spool.put(records[:1])
     ctx = ssl.create_default_context(cafile=web.ca)
     ctx.load_cert_chain(str(web.cert), web.key)
@@ -508,11 +514,7 @@ async def test_a_batch_sent_again_after_its_answer_was_lost_is_stored_once(
     top talkers)."""
     server = make()
     web = server.client("web-1", "agent")
-    now = time.time()
-    records = parse_batch({"records": [flow_doc(end=now - 5, dst_name=f"d{i}")
-                                       for i in range(50)]}, now, "web-1")
-    spool = Spool(tmp_path / "spool", 1 << 20, batch=50)
-    spool.put(records)
+    spool, _ = spooled(tmp_path, 50)
     item = spool.oldest()
     assert item is not None
     body = json.dumps({"records": item.records}, separators=(",", ":")).encode()

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -560,26 +560,28 @@ class Agent:
     # ------------------------------------------------------------------------ run
     async def run(self, stop: asyncio.Event) -> None:
         """The daemon, until `stop` is set. The ruleset stays in the kernel afterwards."""
-        held = self._take_lock()
-        try:
+        with self._locked():
             await self._run(stop)
-        finally:
-            if held is not None:
-                held.close()
 
-    def _take_lock(self) -> IO[bytes] | None:
-        """The running agent's mark (bulkhead.agent.lock): `--release` refuses while it is
-        held, and so does a second agent on the same state directory (AgentError), which
-        would otherwise put back its own ruleset at every drift check, and the first one
-        its own. None, with a warning, if the lock file cannot be made."""
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Held: the running agent's mark (bulkhead.agent.lock). `--release` refuses while
+        it is held, and so does a second agent on the same state directory (AgentError),
+        which would otherwise put back its own ruleset at every drift check, and the first
+        one its own. Without it, with a warning, if the lock file cannot be made."""
+        held: IO[bytes] | None = None
         try:
-            return lock.take(self.config.state_dir)
+            held = lock.take(self.config.state_dir)
         except lock.Held as e:
             raise AgentError(f"{e}: not starting a second agent on state directory "
                              f"{self.config.state_dir}; stop that one first") from None
         except OSError as e:
             log.warning("running without the agent's lock: %s", e)
-            return None
+        try:
+            yield
+        finally:
+            if held is not None:
+                held.close()
 
     async def _run(self, stop: asyncio.Event) -> None:
         if self.dns is not None:
@@ -635,12 +637,8 @@ class Agent:
     async def once(self) -> int:
         """Fetch the snapshot, enforce it, report status; the revision applied. Refused
         (AgentError) while an agent runs on the same state directory."""
-        held = self._take_lock()
-        try:
+        with self._locked():
             return await self._once()
-        finally:
-            if held is not None:
-                held.close()
 
     async def _once(self) -> int:
         ctx = client_ssl_context(self.config)

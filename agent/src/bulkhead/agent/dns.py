@@ -164,7 +164,8 @@ class DnsSnooper:
                  table: str = "bulkhead", netns: str = "") -> None:
         self.settings = settings
         self.snoop = snoop
-        self.trusted = frozenset(ipaddress.ip_address(a) for a in snoop.servers)
+        self.trusted: frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address] = frozenset()
+        self.use(snoop)
         # Without trustedServers, the resolvers are /etc/resolv.conf's: read again at each
         # drift check when its (inode, size, mtime) moved (`resolvers_changed`).
         self.resolv_conf = RESOLV_CONF

@@ -91,9 +91,7 @@ def _parse_cached(text: str) -> Selector:
     tree = parse_tree(text)
     canonical = tree.canonical()
     with _CACHE_LOCK:
-        selector = _INTERNED.get(canonical)
-        if selector is None:
-            selector = _INTERNED[canonical] = Selector(tree)
+        selector = _intern(tree, canonical)
         if text not in _CACHE:
             _CACHE[text] = selector
             _cached_chars += len(text)
@@ -101,6 +99,15 @@ def _parse_cached(text: str) -> Selector:
                 old, _ = _CACHE.popitem(last=False)
                 _cached_chars -= len(old)
         return selector
+
+
+def _intern(tree: Node, canonical: str) -> Selector:
+    """The one compiled selector of this canonical form, made now if none is held (with
+    _CACHE_LOCK held)."""
+    selector = _INTERNED.get(canonical)
+    if selector is None:
+        selector = _INTERNED[canonical] = Selector(tree)
+    return selector
 
 
 def parse(text: str) -> Selector:
@@ -116,7 +123,4 @@ def and_not(positive: Selector, negated: Selector) -> Selector:
     tree = BoolOp("&&", (positive.tree, Not(negated.tree)))
     canonical = tree.canonical()
     with _CACHE_LOCK:
-        selector = _INTERNED.get(canonical)
-        if selector is None:
-            selector = _INTERNED[canonical] = Selector(tree)
-    return selector
+        return _intern(tree, canonical)

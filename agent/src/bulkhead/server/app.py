@@ -1167,13 +1167,13 @@ async def delete_status(request: web.Request) -> web.Response:
     if identity.tiers:
         raise forbidden(identity, f"forget node {node}'s status (not a tier's)")
     store = request.app[STORE]
-    reports, _ = await store.list_status()
-    if node not in reports:
+    dry_run = _dry_run(request)
+    found = node in (await store.list_status())[0] if dry_run \
+        else await store.delete_status(node)
+    if not found:
         raise ApiError(404, "NotFound", f"node {node} has no status report")
-    if _dry_run(request):
+    if dry_run:
         return _json({"node": node, "action": "forgotten", "dryRun": True})
-    if not await store.delete_status(node):
-        raise ApiError(404, "NotFound", f"node {node} has no status report")
     log.info("node %s's status report forgotten by %s", node, identity.name)
     return _json({"node": node, "action": "forgotten", "dryRun": False})
 
