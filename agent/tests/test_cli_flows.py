@@ -13,12 +13,13 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from bulkhead import pki
-from bulkhead.cli.flows import when
+from bulkhead.cli.flows import follow, when
 from bulkhead.cli.main import main
 from bulkhead.client.flows import send_flows
 from tests.flowfixture import flow_doc
@@ -207,3 +208,56 @@ def test_follow_prints_new_records_until_ctrl_c(as_viewer: dict[str, str],
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_follow_goes_past_a_burst_bigger_than_a_page(as_viewer: dict[str, str],
+                                                      server: ServerProcess) -> None:
+    """One batch of 1,500 records (a batch holds up to 5,000, all stored at one time):
+    --follow printed the first 1,000 (the server's default page), then asked for the
+    same page again each poll, and never printed anything after it."""
+    exe = Path(sys.executable).parent / "bulkhead"
+    proc = subprocess.Popen([str(exe), "flows", "--follow", "--interval", "0.5", "-o", "json",
+                             "--node", "web-4"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **as_viewer},
+                            preexec_fn=ctrl_c_as_in_a_terminal)
+    out = Lines(proc)
+    try:
+        agent = server.client("web-4", "agent")
+        end = round(time.time() - 30, 3)
+        send_flows(agent, [flow_doc(node="web-4", src_name="web-4", dst_name=f"burst-{i}",
+                                    end=end) for i in range(1500)])
+        send_flows(agent, [flow_doc(node="web-4", src_name="web-4", dst_name="after")])
+        try:
+            lines = out.read(1501, 60)
+        except AssertionError:
+            printed = out.buffer.count(b"\n")
+            pytest.fail(f"{printed} of 1,501 records printed within 60 s")
+        got = [json.loads(line)["dst_name"] for line in lines]
+        assert sorted(got[:1500]) == sorted(f"burst-{i}" for i in range(1500))
+        assert got[1500] == "after"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_follow_pages_on_from_a_full_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full page (more stored than one answer holds) is followed at once by the next,
+    from its newest record; the overlap would ask for the same page again."""
+    stored = [{"n": i, "received": r} for i, r in enumerate((10.0, 10.1, 10.2, 10.3, 20.0))]
+    asked: list[float] = []
+
+    def fetch(after: float) -> tuple[list[dict[str, Any]], bool]:
+        asked.append(after)
+        if len(asked) > 6:
+            raise KeyboardInterrupt
+        rows = [r for r in stored if r["received"] >= after]
+        return rows[:3], len(rows) > 3
+
+    printed: list[dict[str, Any]] = []
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    with pytest.raises(KeyboardInterrupt):
+        follow(fetch, [], 0.5, printed.extend)
+    assert [r["n"] for r in printed] == [0, 1, 2, 3, 4]

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from bulkhead.cli.flows import (
+    FOLLOW_LIMIT,
     MAX_INTERVAL,
     MIN_INTERVAL,
     Column,
@@ -69,8 +70,12 @@ def cmd_dns(args: argparse.Namespace) -> int:
         return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):   # Ctrl-C ends a follow: not an error
         _emit(records, args.output, True, columns)
-        follow(lambda after: dns_logs(conn, **filters, after=after, limit=args.limit)["dns"],
-               records, args.interval, lambda fresh: _emit(fresh, args.output, False, columns))
+        def fetch(after: float) -> tuple[list[dict[str, Any]], bool]:
+            got = dns_logs(conn, **filters, after=after, limit=FOLLOW_LIMIT)
+            return got["dns"], bool(got["truncated"])
+
+        follow(fetch, records, args.interval,
+               lambda fresh: _emit(fresh, args.output, False, columns))
     return EXIT_OK
 
 

@@ -27,6 +27,9 @@ MIN_INTERVAL, MAX_INTERVAL = 0.5, 60.0
 # drops what it printed already): a record a second server committed a little late.
 OVERLAP = 2.0
 MAX_SEEN = 100_000
+# Records --follow asks for a poll: the server's most. More than one batch (at most 5,000
+# records, one `received` for them all in SQLite), so a batch never outgrows a page.
+FOLLOW_LIMIT = 10_000
 
 
 def when(text: str, now: float) -> float:
@@ -179,24 +182,37 @@ def _key(f: dict[str, Any]) -> str:
 def _follow(conn: Connection, filters: dict[str, Any], shown: list[dict[str, Any]],
             args: argparse.Namespace) -> None:
     """Poll for what is stored from now on; print each record once, until Ctrl-C."""
-    follow(lambda after: flows(conn, **filters, after=after, limit=args.limit)["flows"],
-           shown, args.interval, lambda fresh: _emit(fresh, args.output, head=False))
+    def fetch(after: float) -> tuple[list[dict[str, Any]], bool]:
+        answer = flows(conn, **filters, after=after, limit=FOLLOW_LIMIT)
+        return answer["flows"], bool(answer["truncated"])
+
+    follow(fetch, shown, args.interval, lambda fresh: _emit(fresh, args.output, head=False))
 
 
-def follow(fetch: Callable[[float], list[dict[str, Any]]], shown: list[dict[str, Any]],
-           interval: float, emit: Callable[[list[dict[str, Any]]], None]) -> None:
-    """Poll `fetch(after)` for what is stored from now on; `emit` each record once, until
-    Ctrl-C (flow and DNS records alike: each has `received`)."""
+def follow(fetch: Callable[[float], tuple[list[dict[str, Any]], bool]],
+           shown: list[dict[str, Any]], interval: float,
+           emit: Callable[[list[dict[str, Any]]], None]) -> None:
+    """Poll `fetch(after)` (records stored at or after `after`, oldest first, and whether
+    more came than it answered) for what is stored from now on; `emit` each record once,
+    until Ctrl-C (flow and DNS records alike: each has `received`)."""
     newest = max((f["received"] for f in shown), default=0.0)
     seen = {_key(f): f["received"] for f in shown}
+    full = hurry = False
     while True:
-        time.sleep(interval)
+        if not hurry:
+            time.sleep(interval)
         try:
-            got = fetch(max(0.0, newest - OVERLAP))
+            # After a full page, on from its newest record: asked again with the overlap,
+            # a burst of more than a page within it would come back whole, all seen, each
+            # time, and nothing after it would ever be printed.
+            got, more = fetch(newest if full else max(0.0, newest - OVERLAP))
         except Unreachable as e:
             print(printable(f"warning: {e}; trying again"), file=sys.stderr)
+            hurry = False
             continue
         fresh = [f for f in got if _key(f) not in seen]
+        # The rest of a full page's records at once; a page with nothing new waits.
+        full, hurry = more, more and bool(fresh)
         for f in fresh:
             seen[_key(f)] = f["received"]
             newest = max(newest, f["received"])
