@@ -261,3 +261,15 @@ def test_follow_pages_on_from_a_full_page(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(KeyboardInterrupt):
         follow(fetch, [], 0.5, printed.extend)
     assert [r["n"] for r in printed] == [0, 1, 2, 3, 4]
+
+
+def test_until_alone_answers_the_hour_before_it(as_viewer: dict[str, str],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The API's default window with `until` alone is the hour before it; the CLI sent
+    `since` = 1h before now anyway, after any --until earlier than that: refused, with
+    two times printed alike (`1.79663e+09 is after until 1.79663e+09`)."""
+    assert dsts(capsys, "--until", "2h30m") == ["old"]
+    code, _, err = run(capsys, "--since", "1h", "--until", "2h")
+    assert code == 1
+    since, until = (float(w) for w in err.split() if "." in w and w.replace(".", "").isdigit())
+    assert round(since - until) == 3600, err

@@ -117,7 +117,7 @@ def test_ingest_then_query_with_each_filter(make: Starter) -> None:
     ({"since": "nan"}, "since: 'nan' is not a time"),
     ({"until": "10000000001"}, "until: '10000000001' is not a time"),
     ({"after": "-1"}, "after: '-1' is not a time"),
-    ({"since": "10", "until": "5"}, "since: 10 is after until 5"),
+    ({"since": "10", "until": "5"}, "since: 10.0 is after until 5.0"),
     ({"action": "drop"}, "action: 'drop' is not one of allow, deny"),
     ({"reporter": "both"}, "reporter: 'both' is not one of src, dst"),
     ({"staged": "yes"}, "staged: 'yes': the one value is `differs`"),

@@ -21,7 +21,7 @@ from bulkhead.cli.flows import (
     clock,
     follow,
     output_flags,
-    when,
+    window,
     window_flags,
 )
 from bulkhead.cli.remote import EXIT_OK, connection
@@ -58,9 +58,10 @@ def cmd_dns(args: argparse.Namespace) -> int:
         raise ValueError(f"--interval: from {MIN_INTERVAL:g} to {MAX_INTERVAL:g} seconds")
     conn = connection(args)
     now = time.time()
+    since, until = window(args, now)
     filters: dict[str, Any] = {
-        "since": when(args.since, now), "until": when(args.until, now) if args.until else None,
-        "node": args.node, "client": args.client, "qname": args.qname, "rcode": args.rcode}
+        "since": since, "until": until, "node": args.node, "client": args.client,
+        "qname": args.qname, "rcode": args.rcode}
     answer = dns_logs(conn, **filters, limit=args.limit)
     records = answer["dns"]
     records.reverse()     # oldest first, as a log reads (and --follow goes on)

@@ -128,9 +128,20 @@ def _rows(items: list[dict[str, Any]], columns: list[Column], head: bool) -> str
     return table(rows + [[fn(item) for _, fn in columns] for item in items])
 
 
+def window(args: argparse.Namespace, now: float) -> tuple[float | None, float | None]:
+    """--since and --until as unix seconds. Without --since: the hour before now, or with
+    --until none, so the server takes the hour before it (the API's default); `1h` then
+    would be after an `--until 2h` and refused."""
+    until = when(args.until, now) if args.until else None
+    if args.since is None:
+        return (None if until is not None else now - 3600), until
+    return when(args.since, now), until
+
+
 def _filters(args: argparse.Namespace, now: float) -> dict[str, Any]:
-    return {"since": when(args.since, now), "until": when(args.until, now) if args.until
-            else None, "node": args.node, "reporter": args.reporter, "action": args.action,
+    since, until = window(args, now)
+    return {"since": since, "until": until, "node": args.node, "reporter": args.reporter,
+            "action": args.action,
             "policy": args.policy, "tier": args.tier, "staged_differs": args.staged_differs,
             "selector": args.selector, "endpoint": args.endpoint}
 
@@ -261,8 +272,9 @@ def add_command(sub: Any) -> None:
 
 def window_flags(p: argparse.ArgumentParser) -> None:
     """--since, --until and --node (flows and dns)."""
-    p.add_argument("--since", default="1h", help="a duration before now (2h, 30m, 1d), "
-                   "unix seconds or an ISO time; records that ended since then (default 1h)")
+    p.add_argument("--since", help="a duration before now (2h, 30m, 1d), unix seconds or "
+                   "an ISO time; records that ended since then (default: the hour before "
+                   "--until, else before now)")
     p.add_argument("--until", help="likewise; records that ended by then (default: no end)")
     p.add_argument("--node", help="the reporting node")
 

@@ -375,7 +375,8 @@ def query_params(items: Sequence[tuple[str, str]], known: Sequence[str], now: fl
     if since is None:
         since = max(0.0, (until if until is not None else now) - DEFAULT_WINDOW)
     if until is not None and since > until:
-        raise BadInput(f"since: {since:g} is after until {until:g}")
+        # In full: two times of this century differ past the sixth digit `:g` shows.
+        raise BadInput(f"since: {since!r} is after until {until!r}")
     return given, since, until
 
 
