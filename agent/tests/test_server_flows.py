@@ -549,3 +549,27 @@ async def test_a_batch_sent_again_after_its_answer_was_lost_is_stored_once(
     finally:
         bad.close()
     assert count(server) == 50
+
+
+def test_an_address_is_found_in_any_of_its_forms(make: Starter) -> None:
+    """Agents write an address in its one form (`2001:db8::1`); `endpoint` and the DNS
+    logs' `client` given another form of it (upper case, zeros written out) found
+    nothing: an empty answer reads as no traffic."""
+    server = make()
+    now = round(time.time(), 3)
+    net = {"dst_type": "net", "dst_labels": {}, "dst_scope": "private"}
+    send_flows(server.client("web-1", "agent"), [flow_doc(end=now - 5, dst_name="2001:db8::1",
+                                                          **net)])
+    client = {"client_type": "net", "client_name": "2001:db8::5", "client_scope": "private",
+              "client_labels": {}}
+    send_dns(server.client("web-1", "agent"), [{
+        "start": now - 10, "end": now - 5, "node": "web-1", **client,
+        "server_type": "net", "server_name": "198.18.0.53", "server_labels": {},
+        "server_scope": "private", "qname": "a.example", "qtype": "A", "rcode": "NOERROR",
+        "answers": [], "count": 1, "latency_count": 0, "latency_mean_ms": 0,
+        "latency_max_ms": 0}])
+    viewer = server.client("carol", "viewer")
+    for form in ("2001:db8::1", "2001:DB8:0:0::1", "2001:0db8::0001"):
+        assert dsts(flows(viewer, endpoint=form)) == ["2001:db8::1"], form
+    assert [r["qname"] for r in dns_logs(viewer, client="2001:0DB8::5")["dns"]] == ["a.example"]
+    assert dsts(flows(viewer, endpoint="db-1")) == []      # a name is still a name

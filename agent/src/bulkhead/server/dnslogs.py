@@ -20,6 +20,7 @@ from bulkhead.server.flows import (
     _count,
     _name,
     _time,
+    address_or_name,
     check_own_end,
     query_params,
 )
@@ -106,6 +107,7 @@ def parse_dns_request(items: Sequence[tuple[str, str]], now: float) -> DnsQuery:
         raise BadInput(f"rcode: {rcode[:40]!r} is not a response code (NOERROR, NXDOMAIN)")
     limit = _count(given.get("limit"), "limit", MAX_LIMIT)
     return DnsQuery(since=since, until=until, node=_name(given.get("node"), "node"),
-                    client=_name(given.get("client"), "client"), qname=qname,
+                    client=address_or_name(_name(given.get("client"), "client")),
+                    qname=qname,
                     rcode=rcode.upper() if rcode else None,
                     after=_time(given.get("after"), "after"), limit=limit or DEFAULT_LIMIT)

@@ -12,6 +12,7 @@ the file is a copy for shippers, so a failure there is logged and counted
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import re
@@ -398,7 +399,7 @@ def parse_request(items: Sequence[tuple[str, str]], now: float) -> Request:
         policy=_name(given.get("policy"), "policy", step_part=True),
         tier=_name(given.get("tier"), "tier", step_part=True),
         staged_differs=staged == "differs", selector=_selector(given.get("selector")),
-        endpoint=_name(given.get("endpoint"), "endpoint"),
+        endpoint=address_or_name(_name(given.get("endpoint"), "endpoint")),
         after=_time(given.get("after"), "after"),
         limit=limit or DEFAULT_LIMIT, scan_limit=MAX_SCAN)
     return Request(query, top)
@@ -415,6 +416,17 @@ def _time(raw: str | None, name: str) -> float | None:
         raise BadInput(f"{name}: {raw[:40]!r} is not a time (unix seconds, e.g. "
                        "1764950400 or 1764950400.5)")
     return value
+
+
+def address_or_name(raw: str | None) -> str | None:
+    """An end's name as records give it: an address in its one form (agents write
+    `str(ip_address)`: 2001:db8::1, never 2001:DB8:0::1, which matched nothing)."""
+    if raw is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        return raw
 
 
 def _count(raw: str | None, name: str, high: int) -> int | None:
