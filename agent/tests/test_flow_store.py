@@ -422,3 +422,12 @@ def test_clickhouse_adds_the_domains_columns_to_a_table_of_an_older_server(chdb_
     finally:
         store.close()
         foreign.close()
+
+
+def test_the_same_labels_in_another_order_are_one_group(store: FlowStore) -> None:
+    """Agents send labels in whatever order; ClickHouse kept a Map in the order given,
+    so two records alike but for the order of their labels were two preview groups."""
+    store.insert([flow(end=T0 - 20, src_labels={"zone": "dmz", "app": "web"}),
+                  flow(end=T0 - 10, src_labels={"app": "web", "zone": "dmz"})])
+    page = store.groups(q(since=T0 - 60), 10)
+    assert [(g.records, g.record.connections) for g in page.groups] == [(2, 4)]

@@ -20,7 +20,7 @@ import importlib.util
 import re
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,11 +122,18 @@ def _micros(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
 
+def labels(given: Mapping[str, str]) -> dict[str, str]:
+    """Labels as a Map keeps them: in key order. A Map is its pairs in the order given,
+    and GROUP BY tells `{a, b}` from `{b, a}`: the same labels sent in two orders were two
+    preview groups (SQLite's JSON text sorts its keys)."""
+    return dict(sorted(given.items()))
+
+
 def _row(record: FlowRecord, received: int) -> list[Any]:
     r = record
     return [received, _micros(r.start), _micros(r.end), r.node, r.reporter,
-            r.src.type, r.src.name, dict(r.src.labels), r.src.scope,
-            r.dst.type, r.dst.name, dict(r.dst.labels), r.dst.scope,
+            r.src.type, r.src.name, labels(r.src.labels), r.src.scope,
+            r.dst.type, r.dst.name, labels(r.dst.labels), r.dst.scope,
             r.proto, r.dst_port, r.action, list(r.enforced_trace), r.staged_action,
             list(r.staged_trace), r.connections, r.started, r.packets_in, r.packets_out,
             r.bytes_in, r.bytes_out, list(r.dst_domains or ()), r.dst_domains is not None]

@@ -39,6 +39,7 @@ from bulkhead.store.flowlog.clickhouse import (
     ClickHouseSettings,
     ClickHouseTable,
     _micros,
+    labels,
     window,
 )
 from bulkhead.store.flowlog.sqlite import open_wal, read_rows
@@ -296,8 +297,8 @@ class ClickHouseDnsStore(ClickHouseTable):
     def insert(self, records: Sequence[DnsRecord], received: float | None = None) -> int:
         def row(r: DnsRecord, stamp: int) -> list[Any]:
             return [stamp, _micros(r.start), _micros(r.end), r.node, r.client.type,
-                    r.client.name, dict(r.client.labels), r.client.scope, r.server.type,
-                    r.server.name, dict(r.server.labels), r.server.scope, r.qname, r.qtype,
+                    r.client.name, labels(r.client.labels), r.client.scope, r.server.type,
+                    r.server.name, labels(r.server.labels), r.server.scope, r.qname, r.qtype,
                     r.rcode, list(r.answers), r.count, r.latency_count, r.latency_mean_ms,
                     r.latency_max_ms]
 
