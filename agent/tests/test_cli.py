@@ -161,3 +161,73 @@ def test_local_errors_are_printed_without_control_characters(
     assert main(["validate", "-f", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "\x1b" not in err and '"x\\x1b[2J" is not a valid name' in err
+
+
+DUAL_STACK = """
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: web-ingress}
+spec:
+  selector: app == 'web'
+  ingress:
+    - {action: Allow, protocol: ICMPv6, source: {nets: ["2001:2::/64"]}}
+    - {action: Allow, protocol: TCP, ipVersion: 6, destination: {ports: [8080]}}
+---
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: web, labels: {app: web}}
+spec:
+  node: web-1
+  interfaceName: "*"
+  expectedIPs: [198.18.0.11, "2001:2::11"]
+  profiles: [projectcalico-default-allow]
+---
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: admin, labels: {app: admin}}
+spec:
+  node: admin-1
+  interfaceName: "*"
+  expectedIPs: [198.18.0.10, "2001:2::10"]
+  profiles: [projectcalico-default-allow]
+---
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: old, labels: {app: old}}
+spec:
+  node: old-1
+  interfaceName: "*"
+  expectedIPs: [198.18.0.9]
+  profiles: [projectcalico-default-allow]
+"""
+
+
+def test_explain_names_a_dual_stack_host_at_the_address_of_the_flows_version(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A host named by --from/--to stands at its address of the flow's IP version: the
+    one ICMPv6 or ICMP implies, -6 or -4, or that of an address given on the other side;
+    never an ICMPv6 flow between IPv4 addresses."""
+    path = tmp_path / "dual.yaml"
+    path.write_text(DUAL_STACK)
+    base = ["explain", "-f", str(path), "--from", "admin", "--failsafe", "off"]
+    assert main([*base, "--to", "web", "--proto", "ICMPv6", "--exit-code"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("flow 2001:2::10 -> 2001:2::11 ICMPv6 type 128"), out
+    assert "Allow by policy web-ingress (tier default) ingress rule 0" in out
+    assert main([*base, "--to", "web", "--proto", "ICMP"]) == 0
+    assert capsys.readouterr().out.startswith("flow 198.18.0.10 -> 198.18.0.11 ICMP type 8")
+    assert main([*base, "--to", "2001:2::11", "--port", "8080", "--exit-code"]) == 0
+    assert capsys.readouterr().out.startswith("flow 2001:2::10 -> 2001:2::11 TCP/8080")
+    assert main([*base, "--to", "web", "-6", "--port", "8080", "--exit-code"]) == 0
+    assert capsys.readouterr().out.startswith("flow 2001:2::10 -> 2001:2::11 TCP/8080")
+    # Nothing said: the source's first expectedIP, as before.
+    assert main([*base, "--to", "web", "--port", "8080", "--exit-code"]) == 1
+    assert capsys.readouterr().out.startswith("flow 198.18.0.10 -> 198.18.0.11 TCP/8080")
+    # What cannot be: refused, naming the reason (exit 2).
+    assert main([*base, "--to", "198.18.0.11", "--proto", "ICMPv6"]) == 2
+    assert "--proto ICMPv6 is IPv6's; 198.18.0.11 is IPv4" in capsys.readouterr().err
+    assert main([*base, "--to", "web", "-4", "--proto", "58"]) == 2
+    assert "--proto 58 is IPv6's; -4 is IPv4" in capsys.readouterr().err
+    assert main([*base, "--to", "old", "-6", "--port", "80"]) == 2
+    assert "HostEndpoint old has no IPv6 address in its expectedIPs" in \
+        capsys.readouterr().err

@@ -33,6 +33,7 @@ from bulkhead.model import LoadError, Snapshot, ValidationError, load_paths
 from bulkhead.policy import Evaluator, FailsafePort, Failsafes, Flow
 from bulkhead.policy.evaluate import Verdict
 from bulkhead.policy.explain import explain_text
+from bulkhead.policy.flow import protocol_of
 from bulkhead.selector import SelectorError, parse
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -42,19 +43,50 @@ class UsageError(Exception):
     """Input the user must fix; printed without a traceback, exit code 2."""
 
 
-def _resolve(snapshot: Snapshot, who: str) -> str:
-    """An IP, a HostEndpoint name or a node name -> an address."""
+def _literal(who: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return str(ipaddress.ip_address(who))
+        return ipaddress.ip_address(who)
     except ValueError:
-        pass
+        return None
+
+
+def _resolve(snapshot: Snapshot, who: str, version: int | None = None) -> str:
+    """An IP, a HostEndpoint name or a node name -> an address; of IP `version` (4 or
+    6) when given: a dual-stack endpoint's first expectedIP of that version."""
+    ip = _literal(who)
+    if ip is not None:
+        return str(ip)
     hep = snapshot.host_endpoints.get(who) or next(
         (h for h in snapshot.host_endpoints.values() if h.node == who), None)
     if hep is None:
         raise UsageError(f"{who!r} is neither an IP address nor a HostEndpoint or node name")
     if not hep.expected_ips:
         raise UsageError(f"HostEndpoint {hep.name} has no expectedIPs; give an address")
-    return hep.expected_ips[0]
+    fitting = [a for a in hep.expected_ips
+               if version is None or ipaddress.ip_address(a).version == version]
+    if not fitting:
+        raise UsageError(f"HostEndpoint {hep.name} has no IPv{version} address in its "
+                         f"expectedIPs {list(hep.expected_ips)}; give an address")
+    return fitting[0]
+
+
+def _flow_version(args: argparse.Namespace) -> int | None:
+    """The IP version the flow must have: -4/-6, else an address given as such, else the
+    protocol's (ICMP is IPv4's, ICMPv6 IPv6's); None when nothing says."""
+    try:
+        number = protocol_of(args.proto)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    implied = {1: 4, 58: 6}.get(number)
+    for given, what in ((args.version, f"-{args.version}"),
+                        *((ip.version, str(ip)) for ip in (_literal(args.src),
+                                                           _literal(args.dst)) if ip)):
+        if given is None:
+            continue
+        if implied is not None and given != implied:
+            raise UsageError(f"--proto {args.proto} is IPv{implied}'s; {what} is IPv{given}")
+        return int(given)
+    return implied
 
 
 def _failsafes(spec: str) -> Failsafes:
@@ -105,10 +137,14 @@ def _resolutions(path: str, address: str) -> tuple[list[str], list[str]]:
 def cmd_explain(args: argparse.Namespace) -> int:
     snapshot = Snapshot.build(load_paths(args.filename))
     evaluator = Evaluator(snapshot, _failsafes(args.failsafe))
-    dst = _resolve(snapshot, args.dst)
+    version = _flow_version(args)
+    # Without a version given or implied: the source's first address, and the
+    # destination's of the same version.
+    src = _resolve(snapshot, args.src, version)
+    dst = _resolve(snapshot, args.dst, ipaddress.ip_address(src).version)
     names, phrases = _resolutions(args.dns_cache, dst) if args.dns_cache else ([], [])
     try:
-        flow = Flow.make(_resolve(snapshot, args.src), dst,
+        flow = Flow.make(src, dst,
                          args.proto, args.port, src_port=args.src_port,
                          icmp_type=args.icmp_type, icmp_code=args.icmp_code,
                          domains=frozenset([*(args.domain or ()), *names]))
@@ -222,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="src", required=True, metavar="HOST|IP")
     p.add_argument("--to", dest="dst", required=True, metavar="HOST|IP")
     p.add_argument("--proto", default="TCP", help="TCP, UDP, ICMP, ICMPv6, SCTP or a number")
+    family = p.add_mutually_exclusive_group()
+    family.add_argument("-4", dest="version", action="store_const", const=4,
+                        help="an IPv4 flow: hosts named by --from/--to at their IPv4 address")
+    family.add_argument("-6", dest="version", action="store_const", const=6,
+                        help="an IPv6 flow: hosts named by --from/--to at their IPv6 address "
+                        "(ICMPv6 implies it, ICMP implies -4; otherwise the source's first "
+                        "expectedIP decides)")
     p.add_argument("--port", type=int, help="destination port")
     p.add_argument("--src-port", type=int, help="source port (unknown if not given)")
     p.add_argument("--icmp-type", type=int)
