@@ -573,3 +573,21 @@ def test_an_address_is_found_in_any_of_its_forms(make: Starter) -> None:
         assert dsts(flows(viewer, endpoint=form)) == ["2001:db8::1"], form
     assert [r["qname"] for r in dns_logs(viewer, client="2001:0DB8::5")["dns"]] == ["a.example"]
     assert dsts(flows(viewer, endpoint="db-1")) == []      # a name is still a name
+
+
+def test_a_record_keeps_an_ipv6_end_in_its_canonical_form(make: Starter) -> None:
+    """An IPv6 address has many spellings; records keep the canonical one, whatever a
+    sender wrote, so a query by address finds them."""
+    from tests.test_server_dns import record
+
+    server = make()
+    agent = server.client("web-1", "agent")
+    viewer = server.client("carol", "viewer")
+    now = round(time.time(), 3)
+    v6 = {"dst_type": "net", "dst_labels": {}, "dst_scope": "private"}
+    assert send_flows(agent, [flow_doc(end=now - 40, dst_name="2001:0DB8:0::2", **v6)]) == 1
+    assert dsts(flows(viewer, endpoint="2001:db8::2")) == ["2001:db8::2"]
+    client = {"client_type": "net", "client_labels": {}, "client_scope": "private"}
+    assert send_dns(agent, [record(now - 20, client_name="2001:DB8:0::1", **client)]) == 1
+    assert [r["client_name"] for r in dns_logs(viewer, client="2001:db8::1")["dns"]] == \
+        ["2001:db8::1"]

@@ -281,7 +281,8 @@ def _end(doc: Mapping[str, Any], prefix: str) -> End:
     scope = _text(doc, f"{prefix}_scope", allowed=SCOPES, empty=True)
     if kind == "net":
         try:
-            ipaddress.ip_address(name)
+            # Kept in canonical form, which queries by address look for.
+            name = str(ipaddress.ip_address(name))
         except ValueError:
             raise FlowRecordError(f"{prefix}_name: {name[:60]!r} is not an IP address "
                                   f"(a `net` end is an address)") from None
