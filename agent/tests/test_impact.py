@@ -414,3 +414,31 @@ def test_promoting_thousands_costs_their_sum_not_their_product(monkeypatch: Any)
     assert reads["bare_name"] <= 3 * 4000, reads
     assert not after.staged and len(after.policies) == 3000   # 1,000 replaced, 1,000 new
     assert after.policies["p1"].spec.order == 1.5 and after.policies["new0"].spec.order == 0.5
+
+
+def test_an_unknown_ip_version_says_why() -> None:
+    """Between two dual-stack host endpoints a record may be of either IP version: the
+    reason says so, not that no address of an end is known."""
+    from bulkhead.model import DEFAULT_ALLOW_PROFILE
+    from bulkhead.model.flowlog import End
+
+    def hep(name: str, ips: list[str]) -> dict[str, Any]:
+        return {"apiVersion": API_VERSION, "kind": "HostEndpoint",
+                "metadata": {"name": name, "labels": {"app": name}},
+                "spec": {"node": name, "interfaceName": "*", "expectedIPs": ips,
+                         "profiles": [DEFAULT_ALLOW_PROFILE]}}
+
+    heps = [hep("a", ["198.18.0.10", "2001:2::10"]), hep("b", ["198.18.0.11", "2001:2::11"])]
+    policy = {"apiVersion": API_VERSION, "kind": "GlobalNetworkPolicy",
+              "metadata": {"name": "v6"},
+              "spec": {"selector": "app == 'b'", "ingress": [
+                  {"action": "Deny", "protocol": "ICMPv6"}, {"action": "Allow"}]}}
+    current = Snapshot.build(parse_resource(d) for d in heps)
+    proposed = Snapshot.build(parse_resource(d) for d in [*heps, policy])
+    trace = ("profile|projectcalico-default-allow|0|allow",)
+    record = FlowRecord(0.0, 1.0, "b", "dst", End("hep", "a"), End("hep", "b"), 58, 0,
+                        "allow", trace, "allow", trace, 1, 1)
+    got = Impact(proposed, current).judge(record)
+    assert not got.decided
+    assert got.why == ("the IP version (records do not keep it, and both ends have IPv4 "
+                       "and IPv6 addresses)",)

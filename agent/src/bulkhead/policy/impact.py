@@ -420,7 +420,11 @@ class Impact:
             elif version not in possible:
                 values.append(False)
             else:
-                ctx.unknown("the IP version (no address of an end is known)")
+                placed = ctx.src.addresses is not None and ctx.dst.addresses is not None
+                ctx.unknown("the IP version (records do not keep it, and both ends have "
+                            "IPv4 and IPv6 addresses)" if placed else
+                            "the IP version (records do not keep it, and an end is not "
+                            "placed by the proposed state)")
                 values.append(None)
         if rule.protocol is not None:
             values.append(r.proto == protocol_number(rule.protocol))
