@@ -6,6 +6,10 @@ from collections.abc import Mapping, Sequence
 
 from bulkhead.policy.evaluate import DirectionVerdict, Evaluator, Verdict
 
+# IPv6 neighbour discovery: router solicitation and advertisement, neighbour solicitation
+# and advertisement, which the dataplanes accept before any policy (`dataplane.md`).
+ND_TYPES = frozenset({133, 134, 135, 136})
+
 
 def _labels(labels: Mapping[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "no labels"
@@ -43,6 +47,10 @@ def explain_text(evaluator: Evaluator, verdict: Verdict, resolved: Sequence[str]
                    f"{resolved[0]}")
     if verdict.allowed and not verdict.policy_allowed:
         out.append("  observe mode: the policies deny it; enforce mode would block it")
+    if flow.protocol == 58 and flow.icmp_type in ND_TYPES:
+        out.append("  note: the agents' nftables tables and Windows Firewall accept IPv6 "
+                   "neighbour discovery (ICMPv6 133-136) before any policy; this verdict "
+                   "is the policies' (what HNS, which matches no ICMP type, enforces)")
     out += _direction_lines(verdict.egress)
     out += _direction_lines(verdict.ingress)
     if verdict.staged_egress is not verdict.egress or \
