@@ -35,6 +35,8 @@ options:
     description:
       - A folder (its C(*.yaml), C(*.yml) and C(*.json) files, in name order, not its
         subfolders) or a file of policies. Mutually exclusive with O(definition).
+      - A folder or file without a document fails, naming it, and nothing is deleted (as
+        C(bulkhead apply -f) refuses one); to delete every policy give O(definition=[]).
       - A relative path is looked up on the controller in the role's C(files/), the play's
         C(files/), then relative to the playbook, as M(bulkhead.microseg.resource) does.
     type: path
@@ -42,6 +44,9 @@ options:
     description:
       - The policies, as a list of dicts, a dict, or YAML text. An empty list deletes every
         policy of the tier or owner.
+      - YAML text without a document fails, as O(src) without one does, so a template or
+        a file that rendered or read nothing never empties the tier or owner; give V([])
+        to delete every policy.
     type: raw
 seealso:
   - module: bulkhead.microseg.host_endpoints
@@ -127,6 +132,7 @@ converged:
 import copy
 
 from ansible.module_utils.common.text.converters import to_text
+from ansible.module_utils.six import string_types
 
 from ansible_collections.bulkhead.microseg.plugins.module_utils.api import OWNER_LABEL
 from ansible_collections.bulkhead.microseg.plugins.module_utils.documents import check_named, load
@@ -169,6 +175,16 @@ def main():
     p = module.params
     try:
         docs = load(p["definition"], p["src"])
+        if not docs and (p["src"] or isinstance(p["definition"], string_types)):
+            # An empty list is the one way to ask for every policy to go: a folder, file
+            # or text that holds nothing is far more often a mistake (a wrong folder, a
+            # template that rendered nothing) than a wish to empty the tier or owner.
+            what = "src: %s holds no document (in a *.yaml, *.yml or *.json file)" % p["src"] \
+                if p["src"] else "definition: the text holds no document"
+            scope = "tier %s" % p["tier"] if p["tier"] is not None else "owner %s" % p["owner"]
+            raise ValueError("%s: nothing was synced, since with none every policy of the %s "
+                             "would be deleted; to delete them all, give definition: []"
+                             % (what, scope))
         check_named(docs)
         docs = scoped(docs, p["tier"], p["owner"])
     except (OSError, IOError, ValueError) as e:
