@@ -130,7 +130,9 @@ options:
     type: bool
     default: false
   wait_timeout:
-    description: Seconds to wait with O(wait=true) before failing, naming the nodes that lag.
+    description:
+      - Seconds to wait with O(wait=true) before failing, naming the nodes that lag.
+      - A value that is not a finite number (V(nan), V(inf)) fails before anything is written.
     type: float
     default: 120
 """

@@ -52,6 +52,9 @@ class BulkheadModule(AnsibleModule):
         kwargs.setdefault("supports_check_mode", True)
         super(BulkheadModule, self).__init__(argument_spec=spec, **kwargs)
         self._client = None
+        if "wait_timeout" in self.params:
+            # Checked before anything is written: after the write would be too late.
+            self.seconds("wait_timeout")
 
     @property
     def client(self):
@@ -73,6 +76,16 @@ class BulkheadModule(AnsibleModule):
             self.fail_json(msg="%s: %s is not a number a policy or tier can be ordered by: "
                                "give a finite number" % (option, value))
         return int(value) if value == int(value) else value
+
+    def seconds(self, option):
+        """The option as seconds to wait; a value that is not a finite number (nan, inf)
+        fails naming the option: the wait compares the time spent with it, and neither
+        ever ends one (nan is never reached)."""
+        value = self.params.get(option)
+        if value is not None and not math.isfinite(value):
+            self.fail_json(msg="%s: %s is not a number of seconds a wait can end after: give "
+                               "a finite number" % (option, value))
+        return value
 
     def make_resource(self, kind, name, spec, labels=None):
         """The v3 document from the module's options; a bad label value fails naming it."""

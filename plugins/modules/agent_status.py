@@ -32,7 +32,9 @@ options:
     type: list
     elements: str
   timeout:
-    description: Seconds to wait for O(wait_for_revision).
+    description:
+      - Seconds to wait for O(wait_for_revision); a value that is not a finite number
+        (V(nan), V(inf)) fails naming this option.
     type: float
     default: 300
   poll_interval:
@@ -150,6 +152,7 @@ def main():
         poll_interval=dict(type="float", default=1),
     ))
     p = module.params
+    module.seconds("timeout")
     interval = p["poll_interval"]
     if not interval >= MIN_POLL_INTERVAL or interval == float("inf"):   # nan is neither
         module.fail_json(msg="poll_interval: %s: give a number of seconds of at least %s (each "
