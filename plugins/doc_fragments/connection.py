@@ -41,7 +41,7 @@ options:
     default: true
   request_timeout:
     description:
-      - Seconds to wait for each HTTP request.
+      - Seconds to wait for each HTTP request, a finite number greater than 0 (V(0) means the default, 30).
     type: float
     default: 30
 notes:

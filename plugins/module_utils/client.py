@@ -12,6 +12,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import json
+import math
 import os
 import socket
 import time
@@ -228,6 +229,12 @@ class BulkheadClient:
             if not os.path.isfile(path) or not os.access(path, os.R_OK):
                 raise ConnectionSettingsError("%s: %s: not a readable file; it should hold %s"
                                               % (option(name), path, what))
+        if not isinstance(self.timeout, (int, float)) or isinstance(self.timeout, bool) or \
+                not math.isfinite(self.timeout) or self.timeout <= 0:
+            # The socket refuses these with messages that name no option (nan: "Invalid
+            # value NaN", a negative: "Timeout value out of range"), inf with OverflowError.
+            raise ConnectionSettingsError("request_timeout: %s: give a number of seconds "
+                                          "greater than 0" % (self.timeout,))
         if self.client_key and not self.client_cert:
             raise ConnectionSettingsError("%s is set (%s) but %s is not: give both"
                                           % (option("client_key"), self.client_key,

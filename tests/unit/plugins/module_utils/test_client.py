@@ -53,3 +53,14 @@ def test_a_redirect_is_not_followed_and_names_where_it_pointed(fake_server, stat
                                             r"are not followed" % status):
         client.list("Tier")
     assert fake_server.requests == [("GET", "/v1/resources/Tier")]
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0])
+def test_a_request_timeout_no_socket_takes_fails_naming_it(timeout):
+    """nan and -1 failed with the socket's words ("Invalid value NaN (not a number)",
+    "Timeout value out of range"), naming no option; inf with an OverflowError ("timestamp
+    out of range for platform time_t") that was not caught at all."""
+    client = BulkheadClient("https://127.0.0.1:9", timeout=timeout)
+    with pytest.raises(client_mod.ConnectionSettingsError) as caught:
+        client.nodes()
+    assert str(caught.value) == f"request_timeout: {timeout}: give a number of seconds greater than 0"
