@@ -50,7 +50,12 @@ def _item_labels(item, attribute, index, plugin):
     if engine.DEFAULT_LABELS_VAR in item:
         return _labels(item.get(engine.DEFAULT_LABELS_VAR),
                        "%s: %s" % (where, engine.DEFAULT_LABELS_VAR))
-    return dict((k, v) for k, v in item.items() if isinstance(v, str))
+    # Scalars only (a mapping of host variables holds lists and mappings too); numbers and
+    # booleans as the label rule writes them, as selector_match reads the same mapping,
+    # so {pci: true} is selected by pci == 'true' here too.
+    return dict((k, v if isinstance(v, str) else engine.label_value(v))
+                for k, v in item.items()
+                if isinstance(v, (str, bool, int, float)))
 
 
 def _partition(items, selector, attribute, plugin, keep):

@@ -110,3 +110,16 @@ def test_selector_from_labels_takes_calico_labels():
     assert F["selector_from_labels"]({"microseg.bulkhead.io/managed-by": "site", "a_b.c": "",
                                       "App-1": "v1.2_x"}) == \
         '(App-1 == "v1.2_x" && a_b.c == "" && microseg.bulkhead.io/managed-by == "site")'
+
+
+def test_plain_labels_with_numbers_and_booleans_are_read_as_selector_match_reads_them():
+    """selector_match found {pci: true} with pci == 'true', selector_select dropped its
+    non-string values and missed it (and selector_reject kept a PCI host as outside)."""
+    plain = [{"pci": True, "app": "web"}, {"app": "db", "port": 5432, "ratio": 0.5},
+             {"app": "cache", "tags": ["a"], "more": {"x": "y"}, "none": None}]
+    assert F["selector_match"](plain[0], "pci == 'true'") is True
+    assert F["selector_select"](plain, "pci == 'true'") == [plain[0]]
+    assert F["selector_reject"](plain, "pci == 'true'") == plain[1:]
+    assert F["selector_select"](plain, "port == '5432' && ratio == '0.5'") == [plain[1]]
+    # Lists, mappings and nulls are no labels.
+    assert F["selector_select"](plain, "has(tags) || has(more) || has(none)") == []
