@@ -113,6 +113,11 @@ converged:
   returned: when O(wait=true) and something was written
   type: bool
   sample: true
+wait_elapsed:
+  description: Seconds the module waited for every agent to enforce RV(revision) (O(wait=true) only).
+  returned: when O(wait=true) and something was written
+  type: float
+  sample: 0.412
 action:
   description: What was done (or in check mode would be done).
   returned: always

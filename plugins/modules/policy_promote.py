@@ -137,6 +137,11 @@ converged:
   description: Every agent that reports its status enforces RV(revision) (O(wait=true) only).
   returned: when O(wait=true) and something was written
   type: bool
+wait_elapsed:
+  description: Seconds the module waited for every agent to enforce RV(revision) (O(wait=true) only).
+  returned: when O(wait=true) and something was written
+  type: float
+  sample: 0.412
 """
 
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule

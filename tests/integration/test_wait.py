@@ -117,7 +117,11 @@ def test_every_write_module_waits_for_its_revision(clean_server, agents, tmp_pat
     assert all(isinstance(r, int) for r in revisions), revisions
     assert revisions == sorted(revisions) and len(set(revisions)) == len(revisions)
     assert all(r["converged"] is True for r in written)
+    # wait_elapsed, as the RETURN blocks say: the seconds each write's wait took.
+    assert all(isinstance(r["wait_elapsed"], float) and r["wait_elapsed"] >= 0
+               for r in written), written
     assert unchanged["revision"] is None and "converged" not in unchanged
+    assert "wait_elapsed" not in unchanged
     # What the agents report now covers the last write.
     status = clean_server.request("GET", "/v1/nodes?revision=%d" % revisions[-1])
     assert status["converged"]
