@@ -303,6 +303,17 @@ PARITY: list[tuple[str, dict[str, Any], str | None]] = [
      "spec.ingress[0].source.nets: 257 entries; at most 256"),
     ('CRD policy_common.go EntityRule.NotNets MaxItems=256 (256 is fine)',
      rule(source={"notNets": [f"198.18.{i // 256}.{i % 256}/32" for i in range(256)]}), None),
+    # at most 1,024 rules a direction (MaxItems on the rule lists)
+    ("CRD globalnetworkpolicy.go GlobalNetworkPolicySpec.Ingress MaxItems=1024",
+     gnp({"ingress": [{"action": "Deny"}] * 1025}), "spec.ingress: 1025 entries; at most 1024"),
+    ("CRD globalnetworkpolicy.go GlobalNetworkPolicySpec.Egress MaxItems=1024 (1024 is fine)",
+     gnp({"egress": [{"action": "Deny"}] * 1024}), None),
+    ("CRD stagedglobalnetworkpolicy.go StagedGlobalNetworkPolicySpec.Egress MaxItems=1024",
+     doc("StagedGlobalNetworkPolicy", "s", {"egress": [{"action": "Deny"}] * 1025}),
+     "spec.egress: 1025 entries; at most 1024"),
+    ("CRD profile.go ProfileSpec.Ingress MaxItems=1024",
+     doc("Profile", "p", {"ingress": [{"action": "Allow"}] * 1025}),
+     "spec.ingress: 1025 entries; at most 1024"),
     # global() only in a namespaceSelector; the CEL rule tests the text for "global("
     ('VT "disallow global() in selector field" (CEL globalnetworkpolicy.go)',
      gnp({"selector": "global()"}),

@@ -30,6 +30,20 @@ PADDING = 3000
 PADDING_RULES = [{"action": "Log", "protocol": "TCP",
                   "source": {"nets": [f"198.19.{i // 256}.{i % 256}/32"]},
                   "destination": {"ports": [1 + i]}} for i in range(PADDING)]
+PER_POLICY = 1000   # Calico takes at most 1,024 rules a direction in one policy
+
+
+def padded(name: str, order: int, head: list[dict[str, Any]],
+           tail: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Policies of db's first tier, in order: `head`, the padding, then `tail`. The
+    padding is cut into policies of PER_POLICY rules (the walk is as long), `head` opens
+    the first and `tail` closes the last."""
+    chunks = [PADDING_RULES[i:i + PER_POLICY] for i in range(0, PADDING, PER_POLICY)]
+    chunks[0] = head + chunks[0]
+    chunks[-1] = chunks[-1] + tail
+    return [gnp(name if i == 0 else f"{name}-{i}",
+                {"selector": "app == 'db'", "order": order + i / 10, "ingress": rules})
+            for i, rules in enumerate(chunks)]
 TIER = {"apiVersion": "projectcalico.org/v3", "kind": "Tier",
         "metadata": {"name": "second"}, "spec": {"order": 200}}
 
@@ -50,10 +64,9 @@ def both_sets(moved: bool) -> Ruleset:
         hep("db", "n1", "198.18.7.2", {"app": "db"}, iface="v1"),
         hep("client", "n2", "198.18.7.1", client),
         hep("other", "n3", "198.18.9.9", {"bad": "yes", "good": "yes"}),
-        gnp("deny", {"selector": "app == 'db'", "order": 1, "ingress": [
+        *padded("deny", 1, [
             {"action": "Deny", "protocol": "UDP", "source": {"selector": "bad == 'yes'"},
-             "destination": {"ports": [5002]}},
-            *PADDING_RULES]}),
+             "destination": {"ports": [5002]}}], []),
         gnp("allow", {"selector": "app == 'db'", "order": 2, "ingress": [
             {"action": "Allow", "protocol": "UDP", "source": {"selector": "good == 'yes'"}},
             {"action": "Allow", "protocol": "UDP", "destination": {"ports": [5001]}}]})])
@@ -97,13 +110,12 @@ def passed(moved: bool) -> Ruleset:
         hep("db", "n1", "198.18.7.2", {"app": "db"}, iface="v1"),
         hep("client", "n2", "198.18.7.1", client),
         hep("other", "n3", "198.18.9.9", {"p": "yes", "bad": "yes"}),
-        gnp("first", {"selector": "app == 'db'", "order": 1, "ingress": [
+        *padded("first", 1, [
             {"action": "Deny", "protocol": "UDP", "source": {"selector": "bad == 'yes'"},
-             "destination": {"ports": [5002]}},
-            *PADDING_RULES,
+             "destination": {"ports": [5002]}}], [
             {"action": "Pass", "source": {"selector": "p == 'yes'"}},
             {"action": "Deny", "protocol": "UDP", "destination": {"ports": [5002]}},
-            {"action": "Allow", "notProtocol": "TCP"}]}),
+            {"action": "Allow", "notProtocol": "TCP"}]),
         gnp("second.last", {"tier": "second", "selector": "app == 'db'", "ingress": [
             {"action": "Allow", "protocol": "UDP", "destination": {"ports": [5001]}}]})])
 

@@ -200,6 +200,8 @@ def _read_icmp(r: Reader) -> ICMPMatch | None:
 # Calico's CRD bounds on an EntityRule's lists (MaxItems).
 MAX_NETS = 256
 MAX_PORTS = 50
+# Calico's CRD bound on a policy's or a profile's rules, a direction each (MaxItems).
+MAX_RULES = 1024
 
 
 def _at_most(r: Reader, what: str, limit: int) -> None:
@@ -272,6 +274,15 @@ def _read_rule(r: Reader, direction: str) -> Rule:
     _check_rule(r, rule)
     r.done(_UNSUPPORTED_RULE)
     return rule
+
+
+def _read_rules(r: Reader) -> tuple[tuple[Rule, ...], tuple[Rule, ...]]:
+    """The ingress and the egress rules of a policy or profile spec, at most MAX_RULES
+    each, as Calico's CRDs bound them."""
+    for what in ("ingress", "egress"):
+        _at_most(r, what, MAX_RULES)
+    return (tuple(_read_rule(item, "ingress") for item in r.items("ingress")),
+            tuple(_read_rule(item, "egress") for item in r.items("egress")))
 
 
 def _check_rule(r: Reader, rule: Rule) -> None:
@@ -396,8 +407,7 @@ def _read_policy_spec(r: Reader, name: str, staged: bool) -> PolicySpec:
     selector_text = r.string("selector") or ""
     selector = check_selector(r.child("selector", selector_text), selector_text,
                               global_allowed=False)
-    ingress = tuple(_read_rule(item, "ingress") for item in r.items("ingress"))
-    egress = tuple(_read_rule(item, "egress") for item in r.items("egress"))
+    ingress, egress = _read_rules(r)
     types_given = r.str_list("types")
     for i, t in enumerate(types_given):
         if t not in (INGRESS, EGRESS):
@@ -686,8 +696,7 @@ def _read_network_set(r: Reader, meta: Metadata) -> GlobalNetworkSet:
 
 
 def _read_profile(r: Reader, meta: Metadata) -> Profile:
-    ingress = tuple(_read_rule(i, "ingress") for i in r.items("ingress"))
-    egress = tuple(_read_rule(i, "egress") for i in r.items("egress"))
+    ingress, egress = _read_rules(r)
     labels = r.str_map("labelsToApply")
     check_labels(r.child("labelsToApply", labels), labels)
     # labelsToApply become the endpoint's labels, this one included.
