@@ -374,6 +374,13 @@ _UNSUPPORTED_POLICY = {
 }
 
 
+def _unset(value: Any) -> bool:
+    """A value Calico cannot tell from a field left out: null, empty, "" and false (Go's
+    zero values). A number is not: `order` is a pointer, so `order: 0` is set."""
+    return value is None or value is False or (isinstance(value, (str, list, dict))
+                                               and not value)
+
+
 def _read_policy_spec(r: Reader, name: str, staged: bool) -> PolicySpec:
     r.mapping()
     staged_action = None
@@ -385,7 +392,7 @@ def _read_policy_spec(r: Reader, name: str, staged: bool) -> PolicySpec:
             raise r.fail(f"{show(staged_action)} is not Set or Delete", "stagedAction")
         if staged_action == "Delete":
             extra = sorted(k for k, v in r.mapping().items()
-                           if k not in ("stagedAction", "tier") and v not in (None, [], {}))
+                           if k not in ("stagedAction", "tier") and not _unset(v))
             if extra:
                 raise r.fail(f"with stagedAction Delete, every field but tier must be empty "
                              f"({', '.join(extra)} given)", extra[0])
