@@ -457,6 +457,9 @@ PARITY: list[tuple[str, dict[str, Any], str | None]] = [
     ('VT "should disallow annotations in metadata > 256k"',
      doc("Tier", "t", {}, annotations={"key": "x" * (256 * 1024 - 2)}),
      "metadata.annotations: annotations hold 262,145 bytes; at most 262,144"),
+    ("V validateObjectMetaAnnotations: the size is len() in Go, bytes of UTF-8",
+     doc("Tier", "t", {}, annotations={"key": "\u00e9" * (128 * 1024)}),
+     "metadata.annotations: annotations hold 262,147 bytes; at most 262,144"),
     ('VT "should reject invalid labels in metadata (uppercase domain)"',
      hep(expectedIPs=["198.18.0.1"]) | {"metadata": {"name": "h", "labels": {
          "ProjectCalico.org/label": "value"}}},

@@ -69,6 +69,12 @@ def check_label_key(r: Reader, key: str) -> None:
 MAX_ANNOTATIONS_SIZE = 256 * 1024  # keys and values together (Calico, as Kubernetes)
 
 
+def _utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8, as Go's len() counts a string (a lone surrogate, which
+    strict JSON may carry, as three)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def check_annotations(r: Reader, annotations: dict[str, str]) -> None:
     """Calico's validateObjectMetaAnnotations: each key a qualified name once lowercased
     (so `ProjectCalico.org/Label` is fine), and at most 256 KiB of keys and values."""
@@ -80,7 +86,7 @@ def check_annotations(r: Reader, annotations: dict[str, str]) -> None:
             raise r.fail(f"annotation key {show(key)} is not valid (letters, digits, '-', '_' "
                          "and '.', starting and ending with a letter or digit, at most 63 "
                          "characters, with an optional DNS-subdomain prefix and '/')") from None
-        total += len(key) + len(value)
+        total += _utf8_size(key) + _utf8_size(value)
     if total > MAX_ANNOTATIONS_SIZE:
         raise r.fail(f"annotations hold {total:,} bytes; at most {MAX_ANNOTATIONS_SIZE:,} "
                      "(keys and values together)")
