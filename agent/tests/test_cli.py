@@ -60,6 +60,28 @@ def test_validate(files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["validate", "-f", str(tmp_path / "missing.yaml")]) == 2
 
 
+def test_local_commands_read_label_values_as_apply_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bulkhead apply -f` writes `rack: 12` and `pci: true` as the labels "12" and "true"
+    (bulkhead.api.label_value, the collection's rule, and calicoctl's: its YAML library
+    writes a number or a boolean given to a string field as text); `validate` and
+    `explain` read the same file the same way, not refuse it."""
+    numbers = tmp_path / "numbers.yaml"
+    numbers.write_text(RESOURCES.replace("labels: {app: db}", "labels: {app: db, rack: 12}")
+                       .replace("zone: dmz}", "zone: dmz, pci: true}")
+                       .replace("selector: zone == 'dmz'", "selector: pci == 'true'"))
+    assert main(["validate", "-f", str(numbers)]) == 0
+    assert "valid: 3 resources" in capsys.readouterr().out
+    assert main(["explain", "-f", str(numbers), "--from", "web", "--to", "db",
+                 "--proto", "tcp", "--port", "5432"]) == 0
+    out = capsys.readouterr().out
+    assert "rack=12" in out and "pci=true" in out and "verdict: ALLOWED" in out
+    null = tmp_path / "null.yaml"
+    null.write_text(RESOURCES.replace("labels: {app: db}", "labels: {app: db, rack: null}"))
+    assert main(["validate", "-f", str(null)]) == 1
+    assert 'HostEndpoint db: metadata.labels: "rack": None' in capsys.readouterr().err
+
+
 def test_explain_by_name_node_and_ip(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["explain", "-f", str(files), "--from", "web", "--to", "db-1",
                  "--proto", "tcp", "--port", "5432"]) == 0
