@@ -333,6 +333,13 @@ PARITY: list[tuple[str, dict[str, Any], str | None]] = [
     ('VT "allow global() in EntityRule namespaceSelector field": Bulkhead refuses the field',
      rule(source={"namespaceSelector": "global()"}),
      "source.namespaceSelector: unknown field (namespaces exist only for Kubernetes"),
+    # ... but a field Bulkhead does not take, given empty, is a field left out (omitempty)
+    ('CRD globalnetworkpolicy.go NamespaceSelector omitempty: "" is unset',
+     gnp({"namespaceSelector": "", "serviceAccountSelector": ""}), None),
+    ("CRD policy_common.go Rule.HTTP, EntityRule.ServiceAccounts omitempty: null is unset",
+     rule(http=None, source={"namespaceSelector": "", "serviceAccounts": None}), None),
+    ("CEL policy_common.go Rule: `http: {}` is an HTTP match (has(self.http))",
+     rule(http={}), "spec.ingress[0].http: unknown field (HTTP match needs"),
     ("CRD globalnetworkpolicy.go Selector MaxLength=1024",
      gnp({"selector": "a == '" + "x" * 1018 + "'"}),
      "spec.selector: selector is 1,025 characters long; at most 1,024"),

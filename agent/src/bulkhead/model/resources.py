@@ -185,6 +185,17 @@ _UNSUPPORTED_RULE = {
 }
 
 
+def _done(r: Reader, unsupported: dict[str, str]) -> None:
+    """`r.done`, the fields Bulkhead does not take refused with their reason, unless given
+    null or "": Calico cannot tell those from a field left out. (`http: {}` is not: Calico
+    holds an empty match as a match, an application-layer one.)"""
+    data = r.mapping()
+    for key in unsupported:
+        if key in data and (data[key] is None or data[key] == ""):
+            r.get(key)
+    r.done(unsupported)
+
+
 def _read_icmp(r: Reader) -> ICMPMatch | None:
     if r.data is None:
         return None
@@ -239,7 +250,7 @@ def _read_entity(r: Reader, side: str, direction: str) -> EntityRule:
     for what, given in (("nets", entity.nets), ("selector", entity.selector)):
         if entity.domains and given:
             raise r.fail(f"must be left empty when {side}.domains is specified", what)
-    r.done(_UNSUPPORTED_RULE)
+    _done(r, _UNSUPPORTED_RULE)
     return entity
 
 
@@ -272,7 +283,7 @@ def _read_rule(r: Reader, direction: str) -> Rule:
         raise r.fail(f"only valid for Allow rules (the action is {action})",
                      "destination.domains")
     _check_rule(r, rule)
-    r.done(_UNSUPPORTED_RULE)
+    _done(r, _UNSUPPORTED_RULE)
     return rule
 
 
@@ -454,7 +465,7 @@ def _read_policy_spec(r: Reader, name: str, staged: bool) -> PolicySpec:
             raise r.fail("preDNAT needs applyOnForward: true", "applyOnForward")
     if spec.do_not_track and not spec.apply_on_forward:
         raise r.fail("doNotTrack needs applyOnForward: true", "applyOnForward")
-    r.done(_UNSUPPORTED_POLICY)
+    _done(r, _UNSUPPORTED_POLICY)
     return spec
 
 
