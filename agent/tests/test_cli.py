@@ -78,8 +78,8 @@ def test_local_commands_read_label_values_as_apply_does(
     assert "rack=12" in out and "pci=true" in out and "verdict: ALLOWED" in out
     null = tmp_path / "null.yaml"
     null.write_text(RESOURCES.replace("labels: {app: db}", "labels: {app: db, rack: null}"))
-    assert main(["validate", "-f", str(null)]) == 1
-    assert 'HostEndpoint db: metadata.labels: "rack": None' in capsys.readouterr().err
+    assert main(["validate", "-f", str(null)]) == 2       # refused, as apply refuses it
+    assert "metadata.labels.rack: a label value cannot be null" in capsys.readouterr().err
 
 
 def test_explain_by_name_node_and_ip(files: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -244,6 +244,12 @@ def test_the_cli_prints_the_preview_and_gates(server: ServerProcess, tmp_path: P
     (tmp_path / "empty").mkdir()
     assert main(["preview", "-f", str(tmp_path / "empty"), *base]) == 2
     assert "no resources to preview" in capsys.readouterr().err
+    # Label values read as `bulkhead apply` writes them: `rack: 12` is the label "12".
+    numbers = tmp_path / "numbers.yaml"
+    numbers.write_text("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\n"
+                       "metadata: {name: racked, labels: {rack: 12, pci: true}}\n"
+                       "spec: {nets: [198.19.250.0/24]}\n")
+    assert main(["preview", "-f", str(numbers), *base]) == 0, capsys.readouterr().err
 
 
 def test_egress_by_domain_is_previewed_from_the_names_records_give(

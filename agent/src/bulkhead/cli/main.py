@@ -14,13 +14,11 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from bulkhead.api import label_value
 from bulkhead.cli.dns import add_command as add_dns_command
 from bulkhead.cli.flows import add_command as add_flows_command
 from bulkhead.cli.preview import add_command as add_preview_command
-from bulkhead.cli.remote import add_commands, printable, run_remote
+from bulkhead.cli.remote import add_commands, label_rule, printable, run_remote
 from bulkhead.conformance import (
     DATAPLANES,
     CaseError,
@@ -103,22 +101,8 @@ def _failsafes(spec: str) -> Failsafes:
     return Failsafes(ports, ports)
 
 
-def _text_labels(doc: Any, where: str) -> Any:
-    """The document with its boolean and number label values written as text, as `bulkhead
-    apply` writes them (`bulkhead.api.label_value`: `rack: 12` is the label "12", `pci:
-    true` the label "true"), so a file is valid here when apply takes it. Other values are
-    left for the validator, whose error names the resource."""
-    meta = doc.get("metadata") if isinstance(doc, dict) else None
-    labels = meta.get("labels") if isinstance(meta, dict) else None
-    if not isinstance(labels, dict):
-        return doc
-    written = {key: label_value(value) if isinstance(value, (bool, int, float)) else value
-               for key, value in labels.items()}
-    return {**doc, "metadata": {**meta, "labels": written}}
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
-    resources = load_paths(args.filename, _text_labels)
+    resources = load_paths(args.filename, label_rule)
     Snapshot.build(resources)
     counts: dict[str, int] = {}
     for r in resources:
@@ -151,7 +135,7 @@ def _resolutions(path: str, address: str) -> tuple[list[str], list[str]]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    snapshot = Snapshot.build(load_paths(args.filename, _text_labels))
+    snapshot = Snapshot.build(load_paths(args.filename, label_rule))
     evaluator = Evaluator(snapshot, _failsafes(args.failsafe))
     version = _flow_version(args)
     # Without a version given or implied: the source's first address, and the

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -21,28 +20,26 @@ from bulkhead.cli.remote import (
     EXIT_USAGE,
     connection,
     connection_flags,
+    label_rule,
     printable,
     table,
 )
 from bulkhead.client.flows import preview
 from bulkhead.model import LoadError, ValidationError, load_paths
-from bulkhead.model.load import manifest_files
 
 TITLES = {"newlyDenied": "Newly denied", "newlyAllowed": "Newly allowed",
           "undecided": "Undecided (the stored fields cannot tell)"}
 
 
 def _files_text(paths: list[str]) -> str:
-    """The files' content as one YAML stream, checked here first (a bad file fails
-    before anything is sent, and so do files with no resource: previewing them would
-    be previewing the store alone)."""
-    if not load_paths(paths):
+    """The files' resources as one JSON list, read as `bulkhead apply` reads them (label
+    values by its rule: `rack: 12` is the label "12") and checked here first (a bad file
+    fails before anything is sent, and so do files with no resource: previewing them
+    would be previewing the store alone)."""
+    resources = load_paths(paths, label_rule)
+    if not resources:
         raise LoadError(f"{', '.join(paths)}: no resources to preview")
-    parts = []
-    for path in paths:
-        for f in manifest_files(Path(path)):
-            parts.append(f.read_text(encoding="utf-8"))
-    return "\n---\n".join(parts)
+    return json.dumps([r.dump() for r in resources])
 
 
 def _end(end: dict[str, Any]) -> str:
