@@ -109,3 +109,29 @@ def test_release_without_nft_is_an_error_not_a_traceback() -> None:
                                 applier=NftApplier(nft="/nonexistent/nft", netlink=False))
     with pytest.raises(EnforceError, match="deleting table inet bulkhead: nft could not run"):
         enforcer.release()
+
+
+def test_the_agent_warns_of_addresses_its_endpoint_covers_but_does_not_list(
+        netns: str) -> None:
+    """The table enforces a `*` endpoint on every interface; an address there that its
+    expectedIPs do not list (a dual-stack host's IPv6 one) is in the report's warnings,
+    which the agent logs at each apply; it is not an unenforced endpoint."""
+    from bulkhead.agent.nft_enforcer import NftablesEnforcer
+
+    held = {"lo": ["127.0.0.1"], "eth0": ["198.18.0.12", "2001:2::12", "fe80::2"]}
+    docs = [d for d in base() if d["kind"] != "HostEndpoint" or d["spec"]["node"] != "n1"]
+    docs.append({"apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+                 "metadata": {"name": "n1-all", "labels": {"app": "db"}},
+                 "spec": {"node": "n1", "interfaceName": "*",
+                          "expectedIPs": ["198.18.0.12"]}})
+    enforcer = NftablesEnforcer("n1", Failsafes.off(), interfaces=lambda: held,
+                                applier=NftApplier(netns=netns))
+    report = enforcer.enforce(snap(*docs), 1)
+    assert [w for w in report.warnings if "2001:2::12" in w] == [
+        "HostEndpoint n1-all: its interfaces hold 2001:2::12, not in its expectedIPs: the "
+        "table enforces their traffic as this endpoint's, but other hosts' selectors, "
+        "explain, the preview and staged verdicts take them for no endpoint; list them in "
+        "expectedIPs"]
+    assert report.unenforced == []
+    docs[-1]["spec"]["expectedIPs"] = ["198.18.0.12", "2001:2::12"]
+    assert not any("expectedIPs:" in w for w in enforcer.enforce(snap(*docs), 2).warnings)

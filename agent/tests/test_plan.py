@@ -302,3 +302,36 @@ def test_the_selectors_that_match_labels_are_those_whose_expression_is_true() ->
         for _ in range(10):
             labels = {k: rng.choice(values) for k in keys if rng.random() < 0.6}
             assert matching(labels) == [s for s in selectors if s.matches(labels)]
+
+
+def test_addresses_an_endpoints_interfaces_hold_outside_its_expected_ips_are_warned() -> None:
+    """An endpoint is its interfaces: its table enforces every address they hold, but
+    whatever finds endpoints by address (other hosts' selector sets, explain, the preview,
+    staged verdicts) knows only its expectedIPs. A dual-stack host listed by its IPv4
+    address alone is said, naming the IPv6 one; loopback and link-local are not."""
+    from bulkhead.policy.plan import uncovered
+
+    interfaces = {"lo": ["127.0.0.1", "::1"],
+                  "eth0": ["198.18.0.11", "2001:2::11", "fe80::1", "ff02::1"],
+                  "eth1": ["198.18.1.11"]}
+    every = doc("HostEndpoint", "web", {"node": "n1", "expectedIPs": ["198.18.0.11"],
+                                        "interfaceName": "*"})
+    snap = snapshot(every)
+    (said,) = uncovered(snap, plan_of(every, interfaces=interfaces), interfaces)
+    assert said.startswith("HostEndpoint web: its interfaces hold 198.18.1.11, 2001:2::11, "
+                           "not in its expectedIPs"), said
+    one = doc("HostEndpoint", "web", {"node": "n1", "expectedIPs": ["198.18.0.11"],
+                                      "interfaceName": "eth0"})
+    (said,) = uncovered(snapshot(one), plan_of(one, interfaces=interfaces), interfaces)
+    assert "hold 2001:2::11, not in" in said
+    listed = doc("HostEndpoint", "web", {"node": "n1", "interfaceName": "eth0",
+                                         "expectedIPs": ["198.18.0.11", "2001:2::11"]})
+    assert uncovered(snapshot(listed), plan_of(listed, interfaces=interfaces),
+                     interfaces) == []
+    # Found by its expectedIPs (no interfaceName): the interface holding one of them.
+    found = doc("HostEndpoint", "web", {"node": "n1", "expectedIPs": ["198.18.1.11"]})
+    assert uncovered(snapshot(found), plan_of(found, interfaces=interfaces),
+                     interfaces) == []
+    many = {"eth0": [f"2001:2::{n:x}" for n in range(1, 8)]}
+    (said,) = uncovered(snap, plan_of(every, interfaces=many), many)
+    assert "2001:2::1, 2001:2::2, 2001:2::3, 2001:2::4 and 3 more, not in" in said

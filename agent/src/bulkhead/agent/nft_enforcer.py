@@ -19,7 +19,7 @@ from bulkhead.dataplane.nftables.render import DnsSnooping, FlowLogging, RenderC
 from bulkhead.model import ENFORCE, Snapshot
 from bulkhead.policy import Failsafes
 from bulkhead.policy.incremental import Calculator, Key
-from bulkhead.policy.plan import calculate
+from bulkhead.policy.plan import calculate, uncovered
 
 Interfaces = Mapping[str, Sequence[str]]
 
@@ -54,6 +54,8 @@ class NftablesEnforcer:
         self._snapshot: Snapshot | None = None
         self.scratch = True     # the last plan was calculated from scratch
         self._by_address = False
+        # Addresses an endpoint's interfaces hold outside its expectedIPs (warned).
+        self.uncovered: list[str] = []
         # The plan kept between changes, and what the last render kept for the next.
         self.calculator = Calculator(node, failsafes, default_mode)
         self.render_cache = RenderCache()
@@ -73,6 +75,7 @@ class NftablesEnforcer:
                 snapshot, self.interfaces if changed is not None else self.interfaces(),
                 changed)
             self.scratch = moved is None
+            self.uncovered = uncovered(snapshot, plan, self._seen)
             if moved is None:
                 # Only endpoints without interfaceName depend on the host's addresses.
                 self._by_address = any(h.node == self.node and not h.interface_name
@@ -103,7 +106,7 @@ class NftablesEnforcer:
             if result.fallback else []
         return EnforceReport(revision, result.full, result.changed, result.seconds,
                              ruleset.counts(), [*ruleset.warnings, *ruleset.notes,
-                                                *fallback],
+                                                *self.uncovered, *fallback],
                              decisions=dict(ruleset.decisions),
                              domain_sets=dict(ruleset.domain_sets),
                              unenforced=list(ruleset.warnings))

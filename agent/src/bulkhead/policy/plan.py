@@ -255,6 +255,38 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_interface(text).ip
 
 
+MAX_UNCOVERED = 4   # addresses named per endpoint; the rest counted
+
+
+def uncovered(snapshot: Snapshot, plan: NodePlan,
+              interfaces: Mapping[str, Sequence[str]]) -> list[str]:
+    """Warnings for the addresses an enforced endpoint's interfaces hold that are not in
+    its expectedIPs (loopback, link-local and multicast aside). Its table enforces their
+    traffic, since an endpoint is its interfaces, but whatever finds endpoints by address
+    does not count them as its: other hosts' selector sets, `bulkhead explain`, the
+    preview and staged verdicts (a dual-stack host whose expectedIPs give only IPv4)."""
+    out = []
+    for endpoint in plan.endpoints:
+        hep = snapshot.host_endpoints.get(endpoint.name)
+        if hep is None:
+            continue
+        names = [n for n in interfaces if n != "lo"] if endpoint.interfaces == ("*",) \
+            else [n for n in endpoint.interfaces if n in interfaces]
+        expected = {ipaddress.ip_address(ip) for ip in hep.expected_ips}
+        found = sorted({ip for n in names for ip in map(_ip, interfaces[n])
+                        if not (ip.is_loopback or ip.is_link_local or ip.is_multicast)
+                        and ip not in expected}, key=lambda ip: (ip.version, ip))
+        if found:
+            shown = ", ".join(map(str, found[:MAX_UNCOVERED])) + (
+                f" and {len(found) - MAX_UNCOVERED} more" if len(found) > MAX_UNCOVERED
+                else "")
+            out.append(f"HostEndpoint {hep.name}: its interfaces hold {shown}, not in its "
+                       f"expectedIPs: the table enforces their traffic as this endpoint's, "
+                       f"but other hosts' selectors, explain, the preview and staged "
+                       f"verdicts take them for no endpoint; list them in expectedIPs")
+    return out
+
+
 def _direction(snapshot: Snapshot, policies: Sequence[GlobalNetworkPolicy], hep: HostEndpoint,
                labels: Mapping[str, str], direction: str,
                notes: list[str] | None = None) -> DirectionPlan:
