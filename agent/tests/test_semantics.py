@@ -19,6 +19,7 @@ from bulkhead.model import (
     StagedGlobalNetworkPolicy,
     parse_resource,
 )
+from bulkhead.policy.impact import promoted
 from bulkhead.policy.semantics import effective_labels, rule_ip_version, selects, staged_view
 
 V3 = "projectcalico.org/v3"
@@ -137,6 +138,28 @@ def test_a_promoted_staged_policy_is_what_the_staged_view_evaluated() -> None:
     assert doc["metadata"] == {"name": "a", "labels": {"team": "net"},
                                "annotations": {"why": "x"}}
     assert parse_resource(doc) == enforced
+
+
+def test_enforced_policies_no_staged_policy_stands_for_stay_in_the_view() -> None:
+    """`p` and `t1.p` in tier t1 may both be stored and are both enforced: a staged
+    policy for another name leaves both in the view, as promoting it leaves both in the
+    store (`impact.promoted`, `POST /v1/promote`); one of the spellings staged stands
+    for both, as promote deletes both."""
+    tier = res("Tier", "t1", {"order": 10})
+    p = res("GlobalNetworkPolicy", "p", {"tier": "t1", "selector": "all()"})
+    t1p = res("GlobalNetworkPolicy", "t1.p", {"tier": "t1", "selector": "all()"})
+    other = res("StagedGlobalNetworkPolicy", "other", {"selector": "all()"})
+    s = snap(tier, p, t1p, other)
+    assert sorted(x.name for x in staged_view(s)) == ["other", "p", "t1.p"]
+    assert sorted(x.name for x in staged_view(s)) == sorted(promoted(s).policies)
+    for name in ("p", "t1.p"):
+        s = snap(tier, p, t1p, res("StagedGlobalNetworkPolicy", name,
+                                   {"tier": "t1", "selector": "all()"}))
+        assert [(x.name, x.staged) for x in staged_view(s)] == [(name, True)]
+        assert sorted(promoted(s).policies) == [name]
+        s = snap(tier, p, t1p, res("StagedGlobalNetworkPolicy", name,
+                                   {"tier": "t1", "stagedAction": "Delete"}))
+        assert staged_view(s) == [] and promoted(s).policies == {}
 
 
 def test_without_staged_policies_the_view_is_the_enforced_one() -> None:

@@ -10,7 +10,8 @@ written once from Calico's documented semantics and tested on its own
   before storing: Egress if only egress rules, both if both, else Ingress), so every
   policy here has its types; rules of a direction `types` leaves out never apply.
 - The staged view: each staged policy replaces (stagedAction Set) or removes (Delete)
-  the enforced policy of the same tier and name.
+  the enforced policies of the same tier and name (either spelling, `p` or `t1.p`); the
+  other enforced policies stay, each of its own.
 - A host endpoint with `interfaceName: "*"` takes no untracked (doNotTrack) policy:
   felix ignores them there, with a warning (felix/dataplane/linux/endpoint_mgr.go,
   "DoNotTrack policy is not supported for a HEP with `interfaceName: *`"); its pre-DNAT
@@ -88,16 +89,17 @@ def selects(policy: GlobalNetworkPolicy, labels: Mapping[str, str], direction: s
 
 
 def staged_view(snapshot: Snapshot) -> list[GlobalNetworkPolicy]:
-    """The enforced policies with the staged ones applied (Set replaces, Delete removes)."""
-    view: dict[tuple[str, str], GlobalNetworkPolicy] = {
-        (p.spec.tier, p.bare_name): p for p in snapshot.policies.values()}
+    """The enforced policies with the staged ones applied (Set replaces, Delete removes).
+    A staged policy stands for every enforced policy of its tier and bare name (`p` and
+    `t1.p` in tier t1, which may both be stored), as promote deletes them all; an
+    enforced policy no staged policy stands for stays, whatever other policy shares its
+    bare name. (Two staged policies for one policy, which promote refuses: the last.)"""
+    standing: dict[tuple[str, str], GlobalNetworkPolicy] = {}
     for sp in snapshot.staged.values():
-        key = (sp.spec.tier, sp.bare_name)
-        if sp.spec.staged_action == "Delete":
-            view.pop(key, None)
-        else:
-            view[key] = sp
-    return list(view.values())
+        standing[(sp.spec.tier, sp.bare_name)] = sp
+    view = [p for p in snapshot.policies.values()
+            if (p.spec.tier, p.bare_name) not in standing]
+    return view + [sp for sp in standing.values() if sp.spec.staged_action != "Delete"]
 
 
 def policy_order(policy: GlobalNetworkPolicy) -> tuple[int, float, str]:
