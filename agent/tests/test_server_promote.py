@@ -169,6 +169,34 @@ def test_promote_refuses_what_the_staged_view_cannot_be(
     assert everything(conn) == before
 
 
+def test_promote_refuses_one_of_two_staged_policies_for_one_policy(
+        pki_dir: Path, servers: list[ServerProcess]) -> None:  # noqa: F811
+    """`db` and `t1.db` staged in tier t1 stand for one policy, and the staged view (the
+    agents' staged verdicts, explain) shows only one of them (`t1.db`, the later name).
+    Promoting the other alone would enforce what no staged verdict showed: 422 naming
+    the other, nothing changed, as when both are named; the preview refuses alike."""
+    server = start(pki_dir, servers, f"sqlite://{pki_dir}/store.db")
+    conn = server.conn
+    deny = staged("t1.db", "t1", 5432)
+    deny["spec"]["ingress"][0]["action"] = "Deny"
+    apply(server, [tier("t1"), staged("db", "t1", 5432), deny])
+    before = everything(conn)
+    for name, other in (("db", "t1.db"), ("t1.db", "db")):
+        with pytest.raises(ApiError) as e:
+            conn.request("POST", "/v1/promote", {"names": [name]})
+        assert e.value.status == 422, e.value.message
+        assert f"StagedGlobalNetworkPolicy {other} stands for the policy db of tier t1 " \
+            "too" in e.value.message and "nothing was promoted" in e.value.message
+        with pytest.raises(ApiError) as e:
+            conn.request("POST", "/v1/preview", {"promote": [name]})
+        assert e.value.status == 422 and f"{other} stands for" in e.value.message
+    assert everything(conn) == before
+    # Once one is gone, the other is promoted.
+    conn.request("DELETE", "/v1/resources/StagedGlobalNetworkPolicy/t1.db")
+    conn.request("POST", "/v1/promote", {"names": ["db"]})
+    assert names(conn, "GlobalNetworkPolicy") == ["db"]
+
+
 def test_cli_promote(pki_dir: Path, servers: list[ServerProcess],  # noqa: F811
                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                      capsys: pytest.CaptureFixture[str]) -> None:

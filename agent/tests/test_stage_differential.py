@@ -207,9 +207,18 @@ def expected_after(before: dict[tuple[str, str], dict[str, Any]], names: list[st
 
 
 def conflict(before: dict[tuple[str, str], dict[str, Any]], names: list[str]) -> bool:
-    """Whether promote must refuse (docs/server.md): two names for one policy, or a
-    promoted Set name held by an enforced policy of another tier."""
+    """Whether promote must refuse (docs/server.md): two names for one policy, one named
+    while another staged policy stands for it too, or a promoted Set name held by an
+    enforced policy of another tier."""
     keys: Counter[tuple[str, str]] = Counter()
+    staged = [n for k, n in before if k == "StagedGlobalNetworkPolicy"]
+    for name in names:     # named while another staged policy stands for the same policy
+        tier = before[("StagedGlobalNetworkPolicy", name)]["spec"].get("tier", "default")
+        b = name.removeprefix(f"{tier}.")
+        if any(m != name and m not in names and m in (b, f"{tier}.{b}") and
+               before[("StagedGlobalNetworkPolicy", m)]["spec"].get("tier", "default") ==
+               tier for m in staged):
+            return True
     for name in names:
         sp = before[("StagedGlobalNetworkPolicy", name)]
         tier = sp["spec"].get("tier", "default")

@@ -142,7 +142,8 @@ def promoted(snapshot: Snapshot, names: Sequence[str] | None = None) -> Snapshot
     it: stagedAction Set puts the enforced policy in the place of the one of its tier and
     bare name, Delete removes that one. Staged policies not named stay staged (and out of
     force). PromotionConflict where promote refuses: two staged policies standing for
-    one policy, or a promoted name held by a policy of another tier."""
+    one policy (both named, or one named and the other staged), or a promoted name held
+    by a policy of another tier."""
     wanted = None if names is None else set(names)
     chosen = [sp for sp in snapshot.staged.values() if wanted is None or sp.name in wanted]
     policies = dict(snapshot.policies)
@@ -151,9 +152,18 @@ def promoted(snapshot: Snapshot, names: Sequence[str] | None = None) -> Snapshot
     held: dict[tuple[str, str], list[str]] = {}
     for name, p in policies.items():
         held.setdefault((p.spec.tier, p.bare_name), []).append(name)
+    standing: dict[tuple[str, str], list[str]] = {}
+    for name, sp in snapshot.staged.items():
+        standing.setdefault((sp.spec.tier, sp.bare_name), []).append(name)
     paired: dict[tuple[str, str], str] = {}
     for sp in sorted(chosen, key=lambda sp: sp.name):
         key = (sp.spec.tier, sp.bare_name)
+        rivals = [n for n in standing[key] if wanted is not None and n not in wanted]
+        if rivals:
+            raise PromotionConflict(
+                f"StagedGlobalNetworkPolicy {rivals[0]} stands for the policy "
+                f"{sp.bare_name} of tier {sp.spec.tier} too, and the staged view shows "
+                f"only one of them; delete one, then promote {sp.name}")
         if key in paired:
             raise PromotionConflict(
                 f"StagedGlobalNetworkPolicy {paired[key]} and {sp.name} both stand for the "

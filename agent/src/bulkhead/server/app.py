@@ -931,6 +931,7 @@ async def promote(request: web.Request) -> web.Response:
                            f"{name} both stand for the policy {key[1]} of tier {key[0]}; "
                            "promote one of them; nothing was promoted")
         standing[key] = name
+        await _check_no_rival(store, policy, names)
         paired = await _paired(store, policy)
         if policy.spec.staged_action != "Delete":
             new = policy.enforced()
@@ -983,6 +984,25 @@ def _promote_request(body: Any) -> tuple[list[str], bool]:
         except ValidationError as e:
             raise ApiError(400, "BadRequest", f"names[{i}]: {e.problem}") from None
     return list(dict.fromkeys(names)), dry_run
+
+
+async def _check_no_rival(store: Datastore, staged: StagedGlobalNetworkPolicy,
+                          names: list[str]) -> None:
+    """422 when another staged policy, not named, stands for the same policy (`p` and
+    `TIER.p` in TIER): the staged view shows only one of them, so promoting either
+    alone would enforce what no staged verdict showed. (Both named: promote's own
+    check.)"""
+    tier, bare = staged.spec.tier, staged.bare_name
+    for other in dict.fromkeys((bare, f"{tier}.{bare}")):
+        if other == staged.name or other in names:
+            continue
+        rival = await _current(store, "StagedGlobalNetworkPolicy", other)
+        if rival is not None and \
+                rival.doc.get("spec", {}).get("tier", DEFAULT_TIER) == tier:
+            raise ApiError(422, "Invalid", f"StagedGlobalNetworkPolicy {other} stands for "
+                           f"the policy {bare} of tier {tier} too, and the staged view "
+                           f"shows only one of them; delete one, then promote {staged.name}; "
+                           "nothing was promoted")
 
 
 async def _paired(store: Datastore, staged: StagedGlobalNetworkPolicy) -> dict[str, Stored]:
