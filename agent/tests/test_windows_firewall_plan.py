@@ -6,12 +6,15 @@ this backend; tests/test_windows_hns.py is HNS's)."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from typing import Any
 
+import yaml
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
+from bulkhead.agent.win_enforcer import compile_plan
 from bulkhead.dataplane.windows import firewall
 from bulkhead.dataplane.windows.fake_firewall import FakeFirewall
 from bulkhead.dataplane.windows.flat import Unsupported
@@ -147,3 +150,47 @@ def test_a_targeted_world_decides_as_the_evaluator_on_both_backends() -> None:
                                                      local_port, remote_port)
                             seen["allowed" if want else "denied"] += 1
     assert seen["allowed"] > 100 and seen["denied"] > 100, seen
+
+
+# ------------------------------------------- an endpoint on every interface beside others
+STAR_BESIDE_ETH0 = """
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: a-eth0}
+spec: {node: n1, interfaceName: eth0, expectedIPs: [198.18.0.10],
+       profiles: [projectcalico-default-allow]}
+---
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: b-star}
+spec: {node: n1, interfaceName: "*", expectedIPs: [198.18.0.12]}
+"""
+
+
+def test_an_endpoint_on_every_interface_beside_a_named_one_is_refused() -> None:
+    """On Linux an interface's own endpoint decides its traffic and the `*` endpoint
+    only the other interfaces' (render.py: the vmap, then the `*` chain). A Windows
+    Firewall rule without an interface alias applies on every interface, and Block beats
+    Allow: b-star's rules would block on eth0 what a-eth0's profile allows. Refused
+    (naming both) rather than enforced differently from the evaluator."""
+    from bulkhead.model import Snapshot, parse_resource
+    from bulkhead.policy import Evaluator, Failsafes, Flow
+    from bulkhead.policy.plan import calculate
+
+    snapshot = Snapshot.build(parse_resource(d) for d in yaml.safe_load_all(STAR_BESIDE_ETH0))
+    plan = calculate(snapshot, "n1", {"eth0": ["198.18.0.10"], "eth1": ["198.18.0.12"]},
+                     Failsafes.off())
+    verdict = Evaluator(snapshot, Failsafes.off()).evaluate(
+        Flow.make("198.18.0.99", "198.18.0.10", "TCP", 80, src_port=40000))
+    assert verdict.ingress.allowed
+    try:
+        rules = compile_plan(plan)
+    except Unsupported as e:
+        assert e.where == "HostEndpoint b-star" and e.field == "interfaceName", e
+        assert "a-eth0" in e.why and "eth0" in e.why, e
+        return
+    # Whatever rules are written must decide as the evaluator on eth0.
+    fake = FakeFirewall(rules)
+    assert fake.allows(INGRESS, 4, 6, int(ipaddress.ip_address("198.18.0.10")),
+                       int(ipaddress.ip_address("198.18.0.99")), 80, 40000, None,
+                       interface="eth0")

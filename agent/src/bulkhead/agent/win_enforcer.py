@@ -188,7 +188,24 @@ def _bounded(problems: Sequence[str]) -> str:
 
 def compile_plan(plan: NodePlan) -> list[FirewallRule]:
     """The node's rules: each endpoint's flattened policy per direction, compiled for
-    each of its interfaces (one rule set for all of them when it has `*`)."""
+    each of its interfaces (one rule set for all of them when it has `*`).
+
+    An endpoint with `*` beside endpoints with interfaces of their own is refused: on
+    Linux an interface's own endpoint alone decides its traffic and the `*` endpoint the
+    other interfaces' (the nftables dispatch), but a Windows Firewall rule without an
+    interface alias applies on every interface, Block beating Allow, so the `*`
+    endpoint's Blocks would deny there what the interface's own endpoint allows."""
+    star = [e for e in plan.endpoints if "*" in e.interfaces]
+    named = [(e.name, i) for e in plan.endpoints if "*" not in e.interfaces
+             for i in e.interfaces]
+    if star and named:
+        shown = ", ".join(f"{name} ({iface})" for name, iface in named[:3]) + (
+            f" and {len(named) - 3} more" if len(named) > 3 else "")
+        raise Unsupported(f"HostEndpoint {star[0].name}", "interfaceName",
+                          f'"*" beside HostEndpoint {shown} on this node: a Windows '
+                          "Firewall rule for every interface also applies on those "
+                          "interfaces, where their own HostEndpoint alone decides (as "
+                          "on Linux); name the interfaces the '*' endpoint is for")
     rules: list[FirewallRule] = []
     for endpoint in plan.endpoints:
         aliases: list[str | None] = [None] if "*" in endpoint.interfaces \
