@@ -350,7 +350,10 @@ def test_the_default_compile_runs_the_windows_compilers() -> None:
     plan = calculate(SNAPSHOT, "win1", {}, Failsafes())
     rules = compile_plan(plan)
     assert rules and all(canonical(r) for r in rules)
-    assert {r.interface_alias for r in rules} == {"Ethernet"}
+    assert {r.interface_alias for r in rules} == {"Ethernet", None}
+    # On every interface: the failsafe Allows alone.
+    assert all(r.action == "Allow" and r.name.startswith("failsafe-")
+               for r in rules if r.interface_alias is None)
     assert {r.direction for r in rules} == {"Inbound", "Outbound"}
 
     def allows_ssh(r: FirewallRule) -> bool:
@@ -404,3 +407,42 @@ def test_an_endpoint_without_interface_name_is_found_by_its_address() -> None:
     report = enforcer.enforce(snapshot, 2)
     assert compiler.plans[-1].endpoints == []
     assert any("win1-by-ip" in w and "not enforced" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("text", [
+    "",   # no HostEndpoint for this node yet (installed before onboarding, or deleted)
+    # an endpoint on Ethernet only; the server and WinRM are reached over Mgmt
+    """{"apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+        "metadata": {"name": "win1-ethernet"},
+        "spec": {"node": "win1", "interfaceName": "Ethernet",
+                 "expectedIPs": ["198.18.0.10"],
+                 "profiles": ["projectcalico-default-allow"]}}"""])
+def test_the_failsafes_hold_on_every_interface_whatever_the_endpoints(text: str) -> None:
+    """The agent sets every profile's default to Block both ways, which covers every
+    interface, so the failsafe Allows (the agent's server, WinRM) must too: on Linux
+    they are accepted on every interface before any endpoint's chain (render.py), and
+    docs/windows.md promises the default outbound Block never cuts the agent off its
+    server. They were written only inside each endpoint's rules, on its interfaces."""
+    import ipaddress
+    import json
+
+    from bulkhead.dataplane.windows.fake_firewall import FakeFirewall
+    from bulkhead.model import EGRESS, INGRESS
+    from bulkhead.policy.failsafe import FailsafePort
+
+    failsafes = Failsafes(tuple(FailsafePort.parse(s) for s in ("tcp:5986", "udp:68")),
+                          tuple(FailsafePort.parse(s) for s in ("tcp:7443", "udp:67")))
+    snapshot = Snapshot.build([parse_resource(json.loads(text))] if text else [])
+    fake = FakeNetSecurity()
+    WindowsFirewallEnforcer("win1", failsafes, runner=fake).enforce(snapshot, 1)
+    assert all(not p.enforcing or p.default_outbound == "Block"
+               for p in fake.profiles.values())
+    firewall = FakeFirewall(fake.rules.values())
+    me, server = (int(ipaddress.ip_address(a)) for a in ("198.18.1.12", "198.18.1.10"))
+    for interface in ("Mgmt", "Ethernet"):
+        assert firewall.allows(EGRESS, 4, 6, me, server, 50000, 7443, None,
+                               interface=interface), interface
+        assert firewall.allows(INGRESS, 4, 6, me, server, 5986, 50000, None,
+                               interface=interface), interface
+        assert not firewall.allows(EGRESS, 4, 6, me, server, 50000, 7444, None,
+                                   interface=interface) or text, interface

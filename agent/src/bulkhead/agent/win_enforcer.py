@@ -26,7 +26,7 @@ from typing import IO
 from bulkhead.agent.enforcer import EnforceError, EnforceReport
 from bulkhead.dataplane.windows import firewall, powershell
 from bulkhead.dataplane.windows.flat import Unsupported
-from bulkhead.dataplane.windows.flatten import flatten
+from bulkhead.dataplane.windows.flatten import failsafe_flat, flatten
 from bulkhead.dataplane.windows.powershell import (
     PROFILES,
     Listing,
@@ -206,7 +206,13 @@ def compile_plan(plan: NodePlan) -> list[FirewallRule]:
                           "Firewall rule for every interface also applies on those "
                           "interfaces, where their own HostEndpoint alone decides (as "
                           "on Linux); name the interfaces the '*' endpoint is for")
+    # The failsafe ports on every interface, endpoint or not: the profile defaults the
+    # agent sets block every interface, and on Linux the failsafes are accepted before
+    # any endpoint's chain. Allows only: what they leave out is the endpoints' to decide.
     rules: list[FirewallRule] = []
+    for direction in (INGRESS, EGRESS):
+        rules += firewall.compile(failsafe_flat(plan, direction), direction,
+                                  f"failsafe-{direction.lower()}", blocks="none")
     for endpoint in plan.endpoints:
         aliases: list[str | None] = [None] if "*" in endpoint.interfaces \
             else list(endpoint.interfaces)

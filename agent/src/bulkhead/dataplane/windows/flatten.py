@@ -263,6 +263,10 @@ def _refuse(plan: NodePlan, endpoint: EndpointPlan, direction: str) -> None:
                               f"selects network sets with allowedEgressDomains "
                               f"({', '.join(domains[:3])}{', ...' if len(domains) > 3 else ''}"
                               "); Windows has no address sets learned from DNS answers yet")
+    _refuse_failsafes(plan, direction)
+
+
+def _refuse_failsafes(plan: NodePlan, direction: str) -> None:
     failsafes = plan.failsafes.inbound if direction == INGRESS else plan.failsafes.outbound
     for fs in failsafes:
         if fs.protocol not in PORTED:
@@ -373,6 +377,23 @@ def _reachable(entries: list[Entry], everything: Box) -> Flat:
         if entry.box == everything:
             return tuple(entries[:i + 1])
     raise AssertionError("a flattened list ends with an entry matching everything")
+
+
+def failsafe_flat(plan: NodePlan, direction: str) -> dict[int, Flat]:
+    """The failsafe ports alone, per family: their Allows, then a Deny of everything.
+    What holds on every interface of the host whatever its endpoints, as the nftables
+    table accepts them before any endpoint's chain (for Windows Firewall, whose profile
+    defaults block every interface). Raises Unsupported as `flatten` does for them."""
+    if direction not in (INGRESS, EGRESS):
+        raise ValueError(f"direction {direction!r}: expected {INGRESS} or {EGRESS}")
+    _refuse_failsafes(plan, direction)
+    failsafes = plan.failsafes.inbound if direction == INGRESS else plan.failsafes.outbound
+    out: dict[int, Flat] = {}
+    for family in FAMILIES:
+        head = [Entry(ALLOW, box, f"failsafe {fs}") for fs in failsafes
+                if (box := _failsafe_box(fs, family, direction)) is not None]
+        out[family] = (*head, Entry(DENY, Box.everything(family), "not a failsafe port"))
+    return out
 
 
 def flatten(plan: NodePlan, endpoint: EndpointPlan, direction: str, *,
