@@ -83,6 +83,30 @@ def test_an_nxdomain_teaches_nothing_and_non_dns_is_refused() -> None:
         parse_packet(packet(dns.message.make_query("a.example", "A"), answer=True))
 
 
+def test_a_query_from_port_53_to_port_53_is_told_from_its_answer_by_the_qr_bit() -> None:
+    """A forwarding server may query from its own port 53 (BIND's query-source port 53,
+    Windows DNS): felix tells query from answer by the QR bit, whatever the ports. Both
+    were taken as answers here, the query refused as malformed, and its answer then
+    unsolicited: the name opened nothing."""
+    query = dns.message.make_query("api.example.com", "A")
+    answer = dns.message.make_response(query)
+    answer.answer.append(dns.rrset.from_text("api.example.com.", 30, "IN", "A",
+                                             "198.18.0.11"))
+
+    def on_53(message: dns.message.Message, src: Any, dst: Any) -> LoggedPacket:
+        body = message.to_wire()
+        udp = struct.pack(">HHHH", 53, 53, 8 + len(body), 0) + body
+        return LoggedPacket(3, "", 4, 17, src, dst, 53, 53, None, None, 28 + len(body),
+                            NOW, udp)
+
+    asked = parse_packet(on_53(query, CLIENT, SERVER))
+    got = parse_packet(on_53(answer, SERVER, CLIENT))
+    assert (asked.answer, asked.client, asked.server, asked.client_port) == \
+        (False, CLIENT, SERVER, 53)
+    assert (got.answer, got.client, got.server, got.addresses) == \
+        (True, CLIENT, SERVER, ("198.18.0.11",))
+
+
 def test_a_cname_loop_and_a_long_chain_are_bounded() -> None:
     loop = response("a.example.", ("a.example.", 30, "CNAME", "b.example."),
                     ("b.example.", 30, "CNAME", "a.example."))

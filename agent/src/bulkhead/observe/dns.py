@@ -93,19 +93,19 @@ def parse_packet(packet: LoggedPacket) -> DnsPacket:
     """The DNS message of a logged UDP packet (upper-layer bytes kept). Raises NotDns."""
     if packet.proto != UDP or len(packet.payload) < UDP_HEADER:
         raise NotDns("not a UDP packet with its header")
-    if packet.sport == DNS_PORT:
-        answer_side = True
-    elif packet.dport == DNS_PORT:
-        answer_side = False
-    else:
+    if packet.sport != DNS_PORT and packet.dport != DNS_PORT:
         raise NotDns("neither port is 53")
+    # From port 53 to port 53 (a forwarding server that queries from its own port, as
+    # BIND's query-source port 53 or Windows DNS may): the QR bit says which it is.
+    answer_side: bool | None = None if packet.sport == packet.dport \
+        else packet.sport == DNS_PORT
     try:
         message = dns.message.from_wire(packet.payload[UDP_HEADER:], ignore_trailing=True,
                                         one_rr_per_rrset=False)
     except (dns.exception.DNSException, ValueError, IndexError, UnicodeError) as e:
         raise NotDns(f"not a DNS message: {type(e).__name__}") from None
     response = bool(message.flags & dns.flags.QR)
-    if response != answer_side:
+    if answer_side is not None and response != answer_side:
         raise NotDns("a response to port 53, or a query from it")
     question = message.question[0] if message.question else None
     qname = _name(question.name) if question is not None else ""
