@@ -177,6 +177,25 @@ def test_the_cache_is_bounded_in_names_and_addresses_per_name() -> None:
     assert len(wide.resolve("wide.example", NOW)) == MAX_ADDRESSES
 
 
+def test_an_answer_over_the_bound_per_name_keeps_its_first_addresses() -> None:
+    """An answer with more addresses than a name holds: the first MAX_ADDRESSES stay,
+    those a client tries first (felix keeps them all). Each record past the bound pushed
+    out the answer's first one, so the address a client connected to was refused while
+    the last ones were allowed. A later answer's records still push out earlier ones,
+    which expire sooner."""
+    first = ipaddress.ip_address("198.18.3.0")
+    cache = NameCache()
+    cache.learn([rec("many.example", "A", str(first + i), 60)
+                 for i in range(MAX_ADDRESSES + 6)], NOW)
+    kept = cache.resolve("many.example", NOW)
+    assert sorted(kept, key=ipaddress.ip_address) == \
+        [str(first + i) for i in range(MAX_ADDRESSES)]
+    later = ipaddress.ip_address("198.18.4.0")
+    cache.learn([rec("many.example", "A", str(later + i), 60) for i in range(3)], NOW + 5)
+    kept = cache.resolve("many.example", NOW + 5)
+    assert str(first) not in kept and all(str(later + i) in kept for i in range(3))
+
+
 def test_the_file_round_trips_live_entries_and_refuses_a_bad_one(tmp_path: Path) -> None:
     cache = NameCache()
     cache.learn([rec("www.example.org", "CNAME", "edge.cdn.example", 100),

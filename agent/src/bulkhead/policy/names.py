@@ -127,7 +127,10 @@ class NameCache:
                 else:
                     self._owners.setdefault(r.value, set()).add(r.name)
                 if len(entries) > MAX_ADDRESSES:
-                    oldest = min(entries, key=entries.__getitem__)
+                    # The one that expires first goes; of those that expire together
+                    # (one answer's), the newcomer: an answer keeps its first records,
+                    # the addresses a client tries first.
+                    oldest = min(entries, key=lambda v: (entries[v], v != r.value))
                     del entries[oldest]
                     self._entries -= 1
                     self._unlink(r.name, oldest, r.kind == CNAME)
