@@ -276,7 +276,7 @@ def test_resolv_conf_and_the_dns_settings(tmp_path: Path) -> None:
     conf = tmp_path / "resolv.conf"
     conf.write_text("# comment\nnameserver 127.0.0.53\nnameserver fe80::1%eth0\n"
                     "nameserver not-an-address\nsearch example.com\n")
-    assert resolv_servers(conf) == ("127.0.0.53", "fe80::1")
+    assert resolv_servers(conf, tmp_path / "absent") == ("127.0.0.53", "fe80::1")
     conf.write_text("search example.com\n")
     assert resolv_servers(conf) == ("127.0.0.1", "::1")
     assert resolv_servers(tmp_path / "absent") == ("127.0.0.1", "::1")
@@ -304,6 +304,38 @@ def test_resolv_conf_and_the_dns_settings(tmp_path: Path) -> None:
         config.write_text(text + "\n")
         with pytest.raises(ConfigError, match=where.replace("[", r"\[").replace("]", r"\]")):
             load_config(config)
+
+
+def test_behind_systemd_resolveds_stub_its_upstream_servers_are_trusted_too(
+        tmp_path: Path) -> None:
+    """resolv.conf names resolved's stub (127.0.0.53): a program that resolves through
+    nss-resolve asks resolved over Varlink, and the only answers on the wire are the
+    upstream servers' (listed in /run/systemd/resolve/resolv.conf) to resolved. Trusting
+    the stub alone, those answers opened nothing: a lookup by such a program never
+    allowed its name. A DHCP renew changes only the upstream file: seen at the drift
+    check."""
+    conf, upstream = tmp_path / "resolv.conf", tmp_path / "upstream.conf"
+    conf.write_text("nameserver 127.0.0.53\noptions edns0 trust-ad\n")
+    upstream.write_text("nameserver 198.18.0.12\nnameserver 2001:2::12\n")
+    assert resolv_servers(conf, upstream) == ("127.0.0.53", "198.18.0.12", "2001:2::12")
+    assert snooping(DnsSettings(), conf, upstream).servers == \
+        ("127.0.0.53", "198.18.0.12", "2001:2::12")
+    # No stub named: the upstream file is not read; no upstream file: the stub alone.
+    plain = tmp_path / "plain.conf"
+    plain.write_text("nameserver 198.18.0.53\n")
+    assert resolv_servers(plain, upstream) == ("198.18.0.53",)
+    assert resolv_servers(conf, tmp_path / "absent") == ("127.0.0.53",)
+    snooper = DnsSnooper(DnsSettings(), snooping(DnsSettings(), conf, upstream), tmp_path)
+    snooper.resolv_conf, snooper.resolved_upstream = conf, upstream
+    try:
+        assert snooper.resolvers_changed() is None      # what it trusts already
+        upstream.write_text("# renewed\nnameserver 198.18.0.13\n")
+        changed = snooper.resolvers_changed()
+        assert changed is not None and changed.servers == ("127.0.0.53", "198.18.0.13")
+        snooper.use(changed)
+        assert snooper.resolvers_changed() is None
+    finally:
+        snooper.close()
 
 
 def test_an_element_is_never_written_with_a_shorter_life_than_the_kernel_holds(

@@ -68,6 +68,11 @@ from bulkhead.policy.rules import domain_matches
 log = logging.getLogger("bulkhead.agent.dns")
 
 RESOLV_CONF = Path("/etc/resolv.conf")
+# systemd-resolved: its stub listeners, and the file it writes its upstream servers to.
+# Programs that resolve through nss-resolve (Varlink) send no DNS to the stub: the only
+# answers on the wire are the upstream servers' to resolved itself.
+RESOLVED_STUBS = frozenset({"127.0.0.53", "127.0.0.54"})
+RESOLVED_UPSTREAM = Path("/run/systemd/resolve/resolv.conf")
 CACHE_FILE = "dns-cache.json"
 # What glibc asks when resolv.conf names no server.
 NO_NAMESERVER = ("127.0.0.1", "::1")
@@ -85,26 +90,51 @@ PENDING_SECONDS = 10.0    # how long a query waits (resolvers give up after 5 s 
 DELAY_RESPONSE = "DelayDNSResponse"
 
 
-def resolv_servers(path: Path = RESOLV_CONF) -> tuple[str, ...]:
-    """The `nameserver` addresses of a resolv.conf (zone ids dropped), or glibc's
-    default when it names none or cannot be read."""
+def _nameservers(path: Path) -> list[str] | None:
+    """The `nameserver` addresses of a resolv.conf (zone ids dropped); None if it
+    cannot be read."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
-        return NO_NAMESERVER
+        return None
     found: list[str] = []
     for line in text.splitlines():
         words = line.split()
         if len(words) >= 2 and words[0] == "nameserver":
             with contextlib.suppress(ValueError):
                 found.append(str(ipaddress.ip_address(words[1].split("%", 1)[0])))
+    return found
+
+
+def resolv_servers(path: Path = RESOLV_CONF,
+                   upstream: Path = RESOLVED_UPSTREAM) -> tuple[str, ...]:
+    """The `nameserver` addresses of a resolv.conf (zone ids dropped), or glibc's
+    default when it names none or cannot be read. When it names systemd-resolved's stub,
+    the servers resolved asks (`upstream`) too: a program that resolves through
+    nss-resolve asks resolved over Varlink, and only resolved's own queries go out."""
+    found = _nameservers(path) or []
+    if RESOLVED_STUBS.intersection(found):
+        found += _nameservers(upstream) or []
     return tuple(dict.fromkeys(found)) or NO_NAMESERVER
 
 
-def snooping(settings: DnsSettings, resolv_conf: Path = RESOLV_CONF) -> DnsSnooping:
+def resolv_files_seen(*paths: Path) -> tuple[tuple[int, int, int] | None, ...]:
+    """(inode, size, mtime) of each file, None for one that is absent."""
+    seen: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = path.stat()
+            seen.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            seen.append(None)
+    return tuple(seen)
+
+
+def snooping(settings: DnsSettings, resolv_conf: Path = RESOLV_CONF,
+             upstream: Path = RESOLVED_UPSTREAM) -> DnsSnooping:
     """What the table logs for the agent: DNS with the trusted servers (answers held
     for the agent in DelayDNSResponse mode)."""
-    servers = settings.trusted_servers or resolv_servers(resolv_conf)
+    servers = settings.trusted_servers or resolv_servers(resolv_conf, upstream)
     return DnsSnooping(servers, settings.group, hold=settings.mode == DELAY_RESPONSE)
 
 
@@ -169,7 +199,8 @@ class DnsSnooper:
         # Without trustedServers, the resolvers are /etc/resolv.conf's: read again at each
         # drift check when its (inode, size, mtime) moved (`resolvers_changed`).
         self.resolv_conf = RESOLV_CONF
-        self._resolv_seen: tuple[int, int, int] | None = None
+        self.resolved_upstream = RESOLVED_UPSTREAM   # read when resolv.conf names the stub
+        self._resolv_seen: tuple[tuple[int, int, int] | None, ...] | None = None
         self.hold = snoop.hold
         self.snaplen = NFLOG_MAX_COPY if snoop.hold else snoop.snaplen
         self.cache = NameCache(settings.extra_ttl, settings.max_names)
@@ -203,19 +234,16 @@ class DnsSnooper:
     def resolvers_changed(self) -> DnsSnooping | None:
         """With no `trustedServers` set: what the table should log now that resolv.conf
         names other servers (a DHCP renew, a VPN, resolvconf), or None if it names the
-        same (or is unchanged since the last look: one stat). Called at each drift check;
+        same (or is unchanged since the last look: two stats). Called at each drift check;
         `use` takes it once applied."""
         if self.settings.trusted_servers:
             return None
-        try:
-            st = self.resolv_conf.stat()
-            seen: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except OSError:
-            seen = None   # gone: glibc's default then (resolv_servers)
-        if seen is not None and seen == self._resolv_seen:
+        # Both files: behind resolved's stub, a DHCP renew changes only the upstream's.
+        seen = resolv_files_seen(self.resolv_conf, self.resolved_upstream)
+        if seen[0] is not None and seen == self._resolv_seen:
             return None
         self._resolv_seen = seen
-        servers = resolv_servers(self.resolv_conf)
+        servers = resolv_servers(self.resolv_conf, self.resolved_upstream)
         if set(map(ipaddress.ip_address, servers)) == self.trusted:
             return None
         return dataclasses.replace(self.snoop, servers=servers)
