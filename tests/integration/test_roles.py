@@ -1086,3 +1086,22 @@ def test_unit_values_are_checked_naming_the_variable(tmp_path, role, variable, v
         return
     assert done.returncode != 0
     assert "%s: %s is not " % (variable, json.dumps(value)) in done.stdout, done.stdout[-3000:]
+
+
+def test_diff_shows_no_private_key(tmp_path):
+    """`--check --diff` (what docs/roles.md runs first) and a run with --diff show what
+    the certificates' copies change, never a private key's text: a pipeline's log keeps it."""
+    if os.geteuid() != 0:
+        pytest.skip("the role chowns the keys it distributes: run as root")
+    ca, target = tmp_path / "ca", tmp_path / "target"
+    (tmp_path / "hosts.yml").write_text(INVENTORY)
+    (tmp_path / "pki.yml").write_text(PKI_PLAY.format(ca=ca, target=target))
+    cmd = ["ansible-playbook", "-i", str(tmp_path / "hosts.yml"), str(tmp_path / "pki.yml")]
+    first = run(cmd + ["--diff"], env()).stdout
+    shutil.rmtree(target)  # the CA is there: new hosts, as a fleet grows
+    checked = run(cmd + ["--check", "--diff"], env()).stdout
+    again = run(cmd + ["--diff"], env()).stdout
+    for out in (first, checked, again):
+        assert "Copy this host's certificates" in out, out
+        assert "PRIVATE KEY" not in out, out
+    assert "PRIVATE KEY" in (target / "web-1" / "agent.key").read_text()
