@@ -23,6 +23,7 @@ import stat
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -1125,3 +1126,74 @@ def test_diff_shows_no_private_key(tmp_path):
         assert "Copy this host's certificates" in out, out
         assert "PRIVATE KEY" not in out, out
     assert "PRIVATE KEY" in (target / "web-1" / "agent.key").read_text()
+
+
+# ------------------------------------------------------ the venv install, for real
+INSTALL = """\
+- name: Install into a venv, as the server role does
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  handlers:
+    - name: Restart
+      ansible.builtin.debug:
+        msg: restart the service
+      listen: bulkhead installed
+  tasks:
+    - name: The common role's install tasks
+      ansible.builtin.include_role:
+        name: bulkhead.microseg.common
+        tasks_from: install
+      vars:
+        bulkhead_common_role: bulkhead_server
+        bulkhead_common_install_from: wheel
+        bulkhead_common_wheelhouse: {wheelhouse}
+        bulkhead_common_venv: {venv}
+        bulkhead_common_python: /usr/bin/python3
+        bulkhead_common_user: root
+"""
+INSTALL_TASK = re.compile(r"TASK \[bulkhead\.microseg\.common : Install bulkhead-microseg into the "
+                          r"venv[^\]]*\] \**\n(\w+)")
+
+
+def fake_wheel(directory, version):
+    """A bulkhead_microseg wheel of `version` holding one empty module: what pip needs of it."""
+    name = "bulkhead_microseg-%s" % version
+    path = directory / ("%s-py3-none-any.whl" % name)
+    files = {"bulkhead_fake/__init__.py": "",
+             "%s.dist-info/METADATA" % name:
+                 "Metadata-Version: 2.1\nName: bulkhead-microseg\nVersion: %s\n" % version,
+             "%s.dist-info/WHEEL" % name:
+                 "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files["%s.dist-info/RECORD" % name] = "".join("%s,,\n" % f for f in files) + \
+        "%s.dist-info/RECORD,,\n" % name
+    with zipfile.ZipFile(path, "w") as whl:
+        for arcname, text in files.items():
+            whl.writestr(arcname, text)
+    return path
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists(),
+                    reason="the wheelhouse belongs to root; needs /usr/bin/python3 with venv")
+def test_check_mode_on_an_installed_venv_changes_nothing(tmp_path):
+    """install_from wheel, the venv holding the wheel's version already: --check reports no
+    install (and so no restart), as the run does. Given extra_args, the pip module's check
+    mode says changed without looking."""
+    wheelhouse, venv, dest = tmp_path / "wheelhouse", tmp_path / "venv", tmp_path / "dest"
+    wheelhouse.mkdir()
+    fake_wheel(wheelhouse, "0.1.0")
+    (tmp_path / "play.yml").write_text(INSTALL.format(wheelhouse=wheelhouse, venv=venv))
+
+    def play(*args):
+        out = run(["ansible-playbook", str(tmp_path / "play.yml"),
+                   "-e", "_bulkhead_common_wheelhouse_dest=%s" % dest, *args], env()).stdout
+        found = INSTALL_TASK.search(out)
+        assert found, out
+        return found.group(1), "restart the service" in out
+
+    assert play() == ("changed", True)
+    assert play() == ("ok", False)
+    assert play("--check") == ("ok", False)
+    fake_wheel(wheelhouse, "0.1.1").parent.joinpath(
+        "bulkhead_microseg-0.1.0-py3-none-any.whl").unlink()
+    assert play("--check") == ("changed", True)   # a new version: it would install it
