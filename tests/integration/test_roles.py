@@ -1197,3 +1197,78 @@ def test_check_mode_on_an_installed_venv_changes_nothing(tmp_path):
     fake_wheel(wheelhouse, "0.1.1").parent.joinpath(
         "bulkhead_microseg-0.1.0-py3-none-any.whl").unlink()
     assert play("--check") == ("changed", True)   # a new version: it would install it
+
+
+SHARED = """\
+- name: The server's install
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  handlers:
+    - name: Restart the server
+      ansible.builtin.debug:
+        msg: restart bulkhead-server
+      listen: bulkhead installed
+  tasks:
+    - name: The common role's install tasks
+      ansible.builtin.include_role:
+        name: bulkhead.microseg.common
+        tasks_from: install
+      vars: {{bulkhead_common_role: bulkhead_server, bulkhead_common_install_from: wheel,
+             bulkhead_common_wheelhouse: "{{{{ server_wheelhouse }}}}", bulkhead_common_venv: {venv},
+             bulkhead_common_python: /usr/bin/python3, bulkhead_common_user: root}}
+
+- name: The agent's install, into the same venv
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  handlers:
+    - name: Restart the agent
+      ansible.builtin.debug:
+        msg: restart bulkhead-agent
+      listen: bulkhead installed
+  tasks:
+    - name: The common role's install tasks
+      ansible.builtin.include_role:
+        name: bulkhead.microseg.common
+        tasks_from: install
+      vars: {{bulkhead_common_role: bulkhead_agent, bulkhead_common_install_from: wheel,
+             bulkhead_common_wheelhouse: "{{{{ agent_wheelhouse }}}}", bulkhead_common_venv: {venv},
+             bulkhead_common_python: /usr/bin/python3, bulkhead_common_user: root}}
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists(),
+                    reason="the wheelhouse belongs to root; needs /usr/bin/python3 with venv")
+def test_a_shared_venv_restarts_both_services_and_holds_one_version(tmp_path):
+    """On a host running both, the server's play and the agent's (site.yml) install into
+    one venv: when the first play changes it, the agent, started from the venv before, is
+    restarted too though its own pip finds nothing to do; two versions for the one venv are
+    refused, not installed in turn on every run."""
+    old, new, venv, dest = (tmp_path / "old", tmp_path / "new", tmp_path / "venv",
+                            tmp_path / "dest")
+    old.mkdir()
+    new.mkdir()
+    fake_wheel(old, "0.1.0")
+    fake_wheel(new, "0.1.1")
+    (tmp_path / "play.yml").write_text(SHARED.format(venv=venv))
+
+    def play(server, agent, check=True):
+        return run(["ansible-playbook", str(tmp_path / "play.yml"),
+                    "-e", "_bulkhead_common_wheelhouse_dest=%s" % dest,
+                    "-e", "server_wheelhouse=%s" % server, "-e", "agent_wheelhouse=%s" % agent],
+                   env(), check=check).stdout
+
+    def restarted(out):
+        return [s for s in ("server", "agent") if "restart bulkhead-%s" % s in out]
+
+    assert restarted(play(old, old)) == ["server", "agent"]
+    assert restarted(play(old, old)) == []
+    upgrade = play(new, new)
+    assert restarted(upgrade) == ["server", "agent"], upgrade
+    assert "was changed earlier in this run (bulkhead_server)" in upgrade
+    assert restarted(play(new, new)) == []
+    mixed = play(old, new, check=False)
+    assert "failed=1" in mixed, mixed
+    assert "bulkhead_agent would install bulkhead-microseg 0.1.1 into %s, where " \
+           "bulkhead_server installed 0.1.0 earlier in this run" % venv in mixed, mixed
