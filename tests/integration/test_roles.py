@@ -1272,3 +1272,46 @@ def test_a_shared_venv_restarts_both_services_and_holds_one_version(tmp_path):
     assert "failed=1" in mixed, mixed
     assert "bulkhead_agent would install bulkhead-microseg 0.1.1 into %s, where " \
            "bulkhead_server installed 0.1.0 earlier in this run" % venv in mixed, mixed
+
+
+CONFIGURE = """\
+- name: The agent role's configuration
+  hosts: web-1
+  connection: local
+  gather_facts: false
+  vars:
+    bulkhead_common_systemd_booted: false   # its handler: nothing to restart here
+  tasks:
+    - name: The agent role's configure tasks
+      ansible.builtin.include_role:
+        name: bulkhead.microseg.agent
+        tasks_from: configure
+      vars:
+        bulkhead_common_user_pending: false
+        bulkhead_agent_user: root
+        bulkhead_agent_venv: {venv}
+        bulkhead_agent_config_dir: {tmp}/etc
+        bulkhead_agent_state_dir: {tmp}/state
+        # the unit beside them, not in this machine's /etc/systemd/system
+        _bulkhead_agent_unit: ../../..{tmp}/bulkhead-agent.service
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role chowns what it writes")
+def test_an_agent_config_the_agent_refuses_is_not_written(tmp_path):
+    """agent.yaml is read by the installed agent's loader before it replaces the old one: a
+    value the agent refuses fails the task naming it, and the file in place (with which the
+    running agent was started) stays, so no restart takes every agent into a crash loop."""
+    (tmp_path / "hosts.yml").write_text(INVENTORY)
+    (tmp_path / "play.yml").write_text(CONFIGURE.format(venv=BIN.parent, tmp=tmp_path))
+    cmd = ["ansible-playbook", "-i", str(tmp_path / "hosts.yml"), str(tmp_path / "play.yml")]
+    run(cmd, env())
+    written = (tmp_path / "etc" / "agent.yaml").read_text()
+    assert load_config(tmp_path / "etc" / "agent.yaml").node == "web-1"
+    out = run(cmd + ["-e", '{"bulkhead_agent_config": {"driftInterval": "abc"}}'], env(),
+              check=False)
+    assert out.returncode == 2, out.stdout
+    assert "failed to validate" in out.stdout and "driftInterval" in out.stdout, out.stdout
+    assert (tmp_path / "etc" / "agent.yaml").read_text() == written
+    run(cmd + ["-e", '{"bulkhead_agent_config": {"driftInterval": 45}}'], env())
+    assert load_config(tmp_path / "etc" / "agent.yaml").drift_interval == 45
