@@ -913,11 +913,15 @@ UNINSTALL = """\
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("unshare"),
                     reason="needs root, nft and unshare")
-def test_agent_uninstall_removes_its_table_and_nothing_else(tmp_path):
+@pytest.mark.parametrize("a_venv", [True, False])
+def test_agent_uninstall_removes_its_table_and_nothing_else(tmp_path, a_venv):
     """In a network namespace of its own, with the agent's table and another one, on a
-    host systemd does not run (the unit's part is `systemctl disable` only)."""
+    host systemd does not run (the unit's part is `systemctl disable` only). The venv
+    goes only when it is one (its pyvenv.cfg): whatever else is at that path stays."""
     for folder in ("etc", "state", "venv/bin"):
         (tmp_path / folder).mkdir(parents=True)
+    if a_venv:
+        (tmp_path / "venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
     (tmp_path / "etc" / "agent.yaml").write_text("node: web-1\n")
     (tmp_path / "state" / "snapshot.json").write_text("{}")
     (tmp_path / "uninstall.yml").write_text(UNINSTALL.format(tmp=tmp_path))
@@ -931,7 +935,8 @@ def test_agent_uninstall_removes_its_table_and_nothing_else(tmp_path):
     assert "table inet bulkhead" in after_check and "agent.yaml" in after_check
     assert (tmp_path / "after").read_text().split() == ["table", "inet", "host-own"]
     assert not (tmp_path / "etc" / "agent.yaml").exists()
-    assert not (tmp_path / "state").exists() and not (tmp_path / "venv").exists()
+    assert not (tmp_path / "state").exists()
+    assert (tmp_path / "venv").exists() is not a_venv
     assert "changed=0" in (tmp_path / "second.out").read_text()
 
 
@@ -1107,6 +1112,37 @@ def test_unit_values_are_checked_naming_the_variable(tmp_path, role, variable, v
         return
     assert done.returncode != 0
     assert "%s: %s is not " % (variable, json.dumps(value)) in done.stdout, done.stdout[-3000:]
+
+
+@pytest.mark.parametrize(("role", "variable", "value", "refused"), [
+    ("agent", "bulkhead_agent_state_dir", "/var/lib", True),
+    ("agent", "bulkhead_agent_venv", "/opt", True),
+    ("agent", "bulkhead_agent_config_dir", "/", True),
+    ("agent", "bulkhead_agent_state_dir", "/var/lib/bulkhead-agent/..", True),
+    ("server", "bulkhead_server_state_dir", "/var/lib/", True),
+    ("server", "bulkhead_server_venv", "/usr/local", True),
+    ("server", "bulkhead_server_config_dir", "/home/ops", True),
+    ("agent", "bulkhead_agent_state_dir", "/var/lib/bulkhead-agent", False),
+    ("server", "bulkhead_server_venv", "/opt/bulkhead", False),
+    ("agent", "bulkhead_agent_config_dir", "/home/ops/bulkhead", False),
+])
+def test_a_directory_of_the_system_is_refused(tmp_path, role, variable, value, refused):
+    """The role chowns these directories and the uninstall removes them whole: /var/lib
+    given by mistake was chowned to the service's user, then deleted with what it holds.
+    The preflight refuses a system directory (or one named through ..), naming the
+    variable; a directory of bulkhead's own passes."""
+    play = tmp_path / "checks.yml"
+    play.write_text(UNIT_CHECKS.format(role=role, root=ROOT))
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({variable: value}))
+    done = run(["ansible-playbook", "-i", "localhost,", str(play), "-e", "@%s" % extra], env(),
+               check=False)
+    if not refused:
+        assert done.returncode == 0, done.stdout[-3000:]
+        return
+    assert done.returncode != 0
+    assert "%s: %s is a directory of the system" % (variable, json.dumps(value)) in \
+        done.stdout, done.stdout[-3000:]
 
 
 def test_diff_shows_no_private_key(tmp_path):
