@@ -1145,6 +1145,49 @@ def test_a_directory_of_the_system_is_refused(tmp_path, role, variable, value, r
         done.stdout, done.stdout[-3000:]
 
 
+PREFLIGHT = """\
+- name: The {role} role's preflight
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: Preflight
+      ansible.builtin.include_role:
+        name: bulkhead.microseg.{role}
+        tasks_from: preflight
+      vars:
+        bulkhead_{role}_allow_offline: true
+        bulkhead_{role}_pki_dir: {pki}
+        bulkhead_{role}_user: {user}
+        bulkhead_agent_server_host: 127.0.0.1
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the key belongs to root")
+@pytest.mark.parametrize("role", ["agent", "server"])
+def test_a_service_user_that_cannot_read_its_key_is_refused(tmp_path, role):
+    """The key is 0600, its owner the pki role's bulkhead_pki_owner: a service user
+    changed alone crash-looped on "Permission denied" while the run passed. The
+    preflight now fails naming both users; the key's owner passes."""
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    for name in ("ca.crt", "%s.crt" % role, "%s.key" % role):
+        (pki / name).write_text("x\n")
+    (pki / ("%s.key" % role)).chmod(0o600)
+    for user, refused in (("bulkhead", True), ("root", False)):
+        play = tmp_path / ("%s.yml" % user)
+        play.write_text(PREFLIGHT.format(role=role, pki=pki, user=user))
+        done = run(["ansible-playbook", "-i", "localhost,", str(play)], env(), check=False)
+        said = "%s/%s.key belongs to root and is 0600, but bulkhead-%s runs as bulkhead" % (
+            pki, role, role)
+        if refused:
+            assert done.returncode != 0 and said in done.stdout, done.stdout[-3000:]
+        else:
+            assert "Fail when the service's user cannot read its key" in done.stdout
+            assert said not in done.stdout and "belongs to" not in done.stdout, \
+                done.stdout[-3000:]
+
+
 def test_diff_shows_no_private_key(tmp_path):
     """`--check --diff` (what docs/roles.md runs first) and a run with --diff show what
     the certificates' copies change, never a private key's text: a pipeline's log keeps it."""
