@@ -281,8 +281,12 @@ def _end(doc: Mapping[str, Any], prefix: str) -> End:
     scope = _text(doc, f"{prefix}_scope", allowed=SCOPES, empty=True)
     if kind == "net":
         try:
-            # Kept in canonical form, which queries by address look for.
-            name = str(ipaddress.ip_address(name))
+            # Kept in canonical form, which queries by address look for. An IPv4 text
+            # ipaddress takes is its canonical form already (four decimal octets, no
+            # leading zeros): only IPv6 is written again (2001:DB8:0::1 is 2001:db8::1).
+            ip = ipaddress.ip_address(name)
+            if ip.version == 6:
+                name = ip.compressed
         except ValueError:
             raise FlowRecordError(f"{prefix}_name: {name[:60]!r} is not an IP address "
                                   f"(a `net` end is an address)") from None
