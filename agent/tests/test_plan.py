@@ -335,3 +335,20 @@ def test_addresses_an_endpoints_interfaces_hold_outside_its_expected_ips_are_war
     many = {"eth0": [f"2001:2::{n:x}" for n in range(1, 8)]}
     (said,) = uncovered(snap, plan_of(every, interfaces=many), many)
     assert "2001:2::1, 2001:2::2, 2001:2::3, 2001:2::4 and 3 more, not in" in said
+
+
+def test_a_star_endpoint_is_not_warned_of_the_addresses_of_interfaces_of_their_own() -> None:
+    """Beside an endpoint naming eth1, the `*` endpoint's table decides every interface
+    but eth1: eth1's addresses are the other endpoint's (in its expectedIPs), not ones
+    the `*` endpoint should list (listing them would give one address two endpoints)."""
+    from bulkhead.policy.plan import uncovered
+
+    interfaces = {"lo": ["127.0.0.1"], "eth0": ["198.18.0.11"], "eth1": ["198.18.1.11"],
+                  "eth2": ["198.18.2.11"]}
+    every = doc("HostEndpoint", "all", {"node": "n1", "expectedIPs": ["198.18.0.11"],
+                                        "interfaceName": "*"})
+    eth1 = doc("HostEndpoint", "eth1", {"node": "n1", "expectedIPs": ["198.18.1.11"],
+                                        "interfaceName": "eth1"})
+    plan = plan_of(every, eth1, interfaces=interfaces)
+    (said,) = uncovered(snapshot(every, eth1), plan, interfaces)
+    assert said.startswith("HostEndpoint all: its interfaces hold 198.18.2.11, not in"), said

@@ -266,11 +266,15 @@ def uncovered(snapshot: Snapshot, plan: NodePlan,
     does not count them as its: other hosts' selector sets, `bulkhead explain`, the
     preview and staged verdicts (a dual-stack host whose expectedIPs give only IPv4)."""
     out = []
+    # A `*` endpoint's table holds only the interfaces no other endpoint of the node has:
+    # those decide their own traffic (the nftables dispatch), by their own expectedIPs.
+    owned = {n for e in plan.endpoints if e.interfaces != ("*",) for n in e.interfaces}
     for endpoint in plan.endpoints:
         hep = snapshot.host_endpoints.get(endpoint.name)
         if hep is None:
             continue
-        names = [n for n in interfaces if n != "lo"] if endpoint.interfaces == ("*",) \
+        names = [n for n in interfaces if n != "lo" and n not in owned] \
+            if endpoint.interfaces == ("*",) \
             else [n for n in endpoint.interfaces if n in interfaces]
         expected = {ipaddress.ip_address(ip) for ip in hep.expected_ips}
         found = sorted({ip for n in names for ip in map(_ip, interfaces[n])
