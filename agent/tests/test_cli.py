@@ -253,3 +253,21 @@ def test_explain_names_a_dual_stack_host_at_the_address_of_the_flows_version(
     assert main([*base, "--to", "old", "-6", "--port", "80"]) == 2
     assert "HostEndpoint old has no IPv6 address in its expectedIPs" in \
         capsys.readouterr().err
+
+
+def test_explain_refuses_minus_4_or_6_beside_an_address_of_the_other_version(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """-4 with an IPv6 --from (or -6 with an IPv4 --to) is refused, as --proto ICMPv6
+    with an IPv4 address is: it explained the flow at the address's version, silently
+    not the one asked for."""
+    path = tmp_path / "dual.yaml"
+    path.write_text(DUAL_STACK)
+    base = ["explain", "-f", str(path), "--failsafe", "off", "--port", "8080"]
+    assert main([*base, "--from", "2001:2::10", "--to", "web", "-4"]) == 2
+    assert "-4 is IPv4's; 2001:2::10 is IPv6" in capsys.readouterr().err
+    assert main([*base, "--from", "admin", "--to", "198.18.0.11", "-6"]) == 2
+    assert "-6 is IPv6's; 198.18.0.11 is IPv4" in capsys.readouterr().err
+    assert main([*base, "--from", "2001:2::10", "--to", "198.18.0.11"]) == 2
+    assert "2001:2::10 is IPv6's; 198.18.0.11 is IPv4" in capsys.readouterr().err
+    assert main([*base, "--from", "2001:2::10", "--to", "web", "-6"]) in (0, 1)
+    assert capsys.readouterr().out.startswith("flow 2001:2::10 -> 2001:2::11 TCP/8080")

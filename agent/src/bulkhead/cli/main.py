@@ -78,14 +78,17 @@ def _flow_version(args: argparse.Namespace) -> int | None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     implied = {1: 4, 58: 6}.get(number)
+    said = f"--proto {args.proto}" if implied is not None else None
     for given, what in ((args.version, f"-{args.version}"),
                         *((ip.version, str(ip)) for ip in (_literal(args.src),
                                                            _literal(args.dst)) if ip)):
         if given is None:
             continue
         if implied is not None and given != implied:
-            raise UsageError(f"--proto {args.proto} is IPv{implied}'s; {what} is IPv{given}")
-        return int(given)
+            # -4 beside an IPv6 address is refused as ICMPv6 beside an IPv4 one is: the
+            # flow would be explained at the address's version, not the one asked for.
+            raise UsageError(f"{said} is IPv{implied}'s; {what} is IPv{given}")
+        implied, said = int(given), said or what
     return implied
 
 
