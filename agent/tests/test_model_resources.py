@@ -338,6 +338,13 @@ PARITY: list[tuple[str, dict[str, Any], str | None]] = [
      gnp({"namespaceSelector": "", "serviceAccountSelector": ""}), None),
     ("CRD policy_common.go Rule.HTTP, EntityRule.ServiceAccounts omitempty: null is unset",
      rule(http=None, source={"namespaceSelector": "", "serviceAccounts": None}), None),
+    ('CRD policy_common.go Rule.HTTP, EntityRule.Services, ServiceAccounts are objects: '
+     '"" is not one (Go\'s JSON: cannot unmarshal string into an object)',
+     rule(http=""), "spec.ingress[0].http: unknown field (HTTP match needs"),
+    ("CRD policy_common.go EntityRule.Services is an object: \"\" is refused",
+     rule(destination={"services": ""}), "destination.services: unknown field"),
+    ("CRD policy_common.go EntityRule.ServiceAccounts is an object: \"\" is refused",
+     rule(source={"serviceAccounts": ""}), "source.serviceAccounts: unknown field"),
     ("CEL policy_common.go Rule: `http: {}` is an HTTP match (has(self.http))",
      rule(http={}), "spec.ingress[0].http: unknown field (HTTP match needs"),
     ("CRD globalnetworkpolicy.go Selector MaxLength=1024",

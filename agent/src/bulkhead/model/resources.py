@@ -187,13 +187,20 @@ _UNSUPPORTED_RULE = {
 
 def _done(r: Reader, unsupported: dict[str, str]) -> None:
     """`r.done`, the fields Bulkhead does not take refused with their reason, unless given
-    null or "": Calico cannot tell those from a field left out. (`http: {}` is not: Calico
-    holds an empty match as a match, an application-layer one.)"""
+    null, or "" for a string field: Calico cannot tell those from a field left out.
+    (`http: {}` is not: Calico holds an empty match as a match, an application-layer
+    one.)"""
     data = r.mapping()
     for key in unsupported:
-        if key in data and (data[key] is None or data[key] == ""):
+        if key in data and (data[key] is None or (data[key] == "" and key in _STRING_FIELDS)):
             r.get(key)
     r.done(unsupported)
+
+
+# The unsupported fields Calico types as strings (`""` is its zero value); the others
+# (http, services, serviceAccounts) are objects, for which `""` is no value at all: the
+# CRD schema (type: object) and Go's JSON decoder refuse it.
+_STRING_FIELDS = frozenset({"namespaceSelector", "serviceAccountSelector"})
 
 
 def _read_icmp(r: Reader) -> ICMPMatch | None:
