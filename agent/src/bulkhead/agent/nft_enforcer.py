@@ -56,6 +56,8 @@ class NftablesEnforcer:
         self._by_address = False
         # Addresses an endpoint's interfaces hold outside its expectedIPs (warned).
         self.uncovered: list[str] = []
+        # The interfaces (the very object) and endpoints they were found for.
+        self._uncovered_for: tuple[object, ...] = ()
         # The plan kept between changes, and what the last render kept for the next.
         self.calculator = Calculator(node, failsafes, default_mode)
         self.render_cache = RenderCache()
@@ -75,7 +77,16 @@ class NftablesEnforcer:
                 snapshot, self.interfaces if changed is not None else self.interfaces(),
                 changed)
             self.scratch = moved is None
-            self.uncovered = uncovered(snapshot, plan, self._seen)
+            # Found again only when the endpoints or the interfaces moved: not on every
+            # watch event's apply (a host of many interfaces takes milliseconds).
+            heps = snapshot.host_endpoints
+            ends = tuple((e.name, e.interfaces,
+                          tuple(heps[e.name].expected_ips) if e.name in heps else None)
+                         for e in plan.endpoints)
+            before = self._uncovered_for
+            if not (before and before[0] is self._seen and before[1] == ends):
+                self.uncovered = uncovered(snapshot, plan, self._seen)
+                self._uncovered_for = (self._seen, ends)
             if moved is None:
                 # Only endpoints without interfaceName depend on the host's addresses.
                 self._by_address = any(h.node == self.node and not h.interface_name

@@ -287,7 +287,8 @@ def uncovered(snapshot: Snapshot, plan: NodePlan,
             out.append(f"HostEndpoint {hep.name}: its interfaces hold {shown}, not in its "
                        f"expectedIPs: the table enforces their traffic as this endpoint's, "
                        f"but other hosts' selectors, explain, the preview and staged "
-                       f"verdicts take them for no endpoint; list them in expectedIPs")
+                       f"verdicts take them for no endpoint; list the host's own in "
+                       f"expectedIPs (not one many hosts share, as a container bridge's)")
     return out
 
 
