@@ -4,21 +4,16 @@ wide and JSON outputs, and --follow until Ctrl-C."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from bulkhead import pki
 from bulkhead.cli.main import main
 from bulkhead.client.flows import send_dns
-from tests.procs import ctrl_c_as_in_a_terminal
-from tests.test_cli_flows import Lines, as_viewer  # noqa: F401
+from tests.test_cli_flows import as_viewer, following  # noqa: F401
 from tests.test_server_dns import record
 from tests.test_server_process import ServerProcess
 
@@ -80,13 +75,7 @@ def test_the_table_and_the_filters(as_viewer: dict[str, str],  # noqa: F811
 
 def test_follow_prints_new_records_until_ctrl_c(as_viewer: dict[str, str],  # noqa: F811
                                                 server: ServerProcess) -> None:
-    exe = Path(sys.executable).parent / "bulkhead"
-    proc = subprocess.Popen([str(exe), "dns", "--follow", "--interval", "0.5", "-o", "json",
-                             "--node", "web-3"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **as_viewer},
-                            preexec_fn=ctrl_c_as_in_a_terminal)
-    out = Lines(proc)
-    try:
+    with following("dns", "web-3", as_viewer) as (proc, out):
         agent = server.client("web-3", "agent")
         send_dns(agent, [record(time.time(), "new-1.example", node="web-3")])
         assert json.loads(out.read(1, 30)[0])["qname"] == "new-1.example"
@@ -94,7 +83,3 @@ def test_follow_prints_new_records_until_ctrl_c(as_viewer: dict[str, str],  # no
         assert proc.wait(timeout=10) == 0
         assert proc.stdout is not None
         assert out.buffer + proc.stdout.read() == b""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)

@@ -3,6 +3,7 @@ table, wide, JSON and YAML outputs, top talkers, and --follow until Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -182,16 +183,28 @@ class Lines:
         *lines, self.buffer = self.buffer.split(b"\n", count)
         return [line.decode() for line in lines]
 
+@contextlib.contextmanager
+def following(command: str, node: str, env: dict[str, str]
+              ) -> Iterator[tuple[subprocess.Popen[bytes], Lines]]:
+    """`bulkhead COMMAND --follow` for NODE's records, one JSON record a line, as `env`'s
+    client; killed at the end if it still runs."""
+    exe = Path(sys.executable).parent / "bulkhead"
+    proc = subprocess.Popen([str(exe), command, "--follow", "--interval", "0.5", "-o", "json",
+                             "--node", node], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **env},
+                            preexec_fn=ctrl_c_as_in_a_terminal)
+    try:
+        yield proc, Lines(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 
 def test_follow_prints_new_records_until_ctrl_c(as_viewer: dict[str, str],
                                                 server: ServerProcess) -> None:
-    exe = Path(sys.executable).parent / "bulkhead"
-    proc = subprocess.Popen([str(exe), "flows", "--follow", "--interval", "0.5", "-o", "json",
-                             "--node", "web-3"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **as_viewer},
-                            preexec_fn=ctrl_c_as_in_a_terminal)
-    out = Lines(proc)
-    try:
+    with following("flows", "web-3", as_viewer) as (proc, out):
         # JSON one record a line: none yet (whenever the first poll runs, these come once).
         agent = server.client("web-3", "agent")
         send_flows(agent, [flow_doc(node="web-3", src_name="web-3", dst_name="new-1"),
@@ -204,10 +217,6 @@ def test_follow_prints_new_records_until_ctrl_c(as_viewer: dict[str, str],
         assert proc.wait(timeout=10) == 0
         assert proc.stdout is not None
         assert out.buffer + proc.stdout.read() == b""                # each record once
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def test_follow_goes_past_a_burst_bigger_than_a_page(as_viewer: dict[str, str],
@@ -215,13 +224,7 @@ def test_follow_goes_past_a_burst_bigger_than_a_page(as_viewer: dict[str, str],
     """One batch of 1,500 records (a batch holds up to 5,000, all stored at one time):
     --follow printed the first 1,000 (the server's default page), then asked for the
     same page again each poll, and never printed anything after it."""
-    exe = Path(sys.executable).parent / "bulkhead"
-    proc = subprocess.Popen([str(exe), "flows", "--follow", "--interval", "0.5", "-o", "json",
-                             "--node", "web-4"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **as_viewer},
-                            preexec_fn=ctrl_c_as_in_a_terminal)
-    out = Lines(proc)
-    try:
+    with following("flows", "web-4", as_viewer) as (proc, out):
         agent = server.client("web-4", "agent")
         end = round(time.time() - 30, 3)
         send_flows(agent, [flow_doc(node="web-4", src_name="web-4", dst_name=f"burst-{i}",
@@ -237,10 +240,6 @@ def test_follow_goes_past_a_burst_bigger_than_a_page(as_viewer: dict[str, str],
         assert got[1500] == "after"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def test_follow_pages_on_from_a_full_page(monkeypatch: pytest.MonkeyPatch) -> None:
