@@ -3,6 +3,8 @@ server keeps."""
 
 from __future__ import annotations
 
+import time
+
 from bulkhead.agent.enforcer import EnforceReport
 from bulkhead.agent.status import MAX_ERROR_CHARS, MAX_ERRORS, Counters, status_body
 
@@ -13,13 +15,16 @@ def report(full: bool) -> EnforceReport:
 
 
 def test_counters_record_applies_and_repairs() -> None:
-    counters = Counters()
+    counters = Counters(started_at=1700000000.123456)
     counters.record(report(full=True))
     counters.record(report(full=False))
     counters.record(report(full=True), repair=True)
     assert (counters.applies, counters.drift_repairs, counters.full_applies) == (2, 1, 2)
     assert counters.as_status() == {"applies": 2, "fullApplies": 2, "failures": 0,
-                                    "driftRepairs": 1, "reconnects": 0, "rules": 7, "sets": 2}
+                                    "driftRepairs": 1, "reconnects": 0, "rules": 7, "sets": 2,
+                                    "startedAt": 1700000000.123}
+    before = time.time()
+    assert before - 0.001 <= Counters().as_status()["startedAt"] <= time.time() + 0.001
 
 
 def test_the_report_keeps_what_the_server_keeps() -> None:

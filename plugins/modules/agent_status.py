@@ -22,7 +22,7 @@ options:
     description:
       - The store revision to wait for, for example RV(bulkhead.microseg.resource#module:revision)
         of an earlier task, or the C(metadata.resourceVersion) of a resource written.
-      - V(0) or left out, do not wait; report only.
+      - V(0) or left out, do not wait (unless O(started_after) is given); report only.
     type: int
   nodes:
     description:
@@ -31,6 +31,17 @@ options:
       - Left out, the nodes that have reported so far.
     type: list
     elements: str
+  started_after:
+    description:
+      - With O(wait_for_revision) (V(0) too, a store nothing was written to yet) and
+        O(nodes), each of O(nodes) converges only on a report from an agent started after
+        this time (Unix seconds on that node's clock, compared with the C(startedAt)
+        counter its agent reports). After restarting an agent, give the time taken on
+        the node just before the restart. A report the old process sent then does not
+        count, so an agent that crashes after the restart fails the wait.
+      - A node whose agent does not report C(startedAt) (one older than this option) never
+        converges with this option.
+    type: float
   timeout:
     description:
       - Seconds to wait for O(wait_for_revision); a value that is not a finite number
@@ -114,6 +125,11 @@ nodes:
       description: Whether the node enforces O(wait_for_revision) without errors.
       type: bool
       returned: with O(wait_for_revision)
+    restarted:
+      description: V(false) for a node of O(nodes) whose last report comes from an agent
+        started before O(started_after).
+      type: bool
+      returned: with O(started_after), for such a node
 revision:
   description: The store's current revision.
   returned: always
@@ -137,6 +153,8 @@ elapsed:
   sample: 2.5
 """
 
+import math
+
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
 from ansible_collections.bulkhead.microseg.plugins.module_utils.waiter import wait
 
@@ -150,15 +168,23 @@ def main():
         nodes=dict(type="list", elements="str"),
         timeout=dict(type="float", default=300),
         poll_interval=dict(type="float", default=1),
+        started_after=dict(type="float"),
     ))
     p = module.params
     module.seconds("timeout")
+    after = p["started_after"]
+    if after is not None:
+        if not math.isfinite(after):
+            module.fail_json(msg="started_after: %s: give a time in Unix seconds" % after)
+        if p["wait_for_revision"] is None or not p["nodes"]:
+            module.fail_json(msg="started_after: give wait_for_revision and nodes too (the "
+                                 "nodes whose agents were restarted)")
     interval = p["poll_interval"]
     if not interval >= MIN_POLL_INTERVAL or interval == float("inf"):   # nan is neither
         module.fail_json(msg="poll_interval: %s: give a number of seconds of at least %s (each "
                              "poll is a request to the server)" % (interval, MIN_POLL_INTERVAL))
     module.run(lambda: wait(module.client, p["wait_for_revision"], p["nodes"], p["timeout"],
-                            p["poll_interval"]))
+                            p["poll_interval"], started_after=after))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Reporting is best effort: a server that cannot be reached never holds up enforce
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,9 @@ class Counters:
     status_failures: int = 0       # status reports the server did not take
     last_apply_seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)  # from the last report
+    # When this process started (Unix seconds, the host's clock): a report from the agent
+    # a restart started is told from one its predecessor sent (agent_status started_after).
+    started_at: float = field(default_factory=time.time)
 
     def record(self, report: EnforceReport, repair: bool = False) -> None:
         if repair:
@@ -36,10 +40,11 @@ class Counters:
         self.last_apply_seconds = report.seconds
         self.counts = {str(k): int(v) for k, v in report.counts.items()}
 
-    def as_status(self) -> dict[str, int]:
+    def as_status(self) -> dict[str, float]:
         return {"applies": self.applies, "fullApplies": self.full_applies,
                 "failures": self.failures, "driftRepairs": self.drift_repairs,
-                "reconnects": self.reconnects, **self.counts}
+                "reconnects": self.reconnects, **self.counts,
+                "startedAt": round(self.started_at, 3)}
 
 
 # What the server keeps of a report (bulkhead-server keeps 20 errors, cuts each to 1,024
