@@ -660,10 +660,16 @@ def test_site_in_check_mode_on_a_host_systemd_does_not_run(tmp_path):
     out = run(cmd, env(), check=False)
     assert out.returncode == 2
     assert "bulkhead_server_allow_offline=true" in out.stdout
+    # Two agents' hosts, in batches of one (bulkhead_agent_serial): the agent's play runs
+    # its tasks once per batch.
+    (tmp_path / "hosts.yml").write_text(LOCAL + "        agt-2: {ansible_host: 127.0.0.2}\n")
     out = run(cmd + ["-e", "bulkhead_server_allow_offline=true",
-                     "-e", "bulkhead_agent_allow_offline=true"], env())
-    assert "failed=0" in out.stdout
+                     "-e", "bulkhead_agent_allow_offline=true",
+                     "-e", '{"bulkhead_agent_serial": 1}'], env())
+    assert re.search(r"srv-1\s+: .*failed=0", out.stdout) and \
+        re.search(r"agt-2\s+: .*failed=0", out.stdout), out.stdout[-3000:]
     assert "tcp:7443" in out.stdout  # the agent's configuration in the diff
+    assert out.stdout.count("TASK [bulkhead.microseg.agent : Is the agent running already?]") == 2
     assert not (tmp_path / "ca").exists()
 
 
