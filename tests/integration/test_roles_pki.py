@@ -16,11 +16,12 @@ import urllib.error
 import urllib.request
 
 import pytest
+import yaml
 from cryptography import x509
 
 from bulkhead import pki
 from conftest import BIN, run, start_server, stop_server
-from test_roles import INVENTORY, env
+from test_roles import INVENTORY, ROOT, env
 
 # -------------------------------------------------------------------------- pki, real
 PKI_PLAY = """\
@@ -286,20 +287,43 @@ def test_agent_uninstall_removes_the_certificate_and_key(tmp_path):
     assert re.findall(r"changed=(\d+)", second) == ["0", "0"], second
 
 
+def stand_ins():
+    """Handlers in the place of the server's and the agent's restarts, each listening to
+    what the role's own restart handler listens to (roles/*/handlers/main.yml)."""
+    handlers = []
+    for role in ("server", "agent"):
+        restart = next(h for h in yaml.safe_load((ROOT / "roles" / role / "handlers" /
+                                                  "main.yml").read_text())
+                       if h["name"] == "Restart bulkhead-%s" % role)
+        handlers.append({"name": "Restart %s (a stand-in)" % role, "listen": restart["listen"],
+                         "ansible.builtin.debug": {"msg": "@@ restart %s @@" % role}})
+    return json.dumps(handlers)
+
+
 def test_diff_shows_no_private_key(tmp_path):
     """`--check --diff` (what docs/roles.md runs first) and a run with --diff show what
-    the certificates' copies change, never a private key's text: a pipeline's log keeps it."""
+    the certificates' copies change, never a private key's text: a pipeline's log keeps it.
+    A new agent certificate on a host running both restarts the agent, not the server
+    (which restarts for its own certificate and for the CA's)."""
     if os.geteuid() != 0:
         pytest.skip("the role chowns the keys it distributes: run as root")
     ca, target = tmp_path / "ca", tmp_path / "target"
     (tmp_path / "hosts.yml").write_text(INVENTORY)
-    (tmp_path / "pki.yml").write_text(PKI_PLAY.format(ca=ca, target=target))
+    (tmp_path / "pki.yml").write_text(PKI_PLAY.format(ca=ca, target=target) +
+                                      "  handlers: %s\n" % stand_ins())
     cmd = ["ansible-playbook", "-i", str(tmp_path / "hosts.yml"), str(tmp_path / "pki.yml")]
     first = run(cmd + ["--diff"], env()).stdout
     shutil.rmtree(target)  # the CA is there: new hosts, as a fleet grows
     checked = run(cmd + ["--check", "--diff"], env()).stdout
     again = run(cmd + ["--diff"], env()).stdout
     for out in (first, checked, again):
-        assert "Copy this host's certificates" in out, out
+        assert "Copy this host's server certificate" in out, out
+        assert "Copy this host's agent certificate" in out, out
         assert "PRIVATE KEY" not in out, out
     assert "PRIVATE KEY" in (target / "web-1" / "agent.key").read_text()
+    assert "@@ restart server @@" in again and "@@ restart agent @@" in again, again
+
+    (target / "srv-1" / "agent.crt").unlink()   # copied again: the agent's alone
+    renewed = run(cmd, env()).stdout
+    assert "@@ restart agent @@" in renewed, renewed
+    assert "@@ restart server @@" not in renewed, renewed
