@@ -93,6 +93,15 @@ def _check_labels(labels, plugin):
 
 def selector_from_labels(labels):
     """The selector matching exactly these labels (`k == 'v'` joined by `&&`), canonical."""
+    if isinstance(labels, Mapping):
+        for key, value in labels.items():
+            if value is None:
+                # selector_match reads a null as no label; here leaving it out would
+                # widen the selector ({app: null} gave all(), every endpoint).
+                raise AnsibleFilterError(
+                    "selector_from_labels: label %s: a label value cannot be null (leaving "
+                    "it out would select more than these labels); drop the key instead"
+                    % key)
     labels = _labels(labels, "selector_from_labels: the input")
     if not labels:
         return "all()"

@@ -123,3 +123,12 @@ def test_plain_labels_with_numbers_and_booleans_are_read_as_selector_match_reads
     assert F["selector_select"](plain, "port == '5432' && ratio == '0.5'") == [plain[1]]
     # Lists, mappings and nulls are no labels.
     assert F["selector_select"](plain, "has(tags) || has(more) || has(none)") == []
+
+
+@pytest.mark.parametrize("labels", [{"app": None}, {"app": None, "zone": "trusted"}])
+def test_selector_from_labels_refuses_a_null_value(labels):
+    """A null value was dropped as selector_match drops it: {app: null} (an undefined
+    variable with default(none)) gave all(), and {app: null, zone: trusted} selected the
+    whole zone - a policy selector wider than the labels asked for."""
+    with pytest.raises(AnsibleFilterError, match="^selector_from_labels: label app: .*null"):
+        F["selector_from_labels"](labels)
