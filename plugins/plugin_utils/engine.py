@@ -107,14 +107,16 @@ def labels_of(value: object, where: str) -> Mapping:
     if not isinstance(value, Mapping):
         raise AnsibleError("%s: labels must be a mapping of label keys to values, not %s"
                            % (where, type_name(value)))
-    for item in value.values():
-        if not isinstance(item, str):
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str):
             break
     else:
         return value
-    # Numbers and booleans compare as the strings they would be as labels.
+    # Numbers and booleans compare as the strings they would be as labels, and a key
+    # that is not a string (`1:` in YAML) as the text the modules store it as.
     out = {}
     for key, item in value.items():
+        key = str(key)
         if item is None:
             continue  # read leniently: a null value is no label
         try:

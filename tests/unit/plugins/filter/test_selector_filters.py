@@ -132,3 +132,14 @@ def test_selector_from_labels_refuses_a_null_value(labels):
     whole zone - a policy selector wider than the labels asked for."""
     with pytest.raises(AnsibleFilterError, match="^selector_from_labels: label app: .*null"):
         F["selector_from_labels"](labels)
+
+
+def test_label_keys_that_are_not_strings_are_read_as_the_modules_store_them():
+    """YAML reads `1: a` with an integer key, which the modules and the endpoints plugin
+    store as the label "1": selector_match did not find it, and selector_from_labels
+    failed with Python's own AttributeError (a single key) or TypeError (mixed keys)."""
+    assert F["selector_match"]({1: "a"}, "1 == 'a'") is True
+    assert F["selector_select"]([{"bulkhead_labels": {7: "x"}}], "7 == 'x'") == [
+        {"bulkhead_labels": {7: "x"}}]
+    assert F["selector_from_labels"]({1: "a"}) == '1 == "a"'
+    assert F["selector_from_labels"]({1: "a", "b": "c"}) == '(1 == "a" && b == "c")'
