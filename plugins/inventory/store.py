@@ -25,7 +25,8 @@ description:
     the controller (a task delegated to C(localhost)) or for a built-in group.
   - Adds every host to a group per label, C(label_<key>_<value>), and supports
     O(compose), O(groups) and O(keyed_groups) like M(ansible.builtin.constructed).
-  - The API's answer can be cached (O(cache)), as C(amazon.aws.aws_ec2) caches its own.
+  - The API's answer can be cached (O(cache)), as C(amazon.aws.aws_ec2) caches its own, one
+    entry per configuration file, O(server_url) and O(label_selector).
   - The connection options are the modules' own; each falls back to its E(BULKHEAD_*)
     environment variable.
   - The configuration file's name must end in C(.bulkhead_store.yml) or C(.bulkhead_store.yaml).
@@ -98,7 +99,9 @@ cache_connection: ~/.cache/bulkhead-inventory
 cache_timeout: 300
 """
 
+import hashlib
 import ipaddress
+import json
 import re
 
 from ansible.errors import AnsibleParserError
@@ -174,7 +177,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         engine.require_core_219(NAME)
         self._read_config_data(path)
         self._config_path = path
-        key = self.get_cache_key(path)
+        key = self._cache_key(path)
         # As amazon.aws.aws_ec2: read the cache only when both the caller (no
         # --flush-cache, no refresh_inventory) and the configuration allow it.
         use_cache = self.get_option("cache") and cache
@@ -190,6 +193,15 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         if update_cache:
             self._cache[key] = items
         self._populate(items)
+
+    def _cache_key(self, path):
+        """Ansible's key for the file, and what the answer depends on besides: the server
+        (often from BULKHEAD_SERVER, so one file serves several) and the label selector.
+        By the file's path alone, a file pointed at another server, or given another
+        selector, read the hosts of the first from the cache."""
+        digest = hashlib.sha256(json.dumps(
+            [self.get_option("server_url"), self.get_option("label_selector")]).encode())
+        return "%s_%s" % (self.get_cache_key(path), digest.hexdigest()[:16])
 
     def _fetch(self):
         params = dict((option, self.get_option(option)) for option in CONNECTION_SPEC)

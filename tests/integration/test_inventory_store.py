@@ -134,3 +134,28 @@ def test_store_leaves_out_endpoints_named_as_ansible_reserves(clean_server, tmp_
                       ("evil-all", "'all' is a name Ansible reserves"),
                       ("evil-loop", "'127.0.0.1' is a loopback address")):
         assert "HostEndpoint %s is left out: spec.node (%s" % (name, why) in warnings, warnings
+
+
+def test_store_cache_is_per_server_and_selector(store, tmp_path):
+    """The cache key was the file's path alone: the same file with another label_selector,
+    or pointed at another server by BULKHEAD_SERVER, gave the hosts cached for the first
+    until the cache expired."""
+    cache = tmp_path / "cache"
+    head = ("plugin: bulkhead.microseg.store\ncache: true\ncache_plugin: "
+            "ansible.builtin.jsonfile\ncache_connection: %s\n" % cache)
+    path = write(tmp_path, "k.bulkhead_store.yml", head)
+    env = store.env("viewer")
+
+    def hosts(done):
+        return sorted(json.loads(done.stdout)["_meta"]["hostvars"])
+
+    assert hosts(inventory(env, path)) == ["db-1", "kafka-1", "web-1"]
+    write(tmp_path, "k.bulkhead_store.yml", head + "label_selector: app == 'nginx'\n")
+    assert hosts(inventory(env, path)) == ["web-1"]
+    write(tmp_path, "k.bulkhead_store.yml", head)
+    assert hosts(inventory(env, path)) == ["db-1", "kafka-1", "web-1"]  # its own entry
+    elsewhere = dict(env, BULKHEAD_SERVER="https://127.0.0.1:9",
+                     ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED="true")
+    done = inventory(elsewhere, path, check=False)
+    assert done.returncode != 0
+    assert "listing HostEndpoints from https://127.0.0.1:9" in " ".join(done.stderr.split())
