@@ -18,7 +18,8 @@ description:
     C(<vars_prefix>expected_ips), C(<vars_prefix>host_endpoint) (the HostEndpoint without
     server-owned metadata) and C(<vars_prefix>host_endpoints) (all of the host's endpoints,
     when several share a node), and C(ansible_host) from the first expected IP (the first
-    value of C(expectedIPs) that is an IP address; others are warned about and skipped).
+    value of C(expectedIPs) that is an IP address and not a loopback or unspecified one, which
+    would reach the controller; others are warned about and skipped).
   - A HostEndpoint whose host name would be a name Ansible reserves (C(localhost), C(all),
     C(ungrouped), a loopback address such as C(127.0.0.1) or C(::1)) or is not a valid host
     name is left out, with a warning naming it and why, so an endpoint cannot stand in for
@@ -53,7 +54,9 @@ options:
     type: str
     default: bulkhead_
   set_ansible_host:
-    description: Set C(ansible_host) to the host's first expected IP that is an IP address.
+    description:
+      - Set C(ansible_host) to the host's first expected IP that is an IP address and not a
+        loopback or unspecified one.
     type: bool
     default: true
   label_groups:
@@ -144,6 +147,13 @@ def ip_address(value):
         return None
 
 
+def reaches_controller(address):
+    """True for an address that leads back to this machine wherever it is used: loopback
+    (127.0.0.0/8, ::1, also as ::ffff:127.0.0.1) or unspecified (0.0.0.0, ::)."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    return any(a.is_loopback or a.is_unspecified for a in (address, mapped) if a is not None)
+
+
 def host_name_problem(name):
     """Why `name` cannot be an inventory host's name, or None when it can."""
     if not isinstance(name, str) or not name:
@@ -152,7 +162,7 @@ def host_name_problem(name):
         return "%r is a name Ansible reserves" % name
     address = ip_address(name)
     if address is not None:
-        if address.is_loopback or address.is_unspecified:
+        if reaches_controller(address):
             return "%r is a loopback address, which Ansible takes for the controller" % name
         return None
     if name.lower().startswith("localhost."):
@@ -219,11 +229,20 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
 
     @staticmethod
     def _ansible_host(host, docs):
-        """The first expected IP that is an IP address; the others are warned about."""
+        """The first expected IP that is an IP address and not this machine's; the others
+        are warned about. A loopback address as ansible_host would send the host's tasks
+        over SSH to the controller, which a host name may not stand for either."""
         for doc in docs:
             for value in (doc.get("spec") or {}).get("expectedIPs") or ():
-                if ip_address(value) is not None:
-                    return str(ip_address(value))
+                address = ip_address(value)
+                if address is not None and reaches_controller(address):
+                    display.warning("%s: host %s: HostEndpoint %s: expectedIPs value %r is a "
+                                    "loopback or unspecified address, which reaches the "
+                                    "controller: not used as ansible_host"
+                                    % (NAME, host, doc["metadata"]["name"], value))
+                    continue
+                if address is not None:
+                    return str(address)
                 display.warning("%s: host %s: HostEndpoint %s: expectedIPs value %r is not an "
                                 "IP address: not used as ansible_host"
                                 % (NAME, host, doc["metadata"]["name"], value))

@@ -40,3 +40,20 @@ def test_host_names_ansible_reserves_or_cannot_take_are_refused(name, problem):
 def test_only_an_ip_address_becomes_ansible_host(value, address):
     docs = [{"metadata": {"name": "e"}, "spec": {"expectedIPs": [value]}}]
     assert store.InventoryModule._ansible_host("h", docs) == address
+
+
+@pytest.mark.parametrize("ips, address", [
+    (["127.0.0.1"], None), (["::1", "198.18.0.12"], "198.18.0.12"),
+    (["127.1.2.3", "2001:2::1"], "2001:2::1"), (["0.0.0.0"], None), (["::"], None),
+    (["::ffff:127.0.0.1", "198.18.0.13"], "198.18.0.13"),
+])
+def test_a_loopback_expected_ip_never_becomes_ansible_host(ips, address):
+    """`expectedIPs: [127.0.0.1]` made ansible_host 127.0.0.1: the host's tasks went over
+    SSH to the controller, which the plugin refuses as a host name for that reason."""
+    docs = [{"metadata": {"name": "e"}, "spec": {"expectedIPs": ips}}]
+    assert store.InventoryModule._ansible_host("h", docs) == address
+
+
+@pytest.mark.parametrize("name", ["::ffff:127.0.0.1", "0.0.0.0", "::"])
+def test_host_names_that_reach_the_controller_are_refused(name):
+    assert "loopback" in store.host_name_problem(name)
