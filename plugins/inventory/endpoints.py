@@ -25,7 +25,10 @@ description:
   - Facts are available both as C(ansible_facts.<name>) and, as M(ansible.builtin.constructed)
     has them, as top-level C(ansible_<name>) variables; but a fact never replaces an inventory
     variable of the same name, and connection and magic variables among the facts (C(ansible_host)
-    and the like) are dropped, as Ansible drops them from gathered facts.
+    and the like) are dropped, as Ansible drops them from gathered facts. A fact whose name does
+    not start with C(ansible_) (C(owner), from C(set_fact) with C(cacheable) or a module's
+    C(ansible_facts)) is only C(ansible_facts.owner), also on a host whose inventory has no
+    C(owner), so it never fills in for an inventory variable (V(owner | default(omit\))).
   - Facts are what a host says of itself, and a compromised host says what it likes. Labels that
     policies trust (who may reach a database) and the addresses of O(expected_ips) should come from
     the inventory (variables, groups, an IP C(ansible_host)); a label or address taken from a fact
@@ -218,7 +221,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
         they never replace the inventory's variables: connection and magic variables
         (``ansible_host``...) are dropped as Ansible drops them from gathered facts
         (``clean_facts``), and a fact named like an inventory variable (``app``) is seen
-        only under ``ansible_facts``."""
+        only under ``ansible_facts``, as is a fact whose name does not start with
+        ``ansible_`` (``owner``), also where the inventory has no variable of that name."""
         obj = self.inventory.hosts[host]
         group_vars, host_vars = get_group_vars(obj.get_groups()), obj.get_vars()
         if self.get_option("use_vars_plugins"):
@@ -229,9 +233,13 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
                 self.loader, self._sources, [obj], "all"))
         variables = combine_vars(group_vars, host_vars)
         if fact_cache.contains(host):
-            facts = clean_facts(fact_cache.get(host))
+            cached = clean_facts(fact_cache.get(host))
+            # Top-level only as ansible_<name>: a fact of another name (`owner`, which a
+            # module or the host's setup can return) would stand in for an inventory
+            # variable the host lacks (`owner | default(omit)` as a label).
+            facts = dict((k, v) for k, v in cached.items() if str(k).startswith("ansible_"))
             if "ansible_facts" not in facts:
-                facts = combine_vars(facts, namespace_facts(facts))
+                facts = combine_vars(facts, namespace_facts(cached))
             variables = combine_vars(facts, variables)
         return variables
 

@@ -311,6 +311,35 @@ labels:
     assert host["ansible_host"] == "198.18.0.10"
 
 
+def test_a_fact_never_fills_in_for_an_inventory_variable_a_host_lacks(tmp_path):
+    """A cached fact named `owner` (what set_fact cacheable or any module's ansible_facts
+    can set, a compromised host's setup included) became the top-level variable `owner` on
+    a host whose inventory had none, so `owner | default(omit)` labeled it as the host
+    said. Only ansible_<name> facts are top-level; the others are ansible_facts.<name>."""
+    from ansible.plugins.loader import cache_loader
+
+    cache = cache_loader.get("jsonfile", _uri=str(tmp_path / "facts"), _timeout=0, _prefix="")
+    cache.set("web-01", {"owner": "payments", "ansible_system": "Linux"})
+    cache.set("web-02", {"owner": "payments"})
+    hosts = write(tmp_path, "hosts.yml", """\
+all:
+  hosts:
+    web-01: {ansible_host: 198.18.0.10}
+    web-02: {ansible_host: 198.18.0.11, owner: web}
+""")
+    config = write(tmp_path, "zz.bulkhead.yml", """\
+plugin: bulkhead.microseg.endpoints
+labels:
+  owner: owner | default(omit)
+  os: ansible_system | lower
+  said: ansible_facts.owner
+""")
+    env = inventory_env(tmp_path, ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED="true")
+    hostvars = plain(json.loads(inventory(env, hosts, config).stdout))["_meta"]["hostvars"]
+    assert hostvars["web-01"]["bulkhead_labels"] == {"os": "linux", "said": "payments"}
+    assert hostvars["web-02"]["bulkhead_labels"] == {"owner": "web", "said": "payments"}
+
+
 def test_one_host_that_cannot_be_labeled_does_not_stop_the_others(tmp_path):
     """A bad label value of one host (its facts, say) fails the source naming it and
     marks it with bulkhead_endpoint_error; the hosts after it still get their
