@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
@@ -325,6 +326,20 @@ async def test_history_between_revisions(store: Datastore) -> None:
     got = await store.history(a.revision, c.revision)
     assert [(e.type, e.revision) for e in got] == [("MODIFIED", b.revision),
                                                    ("DELETED", c.revision)]
+
+
+async def test_the_state_at_revision_zero_is_the_empty_store(store: Datastore) -> None:
+    """Revision 0 is before every write: nothing, or TooOld once compacted past it;
+    never the store as it is now (etcd reads a range at revision 0 as the current one)."""
+    await create(store, gnp("a"))
+    b = await create(store, netset("b"))
+    # (TooOld: a shared etcd another test compacted; no state that old is kept)
+    with contextlib.suppress(TooOld):
+        assert await store.list_at(0) == []
+    assert [s.name for s in await store.list_at(b.revision)] == ["a", "b"]
+    await store.compact(b.revision - 1)
+    with pytest.raises(TooOld):
+        await store.list_at(0)
 
 
 TIER_USERS = Referrers(("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy"), ("spec", "tier"))

@@ -341,6 +341,10 @@ class EtcdStore:
 
     # -- the past ---------------------------------------------------------------------
     async def list_at(self, revision: int) -> list[Stored]:
+        # etcd reads a range at revision 0 (or below) as one at the current revision. The
+        # state at 0 is before every write, which is etcd's first revision, 1 (a cluster
+        # starts there, empty): read there, so it is nothing, or TooOld once compacted.
+        revision = max(revision, 1)
         try:
             data = await self._call("/v3/kv/range", {
                 "key": _b64(self.prefix), "range_end": _prefix_end(self.prefix),
