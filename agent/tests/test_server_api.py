@@ -234,13 +234,15 @@ async def test_watch_long_poll_and_snapshot(server: Server) -> None:
 async def test_nodes_converged_and_probes(server: Server, request: pytest.FixtureRequest
                                          ) -> None:
     async with server.client("web-1", "agent") as agent:
-        async with agent.post("/v1/status/web-1", json={"appliedRevision": 5,
-                                                        "counters": {"rules": 12}}) as r:
+        async with agent.post("/v1/status/web-1", json={
+                "appliedRevision": 5,
+                "counters": {"rules": 12, "startedAt": 1796644800.125}}) as r:
             assert r.status == 200
     async with server.client("val", "viewer") as viewer:
         async with viewer.get("/v1/nodes", params={"revision": "5"}) as r:
             body = await r.json()
-        assert body["converged"] is True and body["nodes"][0]["counters"] == {"rules": 12}
+        assert body["converged"] is True and \
+            body["nodes"][0]["counters"] == {"rules": 12, "startedAt": 1796644800.125}
         async with viewer.get("/v1/nodes", params={"revision": "6"}) as r:
             assert (await r.json())["converged"] is False
         async with viewer.get("/healthz") as r:
@@ -268,6 +270,8 @@ async def test_nodes_converged_and_probes(server: Server, request: pytest.Fixtur
         assert samples['bulkhead_node_applied_revision{node="web-1"}'] == "5"
         assert samples['bulkhead_node_errors{node="web-1"}'] == "0"
         assert samples["bulkhead_nodes"] == "1"
+        assert samples['bulkhead_node_agent_start_time_seconds{node="web-1"}'] == \
+            "1796644800.125"
         reported = int(samples['bulkhead_node_last_report_timestamp_seconds{node="web-1"}'])
         assert abs(time.time() - reported) < 120
         # Each family's samples follow its own HELP and TYPE lines, never another's.

@@ -1424,7 +1424,7 @@ async def _node_metrics(store: Datastore) -> list[str]:
     except (Unavailable, OSError) as e:
         log.warning("metrics: the nodes' status reports cannot be read: %s", e)
         return ["# the nodes' status reports could not be read"]
-    applied, reported, errors = [], [], []
+    applied, reported, errors, started = [], [], [], []
     for node, doc in reports.items():
         status = doc.get("status", {}) if isinstance(doc, dict) else {}
         name = _label(node)
@@ -1441,6 +1441,10 @@ async def _node_metrics(store: Datastore) -> list[str]:
         found = status.get("errors")
         errors.append(f'bulkhead_node_errors{{node="{name}"}} '
                       f"{len(found) if isinstance(found, list) else 0}")
+        counters = status.get("counters")
+        at = counters.get("startedAt") if isinstance(counters, dict) else None
+        if isinstance(at, (int, float)) and not isinstance(at, bool) and math.isfinite(at):
+            started.append(f'bulkhead_node_agent_start_time_seconds{{node="{name}"}} {at}')
     return [
         "# HELP bulkhead_nodes Nodes with a status report (bulkhead nodes).",
         "# TYPE bulkhead_nodes gauge", f"bulkhead_nodes {len(reports)}",
@@ -1452,7 +1456,10 @@ async def _node_metrics(store: Datastore) -> list[str]:
         "# TYPE bulkhead_node_last_report_timestamp_seconds gauge", *reported,
         "# HELP bulkhead_node_errors Errors in a node's last report (an apply that failed, "
         "an endpoint left unenforced, policies it left out).",
-        "# TYPE bulkhead_node_errors gauge", *errors]
+        "# TYPE bulkhead_node_errors gauge", *errors,
+        "# HELP bulkhead_node_agent_start_time_seconds When the process of a node's agent "
+        "that last reported started (unix seconds, the node's clock).",
+        "# TYPE bulkhead_node_agent_start_time_seconds gauge", *started]
 
 
 async def metrics(request: web.Request) -> web.Response:
