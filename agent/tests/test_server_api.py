@@ -7,6 +7,7 @@ import contextlib
 import json
 import signal
 import ssl
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,41 @@ spec: {order: "x"}
         assert ports == [443]                                # nothing half-applied
         async with c.delete("/v1/resources/Tier/app-teams") as r:
             assert r.status == 409 and "still holds policies" in await r.text()
+
+
+async def test_rollback_and_export_work_off_the_event_loop(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rollback (or a sync) validates and compares every resource, an export strips and
+    serializes every one: thousands of them take seconds of CPU, which on the event loop
+    would stall every other client (agents' watches, /readyz). As apply's, that work runs
+    in a worker thread."""
+    from bulkhead.server import app
+
+    loop_thread = threading.get_ident()
+    on_loop: list[str] = []
+
+    def spy(name: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == loop_thread:
+                on_loop.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    async with server.client("alice", "admin") as c:
+        async with c.post("/v1/apply", data=POLICY) as r:
+            good = (await r.json())["revision"]
+        changed = POLICY.replace("ports: [443]", "ports: [8443]")
+        async with c.post("/v1/apply", data=changed) as r:
+            assert r.status == 200
+        for name in ("parse_resource", "_diff_entry", "_strip"):
+            monkeypatch.setattr(app, name, spy(name, getattr(app, name)))
+        async with c.get("/v1/export", params={"revision": str(good)}) as r:
+            assert r.status == 200 and len((await r.json())["items"]) == 2
+        async with c.post("/v1/rollback", params={"revision": str(good)}) as r:
+            result = await r.json()
+        assert r.status == 200, result
+        assert [x["action"] for x in result["results"]] == ["configured", "unchanged"]
+    assert on_loop == []
 
 
 async def test_roles(server: Server) -> None:

@@ -799,19 +799,21 @@ async def _converge(request: web.Request, identity: Identity, desired: list[Reso
     dry_run = _dry_run(request)
     current = {(s.kind, s.name): s for s in scope}
     wanted = {r.key for r in desired}
-    results: list[dict[str, Any]] = []
-    ops: list[Op] = []
+    olds: list[Stored | None] = []
     for r in desired:
         old = current.get(r.key) or await _current(store, r.kind, r.name)
         _authorize_write(identity, r, old)
-        entry = _diff_entry(r, old)
-        results.append(entry)
-        if entry["action"] != "unchanged":
-            ops.append(Op("put", r.kind, r.name, r.dump(),
-                          str(old.revision) if old else "absent", requires=_requires(r)))
-    for key, s in sorted(current.items(), key=lambda kv: DELETE_ORDER.get(kv[0][0], 3)):
-        if key not in wanted:
-            _plan_delete(identity, s, results, ops)
+        olds.append(old)
+
+    def plan() -> tuple[list[dict[str, Any]], list[Op]]:
+        # Comparing thousands of documents is CPU work: off the event loop, as apply's.
+        results, ops = _plan_puts(desired, olds)
+        for key, s in sorted(current.items(), key=lambda kv: DELETE_ORDER.get(kv[0][0], 3)):
+            if key not in wanted:
+                _plan_delete(identity, s, results, ops)
+        return results, ops
+
+    results, ops = await asyncio.to_thread(plan)
     await _check_refs(store, desired)
     # A Tier that goes must lose its policies here: deleted, or moved to another tier.
     deletes = [op for op in ops if op.action == "delete"]
@@ -821,7 +823,7 @@ async def _converge(request: web.Request, identity: Identity, desired: list[Reso
     await _check_tiers_emptied(store, deletes,
                                leaving={(op.kind, op.name) for op in deletes} | moved)
     revision = await _commit(store, ops, identity, dry_run, "changed")
-    return _json({"dryRun": dry_run, "revision": revision, "results": results})
+    return await _big_json({"dryRun": dry_run, "revision": revision, "results": results})
 
 
 def _plan_delete(identity: Identity, s: Stored, results: list[dict[str, Any]],
@@ -882,8 +884,9 @@ async def rollback(request: web.Request) -> web.Response:
     if target is None:
         raise ApiError(400, "BadRequest", "revision: required (the revision to go back to)")
     then = await _past(request, target)
-    try:
-        desired = [parse_resource(_strip(s.doc)) for s in then]
+    try:   # every resource validated: CPU work, off the event loop
+        desired = await asyncio.to_thread(lambda: [parse_resource(_strip(s.doc))
+                                                   for s in then])
     except ValidationError as e:
         raise ApiError(422, "Invalid", f"at revision {target}: {e}; it is not valid today, "
                        "nothing was changed") from None
@@ -1039,11 +1042,19 @@ async def export(request: web.Request) -> web.Response:
         items, revision = await request.app[STORE].list_resources()
     else:
         items = await _past(request, revision)
+    return web.Response(text=await asyncio.to_thread(_export_body, items, revision, tier),
+                        content_type="application/json")
+
+
+def _export_body(items: list[Stored], revision: int, tier: str | None) -> str:
+    """The export's answer: the resources (of `tier`), dependencies first, without the
+    fields the server owns. Stripping and serializing every resource is CPU work: the
+    caller runs it off the event loop."""
     if tier is not None:
         items = [s for s in items if (s.kind == "Tier" and s.name == tier) or
                  (s.kind in POLICY_KINDS and s.doc.get("spec", {}).get("tier") == tier)]
     items = sorted(items, key=lambda s: (DELETE_ORDER.get(s.kind, 3) * -1, s.kind, s.name))
-    return _json({"revision": revision, "items": [_strip(s.doc) for s in items]})
+    return json.dumps({"revision": revision, "items": [_strip(s.doc) for s in items]})
 
 
 async def history(request: web.Request) -> web.Response:
