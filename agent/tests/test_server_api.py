@@ -208,6 +208,58 @@ async def test_rollback_and_export_work_off_the_event_loop(
     assert on_loop == []
 
 
+NETSET = ("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: %s}\n"
+          "spec: {nets: [%s]}\n")
+
+
+async def test_a_write_during_a_rollback_fails_the_rollback_whole(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rollback plans from its reading of the whole store: a write that lands between
+    that reading and its commit (a change it would leave, a resource it would not delete)
+    made it answer 200 with a store unlike the revision. It is refused (409), nothing
+    written; once again, it restores the revision."""
+    from bulkhead.server import app
+
+    async with server.client("alice", "admin") as alice, server.client("bob", "admin") as bob:
+        async with alice.post("/v1/apply", data=NETSET % ("keep", "198.18.0.0/24") + "---\n" +
+                              NETSET % ("x", "198.18.1.0/24")) as r:
+            good = (await r.json())["revision"]
+        async with alice.post("/v1/apply", data=NETSET % ("x", "198.18.2.0/24")) as r:
+            assert r.status == 200
+        real, entered, go = app._check_refs, asyncio.Event(), asyncio.Event()
+
+        async def held(store: Any, resources: Any) -> None:   # after the rollback's plan
+            entered.set()
+            await go.wait()
+            await real(store, resources)
+
+        monkeypatch.setattr(app, "_check_refs", held)
+
+        async def rollback() -> tuple[int, str]:
+            async with alice.post("/v1/rollback", params={"revision": str(good)}) as r:
+                return r.status, await r.text()
+
+        rolling = asyncio.create_task(rollback())
+        await asyncio.wait_for(entered.wait(), 10)
+        monkeypatch.setattr(app, "_check_refs", real)
+        async with bob.post("/v1/apply", data=NETSET % ("keep", "198.18.9.0/24") + "---\n" +
+                            NETSET % ("late", "198.18.8.0/24")) as r:
+            assert r.status == 200
+        async with alice.get("/v1/export") as r:
+            before = (await r.json())["items"]
+        go.set()
+        status, text = await asyncio.wait_for(rolling, 10)
+        assert status == 409 and "the store changed" in text and "try again" in text, text
+        async with alice.get("/v1/export") as r:
+            assert (await r.json())["items"] == before
+        async with alice.post("/v1/rollback", params={"revision": str(good)}) as r:
+            assert r.status == 200
+        async with alice.get("/v1/export") as r:
+            now = (await r.json())["items"]
+        async with alice.get("/v1/export", params={"revision": str(good)}) as r:
+            assert now == (await r.json())["items"]
+
+
 async def test_roles(server: Server) -> None:
     async with server.client("alice", "admin") as admin:
         async with admin.post("/v1/apply", data=POLICY) as r:

@@ -15,6 +15,7 @@ import pytest
 
 from bulkhead.selector import parse
 from bulkhead.store import (
+    Audit,
     Conflict,
     Datastore,
     Event,
@@ -23,6 +24,7 @@ from bulkhead.store import (
     Op,
     Referrers,
     StillReferenced,
+    StoreChanged,
     TooLarge,
     TooOld,
     TxResult,
@@ -294,6 +296,32 @@ async def test_status_reports_stay_out_of_resources_and_watch(store: Datastore) 
     events = await asyncio.wait_for(_collect(store, start, 1), 10)
     assert [(e.name, e.revision) for e in events] == [("a", made.revision)]
     assert [e.name for e in await store.history(start, made.revision)] == ["a"]
+
+
+async def test_a_write_on_a_reading_of_the_store_commits_on_it_or_not_at_all(
+        store: Datastore) -> None:
+    """`unchanged_since`: any resource put, created or deleted (through the API: audited)
+    after the reading refuses the transaction whole; status reports do not count."""
+    who = Audit("alice", "admin")
+    await store.transaction([Op("put", "GlobalNetworkSet", n, netset(n)) for n in "abc"], who)
+    _, read_at = await store.list_resources()
+    await store.put_status("node-1", {"kind": "AgentStatus", "metadata": {"name": "node-1"},
+                                      "status": {"appliedRevision": read_at}})
+    made = await store.transaction([Op("put", "GlobalNetworkSet", "x", netset("x"))], who,
+                                   unchanged_since=read_at)
+    for change in ([Op("put", "GlobalNetworkSet", "a", {**netset("a"), "spec": {
+                        "nets": ["198.18.1.0/24"]}})],
+                   [Op("put", "GlobalNetworkSet", "late", netset("late"))],
+                   [Op("delete", "GlobalNetworkSet", "b")]):
+        _, read_at = await store.list_resources()
+        await store.transaction(change, who)
+        before, _ = await store.list_resources()
+        with pytest.raises(StoreChanged, match=f"after revision {read_at}"):
+            await store.transaction([Op("delete", "GlobalNetworkSet", "x")], who,
+                                    unchanged_since=read_at)
+        assert (await store.list_resources())[0] == before   # nothing written
+    assert made.revision > 0
+    assert {s.name for s in (await store.list_resources())[0]} == {"a", "c", "late", "x"}
 
 
 async def test_a_nodes_status_report_can_be_forgotten(store: Datastore) -> None:

@@ -388,7 +388,7 @@ def _requires(resource: Resource) -> tuple[tuple[str, str], ...]:
 
 
 async def _commit(store: Datastore, ops: list[Op], identity: Identity, dry_run: bool,
-                  what: str) -> int | None:
+                  what: str, unchanged_since: int | None = None) -> int | None:
     """Write `ops` as one audited transaction (unless `dry_run`; the datastore's size limit
     is checked either way); the new revision. Each refusal names what went wrong and that
     nothing was `what` (applied, deleted, changed)."""
@@ -396,7 +396,8 @@ async def _commit(store: Datastore, ops: list[Op], identity: Identity, dry_run: 
         store.check_size(ops, audited=True)
         if dry_run or not ops:
             return None
-        return (await store.transaction(ops, _audit(identity))).revision
+        return (await store.transaction(ops, _audit(identity),
+                                        unchanged_since=unchanged_since)).revision
     except (Conflict, NotFound) as e:
         raise ApiError(409, "Conflict", f"{e}; nothing was {what}, try again") from None
     except MissingReference as e:
@@ -790,7 +791,8 @@ POLICY_KINDS = ("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy")
 
 
 async def _converge(request: web.Request, identity: Identity, desired: list[Resource],
-                    scope: list[Stored]) -> web.Response:
+                    scope: list[Stored], unchanged_since: int | None = None
+                    ) -> web.Response:
     """Make the store hold exactly `desired` where it now holds `scope`: puts for what is
     new or differs, deletes for what `scope` has and `desired` lacks, in one transaction
     (all or nothing); with `?dryRun=true` only the answer. Results as apply's, with
@@ -822,7 +824,7 @@ async def _converge(request: web.Request, identity: Identity, desired: list[Reso
              if isinstance(r, GlobalNetworkPolicy) and r.spec.tier not in gone_tiers}
     await _check_tiers_emptied(store, deletes,
                                leaving={(op.kind, op.name) for op in deletes} | moved)
-    revision = await _commit(store, ops, identity, dry_run, "changed")
+    revision = await _commit(store, ops, identity, dry_run, "changed", unchanged_since)
     return await _big_json({"dryRun": dry_run, "revision": revision, "results": results})
 
 
@@ -890,8 +892,10 @@ async def rollback(request: web.Request) -> web.Response:
     except ValidationError as e:
         raise ApiError(422, "Invalid", f"at revision {target}: {e}; it is not valid today, "
                        "nothing was changed") from None
-    scope, _ = await request.app[STORE].list_resources()
-    return await _converge(request, identity, desired, scope)
+    scope, read_at = await request.app[STORE].list_resources()
+    # Committed on this reading or not at all: a write that came in between (a change
+    # the rollback would not undo, a resource it would not delete) fails it, 409.
+    return await _converge(request, identity, desired, scope, unchanged_since=read_at)
 
 
 PROMOTE_MAX_BODY = 256 * 1024

@@ -17,6 +17,7 @@ from bulkhead.store.base import (
     Op,
     Referrers,
     StillReferenced,
+    StoreChanged,
     Stored,
     StoreError,
     TooLarge,
@@ -30,7 +31,8 @@ from bulkhead.store.base import (
 
 __all__ = ["Audit", "BeforeUndo", "CommitTimes", "Conflict", "Datastore", "Event", "FutureRevision",
            "MissingReference", "NotFound", "Op",
-           "Referrers", "StillReferenced", "StoreError", "Stored", "TooLarge", "TooOld",
+           "Referrers", "StillReferenced", "StoreChanged", "StoreError", "Stored", "TooLarge",
+           "TooOld",
            "TxResult", "Unavailable", "create", "delete", "open_store", "update"]
 
 

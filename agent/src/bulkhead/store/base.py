@@ -38,6 +38,16 @@ class Conflict(StoreError):
         super().__init__(f"{kind} {name}: {reason}")
 
 
+class StoreChanged(Conflict):
+    """A transaction made on a reading of the whole store (`unchanged_since`) found a
+    resource written after that reading: nothing is written."""
+
+    def __init__(self, since: int) -> None:
+        self.kind, self.name, self.since = "", "", since
+        self.reason = f"a resource was written after revision {since}, which this was read at"
+        StoreError.__init__(self, f"the store changed: {self.reason}")
+
+
 class TooOld(StoreError):
     """The requested revision is older than the history the store keeps: resync."""
 
@@ -256,9 +266,13 @@ class Datastore(Protocol):
                    ) -> tuple[list[Stored], int]:
         """Resources (of a kind, matching a label selector) and the revision they are at."""
 
-    async def transaction(self, ops: Sequence[Op], audit: Audit | None = None) -> TxResult:
+    async def transaction(self, ops: Sequence[Op], audit: Audit | None = None, *,
+                          unchanged_since: int | None = None) -> TxResult:
         """Every op or none, under one new revision. Conflict/NotFound leave no trace.
-        With `audit`, who wrote what is kept with the revision (see `audit_log`)."""
+        With `audit`, who wrote what is kept with the revision (see `audit_log`). With
+        `unchanged_since` (a revision `list_resources` answered), StoreChanged unless no
+        resource was written (put or deleted) after it: a write planned from a reading of
+        the whole store (a rollback) commits on that reading or not at all."""
 
     async def revision(self) -> int:
         """The current revision."""

@@ -40,6 +40,7 @@ from bulkhead.store.base import (
     NotFound,
     Op,
     StillReferenced,
+    StoreChanged,
     Stored,
     TooLarge,
     TooOld,
@@ -191,6 +192,17 @@ class EtcdStore:
                 "resources, each all or nothing, or raise --max-txn-ops on every etcd "
                 "member and set ?max-txn-ops=N in the datastore URL", needed, self.max_ops)
 
+    async def _changed_since(self, revision: int) -> bool:
+        """Whether a resource or an audit entry was written after `revision`. (etcd counts
+        a range before its mod-revision filter: the keys themselves, filtered, say it.)"""
+        for start in (self.prefix, self._audit_prefix):
+            found = await self._call("/v3/kv/range", {
+                "key": _b64(start), "range_end": _prefix_end(start), "keys_only": True,
+                "min_mod_revision": str(revision + 1)})
+            if found.get("kvs"):
+                return True
+        return False
+
     async def _read(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The current key-values of `keys` (absent ones left out), read in chunks the
         transaction limit allows; the commit compares every one of them."""
@@ -230,17 +242,25 @@ class EtcdStore:
                            if op.unreferenced.refers(key[0], doc or {}, op.name))
         return referrers, str(ref_revision)
 
-    async def transaction(self, ops: Sequence[Op], audit: Audit | None = None) -> TxResult:
+    async def transaction(self, ops: Sequence[Op], audit: Audit | None = None, *,
+                          unchanged_since: int | None = None) -> TxResult:
         if not ops:
             return TxResult(await self.revision())
         self.check_size(ops, audit is not None)
+        # unchanged_since: no resource key, nor audit entry (a delete leaves no key, but
+        # its transaction's entry), modified after that revision. Compared over their
+        # ranges (status reports, which move etcd's revision too, are elsewhere).
+        guards = [] if unchanged_since is None else [
+            {"key": _b64(start), "range_end": _prefix_end(start), "target": "MOD",
+             "result": "LESS", "mod_revision": str(unchanged_since + 1)}
+            for start in (self.prefix, self._audit_prefix)]
         keys = [self._key(op.kind, op.name) for op in ops]
         writes = {(op.kind, op.name): op.action for op in ops}
         required = sorted({ref for op in ops if op.action == "put" for ref in op.requires})
         required_keys = [self._key(k, n) for k, n in required if (k, n) not in writes]
         for _ in range(RETRIES):
             current = await self._read([*keys, *required_keys])
-            compares, requests, planned = [], [], []
+            compares, requests, planned = list(guards), [], []
             # What each write expects of its own key first, then what it refers to, as
             # SQLite checks them: a refused write gets the same answer on either store.
             for op, key in zip(ops, keys, strict=True):
@@ -308,6 +328,8 @@ class EtcdStore:
                 self.commits.failures += 1
                 raise
             if not done.get("succeeded"):
+                if unchanged_since is not None and await self._changed_since(unchanged_since):
+                    raise StoreChanged(unchanged_since)
                 continue  # another writer changed a key between our read and commit
             self.commits.add(time.perf_counter() - started)
             revision = int(done["header"]["revision"])

@@ -45,6 +45,7 @@ from bulkhead.store.base import (
     NotFound,
     Op,
     StillReferenced,
+    StoreChanged,
     Stored,
     TooLarge,
     TooOld,
@@ -98,6 +99,7 @@ class _Pending:
     ops: list[Op]
     audit: Audit | None
     done: asyncio.Future[TxResult]
+    since: int | None = None    # unchanged_since: the revision the store must still be at
 
 
 Outcome = tuple[TxResult, list[Event]] | Exception   # a transaction's, in a group commit
@@ -344,6 +346,8 @@ class SQLiteStore:
                 if several:
                     db.execute("SAVEPOINT tx")
                 try:
+                    if pending.since is not None and revision > pending.since:
+                        raise StoreChanged(pending.since)
                     outcome = self._apply_one(pending.ops, pending.audit, revision + 1)
                 except sqlite3.Error:
                     raise                      # the database's failure: the whole group's
@@ -370,14 +374,15 @@ class SQLiteStore:
         self._to_feed([o[1] for o in outcomes if not isinstance(o, Exception)])
         return outcomes
 
-    async def transaction(self, ops: Sequence[Op], audit: Audit | None = None) -> TxResult:
+    async def transaction(self, ops: Sequence[Op], audit: Audit | None = None, *,
+                          unchanged_since: int | None = None) -> TxResult:
         if not ops:
             return TxResult(await self.revision())
         self.check_size(ops)
         loop = asyncio.get_running_loop()
         if self._committing:   # a commit is under way: this one goes in the next
             done: asyncio.Future[TxResult] = loop.create_future()
-            self._pending.append(_Pending(list(ops), audit, done))
+            self._pending.append(_Pending(list(ops), audit, done, unchanged_since))
             return await done
         # None under way: commit it at once (what comes meanwhile waits), in a task of its
         # own: a caller cancelled (its client gone) while the commit runs cancels only its
@@ -386,7 +391,8 @@ class SQLiteStore:
         # leaves before they do their work.
         self._committing = True
         done = loop.create_future()
-        commit = loop.create_task(self._commit_lone(loop, _Pending(list(ops), audit, done)))
+        commit = loop.create_task(self._commit_lone(loop, _Pending(list(ops), audit, done,
+                                                                   unchanged_since)))
         self._lone.add(commit)                   # held until done (the loop holds tasks
         commit.add_done_callback(self._lone.discard)   # weakly)
         return await done
