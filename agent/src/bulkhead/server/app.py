@@ -393,7 +393,7 @@ async def _commit(store: Datastore, ops: list[Op], identity: Identity, dry_run: 
     is checked either way); the new revision. Each refusal names what went wrong and that
     nothing was `what` (applied, deleted, changed)."""
     try:
-        store.check_size(ops, audited=True)
+        store.check_size(ops, audited=True, unchanged=unchanged_since is not None)
         if dry_run or not ops:
             return None
         return (await store.transaction(ops, _audit(identity),

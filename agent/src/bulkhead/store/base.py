@@ -255,9 +255,10 @@ class Datastore(Protocol):
     commits: CommitTimes
     """The commits this process made, and how long they took."""
 
-    def check_size(self, ops: Sequence[Op], audited: bool = False) -> None:
+    def check_size(self, ops: Sequence[Op], audited: bool = False,
+                   unchanged: bool = False) -> None:
         """Raise TooLarge when `ops` cannot commit as one transaction here (with an audit
-        entry when `audited`)."""
+        entry when `audited`, on an unchanged store when `unchanged`)."""
 
     async def get(self, kind: str, name: str) -> Stored:
         """The resource, or NotFound."""

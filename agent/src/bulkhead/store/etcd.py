@@ -165,25 +165,31 @@ class EtcdStore:
     def _ref_key(self, kind: str, name: str) -> str:
         return f"{self._refs_prefix}{kind}/{name}"
 
-    def _size(self, ops: Sequence[Op], audited: bool) -> tuple[int, int]:
+    def _size(self, ops: Sequence[Op], audited: bool, unchanged: bool = False
+              ) -> tuple[int, int]:
         """The compares and the writes the commit of `ops` holds (one more write for the
-        audit entry when `audited`)."""
+        audit entry when `audited`, two more compares for an unchanged store)."""
         keys = {(op.kind, op.name) for op in ops}
         required = {ref for op in ops if op.action == "put" for ref in op.requires}
         guarded = sum(1 for op in ops if op.action == "delete" and op.unreferenced)
-        return (len(ops) + len(required - keys) + guarded,
+        return (len(ops) + len(required - keys) + guarded + 2 * int(unchanged),
                 len(ops) + len(required) + int(audited))
 
-    def check_size(self, ops: Sequence[Op], audited: bool = False) -> None:
-        compares, writes = self._size(ops, audited)
+    def check_size(self, ops: Sequence[Op], audited: bool = False,
+                   unchanged: bool = False) -> None:
+        compares, writes = self._size(ops, audited, unchanged)
         needed = max(compares, writes)
         if needed > self.max_ops:
             extra = needed - len(ops)
+            # the larger side's own: the audit entry is a write, the unchanged store two
+            # compares
+            own = 2 * int(unchanged) if compares > writes else int(audited)
             parts = ["one per resource"]
-            if extra - int(audited) > 0:
-                parts.append(f"{extra - int(audited)} for the tiers they refer to")
-            if audited:
-                parts.append("1 for the audit entry")
+            if extra - own > 0:
+                parts.append(f"{extra - own} for the tiers they refer to")
+            if own:
+                parts.append("2 to compare the store unchanged" if compares > writes
+                             else "1 for the audit entry")
             refs = f" ({', '.join(parts)})"
             raise TooLarge(
                 f"{len(ops)} resources need {needed} operations in one etcd transaction"
@@ -246,7 +252,7 @@ class EtcdStore:
                           unchanged_since: int | None = None) -> TxResult:
         if not ops:
             return TxResult(await self.revision())
-        self.check_size(ops, audit is not None)
+        self.check_size(ops, audit is not None, unchanged_since is not None)
         # unchanged_since: no resource key, nor audit entry (a delete leaves no key, but
         # its transaction's entry), modified after that revision. Compared over their
         # ranges (status reports, which move etcd's revision too, are elsewhere).

@@ -262,7 +262,8 @@ class SQLiteStore:
         return int(await self._run(self._meta, "revision"))
 
     # -- writes -----------------------------------------------------------------------
-    def check_size(self, ops: Sequence[Op], audited: bool = False) -> None:
+    def check_size(self, ops: Sequence[Op], audited: bool = False,
+                   unchanged: bool = False) -> None:
         if len(ops) > self.max_ops:
             raise TooLarge(f"{len(ops)} writes in one transaction; the SQLite datastore "
                            f"takes at most {self.max_ops}: split it into smaller ones",
