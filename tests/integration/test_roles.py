@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import yaml
 from bulkhead import pki
 from bulkhead.agent.config import load_config
 from bulkhead.server.main import ServerConfig
-from conftest import BIN, HERE, ansible_env, run
+from conftest import BIN, HERE, ansible_env, run, start_server, stop_server
 
 ROOT = HERE.parents[1]
 ROLES = ("pki", "server", "agent", "common")
@@ -940,6 +941,101 @@ def test_a_service_user_that_cannot_read_its_key_is_refused(tmp_path, role):
             assert "Fail when the service's user cannot read its key" in done.stdout
             assert said not in done.stdout and "belongs to" not in done.stdout, \
                 done.stdout[-3000:]
+
+
+# ------------------------------------------------ the wait after a restart, twice in a run
+TWICE = """\
+- name: The agent role's wait, in a second run of the role on a host
+  hosts: web-1
+  connection: local
+  gather_facts: false
+  environment:
+    PATH: "{stub}:{{{{ lookup('ansible.builtin.env', 'PATH') }}}}"
+  vars:
+    bulkhead_agent_node_name: web-1
+    bulkhead_agent_server_host: 127.0.0.1
+    bulkhead_agent_pki_dir: {pki}
+    bulkhead_agent_user: root
+    bulkhead_agent_api_url: {url}
+    bulkhead_agent_api_ca_path: {pki}/ca.crt
+    bulkhead_agent_api_client_cert: {pki}/admin.crt
+    bulkhead_agent_api_client_key: {pki}/admin.key
+    bulkhead_agent_wait_timeout: 2
+  tasks:
+    - name: The handler's restart in the role's first run
+      ansible.builtin.command: "true"
+      changed_when: true
+      register: _bulkhead_agent_restarted
+
+    - name: The role's second run, its preflight, nothing to restart
+      ansible.builtin.include_role:
+        name: bulkhead.microseg.agent
+        tasks_from: preflight
+
+    - name: Its wait
+      ansible.builtin.include_role:
+        name: bulkhead.microseg.agent
+        tasks_from: wait
+
+    - name: "@@ the wait passed @@"
+      ansible.builtin.debug:
+
+    - name: A restart in this run does wait for the agent it started
+      block:
+        - name: The handler's restart in this run
+          ansible.builtin.command: "true"
+          changed_when: true
+          register: _bulkhead_agent_restarted
+
+        - name: Its wait
+          ansible.builtin.include_role:
+            name: bulkhead.microseg.agent
+            tasks_from: wait
+
+        - name: Not here
+          ansible.builtin.fail:
+            msg: the wait passed on the report of the agent before the restart
+      rescue:
+        - name: "@@ the wait failed: {{{{ ansible_failed_result.msg }}}} @@"
+          ansible.builtin.debug:
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the key belongs to root")
+def test_a_restart_in_an_earlier_run_of_the_role_is_not_waited_for(tmp_path):
+    """The wait asks a report of an agent started after the preflight when the handler
+    restarted it: a restart an earlier run of the role made on the host (a second
+    include_role, another play of the same ansible-playbook run) stayed registered, so the
+    second run waited for a restart it never made and failed after its timeout, though the
+    agent ran and reported the revision. systemctl is a stand-in saying the agent runs."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    pki.init_ca(d)
+    pki.issue(d, "server", server=True, hosts=("127.0.0.1",))
+    pki.issue(d, "admin", role="admin")
+    pki.issue(d, "web-1", role="agent")
+    shutil.copy(d / "web-1.crt", d / "agent.crt")
+    shutil.copy(d / "web-1.key", d / "agent.key")
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "systemctl").write_text(
+        "#!/bin/sh\ncase \"$1\" in is-system-running) echo running;; is-active) echo active;; "
+        "esac\n")
+    (stub / "systemctl").chmod(0o755)
+    srv = start_server(d, who="admin")
+    try:
+        revision = srv.request("GET", "/v1/nodes")["revision"]
+        srv.request("POST", "/v1/status/web-1", {"appliedRevision": revision, "counters": {
+            "startedAt": round(time.time() - 600, 3)}}, who="web-1")   # running for a while
+        play = tmp_path / "play.yml"
+        play.write_text(TWICE.format(stub=stub, pki=d, url=srv.url))
+        done = run(["ansible-playbook", "-i", "web-1,", str(play)], env(), check=False)
+    finally:
+        stop_server(srv)
+    assert "@@ the wait passed @@" in done.stdout, done.stdout[-4000:]
+    assert re.search(r"@@ the wait failed: .*web-1 \(at \d+, no report yet from an agent "
+                     r"started after the restart\)", done.stdout), done.stdout[-4000:]
+    assert done.returncode == 0, done.stdout[-4000:]
 
 
 # ------------------------------------------------------ the venv install, for real
