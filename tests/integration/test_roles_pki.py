@@ -304,7 +304,8 @@ def test_diff_shows_no_private_key(tmp_path):
     """`--check --diff` (what docs/roles.md runs first) and a run with --diff show what
     the certificates' copies change, never a private key's text: a pipeline's log keeps it.
     A new agent certificate on a host running both restarts the agent, not the server
-    (which restarts for its own certificate and for the CA's)."""
+    (which restarts for its own certificate and for the CA's), also through site.yml's two
+    plays."""
     if os.geteuid() != 0:
         pytest.skip("the role chowns the keys it distributes: run as root")
     ca, target = tmp_path / "ca", tmp_path / "target"
@@ -323,7 +324,23 @@ def test_diff_shows_no_private_key(tmp_path):
     assert "PRIVATE KEY" in (target / "web-1" / "agent.key").read_text()
     assert "@@ restart server @@" in again and "@@ restart agent @@" in again, again
 
+    # The renewal through site.yml's two plays (its pki roles as they are there, the
+    # services' roles replaced by the stand-ins): srv-1, in both groups, gets its agent's
+    # certificate in the agents' play, whose handler restarts the agent, not the server.
+    plays = []
+    for play in yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())[:2]:
+        role = next(r for r in play["roles"] if r["role"] == "bulkhead.microseg.pki")
+        service = "server" if play["hosts"] == "bulkhead_servers" else "agent"
+        plays.append({
+            "name": play["name"], "hosts": play["hosts"], "connection": "local",
+            "gather_facts": False,
+            "roles": [{"role": "bulkhead.microseg.pki", "vars": {
+                **yaml.safe_load(PKI_PLAY.format(ca=ca, target=target))[0]["roles"][0]["vars"],
+                **role.get("vars", {})}}],
+            "handlers": [h for h in json.loads(stand_ins()) if service in h["name"]]})
+    (tmp_path / "site.yml").write_text(json.dumps(plays))
     (target / "srv-1" / "agent.crt").unlink()   # copied again: the agent's alone
-    renewed = run(cmd, env()).stdout
+    renewed = run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"),
+                   str(tmp_path / "site.yml")], env()).stdout
     assert "@@ restart agent @@" in renewed, renewed
     assert "@@ restart server @@" not in renewed, renewed
