@@ -1225,3 +1225,48 @@ def test_an_agent_config_the_agent_refuses_is_not_written(tmp_path):
     assert (tmp_path / "etc" / "agent.yaml").read_text() == written
     run(cmd + ["-e", '{"bulkhead_agent_config": {"driftInterval": 45}}'], env())
     assert load_config(tmp_path / "etc" / "agent.yaml").drift_interval == 45
+
+
+STAGED_AND_ENFORCED = [
+    {"apiVersion": "projectcalico.org/v3", "kind": "StagedGlobalNetworkPolicy",
+     "metadata": {"name": "default.trial"},
+     "spec": {"selector": "app == 'web'", "types": ["Ingress"],
+              "ingress": [{"action": "Allow", "protocol": "TCP",
+                           "destination": {"ports": [8080]}}]}},
+    {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+     "metadata": {"name": "default.manual"},
+     "spec": {"selector": "app == 'db'", "types": ["Ingress"],
+              "ingress": [{"action": "Allow", "protocol": "TCP",
+                           "destination": {"ports": [5432]}}]}},
+]
+
+
+def test_rollback_finds_the_promotion_not_a_delete_or_a_sync_that_looks_like_one(
+        own_server, tmp_path):
+    """rollback.yml's "last promotion" is an entry that deleted a staged policy and wrote
+    the GlobalNetworkPolicy of its name: not a `bulkhead delete -f` of a staged and an
+    enforced policy in one transaction, nor a tier's sync deleting a staged policy and
+    writing another policy, both of which came after it."""
+    server = own_server
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    staged = dict(STAGED_AND_ENFORCED[0], metadata={"name": "default.web"})
+    server.request("POST", "/v1/apply", [staged])
+    before = server.request("POST", "/v1/promote", {"names": ["default.web"]})["revision"] - 1
+    assert names(server, "GlobalNetworkPolicy") == ["default.web"]
+    # Later: a staged and an enforced policy applied, then deleted in one transaction;
+    # then a staged policy applied and a sync of tier default that drops it.
+    server.request("POST", "/v1/apply", STAGED_AND_ENFORCED)
+    server.request("POST", "/v1/delete", STAGED_AND_ENFORCED)
+    server.request("POST", "/v1/apply", STAGED_AND_ENFORCED[:1])
+    web = server.request("GET", "/v1/resources/GlobalNetworkPolicy/default.web")
+    server.request("POST", "/v1/sync?tier=default", [
+        {k: web[k] for k in ("apiVersion", "kind", "spec")} | {"metadata": {"name": "default.web"}},
+        STAGED_AND_ENFORCED[1]])
+    kinds = [c["kind"] for c in server.request("GET", "/v1/history?limit=1")["entries"][0]["changes"]]
+    assert sorted(kinds) == ["GlobalNetworkPolicy", "StagedGlobalNetworkPolicy"], kinds
+    checked = " ".join(playbook(server, tmp_path, "rollback.yml", "--check").stdout.split())
+    assert "TASK [Roll back to revision %d]" % before in checked, checked
+    playbook(server, tmp_path, "rollback.yml")
+    assert names(server, "StagedGlobalNetworkPolicy") == ["default.web"]
+    assert names(server, "GlobalNetworkPolicy") == []
