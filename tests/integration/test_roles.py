@@ -1270,3 +1270,23 @@ def test_rollback_finds_the_promotion_not_a_delete_or_a_sync_that_looks_like_one
     playbook(server, tmp_path, "rollback.yml")
     assert names(server, "StagedGlobalNetworkPolicy") == ["default.web"]
     assert names(server, "GlobalNetworkPolicy") == []
+
+
+def test_onboarding_a_group_leaves_the_endpoints_of_the_other_hosts(own_server, tmp_path):
+    """onboard.yml with bulkhead_onboard_group deletes only the endpoints of hosts gone
+    from the inventory: a host still there, outside the group, keeps its endpoint (and
+    its mode) as it is, in --check as for real."""
+    server = own_server
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    playbook(server, tmp_path, "onboard.yml")
+    web = ("-e", "bulkhead_onboard_group=bulkhead_servers", "-e", "bulkhead_enforcement=enforce")
+    checked = " ".join(playbook(server, tmp_path, "onboard.yml", "--check", *web).stdout.split())
+    assert "deleted 0 host endpoints" in checked, checked
+    text = " ".join(playbook(server, tmp_path, "onboard.yml", *web).stdout.split())
+    assert modes(server) == {"node-1": "enforce", "node-2": "observe"}
+    assert "left as they are, their hosts being outside group bulkhead_servers: node-2" in text, text
+    # A host that left the inventory still loses its endpoint.
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port).split("        node-2:")[0])
+    playbook(server, tmp_path, "onboard.yml", *web)
+    assert modes(server) == {"node-1": "enforce"}
