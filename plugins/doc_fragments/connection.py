@@ -131,7 +131,8 @@ options:
     default: false
   wait_timeout:
     description:
-      - Seconds to wait with O(wait=true) before failing, naming the nodes that lag.
+      - Seconds to wait with O(wait=true) before failing, naming the nodes that lag. The
+        write stays; the failed task is changed and returns what it wrote.
       - A value that is not a finite number (V(nan), V(inf)) fails before anything is written.
     type: float
     default: 120

@@ -101,8 +101,6 @@ class BulkheadModule(AnsibleModule):
         agents enforce the revision it wrote."""
         try:
             result = func()
-            if "wait" in self.params:
-                result = wait_for_write(self, result)
         except NotConverged as e:
             self.fail_json(msg=str(e), revision=e.result.get("revision"),
                            nodes=e.result.get("nodes"), missing=e.result.get("missing"))
@@ -113,4 +111,29 @@ class BulkheadModule(AnsibleModule):
             self.fail_json(msg=str(e))
         if not self._diff:
             result.pop("diff", None)
+        if "wait" in self.params:
+            try:
+                result = wait_for_write(self, result)
+            except BulkheadError as e:
+                self.fail_after_write(result, e)
         self.exit_json(**result)
+
+    def fail_after_write(self, result, error):
+        """The wait after a write failed (agents not converged in time, the server gone):
+        the write stays, so the task fails as changed, with what it wrote, saying so."""
+        out = dict(result)
+        out["changed"] = True
+        if isinstance(error, NotConverged):
+            out.update(nodes=error.result.get("nodes"), missing=error.result.get("missing"))
+            why = str(error)
+        elif isinstance(error, ApiError):
+            out.update(status=error.status, reason=error.reason)
+            why = error.message
+        else:
+            why = str(error)
+        out["msg"] = ("written at revision %s, which stays: the change is in the store, "
+                      "but waiting for the agents to enforce it failed: %s. `bulkhead nodes "
+                      "--revision %s` shows which agent lags and why; a node gone for good "
+                      "holds every wait until `bulkhead delete node NAME`"
+                      % (result.get("revision"), why, result.get("revision")))
+        self.fail_json(**out)

@@ -1290,3 +1290,22 @@ def test_onboarding_a_group_leaves_the_endpoints_of_the_other_hosts(own_server, 
     (tmp_path / "fleet.yml").write_text(FLEET.format(port=port).split("        node-2:")[0])
     playbook(server, tmp_path, "onboard.yml", *web)
     assert modes(server) == {"node-1": "enforce"}
+
+
+def test_a_wait_that_times_out_after_the_write_says_it_was_written(own_server, tmp_path):
+    """onboard.yml's sync writes, then its wait times out (an agent stuck at an older
+    revision): the task fails as changed, with what it wrote and the revision, and says
+    the change stays and how to find the agent that lags."""
+    server = own_server
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    pki.issue(server.pki, "node-1", role="agent")
+    server.request("POST", "/v1/status/node-1", {"appliedRevision": 0}, who="node-1")
+    out = playbook(server, tmp_path, "onboard.yml", "-e", "bulkhead_wait_timeout=1",
+                   check=False)
+    assert out.returncode == 2, out.stdout
+    text = " ".join(out.stdout.split())
+    assert '"changed": true, "created": ["node-1", "node-2"]' in text, text
+    assert "written at revision 1, which stays" in text, text
+    assert "not converged: node-1 (at 0)" in text and "bulkhead nodes --revision 1" in text
+    assert modes(server) == {"node-1": "observe", "node-2": "observe"}
