@@ -1309,3 +1309,22 @@ def test_a_wait_that_times_out_after_the_write_says_it_was_written(own_server, t
     assert "written at revision 1, which stays" in text, text
     assert "not converged: node-1 (at 0)" in text and "bulkhead nodes --revision 1" in text
     assert modes(server) == {"node-1": "observe", "node-2": "observe"}
+
+
+def test_enforce_names_the_revision_to_go_back_to_before_a_step_fails(own_server, tmp_path):
+    """enforce.yml prints the revision before the promotion before promoting: when the
+    promotion's wait times out (an agent stuck), the run stops having promoted, and the
+    revision to return to is in its output."""
+    server = own_server
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    before = server.request("POST", "/v1/apply", [
+        dict(STAGED_AND_ENFORCED[0], metadata={"name": "default.web"})])["revision"]
+    pki.issue(server.pki, "node-1", role="agent")
+    server.request("POST", "/v1/status/node-1", {"appliedRevision": before}, who="node-1")
+    out = playbook(server, tmp_path, "enforce.yml", "-e", "bulkhead_wait_timeout=1",
+                   check=False)
+    assert out.returncode == 2, out.stdout
+    assert names(server, "GlobalNetworkPolicy") == ["default.web"]
+    text = " ".join(out.stdout.split())
+    assert "Revision %d is the store before this promotion" % before in text, text
