@@ -1328,3 +1328,21 @@ def test_enforce_names_the_revision_to_go_back_to_before_a_step_fails(own_server
     assert names(server, "GlobalNetworkPolicy") == ["default.web"]
     text = " ".join(out.stdout.split())
     assert "Revision %d is the store before this promotion" % before in text, text
+
+
+def test_preview_takes_its_gates_from_the_inventory_too(own_server, tmp_path):
+    """preview.yml's settings in the inventory's group_vars/all reach the preview (play
+    variables of the same name hid them: a protected selector kept there was dropped and
+    the gate passed): a selector the server refuses fails the play, naming it."""
+    server = own_server
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "group_vars").mkdir()
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    report = tmp_path / "preview.json"
+    (tmp_path / "group_vars" / "all.yml").write_text(
+        "bulkhead_preview_max_denied: 7\nbulkhead_preview_report: %s\n" % report)
+    out = playbook(server, tmp_path, "preview.yml")
+    assert "connections newly denied 7]" in out.stdout and report.exists(), out.stdout
+    (tmp_path / "group_vars" / "all.yml").write_text("bulkhead_preview_protected: 'app =='\n")
+    out = playbook(server, tmp_path, "preview.yml", check=False)
+    assert out.returncode == 2 and "protected" in out.stdout, out.stdout
