@@ -167,6 +167,26 @@ def test_etcd_refuses_an_apply_over_its_transaction_limit(
     assert len(server.conn.request("GET", "/v1/resources/GlobalNetworkSet")["items"]) == 127
 
 
+def test_a_rollback_over_the_etcd_limit_is_refused_by_its_dry_run_too(
+        pki_dir: Path, servers: list[ServerProcess], etcd: EtcdProcess) -> None:  # noqa: F811
+    """A rollback's commit also compares the resources' and the audit entries' ranges
+    (unchanged since its reading): two compares more than an apply of the same resources.
+    Not counted, 127 deletes passed the size check, so the dry run answered 200 while the
+    rollback itself was refused by etcd; both are 413, saying why. (From the review of the
+    change that added the compares.)"""
+    server = start(pki_dir, servers, _etcd_url(etcd))
+    empty = server.conn.request("GET", "/v1/snapshot")["revision"]
+    apply(server, [netset(f"s{i:05}") for i in range(127)])
+    for query in ({"dryRun": "true"}, {}):
+        with pytest.raises(ApiError) as err:
+            server.conn.request("POST", "/v1/rollback",
+                                query={"revision": str(empty), **query})
+        assert err.value.status == 413, (query, err.value)
+        assert "129 operations" in err.value.message and \
+            "2 to compare the store unchanged" in err.value.message, err.value.message
+    assert len(server.conn.request("GET", "/v1/resources/GlobalNetworkSet")["items"]) == 127
+
+
 # ------------------------------------------------------------------------------ item 7
 def test_a_tier_delete_never_races_a_policy_into_an_orphan(
         pki_dir: Path, servers: list[ServerProcess], datastore: str) -> None:  # noqa: F811
