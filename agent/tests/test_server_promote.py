@@ -5,6 +5,7 @@ in one transaction, or nothing."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from bulkhead.cli.main import main
 from bulkhead.client import ApiError, Connection
-from tests.test_server_limits import apply, datastore, start  # noqa: F401
+from tests.test_server_limits import apply, datastore, start, wait_revision  # noqa: F401
 from tests.test_server_process import ServerProcess, pki_dir, servers  # noqa: F401
 from tests.test_server_revisions import cli_as, policy, tier
 
@@ -197,6 +198,56 @@ def test_promote_refuses_one_of_two_staged_policies_for_one_policy(
     assert names(conn, "GlobalNetworkPolicy") == ["db"]
 
 
+def test_a_promote_pinned_to_what_a_preview_judged(
+        pki_dir: Path, servers: list[ServerProcess], datastore: str) -> None:  # noqa: F811
+    """A preview names the version of each staged policy it judged (`promotedVersions`);
+    a promote pinned to them refuses the whole request, 409, when one changed since, so
+    what is enforced is what the preview showed."""
+    server = start(pki_dir, servers, datastore)
+    conn = server.conn
+    wait_revision(server, apply(server, [policy("old"), staged("old", action="Delete"),
+                                         staged("ssh", port=2222),
+                                         staged("web", port=443)])["revision"])
+    judged = conn.request("POST", "/v1/preview", {"promote": "all", "hours": 1})
+    assert judged["promoted"] == ["old", "ssh", "web"]
+    versions = judged["promotedVersions"]
+    stored = {d["metadata"]["name"]: d["metadata"]["resourceVersion"] for d in
+              conn.request("GET", "/v1/resources/StagedGlobalNetworkPolicy")["items"]}
+    assert versions == stored and len(stored) == 3
+    # One a manifest stands in for was not judged as stored: no version for it.
+    over = conn.request("POST", "/v1/preview", {
+        "promote": "all", "hours": 1, "manifests": json.dumps([staged("ssh", port=1)])})
+    assert over["promoted"] == ["old", "ssh", "web"]
+    assert over["promotedVersions"] == {"old": versions["old"], "web": versions["web"]}
+    # web staged again after the preview: the pinned promotion is refused whole.
+    changed = apply(server, [staged("web", port=8443)])["revision"]
+    before = everything(conn)
+    for dry_run in (True, False):
+        with pytest.raises(ApiError) as err:
+            conn.request("POST", "/v1/promote", {"names": judged["promoted"],
+                                                 "resourceVersions": versions,
+                                                 "dryRun": dry_run})
+        assert err.value.status == 409
+        assert f"StagedGlobalNetworkPolicy web: resourceVersion is {changed}, not " \
+            f"{versions['web']}" in err.value.message
+        assert "nothing was promoted" in err.value.message
+    assert everything(conn) == before
+    for bad, field in (({"names": ["ssh"], "resourceVersions": {"web": "1"}}, "'web'"),
+                       ({"names": ["ssh"], "resourceVersions": ["1"]}, "resourceVersions"),
+                       ({"names": ["ssh"], "resourceVersions": {"ssh": 7}}, ".ssh"),
+                       ({"names": ["ssh"], "resourceVersions": {"ssh": ""}}, ".ssh")):
+        with pytest.raises(ApiError) as err:
+            conn.request("POST", "/v1/promote", bad)
+        assert err.value.status == 400 and field in err.value.message, bad
+    assert everything(conn) == before
+    # The pins that still hold promote; web, not named, stays staged.
+    conn.request("POST", "/v1/promote", {
+        "names": ["old", "ssh"],
+        "resourceVersions": {"old": versions["old"], "ssh": versions["ssh"]}})
+    assert names(conn, "GlobalNetworkPolicy") == ["ssh"]
+    assert names(conn, "StagedGlobalNetworkPolicy") == ["web"]
+
+
 def test_cli_promote(pki_dir: Path, servers: list[ServerProcess],  # noqa: F811
                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -217,3 +268,40 @@ def test_cli_promote(pki_dir: Path, servers: list[ServerProcess],  # noqa: F811
     assert names(server.conn, "StagedGlobalNetworkPolicy") == []
     assert main(["promote", "ssh"]) == 1
     assert "StagedGlobalNetworkPolicy ssh not found" in capsys.readouterr().err
+
+
+def test_cli_promotes_what_a_kept_preview_judged(
+        pki_dir: Path, servers: list[ServerProcess], tmp_path: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    server = start(pki_dir, servers, f"sqlite://{pki_dir}/store.db")
+    cli_as(server.conn, monkeypatch, tmp_path)
+    wait_revision(server, apply(server, [staged("ssh", port=2222),
+                                         staged("web", port=443)])["revision"])
+    assert main(["preview", "-o", "json", "--hours", "1"]) == 0
+    report = tmp_path / "preview.json"
+    report.write_text(capsys.readouterr().out)
+    for bad, said in (("[]", "not a preview of this version"),
+                      ('{"promoted": ["ssh"], "promotedVersions": {}}',
+                       "ssh was judged from a file"), ("{", "cannot read a preview's JSON")):
+        (tmp_path / "bad.json").write_text(bad)
+        assert main(["promote", "--preview", str(tmp_path / "bad.json")]) == 2
+        assert said in capsys.readouterr().err
+    assert main(["promote", "ssh", "--preview", str(report)]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["promote"]) == 2
+    assert "give the StagedGlobalNetworkPolicy NAMEs" in capsys.readouterr().err
+    # Staged again after the preview: refused, nothing promoted.
+    apply(server, [staged("web", port=8443)])
+    assert main(["promote", "--preview", str(report)]) == 1
+    assert "StagedGlobalNetworkPolicy web: resourceVersion is" in capsys.readouterr().err
+    assert names(server.conn, "StagedGlobalNetworkPolicy") == ["ssh", "web"]
+    # Previewed again, the new report promotes both.
+    assert main(["preview", "-o", "json", "--hours", "1"]) == 0
+    report.write_text(capsys.readouterr().out)
+    assert main(["promote", "--preview", str(report)]) == 0
+    assert "4 resources changed; revision" in capsys.readouterr().out
+    assert names(server.conn, "GlobalNetworkPolicy") == ["ssh", "web"]
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"promoted": [], "promotedVersions": {}}')
+    assert main(["promote", "--preview", str(empty)]) == 0
+    assert "nothing to promote" in capsys.readouterr().out

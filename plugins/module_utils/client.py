@@ -436,11 +436,14 @@ class BulkheadClient:
         """DNS log records (`GET /v1/dns`; query values are strings)."""
         return self.call("GET", route("dns"), {"dns": [dict]}, query=query or None)
 
-    def promote(self, names, dry_run=False):
+    def promote(self, names, dry_run=False, versions=None):
         """The StagedGlobalNetworkPolicies `names` take effect, their staged copies
-        deleted, in one transaction (`POST /v1/promote`); an unknown name: 404."""
-        return self.call("POST", route("promote"), RESULTS,
-                         body={"names": list(names), "dryRun": bool(dry_run)})
+        deleted, in one transaction (`POST /v1/promote`); an unknown name: 404. `versions`
+        (name: resourceVersion) pins some: one at another version, 409."""
+        body = {"names": list(names), "dryRun": bool(dry_run)}
+        if versions:
+            body["resourceVersions"] = dict(versions)
+        return self.call("POST", route("promote"), RESULTS, body=body)
 
     def preview(self, body):
         """Which stored flows the proposed state would decide differently

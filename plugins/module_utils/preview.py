@@ -90,13 +90,19 @@ def judged(client, params, manifests, now):
             "gates": gates(answer, params.get("max_denied"), params.get("fail_on_undecided"))}
 
 
-def promote(client, names, missing="fail", check_mode=False):
+def promote(client, names, missing="fail", check_mode=False, versions=None):
     """Promote the staged policies `names` (a dry run in check mode), as the module reports
     it: results, created/updated/deleted, diff, revision, and `promoted` and `missing`.
 
     A name that is not staged (never was, or already promoted) fails with every such name
     listed and nothing promoted; with `missing="ignore"` it is left out, and when none is
-    left nothing is asked of the server and nothing changes."""
+    left nothing is asked of the server and nothing changes. `versions` (name:
+    resourceVersion, as a preview's `promotedVersions`) pins names to the versions a
+    preview judged: the server refuses the whole promotion when one changed since."""
+    versions = versions or {}
+    strays = sorted(set(versions) - set(names))
+    if strays:
+        raise ValueError("resource_versions: %s is not among names" % strays[0])
     names = list(dict.fromkeys(names))
     staged = set(d["metadata"]["name"] for d in client.list(STAGED))
     absent = [n for n in names if n not in staged]
@@ -106,7 +112,8 @@ def promote(client, names, missing="fail", check_mode=False):
                          "promoted and the others left out"
                          % (STAGED, ", ".join(absent)))
     present = [n for n in names if n not in absent]
-    answer = client.promote(present, dry_run=check_mode) if present else \
+    pinned = dict((n, versions[n]) for n in present if n in versions)
+    answer = client.promote(present, dry_run=check_mode, versions=pinned) if present else \
         {"dryRun": check_mode, "revision": None, "results": []}
     result = converged(answer)
     result.update(promoted=present, missing=absent)

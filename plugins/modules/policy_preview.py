@@ -169,6 +169,15 @@ preview:
       elements: str
       returned: always
       sample: [security.db-ingress]
+    promotedVersions:
+      description:
+        - The C(resourceVersion) of each promoted staged policy judged as stored (one the
+          manifests stand in for is not stored yet, and has none).
+        - Give it to M(bulkhead.microseg.policy_promote) as O(bulkhead.microseg.policy_promote#module:resource_versions)
+          to promote exactly what was previewed.
+      type: dict
+      returned: always
+      sample: {security.db-ingress: "118"}
     examined:
       description: What was judged - C(records), C(connections) and C(groups) (alike records judged once).
       type: dict

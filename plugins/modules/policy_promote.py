@@ -38,6 +38,15 @@ options:
     type: str
     choices: [fail, ignore]
     default: fail
+  resource_versions:
+    description:
+      - Pins names to the versions a preview judged - a name and its C(resourceVersion),
+        as M(bulkhead.microseg.policy_preview) returns them in RV(bulkhead.microseg.policy_preview#module:preview.promotedVersions).
+      - When a pinned policy is staged at another version (changed, or deleted and staged
+        anew, after the preview) the server refuses the whole promotion and the task
+        fails naming it; nothing is promoted. Preview again and promote what was previewed.
+      - Each key must be among O(names). A pinned name that is not staged follows O(missing).
+    type: dict
 seealso:
   - module: bulkhead.microseg.policy_preview
   - module: bulkhead.microseg.global_network_policy
@@ -77,6 +86,13 @@ EXAMPLES = r"""
 - name: What was promoted
   ansible.builtin.debug:
     msg: "{{ promoted.promoted }} promoted; {{ promoted.missing }} were not staged"
+
+- name: Promote exactly what a preview judged, refused whole if a staged policy changed since
+  bulkhead.microseg.policy_promote:
+    names: "{{ preview.preview.promoted }}"
+    resource_versions: "{{ preview.preview.promotedVersions }}"
+  delegate_to: localhost
+  run_once: true
 """
 
 RETURN = r"""
@@ -144,6 +160,7 @@ wait_elapsed:
   sample: 0.412
 """
 
+from ansible.module_utils.six import string_types
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
 from ansible_collections.bulkhead.microseg.plugins.module_utils.preview import promote
 from ansible_collections.bulkhead.microseg.plugins.module_utils.waiter import wait_spec
@@ -153,11 +170,18 @@ def main():
     module = BulkheadModule(dict(
         names=dict(type="list", elements="str", required=True),
         missing=dict(type="str", default="fail", choices=["fail", "ignore"]),
+        resource_versions=dict(type="dict"),
         **wait_spec()))
     p = module.params
     if not p["names"]:
         module.fail_json(msg="names: give at least one StagedGlobalNetworkPolicy name")
-    module.run(lambda: promote(module.client, p["names"], p["missing"], module.check_mode))
+    versions = p["resource_versions"] or {}
+    for name, version in versions.items():
+        if not isinstance(version, string_types) or not version:
+            module.fail_json(msg="resource_versions.%s: expected a resourceVersion (text), "
+                             "not %r" % (name, version))
+    module.run(lambda: promote(module.client, p["names"], p["missing"], module.check_mode,
+                               versions))
 
 
 if __name__ == "__main__":

@@ -1346,3 +1346,86 @@ def test_preview_takes_its_gates_from_the_inventory_too(own_server, tmp_path):
     (tmp_path / "group_vars" / "all.yml").write_text("bulkhead_preview_protected: 'app =='\n")
     out = playbook(server, tmp_path, "preview.yml", check=False)
     assert out.returncode == 2 and "protected" in out.stdout, out.stdout
+
+
+def _staged_web(name, port):
+    return {"apiVersion": "projectcalico.org/v3", "kind": "StagedGlobalNetworkPolicy",
+            "metadata": {"name": name},
+            "spec": {"selector": "app == 'web'", "types": ["Ingress"],
+                     "ingress": [{"action": "Allow", "protocol": "TCP",
+                                  "destination": {"ports": [port]}}]}}
+
+
+def test_enforce_promotes_what_the_preview_judged_and_nothing_else(own_server, tmp_path):
+    """With the report preview.yml kept, enforce.yml promotes the staged policies the
+    preview judged, as it judged them: one staged again after the preview fails the play
+    and nothing is promoted; one staged after the preview stays staged."""
+    server = own_server
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    server.request("POST", "/v1/apply", [_staged_web("default.a", 80),
+                                         _staged_web("default.b", 443)])
+    report = tmp_path / "preview.json"
+    pinned = ("-e", "bulkhead_enforce_preview_report=%s" % report)
+    playbook(server, tmp_path, "preview.yml", "-e", "bulkhead_preview_report=%s" % report)
+    assert sorted(json.loads(report.read_text())["promotedVersions"]) == [
+        "default.a", "default.b"]
+    changed = server.request("POST", "/v1/apply", [_staged_web("default.b", 8443)])["revision"]
+    for check in (("--check",), ()):
+        out = playbook(server, tmp_path, "enforce.yml", *pinned, *check, check=False)
+        assert out.returncode == 2, out.stdout
+        text = " ".join(out.stdout.split())
+        assert "StagedGlobalNetworkPolicy default.b: resourceVersion is %d" % changed in text
+        assert "nothing was promoted" in text, text
+        assert names(server, "GlobalNetworkPolicy") == []
+    # Previewed again; a policy staged after that preview is left staged, and said so.
+    playbook(server, tmp_path, "preview.yml", "-e", "bulkhead_preview_report=%s" % report)
+    server.request("POST", "/v1/apply", [_staged_web("default.c", 22)])
+    out = playbook(server, tmp_path, "enforce.yml", *pinned)
+    assert "left staged: default.c" in " ".join(out.stdout.split()), out.stdout
+    assert names(server, "GlobalNetworkPolicy") == ["default.a", "default.b"]
+    assert server.request("GET", "/v1/resources/GlobalNetworkPolicy/default.b")[
+        "spec"]["ingress"][0]["destination"]["ports"] == [8443]
+    assert names(server, "StagedGlobalNetworkPolicy") == ["default.c"]
+    # Run again on the same report: nothing left to promote, and said why.
+    out = playbook(server, tmp_path, "enforce.yml", *pinned)
+    text = " ".join(out.stdout.split())
+    assert "Not staged any more (promoted by an earlier run, or deleted), left out: " \
+        "default.a, default.b" in text, text
+    assert "changed=0" in out.stdout and names(server, "StagedGlobalNetworkPolicy") == [
+        "default.c"]
+    # A file that is not such a preview, or one beside bulkhead_enforce_policies: refused.
+    (tmp_path / "other.json").write_text('{"promoted": ["default.c"]}')
+    for args in (("-e", "bulkhead_enforce_preview_report=%s" % (tmp_path / "other.json")),
+                 (*pinned, "-e", '{"bulkhead_enforce_policies": ["default.c"]}')):
+        out = playbook(server, tmp_path, "enforce.yml", *args, check=False)
+        assert out.returncode == 2 and "not a preview this playbook can promote" in \
+            " ".join(out.stdout.split()), out.stdout
+    assert names(server, "StagedGlobalNetworkPolicy") == ["default.c"]
+
+
+def test_stage_and_rollback_take_their_settings_from_the_inventory_too(own_server, tmp_path):
+    """stage.yml's folder and wait timeout, and rollback.yml's revision and wait timeout,
+    kept in group_vars/all reach the plays (play variables of the same name hid them):
+    an agent that never catches up fails each within the inventory's 1 s."""
+    server = own_server
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    (tmp_path / "group_vars").mkdir()
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(json.dumps(dict(_staged_web("default.web", 80),
+                                                     kind="GlobalNetworkPolicy")))
+    pki.issue(server.pki, "node-1", role="agent")
+    server.request("POST", "/v1/status/node-1", {"appliedRevision": 0}, who="node-1")
+    (tmp_path / "group_vars" / "all.yml").write_text(
+        "bulkhead_policy_dir: %s\nbulkhead_wait_timeout: 1\n" % policies)
+    out = playbook(server, tmp_path, "stage.yml", check=False)
+    assert out.returncode == 2 and "not converged: node-1 (at 0)" in out.stdout, out.stdout
+    assert names(server, "StagedGlobalNetworkPolicy") == ["default.web"]
+    server.request("POST", "/v1/apply", [_staged_web("default.x", 22)])
+    (tmp_path / "group_vars" / "all.yml").write_text(
+        "bulkhead_rollback_revision: 1\nbulkhead_wait_timeout: 1\n")
+    out = playbook(server, tmp_path, "rollback.yml", check=False)
+    assert out.returncode == 2 and "not converged: node-1" in out.stdout, out.stdout
+    assert names(server, "StagedGlobalNetworkPolicy") == ["default.web"]

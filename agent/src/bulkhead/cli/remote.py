@@ -136,9 +136,45 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    result = connection(args).request("POST", route("promote"),
-                                      {"names": args.names, "dryRun": args.dry_run})
+    body: dict[str, Any] = {"names": args.names, "dryRun": args.dry_run}
+    if args.preview is not None:
+        if args.names:
+            raise ValueError("promote: give NAMEs or --preview FILE, not both")
+        body["names"], body["resourceVersions"] = previewed(args.preview)
+        if not body["names"]:
+            print(printable(f"{args.preview}: the preview promoted no staged policy; "
+                            "nothing to promote"))
+            return EXIT_OK
+    elif not args.names:
+        raise ValueError("promote: give the StagedGlobalNetworkPolicy NAMEs to promote, or "
+                         "--preview FILE")
+    result = connection(args).request("POST", route("promote"), body)
     return _report_changes(result, args.diff or args.dry_run, "promoted")
+
+
+def previewed(path: str) -> tuple[list[str], dict[str, str]]:
+    """The staged policies a kept preview (`bulkhead preview -o json`) promoted, and the
+    version of each it judged; ValueError naming the file and what is wrong."""
+    limit = 64 * 1024 * 1024
+    try:
+        with open(path, "rb") as f:
+            text = f.read(limit + 1)
+        if len(text) > limit:
+            raise ValueError("larger than 64 MiB")
+        report = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--preview {path}: cannot read a preview's JSON: {e}") from None
+    names = report.get("promoted") if isinstance(report, dict) else None
+    versions = report.get("promotedVersions") if isinstance(report, dict) else None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)
+            and isinstance(versions, dict)):
+        raise ValueError(f"--preview {path}: not a preview of this version (`bulkhead "
+                         "preview -o json`: promoted and promotedVersions)")
+    unpinned = [n for n in names if not isinstance(versions.get(n), str)]
+    if unpinned:
+        raise ValueError(f"--preview {path}: {unpinned[0]} was judged from a file, not as "
+                         "stored; apply it, then preview again")
+    return names, {n: versions[n] for n in names}
 
 
 def _report_changes(result: dict[str, Any], diff: bool, after: str) -> int:
@@ -364,7 +400,10 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("promote", help="make staged policies enforced (stagedAction Set) or "
                        "delete what they stage the deletion of (Delete), in one transaction")
-    p.add_argument("names", nargs="+", metavar="NAME", help="a StagedGlobalNetworkPolicy")
+    p.add_argument("names", nargs="*", metavar="NAME", help="a StagedGlobalNetworkPolicy")
+    p.add_argument("--preview", metavar="FILE",
+                   help="promote what a kept preview (`bulkhead preview -o json`) promoted, "
+                   "each as it judged it: refused whole when one changed since")
     p.add_argument("--dry-run", action="store_true", help="show what would change (a diff)")
     p.add_argument("--diff", action="store_true", help="show a diff of the changes")
     connection_flags(p)

@@ -4,6 +4,7 @@ the start."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -129,10 +130,17 @@ class Demo:
             self.say("    " + line)
         answer = preview(bed.connection(), enforce="all()", hours=1, limit=1000)
         predicted = self.check_preview(inv, answer, resources)
+        if sorted(answer["promoted"]) != staged:
+            raise DemoError(f"the preview promoted {answer['promoted']}, not {staged}")
+        report = bed.dir / "preview.json"
+        report.write_text(json.dumps(answer))
+        self.say(f"    kept as {report.name}: the staged policies it judged, each at its "
+                 "version (promotedVersions)")
 
-        self.step("Enforcing: the staged policies promoted, then every host to enforce mode")
-        self.say(f"    $ bulkhead promote {' '.join(staged)}")
-        for line in self.cli(bed, "promote", *staged).splitlines():
+        self.step("Enforcing: the staged policies promoted as previewed, then every host "
+                  "to enforce mode")
+        self.say(f"    $ bulkhead promote --preview {report.name}")
+        for line in self.cli(bed, "promote", "--preview", str(report)).splitlines():
             self.say("    " + line)
         self.say(f"    $ ansible-playbook ../{PLAYBOOK} -e bulkhead_enforcement=enforce "
                  "-e bulkhead_stage=false")

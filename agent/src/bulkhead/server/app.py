@@ -909,10 +909,12 @@ async def promote(request: web.Request) -> web.Response:
     (`StagedGlobalNetworkPolicy.enforced`); Delete deletes the enforced policy it stands
     for. Either way an enforced policy the staged view pairs with it under another
     spelling of the name (`foo` and `TIER.foo` in TIER) goes too, so the store ends as
-    the staged view showed. An unknown name: 404, nothing changed."""
+    the staged view showed. An unknown name: 404, nothing changed. `"resourceVersions":
+    {NAME: VERSION}` pins named ones to the versions a preview judged: one changed since
+    (or written anew) refuses the whole request, 409."""
     identity = _require(request, "admin")
     store = request.app[STORE]
-    names, dry_run = _promote_request(await _body(request, PROMOTE_MAX_BODY))
+    names, pinned, dry_run = _promote_request(await _body(request, PROMOTE_MAX_BODY))
     dry_run = dry_run or _dry_run(request)
     results: list[dict[str, Any]] = []
     ops: list[Op] = []
@@ -924,6 +926,13 @@ async def promote(request: web.Request) -> web.Response:
             raise ApiError(404, "NotFound", f"StagedGlobalNetworkPolicy {name} not found; "
                            "nothing was promoted")
         _authorize_delete(identity, staged)   # its tier's admin, before what it says
+        if name in pinned and pinned[name] != str(staged.revision):
+            # The staged copy's delete below expects the version read, so a change after
+            # this check fails the transaction too.
+            raise ApiError(409, "Conflict", f"StagedGlobalNetworkPolicy {name}: "
+                           f"resourceVersion is {staged.revision}, not {pinned[name][:64]}: "
+                           "it changed after the version given was read (by a preview?); "
+                           "preview it again; nothing was promoted")
         try:
             policy = parse_resource(staged.doc)
         except ValidationError as e:
@@ -968,15 +977,16 @@ async def promote(request: web.Request) -> web.Response:
     return _json({"dryRun": dry_run, "revision": revision, "results": results})
 
 
-def _promote_request(body: Any) -> tuple[list[str], bool]:
-    """The names (each once, in order) and the dry-run flag of a promote body."""
+def _promote_request(body: Any) -> tuple[list[str], dict[str, str], bool]:
+    """The names (each once, in order), the versions some are pinned to and the dry-run
+    flag of a promote body."""
     if not isinstance(body, dict):
         raise ApiError(400, "BadRequest", 'the body: expected {"names": [...], "dryRun": '
                        "false}")
-    unknown = sorted(set(body) - {"names", "dryRun"})
+    unknown = sorted(set(body) - {"names", "resourceVersions", "dryRun"})
     if unknown:
         raise ApiError(400, "BadRequest", f"the body: unknown field {unknown[0][:64]!r} "
-                       "(names, dryRun)")
+                       "(names, resourceVersions, dryRun)")
     names, dry_run = body.get("names"), body.get("dryRun", False)
     if not isinstance(dry_run, bool):
         raise ApiError(400, "BadRequest", "dryRun: expected true or false")
@@ -990,7 +1000,21 @@ def _promote_request(body: Any) -> tuple[list[str], bool]:
             check_resource_name("StagedGlobalNetworkPolicy", name)
         except ValidationError as e:
             raise ApiError(400, "BadRequest", f"names[{i}]: {e.problem}") from None
-    return list(dict.fromkeys(names)), dry_run
+    pinned = body.get("resourceVersions", {})
+    if not isinstance(pinned, dict):
+        raise ApiError(400, "BadRequest", "resourceVersions: expected an object of "
+                       "StagedGlobalNetworkPolicy names and their versions")
+    named = set(names)
+    for name, version in pinned.items():
+        if name not in named:
+            raise ApiError(400, "BadRequest", f"resourceVersions: {name[:256]!r} is not "
+                           "among names")
+        if not (isinstance(version, str) and 0 < len(version) <= 64 and
+                version.isprintable()):
+            raise ApiError(400, "BadRequest", f"resourceVersions.{name}: expected a "
+                           "version as the server wrote it (text of 1 to 64 printable "
+                           "characters)")
+    return list(dict.fromkeys(names)), pinned, dry_run
 
 
 async def _check_no_rival(store: Datastore, staged: StagedGlobalNetworkPolicy,
@@ -1374,6 +1398,13 @@ async def post_preview(request: web.Request) -> web.Response:
         proposed, names = proposed_state(current, manifests, wanted.promote, wanted.enforce)
         answer = preview_api.preview(logs.store, proposed, wanted, time.time(), names,
                                      now_snapshot)
+        # The version of each promoted staged policy judged as stored, for a promote
+        # pinned to what was judged (one a manifest stands in for is not stored yet).
+        from_manifests = {r.key for r in manifests}
+        answer["promotedVersions"] = {
+            n: version for n in names
+            if (k := ("StagedGlobalNetworkPolicy", n)) in parsed and k not in from_manifests
+            and (version := parsed[k].metadata.resource_version)}
         if left_out:
             answer["leftOut"] = left_out
         return answer

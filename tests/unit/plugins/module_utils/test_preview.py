@@ -102,13 +102,15 @@ class Client:
     def __init__(self, staged):
         self.staged = staged
         self.asked = []
+        self.pinned = []
 
     def list(self, kind):
         assert kind == "StagedGlobalNetworkPolicy"
         return [{"metadata": {"name": n}} for n in self.staged]
 
-    def promote(self, names, dry_run=False):
+    def promote(self, names, dry_run=False, versions=None):
         self.asked.append((names, dry_run))
+        self.pinned.append(versions)
         results = []
         for n in names:
             results += [{"kind": "GlobalNetworkPolicy", "name": n, "action": "created",
@@ -158,3 +160,18 @@ def test_with_missing_ignore_and_none_left_nothing_changes():
     assert result["changed"] is False and result["revision"] is None
     assert result["results"] == [] and result["diff"] == []
     assert (result["promoted"], result["missing"]) == ([], ["a", "b"])
+
+
+def test_versions_pin_the_names_asked_for_and_only_those():
+    client = Client(["a", "b"])
+    promote(client, ["a", "b", "c"], missing="ignore", versions={"a": "4", "c": "9"})
+    assert client.asked == [(["a", "b"], False)] and client.pinned == [{"a": "4"}]
+    promote(client, ["a"])
+    assert client.pinned[-1] == {}
+
+
+def test_a_version_for_a_name_not_asked_for_fails_and_nothing_is_asked():
+    client = Client(["a", "b"])
+    with pytest.raises(ValueError, match=r"^resource_versions: b is not among names$"):
+        promote(client, ["a"], versions={"a": "4", "b": "5"})
+    assert client.asked == []

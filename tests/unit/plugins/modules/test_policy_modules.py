@@ -140,6 +140,24 @@ def test_promote_asks_for_the_staged_names_in_check_mode_as_a_dry_run(server, ca
     assert result["promoted"] == ["a"] and result["revision"] is None
 
 
+def test_promote_sends_the_versions_pinned(server, capsys):
+    server.answers["/v1/resources/StagedGlobalNetworkPolicy"] = {
+        "items": [{"kind": "StagedGlobalNetworkPolicy", "metadata": {"name": "a"}}]}
+    server.answers["/v1/promote"] = {"dryRun": False, "revision": 3, "results": []}
+    code, result = run(capsys, policy_promote, names=["a"], resource_versions={"a": "2"})
+    assert code == 0
+    assert server.requests[-1] == ("POST", "/v1/promote", {
+        "names": ["a"], "dryRun": False, "resourceVersions": {"a": "2"}})
+
+
+@pytest.mark.parametrize("versions", [{"a": 2}, {"a": ""}, {"a": None}])
+def test_promote_refuses_a_version_that_is_not_text_before_asking(server, capsys, versions):
+    code, result = run(capsys, policy_promote, names=["a"], resource_versions=versions)
+    assert code == 1 and result["msg"].startswith("resource_versions.a: expected a "
+                                                  "resourceVersion (text)")
+    assert server.requests == []
+
+
 def test_promote_without_names_fails(server, capsys):
     code, result = run(capsys, policy_promote, names=[])
     assert code == 1 and result["msg"].startswith("names: give at least one")
