@@ -78,6 +78,7 @@ def test_promote_set_and_delete_in_one_transaction(
     assert web["metadata"]["resourceVersion"] == str(done["revision"])
     entry = conn.request("GET", "/v1/history", query={"limit": "1"})["entries"][0]
     assert entry["revision"] == done["revision"] and entry["who"] == "alice"
+    assert entry["operation"] == "promote"
     assert [(c["kind"], c["name"], c["action"]) for c in entry["changes"]] == actions
 
 

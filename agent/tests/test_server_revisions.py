@@ -58,6 +58,8 @@ def test_history_says_who_changed_what(pki_dir: Path, servers: list[ServerProces
     assert [e["revision"] for e in entries][:3] == sorted(
         [first, int(second), entries[0]["revision"]], reverse=True)
     assert entries[0]["who"] == "alice" and entries[0]["role"] == "admin"
+    # The request that wrote each: what rollback.yml finds a promotion by.
+    assert [e["operation"] for e in entries[:3]] == ["delete", "create", "apply"]
     assert entries[0]["changes"] == [{"kind": "GlobalNetworkSet", "name": "n1",
                                       "action": "deleted"}]
     assert entries[1]["who"] == "ops" and entries[1]["role"] == "admin (tiers t1)"
@@ -108,6 +110,7 @@ def test_export_and_rollback_restore_a_revision(
     # One transaction: one revision, audited.
     entry = conn.request("GET", "/v1/history", query={"limit": "1"})["entries"][0]
     assert entry["revision"] == done["revision"] and len(entry["changes"]) == 4
+    assert entry["operation"] == "rollback"
     # A tier admin may not roll the whole store back; revisions out of range are refused.
     ops = server.client("ops", "admin", ("t1",))
     with pytest.raises(ApiError) as err:
@@ -159,6 +162,7 @@ def test_sync_makes_a_tier_exactly_the_given_policies(
     # One transaction.
     entry = conn.request("GET", "/v1/history", query={"limit": "1"})["entries"][0]
     assert entry["revision"] == done["revision"] and len(entry["changes"]) == 3
+    assert entry["operation"] == "sync"
     # Every policy must be in the tier synced.
     with pytest.raises(ApiError) as err:
         conn.request("POST", "/v1/sync", raw=body([policy("x", "default")]),
@@ -217,8 +221,9 @@ def test_cli_export_history_rollback(pki_dir: Path, servers: list[ServerProcess]
     capsys.readouterr()
     assert main(["history", "--limit", "2"]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert rows[0].split() == ["REVISION", "TIME", "WHO", "ROLE", "CHANGES"]
-    assert rows[1].split()[2:] == ["alice", "admin", "created", "GlobalNetworkSet", "late"]
+    assert rows[0].split() == ["REVISION", "TIME", "WHO", "ROLE", "OPERATION", "CHANGES"]
+    assert rows[1].split()[2:] == ["alice", "admin", "apply", "created", "GlobalNetworkSet",
+                                   "late"]
     assert main(["rollback", "--to-revision", str(good), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "--- now/GlobalNetworkSet/late" in text

@@ -76,6 +76,14 @@ entries:
       type: str
       returned: always
       sample: admin
+    operation:
+      description:
+        - The request that made the change - V(apply), V(create), V(replace), V(delete),
+          V(sync), V(rollback) or V(promote).
+        - Entries an older server wrote have none.
+      type: str
+      returned: when the server wrote it
+      sample: promote
     changes:
       description: What changed, each with C(kind), C(name) and C(action) (V(created), V(configured), V(deleted)).
       type: list

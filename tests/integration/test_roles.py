@@ -1272,6 +1272,39 @@ def test_rollback_finds_the_promotion_not_a_delete_or_a_sync_that_looks_like_one
     assert names(server, "GlobalNetworkPolicy") == []
 
 
+def test_rollback_finds_a_promotion_by_its_operation_a_deletion_alone_too(own_server, tmp_path):
+    """An audit entry says which request wrote it: rollback.yml finds a promotion of a
+    stagedAction Delete policy alone (which writes no policy), and prints the promotion it
+    undoes. Entries an older server wrote, without an operation, are read as before."""
+    import sqlite3
+    server = own_server
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    server.request("POST", "/v1/apply", [dict(STAGED_AND_ENFORCED[0],
+                                              metadata={"name": "default.web"})])
+    first = server.request("POST", "/v1/promote", {"names": ["default.web"]})["revision"]
+    server.request("POST", "/v1/apply", [
+        STAGED_AND_ENFORCED[1],
+        {"apiVersion": "projectcalico.org/v3", "kind": "StagedGlobalNetworkPolicy",
+         "metadata": {"name": "default.manual"}, "spec": {"stagedAction": "Delete"}}])
+    second = server.request("POST", "/v1/promote", {"names": ["default.manual"]})["revision"]
+    assert names(server, "GlobalNetworkPolicy") == ["default.web"]
+    checked = " ".join(playbook(server, tmp_path, "rollback.yml", "--check").stdout.split())
+    assert "The last promotion: revision %d," % second in checked, checked
+    assert "by admin (default.manual); back to revision %d." % (second - 1) in checked
+    assert "TASK [Roll back to revision %d]" % (second - 1) in checked, checked
+    # The same entries as an older server wrote them: the deletion alone is not found.
+    db = sqlite3.connect(str(server.pki / "store.db"))
+    try:
+        with db:
+            db.execute("UPDATE audit SET doc = json_remove(doc, '$.operation') "
+                       "WHERE revision IN (?, ?)", (first, second))
+    finally:
+        db.close()
+    checked = " ".join(playbook(server, tmp_path, "rollback.yml", "--check").stdout.split())
+    assert "TASK [Roll back to revision %d]" % (first - 1) in checked, checked
+
+
 def test_onboarding_a_group_leaves_the_endpoints_of_the_other_hosts(own_server, tmp_path):
     """onboard.yml with bulkhead_onboard_group deletes only the endpoints of hosts gone
     from the inventory: a host still there, outside the group, keeps its endpoint (and

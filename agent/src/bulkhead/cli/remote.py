@@ -202,12 +202,13 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(entries, indent=2))
         return EXIT_OK
-    rows = [["REVISION", "TIME", "WHO", "ROLE", "CHANGES"]]
+    rows = [["REVISION", "TIME", "WHO", "ROLE", "OPERATION", "CHANGES"]]
     for e in entries:
         changes = ", ".join(f"{c['action']} {c['kind']} {c['name']}" for c in e["changes"][:3])
         if len(e["changes"]) > 3:
             changes += f", ... {len(e['changes']) - 3} more"
-        rows.append([str(e["revision"]), e["time"], e["who"], e["role"], changes])
+        rows.append([str(e["revision"]), e["time"], e["who"], e["role"],
+                     str(e.get("operation") or "-"), changes])
     print(table(rows))
     return EXIT_OK
 

@@ -224,11 +224,12 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 # --------------------------------------------------------------------------- helpers
-def _audit(identity: Identity) -> Audit:
+def _audit(identity: Identity, operation: str) -> Audit:
     """What the audit trail keeps of who writes: the certificate's name and role (and a
-    tier admin's tiers)."""
+    tier admin's tiers), and the request's operation (promote, rollback, ...: what
+    rollback.yml looks for)."""
     role = identity.role + (f" (tiers {', '.join(identity.tiers)})" if identity.tiers else "")
-    return Audit(identity.name, role)
+    return Audit(identity.name, role, operation)
 
 
 def _require(request: web.Request, *roles: str) -> Identity:
@@ -388,15 +389,16 @@ def _requires(resource: Resource) -> tuple[tuple[str, str], ...]:
 
 
 async def _commit(store: Datastore, ops: list[Op], identity: Identity, dry_run: bool,
-                  what: str, unchanged_since: int | None = None) -> int | None:
-    """Write `ops` as one audited transaction (unless `dry_run`; the datastore's size limit
-    is checked either way); the new revision. Each refusal names what went wrong and that
-    nothing was `what` (applied, deleted, changed)."""
+                  what: str, operation: str, unchanged_since: int | None = None
+                  ) -> int | None:
+    """Write `ops` as one audited transaction of `operation` (unless `dry_run`; the
+    datastore's size limit is checked either way); the new revision. Each refusal names
+    what went wrong and that nothing was `what` (applied, deleted, changed)."""
     try:
         store.check_size(ops, audited=True, unchanged=unchanged_since is not None)
         if dry_run or not ops:
             return None
-        return (await store.transaction(ops, _audit(identity),
+        return (await store.transaction(ops, _audit(identity, operation),
                                         unchanged_since=unchanged_since)).revision
     except (Conflict, NotFound) as e:
         raise ApiError(409, "Conflict", f"{e}; nothing was {what}, try again") from None
@@ -558,7 +560,8 @@ async def write_resource(request: web.Request) -> web.Response:
         return _json(_diff_entry(resource, old), 200)
     try:
         tx = await store.transaction([Op("put", kind, resource.name, resource.dump(), expect,
-                                         requires=_requires(resource))], _audit(identity))
+                                         requires=_requires(resource))],
+                                     _audit(identity, "create" if creating else "replace"))
     except Conflict as e:
         if creating:
             raise _already_exists(kind, resource.name) from None
@@ -594,7 +597,7 @@ async def delete_resource(request: web.Request) -> web.Response:
                                          expect=str(old.revision if version is None
                                                     else version),
                                          unreferenced=TIER_USERS if kind == "Tier" else None)],
-                                     _audit(identity))
+                                     _audit(identity, "delete"))
     except Conflict as e:
         raise ApiError(409, "Conflict", str(e)) from None
     except NotFound as e:
@@ -670,7 +673,7 @@ async def delete_many(request: web.Request) -> web.Response:
                       unreferenced=TIER_USERS if kind == "Tier" else None))
         results.append({"kind": kind, "name": name, "action": "deleted"})
     await _check_tiers_emptied(store, ops)
-    revision = await _commit(store, ops, identity, dry_run, "deleted")
+    revision = await _commit(store, ops, identity, dry_run, "deleted", "delete")
     return _json({"dryRun": dry_run, "revision": revision, "results": results})
 
 
@@ -740,7 +743,7 @@ async def apply(request: web.Request) -> web.Response:
     await _check_refs(store, resources)
     # Comparing and serializing thousands of documents is CPU work: off the event loop.
     diff, ops = await asyncio.to_thread(_plan_puts, resources, olds)
-    revision = await _commit(store, ops, identity, dry_run, "applied")
+    revision = await _commit(store, ops, identity, dry_run, "applied", mode)
     return await _big_json({"dryRun": dry_run, "revision": revision, "results": diff})
 
 
@@ -791,7 +794,7 @@ POLICY_KINDS = ("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy")
 
 
 async def _converge(request: web.Request, identity: Identity, desired: list[Resource],
-                    scope: list[Stored], unchanged_since: int | None = None
+                    scope: list[Stored], operation: str, unchanged_since: int | None = None
                     ) -> web.Response:
     """Make the store hold exactly `desired` where it now holds `scope`: puts for what is
     new or differs, deletes for what `scope` has and `desired` lacks, in one transaction
@@ -824,7 +827,8 @@ async def _converge(request: web.Request, identity: Identity, desired: list[Reso
              if isinstance(r, GlobalNetworkPolicy) and r.spec.tier not in gone_tiers}
     await _check_tiers_emptied(store, deletes,
                                leaving={(op.kind, op.name) for op in deletes} | moved)
-    revision = await _commit(store, ops, identity, dry_run, "changed", unchanged_since)
+    revision = await _commit(store, ops, identity, dry_run, "changed", operation,
+                             unchanged_since)
     return await _big_json({"dryRun": dry_run, "revision": revision, "results": results})
 
 
@@ -872,7 +876,7 @@ async def sync(request: web.Request) -> web.Response:
                 raise ApiError(409, "Conflict", f"{r.kind} {r.name} exists and is "
                                f"{'owned by ' + repr(theirs) if theirs else 'not owned'}; "
                                "nothing was changed")
-    return await _converge(request, identity, desired, scope)
+    return await _converge(request, identity, desired, scope, "sync")
 
 
 async def rollback(request: web.Request) -> web.Response:
@@ -895,7 +899,8 @@ async def rollback(request: web.Request) -> web.Response:
     scope, read_at = await request.app[STORE].list_resources()
     # Committed on this reading or not at all: a write that came in between (a change
     # the rollback would not undo, a resource it would not delete) fails it, 409.
-    return await _converge(request, identity, desired, scope, unchanged_since=read_at)
+    return await _converge(request, identity, desired, scope, "rollback",
+                           unchanged_since=read_at)
 
 
 PROMOTE_MAX_BODY = 256 * 1024
@@ -973,7 +978,7 @@ async def promote(request: web.Request) -> web.Response:
             raise ApiError(422, "Invalid", f"{kind} {name}: more than one of the staged "
                            "policies named stands for it; nothing was promoted")
     await _check_refs(store, enforced)
-    revision = await _commit(store, ops, identity, dry_run, "promoted")
+    revision = await _commit(store, ops, identity, dry_run, "promoted", "promote")
     return _json({"dryRun": dry_run, "revision": revision, "results": results})
 
 

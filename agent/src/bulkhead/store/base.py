@@ -207,15 +207,22 @@ class CommitTimes:
 
 @dataclass(frozen=True)
 class Audit:
-    """Who writes: kept with the revision the write makes, in the same transaction."""
+    """Who writes, and by which request (`operation`: apply, create, replace, delete,
+    sync, rollback, promote): kept with the revision the write makes, in the same
+    transaction."""
 
     who: str
     role: str
+    operation: str = ""
 
     def entry(self, revision: int, changes: list[dict[str, str]]) -> Document:
-        return {"revision": revision,
-                "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "who": self.who, "role": self.role, "changes": changes}
+        entry: Document = {"revision": revision,
+                           "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           "who": self.who, "role": self.role}
+        if self.operation:
+            entry["operation"] = self.operation
+        entry["changes"] = changes
+        return entry
 
 
 def audit_matches(entry: Mapping[str, Any], kind: str | None, name: str | None) -> bool:
