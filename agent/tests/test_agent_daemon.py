@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 import yaml
 
-from bulkhead import pki
+from bulkhead import __version__, pki
 from bulkhead.agent.cache import load_cache
 from bulkhead.agent.daemon import Agent
 from bulkhead.agent.enforcer import EnforceReport
@@ -138,7 +138,10 @@ async def test_a_failed_apply_is_reported_and_the_next_change_applies(
         # the failed one too, and it is back on after them.
         assert rec.collector and not any(rec.collector) and gc.isenabled()
         async with viewer.get("/v1/nodes", params={"revision": str(rev_c)}) as r:
-            assert (await r.json())["converged"] is True
+            body = await r.json()
+        assert body["converged"] is True
+        # The agent's reports say its version (their User-Agent), as the server's.
+        assert body["nodes"][0]["agentVersion"] == body["serverVersion"] == __version__
 
 
 async def test_drift_is_repaired_and_a_failed_apply_retried(

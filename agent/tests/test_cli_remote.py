@@ -157,6 +157,43 @@ async def test_nodes_and_unreachable(as_admin: Path, server: Server,
     assert "cannot reach bulkhead-server" in capsys.readouterr().err
 
 
+async def test_nodes_name_each_agents_version_and_those_behind_the_server(
+        as_admin: Path, server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each report's `User-Agent: bulkhead-agent/VERSION` is the node's agent version
+    (`bulkhead nodes`, `/v1/nodes`, /metrics); a node whose agent runs another version
+    than the server, or says none, is named under the table: what is left of an
+    upgrade. A User-Agent of another form is not taken, and the report still counts."""
+    from bulkhead import __version__
+    from bulkhead.agent.http import USER_AGENT
+    assert f"bulkhead-agent/{__version__}" == USER_AGENT
+    sent = {"web-1": USER_AGENT, "web-2": "bulkhead-agent/0.0.9",
+            "web-3": "bulkhead-agent/" + "9" * 65, "web-4": 'bulkhead-agent/1.0"} 1 x{a="'}
+    for node, agent_header in sent.items():
+        async with server.client(node, "agent") as agent, \
+                agent.post(f"/v1/status/{node}", json={"appliedRevision": 4},
+                           headers={"User-Agent": agent_header}) as r:
+            assert r.status == 200, await r.text()
+    assert await run("nodes", "--revision", "4") == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.split("\n\n")[0].splitlines()[1:]}
+    assert rows["web-1"][0:2] == ["web-1", "4"] and rows["web-1"][-2:] == [__version__, "yes"]
+    assert [rows[n][-2] for n in ("web-2", "web-3", "web-4")] == ["0.0.9", "-", "-"]
+    assert f"3 agents on another version than the server's ({__version__}): web-2 (0.0.9), " \
+        "web-3 (unknown), web-4 (unknown)" in out
+    async with server.client("val", "viewer") as viewer:
+        async with viewer.get("/v1/nodes") as r:
+            body = await r.json()
+        assert body["serverVersion"] == __version__
+        assert {n["node"]: n.get("agentVersion") for n in body["nodes"]} == {
+            "web-1": __version__, "web-2": "0.0.9", "web-3": None, "web-4": None}
+        async with viewer.get("/metrics") as r:
+            text = await r.text()
+    lines = text.splitlines()
+    assert f'bulkhead_node_agent_info{{node="web-1",version="{__version__}"}} 1' in lines
+    assert 'bulkhead_node_agent_info{node="web-2",version="0.0.9"} 1' in lines
+    assert not any(line.startswith('bulkhead_node_agent_info{node="web-3"') for line in lines)
+
+
 async def test_a_gone_node_is_forgotten_so_waits_end(as_admin: Path, server: Server,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """A decommissioned (or down) host's last report held up every wait for ever: no
@@ -196,8 +233,8 @@ async def test_a_gone_node_is_forgotten_so_waits_end(as_admin: Path, server: Ser
             assert r.status == 200
         capsys.readouterr()
         assert await run("nodes", "--revision", "7") == 0
-        assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == \
-            ["web-1", "web-2"]
+        table = capsys.readouterr().out.split("\n\n")[0]
+        assert [line.split()[0] for line in table.splitlines()[1:]] == ["web-1", "web-2"]
 
 
 HEP = """

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bulkhead import pki
+from bulkhead import __version__, pki
 from bulkhead.server.main import ServerConfig, serve
 from tests.conftest import Server, serving
 from tests.procs import free_port
@@ -351,7 +351,8 @@ async def test_nodes_converged_and_probes(server: Server, request: pytest.Fixtur
         # The loop the server runs on: this test's, asyncio's own or uvloop (conftest).
         loop = "uvloop" if request.node.name.endswith("[uvloop]") else "asyncio"
         assert type(asyncio.get_running_loop()).__module__.startswith(loop)
-        assert f'bulkhead_server_info{{event_loop="{loop}"}} 1' in text.splitlines()
+        assert f'bulkhead_server_info{{event_loop="{loop}",version="{__version__}"}} 1' in \
+            text.splitlines()
         # Each node's last report, for alerts on the fleet (docs/observability.md).
         samples = dict(line.rsplit(" ", 1) for line in text.splitlines()
                        if line.startswith("bulkhead_node"))

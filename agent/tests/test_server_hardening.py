@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from bulkhead import pki
+from bulkhead import __version__, pki
 from bulkhead.client import ApiError, Connection
 from tests.test_server_process import ServerProcess, pki_dir  # noqa: F401
 
@@ -213,7 +213,8 @@ LOOPS = ("asyncio", "uvloop")
 def runs_on(server: Hardened, event_loop: str) -> bool:
     """Whether the server says (`/metrics`) it runs on `event_loop`."""
     metrics = server.conn.request("GET", "/metrics")
-    return f'bulkhead_server_info{{event_loop="{event_loop}"}} 1' in metrics.splitlines()
+    return f'bulkhead_server_info{{event_loop="{event_loop}",version="{__version__}"}} 1' \
+        in metrics.splitlines()
 
 
 @pytest.mark.parametrize("event_loop", LOOPS)

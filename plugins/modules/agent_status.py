@@ -121,6 +121,10 @@ nodes:
       description: When the agent last reported (UTC).
       type: str
       returned: always
+    agentVersion:
+      description: The version of the node's agent, from its reports (C(User-Agent)); absent for an agent that says none.
+      type: str
+      returned: when the agent says it
     converged:
       description: Whether the node enforces O(wait_for_revision) without errors.
       type: bool

@@ -53,6 +53,11 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from bulkhead import __version__
+
+# What each request says of the agent: bulkhead-server keeps the version of each node's
+# agent from its status reports (`bulkhead nodes`, /metrics).
+USER_AGENT = f"bulkhead-agent/{__version__}"
 MAX_HEAD = 64 << 10           # a status line and its headers, a chunk line, trailers
 MAX_HEADERS = 100
 MAX_BODY = 256 << 20          # a body read whole (a large fleet's snapshot is one body)
@@ -229,7 +234,7 @@ class Session:
         target = self._prefix + path
         if params:
             target += ("&" if "?" in target else "?") + urlencode(params)
-        fields = {"Host": self._host_header, "User-Agent": "bulkhead-agent",
+        fields = {"Host": self._host_header, "User-Agent": USER_AGENT,
                   "Accept-Encoding": "identity", "Connection": "keep-alive"}
         if json_body is not None:
             if data is not None:

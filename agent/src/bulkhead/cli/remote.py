@@ -315,21 +315,39 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(body, indent=2))
     else:
-        head = ["NODE", "APPLIED", "ERRORS", "LAST REPORT"]
+        head = ["NODE", "APPLIED", "ERRORS", "LAST REPORT", "VERSION"]
         if args.revision is not None:
             head.append("CONVERGED")
         rows = [head]
         for n in body["nodes"]:
             row = [n["node"], str(n.get("appliedRevision", "")), str(len(n.get("errors", []))),
-                   n.get("lastReport", "")]
+                   n.get("lastReport", ""), str(n.get("agentVersion") or "-")]
             if args.revision is not None:
                 row.append("yes" if n.get("converged") else "no")
             rows.append(row)
         print(table(rows))
         print(_node_errors(body["nodes"]), end="")
+        print(_version_skew(body), end="")
     if args.revision is not None and not body.get("converged"):
         return EXIT_REFUSED
     return EXIT_OK
+
+
+def _version_skew(body: dict[str, Any]) -> str:
+    """A line naming the nodes whose agent runs another version than the server (or says
+    none): what is left of a rolling upgrade."""
+    server = body.get("serverVersion")
+    if not isinstance(server, str):
+        return ""
+    other = [f"{n['node']} ({n.get('agentVersion') or 'unknown'})" for n in body["nodes"]
+             if n.get("agentVersion") != server]
+    if not other:
+        return ""
+    shown = ", ".join(other[:NODE_ERRORS_SHOWN])
+    more = f", ... {len(other) - NODE_ERRORS_SHOWN} more" if len(other) > NODE_ERRORS_SHOWN \
+        else ""
+    return "\n" + printable(f"{len(other)} agents on another version than the server's "
+                            f"({server}): {shown}{more}") + "\n"
 
 
 def _node_errors(nodes: list[dict[str, Any]]) -> str:

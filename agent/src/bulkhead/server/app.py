@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 from cryptography import x509
 
+from bulkhead import __version__
 from bulkhead.api import OWNER_LABEL, ROUTES, SERVER_FIELDS
 from bulkhead.model import (
     DEFAULT_TIER,
@@ -1213,6 +1214,9 @@ async def post_status(request: web.Request) -> web.Response:
         status = limits.agent_status(node, body)
     except limits.BadInput as e:
         raise ApiError(422, "Invalid", str(e)) from None
+    version = limits.agent_version(request.headers.get("User-Agent"))
+    if version is not None:
+        status["agentVersion"] = version
     doc = {"kind": STATUS_KIND, "metadata": {"name": node},
            "status": {**status,
                       "lastReport": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}}
@@ -1449,7 +1453,7 @@ async def nodes(request: web.Request) -> web.Response:
             entry["converged"] = type(applied) is int and applied >= target and \
                 not status.get("errors")
         out.append(entry)
-    body: dict[str, Any] = {"revision": revision, "nodes": out}
+    body: dict[str, Any] = {"revision": revision, "serverVersion": __version__, "nodes": out}
     if target is not None:
         body["converged"] = all(e["converged"] for e in out)
     return _json(body)
@@ -1475,7 +1479,7 @@ async def _node_metrics(store: Datastore) -> list[str]:
     except (Unavailable, OSError) as e:
         log.warning("metrics: the nodes' status reports cannot be read: %s", e)
         return ["# the nodes' status reports could not be read"]
-    applied, reported, errors, started = [], [], [], []
+    applied, reported, errors, started, versions = [], [], [], [], []
     for node, doc in reports.items():
         status = doc.get("status", {}) if isinstance(doc, dict) else {}
         name = _label(node)
@@ -1496,6 +1500,10 @@ async def _node_metrics(store: Datastore) -> list[str]:
         at = counters.get("startedAt") if isinstance(counters, dict) else None
         if isinstance(at, (int, float)) and not isinstance(at, bool) and math.isfinite(at):
             started.append(f'bulkhead_node_agent_start_time_seconds{{node="{name}"}} {at}')
+        version = status.get("agentVersion")
+        if isinstance(version, str):
+            versions.append(f'bulkhead_node_agent_info{{node="{name}",'
+                            f'version="{_label(version)}"}} 1')
     return [
         "# HELP bulkhead_nodes Nodes with a status report (bulkhead nodes).",
         "# TYPE bulkhead_nodes gauge", f"bulkhead_nodes {len(reports)}",
@@ -1510,16 +1518,20 @@ async def _node_metrics(store: Datastore) -> list[str]:
         "# TYPE bulkhead_node_errors gauge", *errors,
         "# HELP bulkhead_node_agent_start_time_seconds When the process of a node's agent "
         "that last reported started (unix seconds, the node's clock).",
-        "# TYPE bulkhead_node_agent_start_time_seconds gauge", *started]
+        "# TYPE bulkhead_node_agent_start_time_seconds gauge", *started,
+        "# HELP bulkhead_node_agent_info The version of a node's agent that last reported "
+        "(from the User-Agent of its reports).",
+        "# TYPE bulkhead_node_agent_info gauge", *versions]
 
 
 async def metrics(request: web.Request) -> web.Response:
     _require(request, "admin", "viewer")
     hub = request.app[HUB]
     lines = [
-        "# HELP bulkhead_server_info The server process: the event loop it runs on.",
+        "# HELP bulkhead_server_info The server process: the event loop it runs on, and "
+        "its version.",
         "# TYPE bulkhead_server_info gauge",
-        f'bulkhead_server_info{{event_loop="{event_loop_name()}"}} 1',
+        f'bulkhead_server_info{{event_loop="{event_loop_name()}",version="{__version__}"}} 1',
         "# HELP bulkhead_revision The datastore revision the server has caught up with.",
         "# TYPE bulkhead_revision gauge", f"bulkhead_revision {hub.revision}",
         "# HELP bulkhead_watchers Agents waiting on a watch now.",

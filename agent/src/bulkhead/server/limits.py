@@ -7,6 +7,7 @@ it into a 4xx. Nothing here does I/O.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 MAX_REVISION = 2**63 - 1            # etcd's revisions are int64, SQLite's INTEGER too
@@ -73,6 +74,19 @@ def printable(text: str) -> str:
         return text
     return "".join(ch if ch.isprintable() or ch in "\t\n" else
                    ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+AGENT_VERSION = re.compile(r"bulkhead-agent/([0-9A-Za-z][0-9A-Za-z.+_-]{0,63})")
+
+
+def agent_version(user_agent: str | None) -> str | None:
+    """The version a status report's `User-Agent: bulkhead-agent/VERSION` names (letters,
+    digits, `.+_-`, at most 64), or None: an agent of an earlier build said no version, and
+    a header of another form is not taken (never refused: the report counts either way)."""
+    if user_agent is None:
+        return None
+    found = AGENT_VERSION.fullmatch(user_agent)
+    return found.group(1) if found else None
 
 
 def agent_status(node: str, body: Any) -> dict[str, Any]:
