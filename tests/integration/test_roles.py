@@ -1462,3 +1462,28 @@ def test_stage_and_rollback_take_their_settings_from_the_inventory_too(own_serve
     out = playbook(server, tmp_path, "rollback.yml", check=False)
     assert out.returncode == 2 and "not converged: node-1" in out.stdout, out.stdout
     assert names(server, "StagedGlobalNetworkPolicy") == ["default.web"]
+
+
+def test_enforce_refuses_a_preview_part_of_which_is_not_staged_any_more(own_server, tmp_path):
+    """The preview judged a and b together: b deleted after it, promoting a alone would
+    enforce what no preview judged, so the play fails and nothing is promoted; once every
+    one is gone (the preview promoted by an earlier run) it is a no-op."""
+    server = own_server
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    server.request("POST", "/v1/apply", [_staged_web("default.a", 80),
+                                         _staged_web("default.b", 443)])
+    report = tmp_path / "preview.json"
+    pinned = ("-e", "bulkhead_enforce_preview_report=%s" % report)
+    playbook(server, tmp_path, "preview.yml", "-e", "bulkhead_preview_report=%s" % report)
+    server.request("DELETE", "/v1/resources/StagedGlobalNetworkPolicy/default.b")
+    for check in (("--check",), ()):
+        out = playbook(server, tmp_path, "enforce.yml", *pinned, *check, check=False)
+        text = " ".join(out.stdout.split())
+        assert out.returncode == 2, text
+        assert "default.b, judged by the preview, is not staged any more" in text, text
+        assert names(server, "GlobalNetworkPolicy") == []
+        assert names(server, "StagedGlobalNetworkPolicy") == ["default.a"]
+    server.request("DELETE", "/v1/resources/StagedGlobalNetworkPolicy/default.a")
+    out = playbook(server, tmp_path, "enforce.yml", *pinned)
+    assert "changed=0" in out.stdout and names(server, "GlobalNetworkPolicy") == []
