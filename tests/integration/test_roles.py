@@ -1487,3 +1487,22 @@ def test_enforce_refuses_a_preview_part_of_which_is_not_staged_any_more(own_serv
     server.request("DELETE", "/v1/resources/StagedGlobalNetworkPolicy/default.a")
     out = playbook(server, tmp_path, "enforce.yml", *pinned)
     assert "changed=0" in out.stdout and names(server, "GlobalNetworkPolicy") == []
+
+
+def test_enforce_names_a_preview_report_it_cannot_read(own_server, tmp_path):
+    """A report that is not JSON, or not there: the play fails naming the setting and the
+    file, before anything is read from the server or promoted."""
+    server = own_server
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    server.request("POST", "/v1/apply", [_staged_web("default.a", 80)])
+    (tmp_path / "report.yaml").write_text("promoted: [default.a]\n")
+    for report in (tmp_path / "report.yaml", tmp_path / "absent.json"):
+        out = playbook(server, tmp_path, "enforce.yml", "-e",
+                       "bulkhead_enforce_preview_report=%s" % report, check=False)
+        text = " ".join(out.stdout.split())
+        assert out.returncode == 2, text
+        assert "bulkhead_enforce_preview_report=%s: cannot read a preview's JSON" % report \
+            in text, text
+        assert "Read the store's revision" not in text, text
+    assert names(server, "StagedGlobalNetworkPolicy") == ["default.a"]
