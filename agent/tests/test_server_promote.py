@@ -249,6 +249,22 @@ def test_a_promote_pinned_to_what_a_preview_judged(
     assert names(conn, "StagedGlobalNetworkPolicy") == ["web"]
 
 
+def test_a_thousand_of_the_longest_names_fit_a_promote_pinned_to_their_versions(
+        pki_dir: Path, servers: list[ServerProcess]) -> None:  # noqa: F811
+    """The most names a promote takes, each of the longest a policy may have and pinned to
+    a version (as a preview of that many answers): the body is read and judged (404: not
+    staged), not refused for its size."""
+    server = start(pki_dir, servers, f"sqlite://{pki_dir}/store.db")
+    many = [f"{i:04d}" + "a" * 249 for i in range(1000)]
+    body = {"names": many, "resourceVersions": {n: "1" * 64 for n in many},
+            "dryRun": True}
+    assert len(json.dumps(body)) > 512 * 1024
+    with pytest.raises(ApiError) as err:
+        server.conn.request("POST", "/v1/promote", body)
+    assert err.value.status == 404, err.value.message
+    assert f"StagedGlobalNetworkPolicy {many[0]} not found" in err.value.message
+
+
 def test_cli_promote(pki_dir: Path, servers: list[ServerProcess],  # noqa: F811
                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                      capsys: pytest.CaptureFixture[str]) -> None:

@@ -904,7 +904,9 @@ async def rollback(request: web.Request) -> web.Response:
                            unchanged_since=read_at)
 
 
-PROMOTE_MAX_BODY = 256 * 1024
+# The most names, each of the longest a policy may have (253), twice: in names and, with
+# a version of up to 64 characters, in resourceVersions (about 580 KB).
+PROMOTE_MAX_BODY = 640 * 1024
 PROMOTE_MAX_NAMES = 1000
 
 
