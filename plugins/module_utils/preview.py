@@ -98,11 +98,19 @@ def promote(client, names, missing="fail", check_mode=False, versions=None):
     listed and nothing promoted; with `missing="ignore"` it is left out, and when none is
     left nothing is asked of the server and nothing changes. `versions` (name:
     resourceVersion, as a preview's `promotedVersions`) pins names to the versions a
-    preview judged: the server refuses the whole promotion when one changed since."""
-    versions = versions or {}
-    strays = sorted(set(versions) - set(names))
+    preview judged: the server refuses the whole promotion when one changed since. Given
+    (even empty), every name needs one: one without was not judged as stored (a preview of
+    files) and would be promoted as it is now, unseen."""
+    strays = sorted(set(versions or {}) - set(names))
     if strays:
         raise ValueError("resource_versions: %s is not among names" % strays[0])
+    unpinned = [n for n in names if versions is not None and n not in versions]
+    if unpinned:
+        raise ValueError("resource_versions: %s has no version: the preview did not judge "
+                         "it as stored (a preview of files not applied has none for them); "
+                         "apply it, preview again and promote what that preview judged; "
+                         "nothing was promoted" % unpinned[0])
+    versions = versions or {}
     names = list(dict.fromkeys(names))
     staged = set(d["metadata"]["name"] for d in client.list(STAGED))
     absent = [n for n in names if n not in staged]

@@ -45,7 +45,10 @@ options:
       - When a pinned policy is staged at another version (changed, or deleted and staged
         anew, after the preview) the server refuses the whole promotion and the task
         fails naming it; nothing is promoted. Preview again and promote what was previewed.
-      - Each key must be among O(names). A pinned name that is not staged follows O(missing).
+      - Each key must be among O(names), and given (even empty) every name must have one: a
+        name the preview judged from files (not stored) has none, and would be promoted as it
+        is now, unseen, so the task fails, nothing promoted. A pinned name that is not staged
+        follows O(missing).
     type: dict
 seealso:
   - module: bulkhead.microseg.policy_preview
@@ -175,8 +178,8 @@ def main():
     p = module.params
     if not p["names"]:
         module.fail_json(msg="names: give at least one StagedGlobalNetworkPolicy name")
-    versions = p["resource_versions"] or {}
-    for name, version in versions.items():
+    versions = p["resource_versions"]   # None: not given, no pins
+    for name, version in (versions or {}).items():
         if not isinstance(version, string_types) or not version:
             module.fail_json(msg="resource_versions.%s: expected a resourceVersion (text), "
                              "not %r" % (name, version))

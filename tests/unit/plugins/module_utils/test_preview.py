@@ -164,8 +164,9 @@ def test_with_missing_ignore_and_none_left_nothing_changes():
 
 def test_versions_pin_the_names_asked_for_and_only_those():
     client = Client(["a", "b"])
-    promote(client, ["a", "b", "c"], missing="ignore", versions={"a": "4", "c": "9"})
-    assert client.asked == [(["a", "b"], False)] and client.pinned == [{"a": "4"}]
+    promote(client, ["a", "b", "c"], missing="ignore",
+            versions={"a": "4", "b": "5", "c": "9"})
+    assert client.asked == [(["a", "b"], False)] and client.pinned == [{"a": "4", "b": "5"}]
     promote(client, ["a"])
     assert client.pinned[-1] == {}
 
@@ -174,4 +175,16 @@ def test_a_version_for_a_name_not_asked_for_fails_and_nothing_is_asked():
     client = Client(["a", "b"])
     with pytest.raises(ValueError, match=r"^resource_versions: b is not among names$"):
         promote(client, ["a"], versions={"a": "4", "b": "5"})
+    assert client.asked == []
+
+
+def test_with_versions_every_name_needs_one_and_nothing_is_asked_without():
+    """A name without a version beside resource_versions was not judged as stored (a
+    preview of files, its promotedVersions empty for them): promoted unpinned it would be
+    enforced as it is now, unseen; refused, as bulkhead promote --preview refuses it."""
+    client = Client(["a", "b"])
+    for versions, unpinned in (({"a": "4"}, "b"), ({}, "a")):
+        with pytest.raises(ValueError, match=r"^resource_versions: %s has no version" %
+                           unpinned):
+            promote(client, ["a", "b"], missing="ignore", versions=versions)
     assert client.asked == []
