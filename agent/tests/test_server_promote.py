@@ -215,11 +215,13 @@ def test_a_promote_pinned_to_what_a_preview_judged(
     stored = {d["metadata"]["name"]: d["metadata"]["resourceVersion"] for d in
               conn.request("GET", "/v1/resources/StagedGlobalNetworkPolicy")["items"]}
     assert versions == stored and len(stored) == 3
-    # One a manifest stands in for was not judged as stored: no version for it.
-    over = conn.request("POST", "/v1/preview", {
-        "promote": "all", "hours": 1, "manifests": json.dumps([staged("ssh", port=1)])})
-    assert over["promoted"] == ["old", "ssh", "web"]
-    assert over["promotedVersions"] == {"old": versions["old"], "web": versions["web"]}
+    # A preview of files not applied judged another state than the store's: whatever the
+    # files hold (a staged policy, or anything else), it gives no versions to promote.
+    for manifest in (staged("ssh", port=1), policy("other")):
+        over = conn.request("POST", "/v1/preview", {
+            "promote": "all", "hours": 1, "manifests": json.dumps([manifest])})
+        assert over["promoted"] == ["old", "ssh", "web"]
+        assert over["promotedVersions"] == {}
     # web staged again after the preview: the pinned promotion is refused whole.
     changed = apply(server, [staged("web", port=8443)])["revision"]
     before = everything(conn)
@@ -299,7 +301,8 @@ def test_cli_promotes_what_a_kept_preview_judged(
     report.write_text(capsys.readouterr().out)
     for bad, said in (("[]", "not a preview of this version"),
                       ('{"promoted": ["ssh"], "promotedVersions": {}}',
-                       "ssh was judged from a file"), ("{", "cannot read a preview's JSON")):
+                       "ssh has no version: the preview judged files not applied"),
+                      ("{", "cannot read a preview's JSON")):
         (tmp_path / "bad.json").write_text(bad)
         assert main(["promote", "--preview", str(tmp_path / "bad.json")]) == 2
         assert said in capsys.readouterr().err

@@ -171,8 +171,9 @@ preview:
       sample: [security.db-ingress]
     promotedVersions:
       description:
-        - The C(resourceVersion) of each promoted staged policy judged as stored (one the
-          manifests stand in for is not stored yet, and has none).
+        - The C(resourceVersion) of each promoted staged policy judged as stored; empty when
+          the preview judged documents not applied (O(src), O(definition)), whose state is not
+          the store's until they are applied.
         - Give it to M(bulkhead.microseg.policy_promote) as O(bulkhead.microseg.policy_promote#module:resource_versions)
           to promote exactly what was previewed.
       type: dict

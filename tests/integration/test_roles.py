@@ -1506,3 +1506,44 @@ def test_enforce_names_a_preview_report_it_cannot_read(own_server, tmp_path):
             in text, text
         assert "Read the store's revision" not in text, text
     assert names(server, "StagedGlobalNetworkPolicy") == ["default.a"]
+
+
+def test_the_preview_report_is_found_where_it_was_written_and_its_gates_count(
+        own_server, tmp_path):
+    """A relative report path is the working directory's, for preview.yml writing it and
+    enforce.yml reading it; a report whose gates failed is not promoted."""
+    server = own_server
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
+    server.request("POST", "/v1/apply", [_staged_web("default.a", 80)])
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def play(name, *args):
+        # As a shell starts it in `work`: its working directory, and PWD saying so.
+        return run(["ansible-playbook", "-i", str(tmp_path / "fleet.yml"),
+                    str(ROOT / "playbooks" / name), *args], dict(server.env(), PWD=str(work)),
+                   cwd=str(work), check=False)
+
+    # A preview that fails (a selector the server refuses) keeps a report saying so.
+    out = play("preview.yml", "-e", "bulkhead_preview_report=preview.json",
+               "-e", "bulkhead_preview_protected='app =='")
+    assert out.returncode == 2 and (work / "preview.json").exists(), out.stdout
+    assert json.loads((work / "preview.json").read_text())["gates"]["passed"] is False
+    out = play("preview.yml", "-e", "bulkhead_preview_report=preview.json")
+    assert out.returncode == 0, out.stdout
+    report = json.loads((work / "preview.json").read_text())
+    assert report["gates"] == {"passed": True, "failed": []}
+    assert report["promoted"] == ["default.a"]
+    # The same preview, its gates failed: enforce.yml refuses it.
+    failed = dict(report, gates={"passed": False, "failed": ["max_denied: 3 connections "
+                                                             "would be newly denied (at most 0)"]})
+    (work / "failed.json").write_text(json.dumps(failed))
+    out = play("enforce.yml", "-e", "bulkhead_enforce_preview_report=failed.json")
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 2 and "failed.json: that preview failed its gates (max_denied: 3 " \
+        "connections would be newly denied (at most 0)); nothing was promoted" in text, text
+    assert names(server, "GlobalNetworkPolicy") == []
+    out = play("enforce.yml", "-e", "bulkhead_enforce_preview_report=preview.json")
+    assert out.returncode == 0, out.stdout
+    assert names(server, "GlobalNetworkPolicy") == ["default.a"]

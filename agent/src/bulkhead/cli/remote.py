@@ -172,8 +172,8 @@ def previewed(path: str) -> tuple[list[str], dict[str, str]]:
                          "preview -o json`: promoted and promotedVersions)")
     unpinned = [n for n in names if not isinstance(versions.get(n), str)]
     if unpinned:
-        raise ValueError(f"--preview {path}: {unpinned[0]} was judged from a file, not as "
-                         "stored; apply it, then preview again")
+        raise ValueError(f"--preview {path}: {unpinned[0]} has no version: the preview "
+                         "judged files not applied (-f); apply them, then preview again")
     return names, {n: versions[n] for n in names}
 
 

@@ -1410,11 +1410,11 @@ async def post_preview(request: web.Request) -> web.Response:
         answer = preview_api.preview(logs.store, proposed, wanted, time.time(), names,
                                      now_snapshot)
         # The version of each promoted staged policy judged as stored, for a promote
-        # pinned to what was judged (one a manifest stands in for is not stored yet).
-        from_manifests = {r.key for r in manifests}
-        answer["promotedVersions"] = {
+        # pinned to what was judged. None when files were judged too: the state judged
+        # is not the store's until they are applied, whatever they hold.
+        answer["promotedVersions"] = {} if manifests else {
             n: version for n in names
-            if (k := ("StagedGlobalNetworkPolicy", n)) in parsed and k not in from_manifests
+            if (k := ("StagedGlobalNetworkPolicy", n)) in parsed
             and (version := parsed[k].metadata.resource_version)}
         if left_out:
             answer["leftOut"] = left_out
