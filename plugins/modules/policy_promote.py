@@ -45,10 +45,10 @@ options:
       - When a pinned policy is staged at another version (changed, or deleted and staged
         anew, after the preview) the server refuses the whole promotion and the task
         fails naming it; nothing is promoted. Preview again and promote what was previewed.
-      - Each key must be among O(names), and given (even empty) every name must have one: a
-        name the preview judged from files (not stored) has none, and would be promoted as it
-        is now, unseen, so the task fails, nothing promoted. A pinned name that is not staged
-        follows O(missing).
+      - Each key must be among O(names), and given (even empty) every name must have one.
+        A preview of files not applied gives none, and a name without one would be promoted
+        as it is now, unseen, so the task fails and nothing is promoted. A pinned name that
+        is not staged follows O(missing).
     type: dict
 seealso:
   - module: bulkhead.microseg.policy_preview
