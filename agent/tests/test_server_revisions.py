@@ -142,6 +142,72 @@ def test_rollback_past_the_kept_history_is_gone(
     assert err.value.status == 410
 
 
+def hep(name: str, ip: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"node": name, "expectedIPs": [ip]}}
+
+
+def test_sync_makes_an_owners_host_endpoints_exactly_the_given_ones(
+        pki_dir: Path, servers: list[ServerProcess], datastore: str) -> None:  # noqa: F811
+    """`?kind=HostEndpoint&owner=O`: an inventory's host endpoints become the body's in
+    one transaction (created, updated and deleted at one revision, never half of it);
+    another owner's, and endpoints of no owner, are left alone, and taken over only with
+    adopt=true; `label` names another owner label."""
+    server = start(pki_dir, servers, datastore)
+    conn = server.conn
+    inv, other = {OWNER: "inv"}, {OWNER: "other"}
+    apply(server, [hep("h1", "198.18.0.1", inv), hep("h2", "198.18.0.2", inv),
+                   hep("h3", "198.18.0.3", other), hep("h4", "198.18.0.4", {"app": "x"})])
+    desired = [hep("h1", "198.18.0.11", inv), hep("h5", "198.18.0.5", inv)]
+    query = {"kind": "HostEndpoint", "owner": "inv"}
+    before = conn.request("GET", "/v1/export")
+    dry = conn.request("POST", "/v1/sync", raw=body(desired), query={**query, "dryRun": "true"})
+    assert dry["revision"] is None and conn.request("GET", "/v1/export") == before
+    done = conn.request("POST", "/v1/sync", raw=body(desired), query=query)
+    assert [(r["name"], r["action"]) for r in done["results"]] == \
+        [("h1", "configured"), ("h5", "created"), ("h2", "deleted")]
+    assert [(r["name"], r["action"]) for r in dry["results"]] == \
+        [(r["name"], r["action"]) for r in done["results"]]
+    endpoints = {d["metadata"]["name"]: d for d in
+                 conn.request("GET", "/v1/resources/HostEndpoint")["items"]}
+    assert sorted(endpoints) == ["h1", "h3", "h4", "h5"]
+    assert endpoints["h1"]["spec"]["expectedIPs"] == ["198.18.0.11"]
+    entry = conn.request("GET", "/v1/history", query={"limit": "1"})["entries"][0]
+    assert entry["revision"] == done["revision"] and entry["operation"] == "sync"
+    assert sorted(c["name"] for c in entry["changes"]) == ["h1", "h2", "h5"]
+    # Another owner's endpoint: 409 naming it, nothing written; adopt=true takes it over.
+    taken = [*desired, hep("h3", "198.18.0.3", inv)]
+    with pytest.raises(ApiError) as err:
+        conn.request("POST", "/v1/sync", raw=body(taken), query=query)
+    assert err.value.status == 409 and "HostEndpoint h3 exists and is owned by 'other' " \
+        f"({OWNER}); adopt=true takes it over; nothing was changed" in err.value.message
+    conn.request("POST", "/v1/sync", raw=body(taken), query={**query, "adopt": "true"})
+    owned = {d["metadata"]["name"]: d["metadata"]["labels"].get(OWNER) for d in
+             conn.request("GET", "/v1/resources/HostEndpoint")["items"]}
+    assert owned == {"h1": "inv", "h3": "inv", "h4": None, "h5": "inv"}
+    # Another owner label: the scope is that label's.
+    team = {"team/owner": "net"}
+    conn.request("POST", "/v1/sync", raw=body([hep("h6", "198.18.0.6", team)]),
+                 query={**query, "owner": "net", "label": "team/owner"})
+    assert [*sorted(owned), "h6"] == sorted(
+        d["metadata"]["name"] for d in conn.request("GET", "/v1/resources/HostEndpoint")["items"])
+    # What a HostEndpoint sync refuses, naming the parameter or the resource.
+    for q, docs, status, said in (
+            ({"kind": "Tier", "owner": "inv"}, [], 400, "kind: 'Tier'"),
+            ({"kind": "HostEndpoint", "tier": "t1"}, [], 400, "by owner=VALUE, not tier"),
+            ({"tier": "t1", "label": "a"}, [], 400, "label: only with owner=VALUE"),
+            ({**query, "label": "a b"}, [], 400, "label: label key"),
+            ({**query, "adopt": "maybe"}, [], 400, "adopt: 'maybe'"),
+            (query, [policy("p")], 422, "GlobalNetworkPolicy p: a sync of HostEndpoint holds "
+                                        "only HostEndpoint resources"),
+            (query, [hep("h7", "198.18.0.7", other)], 422,
+             f'HostEndpoint h7: metadata.labels: {OWNER} must be "inv"')):
+        with pytest.raises(ApiError) as err:
+            conn.request("POST", "/v1/sync", raw=body(docs), query=q)
+        assert err.value.status == status and said in err.value.message, (q, err.value.message)
+
+
 def test_sync_makes_a_tier_exactly_the_given_policies(
         pki_dir: Path, servers: list[ServerProcess], datastore: str) -> None:  # noqa: F811
     server = start(pki_dir, servers, datastore)

@@ -394,9 +394,18 @@ class BulkheadClient:
             query["dryRun"] = "true"
         return self.call("POST", route("apply"), RESULTS, raw=json.dumps(docs), query=query)
 
-    def sync(self, docs, tier=None, owner=None, dry_run=False):
-        """The policies `docs` become exactly those of a tier or an owner (one transaction)."""
+    def sync(self, docs, tier=None, owner=None, dry_run=False, kind=None, label=None,
+             adopt=False):
+        """The policies `docs` become exactly those of a tier or an owner (one transaction);
+        with `kind="HostEndpoint"` an owner's host endpoints, `label` the owner's label,
+        `adopt` taking over the body's resources another owner has."""
         query = {"tier": tier} if tier is not None else {"owner": owner}
+        if kind is not None:
+            query["kind"] = kind
+        if label is not None:
+            query["label"] = label
+        if adopt:
+            query["adopt"] = "true"
         if dry_run:
             query["dryRun"] = "true"
         return self.call("POST", route("sync"), RESULTS, raw=json.dumps(docs), query=query)

@@ -20,8 +20,9 @@ description:
   - Ownership is a label, O(managed_by_label) with the value O(owner), added to every
     endpoint written. Host endpoints without it, or owned by another inventory, are never
     deleted, and are only taken over with O(adopt=true).
-  - Creations and updates are applied all or nothing; the server validates every
-    endpoint first.
+  - Creations, updates and deletions are one server transaction, all or nothing (with
+    O(purge=true), C(POST /v1/sync) of the owner's host endpoints), so agents never see
+    half of a change; the server validates every endpoint first.
 options:
   endpoints:
     description:
@@ -155,10 +156,10 @@ wait_elapsed:
 
 import copy
 
-from ansible_collections.bulkhead.microseg.plugins.module_utils.api import API_VERSION, OWNER_LABEL
+from ansible_collections.bulkhead.microseg.plugins.module_utils.api import API_VERSION, OWNER_LABEL, SERVER_FIELDS
 from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import normalize_labels
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
-from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import ensure_many
+from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import converged, ensure_many
 from ansible_collections.bulkhead.microseg.plugins.module_utils.waiter import wait_spec
 
 
@@ -177,13 +178,21 @@ def owned_docs(endpoints, owner, label):
         if meta["name"] in seen:
             raise ValueError("endpoints[%d]: HostEndpoint %s is listed twice" % (i, meta["name"]))
         seen.add(meta["name"])
-        for key in ("resourceVersion", "uid", "creationTimestamp", "generation"):
+        for key in SERVER_FIELDS:
             meta.pop(key, None)
         meta["labels"] = normalize_labels(meta.get("labels") or {},
                                           "endpoints[%d]: metadata.labels" % i)
         meta["labels"][label] = owner
         docs.append(doc)
     return docs
+
+
+def stripped(doc):
+    """A stored endpoint as a document to write back: what the server owns left out."""
+    doc = copy.deepcopy(doc)
+    for key in SERVER_FIELDS:
+        doc.get("metadata", {}).pop(key, None)
+    return doc
 
 
 def sync(module, service):
@@ -200,16 +209,18 @@ def sync(module, service):
     keep = set(p["keep"] or [])
     owned = [n for n in sorted(existing) if n not in wanted and
              (existing[n]["metadata"].get("labels") or {}).get(label) == owner]
-    gone = [existing[n] for n in owned if n not in keep]
+    gone = [n for n in owned if n not in keep]
     result = {"changed": False, "results": [], "diff": []}
-    if docs:
-        result = ensure_many(service, docs, "present", module.check_mode)
     if p["purge"] and gone:
-        removed = ensure_many(service, gone, "absent", module.check_mode)
-        result["changed"] = result["changed"] or removed["changed"]
-        result["results"] += removed["results"]
-        result["diff"] += removed["diff"]
-        result["revision"] = removed["revision"] or result.get("revision")
+        # Writes and deletes in one server transaction (POST /v1/sync of the owner's host
+        # endpoints), all or nothing; the endpoints kept go in as they are.
+        kept = [stripped(existing[n]) for n in owned if n in keep]
+        answer = module.client.sync(docs + kept, owner=owner, dry_run=module.check_mode,
+                                    kind="HostEndpoint", label=label, adopt=p["adopt"])
+        result = converged(answer)
+        result["results"] = [r for r in result["results"] if r["name"] not in keep]
+    elif docs:
+        result = ensure_many(service, docs, "present", module.check_mode)
     for action in ("created", "updated", "deleted"):
         result[action] = [r["name"] for r in result["results"] if r["action"] == action]
     result.setdefault("revision", None)

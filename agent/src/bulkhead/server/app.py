@@ -40,7 +40,9 @@ from bulkhead.model import (
     parse_documents,
     parse_resource,
 )
+from bulkhead.model.checks import check_label_key
 from bulkhead.model.flowlog import MAX_BATCH_BYTES
+from bulkhead.model.reader import Reader
 from bulkhead.pki import Identity, identity_from_subject
 from bulkhead.policy.impact import NotFound as UnknownStaged
 from bulkhead.policy.impact import PromotionConflict, proposed_state
@@ -847,36 +849,59 @@ def _plan_delete(identity: Identity, s: Stored, results: list[dict[str, Any]],
 async def sync(request: web.Request) -> web.Response:
     """`POST /v1/sync?tier=T` or `?owner=O`: the policies in the body become exactly the
     policies of tier T (or those labelled microseg.bulkhead.io/managed-by=O): new ones
-    created, changed ones updated, the others of the scope deleted, in one transaction."""
+    created, changed ones updated, the others of the scope deleted, in one transaction.
+    `?kind=HostEndpoint&owner=O` does the same for the host endpoints of an owner (an
+    inventory's); `label=KEY` names the owner's label instead of managed-by, and
+    `adopt=true` takes over resources of the body that exist with another owner (409
+    otherwise)."""
     identity = _require(request, "admin")
-    tier, owner = request.query.get("tier"), request.query.get("owner")
+    query = request.query
+    tier, owner = query.get("tier"), query.get("owner")
     if (tier is None) == (owner is None):
         raise ApiError(400, "BadRequest", "give exactly one of tier=NAME and owner=VALUE")
+    kind = query.get("kind")
+    if kind not in (None, "HostEndpoint"):
+        raise ApiError(400, "BadRequest", f"kind: {kind[:64]!r}: a sync is of policies (no "
+                       "kind) or of HostEndpoint")
+    if "label" in query and owner is None:
+        raise ApiError(400, "BadRequest", "label: only with owner=VALUE")
+    label = query.get("label", OWNER_LABEL)
+    try:
+        check_label_key(Reader("sync", "label", "label", label), label)
+        adopt = limits.flag_param(query.get("adopt"), "adopt")
+    except ValidationError as e:
+        raise ApiError(400, "BadRequest", f"label: {e.problem}") from None
+    except limits.BadInput as e:
+        raise ApiError(400, "BadRequest", str(e)) from None
+    if kind is not None and tier is not None:
+        raise ApiError(400, "BadRequest", "a sync of HostEndpoint is by owner=VALUE, not tier")
     desired = await _resources_of_body(request)
+    kinds = POLICY_KINDS if kind is None else (kind,)
     for r in desired:
-        if not isinstance(r, GlobalNetworkPolicy):
-            raise ApiError(422, "Invalid", f"{r.kind} {r.name}: a sync holds only "
-                           "GlobalNetworkPolicy and StagedGlobalNetworkPolicy resources")
-        if tier is not None and r.spec.tier != tier:
+        if r.kind not in kinds:
+            raise ApiError(422, "Invalid", f"{r.kind} {r.name}: a sync "
+                           f"{'of HostEndpoint ' if kind else ''}holds only "
+                           f"{' and '.join(kinds)} resources")
+        if tier is not None and isinstance(r, GlobalNetworkPolicy) and r.spec.tier != tier:
             raise ApiError(422, "Invalid", f"{r.kind} {r.name}: spec.tier: is "
                            f'"{r.spec.tier}", not the tier synced ("{tier}")')
-        if owner is not None and r.metadata.labels.get(OWNER_LABEL) != owner:
+        if owner is not None and r.metadata.labels.get(label) != owner:
             raise ApiError(422, "Invalid", f"{r.kind} {r.name}: metadata.labels: "
-                           f'{OWNER_LABEL} must be "{owner}", the owner synced')
+                           f'{label} must be "{owner}", the owner synced')
     scope: list[Stored] = []
-    for kind in POLICY_KINDS:
-        items, _ = await request.app[STORE].list_resources(kind)
+    for k in kinds:
+        items, _ = await request.app[STORE].list_resources(k)
         scope += [s for s in items
                   if (tier is not None and s.doc.get("spec", {}).get("tier", DEFAULT_TIER)
-                      == tier) or (owner is not None and s.labels.get(OWNER_LABEL) == owner)]
-    if owner is not None:
-        for r in desired:   # another owner's policy is not taken over silently
+                      == tier) or (owner is not None and s.labels.get(label) == owner)]
+    if owner is not None and not adopt:
+        for r in desired:   # another owner's resource is not taken over silently
             old = await _current(request.app[STORE], r.kind, r.name)
-            theirs = old.labels.get(OWNER_LABEL) if old else None
+            theirs = old.labels.get(label) if old else None
             if old is not None and theirs != owner:
                 raise ApiError(409, "Conflict", f"{r.kind} {r.name} exists and is "
-                               f"{'owned by ' + repr(theirs) if theirs else 'not owned'}; "
-                               "nothing was changed")
+                               f"{'owned by ' + repr(theirs) if theirs else 'not owned'} "
+                               f"({label}); adopt=true takes it over; nothing was changed")
     return await _converge(request, identity, desired, scope, "sync")
 
 
