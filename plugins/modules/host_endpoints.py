@@ -214,11 +214,14 @@ def sync(module, service):
     if p["purge"] and gone:
         # Writes and deletes in one server transaction (POST /v1/sync of the owner's host
         # endpoints), all or nothing; the endpoints kept go in as they are.
-        kept = [stripped(existing[n]) for n in owned if n in keep]
-        answer = module.client.sync(docs + kept, owner=owner, dry_run=module.check_mode,
+        # The kept ones leave the results (the server's "unchanged"); one both kept and
+        # listed in endpoints is written as listed, and reported.
+        kept = [n for n in owned if n in keep]
+        answer = module.client.sync(docs + [stripped(existing[n]) for n in kept],
+                                    owner=owner, dry_run=module.check_mode,
                                     kind="HostEndpoint", label=label, adopt=p["adopt"])
         result = converged(answer)
-        result["results"] = [r for r in result["results"] if r["name"] not in keep]
+        result["results"] = [r for r in result["results"] if r["name"] not in kept]
     elif docs:
         result = ensure_many(service, docs, "present", module.check_mode)
     for action in ("created", "updated", "deleted"):

@@ -1,0 +1,63 @@
+"""host_endpoints against a fake server answering as bulkhead-server does: what the
+module reports of a purge done with one POST /v1/sync."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from ansible.module_utils.testing import patch_module_args
+
+from ansible_collections.bulkhead.microseg.plugins.modules import host_endpoints
+
+OWNER = "microseg.bulkhead.io/managed-by"
+
+
+def stored(name, ip, version):
+    return {"apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
+            "metadata": {"name": name, "labels": {OWNER: "east"},
+                         "resourceVersion": str(version)},
+            "spec": {"node": name, "expectedIPs": [ip]}}
+
+
+def plain(doc):
+    doc = json.loads(json.dumps(doc))
+    doc["metadata"].pop("resourceVersion")
+    return doc
+
+
+def run(capsys, **args):
+    with patch_module_args(args):
+        with pytest.raises(SystemExit) as done:
+            host_endpoints.main()
+    return done.value.code, json.loads(capsys.readouterr().out)
+
+
+def test_an_endpoint_both_listed_and_kept_is_reported_as_written(fake_server, capsys):
+    """keep names an endpoint that endpoints lists too: it is written as listed, and the
+    result says so (updated, with its diff), as for any other endpoint written."""
+    web1, web2, db1 = (stored("web-1", "198.18.0.1", 3), stored("web-2", "198.18.0.2", 4),
+                       stored("db-1", "198.18.0.3", 5))
+    fake_server.set("/v1/resources/HostEndpoint",
+                    json.dumps({"items": [web1, web2, db1], "revision": 5}))
+    web1_new = plain(web1)
+    web1_new["spec"]["expectedIPs"] = ["198.18.0.11"]
+    # The answer bulkhead-server gives that sync: web-1 written, db-1 (kept) as it is,
+    # web-2 (owned, neither listed nor kept) deleted, in one transaction.
+    fake_server.set("/v1/sync", json.dumps({"dryRun": False, "revision": 6, "results": [
+        {"kind": "HostEndpoint", "name": "web-1", "action": "configured",
+         "before": plain(web1), "after": web1_new},
+        {"kind": "HostEndpoint", "name": "db-1", "action": "unchanged"},
+        {"kind": "HostEndpoint", "name": "web-2", "action": "deleted",
+         "before": plain(web2)}]}))
+    code, result = run(capsys, server_url=fake_server.url, ca_path=fake_server.ca,
+                       owner="east", keep=["web-1", "db-1"],
+                       endpoints=[{"metadata": {"name": "web-1"},
+                                   "spec": {"node": "web-1", "expectedIPs": ["198.18.0.11"]}}])
+    assert code == 0, result
+    assert [m for m, _ in fake_server.requests] == ["GET", "POST"]
+    assert result["changed"] and result["revision"] == 6
+    assert result["updated"] == ["web-1"]
+    assert result["deleted"] == ["web-2"] and result["kept"] == ["db-1"]
+    assert [(r["name"], r["action"]) for r in result["results"]] == \
+        [("web-1", "updated"), ("web-2", "deleted")]
