@@ -21,8 +21,9 @@ description:
     endpoint written. Host endpoints without it, or owned by another inventory, are never
     deleted, and are only taken over with O(adopt=true).
   - Creations, updates and deletions are one server transaction, all or nothing (with
-    O(purge=true), C(POST /v1/sync) of the owner's host endpoints), so agents never see
-    half of a change; the server validates every endpoint first.
+    O(purge=true), C(POST /v1/sync) of the owner's host endpoints, or C(POST /v1/delete)
+    when there is nothing to write), so agents never see half of a change; the server
+    validates every endpoint first.
 options:
   endpoints:
     description:
@@ -211,7 +212,13 @@ def sync(module, service):
              (existing[n]["metadata"].get("labels") or {}).get(label) == owner]
     gone = [n for n in owned if n not in keep]
     result = {"changed": False, "results": [], "diff": []}
-    if p["purge"] and gone:
+    if p["purge"] and gone and not docs:
+        # Deletes alone: one transaction of POST /v1/delete. Never an empty sync, which a
+        # server from before its kind=HostEndpoint takes for the sync of the owner's
+        # policies (every policy of that owner label deleted).
+        result = ensure_many(service, [existing[n] for n in gone], "absent",
+                             module.check_mode)
+    elif p["purge"] and gone:
         # Writes and deletes in one server transaction (POST /v1/sync of the owner's host
         # endpoints), all or nothing; the endpoints kept go in as they are.
         # The kept ones leave the results (the server's "unchanged"); one both kept and

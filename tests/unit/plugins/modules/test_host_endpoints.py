@@ -61,3 +61,23 @@ def test_an_endpoint_both_listed_and_kept_is_reported_as_written(fake_server, ca
     assert result["deleted"] == ["web-2"] and result["kept"] == ["db-1"]
     assert [(r["name"], r["action"]) for r in result["results"]] == \
         [("web-1", "updated"), ("web-2", "deleted")]
+
+
+def test_a_purge_with_nothing_to_write_never_sends_an_empty_sync(fake_server, capsys):
+    """No endpoints listed, every owned one gone: only deletes, one transaction of
+    POST /v1/delete. Never an empty POST /v1/sync?kind=HostEndpoint&owner=O, which a
+    server from before kind=HostEndpoint reads as the sync of owner O's policies, empty:
+    every policy labeled managed-by=O deleted."""
+    web1 = stored("web-1", "198.18.0.1", 3)
+    fake_server.set("/v1/resources/HostEndpoint",
+                    json.dumps({"items": [web1], "revision": 3}))
+    fake_server.set("/v1/resources/HostEndpoint/web-1", json.dumps(web1))
+    fake_server.set("/v1/delete", json.dumps({"dryRun": False, "revision": 4, "results": [
+        {"kind": "HostEndpoint", "name": "web-1", "action": "deleted"}]}))
+    code, result = run(capsys, server_url=fake_server.url, ca_path=fake_server.ca,
+                       owner="east", endpoints=[], _ansible_diff=True)
+    assert code == 0, result
+    paths = [path.split("?")[0] for _, path in fake_server.requests]
+    assert "/v1/sync" not in paths and paths[-1] == "/v1/delete", paths
+    assert result["changed"] and result["deleted"] == ["web-1"] and result["revision"] == 4
+    assert [d["before_header"] for d in result["diff"]] == ["HostEndpoint web-1"]
