@@ -163,9 +163,14 @@ async def test_nodes_name_each_agents_version_and_those_behind_the_server(
     (`bulkhead nodes`, `/v1/nodes`, /metrics); a node whose agent runs another version
     than the server, or says none, is named under the table: what is left of an
     upgrade. A User-Agent of another form is not taken, and the report still counts."""
+    import tomllib
+
     from bulkhead import __version__
     from bulkhead.agent.http import USER_AGENT
     assert f"bulkhead-agent/{__version__}" == USER_AGENT
+    # The version agents and servers say is the package's own, as built.
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["version"] == __version__
     sent = {"web-1": USER_AGENT, "web-2": "bulkhead-agent/0.0.9",
             "web-3": "bulkhead-agent/" + "9" * 65, "web-4": 'bulkhead-agent/1.0"} 1 x{a="'}
     for node, agent_header in sent.items():

@@ -24,6 +24,9 @@ description:
     O(purge=true), C(POST /v1/sync) of the owner's host endpoints, or C(POST /v1/delete)
     when there is nothing to write), so agents never see half of a change; the server
     validates every endpoint first.
+  - A change larger than one transaction of the datastore (etcd takes 128 operations by
+    default, C(--max-txn-ops)) is refused by the server before anything is written; the
+    module then writes the endpoints and the deletes as two transactions, and warns.
 options:
   endpoints:
     description:
@@ -158,6 +161,7 @@ wait_elapsed:
 import copy
 
 from ansible_collections.bulkhead.microseg.plugins.module_utils.api import API_VERSION, OWNER_LABEL, SERVER_FIELDS
+from ansible_collections.bulkhead.microseg.plugins.module_utils.client import ApiError
 from ansible_collections.bulkhead.microseg.plugins.module_utils.labels import normalize_labels
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
 from ansible_collections.bulkhead.microseg.plugins.module_utils.runner import converged, ensure_many
@@ -224,11 +228,27 @@ def sync(module, service):
         # The kept ones leave the results (the server's "unchanged"); one both kept and
         # listed in endpoints is written as listed, and reported.
         kept = [n for n in owned if n in keep]
-        answer = module.client.sync(docs + [stripped(existing[n]) for n in kept],
-                                    owner=owner, dry_run=module.check_mode,
-                                    kind="HostEndpoint", label=label, adopt=p["adopt"])
-        result = converged(answer)
-        result["results"] = [r for r in result["results"] if r["name"] not in kept]
+        try:
+            answer = module.client.sync(docs + [stripped(existing[n]) for n in kept],
+                                        owner=owner, dry_run=module.check_mode,
+                                        kind="HostEndpoint", label=label, adopt=p["adopt"])
+        except ApiError as e:
+            if e.status != 413:
+                raise
+            # Larger than one transaction of the datastore (etcd's --max-txn-ops), and
+            # refused before anything was written: the writes, then the deletes.
+            module.warn("the change is larger than one datastore transaction (%s); written "
+                        "in two, the endpoints first, then the deletes" % e.message)
+            result = ensure_many(service, docs, "present", module.check_mode)
+            removed = ensure_many(service, [existing[n] for n in gone], "absent",
+                                  module.check_mode)
+            result["changed"] = result["changed"] or removed["changed"]
+            result["results"] += removed["results"]
+            result["diff"] += removed["diff"]
+            result["revision"] = removed["revision"] or result.get("revision")
+        else:
+            result = converged(answer)
+            result["results"] = [r for r in result["results"] if r["name"] not in kept]
     elif docs:
         result = ensure_many(service, docs, "present", module.check_mode)
     for action in ("created", "updated", "deleted"):

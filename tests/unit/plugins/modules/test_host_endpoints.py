@@ -55,7 +55,7 @@ def test_an_endpoint_both_listed_and_kept_is_reported_as_written(fake_server, ca
                        endpoints=[{"metadata": {"name": "web-1"},
                                    "spec": {"node": "web-1", "expectedIPs": ["198.18.0.11"]}}])
     assert code == 0, result
-    assert [m for m, _ in fake_server.requests] == ["GET", "POST"]
+    assert [request[0] for request in fake_server.requests] == ["GET", "POST"]
     assert result["changed"] and result["revision"] == 6
     assert result["updated"] == ["web-1"]
     assert result["deleted"] == ["web-2"] and result["kept"] == ["db-1"]
@@ -77,7 +77,59 @@ def test_a_purge_with_nothing_to_write_never_sends_an_empty_sync(fake_server, ca
     code, result = run(capsys, server_url=fake_server.url, ca_path=fake_server.ca,
                        owner="east", endpoints=[], _ansible_diff=True)
     assert code == 0, result
-    paths = [path.split("?")[0] for _, path in fake_server.requests]
+    paths = [request[1].split("?")[0] for request in fake_server.requests]
     assert "/v1/sync" not in paths and paths[-1] == "/v1/delete", paths
     assert result["changed"] and result["deleted"] == ["web-1"] and result["revision"] == 4
     assert [d["before_header"] for d in result["diff"]] == ["HostEndpoint web-1"]
+
+
+def test_a_change_larger_than_one_transaction_is_written_in_two_with_a_warning(
+        fake_server, capsys):
+    """The server refuses the sync as larger than one datastore transaction (etcd's
+    --max-txn-ops), before writing anything: the module writes the endpoints, then the
+    deletes, as two transactions, and warns that it did."""
+    web1, web2 = stored("web-1", "198.18.0.1", 3), stored("web-2", "198.18.0.2", 4)
+    fake_server.set("/v1/resources/HostEndpoint",
+                    json.dumps({"items": [web1, web2], "revision": 5}))
+    fake_server.set("/v1/resources/HostEndpoint/web-1", json.dumps(web1))
+    fake_server.set("/v1/resources/HostEndpoint/web-2", json.dumps(web2))
+    fake_server.set("/v1/sync", json.dumps({"error": {
+        "reason": "RequestEntityTooLarge",
+        "message": "130 operations in one etcd transaction; etcd takes at most 128"}}),
+        status=413)
+    web1_new = plain(web1)
+    web1_new["spec"]["expectedIPs"] = ["198.18.0.11"]
+    fake_server.set("/v1/apply", json.dumps({"dryRun": False, "revision": 6, "results": [
+        {"kind": "HostEndpoint", "name": "web-1", "action": "configured", "after": web1_new}]}))
+    fake_server.set("/v1/delete", json.dumps({"dryRun": False, "revision": 7, "results": [
+        {"kind": "HostEndpoint", "name": "web-2", "action": "deleted"}]}))
+    code, result = run(capsys, server_url=fake_server.url, ca_path=fake_server.ca,
+                       owner="east",
+                       endpoints=[{"metadata": {"name": "web-1"},
+                                   "spec": {"node": "web-1", "expectedIPs": ["198.18.0.11"]}}])
+    assert code == 0, result
+    posts = [path.split("?")[0] for method, path in fake_server.requests if method == "POST"]
+    assert posts == ["/v1/sync", "/v1/apply", "/v1/apply", "/v1/delete"]
+    assert result["changed"] and result["revision"] == 7
+    assert (result["updated"], result["deleted"]) == (["web-1"], ["web-2"])
+    # ansible-core 2.19 gives each warning as a summary of its event.
+    warnings = [w["event"]["msg"] if isinstance(w, dict) else w for w in result["warnings"]]
+    assert any("larger than one datastore transaction (130 operations in one etcd "
+               "transaction; etcd takes at most 128); written in two" in w
+               for w in warnings), warnings
+
+
+def test_other_refusals_of_the_sync_fail_the_module_and_nothing_else_is_asked(
+        fake_server, capsys):
+    web1, web2 = stored("web-1", "198.18.0.1", 3), stored("web-2", "198.18.0.2", 4)
+    fake_server.set("/v1/resources/HostEndpoint",
+                    json.dumps({"items": [web1, web2], "revision": 5}))
+    fake_server.set("/v1/sync", json.dumps({"error": {
+        "reason": "Conflict", "message": "HostEndpoint web-1 exists and is owned by 'west'"}}),
+        status=409)
+    code, result = run(capsys, server_url=fake_server.url, ca_path=fake_server.ca,
+                       owner="east",
+                       endpoints=[{"metadata": {"name": "web-1"},
+                                   "spec": {"node": "web-1", "expectedIPs": ["198.18.0.11"]}}])
+    assert code == 1 and "owned by 'west'" in result["msg"]
+    assert [request[0] for request in fake_server.requests] == ["GET", "POST"]
