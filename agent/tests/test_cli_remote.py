@@ -310,3 +310,34 @@ async def test_label_values_follow_the_one_rule(as_admin: Path,
     assert await run("apply", "-f", str(hep)) == 2
     err = capsys.readouterr().err
     assert "metadata.labels.owner: a label value cannot be null" in err
+
+
+async def test_history_answers_a_bounded_number_of_changes_and_says_so(
+        as_admin: Path, server: Server, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """One answer of GET /v1/history holds at most HISTORY_MAX_CHANGES changes (the
+    first entry whole): older entries are left out with `truncated`, and `bulkhead
+    history` says so on stderr."""
+    from bulkhead.server import app as server_app
+    monkeypatch.setattr(server_app, "HISTORY_MAX_CHANGES", 5)
+    async with server.client("alice", "admin") as admin:
+        for batch in (["a", "b", "c"], ["d", "e", "f"]):
+            body = "\n---\n".join(
+                json.dumps({"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+                            "metadata": {"name": n}, "spec": {"nets": ["198.18.9.0/24"]}})
+                for n in batch)
+            async with admin.post("/v1/apply", data=body,
+                                  headers={"Content-Type": "application/yaml"}) as r:
+                assert r.status == 200, await r.text()
+        async with admin.get("/v1/history") as r:
+            answer = await r.json()
+        assert [len(e["changes"]) for e in answer["entries"]] == [3]
+        assert answer["truncated"] is True
+        async with admin.get("/v1/history", params={"name": "a"}) as r:
+            answer = await r.json()
+        assert [len(e["changes"]) for e in answer["entries"]] == [3]
+        assert "truncated" not in answer
+    assert await run("history") == 0
+    captured = capsys.readouterr()
+    assert "history: 1 entries, the most one answer holds" in captured.err
+    assert captured.out.count("apply") == 1

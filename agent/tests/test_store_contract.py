@@ -298,6 +298,28 @@ async def test_status_reports_stay_out_of_resources_and_watch(store: Datastore) 
     assert [e.name for e in await store.history(start, made.revision)] == ["a"]
 
 
+async def test_a_read_of_the_audit_trail_holds_a_bounded_number_of_changes(
+        store: Datastore) -> None:
+    """The newest entries whose changes fit `max_changes` (the first one whole, however
+    large), and a flag when entries were left out for it; filters count only what
+    matches."""
+    who = Audit("alice", "admin", "apply")
+    for size, prefix in ((5, "a"), (3, "b"), (4, "c")):   # oldest first
+        await store.transaction([Op("put", "GlobalNetworkSet", f"{prefix}{i}",
+                                    netset(f"{prefix}{i}")) for i in range(size)], who)
+    entries, cut = await store.audit_log(10, max_changes=7)
+    assert [len(e["changes"]) for e in entries] == [4, 3] and cut
+    assert entries[0]["operation"] == "apply"
+    entries, cut = await store.audit_log(10, max_changes=2)
+    assert [len(e["changes"]) for e in entries] == [4] and cut
+    entries, cut = await store.audit_log(2, max_changes=7)
+    assert [len(e["changes"]) for e in entries] == [4, 3] and not cut
+    entries, cut = await store.audit_log(10)
+    assert [len(e["changes"]) for e in entries][:3] == [4, 3, 5] and not cut
+    entries, cut = await store.audit_log(10, name="a0", max_changes=1)
+    assert [len(e["changes"]) for e in entries] == [5] and not cut
+
+
 async def test_a_write_on_a_reading_of_the_store_commits_on_it_or_not_at_all(
         store: Datastore) -> None:
     """`unchanged_since`: any resource put, created or deleted (through the API: audited)

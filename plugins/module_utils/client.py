@@ -427,13 +427,14 @@ class BulkheadClient:
         return self.call("GET", route("export"), EXPORT, query=query or None)
 
     def history(self, limit=None, kind=None, name=None):
-        """Who changed what at which revision, newest first."""
+        """Who changed what at which revision, newest first, and whether the server left
+        older entries out (its bound on the changes of one answer): (entries, truncated)."""
         query = {}
         for key, value in (("limit", limit), ("kind", kind), ("name", name)):
             if value is not None:
                 query[key] = str(value)
-        return self.call("GET", route("history"), {"entries": [dict]},
-                         query=query or None)["entries"]
+        answer = self.call("GET", route("history"), {"entries": [dict]}, query=query or None)
+        return answer["entries"], answer.get("truncated") is True
 
     def flows(self, query=None):
         """Flow log records, or top talkers with `top` (`GET /v1/flows`; query values are

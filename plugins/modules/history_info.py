@@ -89,6 +89,14 @@ entries:
       type: list
       elements: dict
       returned: always
+truncated:
+  description:
+    - Whether the server left older entries out, its bound on the changes one answer holds
+      (100,000 in all, the first entry whole) reached before O(limit) entries; a warning
+      says so too.
+  returned: always
+  type: bool
+  sample: false
 """
 
 from ansible_collections.bulkhead.microseg.plugins.module_utils.module import BulkheadModule
@@ -98,8 +106,16 @@ def main():
     module = BulkheadModule(dict(limit=dict(type="int", default=100), kind=dict(type="str"),
                                  name=dict(type="str")))
     p = module.params
-    module.run(lambda: {"changed": False,
-                        "entries": module.client.history(p["limit"], p["kind"], p["name"])})
+
+    def read():
+        entries, truncated = module.client.history(p["limit"], p["kind"], p["name"])
+        if truncated:
+            module.warn("the server left older entries out: %d entries hold the most changes "
+                        "one answer gives (100,000); ask for fewer (limit) or filter (kind, "
+                        "name)" % len(entries))
+        return {"changed": False, "entries": entries, "truncated": truncated}
+
+    module.run(read)
 
 
 if __name__ == "__main__":

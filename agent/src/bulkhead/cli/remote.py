@@ -198,7 +198,12 @@ def cmd_history(args: argparse.Namespace) -> int:
         query["kind"] = _kind(args.kind)
     if args.name:
         query["name"] = args.name
-    entries = connection(args).request("GET", route("history"), query=query)["entries"]
+    answer = connection(args).request("GET", route("history"), query=query)
+    entries = answer["entries"]
+    if answer.get("truncated"):
+        print(f"history: {len(entries)} entries, the most one answer holds (their changes, "
+              "100,000 in all); older ones left out: --limit fewer, or --kind/--name",
+              file=sys.stderr)
     if args.output == "json":
         print(json.dumps(entries, indent=2))
         return EXIT_OK

@@ -70,6 +70,7 @@ from bulkhead.store import (
     TooOld,
     Unavailable,
 )
+from bulkhead.store.base import AUDIT_MAX_CHANGES
 from bulkhead.store.flowlog import FlowQueryTimeout, FlowStoreError
 
 log = logging.getLogger("bulkhead.server")
@@ -1118,6 +1119,9 @@ def _export_body(items: list[Stored], revision: int, tier: str | None) -> str:
     return json.dumps({"revision": revision, "items": [_strip(s.doc) for s in items]})
 
 
+HISTORY_MAX_CHANGES = AUDIT_MAX_CHANGES
+
+
 async def history(request: web.Request) -> web.Response:
     """`GET /v1/history[?limit=N][&kind=K][&name=NAME]`: who changed what, newest first."""
     _require(request, "admin", "viewer")
@@ -1133,8 +1137,10 @@ async def history(request: web.Request) -> web.Response:
         kind = KIND_ALIASES.get(raw_kind) or KIND_ALIASES.get(raw_kind.lower())
         if kind is None:
             raise ApiError(400, "BadRequest", f"kind: unknown kind {raw_kind[:64]!r}")
-    entries = await request.app[STORE].audit_log(int(raw), kind, request.query.get("name"))
-    return _json({"entries": entries})
+    # At most HISTORY_MAX_CHANGES changes in one answer: the rest is left out, and said.
+    entries, cut = await request.app[STORE].audit_log(
+        int(raw), kind, request.query.get("name"), max_changes=HISTORY_MAX_CHANGES)
+    return _json({"entries": entries, **({"truncated": True} if cut else {})})
 
 
 async def snapshot(request: web.Request) -> web.Response:

@@ -225,6 +225,22 @@ class Audit:
         return entry
 
 
+# Changes one read of the audit trail gives at most (a transaction holds up to 10,000, so
+# a thousand entries could hold ten million): about 10 MB of JSON.
+AUDIT_MAX_CHANGES = 100_000
+
+
+def take_entry(out: list[Document], entry: Document, changes: int, max_changes: int) -> int:
+    """Add `entry` to `out` unless its changes would pass `max_changes` (counted in
+    `changes`, the total so far; the first entry always goes): the new total, or -1 for
+    an entry left out."""
+    size = len(entry.get("changes") or [])
+    if out and changes + size > max_changes:
+        return -1
+    out.append(entry)
+    return changes + size
+
+
 def audit_matches(entry: Mapping[str, Any], kind: str | None, name: str | None) -> bool:
     """Whether an audit entry changed a resource of `kind` (named `name`)."""
     if kind is None and name is None:
@@ -301,10 +317,12 @@ class Datastore(Protocol):
         """Every resource as it was at `revision`; TooOld if the kept history does not
         reach back there, FutureRevision past the current one."""
 
-    async def audit_log(self, limit: int, kind: str | None = None, name: str | None = None
-                        ) -> list[Document]:
+    async def audit_log(self, limit: int, kind: str | None = None, name: str | None = None,
+                        max_changes: int = AUDIT_MAX_CHANGES) -> tuple[list[Document], bool]:
         """The newest `limit` audit entries (of writes to `kind`/`name`), newest first:
-        revision, time, who, role, changes. Kept as long as the history."""
+        revision, time, who, role, operation, changes. Kept as long as the history. The
+        entries hold at most `max_changes` changes in all (but the first entry, whole),
+        and the flag says entries were left out for it."""
 
     async def put_status(self, node: str, doc: Document) -> None:
         """Keep an agent's status report, outside the resources: no revision, no event,

@@ -30,6 +30,7 @@ import aiohttp
 
 from bulkhead.selector import Selector
 from bulkhead.store.base import (
+    AUDIT_MAX_CHANGES,
     Audit,
     CommitTimes,
     Document,
@@ -50,6 +51,7 @@ from bulkhead.store.base import (
     change_of,
     check_expectation,
     stamp,
+    take_entry,
 )
 
 RETRIES = 20
@@ -394,17 +396,20 @@ class EtcdStore:
         kvs: list[dict[str, Any]] = data.get("kvs") or []
         return sorted(kvs, key=lambda kv: -int(kv["mod_revision"]))
 
-    async def audit_log(self, limit: int, kind: str | None = None, name: str | None = None
-                        ) -> list[Document]:
+    async def audit_log(self, limit: int, kind: str | None = None, name: str | None = None,
+                        max_changes: int = AUDIT_MAX_CHANGES) -> tuple[list[Document], bool]:
         out: list[Document] = []
+        changes = 0
         for kv in await self._audit_kvs():
             entry = json.loads(_unb64(kv["value"]))
             entry = {"revision": int(kv["mod_revision"]), **entry}
             if audit_matches(entry, kind, name):
-                out.append(entry)
+                changes = take_entry(out, entry, changes, max_changes)
+                if changes < 0:
+                    return out, True
                 if len(out) >= limit:
                     break
-        return out
+        return out, False
 
     async def _forget_audit(self, keep_after: int) -> None:
         old = [kv["key"] for kv in await self._audit_kvs(keys_only=True)

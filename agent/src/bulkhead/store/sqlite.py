@@ -34,6 +34,7 @@ from typing import Any
 
 from bulkhead.selector import Selector
 from bulkhead.store.base import (
+    AUDIT_MAX_CHANGES,
     Audit,
     BeforeUndo,
     CommitTimes,
@@ -55,6 +56,7 @@ from bulkhead.store.base import (
     change_of,
     check_expectation,
     stamp,
+    take_entry,
 )
 
 MAX_OPS = 10_000      # operations in one transaction: the write lock is held meanwhile
@@ -571,19 +573,22 @@ class SQLiteStore:
         items: list[Stored] = await self._run(self._at, revision)
         return items
 
-    async def audit_log(self, limit: int, kind: str | None = None, name: str | None = None
-                        ) -> list[Document]:
-        def read() -> list[Document]:
+    async def audit_log(self, limit: int, kind: str | None = None, name: str | None = None,
+                        max_changes: int = AUDIT_MAX_CHANGES) -> tuple[list[Document], bool]:
+        def read() -> tuple[list[Document], bool]:
             out: list[Document] = []
+            changes = 0
             for (text,) in self._db.execute("SELECT doc FROM audit ORDER BY revision DESC"):
                 entry = json.loads(text)
                 if audit_matches(entry, kind, name):
-                    out.append(entry)
+                    changes = take_entry(out, entry, changes, max_changes)
+                    if changes < 0:
+                        return out, True
                     if len(out) >= limit:
                         break
-            return out
-        entries: list[Document] = await self._run(read)
-        return entries
+            return out, False
+        found: tuple[list[Document], bool] = await self._run(read)
+        return found
 
     # -- agents' status ---------------------------------------------------------------
     async def put_status(self, node: str, doc: Document) -> None:
