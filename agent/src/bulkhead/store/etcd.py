@@ -87,6 +87,7 @@ class EtcdStore:
         self._audit_prefix = base + "!audit/"  # one key per write, its revision the key's
         self._marker = base + ".history"   # sorts just before the prefix
         self.max_ops = max_txn_ops
+        self.audit_page = 256   # audit entries per read of the trail, newest first
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._ssl = ssl
         self._session: aiohttp.ClientSession | None = None
@@ -396,11 +397,30 @@ class EtcdStore:
         kvs: list[dict[str, Any]] = data.get("kvs") or []
         return sorted(kvs, key=lambda kv: -int(kv["mod_revision"]))
 
+    async def _audit_newest_first(self) -> AsyncIterator[dict[str, Any]]:
+        """The audit entries' keys and values, newest first, `audit_page` at a time (each
+        page below the last one's mod revision): a read of the newest few never loads
+        the whole trail."""
+        below = 0     # max_mod_revision: 0 is no bound
+        while True:
+            body: dict[str, Any] = {
+                "key": _b64(self._audit_prefix), "range_end": _prefix_end(self._audit_prefix),
+                "limit": self.audit_page, "sort_order": "DESCEND", "sort_target": "MOD"}
+            if below:
+                body["max_mod_revision"] = below
+            data = await self._call("/v3/kv/range", body)
+            kvs: list[dict[str, Any]] = data.get("kvs") or []
+            for kv in kvs:
+                yield kv
+            below = int(kvs[-1]["mod_revision"]) - 1 if kvs else 0
+            if not data.get("more") or below < 1:
+                return
+
     async def audit_log(self, limit: int, kind: str | None = None, name: str | None = None,
                         max_changes: int = AUDIT_MAX_CHANGES) -> tuple[list[Document], bool]:
         out: list[Document] = []
         changes = 0
-        for kv in await self._audit_kvs():
+        async for kv in self._audit_newest_first():
             entry = json.loads(_unb64(kv["value"]))
             entry = {"revision": int(kv["mod_revision"]), **entry}
             if audit_matches(entry, kind, name):
