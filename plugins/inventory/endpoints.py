@@ -79,6 +79,9 @@ options:
     description:
       - Add each host to a group per label, C(<label_group_prefix>_<key>_<value>), for
         example C(label_zone_trusted), with the name sanitised as O(keyed_groups) does.
+      - Two labels can make one name (C(zone=a_b) and C(zone_a=b) both make
+        C(label_zone_a_b)); their hosts then share the group, and a warning names both
+        labels.
     type: bool
     default: true
   label_group_prefix:
@@ -186,6 +189,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
         self._sources = getattr(inventory, "processed_sources", None) or []
         without_address = []
         errors = []
+        self._label_groups = {}    # group name -> the first (key, value) that made it
+        self._collisions = {}      # group name -> the labels that made it too
         for host in list(inventory.hosts):
             # A host that cannot be labeled does not stop the others: it gets
             # bulkhead_endpoint_error instead of a HostEndpoint, which onboard.yml refuses
@@ -199,6 +204,14 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
                     "%s: host %s: %s" % (NAME, host, e)
                 self.inventory.set_variable(host, "bulkhead_endpoint_error", message)
                 errors.append(message)
+        for group in sorted(self._collisions):
+            key, value = self._label_groups[group]
+            display.warning(
+                "%s: label group %s stands for %s=%s and for %s: their hosts are in one "
+                "group (group names keep letters, digits and _ only); use keyed_groups with "
+                "another separator to tell them apart" % (
+                    NAME, group, key, value, ", ".join(
+                        "%s=%s" % kv for kv in sorted(self._collisions[group]))))
         if without_address:
             display.warning(
                 "%s: %d host(s) have no address and no interface_name, so no "
@@ -317,8 +330,12 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
         self._add_host_to_keyed_groups(self.get_option("keyed_groups"), variables, host,
                                        strict=strict, fetch_hostvars=False)
         if self.get_option("label_groups"):
-            for group in engine.label_group_names(labels, self.get_option("label_group_prefix"),
-                                                  self._sanitize_group_name):
+            names = engine.label_group_names(labels, self.get_option("label_group_prefix"),
+                                             self._sanitize_group_name)
+            for group, key in zip(names, sorted(labels)):
+                made = (key, labels[key])
+                if self._label_groups.setdefault(group, made) != made:
+                    self._collisions.setdefault(group, set()).add(made)
                 self.inventory.add_child(self.inventory.add_group(group), host)
         return has_address
 

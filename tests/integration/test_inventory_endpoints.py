@@ -364,3 +364,28 @@ all:
     failing = inventory(dict(env, ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED="true"), hosts,
                         config, check=False)
     assert failing.returncode != 0 and "host b-1" in " ".join(failing.stderr.split())
+
+
+def test_label_groups_that_stand_for_two_labels_are_named_in_a_warning(tmp_path, fact_cache):
+    """`zone=a_b` and `zone_a=b` both make the group label_zone_a_b (a group name keeps
+    letters, digits and _ only): their hosts share it, and a warning names both labels."""
+    hosts = write(tmp_path, "hosts.yml", """\
+all:
+  hosts:
+    one: {ansible_host: 198.18.7.1, zone: a_b}
+    two: {ansible_host: 198.18.7.2, zone_a: b}
+    three: {ansible_host: 198.18.7.3, zone: c}
+""")
+    config = write(tmp_path, "zz.bulkhead.yml", """\
+plugin: bulkhead.microseg.endpoints
+labels:
+  zone: zone | default(omit)
+  zone_a: zone_a | default(omit)
+""")
+    done = inventory(fact_cache, hosts, config)
+    data = plain(json.loads(done.stdout))
+    assert sorted(data["label_zone_a_b"]["hosts"]) == ["one", "two"]
+    message = " ".join(done.stderr.split())
+    assert "label group label_zone_a_b stands for zone=a_b and for zone_a=b: their hosts " \
+        "are in one group" in message, message
+    assert "label_zone_c" not in message
