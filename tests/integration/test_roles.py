@@ -706,6 +706,7 @@ UNINSTALL = """\
         bulkhead_agent_state: absent
         bulkhead_agent_allow_offline: true
         bulkhead_agent_config_dir: {tmp}/etc
+        bulkhead_agent_pki_dir: {tmp}/etc/pki
         bulkhead_agent_state_dir: {tmp}/state
         bulkhead_agent_venv: {tmp}/venv
 """
@@ -719,10 +720,14 @@ def test_agent_uninstall_removes_its_table_and_nothing_else(tmp_path, a_venv):
     host systemd does not run (the unit's part is `systemctl disable` only). The venv
     goes only when it is one (its pyvenv.cfg): whatever else is at that path stays. (Check
     mode and the second run, the same either way, only with a venv.)"""
-    for folder in ("etc", "state", "venv/bin"):
+    for folder in ("etc/pki", "state", "venv/bin"):
         (tmp_path / folder).mkdir(parents=True)
     if a_venv:
         (tmp_path / "venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    else:   # a file of someone else's keeps the configuration directory
+        (tmp_path / "etc" / "other.conf").write_text("kept\n")
+    for name in ("agent.key", "agent.crt", "ca.crt"):
+        (tmp_path / "etc" / "pki" / name).write_text("-----\n")
     (tmp_path / "etc" / "agent.yaml").write_text("node: web-1\n")
     (tmp_path / "state" / "snapshot.json").write_text("{}")
     (tmp_path / "uninstall.yml").write_text(UNINSTALL.format(tmp=tmp_path))
@@ -743,6 +748,11 @@ def test_agent_uninstall_removes_its_table_and_nothing_else(tmp_path, a_venv):
     assert not (tmp_path / "etc" / "agent.yaml").exists()
     assert not (tmp_path / "state").exists()
     assert (tmp_path / "venv").exists() is not a_venv
+    # The pki and configuration directories, left empty, go; another's file keeps its own.
+    assert not (tmp_path / "etc" / "pki").exists()
+    assert (tmp_path / "etc").exists() is not a_venv
+    if not a_venv:
+        assert os.listdir(tmp_path / "etc") == ["other.conf"]
 
 
 # ------------------------------------------------- the agent unit's one capability, for real
