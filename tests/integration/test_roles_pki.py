@@ -265,8 +265,9 @@ def test_agent_uninstall_removes_the_certificate_and_key(tmp_path):
     assert {p.name for p in (hosts / "web-1").iterdir()} == {"ca.crt", "agent.crt", "agent.key"}
     controller = {p: p.read_bytes() for p in sorted(ca.rglob("*")) if p.is_file()}
 
-    def ls():
-        return {h: sorted(p.name for p in (hosts / h).iterdir()) for h in ("srv-1", "web-1")}
+    def ls():   # None: the directory is gone
+        return {h: sorted(p.name for p in (hosts / h).iterdir()) if (hosts / h).exists()
+                else None for h in ("srv-1", "web-1")}
 
     before = ls()
     play = "ansible-playbook -i %s %s -e bulkhead_agent_state=absent" % (
@@ -277,7 +278,8 @@ def test_agent_uninstall_removes_the_certificate_and_key(tmp_path):
     check = (tmp_path / "check.out").read_text()
     assert (tmp_path / "after-check").read_text().split() == before["web-1"]
     assert "web-1: the agent's key and certificate (CN web-1) would be removed" in check
-    assert ls() == {"srv-1": ["ca.crt", "server.crt", "server.key"], "web-1": []}
+    # web-1's pki directory, left empty, goes; srv-1's keeps the server's files.
+    assert ls() == {"srv-1": ["ca.crt", "server.crt", "server.key"], "web-1": None}
     first = (tmp_path / "first.out").read_text()
     for host in ("srv-1", "web-1"):
         assert "bulkhead pki revoke %s --dir %s" % (host, ca) in first

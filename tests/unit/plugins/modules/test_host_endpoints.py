@@ -103,17 +103,24 @@ def test_a_change_larger_than_one_transaction_is_written_in_two_with_a_warning(
         {"kind": "HostEndpoint", "name": "web-1", "action": "configured", "after": web1_new}]}))
     fake_server.set("/v1/delete", json.dumps({"dryRun": False, "revision": 7, "results": [
         {"kind": "HostEndpoint", "name": "web-2", "action": "deleted"}]}))
-    code, result = run(capsys, server_url=fake_server.url, ca_path=fake_server.ca,
-                       owner="east",
-                       endpoints=[{"metadata": {"name": "web-1"},
-                                   "spec": {"node": "web-1", "expectedIPs": ["198.18.0.11"]}}])
+    args = dict(server_url=fake_server.url, ca_path=fake_server.ca, owner="east",
+                endpoints=[{"metadata": {"name": "web-1"},
+                            "spec": {"node": "web-1", "expectedIPs": ["198.18.0.11"]}}])
+    with patch_module_args(args):
+        with pytest.raises(SystemExit) as done:
+            host_endpoints.main()
+    captured = capsys.readouterr()
+    code, result = done.value.code, json.loads(captured.out)
     assert code == 0, result
     posts = [path.split("?")[0] for method, path in fake_server.requests if method == "POST"]
     assert posts == ["/v1/sync", "/v1/apply", "/v1/apply", "/v1/delete"]
     assert result["changed"] and result["revision"] == 7
     assert (result["updated"], result["deleted"]) == (["web-1"], ["web-2"])
-    # ansible-core 2.19 gives each warning as a summary of its event.
-    warnings = [w["event"]["msg"] if isinstance(w, dict) else w for w in result["warnings"]]
+    # ansible-core 2.19 gives each warning as a summary of its event, in the result; in a
+    # process that has loaded controller code (the inventory plugins' tests) the warning
+    # is displayed instead, on stderr.
+    warnings = [w["event"]["msg"] if isinstance(w, dict) else w
+                for w in result.get("warnings", [])] + [" ".join(captured.err.split())]
     assert any("larger than one datastore transaction (130 operations in one etcd "
                "transaction; etcd takes at most 128); written in two" in w
                for w in warnings), warnings
