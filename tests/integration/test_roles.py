@@ -1399,18 +1399,24 @@ def _staged_web(name, port):
                                   "destination": {"ports": [port]}}]}}
 
 
-def test_enforce_promotes_what_the_preview_judged_and_nothing_else(own_server, tmp_path):
-    """With the report preview.yml kept, enforce.yml promotes the staged policies the
-    preview judged, as it judged them: one staged again after the preview fails the play
-    and nothing is promoted; one staged after the preview stays staged."""
-    server = own_server
+def _previewed_a_and_b(server, tmp_path):
+    """The fleet, default.a and default.b staged, preview.yml's report of them kept: the
+    report's path and enforce.yml's arguments that promote from it."""
     port = server.url.rsplit(":", 1)[1]
     (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
     server.request("POST", "/v1/apply", [_staged_web("default.a", 80),
                                          _staged_web("default.b", 443)])
     report = tmp_path / "preview.json"
-    pinned = ("-e", "bulkhead_enforce_preview_report=%s" % report)
     playbook(server, tmp_path, "preview.yml", "-e", "bulkhead_preview_report=%s" % report)
+    return report, ("-e", "bulkhead_enforce_preview_report=%s" % report)
+
+
+def test_enforce_promotes_what_the_preview_judged_and_nothing_else(own_server, tmp_path):
+    """With the report preview.yml kept, enforce.yml promotes the staged policies the
+    preview judged, as it judged them: one staged again after the preview fails the play
+    and nothing is promoted; one staged after the preview stays staged."""
+    server = own_server
+    report, pinned = _previewed_a_and_b(server, tmp_path)
     assert sorted(json.loads(report.read_text())["promotedVersions"]) == [
         "default.a", "default.b"]
     changed = server.request("POST", "/v1/apply", [_staged_web("default.b", 8443)])["revision"]
@@ -1479,13 +1485,7 @@ def test_enforce_refuses_a_preview_part_of_which_is_not_staged_any_more(own_serv
     enforce what no preview judged, so the play fails and nothing is promoted; once every
     one is gone (the preview promoted by an earlier run) it is a no-op."""
     server = own_server
-    port = server.url.rsplit(":", 1)[1]
-    (tmp_path / "fleet.yml").write_text(FLEET.format(port=port))
-    server.request("POST", "/v1/apply", [_staged_web("default.a", 80),
-                                         _staged_web("default.b", 443)])
-    report = tmp_path / "preview.json"
-    pinned = ("-e", "bulkhead_enforce_preview_report=%s" % report)
-    playbook(server, tmp_path, "preview.yml", "-e", "bulkhead_preview_report=%s" % report)
+    report, pinned = _previewed_a_and_b(server, tmp_path)
     server.request("DELETE", "/v1/resources/StagedGlobalNetworkPolicy/default.b")
     for check in (("--check",), ()):
         out = playbook(server, tmp_path, "enforce.yml", *pinned, *check, check=False)
