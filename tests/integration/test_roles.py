@@ -731,7 +731,14 @@ def test_agent_uninstall_removes_its_table_and_nothing_else(tmp_path, a_venv):
     (tmp_path / "etc" / "agent.yaml").write_text("node: web-1\n")
     (tmp_path / "state" / "snapshot.json").write_text("{}")
     (tmp_path / "uninstall.yml").write_text(UNINSTALL.format(tmp=tmp_path))
-    play = "ansible-playbook %s" % (tmp_path / "uninstall.yml")
+    # The wheelhouse install_from: wheel copied, at a path of the test's own.
+    wheelhouse = tmp_path / "cache" / "bulkhead" / "wheelhouse"
+    wheelhouse.mkdir(parents=True)
+    (wheelhouse / "bulkhead_microseg-1.0-py3-none-any.whl").write_text("wheel\n")
+    if not a_venv:   # a file of someone else's keeps the cache directory
+        (tmp_path / "cache" / "bulkhead" / "other").write_text("kept\n")
+    play = "ansible-playbook %s -e _bulkhead_common_wheelhouse_dest=%s" % (
+        tmp_path / "uninstall.yml", wheelhouse)
     script = ("set -e; nft add table inet bulkhead; nft add table inet host-own; "
               "%s --check --diff > check.out; nft list tables > after-check; "
               "ls etc >> after-check; "
@@ -753,6 +760,10 @@ def test_agent_uninstall_removes_its_table_and_nothing_else(tmp_path, a_venv):
     assert (tmp_path / "etc").exists() is not a_venv
     if not a_venv:
         assert os.listdir(tmp_path / "etc") == ["other.conf"]
+    # The wheelhouse goes (no bulkhead-server here), and its cache directory left empty.
+    assert not wheelhouse.exists()
+    assert (tmp_path / "cache" / "bulkhead").exists() is not a_venv
+    assert (tmp_path / "cache").exists()
 
 
 # ------------------------------------------------- the agent unit's one capability, for real

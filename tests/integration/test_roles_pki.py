@@ -270,8 +270,9 @@ def test_agent_uninstall_removes_the_certificate_and_key(tmp_path):
                 else None for h in ("srv-1", "web-1")}
 
     before = ls()
-    play = "ansible-playbook -i %s %s -e bulkhead_agent_state=absent" % (
-        tmp_path / "hosts.yml", tmp_path / "absent.yml")
+    play = ("ansible-playbook -i %s %s -e bulkhead_agent_state=absent "
+            "-e _bulkhead_common_wheelhouse_dest=%s" % (   # not the host's own cache
+                tmp_path / "hosts.yml", tmp_path / "absent.yml", tmp_path / "wheelhouse"))
     script = ("set -e; %s --check --diff > check.out; ls %s/web-1 > after-check; "
               "%s > first.out; %s > second.out" % (play, hosts, play, play))
     run(["unshare", "-n", "sh", "-c", script], env(), cwd=tmp_path)
