@@ -83,7 +83,8 @@ def test_event_loop_benchmark_runs_small() -> None:
 def run_json(script: str, *args: str) -> Any:
     """The --json figures of benchmarks/SCRIPT run with `args`."""
     done = subprocess.run([sys.executable, str(SCRIPT.parent / script), *args, "--json"],
-                          capture_output=True, text=True, timeout=300, check=True)
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, f"{script} exited {done.returncode}: {done.stderr[-4000:]}"
     return json.loads(done.stdout)
 
 
@@ -116,8 +117,11 @@ def test_apply_benchmark_runs_small() -> None:
         assert results["label_change"][figure] > 0
     # The table's kernel memory (charged to this cgroup where it can be read), and the
     # fresh process that builds, calculates, renders and applies.
+    # The cgroup's reading is a difference: at this size (a few KiB of table) memory the
+    # kernel frees meanwhile (an earlier test's namespace, torn down in a worker) can make
+    # it slightly negative. A reading, in MiB, of no more than the noise either way.
     memory = results["kernel_memory"]
-    assert memory["memcg_kmem_mib"] is None or memory["memcg_kmem_mib"] >= 0
+    assert memory["memcg_kmem_mib"] is None or -4 < memory["memcg_kmem_mib"] < 64
     assert set(memory["meminfo_mib"]) == {"Slab", "VmallocUsed", "Percpu", "total"}
     fresh = results["fresh_process"]
     for figure in ("build_s", "calculate_s", "render_s", "apply_s", "peak_rss_mib"):
