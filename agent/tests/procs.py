@@ -6,49 +6,14 @@ gives it."""
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-_GIVEN: set[int] = set()
-
-
-def _ephemeral_low() -> int:
-    """The first port of the kernel's range for outgoing connections."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, on 127.0.0.1, for a server started next.
-
-    Below the kernel's ephemeral range: a port bind(0) hands out is one of that range,
-    which the next outgoing connection (a client polling a server not ready yet) can
-    take as its own before the server binds it, and the server then fails to start. Not
-    one this process handed out before (two servers started before either binds)."""
-    low = _ephemeral_low()
-    first = max(10_000, low - 16_384)
-    for _ in range(1000):
-        port = random.randrange(first, low) if first < low else 0
-        if port in _GIVEN:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            port = s.getsockname()[1]
-        _GIVEN.add(port)
-        return port
-    raise RuntimeError(f"no free port on 127.0.0.1 in {first}-{low - 1}")
+from bulkhead.testbed.ports import free_port as free_port  # one for tests and labs
 
 
 def ctrl_c_as_in_a_terminal() -> None:
