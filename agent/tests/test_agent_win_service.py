@@ -209,6 +209,33 @@ async def test_stop_request_ends_the_daemon_and_leaves_the_rules(
     assert scm.states() == states
 
 
+class SlowEventLog(FakeScm):
+    """An event log that takes a while to write (the service's last word among them)."""
+
+    def event(self, level: str, message: str) -> None:
+        super().event(level, message)
+        time.sleep(0.3)
+
+
+async def test_no_stop_pending_is_reported_after_the_last_word(
+        server: Server, tmp_path: Path) -> None:
+    """The stop-pending reports end before the service says it stopped (after that the
+    SCM reports it stopped itself): a report whose wait ran out just as the daemon ended
+    is not sent after it, however long the last word takes."""
+    conf = write_config(tmp_path / "agent.yaml",
+                        config_for(server.url, server.pki, tmp_path / "state"))
+    scm, rec = SlowEventLog(), Recorder()
+    core = ServiceCore(scm, conf, lambda _: rec, stop_report=0.02)
+    run = asyncio.ensure_future(asyncio.to_thread(core.run))
+    await until(lambda: rec.applied is not None, "the apply")
+    await asyncio.to_thread(core.stop)
+    assert await asyncio.wait_for(run, 15) == 0
+    states = scm.states()
+    assert states[-1] == "info" and states.count("info") == 1, states
+    core.stop()                                 # after the end: nothing more either
+    assert scm.states() == states
+
+
 async def test_stop_before_the_loop_runs_still_stops(server: Server, tmp_path: Path) -> None:
     conf = write_config(tmp_path / "agent.yaml",
                         config_for(server.url, server.pki, tmp_path / "state"))

@@ -98,7 +98,7 @@ class ServiceCore:
         try:
             return self._run()
         finally:
-            self._done.set()
+            self._end()
 
     def _run(self) -> int:
         path = self.config_path or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
@@ -124,6 +124,7 @@ class ServiceCore:
         except Exception as e:   # the daemon's loops re-raise what ended them
             log.exception("the agent failed")
             return self._failed(FAILED, f"internal error: {e!r}")
+        self._end()
         self.scm.event("info", f"{SERVICE_NAME} stopped; the rules it applied stay in "
                        f"place (revision {agent.applied_revision})")
         return 0
@@ -146,11 +147,11 @@ class ServiceCore:
         the daemon winds down (its loops cancelled, an apply under way finished) while
         stop-pending is reported every `stop_report` seconds, up to `stop_limit`."""
         with self._lock:
-            if self._stop_requested:
+            if self._stop_requested or self._done.is_set():
                 return
             self._stop_requested = True
             loop, stop = self._loop, self._stop
-        self.scm.stop_pending(STOP_HINT)
+            self.scm.stop_pending(STOP_HINT)
         if loop is not None and stop is not None:
             # RuntimeError: the loop closed meanwhile, the daemon has ended
             with contextlib.suppress(RuntimeError):
@@ -161,9 +162,21 @@ class ServiceCore:
     def _report_stopping(self) -> None:
         deadline = time.monotonic() + self.stop_limit
         while not self._done.wait(self.stop_report) and time.monotonic() < deadline:
-            self.scm.stop_pending(STOP_HINT)
+            # The wait may have timed out just before the end: looked at again under the
+            # lock `_end` takes, so no report follows the service's last word.
+            with self._lock:
+                if self._done.is_set():
+                    return
+                self.scm.stop_pending(STOP_HINT)
+
+    def _end(self) -> None:
+        """No stop-pending report from here on (one under way is finished first): the
+        service's last word (an event) follows, then the SCM reports it stopped."""
+        with self._lock:
+            self._done.set()
 
     def _failed(self, code: int, message: str) -> int:
+        self._end()
         log.error(message)
         self.scm.event("error", f"{SERVICE_NAME} stopped (exit {code}): {message}")
         return code
