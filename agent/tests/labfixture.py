@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from bulkhead.conformance.kernel import WireFlow, wire_verdicts_expecting
 from bulkhead.lab import Lab, LabError, list_labs, remove_all
 from bulkhead.testbed import Testbed
 
@@ -33,6 +34,13 @@ NEEDS_ROOT = "the lab needs root: it creates network namespaces (CI runs the tes
 def need_root() -> None:
     if os.geteuid() != 0:
         pytest.skip(NEEDS_ROOT)
+
+
+def wire(bed: Testbed, flows: Sequence[WireFlow], expected: Sequence[bool]) -> list[bool]:
+    """Each flow's verdict on the wire, an expected-allowed one that timed out probed again
+    with a longer timeout (a loaded machine, not a deny), as the conformance runner does:
+    compare it with `expected`."""
+    return wire_verdicts_expecting(bed, flows, expected)[0]
 
 
 def unique_lab_name() -> str:

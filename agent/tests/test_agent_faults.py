@@ -27,10 +27,10 @@ from typing import Any
 
 import pytest
 
-from bulkhead.conformance.kernel import WireFlow, wire_verdicts
+from bulkhead.conformance.kernel import WireFlow
 from bulkhead.model import API_VERSION, DEFAULT_ALLOW_PROFILE
 from bulkhead.testbed import Testbed
-from tests.labfixture import need_root, unique_lab_name
+from tests.labfixture import need_root, unique_lab_name, wire
 
 HOSTS = ("h1", "h2", "h3")       # h3 has no host endpoint: the "controller"
 AGENTS = ("h1", "h2")
@@ -69,6 +69,7 @@ def flow(src: str, dst: str, proto: str = "TCP", port: int | None = 80) -> WireF
 FLOWS = [flow("h1", "h2", port=80), flow("h1", "h2", port=81), flow("h2", "h1", port=81),
          flow("h3", "h2", port=81)]
 BASE_VERDICTS = [True, False, True, False]
+ALL_OPEN = [True, True, True, True]   # nothing enforced
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
@@ -90,21 +91,21 @@ def bed() -> Iterator[Testbed]:
 # ------------------------------------------------------------------------ the server
 def test_server_killed_enforcement_unchanged_and_status_resumes(bed: Testbed) -> None:
     bed.enforce(BASE, "base")
-    assert wire_verdicts(bed, FLOWS) == BASE_VERDICTS
+    assert wire(bed, FLOWS, BASE_VERDICTS) == BASE_VERDICTS
     tables = {h: bed.table(h) for h in AGENTS}
     bed.stop_server()  # SIGKILL
     # The agents notice (their watch breaks) and fail to report, and enforce on.
     wait_until(lambda: all(bed.agent_metrics(h)["bulkhead_agent_connected"] == 0
                            and bed.agent_metrics(h)["bulkhead_agent_status_failures_total"] > 0
                            for h in AGENTS), "the agents to lose the server")
-    assert wire_verdicts(bed, FLOWS) == BASE_VERDICTS
+    assert wire(bed, FLOWS, BASE_VERDICTS) == BASE_VERDICTS
     assert {h: bed.table(h) for h in AGENTS} == tables
     bed.start_server()
     revision = bed.enforce([*BASE[:2], web_policy(80, 81)], "after-restart", timeout=WAIT)
     for host in AGENTS:
         status = bed.node_status(host)
         assert status["appliedRevision"] >= revision and status["errors"] == []
-    assert wire_verdicts(bed, FLOWS) == [True, True, True, True]
+    assert wire(bed, FLOWS, ALL_OPEN) == ALL_OPEN
 
 
 # ------------------------------------------------------------- a ruleset nft refuses
@@ -142,7 +143,7 @@ def test_a_ruleset_the_kernel_refuses_keeps_the_old_one_and_is_reported(bed: Tes
     assert not bed.nodes(revision)["converged"]
     bed.wait_converged(revision, hosts=["h1"])  # h1 has no endpoint the policy selects
     assert bed.table("h2") == table
-    assert wire_verdicts(bed, FLOWS) == BASE_VERDICTS
+    assert wire(bed, FLOWS, BASE_VERDICTS) == BASE_VERDICTS
     # While the apply keeps failing, drift is still repaired, to the last good ruleset:
     # another tool's `nft flush ruleset` does not leave h2 without policy.
     repairs = bed.agent_metrics("h2")["bulkhead_agent_drift_repairs_total"]
@@ -151,14 +152,14 @@ def test_a_ruleset_the_kernel_refuses_keeps_the_old_one_and_is_reported(bed: Tes
                > repairs, "the agent of h2 to repair its table while the apply fails",
                timeout=30)
     assert bed.table("h2") == table
-    assert wire_verdicts(bed, FLOWS) == BASE_VERDICTS
+    assert wire(bed, FLOWS, BASE_VERDICTS) == BASE_VERDICTS
     status = bed.node_status("h2")
     assert [e for e in status["errors"] if "apply of revision" in e] and \
         status["counters"]["driftRepairs"] > 0, status
     # Taking the policy back lets h2 converge again, with its errors cleared.
     bed.enforce(BASE, "fixed", timeout=WAIT)
     assert bed.node_status("h2")["errors"] == []
-    assert wire_verdicts(bed, FLOWS) == BASE_VERDICTS
+    assert wire(bed, FLOWS, BASE_VERDICTS) == BASE_VERDICTS
 
 
 # ------------------------------------------------------------ the agent killed mid-apply
@@ -257,7 +258,7 @@ def test_agent_killed_mid_apply_leaves_a_whole_ruleset(bed: Testbed, when: str) 
         f"{(after_kill or '(no table)')[:3000]}")
     print(f"killed {when}: the kernel held the "
           f"{'new' if held_new else 'old'} ruleset")
-    assert wire_verdicts(bed, FLOWS) == BASE_VERDICTS
+    assert wire(bed, FLOWS, BASE_VERDICTS) == BASE_VERDICTS
 
 
 # --------------------------------------------------------------- the table deleted
@@ -270,10 +271,10 @@ def test_a_deleted_table_is_repaired(bed: Testbed) -> None:
     wait_until(lambda: bed.agent_metrics("h2")["bulkhead_agent_drift_repairs_total"]
                > repairs, "the agent of h2 to repair its table", timeout=30)
     assert bed.table("h2") == table
-    assert wire_verdicts(bed, FLOWS) == BASE_VERDICTS
+    assert wire(bed, FLOWS, BASE_VERDICTS) == BASE_VERDICTS
     # The agent still follows the server (the table's conntrack entries outlived it).
     bed.enforce([*BASE[:2], web_policy(80, 81)], "after-repair", timeout=WAIT)
-    assert wire_verdicts(bed, FLOWS) == [True, True, True, True]
+    assert wire(bed, FLOWS, ALL_OPEN) == ALL_OPEN
 
 
 # ------------------------------------------------- an endpoint's address goes away
@@ -316,7 +317,7 @@ def test_the_first_ruleset_does_not_stall_the_watch_made_before_it(bed: Testbed)
     bed.start_agent("h2", heartbeatInterval=60.0)
     wait_until(lambda: bed.table("h2") is not None, "the first apply of h2")
     bed.enforce([*BASE[:2], web_policy(80, 81)], "after-first-apply", timeout=45)
-    assert wire_verdicts(bed, FLOWS) == [True, True, True, True]
+    assert wire(bed, FLOWS, ALL_OPEN) == ALL_OPEN
 
 
 # ----------------------------------------------------------------------- deny all
@@ -330,7 +331,8 @@ def test_deny_all_keeps_ssh_and_the_server_reachable(bed: Testbed) -> None:
     ssh = [flow("h3", h, port=SSH) for h in AGENTS]
     denied = [flow("h3", "h2", port=80), flow("h3", "h1", "ICMP", None),
               flow("h1", "h2", port=SSH), flow("h2", "h1", "UDP", 80)]
-    assert wire_verdicts(bed, [*ssh, *denied]) == [True] * len(ssh) + [False] * len(denied)
+    expected = [True] * len(ssh) + [False] * len(denied)
+    assert wire(bed, [*ssh, *denied], expected) == expected
     # h1 listens on 22 (wire_verdicts listens on the ports it probes): a handshake.
     assert bed.lab.probe("h3", "h1", "tcp", SSH, timeout=5).outcome == "open"
     # A restarted agent boots into the deny-all from its cache, then reaches the server

@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 
 from bulkhead.api import route
-from bulkhead.conformance.kernel import WireFlow, wire_verdicts
+from bulkhead.conformance.kernel import WireFlow
 from bulkhead.model import API_VERSION, Snapshot, parse_resource
 from bulkhead.policy import Failsafes
 from bulkhead.policy.evaluate import Evaluator
 from bulkhead.policy.flow import Flow
 from bulkhead.policy.trace import verdict_steps
 from bulkhead.testbed import Testbed
-from tests.labfixture import need_root, unique_lab_name
+from tests.labfixture import need_root, unique_lab_name, wire
 
 # The same three hosts (h3 runs no agent and has no endpoint: "outside") and helpers.
 from tests.test_agent_faults import AGENTS, HOSTS, hep, ip, wait_until
@@ -92,7 +92,8 @@ def bed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
 def test_flows_carry_the_enforced_and_staged_traces_the_evaluator_gives(bed: Testbed
                                                                         ) -> None:
     bed.enforce(DOCS, "flows")
-    assert wire_verdicts(bed, FLOWS) == [True, True, False, False]
+    expected = [True, True, False, False]
+    assert wire(bed, FLOWS, expected) == expected
     wanted = {("h1", 80), ("h1", 81), ("198.18.0.12", 80), ("h1", 23)}
     def counted() -> bool:
         # The first packet's record and conntrack's counts can come a flush apart.
@@ -143,7 +144,7 @@ def test_a_server_restart_during_traffic_loses_no_record(bed: Testbed) -> None:
     bed.stop_server()
     rounds = 5
     for _ in range(rounds):   # traffic while the server is away: records spool on h2
-        assert wire_verdicts(bed, FLOWS[:1]) == [True]
+        assert wire(bed, FLOWS[:1], [True]) == [True]
     metrics: dict[str, float] = {}
 
     def spooled() -> bool:

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from bulkhead.conformance.kernel import WireFlow, wire_verdicts
+from bulkhead.conformance.kernel import WireFlow
 from bulkhead.model import ENFORCE, ENFORCEMENT_LABEL, OBSERVE
 from bulkhead.model.flowlog import OBSERVE_STEP
 from bulkhead.testbed import Testbed
-from tests.labfixture import need_root, unique_lab_name
+from tests.labfixture import need_root, unique_lab_name, wire
 from tests.test_agent_faults import AGENTS, HOSTS, gnp, hep, ip, wait_until
 from tests.test_flowlogs_lab import flows
 
@@ -55,11 +55,11 @@ def bed() -> Iterator[Testbed]:
 
 def test_observe_blocks_nothing_and_logs_what_enforce_would_block(bed: Testbed) -> None:
     bed.enforce([hep("h1", {"app": "client"}), h2(ENFORCE), WEB], "observe-mode")
-    assert wire_verdicts(bed, PROBES) == [True, False, True]
+    assert wire(bed, PROBES, [True, False, True]) == [True, False, True]
 
     set_mode(bed, OBSERVE)
     switched = time.time()   # every first packet of the probes below comes after it
-    assert wire_verdicts(bed, PROBES) == [True, True, True]
+    assert wire(bed, PROBES, [True, True, True]) == [True, True, True]
 
     def observed(port: int) -> list[dict[str, Any]]:
         return [r for r in flows(bed, node="h2", reporter="dst")
@@ -90,4 +90,4 @@ def test_observe_blocks_nothing_and_logs_what_enforce_would_block(bed: Testbed) 
     assert differs == {("h1", 81)}
 
     set_mode(bed, ENFORCE)
-    assert wire_verdicts(bed, PROBES) == [True, False, True]
+    assert wire(bed, PROBES, [True, False, True]) == [True, False, True]
