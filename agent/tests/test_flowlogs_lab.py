@@ -132,11 +132,15 @@ def test_flows_carry_the_enforced_and_staged_traces_the_evaluator_gives(bed: Tes
     wait_until(lambda: bool(sent()), "h1's record of what it sent")
     assert sent()[0]["enforced_trace"] == [
         "profile|projectcalico-default-allow|0|allow"]
-    # Every decision's hits on the agent's /metrics.
-    metrics = bed.agent_metrics("h2")
-    hits = {k: v for k, v in metrics.items() if k.startswith("bulkhead_agent_rule_hits_total")}
-    web_allow = [v for k, v in hits.items() if 'policy="web"' in k and 'action="allow"' in k]
-    assert web_allow and web_allow[0] >= 2
+    # Every decision's hits on the agent's /metrics (counted at the agent's flush, which
+    # may come after the records above reached the server).
+    def web_allow() -> list[float]:
+        return [v for k, v in bed.agent_metrics("h2").items()
+                if k.startswith("bulkhead_agent_rule_hits_total") and 'policy="web"' in k
+                and 'action="allow"' in k]
+
+    wait_until(lambda: bool(web_allow()) and web_allow()[0] >= 2,
+               "h2's hits of web's Allow on /metrics")
 
 
 def test_a_server_restart_during_traffic_loses_no_record(bed: Testbed) -> None:
