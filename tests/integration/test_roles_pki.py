@@ -54,6 +54,29 @@ def pki_run(tmp, *args):
                       *args], env()))
 
 
+@pytest.fixture(scope="module")
+def issued(tmp_path_factory):
+    """One run of the pki role from nothing (PKI_PLAY: the CA, three clients, srv-1's server
+    and agent certificates, web-1's agent certificate), made once for the tests that start
+    from a fleet already issued: each takes a copy with issue_into()."""
+    base = tmp_path_factory.mktemp("issued")
+    (base / "hosts.yml").write_text(INVENTORY)
+    (base / "pki.yml").write_text(PKI_PLAY.format(ca=base / "ca", target=base / "target"))
+    pki_run(base)
+    return base
+
+
+def issue_into(issued, tmp, ca, target):
+    """The issued fleet copied to CA and TARGET (modes and times kept), with hosts.yml and
+    pki.yml for them in TMP; the paths issued.jsonl records are those of the copy."""
+    shutil.copytree(issued / "ca", ca)
+    shutil.copytree(issued / "target", target)
+    journal = ca / "issued.jsonl"
+    journal.write_text(journal.read_text().replace(str(issued / "ca"), str(ca)))
+    (tmp / "hosts.yml").write_text(INVENTORY)
+    (tmp / "pki.yml").write_text(PKI_PLAY.format(ca=ca, target=target))
+
+
 def identity(path):
     return pki.identity_from_subject(x509.load_pem_x509_certificate(path.read_bytes()).subject)
 
@@ -124,7 +147,7 @@ def test_pki_role_issues_what_the_server_accepts(tmp_path):
     assert identity(target / "web-1" / "agent.crt") == pki.Identity("web-1", "agent")
 
 
-def test_pki_role_issues_again_a_certificate_the_crl_revokes(tmp_path):
+def test_pki_role_issues_again_a_certificate_the_crl_revokes(tmp_path, issued):
     """A host added again under a name whose certificate was revoked (`bulkhead pki revoke
     NAME --dir CA_DIR`, as a decommission does) gets a new key and certificate, never the
     revoked one back: the run says why, --check shows it and writes nothing, the next run
@@ -132,9 +155,7 @@ def test_pki_role_issues_again_a_certificate_the_crl_revokes(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("the role chowns the keys it distributes: run as root")
     ca, target = tmp_path / "ca", tmp_path / "target"
-    (tmp_path / "hosts.yml").write_text(INVENTORY)
-    (tmp_path / "pki.yml").write_text(PKI_PLAY.format(ca=ca, target=target))
-    pki_run(tmp_path)
+    issue_into(issued, tmp_path, ca, target)
 
     def others():
         return {p: p.read_bytes() for p in sorted(ca.rglob("*.crt")) if "web-1" not in p.parts}
@@ -251,17 +272,15 @@ SITE_ABSENT = """\
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
                     reason="needs root and unshare")
-def test_agent_uninstall_removes_the_certificate_and_key(tmp_path):
+def test_agent_uninstall_removes_the_certificate_and_key(tmp_path, issued):
     """site.yml with bulkhead_agent_state=absent on hosts the pki role gave certificates:
     nothing is issued, the agent's certificate and key leave the host (ca.crt too, unless
     the server's certificate is beside it), the run says that revoking is still to do;
     --check removes nothing and a second run changes nothing. In a network namespace of
     its own: the uninstall deletes the table inet bulkhead."""
     ca, hosts = tmp_path / "ca", tmp_path / "hosts"
-    (tmp_path / "hosts.yml").write_text(INVENTORY)
-    (tmp_path / "pki.yml").write_text(PKI_PLAY.format(ca=ca, target=hosts))
+    issue_into(issued, tmp_path, ca, hosts)
     (tmp_path / "absent.yml").write_text(SITE_ABSENT.format(ca=ca, hosts=hosts))
-    pki_run(tmp_path)
     assert {p.name for p in (hosts / "web-1").iterdir()} == {"ca.crt", "agent.crt", "agent.key"}
     controller = {p: p.read_bytes() for p in sorted(ca.rglob("*")) if p.is_file()}
 
