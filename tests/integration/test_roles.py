@@ -862,29 +862,24 @@ SYSTEM_DIRS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def unit_checks(tmp_path_factory):
-    """Every case of the two tests below through the roles' tasks/unit_checks.yml in one
-    ansible-playbook run (a run each took 3-8 s): a block per case, its value given to the
-    included tasks, a rescue noting a refusal. Each case's (refused, output)."""
-    cases = sorted(set(c[:3] for c in UNIT_VALUES + SYSTEM_DIRS), key=repr)
+def cases_in_one_run(folder, title, cases, step, play_vars=None):
+    """CASES in one ansible-playbook run on localhost (a run each takes 3-10 s): a block per
+    case with STEP(case), the task under test, between two marks, and a rescue noting a
+    refusal; the play written to FOLDER, titled TITLE, with PLAY_VARS. Each case's
+    (refused, the output from its mark on)."""
     tasks = []
-    for i, (role, variable, value) in enumerate(cases):
+    for i, case in enumerate(cases):
         tasks.append({"name": "Case %d" % i, "block": [
             {"name": "Mark", "ansible.builtin.debug": {"msg": "@@ case %d @@" % i}},
-            {"name": "Check", "ansible.builtin.include_tasks": {
-                "file": "%s/roles/%s/tasks/unit_checks.yml" % (ROOT, role)},
-             "vars": {variable: value} if variable else {}},
+            step(case),
             {"name": "Passed", "ansible.builtin.debug": {"msg": "@@ case %d passed @@" % i}},
         ], "rescue": [
             {"name": "Refused", "ansible.builtin.debug": {"msg": "@@ case %d refused @@" % i}},
         ]})
-    play = tmp_path_factory.mktemp("unit-checks") / "checks.yml"
+    play = folder / "cases.yml"
     play.write_text(json.dumps([{
-        "name": "The roles' checks of the values their units are written with",
-        "hosts": "localhost", "connection": "local", "gather_facts": False,
-        "vars_files": ["%s/roles/%s/defaults/main.yml" % (ROOT, r) for r in ("agent", "server")],
-        "tasks": tasks}]))
+        "name": title, "hosts": "localhost", "connection": "local", "gather_facts": False,
+        **(play_vars or {}), "tasks": tasks}]))
     done = run(["ansible-playbook", "-i", "localhost,", str(play)], env())
     parts = re.split(r"@@ case (\d+) @@", done.stdout)
     found = {}
@@ -895,6 +890,21 @@ def unit_checks(tmp_path_factory):
         found[cases[i]] = (refused, text)
     assert len(found) == len(cases), done.stdout[-3000:]
     return found
+
+
+@pytest.fixture(scope="module")
+def unit_checks(tmp_path_factory):
+    """Every case of the two tests below through the roles' tasks/unit_checks.yml in one
+    ansible-playbook run: its value given to the included tasks. Each case's (refused,
+    output)."""
+    cases = sorted(set(c[:3] for c in UNIT_VALUES + SYSTEM_DIRS), key=repr)
+    return cases_in_one_run(
+        tmp_path_factory.mktemp("unit-checks"),
+        "The roles' checks of the values their units are written with", cases,
+        lambda case: {"name": "Check", "ansible.builtin.include_tasks": {
+            "file": "%s/roles/%s/tasks/unit_checks.yml" % (ROOT, case[0])},
+            "vars": {case[1]: case[2]} if case[1] else {}},
+        {"vars_files": ["%s/roles/%s/defaults/main.yml" % (ROOT, r) for r in ("agent", "server")]})
 
 
 @pytest.mark.parametrize(("role", "variable", "value"), UNIT_VALUES)
@@ -921,47 +931,50 @@ def test_a_directory_of_the_system_is_refused(unit_checks, role, variable, value
             text, text
 
 
-PREFLIGHT = """\
-- name: The {role} role's preflight
-  hosts: localhost
-  connection: local
-  gather_facts: false
-  tasks:
-    - name: Preflight
-      ansible.builtin.include_role:
-        name: bulkhead.microseg.{role}
-        tasks_from: preflight
-      vars:
-        bulkhead_{role}_allow_offline: true
-        bulkhead_{role}_pki_dir: {pki}
-        bulkhead_{role}_user: {user}
-        bulkhead_agent_server_host: 127.0.0.1
-"""
+KEY_OWNER_CASES = [(role, user) for role in ("agent", "server") for user in ("bulkhead", "root")]
+
+
+@pytest.fixture(scope="module")
+def key_owner_checks(tmp_path_factory):
+    """Each role's preflight with a 0600 key of root's, its service user bulkhead and then
+    root, in one ansible-playbook run. The pki directory of each role, and each case's
+    (refused, output)."""
+    base = tmp_path_factory.mktemp("key-owner")
+    dirs = {}
+    for role in ("agent", "server"):
+        pki = dirs[role] = base / role
+        pki.mkdir()
+        for name in ("ca.crt", "%s.crt" % role, "%s.key" % role):
+            (pki / name).write_text("x\n")
+        (pki / ("%s.key" % role)).chmod(0o600)
+    found = cases_in_one_run(
+        base, "The roles' preflight, the key's owner and the service's user", KEY_OWNER_CASES,
+        lambda case: {"name": "Preflight", "ansible.builtin.include_role": {
+            "name": "bulkhead.microseg.%s" % case[0], "tasks_from": "preflight"},
+            "vars": {"bulkhead_%s_allow_offline" % case[0]: True,
+                     "bulkhead_%s_pki_dir" % case[0]: str(dirs[case[0]]),
+                     "bulkhead_%s_user" % case[0]: case[1],
+                     "bulkhead_agent_server_host": "127.0.0.1"}})
+    return dirs, found
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the key belongs to root")
 @pytest.mark.parametrize("role", ["agent", "server"])
-def test_a_service_user_that_cannot_read_its_key_is_refused(tmp_path, role):
+def test_a_service_user_that_cannot_read_its_key_is_refused(key_owner_checks, role):
     """The key is 0600, its owner the pki role's bulkhead_pki_owner: a service user
     changed alone crash-looped on "Permission denied" while the run passed. The
     preflight now fails naming both users; the key's owner passes."""
-    pki = tmp_path / "pki"
-    pki.mkdir()
-    for name in ("ca.crt", "%s.crt" % role, "%s.key" % role):
-        (pki / name).write_text("x\n")
-    (pki / ("%s.key" % role)).chmod(0o600)
+    dirs, found = key_owner_checks
+    said = "%s/%s.key belongs to root and is 0600, but bulkhead-%s runs as bulkhead" % (
+        dirs[role], role, role)
     for user, refused in (("bulkhead", True), ("root", False)):
-        play = tmp_path / ("%s.yml" % user)
-        play.write_text(PREFLIGHT.format(role=role, pki=pki, user=user))
-        done = run(["ansible-playbook", "-i", "localhost,", str(play)], env(), check=False)
-        said = "%s/%s.key belongs to root and is 0600, but bulkhead-%s runs as bulkhead" % (
-            pki, role, role)
+        was_refused, text = found[(role, user)]
+        assert was_refused is refused, text
         if refused:
-            assert done.returncode != 0 and said in done.stdout, done.stdout[-3000:]
+            assert said in text, text[-3000:]
         else:
-            assert "Fail when the service's user cannot read its key" in done.stdout
-            assert said not in done.stdout and "belongs to" not in done.stdout, \
-                done.stdout[-3000:]
+            assert "Fail when the service's user cannot read its key" in text
+            assert said not in text and "belongs to" not in text, text[-3000:]
 
 
 # ------------------------------------------------ the wait after a restart, twice in a run
@@ -1060,29 +1073,6 @@ def test_a_restart_in_an_earlier_run_of_the_role_is_not_waited_for(tmp_path):
 
 
 # ------------------------------------------------------ the venv install, for real
-INSTALL = """\
-- name: Install into a venv, as the server role does
-  hosts: localhost
-  connection: local
-  gather_facts: false
-  handlers:
-    - name: Restart
-      ansible.builtin.debug:
-        msg: restart the service
-      listen: bulkhead installed
-  tasks:
-    - name: The common role's install tasks
-      ansible.builtin.include_role:
-        name: bulkhead.microseg.common
-        tasks_from: install
-      vars:
-        bulkhead_common_role: bulkhead_server
-        bulkhead_common_install_from: wheel
-        bulkhead_common_wheelhouse: {wheelhouse}
-        bulkhead_common_venv: {venv}
-        bulkhead_common_python: /usr/bin/python3
-        bulkhead_common_user: root
-"""
 INSTALL_TASK = re.compile(r"TASK \[bulkhead\.microseg\.common : Install bulkhead-microseg into the "
                           r"venv[^\]]*\] \**\n(\w+)")
 
@@ -1102,32 +1092,6 @@ def fake_wheel(directory, version):
         for arcname, text in files.items():
             whl.writestr(arcname, text)
     return path
-
-
-@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists(),
-                    reason="the wheelhouse belongs to root; needs /usr/bin/python3 with venv")
-def test_check_mode_on_an_installed_venv_changes_nothing(tmp_path):
-    """install_from wheel, the venv holding the wheel's version already: --check reports no
-    install (and so no restart), as the run does. Given extra_args, the pip module's check
-    mode says changed without looking."""
-    wheelhouse, venv, dest = tmp_path / "wheelhouse", tmp_path / "venv", tmp_path / "dest"
-    wheelhouse.mkdir()
-    fake_wheel(wheelhouse, "0.1.0")
-    (tmp_path / "play.yml").write_text(INSTALL.format(wheelhouse=wheelhouse, venv=venv))
-
-    def play(*args):
-        out = run(["ansible-playbook", str(tmp_path / "play.yml"),
-                   "-e", "_bulkhead_common_wheelhouse_dest=%s" % dest, *args], env()).stdout
-        found = INSTALL_TASK.search(out)
-        assert found, out
-        return found.group(1), "restart the service" in out
-
-    assert play() == ("changed", True)
-    assert play() == ("ok", False)
-    assert play("--check") == ("ok", False)
-    fake_wheel(wheelhouse, "0.1.1").parent.joinpath(
-        "bulkhead_microseg-0.1.0-py3-none-any.whl").unlink()
-    assert play("--check") == ("changed", True)   # a new version: it would install it
 
 
 SHARED = """\
@@ -1175,7 +1139,10 @@ def test_a_shared_venv_restarts_both_services_and_holds_one_version(tmp_path):
     """On a host running both, the server's play and the agent's (site.yml) install into
     one venv: when the first play changes it, the agent, started from the venv before, is
     restarted too though its own pip finds nothing to do; two versions for the one venv are
-    refused, not installed in turn on every run."""
+    refused, not installed in turn on every run. --check on the venv holding the wheel's
+    version reports no install (and so no restart), as the run does; with a new version it
+    says the run would install it (given extra_args, the pip module's check mode says
+    changed without looking) and installs nothing."""
     old, new, venv, dest = (tmp_path / "old", tmp_path / "new", tmp_path / "venv",
                             tmp_path / "dest")
     old.mkdir()
@@ -1184,17 +1151,28 @@ def test_a_shared_venv_restarts_both_services_and_holds_one_version(tmp_path):
     fake_wheel(new, "0.1.1")
     (tmp_path / "play.yml").write_text(SHARED.format(venv=venv))
 
-    def play(server, agent, check=True):
+    def play(server, agent, *args, check=True):
         return run(["ansible-playbook", str(tmp_path / "play.yml"),
                     "-e", "_bulkhead_common_wheelhouse_dest=%s" % dest,
-                    "-e", "server_wheelhouse=%s" % server, "-e", "agent_wheelhouse=%s" % agent],
-                   env(), check=check).stdout
+                    "-e", "server_wheelhouse=%s" % server, "-e", "agent_wheelhouse=%s" % agent,
+                    *args], env(), check=check).stdout
 
     def restarted(out):
         return [s for s in ("server", "agent") if "restart bulkhead-%s" % s in out]
 
-    assert restarted(play(old, old)) == ["server", "agent"]
-    assert restarted(play(old, old)) == []
+    def installs(out):   # the install task's state in each play
+        return INSTALL_TASK.findall(out)
+
+    first = play(old, old)
+    assert restarted(first) == ["server", "agent"] and installs(first) == ["changed", "ok"]
+    again = play(old, old)
+    assert restarted(again) == [] and installs(again) == ["ok", "ok"], again
+    checked = play(old, old, "--check")
+    assert restarted(checked) == [] and installs(checked) == ["ok", "ok"], checked
+    checked = play(new, new, "--check")   # a new version: it would install it
+    assert restarted(checked) == ["server", "agent"], checked
+    assert installs(checked)[0] == "changed", checked
+    assert list((venv / "lib").glob("python3*/site-packages/bulkhead_microseg-0.1.0.dist-info"))
     upgrade = play(new, new)
     assert restarted(upgrade) == ["server", "agent"], upgrade
     assert "was changed earlier in this run (bulkhead_server)" in upgrade
