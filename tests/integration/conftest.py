@@ -198,11 +198,15 @@ def write(directory, name, text):
 @pytest.fixture
 def own_server(tmp_path_factory):
     """A server of its own: the playbooks wait for every agent that ever reported, and the
-    session's server has heard from the other tests' make-believe agents."""
+    session's server has heard from the other tests' make-believe agents. With a viewer's
+    certificate and those of the agents of node-1 and node-2, for a test's own."""
     d = tmp_path_factory.mktemp("own-server")
     pki.init_ca(d)
     pki.issue(d, "server", server=True, hosts=("127.0.0.1",))
     pki.issue(d, "admin", role="admin")
+    pki.issue(d, "viewer", role="viewer")
+    for node in ("node-1", "node-2"):
+        pki.issue(d, node, role="agent")
     srv = start_server(d, who="admin")
     try:
         yield srv

@@ -1,6 +1,8 @@
 """`wait: true` on every write module: the write's revision is returned, and the module
 returns once every agent that reports its status enforces it, or fails naming the
-agents that lag. The agents here are threads reporting with the nodes' own certificates."""
+agents that lag. The agents here are threads reporting with the nodes' own certificates,
+to a server of the test's own: the session's server would go on hearing of them (their
+reports stay), and other tests' waits there would wait for them too."""
 
 from __future__ import annotations
 
@@ -101,16 +103,21 @@ class Agents:
 
 
 @pytest.fixture
-def agents(clean_server):
-    with Agents(clean_server) as running:
+def agents(own_server):
+    """The agents, once both have reported: one that never did is not waited for."""
+    with Agents(own_server) as running:
+        deadline = time.monotonic() + 10
+        while {n["node"] for n in own_server.request("GET", "/v1/nodes")["nodes"]} != set(NODES):
+            assert time.monotonic() < deadline, "the agents did not report"
+            time.sleep(0.1)
         yield running
 
 
-def test_every_write_module_waits_for_its_revision(clean_server, agents, tmp_path):
+def test_every_write_module_waits_for_its_revision(own_server, agents, tmp_path):
     play, out = tmp_path / "play.yml", tmp_path / "out.json"
     play.write_text(PLAY)
     run(["ansible-playbook", "-i", "localhost,", "-c", "local", str(play), "-e",
-         "out=%s" % out], clean_server.env())
+         "out=%s" % out], own_server.env())
     results = json.loads(out.read_text())
     written, unchanged = results[:-1], results[-1]
     revisions = [r["revision"] for r in written]
@@ -123,17 +130,17 @@ def test_every_write_module_waits_for_its_revision(clean_server, agents, tmp_pat
     assert unchanged["revision"] is None and "converged" not in unchanged
     assert "wait_elapsed" not in unchanged
     # What the agents report now covers the last write.
-    status = clean_server.request("GET", "/v1/nodes?revision=%d" % revisions[-1])
+    status = own_server.request("GET", "/v1/nodes?revision=%d" % revisions[-1])
     assert status["converged"]
 
 
-def test_wait_fails_naming_the_agent_that_lags(clean_server, agents, tmp_path):
+def test_wait_fails_naming_the_agent_that_lags(own_server, agents, tmp_path):
     agents.stalled.add("node-2")
     time.sleep(0.3)
     done = run(["ansible", "localhost", "-i", "localhost,", "-c", "local", "-m",
                 "bulkhead.microseg.global_network_set", "-a",
                 "name=late nets=198.18.2.0/24 wait=true wait_timeout=5.0"],
-               clean_server.env(), check=False)
+               own_server.env(), check=False)
     assert done.returncode != 0
     text = " ".join(done.stdout.split())
     assert "timed out after 5.0s waiting for every agent to apply revision" in text
