@@ -46,6 +46,8 @@ def free_port() -> int:
     for _ in range(1000):
         port = (random.randrange(first, low) // workers * workers + share
                 if first + workers < low else 0)
+        if port and port < first:
+            port += workers   # rounded down below the range: the share's next one
         if port >= low:
             continue
         if port in _GIVEN:
