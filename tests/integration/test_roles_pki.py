@@ -21,7 +21,7 @@ from cryptography import x509
 
 from bulkhead import pki
 from conftest import BIN, run, start_server, stop_server
-from test_roles import INVENTORY, ROOT, env
+from test_roles import INVENTORY, ROOT, cases_in_one_run, env
 
 # -------------------------------------------------------------------------- pki, real
 PKI_PLAY = """\
@@ -75,6 +75,73 @@ def issue_into(issued, tmp, ca, target):
     journal.write_text(journal.read_text().replace(str(issued / "ca"), str(ca)))
     (tmp / "hosts.yml").write_text(INVENTORY)
     (tmp / "pki.yml").write_text(PKI_PLAY.format(ca=ca, target=target))
+
+
+# The pki role's preflight on what is in its CA directory, case by case:
+# (name, bulkhead_pki_ca_dir, ca_create, clients as (name, role) pairs, refused, what the
+# output must say).
+PREFLIGHT_CASES = [
+    ("a CA at a path with a variable", "$BULKHEAD_TEST_PKI/ca", False, None, False,
+     "@@ found True True @@"),
+    ("none there, to be created", "{tmp}/empty", True, None, False, "@@ found False False @@"),
+    ("none there, not to be created", "{tmp}/empty", False, None, True,
+     "must hold both ca.crt and ca.key"),
+    ("ca.crt and ca.key dangling links: there, not made anew", "{tmp}/dangling", True, None,
+     False, "@@ found True True @@"),
+    ("only ca.key", "{tmp}/half", True, None, True, "must hold both ca.crt and ca.key"),
+    ("a dangling crl.pem: refused, not read as no CRL", "{tmp}/badcrl", False, None, True,
+     "crl.pem"),
+    ("a client name with a slash", "{tmp}/ca", False, (("team/alice", "admin"),), True,
+     "every client's name 1 to 64 letters"),
+]
+
+
+@pytest.fixture(scope="module")
+def preflight_cases(tmp_path_factory):
+    """Every case of PREFLIGHT_CASES in one ansible-playbook run; each one's (refused,
+    output)."""
+    tmp = tmp_path_factory.mktemp("pki-preflight")
+    pki.init_ca(tmp / "ca")
+    (tmp / "empty").mkdir()
+    (tmp / "dangling").mkdir()
+    for name in ("ca.crt", "ca.key"):
+        (tmp / "dangling" / name).symlink_to(tmp / "nowhere" / name)
+    (tmp / "half").mkdir()
+    shutil.copy(tmp / "ca" / "ca.key", tmp / "half" / "ca.key")
+    shutil.copytree(tmp / "ca", tmp / "badcrl")
+    (tmp / "badcrl" / "crl.pem").symlink_to(tmp / "nowhere" / "crl.pem")
+
+    def step(case):
+        ca_dir, create, clients = case[1:4]
+        variables = {"bulkhead_pki_ca_dir": ca_dir.format(tmp=tmp),
+                     "bulkhead_pki_ca_create": create}
+        if clients is not None:
+            variables["bulkhead_pki_clients"] = [{"name": n, "role": r} for n, r in clients]
+        return {"name": "The case", "block": [
+            {"name": "Preflight", "ansible.builtin.include_role": {
+                "name": "bulkhead.microseg.pki", "tasks_from": "preflight"}, "vars": variables},
+            {"name": "Found", "ansible.builtin.debug": {
+                "msg": "@@ found {{ _bulkhead_pki_ca_found }} {{ _bulkhead_pki_ca_key_found }} @@"}},
+        ]}
+
+    os.environ["BULKHEAD_TEST_PKI"] = str(tmp)   # env() passes it on to ansible-playbook
+    try:
+        return cases_in_one_run(tmp, "The pki role's preflight", PREFLIGHT_CASES, step)
+    finally:
+        del os.environ["BULKHEAD_TEST_PKI"]
+
+
+@pytest.mark.parametrize("case", PREFLIGHT_CASES, ids=[c[0] for c in PREFLIGHT_CASES])
+def test_preflight_finds_the_ca_as_the_modules_would(preflight_cases, case):
+    """The CA, its CRL and the certificates are looked for on the controller without a
+    module run, and found as the modules would find them: a path with a $VARIABLE (a
+    module's path option expands it), and anything at a path, a dangling link too (the
+    modules refuse it, loudly; it is not taken for no CA, which the role would create
+    anew, nor for no CRL, which would let a revoked certificate stand). A client's name is
+    a certificate name, as `bulkhead pki issue` takes it."""
+    refused, text = preflight_cases[case]
+    assert refused is case[4], text
+    assert case[5] in text, text
 
 
 def identity(path):
