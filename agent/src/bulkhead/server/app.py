@@ -798,12 +798,14 @@ POLICY_KINDS = ("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy")
 
 
 async def _converge(request: web.Request, identity: Identity, desired: list[Resource],
-                    scope: list[Stored], operation: str, unchanged_since: int | None = None
-                    ) -> web.Response:
+                    scope: list[Stored], operation: str, unchanged_since: int | None = None,
+                    preconditions: bool = False) -> web.Response:
     """Make the store hold exactly `desired` where it now holds `scope`: puts for what is
     new or differs, deletes for what `scope` has and `desired` lacks, in one transaction
     (all or nothing); with `?dryRun=true` only the answer. Results as apply's, with
-    `deleted` (and its `before`) for what goes."""
+    `deleted` (and its `before`) for what goes. With `preconditions`, a resource of
+    `desired` that carries a `metadata.resourceVersion` must be stored at that version
+    (`_check_precondition`)."""
     store = request.app[STORE]
     dry_run = _dry_run(request)
     current = {(s.kind, s.name): s for s in scope}
@@ -812,6 +814,8 @@ async def _converge(request: web.Request, identity: Identity, desired: list[Reso
     for r in desired:
         old = current.get(r.key) or await _current(store, r.kind, r.name)
         _authorize_write(identity, r, old)
+        if preconditions:
+            _check_precondition(r, old)
         olds.append(old)
 
     def plan() -> tuple[list[dict[str, Any]], list[Op]]:
@@ -836,6 +840,25 @@ async def _converge(request: web.Request, identity: Identity, desired: list[Reso
     return await _big_json({"dryRun": dry_run, "revision": revision, "results": results})
 
 
+def _check_precondition(r: Resource, old: Stored | None) -> None:
+    """A sync's `?preconditions=true`: `r`, if it carries a resourceVersion, must be
+    stored at that version; 409 otherwise, nothing changed. A document sent back as it
+    was read (the host endpoints a purge keeps) then cannot undo a write that came after
+    the reading. Its put, if any, expects the version read, and a resource left
+    unchanged is not written, so a write after this check cannot be undone either."""
+    version = r.metadata.resource_version
+    if version is None:
+        return
+    if old is None:
+        raise ApiError(409, "Conflict", f"{r.kind} {r.name}: resourceVersion is "
+                       f"{version[:64]}, but it does not exist: it was deleted after it "
+                       "was read; read it again; nothing was changed")
+    if str(old.revision) != version:
+        raise ApiError(409, "Conflict", f"{r.kind} {r.name}: resourceVersion is "
+                       f"{old.revision}, not {version[:64]}: it changed after it was read; "
+                       "read it again; nothing was changed")
+
+
 def _plan_delete(identity: Identity, s: Stored, results: list[dict[str, Any]],
                  ops: list[Op]) -> None:
     """Authorize the delete of `s`, then add its result (`deleted`, with its `before`) and
@@ -854,7 +877,8 @@ async def sync(request: web.Request) -> web.Response:
     `?kind=HostEndpoint&owner=O` does the same for the host endpoints of an owner (an
     inventory's); `label=KEY` names the owner's label instead of managed-by, and
     `adopt=true` takes over resources of the body that exist with another owner (409
-    otherwise)."""
+    otherwise). It commits on the reading of the scope or not at all (409, try again);
+    `preconditions=true` makes the body's resourceVersions preconditions."""
     identity = _require(request, "admin")
     query = request.query
     tier, owner = query.get("tier"), query.get("owner")
@@ -870,6 +894,7 @@ async def sync(request: web.Request) -> web.Response:
     try:
         check_label_key(Reader("sync", "label", "label", label), label)
         adopt = limits.flag_param(query.get("adopt"), "adopt")
+        preconditions = limits.flag_param(query.get("preconditions"), "preconditions")
     except ValidationError as e:
         raise ApiError(400, "BadRequest", f"label: {e.problem}") from None
     except limits.BadInput as e:
@@ -890,8 +915,10 @@ async def sync(request: web.Request) -> web.Response:
             raise ApiError(422, "Invalid", f"{r.kind} {r.name}: metadata.labels: "
                            f'{label} must be "{owner}", the owner synced')
     scope: list[Stored] = []
+    read_at: int | None = None
     for k in kinds:
-        items, _ = await request.app[STORE].list_resources(k)
+        items, at = await request.app[STORE].list_resources(k)
+        read_at = at if read_at is None else min(read_at, at)
         scope += [s for s in items
                   if (tier is not None and s.doc.get("spec", {}).get("tier", DEFAULT_TIER)
                       == tier) or (owner is not None and s.labels.get(label) == owner)]
@@ -903,7 +930,10 @@ async def sync(request: web.Request) -> web.Response:
                 raise ApiError(409, "Conflict", f"{r.kind} {r.name} exists and is "
                                f"{'owned by ' + repr(theirs) if theirs else 'not owned'} "
                                f"({label}); adopt=true takes it over; nothing was changed")
-    return await _converge(request, identity, desired, scope, "sync")
+    # Committed on this reading or not at all, as a rollback: a resource of the scope
+    # created in between would survive the sync (409, try again).
+    return await _converge(request, identity, desired, scope, "sync",
+                           unchanged_since=read_at, preconditions=preconditions)
 
 
 async def rollback(request: web.Request) -> web.Response:
