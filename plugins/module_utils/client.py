@@ -395,10 +395,11 @@ class BulkheadClient:
         return self.call("POST", route("apply"), RESULTS, raw=json.dumps(docs), query=query)
 
     def sync(self, docs, tier=None, owner=None, dry_run=False, kind=None, label=None,
-             adopt=False):
+             adopt=False, preconditions=False):
         """The policies `docs` become exactly those of a tier or an owner (one transaction);
         with `kind="HostEndpoint"` an owner's host endpoints, `label` the owner's label,
-        `adopt` taking over the body's resources another owner has."""
+        `adopt` taking over the body's resources another owner has, `preconditions` each
+        document's resourceVersion, where it has one, a precondition (409 otherwise)."""
         query = {"tier": tier} if tier is not None else {"owner": owner}
         if kind is not None:
             query["kind"] = kind
@@ -406,6 +407,8 @@ class BulkheadClient:
             query["label"] = label
         if adopt:
             query["adopt"] = "true"
+        if preconditions:
+            query["preconditions"] = "true"
         if dry_run:
             query["dryRun"] = "true"
         return self.call("POST", route("sync"), RESULTS, raw=json.dumps(docs), query=query)

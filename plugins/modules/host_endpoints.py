@@ -24,6 +24,11 @@ description:
     O(purge=true), C(POST /v1/sync) of the owner's host endpoints, or C(POST /v1/delete)
     when there is nothing to write), so agents never see half of a change; the server
     validates every endpoint first.
+  - The endpoints O(keep) keeps go back to the server as the module read them, with their
+    C(resourceVersion) as a precondition, so a change another writer made to one after
+    that reading is refused (409, nothing written), not undone. The module then reads and
+    syncs again, up to three times in all, and fails naming the endpoint if it still
+    conflicts.
   - A change larger than one transaction of the datastore (etcd takes 128 operations by
     default, C(--max-txn-ops)) is refused by the server before anything is written; the
     module then writes the endpoints and the deletes as two transactions, and warns.
@@ -200,6 +205,30 @@ def stripped(doc):
     return doc
 
 
+def kept_doc(doc):
+    """A kept endpoint sent back as it was read, with its resourceVersion: the sync's
+    preconditions then refuse it (409) if another writer changed it since."""
+    version = doc.get("metadata", {}).get("resourceVersion")
+    out = stripped(doc)
+    if version is not None:
+        out["metadata"]["resourceVersion"] = version
+    return out
+
+
+# A purge's one transaction refused because the owner's endpoints changed between the
+# module's reading and the server's commit (409: nothing written): read and plan again,
+# up to this many times in all.
+SYNC_ATTEMPTS = 3
+
+
+class ChangedMeanwhile(Exception):
+    """The server refused the purge's transaction with 409; nothing was written."""
+
+    def __init__(self, error):
+        self.error = error
+        super(ChangedMeanwhile, self).__init__(error.message)
+
+
 def sync(module, service):
     p = module.params
     label, owner = p["managed_by_label"], p["owner"]
@@ -228,11 +257,15 @@ def sync(module, service):
         # The kept ones leave the results (the server's "unchanged"); one both kept and
         # listed in endpoints is written as listed, and reported.
         kept = [n for n in owned if n in keep]
+        # The kept ones carry the version read: one changed since is refused, not undone.
         try:
-            answer = module.client.sync(docs + [stripped(existing[n]) for n in kept],
+            answer = module.client.sync(docs + [kept_doc(existing[n]) for n in kept],
                                         owner=owner, dry_run=module.check_mode,
-                                        kind="HostEndpoint", label=label, adopt=p["adopt"])
+                                        kind="HostEndpoint", label=label, adopt=p["adopt"],
+                                        preconditions=True)
         except ApiError as e:
+            if e.status == 409:
+                raise ChangedMeanwhile(e)
             if e.status != 413:
                 raise
             # Larger than one transaction of the datastore (etcd's --max-txn-ops), and
@@ -271,10 +304,16 @@ def main():
     service = module.service
 
     def run():
-        try:
-            return sync(module, service)
-        except ValueError as e:
-            module.fail_json(msg=str(e))
+        for attempt in range(1, SYNC_ATTEMPTS + 1):
+            try:
+                return sync(module, service)
+            except ValueError as e:
+                module.fail_json(msg=str(e))
+            except ChangedMeanwhile as e:
+                if attempt == SYNC_ATTEMPTS:
+                    module.fail_json(msg="%s (the owner's host endpoints changed while the "
+                                         "module read and wrote them, %d times in a row)"
+                                     % (e.error.message, SYNC_ATTEMPTS))
 
     module.run(run)
 

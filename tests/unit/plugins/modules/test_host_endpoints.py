@@ -132,11 +132,37 @@ def test_other_refusals_of_the_sync_fail_the_module_and_nothing_else_is_asked(
     fake_server.set("/v1/resources/HostEndpoint",
                     json.dumps({"items": [web1, web2], "revision": 5}))
     fake_server.set("/v1/sync", json.dumps({"error": {
-        "reason": "Conflict", "message": "HostEndpoint web-1 exists and is owned by 'west'"}}),
-        status=409)
+        "reason": "Invalid", "message": "HostEndpoint web-1: spec.expectedIPs: bad"}}),
+        status=422)
     code, result = run(capsys, server_url=fake_server.url, ca_path=fake_server.ca,
                        owner="east",
                        endpoints=[{"metadata": {"name": "web-1"},
                                    "spec": {"node": "web-1", "expectedIPs": ["198.18.0.11"]}}])
-    assert code == 1 and "owned by 'west'" in result["msg"]
+    assert code == 1 and "spec.expectedIPs: bad" in result["msg"]
     assert [request[0] for request in fake_server.requests] == ["GET", "POST"]
+
+
+def test_a_conflict_reads_and_syncs_again_then_fails_naming_it(fake_server, capsys):
+    """409 from the sync (the owner's endpoints changed after the module read them;
+    nothing written): read and sync again, three times in all, then fail with the
+    server's words and why. Each sync asks for preconditions."""
+    web1, web2, db1 = (stored("web-1", "198.18.0.1", 3), stored("web-2", "198.18.0.2", 4),
+                       stored("db-1", "198.18.0.3", 5))
+    fake_server.set("/v1/resources/HostEndpoint",
+                    json.dumps({"items": [web1, web2, db1], "revision": 5}))
+    fake_server.set("/v1/sync", json.dumps({"error": {
+        "reason": "Conflict", "message": "HostEndpoint web-2: resourceVersion is 6, not 4: "
+        "it changed after it was read; read it again; nothing was changed"}}), status=409)
+    code, result = run(capsys, server_url=fake_server.url, ca_path=fake_server.ca,
+                       owner="east", keep=["web-2"],
+                       endpoints=[{"metadata": {"name": "web-1"},
+                                   "spec": {"node": "web-1", "expectedIPs": ["198.18.0.11"]}}])
+    assert code == 1
+    assert result["msg"] == (
+        "HostEndpoint web-2: resourceVersion is 6, not 4: it changed after it was read; "
+        "read it again; nothing was changed (the owner's host endpoints changed while the "
+        "module read and wrote them, 3 times in a row)")
+    assert [request[0] for request in fake_server.requests] == ["GET", "POST"] * 3
+    syncs = [path for method, path in fake_server.requests if method == "POST"]
+    assert all(path.startswith("/v1/sync?") and "preconditions=true" in path
+               for path in syncs), syncs
