@@ -37,36 +37,53 @@ async def endpoints(server: Server) -> dict[str, dict[str, Any]]:
             return {d["metadata"]["name"]: d for d in (await r.json())["items"]}
 
 
-async def test_a_sync_commits_on_its_reading_of_the_scope(
-        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An endpoint of the owner created after the sync read the owner's endpoints (and
-    before its commit) is not in the body, so the sync would leave it standing and call
-    the owner's endpoints exactly the body's: 409 instead, nothing written; the sync
-    again deletes it."""
-    status, _ = await post(server, "/v1/apply", [hep("h1", "198.18.0.1")], {})
-    assert status == 200
+def creates_after_listing(monkeypatch: pytest.MonkeyPatch, times: int) -> list[str]:
+    """After each of the next `times` listings of HostEndpoint (a sync's reading of its
+    scope), another writer creates an endpoint of the owner, before the sync commits;
+    the names created."""
     listed = SQLiteStore.list_resources
+    created: list[str] = []
 
     async def list_then_a_create(self: SQLiteStore, kind: str | None = None,
                                  selector: Any = None) -> Any:
         answer = await listed(self, kind, selector)
-        if kind == "HostEndpoint":   # once: the write that comes in between
-            monkeypatch.setattr(SQLiteStore, "list_resources", listed)
-            late = hep("late", "198.18.0.9")
-            await self.transaction([Op("put", "HostEndpoint", "late", late)])
+        if kind == "HostEndpoint" and len(created) < times:
+            created.append(f"late{len(created)}")
+            await self.transaction([Op("put", "HostEndpoint", created[-1],
+                                       hep(created[-1], "198.18.0.9"))])
         return answer
 
     monkeypatch.setattr(SQLiteStore, "list_resources", list_then_a_create)
-    status, answer = await post(server, "/v1/sync", [hep("h2", "198.18.0.2")], QUERY)
-    assert status == 409, answer
-    assert "the store changed: a resource was written after revision" in answer["error"]["message"]
-    assert "nothing was changed, try again" in answer["error"]["message"]
-    assert sorted(await endpoints(server)) == ["h1", "late"]
+    return created
+
+
+async def test_a_sync_commits_on_its_reading_of_the_scope(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An endpoint of the owner created after the sync read the owner's endpoints (and
+    before its commit) is not in the body, so the sync would leave it standing and call
+    the owner's endpoints exactly the body's: the commit is refused, and the sync reads
+    its scope and plans again, deleting it; a write after each of three readings fails
+    the sync, 409, nothing written."""
+    status, _ = await post(server, "/v1/apply", [hep("h1", "198.18.0.1")], {})
+    assert status == 200
+    created = creates_after_listing(monkeypatch, 1)
     status, answer = await post(server, "/v1/sync", [hep("h2", "198.18.0.2")], QUERY)
     assert status == 200, answer
+    assert created == ["late0"]
     assert sorted((r["name"], r["action"]) for r in answer["results"]) == \
-        [("h1", "deleted"), ("h2", "created"), ("late", "deleted")]
+        [("h1", "deleted"), ("h2", "created"), ("late0", "deleted")]
     assert sorted(await endpoints(server)) == ["h2"]
+    created = creates_after_listing(monkeypatch, 3)
+    status, answer = await post(server, "/v1/sync", [hep("h3", "198.18.0.3")], QUERY)
+    assert status == 409, answer
+    assert created == ["late0", "late1", "late2"]
+    message = answer["error"]["message"]
+    assert message.startswith("the store changed: a resource was written after revision")
+    assert message.endswith("nothing was changed, try again")
+    assert sorted(await endpoints(server)) == ["h2", "late0", "late1", "late2"]
+    status, answer = await post(server, "/v1/sync", [hep("h3", "198.18.0.3")], QUERY)
+    assert status == 200, answer
+    assert sorted(await endpoints(server)) == ["h3"]
 
 
 async def test_preconditions_keep_a_document_read_earlier_from_undoing_a_later_write(
