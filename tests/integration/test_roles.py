@@ -675,6 +675,26 @@ def test_site_in_check_mode_on_a_host_systemd_does_not_run(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="site.yml becomes root")
+def test_site_refuses_two_versions_for_one_venv_before_installing_anything(tmp_path):
+    """A host running the server and the agent, which share a venv, each given its own
+    version: site.yml's first play refuses it, naming both, before the server's play
+    installs (it had installed, or downgraded, the server before the agent's play refused).
+    --check as well, so that nothing would be installed here if the check let it by."""
+    (tmp_path / "hosts.yml").write_text(LOCAL)
+    out = run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"),
+               str(ROOT / "playbooks" / "site.yml"), "--check",
+               "-e", "bulkhead_pki_ca_dir=%s" % (tmp_path / "ca"),
+               "-e", "bulkhead_server_version=0.1.0", "-e", "bulkhead_agent_version=0.1.1"],
+              env(), check=False)
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 2, text[-3000:]
+    assert "bulkhead_agent would install bulkhead-microseg 0.1.1 into /opt/bulkhead, where " \
+           "bulkhead_server installs 0.1.0 in this run" in text, text[-3000:]
+    assert "PLAY [Certificates and bulkhead-server]" not in out.stdout, out.stdout[-3000:]
+    assert not (tmp_path / "ca").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="site.yml becomes root")
 def test_site_in_check_mode_on_a_fresh_host_systemd_runs(tmp_path):
     """--check on a host the roles have not installed yet, systemd running it (here told so
     through bulkhead_common_systemd_booted; the lab machines showed the same): the units
@@ -1180,7 +1200,7 @@ def test_a_shared_venv_restarts_both_services_and_holds_one_version(tmp_path):
     mixed = play(old, new, check=False)
     assert "failed=1" in mixed, mixed
     assert "bulkhead_agent would install bulkhead-microseg 0.1.1 into %s, where " \
-           "bulkhead_server installed 0.1.0 earlier in this run" % venv in mixed, mixed
+           "bulkhead_server installs 0.1.0 in this run" % venv in mixed, mixed
 
 
 CONFIGURE = """\
