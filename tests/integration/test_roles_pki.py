@@ -417,7 +417,9 @@ def test_diff_shows_no_private_key(tmp_path):
     # services' roles replaced by the stand-ins): srv-1, in both groups, gets its agent's
     # certificate in the agents' play, whose handler restarts the agent, not the server.
     plays = []
-    for play in yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())[:2]:
+    site = yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())
+    for play in [p for p in site if any(r.get("role") == "bulkhead.microseg.pki"
+                                        for r in p.get("roles", []))]:
         role = next(r for r in play["roles"] if r["role"] == "bulkhead.microseg.pki")
         service = "server" if play["hosts"] == "bulkhead_servers" else "agent"
         plays.append({
@@ -427,6 +429,7 @@ def test_diff_shows_no_private_key(tmp_path):
                 **yaml.safe_load(PKI_PLAY.format(ca=ca, target=target))[0]["roles"][0]["vars"],
                 **role.get("vars", {})}}],
             "handlers": [h for h in json.loads(stand_ins()) if service in h["name"]]})
+    assert [p["hosts"] for p in plays] == ["bulkhead_servers", "bulkhead_agents"], plays
     (tmp_path / "site.yml").write_text(json.dumps(plays))
     (target / "srv-1" / "agent.crt").unlink()   # copied again: the agent's alone
     renewed = run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"),
