@@ -1,10 +1,11 @@
 """A sync (`POST /v1/sync`) against writes that come between its readings and its commit,
-in a server in this process on SQLite: it commits on its reading of the scope or not at
-all, and with `?preconditions=true` a document sent back as it was read cannot undo a
-write that came after that reading (the host endpoints module's kept endpoints)."""
+in a server in this process on SQLite: writes beside it do not fail it, and with
+`?preconditions=true` a document sent back as it was read cannot undo a write that came
+after that reading (the host endpoints module's kept endpoints)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -37,53 +38,59 @@ async def endpoints(server: Server) -> dict[str, dict[str, Any]]:
             return {d["metadata"]["name"]: d for d in (await r.json())["items"]}
 
 
-def creates_after_listing(monkeypatch: pytest.MonkeyPatch, times: int) -> list[str]:
-    """After each of the next `times` listings of HostEndpoint (a sync's reading of its
-    scope), another writer creates an endpoint of the owner, before the sync commits;
-    the names created."""
+def writes_after_listing(monkeypatch: pytest.MonkeyPatch, docs: list[dict[str, Any]]
+                         ) -> list[str]:
+    """After the next listing of HostEndpoint (a sync's reading of its scope), another
+    writer writes `docs`, one transaction each, before the sync commits; their names."""
     listed = SQLiteStore.list_resources
-    created: list[str] = []
+    written: list[str] = []
 
-    async def list_then_a_create(self: SQLiteStore, kind: str | None = None,
-                                 selector: Any = None) -> Any:
+    async def list_then_write(self: SQLiteStore, kind: str | None = None,
+                              selector: Any = None) -> Any:
         answer = await listed(self, kind, selector)
-        if kind == "HostEndpoint" and len(created) < times:
-            created.append(f"late{len(created)}")
-            await self.transaction([Op("put", "HostEndpoint", created[-1],
-                                       hep(created[-1], "198.18.0.9"))])
+        if kind == "HostEndpoint" and not written:
+            for doc in docs:
+                written.append(doc["metadata"]["name"])
+                await self.transaction([Op("put", doc["kind"], written[-1], doc)])
         return answer
 
-    monkeypatch.setattr(SQLiteStore, "list_resources", list_then_a_create)
-    return created
+    monkeypatch.setattr(SQLiteStore, "list_resources", list_then_write)
+    return written
 
 
-async def test_a_sync_commits_on_its_reading_of_the_scope(
+async def test_writes_beside_a_sync_do_not_fail_it(
         server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An endpoint of the owner created after the sync read the owner's endpoints (and
-    before its commit) is not in the body, so the sync would leave it standing and call
-    the owner's endpoints exactly the body's: the commit is refused, and the sync reads
-    its scope and plans again, deleting it; a write after each of three readings fails
-    the sync, 409, nothing written."""
+    """Between a sync's reading of its scope and its commit, another writer writes
+    something outside the scope (a network set, another owner's endpoint) and creates an
+    endpoint of the owner: the sync commits all the same, as if it came first (the new
+    endpoint stays, as if created just after it). It is not committed on a reading of the
+    whole store, as a rollback is: a write anywhere would fail it, and independent
+    owners syncing at once would fail one another."""
     status, _ = await post(server, "/v1/apply", [hep("h1", "198.18.0.1")], {})
     assert status == 200
-    created = creates_after_listing(monkeypatch, 1)
+    other = hep("o1", "198.18.0.5")
+    other["metadata"]["labels"][OWNER] = "other"
+    netset = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+              "metadata": {"name": "n1"}, "spec": {"nets": ["198.18.0.0/24"]}}
+    written = writes_after_listing(monkeypatch, [netset, other, hep("late", "198.18.0.9")])
     status, answer = await post(server, "/v1/sync", [hep("h2", "198.18.0.2")], QUERY)
     assert status == 200, answer
-    assert created == ["late0"]
+    assert written == ["n1", "o1", "late"]
     assert sorted((r["name"], r["action"]) for r in answer["results"]) == \
-        [("h1", "deleted"), ("h2", "created"), ("late0", "deleted")]
-    assert sorted(await endpoints(server)) == ["h2"]
-    created = creates_after_listing(monkeypatch, 3)
-    status, answer = await post(server, "/v1/sync", [hep("h3", "198.18.0.3")], QUERY)
-    assert status == 409, answer
-    assert created == ["late0", "late1", "late2"]
-    message = answer["error"]["message"]
-    assert message.startswith("the store changed: a resource was written after revision")
-    assert message.endswith("nothing was changed, try again")
-    assert sorted(await endpoints(server)) == ["h2", "late0", "late1", "late2"]
-    status, answer = await post(server, "/v1/sync", [hep("h3", "198.18.0.3")], QUERY)
-    assert status == 200, answer
-    assert sorted(await endpoints(server)) == ["h3"]
+        [("h1", "deleted"), ("h2", "created")]
+    assert sorted(await endpoints(server)) == ["h2", "late", "o1"]
+
+
+async def test_owners_syncing_at_once_all_commit(server: Server) -> None:
+    """Eight owners sync their own endpoints at once, each scope its own."""
+    async def one(i: int) -> tuple[int, Any]:
+        doc = hep(f"h{i}", f"198.18.1.{i}")
+        doc["metadata"]["labels"][OWNER] = f"o{i}"
+        return await post(server, "/v1/sync", [doc], {**QUERY, "owner": f"o{i}"})
+
+    answers = await asyncio.gather(*(one(i) for i in range(8)))
+    assert [status for status, _ in answers] == [200] * 8, answers
+    assert sorted(await endpoints(server)) == sorted(f"h{i}" for i in range(8))
 
 
 async def test_preconditions_keep_a_document_read_earlier_from_undoing_a_later_write(
@@ -127,8 +134,8 @@ async def test_preconditions_keep_a_document_read_earlier_from_undoing_a_later_w
         "name": "h3", "labels": {OWNER: "inv"}, "resourceVersion": "7"}}
     status, answer = await post(server, "/v1/sync", [gone], {**QUERY, "preconditions": "1"})
     assert status == 409 and answer["error"]["message"] == (
-        "HostEndpoint h3: resourceVersion is 7, but it does not exist: it was deleted after "
-        "it was read; read it again; nothing was changed"), answer
+        "HostEndpoint h3: resourceVersion is 7, but it does not exist (deleted after it was "
+        "read, or never written); read it again; nothing was changed"), answer
     status, answer = await post(server, "/v1/sync", [], {**QUERY, "preconditions": "maybe"})
     assert status == 400 and "preconditions: 'maybe' is not true or false" in \
         answer["error"]["message"], answer

@@ -65,7 +65,6 @@ from bulkhead.store import (
     Op,
     Referrers,
     StillReferenced,
-    StoreChanged,
     Stored,
     TooLarge,
     TooOld,
@@ -394,22 +393,17 @@ def _requires(resource: Resource) -> tuple[tuple[str, str], ...]:
 
 
 async def _commit(store: Datastore, ops: list[Op], identity: Identity, dry_run: bool,
-                  what: str, operation: str, unchanged_since: int | None = None,
-                  again: bool = False) -> int | None:
+                  what: str, operation: str, unchanged_since: int | None = None
+                  ) -> int | None:
     """Write `ops` as one audited transaction of `operation` (unless `dry_run`; the
     datastore's size limit is checked either way); the new revision. Each refusal names
-    what went wrong and that nothing was `what` (applied, deleted, changed). With
-    `again`, StoreChanged is raised as it is, for the caller to read and plan again."""
+    what went wrong and that nothing was `what` (applied, deleted, changed)."""
     try:
         store.check_size(ops, audited=True, unchanged=unchanged_since is not None)
         if dry_run or not ops:
             return None
         return (await store.transaction(ops, _audit(identity, operation),
                                         unchanged_since=unchanged_since)).revision
-    except StoreChanged as e:
-        if again:
-            raise
-        raise ApiError(409, "Conflict", f"{e}; nothing was {what}, try again") from None
     except (Conflict, NotFound) as e:
         raise ApiError(409, "Conflict", f"{e}; nothing was {what}, try again") from None
     except MissingReference as e:
@@ -805,13 +799,13 @@ POLICY_KINDS = ("GlobalNetworkPolicy", "StagedGlobalNetworkPolicy")
 
 async def _converge(request: web.Request, identity: Identity, desired: list[Resource],
                     scope: list[Stored], operation: str, unchanged_since: int | None = None,
-                    preconditions: bool = False, again: bool = False) -> web.Response:
+                    preconditions: bool = False) -> web.Response:
     """Make the store hold exactly `desired` where it now holds `scope`: puts for what is
     new or differs, deletes for what `scope` has and `desired` lacks, in one transaction
     (all or nothing); with `?dryRun=true` only the answer. Results as apply's, with
     `deleted` (and its `before`) for what goes. With `preconditions`, a resource of
     `desired` that carries a `metadata.resourceVersion` must be stored at that version
-    (`_check_precondition`); `again` as `_commit`'s."""
+    (`_check_precondition`)."""
     store = request.app[STORE]
     dry_run = _dry_run(request)
     current = {(s.kind, s.name): s for s in scope}
@@ -842,7 +836,7 @@ async def _converge(request: web.Request, identity: Identity, desired: list[Reso
     await _check_tiers_emptied(store, deletes,
                                leaving={(op.kind, op.name) for op in deletes} | moved)
     revision = await _commit(store, ops, identity, dry_run, "changed", operation,
-                             unchanged_since, again)
+                             unchanged_since)
     return await _big_json({"dryRun": dry_run, "revision": revision, "results": results})
 
 
@@ -857,8 +851,8 @@ def _check_precondition(r: Resource, old: Stored | None) -> None:
         return
     if old is None:
         raise ApiError(409, "Conflict", f"{r.kind} {r.name}: resourceVersion is "
-                       f"{version[:64]}, but it does not exist: it was deleted after it "
-                       "was read; read it again; nothing was changed")
+                       f"{version[:64]}, but it does not exist (deleted after it was read, "
+                       "or never written); read it again; nothing was changed")
     if str(old.revision) != version:
         raise ApiError(409, "Conflict", f"{r.kind} {r.name}: resourceVersion is "
                        f"{old.revision}, not {version[:64]}: it changed after it was read; "
@@ -883,9 +877,7 @@ async def sync(request: web.Request) -> web.Response:
     `?kind=HostEndpoint&owner=O` does the same for the host endpoints of an owner (an
     inventory's); `label=KEY` names the owner's label instead of managed-by, and
     `adopt=true` takes over resources of the body that exist with another owner (409
-    otherwise). It commits on its reading of the scope or not at all: the scope is read
-    again when a write came in between (409, try again, after SYNC_READINGS readings);
-    `preconditions=true` makes the body's resourceVersions preconditions."""
+    otherwise). `preconditions=true` makes the body's resourceVersions preconditions."""
     identity = _require(request, "admin")
     query = request.query
     tier, owner = query.get("tier"), query.get("owner")
@@ -921,52 +913,26 @@ async def sync(request: web.Request) -> web.Response:
         if owner is not None and r.metadata.labels.get(label) != owner:
             raise ApiError(422, "Invalid", f"{r.kind} {r.name}: metadata.labels: "
                            f'{label} must be "{owner}", the owner synced')
-    # Committed on its reading of the scope or not at all, as a rollback: a resource of
-    # the scope created in between would survive the sync. A write in between is no
-    # reason to refuse a sync, which says what the scope must become: the scope is read
-    # and the sync planned again, up to SYNC_READINGS times (then 409, try again).
-    reading = 1
-    while True:
-        scope, read_at = await _sync_scope(request.app[STORE], kinds, tier, owner, label)
-        if owner is not None and not adopt:
-            await _refuse_others(request.app[STORE], desired, owner, label)
-        try:
-            return await _converge(request, identity, desired, scope, "sync",
-                                   unchanged_since=read_at, preconditions=preconditions,
-                                   again=reading < SYNC_READINGS)
-        except StoreChanged:
-            reading += 1
-
-
-SYNC_READINGS = 3
-
-
-async def _sync_scope(store: Datastore, kinds: tuple[str, ...], tier: str | None,
-                      owner: str | None, label: str) -> tuple[list[Stored], int]:
-    """What a sync makes exactly its body: the resources of `kinds` in `tier`, or
-    labelled `label`=`owner`; and the revision they were read at."""
     scope: list[Stored] = []
-    read_at: int | None = None
     for k in kinds:
-        items, at = await store.list_resources(k)
-        read_at = at if read_at is None else min(read_at, at)
+        items, _ = await request.app[STORE].list_resources(k)
         scope += [s for s in items
                   if (tier is not None and s.doc.get("spec", {}).get("tier", DEFAULT_TIER)
                       == tier) or (owner is not None and s.labels.get(label) == owner)]
-    assert read_at is not None
-    return scope, read_at
-
-
-async def _refuse_others(store: Datastore, desired: list[Resource], owner: str,
-                         label: str) -> None:
-    """Another owner's resource is not taken over silently (409 without adopt=true)."""
-    for r in desired:
-        old = await _current(store, r.kind, r.name)
-        theirs = old.labels.get(label) if old else None
-        if old is not None and theirs != owner:
-            raise ApiError(409, "Conflict", f"{r.kind} {r.name} exists and is "
-                           f"{'owned by ' + repr(theirs) if theirs else 'not owned'} "
-                           f"({label}); adopt=true takes it over; nothing was changed")
+    if owner is not None and not adopt:
+        for r in desired:   # another owner's resource is not taken over silently
+            old = await _current(request.app[STORE], r.kind, r.name)
+            theirs = old.labels.get(label) if old else None
+            if old is not None and theirs != owner:
+                raise ApiError(409, "Conflict", f"{r.kind} {r.name} exists and is "
+                               f"{'owned by ' + repr(theirs) if theirs else 'not owned'} "
+                               f"({label}); adopt=true takes it over; nothing was changed")
+    # Not committed on the reading of the whole store, as a rollback is: a write anywhere
+    # in between (another tier's, another owner's) would fail it. Each put and delete
+    # expects the version read; a resource of the scope created in between survives, as
+    # if created just after the sync.
+    return await _converge(request, identity, desired, scope, "sync",
+                           preconditions=preconditions)
 
 
 async def rollback(request: web.Request) -> web.Response:
