@@ -694,6 +694,43 @@ def test_site_refuses_two_versions_for_one_venv_before_installing_anything(tmp_p
     assert not (tmp_path / "ca").exists()
 
 
+# srv-1 in both groups, on an SSH port nothing listens on: a task run on it finds it
+# unreachable.
+UNREACHABLE = """\
+all:
+  vars:
+    ansible_host: 127.0.0.1
+    ansible_port: 1
+  children:
+    bulkhead_servers:
+      hosts:
+        srv-1: {}
+    bulkhead_agents:
+      hosts:
+        srv-1: {}
+"""
+
+
+@pytest.mark.parametrize("skip", [[], ["--skip-tags", "always"]], ids=["all", "skip-always"])
+def test_site_checks_one_version_without_the_host_and_under_skip_tags(tmp_path, skip):
+    """site.yml's first play reads both versions on the controller: a host it cannot reach
+    is refused all the same (unreachable=0), also with --skip-tags always, which skips the
+    roles' implicit ends (tagged always): the first play's meta: end_role then ran off the
+    play and ansible-playbook stopped on an unexpected exception."""
+    (tmp_path / "hosts.yml").write_text(UNREACHABLE)
+    out = run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"),
+               str(ROOT / "playbooks" / "site.yml"), "--check",
+               "-e", "bulkhead_pki_ca_dir=%s" % (tmp_path / "ca"),
+               "-e", "bulkhead_server_version=0.1.0", "-e", "bulkhead_agent_version=0.1.1",
+               *skip], env(), check=False)
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
+    assert "bulkhead_agent would install bulkhead-microseg 0.1.1 into /opt/bulkhead, where " \
+           "bulkhead_server installs 0.1.0 in this run" in text, text[-3000:]
+    assert re.search(r"srv-1\s+: .*unreachable=0\s+failed=1", out.stdout), out.stdout[-3000:]
+    assert not (tmp_path / "ca").exists()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="site.yml becomes root")
 def test_site_in_check_mode_on_a_fresh_host_systemd_runs(tmp_path):
     """--check on a host the roles have not installed yet, systemd running it (here told so
