@@ -694,6 +694,30 @@ def test_site_refuses_two_versions_for_one_venv_before_installing_anything(tmp_p
     assert not (tmp_path / "ca").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="site.yml becomes root")
+def test_site_refusing_a_host_running_both_goes_on_with_the_other_hosts(tmp_path):
+    """Two versions for srv-1's shared venv are srv-1's refusal: agt-2, an agent's host
+    only, still gets the agents' play (--check), as when the agents' play refused them.
+    The first play ran on srv-1 alone: its every host failed, and ansible-playbook ran no
+    other play on any host of the fleet."""
+    (tmp_path / "hosts.yml").write_text(LOCAL + "        agt-2: {ansible_host: 127.0.0.2}\n")
+    out = run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"),
+               str(ROOT / "playbooks" / "site.yml"), "--check",
+               "-e", "bulkhead_pki_ca_dir=%s" % (tmp_path / "ca"),
+               "-e", "bulkhead_server_allow_offline=true", "-e", "bulkhead_agent_allow_offline=true",
+               "-e", "bulkhead_server_version=0.1.0", "-e", "bulkhead_agent_version=0.1.1"],
+              env(), check=False)
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 2, text[-3000:]
+    assert "bulkhead_agent would install bulkhead-microseg 0.1.1 into /opt/bulkhead, where " \
+           "bulkhead_server installs 0.1.0 in this run" in text, text[-3000:]
+    assert re.search(r"srv-1\s+: .*failed=1", out.stdout), out.stdout[-3000:]
+    assert "PLAY [Certificates and bulkhead-agent]" in out.stdout, out.stdout[-3000:]
+    assert re.search(r"agt-2\s+: ok=[1-9]\d*\s+.*unreachable=0\s+failed=0", out.stdout), \
+        out.stdout[-3000:]
+    assert not (tmp_path / "ca").exists()
+
+
 # srv-1 in both groups, on an SSH port nothing listens on: a task run on it finds it
 # unreachable.
 UNREACHABLE = """\
