@@ -674,24 +674,32 @@ def test_site_in_check_mode_on_a_host_systemd_does_not_run(tmp_path):
     assert not (tmp_path / "ca").exists()
 
 
+def site_with_two_versions(tmp_path, inventory, *extra):
+    """site.yml --check with the server's version 0.1.0 and the agent's 0.1.1 on
+    `inventory`, whose srv-1 runs both: the run fails (2) with the first play's refusal,
+    naming both, and no CA made; its output."""
+    (tmp_path / "hosts.yml").write_text(inventory)
+    out = run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"),
+               str(ROOT / "playbooks" / "site.yml"), "--check",
+               "-e", "bulkhead_pki_ca_dir=%s" % (tmp_path / "ca"),
+               "-e", "bulkhead_server_version=0.1.0", "-e", "bulkhead_agent_version=0.1.1",
+               *extra], env(), check=False)
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
+    assert "bulkhead_agent would install bulkhead-microseg 0.1.1 into /opt/bulkhead, where " \
+           "bulkhead_server installs 0.1.0 in this run" in text, text[-3000:]
+    assert not (tmp_path / "ca").exists()
+    return out
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="site.yml becomes root")
 def test_site_refuses_two_versions_for_one_venv_before_installing_anything(tmp_path):
     """A host running the server and the agent, which share a venv, each given its own
     version: site.yml's first play refuses it, naming both, before the server's play
     installs (it had installed, or downgraded, the server before the agent's play refused).
     --check as well, so that nothing would be installed here if the check let it by."""
-    (tmp_path / "hosts.yml").write_text(LOCAL)
-    out = run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"),
-               str(ROOT / "playbooks" / "site.yml"), "--check",
-               "-e", "bulkhead_pki_ca_dir=%s" % (tmp_path / "ca"),
-               "-e", "bulkhead_server_version=0.1.0", "-e", "bulkhead_agent_version=0.1.1"],
-              env(), check=False)
-    text = " ".join(out.stdout.split())
-    assert out.returncode == 2, text[-3000:]
-    assert "bulkhead_agent would install bulkhead-microseg 0.1.1 into /opt/bulkhead, where " \
-           "bulkhead_server installs 0.1.0 in this run" in text, text[-3000:]
+    out = site_with_two_versions(tmp_path, LOCAL)
     assert "PLAY [Certificates and bulkhead-server]" not in out.stdout, out.stdout[-3000:]
-    assert not (tmp_path / "ca").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="site.yml becomes root")
@@ -700,22 +708,13 @@ def test_site_refusing_a_host_running_both_goes_on_with_the_other_hosts(tmp_path
     only, still gets the agents' play (--check), as when the agents' play refused them.
     The first play ran on srv-1 alone: its every host failed, and ansible-playbook ran no
     other play on any host of the fleet."""
-    (tmp_path / "hosts.yml").write_text(LOCAL + "        agt-2: {ansible_host: 127.0.0.2}\n")
-    out = run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"),
-               str(ROOT / "playbooks" / "site.yml"), "--check",
-               "-e", "bulkhead_pki_ca_dir=%s" % (tmp_path / "ca"),
-               "-e", "bulkhead_server_allow_offline=true", "-e", "bulkhead_agent_allow_offline=true",
-               "-e", "bulkhead_server_version=0.1.0", "-e", "bulkhead_agent_version=0.1.1"],
-              env(), check=False)
-    text = " ".join(out.stdout.split())
-    assert out.returncode == 2, text[-3000:]
-    assert "bulkhead_agent would install bulkhead-microseg 0.1.1 into /opt/bulkhead, where " \
-           "bulkhead_server installs 0.1.0 in this run" in text, text[-3000:]
+    out = site_with_two_versions(tmp_path, LOCAL + "        agt-2: {ansible_host: 127.0.0.2}\n",
+                                 "-e", "bulkhead_server_allow_offline=true",
+                                 "-e", "bulkhead_agent_allow_offline=true")
     assert re.search(r"srv-1\s+: .*failed=1", out.stdout), out.stdout[-3000:]
     assert "PLAY [Certificates and bulkhead-agent]" in out.stdout, out.stdout[-3000:]
     assert re.search(r"agt-2\s+: ok=[1-9]\d*\s+.*unreachable=0\s+failed=0", out.stdout), \
         out.stdout[-3000:]
-    assert not (tmp_path / "ca").exists()
 
 
 # srv-1 in both groups, on an SSH port nothing listens on: a task run on it finds it
@@ -741,18 +740,8 @@ def test_site_checks_one_version_without_the_host_and_under_skip_tags(tmp_path, 
     is refused all the same (unreachable=0), also with --skip-tags always, which skips the
     roles' implicit ends (tagged always): the first play's meta: end_role then ran off the
     play and ansible-playbook stopped on an unexpected exception."""
-    (tmp_path / "hosts.yml").write_text(UNREACHABLE)
-    out = run(["ansible-playbook", "-i", str(tmp_path / "hosts.yml"),
-               str(ROOT / "playbooks" / "site.yml"), "--check",
-               "-e", "bulkhead_pki_ca_dir=%s" % (tmp_path / "ca"),
-               "-e", "bulkhead_server_version=0.1.0", "-e", "bulkhead_agent_version=0.1.1",
-               *skip], env(), check=False)
-    text = " ".join(out.stdout.split())
-    assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
-    assert "bulkhead_agent would install bulkhead-microseg 0.1.1 into /opt/bulkhead, where " \
-           "bulkhead_server installs 0.1.0 in this run" in text, text[-3000:]
+    out = site_with_two_versions(tmp_path, UNREACHABLE, *skip)
     assert re.search(r"srv-1\s+: .*unreachable=0\s+failed=1", out.stdout), out.stdout[-3000:]
-    assert not (tmp_path / "ca").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="site.yml becomes root")
